@@ -1,0 +1,75 @@
+"""The typed errors of ckptguard: one base class, a few kinds a caller can act on."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error ckptguard raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint at the given path (or the store has no LATEST)."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already has that name and overwrite was not requested."""
+
+
+class InvalidNameError(CheckpointError, ValueError):
+    """A checkpoint name that the format does not allow (e.g. containing '/' or '..')."""
+
+
+class UnsupportedObjectError(CheckpointError, TypeError):
+    """A value in the saved state that cannot be stored without pickle."""
+
+    def __init__(self, message: str, key_path: str = "") -> None:
+        super().__init__(message)
+        self.key_path = key_path
+
+
+class FormatVersionError(CheckpointError):
+    """The checkpoint needs a newer reader (format version or required feature)."""
+
+
+class StoreError(CheckpointError):
+    """The store cannot be used: missing, read-only, full, or an I/O error."""
+
+    def __init__(self, message: str, path: str = "", errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class StoreFullError(StoreError):
+    """The file system ran out of space (ENOSPC) or quota during a save."""
+
+
+class StoreNotWritableError(StoreError):
+    """The store is read-only or permission was denied."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's bytes do not match what its manifest, index or hashes promise."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        file: str | None = None,
+        key: str | None = None,
+        chunk: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        where = [f"{n}={v}" for n, v in (("file", file), ("tensor", key), ("chunk", chunk),
+                                          ("offset", offset)) if v is not None]
+        full = message + (f" [{', '.join(where)}]" if where else "")
+        if path:
+            full += f" in {path}"
+        super().__init__(full)
+        self.reason = message
+        self.path = path
+        self.file = file
+        self.key = key
+        self.chunk = chunk
+        self.offset = offset

@@ -1,0 +1,58 @@
+"""Names and paths of a store (docs/format.md section 1)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..errors import InvalidNameError
+
+MANIFEST = "MANIFEST.json"
+INDEX = "index.parquet"
+LATEST = "LATEST"
+STAGING = ".staging"
+ALIGN = 4096
+MAX_LATEST_BYTES = 256
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
+_DATAFILE = re.compile(r"rank-([0-9]{5,9})\.ckg")
+_UUID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid checkpoint name, else raise InvalidNameError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidNameError(
+            f"invalid checkpoint name {name!r}: use letters, digits and . _ + = - "
+            "(at most 200, not starting with '.'); '/' and '..' are not allowed"
+        )
+    return name
+
+
+def is_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in (".", "..")
+
+
+def datafile_name(rank: int) -> str:
+    return f"rank-{rank:05d}.ckg"
+
+
+def datafile_rank(name: str) -> int | None:
+    """The rank encoded in a data file name, or None if it is not one."""
+    m = _DATAFILE.fullmatch(name) if isinstance(name, str) else None
+    return int(m.group(1)) if m else None
+
+
+def is_uuid(text: str) -> bool:
+    return isinstance(text, str) and bool(_UUID.fullmatch(text))
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def split_path(path: str | os.PathLike) -> tuple[str, str]:
+    """Split ``<store>/<name>`` into (store, name), validating the name."""
+    p = os.path.abspath(os.fspath(path))
+    store, name = os.path.split(p.rstrip(os.sep))
+    return store, check_name(name)
