@@ -1,10 +1,20 @@
 """ckptguard: atomic, verified checkpoints for PyTorch training on HPC clusters.
 
-Use ``save``/``load`` where you used ``torch.save``/``torch.load``; ``verify`` checks every byte of a
-checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a directory of them.
+Use ``save``/``load`` where you used ``torch.save``/``torch.load``; ``verify`` checks every
+byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
+directory of them.
 """
 
-from .api import CheckpointDescription, Problem, TensorSummary, VerifyReport, describe, load, save, verify
+from .api import (
+    CheckpointDescription,
+    Problem,
+    TensorSummary,
+    VerifyReport,
+    describe,
+    load,
+    save,
+    verify,
+)
 from .errors import (
     CheckpointError,
     CheckpointExistsError,

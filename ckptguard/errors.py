@@ -61,8 +61,11 @@ class CorruptCheckpointError(CheckpointError):
         chunk: int | None = None,
         offset: int | None = None,
     ) -> None:
-        where = [f"{n}={v}" for n, v in (("file", file), ("tensor", key), ("chunk", chunk),
-                                          ("offset", offset)) if v is not None]
+        where = [
+            f"{n}={v}"
+            for n, v in (("file", file), ("tensor", key), ("chunk", chunk), ("offset", offset))
+            if v is not None
+        ]
         full = message + (f" [{', '.join(where)}]" if where else "")
         if path:
             full += f" in {path}"
@@ -73,3 +76,15 @@ class CorruptCheckpointError(CheckpointError):
         self.key = key
         self.chunk = chunk
         self.offset = offset
+
+
+def from_oserror(e: OSError, path: str, action: str) -> StoreError:
+    """Turn an OSError from the store into the typed error a user can act on."""
+    import errno as _errno
+
+    msg = f"{action} {path}: {e.strerror or e}"
+    if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return StoreFullError(f"{msg} (free space or raise the quota)", path, e.errno)
+    if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        return StoreNotWritableError(f"{msg} (the store is not writable)", path, e.errno)
+    return StoreError(msg, path, e.errno)

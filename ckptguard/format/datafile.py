@@ -1,0 +1,128 @@
+"""Byte layout of data files ``rank-NNNNN.ckg`` (docs/format.md section 7): pack and check."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from . import FORMAT_VERSION
+from .layout import ALIGN
+
+FILE_MAGIC = b"CKGDATA1"
+RECORD_MAGIC = b"CKGR"
+TRAILER_MAGIC = b"CKGFOOT1"
+HEADER_SIZE = ALIGN
+RECORD_HEADER_SIZE = 64
+TRAILER_SIZE = 32
+MAX_FOOTER_BYTES = 1 << 30
+
+CODECS = {"raw": 0, "shuffle-lz4": 1}
+CODEC_NAMES = {v: k for k, v in CODECS.items()}
+
+_HEADER = struct.Struct("<8sII16sII")  # magic, version, rank, uuid, align, zero
+_RECORD = struct.Struct("<4sBBHQQ16sI12s")  # magic, codec, elem, zero, raw, stored, hash, seq, zero
+_TRAILER = struct.Struct("<QQQ8s")
+
+
+class FormatError(ValueError):
+    """A structural problem in a data file; the reader turns it into CorruptCheckpointError."""
+
+
+def _h64(b: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(b)
+
+
+def pack_file_header(rank: int, uuid_hex: str) -> bytes:
+    head = _HEADER.pack(FILE_MAGIC, FORMAT_VERSION, rank, bytes.fromhex(uuid_hex), ALIGN, 0)
+    head += struct.pack("<Q", _h64(head))
+    return head + bytes(HEADER_SIZE - len(head))
+
+
+def check_file_header(buf: bytes, rank: int, uuid_hex: str) -> None:
+    if len(buf) != HEADER_SIZE:
+        raise FormatError("file header truncated")
+    magic, version, r, uuid, align, zero = _HEADER.unpack_from(buf)
+    if magic != FILE_MAGIC:
+        raise FormatError("bad data file magic")
+    (stored,) = struct.unpack_from("<Q", buf, 40)
+    if stored != _h64(buf[:40]):
+        raise FormatError("data file header hash mismatch")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"data file format version {version}, expected {FORMAT_VERSION}")
+    if r != rank:
+        raise FormatError(f"data file header names rank {r}, expected {rank}")
+    if uuid.hex() != uuid_hex:
+        raise FormatError("data file belongs to another checkpoint (uuid mismatch)")
+    if align != ALIGN or zero != 0 or any(buf[48:]):
+        raise FormatError("data file header has bad alignment or non-zero reserved bytes")
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    codec: int
+    elem_size: int
+    raw_len: int
+    stored_len: int
+    hash: bytes
+    seq: int
+
+
+def pack_record_header(h: RecordHeader) -> bytes:
+    head = _RECORD.pack(
+        RECORD_MAGIC, h.codec, h.elem_size, 0, h.raw_len, h.stored_len, h.hash, h.seq, bytes(12)
+    )
+    return head + struct.pack("<Q", _h64(head))
+
+
+def unpack_record_header(buf: bytes) -> RecordHeader:
+    if len(buf) != RECORD_HEADER_SIZE:
+        raise FormatError("record header truncated")
+    magic, codec, elem, zero, raw, stored, digest, seq, zeros = _RECORD.unpack_from(buf)
+    if magic != RECORD_MAGIC:
+        raise FormatError("bad record magic")
+    (check,) = struct.unpack_from("<Q", buf, 56)
+    if check != _h64(buf[:56]):
+        raise FormatError("record header hash mismatch")
+    if zero or any(zeros):
+        raise FormatError("record header has non-zero reserved bytes")
+    return RecordHeader(codec, elem, raw, stored, digest, seq)
+
+
+def pack_footer(rank: int, uuid_hex: str, rows: list[dict]) -> bytes:
+    doc = {"rank": rank, "uuid": uuid_hex, "rows": rows}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def pack_trailer(footer_offset: int, footer: bytes) -> bytes:
+    return _TRAILER.pack(footer_offset, len(footer), _h64(footer), TRAILER_MAGIC)
+
+
+def unpack_trailer(buf: bytes, file_size: int) -> tuple[int, int, int]:
+    """Return (footer_offset, footer_len, footer_hash) after checking them against the file size."""
+    if len(buf) != TRAILER_SIZE:
+        raise FormatError("trailer truncated")
+    off, length, digest, magic = _TRAILER.unpack(buf)
+    if magic != TRAILER_MAGIC:
+        raise FormatError("bad trailer magic (file truncated or overwritten?)")
+    if off % ALIGN or off < HEADER_SIZE or length > MAX_FOOTER_BYTES:
+        raise FormatError("trailer has an invalid footer offset or length")
+    if off + length + TRAILER_SIZE != file_size:
+        raise FormatError("trailer does not match the file size")
+    return off, length, digest
+
+
+def check_footer(buf: bytes, digest: int, rank: int, uuid_hex: str) -> list[dict]:
+    if _h64(buf) != digest:
+        raise FormatError("footer hash mismatch")
+    try:
+        doc = json.loads(buf)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"footer is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or set(doc) != {"rank", "uuid", "rows"}:
+        raise FormatError("footer has unexpected members")
+    if doc["rank"] != rank or doc["uuid"] != uuid_hex or not isinstance(doc["rows"], list):
+        raise FormatError("footer names another rank or checkpoint")
+    return doc["rows"]

@@ -1,0 +1,197 @@
+"""MANIFEST.json (docs/format.md section 3): framing, checksum, schema, and CheckpointInfo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from . import FORMAT_VERSION, dtypes
+from .datafile import FormatError
+from .layout import datafile_rank, is_name, is_uuid
+
+MAX_MANIFEST_BYTES = 256 << 20
+KNOWN_FEATURES = frozenset({"pickle"})
+ALL_FEATURES = frozenset({"pickle", "incremental", "encryption"})
+_PREFIX = b'{"checksum":"'
+_MIDDLE = b'","manifest":'
+_SUFFIX = b"}\n"
+_HEAD = len(_PREFIX) + 32 + len(_MIDDLE)
+
+_MEMBERS: dict[str, type | tuple] = {
+    "format": str,
+    "format_version": int,
+    "features": list,
+    "name": str,
+    "uuid": str,
+    "created": str,
+    "step": (int, type(None)),
+    "world_size": int,
+    "writer": dict,
+    "metadata": object,
+    "tree": object,
+    "tensors": list,
+    "files": list,
+    "index": dict,
+    "totals": dict,
+}
+_TENSOR = {
+    "key": str,
+    "dtype": str,
+    "shape": list,
+    "kind": str,
+    "device": str,
+    "requires_grad": bool,
+    "parameter": bool,
+}
+_FILE = {"name": str, "rank": int, "size": int, "chunks": int}
+_INDEX = {"file": str, "size": int, "xxh3_128": str}
+_TOTALS = {"tensors": int, "chunks": int, "raw_bytes": int, "stored_bytes": int, "files": int}
+
+
+class FormatVersionProblem(FormatError):
+    """The manifest is intact but needs a newer reader."""
+
+
+def encode(body: dict) -> bytes:
+    """Frame a manifest body with its checksum."""
+    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _PREFIX + xxhash.xxh3_128_hexdigest(data).encode() + _MIDDLE + data + _SUFFIX
+
+
+def decode(raw: bytes) -> dict:
+    """Check framing and checksum, parse, and validate the schema. Raises FormatError."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError("MANIFEST.json is larger than the 256 MiB limit")
+    if (
+        len(raw) < _HEAD + len(_SUFFIX)
+        or not raw.startswith(_PREFIX)
+        or raw[_HEAD - len(_MIDDLE) : _HEAD] != _MIDDLE
+        or not raw.endswith(_SUFFIX)
+    ):
+        raise FormatError("MANIFEST.json framing is damaged or the file is truncated")
+    body = raw[_HEAD : -len(_SUFFIX)]
+    if xxhash.xxh3_128_hexdigest(body).encode() != raw[len(_PREFIX) : len(_PREFIX) + 32]:
+        raise FormatError("MANIFEST.json checksum mismatch")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"MANIFEST.json is not valid JSON: {e}") from None
+    validate(doc)
+    return doc
+
+
+def _typed(obj: Any, spec: dict, what: str, exact: bool = True) -> None:
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} is not an object")
+    if exact and set(obj) != set(spec):
+        raise FormatError(f"{what} has members {sorted(obj)}, expected {sorted(spec)}")
+    for k, t in spec.items():
+        v = obj.get(k)
+        if t is int or (isinstance(t, tuple) and int in t):
+            if isinstance(v, bool) or not isinstance(v, t):
+                raise FormatError(f"{what}.{k} has the wrong type")
+        elif not isinstance(v, t):
+            raise FormatError(f"{what}.{k} has the wrong type")
+
+
+def validate(doc: Any) -> None:
+    """Check a parsed manifest body against format.md section 3."""
+    if not isinstance(doc, dict) or doc.get("format") != "ckptguard":
+        raise FormatError("not a ckptguard manifest")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FormatError("manifest has an invalid format_version")
+    if version > FORMAT_VERSION:
+        raise FormatVersionProblem(
+            f"checkpoint has format version {version}; this ckptguard reads up to "
+            f"{FORMAT_VERSION}: upgrade ckptguard"
+        )
+    _typed(doc, _MEMBERS, "manifest")
+    feats = doc["features"]
+    if not all(isinstance(f, str) for f in feats):
+        raise FormatError("manifest.features must be strings")
+    unknown = sorted(set(feats) - KNOWN_FEATURES)
+    if unknown:
+        raise FormatVersionProblem(
+            f"checkpoint requires features {unknown} that this ckptguard does not support"
+        )
+    if not is_name(doc["name"]) or not is_uuid(doc["uuid"]) or doc["world_size"] < 1:
+        raise FormatError("manifest has an invalid name, uuid or world_size")
+    parse_time(doc["created"])
+    if not all(isinstance(v, str) for v in doc["writer"].values()):
+        raise FormatError("manifest.writer values must be strings")
+    keys = set()
+    for i, t in enumerate(doc["tensors"]):
+        _typed(t, _TENSOR, f"manifest.tensors[{i}]")
+        if dtypes.elem_size(t["dtype"]) is None:
+            raise FormatError(f"tensor {t['key']!r} has unknown dtype {t['dtype']!r}")
+        if t["kind"] not in ("torch", "numpy"):
+            raise FormatError(f"tensor {t['key']!r} has unknown kind {t['kind']!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in t["shape"]):
+            raise FormatError(f"tensor {t['key']!r} has an invalid shape")
+        if len(t["shape"]) > 64:
+            raise FormatError(f"tensor {t['key']!r} has more than 64 dimensions")
+        if t["key"] in keys:
+            raise FormatError(f"tensor key {t['key']!r} appears twice")
+        keys.add(t["key"])
+    names = set()
+    for i, f in enumerate(doc["files"]):
+        _typed(f, _FILE, f"manifest.files[{i}]")
+        if datafile_rank(f["name"]) != f["rank"] or f["size"] < 0 or f["name"] in names:
+            raise FormatError(f"manifest.files[{i}] has an invalid name, rank or size")
+        names.add(f["name"])
+    _typed(doc["index"], _INDEX, "manifest.index")
+    if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
+        raise FormatError("manifest.index is invalid")
+    _typed(doc["totals"], _TOTALS, "manifest.totals")
+
+
+def parse_time(text: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    except (TypeError, ValueError):
+        raise FormatError(f"manifest.created {text!r} is not a UTC timestamp") from None
+
+
+def format_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a committed checkpoint is, from its manifest."""
+
+    name: str
+    path: str
+    uuid: str
+    step: int | None
+    created: dt.datetime
+    world_size: int
+    tensors: int
+    chunks: int
+    raw_bytes: int
+    stored_bytes: int
+    files: int
+    metadata: Any = field(default=None, compare=False)
+
+    @classmethod
+    def from_manifest(cls, doc: dict, path: str) -> CheckpointInfo:
+        t = doc["totals"]
+        return cls(
+            name=doc["name"],
+            path=path,
+            uuid=doc["uuid"],
+            step=doc["step"],
+            created=parse_time(doc["created"]),
+            world_size=doc["world_size"],
+            tensors=t["tensors"],
+            chunks=t["chunks"],
+            raw_bytes=t["raw_bytes"],
+            stored_bytes=t["stored_bytes"],
+            files=t["files"],
+            metadata=doc["metadata"],
+        )

@@ -1,0 +1,204 @@
+"""Safe reader of one committed checkpoint: every size, offset and hash checked before use (I5, I6).
+
+Files are opened relative to the checkpoint directory with O_NOFOLLOW, by names the format allows,
+so nothing outside the directory is ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+import xxhash
+
+from . import codec
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from .format import index, manifest
+from .format.datafile import (
+    CODECS,
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    TRAILER_SIZE,
+    FormatError,
+    check_file_header,
+    check_footer,
+    unpack_record_header,
+    unpack_trailer,
+)
+from .format.index import Row, row_from_json
+from .format.layout import INDEX, MANIFEST
+from .fsutil import pread_exact
+
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class CheckpointReader:
+    """Opens a checkpoint: validates manifest and index; reads and checks data files on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        try:
+            self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointNotFoundError(f"no checkpoint at {self.path}") from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        try:
+            raw = self._read_whole(MANIFEST, manifest.MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                "MANIFEST.json is missing: not a committed checkpoint",
+                path=self.path,
+                file=MANIFEST,
+            ) from None
+        try:
+            self.manifest = manifest.decode(raw)
+        except manifest.FormatVersionProblem as e:
+            raise FormatVersionError(f"{e} ({self.path})") from None
+        except FormatError as e:
+            raise self.corrupt(str(e), file=MANIFEST) from None
+        m = self.manifest
+        self.features = set(m["features"])
+        self.tensors: list[dict] = m["tensors"]
+        self.files = {f["name"]: f["size"] for f in m["files"]}
+        try:
+            data = self._read_whole(INDEX, m["index"]["size"], exact=True)
+        except FileNotFoundError:
+            raise self.corrupt("index.parquet is missing", file=INDEX) from None
+        if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
+            raise self.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
+        try:
+            self.rows = index.read(data)
+            index.check_rows(self.rows, self.tensors, self.files, self.features)
+        except FormatError as e:
+            raise self.corrupt(str(e), file=INDEX) from None
+        totals = {
+            "tensors": len(self.tensors),
+            "chunks": len(self.rows),
+            "raw_bytes": sum(r.raw_len for r in self.rows),
+            "stored_bytes": sum(r.stored_len for r in self.rows),
+            "files": len(self.files),
+        }
+        if totals != m["totals"]:
+            raise self.corrupt("manifest totals disagree with the index", file=MANIFEST)
+        self.rows_by_file: dict[str, list[Row]] = {n: [] for n in self.files}
+        for r in self.rows:
+            self.rows_by_file[r.file].append(r)
+        for f in m["files"]:
+            rs = self.rows_by_file[f["name"]]
+            rs.sort(key=lambda r: r.offset)
+            if len(rs) != f["chunks"] or any(r.rank != f["rank"] for r in rs):
+                raise self.corrupt("manifest file entry disagrees with the index", file=f["name"])
+
+    def corrupt(self, msg: str, **where) -> CorruptCheckpointError:
+        return CorruptCheckpointError(msg, path=self.path, **where)
+
+    def _read_whole(self, name: str, limit: int, exact: bool = False) -> bytes:
+        fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self.corrupt("not a regular file", file=name)
+            if st.st_size > limit or (exact and st.st_size != limit):
+                raise self.corrupt(
+                    f"unexpected size {st.st_size} (expected "
+                    f"{'exactly' if exact else 'at most'} {limit})",
+                    file=name,
+                )
+            data = pread_exact(fd, st.st_size, 0)
+            if len(data) != st.st_size:
+                raise self.corrupt("file changed while being read", file=name)
+            return data
+        finally:
+            os.close(fd)
+
+    def open_file(self, name: str) -> int:
+        """Open and check one data file (header, trailer, footer vs index); return its fd."""
+        try:
+            fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            raise self.corrupt("data file is missing", file=name) from None
+        except OSError as e:  # ELOOP: a symlink where a file must be
+            raise self.corrupt(
+                f"data file cannot be opened safely: {e.strerror}", file=name
+            ) from None
+        try:
+            self._check_file(fd, name)
+        except FormatError as e:
+            os.close(fd)
+            raise self.corrupt(str(e), file=name) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_file(self, fd: int, name: str) -> None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError("data file is not a regular file")
+        size = self.files[name]
+        if st.st_size != size:
+            raise FormatError(f"data file has {st.st_size} bytes, the manifest says {size}")
+        if size < HEADER_SIZE + TRAILER_SIZE:
+            raise FormatError("data file is too short")
+        rank = int(name[5:-4])
+        check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, self.manifest["uuid"])
+        off, length, digest = unpack_trailer(
+            pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size
+        )
+        rows = check_footer(pread_exact(fd, length, off), digest, rank, self.manifest["uuid"])
+        mine = self.rows_by_file[name]
+        if [row_from_json(x) for x in rows] != mine:
+            raise FormatError("footer rows disagree with the index")
+        if mine and mine[-1].extent > off:
+            raise FormatError("records run into the footer")
+
+    def read_chunks(self, rows: list[Row], verify: bool = True) -> Iterator[tuple[Row, bytes]]:
+        """Yield (row, raw bytes) for ``rows`` in file order, each checked before it is yielded."""
+        by_file: dict[str, list[Row]] = {}
+        for r in rows:
+            by_file.setdefault(r.file, []).append(r)
+        for name in sorted(by_file):
+            fd = self.open_file(name)
+            try:
+                for r in sorted(by_file[name], key=lambda r: r.offset):
+                    yield r, self.read_chunk(fd, r, verify)
+            finally:
+                os.close(fd)
+
+    def read_chunk(self, fd: int, r: Row, verify: bool = True) -> bytes:
+        where = {"file": r.file, "key": r.key, "chunk": r.chunk, "offset": r.offset}
+        buf = pread_exact(fd, r.extent - r.offset, r.offset)
+        try:
+            if len(buf) != r.extent - r.offset:
+                raise FormatError("record is truncated")
+            h = unpack_record_header(buf[:RECORD_HEADER_SIZE])
+            want = (CODECS[r.codec], r.elem_size, r.raw_len, r.stored_len, r.hash)
+            if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash) != want:
+                raise FormatError("record header disagrees with the index")
+            end = RECORD_HEADER_SIZE + r.stored_len
+            if buf[end:].count(0) != len(buf) - end:
+                raise FormatError("non-zero bytes in record padding")
+            raw = codec.decode(h.codec, buf[RECORD_HEADER_SIZE:end], r.raw_len, r.elem_size)
+        except FormatError as e:
+            raise self.corrupt(str(e), **where) from None
+        if verify and codec.digest(raw) != r.hash:
+            raise self.corrupt("chunk hash mismatch (data corrupted)", **where)
+        return raw
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,295 @@
+"""Flatten nested state into a JSON object tree plus a tensor list, and back, without pickle.
+
+The encoding is docs/format.md section 6. Tensors and numpy arrays become ``{"$tensor": id}``;
+the same tensor reached twice gets one id (tied weights stay tied).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UnsupportedObjectError
+from .format import dtypes
+
+MAX_DEPTH = 512
+_I64 = 1 << 63
+
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    getattr(torch, n): n for n in dtypes.SIZES if isinstance(getattr(torch, n, None), torch.dtype)
+}
+TORCH_BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+NUMPY_BY_NAME = {
+    n: np.dtype(n)
+    for n in dtypes.SIZES
+    if n
+    in {
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    }
+}
+
+
+@dataclass
+class TensorRef:
+    """A tensor found in the tree: its key path, its type facts, and the object itself."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str  # "torch" or "numpy"
+    device: str
+    requires_grad: bool
+    parameter: bool
+    value: Any
+
+    def entry(self) -> dict:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "device": self.device,
+            "requires_grad": self.requires_grad,
+            "parameter": self.parameter,
+        }
+
+
+def _key_part(k: Any) -> str:
+    return str(k).replace("%", "%25").replace("/", "%2F")
+
+
+def _join(path: str, k: Any) -> str:
+    return f"{path}/{_key_part(k)}" if path else _key_part(k)
+
+
+class _Flattener:
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.tensors: list[TensorRef] = []
+        self.ids: dict[tuple, int] = {}
+        self.used_pickle = False
+
+    def tensor(self, t: Any, path: str) -> dict:
+        if isinstance(t, np.ndarray):
+            name = str(t.dtype) if t.dtype.isnative or t.dtype.itemsize == 1 else None
+            if name not in NUMPY_BY_NAME:
+                return self.other(t, path, f"numpy array of dtype {t.dtype}")
+            ident = ("np", id(t))
+            ref = TensorRef(path or "$root", name, tuple(t.shape), "numpy", "cpu", False, False, t)
+        else:
+            if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+                return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
+            name = TORCH_DTYPES.get(t.dtype)
+            if name is None or t.is_quantized or t.is_meta:
+                return self.other(t, path, f"tensor of dtype {t.dtype}")
+            ident = (
+                "pt",
+                t.untyped_storage().data_ptr() if t.numel() else id(t),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                t.dtype,
+                str(t.device),
+            )
+            ref = TensorRef(
+                path or "$root",
+                name,
+                tuple(t.shape),
+                "torch",
+                str(t.device),
+                bool(t.requires_grad and t.is_leaf),
+                isinstance(t, torch.nn.Parameter),
+                t,
+            )
+        if ident in self.ids:
+            return {"$tensor": self.ids[ident]}
+        self.ids[ident] = len(self.tensors)
+        self.tensors.append(ref)
+        return {"$tensor": len(self.tensors) - 1}
+
+    def other(self, obj: Any, path: str, what: str) -> dict:
+        if not self.allow_pickle:
+            raise UnsupportedObjectError(
+                f"cannot save {what} at {path or '<root>'!r} without pickle; convert it to "
+                "tensors/plain values, or pass allow_pickle=True at save and at load",
+                key_path=path,
+            )
+        self.used_pickle = True
+        return {"$pickle": base64.b64encode(pickle.dumps(obj, protocol=4)).decode()}
+
+    def walk(self, obj: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise UnsupportedObjectError(f"nesting deeper than {MAX_DEPTH} at {path!r}", path)
+        if obj is None or isinstance(obj, (bool, str)) and type(obj) in (bool, str):
+            return obj
+        t = type(obj)
+        if t is int:
+            return obj if -_I64 <= obj < _I64 else {"$int": str(obj)}
+        if t is float:
+            return obj if math.isfinite(obj) else {"$float": repr(obj)}
+        if t is bytes:
+            return {"$bytes": base64.b64encode(obj).decode()}
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            return self.tensor(obj, path)
+        if isinstance(obj, np.generic) and str(obj.dtype) in NUMPY_BY_NAME:
+            return {
+                "$npscalar": str(obj.dtype),
+                "hex": np.asarray(obj).astype(obj.dtype.newbyteorder("<")).tobytes().hex(),
+            }
+        if t is list:
+            return [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+        if t is tuple:
+            return {"$tuple": [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]}
+        if t in (dict, collections.OrderedDict):
+            return self.mapping(obj, path, depth, ordered=t is collections.OrderedDict)
+        if t is torch.dtype and obj in TORCH_DTYPES:
+            return {"$dtype": TORCH_DTYPES[obj]}
+        if t is torch.Size:
+            return {"$size": list(obj)}
+        if t is torch.device:
+            return {"$device": str(obj)}
+        return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
+
+    def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
+        for k in obj:
+            if type(k) not in (str, int):
+                self_path = _join(path, repr(k))
+                raise UnsupportedObjectError(
+                    f"dict key {k!r} of type {type(k).__name__} at {path or '<root>'!r}: only str "
+                    "and int keys can be saved",
+                    key_path=self_path,
+                )
+        items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
+        plain = all(type(k) is str and not k.startswith("$") for k, _ in items)
+        if ordered:
+            return {"$odict": [[k, v] for k, v in items]}
+        if plain:
+            return dict(items)
+        return {"$dict": [[k, v] for k, v in items]}
+
+
+def flatten(obj: Any, allow_pickle: bool = False) -> tuple[Any, list[TensorRef], bool]:
+    """Return (JSON tree, tensors in id order, whether pickle was used)."""
+    f = _Flattener(allow_pickle)
+    tree = f.walk(obj, "", 0)
+    return tree, f.tensors, f.used_pickle
+
+
+class TreeError(ValueError):
+    """The stored tree is malformed (the reader turns this into CorruptCheckpointError)."""
+
+
+def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False) -> Any:
+    """Rebuild the object from its JSON tree and the loaded tensors (indexed by id)."""
+    return _build(tree, tensors, allow_pickle, 0)
+
+
+_CHECK = "check"
+
+
+def check_tree(tree: Any, n_tensors: int) -> None:
+    """Validate a stored tree's structure without building pickled objects."""
+    _build(tree, [None] * n_tensors, _CHECK, 0)
+
+
+def _pairs(v: Any) -> list:
+    if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
+        raise TreeError("malformed mapping in tree")
+    for k, _ in v:
+        if type(k) not in (str, int):
+            raise TreeError("mapping key in tree is not a string or integer")
+    return v
+
+
+def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise TreeError("tree nested too deeply")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [_build(v, tensors, allow_pickle, depth + 1) for v in node]
+    if not isinstance(node, dict):
+        raise TreeError(f"unexpected JSON value {type(node).__name__} in tree")
+    tags = [k for k in node if k.startswith("$")]
+    if not tags:
+        return {k: _build(v, tensors, allow_pickle, depth + 1) for k, v in node.items()}
+    tag = tags[0]
+    expect = {"$npscalar": {"$npscalar", "hex"}}.get(tag, {tag})
+    if set(node) != expect:
+        raise TreeError(f"tagged value {tag} has unexpected members")
+    v = node[tag]
+    try:
+        return _tagged(tag, v, node, tensors, allow_pickle, depth)
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+        if isinstance(e, TreeError):
+            raise
+        raise TreeError(f"malformed {tag} value in tree: {e}") from None
+
+
+def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, depth: int) -> Any:
+    sub = depth + 1
+    if tag == "$tensor":
+        if type(v) is not int or not 0 <= v < len(tensors):
+            raise TreeError("tensor reference out of range")
+        return tensors[v]
+    if tag == "$tuple":
+        if not isinstance(v, list):
+            raise TreeError("$tuple is not a list")
+        return tuple(_build(x, tensors, allow_pickle, sub) for x in v)
+    if tag in ("$dict", "$odict"):
+        cls = dict if tag == "$dict" else collections.OrderedDict
+        return cls((k, _build(x, tensors, allow_pickle, sub)) for k, x in _pairs(v))
+    if tag == "$int":
+        if not isinstance(v, str) or len(v) > 10000:
+            raise TreeError("$int is not a decimal string")
+        return int(v)
+    if tag == "$float":
+        if v not in ("inf", "-inf", "nan"):
+            raise TreeError("$float is not inf, -inf or nan")
+        return float(v)
+    if tag == "$bytes":
+        return base64.b64decode(v, validate=True)
+    if tag == "$npscalar":
+        dt = NUMPY_BY_NAME[v].newbyteorder("<")
+        raw = bytes.fromhex(node["hex"])
+        if len(raw) != dt.itemsize:
+            raise TreeError("$npscalar has the wrong number of bytes")
+        return np.frombuffer(raw, dtype=dt)[0].astype(NUMPY_BY_NAME[v])
+    if tag == "$dtype":
+        return TORCH_BY_NAME[v]
+    if tag == "$size":
+        if not isinstance(v, list) or not all(type(x) is int for x in v):
+            raise TreeError("$size is not a list of integers")
+        return torch.Size(v)
+    if tag == "$device":
+        if not isinstance(v, str):
+            raise TreeError("$device is not a string")
+        return torch.device(v)
+    if tag == "$pickle":
+        blob = base64.b64decode(v, validate=True)
+        if allow_pickle == _CHECK:
+            return None
+        if not allow_pickle:
+            raise TreeError("tree holds a pickled object but allow_pickle is off")
+        return pickle.loads(blob)  # allow_pickle: caller opted in at save and load
+    raise TreeError(f"unknown tag {tag} in tree")

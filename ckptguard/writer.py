@@ -1,0 +1,137 @@
+"""Per-rank data file writer: chunk, encode, append aligned records, footer, fsync, re-check."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codec
+from .format import dtypes
+from .format.datafile import (
+    CODEC_NAMES,
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    TRAILER_SIZE,
+    FormatError,
+    RecordHeader,
+    check_file_header,
+    check_footer,
+    pack_file_header,
+    pack_footer,
+    pack_record_header,
+    pack_trailer,
+    unpack_record_header,
+    unpack_trailer,
+)
+from .format.index import Row, row_from_json
+from .format.layout import align, datafile_name
+from .fsutil import pread_exact, write_all
+from .tree import TensorRef
+
+DEFAULT_CHUNK = 4 << 20
+
+
+def tensor_bytes(value: Any) -> memoryview:
+    """The C-order bytes of a tensor or array on the host (copied only if it must be)."""
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value).reshape(-1)
+        return memoryview(a.view(np.uint8))
+    t = value.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class RankWriter:
+    """Writes one rank's data file into a staging directory."""
+
+    def __init__(self, directory: str, rank: int, uuid_hex: str, chunk_size: int = DEFAULT_CHUNK):
+        if chunk_size < 64 or chunk_size % 16:
+            raise ValueError("chunk_size must be a multiple of 16 and at least 64")
+        self.rank = rank
+        self.uuid = uuid_hex
+        self.name = datafile_name(rank)
+        self.path = os.path.join(directory, self.name)
+        self.chunk_size = chunk_size
+        self.rows: list[Row] = []
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
+        self.size = 0
+
+    def add(self, tid: int, ref: TensorRef, compress: bool) -> None:
+        """Append every chunk of one tensor (the whole tensor is this rank's shard)."""
+        size = dtypes.SIZES[ref.dtype]
+        raw = tensor_bytes(ref.value)
+        step = self.chunk_size
+        for n, start in enumerate(range(0, len(raw), step)):
+            piece = raw[start : start + step]
+            cid, payload, digest = codec.encode(piece, size, compress)
+            head = RecordHeader(cid, size, len(piece), len(payload), digest, len(self.rows))
+            offset = self.pos
+            pad = align(offset + RECORD_HEADER_SIZE + len(payload)) - offset
+            pad -= RECORD_HEADER_SIZE + len(payload)
+            self.pos += write_all(self.fd, pack_record_header(head), payload, bytes(pad))
+            self.rows.append(
+                Row(
+                    ref.key,
+                    tid,
+                    ref.dtype,
+                    ref.shape,
+                    (0,) * len(ref.shape),
+                    ref.shape,
+                    n,
+                    start,
+                    len(piece),
+                    self.rank,
+                    self.name,
+                    offset,
+                    len(payload),
+                    CODEC_NAMES[cid],
+                    size,
+                    digest,
+                )
+            )
+
+    def finish(self) -> list[Row]:
+        """Write footer and trailer, fsync, close, and re-check what was written."""
+        footer = pack_footer(self.rank, self.uuid, [r.to_json() for r in self.rows])
+        write_all(self.fd, footer, pack_trailer(self.pos, footer))
+        self.size = self.pos + len(footer) + TRAILER_SIZE
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self._recheck()
+        return self.rows
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _recheck(self) -> None:
+        """Re-read headers, record headers and footer (no payload), like restic's pack check."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise FormatError(f"{self.path}: size after write is not what was written")
+            check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
+            for r in self.rows:
+                h = unpack_record_header(pread_exact(fd, RECORD_HEADER_SIZE, r.offset))
+                if (h.raw_len, h.stored_len, h.hash) != (r.raw_len, r.stored_len, r.hash):
+                    raise FormatError(f"{self.path}: record at {r.offset} reads back differently")
+            off, length, digest = unpack_trailer(
+                pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size
+            )
+            rows = check_footer(pread_exact(fd, length, off), digest, self.rank, self.uuid)
+            if [row_from_json(x) for x in rows] != self.rows:
+                raise FormatError(f"{self.path}: footer reads back differently")
+        finally:
+            os.close(fd)
