@@ -18,6 +18,7 @@ import xxhash
 
 from . import commit as _commit
 from .errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     UnsupportedObjectError,
@@ -137,7 +138,7 @@ def save(
         if staging is not None and os.path.isdir(staging):
             with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
                 _commit.remove_tree(staging)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
             raise from_oserror(e, staging or store, "cannot save checkpoint in") from None
         raise
     return read_info(final)

@@ -53,6 +53,8 @@ def align(n: int) -> int:
 
 def split_path(path: str | os.PathLike) -> tuple[str, str]:
     """Split ``<store>/<name>`` into (store, name), validating the name."""
-    p = os.path.abspath(os.fspath(path))
-    store, name = os.path.split(p.rstrip(os.sep))
-    return store, check_name(name)
+    raw = os.fsdecode(os.fspath(path))
+    head, name = os.path.split(raw)
+    if not name:
+        raise InvalidNameError(f"{raw!r} names no checkpoint: give <store>/<name>")
+    return os.path.abspath(head or "."), check_name(name)
