@@ -16,6 +16,7 @@ from .api import (
     verify,
 )
 from .errors import (
+    CheckpointAbortedError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -28,11 +29,13 @@ from .errors import (
     UnsupportedObjectError,
 )
 from .format.manifest import CheckpointInfo
+from .shard import Shard
 from .store import Store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointAbortedError",
     "CheckpointDescription",
     "CheckpointError",
     "CheckpointExistsError",
@@ -42,6 +45,7 @@ __all__ = [
     "FormatVersionError",
     "InvalidNameError",
     "Problem",
+    "Shard",
     "Store",
     "StoreError",
     "StoreFullError",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -16,23 +15,19 @@ import pyarrow
 import torch
 import xxhash
 
-from . import commit as _commit
+from .coord import Coordinator, current_rank
+from .coord import auto as coord_auto
 from .errors import (
-    CheckpointError,
-    CheckpointExistsError,
     CheckpointNotFoundError,
     UnsupportedObjectError,
-    from_oserror,
 )
-from .failpoints import failpoint
-from .format import FORMAT_VERSION
 from .format.layout import LATEST, MANIFEST, split_path
 from .format.manifest import CheckpointInfo
 from .reader import CheckpointReader
 from .restore import MapLocation, Problem, VerifyReport, load_checkpoint, verify_checkpoint
-from .store import Store, read_info
-from .tree import flatten
-from .writer import DEFAULT_CHUNK, RankWriter
+from .saver import SaveOptions, save_state
+from .store import Store
+from .writer import DEFAULT_CHUNK
 
 __all__ = [
     "CheckpointDescription",
@@ -72,76 +67,42 @@ def save(
     step: int | None = None,
     allow_pickle: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    coordinator: Coordinator | str | None = None,
+    timeout: float = 600.0,
+    check_replicated: bool = True,
 ) -> CheckpointInfo:
-    """Save ``obj`` atomically as checkpoint ``<store>/<name>``; whole and verified, or absent.
+    """Save ``obj`` atomically as checkpoint ``<store>/<name>``: whole and verified, or absent.
 
-    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%) or
-    "none". An existing name is an error unless ``overwrite``, which commits the new checkpoint
-    first and removes the old one after. LATEST then names this checkpoint.
+    In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
+    ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
+    are replicas, written once). ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk
+    where it saves >= 5%) or "none". An existing name is an error unless ``overwrite``, which
+    commits the new checkpoint first and removes the old one after. LATEST then names it.
+    ``timeout`` bounds each wait for the other ranks.
     """
     store, name = split_path(path)
     if compress not in _COMPRESS:
         raise ValueError(f"compress must be one of {sorted(_COMPRESS)}, not {compress!r}")
     if step is not None and (type(step) is not int):
         raise TypeError("step must be an int or None")
+    if chunk_size < 64 or chunk_size % 16:
+        raise ValueError("chunk_size must be a multiple of 16 and at least 64")
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
-    tree, refs, used_pickle = flatten(obj, allow_pickle)
-    final = os.path.join(store, name)
-    if not overwrite and os.path.exists(os.path.join(final, MANIFEST)):
-        raise CheckpointExistsError(f"checkpoint {final} already exists (pass overwrite=True)")
-    try:
-        os.makedirs(store, exist_ok=True)
-    except OSError as e:
-        raise from_oserror(e, store, "cannot create store") from None
-    failpoint("save.start")
-    staging = writer = None
-    try:
-        uid, staging = _commit.new_staging(store, name)
-        failpoint("save.staging_created")
-        writer = RankWriter(staging, 0, uid, chunk_size)
-        for tid, ref in enumerate(refs):
-            writer.add(tid, ref, _COMPRESS[compress])
-        rows = writer.finish()
-        failpoint("save.data_written")
-        index_entry = _commit.write_index(staging, rows)
-        failpoint("commit.index_written")
-        body = {
-            "format": "ckptguard",
-            "format_version": FORMAT_VERSION,
-            "features": ["pickle"] if used_pickle else [],
-            "name": name,
-            "uuid": uid,
-            "created": "",
-            "step": step,
-            "world_size": 1,
-            "writer": _writer_versions(),
-            "metadata": metadata,
-            "tree": tree,
-            "tensors": [r.entry() for r in refs],
-            "files": [{"name": writer.name, "rank": 0, "size": writer.size, "chunks": len(rows)}],
-            "index": index_entry,
-            "totals": {
-                "tensors": len(refs),
-                "chunks": len(rows),
-                "raw_bytes": sum(r.raw_len for r in rows),
-                "stored_bytes": sum(r.stored_len for r in rows),
-                "files": 1,
-            },
-        }
-        final = _commit.commit(store, name, staging, body, overwrite)
-    except BaseException as e:
-        if writer is not None:
-            writer.abort()
-        if staging is not None and os.path.isdir(staging):
-            with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
-                _commit.remove_tree(staging)
-        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-            raise from_oserror(e, staging or store, "cannot save checkpoint in") from None
-        raise
-    return read_info(final)
+    opt = SaveOptions(
+        compress=_COMPRESS[compress],
+        metadata=metadata,
+        overwrite=overwrite,
+        step=step,
+        allow_pickle=allow_pickle,
+        chunk_size=chunk_size,
+        timeout=timeout,
+        check_replicated=check_replicated,
+        writer_versions=_writer_versions(),
+    )
+    return save_state(obj, store, name, coord_auto(coordinator), opt)
 
 
 def resolve(path: str | os.PathLike) -> str:
@@ -168,13 +129,20 @@ def load(
     map_location: MapLocation = None,
     verify: bool = True,
     allow_pickle: bool = False,
+    template: Any = None,
+    coordinator: Coordinator | str | None = None,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
     Every chunk is checked against its hash unless ``verify=False``; a mismatch raises
-    CorruptCheckpointError naming the file, tensor and chunk.
+    CorruptCheckpointError naming the file, tensor and chunk. With a ``template`` (this rank's
+    state: plain tensors, ``Shard`` pieces or DTensors, found by key), each of its tensors is
+    filled in place from the saved shards it overlaps, at any world size; only those chunks are
+    read. In a job, each rank gets the non-tensor values it saved (rank 0's beyond the saved
+    world size).
     """
-    return load_checkpoint(resolve(path), map_location, verify, allow_pickle)
+    rank = current_rank(coordinator)
+    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, rank)
 
 
 def verify(

@@ -88,3 +88,15 @@ def from_oserror(e: OSError, path: str, action: str) -> StoreError:
     if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
         return StoreNotWritableError(f"{msg} (the store is not writable)", path, e.errno)
     return StoreError(msg, path, e.errno)
+
+
+class CheckpointAbortedError(CheckpointError):
+    """A distributed save was abandoned: a rank failed, died or stalled. Every rank raises it."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class CoordinationTimeoutError(CheckpointAbortedError):
+    """Ranks did not all reach a collective step of the save before the deadline."""

@@ -100,7 +100,12 @@ class CheckpointReader:
         return CorruptCheckpointError(msg, path=self.path, **where)
 
     def _read_whole(self, name: str, limit: int, exact: bool = False) -> bytes:
-        fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+        try:
+            fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # ELOOP: a symlink where a file must be
+            raise self.corrupt(f"cannot be opened safely: {e.strerror}", file=name) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -156,8 +161,13 @@ class CheckpointReader:
         mine = self.rows_by_file[name]
         if [row_from_json(x) for x in rows] != mine:
             raise FormatError("footer rows disagree with the index")
-        if mine and mine[-1].extent > off:
-            raise FormatError("records run into the footer")
+        pos = HEADER_SIZE
+        for r in mine:  # records follow each other from the header to the footer, no gaps
+            if r.offset != pos:
+                raise FormatError(f"record at {r.offset} does not follow the previous one at {pos}")
+            pos = r.extent
+        if off != pos:
+            raise FormatError("the footer does not follow the last record")
 
     def read_chunks(self, rows: list[Row], verify: bool = True) -> Iterator[tuple[Row, bytes]]:
         """Yield (row, raw bytes) for ``rows`` in file order, each checked before it is yielded."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,43 +13,58 @@ import torch
 from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError
 from .format.index import Row
 from .reader import CheckpointReader
-from .tree import NUMPY_BY_NAME, TORCH_BY_NAME, TreeError, check_tree, unflatten
+from .reshard import Box, Piece, plan_reads
+from .tree import (
+    NUMPY_BY_NAME,
+    TORCH_BY_NAME,
+    TreeError,
+    check_tree,
+    flatten,
+    tensor_ids,
+    unflatten,
+)
 
 MapLocation = str | torch.device | dict | Callable | None
 
 
-def _empty(entry: dict) -> tuple[Any, np.ndarray]:
-    """Allocate a host tensor/array for a manifest tensor entry; return it and a uint8 view."""
+def _host_empty(entry: dict) -> Any:
+    """A fresh host tensor/array for a manifest tensor entry (its global shape)."""
     shape = tuple(entry["shape"])
     if entry["kind"] == "numpy":
         dt = NUMPY_BY_NAME.get(entry["dtype"])
         if dt is None:
             raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", entry["key"])
-        a = np.empty(shape, dtype=dt)
-        return a, a.reshape(-1).view(np.uint8)
+        return np.empty(shape, dtype=dt)
     dtype = TORCH_BY_NAME.get(entry["dtype"])
     if dtype is None:
         raise UnsupportedObjectError(
             f"this torch has no dtype {entry['dtype']!r} (tensor {entry['key']!r})", entry["key"]
         )
-    t = torch.empty(shape, dtype=dtype)
-    return t, t.reshape(-1).view(torch.uint8).numpy()
+    return torch.empty(shape, dtype=dtype)
 
 
-def _place(dest: np.ndarray, entry: dict, r: Row, raw: bytes, shards: dict) -> None:
-    """Copy one chunk's bytes into the destination tensor's bytes."""
-    src = np.frombuffer(raw, dtype=np.uint8)
-    if r.shard_lengths == r.global_shape:
-        dest[r.shard_byte_offset : r.shard_byte_offset + r.raw_len] = src
+def _byte_view(t: Any) -> np.ndarray | None:
+    """A writable uint8 view of a contiguous host tensor/array, else None."""
+    if isinstance(t, np.ndarray):
+        return t.reshape(-1).view(np.uint8) if t.flags.c_contiguous else None
+    if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.reshape(-1).view(torch.uint8).numpy()
+    return None
+
+
+def _copy_block(target: Any, entry: dict, piece: Piece, origin: tuple[int, ...]) -> None:
+    """Copy a piece's overlap into ``target`` (whose element 0 is at ``origin``)."""
+    lens = piece.overlap[1]
+    block = np.ascontiguousarray(piece.block())
+    sl = tuple(
+        slice(o - b, o - b + n) for o, b, n in zip(piece.overlap[0], origin, lens, strict=True)
+    )
+    if isinstance(target, np.ndarray):
+        target[sl] = block.view(target.dtype).reshape(lens)
         return
-    key = (r.tensor, r.shard_offsets)
-    buf = shards.setdefault(key, np.empty(math.prod(r.shard_lengths) * r.elem_size, np.uint8))
-    buf[r.shard_byte_offset : r.shard_byte_offset + r.raw_len] = src
-    if r.shard_byte_offset + r.raw_len == len(buf):  # last chunk of the shard: place it
-        full = dest.reshape(*entry["shape"], r.elem_size)
-        box = tuple(slice(o, o + n) for o, n in zip(r.shard_offsets, r.shard_lengths, strict=True))
-        full[box] = buf.reshape(*r.shard_lengths, r.elem_size)
-        del shards[key]
+    src = torch.from_numpy(block).view(TORCH_BY_NAME[entry["dtype"]]).reshape(lens)
+    with torch.no_grad():
+        target[sl].copy_(src)
 
 
 def _device(entry: dict, map_location: MapLocation) -> torch.device:
@@ -72,35 +86,106 @@ def _device(entry: dict, map_location: MapLocation) -> torch.device:
     return dev
 
 
+@dataclass
+class _Target:
+    """Where one saved tensor goes on this rank: ``fill`` covers ``box`` of the global tensor."""
+
+    result: Any
+    fill: Any
+    box: Box
+    fresh: bool
+
+
+def _template_targets(template: Any, rd: CheckpointReader) -> dict[int, _Target]:
+    _, refs, _ = flatten(template, tensors_only=True)
+    by_key = {t["key"]: i for i, t in enumerate(rd.tensors)}
+    out = {}
+    for ref in refs:
+        gid = by_key.get(ref.key)
+        if gid is None:
+            raise CheckpointError(f"template tensor {ref.key!r} is not in checkpoint {rd.path}")
+        entry = rd.tensors[gid]
+        if ref.dtype != entry["dtype"] or list(ref.global_shape) != entry["shape"]:
+            raise CheckpointError(
+                f"template tensor {ref.key!r} is {ref.dtype}{list(ref.global_shape)}, the "
+                f"checkpoint holds {entry['dtype']}{entry['shape']}"
+            )
+        out[gid] = _Target(ref.outer, ref.value, (ref.offsets, ref.shape), False)
+    return out
+
+
 def load_checkpoint(
-    path: str, map_location: MapLocation = None, verify: bool = True, allow_pickle: bool = False
+    path: str,
+    map_location: MapLocation = None,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    template: Any = None,
+    rank: int = 0,
 ) -> Any:
-    """Read, verify and rebuild the object saved at checkpoint directory ``path``."""
+    """Read, verify and rebuild the object saved at ``path`` as rank ``rank`` sees it.
+
+    Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
+    the part of the global tensor they cover, whatever the saved sharding; the others load whole.
+    """
     with CheckpointReader(path) as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
                 f"{path} contains pickled objects; load it with allow_pickle=True only if you "
                 "trust where it came from"
             )
-        dests = [_empty(e) for e in rd.tensors]
-        shards: dict = {}
-        for r, raw in rd.read_chunks(rd.rows, verify=verify):
-            _place(dests[r.tensor][1], rd.tensors[r.tensor], r, raw, shards)
-        values = []
-        for (obj, _), entry in zip(dests, rd.tensors, strict=True):
-            if entry["kind"] == "torch":
-                dev = _device(entry, map_location)
-                if dev.type != "cpu":
-                    obj = obj.to(dev)
-                if entry["parameter"]:
-                    obj = torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
-                elif entry["requires_grad"] and obj.is_floating_point():
-                    obj.requires_grad_(True)
-            values.append(obj)
+        tree = rd.manifest["rank_trees"].get(str(rank), rd.manifest["tree"])
+        targets = _template_targets(template, rd) if template is not None else {}
+        for gid in tensor_ids(tree):
+            if not 0 <= gid < len(rd.tensors):
+                raise rd.corrupt(
+                    f"object tree references tensor {gid}, which does not exist",
+                    file="MANIFEST.json",
+                )
+            if gid not in targets:
+                t = _host_empty(rd.tensors[gid])
+                shape = tuple(rd.tensors[gid]["shape"])
+                targets[gid] = _Target(t, t, ((0,) * len(shape), shape), True)
+        rows_by_tensor: dict[int, list[Row]] = {}
+        for r in rd.rows:
+            rows_by_tensor.setdefault(r.tensor, []).append(r)
+        consumer: dict[tuple[str, int], Piece] = {}
+        pieces: list[tuple[int, Piece]] = []
+        for gid, tg in targets.items():
+            for p in plan_reads(rows_by_tensor.get(gid, []), tg.box):
+                view = _byte_view(tg.fill) if p.shard == p.overlap == tg.box else None
+                if view is not None:
+                    p.buf = view  # the chunks land straight in the destination
+                else:
+                    p.allocate()
+                    pieces.append((gid, p))
+                for r in p.rows:
+                    consumer[(r.file, r.offset)] = p
+        needed = [r for r in rd.rows if (r.file, r.offset) in consumer]
+        for r, raw in rd.read_chunks(needed, verify=verify):
+            consumer[(r.file, r.offset)].put(r, raw)
+        for gid, p in pieces:
+            _copy_block(targets[gid].fill, rd.tensors[gid], p, targets[gid].box[0])
+        values: list[Any] = [None] * len(rd.tensors)
+        for gid, tg in targets.items():
+            values[gid] = _finish(tg, rd.tensors[gid], map_location) if tg.fresh else tg.result
         try:
-            return unflatten(rd.manifest["tree"], values, allow_pickle=allow_pickle)
+            return unflatten(tree, values, allow_pickle=allow_pickle)
         except TreeError as e:
             raise rd.corrupt(f"object tree is malformed: {e}", file="MANIFEST.json") from None
+
+
+def _finish(tg: _Target, entry: dict, map_location: MapLocation) -> Any:
+    obj = tg.result
+    if entry["kind"] != "torch":
+        return obj
+    dev = _device(entry, map_location)
+    if dev.type != "cpu":
+        obj = obj.to(dev)
+    if entry["parameter"]:
+        return torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
+    if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):
+        obj.requires_grad_(True)
+    return obj
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from .errors import UnsupportedObjectError
 from .format import dtypes
+from .shard import Shard, dtensor_shard, is_dtensor
 
 MAX_DEPTH = 512
 _I64 = 1 << 63
@@ -61,17 +62,17 @@ class TensorRef:
     requires_grad: bool
     parameter: bool
     value: Any
+    global_shape: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
+    sharded: bool = False  # a piece of a global tensor (Shard or sharded DTensor)
+    outer: Any = None  # the object the user passed (Shard, DTensor or the tensor itself)
 
-    def entry(self) -> dict:
-        return {
-            "key": self.key,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "kind": self.kind,
-            "device": self.device,
-            "requires_grad": self.requires_grad,
-            "parameter": self.parameter,
-        }
+    def __post_init__(self) -> None:
+        if not self.sharded:
+            self.global_shape = self.shape
+            self.offsets = (0,) * len(self.shape)
+        if self.outer is None:
+            self.outer = self.value
 
 
 def _key_part(k: Any) -> str:
@@ -83,13 +84,40 @@ def _join(path: str, k: Any) -> str:
 
 
 class _Flattener:
-    def __init__(self, allow_pickle: bool) -> None:
+    def __init__(self, allow_pickle: bool, tensors_only: bool = False) -> None:
         self.allow_pickle = allow_pickle
+        self.tensors_only = tensors_only
         self.tensors: list[TensorRef] = []
         self.ids: dict[tuple, int] = {}
+        self.keys: set[str] = set()
         self.used_pickle = False
 
+    def shard(self, s: Shard, path: str) -> dict:
+        node = self.tensor(s.local, path)
+        ref = self.tensors[node["$tensor"]]
+        if ref.value is not s.local:
+            raise UnsupportedObjectError(
+                f"the tensor of Shard at {path!r} is also used elsewhere", path
+            )
+        ref.global_shape, ref.offsets, ref.sharded = s.global_shape, s.offsets, True
+        ref.outer = s
+        return node
+
+    def dtensor(self, t: Any, path: str) -> dict:
+        try:
+            local, global_shape, offsets, replicated = dtensor_shard(t)
+        except ValueError as e:
+            raise UnsupportedObjectError(f"{e} (at {path!r})", path) from None
+        if replicated:
+            node = self.tensor(local, path)
+        else:
+            node = self.shard(Shard(local, global_shape, offsets), path)
+        self.tensors[node["$tensor"]].outer = t
+        return node
+
     def tensor(self, t: Any, path: str) -> dict:
+        if is_dtensor(t):
+            return self.dtensor(t, path)
         if isinstance(t, np.ndarray):
             name = str(t.dtype) if t.dtype.isnative or t.dtype.itemsize == 1 else None
             if name not in NUMPY_BY_NAME:
@@ -123,11 +151,20 @@ class _Flattener:
             )
         if ident in self.ids:
             return {"$tensor": self.ids[ident]}
+        if ref.key in self.keys:
+            raise UnsupportedObjectError(
+                f"two different tensors have the key path {ref.key!r} (e.g. int key 1 and str key "
+                "'1' in one dict): rename one",
+                key_path=path,
+            )
+        self.keys.add(ref.key)
         self.ids[ident] = len(self.tensors)
         self.tensors.append(ref)
         return {"$tensor": len(self.tensors) - 1}
 
-    def other(self, obj: Any, path: str, what: str) -> dict:
+    def other(self, obj: Any, path: str, what: str) -> Any:
+        if self.tensors_only:
+            return None
         if not self.allow_pickle:
             raise UnsupportedObjectError(
                 f"cannot save {what} at {path or '<root>'!r} without pickle; convert it to "
@@ -151,6 +188,8 @@ class _Flattener:
             return {"$bytes": base64.b64encode(obj).decode()}
         if isinstance(obj, (torch.Tensor, np.ndarray)):
             return self.tensor(obj, path)
+        if t is Shard:
+            return self.shard(obj, path)
         if isinstance(obj, np.generic) and str(obj.dtype) in NUMPY_BY_NAME:
             return {
                 "$npscalar": str(obj.dtype),
@@ -188,11 +227,43 @@ class _Flattener:
         return {"$dict": [[k, v] for k, v in items]}
 
 
-def flatten(obj: Any, allow_pickle: bool = False) -> tuple[Any, list[TensorRef], bool]:
-    """Return (JSON tree, tensors in id order, whether pickle was used)."""
-    f = _Flattener(allow_pickle)
+def flatten(
+    obj: Any, allow_pickle: bool = False, tensors_only: bool = False
+) -> tuple[Any, list[TensorRef], bool]:
+    """Return (JSON tree, tensors in id order, whether pickle was used).
+
+    ``tensors_only`` finds the tensors and ignores values that cannot be stored (for templates).
+    """
+    f = _Flattener(allow_pickle, tensors_only)
     tree = f.walk(obj, "", 0)
     return tree, f.tensors, f.used_pickle
+
+
+def remap_tensor_ids(tree: Any, ids: list[int]) -> Any:
+    """The same JSON tree with each ``{"$tensor": i}`` replaced by ``{"$tensor": ids[i]}``."""
+    if isinstance(tree, list):
+        return [remap_tensor_ids(v, ids) for v in tree]
+    if isinstance(tree, dict):
+        if set(tree) == {"$tensor"}:
+            return {"$tensor": ids[tree["$tensor"]]}
+        return {k: remap_tensor_ids(v, ids) for k, v in tree.items()}
+    return tree
+
+
+def tensor_ids(tree: Any) -> list[int]:
+    """The tensor ids a JSON tree references, in order of first reference."""
+    seen: dict[int, None] = {}
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            if set(node) == {"$tensor"} and type(node["$tensor"]) is int:
+                seen.setdefault(node["$tensor"], None)
+            else:
+                stack.extend(reversed(list(node.values())))
+    return list(seen)
 
 
 class TreeError(ValueError):

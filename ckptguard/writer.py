@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from . import codec
 from .format import dtypes
@@ -50,6 +51,11 @@ def tensor_bytes(value: Any) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+def tensor_digest(ref: TensorRef) -> str:
+    """xxh3-128 (hex) of a whole tensor's bytes, to check that replicas agree."""
+    return xxhash.xxh3_128_hexdigest(tensor_bytes(ref.value))
+
+
 class RankWriter:
     """Writes one rank's data file into a staging directory."""
 
@@ -67,7 +73,7 @@ class RankWriter:
         self.size = 0
 
     def add(self, tid: int, ref: TensorRef, compress: bool) -> None:
-        """Append every chunk of one tensor (the whole tensor is this rank's shard)."""
+        """Append every chunk of this rank's piece of one tensor (the whole tensor if unsharded)."""
         size = dtypes.SIZES[ref.dtype]
         raw = tensor_bytes(ref.value)
         step = self.chunk_size
@@ -84,8 +90,8 @@ class RankWriter:
                     ref.key,
                     tid,
                     ref.dtype,
-                    ref.shape,
-                    (0,) * len(ref.shape),
+                    ref.global_shape,
+                    ref.offsets,
                     ref.shape,
                     n,
                     start,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from . import FORMAT_VERSION
+from . import FORMAT_VERSION, strict_json
 from .layout import ALIGN
 
 FILE_MAGIC = b"CKGDATA1"
@@ -118,7 +118,7 @@ def check_footer(buf: bytes, digest: int, rank: int, uuid_hex: str) -> list[dict
     if _h64(buf) != digest:
         raise FormatError("footer hash mismatch")
     try:
-        doc = json.loads(buf)
+        doc = strict_json(buf)
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"footer is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"rank", "uuid", "rows"}:

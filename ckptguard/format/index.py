@@ -158,7 +158,7 @@ def check_rows(rows: list[Row], tensors: list[dict], files: dict[str, int], feat
             )
         shards_by_tensor.setdefault(tid, []).append((offs, lens))
     for tid, t in enumerate(tensors):
-        _check_cover(t, shards_by_tensor.get(tid, []))
+        check_cover(t, shards_by_tensor.get(tid, []))
     _check_placement(rows)
 
 
@@ -199,7 +199,7 @@ def _check_row(r: Row, where: str, tensors: list[dict], files: dict, features: s
         raise FormatError(f"{where}: key_id present but encryption is not declared")
 
 
-def _check_cover(t: dict, shards: list[tuple]) -> None:
+def check_cover(t: dict, shards: list[tuple]) -> None:
     """Shards of one tensor must not overlap and must cover it exactly."""
     total = math.prod(t["shape"])
     covered = 0

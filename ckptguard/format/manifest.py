@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
-from . import FORMAT_VERSION, dtypes
+from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import FormatError
 from .layout import datafile_rank, is_name, is_uuid
 
@@ -33,6 +34,7 @@ _MEMBERS: dict[str, type | tuple] = {
     "writer": dict,
     "metadata": object,
     "tree": object,
+    "rank_trees": dict,
     "tensors": list,
     "files": list,
     "index": dict,
@@ -77,7 +79,7 @@ def decode(raw: bytes) -> dict:
     if xxhash.xxh3_128_hexdigest(body).encode() != raw[len(_PREFIX) : len(_PREFIX) + 32]:
         raise FormatError("MANIFEST.json checksum mismatch")
     try:
-        doc = json.loads(body)
+        doc = strict_json(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"MANIFEST.json is not valid JSON: {e}") from None
     validate(doc)
@@ -124,6 +126,9 @@ def validate(doc: Any) -> None:
     parse_time(doc["created"])
     if not all(isinstance(v, str) for v in doc["writer"].values()):
         raise FormatError("manifest.writer values must be strings")
+    for r in doc["rank_trees"]:
+        if not r.isdigit() or str(int(r)) != r or not 0 < int(r) < doc["world_size"]:
+            raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
     keys = set()
     for i, t in enumerate(doc["tensors"]):
         _typed(t, _TENSOR, f"manifest.tensors[{i}]")
@@ -181,8 +186,9 @@ class CheckpointInfo:
     @classmethod
     def from_manifest(cls, doc: dict, path: str) -> CheckpointInfo:
         t = doc["totals"]
+        base = os.path.basename(os.path.normpath(path))
         return cls(
-            name=doc["name"],
+            name=base if is_name(base) else doc["name"],
             path=path,
             uuid=doc["uuid"],
             step=doc["step"],

@@ -1,0 +1,72 @@
+"""Coordinators: the few collectives a distributed save needs, each with a deadline.
+
+A coordinator moves bytes only (never pickled objects): ``broadcast`` from rank 0 and ``gather``
+to rank 0. Backends: ``local`` (one process), ``mpi`` (mpi4py, on a duplicated communicator) and
+``torch`` (torch.distributed, on a dedicated gloo group).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .base import Coordinator, LocalCoordinator
+
+__all__ = ["Coordinator", "LocalCoordinator", "auto", "current_rank"]
+
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _launched_by_mpi() -> bool:
+    for var in _MPI_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def auto(coordinator: Coordinator | str | None = None) -> Coordinator:
+    """Pick a coordinator: the one given, an initialized torch.distributed group, an MPI world of
+    size > 1 (only if mpi4py is already imported or an MPI launcher started us), else local."""
+    if isinstance(coordinator, Coordinator):
+        return coordinator
+    if coordinator not in (None, "local", "mpi", "torch"):
+        raise ValueError(f"unknown coordinator {coordinator!r}: use 'local', 'mpi' or 'torch'")
+    if coordinator == "local":
+        return LocalCoordinator()
+    if coordinator == "torch" or coordinator is None and _torch_initialized():
+        from .torchdist import TorchCoordinator
+
+        return TorchCoordinator.default()
+    if coordinator == "mpi" or "mpi4py.MPI" in sys.modules or _launched_by_mpi():
+        from .mpi import MPICoordinator
+
+        c = MPICoordinator.default()
+        if coordinator == "mpi" or c.size > 1:
+            return c
+    return LocalCoordinator()
+
+
+def _torch_initialized() -> bool:
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def current_rank(coordinator: Coordinator | str | None = None) -> int:
+    """This process's rank, without creating groups or communicators (for loading)."""
+    if isinstance(coordinator, Coordinator):
+        return coordinator.rank
+    if coordinator in (None, "torch") and _torch_initialized():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    if coordinator in (None, "mpi") and ("mpi4py.MPI" in sys.modules or _launched_by_mpi()):
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_rank()
+    return 0

@@ -1,0 +1,231 @@
+"""The save protocol, for one process or many: plan -> write -> report -> commit -> outcome.
+
+Every rank takes part in every collective, carrying a local failure as data instead of raising
+early, so all ranks leave with the same outcome (I8), in O(1) collectives per save:
+gather(descriptions) -> broadcast(plan) -> write -> gather(reports) -> broadcast(outcome).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import commit as _commit
+from .coord import Coordinator
+from .errors import CheckpointAbortedError, CheckpointExistsError, from_oserror
+from .failpoints import failpoint, set_rank
+from .format import FORMAT_VERSION
+from .format.datafile import FormatError
+from .format.index import check_rows, row_from_json
+from .format.layout import MANIFEST
+from .format.manifest import CheckpointInfo, parse_time
+from .plan import PlanError, describe_local, make_plan
+from .tree import flatten, remap_tensor_ids
+from .writer import RankWriter, tensor_digest
+
+
+@dataclass
+class SaveOptions:
+    compress: bool
+    metadata: Any
+    overwrite: bool
+    step: int | None
+    allow_pickle: bool
+    chunk_size: int
+    timeout: float
+    check_replicated: bool
+    writer_versions: dict
+
+
+class _Failed(Exception):
+    def __init__(self, rank: int, text: str) -> None:
+        super().__init__(text)
+        self.rank = rank
+
+
+def _text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _dump(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _Save:
+    """One save on one rank. ``own`` keeps this rank's exception so one process re-raises it."""
+
+    def __init__(self, coord: Coordinator, opt: SaveOptions, store: str, name: str) -> None:
+        self.coord, self.opt, self.store, self.name = coord, opt, store, name
+        self.own: BaseException | None = None
+        self.staging: str | None = None
+
+    def fail(self, e: BaseException) -> dict:
+        self.own = e
+        return {"ok": False, "rank": self.coord.rank, "error": _text(e)}
+
+    def run(self, obj: Any) -> CheckpointInfo:
+        c = self.coord
+        try:
+            msg = self.describe(obj)
+            gathered = c.gather(_dump(msg), self.opt.timeout)
+            plan = self.plan([json.loads(g) for g in gathered]) if c.rank == 0 else None
+            plan = json.loads(c.broadcast(_dump(plan) if c.rank == 0 else None, self.opt.timeout))
+            self.staging = plan.get("staging")
+            if not plan["ok"]:
+                raise _Failed(plan["rank"], plan["error"])
+            report = self.write(plan)
+            gathered = c.gather(_dump(report), self.opt.timeout)
+            outcome = self.commit(plan, [json.loads(g) for g in gathered]) if c.rank == 0 else None
+            outcome = json.loads(
+                c.broadcast(_dump(outcome) if c.rank == 0 else None, self.opt.timeout)
+            )
+            if not outcome["ok"]:
+                raise _Failed(outcome["rank"], outcome["error"])
+        except _Failed as f:
+            self.cleanup()
+            if c.size == 1 and self.own is not None:
+                raise self.own from None
+            raise CheckpointAbortedError(
+                f"save of {self.name!r} aborted: rank {f.rank} failed: {f}", rank=f.rank
+            ) from self.own
+        except BaseException:
+            self.cleanup()
+            raise
+        info = outcome["info"]
+        return CheckpointInfo(**{**info, "created": parse_time(info["created"])})
+
+    def cleanup(self) -> None:
+        if self.coord.rank == 0 and self.staging and os.path.isdir(self.staging):
+            with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
+                _commit.remove_tree(self.staging)
+
+    # -- phase 1: every rank describes its state ------------------------------------------------
+    def describe(self, obj: Any) -> dict:
+        try:
+            tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
+            hasher = tensor_digest if self.coord.size > 1 else None
+            desc = describe_local(self.refs, hasher)
+        except Exception as e:
+            self.refs = []
+            return self.fail(e)
+        return {"ok": True, "tree": tree, "tensors": desc, "pickle": used_pickle}
+
+    # -- phase 2: rank 0 plans and opens the staging directory ----------------------------------
+    def plan(self, msgs: list[dict]) -> dict:
+        for m in msgs:
+            if not m["ok"]:
+                return m
+        try:
+            plan = make_plan([m["tensors"] for m in msgs], self.opt.check_replicated)
+            final = os.path.join(self.store, self.name)
+            if not self.opt.overwrite and os.path.exists(os.path.join(final, MANIFEST)):
+                raise CheckpointExistsError(
+                    f"checkpoint {final} already exists (pass overwrite=True)"
+                )
+            try:
+                os.makedirs(self.store, exist_ok=True)
+                failpoint("save.start")
+                uid, self.staging = _commit.new_staging(self.store, self.name)
+                failpoint("save.staging_created")
+            except OSError as e:
+                raise from_oserror(e, self.store, "cannot create a staging directory in") from None
+        except Exception as e:
+            return self.fail(e)
+        trees = [
+            remap_tensor_ids(m["tree"], [gid for gid, _ in a])
+            for m, a in zip(msgs, plan.assign, strict=True)
+        ]
+        self.body = {
+            "format": "ckptguard",
+            "format_version": FORMAT_VERSION,
+            "features": ["pickle"] if any(m["pickle"] for m in msgs) else [],
+            "name": self.name,
+            "uuid": uid,
+            "created": "",
+            "step": self.opt.step,
+            "world_size": self.coord.size,
+            "writer": self.opt.writer_versions,
+            "metadata": self.opt.metadata,
+            "tree": trees[0],
+            "rank_trees": {str(r): t for r, t in enumerate(trees) if r and t != trees[0]},
+            "tensors": plan.tensors,
+        }
+        return {"ok": True, "uuid": uid, "staging": self.staging, "assign": plan.assign}
+
+    # -- phase 3: every rank writes its own data file -------------------------------------------
+    def write(self, plan: dict) -> dict:
+        writer = None
+        try:
+            writer = RankWriter(plan["staging"], self.coord.rank, plan["uuid"], self.opt.chunk_size)
+            for ref, (gid, mine) in zip(self.refs, plan["assign"][self.coord.rank], strict=True):
+                if mine:
+                    writer.add(gid, ref, self.opt.compress)
+            rows = writer.finish()
+            failpoint("save.data_written")
+        except Exception as e:
+            if writer is not None:
+                writer.abort()
+            if isinstance(e, OSError):
+                e = from_oserror(e, writer.path if writer else plan["staging"], "cannot write")
+            return self.fail(e)
+        return {
+            "ok": True,
+            "rows": [r.to_json() for r in rows],
+            "file": {
+                "name": writer.name,
+                "rank": self.coord.rank,
+                "size": writer.size,
+                "chunks": len(rows),
+            },
+        }
+
+    # -- phase 4: rank 0 validates the reports and commits --------------------------------------
+    def commit(self, plan: dict, reports: list[dict]) -> dict:
+        for r in reports:
+            if not r["ok"]:
+                return r
+        try:
+            rows = [row_from_json(x) for rep in reports for x in rep["rows"]]
+            files = [rep["file"] for rep in reports]
+            features = set(self.body["features"])
+            check_rows(rows, self.body["tensors"], {f["name"]: f["size"] for f in files}, features)
+            index_entry = _commit.write_index(self.staging, rows)
+            failpoint("commit.index_written")
+            self.body.update(
+                {
+                    "files": files,
+                    "index": index_entry,
+                    "totals": {
+                        "tensors": len(self.body["tensors"]),
+                        "chunks": len(rows),
+                        "raw_bytes": sum(r.raw_len for r in rows),
+                        "stored_bytes": sum(r.stored_len for r in rows),
+                        "files": len(files),
+                    },
+                }
+            )
+            final = _commit.commit(
+                self.store, self.name, self.staging, self.body, self.opt.overwrite
+            )
+            self.staging = None  # committed: nothing of ours to clean up
+        except FormatError as e:
+            return self.fail(PlanError(f"reports do not form a valid checkpoint: {e}"))
+        except OSError as e:
+            return self.fail(from_oserror(e, self.staging or self.store, "cannot commit in"))
+        except Exception as e:
+            return self.fail(e)
+        info = CheckpointInfo.from_manifest(self.body, final)
+        doc = asdict(info)
+        doc["created"] = self.body["created"]
+        return {"ok": True, "info": doc}
+
+
+def save_state(
+    obj: Any, store: str, name: str, coord: Coordinator, opt: SaveOptions
+) -> CheckpointInfo:
+    """Run the save on this rank; every rank returns the same CheckpointInfo or raises."""
+    set_rank(coord.rank)
+    return _Save(coord, opt, store, name).run(obj)

@@ -1,0 +1,61 @@
+"""Sharded tensors: ``Shard`` annotations and DTensor placements, as (local, global, offsets)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Shard:
+    """This rank's piece of a global tensor: ``local`` starts at ``offsets`` in ``global_shape``.
+
+    Use it in the state you save (each rank passes its own piece) and in the template you load
+    into (the piece is filled in place from whatever shards the checkpoint holds).
+    """
+
+    local: Any
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.global_shape = tuple(int(n) for n in self.global_shape)
+        self.offsets = tuple(int(n) for n in self.offsets)
+        shape = tuple(self.local.shape)
+        if len(shape) != len(self.global_shape) or len(self.offsets) != len(shape):
+            raise ValueError(
+                f"Shard: local shape {shape}, global shape {self.global_shape} and offsets "
+                f"{self.offsets} must have the same number of dimensions"
+            )
+        for o, n, g in zip(self.offsets, shape, self.global_shape, strict=True):
+            if o < 0 or o + n > g:
+                raise ValueError(
+                    f"Shard: local {shape} at {self.offsets} lies outside {self.global_shape}"
+                )
+
+
+def is_dtensor(t: Any) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def dtensor_shard(t: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], bool]:
+    """(local tensor, global shape, offsets, replicated) of a DTensor."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(p.is_shard() or isinstance(p, Replicate) for p in t.placements):
+        raise ValueError(
+            f"DTensor with placements {t.placements} (partial?) cannot be saved; "
+            "redistribute it to Shard/Replicate first"
+        )
+    local = t.to_local()
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    replicated = all(isinstance(p, Replicate) for p in t.placements)
+    return local, tuple(t.shape), tuple(int(o) for o in offsets), replicated
