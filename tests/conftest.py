@@ -1,0 +1,134 @@
+"""Shared fixtures and helpers: a store directory, a small state, and tools that damage or
+re-sign a checkpoint on disk (written from docs/format.md, via tests/independent_reader.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import independent_reader as ir  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    """A store path inside a fresh temporary directory (not yet created)."""
+    return str(tmp_path / "store")
+
+
+def small_state(seed: int = 0) -> dict[str, Any]:
+    """A few small tensors of different dtypes plus plain values."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "w": torch.randn(8, 16, generator=g),
+            "b": torch.arange(16, dtype=torch.int64),
+        },
+        "opt": {"lr": 0.1, "step": seed},
+        "mask": torch.rand(33, generator=g) > 0.5,
+    }
+
+
+def flip_byte(path: str | os.PathLike, offset: int, mask: int = 0x01) -> None:
+    """XOR one byte of a file in place (negative offsets count from the end)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos = offset if offset >= 0 else size + offset
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def read_body(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed manifest body (framing and checksum checked)."""
+    return ir.parse_manifest(ir.read_manifest_bytes(str(ckpt_dir)))
+
+
+def resign_manifest(
+    ckpt_dir: str | os.PathLike, body_mutator: Callable[[dict[str, Any]], Any]
+) -> None:
+    """Rewrite MANIFEST.json with ``body_mutator`` applied to its body (in place, or returning a
+    new body), correctly framed and checksummed per format.md section 3."""
+    import json
+
+    raw = ir.read_manifest_bytes(str(ckpt_dir))
+    _, a, b = ir.manifest_span(raw)
+    body = json.loads(raw[a:b])
+    new = body_mutator(body)
+    body = body if new is None else new
+    data = json.dumps(body, separators=(",", ":")).encode()
+    Path(ckpt_dir, ir.MANIFEST).write_bytes(ir.frame_manifest(data))
+
+
+def rewrite_index(
+    ckpt_dir: str | os.PathLike,
+    table_mutator: Callable[[pa.Table], pa.Table],
+    body_mutator: Callable[[dict[str, Any]], Any] | None = None,
+) -> None:
+    """Rewrite index.parquet with ``table_mutator`` and re-sign the manifest (index size and
+    hash, then ``body_mutator`` if given), so a reader gets past the hashes to the rules."""
+    path = Path(ckpt_dir, ir.INDEX)
+    table = table_mutator(pq.read_table(path))
+    pq.write_table(table, path)
+    data = path.read_bytes()
+
+    def fix(body: dict[str, Any]) -> Any:
+        body["index"]["size"] = len(data)
+        body["index"]["xxh3_128"] = ir.xxh3_128_hex(data)
+        if body_mutator is not None:
+            new = body_mutator(body)
+            return body if new is None else new
+        return body
+
+    resign_manifest(ckpt_dir, fix)
+
+
+def rewrite_rows(
+    ckpt_dir: str | os.PathLike,
+    rows_mutator: Callable[[list[dict[str, Any]]], Any],
+    body_mutator: Callable[[dict[str, Any]], Any] | None = None,
+) -> None:
+    """``rewrite_index`` on the rows as Python dicts (schema kept)."""
+
+    def mut(table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        new = rows_mutator(rows)
+        return pa.Table.from_pylist(rows if new is None else new, schema=table.schema)
+
+    rewrite_index(ckpt_dir, mut, body_mutator)
+
+
+# Paths opened while a recorder is active (sys.audit "open" events: open(), os.open(), ...).
+_recorders: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _recorders and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        p = os.fsdecode(args[0])
+        for rec in _recorders:
+            rec.append(p)
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def record_opens() -> Iterator[list[str]]:
+    """Collect the paths (as given, maybe relative to a dir_fd) Python code opens in the block."""
+    rec: list[str] = []
+    _recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _recorders.remove(rec)

@@ -1,0 +1,1026 @@
+"""An independent reader of the ckptguard on-disk format, version 1.
+
+Written only from docs/format.md (it never imports ckptguard): it is the proof that the spec is
+complete enough to read a checkpoint without the library. ``read_checkpoint(dir)`` checks every
+rule of sections 3-8 and returns the manifest, the decoded object tree and each tensor's raw bytes.
+Any violation raises ``SpecViolation`` (``VersionViolation`` for a version or feature this reader
+does not implement). The layout helpers (``scan_data_file``, ``manifest_span``) are also what the
+corruption tests use to locate the regions they damage.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import math
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import lz4.block
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+ALIGN = 4096
+HEADER_SIZE = 4096
+RECORD_HEADER = 64
+TRAILER_SIZE = 32
+MANIFEST = "MANIFEST.json"
+INDEX = "index.parquet"
+LATEST = "LATEST"
+MAX_MANIFEST = 256 << 20
+MAX_LATEST = 256
+MAX_DEPTH = 512
+PREFIX_LEN = 58  # '{"checksum":"' + 32 hex + '","manifest":'
+SUFFIX = b"}\n"
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
+DATAFILE_RE = re.compile(r"rank-([0-9]{5,9})\.ckg")
+HEX32_RE = re.compile(r"[0-9a-f]{32}")
+CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+}
+# dtypes numpy can represent natively (little-endian); the others come back as raw bytes only
+NUMPY_DTYPES = {
+    "bool": "|b1",
+    "uint8": "|u1",
+    "int8": "|i1",
+    "int16": "<i2",
+    "uint16": "<u2",
+    "int32": "<i4",
+    "uint32": "<u4",
+    "int64": "<i8",
+    "uint64": "<u8",
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "complex64": "<c8",
+    "complex128": "<c16",
+}
+CODECS = {"raw": 0, "shuffle-lz4": 1}
+KNOWN_FEATURES = {"pickle"}  # pickled leaves are returned as opaque ``Pickled`` blobs, never loaded
+
+BODY_MEMBERS = {
+    "format",
+    "format_version",
+    "features",
+    "name",
+    "uuid",
+    "created",
+    "step",
+    "world_size",
+    "writer",
+    "metadata",
+    "tree",
+    "rank_trees",
+    "tensors",
+    "files",
+    "index",
+    "totals",
+}
+OPTIONAL_BODY_MEMBERS = {"features"}
+TENSOR_MEMBERS = {"key", "dtype", "shape", "kind", "device", "requires_grad", "parameter"}
+FILE_MEMBERS = {"name", "rank", "size", "chunks"}
+INDEX_MEMBERS = {"file", "size", "xxh3_128"}
+TOTALS_MEMBERS = {"tensors", "chunks", "raw_bytes", "stored_bytes", "files"}
+
+COLUMNS: dict[str, pa.DataType] = {
+    "key": pa.string(),
+    "tensor": pa.int32(),
+    "dtype": pa.string(),
+    "global_shape": pa.list_(pa.int64()),
+    "shard_offsets": pa.list_(pa.int64()),
+    "shard_lengths": pa.list_(pa.int64()),
+    "chunk": pa.int32(),
+    "shard_byte_offset": pa.int64(),
+    "raw_len": pa.int64(),
+    "rank": pa.int32(),
+    "file": pa.string(),
+    "offset": pa.int64(),
+    "stored_len": pa.int64(),
+    "codec": pa.string(),
+    "elem_size": pa.int32(),
+    "hash": pa.binary(16),
+    "base": pa.string(),
+    "key_id": pa.string(),
+}
+NULLABLE = {"base", "key_id"}
+FOOTER_ROW_MEMBERS = set(COLUMNS)
+
+
+class SpecViolation(Exception):
+    """The checkpoint breaks a rule of docs/format.md (message says which and where)."""
+
+
+class VersionViolation(SpecViolation):
+    """A format version or feature this (version 1) reader does not implement."""
+
+
+# ---------------------------------------------------------------- decoded tree values
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """``{"$tensor": id}`` in the tree."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class DType:
+    """``{"$dtype": name}``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Size:
+    """``{"$size": [...]}`` (a torch.Size)."""
+
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Device:
+    """``{"$device": str}``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class NpScalar:
+    """``{"$npscalar": dtype, "hex": ...}`` with its raw little-endian bytes."""
+
+    dtype: str
+    raw: bytes
+
+    def value(self) -> Any:
+        return np.frombuffer(self.raw, dtype=np.dtype(NUMPY_DTYPES[self.dtype]))[0]
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """``{"$pickle": base64}``: returned opaque, never unpickled."""
+
+    data: bytes
+
+
+@dataclass
+class TensorData:
+    """One tensor of a checkpoint: its manifest entry and its raw C-order bytes."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    device: str
+    requires_grad: bool
+    parameter: bool
+    data: bytes
+
+    @property
+    def elem_size(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as a numpy array (raw bytes as uint8 of shape (*shape, elem) if numpy
+        has no such dtype)."""
+        if self.dtype in NUMPY_DTYPES:
+            return np.frombuffer(self.data, dtype=np.dtype(NUMPY_DTYPES[self.dtype])).reshape(
+                self.shape
+            )
+        return np.frombuffer(self.data, dtype=np.uint8).reshape((*self.shape, self.elem_size))
+
+
+@dataclass
+class Record:
+    """One chunk record of a data file, located from the file's footer."""
+
+    seq: int
+    offset: int
+    stored_len: int
+    row: dict[str, Any]
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + RECORD_HEADER
+
+    @property
+    def payload_end(self) -> int:
+        return self.offset + RECORD_HEADER + self.stored_len
+
+    @property
+    def end(self) -> int:
+        """End of the record's zero padding (a multiple of 4096)."""
+        return align(self.payload_end)
+
+
+@dataclass
+class DataFileLayout:
+    """Where everything lies in one data file (section 7)."""
+
+    name: str
+    size: int
+    rank: int
+    uuid: str
+    footer_offset: int
+    footer_len: int
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def trailer_offset(self) -> int:
+        return self.size - TRAILER_SIZE
+
+
+@dataclass
+class Checkpoint:
+    """What ``read_checkpoint`` returns."""
+
+    path: str
+    manifest: dict[str, Any]
+    tree: Any
+    rank_trees: dict[int, Any]  # decoded trees of the ranks whose tree differs from rank 0's
+    tensors: dict[str, TensorData]  # by key
+    by_id: list[TensorData]
+    rows: list[dict[str, Any]]  # index rows, hash as 16 bytes
+    files: dict[str, DataFileLayout]
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def align(x: int) -> int:
+    """``x`` rounded up to a multiple of 4096."""
+    return (x + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpecViolation(msg)
+
+
+def _no_dup_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise SpecViolation(f"duplicate JSON member {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise SpecViolation(f"{name} is not valid JSON (RFC 8259)")
+
+
+def strict_json(data: bytes, what: str) -> Any:
+    """Parse UTF-8 JSON strictly: no NaN/Infinity, no duplicate members."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecViolation(f"{what}: not UTF-8: {e}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_dup_pairs, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise SpecViolation(f"{what}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise SpecViolation(f"{what}: nested too deeply") from None
+
+
+def xxh3_128_hex(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def xxh3_64(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def _pread_exact(fd: int, n: int, off: int, what: str) -> bytes:
+    b = os.pread(fd, n, off)
+    _need(len(b) == n, f"{what}: short read ({len(b)} of {n} bytes at {off})")
+    return b
+
+
+def _open_regular(path: str, what: str) -> tuple[int, int]:
+    """Open a regular, non-symlink file; return (fd, size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpecViolation(f"{what}: cannot open as a regular file: {e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SpecViolation(f"{what}: not a regular file")
+    return fd, st.st_size
+
+
+# ---------------------------------------------------------------- section 3: manifest
+
+
+def manifest_span(raw: bytes) -> tuple[str, int, int]:
+    """Check the framing of MANIFEST.json bytes; return (checksum hex, body start, body end)."""
+    _need(len(raw) >= PREFIX_LEN + 2 + len(SUFFIX), "MANIFEST.json: too short")
+    head = raw[:PREFIX_LEN]
+    _need(
+        head[:13] == b'{"checksum":"' and head[45:] == b'","manifest":',
+        "MANIFEST.json: bad framing prefix",
+    )
+    hexsum = head[13:45].decode("ascii", "replace")
+    _need(bool(HEX32_RE.fullmatch(hexsum)), "MANIFEST.json: checksum is not 32 lowercase hex")
+    _need(raw.endswith(SUFFIX), "MANIFEST.json: bad framing suffix")
+    return hexsum, PREFIX_LEN, len(raw) - len(SUFFIX)
+
+
+def frame_manifest(body: bytes) -> bytes:
+    """The exact MANIFEST.json bytes for a body (what a writer produces)."""
+    return b'{"checksum":"' + xxh3_128_hex(body).encode() + b'","manifest":' + body + SUFFIX
+
+
+def read_manifest_bytes(ckpt_dir: str) -> bytes:
+    path = os.path.join(ckpt_dir, MANIFEST)
+    fd, size = _open_regular(path, MANIFEST)
+    try:
+        _need(size <= MAX_MANIFEST, f"MANIFEST.json: {size} bytes is over 256 MiB")
+        return _pread_exact(fd, size, 0, MANIFEST)
+    finally:
+        os.close(fd)
+
+
+def parse_manifest(raw: bytes) -> dict[str, Any]:
+    """Check framing, checksum, version, features and every member's type (section 3). The
+    body's name need not equal the directory's (a checkpoint renamed by hand keeps its name)."""
+    hexsum, a, b = manifest_span(raw)
+    body_bytes = raw[a:b]
+    _need(xxh3_128_hex(body_bytes) == hexsum, "MANIFEST.json: checksum mismatch")
+    body = strict_json(body_bytes, "MANIFEST.json body")
+    _need(isinstance(body, dict), "MANIFEST.json: body is not an object")
+    # version first: a newer body may legitimately have members this reader does not know
+    _need(body.get("format") == "ckptguard", "MANIFEST.json: format is not 'ckptguard'")
+    ver = body.get("format_version")
+    _need(_is_int(ver), "MANIFEST.json: format_version is not an int")
+    if ver > 1:
+        raise VersionViolation(f"format_version {ver} is newer than 1")
+    _need(ver == 1, f"MANIFEST.json: format_version {ver} is not 1")
+    feats = body.get("features", [])
+    _need(
+        isinstance(feats, list) and all(isinstance(f, str) for f in feats),
+        "MANIFEST.json: features is not a list of strings",
+    )
+    unknown = [f for f in feats if f not in KNOWN_FEATURES]
+    if unknown:
+        raise VersionViolation(f"unsupported features {unknown}")
+    extra = set(body) - BODY_MEMBERS
+    _need(not extra, f"MANIFEST.json: unknown members {sorted(extra)}")
+    missing = BODY_MEMBERS - OPTIONAL_BODY_MEMBERS - set(body)
+    _need(not missing, f"MANIFEST.json: missing members {sorted(missing)}")
+
+    name = body["name"]
+    _need(isinstance(name, str) and is_name(name), f"MANIFEST.json: bad name {name!r}")
+    _need(
+        isinstance(body["uuid"], str) and bool(HEX32_RE.fullmatch(body["uuid"])),
+        "MANIFEST.json: uuid is not 32 lowercase hex",
+    )
+    _need(
+        isinstance(body["created"], str) and bool(CREATED_RE.fullmatch(body["created"])),
+        f"MANIFEST.json: bad created {body['created']!r}",
+    )
+    _need(body["step"] is None or _is_int(body["step"]), "MANIFEST.json: step is not int/null")
+    ws = body["world_size"]
+    _need(_is_int(ws) and ws >= 1, "MANIFEST.json: world_size is not an int >= 1")
+    w = body["writer"]
+    _need(
+        isinstance(w, dict) and all(isinstance(v, str) for v in w.values()),
+        "MANIFEST.json: writer is not an object of strings",
+    )
+    rt = body["rank_trees"]
+    _need(isinstance(rt, dict), "MANIFEST.json: rank_trees is not an object")
+    for r in rt:
+        _need(
+            bool(re.fullmatch(r"[1-9][0-9]*", r)) and int(r) < ws,
+            f"MANIFEST.json: rank_trees key {r!r} is not a rank in 1..world_size-1",
+        )
+
+    tensors = body["tensors"]
+    _need(isinstance(tensors, list), "MANIFEST.json: tensors is not a list")
+    keys: set[str] = set()
+    for i, t in enumerate(tensors):
+        where = f"MANIFEST.json: tensors[{i}]"
+        _need(isinstance(t, dict) and set(t) == TENSOR_MEMBERS, f"{where}: wrong members")
+        _need(isinstance(t["key"], str), f"{where}: key is not a string")
+        _need(t["key"] not in keys, f"{where}: duplicate key {t['key']!r}")
+        keys.add(t["key"])
+        _need(t["dtype"] in DTYPE_SIZES, f"{where}: unknown dtype {t['dtype']!r}")
+        _need(
+            isinstance(t["shape"], list) and all(_is_int(d) and d >= 0 for d in t["shape"]),
+            f"{where}: shape is not a list of ints >= 0",
+        )
+        _need(t["kind"] in ("torch", "numpy"), f"{where}: bad kind {t['kind']!r}")
+        _need(isinstance(t["device"], str), f"{where}: device is not a string")
+        _need(
+            isinstance(t["requires_grad"], bool) and isinstance(t["parameter"], bool),
+            f"{where}: requires_grad/parameter are not bools",
+        )
+        if t["kind"] == "numpy":
+            _need(not t["requires_grad"] and not t["parameter"], f"{where}: numpy with grad")
+
+    files = body["files"]
+    _need(isinstance(files, list), "MANIFEST.json: files is not a list")
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        where = f"MANIFEST.json: files[{i}]"
+        _need(isinstance(f, dict) and set(f) == FILE_MEMBERS, f"{where}: wrong members")
+        m = DATAFILE_RE.fullmatch(f["name"]) if isinstance(f["name"], str) else None
+        _need(m is not None, f"{where}: bad data file name {f['name']!r}")
+        _need(f["name"] not in seen, f"{where}: duplicate file {f['name']!r}")
+        seen.add(f["name"])
+        _need(_is_int(f["rank"]) and f["rank"] >= 0, f"{where}: bad rank")
+        _need(int(m.group(1)) == f["rank"], f"{where}: rank does not match the name")
+        _need(f["rank"] < ws, f"{where}: rank {f['rank']} >= world_size {ws}")
+        _need(
+            _is_int(f["size"]) and f["size"] >= HEADER_SIZE + 1 + TRAILER_SIZE,
+            f"{where}: bad size",
+        )
+        _need(_is_int(f["chunks"]) and f["chunks"] >= 0, f"{where}: bad chunks")
+
+    idx = body["index"]
+    _need(isinstance(idx, dict) and set(idx) == INDEX_MEMBERS, "MANIFEST.json: bad index member")
+    _need(idx["file"] == INDEX, "MANIFEST.json: index.file is not 'index.parquet'")
+    _need(_is_int(idx["size"]) and idx["size"] > 0, "MANIFEST.json: bad index.size")
+    _need(
+        isinstance(idx["xxh3_128"], str) and bool(HEX32_RE.fullmatch(idx["xxh3_128"])),
+        "MANIFEST.json: bad index.xxh3_128",
+    )
+    tot = body["totals"]
+    _need(
+        isinstance(tot, dict)
+        and set(tot) == TOTALS_MEMBERS
+        and all(_is_int(v) and v >= 0 for v in tot.values()),
+        "MANIFEST.json: bad totals",
+    )
+    return body
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` is a valid checkpoint name (section 1)."""
+    return bool(NAME_RE.fullmatch(name)) and name not in (".", "..")
+
+
+# ---------------------------------------------------------------- section 4: index
+
+
+def read_index(ckpt_dir: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Read index.parquet after checking its size and hash; return its rows (hash as bytes)."""
+    fd, size = _open_regular(os.path.join(ckpt_dir, INDEX), INDEX)
+    try:
+        _need(size == body["index"]["size"], f"index.parquet: size {size} != manifest")
+        data = _pread_exact(fd, size, 0, INDEX)
+    finally:
+        os.close(fd)
+    _need(xxh3_128_hex(data) == body["index"]["xxh3_128"], "index.parquet: xxh3_128 mismatch")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise SpecViolation(f"index.parquet: unreadable: {e}") from None
+    names = table.schema.names
+    _need(
+        sorted(names) == sorted(COLUMNS) and len(names) == len(COLUMNS),
+        f"index.parquet: columns {names} are not exactly {list(COLUMNS)}",
+    )
+    for col, typ in COLUMNS.items():
+        actual = table.schema.field(col).type
+        ok = actual.equals(typ)
+        if pa.types.is_list(typ):  # the list item's field name is not part of the format
+            ok = pa.types.is_list(actual) and actual.value_type.equals(typ.value_type)
+        _need(ok, f"index.parquet: column {col} has type {actual}, expected {typ}")
+        if col not in NULLABLE:
+            _need(table.column(col).null_count == 0, f"index.parquet: nulls in column {col}")
+    rows = table.to_pylist()
+    for r in rows:
+        for c in ("global_shape", "shard_offsets", "shard_lengths"):
+            _need(all(v is not None for v in r[c]), f"index.parquet: null inside {c}")
+    return rows
+
+
+def _row_where(i: int, r: dict[str, Any]) -> str:
+    return f"index row {i} (key={r.get('key')!r}, chunk={r.get('chunk')})"
+
+
+def check_rows(
+    body: dict[str, Any], rows: list[dict[str, Any]], layouts: dict[str, DataFileLayout]
+) -> None:
+    """Every rule of section 4 (plus totals and per-file chunk counts of section 3)."""
+    tensors = body["tensors"]
+    files = {f["name"]: f for f in body["files"]}
+    feats = set(body.get("features", []))
+    shards: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[tuple[int, dict]]] = (
+        collections.defaultdict(list)
+    )
+    for i, r in enumerate(rows):
+        w = _row_where(i, r)
+        if r["base"] is not None:
+            _need("incremental" in feats, f"{w}: base without the incremental feature")
+            _need(is_name(r["base"]), f"{w}: bad base")
+        _need(r["key_id"] is None or "encryption" in feats, f"{w}: key_id without encryption")
+        t = r["tensor"]
+        _need(0 <= t < len(tensors), f"{w}: tensor id {t} out of range")
+        te = tensors[t]
+        _need(r["key"] == te["key"], f"{w}: key != tensors[{t}].key")
+        _need(r["dtype"] == te["dtype"], f"{w}: dtype != tensors[{t}].dtype")
+        _need(list(r["global_shape"]) == te["shape"], f"{w}: global_shape != tensors[{t}].shape")
+        _need(r["dtype"] in DTYPE_SIZES, f"{w}: unknown dtype {r['dtype']!r}")
+        es = DTYPE_SIZES[r["dtype"]]
+        _need(r["elem_size"] == es, f"{w}: elem_size {r['elem_size']} != {es}")
+        _need(r["file"] in files, f"{w}: file {r['file']!r} is not listed in the manifest")
+        _need(r["rank"] == files[r["file"]]["rank"], f"{w}: rank != its file's rank")
+        gs, so, sl = r["global_shape"], r["shard_offsets"], r["shard_lengths"]
+        _need(len(so) == len(gs) and len(sl) == len(gs), f"{w}: shard dims != global dims")
+        for d in range(len(gs)):
+            _need(so[d] >= 0 and sl[d] >= 0, f"{w}: negative shard offset/length")
+            _need(so[d] + sl[d] <= gs[d], f"{w}: shard exceeds the tensor in dim {d}")
+        _need(r["chunk"] >= 0, f"{w}: negative chunk")
+        _need(r["raw_len"] > 0, f"{w}: raw_len {r['raw_len']} is not > 0")
+        _need(r["raw_len"] % es == 0, f"{w}: raw_len is not a multiple of elem_size")
+        _need(r["shard_byte_offset"] >= 0, f"{w}: negative shard_byte_offset")
+        _need(r["codec"] in CODECS, f"{w}: unknown codec {r['codec']!r}")
+        if r["codec"] == "raw":
+            _need(r["stored_len"] == r["raw_len"], f"{w}: raw stored_len != raw_len")
+        else:
+            _need(0 < r["stored_len"] < r["raw_len"], f"{w}: shuffle-lz4 stored_len out of range")
+        _need(r["offset"] >= 0 and r["offset"] % ALIGN == 0, f"{w}: offset not 4096-aligned")
+        shards[(t, tuple(so), tuple(sl))].append((i, r))
+
+    # chunks of each shard: numbered 0..n-1, contiguous, adding up to the shard's bytes
+    per_tensor: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = collections.defaultdict(
+        list
+    )
+    for (t, so, sl), members in shards.items():
+        members.sort(key=lambda ir: ir[1]["chunk"])
+        _need(
+            [r["chunk"] for _, r in members] == list(range(len(members))),
+            f"tensor {tensors[t]['key']!r} shard {list(so)}: chunks are not numbered 0..n-1",
+        )
+        pos = 0
+        for i, r in members:
+            _need(r["shard_byte_offset"] == pos, f"{_row_where(i, r)}: not contiguous")
+            pos += r["raw_len"]
+        want = math.prod(sl) * DTYPE_SIZES[tensors[t]["dtype"]]
+        _need(pos == want, f"tensor {tensors[t]['key']!r}: shard bytes {pos} != {want}")
+        per_tensor[t].append((so, sl))
+    # shards of each tensor: disjoint and covering exactly
+    for t, te in enumerate(tensors):
+        boxes = per_tensor.get(t, [])
+        total = math.prod(te["shape"])
+        _need(
+            sum(math.prod(sl) for _, sl in boxes) == total,
+            f"tensor {te['key']!r}: shards do not cover it exactly",
+        )
+        for a in range(len(boxes)):
+            for b in range(a + 1, len(boxes)):
+                (oa, la), (ob, lb) = boxes[a], boxes[b]
+                overlap = all(
+                    max(oa[d], ob[d]) < min(oa[d] + la[d], ob[d] + lb[d]) for d in range(len(oa))
+                )
+                _need(not overlap, f"tensor {te['key']!r}: shards overlap")
+    # records of each file: after the header, before the footer, disjoint
+    by_file: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        by_file[r["file"]].append(r)
+    for name, f in files.items():
+        rs = sorted(by_file.get(name, []), key=lambda r: r["offset"])
+        _need(len(rs) == f["chunks"], f"{name}: {len(rs)} index rows != files.chunks")
+        lay = layouts[name]
+        prev_end = HEADER_SIZE
+        for r in rs:
+            _need(r["offset"] >= prev_end, f"{name}: record at {r['offset']} overlaps")
+            prev_end = align(r["offset"] + RECORD_HEADER + r["stored_len"])
+            _need(prev_end <= lay.footer_offset, f"{name}: record at {r['offset']} hits footer")
+    tot = body["totals"]
+    want_tot = {
+        "tensors": len(tensors),
+        "chunks": len(rows),
+        "raw_bytes": sum(r["raw_len"] for r in rows),
+        "stored_bytes": sum(r["stored_len"] for r in rows),
+        "files": len(files),
+    }
+    _need(tot == want_tot, f"MANIFEST.json: totals {tot} != index {want_tot}")
+
+
+# ---------------------------------------------------------------- section 7: data files
+
+
+def parse_header(hdr: bytes) -> tuple[int, bytes]:
+    """Check a 4096-byte file header; return (rank, uuid bytes)."""
+    _need(len(hdr) == HEADER_SIZE, "file header: short")
+    magic, ver, rank, uid, alignment, zero, h = struct.unpack_from("<8sII16sIIQ", hdr, 0)
+    _need(magic == b"CKGDATA1", "file header: bad magic")
+    _need(ver == 1, f"file header: version {ver}")
+    _need(alignment == ALIGN, f"file header: alignment {alignment}")
+    _need(zero == 0, "file header: nonzero field at 36")
+    _need(h == xxh3_64(hdr[:40]), "file header: hash mismatch")
+    _need(hdr[48:].count(0) == HEADER_SIZE - 48, "file header: nonzero bytes after 48")
+    return rank, uid
+
+
+def parse_trailer(tr: bytes, size: int) -> tuple[int, int, int]:
+    """Check the 32-byte trailer; return (footer offset, footer length, footer hash)."""
+    off, length, h, magic = struct.unpack("<QQQ8s", tr)
+    _need(magic == b"CKGFOOT1", "trailer: bad magic")
+    _need(off >= HEADER_SIZE and off % ALIGN == 0, f"trailer: bad footer offset {off}")
+    _need(length > 0 and off + length + TRAILER_SIZE == size, "trailer: sizes do not add up")
+    return off, length, h
+
+
+def scan_data_file(path: str, fd: int | None = None) -> DataFileLayout:
+    """Parse a data file's header, trailer and footer, checking their internal consistency
+    (not against a manifest)."""
+    name = os.path.basename(path)
+    own = fd is None
+    if fd is None:
+        fd, size = _open_regular(path, name)
+    else:
+        size = os.fstat(fd).st_size
+    try:
+        _need(size >= HEADER_SIZE + TRAILER_SIZE + 1, f"{name}: too small ({size} bytes)")
+        rank, uid = parse_header(_pread_exact(fd, HEADER_SIZE, 0, name))
+        try:
+            foff, flen, fh = parse_trailer(
+                _pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE, name), size
+            )
+        except SpecViolation as e:
+            raise SpecViolation(f"{name}: {e}") from None
+        fb = _pread_exact(fd, flen, foff, name)
+    finally:
+        if own:
+            os.close(fd)
+    _need(xxh3_64(fb) == fh, f"{name}: footer hash mismatch")
+    footer = strict_json(fb, f"{name} footer")
+    _need(
+        isinstance(footer, dict) and set(footer) == {"rank", "uuid", "rows"},
+        f"{name}: footer members",
+    )
+    _need(footer["rank"] == rank and _is_int(footer["rank"]), f"{name}: footer rank != header")
+    _need(footer["uuid"] == uid.hex(), f"{name}: footer uuid != header uuid")
+    _need(isinstance(footer["rows"], list), f"{name}: footer rows is not a list")
+    records = []
+    expect = HEADER_SIZE
+    for seq, row in enumerate(footer["rows"]):
+        _need(
+            isinstance(row, dict) and set(row) == FOOTER_ROW_MEMBERS,
+            f"{name}: footer row {seq} members",
+        )
+        off, sl = row["offset"], row["stored_len"]
+        _need(_is_int(off) and _is_int(sl) and sl >= 0, f"{name}: footer row {seq} offset/len")
+        # the layout of section 7: records back to back from 4096, each padded to 4096
+        _need(off == expect, f"{name}: record {seq} at {off}, expected {expect}")
+        rec = Record(seq=seq, offset=off, stored_len=sl, row=row)
+        expect = rec.end
+        records.append(rec)
+    _need(foff == expect, f"{name}: footer at {foff}, expected {expect} (after last record)")
+    return DataFileLayout(
+        name=name,
+        size=size,
+        rank=rank,
+        uuid=uid.hex(),
+        footer_offset=foff,
+        footer_len=flen,
+        records=records,
+    )
+
+
+def _canon(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def footer_row_of(index_row: dict[str, Any]) -> dict[str, Any]:
+    """An index row in the footer's JSON form (hash as text)."""
+    r = dict(index_row)
+    r["hash"] = r["hash"].hex()
+    r["global_shape"] = list(r["global_shape"])
+    r["shard_offsets"] = list(r["shard_offsets"])
+    r["shard_lengths"] = list(r["shard_lengths"])
+    return r
+
+
+def unshuffle(data: bytes, w: int) -> bytes:
+    """Inverse of the byte-plane shuffle of width ``w``."""
+    if w == 1:
+        return data
+    n = len(data) // w
+    return np.frombuffer(data, dtype=np.uint8).reshape(w, n).T.tobytes()
+
+
+def shuffle(data: bytes, w: int) -> bytes:
+    """Byte-plane shuffle of width ``w`` (output byte j*n+i = input byte i*w+j)."""
+    if w == 1:
+        return data
+    n = len(data) // w
+    return np.frombuffer(data, dtype=np.uint8).reshape(n, w).T.tobytes()
+
+
+def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: bool = True) -> bytes:
+    """Read, check and decode one chunk record (section 8)."""
+    where = f"{name}: record {rec.seq} (key={row['key']!r}, chunk={row['chunk']})"
+    hdr = _pread_exact(fd, RECORD_HEADER, rec.offset, where)
+    magic, codec, es, z1, raw_len, stored_len, h, seq, z2, hh = struct.unpack(
+        "<4sBBHQQ16sI12sQ", hdr
+    )
+    _need(magic == b"CKGR", f"{where}: bad record magic")
+    _need(hh == xxh3_64(hdr[:56]), f"{where}: record header hash mismatch")
+    _need(z1 == 0 and z2 == bytes(12), f"{where}: nonzero reserved header bytes")
+    _need(codec == CODECS[row["codec"]], f"{where}: codec id != row")
+    _need(es == row["elem_size"], f"{where}: elem_size != row")
+    _need(raw_len == row["raw_len"] and stored_len == row["stored_len"], f"{where}: len != row")
+    _need(h == row["hash"], f"{where}: hash != row")
+    _need(seq == rec.seq, f"{where}: sequence number {seq} != {rec.seq}")
+    payload = _pread_exact(fd, stored_len, rec.payload_offset, where)
+    pad = _pread_exact(fd, rec.end - rec.payload_end, rec.payload_end, where)
+    _need(pad.count(0) == len(pad), f"{where}: nonzero padding")
+    if codec == 0:
+        raw = payload
+    else:
+        try:
+            shuffled = lz4.block.decompress(payload, uncompressed_size=raw_len)
+        except lz4.block.LZ4BlockError as e:
+            raise SpecViolation(f"{where}: LZ4 block does not decode: {e}") from None
+        _need(len(shuffled) == raw_len, f"{where}: decoded {len(shuffled)} != raw_len")
+        raw = unshuffle(shuffled, es)
+    _need(len(raw) == raw_len, f"{where}: decoded length != raw_len")
+    if verify:
+        _need(xxhash.xxh3_128(raw).digest() == h, f"{where}: xxh3-128 of the bytes mismatch")
+    return raw
+
+
+# ---------------------------------------------------------------- section 6: the tree
+
+
+def escape_key(part: str) -> str:
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+class _TreeDecoder:
+    def __init__(self, ntensors: int) -> None:
+        self.ntensors = ntensors
+        self.paths: dict[int, list[str]] = collections.defaultdict(list)
+
+    def decode(self, v: Any, path: tuple[str, ...], depth: int) -> Any:
+        _need(depth <= MAX_DEPTH, "tree: nesting deeper than 512")
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if _is_int(v):
+            _need(-(2**63) <= v < 2**63, f"tree: integer {v} outside int64 must be $int")
+            return v
+        if isinstance(v, float):
+            _need(math.isfinite(v), "tree: non-finite number")
+            return v
+        if isinstance(v, list):
+            return [self.decode(x, (*path, str(i)), depth + 1) for i, x in enumerate(v)]
+        _need(isinstance(v, dict), f"tree: unexpected JSON value {type(v)}")
+        tags = [k for k in v if k.startswith("$")]
+        if not tags:
+            return {k: self.decode(x, (*path, escape_key(k)), depth + 1) for k, x in v.items()}
+        _need(len(tags) == 1, f"tree: several tags {tags}")
+        tag = tags[0]
+        members = set(v)
+        exact = {"$npscalar": {"$npscalar", "hex"}}.get(tag, {tag})
+        _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
+        x = v[tag]
+        if tag == "$int":
+            _need(isinstance(x, str) and bool(re.fullmatch(r"-?[0-9]+", x)), "tree: bad $int")
+            n = int(x)
+            _need(not -(2**63) <= n < 2**63, f"tree: $int {n} fits int64 (must be a number)")
+            return n
+        if tag == "$float":
+            _need(x in ("inf", "-inf", "nan"), f"tree: bad $float {x!r}")
+            return float(x)
+        if tag == "$bytes":
+            _need(isinstance(x, str), "tree: bad $bytes")
+            try:
+                return base64.b64decode(x, validate=True)
+            except ValueError:
+                raise SpecViolation("tree: bad base64 in $bytes") from None
+        if tag == "$tuple":
+            _need(isinstance(x, list), "tree: $tuple is not a list")
+            return tuple(self.decode(e, (*path, str(i)), depth + 1) for i, e in enumerate(x))
+        if tag in ("$dict", "$odict"):
+            _need(isinstance(x, list), f"tree: {tag} is not a list")
+            out: dict[Any, Any] = {} if tag == "$dict" else collections.OrderedDict()
+            for pair in x:
+                _need(isinstance(pair, list) and len(pair) == 2, f"tree: bad {tag} entry")
+                k, val = pair
+                _need(isinstance(k, str) or _is_int(k), f"tree: {tag} key {k!r}")
+                _need(k not in out, f"tree: duplicate {tag} key {k!r}")
+                part = escape_key(k) if isinstance(k, str) else str(k)
+                out[k] = self.decode(val, (*path, part), depth + 1)
+            return out
+        if tag == "$tensor":
+            _need(_is_int(x) and 0 <= x < self.ntensors, f"tree: bad tensor id {x!r}")
+            self.paths[x].append("/".join(path))
+            return TensorRef(x)
+        if tag == "$npscalar":
+            _need(x in NUMPY_DTYPES, f"tree: $npscalar dtype {x!r}")
+            hx = v["hex"]
+            _need(
+                isinstance(hx, str) and bool(re.fullmatch(r"[0-9a-fA-F]*", hx)),
+                "tree: $npscalar hex",
+            )
+            raw = bytes.fromhex(hx)
+            _need(len(raw) == DTYPE_SIZES[x], "tree: $npscalar has the wrong byte count")
+            return NpScalar(x, raw)
+        if tag == "$dtype":
+            _need(x in DTYPE_SIZES, f"tree: bad $dtype {x!r}")
+            return DType(x)
+        if tag == "$size":
+            _need(isinstance(x, list) and all(_is_int(d) and d >= 0 for d in x), "tree: bad $size")
+            return Size(tuple(x))
+        if tag == "$device":
+            _need(isinstance(x, str), "tree: bad $device")
+            return Device(x)
+        if tag == "$pickle":
+            _need(isinstance(x, str), "tree: bad $pickle")
+            try:
+                return Pickled(base64.b64decode(x, validate=True))
+            except ValueError:
+                raise SpecViolation("tree: bad base64 in $pickle") from None
+        raise SpecViolation(f"tree: unknown tag {tag!r}")
+
+
+def decode_tree(body: dict[str, Any]) -> tuple[Any, dict[int, Any]]:
+    """Decode the object tree and the per-rank trees (section 6); tensors become ``TensorRef``.
+    Checks each tensor's key is the path of (one of) the places it appears in any tree."""
+    dec = _TreeDecoder(len(body["tensors"]))
+    out = dec.decode(body["tree"], (), 0)
+    ranks = {int(r): dec.decode(t, (), 0) for r, t in body["rank_trees"].items()}
+    feats = set(body.get("features", []))
+    for tid, paths in dec.paths.items():
+        key = body["tensors"][tid]["key"]
+        if set(paths) == {""}:
+            continue  # a tensor at the root: its path is empty and format.md names no key for it
+        _need(key in paths, f"tree: tensors[{tid}].key {key!r} is none of its paths {paths}")
+    if "pickle" not in feats:
+        _need(
+            not any(_contains_pickle(t) for t in (out, *ranks.values())),
+            "tree: $pickle without the pickle feature",
+        )
+    return out, ranks
+
+
+def _contains_pickle(v: Any) -> bool:
+    if isinstance(v, Pickled):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_contains_pickle(x) for x in v)
+    if isinstance(v, dict):
+        return any(_contains_pickle(x) for x in v.values())
+    return False
+
+
+# ---------------------------------------------------------------- the whole checkpoint
+
+
+def resolve(path: str) -> str:
+    """A checkpoint dir as given, or a store's LATEST checkpoint."""
+    if os.path.lexists(os.path.join(path, MANIFEST)):
+        return path
+    latest = os.path.join(path, LATEST)
+    fd, size = _open_regular(latest, LATEST)
+    try:
+        _need(size <= MAX_LATEST, "LATEST: too large")
+        data = _pread_exact(fd, size, 0, LATEST)
+    finally:
+        os.close(fd)
+    _need(data.endswith(b"\n") and data.count(b"\n") == 1, "LATEST: not one name and a newline")
+    name = data[:-1].decode("utf-8", "replace")
+    _need(is_name(name), f"LATEST: bad name {name!r}")
+    return os.path.join(path, name)
+
+
+def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
+    """Read a whole checkpoint, checking every rule of sections 3-8."""
+    ckpt_dir = resolve(path)
+    body = parse_manifest(read_manifest_bytes(ckpt_dir))
+    rows = read_index(ckpt_dir, body)
+    fds: dict[str, int] = {}
+    try:
+        layouts: dict[str, DataFileLayout] = {}
+        for f in body["files"]:
+            name = f["name"]
+            fd, size = _open_regular(os.path.join(ckpt_dir, name), name)
+            fds[name] = fd
+            _need(size == f["size"], f"{name}: size {size} != manifest size {f['size']}")
+            lay = scan_data_file(os.path.join(ckpt_dir, name), fd)
+            _need(lay.rank == f["rank"], f"{name}: header rank {lay.rank} != {f['rank']}")
+            _need(lay.uuid == body["uuid"], f"{name}: header uuid != manifest uuid")
+            layouts[name] = lay
+        check_rows(body, rows, layouts)
+        by_file: dict[str, list[dict]] = collections.defaultdict(list)
+        for r in rows:
+            by_file[r["file"]].append(r)
+        for name, lay in layouts.items():
+            mine = sorted(by_file.get(name, []), key=lambda r: r["offset"])
+            want = [_canon(footer_row_of(r)) for r in mine]
+            got = [_canon(rec.row) for rec in lay.records]
+            _need(got == want, f"{name}: footer rows != index rows")
+        tree, rank_trees = decode_tree(body)
+        # read every chunk in file order, then place the shards
+        raw_by_row: dict[int, bytes] = {}
+        row_ids = {id(r): i for i, r in enumerate(rows)}
+        for name, lay in layouts.items():
+            mine = sorted(by_file.get(name, []), key=lambda r: r["offset"])
+            for rec, r in zip(lay.records, mine, strict=True):
+                raw_by_row[row_ids[id(r)]] = read_chunk(fds[name], rec, r, name, verify)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    by_id = _assemble(body, rows, raw_by_row)
+    return Checkpoint(
+        path=ckpt_dir,
+        manifest=body,
+        tree=tree,
+        rank_trees=rank_trees,
+        tensors={t.key: t for t in by_id},
+        by_id=by_id,
+        rows=rows,
+        files=layouts,
+    )
+
+
+def _assemble(
+    body: dict[str, Any], rows: list[dict[str, Any]], raw_by_row: dict[int, bytes]
+) -> list[TensorData]:
+    shards: dict[tuple[int, tuple, tuple], list[tuple[int, bytes]]] = collections.defaultdict(list)
+    for i, r in enumerate(rows):
+        shards[(r["tensor"], tuple(r["shard_offsets"]), tuple(r["shard_lengths"]))].append(
+            (r["chunk"], raw_by_row[i])
+        )
+    out = []
+    for t, te in enumerate(body["tensors"]):
+        es = DTYPE_SIZES[te["dtype"]]
+        shape = tuple(te["shape"])
+        full = np.zeros((*shape, es), dtype=np.uint8)
+        for (tid, so, sl), chunks in shards.items():
+            if tid != t:
+                continue
+            data = b"".join(b for _, b in sorted(chunks))
+            part = np.frombuffer(data, dtype=np.uint8).reshape((*sl, es))
+            full[tuple(slice(o, o + n) for o, n in zip(so, sl, strict=True))] = part
+        out.append(
+            TensorData(
+                key=te["key"],
+                dtype=te["dtype"],
+                shape=shape,
+                kind=te["kind"],
+                device=te["device"],
+                requires_grad=te["requires_grad"],
+                parameter=te["parameter"],
+                data=full.tobytes(),
+            )
+        )
+    return out
+
+
+def list_store(root: str) -> list[str]:
+    """Directory names of the checkpoints of a store per section 1: non-dot entries holding a
+    valid manifest."""
+    out = []
+    for entry in sorted(os.listdir(root)):
+        if entry.startswith(".") or not is_name(entry):
+            continue
+        d = os.path.join(root, entry)
+        if not os.path.isdir(d) or os.path.islink(d):
+            continue
+        try:
+            parse_manifest(read_manifest_bytes(d))
+        except SpecViolation:
+            continue
+        out.append(entry)
+    return out
