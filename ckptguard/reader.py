@@ -88,6 +88,7 @@ class CheckpointReader:
         if totals != m["totals"]:
             raise self.corrupt("manifest totals disagree with the index", file=MANIFEST)
         self.rows_by_file: dict[str, list[Row]] = {n: [] for n in self.files}
+        self.seq: dict[tuple[str, int], int] = {}
         for r in self.rows:
             self.rows_by_file[r.file].append(r)
         for f in m["files"]:
@@ -95,6 +96,9 @@ class CheckpointReader:
             rs.sort(key=lambda r: r.offset)
             if len(rs) != f["chunks"] or any(r.rank != f["rank"] for r in rs):
                 raise self.corrupt("manifest file entry disagrees with the index", file=f["name"])
+            if f["rank"] >= m["world_size"]:
+                raise self.corrupt("data file of a rank beyond world_size", file=f["name"])
+            self.seq.update({(r.file, r.offset): i for i, r in enumerate(rs)})
 
     def corrupt(self, msg: str, **where) -> CorruptCheckpointError:
         return CorruptCheckpointError(msg, path=self.path, **where)
@@ -189,8 +193,15 @@ class CheckpointReader:
             if len(buf) != r.extent - r.offset:
                 raise FormatError("record is truncated")
             h = unpack_record_header(buf[:RECORD_HEADER_SIZE])
-            want = (CODECS[r.codec], r.elem_size, r.raw_len, r.stored_len, r.hash)
-            if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash) != want:
+            want = (
+                CODECS[r.codec],
+                r.elem_size,
+                r.raw_len,
+                r.stored_len,
+                r.hash,
+                self.seq[(r.file, r.offset)],
+            )
+            if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash, h.seq) != want:
                 raise FormatError("record header disagrees with the index")
             end = RECORD_HEADER_SIZE + r.stored_len
             if buf[end:].count(0) != len(buf) - end:
