@@ -9,12 +9,12 @@ import os
 import shutil
 import uuid as uuidlib
 
+import pyarrow as pa
 import xxhash
 
 from .errors import CheckpointExistsError, StoreError
 from .failpoints import failpoint
 from .format import index, manifest
-from .format.index import Row
 from .format.layout import INDEX, LATEST, MANIFEST, STAGING
 from .fsutil import fsync_dir, write_all, write_file_durably
 
@@ -32,9 +32,9 @@ def new_staging(store: str, name: str) -> tuple[str, str]:
     return uid, path
 
 
-def write_index(staging: str, rows: list[Row]) -> dict:
+def write_index(staging: str, table: pa.Table) -> dict:
     """Write index.parquet durably; return the manifest's ``index`` member."""
-    data = index.write(rows)
+    data = index.write_table(table)
     path = os.path.join(staging, INDEX)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:

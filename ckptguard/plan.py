@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .format.datafile import FormatError
-from .format.index import check_cover
+from .format.validate import check_cover
 
 
 class PlanError(ValueError):
@@ -64,9 +64,10 @@ def make_plan(descs: list[list[dict]], check_replicated: bool = True) -> Plan:
             }
         )
         if first["sharded"]:
-            boxes = [(tuple(d["offsets"]), tuple(d["shape"])) for _, d in entries]
+            offs = [d["offsets"] for _, d in entries]
+            lens = [d["shape"] for _, d in entries]
             try:
-                check_cover(tensors[-1], boxes)
+                check_cover(key, first["global_shape"], offs, lens)
             except FormatError as e:
                 raise PlanError(f"{e} (shards from ranks {[r for r, _ in entries]})") from None
             for r, lid in holders[key]:

@@ -28,6 +28,7 @@ from .format.datafile import (
 )
 from .format.index import Row, row_from_json
 from .format.layout import INDEX, MANIFEST
+from .format.validate import check_table
 from .fsutil import pread_exact
 
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -74,8 +75,9 @@ class CheckpointReader:
         if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
             raise self.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
         try:
-            self.rows = index.read(data)
-            index.check_rows(self.rows, self.tensors, self.files, self.features)
+            table = index.read_table(data)
+            check_table(table, self.tensors, self.files, self.features)
+            self.rows = index.rows_from_table(table)
         except FormatError as e:
             raise self.corrupt(str(e), file=INDEX) from None
         totals = {

@@ -10,8 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import commit as _commit
 from .coord import Coordinator
@@ -19,9 +24,10 @@ from .errors import CheckpointAbortedError, CheckpointExistsError, from_oserror
 from .failpoints import failpoint, set_rank
 from .format import FORMAT_VERSION
 from .format.datafile import FormatError
-from .format.index import check_rows, row_from_json
+from .format.index import to_table
 from .format.layout import MANIFEST
 from .format.manifest import CheckpointInfo, parse_time
+from .format.validate import check_table
 from .plan import PlanError, describe_local, make_plan
 from .tree import flatten, remap_tensor_ids
 from .writer import RankWriter, tensor_digest
@@ -38,6 +44,10 @@ class SaveOptions:
     timeout: float
     check_replicated: bool
     writer_versions: dict
+
+
+LAST_TIMINGS: dict[str, float] = {}
+"""Rank 0's wall-clock marks of the last save (for the commit-overhead benchmark)."""
 
 
 class _Failed(Exception):
@@ -77,8 +87,10 @@ class _Save:
             if not plan["ok"]:
                 raise _Failed(plan["rank"], plan["error"])
             report = self.write(plan)
-            gathered = c.gather(_dump(report), self.opt.timeout)
-            outcome = self.commit(plan, [json.loads(g) for g in gathered]) if c.rank == 0 else None
+            gathered = c.gather(_pack_report(*report), self.opt.timeout)
+            outcome = (
+                self.commit(plan, [_unpack_report(g) for g in gathered]) if c.rank == 0 else None
+            )
             outcome = json.loads(
                 c.broadcast(_dump(outcome) if c.rank == 0 else None, self.opt.timeout)
             )
@@ -156,7 +168,7 @@ class _Save:
         return {"ok": True, "uuid": uid, "staging": self.staging, "assign": plan.assign}
 
     # -- phase 3: every rank writes its own data file -------------------------------------------
-    def write(self, plan: dict) -> dict:
+    def write(self, plan: dict) -> tuple[dict, pa.Table | None]:
         writer = None
         try:
             writer = RankWriter(plan["staging"], self.coord.rank, plan["uuid"], self.opt.chunk_size)
@@ -170,29 +182,33 @@ class _Save:
                 writer.abort()
             if isinstance(e, OSError):
                 e = from_oserror(e, writer.path if writer else plan["staging"], "cannot write")
-            return self.fail(e)
+            return self.fail(e), None
         return {
             "ok": True,
-            "rows": [r.to_json() for r in rows],
+            "written_at": time.time(),
             "file": {
                 "name": writer.name,
                 "rank": self.coord.rank,
                 "size": writer.size,
                 "chunks": len(rows),
             },
-        }
+        }, to_table(rows)
 
     # -- phase 4: rank 0 validates the reports and commits --------------------------------------
-    def commit(self, plan: dict, reports: list[dict]) -> dict:
-        for r in reports:
+    def commit(self, plan: dict, reports: list[tuple[dict, pa.Table | None]]) -> dict:
+        for r, _ in reports:
             if not r["ok"]:
                 return r
+        LAST_TIMINGS.clear()
+        LAST_TIMINGS["last_rank_written"] = max(r["written_at"] for r, _ in reports)
+        LAST_TIMINGS["reports_received"] = time.time()
         try:
-            rows = [row_from_json(x) for rep in reports for x in rep["rows"]]
-            files = [rep["file"] for rep in reports]
+            table = pa.concat_tables([t for _, t in reports])
+            files = [rep["file"] for rep, _ in reports]
             features = set(self.body["features"])
-            check_rows(rows, self.body["tensors"], {f["name"]: f["size"] for f in files}, features)
-            index_entry = _commit.write_index(self.staging, rows)
+            sizes = {f["name"]: f["size"] for f in files}
+            check_table(table, self.body["tensors"], sizes, features)
+            index_entry = _commit.write_index(self.staging, table)
             failpoint("commit.index_written")
             self.body.update(
                 {
@@ -200,9 +216,9 @@ class _Save:
                     "index": index_entry,
                     "totals": {
                         "tensors": len(self.body["tensors"]),
-                        "chunks": len(rows),
-                        "raw_bytes": sum(r.raw_len for r in rows),
-                        "stored_bytes": sum(r.stored_len for r in rows),
+                        "chunks": table.num_rows,
+                        "raw_bytes": int(pc.sum(table.column("raw_len")).as_py() or 0),
+                        "stored_bytes": int(pc.sum(table.column("stored_len")).as_py() or 0),
                         "files": len(files),
                     },
                 }
@@ -211,6 +227,7 @@ class _Save:
                 self.store, self.name, self.staging, self.body, self.opt.overwrite
             )
             self.staging = None  # committed: nothing of ours to clean up
+            LAST_TIMINGS["visible"] = time.time()
         except FormatError as e:
             return self.fail(PlanError(f"reports do not form a valid checkpoint: {e}"))
         except OSError as e:
@@ -221,6 +238,26 @@ class _Save:
         doc = asdict(info)
         doc["created"] = self.body["created"]
         return {"ok": True, "info": doc}
+
+
+def _pack_report(doc: dict, table: pa.Table | None) -> bytes:
+    """A rank's report: a JSON header, then its index rows as an Arrow IPC stream (no pickle)."""
+    head = _dump(doc)
+    body = b""
+    if table is not None:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        body = sink.getvalue().to_pybytes()
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def _unpack_report(data: bytes) -> tuple[dict, pa.Table | None]:
+    (n,) = struct.unpack_from("<Q", data)
+    doc = json.loads(data[8 : 8 + n])
+    if len(data) == 8 + n:
+        return doc, None
+    return doc, pa.ipc.open_stream(pa.py_buffer(data[8 + n :])).read_all()
 
 
 def save_state(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import dtypes
-from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError
-from .layout import ALIGN, align, is_name
+from .datafile import RECORD_HEADER_SIZE, FormatError
+from .layout import align
 
 SCHEMA = pa.schema(
     [
@@ -85,15 +84,19 @@ def to_table(rows: list[Row]) -> pa.Table:
 
 def write(rows: list[Row]) -> bytes:
     """Serialize rows to Parquet bytes."""
-    buf = io.BytesIO()
-    pq.write_table(to_table(rows), buf, compression="zstd")
-    return buf.getvalue()
+    return write_table(to_table(rows))
 
 
 def read(data: bytes) -> list[Row]:
     """Parse Parquet bytes into rows, checking the schema and nulls (not the cross-row rules)."""
+    return rows_from_table(read_table(data))
+
+
+def read_table(data: bytes) -> pa.Table:
+    """Parse Parquet bytes into a table with exactly the v1 schema and no forbidden nulls."""
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # One thread: Arrow's pool can abort the process at exit beside torch (apache/arrow#34314).
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except Exception as e:  # pyarrow raises many kinds on garbage
         raise FormatError(f"index.parquet cannot be parsed: {e}") from None
     if table.schema.names != SCHEMA.names:
@@ -102,19 +105,34 @@ def read(data: bytes) -> list[Row]:
         )
     for name, field in zip(SCHEMA.names, SCHEMA, strict=True):
         col = table.column(name)
-        if not col.type.equals(field.type):
+        same = col.type.equals(field.type) or (
+            isinstance(field.type, pa.ListType)
+            and isinstance(col.type, pa.ListType)
+            and col.type.value_type.equals(field.type.value_type)
+        )
+        if not same:
             raise FormatError(f"index column {name!r} has type {col.type}, expected {field.type}")
         if name not in NULLABLE and col.null_count:
             raise FormatError(f"index column {name!r} has nulls")
+        if isinstance(field.type, pa.ListType) and pc.list_flatten(col).null_count:
+            raise FormatError(f"index column {name!r} has nulls")
+    return table
+
+
+def write_table(table: pa.Table) -> bytes:
+    """Serialize an index table (already in the v1 schema) to Parquet bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def rows_from_table(table: pa.Table) -> list[Row]:
     cols = [table.column(n).to_pylist() for n in FIELD_NAMES]
     rows = []
     for vals in zip(*cols, strict=True):
         r = Row(*vals)
-        for k in ("global_shape", "shard_offsets", "shard_lengths"):
-            v = getattr(r, k)
-            if any(x is None for x in v):
-                raise FormatError(f"index column {k!r} has nulls")
-            setattr(r, k, tuple(v))
+        r.global_shape, r.shard_offsets = tuple(r.global_shape), tuple(r.shard_offsets)
+        r.shard_lengths = tuple(r.shard_lengths)
         rows.append(r)
     return rows
 
@@ -131,94 +149,3 @@ def row_from_json(d: object) -> Row:
         return Row(**d)
     except (TypeError, ValueError) as e:
         raise FormatError(f"footer row is malformed: {e}") from None
-
-
-def check_rows(rows: list[Row], tensors: list[dict], files: dict[str, int], features: set) -> None:
-    """Check every rule of format.md section 4 except record placement against footers.
-
-    ``files`` maps each data file name to its size. Raises FormatError naming the row.
-    """
-    per_shard: dict[tuple, list[Row]] = {}
-    for i, r in enumerate(rows):
-        where = f"index row {i} ({r.key!r} chunk {r.chunk})"
-        _check_row(r, where, tensors, files, features)
-        per_shard.setdefault((r.tensor, r.shard_offsets, r.shard_lengths), []).append(r)
-    shards_by_tensor: dict[int, list[tuple]] = {}
-    for (tid, offs, lens), chunks in per_shard.items():
-        chunks.sort(key=lambda r: r.chunk)
-        pos = 0
-        for n, r in enumerate(chunks):
-            if r.chunk != n or r.shard_byte_offset != pos:
-                raise FormatError(f"tensor {r.key!r}: chunks of a shard are not contiguous")
-            pos += r.raw_len
-        if pos != math.prod(lens) * chunks[0].elem_size:
-            raise FormatError(
-                f"tensor {chunks[0].key!r}: chunks hold {pos} bytes, shard needs "
-                f"{math.prod(lens) * chunks[0].elem_size}"
-            )
-        shards_by_tensor.setdefault(tid, []).append((offs, lens))
-    for tid, t in enumerate(tensors):
-        check_cover(t, shards_by_tensor.get(tid, []))
-    _check_placement(rows)
-
-
-def _check_row(r: Row, where: str, tensors: list[dict], files: dict, features: set) -> None:
-    if not 0 <= r.tensor < len(tensors):
-        raise FormatError(f"{where}: tensor id {r.tensor} out of range")
-    t = tensors[r.tensor]
-    if r.key != t["key"] or r.dtype != t["dtype"] or r.global_shape != tuple(t["shape"]):
-        raise FormatError(f"{where}: key, dtype or shape disagree with the manifest")
-    size = dtypes.elem_size(r.dtype)
-    if size is None:
-        raise FormatError(f"{where}: unknown dtype {r.dtype!r}")
-    if r.elem_size != size:
-        raise FormatError(f"{where}: elem_size {r.elem_size} does not match dtype {r.dtype}")
-    nd = len(r.global_shape)
-    if len(r.shard_offsets) != nd or len(r.shard_lengths) != nd:
-        raise FormatError(f"{where}: shard offsets/lengths do not match the tensor's rank")
-    for o, n, g in zip(r.shard_offsets, r.shard_lengths, r.global_shape, strict=True):
-        if o < 0 or n < 0 or o + n > g:
-            raise FormatError(f"{where}: shard lies outside the tensor")
-    if r.raw_len <= 0 or r.raw_len % size or r.shard_byte_offset < 0 or r.chunk < 0:
-        raise FormatError(f"{where}: bad raw_len, chunk or shard_byte_offset")
-    if r.file not in files:
-        raise FormatError(f"{where}: data file {r.file!r} is not one of this checkpoint's files")
-    if r.codec not in CODECS:
-        raise FormatError(f"{where}: unknown codec {r.codec!r}")
-    if r.codec == "raw" and r.stored_len != r.raw_len:
-        raise FormatError(f"{where}: raw chunk with stored_len != raw_len")
-    if r.codec != "raw" and not 0 < r.stored_len < r.raw_len:
-        raise FormatError(f"{where}: compressed chunk with bad stored_len")
-    if r.offset < HEADER_SIZE or r.offset % ALIGN:
-        raise FormatError(f"{where}: record offset {r.offset} is not an aligned data offset")
-    if r.extent > files[r.file]:
-        raise FormatError(f"{where}: record runs past the end of {r.file}")
-    if r.base is not None and ("incremental" not in features or not is_name(r.base)):
-        raise FormatError(f"{where}: base {r.base!r} invalid or not declared as a feature")
-    if r.key_id is not None and "encryption" not in features:
-        raise FormatError(f"{where}: key_id present but encryption is not declared")
-
-
-def check_cover(t: dict, shards: list[tuple]) -> None:
-    """Shards of one tensor must not overlap and must cover it exactly."""
-    total = math.prod(t["shape"])
-    covered = 0
-    boxes = [(o, n) for o, n in shards if math.prod(n) > 0]
-    for i, (o, n) in enumerate(boxes):
-        covered += math.prod(n)
-        for o2, n2 in boxes[i + 1 :]:
-            if all(a < b + m and b < a + k for a, k, b, m in zip(o, n, o2, n2, strict=True)):
-                raise FormatError(f"tensor {t['key']!r}: shards overlap")
-    if covered != total:
-        raise FormatError(f"tensor {t['key']!r}: shards cover {covered} of {total} elements")
-
-
-def _check_placement(rows: list[Row]) -> None:
-    by_file: dict[str, list[Row]] = {}
-    for r in rows:
-        by_file.setdefault(r.file, []).append(r)
-    for name, rs in by_file.items():
-        rs.sort(key=lambda r: r.offset)
-        for a, b in zip(rs, rs[1:], strict=False):
-            if b.offset < a.extent:
-                raise FormatError(f"{name}: records at {a.offset} and {b.offset} overlap")

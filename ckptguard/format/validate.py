@@ -1,0 +1,265 @@
+"""Vectorized checks of an index table against format.md section 4.
+
+Rank 0 runs them on every save over all ranks' rows, and readers on every open, so they must be
+linear (or n log n) in rows: columns are checked as numpy arrays, shard coverage by painting a
+grid of the shards' cut points, never by comparing every pair of shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import dtypes
+from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError
+from .layout import ALIGN, datafile_rank, is_name
+
+MAX_GRID_CELLS = 1 << 22
+
+
+def _np(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy().astype(np.int64, copy=False)
+
+
+def _lists(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 values, per-row lengths) of a list<int64> column."""
+    col = table.column(name).combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, lengths
+
+
+class _Rows:
+    """Column arrays plus a way to name the first bad row in an error."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.n = table.num_rows
+
+    def fail(self, mask: np.ndarray, what: str) -> None:
+        bad = np.flatnonzero(mask)
+        if len(bad):
+            i = int(bad[0])
+            key = self.table.column("key")[i].as_py()
+            chunk = self.table.column("chunk")[i].as_py()
+            raise FormatError(f"index row {i} ({key!r} chunk {chunk}): {what}")
+
+
+def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], features: set) -> None:
+    """Check every rule of section 4. ``files`` maps data file names to their sizes."""
+    rows = _Rows(table)
+    if rows.n == 0:
+        for t in tensors:
+            if math.prod(t["shape"]):
+                raise FormatError(f"tensor {t['key']!r} has elements but no chunks")
+        return
+    tid = _np(table, "tensor")
+    rows.fail((tid < 0) | (tid >= len(tensors)), "tensor id out of range")
+    for col, member in (("key", "key"), ("dtype", "dtype")):
+        expect = pa.array([t[member] for t in tensors], pa.string()).take(pa.array(tid))
+        same = pc.equal(table.column(col), expect).to_numpy(zero_copy_only=False)
+        rows.fail(~same, f"{col} disagrees with the manifest's tensor")
+    sizes = np.array([dtypes.elem_size(t["dtype"]) or 0 for t in tensors], dtype=np.int64)
+    elem = _np(table, "elem_size")
+    rows.fail(elem != sizes[tid], "elem_size does not match the dtype")
+    _check_shapes(table, rows, tensors, tid)
+    raw, sbo, chunk = _np(table, "raw_len"), _np(table, "shard_byte_offset"), _np(table, "chunk")
+    rows.fail(
+        (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
+        "bad raw_len, chunk or shard_byte_offset",
+    )
+    codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
+    rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
+    is_raw = codec.fill_null(-1).to_numpy(zero_copy_only=False) == CODECS["raw"]
+    stored = _np(table, "stored_len")
+    rows.fail(is_raw & (stored != raw), "raw chunk with stored_len != raw_len")
+    rows.fail(~is_raw & ((stored <= 0) | (stored >= raw)), "compressed chunk with bad stored_len")
+    _check_placement(table, rows, files, stored)
+    for col, feature in (("base", "incremental"), ("key_id", "encryption")):
+        values = table.column(col)
+        if values.null_count < rows.n:
+            rows.fail(
+                values.is_valid().to_numpy(zero_copy_only=False) & (feature not in features),
+                f"{col} present but the {feature} feature is not declared",
+            )
+            if col == "base":
+                names = pc.unique(values.drop_null()).to_pylist()
+                if not all(is_name(b) for b in names):
+                    raise FormatError("index: an invalid base checkpoint name")
+    _check_shards(table, rows, tensors, tid, raw, sbo, chunk, elem)
+
+
+def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.ndarray) -> None:
+    nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
+    shape_flat = np.array([n for t in tensors for n in t["shape"]], dtype=np.int64)
+    shape_start = np.concatenate([[0], np.cumsum(nd_t)[:-1]]).astype(np.int64)
+    cols = {}
+    for name in ("global_shape", "shard_offsets", "shard_lengths"):
+        flat, lens = _lists(table, name)
+        rows.fail(lens != nd_t[tid], f"{name} has the wrong number of dimensions")
+        cols[name] = flat
+    nd = nd_t[tid]
+    row_of = np.repeat(np.arange(rows.n), nd)
+    within = np.arange(len(row_of)) - np.repeat(np.cumsum(nd) - nd, nd)
+    expect = shape_flat[np.repeat(shape_start[tid], nd) + within]
+    g, o, n = cols["global_shape"], cols["shard_offsets"], cols["shard_lengths"]
+    bad = np.zeros(rows.n, dtype=bool)
+    np.logical_or.at(bad, row_of, g != expect)
+    rows.fail(bad, "global_shape disagrees with the manifest")
+    np.logical_or.at(bad, row_of, (o < 0) | (n < 0) | (o + n > g))
+    rows.fail(bad, "shard lies outside the tensor")
+
+
+def _check_placement(
+    table: pa.Table, rows: _Rows, files: dict[str, int], stored: np.ndarray
+) -> None:
+    by_rank = {datafile_rank(name): (name, size) for name, size in files.items()}
+    rank = _np(table, "rank")
+    top = max(max(by_rank, default=0), int(rank.max())) + 1
+    names = pa.array([by_rank.get(r, ("", 0))[0] for r in range(top)], pa.string())
+    size = np.array([by_rank.get(r, ("", -1))[1] for r in range(top)], dtype=np.int64)
+    same = pc.equal(table.column("file"), names.take(pa.array(np.maximum(rank, 0))))
+    rows.fail(
+        (rank < 0) | ~same.to_numpy(zero_copy_only=False),
+        "data file is not this checkpoint's file of the row's rank",
+    )
+    file_code = rank
+    off = _np(table, "offset")
+    rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
+    extent = (off + RECORD_HEADER_SIZE + stored + ALIGN - 1) // ALIGN * ALIGN
+    rows.fail(extent > size[file_code], "record runs past the end of its file")
+    order = np.lexsort((off, file_code))
+    f, o, e = file_code[order], off[order], extent[order]
+    first = np.ones(rows.n, dtype=bool)
+    first[1:] = f[1:] != f[:-1]
+    prev_end = np.empty_like(e)
+    prev_end[0] = HEADER_SIZE
+    prev_end[1:] = e[:-1]
+    prev_end[first] = HEADER_SIZE
+    bad = np.zeros(rows.n, dtype=bool)
+    bad[order] = o != prev_end
+    rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
+
+
+def _check_shards(table, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # noqa: ANN001
+    """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor."""
+    o_flat, _ = _lists(table, "shard_offsets")
+    n_flat, _ = _lists(table, "shard_lengths")
+    nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
+    nd = nd_t[tid]
+    row_start = np.cumsum(nd) - nd
+    # The C-order linear index of a shard's first element identifies it within its tensor.
+    start = np.zeros(rows.n, dtype=np.int64)
+    volume = np.ones(rows.n, dtype=np.int64)
+    for t_nd in np.unique(nd):
+        sel = np.flatnonzero(nd == t_nd)
+        if t_nd == 0:
+            continue
+        idx = row_start[sel][:, None] + np.arange(t_nd)
+        offs, lens = o_flat[idx], n_flat[idx]
+        mat = np.zeros((len(tensors), t_nd), dtype=np.int64)
+        for i, t in enumerate(tensors):
+            if len(t["shape"]) == t_nd:
+                mat[i] = t["shape"]
+        glob = mat[tid[sel]]
+        strides = np.ones_like(glob)
+        strides[:, :-1] = np.cumprod(glob[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        start[sel] = (offs * strides).sum(axis=1)
+        volume[sel] = lens.prod(axis=1)
+    order = _sort_order(tid, start, chunk)
+    t_s, s_s, c_s = tid[order], start[order], chunk[order]
+    new = np.ones(rows.n, dtype=bool)
+    new[1:] = (t_s[1:] != t_s[:-1]) | (s_s[1:] != s_s[:-1])
+    group = np.cumsum(new) - 1
+    group_first = np.flatnonzero(new)
+    pos_in_group = np.arange(rows.n) - group_first[group]
+    raw_s, sbo_s = raw[order], sbo[order]
+    cum = np.cumsum(raw_s) - raw_s
+    expect_sbo = cum - cum[group_first][group]
+    bad = np.zeros(rows.n, dtype=bool)
+    bad[order] = (c_s != pos_in_group) | (sbo_s != expect_sbo)
+    rows.fail(bad, "chunks of a shard are not numbered from 0 or not contiguous")
+    ends = np.append(group_first[1:], rows.n) - 1
+    total = (sbo_s + raw_s)[ends]
+    need = (volume[order] * elem[order])[group_first]
+    bad = np.zeros(rows.n, dtype=bool)
+    bad[order[group_first]] = total != need
+    rows.fail(bad, "the chunks of a shard do not hold exactly its bytes")
+    firsts = order[group_first]  # one row per shard, sorted by tensor
+    bounds = np.searchsorted(tid[firsts], np.arange(len(tensors) + 1))
+    for t, entry in enumerate(tensors):
+        sel = firsts[bounds[t] : bounds[t + 1]]
+        idx = row_start[sel][:, None] + np.arange(int(nd_t[t]))
+        check_cover(entry["key"], entry["shape"], o_flat[idx], n_flat[idx])
+
+
+def _sort_order(*keys_major_last: np.ndarray) -> np.ndarray:
+    """Row order by (tid, start, chunk); one argsort of a packed key when the values fit."""
+    tid, start, chunk = keys_major_last
+    bits = [max(int(k.max()), 0).bit_length() for k in (tid, start, chunk)]
+    if min(int(k.min()) for k in (tid, start, chunk)) >= 0 and sum(bits) <= 62:
+        packed = (tid << (bits[1] + bits[2])) | (start << bits[2]) | chunk
+        return np.argsort(packed, kind="stable")
+    return np.lexsort((chunk, start, tid))
+
+
+def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:
+    """Boxes (one row per shard) must not overlap and must cover ``shape`` exactly."""
+    total = math.prod(shape)
+    offs, lens = np.asarray(offs, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+    if offs.ndim != 2:  # no shards at all
+        offs = lens = np.zeros((0, len(shape)), dtype=np.int64)
+    keep = lens.prod(axis=1) > 0 if len(shape) else np.ones(len(offs), dtype=bool)
+    offs, lens = offs[keep], lens[keep]
+    covered = int(lens.prod(axis=1).sum()) if len(shape) else len(offs)
+    if covered != total:
+        raise FormatError(
+            f"tensor {key!r}: shards cover {covered} of {total} elements (a gap or an overlap)"
+        )
+    if len(offs) <= 1:
+        return
+    split = [
+        d for d in range(len(shape)) if (offs[:, d] != 0).any() or (lens[:, d] != shape[d]).any()
+    ]
+    if len(split) == 1:  # the usual layout: pieces of one dimension, checked in n log n
+        d = split[0]
+        order = np.argsort(offs[:, d], kind="stable")
+        o, n = offs[order, d], lens[order, d]
+        if o[0] != 0 or (o[1:] != o[:-1] + n[:-1]).any():
+            raise FormatError(f"tensor {key!r}: shards overlap or leave a gap")
+        return
+    cuts = [
+        np.unique(np.concatenate([offs[:, d], offs[:, d] + lens[:, d]])) for d in range(len(shape))
+    ]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells <= MAX_GRID_CELLS and len(shape) <= 8:
+        _paint(key, cuts, offs, lens)
+    else:
+        _pairwise(key, offs, lens)
+
+
+def _paint(key: str, cuts: list, offs: np.ndarray, lens: np.ndarray) -> None:
+    """Count coverage of every grid cell with an n-d difference array: each must be 1."""
+    lo = [np.searchsorted(c, offs[:, d]) for d, c in enumerate(cuts)]
+    hi = [np.searchsorted(c, offs[:, d] + lens[:, d]) for d, c in enumerate(cuts)]
+    diff = np.zeros(tuple(len(c) for c in cuts), dtype=np.int64)
+    for corner in itertools.product((0, 1), repeat=len(cuts)):
+        idx = tuple(hi[d] if bit else lo[d] for d, bit in enumerate(corner))
+        np.add.at(diff, idx, -1 if sum(corner) % 2 else 1)
+    for d in range(len(cuts)):
+        diff = np.cumsum(diff, axis=d)
+    inner = diff[tuple(slice(0, len(c) - 1) for c in cuts)]
+    if (inner != 1).any():
+        raise FormatError(f"tensor {key!r}: shards overlap")
+
+
+def _pairwise(key: str, offs: np.ndarray, lens: np.ndarray) -> None:
+    ends = offs + lens
+    for i in range(len(offs) - 1):
+        hit = np.all((offs[i] < ends[i + 1 :]) & (offs[i + 1 :] < ends[i]), axis=1)
+        if hit.any():
+            raise FormatError(f"tensor {key!r}: shards overlap")
