@@ -1,0 +1,448 @@
+"""The ``ckptguard`` command: inspect, verify, restore and tidy a store of checkpoints.
+
+Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` found none);
+2 an error (bad path, corrupt manifest, bad arguments), printed as one ``error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+import ckptguard
+from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError, Problem
+
+MANIFEST = "MANIFEST.json"  # docs/format.md section 1: a directory holding one is a checkpoint
+
+
+class _Failed(Exception):
+    """Raised by a command that already printed why it failed; exits 1."""
+
+
+class _CkptGroup(click.Group):
+    """Turns ckptguard errors into one ``error:`` line and registers ``bench`` lazily."""
+
+    _lazy = {"bench": "ckptguard.bench.cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self._lazy:
+            return super().get_command(ctx, name)
+        try:
+            return getattr(importlib.import_module(self._lazy[name]), name)
+        except Exception as exc:  # an optional part: report it only when it is used
+            return _unavailable(name, exc)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CheckpointError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}")
+        except _Failed:
+            raise click.exceptions.Exit(1) from None
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(2)
+
+
+def _unavailable(name: str, exc: Exception) -> click.Command:
+    why = f"{type(exc).__name__}: {exc}"
+
+    @click.command(
+        name, help=f"(unavailable: {why})", context_settings={"ignore_unknown_options": True}
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def stub(args: Sequence[str]) -> None:
+        _fail(f"'ckptguard {name}' is unavailable: {why}")
+
+    return stub
+
+
+def _console() -> Console:
+    """Rich console on stdout; wide when piped so tables are not folded."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=max(probe.width, 200))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # unreachable
+
+
+def _ratio(raw: int, stored: int) -> str:
+    return f"{raw / stored:.2f}x" if stored else "-"
+
+
+def _when(created: datetime) -> str:
+    return created.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _require_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise ckptguard.StoreError(f"no such {what}: {path}", path=path)
+    return path
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1h``, ``2d`` (or ``1h30m``) as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise click.BadParameter(f"{text!r} is not a duration like 0, 90s, 30m, 1h or 2d")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@click.group(cls=_CkptGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(ckptguard.__version__, prog_name="ckptguard")
+def cli() -> None:
+    """Atomic, verified checkpoints for PyTorch training.
+
+    Exit codes: 0 success, 1 a check failed, 2 an error (one 'error: ...' line on stderr).
+    """
+
+
+@cli.command("ls")
+@click.argument("store")
+def ls_cmd(store: str) -> None:
+    """List the committed checkpoints of STORE, oldest first."""
+    st = ckptguard.Store(_require_dir(store, "store"))
+    infos = st.list()
+    if not infos:
+        click.echo(f"no committed checkpoints in {store}")
+        return
+    latest = st.latest()
+    table = Table(title=escape(f"store {os.path.abspath(store)}"), title_justify="left")
+    for col, justify in [
+        ("name", "left"),
+        ("step", "right"),
+        ("stored", "right"),
+        ("raw", "right"),
+        ("tensors", "right"),
+        ("created", "left"),
+        ("", "left"),
+    ]:
+        table.add_column(col, justify=justify)
+    for info in infos:
+        mark = "LATEST" if latest is not None and info.name == latest.name else ""
+        step = "-" if info.step is None else str(info.step)
+        table.add_row(
+            escape(info.name),
+            step,
+            _size(info.stored_bytes),
+            _size(info.raw_bytes),
+            str(info.tensors),
+            _when(info.created),
+            mark,
+        )
+    _console().print(table)
+
+
+@cli.command("info")
+@click.argument("ckpt")
+def info_cmd(ckpt: str) -> None:
+    """Show a checkpoint's header and per-tensor table.
+
+    CKPT is a checkpoint directory, or a store (meaning its LATEST).
+    """
+    desc = ckptguard.describe(_require_dir(ckpt, "checkpoint"))
+    info = desc.info
+    con = _console()
+    facts = [
+        ("name", info.name),
+        ("path", info.path),
+        ("uuid", info.uuid),
+        ("step", "-" if info.step is None else str(info.step)),
+        ("created", _when(info.created)),
+        ("world size", str(info.world_size)),
+        ("files", str(info.files)),
+        ("tensors", str(info.tensors)),
+        ("chunks", str(info.chunks)),
+        (
+            "size",
+            f"{_size(info.stored_bytes)} stored, {_size(info.raw_bytes)} raw "
+            f"({_ratio(info.raw_bytes, info.stored_bytes)})",
+        ),
+    ]
+    if info.metadata is not None:
+        facts.append(("metadata", json.dumps(info.metadata, sort_keys=True)[:300]))
+    for name, value in facts:
+        con.print(f"[bold]{name:>10}[/]  {escape(value)}", highlight=False, soft_wrap=True)
+    table = Table(show_footer=True)
+    cols = ["key", "dtype", "shape", "raw", "stored", "ratio", "chunks", "codecs"]
+    raw = sum(t.raw_bytes for t in desc.tensors)
+    stored = sum(t.stored_bytes for t in desc.tensors)
+    chunks = sum(t.chunks for t in desc.tensors)
+    foot = [
+        f"{len(desc.tensors)} tensors",
+        "",
+        "",
+        _size(raw),
+        _size(stored),
+        _ratio(raw, stored),
+        str(chunks),
+        "",
+    ]
+    for col, footer in zip(cols, foot, strict=True):
+        justify = "left" if col in ("key", "codecs") else "right"
+        table.add_column(col, footer=footer, justify=justify)
+    for t in desc.tensors:
+        codecs = ", ".join(f"{c} x{n}" for c, n in sorted(t.codecs.items()))
+        table.add_row(
+            escape(t.key),
+            t.dtype,
+            str(list(t.shape)),
+            _size(t.raw_bytes),
+            _size(t.stored_bytes),
+            _ratio(t.raw_bytes, t.stored_bytes),
+            str(t.chunks),
+            codecs,
+        )
+    con.print(table)
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    names = set(os.listdir(path))
+    return (
+        MANIFEST in names
+        or "index.parquet" in names
+        or any(n.startswith("rank-") and n.endswith(".ckg") for n in names)
+    )
+
+
+def _verify_targets(path: str, latest_only: bool) -> list[str]:
+    """The checkpoint directories that ``verify PATH`` checks."""
+    if _is_checkpoint_dir(path):
+        return [path]
+    st = ckptguard.Store(path)
+    if latest_only:
+        info = st.latest()
+        return [] if info is None else [info.path]
+    listed = [info.path for info in st.list()]
+    # A directory with a manifest that the store does not list has a broken manifest: check it too.
+    known = {os.path.realpath(p) for p in listed}
+    hidden = [
+        os.path.join(path, n)
+        for n in sorted(os.listdir(path))
+        if not n.startswith(".")
+        and os.path.isfile(os.path.join(path, n, MANIFEST))
+        and os.path.realpath(os.path.join(path, n)) not in known
+    ]
+    return listed + hidden
+
+
+def _problem_line(p: Problem) -> str:
+    where = [
+        f"{label} {v}"
+        for label, v in (
+            ("file", p.file),
+            ("tensor", p.key),
+            ("chunk", p.chunk),
+            ("offset", p.offset),
+        )
+        if v is not None
+    ]
+    return f"  problem: {p.message}" + (f" [{', '.join(where)}]" if where else "")
+
+
+def _verify_one(path: str, progress: Callable[[int, int], None] | None) -> tuple[bool, list[str]]:
+    """Verify one checkpoint; (whole?, lines describing the outcome)."""
+    try:
+        report = ckptguard.verify(path, progress=progress)
+    except (CorruptCheckpointError, FormatVersionError) as exc:
+        return False, [f"FAIL {path}", f"  problem: {exc}"]
+    if report.ok:
+        size = _size(report.bytes_checked)
+        return True, [f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked)"]
+    lines = [f"FAIL {report.path}: {len(report.problems)} problem(s)"]
+    return False, lines + [_problem_line(p) for p in report.problems]
+
+
+def _verify_with_bar(targets: list[str]) -> list[bool]:
+    """Verify with a live progress bar per checkpoint (terminals only)."""
+    cols = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    results = []
+    with Progress(*cols, transient=True) as bar:
+        for target in targets:
+            task = bar.add_task(os.path.basename(os.path.normpath(target)), total=None)
+
+            def progress(done: int, total: int, task: TaskID = task) -> None:
+                bar.update(task, completed=done, total=total)
+
+            ok, lines = _verify_one(target, progress)
+            bar.remove_task(task)
+            for line in lines:
+                bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            results.append(ok)
+    return results
+
+
+@cli.command("verify")
+@click.argument("path")
+@click.option("--latest", "latest_only", is_flag=True, help="Of a store, verify only LATEST.")
+def verify_cmd(path: str, latest_only: bool) -> None:
+    """Check every byte of a checkpoint or store against its hashes.
+
+    PATH is a checkpoint (checked alone) or a store (each committed checkpoint, or with
+    --latest only LATEST). Prints each problem with its file, tensor, chunk and offset.
+    Exits 0 if all are whole, 1 otherwise.
+    """
+    targets = _verify_targets(_require_dir(path, "checkpoint or store"), latest_only)
+    if not targets:
+        click.echo(f"no committed checkpoints in {path}", err=True)
+        raise _Failed
+    if _console().is_terminal:
+        results = _verify_with_bar(targets)
+    else:
+        results = []
+        for target in targets:
+            ok, lines = _verify_one(target, None)
+            click.echo("\n".join(lines))
+            results.append(ok)
+    if len(results) > 1:
+        click.echo(f"{results.count(True)} of {len(results)} checkpoints ok")
+    if not all(results):
+        raise _Failed
+
+
+@cli.command("latest")
+@click.argument("store")
+def latest_cmd(store: str) -> None:
+    """Print the absolute path of STORE's LATEST checkpoint.
+
+    Exits 1, with a message on stderr, if there is none (or no STORE): start fresh then.
+    """
+    info = ckptguard.Store(store).latest() if os.path.isdir(store) else None
+    if info is None:
+        click.echo(f"no committed checkpoint in {store}", err=True)
+        raise _Failed
+    click.echo(os.path.abspath(info.path))
+
+
+@cli.command("gc")
+@click.argument("store")
+@click.option(
+    "--older-than",
+    default="1h",
+    show_default=True,
+    help="Reclaim staging entries older than this (0, 90s, 30m, 1h, 2d).",
+)
+def gc_cmd(store: str, older_than: str) -> None:
+    """Remove abandoned saves and leftovers from STORE/.staging."""
+    seconds = parse_duration(older_than)
+    removed = ckptguard.Store(_require_dir(store, "store")).gc(older_than=seconds)
+    for path in removed:
+        click.echo(f"removed {path}")
+    click.echo(f"{len(removed)} item(s) removed" if removed else "nothing to remove")
+
+
+@cli.command("delete")
+@click.argument("store")
+@click.argument("name")
+def delete_cmd(store: str, name: str) -> None:
+    """Delete checkpoint NAME from STORE.
+
+    If NAME is LATEST, LATEST first moves to the newest remaining checkpoint.
+    """
+    st = ckptguard.Store(_require_dir(store, "store"))
+    st.delete(name)
+    latest = st.latest()
+    click.echo(f"deleted {name}; LATEST is now {latest.name if latest else 'absent'}")
+
+
+@cli.command("restore")
+@click.argument("ckpt")
+@click.option(
+    "--torch-out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Write the verified state here with torch.save.",
+)
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled leaves (trusted files only).")
+def restore_cmd(ckpt: str, out: str, allow_pickle: bool) -> None:
+    """Write a verified checkpoint as a torch.save file.
+
+    CKPT is loaded with every chunk verified (a store means its LATEST).
+    """
+    import torch
+
+    source = _require_dir(ckpt, "checkpoint")
+    if not _is_checkpoint_dir(source):  # a store: pin its LATEST now, and say which it was
+        info = ckptguard.Store(source).latest()
+        if info is None:
+            raise ckptguard.CheckpointNotFoundError(f"no committed checkpoint in {source}")
+        source = info.path
+    state = ckptguard.load(source, allow_pickle=allow_pickle)
+    tmp = f"{out}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    click.echo(f"wrote {out} ({_size(os.path.getsize(out))}) from {os.path.abspath(source)}")
+
+
+@cli.command("demo")
+@click.option("--store", default="./ckpts", show_default=True, help="Where to save checkpoints.")
+def demo_cmd(store: str) -> None:
+    """Train, checkpoint, corrupt, restore and resume a small model."""
+    from ckptguard.demo import run_demo
+
+    if run_demo(store) != 0:
+        raise _Failed
+
+
+# ---- doctor (native codec path; owned by the native-codec work, docs/native.md) ----
+
+
+@cli.command("doctor")
+def doctor_cmd() -> None:
+    """Say which codec path is active (native or pure Python) and why, with threads and libs."""
+    from ckptguard import backend
+
+    info = backend.info()
+    click.echo(f"codec path: {info['backend']}")
+    click.echo(f"reason:     {info['reason']}")
+    click.echo(f"threads:    {info['threads']} (CPUs usable: {info['cpus']})")
+    click.echo(f"O_DIRECT:   {'on' if info['o_direct'] else 'off'} (CKPTGUARD_ODIRECT)")
+    for name, version in sorted(dict(info.get("libraries") or {}).items()):
+        click.echo(f"native {name}: {version}")
+    click.echo(f"python lz4: {info['python_lz4']}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="ckptguard")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,225 @@
+"""The ``ckptguard`` command, in-process (CliRunner) and as the installed console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+import ckptguard
+from ckptguard.cli import cli, parse_duration
+
+SCRIPT = Path(sys.executable).parent / "ckptguard"
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)},
+        "ids": torch.arange(1000, dtype=torch.int64),
+        "step": seed,
+        "lr": 0.5,
+    }
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """A store with two committed checkpoints; step-2 is LATEST."""
+    root = tmp_path / "store"
+    ckptguard.save(_state(1), str(root / "step-1"), step=1, chunk_size=4096)
+    ckptguard.save(_state(2), str(root / "step-2"), step=2, chunk_size=4096, metadata={"a": [1]})
+    return root
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def script(*args: object) -> subprocess.CompletedProcess[str]:
+    if not SCRIPT.exists():
+        pytest.skip(f"console script not installed at {SCRIPT}")
+    cmd = [str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def flip_payload_byte(ckpt: Path, key: str) -> None:
+    """Flip one byte inside a payload of tensor ``key``, found through index.parquet."""
+    table = pq.read_table(ckpt / "index.parquet", use_threads=False)
+    rows = [r for r in table.to_pylist() if r["key"] == key]
+    row = rows[len(rows) // 2]
+    pos = row["offset"] + 64 + row["stored_len"] // 2
+    with open(ckpt / row["file"], "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def test_help_and_version() -> None:
+    res = run("--help")
+    assert res.exit_code == 0
+    for name in ("ls", "info", "verify", "latest", "gc", "delete", "restore", "demo", "bench"):
+        assert name in res.output
+    res = run("--version")
+    assert res.exit_code == 0 and ckptguard.__version__ in res.output
+
+
+def test_ls_marks_latest(filled: Path) -> None:
+    res = run("ls", filled)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    (line1,) = [ln for ln in lines if "step-1" in ln]
+    (line2,) = [ln for ln in lines if "step-2" in ln]
+    assert "LATEST" in line2 and "LATEST" not in line1
+
+
+def test_ls_empty_store(tmp_path: Path) -> None:
+    res = run("ls", tmp_path)
+    assert res.exit_code == 0 and "no committed checkpoints" in res.output
+
+
+def test_info_lists_tensors(filled: Path) -> None:
+    res = run("info", filled / "step-2")
+    assert res.exit_code == 0, res.output
+    for text in (
+        "step-2",
+        "model/w",
+        "model/b",
+        "ids",
+        "float32",
+        "int64",
+        "[64, 32]",
+        "3 tensors",
+    ):
+        assert text in res.output
+    assert run("info", filled).exit_code == 0  # a store means its LATEST
+
+
+def test_verify_good_checkpoint_store_and_latest(filled: Path) -> None:
+    for args in ([filled / "step-1"], [filled], [filled, "--latest"]):
+        res = run("verify", *args)
+        assert res.exit_code == 0, res.output
+        assert "FAIL" not in res.output
+    assert "2 of 2 checkpoints ok" in run("verify", filled).output
+    latest_only = run("verify", filled, "--latest").output
+    assert "step-2" in latest_only and "step-1" not in latest_only
+
+
+def test_verify_reports_flipped_byte(filled: Path) -> None:
+    flip_payload_byte(filled / "step-1", "model/w")
+    res = run("verify", filled / "step-1")
+    assert res.exit_code == 1, res.output
+    assert "FAIL" in res.output
+    assert any("problem" in ln and "model/w" in ln for ln in res.output.splitlines())
+    res = run("verify", filled)
+    assert res.exit_code == 1 and "1 of 2 checkpoints ok" in res.output
+    assert run("verify", filled, "--latest").exit_code == 0  # step-2 is untouched
+
+
+def test_latest(filled: Path, tmp_path: Path) -> None:
+    res = run("latest", filled)
+    assert res.exit_code == 0
+    assert res.stdout.strip() == str((filled / "step-2").resolve())
+    empty = run("latest", tmp_path / "nothing-here")
+    assert empty.exit_code == 1 and "no committed checkpoint" in empty.stderr
+    assert empty.stdout == ""
+
+
+def test_gc_removes_staging_leftovers(filled: Path) -> None:
+    junk = filled / ".staging" / f"step-9.{'a' * 32}"
+    junk.mkdir(parents=True, exist_ok=True)
+    (junk / "rank-00000.ckg").write_bytes(b"partial")
+    res = run("gc", filled, "--older-than", "1h")
+    assert res.exit_code == 0 and junk.exists()
+    res = run("gc", filled, "--older-than", "0")
+    assert res.exit_code == 0, res.output
+    assert not junk.exists() and "step-9" in res.output
+    assert [i.name for i in ckptguard.Store(str(filled)).list()] == ["step-1", "step-2"]
+
+
+def test_gc_rejects_bad_duration(filled: Path) -> None:
+    res = run("gc", filled, "--older-than", "soon")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("0") == 0
+    assert parse_duration("90s") == 90
+    assert parse_duration("30m") == 1800
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("2d") == 172800
+
+
+def test_delete_moves_latest(filled: Path) -> None:
+    res = run("delete", filled, "step-2")
+    assert res.exit_code == 0, res.output
+    assert not (filled / "step-2").exists()
+    assert ckptguard.Store(str(filled)).latest().name == "step-1"
+    assert run("delete", filled, "step-2").exit_code == 2
+
+
+def test_restore_writes_torch_file(filled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    res = run("restore", filled / "step-2", "--torch-out", out)
+    assert res.exit_code == 0, res.output
+    got = torch.load(out, weights_only=True)
+    want = _state(2)
+    assert torch.equal(got["model"]["w"], want["model"]["w"])
+    assert torch.equal(got["model"]["b"], want["model"]["b"])
+    assert torch.equal(got["ids"], want["ids"])
+    assert got["step"] == 2 and got["lr"] == 0.5
+
+
+def test_restore_refuses_corrupt(filled: Path, tmp_path: Path) -> None:
+    flip_payload_byte(filled / "step-2", "ids")
+    out = tmp_path / "out.pt"
+    res = run("restore", filled / "step-2", "--torch-out", out)
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: ") and "ids" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["ls", "info", "verify", "gc"])
+def test_missing_path_is_error(cmd: str, tmp_path: Path) -> None:
+    res = run(cmd, tmp_path / "missing")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.output
+
+
+def test_script_end_to_end(filled: Path, tmp_path: Path) -> None:
+    res = script("ls", filled)
+    assert res.returncode == 0 and "step-2" in res.stdout and "LATEST" in res.stdout
+    res = script("latest", filled)
+    assert res.returncode == 0 and res.stdout.strip() == str((filled / "step-2").resolve())
+    assert script("verify", filled).returncode == 0
+    bad = tmp_path / "copy" / "step-2"
+    shutil.copytree(filled / "step-2", bad)
+    flip_payload_byte(bad, "model/w")
+    res = script("verify", bad)
+    assert res.returncode == 1 and "model/w" in res.stdout
+    res = script("info", tmp_path / "missing")
+    assert res.returncode == 2 and res.stderr.startswith("error: ")
+    assert "Traceback" not in res.stderr
+
+
+def test_bench_listed_even_if_unavailable() -> None:
+    res = run("bench", "--help")
+    assert res.exit_code in (0, 2)
+    if res.exit_code == 2:
+        assert res.stderr.startswith("error: ") and "bench" in res.stderr
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    from ckptguard.demo import run_demo
+
+    store = tmp_path / "ckpts"
+    assert run_demo(str(store), steps=3) == 0
+    assert [i.name for i in ckptguard.Store(str(store)).list()] == ["step-3"]
+    assert run_demo(str(store), steps=3) == 0  # again: overwrite works
