@@ -12,7 +12,7 @@ $(VENV)/.base: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e .
+	$(PIP) -e ".[mpi]"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -24,10 +24,11 @@ install-test: $(VENV)/.test
 
 demo: install
 	$(VENV)/bin/ckptguard demo --store ./ckpts
+	$(PY) examples/distributed_demo.py --store ./ckpts-sharded
 
 lint: install-test
-	$(VENV)/bin/ruff check ckptguard tests benchmarks
-	$(VENV)/bin/ruff format --check ckptguard tests benchmarks
+	$(VENV)/bin/ruff check ckptguard tests benchmarks examples
+	$(VENV)/bin/ruff format --check ckptguard tests benchmarks examples
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
 test: lint
@@ -37,4 +38,4 @@ bench: install-test
 	$(VENV)/bin/ckptguard bench --size 1GiB --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) build *.egg-info ckpts .pytest_cache
+	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache
