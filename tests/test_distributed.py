@@ -240,3 +240,16 @@ def test_corrupted_rank_file_is_named_by_verify(tmp_path, saved):
     report = ckptguard.verify(store / "step-10")
     assert not report.ok
     assert report.problems[0].file == "rank-00001.ckg" and report.problems[0].key == victim.key
+
+
+def test_examples_distributed_demo(tmp_path):
+    need_mpi()
+    demo = os.path.join(os.path.dirname(HERE), "examples", "distributed_demo.py")
+    proc = subprocess.run(
+        [sys.executable, demo, "--store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rank-00002.ckg" in proc.stdout and "All distributed checks passed." in proc.stdout
