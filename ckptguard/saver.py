@@ -28,7 +28,7 @@ from .format.index import to_table
 from .format.layout import MANIFEST
 from .format.manifest import CheckpointInfo, parse_time
 from .format.validate import check_table
-from .plan import PlanError, describe_local, make_plan
+from .plan import PlanError, assignment, describe_local, make_plan
 from .tree import flatten, remap_tensor_ids
 from .writer import RankWriter, tensor_digest
 
@@ -79,18 +79,18 @@ class _Save:
     def run(self, obj: Any) -> CheckpointInfo:
         c = self.coord
         try:
-            msg = self.describe(obj)
-            gathered = c.gather(_dump(msg), self.opt.timeout)
-            plan = self.plan([json.loads(g) for g in gathered]) if c.rank == 0 else None
+            gathered = c.gather(self.describe(obj), self.opt.timeout)
+            plan = self.plan([_unpack(g) for g in gathered]) if c.rank == 0 else None
             plan = json.loads(c.broadcast(_dump(plan) if c.rank == 0 else None, self.opt.timeout))
             self.staging = plan.get("staging")
             if not plan["ok"]:
                 raise _Failed(plan["rank"], plan["error"])
             report = self.write(plan)
-            gathered = c.gather(_pack_report(*report), self.opt.timeout)
-            outcome = (
-                self.commit(plan, [_unpack_report(g) for g in gathered]) if c.rank == 0 else None
+            gathered = c.gather(
+                _pack(report[0], *([_ipc(report[1])] if report[1] is not None else [])),
+                self.opt.timeout,
             )
+            outcome = self.commit(plan, [_report(g) for g in gathered]) if c.rank == 0 else None
             outcome = json.loads(
                 c.broadcast(_dump(outcome) if c.rank == 0 else None, self.opt.timeout)
             )
@@ -115,23 +115,26 @@ class _Save:
                 _commit.remove_tree(self.staging)
 
     # -- phase 1: every rank describes its state ------------------------------------------------
-    def describe(self, obj: Any) -> dict:
+    def describe(self, obj: Any) -> bytes:
+        """This rank's message: status, its object tree (JSON) and its tensors (Arrow)."""
         try:
             tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
             hasher = tensor_digest if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)
+            return _pack({"ok": True, "pickle": used_pickle}, _dump(tree), _ipc(desc))
         except Exception as e:
             self.refs = []
-            return self.fail(e)
-        return {"ok": True, "tree": tree, "tensors": desc, "pickle": used_pickle}
+            return _pack(self.fail(e))
 
     # -- phase 2: rank 0 plans and opens the staging directory ----------------------------------
-    def plan(self, msgs: list[dict]) -> dict:
-        for m in msgs:
+    def plan(self, msgs: list[tuple[dict, list]]) -> dict:
+        for m, _ in msgs:
             if not m["ok"]:
                 return m
         try:
-            plan = make_plan([m["tensors"] for m in msgs], self.opt.check_replicated)
+            descs = [_from_ipc(parts[1]) for _, parts in msgs]
+            plan = make_plan(descs, self.opt.check_replicated)
+            trees = _merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
             final = os.path.join(self.store, self.name)
             if not self.opt.overwrite and os.path.exists(os.path.join(final, MANIFEST)):
                 raise CheckpointExistsError(
@@ -146,14 +149,10 @@ class _Save:
                 raise from_oserror(e, self.store, "cannot create a staging directory in") from None
         except Exception as e:
             return self.fail(e)
-        trees = [
-            remap_tensor_ids(m["tree"], [gid for gid, _ in a])
-            for m, a in zip(msgs, plan.assign, strict=True)
-        ]
         self.body = {
             "format": "ckptguard",
             "format_version": FORMAT_VERSION,
-            "features": ["pickle"] if any(m["pickle"] for m in msgs) else [],
+            "features": ["pickle"] if any(m["pickle"] for m, _ in msgs) else [],
             "name": self.name,
             "uuid": uid,
             "created": "",
@@ -162,17 +161,24 @@ class _Save:
             "writer": self.opt.writer_versions,
             "metadata": self.opt.metadata,
             "tree": trees[0],
-            "rank_trees": {str(r): t for r, t in enumerate(trees) if r and t != trees[0]},
+            "rank_trees": {str(r): t for r, t in trees.items() if r},
             "tensors": plan.tensors,
         }
-        return {"ok": True, "uuid": uid, "staging": self.staging, "assign": plan.assign}
+        return {
+            "ok": True,
+            "uuid": uid,
+            "staging": self.staging,
+            "keys": plan.keys,
+            "writer": plan.writer,
+        }
 
     # -- phase 3: every rank writes its own data file -------------------------------------------
     def write(self, plan: dict) -> tuple[dict, pa.Table | None]:
         writer = None
         try:
             writer = RankWriter(plan["staging"], self.coord.rank, plan["uuid"], self.opt.chunk_size)
-            for ref, (gid, mine) in zip(self.refs, plan["assign"][self.coord.rank], strict=True):
+            mine_all = assignment(plan["keys"], plan["writer"], self.refs, self.coord.rank)
+            for ref, (gid, mine) in zip(self.refs, mine_all, strict=True):
                 if mine:
                     writer.add(gid, ref, self.opt.compress)
             rows = writer.finish()
@@ -240,24 +246,61 @@ class _Save:
         return {"ok": True, "info": doc}
 
 
-def _pack_report(doc: dict, table: pa.Table | None) -> bytes:
-    """A rank's report: a JSON header, then its index rows as an Arrow IPC stream (no pickle)."""
+def _pack(doc: dict, *parts: bytes) -> bytes:
+    """A message between ranks: a JSON header, then opaque parts (JSON, Arrow IPC); no pickle."""
     head = _dump(doc)
-    body = b""
-    if table is not None:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as w:
-            w.write_table(table)
-        body = sink.getvalue().to_pybytes()
-    return struct.pack("<Q", len(head)) + head + body
+    out = [struct.pack("<QI", len(head), len(parts)), head]
+    for p in parts:
+        out += [struct.pack("<Q", len(p)), p]
+    return b"".join(out)
 
 
-def _unpack_report(data: bytes) -> tuple[dict, pa.Table | None]:
-    (n,) = struct.unpack_from("<Q", data)
-    doc = json.loads(data[8 : 8 + n])
-    if len(data) == 8 + n:
-        return doc, None
-    return doc, pa.ipc.open_stream(pa.py_buffer(data[8 + n :])).read_all()
+def _unpack(data: bytes) -> tuple[dict, list[memoryview]]:
+    view = memoryview(data)
+    n, count = struct.unpack_from("<QI", view)
+    pos = 12 + n
+    doc = json.loads(bytes(view[12:pos]))
+    parts = []
+    for _ in range(count):
+        (k,) = struct.unpack_from("<Q", view, pos)
+        parts.append(view[pos + 8 : pos + 8 + k])
+        pos += 8 + k
+    return doc, parts
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: memoryview) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def _report(data: bytes) -> tuple[dict, pa.Table | None]:
+    doc, parts = _unpack(data)
+    return doc, (_from_ipc(parts[0]) if parts else None)
+
+
+def _merge_trees(blobs: list[memoryview], descs: list[pa.Table], keys: list[str]) -> dict[int, Any]:
+    """Each rank's tree with global tensor ids: rank 0's, and every rank's that differs.
+
+    Identical trees (the usual case) are parsed once: the same bytes name the same keys in the
+    same order, so they map local ids to the same global ids.
+    """
+    gid = {k: i for i, k in enumerate(keys)}
+    parsed: dict[bytes, Any] = {}
+    out: dict[int, Any] = {}
+    for r, (blob, desc) in enumerate(zip(blobs, descs, strict=True)):
+        b = bytes(blob)
+        if b not in parsed:
+            ids = [gid[k] for k in desc.column("key").to_pylist()]
+            parsed[b] = remap_tensor_ids(json.loads(b), ids)
+        if r == 0 or parsed[b] != out[0]:
+            out[r] = parsed[b]
+    return out
 
 
 def save_state(

@@ -66,7 +66,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     sizes = np.array([dtypes.elem_size(t["dtype"]) or 0 for t in tensors], dtype=np.int64)
     elem = _np(table, "elem_size")
     rows.fail(elem != sizes[tid], "elem_size does not match the dtype")
-    _check_shapes(table, rows, tensors, tid)
+    lists = _check_shapes(table, rows, tensors, tid)
     raw, sbo, chunk = _np(table, "raw_len"), _np(table, "shard_byte_offset"), _np(table, "chunk")
     rows.fail(
         (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
@@ -90,10 +90,11 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 names = pc.unique(values.drop_null()).to_pylist()
                 if not all(is_name(b) for b in names):
                     raise FormatError("index: an invalid base checkpoint name")
-    _check_shards(table, rows, tensors, tid, raw, sbo, chunk, elem)
+    _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem)
 
 
-def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.ndarray) -> None:
+def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.ndarray) -> dict:
+    """Shapes, offsets and lengths against the manifest; returns the flat list columns."""
     nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
     shape_flat = np.array([n for t in tensors for n in t["shape"]], dtype=np.int64)
     shape_start = np.concatenate([[0], np.cumsum(nd_t)[:-1]]).astype(np.int64)
@@ -107,11 +108,13 @@ def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.nda
     within = np.arange(len(row_of)) - np.repeat(np.cumsum(nd) - nd, nd)
     expect = shape_flat[np.repeat(shape_start[tid], nd) + within]
     g, o, n = cols["global_shape"], cols["shard_offsets"], cols["shard_lengths"]
-    bad = np.zeros(rows.n, dtype=bool)
-    np.logical_or.at(bad, row_of, g != expect)
-    rows.fail(bad, "global_shape disagrees with the manifest")
-    np.logical_or.at(bad, row_of, (o < 0) | (n < 0) | (o + n > g))
-    rows.fail(bad, "shard lies outside the tensor")
+
+    def per_row(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(row_of, weights=mask, minlength=rows.n) > 0
+
+    rows.fail(per_row(g != expect), "global_shape disagrees with the manifest")
+    rows.fail(per_row((o < 0) | (n < 0) | (o + n > g)), "shard lies outside the tensor")
+    return cols
 
 
 def _check_placement(
@@ -132,7 +135,7 @@ def _check_placement(
     rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
     extent = (off + RECORD_HEADER_SIZE + stored + ALIGN - 1) // ALIGN * ALIGN
     rows.fail(extent > size[file_code], "record runs past the end of its file")
-    order = np.lexsort((off, file_code))
+    order = _sort_order(file_code, off)
     f, o, e = file_code[order], off[order], extent[order]
     first = np.ones(rows.n, dtype=bool)
     first[1:] = f[1:] != f[:-1]
@@ -145,10 +148,9 @@ def _check_placement(
     rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
 
 
-def _check_shards(table, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # noqa: ANN001
+def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # noqa: ANN001
     """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor."""
-    o_flat, _ = _lists(table, "shard_offsets")
-    n_flat, _ = _lists(table, "shard_lengths")
+    o_flat, n_flat = lists["shard_offsets"], lists["shard_lengths"]
     nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
     nd = nd_t[tid]
     row_start = np.cumsum(nd) - nd
@@ -197,14 +199,15 @@ def _check_shards(table, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # 
         check_cover(entry["key"], entry["shape"], o_flat[idx], n_flat[idx])
 
 
-def _sort_order(*keys_major_last: np.ndarray) -> np.ndarray:
-    """Row order by (tid, start, chunk); one argsort of a packed key when the values fit."""
-    tid, start, chunk = keys_major_last
-    bits = [max(int(k.max()), 0).bit_length() for k in (tid, start, chunk)]
-    if min(int(k.min()) for k in (tid, start, chunk)) >= 0 and sum(bits) <= 62:
-        packed = (tid << (bits[1] + bits[2])) | (start << bits[2]) | chunk
+def _sort_order(*keys: np.ndarray) -> np.ndarray:
+    """Row order by ``keys`` (major first): one stable argsort of a packed key when it fits."""
+    bits = [max(int(k.max()), 0).bit_length() for k in keys]
+    if min(int(k.min()) for k in keys) >= 0 and sum(bits) <= 62:
+        packed = np.zeros(len(keys[0]), dtype=np.int64)
+        for k, b in zip(keys, bits, strict=True):
+            packed = (packed << b) | k
         return np.argsort(packed, kind="stable")
-    return np.lexsort((chunk, start, tid))
+    return np.lexsort(tuple(reversed(keys)))
 
 
 def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:
