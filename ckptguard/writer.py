@@ -51,9 +51,9 @@ def tensor_bytes(value: Any) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def tensor_digest(ref: TensorRef) -> str:
-    """xxh3-128 (hex) of a whole tensor's bytes, to check that replicas agree."""
-    return xxhash.xxh3_128_hexdigest(tensor_bytes(ref.value))
+def tensor_digest(ref: TensorRef) -> bytes:
+    """xxh3-128 of a whole tensor's bytes, to check that replicas agree."""
+    return xxhash.xxh3_128_digest(tensor_bytes(ref.value))
 
 
 class RankWriter:
