@@ -1,0 +1,11 @@
+"""The benchmark harness behind ``ckptguard bench``.
+
+It measures ckptguard beside its peers (torch.save, PyTorch DCP, safetensors, h5py) and beside the
+machine's own limits (sequential write with fsync, cold read, host and device copies), on the same
+state and in the same directory, and reports medians of alternating trials as JSON, Markdown and
+PNG. It uses ckptguard's public API only.
+"""
+
+from .units import format_bytes, parse_size
+
+__all__ = ["format_bytes", "parse_size"]

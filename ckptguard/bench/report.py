@@ -1,0 +1,220 @@
+"""Reports of a run: JSON (everything), a Markdown table, and PNG charts (matplotlib Agg)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .units import format_bytes
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    """Write the results atomically (a partial run stays readable)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _s(v: dict[str, float] | None, fmt: str = "{:.2f}", spread: bool = True) -> str:
+    if not v:
+        return "-"
+    mid = fmt.format(v["median"])
+    if not spread or v["n"] < 2:
+        return mid
+    return f"{mid} ({fmt.format(v['min'])}–{fmt.format(v['max'])})"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}×"
+
+
+def _pct(r: float | None) -> str:
+    return "-" if r is None else f"{100 * r:.0f}%"
+
+
+def _machine_line(m: dict[str, Any] | None) -> str:
+    if not m:
+        return ""
+    fs = m.get("filesystem", {})
+    gpu = m.get("gpu") or {}
+    v = m.get("versions", {})
+    parts = [
+        f"{m.get('cpu_count')} cores ({m.get('cpu_model')})",
+        f"{format_bytes(m.get('mem_total_bytes'))} RAM",
+        f"kernel {m.get('kernel')}",
+        f"{fs.get('fstype')} on {fs.get('device')}",
+        f"GPU {gpu['name']}" if gpu else "no GPU",
+        f"torch {v.get('torch')}, numpy {v.get('numpy')}",
+    ]
+    return ", ".join(parts)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as Markdown: machine, limits, one table per workload, skips and notes."""
+    summ = results.get("summary") or {}
+    lim = summ.get("limits", {})
+    m = results.get("machine") or {}
+    cfg = results.get("config", {})
+    lines = [
+        f"### ckptguard bench, {m.get('date', '?')}",
+        "",
+        f"Machine: {_machine_line(m)}.  ",
+        f"Directory: `{m.get('directory', cfg.get('directory'))}`. Load average at start "
+        f"{m.get('loadavg')}, at end {results.get('loadavg_end')} (other work skews figures).  ",
+        f"Size {format_bytes(cfg.get('size'))} per rank, {results.get('ranks', 1)} rank(s), "
+        f"device {cfg.get('device')}, {cfg.get('trials')} trials (engine order rotates), "
+        "figures are median (min–max). GB/s = 10^9 bytes/s of logical (tensor) bytes.",
+        "",
+        "**Machine limits** (same run, same directory)",
+        "",
+        "| limit | GB/s | bytes | cache |",
+        "|---|---|---|---|",
+    ]
+    for k, v in lim.get("per_limit", {}).items():
+        cache = ", ".join(v.get("cache", [])) or ""
+        lines.append(f"| {k} | {_s(v)} | {format_bytes(v.get('bytes'))} | {cache} |")
+    lines.append("")
+    rows = summ.get("engines", [])
+    for wname, meta in results.get("workloads", {}).items():
+        bp = summ.get("best_peer", {}).get(wname, {})
+        best_d = bp.get("durable_s", {}).get("engine", "-")
+        lines += [
+            f"**{wname}**: {meta.get('description', '')}; {meta.get('tensors', '?')} tensors, "
+            f"{format_bytes(meta.get('logical_bytes'))} (best peer by durable time: {best_d})",
+            "",
+            "| engine | stall s | durable s | save GB/s | % write limit | durable vs best peer "
+            "| stored | cold load s | % read limit | extra RSS save/load | pinned | verified |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["workload"] == wname):
+            mt = r["metrics"]
+            if not r["ok_trials"]:
+                err = r["errors"][0] if r["errors"] else "no trials"
+                lines.append(f"| {r['engine']} | error: {err[:80]} |" + " |" * 10)
+                continue
+            rss = (
+                f"{format_bytes((mt['save_extra_rss_bytes'] or {}).get('median'))} / "
+                f"{format_bytes((mt['load_extra_rss_bytes'] or {}).get('median'))}"
+            )
+            pinned = mt["pinned_peak_bytes"]
+            stored = mt["stored_bytes"]
+            ratio = mt["stored_ratio"]["median"] if mt["stored_ratio"] else None
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        r["engine"] + (" (async)" if r["asynchronous"] else ""),
+                        _s(mt["stall_s"]),
+                        _s(mt["durable_s"]),
+                        _s(mt["save_gbps"], spread=False),
+                        _pct(r["vs_limit"]["save"]),
+                        _x(r["vs_best_peer"]["durable_s"]),
+                        f"{format_bytes(stored['median'] if stored else None)}"
+                        + (f" ({100 * ratio:.0f}%)" if ratio else ""),
+                        _s(mt["load_s"]),
+                        _pct(r["vs_limit"]["load"]),
+                        rss,
+                        format_bytes(pinned["median"]) if pinned else "-",
+                        ("yes" if r["verified"] else "NO")
+                        + (f" ({r['ok_trials']}/{r['trials']})" if r["errors"] else ""),
+                    ]
+                )
+                + " |"
+            )
+        lines.append("")
+    notes = [f"- {r['engine']}: {r['note']}" for r in rows if r.get("note")]
+    notes = list(dict.fromkeys(notes))
+    for s in results.get("skipped", []):
+        where = f" ({s['workload']} trial {s['trial'] + 1})" if "workload" in s else ""
+        notes.append(f"- skipped {s['engine']}{where}: {s['reason']}")
+    notes += [f"- {n}" for n in results.get("notes", [])]
+    if cfg.get("load_engines") is not None:
+        notes.append(
+            "- cold loads measured only for: " + (", ".join(cfg["load_engines"]) or "none")
+        )
+    elif cfg.get("load") is False:
+        notes.append("- cold loads not measured (--no-load)")
+    methods = sorted({c for r in rows for c in r.get("load_cache", [])})
+    if methods:
+        notes.append(
+            "- cold loads: page cache dropped by "
+            + ", ".join(methods)
+            + ("" if "none" not in methods else " ('none': could not drop; those loads were warm)")
+        )
+    notes.append(
+        "- stall: time the caller is blocked (synchronous engines: until durable, since the "
+        "caller must also fsync); durable: all data fsynced and visible; % limits: logical GB/s "
+        "over the best write-with-fsync / cold-read rate above; peers fsync via the harness."
+    )
+    if not results.get("complete", False):
+        notes.append("- PARTIAL: the run did not finish; these are the trials done so far.")
+    return "\n".join([*lines, "Notes:", "", *notes, ""])
+
+
+def plots(results: dict[str, Any], out_dir: str) -> list[str]:
+    """One PNG per workload: stall and durable time per engine; save/load GB/s vs the limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = results.get("summary") or {}
+    lim = summ.get("limits", {})
+    paths = []
+    for wname in results.get("workloads", {}):
+        rows = [r for r in summ.get("engines", []) if r["workload"] == wname and r["ok_trials"]]
+        if not rows:
+            continue
+        names = [r["engine"] for r in rows]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.5 * len(rows) + 2.5))
+        ys = range(len(rows))
+        for off, metric, label in ((-0.2, "stall_s", "stall"), (0.2, "durable_s", "durable")):
+            med, lo, hi = [], [], []
+            for r in rows:
+                v = r["metrics"][metric] or {"median": 0, "min": 0, "max": 0}
+                med.append(v["median"])
+                lo.append(v["median"] - v["min"])
+                hi.append(v["max"] - v["median"])
+            ax1.barh([y + off for y in ys], med, height=0.4, xerr=[lo, hi], label=label)
+        ax1.set_yticks(list(ys), names)
+        ax1.invert_yaxis()
+        ax1.set_xlabel("seconds (median, min–max)")
+        ax1.set_title(f"{wname}: stall and time to durable")
+        ax1.legend()
+        for off, metric, label in ((-0.2, "save_gbps", "save"), (0.2, "load_gbps", "cold load")):
+            vals = [(r["metrics"][metric] or {"median": 0})["median"] for r in rows]
+            ax2.barh([y + off for y in ys], vals, height=0.4, label=label)
+        for key, style, label in (
+            ("write_gbps", "--", "write+fsync limit"),
+            ("read_gbps", ":", "cold read limit"),
+        ):
+            if lim.get(key):
+                ax2.axvline(lim[key], linestyle=style, color="k", label=f"{label} {lim[key]:.2f}")
+        ax2.set_yticks(list(ys), names)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("GB/s of logical bytes")
+        ax2.set_title("throughput against the machine limits")
+        ax2.legend(fontsize="small")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{wname}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_reports(results: dict[str, Any], out_dir: str, json_only: bool = False) -> list[str]:
+    """results.json, and unless json_only results.md and one PNG per workload, in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "results.json")]
+    write_json(results, written[0])
+    if not json_only:
+        md = os.path.join(out_dir, "results.md")
+        with open(md, "w") as f:
+            f.write(markdown(results))
+        written.append(md)
+        written += plots(results, out_dir)
+    return written

@@ -1,0 +1,155 @@
+"""From raw trials to figures: medians with min and max, and ratios to the best peer and to the
+machine's limits. Pure functions of the results dict (tested on made-up trials)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+METRICS = (
+    "stall_s",
+    "durable_s",
+    "call_s",
+    "fsync_s",
+    "save_gbps",
+    "stored_bytes",
+    "stored_ratio",
+    "load_s",
+    "load_gbps",
+    "save_extra_rss_bytes",
+    "load_extra_rss_bytes",
+    "save_peak_rss_bytes",
+    "load_peak_rss_bytes",
+    "pinned_peak_bytes",
+)
+LOWER_IS_BETTER = ("stall_s", "durable_s", "load_s", "stored_bytes")
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    """``{"median", "min", "max", "n"}`` of the values, or None if there are none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def limit_key(entry: dict[str, Any]) -> str:
+    """``write_fsync`` with 4 files -> ``write_fsync_4f``; copies keep their name."""
+    return f"{entry['limit']}_{entry['files']}f" if "files" in entry else entry["limit"]
+
+
+def summarize_limits(limits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per limit: GB/s spread; plus the best write, best cold read and the capture limit."""
+    keys = sorted({limit_key(e) for e in limits})
+    per = {}
+    for k in keys:
+        rows = [e for e in limits if limit_key(e) == k]
+        per[k] = {**(spread([e["gbps"] for e in rows]) or {}), "bytes": rows[0]["bytes"]}
+        methods = sorted({e["cache"]["method"] for e in rows if "cache" in e})
+        if methods:
+            per[k]["cache"] = methods
+
+    def best(prefix: str) -> tuple[str | None, float | None]:
+        cands = [(k, v["median"]) for k, v in per.items() if k.startswith(prefix)]
+        return max(cands, key=lambda kv: kv[1]) if cands else (None, None)
+
+    write_k, write = best("write_fsync")
+    read_k, read = best("read_cold")
+    cap_k = "d2h_pinned" if "d2h_pinned" in per else ("memcpy" if "memcpy" in per else None)
+    return {
+        "per_limit": per,
+        "write_gbps": write,
+        "write_from": write_k,
+        "read_gbps": read,
+        "read_from": read_k,
+        "capture_gbps": per[cap_k]["median"] if cap_k else None,
+        "capture_from": cap_k,
+    }
+
+
+def trial_metrics(rec: dict[str, Any]) -> dict[str, float | None]:
+    """The per-trial figures, derived ones (GB/s, stored ratio) included."""
+    logical = rec["logical_bytes"]
+    out: dict[str, float | None] = {m: rec.get(m) for m in METRICS}
+    dur, load, stored = rec.get("durable_s"), rec.get("load_s"), rec.get("stored_bytes")
+    out["save_gbps"] = logical / dur / 1e9 if dur else None
+    out["load_gbps"] = logical / load / 1e9 if load else None
+    out["stored_ratio"] = stored / logical if stored is not None and logical else None
+    return out
+
+
+def _rate(times: dict[str, float] | None, nbytes: int) -> dict[str, float] | None:
+    if not times or not times["min"] or not nbytes:
+        return None
+    g = nbytes / 1e9
+    return {
+        "median": g / times["median"],
+        "min": g / times["max"],
+        "max": g / times["min"],
+        "n": times["n"],
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Medians per (workload, engine), the best peer per figure, and every ratio."""
+    lim = summarize_limits(results.get("limits", []))
+    rows: list[dict[str, Any]] = []
+    trials = results.get("trials", [])
+    pairs = list(dict.fromkeys((t["workload"], t["engine"]) for t in trials))
+    for wname, eng in pairs:
+        recs = [t for t in trials if t["workload"] == wname and t["engine"] == eng]
+        ok = [t for t in recs if "error" not in t]
+        per_trial = [trial_metrics(t) for t in ok]
+        metrics = {m: spread([p[m] for p in per_trial]) for m in METRICS}
+        logical = recs[0]["logical_bytes"]
+        # rates are logical bytes over the time figures (median rate = bytes / median time)
+        metrics["save_gbps"] = _rate(metrics["durable_s"], logical)
+        metrics["load_gbps"] = _rate(metrics["load_s"], logical)
+        errors = [t["error"] for t in recs if "error" in t]
+        rows.append(
+            {
+                "workload": wname,
+                "engine": eng,
+                "family": recs[0]["family"],
+                "asynchronous": recs[0].get("asynchronous", False),
+                "trials": len(recs),
+                "ok_trials": len(ok),
+                "errors": errors,
+                "verified": bool(ok) and all(t.get("verified", True) for t in ok),
+                "verify_messages": sorted(
+                    {t["verify_message"] for t in ok if "verify_message" in t}
+                ),
+                "first_stall_s": min(recs, key=lambda t: t["trial"]).get("stall_s"),
+                "load_cache": sorted({t["load_cache"]["method"] for t in ok if "load_cache" in t}),
+                "note": next((t["note"] for t in recs if t.get("note")), None),
+                "metrics": metrics,
+            }
+        )
+    best_peer: dict[str, dict[str, Any]] = {}
+    for wname in dict.fromkeys(r["workload"] for r in rows):
+        peers = [r for r in rows if r["workload"] == wname and r["family"] == "peer"]
+        best_peer[wname] = {}
+        for m in LOWER_IS_BETTER:
+            cands = [(r["engine"], r["metrics"][m]["median"]) for r in peers if r["metrics"][m]]
+            if cands:
+                e, v = min(cands, key=lambda ev: ev[1])
+                best_peer[wname][m] = {"engine": e, "value": v}
+    for r in rows:
+        bp = best_peer.get(r["workload"], {})
+        med = {m: (v["median"] if v else None) for m, v in r["metrics"].items()}
+        r["vs_best_peer"] = {
+            m: _ratio(med[m], bp[m]["value"]) if m in bp else None for m in LOWER_IS_BETTER
+        }
+        stall_gbps = _ratio(
+            results["workloads"].get(r["workload"], {}).get("logical_bytes"), med["stall_s"]
+        )
+        r["vs_limit"] = {
+            "save": _ratio(med["save_gbps"], lim["write_gbps"]),
+            "load": _ratio(med["load_gbps"], lim["read_gbps"]),
+            "stall": _ratio(stall_gbps / 1e9 if stall_gbps else None, lim["capture_gbps"]),
+        }
+    return {"limits": lim, "engines": rows, "best_peer": best_peer}

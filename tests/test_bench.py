@@ -1,0 +1,312 @@
+"""The benchmark harness's logic on tiny sizes: it runs, its JSON has every field, its figures and
+ratios come from the trials. No test asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckptguard.bench import parse_size
+from ckptguard.bench.cli import bench
+from ckptguard.bench.disk import make_cold, tree_bytes
+from ckptguard.bench.engines import Engine, TorchSave, select_engines
+from ckptguard.bench.report import markdown, write_reports
+from ckptguard.bench.runner import BenchConfig, Runner
+from ckptguard.bench.stats import METRICS, summarize
+from ckptguard.bench.treeutil import compare, flatten
+from ckptguard.bench.units import format_bytes
+from ckptguard.bench.workloads import make_workload
+
+TINY = 256 << 10
+
+
+def _ckptguard_works() -> bool:
+    try:
+        import ckptguard
+
+        ckptguard.save({"a": torch.ones(2)}, "/nonexistent-dir-for-probe/\0x")
+    except AttributeError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def test_parse_and_format_sizes() -> None:
+    assert parse_size("1GiB") == 1 << 30
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("12 parsecs")
+    assert format_bytes(1 << 30) == "1.00 GiB"
+    assert format_bytes(None) == "-"
+
+
+@pytest.mark.parametrize("name", ["model", "finetune", "small", "weights"])
+def test_workloads_are_deterministic_and_sized(name: str) -> None:
+    a = make_workload(name, 4 << 20, seed=3)
+    b = make_workload(name, 4 << 20, seed=3)
+    c = make_workload(name, 4 << 20, seed=4)
+    ta, tc = flatten(a.state)[0], flatten(c.state)[0]
+    assert compare(a.state, b.state)[0]
+    assert any(not torch.equal(ta[k], tc[k]) for k in ta)
+    assert 0.8 * (4 << 20) <= a.logical_bytes <= 1.1 * (4 << 20)
+    assert a.tensor_count == len(ta)
+
+
+def test_model_workload_looks_trained() -> None:
+    w = make_workload("model", 8 << 20)
+    model, optim = w.state["model"], w.state["optim"]
+    assert all(t.dtype == torch.bfloat16 for t in model.values())
+    norms = [t.float() for k, t in model.items() if k.endswith("ln1.weight")]
+    assert norms and all(abs(t.mean().item() - 1.0) < 0.05 for t in norms)
+    linear = next(t.float() for k, t in model.items() if k.endswith("fc1.weight"))
+    assert 0.01 < linear.std().item() < 0.03
+    st = next(iter(optim["state"].values()))
+    assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].abs().max() < 1e-2
+    assert (st["exp_avg_sq"] >= 0).all() and st["exp_avg_sq"].max() < 1e-4
+    assert set(optim["state"]) == set(model)
+
+
+def test_finetune_advance_changes_only_the_trainable_part() -> None:
+    w = make_workload("finetune", 8 << 20)
+    assert w.advance is not None and w.info["frozen_fraction"] >= 0.9
+    before = {k: t.clone() for k, t in flatten(w.state)[0].items()}
+    w.advance(w.state)
+    after = flatten(w.state)[0]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(not k.startswith("model/") for k in changed)
+    frozen = sum(t.numel() * t.element_size() for k, t in after.items() if k not in changed)
+    assert frozen / w.logical_bytes >= 0.9
+
+
+def test_small_workload_has_many_4k_tensors() -> None:
+    w = make_workload("small", 40 << 20)
+    tensors = flatten(w.state)[0]
+    assert len(tensors) == 10_000
+    assert all(t.numel() * t.element_size() == 4096 for t in tensors.values())
+
+
+def _trial(
+    engine: str,
+    family: str,
+    trial: int,
+    stall: float,
+    durable: float,
+    load: float,
+    stored: int = 100,
+) -> dict:
+    return {
+        "workload": "w",
+        "engine": engine,
+        "family": family,
+        "asynchronous": stall < durable,
+        "trial": trial,
+        "logical_bytes": 1_000_000_000,
+        "stall_s": stall,
+        "durable_s": durable,
+        "load_s": load,
+        "stored_bytes": stored,
+        "verified": True,
+        "wall_s": 1.0,
+    }
+
+
+def test_summary_medians_and_ratios_come_from_the_trials() -> None:
+    results = {
+        "workloads": {"w": {"logical_bytes": 1_000_000_000}},
+        "limits": [
+            {"limit": "write_fsync", "files": 1, "bytes": 1, "gbps": 0.5, "seconds": 1},
+            {"limit": "write_fsync", "files": 2, "bytes": 1, "gbps": 1.0, "seconds": 1},
+            {"limit": "write_fsync", "files": 2, "bytes": 1, "gbps": 3.0, "seconds": 1},
+            {"limit": "write_fsync", "files": 2, "bytes": 1, "gbps": 2.0, "seconds": 1},
+            {
+                "limit": "read_cold",
+                "files": 1,
+                "bytes": 1,
+                "gbps": 4.0,
+                "seconds": 1,
+                "cache": {"method": "fadvise"},
+            },
+            {"limit": "memcpy", "bytes": 1, "gbps": 10.0, "seconds": 1},
+        ],
+        "trials": [
+            _trial("peer-a", "peer", 0, 4.0, 4.0, 2.0),
+            _trial("peer-a", "peer", 1, 6.0, 6.0, 3.0),
+            _trial("peer-a", "peer", 2, 5.0, 5.0, 4.0),
+            _trial("peer-b", "peer", 0, 8.0, 8.0, 1.0),
+            _trial("mine", "ckptguard", 0, 0.5, 2.0, 1.0, stored=50),
+            _trial("mine", "ckptguard", 1, 0.5, 3.0, 1.0, stored=50),
+            {**_trial("mine", "ckptguard", 2, 0.5, 3.0, 1.0), "error": "boom"},
+        ],
+    }
+    s = summarize(results)
+    lim = s["limits"]
+    assert lim["write_gbps"] == 2.0 and lim["write_from"] == "write_fsync_2f"
+    assert lim["read_gbps"] == 4.0 and lim["capture_gbps"] == 10.0
+    rows = {r["engine"]: r for r in s["engines"]}
+    a, mine = rows["peer-a"], rows["mine"]
+    assert a["metrics"]["durable_s"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 3}
+    assert set(a["metrics"]) == set(METRICS)
+    assert mine["ok_trials"] == 2 and mine["errors"] == ["boom"]
+    assert mine["metrics"]["durable_s"]["median"] == 2.5
+    assert s["best_peer"]["w"]["durable_s"] == {"engine": "peer-a", "value": 5.0}
+    assert s["best_peer"]["w"]["load_s"] == {"engine": "peer-b", "value": 1.0}
+    assert mine["vs_best_peer"]["durable_s"] == pytest.approx(2.5 / 5.0)
+    assert mine["vs_best_peer"]["stall_s"] == pytest.approx(0.5 / 5.0)
+    assert mine["vs_best_peer"]["stored_bytes"] == pytest.approx(0.5)
+    assert mine["vs_limit"]["save"] == pytest.approx((1.0 / 2.5) / 2.0)
+    assert mine["vs_limit"]["load"] == pytest.approx(1.0 / 4.0)
+    assert mine["vs_limit"]["stall"] == pytest.approx((1.0 / 0.5) / 10.0)
+    assert a["metrics"]["save_gbps"]["median"] == pytest.approx(1.0 / 5.0)
+    md = markdown({**results, "summary": s, "config": {}, "complete": True})
+    assert "| mine (async) |" in md and "peer-a" in md and "write_fsync_2f" in md
+
+
+class _Broken(Engine):
+    id = "broken"
+
+    def save(self, state: dict, d: str, name: str, rank: int, world: int) -> None:
+        raise RuntimeError("disk on fire")
+
+    def outputs(self, d: str, name: str, rank: int, world: int) -> list[str]:
+        return []
+
+
+def _tiny_cfg(tmp_path: os.PathLike, **kw: object) -> BenchConfig:
+    base = dict(
+        size=TINY,
+        directory=str(tmp_path / "scratch"),
+        trials=2,
+        workloads=["model", "finetune"],
+        limit_size=64 << 10,
+        limit_trials=1,
+        parallel_files=2,
+    )
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_runner_rotates_records_errors_and_verifies(tmp_path: os.PathLike) -> None:
+    engines = [TorchSave(), *select_engines("h5py,dcp.save"), _Broken()]
+    seen: list[int] = []
+    res = Runner(_tiny_cfg(tmp_path), engines, on_progress=lambda r: seen.append(1)).run()
+    assert res["complete"] and seen
+    trials = res["trials"]
+    assert len(trials) == 2 * 2 * len(engines)
+    first = [t["engine"] for t in trials if t["workload"] == "model" and t["trial"] == 0]
+    second = [t["engine"] for t in trials if t["workload"] == "model" and t["trial"] == 1]
+    assert first != second and sorted(first) == sorted(second)
+    ok = [t for t in trials if t["engine"] != "broken"]
+    assert all(t["verified"] and "error" not in t for t in ok), [t.get("error") for t in ok]
+    assert all(t["stored_bytes"] >= t["logical_bytes"] * 0.9 for t in ok)
+    assert all(t["stall_s"] == t["durable_s"] for t in ok)  # all synchronous here
+    broken = [t for t in trials if t["engine"] == "broken"]
+    assert broken and all("disk on fire" in t["error"] for t in broken)
+    assert not os.listdir(tmp_path / "scratch")  # every trial cleaned up
+
+
+def test_time_budget_skips_and_says_so(tmp_path: os.PathLike) -> None:
+    cfg = _tiny_cfg(tmp_path, budget_s=1e-9, workloads=["small"], size=64 << 10)
+    res = Runner(cfg, [TorchSave()]).run()
+    assert res["complete"]
+    assert any(s.get("reason", "").startswith("time budget") for s in res["skipped"])
+
+
+def test_load_only_for_chosen_engines(tmp_path: os.PathLike) -> None:
+    cfg = _tiny_cfg(
+        tmp_path, workloads=["small"], size=64 << 10, trials=1, load_engines=["torch.save"]
+    )
+    res = Runner(cfg, select_engines("torch.save,safetensors")).run()
+    by = {t["engine"]: t for t in res["trials"]}
+    assert "load_s" in by["torch.save"] and by["torch.save"]["verified"]
+    assert "load_s" not in by["safetensors"] and "error" not in by["safetensors"]
+    assert "cold loads measured only for: torch.save" in markdown(res)
+
+
+def test_make_cold_says_how(tmp_path: os.PathLike) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(os.urandom(1 << 20))
+    got = make_cold([str(f)], str(tmp_path))
+    assert got["method"] in ("fadvise", "drop_caches", "evict-file", "none")
+    assert got["resident"] is None or 0.0 <= got["resident"] <= 1.0
+    assert tree_bytes([str(tmp_path)]) == 1 << 20
+
+
+def test_cli_writes_json_markdown_png_and_renders(tmp_path: os.PathLike) -> None:
+    out = tmp_path / "out"
+    engines = "torch.save,safetensors" + (",ckptguard" if _ckptguard_works() else "")
+    args = [
+        "--size",
+        "128KiB",
+        "--trials",
+        "1",
+        "--workloads",
+        "small",
+        "--engines",
+        engines,
+        "--dir",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--limit-size",
+        "64KiB",
+    ]
+    r = CliRunner().invoke(bench, args)
+    assert r.exit_code == 0, r.output
+    assert "| torch.save |" in r.output and "write_fsync_1f" in r.output
+    res = json.loads((out / "results.json").read_text())
+    for key in (
+        "schema",
+        "config",
+        "machine",
+        "workloads",
+        "limits",
+        "trials",
+        "summary",
+        "skipped",
+        "complete",
+    ):
+        assert key in res
+    for key in ("date", "cpu_count", "mem_total_bytes", "kernel", "filesystem", "versions", "gpu"):
+        assert key in res["machine"]
+    t = res["trials"][0]
+    for key in (
+        "stall_s",
+        "durable_s",
+        "stored_bytes",
+        "load_s",
+        "load_cache",
+        "verified",
+        "save_peak_rss_bytes",
+        "pinned_peak_bytes",
+    ):
+        assert key in t
+    assert (out / "results.md").exists() and (out / "small.png").stat().st_size > 0
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckptguard-bench-")] == []
+    r2 = CliRunner().invoke(
+        bench, ["--render", str(out / "results.json"), "--out", str(tmp_path / "again")]
+    )
+    assert r2.exit_code == 0, r2.output
+    assert (tmp_path / "again" / "small.png").exists()
+
+
+def test_reports_of_a_partial_run(tmp_path: os.PathLike) -> None:
+    results = {
+        "config": {},
+        "workloads": {},
+        "limits": [],
+        "trials": [],
+        "skipped": [],
+        "notes": [],
+        "complete": False,
+    }
+    results["summary"] = summarize(results)
+    paths = write_reports(results, str(tmp_path))
+    assert "PARTIAL" in (tmp_path / "results.md").read_text()
+    assert len(paths) == 2
