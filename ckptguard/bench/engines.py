@@ -76,7 +76,7 @@ class Ckptguard(Engine):
     """ckptguard.save / ckptguard.load (verify=True), one compression mode."""
 
     family = "ckptguard"
-    multi_rank = False
+    multi_rank = True
 
     def __init__(self, compress: str) -> None:
         self.compress = compress
@@ -89,8 +89,6 @@ class Ckptguard(Engine):
             return f"ckptguard does not import: {exc}"
         if not hasattr(ckptguard, "save"):
             return "ckptguard.save is missing"
-        if world > 1:
-            return "ckptguard supports 1 rank only until the distributed save lands"
         return None
 
     def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
@@ -107,6 +105,9 @@ class Ckptguard(Engine):
 
     def outputs(self, d: str, name: str, rank: int, world: int) -> list[str]:
         return [os.path.join(d, name)]
+
+    def shared_output(self) -> bool:
+        return True  # one checkpoint directory for all ranks, committed once
 
 
 class TorchSave(Engine):
