@@ -46,4 +46,4 @@ def poll(test: Callable[[], bool], timeout: float, what: str) -> None:
                 "stalled or took another path"
             )
         time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+        pause = min(pause * 2, 0.002)
