@@ -10,6 +10,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from . import codec
@@ -75,32 +77,51 @@ class CheckpointReader:
         if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
             raise self.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
         try:
-            table = index.read_table(data)
-            check_table(table, self.tensors, self.files, self.features)
-            self.rows = index.rows_from_table(table)
+            self.table = index.read_table(data)
+            check_table(self.table, self.tensors, self.files, self.features)
         except FormatError as e:
             raise self.corrupt(str(e), file=INDEX) from None
+        t = self.table
         totals = {
             "tensors": len(self.tensors),
-            "chunks": len(self.rows),
-            "raw_bytes": sum(r.raw_len for r in self.rows),
-            "stored_bytes": sum(r.stored_len for r in self.rows),
+            "chunks": t.num_rows,
+            "raw_bytes": int(pc.sum(t.column("raw_len")).as_py() or 0),
+            "stored_bytes": int(pc.sum(t.column("stored_len")).as_py() or 0),
             "files": len(self.files),
         }
         if totals != m["totals"]:
             raise self.corrupt("manifest totals disagree with the index", file=MANIFEST)
-        self.rows_by_file: dict[str, list[Row]] = {n: [] for n in self.files}
-        self.seq: dict[tuple[str, int], int] = {}
-        for r in self.rows:
-            self.rows_by_file[r.file].append(r)
-        for f in m["files"]:
-            rs = self.rows_by_file[f["name"]]
-            rs.sort(key=lambda r: r.offset)
-            if len(rs) != f["chunks"] or any(r.rank != f["rank"] for r in rs):
+        counts = dict.fromkeys(self.files, 0)
+        for item in pc.value_counts(t.column("file").combine_chunks()).to_pylist():
+            counts[item["values"]] = item["counts"]
+        for f in m["files"]:  # validation already tied every row's file to its rank
+            if counts[f["name"]] != f["chunks"]:
                 raise self.corrupt("manifest file entry disagrees with the index", file=f["name"])
             if f["rank"] >= m["world_size"]:
                 raise self.corrupt("data file of a rank beyond world_size", file=f["name"])
-            self.seq.update({(r.file, r.offset): i for i, r in enumerate(rs)})
+        self._by_file: dict[str, list[Row]] = {}
+        self._seq_of: dict[tuple[str, int], int] = {}
+        self._all: list[Row] | None = None
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every chunk row (built on first use; loads use ``rows_of_tensors`` instead)."""
+        if self._all is None:
+            self._all = index.rows_from_table(self.table)
+        return self._all
+
+    def rows_of_tensors(self, ids: list[int]) -> list[Row]:
+        """The rows of these tensors only: a rank of a large job builds what it reads."""
+        mask = pc.is_in(self.table.column("tensor"), value_set=pa.array(ids, pa.int32()))
+        return index.rows_from_table(self.table.filter(mask))
+
+    def rows_of_file(self, name: str) -> list[Row]:
+        """One data file's rows in offset order (their position is the record sequence number)."""
+        if name not in self._by_file:
+            sub = self.table.filter(pc.equal(self.table.column("file"), name))
+            self._by_file[name] = sorted(index.rows_from_table(sub), key=lambda r: r.offset)
+            self._seq_of.update({(name, r.offset): i for i, r in enumerate(self._by_file[name])})
+        return self._by_file[name]
 
     def corrupt(self, msg: str, **where) -> CorruptCheckpointError:
         return CorruptCheckpointError(msg, path=self.path, **where)
@@ -164,7 +185,7 @@ class CheckpointReader:
             pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size
         )
         rows = check_footer(pread_exact(fd, length, off), digest, rank, self.manifest["uuid"])
-        mine = self.rows_by_file[name]
+        mine = self.rows_of_file(name)
         if [row_from_json(x) for x in rows] != mine:
             raise FormatError("footer rows disagree with the index")
         pos = HEADER_SIZE
@@ -201,7 +222,7 @@ class CheckpointReader:
                 r.raw_len,
                 r.stored_len,
                 r.hash,
-                self.seq[(r.file, r.offset)],
+                self._seq_of[(r.file, r.offset)],
             )
             if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash, h.seq) != want:
                 raise FormatError("record header disagrees with the index")

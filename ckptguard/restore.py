@@ -145,8 +145,9 @@ def load_checkpoint(
                 t = _host_empty(rd.tensors[gid])
                 shape = tuple(rd.tensors[gid]["shape"])
                 targets[gid] = _Target(t, t, ((0,) * len(shape), shape), True)
+        mine = rd.rows_of_tensors(sorted(targets))
         rows_by_tensor: dict[int, list[Row]] = {}
-        for r in rd.rows:
+        for r in mine:
             rows_by_tensor.setdefault(r.tensor, []).append(r)
         consumer: dict[tuple[str, int], Piece] = {}
         pieces: list[tuple[int, Piece]] = []
@@ -160,7 +161,7 @@ def load_checkpoint(
                     pieces.append((gid, p))
                 for r in p.rows:
                     consumer[(r.file, r.offset)] = p
-        needed = [r for r in rd.rows if (r.file, r.offset) in consumer]
+        needed = [r for r in mine if (r.file, r.offset) in consumer]
         for r, raw in rd.read_chunks(needed, verify=verify):
             consumer[(r.file, r.offset)].put(r, raw)
         for gid, p in pieces:
@@ -241,9 +242,10 @@ def verify_checkpoint(
         report.problems.append(_problem(e))
         return report
     with rd:
-        total = sum(r.stored_len for r in rd.rows)
+        total = rd.manifest["totals"]["stored_bytes"]
         done = 0
-        for name, rows in sorted(rd.rows_by_file.items()):
+        for name in sorted(rd.files):
+            rows = rd.rows_of_file(name)
             try:
                 fd = rd.open_file(name)
             except CorruptCheckpointError as e:
@@ -263,7 +265,8 @@ def verify_checkpoint(
             finally:
                 os.close(fd)
         try:
-            check_tree(rd.manifest["tree"], len(rd.tensors))
+            for tree in [rd.manifest["tree"], *rd.manifest["rank_trees"].values()]:
+                check_tree(tree, len(rd.tensors))
         except TreeError as e:
             report.problems.append(Problem(f"object tree is malformed: {e}", "MANIFEST.json"))
     return report
