@@ -6,9 +6,9 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 # A bare torch range pulls a multi-GB CUDA build; this CPU build lies on the project's machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint install install-test bench clean
+.PHONY: demo test lint install install-test bench clean native-deps native test-native
 
-$(VENV)/.base: pyproject.toml setup.py
+$(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
@@ -31,7 +31,7 @@ lint: install-test
 	$(VENV)/bin/ruff format --check ckptguard tests benchmarks examples
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-test: lint
+test: lint native test-native
 	$(PY) -m pytest -q
 
 bench: install-test
@@ -39,3 +39,51 @@ bench: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache
+
+# ---- native chunk pipeline (native/, ckptguard._native; docs/native.md) ----
+# System LZ4 and xxHash headers for the extension. Without apt-get or root nothing is installed:
+# the extension is then skipped with a warning and ckptguard runs on its pure-Python path.
+native-deps:
+	@if dpkg -s liblz4-dev libxxhash-dev >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    liblz4-dev libxxhash-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
+	else echo "native-deps: no apt-get or not root: install liblz4 and xxhash (docs/native.md)"; fi
+
+NATIVE_SRC := native/chunk.c native/pipeline.c native/pool.c native/io.c
+NATIVE_DEPS := $(NATIVE_SRC) native/module.c native/ckg.h native/pipeline.h
+NATIVE_OUT := build/native-tests
+NATIVE_LIBS := -llz4 -lxxhash
+SANITIZE := -std=c11 -g -O1 -Wall -Wextra -Werror -fno-omit-frame-pointer -pthread
+FUZZ_INPUTS ?= 20000
+HAVE_NATIVE_HEADERS = printf '\043include <lz4.h>\n\043include <xxhash.h>\n' | \
+	$(CC) -E -x c - >/dev/null 2>&1
+
+# Rebuild the extension in place when its sources change (pip install -e builds it the first time).
+$(VENV)/.native: $(NATIVE_DEPS) setup.py | $(VENV)/.base
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+native: $(VENV)/.native
+
+$(NATIVE_OUT)/%-asan: native/tests/%.c $(NATIVE_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(SANITIZE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< \
+	  $(NATIVE_SRC) $(NATIVE_LIBS)
+
+$(NATIVE_OUT)/%-tsan: native/tests/%.c $(NATIVE_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(SANITIZE) -fsanitize=thread -o $@ $< $(NATIVE_SRC) $(NATIVE_LIBS)
+
+# The C tests under ASan+UBSan (and the pool under TSan), and the decoder fuzz harness for a
+# bounded number of malformed records. Skipped, with a message, where the headers are missing.
+test-native: native-deps
+	@if $(HAVE_NATIVE_HEADERS); then \
+	  $(MAKE) --no-print-directory $(NATIVE_OUT)/test_native-asan $(NATIVE_OUT)/fuzz_decode-asan \
+	    $(NATIVE_OUT)/test_native-tsan && \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    $(NATIVE_OUT)/test_native-asan && \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    $(NATIVE_OUT)/fuzz_decode-asan $(FUZZ_INPUTS) && \
+	  TSAN_OPTIONS=halt_on_error=1 $(NATIVE_OUT)/test_native-tsan; \
+	else echo "test-native: lz4.h/xxhash.h not found; native tests skipped (docs/native.md)"; fi

@@ -17,18 +17,16 @@ from .format.datafile import (
     RECORD_HEADER_SIZE,
     TRAILER_SIZE,
     FormatError,
-    RecordHeader,
     check_file_header,
     check_footer,
     pack_file_header,
     pack_footer,
-    pack_record_header,
     pack_trailer,
     unpack_record_header,
     unpack_trailer,
 )
 from .format.index import Row, row_from_json
-from .format.layout import align, datafile_name
+from .format.layout import datafile_name
 from .fsutil import pread_exact, write_all
 from .tree import TensorRef
 
@@ -77,14 +75,11 @@ class RankWriter:
         size = dtypes.SIZES[ref.dtype]
         raw = tensor_bytes(ref.value)
         step = self.chunk_size
-        for n, start in enumerate(range(0, len(raw), step)):
-            piece = raw[start : start + step]
-            cid, payload, digest = codec.encode(piece, size, compress)
-            head = RecordHeader(cid, size, len(piece), len(payload), digest, len(self.rows))
-            offset = self.pos
-            pad = align(offset + RECORD_HEADER_SIZE + len(payload)) - offset
-            pad -= RECORD_HEADER_SIZE + len(payload)
-            self.pos += write_all(self.fd, pack_record_header(head), payload, bytes(pad))
+        done = codec.write_records(
+            self.fd, self.path, self.pos, len(self.rows), raw, size, step, compress
+        )
+        self.pos = done.end
+        for n, rec in enumerate(done.records):
             self.rows.append(
                 Row(
                     ref.key,
@@ -94,15 +89,15 @@ class RankWriter:
                     ref.offsets,
                     ref.shape,
                     n,
-                    start,
-                    len(piece),
+                    n * step,
+                    rec.raw_len,
                     self.rank,
                     self.name,
-                    offset,
-                    len(payload),
-                    CODEC_NAMES[cid],
+                    rec.offset,
+                    rec.stored_len,
+                    CODEC_NAMES[rec.codec],
                     size,
-                    digest,
+                    rec.hash,
                 )
             )
 

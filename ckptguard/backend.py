@@ -1,0 +1,160 @@
+"""The one switch between the native chunk pipeline (ckptguard._native) and pure Python.
+
+``CKPTGUARD_NATIVE`` decides, read once at import: ``1`` requires the native path (importing
+ckptguard fails loudly without it), ``0`` forces pure Python, unset or ``auto`` uses native when
+it was built. ``CKPTGUARD_THREADS`` sets the default thread count; otherwise it is the number of
+CPUs this process may run on (``sched_getaffinity``), or Slurm's ``SLURM_CPUS_PER_TASK`` if that
+is smaller. Both paths write identical bytes (docs/native.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+ENV = "CKPTGUARD_NATIVE"
+THREADS_ENV = "CKPTGUARD_THREADS"
+DIRECT_ENV = "CKPTGUARD_ODIRECT"
+NATIVE = "native"
+PYTHON = "python"
+
+
+class NativeUnavailableError(ImportError):
+    """CKPTGUARD_NATIVE=1 (or backend 'native' was asked for) but the extension is missing."""
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    """Import the extension if allowed; return it (or None) and why that path was chosen."""
+    mode = os.environ.get(ENV, "").strip().lower()
+    if mode not in ("", "auto", "0", "1"):
+        raise ValueError(f"{ENV} must be 0, 1 or auto, not {mode!r}")
+    if mode == "0":
+        return None, f"pure Python: forced by {ENV}=0"
+    try:  # by name: the extension is a leaf, not a layer of the package (see import-linter)
+        _native = importlib.import_module(f"{__package__}._native")
+    except ImportError as e:
+        why = f"ckptguard._native cannot be imported ({e})"
+        if mode == "1":
+            raise NativeUnavailableError(f"{ENV}=1 but {why}; see docs/native.md") from e
+        hint = "; install liblz4-dev and libxxhash-dev, then reinstall ckptguard (docs/native.md)"
+        return None, f"pure Python: {why}{hint}"
+    forced = f" (required by {ENV}=1)" if mode == "1" else ""
+    return _native, f"native: ckptguard._native loaded{forced}"
+
+
+_module, _reason = _load()
+_override: str | None = None
+_threads: int | None = None
+
+
+def available() -> bool:
+    """Whether the native extension was built and imported."""
+    return _module is not None
+
+
+def active() -> bool:
+    """Whether the native path is the one in use now."""
+    return _module is not None and _override != PYTHON
+
+
+def name() -> str:
+    """``"native"`` or ``"python"``: the path in use now."""
+    return NATIVE if active() else PYTHON
+
+
+def reason() -> str:
+    """One line saying which path is active and why."""
+    if _override == PYTHON and _module is not None:
+        return "pure Python: selected in this process (backend.use)"
+    return _reason
+
+
+def native() -> ModuleType:
+    """The extension module; NativeUnavailableError if it is not available."""
+    if _module is None:
+        raise NativeUnavailableError(_reason)
+    return _module
+
+
+def resolve(backend: str | None) -> str:
+    """The backend a call uses: ``backend`` if given (checked), else the active one."""
+    if backend is None:
+        return name()
+    if backend == NATIVE:
+        native()
+        return NATIVE
+    if backend == PYTHON:
+        return PYTHON
+    raise ValueError(f"backend must be 'native', 'python' or None, not {backend!r}")
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[None]:
+    """Run a block with the given backend as the default (e.g. to compare both in tests)."""
+    global _override
+    resolve(backend)
+    old, _override = _override, backend
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on: its affinity mask, capped by SLURM_CPUS_PER_TASK."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Threads of the encode/decode pool: set_threads(), else CKPTGUARD_THREADS, else cpu_count."""
+    if _threads is not None:
+        return _threads
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, not {env!r}")
+        return int(env)
+    return cpu_count()
+
+
+def set_threads(n: int | None) -> None:
+    """Set the default thread count for this process (None: back to the environment's)."""
+    global _threads
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError("threads must be a positive int or None")
+    _threads = n
+
+
+def direct_io() -> bool:
+    """Whether record writes try O_DIRECT (CKPTGUARD_ODIRECT=1); refused file systems fall back."""
+    return os.environ.get(DIRECT_ENV, "").strip() == "1"
+
+
+def info() -> dict[str, object]:
+    """What ``ckptguard doctor`` reports."""
+    out: dict[str, object] = {
+        "backend": name(),
+        "reason": reason(),
+        "threads": default_threads(),
+        "cpus": cpu_count(),
+        "o_direct": direct_io(),
+    }
+    if _module is not None:
+        out["libraries"] = _module.library_versions()
+    try:
+        import lz4
+
+        out["python_lz4"] = f"{lz4.__version__} (LZ4 {lz4.library_version_string()})"
+    except Exception as e:  # pragma: no cover - lz4 is a dependency
+        out["python_lz4"] = f"unavailable: {e}"
+    return out

@@ -1,0 +1,301 @@
+/* One chunk: xxh3-128, byte-plane shuffle, LZ4 block, keep-raw rule (docs/format.md s. 7). */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lz4.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
+#include <xxhash.h>
+
+#include "ckg.h"
+
+/* Bytes hashed and shuffled per step: small enough to stay in L1/L2 between the two. */
+#define CKG_BLOCK (64u * 1024u)
+
+const char *ckg_strerror(int code) {
+    switch (code) {
+    case CKG_OK: return "ok";
+    case CKG_E_NOMEM: return "out of memory";
+    case CKG_E_CODEC: return "unknown codec id";
+    case CKG_E_LENGTH: return "payload length does not match";
+    case CKG_E_ELEM: return "elem_size does not divide raw_len";
+    case CKG_E_LZ4: return "LZ4 payload cannot be decoded";
+    case CKG_E_HASH: return "chunk hash mismatch (data corrupted)";
+    case CKG_E_HEADER: return "bad record header (magic, hash or reserved bytes)";
+    case CKG_E_MISMATCH: return "record header disagrees with the index";
+    case CKG_E_PADDING: return "non-zero bytes in record padding";
+    case CKG_E_TRUNCATED: return "record is truncated";
+    case CKG_E_IO: return "I/O error";
+    case CKG_E_TOOBIG: return "length too large";
+    default: return "unknown error";
+    }
+}
+
+void ckg_hash128(const void *buf, size_t len, uint8_t out[16]) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(buf, len));
+    memcpy(out, c.digest, 16);
+}
+
+uint64_t ckg_hash64(const void *buf, size_t len) { return XXH3_64bits(buf, len); }
+
+/* Shuffle elements [e0, e1) of n elements of width w. Fixed widths let the compiler vectorize. */
+static void shuffle_range(uint8_t *restrict dst, const uint8_t *restrict src, size_t n, size_t w,
+                          size_t e0, size_t e1) {
+    switch (w) {
+    case 2: {
+        uint8_t *restrict d0 = dst, *restrict d1 = dst + n;
+        for (size_t i = e0; i < e1; i++) {
+            d0[i] = src[2 * i];
+            d1[i] = src[2 * i + 1];
+        }
+        return;
+    }
+    case 4: {
+        uint8_t *restrict d0 = dst, *restrict d1 = dst + n, *restrict d2 = dst + 2 * n;
+        uint8_t *restrict d3 = dst + 3 * n;
+        for (size_t i = e0; i < e1; i++) {
+            d0[i] = src[4 * i];
+            d1[i] = src[4 * i + 1];
+            d2[i] = src[4 * i + 2];
+            d3[i] = src[4 * i + 3];
+        }
+        return;
+    }
+    case 8:
+        for (size_t i = e0; i < e1; i++) {
+            const uint8_t *s = src + 8 * i;
+            for (size_t j = 0; j < 8; j++) dst[j * n + i] = s[j];
+        }
+        return;
+    default:
+        for (size_t i = e0; i < e1; i++) {
+            const uint8_t *s = src + w * i;
+            for (size_t j = 0; j < w; j++) dst[j * n + i] = s[j];
+        }
+    }
+}
+
+static void unshuffle_range(uint8_t *restrict dst, const uint8_t *restrict src, size_t n,
+                            size_t w, size_t e0, size_t e1) {
+    switch (w) {
+    case 2: {
+        const uint8_t *restrict s0 = src, *restrict s1 = src + n;
+        for (size_t i = e0; i < e1; i++) {
+            dst[2 * i] = s0[i];
+            dst[2 * i + 1] = s1[i];
+        }
+        return;
+    }
+    case 4: {
+        const uint8_t *restrict s0 = src, *restrict s1 = src + n, *restrict s2 = src + 2 * n;
+        const uint8_t *restrict s3 = src + 3 * n;
+        for (size_t i = e0; i < e1; i++) {
+            dst[4 * i] = s0[i];
+            dst[4 * i + 1] = s1[i];
+            dst[4 * i + 2] = s2[i];
+            dst[4 * i + 3] = s3[i];
+        }
+        return;
+    }
+    default:
+        for (size_t i = e0; i < e1; i++) {
+            uint8_t *d = dst + w * i;
+            for (size_t j = 0; j < w; j++) d[j] = src[j * n + i];
+        }
+    }
+}
+
+void ckg_shuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w) {
+    if (w <= 1) {
+        if (n) memcpy(dst, src, n);
+        return;
+    }
+    shuffle_range(dst, src, n, w, 0, n);
+}
+
+void ckg_unshuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w) {
+    if (w <= 1) {
+        if (n) memcpy(dst, src, n);
+        return;
+    }
+    unshuffle_range(dst, src, n, w, 0, n);
+}
+
+size_t ckg_encode_bound(size_t raw_len) {
+    if (raw_len > (size_t)LZ4_MAX_INPUT_SIZE) return raw_len; /* stored raw: never compressed */
+    size_t b = (size_t)LZ4_compressBound((int)raw_len);
+    return b > raw_len ? b : raw_len;
+}
+
+int ckg_scratch_reserve(ckg_scratch *s, size_t n) {
+    if (s->cap >= n) return CKG_OK;
+    void *p = ckg_aligned_alloc(n ? n : 1);
+    if (!p) return CKG_E_NOMEM;
+    ckg_aligned_free(s->buf);
+    s->buf = p;
+    s->cap = n;
+    return CKG_OK;
+}
+
+void ckg_scratch_free(ckg_scratch *s) {
+    ckg_aligned_free(s->buf);
+    s->buf = NULL;
+    s->cap = 0;
+}
+
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
+                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
+    res->codec = CKG_RAW;
+    res->stored_len = raw_len;
+    res->payload = raw;
+    int try_lz4 = compress && raw_len >= CKG_MIN_COMPRESS && raw_len <= (size_t)LZ4_MAX_INPUT_SIZE;
+    if (try_lz4 && (elem == 0 || raw_len % elem)) return CKG_E_ELEM;
+    if (!try_lz4) {
+        ckg_hash128(raw, raw_len, res->hash);
+        return CKG_OK;
+    }
+    const uint8_t *src = raw;
+    if (elem > 1) {
+        int rc = ckg_scratch_reserve(scratch, raw_len);
+        if (rc) return rc;
+        /* One pass over the input: hash a block, shuffle the same block while it is cached. */
+        XXH3_state_t st;
+        XXH3_INITSTATE(&st);
+        if (XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+        size_t n = raw_len / elem, per = CKG_BLOCK / elem;
+        if (per == 0) per = 1;
+        for (size_t e0 = 0; e0 < n; e0 += per) {
+            size_t e1 = e0 + per < n ? e0 + per : n;
+            XXH3_128bits_update(&st, raw + e0 * elem, (e1 - e0) * elem);
+            shuffle_range(scratch->buf, raw, n, elem, e0, e1);
+        }
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+        memcpy(res->hash, c.digest, 16);
+        src = scratch->buf;
+    } else {
+        ckg_hash128(raw, raw_len, res->hash);
+    }
+    size_t cap = out_cap > (size_t)INT_MAX ? (size_t)INT_MAX : out_cap;
+    /* Exactly the call python-lz4's lz4.block.compress(mode="default") makes: a fresh stream and
+     * LZ4_compress_fast_continue at acceleration 1. (LZ4_compress_default picks another hash table
+     * layout for inputs < 64 KiB and can emit different, equally valid, bytes.) */
+    LZ4_stream_t stream;
+    if (!LZ4_initStream(&stream, sizeof stream)) return CKG_E_NOMEM;
+    int got = LZ4_compress_fast_continue(&stream, (const char *)src, (char *)out, (int)raw_len,
+                                         (int)cap, 1);
+    /* Keep-raw rule: the compressed form must save at least 5% (stored*20 <= raw*19). */
+    if (got > 0 && (uint64_t)got * 20 <= (uint64_t)raw_len * 19) {
+        res->codec = CKG_SHUFFLE_LZ4;
+        res->stored_len = (size_t)got;
+        res->payload = out;
+    }
+    return CKG_OK;
+}
+
+/* Hash dst block by block as it is unshuffled (one pass over the output). */
+int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_t raw_len,
+                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash) {
+    uint8_t got_hash[16];
+    if (codec == CKG_RAW) {
+        if (stored_len != raw_len) return CKG_E_LENGTH;
+        if (raw_len) memcpy(dst, payload, raw_len);
+        if (want_hash) {
+            ckg_hash128(dst, raw_len, got_hash);
+            if (memcmp(got_hash, want_hash, 16)) return CKG_E_HASH;
+        }
+        return CKG_OK;
+    }
+    if (codec != CKG_SHUFFLE_LZ4) return CKG_E_CODEC;
+    if (elem == 0 || raw_len % elem) return CKG_E_ELEM;
+    if (raw_len > (size_t)INT_MAX || stored_len > (size_t)INT_MAX) return CKG_E_TOOBIG;
+    uint8_t *tmp = dst;
+    if (elem > 1) {
+        int rc = ckg_scratch_reserve(scratch, raw_len);
+        if (rc) return rc;
+        tmp = scratch->buf;
+    }
+    int n = LZ4_decompress_safe((const char *)payload, (char *)tmp, (int)stored_len, (int)raw_len);
+    if (n < 0 || (size_t)n != raw_len) return CKG_E_LZ4;
+    if (elem == 1) {
+        if (want_hash) {
+            ckg_hash128(dst, raw_len, got_hash);
+            if (memcmp(got_hash, want_hash, 16)) return CKG_E_HASH;
+        }
+        return CKG_OK;
+    }
+    XXH3_state_t st;
+    XXH3_INITSTATE(&st);
+    if (want_hash && XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+    size_t ne = raw_len / elem, per = CKG_BLOCK / elem;
+    if (per == 0) per = 1;
+    for (size_t e0 = 0; e0 < ne; e0 += per) {
+        size_t e1 = e0 + per < ne ? e0 + per : ne;
+        unshuffle_range(dst, tmp, ne, elem, e0, e1);
+        if (want_hash) XXH3_128bits_update(&st, dst + e0 * elem, (e1 - e0) * elem);
+    }
+    if (want_hash) {
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+        if (memcmp(c.digest, want_hash, 16)) return CKG_E_HASH;
+    }
+    return CKG_OK;
+}
+
+/* ---- record headers ------------------------------------------------------------------- */
+
+static void put_le(uint8_t *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
+    memset(out, 0, CKG_REC_HDR);
+    memcpy(out, "CKGR", 4);
+    out[4] = (uint8_t)h->codec;
+    out[5] = (uint8_t)h->elem;
+    put_le(out + 8, h->raw_len, 8);
+    put_le(out + 16, h->stored_len, 8);
+    memcpy(out + 24, h->hash, 16);
+    put_le(out + 40, h->seq, 4);
+    put_le(out + 56, ckg_hash64(out, 56), 8);
+}
+
+int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
+    if (memcmp(in, "CKGR", 4)) return CKG_E_HEADER;
+    if (get_le(in + 56, 8) != ckg_hash64(in, 56)) return CKG_E_HEADER;
+    if (in[6] || in[7]) return CKG_E_HEADER;
+    for (int i = 44; i < 56; i++)
+        if (in[i]) return CKG_E_HEADER;
+    h->codec = in[4];
+    h->elem = in[5];
+    h->raw_len = get_le(in + 8, 8);
+    h->stored_len = get_le(in + 16, 8);
+    memcpy(h->hash, in + 24, 16);
+    h->seq = (uint32_t)get_le(in + 40, 4);
+    return CKG_OK;
+}
+
+int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want,
+                      int check_seq, uint8_t *dst, ckg_scratch *scratch, int verify) {
+    if (rec_len < CKG_REC_HDR) return CKG_E_TRUNCATED;
+    ckg_rec_header h;
+    int rc = ckg_unpack_record_header(rec, &h);
+    if (rc) return rc;
+    if (h.codec != want->codec || h.elem != want->elem || h.raw_len != want->raw_len ||
+        h.stored_len != want->stored_len || memcmp(h.hash, want->hash, 16) ||
+        (check_seq && h.seq != want->seq))
+        return CKG_E_MISMATCH;
+    if (h.stored_len > rec_len - CKG_REC_HDR) return CKG_E_TRUNCATED;
+    size_t end = CKG_REC_HDR + (size_t)h.stored_len;
+    for (size_t i = end; i < rec_len; i++)
+        if (rec[i]) return CKG_E_PADDING;
+    return ckg_decode_chunk(h.codec, rec + CKG_REC_HDR, (size_t)h.stored_len, (size_t)h.raw_len,
+                            h.elem, dst, scratch, verify ? h.hash : NULL);
+}

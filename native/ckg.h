@@ -1,0 +1,129 @@
+/* ckptguard native chunk pipeline: shared declarations.
+ *
+ * The byte formats implemented here are defined by docs/format.md section 7 (chunk records,
+ * byte-plane shuffle, LZ4 block payloads, keep-raw rule). Everything here is plain C11 + POSIX
+ * threads and links the system LZ4 and xxHash libraries.
+ */
+#ifndef CKG_H
+#define CKG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define CKG_RAW 0
+#define CKG_SHUFFLE_LZ4 1
+#define CKG_REC_HDR 64
+#define CKG_ALIGN 4096
+#define CKG_MIN_COMPRESS 64 /* chunks shorter than this are always stored raw */
+
+/* Status codes of the chunk and record functions (0 = ok). */
+enum {
+    CKG_OK = 0,
+    CKG_E_NOMEM = 1,     /* allocation failed */
+    CKG_E_CODEC = 2,     /* unknown codec id */
+    CKG_E_LENGTH = 3,    /* a length does not fit (raw payload length, destination size) */
+    CKG_E_ELEM = 4,      /* elem_size is 0 or does not divide raw_len */
+    CKG_E_LZ4 = 5,       /* LZ4 payload is malformed or decodes to the wrong length */
+    CKG_E_HASH = 6,      /* decoded bytes do not match their xxh3-128 */
+    CKG_E_HEADER = 7,    /* record header: bad magic, hash, reserved bytes */
+    CKG_E_MISMATCH = 8,  /* record header disagrees with what the index says */
+    CKG_E_PADDING = 9,   /* non-zero bytes in a record's padding */
+    CKG_E_TRUNCATED = 10, /* the file ends inside a record */
+    CKG_E_IO = 11,       /* a system call failed: see the errno stored beside the code */
+    CKG_E_TOOBIG = 12,   /* a length beyond what LZ4 or this platform handles */
+};
+
+const char *ckg_strerror(int code);
+
+/* ---- chunk.c: one chunk at a time ---------------------------------------------------- */
+
+static inline size_t ckg_align_up(size_t n) {
+    return (n + (CKG_ALIGN - 1)) / CKG_ALIGN * CKG_ALIGN;
+}
+
+/* xxh3-128 (seed 0) of buf in its canonical big-endian 16-byte form. */
+void ckg_hash128(const void *buf, size_t len, uint8_t out[16]);
+uint64_t ckg_hash64(const void *buf, size_t len);
+
+/* Byte-plane shuffle of n elements of width w: dst[j*n + i] = src[i*w + j]. */
+void ckg_shuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w);
+/* Inverse: dst[i*w + j] = src[j*n + i]. */
+void ckg_unshuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w);
+
+/* Capacity that ckg_encode_chunk needs in `out` for a chunk of raw_len bytes (0 if too big). */
+size_t ckg_encode_bound(size_t raw_len);
+
+/* Per-thread scratch space, grown on demand; free with ckg_scratch_free. */
+typedef struct {
+    uint8_t *buf;
+    size_t cap;
+} ckg_scratch;
+
+int ckg_scratch_reserve(ckg_scratch *s, size_t n);
+void ckg_scratch_free(ckg_scratch *s);
+
+/* Result of encoding one chunk. payload points into `out` (compressed) or at the raw input. */
+typedef struct {
+    int codec;
+    size_t stored_len;
+    const uint8_t *payload;
+    uint8_t hash[16];
+} ckg_chunk;
+
+/* Hash raw, then (if compress) shuffle by elem and LZ4-compress into out (capacity
+ * out_cap >= ckg_encode_bound(raw_len)); keep the compressed form only if it saves >= 5%.
+ * The input is read from memory once: hashing and shuffling run block by block. */
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
+                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
+
+/* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
+ * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */
+int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_t raw_len,
+                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash);
+
+/* ---- records (docs/format.md section 7, chunk record) -------------------------------- */
+
+typedef struct {
+    int codec;
+    unsigned elem;
+    uint64_t raw_len;
+    uint64_t stored_len;
+    uint8_t hash[16];
+    uint32_t seq;
+} ckg_rec_header;
+
+void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h);
+/* Checks magic, header hash and reserved bytes (not the codec id). */
+int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h);
+
+/* Check and decode a whole record extent (header + payload + padding) that a reader expects to
+ * hold `want` (its seq is compared only if check_seq); writes want->raw_len bytes into dst. */
+int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want,
+                      int check_seq, uint8_t *dst, ckg_scratch *scratch, int verify);
+
+/* ---- pool.c: run fn(ctx, task, worker) for task in [0, ntasks) on up to nthreads threads --- */
+
+typedef void (*ckg_task_fn)(void *ctx, size_t task, int worker);
+
+/* The calling thread takes part (as worker 0). Tasks are handed out in increasing order.
+ * Returns the number of workers that ran (>= 1). Never fails: without threads it runs inline. */
+int ckg_parallel(int nthreads, size_t ntasks, ckg_task_fn fn, void *ctx);
+
+/* ---- io.c ------------------------------------------------------------------------------ */
+
+/* Write all of an iovec list at off (retrying short writes and EINTR). 0 or an errno. */
+struct iovec;
+int ckg_pwritev_all(int fd, struct iovec *iov, int iovcnt, off_t off);
+int ckg_pwrite_all(int fd, const void *buf, size_t len, off_t off);
+/* Read up to len bytes at off; *got is what was read (less only at end of file). 0 or errno. */
+int ckg_pread_all(int fd, void *buf, size_t len, off_t off, size_t *got);
+/* Open path for writing with O_DIRECT; -1 (errno set) if the file system refuses it. */
+int ckg_open_direct(const char *path);
+void *ckg_aligned_alloc(size_t n);
+void ckg_aligned_free(void *p);
+
+/* Test hook: make the n-th next write (0 = the next) fail with errno err (0 disables). */
+void ckg_io_inject(int err, long after);
+
+#endif

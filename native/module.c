@@ -1,0 +1,529 @@
+/* CPython binding of the native chunk pipeline: ckptguard._native.
+ *
+ * Buffers come in through the buffer protocol (bytes, numpy arrays, memoryviews of torch CPU
+ * tensors, pinned memory) and are held for the whole call; every heavy step runs with the GIL
+ * released. Decoding problems raise DecodeError(message, index, kind); I/O problems raise OSError
+ * with errno and the file name.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <lz4.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "pipeline.h"
+
+static PyObject *DecodeError;
+
+static const char *kind_of(int code) {
+    return code == CKG_E_HASH ? "hash" : code == CKG_E_IO ? "io" : "format";
+}
+
+/* Raise the Python error for a failed pipeline (returns NULL). */
+static PyObject *raise_failure(const ckg_failure *f, PyObject *path) {
+    if (f->code == CKG_E_NOMEM) return PyErr_NoMemory();
+    if (f->code == CKG_E_IO) {
+        errno = f->err;
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path ? path : Py_None);
+    }
+    PyObject *args =
+        Py_BuildValue("(sns)", ckg_strerror(f->code), (Py_ssize_t)f->index, kind_of(f->code));
+    if (args) {
+        PyErr_SetObject(DecodeError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static int get_threads(int threads) {
+    if (threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads must be >= 1");
+        return -1;
+    }
+    return threads > 1024 ? 1024 : threads;
+}
+
+static int check_elem(int elem) {
+    if (elem < 1 || elem > 255) {
+        PyErr_SetString(PyExc_ValueError, "elem_size must be in 1..255");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- small single-buffer functions ------------------------------------------------------ */
+
+static PyObject *py_hash128(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    uint8_t out[16];
+    Py_BEGIN_ALLOW_THREADS
+    ckg_hash128(b.buf, (size_t)b.len, out);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)out, 16);
+}
+
+static PyObject *shuffle_common(PyObject *args, int inverse) {
+    Py_buffer b;
+    int w;
+    if (!PyArg_ParseTuple(args, "y*i", &b, &w)) return NULL;
+    if (check_elem(w) < 0 || b.len % w) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "width does not divide length");
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, b.len);
+    if (out) {
+        uint8_t *d = (uint8_t *)PyBytes_AS_STRING(out);
+        size_t n = (size_t)b.len / (size_t)w;
+        Py_BEGIN_ALLOW_THREADS
+        if (inverse)
+            ckg_unshuffle(d, b.buf, n, (size_t)w);
+        else
+            ckg_shuffle(d, b.buf, n, (size_t)w);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyObject *py_shuffle(PyObject *self, PyObject *args) {
+    (void)self;
+    return shuffle_common(args, 0);
+}
+
+static PyObject *py_unshuffle(PyObject *self, PyObject *args) {
+    (void)self;
+    return shuffle_common(args, 1);
+}
+
+/* decode(codec, payload, raw_len, elem_size, hash=None) -> bytes */
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    (void)self;
+    int codec, elem;
+    Py_ssize_t raw_len;
+    Py_buffer p;
+    PyObject *want = Py_None;
+    if (!PyArg_ParseTuple(args, "iy*ni|O", &codec, &p, &raw_len, &elem, &want)) return NULL;
+    PyObject *out = NULL;
+    ckg_failure f = {CKG_OK, 0, 0};
+    const uint8_t *h = NULL;
+    if (want != Py_None) {
+        if (!PyBytes_Check(want) || PyBytes_GET_SIZE(want) != 16) {
+            PyErr_SetString(PyExc_ValueError, "hash must be 16 bytes or None");
+            goto done;
+        }
+        h = (const uint8_t *)PyBytes_AS_STRING(want);
+    }
+    if (raw_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "raw_len must be >= 0");
+        goto done;
+    }
+    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) {
+        f.code = CKG_E_CODEC;
+        raise_failure(&f, NULL);
+        goto done;
+    }
+    /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x. */
+    if ((codec == CKG_RAW && raw_len != p.len) ||
+        (codec == CKG_SHUFFLE_LZ4 && (uint64_t)raw_len > (uint64_t)p.len * 256 + 64)) {
+        f.code = CKG_E_LENGTH;
+        raise_failure(&f, NULL);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, raw_len);
+    if (!out) goto done;
+    int rc;
+    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ckg_decode_chunk(codec, p.buf, (size_t)p.len, (size_t)raw_len,
+                          (unsigned)(elem < 0 ? 0 : elem), dst, ckg_thread_scratch(), h);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_CLEAR(out);
+        f.code = rc;
+        raise_failure(&f, NULL);
+    }
+done:
+    PyBuffer_Release(&p);
+    return out;
+}
+
+/* ---- encode ---------------------------------------------------------------------------- */
+
+static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int compress) {
+    if (chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be >= 1");
+        return -1;
+    }
+    if (compress && (len % elem || chunk % elem)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "buffer length and chunk_size must be multiples of elem_size");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *info_tuple(const ckg_rec_info *r) {
+    return Py_BuildValue("(iny#nn)", r->codec, (Py_ssize_t)r->stored_len, r->hash,
+                         (Py_ssize_t)16, (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
+}
+
+/* encode(buf, elem_size, chunk_size, compress, threads) -> [(codec, payload, hash), ...] */
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b;
+    int elem, compress, threads;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "y*inpi", &b, &elem, &chunk, &compress, &threads)) return NULL;
+    PyObject *list = NULL, **outs = NULL;
+    uint8_t **ptrs = NULL;
+    ckg_rec_info *res = NULL;
+    size_t n = 0;
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, compress) < 0 ||
+        (threads = get_threads(threads)) < 0)
+        goto done;
+    n = ckg_nchunks((size_t)b.len, (size_t)chunk);
+    outs = PyMem_Calloc(n ? n : 1, sizeof *outs);
+    ptrs = PyMem_Calloc(n ? n : 1, sizeof *ptrs);
+    res = PyMem_Calloc(n ? n : 1, sizeof *res);
+    if (!outs || !ptrs || !res) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t off = i * (size_t)chunk, len = (size_t)b.len - off;
+        if (len > (size_t)chunk) len = (size_t)chunk;
+        outs[i] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)ckg_encode_bound(len));
+        if (!outs[i]) goto done;
+        ptrs[i] = (uint8_t *)PyBytes_AS_STRING(outs[i]);
+    }
+    ckg_failure f;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ckg_encode_buffer(b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk, compress, threads,
+                           ptrs, res, &f);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_failure(&f, NULL);
+        goto done;
+    }
+    list = PyList_New((Py_ssize_t)n);
+    if (!list) goto done;
+    for (size_t i = 0; i < n; i++) {
+        if (_PyBytes_Resize(&outs[i], (Py_ssize_t)res[i].stored_len) < 0) {
+            Py_CLEAR(list);
+            goto done;
+        }
+        PyObject *t = Py_BuildValue("(iOy#)", res[i].codec, outs[i], res[i].hash, (Py_ssize_t)16);
+        if (!t) {
+            Py_CLEAR(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+done:
+    for (size_t i = 0; outs && i < n; i++) Py_XDECREF(outs[i]);
+    PyMem_Free(outs);
+    PyMem_Free(ptrs);
+    PyMem_Free(res);
+    PyBuffer_Release(&b);
+    return list;
+}
+
+/* write_records(fd, path, pos, seq0, buf, elem_size, chunk_size, compress, threads, direct)
+ *   -> ([(codec, stored_len, hash, offset, raw_len), ...], end_pos, direct_used) */
+static PyObject *py_write_records(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, elem, compress, threads, direct;
+    PyObject *name, *path;
+    unsigned long long pos, seq0;
+    Py_buffer b;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "iOKKy*inpip", &fd, &name, &pos, &seq0, &b, &elem, &chunk,
+                          &compress, &threads, &direct))
+        return NULL;
+    if (!PyUnicode_FSConverter(name, &path)) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    ckg_rec_info *res = NULL;
+    int dfd = -1;
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, compress) < 0 ||
+        (threads = get_threads(threads)) < 0)
+        goto done;
+    size_t n = ckg_nchunks((size_t)b.len, (size_t)chunk);
+    if (pos % CKG_ALIGN || seq0 + n > 0xFFFFFFFFull) {
+        PyErr_SetString(PyExc_ValueError, "pos must be aligned to 4096 and seq fit in 32 bits");
+        goto done;
+    }
+    res = PyMem_Calloc(n ? n : 1, sizeof *res);
+    if (!res) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const char *cpath = PyBytes_AS_STRING(path);
+    ckg_write_args a = {fd, -1, b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk,
+                        compress, pos, (uint32_t)seq0};
+    ckg_failure f;
+    uint64_t end = pos;
+    int used = 0, rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (direct && n) dfd = ckg_open_direct(cpath); /* refused (e.g. tmpfs): buffered writes */
+    a.dfd = dfd;
+    rc = ckg_write_buffer(&a, threads, res, &end, &used, &f);
+    if (dfd >= 0) close(dfd);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_failure(&f, name);
+        goto done;
+    }
+    /* Leave the descriptor's file position after the last record (the footer goes there). */
+    if (lseek(fd, (off_t)end, SEEK_SET) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        goto done;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (!list) goto done;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *t = info_tuple(&res[i]);
+        if (!t) {
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    out = Py_BuildValue("(NKO)", list, (unsigned long long)end, used ? Py_True : Py_False);
+done:
+    PyMem_Free(res);
+    PyBuffer_Release(&b);
+    Py_DECREF(path);
+    return out;
+}
+
+/* ---- decode into a destination ----------------------------------------------------------- */
+
+static int get_hash(PyObject *o, const uint8_t **h, int allow_none) {
+    if (o == Py_None && allow_none) {
+        *h = NULL;
+        return 0;
+    }
+    if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) != 16) {
+        PyErr_SetString(PyExc_ValueError, "hash must be 16 bytes");
+        return -1;
+    }
+    *h = (const uint8_t *)PyBytes_AS_STRING(o);
+    return 0;
+}
+
+static int check_dest(Py_ssize_t dest_len, unsigned long long off, unsigned long long len,
+                      size_t index) {
+    if (off > (unsigned long long)dest_len || len > (unsigned long long)dest_len - off) {
+        ckg_failure f = {CKG_E_LENGTH, 0, index};
+        PyObject *args = Py_BuildValue("(sns)", "chunk does not fit in the destination",
+                                       (Py_ssize_t)f.index, "format");
+        if (args) {
+            PyErr_SetObject(DecodeError, args);
+            Py_DECREF(args);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* decode_into(dest, [(codec, payload, raw_len, elem_size, hash|None, dest_offset), ...], threads) */
+static PyObject *py_decode_into(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *dest_obj, *seq_obj;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOi", &dest_obj, &seq_obj, &threads)) return NULL;
+    if ((threads = get_threads(threads)) < 0) return NULL;
+    Py_buffer d;
+    if (PyObject_GetBuffer(dest_obj, &d, PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(seq_obj, "items must be a sequence");
+    Py_buffer *bufs = NULL;
+    ckg_decode_item *items = NULL;
+    Py_ssize_t n = 0, held = 0;
+    PyObject *ret = NULL;
+    if (!seq) goto done;
+    n = PySequence_Fast_GET_SIZE(seq);
+    bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof *bufs);
+    items = PyMem_Calloc((size_t)(n ? n : 1), sizeof *items);
+    if (!bufs || !items) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int codec, elem;
+        unsigned long long raw_len, doff;
+        PyObject *h;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy*KiOK;bad decode item",
+                              &codec, &bufs[i], &raw_len, &elem, &h, &doff))
+            goto done;
+        held = i + 1;
+        ckg_decode_item *it = &items[i];
+        if (get_hash(h, &it->hash, 1) < 0 || check_dest(d.len, doff, raw_len, (size_t)i) < 0)
+            goto done;
+        it->codec = codec;
+        it->elem = (unsigned)(elem < 0 ? 0 : elem);
+        it->payload = bufs[i].buf;
+        it->stored_len = (size_t)bufs[i].len;
+        it->raw_len = (size_t)raw_len;
+        it->dst = (uint8_t *)d.buf + doff;
+    }
+    ckg_failure f;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ckg_decode_many(items, (size_t)n, threads, &f);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        raise_failure(&f, NULL);
+    else
+        ret = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    PyMem_Free(items);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&d);
+    return ret;
+}
+
+/* read_into(fd, path, dest, [(offset, extent, codec, elem, raw_len, stored_len, hash,
+ *                             dest_offset, seq), ...], threads, verify); seq < 0: not checked */
+static PyObject *py_read_into(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, threads, verify;
+    PyObject *name, *dest_obj, *seq_obj;
+    if (!PyArg_ParseTuple(args, "iOOOip", &fd, &name, &dest_obj, &seq_obj, &threads, &verify))
+        return NULL;
+    PyObject *ret = NULL, *seq = NULL;
+    ckg_read_item *items = NULL;
+    Py_buffer d = {0};
+    int have_d = 0;
+    if ((threads = get_threads(threads)) < 0) goto done;
+    if (PyObject_GetBuffer(dest_obj, &d, PyBUF_WRITABLE) < 0) goto done;
+    have_d = 1;
+    seq = PySequence_Fast(seq_obj, "items must be a sequence");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    items = PyMem_Calloc((size_t)(n ? n : 1), sizeof *items);
+    if (!items) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long off, ext, raw_len, stored_len, doff;
+        long long rseq;
+        int codec, elem;
+        PyObject *h;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiiKKOKL;bad read item", &off,
+                              &ext, &codec, &elem, &raw_len, &stored_len, &h, &doff, &rseq))
+            goto done;
+        ckg_read_item *it = &items[i];
+        const uint8_t *hp;
+        if (get_hash(h, &hp, 0) < 0 || check_dest(d.len, doff, raw_len, (size_t)i) < 0) goto done;
+        if (ext > ((size_t)1 << 40)) {
+            PyErr_SetString(PyExc_ValueError, "record extent too large");
+            goto done;
+        }
+        it->offset = off;
+        it->extent = (size_t)ext;
+        it->want.codec = codec;
+        it->want.elem = (unsigned)(elem < 0 ? 0 : elem);
+        it->want.raw_len = raw_len;
+        it->want.stored_len = stored_len;
+        memcpy(it->want.hash, hp, 16);
+        it->want.seq = rseq < 0 ? 0 : (uint32_t)rseq;
+        it->check_seq = rseq >= 0 && rseq <= 0xFFFFFFFFll;
+        if (rseq > 0xFFFFFFFFll) {
+            PyErr_SetString(PyExc_ValueError, "seq must fit in 32 bits");
+            goto done;
+        }
+        it->dst = (uint8_t *)d.buf + doff;
+    }
+    ckg_failure f;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ckg_read_records(fd, items, (size_t)n, threads, verify, &f);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        raise_failure(&f, name);
+    else
+        ret = Py_NewRef(Py_None);
+done:
+    PyMem_Free(items);
+    Py_XDECREF(seq);
+    if (have_d) PyBuffer_Release(&d);
+    return ret;
+}
+
+/* ---- misc ------------------------------------------------------------------------------- */
+
+static PyObject *py_versions(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    unsigned x = XXH_versionNumber(), c = XXH_VERSION_NUMBER;
+    char xv[32], xc[32];
+    snprintf(xv, sizeof xv, "%u.%u.%u", x / 10000, x / 100 % 100, x % 100);
+    snprintf(xc, sizeof xc, "%u.%u.%u", c / 10000, c / 100 % 100, c % 100);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s}", "lz4", LZ4_versionString(), "lz4_compiled",
+                         LZ4_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc);
+}
+
+static PyObject *py_inject(PyObject *self, PyObject *args) {
+    (void)self;
+    int err;
+    long after = 0;
+    if (!PyArg_ParseTuple(args, "i|l", &err, &after)) return NULL;
+    ckg_io_inject(err, after);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"hash128", py_hash128, METH_O, "xxh3-128 of a buffer, canonical 16 bytes."},
+    {"shuffle", py_shuffle, METH_VARARGS, "shuffle(buf, width) -> byte-plane shuffled bytes."},
+    {"unshuffle", py_unshuffle, METH_VARARGS, "unshuffle(buf, width) -> bytes."},
+    {"decode", py_decode, METH_VARARGS, "decode(codec, payload, raw_len, elem[, hash]) -> bytes."},
+    {"encode", py_encode, METH_VARARGS,
+     "encode(buf, elem, chunk, compress, threads) -> [(codec, payload, hash)]."},
+    {"write_records", py_write_records, METH_VARARGS,
+     "write_records(fd, path, pos, seq0, buf, elem, chunk, compress, threads, direct)."},
+    {"decode_into", py_decode_into, METH_VARARGS, "decode_into(dest, items, threads)."},
+    {"read_into", py_read_into, METH_VARARGS,
+     "read_into(fd, path, dest, items, threads, verify)."},
+    {"library_versions", py_versions, METH_NOARGS, "Versions of the linked LZ4 and xxHash."},
+    {"_inject_io_error", py_inject, METH_VARARGS, "Test hook: fail a later write with errno."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_native",
+                                    "Native chunk pipeline of ckptguard (see docs/native.md).",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    DecodeError = PyErr_NewExceptionWithDoc(
+        "ckptguard._native.DecodeError",
+        "A chunk cannot be decoded or fails its hash: args are (message, index, kind).",
+        PyExc_ValueError, NULL);
+    if (!DecodeError || PyModule_AddObject(m, "DecodeError", DecodeError) < 0) {
+        Py_XDECREF(DecodeError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(DecodeError);
+    if (PyModule_AddIntConstant(m, "RAW", CKG_RAW) < 0 ||
+        PyModule_AddIntConstant(m, "SHUFFLE_LZ4", CKG_SHUFFLE_LZ4) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN", CKG_ALIGN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,81 @@
+/* Whole-buffer pipelines over the pool: encode, encode+write, decode, read+decode. */
+#ifndef CKG_PIPELINE_H
+#define CKG_PIPELINE_H
+
+#include "ckg.h"
+
+/* What one chunk became. offset is set by the write pipeline only. */
+typedef struct {
+    int codec;
+    size_t raw_len;
+    size_t stored_len;
+    uint64_t offset;
+    uint8_t hash[16];
+} ckg_rec_info;
+
+/* Where a pipeline failed: the chunk/item index, the status code, and errno for CKG_E_IO. */
+typedef struct {
+    int code;
+    int err;
+    size_t index;
+} ckg_failure;
+
+static inline size_t ckg_nchunks(size_t len, size_t chunk) {
+    return chunk ? (len + chunk - 1) / chunk : 0;
+}
+
+/* Encode buf in chunks of `chunk` bytes (the last may be shorter). outs[i] must hold
+ * ckg_encode_bound(len of chunk i) bytes; the payload (raw or compressed) is written there. */
+int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int compress,
+                      int threads, uint8_t *const *outs, ckg_rec_info *res, ckg_failure *fail);
+
+typedef struct {
+    int fd;          /* buffered descriptor of the data file */
+    int dfd;         /* O_DIRECT descriptor of the same file, or -1 */
+    const uint8_t *buf;
+    size_t len;
+    unsigned elem;
+    size_t chunk;
+    int compress;
+    uint64_t pos;    /* offset of the first record (a multiple of 4096) */
+    uint32_t seq0;   /* sequence number of the first record */
+} ckg_write_args;
+
+/* Encode and write every chunk of a->buf as aligned records at increasing offsets from a->pos,
+ * written from the pool with pwrite. *end is the offset after the last record's padding.
+ * *direct_used ends 1 if every record went through dfd, 0 if dfd was absent or was refused. */
+int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
+                     int *direct_used, ckg_failure *fail);
+
+typedef struct {
+    int codec;
+    unsigned elem;
+    const uint8_t *payload;
+    size_t stored_len;
+    size_t raw_len;
+    const uint8_t *hash; /* NULL: do not verify */
+    uint8_t *dst;        /* raw_len bytes */
+} ckg_decode_item;
+
+int ckg_decode_many(const ckg_decode_item *items, size_t n, int threads, ckg_failure *fail);
+
+typedef struct {
+    uint64_t offset;  /* of the record */
+    size_t extent;    /* align(offset + 64 + stored_len) - offset */
+    ckg_rec_header want;
+    int check_seq;    /* compare want.seq with the record's sequence number */
+    uint8_t *dst;     /* want.raw_len bytes */
+} ckg_read_item;
+
+/* pread each record extent (with posix_fadvise), check header and padding, decode into dst and
+ * verify its hash (if verify). Items should be in offset order. */
+int ckg_read_records(int fd, const ckg_read_item *items, size_t n, int threads, int verify,
+                     ckg_failure *fail);
+
+/* The calling thread's cached scratch buffer (for single-chunk calls). */
+ckg_scratch *ckg_thread_scratch(void);
+
+/* Free the calling thread's cached scratch buffers (pool threads keep theirs). */
+void ckg_release_thread_buffers(void);
+
+#endif

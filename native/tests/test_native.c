@@ -1,0 +1,306 @@
+/* C tests of the native chunk pipeline, built with -fsanitize=address,undefined by
+ * `make test-native`: round trips, the keep-raw rule, record checks, every pipeline at several
+ * thread counts, and malformed input (typed status codes, no out-of-bounds access).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../ckg.h"
+#include "../pipeline.h"
+
+static int failures, checks;
+
+#define CHECK(cond)                                                                     \
+    do {                                                                                \
+        checks++;                                                                       \
+        if (!(cond)) {                                                                  \
+            failures++;                                                                 \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
+        }                                                                               \
+    } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+
+/* Model-like data: elements whose high bytes repeat (compressible) and low bytes are noise. */
+static void fill(uint8_t *p, size_t n, unsigned elem, int kind) {
+    for (size_t i = 0; i < n; i++) {
+        switch (kind) {
+        case 0: p[i] = (uint8_t)rnd(); break;                          /* random */
+        case 1: p[i] = 0; break;                                       /* zeros */
+        case 2: p[i] = (i % elem == elem - 1) ? (uint8_t)(0x3C + (rnd() & 1)) : (uint8_t)rnd();
+            break;                                                     /* bf16/fp32-like */
+        default: p[i] = (uint8_t)(rnd() & 3); break;                   /* low entropy */
+        }
+    }
+}
+
+static void test_shuffle(void) {
+    for (unsigned w = 1; w <= 16; w++) {
+        for (size_t n = 0; n < 300; n += 37) {
+            size_t len = n * w;
+            uint8_t *a = malloc(len + 1), *b = malloc(len + 1), *c = malloc(len + 1);
+            fill(a, len, w, 0);
+            ckg_shuffle(b, a, n, w);
+            for (size_t i = 0; i < n; i++)
+                for (size_t j = 0; j < w; j++) CHECK(b[j * n + i] == a[i * w + j]);
+            ckg_unshuffle(c, b, n, w);
+            CHECK(len == 0 || memcmp(a, c, len) == 0);
+            free(a);
+            free(b);
+            free(c);
+        }
+    }
+}
+
+static void test_chunk_roundtrip(void) {
+    ckg_scratch s = {0}, s2 = {0};
+    unsigned elems[] = {1, 2, 4, 8, 16};
+    size_t lens[] = {0, 16, 48, 64, 4096, 65536, 65536 * 3 + 48, 1 << 20};
+    for (size_t e = 0; e < 5; e++) {
+        for (size_t l = 0; l < 8; l++) {
+            for (int kind = 0; kind < 4; kind++) {
+                unsigned elem = elems[e];
+                size_t len = lens[l] / elem * elem;
+                uint8_t *raw = malloc(len + 1), *back = malloc(len + 1);
+                size_t cap = ckg_encode_bound(len);
+                uint8_t *out = malloc(cap + 1);
+                fill(raw, len, elem, kind);
+                ckg_chunk ch;
+                CHECK(ckg_encode_chunk(raw, len, elem, 1, out, cap, &s, &ch) == CKG_OK);
+                uint8_t h[16];
+                ckg_hash128(raw, len, h);
+                CHECK(memcmp(h, ch.hash, 16) == 0);
+                if (ch.codec == CKG_SHUFFLE_LZ4) {
+                    CHECK(ch.stored_len * 20 <= len * 19);
+                    CHECK(ch.payload == out);
+                } else {
+                    CHECK(ch.stored_len == len && ch.payload == raw);
+                }
+                if (kind == 1 && len >= 4096) CHECK(ch.codec == CKG_SHUFFLE_LZ4);
+                if (kind == 0 && len >= 4096) CHECK(ch.codec == CKG_RAW);
+                if (len < CKG_MIN_COMPRESS) CHECK(ch.codec == CKG_RAW);
+                CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back, &s2,
+                                       ch.hash) == CKG_OK);
+                CHECK(len == 0 || memcmp(raw, back, len) == 0);
+                /* compress off: always raw, same hash */
+                ckg_chunk ch2;
+                CHECK(ckg_encode_chunk(raw, len, elem, 0, out, cap, &s, &ch2) == CKG_OK);
+                CHECK(ch2.codec == CKG_RAW && memcmp(ch2.hash, h, 16) == 0);
+                /* a wrong hash is reported */
+                uint8_t bad[16];
+                memcpy(bad, h, 16);
+                bad[7] ^= 1;
+                CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back, &s2,
+                                       bad) == CKG_E_HASH);
+                free(raw);
+                free(back);
+                free(out);
+            }
+        }
+    }
+    ckg_scratch_free(&s);
+    ckg_scratch_free(&s2);
+}
+
+static void test_decode_malformed(void) {
+    ckg_scratch s = {0};
+    size_t len = 65536;
+    uint8_t *raw = malloc(len), *out = malloc(ckg_encode_bound(len)), *dst = malloc(len);
+    fill(raw, len, 4, 3);
+    ckg_chunk ch;
+    CHECK(ckg_encode_chunk(raw, len, 4, 1, out, ckg_encode_bound(len), &s, &ch) == CKG_OK);
+    CHECK(ch.codec == CKG_SHUFFLE_LZ4);
+    const uint8_t *p = ch.payload;
+    size_t sl = ch.stored_len;
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl / 2, len, 4, dst, &s, NULL) == CKG_E_LZ4);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, 0, len, 4, dst, &s, NULL) == CKG_E_LZ4);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_LZ4);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 3, dst, &s, NULL) == CKG_E_ELEM);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 0, dst, &s, NULL) == CKG_E_ELEM);
+    CHECK(ckg_decode_chunk(2, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
+    CHECK(ckg_decode_chunk(255, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
+    CHECK(ckg_decode_chunk(CKG_RAW, raw, len - 1, len, 4, dst, &s, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, (size_t)1 << 40, len, 4, dst, &s, NULL) ==
+          CKG_E_TOOBIG);
+    free(raw);
+    free(out);
+    free(dst);
+    ckg_scratch_free(&s);
+}
+
+static void test_records(void) {
+    ckg_scratch s = {0};
+    size_t len = 40000;
+    uint8_t *raw = malloc(len), *dst = malloc(len);
+    fill(raw, len, 2, 2);
+    size_t cap = ckg_encode_bound(len), ext = ckg_align_up(CKG_REC_HDR + cap);
+    uint8_t *rec = calloc(1, ext);
+    ckg_chunk ch;
+    CHECK(ckg_encode_chunk(raw, len, 2, 1, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
+    if (ch.payload != rec + CKG_REC_HDR) memcpy(rec + CKG_REC_HDR, ch.payload, ch.stored_len);
+    ckg_rec_header h = {ch.codec, 2, len, ch.stored_len, {0}, 41};
+    memcpy(h.hash, ch.hash, 16);
+    ckg_pack_record_header(rec, &h);
+    size_t extent = ckg_align_up(CKG_REC_HDR + ch.stored_len);
+    memset(rec + CKG_REC_HDR + ch.stored_len, 0, extent - CKG_REC_HDR - ch.stored_len);
+    ckg_rec_header back;
+    CHECK(ckg_unpack_record_header(rec, &back) == CKG_OK);
+    CHECK(back.seq == 41 && back.raw_len == len && back.stored_len == ch.stored_len);
+    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1) == CKG_OK);
+    CHECK(memcmp(dst, raw, len) == 0);
+    CHECK(ckg_decode_record(rec, CKG_REC_HDR - 1, &h, 1, dst, &s, 1) == CKG_E_TRUNCATED);
+    CHECK(ckg_decode_record(rec, CKG_REC_HDR + ch.stored_len - 1, &h, 1, dst, &s, 1) ==
+          CKG_E_TRUNCATED);
+    ckg_rec_header other = h;
+    other.seq = 40;
+    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1) == CKG_E_MISMATCH);
+    CHECK(ckg_decode_record(rec, extent, &other, 0, dst, &s, 1) == CKG_OK);
+    other = h;
+    other.raw_len = len + 2;
+    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1) == CKG_E_MISMATCH);
+    /* every header byte matters */
+    for (int i = 0; i < CKG_REC_HDR; i++) {
+        rec[i] ^= 0x10;
+        int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1);
+        CHECK(rc == CKG_E_HEADER || rc == CKG_E_MISMATCH);
+        rec[i] ^= 0x10;
+    }
+    if (extent > CKG_REC_HDR + ch.stored_len) {
+        rec[extent - 1] = 1;
+        CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1) == CKG_E_PADDING);
+        rec[extent - 1] = 0;
+    }
+    rec[CKG_REC_HDR + ch.stored_len / 2] ^= 0x04;
+    int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1);
+    CHECK(rc == CKG_E_LZ4 || rc == CKG_E_HASH);
+    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 0) == CKG_OK || rc == CKG_E_LZ4);
+    free(raw);
+    free(dst);
+    free(rec);
+    ckg_scratch_free(&s);
+}
+
+static void test_pipelines(void) {
+    size_t len = (5u << 20) + 4096 + 48, chunk = 1 << 20;
+    uint8_t *buf = malloc(len);
+    fill(buf, len, 2, 2);
+    fill(buf + (2u << 20), 1u << 20, 2, 1); /* one zero chunk */
+    fill(buf + (3u << 20), 1u << 20, 2, 0); /* one random chunk: stored raw */
+    size_t n = ckg_nchunks(len, chunk);
+    ckg_rec_info ref[8], res[8];
+    uint8_t *outs[8], *outs2[8];
+    for (size_t i = 0; i < n; i++) {
+        outs[i] = malloc(ckg_encode_bound(chunk));
+        outs2[i] = malloc(ckg_encode_bound(chunk));
+    }
+    ckg_failure f;
+    CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, 1, outs, ref, &f) == CKG_OK);
+    CHECK(ref[2].codec == CKG_SHUFFLE_LZ4 && ref[3].codec == CKG_RAW);
+    for (int threads = 2; threads <= 5; threads++) {
+        CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, threads, outs2, res, &f) == CKG_OK);
+        for (size_t i = 0; i < n; i++) {
+            CHECK(res[i].codec == ref[i].codec && res[i].stored_len == ref[i].stored_len);
+            CHECK(memcmp(res[i].hash, ref[i].hash, 16) == 0);
+            CHECK(memcmp(outs[i], outs2[i], res[i].stored_len) == 0);
+        }
+    }
+    /* decode_many back into one destination */
+    uint8_t *dst = malloc(len);
+    ckg_decode_item items[8];
+    for (size_t i = 0; i < n; i++)
+        items[i] = (ckg_decode_item){ref[i].codec, 2, outs[i], ref[i].stored_len,
+                                     ref[i].raw_len, ref[i].hash, dst + i * chunk};
+    for (int threads = 1; threads <= 4; threads++) {
+        memset(dst, 0xAA, len);
+        CHECK(ckg_decode_many(items, n, threads, &f) == CKG_OK);
+        CHECK(memcmp(dst, buf, len) == 0);
+    }
+    uint8_t badh[16] = {0};
+    items[4].hash = badh;
+    items[1].codec = 9;
+    CHECK(ckg_decode_many(items, n, 3, &f) == CKG_E_CODEC && f.index == 1);
+    items[1].codec = ref[1].codec;
+    CHECK(ckg_decode_many(items, n, 3, &f) == CKG_E_HASH && f.index == 4);
+
+    /* write to a file (buffered, then O_DIRECT where allowed), read back */
+    char path[] = "/tmp/ckg-native-test-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    for (int direct = 0; direct <= 1; direct++) {
+        for (int threads = 1; threads <= 4; threads += 3) {
+            CHECK(ftruncate(fd, 0) == 0);
+            int dfd = direct ? ckg_open_direct(path) : -1;
+            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 4096, 7};
+            uint64_t end = 0;
+            int used = -1;
+            CHECK(ckg_write_buffer(&a, threads, res, &end, &used, &f) == CKG_OK);
+            if (dfd >= 0) close(dfd);
+            CHECK(used == (dfd >= 0));
+            uint64_t pos = 4096;
+            ckg_read_item ri[8];
+            for (size_t i = 0; i < n; i++) {
+                CHECK(res[i].offset == pos && res[i].stored_len == ref[i].stored_len);
+                size_t ext = ckg_align_up(CKG_REC_HDR + res[i].stored_len);
+                ckg_rec_header w = {res[i].codec, 2, res[i].raw_len, res[i].stored_len, {0},
+                                    (uint32_t)(7 + i)};
+                memcpy(w.hash, res[i].hash, 16);
+                ri[i] = (ckg_read_item){pos, ext, w, 1, dst + i * chunk};
+                pos += ext;
+            }
+            CHECK(end == pos);
+            memset(dst, 0, len);
+            CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_OK);
+            CHECK(memcmp(dst, buf, len) == 0);
+            ri[2].want.seq = 99;
+            CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_MISMATCH && f.index == 2);
+            ri[2].want.seq = 9;
+            CHECK(ftruncate(fd, (off_t)(ri[n - 1].offset + 10)) == 0);
+            CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_TRUNCATED &&
+                  f.index == n - 1);
+        }
+    }
+    /* injected I/O error: reported with errno, and the pipeline stops */
+    ckg_io_inject(EIO, 2);
+    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0};
+    uint64_t end;
+    int used;
+    CHECK(ckg_write_buffer(&a, 3, res, &end, &used, &f) == CKG_E_IO && f.err == EIO);
+    ckg_io_inject(0, 0);
+    close(fd);
+    unlink(path);
+    /* ENOSPC from /dev/full */
+    int full = open("/dev/full", O_WRONLY);
+    if (full >= 0) {
+        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0};
+        CHECK(ckg_write_buffer(&b, 2, res, &end, &used, &f) == CKG_E_IO && f.err == ENOSPC);
+        close(full);
+    }
+    for (size_t i = 0; i < n; i++) {
+        free(outs[i]);
+        free(outs2[i]);
+    }
+    free(dst);
+    free(buf);
+}
+
+int main(void) {
+    test_shuffle();
+    test_chunk_roundtrip();
+    test_decode_malformed();
+    test_records();
+    test_pipelines();
+    ckg_release_thread_buffers();
+    printf("test_native: %d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}

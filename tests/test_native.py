@@ -1,0 +1,596 @@
+"""The chunk codec on both backends (python-zstandard style: same tests, each backend).
+
+The native path must produce exactly the bytes of the pure-Python path (same LZ4 version), decode
+anything either writes, and fail with the same typed errors. Outcomes only, never timings.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptguard
+from ckptguard import backend, codec
+from ckptguard.format.datafile import FormatError
+from ckptguard.format.layout import align
+
+NATIVE_SKIP = pytest.mark.skipif(not backend.available(), reason=backend.reason())
+BACKENDS = [
+    pytest.param("python", id="python"),
+    pytest.param("native", id="native", marks=NATIVE_SKIP),
+]
+ELEMS = [1, 2, 4, 8, 16]
+
+
+def _model_like(n: int, dtype: torch.dtype, seed: int = 0) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    return t.view(torch.uint8).numpy()
+
+
+def _inputs() -> list[tuple[str, np.ndarray, int]]:
+    rng = np.random.default_rng(1)
+    return [
+        ("bf16", _model_like(300_000, torch.bfloat16), 2),
+        ("fp32", _model_like(200_000, torch.float32), 4),
+        ("fp16", _model_like(100_000, torch.float16), 2),
+        ("zeros", np.zeros(1 << 16, np.uint8), 8),
+        ("random", rng.integers(0, 256, 70_000, dtype=np.uint8), 1),
+        ("lowent", rng.integers(0, 3, 90_000, dtype=np.uint8), 1),
+        ("int64", np.arange(20_000, dtype=np.int64).view(np.uint8), 8),
+        ("c128", rng.standard_normal(4_000).astype(np.complex128).view(np.uint8), 16),
+        ("tiny", np.arange(48, dtype=np.uint8), 4),
+        ("empty", np.zeros(0, np.uint8), 2),
+    ]
+
+
+INPUTS = _inputs()
+
+
+# ---- identical bytes ----------------------------------------------------------------------
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("name,data,elem", INPUTS, ids=[x[0] for x in INPUTS])
+@pytest.mark.parametrize("chunk", [64, 4096, 65_536, 1 << 20])
+@pytest.mark.parametrize("compress", [True, False])
+def test_encode_buffer_identical(name: str, data: np.ndarray, elem: int, chunk: int, compress):
+    py = codec.encode_buffer(data, elem, chunk, compress, threads=2, backend="python")
+    nat = codec.encode_buffer(data, elem, chunk, compress, threads=2, backend="native")
+    assert nat == py
+    assert len(nat) == -(-len(data) // chunk)
+
+
+@NATIVE_SKIP
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(ELEMS),
+    st.integers(0, 3000),
+    st.integers(1, 64),
+    st.sampled_from(["random", "runs", "small"]),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 4),
+)
+def test_encode_identical_property(elem, n_elems, chunk_elems, kind, seed, threads):
+    rng = np.random.default_rng(seed)
+    n = n_elems * elem
+    if kind == "random":
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+    elif kind == "runs":
+        data = np.repeat(rng.integers(0, 256, n // 7 + 1, dtype=np.uint8), 7)[:n]
+    else:
+        data = rng.integers(0, 4, n, dtype=np.uint8)
+    chunk = chunk_elems * elem * 16
+    py = codec.encode_buffer(data, elem, chunk, True, threads, "python")
+    nat = codec.encode_buffer(data, elem, chunk, True, threads, "native")
+    assert nat == py
+    for i, (cid, payload, h) in enumerate(nat):
+        piece = data[i * chunk : (i + 1) * chunk].tobytes()
+        assert codec.encode(piece, elem, True) == (cid, payload, h)
+        assert codec.decode(cid, payload, len(piece), elem, backend="native") == piece
+        assert codec.decode(cid, payload, len(piece), elem, backend="python") == piece
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("width", ELEMS + [3, 12])
+def test_shuffle_identical(width: int):
+    data = np.random.default_rng(width).integers(0, 256, width * 1001, dtype=np.uint8).tobytes()
+    n = backend.native()
+    assert n.shuffle(data, width) == codec.shuffle(data, width)
+    assert n.unshuffle(n.shuffle(data, width), width) == data
+    assert n.hash128(data) == codec.digest(data)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_encode_buffer_accepts_tensors_and_views(be: str):
+    t = (torch.randn(50_000) * 0.02).to(torch.bfloat16)
+    want = codec.encode_buffer(t.view(torch.uint8).numpy().tobytes(), 2, 8192, backend=be)
+    assert codec.encode_buffer(t, 2, 8192, backend=be) == want
+    assert codec.encode_buffer(memoryview(t.view(torch.uint8).numpy()), 2, 8192, backend=be) == want
+    assert codec.encode_buffer(t.view(torch.int16).numpy(), 2, 8192, backend=be) == want
+    assert any(c == codec.SHUFFLE_LZ4 for c, _, _ in want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_encode_buffer_rejects_bad_arguments(be: str):
+    with pytest.raises(ValueError):
+        codec.encode_buffer(b"\0" * 10, 4, 64, True, backend=be)  # not whole elements
+    with pytest.raises(ValueError):
+        codec.encode_buffer(b"\0" * 64, 4, 30, True, backend=be)  # chunk splits elements
+    with pytest.raises(ValueError):
+        codec.encode_buffer(b"\0" * 64, 0, 64, True, backend=be)
+    with pytest.raises(ValueError):
+        codec.encode_buffer(b"\0" * 64, 1, 0, True, backend=be)
+    with pytest.raises(ValueError):
+        codec.encode_buffer(np.zeros((8, 8), np.uint8)[:, ::2], 1, 64, True, backend=be)
+
+
+# ---- decode into a destination ------------------------------------------------------------
+
+
+def _items(data: np.ndarray, elem: int, chunk: int) -> list[codec.DecodeItem]:
+    recs = codec.encode_buffer(data, elem, chunk, True, 2, "python")
+    return [
+        codec.DecodeItem(c, p, min(chunk, len(data) - i * chunk), elem, h, i * chunk)
+        for i, (c, p, h) in enumerate(recs)
+    ]
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("name,data,elem", INPUTS, ids=[x[0] for x in INPUTS])
+def test_decode_into_roundtrip(be: str, name: str, data: np.ndarray, elem: int):
+    items = _items(data, elem, 4096)
+    dest = np.full(len(data), 0xAA, np.uint8)
+    codec.decode_into(dest, items, threads=2, backend=be)
+    assert dest.tobytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_decode_into_torch_destination(be: str):
+    src = (torch.randn(10_000) * 0.02).to(torch.bfloat16)
+    raw = src.view(torch.uint8).numpy()
+    out = torch.empty_like(src)
+    codec.decode_into(out, _items(raw, 2, 4096), backend=be)
+    assert torch.equal(out, src)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_decode_into_hash_mismatch_names_chunk(be: str):
+    data = _model_like(40_000, torch.float32)
+    items = _items(data, 4, 16_384)
+    bad = list(items)
+    bad[3] = bad[3]._replace(hash=bytes(16))
+    with pytest.raises(codec.ChunkHashError) as e:
+        codec.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
+    assert e.value.index == 3
+    assert isinstance(e.value, FormatError)
+    # Without a hash the chunk is not verified.
+    bad[3] = bad[3]._replace(hash=None)
+    codec.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
+
+
+def _malformed(items: list[codec.DecodeItem]) -> list[tuple[str, codec.DecodeItem]]:
+    lz = next(it for it in items if it.codec == codec.SHUFFLE_LZ4)
+    raw = next(it for it in items if it.codec == codec.RAW)
+    p = bytes(lz.payload)
+    return [
+        ("truncated", lz._replace(payload=p[: len(p) // 2])),
+        ("empty", lz._replace(payload=b"")),
+        ("garbage", lz._replace(payload=bytes([0xF0]) + p[1:])),
+        ("extra", lz._replace(payload=p + b"\x00" * 9)),
+        ("short raw_len", lz._replace(raw_len=lz.raw_len - lz.elem_size)),
+        ("bad codec", lz._replace(codec=7)),
+        ("codec 255", raw._replace(codec=255)),
+        ("elem 0", lz._replace(elem_size=0)),
+        ("elem 3", lz._replace(elem_size=3)),
+        ("raw too short", raw._replace(payload=bytes(raw.payload)[:-1])),
+        ("raw as lz4", raw._replace(codec=codec.SHUFFLE_LZ4)),
+        ("lz4 as raw", lz._replace(codec=codec.RAW)),
+    ]
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_decode_into_malformed_records_raise_typed_errors(be: str):
+    rng = np.random.default_rng(5)
+    data = np.concatenate(
+        [rng.integers(0, 4, 32768, np.uint8), rng.integers(0, 256, 32768, np.uint8)]
+    )
+    items = _items(data, 4, 32768)
+    for name, bad in _malformed(items):
+        for pos in (0, len(items) - 1):
+            case = list(items)
+            case[pos] = bad._replace(dest_offset=items[pos].dest_offset)
+            if case[pos].raw_len > len(data) - case[pos].dest_offset:
+                continue
+            dest = np.empty(len(data), np.uint8)
+            with pytest.raises(codec.ChunkError) as e:
+                codec.decode_into(dest, case, threads=2, backend=be)
+            assert e.value.index == pos, name
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_decode_into_refuses_chunks_outside_destination(be: str):
+    data = np.arange(4096, dtype=np.uint8)
+    items = _items(data, 1, 1024)
+    for bad in (
+        items[3]._replace(dest_offset=3500),
+        items[0]._replace(raw_len=1 << 62),
+        items[1]._replace(dest_offset=1 << 40),
+    ):
+        with pytest.raises(codec.ChunkError):
+            codec.decode_into(np.empty(4096, np.uint8), [items[0], bad], backend=be)
+    with pytest.raises(ValueError):
+        codec.decode_into(b"\0" * 4096, items, backend=be)  # read-only destination
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_decode_single_chunk_errors(be: str):
+    data = np.random.default_rng(2).integers(0, 4, 16384, dtype=np.uint8)
+    payload = codec.encode_buffer(data, 4, 1 << 20, backend="python")
+    cid, p, _ = payload[0]
+    assert cid == codec.SHUFFLE_LZ4
+    with pytest.raises(FormatError):
+        codec.decode(cid, p[:-5], 16384, 4, backend=be)
+    with pytest.raises(FormatError):
+        codec.decode(cid, p, 1 << 50, 4, backend=be)  # refused before allocating
+    with pytest.raises(FormatError):
+        codec.decode(9, p, 16384, 4, backend=be)
+    with pytest.raises(FormatError):
+        codec.decode(codec.RAW, p, 16384, 4, backend=be)
+
+
+# ---- records on disk ----------------------------------------------------------------------
+
+
+def _write(path: str, be: str, data, elem: int, chunk: int, compress=True, direct=False, pos=4096):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, b"H" * pos, 0)
+        res = codec.write_records(fd, path, pos, 5, data, elem, chunk, compress, 2, direct, be)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == res.end
+    finally:
+        os.close(fd)
+    return res
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("name,data,elem", INPUTS, ids=[x[0] for x in INPUTS])
+def test_write_records_identical_files(tmp_path, name: str, data: np.ndarray, elem: int):
+    a, b = str(tmp_path / "py.ckg"), str(tmp_path / "nat.ckg")
+    ra = _write(a, "python", data, elem, 16384)
+    rb = _write(b, "native", data, elem, 16384)
+    assert ra.records == rb.records and ra.end == rb.end
+    assert Path(a).read_bytes() == Path(b).read_bytes()
+    assert os.path.getsize(a) == ra.end
+    pos = 4096
+    for r in rb.records:
+        assert r.offset == pos
+        pos += align(64 + r.stored_len)
+
+
+def _direct_opens(directory: str) -> bool:
+    probe = os.path.join(directory, f"ckg-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+@pytest.mark.parametrize("refused", [False, True])
+def test_write_records_direct_io_or_fallback(tmp_path, where: str, refused: bool):
+    if where == "shm" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    base = str(tmp_path) if where == "tmp" else "/dev/shm"
+    data = _model_like(600_000, torch.bfloat16)
+    a = os.path.join(base, f"ckg-direct-{os.getpid()}-a")
+    b = os.path.join(base, f"ckg-direct-{os.getpid()}-b")
+    n = backend.native()
+    if refused and not _direct_opens(base):
+        pytest.skip(f"{base} refuses O_DIRECT at open (the fallback is taken there anyway)")
+    try:
+        if refused:  # the first O_DIRECT write is refused (EINVAL): buffered from then on
+            n._inject_io_error(errno.EINVAL, 0)
+        ra = _write(a, "native", data, 2, 1 << 18, direct=True)
+        rb = _write(b, "python", data, 2, 1 << 18)
+        assert ra.records == rb.records
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+        if refused:
+            assert ra.direct is False
+    finally:
+        n._inject_io_error(0)
+        for p in (a, b):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_write_records_enospc_is_typed_oserror(be: str):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            codec.write_records(fd, "/dev/full", 0, 0, b"x" * 100_000, 1, 8192, backend=be)
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.filename == "/dev/full"
+
+
+@NATIVE_SKIP
+def test_write_records_injected_eio(tmp_path):
+    path = str(tmp_path / "f.ckg")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    n = backend.native()
+    try:
+        n._inject_io_error(errno.EIO, 3)
+        with pytest.raises(OSError) as e:
+            codec.write_records(fd, path, 0, 0, b"y" * 100_000, 1, 8192, backend="native")
+    finally:
+        n._inject_io_error(0)
+        os.close(fd)
+    assert e.value.errno == errno.EIO and e.value.filename == path
+
+
+def _read_items(res: codec.WriteResult, elem: int, chunk: int) -> list[codec.ReadItem]:
+    return [
+        codec.ReadItem(
+            r.offset,
+            align(64 + r.stored_len),
+            r.codec,
+            elem,
+            r.raw_len,
+            r.stored_len,
+            r.hash,
+            i * chunk,
+            5 + i,
+        )
+        for i, r in enumerate(res.records)
+    ]
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("writer", BACKENDS)
+def test_read_into_roundtrip(tmp_path, be: str, writer: str):
+    data = _model_like(300_000, torch.bfloat16)
+    path = str(tmp_path / "r.ckg")
+    res = _write(path, writer, data, 2, 65536)
+    dest = np.zeros(len(data), np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        codec.read_into(fd, path, dest, _read_items(res, 2, 65536), threads=2, backend=be)
+    finally:
+        os.close(fd)
+    assert dest.tobytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_read_into_detects_damage(tmp_path, be: str):
+    data = _model_like(100_000, torch.float32)
+    path = str(tmp_path / "r.ckg")
+    res = _write(path, "python", data, 4, 65536)
+    items = _read_items(res, 4, 65536)
+    good = Path(path).read_bytes()
+
+    def attempt(content: bytes, its=items) -> None:
+        with open(path, "wb") as f:
+            f.write(content)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            codec.read_into(fd, path, np.empty(len(data), np.uint8), its, 2, True, be)
+        finally:
+            os.close(fd)
+
+    r2 = res.records[2]
+    flip = bytearray(good)
+    flip[r2.offset + 64 + r2.stored_len // 2] ^= 0x40
+    with pytest.raises(codec.ChunkError) as e:  # LZ4 garbage or a hash mismatch
+        attempt(bytes(flip))
+    assert e.value.index == 2
+    pad = bytearray(good)
+    pad[r2.offset + 64 + r2.stored_len] = 1
+    with pytest.raises(codec.ChunkError, match="padding") as e:
+        attempt(bytes(pad))
+    assert e.value.index == 2 and not isinstance(e.value, codec.ChunkHashError)
+    hdr = bytearray(good)
+    hdr[r2.offset + 1] ^= 1
+    with pytest.raises(codec.ChunkError) as e:
+        attempt(bytes(hdr))
+    assert e.value.index == 2
+    with pytest.raises(codec.ChunkError, match="truncated") as e:
+        attempt(good[: res.records[-1].offset + 100])
+    assert e.value.index == len(items) - 1
+    wrong_seq = [*items[:1], items[1]._replace(seq=99), *items[2:]]
+    with pytest.raises(codec.ChunkError) as e:
+        attempt(good, wrong_seq)
+    assert e.value.index == 1
+    raw_rec = next(i for i, r in enumerate(res.records) if r.codec == codec.RAW)
+    if raw_rec is not None:  # a raw chunk with a flipped byte decodes, then fails its hash
+        rr = res.records[raw_rec]
+        body = bytearray(good)
+        body[rr.offset + 64 + 10] ^= 0x01
+        with pytest.raises(codec.ChunkHashError) as e:
+            attempt(bytes(body))
+        assert e.value.index == raw_rec
+
+
+# ---- save / load end to end ---------------------------------------------------------------
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "emb": (torch.randn(300, 512, generator=g) * 0.02).to(torch.bfloat16),
+        "w": torch.randn(257, 129, generator=g),
+        "ids": torch.arange(70_000, dtype=torch.int64),
+        "mask": torch.rand(1000, generator=g) > 0.5,
+        "step": 7,
+    }
+
+
+def _record_region(ckpt: str) -> tuple[bytes, list]:
+    from ckptguard.reader import CheckpointReader
+
+    with CheckpointReader(ckpt) as rd:
+        rows = [(r.key, r.offset, r.stored_len, r.codec, r.hash) for r in rd.rows]
+        name = next(iter(rd.files))
+        data = Path(os.path.join(ckpt, name)).read_bytes()
+        end = max(r.extent for r in rd.rows)
+        return data[4096:end], rows
+
+
+@NATIVE_SKIP
+def test_save_identical_files_and_cross_load(tmp_path):
+    state = _state()
+    paths = {}
+    for be in ("python", "native"):
+        with backend.use(be):
+            paths[be] = ckptguard.save(state, str(tmp_path / "s" / be), chunk_size=65536).path
+    assert _record_region(paths["python"]) == _record_region(paths["native"])
+    for writer, reader in [("python", "native"), ("native", "python")]:
+        with backend.use(reader):
+            out = ckptguard.load(paths[writer])
+        assert out["step"] == 7
+        for k in ("emb", "w", "ids", "mask"):
+            assert torch.equal(out[k], state[k]), (writer, reader, k)
+
+
+@NATIVE_SKIP
+def test_native_is_default_and_switchable():
+    assert backend.active() and backend.name() == "native"
+    with backend.use("python"):
+        assert backend.name() == "python" and not backend.active()
+        assert "pure Python" in backend.reason()
+    assert backend.name() == "native"
+    with pytest.raises(ValueError):
+        backend.resolve("fortran")
+
+
+# ---- the switch, threads, doctor ------------------------------------------------------------
+
+
+def _probe(env: dict[str, str], block_native: bool = False) -> subprocess.CompletedProcess:
+    code = (
+        ("import sys; sys.modules['ckptguard._native'] = None\n" if block_native else "")
+        + "from ckptguard import backend\n"
+        + "print(backend.name()); print(backend.reason()); print(backend.default_threads())"
+    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTGUARD_", "SLURM_"))}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_env_forces_python():
+    p = _probe({"CKPTGUARD_NATIVE": "0"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[:2] == ["python", "pure Python: forced by CKPTGUARD_NATIVE=0"]
+
+
+def test_missing_extension_falls_back_with_reason():
+    p = _probe({}, block_native=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "python" and "cannot be imported" in lines[1]
+
+
+def test_env_requires_native_fails_loudly_when_missing():
+    p = _probe({"CKPTGUARD_NATIVE": "1"}, block_native=True)
+    assert p.returncode != 0
+    assert "NativeUnavailableError" in p.stderr and "CKPTGUARD_NATIVE=1" in p.stderr
+
+
+def test_env_rejects_unknown_value():
+    p = _probe({"CKPTGUARD_NATIVE": "maybe"})
+    assert p.returncode != 0 and "CKPTGUARD_NATIVE" in p.stderr
+
+
+@NATIVE_SKIP
+def test_env_requires_native():
+    p = _probe({"CKPTGUARD_NATIVE": "1"})
+    assert p.returncode == 0 and p.stdout.splitlines()[0] == "native"
+
+
+def test_thread_count_sources():
+    cpus = len(os.sched_getaffinity(0))
+    assert int(_probe({}).stdout.splitlines()[2]) == cpus
+    assert int(_probe({"SLURM_CPUS_PER_TASK": "1"}).stdout.splitlines()[2]) == 1
+    assert int(_probe({"SLURM_CPUS_PER_TASK": "999"}).stdout.splitlines()[2]) == cpus
+    assert int(_probe({"CKPTGUARD_THREADS": "3"}).stdout.splitlines()[2]) == 3
+    backend.set_threads(5)
+    try:
+        assert backend.default_threads() == 5
+    finally:
+        backend.set_threads(None)
+
+
+def test_doctor_reports_path():
+    from click.testing import CliRunner
+
+    from ckptguard.cli import cli
+
+    res = CliRunner().invoke(cli, ["doctor"])
+    assert res.exit_code == 0, res.output
+    assert f"codec path: {backend.name()}" in res.output
+    assert backend.reason() in res.output
+
+
+# ---- threads, GIL, fork -------------------------------------------------------------------
+
+
+@NATIVE_SKIP
+def test_concurrent_callers_get_the_same_bytes():
+    data = _model_like(400_000, torch.bfloat16)
+    want = codec.encode_buffer(data, 2, 32768, True, 2, "python")
+    results: list = [None] * 4
+
+    def run(i: int) -> None:
+        results[i] = codec.encode_buffer(data, 2, 32768, True, 3, "native")
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(r == want for r in results)
+
+
+_FORK_DATA = np.random.default_rng(9).integers(0, 4, 300_000, dtype=np.uint8)
+
+
+def _child_encode(q) -> None:  # a forked child, after the parent used the pool (no torch here)
+    q.put(codec.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native"))
+
+
+@NATIVE_SKIP
+def test_pool_survives_fork():
+    want = codec.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native")
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_encode, args=(q,))
+    p.start()
+    try:
+        got = q.get(timeout=60)
+    finally:
+        p.join(timeout=60)
+        if p.exitcode is None:
+            p.kill()
+    assert p.exitcode == 0 and got == want
