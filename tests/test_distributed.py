@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -54,15 +55,22 @@ def torchrun(n: int, *args: str, timeout: float = 120) -> list[int]:
             "RANK": str(r),
             "WORLD_SIZE": str(n),
         }
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
         procs.append(
-            subprocess.Popen(
-                [sys.executable, SCENARIOS, "torch", *args],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            (
+                subprocess.Popen(
+                    [sys.executable, SCENARIOS, "torch", *args], env=env, stdout=log, stderr=log
+                ),
+                log,
             )
         )
-    return [p.wait(timeout=timeout) for p in procs]
+    codes = []
+    for r, (p, log) in enumerate(procs):
+        codes.append(p.wait(timeout=timeout))
+        log.seek(0)
+        print(f"--- rank {r} exit {codes[-1]}\n{log.read()[-3000:]}")  # shown if a test fails
+        log.close()
+    return codes
 
 
 def outcomes(tmp_path, n: int) -> list[dict]:
