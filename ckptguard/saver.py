@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -213,8 +214,9 @@ class _Save:
             files = [rep["file"] for rep, _ in reports]
             features = set(self.body["features"])
             sizes = {f["name"]: f["size"] for f in files}
-            check_table(table, self.body["tensors"], sizes, features)
-            index_entry = _commit.write_index(self.staging, table)
+            index_entry = validate_and_index(
+                self.staging, table, self.body["tensors"], sizes, features
+            )
             failpoint("commit.index_written")
             self.body.update(
                 {
@@ -244,6 +246,23 @@ class _Save:
         doc = asdict(info)
         doc["created"] = self.body["created"]
         return {"ok": True, "info": doc}
+
+
+def validate_and_index(
+    staging: str, table: pa.Table, tensors: list[dict], sizes: dict[str, int], features: set
+) -> dict:
+    """Check every row and write index.parquet at the same time (both release the GIL).
+
+    The index is only referenced by a manifest if validation passed; otherwise it is staging
+    garbage like the rest. Returns the manifest's ``index`` member.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-index") as pool:
+        written = pool.submit(_commit.write_index, staging, table)
+        try:
+            check_table(table, tensors, sizes, features)
+        finally:
+            entry = written.result()
+    return entry
 
 
 def _pack(doc: dict, *parts: bytes) -> bytes:
