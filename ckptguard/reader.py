@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -208,6 +209,44 @@ class CheckpointReader:
                     yield r, self.read_chunk(fd, r, verify)
             finally:
                 os.close(fd)
+
+    def read_into(
+        self, fd: int, rows: list[Row], dest: Any, dest_offsets: list[int], verify: bool = True
+    ) -> None:
+        """Read, check and decode ``rows`` of one open file straight into ``dest`` (in parallel on
+        the native path); each row's raw bytes land at its ``dest_offsets`` entry."""
+        items = [
+            codec.ReadItem(
+                r.offset,
+                r.extent - r.offset,
+                CODECS[r.codec],
+                r.elem_size,
+                r.raw_len,
+                r.stored_len,
+                r.hash,
+                off,
+                self._seq_of[(r.file, r.offset)],
+            )
+            for r, off in zip(rows, dest_offsets, strict=True)
+        ]
+        try:
+            codec.read_into(
+                fd,
+                os.path.join(self.path, rows[0].file) if rows else self.path,
+                dest,
+                items,
+                verify=verify,
+            )
+        except codec.ChunkError as e:
+            r = rows[e.index]
+            what = (
+                "chunk hash mismatch (data corrupted)"
+                if isinstance(e, codec.ChunkHashError)
+                else e.reason
+            )
+            raise self.corrupt(
+                what, file=r.file, key=r.key, chunk=r.chunk, offset=r.offset
+            ) from None
 
     def read_chunk(self, fd: int, r: Row, verify: bool = True) -> bytes:
         where = {"file": r.file, "key": r.key, "chunk": r.chunk, "offset": r.offset}

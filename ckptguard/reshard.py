@@ -39,6 +39,7 @@ class Piece:
     row1: int
     rows: list[Row] = field(default_factory=list)
     buf: np.ndarray | None = None
+    buf_lo: int = 0  # shard byte offset of buf[0]: whole chunks land in buf
 
     @property
     def row_bytes(self) -> int:
@@ -52,21 +53,22 @@ class Piece:
         return self.row0 * self.row_bytes, self.row1 * self.row_bytes
 
     def allocate(self) -> None:
-        lo, hi = self.span
-        self.buf = np.empty(hi - lo, dtype=np.uint8)
+        """A buffer from the first needed chunk's start to the last one's end."""
+        self.buf_lo = min(r.shard_byte_offset for r in self.rows)
+        hi = max(r.shard_byte_offset + r.raw_len for r in self.rows)
+        self.buf = np.empty(hi - self.buf_lo, dtype=np.uint8)
 
-    def put(self, r: Row, raw: bytes) -> None:
-        """Copy the part of a chunk that falls inside the needed byte range."""
-        lo, hi = self.span
-        a, b = max(lo, r.shard_byte_offset), min(hi, r.shard_byte_offset + r.raw_len)
-        src = np.frombuffer(raw, dtype=np.uint8)
-        self.buf[a - lo : b - lo] = src[a - r.shard_byte_offset : b - r.shard_byte_offset]
+    def dest_offset(self, r: Row) -> int:
+        """Where a chunk's raw bytes go in ``buf``."""
+        return r.shard_byte_offset - self.buf_lo
 
     def block(self) -> np.ndarray:
         """The overlap as an array of shape (*overlap lengths, elem_size) of bytes."""
+        lo, hi = self.span
+        needed = self.buf[lo - self.buf_lo : hi - self.buf_lo]
         if not self.shard[1]:
-            return self.buf.reshape(self.elem_size)
-        rows = self.buf.reshape(self.row1 - self.row0, *self.shard[1][1:], self.elem_size)
+            return needed.reshape(self.elem_size)
+        rows = needed.reshape(self.row1 - self.row0, *self.shard[1][1:], self.elem_size)
         sl = [slice(0, self.row1 - self.row0)]
         sl += [
             slice(o - so, o - so + n)

@@ -149,8 +149,8 @@ def load_checkpoint(
         rows_by_tensor: dict[int, list[Row]] = {}
         for r in mine:
             rows_by_tensor.setdefault(r.tensor, []).append(r)
-        consumer: dict[tuple[str, int], Piece] = {}
         pieces: list[tuple[int, Piece]] = []
+        by_file: dict[str, list[tuple[Row, Piece]]] = {}
         for gid, tg in targets.items():
             for p in plan_reads(rows_by_tensor.get(gid, []), tg.box):
                 view = _byte_view(tg.fill) if p.shard == p.overlap == tg.box else None
@@ -160,10 +160,20 @@ def load_checkpoint(
                     p.allocate()
                     pieces.append((gid, p))
                 for r in p.rows:
-                    consumer[(r.file, r.offset)] = p
-        needed = [r for r in mine if (r.file, r.offset) in consumer]
-        for r, raw in rd.read_chunks(needed, verify=verify):
-            consumer[(r.file, r.offset)].put(r, raw)
+                    by_file.setdefault(r.file, []).append((r, p))
+        for name in sorted(by_file):  # each file once, its records in offset order
+            work = sorted(by_file[name], key=lambda rp: rp[0].offset)
+            fd = rd.open_file(name)
+            try:
+                groups: dict[int, list[tuple[Row, Piece]]] = {}
+                for r, p in work:
+                    groups.setdefault(id(p), []).append((r, p))
+                for group in groups.values():
+                    p = group[0][1]
+                    rows = [r for r, _ in group]
+                    rd.read_into(fd, rows, p.buf, [p.dest_offset(r) for r in rows], verify)
+            finally:
+                os.close(fd)
         for gid, p in pieces:
             _copy_block(targets[gid].fill, rd.tensors[gid], p, targets[gid].box[0])
         values: list[Any] = [None] * len(rd.tensors)
