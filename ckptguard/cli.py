@@ -259,17 +259,7 @@ def _verify_targets(path: str, latest_only: bool) -> list[str]:
 
 
 def _problem_line(p: Problem) -> str:
-    where = [
-        f"{label} {v}"
-        for label, v in (
-            ("file", p.file),
-            ("tensor", p.key),
-            ("chunk", p.chunk),
-            ("offset", p.offset),
-        )
-        if v is not None
-    ]
-    return f"  problem: {p.message}" + (f" [{', '.join(where)}]" if where else "")
+    return f"  problem: {p}"
 
 
 def _verify_one(path: str, progress: Callable[[int, int], None] | None) -> tuple[bool, list[str]]:

@@ -16,7 +16,7 @@ from .errors import CheckpointExistsError, StoreError
 from .failpoints import failpoint
 from .format import index, manifest
 from .format.layout import INDEX, LATEST, MANIFEST, STAGING
-from .fsutil import fsync_dir, write_all, write_file_durably
+from .fsutil import fsync_dir, write_file_durably, write_new_file
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -36,12 +36,7 @@ def write_index(staging: str, table: pa.Table) -> dict:
     """Write index.parquet durably; return the manifest's ``index`` member."""
     data = index.write_table(table)
     path = os.path.join(staging, INDEX)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new_file(path, data)
     with open(path, "rb") as f:  # verify what we wrote before it is referenced
         if f.read() != data:
             raise StoreError(f"{path} reads back differently from what was written", path)
@@ -119,12 +114,7 @@ def write_latest(store: str, name: str | None) -> None:
             return
     else:
         tmp = os.path.join(store, f".LATEST.{uuidlib.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(fd, (name + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(tmp, (name + "\n").encode())
         failpoint("commit.latest_tmp_written")
         os.rename(tmp, path)
     fsync_dir(store)

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def location(file: str | None, key: str | None, chunk: int | None, offset: int | None) -> str:
+    """`` [file=..., tensor=..., chunk=..., offset=...]`` for the parts that are known."""
+    where = [
+        f"{n}={v}"
+        for n, v in (("file", file), ("tensor", key), ("chunk", chunk), ("offset", offset))
+        if v is not None
+    ]
+    return f" [{', '.join(where)}]" if where else ""
+
+
 class CheckpointError(Exception):
     """Base class of every error ckptguard raises on purpose."""
 
@@ -61,12 +71,7 @@ class CorruptCheckpointError(CheckpointError):
         chunk: int | None = None,
         offset: int | None = None,
     ) -> None:
-        where = [
-            f"{n}={v}"
-            for n, v in (("file", file), ("tensor", key), ("chunk", chunk), ("offset", offset))
-            if v is not None
-        ]
-        full = message + (f" [{', '.join(where)}]" if where else "")
+        full = message + location(file, key, chunk, offset)
         if path:
             full += f" in {path}"
         super().__init__(full)

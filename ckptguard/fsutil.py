@@ -41,13 +41,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: str, data: bytes, *, tmp_suffix: str = ".tmp") -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync, rename (not the directory)."""
-    tmp = path + tmp_suffix
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+def write_new_file(path: str, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it (not the directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes, *, tmp_suffix: str = ".tmp") -> None:
+    """Write ``data`` to ``path`` via a new temporary file, fsync, rename (not the directory)."""
+    tmp = path + tmp_suffix
+    write_new_file(tmp, data)
     os.rename(tmp, path)

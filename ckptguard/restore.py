@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError
+from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError, location
 from .format.index import Row
 from .reader import CheckpointReader
 from .reshard import Box, Piece, plan_reads
@@ -210,17 +210,7 @@ class Problem:
     offset: int | None = None
 
     def __str__(self) -> str:
-        where = [
-            f"{n}={v}"
-            for n, v in (
-                ("file", self.file),
-                ("tensor", self.key),
-                ("chunk", self.chunk),
-                ("offset", self.offset),
-            )
-            if v is not None
-        ]
-        return self.message + (f" [{', '.join(where)}]" if where else "")
+        return self.message + location(self.file, self.key, self.chunk, self.offset)
 
 
 @dataclass
