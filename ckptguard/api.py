@@ -17,10 +17,7 @@ import xxhash
 
 from .coord import Coordinator, current_rank
 from .coord import auto as coord_auto
-from .errors import (
-    CheckpointNotFoundError,
-    UnsupportedObjectError,
-)
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedObjectError
 from .format.layout import LATEST, MANIFEST, split_path
 from .format.manifest import CheckpointInfo
 from .reader import CheckpointReader
@@ -111,8 +108,14 @@ def resolve(path: str | os.PathLike) -> str:
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
     if os.path.lexists(os.path.join(p, LATEST)):
-        name = Store(p).latest_name()
-        return os.path.join(p, name)
+        target = os.path.join(p, Store(p).latest_name())
+        if not os.path.isfile(os.path.join(target, MANIFEST)):
+            raise CorruptCheckpointError(
+                f"LATEST names {os.path.basename(target)!r}, which is not a committed checkpoint",
+                path=p,
+                file=LATEST,
+            )
+        return target
     if not os.path.isdir(p):
         raise CheckpointNotFoundError(f"no checkpoint or store at {p}")
     looks_like_ckpt = any(n == "index.parquet" or n.endswith(".ckg") for n in os.listdir(p))

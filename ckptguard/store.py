@@ -64,10 +64,17 @@ class Store:
     def latest_name(self) -> str | None:
         """The name LATEST holds, or None when there is no LATEST."""
         try:
-            with open(os.path.join(self.root, LATEST), "rb") as f:
-                raw = f.read(MAX_LATEST_BYTES + 1)
+            fd = os.open(
+                os.path.join(self.root, LATEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
         except FileNotFoundError:
             return None
+        except OSError as e:  # ELOOP: a link where LATEST must be a file
+            raise CorruptCheckpointError(
+                f"LATEST cannot be opened safely: {e.strerror}", path=self.root, file=LATEST
+            ) from None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_LATEST_BYTES + 1)
         name = raw.decode("utf-8", "replace").removesuffix("\n")
         if len(raw) > MAX_LATEST_BYTES or not raw.endswith(b"\n") or not is_name(name):
             raise CorruptCheckpointError("LATEST is damaged", path=self.root, file=LATEST)

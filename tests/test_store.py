@@ -90,3 +90,20 @@ def test_load_of_empty_or_missing_store(tmp_path):
         ckptguard.load(tmp_path / "nope")
     with pytest.raises(ckptguard.CheckpointNotFoundError):
         ckptguard.Store(tmp_path / "nope").list()
+
+
+def test_latest_naming_a_missing_checkpoint_is_corrupt_on_load(tmp_path):
+    save(tmp_path, "a", 1)
+    (tmp_path / LATEST).write_text("gone\n")
+    with pytest.raises(ckptguard.CorruptCheckpointError):
+        ckptguard.load(tmp_path)
+
+
+def test_latest_as_a_link_is_refused(tmp_path):
+    save(tmp_path, "a", 1)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_text("a\n")
+    (tmp_path / LATEST).unlink()
+    (tmp_path / LATEST).symlink_to(outside)
+    with pytest.raises(ckptguard.CorruptCheckpointError):
+        ckptguard.Store(tmp_path).latest_name()
