@@ -1,6 +1,7 @@
 """ckptguard: atomic, verified checkpoints for PyTorch training on HPC clusters.
 
-Use ``save``/``load`` where you used ``torch.save``/``torch.load``; ``verify`` checks every
+Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async`` or a
+``Checkpointer`` to save in the background); ``verify`` checks every
 byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
 directory of them.
 """
@@ -15,14 +16,18 @@ from .api import (
     save,
     verify,
 )
+from .checkpointer import Checkpointer, SaveHandle, save_async
 from .errors import (
     CheckpointAbortedError,
+    CheckpointerClosedError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
+    HostPoolTooSmallError,
     InvalidNameError,
+    SaveCancelledError,
     StoreError,
     StoreFullError,
     StoreNotWritableError,
@@ -31,11 +36,12 @@ from .errors import (
 from .format.manifest import CheckpointInfo
 from .shard import Shard
 from .store import Store
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CheckpointAbortedError",
+    "Checkpointer",
+    "CheckpointerClosedError",
     "CheckpointDescription",
     "CheckpointError",
     "CheckpointExistsError",
@@ -43,8 +49,11 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "FormatVersionError",
+    "HostPoolTooSmallError",
     "InvalidNameError",
     "Problem",
+    "SaveCancelledError",
+    "SaveHandle",
     "Shard",
     "Store",
     "StoreError",
@@ -57,5 +66,6 @@ __all__ = [
     "describe",
     "load",
     "save",
+    "save_async",
     "verify",
 ]

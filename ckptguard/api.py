@@ -24,6 +24,7 @@ from .reader import CheckpointReader
 from .restore import MapLocation, Problem, VerifyReport, load_checkpoint, verify_checkpoint
 from .saver import SaveOptions, save_state
 from .store import Store
+from .version import __version__
 from .writer import DEFAULT_CHUNK
 
 __all__ = [
@@ -41,8 +42,6 @@ _COMPRESS = {"auto": True, "lz4": True, "none": False}
 
 
 def _writer_versions() -> dict[str, str]:
-    from . import __version__
-
     return {
         "ckptguard": __version__,
         "python": platform.python_version(),

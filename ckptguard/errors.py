@@ -83,6 +83,27 @@ class CorruptCheckpointError(CheckpointError):
         self.offset = offset
 
 
+class HostPoolTooSmallError(CheckpointError, ValueError):
+    """The state's tensors need more host memory than the pool may hold (``max_host_bytes``)."""
+
+    def __init__(self, message: str, needed: int, limit: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.limit = limit
+
+
+class CaptureCancelledError(CheckpointError):
+    """The pool was closed while a capture waited for a free region."""
+
+
+class CheckpointerClosedError(CheckpointError, RuntimeError):
+    """The Checkpointer was closed; it takes no more saves or loads."""
+
+
+class SaveCancelledError(CheckpointError):
+    """The save was cancelled by ``close(cancel=True)`` before it was persisted."""
+
+
 def from_oserror(e: OSError, path: str, action: str) -> StoreError:
     """Turn an OSError from the store into the typed error a user can act on."""
     import errno as _errno

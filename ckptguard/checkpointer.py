@@ -1,0 +1,309 @@
+"""Async saves: the trainer waits only for a snapshot in a reusable host pool.
+
+``Checkpointer`` owns the pool and two background threads across saves: a capture thread that
+copies each state into the pool (in order), and a persist thread that encodes, writes and commits
+each snapshot with ``ckptguard.save`` (in order, so every rank of a job runs its collectives in
+the same sequence). ``save_async`` returns a ``SaveHandle``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+import queue
+import threading
+import weakref
+from typing import Any
+
+from . import api
+from .capture import HostPool, Snapshot, caller_streams, capture, state_bytes
+from .coord import auto as coord_auto
+from .errors import CheckpointerClosedError, SaveCancelledError
+from .format.manifest import CheckpointInfo
+
+__all__ = [
+    "Checkpointer",
+    "SaveHandle",
+    "save_async",
+]
+
+
+class SaveHandle:
+    """One async save: ``wait_snapshot()``, then ``result()`` for its ``CheckpointInfo``."""
+
+    def __init__(self, path: str, obj: Any, kwargs: dict, streams: dict | None) -> None:
+        self.path = path
+        self._obj: Any = obj
+        self._kwargs = kwargs
+        self._streams = streams
+        self._snapshot: Snapshot | None = None
+        self._snap_done = threading.Event()
+        self._done = threading.Event()
+        self._snap_error: BaseException | None = None
+        self._error: BaseException | None = None
+        self._info: CheckpointInfo | None = None
+        self._cancelled = False
+
+    def wait_snapshot(self, timeout: float | None = None) -> None:
+        """Return once the state is copied: the caller may change its tensors from now on.
+
+        Raises the capture's error (the save then failed), or TimeoutError.
+        """
+        if not self._snap_done.wait(timeout):
+            raise TimeoutError(f"snapshot of {self.path} not complete after {timeout} s")
+        if self._snap_error is not None:
+            raise self._snap_error
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """The committed checkpoint's ``CheckpointInfo``; raises the save's error if it failed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"save of {self.path} not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._info is not None
+        return self._info
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, failed or cancelled)."""
+        return self._done.is_set()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The save's error, or None once it committed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"save of {self.path} not finished after {timeout} s")
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "snapshot taken" if self._snap_done.is_set() else "new"
+        return f"SaveHandle({self.path!r}, {state})"
+
+    # -- used by the Checkpointer's threads ------------------------------------------------------
+    def _snapshot_failed(self, e: BaseException) -> None:
+        self._obj = None
+        self._snap_error = e
+        self._snap_done.set()
+        self._finish(error=e)
+
+    def _finish(self, info: CheckpointInfo | None = None, error: BaseException | None = None):
+        self._snapshot = None
+        self._obj = None
+        self._info, self._error = info, error
+        self._done.set()
+
+
+_STOP = object()
+_SAVE_SIGNATURE = inspect.signature(api.save)
+
+
+class Checkpointer:
+    """Async checkpointing in a training loop, with a host pool reused across saves.
+
+    ``store``: the directory that ``save``/``save_async``/``load`` names are relative to (an
+    absolute path is used as is). ``max_host_bytes`` bounds the pool (None: as large as the
+    snapshots need); a state whose tensors need more is refused with ``HostPoolTooSmallError``
+    (streaming a larger state through the pool is not supported yet). ``host_bytes`` (the size of
+    one snapshot, if known) allocates the pool at construction, else it is allocated on the first
+    save; either way it is reused. The pool is pinned when CUDA is available (``pin_memory``).
+
+    The pool holds up to ``max_inflight + 1`` snapshots: up to ``max_inflight`` saves waiting for
+    or in their background persist, plus the one being captured. With the default 1 a new save
+    waits for the previous save's snapshot, not its commit; a save beyond that waits until the
+    oldest has committed, and so does one that would push the pool past ``max_host_bytes``.
+    Other keyword arguments are defaults for ``ckptguard.save`` (``compress``, ``overwrite``,
+    ``coordinator``, ``timeout``, ...); each call may override them.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        *,
+        max_host_bytes: int | None = None,
+        host_bytes: int | None = None,
+        max_inflight: int = 1,
+        pin_memory: bool | None = None,
+        **save_defaults: Any,
+    ) -> None:
+        if type(max_inflight) is not int or max_inflight < 1:
+            raise ValueError("max_inflight must be an int >= 1")
+        self.store = os.path.abspath(os.fspath(store))
+        self.defaults = save_defaults
+        self.pool = HostPool(max_host_bytes, max_inflight + 1, pin_memory, host_bytes)
+        self._streams: dict = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cancel = False
+        self._handles: list[SaveHandle] = []
+        self._captures: queue.Queue = queue.Queue()
+        self._persists: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        ref = weakref.ref(self)
+        _at_exit(lambda: (c := ref()) is not None and c.close())
+
+    # -- public ---------------------------------------------------------------------------------
+    def save_async(self, obj: Any, name: str | os.PathLike, *, lazy: bool = False, **kw: Any):
+        """Start saving ``obj`` as ``<store>/<name>``; returns a ``SaveHandle``.
+
+        Returns once the snapshot is taken (the caller may then change its tensors), or at once
+        with ``lazy=True``: then call ``handle.wait_snapshot()`` before changing the state (e.g.
+        before the optimizer step). Encoding, writing and the commit run in the background;
+        ``handle.result()`` gives the ``CheckpointInfo`` or raises the save's error.
+        """
+        opts = {**self.defaults, **kw}
+        _SAVE_SIGNATURE.bind(obj, name, **opts)  # a misspelt option fails here, not later
+        opts["coordinator"] = coord_auto(opts.get("coordinator"))  # resolved on this thread
+        handle = SaveHandle(self._path(name), obj, opts, caller_streams())
+        with self._lock:
+            self._check_open()
+            self._start_threads()
+            self._handles = [h for h in self._handles if not h.done()]
+            self._handles.append(handle)
+            self._captures.put(handle)
+        if not lazy:
+            handle._snap_done.wait()
+        return handle
+
+    def save(self, obj: Any, name: str | os.PathLike, **kw: Any) -> CheckpointInfo:
+        """Save and wait for the commit (in order after any async saves in flight)."""
+        return self.save_async(obj, name, **kw).result()
+
+    def load(self, name: str | os.PathLike | None = None, **kw: Any) -> Any:
+        """``ckptguard.load`` of ``<store>/<name>`` (the store's LATEST if no name), after the
+        saves in flight have finished."""
+        with self._lock:
+            self._check_open()
+            pending = list(self._handles)
+        for h in pending:
+            h._done.wait()
+        return api.load(self.store if name is None else self._path(name), **kw)
+
+    def wait(self) -> None:
+        """Wait until every save started so far has finished (their errors stay in handles)."""
+        with self._lock:
+            pending = list(self._handles)
+        for h in pending:
+            h._done.wait()
+
+    def close(self, cancel: bool = False) -> None:
+        """Finish the saves in flight and stop the background threads; idempotent.
+
+        ``cancel=True`` abandons the saves not yet persisting (their ``result()`` raises
+        ``SaveCancelledError``); a save already in its persist finishes, as all ranks of a job
+        must take part in its collectives. Further calls raise ``CheckpointerClosedError``.
+        """
+        with self._lock:
+            if self._closed and not self._threads:
+                return
+            self._closed = True
+            self._cancel = self._cancel or cancel
+            threads, self._threads = self._threads, []
+            if threads:
+                self._captures.put(_STOP)
+        with self.pool.cond:
+            self.pool.cond.notify_all()  # a capture waiting for a region sees the cancel
+        for t in threads:
+            t.join()
+        self.pool.close()
+        self._streams.clear()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _path(self, name: str | os.PathLike) -> str:
+        return os.path.join(self.store, os.fspath(name))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointerClosedError("this Checkpointer is closed")
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            return
+        self._threads = [
+            threading.Thread(target=self._capture_loop, name="ckptguard-capture", daemon=True),
+            threading.Thread(target=self._persist_loop, name="ckptguard-persist", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _capture_loop(self) -> None:
+        while True:
+            h = self._captures.get()
+            if h is _STOP:
+                self._persists.put(_STOP)
+                return
+            if self._cancel:
+                h._snapshot_failed(SaveCancelledError(f"save of {h.path} was cancelled"))
+                continue
+            region = None
+            try:
+                region = self.pool.acquire(state_bytes(h._obj), lambda: self._cancel)
+                snap = capture(h._obj, region, self._streams, h._streams)
+                snap.wait()
+            except BaseException as e:
+                if region is not None:
+                    self.pool.release(region)
+                err = SaveCancelledError(f"save of {h.path} was cancelled") if self._cancel else e
+                h._snapshot_failed(err)
+                continue
+            h._snapshot, h._obj = snap, None
+            h._snap_done.set()
+            self._persists.put(h)
+
+    def _persist_loop(self) -> None:
+        while True:
+            h = self._persists.get()
+            if h is _STOP:
+                return
+            snap = h._snapshot
+            assert snap is not None
+            try:
+                if self._cancel:
+                    raise SaveCancelledError(f"save of {h.path} was cancelled")
+                info = api.save(snap.state, h.path, **h._kwargs)
+            except BaseException as e:
+                h._finish(error=e)
+            else:
+                h._finish(info=info)
+            finally:
+                snap.state = None
+                self.pool.release(snap.region)
+
+
+def _at_exit(fn: Any) -> None:
+    """Run ``fn`` at interpreter exit, before concurrent.futures refuses new work (which the
+    persist needs): threading's exit hooks run before it sets that flag; atexit runs after."""
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError
+        register(fn)
+    except RuntimeError:
+        atexit.register(fn)
+
+
+_default: Checkpointer | None = None
+_default_lock = threading.Lock()
+
+
+def default_checkpointer() -> Checkpointer:
+    """The process-wide Checkpointer behind ``ckptguard.save_async`` (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Checkpointer(os.sep)
+        return _default
+
+
+def save_async(obj: Any, path: str | os.PathLike, *, lazy: bool = False, **kw: Any) -> SaveHandle:
+    """``ckptguard.save`` in the background: returns a ``SaveHandle`` once the snapshot is taken.
+
+    Uses a process-wide ``Checkpointer`` with an unbounded pool, created on first use and closed
+    (saves in flight finished) at exit. In a training loop prefer your own ``Checkpointer``: it
+    bounds the pool (``max_host_bytes``) and you choose when it is closed.
+    """
+    return default_checkpointer().save_async(obj, os.path.abspath(os.fspath(path)), lazy=lazy, **kw)
