@@ -110,6 +110,45 @@ class Ckptguard(Engine):
         return True  # one checkpoint directory for all ranks, committed once
 
 
+class CkptguardAsync(Ckptguard):
+    """Checkpointer.save_async (no compression): the caller waits for the snapshot only.
+
+    One Checkpointer (its host pool allocated once) is kept across the trials of a workload, as a
+    training loop keeps it across steps.
+    """
+
+    asynchronous = True
+
+    def __init__(self) -> None:
+        super().__init__("none")
+        self.id = "ckptguard-async"
+        self.ckpt: Any = None
+
+    def unavailable(self, world: int, device: str) -> str | None:
+        why = super().unavailable(world, device)
+        if why is None and not hasattr(__import__("ckptguard"), "Checkpointer"):
+            why = "ckptguard.Checkpointer is missing"
+        return why
+
+    def begin_workload(self) -> None:
+        import ckptguard
+
+        self.ckpt = ckptguard.Checkpointer(".", compress=self.compress)
+
+    def end_workload(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+        self.ckpt = None
+
+    def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
+        handle = self.ckpt.save_async(state, os.path.abspath(os.path.join(d, name)))
+
+        def wait() -> None:
+            handle.result()
+
+        return wait
+
+
 class TorchSave(Engine):
     """torch.save / torch.load(weights_only=True), one file per rank."""
 
@@ -339,6 +378,7 @@ def all_engines() -> list[Engine]:
     return [
         Ckptguard("lz4"),
         Ckptguard("none"),
+        CkptguardAsync(),
         TorchSave(),
         DcpSave(),
         DcpAsync(),
