@@ -25,7 +25,7 @@ from .format.datafile import (
     unpack_record_header,
     unpack_trailer,
 )
-from .format.index import Row, row_from_json
+from .format.index import Row
 from .format.layout import datafile_name
 from .fsutil import pread_exact, write_all
 from .tree import TensorRef
@@ -103,13 +103,14 @@ class RankWriter:
 
     def finish(self) -> list[Row]:
         """Write footer and trailer, fsync, close, and re-check what was written."""
-        footer = pack_footer(self.rank, self.uuid, [r.to_json() for r in self.rows])
+        rows = [r.to_json() for r in self.rows]
+        footer = pack_footer(self.rank, self.uuid, rows)
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        self._recheck()
+        self._recheck(rows)
         return self.rows
 
     def abort(self) -> None:
@@ -117,7 +118,7 @@ class RankWriter:
             os.close(self.fd)
             self.fd = -1
 
-    def _recheck(self) -> None:
+    def _recheck(self, footer_rows: list[dict]) -> None:
         """Re-read headers, record headers and footer (no payload), like restic's pack check."""
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -132,7 +133,7 @@ class RankWriter:
                 pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size
             )
             rows = check_footer(pread_exact(fd, length, off), digest, self.rank, self.uuid)
-            if [row_from_json(x) for x in rows] != self.rows:
+            if rows != footer_rows:
                 raise FormatError(f"{self.path}: footer reads back differently")
         finally:
             os.close(fd)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,7 +61,8 @@ class Row:
     key_id: str | None = None
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        """The row as a footer object (members in column order, hash in hex)."""
+        d = {name: getattr(self, name) for name in FIELD_NAMES}
         for k in ("global_shape", "shard_offsets", "shard_lengths"):
             d[k] = list(d[k])
         d["hash"] = self.hash.hex()
