@@ -175,19 +175,24 @@ class PeakRSS:
         return max(0, self._peak - self.base)
 
 
-def pinned_bytes() -> int | None:
-    """Pinned host memory in use in torch's caching host allocator (None without CUDA).
-
-    In use, not reserved: freed blocks the allocator keeps cached are not counted.
-    """
+def _host_stats() -> dict | None:
+    """torch's caching host (pinned) allocator counters, or None without CUDA or counters."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     stats_fn = getattr(torch.cuda.memory, "host_memory_stats", None)
-    if stats_fn is None:
+    return stats_fn() if stats_fn is not None else None
+
+
+def pinned_bytes() -> int | None:
+    """Pinned host memory in use in torch's caching host allocator (None without CUDA).
+
+    In use, not reserved: freed blocks the allocator keeps cached are not counted.
+    """
+    stats = _host_stats()
+    if stats is None:
         return None
-    stats = stats_fn()
     for key in ("allocated_bytes.current", "reserved_bytes.current"):
         if key in stats:
             return int(stats[key])
@@ -208,14 +213,9 @@ def reset_peak_pinned() -> None:
 
 def peak_pinned_bytes() -> int | None:
     """Peak pinned host memory since the last reset (None without CUDA or counters)."""
-    import torch
-
-    if not torch.cuda.is_available():
+    stats = _host_stats()
+    if stats is None:
         return None
-    stats_fn = getattr(torch.cuda.memory, "host_memory_stats", None)
-    if stats_fn is None:
-        return None
-    stats = stats_fn()
     for key in ("allocated_bytes.peak", "reserved_bytes.peak"):
         if key in stats:
             return int(stats[key])
