@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 
 import torch
@@ -11,6 +12,9 @@ from ..errors import CoordinationTimeoutError
 from .base import Coordinator
 
 _groups: dict[int, TorchCoordinator] = {}
+# Drop our gloo groups while the interpreter is whole: a ProcessGroupGloo destroyed during
+# finalization can abort the process ("terminate called without an active exception").
+atexit.register(_groups.clear)
 
 
 class TorchCoordinator(Coordinator):
@@ -25,6 +29,9 @@ class TorchCoordinator(Coordinator):
     def default(cls) -> TorchCoordinator:
         """One gloo group per default process group (creating it is itself a collective)."""
         key = id(dist.group.WORLD)
+        cached = _groups.get(key)
+        if cached is not None and not _alive(cached.group):
+            del _groups[key]  # destroy_process_group ran since (and id() may be reused)
         if key not in _groups:
             _groups[key] = cls()
         return _groups[key]
@@ -81,3 +88,11 @@ class TorchCoordinator(Coordinator):
     def _src(self) -> int:
         """Global rank of this group's rank 0 (torch's collectives take global ranks)."""
         return dist.get_global_rank(self.group, 0)
+
+
+def _alive(group) -> bool:  # noqa: ANN001 - a ProcessGroup
+    """Whether torch still knows ``group`` (destroy_process_group forgets every group)."""
+    try:
+        return dist.is_initialized() and dist.get_world_size(group) > 0
+    except (RuntimeError, ValueError):
+        return False

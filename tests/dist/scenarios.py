@@ -184,6 +184,7 @@ def main() -> int:
     if backend == "torch":
         import torch.distributed as dist
 
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
         dist.destroy_process_group()
     elif not result["ok"]:
         import time
