@@ -76,7 +76,32 @@ def save(
     commits the new checkpoint first and removes the old one after. LATEST then names it.
     ``timeout`` bounds each wait for the other ranks.
     """
+    opt = save_options(
+        compress=compress,
+        metadata=metadata,
+        overwrite=overwrite,
+        step=step,
+        allow_pickle=allow_pickle,
+        chunk_size=chunk_size,
+        timeout=timeout,
+        check_replicated=check_replicated,
+    )
     store, name = split_path(path)
+    return save_state(obj, store, name, coord_auto(coordinator), opt)
+
+
+def save_options(
+    *,
+    compress: str = "auto",
+    metadata: Any = None,
+    overwrite: bool = False,
+    step: int | None = None,
+    allow_pickle: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    timeout: float = 600.0,
+    check_replicated: bool = True,
+) -> SaveOptions:
+    """``save``'s options, checked (the keyword arguments of ``save`` but path and coordinator)."""
     if compress not in _COMPRESS:
         raise ValueError(f"compress must be one of {sorted(_COMPRESS)}, not {compress!r}")
     if step is not None and (type(step) is not int):
@@ -87,7 +112,7 @@ def save(
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
-    opt = SaveOptions(
+    return SaveOptions(
         compress=_COMPRESS[compress],
         metadata=metadata,
         overwrite=overwrite,
@@ -98,7 +123,6 @@ def save(
         check_replicated=check_replicated,
         writer_versions=_writer_versions(),
     )
-    return save_state(obj, store, name, coord_auto(coordinator), opt)
 
 
 def resolve(path: str | os.PathLike) -> str:

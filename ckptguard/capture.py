@@ -11,8 +11,8 @@ and reused; each region holds one snapshot at a time, carved by a bump allocator
 copies run on a dedicated CUDA stream per device, ordered after the caller's stream, and an event
 per device marks the snapshot complete.
 
-A state larger than the pool's bound is refused with ``HostPoolTooSmallError``: streaming a state
-through the pool in pieces is not supported yet.
+A state larger than the pool's bound is not snapshotted: ``HostPool.staging`` lends the pool's
+memory as two buffers that the save streams the state through (see ``staging``).
 """
 
 from __future__ import annotations
@@ -150,9 +150,8 @@ class HostPool:
         nbytes = max(_aligned(nbytes), ALIGN)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise HostPoolTooSmallError(
-                f"the state needs {nbytes} bytes of host memory but max_host_bytes is "
-                f"{self.max_bytes}; streaming a larger state through the pool is not supported "
-                "yet: raise max_host_bytes",
+                f"a snapshot needs {nbytes} bytes of host memory but max_host_bytes is "
+                f"{self.max_bytes} (stream the state through the pool instead)",
                 nbytes,
                 self.max_bytes,
             )
@@ -185,6 +184,39 @@ class HostPool:
                 return self.regions[-1]
         return None
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether a snapshot of ``nbytes`` can ever be held (else it must be streamed)."""
+        return self.max_bytes is None or max(_aligned(nbytes), ALIGN) <= self.max_bytes
+
+    def staging(self, unit: int, cancelled: Callable[[], bool] = lambda: False) -> Staging:
+        """Lend the pool as two buffers, each a multiple of ``unit`` bytes (see ``Staging``)."""
+        return Staging(self, unit, cancelled)
+
+    def _lend(self, nbytes: int, cancelled: Callable[[], bool]) -> list[Region]:
+        with self.cond:
+            while any(r.busy for r in self.regions):
+                if self.closed or cancelled():
+                    raise CaptureCancelledError("the capture was cancelled (checkpointer closed)")
+                self.cond.wait(1.0)
+            if self.closed or cancelled():
+                raise CaptureCancelledError("the capture was cancelled (checkpointer closed)")
+            big = [r for r in self.regions if r.capacity >= 2 * nbytes]
+            two = sorted(
+                (r for r in self.regions if r.capacity >= nbytes), key=lambda r: r.capacity
+            )
+            if big:
+                chosen = [min(big, key=lambda r: r.capacity)]
+            elif len(two) >= 2:
+                chosen = two[:2]
+            else:  # reshape the pool: drop what is free, allocate one region for both buffers
+                for r in self.regions:
+                    r.buf = torch.empty(0, dtype=torch.uint8)
+                self.regions = [Region(2 * nbytes, self.pin)]
+                chosen = self.regions[:]
+            for r in chosen:
+                r.busy, r.used = True, 0
+            return chosen
+
     def release(self, region: Region) -> None:
         with self.cond:
             region.busy = False
@@ -196,6 +228,42 @@ class HostPool:
             self.closed = True
             self.regions = [r for r in self.regions if r.busy]
             self.cond.notify_all()
+
+
+class Staging:
+    """Two equal host buffers lent by a pool for streaming one save (allocated on first use).
+
+    ``unit`` is the granularity a piece must keep (the save's chunk size): each buffer holds the
+    largest multiple of it that lets two fit in ``max_host_bytes``.
+    """
+
+    def __init__(self, pool: HostPool, unit: int, cancelled: Callable[[], bool]) -> None:
+        self.pool, self.unit, self.cancelled = pool, unit, cancelled
+        limit = pool.max_bytes
+        self.piece = (1 << 30) // unit * unit if limit is None else (limit // 2) // unit * unit
+        self.regions: list[Region] = []
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The two buffers (raises ``HostPoolTooSmallError`` if two chunks do not fit)."""
+        if self.piece < self.unit:
+            raise HostPoolTooSmallError(
+                f"streaming through the host pool needs two {self.unit}-byte chunks but "
+                f"max_host_bytes is {self.pool.max_bytes}: raise max_host_bytes or lower "
+                "chunk_size",
+                2 * self.unit,
+                self.pool.max_bytes or 0,
+            )
+        if not self.regions:
+            self.regions = self.pool._lend(self.piece, self.cancelled)
+        if len(self.regions) == 1:
+            buf = self.regions[0].buf
+            return [buf[: self.piece], buf[self.piece : 2 * self.piece]]
+        return [r.buf[: self.piece] for r in self.regions]
+
+    def release(self) -> None:
+        for r in self.regions:
+            self.pool.release(r)
+        self.regions = []
 
 
 class Snapshot:

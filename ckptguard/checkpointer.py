@@ -20,7 +20,10 @@ from . import api
 from .capture import HostPool, Snapshot, caller_streams, capture, state_bytes
 from .coord import auto as coord_auto
 from .errors import CheckpointerClosedError, SaveCancelledError
+from .format.layout import split_path
 from .format.manifest import CheckpointInfo
+from .saver import save_state
+from .staging import StagedSource
 
 __all__ = [
     "Checkpointer",
@@ -44,6 +47,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._info: CheckpointInfo | None = None
         self._cancelled = False
+        self.streamed = False  # too large for the pool: streamed through it, caller waiting
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Return once the state is copied: the caller may change its tensors from now on.
@@ -79,6 +83,11 @@ class SaveHandle:
         return f"SaveHandle({self.path!r}, {state})"
 
     # -- used by the Checkpointer's threads ------------------------------------------------------
+    def _snapshot_read(self) -> None:
+        """A streamed save has read the caller's state: it may change from now on."""
+        self._obj = None
+        self._snap_done.set()
+
     def _snapshot_failed(self, e: BaseException) -> None:
         self._obj = None
         self._snap_error = e
@@ -101,10 +110,11 @@ class Checkpointer:
 
     ``store``: the directory that ``save``/``save_async``/``load`` names are relative to (an
     absolute path is used as is). ``max_host_bytes`` bounds the pool (None: as large as the
-    snapshots need); a state whose tensors need more is refused with ``HostPoolTooSmallError``
-    (streaming a larger state through the pool is not supported yet). ``host_bytes`` (the size of
-    one snapshot, if known) allocates the pool at construction, else it is allocated on the first
-    save; either way it is reused. The pool is pinned when CUDA is available (``pin_memory``).
+    snapshots need); a state whose tensors need more is not snapshotted but streamed through the
+    pool in pieces: the caller then waits until the save has read all of it (the stall grows, the
+    memory does not), and the commit still runs in the background. ``host_bytes`` (the size of
+    one snapshot, if known) allocates the pool at construction, else it is allocated on the
+    first save; either way it is reused. The pool is pinned when CUDA is available (``pin_memory``).
 
     The pool holds up to ``max_inflight + 1`` snapshots: up to ``max_inflight`` saves waiting for
     or in their background persist, plus the one being captured. With the default 1 a new save
@@ -241,6 +251,11 @@ class Checkpointer:
                 continue
             region = None
             try:
+                if not self.pool.fits(state_bytes(h._obj)):
+                    h.streamed = True
+                    self._persists.put(h)
+                    h._snap_done.wait()  # the persist reads the caller's state; then the next
+                    continue
                 region = self.pool.acquire(state_bytes(h._obj), lambda: self._cancel)
                 snap = capture(h._obj, region, self._streams, h._streams)
                 snap.wait()
@@ -259,6 +274,9 @@ class Checkpointer:
             h = self._persists.get()
             if h is _STOP:
                 return
+            if h.streamed:
+                self._persist_streamed(h)
+                continue
             snap = h._snapshot
             assert snap is not None
             try:
@@ -272,6 +290,32 @@ class Checkpointer:
             finally:
                 snap.state = None
                 self.pool.release(snap.region)
+
+    def _persist_streamed(self, h: SaveHandle) -> None:
+        """Save a state larger than the pool, reading it through the pool while the caller waits
+        (its ``wait_snapshot`` returns once every byte has been read, before the commit)."""
+        staging = None
+        try:
+            if self._cancel:
+                raise SaveCancelledError(f"save of {h.path} was cancelled")
+            kw = dict(h._kwargs)
+            coord = kw.pop("coordinator")
+            opt = api.save_options(**kw)
+            staging = self.pool.staging(opt.chunk_size, lambda: self._cancel)
+            opt.source = StagedSource(staging.buffers, self._streams, h._streams)
+            opt.on_read = h._snapshot_read
+            store, name = split_path(h.path)
+            info = save_state(h._obj, store, name, coord, opt)
+        except BaseException as e:
+            if h._snap_done.is_set():
+                h._finish(error=e)
+            else:
+                h._snapshot_failed(e)
+        else:
+            h._finish(info=info)
+        finally:
+            if staging is not None:
+                staging.release()
 
 
 def _at_exit(fn: Any) -> None:

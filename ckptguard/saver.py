@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,8 +31,9 @@ from .format.layout import MANIFEST
 from .format.manifest import CheckpointInfo, parse_time
 from .format.validate import check_table
 from .plan import PlanError, assignment, describe_local, make_plan
+from .staging import DIRECT
 from .tree import flatten, remap_tensor_ids
-from .writer import RankWriter, tensor_digest
+from .writer import RankWriter
 
 
 @dataclass
@@ -45,6 +47,10 @@ class SaveOptions:
     timeout: float
     check_replicated: bool
     writer_versions: dict
+    source: Any = DIRECT
+    """Where tensor bytes are read from (``staging``): in place, or through bounded buffers."""
+    on_read: Callable[[], None] | None = None
+    """Called once this rank has read every tensor byte it needs: the caller's state is free."""
 
 
 LAST_TIMINGS: dict[str, float] = {}
@@ -120,7 +126,8 @@ class _Save:
         """This rank's message: status, its object tree (JSON) and its tensors (Arrow)."""
         try:
             tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
-            hasher = tensor_digest if self.coord.size > 1 else None
+            source = self.opt.source
+            hasher = (lambda ref: source.digest(ref.value)) if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)
             return _pack({"ok": True, "pickle": used_pickle}, _dump(tree), _ipc(desc))
         except Exception as e:
@@ -179,9 +186,11 @@ class _Save:
         try:
             writer = RankWriter(plan["staging"], self.coord.rank, plan["uuid"], self.opt.chunk_size)
             mine_all = assignment(plan["keys"], plan["writer"], self.refs, self.coord.rank)
-            for ref, (gid, mine) in zip(self.refs, mine_all, strict=True):
-                if mine:
-                    writer.add(gid, ref, self.opt.compress)
+            todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
+            for i, raw in self.opt.source.stream([r.value for _, r in todo]):
+                writer.add(todo[i][0], todo[i][1], self.opt.compress, raw)
+            if self.opt.on_read is not None:
+                self.opt.on_read()
             rows = writer.finish()
             failpoint("save.data_written")
         except Exception as e:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-import torch
-import xxhash
-
 from . import codec
 from .format import dtypes
 from .format.datafile import (
@@ -28,30 +24,10 @@ from .format.datafile import (
 from .format.index import Row
 from .format.layout import datafile_name
 from .fsutil import pread_exact, write_all
+from .staging import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20
-
-
-def tensor_bytes(value: Any) -> memoryview:
-    """The C-order bytes of a tensor or array on the host (copied only if it must be)."""
-    if isinstance(value, np.ndarray):
-        a = np.ascontiguousarray(value).reshape(-1)
-        return memoryview(a.view(np.uint8))
-    t = value.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return memoryview(t.view(torch.uint8).numpy())
-
-
-def tensor_digest(ref: TensorRef) -> bytes:
-    """xxh3-128 of a whole tensor's bytes, to check that replicas agree."""
-    return xxhash.xxh3_128_digest(tensor_bytes(ref.value))
 
 
 class RankWriter:
@@ -69,17 +45,29 @@ class RankWriter:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
         self.size = 0
+        self._open: tuple[int, int, int] | None = None  # tensor id, chunks so far, bytes so far
 
-    def add(self, tid: int, ref: TensorRef, compress: bool) -> None:
-        """Append every chunk of this rank's piece of one tensor (the whole tensor if unsharded)."""
+    def add(self, tid: int, ref: TensorRef, compress: bool, raw: Any = None) -> None:
+        """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded).
+
+        ``raw``: the tensor's bytes (default: read from ``ref.value``), or the next part of them
+        when the tensor arrives in parts; every part but the last must be a whole number of
+        chunks, so the chunks are those of the tensor in one piece.
+        """
         size = dtypes.SIZES[ref.dtype]
-        raw = tensor_bytes(ref.value)
+        raw = tensor_bytes(ref.value) if raw is None else raw
         step = self.chunk_size
+        first, done_bytes = 0, 0
+        if self._open is not None and self._open[0] == tid:
+            _, first, done_bytes = self._open
+            if done_bytes % step:
+                raise ValueError(f"{ref.key}: a part before the last is not whole chunks")
         done = codec.write_records(
             self.fd, self.path, self.pos, len(self.rows), raw, size, step, compress
         )
         self.pos = done.end
-        for n, rec in enumerate(done.records):
+        self._open = (tid, first + len(done.records), done_bytes + len(raw))
+        for n, rec in enumerate(done.records, start=first):
             self.rows.append(
                 Row(
                     ref.key,

@@ -114,14 +114,17 @@ class CkptguardAsync(Ckptguard):
     """Checkpointer.save_async (no compression): the caller waits for the snapshot only.
 
     One Checkpointer (its host pool allocated once) is kept across the trials of a workload, as a
-    training loop keeps it across steps.
+    training loop keeps it across steps. With ``pool_fraction`` N ("ckptguard-async-stream") the
+    pool is bounded to 1/N of the state, which then streams through it: the caller waits until
+    the state has been read, and the host memory stays at the bound.
     """
 
     asynchronous = True
 
-    def __init__(self) -> None:
+    def __init__(self, pool_fraction: int | None = None) -> None:
         super().__init__("none")
-        self.id = "ckptguard-async"
+        self.id = "ckptguard-async" if pool_fraction is None else "ckptguard-async-stream"
+        self.pool_fraction = pool_fraction
         self.ckpt: Any = None
 
     def unavailable(self, world: int, device: str) -> str | None:
@@ -131,9 +134,7 @@ class CkptguardAsync(Ckptguard):
         return why
 
     def begin_workload(self) -> None:
-        import ckptguard
-
-        self.ckpt = ckptguard.Checkpointer(".", compress=self.compress)
+        self.ckpt = None  # made on the first save, when the state's size is known
 
     def end_workload(self) -> None:
         if self.ckpt is not None:
@@ -141,6 +142,14 @@ class CkptguardAsync(Ckptguard):
         self.ckpt = None
 
     def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
+        if self.ckpt is None:
+            import ckptguard
+            from ckptguard.capture import state_bytes
+
+            bound = None
+            if self.pool_fraction is not None:  # a pool 1/N of the state: it streams through
+                bound = max(state_bytes(state) // self.pool_fraction, 8 << 20)
+            self.ckpt = ckptguard.Checkpointer(".", compress=self.compress, max_host_bytes=bound)
         handle = self.ckpt.save_async(state, os.path.abspath(os.path.join(d, name)))
 
         def wait() -> None:
@@ -379,6 +388,7 @@ def all_engines() -> list[Engine]:
         Ckptguard("lz4"),
         Ckptguard("none"),
         CkptguardAsync(),
+        CkptguardAsync(pool_fraction=8),
         TorchSave(),
         DcpSave(),
         DcpAsync(),

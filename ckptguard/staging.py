@@ -1,0 +1,206 @@
+"""Where the writer reads tensor bytes from: the tensors themselves, or bounded host buffers.
+
+A *source* turns the values a rank writes into a stream of byte pieces, in order, each piece the
+C-order bytes of part of one value. ``DIRECT`` hands over each value's host bytes whole (copying
+only what is not already contiguous host memory). ``StagedSource`` streams a state larger than
+the host pool: values that are contiguous host memory are read in place, all others (GPU
+tensors, strided views) are copied piecewise into two fixed buffers, the copy of the next piece
+overlapping the writer's work on the current one. Pieces of one value are whole multiples of the
+buffer size except the last, so a writer chunking them gets the same chunks as from one buffer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+
+def tensor_bytes(value: Any) -> memoryview:
+    """The C-order bytes of a tensor or array on the host (copied only if it must be)."""
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value).reshape(-1)
+        return memoryview(a.view(np.uint8))
+    t = _plain(value.detach())
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(_flat(t.contiguous()).view(torch.uint8).numpy())
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as 1-D with stride 1 (size-1 dims may carry any stride)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Resolve lazy conjugate/negative bits (a copy, but only for tensors that carry them)."""
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+class DirectSource:
+    """Each value's bytes in one piece (host memory in place, else one whole copy)."""
+
+    def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
+        for i, v in enumerate(values):
+            yield i, tensor_bytes(v)
+
+    def digest(self, value: Any) -> bytes:
+        """xxh3-128 of a value's bytes (replicas are compared by it)."""
+        return xxhash.xxh3_128_digest(tensor_bytes(value))
+
+
+DIRECT = DirectSource()
+
+
+def _in_place(value: Any) -> memoryview | None:
+    """The value's bytes without a copy, if it is contiguous host memory."""
+    if isinstance(value, np.ndarray):
+        if value.flags.c_contiguous:
+            return memoryview(value.reshape(-1).view(np.uint8))
+        return None
+    t = value.detach()
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        return memoryview(_flat(t).view(torch.uint8).numpy())
+    return None
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if any(s < 0 for s in value.strides) or not value.dtype.isnative:
+            value = np.ascontiguousarray(value)  # torch cannot view these in place
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only arrays: we only read them
+            return torch.from_numpy(value)
+    return _plain(value.detach())
+
+
+def copy_range(dst: torch.Tensor, t: torch.Tensor, start: int, count: int, nb: bool) -> None:
+    """Copy elements ``[start, start+count)`` of ``t``'s C-order flattening into 1-D ``dst``.
+
+    Works on strided views without materializing ``t`` contiguously: whole rows in one copy,
+    partial rows at either end by recursing into them. ``nb``: non-blocking (CUDA sources).
+    """
+    if count == 0:
+        return
+    if t.is_contiguous():
+        dst.copy_(t.reshape(-1)[start : start + count], non_blocking=nb)
+        return
+    row = t[0].numel()
+    i, off = divmod(start, row)
+    pos = 0
+    if off:
+        n = min(row - off, count)
+        copy_range(dst[:n], t[i], off, n, nb)
+        pos, i = n, i + 1
+    full = (count - pos) // row
+    if full:
+        dst[pos : pos + full * row].view(full, *t.shape[1:]).copy_(t[i : i + full], non_blocking=nb)
+        pos, i = pos + full * row, i + full
+    if pos < count:
+        copy_range(dst[pos:count], t[i], 0, count - pos, nb)
+
+
+class StagedSource:
+    """Stream values through two host buffers of equal size (see the module docstring).
+
+    ``buffers`` is called once, on the first value that needs a copy, and returns the two uint8
+    buffers (pinned for GPU sources). ``streams`` maps a CUDA device index to the stream the
+    copies run on (created if missing); ``caller_streams`` are the streams the copies must follow.
+    """
+
+    def __init__(
+        self,
+        buffers: Callable[[], list[torch.Tensor]],
+        streams: dict | None = None,
+        caller_streams: dict | None = None,
+    ) -> None:
+        self._get_buffers = buffers
+        self._buffers: list[torch.Tensor] | None = None
+        self.streams = {} if streams is None else streams
+        self.caller_streams = caller_streams or {}
+        self._ordered: set[int] = set()
+        self.copied = 0  # bytes that went through the buffers (for tests and reports)
+
+    def digest(self, value: Any) -> bytes:
+        h = xxhash.xxh3_128()
+        for _, piece in self.stream([value]):
+            h.update(piece)
+        return h.digest()
+
+    def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
+        with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-stage") as pool:
+            jobs = self._jobs(values)
+            job = next(jobs, None)
+            fill: Future | None = None  # the copy of ``job``, if it is a copy and has started
+            slot = 0  # the buffer the next copy goes to
+            while job is not None:
+                if job[1] is None and fill is None:
+                    fill, slot = pool.submit(self._fill, slot, job), slot ^ 1
+                piece = fill.result() if fill is not None else job[1]
+                nxt, fill = next(jobs, None), None
+                if nxt is not None and nxt[1] is None:  # overlaps the consumer's use of piece
+                    fill, slot = pool.submit(self._fill, slot, nxt), slot ^ 1
+                yield job[0], piece
+                job = nxt
+
+    def _jobs(self, values: Sequence[Any]) -> Iterator[tuple]:
+        """(index, in-place bytes or None, tensor, first element, elements) per piece."""
+        for i, v in enumerate(values):
+            direct = _in_place(v)
+            if direct is not None:
+                yield i, direct, None, 0, 0
+                continue
+            t = _as_tensor(v)
+            per = self._piece_bytes() // max(t.element_size(), 1)
+            n = t.numel()
+            if n == 0:
+                yield i, memoryview(b""), None, 0, 0
+            for start in range(0, n, per):
+                yield i, None, t, start, min(per, n - start)
+
+    def _piece_bytes(self) -> int:
+        if self._buffers is None:
+            self._buffers = self._get_buffers()
+            if len(self._buffers) != 2 or self._buffers[0].numel() != self._buffers[1].numel():
+                raise ValueError("staging needs two buffers of equal size")
+        return self._buffers[0].numel()
+
+    def _fill(self, slot: int, job: tuple) -> memoryview:
+        _, _, t, start, count = job
+        assert self._buffers is not None
+        nbytes = count * t.element_size()
+        dst = self._buffers[slot][:nbytes].view(t.dtype)
+        if t.device.type == "cuda":
+            stream = self._stream(t.device)
+            with torch.cuda.stream(stream):
+                copy_range(dst, t, start, count, True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            done.synchronize()
+        else:
+            copy_range(dst, t, start, count, False)
+        self.copied += nbytes
+        return memoryview(self._buffers[slot][:nbytes].numpy())
+
+    def _stream(self, device: torch.device) -> Any:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        s = self.streams.get(idx)
+        if s is None:
+            s = self.streams[idx] = torch.cuda.Stream(device=idx)
+        if idx not in self._ordered:
+            s.wait_stream(self.caller_streams.get(idx) or torch.cuda.current_stream(idx))
+            self._ordered.add(idx)
+        return s
