@@ -79,7 +79,21 @@ WORKLOADS=${BENCH_WORKLOADS:-weights}
 ENGINES=${BENCH_ENGINES:-ckptguard-none,torch.save,dcp.async_save+cached,dcp.save,safetensors,dcp.async_save,ckptguard-lz4,h5py}
 LOAD_ENGINES=${BENCH_LOAD_ENGINES:-ckptguard-none,torch.save,dcp.save}
 DEADLINE=${BENCH_DEADLINE:-285}
-BUDGET=${BENCH_BUDGET:-$((DEADLINE > 110 ? DEADLINE - 55 : DEADLINE / 2))}
+
+# Issue 6 first: the GPU tests of the async path, then its figures (benchmarks/async_check.py:
+# stall vs the pinned floor, durable, streamed through a 1/8 pool, compute-loop slowdown, round
+# trip). BENCH_ASYNC=0 skips both; BENCH_ASYNC_LIMIT bounds them (seconds).
+if [ "${BENCH_ASYNC:-1}" = 1 ]; then
+  say "GPU tests: $(timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_async.py \
+    tests/test_streaming.py -k cuda 2>&1 | tee -a "$LOG" | tail -1)"
+  LEFT=$((DEADLINE - ($(date +%s) - START) - 120))
+  timeout --signal=TERM --kill-after=10 "$((LEFT < ${BENCH_ASYNC_LIMIT:-120} ? LEFT : ${BENCH_ASYNC_LIMIT:-120}))" \
+    $PY benchmarks/async_check.py --size "$SIZE" --device cuda --dir "${BENCH_DIR:-.}" \
+      --out "$OUT_DIR/async_check.json" 2>&1 | tee -a "$LOG"
+  say "async check exited with ${PIPESTATUS[0]}"
+fi
+USED=$(($(date +%s) - START))
+BUDGET=${BENCH_BUDGET:-$((DEADLINE - USED > 110 ? DEADLINE - USED - 55 : (DEADLINE - USED) / 2))}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
 say "size $SIZE, trials $TRIALS, workloads $WORKLOADS, budget ${BUDGET}s, deadline ${DEADLINE}s"

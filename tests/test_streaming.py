@@ -234,3 +234,24 @@ def test_streamed_error_before_read_reaches_wait_snapshot(store: str) -> None:
             h.wait_snapshot()
         assert h.done()
     assert not os.path.exists(os.path.join(store, "bad"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by the GPU check)")
+def test_cuda_state_streams_through_pinned_pool(store: str) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = {
+        "w": torch.randn(512, 1024, device="cuda", generator=g),
+        "wt": torch.randn(700, 300, device="cuda", generator=g).t(),
+        "h": torch.randn(333, 77, device="cuda", generator=g).to(torch.bfloat16),
+    }
+    want = {k: v.cpu() for k, v in state.items()}
+    with ckptguard.Checkpointer(store, max_host_bytes=POOL, chunk_size=CHUNK) as c:
+        h = c.save_async(state, "gpu")
+        assert h.streamed
+        for v in state.values():
+            v.fill_(0)  # after the caller is released: must not reach the checkpoint
+        h.result()
+        assert c.pool.allocated <= POOL and all(r.buf.is_pinned() for r in c.pool.regions)
+        out = c.load("gpu", map_location="cuda")
+    for k, v in want.items():
+        assert out[k].is_cuda and torch.equal(out[k].cpu(), v), k
