@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 # A bare torch range pulls a multi-GB CUDA build; this CPU build lies on the project's machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint install install-test bench clean native-deps native test-native
+.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm
 
 $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ lint: install-test
 	$(VENV)/bin/ruff format --check ckptguard tests benchmarks examples
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-test: lint native test-native
+test: lint native test-native slurm
 	$(PY) -m pytest -q
+
+# A real single-node Slurm cluster (Debian's slurm-wlm + munge) for the srun tests; needs root and
+# apt-get, elsewhere those tests skip (and fail under CI=true). slurm/README.md.
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  bash slurm/local-cluster.sh start; \
+	else echo "slurm: not root or no apt-get; the Slurm tests skip (slurm/README.md)"; fi
 
 bench: install-test
 	$(VENV)/bin/ckptguard bench --size 1GiB --out benchmarks/results

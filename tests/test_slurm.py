@@ -1,0 +1,204 @@
+"""Against a real Slurm cluster (slurm/local-cluster.sh start): srun tasks and MPI ranks, sbatch,
+and a signal delivered to a running step. Skipped when there is no cluster; with CI=true a missing
+cluster fails, since `make test` starts one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "slurm" / "example.sbatch"
+CI = os.environ.get("CI") == "true"
+TOOLS = ("sinfo", "srun", "sbatch", "scancel")
+UP = {"idle", "mix", "alloc", "comp"}  # sinfo %t of a node that answers and takes jobs
+TIMEOUT = 30  # seconds for one Slurm command
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _unavailable(reason: str) -> None:
+    reason = f"{reason} (start one with `slurm/local-cluster.sh start`)"
+    if CI:
+        pytest.fail(f"no Slurm cluster in CI, where `make test` starts one: {reason}", False)
+    pytest.skip(reason)
+
+
+def _env() -> dict[str, str]:
+    """This environment without Slurm's and PMI's variables: when the tests themselves run inside
+    a Slurm job, srun would otherwise make a step of that job instead of a job of its own."""
+    drop = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "PMI_", "PMIX_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    cmd = [str(a) for a in args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
+    print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
+    return proc
+
+
+@pytest.fixture(scope="module")
+def slurm() -> str:
+    """The cluster's default partition, once a node answers; skip (or fail in CI) otherwise."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        _unavailable(f"{', '.join(missing)} not found")
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%P %t %a"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            env=_env(),
+        )
+    except subprocess.TimeoutExpired:
+        _unavailable("sinfo did not answer in 15 s")
+    if proc.returncode != 0:
+        _unavailable(f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    up = [p for p, state, avail in rows if state in UP and avail == "up"]
+    if not up:
+        _unavailable(f"no node is up: sinfo says {proc.stdout.strip()!r}")
+    default = [p for p in up if p.endswith("*")]
+    return (default or up)[0].rstrip("*")
+
+
+@pytest.fixture
+def job(slurm: str) -> Iterator[list[str]]:
+    """Options for one test's jobs: the partition, a unique name and a one-minute limit. Any job
+    of that name still alive at the end is cancelled."""
+    name = f"ckptguard-test-{uuid.uuid4().hex[:8]}"
+    yield [f"--partition={slurm}", f"--job-name={name}", "--time=1"]
+    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=15, env=_env())
+
+
+def _lines(out: str) -> list[list[str]]:
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def test_srun_four_tasks(job: list[str]) -> None:
+    code = "import os; print(os.environ['SLURM_PROCID'], os.environ['SLURM_NTASKS'])"
+    proc = _run(["srun", *job, "-n", "4", sys.executable, "-c", code])
+    assert proc.returncode == 0
+    assert sorted(_lines(proc.stdout)) == [[str(r), "4"] for r in range(4)]
+
+
+def test_mpi_ranks_over_srun(job: list[str]) -> None:
+    """The MPICH wheel from PyPI gets its ranks from Slurm's pmi2 plugin: no mpiexec."""
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
+    code = (
+        "import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+        "print(os.environ['SLURM_PROCID'], c.Get_rank(), c.Get_size(), c.allreduce(1))"
+    )
+    proc = _run(["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, "-c", code])
+    assert proc.returncode == 0
+    # rank == SLURM_PROCID, four distinct ranks of one world of 4, and a collective across them
+    assert sorted(_lines(proc.stdout)) == [[str(r), str(r), "4", "4"] for r in range(4)]
+
+
+def test_sbatch_wait_writes_output(job: list[str], tmp_path: Path) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            #!/bin/bash
+            #SBATCH --ntasks=2
+            srun bash -c 'echo "task $SLURM_PROCID of $SLURM_NTASKS"'
+            echo "batch done $SLURM_JOB_ID"
+            """
+        )
+    )
+    out = tmp_path / "out-%j.txt"
+    proc = _run(
+        ["sbatch", *job, "--wait", "--parsable", f"--chdir={tmp_path}", f"--output={out}", script]
+    )
+    assert proc.returncode == 0
+    job_id = proc.stdout.strip().split(";")[0]
+    text = (tmp_path / f"out-{job_id}.txt").read_text()
+    assert f"batch done {job_id}" in text
+    assert sorted(line for line in text.splitlines() if line.startswith("task ")) == [
+        "task 0 of 2",
+        "task 1 of 2",
+    ]
+
+
+def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
+    """`scancel --signal=USR1 JOB.STEP` (what `#SBATCH --signal=USR1@120` does before the time
+    limit) reaches a task that traps it, and the task lives on to act on it."""
+    task = tmp_path / "task.py"
+    task.write_text(
+        textwrap.dedent(
+            """\
+            import os, signal, sys, time
+
+            out = sys.argv[1]
+
+            def on_usr1(signum, frame):
+                with open(os.path.join(out, "got-usr1"), "w") as f:
+                    f.write(str(signum))
+                sys.exit(0)
+
+            signal.signal(signal.SIGUSR1, on_usr1)
+            step = os.environ["SLURM_JOB_ID"] + "." + os.environ["SLURM_STEP_ID"]
+            with open(os.path.join(out, "ready.tmp"), "w") as f:
+                f.write(step)
+            os.rename(os.path.join(out, "ready.tmp"), os.path.join(out, "ready"))
+            time.sleep(50)
+            sys.exit(3)  # no signal came
+            """
+        )
+    )
+    srun = subprocess.Popen(
+        ["srun", *job, "-n", "1", sys.executable, str(task), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    try:
+        ready = tmp_path / "ready"
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists() and srun.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), f"the task never started: srun exit {srun.poll()}"
+        step = ready.read_text()
+        assert _run(["scancel", "--signal=USR1", step]).returncode == 0
+        out, _ = srun.communicate(timeout=TIMEOUT)
+        print(out)
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+    assert (tmp_path / "got-usr1").read_text() == str(int(signal.SIGUSR1))
+    assert srun.returncode == 0
+
+
+def test_example_sbatch_is_accepted(job: list[str]) -> None:
+    """slurm/example.sbatch parses and its options fit a node (sized down to this cluster)."""
+    proc = _run(
+        [
+            "sbatch",
+            *job,
+            "--test-only",
+            "--nodes=1",
+            "--ntasks-per-node=4",
+            "--cpus-per-task=1",
+            EXAMPLE,
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "to start at" in proc.stderr
