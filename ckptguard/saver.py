@@ -32,7 +32,7 @@ from .format.manifest import CheckpointInfo, parse_time
 from .format.validate import check_table
 from .plan import PlanError, assignment, describe_local, make_plan
 from .staging import DIRECT
-from .tree import flatten, remap_tensor_ids
+from .tree import Flat, flatten, remap_tensor_ids
 from .writer import RankWriter
 
 
@@ -125,7 +125,10 @@ class _Save:
     def describe(self, obj: Any) -> bytes:
         """This rank's message: status, its object tree (JSON) and its tensors (Arrow)."""
         try:
-            tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
+            if isinstance(obj, Flat):
+                tree, self.refs, used_pickle = obj.tree, obj.refs, obj.used_pickle
+            else:
+                tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
             source = self.opt.source
             hasher = (lambda ref: source.digest(ref.value)) if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)

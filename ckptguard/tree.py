@@ -239,6 +239,16 @@ def flatten(
     return tree, f.tensors, f.used_pickle
 
 
+@dataclass
+class Flat:
+    """An object already flattened (``flatten``'s result), e.g. in another process; the saver
+    takes it in place of the object."""
+
+    tree: Any
+    refs: list[TensorRef]
+    used_pickle: bool = False
+
+
 def remap_tensor_ids(tree: Any, ids: list[int]) -> Any:
     """The same JSON tree with each ``{"$tensor": i}`` replaced by ``{"$tensor": ids[i]}``."""
     if isinstance(tree, list):
