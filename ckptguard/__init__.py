@@ -3,9 +3,10 @@
 Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async`` or a
 ``Checkpointer`` to save in the background); ``verify`` checks every
 byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
-directory of them.
+directory of them. Under ``ckptguard run``, ``checkpoint_requested()`` says when to save.
 """
 
+from .agent.client import checkpoint_requested
 from .api import (
     CheckpointDescription,
     Problem,
@@ -63,6 +64,7 @@ __all__ = [
     "UnsupportedObjectError",
     "VerifyReport",
     "__version__",
+    "checkpoint_requested",
     "describe",
     "load",
     "save",

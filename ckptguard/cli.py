@@ -2,6 +2,7 @@
 
 Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` found none);
 2 an error (bad path, corrupt manifest, bad arguments), printed as one ``error: ...`` line.
+``run`` exits with its trainer's status, or 85/86 after a checkpoint request (docs/agent.md).
 """
 
 from __future__ import annotations
@@ -409,6 +410,62 @@ def demo_cmd(store: str) -> None:
 
     if run_demo(store) != 0:
         raise _Failed
+
+
+# ---- run (the per-rank agent of issue #7; docs/agent.md) ----
+
+
+@cli.command("run", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default="300",
+    show_default=True,
+    help="After a checkpoint request, how long every rank has to commit (90, 5m, ...).",
+)
+@click.option(
+    "--time-margin",
+    metavar="DURATION",
+    default=None,
+    help="Request a checkpoint this long before the job's end time (squeue, or "
+    "CKPTGUARD_END_TIME in unix seconds). Off unless given.",
+)
+@click.option(
+    "--term-timeout",
+    metavar="DURATION",
+    default="30",
+    show_default=True,
+    help="When stopping the trainer, SIGKILL it this long after SIGTERM.",
+)
+@click.option(
+    "--poll",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Seconds between two agreements of the agents.",
+)
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_cmd(
+    grace: str, time_margin: str | None, term_timeout: str, poll: float, cmd: Sequence[str]
+) -> None:
+    """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
+
+    Launch with `srun ckptguard run -- python train.py` or `mpiexec -n N ckptguard run -- ...`.
+    SIGUSR1 or SIGTERM to any agent, or the time margin, asks every trainer for a checkpoint
+    (ckptguard.checkpoint_requested()). Exit status: the trainer's own (128+N if killed by signal
+    N); 85 when every rank committed after a request (requeue me); 86 when a request got no
+    commit from every rank within the grace; 2 when the agents could not start.
+    """
+    from ckptguard.agent.runner import Options, run
+
+    opts = Options(
+        cmd=tuple(cmd),
+        grace=parse_duration(grace),
+        time_margin=None if time_margin is None else parse_duration(time_margin),
+        term_timeout=parse_duration(term_timeout),
+        poll=poll,
+    )
+    raise click.exceptions.Exit(run(opts))
 
 
 # ---- doctor (native codec path; owned by the native-codec work, docs/native.md) ----

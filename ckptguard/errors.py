@@ -126,3 +126,7 @@ class CheckpointAbortedError(CheckpointError):
 
 class CoordinationTimeoutError(CheckpointAbortedError):
     """Ranks did not all reach a collective step of the save before the deadline."""
+
+
+class AgentError(CheckpointError):
+    """``ckptguard run`` could not set up its agents (MPI, control socket, job information)."""

@@ -1,0 +1,164 @@
+"""The agent's control socket: a Unix stream socket in a private directory, served without threads.
+
+The runner calls ``serve`` between its collective steps. Clients say ``hello`` (and then hear of a
+checkpoint request) or report ``committed``; see docs/agent.md for the messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import LineReader, ProtocolError, decode, encode
+
+_MAX_PATH = 107  # sun_path holds 108 bytes on Linux, NUL included
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A commit a client reported: when (monotonic seconds), where and at which step."""
+
+    at: float
+    path: str
+    step: int | None
+
+
+@dataclass
+class _Client:
+    reader: LineReader = field(default_factory=LineReader)
+    subscribed: bool = False
+
+
+def _private_dir() -> str:
+    """A fresh mode-0700 directory for the socket, under $TMPDIR if its path is short enough."""
+    for base in (os.environ.get("TMPDIR"), "/tmp"):
+        if base and os.path.isdir(base) and len(base) + 40 <= _MAX_PATH:
+            return tempfile.mkdtemp(prefix="ckptguard-agent-", dir=base)
+    return tempfile.mkdtemp(prefix="ckptguard-agent-")
+
+
+class ControlServer:
+    """Accepts any number of local clients; records commits; broadcasts the request."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.request: dict[str, Any] | None = None
+        self.commits: list[Commit] = []
+        self.dir = _private_dir()
+        self.address = os.path.join(self.dir, "control.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.address)
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._clients: dict[socket.socket, _Client] = {}
+
+    def serve(self, timeout: float) -> None:
+        """Handle what is ready, waiting up to ``timeout`` seconds for something to be."""
+        for key, _ in self._sel.select(max(timeout, 0.0)):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if sock is self._listener:
+                self._accept()
+            else:
+                self._read(sock)
+
+    def announce(self, reason: str, deadline: float | None) -> None:
+        """Record the checkpoint request and tell every subscribed client."""
+        self.request = {"reason": reason, "deadline": deadline}
+        line = encode("checkpoint", **self.request)
+        for sock, client in list(self._clients.items()):
+            if client.subscribed:
+                self._send(sock, line)
+
+    def committed_since(self, t: float) -> Commit | None:
+        """The latest commit reported at or after monotonic time ``t``."""
+        return next((c for c in reversed(self.commits) if c.at >= t), None)
+
+    def close(self) -> None:
+        for sock in list(self._clients):
+            self._drop(sock)
+        self._sel.close()
+        self._listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if hasattr(socket, "SO_PEERCRED"):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                sock.close()
+                return
+        sock.setblocking(False)
+        self._clients[sock] = _Client()
+        self._sel.register(sock, selectors.EVENT_READ, None)
+
+    def _read(self, sock: socket.socket) -> None:
+        client = self._clients[sock]
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(sock)
+            return
+        try:
+            for line in client.reader.feed(data):
+                self._send(sock, self._handle(client, decode(line)))
+        except ProtocolError as exc:
+            self._send(sock, encode("error", message=str(exc)))
+            self._drop(sock)
+
+    def _handle(self, client: _Client, msg: dict[str, Any]) -> bytes:
+        op = msg["op"]
+        if op == "hello":
+            client.subscribed = True
+            return encode(
+                "welcome",
+                rank=self.rank,
+                world_size=self.world_size,
+                agent_pid=os.getpid(),
+                request=self.request,
+            )
+        if op == "committed":
+            path, step = msg.get("path"), msg.get("step")
+            if not isinstance(path, str) or not (step is None or isinstance(step, int)):
+                raise ProtocolError(
+                    "'committed' needs a string 'path' and an integer or null 'step'"
+                )
+            self.commits.append(Commit(time.monotonic(), path, step))
+            return encode("ack")
+        raise ProtocolError(f"unknown op {op!r}")
+
+    def _send(self, sock: socket.socket, line: bytes) -> None:
+        """Send a short line; a client too slow to take it whole is dropped."""
+        if sock not in self._clients:
+            return
+        try:
+            if sock.send(line) == len(line):
+                return
+        except OSError:
+            pass
+        self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        if self._clients.pop(sock, None) is not None:
+            self._sel.unregister(sock)
+        with contextlib.suppress(OSError):
+            sock.close()

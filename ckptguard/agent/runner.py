@@ -1,0 +1,242 @@
+"""``ckptguard run``: one agent per rank, with the trainer as its child (docs/agent.md).
+
+The agents MAX-reduce a small vector every ``poll`` seconds, so they agree on everything: a
+checkpoint request (SIGUSR1 or SIGTERM to any agent, or the job's end time minus
+``time_margin``), whether every rank's trainer has committed since, whether the grace is over,
+and whether a trainer failed. Each agent then acts the same way on its own child.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from ..errors import AgentError
+from .child import Child
+from .control import ControlServer
+from .endtime import job_end_time
+from .group import Group, open_group
+from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT
+from .rankenv import (
+    Ranks,
+    child_env,
+    free_port,
+    slurm_master_addr,
+    slurm_master_port,
+    slurm_ranks,
+)
+
+END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
+
+# The slots of the vector the agents MAX-reduce on every tick.
+REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK = range(6)
+SIGUSR1_REQ, SIGTERM_REQ, TIME_REQ = 1, 2, 3
+_REASONS = {SIGUSR1_REQ: "SIGUSR1", SIGTERM_REQ: "SIGTERM", TIME_REQ: "time limit"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line of ``ckptguard run``; times in seconds."""
+
+    cmd: tuple[str, ...]
+    grace: float = 300.0
+    time_margin: float | None = None
+    term_timeout: float = 30.0
+    poll: float = 0.5
+
+
+class _Signals:
+    """The agent's handlers. SIGUSR1, and the first SIGTERM or SIGINT, request a checkpoint; a
+    SIGTERM or SIGINT once a request is pending goes to the trainer at once."""
+
+    def __init__(self) -> None:
+        self.request = 0
+        self.pending = False  # a request is pending here (local, or agreed with the others)
+        self.child: Child | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGUSR1, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum != signal.SIGUSR1 and self.pending:
+            if self.child is not None:
+                self.child.signal(signum)
+            return
+        if not self.request:
+            self.request = SIGUSR1_REQ if signum == signal.SIGUSR1 else SIGTERM_REQ
+        self.pending = True
+
+
+def _nap() -> None:
+    time.sleep(0.001)
+
+
+def _log(rank: int, message: str) -> None:
+    print(f"ckptguard run [rank {rank}]: {message}", file=sys.stderr, flush=True)
+
+
+def _setup(env: Mapping[str, str], want_end_time: bool) -> dict[str, Any]:
+    """Rank 0's facts for everyone: master address and port both ways, and the end time."""
+    try:
+        addr, port = slurm_master_addr(env), slurm_master_port(env)
+        return {
+            "slurm": None if addr is None or port is None else [addr, port],
+            "mpi": [socket.gethostname(), free_port()],
+            "end_time": job_end_time(env) if want_end_time else None,
+        }
+    except Exception as exc:
+        return {"error": f"rank 0 could not read the job's facts: {type(exc).__name__}: {exc}"}
+
+
+def _ranks(env: Mapping[str, str], group: Group, setup: dict[str, Any]) -> tuple[Ranks, str, int]:
+    """Slurm's ranks if every agent finds them consistent with MPI, else the MPI world's."""
+    slurm = slurm_ranks(env)
+    if group.size == 1 and slurm is not None and slurm.world_size > 1:
+        raise AgentError(
+            f"SLURM_NTASKS={slurm.world_size} but the agents' MPI world has one rank: launch with "
+            "an MPI-aware srun (e.g. srun --mpi=pmi2) so that the agents can agree"
+        )
+    usable = slurm is not None and setup["slurm"] is not None
+    usable = usable and (slurm.rank, slurm.world_size) == (group.rank, group.size)
+    if group.exchange([int(not usable)], wait=_nap)[0] == 0:
+        assert slurm is not None
+        local_size = slurm.local_world_size if slurm.local_world_size > 0 else group.local_size
+        addr, port = setup["slurm"]
+        return Ranks(slurm.rank, slurm.world_size, slurm.local_rank, local_size), addr, port
+    addr, port = setup["mpi"]
+    ranks = Ranks(group.rank, group.size, group.local_rank, group.local_size)
+    return ranks, addr, port
+
+
+class _Agent:
+    def __init__(self, opts: Options, group: Group) -> None:
+        self.opts, self.group, self.rank = opts, group, group.rank
+        self.signals = _Signals()
+        self.signals.install()
+        want_end = opts.time_margin is not None
+        setup = group.bcast_json(_setup(os.environ, want_end) if group.rank == 0 else None)
+        if "error" in setup:
+            raise AgentError(setup["error"])
+        self.end_time: float | None = setup["end_time"]
+        if opts.time_margin is not None and self.end_time is None and self.rank == 0:
+            _log(0, "the job's end time is unknown: --time-margin has no effect")
+        self.ranks, addr, port = _ranks(os.environ, group, setup)
+        self.server = self._start_server()
+        env = child_env(os.environ, self.ranks, addr, port, self.server.address)
+        self.child = Child(opts.cmd, env)
+        self.signals.child = self.child
+        if self.child.error:
+            _log(self.rank, self.child.error)
+        self.t_req: float | None = None  # monotonic time at which the agents agreed on a request
+        self.deadline = 0.0  # monotonic time by which every rank must have committed
+        self.outcome: int | None = None  # EXIT_CHECKPOINTED or EXIT_NO_CHECKPOINT once decided
+        self.failed: int | None = None  # the rank whose trainer failed first, once known
+
+    def _start_server(self) -> ControlServer:
+        """The control socket, on every rank or on none (then all agents raise)."""
+        server: ControlServer | None = None
+        error = ""
+        try:
+            server = ControlServer(self.ranks.rank, self.ranks.world_size)
+        except OSError as exc:
+            error = f"cannot create the control socket: {exc}"
+            _log(self.rank, error)
+        bad = self.group.exchange([self.rank + 1 if server is None else 0], wait=_nap)[0]
+        if bad:
+            if server is not None:
+                server.close()
+            raise AgentError(error or f"rank {bad - 1} could not create its control socket")
+        assert server is not None
+        return server
+
+    def run(self) -> int:
+        try:
+            while True:
+                tick = time.monotonic()
+                g = self.group.exchange(self._local(), wait=lambda: self.server.serve(0.005))
+                self._decide(g)
+                if g[ALIVE] == 0:
+                    break
+                while (left := tick + self.opts.poll - time.monotonic()) > 0:
+                    self.server.serve(left)
+        finally:
+            self.server.close()
+        if self.outcome is not None:
+            return self.outcome
+        assert self.child.status is not None
+        return self.child.status
+
+    def _local(self) -> list[int]:
+        """This rank's view, for the MAX-reduce."""
+        margin, end = self.opts.time_margin, self.end_time
+        late = margin is not None and end is not None and time.time() >= end - margin
+        if late and not self.signals.request:
+            self.signals.request = TIME_REQ
+        alive = self.child.alive
+        vec = [0] * 6
+        vec[REQ] = self.signals.request
+        vec[REQ_RANK] = self.rank + 1 if self.signals.request else 0
+        vec[ALIVE] = int(alive)
+        if self.t_req is None:
+            vec[UNCOMMITTED] = 1
+        else:
+            committed = self.server.committed_since(self.t_req) is not None
+            vec[UNCOMMITTED] = int(not committed)
+            # A trainer that ended without committing never will: no need to wait for the grace.
+            vec[GIVE_UP] = int(not committed and (time.monotonic() >= self.deadline or not alive))
+        if not alive and self.child.status != 0 and not self.child.stopped_by_agent:
+            vec[FAILED_RANK] = self.rank + 1
+        return vec
+
+    def _decide(self, g: list[int]) -> None:
+        """Act on what every agent now knows; the same decision on every rank."""
+        if self.t_req is None and g[REQ]:
+            self._requested(f"{_REASONS.get(g[REQ], 'request')} on rank {g[REQ_RANK] - 1}")
+        elif self.t_req is not None and self.outcome is None:
+            if g[UNCOMMITTED] == 0:
+                self.outcome = EXIT_CHECKPOINTED
+                commit = self.server.committed_since(self.t_req)
+                if self.rank == 0 and commit is not None:
+                    _log(0, f"every rank committed ({commit.path}); stopping the trainer")
+            elif g[GIVE_UP]:
+                self.outcome = EXIT_NO_CHECKPOINT
+                if self.rank == 0:
+                    _log(0, "not every rank committed within the grace; stopping the trainer")
+        if self.outcome is None and self.failed is None and g[FAILED_RANK]:
+            self.failed = g[FAILED_RANK] - 1
+            if self.rank == 0 and g[ALIVE]:
+                _log(0, f"the trainer of rank {self.failed} failed; stopping the others")
+        if self.outcome is not None or self.failed is not None:
+            self.child.stop(self.opts.term_timeout)
+
+    def _requested(self, reason: str) -> None:
+        now, wall = time.monotonic(), time.time()
+        by = wall + self.opts.grace
+        if self.end_time is not None:
+            by = min(by, self.end_time - self.opts.term_timeout - END_SLACK)
+        by = max(by, wall)
+        self.t_req, self.deadline = now, now + (by - wall)
+        self.signals.pending = True
+        self.server.announce(reason, by)
+        if self.rank == 0:
+            _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
+
+
+def run(opts: Options) -> int:
+    """Run the agent of this rank until every rank's trainer has ended; the exit status."""
+    if not opts.cmd:
+        raise AgentError("no command to run (ckptguard run [OPTIONS] -- CMD ...)")
+    group = open_group(os.environ)
+    try:
+        return _Agent(opts, group).run()
+    finally:
+        group.close()

@@ -1,0 +1,113 @@
+"""A trainer for tests/test_agent.py, run by ``ckptguard run`` (one per rank).
+
+    trainer.py env OUT [EXIT_RANK CODE]   write the rank variables to OUT/rank-R.json, exit
+                                          (rank EXIT_RANK exits with CODE, or kills itself
+                                          if CODE is SIGKILL)
+    trainer.py sleep OUT                  write OUT/ready-R.json (with its own pid and process
+                                          group), then sleep
+    trainer.py train OUT STORE [nocommit] torch.distributed (gloo, env://) steps; on a checkpoint
+                                          request, save with coordinator="torch", then
+                                          notify_committed (unless nocommit) and wait to be stopped
+                                          (with nocommit, rank 1 ignores SIGTERM)
+
+Every rank writes OUT/ready-R.json (its agent's pid) once it runs, and OUT/term-R when the agent
+stops it with SIGTERM. The loop ends by itself after 25 s (exit 0) so that no test can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def write(path: str, obj: object) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def env_mode(out: str, argv: list[str]) -> int:
+    rank = os.environ["RANK"]
+    info = {v: os.environ.get(v) for v in VARS}
+    info["CKPTGUARD_AGENT"] = os.environ.get("CKPTGUARD_AGENT")
+    info["launcher_vars"] = sorted(k for k in os.environ if k.startswith(("PMI_", "MPI_LOCAL")))
+    write(os.path.join(out, f"rank-{rank}.json"), info)
+    if argv and int(argv[0]) == int(rank):
+        if argv[1] == "SIGKILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return int(argv[1])
+    return 0
+
+
+def train_mode(out: str, store: str, commit: bool) -> int:
+    import torch
+    import torch.distributed as dist
+
+    import ckptguard
+    from ckptguard.agent import client
+
+    rank = int(os.environ["RANK"])
+
+    busy: list[int] = []  # while non-empty, a SIGTERM waits until the report is written
+
+    def on_term(signum: int, frame: object) -> None:
+        if busy:
+            busy.append(signum)
+            return
+        open(os.path.join(out, f"term-{rank}"), "w").close()
+        os._exit(128 + signum)
+
+    stubborn = not commit and rank == 1
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if stubborn else on_term)
+    seen: list[str] = []
+    client.on_checkpoint_request(lambda req: seen.append(req.reason))
+    dist.init_process_group("gloo", init_method="env://")
+    write(os.path.join(out, f"ready-{rank}.json"), {"agent": os.getppid()})
+    w = torch.zeros(16)
+    t0 = time.monotonic()
+    step = 0
+    while time.monotonic() - t0 < 25:
+        step += 1
+        w += 1
+        flag = torch.tensor([int(ckptguard.checkpoint_requested())])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            break
+        time.sleep(0.05)
+    else:
+        return 0
+    info = ckptguard.save({"w": w, "step": step}, f"{store}/step-{step}", coordinator="torch")
+    busy.append(0)  # the agent may stop us as soon as it has the notice
+    took = client.notify_committed(info.path, step) if commit else None
+    req = client.checkpoint_request()
+    report = {"step": step, "path": info.path, "notified": took, "callback": seen}
+    report["reason"] = None if req is None else req.reason
+    write(os.path.join(out, f"saved-{rank}.json"), report)
+    pending = busy[1:]
+    busy.clear()
+    if pending:
+        on_term(pending[0], None)
+    while time.monotonic() - t0 < 25:  # wait for the agent to stop us
+        time.sleep(0.05)
+    return 0
+
+
+def main() -> int:
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "env":
+        return env_mode(out, sys.argv[3:])
+    if mode == "sleep":
+        me = {"agent": os.getppid(), "pid": os.getpid(), "pgid": os.getpgid(0)}
+        write(os.path.join(out, f"ready-{os.environ['RANK']}.json"), me)
+        time.sleep(25)
+        return 0
+    return train_mode(out, sys.argv[3], commit=sys.argv[4:] != ["nocommit"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
