@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import commit as _commit
+from .agent.client import notify_committed
 from .coord import Coordinator
 from .errors import CheckpointAbortedError, CheckpointExistsError, from_oserror
 from .failpoints import failpoint, set_rank
@@ -339,4 +340,6 @@ def save_state(
 ) -> CheckpointInfo:
     """Run the save on this rank; every rank returns the same CheckpointInfo or raises."""
     set_rank(coord.rank)
-    return _Save(coord, opt, store, name).run(obj)
+    info = _Save(coord, opt, store, name).run(obj)
+    notify_committed(info.path, info.step)  # under `ckptguard run`: this rank has committed
+    return info

@@ -27,7 +27,7 @@
 # Oversubscription: the node declares at least 8 CPUs (SlurmdParameters=config_overrides lets
 # slurmd accept more CPUs than the hardware has), so `srun -n 4` and two 4-task jobs at once run
 # on a 2-core machine with unchanged command lines. The alternatives were rejected: srun
-# --overcommit works only if every command line (tests, example.sbatch, `ckptguard run`)
+# --overcommit works only if every command line (tests, train.sbatch, `ckptguard run`)
 # carries a flag that is wrong on a real cluster, and OverSubscribe=FORCE on the partition lets
 # several *jobs* share a CPU but never gives one job more tasks than CPUs. TaskPlugin=task/none
 # binds nothing, so the extra CPUs are only scheduler bookkeeping. Memory is not a consumable

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE.parent / "slurm" / "example.sbatch"
+EXAMPLE = HERE.parent / "slurm" / "train.sbatch"
 CI = os.environ.get("CI") == "true"
 TOOLS = ("sinfo", "srun", "sbatch", "scancel")
 UP = {"idle", "mix", "alloc", "comp"}  # sinfo %t of a node that answers and takes jobs
@@ -188,7 +188,7 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
 
 
 def test_example_sbatch_is_accepted(job: list[str]) -> None:
-    """slurm/example.sbatch parses and its options fit a node (sized down to this cluster)."""
+    """slurm/train.sbatch parses and its options fit a node (sized down to this cluster)."""
     proc = _run(
         [
             "sbatch",
@@ -202,3 +202,64 @@ def test_example_sbatch_is_accepted(job: list[str]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "to start at" in proc.stderr
+
+
+TRAIN = HERE.parent / "examples" / "resumable_train.py"
+
+
+def _train(job: list[str], store: Path, out: Path, progress: Path | None = None) -> list:
+    """The srun line of slurm/train.sbatch, for examples/resumable_train.py on 4 tasks."""
+    ckptguard = Path(sys.executable).parent / "ckptguard"
+    cmd = ["srun", *job[:2], "--time=4", "--mpi=pmi2", "-n", "4", ckptguard, "run"]
+    cmd += ["--grace", "60", "--poll", "0.2", "--", sys.executable, TRAIN, "--store", store]
+    cmd += ["--steps", "40", "--out", out, "--step-sleep", "0.1"]
+    return [str(c) for c in cmd + (["--progress", progress] if progress else [])]
+
+
+@pytest.mark.timeout(300)
+def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
+    job: list[str], tmp_path: Path
+) -> None:
+    """A 4-task DDP job gets USR1 mid-run: every rank checkpoints, the agents exit 85 (requeue);
+    the next run resumes from LATEST and ends with the weights of an uninterrupted run."""
+    import torch
+
+    import ckptguard
+
+    store, progress = tmp_path / "store", tmp_path / "progress"
+    first = subprocess.Popen(
+        _train(job, store, tmp_path / "w.pt", progress),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and time.monotonic() < deadline:
+            if progress.exists() and progress.read_text().strip() not in ("", "1", "2", "3"):
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, f"the job ended early:\n{first.communicate()[0][-3000:]}"
+        name = job[1].split("=", 1)[1]
+        assert _run(["scancel", "--signal=USR1", f"--name={name}"]).returncode == 0
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    print(out[-3000:])
+    assert first.returncode == 85, out[-3000:]  # checkpointed on request: requeue me
+    latest = ckptguard.Store(store).latest()
+    assert latest is not None and 0 < latest.step < 40
+    assert ckptguard.verify(latest.path).ok
+    assert not (tmp_path / "w.pt").exists()  # it stopped before the end
+
+    resumed = _run(_train(job, store, tmp_path / "w.pt"), timeout=150)
+    assert resumed.returncode == 0
+    assert f"resumed from step {latest.step}" in resumed.stdout
+    straight = _run(_train(job, tmp_path / "other", tmp_path / "w0.pt"), timeout=150)
+    assert straight.returncode == 0
+    got, want = torch.load(tmp_path / "w.pt"), torch.load(tmp_path / "w0.pt")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -81,11 +81,13 @@ def train_mode(out: str, store: str, commit: bool) -> int:
         time.sleep(0.05)
     else:
         return 0
-    info = ckptguard.save({"w": w, "step": step}, f"{store}/step-{step}", coordinator="torch")
-    busy.append(0)  # the agent may stop us as soon as it has the notice
-    took = client.notify_committed(info.path, step) if commit else None
+    busy.append(0)  # the agent may stop us as soon as save() has told it of the commit
+    path = took = None
+    if commit:  # save() notifies the agent itself; a second notice is harmless
+        info = ckptguard.save({"w": w, "step": step}, f"{store}/step-{step}", coordinator="torch")
+        path, took = info.path, client.notify_committed(info.path, step)
     req = client.checkpoint_request()
-    report = {"step": step, "path": info.path, "notified": took, "callback": seen}
+    report = {"step": step, "path": path, "notified": took, "callback": seen}
     report["reason"] = None if req is None else req.reason
     write(os.path.join(out, f"saved-{rank}.json"), report)
     pending = busy[1:]
