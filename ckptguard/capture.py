@@ -113,11 +113,18 @@ def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     return buf
 
 
+Allocator = Callable[[int, bool], tuple[torch.Tensor, Any]]
+"""Makes a region's buffer: (bytes, pin) -> (uint8 tensor, a tag such as a shared pool's id)."""
+
+
 class Region:
     """One reusable host buffer; a snapshot takes its bytes front to back."""
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
-        self.buf = _host_buffer(nbytes, pin)
+    def __init__(self, nbytes: int, pin: bool, allocator: Allocator | None = None) -> None:
+        if allocator is None:
+            self.buf, self.tag = _host_buffer(nbytes, pin), None
+        else:
+            self.buf, self.tag = allocator(nbytes, pin)
         self.capacity = nbytes
         self.used = 0
         self.busy = False
@@ -144,6 +151,7 @@ class HostPool:
         regions: int = 2,
         pin: bool | None = None,
         slot_bytes: int | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
         if regions < 1:
             raise ValueError("a host pool needs at least one region")
@@ -155,6 +163,7 @@ class HostPool:
         self.regions: list[Region] = []
         self.cond = threading.Condition()
         self.closed = False
+        self.allocator = allocator
         if slot_bytes:
             n = regions if max_bytes is None else min(regions, max_bytes // _aligned(slot_bytes))
             if n < 1:
@@ -163,7 +172,7 @@ class HostPool:
                     slot_bytes,
                     max_bytes or 0,
                 )
-            self.regions = [Region(_aligned(slot_bytes), self.pin) for _ in range(n)]
+            self.regions = [Region(_aligned(slot_bytes), self.pin, allocator) for _ in range(n)]
 
     @property
     def allocated(self) -> int:
@@ -197,13 +206,13 @@ class HostPool:
         if len(self.regions) < self.max_regions and (
             limit is None or self.allocated + nbytes <= limit
         ):
-            self.regions.append(Region(nbytes, self.pin))
+            self.regions.append(Region(nbytes, self.pin, self.allocator))
             return self.regions[-1]
         for r in free:  # grow a free region that is too small, if the bound allows
             if limit is None or self.allocated - r.capacity + nbytes <= limit:
                 self.regions.remove(r)
                 r.buf = torch.empty(0, dtype=torch.uint8)
-                self.regions.append(Region(nbytes, self.pin))
+                self.regions.append(Region(nbytes, self.pin, self.allocator))
                 return self.regions[-1]
         return None
 
@@ -234,7 +243,7 @@ class HostPool:
             else:  # reshape the pool: drop what is free, allocate one region for both buffers
                 for r in self.regions:
                     r.buf = torch.empty(0, dtype=torch.uint8)
-                self.regions = [Region(2 * nbytes, self.pin)]
+                self.regions = [Region(2 * nbytes, self.pin, self.allocator)]
                 chosen = self.regions[:]
             for r in chosen:
                 r.busy, r.used = True, 0

@@ -19,9 +19,15 @@ from typing import Any
 from . import api
 from .capture import HostPool, Snapshot, caller_streams, capture, state_bytes
 from .coord import auto as coord_auto
-from .errors import CheckpointerClosedError, SaveCancelledError
+from .errors import (
+    AgentError,
+    CheckpointerClosedError,
+    HostPoolTooSmallError,
+    SaveCancelledError,
+)
 from .format.layout import split_path
 from .format.manifest import CheckpointInfo
+from .handoff import Handoff
 from .saver import save_state
 from .staging import StagedSource
 
@@ -48,6 +54,7 @@ class SaveHandle:
         self._info: CheckpointInfo | None = None
         self._cancelled = False
         self.streamed = False  # too large for the pool: streamed through it, caller waiting
+        self._handoff_id: int | None = None  # the agent's id for it, once handed over
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Return once the state is copied: the caller may change its tensors from now on.
@@ -132,13 +139,18 @@ class Checkpointer:
         host_bytes: int | None = None,
         max_inflight: int = 1,
         pin_memory: bool | None = None,
+        handoff: bool | None = None,
         **save_defaults: Any,
     ) -> None:
         if type(max_inflight) is not int or max_inflight < 1:
             raise ValueError("max_inflight must be an int >= 1")
         self.store = os.path.abspath(os.fspath(store))
         self.defaults = save_defaults
-        self.pool = HostPool(max_host_bytes, max_inflight + 1, pin_memory, host_bytes)
+        self.handoff = Handoff.connect() if handoff is not False else None
+        if handoff and self.handoff is None:
+            raise AgentError("handoff=True but this process does not run under ckptguard run")
+        alloc = self.handoff.allocate if self.handoff is not None else None
+        self.pool = HostPool(max_host_bytes, max_inflight + 1, pin_memory, host_bytes, alloc)
         self._streams: dict = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -215,6 +227,8 @@ class Checkpointer:
             t.join()
         self.pool.close()
         self._streams.clear()
+        if self.handoff is not None:
+            self.handoff.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -252,6 +266,13 @@ class Checkpointer:
             region = None
             try:
                 if not self.pool.fits(state_bytes(h._obj)):
+                    if self.handoff is not None:  # every rank must hand over, or none
+                        raise HostPoolTooSmallError(
+                            f"under ckptguard run a snapshot must fit max_host_bytes="
+                            f"{self.pool.max_bytes} (it needs {state_bytes(h._obj)} bytes)",
+                            state_bytes(h._obj),
+                            self.pool.max_bytes or 0,
+                        )
                     h.streamed = True
                     self._persists.put(h)
                     h._snap_done.wait()  # the persist reads the caller's state; then the next
@@ -259,6 +280,10 @@ class Checkpointer:
                 region = self.pool.acquire(state_bytes(h._obj), lambda: self._cancel)
                 snap = capture(h._obj, region, self._streams, h._streams)
                 snap.wait()
+                if self.handoff is not None:  # from here on the agent commits it, come what may
+                    h._handoff_id = self.handoff.submit(
+                        region.buf, region.tag, snap.state, h.path, _agent_options(h._kwargs)
+                    )
             except BaseException as e:
                 if region is not None:
                     self.pool.release(region)
@@ -280,9 +305,13 @@ class Checkpointer:
             snap = h._snapshot
             assert snap is not None
             try:
-                if self._cancel:
+                if h._handoff_id is not None:  # handed over: the agent's commit, not ours to cancel
+                    assert self.handoff is not None
+                    info = self.handoff.result(h._handoff_id)
+                elif self._cancel:
                     raise SaveCancelledError(f"save of {h.path} was cancelled")
-                info = api.save(snap.state, h.path, **h._kwargs)
+                else:
+                    info = api.save(snap.state, h.path, **h._kwargs)
             except BaseException as e:
                 h._finish(error=e)
             else:
@@ -316,6 +345,11 @@ class Checkpointer:
         finally:
             if staging is not None:
                 staging.release()
+
+
+def _agent_options(kwargs: dict) -> dict:
+    """``save``'s options for the agent: JSON only; the agents coordinate among themselves."""
+    return {k: v for k, v in kwargs.items() if k != "coordinator"}
 
 
 def _at_exit(fn: Any) -> None:

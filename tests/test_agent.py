@@ -431,3 +431,64 @@ def test_protocol_lines() -> None:
     assert reader.feed(b'{"a"') == [] and reader.feed(b":1}\n{") == [b'{"a":1}']
     with pytest.raises(protocol.ProtocolError):
         reader.feed(b"x" * (protocol.MAX_LINE + 1))
+
+
+# ---- the snapshot handoff ----
+
+
+def _handoff_expected(world: int, step: int) -> dict:
+    sys.path.insert(0, str(Path(TRAINER).parent))
+    try:
+        from trainer import handoff_state  # tests/agent/trainer.py
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    parts = [handoff_state(r, world) for r in range(world)]
+    want = parts[0]
+    want["w"] = torch.cat([p["w"].local for p in parts]) + 1000 * step
+    want["step"] = step
+    return want
+
+
+def _check_handoff(path: Path, want: dict) -> None:
+    import numpy as np
+    import torch
+
+    import ckptguard
+
+    assert ckptguard.verify(path).ok
+    got = ckptguard.load(path)
+    assert torch.equal(got["w"], want["w"]), got["w"]
+    assert torch.equal(got["b"], want["b"])
+    assert np.array_equal(got["np"], want["np"])
+    assert got["step"] == want["step"]
+
+
+def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
+    """Snapshots go to the agents through shared memory; the agents write and commit them."""
+    store = tmp_path / "store"
+    run = Launch(tmp_path, 4, [], ["handoff", str(tmp_path / "out"), str(store)])
+    assert run.wait(60) == 0
+    for rep in run.read("handoff-{}.json"):
+        assert rep == {"names": ["h0", "h1", "h2"], "handed": [True, True, True]}
+    for i in range(3):
+        _check_handoff(store / f"h{i}", _handoff_expected(4, i))
+
+
+def test_handed_over_snapshot_commits_after_the_trainer_dies(tmp_path: Path) -> None:
+    """Every trainer exits (status 7) right after save_async returned: the save still commits."""
+    store = tmp_path / "store"
+    run = Launch(tmp_path, 4, [], ["handoff", str(tmp_path / "out"), str(store), "crash"])
+    assert run.wait(60) == 7
+    assert run.agent_codes() == [7] * 4
+    want = _handoff_expected(4, 0)
+    want["step"] = 0
+    _check_handoff(store / "crash", want)
+    assert ckptguard_latest(store) == "crash"
+
+
+def ckptguard_latest(store: Path) -> str | None:
+    import ckptguard
+
+    return ckptguard.Store(store).latest_name()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import selectors
 import shutil
 import socket
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .persist import HandoffError, Persister
 from .protocol import LineReader, ProtocolError, decode, encode
 
 _MAX_PATH = 107  # sun_path holds 108 bytes on Linux, NUL included
@@ -33,8 +35,10 @@ class Commit:
 
 @dataclass
 class _Client:
+    id: int
     reader: LineReader = field(default_factory=LineReader)
     subscribed: bool = False
+    fds: list[int] = field(default_factory=list)  # passed with messages, claimed by "pool"
 
 
 def _private_dir() -> str:
@@ -62,16 +66,47 @@ class ControlServer:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
         self._clients: dict[socket.socket, _Client] = {}
+        self._next_id = 0
+        self.persister: Persister | None = None  # set by the runner when handoff is possible
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
 
-    def serve(self, timeout: float) -> None:
-        """Handle what is ready, waiting up to ``timeout`` seconds for something to be."""
-        for key, _ in self._sel.select(max(timeout, 0.0)):
+    def serve(self, timeout: float) -> int:
+        """Handle what is ready, waiting up to ``timeout`` seconds for something to be; returns
+        how many sources were ready."""
+        events = self._sel.select(max(timeout, 0.0))
+        for key, _ in events:
             sock = key.fileobj
-            assert isinstance(sock, socket.socket)
             if sock is self._listener:
                 self._accept()
+            elif sock == self._wake_r:
+                self._send_results()
             else:
+                assert isinstance(sock, socket.socket)
                 self._read(sock)
+        return len(events)
+
+    def drain(self) -> None:
+        """Read everything clients have already sent (before deciding that nothing is pending)."""
+        while self.serve(0):
+            pass
+
+    def finished(self, token: tuple[socket.socket, int], reply: dict[str, Any]) -> None:
+        """A handed-over save ended (called on the persist thread)."""
+        self._results.put((token, reply))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _send_results(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while not self._results.empty():
+            (sock, ident), reply = self._results.get()
+            if reply.get("ok"):
+                info = reply["info"]
+                self.commits.append(Commit(time.monotonic(), info["path"], info["step"]))
+            self._send(sock, encode("saved", id=ident, **reply))
 
     def announce(self, reason: str, deadline: float | None) -> None:
         """Record the checkpoint request and tell every subscribed client."""
@@ -90,6 +125,8 @@ class ControlServer:
             self._drop(sock)
         self._sel.close()
         self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _accept(self) -> None:
@@ -104,28 +141,30 @@ class ControlServer:
                 sock.close()
                 return
         sock.setblocking(False)
-        self._clients[sock] = _Client()
+        self._next_id += 1
+        self._clients[sock] = _Client(self._next_id)
         self._sel.register(sock, selectors.EVENT_READ, None)
 
     def _read(self, sock: socket.socket) -> None:
         client = self._clients[sock]
         try:
-            data = sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        client.fds += fds
         if not data:
             self._drop(sock)
             return
         try:
             for line in client.reader.feed(data):
-                self._send(sock, self._handle(client, decode(line)))
+                self._send(sock, self._handle(client, sock, decode(line)))
         except ProtocolError as exc:
             self._send(sock, encode("error", message=str(exc)))
             self._drop(sock)
 
-    def _handle(self, client: _Client, msg: dict[str, Any]) -> bytes:
+    def _handle(self, client: _Client, sock: socket.socket, msg: dict[str, Any]) -> bytes:
         op = msg["op"]
         if op == "hello":
             client.subscribed = True
@@ -135,6 +174,7 @@ class ControlServer:
                 world_size=self.world_size,
                 agent_pid=os.getpid(),
                 request=self.request,
+                handoff=self.persister is not None,
             )
         if op == "committed":
             path, step = msg.get("path"), msg.get("step")
@@ -144,7 +184,27 @@ class ControlServer:
                 )
             self.commits.append(Commit(time.monotonic(), path, step))
             return encode("ack")
+        if op in ("pool", "save"):
+            return self._handoff(client, sock, msg)
         raise ProtocolError(f"unknown op {op!r}")
+
+    def _handoff(self, client: _Client, sock: socket.socket, msg: dict[str, Any]) -> bytes:
+        """``pool``: map the memfd passed with it; ``save``: queue a snapshot's save."""
+        ident = msg.get("id") if msg["op"] == "save" else msg.get("pool")
+        if type(ident) is not int:
+            raise ProtocolError(f"'{msg['op']}' needs an integer id")
+        if self.persister is None:
+            return encode("refused", id=ident, message="this agent cannot take snapshots")
+        try:
+            if msg["op"] == "pool":
+                if not client.fds or type(msg.get("bytes")) is not int:
+                    raise HandoffError("'pool' needs a memfd passed with it and integer 'bytes'")
+                self.persister.add_pool(client.id, ident, client.fds.pop(0), msg["bytes"])
+                return encode("pool", id=ident)
+            self.persister.submit(client.id, (sock, ident), msg)
+            return encode("accepted", id=ident)
+        except (HandoffError, OSError, ValueError) as exc:
+            return encode("refused", id=ident, message=str(exc))
 
     def _send(self, sock: socket.socket, line: bytes) -> None:
         """Send a short line; a client too slow to take it whole is dropped."""
@@ -158,7 +218,12 @@ class ControlServer:
         self._drop(sock)
 
     def _drop(self, sock: socket.socket) -> None:
-        if self._clients.pop(sock, None) is not None:
+        client = self._clients.pop(sock, None)
+        if client is not None:
             self._sel.unregister(sock)
+            for fd in client.fds:
+                os.close(fd)
+            if self.persister is not None:
+                self.persister.forget(client.id)
         with contextlib.suppress(OSError):
             sock.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 VERSION = 1
 ENV_ADDRESS = "CKPTGUARD_AGENT"  # the control socket's path, set in the trainer's environment
-MAX_LINE = 64 * 1024
+MAX_LINE = 64 << 20  # a "save" carries a snapshot's tree and tensor table
 
 EXIT_CHECKPOINTED = 85  # a checkpoint request was answered by a commit on every rank: requeue
 EXIT_NO_CHECKPOINT = 86  # a checkpoint request got no commit on every rank within the grace

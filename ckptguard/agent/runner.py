@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from ..coord.base import LocalCoordinator
+from ..coord.mpi import MPICoordinator
 from ..errors import AgentError
 from .child import Child
 from .control import ControlServer
 from .endtime import job_end_time
-from .group import Group, open_group
+from .group import Group, MPIGroup, open_group
+from .persist import Persister
 from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT
 from .rankenv import (
     Ranks,
@@ -131,6 +134,7 @@ class _Agent:
             _log(0, "the job's end time is unknown: --time-margin has no effect")
         self.ranks, addr, port = _ranks(os.environ, group, setup)
         self.server = self._start_server()
+        self.server.persister = _persister(group, self.server)
         env = child_env(os.environ, self.ranks, addr, port, self.server.address)
         self.child = Child(opts.cmd, env)
         self.signals.child = self.child
@@ -169,6 +173,8 @@ class _Agent:
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
                     self.server.serve(left)
         finally:
+            if self.server.persister is not None:
+                self.server.persister.close()
             self.server.close()
         if self.outcome is not None:
             return self.outcome
@@ -182,10 +188,13 @@ class _Agent:
         if late and not self.signals.request:
             self.signals.request = TIME_REQ
         alive = self.child.alive
+        if not alive:
+            self.server.drain()  # a snapshot the trainer handed over just before it ended
+        busy = self.server.persister is not None and self.server.persister.busy
         vec = [0] * 6
         vec[REQ] = self.signals.request
         vec[REQ_RANK] = self.rank + 1 if self.signals.request else 0
-        vec[ALIVE] = int(alive)
+        vec[ALIVE] = int(alive or busy)  # the agents go on while a handed-over save runs
         if self.t_req is None:
             vec[UNCOMMITTED] = 1
         else:
@@ -229,6 +238,15 @@ class _Agent:
         self.server.announce(reason, by)
         if self.rank == 0:
             _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
+
+
+def _persister(group: Group, server: ControlServer) -> Persister | None:
+    """The handoff's saver, on its own communicator (a collective: every agent calls this)."""
+    if isinstance(group, MPIGroup):
+        if group.MPI.Query_thread() != group.MPI.THREAD_MULTIPLE:
+            return None  # the save's thread and the agreement loop both use MPI
+        return Persister(MPICoordinator(group.comm), server.finished)
+    return Persister(LocalCoordinator(), server.finished)
 
 
 def run(opts: Options) -> int:

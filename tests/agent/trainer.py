@@ -10,6 +10,10 @@
                                           notify_committed (unless nocommit) and wait to be stopped
                                           (with nocommit, rank 1 ignores SIGTERM)
 
+    trainer.py handoff OUT STORE [crash]  three async saves through a Checkpointer that hands its
+                                          snapshots to the agent (the state changes after each
+                                          snapshot); with crash: one save, then os._exit(7)
+
 Every rank writes OUT/ready-R.json (its agent's pid) once it runs, and OUT/term-R when the agent
 stops it with SIGTERM. The loop ends by itself after 25 s (exit 0) so that no test can hang.
 """
@@ -99,6 +103,50 @@ def train_mode(out: str, store: str, commit: bool) -> int:
     return 0
 
 
+def handoff_state(rank: int, world: int) -> dict:
+    import numpy as np
+    import torch
+
+    import ckptguard
+
+    w = torch.arange(20, dtype=torch.float32).reshape(4, 5) + 100 * rank
+    return {
+        "w": ckptguard.Shard(w, (4 * world, 5), (4 * rank, 0)),
+        "b": torch.arange(3.0).repeat(2).reshape(2, 3).t(),  # replicated, strided
+        "np": np.arange(6, dtype=np.int16),
+        "step": 0,
+    }
+
+
+def handoff_mode(out: str, store: str, crash: bool) -> int:
+    import torch
+
+    import ckptguard
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    st = handoff_state(rank, world)
+    with ckptguard.Checkpointer(store, overwrite=True, timeout=60) as c:
+        assert c.handoff is not None, "no handoff under the agent"
+        if crash:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method="env://")
+            c.save_async(st, "crash", step=1)  # returns once the agent has the snapshot
+            dist.barrier()  # every rank has handed over (a rank that dies first stops the rest)
+            os._exit(7)
+        handles = []
+        for i in range(3):
+            st["step"] = i
+            handles.append(c.save_async(st, f"h{i}", step=i))
+            with torch.no_grad():
+                st["w"].local.add_(1000)  # after the snapshot: must not reach the checkpoint
+        infos = [h.result() for h in handles]
+        handed = [h._handoff_id is not None for h in handles]
+    report = {"names": [i.name for i in infos], "handed": handed}
+    write(os.path.join(out, f"handoff-{rank}.json"), report)
+    return 0
+
+
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "env":
@@ -108,6 +156,8 @@ def main() -> int:
         write(os.path.join(out, f"ready-{os.environ['RANK']}.json"), me)
         time.sleep(25)
         return 0
+    if mode == "handoff":
+        return handoff_mode(out, sys.argv[3], crash=sys.argv[4:] == ["crash"])
     return train_mode(out, sys.argv[3], commit=sys.argv[4:] != ["nocommit"])
 
 
