@@ -263,3 +263,35 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     got, want = torch.load(tmp_path / "w.pt"), torch.load(tmp_path / "w0.pt")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+SCENARIOS = HERE / "dist" / "scenarios.py"
+
+
+@pytest.mark.timeout(180)
+def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
+    job: list[str], tmp_path: Path
+) -> None:
+    """srun -n 4: rank 2 is SIGKILLed after writing its data, before the commit; nothing of the
+    new checkpoint is visible and LATEST still names the previous one, which loads whole."""
+    import ckptguard
+
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
+    store = tmp_path / "store"
+    base = ["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, SCENARIOS, "mpi"]
+    assert _run([*base, "save", store, "old"], timeout=120).returncode == 0
+    env = {**_env(), "CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
+    cmd = [str(c) for c in [*base, "fail", store, "new", "20"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode != 0
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [
+        "LATEST",
+        "old",
+    ]
+    assert ckptguard.Store(store).latest_name() == "old"
+    assert ckptguard.verify(store / "old").ok
+    ckptguard.load(store)  # LATEST loads whole
+    ckptguard.Store(store).gc(0)
+    staging = store / ".staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
