@@ -295,3 +295,24 @@ def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
     ckptguard.Store(store).gc(0)
     staging = store / ".staging"
     assert not staging.exists() or list(staging.iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_handed_over_snapshot_commits_after_the_trainers_die_under_srun(
+    job: list[str], tmp_path: Path
+) -> None:
+    """srun -n 4 ckptguard run: each trainer hands a snapshot to its agent and exits 7 at once;
+    the agents still commit it, and every task ends with the trainer's status."""
+    import ckptguard
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    out.mkdir()
+    agent = Path(sys.executable).parent / "ckptguard"
+    trainer = HERE / "agent" / "trainer.py"
+    cmd = ["srun", *job[:2], "--time=3", "--mpi=pmi2", "-n", "4", agent, "run", "--"]
+    proc = _run([*cmd, sys.executable, trainer, "handoff", out, store, "crash"], timeout=150)
+    assert proc.returncode == 7
+    assert ckptguard.Store(store).latest_name() == "crash"
+    assert ckptguard.verify(store / "crash").ok
+    got = ckptguard.load(store / "crash")
+    assert got["w"].shape == (16, 5) and got["step"] == 0
