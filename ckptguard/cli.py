@@ -263,10 +263,14 @@ def _problem_line(p: Problem) -> str:
     return f"  problem: {p}"
 
 
-def _verify_one(path: str, progress: Callable[[int, int], None] | None) -> tuple[bool, list[str]]:
+def _verify_one(
+    path: str,
+    progress: Callable[[int, int], None] | None,
+    verify: Callable[..., ckptguard.VerifyReport] = ckptguard.verify,
+) -> tuple[bool, list[str]]:
     """Verify one checkpoint; (whole?, lines describing the outcome)."""
     try:
-        report = ckptguard.verify(path, progress=progress)
+        report = verify(path, progress=progress)
     except (CorruptCheckpointError, FormatVersionError) as exc:
         return False, [f"FAIL {path}", f"  problem: {exc}"]
     if report.ok:
@@ -298,23 +302,53 @@ def _verify_with_bar(targets: list[str]) -> list[bool]:
 @cli.command("verify")
 @click.argument("path")
 @click.option("--latest", "latest_only", is_flag=True, help="Of a store, verify only LATEST.")
-def verify_cmd(path: str, latest_only: bool) -> None:
+@click.option(
+    "--parallel/--no-parallel",
+    default=True,
+    show_default=True,
+    help="Started as several MPI tasks (srun, mpiexec -n N): split the chunks across them.",
+)
+def verify_cmd(path: str, latest_only: bool, parallel: bool) -> None:
     """Check every byte of a checkpoint or store against its hashes.
 
     PATH is a checkpoint (checked alone) or a store (each committed checkpoint, or with
     --latest only LATEST). Prints each problem with its file, tensor, chunk and offset.
-    Exits 0 if all are whole, 1 otherwise.
+    Exits 0 if all are whole, 1 otherwise. Under `srun` or `mpiexec -n N` the tasks share the
+    chunks; rank 0 prints the same report and every task exits with the same code.
     """
+    from ckptguard import pverify
+
+    world = pverify.world(parallel)
+    if world is None:
+        _verify_paths(path, latest_only, ckptguard.verify, _console().is_terminal)
+        return
+    if world.rank != 0:  # prints nothing; exits as rank 0 does
+        raise click.exceptions.Exit(pverify.follow(world))
+    leader = pverify.Leader(world, resolve=ckptguard.api.resolve)
+    code = 1
+    try:
+        _verify_paths(path, latest_only, leader.verify, False)
+        code = 0
+    except (CheckpointError, OSError):
+        code = 2
+        raise
+    finally:
+        leader.finish(code)
+
+
+def _verify_paths(
+    path: str, latest_only: bool, verify: Callable[..., ckptguard.VerifyReport], bar: bool
+) -> None:
     targets = _verify_targets(_require_dir(path, "checkpoint or store"), latest_only)
     if not targets:
         click.echo(f"no committed checkpoints in {path}", err=True)
         raise _Failed
-    if _console().is_terminal:
+    if bar:
         results = _verify_with_bar(targets)
     else:
         results = []
         for target in targets:
-            ok, lines = _verify_one(target, None)
+            ok, lines = _verify_one(target, None, verify)
             click.echo("\n".join(lines))
             results.append(ok)
     if len(results) > 1:
@@ -444,9 +478,36 @@ def demo_cmd(store: str) -> None:
     type=click.FloatRange(min=0.01),
     help="Seconds between two agreements of the agents.",
 )
+@click.option(
+    "--drain-to",
+    metavar="STORE",
+    default=None,
+    help="Copy committed checkpoints to this durable store in the background (rank 0).",
+)
+@click.option(
+    "--drain-every",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --drain-to: drain every K-th checkpoint committed.",
+)
+@click.option(
+    "--drain-jobs",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1, max=32),
+    help="With --drain-to: copy threads (the cap on concurrent writers).",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(
-    grace: str, time_margin: str | None, term_timeout: str, poll: float, cmd: Sequence[str]
+    grace: str,
+    time_margin: str | None,
+    term_timeout: str,
+    poll: float,
+    drain_to: str | None,
+    drain_every: int,
+    drain_jobs: int,
+    cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
 
@@ -464,6 +525,9 @@ def run_cmd(
         time_margin=None if time_margin is None else parse_duration(time_margin),
         term_timeout=parse_duration(term_timeout),
         poll=poll,
+        drain_to=drain_to,
+        drain_every=drain_every,
+        drain_jobs=drain_jobs,
     )
     raise click.exceptions.Exit(run(opts))
 
@@ -484,6 +548,74 @@ def doctor_cmd() -> None:
     for name, version in sorted(dict(info.get("libraries") or {}).items()):
         click.echo(f"native {name}: {version}")
     click.echo(f"python lz4: {info['python_lz4']}")
+
+
+# ---- drain (multi-level checkpointing, issue #7; docs/operations.md) ----
+
+
+@cli.command("drain")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--name", "names", multiple=True, help="Drain this checkpoint (repeatable).")
+@click.option("--latest", "latest_only", is_flag=True, help="Drain only SRC's LATEST.")
+@click.option(
+    "--all", "all_", is_flag=True, help="Every committed checkpoint DST lacks (the default)."
+)
+@click.option(
+    "--jobs",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Files (or pieces of files) copied at once; capped at 32.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a DST checkpoint of the same name.")
+@click.option("--no-stripe", is_flag=True, help="On Lustre, keep the directory's default layout.")
+def drain_cmd(
+    src: str,
+    dst: str,
+    names: tuple[str, ...],
+    latest_only: bool,
+    all_: bool,
+    jobs: int,
+    overwrite: bool,
+    no_stripe: bool,
+) -> None:
+    """Copy committed checkpoints from store SRC (fast staging) to store DST (durable).
+
+    Each is copied into DST's staging area, verified chunk by chunk and committed with one
+    rename; DST's LATEST moves to it if it is newer. Checkpoints DST already holds are skipped;
+    one with the same name but another uuid is an error unless --overwrite.
+    """
+    from ckptguard.drain import drain
+
+    if sum([bool(names), latest_only, all_]) > 1:
+        _fail("give at most one of --name, --latest and --all")
+    _require_dir(src, "store")
+    chosen: list[str] | None = list(names) if names else None
+    if latest_only:
+        name = ckptguard.Store(src).latest_name()
+        if name is None:
+            raise ckptguard.CheckpointNotFoundError(f"store {src} has no LATEST")
+        chosen = [name]
+
+    def report(info: ckptguard.CheckpointInfo, nbytes: int, seconds: float) -> None:
+        rate = _size(int(nbytes / seconds)) if seconds > 0 else "-"
+        click.echo(
+            f"drained {info.name} -> {info.path}: {nbytes} bytes ({_size(nbytes)}) "
+            f"in {seconds:.2f} s ({rate}/s)"
+        )
+
+    done = drain(
+        src,
+        dst,
+        names=chosen,
+        jobs=jobs,
+        overwrite=overwrite,
+        stripe=not no_stripe,
+        on_drained=report,
+    )
+    if not done:
+        click.echo(f"nothing to drain: {dst} holds every selected checkpoint")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

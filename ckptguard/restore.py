@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,31 +242,50 @@ def verify_checkpoint(
         report.problems.append(_problem(e))
         return report
     with rd:
-        total = rd.manifest["totals"]["stored_bytes"]
-        done = 0
-        for name in sorted(rd.files):
-            rows = rd.rows_of_file(name)
-            try:
-                fd = rd.open_file(name)
-            except CorruptCheckpointError as e:
-                report.problems.append(_problem(e))
-                continue
-            try:
-                for r in rows:
-                    try:
-                        rd.read_chunk(fd, r, verify=True)
-                        report.chunks_checked += 1
-                        report.bytes_checked += r.raw_len
-                    except CorruptCheckpointError as e:
-                        report.problems.append(_problem(e))
-                    done += r.stored_len
-                    if progress:
-                        progress(done, total)
-            finally:
-                os.close(fd)
-        try:
-            for tree in [rd.manifest["tree"], *rd.manifest["rank_trees"].values()]:
-                check_tree(tree, len(rd.tensors))
-        except TreeError as e:
-            report.problems.append(Problem(f"object tree is malformed: {e}", "MANIFEST.json"))
+        verify_rows(
+            rd, [(name, rd.rows_of_file(name)) for name in sorted(rd.files)], report, progress
+        )
+        check_trees(rd, report)
     return report
+
+
+def verify_rows(
+    rd: CheckpointReader,
+    parts: Sequence[tuple[str, Sequence[Row]]],
+    report: VerifyReport,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Check the data files named in ``parts`` (each opened and checked whole: header, footer
+    against the index), then the given rows of each; add what is wrong to ``report``. A file that
+    cannot be opened gives one problem without a chunk, and its rows are skipped. ``progress``
+    counts the stored bytes of these rows."""
+    total = sum(r.stored_len for _, rows in parts for r in rows)
+    done = 0
+    for name, rows in parts:
+        try:
+            fd = rd.open_file(name)
+        except CorruptCheckpointError as e:
+            report.problems.append(_problem(e))
+            continue
+        try:
+            for r in rows:
+                try:
+                    rd.read_chunk(fd, r, verify=True)
+                    report.chunks_checked += 1
+                    report.bytes_checked += r.raw_len
+                except CorruptCheckpointError as e:
+                    report.problems.append(_problem(e))
+                done += r.stored_len
+                if progress:
+                    progress(done, total)
+        finally:
+            os.close(fd)
+
+
+def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:
+    """Check the manifest's object trees against the tensor list (once per checkpoint)."""
+    try:
+        for tree in [rd.manifest["tree"], *rd.manifest["rank_trees"].values()]:
+            check_tree(tree, len(rd.tensors))
+    except TreeError as e:
+        report.problems.append(Problem(f"object tree is malformed: {e}", "MANIFEST.json"))

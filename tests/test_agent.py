@@ -492,3 +492,18 @@ def ckptguard_latest(store: Path) -> str | None:
     import ckptguard
 
     return ckptguard.Store(store).latest_name()
+
+
+def test_agent_drains_every_kth_checkpoint(tmp_path: Path) -> None:
+    """--drain-to DST --drain-every 2: rank 0's agent copies the 2nd of 3 commits to DST, verified,
+    before it exits."""
+    import ckptguard
+
+    store, dst = tmp_path / "store", tmp_path / "durable"
+    agent = ["--drain-to", str(dst), "--drain-every", "2", "--drain-jobs", "2"]
+    run = Launch(tmp_path, 4, agent, ["handoff", str(tmp_path / "out"), str(store)])
+    assert run.wait(60) == 0
+    assert sorted(p.name for p in dst.iterdir() if not p.name.startswith(".")) == ["LATEST", "h1"]
+    assert ckptguard.verify(dst / "h1").ok
+    _check_handoff(dst / "h1", _handoff_expected(4, 1))
+    assert "drained" in run.text() and "h1" in run.text()

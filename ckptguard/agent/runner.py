@@ -23,6 +23,7 @@ from ..coord.mpi import MPICoordinator
 from ..errors import AgentError
 from .child import Child
 from .control import ControlServer
+from .drainer import Drainer
 from .endtime import job_end_time
 from .group import Group, MPIGroup, open_group
 from .persist import Persister
@@ -53,6 +54,9 @@ class Options:
     time_margin: float | None = None
     term_timeout: float = 30.0
     poll: float = 0.5
+    drain_to: str | None = None
+    drain_every: int = 1
+    drain_jobs: int = 4
 
 
 class _Signals:
@@ -135,6 +139,10 @@ class _Agent:
         self.ranks, addr, port = _ranks(os.environ, group, setup)
         self.server = self._start_server()
         self.server.persister = _persister(group, self.server)
+        self.drainer: Drainer | None = None
+        if opts.drain_to and self.rank == 0:
+            self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
+        self._fed = 0  # commits handed to the drainer so far
         env = child_env(os.environ, self.ranks, addr, port, self.server.address)
         self.child = Child(opts.cmd, env)
         self.signals.child = self.child
@@ -168,6 +176,7 @@ class _Agent:
                 tick = time.monotonic()
                 g = self.group.exchange(self._local(), wait=lambda: self.server.serve(0.005))
                 self._decide(g)
+                self._feed_drainer()
                 if g[ALIVE] == 0:
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
@@ -175,11 +184,20 @@ class _Agent:
         finally:
             if self.server.persister is not None:
                 self.server.persister.close()
+            self._feed_drainer()
+            if self.drainer is not None:
+                self.drainer.close(self.opts.grace)
             self.server.close()
         if self.outcome is not None:
             return self.outcome
         assert self.child.status is not None
         return self.child.status
+
+    def _feed_drainer(self) -> None:
+        if self.drainer is not None:
+            for c in self.server.commits[self._fed :]:
+                self.drainer.committed(c.path)
+            self._fed = len(self.server.commits)
 
     def _local(self) -> list[int]:
         """This rank's view, for the MAX-reduce."""
