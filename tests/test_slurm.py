@@ -187,19 +187,18 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
     assert srun.returncode == 0
 
 
-def test_example_sbatch_is_accepted(job: list[str]) -> None:
-    """slurm/train.sbatch parses and its options fit a node (sized down to this cluster)."""
-    proc = _run(
-        [
-            "sbatch",
-            *job,
-            "--test-only",
-            "--nodes=1",
-            "--ntasks-per-node=4",
-            "--cpus-per-task=1",
-            EXAMPLE,
-        ]
-    )
+@pytest.mark.parametrize(
+    "template, sized",
+    [
+        ("train.sbatch", ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1"]),
+        ("verify.sbatch", ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1"]),
+        ("drain.sbatch", ["--cpus-per-task=1"]),
+        ("bench.sbatch", ["--cpus-per-task=1"]),
+    ],
+)
+def test_sbatch_templates_are_accepted(job: list[str], template: str, sized: list[str]) -> None:
+    """Each slurm/*.sbatch parses and its options fit a node (sized down to this cluster)."""
+    proc = _run(["sbatch", *job, "--test-only", *sized, EXAMPLE.parent / template])
     assert proc.returncode == 0, proc.stderr
     assert "to start at" in proc.stderr
 
