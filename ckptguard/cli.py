@@ -479,6 +479,14 @@ def demo_cmd(store: str) -> None:
     help="Seconds between two agreements of the agents.",
 )
 @click.option(
+    "--peer-timeout",
+    metavar="DURATION",
+    default="120",
+    show_default=True,
+    help="An agent that gets no answer from the others this long stops its trainer and aborts "
+    "the job (exit 87).",
+)
+@click.option(
     "--drain-to",
     metavar="STORE",
     default=None,
@@ -504,6 +512,7 @@ def run_cmd(
     time_margin: str | None,
     term_timeout: str,
     poll: float,
+    peer_timeout: str,
     drain_to: str | None,
     drain_every: int,
     drain_jobs: int,
@@ -515,7 +524,8 @@ def run_cmd(
     SIGUSR1 or SIGTERM to any agent, or the time margin, asks every trainer for a checkpoint
     (ckptguard.checkpoint_requested()). Exit status: the trainer's own (128+N if killed by signal
     N); 85 when every rank committed after a request (requeue me); 86 when a request got no
-    commit from every rank within the grace; 2 when the agents could not start.
+    commit from every rank within the grace; 87 when another agent stopped answering (the job
+    is aborted); 2 when the agents could not start.
     """
     from ckptguard.agent.runner import Options, run
 
@@ -525,6 +535,7 @@ def run_cmd(
         time_margin=None if time_margin is None else parse_duration(time_margin),
         term_timeout=parse_duration(term_timeout),
         poll=poll,
+        peer_timeout=parse_duration(peer_timeout),
         drain_to=drain_to,
         drain_every=drain_every,
         drain_jobs=drain_jobs,

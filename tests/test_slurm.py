@@ -315,3 +315,44 @@ def test_handed_over_snapshot_commits_after_the_trainers_die_under_srun(
     assert ckptguard.verify(store / "crash").ok
     got = ckptguard.load(store / "crash")
     assert got["w"].shape == (16, 5) and got["step"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_agent_ends_the_job_instead_of_hanging(job: list[str], tmp_path: Path) -> None:
+    """srun does not end a step when one task dies (--kill-on-bad-exit=0): the other agents stop
+    hearing from it, stop their trainers and abort the job within --peer-timeout."""
+    out = tmp_path / "out"
+    out.mkdir()
+    agent = Path(sys.executable).parent / "ckptguard"
+    trainer = HERE / "agent" / "trainer.py"
+    cmd = ["srun", *job[:2], "--time=2", "--mpi=pmi2", "--kill-on-bad-exit=0", "-n", "4"]
+    cmd += [agent, "run", "--peer-timeout", "5", "--poll", "0.2", "--"]
+    cmd += [sys.executable, trainer, "sleep", out]
+    srun = subprocess.Popen(
+        [str(c) for c in cmd],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        ready = [out / f"ready-{r}.json" for r in range(4)]
+        deadline = time.monotonic() + 60
+        while not all(f.exists() for f in ready) and time.monotonic() < deadline:
+            assert srun.poll() is None, srun.communicate()[0][-3000:]
+            time.sleep(0.1)
+        import json
+
+        victim = json.loads(ready[2].read_text())["agent"]
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        text, _ = srun.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+    print(text[-3000:])
+    assert srun.returncode != 0
+    assert took < 20  # before the trainers end their 25 s sleep: the agents acted on their own
+    assert "did not answer" in text

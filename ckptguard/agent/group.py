@@ -7,11 +7,16 @@ keeps calling ``wait`` (the control socket) until it completes.
 from __future__ import annotations
 
 import json
+import time
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import AgentError
+
+
+class PeersLostError(AgentError):
+    """The agents' agreement did not complete in time: another agent is gone or stuck."""
 
 
 class Group:
@@ -27,9 +32,16 @@ class Group:
         """Rank 0's ``obj`` (JSON-able) on every rank."""
         return json.loads(json.dumps(obj))
 
-    def exchange(self, values: list[int], wait: Callable[[], None]) -> list[int]:
-        """The element-wise maximum of every rank's ``values``."""
+    def exchange(
+        self, values: list[int], wait: Callable[[], None], timeout: float | None = None
+    ) -> list[int]:
+        """The element-wise maximum of every rank's ``values``; ``PeersLostError`` if the other
+        agents have not all answered within ``timeout`` seconds."""
         return list(values)
+
+    def abort(self, code: int) -> None:
+        """End every agent of the job (after this one lost contact with the others)."""
+        raise SystemExit(code)
 
     def close(self) -> None:
         pass
@@ -58,14 +70,24 @@ class MPIGroup(Group):
         self.comm.Bcast([buf, self.MPI.BYTE], root=0)
         return json.loads(bytes(buf))
 
-    def exchange(self, values: list[int], wait: Callable[[], None]) -> list[int]:
+    def exchange(
+        self, values: list[int], wait: Callable[[], None], timeout: float | None = None
+    ) -> list[int]:
         send, recv = array("q", values), array("q", [0] * len(values))
         req = self.comm.Iallreduce(
             [send, self.MPI.INT64_T], [recv, self.MPI.INT64_T], op=self.MPI.MAX
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not req.Test():
+            if deadline is not None and time.monotonic() > deadline:
+                raise PeersLostError(
+                    f"the other agents did not answer within {timeout:g} s (an agent died or hangs)"
+                )
             wait()
         return list(recv)
+
+    def abort(self, code: int) -> None:
+        self.MPI.COMM_WORLD.Abort(code)
 
     def close(self) -> None:
         self.comm.Free()

@@ -25,9 +25,9 @@ from .child import Child
 from .control import ControlServer
 from .drainer import Drainer
 from .endtime import job_end_time
-from .group import Group, MPIGroup, open_group
+from .group import Group, MPIGroup, PeersLostError, open_group
 from .persist import Persister
-from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT
+from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT, EXIT_PEERS_LOST
 from .rankenv import (
     Ranks,
     child_env,
@@ -54,6 +54,7 @@ class Options:
     time_margin: float | None = None
     term_timeout: float = 30.0
     poll: float = 0.5
+    peer_timeout: float = 120.0
     drain_to: str | None = None
     drain_every: int = 1
     drain_jobs: int = 4
@@ -174,7 +175,14 @@ class _Agent:
         try:
             while True:
                 tick = time.monotonic()
-                g = self.group.exchange(self._local(), wait=lambda: self.server.serve(0.005))
+                try:
+                    g = self.group.exchange(
+                        self._local(),
+                        wait=lambda: self.server.serve(0.005),
+                        timeout=self.opts.peer_timeout,
+                    )
+                except PeersLostError as e:
+                    return self._lost(e)
                 self._decide(g)
                 self._feed_drainer()
                 if g[ALIVE] == 0:
@@ -192,6 +200,18 @@ class _Agent:
             return self.outcome
         assert self.child.status is not None
         return self.child.status
+
+    def _lost(self, e: PeersLostError) -> int:
+        """Another agent is gone: stop our trainer and end the whole job (MPI abort), rather
+        than wait for the time limit with every other rank blocked."""
+        _log(self.rank, f"{e}; stopping the trainer and aborting the job")
+        self.child.stop(self.opts.term_timeout)
+        deadline = time.monotonic() + self.opts.term_timeout + 5
+        while self.child.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.child.stop(self.opts.term_timeout)
+        self.group.abort(EXIT_PEERS_LOST)
+        return EXIT_PEERS_LOST
 
     def _feed_drainer(self) -> None:
         if self.drainer is not None:
