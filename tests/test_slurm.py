@@ -206,60 +206,77 @@ def test_sbatch_templates_are_accepted(job: list[str], template: str, sized: lis
 TRAIN = HERE.parent / "examples" / "resumable_train.py"
 
 
-def _train(job: list[str], store: Path, out: Path, progress: Path | None = None) -> list:
-    """The srun line of slurm/train.sbatch, for examples/resumable_train.py on 4 tasks."""
-    ckptguard = Path(sys.executable).parent / "ckptguard"
-    cmd = ["srun", *job[:2], "--time=4", "--mpi=pmi2", "-n", "4", ckptguard, "run"]
-    cmd += ["--grace", "60", "--poll", "0.2", "--", sys.executable, TRAIN, "--store", store]
-    cmd += ["--steps", "40", "--out", out, "--step-sleep", "0.1"]
-    return [str(c) for c in cmd + (["--progress", progress] if progress else [])]
+def _user_copy_of_train_sbatch(tmp_path: Path, store: Path, out: Path, progress: Path) -> Path:
+    """slurm/train.sbatch as a user would copy it: only the training command changed."""
+    text = (EXAMPLE.parent / "train.sbatch").read_text()
+    line = 'srun ckptguard run --time-margin 5m -- python train.py --store "$CKPT_STORE"'
+    assert line in text, "train.sbatch changed: update this test's edit"
+    venv = Path(sys.executable).parent
+    mine = (
+        f"srun --mpi=pmi2 {venv / 'ckptguard'} run --poll 0.2 -- {sys.executable} {TRAIN} "
+        f'--store "$CKPT_STORE" --steps 40 --step-sleep 0.1 --out {out} --progress {progress}'
+    )
+    script = tmp_path / "train.sbatch"
+    script.write_text(text.replace(line, mine))
+    return script
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     job: list[str], tmp_path: Path
 ) -> None:
-    """A 4-task DDP job gets USR1 mid-run: every rank checkpoints, the agents exit 85 (requeue);
-    the next run resumes from LATEST and ends with the weights of an uninterrupted run."""
+    """slurm/train.sbatch with examples/resumable_train.py on 4 tasks gets USR1 mid-run: every
+    rank checkpoints, the agents exit 85, the script requeues the job, the job comes back and
+    resumes from LATEST, and ends with the weights of an uninterrupted run, bitwise."""
     import torch
 
     import ckptguard
 
-    store, progress = tmp_path / "store", tmp_path / "progress"
-    first = subprocess.Popen(
-        _train(job, store, tmp_path / "w.pt", progress),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(),
+    store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "w.pt"
+    script = _user_copy_of_train_sbatch(tmp_path, store, out, progress)
+    sized = ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=6"]
+    submit = _run(
+        [
+            "sbatch",
+            "--parsable",
+            *job[:2],
+            *sized,
+            f"--chdir={tmp_path}",
+            f"--export=ALL,CKPT_STORE={store}",
+            script,
+        ]
     )
-    try:
-        deadline = time.monotonic() + 120
-        while first.poll() is None and time.monotonic() < deadline:
-            if progress.exists() and progress.read_text().strip() not in ("", "1", "2", "3"):
-                break
-            time.sleep(0.1)
-        assert first.poll() is None, f"the job ended early:\n{first.communicate()[0][-3000:]}"
-        name = job[1].split("=", 1)[1]
-        assert _run(["scancel", "--signal=USR1", f"--name={name}"]).returncode == 0
-        out, _ = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    print(out[-3000:])
-    assert first.returncode == 85, out[-3000:]  # checkpointed on request: requeue me
-    latest = ckptguard.Store(store).latest()
-    assert latest is not None and 0 < latest.step < 40
-    assert ckptguard.verify(latest.path).ok
-    assert not (tmp_path / "w.pt").exists()  # it stopped before the end
-
-    resumed = _run(_train(job, store, tmp_path / "w.pt"), timeout=150)
-    assert resumed.returncode == 0
-    assert f"resumed from step {latest.step}" in resumed.stdout
-    straight = _run(_train(job, tmp_path / "other", tmp_path / "w0.pt"), timeout=150)
-    assert straight.returncode == 0
-    got, want = torch.load(tmp_path / "w.pt"), torch.load(tmp_path / "w0.pt")
+    assert submit.returncode == 0, submit.stderr
+    jid = submit.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 150
+    while not (progress.exists() and progress.read_text().strip() not in ("", "1", "2", "3")):
+        assert time.monotonic() < deadline, "the job never reached step 4"
+        time.sleep(0.2)
+    assert _run(["scancel", "--signal=USR1", jid]).returncode == 0
+    requeued = False
+    deadline = time.monotonic() + 240
+    while True:  # until the job has left the queue for good
+        state = _run(["squeue", "-h", "-j", jid, "-o", "%T %r"]).stdout.strip()
+        if not state:
+            break
+        if state.startswith("PENDING"):  # requeued: a requeued job waits ~2 min to start again
+            requeued = True
+            _run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+        assert time.monotonic() < deadline, f"job {jid} still {state}"
+        time.sleep(0.5)
+    log = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    print(log[-4000:])
+    assert requeued
+    assert "checkpointed on request; requeueing job" in log
+    first = ckptguard.Store(store).list()[0]
+    assert 0 < first.step < 40 and ckptguard.verify(first.path).ok
+    assert f"resumed from step {first.step}" in log
+    straight = [str(c) for c in ["srun", *job[:2], "--time=4", "--mpi=pmi2", "-n", "4"]]
+    straight += [str(Path(sys.executable).parent / "ckptguard"), "run", "--poll", "0.2", "--"]
+    straight += [sys.executable, str(TRAIN), "--store", str(tmp_path / "other"), "--steps", "40"]
+    straight += ["--out", str(tmp_path / "w0.pt")]
+    assert _run(straight, timeout=150).returncode == 0
+    got, want = torch.load(out), torch.load(tmp_path / "w0.pt")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
