@@ -132,7 +132,7 @@ def resolve(path: str | os.PathLike) -> str:
         return p
     if os.path.lexists(os.path.join(p, LATEST)):
         target = os.path.join(p, Store(p).latest_name())
-        if not os.path.isfile(os.path.join(target, MANIFEST)):
+        if os.path.islink(target) or not os.path.isfile(os.path.join(target, MANIFEST)):
             raise CorruptCheckpointError(
                 f"LATEST names {os.path.basename(target)!r}, which is not a committed checkpoint",
                 path=p,

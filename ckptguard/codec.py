@@ -27,6 +27,7 @@ from .format.datafile import (
     RECORD_HEADER_SIZE,
     FormatError,
     RecordHeader,
+    lz4_max_raw_len,
     pack_record_header,
     unpack_record_header,
 )
@@ -36,6 +37,7 @@ RAW = CODECS["raw"]
 SHUFFLE_LZ4 = CODECS["shuffle-lz4"]
 MIN_COMPRESS = 64  # chunks shorter than this are stored raw
 LZ4_MAX_INPUT = 0x7E000000  # LZ4_MAX_INPUT_SIZE: longer chunks are stored raw
+MAX_EXTENT = 1 << 40  # a record longer than this is refused before reading (as the native path)
 _ZERO_PAGE = bytes(ALIGN)
 
 
@@ -130,13 +132,17 @@ def encode(raw: memoryview | bytes, elem_size: int, compress: bool) -> tuple[int
 
 def _check_lengths(codec: int, stored_len: int, raw_len: int, elem_size: int) -> None:
     """Refuse lengths no payload can have, before allocating anything."""
+    if raw_len < 0 or stored_len < 0:
+        raise FormatError("negative chunk length")
+    if not 0 <= elem_size <= 0xFF:  # one byte in a record header
+        raise FormatError("elem_size out of range")
     if codec == RAW:
         if stored_len != raw_len:
             raise FormatError("raw payload length mismatch")
     elif codec == SHUFFLE_LZ4:
         if elem_size < 1 or raw_len % elem_size:
             raise FormatError("elem_size does not divide raw_len")
-        if raw_len > stored_len * 256 + 64:  # an LZ4 block expands at most ~255x
+        if raw_len > lz4_max_raw_len(stored_len):  # an LZ4 block expands at most ~255x
             raise FormatError("raw_len is impossible for an LZ4 payload of this length")
     else:
         raise FormatError(f"unknown codec id {codec}")
@@ -328,6 +334,11 @@ def decode_into(
     """
     view = as_buffer(dest, writable=True)
     threads = threads or _backend.default_threads()
+    items = [DecodeItem(*it) for it in items]
+    for i, it in enumerate(items):  # both backends (C would wrap a negative offset around)
+        _check_dest(view, it.dest_offset, it.raw_len, i)
+        if not (0 <= it.codec <= 0xFF and 0 <= it.elem_size <= 0xFF):
+            raise ChunkError("unknown codec or elem_size out of range", i)
     if _backend.resolve(backend) == _backend.NATIVE:
         n = _backend.native()
         try:
@@ -335,9 +346,6 @@ def decode_into(
         except n.DecodeError as e:
             _raise_native(e)
         return
-    items = [DecodeItem(*it) for it in items]
-    for i, it in enumerate(items):
-        _check_dest(view, it.dest_offset, it.raw_len, i)
 
     def one(i: int) -> None:
         it = items[i]
@@ -385,6 +393,14 @@ def read_into(
     view = as_buffer(dest, writable=True)
     threads = threads or _backend.default_threads()
     items = [ReadItem(*it) for it in items]
+    for i, it in enumerate(items):  # both backends: no item a record could not match
+        _check_dest(view, it.dest_offset, it.raw_len, i)
+        bad = it.offset % ALIGN or it.extent % ALIGN or it.extent < RECORD_HEADER_SIZE
+        bad = bad or it.offset < 0 or it.offset + it.extent > 2**63 - 1 or it.extent > MAX_EXTENT
+        bad = bad or not 0 <= it.stored_len <= it.extent - RECORD_HEADER_SIZE
+        bad = bad or not (0 <= it.codec <= 0xFF and 0 <= it.elem_size <= 0xFF)
+        if bad or it.seq >= 1 << 32:
+            raise ChunkError("record header disagrees with the index", i)
     if _backend.resolve(backend) == _backend.NATIVE:
         n = _backend.native()
         try:
@@ -392,12 +408,6 @@ def read_into(
         except n.DecodeError as e:
             _raise_native(e)
         return
-    for i, it in enumerate(items):
-        _check_dest(view, it.dest_offset, it.raw_len, i)
-        bad = it.offset % ALIGN or it.extent % ALIGN or it.extent < RECORD_HEADER_SIZE
-        bad = bad or it.offset < 0 or it.offset + it.extent > 2**63 - 1
-        if bad or it.stored_len > it.extent - RECORD_HEADER_SIZE:
-            raise ChunkError("record header disagrees with the index", i)
     if items and hasattr(os, "posix_fadvise"):
         lo = min(it.offset for it in items)
         hi = max(it.offset + it.extent for it in items)

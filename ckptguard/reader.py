@@ -16,7 +16,12 @@ import pyarrow.compute as pc
 import xxhash
 
 from . import codec
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    StoreError,
+)
 from .format import index, manifest
 from .format.datafile import (
     CODECS,
@@ -46,6 +51,10 @@ class CheckpointReader:
             self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(f"no checkpoint at {self.path}") from None
+        except OSError as e:  # EACCES on the directory: the checkpoint cannot be read
+            raise StoreError(
+                f"cannot open checkpoint {self.path}: {e.strerror}", self.path, e.errno
+            ) from None
         try:
             self._open()
         except BaseException:
@@ -150,6 +159,27 @@ class CheckpointReader:
             return data
         finally:
             os.close(fd)
+
+    def check_sizes(self, names: set[str] | list[str]) -> None:
+        """Check that these data files exist as regular files of the manifest's size (one stat
+        each, no open): a load calls it before allocating what the files are to fill, so that a
+        manifest cannot make it allocate more than the files on disk can back."""
+        for name in sorted(names):
+            try:
+                st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise self.corrupt("data file is missing", file=name) from None
+            except OSError as e:
+                raise self.corrupt(
+                    f"data file cannot be checked: {e.strerror}", file=name
+                ) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise self.corrupt("data file is not a regular file", file=name)
+            if st.st_size != self.files[name]:
+                raise self.corrupt(
+                    f"data file has {st.st_size} bytes, the manifest says {self.files[name]}",
+                    file=name,
+                )
 
     def open_file(self, name: str) -> int:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""

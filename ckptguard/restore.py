@@ -77,7 +77,13 @@ def _device(entry: dict, map_location: MapLocation) -> torch.device:
         loc = map_location(saved)
     else:
         loc = map_location
-    dev = torch.device(loc)
+    try:
+        dev = torch.device(loc)
+    except (RuntimeError, TypeError, ValueError) as e:  # a string torch knows no device by
+        raise CheckpointError(
+            f"tensor {entry['key']!r} was saved on {saved!r}, which maps to {loc!r}: not a "
+            f"device this torch knows ({e}); pass map_location"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(
             f"tensor {entry['key']!r} was saved on {saved} but CUDA is not available; "
@@ -135,17 +141,23 @@ def load_checkpoint(
             )
         tree = rd.manifest["rank_trees"].get(str(rank), rd.manifest["tree"])
         targets = _template_targets(template, rd) if template is not None else {}
+        fresh = []
         for gid in tensor_ids(tree):
             if not 0 <= gid < len(rd.tensors):
                 raise rd.corrupt(
                     f"object tree references tensor {gid}, which does not exist",
                     file="MANIFEST.json",
                 )
-            if gid not in targets:
-                t = _host_empty(rd.tensors[gid])
-                shape = tuple(rd.tensors[gid]["shape"])
-                targets[gid] = _Target(t, t, ((0,) * len(shape), shape), True)
-        mine = rd.rows_of_tensors(sorted(targets))
+            if gid not in targets and gid not in fresh:
+                fresh.append(gid)
+        mine = rd.rows_of_tensors(sorted({*targets, *fresh}))
+        # The index ties each tensor's bytes to records inside its files; the files on disk must
+        # be that large before their tensors are allocated (I6).
+        rd.check_sizes({r.file for r in mine})
+        for gid in fresh:
+            t = _host_empty(rd.tensors[gid])
+            shape = tuple(rd.tensors[gid]["shape"])
+            targets[gid] = _Target(t, t, ((0,) * len(shape), shape), True)
         rows_by_tensor: dict[int, list[Row]] = {}
         for r in mine:
             rows_by_tensor.setdefault(r.tensor, []).append(r)

@@ -365,7 +365,10 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
     if tag == "$device":
         if not isinstance(v, str):
             raise TreeError("$device is not a string")
-        return torch.device(v)
+        try:
+            return torch.device(v)
+        except RuntimeError as e:  # torch's error for a string that names no device
+            raise TreeError(f"$device {v[:100]!r} is not a device: {e}") from None
     if tag == "$pickle":
         blob = base64.b64decode(v, validate=True)
         if allow_pickle == _CHECK:

@@ -20,6 +20,17 @@ TRAILER_SIZE = 32
 MAX_FOOTER_BYTES = 1 << 30
 
 CODECS = {"raw": 0, "shuffle-lz4": 1}
+# An LZ4 block expands at most ~255x: a shuffle-lz4 payload of stored_len bytes cannot decode to
+# more raw bytes than this. Readers refuse larger raw_len claims before allocating anything.
+LZ4_MAX_RATIO = 256
+LZ4_SLACK = 64
+
+
+def lz4_max_raw_len(stored_len: int) -> int:
+    """The most raw bytes a shuffle-lz4 payload of ``stored_len`` bytes can decode to."""
+    return stored_len * LZ4_MAX_RATIO + LZ4_SLACK
+
+
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 
 _HEADER = struct.Struct("<8sII16sII")  # magic, version, rank, uuid, align, zero

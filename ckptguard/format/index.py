@@ -98,6 +98,7 @@ def read_table(data: bytes) -> pa.Table:
     try:
         # One thread: Arrow's pool can abort the process at exit beside torch (apache/arrow#34314).
         table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+        table.validate(full=True)  # e.g. strings that are not UTF-8, which Parquet reads as is
     except Exception as e:  # pyarrow raises many kinds on garbage
         raise FormatError(f"index.parquet cannot be parsed: {e}") from None
     if table.schema.names != SCHEMA.names:

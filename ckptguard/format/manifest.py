@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from .datafile import FormatError
 from .layout import datafile_rank, is_name, is_uuid
 
 MAX_MANIFEST_BYTES = 256 << 20
+MAX_TENSOR_BYTES = 1 << 62
 KNOWN_FEATURES = frozenset({"pickle"})
 ALL_FEATURES = frozenset({"pickle", "incremental", "encryption"})
 _PREFIX = b'{"checksum":"'
@@ -140,6 +142,9 @@ def validate(doc: Any) -> None:
             raise FormatError(f"tensor {t['key']!r} has an invalid shape")
         if len(t["shape"]) > 64:
             raise FormatError(f"tensor {t['key']!r} has more than 64 dimensions")
+        if math.prod(t["shape"]) * dtypes.elem_size(t["dtype"]) > MAX_TENSOR_BYTES:
+            # beyond any file system; also keeps the index checks' int64 arithmetic exact
+            raise FormatError(f"tensor {t['key']!r} is larger than 2**62 bytes")
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
         keys.add(t["key"])

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import dtypes
-from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError
+from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, lz4_max_raw_len
 from .layout import ALIGN, datafile_rank, is_name
 
 MAX_GRID_CELLS = 1 << 22
@@ -78,6 +78,10 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     stored = _np(table, "stored_len")
     rows.fail(is_raw & (stored != raw), "raw chunk with stored_len != raw_len")
     rows.fail(~is_raw & ((stored <= 0) | (stored >= raw)), "compressed chunk with bad stored_len")
+    rows.fail(
+        ~is_raw & (raw > lz4_max_raw_len(stored)),
+        "compressed chunk claims more raw bytes than its payload can hold",
+    )
     _check_placement(table, rows, files, stored)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
         values = table.column(col)
@@ -121,16 +125,22 @@ def _check_placement(
     table: pa.Table, rows: _Rows, files: dict[str, int], stored: np.ndarray
 ) -> None:
     by_rank = {datafile_rank(name): (name, size) for name, size in files.items()}
+    # Rows find their file by binary search over the ranks that have one: arrays sized by the
+    # number of files, never by the largest rank a (hostile) row or file name claims.
+    known = sorted(by_rank)
+    ranks = np.array(known, dtype=np.int64)
+    names = pa.array([by_rank[r][0] for r in known] + [""], pa.string())
+    size = np.array([by_rank[r][1] for r in known] + [-1], dtype=np.int64)
     rank = _np(table, "rank")
-    top = max(max(by_rank, default=0), int(rank.max())) + 1
-    names = pa.array([by_rank.get(r, ("", 0))[0] for r in range(top)], pa.string())
-    size = np.array([by_rank.get(r, ("", -1))[1] for r in range(top)], dtype=np.int64)
-    same = pc.equal(table.column("file"), names.take(pa.array(np.maximum(rank, 0))))
+    pos = np.searchsorted(ranks, rank)
+    found = pos < len(known)
+    found[found] = ranks[pos[found]] == rank[found]
+    file_code = np.where(found, pos, len(known)).astype(np.int64)
+    same = pc.equal(table.column("file"), names.take(pa.array(file_code)))
     rows.fail(
-        (rank < 0) | ~same.to_numpy(zero_copy_only=False),
+        ~found | ~same.to_numpy(zero_copy_only=False),
         "data file is not this checkpoint's file of the row's rank",
     )
-    file_code = rank
     off = _np(table, "offset")
     rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
     extent = (off + RECORD_HEADER_SIZE + stored + ALIGN - 1) // ALIGN * ALIGN

@@ -1,0 +1,575 @@
+"""Fuzz targets of ckptguard's parsers and decoder, shared by the fuzz driver (run.py), the corpus
+replay and the hypothesis tests (test_fuzz_targets.py).
+
+Each target takes bytes and runs one parser on them, the way a reader meets them on disk. It may
+return or raise one of the typed errors of the format (``FormatError`` and its subclasses,
+``TreeError``, ``CheckpointError``); anything else is a bug, and so is an input that takes longer
+than ``SLOW_S``, allocates more than the driver's memory limit, or reads outside the checkpoint.
+Several targets are differential: the Python and the native decoder must agree, byte for byte
+on success and on the fact of failure.
+
+The context of the index, footer and data-file targets is a small committed checkpoint kept in
+tests/corpus/checkpoint (both codecs, several records); inputs are derived from its files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from ckptguard import backend, codec
+from ckptguard.errors import CheckpointError
+from ckptguard.format import index, manifest
+from ckptguard.format.datafile import (
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    FormatError,
+    check_file_header,
+    check_footer,
+    unpack_record_header,
+    unpack_trailer,
+)
+from ckptguard.format.layout import align
+from ckptguard.format.validate import check_table
+from ckptguard.tree import TreeError, check_tree, tensor_ids
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(os.path.dirname(HERE), "corpus")
+CHECKPOINT = os.path.join(CORPUS, "checkpoint")
+DATA = "rank-00000.ckg"
+TYPED = (FormatError, TreeError, CheckpointError)
+SLOW_S = 2.0
+MAX_DEST = 1 << 22  # destination buffers the record targets allocate at most
+NATIVE = backend.available()
+
+
+class Skip(Exception):
+    """The harness could not build this input (not a finding)."""
+
+
+class Bug(AssertionError):
+    """A property of the target failed (backends disagree, a path outside the directory...)."""
+
+
+# ---------------------------------------------------------------------------- the context
+
+
+@dataclass
+class Context:
+    manifest_raw: bytes
+    body: dict
+    index_raw: bytes
+    datafile: bytes
+    rows: list[dict]  # index rows of the data file, as footer JSON objects
+    footer: bytes
+
+    @property
+    def uuid(self) -> str:
+        return self.body["uuid"]
+
+    @property
+    def files(self) -> dict[str, int]:
+        return {f["name"]: f["size"] for f in self.body["files"]}
+
+
+_ctx: Context | None = None
+
+
+def context() -> Context:
+    global _ctx
+    if _ctx is None:
+
+        def read(name: str) -> bytes:
+            with open(os.path.join(CHECKPOINT, name), "rb") as f:
+                return f.read()
+
+        raw = read("MANIFEST.json")
+        body = manifest.decode(raw)
+        data = read(DATA)
+        off, length, _ = struct.unpack_from("<QQQ", data, len(data) - 32)
+        footer = data[off : off + length]
+        rows = json.loads(footer)["rows"]
+        _ctx = Context(raw, body, read("index.parquet"), data, rows, footer)
+    return _ctx
+
+
+def frame_manifest(body: bytes) -> bytes:
+    """MANIFEST.json bytes around ``body``, signed (format.md section 3)."""
+    digest = xxhash.xxh3_128_hexdigest(body).encode()
+    return b'{"checksum":"' + digest + b'","manifest":' + body + b"}\n"
+
+
+def h64(b: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(b)
+
+
+# ---------------------------------------------------------------------------- a byte reader
+
+
+class Bytes:
+    """Draw small decisions from an input's bytes (atheris' FuzzedDataProvider, simplified)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def uint(self, nbytes: int) -> int:
+        return int.from_bytes(bytes(self.byte() for _ in range(nbytes)), "little")
+
+    def pick(self, seq: list | tuple) -> Any:
+        return seq[self.uint(2) % len(seq)]
+
+    def rest(self) -> bytes:
+        out, self.pos = self.data[self.pos :], len(self.data)
+        return out
+
+
+INTS = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    7,
+    16,
+    4095,
+    4096,
+    4097,
+    8192,
+    65536,
+    (1 << 31) - 1,
+    -(1 << 31),
+    1 << 32,
+    1 << 40,
+    1 << 53,
+    (1 << 62) + 1,
+    (1 << 63) - 1,
+    -(1 << 63),
+]
+STRINGS = [
+    "",
+    DATA,
+    "rank-00001.ckg",
+    "rank-999999999.ckg",
+    "../rank-00000.ckg",
+    "/etc/passwd",
+    "raw",
+    "shuffle-lz4",
+    "zstd",
+    "float32",
+    "float128",
+    "c0",
+    "..",
+    "\x00",
+    "é",
+]
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def t_manifest(data: bytes) -> None:
+    """MANIFEST.json as found on disk (framing, checksum, then the body)."""
+    doc = manifest.decode(data)
+    _after_manifest(doc)
+
+
+def t_manifest_body(data: bytes) -> None:
+    """A body that is framed and signed, so every input reaches the JSON parser and schema."""
+    doc = manifest.decode(frame_manifest(data))
+    _after_manifest(doc)
+
+
+def _after_manifest(doc: dict) -> None:
+    manifest.CheckpointInfo.from_manifest(doc, "/store/ck")
+    for tree in [doc["tree"], *doc["rank_trees"].values()]:
+        check_tree(tree, len(doc["tensors"]))
+        tensor_ids(tree)
+
+
+def t_index(data: bytes) -> None:
+    """index.parquet bytes, checked against the context's manifest (schema, then section 4)."""
+    c = context()
+    table = index.read_table(data)
+    check_table(table, c.body["tensors"], c.files, set(c.body["features"]))
+    index.rows_from_table(table)
+
+
+_COLUMN_VALUES: dict[str, list] = {
+    "list": [[], [0], [-1], [1 << 62], [0, 0], [1, 2, 3], [4096] * 9],
+    "bytes": [b"", b"\0" * 16, b"\xff" * 16],
+}
+
+
+def t_index_rows(data: bytes) -> None:
+    """The context's index with a few values changed (any column, any row; interesting ints,
+    strings, lists, other rows' values, nulls), written back as valid Parquet and checked.
+    With some inputs the manifest's tensor shapes or file sizes change too."""
+    c, b = context(), Bytes(data)
+    rows = [dict(r) for r in c.rows]
+    for r in rows:
+        r["hash"] = bytes.fromhex(r["hash"])
+    tensors = json.loads(json.dumps(c.body["tensors"]))
+    files = dict(c.files)
+    for _ in range(1 + b.byte() % 4):
+        kind = b.byte() % 16
+        if kind == 14 and tensors:
+            t = b.pick(tensors)
+            t["shape"] = [b.pick([*INTS[:12], 1 << 40]) for _ in range(b.byte() % 4)]
+            continue
+        if kind == 15:
+            files[DATA] = b.pick([*INTS, len(c.datafile), len(c.datafile) + 4096])
+            continue
+        if kind == 13 and rows:  # drop, duplicate or move a row
+            i = b.uint(2) % len(rows)
+            op = b.byte() % 3
+            if op == 0:
+                rows.pop(i)
+            elif op == 1:
+                rows.insert(b.uint(2) % len(rows), dict(rows[i]))
+            else:
+                rows.insert(b.uint(2) % len(rows), rows.pop(i))
+            continue
+        if not rows:
+            break
+        r = b.pick(rows)
+        col = b.pick(index.FIELD_NAMES)
+        typ = index.SCHEMA.field(col).type
+        src = b.byte() % 4
+        if src == 0:
+            r[col] = b.pick(rows)[col]  # another row's value: consistent but misplaced
+        elif src == 1 and col not in ("key", "tensor"):
+            r[col] = None
+        elif pa.types.is_list(typ):
+            v = list(b.pick(_COLUMN_VALUES["list"]))
+            if v and b.byte() & 1:
+                v[b.uint(1) % len(v)] = b.pick(INTS)
+            r[col] = v
+        elif pa.types.is_fixed_size_binary(typ):
+            r[col] = b.pick(_COLUMN_VALUES["bytes"])
+        elif pa.types.is_string(typ):
+            r[col] = b.pick(STRINGS + [x["key"] for x in c.rows])
+        else:
+            step = b.pick([-4096, -1, 1, 64, 4096])
+            r[col] = r[col] + step if src == 3 and isinstance(r[col], int) else b.pick(INTS)
+    try:
+        data = index.write_table(pa.Table.from_pylist(rows, schema=index.SCHEMA))
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+        raise Skip(f"not representable in the schema: {e}") from None
+    table = index.read_table(data)  # as the reader does: schema and nulls, then the rules
+    check_table(table, tensors, files, set(c.body["features"]))
+
+
+def t_file_header(data: bytes) -> None:
+    """A data file header (4096 bytes); the first input byte's bit 0 re-signs it (so the
+    version, rank, uuid, alignment and reserved checks are reached), bit 1 keeps the magic."""
+    flags, rest = (data[0] if data else 0), data[1:]
+    buf = bytearray((rest + bytes(HEADER_SIZE))[:HEADER_SIZE])
+    if flags & 2:
+        buf[0:8] = b"CKGDATA1"
+    if flags & 1:
+        buf[40:48] = struct.pack("<Q", h64(bytes(buf[:40])))
+    check_file_header(bytes(buf), 0, context().uuid)
+
+
+def t_record_header(data: bytes) -> None:
+    """A 64-byte chunk record header; bit 0 of the first byte re-signs it."""
+    flags, rest = (data[0] if data else 0), data[1:]
+    buf = bytearray((rest + bytes(RECORD_HEADER_SIZE))[:RECORD_HEADER_SIZE])
+    if flags & 2:
+        buf[0:4] = b"CKGR"
+    if flags & 1:
+        buf[56:64] = struct.pack("<Q", h64(bytes(buf[:56])))
+    unpack_record_header(bytes(buf))
+
+
+def t_trailer(data: bytes) -> None:
+    """A trailer and the file size it is checked against (8 bytes, then 32)."""
+    size = int.from_bytes(data[:8].ljust(8, b"\0"), "little")
+    unpack_trailer(data[8:40].ljust(32, b"\0"), size)
+
+
+def t_footer(data: bytes) -> None:
+    """Footer JSON (its hash is taken from the input, as a writer would), its rows parsed and
+    compared with the context's index rows, as the reader does."""
+    c = context()
+    rows = check_footer(data, h64(data), 0, c.uuid)
+    parsed = [index.row_from_json(x) for x in rows]
+    want = [index.row_from_json(x) for x in c.rows]
+    _ = parsed == want
+
+
+_CIDS = [0, 1, 0, 1, 2, 255, -1]
+_ELEMS = [1, 2, 4, 8, 16, 0, 3, 255, 256, -1, 1 << 31]
+
+
+def _decode_args(b: Bytes) -> tuple[int, int, int, bytes]:
+    cid = b.pick(_CIDS)
+    elem = b.pick(_ELEMS)
+    big = b.byte() % 8 == 0
+    raw_len = b.pick(INTS) if big else b.uint(3) % (MAX_DEST + 1)
+    return cid, elem, raw_len, b.rest()
+
+
+def decode_input(cid: int, elem: int, raw_len: int, payload: bytes) -> bytes:
+    """The input of the decode target that means these arguments."""
+    return (
+        _CIDS.index(cid).to_bytes(2, "little")
+        + _ELEMS.index(elem).to_bytes(2, "little")
+        + b"\x01"
+        + raw_len.to_bytes(3, "little")
+        + payload
+    )
+
+
+def t_decode(data: bytes) -> None:
+    """One payload through codec.decode on both backends: the same bytes or both a FormatError."""
+    cid, elem, raw_len, payload = _decode_args(Bytes(data))
+    _both(lambda be: codec.decode(cid, payload, raw_len, elem, backend=be))
+
+
+def t_decode_lz4(data: bytes) -> None:
+    """A shuffle-lz4 payload whose length fields fit it (raw_len near the data's own size), so
+    most inputs reach the LZ4 decoder and the unshuffle of both backends."""
+    b = Bytes(data)
+    elem = (1, 2, 4, 8, 16)[b.byte() % 5]
+    raw_len = max(elem, b.uint(3) % (MAX_DEST + 1) // elem * elem)
+    payload = b.rest()
+    _both(lambda be: codec.decode(1, payload, raw_len, elem, backend=be))
+
+
+def _both(call: Callable[[str], Any]) -> None:
+    """Run ``call`` on each backend; they must agree (same bytes, or both a FormatError)."""
+    outs: list[tuple[str, Any]] = []
+    errors: list[FormatError] = []
+    for be in ("python", "native") if NATIVE else ("python",):
+        try:
+            outs.append(("ok", bytes(call(be))))
+        except FormatError as e:
+            outs.append(("err", type(e).__name__))
+            errors.append(e)
+    if len(outs) == 2 and outs[0] != outs[1]:
+        raise Bug(f"backends disagree: python {_short(outs[0])}, native {_short(outs[1])}")
+    if errors:
+        raise errors[0]
+
+
+def _short(o: tuple) -> str:
+    return f"{o[0]} {o[1][:40]!r}" if o[0] == "ok" else f"{o[0]} {o[1]}"
+
+
+def t_record_read(data: bytes) -> None:
+    """A chunk record in a file read by codec.read_into on both backends, with an item built
+    from its header (as the index would give it) or perturbed by the input: typed errors only,
+    identical outcome and bytes."""
+    b = Bytes(data)
+    flags = b.byte()
+    rec = bytearray(b.rest())
+    if len(rec) >= RECORD_HEADER_SIZE and flags & 1:
+        rec[56:64] = struct.pack("<Q", h64(bytes(rec[:56])))
+    try:
+        h = unpack_record_header(bytes(rec[:RECORD_HEADER_SIZE]))
+        codec_id, elem, raw_len, stored_len, digest, seq = (
+            h.codec,
+            h.elem_size,
+            h.raw_len,
+            h.stored_len,
+            h.hash,
+            h.seq,
+        )
+    except FormatError:
+        codec_id, elem, raw_len, stored_len, digest, seq = 0, 1, 16, 16, bytes(16), 0
+    if flags & 2:
+        raw_len = min(raw_len, MAX_DEST)
+    extent = align(RECORD_HEADER_SIZE + stored_len)
+    if flags & 4:
+        extent = align(len(rec)) or HEADER_SIZE
+    item = codec.ReadItem(HEADER_SIZE, extent, codec_id, elem, raw_len, stored_len, digest, 0, seq)
+    dest_len = min(max(raw_len, 0), MAX_DEST)
+    fd = os.memfd_create("record")
+    try:
+        os.pwrite(fd, bytes(HEADER_SIZE) + bytes(rec), 0)
+
+        def read(be: str) -> bytes:
+            dest = np.zeros(dest_len, np.uint8)
+            codec.read_into(fd, "record", dest, [item], threads=1, verify=True, backend=be)
+            return dest.tobytes()
+
+        _both(read)
+    finally:
+        os.close(fd)
+
+
+class _Scratch:
+    """A private copy of the context checkpoint whose files a target may overwrite."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="ckptguard-fuzz-")
+        self.store = os.path.join(self.root, "store")
+        self.path = os.path.join(self.store, "ck")
+        shutil.copytree(CHECKPOINT, self.path)
+
+    def write(self, name: str, data: bytes) -> None:
+        p = os.path.join(self.path, name)
+        with open(p + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(p + ".tmp", p)
+
+
+_scratch: _Scratch | None = None
+
+
+def scratch() -> _Scratch:
+    global _scratch
+    if _scratch is None:
+        _scratch = _Scratch()
+    return _scratch
+
+
+def t_datafile(data: bytes) -> None:
+    """A whole data file in place of the context's (the manifest re-signed with its size):
+    verify every record as ckptguard.verify does, then read them all as a load does."""
+    from ckptguard.reader import CheckpointReader
+
+    c, s = context(), scratch()
+    body = json.loads(json.dumps(c.body))
+    body["files"][0]["size"] = len(data)
+    s.write("MANIFEST.json", manifest.encode(body))
+    s.write(DATA, data)
+    with CheckpointReader(s.path) as rd:
+        fd = rd.open_file(DATA)
+        try:
+            rows = rd.rows_of_file(DATA)
+            for r in rows:
+                rd.read_chunk(fd, r)
+            dest = np.zeros(sum(r.raw_len for r in rows), np.uint8)
+            offs = np.cumsum([0] + [r.raw_len for r in rows])[:-1].tolist()
+            rd.read_into(fd, rows, dest, offs)
+        finally:
+            os.close(fd)
+
+
+def t_latest(data: bytes) -> None:
+    """LATEST content in a store holding one checkpoint `ck`: resolved to `ck` or refused,
+    never to a path outside the store."""
+    from ckptguard.api import resolve
+    from ckptguard.store import Store
+
+    s = scratch()
+    with open(os.path.join(s.store, "LATEST"), "wb") as f:
+        f.write(data)
+    Store(s.store).latest_name()
+    got = resolve(s.store)
+    if got != s.path:
+        raise Bug(f"LATEST {data[:40]!r} resolved to {got!r}")
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "manifest": t_manifest,
+    "manifest_body": t_manifest_body,
+    "index": t_index,
+    "index_rows": t_index_rows,
+    "file_header": t_file_header,
+    "record_header": t_record_header,
+    "trailer": t_trailer,
+    "footer": t_footer,
+    "decode": t_decode,
+    "decode_lz4": t_decode_lz4,
+    "record_read": t_record_read,
+    "datafile": t_datafile,
+    "latest": t_latest,
+}
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+def seeds(target: str) -> list[bytes]:
+    """Valid (or nearly valid) inputs of a target, derived from the context checkpoint."""
+    c = context()
+    data = c.datafile
+    first = c.rows[0]
+    lz = next((r for r in c.rows if r["codec"] == "shuffle-lz4"), first)
+
+    def record(r: dict) -> bytes:
+        return data[r["offset"] : align(r["offset"] + RECORD_HEADER_SIZE + r["stored_len"])]
+
+    body = c.manifest_raw[58:-2]
+    out = {
+        "manifest": [c.manifest_raw],
+        "manifest_body": [body, b"{}", b"[]"],
+        "index": [c.index_raw],
+        "index_rows": [b"", bytes(range(64)), bytes(range(255, 191, -1))],
+        "file_header": [b"\x03" + data[:HEADER_SIZE], b"\x01" + data[:48]],
+        "record_header": [
+            b"\x00" + data[r["offset"] : r["offset"] + RECORD_HEADER_SIZE] for r in (first, lz)
+        ],
+        "trailer": [len(data).to_bytes(8, "little") + data[-32:]],
+        "footer": [c.footer],
+        "decode": [
+            decode_input(0, 1, 16, bytes(range(16))),
+            decode_input(1, lz["elem_size"], lz["raw_len"], record(lz)[64 : 64 + lz["stored_len"]]),
+        ],
+        "decode_lz4": [
+            bytes([(1, 2, 4, 8, 16).index(lz["elem_size"])])
+            + lz["raw_len"].to_bytes(3, "little")
+            + record(lz)[64 : 64 + lz["stored_len"]]
+        ],
+        "record_read": [b"\x00" + record(first), b"\x00" + record(lz)],
+        "datafile": [data],
+        "latest": [b"ck\n", b"../ck\n", b"ck"],
+    }
+    return out[target]
+
+
+# ---------------------------------------------------------------------------- running one input
+
+
+def run_one(target: str, data: bytes) -> str:
+    """Run ``target`` on ``data``; return its outcome: ``ok``, ``skip``, ``typed:<Error>``,
+    ``slow`` or ``BUG:<Exception>`` (the last two are findings)."""
+    t0 = time.monotonic()
+    try:
+        TARGETS[target](data)
+        out = "ok"
+    except Skip:
+        out = "skip"
+    except TYPED as e:
+        out = f"typed:{type(e).__name__}"
+    except Bug as e:
+        out = f"BUG:{e}"
+    except Exception as e:  # noqa: BLE001 - classifying is the point
+        out = f"BUG:{type(e).__name__}: {str(e)[:200]}"
+    if not out.startswith("BUG") and time.monotonic() - t0 > SLOW_S:
+        out = f"slow:{time.monotonic() - t0:.1f}s"
+    return out
+
+
+def is_finding(outcome: str) -> bool:
+    return outcome.startswith(("BUG", "slow"))
+
+
+def summarize(counts: dict[str, Counter]) -> str:
+    lines = []
+    for target in sorted(counts):
+        c = counts[target]
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {target:14s} {sum(c.values()):7d}  {parts}")
+    return "\n".join(lines)
