@@ -86,9 +86,11 @@ def check_loaded(out: dict, want: dict) -> None:
 def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Holds every background persist until the test sets it."""
     ev = threading.Event()
+    ev.entered = threading.Event()  # type: ignore[attr-defined] # a persist reached the gate
     real = ckpt_mod.api.save
 
     def gated(*a: Any, **k: Any) -> Any:
+        ev.entered.set()  # type: ignore[attr-defined]
         assert ev.wait(30), "test gate never opened"
         return real(*a, **k)
 
@@ -229,6 +231,7 @@ def test_close_cancel_abandons_queued_saves(store: str, gate: threading.Event) -
     before = len(ckpt_threads())
     c = ckptguard.Checkpointer(store)
     h1 = c.save_async(make_state(1), "one")  # persisting (held by the gate)
+    assert gate.entered.wait(30)  # type: ignore[attr-defined] # its persist has begun
     h2 = c.save_async(make_state(2), "two")  # captured, queued behind it
     h3 = c.save_async(make_state(3), "three", lazy=True)  # waiting for a pool region
     closer = threading.Thread(target=c.close, kwargs={"cancel": True})
