@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 # A bare torch range pulls a multi-GB CUDA build; this CPU build lies on the project's machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm
+.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm faults
 
 $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: install-test
 
 test: lint native test-native slurm
 	$(PY) -m pytest -q
+
+# Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
+# `make test` runs a subset). Writes the counts to build/faults-summary.md and .json.
+# docs/reliability.md.
+faults: install-test
+	@mkdir -p build
+	CKPTGUARD_FAULTS=all CKPTGUARD_FAULTS_SUMMARY=build/faults-summary \
+	  $(PY) -m pytest -q tests/test_fault_matrix.py
 
 # A real single-node Slurm cluster (Debian's slurm-wlm + munge) for the srun tests; needs root and
 # apt-get, elsewhere those tests skip (and fail under CI=true). slurm/README.md.

@@ -249,6 +249,13 @@ class HostPool:
                 r.busy, r.used = True, 0
             return chosen
 
+    def retire(self, region: Region) -> None:
+        """Never reuse ``region`` (another process may still read it); its bytes leave the pool."""
+        with self.cond:
+            if region in self.regions:
+                self.regions.remove(region)
+            self.cond.notify_all()
+
     def release(self, region: Region) -> None:
         with self.cond:
             region.busy = False

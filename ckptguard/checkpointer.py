@@ -285,7 +285,9 @@ class Checkpointer:
                         region.buf, region.tag, snap.state, h.path, _agent_options(h._kwargs)
                     )
             except BaseException as e:
-                if region is not None:
+                if region is not None and getattr(e, "ckptguard_region_shared", False):
+                    self.pool.retire(region)  # the agent may be persisting from it: never reuse
+                elif region is not None:
                     self.pool.release(region)
                 err = SaveCancelledError(f"save of {h.path} was cancelled") if self._cancel else e
                 h._snapshot_failed(err)

@@ -3,14 +3,17 @@
 ``CKPTGUARD_FAILPOINT=<point>[:<rank>[:<action>]][,...]`` makes the process fail when it reaches
 ``<point>``: ``kill`` (SIGKILL itself, the default), ``eio`` / ``enospc`` (raise that OSError),
 ``hang`` (sleep until killed). ``<rank>`` is a rank number or ``*``. Unset, each call is one dict
-lookup.
+lookup. A point that fires says so on stderr first (``ckptguard: failpoint <point> on rank <r>:
+<action>``), so that a test can tell a hang it caused from a stuck process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
+import sys
 import time
 
 ENV = "CKPTGUARD_FAILPOINT"
@@ -40,6 +43,9 @@ def failpoint(point: str) -> None:
 
 
 def _act(point: str, action: str) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr closed or None
+        sys.stderr.write(f"ckptguard: failpoint {point} on rank {_rank}: {action}\n")
+        sys.stderr.flush()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "eio":

@@ -23,6 +23,7 @@ from . import errors
 from .agent.client import agent_address
 from .agent.protocol import LineReader, ProtocolError, decode, encode
 from .errors import AgentError
+from .failpoints import failpoint, set_rank
 from .format.manifest import CheckpointInfo, parse_time
 from .tree import flatten
 
@@ -42,6 +43,8 @@ class Handoff:
             welcome = self._first_reply(reader)
             if welcome.get("op") != "welcome" or not welcome.get("handoff"):
                 raise AgentError(f"the agent at {address} does not take snapshots")
+            if type(welcome.get("rank")) is int:  # for failpoints before any save of ours
+                set_rank(welcome["rank"])
         except (OSError, ProtocolError) as e:
             self.sock.close()
             raise AgentError(f"cannot reach the agent at {address}: {e}") from None
@@ -73,7 +76,10 @@ class Handoff:
             os.ftruncate(fd, nbytes)
             m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             with self._lock:
-                socket.send_fds(self.sock, [encode("pool", pool=ident, bytes=nbytes)], [fd])
+                try:
+                    socket.send_fds(self.sock, [encode("pool", pool=ident, bytes=nbytes)], [fd])
+                except OSError as e:  # the agent is gone
+                    raise AgentError(f"cannot pass the pool to the agent: {e}") from None
         finally:
             os.close(fd)
         self._expect("pool", ident)
@@ -122,9 +128,17 @@ class Handoff:
             tensors=tensors,
             pickle=used_pickle,
         )
-        with self._lock:
-            self.sock.sendall(msg)
-        self._expect("accepted", ident)
+        try:  # from the first byte sent, the agent may hold the save and read the pool
+            with self._lock:
+                try:
+                    self.sock.sendall(msg)
+                except OSError as e:  # the agent is gone: a typed error, like _wait's
+                    raise AgentError(f"cannot hand the save over to the agent: {e}") from None
+            self._expect("accepted", ident)
+            failpoint("handoff.submitted")
+        except BaseException as e:
+            e.ckptguard_region_shared = True  # type: ignore[attr-defined]
+            raise
         return ident
 
     def result(self, ident: int) -> CheckpointInfo:

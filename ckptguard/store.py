@@ -10,6 +10,7 @@ import uuid as uuidlib
 
 from .commit import remove_tree, write_latest
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, from_oserror
+from .failpoints import failpoint
 from .format import manifest
 from .format.datafile import FormatError
 from .format.layout import LATEST, MANIFEST, MAX_LATEST_BYTES, STAGING, check_name, is_name
@@ -85,6 +86,12 @@ class Store:
         name = self.latest_name()
         if name is None:
             return None
+        if os.path.islink(os.path.join(self.root, name)):  # Store.list never follows one either
+            raise CorruptCheckpointError(
+                f"LATEST names {name!r}, a symbolic link: not a checkpoint of this store",
+                path=self.root,
+                file=LATEST,
+            )
         try:
             return read_info(os.path.join(self.root, name))
         except CheckpointNotFoundError:
@@ -99,14 +106,18 @@ class Store:
         path = self.path(name)
         read_info(path)  # raises CheckpointNotFoundError if it is not a committed checkpoint
         try:
+            failpoint("delete.start")
             if self.latest_name() == name:
                 rest = [i for i in self.list() if i.name != name]
                 write_latest(self.root, rest[-1].name if rest else None)
+                failpoint("delete.after_latest")
             trash = os.path.join(self.root, STAGING, f"{name}.{uuidlib.uuid4().hex}.deleted")
             os.makedirs(os.path.dirname(trash), exist_ok=True)
             os.rename(path, trash)
+            failpoint("delete.after_rename")
             fsync_dir(self.root)
             remove_tree(trash)
+            failpoint("delete.after_remove")
         except OSError as e:
             raise from_oserror(e, path, "cannot delete") from None
 
@@ -129,10 +140,12 @@ class Store:
         for p in victims:
             if _newest_mtime(p) <= cutoff:
                 try:
+                    failpoint("gc.before_remove")
                     if os.path.isdir(p) and not os.path.islink(p):
                         remove_tree(p)
                     else:
                         os.unlink(p)
+                    failpoint("gc.after_remove")
                 except FileNotFoundError:
                     continue
                 except OSError as e:

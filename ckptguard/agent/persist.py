@@ -22,6 +22,7 @@ import torch
 
 from ..api import save_options
 from ..coord import Coordinator
+from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
 from ..format.layout import split_path
 from ..format.manifest import CheckpointInfo, format_time
@@ -46,6 +47,7 @@ class Persister:
     def __init__(self, coord: Coordinator, done: Callable[[Any, dict], None]) -> None:
         self.coord = coord
         self.done = done
+        set_rank(coord.rank)  # for failpoints reached before the first save
         self.pools: dict[tuple[int, int], mmap.mmap] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._pending = 0
@@ -104,9 +106,11 @@ class Persister:
         while (job := self._jobs.get()) is not None:
             token, flat, path, options = job
             try:
+                failpoint("handoff.accepted")
                 store, name = split_path(path)
                 info = save_state(flat, store, name, self.coord, save_options(**options))
                 reply = {"ok": True, "info": _info(info)}
+                failpoint("handoff.before_reply")
             except BaseException as e:  # the trainer gets the error, as in-process
                 reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
             finally:

@@ -13,6 +13,9 @@
     trainer.py handoff OUT STORE [crash]  three async saves through a Checkpointer that hands its
                                           snapshots to the agent (the state changes after each
                                           snapshot); with crash: one save, then os._exit(7)
+    trainer.py faults OUT STORE TIMEOUT N N async saves h0..h(N-1) like handoff, each with that
+                                          timeout; every outcome, ok or error, goes to
+                                          OUT/faults-R.json (tests/test_fault_matrix.py)
 
 Every rank writes OUT/ready-R.json (its agent's pid) once it runs, and OUT/term-R when the agent
 stops it with SIGTERM. The loop ends by itself after 25 s (exit 0) so that no test can hang.
@@ -147,6 +150,33 @@ def handoff_mode(out: str, store: str, crash: bool) -> int:
     return 0
 
 
+def faults_mode(out: str, store: str, timeout: float, n: int) -> int:
+    """Hand over ``n`` saves; report each one's outcome (never raise: the report is the point)."""
+    import torch
+
+    import ckptguard
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    st = handoff_state(rank, world)
+    saves: dict[str, dict] = {}
+    with ckptguard.Checkpointer(store, overwrite=True, timeout=timeout) as c:
+        handles = []
+        for i in range(n):
+            st["step"] = i
+            handles.append(c.save_async(st, f"h{i}", step=i))
+            with torch.no_grad():
+                st["w"].local.add_(1000)  # after the snapshot: must not reach the checkpoint
+        for h in handles:
+            name = os.path.basename(h.path)
+            try:
+                h.result()
+                saves[name] = {"ok": True}
+            except Exception as e:
+                saves[name] = {"ok": False, "type": type(e).__name__, "error": str(e)}
+    write(os.path.join(out, f"faults-{rank}.json"), {"rank": rank, "saves": saves})
+    return 0
+
+
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "env":
@@ -156,6 +186,8 @@ def main() -> int:
         write(os.path.join(out, f"ready-{os.environ['RANK']}.json"), me)
         time.sleep(25)
         return 0
+    if mode == "faults":
+        return faults_mode(out, sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
     if mode == "handoff":
         return handoff_mode(out, sys.argv[3], crash=sys.argv[4:] == ["crash"])
     return train_mode(out, sys.argv[3], commit=sys.argv[4:] != ["nocommit"])

@@ -136,13 +136,14 @@ def main() -> int:
             result.update(ok=True)
         elif scenario == "fail":  # a failpoint set by the test makes one rank fail
             timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 60
-            ckptguard.save(
+            info = ckptguard.save(
                 local_state(rank, world),
                 os.path.join(store, sys.argv[4]),
                 coordinator=coord,
                 timeout=timeout,
+                overwrite=sys.argv[6:] == ["overwrite"],
             )
-            result.update(ok=True)
+            result.update(ok=True, name=info.name, uuid=info.uuid)
         elif scenario == "diverge":  # replicas that differ are an error on every rank
             st = local_state(rank, world)
             st["model"]["bias"] += rank

@@ -1,0 +1,488 @@
+"""The fault matrix of tests/test_fault_matrix.py: its table, the cases generated from it, a
+bounded launcher for each scenario, and the one checker of the invariants after every case.
+
+tests/fault_cases.txt has one line per failpoint and scenario. ``cases(full=True)`` crosses each
+line with its ranks and the four actions (``make faults``); ``cases(full=False)`` keeps the
+rank:action pairs of its last column (``make test``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ckptguard
+from ckptguard.drain import drain
+from ckptguard.format.layout import LATEST, STAGING
+
+HERE = Path(__file__).resolve().parent
+TABLE = HERE / "fault_cases.txt"
+SCENARIOS = HERE / "dist" / "scenarios.py"
+STORE_OPS = HERE / "dist" / "store_ops.py"
+TRAINER = HERE / "agent" / "trainer.py"
+BIN = Path(sys.executable).parent
+MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
+
+ACTIONS = ("kill", "eio", "enospc", "hang")
+SAVE_TIMEOUT = 5  # seconds: the collectives' timeout of every save in a case
+BOUND = {"save": 90.0, "overwrite": 90.0, "agent": 120.0}  # the launch ends within this
+SINGLE_BOUND = 60.0  # gc, delete, drain
+AGENT_SAVES = ("h0", "h1")
+ERROR_TYPE = {"eio": "StoreError", "enospc": "StoreFullError"}  # gc, delete, drain
+
+_DROP = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "CKPTGUARD_")
+_DROP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---- the table and the cases -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    scenario: str
+    point: str
+    ranks: tuple[int, ...]
+    expect: dict[str, str]  # action -> outcome
+    subset: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: str
+    point: str
+    rank: int
+    action: str
+    expect: str
+    row: Row
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}:{self.point}:{self.rank}:{self.action}"
+
+    @property
+    def failpoint(self) -> str:
+        return f"{self.point}:{self.rank}:{self.action}"
+
+    @property
+    def late(self) -> bool:
+        """The point lies after the commit point: killed there, the checkpoint is whole."""
+        return self.row.expect["kill"] not in ("absent", "old", "kept", "intact")
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    a, _, b = text.partition("-")
+    return tuple(range(int(a), int(b or a) + 1))
+
+
+def table(path: Path = TABLE) -> list[Row]:
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        scenario, point, ranks, kill, error, hang, *subset = line.split()
+        pairs = []
+        for item in subset:
+            if item != "-":
+                r, a = item.split(":")
+                pairs.append((int(r), a))
+        expect = {"kill": kill, "eio": error, "enospc": error, "hang": hang}
+        rows.append(Row(scenario, point, _ranks(ranks), expect, tuple(pairs)))
+    return rows
+
+
+def cases(full: bool) -> list[Case]:
+    out = []
+    for row in table():
+        for rank in row.ranks:
+            for action in ACTIONS:
+                if full or (rank, action) in row.subset:
+                    out.append(Case(row.scenario, row.point, rank, action, row.expect[action], row))
+    return out
+
+
+# ---- launching, bounded ------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a case's launch did: its exit status (None: stopped by the harness after the hang it
+    injected), its time, and each rank's report of each save: {rank: {save: outcome}}."""
+
+    code: int | None
+    wall: float
+    log: str
+    reports: dict[int, dict[str, dict]] = field(default_factory=dict)
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """This environment without launcher, Slurm, rank and ckptguard variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP) and k not in _DROP_VARS}
+    return {**env, "TMPDIR": str(tmp), **extra}
+
+
+def launch(
+    cmd: list[str], env: dict, log: Path, bound: float, done: Callable[[str], bool] | None = None
+) -> tuple[int | None, float, str]:
+    """Run ``cmd`` in its own session; stop it once ``done(log)`` (a hang that was injected has
+    done what it should), or fail past ``bound`` seconds. Returns (status or None, wall, log)."""
+    t0 = time.monotonic()
+    with open(log, "w+") as f:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        code: int | None = None
+        try:
+            while True:
+                code = proc.poll()
+                if code is not None:
+                    break
+                if done is not None and done(log.read_text(errors="replace")):
+                    time.sleep(0.5)  # a last look: the stopped process must not end by itself
+                    code = proc.poll()
+                    break
+                if time.monotonic() - t0 > bound:
+                    raise AssertionError(
+                        f"{' '.join(cmd[:6])}... did not end within {bound:.0f} s (a hang):\n"
+                        + log.read_text(errors="replace")[-4000:]
+                    )
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    wall = time.monotonic() - t0
+    return code, wall, log.read_text(errors="replace")
+
+
+def _hung(case: Case) -> Callable[[str], bool]:
+    line = f"ckptguard: failpoint {case.point} on rank {case.rank}: hang"
+    return lambda text: line in text
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# ---- fixtures the scenarios start from ---------------------------------------------------------
+
+
+def small(seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * seed, "seed": seed}
+
+
+def make_bases(root: Path) -> dict[str, Path]:
+    """Stores every case of a scenario copies: built once per session."""
+    bases: dict[str, Path] = {}
+    need = {r.scenario for r in table()}
+    if need & {"save", "overwrite"}:
+        d = root / "mpi" / "store"
+        code, _, log = launch(
+            [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), "mpi", "save", str(d), "step-10"],
+            {**os.environ},
+            root / "mpi.log",
+            120,
+        )
+        assert code == 0, log[-3000:]
+        shutil.rmtree(root / "mpi" / "out")
+        bases["save"] = bases["overwrite"] = d
+    d = root / "agent" / "store"
+    ckptguard.save(small(9), d / "base", step=9)
+    bases["agent"] = d
+    d = root / "gc" / "store"
+    ckptguard.save(small(1), d / "a", step=1)
+    (d / STAGING / "new.0123456789abcdef0123456789abcdef").mkdir(parents=True)  # a torn save
+    (d / STAGING / "new.0123456789abcdef0123456789abcdef" / "rank-00000.ckg").write_bytes(b"x" * 99)
+    (d / STAGING / "old.fedcba9876543210fedcba9876543210.deleted").mkdir()  # a torn delete
+    (d / STAGING / "old.fedcba9876543210fedcba9876543210.deleted" / "MANIFEST.json").write_text("")
+    (d / ".LATEST.00000000000000000000000000000000.tmp").write_text("a\n")  # a torn LATEST
+    bases["gc"] = d
+    d = root / "delete" / "store"
+    ckptguard.save(small(1), d / "a", step=1)
+    ckptguard.save(small(2), d / "b", step=2)
+    bases["delete"] = d
+    d = root / "drain"
+    ckptguard.save(small(1), d / "src" / "a", step=1)
+    drain(d / "src", d / "dst")
+    ckptguard.save(small(2), d / "src" / "b", step=2)
+    bases["drain"] = d
+    return bases
+
+
+# ---- the one checker ----------------------------------------------------------------------------
+
+
+def check_store(store: Path, names: set[str], latest: str | None) -> None:
+    """I1-I5 in a store after a case: exactly ``names`` are listed, each whole and verified;
+    nothing else is visible; LATEST names ``latest`` and loads and verifies; gc then reclaims every
+    leftover and changes nothing committed."""
+    st = ckptguard.Store(store)
+    listed = {i.name for i in st.list()}
+    assert listed == names, f"listed {sorted(listed)}, expected {sorted(names)}"
+    for n in names:
+        report = ckptguard.verify(store / n)
+        assert report.ok, f"{n} does not verify: {report.problems[:3]}"  # I1, I5
+    allowed = names | {LATEST, STAGING}
+    stray = [n for n in os.listdir(store) if n not in allowed and not _latest_tmp(n)]
+    assert not stray, f"visible besides the checkpoints: {stray}"  # I1: nothing partial
+    assert st.latest_name() == latest, f"LATEST is {st.latest_name()!r}, expected {latest!r}"
+    if latest is not None:  # I3: LATEST names a committed checkpoint; it loads and verifies
+        assert ckptguard.verify(store).ok
+        ckptguard.load(store)
+    st.gc(older_than=0)  # I4: whatever the failure left is reclaimable
+    staging = store / STAGING
+    assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
+    assert not [n for n in os.listdir(store) if _latest_tmp(n)]
+    assert {i.name for i in st.list()} == names and st.latest_name() == latest
+
+
+def _latest_tmp(name: str) -> bool:
+    return name.startswith(".LATEST.") and name.endswith(".tmp")
+
+
+def check_ranks(case: Case, run: Run, committed: set[str]) -> str:
+    """I8 for a job of 4 ranks: what the ranks that reported say of each save agrees with the
+    store and with each other. Returns a word for the summary."""
+    words = set()
+    for save in sorted({s for rep in run.reports.values() for s in rep}):
+        got = {r: rep[save] for r, rep in run.reports.items() if save in rep}
+        ok = {r for r, o in got.items() if o["ok"]}
+        errors = {r: (o["type"], o["error"]) for r, o in got.items() if not o["ok"]}
+        if save not in committed:  # never "saved" for a checkpoint that is not there
+            assert not ok, f"{save} is absent, yet ranks {sorted(ok)} report it saved: {got}"
+        elif not case.late:  # committed although the failure came before the commit point?
+            assert not errors, f"{save} committed, yet ranks report errors: {errors}"
+        if not errors:
+            words.add("ok")
+            continue
+        kinds = {t for t, _ in errors.values()}
+        if case.action in ("kill", "hang"):  # the others waited for the dead or stuck rank,
+            if case.scenario != "agent":  # or (under the agent) lost theirs with the job
+                assert case.rank not in errors, errors
+            assert kinds <= {"CoordinationTimeoutError", "CheckpointAbortedError", "AgentError"}, (
+                errors
+            )
+            words.update(_ERROR_WORDS[k] for k in kinds)
+        elif case.point.startswith("handoff."):  # the failing rank's own error, outside the
+            mine = errors.get(case.rank)  # save's collectives: the others time out (or succeed)
+            assert mine is not None and "injected" in mine[1], errors
+            others = {t for r, (t, _) in errors.items() if r != case.rank}
+            assert others <= {"CoordinationTimeoutError"}, errors
+            words.add("own error, others timed out" if others else "own error, others ok")
+        else:  # one coordinated outcome: the same error on every rank, naming the failing one
+            assert len(set(errors.values())) == 1, f"ranks disagree: {errors}"
+            assert len(errors) == len(got) == 4, f"not every rank reported an error: {got}"
+            (kind, msg), *_ = errors.values()
+            assert kind == "CheckpointAbortedError", errors
+            assert f"rank {case.rank} failed" in msg and "injected" in msg, msg
+            words.add("same error")
+    if case.action == "hang" and run.code is None:
+        words.add("hung job stopped by the test")
+    return "; ".join(sorted(words)) or ("killed" if case.action == "kill" else "none")
+
+
+_ERROR_WORDS = {
+    "CoordinationTimeoutError": "timeout",
+    "CheckpointAbortedError": "aborted",
+    "AgentError": "agent gone",
+}
+
+
+def fired(case: Case, log: str) -> None:
+    """The failpoint was reached, by that rank, and acted (else the case tests nothing)."""
+    line = f"ckptguard: failpoint {case.point} on rank {case.rank}: {case.action}"
+    assert line in log, f"{line!r} not in the output:\n{log[-3000:]}"
+
+
+# ---- the scenarios ------------------------------------------------------------------------------
+
+
+def run_case(case: Case, bases: dict[str, Path], tmp: Path, seen: dict) -> tuple[str, str]:
+    """Run one case and check every invariant; returns (store outcome, ranks' outcome). The
+    store's outcome is put in ``seen`` as soon as it is known (for the summary of a failure)."""
+    return _SCENARIOS[case.scenario](case, bases[case.scenario], tmp, seen)
+
+
+def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    store = tmp / "store"
+    shutil.copytree(base, store)
+    old = ckptguard.Store(store).latest()
+    name = "step-10" if case.scenario == "overwrite" else "new"
+    args = ["mpi", "fail", str(store), name, str(SAVE_TIMEOUT)]
+    if case.scenario == "overwrite":
+        args.append("overwrite")
+    env = {**os.environ, "CKPTGUARD_FAILPOINT": case.failpoint}
+    cmd = [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), *args]
+    code, wall, log = launch(cmd, env, tmp / "launch.log", BOUND[case.scenario])
+    fired(case, log)
+    assert code != 0, "a failpoint fired, yet the job succeeded"
+    run = Run(code, wall, log)
+    for r in range(4):
+        rep = _read_json(tmp / "out" / f"rank-{r}.json")
+        if rep is not None:
+            run.reports[r] = {name: rep}
+    if case.scenario == "overwrite":
+        now = ckptguard.Store(store).list()
+        assert [i.name for i in now] == ["step-10"]
+        outcome = "old" if now[0].uuid == old.uuid else "new"
+        seen["outcome"] = outcome
+        assert outcome == case.expect, (
+            f"step-10 is the {outcome} checkpoint, expected {case.expect}"
+        )
+        check_store(store, {"step-10"}, "step-10")
+        committed = {name} if outcome == "new" else set()
+    else:
+        names = {i.name for i in ckptguard.Store(store).list()}
+        latest = ckptguard.Store(store).latest_name()
+        outcome = "absent" if "new" not in names else "latest" if latest == "new" else "visible"
+        seen["outcome"] = outcome
+        assert outcome == case.expect, f"the new checkpoint is {outcome}, expected {case.expect}"
+        committed = set() if outcome == "absent" else {"new"}
+        check_store(store, {"step-10"} | committed, latest)
+    return outcome, check_ranks(case, run, committed)
+
+
+def _agent_expected(rank_count: int, step: int) -> dict:
+    sys.path.insert(0, str(TRAINER.parent))
+    try:
+        from trainer import handoff_state  # tests/agent/trainer.py
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    parts = [handoff_state(r, rank_count) for r in range(rank_count)]
+    want = parts[0]
+    want["w"] = torch.cat([p["w"].local for p in parts]) + 1000 * step
+    want["step"] = step
+    return want
+
+
+def _check_agent_save(path: Path, step: int) -> None:
+    """A handed-over save holds the snapshot taken at save_async, not the state changed after."""
+    import numpy as np
+    import torch
+
+    want = _agent_expected(4, step)
+    got = ckptguard.load(path)
+    assert torch.equal(got["w"], want["w"]), f"{path.name}: w is not the snapshot's:\n{got['w']}"
+    assert torch.equal(got["b"], want["b"])
+    assert np.array_equal(got["np"], want["np"])
+    assert got["step"] == step
+
+
+def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    store, out = tmp / "store", tmp / "out"
+    shutil.copytree(base, store)
+    out.mkdir()
+    env = clean_env(tmp, CKPTGUARD_FAILPOINT=case.failpoint)
+    agent = [sys.executable, "-m", "ckptguard.cli", "run", "--poll", "0.2", "--term-timeout", "5"]
+    trainer = [sys.executable, str(TRAINER), "faults", str(out), str(store)]
+    trainer += [str(SAVE_TIMEOUT), str(len(AGENT_SAVES))]
+    others = [out / f"faults-{r}.json" for r in range(4) if r != case.rank]
+    done = (lambda _: all(p.exists() for p in others)) if case.action == "hang" else None
+    cmd = [MPIEXEC, "-n", "4", *agent, "--", *trainer]
+    code, wall, log = launch(cmd, env, tmp / "launch.log", BOUND["agent"], done)
+    fired(case, log)
+    run = Run(code, wall, log)
+    for r in range(4):
+        rep = _read_json(out / f"faults-{r}.json")
+        if rep is not None:
+            run.reports[r] = rep["saves"]
+    names = {i.name for i in ckptguard.Store(store).list()}
+    committed = names - {"base"}
+    latest = ckptguard.Store(store).latest_name()
+    # a kill or a hang ends the job (or that rank's part in it) at h0; an error fires at each save
+    most = set(AGENT_SAVES) if case.action in ("eio", "enospc") else {"h0"}
+    newest = max(committed) if committed else None
+    outcome = "absent" if not committed else "latest" if latest == newest else "visible"
+    seen["outcome"] = outcome
+    for n in committed:  # each whole, and the snapshot handed over
+        _check_agent_save(store / n, int(n[1:]))
+    if case.expect == "either":
+        assert committed <= most, f"committed {sorted(committed)}"
+        assert latest in ("base", newest), latest
+    else:
+        want = set() if case.expect == "absent" else most
+        assert committed == want, f"committed {sorted(committed)}, expected {sorted(want)}"
+        assert outcome == case.expect, f"LATEST is {latest}: {outcome}, expected {case.expect}"
+    check_store(store, names, latest)
+    if case.action != "hang":
+        assert code is not None
+    return outcome, check_ranks(case, run, committed)
+
+
+def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    root = tmp / "root"
+    shutil.copytree(base, root)
+    env = {**clean_env(tmp), "CKPTGUARD_FAILPOINT": case.failpoint}
+    result = tmp / "result.json"
+    if case.scenario == "gc":
+        args = ["gc", str(root)]
+    elif case.scenario == "delete":
+        args = ["delete", str(root), "b"]
+    else:
+        args = ["drain", str(root / "src"), str(root / "dst")]
+    cmd = [sys.executable, str(STORE_OPS), str(result), *args]
+    done = _hung(case) if case.action == "hang" else None
+    code, _, log = launch(cmd, env, tmp / "launch.log", SINGLE_BOUND, done)
+    fired(case, log)
+    rep = _read_json(result)
+    if case.action == "kill":
+        assert code == -signal.SIGKILL and rep is None, (code, log[-2000:])
+        ranks = "killed"
+    elif case.action == "hang":
+        assert code is None and rep is None, (code, log[-2000:])
+        ranks = "hung job stopped by the test"
+    else:  # a typed error that says what happened
+        assert code == 3 and rep is not None and not rep["ok"], (code, rep, log[-2000:])
+        assert rep["type"] == ERROR_TYPE[case.action] and "injected" in rep["error"], rep
+        ranks = "typed error"
+    if case.scenario == "gc":
+        outcome = "intact"
+        check_store(root, {"a"}, "a")  # its gc is the retry: it must reclaim everything
+    elif case.scenario == "delete":
+        st = ckptguard.Store(root)
+        names, latest = {i.name for i in st.list()}, st.latest_name()
+        outcome = "gone" if "b" not in names else "kept" if latest == "b" else "unlatest"
+        seen["outcome"] = outcome
+        assert outcome == case.expect, f"b is {outcome}, expected {case.expect}"
+        check_store(root, {"a"} if outcome == "gone" else {"a", "b"}, latest)
+        if outcome != "gone":  # the retry completes it
+            st.delete("b")
+        check_store(root, {"a"}, "a")
+    else:
+        dst, src = root / "dst", root / "src"
+        st = ckptguard.Store(dst)
+        names, latest = {i.name for i in st.list()}, st.latest_name()
+        outcome = "absent" if "b" not in names else "latest" if latest == "b" else "visible"
+        seen["outcome"] = outcome
+        assert outcome == case.expect, f"b in DST is {outcome}, expected {case.expect}"
+        check_store(dst, {"a"} if outcome == "absent" else {"a", "b"}, latest)
+        check_store(src, {"a", "b"}, "b")  # the source is never changed
+        drain(src, dst)  # the retry completes it
+        check_store(dst, {"a", "b"}, "b")
+        assert ckptguard.load(dst / "b")["seed"] == 2
+    return outcome, ranks
+
+
+_SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
+    "save": _mpi,
+    "overwrite": _mpi,
+    "agent": _agent,
+    "gc": _single,
+    "delete": _single,
+    "drain": _single,
+}
