@@ -35,12 +35,15 @@ test: lint native test-native slurm
 	$(PY) -m pytest -q
 
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
-# `make test` runs a subset). Writes the counts to build/faults-summary.md and .json.
+# `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then
+# 100,000 fuzzed inputs across the parsers and decoders (tests/fuzz/run.py; atheris if it installs).
 # docs/reliability.md.
 faults: install-test
 	@mkdir -p build
 	CKPTGUARD_FAULTS=all CKPTGUARD_FAULTS_SUMMARY=build/faults-summary \
 	  $(PY) -m pytest -q tests/test_fault_matrix.py
+	$(PIP) atheris || echo "faults: atheris did not install; the fuzzer uses its seeded mutator"
+	$(PY) tests/fuzz/run.py --inputs 100000
 
 # A real single-node Slurm cluster (Debian's slurm-wlm + munge) for the srun tests; needs root and
 # apt-get, elsewhere those tests skip (and fail under CI=true). slurm/README.md.
