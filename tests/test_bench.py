@@ -12,11 +12,20 @@ from click.testing import CliRunner
 
 from ckptguard.bench import parse_size
 from ckptguard.bench.cli import bench
+from ckptguard.bench.comm import (
+    MPI_ENV,
+    choose_launcher,
+    launch_command,
+    make_comm,
+    slurm_task,
+    under_mpi,
+)
 from ckptguard.bench.disk import make_cold, tree_bytes
 from ckptguard.bench.engines import Engine, TorchSave, select_engines
+from ckptguard.bench.limits import fresh_host_copy_seconds, gpu_copy_limits
 from ckptguard.bench.report import markdown, write_reports
 from ckptguard.bench.runner import BenchConfig, Runner
-from ckptguard.bench.stats import METRICS, summarize
+from ckptguard.bench.stats import LOWER_IS_BETTER, METRICS, summarize, summarize_limits
 from ckptguard.bench.treeutil import compare, flatten
 from ckptguard.bench.units import format_bytes
 from ckptguard.bench.workloads import make_workload
@@ -100,6 +109,8 @@ def _trial(
     durable: float,
     load: float,
     stored: int = 100,
+    rss: int = 1000,
+    pinned: int = 100,
 ) -> dict:
     return {
         "workload": "w",
@@ -112,6 +123,11 @@ def _trial(
         "durable_s": durable,
         "load_s": load,
         "stored_bytes": stored,
+        "save_peak_rss_bytes": rss,
+        "load_peak_rss_bytes": 2 * rss,
+        "save_extra_rss_bytes": rss // 10,
+        "load_extra_rss_bytes": rss // 5,
+        "pinned_peak_bytes": pinned,
         "verified": True,
         "wall_s": 1.0,
     }
@@ -136,12 +152,12 @@ def test_summary_medians_and_ratios_come_from_the_trials() -> None:
             {"limit": "memcpy", "bytes": 1, "gbps": 10.0, "seconds": 1},
         ],
         "trials": [
-            _trial("peer-a", "peer", 0, 4.0, 4.0, 2.0),
-            _trial("peer-a", "peer", 1, 6.0, 6.0, 3.0),
-            _trial("peer-a", "peer", 2, 5.0, 5.0, 4.0),
-            _trial("peer-b", "peer", 0, 8.0, 8.0, 1.0),
-            _trial("mine", "ckptguard", 0, 0.5, 2.0, 1.0, stored=50),
-            _trial("mine", "ckptguard", 1, 0.5, 3.0, 1.0, stored=50),
+            _trial("peer-a", "peer", 0, 4.0, 4.0, 2.0, rss=2000, pinned=800),
+            _trial("peer-a", "peer", 1, 6.0, 6.0, 3.0, rss=3000, pinned=800),
+            _trial("peer-a", "peer", 2, 5.0, 5.0, 4.0, rss=2500, pinned=800),
+            _trial("peer-b", "peer", 0, 8.0, 8.0, 1.0, rss=1000, pinned=400),
+            _trial("mine", "ckptguard", 0, 0.5, 2.0, 1.0, stored=50, rss=1000, pinned=200),
+            _trial("mine", "ckptguard", 1, 0.5, 3.0, 1.0, stored=50, rss=2000, pinned=200),
             {**_trial("mine", "ckptguard", 2, 0.5, 3.0, 1.0), "error": "boom"},
         ],
     }
@@ -164,8 +180,164 @@ def test_summary_medians_and_ratios_come_from_the_trials() -> None:
     assert mine["vs_limit"]["load"] == pytest.approx(1.0 / 4.0)
     assert mine["vs_limit"]["stall"] == pytest.approx((1.0 / 0.5) / 10.0)
     assert a["metrics"]["save_gbps"]["median"] == pytest.approx(1.0 / 5.0)
+    # peak RSS and pinned memory are lower-is-better figures: best peer and ratio from the trials
+    assert set(mine["vs_best_peer"]) == set(LOWER_IS_BETTER)
+    assert s["best_peer"]["w"]["save_peak_rss_bytes"] == {"engine": "peer-b", "value": 1000}
+    assert s["best_peer"]["w"]["load_peak_rss_bytes"] == {"engine": "peer-b", "value": 2000}
+    assert mine["vs_best_peer"]["save_peak_rss_bytes"] == pytest.approx(1500 / 1000)
+    assert mine["vs_best_peer"]["save_extra_rss_bytes"] == pytest.approx(150 / 100)
+    assert mine["vs_best_peer"]["pinned_peak_bytes"] == pytest.approx(200 / 400)
+    assert a["vs_best_peer"]["save_peak_rss_bytes"] == pytest.approx(2500 / 1000)
+    assert mine["vs_best_peer"]["load_s"] == pytest.approx(1.0 / 1.0)
+    # the stall over the capture floor: 1 GB at the memcpy limit of 10 GB/s is 0.1 s
+    assert mine["capture_floor_s"] == pytest.approx(0.1)
+    assert mine["stall_vs_floor"] == pytest.approx(0.5 / 0.1)
+    assert a["stall_vs_floor"] == pytest.approx(5.0 / 0.1)
     md = markdown({**results, "summary": s, "config": {}, "complete": True})
     assert "| mine (async) |" in md and "peer-a" in md and "write_fsync_2f" in md
+    assert "**w, ratios**" in md and "stall ÷ capture floor (memcpy: 0.100 s)" in md
+    for head in ("stall ÷ best", "cold load ÷ best", "stored ÷ best", "pinned ÷ best"):
+        assert head in md
+    assert "peak RSS save/load ÷ best" in md and "| *best peer* | peer-a 5.00 s |" in md
+    ratios = md[md.index("**w, ratios**") :]
+    row = next(line for line in ratios.splitlines() if line.startswith("| mine (async) |"))
+    # stall/best, stall/floor, durable, load, stored, peak RSS save/load, extra RSS, pinned
+    assert row.split(" | ")[1:] == [
+        "0.10×",
+        "5.00×",
+        "0.50×",
+        "1.00×",
+        "0.50×",
+        "1.50× / 1.50×",
+        "1.50× / 1.50×",
+        "0.50× |",
+    ]
+
+
+def test_a_best_peer_of_zero_gives_no_ratio() -> None:
+    trials = [
+        _trial("peer", "peer", 0, 1.0, 1.0, 1.0, pinned=0),
+        _trial("mine", "ckptguard", 0, 1.0, 1.0, 1.0, pinned=100),
+    ]
+    s = summarize({"workloads": {"w": {"logical_bytes": 10}}, "limits": [], "trials": trials})
+    mine = next(r for r in s["engines"] if r["engine"] == "mine")
+    assert mine["vs_best_peer"]["pinned_peak_bytes"] is None
+    assert mine["vs_best_peer"]["durable_s"] == pytest.approx(1.0)
+    assert mine["stall_vs_floor"] is None  # no capture limit measured
+
+
+def test_pageable_limits_are_labelled_fresh_and_reused() -> None:
+    limits = [
+        {"limit": "d2h_pageable", "bytes": 8, "gbps": 14.0, "seconds": 1, "how": "reused"},
+        {"limit": "d2h_pageable_fresh", "bytes": 8, "gbps": 1.06, "seconds": 1, "how": "fresh"},
+    ]
+    per = summarize_limits(limits)["per_limit"]
+    assert per["d2h_pageable"]["how"] == "reused" and per["d2h_pageable_fresh"]["how"] == "fresh"
+    md = markdown({"summary": {"limits": {"per_limit": per}}, "config": {}})
+    assert "| d2h_pageable_fresh | 1.06 | 8 B | fresh |" in md
+
+
+def test_fresh_host_copy_and_the_cpu_skip_path() -> None:
+    src = torch.arange(1 << 20, dtype=torch.int32)
+    calls: list[int] = []
+    secs = fresh_host_copy_seconds(src, 3, lambda: calls.append(1))
+    assert secs > 0 and len(calls) == 6  # synchronized before and after each copy
+    if not torch.cuda.is_available():
+        assert gpu_copy_limits(1 << 20, 1 << 20) == []
+
+
+def test_launcher_choice() -> None:
+    both = {"srun": "/usr/bin/srun", "mpiexec": "/venv/bin/mpiexec"}
+    in_job = {"SLURM_JOB_ID": "42"}
+    assert choose_launcher("auto", in_job, both) == ("srun", "/usr/bin/srun")
+    assert choose_launcher("auto", {}, both) == ("mpiexec", "/venv/bin/mpiexec")
+    assert choose_launcher("auto", in_job, {**both, "srun": None})[0] == "mpiexec"
+    assert choose_launcher("mpiexec", in_job, both)[0] == "mpiexec"
+    assert choose_launcher("srun", {}, both)[0] == "srun"  # srun may allocate a job itself
+    with pytest.raises(ValueError, match="srun is not on PATH"):
+        choose_launcher("srun", in_job, {"srun": None, "mpiexec": "/m"})
+    with pytest.raises(ValueError, match="needs mpiexec"):
+        choose_launcher("auto", {}, {"srun": "/usr/bin/srun", "mpiexec": None})
+    with pytest.raises(ValueError, match="unknown launcher"):
+        choose_launcher("torchrun", {}, both)
+    cmd = launch_command("srun", "/usr/bin/srun", 4, ["--size", "1024"], python="py")
+    assert cmd == ["/usr/bin/srun", "-n", "4", "--mpi=pmi2", "py", "-m", "ckptguard.bench"] + [
+        "--size",
+        "1024",
+    ]
+    assert launch_command("mpiexec", "/m", 2, [], python="py") == [
+        "/m",
+        "-n",
+        "2",
+        "py",
+        "-m",
+        "ckptguard.bench",
+    ]
+
+
+def test_slurm_task_detection() -> None:
+    step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "2", "SLURM_NTASKS": "4"}
+    assert slurm_task({**step, "SLURM_STEP_NUM_TASKS": "4"}) == (2, 4)
+    assert under_mpi({**step, "SLURM_STEP_NUM_TASKS": "4"})
+    # a batch script or salloc shell has SLURM_PROCID and SLURM_NTASKS but is not a rank
+    batch = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
+    assert slurm_task(batch) is None and not under_mpi(batch)
+    assert under_mpi({"PMI_RANK": "0"}) and not under_mpi({})
+
+
+def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in (*MPI_ENV, "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_srun_tasks_without_an_mpi_world_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    _no_launcher_env(monkeypatch)
+    assert type(make_comm()).__name__ == "LocalComm"
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert type(make_comm()).__name__ == "LocalComm"  # one srun task runs alone, without MPI
+    # four srun tasks without PMI: each would run the whole benchmark alone (own process: MPI init)
+    env = {**os.environ, "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}
+    code = "from ckptguard.bench.comm import make_comm; make_comm()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    why = ("no MPI world", "mpi4py does not import")  # the second where ckptguard[mpi] is absent
+    assert proc.returncode != 0 and any(w in proc.stderr for w in why), proc.stderr[-2000:]
+
+
+def test_ranks_relaunch_under_srun_in_an_allocation(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckptguard.bench.cli as cli
+
+    _no_launcher_env(monkeypatch)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    args = ["--ranks", "2", "--size", "64KiB", "--no-load", "--out", str(tmp_path)]
+    r = CliRunner().invoke(bench, args)
+    assert r.exit_code == 0, r.output
+    cmd = launched[-1]
+    assert cmd[:4] == ["/opt/bin/srun", "-n", "2", "--mpi=pmi2"]
+    assert cmd[5:7] == ["-m", "ckptguard.bench"] and "--no-load" in cmd
+    assert cmd[cmd.index("--size") + 1] == str(64 << 10)
+    r = CliRunner().invoke(bench, [*args, "--launcher", "mpiexec"])
+    assert r.exit_code == 0 and launched[-1][:3] == ["/opt/bin/mpiexec", "-n", "2"]
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    r = CliRunner().invoke(bench, [*args, "--launcher", "srun"])
+    assert r.exit_code != 0 and "srun is not on PATH" in r.output
+
+
+def test_default_engines_include_the_async_modes() -> None:
+    ids = [e.id for e in select_engines("all")]
+    for want in ("ckptguard-async", "ckptguard-async-stream", "dcp.async_save+cached"):
+        assert want in ids
+    assert bench.params[[p.name for p in bench.params].index("engines")].default == "all"
 
 
 class _Broken(Engine):
@@ -214,8 +386,21 @@ def test_runner_rotates_records_errors_and_verifies(tmp_path: os.PathLike) -> No
 def test_time_budget_skips_and_says_so(tmp_path: os.PathLike) -> None:
     cfg = _tiny_cfg(tmp_path, budget_s=1e-9, workloads=["small"], size=64 << 10)
     res = Runner(cfg, [TorchSave()]).run()
-    assert res["complete"]
+    assert res["complete"] and not res["trials"] and not res["workloads"]  # not even generated
     assert any(s.get("reason", "").startswith("time budget") for s in res["skipped"])
+    assert "skipped torch.save (small, all trials): time budget" in markdown(res)
+
+
+def test_time_budget_skips_trials_estimated_to_end_past_it(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _tiny_cfg(tmp_path, budget_s=1e4, workloads=["small"], size=64 << 10, trials=1)
+    runner = Runner(cfg, select_engines("torch.save,safetensors"))
+    monkeypatch.setattr(runner, "_estimate", lambda eng, w: 1e5 if eng.id == "torch.save" else 0)
+    res = runner.run()
+    assert [t["engine"] for t in res["trials"]] == ["safetensors"]
+    skip = next(s for s in res["skipped"] if s["engine"] == "torch.save")
+    assert skip["workload"] == "small" and skip["trial"] == 0
 
 
 def test_load_only_for_chosen_engines(tmp_path: os.PathLike) -> None:

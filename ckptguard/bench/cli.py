@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .comm import LocalComm, make_comm, under_mpi
+from .comm import LAUNCHERS, LocalComm, choose_launcher, launch_command, make_comm, under_mpi
 from .units import parse_size
 from .workloads import WORKLOADS
 
@@ -36,11 +36,20 @@ def _device(name: str) -> str:
     return "cuda:0" if name == "cuda" else name
 
 
-def _relaunch_under_mpi(ranks: int) -> None:
-    """Run this same command as ``mpiexec -n RANKS python -m ckptguard.bench ...``."""
-    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(mpiexec):
-        raise click.ClickException("--ranks > 1 needs mpiexec on PATH (pip install mpich)")
+def _relaunch(ranks: int, launcher: str) -> None:
+    """Run this same command as N ranks of ``python -m ckptguard.bench ...``: under
+    ``srun -n N --mpi=pmi2`` inside a Slurm allocation (or with ``--launcher srun``), else under
+    ``mpiexec -n N``."""
+    venv_mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = {
+        "srun": shutil.which("srun"),
+        "mpiexec": shutil.which("mpiexec")
+        or (venv_mpiexec if os.path.exists(venv_mpiexec) else None),
+    }
+    try:
+        name, path = choose_launcher(launcher, os.environ, found)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     ctx = click.get_current_context()
     args: list[str] = []
     for p in ctx.command.params:
@@ -52,9 +61,8 @@ def _relaunch_under_mpi(ranks: int) -> None:
             if value:
                 args.append(flag)
         else:
-            raw = ctx.params.get(p.name)
-            args += [flag, str(raw)]
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "ckptguard.bench", *args]
+            args += [flag, str(value)]
+    cmd = launch_command(name, path, ranks, args)
     click.echo("launching: " + " ".join(cmd), err=True)
     raise SystemExit(subprocess.call(cmd))
 
@@ -112,7 +120,15 @@ def _render(path: str, out: str, json_only: bool) -> None:
     default=1,
     show_default=True,
     type=click.IntRange(1),
-    help="Run under mpiexec -n N (engines that cannot run on N ranks say why).",
+    help="Run as N ranks: under srun inside a Slurm allocation, else mpiexec (see --launcher).",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="auto",
+    show_default=True,
+    help="For --ranks > 1: auto (srun -n N --mpi=pmi2 when SLURM_JOB_ID is set and srun is on "
+    "PATH, else mpiexec -n N), mpiexec or srun.",
 )
 @click.option(
     "--device",
@@ -137,7 +153,9 @@ def _render(path: str, out: str, json_only: bool) -> None:
     "--budget",
     type=float,
     default=0.0,
-    help="Seconds: skip engine trials that would end past this (0: no limit).",
+    help="Seconds from the start of the run (imports before it and the reports after it not "
+    "counted): engine trials estimated to end past it are skipped and listed, as are workloads "
+    "not started by then (0: no limit).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-load", is_flag=True, help="Measure saves only.")
@@ -161,6 +179,7 @@ def bench(
     workloads: str,
     engines: str,
     ranks: int,
+    launcher: str,
     device: str,
     limit_size: int | None,
     limit_trials: int,
@@ -182,12 +201,15 @@ def bench(
         _render(render, out, json_only)
         return
     if ranks > 1 and not under_mpi():
-        _relaunch_under_mpi(ranks)
+        _relaunch(ranks, launcher)
     from .engines import select_engines
     from .report import markdown, write_reports
     from .runner import BenchConfig, Runner
 
-    comm = make_comm()
+    try:
+        comm = make_comm()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     if comm.size != ranks and comm.rank == 0:
         click.echo(f"note: running on {comm.size} rank(s) as launched", err=True)
     wl = [w.strip() for w in workloads.split(",") if w.strip()]

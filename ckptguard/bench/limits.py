@@ -4,7 +4,10 @@
   incompressible bytes, fsync of each file and the directory inside the timing);
 - cold sequential read of those files (page cache dropped first; the method is recorded);
 - host memory copy (the floor of a capture on CPU);
-- on a GPU: pinned and pageable device-to-host and host-to-device copies.
+- on a GPU: pinned and pageable device-to-host and host-to-device copies into (from) a host buffer
+  allocated once and reused (pages faulted in before timing), and a device-to-host copy into
+  freshly allocated, untouched pageable memory each time (what ``t.cpu()`` does: the page faults
+  are part of the copy).
 
 Rates are logical bytes per second of wall time, in GB/s (10^9).
 """
@@ -125,13 +128,48 @@ def memcpy_limit(nbytes: int, reps: int = 3) -> dict[str, Any]:
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.zeros(nbytes, dtype=torch.uint8)
     dt = _best_of(lambda: dst.copy_(src), reps)
-    return {"limit": "memcpy", "bytes": nbytes, "seconds": dt, "gbps": _rate(nbytes, dt)}
+    return {
+        "limit": "memcpy",
+        "bytes": nbytes,
+        "seconds": dt,
+        "gbps": _rate(nbytes, dt),
+        "how": "copy_ between two pre-faulted host buffers",
+    }
+
+
+HOW = {
+    "pinned": "pinned host buffer, allocated once and reused",
+    "pageable": "pageable host buffer, allocated once, pre-faulted and reused",
+    "pageable_fresh": "fresh pageable allocation per copy, untouched (t.cpu())",
+}
+
+
+def fresh_host_copy_seconds(src: Any, reps: int, sync: Any) -> float:
+    """Median seconds of copying ``src`` into newly allocated, untouched pageable host memory
+    (``src.to("cpu", copy=True)``, as ``t.cpu()`` does), the copy freed before the next one.
+
+    Each copy gets fresh pages from the allocator (blocks this large are mmap'ed and unmapped on
+    free), so the page faults of the destination are timed along with the transfer.
+    """
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        host = src.to("cpu", copy=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        del host
+    return statistics.median(times)
 
 
 def gpu_copy_limits(nbytes: int, pageable_bytes: int, reps: int = 3) -> list[dict[str, Any]]:
-    """Pinned and pageable device-to-host and host-to-device copy rates on cuda:0."""
+    """Pinned and pageable device-to-host and host-to-device copy rates on cuda:0, and the
+    device-to-host rate into a fresh pageable allocation; [] without CUDA."""
     import torch
 
+    if not torch.cuda.is_available():
+        return []
+    pageable_bytes = min(pageable_bytes, nbytes)  # copies are of slices of one device buffer
     out = []
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dev.fill_(1)
@@ -158,9 +196,21 @@ def gpu_copy_limits(nbytes: int, pageable_bytes: int, reps: int = 3) -> list[dic
                     "bytes": n,
                     "seconds": dt,
                     "gbps": _rate(n, dt),
+                    "how": HOW[kind],
                 }
             )
         del host
+    if pageable_bytes > 0:  # no warm-up: every copy's destination is new memory
+        dt = fresh_host_copy_seconds(dev[:pageable_bytes], reps, torch.cuda.synchronize)
+        out.append(
+            {
+                "limit": "d2h_pageable_fresh",
+                "bytes": pageable_bytes,
+                "seconds": dt,
+                "gbps": _rate(pageable_bytes, dt),
+                "how": HOW["pageable_fresh"],
+            }
+        )
     del dev
     torch.cuda.empty_cache()
     return out

@@ -52,6 +52,63 @@ def _machine_line(m: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+# The ratios table: (heading, figures): one figure is a ratio to the best peer, two are save/load.
+_RATIO_COLUMNS = (
+    ("stall", ("stall_s",)),
+    ("durable", ("durable_s",)),
+    ("cold load", ("load_s",)),
+    ("stored", ("stored_bytes",)),
+    ("peak RSS save/load", ("save_peak_rss_bytes", "load_peak_rss_bytes")),
+    ("extra RSS save/load", ("save_extra_rss_bytes", "load_extra_rss_bytes")),
+    ("pinned", ("pinned_peak_bytes",)),
+)
+
+
+def _best(bp: dict[str, Any], metrics: tuple[str, ...]) -> str:
+    """The best peers' medians, ``engine value``; a pair by one engine names it once."""
+    cells, engines = [], []
+    for m in metrics:
+        b = bp.get(m)
+        if not b:
+            cells.append("-")
+            continue
+        v = f"{b['value']:.2f} s" if m.endswith("_s") else format_bytes(b["value"])
+        cells.append(v if engines and engines[-1] == b["engine"] else f"{b['engine']} {v}")
+        engines.append(b["engine"])
+    return " / ".join(cells)
+
+
+def _ratio_table(
+    wname: str, rows: list[dict[str, Any]], bp: dict[str, Any], lim: dict[str, Any]
+) -> list[str]:
+    """Per engine: each lower-is-better figure over the best peer's, and the stall over the
+    capture floor (one copy of the state at the capture limit)."""
+    rows = [r for r in rows if r["ok_trials"]]
+    if not rows:
+        return []
+    floor = rows[0].get("capture_floor_s")
+    cap = lim.get("capture_from")
+    floor_head = f"stall ÷ capture floor ({cap}: {floor:.3f} s)" if floor else "stall ÷ floor"
+    heads = [f"{h} ÷ best" for h, _ in _RATIO_COLUMNS]
+    lines = [
+        f"**{wname}, ratios**: medians over the best peer's median for each figure (lower is "
+        "better; - where there is no peer figure or it is 0)",
+        "",
+        "| engine | " + " | ".join([heads[0], floor_head, *heads[1:]]) + " |",
+        "|---" * (len(heads) + 2) + "|",
+    ]
+    best = [_best(bp, ms) for _, ms in _RATIO_COLUMNS]
+    lines.append("| *best peer* | " + " | ".join([best[0], "", *best[1:]]) + " |")
+    for r in rows:
+        vb = r.get("vs_best_peer", {})
+        cells = [" / ".join(_x(vb.get(m)) for m in ms) for _, ms in _RATIO_COLUMNS]
+        cells.insert(1, _x(r.get("stall_vs_floor")))
+        name = r["engine"] + (" (async)" if r["asynchronous"] else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The run as Markdown: machine, limits, one table per workload, skips and notes."""
     summ = results.get("summary") or {}
@@ -70,12 +127,12 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "**Machine limits** (same run, same directory)",
         "",
-        "| limit | GB/s | bytes | cache |",
+        "| limit | GB/s | bytes | cache / how |",
         "|---|---|---|---|",
     ]
     for k, v in lim.get("per_limit", {}).items():
-        cache = ", ".join(v.get("cache", [])) or ""
-        lines.append(f"| {k} | {_s(v)} | {format_bytes(v.get('bytes'))} | {cache} |")
+        how = ", ".join(v.get("cache", [])) or v.get("how", "")
+        lines.append(f"| {k} | {_s(v)} | {format_bytes(v.get('bytes'))} | {how} |")
     lines.append("")
     rows = summ.get("engines", [])
     for wname, meta in results.get("workloads", {}).items():
@@ -125,10 +182,12 @@ def markdown(results: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
+        lines += _ratio_table(wname, [r for r in rows if r["workload"] == wname], bp, lim)
     notes = [f"- {r['engine']}: {r['note']}" for r in rows if r.get("note")]
     notes = list(dict.fromkeys(notes))
     for s in results.get("skipped", []):
-        where = f" ({s['workload']} trial {s['trial'] + 1})" if "workload" in s else ""
+        where = f" ({s['workload']} trial {s['trial'] + 1})" if "trial" in s else ""
+        where = where or (f" ({s['workload']}, all trials)" if "workload" in s else "")
         notes.append(f"- skipped {s['engine']}{where}: {s['reason']}")
     notes += [f"- {n}" for n in results.get("notes", [])]
     if cfg.get("load_engines") is not None:
@@ -148,6 +207,11 @@ def markdown(results: dict[str, Any]) -> str:
         "- stall: time the caller is blocked (synchronous engines: until durable, since the "
         "caller must also fsync); durable: all data fsynced and visible; % limits: logical GB/s "
         "over the best write-with-fsync / cold-read rate above; peers fsync via the harness."
+    )
+    notes.append(
+        "- ratios: each figure's median over the lowest median among the peers (the *best peer* "
+        "row); capture floor: the workload's bytes copied once at the capture limit (d2h_pinned "
+        "on a GPU, else memcpy); extra RSS: peak RSS during the save or load minus RSS before it."
     )
     if not results.get("complete", False):
         notes.append("- PARTIAL: the run did not finish; these are the trials done so far.")

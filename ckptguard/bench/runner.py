@@ -324,6 +324,17 @@ class Runner:
             self.log(f"limits, trial {t + 1}/{cfg.limit_trials}")
             self.measure_limits(t)
         for wname in cfg.workloads:
+            if self._over_budget(0.0):  # not even worth generating the state
+                for eng in runnable:
+                    self.results["skipped"].append(
+                        {
+                            "engine": eng.id,
+                            "workload": wname,
+                            "reason": f"time budget of {cfg.budget_s:.0f} s spent before it",
+                        }
+                    )
+                self.log(f"workload {wname}: skipped (time budget spent)")
+                continue
             t0 = time.perf_counter()
             w = make_workload(wname, cfg.size, cfg.device, cfg.seed, comm.rank, comm.size)
             _sync(cfg.device)

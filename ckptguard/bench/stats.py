@@ -22,7 +22,19 @@ METRICS = (
     "load_peak_rss_bytes",
     "pinned_peak_bytes",
 )
-LOWER_IS_BETTER = ("stall_s", "durable_s", "load_s", "stored_bytes")
+# Figures where less is better: each gets a ratio to the best (lowest) peer. A best peer of 0 (e.g.
+# no pinned memory) gives no ratio (None).
+LOWER_IS_BETTER = (
+    "stall_s",
+    "durable_s",
+    "load_s",
+    "stored_bytes",
+    "save_peak_rss_bytes",
+    "load_peak_rss_bytes",
+    "save_extra_rss_bytes",
+    "load_extra_rss_bytes",
+    "pinned_peak_bytes",
+)
 
 
 def spread(values: list[float]) -> dict[str, float] | None:
@@ -48,6 +60,9 @@ def summarize_limits(limits: list[dict[str, Any]]) -> dict[str, Any]:
         methods = sorted({e["cache"]["method"] for e in rows if "cache" in e})
         if methods:
             per[k]["cache"] = methods
+        how = next((e["how"] for e in rows if e.get("how")), None)
+        if how:
+            per[k]["how"] = how
 
     def best(prefix: str) -> tuple[str | None, float | None]:
         cands = [(k, v["median"]) for k, v in per.items() if k.startswith(prefix)]
@@ -144,12 +159,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         r["vs_best_peer"] = {
             m: _ratio(med[m], bp[m]["value"]) if m in bp else None for m in LOWER_IS_BETTER
         }
-        stall_gbps = _ratio(
-            results["workloads"].get(r["workload"], {}).get("logical_bytes"), med["stall_s"]
-        )
+        logical = results["workloads"].get(r["workload"], {}).get("logical_bytes")
+        stall_gbps = _ratio(logical, med["stall_s"])
         r["vs_limit"] = {
             "save": _ratio(med["save_gbps"], lim["write_gbps"]),
             "load": _ratio(med["load_gbps"], lim["read_gbps"]),
             "stall": _ratio(stall_gbps / 1e9 if stall_gbps else None, lim["capture_gbps"]),
         }
+        # the capture floor: the state copied once at the capture limit (pinned D2H, or memcpy)
+        floor_s = _ratio(logical / 1e9 if logical else None, lim["capture_gbps"])
+        r["capture_floor_s"] = floor_s
+        r["stall_vs_floor"] = _ratio(med["stall_s"], floor_s)
     return {"limits": lim, "engines": rows, "best_peer": best_peer}
