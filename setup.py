@@ -101,10 +101,11 @@ class OptionalBuildExt(build_ext):
             super().copy_extensions_to_source()
 
     def _give_up(self, e: Exception) -> None:
+        why = f"build failed ({type(e).__name__}: {e})"
         if REQUIRED:
-            raise
+            raise SystemExit(f"error: CKPTGUARD_NATIVE=1 but the native extension's {why}") from e
         self._failed = True
-        _warn(f"build failed ({type(e).__name__}: {e}); ckptguard will use the pure-Python path")
+        _warn(f"{why}; ckptguard will use the pure-Python path")
 
 
 def _extensions() -> list[Extension]:
@@ -116,12 +117,14 @@ def _extensions() -> list[Extension]:
     if missing:
         msg = (
             f"{', '.join(missing)} not found; install liblz4-dev and libxxhash-dev "
-            "(Debian/Ubuntu), lz4-devel and xxhash-devel (RHEL), or see docs/native.md; "
-            "ckptguard will use the pure-Python path"
+            "(Debian/Ubuntu), lz4-devel and xxhash-devel (RHEL), or see docs/native.md"
         )
         if REQUIRED:
-            raise SystemExit(f"error: CKPTGUARD_NATIVE=1 but {msg}")
-        _warn(msg)
+            raise SystemExit(
+                f"error: CKPTGUARD_NATIVE=1 but {msg} (unset CKPTGUARD_NATIVE to install "
+                "without the extension)"
+            )
+        _warn(f"{msg}; ckptguard will use the pure-Python path")
         return []
     system = ("/usr/lib", "/usr/lib64", "/lib", "/lib64")
     rpath = [d for d in lib if not d.startswith(system)]

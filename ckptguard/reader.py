@@ -1,11 +1,15 @@
 """Safe reader of one committed checkpoint: every size, offset and hash checked before use (I5, I6).
 
 Files are opened relative to the checkpoint directory with O_NOFOLLOW, by names the format allows,
-so nothing outside the directory is ever read.
+so nothing outside the directory is ever read. Bytes that are wrong raise CorruptCheckpointError;
+bytes that cannot be read (permission denied, EIO, ...) raise the StoreError of
+``errors.from_oserror`` with the file's path (and its name as ``file``): the checkpoint may well be
+intact.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -21,6 +25,7 @@ from .errors import (
     CorruptCheckpointError,
     FormatVersionError,
     StoreError,
+    from_oserror,
 )
 from .format import index, manifest
 from .format.datafile import (
@@ -136,13 +141,28 @@ class CheckpointReader:
     def corrupt(self, msg: str, **where) -> CorruptCheckpointError:
         return CorruptCheckpointError(msg, path=self.path, **where)
 
-    def _read_whole(self, name: str, limit: int, exact: bool = False) -> bytes:
+    def io_error(self, e: OSError, name: str, action: str = "cannot read") -> StoreError:
+        """The typed error of an OSError on file ``name`` of this checkpoint (not corruption:
+        its bytes could not be read); ``path`` is the file's, ``file`` its name."""
+        err = from_oserror(e, os.path.join(self.path, name), action)
+        err.file = name  # type: ignore[attr-defined]  # named like CorruptCheckpointError.file
+        return err
+
+    def _open_checked(self, name: str, what: str) -> int:
+        """os.open a file of the checkpoint safely; FileNotFoundError is left to the caller."""
         try:
-            fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+            return os.open(name, _FLAGS, dir_fd=self.dir_fd)
         except FileNotFoundError:
             raise
-        except OSError as e:  # ELOOP: a symlink where a file must be
-            raise self.corrupt(f"cannot be opened safely: {e.strerror}", file=name) from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink where a file must be
+                raise self.corrupt(
+                    f"{what}cannot be opened safely: {e.strerror}", file=name
+                ) from None
+            raise self.io_error(e, name, "cannot open") from None
+
+    def _read_whole(self, name: str, limit: int, exact: bool = False) -> bytes:
+        fd = self._open_checked(name, "")
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -153,7 +173,10 @@ class CheckpointReader:
                     f"{'exactly' if exact else 'at most'} {limit})",
                     file=name,
                 )
-            data = pread_exact(fd, st.st_size, 0)
+            try:
+                data = pread_exact(fd, st.st_size, 0)
+            except OSError as e:
+                raise self.io_error(e, name) from None
             if len(data) != st.st_size:
                 raise self.corrupt("file changed while being read", file=name)
             return data
@@ -170,9 +193,7 @@ class CheckpointReader:
             except FileNotFoundError:
                 raise self.corrupt("data file is missing", file=name) from None
             except OSError as e:
-                raise self.corrupt(
-                    f"data file cannot be checked: {e.strerror}", file=name
-                ) from None
+                raise self.io_error(e, name, "cannot stat") from None
             if not stat.S_ISREG(st.st_mode):
                 raise self.corrupt("data file is not a regular file", file=name)
             if st.st_size != self.files[name]:
@@ -184,18 +205,17 @@ class CheckpointReader:
     def open_file(self, name: str) -> int:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""
         try:
-            fd = os.open(name, _FLAGS, dir_fd=self.dir_fd)
+            fd = self._open_checked(name, "data file ")
         except FileNotFoundError:
             raise self.corrupt("data file is missing", file=name) from None
-        except OSError as e:  # ELOOP: a symlink where a file must be
-            raise self.corrupt(
-                f"data file cannot be opened safely: {e.strerror}", file=name
-            ) from None
         try:
             self._check_file(fd, name)
         except FormatError as e:
             os.close(fd)
             raise self.corrupt(str(e), file=name) from None
+        except OSError as e:
+            os.close(fd)
+            raise self.io_error(e, name) from None
         except BaseException:
             os.close(fd)
             raise
@@ -244,7 +264,8 @@ class CheckpointReader:
         self, fd: int, rows: list[Row], dest: Any, dest_offsets: list[int], verify: bool = True
     ) -> None:
         """Read, check and decode ``rows`` of one open file straight into ``dest`` (in parallel on
-        the native path); each row's raw bytes land at its ``dest_offsets`` entry."""
+        the native path); each row's raw bytes land at its ``dest_offsets`` entry. Bad bytes raise
+        CorruptCheckpointError, a failed read (EIO, ...) the StoreError naming the file."""
         items = [
             codec.ReadItem(
                 r.offset,
@@ -277,10 +298,15 @@ class CheckpointReader:
             raise self.corrupt(
                 what, file=r.file, key=r.key, chunk=r.chunk, offset=r.offset
             ) from None
+        except OSError as e:  # native and Python paths alike: errno and the file's path
+            raise self.io_error(e, rows[0].file) from None
 
     def read_chunk(self, fd: int, r: Row, verify: bool = True) -> bytes:
         where = {"file": r.file, "key": r.key, "chunk": r.chunk, "offset": r.offset}
-        buf = pread_exact(fd, r.extent - r.offset, r.offset)
+        try:
+            buf = pread_exact(fd, r.extent - r.offset, r.offset)
+        except OSError as e:
+            raise self.io_error(e, r.file) from None
         try:
             if len(buf) != r.extent - r.offset:
                 raise FormatError("record is truncated")

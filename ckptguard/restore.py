@@ -269,8 +269,9 @@ def verify_rows(
 ) -> None:
     """Check the data files named in ``parts`` (each opened and checked whole: header, footer
     against the index), then the given rows of each; add what is wrong to ``report``. A file that
-    cannot be opened gives one problem without a chunk, and its rows are skipped. ``progress``
-    counts the stored bytes of these rows."""
+    is missing or not a safe regular file gives one problem without a chunk, and its rows are
+    skipped; one that cannot be read (permission denied, EIO) raises the reader's StoreError, as
+    nothing is known of its bytes. ``progress`` counts the stored bytes of these rows."""
     total = sum(r.stored_len for _, rows in parts for r in rows)
     done = 0
     for name, rows in parts:

@@ -123,7 +123,8 @@ int ckg_open_direct(const char *path);
 void *ckg_aligned_alloc(size_t n);
 void ckg_aligned_free(void *p);
 
-/* Test hook: make the n-th next write (0 = the next) fail with errno err (0 disables). */
+/* Test hook: make the n-th next write or read (0 = the next; ckg_pwritev_all, ckg_pwrite_all
+ * and ckg_pread_all count alike) fail with errno err (0 disables). */
 void ckg_io_inject(int err, long after);
 
 #endif

@@ -1,4 +1,5 @@
-/* Positional I/O helpers: full writes and reads, O_DIRECT opening, aligned buffers. */
+/* Positional I/O helpers: full writes and reads, O_DIRECT opening, aligned buffers, and a fault
+ * hook for tests that fails the n-th next write or read with a given errno. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -58,6 +59,8 @@ int ckg_pwrite_all(int fd, const void *buf, size_t len, off_t off) {
 int ckg_pread_all(int fd, void *buf, size_t len, off_t off, size_t *got) {
     size_t done = 0;
     *got = 0;
+    int err = injected();
+    if (err) return err;
     while (done < len) {
         ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
         if (n < 0) {

@@ -262,6 +262,12 @@ static void test_pipelines(void) {
             memset(dst, 0, len);
             CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_OK);
             CHECK(memcmp(dst, buf, len) == 0);
+            if (threads == 1) { /* an injected read error: errno and the record's index */
+                ckg_io_inject(EIO, 1);
+                CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_IO && f.err == EIO &&
+                      f.index == 1);
+                ckg_io_inject(0, 0);
+            }
             ri[2].want.seq = 99;
             CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_MISMATCH && f.index == 2);
             ri[2].want.seq = 9;
