@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import independent_reader as ir  # noqa: E402
 
+pytest_plugins = ["slurmkit"]  # the `slurm` and `job` fixtures (tests/slurmkit.py)
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> str:

@@ -11,8 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import flip_byte
+from slurmkit import clean_env
 
 import ckptguard
 from ckptguard.cli import cli
@@ -61,17 +61,10 @@ ckptguard.save(state, sys.argv[1], step=5, chunk_size=4096, coordinator="mpi", t
 """
 
 
-def _env() -> dict[str, str]:
-    """This environment without Slurm's and PMI's variables (as tests/test_slurm.py): a launch
-    from a test inside a job must not join that job's step or MPI world."""
-    drop = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "PMI_", "PMIX_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-
-
 def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     cmd = [str(a) for a in args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
     print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
@@ -406,51 +399,7 @@ def test_mpiexec_errors_exit_2_everywhere(tmp_path: Path) -> None:
     assert res[0][2].startswith("error: no such checkpoint or store") and res[1][2] == ""
 
 
-# ---- under the real Slurm (skip-unless-cluster logic of tests/test_slurm.py) ----
-
-SLURM_TOOLS = ("sinfo", "srun", "scancel")
-UP = {"idle", "mix", "alloc", "comp"}
-
-
-def _unavailable(reason: str) -> None:
-    reason = f"{reason} (start one with `slurm/local-cluster.sh start`)"
-    if CI:
-        pytest.fail(f"no Slurm cluster in CI, where `make test` starts one: {reason}", False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def slurm() -> str:
-    """The cluster's default partition, once a node answers; skip (or fail in CI) otherwise."""
-    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None]
-    if missing:
-        _unavailable(f"{', '.join(missing)} not found")
-    try:
-        proc = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%P %t %a"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            env=_env(),
-        )
-    except subprocess.TimeoutExpired:
-        _unavailable("sinfo did not answer in 15 s")
-    if proc.returncode != 0:
-        _unavailable(f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-    up = [p for p, state, avail in rows if state in UP and avail == "up"]
-    if not up:
-        _unavailable(f"no node is up: sinfo says {proc.stdout.strip()!r}")
-    default = [p for p in up if p.endswith("*")]
-    return (default or up)[0].rstrip("*")
-
-
-@pytest.fixture
-def job(slurm: str) -> Iterator[list[str]]:
-    """Options for one test's jobs; any job of that name still alive at the end is cancelled."""
-    name = f"ckptguard-test-{uuid.uuid4().hex[:8]}"
-    yield [f"--partition={slurm}", f"--job-name={name}", "--time=1"]
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=15, env=_env())
+# ---- under the real Slurm (tests/slurmkit.py) ----
 
 
 def test_srun_verify_finds_a_flipped_byte(job: list[str], four: Path, tmp_path: Path) -> None:

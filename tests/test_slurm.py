@@ -5,85 +5,31 @@ cluster fails, since `make test` starts one."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from slurmkit import clean_env
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "slurm" / "train.sbatch"
-CI = os.environ.get("CI") == "true"
-TOOLS = ("sinfo", "srun", "sbatch", "scancel")
-UP = {"idle", "mix", "alloc", "comp"}  # sinfo %t of a node that answers and takes jobs
 TIMEOUT = 30  # seconds for one Slurm command
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def _unavailable(reason: str) -> None:
-    reason = f"{reason} (start one with `slurm/local-cluster.sh start`)"
-    if CI:
-        pytest.fail(f"no Slurm cluster in CI, where `make test` starts one: {reason}", False)
-    pytest.skip(reason)
-
-
-def _env() -> dict[str, str]:
-    """This environment without Slurm's and PMI's variables: when the tests themselves run inside
-    a Slurm job, srun would otherwise make a step of that job instead of a job of its own."""
-    drop = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "PMI_", "PMIX_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-
-
 def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     cmd = [str(a) for a in args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
     print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
     return proc
-
-
-@pytest.fixture(scope="module")
-def slurm() -> str:
-    """The cluster's default partition, once a node answers; skip (or fail in CI) otherwise."""
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        _unavailable(f"{', '.join(missing)} not found")
-    try:
-        proc = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%P %t %a"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            env=_env(),
-        )
-    except subprocess.TimeoutExpired:
-        _unavailable("sinfo did not answer in 15 s")
-    if proc.returncode != 0:
-        _unavailable(f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-    up = [p for p, state, avail in rows if state in UP and avail == "up"]
-    if not up:
-        _unavailable(f"no node is up: sinfo says {proc.stdout.strip()!r}")
-    default = [p for p in up if p.endswith("*")]
-    return (default or up)[0].rstrip("*")
-
-
-@pytest.fixture
-def job(slurm: str) -> Iterator[list[str]]:
-    """Options for one test's jobs: the partition, a unique name and a one-minute limit. Any job
-    of that name still alive at the end is cancelled."""
-    name = f"ckptguard-test-{uuid.uuid4().hex[:8]}"
-    yield [f"--partition={slurm}", f"--job-name={name}", "--time=1"]
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=15, env=_env())
 
 
 def _lines(out: str) -> list[list[str]]:
@@ -167,7 +113,7 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=clean_env(),
     )
     try:
         ready = tmp_path / "ready"
@@ -296,7 +242,7 @@ def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
     store = tmp_path / "store"
     base = ["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, SCENARIOS, "mpi"]
     assert _run([*base, "save", store, "old"], timeout=120).returncode == 0
-    env = {**_env(), "CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
+    env = {**clean_env(), "CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
     cmd = [str(c) for c in [*base, "fail", store, "new", "20"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
@@ -347,7 +293,7 @@ def test_a_dead_agent_ends_the_job_instead_of_hanging(job: list[str], tmp_path: 
     cmd += [sys.executable, trainer, "sleep", out]
     srun = subprocess.Popen(
         [str(c) for c in cmd],
-        env=_env(),
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
