@@ -17,7 +17,12 @@ import xxhash
 
 from .coord import Coordinator, current_rank
 from .coord import auto as coord_auto
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedObjectError
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsupportedObjectError,
+    from_oserror,
+)
 from .format.layout import LATEST, MANIFEST, split_path
 from .format.manifest import CheckpointInfo
 from .reader import CheckpointReader
@@ -141,7 +146,11 @@ def resolve(path: str | os.PathLike) -> str:
         return target
     if not os.path.isdir(p):
         raise CheckpointNotFoundError(f"no checkpoint or store at {p}")
-    looks_like_ckpt = any(n == "index.parquet" or n.endswith(".ckg") for n in os.listdir(p))
+    try:
+        names = os.listdir(p)
+    except OSError as e:  # e.g. a directory this process may not read
+        raise from_oserror(e, p, "cannot read") from None
+    looks_like_ckpt = any(n == "index.parquet" or n.endswith(".ckg") for n in names)
     if not looks_like_ckpt:
         raise CheckpointNotFoundError(
             f"{p} is neither a committed checkpoint nor a store with LATEST"

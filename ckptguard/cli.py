@@ -7,12 +7,13 @@ Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 import click
@@ -139,7 +140,11 @@ def ls_cmd(store: str) -> None:
     if not infos:
         click.echo(f"no committed checkpoints in {store}")
         return
-    latest = st.latest()
+    try:
+        latest = st.latest()
+    except CorruptCheckpointError as exc:  # still list what is there; verify exits 1 on it
+        latest = None
+        click.echo(f"warning: {exc}", err=True)
     table = Table(title=escape(f"store {os.path.abspath(store)}"), title_justify="left")
     for col, justify in [
         ("name", "left"),
@@ -238,14 +243,20 @@ def _is_checkpoint_dir(path: str) -> bool:
     )
 
 
-def _verify_targets(path: str, latest_only: bool) -> list[str]:
-    """The checkpoint directories that ``verify PATH`` checks."""
+def _verify_targets(path: str, latest_only: bool) -> tuple[list[str], list[str]]:
+    """The checkpoint directories that ``verify PATH`` checks, and the store's own problems
+    (a damaged LATEST, or one naming no committed checkpoint: format.md section 1)."""
     if _is_checkpoint_dir(path):
-        return [path]
+        return [path], []
     st = ckptguard.Store(path)
-    if latest_only:
+    try:
         info = st.latest()
-        return [] if info is None else [info.path]
+    except CorruptCheckpointError as exc:
+        info, problems = None, [f"FAIL {os.path.join(path, 'LATEST')}", f"  problem: {exc}"]
+    else:
+        problems = []
+    if latest_only:
+        return ([] if info is None else [info.path]), problems
     listed = [info.path for info in st.list()]
     # A directory with a manifest that the store does not list has a broken manifest: check it too.
     known = {os.path.realpath(p) for p in listed}
@@ -256,7 +267,7 @@ def _verify_targets(path: str, latest_only: bool) -> list[str]:
         and os.path.isfile(os.path.join(path, n, MANIFEST))
         and os.path.realpath(os.path.join(path, n)) not in known
     ]
-    return listed + hidden
+    return listed + hidden, problems
 
 
 def _problem_line(p: Problem) -> str:
@@ -339,9 +350,12 @@ def verify_cmd(path: str, latest_only: bool, parallel: bool) -> None:
 def _verify_paths(
     path: str, latest_only: bool, verify: Callable[..., ckptguard.VerifyReport], bar: bool
 ) -> None:
-    targets = _verify_targets(_require_dir(path, "checkpoint or store"), latest_only)
+    targets, problems = _verify_targets(_require_dir(path, "checkpoint or store"), latest_only)
+    if problems:
+        click.echo("\n".join(problems))
     if not targets:
-        click.echo(f"no committed checkpoints in {path}", err=True)
+        if not problems:
+            click.echo(f"no committed checkpoints in {path}", err=True)
         raise _Failed
     if bar:
         results = _verify_with_bar(targets)
@@ -353,7 +367,7 @@ def _verify_paths(
             results.append(ok)
     if len(results) > 1:
         click.echo(f"{results.count(True)} of {len(results)} checkpoints ok")
-    if not all(results):
+    if problems or not all(results):
         raise _Failed
 
 
@@ -402,6 +416,11 @@ def delete_cmd(store: str, name: str) -> None:
     click.echo(f"deleted {name}; LATEST is now {latest.name if latest else 'absent'}")
 
 
+@contextlib.contextmanager
+def _no_status(text: str) -> Iterator[None]:
+    yield
+
+
 @cli.command("restore")
 @click.argument("ckpt")
 @click.option(
@@ -425,10 +444,14 @@ def restore_cmd(ckpt: str, out: str, allow_pickle: bool) -> None:
         if info is None:
             raise ckptguard.CheckpointNotFoundError(f"no committed checkpoint in {source}")
         source = info.path
-    state = ckptguard.load(source, allow_pickle=allow_pickle)
+    con = _console()
+    status = con.status if con.is_terminal else _no_status
+    with status(f"loading and verifying {os.path.basename(source)}"):
+        state = ckptguard.load(source, allow_pickle=allow_pickle)
     tmp = f"{out}.tmp"
     try:
-        torch.save(state, tmp)
+        with status(f"writing {out}"):
+            torch.save(state, tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

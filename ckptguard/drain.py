@@ -38,9 +38,10 @@ import stat
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from .commit import _rename_into_place, new_staging, remove_tree, write_latest
@@ -48,8 +49,10 @@ from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CorruptCheckpointError,
     StoreError,
+    brief,
     from_oserror,
 )
 from .failpoints import failpoint
@@ -415,12 +418,6 @@ def _drain_one(
             final = os.path.join(dst_root, info.name)
             replaced = _rename_into_place(staging, final, overwrite)
             committed = True
-            fsync_dir(dst_root)
-            failpoint("drain.after_rename")
-            out = read_info(final)
-            _advance_latest(Store(dst_root), out)
-            if replaced:
-                remove_tree(staging)  # the replaced checkpoint now lives at the staging path
         except CheckpointError:
             raise
         except OSError as e:
@@ -429,7 +426,35 @@ def _drain_one(
             if not committed:
                 with contextlib.suppress(OSError):  # else gc reclaims it; DST is unchanged
                     remove_tree(staging)
-    return out, copier.copied
+    return _after_commit(final, dst_root, replaced), copier.copied
+
+
+def _after_commit(final: str, dst_root: str, replaced: str | None) -> CheckpointInfo:
+    """Make the rename durable, move LATEST, drop a replaced copy. The copy is committed: what
+    fails here is a ``CheckpointWarning`` and in the returned info's ``warnings``."""
+    late = []
+    try:
+        fsync_dir(dst_root)
+        failpoint("drain.after_rename")
+    except OSError as e:
+        late.append(
+            f"{final} is committed, but fsync of {dst_root} failed ({brief(e)}): "
+            "LATEST was not moved"
+        )
+    out = read_info(final)
+    if not late:
+        try:
+            _advance_latest(Store(dst_root), out)
+        except (OSError, CheckpointError) as e:
+            late.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
+    if replaced is not None:
+        try:
+            remove_tree(replaced)  # the replaced checkpoint now lives at the staging path
+        except OSError as e:
+            late.append(f"the replaced copy remains at {replaced} ({brief(e)}); gc removes it")
+    for w in late:
+        warnings.warn(CheckpointWarning(w), stacklevel=4)
+    return replace(out, warnings=tuple(late))
 
 
 def _advance_latest(dst: Store, info: CheckpointInfo) -> None:

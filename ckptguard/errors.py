@@ -13,8 +13,22 @@ def location(file: str | None, key: str | None, chunk: int | None, offset: int |
     return f" [{', '.join(where)}]" if where else ""
 
 
+def brief(e: BaseException) -> str:
+    """``Type: reason`` of an exception, for messages that report it without raising it."""
+    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+
+
 class CheckpointError(Exception):
     """Base class of every error ckptguard raises on purpose."""
+
+
+class CheckpointWarning(UserWarning):
+    """The operation took effect, but a step after its commit point failed.
+
+    E.g. a save is committed but LATEST could not be moved, or a deleted checkpoint's files are
+    left in ``.staging/`` for ``gc``. The message says what did not happen. An error here would
+    misreport the store: the operation cannot be undone at that point.
+    """
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

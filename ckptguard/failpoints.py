@@ -2,9 +2,10 @@
 
 ``CKPTGUARD_FAILPOINT=<point>[:<rank>[:<action>]][,...]`` makes the process fail when it reaches
 ``<point>``: ``kill`` (SIGKILL itself, the default), ``eio`` / ``enospc`` (raise that OSError),
-``hang`` (sleep until killed). ``<rank>`` is a rank number or ``*``. Unset, each call is one dict
-lookup. A point that fires says so on stderr first (``ckptguard: failpoint <point> on rank <r>:
-<action>``), so that a test can tell a hang it caused from a stuck process.
+``hang`` (sleep until killed), ``sleep<N>`` (sleep N seconds, then go on: a slow step).
+``<rank>`` is a rank number or ``*``. Unset, each call is one dict lookup. A point that fires says
+so on stderr first (``ckptguard: failpoint <point> on rank <r>: <action>``), so that a test can
+tell a hang it caused from a stuck process.
 """
 
 from __future__ import annotations
@@ -55,5 +56,7 @@ def _act(point: str, action: str) -> None:
     elif action == "hang":
         while True:
             time.sleep(3600)
+    elif action.startswith("sleep") and action[5:].replace(".", "", 1).isdigit():
+        time.sleep(float(action[5:]))
     else:
         raise ValueError(f"{ENV}: unknown action {action!r} for point {point!r}")

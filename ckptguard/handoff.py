@@ -24,7 +24,8 @@ from .agent.client import agent_address
 from .agent.protocol import LineReader, ProtocolError, decode, encode
 from .errors import AgentError
 from .failpoints import failpoint, set_rank
-from .format.manifest import CheckpointInfo, parse_time
+from .format.manifest import CheckpointInfo
+from .saver import info_from_json
 from .tree import flatten
 
 CONNECT_TIMEOUT = 5.0
@@ -146,9 +147,7 @@ class Handoff:
         reply = self._wait("saved", ident)
         if not reply.get("ok"):
             raise _error(str(reply.get("type")), str(reply.get("error")))
-        info = dict(reply["info"])
-        info["created"] = parse_time(info["created"])
-        return CheckpointInfo(**info)
+        return info_from_json(dict(reply["info"]))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,7 +24,12 @@ import pyarrow.compute as pc
 from . import commit as _commit
 from .agent.client import notify_committed
 from .coord import Coordinator
-from .errors import CheckpointAbortedError, CheckpointExistsError, from_oserror
+from .errors import (
+    CheckpointAbortedError,
+    CheckpointExistsError,
+    CheckpointWarning,
+    from_oserror,
+)
 from .failpoints import failpoint, set_rank
 from .format import FORMAT_VERSION
 from .format.datafile import FormatError
@@ -56,6 +62,14 @@ class SaveOptions:
 
 LAST_TIMINGS: dict[str, float] = {}
 """Rank 0's wall-clock marks of the last save (for the commit-overhead benchmark)."""
+
+
+class Failed:
+    """What a rank saves when it failed before the save began: it still takes part in every
+    collective and reports ``error``, so all ranks raise the same error naming it (I8)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class _Failed(Exception):
@@ -99,8 +113,10 @@ class _Save:
                 self.opt.timeout,
             )
             outcome = self.commit(plan, [_report(g) for g in gathered]) if c.rank == 0 else None
+            # Rank 0 renames only within `timeout` of the first report (commit's deadline); the
+            # others wait twice that, so none gives up on a save that then commits (I8).
             outcome = json.loads(
-                c.broadcast(_dump(outcome) if c.rank == 0 else None, self.opt.timeout)
+                c.broadcast(_dump(outcome) if c.rank == 0 else None, 2 * self.opt.timeout)
             )
             if not outcome["ok"]:
                 raise _Failed(outcome["rank"], outcome["error"])
@@ -114,8 +130,7 @@ class _Save:
         except BaseException:
             self.cleanup()
             raise
-        info = outcome["info"]
-        return CheckpointInfo(**{**info, "created": parse_time(info["created"])})
+        return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
         if self.coord.rank == 0 and self.staging and os.path.isdir(self.staging):
@@ -126,6 +141,8 @@ class _Save:
     def describe(self, obj: Any) -> bytes:
         """This rank's message: status, its object tree (JSON) and its tensors (Arrow)."""
         try:
+            if isinstance(obj, Failed):
+                raise obj.error
             if isinstance(obj, Flat):
                 tree, self.refs, used_pickle = obj.tree, obj.refs, obj.used_pickle
             else:
@@ -244,8 +261,11 @@ class _Save:
                     },
                 }
             )
-            final = _commit.commit(
-                self.store, self.name, self.staging, self.body, self.opt.overwrite
+            deadline = None
+            if self.coord.size > 1:  # wall clocks of the ranks: skew must stay well under timeout
+                deadline = min(r["written_at"] for r, _ in reports) + self.opt.timeout
+            final, late = _commit.commit(
+                self.store, self.name, self.staging, self.body, self.opt.overwrite, deadline
             )
             self.staging = None  # committed: nothing of ours to clean up
             LAST_TIMINGS["visible"] = time.time()
@@ -258,6 +278,7 @@ class _Save:
         info = CheckpointInfo.from_manifest(self.body, final)
         doc = asdict(info)
         doc["created"] = self.body["created"]
+        doc["warnings"] = late
         return {"ok": True, "info": doc}
 
 
@@ -333,6 +354,14 @@ def _merge_trees(blobs: list[memoryview], descs: list[pa.Table], keys: list[str]
         if r == 0 or parsed[b] != out[0]:
             out[r] = parsed[b]
     return out
+
+
+def info_from_json(doc: dict) -> CheckpointInfo:
+    """The CheckpointInfo that a save's outcome carries; warns of what failed after the commit."""
+    late = tuple(str(w) for w in doc.get("warnings") or ())
+    for w in late:
+        warnings.warn(CheckpointWarning(w), stacklevel=3)
+    return CheckpointInfo(**{**doc, "created": parse_time(doc["created"]), "warnings": late})
 
 
 def save_state(

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import time
 import uuid as uuidlib
+import warnings
 
-from .commit import remove_tree, write_latest
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, from_oserror
+from .commit import OLD_SUFFIX, remove_tree, write_latest
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    brief,
+    from_oserror,
+)
 from .failpoints import failpoint
 from .format import manifest
 from .format.datafile import FormatError
@@ -25,11 +34,16 @@ def read_info(path: str) -> CheckpointInfo:
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {path}") from None
     except OSError as e:
+        if e.errno != errno.ELOOP:  # unreadable is not damaged: say what the store refused
+            raise from_oserror(e, os.path.join(path, MANIFEST), "cannot open") from None
         raise CorruptCheckpointError(
             f"MANIFEST.json cannot be opened: {e.strerror}", path=path, file=MANIFEST
         ) from None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(manifest.MAX_MANIFEST_BYTES + 1)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(manifest.MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise from_oserror(e, os.path.join(path, MANIFEST), "cannot read") from None
     try:
         return CheckpointInfo.from_manifest(manifest.decode(raw), path)
     except FormatError as e:
@@ -47,10 +61,7 @@ class Store:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints with a valid manifest, oldest first (by commit time)."""
-        try:
-            entries = sorted(os.listdir(self.root))
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"store {self.root} does not exist") from None
+        entries = self._entries()
         out = []
         for name in entries:
             p = os.path.join(self.root, name)
@@ -62,20 +73,39 @@ class Store:
                 continue  # not committed, or damaged: never listed (verify reports damage)
         return sorted(out, key=lambda i: (i.created, i.name))
 
+    def _entries(self) -> list[str]:
+        """The store directory's names, sorted; typed errors for a missing or unusable store."""
+        try:
+            return sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"store {self.root} does not exist") from None
+        except NotADirectoryError:
+            raise CheckpointNotFoundError(f"store {self.root} is not a directory") from None
+        except OSError as e:
+            raise from_oserror(e, self.root, "cannot list the store") from None
+
     def latest_name(self) -> str | None:
-        """The name LATEST holds, or None when there is no LATEST."""
+        """The name LATEST holds; None when there is none, also when the store directory does
+        not exist yet (a job's first run: nothing to resume from)."""
         try:
             fd = os.open(
                 os.path.join(self.root, LATEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
             )
         except FileNotFoundError:
             return None
-        except OSError as e:  # ELOOP: a link where LATEST must be a file
-            raise CorruptCheckpointError(
+        except NotADirectoryError:
+            raise CheckpointNotFoundError(f"store {self.root} is not a directory") from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise from_oserror(e, os.path.join(self.root, LATEST), "cannot open") from None
+            raise CorruptCheckpointError(  # a link where LATEST must be a file
                 f"LATEST cannot be opened safely: {e.strerror}", path=self.root, file=LATEST
             ) from None
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_LATEST_BYTES + 1)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read(MAX_LATEST_BYTES + 1)
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.root, LATEST), "cannot read") from None
         name = raw.decode("utf-8", "replace").removesuffix("\n")
         if len(raw) > MAX_LATEST_BYTES or not raw.endswith(b"\n") or not is_name(name):
             raise CorruptCheckpointError("LATEST is damaged", path=self.root, file=LATEST)
@@ -95,50 +125,85 @@ class Store:
         try:
             return read_info(os.path.join(self.root, name))
         except CheckpointNotFoundError:
+            hint = ""
+            with contextlib.suppress(OSError):
+                if any(
+                    n.startswith(name + ".") and n.endswith(OLD_SUFFIX)
+                    for n in os.listdir(os.path.join(self.root, STAGING))
+                ):
+                    hint = " (an overwrite of it was interrupted: `ckptguard gc` completes it)"
             raise CorruptCheckpointError(
-                f"LATEST names {name!r}, which is not a committed checkpoint",
+                f"LATEST names {name!r}, which is not a committed checkpoint{hint}",
                 path=self.root,
                 file=LATEST,
             ) from None
 
     def delete(self, name: str) -> None:
-        """Remove a checkpoint; LATEST moves to the newest remaining one first (I3)."""
+        """Remove a checkpoint; LATEST moves to the newest remaining one first (I3).
+
+        The rename out of the store is the commit point: an error before it leaves the
+        checkpoint, and LATEST, as they were; a failure after it is a ``CheckpointWarning`` (the
+        checkpoint is gone; its files wait in ``.staging/`` for ``gc``).
+        """
         path = self.path(name)
         read_info(path)  # raises CheckpointNotFoundError if it is not a committed checkpoint
+        moved = False
         try:
             failpoint("delete.start")
             if self.latest_name() == name:
                 rest = [i for i in self.list() if i.name != name]
                 write_latest(self.root, rest[-1].name if rest else None)
+                moved = True
                 failpoint("delete.after_latest")
             trash = os.path.join(self.root, STAGING, f"{name}.{uuidlib.uuid4().hex}.deleted")
             os.makedirs(os.path.dirname(trash), exist_ok=True)
             os.rename(path, trash)
+        except OSError as e:
+            if moved:  # put LATEST back: the checkpoint is still there
+                with contextlib.suppress(OSError):
+                    write_latest(self.root, name)
+            raise from_oserror(e, path, "cannot delete") from None
+        try:
             failpoint("delete.after_rename")
             fsync_dir(self.root)
+        except OSError as e:  # not durable: keep the files, so a crash cannot bring back a husk
+            _late(
+                f"{path} is deleted, but fsync of {self.root} failed ({brief(e)}); its files "
+                f"remain at {trash} for gc"
+            )
+            return
+        try:
             remove_tree(trash)
             failpoint("delete.after_remove")
         except OSError as e:
-            raise from_oserror(e, path, "cannot delete") from None
+            _late(
+                f"{path} is deleted, but removing its files failed ({brief(e)}); gc removes {trash}"
+            )
 
     def gc(self, older_than: float | dt.timedelta = 3600.0) -> list[str]:
-        """Remove staging leftovers untouched for ``older_than``; never a committed checkpoint."""
+        """Remove staging leftovers untouched for ``older_than``; never a committed checkpoint.
+
+        First completes an overwrite that a crash interrupted (``_finish_overwrites``)."""
         if isinstance(older_than, dt.timedelta):
             older_than = older_than.total_seconds()
         cutoff = time.time() - older_than
         removed = []
         staging = os.path.join(self.root, STAGING)
+        top = self._entries()
+        keep = self._finish_overwrites(min(older_than, 60.0))
         try:
             victims = [os.path.join(staging, n) for n in sorted(os.listdir(staging))]
         except FileNotFoundError:
             victims = []
+        except OSError as e:
+            raise from_oserror(e, staging, "cannot list") from None
         victims += [
             os.path.join(self.root, n)
-            for n in sorted(os.listdir(self.root))
+            for n in top
             if n.startswith(".LATEST.") and n.endswith(".tmp")
         ]
         for p in victims:
-            if _newest_mtime(p) <= cutoff:
+            if p not in keep and _newest_mtime(p) <= cutoff:
                 try:
                     failpoint("gc.before_remove")
                     if os.path.isdir(p) and not os.path.islink(p):
@@ -152,6 +217,51 @@ class Store:
                     raise from_oserror(e, p, "cannot remove") from None
                 removed.append(p)
         return removed
+
+    def _finish_overwrites(self, settle: float) -> set[str]:
+        """Complete an overwrite that a crash interrupted between its two renames (no
+        renameat2; format.md section 2): ``<name>`` is absent and ``.staging/<name>.<uuid>.old``
+        holds the replaced checkpoint. Rename the new one into place if it is whole, else put
+        the old one back. ``.old`` entries renamed less than ``settle`` seconds ago are left to
+        the save that may still be between its renames; they, and their new one, are returned
+        (gc must not remove them)."""
+        staging = os.path.join(self.root, STAGING)
+        keep: set[str] = set()
+        try:
+            names = os.listdir(staging)
+        except OSError:
+            return keep  # nothing to finish; gc reports an unreadable .staging itself
+        for n in sorted(names):
+            old = os.path.join(staging, n)
+            if not n.endswith(OLD_SUFFIX) or os.path.islink(old) or not os.path.isdir(old):
+                continue
+            new = old[: -len(OLD_SUFFIX)]
+            name = os.path.basename(new).rpartition(".")[0]
+            final = os.path.join(self.root, name)
+            if not is_name(name) or os.path.lexists(final):
+                continue  # the overwrite got past its second rename: .old is garbage
+            try:
+                if time.time() - os.lstat(old).st_ctime < settle:
+                    keep.update((old, new))
+                    continue
+                source = new if _whole(new) else old
+                os.rename(source, final)
+                fsync_dir(self.root)
+            except OSError as e:
+                raise from_oserror(e, final, "cannot finish the interrupted overwrite of") from None
+        return keep
+
+
+def _whole(path: str) -> bool:
+    try:
+        read_info(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _late(message: str) -> None:
+    warnings.warn(CheckpointWarning(message), stacklevel=3)
 
 
 def _newest_mtime(path: str) -> float:

@@ -3,8 +3,10 @@ hostile index rows, invalid names, read-only and full stores, injected I/O error
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,15 +30,28 @@ def commit_one(store: str, name: str = "c1", **kw: Any) -> str:
     return path
 
 
-def snapshot(root: str) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` (outside .staging) with its size and mtime."""
-    out = {}
-    for dirpath, _dirnames, filenames in os.walk(root):
-        if os.path.relpath(dirpath, root).split(os.sep)[0] == ".staging":
+def snapshot(root: str, *, staging: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root`` (LATEST included): a file with its size, mtime and a hash of its
+    bytes, a symlink with its target, a directory by name. ``.staging`` is left out unless
+    ``staging``: a failed save may leave garbage there for gc; a failed read may not even create it.
+    """
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if not staging and rel.split(os.sep)[0] == ".staging":
             continue
-        for f in filenames:
-            st = os.lstat(os.path.join(dirpath, f))
-            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_size, st.st_mtime_ns)
+        for f in dirnames + filenames:
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entry: tuple[Any, ...] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                entry = ("dir",)
+            else:
+                with open(p, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+                entry = ("file", st.st_size, st.st_mtime_ns, digest)
+            out[os.path.relpath(p, root)] = entry
     return out
 
 
@@ -69,28 +84,34 @@ def assert_refused(path: str, error: type[BaseException]) -> None:
 
 def test_path_does_not_exist(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope" / "c1")
+    before = snapshot(str(tmp_path), staging=True)
     with pytest.raises(ckptguard.CheckpointNotFoundError):
         ckptguard.load(missing)
     with pytest.raises(ckptguard.CheckpointNotFoundError):
         ckptguard.verify(missing)
     assert not os.path.exists(tmp_path / "nope")
+    assert snapshot(str(tmp_path), staging=True) == before
 
 
 def test_store_without_latest(store: str) -> None:
     os.makedirs(store)
+    before = snapshot(store, staging=True)
     with pytest.raises(ckptguard.CheckpointNotFoundError):
         ckptguard.load(store)
     assert ckptguard.Store(store).list() == []
     assert ckptguard.Store(store).latest() is None
+    assert snapshot(store, staging=True) == before
 
 
 def test_dir_without_manifest(store: str) -> None:
     d = os.path.join(store, "c1")
     os.makedirs(d)
     Path(d, DATA).write_bytes(b"\0" * 8192)
+    before = snapshot(store, staging=True)
     with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):
         ckptguard.load(d)
     assert ckptguard.Store(store).list() == []
+    assert snapshot(store, staging=True) == before
 
 
 def _set(member: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -163,11 +184,11 @@ def test_garbled_manifest(name: str, store: str) -> None:
     """A manifest that is damaged, or well signed but wrong, is CorruptCheckpointError."""
     d = commit_one(store)
     GARBLED[name](d)
-    before = snapshot(store)
+    before = snapshot(store, staging=True)
     assert_refused(d, ckptguard.CorruptCheckpointError)
     with pytest.raises(ir.SpecViolation):
         ir.read_checkpoint(d)
-    assert snapshot(store) == before
+    assert snapshot(store, staging=True) == before
 
 
 def test_renamed_directory_still_loads(store: str) -> None:
@@ -189,9 +210,11 @@ def test_renamed_directory_still_loads(store: str) -> None:
 def test_future_format_version(store: str, mutate: Callable[[dict[str, Any]], None]) -> None:
     d = commit_one(store)
     resign_manifest(d, mutate)
+    before = snapshot(store, staging=True)
     assert_refused(d, ckptguard.FormatVersionError)
     with pytest.raises(ir.VersionViolation):
         ir.read_checkpoint(d)
+    assert snapshot(store, staging=True) == before
 
 
 def test_future_version_with_new_members(store: str) -> None:
@@ -204,14 +227,18 @@ def test_future_version_with_new_members(store: str) -> None:
         del body["totals"]
 
     resign_manifest(d, mut)
+    before = snapshot(store, staging=True)
     assert_refused(d, ckptguard.FormatVersionError)
+    assert snapshot(store, staging=True) == before
 
 
 @pytest.mark.parametrize("features", [["teleport"], ["pickle", "quantum"]])
 def test_unknown_feature(store: str, features: list[str]) -> None:
     d = commit_one(store)
     resign_manifest(d, _set("features", features))
+    before = snapshot(store, staging=True)
     assert_refused(d, ckptguard.FormatVersionError)
+    assert snapshot(store, staging=True) == before
 
 
 # ------------------------------------------------------------------ hostile index rows
@@ -378,13 +405,13 @@ def test_hostile_index(name: str, store: str) -> None:
     """Re-signed index rows that break section 4: CorruptCheckpointError, nothing outside read."""
     d = commit_one(store)
     HOSTILE[name](d)
-    before = snapshot(os.path.dirname(store))
+    before = snapshot(os.path.dirname(store), staging=True)
     with record_opens() as opened:
         assert_refused(d, ckptguard.CorruptCheckpointError)
     assert not _opened_outside(opened, d), opened
     with pytest.raises(ir.SpecViolation):
         ir.read_checkpoint(d)
-    assert snapshot(os.path.dirname(store)) == before
+    assert snapshot(os.path.dirname(store), staging=True) == before
 
 
 def test_latest_pointing_outside(store: str) -> None:
@@ -394,8 +421,57 @@ def test_latest_pointing_outside(store: str) -> None:
     shutil.copytree(os.path.join(store, "c1"), decoy)
     for text in (b"../elsewhere\n", b"/etc\n", b"..\n", b"\n", b"c1\nc1\n", b"x" * 300 + b"\n"):
         Path(store, "LATEST").write_bytes(text)
+        before = snapshot(os.path.dirname(store), staging=True)
         with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):
             ckptguard.load(store)
+        with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):
+            ckptguard.Store(store).latest()
+        assert snapshot(os.path.dirname(store), staging=True) == before, text
+
+
+# ------------------------------------------------------------------ missing store, file as store
+
+STORE_OPS: dict[str, Callable[[ckptguard.Store], Any]] = {
+    "list": lambda s: s.list(),
+    "latest": lambda s: s.latest(),
+    "gc": lambda s: s.gc(),
+    "gc_now": lambda s: s.gc(older_than=0),
+}
+
+
+@pytest.mark.parametrize("op", sorted(STORE_OPS))
+@pytest.mark.parametrize("where", ["missing", "missing_parent", "/nonexistent"])
+def test_missing_store(tmp_path: Path, op: str, where: str) -> None:
+    """Store operations on a root that does not exist: CheckpointNotFoundError (not an empty
+    list, not a bare OSError), and the root is not created. ``latest()`` is None instead: a
+    job's first run asks it before any save created the store (nothing to resume from)."""
+    root = {
+        "missing": str(tmp_path / "store"),
+        "missing_parent": str(tmp_path / "nope" / "store"),
+        "/nonexistent": "/nonexistent",
+    }[where]
+    if os.path.lexists(root):
+        pytest.skip(f"{root} exists on this machine")
+    before = snapshot(str(tmp_path), staging=True)
+    if op == "latest":
+        assert STORE_OPS[op](ckptguard.Store(root)) is None
+    else:
+        with pytest.raises(ckptguard.CheckpointNotFoundError):
+            STORE_OPS[op](ckptguard.Store(root))
+    assert not os.path.lexists(root)
+    assert snapshot(str(tmp_path), staging=True) == before
+
+
+@pytest.mark.parametrize("op", sorted(STORE_OPS))
+def test_store_root_is_a_file(tmp_path: Path, op: str) -> None:
+    """A regular file where the store should be: a typed CheckpointError (StoreError or
+    CheckpointNotFoundError), never a bare OSError, and the file is left as it was."""
+    root = tmp_path / "store"
+    root.write_bytes(b"not a store\n")
+    before = snapshot(str(tmp_path), staging=True)
+    with pytest.raises((ckptguard.StoreError, ckptguard.CheckpointNotFoundError)):
+        STORE_OPS[op](ckptguard.Store(root))
+    assert snapshot(str(tmp_path), staging=True) == before
 
 
 # ------------------------------------------------------------------ names
@@ -499,8 +575,10 @@ def test_read_only_store(tmpfs: Callable[[str], str], tmp_path: Path, overwrite:
     undo = _make_read_only(store)
     try:
         name = "c1" if overwrite else "c2"
+        before = snapshot(store, staging=True)
         with pytest.raises(ckptguard.StoreNotWritableError):
             ckptguard.save(small_state(1), os.path.join(store, name), overwrite=overwrite)
+        assert snapshot(store, staging=True) == before
         assert_store_is(store, ["c1"], "c1")
         assert torch.equal(ckptguard.load(store)["model"]["w"], small_state()["model"]["w"])
     finally:
@@ -514,8 +592,10 @@ def test_full_store(tmpfs: Callable[[str], str], overwrite: bool) -> None:
     commit_one(store)
     big = {"x": torch.randn(1 << 20)}  # 4 MiB, incompressible
     name = "c1" if overwrite else "c2"
+    before = snapshot(store)
     with pytest.raises(ckptguard.StoreFullError):
         ckptguard.save(big, os.path.join(store, name), overwrite=overwrite)
+    assert snapshot(store) == before
     assert_store_is(store, ["c1"], "c1")
     assert torch.equal(ckptguard.load(store)["model"]["w"], small_state()["model"]["w"])
     # once staging garbage is reclaimed, a small save fits again
@@ -554,9 +634,11 @@ def test_failpoint_enospc(
 def test_failpoint_eio(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An injected EIO is a StoreError (not "full", not "read-only"), nothing visible."""
     commit_one(store)
+    before = snapshot(store)
     monkeypatch.setenv("CKPTGUARD_FAILPOINT", "save.data_written::eio")
     with pytest.raises(ckptguard.StoreError) as ei:
         ckptguard.save(small_state(1), os.path.join(store, "c2"))
     assert not isinstance(ei.value, (ckptguard.StoreFullError, ckptguard.StoreNotWritableError))
     monkeypatch.delenv("CKPTGUARD_FAILPOINT")
+    assert snapshot(store) == before
     assert_store_is(store, ["c1"], "c1")

@@ -96,8 +96,10 @@ def test_info_lists_tensors(filled: Path) -> None:
         "int64",
         "[64, 32]",
         "3 tensors",
+        "ratio",
     ):
         assert text in res.output
+    assert "shuffle-lz4" in res.output  # ids (0..999 as int64) compress; its codec is shown
     assert run("info", filled).exit_code == 0  # a store means its LATEST
 
 
@@ -109,6 +111,23 @@ def test_verify_good_checkpoint_store_and_latest(filled: Path) -> None:
     assert "2 of 2 checkpoints ok" in run("verify", filled).output
     latest_only = run("verify", filled, "--latest").output
     assert "step-2" in latest_only and "step-1" not in latest_only
+
+
+@pytest.mark.parametrize("damage", ["names_a_husk", "garbled"])
+def test_broken_latest_fails_verify_but_ls_still_lists(filled: Path, damage: str) -> None:
+    """A LATEST that names no committed checkpoint is damage (format.md section 1): verify of
+    the store exits 1 and says so, with or without --latest; ls still lists what is there."""
+    if damage == "names_a_husk":
+        (filled / "step-2" / "MANIFEST.json").unlink()
+    else:
+        (filled / "LATEST").write_bytes(b"\x00garbage")
+    for args in ([filled], ["--latest", filled]):
+        r = run("verify", *args)
+        assert r.exit_code == 1, r.output
+        assert "FAIL" in r.output and "LATEST" in r.output, r.output
+    r = run("ls", filled)
+    assert r.exit_code == 0, r.output
+    assert "step-1" in r.output and "warning" in r.output and "LATEST" in r.output
 
 
 def test_verify_reports_flipped_byte(filled: Path) -> None:

@@ -13,6 +13,7 @@ import independent_reader as ir
 import pytest
 import torch
 from conftest import flip_byte
+from test_bad_input import snapshot
 
 import ckptguard
 
@@ -353,6 +354,8 @@ def test_missing_manifest(pristine: Pristine, tmp_path: Path) -> None:
     d = str(tmp_path / "store" / "ck")
     shutil.copytree(pristine.path, d)
     os.remove(os.path.join(d, ir.MANIFEST))
+    store = str(tmp_path / "store")
+    before = snapshot(store, staging=True)
     with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):
         ckptguard.load(d)
     try:
@@ -361,7 +364,8 @@ def test_missing_manifest(pristine: Pristine, tmp_path: Path) -> None:
         pass
     else:
         assert not report.ok
-    assert ckptguard.Store(str(tmp_path / "store")).list() == []
+    assert ckptguard.Store(store).list() == []
+    assert snapshot(store, staging=True) == before  # nothing written, renamed or removed
 
 
 @both_codecs

@@ -200,6 +200,19 @@ def test_a_stalled_rank_times_out_everywhere(tmp_path, saved):
     _nothing_new(store)
 
 
+def test_a_commit_too_late_for_the_others_is_not_made(tmp_path, saved):
+    """Rank 0 reaches the rename after the other ranks' deadline for the outcome: it must not
+    commit what they will report as failed. Every rank reports the same abort (I8)."""
+    store = _prepare_old(saved, tmp_path)
+    env = {"CKPTGUARD_FAILPOINT": "commit.before_rename:0:sleep7.5"}
+    assert mpirun(4, "fail", str(store), "new", "5", env=env) != 0
+    res = outcomes(tmp_path, 4)
+    assert [r["type"] for r in res] == ["CheckpointAbortedError"] * 4, res
+    assert len({r["error"] for r in res}) == 1 and res[0]["failed_rank"] == 0
+    assert "not committed" in res[0]["error"], res[0]
+    _nothing_new(store)
+
+
 def test_a_rank_killed_mid_save_leaves_nothing(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}

@@ -142,7 +142,7 @@ def run(label, fn):
         out[label] = {"ok": True, "problems": probs}
     except ckptguard.CheckpointError as e:
         out[label] = {"ok": False, "type": type(e).__name__, "typed": True, "error": str(e),
-                      "file": getattr(e, "file", None)}
+                      "file": getattr(e, "file", None) or os.path.basename(getattr(e, "path", ""))}
     except BaseException as e:
         out[label] = {"ok": False, "type": type(e).__name__, "typed": False, "error": str(e)}
 path = sys.argv[1]
@@ -208,22 +208,12 @@ def test_unreadable_file_or_directory(two_rank_store: str, case: str) -> None:
     assert out["list"]["ok"] or out["list"]["typed"], out["list"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.resolve lists a directory it cannot search (os.listdir) and lets PermissionError "
-    "escape; the fix belongs in api.py (let the reader raise its typed StoreError)",
-)
 def test_checkpoint_dir_without_any_permission(two_rank_store: str) -> None:
     os.chmod(os.path.join(two_rank_store, "c1"), 0o000)
     out = run_unprivileged(os.path.join(two_rank_store, "c1"), two_rank_store)
     assert out["load"]["typed"] and out["verify"]["typed"], out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store.list and api.resolve let PermissionError escape on an unreadable store "
-    "directory; the fix belongs in store.py/api.py",
-)
 def test_store_dir_without_any_permission(two_rank_store: str) -> None:
     os.chmod(two_rank_store, 0o000)
     out = run_unprivileged(two_rank_store, two_rank_store)

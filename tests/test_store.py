@@ -107,3 +107,42 @@ def test_latest_as_a_link_is_refused(tmp_path):
     (tmp_path / LATEST).symlink_to(outside)
     with pytest.raises(ckptguard.CorruptCheckpointError):
         ckptguard.Store(tmp_path).latest_name()
+
+
+def test_overwrite_without_rename_exchange(tmp_path, monkeypatch):
+    """The fallback for file systems without renameat2 replaces the checkpoint and leaves
+    nothing behind."""
+    monkeypatch.setenv("CKPTGUARD_RENAME_EXCHANGE", "0")
+    save(tmp_path, "a", 1)
+    save(tmp_path, "a", 2, overwrite=True)
+    assert ckptguard.load(tmp_path)["v"].item() == 2
+    assert os.listdir(tmp_path / STAGING) == []
+
+
+def _interrupted_overwrite(tmp_path, new_whole: bool):
+    """The store as a crash between the fallback's two renames leaves it: ``a`` absent, LATEST
+    naming it, the old one at .staging/a.<uuid>.old, the new one at .staging/a.<uuid>."""
+    save(tmp_path, "a", 1)
+    save(tmp_path, "x", 2)
+    (tmp_path / LATEST).write_text("a\n")
+    uid = "0123456789abcdef0123456789abcdef"
+    os.rename(tmp_path / "x", tmp_path / STAGING / f"a.{uid}")
+    if not new_whole:
+        os.unlink(tmp_path / STAGING / f"a.{uid}" / "MANIFEST.json")
+    os.rename(tmp_path / "a", tmp_path / STAGING / f"a.{uid}.old")
+
+
+@pytest.mark.parametrize("new_whole", [True, False])
+def test_gc_finishes_an_interrupted_overwrite(tmp_path, new_whole):
+    """Rolled forward when the new checkpoint is whole, else back; never lost (I2, I3)."""
+    _interrupted_overwrite(tmp_path, new_whole)
+    store = ckptguard.Store(tmp_path)
+    with pytest.raises(ckptguard.CorruptCheckpointError, match="ckptguard gc"):
+        store.latest()
+    assert store.gc(older_than=3600) == []  # just renamed: left to a save still at it
+    assert store.list() == []
+    store.gc(older_than=0)
+    assert [i.name for i in store.list()] == ["a"]
+    assert ckptguard.load(tmp_path)["v"].item() == (2 if new_whole else 1)
+    assert ckptguard.verify(tmp_path).ok
+    assert os.listdir(tmp_path / STAGING) == []

@@ -13,6 +13,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,10 +27,11 @@ from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
 from ..format.layout import split_path
 from ..format.manifest import CheckpointInfo, format_time
-from ..saver import save_state
+from ..saver import Failed, save_state
 from ..tree import Flat, TensorRef
 
 MAX_TENSORS = 10_000_000
+DEFAULT_TIMEOUT = 600.0
 _REF_FIELDS = ("key", "dtype", "kind", "device")
 
 
@@ -51,6 +53,8 @@ class Persister:
         self.pools: dict[tuple[int, int], mmap.mmap] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._pending = 0
+        self.finished = 0  # saves done (committed or failed), in order
+        self._running: tuple[int, float, float] | None = None  # (number, timeout, start)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="ckptguard-agent-persist")
         self._thread.daemon = True
@@ -60,6 +64,12 @@ class Persister:
     def busy(self) -> bool:
         with self._lock:
             return self._pending > 0
+
+    def running(self) -> tuple[int, float, float] | None:
+        """The save in progress: its number (1, 2, ... on every rank), timeout and monotonic
+        start; None when idle."""
+        with self._lock:
+            return self._running
 
     def add_pool(self, client: int, pool: int, fd: int, nbytes: int) -> None:
         """Map the trainer's pool ``pool`` (a memfd of ``nbytes`` bytes); the fd is closed."""
@@ -105,19 +115,39 @@ class Persister:
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             token, flat, path, options = job
+            with self._lock:
+                self._running = (self.finished + 1, _timeout(options), time.monotonic())
             try:
-                failpoint("handoff.accepted")
-                store, name = split_path(path)
-                info = save_state(flat, store, name, self.coord, save_options(**options))
+                try:
+                    failpoint("handoff.accepted")
+                    store, name = split_path(path)
+                    opts = save_options(**options)
+                except Exception as e:  # still take part, so every rank reports this failure
+                    store, name = os.path.split(path)
+                    opts = save_options(timeout=_timeout(options))
+                    flat = Failed(e)
+                info = save_state(flat, store, name, self.coord, opts)
                 reply = {"ok": True, "info": _info(info)}
-                failpoint("handoff.before_reply")
             except BaseException as e:  # the trainer gets the error, as in-process
                 reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
             finally:
                 del flat
+            try:
+                failpoint("handoff.before_reply")
+            except Exception as e:  # the save's outcome stands; a failure here is reported with it
+                if reply["ok"]:
+                    reply["info"]["warnings"].append(f"after the commit: {type(e).__name__}: {e}")
             with self._lock:
                 self._pending -= 1
+                self.finished += 1
+                self._running = None
             self.done(token, reply)
+
+
+def _timeout(options: dict) -> float:
+    t = options.get("timeout")
+    ok = isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf
+    return float(t) if ok else DEFAULT_TIMEOUT
 
 
 def _bytes(m: mmap.mmap) -> torch.Tensor:
@@ -164,4 +194,5 @@ def _ref(t: Any, m: mmap.mmap, base: torch.Tensor) -> TensorRef:
 def _info(info: CheckpointInfo) -> dict:
     doc = asdict(info)
     doc["created"] = format_time(info.created)
+    doc["warnings"] = list(info.warnings)
     return doc

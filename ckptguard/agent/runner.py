@@ -40,7 +40,8 @@ from .rankenv import (
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
 # The slots of the vector the agents MAX-reduce on every tick.
-REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK = range(6)
+REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK, DONE, STUCK = range(8)
+STUCK_SLACK = 10.0  # seconds past a save's timeout before a rank still in it counts as stuck
 SIGUSR1_REQ, SIGTERM_REQ, TIME_REQ = 1, 2, 3
 _REASONS = {SIGUSR1_REQ: "SIGUSR1", SIGTERM_REQ: "SIGTERM", TIME_REQ: "time limit"}
 
@@ -153,6 +154,8 @@ class _Agent:
         self.deadline = 0.0  # monotonic time by which every rank must have committed
         self.outcome: int | None = None  # EXIT_CHECKPOINTED or EXIT_NO_CHECKPOINT once decided
         self.failed: int | None = None  # the rank whose trainer failed first, once known
+        self.peers_done = 0  # handed-over saves that some rank has finished
+        self.behind: float | None = None  # when this rank's save was first seen finished elsewhere
 
     def _start_server(self) -> ControlServer:
         """The control socket, on every rank or on none (then all agents raise)."""
@@ -183,6 +186,9 @@ class _Agent:
                     )
                 except PeersLostError as e:
                     return self._lost(e)
+                if g[STUCK]:
+                    return self._lost(f"rank {g[STUCK] - 1}'s save is stuck past its timeout")
+                self.peers_done = g[DONE]
                 self._decide(g)
                 self._feed_drainer()
                 if g[ALIVE] == 0:
@@ -201,8 +207,8 @@ class _Agent:
         assert self.child.status is not None
         return self.child.status
 
-    def _lost(self, e: PeersLostError) -> int:
-        """Another agent is gone: stop our trainer and end the whole job (MPI abort), rather
+    def _lost(self, e: PeersLostError | str) -> int:
+        """An agent is gone or stuck: stop our trainer and end the whole job (MPI abort), rather
         than wait for the time limit with every other rank blocked."""
         _log(self.rank, f"{e}; stopping the trainer and aborting the job")
         self.child.stop(self.opts.term_timeout)
@@ -229,7 +235,7 @@ class _Agent:
         if not alive:
             self.server.drain()  # a snapshot the trainer handed over just before it ended
         busy = self.server.persister is not None and self.server.persister.busy
-        vec = [0] * 6
+        vec = [0] * 8
         vec[REQ] = self.signals.request
         vec[REQ_RANK] = self.rank + 1 if self.signals.request else 0
         vec[ALIVE] = int(alive or busy)  # the agents go on while a handed-over save runs
@@ -242,7 +248,23 @@ class _Agent:
             vec[GIVE_UP] = int(not committed and (time.monotonic() >= self.deadline or not alive))
         if not alive and self.child.status != 0 and not self.child.stopped_by_agent:
             vec[FAILED_RANK] = self.rank + 1
+        if self.server.persister is not None:
+            vec[DONE] = self.server.persister.finished
+            vec[STUCK] = self.rank + 1 if self._stuck(self.server.persister.running()) else 0
         return vec
+
+    def _stuck(self, running: tuple[int, float, float] | None) -> bool:
+        """This rank is still in a save that another rank has finished, ``STUCK_SLACK`` seconds
+        past that save's timeout: healthy ranks leave a save within its timeout of each other
+        (its collectives end it), so this one is stuck in I/O or a hang, and no job may stall
+        on it (I8)."""
+        if running is None or running[0] > self.peers_done:
+            self.behind = None
+            return False
+        now = time.monotonic()
+        if self.behind is None:
+            self.behind = now
+        return now - self.behind > running[1] + STUCK_SLACK
 
     def _decide(self, g: list[int]) -> None:
         """Act on what every agent now knows; the same decision on every rank."""

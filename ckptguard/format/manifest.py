@@ -187,6 +187,8 @@ class CheckpointInfo:
     stored_bytes: int
     files: int
     metadata: Any = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """What failed after the commit point of the save that returned this (CheckpointWarning)."""
 
     @classmethod
     def from_manifest(cls, doc: dict, path: str) -> CheckpointInfo:

@@ -169,8 +169,8 @@ def faults_mode(out: str, store: str, timeout: float, n: int) -> int:
         for h in handles:
             name = os.path.basename(h.path)
             try:
-                h.result()
-                saves[name] = {"ok": True}
+                info = h.result()
+                saves[name] = {"ok": True, "warnings": list(info.warnings)}
             except Exception as e:
                 saves[name] = {"ok": False, "type": type(e).__name__, "error": str(e)}
     write(os.path.join(out, f"faults-{rank}.json"), {"rank": rank, "saves": saves})

@@ -143,7 +143,7 @@ def main() -> int:
                 timeout=timeout,
                 overwrite=sys.argv[6:] == ["overwrite"],
             )
-            result.update(ok=True, name=info.name, uuid=info.uuid)
+            result.update(ok=True, name=info.name, uuid=info.uuid, warnings=list(info.warnings))
         elif scenario == "diverge":  # replicas that differ are an error on every rank
             st = local_state(rank, world)
             st["model"]["bias"] += rank
