@@ -113,6 +113,8 @@ def save_options(
         raise TypeError("step must be an int or None")
     if chunk_size < 64 or chunk_size % 16:
         raise ValueError("chunk_size must be a multiple of 16 and at least 64")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -642,3 +642,22 @@ def test_failpoint_eio(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CKPTGUARD_FAILPOINT")
     assert snapshot(store) == before
     assert_store_is(store, ["c1"], "c1")
+
+
+@pytest.mark.parametrize(
+    "kw, err",
+    [
+        ({"compress": "zstd"}, ValueError),
+        ({"step": "10"}, TypeError),
+        ({"chunk_size": 100}, ValueError),
+        ({"timeout": 0}, ValueError),
+        ({"timeout": float("nan")}, ValueError),
+        ({"timeout": "60"}, ValueError),
+        ({"metadata": {"x": object()}}, ckptguard.UnsupportedObjectError),
+    ],
+)
+def test_bad_save_options(tmp_path: Path, kw: dict, err: type) -> None:
+    """An option that cannot be right is refused before anything is created."""
+    with pytest.raises(err):
+        ckptguard.save({"x": torch.ones(2)}, str(tmp_path / "store" / "a"), **kw)
+    assert not (tmp_path / "store").exists()
