@@ -34,7 +34,7 @@ from .failpoints import failpoint, set_rank
 from .format import FORMAT_VERSION
 from .format.datafile import FormatError
 from .format.index import to_table
-from .format.layout import MANIFEST
+from .format.layout import MANIFEST, datafile_name
 from .format.manifest import CheckpointInfo, parse_time
 from .format.validate import check_table
 from .plan import PlanError, assignment, describe_local, make_plan
@@ -217,8 +217,9 @@ class _Save:
         except Exception as e:
             if writer is not None:
                 writer.abort()
-            if isinstance(e, OSError):
-                e = from_oserror(e, writer.path if writer else plan["staging"], "cannot write")
+            if isinstance(e, OSError):  # name this rank's file, even if it could not be created
+                where = os.path.join(plan["staging"], datafile_name(self.coord.rank))
+                e = from_oserror(e, where, "cannot write")
             return self.fail(e), None
         return {
             "ok": True,

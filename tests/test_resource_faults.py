@@ -321,6 +321,7 @@ def test_one_rank_without_write_permission(tmp_path: Path) -> None:
     res = mpirun(4, "fsuid", store, "c2", out, env={"RF_RANK": "2"})
     _same_abort(res, 2, "StoreNotWritableError")
     assert "Permission denied" in res[0]["error"]
+    assert "rank-00002.ckg" in res[0]["error"], res[0]  # the file, not just the staging directory
     _store_as_before(store, ["c1"], "c1")
     res = mpirun(4, "plain", store, "c2", out)  # the same save, every rank allowed
     assert all(r["ok"] for r in res), res
