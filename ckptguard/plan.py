@@ -2,12 +2,15 @@
 
 Checks that ranks agree (dtype, global shape, kind), that the shards of each sharded tensor
 neither overlap nor leave gaps, and that replicated tensors are equal (by hash); then picks one
-writer for each replicated tensor, balancing bytes across ranks. Descriptions travel as Arrow
+writer for each replicated tensor, balancing bytes across ranks. A shard whose box (offsets and
+shape) several ranks hold, as on a mesh with a Replicate and a Shard dimension (HSDP), is a
+replicated box: checked and written once like a replicated tensor. Descriptions travel as Arrow
 tables and are checked column-wise, so rank 0's work stays linear in ranks x tensors.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 
@@ -45,14 +48,19 @@ class PlanError(ValueError):
 
 @dataclass
 class Plan:
+    """``writer[g]`` is the rank writing replicated tensor g, SHARDED when every rank writes its
+    piece of sharded tensor g, or (a sharded tensor with replicated boxes) a string: the base64
+    bitmap of the ranks that write their piece (bit r of byte r // 8), one per distinct box."""
+
     tensors: list[dict]  # manifest tensor entries, by global id
     keys: list[str]  # key of each global id
-    writer: list[int]  # per global id: the rank writing a replicated tensor, or SHARDED
+    writer: list[int | str]  # per global id, see above (JSON-ready)
     bytes_per_rank: list[int]
 
 
 def describe_local(refs: list, hasher) -> pa.Table:  # noqa: ANN001
-    """This rank's tensors as a table (hash only for replicated candidates, when given)."""
+    """This rank's tensors as a table (hash only for replicated candidates, when given: every
+    tensor and shard but those known to be the only copy of their box, ``ref.unique_box``)."""
     cols: dict[str, list] = {name: [] for name in DESC_SCHEMA.names}
     for ref in refs:
         cols["key"].append(ref.key)
@@ -63,7 +71,7 @@ def describe_local(refs: list, hasher) -> pa.Table:  # noqa: ANN001
         cols["parameter"].append(ref.parameter)
         cols["sharded"].append(ref.sharded)
         cols["nbytes"].append(math.prod(ref.shape) * SIZES[ref.dtype])
-        cols["hash"].append(None if ref.sharded or hasher is None else hasher(ref))
+        cols["hash"].append(None if ref.unique_box or hasher is None else hasher(ref))
         cols["global_shape"].append(list(ref.global_shape))
         cols["offsets"].append(list(ref.offsets))
         cols["shape"].append(list(ref.shape))
@@ -75,13 +83,73 @@ def assignment(
 ) -> list[tuple[int, bool]]:
     """For each local tensor: (global id, whether this rank writes it)."""
     gid = {k: i for i, k in enumerate(plan_keys)}
-    return [(gid[r.key], writer[gid[r.key]] in (SHARDED, rank)) for r in refs]
+    out = []
+    for r in refs:
+        g = gid[r.key]
+        w = writer[g]
+        if isinstance(w, str):  # bitmap of the ranks writing their piece
+            bits = base64.b64decode(w)
+            out.append((g, rank >> 3 < len(bits) and bool(bits[rank >> 3] >> (rank & 7) & 1)))
+        else:
+            out.append((g, w in (SHARDED, rank)))
+    return out
+
+
+def _bitmap(ranks: np.ndarray, world: int) -> str:
+    mask = np.zeros(world, dtype=bool)
+    mask[ranks] = True
+    return base64.b64encode(np.packbits(mask, bitorder="little").tobytes()).decode()
+
+
+def replica_groups(offs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (one box each: ``offs[i]``, ``lens[i]``) that hold the same non-empty box as another.
+
+    Returns ``(members, starts)``: the row numbers of such boxes, grouped by box and in row order
+    within a group, and where each group begins in ``members``. Empty boxes are never grouped.
+    """
+    offs, lens = np.asarray(offs, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+    boxes = np.concatenate([offs, lens], axis=1)
+    live = np.flatnonzero(lens.prod(axis=1) > 0)
+    o = live[np.lexsort(boxes[live].T[::-1])] if boxes.shape[1] else live  # lexsort is stable
+    b = boxes[o]
+    new = np.ones(len(o), dtype=bool)
+    new[1:] = (b[1:] != b[:-1]).any(axis=1)
+    start = np.flatnonzero(new)
+    count = np.diff(np.append(start, len(o)))
+    multi = count > 1
+    members = o[np.repeat(multi, count)]
+    return members, np.cumsum(count[multi]) - count[multi]
 
 
 def _lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     col = col.combine_chunks()
     lens = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
     return pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64), lens
+
+
+def _hashes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The hash column as (valid mask, n x 16 bytes)."""
+    arr = col.combine_chunks()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    data = arr.buffers()[1]
+    if data is None:  # every hash null
+        return valid, np.zeros((len(arr), 16), dtype=np.uint8)
+    raw = np.frombuffer(data, dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16]
+    return valid, raw.reshape(len(arr), 16)
+
+
+def _differing(
+    members: np.ndarray, starts: np.ndarray, valid: np.ndarray, hashes: np.ndarray
+) -> int | None:
+    """The first replica set (``members[starts[j]:starts[j + 1]]``, rows of the description) whose
+    copies are not all hashed and equal, or None."""
+    counts = np.diff(np.append(starts, len(members)))
+    head = members[np.repeat(starts, counts)]  # each member's set's first copy
+    bad = ~valid[members] | ~valid[head] | (hashes[members] != hashes[head]).any(axis=1)
+    bad &= np.repeat(counts > 1, counts)  # a tensor on one rank only has nothing to match
+    if not bad.any():
+        return None
+    return int(np.searchsorted(starts, np.flatnonzero(bad)[0], side="right") - 1)
 
 
 def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
@@ -122,41 +190,73 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
 
     sharded = table.column("sharded").to_numpy(zero_copy_only=False)
     nbytes = table.column("nbytes").to_numpy().astype(np.int64)
-    load = np.zeros(len(descs), dtype=np.int64)
-    np.add.at(load, rank[sharded], nbytes[sharded])
-    writer = [SHARDED] * len(keys)
-    order = np.argsort(gid, kind="stable")
+    order = np.argsort(gid, kind="stable")  # each key's rows, in rank order
     bounds = np.searchsorted(gid[order], np.arange(len(keys) + 1))
     oflat, _ = _lists(table.column("offsets"))
     sflat, _ = _lists(table.column("shape"))
-    hashes = table.column("hash")
-    replicated = []
+    hashes = None  # (valid, bytes) of the hash column, once a replica set needs checking
+    fixed = sharded.copy()  # rows their own rank writes whatever the balance: shard pieces
+    sets = []  # per key with copies: (bytes, global id, rows of its replica sets, set starts)
     for g, key in enumerate(keys):
         rows = order[bounds[g] : bounds[g + 1]]
         if sharded[rows[0]]:
             idx = gstart[rows][:, None] + np.arange(glen[rows[0]])
+            shape, offs, lens = gflat[idx[0]].tolist(), oflat[idx], sflat[idx]
+            local = starts = np.zeros(0, dtype=np.int64)
+            cover = offs, lens
+            if lens.prod(axis=1).sum() > math.prod(shape):  # more elements than the tensor
+                local, starts = replica_groups(offs, lens)
+                keep = np.ones(len(rows), dtype=bool)
+                keep[local] = False
+                keep[local[starts]] = True  # one box of each replica set counts for the cover
+                cover = offs[keep], lens[keep]
             try:
-                check_cover(key, gflat[idx[0]].tolist(), oflat[idx], sflat[idx])
+                check_cover(key, shape, *cover)
             except FormatError as e:
                 raise PlanError(
                     f"{e} (shards from ranks {sorted(set(rank[rows].tolist()))})"
                 ) from None
+            if not len(local):
+                continue
+            members = rows[local]
+            fixed[members] = False
         else:
-            if check_replicated and len(rows) > 1:
-                h = hashes.take(pa.array(rows))
-                if pc.count_distinct(h).as_py() > 1 or h.null_count:
-                    raise PlanError(
-                        f"tensor {key!r} is replicated on ranks "
-                        f"{rank[rows].tolist()} but their values differ (pass "
-                        "check_replicated=False to write one rank's copy)"
-                    )
-            replicated.append((int(nbytes[rows[0]]), g, rows))
-    # Largest first onto the least-loaded holder: a greedy balance of bytes across ranks.
-    for size, g, rows in sorted(replicated, key=lambda x: -x[0]):
-        holders = rank[rows] if check_replicated else rank[rows[:1]]
-        r = int(holders[np.argmin(load[holders])])
-        writer[g] = r
-        load[r] += size
+            members, starts = rows, np.zeros(1, dtype=np.int64)
+        j = None
+        if check_replicated and len(members) > 1:
+            hashes = hashes or _hashes(table.column("hash"))
+            j = _differing(members, starts, *hashes)
+        if j is not None:
+            copies = members[starts[j] : np.append(starts, len(members))[j + 1]]
+            what = repr(key)
+            if sharded[rows[0]]:
+                i = local[starts[j]]
+                what += f": its shard at offsets {offs[i].tolist()} of shape {lens[i].tolist()}"
+            raise PlanError(
+                f"tensor {what} is replicated on ranks {rank[copies].tolist()} but their values "
+                "differ (pass check_replicated=False to write one rank's copy)"
+            )
+        sets.append((int(nbytes[members].max()), g, members, starts))
+    load = np.zeros(len(descs), dtype=np.int64)
+    np.add.at(load, rank[fixed], nbytes[fixed])
+    writer: list[int | str] = [SHARDED] * len(keys)
+    # Largest first onto the least-loaded holder: a greedy balance of bytes across ranks. The
+    # replica sets of one key have disjoint holders (a rank holds one box of a key), so they are
+    # placed together.
+    for _, g, members, starts in sorted(sets, key=lambda x: -x[0]):
+        if check_replicated:
+            set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
+            by_load = np.lexsort((load[rank[members]], set_of))  # stable: lowest rank on ties
+            chosen = members[by_load[starts]]
+        else:  # unchecked copies may differ: always write the lowest rank's
+            chosen = members[starts]
+        np.add.at(load, rank[chosen], nbytes[chosen])
+        rows = order[bounds[g] : bounds[g + 1]]
+        if sharded[rows[0]]:
+            writes = np.concatenate([rank[rows[fixed[rows]]], rank[chosen]])
+            writer[g] = _bitmap(writes, len(descs))
+        else:
+            writer[g] = int(rank[chosen[0]])
     tensors = []
     cols = {c: table.column(c) for c in ("dtype", "kind", "device", "requires_grad", "parameter")}
     for g, key in enumerate(keys):

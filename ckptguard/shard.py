@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -59,3 +60,13 @@ def dtensor_shard(t: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...
     _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     replicated = all(isinstance(p, Replicate) for p in t.placements)
     return local, tuple(t.shape), tuple(int(o) for o in offsets), replicated
+
+
+def dtensor_copies(t: Any) -> int:
+    """How many ranks hold the same local box of a DTensor: the product of the sizes of the mesh
+    dimensions it is replicated along (1 when each box is on one rank only)."""
+    from torch.distributed.tensor import Replicate
+
+    return math.prod(
+        t.device_mesh.size(d) for d, p in enumerate(t.placements) if isinstance(p, Replicate)
+    )

@@ -18,7 +18,7 @@ import torch
 
 from .errors import UnsupportedObjectError
 from .format import dtypes
-from .shard import Shard, dtensor_shard, is_dtensor
+from .shard import Shard, dtensor_copies, dtensor_shard, is_dtensor
 
 MAX_DEPTH = 512
 _I64 = 1 << 63
@@ -65,6 +65,9 @@ class TensorRef:
     global_shape: tuple[int, ...] = ()
     offsets: tuple[int, ...] = ()
     sharded: bool = False  # a piece of a global tensor (Shard or sharded DTensor)
+    # Known to be the only copy of its box on any rank (a DTensor not replicated along any mesh
+    # dimension): not hashed for the replica check. A Shard's box may be on several ranks.
+    unique_box: bool = False
     outer: Any = None  # the object the user passed (Shard, DTensor or the tensor itself)
 
     def __post_init__(self) -> None:
@@ -110,8 +113,9 @@ class _Flattener:
             raise UnsupportedObjectError(f"{e} (at {path!r})", path) from None
         if replicated:
             node = self.tensor(local, path)
-        else:
+        else:  # sharded along some mesh dimension, maybe replicated along others (HSDP)
             node = self.shard(Shard(local, global_shape, offsets), path)
+            self.tensors[node["$tensor"]].unique_box = dtensor_copies(t) == 1
         self.tensors[node["$tensor"]].outer = t
         return node
 
@@ -288,9 +292,10 @@ def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False) -> Any:
 _CHECK = "check"
 
 
-def check_tree(tree: Any, n_tensors: int) -> None:
-    """Validate a stored tree's structure without building pickled objects."""
-    _build(tree, [None] * n_tensors, _CHECK, 0)
+def check_tree(tree: Any, n_tensors: int, depth: int = 0) -> None:
+    """Validate a stored tree's structure without building pickled objects (``depth``: the
+    nesting depth of ``tree`` when it is a value inside a larger tree)."""
+    _build(tree, [None] * n_tensors, _CHECK, depth)
 
 
 def _pairs(v: Any) -> list:
