@@ -92,7 +92,7 @@ def save(
         check_replicated=check_replicated,
     )
     store, name = split_path(path)
-    return save_state(obj, store, name, coord_auto(coordinator), opt)
+    return save_state(obj, store, name, coord_auto(coordinator, timeout), opt)
 
 
 def save_options(

@@ -173,7 +173,8 @@ class Checkpointer:
         """
         opts = {**self.defaults, **kw}
         _SAVE_SIGNATURE.bind(obj, name, **opts)  # a misspelt option fails here, not later
-        opts["coordinator"] = coord_auto(opts.get("coordinator"))  # resolved on this thread
+        # resolved on this thread, in the order of the application's own collectives
+        opts["coordinator"] = coord_auto(opts.get("coordinator"), opts.get("timeout", 600.0))
         handle = SaveHandle(self._path(name), obj, opts, caller_streams())
         with self._lock:
             self._check_open()

@@ -27,9 +27,15 @@ def _launched_by_mpi() -> bool:
     return False
 
 
-def auto(coordinator: Coordinator | str | None = None) -> Coordinator:
+def auto(coordinator: Coordinator | str | None = None, timeout: float | None = None) -> Coordinator:
     """Pick a coordinator: the one given, an initialized torch.distributed group, an MPI world of
-    size > 1 (only if mpi4py is already imported or an MPI launcher started us), else local."""
+    size > 1 (only if mpi4py is already imported or an MPI launcher started us), else local.
+
+    Making the ``mpi`` or ``torch`` coordinator's communicator is a collective too: with
+    ``timeout`` (the save's), it completes here within that many seconds or raises
+    ``CoordinationTimeoutError``; without, the coordinator's first collective waits for it, within
+    that collective's timeout. MPI starts it here either way (``Comm.Idup``), on this thread.
+    """
     if isinstance(coordinator, Coordinator):
         return coordinator
     if coordinator not in (None, "local", "mpi", "torch"):
@@ -39,11 +45,11 @@ def auto(coordinator: Coordinator | str | None = None) -> Coordinator:
     if coordinator == "torch" or coordinator is None and _torch_initialized():
         from .torchdist import TorchCoordinator
 
-        return TorchCoordinator.default()
+        return TorchCoordinator.default(timeout)
     if coordinator == "mpi" or "mpi4py.MPI" in sys.modules or _launched_by_mpi():
         from .mpi import MPICoordinator
 
-        c = MPICoordinator.default()
+        c = MPICoordinator.default(timeout)
         if coordinator == "mpi" or c.size > 1:
             return c
     return LocalCoordinator()
