@@ -10,6 +10,7 @@ import base64
 import collections
 import math
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,11 @@ from .format import dtypes
 from .shard import Shard, dtensor_copies, dtensor_shard, is_dtensor
 
 MAX_DEPTH = 512
+# Trees up to MAX_DEPTH are valid, and flattening, JSON and rebuilding each recurse a few frames
+# per level: make sure Python allows that (only ever raised, never lowered).
+_RECURSION_NEEDED = 8 * MAX_DEPTH + 1000
+if sys.getrecursionlimit() < _RECURSION_NEEDED:
+    sys.setrecursionlimit(_RECURSION_NEEDED)
 _I64 = 1 << 63
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -142,6 +148,8 @@ class _Flattener:
                 t.stride(),
                 t.dtype,
                 str(t.device),
+                t.is_conj(),  # a conjugate or negative view shares storage, not values
+                t.is_neg(),
             )
             ref = TensorRef(
                 path or "$root",

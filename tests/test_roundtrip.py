@@ -397,3 +397,27 @@ def test_random_trees_roundtrip(tmp_path, obj, compress):
     pairs = _tensor_pairs(obj, out, [])
     for a, b in pairs:  # the same object saved twice comes back as one object
         assert all(d is b for c, d in pairs if c is a)
+
+
+def test_deepest_allowed_tree_round_trips(tmp_path):
+    """A tree nested MAX_DEPTH deep saves and loads (it used to hit Python's recursion limit);
+    one level more is refused with a typed error."""
+    t = torch.arange(3.0)
+    x = t
+    for _ in range(512):
+        x = [x]
+    ckptguard.save(x, tmp_path / "deep")
+    y = ckptguard.load(tmp_path / "deep")
+    for _ in range(512):
+        y = y[0]
+    assert torch.equal(y, t)
+    with pytest.raises(ckptguard.UnsupportedObjectError):
+        ckptguard.save([x], tmp_path / "deeper")
+
+
+def test_conjugate_and_negative_views_are_distinct_tensors(tmp_path):
+    """t.conj() and t._neg_view() share t's storage and strides but not its values."""
+    c = torch.tensor([1 + 2j, 3 - 1j])
+    ckptguard.save([c, c.conj(), c._neg_view()], tmp_path / "c")
+    a, b, n = ckptguard.load(tmp_path / "c")
+    assert torch.equal(a, c) and torch.equal(b, c.conj()) and torch.equal(n, -c)
