@@ -1,10 +1,17 @@
-"""Commit overhead of a distributed save, and rank 0's work for a simulated 4,096-rank save.
+"""Commit overhead of a distributed save, and rank 0's and a loading rank's work at scale.
 
     python benchmarks/commit_scale.py simulate --ranks 4096 --rows 500
+    python benchmarks/commit_scale.py simulate --ranks 10000 --rows 1000 --load
     python benchmarks/commit_scale.py overhead --ranks 2,4,8,16,32 [--trials 3]
 
-``simulate`` times exactly what rank 0 does with the reports of every rank (decode the Arrow IPC
-reports, validate all rows: shard coverage, contiguity, placement; write index.parquet durably).
+``simulate`` times exactly what rank 0 does with the messages of every rank: plan (decode the
+Arrow descriptions, check agreement, shard coverage and replicas, merge the per-rank trees),
+decode the reports, validate all rows (shard coverage, contiguity, placement) while writing
+index.parquet durably, then encode the manifest and read it back (as commit does). Each rank's
+tree has one per-rank value (its rank), so every tree differs from rank 0's; hashes are random
+(incompressible, as real ones). With ``--load`` it then plays one rank of a job loading that
+checkpoint: open it (manifest, index, every index rule checked), rebuild its tree, and select and
+plan its reads for 1/ranks of every tensor (a box straddling two saved shards).
 ``overhead`` runs real saves under ``mpiexec -n N`` (oversubscribed on a small machine) and
 reports the time from the last rank's fsync of its data file to the checkpoint being visible.
 """
@@ -12,6 +19,7 @@ reports the time from the last rank's fsync of its data file to the checkpoint b
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -25,123 +33,281 @@ import numpy as np
 import pyarrow as pa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHARD_ROWS, COLS, ELEM = 64, 1024, 2  # each rank: a 64 x 1024 bfloat16 shard of every tensor
+RAW = SHARD_ROWS * COLS * ELEM
+RECORD = 4096 * 33  # one record: 64-byte header + 128 KiB payload, padded
 
 
-def rank_report(rank: int, ranks: int, rows: int) -> bytes:
+class _Columns:
+    """Columns every rank's messages share (built once: the simulation, not the timing)."""
+
+    def __init__(self, ranks: int, rows: int) -> None:
+        n = rows
+        self.keys = pa.array([f"layer{t}/w" for t in range(n)], pa.string())
+        self.tensor = pa.array(np.arange(n, dtype=np.int32))
+        self.dtype = pa.array(["bfloat16"] * n, pa.string())
+        gshape = np.tile(np.array([ranks * SHARD_ROWS, COLS], np.int64), n)
+        self.global_shape = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2)), gshape)
+        lengths = np.tile(np.array([SHARD_ROWS, COLS], np.int64), n)
+        self.offsets2 = pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32))
+        self.shard_lengths = pa.ListArray.from_arrays(self.offsets2, lengths)
+        self.zeros32 = pa.array(np.zeros(n, np.int32))
+        self.zeros64 = pa.array(np.zeros(n, np.int64))
+        self.raw = pa.array(np.full(n, RAW, np.int64))
+        self.offset = pa.array(4096 + np.arange(n, dtype=np.int64) * RECORD)
+        self.codec = pa.array(["raw"] * n, pa.string())
+        self.elem = pa.array(np.full(n, ELEM, np.int32))
+        self.nulls = pa.nulls(n, pa.string())
+        self.kind = pa.array(["torch"] * n, pa.string())
+        self.device = pa.array(["cuda:0"] * n, pa.string())
+        self.false = pa.array(np.zeros(n, bool))
+        self.true = pa.array(np.ones(n, bool))
+        self.no_hash = pa.nulls(n, pa.binary(16))
+        self.rng = np.random.default_rng(0)
+
+
+def rank_report(c: _Columns, rank: int, rows: int) -> bytes:
     """What rank ``rank`` sends rank 0: one 64-row shard of each of ``rows`` 2-D tensors."""
     from ckptguard.format.index import SCHEMA
     from ckptguard.saver import _ipc, _pack
 
-    raw = 64 * 1024 * 2
     n = rows
+    offs = np.zeros((n, 2), np.int64)
+    offs[:, 0] = rank * SHARD_ROWS
+    name = f"rank-{rank:05d}.ckg"
+    hashes = c.rng.integers(0, 256, size=16 * n, dtype=np.uint8).tobytes()
     table = pa.table(
-        {
-            "key": [f"layer{t}/w" for t in range(n)],
-            "tensor": pa.array(np.arange(n), pa.int32()),
-            "dtype": ["bfloat16"] * n,
-            "global_shape": [[ranks * 64, 1024]] * n,
-            "shard_offsets": [[rank * 64, 0]] * n,
-            "shard_lengths": [[64, 1024]] * n,
-            "chunk": pa.array(np.zeros(n), pa.int32()),
-            "shard_byte_offset": np.zeros(n, np.int64),
-            "raw_len": np.full(n, raw),
-            "rank": pa.array(np.full(n, rank), pa.int32()),
-            "file": [f"rank-{rank:05d}.ckg"] * n,
-            "offset": 4096 + np.arange(n) * (4096 * 33),
-            "stored_len": np.full(n, raw),
-            "codec": ["raw"] * n,
-            "elem_size": pa.array(np.full(n, 2), pa.int32()),
-            "hash": pa.array([b"\0" * 16] * n, pa.binary(16)),
-            "base": pa.nulls(n, pa.string()),
-            "key_id": pa.nulls(n, pa.string()),
-        },
+        [
+            c.keys,
+            c.tensor,
+            c.dtype,
+            c.global_shape,
+            pa.ListArray.from_arrays(c.offsets2, offs.ravel()),
+            c.shard_lengths,
+            c.zeros32,
+            c.zeros64,
+            c.raw,
+            pa.array(np.full(n, rank, np.int32)),
+            pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [name]).cast(pa.string()),
+            c.offset,
+            c.raw,
+            c.codec,
+            c.elem,
+            pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(hashes)]),
+            c.nulls,
+            c.nulls,
+        ],
         schema=SCHEMA,
     )
     doc = {
         "ok": True,
         "written_at": 0.0,
-        "file": {
-            "name": f"rank-{rank:05d}.ckg",
-            "rank": rank,
-            "size": 4096 + n * 4096 * 33 + 10**6,
-            "chunks": n,
-        },
+        "file": {"name": name, "rank": rank, "size": 4096 + n * RECORD + 10**6, "chunks": n},
     }
     return _pack(doc, _ipc(table))
 
 
-def rank_description(rank: int, ranks: int, rows: int) -> bytes:
+def rank_tree(rank: int, rows: int) -> dict:
+    """A rank's object tree: its tensors, one per-rank value (the rank) and a shared step."""
+    return {
+        "model": {f"layer{t}.w": {"$tensor": t} for t in range(rows)},
+        "rank": rank,
+        "step": 100,
+    }
+
+
+def rank_description(c: _Columns, rank: int, ranks: int, rows: int) -> bytes:
     """What rank ``rank`` sends first: its tree and the description of its tensors."""
     from ckptguard.plan import DESC_SCHEMA
     from ckptguard.saver import _dump, _ipc, _pack
 
     n = rows
+    offs = np.zeros((n, 2), np.int64)
+    offs[:, 0] = rank * SHARD_ROWS
     desc = pa.table(
-        {
-            "key": [f"layer{t}/w" for t in range(n)],
-            "dtype": ["bfloat16"] * n,
-            "kind": ["torch"] * n,
-            "device": ["cuda:0"] * n,
-            "requires_grad": [False] * n,
-            "parameter": [False] * n,
-            "sharded": [True] * n,
-            "nbytes": np.full(n, 64 * 1024 * 2),
-            "hash": pa.nulls(n, pa.binary(16)),
-            "global_shape": [[ranks * 64, 1024]] * n,
-            "offsets": [[rank * 64, 0]] * n,
-            "shape": [[64, 1024]] * n,
-        },
+        [
+            c.keys,
+            c.dtype,
+            c.kind,
+            c.device,
+            c.false,
+            c.false,
+            c.true,
+            c.raw,
+            c.no_hash,
+            c.global_shape,
+            pa.ListArray.from_arrays(c.offsets2, offs.ravel()),
+            c.shard_lengths,
+        ],
         schema=DESC_SCHEMA,
     )
-    tree = {"model": {f"layer{t}.w": {"$tensor": t} for t in range(n)}, "step": 100}
-    return _pack({"ok": True, "pickle": False}, _dump(tree), _ipc(desc))
+    return _pack({"ok": True, "pickle": False}, _dump(rank_tree(rank, n)), _ipc(desc))
 
 
-def simulate(ranks: int, rows: int, trials: int) -> dict:
+def _body(plan, tree0: dict, rank_trees: dict, ranks: int) -> dict:  # noqa: ANN001
+    from ckptguard.format import FORMAT_VERSION
+    from ckptguard.format.ranktrees import RANK_TREE_DIFFS
+
+    return {
+        "format": "ckptguard",
+        "format_version": FORMAT_VERSION,
+        "features": [RANK_TREE_DIFFS] if rank_trees else [],
+        "name": "sim",
+        "uuid": "0" * 32,
+        "created": "2026-11-27T00:00:00.000000Z",
+        "step": 100,
+        "world_size": ranks,
+        "writer": {"ckptguard": "bench"},
+        "metadata": None,
+        "tree": tree0,
+        "rank_trees": rank_trees,
+        "tensors": plan.tensors,
+    }
+
+
+def simulate(
+    ranks: int, rows: int, trials: int, load: bool = False, old_path: bool = False
+) -> dict:
     """Time rank 0's work on simulated messages of ``ranks`` ranks with ``rows`` tensors each."""
-    import pyarrow.compute  # noqa: F401  (warm import outside the timing)
+    import pyarrow.compute as pc
 
+    from ckptguard.format import manifest
     from ckptguard.plan import make_plan
     from ckptguard.saver import _from_ipc, _merge_trees, _report, _unpack, validate_and_index
 
-    descs = [rank_description(r, ranks, rows) for r in range(ranks)]
-    reports = [rank_report(r, ranks, rows) for r in range(ranks)]
+    c = _Columns(ranks, rows)
+    descs = [rank_description(c, r, ranks, rows) for r in range(ranks)]
+    reports = [rank_report(c, r, rows) for r in range(ranks)]
     times = []
-    for _ in range(trials):
+    keep = tempfile.mkdtemp(dir=".") if load else None
+    for trial in range(trials):
         d = tempfile.mkdtemp(dir=".")
-        t0 = time.perf_counter()
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
         msgs = [_unpack(b) for b in descs]
         tables = [_from_ipc(parts[1]) for _, parts in msgs]
         plan = make_plan(tables)
-        _merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
+        t_plan = time.perf_counter()
+        tree0, rank_trees = _merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
         t1 = time.perf_counter()
         parsed = [_report(b) for b in reports]
         table = pa.concat_tables([t for _, t in parsed])
-        sizes = {doc["file"]["name"]: doc["file"]["size"] for doc, _ in parsed}
+        files = [doc["file"] for doc, _ in parsed]
+        sizes = {f["name"]: f["size"] for f in files}
         t2 = time.perf_counter()
-        validate_and_index(d, table, plan.tensors, sizes, set())
+        entry = validate_and_index(d, table, plan.tensors, sizes, set())
         t3 = time.perf_counter()
+        body = _body(plan, tree0, rank_trees, ranks)
+        body.update(
+            files=files,
+            index=entry,
+            totals={
+                "tensors": len(plan.tensors),
+                "chunks": table.num_rows,
+                "raw_bytes": int(pc.sum(table.column("raw_len")).as_py()),
+                "stored_bytes": int(pc.sum(table.column("stored_len")).as_py()),
+                "files": len(files),
+            },
+        )
+        data = manifest.encode(body)
+        manifest.decode(data)  # commit reads back what it is about to write
+        t4, c4 = time.perf_counter(), time.process_time()
         index_bytes = os.path.getsize(os.path.join(d, "index.parquet"))
+        if keep is not None and trial == trials - 1:
+            shutil.move(os.path.join(d, "index.parquet"), os.path.join(keep, "index.parquet"))
+            with open(os.path.join(keep, "MANIFEST.json"), "wb") as f:
+                f.write(data)
         shutil.rmtree(d)
+        del msgs, tables, parsed, table
         times.append(
             {
-                "plan_s": t1 - t0,
+                "plan_s": t_plan - t0,
+                "merge_trees_s": t1 - t_plan,
                 "decode_reports_s": t2 - t1,
-                "validate_and_write_s": t3 - t1,
+                "validate_and_write_s": t3 - t2,
+                "manifest_s": t4 - t3,
+                "total_s": t4 - t0,
+                "total_cpu_s": c4 - c0,  # both threads: validation and the index write overlap
             }
         )
+        print(f"  trial {trial}: " + ", ".join(f"{k} {v:.2f}" for k, v in times[-1].items()))
     med = {k: statistics.median(t[k] for t in times) for k in times[0]}
-    return {
+    res = {
         "ranks": ranks,
         "rows_per_rank": rows,
         "rows": ranks * rows,
         "description_bytes": sum(map(len, descs)),
         "report_bytes": sum(map(len, reports)),
         "index_bytes": index_bytes,
+        "manifest_bytes": len(data),
+        "rank_trees_bytes": len(json.dumps(rank_trees, separators=(",", ":"))),
         "median": med,
         "trials": times,
-        "target_validate_and_write_s": 2.0,
+        "target_s": 2.0,
     }
+    del descs, reports
+    if keep is not None:
+        try:
+            res["load"] = simulate_load(keep, ranks, trials, old_path)
+        finally:
+            shutil.rmtree(keep)
+    return res
+
+
+def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) -> dict:
+    """One rank of a ``ranks``-rank job loading the simulated checkpoint: open, rebuild its
+    tree, select and plan its reads for a 1/ranks box of every tensor."""
+    from ckptguard.format.ranktrees import rank_tree
+    from ckptguard.reader import CheckpointReader
+    from ckptguard.reshard import plan_reads
+    from ckptguard.tree import tensor_ids
+
+    me = ranks // 2
+    times = []
+    boxes: dict = {}
+    for _ in range(trials):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        rd = CheckpointReader(path)
+        t1 = time.perf_counter()
+        tree = rank_tree(rd.manifest, me)
+        ids = tensor_ids(tree)
+        t2 = time.perf_counter()
+        lo = me * SHARD_ROWS + SHARD_ROWS // 2  # straddles the shards of ranks me and me+1
+        boxes = {g: ((lo, 0), (SHARD_ROWS, COLS)) for g in ids}
+        rows = rd.rows_for(boxes)
+        by_tensor: dict[int, list] = {}
+        for r in rows:
+            by_tensor.setdefault(r.tensor, []).append(r)
+        pieces = [p for g, b in boxes.items() for p in plan_reads(by_tensor.get(g, []), b)]
+        t3, c3 = time.perf_counter(), time.process_time()
+        rd.close()
+        assert tree["rank"] == me and len(pieces) == 2 * len(ids) and len(rows) == 2 * len(ids)
+        times.append(
+            {
+                "open_s": t1 - t0,
+                "tree_s": t2 - t1,
+                "select_and_plan_s": t3 - t2,
+                "total_s": t3 - t0,
+                "total_cpu_s": c3 - c0,
+                "rows_built": len(rows),
+            }
+        )
+        print("  load: " + ", ".join(f"{k} {v:.2f}" for k, v in times[-1].items()))
+    res = {"rank": me, "median": {k: statistics.median(t[k] for t in times) for k in times[0]}}
+    if old_path:  # what a load did before: a Row for every row of the wanted tensors, then plan
+        with CheckpointReader(path) as rd:
+            t0 = time.perf_counter()
+            rows = rd.rows_of_tensors(sorted(boxes))
+            by_tensor = {}
+            for r in rows:
+                by_tensor.setdefault(r.tensor, []).append(r)
+            pieces = [p for g, b in boxes.items() for p in plan_reads(by_tensor.get(g, []), b)]
+            res["old_select_and_plan_s"] = time.perf_counter() - t0
+            assert len(pieces) == 2 * len(boxes)
+            res["old_rows_built"] = len(rows)
+        print(f"  old path: select + plan {res['old_select_and_plan_s']:.2f} s, {len(rows)} rows")
+    return res
 
 
 WORKER = """
@@ -208,17 +374,29 @@ def main() -> None:
     ap.add_argument("--ranks", default="4096")
     ap.add_argument("--rows", type=int, default=500)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--load", action="store_true", help="simulate: also a rank's load")
+    ap.add_argument("--old-path", action="store_true", help="--load: also the old row selection")
     ap.add_argument("--json", default=None, help="write results here")
     a = ap.parse_args()
     if a.mode == "simulate":
-        res = simulate(int(a.ranks), a.rows, a.trials)
+        res = simulate(int(a.ranks), a.rows, a.trials, a.load, a.old_path)
         m = res["median"]
         print(
             f"{res['ranks']} ranks x {res['rows_per_rank']} rows = {res['rows']:,} rows: "
-            f"plan {m['plan_s']:.2f} s; decode reports {m['decode_reports_s']:.2f} s, then "
-            f"validate + write index.parquet ({res['index_bytes'] / 1e6:.1f} MB) "
-            f"{m['validate_and_write_s']:.2f} s in all (target <= 2 s)"
+            f"plan {m['plan_s']:.2f} s + merge trees {m['merge_trees_s']:.2f} s + decode "
+            f"reports {m['decode_reports_s']:.2f} s + validate and write index.parquet "
+            f"({res['index_bytes'] / 1e6:.1f} MB) {m['validate_and_write_s']:.2f} s + manifest "
+            f"({res['manifest_bytes'] / 1e6:.2f} MB, rank_trees {res['rank_trees_bytes'] / 1e6:.2f}"
+            f" MB) {m['manifest_s']:.2f} s = {m['total_s']:.2f} s (CPU {m['total_cpu_s']:.2f} s; "
+            f"min {min(t['total_s'] for t in res['trials']):.2f} s; target <= 2 s)"
         )
+        if "load" in res:
+            m = res["load"]["median"]
+            print(
+                f"load as rank {res['load']['rank']}: open {m['open_s']:.2f} s, tree "
+                f"{m['tree_s']:.3f} s, select + plan {m['select_and_plan_s']:.2f} s "
+                f"({m['rows_built']} rows built) = {m['total_s']:.2f} s"
+            )
     else:
         res = overhead([int(x) for x in a.ranks.split(",")], a.trials)
     if a.json:

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
@@ -45,6 +46,14 @@ from .format.validate import check_table
 from .fsutil import pread_exact
 
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _flat_lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 values, per-row lengths) of a list<int64> column."""
+    col = col.combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, lengths
 
 
 class CheckpointReader:
@@ -129,6 +138,65 @@ class CheckpointReader:
         """The rows of these tensors only: a rank of a large job builds what it reads."""
         mask = pc.is_in(self.table.column("tensor"), value_set=pa.array(ids, pa.int32()))
         return index.rows_from_table(self.table.filter(mask))
+
+    def rows_for(self, boxes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]) -> list[Row]:
+        """The rows a load of ``boxes`` (tensor id -> (offsets, lengths) of the part wanted)
+        reads: of each saved shard that meets its tensor's box, the chunks overlapping the bytes
+        of the shard's first-dimension rows that the box needs (what ``reshard.plan_reads``
+        keeps; a 0-d tensor's chunks always). Selected on the index table, so a rank that wants
+        1/N of every tensor builds about 1/N of the rows."""
+        if not boxes:
+            return []
+        t = self.table
+        tid = t.column("tensor").to_numpy().astype(np.int64)
+        wanted = np.zeros(len(self.tensors), dtype=bool)
+        ids = np.fromiter(boxes, dtype=np.int64, count=len(boxes))
+        wanted[ids] = True  # ids come from the manifest's tensors (restore checks the range)
+        sel = np.flatnonzero(wanted[tid])
+        if len(sel) < t.num_rows:
+            t = t.take(pa.array(sel))
+            tid = tid[sel]
+        # Each row's shard box and its tensor's wanted box, as flat per-dimension arrays.
+        offs, nd = _flat_lists(t.column("shard_offsets"))
+        lens, _ = _flat_lists(t.column("shard_lengths"))
+        nd_t = np.array([len(self.tensors[i]["shape"]) for i in range(len(self.tensors))])
+        w_start = np.zeros(len(self.tensors), dtype=np.int64)
+        w_off, w_len = [], []
+        pos = 0
+        for gid in sorted(boxes):
+            o, n = boxes[gid]
+            if len(o) != nd_t[gid] or len(n) != nd_t[gid]:
+                raise ValueError(f"box of tensor {gid} has the wrong number of dimensions")
+            w_start[gid] = pos
+            w_off += o
+            w_len += n
+            pos += len(o)
+        starts = np.cumsum(nd) - nd
+        within = np.arange(len(offs)) - np.repeat(starts, nd)
+        w_idx = np.repeat(w_start[tid], nd) + within
+        wo = np.array(w_off, dtype=np.int64)[w_idx]
+        wl = np.array(w_len, dtype=np.int64)[w_idx]
+        lo = np.maximum(offs, wo)
+        hi = np.minimum(offs + lens, wo + wl)
+        row_of = np.repeat(np.arange(t.num_rows), nd)
+        misses = np.bincount(row_of, weights=hi <= lo, minlength=t.num_rows)
+        keep = misses == 0  # every dimension overlaps (a 0-d shard always)
+        # The overlap's first-dimension rows are one byte range of the C-ordered shard; keep
+        # the chunks that meet it.
+        multi = np.flatnonzero(keep & (nd > 0))
+        if len(multi):
+            first = starts[multi]
+            factor = lens.copy()
+            factor[starts[nd > 0]] = 1
+            row_elems = np.multiply.reduceat(factor, starts[nd > 0]) if len(factor) else factor
+            row_elems = row_elems[np.searchsorted(np.flatnonzero(nd > 0), multi)]
+            row_bytes = row_elems * t.column("elem_size").to_numpy()[multi].astype(np.int64)
+            b_lo = (lo[first] - offs[first]) * row_bytes
+            b_hi = (hi[first] - offs[first]) * row_bytes
+            sbo = t.column("shard_byte_offset").to_numpy()[multi]
+            raw = t.column("raw_len").to_numpy()[multi]
+            keep[multi] = (sbo < b_hi) & (sbo + raw > b_lo)
+        return index.rows_from_table(t.filter(pa.array(keep)))
 
     def rows_of_file(self, name: str) -> list[Row]:
         """One data file's rows in offset order (their position is the record sequence number)."""

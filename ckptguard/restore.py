@@ -12,6 +12,7 @@ import torch
 
 from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError, location
 from .format.index import Row
+from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor, rank_tree
 from .reader import CheckpointReader
 from .reshard import Box, Piece, plan_reads
 from .tree import (
@@ -139,7 +140,7 @@ def load_checkpoint(
                 f"{path} contains pickled objects; load it with allow_pickle=True only if you "
                 "trust where it came from"
             )
-        tree = rd.manifest["rank_trees"].get(str(rank), rd.manifest["tree"])
+        tree = rank_tree(rd.manifest, rank)
         targets = _template_targets(template, rd) if template is not None else {}
         fresh = []
         for gid in tensor_ids(tree):
@@ -150,14 +151,18 @@ def load_checkpoint(
                 )
             if gid not in targets and gid not in fresh:
                 fresh.append(gid)
-        mine = rd.rows_of_tensors(sorted({*targets, *fresh}))
+        boxes = {gid: tg.box for gid, tg in targets.items()}
+        for gid in fresh:
+            shape = tuple(rd.tensors[gid]["shape"])
+            boxes[gid] = ((0,) * len(shape), shape)
+        # Only the chunks that meet this rank's boxes become rows (selected on the index table).
+        mine = rd.rows_for(boxes)
         # The index ties each tensor's bytes to records inside its files; the files on disk must
         # be that large before their tensors are allocated (I6).
         rd.check_sizes({r.file for r in mine})
         for gid in fresh:
             t = _host_empty(rd.tensors[gid])
-            shape = tuple(rd.tensors[gid]["shape"])
-            targets[gid] = _Target(t, t, ((0,) * len(shape), shape), True)
+            targets[gid] = _Target(t, t, boxes[gid], True)
         rows_by_tensor: dict[int, list[Row]] = {}
         for r in mine:
             rows_by_tensor.setdefault(r.tensor, []).append(r)
@@ -297,8 +302,24 @@ def verify_rows(
 
 def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:
     """Check the manifest's object trees against the tensor list (once per checkpoint)."""
+    m, n = rd.manifest, len(rd.tensors)
     try:
-        for tree in [rd.manifest["tree"], *rd.manifest["rank_trees"].values()]:
-            check_tree(tree, len(rd.tensors))
+        check_tree(m["tree"], n)
+        for value in m["rank_trees"].values():
+            if RANK_TREE_DIFFS not in rd.features:
+                check_tree(value, n)
+                continue
+            # Only the values a diff replaces (or the tagged value around them) are new: each is
+            # checked once, at its depth, in the rank's tree; the rest is rank 0's, checked above.
+            tree = apply_diff(m["tree"], value)
+            anchors = {}
+            for path, _ in value:
+                k, depth = diff_anchor(m["tree"], path)
+                anchors[tuple(path[:k])] = depth
+            for prefix, depth in anchors.items():
+                node = tree
+                for step in prefix:
+                    node = node[step]
+                check_tree(node, n, depth)
     except TreeError as e:
         report.problems.append(Problem(f"object tree is malformed: {e}", "MANIFEST.json"))

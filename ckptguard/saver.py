@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from . import commit as _commit
 from .agent.client import notify_committed
@@ -36,6 +37,7 @@ from .format.datafile import FormatError
 from .format.index import to_table
 from .format.layout import MANIFEST, datafile_name
 from .format.manifest import CheckpointInfo, parse_time
+from .format.ranktrees import RANK_TREE_DIFFS, TextDiffer
 from .format.validate import check_table
 from .plan import PlanError, assignment, describe_local, make_plan
 from .staging import DIRECT
@@ -163,7 +165,7 @@ class _Save:
         try:
             descs = [_from_ipc(parts[1]) for _, parts in msgs]
             plan = make_plan(descs, self.opt.check_replicated)
-            trees = _merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
+            tree0, rank_trees = _merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
             final = os.path.join(self.store, self.name)
             if not self.opt.overwrite and os.path.exists(os.path.join(final, MANIFEST)):
                 raise CheckpointExistsError(
@@ -181,7 +183,10 @@ class _Save:
         self.body = {
             "format": "ckptguard",
             "format_version": FORMAT_VERSION,
-            "features": ["pickle"] if any(m["pickle"] for m, _ in msgs) else [],
+            "features": [
+                *(["pickle"] if any(m["pickle"] for m, _ in msgs) else []),
+                *([RANK_TREE_DIFFS] if rank_trees else []),
+            ],
             "name": self.name,
             "uuid": uid,
             "created": "",
@@ -189,8 +194,8 @@ class _Save:
             "world_size": self.coord.size,
             "writer": self.opt.writer_versions,
             "metadata": self.opt.metadata,
-            "tree": trees[0],
-            "rank_trees": {str(r): t for r, t in trees.items() if r},
+            "tree": tree0,
+            "rank_trees": rank_trees,
             "tensors": plan.tensors,
         }
         return {
@@ -338,23 +343,56 @@ def _report(data: bytes) -> tuple[dict, pa.Table | None]:
     return doc, (_from_ipc(parts[0]) if parts else None)
 
 
-def _merge_trees(blobs: list[memoryview], descs: list[pa.Table], keys: list[str]) -> dict[int, Any]:
-    """Each rank's tree with global tensor ids: rank 0's, and every rank's that differs.
+def _merge_trees(
+    blobs: list[memoryview], descs: list[pa.Table], keys: list[str]
+) -> tuple[Any, dict[str, list]]:
+    """Rank 0's tree with global tensor ids, and for each rank whose tree differs a diff against
+    it (the manifest's ``rank_trees`` under the rank-tree-diffs feature, format.md section 6.1).
 
-    Identical trees (the usual case) are parsed once: the same bytes name the same keys in the
-    same order, so they map local ids to the same global ids.
+    A tree equal to rank 0's as JSON text (the usual case) costs one comparison. A rank whose
+    tensors have rank 0's keys in rank 0's order maps local ids to the same global ids, so its
+    text is diffed against rank 0's as sent (only the differing values are parsed, then
+    remapped); equal texts share one diff. Other ranks' trees are remapped, then diffed against
+    rank 0's global tree. Diffs are exact: they are taken on the JSON texts.
     """
     gid = {k: i for i, k in enumerate(keys)}
-    parsed: dict[bytes, Any] = {}
-    out: dict[int, Any] = {}
-    for r, (blob, desc) in enumerate(zip(blobs, descs, strict=True)):
-        b = bytes(blob)
-        if b not in parsed:
-            ids = [gid[k] for k in desc.column("key").to_pylist()]
-            parsed[b] = remap_tensor_ids(json.loads(b), ids)
-        if r == 0 or parsed[b] != out[0]:
-            out[r] = parsed[b]
-    return out
+    key0 = descs[0].column("key")
+    ids0 = [gid[k] for k in key0.to_pylist()]
+    blob0 = bytes(blobs[0])
+    tree0 = remap_tensor_ids(json.loads(blob0), ids0)
+    differs: dict[bool, TextDiffer | None] = {}
+
+    def diff(text: bytes, local: bool) -> list:
+        d = None
+        try:
+            if local not in differs:
+                differs[local] = None
+                differs[local] = TextDiffer((blob0 if local else _dump(tree0)).decode())
+            if differs[local] is not None:
+                d = differs[local].diff(text.decode())
+        except (RecursionError, ValueError, IndexError):  # deeper than this stack
+            pass
+        if d is None:  # the whole tree
+            d = [[[], json.loads(text)]]
+        return [[p, remap_tensor_ids(v, ids0)] for p, v in d] if local else d
+
+    seen: dict[bytes, list] = {}  # diffs by the xxh3-128 of a tree's text (rank 0's keys)
+    diffs: dict[str, list] = {}
+    for r in range(1, len(blobs)):
+        b = bytes(blobs[r])
+        if descs[r].column("key").equals(key0):
+            if b == blob0:
+                continue
+            h = xxhash.xxh3_128_digest(b)
+            if h not in seen:
+                seen[h] = diff(b, True)
+            d = seen[h]
+        else:
+            ids = [gid[k] for k in descs[r].column("key").to_pylist()]
+            d = diff(_dump(remap_tensor_ids(json.loads(b), ids)), False)
+        if d:
+            diffs[str(r)] = d
+    return tree0, diffs
 
 
 def info_from_json(doc: dict) -> CheckpointInfo:

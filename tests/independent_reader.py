@@ -85,7 +85,10 @@ NUMPY_DTYPES = {
     "complex128": "<c16",
 }
 CODECS = {"raw": 0, "shuffle-lz4": 1}
-KNOWN_FEATURES = {"pickle"}  # pickled leaves are returned as opaque ``Pickled`` blobs, never loaded
+# pickled leaves are returned as opaque ``Pickled`` blobs, never loaded; rank-tree-diffs: the
+# values of rank_trees are diffs against tree (section 6.1)
+KNOWN_FEATURES = {"pickle", "rank-tree-diffs"}
+MAX_DIFF_PATH = 2048
 
 BODY_MEMBERS = {
     "format",
@@ -267,6 +270,7 @@ class Checkpoint:
     manifest: dict[str, Any]
     tree: Any
     rank_trees: dict[int, Any]  # decoded trees of the ranks whose tree differs from rank 0's
+    # (reconstructed from their diffs under rank-tree-diffs)
     tensors: dict[str, TensorData]  # by key
     by_id: list[TensorData]
     rows: list[dict[str, Any]]  # index rows, hash as 16 bytes
@@ -424,11 +428,13 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     )
     rt = body["rank_trees"]
     _need(isinstance(rt, dict), "MANIFEST.json: rank_trees is not an object")
-    for r in rt:
+    for r, v in rt.items():
         _need(
-            bool(re.fullmatch(r"[1-9][0-9]*", r)) and int(r) < ws,
+            bool(re.fullmatch(r"[1-9][0-9]{0,9}", r)) and int(r) < ws,
             f"MANIFEST.json: rank_trees key {r!r} is not a rank in 1..world_size-1",
         )
+        if "rank-tree-diffs" in feats:
+            check_diff(body["tree"], v, f"MANIFEST.json: rank_trees[{r!r}]")
 
     tensors = body["tensors"]
     _need(isinstance(tensors, list), "MANIFEST.json: tensors is not a list")
@@ -488,6 +494,49 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         "MANIFEST.json: bad totals",
     )
     return body
+
+
+def _resolve(tree: Any, path: list, where: str) -> Any:
+    node = tree
+    for step in path:
+        if isinstance(step, str):
+            _need(isinstance(node, dict) and step in node, f"{where}: path {path} not in tree")
+        else:
+            _need(_is_int(step) and step >= 0, f"{where}: path step {step!r} is not valid")
+            _need(isinstance(node, list) and step < len(node), f"{where}: path {path} not in tree")
+        node = node[step]
+    return node
+
+
+def check_diff(tree: Any, diff: Any, where: str) -> None:
+    """A rank's diff (section 6.1): a non-empty list of [path, value]; each path resolves in
+    ``tree``; no path equals or is a prefix of another."""
+    _need(isinstance(diff, list) and len(diff) > 0, f"{where}: not a non-empty list")
+    paths: set[tuple] = set()
+    for e in diff:
+        _need(isinstance(e, list) and len(e) == 2, f"{where}: entry is not [path, value]")
+        path = e[0]
+        _need(isinstance(path, list) and len(path) <= MAX_DIFF_PATH, f"{where}: bad path")
+        _resolve(tree, path, where)
+        key = tuple((type(s).__name__, s) for s in path)
+        _need(key not in paths, f"{where}: path {path} appears twice")
+        paths.add(key)
+    for key in paths:
+        for k in range(len(key)):
+            _need(key[:k] not in paths, f"{where}: path {list(key)} is inside another entry's")
+
+
+def apply_diff(tree: Any, diff: list) -> Any:
+    """Rank r's tree from rank 0's: each entry's path replaced by its value (on a copy)."""
+    out = json.loads(json.dumps(tree))
+    for path, value in diff:
+        if not path:
+            return value
+        parent = out
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = value
+    return out
 
 
 def is_name(name: str) -> bool:
@@ -879,8 +928,11 @@ def decode_tree(body: dict[str, Any]) -> tuple[Any, dict[int, Any]]:
     Checks each tensor's key is the path of (one of) the places it appears in any tree."""
     dec = _TreeDecoder(len(body["tensors"]))
     out = dec.decode(body["tree"], (), 0)
-    ranks = {int(r): dec.decode(t, (), 0) for r, t in body["rank_trees"].items()}
     feats = set(body.get("features", []))
+    ranks = {
+        int(r): dec.decode(apply_diff(body["tree"], t) if "rank-tree-diffs" in feats else t, (), 0)
+        for r, t in body["rank_trees"].items()
+    }
     for tid, paths in dec.paths.items():
         key = body["tensors"][tid]["key"]
         if set(paths) == {""}:

@@ -14,11 +14,12 @@ import xxhash
 from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import FormatError
 from .layout import datafile_rank, is_name, is_uuid
+from .ranktrees import RANK_TREE_DIFFS, check_diff
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TENSOR_BYTES = 1 << 62
-KNOWN_FEATURES = frozenset({"pickle"})
-ALL_FEATURES = frozenset({"pickle", "incremental", "encryption"})
+KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS})
+ALL_FEATURES = frozenset({"pickle", "incremental", "encryption", RANK_TREE_DIFFS})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -128,9 +129,14 @@ def validate(doc: Any) -> None:
     parse_time(doc["created"])
     if not all(isinstance(v, str) for v in doc["writer"].values()):
         raise FormatError("manifest.writer values must be strings")
-    for r in doc["rank_trees"]:
-        if not r.isdigit() or str(int(r)) != r or not 0 < int(r) < doc["world_size"]:
+    diffs = RANK_TREE_DIFFS in feats
+    for r, value in doc["rank_trees"].items():
+        if not (r.isascii() and r.isdigit() and len(r) <= 10) or str(int(r)) != r:
             raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
+        if not 0 < int(r) < doc["world_size"]:
+            raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
+        if diffs:
+            check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
     keys = set()
     for i, t in enumerate(doc["tensors"]):
         _typed(t, _TENSOR, f"manifest.tensors[{i}]")

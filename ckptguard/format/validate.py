@@ -167,27 +167,51 @@ def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # 
     # The C-order linear index of a shard's first element identifies it within its tensor.
     start = np.zeros(rows.n, dtype=np.int64)
     volume = np.ones(rows.n, dtype=np.int64)
-    for t_nd in np.unique(nd):
-        sel = np.flatnonzero(nd == t_nd)
+    for t_nd in np.unique(nd).tolist():
         if t_nd == 0:
             continue
-        idx = row_start[sel][:, None] + np.arange(t_nd)
-        offs, lens = o_flat[idx], n_flat[idx]
-        mat = np.zeros((len(tensors), t_nd), dtype=np.int64)
+        sel = np.flatnonzero(nd == t_nd)
+        base, t_sel = row_start[sel], tid[sel]
+        strides = np.zeros((t_nd, len(tensors)), dtype=np.int64)  # per dimension, per tensor
         for i, t in enumerate(tensors):
             if len(t["shape"]) == t_nd:
-                mat[i] = t["shape"]
-        glob = mat[tid[sel]]
-        strides = np.ones_like(glob)
-        strides[:, :-1] = np.cumprod(glob[:, ::-1], axis=1)[:, ::-1][:, 1:]
-        start[sel] = (offs * strides).sum(axis=1)
-        volume[sel] = lens.prod(axis=1)
+                step = 1
+                for d in range(t_nd - 1, -1, -1):
+                    strides[d, i] = step
+                    step *= t["shape"][d]
+        acc, vol = np.zeros(len(sel), dtype=np.int64), np.ones(len(sel), dtype=np.int64)
+        for d in range(t_nd):
+            acc += o_flat[base + d] * strides[d][t_sel]
+            vol *= n_flat[base + d]
+        start[sel], volume[sel] = acc, vol
+    if not chunk.any():  # every shard one chunk (the usual case at scale): a row is a shard
+        order = _sort_order(tid, start)
+        tid_f, s_s = tid[order], start[order]
+        if not ((tid_f[1:] == tid_f[:-1]) & (s_s[1:] == s_s[:-1])).any():
+            rows.fail(sbo != 0, "chunks of a shard are not numbered from 0 or not contiguous")
+            rows.fail(raw != volume * elem, "the chunks of a shard do not hold exactly its bytes")
+            _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, order, tid_f)
+            return
     order = _sort_order(tid, start, chunk)
     t_s, s_s, c_s = tid[order], start[order], chunk[order]
     new = np.ones(rows.n, dtype=bool)
     new[1:] = (t_s[1:] != t_s[:-1]) | (s_s[1:] != s_s[:-1])
     group = np.cumsum(new) - 1
     group_first = np.flatnonzero(new)
+    # Rows starting at the same element of a tensor are one shard: they must agree on its extent
+    # (each row against the shard's first row).
+    later = np.flatnonzero(~new)
+    if len(later):
+        mine, lead = order[later], order[group_first[group[later]]]
+        other = np.zeros(rows.n, dtype=bool)
+        for t_nd in np.unique(nd[mine]).tolist():
+            sel = nd[mine] == t_nd
+            a, b = row_start[mine[sel]], row_start[lead[sel]]
+            differ = np.zeros(len(a), dtype=bool)
+            for d in range(t_nd):
+                differ |= n_flat[a + d] != n_flat[b + d]
+            other[mine[sel]] = differ
+        rows.fail(other, "rows of one shard (same tensor and start) disagree on its lengths")
     pos_in_group = np.arange(rows.n) - group_first[group]
     raw_s, sbo_s = raw[order], sbo[order]
     cum = np.cumsum(raw_s) - raw_s
@@ -197,16 +221,70 @@ def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # 
     rows.fail(bad, "chunks of a shard are not numbered from 0 or not contiguous")
     ends = np.append(group_first[1:], rows.n) - 1
     total = (sbo_s + raw_s)[ends]
-    need = (volume[order] * elem[order])[group_first]
+    firsts = order[group_first]  # one row per shard (each holds > 0 elements), by tensor, start
+    need = volume[firsts] * elem[firsts]
     bad = np.zeros(rows.n, dtype=bool)
-    bad[order[group_first]] = total != need
+    bad[firsts] = total != need
     rows.fail(bad, "the chunks of a shard do not hold exactly its bytes")
-    firsts = order[group_first]  # one row per shard, sorted by tensor
-    bounds = np.searchsorted(tid[firsts], np.arange(len(tensors) + 1))
-    for t, entry in enumerate(tensors):
+    _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, firsts, t_s[group_first])
+
+
+def _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, firsts, tid_f) -> None:  # noqa: ANN001
+    """``check_cover`` of every tensor, given one row per shard (``firsts``, sorted by tensor
+    then start; ``tid_f`` their tensors). Its checks of the usual layout (pieces along one
+    dimension, the others whole, or one whole piece) run here for all tensors at once, in row
+    order where they can: the shards' volumes add up to the tensor's; along that dimension, in
+    ``firsts`` order (by offset there), the first starts at 0 and each next one where the
+    previous one ends. Every other tensor, and any that fails, goes through ``check_cover``."""
+    o_flat, n_flat = lists["shard_offsets"], lists["shard_lengths"]
+    n_t = len(tensors)
+    bounds = np.searchsorted(tid_f, np.arange(n_t + 1))
+    count = np.diff(bounds)
+    total = [math.prod(t["shape"]) for t in tensors]
+    elems = np.array([min(x, 1 << 62) for x in total], dtype=np.int64)
+    suspect = np.array([x >= 1 << 62 for x in total], dtype=bool)  # beyond int64 sums here
+    have = count > 0
+    covered = np.zeros(n_t, dtype=np.int64)
+    covered[have] = np.add.reduceat(volume[firsts], bounds[:-1][have])
+    suspect |= np.where(have, covered != elems, elems != 0)  # as check_cover counts first
+    # Per tensor, the dimensions along which some shard is not whole (from every row: the rows
+    # of one shard have its box), and the offset and length of each row along the one such
+    # dimension of its tensor, if one.
+    ways = np.zeros(n_t, dtype=np.int64)
+    along = np.zeros(n_t, dtype=np.int64)
+    o_row, n_row = np.zeros(len(tid), dtype=np.int64), np.zeros(len(tid), dtype=np.int64)
+    for t_nd in np.unique(nd_t).tolist():
+        if t_nd == 0:
+            continue  # a 0-d tensor: one shard of one element, as the volumes said
+        in_grp = nd_t == t_nd
+        sel = np.flatnonzero(in_grp[tid])
+        base, t_sel = row_start[sel], tid[sel]
+        shape = np.zeros((t_nd, n_t), dtype=np.int64)
+        for i in np.flatnonzero(in_grp).tolist():
+            shape[:, i] = tensors[i]["shape"]
+        split = np.zeros((t_nd, n_t), dtype=bool)
+        for d in range(t_nd):
+            part = (o_flat[base + d] != 0) | (n_flat[base + d] != shape[d][t_sel])
+            split[d] = np.bincount(t_sel, weights=part, minlength=n_t) > 0
+        ways[in_grp] = split.sum(axis=0)[in_grp]
+        along[in_grp] = np.argmax(split, axis=0)[in_grp]
+        at = base + along[t_sel]
+        o_row[sel], n_row[sel] = o_flat[at], n_flat[at]
+    suspect |= ways > 1  # several: check_cover paints a grid
+    one = (ways == 1) & ~suspect
+    f = np.flatnonzero(one[tid_f])
+    t1, rows1 = tid_f[f], firsts[f]
+    o, n = o_row[rows1], n_row[rows1]
+    first = np.ones(len(t1), dtype=bool)
+    first[1:] = t1[1:] != t1[:-1]
+    expect = np.zeros(len(t1), dtype=np.int64)
+    expect[1:] = o[:-1] + n[:-1]
+    expect[first] = 0
+    suspect[np.unique(t1[o != expect])] = True
+    for t in np.flatnonzero(suspect).tolist():
         sel = firsts[bounds[t] : bounds[t + 1]]
         idx = row_start[sel][:, None] + np.arange(int(nd_t[t]))
-        check_cover(entry["key"], entry["shape"], o_flat[idx], n_flat[idx])
+        check_cover(tensors[t]["key"], tensors[t]["shape"], o_flat[idx], n_flat[idx])
 
 
 def _sort_order(*keys: np.ndarray) -> np.ndarray:
