@@ -85,7 +85,7 @@ class Case:
     @property
     def late(self) -> bool:
         """The point lies after the commit point: killed there, the operation took effect."""
-        return self.row.expect["kill"] in ("visible", "latest", "new", "gone")
+        return self.row.expect["kill"] in ("visible", "latest", "new", "gone", "either")
 
     @property
     def late_error(self) -> bool:
