@@ -478,8 +478,8 @@ def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     check_store(store, names, latest)
     if case.action == "hang" and case.agent_side:  # srun may report a task killed by the abort
         want = {EXIT_PEERS_LOST} if job is None else {EXIT_PEERS_LOST, 137, 143, 1}
-        assert code in want, f"a stuck agent: exit {code}, expected {EXIT_PEERS_LOST}"
-        assert f"rank {case.rank}'s save is stuck" in log, log[-3000:]
+        assert code in want, f"stuck agent: exit {code}, expected {EXIT_PEERS_LOST}:\n{log[-3000:]}"
+        # (its log line, "rank N's save is stuck", may be lost when MPI_Abort ends the job first)
     elif case.action != "hang":
         assert code is not None
     return outcome, check_ranks(case, run, committed)

@@ -14,7 +14,7 @@ import pytest
 
 CI = os.environ.get("CI") == "true"
 TOOLS = ("sinfo", "srun", "sbatch", "scancel")
-UP = {"idle", "mix", "alloc", "comp"}  # sinfo %t of a node that answers and takes jobs
+UP = {"idle", "mix", "alloc", "comp", "plnd"}  # sinfo %t of a node that answers and takes jobs
 
 
 def unavailable(reason: str) -> None:
