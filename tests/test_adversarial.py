@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import record_opens, resign_manifest, rewrite_rows, small_state
+from threadcoord import ThreadCoordinator, ThreadGroup
 
 import ckptguard
 from ckptguard import Shard
-from ckptguard.coord import Coordinator
 
 N_CASES = int(os.environ.get("CKPTGUARD_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("CKPTGUARD_FUZZ_SEED", "8"))
@@ -45,37 +45,6 @@ CHUNK = 6144  # records of one and of two pages
 
 
 # ---------------------------------------------------------------------------- a 2-rank save
-
-
-class _Group:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.barrier = threading.Barrier(n)
-        self.slots: list[Any] = [None] * n
-
-
-class ThreadCoordinator(Coordinator):
-    """Ranks as threads of this process (the collectives are two barriers each)."""
-
-    name = "threads"
-
-    def __init__(self, group: _Group, rank: int) -> None:
-        self.g, self.rank, self.size = group, rank, group.n
-
-    def broadcast(self, data: bytes | None, timeout: float) -> bytes:
-        if self.rank == 0:
-            self.g.slots[0] = data
-        self.g.barrier.wait(timeout)
-        out = self.g.slots[0]
-        self.g.barrier.wait(timeout)
-        return out
-
-    def gather(self, data: bytes, timeout: float) -> list[bytes] | None:
-        self.g.slots[self.rank] = data
-        self.g.barrier.wait(timeout)
-        out = list(self.g.slots) if self.rank == 0 else None
-        self.g.barrier.wait(timeout)
-        return out
 
 
 def global_state(seed: int) -> dict[str, torch.Tensor]:
@@ -92,7 +61,7 @@ def global_state(seed: int) -> dict[str, torch.Tensor]:
 def save_sharded(path: str, seed: int, world: int = 2) -> None:
     """A ``world``-rank save from threads: w and m sharded by rows, the rest replicated."""
     full = global_state(seed)
-    group = _Group(world)
+    group = ThreadGroup(world)
     errors: list[BaseException] = []
 
     def rank_main(r: int) -> None:

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import resign_manifest
+from threadcoord import ThreadCoordinator, ThreadGroup
 
 import ckptguard
-from ckptguard.coord.base import Coordinator
 from ckptguard.errors import CorruptCheckpointError
 from ckptguard.format import manifest, ranktrees, validate
 from ckptguard.format.datafile import FormatError
@@ -39,39 +39,8 @@ from ckptguard.tree import TreeError, check_tree, flatten
 # ---------------------------------------------------------------- ranks as threads
 
 
-class _Group:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.barrier = threading.Barrier(n)
-        self.slots: list[Any] = [None] * n
-
-
-class ThreadCoordinator(Coordinator):
-    """Ranks as threads of this process (each collective is two barriers)."""
-
-    name = "threads"
-
-    def __init__(self, group: _Group, rank: int) -> None:
-        self.g, self.rank, self.size = group, rank, group.n
-
-    def broadcast(self, data: bytes | None, timeout: float) -> bytes:
-        if self.rank == 0:
-            self.g.slots[0] = data
-        self.g.barrier.wait(timeout)
-        out = self.g.slots[0]
-        self.g.barrier.wait(timeout)
-        return out
-
-    def gather(self, data: bytes, timeout: float) -> list[bytes] | None:
-        self.g.slots[self.rank] = data
-        self.g.barrier.wait(timeout)
-        out = list(self.g.slots) if self.rank == 0 else None
-        self.g.barrier.wait(timeout)
-        return out
-
-
 def save_ranks(states: list[Any], path: str) -> None:
-    group = _Group(len(states))
+    group = ThreadGroup(len(states))
     errors: list[BaseException] = []
 
     def main(r: int) -> None:
