@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,13 @@ def small_state(seed: int = 0) -> dict[str, Any]:
         "opt": {"lr": 0.1, "step": seed},
         "mask": torch.rand(33, generator=g) > 0.5,
     }
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT of a gloo job started by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def flip_byte(path: str | os.PathLike, offset: int, mask: int = 0x01) -> None:

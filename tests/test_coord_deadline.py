@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 import ckptguard
 
@@ -26,12 +26,6 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
 CI = os.environ.get("CI") == "true"
 SLEEP, TIMEOUT, BOUND = 15, 3, 12  # the late rank's delay, the save's timeout, the others' bound
 GIVE_UP = ("CoordinationTimeoutError", "CheckpointAbortedError")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:

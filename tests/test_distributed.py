@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+from conftest import free_port
 
 import ckptguard
 
@@ -36,12 +36,6 @@ def mpirun(n: int, *args: str, env: dict | None = None, timeout: float = 120) ->
     )
     print(proc.stdout[-3000:], proc.stderr[-3000:])  # shown by pytest when a test fails
     return proc.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(n: int, *args: str, timeout: float = 120) -> list[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import free_port
 
 import ckptguard
 from ckptguard.plan import (
@@ -167,12 +167,6 @@ def test_shard_wrapper_may_be_replicated() -> None:
 
 
 # -- 4 and 2 gloo ranks ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gloo(n: int, scenario: str, store: Path, timeout: float = 120) -> list[dict]:
     """Run ``n`` ranks of tests/dist/hsdp.py; return each rank's outcome."""
     port, procs = str(free_port()), []
