@@ -126,7 +126,9 @@ def from_oserror(e: OSError, path: str, action: str) -> StoreError:
     if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
         return StoreFullError(f"{msg} (free space or raise the quota)", path, e.errno)
     if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
-        return StoreNotWritableError(f"{msg} (the store is not writable)", path, e.errno)
+        reading = action.startswith(("cannot read", "cannot open", "cannot list", "cannot stat"))
+        hint = "check its owner and mode" if reading else "the store is not writable"
+        return StoreNotWritableError(f"{msg} ({hint})", path, e.errno)
     return StoreError(msg, path, e.errno)
 
 
