@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import record_opens, resign_manifest, rewrite_rows, small_state
-from threadcoord import ThreadCoordinator, ThreadGroup
+from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
 from ckptguard import Shard
@@ -61,10 +60,9 @@ def global_state(seed: int) -> dict[str, torch.Tensor]:
 def save_sharded(path: str, seed: int, world: int = 2) -> None:
     """A ``world``-rank save from threads: w and m sharded by rows, the rest replicated."""
     full = global_state(seed)
-    group = ThreadGroup(world)
-    errors: list[BaseException] = []
 
-    def rank_main(r: int) -> None:
+    def rank_main(coord: ThreadCoordinator) -> None:
+        r = coord.rank
         a, b = r * 64 // world, (r + 1) * 64 // world
         state = {
             "model": {
@@ -75,20 +73,9 @@ def save_sharded(path: str, seed: int, world: int = 2) -> None:
             "optim": {"m": Shard(full["m"][a:b].clone(), (64, 40), (a, 0)), "ids": full["ids"]},
             "step": seed,
         }
-        try:
-            ckptguard.save(
-                state, path, chunk_size=CHUNK, coordinator=ThreadCoordinator(group, r), timeout=60
-            )
-        except BaseException as e:  # re-raised in the test's thread
-            errors.append(e)
+        ckptguard.save(state, path, chunk_size=CHUNK, coordinator=coord, timeout=60)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise errors[0]
+    run_ranks(world, rank_main)
 
 
 def loaded_equals(out: Any, seed: int) -> bool:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import resign_manifest
-from threadcoord import ThreadCoordinator, ThreadGroup
+from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
 from ckptguard.errors import CorruptCheckpointError
@@ -40,22 +39,10 @@ from ckptguard.tree import TreeError, check_tree, flatten
 
 
 def save_ranks(states: list[Any], path: str) -> None:
-    group = ThreadGroup(len(states))
-    errors: list[BaseException] = []
+    def main(coord: ThreadCoordinator) -> None:
+        ckptguard.save(states[coord.rank], path, coordinator=coord, timeout=60)
 
-    def main(r: int) -> None:
-        try:
-            ckptguard.save(states[r], path, coordinator=ThreadCoordinator(group, r), timeout=60)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=main, args=(r,)) for r in range(len(states))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise errors[0]
+    run_ranks(len(states), main)
 
 
 def same(a: Any, b: Any) -> bool:

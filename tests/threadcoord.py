@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ckptguard.coord.base import Coordinator
@@ -39,3 +40,23 @@ class ThreadCoordinator(Coordinator):
         out = list(self.g.slots) if self.rank == 0 else None
         self.g.barrier.wait(timeout)
         return out
+
+
+def run_ranks(n: int, rank_main: Callable[[ThreadCoordinator], None]) -> None:
+    """Run ``rank_main(coordinator)`` for ranks 0..n-1 on threads; re-raise the first error."""
+    group = ThreadGroup(n)
+    errors: list[BaseException] = []
+
+    def one(r: int) -> None:
+        try:
+            rank_main(ThreadCoordinator(group, r))
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
