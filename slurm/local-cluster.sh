@@ -166,6 +166,11 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job may start again only cred_expire seconds after it was requeued (default 120):
+# sooner, slurmd still holds the revoked credential of the job's previous run and kills the new
+# one ("Job credential revoked"). 20 s keeps the requeue cycle in tests short; a step must still
+# launch within 20 s of its credential being issued, which a single node does in well under 1 s.
+AuthInfo=cred_expire=20
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/slurmd
 SlurmctldPidFile=$RUNDIR/slurmctld.pid
@@ -177,8 +182,9 @@ SlurmdDebug=info
 SlurmctldPort=6817
 SlurmdPort=6818
 SchedulerType=sched/backfill
-# Schedule a batch job at once rather than up to 3 s later.
-SchedulerParameters=batch_sched_delay=0
+# Schedule a batch job at once rather than up to 3 s later, and look for startable jobs every
+# 2 s (default 30 s): a requeued job is started soon after its cred_expire wait ends.
+SchedulerParameters=batch_sched_delay=0,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ProctrackType=proctrack/linuxproc

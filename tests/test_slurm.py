@@ -202,13 +202,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     requeued = False
     deadline = time.monotonic() + 240
     while True:  # until the job has left the queue for good
-        state = _run(["squeue", "-h", "-j", jid, "-o", "%T %r"]).stdout.strip()
-        if not state:
+        state = _run(["squeue", "-h", "-j", jid, "-o", "%T %r"])
+        assert state.returncode == 0, state.stderr
+        if not state.stdout.strip():
             break
-        if state.startswith("PENDING"):  # requeued: a requeued job waits ~2 min to start again
-            requeued = True
-            _run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
-        assert time.monotonic() < deadline, f"job {jid} still {state}"
+        # Requeued, the job waits AuthInfo=cred_expire (20 s on the local cluster) to start again.
+        # Forcing StartTime=now instead races slurmd's revocation of the previous run's credential.
+        requeued = requeued or state.stdout.startswith("PENDING")
+        assert time.monotonic() < deadline, f"job {jid} still {state.stdout.strip()}"
         time.sleep(0.5)
     log = "".join(p.read_text() for p in tmp_path.glob("*.out"))
     print(log[-4000:])
