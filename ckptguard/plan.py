@@ -127,6 +127,11 @@ def _lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64), lens
 
 
+def _codes(col: pa.ChunkedArray) -> np.ndarray:
+    """A string column as integer codes: equal strings, equal codes."""
+    return pc.dictionary_encode(col.combine_chunks()).indices.to_numpy(zero_copy_only=False)
+
+
 def _hashes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """The hash column as (valid mask, n x 16 bytes)."""
     arr = col.combine_chunks()
@@ -160,9 +165,11 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     enc = pc.dictionary_encode(table.column("key").combine_chunks())
     gid = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     keys = enc.dictionary.to_pylist()  # in order of first appearance
-    _, first = np.unique(gid, return_index=True)
     if n == 0:
         return Plan([], [], [], [0] * len(descs))
+    order = np.argsort(gid, kind="stable")  # each key's rows, in rank order
+    bounds = np.searchsorted(gid[order], np.arange(len(keys) + 1))
+    first = order[bounds[:-1]]
 
     def disagree(mask: np.ndarray, field: str) -> None:
         bad = np.flatnonzero(mask)
@@ -175,25 +182,28 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
                 f"{b!r} on rank {rank[i]}"
             )
 
-    firsts = pa.array(first[gid])
-    for field in ("dtype", "kind", "sharded"):
-        col = table.column(field)
-        disagree(~pc.equal(col, col.take(firsts)).to_numpy(zero_copy_only=False), field)
+    head = first[gid]  # each row's key's first row
+    for field in ("dtype", "kind"):
+        codes = _codes(table.column(field))
+        disagree(codes != codes[head], field)
+    sharded = table.column("sharded").to_numpy(zero_copy_only=False)
+    disagree(sharded != sharded[head], "sharded")
     gflat, glen = _lists(table.column("global_shape"))
-    disagree(glen != glen[first[gid]], "global_shape")
+    disagree(glen != glen[head], "global_shape")
     gstart = np.cumsum(glen) - glen
     within = np.arange(len(gflat)) - np.repeat(gstart, glen)
-    same = gflat == gflat[np.repeat(gstart[first[gid]], glen) + within]
+    differ = np.flatnonzero(gflat != gflat[np.repeat(gstart[head], glen) + within])
     bad = np.zeros(n, dtype=bool)
-    np.logical_or.at(bad, np.repeat(np.arange(n), glen), ~same)
+    bad[np.searchsorted(gstart, differ, side="right") - 1] = True  # the rows holding them
     disagree(bad, "global_shape")
 
-    sharded = table.column("sharded").to_numpy(zero_copy_only=False)
     nbytes = table.column("nbytes").to_numpy().astype(np.int64)
-    order = np.argsort(gid, kind="stable")  # each key's rows, in rank order
-    bounds = np.searchsorted(gid[order], np.arange(len(keys) + 1))
     oflat, _ = _lists(table.column("offsets"))
     sflat, _ = _lists(table.column("shape"))
+    volume = np.ones(n, dtype=np.int64)  # elements in each row's box
+    for d in range(int(glen.max())):
+        has = np.flatnonzero(glen > d)
+        volume[has] *= sflat[gstart[has] + d]
     hashes = None  # (valid, bytes) of the hash column, once a replica set needs checking
     fixed = sharded.copy()  # rows their own rank writes whatever the balance: shard pieces
     sets = []  # per key with copies: (bytes, global id, rows of its replica sets, set starts)
@@ -204,7 +214,7 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
             shape, offs, lens = gflat[idx[0]].tolist(), oflat[idx], sflat[idx]
             local = starts = np.zeros(0, dtype=np.int64)
             cover = offs, lens
-            if lens.prod(axis=1).sum() > math.prod(shape):  # more elements than the tensor
+            if volume[rows].sum() > math.prod(shape):  # more elements than the tensor
                 local, starts = replica_groups(offs, lens)
                 keep = np.ones(len(rows), dtype=bool)
                 keep[local] = False

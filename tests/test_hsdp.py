@@ -264,3 +264,33 @@ def test_load_at_2_with_1d_shard1(saved: tuple[Path, list[dict]]) -> None:
     store, _ = saved
     res = gloo(2, "load2", store)
     assert all(r["ok"] for r in res), res
+
+
+def _with(table: pa.Table, row: int, field: str, value: object) -> pa.Table:
+    """``table`` with ``field`` of ``row`` set to ``value``."""
+    col = table.column(field).to_pylist()
+    col[row] = value
+    i = table.schema.get_field_index(field)
+    return table.set_column(i, field, pa.array(col, table.schema.field(field).type))
+
+
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("dtype", "bfloat16", "dtype is 'float32' on rank 0 but 'bfloat16' on rank 2"),
+        ("kind", "numpy", "kind is 'torch' on rank 0 but 'numpy' on rank 2"),
+        ("sharded", False, "sharded is True on rank 0 but False on rank 2"),
+        ("global_shape", [8, 7], "global_shape is [8, 6] on rank 0 but [8, 7] on rank 2"),
+        ("global_shape", [8, 6, 1], "global_shape is [8, 6] on rank 0 but [8, 6, 1] on rank 2"),
+    ],
+)
+def test_ranks_that_disagree_on_a_tensor_are_named(field: str, value: object, shown: str) -> None:
+    """Every rank must describe a key alike; the first rank that does not is named, with rank 0."""
+    descs = [
+        desc(("a", (2,), None, None, 1), ("w", (8, 6), (2 * r, 0), (2, 6), None)) for r in range(4)
+    ]
+    descs[2] = _with(descs[2], 1, field, value)
+    descs[3] = _with(descs[3], 1, field, value)  # only the first one is named
+    with pytest.raises(PlanError) as e:
+        make_plan(descs)
+    assert str(e.value) == f"tensor 'w': {shown}"

@@ -304,9 +304,10 @@ def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) 
     offs, lens = np.asarray(offs, dtype=np.int64), np.asarray(lens, dtype=np.int64)
     if offs.ndim != 2:  # no shards at all
         offs = lens = np.zeros((0, len(shape)), dtype=np.int64)
-    keep = lens.prod(axis=1) > 0 if len(shape) else np.ones(len(offs), dtype=bool)
+    vols = lens.prod(axis=1)
+    keep = vols > 0 if len(shape) else np.ones(len(offs), dtype=bool)
     offs, lens = offs[keep], lens[keep]
-    covered = int(lens.prod(axis=1).sum()) if len(shape) else len(offs)
+    covered = int(vols[keep].sum()) if len(shape) else len(offs)
     if covered != total:
         raise FormatError(
             f"tensor {key!r}: shards cover {covered} of {total} elements (a gap or an overlap)"
