@@ -254,6 +254,11 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     # replica sets of one key have disjoint holders (a rank holds one box of a key), so they are
     # placed together.
     for _, g, members, starts in sorted(sets, key=lambda x: -x[0]):
+        if len(members) == 1:  # one holder (every tensor of a one-rank save): no choice
+            r = int(rank[members[0]])
+            load[r] += nbytes[members[0]]
+            writer[g] = r
+            continue
         if check_replicated:
             set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
             by_load = np.lexsort((load[rank[members]], set_of))  # stable: lowest rank on ties

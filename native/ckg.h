@@ -15,6 +15,7 @@
 #define CKG_SHUFFLE_LZ4 1
 #define CKG_REC_HDR 64
 #define CKG_ALIGN 4096
+#define CKG_WRITEBACK_WINDOW (1u << 20) /* early writeback of records goes by these windows */
 #define CKG_MIN_COMPRESS 64 /* chunks shorter than this are always stored raw */
 
 /* Status codes of the chunk and record functions (0 = ok). */
