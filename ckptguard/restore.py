@@ -142,15 +142,15 @@ def load_checkpoint(
             )
         tree = rank_tree(rd.manifest, rank)
         targets = _template_targets(template, rd) if template is not None else {}
-        fresh = []
+        fresh: dict[int, None] = {}  # in tree order, each once (a list here was quadratic)
         for gid in tensor_ids(tree):
             if not 0 <= gid < len(rd.tensors):
                 raise rd.corrupt(
                     f"object tree references tensor {gid}, which does not exist",
                     file="MANIFEST.json",
                 )
-            if gid not in targets and gid not in fresh:
-                fresh.append(gid)
+            if gid not in targets:
+                fresh[gid] = None
         boxes = {gid: tg.box for gid, tg in targets.items()}
         for gid in fresh:
             shape = tuple(rd.tensors[gid]["shape"])

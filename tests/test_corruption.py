@@ -377,3 +377,56 @@ def test_verify_off_skips_hash_only(pristine: Pristine, tmp_path: Path) -> None:
     flip_byte(os.path.join(d, DATA), rec.offset)  # record magic
     with pytest.raises(ckptguard.CorruptCheckpointError):
         ckptguard.load(d, verify=False)
+
+
+def _rewrite_footer(d: str, p: Pristine, edit: Callable[[bytes], bytes]) -> None:
+    """Replace the data file's footer with ``edit(footer)`` (same length) and re-seal its trailer
+    hash, as a writer that formats the same JSON differently (or lies consistently) would."""
+    import struct
+
+    import xxhash
+
+    lay = p.ck.files[DATA]
+    path = os.path.join(d, DATA)
+    with open(path, "r+b") as f:
+        f.seek(lay.footer_offset)
+        old = f.read(lay.footer_len)
+        new = edit(old)
+        assert len(new) == len(old) and new != old
+        f.seek(lay.footer_offset)
+        f.write(new)
+        f.seek(-16, os.SEEK_END)
+        f.write(struct.pack("<Q", xxhash.xxh3_64_intdigest(new)))
+
+
+@both_codecs
+def test_a_footer_formatted_otherwise_still_loads(pristine: Pristine, tmp_path: Path) -> None:
+    """The reader compares a footer with the one it would write for the index's rows; a footer
+    that differs only in form (members in another order) is parsed and compared instead."""
+    d = str(tmp_path / "store" / "ck")
+    shutil.copytree(pristine.path, d)
+
+    def reorder(footer: bytes) -> bytes:
+        head, rows = footer.split(b',"rows":', 1)
+        rank, uuid = head[1:].split(b",", 1)
+        return b"{" + uuid + b"," + rank + b',"rows":' + rows
+
+    _rewrite_footer(d, pristine, reorder)
+    assert ckptguard.verify(d).ok
+    got, want = ckptguard.load(d), ckptguard.load(pristine.path)
+    assert all(torch.equal(got[k], want[k]) for k in ("rand", "zeros", "ids", "small"))
+
+
+@both_codecs
+def test_a_well_formed_footer_that_disagrees_with_the_index(
+    pristine: Pristine, tmp_path: Path
+) -> None:
+    """A footer with a valid hash whose rows say something else than the index is corruption."""
+    d = str(tmp_path / "store" / "ck")
+    shutil.copytree(pristine.path, d)
+    _rewrite_footer(d, pristine, lambda f: f.replace(b'"elem_size":4', b'"elem_size":8', 1))
+    before = snapshot(str(tmp_path / "store"), staging=True)
+    with pytest.raises(ckptguard.CorruptCheckpointError, match="footer rows disagree"):
+        ckptguard.load(d)
+    assert not ckptguard.verify(d).ok
+    assert snapshot(str(tmp_path / "store"), staging=True) == before

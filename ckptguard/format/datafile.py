@@ -125,9 +125,13 @@ def unpack_trailer(buf: bytes, file_size: int) -> tuple[int, int, int]:
     return off, length, digest
 
 
-def check_footer(buf: bytes, digest: int, rank: int, uuid_hex: str) -> list[dict]:
+def check_footer_hash(buf: bytes, digest: int) -> None:
     if _h64(buf) != digest:
         raise FormatError("footer hash mismatch")
+
+
+def check_footer(buf: bytes, digest: int, rank: int, uuid_hex: str) -> list[dict]:
+    check_footer_hash(buf, digest)
     try:
         doc = strict_json(buf)
     except (ValueError, UnicodeDecodeError) as e:
