@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import slurmkit
+from mpikit import MPIEXEC, launcher_free_environ
 
 import ckptguard
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
@@ -33,8 +34,6 @@ TABLE = HERE / "fault_cases.txt"
 SCENARIOS = HERE / "dist" / "scenarios.py"
 STORE_OPS = HERE / "dist" / "store_ops.py"
 TRAINER = HERE / "agent" / "trainer.py"
-BIN = Path(sys.executable).parent
-MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 
 ACTIONS = ("kill", "eio", "enospc", "hang")
 SAVE_TIMEOUT = 5  # seconds: the collectives' timeout of every save in a case
@@ -48,9 +47,6 @@ BOUND = {
 SINGLE_BOUND = 60.0  # gc, delete, drain
 AGENT_SAVES = ("h0", "h1")
 ERROR_TYPE = {"eio": "StoreError", "enospc": "StoreFullError"}  # gc, delete, drain
-
-_DROP = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "CKPTGUARD_")
-_DROP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ---- the table and the cases -------------------------------------------------------------------
@@ -148,8 +144,7 @@ class Run:
 
 def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
     """This environment without launcher, Slurm, rank and ckptguard variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP) and k not in _DROP_VARS}
-    return {**env, "TMPDIR": str(tmp), **extra}
+    return {**launcher_free_environ(), "TMPDIR": str(tmp), **extra}
 
 
 def launch(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mpikit import launcher_free_environ, need_mpi
 
 import ckptguard
 from ckptguard.agent import client, protocol
@@ -37,26 +37,15 @@ from ckptguard.agent.rankenv import (
 
 HERE = Path(__file__).resolve().parent
 TRAINER = str(HERE / "agent" / "trainer.py")
-BIN = Path(sys.executable).parent
-MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 AGENT = [sys.executable, "-m", "ckptguard.cli", "run"]
 WRAP = 'rc=0; "$@" || rc=$?; echo $rc > "$OUT/agent-${PMI_RANK:-0}"; exit $rc'
-_DROP = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "CKPTGUARD_")
-_DROP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 pytestmark = pytest.mark.timeout(90)  # each launch has its own, shorter timeouts
 
 
 def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The test's environment without launcher, Slurm, rank or agent variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP) and k not in _DROP_VARS}
-    return {**env, "TMPDIR": str(tmp), "OUT": str(tmp / "out"), **extra}
-
-
-def need_mpi() -> str:
-    if MPIEXEC is None:
-        pytest.skip("mpiexec not found (pip install '.[mpi]')")
-    return MPIEXEC
+    return {**launcher_free_environ(), "TMPDIR": str(tmp), "OUT": str(tmp / "out"), **extra}
 
 
 class Launch:

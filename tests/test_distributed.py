@@ -12,25 +12,16 @@ import time
 
 import pytest
 from conftest import free_port
+from mpikit import need_mpi
 
 import ckptguard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = os.path.join(HERE, "dist", "scenarios.py")
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-CI = os.environ.get("CI") == "true"
-
-
-def need_mpi() -> None:
-    if MPIEXEC is None:
-        if CI:
-            pytest.fail("mpiexec is missing in CI: `make test` installs mpich and mpi4py")
-        pytest.skip("mpiexec not found (pip install '.[mpi]')")
 
 
 def mpirun(n: int, *args: str, env: dict | None = None, timeout: float = 120) -> int:
-    need_mpi()
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, SCENARIOS, "mpi", *args]
+    cmd = [need_mpi(), "-n", str(n), sys.executable, SCENARIOS, "mpi", *args]
     proc = subprocess.run(
         cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import faultkit
 import pytest
 from faultkit import Case
+from mpikit import need_mpi
 
 FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
 SUMMARY = os.environ.get("CKPTGUARD_FAULTS_SUMMARY")
@@ -44,10 +45,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    if faultkit.MPIEXEC is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mpiexec is missing in CI: `make test` installs mpich and mpi4py")
-        pytest.skip("mpiexec not found (pip install '.[mpi]')")
+    need_mpi()
     yield faultkit.make_bases(tmp_path_factory.mktemp("bases"))
     if SUMMARY:
         write_summary(Path(SUMMARY), RESULTS)

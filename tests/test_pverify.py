@@ -5,7 +5,6 @@ command under `mpiexec -n 4` and `srun -n 4 --mpi=pmi2`."""
 from __future__ import annotations
 
 import errno
-import os
 import random
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import flip_byte
+from mpikit import MPIEXEC, need_mpi
 from slurmkit import clean_env
 
 import ckptguard
@@ -31,13 +31,11 @@ from ckptguard.reader import CheckpointReader
 from ckptguard.restore import verify_checkpoint
 
 BIN = Path(sys.executable).parent
-MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 CLI = (
     [str(BIN / "ckptguard")]
     if (BIN / "ckptguard").exists()
     else [sys.executable, "-m", "ckptguard.cli"]
 )
-CI = os.environ.get("CI") == "true"
 TIMEOUT = 90  # seconds for one launch of 4 ranks (each imports torch)
 
 pytestmark = pytest.mark.timeout(240)
@@ -69,14 +67,6 @@ def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[st
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
     print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
     return proc
-
-
-def need_mpi() -> None:
-    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
-    if MPIEXEC is None:
-        if CI:
-            pytest.fail("mpiexec is missing in CI: `make test` installs mpich and mpi4py")
-        pytest.skip("mpiexec not found (pip install '.[mpi]')")
 
 
 def flip_payload(ckpt: Path, file: str, nth: int = 0) -> str:

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 SETPRIV = shutil.which("setpriv")
 UNSHARE = shutil.which("unshare")
 ROOT = os.geteuid() == 0
@@ -110,6 +109,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 from conftest import small_state  # noqa: E402
+from mpikit import MPIEXEC, need_mpi  # noqa: E402
 
 import ckptguard  # noqa: E402
 import ckptguard.commit as commit_mod  # noqa: E402
@@ -254,13 +254,6 @@ def test_save_into_unwritable_directory(tmp_path: Path, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- one rank of a save
-
-
-def need_mpi() -> None:
-    if MPIEXEC is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mpiexec is missing in CI")
-        pytest.skip("mpiexec not found (pip install '.[mpi]')")
 
 
 def mpirun(
