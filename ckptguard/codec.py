@@ -121,13 +121,18 @@ def keeps_compressed(stored_len: int, raw_len: int) -> bool:
 
 
 def encode(raw: memoryview | bytes, elem_size: int, compress: bool) -> tuple[int, bytes, bytes]:
-    """Return (codec id, payload, xxh3-128 of raw) for one chunk."""
-    h = digest(raw)
-    if compress and MIN_COMPRESS <= len(raw) <= LZ4_MAX_INPUT:
-        packed = lz4.block.compress(shuffle(raw, elem_size), mode="default", store_size=False)
-        if keeps_compressed(len(packed), len(raw)):
+    """Return (codec id, payload, xxh3-128 of the payload's raw bytes) for one chunk.
+
+    ``raw`` is read exactly once, into a private copy that the hash, the shuffle and the payload
+    all come from: another thread writing to ``raw`` meanwhile cannot make them disagree (I9).
+    """
+    copy = raw if isinstance(raw, bytes) else bytes(raw)
+    h = digest(copy)
+    if compress and MIN_COMPRESS <= len(copy) <= LZ4_MAX_INPUT:
+        packed = lz4.block.compress(shuffle(copy, elem_size), mode="default", store_size=False)
+        if keeps_compressed(len(packed), len(copy)):
             return SHUFFLE_LZ4, packed, h
-    return RAW, bytes(raw) if not isinstance(raw, bytes) else raw, h
+    return RAW, copy, h
 
 
 def _check_lengths(codec: int, stored_len: int, raw_len: int, elem_size: int) -> None:

@@ -144,53 +144,79 @@ void ckg_scratch_free(ckg_scratch *s) {
     s->cap = 0;
 }
 
+/* Copy src to dst block by block, hashing each block from dst while it is in cache. */
+static void copy_hash(uint8_t *restrict dst, const uint8_t *restrict src, size_t n,
+                      XXH3_state_t *st) {
+    for (size_t o = 0; o < n; o += CKG_BLOCK) {
+        size_t k = n - o < CKG_BLOCK ? n - o : CKG_BLOCK;
+        memcpy(dst + o, src + o, k);
+        XXH3_128bits_update(st, dst + o, k);
+    }
+}
+
+static void final_hash(XXH3_state_t *st, uint8_t out[16]) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(st));
+    memcpy(out, c.digest, 16);
+}
+
+/* The input is read exactly once, into a private copy; the hash, the shuffle, the compressor and
+ * the payload all come from that copy. Another thread may write to the input meanwhile (a misuse):
+ * the chunk then holds some mix of old and new values, but its hash always matches its payload,
+ * so a committed checkpoint always verifies (invariant I9). */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
                      uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
     res->codec = CKG_RAW;
     res->stored_len = raw_len;
-    res->payload = raw;
+    res->payload = out;
     int try_lz4 = compress && raw_len >= CKG_MIN_COMPRESS && raw_len <= (size_t)LZ4_MAX_INPUT_SIZE;
     if (try_lz4 && (elem == 0 || raw_len % elem)) return CKG_E_ELEM;
-    if (!try_lz4) {
-        ckg_hash128(raw, raw_len, res->hash);
+    if (out_cap < raw_len) return CKG_E_TOOBIG;
+    XXH3_state_t st;
+    XXH3_INITSTATE(&st);
+    if (XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+    if (!try_lz4) { /* the copy in out is the payload */
+        copy_hash(out, raw, raw_len, &st);
+        final_hash(&st, res->hash);
         return CKG_OK;
     }
-    const uint8_t *src = raw;
+    /* scratch: the chunk's copy to compress (shuffled for elem > 1), then one block of input. */
+    int rc = ckg_scratch_reserve(scratch, raw_len + (elem > 1 ? CKG_BLOCK : 0));
+    if (rc) return rc;
+    uint8_t *copy = scratch->buf;
     if (elem > 1) {
-        int rc = ckg_scratch_reserve(scratch, raw_len);
-        if (rc) return rc;
-        /* One pass over the input: hash a block, shuffle the same block while it is cached. */
-        XXH3_state_t st;
-        XXH3_INITSTATE(&st);
-        if (XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+        uint8_t *block = scratch->buf + raw_len;
         size_t n = raw_len / elem, per = CKG_BLOCK / elem;
         if (per == 0) per = 1;
         for (size_t e0 = 0; e0 < n; e0 += per) {
-            size_t e1 = e0 + per < n ? e0 + per : n;
-            XXH3_128bits_update(&st, raw + e0 * elem, (e1 - e0) * elem);
-            shuffle_range(scratch->buf, raw, n, elem, e0, e1);
+            size_t e1 = e0 + per < n ? e0 + per : n, k = (e1 - e0) * elem;
+            memcpy(block, raw + e0 * elem, k);
+            XXH3_128bits_update(&st, block, k);
+            shuffle_range(copy, block - e0 * elem, n, elem, e0, e1);
         }
-        XXH128_canonical_t c;
-        XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
-        memcpy(res->hash, c.digest, 16);
-        src = scratch->buf;
     } else {
-        ckg_hash128(raw, raw_len, res->hash);
+        copy_hash(copy, raw, raw_len, &st);
     }
+    final_hash(&st, res->hash);
     size_t cap = out_cap > (size_t)INT_MAX ? (size_t)INT_MAX : out_cap;
     /* Exactly the call python-lz4's lz4.block.compress(mode="default") makes: a fresh stream and
      * LZ4_compress_fast_continue at acceleration 1. (LZ4_compress_default picks another hash table
      * layout for inputs < 64 KiB and can emit different, equally valid, bytes.) */
     LZ4_stream_t stream;
     if (!LZ4_initStream(&stream, sizeof stream)) return CKG_E_NOMEM;
-    int got = LZ4_compress_fast_continue(&stream, (const char *)src, (char *)out, (int)raw_len,
+    int got = LZ4_compress_fast_continue(&stream, (const char *)copy, (char *)out, (int)raw_len,
                                          (int)cap, 1);
     /* Keep-raw rule: the compressed form must save at least 5% (stored*20 <= raw*19). */
     if (got > 0 && (uint64_t)got * 20 <= (uint64_t)raw_len * 19) {
         res->codec = CKG_SHUFFLE_LZ4;
         res->stored_len = (size_t)got;
-        res->payload = out;
+        return CKG_OK;
     }
+    /* Stored raw: the hashed bytes, rebuilt from the copy (never read from the input again). */
+    if (elem > 1)
+        ckg_unshuffle(out, copy, raw_len / elem, elem);
+    else if (raw_len)
+        memcpy(out, copy, raw_len);
     return CKG_OK;
 }
 

@@ -64,7 +64,7 @@ typedef struct {
 int ckg_scratch_reserve(ckg_scratch *s, size_t n);
 void ckg_scratch_free(ckg_scratch *s);
 
-/* Result of encoding one chunk. payload points into `out` (compressed) or at the raw input. */
+/* Result of encoding one chunk. payload is always `out` (compressed or raw). */
 typedef struct {
     int codec;
     size_t stored_len;
@@ -72,9 +72,10 @@ typedef struct {
     uint8_t hash[16];
 } ckg_chunk;
 
-/* Hash raw, then (if compress) shuffle by elem and LZ4-compress into out (capacity
- * out_cap >= ckg_encode_bound(raw_len)); keep the compressed form only if it saves >= 5%.
- * The input is read from memory once: hashing and shuffling run block by block. */
+/* Copy raw once into private memory, hash that copy and (if compress) shuffle it by elem and
+ * LZ4-compress it into out (capacity out_cap >= ckg_encode_bound(raw_len)); keep the compressed
+ * form only if it saves >= 5%, else out gets the copied raw bytes. The hash is always of the
+ * bytes the payload holds, even while another thread writes to raw. */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
                      uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
 

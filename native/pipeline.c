@@ -6,11 +6,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
 
 #include "pipeline.h"
 
-static const uint8_t zeros[CKG_ALIGN];
 
 /* Scratch space of each thread, kept across calls: a fresh 4 MiB buffer per call would cost a
  * page fault per 4 KiB on every call. At most two chunk-sized buffers per thread. */
@@ -94,7 +92,6 @@ static void enc_task(void *ctx, size_t t, int w) {
         fail_task(&e->c, t, rc, 0);
         return;
     }
-    if (ch.payload != e->outs[t] && n) memcpy(e->outs[t], ch.payload, n);
     ckg_rec_info *r = &e->res[t];
     r->codec = ch.codec;
     r->raw_len = n;
@@ -178,29 +175,21 @@ static void wr_task(void *ctx, size_t t, int wk) {
     memcpy(h.hash, ch.hash, 16);
     ckg_pack_record_header(rb->buf, &h);
     size_t used = CKG_REC_HDR + ch.stored_len, extent = ckg_align_up(used);
-    int direct = atomic_load(&w->direct);
-    int in_buf = ch.payload == rb->buf + CKG_REC_HDR;
-    if (!in_buf && direct && n) { /* O_DIRECT needs one aligned buffer */
-        memcpy(rb->buf + CKG_REC_HDR, ch.payload, n);
-        in_buf = 1;
-    }
-    if (in_buf) memset(rb->buf + used, 0, extent - used);
+    memset(rb->buf + used, 0, extent - used);
     uint64_t pos;
     if (!take_offset(w, t, extent, &pos)) return;
-    int err = 0;
-    if (direct && in_buf) {
+    /* One aligned buffer holds the whole record: header, payload (never the caller's memory,
+     * see ckg_encode_chunk) and padding. */
+    int direct = atomic_load(&w->direct), err;
+    if (direct) {
         err = ckg_pwrite_all(a->dfd, rb->buf, extent, (off_t)pos);
         if (err == EINVAL) { /* the file system refuses O_DIRECT here: buffered from now on */
             atomic_store(&w->direct, 0);
+            direct = 0;
             err = ckg_pwrite_all(a->fd, rb->buf, extent, (off_t)pos);
         }
-    } else if (in_buf) {
-        err = ckg_pwrite_all(a->fd, rb->buf, extent, (off_t)pos);
     } else {
-        struct iovec v[3] = {{rb->buf, CKG_REC_HDR},
-                             {(void *)ch.payload, n},
-                             {(void *)zeros, extent - used}};
-        err = ckg_pwritev_all(a->fd, v, extent > used ? 3 : 2, (off_t)pos);
+        err = ckg_pwrite_all(a->fd, rb->buf, extent, (off_t)pos);
     }
     if (err) {
         wr_abort(w, t, CKG_E_IO, err);
@@ -214,7 +203,7 @@ static void wr_task(void *ctx, size_t t, int wk) {
      * tensors. Advisory: errors are ignored here and surface at that fsync. */
     uint64_t win_lo = pos & ~(uint64_t)(CKG_WRITEBACK_WINDOW - 1);
     uint64_t win_hi = (pos + extent) & ~(uint64_t)(CKG_WRITEBACK_WINDOW - 1);
-    if (!(direct && in_buf) && win_hi > win_lo)
+    if (!direct && win_hi > win_lo)
         (void)sync_file_range(a->fd, (off_t)win_lo, (off_t)(win_hi - win_lo),
                               SYNC_FILE_RANGE_WRITE);
 #endif
