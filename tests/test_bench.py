@@ -546,6 +546,28 @@ def test_a_failing_engine_fails_the_run(
     assert r.exit_code == 0, r.output
 
 
+class _Absent(Engine):
+    id = "absent"
+
+    def unavailable(self, world: int, device: str) -> str | None:
+        return "absentlib is not installed; install it with pip install absentlib"
+
+
+def test_a_run_where_no_chosen_engine_can_run_measures_nothing_and_fails(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckptguard.bench.engines as engines
+
+    monkeypatch.setattr(engines, "all_engines", lambda: [TorchSave(), _Absent()])
+    args = ["--size", "64KiB", "--workloads", "small", "--engines", "absent"]
+    r = CliRunner().invoke(bench, [*args, "--dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert "absent: absentlib is not installed" in r.output
+    assert "none of the chosen engines can run here" in r.output
+    assert "limits, trial" not in r.output and not (tmp_path / "o").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckptguard-bench-")] == []
+
+
 def test_reports_of_a_partial_run(tmp_path: os.PathLike) -> None:
     results = {
         "config": {},
