@@ -12,11 +12,11 @@ $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[mpi]"
+	$(PIP) -e ".[mpi,bench]"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[test,bench]"
+	$(PIP) -e ".[mpi,bench,test]"
 	touch $@
 
 install: $(VENV)/.base
@@ -54,7 +54,7 @@ slurm:
 	  bash slurm/local-cluster.sh start; \
 	else echo "slurm: not root or no apt-get; the Slurm tests skip (slurm/README.md)"; fi
 
-bench: install-test
+bench: install
 	$(VENV)/bin/ckptguard bench --size 1GiB --budget 510 --out benchmarks/results
 
 clean:

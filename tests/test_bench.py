@@ -481,6 +481,93 @@ def test_cli_writes_json_markdown_png_and_renders(tmp_path: os.PathLike) -> None
     assert (tmp_path / "again" / "small.png").exists()
 
 
+def _without(tmp_path: os.PathLike, *packages: str) -> str:
+    """A directory that, first on PYTHONPATH, makes each of ``packages`` fail to import as an
+    absent package does."""
+    stubs = tmp_path / "absent"
+    for name in packages:
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(
+            "raise ModuleNotFoundError(f'No module named {__name__!r}', name=__name__)\n"
+        )
+    return str(stubs)
+
+
+def test_missing_peer_and_charts_are_named_up_front_and_the_run_still_succeeds(
+    tmp_path: os.PathLike,
+) -> None:
+    import subprocess
+    import sys
+
+    import ckptguard
+
+    root = os.path.dirname(os.path.dirname(ckptguard.__file__))
+    path = [_without(tmp_path, "safetensors", "matplotlib"), root, os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    out = tmp_path / "out"
+    args = ["--size", "64KiB", "--trials", "1", "--workloads", "small", "--limit-size", "64KiB"]
+    args += ["--engines", "torch.save,safetensors", "--budget", "120"]
+    args += ["--dir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptguard.bench", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    up_front = err[: err.index("limits, trial")]  # said before anything was measured
+    assert "safetensors: safetensors is not installed" in up_front, err
+    assert "PNG charts: matplotlib is not installed" in up_front, err
+    assert up_front.count("ckptguard[bench]") == 2
+    assert err.count("matplotlib") == 1  # said once
+    assert "| torch.save |" in proc.stdout
+    assert (out / "results.md").exists() and not list(out.glob("*.png"))
+    res = json.loads((out / "results.json").read_text())
+    assert [t["engine"] for t in res["trials"]] == ["torch.save"]
+    assert res["skipped"][0]["engine"] == "safetensors"
+
+
+def test_a_failing_engine_fails_the_run(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckptguard.bench.engines as engines
+
+    everything = engines.all_engines
+    monkeypatch.setattr(engines, "all_engines", lambda: [*everything(), _Broken()])
+    args = ["--size", "64KiB", "--trials", "1", "--workloads", "small", "--limit-size", "64KiB"]
+    args += ["--dir", str(tmp_path), "--out", str(tmp_path / "out"), "--json-only"]
+    r = CliRunner().invoke(bench, [*args, "--engines", "torch.save,broken"])
+    assert r.exit_code == 1, r.output
+    assert "broken (small): RuntimeError: disk on fire" in r.output
+    assert (tmp_path / "out" / "results.json").exists()  # the results are still written
+    r = CliRunner().invoke(bench, [*args, "--engines", "torch.save"])
+    assert r.exit_code == 0, r.output
+
+
+class _Absent(Engine):
+    id = "absent"
+
+    def unavailable(self, world: int, device: str) -> str | None:
+        return "absentlib is not installed; install it with pip install absentlib"
+
+
+def test_a_run_where_no_chosen_engine_can_run_measures_nothing_and_fails(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckptguard.bench.engines as engines
+
+    monkeypatch.setattr(engines, "all_engines", lambda: [TorchSave(), _Absent()])
+    args = ["--size", "64KiB", "--workloads", "small", "--engines", "absent"]
+    r = CliRunner().invoke(bench, [*args, "--dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert "absent: absentlib is not installed" in r.output
+    assert "none of the chosen engines can run here" in r.output
+    assert "limits, trial" not in r.output and not (tmp_path / "o").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckptguard-bench-")] == []
+
+
 def test_reports_of_a_partial_run(tmp_path: os.PathLike) -> None:
     results = {
         "config": {},

@@ -67,13 +67,24 @@ def _relaunch(ranks: int, launcher: str) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def _announce(engines: dict[str, str], charts: str | None) -> None:
+    """Say once, before anything runs, which engines and outputs this run leaves out and why."""
+    lines = [f"  {eng_id}: {why}" for eng_id, why in engines.items()]
+    if charts:
+        lines.append(f"  PNG charts: {charts} (results.json and results.md are still written)")
+    if lines:
+        click.echo("cannot run here (left out of this run):\n" + "\n".join(lines), err=True)
+
+
 def _render(path: str, out: str, json_only: bool) -> None:
-    from .report import markdown, write_reports
+    from .report import charts_unavailable, markdown, write_reports
     from .stats import summarize
 
     with open(path) as f:
         results = json.load(f)
     results["summary"] = summarize(results)
+    if not json_only:
+        _announce({}, charts_unavailable())
     for p in write_reports(results, out, json_only):
         click.echo(f"wrote {p}", err=True)
     click.echo(markdown(results))
@@ -203,8 +214,8 @@ def bench(
     if ranks > 1 and not under_mpi():
         _relaunch(ranks, launcher)
     from .engines import select_engines
-    from .report import markdown, write_reports
-    from .runner import BenchConfig, Runner
+    from .report import charts_unavailable, markdown, write_reports
+    from .runner import BenchConfig, Runner, failures
 
     try:
         comm = make_comm()
@@ -254,8 +265,13 @@ def bench(
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
+    runner = Runner(cfg, chosen, comm, log=log, on_progress=save_partial)
+    if comm.rank == 0:
+        _announce(runner.unavailable, None if json_only else charts_unavailable())
     try:
-        results = Runner(cfg, chosen, comm, log=log, on_progress=save_partial).run()
+        if len(runner.unavailable) == len(chosen):
+            raise click.ClickException("none of the chosen engines can run here (see above)")
+        results = runner.run()
     finally:
         comm.barrier()
         if comm.rank == 0:
@@ -264,6 +280,11 @@ def bench(
         for p in write_reports(results, out, json_only):
             log(f"wrote {p}")
         click.echo(markdown(results))
+    failed = failures(results)
+    if failed:  # the same trials on every rank, so every rank exits alike
+        if comm.rank == 0:
+            click.echo("failed:\n" + "\n".join(f"  {f}" for f in failed), err=True)
+        raise click.exceptions.Exit(1)
 
 
 def _scratch(comm: LocalComm, directory: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .needs import missing
 from .treeutil import flatten
 
 Waiter = Callable[[], None]
@@ -312,11 +313,7 @@ class Safetensors(Engine):
     id = "safetensors"
 
     def unavailable(self, world: int, device: str) -> str | None:
-        try:
-            import safetensors.torch  # noqa: F401
-        except ImportError:
-            return "safetensors is not installed"
-        return None
+        return missing("safetensors.torch")
 
     def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
         from safetensors.torch import save_file
@@ -344,11 +341,7 @@ class H5py(Engine):
     id = "h5py"
 
     def unavailable(self, world: int, device: str) -> str | None:
-        try:
-            import h5py  # noqa: F401
-        except ImportError:
-            return "h5py is not installed"
-        return None
+        return missing("h5py", "pip install h5py (a dependency of ckptguard itself)")
 
     def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
         import h5py

@@ -1,4 +1,5 @@
-"""Reports of a run: JSON (everything), a Markdown table, and PNG charts (matplotlib Agg)."""
+"""Reports of a run: JSON (everything), a Markdown table, and PNG charts (matplotlib Agg, when
+it is installed: the tables never depend on it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from .needs import missing
 from .units import format_bytes
 
 
@@ -218,6 +220,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join([*lines, "Notes:", "", *notes, ""])
 
 
+def charts_unavailable() -> str | None:
+    """Why the PNG charts cannot be drawn here (matplotlib missing), or None."""
+    return missing("matplotlib.pyplot")
+
+
 def plots(results: dict[str, Any], out_dir: str) -> list[str]:
     """One PNG per workload: stall and durable time per engine; save/load GB/s vs the limits."""
     import matplotlib
@@ -271,7 +278,8 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
 
 
 def write_reports(results: dict[str, Any], out_dir: str, json_only: bool = False) -> list[str]:
-    """results.json, and unless json_only results.md and one PNG per workload, in ``out_dir``."""
+    """results.json, and unless json_only results.md and, where matplotlib is installed, one PNG
+    per workload, in ``out_dir`` (the caller says once, up front, when the charts are left out)."""
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "results.json")]
     write_json(results, written[0])
@@ -280,5 +288,6 @@ def write_reports(results: dict[str, Any], out_dir: str, json_only: bool = False
         with open(md, "w") as f:
             f.write(markdown(results))
         written.append(md)
-        written += plots(results, out_dir)
+        if charts_unavailable() is None:
+            written += plots(results, out_dir)
     return written

@@ -111,6 +111,12 @@ class Runner:
         self.comm = comm or LocalComm()
         self.log = log if (log and self.comm.rank == 0) else (lambda _m: None)
         self.on_progress = on_progress if self.comm.rank == 0 else None
+        # Asked once, before anything runs, so that the caller can say up front what is left out.
+        self.unavailable: dict[str, str] = {}
+        for eng in engines:
+            why = eng.unavailable(self.comm.size, self.cfg.device)
+            if why:
+                self.unavailable[eng.id] = why
         self.t_start = time.perf_counter()
         self.results: dict[str, Any] = {
             "schema": SCHEMA,
@@ -310,14 +316,9 @@ class Runner:
         comm.barrier()
         if comm.rank == 0:
             self.results["machine"] = describe_machine(cfg.directory)
-        runnable = []
-        for eng in self.engines:
-            why = eng.unavailable(comm.size, cfg.device)
-            if why:
-                self.results["skipped"].append({"engine": eng.id, "reason": why})
-                self.log(f"skip {eng.id}: {why}")
-            else:
-                runnable.append(eng)
+        for eng_id, why in self.unavailable.items():
+            self.results["skipped"].append({"engine": eng_id, "reason": why})
+        runnable = [e for e in self.engines if e.id not in self.unavailable]
         if comm.size > 1 and any(e.id.startswith("dcp") for e in runnable):
             init_torch_distributed(comm, cfg.device)
         for t in range(cfg.limit_trials):
@@ -402,3 +403,16 @@ def _trial_line(rec: dict[str, Any], trials: int) -> str:
         f"{head} stall {rec['stall_s']:.2f} s, durable {rec['durable_s']:.2f} s, "
         f"stored {rec['stored_bytes'] / 2**20:.0f} MiB{load}{ok} (trial {rec['wall_s']:.1f} s)"
     )
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """One line per engine and workload whose trials failed (an error, or a load that did not
+    compare equal to the state saved); empty when every engine that ran succeeded."""
+    bad: dict[tuple[str, str], str] = {}
+    for t in results.get("trials", []):
+        why = t.get("error") or (
+            None if t.get("verified", True) else f"not verified: {t.get('verify_message')}"
+        )
+        if why:
+            bad.setdefault((t["engine"], t["workload"]), why)
+    return [f"{engine} ({workload}): {why}" for (engine, workload), why in bad.items()]
