@@ -140,6 +140,19 @@ class CheckpointAbortedError(CheckpointError):
         self.rank = rank
 
 
+class OptionsMismatchError(CheckpointAbortedError, ValueError):
+    """The ranks of one save passed different values for an option that shapes the checkpoint
+    (its path, overwrite, compress, chunk_size, ...). Nothing is written; every rank raises it.
+
+    ``option`` names the first differing option, ``values`` maps each rank to its value.
+    """
+
+    def __init__(self, message: str, option: str = "", values: dict | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+        self.values = values or {}
+
+
 class CoordinationTimeoutError(CheckpointAbortedError):
     """Ranks did not all reach a collective step of the save before the deadline."""
 
