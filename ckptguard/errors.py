@@ -106,6 +106,19 @@ class HostPoolTooSmallError(CheckpointError, ValueError):
         self.limit = limit
 
 
+class OutOfMemoryError(CheckpointError, MemoryError):
+    """A load could not allocate the memory for a tensor (host RAM, pinned or device memory).
+
+    ``key`` names the tensor, ``nbytes`` the bytes it needed, ``where`` the kind of memory.
+    """
+
+    def __init__(self, message: str, key: str, nbytes: int, where: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.nbytes = nbytes
+        self.where = where
+
+
 class CaptureCancelledError(CheckpointError):
     """The pool was closed while a capture waited for a free region."""
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError, location
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    OutOfMemoryError,
+    UnsupportedObjectError,
+    location,
+)
+from .format.dtypes import SIZES
 from .format.index import Row
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor, rank_tree
 from .reader import CheckpointReader
@@ -26,22 +34,55 @@ from .tree import (
 )
 
 MapLocation = str | torch.device | dict | Callable | None
+T = TypeVar("T")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an allocator's exception means that the memory was not there: numpy raises
+    MemoryError, torch OutOfMemoryError (device) or a RuntimeError from its CPU allocator."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "memory" in str(e).lower()
+
+
+def allocate(key: str, nbytes: int, where: str, make: Callable[[], T]) -> T:
+    """``make()``: the one place where a load allocates memory for tensor ``key`` (``nbytes`` of
+    ``where``: host, pinned or a device). An allocation failure becomes OutOfMemoryError naming
+    the tensor and the bytes; nothing else is caught."""
+    try:
+        return make()
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise OutOfMemoryError(
+            f"cannot allocate {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of {where} memory for "
+            f"tensor {key!r} while loading: {str(e).strip()[:300] or type(e).__name__} (free "
+            "memory, raise the limit, or load with a template/map_location that needs less)",
+            key,
+            nbytes,
+            where,
+        ) from e
 
 
 def _host_empty(entry: dict) -> Any:
     """A fresh host tensor/array for a manifest tensor entry (its global shape)."""
     shape = tuple(entry["shape"])
+    key = entry["key"]
     if entry["kind"] == "numpy":
         dt = NUMPY_BY_NAME.get(entry["dtype"])
         if dt is None:
-            raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", entry["key"])
-        return np.empty(shape, dtype=dt)
+            raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", key)
+        return allocate(key, _nbytes(entry), "host", lambda: np.empty(shape, dtype=dt))
     dtype = TORCH_BY_NAME.get(entry["dtype"])
     if dtype is None:
         raise UnsupportedObjectError(
-            f"this torch has no dtype {entry['dtype']!r} (tensor {entry['key']!r})", entry["key"]
+            f"this torch has no dtype {entry['dtype']!r} (tensor {key!r})", key
         )
-    return torch.empty(shape, dtype=dtype)
+    return allocate(key, _nbytes(entry), "host", lambda: torch.empty(shape, dtype=dtype))
+
+
+def _nbytes(entry: dict) -> int:
+    return math.prod(entry["shape"]) * SIZES[entry["dtype"]]
 
 
 def _byte_view(t: Any) -> np.ndarray | None:
@@ -174,7 +215,8 @@ def load_checkpoint(
                 if view is not None:
                     p.buf = view  # the chunks land straight in the destination
                 else:
-                    p.allocate()
+                    key = rd.tensors[gid]["key"]
+                    allocate(key, p.buffer_bytes, "host", p.allocate)
                     pieces.append((gid, p))
                 for r in p.rows:
                     by_file.setdefault(r.file, []).append((r, p))
@@ -208,7 +250,7 @@ def _finish(tg: _Target, entry: dict, map_location: MapLocation) -> Any:
         return obj
     dev = _device(entry, map_location)
     if dev.type != "cpu":
-        obj = obj.to(dev)
+        obj = allocate(entry["key"], _nbytes(entry), str(dev), lambda: obj.to(dev))
     if entry["parameter"]:
         return torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
     if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):
