@@ -31,14 +31,16 @@ from .errors import (
     InvalidNameError,
     OptionsMismatchError,
     OutOfMemoryError,
+    ReplicaMismatchWarning,
     SaveCancelledError,
     StoreError,
     StoreFullError,
     StoreNotWritableError,
     UnsupportedObjectError,
+    WorldSizeError,
 )
 from .format.manifest import CheckpointInfo
-from .shard import Shard
+from .shard import PerRank, Shard
 from .store import Store
 from .version import __version__
 
@@ -58,7 +60,9 @@ __all__ = [
     "InvalidNameError",
     "OptionsMismatchError",
     "OutOfMemoryError",
+    "PerRank",
     "Problem",
+    "ReplicaMismatchWarning",
     "SaveCancelledError",
     "SaveHandle",
     "Shard",
@@ -69,6 +73,7 @@ __all__ = [
     "TensorSummary",
     "UnsupportedObjectError",
     "VerifyReport",
+    "WorldSizeError",
     "__version__",
     "checkpoint_requested",
     "describe",

@@ -15,7 +15,7 @@ import pyarrow
 import torch
 import xxhash
 
-from .coord import Coordinator, current_rank
+from .coord import Coordinator, current_rank, current_size
 from .coord import auto as coord_auto
 from .errors import (
     CheckpointNotFoundError,
@@ -168,6 +168,7 @@ def load(
     allow_pickle: bool = False,
     template: Any = None,
     coordinator: Coordinator | str | None = None,
+    rank: int | None = None,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -176,10 +177,17 @@ def load(
     state: plain tensors, ``Shard`` pieces or DTensors, found by key), each of its tensors is
     filled in place from the saved shards it overlaps, at any world size; only those chunks are
     read. In a job, each rank gets the non-tensor values it saved (rank 0's beyond the saved
-    world size).
+    world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
+    only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
+    ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
     """
-    rank = current_rank(coordinator)
-    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, rank)
+    if rank is None:
+        mine, world = current_rank(coordinator), current_size(coordinator)
+    elif type(rank) is not int or rank < 0:
+        raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
+    else:
+        mine, world = rank, None
+    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, mine, world)
 
 
 def verify(

@@ -31,6 +31,17 @@ class CheckpointWarning(UserWarning):
     """
 
 
+class ReplicaMismatchWarning(UserWarning):
+    """A save with ``check_replicated=False`` found copies of a replicated tensor that differ
+    between ranks: the lowest rank's copy is saved, and every rank loads that copy. Values that
+    are each rank's own (an RNG state) belong in ``ckptguard.PerRank``."""
+
+
+class WorldSizeError(CheckpointError, ValueError):
+    """The checkpoint holds per-rank tensors (``PerRank``) of a different number of ranks than
+    the job loading it: pass ``rank=`` to ``load`` to choose whose values to load."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint at the given path (or the store has no LATEST)."""
 

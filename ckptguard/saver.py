@@ -30,6 +30,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointWarning,
     OptionsMismatchError,
+    ReplicaMismatchWarning,
     from_oserror,
 )
 from .failpoints import failpoint, set_rank
@@ -37,10 +38,10 @@ from .format import FORMAT_VERSION
 from .format.datafile import FormatError
 from .format.index import to_table
 from .format.layout import MANIFEST, datafile_name
-from .format.manifest import CheckpointInfo, parse_time
+from .format.manifest import PER_RANK_TENSORS, CheckpointInfo, parse_time
 from .format.ranktrees import RANK_TREE_DIFFS, TextDiffer
 from .format.validate import check_table
-from .plan import PlanError, assignment, describe_local, make_plan
+from .plan import PlanError, assignment, bind_per_rank, describe_local, make_plan
 from .staging import DIRECT
 from .tree import Flat, flatten, remap_tensor_ids
 from .writer import RankWriter
@@ -133,6 +134,18 @@ def _ranks(rs: list[int]) -> str:
     return f"rank {head}" if len(rs) == 1 else f"ranks {head}"
 
 
+def _warn_differing(keys: list[str], world: int) -> None:
+    shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    warnings.warn(
+        ReplicaMismatchWarning(
+            f"check_replicated=False: replicated tensor(s) {shown} differ between the {world} "
+            "ranks; the lowest rank's copy is saved and every rank will load it. Wrap values "
+            "that are each rank's own in ckptguard.PerRank"
+        ),
+        stacklevel=5,
+    )
+
+
 def _text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -189,6 +202,8 @@ class _Save:
         except BaseException:
             self.cleanup()
             raise
+        if plan.get("differing"):  # committed: say whose copy every rank will load
+            _warn_differing(plan["differing"], c.size)
         return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
@@ -206,6 +221,7 @@ class _Save:
                 tree, self.refs, used_pickle = obj.tree, obj.refs, obj.used_pickle
             else:
                 tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
+            bind_per_rank(self.refs, self.coord.rank, self.coord.size)
             source = self.opt.source
             hasher = (lambda ref: source.digest(ref.value)) if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)
@@ -248,6 +264,7 @@ class _Save:
             "features": [
                 *(["pickle"] if any(m["pickle"] for m, _ in msgs) else []),
                 *([RANK_TREE_DIFFS] if rank_trees else []),
+                *([PER_RANK_TENSORS] if any("per_rank" in t for t in plan.tensors) else []),
             ],
             "name": self.name,
             "uuid": uid,
@@ -266,6 +283,7 @@ class _Save:
             "staging": self.staging,
             "keys": plan.keys,
             "writer": plan.writer,
+            "differing": plan.differing,
         }
 
     # -- phase 3: every rank writes its own data file -------------------------------------------

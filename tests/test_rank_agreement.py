@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import independent_reader as ir
+import numpy as np
 import pytest
 import torch
 from threadcoord import ThreadCoordinator, run_ranks
@@ -92,3 +94,128 @@ def test_equivalent_paths_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert all(isinstance(i, ckptguard.CheckpointInfo) for i in out), out
     assert {i.path for i in out} == {str(tmp_path / "store" / "ck")}
+
+
+# ---------------------------------------------------------------- per-rank tensors
+
+
+def _rng(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + rank)
+    return g.get_state()  # a uint8 tensor, different on every rank
+
+
+def _per_rank_state(rank: int) -> dict:
+    return {
+        "rng": ckptguard.PerRank(_rng(rank)),
+        "np": ckptguard.PerRank(np.full(3, rank, dtype=np.int64)),
+        "w": torch.arange(6.0),  # replicated
+        "rank": rank,
+    }
+
+
+def _load_everywhere(path: Path, world: int = WORLD, **kw: Any) -> list[Any]:
+    out: list[Any] = [None] * world
+    lock = threading.Lock()
+
+    def rank_main(coord: ThreadCoordinator) -> None:
+        tmpl = kw.get("template")
+        try:
+            res: Any = ckptguard.load(
+                path,
+                coordinator=coord,
+                **{**kw, "template": tmpl(coord.rank) if tmpl else None},
+            )
+        except Exception as e:
+            res = e
+        with lock:
+            out[coord.rank] = res
+
+    run_ranks(world, rank_main)
+    return out
+
+
+@pytest.fixture
+def per_rank_ckpt(tmp_path: Path) -> Path:
+    path = tmp_path / "store" / "pr"
+    out = _save_everywhere(lambda r: {"path": str(path)}, _per_rank_state)
+    assert all(isinstance(i, ckptguard.CheckpointInfo) for i in out), out
+    return path
+
+
+def test_each_rank_gets_its_own_per_rank_tensor_back(per_rank_ckpt: Path) -> None:
+    out = _load_everywhere(per_rank_ckpt)
+    for r, got in enumerate(out):
+        assert isinstance(got, dict), got
+        assert torch.equal(got["rng"], _rng(r)) and got["rng"].dtype == torch.uint8
+        assert np.array_equal(got["np"], np.full(3, r, dtype=np.int64))
+        assert torch.equal(got["w"], torch.arange(6.0)) and got["rank"] == r
+    assert ckptguard.verify(per_rank_ckpt).ok
+
+
+def test_per_rank_tensors_fill_a_template_in_place(per_rank_ckpt: Path) -> None:
+    def template(rank: int) -> dict:
+        return {"rng": torch.zeros_like(_rng(0)), "np": ckptguard.PerRank(np.zeros(3, np.int64))}
+
+    out = _load_everywhere(per_rank_ckpt, template=template)
+    for r, got in enumerate(out):
+        assert torch.equal(got["rng"], _rng(r))
+        assert np.array_equal(got["np"].local, np.full(3, r))  # the PerRank passed, filled
+
+
+def test_per_rank_tensors_are_stored_as_rows_of_one_tensor(per_rank_ckpt: Path) -> None:
+    """format.md section 3.1, as the independent reader reads it."""
+    ck = ir.read_checkpoint(str(per_rank_ckpt))
+    assert "per-rank-tensors" in ck.manifest["features"]
+    rng = ck.tensors["rng"]
+    assert rng.per_rank and rng.shape == (WORLD, *_rng(0).shape)
+    for r in range(WORLD):
+        assert np.array_equal(rng.of_rank(r), _rng(r).numpy())
+    assert not ck.tensors["w"].per_rank
+    rows = [x for x in ck.rows if x["key"] == "rng"]
+    assert sorted((x["rank"], tuple(x["shard_offsets"])[0]) for x in rows) == [
+        (r, r) for r in range(WORLD)
+    ]
+
+
+def test_another_world_size_must_choose_a_rank(per_rank_ckpt: Path) -> None:
+    with pytest.raises(ckptguard.WorldSizeError, match=r"'rng'.*4 ranks.*1 ranks load.*rank="):
+        ckptguard.load(per_rank_ckpt)  # one process: world size 1
+    out = _load_everywhere(per_rank_ckpt, world=2)
+    assert all(isinstance(e, ckptguard.WorldSizeError) for e in out), out
+    got = ckptguard.load(per_rank_ckpt, rank=2)  # whose values: rank 2's
+    assert torch.equal(got["rng"], _rng(2)) and got["rank"] == 2
+    with pytest.raises(ckptguard.WorldSizeError, match="no rank 4"):
+        ckptguard.load(per_rank_ckpt, rank=4)
+
+
+def test_differing_plain_tensors_point_to_per_rank(tmp_path: Path) -> None:
+    out = _save_everywhere(
+        lambda r: {"path": str(tmp_path / "s" / "x")}, lambda r: {"rng": _rng(r)}
+    )
+    assert all(isinstance(e, ckptguard.CheckpointAbortedError) for e in out), out
+    assert "'rng'" in str(out[0]) and "ckptguard.PerRank" in str(out[0])
+    assert not (tmp_path / "s" / "x").exists()
+
+
+def test_unchecked_differing_replicas_warn_on_every_rank(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "x"
+    with pytest.warns(ckptguard.ReplicaMismatchWarning) as caught:
+        out = _save_everywhere(
+            lambda r: {"path": str(path), "check_replicated": False},
+            lambda r: {"rng": _rng(r), "same": torch.ones(3)},
+        )
+    assert all(isinstance(i, ckptguard.CheckpointInfo) for i in out), out
+    msgs = [str(w.message) for w in caught if w.category is ckptguard.ReplicaMismatchWarning]
+    assert len(msgs) == WORLD
+    assert "'rng'" in msgs[0] and "'same'" not in msgs[0] and "PerRank" in msgs[0]
+    assert torch.equal(ckptguard.load(path)["rng"], _rng(0))  # as the warning says
+
+
+def test_per_rank_on_some_ranks_only_is_refused(tmp_path: Path) -> None:
+    def state(r: int) -> dict:
+        return {"rng": ckptguard.PerRank(_rng(r)) if r != 1 else _rng(r)}
+
+    out = _save_everywhere(lambda r: {"path": str(tmp_path / "s" / "x")}, state)
+    assert all(isinstance(e, ckptguard.CheckpointAbortedError) for e in out), out
+    assert "per_rank" in str(out[0]) and "rank 1" in str(out[0])
+    assert not (tmp_path / "s" / "x").exists()
