@@ -76,8 +76,13 @@ def save(
 
     In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
     ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
-    are replicas, written once). ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk
-    where it saves >= 5%) or "none". An existing name is an error unless ``overwrite``, which
+    are replicas, written once, whose copies must be equal; wrap a tensor that is each rank's
+    own, such as an RNG state, in ``PerRank``: each rank loads its own back).
+    ``check_replicated=False`` saves the lowest rank's copy of each replica for every rank
+    without refusing copies that differ (ReplicaMismatchWarning says which differed). Every rank
+    must pass the same path and options (else OptionsMismatchError on every rank).
+    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%) or
+    "none". An existing name is an error unless ``overwrite``, which
     commits the new checkpoint first and removes the old one after. LATEST then names it.
     ``timeout`` bounds each wait for the other ranks.
     """

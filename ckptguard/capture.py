@@ -81,7 +81,7 @@ def _tensors(obj: Any, depth: int = 0) -> Any:
     elif t in (list, tuple):
         for v in obj:
             yield from _tensors(v, depth + 1)
-    elif t is Shard:
+    elif t in (Shard, PerRank):
         yield from _tensors(obj.local, depth + 1)
     elif is_dtensor(obj):
         yield obj.to_local()
