@@ -133,6 +133,7 @@ def rank_description(c: _Columns, rank: int, ranks: int, rows: int) -> bytes:
             c.false,
             c.false,
             c.true,
+            c.false,
             c.raw,
             c.no_hash,
             c.global_shape,

@@ -29,14 +29,18 @@ from .errors import (
     FormatVersionError,
     HostPoolTooSmallError,
     InvalidNameError,
+    OptionsMismatchError,
+    OutOfMemoryError,
+    ReplicaMismatchWarning,
     SaveCancelledError,
     StoreError,
     StoreFullError,
     StoreNotWritableError,
     UnsupportedObjectError,
+    WorldSizeError,
 )
 from .format.manifest import CheckpointInfo
-from .shard import Shard
+from .shard import PerRank, Shard
 from .store import Store
 from .version import __version__
 
@@ -54,7 +58,11 @@ __all__ = [
     "FormatVersionError",
     "HostPoolTooSmallError",
     "InvalidNameError",
+    "OptionsMismatchError",
+    "OutOfMemoryError",
+    "PerRank",
     "Problem",
+    "ReplicaMismatchWarning",
     "SaveCancelledError",
     "SaveHandle",
     "Shard",
@@ -65,6 +73,7 @@ __all__ = [
     "TensorSummary",
     "UnsupportedObjectError",
     "VerifyReport",
+    "WorldSizeError",
     "__version__",
     "checkpoint_requested",
     "describe",

@@ -15,7 +15,7 @@ import pyarrow
 import torch
 import xxhash
 
-from .coord import Coordinator, current_rank
+from .coord import Coordinator, current_rank, current_size
 from .coord import auto as coord_auto
 from .errors import (
     CheckpointNotFoundError,
@@ -76,8 +76,13 @@ def save(
 
     In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
     ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
-    are replicas, written once). ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk
-    where it saves >= 5%) or "none". An existing name is an error unless ``overwrite``, which
+    are replicas, written once, whose copies must be equal; wrap a tensor that is each rank's
+    own, such as an RNG state, in ``PerRank``: each rank loads its own back).
+    ``check_replicated=False`` saves the lowest rank's copy of each replica for every rank
+    without refusing copies that differ (ReplicaMismatchWarning says which differed). Every rank
+    must pass the same path and options (else OptionsMismatchError on every rank).
+    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%) or
+    "none". An existing name is an error unless ``overwrite``, which
     commits the new checkpoint first and removes the old one after. LATEST then names it.
     ``timeout`` bounds each wait for the other ranks.
     """
@@ -168,6 +173,7 @@ def load(
     allow_pickle: bool = False,
     template: Any = None,
     coordinator: Coordinator | str | None = None,
+    rank: int | None = None,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -176,10 +182,17 @@ def load(
     state: plain tensors, ``Shard`` pieces or DTensors, found by key), each of its tensors is
     filled in place from the saved shards it overlaps, at any world size; only those chunks are
     read. In a job, each rank gets the non-tensor values it saved (rank 0's beyond the saved
-    world size).
+    world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
+    only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
+    ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
     """
-    rank = current_rank(coordinator)
-    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, rank)
+    if rank is None:
+        mine, world = current_rank(coordinator), current_size(coordinator)
+    elif type(rank) is not int or rank < 0:
+        raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
+    else:
+        mine, world = rank, None
+    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, mine, world)
 
 
 def verify(

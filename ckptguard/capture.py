@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CaptureCancelledError, HostPoolTooSmallError
-from .shard import Shard, dtensor_shard, is_dtensor
+from .shard import PerRank, Shard, dtensor_shard, is_dtensor
 
 ALIGN = 64
 
@@ -81,7 +81,7 @@ def _tensors(obj: Any, depth: int = 0) -> Any:
     elif t in (list, tuple):
         for v in obj:
             yield from _tensors(v, depth + 1)
-    elif t is Shard:
+    elif t in (Shard, PerRank):
         yield from _tensors(obj.local, depth + 1)
     elif is_dtensor(obj):
         yield obj.to_local()
@@ -386,6 +386,8 @@ class _Copier:
             return tuple(self.walk(v, depth + 1) for v in obj)
         if t is Shard:
             return Shard(self.walk(obj.local, depth + 1), obj.global_shape, obj.offsets)
+        if t is PerRank:
+            return PerRank(self.walk(obj.local, depth + 1))
         if is_dtensor(obj):
             try:
                 local, global_shape, offsets, replicated = dtensor_shard(obj)

@@ -31,6 +31,17 @@ class CheckpointWarning(UserWarning):
     """
 
 
+class ReplicaMismatchWarning(UserWarning):
+    """A save with ``check_replicated=False`` found copies of a replicated tensor that differ
+    between ranks: the lowest rank's copy is saved, and every rank loads that copy. Values that
+    are each rank's own (an RNG state) belong in ``ckptguard.PerRank``."""
+
+
+class WorldSizeError(CheckpointError, ValueError):
+    """The checkpoint holds per-rank tensors (``PerRank``) of a different number of ranks than
+    the job loading it: pass ``rank=`` to ``load`` to choose whose values to load."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint at the given path (or the store has no LATEST)."""
 
@@ -106,6 +117,19 @@ class HostPoolTooSmallError(CheckpointError, ValueError):
         self.limit = limit
 
 
+class OutOfMemoryError(CheckpointError, MemoryError):
+    """A load could not allocate the memory for a tensor (host RAM, pinned or device memory).
+
+    ``key`` names the tensor, ``nbytes`` the bytes it needed, ``where`` the kind of memory.
+    """
+
+    def __init__(self, message: str, key: str, nbytes: int, where: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.nbytes = nbytes
+        self.where = where
+
+
 class CaptureCancelledError(CheckpointError):
     """The pool was closed while a capture waited for a free region."""
 
@@ -138,6 +162,19 @@ class CheckpointAbortedError(CheckpointError):
     def __init__(self, message: str, rank: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+
+
+class OptionsMismatchError(CheckpointAbortedError, ValueError):
+    """The ranks of one save passed different values for an option that shapes the checkpoint
+    (its path, overwrite, compress, chunk_size, ...). Nothing is written; every rank raises it.
+
+    ``option`` names the first differing option, ``values`` maps each rank to its value.
+    """
+
+    def __init__(self, message: str, option: str = "", values: dict | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+        self.values = values or {}
 
 
 class CoordinationTimeoutError(CheckpointAbortedError):

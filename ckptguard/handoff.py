@@ -114,6 +114,7 @@ class Handoff:
                     "global_shape": list(r.global_shape),
                     "offsets": list(r.offsets),
                     "sharded": r.sharded,
+                    "per_rank": r.per_rank,
                     "offset": ptr - base if n else 0,
                     "nbytes": n,
                 }

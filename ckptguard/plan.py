@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ DESC_SCHEMA = pa.schema(
         ("requires_grad", pa.bool_()),
         ("parameter", pa.bool_()),
         ("sharded", pa.bool_()),
+        ("per_rank", pa.bool_()),
         ("nbytes", pa.int64()),
         ("hash", pa.binary(16)),
         ("global_shape", pa.list_(pa.int64())),
@@ -56,6 +57,19 @@ class Plan:
     keys: list[str]  # key of each global id
     writer: list[int | str]  # per global id, see above (JSON-ready)
     bytes_per_rank: list[int]
+    differing: list[str] = field(default_factory=list)
+    """Unchecked replicas (``check_replicated=False``) whose copies differ: one rank's is saved."""
+
+
+def bind_per_rank(refs: list, rank: int, world: int) -> None:
+    """Make each ``PerRank`` tensor of this rank row ``rank`` of a tensor of ``world`` rows: a
+    shard of shape (1, *shape) at (rank, 0, ...), the only copy of its box."""
+    for ref in refs:
+        if ref.per_rank:
+            shape = tuple(ref.shape)
+            ref.shape, ref.global_shape = (1, *shape), (world, *shape)
+            ref.offsets = (rank,) + (0,) * len(shape)
+            ref.sharded = ref.unique_box = True
 
 
 def describe_local(refs: list, hasher) -> pa.Table:  # noqa: ANN001
@@ -70,6 +84,7 @@ def describe_local(refs: list, hasher) -> pa.Table:  # noqa: ANN001
         cols["requires_grad"].append(ref.requires_grad)
         cols["parameter"].append(ref.parameter)
         cols["sharded"].append(ref.sharded)
+        cols["per_rank"].append(ref.per_rank)
         cols["nbytes"].append(math.prod(ref.shape) * SIZES[ref.dtype])
         cols["hash"].append(None if ref.unique_box or hasher is None else hasher(ref))
         cols["global_shape"].append(list(ref.global_shape))
@@ -171,21 +186,24 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     bounds = np.searchsorted(gid[order], np.arange(len(keys) + 1))
     first = order[bounds[:-1]]
 
-    def disagree(mask: np.ndarray, field: str) -> None:
+    def disagree(mask: np.ndarray, name: str) -> None:
         bad = np.flatnonzero(mask)
         if len(bad):
             i = int(bad[0])
             g = int(gid[i])
-            a, b = table.column(field)[int(first[g])].as_py(), table.column(field)[i].as_py()
+            a, b = table.column(name)[int(first[g])].as_py(), table.column(name)[i].as_py()
+            hint = " (wrap it in ckptguard.PerRank on every rank)" if name == "per_rank" else ""
             raise PlanError(
-                f"tensor {keys[g]!r}: {field} is {a!r} on rank {rank[first[g]]} but "
-                f"{b!r} on rank {rank[i]}"
+                f"tensor {keys[g]!r}: {name} is {a!r} on rank {rank[first[g]]} but "
+                f"{b!r} on rank {rank[i]}{hint}"
             )
 
     head = first[gid]  # each row's key's first row
-    for field in ("dtype", "kind"):
-        codes = _codes(table.column(field))
-        disagree(codes != codes[head], field)
+    for name in ("dtype", "kind"):
+        codes = _codes(table.column(name))
+        disagree(codes != codes[head], name)
+    per_rank = table.column("per_rank").to_numpy(zero_copy_only=False)
+    disagree(per_rank != per_rank[head], "per_rank")  # before the sharding it implies
     sharded = table.column("sharded").to_numpy(zero_copy_only=False)
     disagree(sharded != sharded[head], "sharded")
     gflat, glen = _lists(table.column("global_shape"))
@@ -206,6 +224,7 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
         volume[has] *= sflat[gstart[has] + d]
     hashes = None  # (valid, bytes) of the hash column, once a replica set needs checking
     fixed = sharded.copy()  # rows their own rank writes whatever the balance: shard pieces
+    differing: list[str] = []  # keys of unchecked replicas whose copies differ
     sets = []  # per key with copies: (bytes, global id, rows of its replica sets, set starts)
     for g, key in enumerate(keys):
         rows = order[bounds[g] : bounds[g + 1]]
@@ -233,9 +252,13 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
         else:
             members, starts = rows, np.zeros(1, dtype=np.int64)
         j = None
-        if check_replicated and len(members) > 1:
+        if len(members) > 1:
             hashes = hashes or _hashes(table.column("hash"))
             j = _differing(members, starts, *hashes)
+        if j is not None and not check_replicated:
+            if hashes[0][members].all():  # hashed copies that differ (unhashed: unknown)
+                differing.append(key)
+            j = None
         if j is not None:
             copies = members[starts[j] : np.append(starts, len(members))[j + 1]]
             what = repr(key)
@@ -244,7 +267,9 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
                 what += f": its shard at offsets {offs[i].tolist()} of shape {lens[i].tolist()}"
             raise PlanError(
                 f"tensor {what} is replicated on ranks {rank[copies].tolist()} but their values "
-                "differ (pass check_replicated=False to write one rank's copy)"
+                "differ. If each rank's value is its own (an RNG state), wrap it in "
+                "ckptguard.PerRank and every rank gets its own back; pass check_replicated=False "
+                "only to save the lowest rank's copy for every rank"
             )
         sets.append((int(nbytes[members].max()), g, members, starts))
     load = np.zeros(len(descs), dtype=np.int64)
@@ -276,15 +301,16 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     cols = {c: table.column(c) for c in ("dtype", "kind", "device", "requires_grad", "parameter")}
     for g, key in enumerate(keys):
         i = int(first[g])
-        tensors.append(
-            {
-                "key": key,
-                "dtype": cols["dtype"][i].as_py(),
-                "shape": gflat[gstart[i] : gstart[i] + glen[i]].tolist(),
-                "kind": cols["kind"][i].as_py(),
-                "device": cols["device"][i].as_py(),
-                "requires_grad": cols["requires_grad"][i].as_py(),
-                "parameter": cols["parameter"][i].as_py(),
-            }
-        )
-    return Plan(tensors, keys, writer, load.tolist())
+        entry = {
+            "key": key,
+            "dtype": cols["dtype"][i].as_py(),
+            "shape": gflat[gstart[i] : gstart[i] + glen[i]].tolist(),
+            "kind": cols["kind"][i].as_py(),
+            "device": cols["device"][i].as_py(),
+            "requires_grad": cols["requires_grad"][i].as_py(),
+            "parameter": cols["parameter"][i].as_py(),
+        }
+        if per_rank[i]:
+            entry["per_rank"] = True
+        tensors.append(entry)
+    return Plan(tensors, keys, writer, load.tolist(), differing)

@@ -52,11 +52,16 @@ class Piece:
             return 0, self.elem_size
         return self.row0 * self.row_bytes, self.row1 * self.row_bytes
 
+    @property
+    def buffer_bytes(self) -> int:
+        """The size of ``allocate``'s buffer: the first needed chunk's start to the last's end."""
+        lo = min(r.shard_byte_offset for r in self.rows)
+        return max(r.shard_byte_offset + r.raw_len for r in self.rows) - lo
+
     def allocate(self) -> None:
         """A buffer from the first needed chunk's start to the last one's end."""
         self.buf_lo = min(r.shard_byte_offset for r in self.rows)
-        hi = max(r.shard_byte_offset + r.raw_len for r in self.rows)
-        self.buf = np.empty(hi - self.buf_lo, dtype=np.uint8)
+        self.buf = np.empty(self.buffer_bytes, dtype=np.uint8)
 
     def dest_offset(self, r: Row) -> int:
         """Where a chunk's raw bytes go in ``buf``."""

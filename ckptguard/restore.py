@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CorruptCheckpointError, UnsupportedObjectError, location
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    OutOfMemoryError,
+    UnsupportedObjectError,
+    WorldSizeError,
+    location,
+)
+from .format.dtypes import SIZES
 from .format.index import Row
+from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor, rank_tree
 from .reader import CheckpointReader
 from .reshard import Box, Piece, plan_reads
@@ -26,22 +36,62 @@ from .tree import (
 )
 
 MapLocation = str | torch.device | dict | Callable | None
+T = TypeVar("T")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an allocator's exception means that the memory was not there: numpy raises
+    MemoryError, torch OutOfMemoryError (device) or a RuntimeError from its CPU allocator."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "memory" in str(e).lower()
+
+
+def allocate(key: str, nbytes: int, where: str, make: Callable[[], T]) -> T:
+    """``make()``: the one place where a load allocates memory for tensor ``key`` (``nbytes`` of
+    ``where``: host, pinned or a device). An allocation failure becomes OutOfMemoryError naming
+    the tensor and the bytes; nothing else is caught."""
+    try:
+        return make()
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise OutOfMemoryError(
+            f"cannot allocate {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of {where} memory for "
+            f"tensor {key!r} while loading: {str(e).strip()[:300] or type(e).__name__} (free "
+            "memory, raise the limit, or load with a template/map_location that needs less)",
+            key,
+            nbytes,
+            where,
+        ) from e
 
 
 def _host_empty(entry: dict) -> Any:
-    """A fresh host tensor/array for a manifest tensor entry (its global shape)."""
-    shape = tuple(entry["shape"])
+    """A fresh host tensor/array for a manifest tensor entry (its global shape; one rank's row
+    of a per-rank tensor)."""
+    shape = tuple(entry["shape"][1:] if entry.get("per_rank") else entry["shape"])
+    key = entry["key"]
     if entry["kind"] == "numpy":
         dt = NUMPY_BY_NAME.get(entry["dtype"])
         if dt is None:
-            raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", entry["key"])
-        return np.empty(shape, dtype=dt)
+            raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", key)
+        return allocate(key, _nbytes(shape, entry), "host", lambda: np.empty(shape, dtype=dt))
     dtype = TORCH_BY_NAME.get(entry["dtype"])
     if dtype is None:
         raise UnsupportedObjectError(
-            f"this torch has no dtype {entry['dtype']!r} (tensor {entry['key']!r})", entry["key"]
+            f"this torch has no dtype {entry['dtype']!r} (tensor {key!r})", key
         )
-    return torch.empty(shape, dtype=dtype)
+    return allocate(key, _nbytes(shape, entry), "host", lambda: torch.empty(shape, dtype=dtype))
+
+
+def _nbytes(shape: Sequence[int], entry: dict) -> int:
+    return math.prod(shape) * SIZES[entry["dtype"]]
+
+
+def _rank_box(entry: dict, rank: int) -> Box:
+    """Rank ``rank``'s row of a per-rank tensor: the box it saved."""
+    rest = tuple(entry["shape"][1:])
+    return (rank, *(0,) * len(rest)), (1, *rest)
 
 
 def _byte_view(t: Any) -> np.ndarray | None:
@@ -103,7 +153,7 @@ class _Target:
     fresh: bool
 
 
-def _template_targets(template: Any, rd: CheckpointReader) -> dict[int, _Target]:
+def _template_targets(template: Any, rd: CheckpointReader, rank: int) -> dict[int, _Target]:
     _, refs, _ = flatten(template, tensors_only=True)
     by_key = {t["key"]: i for i, t in enumerate(rd.tensors)}
     out = {}
@@ -112,6 +162,14 @@ def _template_targets(template: Any, rd: CheckpointReader) -> dict[int, _Target]
         if gid is None:
             raise CheckpointError(f"template tensor {ref.key!r} is not in checkpoint {rd.path}")
         entry = rd.tensors[gid]
+        if entry.get("per_rank"):  # this rank's own value: a plain (or PerRank) tensor
+            if ref.sharded or ref.dtype != entry["dtype"] or list(ref.shape) != entry["shape"][1:]:
+                raise CheckpointError(
+                    f"template tensor {ref.key!r} is {ref.dtype}{list(ref.shape)}, the "
+                    f"checkpoint holds per-rank values of {entry['dtype']}{entry['shape'][1:]}"
+                )
+            out[gid] = _Target(ref.outer, ref.value[None], _rank_box(entry, rank), False)
+            continue
         if ref.dtype != entry["dtype"] or list(ref.global_shape) != entry["shape"]:
             raise CheckpointError(
                 f"template tensor {ref.key!r} is {ref.dtype}{list(ref.global_shape)}, the "
@@ -128,11 +186,14 @@ def load_checkpoint(
     allow_pickle: bool = False,
     template: Any = None,
     rank: int = 0,
+    world: int | None = None,
 ) -> Any:
     """Read, verify and rebuild the object saved at ``path`` as rank ``rank`` sees it.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
+    Per-rank tensors load rank ``rank``'s own value; ``world``, this job's number of ranks, must
+    then be the saved one (None: the caller chose ``rank`` itself).
     """
     with CheckpointReader(path) as rd:
         if "pickle" in rd.features and not allow_pickle:
@@ -141,20 +202,27 @@ def load_checkpoint(
                 "trust where it came from"
             )
         tree = rank_tree(rd.manifest, rank)
-        targets = _template_targets(template, rd) if template is not None else {}
-        fresh: dict[int, None] = {}  # in tree order, each once (a list here was quadratic)
-        for gid in tensor_ids(tree):
+        ids = tensor_ids(tree)
+        for gid in ids:
             if not 0 <= gid < len(rd.tensors):
                 raise rd.corrupt(
                     f"object tree references tensor {gid}, which does not exist",
                     file="MANIFEST.json",
                 )
+        if PER_RANK_TENSORS in rd.features:
+            _check_rank(rd, rank, world)
+        targets = _template_targets(template, rd, rank) if template is not None else {}
+        fresh: dict[int, None] = {}  # in tree order, each once (a list here was quadratic)
+        for gid in ids:
             if gid not in targets:
                 fresh[gid] = None
         boxes = {gid: tg.box for gid, tg in targets.items()}
         for gid in fresh:
-            shape = tuple(rd.tensors[gid]["shape"])
-            boxes[gid] = ((0,) * len(shape), shape)
+            entry = rd.tensors[gid]
+            shape = tuple(entry["shape"])
+            boxes[gid] = (
+                _rank_box(entry, rank) if entry.get("per_rank") else ((0,) * len(shape), shape)
+            )
         # Only the chunks that meet this rank's boxes become rows (selected on the index table).
         mine = rd.rows_for(boxes)
         # The index ties each tensor's bytes to records inside its files; the files on disk must
@@ -162,7 +230,8 @@ def load_checkpoint(
         rd.check_sizes({r.file for r in mine})
         for gid in fresh:
             t = _host_empty(rd.tensors[gid])
-            targets[gid] = _Target(t, t, boxes[gid], True)
+            fill = t[None] if rd.tensors[gid].get("per_rank") else t  # a view: the rank's row
+            targets[gid] = _Target(t, fill, boxes[gid], True)
         rows_by_tensor: dict[int, list[Row]] = {}
         for r in mine:
             rows_by_tensor.setdefault(r.tensor, []).append(r)
@@ -174,7 +243,8 @@ def load_checkpoint(
                 if view is not None:
                     p.buf = view  # the chunks land straight in the destination
                 else:
-                    p.allocate()
+                    key = rd.tensors[gid]["key"]
+                    allocate(key, p.buffer_bytes, "host", p.allocate)
                     pieces.append((gid, p))
                 for r in p.rows:
                     by_file.setdefault(r.file, []).append((r, p))
@@ -202,13 +272,31 @@ def load_checkpoint(
             raise rd.corrupt(f"object tree is malformed: {e}", file="MANIFEST.json") from None
 
 
+def _check_rank(rd: CheckpointReader, rank: int, world: int | None) -> None:
+    """A checkpoint with per-rank tensors loads as one of its saved ranks, and in a job only at
+    the saved world size: another rank's value is never handed over unasked."""
+    saved = rd.manifest["world_size"]
+    keys = [t["key"] for t in rd.tensors if t.get("per_rank")]
+    what = f"per-rank tensors ({', '.join(map(repr, keys[:4]))}{', ...' if len(keys) > 4 else ''})"
+    if world is not None and world != saved:
+        raise WorldSizeError(
+            f"{rd.path} holds {what} of each of its {saved} ranks, but {world} ranks load it: "
+            "pass rank=<saved rank> to load to choose whose values this rank gets"
+        )
+    if not 0 <= rank < saved:
+        raise WorldSizeError(
+            f"{rd.path} holds {what} of its {saved} ranks; there is no rank {rank} among them"
+        )
+
+
 def _finish(tg: _Target, entry: dict, map_location: MapLocation) -> Any:
     obj = tg.result
     if entry["kind"] != "torch":
         return obj
     dev = _device(entry, map_location)
     if dev.type != "cpu":
-        obj = obj.to(dev)
+        nbytes = _nbytes(obj.shape, entry)
+        obj = allocate(entry["key"], nbytes, str(dev), lambda: obj.to(dev))
     if entry["parameter"]:
         return torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
     if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):

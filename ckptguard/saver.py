@@ -29,6 +29,8 @@ from .errors import (
     CheckpointAbortedError,
     CheckpointExistsError,
     CheckpointWarning,
+    OptionsMismatchError,
+    ReplicaMismatchWarning,
     from_oserror,
 )
 from .failpoints import failpoint, set_rank
@@ -36,10 +38,10 @@ from .format import FORMAT_VERSION
 from .format.datafile import FormatError
 from .format.index import to_table
 from .format.layout import MANIFEST, datafile_name
-from .format.manifest import CheckpointInfo, parse_time
+from .format.manifest import PER_RANK_TENSORS, CheckpointInfo, parse_time
 from .format.ranktrees import RANK_TREE_DIFFS, TextDiffer
 from .format.validate import check_table
-from .plan import PlanError, assignment, describe_local, make_plan
+from .plan import PlanError, assignment, bind_per_rank, describe_local, make_plan
 from .staging import DIRECT
 from .tree import Flat, flatten, remap_tensor_ids
 from .writer import RankWriter
@@ -80,6 +82,70 @@ class _Failed(Exception):
         self.rank = rank
 
 
+SHAPING = (
+    "path",
+    "overwrite",
+    "compress",
+    "chunk_size",
+    "allow_pickle",
+    "check_replicated",
+    "step",
+)
+"""The options of a save that shape what is committed, besides ``metadata``: every rank must
+pass the same (its ``path``: the checkpoint's absolute path)."""
+
+
+def shaping_options(opt: SaveOptions, store: str, name: str) -> dict:
+    """This rank's options that shape the checkpoint, as JSON (``metadata`` by its xxh3-128,
+    so that large metadata does not travel to rank 0 from every rank)."""
+    doc = {k: getattr(opt, k) for k in SHAPING if k != "path"}
+    doc["path"] = os.path.join(store, name)
+    doc["metadata"] = "xxh3:" + xxhash.xxh3_128_hexdigest(_dump(opt.metadata))
+    return doc
+
+
+def check_options(per_rank: list[dict]) -> None:
+    """Raise OptionsMismatchError naming the first option the ranks disagree on, with each
+    distinct value and the ranks that passed it."""
+    for option in (*SHAPING, "metadata"):
+        values = [o.get(option) for o in per_rank]
+        if all(v == values[0] for v in values):
+            continue
+        ranks: dict[str, list[int]] = {}
+        for r, v in enumerate(values):
+            ranks.setdefault(json.dumps(v), []).append(r)
+        shown = [f"{_brief(json.loads(v))} on {_ranks(rs)}" for v, rs in ranks.items()]
+        more = f", and {len(shown) - 4} other values" if len(shown) > 4 else ""
+        raise OptionsMismatchError(
+            f"the ranks passed different values of {option!r} to one save: "
+            f"{'; '.join(shown[:4])}{more}. Every rank must pass the same; nothing was written",
+            option,
+            dict(enumerate(values)),
+        )
+
+
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _ranks(rs: list[int]) -> str:
+    head = ", ".join(map(str, rs[:8])) + (f", ... ({len(rs)} ranks)" if len(rs) > 8 else "")
+    return f"rank {head}" if len(rs) == 1 else f"ranks {head}"
+
+
+def _warn_differing(keys: list[str], world: int) -> None:
+    shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    warnings.warn(
+        ReplicaMismatchWarning(
+            f"check_replicated=False: replicated tensor(s) {shown} differ between the {world} "
+            "ranks; the lowest rank's copy is saved and every rank will load it. Wrap values "
+            "that are each rank's own in ckptguard.PerRank"
+        ),
+        stacklevel=5,
+    )
+
+
 def _text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -95,6 +161,7 @@ class _Save:
         self.coord, self.opt, self.store, self.name = coord, opt, store, name
         self.own: BaseException | None = None
         self.staging: str | None = None
+        self.options = shaping_options(opt, store, name)
 
     def fail(self, e: BaseException) -> dict:
         self.own = e
@@ -108,6 +175,9 @@ class _Save:
             plan = json.loads(c.broadcast(_dump(plan) if c.rank == 0 else None, self.opt.timeout))
             self.staging = plan.get("staging")
             if not plan["ok"]:
+                if "option" in plan:  # the same error on every rank, naming the option
+                    values = {int(r): v for r, v in plan["values"].items()}
+                    raise OptionsMismatchError(plan["error"], plan["option"], values)
                 raise _Failed(plan["rank"], plan["error"])
             report = self.write(plan)
             gathered = c.gather(
@@ -132,6 +202,8 @@ class _Save:
         except BaseException:
             self.cleanup()
             raise
+        if plan.get("differing"):  # committed: say whose copy every rank will load
+            _warn_differing(plan["differing"], c.size)
         return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
@@ -149,10 +221,12 @@ class _Save:
                 tree, self.refs, used_pickle = obj.tree, obj.refs, obj.used_pickle
             else:
                 tree, self.refs, used_pickle = flatten(obj, self.opt.allow_pickle)
+            bind_per_rank(self.refs, self.coord.rank, self.coord.size)
             source = self.opt.source
             hasher = (lambda ref: source.digest(ref.value)) if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)
-            return _pack({"ok": True, "pickle": used_pickle}, _dump(tree), _ipc(desc))
+            head = {"ok": True, "pickle": used_pickle, "options": self.options}
+            return _pack(head, _dump(tree), _ipc(desc))
         except Exception as e:
             self.refs = []
             return _pack(self.fail(e))
@@ -162,6 +236,10 @@ class _Save:
         for m, _ in msgs:
             if not m["ok"]:
                 return m
+        try:
+            check_options([m["options"] for m, _ in msgs])
+        except OptionsMismatchError as e:
+            return {"ok": False, "error": str(e), "option": e.option, "values": e.values}
         try:
             descs = [_from_ipc(parts[1]) for _, parts in msgs]
             plan = make_plan(descs, self.opt.check_replicated)
@@ -186,6 +264,7 @@ class _Save:
             "features": [
                 *(["pickle"] if any(m["pickle"] for m, _ in msgs) else []),
                 *([RANK_TREE_DIFFS] if rank_trees else []),
+                *([PER_RANK_TENSORS] if any("per_rank" in t for t in plan.tensors) else []),
             ],
             "name": self.name,
             "uuid": uid,
@@ -204,6 +283,7 @@ class _Save:
             "staging": self.staging,
             "keys": plan.keys,
             "writer": plan.writer,
+            "differing": plan.differing,
         }
 
     # -- phase 3: every rank writes its own data file -------------------------------------------

@@ -1,4 +1,5 @@
-"""Sharded tensors: ``Shard`` annotations and DTensor placements, as (local, global, offsets)."""
+"""Sharded tensors: ``Shard`` annotations and DTensor placements, as (local, global, offsets);
+``PerRank`` tensors, whose value is each rank's own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -36,6 +38,25 @@ class Shard:
                 raise ValueError(
                     f"Shard: local {shape} at {self.offsets} lies outside {self.global_shape}"
                 )
+
+
+@dataclass
+class PerRank:
+    """A tensor (or numpy array) whose value is this rank's own, e.g. ``torch.get_rng_state()``.
+
+    Every rank passes its own under the same key; each is stored (as row ``rank`` of a tensor
+    with a leading dimension of the world size, docs/format.md section 3.1) and each rank loads
+    its own back. A plain tensor under one key on several ranks is a replica instead: saved
+    once, and its copies must be equal.
+    """
+
+    local: Any
+
+    def __post_init__(self) -> None:
+        if is_dtensor(self.local) or not isinstance(self.local, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"PerRank wraps a plain tensor or numpy array, not {type(self.local).__name__}"
+            )
 
 
 def is_dtensor(t: Any) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from .errors import UnsupportedObjectError
 from .format import dtypes
-from .shard import Shard, dtensor_copies, dtensor_shard, is_dtensor
+from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
 
 MAX_DEPTH = 512
 # Trees up to MAX_DEPTH are valid, and flattening, JSON and rebuilding each recurse a few frames
@@ -75,6 +75,7 @@ class TensorRef:
     # dimension): not hashed for the replica check. A Shard's box may be on several ranks.
     unique_box: bool = False
     outer: Any = None  # the object the user passed (Shard, DTensor or the tensor itself)
+    per_rank: bool = False  # each rank's own value (PerRank): row ``rank`` of a stacked tensor
 
     def __post_init__(self) -> None:
         if not self.sharded:
@@ -110,6 +111,16 @@ class _Flattener:
             )
         ref.global_shape, ref.offsets, ref.sharded = s.global_shape, s.offsets, True
         ref.outer = s
+        return node
+
+    def per_rank(self, p: PerRank, path: str) -> dict:
+        node = self.tensor(p.local, path)
+        ref = self.tensors[node["$tensor"]]
+        if ref.value is not p.local:
+            raise UnsupportedObjectError(
+                f"the tensor of PerRank at {path!r} is also used elsewhere", path
+            )
+        ref.per_rank, ref.outer = True, p
         return node
 
     def dtensor(self, t: Any, path: str) -> dict:
@@ -202,6 +213,8 @@ class _Flattener:
             return self.tensor(obj, path)
         if t is Shard:
             return self.shard(obj, path)
+        if t is PerRank:
+            return self.per_rank(obj, path)
         if isinstance(obj, np.generic) and str(obj.dtype) in NUMPY_BY_NAME:
             return {
                 "$npscalar": str(obj.dtype),

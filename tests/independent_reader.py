@@ -86,8 +86,9 @@ NUMPY_DTYPES = {
 }
 CODECS = {"raw": 0, "shuffle-lz4": 1}
 # pickled leaves are returned as opaque ``Pickled`` blobs, never loaded; rank-tree-diffs: the
-# values of rank_trees are diffs against tree (section 6.1)
-KNOWN_FEATURES = {"pickle", "rank-tree-diffs"}
+# values of rank_trees are diffs against tree (section 6.1); per-rank-tensors: a tensor entry may
+# be per_rank, its row r being rank r's own value (section 3.1)
+KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors"}
 MAX_DIFF_PATH = 2048
 
 BODY_MEMBERS = {
@@ -207,10 +208,16 @@ class TensorData:
     requires_grad: bool
     parameter: bool
     data: bytes
+    per_rank: bool = False  # row r of the first dimension is rank r's own value
 
     @property
     def elem_size(self) -> int:
         return DTYPE_SIZES[self.dtype]
+
+    def of_rank(self, rank: int) -> np.ndarray:
+        """A per-rank tensor's value as rank ``rank`` saved it (what that rank's tree means)."""
+        _need(self.per_rank and 0 <= rank < self.shape[0], f"{self.key}: no row of rank {rank}")
+        return self.numpy()[rank]
 
     def numpy(self) -> np.ndarray:
         """The tensor as a numpy array (raw bytes as uint8 of shape (*shape, elem) if numpy
@@ -441,7 +448,18 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     keys: set[str] = set()
     for i, t in enumerate(tensors):
         where = f"MANIFEST.json: tensors[{i}]"
-        _need(isinstance(t, dict) and set(t) == TENSOR_MEMBERS, f"{where}: wrong members")
+        if isinstance(t, dict) and "per_rank" in t:
+            _need("per-rank-tensors" in feats, f"{where}: per_rank without its feature")
+            _need(t["per_rank"] is True, f"{where}: per_rank is not true")
+            sh = t.get("shape")
+            _need(
+                isinstance(sh, list) and len(sh) >= 1 and sh[0] == ws,
+                f"{where}: per-rank tensor whose first dimension is not world_size",
+            )
+        members = TENSOR_MEMBERS | (
+            {"per_rank"} if isinstance(t, dict) and "per_rank" in t else set()
+        )
+        _need(isinstance(t, dict) and set(t) == members, f"{where}: wrong members")
         _need(isinstance(t["key"], str), f"{where}: key is not a string")
         _need(t["key"] not in keys, f"{where}: duplicate key {t['key']!r}")
         keys.add(t["key"])
@@ -1055,6 +1073,7 @@ def _assemble(
                 requires_grad=te["requires_grad"],
                 parameter=te["parameter"],
                 data=full.tobytes(),
+                per_rank=te.get("per_rank", False),
             )
         )
     return out

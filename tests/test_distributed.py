@@ -174,6 +174,17 @@ def test_diverging_replicas_are_refused(tmp_path, store):
     assert not (store / "d").exists()
 
 
+def test_ranks_that_name_different_checkpoints_all_raise(tmp_path, saved):
+    store = _prepare_old(saved, tmp_path)
+    assert mpirun(4, "options", str(store), "new") != 0
+    res = outcomes(tmp_path, 4)
+    assert [r["type"] for r in res] == ["OptionsMismatchError"] * 4
+    assert len({r["error"] for r in res}) == 1
+    assert "'path'" in res[0]["error"] and "new-x' on rank 2" in res[0]["error"]
+    assert not (store / "new").exists() and not (store / "new-x").exists()
+    _nothing_new(store)
+
+
 def test_a_stalled_rank_times_out_everywhere(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:hang"}

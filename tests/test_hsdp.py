@@ -48,6 +48,7 @@ def desc(*rows: tuple) -> pa.Table:
         cols["requires_grad"].append(False)
         cols["parameter"].append(False)
         cols["sharded"].append(sharded)
+        cols["per_rank"].append(False)
         shape = shape if sharded else gshape
         cols["nbytes"].append(int(np.prod(shape)) * 4)
         cols["hash"].append(None if h is None else bytes([h]) * 16)
@@ -141,8 +142,9 @@ def test_plain_replica_error_unchanged() -> None:
     with pytest.raises(PlanError) as e:
         make_plan(descs)
     assert str(e.value) == (
-        "tensor 'b' is replicated on ranks [0, 1] but their values differ (pass "
-        "check_replicated=False to write one rank's copy)"
+        "tensor 'b' is replicated on ranks [0, 1] but their values differ. If each rank's value "
+        "is its own (an RNG state), wrap it in ckptguard.PerRank and every rank gets its own "
+        "back; pass check_replicated=False only to save the lowest rank's copy for every rank"
     )
     assert make_plan([desc(("b", (3,), None, None, None))]).writer == [0]  # one rank: no hash
 

@@ -608,3 +608,87 @@ def test_gc_after_a_forward_jump_removes_a_save_in_progress_which_then_fails_cle
     assert ckptguard.Store(store).latest().name == "c1"
     assert ckptguard.verify(store).ok
     assert not os.path.exists(os.path.join(store, "c2"))
+
+
+# ============================================================================ memory on load
+
+_LOAD_UNDER_LIMIT = """
+import resource, sys
+import ckptguard
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = vm + (256 << 20)  # what the process has mapped so far, plus 256 MiB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    ckptguard.load(sys.argv[1])
+except ckptguard.OutOfMemoryError as e:
+    print("OOM", e.key, e.nbytes, e.where, "|", e)
+    sys.exit(0)
+except BaseException as e:
+    print("OTHER", type(e).__name__, e)
+    sys.exit(1)
+print("LOADED")
+sys.exit(2)
+"""
+
+
+def test_load_under_an_address_space_limit_names_the_tensor(tmp_path: Path) -> None:
+    """A real limit (RLIMIT_AS) too small for one tensor: a typed error naming it and its bytes."""
+    big = 512 << 20
+    path = tmp_path / "store" / "big"
+    ckptguard.save({"small": torch.ones(4), "huge": torch.zeros(big // 4)}, path)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_LIMIT, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"OOM huge {big} host |"), proc.stdout
+    assert "'huge'" in proc.stdout and str(big) in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 48 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48 bytes"),
+        MemoryError(),
+    ],
+    ids=["torch-cpu", "torch-device", "numpy"],
+)
+def test_an_allocation_failure_on_load_is_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    import numpy as np
+
+    path = tmp_path / "ck"
+    ckptguard.save({"a": torch.ones(3, 4), "n": np.ones(6)}, path)
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(torch, "empty", failing)
+    monkeypatch.setattr(np, "empty", failing)
+    with pytest.raises(ckptguard.OutOfMemoryError) as info:
+        ckptguard.load(path)
+    assert isinstance(info.value, ckptguard.CheckpointError) and isinstance(info.value, MemoryError)
+    assert info.value.key in ("a", "n") and info.value.nbytes == 48
+    assert repr(info.value.key) in str(info.value) and "48 bytes" in str(info.value)
+
+
+def test_other_allocator_errors_are_not_called_out_of_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ck"
+    ckptguard.save({"a": torch.ones(3)}, path)
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("invalid device ordinal")
+
+    monkeypatch.setattr(torch, "empty", failing)
+    with pytest.raises(RuntimeError, match="invalid device ordinal") as info:
+        ckptguard.load(path)
+    assert not isinstance(info.value, ckptguard.CheckpointError)

@@ -188,6 +188,7 @@ def _ref(t: Any, m: mmap.mmap, base: torch.Tensor) -> TensorRef:
         global_shape,
         offsets,
         bool(t.get("sharded")),
+        per_rank=bool(t.get("per_rank")),
     )
 
 

@@ -12,7 +12,7 @@ import sys
 
 from .base import Coordinator, LocalCoordinator
 
-__all__ = ["Coordinator", "LocalCoordinator", "auto", "current_rank"]
+__all__ = ["Coordinator", "LocalCoordinator", "auto", "current_rank", "current_size"]
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -76,3 +76,18 @@ def current_rank(coordinator: Coordinator | str | None = None) -> int:
 
         return MPI.COMM_WORLD.Get_rank()
     return 0
+
+
+def current_size(coordinator: Coordinator | str | None = None) -> int:
+    """The number of ranks of this job, without creating groups or communicators (for loading)."""
+    if isinstance(coordinator, Coordinator):
+        return coordinator.size
+    if coordinator in (None, "torch") and _torch_initialized():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    if coordinator in (None, "mpi") and ("mpi4py.MPI" in sys.modules or _launched_by_mpi()):
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_size()
+    return 1

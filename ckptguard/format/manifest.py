@@ -18,8 +18,10 @@ from .ranktrees import RANK_TREE_DIFFS, check_diff
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TENSOR_BYTES = 1 << 62
-KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS})
-ALL_FEATURES = frozenset({"pickle", "incremental", "encryption", RANK_TREE_DIFFS})
+PER_RANK_TENSORS = "per-rank-tensors"
+"""Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
+KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
+ALL_FEATURES = frozenset({"pickle", "incremental", "encryption", RANK_TREE_DIFFS, PER_RANK_TENSORS})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -138,7 +140,17 @@ def validate(doc: Any) -> None:
         if diffs:
             check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
     keys = set()
+    per_rank = PER_RANK_TENSORS in feats
     for i, t in enumerate(doc["tensors"]):
+        if per_rank and isinstance(t, dict) and "per_rank" in t:
+            if t["per_rank"] is not True:
+                raise FormatError(f"manifest.tensors[{i}].per_rank is not true")
+            t = {k: v for k, v in t.items() if k != "per_rank"}
+            shape = t.get("shape")
+            if not isinstance(shape, list) or not shape or shape[0] != doc["world_size"]:
+                raise FormatError(
+                    f"manifest.tensors[{i}] is per-rank but its first dimension is not world_size"
+                )
         _typed(t, _TENSOR, f"manifest.tensors[{i}]")
         if dtypes.elem_size(t["dtype"]) is None:
             raise FormatError(f"tensor {t['key']!r} has unknown dtype {t['dtype']!r}")

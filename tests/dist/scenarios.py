@@ -149,6 +149,10 @@ def main() -> int:
             st["model"]["bias"] += rank
             ckptguard.save(st, os.path.join(store, sys.argv[4]), coordinator=coord, timeout=60)
             result.update(ok=True)
+        elif scenario == "options":  # rank 2 names another checkpoint: every rank raises
+            name = sys.argv[4] + ("-x" if rank == 2 else "")
+            ckptguard.save(local_state(rank, world), os.path.join(store, name), coordinator=coord)
+            result.update(ok=True)
         elif scenario in ("dtensor_save", "dtensor_load"):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Replicate, distribute_tensor
