@@ -18,6 +18,7 @@ _KINDS = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
 )
 
 
@@ -54,19 +55,27 @@ def open_regular(
         raise
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = next((k for test, k in _KINDS if test(st.st_mode)), "a special file")
-            raise UnsafeFileError(f"is {kind}, not a regular file")
-        if max_size is not None and st.st_size > max_size:
-            raise UnsafeFileError(f"has {st.st_size} bytes, more than the {max_size} allowed")
-        if size is not None and st.st_size != size:
-            raise UnsafeFileError(f"has {st.st_size} bytes, {size} were expected")
+        check_regular(st, max_size=max_size, size=size)
         # Reads of a regular file never block; clear the flag so nothing later depends on it.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
     return fd, st
+
+
+def check_regular(
+    st: os.stat_result, *, max_size: int | None = None, size: int | None = None
+) -> None:
+    """Raise UnsafeFileError unless ``st`` is a regular file's, of at most ``max_size`` and of
+    exactly ``size`` bytes where given (``open_regular``'s checks, for an lstat too)."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "a special file")
+        raise UnsafeFileError(f"is {kind}, not a regular file")
+    if max_size is not None and st.st_size > max_size:
+        raise UnsafeFileError(f"has {st.st_size} bytes, more than the {max_size} allowed")
+    if size is not None and st.st_size != size:
+        raise UnsafeFileError(f"has {st.st_size} bytes, {size} were expected")
 
 
 def read_regular(

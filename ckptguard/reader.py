@@ -13,7 +13,6 @@ not damage either.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,7 +48,7 @@ from .format.datafile import (
 from .format.index import Row, row_from_json
 from .format.layout import INDEX, MANIFEST
 from .format.validate import check_table
-from .fsutil import UnsafeFileError, open_regular, pread_exact, read_regular
+from .fsutil import UnsafeFileError, check_regular, open_regular, pread_exact, read_regular
 
 
 def _flat_lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,13 +282,10 @@ class CheckpointReader:
                 raise self.missing("data file is missing", name) from None
             except OSError as e:
                 raise self.io_error(e, name, "cannot stat") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise self.corrupt("data file is not a regular file", file=name)
-            if st.st_size != self.files[name]:
-                raise self.corrupt(
-                    f"data file has {st.st_size} bytes, the manifest says {self.files[name]}",
-                    file=name,
-                )
+            try:
+                check_regular(st, size=self.files[name])
+            except UnsafeFileError as e:
+                raise self.corrupt(f"data file {e.reason}", file=name) from None
 
     def open_file(self, name: str) -> int:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""
