@@ -7,7 +7,7 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import lz4
 import numpy as np
@@ -19,6 +19,7 @@ from .coord import Coordinator, current_rank, current_size
 from .coord import auto as coord_auto
 from .errors import (
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CorruptCheckpointError,
     UnsupportedObjectError,
     from_oserror,
@@ -42,6 +43,8 @@ __all__ = [
     "save",
     "verify",
 ]
+
+T = TypeVar("T")
 
 _COMPRESS = {"auto": True, "lz4": True, "none": False}
 
@@ -192,14 +195,29 @@ def load(
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
-    return load_checkpoint(resolve(path), map_location, verify, allow_pickle, template, mine, world)
+    return _reading(
+        path,
+        lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
+    )
 
 
 def verify(
     path: str | os.PathLike, progress: Callable[[int, int], None] | None = None
 ) -> VerifyReport:
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found."""
-    return verify_checkpoint(resolve(path), progress)
+    return _reading(path, lambda p: verify_checkpoint(p, progress))
+
+
+def _reading(path: str | os.PathLike, read: Callable[[str], T]) -> T:
+    """``read(resolve(path))``, once more if the checkpoint was replaced under the read.
+
+    An overwrite commits the new checkpoint before it removes the old one, so the name (or
+    LATEST) then leads to a whole checkpoint: that is what the caller asked for. A second race
+    raises CheckpointReplacedError (the name is being overwritten continuously)."""
+    try:
+        return read(resolve(path))
+    except CheckpointReplacedError:
+        return read(resolve(path))
 
 
 @dataclass
@@ -221,7 +239,10 @@ class CheckpointDescription:
 
 def describe(path: str | os.PathLike) -> CheckpointDescription:
     """Tensors, sizes and codecs of a checkpoint, from its manifest and index (no data read)."""
-    p = resolve(path)
+    return _reading(path, _describe)
+
+
+def _describe(p: str) -> CheckpointDescription:
     with CheckpointReader(p) as rd:
         out = [TensorSummary(t["key"], t["dtype"], tuple(t["shape"])) for t in rd.tensors]
         for r in rd.rows:

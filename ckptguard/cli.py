@@ -3,6 +3,11 @@
 Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` found none);
 2 an error (bad path, corrupt manifest, bad arguments), printed as one ``error: ...`` line.
 ``run`` exits with its trainer's status, or 85/86 after a checkpoint request (docs/agent.md).
+
+Names, keys, paths and messages come from checkpoints and stores that may be hostile: every line
+this module prints goes out through ``_echo``, ``_fail`` or ``_cell`` (rich tables and status
+lines), which escape control characters with ``terminal_safe``, so that nothing read from a
+checkpoint can move the cursor, clear the screen or reorder what the operator sees.
 """
 
 from __future__ import annotations
@@ -33,6 +38,29 @@ import ckptguard
 from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError, Problem
 
 MANIFEST = "MANIFEST.json"  # docs/format.md section 1: a directory holding one is a checkpoint
+
+# C0 controls, DEL, C1 controls, and the Unicode format characters that reorder or break lines:
+# bidi marks, embeddings, overrides and isolates, and the line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: object) -> str:
+    """``str(text)`` with each control or reordering character written as a visible escape
+    (``\\x1b``, ``\\u202e``): what the CLI prints can never drive the terminal."""
+    return _UNSAFE.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+        str(text),
+    )
+
+
+def _echo(*lines: object, err: bool = False) -> None:
+    """Print ``lines`` (each escaped whole, so a newline inside one is shown, not obeyed)."""
+    click.echo("\n".join(terminal_safe(line) for line in lines), err=err)
+
+
+def _cell(text: object) -> str:
+    """``text`` for rich (a table cell, a title, a status): escaped, and never markup."""
+    return escape(terminal_safe(text))
 
 
 class _Failed(Exception):
@@ -68,7 +96,7 @@ class _CkptGroup(click.Group):
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    _echo(f"error: {message}", err=True)
     raise click.exceptions.Exit(2)
 
 
@@ -136,16 +164,20 @@ def cli() -> None:
 def ls_cmd(store: str) -> None:
     """List the committed checkpoints of STORE, oldest first."""
     st = ckptguard.Store(_require_dir(store, "store"))
-    infos = st.list()
+    scan = st.scan()
+    infos = scan.listed
+    for skipped in scan.skipped:  # damaged ones are named, never silently left out
+        _echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
     if not infos:
-        click.echo(f"no committed checkpoints in {store}")
+        damaged = f" ({len(scan.skipped)} skipped, see above)" if scan.skipped else ""
+        _echo(f"no committed checkpoints in {store}{damaged}")
         return
     try:
         latest = st.latest()
     except CorruptCheckpointError as exc:  # still list what is there; verify exits 1 on it
         latest = None
-        click.echo(f"warning: {exc}", err=True)
-    table = Table(title=escape(f"store {os.path.abspath(store)}"), title_justify="left")
+        _echo(f"warning: {exc}", err=True)
+    table = Table(title=_cell(f"store {os.path.abspath(store)}"), title_justify="left")
     for col, justify in [
         ("name", "left"),
         ("step", "right"),
@@ -160,13 +192,18 @@ def ls_cmd(store: str) -> None:
         mark = "LATEST" if latest is not None and info.name == latest.name else ""
         step = "-" if info.step is None else str(info.step)
         table.add_row(
-            escape(info.name),
-            step,
-            _size(info.stored_bytes),
-            _size(info.raw_bytes),
-            str(info.tensors),
-            _when(info.created),
-            mark,
+            *map(
+                _cell,
+                (
+                    info.name,
+                    step,
+                    _size(info.stored_bytes),
+                    _size(info.raw_bytes),
+                    str(info.tensors),
+                    _when(info.created),
+                    mark,
+                ),
+            )
         )
     _console().print(table)
 
@@ -200,7 +237,7 @@ def info_cmd(ckpt: str) -> None:
     if info.metadata is not None:
         facts.append(("metadata", json.dumps(info.metadata, sort_keys=True)[:300]))
     for name, value in facts:
-        con.print(f"[bold]{name:>10}[/]  {escape(value)}", highlight=False, soft_wrap=True)
+        con.print(f"[bold]{name:>10}[/]  {_cell(value)}", highlight=False, soft_wrap=True)
     table = Table(show_footer=True)
     cols = ["key", "dtype", "shape", "raw", "stored", "ratio", "chunks", "codecs"]
     raw = sum(t.raw_bytes for t in desc.tensors)
@@ -222,14 +259,19 @@ def info_cmd(ckpt: str) -> None:
     for t in desc.tensors:
         codecs = ", ".join(f"{c} x{n}" for c, n in sorted(t.codecs.items()))
         table.add_row(
-            escape(t.key),
-            t.dtype,
-            str(list(t.shape)),
-            _size(t.raw_bytes),
-            _size(t.stored_bytes),
-            _ratio(t.raw_bytes, t.stored_bytes),
-            str(t.chunks),
-            codecs,
+            *map(
+                _cell,
+                (
+                    t.key,
+                    t.dtype,
+                    str(list(t.shape)),
+                    _size(t.raw_bytes),
+                    _size(t.stored_bytes),
+                    _ratio(t.raw_bytes, t.stored_bytes),
+                    str(t.chunks),
+                    codecs,
+                ),
+            )
         )
     con.print(table)
 
@@ -257,17 +299,14 @@ def _verify_targets(path: str, latest_only: bool) -> tuple[list[str], list[str]]
         problems = []
     if latest_only:
         return ([] if info is None else [info.path]), problems
-    listed = [info.path for info in st.list()]
-    # A directory with a manifest that the store does not list has a broken manifest: check it too.
-    known = {os.path.realpath(p) for p in listed}
-    hidden = [
-        os.path.join(path, n)
-        for n in sorted(os.listdir(path))
-        if not n.startswith(".")
-        and os.path.isfile(os.path.join(path, n, MANIFEST))
-        and os.path.realpath(os.path.join(path, n)) not in known
-    ]
-    return listed + hidden, problems
+    scan = st.scan()
+    # A directory the store skipped has a broken manifest: the reader says what is wrong with
+    # it. A link is never followed: it is a problem of the store itself.
+    for skipped in scan.skipped:
+        if skipped.link:
+            problems += [f"FAIL {skipped.path}", f"  problem: {skipped.reason}"]
+    damaged = [skipped.path for skipped in scan.skipped if not skipped.link]
+    return [info.path for info in scan.listed] + damaged, problems
 
 
 def _problem_line(p: Problem) -> str:
@@ -297,7 +336,7 @@ def _verify_with_bar(targets: list[str]) -> list[bool]:
     results = []
     with Progress(*cols, transient=True) as bar:
         for target in targets:
-            task = bar.add_task(os.path.basename(os.path.normpath(target)), total=None)
+            task = bar.add_task(_cell(os.path.basename(os.path.normpath(target))), total=None)
 
             def progress(done: int, total: int, task: TaskID = task) -> None:
                 bar.update(task, completed=done, total=total)
@@ -305,7 +344,9 @@ def _verify_with_bar(targets: list[str]) -> list[bool]:
             ok, lines = _verify_one(target, progress)
             bar.remove_task(task)
             for line in lines:
-                bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                bar.console.print(
+                    terminal_safe(line), markup=False, highlight=False, soft_wrap=True
+                )
             results.append(ok)
     return results
 
@@ -352,10 +393,10 @@ def _verify_paths(
 ) -> None:
     targets, problems = _verify_targets(_require_dir(path, "checkpoint or store"), latest_only)
     if problems:
-        click.echo("\n".join(problems))
+        _echo(*problems)
     if not targets:
         if not problems:
-            click.echo(f"no committed checkpoints in {path}", err=True)
+            _echo(f"no committed checkpoints in {path}", err=True)
         raise _Failed
     if bar:
         results = _verify_with_bar(targets)
@@ -363,10 +404,10 @@ def _verify_paths(
         results = []
         for target in targets:
             ok, lines = _verify_one(target, None, verify)
-            click.echo("\n".join(lines))
+            _echo(*lines)
             results.append(ok)
     if len(results) > 1:
-        click.echo(f"{results.count(True)} of {len(results)} checkpoints ok")
+        _echo(f"{results.count(True)} of {len(results)} checkpoints ok")
     if problems or not all(results):
         raise _Failed
 
@@ -380,9 +421,9 @@ def latest_cmd(store: str) -> None:
     """
     info = ckptguard.Store(store).latest() if os.path.isdir(store) else None
     if info is None:
-        click.echo(f"no committed checkpoint in {store}", err=True)
+        _echo(f"no committed checkpoint in {store}", err=True)
         raise _Failed
-    click.echo(os.path.abspath(info.path))
+    _echo(os.path.abspath(info.path))
 
 
 @cli.command("gc")
@@ -398,8 +439,8 @@ def gc_cmd(store: str, older_than: str) -> None:
     seconds = parse_duration(older_than)
     removed = ckptguard.Store(_require_dir(store, "store")).gc(older_than=seconds)
     for path in removed:
-        click.echo(f"removed {path}")
-    click.echo(f"{len(removed)} item(s) removed" if removed else "nothing to remove")
+        _echo(f"removed {path}")
+    _echo(f"{len(removed)} item(s) removed" if removed else "nothing to remove")
 
 
 @cli.command("delete")
@@ -413,7 +454,7 @@ def delete_cmd(store: str, name: str) -> None:
     st = ckptguard.Store(_require_dir(store, "store"))
     st.delete(name)
     latest = st.latest()
-    click.echo(f"deleted {name}; LATEST is now {latest.name if latest else 'absent'}")
+    _echo(f"deleted {name}; LATEST is now {latest.name if latest else 'absent'}")
 
 
 @contextlib.contextmanager
@@ -446,17 +487,17 @@ def restore_cmd(ckpt: str, out: str, allow_pickle: bool) -> None:
         source = info.path
     con = _console()
     status = con.status if con.is_terminal else _no_status
-    with status(f"loading and verifying {os.path.basename(source)}"):
+    with status(_cell(f"loading and verifying {os.path.basename(source)}")):
         state = ckptguard.load(source, allow_pickle=allow_pickle)
     tmp = f"{out}.tmp"
     try:
-        with status(f"writing {out}"):
+        with status(_cell(f"writing {out}")):
             torch.save(state, tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    click.echo(f"wrote {out} ({_size(os.path.getsize(out))}) from {os.path.abspath(source)}")
+    _echo(f"wrote {out} ({_size(os.path.getsize(out))}) from {os.path.abspath(source)}")
 
 
 @cli.command("demo")
@@ -575,13 +616,13 @@ def doctor_cmd() -> None:
     from ckptguard import backend
 
     info = backend.info()
-    click.echo(f"codec path: {info['backend']}")
-    click.echo(f"reason:     {info['reason']}")
-    click.echo(f"threads:    {info['threads']} (CPUs usable: {info['cpus']})")
-    click.echo(f"O_DIRECT:   {'on' if info['o_direct'] else 'off'} (CKPTGUARD_ODIRECT)")
+    _echo(f"codec path: {info['backend']}")
+    _echo(f"reason:     {info['reason']}")
+    _echo(f"threads:    {info['threads']} (CPUs usable: {info['cpus']})")
+    _echo(f"O_DIRECT:   {'on' if info['o_direct'] else 'off'} (CKPTGUARD_ODIRECT)")
     for name, version in sorted(dict(info.get("libraries") or {}).items()):
-        click.echo(f"native {name}: {version}")
-    click.echo(f"python lz4: {info['python_lz4']}")
+        _echo(f"native {name}: {version}")
+    _echo(f"python lz4: {info['python_lz4']}")
 
 
 # ---- drain (multi-level checkpointing, issue #7; docs/operations.md) ----
@@ -634,7 +675,7 @@ def drain_cmd(
 
     def report(info: ckptguard.CheckpointInfo, nbytes: int, seconds: float) -> None:
         rate = _size(int(nbytes / seconds)) if seconds > 0 else "-"
-        click.echo(
+        _echo(
             f"drained {info.name} -> {info.path}: {nbytes} bytes ({_size(nbytes)}) "
             f"in {seconds:.2f} s ({rate}/s)"
         )
@@ -649,7 +690,7 @@ def drain_cmd(
         on_drained=report,
     )
     if not done:
-        click.echo(f"nothing to drain: {dst} holds every selected checkpoint")
+        _echo(f"nothing to drain: {dst} holds every selected checkpoint")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

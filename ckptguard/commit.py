@@ -18,7 +18,13 @@ from .errors import CheckpointExistsError, CoordinationTimeoutError, StoreError,
 from .failpoints import failpoint
 from .format import index, manifest
 from .format.layout import INDEX, LATEST, MANIFEST, STAGING
-from .fsutil import fsync_dir, write_file_durably, write_new_file
+from .fsutil import (
+    UnsafeFileError,
+    fsync_dir,
+    read_regular,
+    write_file_durably,
+    write_new_file,
+)
 
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
 _RENAME_EXCHANGE = 2
@@ -40,9 +46,12 @@ def write_index(staging: str, table: pa.Table) -> dict:
     data = index.write_table(table)
     path = os.path.join(staging, INDEX)
     write_new_file(path, data)
-    with open(path, "rb") as f:  # verify what we wrote before it is referenced
-        if f.read() != data:
-            raise StoreError(f"{path} reads back differently from what was written", path)
+    try:  # verify what we wrote before it is referenced
+        back = read_regular(path, size=len(data))
+    except UnsafeFileError as e:
+        raise StoreError(f"{path} {e.reason} after it was written", path) from None
+    if back != data:
+        raise StoreError(f"{path} reads back differently from what was written", path)
     return {"file": INDEX, "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
 
 

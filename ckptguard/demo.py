@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -23,6 +22,10 @@ from rich.table import Table
 from torch import nn
 
 import ckptguard
+
+from .format import index
+from .format.layout import INDEX
+from .fsutil import read_regular
 
 VOCAB, D_MODEL, LAYERS, BATCH, SEED = 1000, 128, 3, 8, 1234
 
@@ -106,7 +109,7 @@ def _size(n: float) -> str:
 
 def _flip_payload_byte(ckpt: str, prefer: str) -> str:
     """Flip one byte in the middle of a chunk payload of ``ckpt``; return the tensor's key."""
-    rows = pq.read_table(os.path.join(ckpt, "index.parquet"), use_threads=False).to_pylist()
+    rows = index.read_table(read_regular(os.path.join(ckpt, INDEX))).to_pylist()
     row = next((r for r in rows if r["key"] == prefer), max(rows, key=lambda r: r["stored_len"]))
     pos = row["offset"] + 64 + row["stored_len"] // 2  # 64: the chunk record header
     with open(os.path.join(ckpt, row["file"]), "r+b") as f:

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import threading
 import time
@@ -49,6 +47,7 @@ from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CheckpointWarning,
     CorruptCheckpointError,
     StoreError,
@@ -60,7 +59,7 @@ from .format import manifest
 from .format.datafile import FormatError
 from .format.layout import INDEX, MANIFEST, check_name
 from .format.manifest import CheckpointInfo
-from .fsutil import fsync_dir, pread_exact, write_file_durably
+from .fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular, write_file_durably
 from .reader import CheckpointReader
 from .restore import verify_checkpoint
 from .store import Store, read_info
@@ -96,7 +95,6 @@ MAX_STRIPES = 16
 DrainedCallback = Callable[[CheckpointInfo, int, float], None]
 """Called after each checkpoint is committed in DST: (its info in DST, bytes copied, seconds)."""
 
-_RFLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _WFLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
@@ -257,23 +255,13 @@ class _Copier:
     def _open_source(self, f: _File) -> int:
         """Open a source file safely: in the directory, no link, a regular file of its size."""
         try:
-            fd = os.open(f.name, _RFLAGS, dir_fd=self.rd.dir_fd)
+            fd, _ = open_regular(f.name, dir_fd=self.rd.dir_fd, size=f.size)
         except FileNotFoundError:
-            raise self._corrupt("file is missing", f.name) from None
+            raise self.rd.missing("file is missing", f.name) from None
+        except UnsafeFileError as e:
+            raise self._corrupt(f"{f.name} {e.reason}", f.name) from None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise self._corrupt(f"cannot be opened safely: {e.strerror}", f.name) from None
             raise from_oserror(e, os.path.join(self.rd.path, f.name), "cannot read") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise self._corrupt("not a regular file", f.name)
-        if st.st_size != f.size:
-            os.close(fd)
-            raise self._corrupt(
-                f"file has {st.st_size} bytes, the manifest says {f.size} (changed?)",
-                f.name,
-            )
         return fd
 
     def prepare(self, f: _File) -> None:
@@ -338,25 +326,23 @@ class _Copier:
     def copy_manifest(self, uuid: str) -> None:
         """Copy MANIFEST.json byte for byte, last, after checking it is the one opened."""
         try:
-            fd = os.open(MANIFEST, _RFLAGS, dir_fd=self.rd.dir_fd)
+            raw = read_regular(
+                MANIFEST, dir_fd=self.rd.dir_fd, max_size=manifest.MAX_MANIFEST_BYTES
+            )
+        except FileNotFoundError:
+            raise self.rd.missing("MANIFEST.json is missing", MANIFEST) from None
+        except UnsafeFileError as e:
+            raise self._corrupt(f"{MANIFEST} {e.reason}", MANIFEST) from None
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ELOOP):
-                raise self._corrupt(f"cannot be opened safely: {e.strerror}", MANIFEST) from None
             raise from_oserror(e, os.path.join(self.rd.path, MANIFEST), "cannot read") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > manifest.MAX_MANIFEST_BYTES:
-                raise self._corrupt("not a regular file of at most 256 MiB", MANIFEST)
-            raw = pread_exact(fd, st.st_size, 0)
-        finally:
-            os.close(fd)
         try:
             body = manifest.decode(raw)
         except FormatError as e:
             raise self._corrupt(str(e), MANIFEST) from None
         if body["uuid"] != uuid or body != self.rd.manifest:
-            raise CheckpointError(
-                f"{self.rd.path} was replaced while being drained (its manifest changed)"
+            raise CheckpointReplacedError(
+                f"{self.rd.path} was replaced while being drained (its manifest changed)",
+                self.rd.path,
             )
         try:
             write_file_durably(os.path.join(self.staging, MANIFEST), raw)
@@ -395,7 +381,9 @@ def _drain_one(
     """Copy, verify and commit one checkpoint; return its info in DST and the bytes copied."""
     with CheckpointReader(info.path) as rd:  # manifest and index checked, O_NOFOLLOW
         if rd.manifest["uuid"] != info.uuid:
-            raise CheckpointError(f"{info.path} was replaced while being drained")
+            raise CheckpointReplacedError(
+                f"{info.path} was replaced while being drained", info.path
+            )
         files = [_File(f["name"], f["size"], True) for f in rd.manifest["files"]]
         files.append(_File(INDEX, rd.manifest["index"]["size"], False))
         try:

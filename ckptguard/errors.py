@@ -108,6 +108,15 @@ class CorruptCheckpointError(CheckpointError):
         self.offset = offset
 
 
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was replaced (an overwrite of its name) or removed while it was being
+    read. Not damage: its files went away with the directory; read the name again."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class HostPoolTooSmallError(CheckpointError, ValueError):
     """The state's tensors need more host memory than the pool may hold (``max_host_bytes``)."""
 

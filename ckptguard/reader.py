@@ -1,17 +1,18 @@
 """Safe reader of one committed checkpoint: every size, offset and hash checked before use (I5, I6).
 
-Files are opened relative to the checkpoint directory with O_NOFOLLOW, by names the format allows,
-so nothing outside the directory is ever read. Bytes that are wrong raise CorruptCheckpointError;
-bytes that cannot be read (permission denied, EIO, ...) raise the StoreError of
-``errors.from_oserror`` with the file's path (and its name as ``file``): the checkpoint may well be
-intact.
+Files are opened relative to the checkpoint directory opened once (``dir_fd``), by names the
+format allows, with ``fsutil.open_regular`` (no link followed, no blocking open, a regular file of
+a plausible size), so nothing outside the directory is ever read. Bytes that are wrong raise
+CorruptCheckpointError; bytes that cannot be read (permission denied, EIO, ...) raise the
+StoreError of ``errors.from_oserror`` with the file's path (and its name as ``file``): the
+checkpoint may well be intact. A file missing from a directory that is no longer the one at the
+path (an overwrite or delete of the name raced the read) raises CheckpointReplacedError: that is
+not damage either.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,9 @@ import xxhash
 
 from . import codec
 from .errors import (
+    CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CorruptCheckpointError,
     FormatVersionError,
     StoreError,
@@ -45,9 +48,7 @@ from .format.datafile import (
 from .format.index import Row, row_from_json
 from .format.layout import INDEX, MANIFEST
 from .format.validate import check_table
-from .fsutil import pread_exact
-
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+from .fsutil import UnsafeFileError, check_regular, open_regular, pread_exact, read_regular
 
 
 def _flat_lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +72,8 @@ class CheckpointReader:
             raise StoreError(
                 f"cannot open checkpoint {self.path}: {e.strerror}", self.path, e.errno
             ) from None
+        st = os.fstat(self.dir_fd)
+        self._identity = (st.st_dev, st.st_ino)
         try:
             self._open()
         except BaseException:
@@ -81,10 +84,8 @@ class CheckpointReader:
         try:
             raw = self._read_whole(MANIFEST, manifest.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
-            raise CorruptCheckpointError(
-                "MANIFEST.json is missing: not a committed checkpoint",
-                path=self.path,
-                file=MANIFEST,
+            raise self.missing(
+                "MANIFEST.json is missing: not a committed checkpoint", MANIFEST
             ) from None
         try:
             self.manifest = manifest.decode(raw)
@@ -99,7 +100,7 @@ class CheckpointReader:
         try:
             data = self._read_whole(INDEX, m["index"]["size"], exact=True)
         except FileNotFoundError:
-            raise self.corrupt("index.parquet is missing", file=INDEX) from None
+            raise self.missing("index.parquet is missing", INDEX) from None
         if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
             raise self.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
         try:
@@ -218,40 +219,57 @@ class CheckpointReader:
         err.file = name  # type: ignore[attr-defined]  # named like CorruptCheckpointError.file
         return err
 
-    def _open_checked(self, name: str, what: str) -> int:
-        """os.open a file of the checkpoint safely; FileNotFoundError is left to the caller."""
+    def replaced(self) -> bool:
+        """Whether the path no longer leads to the directory this reader opened (an overwrite
+        renamed another into place, or the checkpoint was deleted)."""
         try:
-            return os.open(name, _FLAGS, dir_fd=self.dir_fd)
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False  # cannot tell: the missing file is taken at its word
+        return (st.st_dev, st.st_ino) != self._identity
+
+    def missing(self, msg: str, name: str) -> CheckpointError:
+        """The error for file ``name`` not found in the directory opened: CheckpointReplacedError
+        if that directory was replaced or removed meanwhile (its files go with it), else the
+        corruption ``msg``."""
+        if self.replaced():
+            return CheckpointReplacedError(
+                f"{self.path} was replaced or removed while being read ({name} went away with "
+                "the directory opened): not damage; read it again",
+                self.path,
+            )
+        return self.corrupt(msg, file=name)
+
+    def _open_checked(self, name: str, what: str, size: int) -> int:
+        """Open file ``name`` of the checkpoint with ``open_regular`` (a regular file of exactly
+        ``size`` bytes); FileNotFoundError is left to the caller."""
+        try:
+            fd, _ = open_regular(name, dir_fd=self.dir_fd, size=size)
         except FileNotFoundError:
             raise
+        except UnsafeFileError as e:  # a link, FIFO, device, directory, or the wrong size
+            raise self.corrupt(f"{what}{e.reason}", file=name) from None
         except OSError as e:
-            if e.errno == errno.ELOOP:  # a symlink where a file must be
-                raise self.corrupt(
-                    f"{what}cannot be opened safely: {e.strerror}", file=name
-                ) from None
             raise self.io_error(e, name, "cannot open") from None
+        return fd
 
     def _read_whole(self, name: str, limit: int, exact: bool = False) -> bytes:
-        fd = self._open_checked(name, "")
+        """The bytes of file ``name``: at most ``limit`` of them, or exactly with ``exact``."""
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise self.corrupt("not a regular file", file=name)
-            if st.st_size > limit or (exact and st.st_size != limit):
-                raise self.corrupt(
-                    f"unexpected size {st.st_size} (expected "
-                    f"{'exactly' if exact else 'at most'} {limit})",
-                    file=name,
-                )
-            try:
-                data = pread_exact(fd, st.st_size, 0)
-            except OSError as e:
-                raise self.io_error(e, name) from None
-            if len(data) != st.st_size:
-                raise self.corrupt("file changed while being read", file=name)
-            return data
-        finally:
-            os.close(fd)
+            return read_regular(
+                name,
+                dir_fd=self.dir_fd,
+                max_size=None if exact else limit,
+                size=limit if exact else None,
+            )
+        except FileNotFoundError:
+            raise
+        except UnsafeFileError as e:
+            raise self.corrupt(f"{name} {e.reason}", file=name) from None
+        except OSError as e:
+            raise self.io_error(e, name) from None
 
     def check_sizes(self, names: set[str] | list[str]) -> None:
         """Check that these data files exist as regular files of the manifest's size (one stat
@@ -261,23 +279,20 @@ class CheckpointReader:
             try:
                 st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                raise self.corrupt("data file is missing", file=name) from None
+                raise self.missing("data file is missing", name) from None
             except OSError as e:
                 raise self.io_error(e, name, "cannot stat") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise self.corrupt("data file is not a regular file", file=name)
-            if st.st_size != self.files[name]:
-                raise self.corrupt(
-                    f"data file has {st.st_size} bytes, the manifest says {self.files[name]}",
-                    file=name,
-                )
+            try:
+                check_regular(st, size=self.files[name])
+            except UnsafeFileError as e:
+                raise self.corrupt(f"data file {e.reason}", file=name) from None
 
     def open_file(self, name: str) -> int:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""
         try:
-            fd = self._open_checked(name, "data file ")
+            fd = self._open_checked(name, "data file ", self.files[name])
         except FileNotFoundError:
-            raise self.corrupt("data file is missing", file=name) from None
+            raise self.missing("data file is missing", name) from None
         try:
             self._check_file(fd, name)
         except FormatError as e:
@@ -292,12 +307,7 @@ class CheckpointReader:
         return fd
 
     def _check_file(self, fd: int, name: str) -> None:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError("data file is not a regular file")
-        size = self.files[name]
-        if st.st_size != size:
-            raise FormatError(f"data file has {st.st_size} bytes, the manifest says {size}")
+        size = self.files[name]  # open_regular checked it is a regular file of this size
         if size < HEADER_SIZE + TRAILER_SIZE:
             raise FormatError("data file is too short")
         rank = int(name[5:-4])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import os
 import time
 import uuid as uuidlib
 import warnings
+from dataclasses import dataclass, field
 
 from .commit import OLD_SUFFIX, remove_tree, write_latest
 from .errors import (
@@ -24,30 +24,43 @@ from .format import manifest
 from .format.datafile import FormatError
 from .format.layout import LATEST, MANIFEST, MAX_LATEST_BYTES, STAGING, check_name, is_name
 from .format.manifest import CheckpointInfo
-from .fsutil import fsync_dir
+from .fsutil import UnsafeFileError, fsync_dir, read_regular
 
 
 def read_info(path: str) -> CheckpointInfo:
     """The CheckpointInfo of a checkpoint directory, from its manifest (checked, not its data)."""
+    where = os.path.join(path, MANIFEST)
     try:
-        fd = os.open(os.path.join(path, MANIFEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_regular(where, max_size=manifest.MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {path}") from None
-    except OSError as e:
-        if e.errno != errno.ELOOP:  # unreadable is not damaged: say what the store refused
-            raise from_oserror(e, os.path.join(path, MANIFEST), "cannot open") from None
-        raise CorruptCheckpointError(
-            f"MANIFEST.json cannot be opened: {e.strerror}", path=path, file=MANIFEST
-        ) from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(manifest.MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise from_oserror(e, os.path.join(path, MANIFEST), "cannot read") from None
+    except UnsafeFileError as e:  # a link, FIFO, device or oversized file is never read
+        raise CorruptCheckpointError(f"{MANIFEST} {e.reason}", path=path, file=MANIFEST) from None
+    except OSError as e:  # unreadable is not damaged: say what the store refused
+        raise from_oserror(e, where, "cannot read") from None
     try:
         return CheckpointInfo.from_manifest(manifest.decode(raw), path)
     except FormatError as e:
         raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An entry of a store that looks like a checkpoint but is not listed, and why."""
+
+    name: str
+    path: str
+    reason: str
+    link: bool = False  # a symbolic link: never followed, so not a checkpoint to verify
+
+
+@dataclass
+class StoreScan:
+    """What ``Store.scan`` found: the committed checkpoints (as ``Store.list``) and the
+    entries with a checkpoint's name that were skipped as damaged, unreadable or links."""
+
+    listed: list[CheckpointInfo] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 class Store:
@@ -61,17 +74,39 @@ class Store:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints with a valid manifest, oldest first (by commit time)."""
-        entries = self._entries()
-        out = []
-        for name in entries:
+        return self.scan().listed
+
+    def scan(self) -> StoreScan:
+        """``list``'s checkpoints, and the entries it skipped with the reason: directories
+        with a manifest that is damaged or cannot be read, and links to directories. A
+        directory without a manifest is not a checkpoint and not reported."""
+        out = StoreScan()
+        for name in self._entries():
             p = os.path.join(self.root, name)
-            if not is_name(name) or os.path.islink(p) or not os.path.isdir(p):
+            if not is_name(name):
+                if (
+                    not name.startswith(".")
+                    and _real_dir(p)
+                    and os.path.lexists(os.path.join(p, MANIFEST))
+                ):
+                    out.skipped.append(Skipped(name, p, "not a valid checkpoint name"))
+                continue
+            if os.path.islink(p):
+                if os.path.isdir(p):
+                    out.skipped.append(
+                        Skipped(name, p, "a symbolic link: never a checkpoint of the store", True)
+                    )
+                continue
+            if not os.path.isdir(p):
                 continue
             try:
-                out.append(read_info(p))
-            except CheckpointError:
-                continue  # not committed, or damaged: never listed (verify reports damage)
-        return sorted(out, key=lambda i: (i.created, i.name))
+                out.listed.append(read_info(p))
+            except CheckpointNotFoundError:
+                continue  # not committed
+            except CheckpointError as e:  # damaged or unreadable: never listed, but named
+                out.skipped.append(Skipped(name, p, str(e)))
+        out.listed.sort(key=lambda i: (i.created, i.name))
+        return out
 
     def _entries(self) -> list[str]:
         """The store directory's names, sorted; typed errors for a missing or unusable store."""
@@ -87,27 +122,21 @@ class Store:
     def latest_name(self) -> str | None:
         """The name LATEST holds; None when there is none, also when the store directory does
         not exist yet (a job's first run: nothing to resume from)."""
+        where = os.path.join(self.root, LATEST)
         try:
-            fd = os.open(
-                os.path.join(self.root, LATEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
+            raw = read_regular(where, max_size=MAX_LATEST_BYTES)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
             raise CheckpointNotFoundError(f"store {self.root} is not a directory") from None
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise from_oserror(e, os.path.join(self.root, LATEST), "cannot open") from None
-            raise CorruptCheckpointError(  # a link where LATEST must be a file
-                f"LATEST cannot be opened safely: {e.strerror}", path=self.root, file=LATEST
+        except UnsafeFileError as e:  # a link, FIFO, device or oversized file is never read
+            raise CorruptCheckpointError(
+                f"LATEST {e.reason}", path=self.root, file=LATEST
             ) from None
-        try:
-            with os.fdopen(fd, "rb") as f:
-                raw = f.read(MAX_LATEST_BYTES + 1)
         except OSError as e:
-            raise from_oserror(e, os.path.join(self.root, LATEST), "cannot read") from None
+            raise from_oserror(e, where, "cannot read") from None
         name = raw.decode("utf-8", "replace").removesuffix("\n")
-        if len(raw) > MAX_LATEST_BYTES or not raw.endswith(b"\n") or not is_name(name):
+        if not raw.endswith(b"\n") or not is_name(name):
             raise CorruptCheckpointError("LATEST is damaged", path=self.root, file=LATEST)
         return name
 
@@ -250,6 +279,11 @@ class Store:
             except OSError as e:
                 raise from_oserror(e, final, "cannot finish the interrupted overwrite of") from None
         return keep
+
+
+def _real_dir(path: str) -> bool:
+    """A directory, not a link to one."""
+    return not os.path.islink(path) and os.path.isdir(path)
 
 
 def _whole(path: str) -> bool:

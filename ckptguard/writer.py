@@ -24,7 +24,7 @@ from .format.datafile import (
 )
 from .format.index import Row
 from .format.layout import datafile_name
-from .fsutil import pread_exact, write_all
+from .fsutil import UnsafeFileError, open_regular, pread_exact, write_all
 from .staging import tensor_bytes
 from .tree import TensorRef
 
@@ -124,10 +124,11 @@ class RankWriter:
 
     def _recheck(self, footer: bytes) -> None:
         """Re-read headers, record headers and footer (no payload), like restic's pack check."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if os.fstat(fd).st_size != self.size:
-                raise FormatError(f"{self.path}: size after write is not what was written")
+            fd, _ = open_regular(self.path, size=self.size)
+        except UnsafeFileError as e:
+            raise FormatError(f"{self.path}: after the write it {e.reason}") from None
+        try:
             check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
             for r in self.rows:
                 h = unpack_record_header(pread_exact(fd, RECORD_HEADER_SIZE, r.offset))

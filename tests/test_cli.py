@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,44 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert run_demo(str(store), steps=3) == 0
     assert [i.name for i in ckptguard.Store(str(store)).list()] == ["step-3"]
     assert run_demo(str(store), steps=3) == 0  # again: overwrite works
+
+
+HOSTILE = ["\x1b[2J", "\x07", "\r", "\u202e", "\x9b", "\u2028", "\n"]
+UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def test_output_escapes_control_characters(tmp_path: Path) -> None:
+    """Keys, names and paths from a checkpoint or store never reach the terminal raw: info,
+    verify (a damaged chunk of a hostile key), ls and the error line escape them."""
+    store = tmp_path / "s\x1b]0;title\x07"
+    keys = {f"k{i}{c}x": torch.full((300,), float(i)) for i, c in enumerate(HOSTILE)}
+    ckptguard.save(keys, str(store / "c1"), chunk_size=256)
+    ckptguard.save(keys, str(store / "c2"), chunk_size=256)
+    flip_payload_byte(store / "c2", "k0\x1b[2Jx")
+    odd = store / "odd\x1b[31mname"  # a name the store does not list, with a manifest
+    shutil.copytree(store / "c1", odd)
+    outputs = [
+        run("info", store / "c1"),
+        run("verify", store / "c2"),
+        run("verify", store),
+        run("ls", store),
+        run("info", tmp_path / "missing\x1b[2J\u202e"),
+    ]
+    for res in outputs:
+        assert not UNSAFE.search(res.output), repr(res.output)
+    info, bad = outputs[0].output, outputs[1].output
+    assert "k0\\x1b[2Jx" in info and "k3\\u202ex" in info and "k2\\x0dx" in info
+    assert "k6\\x0ax" in info  # a newline in a key is shown, not obeyed
+    assert outputs[1].exit_code == 1 and "tensor=k0\\x1b[2Jx" in bad
+    assert "odd\\x1b[31mname" in outputs[2].output and "odd\\x1b[31mname" in outputs[3].output
+    assert outputs[4].exit_code == 2 and "missing\\x1b[2J\\u202e" in outputs[4].output
+
+
+def test_ls_names_damaged_checkpoints(filled: Path) -> None:
+    (filled / "step-1" / "MANIFEST.json").write_text("{broken")
+    (filled / "step-2" / "MANIFEST.json").write_text("{broken")
+    res = run("ls", filled)
+    assert res.exit_code == 0
+    assert "no committed checkpoints" in res.output and "2 skipped" in res.output
+    for name in ("step-1", "step-2"):
+        assert f"skipped {name}: " in res.output

@@ -420,7 +420,7 @@ def test_data_file_replaced_by_a_truncated_copy(pair: tuple[str, str]) -> None:
     Path(tmp).write_bytes(data[: len(data) // 2])
     os.rename(tmp, os.path.join(a, name))  # replaced atomically, as a careless copy would be
     err = _load_error(a)
-    assert err.file == name and "bytes, the manifest says" in str(err)
+    assert err.file == name and f"has {len(data) // 2} bytes, {len(data)} were expected" in str(err)
 
 
 RACES = ["replace_by_other", "truncate_in_place", "overwrite_in_place_with_other"]
