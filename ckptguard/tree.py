@@ -350,7 +350,15 @@ def _pairs(tag: str, v: Any) -> list:
 def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TreeError("tree nested too deeply")
-    if node is None or isinstance(node, (bool, int, float, str)):
+    if node is None or isinstance(node, (bool, str)):
+        return node
+    if type(node) is int:
+        if not -_I64 <= node < _I64:
+            raise TreeError("integer outside int64 in tree (must be $int)")
+        return node
+    if type(node) is float:
+        if not math.isfinite(node):  # a JSON number beyond float range, such as 1e400
+            raise TreeError("non-finite number in tree (must be $float)")
         return node
     if isinstance(node, list):
         return [_build(v, tensors, allow_pickle, depth + 1) for v in node]

@@ -85,6 +85,8 @@ NON_CANONICAL = {
     "dict_duplicate_str_key": {"$dict": [[1, "a"], ["$x", 0], ["$x", 1]]},
     "odict_duplicate_key": {"$odict": [["a", 1], ["a", 2]]},
     "dict_of_plain_keys": {"$dict": [["a", 1], ["b", 2]]},
+    "number_beyond_int64": 1 << 63,
+    "number_not_finite": float("inf"),  # JSON 1e400 parses as inf
 }
 
 
