@@ -1,10 +1,11 @@
 """The capture step of an async save: copy a state's tensors into a reusable host pool.
 
-A snapshot is the same nested structure with every tensor replaced by a view into one region of
-the pool (same dtype and shape): torch tensors and numpy arrays are copied (CPU ones too, so the
-caller may change its own tensors as soon as the snapshot is complete), ``Shard`` pieces keep
-their wrapper around the copied local tensor, DTensors become the ``Shard`` (or, replicated, the
-plain tensor) that the saver would have made of them. Other values are immutable or deep-copied.
+The state is first flattened (``tree.flatten``: the one tree walk, tensor identity rule and
+depth limit of every save); a snapshot is that ``Flat`` with each tensor's value replaced by a
+plain host copy in one region of the pool (same dtype and shape, conjugate and negative views
+resolved). Torch tensors and numpy arrays are copied, CPU ones too, so the caller may change its
+own tensors as soon as the snapshot is complete; other values are already JSON (or pickled) in
+the tree.
 
 The pool is a few large uint8 tensors (pinned when CUDA is available), allocated on first need
 and reused; each region holds one snapshot at a time, carved by a bump allocator. Device-to-host
@@ -17,9 +18,8 @@ memory as two buffers that the save streams the state through (see ``staging``).
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
+import dataclasses
 import mmap
 import threading
 from collections.abc import Callable
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CaptureCancelledError, HostPoolTooSmallError
-from .shard import PerRank, Shard, dtensor_shard, is_dtensor
+from .tree import Flat, TensorRef, flatten
 
 ALIGN = 64
 
@@ -38,58 +38,19 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _copyable(t: Any) -> bool:
-    return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.layout == torch.strided
-        and not t.is_quantized
-        and not t.is_meta
-    )
+def refs_bytes(refs: list[TensorRef]) -> int:
+    """Host bytes a snapshot of these tensors takes in the pool (each 64-byte aligned)."""
+    return sum(_aligned(_nbytes(r.value)) for r in refs)
 
 
-def _numpy_copyable(a: np.ndarray) -> bool:
-    return a.dtype.kind in "biufc" and (a.dtype.isnative or a.dtype.itemsize == 1)
-
-
-def _ident(t: torch.Tensor) -> tuple:
-    """What makes two tensor objects the same tensor to the saver (tied weights stay tied)."""
-    ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
-    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
+def _nbytes(v: Any) -> int:
+    return v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
 
 
 def state_bytes(obj: Any) -> int:
-    """Host bytes a snapshot of ``obj`` takes in the pool (each tensor 64-byte aligned)."""
-    total = 0
-    seen: set = set()
-    for t in _tensors(obj):
-        key = ("np", id(t)) if isinstance(t, np.ndarray) else _ident(t)
-        if key not in seen:
-            seen.add(key)
-            total += _aligned(
-                t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
-            )
-    return total
-
-
-def _tensors(obj: Any, depth: int = 0) -> Any:
-    if depth > 512:
-        return
-    t = type(obj)
-    if t in (dict, collections.OrderedDict):
-        for v in obj.values():
-            yield from _tensors(v, depth + 1)
-    elif t in (list, tuple):
-        for v in obj:
-            yield from _tensors(v, depth + 1)
-    elif t in (Shard, PerRank):
-        yield from _tensors(obj.local, depth + 1)
-    elif is_dtensor(obj):
-        yield obj.to_local()
-    elif isinstance(obj, np.ndarray):
-        if _numpy_copyable(obj):
-            yield obj
-    elif isinstance(obj, torch.Tensor) and _copyable(obj):
-        yield obj
+    """Host bytes a snapshot of ``obj`` takes in the pool: its tensors as ``flatten`` finds them
+    (the same tensor reached twice counted once)."""
+    return refs_bytes(flatten(obj, tensors_only=True)[1])
 
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -308,7 +269,7 @@ class Staging:
 class Snapshot:
     """A state copied into a pool region; ``wait()`` returns once every copy has landed."""
 
-    def __init__(self, state: Any, region: Region, events: list) -> None:
+    def __init__(self, state: Any, region: Region | None, events: list) -> None:
         self.state = state
         self.region = region
         self.events = events
@@ -325,7 +286,6 @@ class _Copier:
         self.streams = streams  # device index -> dedicated copy stream (owned by the pool user)
         self.caller_streams = caller_streams or {}
         self.used: dict[int, Any] = {}
-        self.memo: dict[tuple, Any] = {}
 
     def stream(self, device: torch.device) -> Any:
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -339,9 +299,7 @@ class _Copier:
         return self.used[idx]
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        key = _ident(t)
-        if key in self.memo:
-            return self.memo[key]
+        """A plain host copy of ``t``'s values (conjugate and negative bits resolved by copy_)."""
         src = t.detach()
         dst = self.region.take(src.numel() * src.element_size())
         dst = (
@@ -356,66 +314,31 @@ class _Copier:
             if src.device.type != "cpu":
                 src = src.cpu()
             dst.copy_(src)
-        if isinstance(t, torch.nn.Parameter):
-            dst = torch.nn.Parameter(dst, requires_grad=t.requires_grad)
-        elif t.requires_grad and t.is_leaf:
-            dst.requires_grad_(True)
-        self.memo[key] = dst
         return dst
 
     def array(self, a: np.ndarray) -> np.ndarray:
-        key = ("np", id(a))
-        if key not in self.memo:
-            raw = self.region.take(a.nbytes).numpy()
-            dst = raw.view(a.dtype).reshape(a.shape) if a.nbytes else np.empty_like(a)
-            np.copyto(dst, a)
-            self.memo[key] = dst
-        return self.memo[key]
+        raw = self.region.take(a.nbytes).numpy()
+        dst = raw.view(a.dtype).reshape(a.shape) if a.nbytes else np.empty_like(a)
+        np.copyto(dst, a)
+        return dst
 
-    def walk(self, obj: Any, depth: int = 0) -> Any:
-        if depth > 512:
-            return obj  # the saver reports the nesting error
-        t = type(obj)
-        if obj is None or t in (bool, int, float, str, bytes, torch.dtype, torch.Size):
-            return obj
-        if t in (dict, collections.OrderedDict):
-            return t((k, self.walk(v, depth + 1)) for k, v in obj.items())
-        if t is list:
-            return [self.walk(v, depth + 1) for v in obj]
-        if t is tuple:
-            return tuple(self.walk(v, depth + 1) for v in obj)
-        if t is Shard:
-            return Shard(self.walk(obj.local, depth + 1), obj.global_shape, obj.offsets)
-        if t is PerRank:
-            return PerRank(self.walk(obj.local, depth + 1))
-        if is_dtensor(obj):
-            try:
-                local, global_shape, offsets, replicated = dtensor_shard(obj)
-            except ValueError:
-                return obj  # the saver reports it with its key path
-            local = self.tensor(local)
-            return local if replicated else Shard(local, global_shape, offsets)
-        if isinstance(obj, np.ndarray) and _numpy_copyable(obj):
-            return self.array(obj)
-        if isinstance(obj, torch.Tensor) and _copyable(obj):
-            return self.tensor(obj)
-        if isinstance(obj, (torch.Tensor, torch.device, np.generic)):
-            return obj
-        try:  # values the saver may pickle (allow_pickle): a copy, not the caller's object
-            return copy.deepcopy(obj)
-        except Exception:
-            return obj  # the saver reports what it cannot store
+    def ref(self, r: TensorRef) -> TensorRef:
+        """``r`` with its value replaced by the copy (type facts, key and box unchanged)."""
+        v = self.array(r.value) if isinstance(r.value, np.ndarray) else self.tensor(r.value)
+        return dataclasses.replace(r, value=v, outer=v)
 
 
 def capture(
-    obj: Any,
+    flat: Flat,
     region: Region,
     streams: dict | None = None,
     caller_streams: dict | None = None,
 ) -> Snapshot:
-    """Copy ``obj`` into ``region``; CUDA copies are queued on ``streams`` (see ``Snapshot``)."""
+    """Copy the tensors of ``flat`` (``tree.flatten``'s result) into ``region``; CUDA copies are
+    queued on ``streams`` (see ``Snapshot``). The snapshot's state is a ``Flat`` the saver takes
+    as it is: the tree walk, the tensor identity rule and the depth limit are flatten's alone."""
     c = _Copier(region, {} if streams is None else streams, caller_streams)
-    state = c.walk(obj)
+    state = Flat(flat.tree, [c.ref(r) for r in flat.refs], flat.used_pickle)
     events = []
     for s in c.used.values():
         e = torch.cuda.Event()

@@ -17,7 +17,7 @@ import weakref
 from typing import Any
 
 from . import api
-from .capture import HostPool, Snapshot, caller_streams, capture, state_bytes
+from .capture import HostPool, Snapshot, caller_streams, capture, refs_bytes
 from .coord import auto as coord_auto
 from .errors import (
     AgentError,
@@ -28,8 +28,9 @@ from .errors import (
 from .format.layout import split_path
 from .format.manifest import CheckpointInfo
 from .handoff import Handoff
-from .saver import save_state
+from .saver import Failed, save_state
 from .staging import StagedSource
+from .tree import Flat, flatten
 
 __all__ = [
     "Checkpointer",
@@ -93,6 +94,14 @@ class SaveHandle:
     def _snapshot_read(self) -> None:
         """A streamed save has read the caller's state: it may change from now on."""
         self._obj = None
+        self._snap_done.set()
+
+    def _snapshot_unreadable(self, e: BaseException) -> None:
+        """The state cannot be flattened: ``wait_snapshot`` raises ``e``; the save goes on to
+        its persist with nothing but the error (``result`` raises what the save raises)."""
+        self._obj = None
+        self._snapshot = Snapshot(Failed(e), None, [])
+        self._snap_error = e
         self._snap_done.set()
 
     def _snapshot_failed(self, e: BaseException) -> None:
@@ -264,22 +273,32 @@ class Checkpointer:
             if self._cancel:
                 h._snapshot_failed(SaveCancelledError(f"save of {h.path} was cancelled"))
                 continue
+            try:  # the walk a save makes, once, here: the snapshot is its result
+                flat = Flat(*flatten(h._obj, bool(h._kwargs.get("allow_pickle"))))
+            except Exception as e:
+                if self.handoff is None:  # the state cannot be read: the save still takes part
+                    h._snapshot_unreadable(e)  # in every collective, so all ranks fail alike
+                    self._persists.put(h)
+                    continue
+                h._snapshot_failed(e)  # under an agent: there is nothing to hand over
+                continue
             region = None
             try:
-                if not self.pool.fits(state_bytes(h._obj)):
+                need = refs_bytes(flat.refs)
+                if not self.pool.fits(need):
                     if self.handoff is not None:  # every rank must hand over, or none
                         raise HostPoolTooSmallError(
                             f"under ckptguard run a snapshot must fit max_host_bytes="
-                            f"{self.pool.max_bytes} (it needs {state_bytes(h._obj)} bytes)",
-                            state_bytes(h._obj),
+                            f"{self.pool.max_bytes} (it needs {need} bytes)",
+                            need,
                             self.pool.max_bytes or 0,
                         )
-                    h.streamed = True
+                    h.streamed, h._obj = True, flat
                     self._persists.put(h)
                     h._snap_done.wait()  # the persist reads the caller's state; then the next
                     continue
-                region = self.pool.acquire(state_bytes(h._obj), lambda: self._cancel)
-                snap = capture(h._obj, region, self._streams, h._streams)
+                region = self.pool.acquire(need, lambda: self._cancel)
+                snap = capture(flat, region, self._streams, h._streams)
                 snap.wait()
                 if self.handoff is not None:  # from here on the agent commits it, come what may
                     h._handoff_id = self.handoff.submit(
@@ -321,7 +340,8 @@ class Checkpointer:
                 h._finish(info=info)
             finally:
                 snap.state = None
-                self.pool.release(snap.region)
+                if snap.region is not None:
+                    self.pool.release(snap.region)
 
     def _persist_streamed(self, h: SaveHandle) -> None:
         """Save a state larger than the pool, reading it through the pool while the caller waits

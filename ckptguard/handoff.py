@@ -26,7 +26,7 @@ from .errors import AgentError
 from .failpoints import failpoint, set_rank
 from .format.manifest import CheckpointInfo
 from .saver import info_from_json
-from .tree import flatten
+from .tree import Flat
 
 CONNECT_TIMEOUT = 5.0
 
@@ -93,9 +93,10 @@ class Handoff:
         return buf, ident
 
     # -- saves ------------------------------------------------------------------------------------
-    def submit(self, buf: torch.Tensor, pool: int, state: Any, path: str, options: dict) -> int:
-        """Hand over a snapshot that lies in pool ``pool`` (``buf``); returns the save's id."""
-        tree, refs, used_pickle = flatten(state, bool(options.get("allow_pickle")))
+    def submit(self, buf: torch.Tensor, pool: int, state: Flat, path: str, options: dict) -> int:
+        """Hand over a snapshot (``capture``'s flattened state) that lies in pool ``pool``
+        (``buf``); returns the save's id."""
+        tree, refs, used_pickle = state.tree, state.refs, state.used_pickle
         base, size = buf.data_ptr(), buf.numel()
         tensors = []
         for r in refs:

@@ -10,6 +10,7 @@ import base64
 import collections
 import math
 import pickle
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from .errors import UnsupportedObjectError
 from .format import dtypes
+from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
 
 MAX_DEPTH = 512
@@ -28,6 +30,12 @@ _RECURSION_NEEDED = 8 * MAX_DEPTH + 1000
 if sys.getrecursionlimit() < _RECURSION_NEEDED:
     sys.setrecursionlimit(_RECURSION_NEEDED)
 _I64 = 1 << 63
+# Digits of a ``$int`` (Python's default limit on int <-> str conversion, fixed here so that a
+# tree's validity does not depend on the interpreter's setting).
+MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INT_DIGITS
+_INT_RE = re.compile(r"-?[1-9][0-9]*")  # canonical decimal: no sign on zero, no leading zeros
+_HEX_RE = re.compile(r"[0-9a-f]*")
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
     getattr(torch, n): n for n in dtypes.SIZES if isinstance(getattr(torch, n, None), torch.dtype)
@@ -172,6 +180,12 @@ class _Flattener:
                 isinstance(t, torch.nn.Parameter),
                 t,
             )
+        if len(ref.shape) > MAX_DIMS:
+            raise UnsupportedObjectError(
+                f"tensor at {ref.key!r} has {len(ref.shape)} dimensions; at most {MAX_DIMS} can "
+                "be saved",
+                key_path=path,
+            )
         if ident in self.ids:
             return {"$tensor": self.ids[ident]}
         if ref.key in self.keys:
@@ -204,7 +218,13 @@ class _Flattener:
             return obj
         t = type(obj)
         if t is int:
-            return obj if -_I64 <= obj < _I64 else {"$int": str(obj)}
+            if -_I64 <= obj < _I64:
+                return obj
+            if abs(obj) >= _INT_LIMIT:
+                raise UnsupportedObjectError(
+                    f"integer at {path or '<root>'!r} has more than {MAX_INT_DIGITS} digits", path
+                )
+            return {"$int": str(obj)}
         if t is float:
             return obj if math.isfinite(obj) else {"$float": repr(obj)}
         if t is bytes:
@@ -229,6 +249,10 @@ class _Flattener:
         if t is torch.dtype and obj in TORCH_DTYPES:
             return {"$dtype": TORCH_DTYPES[obj]}
         if t is torch.Size:
+            if any(d < 0 for d in obj):
+                raise UnsupportedObjectError(
+                    f"torch.Size {tuple(obj)} at {path or '<root>'!r} has a negative entry", path
+                )
             return {"$size": list(obj)}
         if t is torch.device:
             return {"$device": str(obj)}
@@ -319,19 +343,35 @@ def check_tree(tree: Any, n_tensors: int, depth: int = 0) -> None:
     _build(tree, [None] * n_tensors, _CHECK, depth)
 
 
-def _pairs(v: Any) -> list:
+def _pairs(tag: str, v: Any) -> list:
+    """The ``[key, value]`` pairs of a ``$dict``/``$odict``: keys str or int, none twice; a
+    ``$dict`` has a key a plain object cannot hold (an int, or a str starting with ``$``)."""
     if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
-        raise TreeError("malformed mapping in tree")
+        raise TreeError(f"malformed {tag} in tree")
+    seen: set = set()
     for k, _ in v:
         if type(k) not in (str, int):
-            raise TreeError("mapping key in tree is not a string or integer")
+            raise TreeError(f"{tag} key in tree is not a string or integer")
+        if (type(k), k) in seen:
+            raise TreeError(f"{tag} key {str(k)[:100]!r} appears twice")
+        seen.add((type(k), k))
+    if tag == "$dict" and all(type(k) is str and not k.startswith("$") for k, _ in v):
+        raise TreeError("$dict whose keys are all plain strings (must be a JSON object)")
     return v
 
 
 def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TreeError("tree nested too deeply")
-    if node is None or isinstance(node, (bool, int, float, str)):
+    if node is None or isinstance(node, (bool, str)):
+        return node
+    if type(node) is int:
+        if not -_I64 <= node < _I64:
+            raise TreeError("integer outside int64 in tree (must be $int)")
+        return node
+    if type(node) is float:
+        if not math.isfinite(node):  # a JSON number beyond float range, such as 1e400
+            raise TreeError("non-finite number in tree (must be $float)")
         return node
     if isinstance(node, list):
         return [_build(v, tensors, allow_pickle, depth + 1) for v in node]
@@ -365,11 +405,18 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
         return tuple(_build(x, tensors, allow_pickle, sub) for x in v)
     if tag in ("$dict", "$odict"):
         cls = dict if tag == "$dict" else collections.OrderedDict
-        return cls((k, _build(x, tensors, allow_pickle, sub)) for k, x in _pairs(v))
+        return cls((k, _build(x, tensors, allow_pickle, sub)) for k, x in _pairs(tag, v))
     if tag == "$int":
-        if not isinstance(v, str) or len(v) > 10000:
-            raise TreeError("$int is not a decimal string")
-        return int(v)
+        if (
+            not isinstance(v, str)
+            or len(v.lstrip("-")) > MAX_INT_DIGITS
+            or not _INT_RE.fullmatch(v)
+        ):
+            raise TreeError(f"$int is not a canonical decimal of at most {MAX_INT_DIGITS} digits")
+        n = int(v)
+        if -_I64 <= n < _I64:
+            raise TreeError(f"$int {v} is within int64 (must be a JSON number)")
+        return n
     if tag == "$float":
         if v not in ("inf", "-inf", "nan"):
             raise TreeError("$float is not inf, -inf or nan")
@@ -378,15 +425,16 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
         return base64.b64decode(v, validate=True)
     if tag == "$npscalar":
         dt = NUMPY_BY_NAME[v].newbyteorder("<")
-        raw = bytes.fromhex(node["hex"])
-        if len(raw) != dt.itemsize:
-            raise TreeError("$npscalar has the wrong number of bytes")
+        hx = node["hex"]
+        if not isinstance(hx, str) or len(hx) != 2 * dt.itemsize or not _HEX_RE.fullmatch(hx):
+            raise TreeError(f"$npscalar hex is not {2 * dt.itemsize} lowercase hex digits")
+        raw = bytes.fromhex(hx)
         return np.frombuffer(raw, dtype=dt)[0].astype(NUMPY_BY_NAME[v])
     if tag == "$dtype":
         return TORCH_BY_NAME[v]
     if tag == "$size":
-        if not isinstance(v, list) or not all(type(x) is int for x in v):
-            raise TreeError("$size is not a list of integers")
+        if not isinstance(v, list) or not all(type(x) is int and 0 <= x < _I64 for x in v):
+            raise TreeError("$size is not a list of integers in [0, 2**63)")
         return torch.Size(v)
     if tag == "$device":
         if not isinstance(v, str):

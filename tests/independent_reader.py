@@ -37,6 +37,8 @@ LATEST = "LATEST"
 MAX_MANIFEST = 256 << 20
 MAX_LATEST = 256
 MAX_DEPTH = 512
+MAX_DIMS = 64  # dimensions of a tensor (section 3)
+MAX_DIGITS = 4300  # digits of a $int (section 6)
 PREFIX_LEN = 58  # '{"checksum":"' + 32 hex + '","manifest":'
 SUFFIX = b"}\n"
 
@@ -465,8 +467,10 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         keys.add(t["key"])
         _need(t["dtype"] in DTYPE_SIZES, f"{where}: unknown dtype {t['dtype']!r}")
         _need(
-            isinstance(t["shape"], list) and all(_is_int(d) and d >= 0 for d in t["shape"]),
-            f"{where}: shape is not a list of ints >= 0",
+            isinstance(t["shape"], list)
+            and len(t["shape"]) <= MAX_DIMS
+            and all(_is_int(d) and d >= 0 for d in t["shape"]),
+            f"{where}: shape is not a list of at most {MAX_DIMS} ints >= 0",
         )
         _need(t["kind"] in ("torch", "numpy"), f"{where}: bad kind {t['kind']!r}")
         _need(isinstance(t["device"], str), f"{where}: device is not a string")
@@ -882,7 +886,11 @@ class _TreeDecoder:
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
         if tag == "$int":
-            _need(isinstance(x, str) and bool(re.fullmatch(r"-?[0-9]+", x)), "tree: bad $int")
+            _need(
+                isinstance(x, str)
+                and bool(re.fullmatch(rf"-?[1-9][0-9]{{0,{MAX_DIGITS - 1}}}", x)),
+                "tree: $int is not a canonical decimal of at most 4300 digits",
+            )
             n = int(x)
             _need(not -(2**63) <= n < 2**63, f"tree: $int {n} fits int64 (must be a number)")
             return n
@@ -908,6 +916,10 @@ class _TreeDecoder:
                 _need(k not in out, f"tree: duplicate {tag} key {k!r}")
                 part = escape_key(k) if isinstance(k, str) else str(k)
                 out[k] = self.decode(val, (*path, part), depth + 1)
+            _need(
+                tag == "$odict" or any(_is_int(k) or k.startswith("$") for k in out),
+                "tree: $dict whose keys are all plain strings (must be an object)",
+            )
             return out
         if tag == "$tensor":
             _need(_is_int(x) and 0 <= x < self.ntensors, f"tree: bad tensor id {x!r}")
@@ -917,17 +929,21 @@ class _TreeDecoder:
             _need(x in NUMPY_DTYPES, f"tree: $npscalar dtype {x!r}")
             hx = v["hex"]
             _need(
-                isinstance(hx, str) and bool(re.fullmatch(r"[0-9a-fA-F]*", hx)),
-                "tree: $npscalar hex",
+                isinstance(hx, str)
+                and len(hx) == 2 * DTYPE_SIZES[x]
+                and bool(re.fullmatch(r"[0-9a-f]*", hx)),
+                "tree: $npscalar hex is not lowercase hex of the dtype's size",
             )
             raw = bytes.fromhex(hx)
-            _need(len(raw) == DTYPE_SIZES[x], "tree: $npscalar has the wrong byte count")
             return NpScalar(x, raw)
         if tag == "$dtype":
             _need(x in DTYPE_SIZES, f"tree: bad $dtype {x!r}")
             return DType(x)
         if tag == "$size":
-            _need(isinstance(x, list) and all(_is_int(d) and d >= 0 for d in x), "tree: bad $size")
+            _need(
+                isinstance(x, list) and all(_is_int(d) and 0 <= d < 2**63 for d in x),
+                "tree: $size is not a list of ints in [0, 2**63)",
+            )
             return Size(tuple(x))
         if tag == "$device":
             _need(isinstance(x, str), "tree: bad $device")

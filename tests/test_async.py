@@ -19,6 +19,7 @@ import ckptguard
 from ckptguard import CheckpointerClosedError, SaveCancelledError
 from ckptguard import checkpointer as ckpt_mod
 from ckptguard.capture import state_bytes
+from ckptguard.tree import MAX_DEPTH, flatten
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -162,12 +163,13 @@ def test_next_save_waits_for_snapshot_not_commit(store: str, gate: threading.Eve
 def test_background_error_reaches_result(store: str) -> None:
     with ckptguard.Checkpointer(store) as c:
         h = c.save_async({"bad": object()}, "bad")
-        h.wait_snapshot()  # the capture itself succeeded
+        with pytest.raises(ckptguard.UnsupportedObjectError) as e0:
+            h.wait_snapshot()  # the state cannot be captured
         with pytest.raises(ckptguard.UnsupportedObjectError) as e1:
             h.result()
         with pytest.raises(ckptguard.UnsupportedObjectError) as e2:
             h.result()
-        assert e1.value is e2.value is h.exception()
+        assert e0.value is e1.value is e2.value is h.exception()
         assert e1.value.key_path == "bad"
         c.save({"x": torch.ones(3)}, "ok")  # the checkpointer is still usable
         with pytest.raises(ckptguard.CheckpointExistsError):
@@ -175,6 +177,102 @@ def test_background_error_reaches_result(store: str) -> None:
         assert torch.equal(c.load("ok")["x"], torch.ones(3))
         assert c.save({"x": torch.zeros(3)}, "ok", overwrite=True).name == "ok"
         assert not os.path.exists(os.path.join(store, "bad"))
+
+
+def _views(x: torch.Tensor) -> dict[str, Any]:
+    """Tensors that share ``x``'s storage but not (all of) its values or shape."""
+    return {
+        "x": x,
+        "again": x,  # the same tensor twice: one tensor
+        "conj": x.conj(),  # a conjugate view: same storage, other values
+        "neg": torch._neg_view(x),  # a negative view: same storage, other values
+        "conj_neg": torch._neg_view(x.conj()),
+        "part": x[1:3],  # a view of part of the storage
+        "t": x.view(2, 3).t(),  # same storage, other shape and strides
+        "same_view": x.view(2, 3),
+    }
+
+
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().resolve_conj().resolve_neg().clone()
+
+
+def test_save_async_of_conjugate_and_negative_views(store: str) -> None:
+    x = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    state = _views(x)
+    want = {k: _resolved(v) for k, v in state.items()}
+    with ckptguard.Checkpointer(store) as c:
+        c.save_async(state, "a").result()
+        got = c.load("a")
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert got["again"] is got["x"]  # the same tensor stays one tensor
+    assert not torch.equal(got["conj"], got["x"]) and not torch.equal(got["neg"], got["x"])
+
+
+def _nest(depth: int) -> Any:
+    """A tensor at nesting depth ``depth`` (each list adds one)."""
+    obj: Any = torch.arange(3)
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+def _leaves(obj: Any) -> list:
+    """The loaded state's leaves in order, with which earlier leaf each one *is* (sharing)."""
+    out: list = []
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+        else:
+            out.append(v)
+    return [(v, next(i for i, w in enumerate(out) if w is v)) for v in out]
+
+
+def _outcome(save: Any, load: Any) -> Any:
+    """("ok", leaves) or ("error", type, message, key path) of one way of saving."""
+    try:
+        save()
+    except ckptguard.CheckpointError as e:
+        return ("error", type(e).__name__, str(e), getattr(e, "key_path", None))
+    return ("ok", _leaves(load()))
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, MAX_DEPTH + 1])
+def test_capture_and_flatten_agree(store: str, depth: int) -> None:
+    """The async path and ``save`` see one tree: the same tensors, shared and kept apart alike,
+    and at the depth limit the same result or error."""
+    x = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    base = torch.arange(10.0)
+    state = {
+        **_views(x),
+        "base": base,
+        "slices": [base[2:5], base[2:5], base[::2]],
+        "tied": (base, base),
+        "deep": _nest(depth - 1),  # the tensor at nesting depth `depth`
+    }
+    sync_path = os.path.join(store, "sync")
+    with ckptguard.Checkpointer(store) as c:
+        a = _outcome(lambda: c.save_async(state, "async").result(), lambda: c.load("async"))
+    s = _outcome(lambda: ckptguard.save(state, sync_path), lambda: ckptguard.load(sync_path))
+    if depth > MAX_DEPTH:
+        assert s[:2] == ("error", "UnsupportedObjectError") and "nesting deeper" in s[2]
+        assert a == s
+        return
+    assert a[0] == s[0] == "ok"
+    assert [i for _, i in a[1]] == [i for _, i in s[1]]  # the same sharing
+    for (va, _), (vs, _) in zip(a[1], s[1], strict=True):
+        assert torch.equal(va, vs)
+    got = ckptguard.load(os.path.join(store, "async"))
+    for k, v in _views(x).items():
+        assert torch.equal(got[k], _resolved(v)), k
+    assert got["again"] is got["x"] and got["tied"][0] is got["tied"][1] is got["base"]
+    assert got["slices"][0] is got["slices"][1] and got["slices"][0] is not got["base"]
+    assert flatten(state)[1][-1].key == "deep" + "/0" * (depth - 1)
 
 
 def test_bad_option_raises_at_once(store: str) -> None:

@@ -230,9 +230,9 @@ def test_streamed_error_before_read_reaches_wait_snapshot(store: str) -> None:
     with ckptguard.Checkpointer(store, max_host_bytes=POOL, chunk_size=CHUNK) as c:
         state = {**big_state(5), "bad": object()}
         h = c.save_async(state, "bad")  # returns: the state could not be read
-        with pytest.raises(ckptguard.UnsupportedObjectError):
+        with pytest.raises(ckptguard.UnsupportedObjectError) as e:
             h.wait_snapshot()
-        assert h.done()
+        assert h.exception() is e.value  # the save failed with it
     assert not os.path.exists(os.path.join(store, "bad"))
 
 

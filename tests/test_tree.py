@@ -1,15 +1,22 @@
-"""What cannot be stored without pickle is refused with the key path, and nothing is written."""
+"""What cannot be stored without pickle is refused with the key path, and nothing is written;
+the strict rules of the tree encoding (docs/format.md section 6) hold in the writer, the decoder
+and the independent reader."""
 
 from __future__ import annotations
 
+import collections
 import fractions
 import os
+from typing import Any
 
+import independent_reader as ir
 import numpy as np
 import pytest
 import torch
+from conftest import resign_manifest
 
 import ckptguard
+from ckptguard.tree import TreeError, check_tree
 
 
 class Custom:
@@ -58,3 +65,96 @@ def test_bad_arguments(tmp_path):
         with pytest.raises(ckptguard.InvalidNameError):
             ckptguard.save({}, tmp_path / bad if bad else str(tmp_path) + "/")
     assert os.listdir(tmp_path) == []
+
+
+# Non-canonical or out-of-range encodings of docs/format.md section 6: each is refused, by the
+# decoder and by the independent reader, as a tree (in a checkpoint: CorruptCheckpointError).
+NON_CANONICAL = {
+    "npscalar_uppercase_hex": {"$npscalar": "int16", "hex": "0A00"},
+    "npscalar_spaced_hex": {"$npscalar": "int16", "hex": "0a 0"},
+    "npscalar_short_hex": {"$npscalar": "int16", "hex": "0a"},
+    "size_negative": {"$size": [2, -1]},
+    "size_beyond_int64": {"$size": [1 << 63]},
+    "int_within_int64": {"$int": "5"},
+    "int_min_int64": {"$int": str(-(1 << 63))},
+    "int_leading_zero": {"$int": "0" + str(1 << 64)},
+    "int_plus_sign": {"$int": "+" + str(1 << 64)},
+    "int_underscore": {"$int": "1_" + "0" * 20},
+    "int_too_many_digits": {"$int": "9" * 4301},
+    "dict_duplicate_key": {"$dict": [[1, "a"], [1, "b"]]},
+    "dict_duplicate_str_key": {"$dict": [[1, "a"], ["$x", 0], ["$x", 1]]},
+    "odict_duplicate_key": {"$odict": [["a", 1], ["a", 2]]},
+    "dict_of_plain_keys": {"$dict": [["a", 1], ["b", 2]]},
+    "number_beyond_int64": 1 << 63,
+    "number_not_finite": float("inf"),  # JSON 1e400 parses as inf
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_CANONICAL))
+def test_non_canonical_tree_refused(name: str, tmp_path) -> None:
+    bad = {"x": [NON_CANONICAL[name]]}
+    with pytest.raises(TreeError):
+        check_tree(bad, 1)
+    with pytest.raises(ir.SpecViolation):
+        ir._TreeDecoder(1).decode(bad, (), 0)
+    ckptguard.save({"t": torch.ones(2)}, tmp_path / "c")
+    resign_manifest(tmp_path / "c", lambda b: b.update(tree={"t": {"$tensor": 0}, "x": bad}))
+    with pytest.raises(ckptguard.CorruptCheckpointError):
+        ckptguard.load(tmp_path / "c")
+    with pytest.raises(ir.SpecViolation):
+        ir.read_checkpoint(str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1 << 64,
+        -(1 << 63) - 1,
+        pytest.param(10**4300 - 1, id="int_of_4300_digits"),  # the most a $int may have
+        {1: "a", "$b": 2},
+        collections.OrderedDict([("a", 1), ("b", 2)]),
+        {1: "int key", "1": "str key"},
+        np.int16(-3),
+        np.complex128(1 - 2j),
+        torch.Size([0, 3]),
+    ],
+)
+def test_canonical_values_round_trip(value: Any, tmp_path) -> None:
+    ckptguard.save({"v": value}, tmp_path / "c")
+    out = ckptguard.load(tmp_path / "c")["v"]
+    assert type(out) is type(value) and out == value
+    ir.read_checkpoint(str(tmp_path / "c"))  # the independent reader takes it too
+
+
+@pytest.mark.parametrize(
+    "value,what",
+    [
+        (torch.Size([3, -1]), "negative"),
+        pytest.param(10**4300, "4300 digits", id="int_of_4301_digits"),
+        pytest.param(-(10**4300), "4300 digits", id="negative_int_of_4301_digits"),
+    ],
+)
+def test_values_without_an_encoding_refused(value: Any, what: str, tmp_path) -> None:
+    with pytest.raises(ckptguard.UnsupportedObjectError, match=what) as e:
+        ckptguard.save({"a": [value]}, tmp_path / "c")
+    assert e.value.key_path == "a/0"
+    assert os.listdir(tmp_path) == []
+
+
+def test_more_than_64_dimensions_refused_before_writing(tmp_path) -> None:
+    ok = torch.zeros([1] * 64)
+    ckptguard.save({"ok": ok}, tmp_path / "c")
+    assert ckptguard.load(tmp_path / "c")["ok"].shape == ok.shape
+    with pytest.raises(ckptguard.UnsupportedObjectError, match="65 dimensions") as e:
+        ckptguard.save({"m": {"w": torch.zeros([1] * 65)}}, tmp_path / "other" / "d")
+    assert e.value.key_path == "m/w"
+    assert not os.path.exists(tmp_path / "other")  # nothing written, not even the store
+
+
+def test_more_than_64_dimensions_refused_by_both_readers(tmp_path) -> None:
+    ckptguard.save({"t": torch.zeros(1)}, tmp_path / "c")
+    resign_manifest(tmp_path / "c", lambda b: b["tensors"][0].update(shape=[1] * 65))
+    with pytest.raises(ckptguard.CorruptCheckpointError):
+        ckptguard.load(tmp_path / "c")
+    with pytest.raises(ir.SpecViolation, match="at most 64"):
+        ir.read_checkpoint(str(tmp_path / "c"))

@@ -18,6 +18,7 @@ from .ranktrees import RANK_TREE_DIFFS, check_diff
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TENSOR_BYTES = 1 << 62
+MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
@@ -158,8 +159,8 @@ def validate(doc: Any) -> None:
             raise FormatError(f"tensor {t['key']!r} has unknown kind {t['kind']!r}")
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in t["shape"]):
             raise FormatError(f"tensor {t['key']!r} has an invalid shape")
-        if len(t["shape"]) > 64:
-            raise FormatError(f"tensor {t['key']!r} has more than 64 dimensions")
+        if len(t["shape"]) > MAX_DIMS:
+            raise FormatError(f"tensor {t['key']!r} has more than {MAX_DIMS} dimensions")
         if math.prod(t["shape"]) * dtypes.elem_size(t["dtype"]) > MAX_TENSOR_BYTES:
             # beyond any file system; also keeps the index checks' int64 arithmetic exact
             raise FormatError(f"tensor {t['key']!r} is larger than 2**62 bytes")

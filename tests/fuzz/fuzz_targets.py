@@ -6,7 +6,8 @@ return or raise one of the typed errors of the format (``FormatError`` and its s
 ``TreeError``, ``CheckpointError``); anything else is a bug, and so is an input that takes longer
 than ``SLOW_S``, allocates more than the driver's memory limit, or reads outside the checkpoint.
 Several targets are differential: the Python and the native decoder must agree, byte for byte
-on success and on the fact of failure.
+on success and on the fact of failure; the object-tree decoder and tests/independent_reader.py
+(written from docs/format.md alone) must accept and refuse the same trees.
 
 The context of the index, footer and data-file targets is a small committed checkpoint kept in
 tests/corpus/checkpoint (both codecs, several records); inputs are derived from its files.
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,7 +33,7 @@ import xxhash
 
 from ckptguard import backend, codec
 from ckptguard.errors import CheckpointError
-from ckptguard.format import index, manifest
+from ckptguard.format import index, manifest, strict_json
 from ckptguard.format.datafile import (
     HEADER_SIZE,
     RECORD_HEADER_SIZE,
@@ -46,6 +48,9 @@ from ckptguard.format.validate import check_table
 from ckptguard.tree import TreeError, check_tree, tensor_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: the independent reader
+import independent_reader as ir  # noqa: E402
+
 CORPUS = os.path.join(os.path.dirname(HERE), "corpus")
 CHECKPOINT = os.path.join(CORPUS, "checkpoint")
 DATA = "rank-00000.ckg"
@@ -481,6 +486,38 @@ def t_latest(data: bytes) -> None:
         raise Bug(f"LATEST {data[:40]!r} resolved to {got!r}")
 
 
+TREE_TENSORS = 2  # the tensor ids a tree target input may reference
+
+
+def t_tree(data: bytes) -> None:
+    """An object tree (JSON text, format.md section 6) as a manifest's ``tree``: ckptguard's
+    decoder and the independent reader must both accept it or both refuse it (differential)."""
+    try:
+        tree = strict_json(data)
+    except ValueError:  # not JSON: the manifest target's business, not the tree decoder's
+        raise Skip from None
+    try:
+        check_tree(tree, TREE_TENSORS)
+        ours: str | None = None
+    except TreeError as e:
+        ours = str(e)
+    try:
+        ir._TreeDecoder(TREE_TENSORS).decode(tree, (), 0)
+        theirs: str | None = None
+    except ir.SpecViolation as e:
+        theirs = str(e)
+    if (ours is None) != (theirs is None):
+        # ckptguard asks torch whether a $device or $dtype exists; the spec reader cannot
+        if ours is not None and ours.startswith(("$device", "malformed $dtype")):
+            raise TreeError(ours)
+        raise Bug(
+            f"decoder {'accepts' if ours is None else 'refuses: ' + ours}, independent "
+            f"reader {'accepts' if theirs is None else 'refuses: ' + theirs}"
+        )
+    if ours is not None:
+        raise TreeError(ours)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "manifest": t_manifest,
     "manifest_body": t_manifest_body,
@@ -495,10 +532,47 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "record_read": t_record_read,
     "datafile": t_datafile,
     "latest": t_latest,
+    "tree": t_tree,
 }
 
 
 # ---------------------------------------------------------------------------- seeds
+
+# Object trees: first a valid one with every tag, then one breaking each strict rule of
+# format.md section 6 (the mutator reaches the rest from these).
+TREE_SEEDS: list[Any] = [
+    {
+        "w": {"$tensor": 0},
+        "l": [1, -2.5, None, True, "s", {"$tensor": 1}],
+        "i": [{"$int": str(1 << 64)}, {"$int": str(-(1 << 63) - 1)}],
+        "f": [{"$float": "inf"}, {"$float": "nan"}],
+        "b": {"$bytes": "AAE="},
+        "t": {"$tuple": [1, {"$tuple": []}]},
+        "d": {"$dict": [[1, "a"], ["1", "b"], ["$x", 0]]},
+        "o": {"$odict": [["a", 1], ["b", 2]]},
+        "n": [{"$npscalar": "int16", "hex": "0a00"}, {"$npscalar": "float64", "hex": "0" * 16}],
+        "dt": {"$dtype": "bfloat16"},
+        "sz": {"$size": [0, 3]},
+        "dev": {"$device": "cpu"},
+        "p": {"$pickle": "gAROLg=="},
+    },
+    {"$npscalar": "int16", "hex": "0A00"},
+    {"$npscalar": "int16", "hex": "0a 0"},
+    {"$size": [2, -1]},
+    {"$size": [1 << 63]},
+    {"$int": "5"},
+    {"$int": "0" + str(1 << 64)},
+    {"$int": "+" + str(1 << 64)},
+    {"$int": "9" * 4301},
+    {"$dict": [[1, "a"], [1, "b"]]},
+    {"$odict": [["a", 1], ["a", 2]]},
+    {"$dict": [["a", 1], ["b", 2]]},
+    [1 << 63],
+    b"[1e400]",  # a JSON number beyond float range: inf, which must be $float
+    {"$tensor": TREE_TENSORS},
+    {"$tuple": [1], "x": 2},
+    {"$device": "no-such-device"},
+]
 
 
 def seeds(target: str) -> list[bytes]:
@@ -535,6 +609,10 @@ def seeds(target: str) -> list[bytes]:
         "record_read": [b"\x00" + record(first), b"\x00" + record(lz)],
         "datafile": [data],
         "latest": [b"ck\n", b"../ck\n", b"ck"],
+        "tree": [
+            t if isinstance(t, bytes) else json.dumps(t, separators=(",", ":")).encode()
+            for t in TREE_SEEDS
+        ],
     }
     return out[target]
 

@@ -5,9 +5,11 @@
 
 Targets (tests/fuzz/fuzz_targets.py): MANIFEST.json (raw and re-signed bodies), index.parquet
 (raw bytes and structured row edits), data-file header, record header, trailer, footer, a whole
-data file read by the reader, LATEST, and the chunk decoder and record reader of both backends
-(differential). Every outcome must be ``ok``, ``skip`` or ``typed:<error>``; ``BUG:...`` and
-``slow:...`` are findings: the input is written to --crashes and the exit status is 1.
+data file read by the reader, LATEST, the chunk decoder and record reader of both backends
+(differential), and the object tree (differential: ckptguard's decoder against
+tests/independent_reader.py, seeded with each strict rule of format.md section 6). Every outcome
+must be ``ok``, ``skip`` or ``typed:<error>``; ``BUG:...`` and ``slow:...`` are findings: the
+input is written to --crashes and the exit status is 1.
 
 Engines: ``atheris`` (coverage-guided libFuzzer over the instrumented ckptguard modules; the
 first byte of an input picks the target) and ``mutate`` (a seeded random mutator over the seeds

@@ -191,6 +191,55 @@ def test_footer_edits(doc: Any) -> None:
 INT_ARGS = st.sampled_from(ft.INTS) | st.integers(-(2**64), 2**64)
 
 
+# A tree of tagged values near the strict rules of format.md section 6: valid and non-canonical
+# forms of each tag, nested in lists, objects and the container tags.
+TAG_VALUES = {
+    "$int": st.sampled_from(["5", "-5", "0", "+5", "05", "1_0", "", "x"])
+    | st.integers(-(2**80), 2**80).map(str)
+    | st.integers(-(2**80), 2**80).map(lambda n: ("0" + str(n)) if n >= 0 else str(n)),
+    "$npscalar": st.sampled_from(["int16", "float32", "bool", "bfloat16", "x"]),
+    "$size": st.lists(st.sampled_from([0, 1, -1, 2**63 - 1, 2**63, True]), max_size=3),
+    "$float": st.sampled_from(["inf", "-inf", "nan", "NaN", "1.0"]),
+    "$bytes": st.sampled_from(["", "AA==", "AA", "A===", "****"]),
+    "$tensor": st.sampled_from([0, 1, 2, -1, True, "0"]),
+    "$dtype": st.sampled_from(["float32", "complex32", "float8_e5m2fnuz", "float128", 1]),
+    "$device": st.sampled_from(["cpu", "cuda:0", "meta", "cpu:-1", "x", 0]),
+    "$pickle": st.sampled_from(["gAROLg==", "gAROLg", 5]),
+}
+HEX = st.text(alphabet="0123456789abcdefABCDEF g", max_size=10)
+KEYS = st.sampled_from(["a", "b", "$a", "1", 1, 2, -1, True, None])
+
+
+@st.composite
+def tagged_tree(draw: st.DrawFn, depth: int = 0) -> Any:
+    kind = draw(st.sampled_from(["leaf", "tag", "list", "object", "tuple", "dict", "odict"]))
+    if depth >= 3 or kind == "leaf":
+        return draw(JSON_LEAVES | st.sampled_from([2**63, -(2**63) - 1]))
+    kid = tagged_tree(depth + 1)
+    if kind == "tag":
+        tag = draw(st.sampled_from(sorted(TAG_VALUES)))
+        node = {tag: draw(TAG_VALUES[tag])}
+        if tag == "$npscalar":
+            node["hex"] = draw(HEX)
+        return node
+    if kind == "list":
+        return draw(st.lists(kid, max_size=3))
+    if kind == "object":
+        return draw(st.dictionaries(st.sampled_from(["a", "b", "c"]), kid, max_size=3))
+    if kind == "tuple":
+        return {"$tuple": draw(st.lists(kid, max_size=3))}
+    pairs = draw(st.lists(st.tuples(KEYS, kid).map(list), max_size=3))
+    return {"$dict" if kind == "dict" else "$odict": pairs}
+
+
+@SETTINGS
+@given(tagged_tree())
+def test_tree_decoder_agrees_with_the_independent_reader(tree: Any) -> None:
+    """Differential: ckptguard's tree decoder and the reader written from the spec accept and
+    refuse the same trees (``ft.t_tree``)."""
+    check("tree", json.dumps(tree).encode())
+
+
 @SETTINGS
 @given(
     cid=st.sampled_from([0, 1, 2, -1, 255, 1 << 31]),
