@@ -36,6 +36,7 @@ MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**MAX_INT_DIGITS
 _INT_RE = re.compile(r"-?[1-9][0-9]*")  # canonical decimal: no sign on zero, no leading zeros
 _HEX_RE = re.compile(r"[0-9a-f]*")
+_DEVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(:(0|[1-9][0-9]{0,8}))?")  # str(torch.device)
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
     getattr(torch, n): n for n in dtypes.SIZES if isinstance(getattr(torch, n, None), torch.dtype)
@@ -393,6 +394,19 @@ def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any
         raise TreeError(f"malformed {tag} value in tree: {e}") from None
 
 
+def _b64(tag: str, v: Any) -> bytes:
+    """Canonical base64 (RFC 4648 section 4, padded, zero pad bits): one text per byte string."""
+    if not isinstance(v, str):
+        raise TreeError(f"{tag} is not a string")
+    try:
+        blob = base64.b64decode(v, validate=True)
+    except ValueError:
+        raise TreeError(f"{tag} is not base64") from None
+    if base64.b64encode(blob).decode() != v:
+        raise TreeError(f"{tag} is not canonical base64 (padding or pad bits)")
+    return blob
+
+
 def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, depth: int) -> Any:
     sub = depth + 1
     if tag == "$tensor":
@@ -422,7 +436,7 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
             raise TreeError("$float is not inf, -inf or nan")
         return float(v)
     if tag == "$bytes":
-        return base64.b64decode(v, validate=True)
+        return _b64(tag, v)
     if tag == "$npscalar":
         dt = NUMPY_BY_NAME[v].newbyteorder("<")
         hx = node["hex"]
@@ -437,14 +451,14 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
             raise TreeError("$size is not a list of integers in [0, 2**63)")
         return torch.Size(v)
     if tag == "$device":
-        if not isinstance(v, str):
-            raise TreeError("$device is not a string")
+        if not isinstance(v, str) or not _DEVICE_RE.fullmatch(v):
+            raise TreeError("$device is not a device type with an optional canonical index")
         try:
             return torch.device(v)
         except RuntimeError as e:  # torch's error for a string that names no device
             raise TreeError(f"$device {v[:100]!r} is not a device: {e}") from None
     if tag == "$pickle":
-        blob = base64.b64decode(v, validate=True)
+        blob = _b64(tag, v)
         if allow_pickle == _CHECK:
             return None
         if not allow_pickle:

@@ -898,11 +898,7 @@ class _TreeDecoder:
             _need(x in ("inf", "-inf", "nan"), f"tree: bad $float {x!r}")
             return float(x)
         if tag == "$bytes":
-            _need(isinstance(x, str), "tree: bad $bytes")
-            try:
-                return base64.b64decode(x, validate=True)
-            except ValueError:
-                raise SpecViolation("tree: bad base64 in $bytes") from None
+            return _base64(tag, x)
         if tag == "$tuple":
             _need(isinstance(x, list), "tree: $tuple is not a list")
             return tuple(self.decode(e, (*path, str(i)), depth + 1) for i, e in enumerate(x))
@@ -946,15 +942,26 @@ class _TreeDecoder:
             )
             return Size(tuple(x))
         if tag == "$device":
-            _need(isinstance(x, str), "tree: bad $device")
+            _need(
+                isinstance(x, str)
+                and bool(re.fullmatch(r"[a-z][a-z0-9_]{0,63}(:(0|[1-9][0-9]{0,8}))?", x)),
+                f"tree: bad $device {x!r}",
+            )
             return Device(x)
         if tag == "$pickle":
-            _need(isinstance(x, str), "tree: bad $pickle")
-            try:
-                return Pickled(base64.b64decode(x, validate=True))
-            except ValueError:
-                raise SpecViolation("tree: bad base64 in $pickle") from None
+            return Pickled(_base64(tag, x))
         raise SpecViolation(f"tree: unknown tag {tag!r}")
+
+
+def _base64(tag: str, x: Any) -> bytes:
+    """Standard padded base64 whose pad bits are zero: the one text that encodes its bytes."""
+    _need(isinstance(x, str), f"tree: {tag} is not a string")
+    try:
+        blob = base64.b64decode(x, validate=True)
+    except ValueError:
+        raise SpecViolation(f"tree: bad base64 in {tag}") from None
+    _need(base64.b64encode(blob).decode() == x, f"tree: non-canonical base64 in {tag}")
+    return blob
 
 
 def decode_tree(body: dict[str, Any]) -> tuple[Any, dict[int, Any]]:

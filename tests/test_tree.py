@@ -87,6 +87,13 @@ NON_CANONICAL = {
     "dict_of_plain_keys": {"$dict": [["a", 1], ["b", 2]]},
     "number_beyond_int64": 1 << 63,
     "number_not_finite": float("inf"),  # JSON 1e400 parses as inf
+    "bytes_nonzero_pad_bits": {"$bytes": "YR=="},  # b"a" is "YQ=="
+    "bytes_unpadded": {"$bytes": "YQ"},
+    "bytes_not_base64": {"$bytes": "Y*=="},
+    "pickle_nonzero_pad_bits": {"$pickle": "gAR="},
+    "device_uppercase": {"$device": "CPU"},
+    "device_leading_zero_index": {"$device": "cuda:01"},
+    "device_with_space": {"$device": "cuda :0"},
 }
 
 
@@ -117,6 +124,9 @@ def test_non_canonical_tree_refused(name: str, tmp_path) -> None:
         np.int16(-3),
         np.complex128(1 - 2j),
         torch.Size([0, 3]),
+        torch.device("cpu"),
+        torch.device("cuda", 12),
+        b"\x00\xffab",
     ],
 )
 def test_canonical_values_round_trip(value: Any, tmp_path) -> None:

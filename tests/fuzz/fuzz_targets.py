@@ -508,7 +508,9 @@ def t_tree(data: bytes) -> None:
         theirs = str(e)
     if (ours is None) != (theirs is None):
         # ckptguard asks torch whether a $device or $dtype exists; the spec reader cannot
-        if ours is not None and ours.startswith(("$device", "malformed $dtype")):
+        if ours is not None and (
+            " is not a device: " in ours or ours.startswith("malformed $dtype")
+        ):
             raise TreeError(ours)
         raise Bug(
             f"decoder {'accepts' if ours is None else 'refuses: ' + ours}, independent "
@@ -572,6 +574,9 @@ TREE_SEEDS: list[Any] = [
     {"$tensor": TREE_TENSORS},
     {"$tuple": [1], "x": 2},
     {"$device": "no-such-device"},
+    {"$device": "cuda:01"},
+    {"$bytes": "AAF="},
+    {"$pickle": "gAROLg"},
 ]
 
 
