@@ -230,8 +230,8 @@ def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
     # .old without one is garbage. An error between the renames puts the old one back.
     intent = staging + INTENT_SUFFIX
     old = staging + OLD_SUFFIX
-    write_new_file(intent, f"{os.path.basename(final)}\n".encode())
     try:
+        write_new_file(intent, f"{os.path.basename(final)}\n".encode())
         fsync_dir(os.path.dirname(staging))
         failpoint("overwrite.intent_written")
         os.rename(final, old)

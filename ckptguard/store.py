@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import errno
 import os
+import stat
 import time
 import uuid as uuidlib
 import warnings
@@ -228,7 +229,10 @@ class Store:
                 continue  # not an intent record: gc removes it as any other leftover
             old, final = new + OLD_SUFFIX, os.path.join(self.root, name)
             try:
-                if time.time() - os.lstat(intent).st_mtime < settle:
+                st = os.lstat(intent)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # not one the overwrite wrote: gc removes it as a leftover
+                if time.time() - st.st_mtime < settle:
                     keep.update((intent, new, old))
                     continue
                 if not os.path.lexists(final) and _real_dir(new) and _real_dir(old):
