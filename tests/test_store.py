@@ -344,3 +344,15 @@ def test_a_group_writable_store_is_shared_with_its_group(tmp_path):
     finally:
         os.umask(old)
     assert (store / STAGING).stat().st_mode & 0o777 == 0o770
+
+
+def test_gc_takes_only_a_regular_file_for_an_intent_record(tmp_path):
+    """A directory (or link) named like an intent record is a leftover, not an instruction."""
+    save(tmp_path, "a", 1)
+    uid = "0123456789abcdef0123456789abcdef"
+    (tmp_path / STAGING / f"b.{uid}{INTENT_SUFFIX}").mkdir()
+    (tmp_path / STAGING / f"b.{uid}.old").mkdir()
+    (tmp_path / STAGING / f"b.{uid}").mkdir()
+    ckptguard.Store(tmp_path).gc(older_than=0)
+    assert [i.name for i in ckptguard.Store(tmp_path).list()] == ["a"]
+    assert os.listdir(tmp_path / STAGING) == []
