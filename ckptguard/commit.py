@@ -101,25 +101,29 @@ def discard_staging(staging: str) -> None:
         remove_tree(staging)
 
 
-def check_target(final: str, overwrite: bool) -> None:
+def check_target(final: str, overwrite: bool, deep: bool = True) -> None:
     """Refuse a save onto ``final`` unless nothing is there (or an empty directory, which the
     rename replaces), or a committed checkpoint that ``overwrite`` replaces. Anything else (a
     directory without a valid manifest, a file, a link) is a ``NotACheckpointError`` naming it;
-    nothing is changed."""
+    nothing is changed. ``deep=False`` (at the rename, where time counts) only asks for a
+    directory holding a regular MANIFEST.json instead of decoding it."""
     try:
         st = os.lstat(final)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
         try:
-            read_info(final)
-        except (CheckpointNotFoundError, CorruptCheckpointError) as e:
+            if deep:
+                read_info(final)
+            elif not stat.S_ISREG(os.lstat(os.path.join(final, MANIFEST)).st_mode):
+                raise CorruptCheckpointError("MANIFEST.json is not a file", path=final)
+        except (CheckpointNotFoundError, CorruptCheckpointError, FileNotFoundError) as e:
             with os.scandir(final) as it:
                 if next(it, None) is None:
                     return
             raise NotACheckpointError(
-                f"{final} is a directory but not a committed checkpoint ({e}): a save never "
-                "replaces it, even with overwrite=True",
+                f"{final} is a directory but not a committed checkpoint ({brief(e)}): a save "
+                "never replaces it, even with overwrite=True",
                 final,
             ) from None
         if not overwrite:
@@ -220,7 +224,7 @@ def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-    check_target(final, overwrite)
+    check_target(final, overwrite, deep=False)
     if _exchange(staging, final):
         return staging
     # No renameat2 (e.g. some parallel file systems): two renames, between which the name is
