@@ -8,37 +8,135 @@ import datetime as dt
 import errno
 import os
 import shutil
+import stat
 import time
 import uuid as uuidlib
 
 import pyarrow as pa
 import xxhash
 
-from .errors import CheckpointExistsError, CoordinationTimeoutError, StoreError, brief
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CoordinationTimeoutError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    StoreError,
+    brief,
+    from_oserror,
+)
 from .failpoints import failpoint
 from .format import index, manifest
+from .format.datafile import FormatError
 from .format.layout import INDEX, LATEST, MANIFEST, STAGING
+from .format.manifest import CheckpointInfo
 from .fsutil import (
     UnsafeFileError,
     fsync_dir,
+    makedirs_durably,
     read_regular,
     write_file_durably,
     write_new_file,
 )
 
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
+INTENT_SUFFIX = ".overwrite"  # that overwrite's intent record, beside its staging directory
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+def read_info(path: str) -> CheckpointInfo:
+    """The CheckpointInfo of a checkpoint directory, from its manifest (checked, not its data)."""
+    where = os.path.join(path, MANIFEST)
+    try:
+        raw = read_regular(where, max_size=manifest.MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {path}") from None
+    except UnsafeFileError as e:  # a link, FIFO, device or oversized file is never read
+        raise CorruptCheckpointError(f"{MANIFEST} {e.reason}", path=path, file=MANIFEST) from None
+    except OSError as e:  # unreadable is not damaged: say what the store refused
+        raise from_oserror(e, where, "cannot read") from None
+    try:
+        return CheckpointInfo.from_manifest(manifest.decode(raw), path)
+    except FormatError as e:
+        raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
+
+
+def _shared(store: str) -> bool:
+    """A store its owner made group-writable is shared with that group (docs/operations.md)."""
+    return bool(os.stat(store).st_mode & stat.S_IWGRP)
+
+
+def staging_area(store: str) -> str:
+    """Create the store and its ``.staging`` where missing; return the ``.staging`` path.
+
+    Every directory created has its parent fsynced (a first save into a new store survives a
+    crash) and is never world-writable, whatever the umask. ``.staging`` is private to its owner
+    (0o700): nobody else can plant a FIFO, a link or an intent record in it. In a shared store
+    (its directory group-writable) it is 0o770 instead, so that the group can save and gc.
+    """
+    makedirs_durably(store, 0o755)
+    root = os.path.join(store, STAGING)
+    mode = 0o770 if _shared(store) else 0o700
+    try:
+        os.mkdir(root, mode)
+    except FileExistsError:
+        return root
+    os.chmod(root, mode)  # exactly this mode: the umask may have taken the group's bits
+    fsync_dir(store)
+    return root
 
 
 def new_staging(store: str, name: str) -> tuple[str, str]:
     """Create ``<store>/.staging/<name>.<uuid>/``; return (uuid hex, its path)."""
     uid = uuidlib.uuid4().hex
-    staging_root = os.path.join(store, STAGING)
-    os.makedirs(staging_root, exist_ok=True)
-    path = os.path.join(staging_root, f"{name}.{uid}")
-    os.mkdir(path, 0o755)
+    path = os.path.join(staging_area(store), f"{name}.{uid}")
+    os.mkdir(path, 0o775 if _shared(store) else 0o755)
     return uid, path
+
+
+def discard_staging(staging: str) -> None:
+    """Remove the staging directory of a save that did not commit, unless an overwrite intent
+    names it: then it may hold the only whole copy of the checkpoint, and gc resolves it."""
+    if not os.path.lexists(staging + INTENT_SUFFIX):
+        remove_tree(staging)
+
+
+def check_target(final: str, overwrite: bool, deep: bool = True) -> None:
+    """Refuse a save onto ``final`` unless nothing is there (or an empty directory, which the
+    rename replaces), or a committed checkpoint that ``overwrite`` replaces. Anything else (a
+    directory without a valid manifest, a file, a link) is a ``NotACheckpointError`` naming it;
+    nothing is changed. ``deep=False`` (at the rename, where time counts) only asks for a
+    directory holding a regular MANIFEST.json instead of decoding it."""
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            if deep:
+                read_info(final)
+            elif not stat.S_ISREG(os.lstat(os.path.join(final, MANIFEST)).st_mode):
+                raise CorruptCheckpointError("MANIFEST.json is not a file", path=final)
+        except (CheckpointNotFoundError, CorruptCheckpointError, FileNotFoundError) as e:
+            with os.scandir(final) as it:
+                if next(it, None) is None:
+                    return
+            raise NotACheckpointError(
+                f"{final} is a directory but not a committed checkpoint ({brief(e)}): a save "
+                "never replaces it, even with overwrite=True",
+                final,
+            ) from None
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"checkpoint {final} already exists (pass overwrite=True to replace it)"
+            )
+        return
+    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    raise NotACheckpointError(
+        f"{final} is {kind}, not a checkpoint: a save never replaces it, even with overwrite=True",
+        final,
+    )
 
 
 def write_index(staging: str, table: pa.Table) -> dict:
@@ -82,8 +180,10 @@ def commit(
     final = os.path.join(store, name)
     replaced = _rename_into_place(staging, final, overwrite)
     problems: list[str] = []
+    durable = False
     try:
         fsync_dir(store)
+        durable = True
         failpoint("commit.after_rename")
     except OSError as e:
         problems.append(
@@ -97,45 +197,74 @@ def commit(
         except OSError as e:
             problems.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
     if replaced is not None:
-        try:
-            failpoint("overwrite.before_remove_old")
-            remove_tree(replaced)
-        except OSError as e:
-            problems.append(
-                f"the replaced checkpoint's files remain at {replaced} ({brief(e)}); gc removes "
-                "them"
-            )
+        problems += remove_replaced(replaced, durable)
     return final, problems
 
 
+def remove_replaced(replaced: str, durable: bool = True) -> list[str]:
+    """Remove the checkpoint an overwrite replaced, once the new one's rename is ``durable``;
+    return what failed (the commit stands). The fallback's intent record goes first, so that gc
+    never takes the replaced one for an overwrite stopped between its renames."""
+    if not durable:
+        return [f"the replaced checkpoint's files remain at {replaced}; gc removes them"]
+    try:
+        if replaced.endswith(OLD_SUFFIX):
+            clear_intent(replaced[: -len(OLD_SUFFIX)])
+        failpoint("overwrite.before_remove_old")
+        remove_tree(replaced)
+    except OSError as e:
+        return [f"the replaced checkpoint's files remain at {replaced} ({brief(e)}); gc removes it"]
+    return []
+
+
 def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
-    """Rename; with overwrite, replace the existing one. Returns where the replaced checkpoint
-    now lives (to be removed), or None if there was none."""
+    """Rename; with overwrite, replace the existing committed checkpoint. Returns where the
+    replaced checkpoint now lives (to be removed), or None if there was none. What is at
+    ``final`` is checked again here (``check_target``): another process may have put something
+    there since the save began."""
     try:
         os.rename(staging, final)
         return None
     except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"checkpoint {final} already exists (pass overwrite=True to replace it)"
-            ) from None
+    check_target(final, overwrite, deep=False)
     if _exchange(staging, final):
         return staging
-    # No renameat2 (e.g. some parallel file systems): two renames. Between them the name is
-    # absent; a crash there leaves <staging>.old beside the whole new <staging>, and Store.gc
-    # rolls the overwrite forward (format.md section 2). An error there puts the old one back.
+    # No renameat2 (e.g. some parallel file systems): two renames, between which the name is
+    # absent. First a durable intent record (.staging/<name>.<uuid>.overwrite): while it exists,
+    # gc may find the overwrite stopped between the renames and complete it (format.md section
+    # 2); once the new checkpoint is durably in place it is removed (remove_replaced), and a
+    # .old without one is garbage. An error between the renames puts the old one back.
+    intent = staging + INTENT_SUFFIX
     old = staging + OLD_SUFFIX
-    os.rename(final, old)
+    try:
+        write_new_file(intent, f"{os.path.basename(final)}\n".encode())
+        fsync_dir(os.path.dirname(staging))
+        failpoint("overwrite.intent_written")
+        os.rename(final, old)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            clear_intent(staging)
+        raise
     try:
         failpoint("overwrite.fallback_old_moved")
         os.rename(staging, final)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # else intent, old and new stay for gc
             os.rename(old, final)
+            clear_intent(staging)
         raise
     return old
+
+
+def clear_intent(staging: str) -> None:
+    """Durably remove the overwrite intent record of ``staging`` (if any)."""
+    try:
+        os.unlink(staging + INTENT_SUFFIX)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.path.dirname(staging))
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -172,7 +301,19 @@ def write_latest(store: str, name: str | None) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Remove a directory tree (never following symlinks), ignoring a missing path."""
+    """Remove a directory tree (never following symlinks), ignoring a missing path.
+
+    A checkpoint stops being one first: its MANIFEST.json is removed, durably, before any data
+    file, so that a tree whose removal was interrupted never reads as a committed checkpoint.
+    """
+    if not os.path.islink(path):  # rmtree refuses a link; never reach through one
+        try:
+            os.unlink(os.path.join(path, MANIFEST))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        else:
+            fsync_dir(path)
+            failpoint("remove.manifest_removed")
     shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
 
 

@@ -42,7 +42,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from .commit import _rename_into_place, new_staging, remove_tree, write_latest
+from .commit import _rename_into_place, discard_staging, new_staging, remove_replaced, write_latest
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -59,7 +59,14 @@ from .format import manifest
 from .format.datafile import FormatError
 from .format.layout import INDEX, MANIFEST, check_name
 from .format.manifest import CheckpointInfo
-from .fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular, write_file_durably
+from .fsutil import (
+    UnsafeFileError,
+    fsync_dir,
+    makedirs_durably,
+    open_regular,
+    read_regular,
+    write_file_durably,
+)
 from .reader import CheckpointReader
 from .restore import verify_checkpoint
 from .store import Store, read_info
@@ -413,7 +420,7 @@ def _drain_one(
         finally:
             if not committed:
                 with contextlib.suppress(OSError):  # else gc reclaims it; DST is unchanged
-                    remove_tree(staging)
+                    discard_staging(staging)
     return _after_commit(final, dst_root, replaced), copier.copied
 
 
@@ -421,8 +428,10 @@ def _after_commit(final: str, dst_root: str, replaced: str | None) -> Checkpoint
     """Make the rename durable, move LATEST, drop a replaced copy. The copy is committed: what
     fails here is a ``CheckpointWarning`` and in the returned info's ``warnings``."""
     late = []
+    durable = False
     try:
         fsync_dir(dst_root)
+        durable = True
         failpoint("drain.after_rename")
     except OSError as e:
         late.append(
@@ -435,11 +444,8 @@ def _after_commit(final: str, dst_root: str, replaced: str | None) -> Checkpoint
             _advance_latest(Store(dst_root), out)
         except (OSError, CheckpointError) as e:
             late.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
-    if replaced is not None:
-        try:
-            remove_tree(replaced)  # the replaced checkpoint now lives at the staging path
-        except OSError as e:
-            late.append(f"the replaced copy remains at {replaced} ({brief(e)}); gc removes it")
+    if replaced is not None:  # the replaced checkpoint now lives in .staging
+        late += remove_replaced(replaced, durable)
     for w in late:
         warnings.warn(CheckpointWarning(w), stacklevel=4)
     return replace(out, warnings=tuple(late))
@@ -514,7 +520,7 @@ def drain(
         raise StoreError(f"source and destination are the same store: {dst_root}", dst_root)
     todo = _select(src_store.list(), names, src_store.root)
     try:
-        os.makedirs(dst_root, exist_ok=True)
+        makedirs_durably(dst_root)
     except OSError as e:
         raise from_oserror(e, dst_root, "cannot create the store") from None
     dst_store = Store(dst_root)

@@ -50,6 +50,16 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already has that name and overwrite was not requested."""
 
 
+class NotACheckpointError(CheckpointError):
+    """Something other than a committed checkpoint is at the name a save would use (a directory
+    without a valid MANIFEST.json, a file, a link): a save never replaces it, even with overwrite.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class InvalidNameError(CheckpointError, ValueError):
     """A checkpoint name that the format does not allow (e.g. containing '/' or '..')."""
 

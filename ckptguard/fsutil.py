@@ -133,6 +133,33 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_durably(path: str, mode: int = 0o755) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)`` that survives a crash: each directory it creates has
+    its parent fsynced. ``mode`` never includes o+w (a world-writable directory would let any
+    local user plant files in it), whatever the umask. Returns the directories created."""
+    mode &= ~0o002
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    created = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:  # another process made it first; a file there is an error
+            if not os.path.isdir(d):
+                raise
+            continue
+        created.append(d)
+    for d in created:
+        fsync_dir(os.path.dirname(d))
+    return created
+
+
 def write_new_file(path: str, data: bytes) -> None:
     """Create ``path`` (it must not exist), write ``data`` and fsync it (not the directory)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

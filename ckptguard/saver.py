@@ -27,7 +27,7 @@ from .agent.client import notify_committed
 from .coord import Coordinator
 from .errors import (
     CheckpointAbortedError,
-    CheckpointExistsError,
+    CheckpointError,
     CheckpointWarning,
     OptionsMismatchError,
     ReplicaMismatchWarning,
@@ -37,7 +37,7 @@ from .failpoints import failpoint, set_rank
 from .format import FORMAT_VERSION
 from .format.datafile import FormatError
 from .format.index import to_table
-from .format.layout import MANIFEST, datafile_name
+from .format.layout import datafile_name
 from .format.manifest import PER_RANK_TENSORS, CheckpointInfo, parse_time
 from .format.ranktrees import RANK_TREE_DIFFS, TextDiffer
 from .format.validate import check_table
@@ -209,7 +209,7 @@ class _Save:
     def cleanup(self) -> None:
         if self.coord.rank == 0 and self.staging and os.path.isdir(self.staging):
             with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
-                _commit.remove_tree(self.staging)
+                _commit.discard_staging(self.staging)
 
     # -- phase 1: every rank describes its state ------------------------------------------------
     def describe(self, obj: Any) -> bytes:
@@ -244,16 +244,13 @@ class _Save:
             descs = [_from_ipc(parts[1]) for _, parts in msgs]
             plan = make_plan(descs, self.opt.check_replicated)
             tree0, rank_trees = _merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
-            final = os.path.join(self.store, self.name)
-            if not self.opt.overwrite and os.path.exists(os.path.join(final, MANIFEST)):
-                raise CheckpointExistsError(
-                    f"checkpoint {final} already exists (pass overwrite=True)"
-                )
-            try:
-                os.makedirs(self.store, exist_ok=True)
+            try:  # before any data is written; checked again at the rename (a race)
+                _commit.check_target(os.path.join(self.store, self.name), self.opt.overwrite)
                 failpoint("save.start")
                 uid, self.staging = _commit.new_staging(self.store, self.name)
                 failpoint("save.staging_created")
+            except CheckpointError:  # before OSError: CheckpointExistsError is one too
+                raise
             except OSError as e:
                 raise from_oserror(e, self.store, "cannot create a staging directory in") from None
         except Exception as e:
@@ -357,6 +354,8 @@ class _Save:
             LAST_TIMINGS["visible"] = time.time()
         except FormatError as e:
             return self.fail(PlanError(f"reports do not form a valid checkpoint: {e}"))
+        except CheckpointError as e:  # before OSError: CheckpointExistsError is one too
+            return self.fail(e)
         except OSError as e:
             return self.fail(from_oserror(e, self.staging or self.store, "cannot commit in"))
         except Exception as e:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import stat
 import time
 import uuid as uuidlib
 import warnings
 from dataclasses import dataclass, field
 
-from .commit import OLD_SUFFIX, remove_tree, write_latest
+from .commit import (
+    INTENT_SUFFIX,
+    OLD_SUFFIX,
+    clear_intent,
+    read_info,
+    remove_tree,
+    staging_area,
+    write_latest,
+)
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -20,28 +29,11 @@ from .errors import (
     from_oserror,
 )
 from .failpoints import failpoint
-from .format import manifest
-from .format.datafile import FormatError
 from .format.layout import LATEST, MANIFEST, MAX_LATEST_BYTES, STAGING, check_name, is_name
 from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, read_regular
 
-
-def read_info(path: str) -> CheckpointInfo:
-    """The CheckpointInfo of a checkpoint directory, from its manifest (checked, not its data)."""
-    where = os.path.join(path, MANIFEST)
-    try:
-        raw = read_regular(where, max_size=manifest.MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"no committed checkpoint at {path}") from None
-    except UnsafeFileError as e:  # a link, FIFO, device or oversized file is never read
-        raise CorruptCheckpointError(f"{MANIFEST} {e.reason}", path=path, file=MANIFEST) from None
-    except OSError as e:  # unreadable is not damaged: say what the store refused
-        raise from_oserror(e, where, "cannot read") from None
-    try:
-        return CheckpointInfo.from_manifest(manifest.decode(raw), path)
-    except FormatError as e:
-        raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
+__all__ = ["Store", "read_info"]
 
 
 @dataclass(frozen=True)
@@ -157,7 +149,7 @@ class Store:
             hint = ""
             with contextlib.suppress(OSError):
                 if any(
-                    n.startswith(name + ".") and n.endswith(OLD_SUFFIX)
+                    n.startswith(name + ".") and n.endswith(INTENT_SUFFIX)
                     for n in os.listdir(os.path.join(self.root, STAGING))
                 ):
                     hint = " (an overwrite of it was interrupted: `ckptguard gc` completes it)"
@@ -184,8 +176,7 @@ class Store:
                 write_latest(self.root, rest[-1].name if rest else None)
                 moved = True
                 failpoint("delete.after_latest")
-            trash = os.path.join(self.root, STAGING, f"{name}.{uuidlib.uuid4().hex}.deleted")
-            os.makedirs(os.path.dirname(trash), exist_ok=True)
+            trash = os.path.join(staging_area(self.root), f"{name}.{uuidlib.uuid4().hex}.deleted")
             os.rename(path, trash)
         except OSError as e:
             if moved:  # put LATEST back: the checkpoint is still there
@@ -248,12 +239,17 @@ class Store:
         return removed
 
     def _finish_overwrites(self, settle: float) -> set[str]:
-        """Complete an overwrite that a crash interrupted between its two renames (no
-        renameat2; format.md section 2): ``<name>`` is absent and ``.staging/<name>.<uuid>.old``
-        holds the replaced checkpoint. Rename the new one into place if it is whole, else put
-        the old one back. ``.old`` entries renamed less than ``settle`` seconds ago are left to
-        the save that may still be between its renames; they, and their new one, are returned
-        (gc must not remove them)."""
+        """Resolve each intent record of the overwrite without renameat2 (format.md section 2).
+
+        ``.staging/<name>.<uuid>.overwrite`` is written before the overwrite's first rename
+        (``<name>`` to ``.staging/<name>.<uuid>.old``) and removed once its second (the new
+        ``.staging/<name>.<uuid>`` to ``<name>``) is durable. Where ``<name>`` is absent and both
+        the new and the old are still in ``.staging``, the save stopped between its renames: the
+        new one goes into place if whole, else the old one back. Otherwise the second rename
+        happened (and the name may have been deleted since) or the first never did: the old one
+        is garbage, never put back. Each resolved record is removed. Records younger than
+        ``settle`` seconds are left to a save that may still be at it; they, their new and their
+        old are returned (gc must not remove them)."""
         staging = os.path.join(self.root, STAGING)
         keep: set[str] = set()
         try:
@@ -261,24 +257,30 @@ class Store:
         except OSError:
             return keep  # nothing to finish; gc reports an unreadable .staging itself
         for n in sorted(names):
-            old = os.path.join(staging, n)
-            if not n.endswith(OLD_SUFFIX) or os.path.islink(old) or not os.path.isdir(old):
-                continue
-            new = old[: -len(OLD_SUFFIX)]
-            name = os.path.basename(new).rpartition(".")[0]
-            final = os.path.join(self.root, name)
-            if not is_name(name) or os.path.lexists(final):
-                continue  # the overwrite got past its second rename: .old is garbage
+            intent = os.path.join(staging, n)
+            new = intent[: -len(INTENT_SUFFIX)]
+            name, _, uid = os.path.basename(new).rpartition(".")
+            if not n.endswith(INTENT_SUFFIX) or not is_name(name) or not _is_uuid(uid):
+                continue  # not an intent record: gc removes it as any other leftover
+            old, final = new + OLD_SUFFIX, os.path.join(self.root, name)
             try:
-                if time.time() - os.lstat(old).st_ctime < settle:
-                    keep.update((old, new))
+                st = os.lstat(intent)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # not one the overwrite wrote: gc removes it as a leftover
+                if time.time() - st.st_mtime < settle:
+                    keep.update((intent, new, old))
                     continue
-                source = new if _whole(new) else old
-                os.rename(source, final)
-                fsync_dir(self.root)
+                if not os.path.lexists(final) and _real_dir(new) and _real_dir(old):
+                    os.rename(new if _whole(new) else old, final)
+                fsync_dir(self.root)  # <name> durable before the record that explains it goes
+                clear_intent(new)
             except OSError as e:
                 raise from_oserror(e, final, "cannot finish the interrupted overwrite of") from None
         return keep
+
+
+def _is_uuid(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def _real_dir(path: str) -> bool:

@@ -268,6 +268,22 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
     assert {i.name for i in st.list()} == names and st.latest_name() == latest
 
 
+def check_deleted_stays_deleted(store: Path, name: str) -> None:
+    """I11 after an interrupted overwrite: ``name`` deleted (once gc has put it in place, if the
+    overwrite stopped between its renames), then gc: it is not listed again, nor LATEST, and
+    nothing is left in .staging."""
+    st = ckptguard.Store(store)
+    if name not in {i.name for i in st.list()}:
+        st.gc(older_than=0)
+    st.delete(name)
+    for _ in range(2):
+        st.gc(older_than=0)
+        assert name not in {i.name for i in st.list()}, f"gc brought back the deleted {name}"
+        assert st.latest_name() != name and not (store / name).exists()
+    staging = store / STAGING
+    assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
+
+
 def _latest_tmp(name: str) -> bool:
     return name.startswith(".LATEST.") and name.endswith(".tmp")
 
@@ -367,6 +383,9 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         rep = _read_json(tmp / "out" / f"rank-{r}.json")
         if rep is not None:
             run.reports[r] = {name: rep}
+    if case.scenario == "fallback":
+        shutil.copytree(store, tmp / "deleted", symlinks=True)
+        check_deleted_stays_deleted(tmp / "deleted", name)
     if replace:
         st = ckptguard.Store(store)
         if not st.list():  # killed between the fallback's renames: LATEST names nothing

@@ -33,8 +33,8 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(path, value: int, failpoint: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CKPTGUARD_FAILPOINT=failpoint)
+def run_child(path, value: int, failpoint: str, **extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CKPTGUARD_FAILPOINT=failpoint, **extra)
     return subprocess.run(
         [sys.executable, "-c", CHILD, str(path), str(value)],
         env=env,
@@ -105,6 +105,36 @@ def test_kill_during_overwrite(store, point):
     assert ckptguard.load(store)["step"] == expected
     assert ckptguard.verify(store / "old").ok
     ckptguard.Store(store).gc(older_than=0)
+    assert leftovers(store) == []
+
+
+FALLBACK_STEPS = [
+    ("commit.before_rename", 1),
+    ("overwrite.intent_written", 1),
+    ("overwrite.fallback_old_moved", None),  # gc completes it: the new one, whole
+    ("commit.after_rename", 2),
+    ("commit.after_latest", 2),
+    ("overwrite.before_remove_old", 2),
+    ("remove.manifest_removed", 2),  # the old one partly removed
+]
+
+
+@pytest.mark.parametrize("point,step", FALLBACK_STEPS)
+def test_kill_during_fallback_overwrite_then_delete(store, point, step):
+    """Killed at each step of the overwrite without renameat2, then the checkpoint deleted and
+    gc run: it stays deleted, and nothing is left (I11)."""
+    proc = run_child(store / "old", 2, point, CKPTGUARD_RENAME_EXCHANGE="0")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    st = ckptguard.Store(store)
+    if step is None:  # stopped between the renames: gc puts the new one in place
+        assert st.list() == []
+        st.gc(older_than=0)
+        step = 2
+    assert [i.name for i in st.list()] == ["old"]
+    assert ckptguard.load(store / "old")["step"] == step
+    st.delete("old")
+    st.gc(older_than=0)
+    assert st.list() == [] and st.latest_name() is None
     assert leftovers(store) == []
 
 

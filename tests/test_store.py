@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ckptguard
+from ckptguard.commit import INTENT_SUFFIX
 from ckptguard.format.layout import LATEST, STAGING
 
 
@@ -121,11 +122,13 @@ def test_overwrite_without_rename_exchange(tmp_path, monkeypatch):
 
 def _interrupted_overwrite(tmp_path, new_whole: bool):
     """The store as a crash between the fallback's two renames leaves it: ``a`` absent, LATEST
-    naming it, the old one at .staging/a.<uuid>.old, the new one at .staging/a.<uuid>."""
+    naming it, the old one at .staging/a.<uuid>.old, the new one at .staging/a.<uuid>, and the
+    overwrite's intent record .staging/a.<uuid>.overwrite."""
     save(tmp_path, "a", 1)
     save(tmp_path, "x", 2)
     (tmp_path / LATEST).write_text("a\n")
     uid = "0123456789abcdef0123456789abcdef"
+    (tmp_path / STAGING / f"a.{uid}{INTENT_SUFFIX}").write_text("a\n")
     os.rename(tmp_path / "x", tmp_path / STAGING / f"a.{uid}")
     if not new_whole:
         os.unlink(tmp_path / STAGING / f"a.{uid}" / "MANIFEST.json")
@@ -145,4 +148,211 @@ def test_gc_finishes_an_interrupted_overwrite(tmp_path, new_whole):
     assert [i.name for i in store.list()] == ["a"]
     assert ckptguard.load(tmp_path)["v"].item() == (2 if new_whole else 1)
     assert ckptguard.verify(tmp_path).ok
+    assert os.listdir(tmp_path / STAGING) == []
+
+
+@pytest.mark.parametrize("point", ["overwrite.before_remove_old", "remove.manifest_removed"])
+def test_deleted_name_stays_deleted_after_an_interrupted_fallback_overwrite(
+    tmp_path, monkeypatch, point
+):
+    """The replaced checkpoint left in .staging after the fallback's second rename (whole, or
+    partly removed) is garbage: after delete, gc never puts it back (I11)."""
+    monkeypatch.setenv("CKPTGUARD_RENAME_EXCHANGE", "0")
+    save(tmp_path, "a", 1)
+    monkeypatch.setenv("CKPTGUARD_FAILPOINT", f"{point}:*:eio")
+    with pytest.warns(ckptguard.CheckpointWarning, match="gc removes"):
+        save(tmp_path, "a", 2, overwrite=True)
+    monkeypatch.delenv("CKPTGUARD_FAILPOINT")
+    left = os.listdir(tmp_path / STAGING)
+    assert len(left) == 1 and left[0].endswith(".old"), left  # the intent record went first
+    store = ckptguard.Store(tmp_path)
+    store.delete("a")
+    store.gc(older_than=0)
+    assert store.list() == [] and store.latest_name() is None
+    assert not (tmp_path / "a").exists() and os.listdir(tmp_path / STAGING) == []
+
+
+def test_gc_never_restores_an_old_copy_once_the_new_one_was_in_place(tmp_path):
+    """An intent record whose new copy was renamed into place (and then deleted): the old copy
+    is garbage, even with the record still there."""
+    _interrupted_overwrite(tmp_path, new_whole=True)
+    staging = tmp_path / STAGING
+    new = next(p for p in staging.iterdir() if len(p.name) == len("a.") + 32)
+    os.rename(new, tmp_path / "a")  # the second rename happened; then the kill
+    ckptguard.Store(tmp_path).delete("a")
+    ckptguard.Store(tmp_path).gc(older_than=0)
+    assert ckptguard.Store(tmp_path).list() == [] and os.listdir(staging) == []
+
+
+def _occupant(tmp_path, kind: str):
+    target = tmp_path / "a"
+    if kind == "dir":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    elif kind == "file":
+        target.write_text("mine")
+    elif kind == "link":
+        save(tmp_path, "real", 1)
+        target.symlink_to(tmp_path / "real")
+    elif kind == "broken":  # a checkpoint directory whose manifest does not decode
+        target.mkdir()
+        (target / "MANIFEST.json").write_text("{")
+    return target
+
+
+def _snapshot(path):
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_file():
+        return ("file", path.read_bytes())
+    return ("dir", sorted((p.name, p.read_bytes()) for p in path.iterdir()))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("kind", ["dir", "file", "link", "broken"])
+def test_save_never_replaces_what_is_not_a_checkpoint(tmp_path, kind, overwrite):
+    """A directory of the user's, a file or a link at the name: refused before anything is
+    written, naming it; it is left as it was."""
+    target = _occupant(tmp_path, kind)
+    before = _snapshot(target)
+    with pytest.raises(ckptguard.NotACheckpointError, match="not a"):
+        save(tmp_path, "a", 2, overwrite=overwrite)
+    assert _snapshot(target) == before
+    staging = tmp_path / STAGING
+    assert not staging.exists() or os.listdir(staging) == []  # nothing was written
+
+
+@pytest.mark.parametrize("exchange", ["1", "0"])
+@pytest.mark.parametrize("kind", ["dir", "file", "link"])
+def test_commit_refuses_what_appeared_at_the_name_since_the_save_began(
+    tmp_path, monkeypatch, kind, exchange
+):
+    """The same check at the rename: something put there after the save's first check."""
+    from ckptguard import commit
+
+    monkeypatch.setenv("CKPTGUARD_RENAME_EXCHANGE", exchange)
+    save(tmp_path, "x", 1)
+    staging = tmp_path / STAGING / "a.0123456789abcdef0123456789abcdef"
+    os.rename(tmp_path / "x", staging)
+    target = _occupant(tmp_path, kind)
+    before = _snapshot(target)
+    with pytest.raises(ckptguard.NotACheckpointError):
+        commit._rename_into_place(str(staging), str(target), overwrite=True)
+    assert _snapshot(target) == before
+    assert sorted(os.listdir(tmp_path / STAGING)) == [staging.name]
+    assert ckptguard.verify(staging).ok
+
+
+def test_save_replaces_an_empty_directory(tmp_path):
+    (tmp_path / "a").mkdir()  # nothing to lose: the rename replaces it
+    save(tmp_path, "a", 1)
+    assert ckptguard.load(tmp_path / "a")["v"].item() == 1
+
+
+_RACER = """
+import os, sys, torch, ckptguard
+ckptguard.save({"w": torch.zeros(3)}, sys.argv[1] + "-warm" + sys.argv[2])  # lazy setup first
+os.environ["CKPTGUARD_FAILPOINT"] = "save.staging_created:*:sleep1"  # both past the first check
+sys.stdin.readline()  # both processes start saving at once
+try:
+    ckptguard.save({"w": torch.full((20000,), float(sys.argv[2]))}, sys.argv[1])
+    print("ok")
+except ckptguard.CheckpointError as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_two_processes_saving_the_same_new_name(tmp_path):
+    """Exactly one wins; the other gets CheckpointExistsError; the store holds the winner's."""
+    import subprocess
+    import sys
+
+    for r in range(4):
+        store = tmp_path / f"s{r}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RACER, str(store / "x"), str(v)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for v in (1, 2)
+        ]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=120) for p in procs]
+        said = [o.strip().splitlines()[-1] if o.strip() else e[-500:] for o, e in outs]
+        winners = [v for v, s in zip((1, 2), said, strict=True) if s == "ok"]
+        losers = [s for s in said if s != "ok"]
+        assert len(winners) == 1, said
+        assert losers[0].startswith("CheckpointExistsError"), said
+        assert ckptguard.load(store / "x")["w"][0].item() == winners[0]
+        st = ckptguard.Store(store)
+        assert {i.name for i in st.list()} == {"x", "x-warm1", "x-warm2"}
+        assert st.latest_name() == "x"
+        assert os.listdir(store / STAGING) == []  # the loser removed its staging directory
+
+
+def test_new_store_directories_are_durable(tmp_path, monkeypatch):
+    """A first save into a new store fsyncs the parent of every directory it created."""
+    from ckptguard import commit, fsutil
+
+    synced = []
+    real = fsutil.fsync_dir
+
+    def spy(path):
+        synced.append(os.path.abspath(path))
+        real(path)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", spy)
+    monkeypatch.setattr(commit, "fsync_dir", spy)
+    store = tmp_path / "a" / "b" / "store"
+    save(store, "x", 1)
+    for created in (tmp_path / "a", tmp_path / "a" / "b", store, store / STAGING):
+        assert str(created.parent) in synced, (created, synced)
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o7777 for p in [root, *root.rglob("*")]}
+
+
+def test_no_world_writable_directory_under_umask_0(tmp_path):
+    """Under umask 000, nothing ckptguard creates is world-writable; .staging is private."""
+    old = os.umask(0)
+    try:
+        store = tmp_path / "new" / "store"
+        save(store, "x", 1)
+        ckptguard.Store(store).delete("x")
+        save(store, "y", 2)
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path / "new")
+    assert not [p for p, m in modes.items() if m & 0o002], modes
+    assert modes[f"store/{STAGING}"] == 0o700, modes
+
+
+def test_a_group_writable_store_is_shared_with_its_group(tmp_path):
+    """A store its owner made group-writable: .staging is 0o770, whatever the umask."""
+    store = tmp_path / "shared"
+    store.mkdir()
+    os.chmod(store, 0o2775)
+    old = os.umask(0o077)
+    try:
+        save(store, "x", 1)
+    finally:
+        os.umask(old)
+    assert (store / STAGING).stat().st_mode & 0o777 == 0o770
+
+
+def test_gc_takes_only_a_regular_file_for_an_intent_record(tmp_path):
+    """A directory (or link) named like an intent record is a leftover, not an instruction."""
+    save(tmp_path, "a", 1)
+    uid = "0123456789abcdef0123456789abcdef"
+    (tmp_path / STAGING / f"b.{uid}{INTENT_SUFFIX}").mkdir()
+    (tmp_path / STAGING / f"b.{uid}.old").mkdir()
+    (tmp_path / STAGING / f"b.{uid}").mkdir()
+    ckptguard.Store(tmp_path).gc(older_than=0)
+    assert [i.name for i in ckptguard.Store(tmp_path).list()] == ["a"]
     assert os.listdir(tmp_path / STAGING) == []
