@@ -4,9 +4,11 @@ Each round runs one child process per build, in alternating order (A B, then B A
 slow period of a shared machine hits both builds alike. A child builds the workload from a fixed
 seed, saves it once to warm up, then measures, per trial:
 
-  encode   every tensor through the native write path (``codec.write_records``) into /dev/null:
-           the CPU cost of chunking, hashing, copying and compressing, no disk
-  save     a durable ``ckptguard.save`` into a fresh store (fsync included)
+  encode   every tensor through the native write path (``codec.write_records``) into one file
+           on a memory file system (``--mem-dir``, /dev/shm): the CPU cost of chunking, hashing,
+           copying, compressing and the kernel's copy into the page cache, no disk
+  save     a durable ``ckptguard.save`` into a fresh store (fsync included) under ``--dir``
+  save-mem the same save into a store on the memory file system: the whole save path, no disk
 
 Each figure is the median over all trials of all rounds; the report gives B/A per figure. A tree
 is a checkout whose ``ckptguard`` package (with its built extension) the child imports first.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,31 +48,41 @@ def child(args: argparse.Namespace) -> None:
 
     work = make_workload(args.workload, args.size, seed=1)
     tensors = [t for t in iter_tensors(work.state) if isinstance(t, torch.Tensor)]
-    out: dict[str, list[float]] = {"encode": [], "save": []}
+    out: dict[str, list[float]] = {"encode": [], "save": [], "save-mem": []}
+    memstore = os.path.join(args.mem_dir, f"ab_save.{os.getpid()}.store")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         ckptguard.save(work.state, os.path.join(tmp, "s", "warm"), compress=args.compress)
-        fd = os.open(os.devnull, os.O_WRONLY)
+        mem = os.path.join(args.mem_dir, f"ab_save.{os.getpid()}.tmp")
+        fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             for i in range(args.trials):
+                os.ftruncate(fd, 0)
+                pos = 0
                 t0 = time.perf_counter()
                 for t in tensors:
                     buf = t.detach().contiguous().view(-1).view(torch.uint8)
-                    codec.write_records(
+                    pos = codec.write_records(
                         fd,
-                        os.devnull,
-                        0,
+                        mem,
+                        pos,
                         0,
                         buf,
                         t.element_size(),
                         4 << 20,
                         compress=args.compress != "none",
-                    )
+                    ).end
                 out["encode"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 ckptguard.save(work.state, os.path.join(tmp, "s", f"t{i}"), compress=args.compress)
                 out["save"].append(time.perf_counter() - t0)
+                shutil.rmtree(os.path.join(tmp, "s", f"t{i}"))
+                t0 = time.perf_counter()
+                ckptguard.save(work.state, os.path.join(memstore, "m"), compress=args.compress)
+                out["save-mem"].append(time.perf_counter() - t0)
+                shutil.rmtree(memstore)
         finally:
             os.close(fd)
+            os.unlink(mem)
     print(json.dumps({"backend": codec._backend.name(), **out}))
 
 
@@ -87,6 +100,8 @@ def run_child(tree: str, args: argparse.Namespace) -> dict[str, list[float]]:
         args.compress,
         "--trials",
         str(args.trials),
+        "--mem-dir",
+        args.mem_dir,
     ] + (["--dir", args.dir] if args.dir else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode:
@@ -107,6 +122,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dir", help="where the stores go (default: the system's temp dir)")
+    p.add_argument("--mem-dir", default="/dev/shm", help="a memory file system for 'encode'")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
