@@ -212,7 +212,7 @@ def load_checkpoint(
         if PER_RANK_TENSORS in rd.features:
             _check_rank(rd, rank, world)
         targets = _template_targets(template, rd, rank) if template is not None else {}
-        fresh: dict[int, None] = {}  # in tree order, each once (a list here was quadratic)
+        fresh: dict[int, None] = {}  # in tree order, each once; a dict keeps the lookups O(1)
         for gid in ids:
             if gid not in targets:
                 fresh[gid] = None
