@@ -112,25 +112,25 @@ class _Flattener:
         self.used_pickle = False
 
     def shard(self, s: Shard, path: str) -> dict:
-        node = self.tensor(s.local, path)
-        ref = self.tensors[node["$tensor"]]
-        if ref.value is not s.local:
-            raise UnsupportedObjectError(
-                f"the tensor of Shard at {path!r} is also used elsewhere", path
-            )
+        node, ref = self._wrapped(s, path)
         ref.global_shape, ref.offsets, ref.sharded = s.global_shape, s.offsets, True
-        ref.outer = s
         return node
 
     def per_rank(self, p: PerRank, path: str) -> dict:
-        node = self.tensor(p.local, path)
-        ref = self.tensors[node["$tensor"]]
-        if ref.value is not p.local:
-            raise UnsupportedObjectError(
-                f"the tensor of PerRank at {path!r} is also used elsewhere", path
-            )
-        ref.per_rank, ref.outer = True, p
+        node, ref = self._wrapped(p, path)
+        ref.per_rank = True
         return node
+
+    def _wrapped(self, w: Shard | PerRank, path: str) -> tuple[dict, TensorRef]:
+        """The node and ref of a wrapper's tensor, which must be that wrapper's alone."""
+        node = self.tensor(w.local, path)
+        ref = self.tensors[node["$tensor"]]
+        if ref.value is not w.local:
+            raise UnsupportedObjectError(
+                f"the tensor of {type(w).__name__} at {path!r} is also used elsewhere", path
+            )
+        ref.outer = w
+        return node, ref
 
     def dtensor(self, t: Any, path: str) -> dict:
         try:
