@@ -27,11 +27,12 @@ from .format.datafile import (
     RECORD_HEADER_SIZE,
     FormatError,
     RecordHeader,
+    check_record,
     lz4_max_raw_len,
     pack_record_header,
-    unpack_record_header,
 )
 from .format.layout import ALIGN, align
+from .io import pwrite_all
 
 RAW = CODECS["raw"]
 SHUFFLE_LZ4 = CODECS["shuffle-lz4"]
@@ -293,26 +294,11 @@ def write_records(
             hdr = RecordHeader(cid, elem_size, raw_len, len(payload), h, seq0 + n)
             used = RECORD_HEADER_SIZE + len(payload)
             parts = [pack_record_header(hdr), payload, _ZERO_PAGE[: align(used) - used]]
-            _pwrite_all(fd, path, parts, pos)
+            pwrite_all(fd, parts, pos, path)
             out.append(Record(cid, len(payload), h, pos, raw_len))
             pos += align(used)
     os.lseek(fd, pos, os.SEEK_SET)
     return WriteResult(out, pos, False)
-
-
-def _pwrite_all(fd: int, path: str, parts: list[Any], offset: int) -> None:
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        try:
-            n = os.pwritev(fd, views, offset)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, path) from None
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
 
 
 def _raise_native(e: Exception) -> None:
@@ -427,20 +413,10 @@ def read_into(
         if len(buf) != it.extent:
             raise ChunkError("record is truncated", i)
         try:
-            h = unpack_record_header(buf[:RECORD_HEADER_SIZE])
-        except FormatError:
-            raise ChunkError("bad record header (magic, hash or reserved bytes)", i) from None
-        want = (it.codec, it.elem_size, it.raw_len, it.stored_len, it.hash)
-        got = (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash)
-        if got != want or (it.seq >= 0 and h.seq != it.seq):
-            raise ChunkError("record header disagrees with the index", i)
-        end = RECORD_HEADER_SIZE + it.stored_len
-        if buf.count(0, end) != len(buf) - end:
-            raise ChunkError("non-zero bytes in record padding", i)
-        try:
-            raw = _decode_py(
-                it.codec, memoryview(buf)[RECORD_HEADER_SIZE:end], it.raw_len, it.elem_size
+            payload = check_record(
+                buf, it.codec, it.elem_size, it.raw_len, it.stored_len, it.hash, it.seq
             )
+            raw = _decode_py(it.codec, payload, it.raw_len, it.elem_size)
         except FormatError as e:
             raise ChunkError(str(e), i) from None
         if verify and digest(raw) != it.hash:

@@ -67,6 +67,7 @@ from .fsutil import (
     read_regular,
     write_file_durably,
 )
+from .io import pwrite_all
 from .reader import CheckpointReader
 from .restore import verify_checkpoint
 from .store import Store, read_info
@@ -233,13 +234,6 @@ def _parallel(fn: Callable[[T], None], items: Sequence[T], jobs: int) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 class _Copier:
     """Copies the files of one open source checkpoint into one staging directory."""
 
@@ -306,7 +300,7 @@ class _Copier:
                     if n == 0:
                         raise self._corrupt("file shrank while draining", p.file.name)
                     try:
-                        _pwrite_all(dst, want[:n], pos)
+                        pwrite_all(dst, [want[:n]], pos)
                     except OSError as e:
                         where = os.path.join(self.staging, p.file.name)
                         raise from_oserror(e, where, "cannot write") from None

@@ -8,6 +8,8 @@ import fcntl
 import os
 import stat
 
+from .io import pread_exact, write_all
+
 # No open for reading may block (a FIFO waits for a writer), follow a final symbolic link, or
 # outlive an exec.
 READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -95,34 +97,6 @@ def read_regular(
         return data
     finally:
         os.close(fd)
-
-
-def write_all(fd: int, *parts: bytes | memoryview) -> int:
-    """Write every byte of ``parts`` (handling short writes); return the count."""
-    total = 0
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        total += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    """Read exactly ``length`` bytes at ``offset`` or return fewer only at end of file."""
-    chunks = []
-    while length > 0:
-        b = os.pread(fd, length, offset)
-        if not b:
-            break
-        chunks.append(b)
-        length -= len(b)
-        offset += len(b)
-    return b"".join(chunks)
 
 
 def fsync_dir(path: str) -> None:

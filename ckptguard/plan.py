@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from .format.datafile import FormatError
 from .format.dtypes import SIZES
+from .format.index import int_lists
 from .format.validate import check_cover
 
 SHARDED = -1  # writer of a sharded tensor: every rank writes its own piece
@@ -136,12 +137,6 @@ def replica_groups(offs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.n
     return members, np.cumsum(count[multi]) - count[multi]
 
 
-def _lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    col = col.combine_chunks()
-    lens = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    return pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64), lens
-
-
 def _codes(col: pa.ChunkedArray) -> np.ndarray:
     """A string column as integer codes: equal strings, equal codes."""
     return pc.dictionary_encode(col.combine_chunks()).indices.to_numpy(zero_copy_only=False)
@@ -206,7 +201,7 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     disagree(per_rank != per_rank[head], "per_rank")  # before the sharding it implies
     sharded = table.column("sharded").to_numpy(zero_copy_only=False)
     disagree(sharded != sharded[head], "sharded")
-    gflat, glen = _lists(table.column("global_shape"))
+    gflat, glen = int_lists(table.column("global_shape"))
     disagree(glen != glen[head], "global_shape")
     gstart = np.cumsum(glen) - glen
     within = np.arange(len(gflat)) - np.repeat(gstart, glen)
@@ -216,8 +211,8 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     disagree(bad, "global_shape")
 
     nbytes = table.column("nbytes").to_numpy().astype(np.int64)
-    oflat, _ = _lists(table.column("offsets"))
-    sflat, _ = _lists(table.column("shape"))
+    oflat, _ = int_lists(table.column("offsets"))
+    sflat, _ = int_lists(table.column("shape"))
     volume = np.ones(n, dtype=np.int64)  # elements in each row's box
     for d in range(int(glen.max())):
         has = np.flatnonzero(glen > d)

@@ -35,28 +35,20 @@ from .format import index, manifest
 from .format.datafile import (
     CODECS,
     HEADER_SIZE,
-    RECORD_HEADER_SIZE,
     TRAILER_SIZE,
     FormatError,
     check_file_header,
     check_footer,
     check_footer_hash,
+    check_record,
     pack_footer,
-    unpack_record_header,
     unpack_trailer,
 )
-from .format.index import Row, row_from_json
+from .format.index import Row, int_lists, row_from_json
 from .format.layout import INDEX, MANIFEST
 from .format.validate import check_table
-from .fsutil import UnsafeFileError, check_regular, open_regular, pread_exact, read_regular
-
-
-def _flat_lists(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 values, per-row lengths) of a list<int64> column."""
-    col = col.combine_chunks()
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    return flat, lengths
+from .fsutil import UnsafeFileError, check_regular, open_regular, read_regular
+from .io import pread_exact
 
 
 class CheckpointReader:
@@ -160,8 +152,8 @@ class CheckpointReader:
             t = t.take(pa.array(sel))
             tid = tid[sel]
         # Each row's shard box and its tensor's wanted box, as flat per-dimension arrays.
-        offs, nd = _flat_lists(t.column("shard_offsets"))
-        lens, _ = _flat_lists(t.column("shard_lengths"))
+        offs, nd = int_lists(t.column("shard_offsets"))
+        lens, _ = int_lists(t.column("shard_lengths"))
         nd_t = np.array([len(self.tensors[i]["shape"]) for i in range(len(self.tensors))])
         w_start = np.zeros(len(self.tensors), dtype=np.int64)
         w_off, w_len = [], []
@@ -396,8 +388,8 @@ class CheckpointReader:
         try:
             if len(buf) != r.extent - r.offset:
                 raise FormatError("record is truncated")
-            h = unpack_record_header(buf[:RECORD_HEADER_SIZE])
-            want = (
+            payload = check_record(
+                buf,
                 CODECS[r.codec],
                 r.elem_size,
                 r.raw_len,
@@ -405,12 +397,7 @@ class CheckpointReader:
                 r.hash,
                 self._seq_of[(r.file, r.offset)],
             )
-            if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash, h.seq) != want:
-                raise FormatError("record header disagrees with the index")
-            end = RECORD_HEADER_SIZE + r.stored_len
-            if buf[end:].count(0) != len(buf) - end:
-                raise FormatError("non-zero bytes in record padding")
-            raw = codec.decode(h.codec, buf[RECORD_HEADER_SIZE:end], r.raw_len, r.elem_size)
+            raw = codec.decode(CODECS[r.codec], payload, r.raw_len, r.elem_size)
         except FormatError as e:
             raise self.corrupt(str(e), **where) from None
         if verify and codec.digest(raw) != r.hash:

@@ -10,21 +10,23 @@ from . import codec
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
+    CODECS,
     HEADER_SIZE,
     RECORD_HEADER_SIZE,
     TRAILER_SIZE,
     FormatError,
     check_file_header,
     check_footer_hash,
+    check_record_header,
     pack_file_header,
     pack_footer,
     pack_trailer,
-    unpack_record_header,
     unpack_trailer,
 )
 from .format.index import Row
 from .format.layout import datafile_name
-from .fsutil import UnsafeFileError, open_regular, pread_exact, write_all
+from .fsutil import UnsafeFileError, open_regular
+from .io import pread_exact, write_all
 from .staging import tensor_bytes
 from .tree import TensorRef
 
@@ -130,10 +132,16 @@ class RankWriter:
             raise FormatError(f"{self.path}: after the write it {e.reason}") from None
         try:
             check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
-            for r in self.rows:
-                h = unpack_record_header(pread_exact(fd, RECORD_HEADER_SIZE, r.offset))
-                if (h.raw_len, h.stored_len, h.hash) != (r.raw_len, r.stored_len, r.hash):
-                    raise FormatError(f"{self.path}: record at {r.offset} reads back differently")
+            for seq, r in enumerate(self.rows):
+                head = pread_exact(fd, RECORD_HEADER_SIZE, r.offset)
+                try:
+                    check_record_header(
+                        head, CODECS[r.codec], r.elem_size, r.raw_len, r.stored_len, r.hash, seq
+                    )
+                except FormatError as e:
+                    raise FormatError(
+                        f"{self.path}: record at {r.offset} reads back differently ({e})"
+                    ) from None
             off, length, digest = unpack_trailer(
                 pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size
             )

@@ -102,6 +102,36 @@ def unpack_record_header(buf: bytes) -> RecordHeader:
     return RecordHeader(codec, elem, raw, stored, digest, seq)
 
 
+def check_record_header(
+    buf: bytes, codec: int, elem_size: int, raw_len: int, stored_len: int, hash: bytes, seq: int
+) -> None:
+    """Check a record header read from a data file against what the index says of it (``seq``
+    -1: not known to the caller, not compared). Raises FormatError naming what disagrees."""
+    h = unpack_record_header(buf)
+    if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash) != (
+        codec,
+        elem_size,
+        raw_len,
+        stored_len,
+        hash,
+    ) or (seq >= 0 and h.seq != seq):
+        raise FormatError("record header disagrees with the index")
+
+
+def check_record(
+    buf: bytes, codec: int, elem_size: int, raw_len: int, stored_len: int, hash: bytes, seq: int
+) -> memoryview:
+    """Check one whole record (header, payload, zero padding to its extent) read from a data
+    file against the index's row; return its stored payload. Raises FormatError."""
+    if len(buf) < RECORD_HEADER_SIZE + stored_len:
+        raise FormatError("record is truncated")
+    check_record_header(buf[:RECORD_HEADER_SIZE], codec, elem_size, raw_len, stored_len, hash, seq)
+    end = RECORD_HEADER_SIZE + stored_len
+    if buf.count(0, end) != len(buf) - end:
+        raise FormatError("non-zero bytes in record padding")
+    return memoryview(buf)[RECORD_HEADER_SIZE:end]
+
+
 def pack_footer(rank: int, uuid_hex: str, rows: list[dict]) -> bytes:
     doc = {"rank": rank, "uuid": uuid_hex, "rows": rows}
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

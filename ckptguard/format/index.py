@@ -5,12 +5,23 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, fields
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .datafile import RECORD_HEADER_SIZE, FormatError
 from .layout import align
+
+
+def int_lists(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 values, per-row lengths) of a list<int64> column."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, lengths
+
 
 SCHEMA = pa.schema(
     [

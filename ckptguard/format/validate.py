@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from . import dtypes
 from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, lz4_max_raw_len
+from .index import int_lists
 from .layout import ALIGN, datafile_rank, is_name
 
 MAX_GRID_CELLS = 1 << 22
@@ -23,14 +24,6 @@ MAX_GRID_CELLS = 1 << 22
 
 def _np(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy().astype(np.int64, copy=False)
-
-
-def _lists(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 values, per-row lengths) of a list<int64> column."""
-    col = table.column(name).combine_chunks()
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    return flat, lengths
 
 
 class _Rows:
@@ -104,7 +97,7 @@ def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.nda
     shape_start = np.concatenate([[0], np.cumsum(nd_t)[:-1]]).astype(np.int64)
     cols = {}
     for name in ("global_shape", "shard_offsets", "shard_lengths"):
-        flat, lens = _lists(table, name)
+        flat, lens = int_lists(table.column(name))
         rows.fail(lens != nd_t[tid], f"{name} has the wrong number of dimensions")
         cols[name] = flat
     nd = nd_t[tid]
