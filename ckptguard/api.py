@@ -24,7 +24,7 @@ from .errors import (
     UnsupportedObjectError,
     from_oserror,
 )
-from .format.layout import LATEST, MANIFEST, split_path
+from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .reader import CheckpointReader
 from .restore import MapLocation, Problem, VerifyReport, load_checkpoint, verify_checkpoint
@@ -160,8 +160,7 @@ def resolve(path: str | os.PathLike) -> str:
         names = os.listdir(p)
     except OSError as e:  # e.g. a directory this process may not read
         raise from_oserror(e, p, "cannot read") from None
-    looks_like_ckpt = any(n == "index.parquet" or n.endswith(".ckg") for n in names)
-    if not looks_like_ckpt:
+    if not looks_like_checkpoint(names):
         raise CheckpointNotFoundError(
             f"{p} is neither a committed checkpoint nor a store with LATEST"
         )

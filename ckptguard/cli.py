@@ -36,8 +36,7 @@ from rich.table import Table
 
 import ckptguard
 from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError, Problem
-
-MANIFEST = "MANIFEST.json"  # docs/format.md section 1: a directory holding one is a checkpoint
+from ckptguard.format.layout import looks_like_checkpoint
 
 # C0 controls, DEL, C1 controls, and the Unicode format characters that reorder or break lines:
 # bidi marks, embeddings, overrides and isolates, and the line and paragraph separators.
@@ -277,12 +276,7 @@ def info_cmd(ckpt: str) -> None:
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    names = set(os.listdir(path))
-    return (
-        MANIFEST in names
-        or "index.parquet" in names
-        or any(n.startswith("rank-") and n.endswith(".ckg") for n in names)
-    )
+    return looks_like_checkpoint(os.listdir(path))
 
 
 def _verify_targets(path: str, latest_only: bool) -> tuple[list[str], list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 
 from ..errors import InvalidNameError
 
@@ -41,6 +42,13 @@ def datafile_rank(name: str) -> int | None:
     """The rank encoded in a data file name, or None if it is not one."""
     m = _DATAFILE.fullmatch(name) if isinstance(name, str) else None
     return int(m.group(1)) if m else None
+
+
+def looks_like_checkpoint(names: Iterable[str]) -> bool:
+    """Whether a directory holding ``names`` is (or was meant to be) one checkpoint rather than
+    a store: it has a manifest, an index or a data file. The one rule for every command that
+    takes either."""
+    return any(n in (MANIFEST, INDEX) or datafile_rank(n) is not None for n in names)
 
 
 def is_uuid(text: str) -> bool:
