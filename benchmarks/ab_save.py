@@ -151,7 +151,7 @@ def main() -> None:
     )
     for k in times["A"]:
         a, b = statistics.median(times["A"][k]), statistics.median(times["B"][k])
-        print(f"  {k:7s} A {a:.3f} s   B {b:.3f} s   B/A {b / a:.3f}")
+        print(f"  {k:8s} A {a:.3f} s   B {b:.3f} s   B/A {b / a:.3f}")
 
 
 if __name__ == "__main__":
