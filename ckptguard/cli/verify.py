@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import (
@@ -17,13 +18,17 @@ from rich.progress import (
 )
 
 import ckptguard
-from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError, Problem
+from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError
 from ckptguard.units import format_size
 
 from ._args import is_checkpoint_dir, require_dir
 from ._output import CheckFailed, cell, console, echo, terminal_safe
 
-Verify = Callable[..., ckptguard.VerifyReport]
+if TYPE_CHECKING:  # the load path (and torch) is imported only when a command runs
+    from ckptguard import Problem
+
+# The verify of one process (ckptguard.verify) or of rank 0 leading the others (pverify).
+Verify = Callable[..., "ckptguard.VerifyReport"]
 
 
 @click.command("verify")
@@ -117,7 +122,7 @@ def _problem_line(p: Problem) -> str:
 def _verify_one(
     path: str,
     progress: Callable[[int, int], None] | None,
-    verify: Verify = ckptguard.verify,
+    verify: Verify,
 ) -> tuple[bool, list[str]]:
     """Verify one checkpoint; (whole?, lines describing the outcome)."""
     try:
@@ -142,7 +147,7 @@ def _verify_with_bar(targets: list[str]) -> list[bool]:
             def progress(done: int, total: int, task: TaskID = task) -> None:
                 bar.update(task, completed=done, total=total)
 
-            ok, lines = _verify_one(target, progress)
+            ok, lines = _verify_one(target, progress, ckptguard.verify)
             bar.remove_task(task)
             for line in lines:
                 bar.console.print(
