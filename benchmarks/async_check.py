@@ -25,8 +25,8 @@ import time
 import torch
 
 import ckptguard
-from ckptguard.bench.units import parse_size
 from ckptguard.capture import state_bytes
+from ckptguard.units import parse_size
 
 
 def make_state(size: int, device: str) -> dict:

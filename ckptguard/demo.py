@@ -26,6 +26,7 @@ import ckptguard
 from .format import index
 from .format.layout import INDEX
 from .fsutil import read_regular
+from .units import format_size
 
 VOCAB, D_MODEL, LAYERS, BATCH, SEED = 1000, 128, 3, 8, 1234
 
@@ -97,14 +98,6 @@ def _equal(a: Any, b: Any) -> tuple[bool, int]:
     else:
         return a == b and type(a) is type(b), 0
     return all(ok for ok, _ in pairs), sum(n for _, n in pairs)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def _flip_payload_byte(ckpt: str, prefer: str) -> str:
@@ -188,7 +181,8 @@ def run_demo(store: str, *, steps: int = 20) -> int:
     save_s = time.perf_counter() - t
     s.say(
         f"{info.path}: {info.tensors} tensors in {info.chunks} chunks, "
-        f"{_size(info.stored_bytes)} stored / {_size(info.raw_bytes)} raw, {save_s:.2f} s"
+        f"{format_size(info.stored_bytes)} stored / {format_size(info.raw_bytes)} raw, "
+        f"{save_s:.2f} s"
     )
 
     s.step("List the store")
@@ -202,7 +196,7 @@ def run_demo(store: str, *, steps: int = 20) -> int:
         table.add_row(
             ci.name,
             str(ci.step),
-            _size(ci.stored_bytes),
+            format_size(ci.stored_bytes),
             ci.created.strftime("%Y-%m-%d %H:%M:%S"),
             mark,
         )
@@ -211,7 +205,8 @@ def run_demo(store: str, *, steps: int = 20) -> int:
 
     s.step("Verify every chunk against its xxh3-128 hash")
     report = ckptguard.verify(path)
-    s.check(report.ok, f"{report.chunks_checked} chunks, {_size(report.bytes_checked)} checked")
+    checked = format_size(report.bytes_checked)
+    s.check(report.ok, f"{report.chunks_checked} chunks, {checked} checked")
 
     with tempfile.TemporaryDirectory(prefix="ckptguard-demo-") as scratch:
         s.step("Flip one byte of a tensor payload in a copy")
@@ -255,7 +250,7 @@ def run_demo(store: str, *, steps: int = 20) -> int:
     s.step("Summary")
     s.say(f"checkpoint {info.path}")
     s.say(
-        f"{_size(info.stored_bytes)} stored for {_size(info.raw_bytes)} raw "
+        f"{format_size(info.stored_bytes)} stored for {format_size(info.raw_bytes)} raw "
         f"({info.raw_bytes / max(info.stored_bytes, 1):.2f}x), save {save_s:.2f} s, "
         f"load {load_s:.2f} s, whole demo {time.perf_counter() - t0:.1f} s"
     )

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import independent_reader as ir  # noqa: E402
 
-pytest_plugins = ["slurmkit"]  # the `slurm` and `job` fixtures (tests/slurmkit.py)
+pytest_plugins = ["slurmkit", "clikit"]  # slurm, job (tests/slurmkit.py); filled (clikit.py)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ckptguard.bench import parse_size
 from ckptguard.bench.cli import bench
 from ckptguard.bench.comm import (
     MPI_ENV,
@@ -27,7 +26,6 @@ from ckptguard.bench.report import markdown, write_reports
 from ckptguard.bench.runner import BenchConfig, Runner
 from ckptguard.bench.stats import LOWER_IS_BETTER, METRICS, summarize, summarize_limits
 from ckptguard.bench.treeutil import compare, flatten
-from ckptguard.bench.units import format_bytes
 from ckptguard.bench.workloads import make_workload
 
 TINY = 256 << 10
@@ -43,17 +41,6 @@ def _ckptguard_works() -> bool:
     except Exception:
         return True
     return True
-
-
-def test_parse_and_format_sizes() -> None:
-    assert parse_size("1GiB") == 1 << 30
-    assert parse_size("64MiB") == 64 << 20
-    assert parse_size("1.5GB") == 1_500_000_000
-    assert parse_size("4096") == 4096
-    with pytest.raises(ValueError):
-        parse_size("12 parsecs")
-    assert format_bytes(1 << 30) == "1.00 GiB"
-    assert format_bytes(None) == "-"
 
 
 @pytest.mark.parametrize("name", ["model", "finetune", "small", "weights"])

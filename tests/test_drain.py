@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import small_state
 
 import ckptguard
 from ckptguard import drain as drain_mod
-from ckptguard.cli import cli
 from ckptguard.coord import Coordinator
 from ckptguard.drain import DrainConflictError, drain, stripe_count
 from ckptguard.errors import (
@@ -444,41 +442,3 @@ def test_lustre_detection(tmp_path: Path, fake_lfs: Path, monkeypatch) -> None:
     # no lfs on PATH: nothing to do
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert drain_mod.lustre_tool(str(tmp_path)) is None
-
-
-# ---- the command -------------------------------------------------------------------------------
-
-
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def test_cli_drain(src: Path, dst: Path) -> None:
-    res = run("drain", src, dst, "--latest")
-    assert res.exit_code == 0, res.output
-    (line,) = res.output.splitlines()
-    assert line.startswith("drained step-2 -> ") and " bytes (" in line and " s (" in line
-    res = run("drain", src, dst, "--all", "--jobs", "2")
-    assert res.exit_code == 0, res.output
-    assert [ln.split()[1] for ln in res.output.splitlines()] == ["step-1"]
-    res = run("drain", src, dst)
-    assert res.exit_code == 0 and "nothing to drain" in res.output
-    assert run("verify", dst).exit_code == 0
-    assert (dst / LATEST).read_text() == "step-2\n"
-
-
-def test_cli_drain_errors(src: Path, dst: Path) -> None:
-    res = run("drain", src, dst, "--name", "step-1", "--latest")
-    assert res.exit_code == 2 and res.output.startswith("error: ")
-    res = run("drain", src, dst, "--name", "nope")
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and "error: " in res.output
-    save(dst, "step-1", 42)
-    res = run("drain", src, dst, "--name", "step-1")
-    assert res.exit_code == 2 and "--overwrite" in res.output and res.output.count("\n") == 1
-    res = run("drain", src, dst, "--name", "step-1", "--overwrite")
-    assert res.exit_code == 0, res.output
-    res = run("drain", src.parent / "missing", dst)
-    assert res.exit_code == 2 and res.output.startswith("error: ")
-    flip_payload_byte(src / "step-2", "model/w")
-    res = run("drain", src, dst)
-    assert res.exit_code == 2 and "model/w" in res.output and res.output.count("\n") == 1

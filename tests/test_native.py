@@ -759,17 +759,6 @@ def test_thread_count_sources():
         backend.set_threads(None)
 
 
-def test_doctor_reports_path():
-    from click.testing import CliRunner
-
-    from ckptguard.cli import cli
-
-    res = CliRunner().invoke(cli, ["doctor"])
-    assert res.exit_code == 0, res.output
-    assert f"codec path: {backend.name()}" in res.output
-    assert backend.reason() in res.output
-
-
 # ---- threads, GIL, fork -------------------------------------------------------------------
 
 

@@ -6,6 +6,6 @@ state and in the same directory, and reports medians of alternating trials as JS
 PNG. It uses ckptguard's public API only.
 """
 
-from .units import format_bytes, parse_size
+from ckptguard.units import parse_size
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["parse_size"]

@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from ckptguard.units import parse_size
+
 from .comm import LAUNCHERS, LocalComm, choose_launcher, launch_command, make_comm, under_mpi
-from .units import parse_size
 from .workloads import WORKLOADS
 
 

@@ -22,8 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ckptguard.units import GB
+
 from .disk import fsync_dir, make_cold
-from .units import GB
 
 BLOCK = 16 << 20  # bytes per write() / readinto(); a multiple of 4096
 

@@ -7,8 +7,14 @@ import json
 import os
 from typing import Any
 
+from ckptguard.units import format_size
+
 from .needs import missing
-from .units import format_bytes
+
+
+def _size(n: float | None) -> str:
+    """A size in a report, with two decimals so that close measurements stay apart."""
+    return format_size(n, places=2)
 
 
 def write_json(results: dict[str, Any], path: str) -> None:
@@ -45,7 +51,7 @@ def _machine_line(m: dict[str, Any] | None) -> str:
     v = m.get("versions", {})
     parts = [
         f"{m.get('cpu_count')} cores ({m.get('cpu_model')})",
-        f"{format_bytes(m.get('mem_total_bytes'))} RAM",
+        f"{_size(m.get('mem_total_bytes'))} RAM",
         f"kernel {m.get('kernel')}",
         f"{fs.get('fstype')} on {fs.get('device')}",
         f"GPU {gpu['name']}" if gpu else "no GPU",
@@ -74,7 +80,7 @@ def _best(bp: dict[str, Any], metrics: tuple[str, ...]) -> str:
         if not b:
             cells.append("-")
             continue
-        v = f"{b['value']:.2f} s" if m.endswith("_s") else format_bytes(b["value"])
+        v = f"{b['value']:.2f} s" if m.endswith("_s") else _size(b["value"])
         cells.append(v if engines and engines[-1] == b["engine"] else f"{b['engine']} {v}")
         engines.append(b["engine"])
     return " / ".join(cells)
@@ -123,7 +129,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {_machine_line(m)}.  ",
         f"Directory: `{m.get('directory', cfg.get('directory'))}`. Load average at start "
         f"{m.get('loadavg')}, at end {results.get('loadavg_end')} (other work skews figures).  ",
-        f"Size {format_bytes(cfg.get('size'))} per rank, {results.get('ranks', 1)} rank(s), "
+        f"Size {_size(cfg.get('size'))} per rank, {results.get('ranks', 1)} rank(s), "
         f"device {cfg.get('device')}, {cfg.get('trials')} trials (engine order rotates), "
         "figures are median (min–max). GB/s = 10^9 bytes/s of logical (tensor) bytes.",
         "",
@@ -134,7 +140,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for k, v in lim.get("per_limit", {}).items():
         how = ", ".join(v.get("cache", [])) or v.get("how", "")
-        lines.append(f"| {k} | {_s(v)} | {format_bytes(v.get('bytes'))} | {how} |")
+        lines.append(f"| {k} | {_s(v)} | {_size(v.get('bytes'))} | {how} |")
     lines.append("")
     rows = summ.get("engines", [])
     for wname, meta in results.get("workloads", {}).items():
@@ -142,7 +148,7 @@ def markdown(results: dict[str, Any]) -> str:
         best_d = bp.get("durable_s", {}).get("engine", "-")
         lines += [
             f"**{wname}**: {meta.get('description', '')}; {meta.get('tensors', '?')} tensors, "
-            f"{format_bytes(meta.get('logical_bytes'))} (best peer by durable time: {best_d})",
+            f"{_size(meta.get('logical_bytes'))} (best peer by durable time: {best_d})",
             "",
             "| engine | stall s | durable s | save GB/s | % write limit | durable vs best peer "
             "| stored | cold load s | % read limit | extra RSS save/load | pinned | verified |",
@@ -155,8 +161,8 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {r['engine']} | error: {err[:80]} |" + " |" * 10)
                 continue
             rss = (
-                f"{format_bytes((mt['save_extra_rss_bytes'] or {}).get('median'))} / "
-                f"{format_bytes((mt['load_extra_rss_bytes'] or {}).get('median'))}"
+                f"{_size((mt['save_extra_rss_bytes'] or {}).get('median'))} / "
+                f"{_size((mt['load_extra_rss_bytes'] or {}).get('median'))}"
             )
             pinned = mt["pinned_peak_bytes"]
             stored = mt["stored_bytes"]
@@ -171,12 +177,12 @@ def markdown(results: dict[str, Any]) -> str:
                         _s(mt["save_gbps"], spread=False),
                         _pct(r["vs_limit"]["save"]),
                         _x(r["vs_best_peer"]["durable_s"]),
-                        f"{format_bytes(stored['median'] if stored else None)}"
+                        f"{_size(stored['median'] if stored else None)}"
                         + (f" ({100 * ratio:.0f}%)" if ratio else ""),
                         _s(mt["load_s"]),
                         _pct(r["vs_limit"]["load"]),
                         rss,
-                        format_bytes(pinned["median"]) if pinned else "-",
+                        _size(pinned["median"]) if pinned else "-",
                         ("yes" if r["verified"] else "NO")
                         + (f" ({r['ok_trials']}/{r['trials']})" if r["errors"] else ""),
                     ]

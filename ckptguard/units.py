@@ -1,4 +1,5 @@
-"""Byte sizes in and out: ``1GiB`` -> 1073741824, and back for humans."""
+"""Byte sizes in and out: ``1GiB`` -> 1073741824 for options, 1073741824 -> ``1.0 GiB`` for
+people. The CLI, the demo and the benchmark reports all print sizes through ``format_size``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _UNITS = {
     "tib": 1024**4,
 }
 
-GB = 1e9  # rates are reported in GB/s (10^9 bytes per second), sizes in GiB/MiB
+GB = 1e9  # rates are reported in GB/s (10^9 bytes per second), sizes in binary units
 
 
 def parse_size(text: str | int) -> int:
@@ -34,12 +35,17 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_bytes(n: float | None) -> str:
-    """1073741824 -> ``1.00 GiB``; None -> ``-``."""
+def format_size(n: float | None, places: int = 1) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at or above 1 (up to TiB), with
+    ``places`` decimals: ``512 B``, ``1.5 KiB``, ``1.0 GiB``; None (not measured) is ``-``.
+
+    Whole bytes are never given decimals. The benchmark reports ask for two places, so that
+    close measurements stay apart; the CLI and the demo print one.
+    """
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} B" if unit == "B" else f"{n:.{places}f} {unit}"
         n /= 1024
-    return f"{n:.2f} TiB"
+    return f"{n:.{places}f} TiB"

@@ -1,0 +1,66 @@
+"""``ckptguard ls STORE``: the committed checkpoints of a store, oldest first."""
+
+from __future__ import annotations
+
+import os
+
+import click
+from rich.console import JustifyMethod
+from rich.table import Table
+
+import ckptguard
+from ckptguard import CorruptCheckpointError
+from ckptguard.units import format_size
+
+from ._args import require_dir
+from ._output import cell, console, echo, when
+
+
+@click.command("ls")
+@click.argument("store")
+def command(store: str) -> None:
+    """List the committed checkpoints of STORE, oldest first."""
+    st = ckptguard.Store(require_dir(store, "store"))
+    scan = st.scan()
+    infos = scan.listed
+    for skipped in scan.skipped:  # damaged ones are named, never silently left out
+        echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
+    if not infos:
+        damaged = f" ({len(scan.skipped)} skipped, see above)" if scan.skipped else ""
+        echo(f"no committed checkpoints in {store}{damaged}")
+        return
+    try:
+        latest = st.latest()
+    except CorruptCheckpointError as exc:  # still list what is there; verify exits 1 on it
+        latest = None
+        echo(f"warning: {exc}", err=True)
+    table = Table(title=cell(f"store {os.path.abspath(store)}"), title_justify="left")
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("name", "left"),
+        ("step", "right"),
+        ("stored", "right"),
+        ("raw", "right"),
+        ("tensors", "right"),
+        ("created", "left"),
+        ("", "left"),
+    ]
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
+    for info in infos:
+        mark = "LATEST" if latest is not None and info.name == latest.name else ""
+        step = "-" if info.step is None else str(info.step)
+        table.add_row(
+            *map(
+                cell,
+                (
+                    info.name,
+                    step,
+                    format_size(info.stored_bytes),
+                    format_size(info.raw_bytes),
+                    str(info.tensors),
+                    when(info.created),
+                    mark,
+                ),
+            )
+        )
+    console().print(table)

@@ -1,0 +1,103 @@
+"""``ckptguard run -- CMD``: run this rank's trainer under a checkpoint agent (docs/agent.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from ._args import parse_duration
+
+
+@click.command("run", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default="300",
+    show_default=True,
+    help="After a checkpoint request, how long every rank has to commit (90, 5m, ...).",
+)
+@click.option(
+    "--time-margin",
+    metavar="DURATION",
+    default=None,
+    help="Request a checkpoint this long before the job's end time (squeue, or "
+    "CKPTGUARD_END_TIME in unix seconds). Off unless given.",
+)
+@click.option(
+    "--term-timeout",
+    metavar="DURATION",
+    default="30",
+    show_default=True,
+    help="When stopping the trainer, SIGKILL it this long after SIGTERM.",
+)
+@click.option(
+    "--poll",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Seconds between two agreements of the agents.",
+)
+@click.option(
+    "--peer-timeout",
+    metavar="DURATION",
+    default="120",
+    show_default=True,
+    help="An agent that gets no answer from the others this long stops its trainer and aborts "
+    "the job (exit 87).",
+)
+@click.option(
+    "--drain-to",
+    metavar="STORE",
+    default=None,
+    help="Copy committed checkpoints to this durable store in the background (rank 0).",
+)
+@click.option(
+    "--drain-every",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --drain-to: drain every K-th checkpoint committed.",
+)
+@click.option(
+    "--drain-jobs",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1, max=32),
+    help="With --drain-to: copy threads (the cap on concurrent writers).",
+)
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def command(
+    grace: str,
+    time_margin: str | None,
+    term_timeout: str,
+    poll: float,
+    peer_timeout: str,
+    drain_to: str | None,
+    drain_every: int,
+    drain_jobs: int,
+    cmd: Sequence[str],
+) -> None:
+    """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
+
+    Launch with `srun ckptguard run -- python train.py` or `mpiexec -n N ckptguard run -- ...`.
+    SIGUSR1 or SIGTERM to any agent, or the time margin, asks every trainer for a checkpoint
+    (ckptguard.checkpoint_requested()). Exit status: the trainer's own (128+N if killed by signal
+    N); 85 when every rank committed after a request (requeue me); 86 when a request got no
+    commit from every rank within the grace; 87 when another agent stopped answering (the job
+    is aborted); 2 when the agents could not start.
+    """
+    from ckptguard.agent.runner import Options, run
+
+    opts = Options(
+        cmd=tuple(cmd),
+        grace=parse_duration(grace),
+        time_margin=None if time_margin is None else parse_duration(time_margin),
+        term_timeout=parse_duration(term_timeout),
+        poll=poll,
+        peer_timeout=parse_duration(peer_timeout),
+        drain_to=drain_to,
+        drain_every=drain_every,
+        drain_jobs=drain_jobs,
+    )
+    raise click.exceptions.Exit(run(opts))
