@@ -259,8 +259,8 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
     """One rank of a ``ranks``-rank job loading the simulated checkpoint: open, rebuild its
     tree, select and plan its reads for a 1/ranks box of every tensor."""
     from ckptguard.format.ranktrees import rank_tree
-    from ckptguard.reader import CheckpointReader
-    from ckptguard.reshard import plan_reads
+    from ckptguard.open import CheckpointReader
+    from ckptguard.select import plan_reads
     from ckptguard.tree import tensor_ids
 
     me = ranks // 2
@@ -276,11 +276,8 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
         t2 = time.perf_counter()
         lo = me * SHARD_ROWS + SHARD_ROWS // 2  # straddles the shards of ranks me and me+1
         boxes = {g: ((lo, 0), (SHARD_ROWS, COLS)) for g in ids}
-        rows = rd.rows_for(boxes)
-        by_tensor: dict[int, list] = {}
-        for r in rows:
-            by_tensor.setdefault(r.tensor, []).append(r)
-        pieces = [p for g, b in boxes.items() for p in plan_reads(by_tensor.get(g, []), b)]
+        pieces = [p for ps in plan_reads(rd.table, rd.tensors, boxes).values() for p in ps]
+        rows = [r for p in pieces for r in p.rows]
         t3, c3 = time.perf_counter(), time.process_time()
         rd.close()
         assert tree["rank"] == me and len(pieces) == 2 * len(ids) and len(rows) == 2 * len(ids)
@@ -296,14 +293,19 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
         )
         print("  load: " + ", ".join(f"{k} {v:.2f}" for k, v in times[-1].items()))
     res = {"rank": me, "median": {k: statistics.median(t[k] for t in times) for k in times[0]}}
-    if old_path:  # what a load did before: a Row for every row of the wanted tensors, then plan
+    if old_path:  # a Row for every row of the wanted tensors, then the scalar planner (tests')
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from select_oracle import plan_reads as scalar_plan_reads
+
         with CheckpointReader(path) as rd:
             t0 = time.perf_counter()
             rows = rd.rows_of_tensors(sorted(boxes))
             by_tensor = {}
             for r in rows:
                 by_tensor.setdefault(r.tensor, []).append(r)
-            pieces = [p for g, b in boxes.items() for p in plan_reads(by_tensor.get(g, []), b)]
+            pieces = [
+                p for g, b in boxes.items() for p in scalar_plan_reads(by_tensor.get(g, []), b)
+            ]
             res["old_select_and_plan_s"] = time.perf_counter() - t0
             assert len(pieces) == 2 * len(boxes)
             res["old_rows_built"] = len(rows)

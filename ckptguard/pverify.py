@@ -2,7 +2,7 @@
 
 ``srun ckptguard verify CKPT`` (or ``mpiexec -n N ...``) gives each rank a contiguous run of the
 index rows, balanced by the bytes each rank reads; every rank checks its rows with the same code as
-the single-process verify (``restore.verify_rows``), rank 0 gathers the problems as JSON, adds the
+the single-process verify (``verify.verify_rows``), rank 0 gathers the problems as JSON, adds the
 checks made once per checkpoint (manifest, index, object trees) and broadcasts the verdict. The
 merged report equals the single-process one: same problems, same order, same counts.
 
@@ -32,8 +32,8 @@ from .coord import auto as coord_auto
 from .errors import CheckpointError, CoordinationTimeoutError, CorruptCheckpointError
 from .format.datafile import RECORD_HEADER_SIZE
 from .format.layout import align
-from .reader import CheckpointReader
-from .restore import Problem, VerifyReport, _problem, check_trees, verify_rows
+from .open import CheckpointReader
+from .verify import Problem, VerifyReport, check_trees, problem_of, verify_rows
 
 __all__ = [
     "Leader",
@@ -61,7 +61,7 @@ class Segment(NamedTuple):
     stop: int
 
 
-def split(files: Sequence[tuple[str, Sequence[int]]], n: int) -> list[list[Segment]]:
+def split(files: Sequence[tuple[str, Sequence[int] | np.ndarray]], n: int) -> list[list[Segment]]:
     """Split the rows of ``files`` (each: a name, the bytes of each row in offset order) in ``n``.
 
     The rows are taken in order (files in the given order, rows in offset order) and cut into
@@ -189,7 +189,7 @@ def _lead(path: str, coord: Coordinator, timeout: float) -> VerifyReport:
     try:
         rd = CheckpointReader(path)
     except CorruptCheckpointError as e:
-        report.problems.append(_problem(e))
+        report.problems.append(problem_of(e))
         _send(coord, {"report": _report_json(report)}, timeout)
         return report
     except BaseException as e:

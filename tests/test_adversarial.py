@@ -449,17 +449,17 @@ def test_latest_naming_a_symlinked_directory_is_refused(store: str) -> None:
 @pytest.fixture
 def allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Bytes of every tensor a load allocates for its result."""
-    import ckptguard.restore as restore
+    from ckptguard import place
 
     seen: list[int] = []
-    real = restore._host_empty
+    real = place.host_empty
 
     def spy(entry: dict) -> Any:
         t = real(entry)
         seen.append(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes)
         return t
 
-    monkeypatch.setattr(restore, "_host_empty", spy)
+    monkeypatch.setattr(place, "host_empty", spy)
     return seen
 
 

@@ -663,7 +663,7 @@ def _state() -> dict:
 
 
 def _record_region(ckpt: str) -> tuple[bytes, list]:
-    from ckptguard.reader import CheckpointReader
+    from ckptguard.open import CheckpointReader
 
     with CheckpointReader(ckpt) as rd:
         rows = [(r.key, r.offset, r.stored_len, r.codec, r.hash) for r in rd.rows]

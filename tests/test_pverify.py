@@ -5,6 +5,7 @@ command under `mpiexec -n 4` and `srun -n 4 --mpi=pmi2`."""
 from __future__ import annotations
 
 import errno
+import importlib
 import random
 import shutil
 import subprocess
@@ -26,9 +27,9 @@ import ckptguard
 from ckptguard.cli import cli
 from ckptguard.coord import Coordinator
 from ckptguard.format.index import Row
+from ckptguard.open import CheckpointReader
 from ckptguard.pverify import ParallelVerifyError, Segment, split, verify_parallel
-from ckptguard.reader import CheckpointReader
-from ckptguard.restore import verify_checkpoint
+from ckptguard.verify import read_record, verify_checkpoint
 
 BIN = Path(sys.executable).parent
 CLI = (
@@ -289,14 +290,14 @@ def test_an_io_error_on_one_rank_fails_every_rank(
     names the rank that failed; every rank raises."""
     rows = verify_rows_of(one_file)
     bad = rows[0] if where == "first" else rows[-1]
-    real = CheckpointReader.read_chunk
 
-    def read_chunk(self: CheckpointReader, fd: int, r: Row, verify: bool = True) -> bytes:
+    def read_chunk(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> bytes:
         if r.offset == bad.offset:
             raise OSError(errno.EIO, "injected EIO", bad.file)
-        return real(self, fd, r, verify)
+        return read_record(rd, fd, r, verify)
 
-    monkeypatch.setattr(CheckpointReader, "read_chunk", read_chunk)
+    # importlib: the attribute ckptguard.verify is the public function, not this module
+    monkeypatch.setattr(importlib.import_module("ckptguard.verify"), "read_record", read_chunk)
     got = run_ranks(3, lambda rank: str(one_file))
     if where == "first":
         assert isinstance(got[0], OSError) and got[0].strerror == "injected EIO"

@@ -115,7 +115,7 @@ import ckptguard  # noqa: E402
 import ckptguard.commit as commit_mod  # noqa: E402
 import ckptguard.saver as saver_mod  # noqa: E402
 import ckptguard.store as store_mod  # noqa: E402
-from ckptguard.reader import CheckpointReader  # noqa: E402
+from ckptguard.open import CheckpointReader  # noqa: E402
 
 
 def _sh(*cmd: str) -> bool:

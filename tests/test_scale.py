@@ -21,17 +21,18 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import resign_manifest
+from select_oracle import plan_reads
 from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
+from ckptguard import select
 from ckptguard.errors import CorruptCheckpointError
 from ckptguard.format import manifest, ranktrees, validate
 from ckptguard.format.datafile import FormatError
-from ckptguard.format.index import SCHEMA
+from ckptguard.format.index import SCHEMA, int_lists
+from ckptguard.load import load_checkpoint
+from ckptguard.open import CheckpointReader
 from ckptguard.plan import describe_local, make_plan
-from ckptguard.reader import CheckpointReader
-from ckptguard.reshard import plan_reads
-from ckptguard.restore import load_checkpoint
 from ckptguard.saver import _dump, _ipc, _merge_trees
 from ckptguard.tree import TreeError, check_tree, flatten
 
@@ -439,7 +440,7 @@ def test_coverage_check_agrees_with_check_cover(seed: int, whole: bool) -> None:
             validate.check_cover(t["key"], t["shape"], offs, lens)
     except FormatError as e:
         expect = str(e)
-    lists = {n: validate._lists(table, n)[0] for n in ("shard_offsets", "shard_lengths")}
+    lists = {n: int_lists(table.column(n))[0] for n in ("shard_offsets", "shard_lengths")}
     cols = [validate._np(table, c) for c in ("raw_len", "shard_byte_offset", "chunk")]
     got = None
     try:
@@ -553,7 +554,8 @@ def test_row_filter_matches_the_old_path(seed: int) -> None:
     ids = rng.sample(range(len(tensors)), rng.randrange(1, len(tensors) + 1))
     boxes = {i: _random_box(rng, tensors[i]["shape"]) for i in ids}
     old = CheckpointReader.rows_of_tensors(rd, sorted(ids))  # every row of the tensors
-    new = CheckpointReader.rows_for(rd, boxes)
+    new = select.rows_for(table, tensors, boxes)
+    planned = select.plan_reads(table, tensors, boxes)
     by_tensor: dict[int, list] = collections.defaultdict(list)
     for r in old:
         by_tensor[r.tensor].append(r)
@@ -564,6 +566,10 @@ def test_row_filter_matches_the_old_path(seed: int) -> None:
         wanted = {r.offset for p in plan_reads(by_tensor[i], box) for r in p.rows}
         assert {r.offset for r in new_by_tensor[i]} == wanted, (i, box)
         assert _pieces(new_by_tensor[i], box) == _pieces(by_tensor[i], box)
+        assert sorted(
+            (p.shard, p.overlap, p.row0, p.row1, sorted(r.offset for r in p.rows))
+            for p in planned[i]
+        ) == _pieces(by_tensor[i], box)
     assert set(new_by_tensor) <= set(boxes)
     assert len(new) == len({r.offset for r in new})
 
@@ -579,14 +585,14 @@ def test_load_reads_only_the_rows_it_needs(store: str, monkeypatch: pytest.Monke
     path = os.path.join(store, "rows")
     save_ranks(states, path)
     built: list[int] = []
-    real = CheckpointReader.rows_for
+    real = select.rows_for
 
-    def spy(self: CheckpointReader, boxes: dict) -> list:
-        out = real(self, boxes)
+    def spy(table: pa.Table, tensors: list, boxes: dict) -> list:
+        out = real(table, tensors, boxes)
         built.append(len(out))
         return out
 
-    monkeypatch.setattr(CheckpointReader, "rows_for", spy)
+    monkeypatch.setattr(select, "rows_for", spy)
     want = ckptguard.Shard(torch.zeros(2, 64), (8, 64), (3, 0))
     out = load_checkpoint(path, template={"w": want})
     assert torch.equal(out["w"].local, full[3:5])

@@ -30,7 +30,7 @@ from conftest import small_state
 import ckptguard
 from ckptguard.cli import cli
 from ckptguard.format.manifest import MAX_MANIFEST_BYTES
-from ckptguard.reader import CheckpointReader
+from ckptguard.open import CheckpointReader
 
 DATA = "rank-00000.ckg"
 WAIT = 60.0  # seconds a call may take before it is taken to be blocked

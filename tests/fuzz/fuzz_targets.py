@@ -451,7 +451,8 @@ def scratch() -> _Scratch:
 def t_datafile(data: bytes) -> None:
     """A whole data file in place of the context's (the manifest re-signed with its size):
     verify every record as ckptguard.verify does, then read them all as a load does."""
-    from ckptguard.reader import CheckpointReader
+    from ckptguard.open import CheckpointReader
+    from ckptguard.verify import read_into, read_record
 
     c, s = context(), scratch()
     body = json.loads(json.dumps(c.body))
@@ -463,10 +464,10 @@ def t_datafile(data: bytes) -> None:
         try:
             rows = rd.rows_of_file(DATA)
             for r in rows:
-                rd.read_chunk(fd, r)
+                read_record(rd, fd, r)
             dest = np.zeros(sum(r.raw_len for r in rows), np.uint8)
             offs = np.cumsum([0] + [r.raw_len for r in rows])[:-1].tolist()
-            rd.read_into(fd, rows, dest, offs)
+            read_into(rd, fd, rows, dest, offs)
         finally:
             os.close(fd)
 

@@ -1,0 +1,283 @@
+"""Open one committed checkpoint: every size, offset and hash checked before use (I5, I6).
+
+Files are opened relative to the checkpoint directory opened once (``dir_fd``), by names the
+format allows, with ``fsutil.open_regular`` (no link followed, no blocking open, a regular file of
+a plausible size), so nothing outside the directory is ever read. Bytes that are wrong raise
+CorruptCheckpointError; bytes that cannot be read (permission denied, EIO, ...) raise the
+StoreError of ``errors.from_oserror`` with the file's path (and its name as ``file``): the
+checkpoint may well be intact. A file missing from a directory that is no longer the one at the
+path (an overwrite or delete of the name raced the read) raises CheckpointReplacedError: that is
+not damage either.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReplacedError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    StoreError,
+    from_oserror,
+)
+from .format import index, manifest
+from .format.datafile import (
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    FormatError,
+    check_file_header,
+    check_footer,
+    check_footer_hash,
+    pack_footer,
+    unpack_trailer,
+)
+from .format.index import Row, row_from_json
+from .format.layout import INDEX, MANIFEST
+from .format.validate import check_table
+from .fsutil import UnsafeFileError, check_regular, open_regular, read_regular
+from .io import pread_exact
+
+
+class CheckpointReader:
+    """An open checkpoint: manifest and index validated on open; data files opened and checked
+    whole (header, trailer, footer against the index) on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        try:
+            self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointNotFoundError(f"no checkpoint at {self.path}") from None
+        except OSError as e:  # EACCES on the directory: the checkpoint cannot be read
+            raise StoreError(
+                f"cannot open checkpoint {self.path}: {e.strerror}", self.path, e.errno
+            ) from None
+        st = os.fstat(self.dir_fd)
+        self._identity = (st.st_dev, st.st_ino)
+        self._by_file: dict[str, list[Row]] = {}
+        self._seq: dict[tuple[str, int], int] = {}
+        self._all: list[Row] | None = None
+        try:
+            self.manifest = _read_manifest(self)
+            self.features = set(self.manifest["features"])
+            self.tensors: list[dict] = self.manifest["tensors"]
+            self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
+            self.table = _read_index(self)
+            _check_totals(self)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every chunk row (built on first use; loads select theirs with ``select.rows_for``)."""
+        if self._all is None:
+            self._all = index.rows_from_table(self.table)
+        return self._all
+
+    def rows_of_tensors(self, ids: list[int]) -> list[Row]:
+        """The rows of these tensors only."""
+        mask = pc.is_in(self.table.column("tensor"), value_set=pa.array(ids, pa.int32()))
+        return index.rows_from_table(self.table.filter(mask))
+
+    def rows_of_file(self, name: str) -> list[Row]:
+        """One data file's rows in offset order (their position is the record sequence number)."""
+        if name not in self._by_file:
+            sub = self.table.filter(pc.equal(self.table.column("file"), name))
+            self._by_file[name] = sorted(index.rows_from_table(sub), key=lambda r: r.offset)
+            self._seq.update({(name, r.offset): i for i, r in enumerate(self._by_file[name])})
+        return self._by_file[name]
+
+    def seq(self, r: Row) -> int:
+        """The record sequence number of row ``r`` in its file."""
+        if (r.file, r.offset) not in self._seq:
+            self.rows_of_file(r.file)
+        return self._seq[(r.file, r.offset)]
+
+    def corrupt(self, msg: str, **where: object) -> CorruptCheckpointError:
+        return CorruptCheckpointError(msg, path=self.path, **where)  # type: ignore[arg-type]
+
+    def io_error(self, e: OSError, name: str, action: str = "cannot read") -> StoreError:
+        """The typed error of an OSError on file ``name`` of this checkpoint (not corruption:
+        its bytes could not be read); ``path`` is the file's, ``file`` its name."""
+        err = from_oserror(e, os.path.join(self.path, name), action)
+        err.file = name  # type: ignore[attr-defined]  # named like CorruptCheckpointError.file
+        return err
+
+    def replaced(self) -> bool:
+        """Whether the path no longer leads to the directory this reader opened (an overwrite
+        renamed another into place, or the checkpoint was deleted)."""
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False  # cannot tell: the missing file is taken at its word
+        return (st.st_dev, st.st_ino) != self._identity
+
+    def missing(self, msg: str, name: str) -> CheckpointError:
+        """The error for file ``name`` not found in the directory opened: CheckpointReplacedError
+        if that directory was replaced or removed meanwhile (its files go with it), else the
+        corruption ``msg``."""
+        if self.replaced():
+            return CheckpointReplacedError(
+                f"{self.path} was replaced or removed while being read ({name} went away with "
+                "the directory opened): not damage; read it again",
+                self.path,
+            )
+        return self.corrupt(msg, file=name)
+
+    def check_sizes(self, names: set[str] | list[str]) -> None:
+        """Check that these data files exist as regular files of the manifest's size (one stat
+        each, no open): a load calls it before allocating what the files are to fill, so that a
+        manifest cannot make it allocate more than the files on disk can back."""
+        for name in sorted(names):
+            try:
+                st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise self.missing("data file is missing", name) from None
+            except OSError as e:
+                raise self.io_error(e, name, "cannot stat") from None
+            try:
+                check_regular(st, size=self.files[name])
+            except UnsafeFileError as e:
+                raise self.corrupt(f"data file {e.reason}", file=name) from None
+
+    def open_file(self, name: str) -> int:
+        """Open and check one data file (header, trailer, footer vs index); return its fd."""
+        try:
+            fd, _ = open_regular(name, dir_fd=self.dir_fd, size=self.files[name])
+        except FileNotFoundError:
+            raise self.missing("data file is missing", name) from None
+        except UnsafeFileError as e:  # a link, FIFO, device, directory, or the wrong size
+            raise self.corrupt(f"data file {e.reason}", file=name) from None
+        except OSError as e:
+            raise self.io_error(e, name, "cannot open") from None
+        try:
+            _check_data_file(self, fd, name)
+        except FormatError as e:
+            os.close(fd)
+            raise self.corrupt(str(e), file=name) from None
+        except OSError as e:
+            os.close(fd)
+            raise self.io_error(e, name) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_whole(rd: CheckpointReader, name: str, limit: int, exact: bool = False) -> bytes:
+    """The bytes of file ``name``: at most ``limit`` of them, or exactly with ``exact``;
+    FileNotFoundError is left to the caller."""
+    try:
+        return read_regular(
+            name,
+            dir_fd=rd.dir_fd,
+            max_size=None if exact else limit,
+            size=limit if exact else None,
+        )
+    except FileNotFoundError:
+        raise
+    except UnsafeFileError as e:
+        raise rd.corrupt(f"{name} {e.reason}", file=name) from None
+    except OSError as e:
+        raise rd.io_error(e, name) from None
+
+
+def _read_manifest(rd: CheckpointReader) -> dict:
+    try:
+        raw = _read_whole(rd, MANIFEST, manifest.MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise rd.missing("MANIFEST.json is missing: not a committed checkpoint", MANIFEST) from None
+    try:
+        return manifest.decode(raw)
+    except manifest.FormatVersionProblem as e:
+        raise FormatVersionError(f"{e} ({rd.path})") from None
+    except FormatError as e:
+        raise rd.corrupt(str(e), file=MANIFEST) from None
+
+
+def _read_index(rd: CheckpointReader) -> pa.Table:
+    """The index table, checked against its hash in the manifest and validated."""
+    m = rd.manifest
+    try:
+        data = _read_whole(rd, INDEX, m["index"]["size"], exact=True)
+    except FileNotFoundError:
+        raise rd.missing("index.parquet is missing", INDEX) from None
+    if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
+        raise rd.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
+    try:
+        table = index.read_table(data)
+        check_table(table, rd.tensors, rd.files, rd.features)
+    except FormatError as e:
+        raise rd.corrupt(str(e), file=INDEX) from None
+    return table
+
+
+def _check_totals(rd: CheckpointReader) -> None:
+    """The manifest's totals and file entries agree with the index."""
+    m, t = rd.manifest, rd.table
+    totals = {
+        "tensors": len(rd.tensors),
+        "chunks": t.num_rows,
+        "raw_bytes": int(pc.sum(t.column("raw_len")).as_py() or 0),
+        "stored_bytes": int(pc.sum(t.column("stored_len")).as_py() or 0),
+        "files": len(rd.files),
+    }
+    if totals != m["totals"]:
+        raise rd.corrupt("manifest totals disagree with the index", file=MANIFEST)
+    counts = dict.fromkeys(rd.files, 0)
+    for item in pc.value_counts(t.column("file").combine_chunks()).to_pylist():
+        counts[item["values"]] = item["counts"]
+    for f in m["files"]:  # validation already tied every row's file to its rank
+        if counts[f["name"]] != f["chunks"]:
+            raise rd.corrupt("manifest file entry disagrees with the index", file=f["name"])
+        if f["rank"] >= m["world_size"]:
+            raise rd.corrupt("data file of a rank beyond world_size", file=f["name"])
+
+
+def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
+    """Check an open data file's header, trailer and footer against the index, and that its
+    records follow each other from the header to the footer. Raises FormatError."""
+    size = rd.files[name]  # open_regular checked it is a regular file of this size
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise FormatError("data file is too short")
+    rank, uuid = int(name[5:-4]), rd.manifest["uuid"]
+    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid)
+    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
+    footer = pread_exact(fd, length, off)
+    mine = rd.rows_of_file(name)
+    # The footer this writer makes of the index's rows: equal bytes (with the hash below)
+    # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
+    if footer != pack_footer(rank, uuid, [r.to_json() for r in mine]):
+        rows = check_footer(footer, digest, rank, uuid)
+        if [row_from_json(x) for x in rows] != mine:
+            raise FormatError("footer rows disagree with the index")
+    else:
+        check_footer_hash(footer, digest)
+    pos = HEADER_SIZE
+    for r in mine:  # records follow each other from the header to the footer, no gaps
+        if r.offset != pos:
+            raise FormatError(f"record at {r.offset} does not follow the previous one at {pos}")
+        pos = r.extent
+    if off != pos:
+        raise FormatError("the footer does not follow the last record")

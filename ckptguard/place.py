@@ -1,0 +1,190 @@
+"""Placement: the memory a load fills, and copying what it read into the tensors it returns.
+
+Every allocation of a load goes through ``allocate``, so that a failure is one typed
+OutOfMemoryError naming the tensor, the bytes and the memory (host, pinned or a device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, OutOfMemoryError, UnsupportedObjectError
+from .format.dtypes import SIZES
+from .format.index import Row
+from .select import Piece, Target
+from .tree import NUMPY_BY_NAME, TORCH_BY_NAME
+
+MapLocation = str | torch.device | dict | Callable | None
+T = TypeVar("T")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an allocator's exception means that the memory was not there: numpy raises
+    MemoryError, torch OutOfMemoryError (device) or a RuntimeError from its CPU allocator."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "memory" in str(e).lower()
+
+
+def allocate(key: str, nbytes: int, where: str, make: Callable[[], T]) -> T:
+    """``make()``: the one place where a load allocates memory for tensor ``key`` (``nbytes`` of
+    ``where``: host, pinned or a device). An allocation failure becomes OutOfMemoryError naming
+    the tensor and the bytes; nothing else is caught."""
+    try:
+        return make()
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise OutOfMemoryError(
+            f"cannot allocate {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of {where} memory for "
+            f"tensor {key!r} while loading: {str(e).strip()[:300] or type(e).__name__} (free "
+            "memory, raise the limit, or load with a template/map_location that needs less)",
+            key,
+            nbytes,
+            where,
+        ) from e
+
+
+def nbytes(shape: Sequence[int], entry: dict) -> int:
+    """The bytes of a tensor of ``shape`` with the dtype of manifest entry ``entry``."""
+    return math.prod(shape) * SIZES[entry["dtype"]]
+
+
+def host_empty(entry: dict) -> Any:
+    """A fresh host tensor/array for a manifest tensor entry (its global shape; one rank's row
+    of a per-rank tensor)."""
+    shape = tuple(entry["shape"][1:] if entry.get("per_rank") else entry["shape"])
+    key = entry["key"]
+    if entry["kind"] == "numpy":
+        dt = NUMPY_BY_NAME.get(entry["dtype"])
+        if dt is None:
+            raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", key)
+        return allocate(key, nbytes(shape, entry), "host", lambda: np.empty(shape, dtype=dt))
+    dtype = TORCH_BY_NAME.get(entry["dtype"])
+    if dtype is None:
+        raise UnsupportedObjectError(
+            f"this torch has no dtype {entry['dtype']!r} (tensor {key!r})", key
+        )
+    return allocate(key, nbytes(shape, entry), "host", lambda: torch.empty(shape, dtype=dtype))
+
+
+def fresh_target(entry: dict, box: Any) -> Target:
+    """A newly allocated host target for a tensor the load rebuilds whole (``box``)."""
+    t = host_empty(entry)
+    fill = t[None] if entry.get("per_rank") else t  # a view: the rank's row
+    return Target(t, fill, box, True)
+
+
+def byte_view(t: Any) -> np.ndarray | None:
+    """A writable uint8 view of a contiguous host tensor/array, else None."""
+    if isinstance(t, np.ndarray):
+        return t.reshape(-1).view(np.uint8) if t.flags.c_contiguous else None
+    if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.reshape(-1).view(torch.uint8).numpy()
+    return None
+
+
+@dataclass
+class Landing:
+    """Where a piece's chunks land: ``buf`` holds the saved shard's bytes from shard byte
+    offset ``lo`` on (whole chunks)."""
+
+    piece: Piece
+    buf: np.ndarray
+    lo: int = 0
+
+    def dest_offset(self, r: Row) -> int:
+        """Where a chunk's raw bytes go in ``buf``."""
+        return r.shard_byte_offset - self.lo
+
+    def block(self) -> np.ndarray:
+        """The piece's overlap as an array of shape (*overlap lengths, elem_size) of bytes."""
+        p = self.piece
+        lo, hi = p.span
+        needed = self.buf[lo - self.lo : hi - self.lo]
+        if not p.shard[1]:
+            return needed.reshape(p.elem_size)
+        rows = needed.reshape(p.row1 - p.row0, *p.shard[1][1:], p.elem_size)
+        sl = [slice(0, p.row1 - p.row0)]
+        sl += [
+            slice(o - so, o - so + n)
+            for o, n, so in zip(p.overlap[0][1:], p.overlap[1][1:], p.shard[0][1:], strict=True)
+        ]
+        return rows[tuple(sl)]
+
+
+def land(key: str, piece: Piece, target: Target) -> tuple[Landing, bool]:
+    """Where ``piece``'s chunks go, and whether they still need copying into ``target``: a
+    piece that is the target's whole box lands straight in a contiguous host target; any other
+    gets a host buffer from its first chunk's start to its last one's end."""
+    view = byte_view(target.fill) if piece.shard == piece.overlap == target.box else None
+    if view is not None:
+        return Landing(piece, view), False
+    lo, hi = piece.chunk_span
+    buf = allocate(key, hi - lo, "host", lambda: np.empty(hi - lo, dtype=np.uint8))
+    return Landing(piece, buf, lo), True
+
+
+def copy_block(target: Target, entry: dict, landing: Landing) -> None:
+    """Copy a landed piece's overlap into ``target`` (whose element 0 is at its box's origin)."""
+    piece, origin, dest = landing.piece, target.box[0], target.fill
+    lens = piece.overlap[1]
+    block = np.ascontiguousarray(landing.block())
+    sl = tuple(
+        slice(o - b, o - b + n) for o, b, n in zip(piece.overlap[0], origin, lens, strict=True)
+    )
+    if isinstance(dest, np.ndarray):
+        dest[sl] = block.view(dest.dtype).reshape(lens)
+        return
+    src = torch.from_numpy(block).view(TORCH_BY_NAME[entry["dtype"]]).reshape(lens)
+    with torch.no_grad():
+        dest[sl].copy_(src)
+
+
+def device(entry: dict, map_location: MapLocation) -> torch.device:
+    """The device a saved torch tensor loads onto: its saved one, mapped by ``map_location``."""
+    saved = entry["device"]
+    if map_location is None:
+        loc = saved
+    elif isinstance(map_location, dict):
+        loc = map_location.get(saved, saved)
+    elif callable(map_location):
+        loc = map_location(saved)
+    else:
+        loc = map_location
+    try:
+        dev = torch.device(loc)
+    except (RuntimeError, TypeError, ValueError) as e:  # a string torch knows no device by
+        raise CheckpointError(
+            f"tensor {entry['key']!r} was saved on {saved!r}, which maps to {loc!r}: not a "
+            f"device this torch knows ({e}); pass map_location"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(
+            f"tensor {entry['key']!r} was saved on {saved} but CUDA is not available; "
+            "pass map_location='cpu'"
+        )
+    return dev
+
+
+def finish(tg: Target, entry: dict, map_location: MapLocation) -> Any:
+    """A freshly loaded host tensor as the object saved: on its device, a Parameter or
+    requiring grad as it was."""
+    obj = tg.result
+    if entry["kind"] != "torch":
+        return obj
+    dev = device(entry, map_location)
+    if dev.type != "cpu":
+        size = nbytes(obj.shape, entry)
+        obj = allocate(entry["key"], size, str(dev), lambda: obj.to(dev))
+    if entry["parameter"]:
+        return torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
+    if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):
+        obj.requires_grad_(True)
+    return obj

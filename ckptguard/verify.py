@@ -1,0 +1,198 @@
+"""Read and verify records: the one path from a data file's bytes to checked raw chunk bytes.
+
+A load (``read_into``), verify (``verify_checkpoint``), the parallel verify and the drain (which
+verifies its copy) all check each record with ``format.datafile.check_record`` against its index
+row and its sequence number in the file, decode it, and compare the xxh3-128 of its raw bytes.
+Bad bytes raise CorruptCheckpointError naming file, tensor, chunk and offset; a failed read the
+StoreError naming the file. Verify collects every problem into a VerifyReport instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .errors import CorruptCheckpointError, location
+from .format.datafile import CODECS, FormatError, check_record
+from .format.index import Row
+from .format.layout import MANIFEST
+from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor
+from .io import pread_exact
+from .open import CheckpointReader
+from .tree import TreeError, check_tree
+
+HASH_MISMATCH = "chunk hash mismatch (data corrupted)"
+
+
+def _where(r: Row) -> dict[str, Any]:
+    return {"file": r.file, "key": r.key, "chunk": r.chunk, "offset": r.offset}
+
+
+def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> bytes:
+    """The raw bytes of row ``r``'s record in open data file ``fd``, checked (record header,
+    padding, decode, and with ``verify`` the hash) before they are returned."""
+    try:
+        buf = pread_exact(fd, r.extent - r.offset, r.offset)
+    except OSError as e:
+        raise rd.io_error(e, r.file) from None
+    codec_id = CODECS[r.codec]
+    try:
+        if len(buf) != r.extent - r.offset:
+            raise FormatError("record is truncated")
+        payload = check_record(
+            buf, codec_id, r.elem_size, r.raw_len, r.stored_len, r.hash, rd.seq(r)
+        )
+        raw = codec.decode(codec_id, payload, r.raw_len, r.elem_size)  # type: ignore[arg-type]
+    except FormatError as e:
+        raise rd.corrupt(str(e), **_where(r)) from None
+    if verify and codec.digest(raw) != r.hash:
+        raise rd.corrupt(HASH_MISMATCH, **_where(r))
+    return raw
+
+
+def read_into(
+    rd: CheckpointReader,
+    fd: int,
+    rows: Sequence[Row],
+    dest: Any,
+    dest_offsets: Sequence[int],
+    verify: bool = True,
+) -> None:
+    """Read, check and decode ``rows`` of one open data file straight into ``dest`` (in parallel
+    on the native path); each row's raw bytes land at its ``dest_offsets`` entry."""
+    items = [
+        codec.ReadItem(
+            r.offset,
+            r.extent - r.offset,
+            CODECS[r.codec],
+            r.elem_size,
+            r.raw_len,
+            r.stored_len,
+            r.hash,
+            off,
+            rd.seq(r),
+        )
+        for r, off in zip(rows, dest_offsets, strict=True)
+    ]
+    path = os.path.join(rd.path, rows[0].file) if rows else rd.path
+    try:
+        codec.read_into(fd, path, dest, items, verify=verify)
+    except codec.ChunkError as e:
+        r = rows[e.index]
+        what = HASH_MISMATCH if isinstance(e, codec.ChunkHashError) else e.reason
+        raise rd.corrupt(what, **_where(r)) from None
+    except OSError as e:  # native and Python paths alike: errno and the file's path
+        raise rd.io_error(e, rows[0].file) from None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing verify found wrong, with where it is."""
+
+    message: str
+    file: str | None = None
+    key: str | None = None
+    chunk: int | None = None
+    offset: int | None = None
+
+    def __str__(self) -> str:
+        return self.message + location(self.file, self.key, self.chunk, self.offset)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of checking every byte of a checkpoint."""
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def problem_of(e: CorruptCheckpointError) -> Problem:
+    """The problem a corruption error reports."""
+    return Problem(e.reason, e.file, e.key, e.chunk, e.offset)
+
+
+def verify_checkpoint(
+    path: str, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
+    """Check manifest, index and every chunk; collect all problems rather than stop at one."""
+    report = VerifyReport(path)
+    try:
+        rd = CheckpointReader(path)
+    except CorruptCheckpointError as e:
+        report.problems.append(problem_of(e))
+        return report
+    with rd:
+        verify_rows(
+            rd, [(name, rd.rows_of_file(name)) for name in sorted(rd.files)], report, progress
+        )
+        check_trees(rd, report)
+    return report
+
+
+def verify_rows(
+    rd: CheckpointReader,
+    parts: Sequence[tuple[str, Sequence[Row]]],
+    report: VerifyReport,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Check the data files named in ``parts`` (each opened and checked whole: header, footer
+    against the index), then the given rows of each; add what is wrong to ``report``. A file that
+    is missing or not a safe regular file gives one problem without a chunk, and its rows are
+    skipped; one that cannot be read (permission denied, EIO) raises the reader's StoreError, as
+    nothing is known of its bytes. ``progress`` counts the stored bytes of these rows."""
+    total = sum(r.stored_len for _, rows in parts for r in rows)
+    done = 0
+    for name, rows in parts:
+        try:
+            fd = rd.open_file(name)
+        except CorruptCheckpointError as e:
+            report.problems.append(problem_of(e))
+            continue
+        try:
+            for r in rows:
+                try:
+                    read_record(rd, fd, r, verify=True)
+                    report.chunks_checked += 1
+                    report.bytes_checked += r.raw_len
+                except CorruptCheckpointError as e:
+                    report.problems.append(problem_of(e))
+                done += r.stored_len
+                if progress:
+                    progress(done, total)
+        finally:
+            os.close(fd)
+
+
+def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:
+    """Check the manifest's object trees against the tensor list (once per checkpoint)."""
+    m, n = rd.manifest, len(rd.tensors)
+    try:
+        check_tree(m["tree"], n)
+        for value in m["rank_trees"].values():
+            if RANK_TREE_DIFFS not in rd.features:
+                check_tree(value, n)
+                continue
+            # Only the values a diff replaces (or the tagged value around them) are new: each is
+            # checked once, at its depth, in the rank's tree; the rest is rank 0's, checked above.
+            tree = apply_diff(m["tree"], value)
+            anchors = {}
+            for path, _ in value:
+                k, depth = diff_anchor(m["tree"], path)
+                anchors[tuple(path[:k])] = depth
+            for prefix, depth in anchors.items():
+                node = tree
+                for step in prefix:
+                    node = node[step]
+                check_tree(node, n, depth)
+    except TreeError as e:
+        report.problems.append(Problem(f"object tree is malformed: {e}", MANIFEST))

@@ -1,0 +1,34 @@
+"""The scalar load planner: the reference that ``ckptguard.select``'s vectorised one must equal.
+
+Row by row in Python, as the definition reads: group one tensor's saved rows by shard, keep the
+shards that meet the wanted box, and of each the chunks overlapping the bytes of the
+first-dimension rows the box needs (all chunks of a 0-d shard).
+"""
+
+from __future__ import annotations
+
+from ckptguard.format.index import Row
+from ckptguard.select import Box, Piece, intersect
+
+
+def plan_reads(rows: list[Row], want: Box) -> list[Piece]:
+    """Pieces (with the chunks each needs) covering ``want`` from one tensor's saved rows."""
+    shards: dict[Box, list[Row]] = {}
+    for r in rows:
+        shards.setdefault((r.shard_offsets, r.shard_lengths), []).append(r)
+    pieces = []
+    for shard, srows in shards.items():
+        if not shard[1]:
+            pieces.append(Piece(shard, shard, srows[0].elem_size, 0, 1, srows))
+            continue
+        ov = intersect(shard, want)
+        if ov is None:
+            continue
+        row0 = ov[0][0] - shard[0][0]
+        p = Piece(shard, ov, srows[0].elem_size, row0, row0 + ov[1][0])
+        lo, hi = p.span
+        p.rows = [
+            r for r in srows if r.shard_byte_offset < hi and r.shard_byte_offset + r.raw_len > lo
+        ]
+        pieces.append(p)
+    return pieces

@@ -1,0 +1,130 @@
+"""ckptguard.select: the load planner (boxes, the rows a load reads, pieces, template targets).
+
+The vectorised planner is compared with the scalar one of tests/select_oracle.py here on a
+hand-made index, and on random indexes in test_scale.py."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from select_oracle import plan_reads as scalar_plan_reads
+
+import ckptguard
+from ckptguard import select
+from ckptguard.errors import CheckpointError
+from ckptguard.format.index import SCHEMA
+
+
+def _index(tensors: list[tuple[list[int], list[tuple[tuple, tuple]], int]]) -> pa.Table:
+    """An index of float32 tensors (shape, saved shard boxes, chunk bytes), raw codec."""
+    rows = []
+    for t, (shape, shards, chunk_bytes) in enumerate(tensors):
+        for o, n in shards:
+            total = math.prod(n) * 4
+            for c, pos in enumerate(range(0, max(total, 1), chunk_bytes)):
+                raw = min(chunk_bytes, total - pos) if total else 0
+                rows.append(
+                    {
+                        "key": f"t{t}",
+                        "tensor": t,
+                        "dtype": "float32",
+                        "global_shape": shape,
+                        "shard_offsets": list(o),
+                        "shard_lengths": list(n),
+                        "chunk": c,
+                        "shard_byte_offset": pos,
+                        "raw_len": raw,
+                        "rank": 0,
+                        "file": "rank-00000.ckg",
+                        "offset": 4096 * (len(rows) + 1),
+                        "stored_len": raw,
+                        "codec": "raw",
+                        "elem_size": 4,
+                        "hash": bytes(16),
+                        "base": None,
+                        "key_id": None,
+                    }
+                )
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+# An 8x4 tensor saved as two shards of 4 rows, one row (16 bytes) per chunk; a 0-d tensor.
+TENSORS = [{"shape": [8, 4]}, {"shape": []}]
+TABLE = _index([([8, 4], [((0, 0), (4, 4)), ((4, 0), (4, 4))], 16), ([], [((), ())], 4)])
+
+
+def _summary(pieces: list[select.Piece]) -> list:
+    return sorted(
+        (p.shard, p.overlap, p.row0, p.row1, sorted(r.shard_byte_offset for r in p.rows))
+        for p in pieces
+    )
+
+
+def test_intersect() -> None:
+    assert select.intersect(((0, 0), (4, 4)), ((2, 1), (4, 2))) == ((2, 1), (2, 2))
+    assert select.intersect(((0,), (4,)), ((4,), (2,))) is None  # they only touch
+    assert select.intersect(((0,), (4,)), ((1,), (0,))) is None  # an empty box meets nothing
+    assert select.intersect(((), ()), ((), ())) == ((), ())  # 0-d boxes
+
+
+def test_a_box_across_two_shards_reads_only_its_rows() -> None:
+    box = ((3, 1), (3, 2))  # rows 3..5, columns 1..2
+    pieces = select.plan_reads(TABLE, TENSORS, {0: box})
+    assert _summary(pieces[0]) == [
+        (((0, 0), (4, 4)), ((3, 1), (1, 2)), 3, 4, [48]),
+        (((4, 0), (4, 4)), ((4, 1), (2, 2)), 0, 2, [0, 16]),
+    ]
+    rows = select.rows_for(TABLE, TENSORS, {0: box})
+    assert sorted((r.shard_offsets, r.shard_byte_offset) for r in rows) == [
+        ((0, 0), 48),
+        ((4, 0), 0),
+        ((4, 0), 16),
+    ]
+    assert _summary(pieces[0]) == _summary(
+        scalar_plan_reads(select.rows_for(TABLE, TENSORS, {0: ((0, 0), (8, 4))}), box)
+    )
+
+
+def test_0d_tensors_are_always_read_and_empty_boxes_read_nothing() -> None:
+    pieces = select.plan_reads(TABLE, TENSORS, {0: ((2, 0), (0, 4)), 1: ((), ())})
+    assert pieces[0] == []
+    assert _summary(pieces[1]) == [(((), ()), ((), ()), 0, 1, [0])]
+    assert select.plan_reads(TABLE, TENSORS, {}) == {}
+
+
+def test_a_box_of_the_wrong_rank_is_refused() -> None:
+    with pytest.raises(ValueError, match="wrong number of dimensions"):
+        select.rows_for(TABLE, TENSORS, {0: ((0,), (8,))})
+
+
+def test_piece_spans() -> None:
+    (p,) = [q for q in select.plan_reads(TABLE, TENSORS, {0: ((5, 0), (2, 4))})[0]]
+    assert (p.row_bytes, p.span, p.chunk_span) == (16, (16, 48), (16, 48))
+
+
+def test_boxes_of_whole_and_per_rank_tensors() -> None:
+    assert select.whole_box({"shape": [3, 2]}, 5) == ((0, 0), (3, 2))
+    per_rank = {"shape": [4, 3], "per_rank": True}
+    assert select.whole_box(per_rank, 2) == select.rank_box(per_rank, 2) == ((2, 0), (1, 3))
+
+
+def test_template_targets() -> None:
+    tensors = [
+        {"key": "w", "dtype": "float32", "shape": [8, 4]},
+        {"key": "r", "dtype": "int64", "shape": [2, 3], "per_rank": True},
+    ]
+    part = ckptguard.Shard(torch.zeros(2, 4), (8, 4), (6, 0))
+    out = select.template_targets(
+        {"w": part, "r": torch.zeros(3, dtype=torch.int64)}, tensors, "p", 1
+    )
+    assert out[0].box == ((6, 0), (2, 4)) and not out[0].fresh
+    assert out[1].box == ((1, 0), (1, 3)) and out[1].fill.shape == (1, 3)
+    with pytest.raises(CheckpointError, match="is not in checkpoint p"):
+        select.template_targets({"x": torch.zeros(1)}, tensors, "p", 0)
+    with pytest.raises(CheckpointError, match="holds float32"):
+        select.template_targets({"w": torch.zeros(8, 4, dtype=torch.float64)}, tensors, "p", 0)
+    with pytest.raises(CheckpointError, match="per-rank values"):
+        select.template_targets({"r": torch.zeros(2, 3, dtype=torch.int64)}, tensors, "p", 0)
