@@ -26,12 +26,12 @@ from .errors import (
 )
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
-from .load import load_checkpoint
+from .loader import load_checkpoint
 from .open import CheckpointReader
 from .place import MapLocation
+from .read import Problem, VerifyReport, verify_checkpoint
 from .saver import SaveOptions, save_state
 from .store import Store
-from .verify import Problem, VerifyReport, verify_checkpoint
 from .version import __version__
 from .writer import DEFAULT_CHUNK
 

@@ -12,7 +12,7 @@ checkpoint follows the commit protocol of docs/format.md section 2 on the destin
 3. they are written into ``DST/.staging/<name>.<uuid>/`` (``commit.new_staging``: ``gc``
    reclaims a torn drain), in pieces by up to ``jobs`` threads, and each file is fsynced;
    MANIFEST.json comes last, byte for byte (the uuid and ``created`` are the source's);
-4. every chunk of the staged copy is verified (``verify.verify_checkpoint``). If it fails, the
+4. every chunk of the staged copy is verified (``read.verify_checkpoint``). If it fails, the
    source is verified too, to name the side that is damaged: a damaged source raises
    CorruptCheckpointError naming the source file, tensor and chunk; nothing becomes visible;
 5. the staging directory is renamed to ``DST/<name>`` and DST fsynced (``commit``'s helper,
@@ -69,8 +69,8 @@ from .fsutil import (
 )
 from .io import pwrite_all
 from .open import CheckpointReader
+from .read import verify_checkpoint
 from .store import Store, read_info
-from .verify import verify_checkpoint
 
 __all__ = [
     "DEFAULT_JOBS",

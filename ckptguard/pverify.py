@@ -33,7 +33,7 @@ from .errors import CheckpointError, CoordinationTimeoutError, CorruptCheckpoint
 from .format.datafile import RECORD_HEADER_SIZE
 from .format.layout import align
 from .open import CheckpointReader
-from .verify import Problem, VerifyReport, check_trees, problem_of, verify_rows
+from .read import Problem, VerifyReport, check_trees, problem_of, verify_rows
 
 __all__ = [
     "Leader",

@@ -29,7 +29,7 @@ from ckptguard.coord import Coordinator
 from ckptguard.format.index import Row
 from ckptguard.open import CheckpointReader
 from ckptguard.pverify import ParallelVerifyError, Segment, split, verify_parallel
-from ckptguard.verify import read_record, verify_checkpoint
+from ckptguard.read import read_record, verify_checkpoint
 
 BIN = Path(sys.executable).parent
 CLI = (
@@ -297,7 +297,7 @@ def test_an_io_error_on_one_rank_fails_every_rank(
         return read_record(rd, fd, r, verify)
 
     # importlib: the attribute ckptguard.verify is the public function, not this module
-    monkeypatch.setattr(importlib.import_module("ckptguard.verify"), "read_record", read_chunk)
+    monkeypatch.setattr(importlib.import_module("ckptguard.read"), "read_record", read_chunk)
     got = run_ranks(3, lambda rank: str(one_file))
     if where == "first":
         assert isinstance(got[0], OSError) and got[0].strerror == "injected EIO"

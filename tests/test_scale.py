@@ -30,7 +30,7 @@ from ckptguard.errors import CorruptCheckpointError
 from ckptguard.format import manifest, ranktrees, validate
 from ckptguard.format.datafile import FormatError
 from ckptguard.format.index import SCHEMA, int_lists
-from ckptguard.load import load_checkpoint
+from ckptguard.loader import load_checkpoint
 from ckptguard.open import CheckpointReader
 from ckptguard.plan import describe_local, make_plan
 from ckptguard.saver import _dump, _ipc, _merge_trees

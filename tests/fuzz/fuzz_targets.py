@@ -452,7 +452,7 @@ def t_datafile(data: bytes) -> None:
     """A whole data file in place of the context's (the manifest re-signed with its size):
     verify every record as ckptguard.verify does, then read them all as a load does."""
     from ckptguard.open import CheckpointReader
-    from ckptguard.verify import read_into, read_record
+    from ckptguard.read import read_into, read_record
 
     c, s = context(), scratch()
     body = json.loads(json.dumps(c.body))

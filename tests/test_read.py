@@ -1,4 +1,4 @@
-"""ckptguard.verify: reading records (checked against their index rows), and verify's report."""
+"""ckptguard.read: reading records (checked against their index rows), and verify's report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import flip_byte, small_state
 import ckptguard
 from ckptguard.errors import CorruptCheckpointError
 from ckptguard.open import CheckpointReader
-from ckptguard.verify import (
+from ckptguard.read import (
     Problem,
     VerifyReport,
     problem_of,

@@ -1,7 +1,7 @@
 """Load: turn a checkpoint's chunks back into tensors and the saved object.
 
 open (validate manifest and index) -> select (the boxes this rank wants, the chunks that meet
-them) -> place (allocate the targets) -> verify.read_into (each file once, its records checked)
+them) -> place (allocate the targets) -> read.read_into (each file once, its records checked)
 -> place (copy the pieces into their tensors, move them to their devices) -> unflatten.
 """
 
@@ -18,9 +18,9 @@ from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .open import CheckpointReader
 from .place import Landing, MapLocation
+from .read import read_into
 from .select import Target
 from .tree import TreeError, tensor_ids, unflatten
-from .verify import read_into
 
 __all__ = ["MapLocation", "load_checkpoint"]
 

@@ -1,4 +1,4 @@
-"""ckptguard.load.load_checkpoint: the steps of a load put together (open, select, place, read,
+"""ckptguard.loader.load_checkpoint: the steps of a load put together (open, select, place, read,
 copy, finish)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import ckptguard
 from ckptguard import select
 from ckptguard.errors import CorruptCheckpointError, WorldSizeError
-from ckptguard.load import load_checkpoint
+from ckptguard.loader import load_checkpoint
 from ckptguard.open import CheckpointReader
 
 
