@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import independent_reader as ir  # noqa: E402
-from slurmkit import clean_env  # noqa: E402
 
 pytest_plugins = ["slurmkit"]  # the `slurm` and `job` fixtures (tests/slurmkit.py)
 
@@ -46,6 +45,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def run_command(args: list[Any], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``);
     fail the test if it does not finish in ``timeout`` s. Its output is shown on failure."""
+    from slurmkit import clean_env  # a plugin (below): imported once pytest loaded it
+
     cmd = [str(a) for a in args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
