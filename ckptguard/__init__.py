@@ -4,47 +4,101 @@ Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async
 ``Checkpointer`` to save in the background); ``verify`` checks every
 byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
 directory of them. Under ``ckptguard run``, ``checkpoint_requested()`` says when to save.
+
+The names below load on first use (PEP 562), so ``import ckptguard.format`` or
+``ckptguard.errors`` costs no torch import; ``from ckptguard import save`` imports what ``save``
+needs.
 """
 
-from .agent.client import checkpoint_requested
-from .api import (
-    CheckpointDescription,
-    Problem,
-    TensorSummary,
-    VerifyReport,
-    describe,
-    load,
-    save,
-    verify,
-)
-from .checkpointer import Checkpointer, SaveHandle, save_async
-from .errors import (
-    CheckpointAbortedError,
-    CheckpointerClosedError,
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointReplacedError,
-    CheckpointWarning,
-    CorruptCheckpointError,
-    FormatVersionError,
-    HostPoolTooSmallError,
-    InvalidNameError,
-    NotACheckpointError,
-    OptionsMismatchError,
-    OutOfMemoryError,
-    ReplicaMismatchWarning,
-    SaveCancelledError,
-    StoreError,
-    StoreFullError,
-    StoreNotWritableError,
-    UnsupportedObjectError,
-    WorldSizeError,
-)
-from .format.manifest import CheckpointInfo
-from .shard import PerRank, Shard
-from .store import Store
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .agent.client import checkpoint_requested
+    from .api import (
+        CheckpointDescription,
+        Problem,
+        TensorSummary,
+        VerifyReport,
+        describe,
+        load,
+        save,
+        verify,
+    )
+    from .checkpointer import Checkpointer, SaveHandle, save_async
+    from .errors import (
+        CheckpointAbortedError,
+        CheckpointerClosedError,
+        CheckpointError,
+        CheckpointExistsError,
+        CheckpointNotFoundError,
+        CheckpointReplacedError,
+        CheckpointWarning,
+        CorruptCheckpointError,
+        FormatVersionError,
+        HostPoolTooSmallError,
+        InvalidNameError,
+        NotACheckpointError,
+        OptionsMismatchError,
+        OutOfMemoryError,
+        ReplicaMismatchWarning,
+        SaveCancelledError,
+        StoreError,
+        StoreFullError,
+        StoreNotWritableError,
+        UnsupportedObjectError,
+        WorldSizeError,
+    )
+    from .format.manifest import CheckpointInfo
+    from .shard import PerRank, Shard
+    from .store import Store
+
+# The submodule (relative to this package) that defines each public name.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    ".agent.client": ("checkpoint_requested",),
+    ".api": (
+        "CheckpointDescription",
+        "Problem",
+        "TensorSummary",
+        "VerifyReport",
+        "describe",
+        "load",
+        "save",
+        "verify",
+    ),
+    ".checkpointer": ("Checkpointer", "SaveHandle", "save_async"),
+    ".errors": (
+        "CheckpointAbortedError",
+        "CheckpointerClosedError",
+        "CheckpointError",
+        "CheckpointExistsError",
+        "CheckpointNotFoundError",
+        "CheckpointReplacedError",
+        "CheckpointWarning",
+        "CorruptCheckpointError",
+        "FormatVersionError",
+        "HostPoolTooSmallError",
+        "InvalidNameError",
+        "NotACheckpointError",
+        "OptionsMismatchError",
+        "OutOfMemoryError",
+        "ReplicaMismatchWarning",
+        "SaveCancelledError",
+        "StoreError",
+        "StoreFullError",
+        "StoreNotWritableError",
+        "UnsupportedObjectError",
+        "WorldSizeError",
+    ),
+    ".format.manifest": ("CheckpointInfo",),
+    ".shard": ("PerRank", "Shard"),
+    ".store": ("Store",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "CheckpointAbortedError",
@@ -86,3 +140,17 @@ __all__ = [
     "save_async",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first access and cache the value here."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,38 @@ sys.path.insert(0, os.path.dirname(__file__))
 import independent_reader as ir  # noqa: E402
 
 pytest_plugins = ["slurmkit", "clikit"]  # slurm, job (tests/slurmkit.py); filled (clikit.py)
+
+# Files whose tests the pure-Python pass of `make test` (CKPTGUARD_NATIVE=0) leaves out: static
+# checks of the source, and tests that run each backend themselves. Single tests elsewhere carry
+# the marker where they start no save or load.
+BACKEND_INDEPENDENT_FILES = {"test_architecture.py", "test_native.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: the result does not depend on CKPTGUARD_NATIVE; run on one backend",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in BACKEND_INDEPENDENT_FILES:
+            item.add_marker(pytest.mark.backend_independent)
+
+
+def run_command(args: list[Any], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``);
+    fail the test if it does not finish in ``timeout`` s. Its output is shown on failure."""
+    from slurmkit import clean_env  # a plugin (below): imported once pytest loaded it
+
+    cmd = [str(a) for a in args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
+    print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture

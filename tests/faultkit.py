@@ -413,7 +413,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, check_ranks(case, run, committed)
 
 
-def _agent_expected(rank_count: int, step: int) -> dict:
+def handoff_expected(world: int, step: int) -> dict:
+    """What tests/agent/trainer.py's handed-over save of ``step`` holds (``world`` ranks)."""
     sys.path.insert(0, str(TRAINER.parent))
     try:
         from trainer import handoff_state  # tests/agent/trainer.py
@@ -421,24 +422,25 @@ def _agent_expected(rank_count: int, step: int) -> dict:
         sys.path.pop(0)
     import torch
 
-    parts = [handoff_state(r, rank_count) for r in range(rank_count)]
+    parts = [handoff_state(r, world) for r in range(world)]
     want = parts[0]
     want["w"] = torch.cat([p["w"].local for p in parts]) + 1000 * step
     want["step"] = step
     return want
 
 
-def _check_agent_save(path: Path, step: int) -> None:
-    """A handed-over save holds the snapshot taken at save_async, not the state changed after."""
+def check_handoff(path: Path, want: dict) -> None:
+    """A handed-over save verifies and holds the snapshot taken at save_async, not the state
+    changed after."""
     import numpy as np
     import torch
 
-    want = _agent_expected(4, step)
+    assert ckptguard.verify(path).ok
     got = ckptguard.load(path)
     assert torch.equal(got["w"], want["w"]), f"{path.name}: w is not the snapshot's:\n{got['w']}"
     assert torch.equal(got["b"], want["b"])
     assert np.array_equal(got["np"], want["np"])
-    assert got["step"] == step
+    assert got["step"] == want["step"]
 
 
 def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
@@ -481,7 +483,7 @@ def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     outcome = "absent" if not committed else "latest" if latest == newest else "visible"
     seen["outcome"] = outcome
     for n in committed:  # each whole, and the snapshot handed over
-        _check_agent_save(store / n, int(n[1:]))
+        check_handoff(store / n, handoff_expected(4, int(n[1:])))
     if case.expect == "either":
         assert committed <= most, f"committed {sorted(committed)}"
         assert latest in ("base", newest), latest

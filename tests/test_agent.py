@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultkit import check_handoff, handoff_expected
 from mpikit import launcher_free_environ, need_mpi
 
 import ckptguard
@@ -123,6 +124,7 @@ def test_rank_variables_per_rank(tmp_path: Path) -> None:
     assert no_sockets_left(tmp_path)
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_rank_variables_from_slurm(tmp_path: Path) -> None:
     """Slurm's variables when they match the agents' MPI world; MPI's when they do not."""
     mpiexec = need_mpi()
@@ -164,6 +166,7 @@ def test_exit_status_propagates(tmp_path: Path) -> None:
     assert run.agent_codes() == [0, 0, 3, 0]
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_signalled_child_is_128_plus_signal(tmp_path: Path) -> None:
     """A lone agent (no mpiexec: an MPI singleton) reports a SIGKILLed trainer as 137."""
     cmd = [*AGENT, "--", sys.executable, TRAINER, "env", str(tmp_path), "0", "SIGKILL"]
@@ -180,6 +183,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_trainer_has_its_own_group_and_dies_with_its_agent(tmp_path: Path) -> None:
     cmd = [*AGENT, "--", sys.executable, TRAINER, "sleep", str(tmp_path)]
     proc = subprocess.Popen(cmd, env=clean_env(tmp_path), stderr=subprocess.DEVNULL)
@@ -204,6 +208,7 @@ def test_trainer_has_its_own_group_and_dies_with_its_agent(tmp_path: Path) -> No
             os.kill(info["pid"], signal.SIGKILL)
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_missing_command_is_127(tmp_path: Path) -> None:
     cmd = [*AGENT, "--", str(tmp_path / "no-such-trainer")]
     done = subprocess.run(cmd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=25)
@@ -211,6 +216,7 @@ def test_missing_command_is_127(tmp_path: Path) -> None:
     assert "command not found" in done.stderr
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_agents_that_cannot_agree_refuse_to_start(tmp_path: Path) -> None:
     """srun without MPI wiring: each agent alone in its MPI world, though Slurm says 2 tasks."""
     slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
@@ -345,6 +351,7 @@ def test_a_late_subscriber_hears_of_an_earlier_request(agent: ControlServer) -> 
     assert client.checkpoint_request() == client.CheckpointRequest("time limit on rank 0", None)
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_server_refuses_bad_messages(agent: ControlServer) -> None:
     def ask(line: bytes) -> dict:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -375,6 +382,7 @@ def test_unreachable_agent_warns_once(monkeypatch: pytest.MonkeyPatch, tmp_path:
 # ---- pure parts ----
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_slurm_parsing() -> None:
     assert first_host("node[001-004,7],gpu[1-2]") == "node001"
     assert first_host("rack[2-3]-n[08-09]") == "rack2-n08"
@@ -392,6 +400,7 @@ def test_slurm_parsing() -> None:
     assert parse_slurm_time("2030-01-02T03:04:05") is not None
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_child_env_keeps_user_values_and_drops_launcher_vars() -> None:
     env = {"MASTER_PORT": "999", "PMI_RANK": "3", "MPI_LOCALNRANKS": "4", "PATH": "/bin"}
     out = child_env(env, Ranks(3, 4, 1, 2), "host0", 1234, "/tmp/x/control.sock")
@@ -406,6 +415,7 @@ def test_child_env_keeps_user_values_and_drops_launcher_vars() -> None:
     assert "PMI_RANK" not in out and "MPI_LOCALNRANKS" not in out and out["PATH"] == "/bin"
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_protocol_lines() -> None:
     line = protocol.encode("committed", path="/a", step=None)
     assert line.endswith(b"\n") and protocol.decode(line) == {
@@ -425,35 +435,6 @@ def test_protocol_lines() -> None:
 # ---- the snapshot handoff ----
 
 
-def _handoff_expected(world: int, step: int) -> dict:
-    sys.path.insert(0, str(Path(TRAINER).parent))
-    try:
-        from trainer import handoff_state  # tests/agent/trainer.py
-    finally:
-        sys.path.pop(0)
-    import torch
-
-    parts = [handoff_state(r, world) for r in range(world)]
-    want = parts[0]
-    want["w"] = torch.cat([p["w"].local for p in parts]) + 1000 * step
-    want["step"] = step
-    return want
-
-
-def _check_handoff(path: Path, want: dict) -> None:
-    import numpy as np
-    import torch
-
-    import ckptguard
-
-    assert ckptguard.verify(path).ok
-    got = ckptguard.load(path)
-    assert torch.equal(got["w"], want["w"]), got["w"]
-    assert torch.equal(got["b"], want["b"])
-    assert np.array_equal(got["np"], want["np"])
-    assert got["step"] == want["step"]
-
-
 def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
     """Snapshots go to the agents through shared memory; the agents write and commit them."""
     store = tmp_path / "store"
@@ -462,7 +443,7 @@ def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
     for rep in run.read("handoff-{}.json"):
         assert rep == {"names": ["h0", "h1", "h2"], "handed": [True, True, True]}
     for i in range(3):
-        _check_handoff(store / f"h{i}", _handoff_expected(4, i))
+        check_handoff(store / f"h{i}", handoff_expected(4, i))
 
 
 def test_handed_over_snapshot_commits_after_the_trainer_dies(tmp_path: Path) -> None:
@@ -471,9 +452,9 @@ def test_handed_over_snapshot_commits_after_the_trainer_dies(tmp_path: Path) -> 
     run = Launch(tmp_path, 4, [], ["handoff", str(tmp_path / "out"), str(store), "crash"])
     assert run.wait(60) == 7
     assert run.agent_codes() == [7] * 4
-    want = _handoff_expected(4, 0)
+    want = handoff_expected(4, 0)
     want["step"] = 0
-    _check_handoff(store / "crash", want)
+    check_handoff(store / "crash", want)
     assert ckptguard_latest(store) == "crash"
 
 
@@ -494,5 +475,5 @@ def test_agent_drains_every_kth_checkpoint(tmp_path: Path) -> None:
     assert run.wait(60) == 0
     assert sorted(p.name for p in dst.iterdir() if not p.name.startswith(".")) == ["LATEST", "h1"]
     assert ckptguard.verify(dst / "h1").ok
-    _check_handoff(dst / "h1", _handoff_expected(4, 1))
+    check_handoff(dst / "h1", handoff_expected(4, 1))
     assert "drained" in run.text() and "h1" in run.text()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_state
+from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
 from ckptguard import drain as drain_mod
-from ckptguard.coord import Coordinator
 from ckptguard.drain import DrainConflictError, drain, stripe_count
 from ckptguard.errors import (
     CheckpointExistsError,
@@ -84,60 +84,18 @@ def flip_payload_byte(ckpt: Path, key: str) -> None:
         f.write(bytes([b ^ 0xFF]))
 
 
-class _Shared:
-    def __init__(self, n: int) -> None:
-        self.barrier = threading.Barrier(n)
-        self.slots: list[bytes | None] = [None] * n
-
-
-class ThreadCoordinator(Coordinator):
-    """N ranks as N threads of this process: a multi-file checkpoint without MPI or gloo."""
-
-    name = "threads"
-
-    def __init__(self, shared: _Shared, rank: int, size: int) -> None:
-        self.shared, self.rank, self.size = shared, rank, size
-
-    def broadcast(self, data: bytes | None, timeout: float) -> bytes:
-        if self.rank == 0:
-            self.shared.slots[0] = data
-        self.shared.barrier.wait(timeout)
-        out = self.shared.slots[0]
-        self.shared.barrier.wait(timeout)
-        assert out is not None
-        return out
-
-    def gather(self, data: bytes, timeout: float) -> list[bytes] | None:
-        self.shared.slots[self.rank] = data
-        self.shared.barrier.wait(timeout)
-        out = list(self.shared.slots) if self.rank == 0 else None
-        self.shared.barrier.wait(timeout)
-        return out  # type: ignore[return-value]
-
-
 def save_sharded(path: Path, ranks: int = 4, rows: int = 64) -> torch.Tensor:
     """A ``ranks``-file checkpoint of one row-sharded tensor; returns the global tensor."""
     full = torch.arange(rows * 256, dtype=torch.float32).reshape(rows, 256)
-    shared = _Shared(ranks)
-    errors: list[BaseException] = []
     per = rows // ranks
 
-    def rank_main(r: int) -> None:
-        try:
-            piece = full[r * per : (r + 1) * per].clone()
-            state = {"w": ckptguard.Shard(piece, (rows, 256), (r * per, 0)), "step": 7}
-            coord = ThreadCoordinator(shared, r, ranks)
-            ckptguard.save(state, str(path), step=7, chunk_size=4096, coordinator=coord)
-        except BaseException as e:  # pragma: no cover - shown by the assert below
-            errors.append(e)
-            shared.barrier.abort()
+    def rank_main(coord: ThreadCoordinator) -> None:
+        r = coord.rank
+        piece = full[r * per : (r + 1) * per].clone()
+        state = {"w": ckptguard.Shard(piece, (rows, 256), (r * per, 0)), "step": 7}
+        ckptguard.save(state, str(path), step=7, chunk_size=4096, coordinator=coord)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    run_ranks(ranks, rank_main, abort_on_error=True)
     return full
 
 

@@ -10,22 +10,19 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import flip_byte
+from conftest import flip_byte, run_command
 from mpikit import MPIEXEC, need_mpi
-from slurmkit import clean_env
+from threadcoord import rank_results
 
 import ckptguard
 from ckptguard.cli import cli
-from ckptguard.coord import Coordinator
 from ckptguard.format.index import Row
 from ckptguard.open import CheckpointReader
 from ckptguard.pverify import ParallelVerifyError, Segment, split, verify_parallel
@@ -61,13 +58,7 @@ ckptguard.save(state, sys.argv[1], step=5, chunk_size=4096, coordinator="mpi", t
 
 
 def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    cmd = [str(a) for a in args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
-    print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
-    return proc
+    return run_command(args, timeout)
 
 
 def flip_payload(ckpt: Path, file: str, nth: int = 0) -> str:
@@ -147,51 +138,9 @@ def test_split_edge_cases() -> None:
 # ---- the merged report, in-process: thread ranks over a shared coordinator ----
 
 
-class _Hub:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.barrier = threading.Barrier(n)
-        self.value: bytes | None = None
-        self.slots: list[bytes | None] = [None] * n
-
-
-class ThreadCoordinator(Coordinator):
-    """Rank ``rank`` of ``hub.n`` threads of this process."""
-
-    name = "threads"
-
-    def __init__(self, hub: _Hub, rank: int) -> None:
-        self.hub, self.rank, self.size = hub, rank, hub.n
-
-    def broadcast(self, data: bytes | None, timeout: float) -> bytes:
-        if self.rank == 0:
-            self.hub.value = data
-        self.hub.barrier.wait(30)
-        value = self.hub.value
-        self.hub.barrier.wait(30)
-        assert value is not None
-        return value
-
-    def gather(self, data: bytes, timeout: float) -> list[bytes] | None:
-        self.hub.slots[self.rank] = data
-        self.hub.barrier.wait(30)
-        out = [bytes(s or b"") for s in self.hub.slots] if self.rank == 0 else None
-        self.hub.barrier.wait(30)
-        return out
-
-
 def run_ranks(n: int, path: Callable[[int], str]) -> list[object]:
     """verify_parallel on ``n`` thread ranks; each rank's report, or the exception it raised."""
-    hub = _Hub(n)
-
-    def one(rank: int) -> object:
-        try:
-            return verify_parallel(path(rank), ThreadCoordinator(hub, rank), timeout=30)
-        except Exception as e:
-            return e
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
+    return rank_results(n, lambda c: verify_parallel(path(c.rank), c, timeout=30))
 
 
 @pytest.fixture(scope="module")

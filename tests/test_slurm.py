@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_command
 from slurmkit import clean_env
 
 HERE = Path(__file__).resolve().parent
@@ -23,13 +24,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    cmd = [str(a) for a in args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
-    print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")  # shown on failure
-    return proc
+    return run_command(args, timeout)
 
 
 def _lines(out: str) -> list[list[str]]:

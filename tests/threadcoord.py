@@ -32,6 +32,7 @@ class ThreadCoordinator(Coordinator):
         self.g.barrier.wait(timeout)
         out = self.g.slots[0]
         self.g.barrier.wait(timeout)
+        assert out is not None, "rank 0 broadcast nothing"
         return out
 
     def gather(self, data: bytes, timeout: float) -> list[bytes] | None:
@@ -42,21 +43,37 @@ class ThreadCoordinator(Coordinator):
         return out
 
 
-def run_ranks(n: int, rank_main: Callable[[ThreadCoordinator], None]) -> None:
-    """Run ``rank_main(coordinator)`` for ranks 0..n-1 on threads; re-raise the first error."""
+def rank_results(
+    n: int, rank_main: Callable[[ThreadCoordinator], Any], abort_on_error: bool = False
+) -> list[Any]:
+    """Run ``rank_main(coordinator)`` for ranks 0..n-1 on threads; each rank's return value, or
+    the exception it raised. ``abort_on_error`` breaks the barrier when a rank raises, so the
+    others fail at their next collective instead of waiting out its timeout."""
     group = ThreadGroup(n)
-    errors: list[BaseException] = []
+    results: list[Any] = [None] * n
 
     def one(r: int) -> None:
         try:
-            rank_main(ThreadCoordinator(group, r))
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
+            results[r] = rank_main(ThreadCoordinator(group, r))
+        except BaseException as e:  # handed to the caller
+            results[r] = e
+            if abort_on_error:
+                group.barrier.abort()
 
     threads = [threading.Thread(target=one, args=(r,)) for r in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a rank did not finish in 120 s"
+    return results
+
+
+def run_ranks(
+    n: int, rank_main: Callable[[ThreadCoordinator], None], abort_on_error: bool = False
+) -> None:
+    """``rank_results``, re-raising the first rank's error that is not a broken barrier."""
+    errors = [r for r in rank_results(n, rank_main, abort_on_error) if isinstance(r, BaseException)]
+    root = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if errors:
-        raise errors[0]
+        raise (root or errors)[0]

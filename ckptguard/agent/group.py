@@ -33,7 +33,7 @@ class Group:
         return json.loads(json.dumps(obj))
 
     def exchange(
-        self, values: list[int], wait: Callable[[], None], timeout: float | None = None
+        self, values: list[int], wait: Callable[[], object], timeout: float | None = None
     ) -> list[int]:
         """The element-wise maximum of every rank's ``values``; ``PeersLostError`` if the other
         agents have not all answered within ``timeout`` seconds."""
@@ -71,7 +71,7 @@ class MPIGroup(Group):
         return json.loads(bytes(buf))
 
     def exchange(
-        self, values: list[int], wait: Callable[[], None], timeout: float | None = None
+        self, values: list[int], wait: Callable[[], object], timeout: float | None = None
     ) -> list[int]:
         send, recv = array("q", values), array("q", [0] * len(values))
         req = self.comm.Iallreduce(

@@ -114,8 +114,11 @@ def _ranks(env: Mapping[str, str], group: Group, setup: dict[str, Any]) -> tuple
             f"SLURM_NTASKS={slurm.world_size} but the agents' MPI world has one rank: launch with "
             "an MPI-aware srun (e.g. srun --mpi=pmi2) so that the agents can agree"
         )
-    usable = slurm is not None and setup["slurm"] is not None
-    usable = usable and (slurm.rank, slurm.world_size) == (group.rank, group.size)
+    usable = (
+        slurm is not None
+        and setup["slurm"] is not None
+        and (slurm.rank, slurm.world_size) == (group.rank, group.size)
+    )
     if group.exchange([int(not usable)], wait=_nap)[0] == 0:
         assert slurm is not None
         local_size = slurm.local_world_size if slurm.local_world_size > 0 else group.local_size

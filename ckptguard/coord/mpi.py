@@ -24,6 +24,8 @@ own collectives on ``comm``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import CoordinationTimeoutError
@@ -48,7 +50,7 @@ class MPICoordinator(Coordinator):
         self.rank = self.parent.Get_rank()
         self.size = self.parent.Get_size()
         self.comm = None
-        self._idup = None  # (communicator, request) of a duplication not yet complete
+        self._idup: Any = None  # (communicator, request) of a duplication not yet complete
         if not self.owned:
             self.comm = self._ready(self.parent.Dup())
         else:
@@ -119,10 +121,13 @@ class MPICoordinator(Coordinator):
 
     def broadcast(self, data: bytes | None, timeout: float) -> bytes:
         comm = self._connect(timeout)
-        n = np.array([len(data) if self.rank == 0 else 0], dtype=np.int64)
+        own = data if self.rank == 0 else b""
+        if own is None:
+            raise TypeError("rank 0 must broadcast bytes, not None")
+        n = np.array([len(own)], dtype=np.int64)
         self._wait(comm.Ibcast(n, root=0), timeout, "broadcast", n)
         if self.rank == 0:
-            buf = np.frombuffer(data, dtype=np.uint8).copy()
+            buf = np.frombuffer(own, dtype=np.uint8).copy()
         else:
             buf = np.empty(int(n[0]), dtype=np.uint8)
         self._wait(comm.Ibcast(buf, root=0), timeout, "broadcast", buf)
@@ -135,12 +140,13 @@ class MPICoordinator(Coordinator):
         self._wait(comm.Igather(n, counts, root=0), timeout, "gather", n, counts)
         send = np.frombuffer(data, dtype=np.uint8)
         if self.rank == 0:
+            assert counts is not None
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             recv = np.empty(int(counts.sum()), dtype=np.uint8)
             spec = [recv, (counts.tolist(), displs.tolist()), self.MPI.BYTE]
         else:
             spec = None
         self._wait(comm.Igatherv(send, spec, root=0), timeout, "gather", send, spec)
-        if self.rank != 0:
+        if self.rank != 0 or counts is None:
             return None
         return [recv[d : d + c].tobytes() for d, c in zip(displs, counts, strict=True)]

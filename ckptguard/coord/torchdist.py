@@ -102,7 +102,10 @@ class TorchCoordinator(Coordinator):
 
     def broadcast(self, data: bytes | None, timeout: float) -> bytes:
         self._connect(timeout)
-        n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64)
+        own = data if self.rank == 0 else b""
+        if own is None:
+            raise TypeError("rank 0 must broadcast bytes, not None")
+        n = torch.tensor([len(own)], dtype=torch.int64)
         self._run(
             dist.broadcast(n, src=self._src(), group=self.group, async_op=True),
             timeout,
@@ -110,8 +113,8 @@ class TorchCoordinator(Coordinator):
         )
         if self.rank == 0:
             buf = (
-                torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                if data
+                torch.frombuffer(bytearray(own), dtype=torch.uint8)
+                if own
                 else torch.empty(0, dtype=torch.uint8)
             )
         else:
@@ -139,7 +142,7 @@ class TorchCoordinator(Coordinator):
             timeout,
             "gather",
         )
-        if self.rank != 0:
+        if self.rank != 0 or outs is None:
             return None
         return [o[: int(s.item())].numpy().tobytes() for o, s in zip(outs, sizes, strict=True)]
 
