@@ -49,6 +49,7 @@ from .fsutil import (
     write_new_file,
 )
 
+LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
 INTENT_SUFFIX = ".overwrite"  # that overwrite's intent record, beside its staging directory
 _RENAME_EXCHANGE = 2
@@ -204,13 +205,13 @@ def publish(
 ) -> CheckpointInfo:
     """Make a fully written staging directory visible as ``<store>/<name>``; move LATEST.
 
-    ``body`` is the manifest body. Unless ``flavour.staged``, ``created`` is filled in and the
-    manifest written last, durably. Past ``deadline`` (wall clock) the rename is not made:
-    other ranks may have stopped waiting for the outcome (I8). An error raised here leaves
-    nothing visible. Returns the checkpoint's info with ``warnings``: what failed after the
-    rename (the commit point), which cannot undo the commit. LATEST is only moved once the
-    rename is durable (I3); a replaced checkpoint's files left behind are staging garbage for
-    ``gc``.
+    ``body`` is the manifest body. Unless ``flavour.staged``, its ``created`` is filled in (the
+    caller reads it back) and the manifest written last, durably. Past ``deadline`` (wall clock)
+    the rename is not made: other ranks may have stopped waiting for the outcome (I8). An error
+    raised here leaves nothing visible. Returns the checkpoint's info with ``warnings``: what
+    failed after the rename (the commit point), which cannot undo the commit. LATEST is only
+    moved once the rename is durable (I3); a replaced checkpoint's files left behind are staging
+    garbage for ``gc``.
     """
     if not flavour.staged:
         _write_manifest(staging, body)
@@ -351,11 +352,16 @@ def write_latest(store: str, name: str | None) -> None:
         except FileNotFoundError:
             return
     else:
-        tmp = os.path.join(store, f".LATEST.{uuidlib.uuid4().hex}.tmp")
+        tmp = os.path.join(store, f"{LATEST_TMP_PREFIX}{uuidlib.uuid4().hex}{LATEST_TMP_SUFFIX}")
         write_new_file(tmp, (name + "\n").encode())
         failpoint("commit.latest_tmp_written")
         os.rename(tmp, path)
     fsync_dir(store)
+
+
+def is_latest_tmp(name: str) -> bool:
+    """Whether ``name`` (in a store directory) is a temporary of ``write_latest``."""
+    return name.startswith(LATEST_TMP_PREFIX) and name.endswith(LATEST_TMP_SUFFIX)
 
 
 def remove_tree(path: str) -> None:

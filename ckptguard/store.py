@@ -16,6 +16,7 @@ from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
     clear_intent,
+    is_latest_tmp,
     read_info,
     remove_tree,
     staging_area,
@@ -226,11 +227,7 @@ class Store:
             victims = []
         except OSError as e:
             raise from_oserror(e, staging, "cannot list") from None
-        victims += [
-            os.path.join(self.root, n)
-            for n in top
-            if n.startswith(".LATEST.") and n.endswith(".tmp")
-        ]
+        victims += [os.path.join(self.root, n) for n in top if is_latest_tmp(n)]
         for p in victims:
             if p not in keep and _newest_mtime(p) <= cutoff:
                 try:
