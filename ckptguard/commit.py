@@ -1,4 +1,10 @@
-"""The commit protocol (docs/format.md section 2): staging, index, manifest, rename, LATEST."""
+"""The commit protocol (docs/format.md section 2): staging, index, manifest, rename, LATEST.
+
+``publish`` is the one commit tail, for a save and a drain alike: the rename into place (with
+the atomic exchange, or the intent-record fallback, of an overwrite), the fsync that makes it
+durable, LATEST, and the removal of a replaced checkpoint. ``read_info`` is the one reader of a
+committed checkpoint's manifest for the store, the save's target check and drain.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,15 @@ import shutil
 import stat
 import time
 import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import TracebackType
 
 import pyarrow as pa
 import xxhash
 
 from .errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CoordinationTimeoutError,
@@ -39,6 +49,7 @@ from .fsutil import (
     write_new_file,
 )
 
+LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
 INTENT_SUFFIX = ".overwrite"  # that overwrite's intent record, beside its staging directory
 _RENAME_EXCHANGE = 2
@@ -153,17 +164,84 @@ def write_index(staging: str, table: pa.Table) -> dict:
     return {"file": INDEX, "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
 
 
-def commit(
-    store: str, name: str, staging: str, body: dict, overwrite: bool, deadline: float | None = None
-) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class Flavour:
+    """What differs between publishing a save and a drain; the tail itself is one code path.
+
+    ``staged``: MANIFEST.json is already in the staging directory (a drain copies it byte for
+    byte and verifies the copy before publishing); otherwise the manifest is written here.
+    ``move_latest(store, info)``: how LATEST follows the new checkpoint (a save's is the newest,
+    a drain's may be older than what LATEST names). ``after_rename``: the flavour's failpoint
+    once the rename is durable (each scenario has its own in tests/fault_cases.txt).
+    """
+
+    staged: bool
+    move_latest: Callable[[str, CheckpointInfo], None]
+    after_rename: Callable[[], None]
+
+
+def _latest_always(store: str, info: CheckpointInfo) -> None:
+    write_latest(store, info.name)
+    failpoint("commit.after_latest")
+
+
+SAVE = Flavour(
+    staged=False,
+    move_latest=_latest_always,
+    after_rename=lambda: failpoint("commit.after_rename"),
+)
+"""A save: its manifest is written here, LATEST always moves to it."""
+
+
+def publish(
+    store: str,
+    name: str,
+    staging: str,
+    body: dict,
+    *,
+    overwrite: bool,
+    deadline: float | None = None,
+    flavour: Flavour = SAVE,
+) -> CheckpointInfo:
     """Make a fully written staging directory visible as ``<store>/<name>``; move LATEST.
 
-    ``body`` is the manifest body without ``created``; it is filled in here. Returns the final
-    path and what failed after the rename (the commit point), which cannot undo the commit:
-    LATEST is only moved once the rename is durable (I3), and a replaced checkpoint's files left
-    behind are staging garbage for ``gc``. Past ``deadline`` (wall clock), the rename is not
-    made: other ranks may have stopped waiting for the outcome (I8), so the save aborts.
+    ``body`` is the manifest body. Unless ``flavour.staged``, its ``created`` is filled in (the
+    caller reads it back) and the manifest written last, durably. Past ``deadline`` (wall clock)
+    the rename is not made: other ranks may have stopped waiting for the outcome (I8). An error
+    raised here leaves nothing visible. Returns the checkpoint's info with ``warnings``: what
+    failed after the rename (the commit point), which cannot undo the commit. LATEST is only
+    moved once the rename is durable (I3); a replaced checkpoint's files left behind are staging
+    garbage for ``gc``.
     """
+    if not flavour.staged:
+        _write_manifest(staging, body)
+    _check_deadline(deadline)
+    final = os.path.join(store, name)
+    info = CheckpointInfo.from_manifest(body, final)
+    replaced = _rename_into_place(staging, final, overwrite)
+    late: list[str] = []
+    durable = False
+    try:
+        fsync_dir(store)
+        durable = True
+        flavour.after_rename()
+    except OSError as e:
+        late.append(
+            f"{final} is committed, but fsync of {store} failed ({brief(e)}): the rename may not "
+            "survive a crash of the file system, so LATEST was not moved"
+        )
+    if not late:
+        try:
+            flavour.move_latest(store, info)
+        except (OSError, CheckpointError) as e:
+            late.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
+    if replaced is not None:
+        late += remove_replaced(replaced, durable)
+    return replace(info, warnings=tuple(late))
+
+
+def _write_manifest(staging: str, body: dict) -> None:
+    """Stamp ``created``, write MANIFEST.json durably and make the staging directory durable."""
     body["created"] = manifest.format_time(dt.datetime.now(dt.timezone.utc))
     data = manifest.encode(body)
     manifest.decode(data)  # never commit a manifest we could not read back
@@ -171,34 +249,15 @@ def commit(
     failpoint("commit.manifest_written")
     fsync_dir(staging)
     failpoint("commit.before_rename")
+
+
+def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.time() > deadline:
         raise CoordinationTimeoutError(
             f"the commit came {time.time() - deadline:.1f} s after the other ranks' deadline to "
             "learn its outcome (the save's timeout): not committed, so that every rank reports "
             "the same outcome"
         )
-    final = os.path.join(store, name)
-    replaced = _rename_into_place(staging, final, overwrite)
-    problems: list[str] = []
-    durable = False
-    try:
-        fsync_dir(store)
-        durable = True
-        failpoint("commit.after_rename")
-    except OSError as e:
-        problems.append(
-            f"{final} is committed, but fsync of {store} failed ({brief(e)}): the rename may not "
-            "survive a crash of the file system, so LATEST was not moved"
-        )
-    if not problems:
-        try:
-            write_latest(store, name)
-            failpoint("commit.after_latest")
-        except OSError as e:
-            problems.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
-    if replaced is not None:
-        problems += remove_replaced(replaced, durable)
-    return final, problems
 
 
 def remove_replaced(replaced: str, durable: bool = True) -> list[str]:
@@ -293,11 +352,16 @@ def write_latest(store: str, name: str | None) -> None:
         except FileNotFoundError:
             return
     else:
-        tmp = os.path.join(store, f".LATEST.{uuidlib.uuid4().hex}.tmp")
+        tmp = os.path.join(store, f"{LATEST_TMP_PREFIX}{uuidlib.uuid4().hex}{LATEST_TMP_SUFFIX}")
         write_new_file(tmp, (name + "\n").encode())
         failpoint("commit.latest_tmp_written")
         os.rename(tmp, path)
     fsync_dir(store)
+
+
+def is_latest_tmp(name: str) -> bool:
+    """Whether ``name`` (in a store directory) is a temporary of ``write_latest``."""
+    return name.startswith(LATEST_TMP_PREFIX) and name.endswith(LATEST_TMP_SUFFIX)
 
 
 def remove_tree(path: str) -> None:
@@ -317,6 +381,10 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
 
 
-def _ignore_missing(func, path, exc_info) -> None:  # noqa: ANN001
+def _ignore_missing(
+    func: Callable[..., object],
+    path: str,
+    exc_info: tuple[type[BaseException], BaseException, TracebackType],
+) -> None:
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]

@@ -347,9 +347,15 @@ class _Save:
             deadline = None
             if self.coord.size > 1:  # wall clocks of the ranks: skew must stay well under timeout
                 deadline = min(r["written_at"] for r, _ in reports) + self.opt.timeout
-            final, late = _commit.commit(
-                self.store, self.name, self.staging, self.body, self.opt.overwrite, deadline
+            published = _commit.publish(
+                self.store,
+                self.name,
+                self.staging,
+                self.body,
+                overwrite=self.opt.overwrite,
+                deadline=deadline,
             )
+            final, late = published.path, list(published.warnings)
             self.staging = None  # committed: nothing of ours to clean up
             LAST_TIMINGS["visible"] = time.time()
         except FormatError as e:

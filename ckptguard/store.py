@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import os
@@ -15,6 +16,7 @@ from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
     clear_intent,
+    is_latest_tmp,
     read_info,
     remove_tree,
     staging_area,
@@ -29,11 +31,19 @@ from .errors import (
     from_oserror,
 )
 from .failpoints import failpoint
-from .format.layout import LATEST, MANIFEST, MAX_LATEST_BYTES, STAGING, check_name, is_name
+from .format.layout import (
+    LATEST,
+    MANIFEST,
+    MAX_LATEST_BYTES,
+    STAGING,
+    check_name,
+    is_name,
+    is_uuid,
+)
 from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, read_regular
 
-__all__ = ["Store", "read_info"]
+__all__ = ["Skipped", "Store", "StoreScan"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class Store:
     def path(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         """Committed checkpoints with a valid manifest, oldest first (by commit time)."""
         return self.scan().listed
 
@@ -100,7 +110,7 @@ class Store:
         out.listed.sort(key=lambda i: (i.created, i.name))
         return out
 
-    def _entries(self) -> list[str]:
+    def _entries(self) -> builtins.list[str]:
         """The store directory's names, sorted; typed errors for a missing or unusable store."""
         try:
             return sorted(os.listdir(self.root))
@@ -200,7 +210,7 @@ class Store:
                 f"{path} is deleted, but removing its files failed ({brief(e)}); gc removes {trash}"
             )
 
-    def gc(self, older_than: float | dt.timedelta = 3600.0) -> list[str]:
+    def gc(self, older_than: float | dt.timedelta = 3600.0) -> builtins.list[str]:
         """Remove staging leftovers untouched for ``older_than``; never a committed checkpoint.
 
         First completes an overwrite that a crash interrupted (``_finish_overwrites``)."""
@@ -217,11 +227,7 @@ class Store:
             victims = []
         except OSError as e:
             raise from_oserror(e, staging, "cannot list") from None
-        victims += [
-            os.path.join(self.root, n)
-            for n in top
-            if n.startswith(".LATEST.") and n.endswith(".tmp")
-        ]
+        victims += [os.path.join(self.root, n) for n in top if is_latest_tmp(n)]
         for p in victims:
             if p not in keep and _newest_mtime(p) <= cutoff:
                 try:
@@ -260,7 +266,7 @@ class Store:
             intent = os.path.join(staging, n)
             new = intent[: -len(INTENT_SUFFIX)]
             name, _, uid = os.path.basename(new).rpartition(".")
-            if not n.endswith(INTENT_SUFFIX) or not is_name(name) or not _is_uuid(uid):
+            if not n.endswith(INTENT_SUFFIX) or not is_name(name) or not is_uuid(uid):
                 continue  # not an intent record: gc removes it as any other leftover
             old, final = new + OLD_SUFFIX, os.path.join(self.root, name)
             try:
@@ -277,10 +283,6 @@ class Store:
             except OSError as e:
                 raise from_oserror(e, final, "cannot finish the interrupted overwrite of") from None
         return keep
-
-
-def _is_uuid(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def _real_dir(path: str) -> bool:

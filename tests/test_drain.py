@@ -1,4 +1,4 @@
-"""Drain (issue #7, multi-level checkpointing): copy committed checkpoints from a staging store to
+"""Drain (multi-level checkpointing): copy committed checkpoints from a staging store to
 a durable one, verified, committed atomically, LATEST moved forward only."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from conftest import small_state
 from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
-from ckptguard import drain as drain_mod
-from ckptguard.drain import DrainConflictError, drain, stripe_count
+from ckptguard.drain import DrainConflictError, drain, lustre, stripe_count
+from ckptguard.drain import copy as drain_copy
 from ckptguard.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -165,8 +165,8 @@ def test_rerun_completes_latest_after_a_crash_after_rename(src: Path, dst: Path)
 
 def test_multi_file_checkpoint_in_parallel_pieces(tmp_path: Path, monkeypatch) -> None:
     full = save_sharded(tmp_path / "fast" / "sharded", ranks=4)
-    monkeypatch.setattr(drain_mod, "PIECE_BYTES", 3 * 4096)  # several pieces per file
-    monkeypatch.setattr(drain_mod, "BLOCK_BYTES", 4096)  # several blocks per piece
+    monkeypatch.setattr(drain_copy, "PIECE_BYTES", 3 * 4096)  # several pieces per file
+    monkeypatch.setattr(drain_copy, "BLOCK_BYTES", 4096)  # several blocks per piece
     (info,) = drain(tmp_path / "fast", tmp_path / "durable", jobs=8)
     assert info.files == 4
     src_dir, dst_dir = tmp_path / "fast" / "sharded", tmp_path / "durable" / "sharded"
@@ -221,7 +221,7 @@ def test_interrupted_drain_leaves_nothing_visible(tmp_path: Path, monkeypatch, j
     dst = tmp_path / "durable"
     save(dst, "old", 1)
     before = snapshot(dst)
-    real = drain_mod._Copier.copy
+    real = drain_copy.CheckpointCopier.copy
     calls = []
     lock = threading.Lock()
 
@@ -232,7 +232,7 @@ def test_interrupted_drain_leaves_nothing_visible(tmp_path: Path, monkeypatch, j
             calls.append(piece.file.name)
         real(self, piece)
 
-    monkeypatch.setattr(drain_mod._Copier, "copy", copy_then_fail)
+    monkeypatch.setattr(drain_copy.CheckpointCopier, "copy", copy_then_fail)
     with pytest.raises(StoreError, match="injected EIO"):
         drain(tmp_path / "fast", dst, jobs=jobs)
     assert len(calls) == 2
@@ -240,7 +240,7 @@ def test_interrupted_drain_leaves_nothing_visible(tmp_path: Path, monkeypatch, j
     assert [i.name for i in ckptguard.Store(dst).list()] == ["old"]
     ckptguard.Store(dst).gc(older_than=0)
     assert staging_left(dst) == []
-    monkeypatch.setattr(drain_mod._Copier, "copy", real)
+    monkeypatch.setattr(drain_copy.CheckpointCopier, "copy", real)
     assert [i.name for i in drain(tmp_path / "fast", dst)] == ["sharded"]
 
 
@@ -350,12 +350,12 @@ def logged(log: Path) -> list[list[str]]:
 
 def test_setstripe_only_when_the_check_says_lustre(src, dst, fake_lfs, monkeypatch) -> None:
     checked = []
-    monkeypatch.setattr(drain_mod, "on_lustre", lambda path, lfs: checked.append(path) or False)
+    monkeypatch.setattr(lustre, "on_lustre", lambda path, lfs: checked.append(path) or False)
     drain(src, dst, names=["step-1"])
     assert checked == [str(dst)] and logged(fake_lfs) == []  # not Lustre: lfs never runs
 
-    monkeypatch.setattr(drain_mod, "on_lustre", lambda path, lfs: True)
-    monkeypatch.setattr(drain_mod, "STRIPE_UNIT", 4096)  # small files, several stripes
+    monkeypatch.setattr(lustre, "on_lustre", lambda path, lfs: True)
+    monkeypatch.setattr(lustre, "STRIPE_UNIT", 4096)  # small files, several stripes
     drain(src, dst, names=["step-2"])
     calls = logged(fake_lfs)
     assert len(calls) == 1  # one data file; never index.parquet or MANIFEST.json
@@ -374,7 +374,7 @@ def test_setstripe_only_when_the_check_says_lustre(src, dst, fake_lfs, monkeypat
 
 
 def test_failed_setstripe_falls_back_to_the_default_layout(src, dst, fake_lfs, monkeypatch):
-    monkeypatch.setattr(drain_mod, "on_lustre", lambda path, lfs: True)
+    monkeypatch.setattr(lustre, "on_lustre", lambda path, lfs: True)
     monkeypatch.setenv("FAKE_LFS_RC", "1")
     assert len(drain(src, dst)) == 2
     assert len(logged(fake_lfs)) == 2
@@ -382,21 +382,21 @@ def test_failed_setstripe_falls_back_to_the_default_layout(src, dst, fake_lfs, m
 
 
 def test_lustre_detection(tmp_path: Path, fake_lfs: Path, monkeypatch) -> None:
-    lfs = drain_mod.shutil.which("lfs")
+    lfs = lustre.shutil.which("lfs")
     assert lfs is not None and Path(lfs).parent == tmp_path / "bin"
     # statfs answers (tmp is not Lustre): lfs is not even asked
-    assert drain_mod.on_lustre(str(tmp_path), lfs) is False
-    assert drain_mod.lustre_tool(str(tmp_path)) is None
+    assert lustre.on_lustre(str(tmp_path), lfs) is False
+    assert lustre.lustre_tool(str(tmp_path)) is None
     assert logged(fake_lfs) == []
     # statfs unavailable: `lfs getstripe -d` decides
-    monkeypatch.setattr(drain_mod, "_statfs_type", lambda path: None)
-    assert drain_mod.on_lustre(str(tmp_path), lfs) is True
+    monkeypatch.setattr(lustre, "_statfs_type", lambda path: None)
+    assert lustre.on_lustre(str(tmp_path), lfs) is True
     assert logged(fake_lfs) == [["getstripe", "-d", str(tmp_path)]]
     monkeypatch.setenv("FAKE_LFS_RC", "2")
-    assert drain_mod.lustre_tool(str(tmp_path)) is None
+    assert lustre.lustre_tool(str(tmp_path)) is None
     # the magic itself
-    monkeypatch.setattr(drain_mod, "_statfs_type", lambda path: drain_mod.LUSTRE_SUPER_MAGIC)
-    assert drain_mod.lustre_tool(str(tmp_path)) == lfs
+    monkeypatch.setattr(lustre, "_statfs_type", lambda path: lustre.LUSTRE_SUPER_MAGIC)
+    assert lustre.lustre_tool(str(tmp_path)) == lfs
     # no lfs on PATH: nothing to do
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert drain_mod.lustre_tool(str(tmp_path)) is None
+    assert lustre.lustre_tool(str(tmp_path)) is None

@@ -229,15 +229,18 @@ def test_commit_refuses_what_appeared_at_the_name_since_the_save_began(
 ):
     """The same check at the rename: something put there after the save's first check."""
     from ckptguard import commit
+    from ckptguard.format import manifest
+    from ckptguard.format.layout import MANIFEST
 
     monkeypatch.setenv("CKPTGUARD_RENAME_EXCHANGE", exchange)
     save(tmp_path, "x", 1)
     staging = tmp_path / STAGING / "a.0123456789abcdef0123456789abcdef"
     os.rename(tmp_path / "x", staging)
+    body = manifest.decode((staging / MANIFEST).read_bytes())
     target = _occupant(tmp_path, kind)
     before = _snapshot(target)
     with pytest.raises(ckptguard.NotACheckpointError):
-        commit._rename_into_place(str(staging), str(target), overwrite=True)
+        commit.publish(str(tmp_path), target.name, str(staging), body, overwrite=True)
     assert _snapshot(target) == before
     assert sorted(os.listdir(tmp_path / STAGING)) == [staging.name]
     assert ckptguard.verify(staging).ok

@@ -162,13 +162,13 @@ def test_streamed_commit_runs_after_the_caller_is_released(
     store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real = saver_mod._commit.commit
+    real = saver_mod._commit.publish
 
     def held(*a: Any, **k: Any) -> Any:
         assert gate.wait(30), "gate never opened"
         return real(*a, **k)
 
-    monkeypatch.setattr(saver_mod._commit, "commit", held)
+    monkeypatch.setattr(saver_mod._commit, "publish", held)
     state = big_state(3)
     want = clone(state)
     with ckptguard.Checkpointer(store, max_host_bytes=POOL, chunk_size=CHUNK) as c:

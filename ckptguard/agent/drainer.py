@@ -16,6 +16,8 @@ from ..drain import drain
 
 
 class Drainer:
+    """Drains every ``every``-th committed checkpoint to store ``dst`` in a background thread."""
+
     def __init__(self, dst: str, every: int, jobs: int) -> None:
         if every < 1:
             raise ValueError("--drain-every must be at least 1")

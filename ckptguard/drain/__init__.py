@@ -1,0 +1,286 @@
+"""Drain: copy committed checkpoints from fast staging storage to durable storage.
+
+A multi-level setup saves to a fast, nearby store (node-local NVMe, a burst buffer) and drains
+to the durable one (the parallel file system) in the background, as SCR's flush does. A drained
+checkpoint follows the commit protocol of docs/format.md section 2 on the destination:
+
+1. only committed checkpoints of SRC are candidates (``Store.list``: a valid manifest);
+2. their files (exactly those the manifest names: data files, index.parquet, MANIFEST.json) are
+   read relative to the checkpoint directory with O_NOFOLLOW, so a symbolic link or anything
+   outside the directory is refused; each data file's header, trailer and footer are checked
+   against the index before its bytes are copied;
+3. they are written into ``DST/.staging/<name>.<uuid>/`` (``commit.new_staging``: ``gc``
+   reclaims a torn drain), in pieces by up to ``jobs`` threads, and each file is fsynced;
+   MANIFEST.json comes last, byte for byte (the uuid and ``created`` are the source's)
+   (``drain.copy``; data files are striped on Lustre, ``drain.lustre``);
+4. every chunk of the staged copy is verified (``read.verify_checkpoint``). If it fails, the
+   source is verified too, to name the side that is damaged: a damaged source raises
+   CorruptCheckpointError naming the source file, tensor and chunk; nothing becomes visible;
+5. ``commit.publish`` renames the staging directory to ``DST/<name>`` (the atomic exchange of
+   ``overwrite``) and fsyncs DST, as a save's commit does;
+6. LATEST of DST moves to the drained checkpoint only if it is newer than the one LATEST names.
+
+"Newer" is a later ``created`` (the commit time in the manifest, which the copy keeps), ties
+broken by name: the order of ``Store.list`` and of ``Store.delete``'s LATEST rule. ``step`` is
+not used: it may be null, and a restarted or forked run can reuse steps.
+
+Run one drain per destination at a time (LATEST is read, compared and then written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+from ..commit import Flavour, discard_staging, new_staging, publish, read_info, write_latest
+from ..errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointReplacedError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    StoreError,
+    from_oserror,
+)
+from ..failpoints import failpoint
+from ..format.layout import check_name
+from ..format.manifest import CheckpointInfo
+from ..fsutil import makedirs_durably
+from ..open import CheckpointReader
+from ..read import verify_checkpoint
+from ..store import Store
+from .copy import copy_checkpoint
+from .lustre import lustre_tool, on_lustre, stripe_count
+
+__all__ = [
+    "DEFAULT_JOBS",
+    "MAX_JOBS",
+    "DrainConflictError",
+    "drain",
+    "lustre_tool",
+    "on_lustre",
+    "stripe_count",
+]
+
+DEFAULT_JOBS = 4
+"""Files (pieces of files) copied at once by default: like SCR's flush width, enough to keep a
+parallel file system busy without overloading it from one node."""
+MAX_JOBS = 32
+"""``jobs`` is capped here."""
+
+DrainedCallback = Callable[[CheckpointInfo, int, float], None]
+"""Called after each checkpoint is committed in DST: (its info in DST, bytes copied, seconds)."""
+
+
+class DrainConflictError(CheckpointExistsError):
+    """DST already has a checkpoint of that name with another uuid (a different checkpoint)."""
+
+    def __init__(
+        self, name: str, src_path: str, src_uuid: str, dst_path: str, dst_uuid: str, more: int = 0
+    ) -> None:
+        also = f" (and {more} more conflicting name(s))" if more else ""
+        super().__init__(
+            f"checkpoint {name!r} differs between the stores: {src_path} has uuid {src_uuid}, "
+            f"{dst_path} has uuid {dst_uuid}{also}; pass overwrite=True (--overwrite) to replace "
+            "the one in the destination"
+        )
+        self.name = name
+        self.src_path = src_path
+        self.src_uuid = src_uuid
+        self.dst_path = dst_path
+        self.dst_uuid = dst_uuid
+
+
+def _advance_latest(dst_root: str, info: CheckpointInfo) -> None:
+    """Point DST's LATEST at ``info`` if it is newer than what LATEST names (or there is none)."""
+    current = Store(dst_root).latest()
+    if current is None or (info.created, info.name) > (current.created, current.name):
+        write_latest(dst_root, info.name)
+
+
+DRAIN = Flavour(
+    staged=True,
+    move_latest=_advance_latest,
+    after_rename=lambda: failpoint("drain.after_rename"),
+)
+"""A drain's commit tail: the manifest is the source's (already copied and verified), and LATEST
+only moves forward."""
+
+
+# ---- one checkpoint ----------------------------------------------------------------------------
+
+
+def _check_copy(src_path: str, staging: str) -> None:
+    """Verify every chunk of the staged copy; on failure, say which side is damaged."""
+    report = verify_checkpoint(staging)
+    if report.ok:
+        return
+    source = verify_checkpoint(src_path)
+    if not source.ok:
+        p = source.problems[0]
+        more = f" (and {len(source.problems) - 1} more)" if len(source.problems) > 1 else ""
+        raise CorruptCheckpointError(
+            f"source checkpoint is damaged, not drained: {p.message}{more}",
+            path=src_path,
+            file=p.file,
+            key=p.key,
+            chunk=p.chunk,
+            offset=p.offset,
+        )
+    raise StoreError(
+        f"the copy in {staging} does not verify although the source does ({report.problems[0]}): "
+        "the destination returned other bytes than were written",
+        staging,
+    )
+
+
+def _drain_one(
+    info: CheckpointInfo, dst_root: str, jobs: int, overwrite: bool, lfs: str | None
+) -> tuple[CheckpointInfo, int]:
+    """Copy, verify and commit one checkpoint; return its info in DST and the bytes copied.
+
+    What fails after the commit point is a ``CheckpointWarning`` and in the info's ``warnings``.
+    """
+    with CheckpointReader(info.path) as rd:  # manifest and index checked, O_NOFOLLOW
+        if rd.manifest["uuid"] != info.uuid:
+            raise CheckpointReplacedError(
+                f"{info.path} was replaced while being drained", info.path
+            )
+        try:
+            _, staging = new_staging(dst_root, info.name)
+        except OSError as e:
+            raise from_oserror(e, dst_root, "cannot create a staging directory in") from None
+        committed = False
+        try:
+            copied = copy_checkpoint(rd, staging, lfs, jobs)
+            _check_copy(info.path, staging)
+            failpoint("drain.verified")
+            out = publish(
+                dst_root, info.name, staging, rd.manifest, overwrite=overwrite, flavour=DRAIN
+            )
+            committed = True
+        except CheckpointError:
+            raise
+        except OSError as e:
+            raise from_oserror(e, dst_root, "cannot drain into") from None
+        finally:
+            if not committed:
+                with contextlib.suppress(OSError):  # else gc reclaims it; DST is unchanged
+                    discard_staging(staging)
+    for w in out.warnings:
+        warnings.warn(CheckpointWarning(w), stacklevel=3)
+    return out, copied
+
+
+# ---- the API -----------------------------------------------------------------------------------
+
+
+def _select(
+    available: list[CheckpointInfo], names: Sequence[str] | None, root: str
+) -> list[CheckpointInfo]:
+    if names is None:
+        return available
+    by_name = {i.name: i for i in available}
+    out = []
+    for name in dict.fromkeys(names):
+        check_name(name)
+        if name not in by_name:
+            raise CheckpointNotFoundError(f"no committed checkpoint {name!r} in {root}")
+        out.append(by_name[name])
+    return sorted(out, key=lambda i: (i.created, i.name))
+
+
+def _in_dst(dst: Store, name: str, overwrite: bool) -> CheckpointInfo | None:
+    try:
+        return read_info(dst.path(name))
+    except CheckpointNotFoundError:
+        return None
+    except CorruptCheckpointError:
+        if overwrite:  # a damaged directory in the way: the drained copy replaces it
+            return None
+        raise
+
+
+def _plan(
+    todo: list[CheckpointInfo], dst: Store, overwrite: bool
+) -> list[tuple[CheckpointInfo, CheckpointInfo | None]]:
+    """Pair each checkpoint to drain with its copy already in DST (None: to be copied). A name
+    DST holds with another uuid is a DrainConflictError, unless ``overwrite``."""
+    plan: list[tuple[CheckpointInfo, CheckpointInfo | None]] = []
+    conflicts = []
+    for info in todo:
+        have = _in_dst(dst, info.name, overwrite)
+        if have is not None and have.uuid != info.uuid:
+            if not overwrite:
+                conflicts.append((info, have))
+                continue
+            have = None
+        plan.append((info, have))
+    if conflicts:
+        info, have = conflicts[0]
+        raise DrainConflictError(
+            info.name, info.path, info.uuid, have.path, have.uuid, more=len(conflicts) - 1
+        )
+    return plan
+
+
+def _check_jobs(jobs: int) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
+    return min(jobs, MAX_JOBS)
+
+
+def drain(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    jobs: int = DEFAULT_JOBS,
+    overwrite: bool = False,
+    *,
+    stripe: bool = True,
+    on_drained: DrainedCallback | None = None,
+) -> list[CheckpointInfo]:
+    """Copy committed checkpoints of store ``src`` into store ``dst``; return those copied.
+
+    ``names``: the checkpoints to drain (each must be committed in ``src``); None means every
+    committed checkpoint of ``src``. Those ``dst`` already holds (same name and uuid) are skipped;
+    one with the same name and another uuid is a DrainConflictError (nothing is copied) unless
+    ``overwrite``, which replaces it atomically. Checkpoints are drained oldest first, each
+    verified chunk by chunk in ``dst`` before it becomes visible; LATEST of ``dst`` moves to the
+    newest of them if it is newer (later ``created``) than the one it names, also for a skipped
+    one (so a drain interrupted after its rename is completed by the next). ``jobs`` threads
+    (capped at MAX_JOBS) copy files; on Lustre each data file is striped first (``stripe_count``)
+    unless ``stripe`` is False. ``dst`` is created if missing.
+    """
+    jobs = _check_jobs(jobs)
+    if isinstance(names, str):
+        names = [names]
+    src_store = Store(src)
+    dst_root = os.path.abspath(os.fspath(dst))
+    if os.path.realpath(src_store.root) == os.path.realpath(dst_root):
+        raise StoreError(f"source and destination are the same store: {dst_root}", dst_root)
+    todo = _select(src_store.list(), names, src_store.root)
+    try:
+        makedirs_durably(dst_root)
+    except OSError as e:
+        raise from_oserror(e, dst_root, "cannot create the store") from None
+    dst_store = Store(dst_root)
+    dst_store.latest()  # a damaged LATEST: say so before copying anything
+    plan = _plan(todo, dst_store, overwrite)
+
+    lfs = lustre_tool(dst_root) if stripe and any(h is None for _, h in plan) else None
+    drained = []
+    for info, have in plan:
+        if have is not None:
+            _advance_latest(dst_root, have)
+            continue
+        t0 = time.monotonic()
+        out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs)
+        drained.append(out)
+        if on_drained is not None:
+            on_drained(out, nbytes, time.monotonic() - t0)
+    return drained

@@ -1,0 +1,229 @@
+"""The parallel copy of one committed checkpoint into a staging directory of another store.
+
+Exactly the files the manifest names are copied, read relative to the opened checkpoint
+directory with O_NOFOLLOW; each data file's header, trailer and footer are checked against the
+index before its bytes are copied. Files larger than ``PIECE_BYTES`` are copied as several pieces
+by up to ``jobs`` threads; every file is fsynced, and MANIFEST.json comes last, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..errors import CheckpointReplacedError, CorruptCheckpointError, from_oserror
+from ..failpoints import failpoint
+from ..format import manifest
+from ..format.datafile import FormatError
+from ..format.layout import INDEX, MANIFEST
+from ..fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular, write_file_durably
+from ..io import pwrite_all
+from ..open import CheckpointReader
+from .lustre import set_stripe
+
+__all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint"]
+
+PIECE_BYTES = 64 << 20
+"""A file larger than this is copied as several pieces, in parallel."""
+BLOCK_BYTES = 8 << 20
+"""One read and one write of a piece (each thread holds one such buffer)."""
+
+_WFLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file of the source checkpoint, as its manifest names it."""
+
+    name: str
+    size: int
+    data: bool  # a data file (rank-NNNNN.ckg): checked before copying, striped on Lustre
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of a file that one thread copies."""
+
+    file: SourceFile
+    offset: int
+    length: int
+
+
+def pieces(files: Iterable[SourceFile]) -> list[Piece]:
+    """Every file cut into pieces of at most ``PIECE_BYTES`` (an empty file has none)."""
+    step = PIECE_BYTES
+    return [Piece(f, off, min(step, f.size - off)) for f in files for off in range(0, f.size, step)]
+
+
+def parallel(fn: Callable[[T], None], items: Sequence[T], jobs: int) -> None:
+    """``fn`` on every item with up to ``jobs`` threads; the first error stops the rest."""
+    if jobs <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    stop = threading.Event()
+
+    def one(item: T) -> None:
+        if not stop.is_set():
+            fn(item)
+
+    pool = ThreadPoolExecutor(min(jobs, len(items)), thread_name_prefix="ckptguard-drain")
+    futures: list[Future[None]] = []
+    try:
+        futures = [pool.submit(one, item) for item in items]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and not f.cancelled():
+                error = f.exception()
+                if error is not None:
+                    raise error
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CheckpointCopier:
+    """Copies the files of one open source checkpoint into one staging directory."""
+
+    def __init__(self, rd: CheckpointReader, staging: str, lfs: str | None) -> None:
+        self.rd = rd
+        self.staging = staging
+        self.lfs = lfs
+        self.staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.copied = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self.staging_fd >= 0:
+            os.close(self.staging_fd)
+            self.staging_fd = -1
+
+    def _corrupt(self, msg: str, name: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(msg, path=self.rd.path, file=name)
+
+    def _open_source(self, f: SourceFile) -> int:
+        """Open a source file safely: in the directory, no link, a regular file of its size."""
+        try:
+            fd, _ = open_regular(f.name, dir_fd=self.rd.dir_fd, size=f.size)
+        except FileNotFoundError:
+            raise self.rd.missing("file is missing", f.name) from None
+        except UnsafeFileError as e:
+            raise self._corrupt(f"{f.name} {e.reason}", f.name) from None
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.rd.path, f.name), "cannot read") from None
+        return fd
+
+    def _open_copy(self, name: str) -> int:
+        try:
+            return os.open(name, _WFLAGS, dir_fd=self.staging_fd)
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.staging, name), "cannot open") from None
+
+    def prepare(self, f: SourceFile) -> None:
+        """Check the source file, create its empty copy (striped on Lustre)."""
+        fd = self.rd.open_file(f.name) if f.data else self._open_source(f)
+        os.close(fd)  # open_file checked header, trailer and footer against the index
+        dest = os.path.join(self.staging, f.name)
+        try:
+            flags = _WFLAGS | os.O_CREAT | os.O_EXCL
+            if self.lfs is not None and f.data:
+                set_stripe(self.lfs, dest, f.size)  # creates the file with its layout
+                flags = _WFLAGS | os.O_CREAT  # (or the default layout if setstripe failed)
+            os.close(os.open(f.name, flags, 0o644, dir_fd=self.staging_fd))
+        except OSError as e:
+            raise from_oserror(e, dest, "cannot create") from None
+
+    def copy(self, p: Piece) -> None:
+        """Copy one piece, a block at a time, at the same offsets in the copy."""
+        src = self._open_source(p.file)
+        try:
+            dst = self._open_copy(p.file.name)
+            try:
+                self._copy_range(src, dst, p)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        with self._lock:
+            self.copied += p.length
+        failpoint("drain.piece_copied")
+
+    def _copy_range(self, src: int, dst: int, p: Piece) -> None:
+        buf = memoryview(bytearray(min(BLOCK_BYTES, p.length)))
+        pos, end = p.offset, p.offset + p.length
+        while pos < end:
+            want = buf[: min(len(buf), end - pos)]
+            try:
+                n = os.preadv(src, [want], pos)
+            except OSError as e:
+                where = os.path.join(self.rd.path, p.file.name)
+                raise from_oserror(e, where, "cannot read") from None
+            if n == 0:
+                raise self._corrupt("file shrank while draining", p.file.name)
+            try:
+                pwrite_all(dst, [want[:n]], pos)
+            except OSError as e:
+                where = os.path.join(self.staging, p.file.name)
+                raise from_oserror(e, where, "cannot write") from None
+            pos += n
+
+    def fsync(self, f: SourceFile) -> None:
+        try:
+            fd = os.open(f.name, _WFLAGS, dir_fd=self.staging_fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.staging, f.name), "cannot fsync") from None
+
+    def copy_manifest(self, uuid: str) -> None:
+        """Copy MANIFEST.json byte for byte, last, after checking it is the one opened."""
+        try:
+            raw = read_regular(
+                MANIFEST, dir_fd=self.rd.dir_fd, max_size=manifest.MAX_MANIFEST_BYTES
+            )
+        except FileNotFoundError:
+            raise self.rd.missing("MANIFEST.json is missing", MANIFEST) from None
+        except UnsafeFileError as e:
+            raise self._corrupt(f"{MANIFEST} {e.reason}", MANIFEST) from None
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.rd.path, MANIFEST), "cannot read") from None
+        try:
+            body = manifest.decode(raw)
+        except FormatError as e:
+            raise self._corrupt(str(e), MANIFEST) from None
+        if body["uuid"] != uuid or body != self.rd.manifest:
+            raise CheckpointReplacedError(
+                f"{self.rd.path} was replaced while being drained (its manifest changed)",
+                self.rd.path,
+            )
+        try:
+            write_file_durably(os.path.join(self.staging, MANIFEST), raw)
+        except OSError as e:
+            raise from_oserror(e, os.path.join(self.staging, MANIFEST), "cannot write") from None
+        self.copied += len(raw)
+
+
+def copy_checkpoint(rd: CheckpointReader, staging: str, lfs: str | None, jobs: int) -> int:
+    """Copy every file of the open checkpoint ``rd`` into ``staging`` and make them durable,
+    MANIFEST.json last; return the bytes copied. ``lfs``: stripe data files with it (Lustre)."""
+    m = rd.manifest
+    files = [SourceFile(f["name"], f["size"], True) for f in m["files"]]
+    files.append(SourceFile(INDEX, m["index"]["size"], False))
+    copier = CheckpointCopier(rd, staging, lfs)
+    try:
+        parallel(copier.prepare, files, jobs)
+        parallel(copier.copy, pieces(files), jobs)
+        parallel(copier.fsync, files, jobs)
+        copier.copy_manifest(m["uuid"])
+        fsync_dir(staging)
+    finally:
+        copier.close()
+    return copier.copied
