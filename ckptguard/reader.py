@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from . import codec
+from . import encode
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -48,7 +48,7 @@ from .format.index import Row, int_lists, row_from_json
 from .format.layout import INDEX, MANIFEST
 from .format.validate import check_table
 from .fsutil import UnsafeFileError, check_regular, open_regular, read_regular
-from .io import pread_exact
+from .io import pread_exact, read_into
 
 
 class CheckpointReader:
@@ -345,7 +345,7 @@ class CheckpointReader:
         the native path); each row's raw bytes land at its ``dest_offsets`` entry. Bad bytes raise
         CorruptCheckpointError, a failed read (EIO, ...) the StoreError naming the file."""
         items = [
-            codec.ReadItem(
+            encode.ReadItem(
                 r.offset,
                 r.extent - r.offset,
                 CODECS[r.codec],
@@ -359,18 +359,18 @@ class CheckpointReader:
             for r, off in zip(rows, dest_offsets, strict=True)
         ]
         try:
-            codec.read_into(
+            read_into(
                 fd,
                 os.path.join(self.path, rows[0].file) if rows else self.path,
                 dest,
                 items,
                 verify=verify,
             )
-        except codec.ChunkError as e:
+        except encode.ChunkError as e:
             r = rows[e.index]
             what = (
                 "chunk hash mismatch (data corrupted)"
-                if isinstance(e, codec.ChunkHashError)
+                if isinstance(e, encode.ChunkHashError)
                 else e.reason
             )
             raise self.corrupt(
@@ -397,10 +397,10 @@ class CheckpointReader:
                 r.hash,
                 self._seq_of[(r.file, r.offset)],
             )
-            raw = codec.decode(CODECS[r.codec], payload, r.raw_len, r.elem_size)
+            raw = encode.decode(CODECS[r.codec], payload, r.raw_len, r.elem_size)
         except FormatError as e:
             raise self.corrupt(str(e), **where) from None
-        if verify and codec.digest(raw) != r.hash:
+        if verify and encode.digest(raw) != r.hash:
             raise self.corrupt("chunk hash mismatch (data corrupted)", **where)
         return raw
 
