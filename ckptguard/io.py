@@ -40,6 +40,7 @@ from .format.datafile import (
 from .format.layout import ALIGN, align
 
 MAX_EXTENT = 1 << 40  # a record longer than this is refused before reading (as the native path)
+MAX_SEQ = 0xFFFFFFFF  # record sequence numbers are 32 bits
 _ZERO_PAGE = bytes(ALIGN)
 
 
@@ -130,7 +131,7 @@ def write_records(
     check_chunking(len(view), elem_size, chunk_size, compress)
     if pos % ALIGN or pos < 0:
         raise ValueError("pos must be a non-negative multiple of 4096")
-    if seq0 < 0 or seq0 + -(-len(view) // chunk_size) > 0xFFFFFFFF:
+    if seq0 < 0 or seq0 + -(-len(view) // chunk_size) > MAX_SEQ:
         raise ValueError("record sequence numbers must fit in 32 bits")
     threads = threads or _backend.default_threads()
     direct = _backend.direct_io() if direct is None else direct
@@ -164,7 +165,7 @@ def _check_read_item(it: ReadItem, i: int) -> None:
     bad = bad or it.offset < 0 or it.offset + it.extent > 2**63 - 1 or it.extent > MAX_EXTENT
     bad = bad or not 0 <= it.stored_len <= it.extent - RECORD_HEADER_SIZE
     bad = bad or not (0 <= it.codec <= 0xFF and 0 <= it.elem_size <= 0xFF)
-    if bad or it.seq >= 1 << 32:
+    if bad or it.seq > MAX_SEQ:
         raise ChunkError("record header disagrees with the index", i)
 
 

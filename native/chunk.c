@@ -283,7 +283,7 @@ static uint64_t get_le(const uint8_t *p, int n) {
 
 void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
     memset(out, 0, CKG_REC_HDR);
-    memcpy(out, "CKGR", 4);
+    memcpy(out, CKG_REC_MAGIC, 4);
     out[4] = (uint8_t)h->codec;
     out[5] = (uint8_t)h->elem;
     put_le(out + 8, h->raw_len, 8);
@@ -294,7 +294,7 @@ void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
 }
 
 int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
-    if (memcmp(in, "CKGR", 4)) return CKG_E_HEADER;
+    if (memcmp(in, CKG_REC_MAGIC, 4)) return CKG_E_HEADER;
     if (get_le(in + 56, 8) != ckg_hash64(in, 56)) return CKG_E_HEADER;
     if (in[6] || in[7]) return CKG_E_HEADER;
     for (int i = 44; i < 56; i++)

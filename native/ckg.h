@@ -17,6 +17,12 @@
 #define CKG_ALIGN 4096
 #define CKG_WRITEBACK_WINDOW (1u << 20) /* early writeback of records goes by these windows */
 #define CKG_MIN_COMPRESS 64 /* chunks shorter than this are always stored raw */
+#define CKG_REC_MAGIC "CKGR" /* the first 4 bytes of every chunk record header */
+/* An LZ4 block expands at most ~255x: a payload of n bytes decodes to at most n*RATIO+SLACK. */
+#define CKG_LZ4_MAX_RATIO 256
+#define CKG_LZ4_SLACK 64
+#define CKG_MAX_EXTENT ((uint64_t)1 << 40) /* longer records are refused before reading */
+#define CKG_MAX_SEQ 0xFFFFFFFFull          /* record sequence numbers are 32 bits */
 
 /* Status codes of the chunk and record functions (0 = ok). */
 enum {

@@ -12,6 +12,8 @@ checked.
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -29,8 +31,15 @@ from hypothesis import strategies as st
 
 import ckptguard
 from ckptguard import backend, encode, io
-from ckptguard.format.datafile import FormatError
-from ckptguard.format.layout import align
+from ckptguard.format.datafile import (
+    CODECS,
+    LZ4_MAX_RATIO,
+    LZ4_SLACK,
+    RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
+    FormatError,
+)
+from ckptguard.format.layout import ALIGN, align
 
 HERE = Path(__file__).resolve().parent
 CI = os.environ.get("CI") == "true"
@@ -121,6 +130,46 @@ def test_extension_built_in_ci():
     if CI:
         pytest.fail(f"the native extension is missing in CI: {backend.reason()}", False)
     pytest.skip(backend.reason())
+
+
+def _built_extension() -> None:
+    """Skip (fail under CI=true) when the extension was not built; CKPTGUARD_NATIVE=0 does not
+    matter here: the extension is imported directly."""
+    if importlib.util.find_spec("ckptguard._native") is None:
+        if CI:
+            pytest.fail("the native extension is missing in CI", False)
+        pytest.skip("ckptguard._native is not built")
+
+
+def test_stub_matches():
+    """ckptguard/_native.pyi states what the built extension has: names, signatures, types."""
+    _built_extension()
+    root = str(Path(ckptguard.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "ckptguard._native"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_constants_match_python():
+    """Every constant the C code has its own copy of equals the Python one (docs/format.md)."""
+    _built_extension()
+    n = importlib.import_module("ckptguard._native")
+    assert (n.RAW, n.SHUFFLE_LZ4) == (CODECS["raw"], CODECS["shuffle-lz4"]) == (encode.RAW, 1)
+    assert n.REC_HDR == RECORD_HEADER_SIZE
+    assert n.ALIGN == ALIGN
+    assert n.REC_MAGIC == RECORD_MAGIC
+    assert n.MIN_COMPRESS == encode.MIN_COMPRESS
+    assert n.LZ4_MAX_INPUT == encode.LZ4_MAX_INPUT
+    assert (n.LZ4_MAX_RATIO, n.LZ4_SLACK) == (LZ4_MAX_RATIO, LZ4_SLACK)
+    assert n.MAX_EXTENT == io.MAX_EXTENT
+    assert n.MAX_SEQ == io.MAX_SEQ
 
 
 @NATIVE_SKIP
