@@ -130,7 +130,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x. */
     if ((codec == CKG_RAW && raw_len != p.len) ||
-        (codec == CKG_SHUFFLE_LZ4 && (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK)) {
+        (codec == CKG_SHUFFLE_LZ4 &&
+         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK)) {
         f.code = CKG_E_LENGTH;
         raise_failure(&f, NULL);
         goto done;
@@ -169,8 +170,8 @@ static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int compre
 }
 
 static PyObject *info_tuple(const ckg_rec_info *r) {
-    return Py_BuildValue("(iny#nn)", r->codec, (Py_ssize_t)r->stored_len, r->hash,
-                         (Py_ssize_t)16, (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
+    return Py_BuildValue("(iny#nn)", r->codec, (Py_ssize_t)r->stored_len, r->hash, (Py_ssize_t)16,
+                         (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
 }
 
 /* encode(buf, elem_size, chunk_size, compress, threads) -> [(codec, payload, hash), ...] */
@@ -268,7 +269,7 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         goto done;
     }
     const char *cpath = PyBytes_AS_STRING(path);
-    ckg_write_args a = {fd, -1, b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk,
+    ckg_write_args a = {fd,       -1,  b.buf,         (size_t)b.len, (unsigned)elem, (size_t)chunk,
                         compress, pos, (uint32_t)seq0};
     ckg_failure f;
     uint64_t end = pos;
@@ -336,7 +337,8 @@ static int check_dest(Py_ssize_t dest_len, unsigned long long off, unsigned long
     return 0;
 }
 
-/* decode_into(dest, [(codec, payload, raw_len, elem_size, hash|None, dest_offset), ...], threads) */
+/* decode_into(dest, [(codec, payload, raw_len, elem_size, hash|None, dest_offset), ...], threads)
+ */
 static PyObject *py_decode_into(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *dest_obj, *seq_obj;
@@ -362,8 +364,8 @@ static PyObject *py_decode_into(PyObject *self, PyObject *args) {
         int codec, elem;
         unsigned long long raw_len, doff;
         PyObject *h;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy*KiOK;bad decode item",
-                              &codec, &bufs[i], &raw_len, &elem, &h, &doff))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy*KiOK;bad decode item", &codec,
+                              &bufs[i], &raw_len, &elem, &h, &doff))
             goto done;
         held = i + 1;
         ckg_decode_item *it = &items[i];
@@ -545,9 +547,15 @@ static int add_constants(PyObject *m) {
     return 0;
 }
 
-static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_native",
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT,
+                                    "_native",
                                     "Native chunk pipeline of ckptguard (see docs/native.md).",
-                                    -1, methods, NULL, NULL, NULL, NULL};
+                                    -1,
+                                    methods,
+                                    NULL,
+                                    NULL,
+                                    NULL,
+                                    NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moddef);
