@@ -144,4 +144,8 @@ def _extensions() -> list[Extension]:
 
 
 os.chdir(HERE)
-setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": OptionalBuildExt},
+    package_data={"ckptguard": ["_native.pyi"]},  # the extension's types, for type checkers
+)

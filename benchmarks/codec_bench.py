@@ -1,7 +1,7 @@
 """Native vs pure-Python chunk codec, measured on the same data in one run (docs/benchmarks.md).
 
 Model-like buffers (normal(0, 0.02) values as bf16 and fp32), 4 MiB chunks:
-  encode   hash + byte-plane shuffle + LZ4 of a whole buffer (codec.encode_buffer), per backend
+  encode   hash + byte-plane shuffle + LZ4 of a whole buffer (encode.encode_buffer), per backend
            and thread count; the Python path runs its chunks on a thread pool
   hash     xxh3-128 of the whole buffer (native, python-xxhash) against memcpy of it
   decode   decode_into a preallocated destination, with hash verification
@@ -34,7 +34,7 @@ import torch
 import xxhash
 
 import ckptguard
-from ckptguard import backend, codec
+from ckptguard import backend, encode
 
 CHUNK = 4 << 20
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
@@ -113,16 +113,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     copy_dest = np.ones(size, np.uint8)
     dests = {k: np.ones(len(v[0]), np.uint8) for k, v in data.items()}
     encoded = {
-        k: codec.encode_buffer(buf, elem, CHUNK, True, max(threads), "python")
+        k: encode.encode_buffer(buf, elem, CHUNK, True, max(threads), "python")
         for k, (buf, elem) in data.items()
     }
     stored = {k: sum(len(p) for _, p, _ in v) / len(data[k][0]) for k, v in encoded.items()}
     if have_native:  # the two paths must agree before their speed means anything
         for k, (buf, elem) in data.items():
-            assert codec.encode_buffer(buf, elem, CHUNK, True, 2, "native") == encoded[k]
+            assert encode.encode_buffer(buf, elem, CHUNK, True, 2, "native") == encoded[k]
     items = {
         k: [
-            codec.DecodeItem(
+            encode.DecodeItem(
                 c, p, min(CHUNK, len(data[k][0]) - i * CHUNK), data[k][1], h, i * CHUNK
             )
             for i, (c, p, h) in enumerate(v)
@@ -130,7 +130,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for k, v in encoded.items()
     }
     shuffled = {
-        k: [codec.shuffle(buf[i : i + CHUNK], elem) for i in range(0, len(buf), CHUNK)]
+        k: [encode.shuffle(buf[i : i + CHUNK], elem) for i in range(0, len(buf), CHUNK)]
         for k, (buf, elem) in data.items()
     }
     r = Rounds()
@@ -154,14 +154,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     for t in threads:
                         r.run(
                             f"encode/{be}/{t}/{k}",
-                            lambda b=buf, e=elem, t=t, be=be: codec.encode_buffer(
+                            lambda b=buf, e=elem, t=t, be=be: encode.encode_buffer(
                                 b, e, CHUNK, True, t, be
                             ),
                             bytes=n,
                         )
                         r.run(
                             f"decode/{be}/{t}/{k}",
-                            lambda k=k, t=t, be=be: codec.decode_into(dests[k], items[k], t, be),
+                            lambda k=k, t=t, be=be: encode.decode_into(dests[k], items[k], t, be),
                             bytes=n,
                         )
             if state:

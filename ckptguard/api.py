@@ -17,6 +17,7 @@ import xxhash
 
 from .coord import Coordinator, current_rank, current_size
 from .coord import auto as coord_auto
+from .encode import check_chunk_size
 from .errors import (
     CheckpointNotFoundError,
     CheckpointReplacedError,
@@ -121,8 +122,7 @@ def save_options(
         raise ValueError(f"compress must be one of {sorted(_COMPRESS)}, not {compress!r}")
     if step is not None and (type(step) is not int):
         raise TypeError("step must be an int or None")
-    if chunk_size < 64 or chunk_size % 16:
-        raise ValueError("chunk_size must be a multiple of 16 and at least 64")
+    check_chunk_size(chunk_size)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
         raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
     try:

@@ -1,15 +1,55 @@
-"""Positioned and sequential I/O on file descriptors: every full write and exact read.
+"""Every read and write of the data path on a file descriptor.
 
-The data path's writer, reader and drain reach the file system through these loops, so that
-short writes and reads are handled in one place. Higher-level record I/O (write_records,
-read_into) builds on them.
+The loops ``write_all``, ``pwrite_all`` and ``pread_exact`` handle short writes and reads in one
+place for the writer, the reader and the drain. On them: ``write_records`` (encode a buffer and
+write its aligned chunk records) and ``read_records`` (read, check and decode records into a
+destination), on either backend. The native path adds O_DIRECT and early writeback inside the
+extension (native/pipeline.c); the pure-Python path writes buffered and advises readahead.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+from . import backend as _backend
+from .encode import (
+    ChunkError,
+    ChunkHashError,
+    ReadItem,
+    Record,
+    as_buffer,
+    check_chunking,
+    check_dest,
+    chunk_error,
+    decode,
+    digest,
+    encode,
+    first_error,
+    parallel_map,
+    split_chunks,
+)
+from .format.datafile import (
+    RECORD_HEADER_SIZE,
+    FormatError,
+    RecordHeader,
+    check_record,
+    pack_record_header,
+)
+from .format.layout import ALIGN, align
+
+MAX_EXTENT = 1 << 40  # a record longer than this is refused before reading (as the native path)
+MAX_SEQ = 0xFFFFFFFF  # record sequence numbers are 32 bits
+_ZERO_PAGE = bytes(ALIGN)
+
+
+class WriteResult(NamedTuple):
+    """What ``write_records`` wrote."""
+
+    records: list[Record]
+    end: int  # offset after the last record's padding; the descriptor is positioned there
+    direct: bool  # every record was written with O_DIRECT
 
 
 def _views(parts: Sequence[Any]) -> list[memoryview]:
@@ -65,3 +105,125 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
         length -= len(b)
         offset += len(b)
     return b"".join(chunks)
+
+
+def write_records(
+    fd: int,
+    path: str,
+    pos: int,
+    seq0: int,
+    buf: Any,
+    elem_size: int,
+    chunk_size: int,
+    compress: bool = True,
+    threads: int | None = None,
+    direct: bool | None = None,
+    backend: str | None = None,
+) -> WriteResult:
+    """Encode ``buf`` and write its chunk records (docs/format.md section 7) at ``pos``.
+
+    Records get sequence numbers from ``seq0`` and lie back to back, each padded to 4096 bytes.
+    ``fd`` is left positioned at the returned ``end``. Nothing is fsynced (one fsync per file is
+    the caller's). ``direct`` (default: CKPTGUARD_ODIRECT) writes through O_DIRECT where the
+    file system allows it. I/O errors raise OSError with errno and ``path``.
+    """
+    view = as_buffer(buf)
+    check_chunking(len(view), elem_size, chunk_size, compress)
+    if pos % ALIGN or pos < 0:
+        raise ValueError("pos must be a non-negative multiple of 4096")
+    if seq0 < 0 or seq0 + -(-len(view) // chunk_size) > MAX_SEQ:
+        raise ValueError("record sequence numbers must fit in 32 bits")
+    threads = threads or _backend.default_threads()
+    direct = _backend.direct_io() if direct is None else direct
+    if _backend.resolve(backend) == _backend.NATIVE:
+        recs, end, used = _backend.native().write_records(
+            fd, path, pos, seq0, view, elem_size, chunk_size, compress, threads, direct
+        )
+        return WriteResult([Record(*r) for r in recs], end, used)
+    out: list[Record] = []
+    pieces = split_chunks(view, chunk_size)
+    batch = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
+    for b in range(0, len(pieces), batch):
+        chunks = parallel_map(
+            lambda p: encode(p, elem_size, compress), pieces[b : b + batch], threads
+        )
+        for n, (cid, payload, h) in enumerate(chunks, start=b):
+            raw_len = len(pieces[n])
+            hdr = RecordHeader(cid, elem_size, raw_len, len(payload), h, seq0 + n)
+            used = RECORD_HEADER_SIZE + len(payload)
+            parts = [pack_record_header(hdr), payload, _ZERO_PAGE[: align(used) - used]]
+            pwrite_all(fd, parts, pos, path)
+            out.append(Record(cid, len(payload), h, pos, raw_len))
+            pos += align(used)
+    os.lseek(fd, pos, os.SEEK_SET)
+    return WriteResult(out, pos, False)
+
+
+def _check_read_item(it: ReadItem, i: int) -> None:
+    """Refuse an item no record could match (both backends), before reading anything."""
+    bad = it.offset % ALIGN or it.extent % ALIGN or it.extent < RECORD_HEADER_SIZE
+    bad = bad or it.offset < 0 or it.offset + it.extent > 2**63 - 1 or it.extent > MAX_EXTENT
+    bad = bad or not 0 <= it.stored_len <= it.extent - RECORD_HEADER_SIZE
+    bad = bad or not (0 <= it.codec <= 0xFF and 0 <= it.elem_size <= 0xFF)
+    if bad or it.seq > MAX_SEQ:
+        raise ChunkError("record header disagrees with the index", i)
+
+
+def fadvise_sequential(fd: int, items: Sequence[ReadItem]) -> None:
+    """Advise the kernel that the span of ``items`` is about to be read in order (readahead)."""
+    if items and hasattr(os, "posix_fadvise"):
+        lo = min(it.offset for it in items)
+        hi = max(it.offset + it.extent for it in items)
+        os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_SEQUENTIAL)
+
+
+def read_records(
+    fd: int,
+    path: str,
+    dest: Any,
+    items: Sequence[ReadItem | tuple],
+    threads: int | None = None,
+    verify: bool = True,
+    backend: str | None = None,
+) -> None:
+    """Read records from ``fd`` (readahead advised), check and decode them into ``dest``.
+
+    Checks each record header against its item (codec, elem_size, lengths, hash, seq), that its
+    padding is zero, that it decodes, and (if ``verify``) its hash. Problems raise ChunkError /
+    ChunkHashError with the item's index; I/O errors raise OSError with ``path``.
+    """
+    view = as_buffer(dest, writable=True)
+    threads = threads or _backend.default_threads()
+    todo = [ReadItem(*it) for it in items]
+    for i, it in enumerate(todo):
+        check_dest(view, it.dest_offset, it.raw_len, i)
+        _check_read_item(it, i)
+    if _backend.resolve(backend) == _backend.NATIVE:
+        n = _backend.native()
+        try:
+            n.read_into(fd, path, view, todo, threads, verify)
+        except n.DecodeError as e:
+            raise chunk_error(e) from None
+        return
+    fadvise_sequential(fd, todo)
+
+    def one(i: int) -> None:
+        it = todo[i]
+        try:
+            buf = os.pread(fd, it.extent, it.offset)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        if len(buf) != it.extent:
+            raise ChunkError("record is truncated", i)
+        try:
+            payload = check_record(
+                buf, it.codec, it.elem_size, it.raw_len, it.stored_len, it.hash, it.seq
+            )
+            raw = decode(it.codec, payload, it.raw_len, it.elem_size, _backend.PYTHON)
+        except FormatError as e:
+            raise ChunkError(str(e), i) from None
+        if verify and digest(raw) != it.hash:
+            raise ChunkHashError("chunk hash mismatch (data corrupted)", i)
+        view[it.dest_offset : it.dest_offset + it.raw_len] = raw
+
+    first_error(one, len(todo), threads)

@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec
+from . import encode
 from .errors import CorruptCheckpointError, location
 from .format.datafile import CODECS, FormatError, check_record
 from .format.index import Row
 from .format.layout import MANIFEST
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor
-from .io import pread_exact
+from .io import pread_exact, read_records
 from .open import CheckpointReader
 from .tree import TreeError, check_tree
 
@@ -45,10 +45,10 @@ def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> b
         payload = check_record(
             buf, codec_id, r.elem_size, r.raw_len, r.stored_len, r.hash, rd.seq(r)
         )
-        raw = codec.decode(codec_id, payload, r.raw_len, r.elem_size)  # type: ignore[arg-type]
+        raw = encode.decode(codec_id, payload, r.raw_len, r.elem_size)
     except FormatError as e:
         raise rd.corrupt(str(e), **_where(r)) from None
-    if verify and codec.digest(raw) != r.hash:
+    if verify and encode.digest(raw) != r.hash:
         raise rd.corrupt(HASH_MISMATCH, **_where(r))
     return raw
 
@@ -64,7 +64,7 @@ def read_into(
     """Read, check and decode ``rows`` of one open data file straight into ``dest`` (in parallel
     on the native path); each row's raw bytes land at its ``dest_offsets`` entry."""
     items = [
-        codec.ReadItem(
+        encode.ReadItem(
             r.offset,
             r.extent - r.offset,
             CODECS[r.codec],
@@ -79,10 +79,10 @@ def read_into(
     ]
     path = os.path.join(rd.path, rows[0].file) if rows else rd.path
     try:
-        codec.read_into(fd, path, dest, items, verify=verify)
-    except codec.ChunkError as e:
+        read_records(fd, path, dest, items, verify=verify)
+    except encode.ChunkError as e:
         r = rows[e.index]
-        what = HASH_MISMATCH if isinstance(e, codec.ChunkHashError) else e.reason
+        what = HASH_MISMATCH if isinstance(e, encode.ChunkHashError) else e.reason
         raise rd.corrupt(what, **_where(r)) from None
     except OSError as e:  # native and Python paths alike: errno and the file's path
         raise rd.io_error(e, rows[0].file) from None

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from . import backend as _backend
-from . import codec
+from .encode import check_chunk_size
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
@@ -26,7 +26,7 @@ from .format.datafile import (
 from .format.index import Row
 from .format.layout import datafile_name
 from .fsutil import UnsafeFileError, open_regular
-from .io import pread_exact, write_all
+from .io import pread_exact, write_all, write_records
 from .staging import tensor_bytes
 from .tree import TensorRef
 
@@ -37,8 +37,7 @@ class RankWriter:
     """Writes one rank's data file into a staging directory."""
 
     def __init__(self, directory: str, rank: int, uuid_hex: str, chunk_size: int = DEFAULT_CHUNK):
-        if chunk_size < 64 or chunk_size % 16:
-            raise ValueError("chunk_size must be a multiple of 16 and at least 64")
+        check_chunk_size(chunk_size)
         self.rank = rank
         self.uuid = uuid_hex
         self.name = datafile_name(rank)
@@ -49,8 +48,8 @@ class RankWriter:
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
         self.size = 0
         self._open: tuple[int, int, int] | None = None  # tensor id, chunks so far, bytes so far
-        # Settings read once per file, not once per tensor (environment look-ups and an affinity
-        # syscall were a fifth of a save of 10,000 small tensors).
+        # Settings read once per file, not once per tensor: environment look-ups and an affinity
+        # syscall per tensor cost a fifth of a save of 10,000 small tensors.
         self._threads = _backend.default_threads()
         self._direct = _backend.direct_io()
         self._backend = _backend.name()
@@ -70,7 +69,7 @@ class RankWriter:
             _, first, done_bytes = self._open
             if done_bytes % step:
                 raise ValueError(f"{ref.key}: a part before the last is not whole chunks")
-        done = codec.write_records(
+        done = write_records(
             self.fd,
             self.path,
             self.pos,

@@ -76,8 +76,8 @@ static void shuffle_range(uint8_t *restrict dst, const uint8_t *restrict src, si
     }
 }
 
-static void unshuffle_range(uint8_t *restrict dst, const uint8_t *restrict src, size_t n,
-                            size_t w, size_t e0, size_t e1) {
+static void unshuffle_range(uint8_t *restrict dst, const uint8_t *restrict src, size_t n, size_t w,
+                            size_t e0, size_t e1) {
     switch (w) {
     case 2: {
         const uint8_t *restrict s0 = src, *restrict s1 = src + n;
@@ -164,8 +164,8 @@ static void final_hash(XXH3_state_t *st, uint8_t out[16]) {
  * the payload all come from that copy. Another thread may write to the input meanwhile (a misuse):
  * the chunk then holds some mix of old and new values, but its hash always matches its payload,
  * so a committed checkpoint always verifies (invariant I9). */
-int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
-                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress, uint8_t *out,
+                     size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
     res->codec = CKG_RAW;
     res->stored_len = raw_len;
     res->payload = out;
@@ -283,7 +283,7 @@ static uint64_t get_le(const uint8_t *p, int n) {
 
 void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
     memset(out, 0, CKG_REC_HDR);
-    memcpy(out, "CKGR", 4);
+    memcpy(out, CKG_REC_MAGIC, 4);
     out[4] = (uint8_t)h->codec;
     out[5] = (uint8_t)h->elem;
     put_le(out + 8, h->raw_len, 8);
@@ -294,7 +294,7 @@ void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
 }
 
 int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
-    if (memcmp(in, "CKGR", 4)) return CKG_E_HEADER;
+    if (memcmp(in, CKG_REC_MAGIC, 4)) return CKG_E_HEADER;
     if (get_le(in + 56, 8) != ckg_hash64(in, 56)) return CKG_E_HEADER;
     if (in[6] || in[7]) return CKG_E_HEADER;
     for (int i = 44; i < 56; i++)
@@ -308,8 +308,8 @@ int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
     return CKG_OK;
 }
 
-int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want,
-                      int check_seq, uint8_t *dst, ckg_scratch *scratch, int verify) {
+int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
+                      uint8_t *dst, ckg_scratch *scratch, int verify) {
     if (rec_len < CKG_REC_HDR) return CKG_E_TRUNCATED;
     ckg_rec_header h;
     int rc = ckg_unpack_record_header(rec, &h);

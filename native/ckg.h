@@ -16,23 +16,29 @@
 #define CKG_REC_HDR 64
 #define CKG_ALIGN 4096
 #define CKG_WRITEBACK_WINDOW (1u << 20) /* early writeback of records goes by these windows */
-#define CKG_MIN_COMPRESS 64 /* chunks shorter than this are always stored raw */
+#define CKG_MIN_COMPRESS 64             /* chunks shorter than this are always stored raw */
+#define CKG_REC_MAGIC "CKGR"            /* the first 4 bytes of every chunk record header */
+/* An LZ4 block expands at most ~255x: a payload of n bytes decodes to at most n*RATIO+SLACK. */
+#define CKG_LZ4_MAX_RATIO 256
+#define CKG_LZ4_SLACK 64
+#define CKG_MAX_EXTENT ((uint64_t)1 << 40) /* longer records are refused before reading */
+#define CKG_MAX_SEQ 0xFFFFFFFFull          /* record sequence numbers are 32 bits */
 
 /* Status codes of the chunk and record functions (0 = ok). */
 enum {
     CKG_OK = 0,
-    CKG_E_NOMEM = 1,     /* allocation failed */
-    CKG_E_CODEC = 2,     /* unknown codec id */
-    CKG_E_LENGTH = 3,    /* a length does not fit (raw payload length, destination size) */
-    CKG_E_ELEM = 4,      /* elem_size is 0 or does not divide raw_len */
-    CKG_E_LZ4 = 5,       /* LZ4 payload is malformed or decodes to the wrong length */
-    CKG_E_HASH = 6,      /* decoded bytes do not match their xxh3-128 */
-    CKG_E_HEADER = 7,    /* record header: bad magic, hash, reserved bytes */
-    CKG_E_MISMATCH = 8,  /* record header disagrees with what the index says */
-    CKG_E_PADDING = 9,   /* non-zero bytes in a record's padding */
+    CKG_E_NOMEM = 1,      /* allocation failed */
+    CKG_E_CODEC = 2,      /* unknown codec id */
+    CKG_E_LENGTH = 3,     /* a length does not fit (raw payload length, destination size) */
+    CKG_E_ELEM = 4,       /* elem_size is 0 or does not divide raw_len */
+    CKG_E_LZ4 = 5,        /* LZ4 payload is malformed or decodes to the wrong length */
+    CKG_E_HASH = 6,       /* decoded bytes do not match their xxh3-128 */
+    CKG_E_HEADER = 7,     /* record header: bad magic, hash, reserved bytes */
+    CKG_E_MISMATCH = 8,   /* record header disagrees with what the index says */
+    CKG_E_PADDING = 9,    /* non-zero bytes in a record's padding */
     CKG_E_TRUNCATED = 10, /* the file ends inside a record */
-    CKG_E_IO = 11,       /* a system call failed: see the errno stored beside the code */
-    CKG_E_TOOBIG = 12,   /* a length beyond what LZ4 or this platform handles */
+    CKG_E_IO = 11,        /* a system call failed: see the errno stored beside the code */
+    CKG_E_TOOBIG = 12,    /* a length beyond what LZ4 or this platform handles */
 };
 
 const char *ckg_strerror(int code);
@@ -76,8 +82,8 @@ typedef struct {
  * LZ4-compress it into out (capacity out_cap >= ckg_encode_bound(raw_len)); keep the compressed
  * form only if it saves >= 5%, else out gets the copied raw bytes. The hash is always of the
  * bytes the payload holds, even while another thread writes to raw. */
-int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress,
-                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress, uint8_t *out,
+                     size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
 
 /* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
  * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */
@@ -101,8 +107,8 @@ int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h);
 
 /* Check and decode a whole record extent (header + payload + padding) that a reader expects to
  * hold `want` (its seq is compared only if check_seq); writes want->raw_len bytes into dst. */
-int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want,
-                      int check_seq, uint8_t *dst, ckg_scratch *scratch, int verify);
+int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
+                      uint8_t *dst, ckg_scratch *scratch, int verify);
 
 /* ---- pool.c: run fn(ctx, task, worker) for task in [0, ntasks) on up to nthreads threads --- */
 

@@ -130,7 +130,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x. */
     if ((codec == CKG_RAW && raw_len != p.len) ||
-        (codec == CKG_SHUFFLE_LZ4 && (uint64_t)raw_len > (uint64_t)p.len * 256 + 64)) {
+        (codec == CKG_SHUFFLE_LZ4 &&
+         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK)) {
         f.code = CKG_E_LENGTH;
         raise_failure(&f, NULL);
         goto done;
@@ -169,8 +170,8 @@ static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int compre
 }
 
 static PyObject *info_tuple(const ckg_rec_info *r) {
-    return Py_BuildValue("(iny#nn)", r->codec, (Py_ssize_t)r->stored_len, r->hash,
-                         (Py_ssize_t)16, (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
+    return Py_BuildValue("(iny#nn)", r->codec, (Py_ssize_t)r->stored_len, r->hash, (Py_ssize_t)16,
+                         (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
 }
 
 /* encode(buf, elem_size, chunk_size, compress, threads) -> [(codec, payload, hash), ...] */
@@ -258,7 +259,7 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         (threads = get_threads(threads)) < 0)
         goto done;
     size_t n = ckg_nchunks((size_t)b.len, (size_t)chunk);
-    if (pos % CKG_ALIGN || seq0 + n > 0xFFFFFFFFull) {
+    if (pos % CKG_ALIGN || seq0 + n > CKG_MAX_SEQ) {
         PyErr_SetString(PyExc_ValueError, "pos must be aligned to 4096 and seq fit in 32 bits");
         goto done;
     }
@@ -268,7 +269,7 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         goto done;
     }
     const char *cpath = PyBytes_AS_STRING(path);
-    ckg_write_args a = {fd, -1, b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk,
+    ckg_write_args a = {fd,       -1,  b.buf,         (size_t)b.len, (unsigned)elem, (size_t)chunk,
                         compress, pos, (uint32_t)seq0};
     ckg_failure f;
     uint64_t end = pos;
@@ -336,7 +337,8 @@ static int check_dest(Py_ssize_t dest_len, unsigned long long off, unsigned long
     return 0;
 }
 
-/* decode_into(dest, [(codec, payload, raw_len, elem_size, hash|None, dest_offset), ...], threads) */
+/* decode_into(dest, [(codec, payload, raw_len, elem_size, hash|None, dest_offset), ...], threads)
+ */
 static PyObject *py_decode_into(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *dest_obj, *seq_obj;
@@ -362,8 +364,8 @@ static PyObject *py_decode_into(PyObject *self, PyObject *args) {
         int codec, elem;
         unsigned long long raw_len, doff;
         PyObject *h;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy*KiOK;bad decode item",
-                              &codec, &bufs[i], &raw_len, &elem, &h, &doff))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy*KiOK;bad decode item", &codec,
+                              &bufs[i], &raw_len, &elem, &h, &doff))
             goto done;
         held = i + 1;
         ckg_decode_item *it = &items[i];
@@ -428,7 +430,7 @@ static PyObject *py_read_into(PyObject *self, PyObject *args) {
         ckg_read_item *it = &items[i];
         const uint8_t *hp;
         if (get_hash(h, &hp, 0) < 0 || check_dest(d.len, doff, raw_len, (size_t)i) < 0) goto done;
-        if (ext > ((size_t)1 << 40)) {
+        if (ext > CKG_MAX_EXTENT) {
             PyErr_SetString(PyExc_ValueError, "record extent too large");
             goto done;
         }
@@ -440,8 +442,8 @@ static PyObject *py_read_into(PyObject *self, PyObject *args) {
         it->want.stored_len = stored_len;
         memcpy(it->want.hash, hp, 16);
         it->want.seq = rseq < 0 ? 0 : (uint32_t)rseq;
-        it->check_seq = rseq >= 0 && rseq <= 0xFFFFFFFFll;
-        if (rseq > 0xFFFFFFFFll) {
+        it->check_seq = rseq >= 0 && (uint64_t)rseq <= CKG_MAX_SEQ;
+        if (rseq > (long long)CKG_MAX_SEQ) {
             PyErr_SetString(PyExc_ValueError, "seq must fit in 32 bits");
             goto done;
         }
@@ -485,26 +487,75 @@ static PyObject *py_inject(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The docstrings open with the signature (CPython's __text_signature__), which
+ * ckptguard/_native.pyi states with types and stubtest holds against these. */
 static PyMethodDef methods[] = {
-    {"hash128", py_hash128, METH_O, "xxh3-128 of a buffer, canonical 16 bytes."},
-    {"shuffle", py_shuffle, METH_VARARGS, "shuffle(buf, width) -> byte-plane shuffled bytes."},
-    {"unshuffle", py_unshuffle, METH_VARARGS, "unshuffle(buf, width) -> bytes."},
-    {"decode", py_decode, METH_VARARGS, "decode(codec, payload, raw_len, elem[, hash]) -> bytes."},
+    {"hash128", py_hash128, METH_O,
+     "hash128($module, buf, /)\n--\n\nxxh3-128 of a buffer, canonical 16 bytes."},
+    {"shuffle", py_shuffle, METH_VARARGS,
+     "shuffle($module, buf, width, /)\n--\n\nByte-plane shuffled bytes of buf."},
+    {"unshuffle", py_unshuffle, METH_VARARGS,
+     "unshuffle($module, buf, width, /)\n--\n\nInverse of shuffle."},
+    {"decode", py_decode, METH_VARARGS,
+     "decode($module, codec, payload, raw_len, elem_size, hash=None, /)\n--\n\n"
+     "The raw bytes of one chunk payload."},
     {"encode", py_encode, METH_VARARGS,
-     "encode(buf, elem, chunk, compress, threads) -> [(codec, payload, hash)]."},
+     "encode($module, buf, elem_size, chunk_size, compress, threads, /)\n--\n\n"
+     "Chunk and encode buf: [(codec, payload, hash), ...]."},
     {"write_records", py_write_records, METH_VARARGS,
-     "write_records(fd, path, pos, seq0, buf, elem, chunk, compress, threads, direct)."},
-    {"decode_into", py_decode_into, METH_VARARGS, "decode_into(dest, items, threads)."},
+     "write_records($module, fd, path, pos, seq0, buf, elem_size, chunk_size, compress, "
+     "threads, direct, /)\n--\n\n"
+     "Encode buf and write its records at pos: ([(codec, stored_len, hash, offset, raw_len)], "
+     "end, direct_used)."},
+    {"decode_into", py_decode_into, METH_VARARGS,
+     "decode_into($module, dest, items, threads, /)\n--\n\n"
+     "Decode (codec, payload, raw_len, elem_size, hash, dest_offset) items into dest."},
     {"read_into", py_read_into, METH_VARARGS,
-     "read_into(fd, path, dest, items, threads, verify)."},
-    {"library_versions", py_versions, METH_NOARGS, "Versions of the linked LZ4 and xxHash."},
-    {"_inject_io_error", py_inject, METH_VARARGS, "Test hook: fail a later write with errno."},
+     "read_into($module, fd, path, dest, items, threads, verify, /)\n--\n\n"
+     "Read, check and decode (offset, extent, codec, elem_size, raw_len, stored_len, hash, "
+     "dest_offset, seq) records into dest."},
+    {"library_versions", py_versions, METH_NOARGS,
+     "library_versions($module, /)\n--\n\nVersions of the linked LZ4 and xxHash."},
+    {"_inject_io_error", py_inject, METH_VARARGS,
+     "_inject_io_error($module, err, after=0, /)\n--\n\n"
+     "Test hook: fail a later write or read with errno err (0 disables)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_native",
+/* Add a new reference (NULL: the error is set) to m as name, and drop it. */
+static int add_owned(PyObject *m, const char *name, PyObject *value) {
+    int rc = value ? PyModule_AddObjectRef(m, name, value) : -1;
+    Py_XDECREF(value);
+    return rc;
+}
+
+/* The format constants the C code uses, so that a test can hold them against Python's. */
+static int add_constants(PyObject *m) {
+    if (PyModule_AddIntConstant(m, "RAW", CKG_RAW) < 0 ||
+        PyModule_AddIntConstant(m, "SHUFFLE_LZ4", CKG_SHUFFLE_LZ4) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN", CKG_ALIGN) < 0 ||
+        PyModule_AddIntConstant(m, "REC_HDR", CKG_REC_HDR) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_COMPRESS", CKG_MIN_COMPRESS) < 0 ||
+        PyModule_AddIntConstant(m, "LZ4_MAX_RATIO", CKG_LZ4_MAX_RATIO) < 0 ||
+        PyModule_AddIntConstant(m, "LZ4_SLACK", CKG_LZ4_SLACK) < 0 ||
+        PyModule_AddIntConstant(m, "LZ4_MAX_INPUT", LZ4_MAX_INPUT_SIZE) < 0)
+        return -1;
+    if (add_owned(m, "MAX_EXTENT", PyLong_FromUnsignedLongLong(CKG_MAX_EXTENT)) < 0 ||
+        add_owned(m, "MAX_SEQ", PyLong_FromUnsignedLongLong(CKG_MAX_SEQ)) < 0 ||
+        add_owned(m, "REC_MAGIC", PyBytes_FromStringAndSize(CKG_REC_MAGIC, 4)) < 0)
+        return -1;
+    return 0;
+}
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT,
+                                    "_native",
                                     "Native chunk pipeline of ckptguard (see docs/native.md).",
-                                    -1, methods, NULL, NULL, NULL, NULL};
+                                    -1,
+                                    methods,
+                                    NULL,
+                                    NULL,
+                                    NULL,
+                                    NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moddef);
@@ -519,9 +570,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         return NULL;
     }
     Py_INCREF(DecodeError);
-    if (PyModule_AddIntConstant(m, "RAW", CKG_RAW) < 0 ||
-        PyModule_AddIntConstant(m, "SHUFFLE_LZ4", CKG_SHUFFLE_LZ4) < 0 ||
-        PyModule_AddIntConstant(m, "ALIGN", CKG_ALIGN) < 0) {
+    if (add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -9,7 +9,6 @@
 
 #include "pipeline.h"
 
-
 /* Scratch space of each thread, kept across calls: a fresh 4 MiB buffer per call would cost a
  * page fault per 4 KiB on every call. At most two chunk-sized buffers per thread. */
 static _Thread_local ckg_scratch tls_scratch, tls_recbuf;
@@ -17,8 +16,8 @@ static _Thread_local ckg_scratch tls_scratch, tls_recbuf;
 /* Per-call state shared by all tasks: per-task status, an abort flag. */
 typedef struct {
     int nworkers;
-    int *rc;              /* [ntasks]: 0 ok, >0 error, -1 not run */
-    int *err;             /* [ntasks]: errno for CKG_E_IO */
+    int *rc;  /* [ntasks]: 0 ok, >0 error, -1 not run */
+    int *err; /* [ntasks]: errno for CKG_E_IO */
     atomic_int abort;
 } common_t;
 
@@ -104,8 +103,13 @@ static void enc_task(void *ctx, size_t t, int w) {
 int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int compress,
                       int threads, uint8_t *const *outs, ckg_rec_info *res, ckg_failure *fail) {
     size_t n = ckg_nchunks(len, chunk);
-    enc_t e = {.buf = buf, .len = len, .chunk = chunk, .elem = elem, .compress = compress,
-               .outs = outs, .res = res};
+    enc_t e = {.buf = buf,
+               .len = len,
+               .chunk = chunk,
+               .elem = elem,
+               .compress = compress,
+               .outs = outs,
+               .res = res};
     int rc = common_init(&e.c, threads, n);
     if (rc) {
         common_free(&e.c);

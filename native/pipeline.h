@@ -30,15 +30,15 @@ int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chun
                       int threads, uint8_t *const *outs, ckg_rec_info *res, ckg_failure *fail);
 
 typedef struct {
-    int fd;          /* buffered descriptor of the data file */
-    int dfd;         /* O_DIRECT descriptor of the same file, or -1 */
+    int fd;  /* buffered descriptor of the data file */
+    int dfd; /* O_DIRECT descriptor of the same file, or -1 */
     const uint8_t *buf;
     size_t len;
     unsigned elem;
     size_t chunk;
     int compress;
-    uint64_t pos;    /* offset of the first record (a multiple of 4096) */
-    uint32_t seq0;   /* sequence number of the first record */
+    uint64_t pos;  /* offset of the first record (a multiple of 4096) */
+    uint32_t seq0; /* sequence number of the first record */
 } ckg_write_args;
 
 /* Encode and write every chunk of a->buf as aligned records at increasing offsets from a->pos,
@@ -60,11 +60,11 @@ typedef struct {
 int ckg_decode_many(const ckg_decode_item *items, size_t n, int threads, ckg_failure *fail);
 
 typedef struct {
-    uint64_t offset;  /* of the record */
-    size_t extent;    /* align(offset + 64 + stored_len) - offset */
+    uint64_t offset; /* of the record */
+    size_t extent;   /* align(offset + 64 + stored_len) - offset */
     ckg_rec_header want;
-    int check_seq;    /* compare want.seq with the record's sequence number */
-    uint8_t *dst;     /* want.raw_len bytes */
+    int check_seq; /* compare want.seq with the record's sequence number */
+    uint8_t *dst;  /* want.raw_len bytes */
 } ckg_read_item;
 
 /* pread each record extent (with posix_fadvise), check header and padding, decode into dst and

@@ -29,17 +29,24 @@ static void run_tasks(job_t *job, int worker) {
 /* ---- the persistent pool -------------------------------------------------------------- */
 
 static struct {
-    pthread_mutex_t mu;       /* guards everything below */
-    pthread_cond_t work_cv;   /* a new job was posted */
-    pthread_cond_t done_cv;   /* the last helper finished */
-    pthread_mutex_t busy;     /* held by the caller whose job the pool runs */
-    int started;              /* helper threads alive */
-    unsigned long gen;        /* job generation */
+    pthread_mutex_t mu;     /* guards everything below */
+    pthread_cond_t work_cv; /* a new job was posted */
+    pthread_cond_t done_cv; /* the last helper finished */
+    pthread_mutex_t busy;   /* held by the caller whose job the pool runs */
+    int started;            /* helper threads alive */
+    unsigned long gen;      /* job generation */
     job_t *job;
-    int want;                 /* helpers (ids 1..want) that take part in the current job */
-    int running;              /* helpers of the current job not yet finished */
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-       PTHREAD_MUTEX_INITIALIZER, 0, 0, NULL, 0, 0};
+    int want;    /* helpers (ids 1..want) that take part in the current job */
+    int running; /* helpers of the current job not yet finished */
+} P = {PTHREAD_MUTEX_INITIALIZER,
+       PTHREAD_COND_INITIALIZER,
+       PTHREAD_COND_INITIALIZER,
+       PTHREAD_MUTEX_INITIALIZER,
+       0,
+       0,
+       NULL,
+       0,
+       0};
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 

@@ -12,6 +12,8 @@ checked.
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -28,9 +30,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard
-from ckptguard import backend, codec, fsutil
-from ckptguard.format.datafile import FormatError
-from ckptguard.format.layout import align
+from ckptguard import backend, encode, io
+from ckptguard.format.datafile import (
+    CODECS,
+    LZ4_MAX_RATIO,
+    LZ4_SLACK,
+    RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
+    FormatError,
+)
+from ckptguard.format.layout import ALIGN, align
 
 HERE = Path(__file__).resolve().parent
 CI = os.environ.get("CI") == "true"
@@ -104,9 +113,9 @@ def _check_records_decode(data: np.ndarray, elem: int, chunk: int, recs: list) -
     assert len(recs) == -(-len(data) // chunk)
     for i, (cid, payload, h) in enumerate(recs):
         piece = data[i * chunk : (i + 1) * chunk].tobytes()
-        assert h == codec.digest(piece)
+        assert h == encode.digest(piece)
         for be in ("python", "native"):
-            assert codec.decode(cid, payload, len(piece), elem, backend=be) == piece, (i, be)
+            assert encode.decode(cid, payload, len(piece), elem, backend=be) == piece, (i, be)
 
 
 # ---- the extension itself -----------------------------------------------------------------
@@ -121,6 +130,46 @@ def test_extension_built_in_ci():
     if CI:
         pytest.fail(f"the native extension is missing in CI: {backend.reason()}", False)
     pytest.skip(backend.reason())
+
+
+def _built_extension() -> None:
+    """Skip (fail under CI=true) when the extension was not built; CKPTGUARD_NATIVE=0 does not
+    matter here: the extension is imported directly."""
+    if importlib.util.find_spec("ckptguard._native") is None:
+        if CI:
+            pytest.fail("the native extension is missing in CI", False)
+        pytest.skip("ckptguard._native is not built")
+
+
+def test_stub_matches():
+    """ckptguard/_native.pyi states what the built extension has: names, signatures, types."""
+    _built_extension()
+    root = str(Path(ckptguard.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "ckptguard._native"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_constants_match_python():
+    """Every constant the C code has its own copy of equals the Python one (docs/format.md)."""
+    _built_extension()
+    n = importlib.import_module("ckptguard._native")
+    assert (n.RAW, n.SHUFFLE_LZ4) == (CODECS["raw"], CODECS["shuffle-lz4"]) == (encode.RAW, 1)
+    assert n.REC_HDR == RECORD_HEADER_SIZE
+    assert n.ALIGN == ALIGN
+    assert n.REC_MAGIC == RECORD_MAGIC
+    assert n.MIN_COMPRESS == encode.MIN_COMPRESS
+    assert n.LZ4_MAX_INPUT == encode.LZ4_MAX_INPUT
+    assert (n.LZ4_MAX_RATIO, n.LZ4_SLACK) == (LZ4_MAX_RATIO, LZ4_SLACK)
+    assert n.MAX_EXTENT == io.MAX_EXTENT
+    assert n.MAX_SEQ == io.MAX_SEQ
 
 
 @NATIVE_SKIP
@@ -174,8 +223,8 @@ def test_setup_failed_compiler_warns_or_fails_when_required(tmp_path):
 @pytest.mark.parametrize("chunk", [64, 4096, 65_536, 1 << 20])
 @pytest.mark.parametrize("compress", [True, False])
 def test_encode_buffer_identical(name: str, data: np.ndarray, elem: int, chunk: int, compress):
-    py = codec.encode_buffer(data, elem, chunk, compress, threads=2, backend="python")
-    nat = codec.encode_buffer(data, elem, chunk, compress, threads=2, backend="native")
+    py = encode.encode_buffer(data, elem, chunk, compress, threads=2, backend="python")
+    nat = encode.encode_buffer(data, elem, chunk, compress, threads=2, backend="native")
     _check_records_decode(data, elem, chunk, py)
     _check_records_decode(data, elem, chunk, nat)
     _same_bytes_or_skip(nat, py)
@@ -201,14 +250,14 @@ def test_encode_identical_property(elem, n_elems, chunk_elems, kind, seed, threa
     else:
         data = rng.integers(0, 4, n, dtype=np.uint8)
     chunk = chunk_elems * elem * 16
-    py = codec.encode_buffer(data, elem, chunk, True, threads, "python")
-    nat = codec.encode_buffer(data, elem, chunk, True, threads, "native")
+    py = encode.encode_buffer(data, elem, chunk, True, threads, "python")
+    nat = encode.encode_buffer(data, elem, chunk, True, threads, "native")
     _check_records_decode(data, elem, chunk, py)
     _check_records_decode(data, elem, chunk, nat)
     if SAME_LZ4:  # (no skip inside a property; test_lz4_versions_reported says why)
         assert nat == py
         for i, rec in enumerate(nat):
-            assert codec.encode(data[i * chunk : (i + 1) * chunk].tobytes(), elem, True) == rec
+            assert encode.encode(data[i * chunk : (i + 1) * chunk].tobytes(), elem, True) == rec
 
 
 @NATIVE_SKIP
@@ -216,42 +265,44 @@ def test_encode_identical_property(elem, n_elems, chunk_elems, kind, seed, threa
 def test_shuffle_identical(width: int):
     data = np.random.default_rng(width).integers(0, 256, width * 1001, dtype=np.uint8).tobytes()
     n = backend.native()
-    assert n.shuffle(data, width) == codec.shuffle(data, width)
+    assert n.shuffle(data, width) == encode.shuffle(data, width)
     assert n.unshuffle(n.shuffle(data, width), width) == data
-    assert n.hash128(data) == codec.digest(data)
+    assert n.hash128(data) == encode.digest(data)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_encode_buffer_accepts_tensors_and_views(be: str):
     t = (torch.randn(50_000) * 0.02).to(torch.bfloat16)
-    want = codec.encode_buffer(t.view(torch.uint8).numpy().tobytes(), 2, 8192, backend=be)
-    assert codec.encode_buffer(t, 2, 8192, backend=be) == want
-    assert codec.encode_buffer(memoryview(t.view(torch.uint8).numpy()), 2, 8192, backend=be) == want
-    assert codec.encode_buffer(t.view(torch.int16).numpy(), 2, 8192, backend=be) == want
-    assert any(c == codec.SHUFFLE_LZ4 for c, _, _ in want)
+    want = encode.encode_buffer(t.view(torch.uint8).numpy().tobytes(), 2, 8192, backend=be)
+    assert encode.encode_buffer(t, 2, 8192, backend=be) == want
+    assert (
+        encode.encode_buffer(memoryview(t.view(torch.uint8).numpy()), 2, 8192, backend=be) == want
+    )
+    assert encode.encode_buffer(t.view(torch.int16).numpy(), 2, 8192, backend=be) == want
+    assert any(c == encode.SHUFFLE_LZ4 for c, _, _ in want)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_encode_buffer_rejects_bad_arguments(be: str):
     with pytest.raises(ValueError):
-        codec.encode_buffer(b"\0" * 10, 4, 64, True, backend=be)  # not whole elements
+        encode.encode_buffer(b"\0" * 10, 4, 64, True, backend=be)  # not whole elements
     with pytest.raises(ValueError):
-        codec.encode_buffer(b"\0" * 64, 4, 30, True, backend=be)  # chunk splits elements
+        encode.encode_buffer(b"\0" * 64, 4, 30, True, backend=be)  # chunk splits elements
     with pytest.raises(ValueError):
-        codec.encode_buffer(b"\0" * 64, 0, 64, True, backend=be)
+        encode.encode_buffer(b"\0" * 64, 0, 64, True, backend=be)
     with pytest.raises(ValueError):
-        codec.encode_buffer(b"\0" * 64, 1, 0, True, backend=be)
+        encode.encode_buffer(b"\0" * 64, 1, 0, True, backend=be)
     with pytest.raises(ValueError):
-        codec.encode_buffer(np.zeros((8, 8), np.uint8)[:, ::2], 1, 64, True, backend=be)
+        encode.encode_buffer(np.zeros((8, 8), np.uint8)[:, ::2], 1, 64, True, backend=be)
 
 
 # ---- decode into a destination ------------------------------------------------------------
 
 
-def _items(data: np.ndarray, elem: int, chunk: int) -> list[codec.DecodeItem]:
-    recs = codec.encode_buffer(data, elem, chunk, True, 2, "python")
+def _items(data: np.ndarray, elem: int, chunk: int) -> list[encode.DecodeItem]:
+    recs = encode.encode_buffer(data, elem, chunk, True, 2, "python")
     return [
-        codec.DecodeItem(c, p, min(chunk, len(data) - i * chunk), elem, h, i * chunk)
+        encode.DecodeItem(c, p, min(chunk, len(data) - i * chunk), elem, h, i * chunk)
         for i, (c, p, h) in enumerate(recs)
     ]
 
@@ -261,7 +312,7 @@ def _items(data: np.ndarray, elem: int, chunk: int) -> list[codec.DecodeItem]:
 def test_decode_into_roundtrip(be: str, name: str, data: np.ndarray, elem: int):
     items = _items(data, elem, 4096)
     dest = np.full(len(data), 0xAA, np.uint8)
-    codec.decode_into(dest, items, threads=2, backend=be)
+    encode.decode_into(dest, items, threads=2, backend=be)
     assert dest.tobytes() == data.tobytes()
 
 
@@ -270,7 +321,7 @@ def test_decode_into_torch_destination(be: str):
     src = (torch.randn(10_000) * 0.02).to(torch.bfloat16)
     raw = src.view(torch.uint8).numpy()
     out = torch.empty_like(src)
-    codec.decode_into(out, _items(raw, 2, 4096), backend=be)
+    encode.decode_into(out, _items(raw, 2, 4096), backend=be)
     assert torch.equal(out, src)
 
 
@@ -280,18 +331,18 @@ def test_decode_into_hash_mismatch_names_chunk(be: str):
     items = _items(data, 4, 16_384)
     bad = list(items)
     bad[3] = bad[3]._replace(hash=bytes(16))
-    with pytest.raises(codec.ChunkHashError) as e:
-        codec.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
+    with pytest.raises(encode.ChunkHashError) as e:
+        encode.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
     assert e.value.index == 3
     assert isinstance(e.value, FormatError)
     # Without a hash the chunk is not verified.
     bad[3] = bad[3]._replace(hash=None)
-    codec.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
+    encode.decode_into(np.empty(len(data), np.uint8), bad, threads=2, backend=be)
 
 
-def _malformed(items: list[codec.DecodeItem]) -> list[tuple[str, codec.DecodeItem]]:
-    lz = next(it for it in items if it.codec == codec.SHUFFLE_LZ4)
-    raw = next(it for it in items if it.codec == codec.RAW)
+def _malformed(items: list[encode.DecodeItem]) -> list[tuple[str, encode.DecodeItem]]:
+    lz = next(it for it in items if it.codec == encode.SHUFFLE_LZ4)
+    raw = next(it for it in items if it.codec == encode.RAW)
     p = bytes(lz.payload)
     return [
         ("truncated", lz._replace(payload=p[: len(p) // 2])),
@@ -304,8 +355,8 @@ def _malformed(items: list[codec.DecodeItem]) -> list[tuple[str, codec.DecodeIte
         ("elem 0", lz._replace(elem_size=0)),
         ("elem 3", lz._replace(elem_size=3)),
         ("raw too short", raw._replace(payload=bytes(raw.payload)[:-1])),
-        ("raw as lz4", raw._replace(codec=codec.SHUFFLE_LZ4)),
-        ("lz4 as raw", lz._replace(codec=codec.RAW)),
+        ("raw as lz4", raw._replace(codec=encode.SHUFFLE_LZ4)),
+        ("lz4 as raw", lz._replace(codec=encode.RAW)),
     ]
 
 
@@ -323,8 +374,8 @@ def test_decode_into_malformed_records_raise_typed_errors(be: str):
             if case[pos].raw_len > len(data) - case[pos].dest_offset:
                 continue
             dest = np.empty(len(data), np.uint8)
-            with pytest.raises(codec.ChunkError) as e:
-                codec.decode_into(dest, case, threads=2, backend=be)
+            with pytest.raises(encode.ChunkError) as e:
+                encode.decode_into(dest, case, threads=2, backend=be)
             assert e.value.index == pos, name
 
 
@@ -337,26 +388,26 @@ def test_decode_into_refuses_chunks_outside_destination(be: str):
         items[0]._replace(raw_len=1 << 62),
         items[1]._replace(dest_offset=1 << 40),
     ):
-        with pytest.raises(codec.ChunkError):
-            codec.decode_into(np.empty(4096, np.uint8), [items[0], bad], backend=be)
+        with pytest.raises(encode.ChunkError):
+            encode.decode_into(np.empty(4096, np.uint8), [items[0], bad], backend=be)
     with pytest.raises(ValueError):
-        codec.decode_into(b"\0" * 4096, items, backend=be)  # read-only destination
+        encode.decode_into(b"\0" * 4096, items, backend=be)  # read-only destination
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_decode_single_chunk_errors(be: str):
     data = np.random.default_rng(2).integers(0, 4, 16384, dtype=np.uint8)
-    payload = codec.encode_buffer(data, 4, 1 << 20, backend="python")
+    payload = encode.encode_buffer(data, 4, 1 << 20, backend="python")
     cid, p, _ = payload[0]
-    assert cid == codec.SHUFFLE_LZ4
+    assert cid == encode.SHUFFLE_LZ4
     with pytest.raises(FormatError):
-        codec.decode(cid, p[:-5], 16384, 4, backend=be)
+        encode.decode(cid, p[:-5], 16384, 4, backend=be)
     with pytest.raises(FormatError):
-        codec.decode(cid, p, 1 << 50, 4, backend=be)  # refused before allocating
+        encode.decode(cid, p, 1 << 50, 4, backend=be)  # refused before allocating
     with pytest.raises(FormatError):
-        codec.decode(9, p, 16384, 4, backend=be)
+        encode.decode(9, p, 16384, 4, backend=be)
     with pytest.raises(FormatError):
-        codec.decode(codec.RAW, p, 16384, 4, backend=be)
+        encode.decode(encode.RAW, p, 16384, 4, backend=be)
 
 
 # ---- records on disk ----------------------------------------------------------------------
@@ -366,7 +417,7 @@ def _write(path: str, be: str, data, elem: int, chunk: int, compress=True, direc
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.pwrite(fd, b"H" * pos, 0)
-        res = codec.write_records(fd, path, pos, 5, data, elem, chunk, compress, 2, direct, be)
+        res = io.write_records(fd, path, pos, 5, data, elem, chunk, compress, 2, direct, be)
         assert os.lseek(fd, 0, os.SEEK_CUR) == res.end
     finally:
         os.close(fd)
@@ -391,13 +442,13 @@ def test_write_records_identical_files(tmp_path, name: str, data: np.ndarray, el
     )
 
 
-def _check_cross_read(path: str, res: codec.WriteResult, data: np.ndarray, elem: int, chunk: int):
+def _check_cross_read(path: str, res: io.WriteResult, data: np.ndarray, elem: int, chunk: int):
     """A file written by either path reads back, on both paths, to the bytes it was made of."""
     fd = os.open(path, os.O_RDONLY)
     try:
         for be in ("python", "native"):
             dest = np.full(len(data), 0xAA, np.uint8)
-            codec.read_into(fd, path, dest, _read_items(res, elem, chunk), 2, True, be)
+            io.read_records(fd, path, dest, _read_items(res, elem, chunk), 2, True, be)
             assert dest.tobytes() == data.tobytes(), be
     finally:
         os.close(fd)
@@ -453,7 +504,7 @@ def test_write_records_enospc_is_typed_oserror(be: str):
     fd = os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(OSError) as e:
-            codec.write_records(fd, "/dev/full", 0, 0, b"x" * 100_000, 1, 8192, backend=be)
+            io.write_records(fd, "/dev/full", 0, 0, b"x" * 100_000, 1, 8192, backend=be)
     finally:
         os.close(fd)
     assert e.value.errno == errno.ENOSPC
@@ -468,7 +519,7 @@ def test_write_records_injected_eio(tmp_path):
     try:
         n._inject_io_error(errno.EIO, 3)
         with pytest.raises(OSError) as e:
-            codec.write_records(fd, path, 0, 0, b"y" * 100_000, 1, 8192, backend="native")
+            io.write_records(fd, path, 0, 0, b"y" * 100_000, 1, 8192, backend="native")
     finally:
         n._inject_io_error(0)
         os.close(fd)
@@ -476,8 +527,8 @@ def test_write_records_injected_eio(tmp_path):
 
 
 class _EIOPread:
-    """``os`` as a module sees it (codec's record reads, fsutil's), but ``pread`` of a data file
-    (``*.ckg``) fails with EIO."""
+    """``os`` as ckptguard.io sees it (every record and header read of load and verify), but
+    ``pread`` of a data file (``*.ckg``) fails with EIO."""
 
     def __getattr__(self, name: str):
         return getattr(os, name)
@@ -506,7 +557,7 @@ def test_load_read_eio_is_store_error_naming_file(tmp_path, monkeypatch, be: str
         if be == "native":
             backend.native()._inject_io_error(errno.EIO, 1)  # the second record read
         else:
-            monkeypatch.setattr(codec, "os", _EIOPread())
+            monkeypatch.setattr(io, "os", _EIOPread())
         try:
             with pytest.raises(ckptguard.StoreError) as e:
                 ckptguard.load(path)
@@ -517,9 +568,9 @@ def test_load_read_eio_is_store_error_naming_file(tmp_path, monkeypatch, be: str
     assert type(err) is ckptguard.StoreError, err  # neither "full" nor "not writable"
     assert err.errno == errno.EIO and err.path == os.path.join(path, name) and err.file == name
     assert os.path.join(path, name) in str(err)
-    monkeypatch.setattr(codec, "os", os)
+    monkeypatch.setattr(io, "os", os)
     assert ckptguard.load(path)["ids"].equal(torch.arange(9_000))  # the hook was used up
-    monkeypatch.setattr(fsutil, "os", _EIOPread())
+    monkeypatch.setattr(io, "os", _EIOPread())
     with pytest.raises(ckptguard.StoreError) as e:
         ckptguard.verify(path)
     assert e.value.errno == errno.EIO and e.value.file == name
@@ -566,9 +617,9 @@ def test_load_unreadable_data_file_is_store_error(tmp_path):
         assert got == ["StoreNotWritableError", True, errno.EACCES, data_file, name], (be, got)
 
 
-def _read_items(res: codec.WriteResult, elem: int, chunk: int) -> list[codec.ReadItem]:
+def _read_items(res: io.WriteResult, elem: int, chunk: int) -> list[encode.ReadItem]:
     return [
-        codec.ReadItem(
+        encode.ReadItem(
             r.offset,
             align(64 + r.stored_len),
             r.codec,
@@ -585,21 +636,21 @@ def _read_items(res: codec.WriteResult, elem: int, chunk: int) -> list[codec.Rea
 
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("writer", BACKENDS)
-def test_read_into_roundtrip(tmp_path, be: str, writer: str):
+def test_read_records_roundtrip(tmp_path, be: str, writer: str):
     data = _model_like(300_000, torch.bfloat16)
     path = str(tmp_path / "r.ckg")
     res = _write(path, writer, data, 2, 65536)
     dest = np.zeros(len(data), np.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        codec.read_into(fd, path, dest, _read_items(res, 2, 65536), threads=2, backend=be)
+        io.read_records(fd, path, dest, _read_items(res, 2, 65536), threads=2, backend=be)
     finally:
         os.close(fd)
     assert dest.tobytes() == data.tobytes()
 
 
 @pytest.mark.parametrize("be", BACKENDS)
-def test_read_into_detects_damage(tmp_path, be: str):
+def test_read_records_detects_damage(tmp_path, be: str):
     data = _model_like(100_000, torch.float32)
     path = str(tmp_path / "r.ckg")
     res = _write(path, "python", data, 4, 65536)
@@ -611,39 +662,39 @@ def test_read_into_detects_damage(tmp_path, be: str):
             f.write(content)
         fd = os.open(path, os.O_RDONLY)
         try:
-            codec.read_into(fd, path, np.empty(len(data), np.uint8), its, 2, True, be)
+            io.read_records(fd, path, np.empty(len(data), np.uint8), its, 2, True, be)
         finally:
             os.close(fd)
 
     r2 = res.records[2]
     flip = bytearray(good)
     flip[r2.offset + 64 + r2.stored_len // 2] ^= 0x40
-    with pytest.raises(codec.ChunkError) as e:  # LZ4 garbage or a hash mismatch
+    with pytest.raises(encode.ChunkError) as e:  # LZ4 garbage or a hash mismatch
         attempt(bytes(flip))
     assert e.value.index == 2
     pad = bytearray(good)
     pad[r2.offset + 64 + r2.stored_len] = 1
-    with pytest.raises(codec.ChunkError, match="padding") as e:
+    with pytest.raises(encode.ChunkError, match="padding") as e:
         attempt(bytes(pad))
-    assert e.value.index == 2 and not isinstance(e.value, codec.ChunkHashError)
+    assert e.value.index == 2 and not isinstance(e.value, encode.ChunkHashError)
     hdr = bytearray(good)
     hdr[r2.offset + 1] ^= 1
-    with pytest.raises(codec.ChunkError) as e:
+    with pytest.raises(encode.ChunkError) as e:
         attempt(bytes(hdr))
     assert e.value.index == 2
-    with pytest.raises(codec.ChunkError, match="truncated") as e:
+    with pytest.raises(encode.ChunkError, match="truncated") as e:
         attempt(good[: res.records[-1].offset + 100])
     assert e.value.index == len(items) - 1
     wrong_seq = [*items[:1], items[1]._replace(seq=99), *items[2:]]
-    with pytest.raises(codec.ChunkError) as e:
+    with pytest.raises(encode.ChunkError) as e:
         attempt(good, wrong_seq)
     assert e.value.index == 1
-    raw_rec = next(i for i, r in enumerate(res.records) if r.codec == codec.RAW)
+    raw_rec = next(i for i, r in enumerate(res.records) if r.codec == encode.RAW)
     if raw_rec is not None:  # a raw chunk with a flipped byte decodes, then fails its hash
         rr = res.records[raw_rec]
         body = bytearray(good)
         body[rr.offset + 64 + 10] ^= 0x01
-        with pytest.raises(codec.ChunkHashError) as e:
+        with pytest.raises(encode.ChunkHashError) as e:
             attempt(bytes(body))
         assert e.value.index == raw_rec
 
@@ -765,11 +816,11 @@ def test_thread_count_sources():
 @NATIVE_SKIP
 def test_concurrent_callers_get_the_same_bytes():
     data = _model_like(400_000, torch.bfloat16)
-    want = codec.encode_buffer(data, 2, 32768, True, 2, "python")
+    want = encode.encode_buffer(data, 2, 32768, True, 2, "python")
     results: list = [None] * 4
 
     def run(i: int) -> None:
-        results[i] = codec.encode_buffer(data, 2, 32768, True, 3, "native")
+        results[i] = encode.encode_buffer(data, 2, 32768, True, 3, "native")
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in ts:
@@ -785,12 +836,12 @@ _FORK_DATA = np.random.default_rng(9).integers(0, 4, 300_000, dtype=np.uint8)
 
 
 def _child_encode(q) -> None:  # a forked child, after the parent used the pool (no torch here)
-    q.put(codec.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native"))
+    q.put(encode.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native"))
 
 
 @NATIVE_SKIP
 def test_pool_survives_fork():
-    want = codec.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native")
+    want = encode.encode_buffer(_FORK_DATA, 2, 16384, True, 2, "native")
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_child_encode, args=(q,))

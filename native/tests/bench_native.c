@@ -95,14 +95,16 @@ int main(int argc, char **argv) {
             size_t stored = 0;
             for (int r = 0; r < reps; r++) {
                 double t = now();
-                if (ckg_encode_buffer(buf, len, elems[e], chunk, 1, threads, outs, res, &f)) return 1;
+                if (ckg_encode_buffer(buf, len, elems[e], chunk, 1, threads, outs, res, &f))
+                    return 1;
                 t = now() - t;
                 if (t < be) be = t;
                 stored = 0;
                 for (size_t i = 0; i < n; i++) {
                     stored += res[i].stored_len;
-                    items[i] = (ckg_decode_item){res[i].codec, elems[e], outs[i], res[i].stored_len,
-                                                 res[i].raw_len, res[i].hash, dst + i * chunk};
+                    items[i] = (ckg_decode_item){res[i].codec,      elems[e],       outs[i],
+                                                 res[i].stored_len, res[i].raw_len, res[i].hash,
+                                                 dst + i * chunk};
                 }
                 t = now();
                 if (ckg_decode_many(items, n, threads, &f)) return 1;

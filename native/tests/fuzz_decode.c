@@ -103,11 +103,10 @@ static void mutate(uint8_t **buf, size_t *len) {
     size_t n = *len;
     switch (rnd() % 9) {
     case 0: /* bit flips */
-        for (int k = 0, m = 1 + (int)(rnd() % 8); k < m && n; k++) b[rnd() % n] ^= (uint8_t)(1u << (rnd() % 8));
+        for (int k = 0, m = 1 + (int)(rnd() % 8); k < m && n; k++)
+            b[rnd() % n] ^= (uint8_t)(1u << (rnd() % 8));
         break;
-    case 1: /* truncate */
-        *len = n ? (size_t)(rnd() % n) : 0;
-        break;
+    case 1: /* truncate */ *len = n ? (size_t)(rnd() % n) : 0; break;
     case 2: { /* extend with garbage */
         size_t extra = 1 + rnd() % 5000;
         b = realloc(b, n + extra);
@@ -117,14 +116,22 @@ static void mutate(uint8_t **buf, size_t *len) {
     }
     case 3: /* raw_len: off by one, huge, zero, random */
         if (n >= 16) {
-            uint64_t choices[] = {0, 1, 0xFFFFFFFFFFFFFFFFull, 0x7FFFFFFFull, (uint64_t)rnd() % 70000,
+            uint64_t choices[] = {0,
+                                  1,
+                                  0xFFFFFFFFFFFFFFFFull,
+                                  0x7FFFFFFFull,
+                                  (uint64_t)rnd() % 70000,
                                   (uint64_t)(b[8] | b[9] << 8) + 1};
             put_le64(b + 8, choices[rnd() % 6]);
         }
         break;
     case 4: /* stored_len */
         if (n >= 24) {
-            uint64_t choices[] = {0, 1, 0xFFFFFFFFFFFFFFFFull, (uint64_t)n, (uint64_t)n - 63,
+            uint64_t choices[] = {0,
+                                  1,
+                                  0xFFFFFFFFFFFFFFFFull,
+                                  (uint64_t)n,
+                                  (uint64_t)n - 63,
                                   (uint64_t)rnd() % 70000};
             put_le64(b + 16, choices[rnd() % 6]);
         }

@@ -15,13 +15,13 @@
 
 static int failures, checks;
 
-#define CHECK(cond)                                                                     \
-    do {                                                                                \
-        checks++;                                                                       \
-        if (!(cond)) {                                                                  \
-            failures++;                                                                 \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
-        }                                                                               \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        checks++;                                                                                  \
+        if (!(cond)) {                                                                             \
+            failures++;                                                                            \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
+        }                                                                                          \
     } while (0)
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -36,11 +36,12 @@ static uint64_t rnd(void) { /* xorshift64* */
 static void fill(uint8_t *p, size_t n, unsigned elem, int kind) {
     for (size_t i = 0; i < n; i++) {
         switch (kind) {
-        case 0: p[i] = (uint8_t)rnd(); break;                          /* random */
-        case 1: p[i] = 0; break;                                       /* zeros */
-        case 2: p[i] = (i % elem == elem - 1) ? (uint8_t)(0x3C + (rnd() & 1)) : (uint8_t)rnd();
-            break;                                                     /* bf16/fp32-like */
-        default: p[i] = (uint8_t)(rnd() & 3); break;                   /* low entropy */
+        case 0: p[i] = (uint8_t)rnd(); break; /* random */
+        case 1: p[i] = 0; break;              /* zeros */
+        case 2:
+            p[i] = (i % elem == elem - 1) ? (uint8_t)(0x3C + (rnd() & 1)) : (uint8_t)rnd();
+            break;                                   /* bf16/fp32-like */
+        default: p[i] = (uint8_t)(rnd() & 3); break; /* low entropy */
         }
     }
 }
@@ -221,7 +222,7 @@ static void test_pipelines(void) {
     uint8_t *dst = malloc(len);
     ckg_decode_item items[8];
     for (size_t i = 0; i < n; i++)
-        items[i] = (ckg_decode_item){ref[i].codec, 2, outs[i], ref[i].stored_len,
+        items[i] = (ckg_decode_item){ref[i].codec,   2,           outs[i],        ref[i].stored_len,
                                      ref[i].raw_len, ref[i].hash, dst + i * chunk};
     for (int threads = 1; threads <= 4; threads++) {
         memset(dst, 0xAA, len);
@@ -254,8 +255,8 @@ static void test_pipelines(void) {
             for (size_t i = 0; i < n; i++) {
                 CHECK(res[i].offset == pos && res[i].stored_len == ref[i].stored_len);
                 size_t ext = ckg_align_up(CKG_REC_HDR + res[i].stored_len);
-                ckg_rec_header w = {res[i].codec, 2, res[i].raw_len, res[i].stored_len, {0},
-                                    (uint32_t)(7 + i)};
+                ckg_rec_header w = {res[i].codec,      2,   res[i].raw_len,
+                                    res[i].stored_len, {0}, (uint32_t)(7 + i)};
                 memcpy(w.hash, res[i].hash, 16);
                 ri[i] = (ckg_read_item){pos, ext, w, 1, dst + i * chunk};
                 pos += ext;

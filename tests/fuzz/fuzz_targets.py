@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from ckptguard import backend, codec
+from ckptguard import backend, encode, io
 from ckptguard.errors import CheckpointError
 from ckptguard.format import index, manifest, strict_json
 from ckptguard.format.datafile import (
@@ -346,9 +346,9 @@ def decode_input(cid: int, elem: int, raw_len: int, payload: bytes) -> bytes:
 
 
 def t_decode(data: bytes) -> None:
-    """One payload through codec.decode on both backends: the same bytes or both a FormatError."""
+    """One payload through encode.decode on both backends: the same bytes or both a FormatError."""
     cid, elem, raw_len, payload = _decode_args(Bytes(data))
-    _both(lambda be: codec.decode(cid, payload, raw_len, elem, backend=be))
+    _both(lambda be: encode.decode(cid, payload, raw_len, elem, backend=be))
 
 
 def t_decode_lz4(data: bytes) -> None:
@@ -358,7 +358,7 @@ def t_decode_lz4(data: bytes) -> None:
     elem = (1, 2, 4, 8, 16)[b.byte() % 5]
     raw_len = max(elem, b.uint(3) % (MAX_DEST + 1) // elem * elem)
     payload = b.rest()
-    _both(lambda be: codec.decode(1, payload, raw_len, elem, backend=be))
+    _both(lambda be: encode.decode(1, payload, raw_len, elem, backend=be))
 
 
 def _both(call: Callable[[str], Any]) -> None:
@@ -382,7 +382,7 @@ def _short(o: tuple) -> str:
 
 
 def t_record_read(data: bytes) -> None:
-    """A chunk record in a file read by codec.read_into on both backends, with an item built
+    """A chunk record in a file read by io.read_records on both backends, with an item built
     from its header (as the index would give it) or perturbed by the input: typed errors only,
     identical outcome and bytes."""
     b = Bytes(data)
@@ -407,7 +407,7 @@ def t_record_read(data: bytes) -> None:
     extent = align(RECORD_HEADER_SIZE + stored_len)
     if flags & 4:
         extent = align(len(rec)) or HEADER_SIZE
-    item = codec.ReadItem(HEADER_SIZE, extent, codec_id, elem, raw_len, stored_len, digest, 0, seq)
+    item = encode.ReadItem(HEADER_SIZE, extent, codec_id, elem, raw_len, stored_len, digest, 0, seq)
     dest_len = min(max(raw_len, 0), MAX_DEST)
     fd = os.memfd_create("record")
     try:
@@ -415,7 +415,7 @@ def t_record_read(data: bytes) -> None:
 
         def read(be: str) -> bytes:
             dest = np.zeros(dest_len, np.uint8)
-            codec.read_into(fd, "record", dest, [item], threads=1, verify=True, backend=be)
+            io.read_records(fd, "record", dest, [item], threads=1, verify=True, backend=be)
             return dest.tobytes()
 
         _both(read)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptguard import codec
+from ckptguard import encode, io
 from ckptguard.format.datafile import FormatError
 
 SETTINGS = settings(
@@ -247,12 +247,12 @@ def test_tree_decoder_agrees_with_the_independent_reader(tree: Any) -> None:
     payload=st.binary(max_size=2048),
 )
 def test_decode_arguments(cid: int, elem: int, raw_len: int, payload: bytes) -> None:
-    """codec.decode with any arguments: the same bytes on both backends, or a FormatError on
+    """encode.decode with any arguments: the same bytes on both backends, or a FormatError on
     both; never an allocation before the lengths are checked (raw_len up to 2**64)."""
 
     def decode() -> None:
         with contextlib.suppress(FormatError):
-            ft._both(lambda be: codec.decode(cid, payload, raw_len, elem, backend=be))
+            ft._both(lambda be: encode.decode(cid, payload, raw_len, elem, backend=be))
 
     assert ft.peak_allocation(decode) <= 4 * (1 << 16) + (1 << 20)  # outputs of raw_len <= 64 KiB
 
@@ -274,10 +274,10 @@ def test_decode_arguments(cid: int, elem: int, raw_len: int, payload: bytes) -> 
     fill=st.integers(0, 255),
 )
 def test_decode_into_items(items: list[tuple], fill: int) -> None:
-    """codec.decode_into with hostile items (lengths, offsets, codecs): ChunkError on both
+    """encode.decode_into with hostile items (lengths, offsets, codecs): ChunkError on both
     backends for the same item, or the same bytes in the destination."""
     built = [
-        codec.DecodeItem(c, bytes([fill]) * n, raw, e, bytes(16) if h else None, off)
+        encode.DecodeItem(c, bytes([fill]) * n, raw, e, bytes(16) if h else None, off)
         for c, n, raw, e, h, off in items
     ]
     outs = []
@@ -286,9 +286,9 @@ def test_decode_into_items(items: list[tuple], fill: int) -> None:
 
         def decode() -> None:
             try:
-                codec.decode_into(dest, built, threads=2, backend=be)  # noqa: B023
+                encode.decode_into(dest, built, threads=2, backend=be)  # noqa: B023
                 outs.append(("ok", dest.tobytes()))  # noqa: B023
-            except codec.ChunkError as e:
+            except encode.ChunkError as e:
                 outs.append(("err", e.index))
 
         assert ft.peak_allocation(decode) < 1 << 20  # nothing sized by a hostile length
@@ -305,24 +305,24 @@ def test_decoder_findings(be: str) -> None:
     """Inputs the fuzzers found that escaped as ValueError/OverflowError, or that C read as
     other numbers than Python (a negative offset wrapped around to a valid one)."""
     with pytest.raises(FormatError, match="negative"):
-        codec.decode(1, b"\x10abc", -1, 1, backend=be)  # was ValueError
+        encode.decode(1, b"\x10abc", -1, 1, backend=be)  # was ValueError
     with pytest.raises(FormatError, match="elem_size"):
-        codec.decode(1, b"", 0, 1 << 31, backend=be)  # was OverflowError (native)
+        encode.decode(1, b"", 0, 1 << 31, backend=be)  # was OverflowError (native)
     dest = np.zeros(4096, np.uint8)
-    item = codec.DecodeItem(0, b"x" * 16, 16, 1, None, -(1 << 64) + 100)
-    with pytest.raises(codec.ChunkError):  # native wrote at offset 100
-        codec.decode_into(dest, [item], backend=be)
+    item = encode.DecodeItem(0, b"x" * 16, 16, 1, None, -(1 << 64) + 100)
+    with pytest.raises(encode.ChunkError):  # native wrote at offset 100
+        encode.decode_into(dest, [item], backend=be)
     assert not dest.any()
     fd = os.memfd_create("r")
     try:
         os.pwrite(fd, bytes(8192), 0)
         for bad in (
-            codec.ReadItem(4096, 1 << 41, 0, 1, 16, 16, bytes(16), 0, 0),  # was ValueError
-            codec.ReadItem(4096, 4096, 1 << 31, 1, 16, 16, bytes(16), 0, 0),  # was OverflowError
-            codec.ReadItem(4096, 4096, 0, 1, 16, 16, bytes(16), -(1 << 64), 0),
+            encode.ReadItem(4096, 1 << 41, 0, 1, 16, 16, bytes(16), 0, 0),  # was ValueError
+            encode.ReadItem(4096, 4096, 1 << 31, 1, 16, 16, bytes(16), 0, 0),  # was OverflowError
+            encode.ReadItem(4096, 4096, 0, 1, 16, 16, bytes(16), -(1 << 64), 0),
         ):
-            with pytest.raises(codec.ChunkError):
-                codec.read_into(fd, "r", dest, [bad], backend=be)
+            with pytest.raises(encode.ChunkError):
+                io.read_records(fd, "r", dest, [bad], backend=be)
     finally:
         os.close(fd)
 
