@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
@@ -22,7 +24,6 @@ MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
-ALL_FEATURES = frozenset({"pickle", "incremental", "encryption", RANK_TREE_DIFFS, PER_RANK_TENSORS})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -62,6 +63,70 @@ _TOTALS = {"tensors": int, "chunks": int, "raw_bytes": int, "stored_bytes": int,
 
 class FormatVersionProblem(FormatError):
     """The manifest is intact but needs a newer reader."""
+
+
+def features(pickle: bool, rank_trees: dict, tensors: list[dict]) -> list[str]:
+    """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
+    per-rank tensors."""
+    return [
+        *(["pickle"] if pickle else []),
+        *([RANK_TREE_DIFFS] if rank_trees else []),
+        *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
+    ]
+
+
+def totals(table: pa.Table, tensors: int, files: int) -> dict[str, int]:
+    """The manifest's ``totals`` member for an index ``table`` of ``tensors`` tensors and
+    ``files`` data files."""
+    return {
+        "tensors": tensors,
+        "chunks": table.num_rows,
+        "raw_bytes": int(pc.sum(table.column("raw_len")).as_py() or 0),
+        "stored_bytes": int(pc.sum(table.column("stored_len")).as_py() or 0),
+        "files": files,
+    }
+
+
+def build(
+    *,
+    name: str,
+    uuid: str,
+    world_size: int,
+    step: int | None,
+    writer: dict[str, str],
+    metadata: Any,
+    tree: Any,
+    rank_trees: dict[str, Any],
+    tensors: list[dict],
+    files: list[dict],
+    index: dict,
+    table: pa.Table,
+    pickle: bool,
+    created: dt.datetime | None = None,
+) -> dict:
+    """The manifest body (format.md section 3) of a checkpoint whose index is ``table``.
+
+    ``created`` None leaves the member empty for the commit to stamp (``format_time``) just
+    before the manifest is written; features and totals are derived here, never by callers.
+    """
+    return {
+        "format": "ckptguard",
+        "format_version": FORMAT_VERSION,
+        "features": features(pickle, rank_trees, tensors),
+        "name": name,
+        "uuid": uuid,
+        "created": "" if created is None else format_time(created),
+        "step": step,
+        "world_size": world_size,
+        "writer": writer,
+        "metadata": metadata,
+        "tree": tree,
+        "rank_trees": rank_trees,
+        "tensors": tensors,
+        "files": files,
+        "index": index,
+        "totals": totals(table, len(tensors), len(files)),
+    }
 
 
 def encode(body: dict) -> bytes:
@@ -180,6 +245,7 @@ def validate(doc: Any) -> None:
 
 
 def parse_time(text: str) -> dt.datetime:
+    """``manifest.created`` as an aware UTC datetime; FormatError if it is not one."""
     try:
         return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
     except (TypeError, ValueError):
@@ -187,6 +253,7 @@ def parse_time(text: str) -> dt.datetime:
 
 
 def format_time(t: dt.datetime) -> str:
+    """``t`` as ``manifest.created`` writes it (UTC, microseconds, a trailing Z)."""
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
