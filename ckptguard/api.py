@@ -87,8 +87,9 @@ def resolve(path: str | os.PathLike) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
-    if os.path.lexists(os.path.join(p, LATEST)):
-        target = os.path.join(p, Store(p).latest_name())
+    latest = Store(p).latest_name() if os.path.lexists(os.path.join(p, LATEST)) else None
+    if latest is not None:
+        target = os.path.join(p, latest)
         if os.path.islink(target) or not os.path.isfile(os.path.join(target, MANIFEST)):
             raise CorruptCheckpointError(
                 f"LATEST names {os.path.basename(target)!r}, which is not a committed checkpoint",

@@ -230,10 +230,18 @@ class Checkpointer:
         self._persists: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         ref = weakref.ref(self)
-        _at_exit(lambda: (c := ref()) is not None and c.close())
+
+        def close_at_exit() -> None:
+            c = ref()
+            if c is not None:
+                c.close()
+
+        _at_exit(close_at_exit)
 
     # -- public ---------------------------------------------------------------------------------
-    def save_async(self, obj: Any, name: str | os.PathLike, *, lazy: bool = False, **kw: Any):
+    def save_async(
+        self, obj: Any, name: str | os.PathLike, *, lazy: bool = False, **kw: Any
+    ) -> SaveHandle:
         """Start saving ``obj`` as ``<store>/<name>``; returns a ``SaveHandle``.
 
         Returns once the snapshot is taken (the caller may then change its tensors), or at once
@@ -374,6 +382,7 @@ class Checkpointer:
             snap.wait()
             handoff_id = None
             if self.handoff is not None:  # from here on the agent commits it, come what may
+                assert isinstance(region.tag, int)  # the agent's id of the shared pool
                 handoff_id = self.handoff.submit(
                     region.buf, region.tag, snap.state, h.path, h.options
                 )

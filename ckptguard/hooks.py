@@ -35,6 +35,12 @@ def remove_commit_hook(fn: CommitHook) -> None:
             _hooks.remove(fn)
 
 
+def registered() -> list[CommitHook]:
+    """The hooks, in the order they run."""
+    with _lock:
+        return list(_hooks)
+
+
 def run_commit_hooks(info: CheckpointInfo) -> None:
     """Call every hook with the committed checkpoint's ``info``, in the order they were added.
 

@@ -228,14 +228,15 @@ def notify_committed(path: str | os.PathLike[str], step: int | None = None) -> b
     return True
 
 
-def _tell_agent(info: CheckpointInfo) -> None:
+def notify_agent_of_commit(info: CheckpointInfo) -> None:
+    """The commit hook: ``notify_committed`` for a checkpoint this process committed."""
     notify_committed(info.path, info.step)
 
 
 def register_commit_hook() -> None:
     """Tell the agent of every save this process commits (``hooks``); idempotent. Done when
     this module is imported: any process that saves through ``ckptguard.save`` imports it."""
-    add_commit_hook(_tell_agent)
+    add_commit_hook(notify_agent_of_commit)
 
 
 register_commit_hook()
