@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import platform
@@ -426,7 +427,8 @@ class _Save:
         return {"ok": True, "info": info_to_json(dataclasses.replace(info, warnings=tuple(late)))}
 
     def manifest_body(self, reports: list[tuple[dict, pa.Table | None]]) -> dict:
-        """Check the ranks' index rows, write the index, and build the manifest body."""
+        """Check the ranks' index rows, write the index, and build the whole manifest body
+        (``created``: now, the moment it is handed to the commit)."""
         assert self.rank0 is not None
         p = self.rank0
         table = pa.concat_tables([t for _, t in reports if t is not None])
@@ -449,6 +451,7 @@ class _Save:
             index=index_entry,
             table=table,
             pickle=p.pickle,
+            created=dt.datetime.now(dt.timezone.utc),
         )
 
 

@@ -106,8 +106,9 @@ def build(
 ) -> dict:
     """The manifest body (format.md section 3) of a checkpoint whose index is ``table``.
 
-    ``created`` None leaves the member empty for the commit to stamp (``format_time``) just
-    before the manifest is written; features and totals are derived here, never by callers.
+    ``created`` is when the checkpoint is committed (None: an empty member, for a caller that
+    stamps it later with ``format_time``); features and totals are derived here, never by
+    callers.
     """
     return {
         "format": "ckptguard",
