@@ -206,15 +206,24 @@ def validate(doc: Any) -> None:
             raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
         if diffs:
             check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
+    _validate_tensors(doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats)
+    _validate_files(doc["files"])
+    _typed(doc["index"], _INDEX, "manifest.index")
+    if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
+        raise FormatError("manifest.index is invalid")
+    _typed(doc["totals"], _TOTALS, "manifest.totals")
+
+
+def _validate_tensors(tensors: list, world_size: int, per_rank: bool) -> None:
+    """Check ``manifest.tensors`` (format.md section 3.1)."""
     keys = set()
-    per_rank = PER_RANK_TENSORS in feats
-    for i, t in enumerate(doc["tensors"]):
+    for i, t in enumerate(tensors):
         if per_rank and isinstance(t, dict) and "per_rank" in t:
             if t["per_rank"] is not True:
                 raise FormatError(f"manifest.tensors[{i}].per_rank is not true")
             t = {k: v for k, v in t.items() if k != "per_rank"}
             shape = t.get("shape")
-            if not isinstance(shape, list) or not shape or shape[0] != doc["world_size"]:
+            if not isinstance(shape, list) or not shape or shape[0] != world_size:
                 raise FormatError(
                     f"manifest.tensors[{i}] is per-rank but its first dimension is not world_size"
                 )
@@ -233,16 +242,16 @@ def validate(doc: Any) -> None:
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
         keys.add(t["key"])
+
+
+def _validate_files(files: list) -> None:
+    """Check ``manifest.files``: one entry per data file, named for its rank."""
     names = set()
-    for i, f in enumerate(doc["files"]):
+    for i, f in enumerate(files):
         _typed(f, _FILE, f"manifest.files[{i}]")
         if datafile_rank(f["name"]) != f["rank"] or f["size"] < 0 or f["name"] in names:
             raise FormatError(f"manifest.files[{i}] has an invalid name, rank or size")
         names.add(f["name"])
-    _typed(doc["index"], _INDEX, "manifest.index")
-    if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
-        raise FormatError("manifest.index is invalid")
-    _typed(doc["totals"], _TOTALS, "manifest.totals")
 
 
 def parse_time(text: str) -> dt.datetime:
