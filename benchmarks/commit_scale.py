@@ -69,7 +69,7 @@ class _Columns:
 def rank_report(c: _Columns, rank: int, rows: int) -> bytes:
     """What rank ``rank`` sends rank 0: one 64-row shard of each of ``rows`` 2-D tensors."""
     from ckptguard.format.index import SCHEMA
-    from ckptguard.saver import _ipc, _pack
+    from ckptguard.report import pack, to_ipc
 
     n = rows
     offs = np.zeros((n, 2), np.int64)
@@ -104,7 +104,7 @@ def rank_report(c: _Columns, rank: int, rows: int) -> bytes:
         "written_at": 0.0,
         "file": {"name": name, "rank": rank, "size": 4096 + n * RECORD + 10**6, "chunks": n},
     }
-    return _pack(doc, _ipc(table))
+    return pack(doc, to_ipc(table))
 
 
 def rank_tree(rank: int, rows: int) -> dict:
@@ -118,8 +118,8 @@ def rank_tree(rank: int, rows: int) -> dict:
 
 def rank_description(c: _Columns, rank: int, ranks: int, rows: int) -> bytes:
     """What rank ``rank`` sends first: its tree and the description of its tensors."""
-    from ckptguard.plan import DESC_SCHEMA
-    from ckptguard.saver import _dump, _ipc, _pack
+    from ckptguard.inventory import DESC_SCHEMA
+    from ckptguard.report import dump_json, pack, to_ipc
 
     n = rows
     offs = np.zeros((n, 2), np.int64)
@@ -142,39 +142,40 @@ def rank_description(c: _Columns, rank: int, ranks: int, rows: int) -> bytes:
         ],
         schema=DESC_SCHEMA,
     )
-    return _pack({"ok": True, "pickle": False}, _dump(rank_tree(rank, n)), _ipc(desc))
+    return pack({"ok": True, "pickle": False}, dump_json(rank_tree(rank, n)), to_ipc(desc))
 
 
-def _body(plan, tree0: dict, rank_trees: dict, ranks: int) -> dict:  # noqa: ANN001
-    from ckptguard.format import FORMAT_VERSION
-    from ckptguard.format.ranktrees import RANK_TREE_DIFFS
+def _body(plan, tree0: dict, rank_trees: dict, ranks: int, files: list, entry: dict, table) -> dict:  # noqa: ANN001
+    import datetime as dt
 
-    return {
-        "format": "ckptguard",
-        "format_version": FORMAT_VERSION,
-        "features": [RANK_TREE_DIFFS] if rank_trees else [],
-        "name": "sim",
-        "uuid": "0" * 32,
-        "created": "2026-11-27T00:00:00.000000Z",
-        "step": 100,
-        "world_size": ranks,
-        "writer": {"ckptguard": "bench"},
-        "metadata": None,
-        "tree": tree0,
-        "rank_trees": rank_trees,
-        "tensors": plan.tensors,
-    }
+    from ckptguard.format import manifest
+
+    return manifest.build(
+        name="sim",
+        uuid="0" * 32,
+        world_size=ranks,
+        step=100,
+        writer={"ckptguard": "bench"},
+        metadata=None,
+        tree=tree0,
+        rank_trees=rank_trees,
+        tensors=plan.tensors,
+        files=files,
+        index=entry,
+        table=table,
+        pickle=False,
+        created=dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc),
+    )
 
 
 def simulate(
     ranks: int, rows: int, trials: int, load: bool = False, old_path: bool = False
 ) -> dict:
     """Time rank 0's work on simulated messages of ``ranks`` ranks with ``rows`` tensors each."""
-    import pyarrow.compute as pc
-
     from ckptguard.format import manifest
     from ckptguard.plan import make_plan
-    from ckptguard.saver import _from_ipc, _merge_trees, _report, _unpack, validate_and_index
+    from ckptguard.report import from_ipc, merge_trees, unpack, unpack_report
+    from ckptguard.saver import validate_and_index
 
     c = _Columns(ranks, rows)
     descs = [rank_description(c, r, ranks, rows) for r in range(ranks)]
@@ -185,31 +186,20 @@ def simulate(
         d = tempfile.mkdtemp(dir=".")
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()
-        msgs = [_unpack(b) for b in descs]
-        tables = [_from_ipc(parts[1]) for _, parts in msgs]
+        msgs = [unpack(b) for b in descs]
+        tables = [from_ipc(parts[1]) for _, parts in msgs]
         plan = make_plan(tables)
         t_plan = time.perf_counter()
-        tree0, rank_trees = _merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
+        tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
         t1 = time.perf_counter()
-        parsed = [_report(b) for b in reports]
+        parsed = [unpack_report(b) for b in reports]
         table = pa.concat_tables([t for _, t in parsed])
         files = [doc["file"] for doc, _ in parsed]
         sizes = {f["name"]: f["size"] for f in files}
         t2 = time.perf_counter()
         entry = validate_and_index(d, table, plan.tensors, sizes, set())
         t3 = time.perf_counter()
-        body = _body(plan, tree0, rank_trees, ranks)
-        body.update(
-            files=files,
-            index=entry,
-            totals={
-                "tensors": len(plan.tensors),
-                "chunks": table.num_rows,
-                "raw_bytes": int(pc.sum(table.column("raw_len")).as_py()),
-                "stored_bytes": int(pc.sum(table.column("stored_len")).as_py()),
-                "files": len(files),
-            },
-        )
+        body = _body(plan, tree0, rank_trees, ranks, files, entry, table)
         data = manifest.encode(body)
         manifest.decode(data)  # commit reads back what it is about to write
         t4, c4 = time.perf_counter(), time.process_time()

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
-import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-import lz4
-import numpy as np
-import pyarrow
-import torch
-import xxhash
-
+from .agent import client as agent_client
 from .coord import Coordinator, current_rank, current_size
 from .coord import auto as coord_auto
-from .encode import check_chunk_size
 from .errors import (
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
-    UnsupportedObjectError,
     from_oserror,
 )
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
@@ -33,8 +25,6 @@ from .place import MapLocation
 from .read import Problem, VerifyReport, verify_checkpoint
 from .saver import SaveOptions, save_state
 from .store import Store
-from .version import __version__
-from .writer import DEFAULT_CHUNK
 
 __all__ = [
     "CheckpointDescription",
@@ -49,34 +39,16 @@ __all__ = [
 
 T = TypeVar("T")
 
-_COMPRESS = {"auto": True, "lz4": True, "none": False}
-
-
-def _writer_versions() -> dict[str, str]:
-    return {
-        "ckptguard": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "lz4": lz4.__version__,
-        "xxhash": xxhash.VERSION,
-        "pyarrow": pyarrow.__version__,
-    }
+# A process that saves through this module tells its ``ckptguard run`` agent of each commit.
+agent_client.register_commit_hook()
 
 
 def save(
     obj: Any,
     path: str | os.PathLike,
     *,
-    compress: str = "auto",
-    metadata: Any = None,
-    overwrite: bool = False,
-    step: int | None = None,
-    allow_pickle: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
     coordinator: Coordinator | str | None = None,
-    timeout: float = 600.0,
-    check_replicated: bool = True,
+    **options: Any,
 ) -> CheckpointInfo:
     """Save ``obj`` atomically as checkpoint ``<store>/<name>``: whole and verified, or absent.
 
@@ -90,56 +62,26 @@ def save(
     ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%) or
     "none". An existing name is an error unless ``overwrite``, which
     commits the new checkpoint first and removes the old one after. LATEST then names it.
-    ``timeout`` bounds each wait for the other ranks.
+    ``timeout`` bounds each wait for the other ranks. The options and their defaults are the
+    fields of ``SaveOptions``; a name it does not have is a TypeError.
     """
-    opt = save_options(
-        compress=compress,
-        metadata=metadata,
-        overwrite=overwrite,
-        step=step,
-        allow_pickle=allow_pickle,
-        chunk_size=chunk_size,
-        timeout=timeout,
-        check_replicated=check_replicated,
-    )
+    opt = SaveOptions.from_kwargs(options)
     store, name = split_path(path)
-    return save_state(obj, store, name, coord_auto(coordinator, timeout), opt)
+    return save_state(obj, store, name, coord_auto(coordinator, opt.timeout), opt)
 
 
-def save_options(
-    *,
-    compress: str = "auto",
-    metadata: Any = None,
-    overwrite: bool = False,
-    step: int | None = None,
-    allow_pickle: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
-    timeout: float = 600.0,
-    check_replicated: bool = True,
-) -> SaveOptions:
-    """``save``'s options, checked (the keyword arguments of ``save`` but path and coordinator)."""
-    if compress not in _COMPRESS:
-        raise ValueError(f"compress must be one of {sorted(_COMPRESS)}, not {compress!r}")
-    if step is not None and (type(step) is not int):
-        raise TypeError("step must be an int or None")
-    check_chunk_size(chunk_size)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
-        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
-    return SaveOptions(
-        compress=_COMPRESS[compress],
-        metadata=metadata,
-        overwrite=overwrite,
-        step=step,
-        allow_pickle=allow_pickle,
-        chunk_size=chunk_size,
-        timeout=timeout,
-        check_replicated=check_replicated,
-        writer_versions=_writer_versions(),
-    )
+def _save_signature() -> inspect.Signature:
+    """``save``'s signature with each option of ``SaveOptions`` spelled out (for help())."""
+    sig = inspect.signature(save)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+        for f in fields(SaveOptions)
+    ]
+    return sig.replace(parameters=params)
+
+
+save.__signature__ = _save_signature()  # type: ignore[attr-defined]
 
 
 def resolve(path: str | os.PathLike) -> str:
@@ -147,8 +89,9 @@ def resolve(path: str | os.PathLike) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
-    if os.path.lexists(os.path.join(p, LATEST)):
-        target = os.path.join(p, Store(p).latest_name())
+    latest = Store(p).latest_name() if os.path.lexists(os.path.join(p, LATEST)) else None
+    if latest is not None:
+        target = os.path.join(p, latest)
         if os.path.islink(target) or not os.path.isfile(os.path.join(target, MANIFEST)):
             raise CorruptCheckpointError(
                 f"LATEST names {os.path.basename(target)!r}, which is not a committed checkpoint",

@@ -12,8 +12,8 @@ and reused; each region holds one snapshot at a time, carved by a bump allocator
 copies run on a dedicated CUDA stream per device, ordered after the caller's stream, and an event
 per device marks the snapshot complete.
 
-A state larger than the pool's bound is not snapshotted: ``HostPool.staging`` lends the pool's
-memory as two buffers that the save streams the state through (see ``staging``).
+A state larger than the pool's bound is not snapshotted: ``HostPool.stream_buffers`` lends the
+pool's memory as two buffers that the save streams the state through (``sources.BufferedSource``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CaptureCancelledError, HostPoolTooSmallError
+from .sources import CopyStreams
 from .tree import Flat, TensorRef, flatten
 
 ALIGN = 64
@@ -181,11 +182,15 @@ class HostPool:
         """Whether a snapshot of ``nbytes`` can ever be held (else it must be streamed)."""
         return self.max_bytes is None or max(_aligned(nbytes), ALIGN) <= self.max_bytes
 
-    def staging(self, unit: int, cancelled: Callable[[], bool] = lambda: False) -> Staging:
-        """Lend the pool as two buffers, each a multiple of ``unit`` bytes (see ``Staging``)."""
-        return Staging(self, unit, cancelled)
+    def stream_buffers(
+        self, unit: int, cancelled: Callable[[], bool] = lambda: False
+    ) -> StreamBuffers:
+        """Lend the pool as two buffers, each a multiple of ``unit`` bytes (``StreamBuffers``)."""
+        return StreamBuffers(self, unit, cancelled)
 
-    def _lend(self, nbytes: int, cancelled: Callable[[], bool]) -> list[Region]:
+    def lend(self, nbytes: int, cancelled: Callable[[], bool]) -> list[Region]:
+        """Every region, once none is busy, reshaped where needed into room for two buffers of
+        ``nbytes``; returns the one or two regions holding them, busy until released."""
         with self.cond:
             while any(r.busy for r in self.regions):
                 if self.closed or cancelled():
@@ -230,7 +235,7 @@ class HostPool:
             self.cond.notify_all()
 
 
-class Staging:
+class StreamBuffers:
     """Two equal host buffers lent by a pool for streaming one save (allocated on first use).
 
     ``unit`` is the granularity a piece must keep (the save's chunk size): each buffer holds the
@@ -254,7 +259,7 @@ class Staging:
                 self.pool.max_bytes or 0,
             )
         if not self.regions:
-            self.regions = self.pool._lend(self.piece, self.cancelled)
+            self.regions = self.pool.lend(self.piece, self.cancelled)
         if len(self.regions) == 1:
             buf = self.regions[0].buf
             return [buf[: self.piece], buf[self.piece : 2 * self.piece]]
@@ -280,23 +285,12 @@ class Snapshot:
         self.events = []
 
 
-class _Copier:
-    def __init__(self, region: Region, streams: dict, caller_streams: dict | None) -> None:
-        self.region = region
-        self.streams = streams  # device index -> dedicated copy stream (owned by the pool user)
-        self.caller_streams = caller_streams or {}
-        self.used: dict[int, Any] = {}
+class _HostCopier:
+    """Copies tensors and arrays into a region; CUDA copies go on ``streams``' copy streams."""
 
-    def stream(self, device: torch.device) -> Any:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in self.used:
-            s = self.streams.get(idx)
-            if s is None:
-                s = self.streams[idx] = torch.cuda.Stream(device=idx)
-            caller = self.caller_streams.get(idx) or torch.cuda.current_stream(idx)
-            s.wait_stream(caller)  # copies start after the work the caller queued before saving
-            self.used[idx] = s
-        return self.used[idx]
+    def __init__(self, region: Region, streams: CopyStreams) -> None:
+        self.region = region
+        self.streams = streams
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         """A plain host copy of ``t``'s values (conjugate and negative bits resolved by copy_)."""
@@ -308,7 +302,7 @@ class _Copier:
             else torch.empty(src.shape, dtype=src.dtype)
         )
         if src.device.type == "cuda" and src.numel():
-            with torch.cuda.stream(self.stream(src.device)):
+            with torch.cuda.stream(self.streams.get(src.device)):
                 dst.copy_(src, non_blocking=True)
         elif src.numel():
             if src.device.type != "cpu":
@@ -337,10 +331,11 @@ def capture(
     """Copy the tensors of ``flat`` (``tree.flatten``'s result) into ``region``; CUDA copies are
     queued on ``streams`` (see ``Snapshot``). The snapshot's state is a ``Flat`` the saver takes
     as it is: the tree walk, the tensor identity rule and the depth limit are flatten's alone."""
-    c = _Copier(region, {} if streams is None else streams, caller_streams)
+    copy_streams = CopyStreams(streams, caller_streams)
+    c = _HostCopier(region, copy_streams)
     state = Flat(flat.tree, [c.ref(r) for r in flat.refs], flat.used_pickle)
     events = []
-    for s in c.used.values():
+    for s in copy_streams.used.values():
         e = torch.cuda.Event()
         e.record(s)
         events.append(e)

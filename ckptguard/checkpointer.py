@@ -1,15 +1,16 @@
 """Async saves: the trainer waits only for a snapshot in a reusable host pool.
 
 ``Checkpointer`` owns the pool and two background threads across saves: a capture thread that
-copies each state into the pool (in order), and a persist thread that encodes, writes and commits
-each snapshot with ``ckptguard.save`` (in order, so every rank of a job runs its collectives in
-the same sequence). ``save_async`` returns a ``SaveHandle``.
+copies each state into the pool (in order), and a persist thread that saves each snapshot (in
+order, so every rank of a job runs its collectives in the same sequence): with ``ckptguard.save``,
+or under ``ckptguard run`` by waiting for the agent that the snapshot was handed over to. A state
+too large for the pool is streamed through it by the persist thread while the caller waits.
+``save_async`` returns a ``SaveHandle``.
 """
 
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import queue
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import api
 from .capture import HostPool, Snapshot, caller_streams, capture, refs_bytes
+from .coord import Coordinator
 from .coord import auto as coord_auto
 from .errors import (
     AgentError,
@@ -28,8 +30,8 @@ from .errors import (
 from .format.layout import split_path
 from .format.manifest import CheckpointInfo
 from .handoff import Handoff
-from .saver import Failed, save_state
-from .staging import StagedSource
+from .saver import FailedState, SaveOptions, save_state
+from .sources import BufferedSource
 from .tree import Flat, flatten
 
 __all__ = [
@@ -42,10 +44,18 @@ __all__ = [
 class SaveHandle:
     """One async save: ``wait_snapshot()``, then ``result()`` for its ``CheckpointInfo``."""
 
-    def __init__(self, path: str, obj: Any, kwargs: dict, streams: dict | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        obj: Any,
+        options: dict[str, Any],
+        coordinator: Coordinator,
+        streams: dict | None,
+    ) -> None:
         self.path = path
         self._obj: Any = obj
-        self._kwargs = kwargs
+        self._options = options
+        self._coordinator = coordinator
         self._streams = streams
         self._snapshot: Snapshot | None = None
         self._snap_done = threading.Event()
@@ -53,9 +63,8 @@ class SaveHandle:
         self._snap_error: BaseException | None = None
         self._error: BaseException | None = None
         self._info: CheckpointInfo | None = None
-        self._cancelled = False
-        self.streamed = False  # too large for the pool: streamed through it, caller waiting
         self._handoff_id: int | None = None  # the agent's id for it, once handed over
+        self.streamed = False  # too large for the pool: streamed through it, caller waiting
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Return once the state is copied: the caller may change its tensors from now on.
@@ -90,27 +99,80 @@ class SaveHandle:
         state = "done" if self.done() else "snapshot taken" if self._snap_done.is_set() else "new"
         return f"SaveHandle({self.path!r}, {state})"
 
-    # -- used by the Checkpointer's threads ------------------------------------------------------
-    def _snapshot_read(self) -> None:
+    # -- the Checkpointer's side: what its threads read and the transitions they make -------------
+    @property
+    def state(self) -> Any:
+        """The caller's state (or its ``Flat``, once flattened) while the save still needs it."""
+        return self._obj
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """``save``'s options for this save, by name (``SaveOptions`` fields)."""
+        return self._options
+
+    @property
+    def coordinator(self) -> Coordinator:
+        return self._coordinator
+
+    @property
+    def caller_streams(self) -> dict | None:
+        """The caller's CUDA streams when it started the save (copies are ordered after them)."""
+        return self._streams
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    @property
+    def handoff_id(self) -> int | None:
+        """The agent's id of this save once it was handed over (then the agent commits it)."""
+        return self._handoff_id
+
+    def captured(self) -> bool:
+        """Whether the capture is over (the caller may change its state)."""
+        return self._snap_done.is_set()
+
+    def wait_captured(self) -> None:
+        """Wait until the capture is over (taken, streamed or failed), without raising."""
+        self._snap_done.wait()
+
+    def wait_finished(self) -> None:
+        """Wait until the save is over (committed, failed or cancelled), without raising."""
+        self._done.wait()
+
+    def snapshot_taken(self, snap: Snapshot, handoff_id: int | None) -> None:
+        """The state is in the pool (and handed over to the agent when ``handoff_id``)."""
+        self._snapshot, self._handoff_id, self._obj = snap, handoff_id, None
+        self._snap_done.set()
+
+    def stream(self, flat: Flat) -> None:
+        """Too large for the pool: the persist streams ``flat`` while the caller waits."""
+        self.streamed, self._obj = True, flat
+
+    def snapshot_read(self) -> None:
         """A streamed save has read the caller's state: it may change from now on."""
         self._obj = None
         self._snap_done.set()
 
-    def _snapshot_unreadable(self, e: BaseException) -> None:
+    def snapshot_unreadable(self, e: BaseException) -> None:
         """The state cannot be flattened: ``wait_snapshot`` raises ``e``; the save goes on to
         its persist with nothing but the error (``result`` raises what the save raises)."""
         self._obj = None
-        self._snapshot = Snapshot(Failed(e), None, [])
+        self._snapshot = Snapshot(FailedState(e), None, [])
         self._snap_error = e
         self._snap_done.set()
 
-    def _snapshot_failed(self, e: BaseException) -> None:
+    def snapshot_failed(self, e: BaseException) -> None:
+        """The capture failed: the save is over with ``e``."""
         self._obj = None
         self._snap_error = e
         self._snap_done.set()
-        self._finish(error=e)
+        self.finish(error=e)
 
-    def _finish(self, info: CheckpointInfo | None = None, error: BaseException | None = None):
+    def finish(
+        self, info: CheckpointInfo | None = None, error: BaseException | None = None
+    ) -> None:
+        """The save is over: committed (``info``) or failed (``error``)."""
         self._snapshot = None
         self._obj = None
         self._info, self._error = info, error
@@ -118,7 +180,6 @@ class SaveHandle:
 
 
 _STOP = object()
-_SAVE_SIGNATURE = inspect.signature(api.save)
 
 
 class Checkpointer:
@@ -169,10 +230,18 @@ class Checkpointer:
         self._persists: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         ref = weakref.ref(self)
-        _at_exit(lambda: (c := ref()) is not None and c.close())
+
+        def close_at_exit() -> None:
+            c = ref()
+            if c is not None:
+                c.close()
+
+        _at_exit(close_at_exit)
 
     # -- public ---------------------------------------------------------------------------------
-    def save_async(self, obj: Any, name: str | os.PathLike, *, lazy: bool = False, **kw: Any):
+    def save_async(
+        self, obj: Any, name: str | os.PathLike, *, lazy: bool = False, **kw: Any
+    ) -> SaveHandle:
         """Start saving ``obj`` as ``<store>/<name>``; returns a ``SaveHandle``.
 
         Returns once the snapshot is taken (the caller may then change its tensors), or at once
@@ -181,10 +250,12 @@ class Checkpointer:
         ``handle.result()`` gives the ``CheckpointInfo`` or raises the save's error.
         """
         opts = {**self.defaults, **kw}
-        _SAVE_SIGNATURE.bind(obj, name, **opts)  # a misspelt option fails here, not later
+        coordinator = opts.pop("coordinator", None)
+        SaveOptions.check_names(opts)  # a misspelt option fails here, not later
         # resolved on this thread, in the order of the application's own collectives
-        opts["coordinator"] = coord_auto(opts.get("coordinator"), opts.get("timeout", 600.0))
-        handle = SaveHandle(self._path(name), obj, opts, caller_streams())
+        timeout = opts.get("timeout", SaveOptions.timeout)
+        coord = coord_auto(coordinator, timeout)
+        handle = SaveHandle(self._path(name), obj, opts, coord, caller_streams())
         with self._lock:
             self._check_open()
             self._start_threads()
@@ -192,7 +263,7 @@ class Checkpointer:
             self._handles.append(handle)
             self._captures.put(handle)
         if not lazy:
-            handle._snap_done.wait()
+            handle.wait_captured()
         return handle
 
     def save(self, obj: Any, name: str | os.PathLike, **kw: Any) -> CheckpointInfo:
@@ -206,7 +277,7 @@ class Checkpointer:
             self._check_open()
             pending = list(self._handles)
         for h in pending:
-            h._done.wait()
+            h.wait_finished()
         return api.load(self.store if name is None else self._path(name), **kw)
 
     def wait(self) -> None:
@@ -214,7 +285,7 @@ class Checkpointer:
         with self._lock:
             pending = list(self._handles)
         for h in pending:
-            h._done.wait()
+            h.wait_finished()
 
     def close(self, cancel: bool = False) -> None:
         """Finish the saves in flight and stop the background threads; idempotent.
@@ -239,6 +310,10 @@ class Checkpointer:
         self._streams.clear()
         if self.handoff is not None:
             self.handoff.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -271,50 +346,56 @@ class Checkpointer:
                 self._persists.put(_STOP)
                 return
             if self._cancel:
-                h._snapshot_failed(SaveCancelledError(f"save of {h.path} was cancelled"))
+                h.snapshot_failed(SaveCancelledError(f"save of {h.path} was cancelled"))
                 continue
             try:  # the walk a save makes, once, here: the snapshot is its result
-                flat = Flat(*flatten(h._obj, bool(h._kwargs.get("allow_pickle"))))
+                flat = Flat(*flatten(h.state, bool(h.options.get("allow_pickle"))))
             except Exception as e:
                 if self.handoff is None:  # the state cannot be read: the save still takes part
-                    h._snapshot_unreadable(e)  # in every collective, so all ranks fail alike
+                    h.snapshot_unreadable(e)  # in every collective, so all ranks fail alike
                     self._persists.put(h)
                     continue
-                h._snapshot_failed(e)  # under an agent: there is nothing to hand over
+                h.snapshot_failed(e)  # under an agent: there is nothing to hand over
                 continue
-            region = None
-            try:
-                need = refs_bytes(flat.refs)
-                if not self.pool.fits(need):
-                    if self.handoff is not None:  # every rank must hand over, or none
-                        raise HostPoolTooSmallError(
-                            f"under ckptguard run a snapshot must fit max_host_bytes="
-                            f"{self.pool.max_bytes} (it needs {need} bytes)",
-                            need,
-                            self.pool.max_bytes or 0,
-                        )
-                    h.streamed, h._obj = True, flat
-                    self._persists.put(h)
-                    h._snap_done.wait()  # the persist reads the caller's state; then the next
-                    continue
-                region = self.pool.acquire(need, lambda: self._cancel)
-                snap = capture(flat, region, self._streams, h._streams)
-                snap.wait()
-                if self.handoff is not None:  # from here on the agent commits it, come what may
-                    h._handoff_id = self.handoff.submit(
-                        region.buf, region.tag, snap.state, h.path, _agent_options(h._kwargs)
+            self._capture(h, flat)
+
+    def _capture(self, h: SaveHandle, flat: Flat) -> None:
+        """Copy ``flat`` into the pool (hand it to the agent, under one), or queue it to be
+        streamed when it can never fit."""
+        region = None
+        try:
+            need = refs_bytes(flat.refs)
+            if not self.pool.fits(need):
+                if self.handoff is not None:  # every rank must hand over, or none
+                    raise HostPoolTooSmallError(
+                        f"under ckptguard run a snapshot must fit max_host_bytes="
+                        f"{self.pool.max_bytes} (it needs {need} bytes)",
+                        need,
+                        self.pool.max_bytes or 0,
                     )
-            except BaseException as e:
-                if region is not None and getattr(e, "ckptguard_region_shared", False):
-                    self.pool.retire(region)  # the agent may be persisting from it: never reuse
-                elif region is not None:
-                    self.pool.release(region)
-                err = SaveCancelledError(f"save of {h.path} was cancelled") if self._cancel else e
-                h._snapshot_failed(err)
-                continue
-            h._snapshot, h._obj = snap, None
-            h._snap_done.set()
-            self._persists.put(h)
+                h.stream(flat)
+                self._persists.put(h)
+                h.wait_captured()  # the persist reads the caller's state; then the next
+                return
+            region = self.pool.acquire(need, lambda: self._cancel)
+            snap = capture(flat, region, self._streams, h.caller_streams)
+            snap.wait()
+            handoff_id = None
+            if self.handoff is not None:  # from here on the agent commits it, come what may
+                assert isinstance(region.tag, int)  # the agent's id of the shared pool
+                handoff_id = self.handoff.submit(
+                    region.buf, region.tag, snap.state, h.path, h.options
+                )
+        except BaseException as e:
+            if region is not None and getattr(e, "ckptguard_region_shared", False):
+                self.pool.retire(region)  # the agent may be persisting from it: never reuse
+            elif region is not None:
+                self.pool.release(region)
+            err = SaveCancelledError(f"save of {h.path} was cancelled") if self._cancel else e
+            h.snapshot_failed(err)
+            return
+        h.snapshot_taken(snap, handoff_id)
+        self._persists.put(h)
 
     def _persist_loop(self) -> None:
         while True:
@@ -324,20 +405,20 @@ class Checkpointer:
             if h.streamed:
                 self._persist_streamed(h)
                 continue
-            snap = h._snapshot
+            snap = h.snapshot
             assert snap is not None
             try:
-                if h._handoff_id is not None:  # handed over: the agent's commit, not ours to cancel
+                if h.handoff_id is not None:  # handed over: the agent's commit, not ours to cancel
                     assert self.handoff is not None
-                    info = self.handoff.result(h._handoff_id)
+                    info = self.handoff.result(h.handoff_id)
                 elif self._cancel:
                     raise SaveCancelledError(f"save of {h.path} was cancelled")
                 else:
-                    info = api.save(snap.state, h.path, **h._kwargs)
+                    info = api.save(snap.state, h.path, coordinator=h.coordinator, **h.options)
             except BaseException as e:
-                h._finish(error=e)
+                h.finish(error=e)
             else:
-                h._finish(info=info)
+                h.finish(info=info)
             finally:
                 snap.state = None
                 if snap.region is not None:
@@ -346,33 +427,25 @@ class Checkpointer:
     def _persist_streamed(self, h: SaveHandle) -> None:
         """Save a state larger than the pool, reading it through the pool while the caller waits
         (its ``wait_snapshot`` returns once every byte has been read, before the commit)."""
-        staging = None
+        buffers = None
         try:
             if self._cancel:
                 raise SaveCancelledError(f"save of {h.path} was cancelled")
-            kw = dict(h._kwargs)
-            coord = kw.pop("coordinator")
-            opt = api.save_options(**kw)
-            staging = self.pool.staging(opt.chunk_size, lambda: self._cancel)
-            opt.source = StagedSource(staging.buffers, self._streams, h._streams)
-            opt.on_read = h._snapshot_read
+            opt = SaveOptions.from_kwargs(h.options)
+            buffers = self.pool.stream_buffers(opt.chunk_size, lambda: self._cancel)
+            source = BufferedSource(buffers.buffers, self._streams, h.caller_streams)
             store, name = split_path(h.path)
-            info = save_state(h._obj, store, name, coord, opt)
+            info = save_state(h.state, store, name, h.coordinator, opt, source, h.snapshot_read)
         except BaseException as e:
-            if h._snap_done.is_set():
-                h._finish(error=e)
+            if h.captured():
+                h.finish(error=e)
             else:
-                h._snapshot_failed(e)
+                h.snapshot_failed(e)
         else:
-            h._finish(info=info)
+            h.finish(info=info)
         finally:
-            if staging is not None:
-                staging.release()
-
-
-def _agent_options(kwargs: dict) -> dict:
-    """``save``'s options for the agent: JSON only; the agents coordinate among themselves."""
-    return {k: v for k, v in kwargs.items() if k != "coordinator"}
+            if buffers is not None:
+                buffers.release()
 
 
 def _at_exit(fn: Any) -> None:
@@ -395,7 +468,7 @@ def default_checkpointer() -> Checkpointer:
     """The process-wide Checkpointer behind ``ckptguard.save_async`` (created on first use)."""
     global _default
     with _default_lock:
-        if _default is None or _default._closed:
+        if _default is None or _default.closed:
             _default = Checkpointer(os.sep)
         return _default
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime as dt
 import errno
 import os
 import shutil
@@ -205,8 +204,8 @@ def publish(
 ) -> CheckpointInfo:
     """Make a fully written staging directory visible as ``<store>/<name>``; move LATEST.
 
-    ``body`` is the manifest body. Unless ``flavour.staged``, its ``created`` is filled in (the
-    caller reads it back) and the manifest written last, durably. Past ``deadline`` (wall clock)
+    ``body`` is the whole manifest body (``format.manifest.build``). Unless ``flavour.staged``, it
+    is written last, durably, as MANIFEST.json. Past ``deadline`` (wall clock)
     the rename is not made: other ranks may have stopped waiting for the outcome (I8). An error
     raised here leaves nothing visible. Returns the checkpoint's info with ``warnings``: what
     failed after the rename (the commit point), which cannot undo the commit. LATEST is only
@@ -241,8 +240,8 @@ def publish(
 
 
 def _write_manifest(staging: str, body: dict) -> None:
-    """Stamp ``created``, write MANIFEST.json durably and make the staging directory durable."""
-    body["created"] = manifest.format_time(dt.datetime.now(dt.timezone.utc))
+    """Write MANIFEST.json (``body``, whole: ``manifest.build``'s) durably and make the staging
+    directory durable."""
     data = manifest.encode(body)
     manifest.decode(data)  # never commit a manifest we could not read back
     write_file_durably(os.path.join(staging, MANIFEST), data)

@@ -25,7 +25,7 @@ from .agent.protocol import LineReader, ProtocolError, decode, encode
 from .errors import AgentError
 from .failpoints import failpoint, set_rank
 from .format.manifest import CheckpointInfo
-from .saver import info_from_json
+from .report import info_from_json
 from .tree import Flat
 
 CONNECT_TIMEOUT = 5.0

@@ -1,122 +1,211 @@
-"""Save planning on rank 0: one global tensor table from every rank's local description.
+"""Save planning on rank 0: one global tensor table from every rank's description.
 
 Checks that ranks agree (dtype, global shape, kind), that the shards of each sharded tensor
 neither overlap nor leave gaps, and that replicated tensors are equal (by hash); then picks one
 writer for each replicated tensor, balancing bytes across ranks. A shard whose box (offsets and
 shape) several ranks hold, as on a mesh with a Replicate and a Shard dimension (HSDP), is a
-replicated box: checked and written once like a replicated tensor. Descriptions travel as Arrow
-tables and are checked column-wise, so rank 0's work stays linear in ranks x tensors.
+replicated box: checked and written once like a replicated tensor. Descriptions (``describe``)
+are checked column-wise, so rank 0's work stays linear in ranks x tensors.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .format.datafile import FormatError
-from .format.dtypes import SIZES
 from .format.index import int_lists
 from .format.validate import check_cover
-
-SHARDED = -1  # writer of a sharded tensor: every rank writes its own piece
-
-DESC_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("dtype", pa.string()),
-        ("kind", pa.string()),
-        ("device", pa.string()),
-        ("requires_grad", pa.bool_()),
-        ("parameter", pa.bool_()),
-        ("sharded", pa.bool_()),
-        ("per_rank", pa.bool_()),
-        ("nbytes", pa.int64()),
-        ("hash", pa.binary(16)),
-        ("global_shape", pa.list_(pa.int64())),
-        ("offsets", pa.list_(pa.int64())),
-        ("shape", pa.list_(pa.int64())),
-    ]
-)
+from .tree import TensorRef
 
 
 class PlanError(ValueError):
     """The ranks' states do not fit together; the message names the key and ranks."""
 
 
+# -- who writes each tensor -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class OneRank:
+    """A replicated tensor (or any tensor of a one-rank save): rank ``rank`` writes it whole."""
+
+    rank: int
+
+    def writes(self, rank: int) -> bool:
+        return rank == self.rank
+
+    def to_json(self) -> int:
+        return self.rank
+
+
+@dataclass(frozen=True)
+class EveryRank:
+    """A sharded tensor: every rank writes its own piece."""
+
+    def writes(self, rank: int) -> bool:
+        return True
+
+    def to_json(self) -> int:
+        return -1
+
+
+@dataclass(frozen=True)
+class SomeRanks:
+    """A sharded tensor with replicated boxes: the ranks that write their piece, one per
+    distinct box, as a bitmap (bit r of byte r // 8) that stays small at any world size."""
+
+    bitmap: bytes
+
+    @classmethod
+    def of(cls, ranks: np.ndarray | Sequence[int], world: int) -> SomeRanks:
+        mask = np.zeros(world, dtype=bool)
+        mask[np.asarray(ranks, dtype=np.int64)] = True
+        return cls(np.packbits(mask, bitorder="little").tobytes())
+
+    def writes(self, rank: int) -> bool:
+        return rank >> 3 < len(self.bitmap) and bool(self.bitmap[rank >> 3] >> (rank & 7) & 1)
+
+    def to_json(self) -> str:
+        return base64.b64encode(self.bitmap).decode()
+
+
+Writer = OneRank | EveryRank | SomeRanks
+SHARDED = EveryRank()
+
+
+def writer_from_json(value: Any) -> Writer:
+    """The ``Writer`` that ``to_json`` gave ``value`` (-1, a rank, or a base64 bitmap)."""
+    if isinstance(value, str):
+        return SomeRanks(base64.b64decode(value))
+    if type(value) is int and value >= -1:
+        return SHARDED if value == -1 else OneRank(value)
+    raise ValueError(f"not a plan writer: {value!r}")
+
+
 @dataclass
 class Plan:
-    """``writer[g]`` is the rank writing replicated tensor g, SHARDED when every rank writes its
-    piece of sharded tensor g, or (a sharded tensor with replicated boxes) a string: the base64
-    bitmap of the ranks that write their piece (bit r of byte r // 8), one per distinct box."""
+    """The global tensor table: ``tensors[g]`` (a manifest entry) is written by ``writer[g]``."""
 
     tensors: list[dict]  # manifest tensor entries, by global id
     keys: list[str]  # key of each global id
-    writer: list[int | str]  # per global id, see above (JSON-ready)
+    writer: list[Writer]  # who writes each global id
     bytes_per_rank: list[int]
     differing: list[str] = field(default_factory=list)
     """Unchecked replicas (``check_replicated=False``) whose copies differ: one rank's is saved."""
 
 
-def bind_per_rank(refs: list, rank: int, world: int) -> None:
-    """Make each ``PerRank`` tensor of this rank row ``rank`` of a tensor of ``world`` rows: a
-    shard of shape (1, *shape) at (rank, 0, ...), the only copy of its box."""
-    for ref in refs:
-        if ref.per_rank:
-            shape = tuple(ref.shape)
-            ref.shape, ref.global_shape = (1, *shape), (world, *shape)
-            ref.offsets = (rank,) + (0,) * len(shape)
-            ref.sharded = ref.unique_box = True
-
-
-def describe_local(refs: list, hasher) -> pa.Table:  # noqa: ANN001
-    """This rank's tensors as a table (hash only for replicated candidates, when given: every
-    tensor and shard but those known to be the only copy of their box, ``ref.unique_box``)."""
-    cols: dict[str, list] = {name: [] for name in DESC_SCHEMA.names}
-    for ref in refs:
-        cols["key"].append(ref.key)
-        cols["dtype"].append(ref.dtype)
-        cols["kind"].append(ref.kind)
-        cols["device"].append(ref.device)
-        cols["requires_grad"].append(ref.requires_grad)
-        cols["parameter"].append(ref.parameter)
-        cols["sharded"].append(ref.sharded)
-        cols["per_rank"].append(ref.per_rank)
-        cols["nbytes"].append(math.prod(ref.shape) * SIZES[ref.dtype])
-        cols["hash"].append(None if ref.unique_box or hasher is None else hasher(ref))
-        cols["global_shape"].append(list(ref.global_shape))
-        cols["offsets"].append(list(ref.offsets))
-        cols["shape"].append(list(ref.shape))
-    return pa.table(cols, schema=DESC_SCHEMA)
-
-
 def assignment(
-    plan_keys: list[str], writer: list[int], refs: list, rank: int
+    plan_keys: list[str], writer: Sequence[Writer], refs: Sequence[TensorRef], rank: int
 ) -> list[tuple[int, bool]]:
     """For each local tensor: (global id, whether this rank writes it)."""
     gid = {k: i for i, k in enumerate(plan_keys)}
-    out = []
-    for r in refs:
-        g = gid[r.key]
-        w = writer[g]
-        if isinstance(w, str):  # bitmap of the ranks writing their piece
-            bits = base64.b64decode(w)
-            out.append((g, rank >> 3 < len(bits) and bool(bits[rank >> 3] >> (rank & 7) & 1)))
-        else:
-            out.append((g, w in (SHARDED, rank)))
-    return out
+    return [(gid[r.key], writer[gid[r.key]].writes(rank)) for r in refs]
 
 
-def _bitmap(ranks: np.ndarray, world: int) -> str:
-    mask = np.zeros(world, dtype=bool)
-    mask[ranks] = True
-    return base64.b64encode(np.packbits(mask, bitorder="little").tobytes()).decode()
+# -- the merged descriptions ----------------------------------------------------------------------
+class _Rows:
+    """Every rank's description as one table, with each key's rows found column-wise.
+
+    ``rows(g)`` are key g's rows in rank order; ``first[g]`` the first of them, ``head[i]`` the
+    first row of row i's key. Shapes are flattened: row i's global shape is
+    ``gflat[gstart[i] : gstart[i] + glen[i]]``, its box's offsets and lengths likewise in
+    ``oflat`` and ``sflat``.
+    """
+
+    def __init__(self, descs: list[pa.Table]) -> None:
+        self.table = table = pa.concat_tables(descs)
+        self.world = len(descs)
+        self.n = table.num_rows
+        self.rank = np.repeat(np.arange(len(descs)), [d.num_rows for d in descs])
+        enc = pc.dictionary_encode(table.column("key").combine_chunks())
+        self.gid = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.keys: list[str] = enc.dictionary.to_pylist()  # in order of first appearance
+        self.order = np.argsort(self.gid, kind="stable")
+        self.bounds = np.searchsorted(self.gid[self.order], np.arange(len(self.keys) + 1))
+        self.first = self.order[self.bounds[:-1]]
+        self.head = self.first[self.gid]
+        self.per_rank = self.column("per_rank")
+        self.sharded = self.column("sharded")
+        self.nbytes = table.column("nbytes").to_numpy().astype(np.int64)
+        self.gflat, self.glen = int_lists(table.column("global_shape"))
+        self.gstart = np.cumsum(self.glen) - self.glen
+        self.oflat, _ = int_lists(table.column("offsets"))
+        self.sflat, _ = int_lists(table.column("shape"))
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy(zero_copy_only=False)
+
+    def rows(self, g: int) -> np.ndarray:
+        return self.order[self.bounds[g] : self.bounds[g + 1]]
+
+    def box(self, rows: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(global shape, offsets, lengths) of the boxes of ``rows`` (rows of one sharded key)."""
+        idx = self.gstart[rows][:, None] + np.arange(self.glen[rows[0]])
+        return self.gflat[idx[0]].tolist(), self.oflat[idx], self.sflat[idx]
+
+    def volume(self) -> np.ndarray:
+        """Elements in each row's box."""
+        volume = np.ones(self.n, dtype=np.int64)
+        for d in range(int(self.glen.max())):
+            has = np.flatnonzero(self.glen > d)
+            volume[has] *= self.sflat[self.gstart[has] + d]
+        return volume
+
+    def hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hash column as (valid mask, n x 16 bytes)."""
+        arr = self.table.column("hash").combine_chunks()
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        data = arr.buffers()[1]
+        if data is None:  # every hash null
+            return valid, np.zeros((len(arr), 16), dtype=np.uint8)
+        raw = np.frombuffer(data, dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16]
+        return valid, raw.reshape(len(arr), 16)
 
 
+# -- agreement ------------------------------------------------------------------------------------
+def check_agreement(d: _Rows) -> None:
+    """Raise PlanError naming the first key whose rows disagree on dtype, kind, per_rank,
+    sharded or global shape, and the two ranks that differ."""
+    for name in ("dtype", "kind"):
+        codes = _codes(d.table.column(name))
+        _disagree(d, codes != codes[d.head], name)
+    _disagree(d, d.per_rank != d.per_rank[d.head], "per_rank")  # before the sharding it implies
+    _disagree(d, d.sharded != d.sharded[d.head], "sharded")
+    _disagree(d, d.glen != d.glen[d.head], "global_shape")
+    within = np.arange(len(d.gflat)) - np.repeat(d.gstart, d.glen)
+    differ = np.flatnonzero(d.gflat != d.gflat[np.repeat(d.gstart[d.head], d.glen) + within])
+    bad = np.zeros(d.n, dtype=bool)
+    bad[np.searchsorted(d.gstart, differ, side="right") - 1] = True  # the rows holding them
+    _disagree(d, bad, "global_shape")
+
+
+def _disagree(d: _Rows, mask: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero(mask)
+    if not len(bad):
+        return
+    i = int(bad[0])
+    g = int(d.gid[i])
+    first = int(d.first[g])
+    a, b = d.table.column(name)[first].as_py(), d.table.column(name)[i].as_py()
+    hint = " (wrap it in ckptguard.PerRank on every rank)" if name == "per_rank" else ""
+    raise PlanError(
+        f"tensor {d.keys[g]!r}: {name} is {a!r} on rank {d.rank[first]} but "
+        f"{b!r} on rank {d.rank[i]}{hint}"
+    )
+
+
+def _codes(col: pa.ChunkedArray) -> np.ndarray:
+    """A string column as integer codes: equal strings, equal codes."""
+    return pc.dictionary_encode(col.combine_chunks()).indices.to_numpy(zero_copy_only=False)
+
+
+# -- coverage and replica groups ------------------------------------------------------------------
 def replica_groups(offs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows (one box each: ``offs[i]``, ``lens[i]``) that hold the same non-empty box as another.
 
@@ -137,23 +226,46 @@ def replica_groups(offs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.n
     return members, np.cumsum(count[multi]) - count[multi]
 
 
-def _codes(col: pa.ChunkedArray) -> np.ndarray:
-    """A string column as integer codes: equal strings, equal codes."""
-    return pc.dictionary_encode(col.combine_chunks()).indices.to_numpy(zero_copy_only=False)
+@dataclass
+class _Copies:
+    """The rows of one key that hold copies of the same data, in replica sets.
+
+    ``members[starts[j]:starts[j + 1]]`` are the rows of set j (rows of the description); for a
+    sharded key ``local`` are the same as positions among the key's rows, and ``offs``/``lens``
+    every row's box (to name a set's box in an error).
+    """
+
+    g: int
+    members: np.ndarray
+    starts: np.ndarray
+    local: np.ndarray | None = None
+    offs: np.ndarray | None = None
+    lens: np.ndarray | None = None
 
 
-def _hashes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """The hash column as (valid mask, n x 16 bytes)."""
-    arr = col.combine_chunks()
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    data = arr.buffers()[1]
-    if data is None:  # every hash null
-        return valid, np.zeros((len(arr), 16), dtype=np.uint8)
-    raw = np.frombuffer(data, dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16]
-    return valid, raw.reshape(len(arr), 16)
+def covered_copies(d: _Rows, g: int, volume: np.ndarray) -> _Copies | None:
+    """Check that the shards of sharded key ``g`` cover it exactly, counting each replicated box
+    once; return its replicated boxes (None when every box is on one rank only)."""
+    rows = d.rows(g)
+    shape, offs, lens = d.box(rows)
+    local = starts = np.zeros(0, dtype=np.int64)
+    cover = offs, lens
+    if volume[rows].sum() > math.prod(shape):  # more elements than the tensor
+        local, starts = replica_groups(offs, lens)
+        keep = np.ones(len(rows), dtype=bool)
+        keep[local] = False
+        keep[local[starts]] = True  # one box of each replica set counts for the cover
+        cover = offs[keep], lens[keep]
+    try:
+        check_cover(d.keys[g], shape, *cover)
+    except FormatError as e:
+        raise PlanError(f"{e} (shards from ranks {sorted(set(d.rank[rows].tolist()))})") from None
+    if not len(local):
+        return None
+    return _Copies(g, rows[local], starts, local, offs, lens)
 
 
-def _differing(
+def first_differing(
     members: np.ndarray, starts: np.ndarray, valid: np.ndarray, hashes: np.ndarray
 ) -> int | None:
     """The first replica set (``members[starts[j]:starts[j + 1]]``, rows of the description) whose
@@ -167,145 +279,113 @@ def _differing(
     return int(np.searchsorted(starts, np.flatnonzero(bad)[0], side="right") - 1)
 
 
-def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
-    """Merge every rank's description (``descs[r]`` is rank r's) into one plan."""
-    table = pa.concat_tables(descs)
-    n = table.num_rows
-    rank = np.repeat(np.arange(len(descs)), [d.num_rows for d in descs])
-    enc = pc.dictionary_encode(table.column("key").combine_chunks())
-    gid = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    keys = enc.dictionary.to_pylist()  # in order of first appearance
-    if n == 0:
-        return Plan([], [], [], [0] * len(descs))
-    order = np.argsort(gid, kind="stable")  # each key's rows, in rank order
-    bounds = np.searchsorted(gid[order], np.arange(len(keys) + 1))
-    first = order[bounds[:-1]]
+def _replica_error(d: _Rows, c: _Copies, j: int) -> PlanError:
+    copies = c.members[c.starts[j] : np.append(c.starts, len(c.members))[j + 1]]
+    what = repr(d.keys[c.g])
+    if c.local is not None and c.offs is not None and c.lens is not None:
+        i = c.local[c.starts[j]]
+        what += f": its shard at offsets {c.offs[i].tolist()} of shape {c.lens[i].tolist()}"
+    return PlanError(
+        f"tensor {what} is replicated on ranks {d.rank[copies].tolist()} but their values "
+        "differ. If each rank's value is its own (an RNG state), wrap it in "
+        "ckptguard.PerRank and every rank gets its own back; pass check_replicated=False "
+        "only to save the lowest rank's copy for every rank"
+    )
 
-    def disagree(mask: np.ndarray, name: str) -> None:
-        bad = np.flatnonzero(mask)
-        if len(bad):
-            i = int(bad[0])
-            g = int(gid[i])
-            a, b = table.column(name)[int(first[g])].as_py(), table.column(name)[i].as_py()
-            hint = " (wrap it in ckptguard.PerRank on every rank)" if name == "per_rank" else ""
-            raise PlanError(
-                f"tensor {keys[g]!r}: {name} is {a!r} on rank {rank[first[g]]} but "
-                f"{b!r} on rank {rank[i]}{hint}"
-            )
 
-    head = first[gid]  # each row's key's first row
-    for name in ("dtype", "kind"):
-        codes = _codes(table.column(name))
-        disagree(codes != codes[head], name)
-    per_rank = table.column("per_rank").to_numpy(zero_copy_only=False)
-    disagree(per_rank != per_rank[head], "per_rank")  # before the sharding it implies
-    sharded = table.column("sharded").to_numpy(zero_copy_only=False)
-    disagree(sharded != sharded[head], "sharded")
-    gflat, glen = int_lists(table.column("global_shape"))
-    disagree(glen != glen[head], "global_shape")
-    gstart = np.cumsum(glen) - glen
-    within = np.arange(len(gflat)) - np.repeat(gstart, glen)
-    differ = np.flatnonzero(gflat != gflat[np.repeat(gstart[head], glen) + within])
-    bad = np.zeros(n, dtype=bool)
-    bad[np.searchsorted(gstart, differ, side="right") - 1] = True  # the rows holding them
-    disagree(bad, "global_shape")
-
-    nbytes = table.column("nbytes").to_numpy().astype(np.int64)
-    oflat, _ = int_lists(table.column("offsets"))
-    sflat, _ = int_lists(table.column("shape"))
-    volume = np.ones(n, dtype=np.int64)  # elements in each row's box
-    for d in range(int(glen.max())):
-        has = np.flatnonzero(glen > d)
-        volume[has] *= sflat[gstart[has] + d]
+def replica_sets(d: _Rows, check_replicated: bool) -> tuple[list[_Copies], list[str], np.ndarray]:
+    """Every key's copies, checked: equal by hash (else PlanError), or with
+    ``check_replicated=False`` the keys whose hashed copies differ. Also returns the rows their
+    own rank writes whatever the balance (the pieces of sharded keys that have no copies)."""
+    volume = d.volume()
     hashes = None  # (valid, bytes) of the hash column, once a replica set needs checking
-    fixed = sharded.copy()  # rows their own rank writes whatever the balance: shard pieces
-    differing: list[str] = []  # keys of unchecked replicas whose copies differ
-    sets = []  # per key with copies: (bytes, global id, rows of its replica sets, set starts)
-    for g, key in enumerate(keys):
-        rows = order[bounds[g] : bounds[g + 1]]
-        if sharded[rows[0]]:
-            idx = gstart[rows][:, None] + np.arange(glen[rows[0]])
-            shape, offs, lens = gflat[idx[0]].tolist(), oflat[idx], sflat[idx]
-            local = starts = np.zeros(0, dtype=np.int64)
-            cover = offs, lens
-            if volume[rows].sum() > math.prod(shape):  # more elements than the tensor
-                local, starts = replica_groups(offs, lens)
-                keep = np.ones(len(rows), dtype=bool)
-                keep[local] = False
-                keep[local[starts]] = True  # one box of each replica set counts for the cover
-                cover = offs[keep], lens[keep]
-            try:
-                check_cover(key, shape, *cover)
-            except FormatError as e:
-                raise PlanError(
-                    f"{e} (shards from ranks {sorted(set(rank[rows].tolist()))})"
-                ) from None
-            if not len(local):
+    fixed = d.sharded.copy()
+    differing: list[str] = []
+    sets = []
+    for g, key in enumerate(d.keys):
+        if d.sharded[d.rows(g)[0]]:
+            c = covered_copies(d, g, volume)
+            if c is None:
                 continue
-            members = rows[local]
-            fixed[members] = False
+            fixed[c.members] = False
         else:
-            members, starts = rows, np.zeros(1, dtype=np.int64)
+            c = _Copies(g, d.rows(g), np.zeros(1, dtype=np.int64))
         j = None
-        if len(members) > 1:
-            hashes = hashes or _hashes(table.column("hash"))
-            j = _differing(members, starts, *hashes)
+        if len(c.members) > 1:
+            hashes = hashes or d.hashes()
+            j = first_differing(c.members, c.starts, *hashes)
         if j is not None and not check_replicated:
-            if hashes[0][members].all():  # hashed copies that differ (unhashed: unknown)
+            if hashes is not None and hashes[0][c.members].all():  # unhashed: unknown
                 differing.append(key)
             j = None
         if j is not None:
-            copies = members[starts[j] : np.append(starts, len(members))[j + 1]]
-            what = repr(key)
-            if sharded[rows[0]]:
-                i = local[starts[j]]
-                what += f": its shard at offsets {offs[i].tolist()} of shape {lens[i].tolist()}"
-            raise PlanError(
-                f"tensor {what} is replicated on ranks {rank[copies].tolist()} but their values "
-                "differ. If each rank's value is its own (an RNG state), wrap it in "
-                "ckptguard.PerRank and every rank gets its own back; pass check_replicated=False "
-                "only to save the lowest rank's copy for every rank"
-            )
-        sets.append((int(nbytes[members].max()), g, members, starts))
-    load = np.zeros(len(descs), dtype=np.int64)
-    np.add.at(load, rank[fixed], nbytes[fixed])
-    writer: list[int | str] = [SHARDED] * len(keys)
-    # Largest first onto the least-loaded holder: a greedy balance of bytes across ranks. The
-    # replica sets of one key have disjoint holders (a rank holds one box of a key), so they are
-    # placed together.
-    for _, g, members, starts in sorted(sets, key=lambda x: -x[0]):
+            raise _replica_error(d, c, j)
+        sets.append(c)
+    return sets, differing, fixed
+
+
+# -- load balance ---------------------------------------------------------------------------------
+def balance(
+    d: _Rows, sets: list[_Copies], fixed: np.ndarray, check_replicated: bool
+) -> tuple[list[Writer], np.ndarray]:
+    """Pick a writer for each replica set: largest first onto the least-loaded holder (a greedy
+    balance of bytes across ranks), the lowest rank's copy when unchecked copies may differ.
+    The replica sets of one key have disjoint holders (a rank holds one box of a key), so they
+    are placed together. Returns each key's writer and the bytes each rank writes."""
+    load = np.zeros(d.world, dtype=np.int64)
+    np.add.at(load, d.rank[fixed], d.nbytes[fixed])
+    writer: list[Writer] = [SHARDED] * len(d.keys)
+    for c in sorted(sets, key=lambda c: -int(d.nbytes[c.members].max())):
+        members, starts = c.members, c.starts
         if len(members) == 1:  # one holder (every tensor of a one-rank save): no choice
-            r = int(rank[members[0]])
-            load[r] += nbytes[members[0]]
-            writer[g] = r
+            r = int(d.rank[members[0]])
+            load[r] += d.nbytes[members[0]]
+            writer[c.g] = OneRank(r)
             continue
         if check_replicated:
             set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
-            by_load = np.lexsort((load[rank[members]], set_of))  # stable: lowest rank on ties
+            by_load = np.lexsort((load[d.rank[members]], set_of))  # stable: lowest rank on ties
             chosen = members[by_load[starts]]
-        else:  # unchecked copies may differ: always write the lowest rank's
-            chosen = members[starts]
-        np.add.at(load, rank[chosen], nbytes[chosen])
-        rows = order[bounds[g] : bounds[g + 1]]
-        if sharded[rows[0]]:
-            writes = np.concatenate([rank[rows[fixed[rows]]], rank[chosen]])
-            writer[g] = _bitmap(writes, len(descs))
         else:
-            writer[g] = int(rank[chosen[0]])
+            chosen = members[starts]
+        np.add.at(load, d.rank[chosen], d.nbytes[chosen])
+        rows = d.rows(c.g)
+        if d.sharded[rows[0]]:
+            writes = np.concatenate([d.rank[rows[fixed[rows]]], d.rank[chosen]])
+            writer[c.g] = SomeRanks.of(writes, d.world)
+        else:
+            writer[c.g] = OneRank(int(d.rank[chosen[0]]))
+    return writer, load
+
+
+# -- manifest entries -----------------------------------------------------------------------------
+def manifest_entries(d: _Rows) -> list[dict]:
+    """The manifest's tensor entries (format.md section 3), from each key's first row."""
+    cols = {c: d.table.column(c) for c in ("dtype", "kind", "device", "requires_grad", "parameter")}
     tensors = []
-    cols = {c: table.column(c) for c in ("dtype", "kind", "device", "requires_grad", "parameter")}
-    for g, key in enumerate(keys):
-        i = int(first[g])
+    for g, key in enumerate(d.keys):
+        i = int(d.first[g])
         entry = {
             "key": key,
             "dtype": cols["dtype"][i].as_py(),
-            "shape": gflat[gstart[i] : gstart[i] + glen[i]].tolist(),
+            "shape": d.gflat[d.gstart[i] : d.gstart[i] + d.glen[i]].tolist(),
             "kind": cols["kind"][i].as_py(),
             "device": cols["device"][i].as_py(),
             "requires_grad": cols["requires_grad"][i].as_py(),
             "parameter": cols["parameter"][i].as_py(),
         }
-        if per_rank[i]:
+        if d.per_rank[i]:
             entry["per_rank"] = True
         tensors.append(entry)
-    return Plan(tensors, keys, writer, load.tolist(), differing)
+    return tensors
+
+
+def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
+    """Merge every rank's description (``descs[r]`` is rank r's) into one plan."""
+    d = _Rows(descs)
+    if d.n == 0:
+        return Plan([], [], [], [0] * len(descs))
+    check_agreement(d)
+    sets, differing, fixed = replica_sets(d, check_replicated)
+    writer, load = balance(d, sets, fixed, check_replicated)
+    return Plan(manifest_entries(d), d.keys, writer, load.tolist(), differing)

@@ -27,7 +27,7 @@ from .format.index import Row
 from .format.layout import datafile_name
 from .fsutil import UnsafeFileError, open_regular
 from .io import pread_exact, write_all, write_records
-from .staging import tensor_bytes
+from .sources import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20

@@ -34,7 +34,7 @@ SIZE_EXEMPT = ("bench/", "demo.py")
 # remain, the test reports them as an expected failure.
 PRIVATE_IMPORT_ALLOWED: set[tuple[str, str]] = set()
 LONG_MODULES_ALLOWED: set[str] = set()
-LONG_FUNCTIONS_ALLOWED = {"ckptguard.plan:make_plan"}
+LONG_FUNCTIONS_ALLOWED: set[str] = set()
 
 
 def _modules() -> Iterator[tuple[str, Path]]:

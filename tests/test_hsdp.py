@@ -21,14 +21,16 @@ import torch
 from conftest import free_port
 
 import ckptguard
+from ckptguard.inventory import DESC_SCHEMA
 from ckptguard.plan import (
-    DESC_SCHEMA,
     SHARDED,
+    OneRank,
     Plan,
     PlanError,
     assignment,
     make_plan,
     replica_groups,
+    writer_from_json,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +94,8 @@ def test_replicated_boxes_are_written_once_balanced() -> None:
     plan = make_plan(hsdp_descs())
     assert writers(plan, "w", 4) == [0, 1]  # one rank per box
     assert plan.bytes_per_rank == [96, 96, 0, 0]
-    json.dumps(plan.writer)  # the plan travels as JSON
+    wire = json.loads(json.dumps([w.to_json() for w in plan.writer]))  # the plan travels as JSON
+    assert [writer_from_json(w) for w in wire] == plan.writer
     # A second HSDP tensor's boxes go to the other replica: bytes balance across ranks.
     v = [("v", (8, 6), (4 * (r % 2), 0), (4, 6), 7) for r in range(4)]
     plan = make_plan(hsdp_descs(extra=[v]))
@@ -105,7 +108,7 @@ def test_plain_replicas_and_boxes_share_the_balance() -> None:
     m = [("m", (2, 4), (r // 2, 2 * (r % 2)), (1, 2), None) for r in range(4)]  # 2-D grid
     plan = make_plan(hsdp_descs(extra=[b, m]))
     assert plan.writer[plan.keys.index("m")] == SHARDED  # no copies: every rank writes
-    assert plan.writer[plan.keys.index("b")] == 2  # the least-loaded holder after w
+    assert plan.writer[plan.keys.index("b")] == OneRank(2)  # the least-loaded holder after w
     assert writers(plan, "w", 4) == [0, 1]
     assert plan.bytes_per_rank == [104, 104, 56, 8]
 
@@ -146,7 +149,9 @@ def test_plain_replica_error_unchanged() -> None:
         "is its own (an RNG state), wrap it in ckptguard.PerRank and every rank gets its own "
         "back; pass check_replicated=False only to save the lowest rank's copy for every rank"
     )
-    assert make_plan([desc(("b", (3,), None, None, None))]).writer == [0]  # one rank: no hash
+    assert make_plan([desc(("b", (3,), None, None, None))]).writer == [
+        OneRank(0)
+    ]  # one rank: no hash
 
 
 def test_partial_overlap_is_still_an_error() -> None:

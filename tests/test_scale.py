@@ -30,10 +30,11 @@ from ckptguard.errors import CorruptCheckpointError
 from ckptguard.format import manifest, ranktrees, validate
 from ckptguard.format.datafile import FormatError
 from ckptguard.format.index import SCHEMA, int_lists
+from ckptguard.inventory import describe_local
 from ckptguard.loader import load_checkpoint
 from ckptguard.open import CheckpointReader
-from ckptguard.plan import describe_local, make_plan
-from ckptguard.saver import _dump, _ipc, _merge_trees
+from ckptguard.plan import make_plan
+from ckptguard.report import dump_json, merge_trees, to_ipc
 from ckptguard.tree import TreeError, check_tree, flatten
 
 # ---------------------------------------------------------------- ranks as threads
@@ -186,31 +187,31 @@ def _mutate(rng: random.Random, v: Any) -> Any:
 def test_diff_round_trips_random_json(seed: int) -> None:
     rng = random.Random(seed)
     base = {"root": _random_json(rng), "more": [_random_json(rng) for _ in range(6)]}
-    before = _dump(base)
+    before = dump_json(base)
     differ = ranktrees.TextDiffer(before.decode())
     for _ in range(5):
         other = base
         for _ in range(rng.randrange(1, 6)):
             other = _mutate(rng, other)
-        text = _dump(other)
+        text = dump_json(other)
         d = differ.diff(text.decode())
         if text == before:
             assert d == []
             continue
         ranktrees.check_diff(base, d, "diff")
         ir.check_diff(base, d, "diff")
-        assert _dump(ranktrees.apply_diff(base, d)) == text
-        assert _dump(ir.apply_diff(base, d)) == text
+        assert dump_json(ranktrees.apply_diff(base, d)) == text
+        assert dump_json(ir.apply_diff(base, d)) == text
         assert len(json.dumps(d)) <= 2 * len(text) + 16  # never much more than the whole
-    assert _dump(base) == before  # the base is left as it was
+    assert dump_json(base) == before  # the base is left as it was
 
 
 def test_diff_keeps_types_apart() -> None:
     long = "x" * 200  # so that entries are shorter than the list
     base = {"a": [1, 0.0, True, 1.5, "1", None, 2**62, long], "b": {"x": 1}}
     other = {"a": [1.0, -0.0, 1, 1.5, 1, False, 2**62, long], "b": {"x": True}}
-    d = ranktrees.TextDiffer(_dump(base).decode()).diff(_dump(other).decode())
-    assert _dump(ranktrees.apply_diff(base, d)) == _dump(other)
+    d = ranktrees.TextDiffer(dump_json(base).decode()).diff(dump_json(other).decode())
+    assert dump_json(ranktrees.apply_diff(base, d)) == dump_json(other)
     assert sorted(map(str, (p for p, _ in d))) == sorted(
         map(str, (["a", 0], ["a", 1], ["a", 2], ["a", 4], ["a", 5], ["b", "x"]))
     )
@@ -314,8 +315,8 @@ def _descriptions(ranks: int, tensors: int) -> tuple[list[bytes], list[pa.Table]
             "step": 100,
         }
         tree, refs, _ = flatten(state)
-        blobs.append(_dump(tree))
-        descs.append(pa.ipc.open_stream(_ipc(describe_local(refs, None))).read_all())
+        blobs.append(dump_json(tree))
+        descs.append(pa.ipc.open_stream(to_ipc(describe_local(refs, None))).read_all())
         trees.append(tree)
     return blobs, descs, trees
 
@@ -324,7 +325,7 @@ def test_manifest_stays_small_at_2000_ranks() -> None:
     ranks, tensors = 2000, 100
     blobs, descs, trees = _descriptions(ranks, tensors)
     plan = make_plan(descs, check_replicated=False)
-    tree0, diffs = _merge_trees([memoryview(b) for b in blobs], descs, plan.keys)
+    tree0, diffs = merge_trees([memoryview(b) for b in blobs], descs, plan.keys)
     assert len(diffs) == ranks - 1
     doc = _doc(tree0, diffs)
     size = len(json.dumps(diffs, separators=(",", ":")))

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import ckptguard
 from ckptguard import HostPoolTooSmallError
-from ckptguard import saver as saver_mod
+from ckptguard import commit as commit_mod
 from ckptguard.capture import state_bytes
-from ckptguard.staging import DIRECT, StagedSource, copy_range, tensor_bytes
+from ckptguard.sources import DIRECT, BufferedSource, copy_range, tensor_bytes
 
 CHUNK = 64 << 10
 POOL = 4 * CHUNK  # two 128 KiB buffers
@@ -116,7 +116,7 @@ def test_copy_range_is_c_order_slice(t: torch.Tensor, data: Any) -> None:
 @given(st.lists(strided(), min_size=1, max_size=4), st.sampled_from([16, 32, 48, 64]))
 def test_staged_pieces_are_the_direct_bytes(values: list, piece: int) -> None:
     bufs = [torch.empty(piece, dtype=torch.uint8), torch.empty(piece, dtype=torch.uint8)]
-    src = StagedSource(lambda: bufs)
+    src = BufferedSource(lambda: bufs)
     got: dict[int, list[bytes]] = {}
     for i, part in src.stream(values):
         got.setdefault(i, []).append(bytes(part))
@@ -162,13 +162,13 @@ def test_streamed_commit_runs_after_the_caller_is_released(
     store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real = saver_mod._commit.publish
+    real = commit_mod.publish
 
     def held(*a: Any, **k: Any) -> Any:
         assert gate.wait(30), "gate never opened"
         return real(*a, **k)
 
-    monkeypatch.setattr(saver_mod._commit, "publish", held)
+    monkeypatch.setattr(commit_mod, "publish", held)
     state = big_state(3)
     want = clone(state)
     with ckptguard.Checkpointer(store, max_host_bytes=POOL, chunk_size=CHUNK) as c:

@@ -1,7 +1,9 @@
 """The trainer's side of ``ckptguard run``: is a checkpoint requested? tell the agent of a commit.
 
 Everything here is safe without an agent (``CKPTGUARD_AGENT`` unset): ``checkpoint_requested``
-returns False, ``notify_committed`` returns False and a registered callback never fires. With an
+returns False, ``notify_committed`` returns False and a registered callback never fires.
+Importing this module registers a commit hook (``ckptguard.hooks``) that calls
+``notify_committed`` after each save this process commits. With an
 agent, the first call connects to its control socket (docs/agent.md) and a daemon thread listens;
 ``checkpoint_requested`` then only reads a flag, cheap enough for every training step.
 """
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..format.manifest import CheckpointInfo
+from ..hooks import add_commit_hook
 from .protocol import ENV_ADDRESS, LineReader, ProtocolError, decode, encode
 
 CONNECT_TIMEOUT = 5.0
@@ -222,3 +226,17 @@ def notify_committed(path: str | os.PathLike[str], step: int | None = None) -> b
         )
         return False
     return True
+
+
+def notify_agent_of_commit(info: CheckpointInfo) -> None:
+    """The commit hook: ``notify_committed`` for a checkpoint this process committed."""
+    notify_committed(info.path, info.step)
+
+
+def register_commit_hook() -> None:
+    """Tell the agent of every save this process commits (``hooks``); idempotent. Done when
+    this module is imported: any process that saves through ``ckptguard.save`` imports it."""
+    add_commit_hook(notify_agent_of_commit)
+
+
+register_commit_hook()

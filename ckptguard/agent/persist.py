@@ -16,18 +16,16 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from ..api import save_options
 from ..coord import Coordinator
 from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
 from ..format.layout import split_path
-from ..format.manifest import CheckpointInfo, format_time
-from ..saver import Failed, save_state
+from ..report import info_to_json
+from ..saver import FailedState, SaveOptions, save_state
 from ..tree import Flat, TensorRef
 
 MAX_TENSORS = 10_000_000
@@ -117,21 +115,22 @@ class Persister:
             token, flat, path, options = job
             with self._lock:
                 self._running = (self.finished + 1, _timeout(options), time.monotonic())
+            state: Flat | FailedState = flat
             try:
                 try:
                     failpoint("handoff.accepted")
                     store, name = split_path(path)
-                    opts = save_options(**options)
+                    opts = SaveOptions.from_kwargs(options)
                 except Exception as e:  # still take part, so every rank reports this failure
                     store, name = os.path.split(path)
-                    opts = save_options(timeout=_timeout(options))
-                    flat = Failed(e)
-                info = save_state(flat, store, name, self.coord, opts)
-                reply = {"ok": True, "info": _info(info)}
+                    opts = SaveOptions(timeout=_timeout(options))
+                    state = FailedState(e)
+                info = save_state(state, store, name, self.coord, opts)
+                reply: dict[str, Any] = {"ok": True, "info": info_to_json(info)}
             except BaseException as e:  # the trainer gets the error, as in-process
                 reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
             finally:
-                del flat
+                del flat, state
             try:
                 failpoint("handoff.before_reply")
             except Exception as e:  # the save's outcome stands; a failure here is reported with it
@@ -145,9 +144,11 @@ class Persister:
 
 
 def _timeout(options: dict) -> float:
+    """The save's timeout as the trainer passed it, when it is one (else the default)."""
     t = options.get("timeout")
-    ok = isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf
-    return float(t) if ok else DEFAULT_TIMEOUT
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf:
+        return float(t)
+    return DEFAULT_TIMEOUT
 
 
 def _bytes(m: mmap.mmap) -> torch.Tensor:
@@ -190,10 +191,3 @@ def _ref(t: Any, m: mmap.mmap, base: torch.Tensor) -> TensorRef:
         bool(t.get("sharded")),
         per_rank=bool(t.get("per_rank")),
     )
-
-
-def _info(info: CheckpointInfo) -> dict:
-    doc = asdict(info)
-    doc["created"] = format_time(info.created)
-    doc["warnings"] = list(info.warnings)
-    return doc

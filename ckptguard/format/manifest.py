@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
@@ -22,7 +24,6 @@ MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
-ALL_FEATURES = frozenset({"pickle", "incremental", "encryption", RANK_TREE_DIFFS, PER_RANK_TENSORS})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -62,6 +63,71 @@ _TOTALS = {"tensors": int, "chunks": int, "raw_bytes": int, "stored_bytes": int,
 
 class FormatVersionProblem(FormatError):
     """The manifest is intact but needs a newer reader."""
+
+
+def features(pickle: bool, rank_trees: dict, tensors: list[dict]) -> list[str]:
+    """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
+    per-rank tensors."""
+    return [
+        *(["pickle"] if pickle else []),
+        *([RANK_TREE_DIFFS] if rank_trees else []),
+        *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
+    ]
+
+
+def totals(table: pa.Table, tensors: int, files: int) -> dict[str, int]:
+    """The manifest's ``totals`` member for an index ``table`` of ``tensors`` tensors and
+    ``files`` data files."""
+    return {
+        "tensors": tensors,
+        "chunks": table.num_rows,
+        "raw_bytes": int(pc.sum(table.column("raw_len")).as_py() or 0),
+        "stored_bytes": int(pc.sum(table.column("stored_len")).as_py() or 0),
+        "files": files,
+    }
+
+
+def build(
+    *,
+    name: str,
+    uuid: str,
+    world_size: int,
+    step: int | None,
+    writer: dict[str, str],
+    metadata: Any,
+    tree: Any,
+    rank_trees: dict[str, Any],
+    tensors: list[dict],
+    files: list[dict],
+    index: dict,
+    table: pa.Table,
+    pickle: bool,
+    created: dt.datetime | None = None,
+) -> dict:
+    """The manifest body (format.md section 3) of a checkpoint whose index is ``table``.
+
+    ``created`` is when the checkpoint is committed (None: an empty member, for a caller that
+    stamps it later with ``format_time``); features and totals are derived here, never by
+    callers.
+    """
+    return {
+        "format": "ckptguard",
+        "format_version": FORMAT_VERSION,
+        "features": features(pickle, rank_trees, tensors),
+        "name": name,
+        "uuid": uuid,
+        "created": "" if created is None else format_time(created),
+        "step": step,
+        "world_size": world_size,
+        "writer": writer,
+        "metadata": metadata,
+        "tree": tree,
+        "rank_trees": rank_trees,
+        "tensors": tensors,
+        "files": files,
+        "index": index,
+        "totals": totals(table, len(tensors), len(files)),
+    }
 
 
 def encode(body: dict) -> bytes:
@@ -140,15 +206,24 @@ def validate(doc: Any) -> None:
             raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
         if diffs:
             check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
+    _validate_tensors(doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats)
+    _validate_files(doc["files"])
+    _typed(doc["index"], _INDEX, "manifest.index")
+    if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
+        raise FormatError("manifest.index is invalid")
+    _typed(doc["totals"], _TOTALS, "manifest.totals")
+
+
+def _validate_tensors(tensors: list, world_size: int, per_rank: bool) -> None:
+    """Check ``manifest.tensors`` (format.md section 3.1)."""
     keys = set()
-    per_rank = PER_RANK_TENSORS in feats
-    for i, t in enumerate(doc["tensors"]):
+    for i, t in enumerate(tensors):
         if per_rank and isinstance(t, dict) and "per_rank" in t:
             if t["per_rank"] is not True:
                 raise FormatError(f"manifest.tensors[{i}].per_rank is not true")
             t = {k: v for k, v in t.items() if k != "per_rank"}
             shape = t.get("shape")
-            if not isinstance(shape, list) or not shape or shape[0] != doc["world_size"]:
+            if not isinstance(shape, list) or not shape or shape[0] != world_size:
                 raise FormatError(
                     f"manifest.tensors[{i}] is per-rank but its first dimension is not world_size"
                 )
@@ -167,19 +242,20 @@ def validate(doc: Any) -> None:
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
         keys.add(t["key"])
+
+
+def _validate_files(files: list) -> None:
+    """Check ``manifest.files``: one entry per data file, named for its rank."""
     names = set()
-    for i, f in enumerate(doc["files"]):
+    for i, f in enumerate(files):
         _typed(f, _FILE, f"manifest.files[{i}]")
         if datafile_rank(f["name"]) != f["rank"] or f["size"] < 0 or f["name"] in names:
             raise FormatError(f"manifest.files[{i}] has an invalid name, rank or size")
         names.add(f["name"])
-    _typed(doc["index"], _INDEX, "manifest.index")
-    if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
-        raise FormatError("manifest.index is invalid")
-    _typed(doc["totals"], _TOTALS, "manifest.totals")
 
 
 def parse_time(text: str) -> dt.datetime:
+    """``manifest.created`` as an aware UTC datetime; FormatError if it is not one."""
     try:
         return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
     except (TypeError, ValueError):
@@ -187,6 +263,7 @@ def parse_time(text: str) -> dt.datetime:
 
 
 def format_time(t: dt.datetime) -> str:
+    """``t`` as ``manifest.created`` writes it (UTC, microseconds, a trailing Z)."""
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -1,8 +1,8 @@
-"""Where the writer reads tensor bytes from: the tensors themselves, or bounded host buffers.
+"""Byte sources: where the writer reads tensor bytes from, the tensors or bounded host buffers.
 
 A *source* turns the values a rank writes into a stream of byte pieces, in order, each piece the
 C-order bytes of part of one value. ``DIRECT`` hands over each value's host bytes whole (copying
-only what is not already contiguous host memory). ``StagedSource`` streams a state larger than
+only what is not already contiguous host memory). ``BufferedSource`` streams a state larger than
 the host pool: values that are contiguous host memory are read in place, all others (GPU
 tensors, strided views) are copied piecewise into two fixed buffers, the copy of the next piece
 overlapping the writer's work on the current one. Pieces of one value are whole multiples of the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,14 +24,23 @@ import xxhash
 def tensor_bytes(value: Any) -> memoryview:
     """The C-order bytes of a tensor or array on the host (copied only if it must be)."""
     if isinstance(value, np.ndarray):
-        a = np.ascontiguousarray(value).reshape(-1)
-        return memoryview(a.view(np.uint8))
+        return _array_bytes(np.ascontiguousarray(value))
     t = _plain(value.detach())
     if t.numel() == 0:
         return memoryview(b"")
     if t.device.type != "cpu":
         t = t.cpu()
-    return memoryview(_flat(t.contiguous()).view(torch.uint8).numpy())
+    return _bytes_of(_flat(t.contiguous()))
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous 1-D CPU tensor, in place."""
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _array_bytes(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, in place."""
+    return memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -46,6 +55,42 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     return t
+
+
+class ByteSource(Protocol):
+    """What the saver reads tensor bytes through."""
+
+    def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
+        """(index into ``values``, the next piece of that value's C-order bytes), in order."""
+        ...
+
+    def digest(self, value: Any) -> bytes:
+        """xxh3-128 of a value's bytes (replicas are compared by it)."""
+        ...
+
+
+class CopyStreams:
+    """A dedicated CUDA copy stream per device, ordered once after the caller's stream there.
+
+    ``streams`` (device index -> stream) outlives one save so streams are reused; it is filled
+    as devices are met. ``caller_streams`` are the streams whose queued work the copies must
+    follow (default: each device's current stream).
+    """
+
+    def __init__(self, streams: dict | None = None, caller_streams: dict | None = None) -> None:
+        self.streams = {} if streams is None else streams
+        self.caller_streams = caller_streams or {}
+        self.used: dict[int, Any] = {}  # the streams this user has ordered, by device
+
+    def get(self, device: torch.device) -> Any:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in self.used:
+            s = self.streams.get(idx)
+            if s is None:
+                s = self.streams[idx] = torch.cuda.Stream(device=idx)
+            s.wait_stream(self.caller_streams.get(idx) or torch.cuda.current_stream(idx))
+            self.used[idx] = s
+        return self.used[idx]
 
 
 class DirectSource:
@@ -67,13 +112,13 @@ def _in_place(value: Any) -> memoryview | None:
     """The value's bytes without a copy, if it is contiguous host memory."""
     if isinstance(value, np.ndarray):
         if value.flags.c_contiguous:
-            return memoryview(value.reshape(-1).view(np.uint8))
+            return _array_bytes(value)
         return None
     t = value.detach()
     if t.numel() == 0:
         return memoryview(b"")
     if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-        return memoryview(_flat(t).view(torch.uint8).numpy())
+        return _bytes_of(_flat(t))
     return None
 
 
@@ -113,7 +158,7 @@ def copy_range(dst: torch.Tensor, t: torch.Tensor, start: int, count: int, nb: b
         copy_range(dst[pos:count], t[i], 0, count - pos, nb)
 
 
-class StagedSource:
+class BufferedSource:
     """Stream values through two host buffers of equal size (see the module docstring).
 
     ``buffers`` is called once, on the first value that needs a copy, and returns the two uint8
@@ -129,9 +174,7 @@ class StagedSource:
     ) -> None:
         self._get_buffers = buffers
         self._buffers: list[torch.Tensor] | None = None
-        self.streams = {} if streams is None else streams
-        self.caller_streams = caller_streams or {}
-        self._ordered: set[int] = set()
+        self.copy_streams = CopyStreams(streams, caller_streams)
         self.copied = 0  # bytes that went through the buffers (for tests and reports)
 
     def digest(self, value: Any) -> bytes:
@@ -141,7 +184,7 @@ class StagedSource:
         return h.digest()
 
     def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
-        with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-stage") as pool:
+        with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-source") as pool:
             jobs = self._jobs(values)
             job = next(jobs, None)
             fill: Future | None = None  # the copy of ``job``, if it is a copy and has started
@@ -175,7 +218,7 @@ class StagedSource:
         if self._buffers is None:
             self._buffers = self._get_buffers()
             if len(self._buffers) != 2 or self._buffers[0].numel() != self._buffers[1].numel():
-                raise ValueError("staging needs two buffers of equal size")
+                raise ValueError("a buffered source needs two buffers of equal size")
         return self._buffers[0].numel()
 
     def _fill(self, slot: int, job: tuple) -> memoryview:
@@ -184,7 +227,7 @@ class StagedSource:
         nbytes = count * t.element_size()
         dst = self._buffers[slot][:nbytes].view(t.dtype)
         if t.device.type == "cuda":
-            stream = self._stream(t.device)
+            stream = self.copy_streams.get(t.device)
             with torch.cuda.stream(stream):
                 copy_range(dst, t, start, count, True)
                 done = torch.cuda.Event()
@@ -193,14 +236,4 @@ class StagedSource:
         else:
             copy_range(dst, t, start, count, False)
         self.copied += nbytes
-        return memoryview(self._buffers[slot][:nbytes].numpy())
-
-    def _stream(self, device: torch.device) -> Any:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        s = self.streams.get(idx)
-        if s is None:
-            s = self.streams[idx] = torch.cuda.Stream(device=idx)
-        if idx not in self._ordered:
-            s.wait_stream(self.caller_streams.get(idx) or torch.cuda.current_stream(idx))
-            self._ordered.add(idx)
-        return s
+        return _bytes_of(self._buffers[slot][:nbytes])
