@@ -24,7 +24,8 @@ from typing import Any
 
 from ckptguard.units import GB
 
-from .disk import fsync_dir, make_cold
+from ..fsutil import fsync_dir
+from .disk import make_cold
 
 BLOCK = 16 << 20  # bytes per write() / readinto(); a multiple of 4096
 
