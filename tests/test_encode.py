@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ckptguard import encode
-from ckptguard.saver import SaveOptions
 from ckptguard.format.datafile import FormatError, lz4_max_raw_len
+from ckptguard.saver import SaveOptions
 from ckptguard.writer import RankWriter
 
 
