@@ -15,86 +15,48 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import (
+    CheckpointAbortedError,
+    CheckpointerClosedError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointReplacedError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    FormatVersionError,
+    HostPoolTooSmallError,
+    InvalidNameError,
+    NotACheckpointError,
+    OptionsMismatchError,
+    OutOfMemoryError,
+    ReplicaMismatchWarning,
+    SaveCancelledError,
+    StoreError,
+    StoreFullError,
+    StoreNotWritableError,
+    UnsupportedObjectError,
+    WorldSizeError,
+)
 from .version import __version__
 
 if TYPE_CHECKING:
     from .agent.client import checkpoint_requested
-    from .api import (
-        CheckpointDescription,
-        Problem,
-        TensorSummary,
-        VerifyReport,
-        describe,
-        load,
-        save,
-        verify,
-    )
+    from .api import CheckpointDescription, TensorSummary, describe, load, save, verify
     from .checkpointer import Checkpointer, SaveHandle, save_async
-    from .errors import (
-        CheckpointAbortedError,
-        CheckpointerClosedError,
-        CheckpointError,
-        CheckpointExistsError,
-        CheckpointNotFoundError,
-        CheckpointReplacedError,
-        CheckpointWarning,
-        CorruptCheckpointError,
-        FormatVersionError,
-        HostPoolTooSmallError,
-        InvalidNameError,
-        NotACheckpointError,
-        OptionsMismatchError,
-        OutOfMemoryError,
-        ReplicaMismatchWarning,
-        SaveCancelledError,
-        StoreError,
-        StoreFullError,
-        StoreNotWritableError,
-        UnsupportedObjectError,
-        WorldSizeError,
-    )
     from .format.manifest import CheckpointInfo
+    from .read import Problem, VerifyReport
     from .shard import PerRank, Shard
     from .store import Store
 
-# The submodule (relative to this package) that defines each public name.
+# The submodule (relative to this package) that defines each public name loaded on first use;
+# the error classes (errors.py imports nothing heavy) are imported above.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     ".agent.client": ("checkpoint_requested",),
-    ".api": (
-        "CheckpointDescription",
-        "Problem",
-        "TensorSummary",
-        "VerifyReport",
-        "describe",
-        "load",
-        "save",
-        "verify",
-    ),
+    ".api": ("CheckpointDescription", "TensorSummary", "describe", "load", "save", "verify"),
     ".checkpointer": ("Checkpointer", "SaveHandle", "save_async"),
-    ".errors": (
-        "CheckpointAbortedError",
-        "CheckpointerClosedError",
-        "CheckpointError",
-        "CheckpointExistsError",
-        "CheckpointNotFoundError",
-        "CheckpointReplacedError",
-        "CheckpointWarning",
-        "CorruptCheckpointError",
-        "FormatVersionError",
-        "HostPoolTooSmallError",
-        "InvalidNameError",
-        "NotACheckpointError",
-        "OptionsMismatchError",
-        "OutOfMemoryError",
-        "ReplicaMismatchWarning",
-        "SaveCancelledError",
-        "StoreError",
-        "StoreFullError",
-        "StoreNotWritableError",
-        "UnsupportedObjectError",
-        "WorldSizeError",
-    ),
     ".format.manifest": ("CheckpointInfo",),
+    ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
     ".store": ("Store",),
 }

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from .agent import client as agent_client
-from .coord import Coordinator, current_rank, current_size
+from .coord import Coordinator, current
 from .coord import auto as coord_auto
 from .errors import (
     CheckpointNotFoundError,
@@ -22,20 +22,9 @@ from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
 from .open import CheckpointReader
 from .place import MapLocation
-from .read import Problem, VerifyReport, verify_checkpoint
+from .read import VerifyReport, verify_checkpoint
 from .saver import SaveOptions, save_state
 from .store import Store
-
-__all__ = [
-    "CheckpointDescription",
-    "Problem",
-    "TensorSummary",
-    "VerifyReport",
-    "describe",
-    "load",
-    "save",
-    "verify",
-]
 
 T = TypeVar("T")
 
@@ -134,7 +123,7 @@ def load(
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
     """
     if rank is None:
-        mine, world = current_rank(coordinator), current_size(coordinator)
+        mine, world = current(coordinator)
     elif type(rank) is not int or rank < 0:
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:

@@ -32,7 +32,6 @@ from .errors import (
     NotACheckpointError,
     StoreError,
     brief,
-    from_oserror,
 )
 from .failpoints import failpoint
 from .format import index, manifest
@@ -43,6 +42,7 @@ from .fsutil import (
     UnsafeFileError,
     fsync_dir,
     makedirs_durably,
+    read_manifest,
     read_regular,
     write_file_durably,
     write_new_file,
@@ -57,17 +57,12 @@ _AT_FDCWD = -100
 
 def read_info(path: str) -> CheckpointInfo:
     """The CheckpointInfo of a checkpoint directory, from its manifest (checked, not its data)."""
-    where = os.path.join(path, MANIFEST)
     try:
-        raw = read_regular(where, max_size=manifest.MAX_MANIFEST_BYTES)
+        body = read_manifest(path)[1]
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {path}") from None
-    except UnsafeFileError as e:  # a link, FIFO, device or oversized file is never read
-        raise CorruptCheckpointError(f"{MANIFEST} {e.reason}", path=path, file=MANIFEST) from None
-    except OSError as e:  # unreadable is not damaged: say what the store refused
-        raise from_oserror(e, where, "cannot read") from None
     try:
-        return CheckpointInfo.from_manifest(manifest.decode(raw), path)
+        return CheckpointInfo.from_manifest(body, path)
     except FormatError as e:
         raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 def location(file: str | None, key: str | None, chunk: int | None, offset: int | None) -> str:
     """`` [file=..., tensor=..., chunk=..., offset=...]`` for the parts that are known."""
@@ -29,6 +31,13 @@ class CheckpointWarning(UserWarning):
     left in ``.staging/`` for ``gc``. The message says what did not happen. An error here would
     misreport the store: the operation cannot be undone at that point.
     """
+
+
+def warn_after_commit(message: str, stacklevel: int = 1) -> None:
+    """Report ``message``, a step that failed after an operation's commit point, as a
+    CheckpointWarning (the operation stands). ``stacklevel`` counts from the caller, as
+    ``warnings.warn``'s does."""
+    warnings.warn(CheckpointWarning(message), stacklevel=stacklevel + 1)
 
 
 class ReplicaMismatchWarning(UserWarning):

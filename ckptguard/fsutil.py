@@ -1,5 +1,6 @@
 """Small file helpers: the one safe open for reading, full writes, fsync of files and
-directories, atomic replace."""
+directories, atomic replace; the one whole read of a checkpoint's file and of its manifest,
+with the typed errors every reader of a checkpoint raises."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import fcntl
 import os
 import stat
 
+from .errors import CorruptCheckpointError, FormatVersionError, StoreError, from_oserror
+from .format import manifest
+from .format.datafile import FormatError
+from .format.layout import MANIFEST
 from .io import pread_exact, write_all
 
 # No open for reading may block (a FIFO waits for a writer), follow a final symbolic link, or
@@ -99,7 +104,56 @@ def read_regular(
         os.close(fd)
 
 
+def read_member(
+    checkpoint: str,
+    name: str,
+    *,
+    dir_fd: int | None = None,
+    max_size: int | None = None,
+    size: int | None = None,
+) -> bytes:
+    """File ``name`` of the checkpoint directory ``checkpoint`` read whole by ``read_regular``
+    (relative to ``dir_fd``, that directory opened, where given). What ``read_regular`` refuses
+    (a link, FIFO, device, the wrong size) is a CorruptCheckpointError; what cannot be read is
+    the StoreError of ``from_oserror`` with the file's path and ``file=name``: the checkpoint
+    may be intact. FileNotFoundError is the caller's to map: a missing file means "not
+    committed" to one caller and "replaced meanwhile" to another."""
+    where = os.path.join(checkpoint, name)
+    try:
+        return read_regular(
+            name if dir_fd is not None else where, dir_fd=dir_fd, max_size=max_size, size=size
+        )
+    except FileNotFoundError:
+        raise
+    except UnsafeFileError as e:
+        raise CorruptCheckpointError(f"{name} {e.reason}", path=checkpoint, file=name) from None
+    except OSError as e:
+        raise member_error(e, checkpoint, name) from None
+
+
+def member_error(e: OSError, checkpoint: str, name: str, action: str = "cannot read") -> StoreError:
+    """The typed error of an OSError on file ``name`` of ``checkpoint`` (not corruption: its
+    bytes could not be read); ``path`` is the file's, ``file`` its name."""
+    err = from_oserror(e, os.path.join(checkpoint, name), action)
+    err.file = name  # type: ignore[attr-defined]  # named like CorruptCheckpointError.file
+    return err
+
+
+def read_manifest(checkpoint: str, *, dir_fd: int | None = None) -> tuple[bytes, dict]:
+    """MANIFEST.json of ``checkpoint`` (``read_member``'s reading and errors): its bytes and
+    its checked body. FormatVersionError for a manifest this version cannot read,
+    CorruptCheckpointError for one that is damaged; FileNotFoundError is the caller's."""
+    raw = read_member(checkpoint, MANIFEST, dir_fd=dir_fd, max_size=manifest.MAX_MANIFEST_BYTES)
+    try:
+        return raw, manifest.decode(raw)
+    except manifest.FormatVersionProblem as e:
+        raise FormatVersionError(f"{e} ({checkpoint})") from None
+    except FormatError as e:
+        raise CorruptCheckpointError(str(e), path=checkpoint, file=MANIFEST) from None
+
+
 def fsync_dir(path: str) -> None:
+    """fsync a directory: makes the names created, renamed or removed in it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -9,10 +9,9 @@ committed and stays so, whatever a hook does.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 
-from .errors import CheckpointWarning
+from .errors import warn_after_commit
 from .format.manifest import CheckpointInfo
 
 CommitHook = Callable[[CheckpointInfo], object]
@@ -54,10 +53,8 @@ def run_commit_hooks(info: CheckpointInfo) -> None:
             fn(info)
         except Exception as e:
             name = getattr(fn, "__qualname__", repr(fn))
-            warnings.warn(
-                CheckpointWarning(
-                    f"{info.path} is committed, but the commit hook {name} failed: "
-                    f"{type(e).__name__}: {e}"
-                ),
+            warn_after_commit(
+                f"{info.path} is committed, but the commit hook {name} failed: "
+                f"{type(e).__name__}: {e}",
                 stacklevel=2,
             )

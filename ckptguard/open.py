@@ -23,9 +23,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
-    FormatVersionError,
     StoreError,
-    from_oserror,
 )
 from .format import index, manifest
 from .format.datafile import (
@@ -41,7 +39,14 @@ from .format.datafile import (
 from .format.index import Row, row_from_json
 from .format.layout import INDEX, MANIFEST
 from .format.validate import check_table
-from .fsutil import UnsafeFileError, check_regular, open_regular, read_regular
+from .fsutil import (
+    UnsafeFileError,
+    check_regular,
+    member_error,
+    open_regular,
+    read_manifest,
+    read_member,
+)
 from .io import pread_exact
 
 
@@ -107,9 +112,7 @@ class CheckpointReader:
     def io_error(self, e: OSError, name: str, action: str = "cannot read") -> StoreError:
         """The typed error of an OSError on file ``name`` of this checkpoint (not corruption:
         its bytes could not be read); ``path`` is the file's, ``file`` its name."""
-        err = from_oserror(e, os.path.join(self.path, name), action)
-        err.file = name  # type: ignore[attr-defined]  # named like CorruptCheckpointError.file
-        return err
+        return member_error(e, self.path, name, action)
 
     def replaced(self) -> bool:
         """Whether the path no longer leads to the directory this reader opened (an overwrite
@@ -150,16 +153,23 @@ class CheckpointReader:
             except UnsafeFileError as e:
                 raise self.corrupt(f"data file {e.reason}", file=name) from None
 
-    def open_file(self, name: str) -> int:
-        """Open and check one data file (header, trailer, footer vs index); return its fd."""
+    def open_member(self, name: str, size: int, what: str) -> int:
+        """Open file ``name`` of this checkpoint, a regular file of ``size`` bytes, with
+        ``fsutil.open_regular``; return its fd. ``what`` names the file in the errors: missing
+        (``missing``), not a regular file of that size (corrupt), unreadable (``io_error``)."""
         try:
-            fd, _ = open_regular(name, dir_fd=self.dir_fd, size=self.files[name])
+            fd, _ = open_regular(name, dir_fd=self.dir_fd, size=size)
         except FileNotFoundError:
-            raise self.missing("data file is missing", name) from None
+            raise self.missing(f"{what} is missing", name) from None
         except UnsafeFileError as e:  # a link, FIFO, device, directory, or the wrong size
-            raise self.corrupt(f"data file {e.reason}", file=name) from None
+            raise self.corrupt(f"{what} {e.reason}", file=name) from None
         except OSError as e:
             raise self.io_error(e, name, "cannot open") from None
+        return fd
+
+    def open_file(self, name: str) -> int:
+        """Open and check one data file (header, trailer, footer vs index); return its fd."""
+        fd = self.open_member(name, self.files[name], "data file")
         try:
             _check_data_file(self, fd, name)
         except FormatError as e:
@@ -185,42 +195,18 @@ class CheckpointReader:
         self.close()
 
 
-def _read_whole(rd: CheckpointReader, name: str, limit: int, exact: bool = False) -> bytes:
-    """The bytes of file ``name``: at most ``limit`` of them, or exactly with ``exact``;
-    FileNotFoundError is left to the caller."""
-    try:
-        return read_regular(
-            name,
-            dir_fd=rd.dir_fd,
-            max_size=None if exact else limit,
-            size=limit if exact else None,
-        )
-    except FileNotFoundError:
-        raise
-    except UnsafeFileError as e:
-        raise rd.corrupt(f"{name} {e.reason}", file=name) from None
-    except OSError as e:
-        raise rd.io_error(e, name) from None
-
-
 def _read_manifest(rd: CheckpointReader) -> dict:
     try:
-        raw = _read_whole(rd, MANIFEST, manifest.MAX_MANIFEST_BYTES)
+        return read_manifest(rd.path, dir_fd=rd.dir_fd)[1]
     except FileNotFoundError:
         raise rd.missing("MANIFEST.json is missing: not a committed checkpoint", MANIFEST) from None
-    try:
-        return manifest.decode(raw)
-    except manifest.FormatVersionProblem as e:
-        raise FormatVersionError(f"{e} ({rd.path})") from None
-    except FormatError as e:
-        raise rd.corrupt(str(e), file=MANIFEST) from None
 
 
 def _read_index(rd: CheckpointReader) -> pa.Table:
     """The index table, checked against its hash in the manifest and validated."""
     m = rd.manifest
     try:
-        data = _read_whole(rd, INDEX, m["index"]["size"], exact=True)
+        data = read_member(rd.path, INDEX, dir_fd=rd.dir_fd, size=m["index"]["size"])
     except FileNotFoundError:
         raise rd.missing("index.parquet is missing", INDEX) from None
     if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
@@ -236,14 +222,7 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
 def _check_totals(rd: CheckpointReader) -> None:
     """The manifest's totals and file entries agree with the index."""
     m, t = rd.manifest, rd.table
-    totals = {
-        "tensors": len(rd.tensors),
-        "chunks": t.num_rows,
-        "raw_bytes": int(pc.sum(t.column("raw_len")).as_py() or 0),
-        "stored_bytes": int(pc.sum(t.column("stored_len")).as_py() or 0),
-        "files": len(rd.files),
-    }
-    if totals != m["totals"]:
+    if manifest.totals(t, len(rd.tensors), len(rd.files)) != m["totals"]:
         raise rd.corrupt("manifest totals disagree with the index", file=MANIFEST)
     counts = dict.fromkeys(rd.files, 0)
     for item in pc.value_counts(t.column("file").combine_chunks()).to_pylist():

@@ -19,6 +19,7 @@ from .format.dtypes import SIZES
 from .format.index import Row
 from .select import Piece, Target
 from .tree import NUMPY_BY_NAME, TORCH_BY_NAME
+from .units import format_size
 
 MapLocation = str | torch.device | dict | Callable | None
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def allocate(key: str, nbytes: int, where: str, make: Callable[[], T]) -> T:
         if not _out_of_memory(e):
             raise
         raise OutOfMemoryError(
-            f"cannot allocate {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of {where} memory for "
+            f"cannot allocate {nbytes} bytes ({format_size(nbytes)}) of {where} memory for "
             f"tensor {key!r} while loading: {str(e).strip()[:300] or type(e).__name__} (free "
             "memory, raise the limit, or load with a template/map_location that needs less)",
             key,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 import xxhash
 
-from .errors import CheckpointWarning
+from .errors import warn_after_commit
 from .format.manifest import CheckpointInfo, format_time, parse_time
 from .format.ranktrees import TextDiffer
 from .tree import remap_tensor_ids
@@ -156,5 +155,5 @@ def info_from_json(doc: dict) -> CheckpointInfo:
     """The CheckpointInfo that a save's outcome carries; warns of what failed after the commit."""
     late = tuple(str(w) for w in doc.get("warnings") or ())
     for w in late:
-        warnings.warn(CheckpointWarning(w), stacklevel=3)
+        warn_after_commit(w, stacklevel=3)
     return CheckpointInfo(**{**doc, "created": parse_time(doc["created"]), "warnings": late})

@@ -28,6 +28,7 @@ import xxhash
 
 from . import commit
 from .coord import Coordinator
+from .encode import check_chunk_size
 from .errors import (
     CheckpointAbortedError,
     CheckpointError,
@@ -95,8 +96,7 @@ class SaveOptions:
             raise ValueError(f"compress must be one of {sorted(COMPRESS)}, not {self.compress!r}")
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
-        if self.chunk_size < 64 or self.chunk_size % 16:
-            raise ValueError("chunk_size must be a multiple of 16 and at least 64")
+        check_chunk_size(self.chunk_size)
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
             raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")

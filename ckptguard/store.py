@@ -9,7 +9,6 @@ import os
 import stat
 import time
 import uuid as uuidlib
-import warnings
 from dataclasses import dataclass, field
 
 from .commit import (
@@ -25,10 +24,10 @@ from .commit import (
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CheckpointWarning,
     CorruptCheckpointError,
     brief,
     from_oserror,
+    warn_after_commit,
 )
 from .failpoints import failpoint
 from .format.layout import (
@@ -197,17 +196,20 @@ class Store:
             failpoint("delete.after_rename")
             fsync_dir(self.root)
         except OSError as e:  # not durable: keep the files, so a crash cannot bring back a husk
-            _late(
+            warn_after_commit(
                 f"{path} is deleted, but fsync of {self.root} failed ({brief(e)}); its files "
-                f"remain at {trash} for gc"
+                f"remain at {trash} for gc",
+                stacklevel=2,
             )
             return
         try:
             remove_tree(trash)
             failpoint("delete.after_remove")
         except OSError as e:
-            _late(
-                f"{path} is deleted, but removing its files failed ({brief(e)}); gc removes {trash}"
+            warn_after_commit(
+                f"{path} is deleted, but removing its files failed ({brief(e)}); "
+                f"gc removes {trash}",
+                stacklevel=2,
             )
 
     def gc(self, older_than: float | dt.timedelta = 3600.0) -> builtins.list[str]:
@@ -296,10 +298,6 @@ def _whole(path: str) -> bool:
         return True
     except CheckpointError:
         return False
-
-
-def _late(message: str) -> None:
-    warnings.warn(CheckpointWarning(message), stacklevel=3)
 
 
 def _newest_mtime(path: str) -> float:

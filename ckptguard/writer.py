@@ -49,7 +49,7 @@ class RankWriter:
         self.size = 0
         self._open: tuple[int, int, int] | None = None  # tensor id, chunks so far, bytes so far
         # Settings read once per file, not once per tensor: environment look-ups and an affinity
-        # syscall per tensor cost a fifth of a save of 10,000 small tensors.
+        # syscall per tensor would cost a fifth of a save of 10,000 small tensors.
         self._threads = _backend.default_threads()
         self._direct = _backend.direct_io()
         self._backend = _backend.name()

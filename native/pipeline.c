@@ -61,6 +61,21 @@ static int common_result(const common_t *c, size_t ntasks, ckg_failure *fail) {
     return CKG_OK;
 }
 
+/* Tasks 0..ntasks-1 of fn on up to ``threads`` threads; ``ctx`` begins with ``c``. The
+ * lowest-index failure goes to *fail and is returned (CKG_OK when every task succeeded). */
+static int run_all(common_t *c, int threads, size_t ntasks, ckg_task_fn fn, void *ctx,
+                   ckg_failure *fail) {
+    int rc = common_init(c, threads, ntasks);
+    if (rc) {
+        *fail = (ckg_failure){rc, 0, 0};
+    } else {
+        ckg_parallel(threads, ntasks, fn, ctx);
+        rc = common_result(c, ntasks, fail);
+    }
+    common_free(c);
+    return rc;
+}
+
 static void fail_task(common_t *c, size_t t, int code, int err) {
     c->rc[t] = code;
     c->err[t] = err;
@@ -110,16 +125,7 @@ int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chun
                .compress = compress,
                .outs = outs,
                .res = res};
-    int rc = common_init(&e.c, threads, n);
-    if (rc) {
-        common_free(&e.c);
-        *fail = (ckg_failure){rc, 0, 0};
-        return rc;
-    }
-    ckg_parallel(threads, n, enc_task, &e);
-    rc = common_result(&e.c, n, fail);
-    common_free(&e.c);
-    return rc;
+    return run_all(&e.c, threads, n, enc_task, &e, fail);
 }
 
 /* ---- encode + write ------------------------------------------------------------------- */
@@ -227,19 +233,11 @@ int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, ui
     atomic_init(&w.direct, a->dfd >= 0);
     *end = a->pos;
     *direct_used = 0;
-    int rc = common_init(&w.c, threads, n);
-    if (rc) {
-        common_free(&w.c);
-        *fail = (ckg_failure){rc, 0, 0};
-        return rc;
-    }
     pthread_mutex_init(&w.mu, NULL);
     pthread_cond_init(&w.cv, NULL);
-    ckg_parallel(threads, n, wr_task, &w);
+    int rc = run_all(&w.c, threads, n, wr_task, &w, fail);
     pthread_cond_destroy(&w.cv);
     pthread_mutex_destroy(&w.mu);
-    rc = common_result(&w.c, n, fail);
-    common_free(&w.c);
     if (!rc) {
         *end = w.pos;
         *direct_used = atomic_load(&w.direct);
@@ -269,16 +267,7 @@ static void dec_task(void *ctx, size_t t, int w) {
 
 int ckg_decode_many(const ckg_decode_item *items, size_t n, int threads, ckg_failure *fail) {
     dec_t d = {.items = items};
-    int rc = common_init(&d.c, threads, n);
-    if (rc) {
-        common_free(&d.c);
-        *fail = (ckg_failure){rc, 0, 0};
-        return rc;
-    }
-    ckg_parallel(threads, n, dec_task, &d);
-    rc = common_result(&d.c, n, fail);
-    common_free(&d.c);
-    return rc;
+    return run_all(&d.c, threads, n, dec_task, &d, fail);
 }
 
 /* ---- read + decode -------------------------------------------------------------------- */
@@ -344,16 +333,7 @@ int ckg_read_records(int fd, const ckg_read_item *items, size_t n, int threads, 
         (void)posix_fadvise(fd, (off_t)lo, (off_t)(hi - lo), POSIX_FADV_SEQUENTIAL);
     }
     rd_t r = {.fd = fd, .verify = verify, .n = n, .items = items};
-    int rc = common_init(&r.c, threads, n);
-    if (rc) {
-        common_free(&r.c);
-        *fail = (ckg_failure){rc, 0, 0};
-        return rc;
-    }
-    ckg_parallel(threads, n, rd_task, &r);
-    rc = common_result(&r.c, n, fail);
-    common_free(&r.c);
-    return rc;
+    return run_all(&r.c, threads, n, rd_task, &r, fail);
 }
 
 ckg_scratch *ckg_thread_scratch(void) { return &tls_scratch; }

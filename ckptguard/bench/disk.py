@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from ..fsutil import fsync_dir
+
 PAGE = mmap.PAGESIZE
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -26,15 +28,6 @@ def files_under(path: str) -> list[str]:
 def tree_bytes(paths: list[str]) -> int:
     """Apparent size of every file at or under ``paths``."""
     return sum(os.path.getsize(f) for p in paths if os.path.exists(p) for f in files_under(p))
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory (makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(paths: list[str], up_to: str) -> None:

@@ -24,7 +24,9 @@ from typing import Any
 
 from ckptguard.units import GB
 
-from .disk import fsync_dir, make_cold
+from ..fsutil import fsync_dir
+from ..io import write_all
+from .disk import make_cold
 
 BLOCK = 16 << 20  # bytes per write() / readinto(); a multiple of 4096
 
@@ -43,8 +45,7 @@ def _write_file(path: str, nbytes: int, block: mmap.mmap) -> None:
         view = memoryview(block)
         left = nbytes
         while left > 0:
-            n = os.write(fd, view[: min(left, len(view))])
-            left -= n
+            left -= write_all(fd, view[: min(left, len(view))])
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..units import format_size
 from .comm import LocalComm, init_torch_distributed
 from .disk import fsync_tree, make_cold, tree_bytes
 from .engines import Engine
@@ -352,7 +353,7 @@ class Runner:
             self.results["workloads"][wname] = meta
             self.log(
                 f"workload {wname}: {meta['description']} ({meta['tensors']} tensors, "
-                f"{meta['logical_bytes'] / 2**30:.2f} GiB, made in {gen_s:.1f} s)"
+                f"{format_size(meta['logical_bytes'], places=2)}, made in {gen_s:.1f} s)"
             )
             for eng in runnable:
                 eng.begin_workload()
@@ -401,7 +402,7 @@ def _trial_line(rec: dict[str, Any], trials: int) -> str:
     ok = "" if rec.get("verified", True) else f", NOT VERIFIED ({rec.get('verify_message')})"
     return (
         f"{head} stall {rec['stall_s']:.2f} s, durable {rec['durable_s']:.2f} s, "
-        f"stored {rec['stored_bytes'] / 2**20:.0f} MiB{load}{ok} (trial {rec['wall_s']:.1f} s)"
+        f"stored {format_size(rec['stored_bytes'])}{load}{ok} (trial {rec['wall_s']:.1f} s)"
     )
 
 

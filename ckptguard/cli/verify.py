@@ -49,6 +49,7 @@ def command(path: str, latest_only: bool, parallel: bool) -> None:
     chunks; rank 0 prints the same report and every task exits with the same code.
     """
     from ckptguard import pverify
+    from ckptguard.api import resolve
 
     world = pverify.world(parallel)
     if world is None:
@@ -56,7 +57,7 @@ def command(path: str, latest_only: bool, parallel: bool) -> None:
         return
     if world.rank != 0:  # prints nothing; exits as rank 0 does
         raise click.exceptions.Exit(pverify.follow(world))
-    leader = pverify.Leader(world, resolve=ckptguard.api.resolve)
+    leader = pverify.Leader(world, resolve=resolve)
     code = 1
     try:
         _verify_paths(path, latest_only, leader.verify, False)

@@ -12,7 +12,7 @@ import sys
 
 from .base import Coordinator, LocalCoordinator
 
-__all__ = ["Coordinator", "LocalCoordinator", "auto", "current_rank", "current_size"]
+__all__ = ["Coordinator", "LocalCoordinator", "auto", "current"]
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -63,31 +63,17 @@ def _torch_initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def current_rank(coordinator: Coordinator | str | None = None) -> int:
-    """This process's rank, without creating groups or communicators (for loading)."""
+def current(coordinator: Coordinator | str | None = None) -> tuple[int, int]:
+    """(rank, size) of this process in the job ``coordinator`` names (None: whichever of torch
+    and MPI is set up), without creating groups or communicators (for loading); (0, 1) alone."""
     if isinstance(coordinator, Coordinator):
-        return coordinator.rank
+        return coordinator.rank, coordinator.size
     if coordinator in (None, "torch") and _torch_initialized():
         import torch.distributed as dist
 
-        return dist.get_rank()
+        return dist.get_rank(), dist.get_world_size()
     if coordinator in (None, "mpi") and ("mpi4py.MPI" in sys.modules or _launched_by_mpi()):
         from mpi4py import MPI
 
-        return MPI.COMM_WORLD.Get_rank()
-    return 0
-
-
-def current_size(coordinator: Coordinator | str | None = None) -> int:
-    """The number of ranks of this job, without creating groups or communicators (for loading)."""
-    if isinstance(coordinator, Coordinator):
-        return coordinator.size
-    if coordinator in (None, "torch") and _torch_initialized():
-        import torch.distributed as dist
-
-        return dist.get_world_size()
-    if coordinator in (None, "mpi") and ("mpi4py.MPI" in sys.modules or _launched_by_mpi()):
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_size()
-    return 1
+        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    return 0, 1

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 from ..commit import Flavour, discard_staging, new_staging, publish, read_info, write_latest
@@ -41,10 +40,10 @@ from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointReplacedError,
-    CheckpointWarning,
     CorruptCheckpointError,
     StoreError,
     from_oserror,
+    warn_after_commit,
 )
 from ..failpoints import failpoint
 from ..format.layout import check_name
@@ -172,7 +171,7 @@ def _drain_one(
                 with contextlib.suppress(OSError):  # else gc reclaims it; DST is unchanged
                     discard_staging(staging)
     for w in out.warnings:
-        warnings.warn(CheckpointWarning(w), stacklevel=3)
+        warn_after_commit(w, stacklevel=3)
     return out, copied
 
 

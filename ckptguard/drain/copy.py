@@ -15,12 +15,10 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import CheckpointReplacedError, CorruptCheckpointError, from_oserror
+from ..errors import CheckpointReplacedError, from_oserror
 from ..failpoints import failpoint
-from ..format import manifest
-from ..format.datafile import FormatError
 from ..format.layout import INDEX, MANIFEST
-from ..fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular, write_file_durably
+from ..fsutil import fsync_dir, read_manifest, write_file_durably
 from ..io import pwrite_all
 from ..open import CheckpointReader
 from .lustre import set_stripe
@@ -104,20 +102,9 @@ class CheckpointCopier:
             os.close(self.staging_fd)
             self.staging_fd = -1
 
-    def _corrupt(self, msg: str, name: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(msg, path=self.rd.path, file=name)
-
     def _open_source(self, f: SourceFile) -> int:
         """Open a source file safely: in the directory, no link, a regular file of its size."""
-        try:
-            fd, _ = open_regular(f.name, dir_fd=self.rd.dir_fd, size=f.size)
-        except FileNotFoundError:
-            raise self.rd.missing("file is missing", f.name) from None
-        except UnsafeFileError as e:
-            raise self._corrupt(f"{f.name} {e.reason}", f.name) from None
-        except OSError as e:
-            raise from_oserror(e, os.path.join(self.rd.path, f.name), "cannot read") from None
-        return fd
+        return self.rd.open_member(f.name, f.size, f.name)
 
     def _open_copy(self, name: str) -> int:
         try:
@@ -162,10 +149,9 @@ class CheckpointCopier:
             try:
                 n = os.preadv(src, [want], pos)
             except OSError as e:
-                where = os.path.join(self.rd.path, p.file.name)
-                raise from_oserror(e, where, "cannot read") from None
+                raise self.rd.io_error(e, p.file.name) from None
             if n == 0:
-                raise self._corrupt("file shrank while draining", p.file.name)
+                raise self.rd.corrupt("file shrank while draining", file=p.file.name)
             try:
                 pwrite_all(dst, [want[:n]], pos)
             except OSError as e:
@@ -186,19 +172,9 @@ class CheckpointCopier:
     def copy_manifest(self, uuid: str) -> None:
         """Copy MANIFEST.json byte for byte, last, after checking it is the one opened."""
         try:
-            raw = read_regular(
-                MANIFEST, dir_fd=self.rd.dir_fd, max_size=manifest.MAX_MANIFEST_BYTES
-            )
+            raw, body = read_manifest(self.rd.path, dir_fd=self.rd.dir_fd)
         except FileNotFoundError:
             raise self.rd.missing("MANIFEST.json is missing", MANIFEST) from None
-        except UnsafeFileError as e:
-            raise self._corrupt(f"{MANIFEST} {e.reason}", MANIFEST) from None
-        except OSError as e:
-            raise from_oserror(e, os.path.join(self.rd.path, MANIFEST), "cannot read") from None
-        try:
-            body = manifest.decode(raw)
-        except FormatError as e:
-            raise self._corrupt(str(e), MANIFEST) from None
         if body["uuid"] != uuid or body != self.rd.manifest:
             raise CheckpointReplacedError(
                 f"{self.rd.path} was replaced while being drained (its manifest changed)",

@@ -49,6 +49,37 @@ static void model_like(uint8_t *buf, size_t len, unsigned elem) {
     }
 }
 
+/* One measurement as a JSON line: ``len`` bytes in ``secs`` seconds. */
+static void report(const char *data, const char *op, int threads, size_t len, double secs) {
+    printf("{\"data\":\"%s\",\"op\":\"%s\",\"threads\":%d,\"gbps\":%.3f}\n", data, op, threads,
+           (double)len / secs / 1e9);
+}
+
+typedef struct {
+    const uint8_t *buf;
+    uint8_t *dst;
+    size_t len;
+} span_t;
+
+static void op_memcpy(const span_t *s) { memcpy(s->dst, s->buf, s->len); }
+
+static void op_hash(const span_t *s) {
+    uint8_t h[16];
+    ckg_hash128(s->buf, s->len, h);
+}
+
+/* The fastest of ``reps`` runs of ``op``, in seconds. */
+static double best_of(int reps, void (*op)(const span_t *), const span_t *s) {
+    double best = 1e9;
+    for (int r = 0; r < reps; r++) {
+        double t = now();
+        op(s);
+        t = now() - t;
+        if (t < best) best = t;
+    }
+    return best;
+}
+
 int main(int argc, char **argv) {
     size_t mib = argc > 1 ? (size_t)atol(argv[1]) : 256;
     const char *tlist = argc > 2 ? argv[2] : "1,2,4,8,16";
@@ -68,25 +99,9 @@ int main(int argc, char **argv) {
     const char *names[] = {"bf16", "fp32"};
     for (int e = 0; e < 2; e++) {
         model_like(buf, len, elems[e]);
-        double best = 1e9;
-        for (int r = 0; r < reps; r++) {
-            double t = now();
-            memcpy(dst, buf, len);
-            t = now() - t;
-            if (t < best) best = t;
-        }
-        printf("{\"data\":\"%s\",\"op\":\"memcpy\",\"threads\":1,\"gbps\":%.3f}\n", names[e],
-               len / best / 1e9);
-        best = 1e9;
-        uint8_t h[16];
-        for (int r = 0; r < reps; r++) {
-            double t = now();
-            ckg_hash128(buf, len, h);
-            t = now() - t;
-            if (t < best) best = t;
-        }
-        printf("{\"data\":\"%s\",\"op\":\"hash\",\"threads\":1,\"gbps\":%.3f}\n", names[e],
-               len / best / 1e9);
+        span_t whole = {buf, dst, len};
+        report(names[e], "memcpy", 1, len, best_of(reps, op_memcpy, &whole));
+        report(names[e], "hash", 1, len, best_of(reps, op_hash, &whole));
         char tl[256];
         snprintf(tl, sizeof tl, "%s", tlist);
         for (char *tok = strtok(tl, ","); tok; tok = strtok(NULL, ",")) {
@@ -115,8 +130,7 @@ int main(int argc, char **argv) {
             printf("{\"data\":\"%s\",\"op\":\"encode\",\"threads\":%d,\"gbps\":%.3f,"
                    "\"stored_ratio\":%.4f}\n",
                    names[e], threads, len / be / 1e9, (double)stored / (double)len);
-            printf("{\"data\":\"%s\",\"op\":\"decode\",\"threads\":%d,\"gbps\":%.3f}\n", names[e],
-                   threads, len / bd / 1e9);
+            report(names[e], "decode", threads, len, bd);
             if (!path) continue;
             double bw = 1e9, braw = 1e9;
             for (int r = 0; r < reps; r++) {
@@ -143,11 +157,8 @@ int main(int argc, char **argv) {
                 close(fd);
             }
             unlink(path);
-            printf("{\"data\":\"%s\",\"op\":\"durable_write_raw\",\"threads\":%d,\"gbps\":%.3f}\n",
-                   names[e], threads, len / braw / 1e9);
-            printf("{\"data\":\"%s\",\"op\":\"durable_write_encoded\",\"threads\":%d,"
-                   "\"gbps\":%.3f}\n",
-                   names[e], threads, len / bw / 1e9);
+            report(names[e], "durable_write_raw", threads, len, braw);
+            report(names[e], "durable_write_encoded", threads, len, bw);
         }
     }
     return 0;
