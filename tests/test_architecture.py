@@ -255,11 +255,39 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom ckptguard import cli  # noqa\n")
     with open(tmp_path / "ckptguard" / "drain" / "lustre.py", "a") as f:
         f.write("\nfrom . import copy  # noqa\n")
+    # Within the layers: independent siblings ("|"), and a step under the step built on it.
+    with open(tmp_path / "ckptguard" / "saver.py", "a") as f:
+        f.write("\nfrom ckptguard import loader  # noqa\n")
+    with open(tmp_path / "ckptguard" / "open.py", "a") as f:
+        f.write("\nfrom ckptguard import read  # noqa\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode != 0
     report = " ".join(proc.stdout.split())  # undo the report's line wrapping
     for contract in _contracts().values():
         assert f"{contract['name']} BROKEN" in report, (contract["name"], proc.stdout)
+    for importer, imported in (("saver", "loader"), ("open", "read"), ("io", "cli")):
+        line = f"ckptguard.{importer} is not allowed to import ckptguard.{imported}"
+        assert line in report, (line, proc.stdout)
+
+
+def _layer_modules(layer: str) -> list[str]:
+    """The modules of one entry of a layers contract (``a | b`` or ``a : b``)."""
+    return [m.strip().strip("()") for m in layer.replace(":", "|").split("|")]
+
+
+def test_layers_contract_places_every_module() -> None:
+    """A module outside every layer would escape the rules: each module of the package is one
+    of the layers' modules or inside one (the root, the agent package's empty ``__init__`` and
+    the extension stand apart)."""
+    listed = [m for layer in _contracts()["layers"]["layers"] for m in _layer_modules(layer)]
+    assert len(listed) == len(set(listed)), "a module in two layers"
+    unplaced = [
+        module
+        for module, _ in _modules()
+        if module not in ("ckptguard", "ckptguard.agent")
+        and not any(module == m or module.startswith(f"{m}.") for m in listed)
+    ]
+    assert not unplaced, f"modules in no layer of the layers contract: {unplaced}"
 
 
 FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff"}
