@@ -197,6 +197,38 @@ def test_import_loads_no_torch(module: str) -> None:
     assert _fresh(code).split() == []
 
 
+def _help_imports(*commands: str) -> list[str]:
+    """The heavy modules a fresh ``ckptguard <command> --help`` imports (the group's own help
+    when no command is given)."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from ckptguard.cli import cli\n"
+        f"for name in {list(commands)!r} or [None]:\n"
+        "    result = CliRunner().invoke(cli, [name, '--help'] if name else ['--help'])\n"
+        "    assert result.exit_code == 0, (name, result.output)\n"
+        "print(' '.join(m for m in ('torch', 'numpy', 'mpi4py') if m in sys.modules))\n"
+    )
+    return _fresh(code).split()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the group's help lists the lazy bench command, which imports ckptguard.bench.cli, "
+    "whose `from .workloads import WORKLOADS` imports torch (bench/workloads.py)",
+)
+def test_cli_help_loads_no_torch() -> None:
+    """``ckptguard --help`` answers without importing torch or numpy."""
+    assert _help_imports() == []
+
+
+def test_command_help_loads_no_torch() -> None:
+    """Each command imports the heavy parts of ckptguard inside the command, not at import."""
+    from ckptguard.cli import cli
+
+    assert _help_imports(*sorted(cli.commands)) == []
+
+
 def test_every_public_name_resolves() -> None:
     code = (
         "import ckptguard as c\n"
