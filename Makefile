@@ -26,11 +26,12 @@ demo: install
 	$(VENV)/bin/ckptguard demo --store ./ckpts
 	$(PY) examples/distributed_demo.py --store ./ckpts-sharded
 
-# Style, the import rules (pyproject.toml [tool.importlinter]), the types, and the extension's
-# stub against the built extension (where both exist).
+# Style (Python and C, .clang-format), the import rules (pyproject.toml [tool.importlinter]), the
+# types, and the extension's stub against the built extension (where both exist).
 lint: install-test
 	$(VENV)/bin/ruff check ckptguard tests benchmarks examples
 	$(VENV)/bin/ruff format --check ckptguard tests benchmarks examples
+	$(VENV)/bin/clang-format --dry-run -Werror native/*.c native/*.h native/tests/*.c
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 	$(PY) -m mypy
 	@if test -f ckptguard/_native.pyi && $(PY) -c "import ckptguard._native" 2>/dev/null; then \

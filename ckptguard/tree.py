@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import enum
 import math
 import pickle
 import re
@@ -152,7 +153,7 @@ class _Flattener:
             name = str(t.dtype) if t.dtype.isnative or t.dtype.itemsize == 1 else None
             if name not in NUMPY_BY_NAME:
                 return self.other(t, path, f"numpy array of dtype {t.dtype}")
-            ident = ("np", id(t))
+            ident: tuple = ("np", id(t))  # what makes two references the same tensor
             ref = TensorRef(path or "$root", name, tuple(t.shape), "numpy", "cpu", False, False, t)
         else:
             if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
@@ -330,18 +331,23 @@ class TreeError(ValueError):
     """The stored tree is malformed (the reader turns this into CorruptCheckpointError)."""
 
 
+class _Pickled(enum.Enum):
+    """What rebuilding a tree does with a ``$pickle`` value."""
+
+    REFUSE = "refuse"  # TreeError: the caller did not opt in
+    LOAD = "load"  # unpickle: the caller opted in at save and at load
+    CHECK = "check"  # check its base64 only and build None (validation builds nothing)
+
+
 def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False) -> Any:
     """Rebuild the object from its JSON tree and the loaded tensors (indexed by id)."""
-    return _build(tree, tensors, allow_pickle, 0)
-
-
-_CHECK = "check"
+    return _build(tree, tensors, _Pickled.LOAD if allow_pickle else _Pickled.REFUSE, 0)
 
 
 def check_tree(tree: Any, n_tensors: int, depth: int = 0) -> None:
     """Validate a stored tree's structure without building pickled objects (``depth``: the
     nesting depth of ``tree`` when it is a value inside a larger tree)."""
-    _build(tree, [None] * n_tensors, _CHECK, depth)
+    _build(tree, [None] * n_tensors, _Pickled.CHECK, depth)
 
 
 def _pairs(tag: str, v: Any) -> list:
@@ -361,7 +367,7 @@ def _pairs(tag: str, v: Any) -> list:
     return v
 
 
-def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any:
+def _build(node: Any, tensors: list[Any], pickled: _Pickled, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TreeError("tree nested too deeply")
     if node is None or isinstance(node, (bool, str)):
@@ -375,19 +381,19 @@ def _build(node: Any, tensors: list[Any], allow_pickle: bool, depth: int) -> Any
             raise TreeError("non-finite number in tree (must be $float)")
         return node
     if isinstance(node, list):
-        return [_build(v, tensors, allow_pickle, depth + 1) for v in node]
+        return [_build(v, tensors, pickled, depth + 1) for v in node]
     if not isinstance(node, dict):
         raise TreeError(f"unexpected JSON value {type(node).__name__} in tree")
     tags = [k for k in node if k.startswith("$")]
     if not tags:
-        return {k: _build(v, tensors, allow_pickle, depth + 1) for k, v in node.items()}
+        return {k: _build(v, tensors, pickled, depth + 1) for k, v in node.items()}
     tag = tags[0]
     expect = {"$npscalar": {"$npscalar", "hex"}}.get(tag, {tag})
     if set(node) != expect:
         raise TreeError(f"tagged value {tag} has unexpected members")
     v = node[tag]
     try:
-        return _tagged(tag, v, node, tensors, allow_pickle, depth)
+        return _tagged(tag, v, node, tensors, pickled, depth)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
         if isinstance(e, TreeError):
             raise
@@ -407,7 +413,7 @@ def _b64(tag: str, v: Any) -> bytes:
     return blob
 
 
-def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, depth: int) -> Any:
+def _tagged(tag: str, v: Any, node: dict, tensors: list, pickled: _Pickled, depth: int) -> Any:
     sub = depth + 1
     if tag == "$tensor":
         if type(v) is not int or not 0 <= v < len(tensors):
@@ -416,10 +422,10 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
     if tag == "$tuple":
         if not isinstance(v, list):
             raise TreeError("$tuple is not a list")
-        return tuple(_build(x, tensors, allow_pickle, sub) for x in v)
+        return tuple(_build(x, tensors, pickled, sub) for x in v)
     if tag in ("$dict", "$odict"):
         cls = dict if tag == "$dict" else collections.OrderedDict
-        return cls((k, _build(x, tensors, allow_pickle, sub)) for k, x in _pairs(tag, v))
+        return cls((k, _build(x, tensors, pickled, sub)) for k, x in _pairs(tag, v))
     if tag == "$int":
         if (
             not isinstance(v, str)
@@ -459,9 +465,9 @@ def _tagged(tag: str, v: Any, node: dict, tensors: list, allow_pickle: bool, dep
             raise TreeError(f"$device {v[:100]!r} is not a device: {e}") from None
     if tag == "$pickle":
         blob = _b64(tag, v)
-        if allow_pickle == _CHECK:
+        if pickled is _Pickled.CHECK:
             return None
-        if not allow_pickle:
+        if pickled is _Pickled.REFUSE:
             raise TreeError("tree holds a pickled object but allow_pickle is off")
-        return pickle.loads(blob)  # allow_pickle: caller opted in at save and load
+        return pickle.loads(blob)  # _Pickled.LOAD: the caller opted in at save and load
     raise TreeError(f"unknown tag {tag} in tree")

@@ -19,7 +19,7 @@ def files_under(path: str) -> list[str]:
     """Every regular file at or under ``path`` (a file or a directory), sorted."""
     if os.path.isfile(path):
         return [path]
-    out = []
+    out: list[str] = []
     for root, _dirs, names in os.walk(path):
         out.extend(os.path.join(root, n) for n in names)
     return sorted(p for p in out if os.path.isfile(p) and not os.path.islink(p))

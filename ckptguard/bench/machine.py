@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import sys
+import threading
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -73,6 +74,7 @@ def describe_machine(directory: str) -> dict[str, object]:
             "memory_bytes": props.total_memory,
             "cuda": torch.version.cuda,
         }
+    affinity: int | None
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -132,7 +134,7 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.base = 0
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._peak = 0
         self._stop = False
 
@@ -143,8 +145,6 @@ class PeakRSS:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5\n")
         except OSError:
-            import threading
-
             self._peak = self.base
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

@@ -74,7 +74,8 @@ _RATIO_COLUMNS = (
 
 def _best(bp: dict[str, Any], metrics: tuple[str, ...]) -> str:
     """The best peers' medians, ``engine value``; a pair by one engine names it once."""
-    cells, engines = [], []
+    cells: list[str] = []
+    engines: list[str] = []
     for m in metrics:
         b = bp.get(m)
         if not b:

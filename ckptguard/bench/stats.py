@@ -4,6 +4,7 @@ machine's limits. Pure functions of the results dict (tested on made-up trials).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from typing import Any
 
 METRICS = (
@@ -37,8 +38,9 @@ LOWER_IS_BETTER = (
 )
 
 
-def spread(values: list[float]) -> dict[str, float] | None:
-    """``{"median", "min", "max", "n"}`` of the values, or None if there are none."""
+def spread(values: Iterable[float | None]) -> dict[str, float] | None:
+    """``{"median", "min", "max", "n"}`` of the values (Nones left out: a trial without that
+    figure), or None if there are none."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import xxhash
 
 from . import FORMAT_VERSION, strict_json
 from .layout import ALIGN
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FILE_MAGIC = b"CKGDATA1"
 RECORD_MAGIC = b"CKGR"
@@ -26,8 +30,12 @@ LZ4_MAX_RATIO = 256
 LZ4_SLACK = 64
 
 
-def lz4_max_raw_len(stored_len: int) -> int:
-    """The most raw bytes a shuffle-lz4 payload of ``stored_len`` bytes can decode to."""
+_Len = TypeVar("_Len", int, "np.ndarray")
+
+
+def lz4_max_raw_len(stored_len: _Len) -> _Len:
+    """The most raw bytes a shuffle-lz4 payload of ``stored_len`` bytes can decode to (for one
+    length, or elementwise for an index column of them)."""
     return stored_len * LZ4_MAX_RATIO + LZ4_SLACK
 
 

@@ -120,11 +120,20 @@ class _Mismatch(Exception):
     """A container's members differ from the base's (names, order or count)."""
 
 
+# A member of a container in the base text: (name or position, the text before its value:
+# ``"name":`` or nothing, where its value lies).
+_Item = tuple["str | int", str, "_Node"]
+
+
 class _Node:
     """Where a value of the base text lies; ``items`` for a container the diff descends into:
     (step, the text before the value: ``"name":`` or nothing, node)."""
 
     __slots__ = ("start", "end", "items", "text")
+    start: int
+    end: int
+    items: list[_Item] | None
+    text: str | None  # the base's text of the value, cut out on first use
 
     def __init__(self, start: int, end: int, items: list | None) -> None:
         self.start, self.end, self.items, self.text = start, end, items, None
@@ -184,15 +193,16 @@ class TextDiffer:
     def _walk(self, s: str, node: _Node, q: int, path: list, out: list, cost: list) -> int:
         """Add the entries for the value at ``q`` of ``s`` (the base's ``node``); return where
         that value ends. ``cost`` holds each entry's approximate encoded size."""
-        if node.text is None:
-            node.text = self.base[node.start : node.end]
-        e = q + len(node.text)
-        if s.startswith(node.text, q) and (e == len(s) or s[e] in ",]}"):
+        text = node.text
+        if text is None:
+            text = node.text = self.base[node.start : node.end]
+        e = q + len(text)
+        if s.startswith(text, q) and (e == len(s) or s[e] in ",]}"):
             return e  # the same text, and it ends where the base's value does
         if node.items is not None and s[q] == self.base[node.start]:
             mark = len(out)
             try:
-                end = self._members(s, node, q, path, out, cost)
+                end = self._members(s, node.items, q, path, out, cost)
             except _Mismatch:
                 del out[mark:], cost[mark:]
             else:
@@ -208,10 +218,14 @@ class TextDiffer:
         cost.append(sum(len(str(x)) + 3 for x in path) + 4 + end - q)
         return end
 
-    def _members(self, s: str, node: _Node, q: int, path: list, out: list, cost: list) -> int:
+    def _members(
+        self, s: str, items: list[_Item], q: int, path: list, out: list, cost: list
+    ) -> int:
+        """Walk the members of the container at ``q`` of ``s`` against the base's ``items``;
+        raise _Mismatch when their names, order or number differ."""
         close = "}" if s[q] == "{" else "]"
         p = q + 1
-        for i, (step, head, child) in enumerate(node.items):
+        for i, (step, head, child) in enumerate(items):
             if i:
                 if s[p] != ",":
                     raise _Mismatch

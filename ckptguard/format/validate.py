@@ -117,7 +117,12 @@ def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.nda
 def _check_placement(
     table: pa.Table, rows: _Rows, files: dict[str, int], stored: np.ndarray
 ) -> None:
-    by_rank = {datafile_rank(name): (name, size) for name, size in files.items()}
+    by_rank: dict[int, tuple[str, int]] = {}
+    for file, nbytes in files.items():
+        file_rank = datafile_rank(file)
+        if file_rank is None:  # the manifest's checks admit only data file names
+            raise FormatError(f"manifest.files: {file!r} is not a data file name")
+        by_rank[file_rank] = (file, nbytes)
     # Rows find their file by binary search over the ranks that have one: arrays sized by the
     # number of files, never by the largest rank a (hostile) row or file name claims.
     known = sorted(by_rank)
