@@ -24,9 +24,20 @@ import independent_reader as ir  # noqa: E402
 pytest_plugins = ["slurmkit", "clikit"]  # slurm, job (tests/slurmkit.py); filled (clikit.py)
 
 # Files whose tests the pure-Python pass of `make test` (CKPTGUARD_NATIVE=0) leaves out: static
-# checks of the source, and tests that run each backend themselves. Single tests elsewhere carry
-# the marker where they start no save or load.
-BACKEND_INDEPENDENT_FILES = {"test_architecture.py", "test_native.py"}
+# checks of the source, tests that run each backend themselves, and units that never encode or
+# read a record (planning, placement, the rank report, sizes, CLI arguments). Single tests
+# elsewhere carry the marker where they start no save or load.
+BACKEND_INDEPENDENT_FILES = {
+    "test_architecture.py",
+    "test_native.py",
+    "test_cli_run.py",
+    "test_inventory.py",
+    "test_place.py",
+    "test_plan.py",
+    "test_report.py",
+    "test_select.py",
+    "test_units.py",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

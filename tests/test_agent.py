@@ -106,6 +106,7 @@ def no_sockets_left(tmp: Path) -> bool:
 # ---- through real processes ----
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_rank_variables_per_rank(tmp_path: Path) -> None:
     run = Launch(tmp_path, 4, [], ["env", str(tmp_path / "out")], MASTER_ADDR="127.0.0.1")
     assert run.wait() == 0
@@ -160,6 +161,7 @@ def test_rank_variables_from_slurm(tmp_path: Path) -> None:
     assert len({i["MASTER_PORT"] for i in infos}) == 1 and infos[0]["MASTER_PORT"] != port
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_exit_status_propagates(tmp_path: Path) -> None:
     run = Launch(tmp_path, 4, [], ["env", str(tmp_path / "out"), "2", "3"])
     assert run.wait() == 3
@@ -291,6 +293,7 @@ def test_time_margin_requests_a_checkpoint(tmp_path: Path) -> None:
 # ---- the trainer's side and the control socket, in-process ----
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_no_agent_means_no_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(protocol.ENV_ADDRESS, raising=False)
     assert ckptguard.checkpoint_requested() is False
@@ -324,6 +327,7 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ControlSe
     assert not os.path.exists(server.dir)
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_client_sees_the_request_and_reports_commits(agent: ControlServer) -> None:
     assert oct(os.stat(agent.dir).st_mode & 0o777) == "0o700"
     got: list[client.CheckpointRequest] = []
@@ -344,6 +348,7 @@ def test_client_sees_the_request_and_reports_commits(agent: ControlServer) -> No
     assert commit.path == os.path.abspath("ckpts/step-7")
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_a_late_subscriber_hears_of_an_earlier_request(agent: ControlServer) -> None:
     agent.announce("time limit on rank 0", None)
     time.sleep(0.05)
@@ -368,6 +373,7 @@ def test_server_refuses_bad_messages(agent: ControlServer) -> None:
     assert agent.commits == []
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_unreachable_agent_warns_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(protocol.ENV_ADDRESS, str(tmp_path / "gone.sock"))
     monkeypatch.setattr(client, "_sub", None)

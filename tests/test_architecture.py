@@ -212,11 +212,6 @@ def _help_imports(*commands: str) -> list[str]:
     return _fresh(code).split()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the group's help lists the lazy bench command, which imports ckptguard.bench.cli, "
-    "whose `from .workloads import WORKLOADS` imports torch (bench/workloads.py)",
-)
 def test_cli_help_loads_no_torch() -> None:
     """``ckptguard --help`` answers without importing torch or numpy."""
     assert _help_imports() == []

@@ -20,6 +20,7 @@ from ckptguard.cli import cli
 from ckptguard.cli._args import parse_duration
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_every_command_module_is_registered() -> None:
     """One module per command: each public module of ckptguard/cli is a command of that name,
     and the group has no command without a module (bench, an optional part, is lazy)."""
@@ -30,6 +31,7 @@ def test_every_command_module_is_registered() -> None:
         assert cli.commands[name] is importlib.import_module(f"ckptguard.cli.{name}").command
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_help_and_version() -> None:
     res = run("--help")
     assert res.exit_code == 0
@@ -39,6 +41,7 @@ def test_help_and_version() -> None:
     assert res.exit_code == 0 and ckptguard.__version__ in res.output
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_parse_duration() -> None:
     assert parse_duration("0") == 0
     assert parse_duration("90s") == 90
@@ -47,6 +50,7 @@ def test_parse_duration() -> None:
     assert parse_duration("2d") == 172800
 
 
+@pytest.mark.backend_independent  # starts no save or load
 @pytest.mark.parametrize("cmd", ["ls", "info", "verify", "gc"])
 def test_missing_path_is_error(cmd: str, tmp_path: Path) -> None:
     res = run(cmd, tmp_path / "missing")
@@ -71,6 +75,7 @@ def test_script_end_to_end(filled: Path, tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_bench_listed_even_if_unavailable() -> None:
     res = run("bench", "--help")
     assert res.exit_code in (0, 2)

@@ -31,6 +31,7 @@ def _lines(out: str) -> list[list[str]]:
     return [line.split() for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_srun_four_tasks(job: list[str]) -> None:
     code = "import os; print(os.environ['SLURM_PROCID'], os.environ['SLURM_NTASKS'])"
     proc = _run(["srun", *job, "-n", "4", sys.executable, "-c", code])
@@ -38,6 +39,7 @@ def test_srun_four_tasks(job: list[str]) -> None:
     assert sorted(_lines(proc.stdout)) == [[str(r), "4"] for r in range(4)]
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_mpi_ranks_over_srun(job: list[str]) -> None:
     """The MPICH wheel from PyPI gets its ranks from Slurm's pmi2 plugin: no mpiexec."""
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
@@ -51,6 +53,7 @@ def test_mpi_ranks_over_srun(job: list[str]) -> None:
     assert sorted(_lines(proc.stdout)) == [[str(r), str(r), "4", "4"] for r in range(4)]
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_sbatch_wait_writes_output(job: list[str], tmp_path: Path) -> None:
     script = tmp_path / "job.sh"
     script.write_text(
@@ -77,6 +80,7 @@ def test_sbatch_wait_writes_output(job: list[str], tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.backend_independent  # starts no save or load
 def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
     """`scancel --signal=USR1 JOB.STEP` (what `#SBATCH --signal=USR1@120` does before the time
     limit) reaches a task that traps it, and the task lives on to act on it."""
@@ -137,6 +141,7 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
         ("bench.sbatch", ["--cpus-per-task=1"]),
     ],
 )
+@pytest.mark.backend_independent  # starts no save or load
 def test_sbatch_templates_are_accepted(job: list[str], template: str, sized: list[str]) -> None:
     """Each slurm/*.sbatch parses and its options fit a node (sized down to this cluster)."""
     proc = _run(["sbatch", *job, "--test-only", *sized, EXAMPLE.parent / template])
@@ -276,6 +281,7 @@ def test_handed_over_snapshot_commits_after_the_trainers_die_under_srun(
     assert got["w"].shape == (16, 5) and got["step"] == 0
 
 
+@pytest.mark.backend_independent  # starts no save or load
 @pytest.mark.timeout(120)
 def test_a_dead_agent_ends_the_job_instead_of_hanging(job: list[str], tmp_path: Path) -> None:
     """srun does not end a step when one task dies (--kill-on-bad-exit=0): the other agents stop

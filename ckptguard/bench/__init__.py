@@ -8,4 +8,8 @@ PNG. It uses ckptguard's public API only.
 
 from ckptguard.units import parse_size
 
-__all__ = ["parse_size"]
+# The workload names, here rather than in workloads.py (which needs torch) so that the command's
+# help can list them without importing torch.
+WORKLOADS = ("model", "finetune", "small", "weights")
+
+__all__ = ["WORKLOADS", "parse_size"]

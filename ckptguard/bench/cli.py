@@ -14,8 +14,8 @@ import click
 
 from ckptguard.units import parse_size
 
+from . import WORKLOADS
 from .comm import LAUNCHERS, LocalComm, choose_launcher, launch_command, make_comm, under_mpi
-from .workloads import WORKLOADS
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-WORKLOADS = ("model", "finetune", "small", "weights")
+from . import WORKLOADS
+
 SMALL_COUNT = 10_000
 SMALL_BYTES = 4096
 FROZEN_FRACTION = 0.95
@@ -216,6 +217,7 @@ def _small(size: int, g: _Gen, prefix: str) -> Workload:
 
 
 _MAKERS = {"model": _model, "finetune": _finetune, "small": _small, "weights": _weights_only}
+assert tuple(_MAKERS) == WORKLOADS
 
 
 def make_workload(
