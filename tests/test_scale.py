@@ -446,10 +446,8 @@ def test_coverage_check_agrees_with_check_cover(seed: int, whole: bool) -> None:
     got = None
     try:
         validate._check_shards(
-            lists,
+            validate._Boxes.of(entries, validate._np(table, "tensor"), lists),
             validate._Rows(table),
-            entries,
-            validate._np(table, "tensor"),
             *cols,
             validate._np(table, "elem_size"),
         )

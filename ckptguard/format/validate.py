@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,34 @@ from .index import int_lists
 from .layout import ALIGN, datafile_rank, is_name
 
 MAX_GRID_CELLS = 1 << 22
+
+
+@dataclass(frozen=True)
+class _Boxes:
+    """Every row's shard box, flat: row ``i`` has ``nd[i]`` dimensions, its offsets and lengths
+    at ``offs[row_start[i] : row_start[i] + nd[i]]`` (likewise ``lens``)."""
+
+    tensors: list[dict]
+    nd_t: np.ndarray  # dimensions of each tensor
+    tid: np.ndarray  # the tensor of each row
+    nd: np.ndarray  # dimensions of each row (its tensor's)
+    row_start: np.ndarray
+    offs: np.ndarray
+    lens: np.ndarray
+
+    @classmethod
+    def of(cls, tensors: list[dict], tid: np.ndarray, lists: dict[str, np.ndarray]) -> _Boxes:
+        nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
+        nd = nd_t[tid]
+        return cls(
+            tensors,
+            nd_t,
+            tid,
+            nd,
+            np.cumsum(nd) - nd,
+            lists["shard_offsets"],
+            lists["shard_lengths"],
+        )
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:
@@ -87,7 +116,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 names = pc.unique(values.drop_null()).to_pylist()
                 if not all(is_name(b) for b in names):
                     raise FormatError("index: an invalid base checkpoint name")
-    _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem)
+    _check_shards(_Boxes.of(tensors, tid, lists), rows, raw, sbo, chunk, elem)
 
 
 def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.ndarray) -> dict:
@@ -156,12 +185,19 @@ def _check_placement(
     rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
 
 
-def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # noqa: ANN001
-    """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor."""
-    o_flat, n_flat = lists["shard_offsets"], lists["shard_lengths"]
-    nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
-    nd = nd_t[tid]
-    row_start = np.cumsum(nd) - nd
+def _check_shards(
+    boxes: _Boxes,
+    rows: _Rows,
+    raw: np.ndarray,
+    sbo: np.ndarray,
+    chunk: np.ndarray,
+    elem: np.ndarray,
+) -> None:
+    """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor.
+    ``raw``, ``sbo``, ``chunk``, ``elem``: each row's raw_len, shard_byte_offset, chunk number
+    and element size."""
+    tensors, tid, nd, row_start = boxes.tensors, boxes.tid, boxes.nd, boxes.row_start
+    o_flat, n_flat = boxes.offs, boxes.lens
     # The C-order linear index of a shard's first element identifies it within its tensor.
     start = np.zeros(rows.n, dtype=np.int64)
     volume = np.ones(rows.n, dtype=np.int64)
@@ -188,7 +224,7 @@ def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # 
         if not ((tid_f[1:] == tid_f[:-1]) & (s_s[1:] == s_s[:-1])).any():
             rows.fail(sbo != 0, "chunks of a shard are not numbered from 0 or not contiguous")
             rows.fail(raw != volume * elem, "the chunks of a shard do not hold exactly its bytes")
-            _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, order, tid_f)
+            _check_cover_all(boxes, volume, order, tid_f)
             return
     order = _sort_order(tid, start, chunk)
     t_s, s_s, c_s = tid[order], start[order], chunk[order]
@@ -224,17 +260,20 @@ def _check_shards(lists, rows, tensors, tid, raw, sbo, chunk, elem) -> None:  # 
     bad = np.zeros(rows.n, dtype=bool)
     bad[firsts] = total != need
     rows.fail(bad, "the chunks of a shard do not hold exactly its bytes")
-    _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, firsts, t_s[group_first])
+    _check_cover_all(boxes, volume, firsts, t_s[group_first])
 
 
-def _check_cover_all(tensors, nd_t, tid, nd, row_start, lists, volume, firsts, tid_f) -> None:  # noqa: ANN001
+def _check_cover_all(
+    boxes: _Boxes, volume: np.ndarray, firsts: np.ndarray, tid_f: np.ndarray
+) -> None:
     """``check_cover`` of every tensor, given one row per shard (``firsts``, sorted by tensor
     then start; ``tid_f`` their tensors). Its checks of the usual layout (pieces along one
     dimension, the others whole, or one whole piece) run here for all tensors at once, in row
     order where they can: the shards' volumes add up to the tensor's; along that dimension, in
     ``firsts`` order (by offset there), the first starts at 0 and each next one where the
     previous one ends. Every other tensor, and any that fails, goes through ``check_cover``."""
-    o_flat, n_flat = lists["shard_offsets"], lists["shard_lengths"]
+    tensors, nd_t, tid, row_start = boxes.tensors, boxes.nd_t, boxes.tid, boxes.row_start
+    o_flat, n_flat = boxes.offs, boxes.lens
     n_t = len(tensors)
     bounds = np.searchsorted(tid_f, np.arange(n_t + 1))
     count = np.diff(bounds)
