@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ckptguard import encode
-from ckptguard.api import save_options
 from ckptguard.format.datafile import FormatError, lz4_max_raw_len
+from ckptguard.saver import SaveOptions
 from ckptguard.writer import RankWriter
 
 
@@ -24,11 +24,11 @@ def test_check_chunk_size_accepts_multiples_of_16_from_64(size: int):
 
 @pytest.mark.parametrize("size", [-16, 0, 16, 48, 65, 100, 4097])
 def test_check_chunk_size_refuses_others_for_save_and_writer(tmp_path, size: int):
-    """One rule, one message, for save_options and RankWriter alike; nothing is written."""
+    """One rule, one message, for SaveOptions and RankWriter alike; nothing is written."""
     with pytest.raises(ValueError, match="multiple of 16 and at least 64") as direct:
         encode.check_chunk_size(size)
     with pytest.raises(ValueError) as via_save:
-        save_options(chunk_size=size)
+        SaveOptions(chunk_size=size)
     with pytest.raises(ValueError) as via_writer:
         RankWriter(str(tmp_path), 0, "0" * 32, chunk_size=size)
     assert str(direct.value) == str(via_save.value) == str(via_writer.value)
