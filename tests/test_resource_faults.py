@@ -108,7 +108,7 @@ if __name__ == "__main__":
 # ============================================================================ the tests
 
 import pytest  # noqa: E402
-from conftest import small_state  # noqa: E402
+from conftest import small_state, succeeds  # noqa: E402
 from mpikit import MPIEXEC, need_mpi  # noqa: E402
 
 import ckptguard  # noqa: E402
@@ -116,10 +116,6 @@ import ckptguard.commit as commit_mod  # noqa: E402
 import ckptguard.saver as saver_mod  # noqa: E402
 import ckptguard.store as store_mod  # noqa: E402
 from ckptguard.open import CheckpointReader  # noqa: E402
-
-
-def _sh(*cmd: str) -> bool:
-    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def _two_rank_checkpoint(path: str, seed: int = 0) -> None:
@@ -327,7 +323,7 @@ def test_one_rank_sees_a_read_only_store(tmp_path: Path) -> None:
     (a node whose mount went read-only): EROFS, the same abort on every rank naming rank 1."""
     store = str(tmp_path / "store")
     _two_rank_checkpoint(os.path.join(store, "c1"))
-    if not _sh(UNSHARE, "-m", "sh", "-c", f"mount --bind {store} {store}"):
+    if not succeeds([UNSHARE, "-m", "sh", "-c", f"mount --bind {store} {store}"]):
         pytest.skip("cannot create a mount namespace with a bind mount here")
     script = f'mount --bind {store} {store} && mount -o remount,ro,bind {store} && exec "$@"'
     wrap = [UNSHARE, "-m", "sh", "-c", script, "ro-rank"]
@@ -338,23 +334,6 @@ def test_one_rank_sees_a_read_only_store(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- full file system
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], str]]:
-    mounted: list[str] = []
-
-    def mount(opts: str) -> str:
-        d = str(tmp_path / f"mnt{len(mounted)}")
-        os.mkdir(d)
-        if not ROOT or not _sh("mount", "-t", "tmpfs", "-o", opts, "tmpfs", d):
-            pytest.skip("needs root and permission to mount a tmpfs")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in reversed(mounted):
-        _sh("umount", "-l", d)
 
 
 def test_filesystem_fills_during_a_four_rank_save(tmpfs: Callable[[str], str]) -> None:
