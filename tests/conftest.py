@@ -44,14 +44,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.backend_independent)
 
 
-def run_command(args: list[Any], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``);
-    fail the test if it does not finish in ``timeout`` s. Its output is shown on failure."""
+def run_command(
+    args: list[Any],
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``,
+    with ``env``'s variables set over it) in ``cwd``; fail the test if it does not finish in
+    ``timeout`` s. Its output is shown on failure."""
     from slurmkit import clean_env  # a plugin (below): imported once pytest loaded it
 
     cmd = [str(a) for a in args]
+    full = {**clean_env(), **(env or {})}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=full, cwd=cwd
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
     print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
