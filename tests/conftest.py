@@ -4,8 +4,10 @@ re-sign a checkpoint on disk (written from docs/format.md, via tests/independent
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -53,14 +55,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.backend_independent)
 
 
-def run_command(args: list[Any], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``);
-    fail the test if it does not finish in ``timeout`` s. Its output is shown on failure."""
+def run_command(
+    args: list[Any],
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``,
+    with ``env``'s variables set over it) in ``cwd``; fail the test if it does not finish in
+    ``timeout`` s. Its output is shown on failure."""
     from slurmkit import clean_env  # a plugin (below): imported once pytest loaded it
 
     cmd = [str(a) for a in args]
+    full = {**clean_env(), **(env or {})}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=full, cwd=cwd
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
     print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -186,3 +198,109 @@ def record_opens() -> Iterator[list[str]]:
         yield rec
     finally:
         _recorders.remove(rec)
+
+
+def opened_outside(opened: list[str], ckpt: str, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The paths of ``opened`` (from ``record_opens``) that leave the checkpoint directory
+    ``ckpt``. A relative path is relative to a dir_fd inside it, so only a '/' or a '..' leaves
+    it; an absolute one leaves it when it is neither ``ckpt``, inside it, nor in ``allowed`` and
+    lies beside the store (where the tests put their decoys) or names a decoy."""
+    beside = os.path.dirname(os.path.dirname(ckpt))
+    bad = []
+    for p in opened:
+        if not os.path.isabs(p):
+            if "/" in p or p == "..":
+                bad.append(p)
+            continue
+        q = os.path.normpath(p)
+        if q == ckpt or q.startswith(ckpt + os.sep) or q in allowed:
+            continue
+        if q.startswith(beside) or "passwd" in p or "x.ckg" in p:
+            bad.append(p)
+    return bad
+
+
+def snapshot(root: str, *, staging: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root`` (LATEST included): a file with its size, mtime and a hash of its
+    bytes, a symlink with its target, a directory by name. ``.staging`` is left out unless
+    ``staging``: a failed save may leave garbage there for gc; a failed read may not even create it.
+    """
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if not staging and rel.split(os.sep)[0] == ".staging":
+            continue
+        for f in dirnames + filenames:
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entry: tuple[Any, ...] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                entry = ("dir",)
+            else:
+                with open(p, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+                entry = ("file", st.st_size, st.st_mtime_ns, digest)
+            out[os.path.relpath(p, root)] = entry
+    return out
+
+
+def commit_one(store: str, name: str = "c1", **kw: Any) -> str:
+    """Save a small multi-chunk checkpoint; return its path."""
+    import ckptguard
+
+    path = os.path.join(store, name)
+    ckptguard.save(small_state(), path, chunk_size=128, **kw)
+    return path
+
+
+def assert_store_is(store: str, names: list[str], latest: str) -> None:
+    """The store holds exactly ``names`` (plus LATEST and .staging), LATEST loads and verifies."""
+    import ckptguard
+
+    s = ckptguard.Store(store)
+    assert [i.name for i in s.list()] == names
+    assert ir.list_store(store) == sorted(names)
+    latest_info = s.latest()
+    assert latest_info is not None and latest_info.name == latest
+    assert set(os.listdir(store)) - {".staging"} == {*names, "LATEST"}
+    ckptguard.load(store)
+    assert ckptguard.verify(store).ok
+    ir.read_checkpoint(store)
+
+
+def assert_refused(path: str, error: type[BaseException]) -> None:
+    """load raises ``error``; verify raises it too or reports a problem."""
+    import ckptguard
+
+    with pytest.raises(error):
+        ckptguard.load(path)
+    try:
+        report = ckptguard.verify(path)
+    except error:
+        return
+    assert not report.ok and report.problems
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """``mount(opts)`` mounts a fresh tmpfs and returns it; all unmounted at teardown. Skips
+    the test where this process may not mount."""
+    mounted: list[str] = []
+
+    def mount(opts: str) -> str:
+        d = str(tmp_path / f"mnt{len(mounted)}")
+        os.mkdir(d)
+        if os.geteuid() != 0 or not succeeds(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", d]):
+            pytest.skip("needs root and permission to mount a tmpfs")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounted):
+        succeeds(["umount", "-l", d])
+
+
+def succeeds(args: list[Any], timeout: float = 120) -> bool:
+    """Whether the command ``args`` (run by ``run_command``) exits 0."""
+    return run_command(args, timeout).returncode == 0

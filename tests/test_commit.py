@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import commit_one, small_state, snapshot
 
 import ckptguard
 from ckptguard import commit
@@ -207,3 +208,12 @@ def test_drain_flavour_keeps_the_manifest_bytes_and_latest_only_moves_forward(
     assert latest(store) == "new"  # an older checkpoint never moves LATEST back
     assert seen == ["drain.after_rename"]
     assert leftovers(store) == []
+
+
+def test_existing_name_through_save_changes_nothing(store: str) -> None:
+    """save under a committed name without overwrite: CheckpointExistsError, not a byte moved."""
+    commit_one(store)
+    before = snapshot(store)
+    with pytest.raises(ckptguard.CheckpointExistsError):
+        ckptguard.save(small_state(1), os.path.join(store, "c1"))
+    assert snapshot(store) == before

@@ -1,5 +1,6 @@
 """One damaged byte (or a truncated, missing or swapped file) anywhere in a committed checkpoint is
-found by ckptguard.verify, refused by ckptguard.load, and refused by the independent reader."""
+found by ckptguard.verify, refused by ckptguard.load, and refused by the independent reader, and
+neither changes a file. Links in place of files are tests/test_adversarial.py's."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from pathlib import Path
 import independent_reader as ir
 import pytest
 import torch
-from conftest import flip_byte
-from test_bad_input import snapshot
+from conftest import flip_byte, snapshot
 
 import ckptguard
 
@@ -268,37 +268,6 @@ def _data_dir(d: str, p: Pristine) -> Expect:
     return Expect(DATA)
 
 
-@case("symlink_to_identical_copy")
-def _symlink(d: str, p: Pristine) -> Expect:
-    outside = os.path.join(os.path.dirname(os.path.dirname(d)), "outside")
-    os.makedirs(outside, exist_ok=True)
-    target = os.path.join(outside, DATA)
-    shutil.copy2(os.path.join(d, DATA), target)
-    os.remove(os.path.join(d, DATA))
-    os.symlink(target, os.path.join(d, DATA))
-    return Expect(DATA)
-
-
-def _symlink_out(file: str) -> Damage:
-    def fn(d: str, p: Pristine) -> Expect:
-        outside = os.path.join(os.path.dirname(os.path.dirname(d)), "outside")
-        os.makedirs(outside, exist_ok=True)
-        target = os.path.join(outside, file)
-        shutil.copy2(os.path.join(d, file), target)
-        os.remove(os.path.join(d, file))
-        os.symlink(target, os.path.join(d, file))
-        return Expect(file)
-
-    return fn
-
-
-CASES["symlinked_index"] = _symlink_out(ir.INDEX)
-CASES["symlinked_manifest"] = _symlink_out(ir.MANIFEST)
-
-# Section 8 forbids symlinks only for data files; these two check ckptguard's invariant I6 (never
-# touch a path outside the checkpoint directory). The independent reader refuses them too.
-
-
 def _names_file(problem: object, file: str) -> bool:
     pf = getattr(problem, "file", None)
     return (pf is not None and os.path.basename(str(pf)) == file) or file in str(problem)
@@ -315,6 +284,7 @@ def test_damage_detected(name: str, pristine: Pristine, tmp_path: Path) -> None:
     d = str(tmp_path / "store" / "ck")
     shutil.copytree(pristine.path, d)
     exp = CASES[name](d, pristine)
+    before = snapshot(str(tmp_path / "store"), staging=True)
 
     report = ckptguard.verify(d)
     assert not report.ok, f"{name}: verify found nothing"
@@ -333,6 +303,7 @@ def test_damage_detected(name: str, pristine: Pristine, tmp_path: Path) -> None:
 
     with pytest.raises(ir.SpecViolation):
         ir.read_checkpoint(d)
+    assert snapshot(str(tmp_path / "store"), staging=True) == before
 
 
 @both_codecs
@@ -349,11 +320,17 @@ def test_pristine_is_clean(pristine: Pristine, tmp_path: Path) -> None:
 
 
 @both_codecs
-def test_missing_manifest(pristine: Pristine, tmp_path: Path) -> None:
-    """Without MANIFEST.json the directory is not a checkpoint: not loaded, not verified ok."""
+@pytest.mark.parametrize("rest", ["checkpoint", "zeroed_data_file"])
+def test_missing_manifest(pristine: Pristine, tmp_path: Path, rest: str) -> None:
+    """Without MANIFEST.json the directory is not a checkpoint, whether the rest of one is there
+    or only a data file of zeros: not loaded, not verified ok, not listed, nothing changed."""
     d = str(tmp_path / "store" / "ck")
-    shutil.copytree(pristine.path, d)
-    os.remove(os.path.join(d, ir.MANIFEST))
+    if rest == "checkpoint":
+        shutil.copytree(pristine.path, d)
+        os.remove(os.path.join(d, ir.MANIFEST))
+    else:
+        os.makedirs(d)
+        Path(d, DATA).write_bytes(b"\0" * 8192)
     store = str(tmp_path / "store")
     before = snapshot(store, staging=True)
     with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):

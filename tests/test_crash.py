@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_command
 
 import ckptguard
 from ckptguard.format.layout import LATEST, STAGING
@@ -34,14 +35,8 @@ CHILD = textwrap.dedent(
 
 
 def run_child(path, value: int, failpoint: str, **extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CKPTGUARD_FAILPOINT=failpoint, **extra)
-    return subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(value)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {"CKPTGUARD_FAILPOINT": failpoint, **extra}
+    return run_command([sys.executable, "-c", CHILD, path, value], 120, env=env)
 
 
 def leftovers(store) -> list[str]:

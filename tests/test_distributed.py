@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import free_port
+from conftest import free_port, run_command
 from mpikit import need_mpi
 
 import ckptguard
@@ -22,11 +22,7 @@ SCENARIOS = os.path.join(HERE, "dist", "scenarios.py")
 
 def mpirun(n: int, *args: str, env: dict | None = None, timeout: float = 120) -> int:
     cmd = [need_mpi(), "-n", str(n), sys.executable, SCENARIOS, "mpi", *args]
-    proc = subprocess.run(
-        cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-    print(proc.stdout[-3000:], proc.stderr[-3000:])  # shown by pytest when a test fails
-    return proc.returncode
+    return run_command(cmd, timeout, env=env).returncode
 
 
 def torchrun(n: int, *args: str, timeout: float = 120) -> list[int]:
@@ -262,11 +258,6 @@ def test_corrupted_rank_file_is_named_by_verify(tmp_path, saved):
 def test_examples_distributed_demo(tmp_path):
     need_mpi()
     demo = os.path.join(os.path.dirname(HERE), "examples", "distributed_demo.py")
-    proc = subprocess.run(
-        [sys.executable, demo, "--store", str(tmp_path / "s")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_command([sys.executable, demo, "--store", tmp_path / "s"], 600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank-00002.ckg" in proc.stdout and "All distributed checks passed." in proc.stdout

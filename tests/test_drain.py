@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
 import sys
 import textwrap
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_state
+from conftest import run_command, small_state
 from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
@@ -255,13 +254,8 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("point", ["drain.piece_copied", "drain.verified"])
 def test_killed_drain_is_reclaimed_by_gc(src: Path, dst: Path, point: str) -> None:
-    env = dict(os.environ, CKPTGUARD_FAILPOINT=f"{point}:*:kill")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(dst)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_command(
+        [sys.executable, "-c", CHILD, src, dst], 120, env={"CKPTGUARD_FAILPOINT": f"{point}:*:kill"}
     )
     assert proc.returncode == -9, proc.stderr
     assert visible(dst) == [] and ckptguard.Store(dst).list() == []

@@ -57,10 +57,6 @@ ckptguard.save(state, sys.argv[1], step=5, chunk_size=4096, coordinator="mpi", t
 """
 
 
-def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return run_command(args, timeout)
-
-
 def flip_payload(ckpt: Path, file: str, nth: int = 0) -> str:
     """Flip one byte in the payload of the ``nth`` record of ``file``; the tensor key it holds."""
     rows = sorted(
@@ -161,7 +157,7 @@ def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script = base / "save.py"
     script.write_text(SAVE)
     path = base / "store" / "step-5"
-    proc = _run([MPIEXEC, "-n", 4, sys.executable, script, path], timeout=120)
+    proc = run_command([MPIEXEC, "-n", 4, sys.executable, script, path], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ckptguard.describe(path).info.files == 4
     return path
@@ -284,7 +280,7 @@ def _per_rank(out: Path, n: int) -> list[tuple[int, str, str]]:
 def _launch(launcher: list, n: int, args: list, out: Path) -> list[tuple[int, str, str]]:
     out.mkdir()
     cmd = [*launcher, "-n", n, "sh", "-c", f"OUT={out}; {EACH_RANK}", "sh", *CLI, *args]
-    proc = _run(cmd)
+    proc = run_command(cmd, TIMEOUT)
     res = _per_rank(out, n)
     print(res)
     assert proc.returncode == 0  # sh itself, whatever ckptguard said
@@ -292,7 +288,7 @@ def _launch(launcher: list, n: int, args: list, out: Path) -> list[tuple[int, st
 
 
 def _single(ckpt: Path) -> subprocess.CompletedProcess[str]:
-    return _run([*CLI, "verify", ckpt])
+    return run_command([*CLI, "verify", ckpt], TIMEOUT)
 
 
 def _expect_same(res: list[tuple[int, str, str]], single: subprocess.CompletedProcess[str]) -> None:

@@ -19,7 +19,6 @@ import ctypes
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -108,7 +107,7 @@ if __name__ == "__main__":
 # ============================================================================ the tests
 
 import pytest  # noqa: E402
-from conftest import small_state  # noqa: E402
+from conftest import run_command, small_state, succeeds  # noqa: E402
 from mpikit import MPIEXEC, need_mpi  # noqa: E402
 
 import ckptguard  # noqa: E402
@@ -116,10 +115,6 @@ import ckptguard.commit as commit_mod  # noqa: E402
 import ckptguard.saver as saver_mod  # noqa: E402
 import ckptguard.store as store_mod  # noqa: E402
 from ckptguard.open import CheckpointReader  # noqa: E402
-
-
-def _sh(*cmd: str) -> bool:
-    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def _two_rank_checkpoint(path: str, seed: int = 0) -> None:
@@ -161,7 +156,7 @@ def run_unprivileged(path: str, store: str) -> dict[str, dict]:
         if SETPRIV is None:
             pytest.skip("root without setpriv: mode bits cannot be made to apply")
         cmd = [SETPRIV, "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=HERE)
+    proc = run_command(cmd, 120, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -242,7 +237,7 @@ def test_save_into_unwritable_directory(tmp_path: Path, where: str) -> None:
             pytest.skip("root without setpriv")
         cmd = [SETPRIV, "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = run_command(cmd, 120)
     finally:
         os.chmod(os.path.join(store, ".staging"), 0o755)
         os.chmod(store, 0o755)
@@ -270,10 +265,7 @@ def mpirun(
         for r in range(n):
             cmd += [":"] if r else []
             cmd += ["-n", "1", *(wrap if r == wrap_rank else []), *prog]
-    proc = subprocess.run(
-        cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=180
-    )
-    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    proc = run_command(cmd, 180, env=env)
     out = []
     for r in range(n):
         p = os.path.join(outdir, f"rank-{r}.json")
@@ -327,7 +319,7 @@ def test_one_rank_sees_a_read_only_store(tmp_path: Path) -> None:
     (a node whose mount went read-only): EROFS, the same abort on every rank naming rank 1."""
     store = str(tmp_path / "store")
     _two_rank_checkpoint(os.path.join(store, "c1"))
-    if not _sh(UNSHARE, "-m", "sh", "-c", f"mount --bind {store} {store}"):
+    if not succeeds([UNSHARE, "-m", "sh", "-c", f"mount --bind {store} {store}"]):
         pytest.skip("cannot create a mount namespace with a bind mount here")
     script = f'mount --bind {store} {store} && mount -o remount,ro,bind {store} && exec "$@"'
     wrap = [UNSHARE, "-m", "sh", "-c", script, "ro-rank"]
@@ -338,23 +330,6 @@ def test_one_rank_sees_a_read_only_store(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- full file system
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], str]]:
-    mounted: list[str] = []
-
-    def mount(opts: str) -> str:
-        d = str(tmp_path / f"mnt{len(mounted)}")
-        os.mkdir(d)
-        if not ROOT or not _sh("mount", "-t", "tmpfs", "-o", opts, "tmpfs", d):
-            pytest.skip("needs root and permission to mount a tmpfs")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in reversed(mounted):
-        _sh("umount", "-l", d)
 
 
 def test_filesystem_fills_during_a_four_rank_save(tmpfs: Callable[[str], str]) -> None:
@@ -614,7 +589,8 @@ def test_gc_after_a_forward_jump_removes_a_save_in_progress_which_then_fails_cle
 
 _LOAD_UNDER_LIMIT = """
 import resource, sys
-import ckptguard
+import ckptguard, ckptguard.loader, ckptguard.read  # the package root imports lazily
+import pyarrow.parquet, torch
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
 limit = vm + (256 << 20)  # what the process has mapped so far, plus 256 MiB
@@ -637,13 +613,8 @@ def test_load_under_an_address_space_limit_names_the_tensor(tmp_path: Path) -> N
     big = 512 << 20
     path = tmp_path / "store" / "big"
     ckptguard.save({"small": torch.ones(4), "huge": torch.zeros(big // 4)}, path)
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_UNDER_LIMIT, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_command(
+        [sys.executable, "-c", _LOAD_UNDER_LIMIT, path], 300, env={"MALLOC_ARENA_MAX": "1"}
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"OOM huge {big} host |"), proc.stdout

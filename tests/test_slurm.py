@@ -23,10 +23,6 @@ TIMEOUT = 30  # seconds for one Slurm command
 pytestmark = pytest.mark.timeout(90)
 
 
-def _run(args: list, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return run_command(args, timeout)
-
-
 def _lines(out: str) -> list[list[str]]:
     return [line.split() for line in out.splitlines() if line.strip()]
 
@@ -34,7 +30,7 @@ def _lines(out: str) -> list[list[str]]:
 @pytest.mark.backend_independent  # starts no save or load
 def test_srun_four_tasks(job: list[str]) -> None:
     code = "import os; print(os.environ['SLURM_PROCID'], os.environ['SLURM_NTASKS'])"
-    proc = _run(["srun", *job, "-n", "4", sys.executable, "-c", code])
+    proc = run_command(["srun", *job, "-n", "4", sys.executable, "-c", code], TIMEOUT)
     assert proc.returncode == 0
     assert sorted(_lines(proc.stdout)) == [[str(r), "4"] for r in range(4)]
 
@@ -47,7 +43,7 @@ def test_mpi_ranks_over_srun(job: list[str]) -> None:
         "import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
         "print(os.environ['SLURM_PROCID'], c.Get_rank(), c.Get_size(), c.allreduce(1))"
     )
-    proc = _run(["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, "-c", code])
+    proc = run_command(["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, "-c", code], TIMEOUT)
     assert proc.returncode == 0
     # rank == SLURM_PROCID, four distinct ranks of one world of 4, and a collective across them
     assert sorted(_lines(proc.stdout)) == [[str(r), str(r), "4", "4"] for r in range(4)]
@@ -67,8 +63,9 @@ def test_sbatch_wait_writes_output(job: list[str], tmp_path: Path) -> None:
         )
     )
     out = tmp_path / "out-%j.txt"
-    proc = _run(
-        ["sbatch", *job, "--wait", "--parsable", f"--chdir={tmp_path}", f"--output={out}", script]
+    proc = run_command(
+        ["sbatch", *job, "--wait", "--parsable", f"--chdir={tmp_path}", f"--output={out}", script],
+        TIMEOUT,
     )
     assert proc.returncode == 0
     job_id = proc.stdout.strip().split(";")[0]
@@ -121,7 +118,7 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
             time.sleep(0.1)
         assert ready.exists(), f"the task never started: srun exit {srun.poll()}"
         step = ready.read_text()
-        assert _run(["scancel", "--signal=USR1", step]).returncode == 0
+        assert run_command(["scancel", "--signal=USR1", step], TIMEOUT).returncode == 0
         out, _ = srun.communicate(timeout=TIMEOUT)
         print(out)
     finally:
@@ -144,7 +141,7 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
 @pytest.mark.backend_independent  # starts no save or load
 def test_sbatch_templates_are_accepted(job: list[str], template: str, sized: list[str]) -> None:
     """Each slurm/*.sbatch parses and its options fit a node (sized down to this cluster)."""
-    proc = _run(["sbatch", *job, "--test-only", *sized, EXAMPLE.parent / template])
+    proc = run_command(["sbatch", *job, "--test-only", *sized, EXAMPLE.parent / template], TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert "to start at" in proc.stderr
 
@@ -181,7 +178,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "w.pt"
     script = _user_copy_of_train_sbatch(tmp_path, store, out, progress)
     sized = ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=6"]
-    submit = _run(
+    submit = run_command(
         [
             "sbatch",
             "--parsable",
@@ -190,7 +187,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
             f"--chdir={tmp_path}",
             f"--export=ALL,CKPT_STORE={store}",
             script,
-        ]
+        ],
+        TIMEOUT,
     )
     assert submit.returncode == 0, submit.stderr
     jid = submit.stdout.strip().split(";")[0]
@@ -198,11 +196,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     while not (progress.exists() and progress.read_text().strip() not in ("", "1", "2", "3")):
         assert time.monotonic() < deadline, "the job never reached step 4"
         time.sleep(0.2)
-    assert _run(["scancel", "--signal=USR1", jid]).returncode == 0
+    assert run_command(["scancel", "--signal=USR1", jid], TIMEOUT).returncode == 0
     requeued = False
     deadline = time.monotonic() + 240
     while True:  # until the job has left the queue for good
-        state = _run(["squeue", "-h", "-j", jid, "-o", "%T %r"])
+        state = run_command(["squeue", "-h", "-j", jid, "-o", "%T %r"], TIMEOUT)
         assert state.returncode == 0, state.stderr
         if not state.stdout.strip():
             break
@@ -222,7 +220,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     straight += [str(Path(sys.executable).parent / "ckptguard"), "run", "--poll", "0.2", "--"]
     straight += [sys.executable, str(TRAIN), "--store", str(tmp_path / "other"), "--steps", "40"]
     straight += ["--out", str(tmp_path / "w0.pt")]
-    assert _run(straight, timeout=150).returncode == 0
+    assert run_command(straight, timeout=150).returncode == 0
     got, want = torch.load(out), torch.load(tmp_path / "w0.pt")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -242,11 +240,9 @@ def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
     store = tmp_path / "store"
     base = ["srun", *job, "--mpi=pmi2", "-n", "4", sys.executable, SCENARIOS, "mpi"]
-    assert _run([*base, "save", store, "old"], timeout=120).returncode == 0
-    env = {**clean_env(), "CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
-    cmd = [str(c) for c in [*base, "fail", store, "new", "20"]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert run_command([*base, "save", store, "old"], timeout=120).returncode == 0
+    env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
+    proc = run_command([*base, "fail", store, "new", "20"], 120, env=env)
     assert proc.returncode != 0
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [
         "LATEST",
@@ -273,7 +269,7 @@ def test_handed_over_snapshot_commits_after_the_trainers_die_under_srun(
     agent = Path(sys.executable).parent / "ckptguard"
     trainer = HERE / "agent" / "trainer.py"
     cmd = ["srun", *job[:2], "--time=3", "--mpi=pmi2", "-n", "4", agent, "run", "--"]
-    proc = _run([*cmd, sys.executable, trainer, "handoff", out, store, "crash"], timeout=150)
+    proc = run_command([*cmd, sys.executable, trainer, "handoff", out, store, "crash"], timeout=150)
     assert proc.returncode == 7
     assert ckptguard.Store(store).latest_name() == "crash"
     assert ckptguard.verify(store / "crash").ok

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import commit_one, opened_outside, record_opens, small_state, snapshot
 
 import ckptguard
 from ckptguard.commit import INTENT_SUFFIX
@@ -359,3 +364,126 @@ def test_gc_takes_only_a_regular_file_for_an_intent_record(tmp_path):
     ckptguard.Store(tmp_path).gc(older_than=0)
     assert [i.name for i in ckptguard.Store(tmp_path).list()] == ["a"]
     assert os.listdir(tmp_path / STAGING) == []
+
+
+# ------------------------------------------------------------------ bad input changes nothing
+
+
+def test_path_does_not_exist(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope" / "c1")
+    before = snapshot(str(tmp_path), staging=True)
+    with pytest.raises(ckptguard.CheckpointNotFoundError):
+        ckptguard.load(missing)
+    with pytest.raises(ckptguard.CheckpointNotFoundError):
+        ckptguard.verify(missing)
+    assert not os.path.exists(tmp_path / "nope")
+    assert snapshot(str(tmp_path), staging=True) == before
+
+
+def test_store_without_latest(store: str) -> None:
+    os.makedirs(store)
+    before = snapshot(store, staging=True)
+    with pytest.raises(ckptguard.CheckpointNotFoundError):
+        ckptguard.load(store)
+    assert ckptguard.Store(store).list() == []
+    assert ckptguard.Store(store).latest() is None
+    assert snapshot(store, staging=True) == before
+
+
+STORE_OPS: dict[str, Callable[[ckptguard.Store], Any]] = {
+    "list": lambda s: s.list(),
+    "latest": lambda s: s.latest(),
+    "gc": lambda s: s.gc(),
+    "gc_now": lambda s: s.gc(older_than=0),
+}
+
+
+@pytest.mark.parametrize("op", sorted(STORE_OPS))
+@pytest.mark.parametrize("where", ["missing", "missing_parent", "/nonexistent"])
+def test_missing_store(tmp_path: Path, op: str, where: str) -> None:
+    """Store operations on a root that does not exist: CheckpointNotFoundError (not an empty
+    list, not a bare OSError), and the root is not created. ``latest()`` is None instead: a
+    job's first run asks it before any save created the store (nothing to resume from)."""
+    root = {
+        "missing": str(tmp_path / "store"),
+        "missing_parent": str(tmp_path / "nope" / "store"),
+        "/nonexistent": "/nonexistent",
+    }[where]
+    if os.path.lexists(root):
+        pytest.skip(f"{root} exists on this machine")
+    before = snapshot(str(tmp_path), staging=True)
+    if op == "latest":
+        assert STORE_OPS[op](ckptguard.Store(root)) is None
+    else:
+        with pytest.raises(ckptguard.CheckpointNotFoundError):
+            STORE_OPS[op](ckptguard.Store(root))
+    assert not os.path.lexists(root)
+    assert snapshot(str(tmp_path), staging=True) == before
+
+
+@pytest.mark.parametrize("op", sorted(STORE_OPS))
+def test_store_root_is_a_file(tmp_path: Path, op: str) -> None:
+    """A regular file where the store should be: a typed CheckpointError (StoreError or
+    CheckpointNotFoundError), never a bare OSError, and the file is left as it was."""
+    root = tmp_path / "store"
+    root.write_bytes(b"not a store\n")
+    before = snapshot(str(tmp_path), staging=True)
+    with pytest.raises((ckptguard.StoreError, ckptguard.CheckpointNotFoundError)):
+        STORE_OPS[op](ckptguard.Store(root))
+    assert snapshot(str(tmp_path), staging=True) == before
+
+
+@pytest.mark.parametrize("bad", ["..", "../c1", "c1/x", ""])
+def test_delete_invalid_name(store: str, bad: str) -> None:
+    commit_one(store)
+    before = snapshot(os.path.dirname(store))
+    with pytest.raises((ckptguard.InvalidNameError, ckptguard.CheckpointNotFoundError)):
+        ckptguard.Store(store).delete(bad)
+    assert snapshot(os.path.dirname(store)) == before
+
+
+# LATEST names a committed checkpoint of the store (format.md section 1): a path, a dotted name,
+# an empty or two-line file are refused, never followed, and nothing outside the store is opened.
+LATEST_TEXTS = [
+    b"..\n",
+    b"../store\n",
+    b"../elsewhere\n",
+    b"c1/..\n",
+    b"./c1\n",
+    b"c1/../c1\n",
+    b"/tmp\n",
+    b"/etc\n",
+    b"c1\0\n",
+    b"\n",
+    b"c1\nc1\n",
+    b"x" * 300 + b"\n",
+]
+
+
+@pytest.mark.parametrize("text", LATEST_TEXTS)
+def test_latest_that_names_no_checkpoint_of_the_store(store: str, text: bytes) -> None:
+    commit_one(store)
+    shutil.copytree(os.path.join(store, "c1"), os.path.join(os.path.dirname(store), "elsewhere"))
+    Path(store, "LATEST").write_bytes(text)
+    before = snapshot(os.path.dirname(store), staging=True)
+    with record_opens() as opened, pytest.raises(ckptguard.CorruptCheckpointError) as ei:
+        ckptguard.load(store)
+    assert ei.value.file == "LATEST"
+    allowed = (store, os.path.join(store, "LATEST"))
+    assert not opened_outside(opened, os.path.join(store, "c1"), allowed), opened
+    with pytest.raises((ckptguard.CorruptCheckpointError, ckptguard.CheckpointNotFoundError)):
+        ckptguard.Store(store).latest()
+    assert snapshot(os.path.dirname(store), staging=True) == before
+
+
+def test_latest_naming_a_symlinked_directory_is_refused(store: str) -> None:
+    """format.md section 1: LATEST names a committed checkpoint (a directory of the store, which
+    Store.list never takes a link to be); a link leading elsewhere is damage, not followed."""
+    ckptguard.save(small_state(), os.path.join(store, "c1"), chunk_size=128)
+    elsewhere = os.path.join(os.path.dirname(store), "elsewhere")
+    ckptguard.save(small_state(5), os.path.join(elsewhere, "c9"), chunk_size=128)
+    os.symlink(os.path.join(elsewhere, "c9"), os.path.join(store, "c2"))
+    Path(store, "LATEST").write_text("c2\n")
+    assert [i.name for i in ckptguard.Store(store).list()] == ["c1"]
+    with pytest.raises(ckptguard.CorruptCheckpointError):
+        ckptguard.load(store)

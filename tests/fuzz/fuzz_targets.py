@@ -22,7 +22,6 @@ import struct
 import sys
 import tempfile
 import time
-import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -645,22 +644,6 @@ def run_one(target: str, data: bytes) -> str:
     if not out.startswith("BUG") and time.monotonic() - t0 > SLOW_S:
         out = f"slow:{time.monotonic() - t0:.1f}s"
     return out
-
-
-def peak_allocation(fn: Callable[[], object]) -> int:
-    """Bytes allocated at the peak of ``fn()`` beyond what was live before it (tracemalloc: Python
-    objects, numpy buffers, and the bytes objects the extension returns)."""
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        fn()
-        return tracemalloc.get_traced_memory()[1] - before
-    finally:
-        if started:
-            tracemalloc.stop()
 
 
 def is_finding(outcome: str) -> bool:
