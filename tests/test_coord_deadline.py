@@ -1,4 +1,4 @@
-"""Creating the coordinator's communicator is bounded by the save's timeout (issue 5, point 5).
+"""Creating the coordinator's communicator is bounded by the save's timeout.
 
 A rank 15 s late to its first save (the save that creates the duplicated MPI communicator or the
 gloo group) must make the others give up within the save's 3 s timeout, with nothing visible;

@@ -1,5 +1,5 @@
 """Replicated boxes of sharded tensors: HSDP DTensors ([Replicate, Shard] on a 2-D mesh), 2-D
-sharding and Shard wrappers that several ranks declare with the same box (issue 5, point 3).
+sharding and Shard wrappers that several ranks declare with the same box.
 
 The plan's dedup logic is tested in-process on hand-made descriptions; the end-to-end cases run 4
 and 2 gloo ranks of tests/dist/hsdp.py.

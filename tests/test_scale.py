@@ -1,4 +1,4 @@
-"""Scale of the manifest and of a load's row selection (issue 5, point 6), at small sizes.
+"""Scale of the manifest and of a load's row selection, at small sizes.
 
 Per-rank trees are stored as diffs against rank 0's (format.md section 6.1), so the manifest
 grows with what differs, not with ranks x tree size; a load selects the index rows its boxes

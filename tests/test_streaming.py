@@ -1,4 +1,4 @@
-"""Streaming a state larger than the host pool through it (issue #6), CPU paths.
+"""Streaming a state larger than the host pool through it, CPU paths.
 
 GPU tensors take the same code with CUDA copies on a side stream; the GPU check covers those
 (tests/test_async.py's CUDA tests skip here).
