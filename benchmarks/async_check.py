@@ -1,4 +1,4 @@
-"""The async path's figures (issue #6): stall against the copy floor, durable time, and the slowdown
+"""The async path's figures: stall against the copy floor, durable time, and the slowdown
 of a compute loop while a save persists, plus a bitwise round trip. GPU first, CPU as a check.
 
     python benchmarks/async_check.py --size 16GiB --device cuda --dir /scratch --out results.json
