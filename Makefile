@@ -38,8 +38,8 @@ lint: install-test
 # The whole suite on the native backend, then again on the pure-Python one (CKPTGUARD_NATIVE=0,
 # inherited by every process a test starts). The second pass leaves out the tests marked
 # backend_independent (tests/conftest.py): static checks and tests that pick their backend
-# themselves, which the first pass already ran on both. Each pass takes about 12 minutes on a
-# 2-core machine, so the second doubles the suite's time; `make test` stays under 45 minutes.
+# themselves, which the first pass already ran on both, and tests that never encode or read a
+# record. On a 2-core machine each pass takes about 13 minutes and `make test` about 26.
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm
