@@ -11,6 +11,7 @@ are checked column-wise, so rank 0's work stays linear in ranks x tensors.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,12 +80,19 @@ Writer = OneRank | EveryRank | SomeRanks
 SHARDED = EveryRank()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def one_rank(rank: int) -> OneRank:
+    """The ``OneRank`` of ``rank``, made once: a plan has one per key, and building a frozen
+    dataclass per key is a measurable part of planning many small tensors."""
+    return OneRank(rank)
+
+
 def writer_from_json(value: Any) -> Writer:
     """The ``Writer`` that ``to_json`` gave ``value`` (-1, a rank, or a base64 bitmap)."""
     if isinstance(value, str):
         return SomeRanks(base64.b64decode(value))
     if type(value) is int and value >= -1:
-        return SHARDED if value == -1 else OneRank(value)
+        return SHARDED if value == -1 else one_rank(value)
     raise ValueError(f"not a plan writer: {value!r}")
 
 
@@ -340,7 +348,7 @@ def balance(
         if len(members) == 1:  # one holder (every tensor of a one-rank save): no choice
             r = int(d.rank[members[0]])
             load[r] += d.nbytes[members[0]]
-            writer[c.g] = OneRank(r)
+            writer[c.g] = one_rank(r)
             continue
         if check_replicated:
             set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
@@ -354,7 +362,7 @@ def balance(
             writes = np.concatenate([d.rank[rows[fixed[rows]]], d.rank[chosen]])
             writer[c.g] = SomeRanks.of(writes, d.world)
         else:
-            writer[c.g] = OneRank(int(d.rank[chosen[0]]))
+            writer[c.g] = one_rank(int(d.rank[chosen[0]]))
     return writer, load
 
 
