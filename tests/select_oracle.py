@@ -7,7 +7,11 @@ first-dimension rows the box needs (all chunks of a 0-d shard).
 
 from __future__ import annotations
 
-from ckptguard.format.index import Row
+import math
+
+import pyarrow as pa
+
+from ckptguard.format.index import SCHEMA, Row
 from ckptguard.select import Box, Piece, intersect
 
 
@@ -32,3 +36,39 @@ def plan_reads(rows: list[Row], want: Box) -> list[Piece]:
         ]
         pieces.append(p)
     return pieces
+
+
+def index_table(
+    tensors: list[tuple[list[int], list[tuple[tuple, tuple]], int]], keys: list[str] | None = None
+) -> pa.Table:
+    """An index of float32 tensors (shape, saved shard boxes, chunk bytes) of one rank's data
+    file, raw codec; tensor ``t`` is named ``keys[t]`` (default ``t<t>``)."""
+    rows = []
+    for t, (shape, shards, chunk_bytes) in enumerate(tensors):
+        for o, n in shards:
+            total = math.prod(n) * 4
+            for c, pos in enumerate(range(0, max(total, 1), chunk_bytes)):
+                raw = min(chunk_bytes, total - pos) if total else 0
+                rows.append(
+                    {
+                        "key": keys[t] if keys else f"t{t}",
+                        "tensor": t,
+                        "dtype": "float32",
+                        "global_shape": shape,
+                        "shard_offsets": list(o),
+                        "shard_lengths": list(n),
+                        "chunk": c,
+                        "shard_byte_offset": pos,
+                        "raw_len": raw,
+                        "rank": 0,
+                        "file": "rank-00000.ckg",
+                        "offset": 4096 * (len(rows) + 1),
+                        "stored_len": raw,
+                        "codec": "raw",
+                        "elem_size": 4,
+                        "hash": bytes(16),
+                        "base": None,
+                        "key_id": None,
+                    }
+                )
+    return pa.Table.from_pylist(rows, schema=SCHEMA)

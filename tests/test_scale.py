@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import resign_manifest
-from select_oracle import plan_reads
+from select_oracle import index_table, plan_reads
 from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
@@ -459,32 +459,8 @@ def test_coverage_check_agrees_with_check_cover(seed: int, whole: bool) -> None:
 
 
 def _table_of(shape: list[int], boxes: list[tuple[list[int], list[int]]]) -> pa.Table:
-    rows = []
-    for o, n in boxes:
-        raw = math.prod(n) * 4
-        rows.append(
-            {
-                "key": "t",
-                "tensor": 0,
-                "dtype": "float32",
-                "global_shape": shape,
-                "shard_offsets": o,
-                "shard_lengths": n,
-                "chunk": 0,
-                "shard_byte_offset": 0,
-                "raw_len": raw,
-                "rank": 0,
-                "file": "rank-00000.ckg",
-                "offset": 4096 * (len(rows) + 1),
-                "stored_len": raw,
-                "codec": "raw",
-                "elem_size": 4,
-                "hash": bytes(16),
-                "base": None,
-                "key_id": None,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    """One tensor ``t`` saved as ``boxes``, one chunk per box."""
+    return index_table([(shape, [(tuple(o), tuple(n)) for o, n in boxes], 1 << 62)], keys=["t"])
 
 
 @pytest.mark.parametrize(

@@ -5,55 +5,18 @@ hand-made index, and on random indexes in test_scale.py."""
 
 from __future__ import annotations
 
-import math
-
-import pyarrow as pa
 import pytest
 import torch
+from select_oracle import index_table
 from select_oracle import plan_reads as scalar_plan_reads
 
 import ckptguard
 from ckptguard import select
 from ckptguard.errors import CheckpointError
-from ckptguard.format.index import SCHEMA
-
-
-def _index(tensors: list[tuple[list[int], list[tuple[tuple, tuple]], int]]) -> pa.Table:
-    """An index of float32 tensors (shape, saved shard boxes, chunk bytes), raw codec."""
-    rows = []
-    for t, (shape, shards, chunk_bytes) in enumerate(tensors):
-        for o, n in shards:
-            total = math.prod(n) * 4
-            for c, pos in enumerate(range(0, max(total, 1), chunk_bytes)):
-                raw = min(chunk_bytes, total - pos) if total else 0
-                rows.append(
-                    {
-                        "key": f"t{t}",
-                        "tensor": t,
-                        "dtype": "float32",
-                        "global_shape": shape,
-                        "shard_offsets": list(o),
-                        "shard_lengths": list(n),
-                        "chunk": c,
-                        "shard_byte_offset": pos,
-                        "raw_len": raw,
-                        "rank": 0,
-                        "file": "rank-00000.ckg",
-                        "offset": 4096 * (len(rows) + 1),
-                        "stored_len": raw,
-                        "codec": "raw",
-                        "elem_size": 4,
-                        "hash": bytes(16),
-                        "base": None,
-                        "key_id": None,
-                    }
-                )
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
-
 
 # An 8x4 tensor saved as two shards of 4 rows, one row (16 bytes) per chunk; a 0-d tensor.
 TENSORS = [{"shape": [8, 4]}, {"shape": []}]
-TABLE = _index([([8, 4], [((0, 0), (4, 4)), ((4, 0), (4, 4))], 16), ([], [((), ())], 4)])
+TABLE = index_table([([8, 4], [((0, 0), (4, 4)), ((4, 0), (4, 4))], 16), ([], [((), ())], 4)])
 
 
 def _summary(pieces: list[select.Piece]) -> list:
