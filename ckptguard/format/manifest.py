@@ -102,13 +102,11 @@ def build(
     index: dict,
     table: pa.Table,
     pickle: bool,
-    created: dt.datetime | None = None,
+    created: dt.datetime,
 ) -> dict:
-    """The manifest body (format.md section 3) of a checkpoint whose index is ``table``.
-
-    ``created`` is when the checkpoint is committed (None: an empty member, for a caller that
-    stamps it later with ``format_time``); features and totals are derived here, never by
-    callers.
+    """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
+    as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
+    totals are derived here, never by callers.
     """
     return {
         "format": "ckptguard",
@@ -116,7 +114,7 @@ def build(
         "features": features(pickle, rank_trees, tensors),
         "name": name,
         "uuid": uuid,
-        "created": "" if created is None else format_time(created),
+        "created": format_time(created),
         "step": step,
         "world_size": world_size,
         "writer": writer,
