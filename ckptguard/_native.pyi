@@ -43,7 +43,7 @@ def decode(
     codec: int, payload: Buffer, raw_len: int, elem_size: int, hash: bytes | None = None, /
 ) -> bytes: ...
 def encode(
-    buf: Buffer, elem_size: int, chunk_size: int, compress: bool, threads: int, /
+    buf: Buffer, elem_size: int, chunk_size: int, codec: int, level: int, threads: int, /
 ) -> list[tuple[int, bytes, bytes]]: ...
 def write_records(
     fd: int,
@@ -53,7 +53,8 @@ def write_records(
     buf: Buffer,
     elem_size: int,
     chunk_size: int,
-    compress: bool,
+    codec: int,
+    level: int,
     threads: int,
     direct: bool,
     /,

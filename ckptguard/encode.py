@@ -26,6 +26,7 @@ from .format.datafile import CODECS, FormatError, lz4_max_raw_len
 
 RAW = CODECS["raw"]
 SHUFFLE_LZ4 = CODECS["shuffle-lz4"]
+WRITABLE = frozenset({RAW, SHUFFLE_LZ4})  # codec ids ``encode`` accepts (RAW: do not compress)
 MIN_COMPRESS = 64  # chunks shorter than this are stored raw
 LZ4_MAX_INPUT = 0x7E000000  # LZ4_MAX_INPUT_SIZE: longer chunks are stored raw
 MIN_CHUNK_SIZE = 64  # a checkpoint's chunks: at least MIN_COMPRESS bytes, so they can compress
@@ -94,14 +95,22 @@ def check_chunk_size(chunk_size: int) -> None:
         )
 
 
-def check_chunking(length: int, elem_size: int, chunk_size: int, compress: bool) -> None:
-    """Refuse a buffer of ``length`` bytes that cannot be cut into ``chunk_size`` chunks of whole
-    ``elem_size``-byte elements (needed to shuffle them when ``compress``)."""
+def check_codec(codec: int) -> None:
+    """Refuse a codec id this build cannot write."""
+    if codec not in WRITABLE:
+        raise ValueError(f"unknown codec id {codec!r}; writable: {sorted(WRITABLE)}")
+
+
+def check_chunking(length: int, elem_size: int, chunk_size: int, codec: int) -> None:
+    """Refuse a codec this build cannot write, or a buffer of ``length`` bytes that cannot be cut
+    into ``chunk_size`` chunks of whole ``elem_size``-byte elements (needed to shuffle them for
+    every codec but raw)."""
+    check_codec(codec)
     if not 1 <= elem_size <= 255:
         raise ValueError("elem_size must be in 1..255")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
-    if compress and (length % elem_size or chunk_size % elem_size):
+    if codec != RAW and (length % elem_size or chunk_size % elem_size):
         raise ValueError("buffer length and chunk_size must be multiples of elem_size")
 
 
@@ -200,15 +209,20 @@ def keeps_compressed(stored_len: int, raw_len: int) -> bool:
     return stored_len * 20 <= raw_len * 19
 
 
-def encode(raw: memoryview | bytes, elem_size: int, compress: bool) -> tuple[int, bytes, bytes]:
+def encode(
+    raw: memoryview | bytes, elem_size: int, codec: int, level: int = 0
+) -> tuple[int, bytes, bytes]:
     """Return (codec id, payload, xxh3-128 of the payload's raw bytes) for one chunk.
 
-    ``raw`` is read exactly once, into a private copy that the hash, the shuffle and the payload
-    all come from: another thread writing to ``raw`` meanwhile cannot make them disagree (I9).
+    ``codec`` is the codec to try (RAW: none) at ``level`` (0: its default); the chunk is stored
+    raw where compression saves less than 5% (``keeps_compressed``). ``raw`` is read exactly
+    once, into a private copy that the hash, the shuffle and the payload all come from: another
+    thread writing to ``raw`` meanwhile cannot make them disagree (I9).
     """
+    check_codec(codec)
     copy = raw if isinstance(raw, bytes) else bytes(raw)
     h = digest(copy)
-    if compress and MIN_COMPRESS <= len(copy) <= LZ4_MAX_INPUT:
+    if codec == SHUFFLE_LZ4 and MIN_COMPRESS <= len(copy) <= LZ4_MAX_INPUT:
         packed = lz4.block.compress(shuffle(copy, elem_size), mode="default", store_size=False)
         if keeps_compressed(len(packed), len(copy)):
             return SHUFFLE_LZ4, packed, h
@@ -275,18 +289,19 @@ def encode_buffer(
     buf: Any,
     elem_size: int,
     chunk_size: int,
-    compress: bool = True,
+    codec: int = SHUFFLE_LZ4,
     threads: int | None = None,
     backend: str | None = None,
+    level: int = 0,
 ) -> list[tuple[int, bytes, bytes]]:
     """Split ``buf`` into chunks of ``chunk_size`` bytes; return (codec, payload, hash) each."""
     view = as_buffer(buf)
-    check_chunking(len(view), elem_size, chunk_size, compress)
+    check_chunking(len(view), elem_size, chunk_size, codec)
     threads = threads or _backend.default_threads()
     if _backend.resolve(backend) == _backend.NATIVE:
-        return _backend.native().encode(view, elem_size, chunk_size, compress, threads)
+        return _backend.native().encode(view, elem_size, chunk_size, codec, level, threads)
     return parallel_map(
-        lambda p: encode(p, elem_size, compress), split_chunks(view, chunk_size), threads
+        lambda p: encode(p, elem_size, codec, level), split_chunks(view, chunk_size), threads
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from . import backend as _backend
 from .encode import (
+    SHUFFLE_LZ4,
     ChunkError,
     ChunkHashError,
     ReadItem,
@@ -115,20 +116,22 @@ def write_records(
     buf: Any,
     elem_size: int,
     chunk_size: int,
-    compress: bool = True,
+    codec: int = SHUFFLE_LZ4,
     threads: int | None = None,
     direct: bool | None = None,
     backend: str | None = None,
+    level: int = 0,
 ) -> WriteResult:
     """Encode ``buf`` and write its chunk records (docs/format.md section 7) at ``pos``.
 
-    Records get sequence numbers from ``seq0`` and lie back to back, each padded to 4096 bytes.
+    ``codec`` is tried on every chunk at ``level`` (``encode.encode``). Records get sequence
+    numbers from ``seq0`` and lie back to back, each padded to 4096 bytes.
     ``fd`` is left positioned at the returned ``end``. Nothing is fsynced (one fsync per file is
     the caller's). ``direct`` (default: CKPTGUARD_ODIRECT) writes through O_DIRECT where the
     file system allows it. I/O errors raise OSError with errno and ``path``.
     """
     view = as_buffer(buf)
-    check_chunking(len(view), elem_size, chunk_size, compress)
+    check_chunking(len(view), elem_size, chunk_size, codec)
     if pos % ALIGN or pos < 0:
         raise ValueError("pos must be a non-negative multiple of 4096")
     if seq0 < 0 or seq0 + -(-len(view) // chunk_size) > MAX_SEQ:
@@ -137,7 +140,7 @@ def write_records(
     direct = _backend.direct_io() if direct is None else direct
     if _backend.resolve(backend) == _backend.NATIVE:
         recs, end, used = _backend.native().write_records(
-            fd, path, pos, seq0, view, elem_size, chunk_size, compress, threads, direct
+            fd, path, pos, seq0, view, elem_size, chunk_size, codec, level, threads, direct
         )
         return WriteResult([Record(*r) for r in recs], end, used)
     out: list[Record] = []
@@ -145,7 +148,7 @@ def write_records(
     batch = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
     for b in range(0, len(pieces), batch):
         chunks = parallel_map(
-            lambda p: encode(p, elem_size, compress), pieces[b : b + batch], threads
+            lambda p: encode(p, elem_size, codec, level), pieces[b : b + batch], threads
         )
         for n, (cid, payload, h) in enumerate(chunks, start=b):
             raw_len = len(pieces[n])

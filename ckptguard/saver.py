@@ -28,7 +28,7 @@ import xxhash
 
 from . import commit
 from .coord import Coordinator
-from .encode import check_chunk_size
+from .encode import RAW, SHUFFLE_LZ4, check_chunk_size
 from .errors import (
     CheckpointAbortedError,
     CheckpointError,
@@ -64,8 +64,8 @@ from .tree import Flat, TensorRef, flatten
 from .version import __version__
 from .writer import DEFAULT_CHUNK, RankWriter
 
-COMPRESS = {"auto": True, "lz4": True, "none": False}
-"""``compress`` values and whether each compresses."""
+COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "none": RAW}
+"""``compress`` values and the codec id each tries on every chunk (``encode.encode``)."""
 
 
 @dataclass(frozen=True)
@@ -379,9 +379,9 @@ class _Save:
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
-            compress = COMPRESS[self.opt.compress]
+            codec = COMPRESS[self.opt.compress]
             for i, raw in self.source.stream([r.value for _, r in todo]):
-                writer.add(todo[i][0], todo[i][1], compress, raw)
+                writer.add(todo[i][0], todo[i][1], codec, raw)
             if self.on_read is not None:
                 self.on_read()
             rows = writer.finish()

@@ -54,8 +54,9 @@ class RankWriter:
         self._direct = _backend.direct_io()
         self._backend = _backend.name()
 
-    def add(self, tid: int, ref: TensorRef, compress: bool, raw: Any = None) -> None:
-        """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded).
+    def add(self, tid: int, ref: TensorRef, codec: int, raw: Any = None, level: int = 0) -> None:
+        """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded),
+        each tried with ``codec`` at ``level`` (``encode.encode``).
 
         ``raw``: the tensor's bytes (default: read from ``ref.value``), or the next part of them
         when the tensor arrives in parts; every part but the last must be a whole number of
@@ -77,10 +78,11 @@ class RankWriter:
             raw,
             size,
             step,
-            compress,
+            codec,
             threads=self._threads,
             direct=self._direct,
             backend=self._backend,
+            level=level,
         )
         self.pos = done.end
         self._open = (tid, first + len(done.records), done_bytes + len(raw))

@@ -164,11 +164,14 @@ static void final_hash(XXH3_state_t *st, uint8_t out[16]) {
  * the payload all come from that copy. Another thread may write to the input meanwhile (a misuse):
  * the chunk then holds some mix of old and new values, but its hash always matches its payload,
  * so a committed checkpoint always verifies (invariant I9). */
-int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress, uint8_t *out,
-                     size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
+                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
+    (void)level; /* LZ4 has one level here: the one python-lz4's default mode uses */
     res->codec = CKG_RAW;
     res->stored_len = raw_len;
     res->payload = out;
+    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) return CKG_E_CODEC;
+    int compress = codec != CKG_RAW;
     int try_lz4 = compress && raw_len >= CKG_MIN_COMPRESS && raw_len <= (size_t)LZ4_MAX_INPUT_SIZE;
     if (try_lz4 && (elem == 0 || raw_len % elem)) return CKG_E_ELEM;
     if (out_cap < raw_len) return CKG_E_TOOBIG;

@@ -78,12 +78,13 @@ typedef struct {
     uint8_t hash[16];
 } ckg_chunk;
 
-/* Copy raw once into private memory, hash that copy and (if compress) shuffle it by elem and
- * LZ4-compress it into out (capacity out_cap >= ckg_encode_bound(raw_len)); keep the compressed
- * form only if it saves >= 5%, else out gets the copied raw bytes. The hash is always of the
- * bytes the payload holds, even while another thread writes to raw. */
-int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int compress, uint8_t *out,
-                     size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
+/* Copy raw once into private memory, hash that copy and (for a codec other than CKG_RAW)
+ * shuffle it by elem and compress it with that codec at `level` (0: the codec's default) into out
+ * (capacity out_cap >= ckg_encode_bound(raw_len)); keep the compressed form only if it saves
+ * >= 5%, else out gets the copied raw bytes. The hash is always of the bytes the payload holds,
+ * even while another thread writes to raw. CKG_E_CODEC for a codec this build cannot write. */
+int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
+                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
 
 /* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
  * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */

@@ -156,12 +156,16 @@ done:
 
 /* ---- encode ---------------------------------------------------------------------------- */
 
-static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int compress) {
+static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int codec) {
+    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) {
+        PyErr_Format(PyExc_ValueError, "unknown codec id %d", codec);
+        return -1;
+    }
     if (chunk < 1) {
         PyErr_SetString(PyExc_ValueError, "chunk_size must be >= 1");
         return -1;
     }
-    if (compress && (len % elem || chunk % elem)) {
+    if (codec != CKG_RAW && (len % elem || chunk % elem)) {
         PyErr_SetString(PyExc_ValueError,
                         "buffer length and chunk_size must be multiples of elem_size");
         return -1;
@@ -174,18 +178,19 @@ static PyObject *info_tuple(const ckg_rec_info *r) {
                          (Py_ssize_t)r->offset, (Py_ssize_t)r->raw_len);
 }
 
-/* encode(buf, elem_size, chunk_size, compress, threads) -> [(codec, payload, hash), ...] */
+/* encode(buf, elem_size, chunk_size, codec, level, threads) -> [(codec, payload, hash), ...] */
 static PyObject *py_encode(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer b;
-    int elem, compress, threads;
+    int elem, codec, level, threads;
     Py_ssize_t chunk;
-    if (!PyArg_ParseTuple(args, "y*inpi", &b, &elem, &chunk, &compress, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*iniii", &b, &elem, &chunk, &codec, &level, &threads))
+        return NULL;
     PyObject *list = NULL, **outs = NULL;
     uint8_t **ptrs = NULL;
     ckg_rec_info *res = NULL;
     size_t n = 0;
-    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, compress) < 0 ||
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec) < 0 ||
         (threads = get_threads(threads)) < 0)
         goto done;
     n = ckg_nchunks((size_t)b.len, (size_t)chunk);
@@ -206,8 +211,8 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     ckg_failure f;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = ckg_encode_buffer(b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk, compress, threads,
-                           ptrs, res, &f);
+    rc = ckg_encode_buffer(b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk, codec, level,
+                           threads, ptrs, res, &f);
     Py_END_ALLOW_THREADS
     if (rc) {
         raise_failure(&f, NULL);
@@ -236,17 +241,17 @@ done:
     return list;
 }
 
-/* write_records(fd, path, pos, seq0, buf, elem_size, chunk_size, compress, threads, direct)
+/* write_records(fd, path, pos, seq0, buf, elem_size, chunk_size, codec, level, threads, direct)
  *   -> ([(codec, stored_len, hash, offset, raw_len), ...], end_pos, direct_used) */
 static PyObject *py_write_records(PyObject *self, PyObject *args) {
     (void)self;
-    int fd, elem, compress, threads, direct;
+    int fd, elem, codec, level, threads, direct;
     PyObject *name, *path;
     unsigned long long pos, seq0;
     Py_buffer b;
     Py_ssize_t chunk;
-    if (!PyArg_ParseTuple(args, "iOKKy*inpip", &fd, &name, &pos, &seq0, &b, &elem, &chunk,
-                          &compress, &threads, &direct))
+    if (!PyArg_ParseTuple(args, "iOKKy*iniiip", &fd, &name, &pos, &seq0, &b, &elem, &chunk, &codec,
+                          &level, &threads, &direct))
         return NULL;
     if (!PyUnicode_FSConverter(name, &path)) {
         PyBuffer_Release(&b);
@@ -255,7 +260,7 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
     PyObject *out = NULL;
     ckg_rec_info *res = NULL;
     int dfd = -1;
-    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, compress) < 0 ||
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec) < 0 ||
         (threads = get_threads(threads)) < 0)
         goto done;
     size_t n = ckg_nchunks((size_t)b.len, (size_t)chunk);
@@ -269,8 +274,8 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         goto done;
     }
     const char *cpath = PyBytes_AS_STRING(path);
-    ckg_write_args a = {fd,       -1,  b.buf,         (size_t)b.len, (unsigned)elem, (size_t)chunk,
-                        compress, pos, (uint32_t)seq0};
+    ckg_write_args a = {fd,    -1,    b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk,
+                        codec, level, pos,   (uint32_t)seq0};
     ckg_failure f;
     uint64_t end = pos;
     int used = 0, rc;
@@ -500,11 +505,11 @@ static PyMethodDef methods[] = {
      "decode($module, codec, payload, raw_len, elem_size, hash=None, /)\n--\n\n"
      "The raw bytes of one chunk payload."},
     {"encode", py_encode, METH_VARARGS,
-     "encode($module, buf, elem_size, chunk_size, compress, threads, /)\n--\n\n"
+     "encode($module, buf, elem_size, chunk_size, codec, level, threads, /)\n--\n\n"
      "Chunk and encode buf: [(codec, payload, hash), ...]."},
     {"write_records", py_write_records, METH_VARARGS,
-     "write_records($module, fd, path, pos, seq0, buf, elem_size, chunk_size, compress, "
-     "threads, direct, /)\n--\n\n"
+     "write_records($module, fd, path, pos, seq0, buf, elem_size, chunk_size, codec, "
+     "level, threads, direct, /)\n--\n\n"
      "Encode buf and write its records at pos: ([(codec, stored_len, hash, offset, raw_len)], "
      "end, direct_used)."},
     {"decode_into", py_decode_into, METH_VARARGS,

@@ -89,7 +89,7 @@ typedef struct {
     const uint8_t *buf;
     size_t len, chunk;
     unsigned elem;
-    int compress;
+    int codec, level;
     uint8_t *const *outs;
     ckg_rec_info *res;
 } enc_t;
@@ -100,7 +100,7 @@ static void enc_task(void *ctx, size_t t, int w) {
     if (atomic_load(&e->c.abort)) return;
     size_t off = t * e->chunk, n = e->len - off < e->chunk ? e->len - off : e->chunk;
     ckg_chunk ch;
-    int rc = ckg_encode_chunk(e->buf + off, n, e->elem, e->compress, e->outs[t],
+    int rc = ckg_encode_chunk(e->buf + off, n, e->elem, e->codec, e->level, e->outs[t],
                               ckg_encode_bound(n), &tls_scratch, &ch);
     if (rc) {
         fail_task(&e->c, t, rc, 0);
@@ -115,14 +115,16 @@ static void enc_task(void *ctx, size_t t, int w) {
     e->c.rc[t] = 0;
 }
 
-int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int compress,
-                      int threads, uint8_t *const *outs, ckg_rec_info *res, ckg_failure *fail) {
+int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int codec,
+                      int level, int threads, uint8_t *const *outs, ckg_rec_info *res,
+                      ckg_failure *fail) {
     size_t n = ckg_nchunks(len, chunk);
     enc_t e = {.buf = buf,
                .len = len,
                .chunk = chunk,
                .elem = elem,
-               .compress = compress,
+               .codec = codec,
+               .level = level,
                .outs = outs,
                .res = res};
     return run_all(&e.c, threads, n, enc_task, &e, fail);
@@ -175,8 +177,8 @@ static void wr_task(void *ctx, size_t t, int wk) {
     int rc = ckg_scratch_reserve(rb, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
     if (!rc)
-        rc = ckg_encode_chunk(a->buf + off, n, a->elem, a->compress, rb->buf + CKG_REC_HDR, cap,
-                              &tls_scratch, &ch);
+        rc = ckg_encode_chunk(a->buf + off, n, a->elem, a->codec, a->level, rb->buf + CKG_REC_HDR,
+                              cap, &tls_scratch, &ch);
     if (rc) {
         wr_abort(w, t, rc, 0);
         return;

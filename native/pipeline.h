@@ -26,8 +26,9 @@ static inline size_t ckg_nchunks(size_t len, size_t chunk) {
 
 /* Encode buf in chunks of `chunk` bytes (the last may be shorter). outs[i] must hold
  * ckg_encode_bound(len of chunk i) bytes; the payload (raw or compressed) is written there. */
-int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int compress,
-                      int threads, uint8_t *const *outs, ckg_rec_info *res, ckg_failure *fail);
+int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chunk, int codec,
+                      int level, int threads, uint8_t *const *outs, ckg_rec_info *res,
+                      ckg_failure *fail);
 
 typedef struct {
     int fd;  /* buffered descriptor of the data file */
@@ -36,7 +37,8 @@ typedef struct {
     size_t len;
     unsigned elem;
     size_t chunk;
-    int compress;
+    int codec;     /* the codec to try on every chunk (CKG_RAW: none); see ckg_encode_chunk */
+    int level;     /* its level (0: the codec's default) */
     uint64_t pos;  /* offset of the first record (a multiple of 4096) */
     uint32_t seq0; /* sequence number of the first record */
 } ckg_write_args;

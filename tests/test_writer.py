@@ -29,7 +29,7 @@ def test_rows_describe_the_chunks_written(tmp_path, be: str):
     t = torch.arange(1000, dtype=torch.float32)
     with backend.use(be):
         w = RankWriter(str(tmp_path), 3, UUID, chunk_size=1024)
-        w.add(0, _ref("w", t), compress=True)
+        w.add(0, _ref("w", t), codec=1)
         rows = w.finish()
     assert [r.chunk for r in rows] == [0, 1, 2, 3]
     assert [r.raw_len for r in rows] == [1024, 1024, 1024, 928]
@@ -71,7 +71,7 @@ def test_recheck_catches_a_record_changed_under_the_writer(tmp_path, monkeypatch
     """finish() re-reads every record header: one that reads back differently is a FormatError."""
     t = torch.arange(1000, dtype=torch.float32)
     w = RankWriter(str(tmp_path), 0, UUID, chunk_size=1024)
-    w.add(0, _ref("w", t), compress=False)
+    w.add(0, _ref("w", t), codec=0)
     first = w.rows[0].offset
     os.pwrite(w.fd, b"X", first + 10)  # inside the first record header
     with pytest.raises(FormatError, match="reads back differently"):

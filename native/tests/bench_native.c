@@ -110,7 +110,7 @@ int main(int argc, char **argv) {
             size_t stored = 0;
             for (int r = 0; r < reps; r++) {
                 double t = now();
-                if (ckg_encode_buffer(buf, len, elems[e], chunk, 1, threads, outs, res, &f))
+                if (ckg_encode_buffer(buf, len, elems[e], chunk, 1, 0, threads, outs, res, &f))
                     return 1;
                 t = now() - t;
                 if (t < be) be = t;
@@ -146,7 +146,7 @@ int main(int argc, char **argv) {
                 if (t < braw) braw = t;
                 close(fd);
                 fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-                ckg_write_args a = {fd, -1, buf, len, elems[e], chunk, 1, 0, 0};
+                ckg_write_args a = {fd, -1, buf, len, elems[e], chunk, 1, 0, 0, 0};
                 uint64_t end;
                 int used;
                 t = now();

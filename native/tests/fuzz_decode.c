@@ -89,7 +89,8 @@ static uint8_t *seed_record(int kind, size_t *len) {
     size_t cap = ckg_encode_bound(raw_len);
     uint8_t *rec = calloc(1, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
-    if (ckg_encode_chunk(raw, raw_len, elem, 1, rec + CKG_REC_HDR, cap, &s, &ch) != CKG_OK) abort();
+    if (ckg_encode_chunk(raw, raw_len, elem, 1, 0, rec + CKG_REC_HDR, cap, &s, &ch) != CKG_OK)
+        abort();
     ckg_rec_header h = {ch.codec, elem, raw_len, ch.stored_len, {0}, (uint32_t)kind};
     memcpy(h.hash, ch.hash, 16);
     ckg_pack_record_header(rec, &h);

@@ -78,7 +78,7 @@ static void test_chunk_roundtrip(void) {
                 uint8_t *out = malloc(cap + 1);
                 fill(raw, len, elem, kind);
                 ckg_chunk ch;
-                CHECK(ckg_encode_chunk(raw, len, elem, 1, out, cap, &s, &ch) == CKG_OK);
+                CHECK(ckg_encode_chunk(raw, len, elem, 1, 0, out, cap, &s, &ch) == CKG_OK);
                 uint8_t h[16];
                 ckg_hash128(raw, len, h);
                 CHECK(memcmp(h, ch.hash, 16) == 0);
@@ -103,7 +103,7 @@ static void test_chunk_roundtrip(void) {
                                        bad) == CKG_E_HASH);
                 /* compress off: always raw, a copy in out, same hash */
                 ckg_chunk ch2;
-                CHECK(ckg_encode_chunk(raw, len, elem, 0, out, cap, &s, &ch2) == CKG_OK);
+                CHECK(ckg_encode_chunk(raw, len, elem, 0, 0, out, cap, &s, &ch2) == CKG_OK);
                 CHECK(ch2.codec == CKG_RAW && memcmp(ch2.hash, h, 16) == 0);
                 CHECK(ch2.payload == out && (len == 0 || memcmp(out, raw, len) == 0));
                 free(raw);
@@ -122,7 +122,7 @@ static void test_decode_malformed(void) {
     uint8_t *raw = malloc(len), *out = malloc(ckg_encode_bound(len)), *dst = malloc(len);
     fill(raw, len, 4, 3);
     ckg_chunk ch;
-    CHECK(ckg_encode_chunk(raw, len, 4, 1, out, ckg_encode_bound(len), &s, &ch) == CKG_OK);
+    CHECK(ckg_encode_chunk(raw, len, 4, 1, 0, out, ckg_encode_bound(len), &s, &ch) == CKG_OK);
     CHECK(ch.codec == CKG_SHUFFLE_LZ4);
     const uint8_t *p = ch.payload;
     size_t sl = ch.stored_len;
@@ -150,7 +150,7 @@ static void test_records(void) {
     size_t cap = ckg_encode_bound(len), ext = ckg_align_up(CKG_REC_HDR + cap);
     uint8_t *rec = calloc(1, ext);
     ckg_chunk ch;
-    CHECK(ckg_encode_chunk(raw, len, 2, 1, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
+    CHECK(ckg_encode_chunk(raw, len, 2, 1, 0, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
     CHECK(ch.payload == rec + CKG_REC_HDR);
     ckg_rec_header h = {ch.codec, 2, len, ch.stored_len, {0}, 41};
     memcpy(h.hash, ch.hash, 16);
@@ -208,10 +208,10 @@ static void test_pipelines(void) {
         outs2[i] = malloc(ckg_encode_bound(chunk));
     }
     ckg_failure f;
-    CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, 1, outs, ref, &f) == CKG_OK);
+    CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, 0, 1, outs, ref, &f) == CKG_OK);
     CHECK(ref[2].codec == CKG_SHUFFLE_LZ4 && ref[3].codec == CKG_RAW);
     for (int threads = 2; threads <= 5; threads++) {
-        CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, threads, outs2, res, &f) == CKG_OK);
+        CHECK(ckg_encode_buffer(buf, len, 2, chunk, 1, 0, threads, outs2, res, &f) == CKG_OK);
         for (size_t i = 0; i < n; i++) {
             CHECK(res[i].codec == ref[i].codec && res[i].stored_len == ref[i].stored_len);
             CHECK(memcmp(res[i].hash, ref[i].hash, 16) == 0);
@@ -244,7 +244,7 @@ static void test_pipelines(void) {
         for (int threads = 1; threads <= 4; threads += 3) {
             CHECK(ftruncate(fd, 0) == 0);
             int dfd = direct ? ckg_open_direct(path) : -1;
-            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 4096, 7};
+            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 0, 4096, 7};
             uint64_t end = 0;
             int used = -1;
             CHECK(ckg_write_buffer(&a, threads, res, &end, &used, &f) == CKG_OK);
@@ -281,7 +281,7 @@ static void test_pipelines(void) {
     }
     /* injected I/O error: reported with errno, and the pipeline stops */
     ckg_io_inject(EIO, 2);
-    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0};
+    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0, 0};
     uint64_t end;
     int used;
     CHECK(ckg_write_buffer(&a, 3, res, &end, &used, &f) == CKG_E_IO && f.err == EIO);
@@ -291,7 +291,7 @@ static void test_pipelines(void) {
     /* ENOSPC from /dev/full */
     int full = open("/dev/full", O_WRONLY);
     if (full >= 0) {
-        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0};
+        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0, 0};
         CHECK(ckg_write_buffer(&b, 2, res, &end, &used, &f) == CKG_E_IO && f.err == ENOSPC);
         close(full);
     }
