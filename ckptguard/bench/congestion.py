@@ -56,8 +56,8 @@ def command(kind: str, directory: str, nbytes: int) -> list[str]:
     if kind == "dd":
         return [sys.executable, LOADWRITER, os.path.join(directory, "load.bin"), str(nbytes)]
     if kind == "stress":
-        return ["stress-ng", "--hdd", "1", "--hdd-bytes", str(nbytes), "--hdd-opts",
-                "direct,wr-seq", "--temp-path", directory, "--quiet"]  # fmt: skip
+        opts = ["--hdd-bytes", str(nbytes), "--hdd-opts", "direct,wr-seq"]
+        return ["stress-ng", "--hdd", "1", *opts, "--temp-path", directory, "--quiet"]
     raise ValueError(f"no competing writer for congestion {kind!r}")
 
 

@@ -172,8 +172,8 @@ class Runner:
             return
         writer = None
         if self.comm.rank == 0:
-            writer = CompetingWriter(self.cfg.congestion, self.cfg.directory,
-                                     self.cfg.congestion_bytes)  # fmt: skip
+            cfg = self.cfg
+            writer = CompetingWriter(cfg.congestion, cfg.directory, cfg.congestion_bytes)
         try:
             if writer is not None:
                 writer.start()
