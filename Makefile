@@ -64,8 +64,11 @@ slurm:
 	  bash slurm/local-cluster.sh start; \
 	else echo "slurm: not root or no apt-get; the Slurm tests skip (slurm/README.md)"; fi
 
+# BENCH_ARGS adds options, e.g. BENCH_ARGS="--congestion dd" for loaded trials beside the quiet
+# ones (twice the trials: within the same budget, later ones are skipped and listed).
+BENCH_ARGS ?=
 bench: install
-	$(VENV)/bin/ckptguard bench --size 1GiB --budget 510 --out benchmarks/results
+	$(VENV)/bin/ckptguard bench --size 1GiB --budget 510 --out benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -16,6 +19,7 @@ from ckptguard.units import parse_size
 
 from . import WORKLOADS
 from .comm import LAUNCHERS, LocalComm, choose_launcher, launch_command, make_comm, under_mpi
+from .congestion import KINDS, unavailable
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
@@ -177,6 +181,20 @@ def _render(path: str, out: str, json_only: bool) -> None:
     show_default=True,
     help="Engines (ids or prefixes) whose checkpoints are also loaded cold.",
 )
+@click.option(
+    "--congestion",
+    type=click.Choice(KINDS),
+    default="none",
+    show_default=True,
+    help="Also run every limit and engine trial beside a competing writer on the same file "
+    "system, reported apart from the quiet trials: dd (ckptguard's own O_DIRECT writer process, "
+    "needs nothing installed) or stress (stress-ng --hdd, where installed).",
+)
+@click.option(
+    "--congestion-size",
+    callback=_size,
+    help="The file the competing writer writes through [min(size, 1GiB)].",
+)
 @click.option("--json-only", is_flag=True, help="Write results.json only (no Markdown/PNG).")
 @click.option(
     "--render",
@@ -202,6 +220,8 @@ def bench(
     seed: int,
     no_load: bool,
     load_engines: str,
+    congestion: str,
+    congestion_size: int | None,
     json_only: bool,
     render: str | None,
 ) -> None:
@@ -233,6 +253,9 @@ def bench(
         loaded = None if load_engines == "all" else [e.id for e in select_engines(load_engines)]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--engines") from None
+    why = unavailable(congestion) if congestion != "none" else None
+    if why:
+        raise click.BadParameter(why, param_hint="--congestion")
     dev = _device(device)
     if dev.startswith("cuda") and comm.size > 1:
         import torch
@@ -255,6 +278,8 @@ def bench(
         seed=seed,
         load=not no_load,
         load_engines=loaded,
+        congestion=congestion,
+        congestion_bytes=congestion_size or 0,
     )
 
     def save_partial(results: dict[str, Any]) -> None:
@@ -272,7 +297,8 @@ def bench(
     try:
         if len(runner.unavailable) == len(chosen):
             raise click.ClickException("none of the chosen engines can run here (see above)")
-        results = runner.run()
+        with _sigterm_unwinds():
+            results = runner.run()
     finally:
         comm.barrier()
         if comm.rank == 0:
@@ -286,6 +312,25 @@ def bench(
         if comm.rank == 0:
             click.echo("failed:\n" + "\n".join(f"  {f}" for f in failed), err=True)
         raise click.exceptions.Exit(1)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while the run lasts, so that a killed run still stops its
+    competing writer and removes its scratch folder (as Ctrl-C does)."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _scratch(comm: LocalComm, directory: str) -> str:

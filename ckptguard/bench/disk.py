@@ -71,6 +71,18 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages in the range, do not wait
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Start writeback of ``[offset, offset + nbytes)`` of ``fd`` without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)); False where the call is not available here."""
+    if _sync_file_range is None:
+        return False
+    return _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) == 0
 
 
 def resident_bytes(path: str) -> int | None:

@@ -38,8 +38,18 @@ class Engine:
         """Why this engine cannot run here (None if it can)."""
         return None
 
+    # True for an engine that keeps a pool or a cache from one save to the next: each trial then
+    # starts it fresh (``fresh``) and measures its first save apart from a warm one.
+    keeps_state = False
+
     def begin_workload(self) -> None:
         """Called before the first trial of each workload (reset caches)."""
+
+    def fresh(self, state: dict) -> None:
+        """Start over as a new engine object would, set up as its user would for ``state`` (what
+        this costs, outside any save, is the trial's setup time)."""
+        self.end_workload()
+        self.begin_workload()
 
     def end_workload(self) -> None:
         """Called after the last trial of each workload (release caches)."""
@@ -114,13 +124,15 @@ class Ckptguard(Engine):
 class CkptguardAsync(Ckptguard):
     """Checkpointer.save_async (no compression): the caller waits for the snapshot only.
 
-    One Checkpointer (its host pool allocated once) is kept across the trials of a workload, as a
-    training loop keeps it across steps. With ``pool_fraction`` N ("ckptguard-async-stream") the
-    pool is bounded to 1/N of the state, which then streams through it: the caller waits until
-    the state has been read, and the host memory stays at the bound.
+    Each trial makes a new Checkpointer, as a training loop does at its start, given the state's
+    size (``host_bytes``: the pool is prepared at construction), then saves twice: the first save
+    and a warm one (the pool reused, as across training steps). With ``pool_fraction`` N
+    ("ckptguard-async-stream") the pool is bounded to 1/N of the state, which then streams through
+    it: the caller waits until the state has been read, and the host memory stays at the bound.
     """
 
     asynchronous = True
+    keeps_state = True
 
     def __init__(self, pool_fraction: int | None = None) -> None:
         super().__init__("none")
@@ -142,15 +154,23 @@ class CkptguardAsync(Ckptguard):
             self.ckpt.close()
         self.ckpt = None
 
+    def fresh(self, state: dict) -> None:
+        self.end_workload()
+        self.ckpt = self._make(state)
+
+    def _make(self, state: dict) -> Any:
+        import ckptguard
+        from ckptguard.capture import state_bytes
+
+        need = state_bytes(state)
+        if self.pool_fraction is not None:  # a pool 1/N of the state: it streams through
+            bound = max(need // self.pool_fraction, 8 << 20)
+            return ckptguard.Checkpointer(".", compress=self.compress, max_host_bytes=bound)
+        return ckptguard.Checkpointer(".", compress=self.compress, host_bytes=need)
+
     def save(self, state: dict, d: str, name: str, rank: int, world: int) -> Waiter | None:
         if self.ckpt is None:
-            import ckptguard
-            from ckptguard.capture import state_bytes
-
-            bound = None
-            if self.pool_fraction is not None:  # a pool 1/N of the state: it streams through
-                bound = max(state_bytes(state) // self.pool_fraction, 8 << 20)
-            self.ckpt = ckptguard.Checkpointer(".", compress=self.compress, max_host_bytes=bound)
+            self.ckpt = self._make(state)
         handle = self.ckpt.save_async(state, os.path.abspath(os.path.join(d, name)))
 
         def wait() -> None:
@@ -249,6 +269,7 @@ class DcpAsyncCached(_Dcp):
 
     id = "dcp.async_save+cached"
     asynchronous = True
+    keeps_state = True
 
     def __init__(self) -> None:
         self.stager: Any = None

@@ -118,10 +118,138 @@ def _ratio_table(
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The run as Markdown: machine, limits, one table per workload, skips and notes."""
-    summ = results.get("summary") or {}
+def _limit_lines(lim: dict[str, Any], title: str) -> list[str]:
+    """The limits table, and the write limit named with the strategy it comes from."""
+    lines = [
+        f"**{title}** (same run, same directory)",
+        "",
+        "| limit | GB/s | bytes | cache / how |",
+        "|---|---|---|---|",
+    ]
+    for k, v in lim.get("per_limit", {}).items():
+        if "skipped" in v:
+            lines.append(f"| {k} | skipped | - | {v['skipped']} |")
+            continue
+        how = ", ".join(v.get("cache", [])) or v.get("how", "")
+        lines.append(f"| {k} | {_s(v)} | {_size(v.get('bytes'))} | {how} |")
+    lines.append("")
+    if lim.get("write_gbps"):
+        lines += [
+            f"The write limit (*% write limit* below) is the best of the write strategies: "
+            f"{lim['write_gbps']:.2f} GB/s ({lim['write_from']}).",
+            "",
+        ]
+    return lines
+
+
+def _engine_row(r: dict[str, Any]) -> str:
+    mt = r["metrics"]
+    if not r["ok_trials"]:
+        err = r["errors"][0] if r["errors"] else "no trials"
+        return f"| {r['engine']} | error: {err[:80]} |" + " |" * 10
+    rss = (
+        f"{_size((mt['save_extra_rss_bytes'] or {}).get('median'))} / "
+        f"{_size((mt['load_extra_rss_bytes'] or {}).get('median'))}"
+    )
+    pinned = mt["pinned_peak_bytes"]
+    stored = mt["stored_bytes"]
+    ratio = mt["stored_ratio"]["median"] if mt["stored_ratio"] else None
+    cells = [
+        r["engine"] + (" (async)" if r["asynchronous"] else ""),
+        _s(mt["stall_s"]),
+        _s(mt["durable_s"]),
+        _s(mt["save_gbps"], spread=False),
+        _pct(r["vs_limit"]["save"]),
+        _x(r["vs_best_peer"]["durable_s"]),
+        f"{_size(stored['median'] if stored else None)}"
+        + (f" ({100 * ratio:.0f}%)" if ratio else ""),
+        _s(mt["load_s"]),
+        _pct(r["vs_limit"]["load"]),
+        rss,
+        _size(pinned["median"]) if pinned else "-",
+        ("yes" if r["verified"] else "NO")
+        + (f" ({r['ok_trials']}/{r['trials']})" if r["errors"] else ""),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _first_lines(wname: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The first save of a fresh engine beside its warm saves (engines that keep state)."""
+    rows = [r for r in rows if r["ok_trials"] and r["metrics"].get("first_stall_s")]
+    if not rows:
+        return []
+    lines = [
+        f"**{wname}, first save of a fresh engine vs warm saves** (each trial starts the engine "
+        "fresh, set up as its user would, saves once, then measures a warm save)",
+        "",
+        "| engine | setup s | first stall s | warm stall s | first durable s | warm durable s "
+        "| first: extra RSS / pinned |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mt = r["metrics"]
+        pinned = mt.get("first_pinned_peak_bytes")
+        extra = mt.get("first_save_extra_rss_bytes")
+        cells = [
+            r["engine"] + (" (async)" if r["asynchronous"] else ""),
+            _s(mt.get("first_setup_s")),
+            _s(mt["first_stall_s"]),
+            _s(mt["stall_s"]),
+            _s(mt.get("first_durable_s")),
+            _s(mt["durable_s"]),
+            f"{_size(extra['median'] if extra else None)} / "
+            f"{_size(pinned['median']) if pinned else '-'}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _workload_lines(results: dict[str, Any], summ: dict[str, Any], tag: str = "") -> list[str]:
+    """Per workload: the engines' table, the first-save table, and the ratios table."""
+    lines: list[str] = []
+    rows = summ.get("engines", [])
     lim = summ.get("limits", {})
+    for wname, meta in results.get("workloads", {}).items():
+        mine = [r for r in rows if r["workload"] == wname]
+        if not mine:
+            continue
+        bp = summ.get("best_peer", {}).get(wname, {})
+        best_d = bp.get("durable_s", {}).get("engine", "-")
+        lines += [
+            f"**{wname}{tag}**: {meta.get('description', '')}; {meta.get('tensors', '?')} "
+            f"tensors, {_size(meta.get('logical_bytes'))} (best peer by durable time: {best_d})",
+            "",
+            "| engine | stall s | durable s | save GB/s | % write limit | durable vs best peer "
+            "| stored | cold load s | % read limit | extra RSS save/load | pinned | verified |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *(_engine_row(r) for r in mine),
+            "",
+        ]
+        lines += _first_lines(wname + tag, mine)
+        lines += _ratio_table(wname + tag, mine, bp, lim)
+    return lines
+
+
+def _loaded_lines(results: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
+    """The loaded half of a run: its own limits, tables and best peers."""
+    w = loaded.get("competing_writer_gbps")
+    rate = f"; the writer itself wrote {_s(w)} GB/s beside the trials" if w else ""
+    return [
+        "#### Under load",
+        "",
+        f"The same engines and limits with a competing writer running "
+        f"(`--congestion {results.get('config', {}).get('congestion')}`){rate}. Every figure "
+        "here is against the loaded limits and the loaded peers.",
+        "",
+        *_limit_lines(loaded.get("limits", {}), "Machine limits, loaded"),
+        *_workload_lines(results, loaded, " (loaded)"),
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as Markdown: machine, limits, one table per workload (quiet, then loaded where
+    the run had a competing writer), skips and notes."""
+    summ = results.get("summary") or {}
     m = results.get("machine") or {}
     cfg = results.get("config", {})
     lines = [
@@ -134,64 +262,19 @@ def markdown(results: dict[str, Any]) -> str:
         f"device {cfg.get('device')}, {cfg.get('trials')} trials (engine order rotates), "
         "figures are median (min–max). GB/s = 10^9 bytes/s of logical (tensor) bytes.",
         "",
-        "**Machine limits** (same run, same directory)",
-        "",
-        "| limit | GB/s | bytes | cache / how |",
-        "|---|---|---|---|",
+        *_limit_lines(
+            summ.get("limits", {}), "Machine limits" + (", quiet" if "loaded" in summ else "")
+        ),
+        *_workload_lines(results, summ),
     ]
-    for k, v in lim.get("per_limit", {}).items():
-        how = ", ".join(v.get("cache", [])) or v.get("how", "")
-        lines.append(f"| {k} | {_s(v)} | {_size(v.get('bytes'))} | {how} |")
-    lines.append("")
-    rows = summ.get("engines", [])
-    for wname, meta in results.get("workloads", {}).items():
-        bp = summ.get("best_peer", {}).get(wname, {})
-        best_d = bp.get("durable_s", {}).get("engine", "-")
-        lines += [
-            f"**{wname}**: {meta.get('description', '')}; {meta.get('tensors', '?')} tensors, "
-            f"{_size(meta.get('logical_bytes'))} (best peer by durable time: {best_d})",
-            "",
-            "| engine | stall s | durable s | save GB/s | % write limit | durable vs best peer "
-            "| stored | cold load s | % read limit | extra RSS save/load | pinned | verified |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in (r for r in rows if r["workload"] == wname):
-            mt = r["metrics"]
-            if not r["ok_trials"]:
-                err = r["errors"][0] if r["errors"] else "no trials"
-                lines.append(f"| {r['engine']} | error: {err[:80]} |" + " |" * 10)
-                continue
-            rss = (
-                f"{_size((mt['save_extra_rss_bytes'] or {}).get('median'))} / "
-                f"{_size((mt['load_extra_rss_bytes'] or {}).get('median'))}"
-            )
-            pinned = mt["pinned_peak_bytes"]
-            stored = mt["stored_bytes"]
-            ratio = mt["stored_ratio"]["median"] if mt["stored_ratio"] else None
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        r["engine"] + (" (async)" if r["asynchronous"] else ""),
-                        _s(mt["stall_s"]),
-                        _s(mt["durable_s"]),
-                        _s(mt["save_gbps"], spread=False),
-                        _pct(r["vs_limit"]["save"]),
-                        _x(r["vs_best_peer"]["durable_s"]),
-                        f"{_size(stored['median'] if stored else None)}"
-                        + (f" ({100 * ratio:.0f}%)" if ratio else ""),
-                        _s(mt["load_s"]),
-                        _pct(r["vs_limit"]["load"]),
-                        rss,
-                        _size(pinned["median"]) if pinned else "-",
-                        ("yes" if r["verified"] else "NO")
-                        + (f" ({r['ok_trials']}/{r['trials']})" if r["errors"] else ""),
-                    ]
-                )
-                + " |"
-            )
-        lines.append("")
-        lines += _ratio_table(wname, [r for r in rows if r["workload"] == wname], bp, lim)
+    if "loaded" in summ:
+        lines += _loaded_lines(results, summ["loaded"])
+    return "\n".join([*lines, "Notes:", "", *_notes(results, summ), ""])
+
+
+def _notes(results: dict[str, Any], summ: dict[str, Any]) -> list[str]:
+    cfg = results.get("config", {})
+    rows = summ.get("engines", []) + summ.get("loaded", {}).get("engines", [])
     notes = [f"- {r['engine']}: {r['note']}" for r in rows if r.get("note")]
     notes = list(dict.fromkeys(notes))
     for s in results.get("skipped", []):
@@ -215,7 +298,9 @@ def markdown(results: dict[str, Any]) -> str:
     notes.append(
         "- stall: time the caller is blocked (synchronous engines: until durable, since the "
         "caller must also fsync); durable: all data fsynced and visible; % limits: logical GB/s "
-        "over the best write-with-fsync / cold-read rate above; peers fsync via the harness."
+        "over the write limit (the best write strategy) / the best cold-read rate above; peers "
+        "fsync via the harness; engines that keep a pool or cache: the warm save (the first "
+        "save of a fresh one has its own table)."
     )
     notes.append(
         "- ratios: each figure's median over the lowest median among the peers (the *best peer* "
@@ -224,7 +309,7 @@ def markdown(results: dict[str, Any]) -> str:
     )
     if not results.get("complete", False):
         notes.append("- PARTIAL: the run did not finish; these are the trials done so far.")
-    return "\n".join([*lines, "Notes:", "", *notes, ""])
+    return notes
 
 
 def charts_unavailable() -> str | None:
@@ -266,7 +351,7 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
             vals = [(r["metrics"][metric] or {"median": 0})["median"] for r in rows]
             ax2.barh([y + off for y in ys], vals, height=0.4, label=label)
         for key, style, label in (
-            ("write_gbps", "--", "write+fsync limit"),
+            ("write_gbps", "--", "write limit (best strategy)"),
             ("read_gbps", ":", "cold read limit"),
         ):
             if lim.get(key):

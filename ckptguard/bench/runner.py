@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from ..units import format_size
 from .comm import LocalComm, init_torch_distributed
+from .congestion import CompetingWriter, describe
 from .disk import fsync_tree, make_cold, tree_bytes
 from .engines import Engine
 from .limits import disk_limits, gpu_copy_limits, memcpy_limit
@@ -27,7 +29,7 @@ from .machine import (
     pinned_bytes,
     reset_peak_pinned,
 )
-from .stats import summarize, summarize_limits
+from .stats import LOADED, QUIET, summarize, summarize_limits
 from .workloads import Workload, make_workload
 
 SCHEMA = "ckptguard-bench/1"
@@ -52,6 +54,8 @@ class BenchConfig:
     seed: int = 0
     load: bool = True
     load_engines: list[str] | None = None  # engine ids that get the cold load; None: all
+    congestion: str = "none"  # a competing writer for loaded trials: none, dd or stress
+    congestion_bytes: int = 0  # the file it writes through; 0: min(size, 1 GiB), at least 4 MiB
 
     def resolved(self) -> BenchConfig:
         """A copy with every 0 default filled in."""
@@ -62,6 +66,7 @@ class BenchConfig:
         c.copy_size = c.copy_size or min(c.size, 4 << 30)
         if c.pageable_copy_size == 0:
             c.pageable_copy_size = min(c.copy_size, 1 << 30)
+        c.congestion_bytes = c.congestion_bytes or max(4 << 20, min(c.size, 1 << 30))
         return c
 
 
@@ -148,14 +153,47 @@ class Runner:
 
     # -- limits -----------------------------------------------------------------------------------
 
-    def measure_limits(self, trial: int) -> None:
+    def conditions(self, k: int) -> list[str]:
+        """The conditions of round ``k``: quiet, and loaded when the run has a competing writer,
+        their order alternating from round to round."""
+        conds = [QUIET] if self.cfg.congestion == "none" else [QUIET, LOADED]
+        k %= len(conds)
+        return conds[k:] + conds[:k]
+
+    @contextlib.contextmanager
+    def under(self, cond: str) -> Iterator[dict[str, Any]]:
+        """Run the block in condition ``cond``: for ``loaded``, with the competing writer
+        running (rank 0 starts one; every rank starts its work once it writes), stopped and
+        its file removed when the block is left. Yields a dict that then holds the writer's
+        report."""
+        report: dict[str, Any] = {}
+        if cond == QUIET:
+            yield report
+            return
+        writer = None
+        if self.comm.rank == 0:
+            cfg = self.cfg
+            writer = CompetingWriter(cfg.congestion, cfg.directory, cfg.congestion_bytes)
+        try:
+            if writer is not None:
+                writer.start()
+            self.comm.barrier()
+            yield report
+        finally:
+            if writer is not None:
+                report.update(writer.stop())
+
+    def measure_limits(self, trial: int, cond: str = QUIET) -> None:
         """One trial of every machine limit, all ranks at once (rates are aggregates)."""
         cfg = self.cfg
         mine = os.path.join(cfg.directory, f"rank{self.comm.rank}")
         os.makedirs(mine, exist_ok=True)
         self.comm.barrier()
-        entries = disk_limits(mine, cfg.limit_size, cfg.parallel_files, cfg.evict_bytes)
-        self.comm.barrier()
+        with self.under(cond) as writer:
+            entries = disk_limits(
+                mine, cfg.limit_size, cfg.parallel_files, cfg.evict_bytes, trial=trial
+            )
+            self.comm.barrier()
         entries.append(memcpy_limit(min(cfg.limit_size, 1 << 30)))
         if cfg.device.startswith("cuda"):
             pageable = cfg.pageable_copy_size if cfg.pageable_copy_size > 0 else 0
@@ -164,21 +202,21 @@ class Runner:
         for e in entries:
             total = self.comm.sum(e["bytes"])
             secs = self.comm.max(e["seconds"])
-            agg.append(
-                {
-                    **e,
-                    "trial": trial,
-                    "bytes": total,
-                    "seconds": secs,
-                    "gbps": total / secs / 1e9 if secs else 0.0,
-                }
-            )
+            row = {**e, "trial": trial, "condition": cond, "bytes": total, "seconds": secs}
+            row["gbps"] = total / secs / 1e9 if secs else 0.0
+            if self.comm.any("skipped" in e) and "skipped" not in row:
+                row["skipped"] = "refused on another rank"
+            if writer and e["limit"].startswith("write_"):
+                row["competing_writer"] = writer
+            agg.append(row)
         shutil.rmtree(mine, ignore_errors=True)
         self.results["limits"] += agg
         for e in agg:
             files = f" x{e['files']} files" if e.get("files", 1) > 1 else ""
             cache = f" (cache: {e['cache']['method']})" if "cache" in e else ""
-            self.log(f"  limit {e['limit']}{files}: {e['gbps']:.2f} GB/s{cache}")
+            what = f"skipped: {e['skipped']}" if "skipped" in e else f"{e['gbps']:.2f} GB/s"
+            tag = f" ({cond})" if cond != QUIET else ""
+            self.log(f"  limit {e['limit']}{files}{tag}: {what}{cache}")
         self._progress()
 
     # -- one engine trial -------------------------------------------------------------------------
@@ -242,9 +280,22 @@ class Runner:
             "verify_message": why,
         }
 
-    def run_trial(self, eng: Engine, w: Workload, trial: int, position: int) -> dict[str, Any]:
-        """Save (and for two-save workloads, first a base save), make cold, load, compare."""
-        d = os.path.join(self.cfg.directory, f"{w.name}.{eng.id}.t{trial}")
+    def _first_save(self, eng: Engine, w: Workload, d: str) -> dict[str, Any]:
+        """Start ``eng`` fresh (its setup timed apart) and measure its first save."""
+        t0 = time.perf_counter()
+        eng.fresh(w.state)
+        setup_s = self.comm.max(time.perf_counter() - t0)
+        first = self._save(eng, w, d, "first")
+        first["stall_s"] = first["call_s"] if eng.asynchronous else first["durable_s"]
+        return {**first, "setup_s": setup_s}
+
+    def run_trial(
+        self, eng: Engine, w: Workload, trial: int, position: int, cond: str = QUIET
+    ) -> dict[str, Any]:
+        """Save (and for two-save workloads, first a base save), make cold, load, compare; in
+        condition ``cond``. An engine that keeps state across saves starts fresh and saves once
+        first: its first save is recorded under ``first``, and the measured save is warm."""
+        d = os.path.join(self.cfg.directory, f"{w.name}.{eng.id}.t{trial}.{cond}")
         if self.comm.rank == 0:
             os.makedirs(d, exist_ok=True)
         self.comm.barrier()
@@ -255,21 +306,15 @@ class Runner:
             "asynchronous": eng.asynchronous,
             "trial": trial,
             "position": position,
+            "condition": cond,
             "logical_bytes": self.results["workloads"][w.name]["logical_bytes"],
         }
         t0 = time.perf_counter()
         try:
-            if w.advance is not None:
-                base = eng.save(w.state, d, "base", self.comm.rank, self.comm.size)
-                if base is not None:
-                    base()
-                fsync_tree(eng.outputs(d, "base", self.comm.rank, self.comm.size), up_to=d)
-                w.advance(w.state)
-                _sync(self.cfg.device)
-            rec.update(self._save(eng, w, d, "ckpt"))
-            rec["stall_s"] = rec["call_s"] if eng.asynchronous else rec["durable_s"]
-            if self._loads(eng):
-                rec.update(self._load(eng, w, d, "ckpt"))
+            with self.under(cond) as writer:
+                self._trial_body(eng, w, d, rec)
+            if writer:
+                rec["competing_writer"] = writer
         except Exception as exc:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["traceback"] = traceback.format_exc(limit=6)
@@ -284,6 +329,21 @@ class Runner:
         self.comm.barrier()
         rec["wall_s"] = time.perf_counter() - t0
         return rec
+
+    def _trial_body(self, eng: Engine, w: Workload, d: str, rec: dict[str, Any]) -> None:
+        if eng.keeps_state:
+            rec["first"] = self._first_save(eng, w, d)
+        if w.advance is not None:
+            base = eng.save(w.state, d, "base", self.comm.rank, self.comm.size)
+            if base is not None:
+                base()
+            fsync_tree(eng.outputs(d, "base", self.comm.rank, self.comm.size), up_to=d)
+            w.advance(w.state)
+            _sync(self.cfg.device)
+        rec.update(self._save(eng, w, d, "ckpt"))
+        rec["stall_s"] = rec["call_s"] if eng.asynchronous else rec["durable_s"]
+        if self._loads(eng):
+            rec.update(self._load(eng, w, d, "ckpt"))
 
     # -- the whole run ----------------------------------------------------------------------------
 
@@ -309,6 +369,22 @@ class Runner:
         extra = save if meta.get("two_saves") else 0.0
         return save + extra + (load if self._loads(eng) else 0.0) + 3.0
 
+    def _round(self, w: Workload, order: list[Engine], trial: int, cond: str) -> None:
+        """One trial of each engine in ``order``, in condition ``cond`` (within the budget)."""
+        for pos, eng in enumerate(order):
+            if self._over_budget(self._estimate(eng, w.name)):
+                skip = {"engine": eng.id, "workload": w.name, "trial": trial}
+                skip["reason"] = f"time budget of {self.cfg.budget_s:.0f} s"
+                if cond != QUIET:
+                    skip["condition"] = cond
+                self.results["skipped"].append(skip)
+                self.log(f"  [{w.name} t{trial + 1}] {eng.id}: skipped (time budget)")
+                continue
+            rec = self.run_trial(eng, w, trial, pos, cond)
+            self.results["trials"].append(rec)
+            self.log("  " + _trial_line(rec, self.cfg.trials))
+            self._progress()
+
     def run(self) -> dict[str, Any]:
         """Measure the limits, then each workload's engines in rotating order; return results."""
         cfg, comm = self.cfg, self.comm
@@ -322,9 +398,16 @@ class Runner:
         runnable = [e for e in self.engines if e.id not in self.unavailable]
         if comm.size > 1 and any(e.id.startswith("dcp") for e in runnable):
             init_torch_distributed(comm, cfg.device)
+        if cfg.congestion != "none":
+            self.results["notes"].append(
+                f"loaded: {describe(cfg.congestion)}, through a file of "
+                f"{format_size(cfg.congestion_bytes)}, started before and stopped after each "
+                "loaded trial; quiet and loaded trials alternate"
+            )
         for t in range(cfg.limit_trials):
             self.log(f"limits, trial {t + 1}/{cfg.limit_trials}")
-            self.measure_limits(t)
+            for cond in self.conditions(t):
+                self.measure_limits(t, cond)
         for wname in cfg.workloads:
             if self._over_budget(0.0):  # not even worth generating the state
                 for eng in runnable:
@@ -360,22 +443,8 @@ class Runner:
             for trial in range(cfg.trials):
                 k = trial % max(1, len(runnable))
                 order = runnable[k:] + runnable[:k]
-                for pos, eng in enumerate(order):
-                    if self._over_budget(self._estimate(eng, wname)):
-                        self.results["skipped"].append(
-                            {
-                                "engine": eng.id,
-                                "workload": wname,
-                                "trial": trial,
-                                "reason": f"time budget of {cfg.budget_s:.0f} s",
-                            }
-                        )
-                        self.log(f"  [{wname} t{trial + 1}] {eng.id}: skipped (time budget)")
-                        continue
-                    rec = self.run_trial(eng, w, trial, pos)
-                    self.results["trials"].append(rec)
-                    self.log("  " + _trial_line(rec, cfg.trials))
-                    self._progress()
+                for cond in self.conditions(trial):
+                    self._round(w, order, trial, cond)
             for eng in runnable:
                 try:
                     eng.end_workload()
@@ -395,10 +464,14 @@ class Runner:
 
 
 def _trial_line(rec: dict[str, Any], trials: int) -> str:
-    head = f"[{rec['workload']} t{rec['trial'] + 1}/{trials}] {rec['engine']}:"
+    tag = "" if rec.get("condition", QUIET) == QUIET else f" {rec['condition']}"
+    head = f"[{rec['workload']} t{rec['trial'] + 1}/{trials}{tag}] {rec['engine']}:"
     if "error" in rec:
         return f"{head} ERROR {rec['error']}"
     load = f", cold load {rec['load_s']:.2f} s" if "load_s" in rec else ""
+    if "first" in rec:
+        f = rec["first"]
+        head += f" first save: stall {f['stall_s']:.2f} s, durable {f['durable_s']:.2f} s; warm:"
     ok = "" if rec.get("verified", True) else f", NOT VERIFIED ({rec.get('verify_message')})"
     return (
         f"{head} stall {rec['stall_s']:.2f} s, durable {rec['durable_s']:.2f} s, "

@@ -7,6 +7,9 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+# The figures of the first save of a fresh engine (one that keeps a pool or a staging cache across
+# saves), kept apart from the warm save that the other figures describe.
+FIRST = ("setup_s", "stall_s", "durable_s", "save_extra_rss_bytes", "pinned_peak_bytes")
 METRICS = (
     "stall_s",
     "durable_s",
@@ -22,6 +25,7 @@ METRICS = (
     "save_peak_rss_bytes",
     "load_peak_rss_bytes",
     "pinned_peak_bytes",
+    *(f"first_{m}" for m in FIRST),
 )
 # Figures where less is better: each gets a ratio to the best (lowest) peer. A best peer of 0 (e.g.
 # no pinned memory) gives no ratio (None).
@@ -53,12 +57,16 @@ def limit_key(entry: dict[str, Any]) -> str:
 
 
 def summarize_limits(limits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per limit: GB/s spread; plus the best write, best cold read and the capture limit."""
+    """Per limit: GB/s spread (or why it was skipped); plus the write limit (the best of the
+    write strategies), the best cold read and the capture limit."""
     keys = sorted({limit_key(e) for e in limits})
-    per = {}
+    per: dict[str, dict[str, Any]] = {}
     for k in keys:
         rows = [e for e in limits if limit_key(e) == k]
-        per[k] = {**(spread([e["gbps"] for e in rows]) or {}), "bytes": rows[0]["bytes"]}
+        ran = [e for e in rows if "skipped" not in e]
+        per[k] = {**(spread([e["gbps"] for e in ran]) or {}), "bytes": rows[0]["bytes"]}
+        if not ran:
+            per[k]["skipped"] = rows[0]["skipped"]
         methods = sorted({e["cache"]["method"] for e in rows if "cache" in e})
         if methods:
             per[k]["cache"] = methods
@@ -67,10 +75,10 @@ def summarize_limits(limits: list[dict[str, Any]]) -> dict[str, Any]:
             per[k]["how"] = how
 
     def best(prefix: str) -> tuple[str | None, float | None]:
-        cands = [(k, v["median"]) for k, v in per.items() if k.startswith(prefix)]
+        cands = [(k, v["median"]) for k, v in per.items() if k.startswith(prefix) and "median" in v]
         return max(cands, key=lambda kv: kv[1]) if cands else (None, None)
 
-    write_k, write = best("write_fsync")
+    write_k, write = best("write_")
     read_k, read = best("read_cold")
     cap_k = "d2h_pinned" if "d2h_pinned" in per else ("memcpy" if "memcpy" in per else None)
     return {
@@ -79,7 +87,7 @@ def summarize_limits(limits: list[dict[str, Any]]) -> dict[str, Any]:
         "write_from": write_k,
         "read_gbps": read,
         "read_from": read_k,
-        "capture_gbps": per[cap_k]["median"] if cap_k else None,
+        "capture_gbps": per[cap_k].get("median") if cap_k else None,
         "capture_from": cap_k,
     }
 
@@ -92,6 +100,9 @@ def trial_metrics(rec: dict[str, Any]) -> dict[str, float | None]:
     out["save_gbps"] = logical / dur / 1e9 if dur else None
     out["load_gbps"] = logical / load / 1e9 if load else None
     out["stored_ratio"] = stored / logical if stored is not None and logical else None
+    first = rec.get("first") or {}
+    for m in FIRST:
+        out[f"first_{m}"] = first.get(m)
     return out
 
 
@@ -111,11 +122,31 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+QUIET, LOADED = "quiet", "loaded"
+
+
+def condition(entry: dict[str, Any]) -> str:
+    """``loaded`` for a trial or limit measured beside a competing writer, else ``quiet``."""
+    return str(entry.get("condition", QUIET))
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Medians per (workload, engine), the best peer per figure, and every ratio."""
-    lim = summarize_limits(results.get("limits", []))
+    """The quiet figures (medians per workload and engine, best peers, ratios) at the top level
+    and, when the run had a competing writer, the loaded ones under ``loaded``: each condition
+    against its own peers and the limits measured in it, never mixed."""
+    out = _summarize(results, QUIET)
+    entries = [*results.get("trials", []), *results.get("limits", [])]
+    if any(condition(e) == LOADED for e in entries):
+        out[LOADED] = _summarize(results, LOADED)
+    return out
+
+
+def _summarize(results: dict[str, Any], cond: str) -> dict[str, Any]:
+    """Medians per (workload, engine), the best peer per figure, and every ratio, of the trials
+    and limits measured in condition ``cond``."""
+    lim = summarize_limits([e for e in results.get("limits", []) if condition(e) == cond])
     rows: list[dict[str, Any]] = []
-    trials = results.get("trials", [])
+    trials = [t for t in results.get("trials", []) if condition(t) == cond]
     pairs = list(dict.fromkeys((t["workload"], t["engine"]) for t in trials))
     for wname, eng in pairs:
         recs = [t for t in trials if t["workload"] == wname and t["engine"] == eng]
@@ -140,7 +171,6 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "verify_messages": sorted(
                     {t["verify_message"] for t in ok if "verify_message" in t}
                 ),
-                "first_stall_s": min(recs, key=lambda t: t["trial"]).get("stall_s"),
                 "load_cache": sorted({t["load_cache"]["method"] for t in ok if "load_cache" in t}),
                 "note": next((t["note"] for t in recs if t.get("note")), None),
                 "metrics": metrics,
@@ -172,4 +202,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         floor_s = _ratio(logical / 1e9 if logical else None, lim["capture_gbps"])
         r["capture_floor_s"] = floor_s
         r["stall_vs_floor"] = _ratio(med["stall_s"], floor_s)
-    return {"limits": lim, "engines": rows, "best_peer": best_peer}
+    writer = [t["competing_writer"].get("gbps") for t in trials if "competing_writer" in t]
+    return {
+        "limits": lim,
+        "engines": rows,
+        "best_peer": best_peer,
+        "competing_writer_gbps": spread(writer),
+    }
