@@ -67,6 +67,7 @@ class CheckpointReader:
         st = os.fstat(self.dir_fd)
         self._identity = (st.st_dev, st.st_ino)
         self._by_file: dict[str, list[Row]] = {}
+        self._file_tables: dict[str, pa.Table] = {}  # each file's index rows, in footer order
         self._seq: dict[tuple[str, int], int] = {}
         self._all: list[Row] | None = None
         try:
@@ -97,9 +98,12 @@ class CheckpointReader:
         bytes start in it); the records' positions in that order are their sequence numbers."""
         if name not in self._by_file:
             sub = self.table.filter(pc.equal(self.table.column("file"), name))
-            mine = sorted(
-                index.rows_from_table(sub), key=lambda r: (r.offset, r.record_byte_offset)
-            )
+            order = [("offset", "ascending")]
+            if index.is_packed(sub):
+                order.append(("record_byte_offset", "ascending"))
+            sub = sub.sort_by(order)
+            self._file_tables[name] = sub
+            mine = index.rows_from_table(sub)
             self._by_file[name] = mine
             offsets = sorted({r.offset for r in mine})
             self._seq.update({(name, off): i for i, off in enumerate(offsets)})
@@ -253,7 +257,7 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     # The footer this writer makes of the index's rows: equal bytes (with the hash below)
     # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
     packed = any(r.packed for r in mine)
-    if footer != pack_footer(rank, uuid, [r.to_json(packed) for r in mine]):
+    if footer != pack_footer(rank, uuid, index.footer_rows(rd._file_tables[name], packed)):
         rows = check_footer(footer, digest, rank, uuid)
         if [row_from_json(x) for x in rows] != mine:
             raise FormatError("footer rows disagree with the index")

@@ -23,7 +23,7 @@ from .format.datafile import (
     pack_trailer,
     unpack_trailer,
 )
-from .format.index import Row
+from .format.index import Row, footer_rows, is_packed, to_table
 from .format.layout import datafile_name
 from .fsutil import UnsafeFileError, open_regular
 from .io import pread_exact, write_all, write_records
@@ -162,8 +162,8 @@ class RankWriter:
 
     def finish(self) -> list[Row]:
         """Write footer and trailer, fsync, close, and re-check what was written."""
-        packed = any(r.packed for r in self.rows)
-        rows = [r.to_json(packed) for r in self.rows]
+        table = to_table(self.rows)
+        rows = footer_rows(table, is_packed(table))
         footer = pack_footer(self.rank, self.uuid, rows)
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE

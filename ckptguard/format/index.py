@@ -124,6 +124,16 @@ def to_table(rows: list[Row]) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def footer_rows(table: pa.Table, packed: bool) -> list[dict]:
+    """The rows of ``table`` (one data file's, in footer order) as footer objects, built from
+    the columns at once: what ``Row.to_json(packed)`` gives for each row."""
+    names = PACKED_NAMES if packed else FIELD_NAMES
+    cols = [table.column(n).to_pylist() for n in names]
+    at = names.index("hash")
+    cols[at] = [h.hex() for h in cols[at]]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
 def unify(tables: list[pa.Table]) -> pa.Table:
     """Concatenate index tables of several ranks: where any has the ``packed-records`` columns,
     the others get them too (each row its own record: offset 0, its own raw length)."""
