@@ -18,7 +18,7 @@ from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .open import CheckpointReader
 from .place import Landing, MapLocation
-from .read import read_into
+from .read import read_into, read_packed
 from .select import Target
 from .tree import TreeError, tensor_ids, unflatten
 
@@ -110,13 +110,23 @@ def _read(
         fd = rd.open_file(name)
         try:
             groups: dict[int, list[tuple[Row, Landing]]] = {}
+            packed: list[tuple[Row, Landing]] = []
             for r, landing in work:
-                groups.setdefault(id(landing), []).append((r, landing))
+                if r.packed:  # slices of shared records: each record read once for all
+                    packed.append((r, landing))
+                else:
+                    groups.setdefault(id(landing), []).append((r, landing))
             for group in groups.values():
                 landing = group[0][1]
                 rows = [r for r, _ in group]
                 offsets = [landing.dest_offset(r) for r in rows]
                 read_into(rd, fd, rows, landing.buf, offsets, verify)
+            if packed:
+                packed.sort(key=lambda rl: (rl[0].offset, rl[0].record_byte_offset))
+                rows = [r for r, _ in packed]
+                bufs = [landing.buf for _, landing in packed]
+                offsets = [landing.dest_offset(r) for r, landing in packed]
+                read_packed(rd, fd, rows, bufs, offsets, verify)
         finally:
             os.close(fd)
     return copies

@@ -67,6 +67,7 @@ class CheckpointReader:
         st = os.fstat(self.dir_fd)
         self._identity = (st.st_dev, st.st_ino)
         self._by_file: dict[str, list[Row]] = {}
+        self._file_tables: dict[str, pa.Table] = {}  # each file's index rows, in footer order
         self._seq: dict[tuple[str, int], int] = {}
         self._all: list[Row] | None = None
         try:
@@ -93,11 +94,19 @@ class CheckpointReader:
         return index.rows_from_table(self.table.filter(mask))
 
     def rows_of_file(self, name: str) -> list[Row]:
-        """One data file's rows in offset order (their position is the record sequence number)."""
+        """One data file's rows in offset order (the rows of a packed record by where their
+        bytes start in it); the records' positions in that order are their sequence numbers."""
         if name not in self._by_file:
             sub = self.table.filter(pc.equal(self.table.column("file"), name))
-            self._by_file[name] = sorted(index.rows_from_table(sub), key=lambda r: r.offset)
-            self._seq.update({(name, r.offset): i for i, r in enumerate(self._by_file[name])})
+            order = [("offset", "ascending")]
+            if index.is_packed(sub):
+                order.append(("record_byte_offset", "ascending"))
+            sub = sub.sort_by(order)
+            self._file_tables[name] = sub
+            mine = index.rows_from_table(sub)
+            self._by_file[name] = mine
+            offsets = sorted({r.offset for r in mine})
+            self._seq.update({(name, off): i for i, off in enumerate(offsets)})
         return self._by_file[name]
 
     def seq(self, r: Row) -> int:
@@ -247,14 +256,19 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     mine = rd.rows_of_file(name)
     # The footer this writer makes of the index's rows: equal bytes (with the hash below)
     # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
-    if footer != pack_footer(rank, uuid, [r.to_json() for r in mine]):
+    packed = any(r.packed for r in mine)
+    if footer != pack_footer(rank, uuid, index.footer_rows(rd._file_tables[name], packed)):
         rows = check_footer(footer, digest, rank, uuid)
         if [row_from_json(x) for x in rows] != mine:
             raise FormatError("footer rows disagree with the index")
+        if any(len(x) != len(index.PACKED_NAMES if packed else index.FIELD_NAMES) for x in rows):
+            raise FormatError("footer rows have the packed-record members exactly if packed")
     else:
         check_footer_hash(footer, digest)
     pos = HEADER_SIZE
-    for r in mine:  # records follow each other from the header to the footer, no gaps
+    for i, r in enumerate(mine):  # records follow each other from the header to the footer
+        if i and r.offset == mine[i - 1].offset:
+            continue  # another slice of a packed record (validation checked the slices)
         if r.offset != pos:
             raise FormatError(f"record at {r.offset} does not follow the previous one at {pos}")
         pos = r.extent

@@ -104,6 +104,7 @@ def _record_sizes(rd: CheckpointReader) -> list[tuple[str, np.ndarray]]:
     offsets = t.column("offset").to_numpy()
     stored = t.column("stored_len").to_numpy()
     sizes = align(offsets + RECORD_HEADER_SIZE + stored) - offsets  # each record's extent
+    sizes[1:][offsets[1:] == offsets[:-1]] = 0  # a packed record's other slices: read with it
     counts = {f["name"]: f["chunks"] for f in rd.manifest["files"]}  # the reader checked these
     out, at = [], 0
     for name in sorted(rd.files):  # the order the single-process verify uses

@@ -33,7 +33,8 @@ def _where(r: Row) -> dict[str, Any]:
 
 def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> bytes:
     """The raw bytes of row ``r``'s record in open data file ``fd``, checked (record header,
-    padding, decode, and with ``verify`` the hash) before they are returned."""
+    padding, decode, and with ``verify`` the hash) before they are returned: all of them, also
+    where the record is packed and ``r`` is one slice of it."""
     try:
         buf = pread_exact(fd, r.extent - r.offset, r.offset)
     except OSError as e:
@@ -43,9 +44,9 @@ def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> b
         if len(buf) != r.extent - r.offset:
             raise FormatError("record is truncated")
         payload = check_record(
-            buf, codec_id, r.elem_size, r.raw_len, r.stored_len, r.hash, rd.seq(r)
+            buf, codec_id, r.elem_size, r.record_raw_len, r.stored_len, r.hash, rd.seq(r)
         )
-        raw = encode.decode(codec_id, payload, r.raw_len, r.elem_size)
+        raw = encode.decode(codec_id, payload, r.record_raw_len, r.elem_size)
     except FormatError as e:
         raise rd.corrupt(str(e), **_where(r)) from None
     if verify and encode.digest(raw) != r.hash:
@@ -62,7 +63,8 @@ def read_into(
     verify: bool = True,
 ) -> None:
     """Read, check and decode ``rows`` of one open data file straight into ``dest`` (in parallel
-    on the native path); each row's raw bytes land at its ``dest_offsets`` entry."""
+    on the native path); each row's raw bytes land at its ``dest_offsets`` entry. No row may be
+    a slice of a packed record (``read_packed`` reads those)."""
     items = [
         encode.ReadItem(
             r.offset,
@@ -86,6 +88,25 @@ def read_into(
         raise rd.corrupt(what, **_where(r)) from None
     except OSError as e:  # native and Python paths alike: errno and the file's path
         raise rd.io_error(e, rows[0].file) from None
+
+
+def read_packed(
+    rd: CheckpointReader,
+    fd: int,
+    rows: Sequence[Row],
+    dests: Sequence[Any],
+    dest_offsets: Sequence[int],
+    verify: bool = True,
+) -> None:
+    """Read rows that are slices of packed records, in offset order, from open data file ``fd``:
+    each record once (and checked whole: its hash covers every slice), then each row's slice
+    copied into its ``dests`` entry (a uint8 array) at its ``dest_offsets`` entry."""
+    raw: Any = None
+    for i, r in enumerate(rows):
+        if i == 0 or r.offset != rows[i - 1].offset:
+            raw = memoryview(read_record(rd, fd, r, verify))
+        at, off = r.record_byte_offset, dest_offsets[i]
+        dests[i][off : off + r.raw_len] = raw[at : at + r.raw_len]
 
 
 @dataclass(frozen=True)
@@ -150,7 +171,12 @@ def verify_rows(
     is missing or not a safe regular file gives one problem without a chunk, and its rows are
     skipped; one that cannot be read (permission denied, EIO) raises the reader's StoreError, as
     nothing is known of its bytes. ``progress`` counts the stored bytes of these rows."""
-    total = sum(r.stored_len for _, rows in parts for r in rows)
+    total = sum(
+        r.stored_len
+        for _, rows in parts
+        for i, r in enumerate(rows)
+        if i == 0 or r.offset != rows[i - 1].offset
+    )
     done = 0
     for name, rows in parts:
         try:
@@ -158,10 +184,17 @@ def verify_rows(
         except CorruptCheckpointError as e:
             report.problems.append(problem_of(e))
             continue
+        ok = 0  # whether the record of the row before checked out
         try:
-            for r in rows:
+            for i, r in enumerate(rows):
+                if i and r.offset == rows[i - 1].offset:  # a packed record read once, whole
+                    report.chunks_checked += ok
+                    report.bytes_checked += r.raw_len * ok
+                    continue
+                ok = 0
                 try:
                     read_record(rd, fd, r, verify=True)
+                    ok = 1
                     report.chunks_checked += 1
                     report.bytes_checked += r.raw_len
                 except CorruptCheckpointError as e:

@@ -40,12 +40,13 @@ from .errors import (
 from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
-from .format.index import to_table
+from .format.index import to_table, unify
 from .format.layout import datafile_name
 from .format.manifest import CheckpointInfo
 from .format.validate import check_table
 from .hooks import run_commit_hooks
 from .inventory import bind_per_rank, describe_local
+from .pack import Packer
 from .plan import PlanError, assignment, make_plan, writer_from_json
 from .report import (
     dump_json,
@@ -379,9 +380,10 @@ class _Save:
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
-            codec = COMPRESS[self.opt.compress]
-            for i, raw in self.source.stream([r.value for _, r in todo]):
-                writer.add(todo[i][0], todo[i][1], codec, raw)
+            packer = Packer(writer, todo, COMPRESS[self.opt.compress])
+            for i, raw in self.source.stream(packer.values()):
+                packer.add(i, raw)
+            packer.flush()
             if self.on_read is not None:
                 self.on_read()
             rows = writer.finish()
@@ -435,9 +437,9 @@ class _Save:
         (``created``: now, the moment it is handed to the commit)."""
         assert self.rank0 is not None
         p = self.rank0
-        table = pa.concat_tables([t for _, t in reports if t is not None])
+        table = unify([t for _, t in reports if t is not None])
         files = [rep["file"] for rep, _ in reports]
-        features = set(manifest.features(p.pickle, p.rank_trees, p.tensors))
+        features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table))
         sizes = {f["name"]: f["size"] for f in files}
         index_entry = validate_and_index(p.staging, table, p.tensors, sizes, features)
         failpoint("commit.index_written")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 import json
 import math
 import os
@@ -90,7 +91,8 @@ CODECS = {"raw": 0, "shuffle-lz4": 1}
 # pickled leaves are returned as opaque ``Pickled`` blobs, never loaded; rank-tree-diffs: the
 # values of rank_trees are diffs against tree (section 6.1); per-rank-tensors: a tensor entry may
 # be per_rank, its row r being rank r's own value (section 3.1)
-KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors"}
+# packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
+KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors", "packed-records"}
 MAX_DIFF_PATH = 2048
 
 BODY_MEMBERS = {
@@ -139,6 +141,11 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 NULLABLE = {"base", "key_id"}
 FOOTER_ROW_MEMBERS = set(COLUMNS)
+PACK_COLUMNS: dict[str, pa.DataType] = {
+    "record_byte_offset": pa.int64(),
+    "record_raw_len": pa.int64(),
+}
+PACKED_FOOTER_ROW_MEMBERS = FOOTER_ROW_MEMBERS | set(PACK_COLUMNS)
 
 
 class SpecViolation(Exception):
@@ -238,7 +245,8 @@ class Record:
     seq: int
     offset: int
     stored_len: int
-    row: dict[str, Any]
+    row: dict[str, Any]  # its first footer row
+    rows: list[dict[str, Any]] = field(default_factory=list)  # all (several: a packed record)
 
     @property
     def payload_offset(self) -> int:
@@ -583,11 +591,15 @@ def read_index(ckpt_dir: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise SpecViolation(f"index.parquet: unreadable: {e}") from None
     names = table.schema.names
+    columns = dict(COLUMNS)
+    packed = "packed-records" in body.get("features", [])
+    if packed:
+        columns.update(PACK_COLUMNS)
     _need(
-        sorted(names) == sorted(COLUMNS) and len(names) == len(COLUMNS),
-        f"index.parquet: columns {names} are not exactly {list(COLUMNS)}",
+        sorted(names) == sorted(columns) and len(names) == len(columns),
+        f"index.parquet: columns {names} are not exactly {list(columns)}",
     )
-    for col, typ in COLUMNS.items():
+    for col, typ in columns.items():
         actual = table.schema.field(col).type
         ok = actual.equals(typ)
         if pa.types.is_list(typ):  # the list item's field name is not part of the format
@@ -599,6 +611,8 @@ def read_index(ckpt_dir: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     for r in rows:
         for c in ("global_shape", "shard_offsets", "shard_lengths"):
             _need(all(v is not None for v in r[c]), f"index.parquet: null inside {c}")
+        if not packed:  # each row its own record (section 4)
+            r["record_byte_offset"], r["record_raw_len"] = 0, r["raw_len"]
     return rows
 
 
@@ -642,11 +656,14 @@ def check_rows(
         _need(r["raw_len"] > 0, f"{w}: raw_len {r['raw_len']} is not > 0")
         _need(r["raw_len"] % es == 0, f"{w}: raw_len is not a multiple of elem_size")
         _need(r["shard_byte_offset"] >= 0, f"{w}: negative shard_byte_offset")
+        rb, rl = r["record_byte_offset"], r["record_raw_len"]
+        _need(rb >= 0 and rb + r["raw_len"] <= rl, f"{w}: slice outside the record's raw bytes")
         _need(r["codec"] in CODECS, f"{w}: unknown codec {r['codec']!r}")
         if r["codec"] == "raw":
-            _need(r["stored_len"] == r["raw_len"], f"{w}: raw stored_len != raw_len")
+            _need(r["stored_len"] == rl, f"{w}: raw stored_len != record_raw_len")
         else:
-            _need(0 < r["stored_len"] < r["raw_len"], f"{w}: shuffle-lz4 stored_len out of range")
+            _need(0 < r["stored_len"] < rl, f"{w}: shuffle-lz4 stored_len out of range")
+            _need(rl <= 256 * r["stored_len"] + 64, f"{w}: more raw bytes than LZ4 can hold")
         _need(r["offset"] >= 0 and r["offset"] % ALIGN == 0, f"{w}: offset not 4096-aligned")
         shards[(t, tuple(so), tuple(sl))].append((i, r))
 
@@ -686,21 +703,35 @@ def check_rows(
     by_file: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:
         by_file[r["file"]].append(r)
+    record_fields = ("record_raw_len", "stored_len", "codec", "elem_size", "hash")
     for name, f in files.items():
         rs = sorted(by_file.get(name, []), key=lambda r: r["offset"])
         _need(len(rs) == f["chunks"], f"{name}: {len(rs)} index rows != files.chunks")
         lay = layouts[name]
         prev_end = HEADER_SIZE
-        for r in rs:
-            _need(r["offset"] >= prev_end, f"{name}: record at {r['offset']} overlaps")
-            prev_end = align(r["offset"] + RECORD_HEADER + r["stored_len"])
-            _need(prev_end <= lay.footer_offset, f"{name}: record at {r['offset']} hits footer")
+        for off, group in itertools.groupby(rs, key=lambda r: r["offset"]):
+            members = sorted(group, key=lambda r: r["record_byte_offset"])
+            head = members[0]
+            _need(
+                len(members) == 1 or "packed-records" in feats,
+                f"{name}: several rows at offset {off} without packed-records",
+            )
+            pos = 0
+            for r in members:  # the slices tile the record's raw bytes
+                where = f"{name}: record at {off}, row key={r['key']!r}"
+                _need(all(r[k] == head[k] for k in record_fields), f"{where}: disagrees")
+                _need(r["record_byte_offset"] == pos, f"{where}: slices overlap or leave a gap")
+                pos += r["raw_len"]
+            _need(pos == head["record_raw_len"], f"{name}: record at {off}: slices != raw len")
+            _need(off >= prev_end, f"{name}: record at {off} overlaps")
+            prev_end = align(off + RECORD_HEADER + head["stored_len"])
+            _need(prev_end <= lay.footer_offset, f"{name}: record at {off} hits footer")
     tot = body["totals"]
     want_tot = {
         "tensors": len(tensors),
         "chunks": len(rows),
         "raw_bytes": sum(r["raw_len"] for r in rows),
-        "stored_bytes": sum(r["stored_len"] for r in rows),
+        "stored_bytes": sum(r["stored_len"] for r in rows if r["record_byte_offset"] == 0),
         "files": len(files),
     }
     _need(tot == want_tot, f"MANIFEST.json: totals {tot} != index {want_tot}")
@@ -762,18 +793,23 @@ def scan_data_file(path: str, fd: int | None = None) -> DataFileLayout:
     _need(footer["rank"] == rank and _is_int(footer["rank"]), f"{name}: footer rank != header")
     _need(footer["uuid"] == uid.hex(), f"{name}: footer uuid != header uuid")
     _need(isinstance(footer["rows"], list), f"{name}: footer rows is not a list")
-    records = []
+    records: list[Record] = []
     expect = HEADER_SIZE
-    for seq, row in enumerate(footer["rows"]):
-        _need(
-            isinstance(row, dict) and set(row) == FOOTER_ROW_MEMBERS,
-            f"{name}: footer row {seq} members",
-        )
+    rows = footer["rows"]
+    # the packed-record members are in every row of a file with a packed record, else in none
+    offsets = [row.get("offset") if isinstance(row, dict) else None for row in rows]
+    packed = len(set(offsets)) < len(offsets)
+    members = PACKED_FOOTER_ROW_MEMBERS if packed else FOOTER_ROW_MEMBERS
+    for i, row in enumerate(rows):
+        _need(isinstance(row, dict) and set(row) == members, f"{name}: footer row {i} members")
         off, sl = row["offset"], row["stored_len"]
-        _need(_is_int(off) and _is_int(sl) and sl >= 0, f"{name}: footer row {seq} offset/len")
+        _need(_is_int(off) and _is_int(sl) and sl >= 0, f"{name}: footer row {i} offset/len")
+        if records and off == records[-1].offset:  # another row of a packed record
+            records[-1].rows.append(row)
+            continue
         # the layout of section 7: records back to back from 4096, each padded to 4096
-        _need(off == expect, f"{name}: record {seq} at {off}, expected {expect}")
-        rec = Record(seq=seq, offset=off, stored_len=sl, row=row)
+        _need(off == expect, f"{name}: record {len(records)} at {off}, expected {expect}")
+        rec = Record(seq=len(records), offset=off, stored_len=sl, row=row, rows=[row])
         expect = rec.end
         records.append(rec)
     _need(foff == expect, f"{name}: footer at {foff}, expected {expect} (after last record)")
@@ -792,9 +828,12 @@ def _canon(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
 
-def footer_row_of(index_row: dict[str, Any]) -> dict[str, Any]:
-    """An index row in the footer's JSON form (hash as text)."""
+def footer_row_of(index_row: dict[str, Any], packed: bool) -> dict[str, Any]:
+    """An index row in the footer's JSON form (hash as text; the packed-record members only in
+    a file that holds a packed record)."""
     r = dict(index_row)
+    if not packed:
+        del r["record_byte_offset"], r["record_raw_len"]
     r["hash"] = r["hash"].hex()
     r["global_shape"] = list(r["global_shape"])
     r["shard_offsets"] = list(r["shard_offsets"])
@@ -819,7 +858,8 @@ def shuffle(data: bytes, w: int) -> bytes:
 
 
 def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: bool = True) -> bytes:
-    """Read, check and decode one chunk record (section 8)."""
+    """Read, check and decode one chunk record (section 8): all its raw bytes (of a packed
+    record, the concatenation of its rows' slices)."""
     where = f"{name}: record {rec.seq} (key={row['key']!r}, chunk={row['chunk']})"
     hdr = _pread_exact(fd, RECORD_HEADER, rec.offset, where)
     magic, codec, es, z1, raw_len, stored_len, h, seq, z2, hh = struct.unpack(
@@ -830,7 +870,10 @@ def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: boo
     _need(z1 == 0 and z2 == bytes(12), f"{where}: nonzero reserved header bytes")
     _need(codec == CODECS[row["codec"]], f"{where}: codec id != row")
     _need(es == row["elem_size"], f"{where}: elem_size != row")
-    _need(raw_len == row["raw_len"] and stored_len == row["stored_len"], f"{where}: len != row")
+    _need(
+        raw_len == row["record_raw_len"] and stored_len == row["stored_len"],
+        f"{where}: len != row",
+    )
     _need(h == row["hash"], f"{where}: hash != row")
     _need(seq == rec.seq, f"{where}: sequence number {seq} != {rec.seq}")
     payload = _pread_exact(fd, stored_len, rec.payload_offset, where)
@@ -1039,18 +1082,29 @@ def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
         for r in rows:
             by_file[r["file"]].append(r)
         for name, lay in layouts.items():
-            mine = sorted(by_file.get(name, []), key=lambda r: r["offset"])
-            want = [_canon(footer_row_of(r)) for r in mine]
-            got = [_canon(rec.row) for rec in lay.records]
+            mine = sorted(
+                by_file.get(name, []), key=lambda r: (r["offset"], r["record_byte_offset"])
+            )
+            packed = any(r["record_raw_len"] != r["raw_len"] for r in mine)
+            want = [_canon(footer_row_of(r, packed)) for r in mine]
+            got = [_canon(row) for rec in lay.records for row in rec.rows]
             _need(got == want, f"{name}: footer rows != index rows")
         tree, rank_trees = decode_tree(body)
         # read every chunk in file order, then place the shards
         raw_by_row: dict[int, bytes] = {}
         row_ids = {id(r): i for i, r in enumerate(rows)}
         for name, lay in layouts.items():
-            mine = sorted(by_file.get(name, []), key=lambda r: r["offset"])
-            for rec, r in zip(lay.records, mine, strict=True):
-                raw_by_row[row_ids[id(r)]] = read_chunk(fds[name], rec, r, name, verify)
+            mine = sorted(
+                by_file.get(name, []), key=lambda r: (r["offset"], r["record_byte_offset"])
+            )
+            at = 0
+            for rec in lay.records:  # each record read once; its rows take their slices
+                rec_rows = mine[at : at + len(rec.rows)]
+                at += len(rec.rows)
+                raw = read_chunk(fds[name], rec, rec_rows[0], name, verify)
+                for r in rec_rows:
+                    lo = r["record_byte_offset"]
+                    raw_by_row[row_ids[id(r)]] = raw[lo : lo + r["raw_len"]]
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -46,6 +46,12 @@ SCHEMA = pa.schema(
     ]
 )
 NULLABLE = {"base", "key_id"}
+PACKED_RECORDS = "packed-records"
+"""Feature: several rows may share one record, each a slice of its raw bytes (format.md 4.1)."""
+PACK_COLUMNS = ("record_byte_offset", "record_raw_len")
+PACKED_SCHEMA = pa.schema([*SCHEMA, *((name, pa.int64()) for name in PACK_COLUMNS)])
+"""The index under ``packed-records``: the v1 columns, then where each row's raw bytes lie in
+its record's raw bytes and that record's raw length."""
 
 
 @dataclass(slots=True)
@@ -70,10 +76,24 @@ class Row:
     hash: bytes
     base: str | None = None
     key_id: str | None = None
+    record_byte_offset: int = 0
+    """Where this row's raw bytes start in its record's raw bytes (0 unless packed)."""
+    record_raw_len: int = 0
+    """The raw length of the record holding this row (given as 0: this row's ``raw_len``)."""
 
-    def to_json(self) -> dict:
-        """The row as a footer object (members in column order, hash in hex)."""
-        d = {name: getattr(self, name) for name in FIELD_NAMES}
+    def __post_init__(self) -> None:
+        if not self.record_raw_len:
+            self.record_raw_len = self.raw_len
+
+    @property
+    def packed(self) -> bool:
+        """Whether this row is a slice of a record that holds other rows too."""
+        return self.record_raw_len != self.raw_len
+
+    def to_json(self, packed: bool = False) -> dict:
+        """The row as a footer object (members in column order, hash in hex); ``packed``: with
+        the members of ``PACK_COLUMNS`` (a footer of a file that holds a packed record)."""
+        d = {name: getattr(self, name) for name in (PACKED_NAMES if packed else FIELD_NAMES)}
         for k in ("global_shape", "shard_offsets", "shard_lengths"):
             d[k] = list(d[k])
         d["hash"] = self.hash.hex()
@@ -85,13 +105,48 @@ class Row:
         return align(self.offset + RECORD_HEADER_SIZE + self.stored_len)
 
 
-FIELD_NAMES = [f.name for f in fields(Row)]
-assert SCHEMA.names == FIELD_NAMES
+PACKED_NAMES = [f.name for f in fields(Row)]
+FIELD_NAMES = PACKED_NAMES[: -len(PACK_COLUMNS)]
+assert SCHEMA.names == FIELD_NAMES and PACKED_SCHEMA.names == PACKED_NAMES
+
+
+def is_packed(table: pa.Table) -> bool:
+    """Whether an index table has the ``packed-records`` columns."""
+    return table.schema.names == PACKED_NAMES
 
 
 def to_table(rows: list[Row]) -> pa.Table:
-    cols = {name: [getattr(r, name) for r in rows] for name in FIELD_NAMES}
-    return pa.table(cols, schema=SCHEMA)
+    """The rows as an index table: with the ``packed-records`` columns only if some row is a
+    slice of a shared record, so that a checkpoint without one is the v1 index exactly."""
+    packed = any(r.packed for r in rows)
+    schema = PACKED_SCHEMA if packed else SCHEMA
+    cols = {name: [getattr(r, name) for r in rows] for name in schema.names}
+    return pa.table(cols, schema=schema)
+
+
+def footer_rows(table: pa.Table, packed: bool) -> list[dict]:
+    """The rows of ``table`` (one data file's, in footer order) as footer objects, built from
+    the columns at once: what ``Row.to_json(packed)`` gives for each row."""
+    names = PACKED_NAMES if packed else FIELD_NAMES
+    cols = [table.column(n).to_pylist() for n in names]
+    at = names.index("hash")
+    cols[at] = [h.hex() for h in cols[at]]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+def unify(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate index tables of several ranks: where any has the ``packed-records`` columns,
+    the others get them too (each row its own record: offset 0, its own raw length)."""
+    if not any(is_packed(t) for t in tables):
+        return pa.concat_tables(tables)
+    out = []
+    for t in tables:
+        if not is_packed(t):
+            t = t.append_column(
+                PACKED_SCHEMA.field(PACK_COLUMNS[0]), pa.array(np.zeros(t.num_rows, np.int64))
+            ).append_column(PACKED_SCHEMA.field(PACK_COLUMNS[1]), t.column("raw_len"))
+        out.append(t.cast(PACKED_SCHEMA))
+    return pa.concat_tables(out)
 
 
 def write(rows: list[Row]) -> bytes:
@@ -105,18 +160,21 @@ def read(data: bytes) -> list[Row]:
 
 
 def read_table(data: bytes) -> pa.Table:
-    """Parse Parquet bytes into a table with exactly the v1 schema and no forbidden nulls."""
+    """Parse Parquet bytes into a table with exactly the v1 schema (or the v1 schema and the
+    ``packed-records`` columns) and no forbidden nulls."""
     try:
         # One thread: Arrow's pool can abort the process at exit beside torch (apache/arrow#34314).
         table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
         table.validate(full=True)  # e.g. strings that are not UTF-8, which Parquet reads as is
     except Exception as e:  # pyarrow raises many kinds on garbage
         raise FormatError(f"index.parquet cannot be parsed: {e}") from None
-    if table.schema.names != SCHEMA.names:
+    schema = PACKED_SCHEMA if table.schema.names == PACKED_NAMES else SCHEMA
+    if table.schema.names != schema.names:
         raise FormatError(
-            f"index.parquet has columns {table.schema.names}, expected {SCHEMA.names}"
+            f"index.parquet has columns {table.schema.names}, expected {SCHEMA.names} "
+            f"(or those and {list(PACK_COLUMNS)})"
         )
-    for name, field in zip(SCHEMA.names, SCHEMA, strict=True):
+    for name, field in zip(schema.names, schema, strict=True):
         col = table.column(name)
         same = col.type.equals(field.type) or (
             isinstance(field.type, pa.ListType)
@@ -140,7 +198,7 @@ def write_table(table: pa.Table) -> bytes:
 
 
 def rows_from_table(table: pa.Table) -> list[Row]:
-    cols = [table.column(n).to_pylist() for n in FIELD_NAMES]
+    cols = [table.column(n).to_pylist() for n in table.schema.names]
     rows = []
     for vals in zip(*cols, strict=True):
         r = Row(*vals)
@@ -151,8 +209,9 @@ def rows_from_table(table: pa.Table) -> list[Row]:
 
 
 def row_from_json(d: object) -> Row:
-    """Parse one footer row (same fields as the index, hash in hex)."""
-    if not isinstance(d, dict) or list(d) != FIELD_NAMES:
+    """Parse one footer row (same fields as the index, hash in hex; with or without the
+    ``packed-records`` members, which the caller checks against the file)."""
+    if not isinstance(d, dict) or list(d) not in (FIELD_NAMES, PACKED_NAMES):
         raise FormatError("footer row has unexpected fields")
     try:
         d = dict(d)

@@ -15,6 +15,7 @@ import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import FormatError
+from .index import PACKED_RECORDS, is_packed
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 
@@ -23,7 +24,7 @@ MAX_TENSOR_BYTES = 1 << 62
 MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
-KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
+KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -65,13 +66,16 @@ class FormatVersionProblem(FormatError):
     """The manifest is intact but needs a newer reader."""
 
 
-def features(pickle: bool, rank_trees: dict, tensors: list[dict]) -> list[str]:
+def features(
+    pickle: bool, rank_trees: dict, tensors: list[dict], table: pa.Table | None = None
+) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
-    per-rank tensors."""
+    per-rank tensors, and records shared by several rows of index ``table``."""
     return [
         *(["pickle"] if pickle else []),
         *([RANK_TREE_DIFFS] if rank_trees else []),
         *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
+        *([PACKED_RECORDS] if table is not None and is_packed(table) else []),
     ]
 
 
@@ -82,9 +86,18 @@ def totals(table: pa.Table, tensors: int, files: int) -> dict[str, int]:
         "tensors": tensors,
         "chunks": table.num_rows,
         "raw_bytes": int(pc.sum(table.column("raw_len")).as_py() or 0),
-        "stored_bytes": int(pc.sum(table.column("stored_len")).as_py() or 0),
+        "stored_bytes": int(pc.sum(_record_stored(table)).as_py() or 0),
         "files": files,
     }
+
+
+def _record_stored(table: pa.Table) -> pa.ChunkedArray:
+    """The stored length of each record once: of a packed index, of the rows that start their
+    record (exactly one per record, as validation checks)."""
+    stored = table.column("stored_len")
+    if not is_packed(table):
+        return stored
+    return stored.filter(pc.equal(table.column("record_byte_offset"), 0))
 
 
 def build(
@@ -111,7 +124,7 @@ def build(
     return {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,
-        "features": features(pickle, rank_trees, tensors),
+        "features": features(pickle, rank_trees, tensors, table),
         "name": name,
         "uuid": uuid,
         "created": format_time(created),

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from . import dtypes
 from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, lz4_max_raw_len
-from .index import int_lists
+from .index import PACKED_RECORDS, int_lists, is_packed
 from .layout import ALIGN, datafile_rank, is_name
 
 MAX_GRID_CELLS = 1 << 22
@@ -94,17 +94,18 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
         (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
         "bad raw_len, chunk or shard_byte_offset",
     )
+    rec = _Records.of(table, rows, raw, features)
     codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
-    is_raw = codec.fill_null(-1).to_numpy(zero_copy_only=False) == CODECS["raw"]
-    stored = _np(table, "stored_len")
-    rows.fail(is_raw & (stored != raw), "raw chunk with stored_len != raw_len")
-    rows.fail(~is_raw & ((stored <= 0) | (stored >= raw)), "compressed chunk with bad stored_len")
+    rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    is_raw, rlen, stored = rec.codec == CODECS["raw"], rec.raw_len, rec.stored
+    rows.fail(is_raw & (stored != rlen), "raw chunk with stored_len != raw_len")
+    rows.fail(~is_raw & ((stored <= 0) | (stored >= rlen)), "compressed chunk with bad stored_len")
     rows.fail(
-        ~is_raw & (raw > lz4_max_raw_len(stored)),
+        ~is_raw & (rlen > lz4_max_raw_len(stored)),
         "compressed chunk claims more raw bytes than its payload can hold",
     )
-    _check_placement(table, rows, files, stored)
+    _check_placement(table, rows, files, rec, elem)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
         values = table.column(col)
         if values.null_count < rows.n:
@@ -143,8 +144,43 @@ def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.nda
     return cols
 
 
+class _Records:
+    """Each row's record fields: its raw length (the row's own unless packed), where the row's
+    bytes start in it, its stored length and codec; ``packed``: the index has the
+    ``packed-records`` columns."""
+
+    def __init__(self, packed: bool, raw_len: np.ndarray, slice_at: np.ndarray, stored: np.ndarray):
+        self.packed, self.raw_len, self.slice_at, self.stored = packed, raw_len, slice_at, stored
+        self.codec = np.zeros(0, dtype=np.int64)
+
+    @classmethod
+    def of(cls, table: pa.Table, rows: _Rows, raw: np.ndarray, features: set) -> _Records:
+        packed = is_packed(table)
+        if packed != (PACKED_RECORDS in features):
+            raise FormatError(
+                f"index {'has' if packed else 'lacks'} the record_byte_offset and record_raw_len "
+                f"columns but the {PACKED_RECORDS} feature is {'not ' if packed else ''}declared"
+            )
+        stored = _np(table, "stored_len")
+        if not packed:
+            return cls(False, raw, np.zeros(rows.n, dtype=np.int64), stored)
+        rlen, at = _np(table, "record_raw_len"), _np(table, "record_byte_offset")
+        rows.fail(
+            (at < 0) | (rlen <= 0) | (at > rlen - raw),
+            "slice lies outside its record's raw bytes (record_byte_offset, record_raw_len)",
+        )
+        return cls(True, rlen, at, stored)
+
+
+def _hash_words(table: pa.Table) -> np.ndarray:
+    """The ``hash`` column as two uint64 words per row (nulls were refused before)."""
+    arr = table.column("hash").combine_chunks()
+    words = np.frombuffer(arr.buffers()[1], dtype=np.uint64)
+    return words[2 * arr.offset : 2 * (arr.offset + len(arr))].reshape(-1, 2)
+
+
 def _check_placement(
-    table: pa.Table, rows: _Rows, files: dict[str, int], stored: np.ndarray
+    table: pa.Table, rows: _Rows, files: dict[str, int], rec: _Records, elem: np.ndarray
 ) -> None:
     by_rank: dict[int, tuple[str, int]] = {}
     for file, nbytes in files.items():
@@ -170,19 +206,56 @@ def _check_placement(
     )
     off = _np(table, "offset")
     rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
-    extent = (off + RECORD_HEADER_SIZE + stored + ALIGN - 1) // ALIGN * ALIGN
+    extent = (off + RECORD_HEADER_SIZE + rec.stored + ALIGN - 1) // ALIGN * ALIGN
     rows.fail(extent > size[file_code], "record runs past the end of its file")
-    order = _sort_order(file_code, off)
+    order = _sort_order(file_code, off, rec.slice_at)
     f, o, e = file_code[order], off[order], extent[order]
     first = np.ones(rows.n, dtype=bool)
     first[1:] = f[1:] != f[:-1]
+    # A row that shares the previous row's record (packed: same file and offset) continues it;
+    # any other row starts a record, which must follow the previous record in its file.
+    shares = np.zeros(rows.n, dtype=bool)
+    if rec.packed:
+        shares[1:] = ~first[1:] & (o[1:] == o[:-1])
     prev_end = np.empty_like(e)
     prev_end[0] = HEADER_SIZE
     prev_end[1:] = e[:-1]
     prev_end[first] = HEADER_SIZE
     bad = np.zeros(rows.n, dtype=bool)
-    bad[order] = o != prev_end
+    bad[order] = ~shares & (o != prev_end)
     rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
+    if rec.packed:
+        _check_slices(table, rows, rec, elem, order, shares)
+
+
+def _check_slices(
+    table: pa.Table,
+    rows: _Rows,
+    rec: _Records,
+    elem: np.ndarray,
+    order: np.ndarray,
+    shares: np.ndarray,
+) -> None:
+    """Rows of one record (``order``: by file, offset, slice start; ``shares``: the row's record
+    is the previous row's) agree on every record field, and their slices tile its raw bytes:
+    from 0, each where the previous ends, the last at ``record_raw_len``."""
+    words = _hash_words(table)[order]
+    differ = np.zeros(rows.n, dtype=bool)
+    for col in (rec.raw_len, rec.stored, rec.codec, elem):
+        c = col[order]
+        differ[1:] |= c[1:] != c[:-1]
+    differ[1:] |= (words[1:] != words[:-1]).any(axis=1)
+    bad = np.zeros(rows.n, dtype=bool)
+    bad[order] = shares & differ
+    rows.fail(bad, "rows of one record disagree on its fields (raw_len, stored_len, codec, hash)")
+    at, end = rec.slice_at[order], (rec.slice_at + _np(table, "raw_len"))[order]
+    prev_end = np.zeros(rows.n, dtype=np.int64)
+    prev_end[1:] = end[:-1]
+    prev_end[~shares] = 0
+    last = np.ones(rows.n, dtype=bool)
+    last[:-1] = ~shares[1:]
+    bad[order] = (at != prev_end) | (last & (end != rec.raw_len[order]))
+    rows.fail(bad, "slices of one record overlap, leave a gap or do not end at its raw_len")
 
 
 def _check_shards(
