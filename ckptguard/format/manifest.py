@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
-from .datafile import FormatError
+from .datafile import ZSTD_FEATURE, FormatError
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 
@@ -23,7 +23,7 @@ MAX_TENSOR_BYTES = 1 << 62
 MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
-KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS})
+KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, ZSTD_FEATURE})
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -65,13 +65,15 @@ class FormatVersionProblem(FormatError):
     """The manifest is intact but needs a newer reader."""
 
 
-def features(pickle: bool, rank_trees: dict, tensors: list[dict]) -> list[str]:
+def features(pickle: bool, rank_trees: dict, tensors: list[dict], table: pa.Table) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
-    per-rank tensors."""
+    per-rank tensors, zstd chunks (in its index ``table``)."""
+    zstd = pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
         *([RANK_TREE_DIFFS] if rank_trees else []),
         *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
+        *([ZSTD_FEATURE] if zstd else []),
     ]
 
 
@@ -111,7 +113,7 @@ def build(
     return {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,
-        "features": features(pickle, rank_trees, tensors),
+        "features": features(pickle, rank_trees, tensors, table),
         "name": name,
         "uuid": uuid,
         "created": format_time(created),

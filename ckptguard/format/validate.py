@@ -16,7 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import dtypes
-from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, lz4_max_raw_len
+from .datafile import (
+    CODECS,
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    ZSTD_FEATURE,
+    FormatError,
+    lz4_max_raw_len,
+    zstd_exceeds,
+)
 from .index import int_lists
 from .layout import ALIGN, datafile_rank, is_name
 
@@ -96,13 +104,18 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     )
     codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
-    is_raw = codec.fill_null(-1).to_numpy(zero_copy_only=False) == CODECS["raw"]
+    codec_id = codec.fill_null(-1).to_numpy(zero_copy_only=False)
+    is_raw, is_zstd = codec_id == CODECS["raw"], codec_id == CODECS["shuffle-zstd"]
     stored = _np(table, "stored_len")
     rows.fail(is_raw & (stored != raw), "raw chunk with stored_len != raw_len")
     rows.fail(~is_raw & ((stored <= 0) | (stored >= raw)), "compressed chunk with bad stored_len")
     rows.fail(
-        ~is_raw & (raw > lz4_max_raw_len(stored)),
+        (codec_id == CODECS["shuffle-lz4"]) & (raw > lz4_max_raw_len(stored))
+        | is_zstd & zstd_exceeds(raw, stored),
         "compressed chunk claims more raw bytes than its payload can hold",
+    )
+    rows.fail(
+        is_zstd & (ZSTD_FEATURE not in features), "shuffle-zstd chunk without the zstd feature"
     )
     _check_placement(table, rows, files, stored)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
