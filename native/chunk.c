@@ -215,7 +215,7 @@ static int zstd_compress(ckg_scratch *s, int level, const uint8_t *src, size_t n
 /* Check a zstd payload (docs/format.md section 7) before anything is allocated for it: raw_len
  * within what n bytes can decode to; exactly one frame, starting with the zstd magic, without
  * checksum or dictionary flags, its content size equal to raw_len, no trailing bytes. */
-static int zstd_check(const uint8_t *p, size_t n, size_t raw_len) {
+int ckg_zstd_check(const uint8_t *p, size_t n, size_t raw_len) {
     static const uint8_t magic[4] = {0x28, 0xB5, 0x2F, 0xFD};
     if (raw_len && (raw_len - 1) / CKG_ZSTD_MAX_RATIO >= n) return CKG_E_LENGTH;
     if (n < 6 || memcmp(p, magic, 4) || (p[4] & 0x07)) return CKG_E_PAYLOAD;
@@ -226,7 +226,7 @@ static int zstd_check(const uint8_t *p, size_t n, size_t raw_len) {
     return CKG_OK;
 }
 
-/* Decode a payload that zstd_check accepted into dst (raw_len bytes). */
+/* Decode a payload that ckg_zstd_check accepted into dst (raw_len bytes). */
 static int zstd_decode(ckg_scratch *s, const uint8_t *p, size_t n, uint8_t *dst, size_t raw_len) {
     if (!s->zd && !(s->zd = ZSTD_createDCtx())) return CKG_E_NOMEM;
     size_t got = ZSTD_decompressDCtx(s->zd, dst, raw_len, p, n);
@@ -313,7 +313,7 @@ int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_
     if (codec == CKG_SHUFFLE_LZ4 && (raw_len > (size_t)INT_MAX || stored_len > (size_t)INT_MAX))
         return CKG_E_TOOBIG;
     if (codec == CKG_SHUFFLE_ZSTD) {
-        int rc = zstd_check(payload, stored_len, raw_len);
+        int rc = ckg_zstd_check(payload, stored_len, raw_len);
         if (rc) return rc;
     }
     uint8_t *tmp = dst;

@@ -101,6 +101,11 @@ typedef struct {
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
                      uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
 
+/* Check a shuffle-zstd payload of n bytes against raw_len without decoding or allocating anything
+ * (docs/format.md section 7): CKG_E_LENGTH if no frame of n bytes decodes to raw_len bytes,
+ * CKG_E_PAYLOAD if the frame is not exactly one plain frame of content size raw_len. */
+int ckg_zstd_check(const uint8_t *p, size_t n, size_t raw_len);
+
 /* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
  * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */
 int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_t raw_len,

@@ -129,14 +129,15 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         raise_failure(&f, NULL);
         goto done;
     }
-    /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x, a zstd
-     * frame at most 32768x. */
+    /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x; a zstd
+     * frame says how long it is, and that must be raw_len. */
     if ((codec == CKG_RAW && raw_len != p.len) ||
         (codec == CKG_SHUFFLE_LZ4 &&
-         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK) ||
-        (codec == CKG_SHUFFLE_ZSTD && raw_len &&
-         (uint64_t)(raw_len - 1) / CKG_ZSTD_MAX_RATIO >= (uint64_t)p.len)) {
+         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK))
         f.code = CKG_E_LENGTH;
+    else if (codec == CKG_SHUFFLE_ZSTD)
+        f.code = ckg_zstd_check(p.buf, (size_t)p.len, (size_t)raw_len);
+    if (f.code) {
         raise_failure(&f, NULL);
         goto done;
     }
