@@ -74,22 +74,22 @@ clean:
 	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache
 
 # ---- native chunk pipeline (native/, ckptguard._native; docs/native.md) ----
-# System LZ4 and xxHash headers for the extension. Without apt-get or root nothing is installed:
-# the extension is then skipped with a warning and ckptguard runs on its pure-Python path.
+# System LZ4, zstd and xxHash headers for the extension. Without apt-get or root nothing is
+# installed: the extension is then skipped with a warning and ckptguard runs on its pure-Python path.
 native-deps:
-	@if dpkg -s liblz4-dev libxxhash-dev >/dev/null 2>&1; then :; \
+	@if dpkg -s liblz4-dev libzstd-dev libxxhash-dev >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    liblz4-dev libxxhash-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
-	else echo "native-deps: no apt-get or not root: install liblz4 and xxhash (docs/native.md)"; fi
+	    liblz4-dev libzstd-dev libxxhash-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
+	else echo "native-deps: no apt-get or not root: install liblz4, zstd and xxhash (docs/native.md)"; fi
 
 NATIVE_SRC := native/chunk.c native/pipeline.c native/pool.c native/io.c
 NATIVE_DEPS := $(NATIVE_SRC) native/module.c native/ckg.h native/pipeline.h
 NATIVE_OUT := build/native-tests
-NATIVE_LIBS := -llz4 -lxxhash
+NATIVE_LIBS := -llz4 -lzstd -lxxhash
 SANITIZE := -std=c11 -g -O1 -Wall -Wextra -Werror -fno-omit-frame-pointer -pthread
 FUZZ_INPUTS ?= 20000
-HAVE_NATIVE_HEADERS = printf '\043include <lz4.h>\n\043include <xxhash.h>\n' | \
+HAVE_NATIVE_HEADERS = printf '\043include <lz4.h>\n\043include <zstd.h>\n\043include <xxhash.h>\n' | \
 	$(CC) -E -x c - >/dev/null 2>&1
 
 # Rebuild the extension in place when its sources change (pip install -e builds it the first time).
@@ -120,6 +120,6 @@ test-native: native-deps
 	    $(NATIVE_OUT)/fuzz_decode-asan $(FUZZ_INPUTS) && \
 	  TSAN_OPTIONS=halt_on_error=1 $(NATIVE_OUT)/test_native-tsan; \
 	elif [ "$$CI" = true ]; then \
-	  echo "test-native: lz4.h/xxhash.h not found, and CI=true needs the native tests" \
-	    "(install liblz4-dev libxxhash-dev as root, docs/native.md)" >&2; exit 1; \
-	else echo "test-native: lz4.h/xxhash.h not found; native tests skipped (docs/native.md)"; fi
+	  echo "test-native: lz4.h/zstd.h/xxhash.h not found, and CI=true needs the native tests" \
+	    "(install liblz4-dev libzstd-dev libxxhash-dev as root, docs/native.md)" >&2; exit 1; \
+	else echo "test-native: lz4.h/zstd.h/xxhash.h not found; native tests skipped (docs/native.md)"; fi

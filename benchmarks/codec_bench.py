@@ -7,6 +7,9 @@ Model-like buffers (normal(0, 0.02) values as bf16 and fp32), 4 MiB chunks:
   decode   decode_into a preallocated destination, with hash verification
   save     durable time of ckptguard.save (native, python) against torch.distributed.checkpoint
            (dcp.save, every file and the directory fsynced) and torch.save + fsync
+  codecs   stored fraction and encode GB/s per core of shuffle-lz4 and shuffle-zstd at levels
+           -1..3 on the bench's "model" (bf16 weights + fp32 AdamW moments) and "weights"
+           workloads (ckptguard.bench.workloads), native path, one thread, median of the rounds
 
 Every configuration runs once per round, rounds interleave the configurations, and the best
 round is reported (other processes on a shared machine only ever slow a round down).
@@ -35,6 +38,7 @@ import xxhash
 
 import ckptguard
 from ckptguard import backend, encode
+from ckptguard.bench.workloads import iter_tensors, make_workload
 
 CHUNK = 4 << 20
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
@@ -192,6 +196,48 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+CODEC_CONFIGS = ["lz4", "zstd:-1", "zstd:1", "zstd:2", "zstd:3"]
+
+
+def codec_ratios(size: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{workload: {config: {"fraction", "gbps_core"}}}: every tensor of the workload encoded in
+    4 MiB chunks on one thread; configurations interleaved in each round, median time."""
+    be = "native" if backend.available() else "python"
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in ("model", "weights"):
+        bufs = [
+            (encode.as_buffer(t), t.element_size())
+            for t in iter_tensors(make_workload(name, size).state)
+        ]
+        raw = sum(len(b) for b, _ in bufs)
+        times: dict[str, list[float]] = {c: [] for c in CODEC_CONFIGS}
+        stored: dict[str, int] = {}
+        for _ in range(rounds):
+            for cfg in CODEC_CONFIGS:
+                codec, level = encode.parse_compress(cfg, {"lz4": 1, "zstd": encode.SHUFFLE_ZSTD})
+                t0 = time.perf_counter()
+                recs = [
+                    encode.encode_buffer(b, e, CHUNK, codec, 1, be, level=level) for b, e in bufs
+                ]
+                times[cfg].append(time.perf_counter() - t0)
+                stored[cfg] = sum(len(p) for rs in recs for _, p, _ in rs)
+        out[name] = {
+            c: {"fraction": stored[c] / raw, "gbps_core": raw / float(np.median(times[c])) / 1e9}
+            for c in CODEC_CONFIGS
+        }
+    return out
+
+
+def codec_table(res: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'codec':<10}" + "".join(f"{w + ' frac':>14}{w + ' GB/s/core':>18}" for w in res)]
+    for c in CODEC_CONFIGS:
+        cells = "".join(
+            f"{res[w][c]['fraction']:>14.3f}{res[w][c]['gbps_core']:>18.2f}" for w in res
+        )
+        lines.append(f"{c:<10}{cells}")
+    return "\n".join(lines)
+
+
 def _save(engine: str, state: dict, d: str) -> None:
     if engine.startswith("ckptguard-"):
         with backend.use(engine.split("-", 1)[1]):
@@ -257,9 +303,15 @@ def main() -> None:
     p.add_argument("--save-size", default="512MiB", help="model-like state for the save (0: skip)")
     p.add_argument("--dir", default=None, help="where the saves go (default: the temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--codecs", default="256MiB", help="workload size for the codec table (0: skip)")
+    p.add_argument("--only-codecs", action="store_true", help="the codec table alone")
     args = p.parse_args()
-    res = bench(args)
-    print(table(res, [int(t) for t in args.threads.split(",")]))
+    res: dict[str, Any] = {} if args.only_codecs else bench(args)
+    if res:
+        print(table(res, [int(t) for t in args.threads.split(",")]))
+    if parse_size(args.codecs):
+        res["codecs"] = codec_ratios(parse_size(args.codecs), args.rounds)
+        print(codec_table(res["codecs"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

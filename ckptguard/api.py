@@ -48,9 +48,10 @@ def save(
     ``check_replicated=False`` saves the lowest rank's copy of each replica for every rank
     without refusing copies that differ (ReplicaMismatchWarning says which differed). Every rank
     must pass the same path and options (else OptionsMismatchError on every rank).
-    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%) or
-    "none". An existing name is an error unless ``overwrite``, which
-    commits the new checkpoint first and removes the old one after. LATEST then names it.
+    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%),
+    "zstd" or "zstd:N" (the same with zstd, level 1 or N: smaller, slower) or "none". An
+    existing name is an error unless ``overwrite``, which commits the new checkpoint first and
+    removes the old one after. LATEST then names it.
     ``timeout`` bounds each wait for the other ranks. The options and their defaults are the
     fields of ``SaveOptions``; a name it does not have is a TypeError.
     """

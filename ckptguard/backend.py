@@ -140,6 +140,10 @@ def direct_io() -> bool:
     return os.environ.get(DIRECT_ENV, "").strip() == "1"
 
 
+def _dotted(version: tuple) -> str:
+    return ".".join(map(str, version))
+
+
 def info() -> dict[str, object]:
     """What ``ckptguard doctor`` reports."""
     out: dict[str, object] = {
@@ -157,4 +161,10 @@ def info() -> dict[str, object]:
         out["python_lz4"] = f"{lz4.__version__} (LZ4 {lz4.library_version_string()})"
     except Exception as e:  # pragma: no cover - lz4 is a dependency
         out["python_lz4"] = f"unavailable: {e}"
+    try:
+        import zstandard
+
+        out["python_zstd"] = f"{zstandard.__version__} (zstd {_dotted(zstandard.ZSTD_VERSION)})"
+    except Exception as e:  # pragma: no cover - zstandard is a dependency
+        out["python_zstd"] = f"unavailable: {e}"
     return out

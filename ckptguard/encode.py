@@ -1,8 +1,10 @@
-"""Chunk encode/decode (docs/format.md section 7): xxh3-128, byte-plane shuffle, LZ4 block.
+"""Chunk encode/decode (docs/format.md section 7): xxh3-128, byte-plane shuffle, LZ4 block or
+zstd frame.
 
 Pure bytes <-> chunks: nothing here touches a file descriptor (record I/O is ckptguard.io). Two
 backends produce the same bytes: the native pipeline (ckptguard._native, C, multi-threaded, GIL
-released) and the pure-Python one here (numpy, python-lz4, xxhash, a thread pool). Functions take
+released) and the pure-Python one here (numpy, python-lz4, zstandard, xxhash, a thread pool;
+zstd bytes are the same where both link the same libzstd version). Functions take
 ``backend=None`` (the active one, see ckptguard.backend), ``"native"`` or ``"python"``.
 
 Single chunks: ``digest``, ``shuffle``/``unshuffle``, ``keeps_compressed``, ``encode``,
@@ -13,20 +15,27 @@ Single chunks: ``digest``, ``shuffle``/``unshuffle``, ``keeps_compressed``, ``en
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
 import lz4.block
 import numpy as np
 import xxhash
+import zstandard
 
 from . import backend as _backend
-from .format.datafile import CODECS, FormatError, lz4_max_raw_len
+from .format.datafile import CODECS, ZSTD_MAGIC, FormatError, lz4_max_raw_len, zstd_exceeds
 
 RAW = CODECS["raw"]
 SHUFFLE_LZ4 = CODECS["shuffle-lz4"]
-WRITABLE = frozenset({RAW, SHUFFLE_LZ4})  # codec ids ``encode`` accepts (RAW: do not compress)
+SHUFFLE_ZSTD = CODECS["shuffle-zstd"]
+WRITABLE = frozenset({RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD})  # codec ids ``encode`` accepts (RAW: none)
+ZSTD_DEFAULT_LEVEL = 1  # what level 0 asks for: the issue's measured best trade for model state
+ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel() of libzstd 1.4-1.5
+ZSTD_MAX_LEVEL = 22  # ZSTD_maxCLevel()
 MIN_COMPRESS = 64  # chunks shorter than this are stored raw
 LZ4_MAX_INPUT = 0x7E000000  # LZ4_MAX_INPUT_SIZE: longer chunks are stored raw
 MIN_CHUNK_SIZE = 64  # a checkpoint's chunks: at least MIN_COMPRESS bytes, so they can compress
@@ -95,17 +104,45 @@ def check_chunk_size(chunk_size: int) -> None:
         )
 
 
-def check_codec(codec: int) -> None:
-    """Refuse a codec id this build cannot write."""
+def check_codec(codec: int, level: int = 0) -> None:
+    """Refuse a codec id this build cannot write, or a level it does not have (LZ4 and raw have
+    one and ignore ``level``; zstd: 0 for ZSTD_DEFAULT_LEVEL, or ZSTD_MIN_LEVEL..ZSTD_MAX_LEVEL)."""
     if codec not in WRITABLE:
         raise ValueError(f"unknown codec id {codec!r}; writable: {sorted(WRITABLE)}")
+    if codec == SHUFFLE_ZSTD and not ZSTD_MIN_LEVEL <= level <= ZSTD_MAX_LEVEL:
+        raise ValueError(
+            f"zstd level must be 0 (level {ZSTD_DEFAULT_LEVEL}) or in "
+            f"{ZSTD_MIN_LEVEL}..{ZSTD_MAX_LEVEL}, not {level!r}"
+        )
 
 
-def check_chunking(length: int, elem_size: int, chunk_size: int, codec: int) -> None:
-    """Refuse a codec this build cannot write, or a buffer of ``length`` bytes that cannot be cut
-    into ``chunk_size`` chunks of whole ``elem_size``-byte elements (needed to shuffle them for
-    every codec but raw)."""
-    check_codec(codec)
+def parse_compress(value: object, names: Mapping[str, int]) -> tuple[int, int]:
+    """(codec id, level) of a ``compress=`` value: a name in ``names`` (its codec at level 0, the
+    codec's default), or ``"<name>:N"`` for a codec with levels (zstd) at level N. ValueError
+    naming the value otherwise."""
+    name, sep, level = value.partition(":") if isinstance(value, str) else ("", "", "")
+    codec = names.get(name)
+    if codec is None or (sep and (codec != SHUFFLE_ZSTD or not re.fullmatch(r"-?[0-9]+", level))):
+        zstd = [n for n, c in names.items() if c == SHUFFLE_ZSTD]
+        raise ValueError(
+            f"compress must be one of {sorted(names)}"
+            + "".join(f' or "{n}:N" (N a level)' for n in zstd)
+            + f", not {value!r}"
+        )
+    try:
+        check_codec(codec, int(level or 0))
+    except ValueError as e:
+        raise ValueError(f"compress={value!r}: {e}") from None
+    return codec, int(level or 0)
+
+
+def check_chunking(
+    length: int, elem_size: int, chunk_size: int, codec: int, level: int = 0
+) -> None:
+    """Refuse a codec this build cannot write (at ``level``), or a buffer of ``length`` bytes that
+    cannot be cut into ``chunk_size`` chunks of whole ``elem_size``-byte elements (needed to
+    shuffle them for every codec but raw)."""
+    check_codec(codec, level)
     if not 1 <= elem_size <= 255:
         raise ValueError("elem_size must be in 1..255")
     if chunk_size < 1:
@@ -123,11 +160,13 @@ def check_lengths(codec: int, stored_len: int, raw_len: int, elem_size: int) -> 
     if codec == RAW:
         if stored_len != raw_len:
             raise FormatError("raw payload length mismatch")
-    elif codec == SHUFFLE_LZ4:
+    elif codec in (SHUFFLE_LZ4, SHUFFLE_ZSTD):
         if elem_size < 1 or raw_len % elem_size:
             raise FormatError("elem_size does not divide raw_len")
-        if raw_len > lz4_max_raw_len(stored_len):  # an LZ4 block expands at most ~255x
+        if codec == SHUFFLE_LZ4 and raw_len > lz4_max_raw_len(stored_len):  # at most ~255x
             raise FormatError("raw_len is impossible for an LZ4 payload of this length")
+        if codec == SHUFFLE_ZSTD and zstd_exceeds(raw_len, stored_len):  # at most 32768x
+            raise FormatError("raw_len is impossible for a zstd payload of this length")
     else:
         raise FormatError(f"unknown codec id {codec}")
 
@@ -219,20 +258,60 @@ def encode(
     once, into a private copy that the hash, the shuffle and the payload all come from: another
     thread writing to ``raw`` meanwhile cannot make them disagree (I9).
     """
-    check_codec(codec)
+    check_codec(codec, level)
     copy = raw if isinstance(raw, bytes) else bytes(raw)
     h = digest(copy)
+    packed = None
     if codec == SHUFFLE_LZ4 and MIN_COMPRESS <= len(copy) <= LZ4_MAX_INPUT:
         packed = lz4.block.compress(shuffle(copy, elem_size), mode="default", store_size=False)
-        if keeps_compressed(len(packed), len(copy)):
-            return SHUFFLE_LZ4, packed, h
+    elif codec == SHUFFLE_ZSTD and len(copy) >= MIN_COMPRESS:
+        packed = _zstd_compressor(level or ZSTD_DEFAULT_LEVEL).compress(shuffle(copy, elem_size))
+    if packed is not None and keeps_compressed(len(packed), len(copy)):
+        return codec, packed, h
     return RAW, copy, h
+
+
+_local = threading.local()  # zstandard's (de)compressors are not thread-safe: one per thread
+
+
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor at ``level``: one zstd frame with its content size, no checksum,
+    no dictionary id (native/chunk.c sets the same parameters)."""
+    mine = _local.__dict__.setdefault("zstd", {})
+    c = mine.get(level)
+    if c is None:
+        c = mine[level] = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=False, write_dict_id=False
+        )
+    return c
+
+
+def _zstd_decode(payload: Any, raw_len: int) -> bytes:
+    """Check a shuffle-zstd payload (format.md section 7) before decoding it: one frame, the zstd
+    magic, no checksum or dictionary flags, content size raw_len, no trailing bytes."""
+    head = bytes(payload[:6])
+    if len(head) < 6 or head[:4] != ZSTD_MAGIC or head[4] & 0x07:
+        raise FormatError("zstd payload is not one plain zstd frame")
+    try:
+        if zstandard.frame_content_size(payload) != raw_len:
+            raise FormatError("zstd frame content size is not raw_len")
+        d = _local.__dict__.get("zstd_d")
+        if d is None:
+            d = _local.zstd_d = zstandard.ZstdDecompressor()
+        data = d.decompress(payload, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"zstd payload cannot be decoded: {e}") from None
+    if len(data) != raw_len:
+        raise FormatError("decoded length mismatch")
+    return data
 
 
 def _decode_py(codec: int, payload: Any, raw_len: int, elem_size: int) -> bytes:
     check_lengths(codec, len(payload), raw_len, elem_size)
     if codec == RAW:
         return payload if isinstance(payload, bytes) else bytes(payload)
+    if codec == SHUFFLE_ZSTD:
+        return unshuffle(_zstd_decode(payload, raw_len), elem_size)
     try:
         data = lz4.block.decompress(payload, uncompressed_size=raw_len)
     except lz4.block.LZ4BlockError as e:
@@ -296,7 +375,7 @@ def encode_buffer(
 ) -> list[tuple[int, bytes, bytes]]:
     """Split ``buf`` into chunks of ``chunk_size`` bytes; return (codec, payload, hash) each."""
     view = as_buffer(buf)
-    check_chunking(len(view), elem_size, chunk_size, codec)
+    check_chunking(len(view), elem_size, chunk_size, codec, level)
     threads = threads or _backend.default_threads()
     if _backend.resolve(backend) == _backend.NATIVE:
         return _backend.native().encode(view, elem_size, chunk_size, codec, level, threads)

@@ -28,7 +28,7 @@ import xxhash
 
 from . import commit
 from .coord import Coordinator
-from .encode import RAW, SHUFFLE_LZ4, check_chunk_size
+from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
 from .errors import (
     CheckpointAbortedError,
     CheckpointError,
@@ -65,8 +65,9 @@ from .tree import Flat, TensorRef, flatten
 from .version import __version__
 from .writer import DEFAULT_CHUNK, RankWriter
 
-COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "none": RAW}
-"""``compress`` values and the codec id each tries on every chunk (``encode.encode``)."""
+COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "zstd": SHUFFLE_ZSTD, "none": RAW}
+"""``compress`` values and the codec id each tries on every chunk (``encode.encode``); "zstd:N"
+asks for zstd at level N (``encode.parse_compress``)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class SaveOptions:
     """
 
     compress: str = "auto"
-    """"auto"/"lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "none"."""
+    """"auto"/"lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "zstd" (level 1) or
+    "zstd:N": the same with zstd at level N (smaller, slower); "none"."""
     metadata: Any = None
     """Plain JSON stored in the manifest."""
     overwrite: bool = False
@@ -93,8 +95,7 @@ class SaveOptions:
     """Refuse replicas whose copies differ; False saves the lowest rank's copy for every rank."""
 
     def __post_init__(self) -> None:
-        if self.compress not in COMPRESS:
-            raise ValueError(f"compress must be one of {sorted(COMPRESS)}, not {self.compress!r}")
+        parse_compress(self.compress, COMPRESS)
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
         check_chunk_size(self.chunk_size)
@@ -168,7 +169,7 @@ def shaping_options(opt: SaveOptions, store: str, name: str) -> dict:
     """This rank's options that shape the checkpoint, as JSON (``metadata`` by its xxh3-128,
     so that large metadata does not travel to rank 0 from every rank)."""
     doc: dict[str, Any] = {k: getattr(opt, k) for k in SHAPING if k != "path"}
-    doc["compress"] = COMPRESS[opt.compress]
+    doc["compress"] = list(parse_compress(opt.compress, COMPRESS))
     doc["path"] = os.path.join(store, name)
     doc["metadata"] = "xxh3:" + xxhash.xxh3_128_hexdigest(dump_json(opt.metadata))
     return doc
@@ -380,7 +381,8 @@ class _Save:
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
-            packer = Packer(writer, todo, COMPRESS[self.opt.compress])
+            codec, level = parse_compress(self.opt.compress, COMPRESS)
+            packer = Packer(writer, todo, codec, level)
             for i, raw in self.source.stream(packer.values()):
                 packer.add(i, raw)
             packer.flush()

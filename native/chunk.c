@@ -1,9 +1,11 @@
-/* One chunk: xxh3-128, byte-plane shuffle, LZ4 block, keep-raw rule (docs/format.md s. 7). */
+/* One chunk: xxh3-128, byte-plane shuffle, LZ4 block or zstd frame, keep-raw rule (format.md s. 7).
+ */
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <lz4.h>
+#include <zstd.h>
 #define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
 #include <xxhash.h>
 
@@ -19,7 +21,7 @@ const char *ckg_strerror(int code) {
     case CKG_E_CODEC: return "unknown codec id";
     case CKG_E_LENGTH: return "payload length does not match";
     case CKG_E_ELEM: return "elem_size does not divide raw_len";
-    case CKG_E_LZ4: return "LZ4 payload cannot be decoded";
+    case CKG_E_PAYLOAD: return "compressed payload cannot be decoded";
     case CKG_E_HASH: return "chunk hash mismatch (data corrupted)";
     case CKG_E_HEADER: return "bad record header (magic, hash or reserved bytes)";
     case CKG_E_MISMATCH: return "record header disagrees with the index";
@@ -27,6 +29,7 @@ const char *ckg_strerror(int code) {
     case CKG_E_TRUNCATED: return "record is truncated";
     case CKG_E_IO: return "I/O error";
     case CKG_E_TOOBIG: return "length too large";
+    case CKG_E_LEVEL: return "compression level out of range";
     default: return "unknown error";
     }
 }
@@ -123,9 +126,21 @@ void ckg_unshuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w) {
 }
 
 size_t ckg_encode_bound(size_t raw_len) {
-    if (raw_len > (size_t)LZ4_MAX_INPUT_SIZE) return raw_len; /* stored raw: never compressed */
-    size_t b = (size_t)LZ4_compressBound((int)raw_len);
-    return b > raw_len ? b : raw_len;
+    size_t b = raw_len; /* stored raw */
+    if (raw_len <= (size_t)LZ4_MAX_INPUT_SIZE) {
+        size_t l = (size_t)LZ4_compressBound((int)raw_len);
+        if (l > b) b = l;
+    }
+    size_t z = ZSTD_compressBound(raw_len); /* an error code (huge) past zstd's input limit */
+    if (!ZSTD_isError(z) && z > b) b = z;
+    return b;
+}
+
+int ckg_check_level(int codec, int level) {
+    if (codec == CKG_RAW || codec == CKG_SHUFFLE_LZ4) return CKG_OK;
+    if (codec != CKG_SHUFFLE_ZSTD) return CKG_E_CODEC;
+    if (level != 0 && (level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())) return CKG_E_LEVEL;
+    return CKG_OK;
 }
 
 int ckg_scratch_reserve(ckg_scratch *s, size_t n) {
@@ -140,8 +155,12 @@ int ckg_scratch_reserve(ckg_scratch *s, size_t n) {
 
 void ckg_scratch_free(ckg_scratch *s) {
     ckg_aligned_free(s->buf);
+    ZSTD_freeCCtx(s->zc);
+    ZSTD_freeDCtx(s->zd);
     s->buf = NULL;
     s->cap = 0;
+    s->zc = NULL;
+    s->zd = NULL;
 }
 
 /* Copy src to dst block by block, hashing each block from dst while it is in cache. */
@@ -160,31 +179,87 @@ static void final_hash(XXH3_state_t *st, uint8_t out[16]) {
     memcpy(out, c.digest, 16);
 }
 
+/* Exactly the call python-lz4's lz4.block.compress(mode="default") makes: a fresh stream and
+ * LZ4_compress_fast_continue at acceleration 1. (LZ4_compress_default picks another hash table
+ * layout for inputs < 64 KiB and can emit different, equally valid, bytes.) */
+static int lz4_compress(const uint8_t *src, size_t n, uint8_t *out, size_t out_cap, size_t *got) {
+    size_t cap = out_cap > (size_t)INT_MAX ? (size_t)INT_MAX : out_cap;
+    LZ4_stream_t stream;
+    if (!LZ4_initStream(&stream, sizeof stream)) return CKG_E_NOMEM;
+    int r =
+        LZ4_compress_fast_continue(&stream, (const char *)src, (char *)out, (int)n, (int)cap, 1);
+    *got = r > 0 ? (size_t)r : 0;
+    return CKG_OK;
+}
+
+/* One zstd frame with its content size, no checksum, no dictionary id: the parameters
+ * python-zstandard's ZstdCompressor(level, write_content_size=True, write_checksum=False,
+ * write_dict_id=False).compress() sets, so both emit the same bytes for one libzstd version. */
+static int zstd_compress(ckg_scratch *s, int level, const uint8_t *src, size_t n, uint8_t *out,
+                         size_t out_cap, size_t *got) {
+    if (!s->zc && !(s->zc = ZSTD_createCCtx())) return CKG_E_NOMEM;
+    ZSTD_CCtx *c = s->zc;
+    size_t r = ZSTD_CCtx_reset(c, ZSTD_reset_session_and_parameters);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel,
+                                   level ? level : CKG_ZSTD_DEFAULT_LEVEL);
+    if (!ZSTD_isError(r)) r = ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, 1);
+    if (!ZSTD_isError(r)) r = ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 0);
+    if (!ZSTD_isError(r)) r = ZSTD_CCtx_setParameter(c, ZSTD_c_dictIDFlag, 0);
+    if (ZSTD_isError(r)) return CKG_E_NOMEM;
+    r = ZSTD_compress2(c, out, out_cap, src, n);
+    *got = ZSTD_isError(r) ? 0 : r;
+    return CKG_OK;
+}
+
+/* Check a zstd payload (docs/format.md section 7) before anything is allocated for it: raw_len
+ * within what n bytes can decode to; exactly one frame, starting with the zstd magic, without
+ * checksum or dictionary flags, its content size equal to raw_len, no trailing bytes. */
+int ckg_zstd_check(const uint8_t *p, size_t n, size_t raw_len) {
+    static const uint8_t magic[4] = {0x28, 0xB5, 0x2F, 0xFD};
+    if (raw_len && (raw_len - 1) / CKG_ZSTD_MAX_RATIO >= n) return CKG_E_LENGTH;
+    if (n < 6 || memcmp(p, magic, 4) || (p[4] & 0x07)) return CKG_E_PAYLOAD;
+    unsigned long long fcs = ZSTD_getFrameContentSize(p, n);
+    if (fcs == ZSTD_CONTENTSIZE_UNKNOWN || fcs == ZSTD_CONTENTSIZE_ERROR || fcs != raw_len)
+        return CKG_E_PAYLOAD;
+    if (ZSTD_findFrameCompressedSize(p, n) != n) return CKG_E_PAYLOAD; /* errors are huge */
+    return CKG_OK;
+}
+
+/* Decode a payload that ckg_zstd_check accepted into dst (raw_len bytes). */
+static int zstd_decode(ckg_scratch *s, const uint8_t *p, size_t n, uint8_t *dst, size_t raw_len) {
+    if (!s->zd && !(s->zd = ZSTD_createDCtx())) return CKG_E_NOMEM;
+    size_t got = ZSTD_decompressDCtx(s->zd, dst, raw_len, p, n);
+    return ZSTD_isError(got) || got != raw_len ? CKG_E_PAYLOAD : CKG_OK;
+}
+
 /* The input is read exactly once, into a private copy; the hash, the shuffle, the compressor and
  * the payload all come from that copy. Another thread may write to the input meanwhile (a misuse):
  * the chunk then holds some mix of old and new values, but its hash always matches its payload,
  * so a committed checkpoint always verifies (invariant I9). */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
                      uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
-    (void)level; /* LZ4 has one level here: the one python-lz4's default mode uses */
     res->codec = CKG_RAW;
     res->stored_len = raw_len;
     res->payload = out;
-    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) return CKG_E_CODEC;
-    int compress = codec != CKG_RAW;
-    int try_lz4 = compress && raw_len >= CKG_MIN_COMPRESS && raw_len <= (size_t)LZ4_MAX_INPUT_SIZE;
-    if (try_lz4 && (elem == 0 || raw_len % elem)) return CKG_E_ELEM;
+    int rc = ckg_check_level(codec, level);
+    if (rc) return rc;
+    int fits = codec == CKG_SHUFFLE_LZ4    ? raw_len <= (size_t)LZ4_MAX_INPUT_SIZE
+               : codec == CKG_SHUFFLE_ZSTD ? !ZSTD_isError(ZSTD_compressBound(raw_len))
+                                           : 0;
+    int try_codec = fits && raw_len >= CKG_MIN_COMPRESS;
+    if (try_codec && (elem == 0 || raw_len % elem)) return CKG_E_ELEM;
     if (out_cap < raw_len) return CKG_E_TOOBIG;
     XXH3_state_t st;
     XXH3_INITSTATE(&st);
     if (XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
-    if (!try_lz4) { /* the copy in out is the payload */
+    if (!try_codec) { /* the copy in out is the payload */
         copy_hash(out, raw, raw_len, &st);
         final_hash(&st, res->hash);
         return CKG_OK;
     }
     /* scratch: the chunk's copy to compress (shuffled for elem > 1), then one block of input. */
-    int rc = ckg_scratch_reserve(scratch, raw_len + (elem > 1 ? CKG_BLOCK : 0));
+    rc = ckg_scratch_reserve(scratch, raw_len + (elem > 1 ? CKG_BLOCK : 0));
     if (rc) return rc;
     uint8_t *copy = scratch->buf;
     if (elem > 1) {
@@ -201,18 +276,15 @@ int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int code
         copy_hash(copy, raw, raw_len, &st);
     }
     final_hash(&st, res->hash);
-    size_t cap = out_cap > (size_t)INT_MAX ? (size_t)INT_MAX : out_cap;
-    /* Exactly the call python-lz4's lz4.block.compress(mode="default") makes: a fresh stream and
-     * LZ4_compress_fast_continue at acceleration 1. (LZ4_compress_default picks another hash table
-     * layout for inputs < 64 KiB and can emit different, equally valid, bytes.) */
-    LZ4_stream_t stream;
-    if (!LZ4_initStream(&stream, sizeof stream)) return CKG_E_NOMEM;
-    int got = LZ4_compress_fast_continue(&stream, (const char *)copy, (char *)out, (int)raw_len,
-                                         (int)cap, 1);
+    size_t got = 0; /* 0: the codec failed or the output did not fit */
+    rc = codec == CKG_SHUFFLE_LZ4
+             ? lz4_compress(copy, raw_len, out, out_cap, &got)
+             : zstd_compress(scratch, level, copy, raw_len, out, out_cap, &got);
+    if (rc) return rc;
     /* Keep-raw rule: the compressed form must save at least 5% (stored*20 <= raw*19). */
     if (got > 0 && (uint64_t)got * 20 <= (uint64_t)raw_len * 19) {
-        res->codec = CKG_SHUFFLE_LZ4;
-        res->stored_len = (size_t)got;
+        res->codec = codec;
+        res->stored_len = got;
         return CKG_OK;
     }
     /* Stored raw: the hashed bytes, rebuilt from the copy (never read from the input again). */
@@ -236,17 +308,28 @@ int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_
         }
         return CKG_OK;
     }
-    if (codec != CKG_SHUFFLE_LZ4) return CKG_E_CODEC;
+    if (codec != CKG_SHUFFLE_LZ4 && codec != CKG_SHUFFLE_ZSTD) return CKG_E_CODEC;
     if (elem == 0 || raw_len % elem) return CKG_E_ELEM;
-    if (raw_len > (size_t)INT_MAX || stored_len > (size_t)INT_MAX) return CKG_E_TOOBIG;
+    if (codec == CKG_SHUFFLE_LZ4 && (raw_len > (size_t)INT_MAX || stored_len > (size_t)INT_MAX))
+        return CKG_E_TOOBIG;
+    if (codec == CKG_SHUFFLE_ZSTD) {
+        int rc = ckg_zstd_check(payload, stored_len, raw_len);
+        if (rc) return rc;
+    }
     uint8_t *tmp = dst;
     if (elem > 1) {
         int rc = ckg_scratch_reserve(scratch, raw_len);
         if (rc) return rc;
         tmp = scratch->buf;
     }
-    int n = LZ4_decompress_safe((const char *)payload, (char *)tmp, (int)stored_len, (int)raw_len);
-    if (n < 0 || (size_t)n != raw_len) return CKG_E_LZ4;
+    if (codec == CKG_SHUFFLE_ZSTD) {
+        int rc = zstd_decode(scratch, payload, stored_len, tmp, raw_len);
+        if (rc) return rc;
+    } else {
+        int n =
+            LZ4_decompress_safe((const char *)payload, (char *)tmp, (int)stored_len, (int)raw_len);
+        if (n < 0 || (size_t)n != raw_len) return CKG_E_PAYLOAD;
+    }
     if (elem == 1) {
         if (want_hash) {
             ckg_hash128(dst, raw_len, got_hash);

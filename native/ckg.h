@@ -1,8 +1,8 @@
 /* ckptguard native chunk pipeline: shared declarations.
  *
  * The byte formats implemented here are defined by docs/format.md section 7 (chunk records,
- * byte-plane shuffle, LZ4 block payloads, keep-raw rule). Everything here is plain C11 + POSIX
- * threads and links the system LZ4 and xxHash libraries.
+ * byte-plane shuffle, LZ4 block and zstd frame payloads, keep-raw rule). Everything here is plain
+ * C11 + POSIX threads and links the system LZ4, zstd and xxHash libraries.
  */
 #ifndef CKG_H
 #define CKG_H
@@ -13,6 +13,7 @@
 
 #define CKG_RAW 0
 #define CKG_SHUFFLE_LZ4 1
+#define CKG_SHUFFLE_ZSTD 2
 #define CKG_REC_HDR 64
 #define CKG_ALIGN 4096
 #define CKG_WRITEBACK_WINDOW (1u << 20) /* early writeback of records goes by these windows */
@@ -21,6 +22,10 @@
 /* An LZ4 block expands at most ~255x: a payload of n bytes decodes to at most n*RATIO+SLACK. */
 #define CKG_LZ4_MAX_RATIO 256
 #define CKG_LZ4_SLACK 64
+/* A zstd frame block decodes to at most 128 KiB and takes at least 4 payload bytes (an RLE
+ * block): a payload of n bytes decodes to at most n*RATIO bytes. */
+#define CKG_ZSTD_MAX_RATIO 32768
+#define CKG_ZSTD_DEFAULT_LEVEL 1           /* level 0 asks for this one */
 #define CKG_MAX_EXTENT ((uint64_t)1 << 40) /* longer records are refused before reading */
 #define CKG_MAX_SEQ 0xFFFFFFFFull          /* record sequence numbers are 32 bits */
 
@@ -31,7 +36,7 @@ enum {
     CKG_E_CODEC = 2,      /* unknown codec id */
     CKG_E_LENGTH = 3,     /* a length does not fit (raw payload length, destination size) */
     CKG_E_ELEM = 4,       /* elem_size is 0 or does not divide raw_len */
-    CKG_E_LZ4 = 5,        /* LZ4 payload is malformed or decodes to the wrong length */
+    CKG_E_PAYLOAD = 5,    /* compressed payload is malformed or decodes to the wrong length */
     CKG_E_HASH = 6,       /* decoded bytes do not match their xxh3-128 */
     CKG_E_HEADER = 7,     /* record header: bad magic, hash, reserved bytes */
     CKG_E_MISMATCH = 8,   /* record header disagrees with what the index says */
@@ -39,6 +44,7 @@ enum {
     CKG_E_TRUNCATED = 10, /* the file ends inside a record */
     CKG_E_IO = 11,        /* a system call failed: see the errno stored beside the code */
     CKG_E_TOOBIG = 12,    /* a length beyond what LZ4 or this platform handles */
+    CKG_E_LEVEL = 13,     /* a compression level the codec does not have */
 };
 
 const char *ckg_strerror(int code);
@@ -58,13 +64,22 @@ void ckg_shuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w);
 /* Inverse: dst[i*w + j] = src[j*n + i]. */
 void ckg_unshuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w);
 
-/* Capacity that ckg_encode_chunk needs in `out` for a chunk of raw_len bytes (0 if too big). */
+/* Capacity that ckg_encode_chunk needs in `out` for a chunk of raw_len bytes, whatever the codec.
+ */
 size_t ckg_encode_bound(size_t raw_len);
 
-/* Per-thread scratch space, grown on demand; free with ckg_scratch_free. */
+/* Whether codec can be asked for at level (CKG_OK, CKG_E_CODEC or CKG_E_LEVEL). LZ4 and raw take
+ * any level (they have one); zstd takes 0 (CKG_ZSTD_DEFAULT_LEVEL) and ZSTD_minCLevel() ..
+ * ZSTD_maxCLevel(). */
+int ckg_check_level(int codec, int level);
+
+/* Per-thread scratch space, grown on demand, and the thread's zstd contexts (created on first
+ * use, reused); free all with ckg_scratch_free. Zero-initialize. */
 typedef struct {
     uint8_t *buf;
     size_t cap;
+    struct ZSTD_CCtx_s *zc;
+    struct ZSTD_DCtx_s *zd;
 } ckg_scratch;
 
 int ckg_scratch_reserve(ckg_scratch *s, size_t n);
@@ -85,6 +100,11 @@ typedef struct {
  * even while another thread writes to raw. CKG_E_CODEC for a codec this build cannot write. */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
                      uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
+
+/* Check a shuffle-zstd payload of n bytes against raw_len without decoding or allocating anything
+ * (docs/format.md section 7): CKG_E_LENGTH if no frame of n bytes decodes to raw_len bytes,
+ * CKG_E_PAYLOAD if the frame is not exactly one plain frame of content size raw_len. */
+int ckg_zstd_check(const uint8_t *p, size_t n, size_t raw_len);
 
 /* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
  * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */

@@ -12,6 +12,7 @@
 #include <lz4.h>
 #include <unistd.h>
 #include <xxhash.h>
+#include <zstd.h>
 
 #include "pipeline.h"
 
@@ -123,16 +124,20 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "raw_len must be >= 0");
         goto done;
     }
-    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) {
+    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4 && codec != CKG_SHUFFLE_ZSTD) {
         f.code = CKG_E_CODEC;
         raise_failure(&f, NULL);
         goto done;
     }
-    /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x. */
+    /* Refuse impossible lengths before allocating: an LZ4 block expands at most ~255x; a zstd
+     * frame says how long it is, and that must be raw_len. */
     if ((codec == CKG_RAW && raw_len != p.len) ||
         (codec == CKG_SHUFFLE_LZ4 &&
-         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK)) {
+         (uint64_t)raw_len > (uint64_t)p.len * CKG_LZ4_MAX_RATIO + CKG_LZ4_SLACK))
         f.code = CKG_E_LENGTH;
+    else if (codec == CKG_SHUFFLE_ZSTD)
+        f.code = ckg_zstd_check(p.buf, (size_t)p.len, (size_t)raw_len);
+    if (f.code) {
         raise_failure(&f, NULL);
         goto done;
     }
@@ -156,9 +161,15 @@ done:
 
 /* ---- encode ---------------------------------------------------------------------------- */
 
-static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int codec) {
-    if (codec != CKG_RAW && codec != CKG_SHUFFLE_LZ4) {
+static int check_chunking(Py_ssize_t len, Py_ssize_t chunk, int elem, int codec, int level) {
+    int rc = ckg_check_level(codec, level);
+    if (rc == CKG_E_CODEC) {
         PyErr_Format(PyExc_ValueError, "unknown codec id %d", codec);
+        return -1;
+    }
+    if (rc == CKG_E_LEVEL) {
+        PyErr_Format(PyExc_ValueError, "zstd level must be 0 (level %d) or in %d..%d, not %d",
+                     CKG_ZSTD_DEFAULT_LEVEL, ZSTD_minCLevel(), ZSTD_maxCLevel(), level);
         return -1;
     }
     if (chunk < 1) {
@@ -190,7 +201,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     uint8_t **ptrs = NULL;
     ckg_rec_info *res = NULL;
     size_t n = 0;
-    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec) < 0 ||
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec, level) < 0 ||
         (threads = get_threads(threads)) < 0)
         goto done;
     n = ckg_nchunks((size_t)b.len, (size_t)chunk);
@@ -260,7 +271,7 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
     PyObject *out = NULL;
     ckg_rec_info *res = NULL;
     int dfd = -1;
-    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec) < 0 ||
+    if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec, level) < 0 ||
         (threads = get_threads(threads)) < 0)
         goto done;
     size_t n = ckg_nchunks((size_t)b.len, (size_t)chunk);
@@ -479,8 +490,9 @@ static PyObject *py_versions(PyObject *self, PyObject *noargs) {
     char xv[32], xc[32];
     snprintf(xv, sizeof xv, "%u.%u.%u", x / 10000, x / 100 % 100, x % 100);
     snprintf(xc, sizeof xc, "%u.%u.%u", c / 10000, c / 100 % 100, c % 100);
-    return Py_BuildValue("{s:s,s:s,s:s,s:s}", "lz4", LZ4_versionString(), "lz4_compiled",
-                         LZ4_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s}", "lz4", LZ4_versionString(), "lz4_compiled",
+                         LZ4_VERSION_STRING, "zstd", ZSTD_versionString(), "zstd_compiled",
+                         ZSTD_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc);
 }
 
 static PyObject *py_inject(PyObject *self, PyObject *args) {
@@ -520,7 +532,7 @@ static PyMethodDef methods[] = {
      "Read, check and decode (offset, extent, codec, elem_size, raw_len, stored_len, hash, "
      "dest_offset, seq) records into dest."},
     {"library_versions", py_versions, METH_NOARGS,
-     "library_versions($module, /)\n--\n\nVersions of the linked LZ4 and xxHash."},
+     "library_versions($module, /)\n--\n\nVersions of the linked LZ4, zstd and xxHash."},
     {"_inject_io_error", py_inject, METH_VARARGS,
      "_inject_io_error($module, err, after=0, /)\n--\n\n"
      "Test hook: fail a later write or read with errno err (0 disables)."},
@@ -538,6 +550,10 @@ static int add_owned(PyObject *m, const char *name, PyObject *value) {
 static int add_constants(PyObject *m) {
     if (PyModule_AddIntConstant(m, "RAW", CKG_RAW) < 0 ||
         PyModule_AddIntConstant(m, "SHUFFLE_LZ4", CKG_SHUFFLE_LZ4) < 0 ||
+        PyModule_AddIntConstant(m, "SHUFFLE_ZSTD", CKG_SHUFFLE_ZSTD) < 0 ||
+        PyModule_AddIntConstant(m, "ZSTD_MAX_RATIO", CKG_ZSTD_MAX_RATIO) < 0 ||
+        PyModule_AddIntConstant(m, "ZSTD_MIN_LEVEL", ZSTD_minCLevel()) < 0 ||
+        PyModule_AddIntConstant(m, "ZSTD_MAX_LEVEL", ZSTD_maxCLevel()) < 0 ||
         PyModule_AddIntConstant(m, "ALIGN", CKG_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "REC_HDR", CKG_REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MIN_COMPRESS", CKG_MIN_COMPRESS) < 0 ||

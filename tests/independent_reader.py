@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
+import zstandard
 
 ALIGN = 4096
 HEADER_SIZE = 4096
@@ -87,12 +88,13 @@ NUMPY_DTYPES = {
     "complex64": "<c8",
     "complex128": "<c16",
 }
-CODECS = {"raw": 0, "shuffle-lz4": 1}
+CODECS = {"raw": 0, "shuffle-lz4": 1, "shuffle-zstd": 2}
+ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per payload byte
 # pickled leaves are returned as opaque ``Pickled`` blobs, never loaded; rank-tree-diffs: the
 # values of rank_trees are diffs against tree (section 6.1); per-rank-tensors: a tensor entry may
 # be per_rank, its row r being rank r's own value (section 3.1)
 # packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
-KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors", "packed-records"}
+KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors", "packed-records", "zstd"}
 MAX_DIFF_PATH = 2048
 
 BODY_MEMBERS = {
@@ -662,8 +664,12 @@ def check_rows(
         if r["codec"] == "raw":
             _need(r["stored_len"] == rl, f"{w}: raw stored_len != record_raw_len")
         else:
-            _need(0 < r["stored_len"] < rl, f"{w}: shuffle-lz4 stored_len out of range")
+            _need(0 < r["stored_len"] < rl, f"{w}: {r['codec']} stored_len out of range")
+        if r["codec"] == "shuffle-lz4":
             _need(rl <= 256 * r["stored_len"] + 64, f"{w}: more raw bytes than LZ4 can hold")
+        if r["codec"] == "shuffle-zstd":
+            _need("zstd" in feats, f"{w}: shuffle-zstd without the zstd feature")
+            _need(rl <= ZSTD_MAX_RATIO * r["stored_len"], f"{w}: more raw bytes than zstd can hold")
         _need(r["offset"] >= 0 and r["offset"] % ALIGN == 0, f"{w}: offset not 4096-aligned")
         shards[(t, tuple(so), tuple(sl))].append((i, r))
 
@@ -857,6 +863,27 @@ def shuffle(data: bytes, w: int) -> bytes:
     return np.frombuffer(data, dtype=np.uint8).reshape(n, w).T.tobytes()
 
 
+def zstd_frame(payload: bytes, raw_len: int, where: str) -> bytes:
+    """Decode a shuffle-zstd payload (section 7): one zstd frame (RFC 8878) with the magic, no
+    checksum or dictionary, Frame_Content_Size == raw_len, nothing after the frame."""
+    _need(len(payload) >= 6 and payload[:4] == b"\x28\xb5\x2f\xfd", f"{where}: no zstd magic")
+    fhd = payload[4]
+    _need(fhd & 0x07 == 0, f"{where}: zstd frame with a checksum or dictionary flag")
+    single, fcs_flag = fhd >> 5 & 1, fhd >> 6
+    size = [1 if single else 0, 2, 4, 8][fcs_flag]
+    _need(size > 0, f"{where}: zstd frame without its content size")
+    at = 5 + (0 if single else 1)  # the window descriptor, absent in single-segment frames
+    _need(len(payload) >= at + size, f"{where}: zstd frame header truncated")
+    fcs = int.from_bytes(payload[at : at + size], "little") + (256 if size == 2 else 0)
+    _need(fcs == raw_len, f"{where}: zstd content size {fcs} != raw_len {raw_len}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(payload, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise SpecViolation(f"{where}: zstd frame does not decode: {e}") from None
+    _need(len(data) == raw_len, f"{where}: decoded {len(data)} != raw_len")
+    return data
+
+
 def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: bool = True) -> bytes:
     """Read, check and decode one chunk record (section 8): all its raw bytes (of a packed
     record, the concatenation of its rows' slices)."""
@@ -881,6 +908,8 @@ def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: boo
     _need(pad.count(0) == len(pad), f"{where}: nonzero padding")
     if codec == 0:
         raw = payload
+    elif codec == 2:
+        raw = unshuffle(zstd_frame(payload, raw_len, where), es)
     else:
         try:
             shuffled = lz4.block.decompress(payload, uncompressed_size=raw_len)

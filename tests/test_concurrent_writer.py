@@ -54,7 +54,7 @@ def _check(path: str) -> None:
     assert set(back) == {"w", "h"}
 
 
-@pytest.mark.parametrize("compress", ["none", "lz4"])
+@pytest.mark.parametrize("compress", ["none", "lz4", "zstd"])
 def test_save_while_another_thread_writes_commits_a_verifiable_checkpoint(
     tmp_path, which_backend: str, compress: str
 ) -> None:

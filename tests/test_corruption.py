@@ -38,6 +38,7 @@ class Pristine:
 
 COMPRESS = ["lz4", "none"]
 both_codecs = pytest.mark.parametrize("pristine", COMPRESS, indirect=True)
+CODEC_OF = {"lz4": "shuffle-lz4", "zstd": "shuffle-zstd"}  # the compressed codec each save has
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def pristine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     g = torch.Generator().manual_seed(1)
     state = {
         "rand": torch.randn(3 * CHUNK // 4 + 5, generator=g),  # incompressible: raw
-        "zeros": torch.zeros(3 * CHUNK // 8, dtype=torch.float64),  # shuffle-lz4 under lz4
+        "zeros": torch.zeros(3 * CHUNK // 8, dtype=torch.float64),  # compressed under lz4/zstd
         "ids": torch.arange(700, dtype=torch.int64),
         "small": torch.tensor([1, 2, 3], dtype=torch.int16),
         "meta": {"step": 3},
@@ -182,7 +183,7 @@ def _payload(codec: str, where: str) -> Damage:
     return fn
 
 
-for _c in ("raw", "shuffle-lz4"):
+for _c in ("raw", "shuffle-lz4", "shuffle-zstd"):
     for _w in ("first", "middle", "last"):
         CASES[f"payload_{_c}_{_w}"] = _payload(_c, _w)
 
@@ -273,10 +274,19 @@ def _names_file(problem: object, file: str) -> bool:
     return (pf is not None and os.path.basename(str(pf)) == file) or file in str(problem)
 
 
+def _applies(compress: str, name: str) -> bool:
+    """Whether case ``name`` damages a record that a save with ``compress`` has."""
+    codec = next((c for c in CODEC_OF.values() if c in name), None)
+    if compress == "zstd":
+        return codec == "shuffle-zstd"
+    return codec is None or codec == CODEC_OF.get(compress)
+
+
 @pytest.mark.parametrize(
     "pristine,name",
-    # A checkpoint saved with compress="none" has no shuffle-lz4 record to damage.
-    [(c, n) for c in COMPRESS for n in sorted(CASES) if not (c == "none" and "lz4" in n)],
+    # Every case on checkpoints saved with "lz4" and "none" (where it has such a record), and
+    # the damaged zstd payloads on one saved with "zstd".
+    [(c, n) for c in [*COMPRESS, "zstd"] for n in sorted(CASES) if _applies(c, n)],
     indirect=["pristine"],
 )
 def test_damage_detected(name: str, pristine: Pristine, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import ckptguard
 from ckptguard.tree import NUMPY_BY_NAME, TORCH_DTYPES
 
-COMPRESS = ["lz4", "none"]
+COMPRESS = ["lz4", "zstd", "none"]
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -22,3 +22,4 @@ def command() -> None:
         for name, version in sorted(libraries.items()):
             echo(f"native {name}: {version}")
     echo(f"python lz4: {info['python_lz4']}")
+    echo(f"python zstd: {info['python_zstd']}")

@@ -23,11 +23,17 @@ RECORD_HEADER_SIZE = 64
 TRAILER_SIZE = 32
 MAX_FOOTER_BYTES = 1 << 30
 
-CODECS = {"raw": 0, "shuffle-lz4": 1}
+CODECS = {"raw": 0, "shuffle-lz4": 1, "shuffle-zstd": 2}
 # An LZ4 block expands at most ~255x: a shuffle-lz4 payload of stored_len bytes cannot decode to
 # more raw bytes than this. Readers refuse larger raw_len claims before allocating anything.
 LZ4_MAX_RATIO = 256
 LZ4_SLACK = 64
+# A zstd block decodes to at most 128 KiB and takes at least 4 bytes (an RLE block: 3 bytes of
+# header, 1 of content): a shuffle-zstd payload decodes to at most 32768x its length.
+ZSTD_MAX_RATIO = 32768
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # the first 4 bytes of a zstd frame (RFC 8878)
+ZSTD_FEATURE = "zstd"
+"""The manifest feature a checkpoint with ``shuffle-zstd`` chunks declares (format.md s. 3)."""
 
 
 _Len = TypeVar("_Len", int, "np.ndarray")
@@ -37,6 +43,12 @@ def lz4_max_raw_len(stored_len: _Len) -> _Len:
     """The most raw bytes a shuffle-lz4 payload of ``stored_len`` bytes can decode to (for one
     length, or elementwise for an index column of them)."""
     return stored_len * LZ4_MAX_RATIO + LZ4_SLACK
+
+
+def zstd_exceeds(raw_len: _Len, stored_len: _Len) -> _Len:
+    """Whether ``raw_len`` (> 0) is more than a shuffle-zstd payload of ``stored_len`` bytes can
+    decode to (for one length, or elementwise for index columns; never overflows)."""
+    return (raw_len - 1) // ZSTD_MAX_RATIO >= stored_len
 
 
 CODEC_NAMES = {v: k for k, v in CODECS.items()}

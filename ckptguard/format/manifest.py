@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
-from .datafile import FormatError
+from .datafile import ZSTD_FEATURE, FormatError
 from .index import PACKED_RECORDS, is_packed
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
@@ -24,7 +24,9 @@ MAX_TENSOR_BYTES = 1 << 62
 MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
-KNOWN_FEATURES = frozenset({"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS})
+KNOWN_FEATURES = frozenset(
+    {"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS, ZSTD_FEATURE}
+)
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -70,12 +72,15 @@ def features(
     pickle: bool, rank_trees: dict, tensors: list[dict], table: pa.Table | None = None
 ) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
-    per-rank tensors, and records shared by several rows of index ``table``."""
+    per-rank tensors, and, from its index ``table``, records shared by several rows and zstd
+    chunks."""
+    zstd = table is not None and pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
         *([RANK_TREE_DIFFS] if rank_trees else []),
         *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
         *([PACKED_RECORDS] if table is not None and is_packed(table) else []),
+        *([ZSTD_FEATURE] if zstd else []),
     ]
 
 

@@ -16,7 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import dtypes
-from .datafile import CODECS, HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, lz4_max_raw_len
+from .datafile import (
+    CODECS,
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    ZSTD_FEATURE,
+    FormatError,
+    lz4_max_raw_len,
+    zstd_exceeds,
+)
 from .index import PACKED_RECORDS, int_lists, is_packed
 from .layout import ALIGN, datafile_rank, is_name
 
@@ -99,11 +107,16 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
     rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     is_raw, rlen, stored = rec.codec == CODECS["raw"], rec.raw_len, rec.stored
+    is_zstd = rec.codec == CODECS["shuffle-zstd"]
     rows.fail(is_raw & (stored != rlen), "raw chunk with stored_len != raw_len")
     rows.fail(~is_raw & ((stored <= 0) | (stored >= rlen)), "compressed chunk with bad stored_len")
     rows.fail(
-        ~is_raw & (rlen > lz4_max_raw_len(stored)),
+        (rec.codec == CODECS["shuffle-lz4"]) & (rlen > lz4_max_raw_len(stored))
+        | is_zstd & zstd_exceeds(rlen, stored),
         "compressed chunk claims more raw bytes than its payload can hold",
+    )
+    rows.fail(
+        is_zstd & (ZSTD_FEATURE not in features), "shuffle-zstd chunk without the zstd feature"
     )
     _check_placement(table, rows, files, rec, elem)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):

@@ -5,9 +5,9 @@
  *     LLVMFuzzerTestOneInput is driven by the fuzzer;
  *   - standalone (gcc, `make test-native`): main() mutates valid records made by the encoder
  *     (bit flips, truncation, extension, length fields set to odd or huge values, bad codec ids,
- *     bad element sizes) for a bounded number of inputs, re-signing the header half of the time so
- *     the payload decoder is reached.
- * Either way every input must end in a typed status code, and ASan/UBSan watch every access.
+ *     bad element sizes, damaged zstd frame headers) for a bounded number of inputs, re-signing the
+ * header half of the time so the payload decoder is reached. Either way every input must end in a
+ * typed status code, and ASan/UBSan watch every access.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,7 +17,7 @@
 
 #define MAX_RAW (1u << 20) /* a reader validates raw_len against the tensor before allocating */
 
-static int valid_code(int rc) { return rc >= CKG_OK && rc <= CKG_E_TOOBIG && rc != CKG_E_IO; }
+static int valid_code(int rc) { return rc >= CKG_OK && rc <= CKG_E_LEVEL && rc != CKG_E_IO; }
 
 static void put_le64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -77,7 +77,8 @@ static uint64_t rnd(void) {
     return st * 0x2545F4914F6CDD1Dull;
 }
 
-/* A valid record (header + payload + padding) of one of a few data shapes. */
+/* A valid record (header + payload + padding) of one of a few data shapes; kinds 0-9 try
+ * shuffle-lz4, 10-19 shuffle-zstd. */
 static uint8_t *seed_record(int kind, size_t *len) {
     static ckg_scratch s;
     unsigned elems[] = {1, 2, 4, 8, 16};
@@ -89,7 +90,8 @@ static uint8_t *seed_record(int kind, size_t *len) {
     size_t cap = ckg_encode_bound(raw_len);
     uint8_t *rec = calloc(1, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
-    if (ckg_encode_chunk(raw, raw_len, elem, 1, 0, rec + CKG_REC_HDR, cap, &s, &ch) != CKG_OK)
+    int codec = kind < 10 ? CKG_SHUFFLE_LZ4 : CKG_SHUFFLE_ZSTD;
+    if (ckg_encode_chunk(raw, raw_len, elem, codec, 0, rec + CKG_REC_HDR, cap, &s, &ch) != CKG_OK)
         abort();
     ckg_rec_header h = {ch.codec, elem, raw_len, ch.stored_len, {0}, (uint32_t)kind};
     memcpy(h.hash, ch.hash, 16);
@@ -143,9 +145,10 @@ static void mutate(uint8_t **buf, size_t *len) {
     case 6: /* elem size */
         if (n > 5) b[5] = (uint8_t)(rnd() % 4 ? rnd() % 20 : rnd());
         break;
-    case 7: /* overwrite a run of payload bytes */
+    case 7: /* overwrite a run of payload bytes, half of the time in a zstd frame's header */
         if (n > CKG_REC_HDR) {
-            size_t at = CKG_REC_HDR + rnd() % (n - CKG_REC_HDR), m = 1 + rnd() % 64;
+            size_t span = n - CKG_REC_HDR, m = 1 + rnd() % 64;
+            size_t at = CKG_REC_HDR + rnd() % ((rnd() & 1) && span > 18 ? 18 : span);
             for (size_t i = at; i < n && i < at + m; i++) b[i] = (uint8_t)rnd();
         }
         break;
@@ -163,7 +166,7 @@ int main(int argc, char **argv) {
     long bad = 0, ok = 0;
     for (long it = 0; it < iters; it++) {
         size_t len;
-        uint8_t *rec = seed_record((int)(it % 10), &len);
+        uint8_t *rec = seed_record((int)(it % 20), &len);
         for (int m = 0, k = 1 + (int)(rnd() % 3); m < k; m++) mutate(&rec, &len);
         if (rnd() & 1) resign(rec, len);
         bad += one_input(rec, len);

@@ -68,47 +68,49 @@ static void test_chunk_roundtrip(void) {
     ckg_scratch s = {0}, s2 = {0};
     unsigned elems[] = {1, 2, 4, 8, 16};
     size_t lens[] = {0, 16, 48, 64, 4096, 65536, 65536 * 3 + 48, 1 << 20};
-    for (size_t e = 0; e < 5; e++) {
-        for (size_t l = 0; l < 8; l++) {
-            for (int kind = 0; kind < 4; kind++) {
-                unsigned elem = elems[e];
-                size_t len = lens[l] / elem * elem;
-                uint8_t *raw = malloc(len + 1), *back = malloc(len + 1);
-                size_t cap = ckg_encode_bound(len);
-                uint8_t *out = malloc(cap + 1);
-                fill(raw, len, elem, kind);
-                ckg_chunk ch;
-                CHECK(ckg_encode_chunk(raw, len, elem, 1, 0, out, cap, &s, &ch) == CKG_OK);
-                uint8_t h[16];
-                ckg_hash128(raw, len, h);
-                CHECK(memcmp(h, ch.hash, 16) == 0);
-                if (ch.codec == CKG_SHUFFLE_LZ4) {
-                    CHECK(ch.stored_len * 20 <= len * 19);
-                    CHECK(ch.payload == out);
-                } else {
-                    CHECK(ch.stored_len == len && ch.payload == out);
-                    CHECK(len == 0 || memcmp(out, raw, len) == 0);
+    for (int codec = CKG_SHUFFLE_LZ4; codec <= CKG_SHUFFLE_ZSTD; codec++) {
+        for (size_t e = 0; e < 5; e++) {
+            for (size_t l = 0; l < 8; l++) {
+                for (int kind = 0; kind < 4; kind++) {
+                    unsigned elem = elems[e];
+                    size_t len = lens[l] / elem * elem;
+                    uint8_t *raw = malloc(len + 1), *back = malloc(len + 1);
+                    size_t cap = ckg_encode_bound(len);
+                    uint8_t *out = malloc(cap + 1);
+                    fill(raw, len, elem, kind);
+                    ckg_chunk ch;
+                    CHECK(ckg_encode_chunk(raw, len, elem, codec, 0, out, cap, &s, &ch) == CKG_OK);
+                    uint8_t h[16];
+                    ckg_hash128(raw, len, h);
+                    CHECK(memcmp(h, ch.hash, 16) == 0);
+                    if (ch.codec == codec) {
+                        CHECK(ch.stored_len * 20 <= len * 19);
+                        CHECK(ch.payload == out);
+                    } else {
+                        CHECK(ch.stored_len == len && ch.payload == out);
+                        CHECK(len == 0 || memcmp(out, raw, len) == 0);
+                    }
+                    if (kind == 1 && len >= 4096) CHECK(ch.codec == codec);
+                    if (kind == 0 && len >= 4096) CHECK(ch.codec == CKG_RAW);
+                    if (len < CKG_MIN_COMPRESS) CHECK(ch.codec == CKG_RAW);
+                    CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
+                                           &s2, ch.hash) == CKG_OK);
+                    CHECK(len == 0 || memcmp(raw, back, len) == 0);
+                    /* a wrong hash is reported */
+                    uint8_t bad[16];
+                    memcpy(bad, h, 16);
+                    bad[7] ^= 1;
+                    CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
+                                           &s2, bad) == CKG_E_HASH);
+                    /* compress off: always raw, a copy in out, same hash */
+                    ckg_chunk ch2;
+                    CHECK(ckg_encode_chunk(raw, len, elem, 0, 0, out, cap, &s, &ch2) == CKG_OK);
+                    CHECK(ch2.codec == CKG_RAW && memcmp(ch2.hash, h, 16) == 0);
+                    CHECK(ch2.payload == out && (len == 0 || memcmp(out, raw, len) == 0));
+                    free(raw);
+                    free(back);
+                    free(out);
                 }
-                if (kind == 1 && len >= 4096) CHECK(ch.codec == CKG_SHUFFLE_LZ4);
-                if (kind == 0 && len >= 4096) CHECK(ch.codec == CKG_RAW);
-                if (len < CKG_MIN_COMPRESS) CHECK(ch.codec == CKG_RAW);
-                CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back, &s2,
-                                       ch.hash) == CKG_OK);
-                CHECK(len == 0 || memcmp(raw, back, len) == 0);
-                /* a wrong hash is reported */
-                uint8_t bad[16];
-                memcpy(bad, h, 16);
-                bad[7] ^= 1;
-                CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back, &s2,
-                                       bad) == CKG_E_HASH);
-                /* compress off: always raw, a copy in out, same hash */
-                ckg_chunk ch2;
-                CHECK(ckg_encode_chunk(raw, len, elem, 0, 0, out, cap, &s, &ch2) == CKG_OK);
-                CHECK(ch2.codec == CKG_RAW && memcmp(ch2.hash, h, 16) == 0);
-                CHECK(ch2.payload == out && (len == 0 || memcmp(out, raw, len) == 0));
-                free(raw);
-                free(back);
-                free(out);
             }
         }
     }
@@ -126,16 +128,52 @@ static void test_decode_malformed(void) {
     CHECK(ch.codec == CKG_SHUFFLE_LZ4);
     const uint8_t *p = ch.payload;
     size_t sl = ch.stored_len;
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl / 2, len, 4, dst, &s, NULL) == CKG_E_LZ4);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, 0, len, 4, dst, &s, NULL) == CKG_E_LZ4);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_LZ4);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl / 2, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, 0, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
     CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 3, dst, &s, NULL) == CKG_E_ELEM);
     CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 0, dst, &s, NULL) == CKG_E_ELEM);
-    CHECK(ckg_decode_chunk(2, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
+    CHECK(ckg_decode_chunk(3, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
     CHECK(ckg_decode_chunk(255, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
     CHECK(ckg_decode_chunk(CKG_RAW, raw, len - 1, len, 4, dst, &s, NULL) == CKG_E_LENGTH);
     CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, (size_t)1 << 40, len, 4, dst, &s, NULL) ==
           CKG_E_TOOBIG);
+    free(raw);
+    free(out);
+    free(dst);
+    ckg_scratch_free(&s);
+}
+
+/* shuffle-zstd: every way a payload can disagree with its frame is refused before decoding. */
+static void test_decode_malformed_zstd(void) {
+    ckg_scratch s = {0};
+    size_t len = 65536, cap = ckg_encode_bound(len);
+    uint8_t *raw = malloc(len), *out = calloc(1, cap + 8), *dst = malloc(len);
+    fill(raw, len, 4, 3);
+    ckg_chunk ch;
+    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 0, out, cap, &s, &ch) == CKG_OK);
+    CHECK(ch.codec == CKG_SHUFFLE_ZSTD && memcmp(out, "\x28\xb5\x2f\xfd", 4) == 0);
+    const uint8_t *p = ch.payload;
+    size_t sl = ch.stored_len;
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, ch.hash) == CKG_OK);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl - 1, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 5, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl + 1, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 0, len, 4, dst, &s, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 1, 32769, 1, dst, &s, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 3, dst, &s, NULL) == CKG_E_ELEM);
+    out[4] |= 0x04; /* the checksum flag */
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    out[4] &= (uint8_t)~0x04;
+    out[0] ^= 1; /* not the zstd magic */
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, 0) == CKG_OK);
+    CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, -5) == CKG_OK);
+    CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, 23) == CKG_E_LEVEL);
+    CHECK(ckg_check_level(CKG_SHUFFLE_LZ4, 23) == CKG_OK);
+    CHECK(ckg_check_level(7, 0) == CKG_E_CODEC);
+    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 99, out, cap, &s, &ch) == CKG_E_LEVEL);
     free(raw);
     free(out);
     free(dst);
@@ -186,8 +224,8 @@ static void test_records(void) {
     }
     rec[CKG_REC_HDR + ch.stored_len / 2] ^= 0x04;
     int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1);
-    CHECK(rc == CKG_E_LZ4 || rc == CKG_E_HASH);
-    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 0) == CKG_OK || rc == CKG_E_LZ4);
+    CHECK(rc == CKG_E_PAYLOAD || rc == CKG_E_HASH);
+    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 0) == CKG_OK || rc == CKG_E_PAYLOAD);
     free(raw);
     free(dst);
     free(rec);
@@ -307,6 +345,7 @@ int main(void) {
     test_shuffle();
     test_chunk_roundtrip();
     test_decode_malformed();
+    test_decode_malformed_zstd();
     test_records();
     test_pipelines();
     ckg_release_thread_buffers();

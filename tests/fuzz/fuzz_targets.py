@@ -353,11 +353,21 @@ def t_decode(data: bytes) -> None:
 def t_decode_lz4(data: bytes) -> None:
     """A shuffle-lz4 payload whose length fields fit it (raw_len near the data's own size), so
     most inputs reach the LZ4 decoder and the unshuffle of both backends."""
+    _decode_fitting(encode.SHUFFLE_LZ4, data)
+
+
+def t_decode_zstd(data: bytes) -> None:
+    """A shuffle-zstd payload whose length fields fit it, so most inputs reach the frame checks
+    (magic, flags, content size, trailing bytes), the zstd decoder and the unshuffle."""
+    _decode_fitting(encode.SHUFFLE_ZSTD, data)
+
+
+def _decode_fitting(codec: int, data: bytes) -> None:
     b = Bytes(data)
     elem = (1, 2, 4, 8, 16)[b.byte() % 5]
     raw_len = max(elem, b.uint(3) % (MAX_DEST + 1) // elem * elem)
     payload = b.rest()
-    _both(lambda be: encode.decode(1, payload, raw_len, elem, backend=be))
+    _both(lambda be: encode.decode(codec, payload, raw_len, elem, backend=be))
 
 
 def _both(call: Callable[[str], Any]) -> None:
@@ -532,6 +542,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "footer": t_footer,
     "decode": t_decode,
     "decode_lz4": t_decode_lz4,
+    "decode_zstd": t_decode_zstd,
     "record_read": t_record_read,
     "datafile": t_datafile,
     "latest": t_latest,
@@ -581,6 +592,14 @@ TREE_SEEDS: list[Any] = [
 ]
 
 
+def _zstd_seed() -> bytes:
+    """A valid decode_zstd input: 4 KiB of int32 (elem 4) as a shuffle-zstd payload."""
+    raw = np.arange(1024, dtype="<i4").tobytes()
+    codec, payload, _ = encode.encode(raw, 4, encode.SHUFFLE_ZSTD)
+    assert codec == encode.SHUFFLE_ZSTD
+    return bytes([2]) + len(raw).to_bytes(3, "little") + payload
+
+
 def seeds(target: str) -> list[bytes]:
     """Valid (or nearly valid) inputs of a target, derived from the context checkpoint."""
     c = context()
@@ -612,6 +631,7 @@ def seeds(target: str) -> list[bytes]:
             + lz["raw_len"].to_bytes(3, "little")
             + record(lz)[64 : 64 + lz["stored_len"]]
         ],
+        "decode_zstd": [_zstd_seed()],
         "record_read": [b"\x00" + record(first), b"\x00" + record(lz)],
         "datafile": [data],
         "latest": [b"ck\n", b"../ck\n", b"ck"],

@@ -333,3 +333,28 @@ def test_json_nested_beyond_the_stack() -> None:
 
     with pytest.raises(ValueError, match="nested too deeply"):
         strict_json(b"[" * 100_000)
+
+
+ZEROS_MIB = encode.encode(bytes(1 << 20), 1, encode.SHUFFLE_ZSTD)[1]  # a tiny frame of 1 MiB
+
+
+@SETTINGS
+@given(
+    raw_len=st.integers(0, 1 << 21) | INT_ARGS,
+    cut=st.integers(0, 8),
+    extra=st.binary(max_size=8),
+)
+def test_zstd_frame_claims(raw_len: int, cut: int, extra: bytes) -> None:
+    """A zstd frame of 1 MiB (a few dozen bytes), cut short or followed by bytes, under any
+    raw_len claim: the frame's own content size is checked against raw_len before anything of
+    that size is allocated, so only the one true claim decodes."""
+    payload = ZEROS_MIB[: len(ZEROS_MIB) - cut] + extra
+    outs: list[bytes] = []
+
+    def decode() -> None:
+        with contextlib.suppress(FormatError):
+            ft._both(lambda be: outs.append(encode.decode(2, payload, raw_len, 1, backend=be)))
+
+    whole = not cut and not extra and raw_len == 1 << 20
+    assert peak_allocation(decode) <= (4 << 20 if whole else 1 << 20)
+    assert bool(outs) == whole and all(o == bytes(1 << 20) for o in outs)
