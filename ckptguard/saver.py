@@ -27,6 +27,7 @@ import torch
 import xxhash
 
 from . import commit
+from .adapt import AUTO
 from .coord import Coordinator
 from .encode import RAW, SHUFFLE_LZ4, check_chunk_size
 from .errors import (
@@ -77,7 +78,8 @@ class SaveOptions:
     """
 
     compress: str = "auto"
-    """"auto"/"lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "none"."""
+    """"lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "none"; "auto": raw or a
+    codec per stretch, whichever the rates measured during the save say is faster (adapt)."""
     metadata: Any = None
     """Plain JSON stored in the manifest."""
     overwrite: bool = False
@@ -379,7 +381,7 @@ class _Save:
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
-            codec = COMPRESS[self.opt.compress]
+            codec = AUTO if self.opt.compress == "auto" else COMPRESS[self.opt.compress]
             for i, raw in self.source.stream([r.value for _, r in todo]):
                 writer.add(todo[i][0], todo[i][1], codec, raw)
             if self.on_read is not None:
