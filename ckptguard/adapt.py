@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from .encode import RAW, SHUFFLE_LZ4, encode
+from .encode import RAW, SHUFFLE_LZ4, encode_buffer
 
 AUTO = -1
 """The codec argument of ``RankWriter.add`` that lets the controller choose."""
@@ -63,9 +63,13 @@ Probe = Callable[[memoryview, int, int, int], tuple[int, int]]
 
 
 def probe_encode(block: memoryview, elem_size: int, codec: int, level: int) -> tuple[int, int]:
-    """Encode one block as a record would be (``encode.encode``); its stored size and time."""
+    """Encode one block as a record would be, on one thread of the active backend (the encoder
+    the records will use); its stored size and time."""
+    n = len(block) // 16 * 16  # a chunk size encode_buffer takes
+    if n < 64:
+        return len(block), 1
     t0 = time.perf_counter_ns()
-    _, payload, _ = encode(block, elem_size, codec, level)
+    ((_, payload, _),) = encode_buffer(block[:n], elem_size, n, codec, threads=1, level=level)
     return len(payload), time.perf_counter_ns() - t0
 
 
