@@ -56,7 +56,7 @@ HALF_LIFE = 64 << 20
 RESAMPLE = 64 << 20
 FIRST_PROBE = 128 << 20
 PROBE = 16 << 20
-MARGIN = 0.05
+MARGIN = 0.10
 
 Probe = Callable[[memoryview, int, int, int], tuple[int, int]]
 """(block, elem_size, codec, level) -> (stored bytes, nanoseconds to encode)."""
