@@ -1,8 +1,12 @@
-"""Two builds of ckptguard, interleaved on one workload: what a change costs (docs/benchmarks.md).
+"""Builds or settings of ckptguard, interleaved on one workload: what a change costs
+(docs/benchmarks.md).
 
-Each round runs one child process per build, in alternating order (A B, then B A, ...), so a
-slow period of a shared machine hits both builds alike. A child builds the workload from a fixed
-seed, saves it once to warm up, then measures, per trial:
+Two builds (``--a``, ``--b``), or settings of one build (``--variants``: ``compress`` values,
+each optionally with ``/odirect=0|1|auto``, e.g. ``auto none lz4 none/odirect=1``). Each round
+runs one child process per variant, the order rotated from round to round, so a slow period of
+a shared machine hits every variant alike. ``--congestion`` runs a competing
+``dd oflag=direct`` onto the disk of ``--dir`` for the whole run. A child builds the workload
+from a fixed seed, saves it once to warm up, then measures, per trial (``--only``: some):
 
   encode   every tensor through the native write path (``codec.write_records``) into one file
            on a memory file system (``--mem-dir``, /dev/shm): the CPU cost of chunking, hashing,
@@ -15,6 +19,7 @@ Each figure is the median over all trials of all rounds; the report gives B/A pe
 is a checkout whose ``ckptguard`` package (with its built extension) the child imports first.
 
     python benchmarks/ab_save.py --a /path/to/old --b . --size 512MiB --rounds 6
+    python benchmarks/ab_save.py --variants auto none lz4 auto/odirect=1 --only save
 """
 
 from __future__ import annotations
@@ -46,11 +51,8 @@ def child(args: argparse.Namespace) -> None:
     import ckptguard
     from ckptguard import backend
     from ckptguard.bench.workloads import iter_tensors, make_workload
-
-    try:  # the record writer's home differs between builds
-        from ckptguard.io import write_records
-    except ImportError:
-        from ckptguard.codec import write_records  # type: ignore[no-redef]
+    from ckptguard.io import write_records
+    from ckptguard.options import COMPRESS
 
     work = make_workload(args.workload, args.size, seed=1)
     tensors = [t for t in iter_tensors(work.state) if isinstance(t, torch.Tensor)]
@@ -61,7 +63,9 @@ def child(args: argparse.Namespace) -> None:
         mem = os.path.join(args.mem_dir, f"ab_save.{os.getpid()}.tmp")
         fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            for i in range(args.trials):
+            for _ in range(args.trials):
+                if "encode" not in args.only:
+                    break
                 os.ftruncate(fd, 0)
                 pos = 0
                 t0 = time.perf_counter()
@@ -75,13 +79,16 @@ def child(args: argparse.Namespace) -> None:
                         buf,
                         t.element_size(),
                         4 << 20,
-                        compress=args.compress != "none",
+                        COMPRESS["lz4" if args.compress == "auto" else args.compress],
                     ).end
                 out["encode"].append(time.perf_counter() - t0)
+            for i in range(args.trials):
                 t0 = time.perf_counter()
                 ckptguard.save(work.state, os.path.join(tmp, "s", f"t{i}"), compress=args.compress)
                 out["save"].append(time.perf_counter() - t0)
                 shutil.rmtree(os.path.join(tmp, "s", f"t{i}"))
+                if "save-mem" not in args.only:
+                    continue
                 t0 = time.perf_counter()
                 ckptguard.save(work.state, os.path.join(memstore, "m"), compress=args.compress)
                 out["save-mem"].append(time.perf_counter() - t0)
@@ -92,11 +99,14 @@ def child(args: argparse.Namespace) -> None:
         finally:
             os.close(fd)
             os.unlink(mem)
+    out = {k: v for k, v in out.items() if v}
     print(json.dumps({"backend": backend.name(), **out}))
 
 
-def run_child(tree: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def run_child(tree: str, compress: str, odirect: str | None, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    if odirect is not None:
+        env["CKPTGUARD_ODIRECT"] = odirect
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -106,11 +116,13 @@ def run_child(tree: str, args: argparse.Namespace) -> dict[str, list[float]]:
         "--workload",
         args.workload,
         "--compress",
-        args.compress,
+        compress,
         "--trials",
         str(args.trials),
         "--mem-dir",
         args.mem_dir,
+        "--only",
+        *args.only,
     ] + (["--dir", args.dir] if args.dir else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode:
@@ -121,15 +133,39 @@ def run_child(tree: str, args: argparse.Namespace) -> dict[str, list[float]]:
     return got
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
+    """(label, tree, compress, CKPTGUARD_ODIRECT or None) of each variant."""
+    if args.variants:
+        out = []
+        for spec in args.variants:
+            compress, _, rest = spec.partition("/")
+            odirect = rest.split("=", 1)[1] if rest.startswith("odirect=") else None
+            out.append((spec, args.b or ".", compress, odirect))
+        return out
+    if not (args.a and args.b):
+        raise SystemExit("ab_save: --a and --b, or --variants, are required")
+    return [("A", args.a, args.compress, None), ("B", args.b, args.compress, None)]
+
+
+def congestion(directory: str | None) -> subprocess.Popen | None:
+    """A competing writer on the disk of ``directory``: dd with O_DIRECT, in a loop."""
+    where = os.path.join(directory or tempfile.gettempdir(), f"ab_save.dd.{os.getpid()}")
+    loop = f"while :; do dd if=/dev/zero of={where} bs=1M count=2048 oflag=direct 2>/dev/null; done"
+    return subprocess.Popen(["sh", "-c", f"trap 'rm -f {where}; exit' TERM; {loop} & wait"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", help="the baseline tree")
-    p.add_argument("--b", help="the changed tree")
+    p.add_argument("--b", help="the changed tree (with --variants: the tree, default .)")
+    p.add_argument("--variants", nargs="+", help="settings of one build: compress[/odirect=X]")
     p.add_argument("--size", type=parse_size, default=parse_size("512MiB"))
     p.add_argument("--workload", default="model")
-    p.add_argument("--compress", default="none", choices=["none", "lz4"])
+    p.add_argument("--compress", default="none")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--only", nargs="+", default=["encode", "save", "save-mem", "load-mem"])
+    p.add_argument("--congestion", action="store_true", help="a competing dd oflag=direct")
     p.add_argument("--dir", help="where the stores go (default: the system's temp dir)")
     p.add_argument("--mem-dir", default="/dev/shm", help="a memory file system for 'encode'")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -137,21 +173,30 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    if not (args.a and args.b):
-        p.error("--a and --b are required")
-    times: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
-    for r in range(args.rounds):
-        for label in "AB" if r % 2 == 0 else "BA":
-            got = run_child(args.a if label == "A" else args.b, args)
-            for k, v in got.items():
-                times[label].setdefault(k, []).extend(v)
+    vs = variants(args)
+    times: dict[str, dict[str, list[float]]] = {v[0]: {} for v in vs}
+    dd = congestion(args.dir) if args.congestion else None
+    try:
+        for r in range(args.rounds):
+            for label, tree, compress, odirect in vs[r % len(vs) :] + vs[: r % len(vs)]:
+                for k, v in run_child(tree, compress, odirect, args).items():
+                    times[label].setdefault(k, []).extend(v)
+    finally:
+        if dd is not None:
+            dd.terminate()
+            dd.wait()
     print(
-        f"workload {args.workload}, {args.size / 2**20:.0f} MiB, compress={args.compress}, "
-        f"{args.rounds} rounds x {args.trials} trials, medians:"
+        f"workload {args.workload}, {args.size / 2**20:.0f} MiB, "
+        f"{'congested' if dd else 'no added load'}, "
+        f"{args.rounds} rounds x {args.trials} trials, medians (ratio to {vs[0][0]}):"
     )
-    for k in times["A"]:
-        a, b = statistics.median(times["A"][k]), statistics.median(times["B"][k])
-        print(f"  {k:8s} A {a:.3f} s   B {b:.3f} s   B/A {b / a:.3f}")
+    for k in times[vs[0][0]]:
+        base = statistics.median(times[vs[0][0]][k])
+        cells = []
+        for label, *_ in vs:
+            m = statistics.median(times[label][k])
+            cells.append(f"{label} {m:.3f} s ({m / base:.2f})")
+        print(f"  {k:8s} " + "   ".join(cells))
 
 
 if __name__ == "__main__":

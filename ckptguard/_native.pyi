@@ -60,9 +60,9 @@ def write_records(
     codec: int,
     level: int,
     threads: int,
-    direct: bool,
+    dfd: int,
     /,
-) -> tuple[list[_RecordInfo], int, bool]: ...
+) -> tuple[list[_RecordInfo], int, bool, tuple[int, int, int]]: ...
 def decode_into(dest: Buffer, items: Sequence[_DecodeItem], threads: int, /) -> None: ...
 def read_into(
     fd: int,

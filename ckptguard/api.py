@@ -21,9 +21,10 @@ from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
 from .open import CheckpointReader
+from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
-from .saver import SaveOptions, save_state
+from .saver import save_state
 from .store import Store
 
 T = TypeVar("T")

@@ -4,7 +4,10 @@
 ckptguard fails loudly without it), ``0`` forces pure Python, unset or ``auto`` uses native when
 it was built. ``CKPTGUARD_THREADS`` sets the default thread count; otherwise it is the number of
 CPUs this process may run on (``sched_getaffinity``), or Slurm's ``SLURM_CPUS_PER_TASK`` if that
-is smaller. Both paths write identical bytes (docs/native.md).
+is smaller. ``CKPTGUARD_ODIRECT`` chooses how records reach the disk: ``1`` through O_DIRECT,
+``0`` buffered (with early writeback), unset or ``auto`` either, chosen during each save from the
+write rates it measures (``ckptguard.adapt``). Both paths write identical bytes
+(docs/native.md).
 """
 
 from __future__ import annotations
@@ -135,9 +138,19 @@ def set_threads(n: int | None) -> None:
     _threads = n
 
 
-def direct_io() -> bool:
-    """Whether record writes try O_DIRECT (CKPTGUARD_ODIRECT=1); refused file systems fall back."""
-    return os.environ.get(DIRECT_ENV, "").strip() == "1"
+def direct_io() -> bool | None:
+    """Whether record writes go through O_DIRECT: True (CKPTGUARD_ODIRECT=1; file systems that
+    refuse it fall back to buffered), False (``0``), None (unset or ``auto``: the writer chooses
+    from what it measures). Another value raises ValueError."""
+    mode = os.environ.get(DIRECT_ENV, "").strip().lower()
+    if mode not in ("", "auto", "0", "1"):
+        raise ValueError(f"{DIRECT_ENV} must be 0, 1 or auto, not {mode!r}")
+    return None if mode in ("", "auto") else mode == "1"
+
+
+def direct_mode() -> str:
+    """``"on"``, ``"off"`` or ``"auto"``: ``direct_io`` in words (``ckptguard doctor``)."""
+    return {True: "on", False: "off", None: "auto"}[direct_io()]
 
 
 def _dotted(version: tuple) -> str:
@@ -151,7 +164,7 @@ def info() -> dict[str, object]:
         "reason": reason(),
         "threads": default_threads(),
         "cpus": cpu_count(),
-        "o_direct": direct_io(),
+        "o_direct": direct_mode(),
     }
     if _module is not None:
         out["libraries"] = _module.library_versions()

@@ -30,7 +30,8 @@ from .errors import (
 from .format.layout import split_path
 from .format.manifest import CheckpointInfo
 from .handoff import Handoff
-from .saver import FailedState, SaveOptions, save_state
+from .options import SaveOptions
+from .saver import FailedState, save_state
 from .sources import BufferedSource
 from .tree import Flat, flatten
 

@@ -5,11 +5,15 @@ place for the writer, the reader and the drain. On them: ``write_records`` (enco
 write its aligned chunk records) and ``read_records`` (read, check and decode records into a
 destination), on either backend. The native path adds O_DIRECT and early writeback inside the
 extension (native/pipeline.c); the pure-Python path writes buffered and advises readahead.
+Both report what a write took (``WriteResult``: encode and write nanoseconds, bytes written),
+which the writer's controller (``adapt``) uses to choose the codec and the I/O mode.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +55,23 @@ class WriteResult(NamedTuple):
     records: list[Record]
     end: int  # offset after the last record's padding; the descriptor is positioned there
     direct: bool  # every record was written with O_DIRECT
+    enc_ns: int = 0  # copying, hashing and encoding the chunks, summed over the threads
+    write_ns: int = 0  # writing the records (for buffered ones: and awaiting their writeback)
+    written: int = 0  # bytes of records written (headers, payloads, padding)
+
+
+def open_direct(path: str) -> int:
+    """An O_DIRECT write descriptor of ``path`` (an existing file), or -1 where the system or
+    the file system refuses O_DIRECT (tmpfs: EINVAL): records are then written buffered."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return -1
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def _views(parts: Sequence[Any]) -> list[memoryview]:
@@ -121,14 +142,17 @@ def write_records(
     direct: bool | None = None,
     backend: str | None = None,
     level: int = 0,
+    dfd: int = -1,
 ) -> WriteResult:
     """Encode ``buf`` and write its chunk records (docs/format.md section 7) at ``pos``.
 
     ``codec`` is tried on every chunk at ``level`` (``encode.encode``). Records get sequence
     numbers from ``seq0`` and lie back to back, each padded to 4096 bytes.
     ``fd`` is left positioned at the returned ``end``. Nothing is fsynced (one fsync per file is
-    the caller's). ``direct`` (default: CKPTGUARD_ODIRECT) writes through O_DIRECT where the
-    file system allows it. I/O errors raise OSError with errno and ``path``.
+    the caller's). ``direct`` (default: CKPTGUARD_ODIRECT=1) writes the native path's records
+    through ``dfd``, an O_DIRECT descriptor of the same file (``open_direct``; one is opened for
+    this call if none is given), where the file system allows it. I/O errors raise OSError with
+    errno and ``path``.
     """
     view = as_buffer(buf)
     check_chunking(len(view), elem_size, chunk_size, codec)
@@ -137,29 +161,70 @@ def write_records(
     if seq0 < 0 or seq0 + -(-len(view) // chunk_size) > MAX_SEQ:
         raise ValueError("record sequence numbers must fit in 32 bits")
     threads = threads or _backend.default_threads()
-    direct = _backend.direct_io() if direct is None else direct
+    direct = _backend.direct_io() is True if direct is None else direct
     if _backend.resolve(backend) == _backend.NATIVE:
-        recs, end, used = _backend.native().write_records(
-            fd, path, pos, seq0, view, elem_size, chunk_size, codec, level, threads, direct
-        )
-        return WriteResult([Record(*r) for r in recs], end, used)
+        own = open_direct(path) if direct and dfd < 0 and len(view) else -1
+        try:
+            recs, end, used, (enc_ns, write_ns, written) = _backend.native().write_records(
+                fd,
+                path,
+                pos,
+                seq0,
+                view,
+                elem_size,
+                chunk_size,
+                codec,
+                level,
+                threads,
+                (own if own >= 0 else dfd) if direct else -1,
+            )
+        finally:
+            if own >= 0:
+                os.close(own)
+        return WriteResult([Record(*r) for r in recs], end, used, enc_ns, write_ns, written)
+    return _write_records_py(
+        fd, path, pos, seq0, view, elem_size, chunk_size, codec, threads, level
+    )
+
+
+def _write_records_py(
+    fd: int,
+    path: str,
+    pos: int,
+    seq0: int,
+    view: memoryview,
+    elem_size: int,
+    chunk_size: int,
+    codec: int,
+    threads: int,
+    level: int,
+) -> WriteResult:
+    """``write_records`` on the pure-Python path: buffered writes, the same bytes."""
     out: list[Record] = []
     pieces = split_chunks(view, chunk_size)
     batch = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
+    start = pos
+
+    def timed(p: memoryview) -> tuple[tuple[int, bytes, bytes], int]:
+        t0 = time.perf_counter_ns()
+        return encode(p, elem_size, codec, level), time.perf_counter_ns() - t0
+
+    enc_ns = write_ns = 0
     for b in range(0, len(pieces), batch):
-        chunks = parallel_map(
-            lambda p: encode(p, elem_size, codec, level), pieces[b : b + batch], threads
-        )
-        for n, (cid, payload, h) in enumerate(chunks, start=b):
+        chunks = parallel_map(timed, pieces[b : b + batch], threads)
+        for n, ((cid, payload, h), ns) in enumerate(chunks, start=b):
+            enc_ns += ns
             raw_len = len(pieces[n])
             hdr = RecordHeader(cid, elem_size, raw_len, len(payload), h, seq0 + n)
             used = RECORD_HEADER_SIZE + len(payload)
             parts = [pack_record_header(hdr), payload, _ZERO_PAGE[: align(used) - used]]
+            t0 = time.perf_counter_ns()
             pwrite_all(fd, parts, pos, path)
+            write_ns += time.perf_counter_ns() - t0
             out.append(Record(cid, len(payload), h, pos, raw_len))
             pos += align(used)
     os.lseek(fd, pos, os.SEEK_SET)
-    return WriteResult(out, pos, False)
+    return WriteResult(out, pos, False, enc_ns, write_ns, pos - start)
 
 
 def _check_read_item(it: ReadItem, i: int) -> None:

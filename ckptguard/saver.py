@@ -8,14 +8,13 @@ gather(descriptions) -> broadcast(plan) -> write -> gather(reports) -> broadcast
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +26,14 @@ import torch
 import xxhash
 
 from . import commit
+from .adapt import AUTO
 from .coord import Coordinator
-from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
+from .encode import parse_compress
 from .errors import (
     CheckpointAbortedError,
     CheckpointError,
     OptionsMismatchError,
     ReplicaMismatchWarning,
-    UnsupportedObjectError,
     from_oserror,
 )
 from .failpoints import failpoint, set_rank
@@ -46,6 +45,7 @@ from .format.manifest import CheckpointInfo
 from .format.validate import check_table
 from .hooks import run_commit_hooks
 from .inventory import bind_per_rank, describe_local
+from .options import COMPRESS, SaveOptions, check_options, shaping_options
 from .pack import Packer
 from .plan import PlanError, assignment, make_plan, writer_from_json
 from .report import (
@@ -63,74 +63,7 @@ from .report import (
 from .sources import DIRECT, ByteSource
 from .tree import Flat, TensorRef, flatten
 from .version import __version__
-from .writer import DEFAULT_CHUNK, RankWriter
-
-COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "zstd": SHUFFLE_ZSTD, "none": RAW}
-"""``compress`` values and the codec id each tries on every chunk (``encode.encode``); "zstd:N"
-asks for zstd at level N (``encode.parse_compress``)."""
-
-
-@dataclass(frozen=True)
-class SaveOptions:
-    """The options of ``ckptguard.save`` (its keyword arguments but ``coordinator``), checked.
-
-    The one list of them: ``save``, ``Checkpointer`` and the agent's handoff all take these
-    fields by name, so an option is added here and nowhere else.
-    """
-
-    compress: str = "auto"
-    """"auto"/"lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "zstd" (level 1) or
-    "zstd:N": the same with zstd at level N (smaller, slower); "none"."""
-    metadata: Any = None
-    """Plain JSON stored in the manifest."""
-    overwrite: bool = False
-    """Replace a committed checkpoint of the same name (the new one is committed first)."""
-    step: int | None = None
-    allow_pickle: bool = False
-    """Pickle values that are neither tensors nor plain JSON (else UnsupportedObjectError)."""
-    chunk_size: int = DEFAULT_CHUNK
-    timeout: float = 600.0
-    """Seconds each wait for the other ranks may take."""
-    check_replicated: bool = True
-    """Refuse replicas whose copies differ; False saves the lowest rank's copy for every rank."""
-
-    def __post_init__(self) -> None:
-        parse_compress(self.compress, COMPRESS)
-        if self.step is not None and (type(self.step) is not int):
-            raise TypeError("step must be an int or None")
-        check_chunk_size(self.chunk_size)
-        t = self.timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
-            raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
-        try:
-            json.dumps(self.metadata, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def check_names(cls, options: Mapping[str, Any]) -> None:
-        """Raise TypeError naming the options that ``save`` does not take."""
-        unknown = sorted(set(options) - set(cls.names()))
-        if unknown:
-            raise TypeError(
-                f"unknown save option(s) {', '.join(map(repr, unknown))}; "
-                f"the options are {', '.join(cls.names())}"
-            )
-
-    @classmethod
-    def from_kwargs(cls, options: Mapping[str, Any]) -> SaveOptions:
-        """The options of ``save(**options)``, checked (TypeError for a name it does not take)."""
-        cls.check_names(options)
-        return cls(**options)
-
-    def to_json(self) -> dict[str, Any]:
-        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON)."""
-        return dataclasses.asdict(self)
-
+from .writer import RankWriter
 
 LAST_TIMINGS: dict[str, float] = {}
 """Rank 0's wall-clock marks of the last save (for the commit-overhead benchmark)."""
@@ -152,49 +85,6 @@ class _RankFailed(Exception):
         self.rank = rank
 
 
-SHAPING = (
-    "path",
-    "overwrite",
-    "compress",
-    "chunk_size",
-    "allow_pickle",
-    "check_replicated",
-    "step",
-)
-"""The options of a save that shape what is committed, besides ``metadata``: every rank must
-pass the same (its ``path``: the checkpoint's absolute path)."""
-
-
-def shaping_options(opt: SaveOptions, store: str, name: str) -> dict:
-    """This rank's options that shape the checkpoint, as JSON (``metadata`` by its xxh3-128,
-    so that large metadata does not travel to rank 0 from every rank)."""
-    doc: dict[str, Any] = {k: getattr(opt, k) for k in SHAPING if k != "path"}
-    doc["compress"] = list(parse_compress(opt.compress, COMPRESS))
-    doc["path"] = os.path.join(store, name)
-    doc["metadata"] = "xxh3:" + xxhash.xxh3_128_hexdigest(dump_json(opt.metadata))
-    return doc
-
-
-def check_options(per_rank: list[dict]) -> None:
-    """Raise OptionsMismatchError naming the first option the ranks disagree on, with each
-    distinct value and the ranks that passed it."""
-    for option in (*SHAPING, "metadata"):
-        values = [o.get(option) for o in per_rank]
-        if all(v == values[0] for v in values):
-            continue
-        ranks: dict[str, list[int]] = {}
-        for r, v in enumerate(values):
-            ranks.setdefault(json.dumps(v), []).append(r)
-        shown = [f"{_brief(json.loads(v))} on {_ranks(rs)}" for v, rs in ranks.items()]
-        more = f", and {len(shown) - 4} other values" if len(shown) > 4 else ""
-        raise OptionsMismatchError(
-            f"the ranks passed different values of {option!r} to one save: "
-            f"{'; '.join(shown[:4])}{more}. Every rank must pass the same; nothing was written",
-            option,
-            dict(enumerate(values)),
-        )
-
-
 def writer_versions() -> dict[str, str]:
     """The manifest's ``writer`` member: the versions that wrote the checkpoint."""
     return {
@@ -206,16 +96,6 @@ def writer_versions() -> dict[str, str]:
         "xxhash": xxhash.VERSION,
         "pyarrow": pa.__version__,
     }
-
-
-def _brief(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _ranks(rs: list[int]) -> str:
-    head = ", ".join(map(str, rs[:8])) + (f", ... ({len(rs)} ranks)" if len(rs) > 8 else "")
-    return f"rank {head}" if len(rs) == 1 else f"ranks {head}"
 
 
 def _warn_differing(keys: list[str], world: int) -> None:
@@ -382,6 +262,8 @@ class _Save:
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
             codec, level = parse_compress(self.opt.compress, COMPRESS)
+            if self.opt.compress == "auto":
+                codec = AUTO
             packer = Packer(writer, todo, codec, level)
             for i, raw in self.source.stream(packer.values()):
                 packer.add(i, raw)

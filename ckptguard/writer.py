@@ -6,7 +6,8 @@ import os
 from typing import Any
 
 from . import backend as _backend
-from .encode import check_chunk_size
+from .adapt import AUTO, STRETCH, Choice, Controller, Measured
+from .encode import as_buffer, check_chunk_size
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
@@ -26,11 +27,21 @@ from .format.datafile import (
 from .format.index import Row, footer_rows, is_packed, to_table
 from .format.layout import datafile_name
 from .fsutil import UnsafeFileError, open_regular
-from .io import pread_exact, write_all, write_records
+from .io import WriteResult, open_direct, pread_exact, write_all, write_records
 from .sources import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20
+
+LAST_WRITE: dict[str, dict[str, int]] = {}
+"""The last data file this process finished: raw bytes per codec stored (``"codec"``) and per
+I/O mode (``"io"``: ``"buffered"``, ``"direct"``), as ``compress="auto"`` and CKPTGUARD_ODIRECT
+chose them (for benchmarks and diagnosis)."""
+
+
+def adapt_stretch(chunk: int) -> int:
+    """Bytes of a stretch the controller looks at: whole chunks, about ``adapt.STRETCH``."""
+    return max(chunk, STRETCH // chunk * chunk)
 
 
 class RankWriter:
@@ -52,42 +63,81 @@ class RankWriter:
         # Settings read once per file, not once per tensor: environment look-ups and an affinity
         # syscall per tensor would cost a fifth of a save of 10,000 small tensors.
         self._threads = _backend.default_threads()
-        self._direct = _backend.direct_io()
         self._backend = _backend.name()
+        direct = _backend.direct_io()
+        # One O_DIRECT descriptor for the whole file (-1: buffered only, as on the pure-Python
+        # path and on file systems that refuse O_DIRECT).
+        self._dfd = -1
+        if direct is not False and self._backend == _backend.NATIVE:
+            try:
+                self._dfd = open_direct(self.path)
+            except OSError:
+                self.abort()
+                raise
+        self.control = Controller(self._threads, direct, self._dfd >= 0)
 
     def add(self, tid: int, ref: TensorRef, codec: int, raw: Any = None, level: int = 0) -> None:
         """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded),
-        each tried with ``codec`` at ``level`` (``encode.encode``).
+        each tried with ``codec`` at ``level`` (``encode.encode``); ``adapt.AUTO``: the codec
+        the file's controller chooses per stretch (``adapt``), which also chooses the I/O mode.
 
         ``raw``: the tensor's bytes (default: read from ``ref.value``), or the next part of them
         when the tensor arrives in parts; every part but the last must be a whole number of
         chunks, so the chunks are those of the tensor in one piece.
         """
         size = dtypes.SIZES[ref.dtype]
-        raw = tensor_bytes(ref.value) if raw is None else raw
+        view = as_buffer(tensor_bytes(ref.value) if raw is None else raw)
         step = self.chunk_size
         first, done_bytes = 0, 0
         if self._open is not None and self._open[0] == tid:
             _, first, done_bytes = self._open
             if done_bytes % step:
                 raise ValueError(f"{ref.key}: a part before the last is not whole chunks")
+        at, n = 0, first
+        while True:  # stretches of whole chunks, each written as the controller chooses
+            rest = view[at:]
+            choice = self._choose(rest, size, codec, level)
+            part = rest[: max(step, choice.limit // step * step)]
+            n = self._chunk_rows(ref, tid, n, self._write(part, size, choice))
+            at += len(part)
+            if at >= len(view):
+                break
+        self._open = (tid, n, done_bytes + len(view))
+
+    def _write(self, part: Any, size: int, choice: Choice) -> WriteResult:
+        """Write the records of ``part`` as ``choice`` says, and tell the controller how it went."""
         done = write_records(
             self.fd,
             self.path,
             self.pos,
             self._records,
-            raw,
+            part,
             size,
-            step,
-            codec,
+            self.chunk_size,
+            choice.codec,
             threads=self._threads,
-            direct=self._direct,
+            direct=choice.direct,
             backend=self._backend,
-            level=level,
+            level=choice.level,
+            dfd=self._dfd,
         )
         self.pos = done.end
         self._records += len(done.records)
-        self._open = (tid, first + len(done.records), done_bytes + len(raw))
+        stored = sum(r.stored_len for r in done.records)
+        m = Measured(len(part), stored, done.written, done.enc_ns, done.write_ns, done.direct)
+        self.control.record(choice, m)
+        for rec in done.records:
+            self.control.note_use(CODEC_NAMES[rec.codec], done.direct, rec.raw_len)
+        return done
+
+    def _choose(self, data: memoryview, size: int, codec: int, level: int) -> Choice:
+        """The controller's choice for ``data``; a fixed ``codec`` (not AUTO) replaces its own."""
+        choice = self.control.choose(data[: adapt_stretch(self.chunk_size)], size, codec == AUTO)
+        return choice if codec == AUTO else choice._replace(codec=codec, level=level)
+
+    def _chunk_rows(self, ref: TensorRef, tid: int, first: int, done: WriteResult) -> int:
+        """Index rows for the chunks ``done`` wrote (chunks ``first``, ...); the next number."""
+        size, step = dtypes.SIZES[ref.dtype], self.chunk_size
         for n, rec in enumerate(done.records, start=first):
             self.rows.append(
                 Row(
@@ -109,6 +159,7 @@ class RankWriter:
                     rec.hash,
                 )
             )
+        return first + len(done.records)
 
     def add_packed(
         self, members: list[tuple[int, TensorRef, int]], buf: Any, codec: int, level: int = 0
@@ -116,26 +167,15 @@ class RankWriter:
         """Append one record whose raw bytes ``buf`` are the bytes of several whole small tensors
         of one element size back to back (feature ``packed-records``): ``members`` lists each
         one's tensor id, ref and where its bytes start in ``buf``, in that order. ``buf`` (at
-        most ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone."""
+        most ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone.
+        ``codec`` as for ``add``."""
         size = dtypes.SIZES[members[0][1].dtype]
-        done = write_records(
-            self.fd,
-            self.path,
-            self.pos,
-            self._records,
-            buf,
-            size,
-            self.chunk_size,
-            codec,
-            threads=self._threads,
-            direct=self._direct,
-            backend=self._backend,
-            level=level,
-        )
+        view = as_buffer(buf)
+        if len(view) > self.chunk_size:
+            raise ValueError(f"a pack of {len(view)} bytes exceeds the chunk size")
+        done = self._write(view, size, self._choose(view, size, codec, level))
         (rec,) = done.records
-        self.pos = done.end
-        self._records += 1
-        ends = [at for _, _, at in members[1:]] + [len(buf)]
+        ends = [at for _, _, at in members[1:]] + [len(view)]
         for (tid, ref, at), end in zip(members, ends, strict=True):
             self.rows.append(
                 Row(
@@ -167,16 +207,25 @@ class RankWriter:
         footer = pack_footer(self.rank, self.uuid, rows)
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
+        self._close_direct()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         self._recheck(footer)
+        LAST_WRITE.clear()
+        LAST_WRITE.update(self.control.used)
         return self.rows
 
     def abort(self) -> None:
+        self._close_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _close_direct(self) -> None:
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
 
     def _recheck(self, footer: bytes) -> None:
         """Re-read headers, record headers and footer (no payload), like restic's pack check."""

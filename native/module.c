@@ -252,17 +252,19 @@ done:
     return list;
 }
 
-/* write_records(fd, path, pos, seq0, buf, elem_size, chunk_size, codec, level, threads, direct)
- *   -> ([(codec, stored_len, hash, offset, raw_len), ...], end_pos, direct_used) */
+/* write_records(fd, path, pos, seq0, buf, elem_size, chunk_size, codec, level, threads, dfd)
+ *   -> ([(codec, stored_len, hash, offset, raw_len), ...], end_pos, direct_used,
+ *       (enc_ns, write_ns, bytes_written))
+ * dfd: an O_DIRECT descriptor of the same file (the caller's, opened once per file), or -1. */
 static PyObject *py_write_records(PyObject *self, PyObject *args) {
     (void)self;
-    int fd, elem, codec, level, threads, direct;
+    int fd, elem, codec, level, threads, dfd;
     PyObject *name, *path;
     unsigned long long pos, seq0;
     Py_buffer b;
     Py_ssize_t chunk;
-    if (!PyArg_ParseTuple(args, "iOKKy*iniiip", &fd, &name, &pos, &seq0, &b, &elem, &chunk, &codec,
-                          &level, &threads, &direct))
+    if (!PyArg_ParseTuple(args, "iOKKy*iniiii", &fd, &name, &pos, &seq0, &b, &elem, &chunk, &codec,
+                          &level, &threads, &dfd))
         return NULL;
     if (!PyUnicode_FSConverter(name, &path)) {
         PyBuffer_Release(&b);
@@ -270,7 +272,6 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
     }
     PyObject *out = NULL;
     ckg_rec_info *res = NULL;
-    int dfd = -1;
     if (check_elem(elem) < 0 || check_chunking(b.len, chunk, elem, codec, level) < 0 ||
         (threads = get_threads(threads)) < 0)
         goto done;
@@ -284,17 +285,15 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    const char *cpath = PyBytes_AS_STRING(path);
-    ckg_write_args a = {fd,    -1,    b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk,
-                        codec, level, pos,   (uint32_t)seq0};
+    ckg_write_stats st = {0, 0, 0};
+    ckg_write_args a = {
+        fd,  dfd < 0 ? -1 : dfd, b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk, codec, level,
+        pos, (uint32_t)seq0,     &st};
     ckg_failure f;
     uint64_t end = pos;
     int used = 0, rc;
     Py_BEGIN_ALLOW_THREADS
-    if (direct && n) dfd = ckg_open_direct(cpath); /* refused (e.g. tmpfs): buffered writes */
-    a.dfd = dfd;
     rc = ckg_write_buffer(&a, threads, res, &end, &used, &f);
-    if (dfd >= 0) close(dfd);
     Py_END_ALLOW_THREADS
     if (rc) {
         raise_failure(&f, name);
@@ -315,7 +314,9 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         }
         PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
-    out = Py_BuildValue("(NKO)", list, (unsigned long long)end, used ? Py_True : Py_False);
+    out = Py_BuildValue("(NKO(KKK))", list, (unsigned long long)end, used && n ? Py_True : Py_False,
+                        (unsigned long long)st.enc_ns, (unsigned long long)st.write_ns,
+                        (unsigned long long)st.bytes);
 done:
     PyMem_Free(res);
     PyBuffer_Release(&b);
@@ -521,9 +522,10 @@ static PyMethodDef methods[] = {
      "Chunk and encode buf: [(codec, payload, hash), ...]."},
     {"write_records", py_write_records, METH_VARARGS,
      "write_records($module, fd, path, pos, seq0, buf, elem_size, chunk_size, codec, "
-     "level, threads, direct, /)\n--\n\n"
-     "Encode buf and write its records at pos: ([(codec, stored_len, hash, offset, raw_len)], "
-     "end, direct_used)."},
+     "level, threads, dfd, /)\n--\n\n"
+     "Encode buf and write its records at pos (dfd: an O_DIRECT descriptor or -1): "
+     "([(codec, stored_len, hash, offset, raw_len)], end, direct_used, "
+     "(enc_ns, write_ns, bytes_written))."},
     {"decode_into", py_decode_into, METH_VARARGS,
      "decode_into($module, dest, items, threads, /)\n--\n\n"
      "Decode (codec, payload, raw_len, elem_size, hash, dest_offset) items into dest."},

@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "pipeline.h"
 
@@ -138,25 +139,35 @@ typedef struct {
     ckg_rec_info *res;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    size_t turn;       /* the next chunk to be given an offset */
+    size_t turn;       /* the chunk whose record is written next */
     uint64_t pos;      /* the next record offset */
     atomic_int direct; /* 1 while the O_DIRECT descriptor is usable */
+    atomic_uint_fast64_t enc_ns, write_ns, bytes;
 } wr_t;
 
-/* Wait until every earlier chunk has its offset, then take ours. 0 if the job was aborted. */
-static int take_offset(wr_t *w, size_t t, size_t extent, uint64_t *off) {
-    int ok = 0;
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Wait until every earlier chunk's record is written; then *off is where ours goes. 0 if the
+ * job was aborted. Only the thread whose turn it is writes, so records go out one at a time. */
+static int wait_turn(wr_t *w, size_t t, uint64_t *off) {
     pthread_mutex_lock(&w->mu);
     while (w->turn != t && !atomic_load(&w->c.abort)) pthread_cond_wait(&w->cv, &w->mu);
-    if (w->turn == t && !atomic_load(&w->c.abort)) {
-        *off = w->pos;
-        w->pos += extent;
-        w->turn++;
-        ok = 1;
-    }
-    pthread_cond_broadcast(&w->cv);
+    int ok = w->turn == t && !atomic_load(&w->c.abort);
+    *off = w->pos;
     pthread_mutex_unlock(&w->mu);
     return ok;
+}
+
+static void pass_turn(wr_t *w, size_t extent) {
+    pthread_mutex_lock(&w->mu);
+    w->pos += extent;
+    w->turn++;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
 }
 
 static void wr_abort(wr_t *w, size_t t, int code, int err) {
@@ -166,11 +177,54 @@ static void wr_abort(wr_t *w, size_t t, int code, int err) {
     pthread_mutex_unlock(&w->mu);
 }
 
+#ifdef SYNC_FILE_RANGE_WRITE
+/* Buffered records: start writeback early and bound what is dirty. The disk works while later
+ * chunks are encoded and the one fsync at the end has little left. Writeback goes by whole
+ * windows of the file, started by the record that ends past a window (one call per record
+ * started 10,000 tiny I/Os for 10,000 small tensors); the same windows CKG_WRITEBACK_LAG behind
+ * are awaited. Waiting collects the file's writeback error (a later fsync would not see it
+ * again), so an error here fails the write; a file that cannot sync ranges is not an error. */
+static int writeback(int fd, uint64_t pos, size_t extent) {
+    uint64_t mask = ~(uint64_t)(CKG_WRITEBACK_WINDOW - 1);
+    uint64_t lo = pos & mask, hi = (pos + extent) & mask;
+    if (hi == lo) return 0;
+    (void)sync_file_range(fd, (off_t)lo, (off_t)(hi - lo), SYNC_FILE_RANGE_WRITE);
+    if (hi <= CKG_WRITEBACK_LAG) return 0;
+    lo = lo > CKG_WRITEBACK_LAG ? lo - CKG_WRITEBACK_LAG : 0;
+    hi -= CKG_WRITEBACK_LAG;
+    unsigned flags =
+        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    if (sync_file_range(fd, (off_t)lo, (off_t)(hi - lo), flags) == 0) return 0;
+    int err = errno;
+    return err == EINVAL || err == ENOSYS || err == ESPIPE || err == EOPNOTSUPP ? 0 : err;
+}
+#else
+static int writeback(int fd, uint64_t pos, size_t extent) {
+    (void)fd;
+    (void)pos;
+    (void)extent;
+    return 0;
+}
+#endif
+
+/* Write one whole record (header, payload and padding in one aligned buffer). */
+static int write_record(wr_t *w, const uint8_t *rec, size_t extent, uint64_t pos) {
+    const ckg_write_args *a = w->a;
+    if (atomic_load(&w->direct)) {
+        int err = ckg_pwrite_all(a->dfd, rec, extent, (off_t)pos);
+        if (err != EINVAL) return err;
+        atomic_store(&w->direct, 0); /* the file system refuses O_DIRECT here: buffered now */
+    }
+    int err = ckg_pwrite_all(a->fd, rec, extent, (off_t)pos);
+    return err ? err : writeback(a->fd, pos, extent);
+}
+
 static void wr_task(void *ctx, size_t t, int wk) {
     (void)wk;
     wr_t *w = ctx;
     const ckg_write_args *a = w->a;
     if (atomic_load(&w->c.abort)) return;
+    uint64_t t0 = now_ns();
     size_t off = t * a->chunk, n = a->len - off < a->chunk ? a->len - off : a->chunk;
     ckg_scratch *rb = &tls_recbuf;
     size_t cap = ckg_encode_bound(n);
@@ -188,37 +242,17 @@ static void wr_task(void *ctx, size_t t, int wk) {
     ckg_pack_record_header(rb->buf, &h);
     size_t used = CKG_REC_HDR + ch.stored_len, extent = ckg_align_up(used);
     memset(rb->buf + used, 0, extent - used);
-    uint64_t pos;
-    if (!take_offset(w, t, extent, &pos)) return;
-    /* One aligned buffer holds the whole record: header, payload (never the caller's memory,
-     * see ckg_encode_chunk) and padding. */
-    int direct = atomic_load(&w->direct), err;
-    if (direct) {
-        err = ckg_pwrite_all(a->dfd, rb->buf, extent, (off_t)pos);
-        if (err == EINVAL) { /* the file system refuses O_DIRECT here: buffered from now on */
-            atomic_store(&w->direct, 0);
-            direct = 0;
-            err = ckg_pwrite_all(a->fd, rb->buf, extent, (off_t)pos);
-        }
-    } else {
-        err = ckg_pwrite_all(a->fd, rb->buf, extent, (off_t)pos);
-    }
+    uint64_t t1 = now_ns(), pos;
+    atomic_fetch_add(&w->enc_ns, t1 - t0);
+    if (!wait_turn(w, t, &pos)) return;
+    uint64_t t2 = now_ns();
+    int err = write_record(w, rb->buf, extent, pos);
     if (err) {
         wr_abort(w, t, CKG_E_IO, err);
         return;
     }
-#ifdef SYNC_FILE_RANGE_WRITE
-    /* Start writeback of buffered records early: the disk works while later chunks are encoded
-     * and the one fsync at the end has little left (measured: the fsync tail goes from ~12% of
-     * a save to ~0). Writeback goes by whole windows of the file, started by the record that
-     * ends past a window: one call per record started 10,000 tiny I/Os for 10,000 small
-     * tensors. Advisory: errors are ignored here and surface at that fsync. */
-    uint64_t win_lo = pos & ~(uint64_t)(CKG_WRITEBACK_WINDOW - 1);
-    uint64_t win_hi = (pos + extent) & ~(uint64_t)(CKG_WRITEBACK_WINDOW - 1);
-    if (!direct && win_hi > win_lo)
-        (void)sync_file_range(a->fd, (off_t)win_lo, (off_t)(win_hi - win_lo),
-                              SYNC_FILE_RANGE_WRITE);
-#endif
+    atomic_fetch_add(&w->write_ns, now_ns() - t2);
+    atomic_fetch_add(&w->bytes, extent);
     ckg_rec_info *r = &w->res[t];
     r->codec = ch.codec;
     r->raw_len = n;
@@ -226,6 +260,7 @@ static void wr_task(void *ctx, size_t t, int wk) {
     r->offset = pos;
     memcpy(r->hash, ch.hash, 16);
     w->c.rc[t] = 0;
+    pass_turn(w, extent);
 }
 
 int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
@@ -233,6 +268,9 @@ int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, ui
     size_t n = ckg_nchunks(a->len, a->chunk);
     wr_t w = {.a = a, .res = res, .turn = 0, .pos = a->pos};
     atomic_init(&w.direct, a->dfd >= 0);
+    atomic_init(&w.enc_ns, 0);
+    atomic_init(&w.write_ns, 0);
+    atomic_init(&w.bytes, 0);
     *end = a->pos;
     *direct_used = 0;
     pthread_mutex_init(&w.mu, NULL);
@@ -240,6 +278,9 @@ int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, ui
     int rc = run_all(&w.c, threads, n, wr_task, &w, fail);
     pthread_cond_destroy(&w.cv);
     pthread_mutex_destroy(&w.mu);
+    if (a->stats)
+        *a->stats = (ckg_write_stats){atomic_load(&w.enc_ns), atomic_load(&w.write_ns),
+                                      atomic_load(&w.bytes)};
     if (!rc) {
         *end = w.pos;
         *direct_used = atomic_load(&w.direct);

@@ -30,6 +30,19 @@ int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chun
                       int level, int threads, uint8_t *const *outs, ckg_rec_info *res,
                       ckg_failure *fail);
 
+/* What a write pipeline measured, for the caller's choice of codec and I/O mode
+ * (ckptguard/adapt.py). Times are CLOCK_MONOTONIC nanoseconds. */
+typedef struct {
+    uint64_t enc_ns;   /* copy + hash + encode, summed over the threads */
+    uint64_t write_ns; /* pwrite, plus for buffered records starting and awaiting writeback */
+    uint64_t bytes;    /* bytes of records written (headers, payloads, padding) */
+} ckg_write_stats;
+
+/* Buffered records: the writer waits for the writeback of what lies this far behind the record
+ * it writes, so that dirty pages stay bounded, the one fsync at the end has little left, and the
+ * time of a write is the disk's rate rather than the page cache's. */
+#define CKG_WRITEBACK_LAG ((uint64_t)64 << 20)
+
 typedef struct {
     int fd;  /* buffered descriptor of the data file */
     int dfd; /* O_DIRECT descriptor of the same file, or -1 */
@@ -41,10 +54,13 @@ typedef struct {
     int level;     /* its level (0: the codec's default) */
     uint64_t pos;  /* offset of the first record (a multiple of 4096) */
     uint32_t seq0; /* sequence number of the first record */
+    ckg_write_stats *stats; /* if not NULL: set to what this call measured */
 } ckg_write_args;
 
-/* Encode and write every chunk of a->buf as aligned records at increasing offsets from a->pos,
- * written from the pool with pwrite. *end is the offset after the last record's padding.
+/* Encode and write every chunk of a->buf as aligned records at increasing offsets from a->pos.
+ * Workers encode (or copy and hash) chunks in parallel; the records are written one at a time,
+ * in order: two threads appending to one file contend on its inode lock, and the kernel spins
+ * there. *end is the offset after the last record's padding.
  * *direct_used ends 1 if every record went through dfd, 0 if dfd was absent or was refused. */
 int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
                      int *direct_used, ckg_failure *fail);

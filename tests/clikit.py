@@ -36,8 +36,15 @@ def cli_state(seed: int) -> dict[str, Any]:
 def filled(tmp_path: Path) -> Path:
     """A store with two committed checkpoints; step-2 is LATEST."""
     root = tmp_path / "store"
-    ckptguard.save(cli_state(1), str(root / "step-1"), step=1, chunk_size=4096)
-    ckptguard.save(cli_state(2), str(root / "step-2"), step=2, chunk_size=4096, metadata={"a": [1]})
+    ckptguard.save(cli_state(1), str(root / "step-1"), step=1, chunk_size=4096, compress="lz4")
+    ckptguard.save(
+        cli_state(2),
+        str(root / "step-2"),
+        step=2,
+        chunk_size=4096,
+        metadata={"a": [1]},
+        compress="lz4",
+    )
     return root
 
 

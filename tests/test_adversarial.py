@@ -76,7 +76,7 @@ def save_sharded(path: str, seed: int, world: int = 2) -> None:
             "optim": {"m": Shard(full["m"][a:b].clone(), (64, 40), (a, 0)), "ids": full["ids"]},
             "step": seed,
         }
-        ckptguard.save(state, path, chunk_size=CHUNK, coordinator=coord, timeout=60)
+        ckptguard.save(state, path, chunk_size=CHUNK, coordinator=coord, timeout=60, compress="lz4")
 
     run_ranks(world, rank_main)
 
@@ -432,7 +432,7 @@ def allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def _lz4_ckpt(store: str) -> str:
     path = os.path.join(store, "c1")
-    ckptguard.save({"z": torch.zeros(1024)}, path, chunk_size=4096)
+    ckptguard.save({"z": torch.zeros(1024)}, path, chunk_size=4096, compress="lz4")
     assert pq.read_table(os.path.join(path, "index.parquet")).column("codec")[0].as_py() == (
         "shuffle-lz4"
     )

@@ -13,7 +13,7 @@ import pytest
 
 from ckptguard import encode
 from ckptguard.format.datafile import FormatError, lz4_max_raw_len
-from ckptguard.saver import SaveOptions
+from ckptguard.options import SaveOptions
 from ckptguard.writer import RankWriter
 
 

@@ -17,8 +17,8 @@ from ckptguard.agent.protocol import LineReader, decode, encode
 from ckptguard.errors import AgentError, CheckpointExistsError
 from ckptguard.format.manifest import CheckpointInfo
 from ckptguard.handoff import Handoff
+from ckptguard.options import SaveOptions
 from ckptguard.report import info_to_json
-from ckptguard.saver import SaveOptions
 from ckptguard.tree import Flat, flatten
 
 INFO = CheckpointInfo(

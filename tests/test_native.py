@@ -730,7 +730,9 @@ def test_save_identical_files_and_cross_load(tmp_path):
     paths = {}
     for be in ("python", "native"):
         with backend.use(be):
-            paths[be] = ckptguard.save(state, str(tmp_path / "s" / be), chunk_size=65536).path
+            paths[be] = ckptguard.save(
+                state, str(tmp_path / "s" / be), chunk_size=65536, compress="lz4"
+            ).path
     for writer, reader in [("python", "native"), ("native", "python")]:
         with backend.use(reader):
             out = ckptguard.load(paths[writer])

@@ -106,7 +106,10 @@ def test_failpoint_eio(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "kw, err",
     [
-        ({"compress": "zstd"}, ValueError),
+        ({"compress": "brotli"}, ValueError),
+        ({"compress": "zstd:99"}, ValueError),
+        ({"compress": "lz4:3"}, ValueError),
+        ({"compress": "zstd:"}, ValueError),
         ({"step": "10"}, TypeError),
         ({"chunk_size": 100}, ValueError),
         ({"timeout": 0}, ValueError),

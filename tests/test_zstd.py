@@ -22,7 +22,7 @@ from ckptguard import backend, encode
 from ckptguard.format import index, manifest
 from ckptguard.format.datafile import CODECS, ZSTD_MAX_RATIO, FormatError
 from ckptguard.format.validate import check_table
-from ckptguard.saver import COMPRESS, SaveOptions
+from ckptguard.options import COMPRESS, SaveOptions
 from tests.test_native import BACKENDS, INPUTS, NATIVE_SKIP
 
 ZSTD = encode.SHUFFLE_ZSTD

@@ -25,7 +25,8 @@ from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
 from ..format.layout import split_path
 from ..report import info_to_json
-from ..saver import FailedState, SaveOptions, save_state
+from ..options import SaveOptions
+from ..saver import FailedState, save_state
 from ..tree import Flat, TensorRef
 
 MAX_TENSORS = 10_000_000

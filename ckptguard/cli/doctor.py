@@ -16,7 +16,7 @@ def command() -> None:
     echo(f"codec path: {info['backend']}")
     echo(f"reason:     {info['reason']}")
     echo(f"threads:    {info['threads']} (CPUs usable: {info['cpus']})")
-    echo(f"O_DIRECT:   {'on' if info['o_direct'] else 'off'} (CKPTGUARD_ODIRECT)")
+    echo(f"O_DIRECT:   {info['o_direct']} (CKPTGUARD_ODIRECT; auto: chosen during each save)")
     libraries = info.get("libraries")  # absent on the pure-Python path
     if isinstance(libraries, dict):
         for name, version in sorted(libraries.items()):

@@ -282,7 +282,7 @@ static void test_pipelines(void) {
         for (int threads = 1; threads <= 4; threads += 3) {
             CHECK(ftruncate(fd, 0) == 0);
             int dfd = direct ? ckg_open_direct(path) : -1;
-            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 0, 4096, 7};
+            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 0, 4096, 7, NULL};
             uint64_t end = 0;
             int used = -1;
             CHECK(ckg_write_buffer(&a, threads, res, &end, &used, &f) == CKG_OK);
@@ -319,7 +319,7 @@ static void test_pipelines(void) {
     }
     /* injected I/O error: reported with errno, and the pipeline stops */
     ckg_io_inject(EIO, 2);
-    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0, 0};
+    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL};
     uint64_t end;
     int used;
     CHECK(ckg_write_buffer(&a, 3, res, &end, &used, &f) == CKG_E_IO && f.err == EIO);
@@ -329,7 +329,7 @@ static void test_pipelines(void) {
     /* ENOSPC from /dev/full */
     int full = open("/dev/full", O_WRONLY);
     if (full >= 0) {
-        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0, 0};
+        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL};
         CHECK(ckg_write_buffer(&b, 2, res, &end, &used, &f) == CKG_E_IO && f.err == ENOSPC);
         close(full);
     }

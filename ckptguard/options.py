@@ -1,0 +1,143 @@
+"""The options of a save: the one checked list of them, and the ones every rank must agree on.
+
+``SaveOptions`` holds ``ckptguard.save``'s keyword arguments (``save``, ``Checkpointer`` and the
+agent's hand-off all take these fields by name, so an option is added here and nowhere else).
+``shaping_options`` / ``check_options`` are how the ranks of one save compare theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
+from .errors import OptionsMismatchError, UnsupportedObjectError
+from .report import dump_json
+from .writer import DEFAULT_CHUNK
+
+COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "zstd": SHUFFLE_ZSTD, "none": RAW}
+"""``compress`` values and the codec id each tries on every chunk (``encode.encode``); "zstd:N"
+asks for zstd at level N (``encode.parse_compress``); "auto" lets ``adapt`` choose per stretch
+(its entry here is what it is checked as)."""
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """The options of ``ckptguard.save`` (its keyword arguments but ``coordinator``), checked.
+
+    The one list of them: ``save``, ``Checkpointer`` and the agent's handoff all take these
+    fields by name, so an option is added here and nowhere else.
+    """
+
+    compress: str = "auto"
+    """"none"; "lz4": byte-plane shuffle + LZ4 per chunk where it saves >= 5%; "zstd" (level 1)
+    or "zstd:N": the same with zstd at level N (smaller, slower); "auto": raw or a codec per
+    stretch, whichever the rates measured during the save say is faster (``adapt``)."""
+    metadata: Any = None
+    """Plain JSON stored in the manifest."""
+    overwrite: bool = False
+    """Replace a committed checkpoint of the same name (the new one is committed first)."""
+    step: int | None = None
+    allow_pickle: bool = False
+    """Pickle values that are neither tensors nor plain JSON (else UnsupportedObjectError)."""
+    chunk_size: int = DEFAULT_CHUNK
+    timeout: float = 600.0
+    """Seconds each wait for the other ranks may take."""
+    check_replicated: bool = True
+    """Refuse replicas whose copies differ; False saves the lowest rank's copy for every rank."""
+
+    def __post_init__(self) -> None:
+        parse_compress(self.compress, COMPRESS)
+        if self.step is not None and (type(self.step) is not int):
+            raise TypeError("step must be an int or None")
+        check_chunk_size(self.chunk_size)
+        t = self.timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
+            raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
+        try:
+            json.dumps(self.metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def check_names(cls, options: Mapping[str, Any]) -> None:
+        """Raise TypeError naming the options that ``save`` does not take."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"unknown save option(s) {', '.join(map(repr, unknown))}; "
+                f"the options are {', '.join(cls.names())}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> SaveOptions:
+        """The options of ``save(**options)``, checked (TypeError for a name it does not take)."""
+        cls.check_names(options)
+        return cls(**options)
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON)."""
+        return dataclasses.asdict(self)
+
+
+SHAPING = (
+    "path",
+    "overwrite",
+    "compress",
+    "chunk_size",
+    "allow_pickle",
+    "check_replicated",
+    "step",
+)
+"""The options of a save that shape what is committed, besides ``metadata``: every rank must
+pass the same (its ``path``: the checkpoint's absolute path)."""
+
+
+def shaping_options(opt: SaveOptions, store: str, name: str) -> dict:
+    """This rank's options that shape the checkpoint, as JSON (``metadata`` by its xxh3-128,
+    so that large metadata does not travel to rank 0 from every rank)."""
+    doc: dict[str, Any] = {k: getattr(opt, k) for k in SHAPING if k != "path"}
+    doc["compress"] = list(parse_compress(opt.compress, COMPRESS))
+    doc["path"] = os.path.join(store, name)
+    doc["metadata"] = "xxh3:" + xxhash.xxh3_128_hexdigest(dump_json(opt.metadata))
+    return doc
+
+
+def check_options(per_rank: list[dict]) -> None:
+    """Raise OptionsMismatchError naming the first option the ranks disagree on, with each
+    distinct value and the ranks that passed it."""
+    for option in (*SHAPING, "metadata"):
+        values = [o.get(option) for o in per_rank]
+        if all(v == values[0] for v in values):
+            continue
+        ranks: dict[str, list[int]] = {}
+        for r, v in enumerate(values):
+            ranks.setdefault(json.dumps(v), []).append(r)
+        shown = [f"{_brief(json.loads(v))} on {_ranks(rs)}" for v, rs in ranks.items()]
+        more = f", and {len(shown) - 4} other values" if len(shown) > 4 else ""
+        raise OptionsMismatchError(
+            f"the ranks passed different values of {option!r} to one save: "
+            f"{'; '.join(shown[:4])}{more}. Every rank must pass the same; nothing was written",
+            option,
+            dict(enumerate(values)),
+        )
+
+
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _ranks(rs: list[int]) -> str:
+    head = ", ".join(map(str, rs[:8])) + (f", ... ({len(rs)} ranks)" if len(rs) > 8 else "")
+    return f"rank {head}" if len(rs) == 1 else f"ranks {head}"
