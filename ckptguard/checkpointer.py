@@ -220,6 +220,11 @@ class Checkpointer:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def preparation(self) -> Preparation | None:
+        """The latest preparation of the pool (``prepare``), or None if there was none."""
+        return self._preparation
+
     def __enter__(self) -> Checkpointer:
         return self
 

@@ -201,27 +201,30 @@ class HostPool:
             return self.max_bytes, 1
         return size, min(self.max_regions, self.max_bytes // size)
 
-    def _room(self, nbytes: int, drop: Region | None = None) -> bool:
-        """Whether a region of ``nbytes`` fits the bounds (in place of ``drop``, if given)."""
-        count = len(self.regions) + len(self.pending) - (drop is not None)
-        used = self.allocated + sum(self.pending) - (drop.capacity if drop is not None else 0)
+    def _room(self, nbytes: int, drop: list[Region]) -> bool:
+        """Whether a region of ``nbytes`` fits the bounds once the regions ``drop`` are gone."""
+        count = len(self.regions) + len(self.pending) - len(drop)
+        used = self.allocated + sum(self.pending) - sum(r.capacity for r in drop)
         limit = self.max_bytes
         return count < self.max_regions and (limit is None or used + nbytes <= limit)
 
     def _grow(self, nbytes: int, free: list[Region], stop: Callable[[], bool]) -> Region | None:
-        """A new region of ``nbytes``, else one in place of a region of ``free``, if the bounds
-        allow (``cond`` held; it is released while the memory is allocated and touched)."""
-        if self._room(nbytes):
-            return self._allocate(nbytes, None, stop)
-        for r in free:
-            if self._room(nbytes, r):
-                return self._allocate(nbytes, r, stop)
-        return None
+        """A new region of ``nbytes``, in place of as few regions of ``free`` (the largest first)
+        as the bounds need, or None if even all of them are not enough (``cond`` held; it is
+        released while the memory is allocated and touched)."""
+        drop: list[Region] = []
+        for r in sorted(free, key=lambda r: -r.capacity):
+            if self._room(nbytes, drop):
+                break
+            drop.append(r)
+        if not self._room(nbytes, drop):
+            return None
+        return self._allocate(nbytes, drop, stop)
 
-    def _allocate(self, nbytes: int, drop: Region | None, stop: Callable[[], bool]) -> Region:
-        if drop is not None:  # its bytes leave the pool before the new ones come
-            self.regions.remove(drop)
-            drop.buf = torch.empty(0, dtype=torch.uint8)
+    def _allocate(self, nbytes: int, drop: list[Region], stop: Callable[[], bool]) -> Region:
+        for r in drop:  # their bytes leave the pool before the new ones come
+            self.regions.remove(r)
+            r.buf = torch.empty(0, dtype=torch.uint8)
         self.pending.append(nbytes)
         self.cond.release()
         try:
