@@ -4,7 +4,12 @@ of a compute loop while a save persists, plus a bitwise round trip. GPU first, C
     python benchmarks/async_check.py --size 16GiB --device cuda --dir /scratch --out results.json
 
 Measured in one run, on one state (bf16 tensors of 64 MiB and a few small ones):
-- floor: one copy of every tensor into preallocated host memory (pinned on a GPU);
+- floor: one copy of every tensor into preallocated, touched host memory of the pool's kind
+  (pinned on a GPU);
+- first saves (``--rounds`` rounds, the variants interleaved, medians): the stall of the first
+  ``save_async`` of a fresh ``Checkpointer`` without a prepared pool ("cold": it allocates the
+  pool), of one built with ``prepare=state`` once that preparation is done ("prepared"), and of
+  the next save of each ("warm"), each against the floor measured in the same round;
 - snapshot: ``Checkpointer(host_bytes=...)`` (pool allocated before timing), ``save_async`` x3:
   the stall of each (first and later) and its time to durable (``result()``);
 - stream: the same with ``max_host_bytes`` at 1/8 of the state: the state streams through;
@@ -26,6 +31,7 @@ import torch
 
 import ckptguard
 from ckptguard.capture import state_bytes
+from ckptguard.pool import HostPool
 from ckptguard.units import parse_size
 
 
@@ -46,22 +52,71 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def floor(state: dict, device: str) -> float:
-    pin = device == "cuda"
-    dst = {
-        k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin)
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor)
+def floor_buffers(state: dict, device: str) -> dict:
+    """Host memory for the floor's copy, of the kind the pool uses (an anonymous mapping with huge
+    pages requested; pinned on a GPU), allocated and touched once, before any timing."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    pool = HostPool(None, 1, device == "cuda")
+    pool.prepare(state_bytes(tensors))
+    region = pool.regions[0]
+    return {
+        k: region.take(v.numel() * v.element_size()).view(v.dtype).view(v.shape)
+        for k, v in tensors.items()
     }
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        for k, d in dst.items():
-            d.copy_(state[k], non_blocking=pin)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+
+def copy_once(state: dict, dst: dict, device: str) -> float:
+    pin = device == "cuda"
+    sync(device)
+    t0 = time.perf_counter()
+    for k, d in dst.items():
+        d.copy_(state[k], non_blocking=pin)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def floor(state: dict, device: str) -> float:
+    dst = floor_buffers(state, device)
+    return min(copy_once(state, dst, device) for _ in range(3))
+
+
+def first_and_warm(state: dict, store: str, device: str, prepared: bool) -> tuple[float, float]:
+    """Stalls of the first and the second ``save_async`` of a fresh Checkpointer."""
+    extra = {"prepare": state} if prepared else {}
+    stalls = []
+    with ckptguard.Checkpointer(store, compress="none", overwrite=True, **extra) as c:
+        if prepared:
+            assert c.preparation is not None
+            c.preparation.wait()
+        for i in range(2):
+            sync(device)
+            t0 = time.perf_counter()
+            h = c.save_async(state, "first", step=i)
+            stalls.append(time.perf_counter() - t0)
+            h.result()
+    return stalls[0], stalls[1]
+
+
+def first_saves(state: dict, store: str, device: str, rounds: int) -> dict:
+    """Per round: the floor, then a cold and a prepared Checkpointer (in alternating order);
+    medians of the seconds and of each round's ratios to its floor."""
+    dst = floor_buffers(state, device)
+    rows: dict[str, list[float]] = {"floor": [], "cold": [], "prepared": [], "warm": []}
+    for r in range(rounds):
+        fl = copy_once(state, dst, device)
+        rows["floor"].append(fl)
+        for prepared in (r % 2 == 0, r % 2 == 1):
+            first, warm = first_and_warm(state, store, device, prepared)
+            rows["prepared" if prepared else "cold"].append(first)
+            rows["warm"].append(warm)
+    floors = rows["floor"]
+    out: dict = {"rounds": rounds, "raw": rows}
+    for k, v in rows.items():
+        out[k] = statistics.median(v)
+        if k != "floor":
+            per = [x / floors[i // 2 if k == "warm" else i] for i, x in enumerate(v)]
+            out[f"{k}_x_floor"] = statistics.median(per)
+    return out
 
 
 def saves(state: dict, store: str, device: str, **pool: int) -> list[dict]:
@@ -112,6 +167,8 @@ def main() -> None:
     ap.add_argument("--dir", default=".")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", default="async_check.json")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the first-save comparison")
+    ap.add_argument("--first-only", action="store_true", help="only the first-save comparison")
     args = ap.parse_args()
     state = make_state(parse_size(args.size), args.device)
     nbytes = state_bytes(state)
@@ -121,10 +178,13 @@ def main() -> None:
         res["card"] = torch.cuda.get_device_name(0)
     try:
         res["floor"] = floor(state, args.device)
-        res["snapshot"] = saves(state, work, args.device, host_bytes=nbytes)
-        res["stream"] = saves(state, work, args.device, max_host_bytes=max(nbytes // 8, 8 << 20))
-        res["compute"] = compute_loop(state, work, args.device, args.steps)
-        back = ckptguard.load(os.path.join(work, "ckpt"), map_location=args.device)
+        res["first"] = first_saves(state, work, args.device, args.rounds)
+        if not args.first_only:
+            res["snapshot"] = saves(state, work, args.device, host_bytes=nbytes)
+            stream_bytes = max(nbytes // 8, 8 << 20)
+            res["stream"] = saves(state, work, args.device, max_host_bytes=stream_bytes)
+            res["compute"] = compute_loop(state, work, args.device, args.steps)
+        back = ckptguard.load(os.path.join(work, "first"), map_location=args.device)
         res["round_trip_equal"] = all(
             torch.equal(back[k], v) for k, v in state.items() if isinstance(v, torch.Tensor)
         )
@@ -134,6 +194,13 @@ def main() -> None:
             json.dump(res, f, indent=1)
     fl = res["floor"]
     print(f"{args.device} {res.get('card', '')}: {nbytes / 2**30:.2f} GiB, floor {fl:.3f} s")
+    f = res["first"]
+    print(f"  first saves, {f['rounds']} rounds, medians (stall s, x the round's floor):")
+    for kind in ("cold", "prepared", "warm"):
+        print(f"    {kind:9s} {f[kind]:.3f} s  {f[kind + '_x_floor']:.2f}x")
+    if args.first_only:
+        print(f"  round trip bitwise equal: {res['round_trip_equal']}")
+        return
     for kind in ("snapshot", "stream"):
         for i, s in enumerate(res[kind]):
             print(

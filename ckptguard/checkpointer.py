@@ -5,7 +5,8 @@ copies each state into the pool (in order), and a persist thread that saves each
 order, so every rank of a job runs its collectives in the same sequence): with ``ckptguard.save``,
 or under ``ckptguard run`` by waiting for the agent that the snapshot was handed over to. A state
 too large for the pool is streamed through it by the persist thread while the caller waits.
-``save_async`` returns a ``SaveHandle``.
+``save_async`` returns a ``SaveHandle`` (``savehandle``). The pool can be prepared ahead of the
+first save on a third thread (``pool.Preparation``), so that save's stall holds no allocation.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import atexit
 import os
 import queue
 import threading
+import warnings
 import weakref
 from typing import Any
 
 from . import api
-from .capture import HostPool, Snapshot, caller_streams, capture, refs_bytes
-from .coord import Coordinator
+from .capture import caller_streams, capture, refs_bytes, state_bytes
 from .coord import auto as coord_auto
 from .errors import (
     AgentError,
     CheckpointerClosedError,
+    HostPoolPrepareWarning,
     HostPoolTooSmallError,
     SaveCancelledError,
 )
@@ -31,7 +33,9 @@ from .format.layout import split_path
 from .format.manifest import CheckpointInfo
 from .handoff import Handoff
 from .options import SaveOptions
-from .saver import FailedState, save_state
+from .pool import HostPool, Preparation
+from .savehandle import SaveHandle
+from .saver import save_state
 from .sources import BufferedSource
 from .tree import Flat, flatten
 
@@ -40,144 +44,6 @@ __all__ = [
     "SaveHandle",
     "save_async",
 ]
-
-
-class SaveHandle:
-    """One async save: ``wait_snapshot()``, then ``result()`` for its ``CheckpointInfo``."""
-
-    def __init__(
-        self,
-        path: str,
-        obj: Any,
-        options: dict[str, Any],
-        coordinator: Coordinator,
-        streams: dict | None,
-    ) -> None:
-        self.path = path
-        self._obj: Any = obj
-        self._options = options
-        self._coordinator = coordinator
-        self._streams = streams
-        self._snapshot: Snapshot | None = None
-        self._snap_done = threading.Event()
-        self._done = threading.Event()
-        self._snap_error: BaseException | None = None
-        self._error: BaseException | None = None
-        self._info: CheckpointInfo | None = None
-        self._handoff_id: int | None = None  # the agent's id for it, once handed over
-        self.streamed = False  # too large for the pool: streamed through it, caller waiting
-
-    def wait_snapshot(self, timeout: float | None = None) -> None:
-        """Return once the state is copied: the caller may change its tensors from now on.
-
-        Raises the capture's error (the save then failed), or TimeoutError.
-        """
-        if not self._snap_done.wait(timeout):
-            raise TimeoutError(f"snapshot of {self.path} not complete after {timeout} s")
-        if self._snap_error is not None:
-            raise self._snap_error
-
-    def result(self, timeout: float | None = None) -> CheckpointInfo:
-        """The committed checkpoint's ``CheckpointInfo``; raises the save's error if it failed."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"save of {self.path} not finished after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        assert self._info is not None
-        return self._info
-
-    def done(self) -> bool:
-        """Whether the save has finished (committed, failed or cancelled)."""
-        return self._done.is_set()
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The save's error, or None once it committed."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"save of {self.path} not finished after {timeout} s")
-        return self._error
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "snapshot taken" if self._snap_done.is_set() else "new"
-        return f"SaveHandle({self.path!r}, {state})"
-
-    # -- the Checkpointer's side: what its threads read and the transitions they make -------------
-    @property
-    def state(self) -> Any:
-        """The caller's state (or its ``Flat``, once flattened) while the save still needs it."""
-        return self._obj
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """``save``'s options for this save, by name (``SaveOptions`` fields)."""
-        return self._options
-
-    @property
-    def coordinator(self) -> Coordinator:
-        return self._coordinator
-
-    @property
-    def caller_streams(self) -> dict | None:
-        """The caller's CUDA streams when it started the save (copies are ordered after them)."""
-        return self._streams
-
-    @property
-    def snapshot(self) -> Snapshot | None:
-        return self._snapshot
-
-    @property
-    def handoff_id(self) -> int | None:
-        """The agent's id of this save once it was handed over (then the agent commits it)."""
-        return self._handoff_id
-
-    def captured(self) -> bool:
-        """Whether the capture is over (the caller may change its state)."""
-        return self._snap_done.is_set()
-
-    def wait_captured(self) -> None:
-        """Wait until the capture is over (taken, streamed or failed), without raising."""
-        self._snap_done.wait()
-
-    def wait_finished(self) -> None:
-        """Wait until the save is over (committed, failed or cancelled), without raising."""
-        self._done.wait()
-
-    def snapshot_taken(self, snap: Snapshot, handoff_id: int | None) -> None:
-        """The state is in the pool (and handed over to the agent when ``handoff_id``)."""
-        self._snapshot, self._handoff_id, self._obj = snap, handoff_id, None
-        self._snap_done.set()
-
-    def stream(self, flat: Flat) -> None:
-        """Too large for the pool: the persist streams ``flat`` while the caller waits."""
-        self.streamed, self._obj = True, flat
-
-    def snapshot_read(self) -> None:
-        """A streamed save has read the caller's state: it may change from now on."""
-        self._obj = None
-        self._snap_done.set()
-
-    def snapshot_unreadable(self, e: BaseException) -> None:
-        """The state cannot be flattened: ``wait_snapshot`` raises ``e``; the save goes on to
-        its persist with nothing but the error (``result`` raises what the save raises)."""
-        self._obj = None
-        self._snapshot = Snapshot(FailedState(e), None, [])
-        self._snap_error = e
-        self._snap_done.set()
-
-    def snapshot_failed(self, e: BaseException) -> None:
-        """The capture failed: the save is over with ``e``."""
-        self._obj = None
-        self._snap_error = e
-        self._snap_done.set()
-        self.finish(error=e)
-
-    def finish(
-        self, info: CheckpointInfo | None = None, error: BaseException | None = None
-    ) -> None:
-        """The save is over: committed (``info``) or failed (``error``)."""
-        self._snapshot = None
-        self._obj = None
-        self._info, self._error = info, error
-        self._done.set()
 
 
 _STOP = object()
@@ -190,9 +56,17 @@ class Checkpointer:
     absolute path is used as is). ``max_host_bytes`` bounds the pool (None: as large as the
     snapshots need); a state whose tensors need more is not snapshotted but streamed through the
     pool in pieces: the caller then waits until the save has read all of it (the stall grows, the
-    memory does not), and the commit still runs in the background. ``host_bytes`` (the size of
-    one snapshot, if known) allocates the pool at construction, else it is allocated on the
-    first save; either way it is reused. The pool is pinned when CUDA is available (``pin_memory``).
+    memory does not), and the commit still runs in the background. The pool is pinned when CUDA
+    is available (``pin_memory``) and reused across saves.
+
+    The pool is allocated, and every page of it touched, on the first save that needs it: inside
+    that save's stall. ``prepare`` (a state like the ones to be saved, or the bytes of one
+    snapshot) does that on a background thread from construction on, so the constructor returns
+    at once and the first save stalls for a copy like every later one; a save that comes sooner
+    waits only for the region it needs. ``host_bytes`` does the same before the constructor
+    returns. A preparation that fails (out of memory, a pinned allocation refused) changes
+    nothing for the saves, which allocate as without one; the next ``save_async`` warns
+    (``HostPoolPrepareWarning``). See ``prepare()``.
 
     The pool holds up to ``max_inflight + 1`` snapshots: up to ``max_inflight`` saves waiting for
     or in their background persist, plus the one being captured. With the default 1 a new save
@@ -211,6 +85,7 @@ class Checkpointer:
         max_inflight: int = 1,
         pin_memory: bool | None = None,
         handoff: bool | None = None,
+        prepare: Any = None,
         **save_defaults: Any,
     ) -> None:
         if type(max_inflight) is not int or max_inflight < 1:
@@ -230,6 +105,9 @@ class Checkpointer:
         self._captures: queue.Queue = queue.Queue()
         self._persists: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
+        self._preparation: Preparation | None = None
+        if prepare is not None:
+            self.prepare(prepare)
         ref = weakref.ref(self)
 
         def close_at_exit() -> None:
@@ -259,6 +137,9 @@ class Checkpointer:
         handle = SaveHandle(self._path(name), obj, opts, coord, caller_streams())
         with self._lock:
             self._check_open()
+            failed = self._preparation and self._preparation.unreported_error()
+            if failed:
+                warnings.warn(HostPoolPrepareWarning(str(failed)), stacklevel=2)
             self._start_threads()
             self._handles = [h for h in self._handles if not h.done()]
             self._handles.append(handle)
@@ -266,6 +147,27 @@ class Checkpointer:
         if not lazy:
             handle.wait_captured()
         return handle
+
+    def prepare(self, state: Any) -> Preparation:
+        """Allocate and touch the pool for snapshots of ``state`` on a background thread.
+
+        ``state``: a state like the ones to be saved (only its tensors' sizes are read, here, on
+        the calling thread) or the bytes of one snapshot. The pool gets as many regions of that
+        size as it may hold (``max_inflight + 1``) within ``max_host_bytes``, one after another;
+        a state that must be streamed gets one region of ``max_host_bytes``. Returns the
+        ``Preparation``: its ``wait()`` returns once done, or raises ``HostPoolPrepareError``.
+        A preparation follows the one before it; ``close()`` stops it.
+        """
+        if isinstance(state, int) and not isinstance(state, bool):
+            if state < 0:
+                raise ValueError(f"prepare: a byte count must be >= 0, not {state}")
+            nbytes = state
+        else:
+            nbytes = state_bytes(state)
+        with self._lock:
+            self._check_open()
+            self._preparation = Preparation(self.pool, nbytes, self._preparation)
+            return self._preparation
 
     def save(self, obj: Any, name: str | os.PathLike, **kw: Any) -> CheckpointInfo:
         """Save and wait for the commit (in order after any async saves in flight)."""
@@ -303,6 +205,9 @@ class Checkpointer:
             threads, self._threads = self._threads, []
             if threads:
                 self._captures.put(_STOP)
+            preparation = self._preparation
+        if preparation is not None:  # a capture waiting for its region allocates it instead
+            preparation.stop()
         with self.pool.cond:
             self.pool.cond.notify_all()  # a capture waiting for a region sees the cancel
         for t in threads:
@@ -315,6 +220,11 @@ class Checkpointer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def preparation(self) -> Preparation | None:
+        """The latest preparation of the pool (``prepare``), or None if there was none."""
+        return self._preparation
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -145,6 +145,21 @@ class HostPoolTooSmallError(CheckpointError, ValueError):
         self.limit = limit
 
 
+class HostPoolPrepareError(CheckpointError):
+    """The host pool could not be allocated ahead of the saves (``Checkpointer(prepare=...)``):
+    out of memory, a resource limit, pinned memory refused; ``__cause__`` is the allocation's
+    error. Saves are unaffected: each allocates what it needs, as without a preparation."""
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
+
+
+class HostPoolPrepareWarning(RuntimeWarning):
+    """A ``Checkpointer``'s host pool could not be prepared (``HostPoolPrepareError`` says why):
+    its saves allocate the pool as they need it, in the first save's stall."""
+
+
 class OutOfMemoryError(CheckpointError, MemoryError):
     """A load could not allocate the memory for a tensor (host RAM, pinned or device memory).
 

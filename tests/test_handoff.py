@@ -18,6 +18,7 @@ from ckptguard.errors import AgentError, CheckpointExistsError
 from ckptguard.format.manifest import CheckpointInfo
 from ckptguard.handoff import Handoff
 from ckptguard.options import SaveOptions
+from ckptguard.pool import HostPool, Preparation
 from ckptguard.report import info_to_json
 from ckptguard.tree import Flat, flatten
 
@@ -111,6 +112,20 @@ def test_not_in_the_pool_is_refused(address: str) -> None:
         tree, refs, used_pickle = flatten({"x": torch.ones(2)})  # not in the shared pool
         with pytest.raises(AgentError, match="not in the shared pool"):
             h.submit(buf, pool, Flat(tree, refs, used_pickle), "/s/a", {})
+    finally:
+        h.close()
+
+
+def test_pool_prepared_through_the_agent(address: str) -> None:
+    """A preparation allocates the shared regions, and passes them to the agent, before any save."""
+    agent = Agent(address, {})
+    h = Handoff(address)
+    try:
+        pool = HostPool(None, 2, False, allocator=h.allocate)
+        Preparation(pool, 100).wait(30)
+        assert pool.allocations == 2 and [r.capacity for r in pool.regions] == [128, 128]
+        assert sorted(r.tag for r in pool.regions) == [1, 2]  # the agent's ids of the pools
+        assert agent.pools == {1: 128, 2: 128}
     finally:
         h.close()
 

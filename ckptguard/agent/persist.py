@@ -24,8 +24,8 @@ from ..coord import Coordinator
 from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
 from ..format.layout import split_path
-from ..report import info_to_json
 from ..options import SaveOptions
+from ..report import info_to_json
 from ..saver import FailedState, save_state
 from ..tree import Flat, TensorRef
 
