@@ -4,9 +4,9 @@
 Two builds (``--a``, ``--b``), or settings of one build (``--variants``: ``compress`` values,
 each optionally with ``/odirect=0|1|auto``, e.g. ``auto none lz4 none/odirect=1``). Each round
 runs one child process per variant, the order rotated from round to round, so a slow period of
-a shared machine hits every variant alike. ``--congestion`` runs a competing
-``dd oflag=direct`` onto the disk of ``--dir`` for the whole run. A child builds the workload
-from a fixed seed, saves it once to warm up, then measures, per trial (``--only``: some):
+a shared machine hits every variant alike. ``--congestion`` runs the bench's competing O_DIRECT
+writer (ckptguard.bench.congestion) on the disk of ``--dir`` for the whole run. A child builds the
+workload from a fixed seed, saves it once to warm up, then measures, per trial (``--only``: some):
 
   encode   every tensor through the native write path (``codec.write_records``) into one file
            on a memory file system (``--mem-dir``, /dev/shm): the CPU cost of chunking, hashing,
@@ -25,6 +25,7 @@ is a checkout whose ``ckptguard`` package (with its built extension) the child i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -147,13 +148,6 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]
     return [("A", args.a, args.compress, None), ("B", args.b, args.compress, None)]
 
 
-def congestion(directory: str | None) -> subprocess.Popen | None:
-    """A competing writer on the disk of ``directory``: dd with O_DIRECT, in a loop."""
-    where = os.path.join(directory or tempfile.gettempdir(), f"ab_save.dd.{os.getpid()}")
-    loop = f"while :; do dd if=/dev/zero of={where} bs=1M count=2048 oflag=direct 2>/dev/null; done"
-    return subprocess.Popen(["sh", "-c", f"trap 'rm -f {where}; exit' TERM; {loop} & wait"])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", help="the baseline tree")
@@ -165,7 +159,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--only", nargs="+", default=["encode", "save", "save-mem", "load-mem"])
-    p.add_argument("--congestion", action="store_true", help="a competing dd oflag=direct")
+    p.add_argument("--congestion", action="store_true", help="a competing O_DIRECT writer")
     p.add_argument("--dir", help="where the stores go (default: the system's temp dir)")
     p.add_argument("--mem-dir", default="/dev/shm", help="a memory file system for 'encode'")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -175,19 +169,23 @@ def main() -> None:
         return
     vs = variants(args)
     times: dict[str, dict[str, list[float]]] = {v[0]: {} for v in vs}
-    dd = congestion(args.dir) if args.congestion else None
-    try:
+    from ckptguard.bench.congestion import CompetingWriter
+
+    # The bench's own competing writer: stopped and its file removed however this run ends
+    # (also when this process is killed: the writer watches its parent).
+    load = (
+        CompetingWriter("dd", args.dir or tempfile.gettempdir(), 1 << 30)
+        if args.congestion
+        else contextlib.nullcontext()
+    )
+    with load:
         for r in range(args.rounds):
             for label, tree, compress, odirect in vs[r % len(vs) :] + vs[: r % len(vs)]:
                 for k, v in run_child(tree, compress, odirect, args).items():
                     times[label].setdefault(k, []).extend(v)
-    finally:
-        if dd is not None:
-            dd.terminate()
-            dd.wait()
     print(
         f"workload {args.workload}, {args.size / 2**20:.0f} MiB, "
-        f"{'congested' if dd else 'no added load'}, "
+        f"{'beside a competing O_DIRECT writer' if args.congestion else 'no added load'}, "
         f"{args.rounds} rounds x {args.trials} trials, medians (ratio to {vs[0][0]}):"
     )
     for k in times[vs[0][0]]:
