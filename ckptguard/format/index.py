@@ -198,14 +198,16 @@ def write_table(table: pa.Table) -> bytes:
 
 
 def rows_from_table(table: pa.Table) -> list[Row]:
-    cols = [table.column(n).to_pylist() for n in table.schema.names]
-    rows = []
-    for vals in zip(*cols, strict=True):
-        r = Row(*vals)
-        r.global_shape, r.shard_offsets = tuple(r.global_shape), tuple(r.shard_offsets)
-        r.shard_lengths = tuple(r.shard_lengths)
-        rows.append(r)
-    return rows
+    """The rows of an index table as ``Row`` objects. Equal shapes and boxes are one tuple
+    shared by every row that has them: rows of one shard, and tensors of one shape, add no
+    tuples that outlive the call (what the cyclic garbage collector walks on every pass)."""
+    names = table.schema.names
+    cols = [table.column(n).to_pylist() for n in names]
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for name in ("global_shape", "shard_offsets", "shard_lengths"):
+        at = names.index(name)
+        cols[at] = [shapes.setdefault(t, t) for t in map(tuple, cols[at])]
+    return [Row(*vals) for vals in zip(*cols, strict=True)]
 
 
 def row_from_json(d: object) -> Row:
