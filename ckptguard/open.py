@@ -35,7 +35,6 @@ from .format.datafile import (
     check_file_header,
     check_footer,
     check_footer_hash,
-    pack_footer,
     unpack_trailer,
 )
 from .format.index import Row, row_from_json
@@ -267,7 +266,7 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     )
     # The footer this writer makes of the index's rows: equal bytes (with the hash below)
     # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
-    if footer != pack_footer(rank, uuid, index.footer_rows(sub, packed)):
+    if footer != index.footer(rank, uuid, sub, packed):
         rows = check_footer(footer, digest, rank, uuid)
         if [row_from_json(x) for x in rows] != rd.rows_of_file(name):
             raise FormatError("footer rows disagree with the index")
