@@ -279,7 +279,9 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     first = np.ones(len(offs), dtype=bool)
     first[1:] = offs[1:] != offs[:-1]
     starts = offs[first].astype(np.int64)
-    ends = align(starts + RECORD_HEADER_SIZE + sub.column("stored_len").to_numpy()[first])
+    ends = np.asarray(
+        align(starts + RECORD_HEADER_SIZE + sub.column("stored_len").to_numpy()[first])
+    )
     follows = np.concatenate([[HEADER_SIZE], ends])[:-1]
     bad = np.flatnonzero(starts != follows)
     if len(bad):
