@@ -7,9 +7,11 @@ that other ranks may also hold); it travels to rank 0 as an Arrow IPC stream (``
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from .format.dtypes import SIZES
@@ -53,19 +55,28 @@ def describe_local(refs: Sequence[TensorRef], hasher: Hasher | None) -> pa.Table
     """This rank's tensors as a ``DESC_SCHEMA`` table. ``hasher`` (None: hash nothing, as in a
     one-rank save) hashes every tensor and shard but those known to be the only copy of their
     box (``ref.unique_box``)."""
-    cols: dict[str, list] = {name: [] for name in DESC_SCHEMA.names}
-    for ref in refs:
-        cols["key"].append(ref.key)
-        cols["dtype"].append(ref.dtype)
-        cols["kind"].append(ref.kind)
-        cols["device"].append(ref.device)
-        cols["requires_grad"].append(ref.requires_grad)
-        cols["parameter"].append(ref.parameter)
-        cols["sharded"].append(ref.sharded)
-        cols["per_rank"].append(ref.per_rank)
-        cols["nbytes"].append(math.prod(ref.shape) * SIZES[ref.dtype])
-        cols["hash"].append(None if ref.unique_box or hasher is None else hasher(ref))
-        cols["global_shape"].append(list(ref.global_shape))
-        cols["offsets"].append(list(ref.offsets))
-        cols["shape"].append(list(ref.shape))
+    cols: dict[str, list | pa.Array] = {
+        "key": [ref.key for ref in refs],
+        "dtype": [ref.dtype for ref in refs],
+        "kind": [ref.kind for ref in refs],
+        "device": [ref.device for ref in refs],
+        "requires_grad": [ref.requires_grad for ref in refs],
+        "parameter": [ref.parameter for ref in refs],
+        "sharded": [ref.sharded for ref in refs],
+        "per_rank": [ref.per_rank for ref in refs],
+        "nbytes": [math.prod(ref.shape) * SIZES[ref.dtype] for ref in refs],
+        "hash": [None if ref.unique_box or hasher is None else hasher(ref) for ref in refs],
+    }
+    # The shape columns from one flat list of values each (no list per tensor).
+    lengths = np.fromiter((len(ref.shape) for ref in refs), dtype=np.int32, count=len(refs))
+    starts = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]), pa.int32())
+    for name, attr in (
+        ("global_shape", "global_shape"),
+        ("offsets", "offsets"),
+        ("shape", "shape"),
+    ):
+        flat = pa.array(
+            list(itertools.chain.from_iterable(getattr(r, attr) for r in refs)), pa.int64()
+        )
+        cols[name] = pa.ListArray.from_arrays(starts, flat)
     return pa.table(cols, schema=DESC_SCHEMA)

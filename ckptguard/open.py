@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
@@ -28,16 +29,16 @@ from .errors import (
 from .format import index, manifest
 from .format.datafile import (
     HEADER_SIZE,
+    RECORD_HEADER_SIZE,
     TRAILER_SIZE,
     FormatError,
     check_file_header,
     check_footer,
     check_footer_hash,
-    pack_footer,
     unpack_trailer,
 )
 from .format.index import Row, row_from_json
-from .format.layout import INDEX, MANIFEST
+from .format.layout import INDEX, MANIFEST, align
 from .format.validate import check_table
 from .fsutil import (
     UnsafeFileError,
@@ -68,7 +69,7 @@ class CheckpointReader:
         self._identity = (st.st_dev, st.st_ino)
         self._by_file: dict[str, list[Row]] = {}
         self._file_tables: dict[str, pa.Table] = {}  # each file's index rows, in footer order
-        self._seq: dict[tuple[str, int], int] = {}
+        self._seq: dict[str, dict[int, int]] = {}  # file -> record offset -> sequence number
         self._all: list[Row] | None = None
         try:
             self.manifest = _read_manifest(self)
@@ -93,27 +94,32 @@ class CheckpointReader:
         mask = pc.is_in(self.table.column("tensor"), value_set=pa.array(ids, pa.int32()))
         return index.rows_from_table(self.table.filter(mask))
 
-    def rows_of_file(self, name: str) -> list[Row]:
-        """One data file's rows in offset order (the rows of a packed record by where their
-        bytes start in it); the records' positions in that order are their sequence numbers."""
-        if name not in self._by_file:
+    def file_table(self, name: str) -> pa.Table:
+        """One data file's index rows in offset order (the rows of a packed record by where
+        their bytes start in it), as a table; the distinct offsets in that order are the
+        records' sequence numbers."""
+        if name not in self._file_tables:
             sub = self.table.filter(pc.equal(self.table.column("file"), name))
             order = [("offset", "ascending")]
             if index.is_packed(sub):
                 order.append(("record_byte_offset", "ascending"))
             sub = sub.sort_by(order)
             self._file_tables[name] = sub
-            mine = index.rows_from_table(sub)
-            self._by_file[name] = mine
-            offsets = sorted({r.offset for r in mine})
-            self._seq.update({(name, off): i for i, off in enumerate(offsets)})
+            starts = np.unique(sub.column("offset").to_numpy())
+            self._seq[name] = dict(zip(starts.tolist(), range(len(starts)), strict=True))
+        return self._file_tables[name]
+
+    def rows_of_file(self, name: str) -> list[Row]:
+        """``file_table(name)`` as rows (built on first use: a load reads the table)."""
+        if name not in self._by_file:
+            self._by_file[name] = index.rows_from_table(self.file_table(name))
         return self._by_file[name]
 
     def seq(self, r: Row) -> int:
         """The record sequence number of row ``r`` in its file."""
-        if (r.file, r.offset) not in self._seq:
-            self.rows_of_file(r.file)
-        return self._seq[(r.file, r.offset)]
+        if r.file not in self._seq:
+            self.file_table(r.file)
+        return self._seq[r.file][r.offset]
 
     def corrupt(self, msg: str, **where: object) -> CorruptCheckpointError:
         return CorruptCheckpointError(msg, path=self.path, **where)  # type: ignore[arg-type]
@@ -253,24 +259,35 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid)
     off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
     footer = pread_exact(fd, length, off)
-    mine = rd.rows_of_file(name)
+    sub = rd.file_table(name)
+    offs = sub.column("offset").to_numpy()
+    packed = index.is_packed(sub) and bool(
+        pc.any(pc.not_equal(sub.column("record_raw_len"), sub.column("raw_len"))).as_py()
+    )
     # The footer this writer makes of the index's rows: equal bytes (with the hash below)
     # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
-    packed = any(r.packed for r in mine)
-    if footer != pack_footer(rank, uuid, index.footer_rows(rd._file_tables[name], packed)):
+    if footer != index.footer(rank, uuid, sub, packed):
         rows = check_footer(footer, digest, rank, uuid)
-        if [row_from_json(x) for x in rows] != mine:
+        if [row_from_json(x) for x in rows] != rd.rows_of_file(name):
             raise FormatError("footer rows disagree with the index")
         if any(len(x) != len(index.PACKED_NAMES if packed else index.FIELD_NAMES) for x in rows):
             raise FormatError("footer rows have the packed-record members exactly if packed")
     else:
         check_footer_hash(footer, digest)
-    pos = HEADER_SIZE
-    for i, r in enumerate(mine):  # records follow each other from the header to the footer
-        if i and r.offset == mine[i - 1].offset:
-            continue  # another slice of a packed record (validation checked the slices)
-        if r.offset != pos:
-            raise FormatError(f"record at {r.offset} does not follow the previous one at {pos}")
-        pos = r.extent
-    if off != pos:
+    # Records follow each other from the header to the footer (each record once: the other
+    # slices of a packed record share its offset, and validation checked the slices).
+    first = np.ones(len(offs), dtype=bool)
+    first[1:] = offs[1:] != offs[:-1]
+    starts = offs[first].astype(np.int64)
+    ends = np.asarray(
+        align(starts + RECORD_HEADER_SIZE + sub.column("stored_len").to_numpy()[first])
+    )
+    follows = np.concatenate([[HEADER_SIZE], ends])[:-1]
+    bad = np.flatnonzero(starts != follows)
+    if len(bad):
+        k = int(bad[0])
+        raise FormatError(
+            f"record at {int(starts[k])} does not follow the previous one at {int(follows[k])}"
+        )
+    if off != (int(ends[-1]) if len(ends) else HEADER_SIZE):
         raise FormatError("the footer does not follow the last record")

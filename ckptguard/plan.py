@@ -369,20 +369,27 @@ def balance(
 # -- manifest entries -----------------------------------------------------------------------------
 def manifest_entries(d: _Rows) -> list[dict]:
     """The manifest's tensor entries (format.md section 3), from each key's first row."""
-    cols = {c: d.table.column(c) for c in ("dtype", "kind", "device", "requires_grad", "parameter")}
+    first = pa.array(d.first)
+    cols = {
+        c: d.table.column(c).take(first).to_pylist()
+        for c in ("dtype", "kind", "device", "requires_grad", "parameter")
+    }
+    glen, gstart = d.glen[d.first], d.gstart[d.first]
+    flat = d.gflat[np.repeat(gstart - np.cumsum(glen) + glen, glen) + np.arange(int(glen.sum()))]
+    shapes = np.split(flat, np.cumsum(glen)[:-1]) if len(glen) else []
+    per_rank = d.per_rank[d.first].tolist()
     tensors = []
     for g, key in enumerate(d.keys):
-        i = int(d.first[g])
         entry = {
             "key": key,
-            "dtype": cols["dtype"][i].as_py(),
-            "shape": d.gflat[d.gstart[i] : d.gstart[i] + d.glen[i]].tolist(),
-            "kind": cols["kind"][i].as_py(),
-            "device": cols["device"][i].as_py(),
-            "requires_grad": cols["requires_grad"][i].as_py(),
-            "parameter": cols["parameter"][i].as_py(),
+            "dtype": cols["dtype"][g],
+            "shape": shapes[g].tolist(),
+            "kind": cols["kind"][g],
+            "device": cols["device"][g],
+            "requires_grad": cols["requires_grad"][g],
+            "parameter": cols["parameter"][g],
         }
-        if d.per_rank[i]:
+        if per_rank[g]:
             entry["per_rank"] = True
         tensors.append(entry)
     return tensors

@@ -138,7 +138,9 @@ def plan_reads(
         shards.setdefault((r.tensor, (r.shard_offsets, r.shard_lengths)), []).append(r)
     out: dict[int, list[Piece]] = {gid: [] for gid in boxes}
     for (gid, shard), rows in shards.items():
-        ov = intersect(shard, boxes[gid]) if shard[1] else shard
+        want = boxes[gid]
+        # A shard that is the box wanted (a whole tensor loaded whole) is its own overlap.
+        ov = shard if not shard[1] or shard == want else intersect(shard, want)
         assert ov is not None  # rows_for kept only rows whose shard meets the box
         row0 = ov[0][0] - shard[0][0] if shard[1] else 0
         row1 = row0 + ov[1][0] if shard[1] else 1

@@ -20,11 +20,11 @@ from .format.datafile import (
     check_footer_hash,
     check_record_header,
     pack_file_header,
-    pack_footer,
     pack_trailer,
     unpack_trailer,
 )
-from .format.index import Row, footer_rows, is_packed, to_table
+from .format.index import Row, is_packed, to_table
+from .format.index import footer as index_footer
 from .format.layout import datafile_name
 from .fsutil import UnsafeFileError, open_regular
 from .io import WriteResult, open_direct, pread_exact, write_all, write_records
@@ -203,8 +203,7 @@ class RankWriter:
     def finish(self) -> list[Row]:
         """Write footer and trailer, fsync, close, and re-check what was written."""
         table = to_table(self.rows)
-        rows = footer_rows(table, is_packed(table))
-        footer = pack_footer(self.rank, self.uuid, rows)
+        footer = index_footer(self.rank, self.uuid, table, is_packed(table))
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
         self._close_direct()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, fields
+from json.encoder import encode_basestring
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .datafile import RECORD_HEADER_SIZE, FormatError
+from .datafile import RECORD_HEADER_SIZE, FormatError, pack_footer
 from .layout import align
 
 
@@ -124,14 +125,33 @@ def to_table(rows: list[Row]) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def footer_rows(table: pa.Table, packed: bool) -> list[dict]:
-    """The rows of ``table`` (one data file's, in footer order) as footer objects, built from
-    the columns at once: what ``Row.to_json(packed)`` gives for each row."""
+def footer(rank: int, uuid_hex: str, table: pa.Table, packed: bool) -> bytes:
+    """The footer of a data file whose index rows are ``table`` (in footer order): the bytes of
+    ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text
+    column by column instead of through one dict and three lists per row."""
     names = PACKED_NAMES if packed else FIELD_NAMES
-    cols = [table.column(n).to_pylist() for n in names]
-    at = names.index("hash")
-    cols[at] = [h.hex() for h in cols[at]]
-    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
+    cols = [_json_column(table.column(n), n) for n in names]
+    row = "{" + ",".join(f"{encode_basestring(n)}:%s" for n in names) + "}"
+    text = ",".join(row % vals for vals in zip(*cols, strict=True))
+    head = pack_footer(rank, uuid_hex, [])
+    assert head.endswith(b"[]}")
+    return head[:-2] + text.encode() + b"]}"
+
+
+def _json_column(col: pa.ChunkedArray, name: str) -> list[str]:
+    """Each value of an index column as ``json.dumps`` writes it in a footer."""
+    values = col.to_pylist()
+    if name == "hash":
+        return [f'"{h.hex()}"' for h in values]
+    if isinstance(col.type, pa.ListType):
+        texts: dict[tuple, str] = {}
+        return [
+            texts.get(t) or texts.setdefault(t, "[" + ",".join(map(str, t)) + "]")
+            for t in map(tuple, values)
+        ]
+    if pa.types.is_string(col.type):
+        return ["null" if v is None else encode_basestring(v) for v in values]
+    return [str(v) for v in values]
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:
@@ -198,14 +218,16 @@ def write_table(table: pa.Table) -> bytes:
 
 
 def rows_from_table(table: pa.Table) -> list[Row]:
-    cols = [table.column(n).to_pylist() for n in table.schema.names]
-    rows = []
-    for vals in zip(*cols, strict=True):
-        r = Row(*vals)
-        r.global_shape, r.shard_offsets = tuple(r.global_shape), tuple(r.shard_offsets)
-        r.shard_lengths = tuple(r.shard_lengths)
-        rows.append(r)
-    return rows
+    """The rows of an index table as ``Row`` objects. Equal shapes and boxes are one tuple
+    shared by every row that has them: rows of one shard, and tensors of one shape, add no
+    tuples that outlive the call (what the cyclic garbage collector walks on every pass)."""
+    names = table.schema.names
+    cols = [table.column(n).to_pylist() for n in names]
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for name in ("global_shape", "shard_offsets", "shard_lengths"):
+        at = names.index(name)
+        cols[at] = [shapes.setdefault(t, t) for t in map(tuple, cols[at])]
+    return [Row(*vals) for vals in zip(*cols, strict=True)]
 
 
 def row_from_json(d: object) -> Row:

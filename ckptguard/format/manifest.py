@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,21 +244,46 @@ def _validate_tensors(tensors: list, world_size: int, per_rank: bool) -> None:
                 raise FormatError(
                     f"manifest.tensors[{i}] is per-rank but its first dimension is not world_size"
                 )
-        _typed(t, _TENSOR, f"manifest.tensors[{i}]")
-        if dtypes.elem_size(t["dtype"]) is None:
+        if not _plain_tensor(t):  # the exact error for whatever is not
+            _typed(t, _TENSOR, f"manifest.tensors[{i}]")
+        size = dtypes.elem_size(t["dtype"])
+        if size is None:
             raise FormatError(f"tensor {t['key']!r} has unknown dtype {t['dtype']!r}")
         if t["kind"] not in ("torch", "numpy"):
             raise FormatError(f"tensor {t['key']!r} has unknown kind {t['kind']!r}")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in t["shape"]):
+        shape = t["shape"]
+        if not _naturals(shape):
             raise FormatError(f"tensor {t['key']!r} has an invalid shape")
-        if len(t["shape"]) > MAX_DIMS:
+        if len(shape) > MAX_DIMS:
             raise FormatError(f"tensor {t['key']!r} has more than {MAX_DIMS} dimensions")
-        if math.prod(t["shape"]) * dtypes.elem_size(t["dtype"]) > MAX_TENSOR_BYTES:
+        if math.prod(shape) * size > MAX_TENSOR_BYTES:
             # beyond any file system; also keeps the index checks' int64 arithmetic exact
             raise FormatError(f"tensor {t['key']!r} is larger than 2**62 bytes")
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
         keys.add(t["key"])
+
+
+_TENSOR_VALUES = operator.itemgetter(*_TENSOR)
+_TENSOR_TYPES = tuple(_TENSOR.values())
+assert int not in _TENSOR_TYPES  # else _plain_tensor would have to refuse bools as _typed does
+
+
+def _plain_tensor(t: Any) -> bool:
+    """Whether ``_typed(t, _TENSOR, ...)`` passes, checked at C speed for the one tensor entry
+    of a manifest of many (False: let ``_typed`` name what is wrong)."""
+    return (
+        type(t) is dict
+        and t.keys() == _TENSOR.keys()
+        and all(map(isinstance, _TENSOR_VALUES(t), _TENSOR_TYPES))
+    )
+
+
+def _naturals(shape: list) -> bool:
+    """Whether every entry of ``shape`` is an int (not a bool) >= 0."""
+    if set(map(type, shape)) <= {int}:
+        return not shape or min(shape) >= 0
+    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
 
 
 def _validate_files(files: list) -> None:
