@@ -7,14 +7,10 @@ them) -> place (allocate the targets) -> read.read_into (each file once, its rec
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from . import place, select
+from . import collector, place, select
 from .errors import UnsupportedObjectError, WorldSizeError
 from .format.index import Row
 from .format.layout import MANIFEST
@@ -45,7 +41,7 @@ def load_checkpoint(
     Per-rank tensors load rank ``rank``'s own value; ``world``, this job's number of ranks, must
     then be the saved one (None: the caller chose ``rank`` itself).
     """
-    with collector_paused(), CheckpointReader(path) as rd:
+    with collector.paused(), CheckpointReader(path) as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
                 f"{path} contains pickled objects; load it with allow_pickle=True only if you "
@@ -79,37 +75,6 @@ def load_checkpoint(
             return unflatten(tree, values, allow_pickle=allow_pickle)
         except TreeError as e:
             raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
-
-
-_pause_lock = threading.Lock()
-_pauses = 0  # loads in progress in this process
-_resume = False  # whether the collector was enabled when the first of them began
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a load builds its objects.
-
-    A load of many small tensors keeps several objects per tensor alive until it returns (the
-    manifest's entries, index rows, the tensors it fills); each allocation count the collector
-    reaches starts a pass, and its full passes walk every object of the process, the caller's
-    tensors included: most of such a load's time. None of these objects form cycles, so the
-    passes find nothing. The collector's state (enabled or not) at the start of the first of
-    concurrent loads is restored when the last one ends, however it ends.
-    """
-    global _pauses, _resume
-    with _pause_lock:
-        if _pauses == 0:
-            _resume = gc.isenabled()
-            gc.disable()
-        _pauses += 1
-    try:
-        yield
-    finally:
-        with _pause_lock:
-            _pauses -= 1
-            if _pauses == 0 and _resume:
-                gc.enable()
 
 
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 import xxhash
 
-from . import commit
+from . import collector, commit
 from .adapt import AUTO
 from .coord import Coordinator
 from .encode import parse_compress
@@ -153,8 +153,11 @@ class _Save:
     def run(self, obj: Any) -> CheckpointInfo:
         c, timeout = self.coord, self.opt.timeout
         try:
-            gathered = c.gather(self.describe(obj), timeout)
-            plan = self.plan([unpack(g) for g in gathered or ()]) if c.rank == 0 else None
+            with collector.paused():  # CPU phases only, never a wait (ckptguard.collector)
+                described = self.describe(obj)
+            gathered = c.gather(described, timeout)
+            with collector.paused():
+                plan = self.plan([unpack(g) for g in gathered or ()]) if c.rank == 0 else None
             plan = json.loads(c.broadcast(dump_json(plan) if c.rank == 0 else None, timeout))
             self.staging = plan.get("staging")
             if not plan["ok"]:
@@ -162,10 +165,13 @@ class _Save:
                     values = {int(r): v for r, v in plan["values"].items()}
                     raise OptionsMismatchError(plan["error"], plan["option"], values)
                 raise _RankFailed(plan["rank"], plan["error"])
-            gathered = c.gather(pack_report(*self.write(plan)), timeout)
+            with collector.paused():
+                report = pack_report(*self.write(plan))
+            gathered = c.gather(report, timeout)
             outcome = None
             if c.rank == 0:
-                outcome = self.commit([unpack_report(g) for g in gathered or ()])
+                with collector.paused():
+                    outcome = self.commit([unpack_report(g) for g in gathered or ()])
             # Rank 0 renames only within `timeout` of the first report (commit's deadline); the
             # others wait twice that, so none gives up on a save that then commits (I8).
             outcome = json.loads(

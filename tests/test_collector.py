@@ -1,6 +1,6 @@
-"""A load pauses Python's cyclic garbage collector while it builds its objects, and leaves the
-collector as it found it: enabled or disabled, after a good load, a refused one, and loads
-running in several threads at once."""
+"""A save or a load pauses Python's cyclic garbage collector while it builds its objects (never
+while a save waits for other ranks), and leaves the collector as it found it: enabled or
+disabled, after a good call, a refused one, and calls running in several threads at once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard import loader
+from ckptguard import collector, loader, saver
+from ckptguard.coord.base import LocalCoordinator
 from ckptguard.errors import CorruptCheckpointError
 
 
@@ -63,7 +64,7 @@ def test_concurrent_loads_restore_the_collector_when_the_last_ends(saved) -> Non
 
     def one() -> None:
         try:
-            with loader.collector_paused():
+            with collector.paused():
                 inside.wait(timeout=30)  # all three paused at once
                 assert not gc.isenabled()
                 inside.wait(timeout=30)
@@ -77,3 +78,50 @@ def test_concurrent_loads_restore_the_collector_when_the_last_ends(saved) -> Non
     for t in threads:
         t.join(60)
     assert not errors and gc.isenabled()
+
+
+def test_a_save_pauses_its_cpu_phases_and_never_its_waits(tmp_path, monkeypatch) -> None:
+    state = {f"t{i}": torch.full((8,), float(i)) for i in range(50)}
+    phases: list[tuple[str, bool]] = []
+    for name in ("describe", "write", "commit"):
+        real = getattr(saver._Save, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            phases.append((_name, gc.isenabled()))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(saver._Save, name, spy)
+    real_gather = LocalCoordinator.gather
+
+    def gather(self, data: bytes, timeout: float):
+        phases.append(("gather", gc.isenabled()))
+        return real_gather(self, data, timeout)
+
+    monkeypatch.setattr(LocalCoordinator, "gather", gather)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        ckptguard.save(state, os.path.join(tmp_path, "c"), compress="none")
+        assert gc.isenabled()
+    finally:
+        gc.enable() if was else gc.disable()
+    assert phases == [
+        ("describe", False),
+        ("gather", True),
+        ("write", False),
+        ("gather", True),
+        ("commit", False),
+    ]
+    out = ckptguard.load(os.path.join(tmp_path, "c"))
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_a_failed_save_restores_the_collector(tmp_path) -> None:
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        with pytest.raises(ckptguard.UnsupportedObjectError):
+            ckptguard.save({"x": object()}, os.path.join(tmp_path, "c"))
+        assert gc.isenabled()
+    finally:
+        gc.enable() if was else gc.disable()
