@@ -114,7 +114,7 @@ if want bench; then
   TRIALS=${BENCH_TRIALS:-1}
   WORKLOADS=${BENCH_WORKLOADS:-weights}
   # Priority order: with one trial the engines run in this order until the budget is spent.
-  ENGINES=${BENCH_ENGINES:-ckptguard-none,ckptguard-async,safetensors,dcp.async_save+cached,torch.save,dcp.save,dcp.async_save,ckptguard-async-stream,ckptguard-lz4,h5py}
+  ENGINES=${BENCH_ENGINES:-ckptguard-auto,ckptguard-none,ckptguard-async,safetensors,dcp.async_save+cached,torch.save,dcp.save,dcp.async_save,ckptguard-async-stream,ckptguard-lz4,h5py}
   LOAD_ENGINES=${BENCH_LOAD_ENGINES:-ckptguard-none,torch.save,dcp.save}
   RESERVE=0
   if want async || want tests; then RESERVE=${BENCH_RESERVE:-30}; fi

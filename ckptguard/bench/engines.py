@@ -399,8 +399,10 @@ class H5py(Engine):
 def all_engines() -> list[Engine]:
     """Every engine, in the default order (ckptguard modes first, then the peers)."""
     return [
-        Ckptguard("lz4"),
+        Ckptguard("auto"),  # the default
         Ckptguard("none"),
+        Ckptguard("lz4"),
+        Ckptguard("zstd"),
         CkptguardAsync(),
         CkptguardAsync(pool_fraction=8),
         TorchSave(),
