@@ -53,7 +53,11 @@ def child(args: argparse.Namespace) -> None:
     from ckptguard import backend
     from ckptguard.bench.workloads import iter_tensors, make_workload
     from ckptguard.io import write_records
-    from ckptguard.options import COMPRESS
+
+    try:  # where the compress names live differs between builds
+        from ckptguard.options import COMPRESS
+    except ImportError:
+        from ckptguard.saver import COMPRESS  # type: ignore[no-redef,attr-defined]
 
     work = make_workload(args.workload, args.size, seed=1)
     tensors = [t for t in iter_tensors(work.state) if isinstance(t, torch.Tensor)]
