@@ -7,7 +7,7 @@ from typing import Any
 
 from . import backend as _backend
 from .adapt import AUTO, STRETCH, Choice, Controller, Measured
-from .encode import as_buffer, check_chunk_size
+from .encode import Record, as_buffer, check_chunk_size
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
@@ -135,30 +135,45 @@ class RankWriter:
         choice = self.control.choose(data[: adapt_stretch(self.chunk_size)], size, codec == AUTO)
         return choice if codec == AUTO else choice._replace(codec=codec, level=level)
 
+    def _row(
+        self,
+        tid: int,
+        ref: TensorRef,
+        chunk: int,
+        at: int,
+        raw_len: int,
+        rec: Record,
+        in_record: int = 0,
+    ) -> None:
+        """Append the index row of ``raw_len`` bytes of ``ref``'s shard, from byte ``at`` of it,
+        held by record ``rec`` from byte ``in_record`` of its raw bytes (a packed record)."""
+        self.rows.append(
+            Row(
+                ref.key,
+                tid,
+                ref.dtype,
+                ref.global_shape,
+                ref.offsets,
+                ref.shape,
+                chunk,
+                at,
+                raw_len,
+                self.rank,
+                self.name,
+                rec.offset,
+                rec.stored_len,
+                CODEC_NAMES[rec.codec],
+                dtypes.SIZES[ref.dtype],
+                rec.hash,
+                record_byte_offset=in_record,
+                record_raw_len=rec.raw_len,
+            )
+        )
+
     def _chunk_rows(self, ref: TensorRef, tid: int, first: int, done: WriteResult) -> int:
         """Index rows for the chunks ``done`` wrote (chunks ``first``, ...); the next number."""
-        size, step = dtypes.SIZES[ref.dtype], self.chunk_size
         for n, rec in enumerate(done.records, start=first):
-            self.rows.append(
-                Row(
-                    ref.key,
-                    tid,
-                    ref.dtype,
-                    ref.global_shape,
-                    ref.offsets,
-                    ref.shape,
-                    n,
-                    n * step,
-                    rec.raw_len,
-                    self.rank,
-                    self.name,
-                    rec.offset,
-                    rec.stored_len,
-                    CODEC_NAMES[rec.codec],
-                    size,
-                    rec.hash,
-                )
-            )
+            self._row(tid, ref, n, n * self.chunk_size, rec.raw_len, rec)
         return first + len(done.records)
 
     def add_packed(
@@ -177,28 +192,7 @@ class RankWriter:
         (rec,) = done.records
         ends = [at for _, _, at in members[1:]] + [len(view)]
         for (tid, ref, at), end in zip(members, ends, strict=True):
-            self.rows.append(
-                Row(
-                    ref.key,
-                    tid,
-                    ref.dtype,
-                    ref.global_shape,
-                    ref.offsets,
-                    ref.shape,
-                    0,
-                    0,
-                    end - at,
-                    self.rank,
-                    self.name,
-                    rec.offset,
-                    rec.stored_len,
-                    CODEC_NAMES[rec.codec],
-                    size,
-                    rec.hash,
-                    record_byte_offset=at,
-                    record_raw_len=rec.raw_len,
-                )
-            )
+            self._row(tid, ref, 0, 0, end - at, rec, at)
 
     def finish(self) -> list[Row]:
         """Write footer and trailer, fsync, close, and re-check what was written."""
