@@ -49,8 +49,10 @@ def save(
     ``check_replicated=False`` saves the lowest rank's copy of each replica for every rank
     without refusing copies that differ (ReplicaMismatchWarning says which differed). Every rank
     must pass the same path and options (else OptionsMismatchError on every rank).
-    ``compress``: "auto"/"lz4" (byte-plane shuffle + LZ4 per chunk where it saves >= 5%),
-    "zstd" or "zstd:N" (the same with zstd, level 1 or N: smaller, slower) or "none". An
+    ``compress``: "auto" (the default: raw, LZ4 or zstd per stretch of the stream, whichever the
+    rates measured during the save predict fastest; docs/tuning.md), "lz4" (byte-plane shuffle
+    + LZ4 per chunk where it saves >= 5%), "zstd" or "zstd:N" (the same with zstd, level 1 or
+    N: smaller, slower) or "none". An
     existing name is an error unless ``overwrite``, which commits the new checkpoint first and
     removes the old one after. LATEST then names it.
     ``timeout`` bounds each wait for the other ranks. The options and their defaults are the

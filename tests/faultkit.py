@@ -39,6 +39,7 @@ ACTIONS = ("kill", "eio", "enospc", "hang")
 SAVE_TIMEOUT = 5  # seconds: the collectives' timeout of every save in a case
 BOUND = {
     "save": 90.0,
+    "save-zstd": 90.0,
     "overwrite": 90.0,
     "fallback": 90.0,
     "agent": 120.0,
@@ -207,7 +208,7 @@ def make_bases(root: Path) -> dict[str, Path]:
     """Stores every case of a scenario copies: built once per session."""
     bases: dict[str, Path] = {}
     need = {r.scenario for r in table()}
-    if need & {"save", "overwrite", "fallback"}:
+    if need & {"save", "save-zstd", "overwrite", "fallback"}:
         d = root / "mpi" / "store"
         code, _, log = launch(
             [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), "mpi", "save", str(d), "step-10"],
@@ -217,7 +218,7 @@ def make_bases(root: Path) -> dict[str, Path]:
         )
         assert code == 0, log[-3000:]
         shutil.rmtree(root / "mpi" / "out")
-        bases["save"] = bases["overwrite"] = bases["fallback"] = d
+        bases["save"] = bases["save-zstd"] = bases["overwrite"] = bases["fallback"] = d
     d = root / "agent" / "store"
     ckptguard.save(small(9), d / "base", step=9)
     bases["agent"] = bases["agent-srun"] = d
@@ -266,6 +267,13 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
     assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
     assert not [n for n in os.listdir(store) if _latest_tmp(n)]
     assert {i.name for i in st.list()} == names and st.latest_name() == latest
+
+
+def check_codec(ckpt: Path, feature: str) -> None:
+    """The checkpoint really holds records of the codec its scenario asked for."""
+    doc = json.loads((ckpt / "MANIFEST.json").read_text())
+    features = doc["manifest"]["features"]
+    assert feature in features, (feature, features)
 
 
 def check_deleted_stays_deleted(store: Path, name: str) -> None:
@@ -371,6 +379,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     env = {**os.environ, "CKPTGUARD_FAILPOINT": case.failpoint}
     if case.scenario == "fallback":  # the overwrite without renameat2 (two renames)
         env["CKPTGUARD_RENAME_EXCHANGE"] = "0"
+    if case.scenario == "save-zstd":  # the same failpoints with every record compressed
+        env["CKPTGUARD_TEST_COMPRESS"] = "zstd"
     cmd = [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), *args]
     code, wall, log = launch(cmd, env, tmp / "launch.log", BOUND[case.scenario])
     fired(case, log)
@@ -410,6 +420,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         assert outcome == case.expect, f"the new checkpoint is {outcome}, expected {case.expect}"
         committed = set() if outcome == "absent" else {"new"}
         check_store(store, {"step-10"} | committed, latest)
+        if committed and case.scenario == "save-zstd":
+            check_codec(store / "new", "zstd")
     return outcome, check_ranks(case, run, committed)
 
 
@@ -561,6 +573,7 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
 
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
+    "save-zstd": _mpi,
     "overwrite": _mpi,
     "fallback": _mpi,
     "agent": _agent,

@@ -136,12 +136,17 @@ def main() -> int:
             result.update(ok=True)
         elif scenario == "fail":  # a failpoint set by the test makes one rank fail
             timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 60
+            state = local_state(rank, world)
+            compress = os.environ.get("CKPTGUARD_TEST_COMPRESS", "auto")
+            if compress != "auto":  # a replica big and regular enough for any codec to pay
+                state["z"] = torch.arange(1 << 16, dtype=torch.float32) % 7
             info = ckptguard.save(
-                local_state(rank, world),
+                state,
                 os.path.join(store, sys.argv[4]),
                 coordinator=coord,
                 timeout=timeout,
                 overwrite=sys.argv[6:] == ["overwrite"],
+                compress=compress,
             )
             result.update(ok=True, name=info.name, uuid=info.uuid, warnings=list(info.warnings))
         elif scenario == "diverge":  # replicas that differ are an error on every rank
