@@ -1,9 +1,10 @@
 """ckptguard: atomic, verified checkpoints for PyTorch training on HPC clusters.
 
 Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async`` or a
-``Checkpointer`` to save in the background); ``verify`` checks every
-byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
-directory of them. Under ``ckptguard run``, ``checkpoint_requested()`` says when to save.
+``Checkpointer`` to save in the background); ``verify`` checks every byte of a checkpoint
+against its hashes; ``export`` writes one as safetensors, HDF5 or a torch.save file; ``Store``
+lists, deletes and garbage-collects a directory of them. Under ``ckptguard run``,
+``checkpoint_requested()`` says when to save.
 
 The names below load on first use (PEP 562), so ``import ckptguard.format`` or
 ``ckptguard.errors`` costs no torch import; ``from ckptguard import save`` imports what ``save``
@@ -24,6 +25,8 @@ from .errors import (
     CheckpointReplacedError,
     CheckpointWarning,
     CorruptCheckpointError,
+    ExportError,
+    ExportWarning,
     FormatVersionError,
     HostPoolPrepareError,
     HostPoolPrepareWarning,
@@ -44,8 +47,9 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .agent.client import checkpoint_requested
-    from .api import CheckpointDescription, TensorSummary, describe, load, save, verify
+    from .api import CheckpointDescription, TensorSummary, describe, export, load, save, verify
     from .checkpointer import Checkpointer, SaveHandle, save_async
+    from .exporter import ExportResult
     from .format.manifest import CheckpointInfo
     from .read import Problem, VerifyReport
     from .shard import PerRank, Shard
@@ -55,8 +59,17 @@ if TYPE_CHECKING:
 # the error classes (errors.py imports nothing heavy) are imported above.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     ".agent.client": ("checkpoint_requested",),
-    ".api": ("CheckpointDescription", "TensorSummary", "describe", "load", "save", "verify"),
+    ".api": (
+        "CheckpointDescription",
+        "TensorSummary",
+        "describe",
+        "export",
+        "load",
+        "save",
+        "verify",
+    ),
     ".checkpointer": ("Checkpointer", "SaveHandle", "save_async"),
+    ".exporter": ("ExportResult",),
     ".format.manifest": ("CheckpointInfo",),
     ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
@@ -76,6 +89,9 @@ __all__ = [
     "CheckpointReplacedError",
     "CheckpointWarning",
     "CorruptCheckpointError",
+    "ExportError",
+    "ExportResult",
+    "ExportWarning",
     "FormatVersionError",
     "HostPoolPrepareError",
     "HostPoolPrepareWarning",
@@ -101,6 +117,7 @@ __all__ = [
     "__version__",
     "checkpoint_requested",
     "describe",
+    "export",
     "load",
     "save",
     "save_async",

@@ -1,9 +1,10 @@
-"""The public functions: save, load, verify, describe."""
+"""The public functions: save, load, verify, describe, export."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from .errors import (
     CorruptCheckpointError,
     from_oserror,
 )
+from .exporter import ExportResult, export_checkpoint, left_out_warning
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
@@ -143,6 +145,52 @@ def verify(
 ) -> VerifyReport:
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found."""
     return _reading(path, lambda p: verify_checkpoint(p, progress))
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    *,
+    to: str,
+    dest: str | os.PathLike,
+    select: str | None = None,
+    max_shard_size: int | str | None = None,
+    strict: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    rank: int = 0,
+) -> ExportResult:
+    """Write a checkpoint (or a store's LATEST) as files other tools read, into directory
+    ``dest`` (created if missing): ``to="safetensors"`` (model.safetensors, or with
+    ``max_shard_size`` such as "5GB" shards and the Hugging Face index
+    model.safetensors.index.json), ``"hdf5"`` (checkpoint.h5) or ``"torch"`` (checkpoint.pt).
+
+    Every tensor is read whole (a sharded save is consolidated) and checked against its hashes
+    as it is written: corruption raises CorruptCheckpointError and leaves no file under its
+    final name. Only one tensor is in memory at a time (torch: the whole object). ``select``
+    exports the subtree at a key path such as "model" (parts "/"-separated, as ``ckptguard
+    info`` shows keys), named relative to it. safetensors holds only tensors: the values it
+    cannot hold are left out (``ExportWarning``, ``ExportResult.left_out``), or refused with
+    ExportError under ``strict``. Existing files are replaced only with ``force``. Values are
+    what saved rank ``rank`` saved (its non-tensor values and ``PerRank`` tensors).
+    """
+    result = _reading(
+        checkpoint,
+        lambda p: export_checkpoint(
+            p,
+            to,
+            dest,
+            select=select,
+            max_shard_size=max_shard_size,
+            strict=strict,
+            force=force,
+            allow_pickle=allow_pickle,
+            rank=rank,
+        ),
+    )
+    warning = left_out_warning(result)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=2)
+    return result
 
 
 def _reading(path: str | os.PathLike, read: Callable[[str], T]) -> T:

@@ -127,6 +127,22 @@ class CorruptCheckpointError(CheckpointError):
         self.offset = offset
 
 
+class ExportError(CheckpointError, ValueError):
+    """A checkpoint cannot be exported as asked: an unknown format, a subtree that is not there,
+    names that collide once joined, a value the format cannot hold under ``strict``, or files
+    in the destination that would be replaced without ``force``. ``path`` names the checkpoint
+    or the file concerned."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ExportWarning(UserWarning):
+    """An export left values out that its format cannot hold (non-tensor values, dtypes it has
+    no type for); the message names them, ``ExportResult.left_out`` lists them."""
+
+
 class CheckpointReplacedError(CheckpointError):
     """The checkpoint was replaced (an overwrite of its name) or removed while it was being
     read. Not damage: its files went away with the directory; read the name again."""

@@ -1,9 +1,11 @@
 """Small file helpers: the one safe open for reading, full writes, fsync of files and
-directories, atomic replace; the one whole read of a checkpoint's file and of its manifest,
-with the typed errors every reader of a checkpoint raises."""
+directories, atomic replace, new files that appear together; the one whole read of a
+checkpoint's file and of its manifest, with the typed errors every reader of a checkpoint
+raises."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -203,3 +205,68 @@ def write_file_durably(path: str, data: bytes, *, tmp_suffix: str = ".tmp") -> N
     tmp = path + tmp_suffix
     write_new_file(tmp, data)
     os.rename(tmp, path)
+
+
+class NewFiles:
+    """A set of files that appear in directory ``dest`` together and whole, or not at all.
+
+    ``new`` creates each under a hidden temporary name; ``commit`` fsyncs them all, then gives
+    each its final name, in the order created, and fsyncs ``dest``. Without ``replace`` an
+    existing final name raises FileExistsError (a hard link never replaces; a rename after a
+    check where the file system has no links) and the files already named by this commit are
+    removed again; with it, existing files are replaced. ``discard`` removes every temporary
+    file not yet named (call it in a ``finally``)."""
+
+    def __init__(self, dest: str, replace: bool = False) -> None:
+        self.dest, self.replace = dest, replace
+        self.pending: list[tuple[str, str]] = []
+
+    def new(self, name: str) -> str:
+        """A new empty temporary file in ``dest`` that ``commit`` names ``name``: its path."""
+        tmp = os.path.join(self.dest, f".{name}.{os.urandom(6).hex()}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        self.pending.append((tmp, os.path.join(self.dest, name)))
+        return tmp
+
+    def commit(self) -> list[str]:
+        """Name every file (after fsyncing each); the final paths."""
+        for tmp, _ in self.pending:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        named: list[str] = []
+        try:
+            for tmp, final in self.pending:
+                self._name(tmp, final)
+                named.append(final)
+        except BaseException:
+            if not self.replace:  # each file named was new: take them back
+                for final in named:
+                    os.unlink(final)
+            raise
+        self.pending = []
+        fsync_dir(self.dest)
+        return named
+
+    def _name(self, tmp: str, final: str) -> None:
+        if self.replace:
+            os.replace(tmp, final)
+            return
+        try:
+            os.link(tmp, final)
+        except OSError as e:  # EEXIST raised as is; no hard links here (some FUSE, SMB, vfat)
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.lexists(final):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final) from None
+            os.rename(tmp, final)
+            return
+        os.unlink(tmp)
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.pending = []

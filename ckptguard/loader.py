@@ -8,6 +8,7 @@ them) -> place (allocate the targets) -> read.read_into (each file once, its rec
 from __future__ import annotations
 
 import os
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from . import collector, place, select
@@ -18,11 +19,11 @@ from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .open import CheckpointReader
 from .place import Landing, MapLocation
-from .read import read_into, read_packed
+from .read import read_into, read_packed, read_record
 from .select import Target
 from .tree import TreeError, tensor_ids, unflatten
 
-__all__ = ["MapLocation", "load_checkpoint"]
+__all__ = ["MapLocation", "iter_tensors", "load_checkpoint"]
 
 
 def load_checkpoint(
@@ -75,6 +76,82 @@ def load_checkpoint(
             return unflatten(tree, values, allow_pickle=allow_pickle)
         except TreeError as e:
             raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
+
+
+def iter_tensors(
+    rd: CheckpointReader, ids: Sequence[int], rank: int = 0, verify: bool = True
+) -> Generator[tuple[int, Any], None, None]:
+    """Tensors ``ids`` of open checkpoint ``rd``, each whole on the host as a load without a
+    template builds it (its saved shards assembled; of a per-rank tensor, rank ``rank``'s row),
+    yielded one at a time in the order given, with every record read checked (``verify``).
+
+    The memory held is the tensor being built and one saved shard's chunks (or one packed
+    record), never the whole checkpoint: a caller that drops each tensor before taking the next
+    holds one at a time. Each data file is opened and checked once; tensors that share a packed
+    record, given one after another, read it once (order them by where their bytes lie). The
+    ids must exist (one given twice is read twice) and ``rank`` be a saved rank."""
+    boxes = {gid: select.whole_box(rd.tensors[gid], rank) for gid in ids}
+    pieces = select.plan_reads(rd.table, rd.tensors, boxes)
+    rd.check_sizes({r.file for ps in pieces.values() for p in ps for r in p.rows})
+    files = _Files(rd, verify)
+    try:
+        for gid in ids:
+            entry = rd.tensors[gid]
+            target = place.fresh_target(entry, boxes[gid])
+            for piece in pieces[gid]:
+                files.read_piece(target, entry, piece)
+            yield gid, place.finish(target, entry, "cpu")
+            del target  # a caller done with the tensor frees it before the next is allocated
+    finally:
+        files.close()
+
+
+class _Files:
+    """The data files of one ``iter_tensors``, each opened once, and the last packed record
+    read (the tensors of a pack are read one by one, the record once for them all)."""
+
+    def __init__(self, rd: CheckpointReader, verify: bool) -> None:
+        self.rd, self.verify = rd, verify
+        self.fds: dict[str, int] = {}
+        self.record: tuple[tuple[str, int], memoryview] | None = None
+
+    def fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = self.rd.open_file(name)
+        return self.fds[name]
+
+    def read_piece(self, target: Target, entry: dict, piece: select.Piece) -> None:
+        """Read one saved shard's chunks into ``target`` (through a buffer of that shard's
+        chunks unless they land in place)."""
+        landing, copy = place.land(entry["key"], piece, target)
+        by_file: dict[str, list[Row]] = {}
+        for r in sorted(piece.rows, key=lambda r: (r.offset, r.record_byte_offset)):
+            by_file.setdefault(r.file, []).append(r)
+        for name, rows in sorted(by_file.items()):
+            fd = self.fd(name)
+            whole = [r for r in rows if not r.packed]
+            if whole:
+                offsets = [landing.dest_offset(r) for r in whole]
+                read_into(self.rd, fd, whole, landing.buf, offsets, self.verify)
+            for r in rows:
+                if r.packed:
+                    at, off = r.record_byte_offset, landing.dest_offset(r)
+                    landing.buf[off : off + r.raw_len] = self.packed(fd, r)[at : at + r.raw_len]
+        if copy:
+            place.copy_block(target, entry, landing)
+
+    def packed(self, fd: int, r: Row) -> memoryview:
+        """The raw bytes of the packed record that row ``r`` is a slice of, checked whole."""
+        where = (r.file, r.offset)
+        if self.record is None or self.record[0] != where:
+            self.record = None  # one record held at a time
+            self.record = (where, memoryview(read_record(self.rd, fd, r, self.verify)))
+        return self.record[1]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:

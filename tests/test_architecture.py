@@ -282,6 +282,8 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom ckptguard import cli  # noqa\n")
     with open(tmp_path / "ckptguard" / "drain" / "lustre.py", "a") as f:
         f.write("\nfrom . import copy  # noqa\n")
+    with open(tmp_path / "ckptguard" / "exporter" / "names.py", "a") as f:
+        f.write("\nfrom . import formats  # noqa\n")
     # Within the layers: independent siblings ("|"), and a step under the step built on it.
     with open(tmp_path / "ckptguard" / "saver.py", "a") as f:
         f.write("\nfrom ckptguard import loader  # noqa\n")

@@ -1,9 +1,12 @@
-"""fsutil's whole reads of a checkpoint's files: one mapping of what goes wrong to typed errors."""
+"""fsutil's whole reads of a checkpoint's files (one mapping of what goes wrong to typed errors)
+and NewFiles, files that appear together and whole."""
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch
 import ckptguard
 from ckptguard.coord import LocalCoordinator, current
 from ckptguard.errors import CheckpointWarning, warn_after_commit
-from ckptguard.fsutil import read_manifest, read_member
+from ckptguard.fsutil import NewFiles, read_manifest, read_member
 
 
 def _saved(tmp_path) -> str:
@@ -56,3 +59,44 @@ def test_warn_after_commit_is_a_checkpoint_warning_at_the_callers_line():
 def test_current_rank_and_size():
     assert current() == (0, 1)
     assert current(LocalCoordinator()) == (0, 1)
+
+
+def _write(files: NewFiles, name: str, data: bytes) -> None:
+    with open(files.new(name), "wb") as f:
+        f.write(data)
+
+
+def test_new_files_appear_only_when_committed(tmp_path: Path) -> None:
+    files = NewFiles(str(tmp_path))
+    _write(files, "a", b"1")
+    _write(files, "b", b"2")
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in os.listdir(tmp_path))
+    assert files.commit() == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"] and (tmp_path / "b").read_bytes() == b"2"
+    _write(files, "c", b"3")
+    files.discard()
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_new_files_never_replace_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    if not links:  # a file system without hard links: a rename after a check
+
+        def no_link(*a: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    (tmp_path / "b").write_bytes(b"old")
+    files = NewFiles(str(tmp_path))
+    _write(files, "a", b"1")
+    _write(files, "b", b"2")
+    with pytest.raises(FileExistsError):
+        files.commit()
+    files.discard()
+    assert os.listdir(tmp_path) == ["b"] and (tmp_path / "b").read_bytes() == b"old"
+    files = NewFiles(str(tmp_path), replace=True)
+    _write(files, "b", b"2")
+    files.commit()
+    assert os.listdir(tmp_path) == ["b"] and (tmp_path / "b").read_bytes() == b"2"

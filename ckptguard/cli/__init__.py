@@ -1,4 +1,4 @@
-"""The ``ckptguard`` command: inspect, verify, restore and tidy a store of checkpoints.
+"""The ``ckptguard`` command: inspect, verify, restore, export and tidy a store of checkpoints.
 
 Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` found none);
 2 an error (bad path, corrupt manifest, bad arguments), printed as one ``error: ...`` line.
@@ -24,12 +24,12 @@ import click
 import ckptguard
 from ckptguard import CheckpointError
 
-from . import delete, demo, doctor, drain, gc, info, latest, ls, restore, run, verify
+from . import delete, demo, doctor, drain, export, gc, info, latest, ls, restore, run, verify
 from ._output import CheckFailed, fail, terminal_safe
 
 __all__ = ["cli", "main", "terminal_safe"]
 
-_COMMANDS = (ls, info, verify, latest, gc, delete, restore, demo, run, doctor, drain)
+_COMMANDS = (ls, info, verify, latest, gc, delete, restore, export, demo, run, doctor, drain)
 
 
 class _CkptGroup(click.Group):
