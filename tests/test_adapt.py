@@ -390,3 +390,36 @@ def test_bad_odirect_value(monkeypatch) -> None:
         backend.direct_io()
     monkeypatch.setenv(backend.DIRECT_ENV, "auto")
     assert backend.direct_mode() == "auto" and backend.info()["o_direct"] == "auto"
+
+
+@pytest.mark.parametrize("be", ["native", "python"])
+def test_write_stats_from_every_front_end(tmp_path, be: str) -> None:
+    if be == "native" and not backend.available():
+        pytest.skip(backend.reason())
+    state = {"x": torch.arange(100_000, dtype=torch.float32), "y": torch.ones(7)}
+    raw = 400_028
+    with backend.use(be):
+        with ckptguard.Checkpointer(str(tmp_path / "s"), handoff=False) as ck:
+            infos = [ck.save(state, "a"), ck.save_async(state, "b").result()]
+        infos.append(ckptguard.save(state, str(tmp_path / "c"), compress="lz4"))
+    for info in infos:
+        assert info.write_stats is not None
+        assert sum(info.write_stats["codec"].values()) == sum(info.write_stats["io"].values())
+        assert sum(info.write_stats["codec"].values()) == raw
+    assert "shuffle-lz4" in infos[-1].write_stats["codec"]
+    assert ckptguard.Store(str(tmp_path / "s")).latest().write_stats is None  # from a manifest
+
+
+def test_write_stats_sum_the_ranks(tmp_path) -> None:
+    from threadcoord import ThreadCoordinator, run_ranks
+
+    out: dict[int, ckptguard.CheckpointInfo] = {}
+
+    def rank_main(coord: ThreadCoordinator) -> None:
+        state = {"mine": ckptguard.PerRank(torch.full((1000,), float(coord.rank)))}
+        out[coord.rank] = ckptguard.save(state, str(tmp_path / "c"), coordinator=coord, timeout=60)
+
+    run_ranks(2, rank_main)
+    stats = out[0].write_stats
+    assert stats is not None and stats == out[1].write_stats  # every rank: the whole save's
+    assert sum(stats["codec"].values()) == 2 * 4000
