@@ -2,7 +2,8 @@
 (docs/benchmarks.md).
 
 Two builds (``--a``, ``--b``), or settings of one build (``--variants``: ``compress`` values,
-each optionally with ``/odirect=0|1|auto``, e.g. ``auto none lz4 none/odirect=1``). Each round
+each optionally with ``/odirect=0|1|auto`` and ``@TREE`` for another build, e.g. ``auto none lz4
+none/odirect=1 auto@../main``). Each round
 runs one child process per variant, the order rotated from round to round, so a slow period of
 a shared machine hits every variant alike. ``--congestion`` runs the bench's competing O_DIRECT
 writer (ckptguard.bench.congestion) on the disk of ``--dir`` for the whole run. A child builds the
@@ -15,8 +16,10 @@ workload from a fixed seed, saves it once to warm up, then measures, per trial (
   save-mem the same save into a store on the memory file system: the whole save path, no disk
   load-mem a verified ``ckptguard.load`` of that store: the whole load path, no disk
 
-Each figure is the median over all trials of all rounds; the report gives B/A per figure. A tree
-is a checkout whose ``ckptguard`` package (with its built extension) the child imports first.
+Each figure is the median over all trials of all rounds; the report gives B/A per figure, and
+for each variant what its durable saves used (``CheckpointInfo.write_stats``, where the build
+reports it): the share of raw bytes per codec and through O_DIRECT. A tree is a checkout whose
+``ckptguard`` package (with its built extension) the child imports first.
 
     python benchmarks/ab_save.py --a /path/to/old --b . --size 512MiB --rounds 6
     python benchmarks/ab_save.py --variants auto none lz4 auto/odirect=1 --only save
@@ -62,6 +65,7 @@ def child(args: argparse.Namespace) -> None:
     work = make_workload(args.workload, args.size, seed=1)
     tensors = [t for t in iter_tensors(work.state) if isinstance(t, torch.Tensor)]
     out: dict[str, list[float]] = {"encode": [], "save": [], "save-mem": [], "load-mem": []}
+    used: dict[str, dict[str, int]] = {"codec": {}, "io": {}}
     memstore = os.path.join(args.mem_dir, f"ab_save.{os.getpid()}.store")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         ckptguard.save(work.state, os.path.join(tmp, "s", "warm"), compress=args.compress)
@@ -89,8 +93,11 @@ def child(args: argparse.Namespace) -> None:
                 out["encode"].append(time.perf_counter() - t0)
             for i in range(args.trials):
                 t0 = time.perf_counter()
-                ckptguard.save(work.state, os.path.join(tmp, "s", f"t{i}"), compress=args.compress)
+                info = ckptguard.save(
+                    work.state, os.path.join(tmp, "s", f"t{i}"), compress=args.compress
+                )
                 out["save"].append(time.perf_counter() - t0)
+                add_used(used, getattr(info, "write_stats", None))
                 shutil.rmtree(os.path.join(tmp, "s", f"t{i}"))
                 if "save-mem" not in args.only:
                     continue
@@ -105,7 +112,23 @@ def child(args: argparse.Namespace) -> None:
             os.close(fd)
             os.unlink(mem)
     out = {k: v for k, v in out.items() if v}
-    print(json.dumps({"backend": backend.name(), **out}))
+    print(json.dumps({"backend": backend.name(), "used": used, **out}))
+
+
+def add_used(into: dict[str, dict[str, int]], stats: dict | None) -> None:
+    """Add a save's raw bytes per codec and per I/O mode (``write_stats``; None: not reported)."""
+    for part in ("codec", "io"):
+        for k, v in (stats or {}).get(part, {}).items():
+            into[part][k] = into[part].get(k, 0) + v
+
+
+def describe_used(used: dict[str, dict[str, int]]) -> str:
+    """``raw 80% shuffle-lz4 20%, direct 35%``, or ``-`` where the build did not report it."""
+    total = sum(used["codec"].values())
+    if not total:
+        return "-"
+    codecs = " ".join(f"{k} {v / total:.0%}" for k, v in sorted(used["codec"].items()))
+    return f"{codecs}, direct {used['io'].get('direct', 0) / total:.0%}"
 
 
 def run_child(tree: str, compress: str, odirect: str | None, args: argparse.Namespace) -> dict:
@@ -133,6 +156,7 @@ def run_child(tree: str, compress: str, odirect: str | None, args: argparse.Name
     if res.returncode:
         raise SystemExit(f"ab_save: the child for {tree} failed:\n{res.stderr[-2000:]}")
     got = json.loads(res.stdout.strip().splitlines()[-1])
+    got.setdefault("used", {"codec": {}, "io": {}})
     if got.pop("backend") != "native":
         raise SystemExit(f"ab_save: {tree} has no native extension built (setup.py build_ext)")
     return got
@@ -143,9 +167,10 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]
     if args.variants:
         out = []
         for spec in args.variants:
-            compress, _, rest = spec.partition("/")
+            setting, _, tree = spec.partition("@")
+            compress, _, rest = setting.partition("/")
             odirect = rest.split("=", 1)[1] if rest.startswith("odirect=") else None
-            out.append((spec, args.b or ".", compress, odirect))
+            out.append((spec, tree or args.b or ".", compress, odirect))
         return out
     if not (args.a and args.b):
         raise SystemExit("ab_save: --a and --b, or --variants, are required")
@@ -156,7 +181,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", help="the baseline tree")
     p.add_argument("--b", help="the changed tree (with --variants: the tree, default .)")
-    p.add_argument("--variants", nargs="+", help="settings of one build: compress[/odirect=X]")
+    p.add_argument("--variants", nargs="+", help="settings: compress[/odirect=X][@TREE]")
     p.add_argument("--size", type=parse_size, default=parse_size("512MiB"))
     p.add_argument("--workload", default="model")
     p.add_argument("--compress", default="none")
@@ -173,6 +198,7 @@ def main() -> None:
         return
     vs = variants(args)
     times: dict[str, dict[str, list[float]]] = {v[0]: {} for v in vs}
+    used: dict[str, dict[str, dict[str, int]]] = {v[0]: {"codec": {}, "io": {}} for v in vs}
     from ckptguard.bench.congestion import CompetingWriter
 
     # The bench's own competing writer: stopped and its file removed however this run ends
@@ -185,7 +211,10 @@ def main() -> None:
     with load:
         for r in range(args.rounds):
             for label, tree, compress, odirect in vs[r % len(vs) :] + vs[: r % len(vs)]:
-                for k, v in run_child(tree, compress, odirect, args).items():
+                got = run_child(tree, compress, odirect, args)
+                for part, counts in got.pop("used").items():
+                    add_used(used[label], {part: counts})
+                for k, v in got.items():
                     times[label].setdefault(k, []).extend(v)
     print(
         f"workload {args.workload}, {args.size / 2**20:.0f} MiB, "
@@ -199,6 +228,8 @@ def main() -> None:
             m = statistics.median(times[label][k])
             cells.append(f"{label} {m:.3f} s ({m / base:.2f})")
         print(f"  {k:8s} " + "   ".join(cells))
+    shares = [f"{label}: {describe_used(used[label])}" for label, *_ in vs]
+    print("  used (durable saves): " + "   ".join(shares))
 
 
 if __name__ == "__main__":

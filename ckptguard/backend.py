@@ -157,6 +157,16 @@ def _dotted(version: tuple) -> str:
     return ".".join(map(str, version))
 
 
+def zstd_version(backend: str | None = None) -> str:
+    """The version of the zstd library that ``backend``'s encoder uses (the native path's
+    linked libzstd, or the one in the ``zstandard`` package)."""
+    if resolve(backend) == NATIVE:
+        return str(native().library_versions()["zstd"])
+    import zstandard
+
+    return _dotted(zstandard.ZSTD_VERSION)
+
+
 def info() -> dict[str, object]:
     """What ``ckptguard doctor`` reports."""
     out: dict[str, object] = {

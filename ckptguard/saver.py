@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lz4
@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from . import collector, commit
-from .adapt import AUTO
+from .adapt import AUTO, merge_stats
 from .coord import Coordinator
 from .encode import parse_compress
 from .errors import (
@@ -85,9 +85,10 @@ class _RankFailed(Exception):
         self.rank = rank
 
 
-def writer_versions() -> dict[str, str]:
-    """The manifest's ``writer`` member: the versions that wrote the checkpoint."""
-    return {
+def writer_versions(zstd: list[str] | None = None) -> dict[str, str]:
+    """The manifest's ``writer`` member: the versions that wrote the checkpoint; ``zstd``: the
+    zstd libraries that encoded its zstd records (none: no member)."""
+    versions = {
         "ckptguard": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -96,6 +97,9 @@ def writer_versions() -> dict[str, str]:
         "xxhash": xxhash.VERSION,
         "pyarrow": pa.__version__,
     }
+    if zstd:
+        versions["zstd"] = ", ".join(sorted(set(zstd)))
+    return versions
 
 
 def _warn_differing(keys: list[str], world: int) -> None:
@@ -286,7 +290,8 @@ class _Save:
                 e = from_oserror(e, where, "cannot write")
             return self.fail(e), None
         file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": len(rows)}
-        return {"ok": True, "written_at": time.time(), "file": file}, to_table(rows)
+        doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
+        return {**doc, "zstd": writer.zstd_version()}, to_table(rows)
 
     # -- phase 4: rank 0 validates the reports and commits --------------------------------------
     def commit(self, reports: list[tuple[dict, pa.Table | None]]) -> dict:
@@ -311,6 +316,7 @@ class _Save:
                 deadline=deadline,
             )
             self.staging = None  # committed: nothing of ours to clean up
+            info = replace(info, write_stats=merge_stats(r["stats"] for r, _ in reports))
             LAST_TIMINGS["visible"] = time.time()
         except FormatError as e:
             return self.fail(PlanError(f"reports do not form a valid checkpoint: {e}"))
@@ -338,7 +344,7 @@ class _Save:
             uuid=p.uuid,
             world_size=self.coord.size,
             step=self.opt.step,
-            writer=writer_versions(),
+            writer=writer_versions([r["zstd"] for r, _ in reports if r.get("zstd")]),
             metadata=self.opt.metadata,
             tree=p.tree,
             rank_trees=p.rank_trees,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from . import backend as _backend
@@ -26,17 +27,13 @@ from .format.datafile import (
 from .format.index import Row, is_packed, to_table
 from .format.index import footer as index_footer
 from .format.layout import datafile_name
+from .format.manifest import WriteStats
 from .fsutil import UnsafeFileError, open_regular
-from .io import WriteResult, open_direct, pread_exact, write_all, write_records
+from .io import WriteResult, open_direct, pread_exact, wait_written, write_all, write_records
 from .sources import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20
-
-LAST_WRITE: dict[str, dict[str, int]] = {}
-"""The last data file this process finished: raw bytes per codec stored (``"codec"``) and per
-I/O mode (``"io"``: ``"buffered"``, ``"direct"``), as ``compress="auto"`` and CKPTGUARD_ODIRECT
-chose them (for benchmarks and diagnosis)."""
 
 
 def adapt_stretch(chunk: int) -> int:
@@ -74,7 +71,14 @@ class RankWriter:
             except OSError:
                 self.abort()
                 raise
-        self.control = Controller(self._threads, direct, self._dfd >= 0)
+        self.control = Controller(
+            self._threads,
+            direct,
+            self._dfd >= 0,
+            fs=os.fstat(self.fd).st_dev,
+            pipelined=self._backend == _backend.NATIVE,
+        )
+        self.stats: WriteStats | None = None  # what the file used, once finished
 
     def add(self, tid: int, ref: TensorRef, codec: int, raw: Any = None, level: int = 0) -> None:
         """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded),
@@ -106,6 +110,7 @@ class RankWriter:
 
     def _write(self, part: Any, size: int, choice: Choice) -> WriteResult:
         """Write the records of ``part`` as ``choice`` says, and tell the controller how it went."""
+        t0 = time.perf_counter_ns()
         done = write_records(
             self.fd,
             self.path,
@@ -121,14 +126,27 @@ class RankWriter:
             level=choice.level,
             dfd=self._dfd,
         )
+        wall = time.perf_counter_ns() - t0
         self.pos = done.end
         self._records += len(done.records)
         stored = sum(r.stored_len for r in done.records)
-        m = Measured(len(part), stored, done.written, done.enc_ns, done.write_ns, done.direct)
-        self.control.record(choice, m)
+        m = Measured(len(part), stored, done.written, done.enc_ns, done.write_ns, done.direct, wall)
+        self.control.record(choice, m, self._drain)
         for rec in done.records:
             self.control.note_use(CODEC_NAMES[rec.codec], done.direct, rec.raw_len)
         return done
+
+    def _drain(self) -> int:
+        """Put what the buffered writes left in the page cache on the disk (the controller
+        asks for it to time both I/O modes alike); the nanoseconds it took."""
+        return wait_written(self.fd, self.path, self._backend)
+
+    def zstd_version(self) -> str | None:
+        """The zstd library that encoded this file's zstd records, if it has any (the
+        manifest's ``writer`` member names it)."""
+        if not self.control.used["codec"].get("shuffle-zstd"):
+            return None
+        return _backend.zstd_version(self._backend)
 
     def _choose(self, data: memoryview, size: int, codec: int, level: int) -> Choice:
         """The controller's choice for ``data``; a fixed ``codec`` (not AUTO) replaces its own."""
@@ -205,8 +223,7 @@ class RankWriter:
         os.close(self.fd)
         self.fd = -1
         self._recheck(footer)
-        LAST_WRITE.clear()
-        LAST_WRITE.update(self.control.used)
+        self.stats = self.control.finish()
         return self.rows
 
     def abort(self) -> None:

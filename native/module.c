@@ -496,6 +496,27 @@ static PyObject *py_versions(PyObject *self, PyObject *noargs) {
                          ZSTD_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc);
 }
 
+static PyObject *py_wait_written(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    PyObject *name;
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "iOKK", &fd, &name, &off, &len)) return NULL;
+    if (off > (unsigned long long)INT64_MAX || len > (unsigned long long)INT64_MAX - off) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must lie within 2**63");
+        return NULL;
+    }
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = ckg_wait_written(fd, (uint64_t)off, (uint64_t)len);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_inject(PyObject *self, PyObject *args) {
     (void)self;
     int err;
@@ -533,6 +554,10 @@ static PyMethodDef methods[] = {
      "read_into($module, fd, path, dest, items, threads, verify, /)\n--\n\n"
      "Read, check and decode (offset, extent, codec, elem_size, raw_len, stored_len, hash, "
      "dest_offset, seq) records into dest."},
+    {"wait_written", py_wait_written, METH_VARARGS,
+     "wait_written($module, fd, path, offset, length, /)\n--\n\n"
+     "Write back the dirty pages of [offset, offset + length) (length 0: to the end) and wait "
+     "for them, without a cache flush; a writeback error raises OSError naming path."},
     {"library_versions", py_versions, METH_NOARGS,
      "library_versions($module, /)\n--\n\nVersions of the linked LZ4, zstd and xxHash."},
     {"_inject_io_error", py_inject, METH_VARARGS,

@@ -198,11 +198,26 @@ static int writeback(int fd, uint64_t pos, size_t extent) {
     int err = errno;
     return err == EINVAL || err == ENOSYS || err == ESPIPE || err == EOPNOTSUPP ? 0 : err;
 }
+
+int ckg_wait_written(int fd, uint64_t off, uint64_t len) {
+    unsigned flags =
+        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    if (sync_file_range(fd, (off_t)off, (off_t)len, flags) == 0) return 0;
+    int err = errno;
+    return err == EINVAL || err == ENOSYS || err == ESPIPE || err == EOPNOTSUPP ? 0 : err;
+}
 #else
 static int writeback(int fd, uint64_t pos, size_t extent) {
     (void)fd;
     (void)pos;
     (void)extent;
+    return 0;
+}
+
+int ckg_wait_written(int fd, uint64_t off, uint64_t len) {
+    (void)fd;
+    (void)off;
+    (void)len;
     return 0;
 }
 #endif

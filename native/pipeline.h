@@ -43,6 +43,12 @@ typedef struct {
  * time of a write is the disk's rate rather than the page cache's. */
 #define CKG_WRITEBACK_LAG ((uint64_t)64 << 20)
 
+/* Start the writeback of the dirty pages of [off, off + len) of fd (len 0: to the end of the
+ * file) and wait for it, without flushing the device's cache: afterwards a write's time
+ * includes the disk's. 0, or the errno of a writeback error (a file that cannot sync ranges
+ * is not an error). */
+int ckg_wait_written(int fd, uint64_t off, uint64_t len);
+
 typedef struct {
     int fd;  /* buffered descriptor of the data file */
     int dfd; /* O_DIRECT descriptor of the same file, or -1 */

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from ckptguard import encode, io
+from ckptguard import backend, encode, io
 from ckptguard.format.layout import ALIGN
 
 
@@ -157,3 +157,20 @@ def test_fadvise_sequential_spans_the_items(tmp_path, monkeypatch):
     io.fadvise_sequential(3, items)
     io.fadvise_sequential(3, [])
     assert calls == [(3, 4096, 8192, os.POSIX_FADV_SEQUENTIAL)]
+
+
+@pytest.mark.parametrize("be", ["native", "python"])
+def test_wait_written_takes_the_file_to_the_disk(tmp_path, be: str):
+    if be == "native" and not backend.available():
+        pytest.skip(backend.reason())
+    path = str(tmp_path / "w")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        io.write_all(fd, bytes(1 << 20))
+        assert io.wait_written(fd, path, be) >= 0  # nothing of it is dirty afterwards
+    finally:
+        os.close(fd)
+    if be == "native":  # a writeback error (here: no such descriptor) names the file
+        with pytest.raises(OSError) as e:
+            io.wait_written(-1, path, be)
+        assert e.value.errno == errno.EBADF and e.value.filename == path

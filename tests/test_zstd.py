@@ -212,6 +212,10 @@ def test_zstd_checkpoint_declares_feature_and_loads_on_both(tmp_path, writer: st
         lz4 = ckptguard.save(state, str(tmp_path / "l"), compress="lz4", chunk_size=65536)
     assert "zstd" in _body(info.path)["features"]
     assert "zstd" not in _body(lz4.path)["features"]
+    # the writer member names the zstd library that encoded the records, only where there are any
+    assert _body(info.path)["writer"]["zstd"] == backend.zstd_version(writer)
+    assert "zstd" not in _body(lz4.path)["writer"]
+    assert info.write_stats is not None and info.write_stats["codec"]["shuffle-zstd"] > 0
     for reader in [b.values[0] for b in BACKENDS if not b.marks]:
         with backend.use(reader):
             out = ckptguard.load(info.path)

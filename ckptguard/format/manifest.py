@@ -8,7 +8,7 @@ import math
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -309,6 +309,18 @@ def format_time(t: dt.datetime) -> str:
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class WriteStats(TypedDict):
+    """How a save wrote its data files, summed over its ranks (``CheckpointInfo.write_stats``):
+    raw bytes per codec stored (``"codec"``: ``"raw"``, ``"shuffle-lz4"``, ...) and per I/O mode
+    (``"io"``: ``"buffered"``, ``"direct"``), as ``compress="auto"`` and CKPTGUARD_ODIRECT chose
+    them; the seconds spent encoding (summed over the threads) and writing records."""
+
+    codec: dict[str, int]
+    io: dict[str, int]
+    encode_s: float
+    write_s: float
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a committed checkpoint is, from its manifest."""
@@ -327,6 +339,8 @@ class CheckpointInfo:
     metadata: Any = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """What failed after the commit point of the save that returned this (CheckpointWarning)."""
+    write_stats: WriteStats | None = field(default=None, compare=False)
+    """How the save that returned this wrote its data files; None from a manifest."""
 
     @classmethod
     def from_manifest(cls, doc: dict, path: str) -> CheckpointInfo:

@@ -324,6 +324,9 @@ static void test_pipelines(void) {
     int used;
     CHECK(ckg_write_buffer(&a, 3, res, &end, &used, &f) == CKG_E_IO && f.err == EIO);
     ckg_io_inject(0, 0);
+    /* waiting for the writeback of what the buffered writes left: whole file or a range */
+    CHECK(ckg_wait_written(fd, 0, 0) == 0 && ckg_wait_written(fd, 4096, 8192) == 0);
+    CHECK(ckg_wait_written(-1, 0, 0) == EBADF);
     close(fd);
     unlink(path);
     /* ENOSPC from /dev/full */
