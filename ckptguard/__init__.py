@@ -3,7 +3,8 @@
 Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async`` or a
 ``Checkpointer`` to save in the background); ``verify`` checks every
 byte of a checkpoint against its hashes; ``Store`` lists, deletes and garbage-collects a
-directory of them. Under ``ckptguard run``, ``checkpoint_requested()`` says when to save.
+directory of them; ``import_checkpoint`` saves a torch.save, safetensors or DCP checkpoint as
+one. Under ``ckptguard run``, ``checkpoint_requested()`` says when to save.
 
 The names below load on first use (PEP 562), so ``import ckptguard.format`` or
 ``ckptguard.errors`` costs no torch import; ``from ckptguard import save`` imports what ``save``
@@ -24,6 +25,8 @@ from .errors import (
     CheckpointReplacedError,
     CheckpointWarning,
     CorruptCheckpointError,
+    ForeignCheckpointError,
+    ForeignFormatError,
     FormatVersionError,
     HostPoolPrepareError,
     HostPoolPrepareWarning,
@@ -37,6 +40,7 @@ from .errors import (
     StoreError,
     StoreFullError,
     StoreNotWritableError,
+    UnsafePickleError,
     UnsupportedObjectError,
     WorldSizeError,
 )
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from .api import CheckpointDescription, TensorSummary, describe, load, save, verify
     from .checkpointer import Checkpointer, SaveHandle, save_async
     from .format.manifest import CheckpointInfo
+    from .importer import ImportReport, import_checkpoint
     from .read import Problem, VerifyReport
     from .shard import PerRank, Shard
     from .store import Store
@@ -58,6 +63,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".api": ("CheckpointDescription", "TensorSummary", "describe", "load", "save", "verify"),
     ".checkpointer": ("Checkpointer", "SaveHandle", "save_async"),
     ".format.manifest": ("CheckpointInfo",),
+    ".importer": ("ImportReport", "import_checkpoint"),
     ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
     ".store": ("Store",),
@@ -76,10 +82,13 @@ __all__ = [
     "CheckpointReplacedError",
     "CheckpointWarning",
     "CorruptCheckpointError",
+    "ForeignCheckpointError",
+    "ForeignFormatError",
     "FormatVersionError",
     "HostPoolPrepareError",
     "HostPoolPrepareWarning",
     "HostPoolTooSmallError",
+    "ImportReport",
     "InvalidNameError",
     "NotACheckpointError",
     "OptionsMismatchError",
@@ -95,12 +104,14 @@ __all__ = [
     "StoreFullError",
     "StoreNotWritableError",
     "TensorSummary",
+    "UnsafePickleError",
     "UnsupportedObjectError",
     "VerifyReport",
     "WorldSizeError",
     "__version__",
     "checkpoint_requested",
     "describe",
+    "import_checkpoint",
     "load",
     "save",
     "save_async",
