@@ -2,7 +2,8 @@
 
 Use ``save``/``load`` where you used ``torch.save``/``torch.load`` (``save_async`` or a
 ``Checkpointer`` to save in the background); ``verify`` checks every byte of a checkpoint
-against its hashes; ``export`` writes one as safetensors, HDF5 or a torch.save file; ``Store``
+against its hashes; ``export`` writes one as safetensors, HDF5 or a torch.save file;
+``import_checkpoint`` saves a torch.save, safetensors or DCP checkpoint as one; ``Store``
 lists, deletes and garbage-collects a directory of them. Under ``ckptguard run``,
 ``checkpoint_requested()`` says when to save.
 
@@ -27,6 +28,8 @@ from .errors import (
     CorruptCheckpointError,
     ExportError,
     ExportWarning,
+    ForeignCheckpointError,
+    ForeignFormatError,
     FormatVersionError,
     HostPoolPrepareError,
     HostPoolPrepareWarning,
@@ -40,6 +43,7 @@ from .errors import (
     StoreError,
     StoreFullError,
     StoreNotWritableError,
+    UnsafePickleError,
     UnsupportedObjectError,
     WorldSizeError,
 )
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from .checkpointer import Checkpointer, SaveHandle, save_async
     from .exporter import ExportResult
     from .format.manifest import CheckpointInfo
+    from .importer import ImportReport, import_checkpoint
     from .read import Problem, VerifyReport
     from .shard import PerRank, Shard
     from .store import Store
@@ -71,6 +76,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".checkpointer": ("Checkpointer", "SaveHandle", "save_async"),
     ".exporter": ("ExportResult",),
     ".format.manifest": ("CheckpointInfo",),
+    ".importer": ("ImportReport", "import_checkpoint"),
     ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
     ".store": ("Store",),
@@ -92,10 +98,13 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "ExportWarning",
+    "ForeignCheckpointError",
+    "ForeignFormatError",
     "FormatVersionError",
     "HostPoolPrepareError",
     "HostPoolPrepareWarning",
     "HostPoolTooSmallError",
+    "ImportReport",
     "InvalidNameError",
     "NotACheckpointError",
     "OptionsMismatchError",
@@ -111,6 +120,7 @@ __all__ = [
     "StoreFullError",
     "StoreNotWritableError",
     "TensorSummary",
+    "UnsafePickleError",
     "UnsupportedObjectError",
     "VerifyReport",
     "WorldSizeError",
@@ -118,6 +128,7 @@ __all__ = [
     "checkpoint_requested",
     "describe",
     "export",
+    "import_checkpoint",
     "load",
     "save",
     "save_async",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from . import foreign
 from .agent import client as agent_client
 from .coord import Coordinator, current
 from .coord import auto as coord_auto
@@ -127,6 +128,16 @@ def load(
     world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
     only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
+
+    ``path`` may also be a checkpoint of another format: a torch.save file (zip or legacy), a
+    safetensors file, a sharded safetensors set (its directory or ``*.safetensors.index.json``)
+    or a PyTorch DCP directory, told apart by content. It is read as it is and NOT verified:
+    those formats carry no ckptguard hashes (``ckptguard import`` makes a verified checkpoint
+    of one). ``map_location`` applies as above (safetensors and DCP tensors were saved on the
+    CPU); pickles go through torch's weights-only unpickler, a refused global raising
+    UnsafePickleError, unless ``allow_pickle=True``, which runs full pickle: arbitrary code
+    from the file. ``template`` does not apply; ``verify``, ``rank`` and ``coordinator`` have
+    nothing to act on.
     """
     if rank is None:
         mine, world = current(coordinator)
@@ -134,6 +145,11 @@ def load(
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
+    source = foreign.detect(path)
+    if source is not None:
+        return foreign.load(
+            source, map_location=map_location, allow_pickle=allow_pickle, template=template
+        )
     return _reading(
         path,
         lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
@@ -143,7 +159,13 @@ def load(
 def verify(
     path: str | os.PathLike, progress: Callable[[int, int], None] | None = None
 ) -> VerifyReport:
-    """Check every byte of a checkpoint (or a store's LATEST); report all problems found."""
+    """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
+
+    A checkpoint of another format (torch.save, safetensors, DCP) has no ckptguard hashes:
+    ForeignCheckpointError, which suggests ``ckptguard import``."""
+    source = foreign.detect(path)
+    if source is not None:
+        raise foreign.not_ckptguard(source)
     return _reading(path, lambda p: verify_checkpoint(p, progress))
 
 

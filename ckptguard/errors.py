@@ -85,6 +85,38 @@ class FormatVersionError(CheckpointError):
     """The checkpoint needs a newer reader (format version or required feature)."""
 
 
+class ForeignCheckpointError(CheckpointError):
+    """A torch.save file, safetensors file or set, or DCP directory where a ckptguard checkpoint
+    was expected: it has no ckptguard hashes, so there is nothing to verify it against.
+    ``ckptguard import`` (``ckptguard.import_checkpoint``) makes a verified checkpoint of it."""
+
+    def __init__(self, message: str, path: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.kind = kind
+
+
+class ForeignFormatError(CheckpointError):
+    """A file of another format (torch.save, safetensors, DCP) that cannot be read: truncated or
+    damaged bytes, a header pointing outside its file, a special file or link where a regular
+    file must be. ``path`` names the file, ``kind`` the format it was read as."""
+
+    def __init__(self, message: str, path: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.kind = kind
+
+
+class UnsafePickleError(ForeignFormatError):
+    """A pickle in a file of another format needs a global (``global_name``: a class or function)
+    that the weights-only unpickler does not allow. ``allow_pickle=True`` (``--allow-pickle``)
+    reads it with full pickle, which can run arbitrary code: only for files you trust."""
+
+    def __init__(self, message: str, path: str = "", kind: str = "", global_name: str = "") -> None:
+        super().__init__(message, path, kind)
+        self.global_name = global_name
+
+
 class StoreError(CheckpointError):
     """The store cannot be used: missing, read-only, full, or an I/O error."""
 

@@ -284,6 +284,8 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom . import copy  # noqa\n")
     with open(tmp_path / "ckptguard" / "exporter" / "names.py", "a") as f:
         f.write("\nfrom . import formats  # noqa\n")
+    with open(tmp_path / "ckptguard" / "foreign" / "source.py", "a") as f:
+        f.write("\nfrom . import dcp  # noqa\n")
     # Within the layers: independent siblings ("|"), and a step under the step built on it.
     with open(tmp_path / "ckptguard" / "saver.py", "a") as f:
         f.write("\nfrom ckptguard import loader  # noqa\n")
@@ -319,7 +321,7 @@ def test_layers_contract_places_every_module() -> None:
     assert not unplaced, f"modules in no layer of the layers contract: {unplaced}"
 
 
-FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff"}
+FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer"}
 
 
 def test_core_contract_names_every_core_module() -> None:

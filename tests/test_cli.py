@@ -5,6 +5,7 @@ console script, and escaping of everything printed. Each command has its own tes
 from __future__ import annotations
 
 import importlib
+import keyword
 import pkgutil
 import re
 import shutil
@@ -22,13 +23,15 @@ from ckptguard.cli._args import parse_duration
 
 @pytest.mark.backend_independent  # starts no save or load
 def test_every_command_module_is_registered() -> None:
-    """One module per command: each public module of ckptguard/cli is a command of that name,
-    and the group has no command without a module (bench, an optional part, is lazy)."""
+    """One module per command: each public module of ckptguard/cli is a command of that name
+    (``import_`` for ``import``, a Python keyword), and the group has no command without a
+    module (bench, an optional part, is lazy)."""
     here = Path(ckptguard.cli.__file__).parent
     modules = {m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_")}
-    assert modules == set(cli.commands)
-    for name in modules:
-        assert cli.commands[name] is importlib.import_module(f"ckptguard.cli.{name}").command
+    commands = {m[:-1] if keyword.iskeyword(m[:-1]) else m: m for m in modules}
+    assert set(commands) == set(cli.commands)
+    for name, module in commands.items():
+        assert cli.commands[name] is importlib.import_module(f"ckptguard.cli.{module}").command
 
 
 @pytest.mark.backend_independent  # starts no save or load

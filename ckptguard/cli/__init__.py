@@ -6,11 +6,11 @@ Exit codes: 0 success; 1 a check failed (``verify`` found problems, ``latest`` f
 
 One module per command, each defining a click command named ``command``; this module is the
 group that registers them and turns ckptguard's errors into exit codes. To add a command, write
-``cli/<name>.py`` and add it to ``_COMMANDS``. Everything a command prints goes through
-``_output`` (``echo``, ``fail``, ``cell``), which escapes control characters with
-``terminal_safe``, so that nothing read from a checkpoint can move the cursor, clear the screen
-or reorder what the operator sees. Command modules import torch and the heavy parts of
-ckptguard inside the command, so that ``ckptguard --help`` stays quick.
+``cli/<name>.py`` (``<name>_.py`` for a Python keyword) and add it to ``_COMMANDS``. Everything a
+command prints goes through ``_output`` (``echo``, ``fail``, ``cell``), which escapes control
+characters with ``terminal_safe``, so that nothing read from a checkpoint can move the cursor,
+clear the screen or reorder what the operator sees. Command modules import torch and the heavy
+parts of ckptguard inside the command, so that ``ckptguard --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -24,12 +24,40 @@ import click
 import ckptguard
 from ckptguard import CheckpointError
 
-from . import delete, demo, doctor, drain, export, gc, info, latest, ls, restore, run, verify
+from . import (
+    delete,
+    demo,
+    doctor,
+    drain,
+    export,
+    gc,
+    import_,
+    info,
+    latest,
+    ls,
+    restore,
+    run,
+    verify,
+)
 from ._output import CheckFailed, fail, terminal_safe
 
 __all__ = ["cli", "main", "terminal_safe"]
 
-_COMMANDS = (ls, info, verify, latest, gc, delete, restore, export, demo, run, doctor, drain)
+_COMMANDS = (
+    ls,
+    info,
+    verify,
+    latest,
+    gc,
+    delete,
+    restore,
+    import_,
+    export,
+    demo,
+    run,
+    doctor,
+    drain,
+)
 
 
 class _CkptGroup(click.Group):

@@ -18,7 +18,12 @@ from rich.progress import (
 )
 
 import ckptguard
-from ckptguard import CheckpointError, CorruptCheckpointError, FormatVersionError
+from ckptguard import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+)
 from ckptguard.units import format_size
 
 from ._args import is_checkpoint_dir, require_dir
@@ -71,6 +76,7 @@ def command(path: str, latest_only: bool, parallel: bool) -> None:
 
 def _verify_paths(path: str, latest_only: bool, verify: Verify, bar: bool) -> None:
     """Verify what PATH names, print the outcome, raise CheckFailed unless all is whole."""
+    _refuse_foreign(path)
     targets, problems = _verify_targets(require_dir(path, "checkpoint or store"), latest_only)
     if problems:
         echo(*problems)
@@ -90,6 +96,18 @@ def _verify_paths(path: str, latest_only: bool, verify: Verify, bar: bool) -> No
         echo(f"{results.count(True)} of {len(results)} checkpoints ok")
     if problems or not all(results):
         raise CheckFailed
+
+
+def _refuse_foreign(path: str) -> None:
+    """ForeignCheckpointError for a checkpoint of another format: it has no ckptguard hashes."""
+    from ckptguard import foreign
+
+    try:
+        source = foreign.detect(path)
+    except CheckpointNotFoundError:  # none of the kinds: what follows says what PATH lacks
+        return
+    if source is not None:
+        raise foreign.not_ckptguard(source)
 
 
 def _verify_targets(path: str, latest_only: bool) -> tuple[list[str], list[str]]:
