@@ -303,7 +303,7 @@ def test_dcp_metadata_is_not_unpickled_with_full_pickle(dcp_dir: Path, tmp_path:
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "outside", "value-global"])
+@pytest.mark.parametrize("damage", ["truncated", "outside", "value-global", "huge", "past-end"])
 def test_a_damaged_or_hostile_dcp_checkpoint(dcp_dir: Path, tmp_path: Path, damage: str) -> None:
     copy = tmp_path / "dcp"
     shutil.copytree(dcp_dir, copy)
@@ -314,6 +314,15 @@ def test_a_damaged_or_hostile_dcp_checkpoint(dcp_dir: Path, tmp_path: Path, dama
         expected: type[Exception] = ForeignFormatError
     elif damage == "outside":
         next(iter(meta.storage_data.values())).relative_path = "../elsewhere.distcp"
+        expected = ForeignFormatError
+    elif (
+        damage == "huge"
+    ):  # a tensor declared far larger than any file: refused before DCP allocates
+        md = next(m for m in meta.state_dict_metadata.values() if hasattr(m, "chunks"))
+        md.size = torch.Size([1 << 40])
+        expected = ForeignFormatError
+    elif damage == "past-end":
+        next(iter(meta.storage_data.values())).length = 1 << 40
         expected = ForeignFormatError
     else:  # the non-tensor value "epoch" replaced by a pickle that would run a command
         info = next(i for k, i in meta.storage_data.items() if k.fqn == "epoch")
@@ -328,6 +337,8 @@ def test_a_damaged_or_hostile_dcp_checkpoint(dcp_dir: Path, tmp_path: Path, dama
         ckptguard.import_checkpoint(copy, tmp_path / "store" / "x")
     if damage == "value-global":
         assert "key 'epoch'" in str(exc.value) and exc.value.global_name.endswith("system")
+    if damage in ("huge", "past-end"):
+        assert ("declares" if damage == "huge" else "places an item") in str(exc.value)
     no_dest(tmp_path / "store" / "x")
 
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from ..errors import CheckpointError, ForeignFormatError
@@ -31,6 +31,8 @@ from .source import DCP, damaged, open_dir, opened, plain_name, read_small, refu
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 1 << 30
 """DCP's metadata grows with tensors x chunks: far below this for any model."""
+MAX_EXPANSION = 32768
+"""The most a transformed (compressed) item may expand: zstd's own limit per frame is far less."""
 
 # The globals a DCP ``.metadata`` pickle may name: any class defined in these modules (DCP's
 # metadata dataclasses and enums, in their homes across torch versions), and these few values.
@@ -56,6 +58,7 @@ def read(path: str, allow_pickle: bool) -> dict[str, Any]:
         where = os.path.join(path, METADATA)
         raw = read_small(METADATA, path=where, kind=DCP, max_size=MAX_METADATA_BYTES, dir_fd=dfd)
         metadata = read_metadata(raw, where, allow_pickle)
+        check_sizes(metadata, path, dfd)
         state: dict[str, Any] = {}
         try:
             _load_state_dict(
@@ -90,6 +93,56 @@ def read_metadata(raw: bytes, where: str, allow_pickle: bool) -> Metadata:
     for info in storage.values():
         plain_name(getattr(info, "relative_path", None), path=where, kind=DCP, what="it")
     return metadata
+
+
+def check_sizes(metadata: Metadata, path: str, dfd: int) -> None:
+    """Refuse metadata whose tensors could not come from the files it names, before DCP
+    allocates them: every stored item inside its file, and the tensors' declared bytes at most
+    the bytes stored for them (times the largest expansion a transform may give)."""
+    where = os.path.join(path, METADATA)
+    sizes: dict[str, int] = {}
+    stored, expands = 0, False
+    for info in metadata.storage_data.values():
+        name, offset, length = info.relative_path, info.offset, info.length
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise ForeignFormatError(f"{where} gives {name} a bad offset or length", where, DCP)
+        if name not in sizes:
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                raise damaged(os.path.join(path, name), DCP, e) from None
+            sizes[name] = st.st_size
+        if offset + length > sizes[name]:
+            raise ForeignFormatError(
+                f"{where} places an item at bytes {offset}-{offset + length} of {name}, "
+                f"which has {sizes[name]}",
+                where,
+                DCP,
+            )
+        stored += length
+        expands = expands or bool(getattr(info, "transform_descriptors", None))
+    declared = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            numel = 1
+            for d in md.size:
+                if type(d) is not int or d < 0:
+                    raise ForeignFormatError(f"{where}: tensor {fqn!r} has a bad shape", where, DCP)
+                numel *= d
+            declared += numel * _itemsize(md.properties.dtype)
+    if declared > stored * (MAX_EXPANSION if expands else 1):
+        raise ForeignFormatError(
+            f"{where} declares {declared} bytes of tensors, more than the {stored} bytes its "
+            "files hold for them (a damaged or hostile checkpoint)",
+            where,
+            DCP,
+        )
+
+
+def _itemsize(dtype: Any) -> int:
+    if not isinstance(dtype, torch.dtype):
+        raise ForeignFormatError("a DCP tensor's dtype is not a torch dtype", METADATA, DCP)
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class _Refused(pickle.UnpicklingError):
