@@ -76,7 +76,9 @@ def load_checkpoint(
         rd.check_sizes(files | {r.file for r in packs.rows})
         for gid, box in fresh.items():
             targets[gid] = place.fresh_target(rd.tensors[gid], box)
-        bufs = _pack_buffers(rd, packs)
+        # As a tensor of its own would be before it is allocated, each dtype is checked.
+        place.check_dtypes(packs.dtypes, (rd.tensors[g] for g in ids if g in in_pack))
+        bufs = [place.pack_buffer(r.key, r.record_raw_len) for r in packs.rows]
         copies = _read(rd, targets, pieces, verify, (packs.rows, bufs))
         for gid, landing in copies:
             place.copy_block(targets[gid], rd.tensors[gid], landing)
@@ -90,18 +92,6 @@ def load_checkpoint(
             raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
 
 
-def _pack_buffers(rd: CheckpointReader, packs: select.Packs) -> list[torch.Tensor]:
-    """One host buffer per packed record of ``packs``, each of its raw length, after checking
-    that every member's dtype exists here (as a tensor of its own would be checked)."""
-    kinds: dict[tuple[str, str], int] = {}
-    for gid in packs.tensor.tolist():
-        e = rd.tensors[gid]
-        kinds.setdefault((e["kind"], e["dtype"]), gid)
-    for gid in kinds.values():
-        place.dtype_of(rd.tensors[gid])
-    return [place.pack_buffer(r.key, r.record_raw_len) for r in packs.rows]
-
-
 def _pack_values(
     rd: CheckpointReader,
     packs: select.Packs,
@@ -110,13 +100,12 @@ def _pack_values(
     values: list[Any],
 ) -> None:
     """Put the objects of the packed tensors, views of their records' buffers, in ``values``."""
-    devices: dict[str, torch.device] = {}
     for k, (r, buf) in enumerate(zip(packs.rows, bufs, strict=True)):
         m = packs.members(k)
         gids = packs.tensor[m].tolist()
         entries = [rd.tensors[g] for g in gids]
         objs = place.pack_values(
-            buf, r.elem_size, entries, packs.at[m], packs.length[m], map_location, devices
+            buf, r.elem_size, entries, packs.at[m], packs.length[m], map_location
         )
         for g, obj in zip(gids, objs, strict=True):
             values[g] = obj
@@ -125,11 +114,11 @@ def _pack_values(
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:
     """The tensor ids the object tree references, each checked to exist."""
     ids = tensor_ids(tree)
-    for gid in ids:
-        if not 0 <= gid < len(rd.tensors):
-            raise rd.corrupt(
-                f"object tree references tensor {gid}, which does not exist", file=MANIFEST
-            )
+    if ids and not 0 <= min(ids) <= max(ids) < len(rd.tensors):
+        gid = next(g for g in ids if not 0 <= g < len(rd.tensors))
+        raise rd.corrupt(
+            f"object tree references tensor {gid}, which does not exist", file=MANIFEST
+        )
     return ids
 
 

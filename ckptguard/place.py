@@ -7,7 +7,7 @@ OutOfMemoryError naming the tensor, the bytes and the memory (host, pinned or a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -212,12 +212,11 @@ def pack_values(
     at: np.ndarray,
     length: np.ndarray,
     map_location: MapLocation,
-    devices: dict[str, torch.device],
 ) -> list[Any]:
     """The objects of a packed record's members (``entries``, whose bytes are ``[at, at +
     length)`` of ``buf``, the record's raw bytes) as ``finish`` makes them, each a view of
     ``buf`` or of its one copy on each other device their ``map_location`` picks: no
-    allocation per tensor. ``devices`` caches the device of each saved device name.
+    allocation per tensor.
 
     A view keeps its whole buffer alive: a tensor kept from a load holds the memory of its
     record (at most the checkpoint's chunk size), and ``torch.save`` of it alone writes that
@@ -228,28 +227,35 @@ def pack_values(
     part = np.searchsorted(bounds, at).tolist()
     out: list[Any] = [None] * len(entries)
     bases: dict[torch.device, torch.Tensor] = {}
-    splits: dict[tuple[torch.device, str], Sequence[torch.Tensor]] = {}
+    splits: dict[tuple[str, str], Sequence[torch.Tensor]] = {}  # by saved device and dtype
     for k, e in enumerate(entries):
         if e["kind"] != "torch":
             a = int(at[k])
             flat = buf.numpy()[a : a + int(length[k])]
             out[k] = flat.view(NUMPY_BY_NAME[e["dtype"]]).reshape(e["shape"])
             continue
-        dev = devices.get(e["device"])
-        if dev is None:
-            dev = devices[e["device"]] = device(e, map_location)
-        parts = splits.get((dev, e["dtype"]))
+        parts = splits.get((e["device"], e["dtype"]))
         if parts is None:
+            dev = device(e, map_location)
             base = bases.get(dev)
             if base is None:
                 base = bases[dev] = _on(buf, dev, e["key"])
             parts = base.view(TORCH_BY_NAME[e["dtype"]]).split_with_sizes(sizes)
-            splits[(dev, e["dtype"])] = parts
+            splits[(e["device"], e["dtype"])] = parts
         t = parts[part[k]]
         if len(e["shape"]) != 1:
             t = t.view(e["shape"])
         out[k] = _as_saved(t, e) if e["parameter"] or e["requires_grad"] else t
     return out
+
+
+def check_dtypes(names: set[str], entries: Iterable[dict]) -> None:
+    """Raise ``dtype_of``'s error for the first of ``entries`` (whose dtypes are ``names``)
+    with a dtype this numpy or torch lacks; look at each only if some name may be one."""
+    odd = {n for n in names if n not in TORCH_BY_NAME or n not in NUMPY_BY_NAME}
+    for e in entries if odd else ():
+        if e["dtype"] in odd:
+            dtype_of(e)
 
 
 def _on(buf: torch.Tensor, dev: torch.device, key: str) -> torch.Tensor:

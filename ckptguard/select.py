@@ -155,13 +155,15 @@ class Packs:
     section 4.1), as columns in file, record and slice order: the ``tensor`` ids, the ``record``
     each lies in (an index into ``rows``), and where its bytes lie in that record's raw bytes
     (``at``, ``length``). ``rows`` holds one index row per record, its first member's: the
-    record's file, offset and fields, and what an error about the record names."""
+    record's file, offset and fields, and what an error about the record names; ``dtypes``
+    the dtypes among the members."""
 
     tensor: np.ndarray
     record: np.ndarray
     at: np.ndarray
     length: np.ndarray
     rows: list[Row]
+    dtypes: set[str] = field(default_factory=set)
 
     def members(self, k: int) -> slice:
         """The positions in the columns of record ``k``'s members."""
@@ -204,6 +206,7 @@ def whole_packed(table: pa.Table, tensors: Sequence[dict], ids: Sequence[int]) -
         at.astype(np.int64),
         raw[sel][order].astype(np.int64),
         index.rows_from_table(heads),
+        set(pc.unique(sub.column("dtype")).to_pylist()),
     )
 
 
