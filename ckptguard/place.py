@@ -219,8 +219,9 @@ def pack_values(
     allocation per tensor.
 
     A view keeps its whole buffer alive: a tensor kept from a load holds the memory of its
-    record (at most the checkpoint's chunk size), and ``torch.save`` of it alone writes that
-    storage whole; ``.clone()`` it to keep it alone."""
+    record (at most the checkpoint's chunk size), ``torch.save`` of it alone writes that
+    storage whole, and an operation on the storage itself (``untyped_storage().resize_``)
+    reaches the record's other tensors; ``.clone()`` one to have it alone."""
     # Slices tile the record (validated), so cutting at every slice's ends gives each its part.
     bounds = np.unique(np.concatenate(([0, len(buf)], at, at + length)))
     sizes = (np.diff(bounds) // elem_size).tolist()
