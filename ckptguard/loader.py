@@ -1,8 +1,10 @@
 """Load: turn a checkpoint's chunks back into tensors and the saved object.
 
 open (validate manifest and index) -> select (the boxes this rank wants, the chunks that meet
-them) -> place (allocate the targets) -> read.read_into (each file once, its records checked)
--> place (copy the pieces into their tensors, move them to their devices) -> unflatten.
+them; the tensors that are one slice of a packed record, as columns) -> place (allocate the
+targets, one buffer per packed record) -> read (each file once, its records checked) -> place
+(copy the pieces into their tensors, views of the packed records' buffers, devices) ->
+unflatten.
 """
 
 from __future__ import annotations
