@@ -128,6 +128,8 @@ def load(
     world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
     only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
+    Small tensors saved in one packed record load as views of one buffer per record (at most
+    the chunk size): a tensor kept alone keeps that buffer; ``.clone()`` it to free the rest.
 
     ``path`` may also be a checkpoint of another format: a torch.save file (zip or legacy), a
     safetensors file, a sharded safetensors set (its directory or ``*.safetensors.index.json``)

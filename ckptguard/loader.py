@@ -1,8 +1,10 @@
 """Load: turn a checkpoint's chunks back into tensors and the saved object.
 
 open (validate manifest and index) -> select (the boxes this rank wants, the chunks that meet
-them) -> place (allocate the targets) -> read.read_into (each file once, its records checked)
--> place (copy the pieces into their tensors, move them to their devices) -> unflatten.
+them; the tensors that are one slice of a packed record, as columns) -> place (allocate the
+targets, one buffer per packed record) -> read (each file once, its records checked) -> place
+(copy the pieces into their tensors, views of the packed records' buffers, devices) ->
+unflatten.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Generator, Sequence
 from typing import Any
+
+import torch
 
 from . import collector, place, select
 from .errors import UnsupportedObjectError, WorldSizeError
@@ -19,7 +23,7 @@ from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .open import CheckpointReader
 from .place import Landing, MapLocation
-from .read import read_into, read_packed, read_record
+from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
 from .tree import TreeError, tensor_ids, unflatten
 
@@ -57,21 +61,33 @@ def load_checkpoint(
             if template is not None
             else {}
         )
-        # Tensors without a template load whole, in tree order, each once.
-        fresh = {gid: select.whole_box(rd.tensors[gid], rank) for gid in ids if gid not in targets}
+        # Tensors without a template load whole, in tree order, each once: those that are one
+        # slice of a packed record as views of its buffer, the others into their own targets.
+        packs = select.whole_packed(rd.table, rd.tensors, [g for g in ids if g not in targets])
+        in_pack = set(packs.tensor.tolist())
+        fresh = {
+            gid: select.whole_box(rd.tensors[gid], rank)
+            for gid in ids
+            if gid not in targets and gid not in in_pack
+        }
         boxes = {gid: tg.box for gid, tg in targets.items()} | fresh
         pieces = select.plan_reads(rd.table, rd.tensors, boxes)
         # The index ties each tensor's bytes to records inside its files; the files on disk must
         # be that large before their tensors are allocated (I6).
-        rd.check_sizes({r.file for ps in pieces.values() for p in ps for r in p.rows})
+        files = {r.file for ps in pieces.values() for p in ps for r in p.rows}
+        rd.check_sizes(files | {r.file for r in packs.rows})
         for gid, box in fresh.items():
             targets[gid] = place.fresh_target(rd.tensors[gid], box)
-        copies = _read(rd, targets, pieces, verify)
+        # As a tensor of its own would be before it is allocated, each dtype is checked.
+        place.check_dtypes(packs.dtypes, (rd.tensors[g] for g in ids if g in in_pack))
+        bufs = [place.pack_buffer(r.key, r.record_raw_len) for r in packs.rows]
+        copies = _read(rd, targets, pieces, verify, (packs.rows, bufs))
         for gid, landing in copies:
             place.copy_block(targets[gid], rd.tensors[gid], landing)
         values: list[Any] = [None] * len(rd.tensors)
         for gid, tg in targets.items():
             values[gid] = place.finish(tg, rd.tensors[gid], map_location) if tg.fresh else tg.result
+        _pack_values(rd, packs, bufs, map_location, values)
         try:
             return unflatten(tree, values, allow_pickle=allow_pickle)
         except TreeError as e:
@@ -154,14 +170,33 @@ class _Files:
         self.fds.clear()
 
 
+def _pack_values(
+    rd: CheckpointReader,
+    packs: select.Packs,
+    bufs: list[torch.Tensor],
+    map_location: MapLocation,
+    values: list[Any],
+) -> None:
+    """Put the objects of the packed tensors, views of their records' buffers, in ``values``."""
+    for k, (r, buf) in enumerate(zip(packs.rows, bufs, strict=True)):
+        m = packs.members(k)
+        gids = packs.tensor[m].tolist()
+        entries = [rd.tensors[g] for g in gids]
+        objs = place.pack_values(
+            buf, r.elem_size, entries, packs.at[m], packs.length[m], map_location
+        )
+        for g, obj in zip(gids, objs, strict=True):
+            values[g] = obj
+
+
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:
     """The tensor ids the object tree references, each checked to exist."""
     ids = tensor_ids(tree)
-    for gid in ids:
-        if not 0 <= gid < len(rd.tensors):
-            raise rd.corrupt(
-                f"object tree references tensor {gid}, which does not exist", file=MANIFEST
-            )
+    if ids and not 0 <= min(ids) <= max(ids) < len(rd.tensors):
+        gid = next(g for g in ids if not 0 <= g < len(rd.tensors))
+        raise rd.corrupt(
+            f"object tree references tensor {gid}, which does not exist", file=MANIFEST
+        )
     return ids
 
 
@@ -170,8 +205,10 @@ def _read(
     targets: dict[int, Target],
     pieces: dict[int, list[select.Piece]],
     verify: bool,
+    records: tuple[Sequence[Row], Sequence[torch.Tensor]] = ((), ()),
 ) -> list[tuple[int, Landing]]:
-    """Read every piece's chunks where they land, each file once with its records in offset
+    """Read every piece's chunks where they land, and each packed record of ``records`` (a row
+    of each, and its buffer) whole into its buffer: each file once, its records in offset
     order; the landings still to be copied into their targets."""
     copies: list[tuple[int, Landing]] = []
     by_file: dict[str, list[tuple[Row, Landing]]] = {}
@@ -182,31 +219,44 @@ def _read(
                 copies.append((gid, landing))
             for r in p.rows:
                 by_file.setdefault(r.file, []).append((r, landing))
-    for name in sorted(by_file):
-        work = sorted(by_file[name], key=lambda rl: rl[0].offset)
+    whole: dict[str, tuple[list[Row], list[torch.Tensor]]] = {}
+    for r, buf in zip(*records, strict=True):
+        rows, bufs = whole.setdefault(r.file, ([], []))
+        rows.append(r)
+        bufs.append(buf)
+    for name in sorted(by_file.keys() | whole.keys()):
         fd = rd.open_file(name)
         try:
-            groups: dict[int, list[tuple[Row, Landing]]] = {}
-            packed: list[tuple[Row, Landing]] = []
-            for r, landing in work:
-                if r.packed:  # slices of shared records: each record read once for all
-                    packed.append((r, landing))
-                else:
-                    groups.setdefault(id(landing), []).append((r, landing))
-            for group in groups.values():
-                landing = group[0][1]
-                rows = [r for r, _ in group]
-                offsets = [landing.dest_offset(r) for r in rows]
-                read_into(rd, fd, rows, landing.buf, offsets, verify)
-            if packed:
-                packed.sort(key=lambda rl: (rl[0].offset, rl[0].record_byte_offset))
-                rows = [r for r, _ in packed]
-                bufs = [landing.buf for _, landing in packed]
-                offsets = [landing.dest_offset(r) for r, landing in packed]
-                read_packed(rd, fd, rows, bufs, offsets, verify)
+            _read_file(rd, fd, sorted(by_file.get(name, []), key=lambda rl: rl[0].offset), verify)
+            if name in whole:
+                read_whole_records(rd, fd, *whole[name], verify)
         finally:
             os.close(fd)
     return copies
+
+
+def _read_file(
+    rd: CheckpointReader, fd: int, work: list[tuple[Row, Landing]], verify: bool
+) -> None:
+    """Read the chunks of one open data file (``work``: in offset order) where they land."""
+    groups: dict[int, list[tuple[Row, Landing]]] = {}
+    packed: list[tuple[Row, Landing]] = []
+    for r, landing in work:
+        if r.packed:  # slices of shared records: each record read once for all
+            packed.append((r, landing))
+        else:
+            groups.setdefault(id(landing), []).append((r, landing))
+    for group in groups.values():
+        landing = group[0][1]
+        rows = [r for r, _ in group]
+        offsets = [landing.dest_offset(r) for r in rows]
+        read_into(rd, fd, rows, landing.buf, offsets, verify)
+    if packed:
+        packed.sort(key=lambda rl: (rl[0].offset, rl[0].record_byte_offset))
+        rows = [r for r, _ in packed]
+        bufs = [landing.buf for _, landing in packed]
+        offsets = [landing.dest_offset(r) for r, landing in packed]
+        read_packed(rd, fd, rows, bufs, offsets, verify)
 
 
 def _check_rank(rd: CheckpointReader, rank: int, world: int | None) -> None:

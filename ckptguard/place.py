@@ -7,7 +7,7 @@ OutOfMemoryError naming the tensor, the bytes and the memory (host, pinned or a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,22 +57,33 @@ def nbytes(shape: Sequence[int], entry: dict) -> int:
     return math.prod(shape) * SIZES[entry["dtype"]]
 
 
-def host_empty(entry: dict) -> Any:
-    """A fresh host tensor/array for a manifest tensor entry (its global shape; one rank's row
-    of a per-rank tensor)."""
-    shape = tuple(entry["shape"][1:] if entry.get("per_rank") else entry["shape"])
+def dtype_of(entry: dict) -> Any:
+    """The numpy or torch dtype of a manifest tensor entry; UnsupportedObjectError if this
+    numpy or torch has none of that name."""
     key = entry["key"]
     if entry["kind"] == "numpy":
         dt = NUMPY_BY_NAME.get(entry["dtype"])
         if dt is None:
             raise UnsupportedObjectError(f"numpy has no dtype {entry['dtype']!r}", key)
-        return allocate(key, nbytes(shape, entry), "host", lambda: np.empty(shape, dtype=dt))
+        return dt
     dtype = TORCH_BY_NAME.get(entry["dtype"])
     if dtype is None:
         raise UnsupportedObjectError(
             f"this torch has no dtype {entry['dtype']!r} (tensor {key!r})", key
         )
-    return allocate(key, nbytes(shape, entry), "host", lambda: torch.empty(shape, dtype=dtype))
+    return dtype
+
+
+def host_empty(entry: dict) -> Any:
+    """A fresh host tensor/array for a manifest tensor entry (its global shape; one rank's row
+    of a per-rank tensor)."""
+    shape = tuple(entry["shape"][1:] if entry.get("per_rank") else entry["shape"])
+    dt = dtype_of(entry)
+    if entry["kind"] == "numpy":
+        return allocate(entry["key"], nbytes(shape, entry), "host", lambda: np.empty(shape, dt))
+    return allocate(
+        entry["key"], nbytes(shape, entry), "host", lambda: torch.empty(shape, dtype=dt)
+    )
 
 
 def fresh_target(entry: dict, box: Any) -> Target:
@@ -184,6 +195,79 @@ def finish(tg: Target, entry: dict, map_location: MapLocation) -> Any:
     if dev.type != "cpu":
         size = nbytes(obj.shape, entry)
         obj = allocate(entry["key"], size, str(dev), lambda: obj.to(dev))
+    return _as_saved(obj, entry)
+
+
+def pack_buffer(key: str, size: int) -> torch.Tensor:
+    """One host buffer of ``size`` bytes for a packed record's raw bytes (``key``: its first
+    member, which an OutOfMemoryError names). The load returns the record's tensors as views of
+    it (``pack_values``)."""
+    return allocate(key, size, "host", lambda: torch.empty(size, dtype=torch.uint8))
+
+
+def pack_values(
+    buf: torch.Tensor,
+    elem_size: int,
+    entries: Sequence[dict],
+    at: np.ndarray,
+    length: np.ndarray,
+    map_location: MapLocation,
+) -> list[Any]:
+    """The objects of a packed record's members (``entries``, whose bytes are ``[at, at +
+    length)`` of ``buf``, the record's raw bytes) as ``finish`` makes them, each a view of
+    ``buf`` or of its one copy on each other device their ``map_location`` picks: no
+    allocation per tensor.
+
+    A view keeps its whole buffer alive: a tensor kept from a load holds the memory of its
+    record (at most the checkpoint's chunk size), ``torch.save`` of it alone writes that
+    storage whole, and an operation on the storage itself (``untyped_storage().resize_``)
+    reaches the record's other tensors; ``.clone()`` one to have it alone."""
+    # Slices tile the record (validated), so cutting at every slice's ends gives each its part.
+    bounds = np.unique(np.concatenate(([0, len(buf)], at, at + length)))
+    sizes = (np.diff(bounds) // elem_size).tolist()
+    part = np.searchsorted(bounds, at).tolist()
+    out: list[Any] = [None] * len(entries)
+    bases: dict[torch.device, torch.Tensor] = {}
+    splits: dict[tuple[str, str], Sequence[torch.Tensor]] = {}  # by saved device and dtype
+    for k, e in enumerate(entries):
+        if e["kind"] != "torch":
+            a = int(at[k])
+            flat = buf.numpy()[a : a + int(length[k])]
+            out[k] = flat.view(NUMPY_BY_NAME[e["dtype"]]).reshape(e["shape"])
+            continue
+        parts = splits.get((e["device"], e["dtype"]))
+        if parts is None:
+            dev = device(e, map_location)
+            base = bases.get(dev)
+            if base is None:
+                base = bases[dev] = _on(buf, dev, e["key"])
+            parts = base.view(TORCH_BY_NAME[e["dtype"]]).split_with_sizes(sizes)
+            splits[(e["device"], e["dtype"])] = parts
+        t = parts[part[k]]
+        if len(e["shape"]) != 1:
+            t = t.view(e["shape"])
+        out[k] = _as_saved(t, e) if e["parameter"] or e["requires_grad"] else t
+    return out
+
+
+def check_dtypes(names: set[str], entries: Iterable[dict]) -> None:
+    """Raise ``dtype_of``'s error for the first of ``entries`` (whose dtypes are ``names``)
+    with a dtype this numpy or torch lacks; look at each only if some name may be one."""
+    odd = {n for n in names if n not in TORCH_BY_NAME or n not in NUMPY_BY_NAME}
+    for e in entries if odd else ():
+        if e["dtype"] in odd:
+            dtype_of(e)
+
+
+def _on(buf: torch.Tensor, dev: torch.device, key: str) -> torch.Tensor:
+    """``buf`` on device ``dev`` (itself on the CPU)."""
+    if dev.type == "cpu":
+        return buf
+    return allocate(key, len(buf), str(dev), lambda: buf.to(dev))
+
+
+def _as_saved(obj: torch.Tensor, entry: dict) -> torch.Tensor:
+    """A loaded torch tensor as saved: a Parameter or requiring grad as it was."""
     if entry["parameter"]:
         return torch.nn.Parameter(obj, requires_grad=entry["requires_grad"])
     if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):

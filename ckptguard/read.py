@@ -109,6 +109,37 @@ def read_packed(
         dests[i][off : off + r.raw_len] = raw[at : at + r.raw_len]
 
 
+def read_whole_records(
+    rd: CheckpointReader, fd: int, rows: Sequence[Row], dests: Sequence[Any], verify: bool = True
+) -> None:
+    """Read the packed records of ``rows`` (one row of each, which names it in errors) from open
+    data file ``fd``, each whole into its ``dests`` entry (a writable buffer of the record's raw
+    length), straight from the file on the native path. Each record is checked as
+    ``read_record`` checks it (header, padding, decode, with ``verify`` the hash: every slice),
+    and damage raises the error ``read_record`` raises for it."""
+    path = os.path.join(rd.path, rows[0].file) if rows else rd.path
+    for r, dest in zip(rows, dests, strict=True):
+        item = encode.ReadItem(
+            r.offset,
+            r.extent - r.offset,
+            CODECS[r.codec],
+            r.elem_size,
+            r.record_raw_len,
+            r.stored_len,
+            r.hash,
+            0,
+            rd.seq(r),
+        )
+        try:
+            read_records(fd, path, dest, [item], verify=verify)
+        except encode.ChunkError as e:
+            read_record(rd, fd, r, verify)  # the reference check names this damage
+            what = HASH_MISMATCH if isinstance(e, encode.ChunkHashError) else e.reason
+            raise rd.corrupt(what, **_where(r)) from None
+        except OSError as e:
+            raise rd.io_error(e, r.file) from None
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing verify found wrong, with where it is."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import CheckpointError
 from .format import index
@@ -146,6 +147,67 @@ def plan_reads(
         row1 = row0 + ov[1][0] if shard[1] else 1
         out[gid].append(Piece(shard, ov, rows[0].elem_size, row0, row1, rows))
     return out
+
+
+@dataclass
+class Packs:
+    """Tensors a load rebuilds whole that are each one slice of a packed record (docs/format.md
+    section 4.1), as columns in file, record and slice order: the ``tensor`` ids, the ``record``
+    each lies in (an index into ``rows``), and where its bytes lie in that record's raw bytes
+    (``at``, ``length``). ``rows`` holds one index row per record, its first member's: the
+    record's file, offset and fields, and what an error about the record names; ``dtypes``
+    the dtypes among the members."""
+
+    tensor: np.ndarray
+    record: np.ndarray
+    at: np.ndarray
+    length: np.ndarray
+    rows: list[Row]
+    dtypes: set[str] = field(default_factory=set)
+
+    def members(self, k: int) -> slice:
+        """The positions in the columns of record ``k``'s members."""
+        lo, hi = np.searchsorted(self.record, [k, k + 1])
+        return slice(int(lo), int(hi))
+
+
+def whole_packed(table: pa.Table, tensors: Sequence[dict], ids: Sequence[int]) -> Packs:
+    """Of the tensors ``ids`` (loaded whole, none per-rank-selected), those whose one index row
+    is a slice of a packed record: a load gives each record one buffer and these tensors views
+    of it. The others (several rows, a record of their own, per-rank) are ``plan_reads``'s."""
+    none = np.zeros(0, dtype=np.int64)
+    if not len(ids) or not index.is_packed(table):
+        return Packs(none, none, none, none, [])
+    n = len(tensors)
+    tid = table.column("tensor").to_numpy().astype(np.int64)
+    raw = table.column("raw_len").to_numpy()
+    one = np.zeros(n, dtype=bool)
+    one[np.asarray(ids, dtype=np.int64)] = True
+    one &= np.bincount(tid, minlength=n) == 1
+    # A per-rank tensor's row is one rank's value: its shape is not the entry's.
+    one &= ~np.fromiter(("per_rank" in t for t in tensors), dtype=bool, count=n)
+    sel = np.flatnonzero(one[tid] & (table.column("record_raw_len").to_numpy() != raw))
+    if not len(sel):
+        return Packs(none, none, none, none, [])
+    sub = table.take(pa.array(sel))
+    names = pc.dictionary_encode(sub.column("file").combine_chunks())
+    rank_of = np.argsort(np.argsort(np.asarray(names.dictionary.to_pylist(), dtype=object)))
+    fcode = rank_of[names.indices.to_numpy()]  # files in name order
+    off = sub.column("offset").to_numpy()
+    at = sub.column("record_byte_offset").to_numpy()
+    order = np.lexsort((at, off, fcode))
+    fcode, off, at = fcode[order], off[order], at[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (fcode[1:] != fcode[:-1]) | (off[1:] != off[:-1])
+    heads = sub.take(pa.array(order[first]))
+    return Packs(
+        tid[sel][order],
+        np.cumsum(first) - 1,
+        at.astype(np.int64),
+        raw[sel][order].astype(np.int64),
+        index.rows_from_table(heads),
+        set(pc.unique(sub.column("dtype")).to_pylist()),
+    )
 
 
 def rank_box(entry: dict, rank: int) -> Box:

@@ -320,8 +320,9 @@ def tensor_ids(tree: Any) -> list[int]:
         if isinstance(node, list):
             stack.extend(reversed(node))
         elif isinstance(node, dict):
-            if set(node) == {"$tensor"} and type(node["$tensor"]) is int:
-                seen.setdefault(node["$tensor"], None)
+            ref = node.get("$tensor") if len(node) == 1 else None
+            if type(ref) is int:
+                seen.setdefault(ref, None)
             else:
                 stack.extend(reversed(list(node.values())))
     return list(seen)
@@ -370,6 +371,10 @@ def _pairs(tag: str, v: Any) -> list:
 def _build(node: Any, tensors: list[Any], pickled: _Pickled, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TreeError("tree nested too deeply")
+    if type(node) is dict and len(node) == 1:  # a tensor reference (most nodes of a state)
+        v = node.get("$tensor")
+        if type(v) is int and 0 <= v < len(tensors):
+            return tensors[v]
     if node is None or isinstance(node, (bool, str)):
         return node
     if type(node) is int:

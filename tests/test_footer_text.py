@@ -8,6 +8,7 @@ plain tables must give the same bytes.
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from ckptguard.format.datafile import pack_footer
@@ -61,3 +62,14 @@ def test_footer_from_columns_is_the_json_of_its_rows(packed: bool) -> None:
 def test_footer_of_no_rows() -> None:
     table = to_table([])
     assert footer(0, "cd" * 16, table, False) == pack_footer(0, "cd" * 16, [])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_footer_of_a_slice_or_chunked_table(packed: bool) -> None:
+    rows = _rows(packed)
+    table = to_table(rows)
+    want = pack_footer(1, "ef" * 16, [r.to_json(packed) for r in rows[2:6]])
+    assert footer(1, "ef" * 16, table.slice(2, 4), packed) == want
+    chunked = pa.concat_tables([table.slice(2, 1), table.slice(3, 3)])
+    assert chunked.column("key").num_chunks == 2
+    assert footer(1, "ef" * 16, chunked, packed) == want

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ckptguard.format.datafile import FormatError
-from ckptguard.format.manifest import _validate_tensors
+from ckptguard.format.manifest import _plain_tensors, _validate_tensors
 
 pytestmark = pytest.mark.backend_independent
 
@@ -43,11 +43,14 @@ def _entry(**changes: object) -> dict:
         _entry(dtype="float31"),
         _entry(kind="jax"),
         _entry(shape=[1 << 62, 1]),
+        _entry(shape=[1 << 40, 1 << 40]),
         _entry(shape=[1] * 65),
+        _entry(per_rank=True),
         ["w", "float32"],
     ],
 )
 def test_bad_tensor_entries_are_refused(bad: object) -> None:
+    assert not _plain_tensors([_entry(key="ok"), bad])  # the column checks leave it to the loop
     with pytest.raises(FormatError, match=r"tensors\[1\]|tensor 'w'"):
         _validate_tensors([_entry(key="ok"), bad], 1, False)
 
@@ -61,3 +64,15 @@ def test_good_entries_pass_and_keys_are_unique() -> None:
     )
     with pytest.raises(FormatError, match="appears twice"):
         _validate_tensors([_entry(), _entry()], 1, False)
+
+
+def test_the_column_checks_pass_what_the_loop_passes() -> None:
+    good = [
+        _entry(key=f"t{i}", shape=s, dtype=d)
+        for i, (s, d) in enumerate(
+            [([], "bool"), ([0, 1 << 62, 1 << 62], "complex128"), ([1 << 61], "int16")]
+        )
+    ]
+    assert _plain_tensors(good) and _plain_tensors([])
+    _validate_tensors(good, 1, False)
+    assert not _plain_tensors([*good, _entry(key="t0")])  # a key twice

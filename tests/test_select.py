@@ -5,6 +5,8 @@ hand-made index, and on random indexes in test_scale.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from select_oracle import index_table
@@ -91,3 +93,33 @@ def test_template_targets() -> None:
         select.template_targets({"w": torch.zeros(8, 4, dtype=torch.float64)}, tensors, "p", 0)
     with pytest.raises(CheckpointError, match="per-rank values"):
         select.template_targets({"r": torch.zeros(2, 3, dtype=torch.int64)}, tensors, "p", 0)
+
+
+def test_whole_packed_takes_the_one_row_slices_of_shared_records(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+    state = {f"s{i}": torch.ones(100) for i in range(12)}  # 400 B each: 10 in a 4 KiB pack
+    state["w"] = torch.ones(5000)  # more than a quarter of the chunk: records of its own
+    state["h"] = torch.ones(3, dtype=torch.float16)  # alone of its element size: not packed
+    ckptguard.save(state, path, chunk_size=4096, compress="none")
+    with ckptguard.open.CheckpointReader(path) as rd:
+        ids = {t["key"]: i for i, t in enumerate(rd.tensors)}
+        small = [ids[f"s{i}"] for i in range(12)]
+        packs = select.whole_packed(rd.table, rd.tensors, [ids["w"], *small[::-1], ids["h"]])
+        assert sorted(packs.tensor.tolist()) == small and len(packs.rows) == 2
+        rows = {r.key: r for r in rd.rows}
+        by_record = [
+            (rows[rd.tensors[g]["key"]].offset, int(a))
+            for g, a in zip(packs.tensor, packs.at, strict=True)
+        ]
+        assert by_record == sorted(by_record)  # in file, record and slice order
+        for k, r in enumerate(packs.rows):
+            m = packs.members(k)
+            assert packs.at[m][0] == 0 and r.record_byte_offset == 0 and r.packed
+            assert packs.length[m].sum() == r.record_raw_len
+            assert {rows[rd.tensors[g]["key"]].offset for g in packs.tensor[m]} == {r.offset}
+        assert packs.dtypes == {"float32"}
+        # Only the ids asked for: a record's other slices are not taken.
+        part = select.whole_packed(rd.table, rd.tensors, small[3:5])
+        assert part.tensor.tolist() == small[3:5] and part.at.tolist() == [1200, 1600]
+        none = select.whole_packed(rd.table, rd.tensors, [ids["w"], ids["h"]])
+        assert len(none.tensor) == 0 and none.rows == []

@@ -127,31 +127,54 @@ def to_table(rows: list[Row]) -> pa.Table:
 
 def footer(rank: int, uuid_hex: str, table: pa.Table, packed: bool) -> bytes:
     """The footer of a data file whose index rows are ``table`` (in footer order): the bytes of
-    ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text
-    column by column instead of through one dict and three lists per row."""
+    ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text by
+    Arrow, column by column, instead of through one dict and three lists per row."""
     names = PACKED_NAMES if packed else FIELD_NAMES
-    cols = [_json_column(table.column(n), n) for n in names]
-    row = "{" + ",".join(f"{encode_basestring(n)}:%s" for n in names) + "}"
-    text = ",".join(row % vals for vals in zip(*cols, strict=True))
     head = pack_footer(rank, uuid_hex, [])
     assert head.endswith(b"[]}")
-    return head[:-2] + text.encode() + b"]}"
+    if not table.num_rows:
+        return head
+    parts: list = []
+    for i, n in enumerate(names):
+        column = _json_column(table, n).cast(pa.large_string())  # a footer may pass 2 GiB
+        parts += [_text(("{" if i == 0 else ",") + encode_basestring(n) + ":"), column]
+    parts.append(_text("},"))  # each row's comma: the last one is cut below
+    text = pc.binary_join_element_wise(*parts, _text(""))
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset :]
+    data = text.buffers()[2].to_pybytes()[offsets[0] : offsets[len(text)] - 1]
+    return head[:-2] + data + b"]}"
 
 
-def _json_column(col: pa.ChunkedArray, name: str) -> list[str]:
-    """Each value of an index column as ``json.dumps`` writes it in a footer."""
-    values = col.to_pylist()
+def _text(s: str) -> pa.Scalar:
+    return pa.scalar(s, pa.large_string())
+
+
+_ESCAPED = r'[\x00-\x1f"\\]'  # what json.dumps (ensure_ascii=False) escapes in a string
+
+
+def _json_column(table: pa.Table, name: str) -> pa.Array:
+    """Each value of an index column as ``json.dumps`` writes it in a footer, as a string array."""
+    col = table.column(name).combine_chunks()
     if name == "hash":
-        return [f'"{h.hex()}"' for h in values]
+        n = len(col)
+        raw = col.buffers()[1].to_pybytes()[16 * col.offset : 16 * (col.offset + n)]
+        text = np.full((n, 34), ord('"'), dtype=np.uint8)
+        text[:, 1:33] = np.frombuffer(raw.hex().encode(), dtype=np.uint8).reshape(n, 32)
+        offsets = np.arange(0, 34 * n + 1, 34, dtype=np.int64)
+        return pa.Array.from_buffers(
+            pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(text)]
+        )
     if isinstance(col.type, pa.ListType):
-        texts: dict[tuple, str] = {}
-        return [
-            texts.get(t) or texts.setdefault(t, "[" + ",".join(map(str, t)) + "]")
-            for t in map(tuple, values)
-        ]
+        digits = pc.binary_join(col.cast(pa.list_(pa.string())), ",")
+        return pc.binary_join_element_wise("[", digits, "]", "")
     if pa.types.is_string(col.type):
-        return ["null" if v is None else encode_basestring(v) for v in values]
-    return [str(v) for v in values]
+        if pc.any(pc.match_substring_regex(col, _ESCAPED)).as_py():
+            col = pa.array(
+                [None if v is None else encode_basestring(v)[1:-1] for v in col.to_pylist()],
+                pa.string(),
+            )
+        return pc.binary_join_element_wise('"', col, '"', "").fill_null("null")
+    return col.cast(pa.string())
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:

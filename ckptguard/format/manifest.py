@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import operator
@@ -233,6 +234,8 @@ def validate(doc: Any) -> None:
 
 def _validate_tensors(tensors: list, world_size: int, per_rank: bool) -> None:
     """Check ``manifest.tensors`` (format.md section 3.1)."""
+    if _plain_tensors(tensors):
+        return
     keys = set()
     for i, t in enumerate(tensors):
         if per_rank and isinstance(t, dict) and "per_rank" in t:
@@ -277,6 +280,38 @@ def _plain_tensor(t: Any) -> bool:
         and t.keys() == _TENSOR.keys()
         and all(map(isinstance, _TENSOR_VALUES(t), _TENSOR_TYPES))
     )
+
+
+def _plain_tensors(tensors: list) -> bool:
+    """Whether every entry passes ``_validate_tensors`` without ``per_rank``: the same checks,
+    each over a column at C speed (False: the loop there finds and names what is wrong)."""
+    if not tensors:
+        return True
+    if set(map(type, tensors)) != {dict} or set(map(len, tensors)) != {len(_TENSOR)}:
+        return False
+    try:  # every member present, and no other (the counts are equal)
+        columns = {k: list(map(operator.itemgetter(k), tensors)) for k in _TENSOR}
+    except KeyError:
+        return False
+    if any(set(map(type, columns[k])) != {t} for k, t in _TENSOR.items()):
+        return False  # JSON gives exact types; anything else is for the loop to judge
+    keys, names, shapes = columns["key"], columns["dtype"], columns["shape"]
+    if not set(names) <= dtypes.SIZES.keys() or not set(columns["kind"]) <= {"torch", "numpy"}:
+        return False
+    flat = list(itertools.chain.from_iterable(shapes))
+    if flat and (set(map(type, flat)) != {int} or min(flat) < 0):
+        return False
+    dims = max(map(len, shapes))
+    if dims > MAX_DIMS:
+        return False
+    # No tensor has more bytes than the largest dimension to the most dimensions of the widest
+    # element; only where that bound passes the limit is each tensor's size needed.
+    widest = max(map(dtypes.SIZES.__getitem__, set(names)))
+    if (max(flat, default=0) ** dims) * widest > MAX_TENSOR_BYTES and max(
+        map(operator.mul, map(math.prod, shapes), map(dtypes.SIZES.__getitem__, names))
+    ) > (MAX_TENSOR_BYTES):
+        return False
+    return len(set(keys)) == len(keys)
 
 
 def _naturals(shape: list) -> bool:

@@ -27,6 +27,7 @@ from .datafile import (
 )
 from .index import PACKED_RECORDS, int_lists, is_packed
 from .layout import ALIGN, datafile_rank, is_name
+from .shapes import Shapes
 
 MAX_GRID_CELLS = 1 << 22
 
@@ -37,6 +38,7 @@ class _Boxes:
     at ``offs[row_start[i] : row_start[i] + nd[i]]`` (likewise ``lens``)."""
 
     tensors: list[dict]
+    shapes: Shapes
     nd_t: np.ndarray  # dimensions of each tensor
     tid: np.ndarray  # the tensor of each row
     nd: np.ndarray  # dimensions of each row (its tensor's)
@@ -45,11 +47,19 @@ class _Boxes:
     lens: np.ndarray
 
     @classmethod
-    def of(cls, tensors: list[dict], tid: np.ndarray, lists: dict[str, np.ndarray]) -> _Boxes:
-        nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
+    def of(
+        cls,
+        tensors: list[dict],
+        tid: np.ndarray,
+        lists: dict[str, np.ndarray],
+        shapes: Shapes | None = None,
+    ) -> _Boxes:
+        shapes = shapes or Shapes.of(tensors)
+        nd_t = shapes.nd
         nd = nd_t[tid]
         return cls(
             tensors,
+            shapes,
             nd_t,
             tid,
             nd,
@@ -89,14 +99,16 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
         return
     tid = _np(table, "tensor")
     rows.fail((tid < 0) | (tid >= len(tensors)), "tensor id out of range")
-    for col, member in (("key", "key"), ("dtype", "dtype")):
-        expect = pa.array([t[member] for t in tensors], pa.string()).take(pa.array(tid))
+    names = [t["dtype"] for t in tensors]
+    for col, values in (("key", [t["key"] for t in tensors]), ("dtype", names)):
+        expect = pa.array(values, pa.string()).take(pa.array(tid))
         same = pc.equal(table.column(col), expect).to_numpy(zero_copy_only=False)
         rows.fail(~same, f"{col} disagrees with the manifest's tensor")
-    sizes = np.array([dtypes.elem_size(t["dtype"]) or 0 for t in tensors], dtype=np.int64)
+    sizes = np.fromiter(map(dtypes.SIZES.get, names, itertools.repeat(0)), np.int64, len(names))
     elem = _np(table, "elem_size")
     rows.fail(elem != sizes[tid], "elem_size does not match the dtype")
-    lists = _check_shapes(table, rows, tensors, tid)
+    shapes = Shapes.of(tensors)
+    lists = _check_shapes(table, rows, shapes, tid)
     raw, sbo, chunk = _np(table, "raw_len"), _np(table, "shard_byte_offset"), _np(table, "chunk")
     rows.fail(
         (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
@@ -130,14 +142,12 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 names = pc.unique(values.drop_null()).to_pylist()
                 if not all(is_name(b) for b in names):
                     raise FormatError("index: an invalid base checkpoint name")
-    _check_shards(_Boxes.of(tensors, tid, lists), rows, raw, sbo, chunk, elem)
+    _check_shards(_Boxes.of(tensors, tid, lists, shapes), rows, raw, sbo, chunk, elem)
 
 
-def _check_shapes(table: pa.Table, rows: _Rows, tensors: list[dict], tid: np.ndarray) -> dict:
+def _check_shapes(table: pa.Table, rows: _Rows, shapes: Shapes, tid: np.ndarray) -> dict:
     """Shapes, offsets and lengths against the manifest; returns the flat list columns."""
-    nd_t = np.array([len(t["shape"]) for t in tensors], dtype=np.int64)
-    shape_flat = np.array([n for t in tensors for n in t["shape"]], dtype=np.int64)
-    shape_start = np.concatenate([[0], np.cumsum(nd_t)[:-1]]).astype(np.int64)
+    nd_t, shape_flat, shape_start = shapes.nd, shapes.flat, shapes.start
     cols = {}
     for name in ("global_shape", "shard_offsets", "shard_lengths"):
         flat, lens = int_lists(table.column(name))
@@ -293,12 +303,8 @@ def _check_shards(
         sel = np.flatnonzero(nd == t_nd)
         base, t_sel = row_start[sel], tid[sel]
         strides = np.zeros((t_nd, len(tensors)), dtype=np.int64)  # per dimension, per tensor
-        for i, t in enumerate(tensors):
-            if len(t["shape"]) == t_nd:
-                step = 1
-                for d in range(t_nd - 1, -1, -1):
-                    strides[d, i] = step
-                    step *= t["shape"][d]
+        ids = np.flatnonzero(boxes.nd_t == t_nd)
+        strides[:, ids] = boxes.shapes.strides(ids, t_nd).T
         acc, vol = np.zeros(len(sel), dtype=np.int64), np.ones(len(sel), dtype=np.int64)
         for d in range(t_nd):
             acc += o_flat[base + d] * strides[d][t_sel]
@@ -363,9 +369,7 @@ def _check_cover_all(
     n_t = len(tensors)
     bounds = np.searchsorted(tid_f, np.arange(n_t + 1))
     count = np.diff(bounds)
-    total = [math.prod(t["shape"]) for t in tensors]
-    elems = np.array([min(x, 1 << 62) for x in total], dtype=np.int64)
-    suspect = np.array([x >= 1 << 62 for x in total], dtype=bool)  # beyond int64 sums here
+    elems, suspect = boxes.shapes.volumes()  # suspect: beyond int64 sums here
     have = count > 0
     covered = np.zeros(n_t, dtype=np.int64)
     covered[have] = np.add.reduceat(volume[firsts], bounds[:-1][have])
@@ -383,8 +387,8 @@ def _check_cover_all(
         sel = np.flatnonzero(in_grp[tid])
         base, t_sel = row_start[sel], tid[sel]
         shape = np.zeros((t_nd, n_t), dtype=np.int64)
-        for i in np.flatnonzero(in_grp).tolist():
-            shape[:, i] = tensors[i]["shape"]
+        ids = np.flatnonzero(in_grp)
+        shape[:, ids] = boxes.shapes.matrix(ids, t_nd).T
         split = np.zeros((t_nd, n_t), dtype=bool)
         for d in range(t_nd):
             part = (o_flat[base + d] != 0) | (n_flat[base + d] != shape[d][t_sel])
