@@ -11,6 +11,7 @@ buffer size except the last, so a writer chunking them gets the same chunks as f
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +121,52 @@ def _in_place(value: Any) -> memoryview | None:
     if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         return _bytes_of(_flat(t))
     return None
+
+
+def readable_in_place(value: Any) -> bool:
+    """Whether a value's C-order bytes are host memory as it is (C-contiguous, no lazy conjugate
+    or negative bit): what either source reads without a copy of its own."""
+    if isinstance(value, np.ndarray):
+        return bool(value.flags.c_contiguous)
+    return bool(
+        value.is_cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
+    )
+
+
+def _run_key(value: Any) -> Any:
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def gather(values: Sequence[Any], out: np.ndarray) -> None:
+    """Copy the C-order bytes of ``values`` (each ``readable_in_place``) back to back into the
+    1-D uint8 array ``out``, which they must fill exactly.
+
+    Consecutive torch tensors of one dtype go in one ``torch.cat`` (one call for a pack of small
+    tensors instead of a byte view and a copy per tensor); numpy arrays are copied one by one.
+    """
+    dst = torch.from_numpy(out)
+    at = 0
+    with torch.no_grad():  # cat's out= refuses inputs that require grad otherwise
+        for dtype, run in itertools.groupby(values, _run_key):
+            if dtype is None:
+                for a in run:
+                    n = a.nbytes
+                    _check_room(at + n, len(out))
+                    out[at : at + n] = a.reshape(-1).view(np.uint8)
+                    at += n
+                continue
+            flat = [t if t.dim() == 1 else t.view(-1) for t in run]
+            n = sum(map(torch.Tensor.numel, flat)) * flat[0].element_size()
+            _check_room(at + n, len(out))
+            torch.cat(flat, out=dst[at : at + n].view(dtype))
+            at += n
+    if at != len(out):
+        raise ValueError(f"gathered {at} bytes into a buffer of {len(out)}")
+
+
+def _check_room(end: int, size: int) -> None:
+    if end > size:
+        raise ValueError(f"gathered values exceed their buffer of {size} bytes")
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
