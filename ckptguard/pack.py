@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .format.dtypes import SIZES
-from .sources import ByteSource, gather, readable_in_place
+from .sources import ByteSource, gather, gatherable
 from .tree import TensorRef
 from .writer import RankWriter
 
@@ -91,12 +91,12 @@ class Packer:
         self._starts: list[int] = []
 
     def write(self, source: ByteSource) -> None:
-        """Write every group's record(s) in order. A pack whose members are all host memory
-        as they are (``sources.readable_in_place``) is gathered into its buffer in bulk; the
-        other values (tensors alone, packs of device or strided tensors) go through ``source``,
-        in one stream, so that its copies overlap the writes as without packs."""
+        """Write every group's record(s) in order. A pack whose members are all in host memory
+        (``sources.gatherable``) is gathered into its buffer in bulk; the other values (tensors
+        alone, packs with a device tensor) go through ``source``, in one stream, so that its
+        copies overlap the writes as without packs."""
         values = [ref.value for _, ref in self.todo]
-        bulk = [len(g) > 1 and all(readable_in_place(values[i]) for i in g) for g in self.groups]
+        bulk = [len(g) > 1 and all(gatherable(values[i]) for i in g) for g in self.groups]
         streamed = [(gi, i) for gi, g in enumerate(self.groups) if not bulk[gi] for i in g]
         done = 0  # groups before this one are written (or streaming)
         for k, raw in source.stream([values[i] for _, i in streamed]):

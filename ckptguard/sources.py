@@ -123,14 +123,13 @@ def _in_place(value: Any) -> memoryview | None:
     return None
 
 
-def readable_in_place(value: Any) -> bool:
-    """Whether a value's C-order bytes are host memory as it is (C-contiguous, no lazy conjugate
-    or negative bit): what either source reads without a copy of its own."""
-    if isinstance(value, np.ndarray):
-        return bool(value.flags.c_contiguous)
-    return bool(
-        value.is_cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
-    )
+def gatherable(value: Any) -> bool:
+    """Whether ``gather`` takes a value: a numpy array or a CPU tensor (any strides, lazy
+    conjugate or negative bits included: ``torch.cat`` resolves them as it copies)."""
+    return isinstance(value, np.ndarray) or (type(value) in _TENSOR_TYPES and value.is_cpu)
+
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _run_key(value: Any) -> Any:
@@ -138,10 +137,10 @@ def _run_key(value: Any) -> Any:
 
 
 def gather(values: Sequence[Any], out: np.ndarray) -> None:
-    """Copy the C-order bytes of ``values`` (each ``readable_in_place``) back to back into the
-    1-D uint8 array ``out``, which they must fill exactly.
+    """Copy the C-order bytes of ``values`` (each ``gatherable``) back to back into the 1-D
+    uint8 array ``out``, which they must fill exactly.
 
-    Consecutive torch tensors of one dtype go in one ``torch.cat`` (one call for a pack of small
+    Consecutive tensors of one dtype go in one ``torch.cat`` (one call for a pack of small
     tensors instead of a byte view and a copy per tensor); numpy arrays are copied one by one.
     """
     dst = torch.from_numpy(out)
@@ -152,13 +151,16 @@ def gather(values: Sequence[Any], out: np.ndarray) -> None:
                 for a in run:
                     n = a.nbytes
                     _check_room(at + n, len(out))
-                    out[at : at + n] = a.reshape(-1).view(np.uint8)
+                    out[at : at + n] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                     at += n
                 continue
-            flat = [t if t.dim() == 1 else t.view(-1) for t in run]
+            flat = [t if t.dim() == 1 else t.reshape(-1) for t in run]
             n = sum(map(torch.Tensor.numel, flat)) * flat[0].element_size()
             _check_room(at + n, len(out))
-            torch.cat(flat, out=dst[at : at + n].view(dtype))
+            if n and at % flat[0].element_size():  # misaligned for this dtype: via a copy
+                dst[at : at + n] = torch.cat(flat).view(torch.uint8)
+            elif n:  # an empty slice cannot be viewed as a wider dtype
+                torch.cat(flat, out=dst[at : at + n].view(dtype))
             at += n
     if at != len(out):
         raise ValueError(f"gathered {at} bytes into a buffer of {len(out)}")

@@ -171,6 +171,7 @@ def footer(rank: int, uuid_hex: str, table: pa.Table, packed: bool) -> bytes:
 _TEXT = pa.large_string()  # footers of any size: no 2 GiB limit on one Arrow string array
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'  # what json.dumps escapes with ensure_ascii=False
+_NULL = pa.scalar("null", _TEXT)
 
 
 def _json_column(col: pa.Array, name: str) -> pa.Array:
@@ -183,18 +184,26 @@ def _json_column(col: pa.Array, name: str) -> pa.Array:
             pa.scalar("[", _TEXT), inner, pa.scalar("]", _TEXT), pa.scalar("", _TEXT)
         )
     if pa.types.is_string(col.type):
-        col = col.cast(_TEXT)
-        quote = pa.scalar('"', _TEXT)
-        texts = pc.binary_join_element_wise(quote, col, quote, pa.scalar("", _TEXT))
-        needs = pc.fill_null(pc.match_substring_regex(col, _NEEDS_ESCAPE), False)
-        escape = np.flatnonzero(needs.to_numpy(zero_copy_only=False))
-        if len(escape):
-            fixed = texts.to_pylist()
-            for i in escape.tolist():
-                fixed[i] = encode_basestring(col[i].as_py())
-            texts = pa.array(fixed, _TEXT)
-        return pc.fill_null(texts, pa.scalar("null", _TEXT))
+        enc = pc.dictionary_encode(col)
+        if len(enc.dictionary) * 2 <= len(col):  # few distinct values (dtype, file, codec)
+            return pc.fill_null(_string_texts(enc.dictionary).take(enc.indices), _NULL)
+        return pc.fill_null(_string_texts(col), _NULL)
     return pc.cast(col, _TEXT)
+
+
+def _string_texts(col: pa.Array) -> pa.Array:
+    """A string column as JSON strings (nulls stay null)."""
+    col = col.cast(_TEXT)
+    quote = pa.scalar('"', _TEXT)
+    texts = pc.binary_join_element_wise(quote, col, quote, pa.scalar("", _TEXT))
+    needs = pc.fill_null(pc.match_substring_regex(col, _NEEDS_ESCAPE), False)
+    escape = np.flatnonzero(needs.to_numpy(zero_copy_only=False))
+    if len(escape):
+        fixed = texts.to_pylist()
+        for i in escape.tolist():
+            fixed[i] = encode_basestring(col[i].as_py())
+        texts = pa.array(fixed, _TEXT)
+    return texts
 
 
 def _hex_texts(col: pa.Array) -> pa.Array:
