@@ -76,7 +76,7 @@ class RankWriter:
         self.name = datafile_name(rank)
         self.path = os.path.join(directory, self.name)
         self.chunk_size = chunk_size
-        # The index rows so far as columns (``_rows_of``): no object per row.
+        # The index rows so far as columns (``_rows``): no object per row.
         self._refs: list[TensorRef] = []
         self._cols: dict[str, list] = {name: [] for name in _APPENDED}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

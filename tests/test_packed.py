@@ -19,12 +19,13 @@ from conftest import rewrite_rows
 import ckptguard
 from ckptguard import loader, pack, select
 from ckptguard.format.datafile import HEADER_SIZE, TRAILER_SIZE, unpack_trailer
-from ckptguard.format.index import PACKED_RECORDS
+from ckptguard.format.index import PACKED_RECORDS, is_packed
 from ckptguard.open import CheckpointReader
 from ckptguard.pack import PACK_MAX_TENSOR, groups_of, plan
 from ckptguard.read import verify_checkpoint
-from ckptguard.sources import gather
+from ckptguard.sources import DIRECT, BufferedSource, gather
 from ckptguard.tree import flatten
+from ckptguard.writer import RankWriter
 
 
 def _state(n: int = 200) -> dict[str, Any]:
@@ -297,3 +298,27 @@ def test_a_gap_in_a_pack_is_refused(tmp_path: Path) -> None:
         rows[3]["shard_lengths"] = [4]
 
     _hostile(_small_packed(tmp_path), mutate, r"index row 3 ")
+
+
+def test_a_pack_streamed_through_buffers_is_the_gathered_pack(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Through a buffered byte source (as for device tensors), a pack is filled value by value
+    and written as the gathered pack is."""
+    _, refs, _ = flatten(_mixed_state())
+    todo = list(enumerate(refs))
+    tables, records = [], []
+    for name, source in [
+        ("bulk", DIRECT),
+        ("pieces", BufferedSource(lambda: [torch.empty(4096, dtype=torch.uint8) for _ in "ab"])),
+    ]:
+        (tmp_path / name).mkdir()
+        w = RankWriter(str(tmp_path / name), 0, "ab" * 16, chunk_size=4096)
+        with monkeypatch.context() as m:
+            if name == "pieces":
+                m.setattr(pack, "gatherable", lambda value: False)
+            pack.Packer(w, todo, 0).write(source)
+        tables.append(w.finish())
+        records.append(_records(str(tmp_path / name)))
+    assert is_packed(tables[0]) and tables[0].equals(tables[1])
+    assert records[0] == records[1]
