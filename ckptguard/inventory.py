@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 
 import numpy as np
 import pyarrow as pa
@@ -54,29 +55,31 @@ def bind_per_rank(refs: Sequence[TensorRef], rank: int, world: int) -> None:
 def describe_local(refs: Sequence[TensorRef], hasher: Hasher | None) -> pa.Table:
     """This rank's tensors as a ``DESC_SCHEMA`` table. ``hasher`` (None: hash nothing, as in a
     one-rank save) hashes every tensor and shard but those known to be the only copy of their
-    box (``ref.unique_box``)."""
+    box (``ref.unique_box``). Each column is read off the refs in one pass (``map`` over an
+    attribute getter), never a dict or list per tensor."""
+    n = len(refs)
     cols: dict[str, list | pa.Array] = {
-        "key": [ref.key for ref in refs],
-        "dtype": [ref.dtype for ref in refs],
-        "kind": [ref.kind for ref in refs],
-        "device": [ref.device for ref in refs],
-        "requires_grad": [ref.requires_grad for ref in refs],
-        "parameter": [ref.parameter for ref in refs],
-        "sharded": [ref.sharded for ref in refs],
-        "per_rank": [ref.per_rank for ref in refs],
-        "nbytes": [math.prod(ref.shape) * SIZES[ref.dtype] for ref in refs],
-        "hash": [None if ref.unique_box or hasher is None else hasher(ref) for ref in refs],
+        name: list(map(attrgetter(name), refs))
+        for name in ("key", "dtype", "kind", "device", "requires_grad", "parameter")
     }
+    cols["sharded"] = list(map(attrgetter("sharded"), refs))
+    cols["per_rank"] = list(map(attrgetter("per_rank"), refs))
+    shapes = list(map(attrgetter("shape"), refs))
+    cols["nbytes"] = [
+        math.prod(shape) * SIZES[dtype] for shape, dtype in zip(shapes, cols["dtype"], strict=True)
+    ]
+    if hasher is None:
+        cols["hash"] = [None] * n
+    else:
+        cols["hash"] = [None if ref.unique_box else hasher(ref) for ref in refs]
     # The shape columns from one flat list of values each (no list per tensor).
-    lengths = np.fromiter((len(ref.shape) for ref in refs), dtype=np.int32, count=len(refs))
+    lengths = np.fromiter(map(len, shapes), dtype=np.int32, count=n)
     starts = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]), pa.int32())
-    for name, attr in (
-        ("global_shape", "global_shape"),
-        ("offsets", "offsets"),
-        ("shape", "shape"),
+    for name, values in (
+        ("global_shape", map(attrgetter("global_shape"), refs)),
+        ("offsets", map(attrgetter("offsets"), refs)),
+        ("shape", shapes),
     ):
-        flat = pa.array(
-            list(itertools.chain.from_iterable(getattr(r, attr) for r in refs)), pa.int64()
-        )
+        flat = pa.array(list(itertools.chain.from_iterable(values)), pa.int64())
         cols[name] = pa.ListArray.from_arrays(starts, flat)
     return pa.table(cols, schema=DESC_SCHEMA)

@@ -21,11 +21,12 @@ from .format.index import Row
 from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
+from .format.treeids import tensor_ids
 from .open import CheckpointReader
 from .place import Landing, MapLocation
 from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
-from .tree import TreeError, tensor_ids, unflatten
+from .tree import TreeError, unflatten
 
 __all__ = ["MapLocation", "iter_tensors", "load_checkpoint"]
 

@@ -112,8 +112,13 @@ def assignment(
     plan_keys: list[str], writer: Sequence[Writer], refs: Sequence[TensorRef], rank: int
 ) -> list[tuple[int, bool]]:
     """For each local tensor: (global id, whether this rank writes it)."""
-    gid = {k: i for i, k in enumerate(plan_keys)}
-    return [(gid[r.key], writer[gid[r.key]].writes(rank)) for r in refs]
+    names = [r.key for r in refs]
+    if names == plan_keys[: len(names)]:  # rank 0's keys, and any rank's that are the same
+        ids: Sequence[int] = range(len(names))
+    else:
+        gid = {k: i for i, k in enumerate(plan_keys)}
+        ids = [gid[k] for k in names]
+    return [(g, writer[g].writes(rank)) for g in ids]
 
 
 # -- the merged descriptions ----------------------------------------------------------------------
@@ -273,18 +278,27 @@ def covered_copies(d: _Rows, g: int, volume: np.ndarray) -> _Copies | None:
     return _Copies(g, rows[local], starts, local, offs, lens)
 
 
+def differing_sets(
+    members: np.ndarray, starts: np.ndarray, valid: np.ndarray, hashes: np.ndarray
+) -> np.ndarray:
+    """Which replica sets (``members[starts[j]:starts[j + 1]]``, rows of the description) have
+    copies that are not all hashed and equal: a bool per set."""
+    counts = np.diff(np.append(starts, len(members)))
+    head = members[np.repeat(starts, counts)]  # each member's set's first copy
+    bad = ~valid[members] | ~valid[head] | (hashes[members] != hashes[head]).any(axis=1)
+    bad &= np.repeat(counts > 1, counts)  # a tensor on one rank only has nothing to match
+    out = np.zeros(len(starts), dtype=bool)
+    out[np.searchsorted(starts, np.flatnonzero(bad), side="right") - 1] = True
+    return out
+
+
 def first_differing(
     members: np.ndarray, starts: np.ndarray, valid: np.ndarray, hashes: np.ndarray
 ) -> int | None:
     """The first replica set (``members[starts[j]:starts[j + 1]]``, rows of the description) whose
     copies are not all hashed and equal, or None."""
-    counts = np.diff(np.append(starts, len(members)))
-    head = members[np.repeat(starts, counts)]  # each member's set's first copy
-    bad = ~valid[members] | ~valid[head] | (hashes[members] != hashes[head]).any(axis=1)
-    bad &= np.repeat(counts > 1, counts)  # a tensor on one rank only has nothing to match
-    if not bad.any():
-        return None
-    return int(np.searchsorted(starts, np.flatnonzero(bad)[0], side="right") - 1)
+    bad = np.flatnonzero(differing_sets(members, starts, valid, hashes))
+    return int(bad[0]) if len(bad) else None
 
 
 def _replica_error(d: _Rows, c: _Copies, j: int) -> PlanError:
@@ -301,97 +315,145 @@ def _replica_error(d: _Rows, c: _Copies, j: int) -> PlanError:
     )
 
 
-def replica_sets(d: _Rows, check_replicated: bool) -> tuple[list[_Copies], list[str], np.ndarray]:
-    """Every key's copies, checked: equal by hash (else PlanError), or with
-    ``check_replicated=False`` the keys whose hashed copies differ. Also returns the rows their
-    own rank writes whatever the balance (the pieces of sharded keys that have no copies)."""
-    volume = d.volume()
+@dataclass
+class _Sets:
+    """Every key's replica sets: ``alone`` the keys written whole by their only holder (row
+    ``alone_row``), ``shared`` one ``_Copies`` per other key with copies, in key order."""
+
+    alone: np.ndarray
+    alone_row: np.ndarray
+    shared: list[_Copies]
+
+
+def _plain_sets(d: _Rows, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For unsharded ``keys`` each held by several ranks (one replica set each): the rows of
+    their sets back to back in key order, and where each set starts."""
+    counts = np.diff(d.bounds)[keys]
+    starts = np.cumsum(counts) - counts
+    at = np.repeat(d.bounds[keys] - starts, counts) + np.arange(int(counts.sum()))
+    return d.order[at], starts
+
+
+def replica_sets(d: _Rows, check_replicated: bool) -> tuple[_Sets, list[str], np.ndarray]:
+    """Every key's copies, checked: equal by hash (else PlanError, for the first key in key
+    order that fails a check), or with ``check_replicated=False`` the keys whose hashed copies
+    differ. Also returns the rows their own rank writes whatever the balance (the pieces of
+    sharded keys that have no copies). Unsharded keys are checked column-wise, all at once."""
     hashes = None  # (valid, bytes) of the hash column, once a replica set needs checking
     fixed = d.sharded.copy()
-    differing: list[str] = []
-    sets = []
-    for g, key in enumerate(d.keys):
-        if d.sharded[d.rows(g)[0]]:
-            c = covered_copies(d, g, volume)
-            if c is None:
-                continue
-            fixed[c.members] = False
-        else:
-            c = _Copies(g, d.rows(g), np.zeros(1, dtype=np.int64))
-        j = None
-        if len(c.members) > 1:
-            hashes = hashes or d.hashes()
-            j = first_differing(c.members, c.starts, *hashes)
-        if j is not None and not check_replicated:
-            if hashes is not None and hashes[0][c.members].all():  # unhashed: unknown
-                differing.append(key)
-            j = None
-        if j is not None:
+    key_sharded = d.sharded[d.first]
+    counts = np.diff(d.bounds)
+    plain = np.flatnonzero(~key_sharded & (counts > 1))
+    differing: list[tuple[int, str]] = []
+    first_bad = len(d.keys)  # the first unsharded key whose copies differ (checked replicas)
+    if len(plain):
+        hashes = d.hashes()
+        members, starts = _plain_sets(d, plain)
+        bad = differing_sets(members, starts, *hashes)
+        if check_replicated and bad.any():
+            first_bad = int(plain[np.flatnonzero(bad)[0]])
+        elif bad.any():
+            hashed = np.logical_and.reduceat(hashes[0][members], starts)
+            differing += [(g, d.keys[g]) for g in plain[bad & hashed].tolist()]
+    shared = {int(g): _Copies(int(g), d.rows(int(g)), np.zeros(1, dtype=np.int64)) for g in plain}
+    volume = d.volume() if key_sharded.any() else np.zeros(0, dtype=np.int64)
+    for g in np.flatnonzero(key_sharded[:first_bad]).tolist():
+        c = covered_copies(d, g, volume)
+        if c is None:
+            continue
+        fixed[c.members] = False
+        hashes = hashes or d.hashes()
+        j = first_differing(c.members, c.starts, *hashes)
+        if j is not None and check_replicated:
             raise _replica_error(d, c, j)
-        sets.append(c)
-    return sets, differing, fixed
+        if j is not None and hashes[0][c.members].all():  # unhashed: unknown
+            differing.append((g, d.keys[g]))
+        shared[g] = c
+    if first_bad < len(d.keys):
+        raise _replica_error(d, shared[first_bad], 0)
+    alone = np.flatnonzero(~key_sharded & (counts == 1))
+    sets = _Sets(alone, d.first[alone], [shared[g] for g in sorted(shared)])
+    return sets, [key for _, key in sorted(differing)], fixed
 
 
 # -- load balance ---------------------------------------------------------------------------------
 def balance(
-    d: _Rows, sets: list[_Copies], fixed: np.ndarray, check_replicated: bool
+    d: _Rows, sets: _Sets, fixed: np.ndarray, check_replicated: bool
 ) -> tuple[list[Writer], np.ndarray]:
     """Pick a writer for each replica set: largest first onto the least-loaded holder (a greedy
     balance of bytes across ranks), the lowest rank's copy when unchecked copies may differ.
     The replica sets of one key have disjoint holders (a rank holds one box of a key), so they
-    are placed together. Returns each key's writer and the bytes each rank writes."""
+    are placed together. A key with one holder has no choice: those between two placements
+    with a choice are added to the load at once. Returns each key's writer and the bytes each
+    rank writes."""
     load = np.zeros(d.world, dtype=np.int64)
     np.add.at(load, d.rank[fixed], d.nbytes[fixed])
     writer: list[Writer] = [SHARDED] * len(d.keys)
-    for c in sorted(sets, key=lambda c: -int(d.nbytes[c.members].max())):
-        members, starts = c.members, c.starts
-        if len(members) == 1:  # one holder (every tensor of a one-rank save): no choice
-            r = int(d.rank[members[0]])
-            load[r] += d.nbytes[members[0]]
-            writer[c.g] = one_rank(r)
-            continue
-        if check_replicated:
-            set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
-            by_load = np.lexsort((load[d.rank[members]], set_of))  # stable: lowest rank on ties
-            chosen = members[by_load[starts]]
-        else:
-            chosen = members[starts]
-        np.add.at(load, d.rank[chosen], d.nbytes[chosen])
-        rows = d.rows(c.g)
-        if d.sharded[rows[0]]:
-            writes = np.concatenate([d.rank[rows[fixed[rows]]], d.rank[chosen]])
-            writer[c.g] = SomeRanks.of(writes, d.world)
-        else:
-            writer[c.g] = one_rank(int(d.rank[chosen[0]]))
+    for g, r in zip(sets.alone.tolist(), d.rank[sets.alone_row].tolist(), strict=True):
+        writer[g] = one_rank(r)
+    shared_max = [int(d.nbytes[c.members].max()) for c in sets.shared]
+    keys = np.concatenate([sets.alone, [c.g for c in sets.shared]]).astype(np.int64)
+    biggest = np.concatenate([d.nbytes[sets.alone_row], shared_max]).astype(np.int64)
+    order = np.lexsort((keys, -biggest))  # largest first; key order among equals
+    n_alone = len(sets.alone)
+    done = 0  # placements in ``order`` before this one are in ``load``
+    for at in np.flatnonzero(order >= n_alone).tolist():
+        rows = sets.alone_row[order[done:at]]
+        np.add.at(load, d.rank[rows], d.nbytes[rows])
+        _place(d, sets.shared[int(order[at]) - n_alone], fixed, check_replicated, load, writer)
+        done = at + 1
+    rows = sets.alone_row[order[done:]]
+    np.add.at(load, d.rank[rows], d.nbytes[rows])
     return writer, load
+
+
+def _place(
+    d: _Rows,
+    c: _Copies,
+    fixed: np.ndarray,
+    check_replicated: bool,
+    load: np.ndarray,
+    writer: list[Writer],
+) -> None:
+    """Choose the ranks that write the replica sets of one key (``balance``)."""
+    members, starts = c.members, c.starts
+    if check_replicated:
+        set_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
+        by_load = np.lexsort((load[d.rank[members]], set_of))  # stable: lowest rank on ties
+        chosen = members[by_load[starts]]
+    else:
+        chosen = members[starts]
+    np.add.at(load, d.rank[chosen], d.nbytes[chosen])
+    rows = d.rows(c.g)
+    if d.sharded[rows[0]]:
+        writes = np.concatenate([d.rank[rows[fixed[rows]]], d.rank[chosen]])
+        writer[c.g] = SomeRanks.of(writes, d.world)
+    else:
+        writer[c.g] = one_rank(int(d.rank[chosen[0]]))
 
 
 # -- manifest entries -----------------------------------------------------------------------------
 def manifest_entries(d: _Rows) -> list[dict]:
     """The manifest's tensor entries (format.md section 3), from each key's first row."""
     first = pa.array(d.first)
-    cols = {
-        c: d.table.column(c).take(first).to_pylist()
-        for c in ("dtype", "kind", "device", "requires_grad", "parameter")
-    }
-    glen, gstart = d.glen[d.first], d.gstart[d.first]
-    flat = d.gflat[np.repeat(gstart - np.cumsum(glen) + glen, glen) + np.arange(int(glen.sum()))]
-    shapes = np.split(flat, np.cumsum(glen)[:-1]) if len(glen) else []
-    per_rank = d.per_rank[d.first].tolist()
-    tensors = []
-    for g, key in enumerate(d.keys):
-        entry = {
+    cols = [
+        d.table.column(c).take(first).to_pylist()
+        for c in ("dtype", "global_shape", "kind", "device", "requires_grad", "parameter")
+    ]
+    tensors = [
+        {
             "key": key,
-            "dtype": cols["dtype"][g],
-            "shape": shapes[g].tolist(),
-            "kind": cols["kind"][g],
-            "device": cols["device"][g],
-            "requires_grad": cols["requires_grad"][g],
-            "parameter": cols["parameter"][g],
+            "dtype": dtype,
+            "shape": shape,
+            "kind": kind,
+            "device": device,
+            "requires_grad": grad,
+            "parameter": param,
         }
-        if per_rank[g]:
-            entry["per_rank"] = True
-        tensors.append(entry)
+        for key, dtype, shape, kind, device, grad, param in zip(d.keys, *cols, strict=True)
+    ]
+    for g in np.flatnonzero(d.per_rank[d.first]).tolist():
+        tensors[g]["per_rank"] = True
     return tensors
 
 

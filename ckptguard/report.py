@@ -21,7 +21,7 @@ import xxhash
 from .errors import warn_after_commit
 from .format.manifest import CheckpointInfo, format_time, parse_time
 from .format.ranktrees import TextDiffer
-from .tree import remap_tensor_ids
+from .format.treeids import remap_tensor_ids
 
 _HEAD = struct.Struct("<QI")  # header length, number of parts
 _PART = struct.Struct("<Q")  # part length
@@ -91,11 +91,21 @@ def merge_trees(
     remapped); equal texts share one diff. Other ranks' trees are remapped, then diffed against
     rank 0's global tree. Diffs are exact: they are taken on the JSON texts.
     """
-    gid = {k: i for i, k in enumerate(keys)}
+    gid: dict[str, int] = {}
+
+    def ids_of(names: list[str]) -> list[int]:
+        if names == keys[: len(names)]:  # rank 0's, always: its keys come first in the plan
+            return list(range(len(names)))
+        if not gid:
+            gid.update((k, i) for i, k in enumerate(keys))
+        return [gid[k] for k in names]
+
     key0 = descs[0].column("key")
-    ids0 = [gid[k] for k in key0.to_pylist()]
+    ids0 = ids_of(key0.to_pylist())
     blob0 = bytes(blobs[0])
-    tree0 = remap_tensor_ids(json.loads(blob0), ids0)
+    tree0 = json.loads(blob0)
+    if ids0 != list(range(len(ids0))):
+        tree0 = remap_tensor_ids(tree0, ids0)
     differs = _Differs(blob0, tree0, ids0)
     seen: dict[bytes, list] = {}  # diffs by the xxh3-128 of a tree's text (rank 0's keys)
     diffs: dict[str, list] = {}
@@ -109,7 +119,7 @@ def merge_trees(
                 seen[h] = differs.diff(b, local=True)
             d = seen[h]
         else:
-            ids = [gid[k] for k in descs[r].column("key").to_pylist()]
+            ids = ids_of(descs[r].column("key").to_pylist())
             d = differs.diff(dump_json(remap_tensor_ids(json.loads(b), ids)), local=False)
         if d:
             diffs[str(r)] = d

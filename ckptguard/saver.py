@@ -39,7 +39,7 @@ from .errors import (
 from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
-from .format.index import to_table, unify
+from .format.index import unify
 from .format.layout import datafile_name
 from .format.manifest import CheckpointInfo
 from .format.validate import check_table
@@ -274,10 +274,7 @@ class _Save:
             codec, level = parse_compress(self.opt.compress, COMPRESS)
             if self.opt.compress == "auto":
                 codec = AUTO
-            packer = Packer(writer, todo, codec, level)
-            for i, raw in self.source.stream(packer.values()):
-                packer.add(i, raw)
-            packer.flush()
+            Packer(writer, todo, codec, level).write(self.source)
             if self.on_read is not None:
                 self.on_read()
             rows = writer.finish()
@@ -289,9 +286,9 @@ class _Save:
                 where = os.path.join(plan["staging"], datafile_name(rank))
                 e = from_oserror(e, where, "cannot write")
             return self.fail(e), None
-        file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": len(rows)}
+        file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
         doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
-        return {**doc, "zstd": writer.zstd_version()}, to_table(rows)
+        return {**doc, "zstd": writer.zstd_version()}, rows
 
     # -- phase 4: rank 0 validates the reports and commits --------------------------------------
     def commit(self, reports: list[tuple[dict, pa.Table | None]]) -> dict:

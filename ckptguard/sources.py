@@ -11,6 +11,7 @@ buffer size except the last, so a writer chunking them gets the same chunks as f
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +121,54 @@ def _in_place(value: Any) -> memoryview | None:
     if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         return _bytes_of(_flat(t))
     return None
+
+
+def gatherable(value: Any) -> bool:
+    """Whether ``gather`` takes a value: a numpy array or a CPU tensor (any strides, lazy
+    conjugate or negative bits included: ``torch.cat`` resolves them as it copies)."""
+    return isinstance(value, np.ndarray) or (type(value) in _TENSOR_TYPES and value.is_cpu)
+
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _run_key(value: Any) -> Any:
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def gather(values: Sequence[Any], out: np.ndarray) -> None:
+    """Copy the C-order bytes of ``values`` (each ``gatherable``) back to back into the 1-D
+    uint8 array ``out``, which they must fill exactly.
+
+    Consecutive tensors of one dtype go in one ``torch.cat`` (one call for a pack of small
+    tensors instead of a byte view and a copy per tensor); numpy arrays are copied one by one.
+    """
+    dst = torch.from_numpy(out)
+    at = 0
+    with torch.no_grad():  # cat's out= refuses inputs that require grad otherwise
+        for dtype, run in itertools.groupby(values, _run_key):
+            if dtype is None:
+                for a in run:
+                    n = a.nbytes
+                    _check_room(at + n, len(out))
+                    out[at : at + n] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                    at += n
+                continue
+            flat = [t if t.dim() == 1 else t.reshape(-1) for t in run]
+            n = sum(map(torch.Tensor.numel, flat)) * flat[0].element_size()
+            _check_room(at + n, len(out))
+            if n and at % flat[0].element_size():  # misaligned for this dtype: via a copy
+                dst[at : at + n] = torch.cat(flat).view(torch.uint8)
+            elif n:  # an empty slice cannot be viewed as a wider dtype
+                torch.cat(flat, out=dst[at : at + n].view(dtype))
+            at += n
+    if at != len(out):
+        raise ValueError(f"gathered {at} bytes into a buffer of {len(out)}")
+
+
+def _check_room(end: int, size: int) -> None:
+    if end > size:
+        raise ValueError(f"gathered values exceed their buffer of {size} bytes")
 
 
 def _as_tensor(value: Any) -> torch.Tensor:

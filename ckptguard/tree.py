@@ -90,9 +90,18 @@ class TensorRef:
     def __post_init__(self) -> None:
         if not self.sharded:
             self.global_shape = self.shape
-            self.offsets = (0,) * len(self.shape)
+            self.offsets = _zeros(len(self.shape))
         if self.outer is None:
             self.outer = self.value
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_DEVICE_NAMES: dict[torch.device, str] = {}  # str(device) once per device, not per tensor
+_ZEROS = [(0,) * n for n in range(MAX_DIMS + 1)]
+
+
+def _zeros(n: int) -> tuple[int, ...]:
+    return _ZEROS[n] if n <= MAX_DIMS else (0,) * n
 
 
 def _key_part(k: Any) -> str:
@@ -147,6 +156,8 @@ class _Flattener:
         return node
 
     def tensor(self, t: Any, path: str) -> dict:
+        if type(t) in _PLAIN_TENSORS:  # the common case first: no DTensor or numpy checks
+            return self.torch_tensor(t, path)
         if is_dtensor(t):
             return self.dtensor(t, path)
         if isinstance(t, np.ndarray):
@@ -155,33 +166,46 @@ class _Flattener:
                 return self.other(t, path, f"numpy array of dtype {t.dtype}")
             ident: tuple = ("np", id(t))  # what makes two references the same tensor
             ref = TensorRef(path or "$root", name, tuple(t.shape), "numpy", "cpu", False, False, t)
-        else:
-            if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
-                return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
-            name = TORCH_DTYPES.get(t.dtype)
-            if name is None or t.is_quantized or t.is_meta:
-                return self.other(t, path, f"tensor of dtype {t.dtype}")
-            ident = (
-                "pt",
-                t.untyped_storage().data_ptr() if t.numel() else id(t),
-                t.storage_offset(),
-                tuple(t.shape),
-                t.stride(),
-                t.dtype,
-                str(t.device),
-                t.is_conj(),  # a conjugate or negative view shares storage, not values
-                t.is_neg(),
-            )
-            ref = TensorRef(
-                path or "$root",
-                name,
-                tuple(t.shape),
-                "torch",
-                str(t.device),
-                bool(t.requires_grad and t.is_leaf),
-                isinstance(t, torch.nn.Parameter),
-                t,
-            )
+            return self.add(ident, ref, path)
+        return self.torch_tensor(t, path)
+
+    def torch_tensor(self, t: Any, path: str) -> dict:
+        if type(t) not in _PLAIN_TENSORS or t.layout != torch.strided:
+            return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
+        dtype = t.dtype
+        name = TORCH_DTYPES.get(dtype)
+        if name is None or t.is_quantized or t.is_meta:
+            return self.other(t, path, f"tensor of dtype {dtype}")
+        shape = tuple(t.shape)
+        device = t.device
+        where = _DEVICE_NAMES.get(device) or _DEVICE_NAMES.setdefault(device, str(device))
+        ident = (
+            "pt",
+            t.untyped_storage().data_ptr() if t.numel() else id(t),
+            t.storage_offset(),
+            shape,
+            t.stride(),
+            dtype,
+            where,
+            t.is_conj(),  # a conjugate or negative view shares storage, not values
+            t.is_neg(),
+        )
+        ref = TensorRef(
+            path or "$root",
+            name,
+            shape,
+            "torch",
+            where,
+            bool(t.requires_grad and t.is_leaf),
+            isinstance(t, torch.nn.Parameter),
+            t,
+            shape,
+            _zeros(len(shape)),
+        )
+        return self.add(ident, ref, path)
+
+    def add(self, ident: tuple, ref: TensorRef, path: str) -> dict:
+        """The node of tensor ``ref`` (``ident`` says which tensors are the same one)."""
         if len(ref.shape) > MAX_DIMS:
             raise UnsupportedObjectError(
                 f"tensor at {ref.key!r} has {len(ref.shape)} dimensions; at most {MAX_DIMS} can "
@@ -216,9 +240,11 @@ class _Flattener:
     def walk(self, obj: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise UnsupportedObjectError(f"nesting deeper than {MAX_DEPTH} at {path!r}", path)
-        if obj is None or isinstance(obj, (bool, str)) and type(obj) in (bool, str):
-            return obj
         t = type(obj)
+        if t in _PLAIN_TENSORS:
+            return self.torch_tensor(obj, path)
+        if obj is None or isinstance(obj, (bool, str)) and t in (bool, str):
+            return obj
         if t is int:
             if -_I64 <= obj < _I64:
                 return obj
@@ -298,34 +324,6 @@ class Flat:
     tree: Any
     refs: list[TensorRef]
     used_pickle: bool = False
-
-
-def remap_tensor_ids(tree: Any, ids: list[int]) -> Any:
-    """The same JSON tree with each ``{"$tensor": i}`` replaced by ``{"$tensor": ids[i]}``."""
-    if isinstance(tree, list):
-        return [remap_tensor_ids(v, ids) for v in tree]
-    if isinstance(tree, dict):
-        if set(tree) == {"$tensor"}:
-            return {"$tensor": ids[tree["$tensor"]]}
-        return {k: remap_tensor_ids(v, ids) for k, v in tree.items()}
-    return tree
-
-
-def tensor_ids(tree: Any) -> list[int]:
-    """The tensor ids a JSON tree references, in order of first reference."""
-    seen: dict[int, None] = {}
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(reversed(node))
-        elif isinstance(node, dict):
-            ref = node.get("$tensor") if len(node) == 1 else None
-            if type(ref) is int:
-                seen.setdefault(ref, None)
-            else:
-                stack.extend(reversed(list(node.values())))
-    return list(seen)
 
 
 class TreeError(ValueError):

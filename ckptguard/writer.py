@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from . import backend as _backend
 from .adapt import AUTO, STRETCH, Choice, Controller, Measured
@@ -24,7 +29,7 @@ from .format.datafile import (
     pack_trailer,
     unpack_trailer,
 )
-from .format.index import Row, is_packed, to_table
+from .format.index import Row, int_list_array, is_packed, rows_from_table, table_of
 from .format.index import footer as index_footer
 from .format.layout import datafile_name
 from .format.manifest import WriteStats
@@ -34,6 +39,23 @@ from .sources import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20
+
+
+# The index columns the writer appends per record; the others come from the rows' refs.
+_APPENDED = (
+    "tensor",
+    "chunk",
+    "shard_byte_offset",
+    "raw_len",
+    "offset",
+    "stored_len",
+    "codec",
+    "hash",
+    "record_byte_offset",
+    "record_raw_len",
+)
+_KEY, _DTYPE = attrgetter("key"), attrgetter("dtype")
+_GLOBAL, _OFFSETS, _SHAPE = attrgetter("global_shape"), attrgetter("offsets"), attrgetter("shape")
 
 
 def adapt_stretch(chunk: int) -> int:
@@ -51,7 +73,9 @@ class RankWriter:
         self.name = datafile_name(rank)
         self.path = os.path.join(directory, self.name)
         self.chunk_size = chunk_size
-        self.rows: list[Row] = []
+        # The index rows so far as columns (``_rows``): no object per row.
+        self._refs: list[TensorRef] = []
+        self._cols: dict[str, list] = {name: [] for name in _APPENDED}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
         self.size = 0
@@ -153,68 +177,95 @@ class RankWriter:
         choice = self.control.choose(data[: adapt_stretch(self.chunk_size)], size, codec == AUTO)
         return choice if codec == AUTO else choice._replace(codec=codec, level=level)
 
-    def _row(
+    def _rows(
         self,
-        tid: int,
-        ref: TensorRef,
-        chunk: int,
-        at: int,
-        raw_len: int,
+        tids: Sequence[int],
+        refs: Sequence[TensorRef],
+        chunks: Sequence[int],
+        at: Sequence[int],
+        raw_lens: Sequence[int],
         rec: Record,
-        in_record: int = 0,
+        in_record: Sequence[int],
     ) -> None:
-        """Append the index row of ``raw_len`` bytes of ``ref``'s shard, from byte ``at`` of it,
-        held by record ``rec`` from byte ``in_record`` of its raw bytes (a packed record)."""
-        self.rows.append(
-            Row(
-                ref.key,
-                tid,
-                ref.dtype,
-                ref.global_shape,
-                ref.offsets,
-                ref.shape,
-                chunk,
-                at,
-                raw_len,
-                self.rank,
-                self.name,
-                rec.offset,
-                rec.stored_len,
-                CODEC_NAMES[rec.codec],
-                dtypes.SIZES[ref.dtype],
-                rec.hash,
-                record_byte_offset=in_record,
-                record_raw_len=rec.raw_len,
-            )
-        )
+        """Append index rows held by record ``rec``: row j is ``raw_lens[j]`` bytes of the shard
+        of ``refs[j]`` (tensor ``tids[j]``, chunk ``chunks[j]``) from byte ``at[j]`` of it, at
+        byte ``in_record[j]`` of the record's raw bytes (several rows: a packed record)."""
+        n = len(refs)
+        c = self._cols
+        self._refs.extend(refs)
+        c["tensor"].extend(tids)
+        c["chunk"].extend(chunks)
+        c["shard_byte_offset"].extend(at)
+        c["raw_len"].extend(raw_lens)
+        c["record_byte_offset"].extend(in_record)
+        for name, value in (
+            ("offset", rec.offset),
+            ("stored_len", rec.stored_len),
+            ("codec", CODEC_NAMES[rec.codec]),
+            ("hash", rec.hash),
+            ("record_raw_len", rec.raw_len),
+        ):
+            c[name].extend([value] * n)
 
     def _chunk_rows(self, ref: TensorRef, tid: int, first: int, done: WriteResult) -> int:
         """Index rows for the chunks ``done`` wrote (chunks ``first``, ...); the next number."""
         for n, rec in enumerate(done.records, start=first):
-            self._row(tid, ref, n, n * self.chunk_size, rec.raw_len, rec)
+            self._rows([tid], [ref], [n], [n * self.chunk_size], [rec.raw_len], rec, [0])
         return first + len(done.records)
 
     def add_packed(
-        self, members: list[tuple[int, TensorRef, int]], buf: Any, codec: int, level: int = 0
+        self,
+        tids: Sequence[int],
+        refs: Sequence[TensorRef],
+        starts: Sequence[int],
+        buf: Any,
+        codec: int,
+        level: int = 0,
     ) -> None:
         """Append one record whose raw bytes ``buf`` are the bytes of several whole small tensors
-        of one element size back to back (feature ``packed-records``): ``members`` lists each
-        one's tensor id, ref and where its bytes start in ``buf``, in that order. ``buf`` (at
-        most ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone.
+        of one element size back to back (feature ``packed-records``): tensor ``tids[j]``
+        (``refs[j]``) starts at byte ``starts[j]`` of ``buf``, in that order. ``buf`` (at most
+        ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone.
         ``codec`` as for ``add``."""
-        size = dtypes.SIZES[members[0][1].dtype]
+        size = dtypes.SIZES[refs[0].dtype]
         view = as_buffer(buf)
         if len(view) > self.chunk_size:
             raise ValueError(f"a pack of {len(view)} bytes exceeds the chunk size")
         done = self._write(view, size, self._choose(view, size, codec, level))
         (rec,) = done.records
-        ends = [at for _, _, at in members[1:]] + [len(view)]
-        for (tid, ref, at), end in zip(members, ends, strict=True):
-            self._row(tid, ref, 0, 0, end - at, rec, at)
+        ends = np.append(np.asarray(starts[1:], dtype=np.int64), len(view))
+        lens = (ends - np.asarray(starts, dtype=np.int64)).tolist()
+        zeros = [0] * len(refs)
+        self._rows(tids, refs, zeros, zeros, lens, rec, starts)
 
-    def finish(self) -> list[Row]:
-        """Write footer and trailer, fsync, close, and re-check what was written."""
-        table = to_table(self.rows)
+    def table(self) -> pa.Table:
+        """The index rows written so far, in file order, as an index table."""
+        refs, c, n = self._refs, self._cols, len(self._refs)
+        dtype = list(map(_DTYPE, refs))
+        cols: dict[str, Any] = {
+            **c,
+            "key": list(map(_KEY, refs)),
+            "dtype": dtype,
+            "global_shape": int_list_array(list(map(_GLOBAL, refs))),
+            "shard_offsets": int_list_array(list(map(_OFFSETS, refs))),
+            "shard_lengths": int_list_array(list(map(_SHAPE, refs))),
+            "rank": [self.rank] * n,
+            "file": [self.name] * n,
+            "elem_size": [dtypes.SIZES[d] for d in dtype],
+            "base": [None] * n,
+            "key_id": [None] * n,
+        }
+        return table_of(cols)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The index rows written so far as ``Row`` objects (for tests and diagnosis)."""
+        return rows_from_table(self.table())
+
+    def finish(self) -> pa.Table:
+        """Write footer and trailer, fsync, close, and re-check what was written; return the
+        index rows of the file."""
+        table = self.table()
         footer = index_footer(self.rank, self.uuid, table, is_packed(table))
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
@@ -224,7 +275,7 @@ class RankWriter:
         self.fd = -1
         self._recheck(footer)
         self.stats = self.control.finish()
-        return self.rows
+        return table
 
     def abort(self) -> None:
         self._close_direct()
@@ -245,25 +296,25 @@ class RankWriter:
             raise FormatError(f"{self.path}: after the write it {e.reason}") from None
         try:
             check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
-            seq = -1
-            for i, r in enumerate(self.rows):
-                if i and r.offset == self.rows[i - 1].offset:
-                    continue  # another slice of the packed record just checked
-                seq += 1
-                head = pread_exact(fd, RECORD_HEADER_SIZE, r.offset)
+            c = self._cols
+            offsets = np.asarray(c["offset"], dtype=np.int64)
+            # The first row of each record (the rows of a packed record are consecutive).
+            firsts = np.flatnonzero(np.diff(offsets, prepend=-1) != 0).tolist()
+            for seq, i in enumerate(firsts):
+                head = pread_exact(fd, RECORD_HEADER_SIZE, c["offset"][i])
                 try:
                     check_record_header(
                         head,
-                        CODECS[r.codec],
-                        r.elem_size,
-                        r.record_raw_len,
-                        r.stored_len,
-                        r.hash,
+                        CODECS[c["codec"][i]],
+                        dtypes.SIZES[self._refs[i].dtype],
+                        c["record_raw_len"][i],
+                        c["stored_len"][i],
+                        c["hash"][i],
                         seq,
                     )
                 except FormatError as e:
                     raise FormatError(
-                        f"{self.path}: record at {r.offset} reads back differently ({e})"
+                        f"{self.path}: record at {c['offset'][i]} reads back differently ({e})"
                     ) from None
             off, length, digest = unpack_trailer(
                 pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size

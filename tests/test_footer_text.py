@@ -73,3 +73,38 @@ def test_footer_of_a_slice_or_chunked_table(packed: bool) -> None:
     chunked = pa.concat_tables([table.slice(2, 1), table.slice(3, 3)])
     assert chunked.column("key").num_chunks == 2
     assert footer(1, "ef" * 16, chunked, packed) == want
+
+
+def test_footer_of_many_rows_with_few_distinct_strings() -> None:
+    """Columns with few distinct values (dtype, file, codec, base) are written once per value
+    and then repeated: still the JSON of each row, escapes and nulls included."""
+    rows = []
+    for i in range(200):
+        shape = (i % 5,) * (i % 3)
+        rows.append(
+            Row(
+                KEYS[i % len(KEYS)] + str(i),
+                i,
+                ["float32", 'odd"dtype', "bfloat16"][i % 3],
+                shape,
+                (0,) * len(shape),
+                shape,
+                i % 2,
+                i,
+                8,
+                1,
+                "rank-00001.ckd",
+                4096 * (i // 10),
+                8,
+                ["raw", "lz4"][i // 10 % 2],
+                [4, 2][i % 2],
+                bytes([i % 256] * 16),
+                base=None if i % 4 else "tab\there",
+                key_id=None,
+                record_byte_offset=8 * (i % 10),
+                record_raw_len=80,
+            )
+        )
+    table = to_table(rows)
+    want = pack_footer(1, "ef" * 16, [r.to_json(True) for r in rows])
+    assert footer(1, "ef" * 16, table, True) == want

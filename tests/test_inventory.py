@@ -3,10 +3,14 @@ another rank may hold, PerRank tensors bound to this rank's row."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import torch
 
 from ckptguard import PerRank, Shard
+from ckptguard.format.dtypes import SIZES
 from ckptguard.inventory import DESC_SCHEMA, bind_per_rank, describe_local
 from ckptguard.tree import flatten
 
@@ -43,3 +47,47 @@ def test_per_rank_is_row_rank_of_a_world_tensor() -> None:
     rows = {r["key"]: r for r in describe_local(refs, lambda ref: b"h" * 16).to_pylist()}
     assert rows["rng"]["hash"] is None and rows["rng"]["per_rank"]  # the only copy of its box
     assert rows["x"]["hash"] == b"h" * 16 and not rows["x"]["per_rank"]
+
+
+def _rows_of_each_ref(refs: list, hasher: Any) -> list[dict]:
+    """The description one ref at a time: what the columns must hold."""
+    return [
+        {
+            "key": r.key,
+            "dtype": r.dtype,
+            "kind": r.kind,
+            "device": r.device,
+            "requires_grad": r.requires_grad,
+            "parameter": r.parameter,
+            "sharded": r.sharded,
+            "per_rank": r.per_rank,
+            "nbytes": math.prod(r.shape) * SIZES[r.dtype],
+            "hash": None if r.unique_box or hasher is None else hasher(r),
+            "global_shape": list(r.global_shape),
+            "offsets": list(r.offsets),
+            "shape": list(r.shape),
+        }
+        for r in refs
+    ]
+
+
+def test_columns_are_each_refs_row_on_a_mixed_state() -> None:
+    base = torch.randn(6, 4)
+    state = {
+        "nested": {"l": [base, {"t": base.t()}], "row": base[1]},  # views of one storage
+        "tied": base,
+        "scalar": torch.tensor(2.0),
+        "empty": torch.zeros(0, 3),
+        "bf16": torch.ones(5, dtype=torch.bfloat16),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+        "np": np.arange(6, dtype=np.int64).reshape(2, 3)[:, ::2],
+        "shard": Shard(torch.ones(2, 3), offsets=(2, 0), global_shape=(4, 3)),
+        "mine": PerRank(torch.arange(4)),
+    }
+    refs = refs_of(state)
+    bind_per_rank(refs, 1, 3)
+    for hasher in (None, lambda ref: ref.key.encode()[:16].ljust(16, b"-")):
+        table = describe_local(refs, hasher)
+        assert table.schema == DESC_SCHEMA
+        assert table.to_pylist() == _rows_of_each_ref(refs, hasher)
+    assert describe_local([], None).num_rows == 0

@@ -11,17 +11,21 @@ from typing import Any
 
 import independent_reader as ir
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import rewrite_rows
 
 import ckptguard
-from ckptguard import loader, select
-from ckptguard.format.index import PACKED_RECORDS
+from ckptguard import loader, pack, select
+from ckptguard.format.datafile import HEADER_SIZE, TRAILER_SIZE, unpack_trailer
+from ckptguard.format.index import PACKED_RECORDS, is_packed
 from ckptguard.open import CheckpointReader
-from ckptguard.pack import PACK_MAX_TENSOR, plan
+from ckptguard.pack import PACK_MAX_TENSOR, groups_of, plan
 from ckptguard.read import verify_checkpoint
+from ckptguard.sources import DIRECT, BufferedSource, gather
 from ckptguard.tree import flatten
+from ckptguard.writer import RankWriter
 
 
 def _state(n: int = 200) -> dict[str, Any]:
@@ -123,6 +127,98 @@ def test_pack_plan_keeps_large_tensors_in_place_and_caps_packs() -> None:
     assert plan(todo, 8192) == [[0], [1], [2], [3], [4], [5], [6]]
 
 
+def _scalar_groups(size: list[int], elem: list[int], chunk_size: int) -> list[list[int]]:
+    """The pack plan one tensor at a time: each element size's pack fills in order."""
+    limit = min(PACK_MAX_TENSOR, chunk_size // 4)
+    groups: list[list[int]] = []
+    open_: dict[int, tuple[list[int], int]] = {}
+    for i, (n, e) in enumerate(zip(size, elem, strict=True)):
+        if not 0 < n <= limit:
+            groups.append([i])
+            continue
+        group, used = open_.get(e, ([], chunk_size + 1))
+        if used + n > chunk_size:
+            group, used = [], 0
+            groups.append(group)
+        group.append(i)
+        open_[e] = (group, used + n)
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_groups_on_arrays_are_the_scalar_plan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 300))
+    elem = rng.choice([1, 2, 4, 8, 16], n)
+    size = elem * rng.choice([0, 1, 3, 100, 1000, 4096, 20000], n)
+    for chunk in (4096, 16384, 1 << 20):
+        want = _scalar_groups(size.tolist(), elem.tolist(), chunk)
+        assert groups_of(size, elem, chunk) == want
+
+
+def _mixed_state() -> dict[str, Any]:
+    """Small tensors of every kind a pack may hold, nested, with ties and views."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 8, generator=g)
+    cplx = torch.randn(6, dtype=torch.complex64, generator=g)
+    param = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    return {
+        "layers": [
+            {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}
+            for _ in range(30)
+        ],
+        "tied": {"a": base, "again": base},  # one tensor, reached twice
+        "views": {"rows": base[:10], "cols": base[:, 2], "t": base.t()},  # one storage
+        "strided": torch.randn(20, 30, generator=g)[:, ::3],
+        "scalar": torch.tensor(2.5),
+        "int_scalar": torch.tensor(7, dtype=torch.int32),
+        "empty": torch.zeros(0, 3),
+        "bf16": torch.randn(33, generator=g).to(torch.bfloat16),
+        "half_t": torch.randn(7, 9, generator=g).half().t(),
+        "flags": torch.rand(17, generator=g).gt(0.5),
+        "conj": cplx.conj(),
+        "neg": torch.randn(5, dtype=torch.complex64, generator=g)._neg_view(),
+        "param": param,
+        "np": np.arange(12, dtype=np.int32).reshape(3, 4),
+        "np_strided": np.arange(60, dtype=np.float32).reshape(6, 10)[:, ::-2],
+        "f64": torch.randn(3, dtype=torch.float64, generator=g),
+        "meta": ("x", 1, [None, 2.5]),
+    }
+
+
+def _records(path: str) -> bytes:
+    """A data file's records: the bytes between its header and its footer (no uuid)."""
+    data = Path(path, "rank-00000.ckg").read_bytes()
+    off, _, _ = unpack_trailer(data[-TRAILER_SIZE:], len(data))
+    return data[HEADER_SIZE:off]
+
+
+def test_gathered_packs_are_the_streamed_packs(tmp_path: Path, monkeypatch: Any) -> None:
+    """Packs gathered in bulk write the same records and index rows as packs whose members
+    arrive one by one through the byte source (device tensors, or gathering switched off)."""
+    state = _mixed_state()
+    bulk, streamed = str(tmp_path / "s" / "bulk"), str(tmp_path / "s" / "streamed")
+    gathered: list[int] = []
+    with monkeypatch.context() as m:
+        m.setattr(pack, "gather", lambda v, out: (gathered.append(len(v)), gather(v, out)))
+        ckptguard.save(state, bulk, compress="none")
+    assert gathered and sum(gathered) > 60  # the packs, each gathered in one call
+    with monkeypatch.context() as m:
+        m.setattr(pack, "gatherable", lambda value: False)
+        m.setattr(pack, "gather", lambda v, out: pytest.fail("gathered"))
+        ckptguard.save(state, streamed, compress="none")
+    assert PACKED_RECORDS in _body(bulk)["features"]
+    a, b = (pq.read_table(os.path.join(p, "index.parquet")) for p in (bulk, streamed))
+    assert a.equals(b)
+    assert _records(bulk) == _records(streamed)
+    assert _body(bulk)["tensors"] == _body(streamed)["tensors"]
+    loaded = ckptguard.load(bulk)
+    assert loaded["tied"]["a"] is loaded["tied"]["again"]
+    want = {**state, "conj": state["conj"].resolve_conj(), "neg": state["neg"].resolve_neg()}
+    _equal(loaded, want)
+    assert ckptguard.verify(bulk).ok
+
+
 def _record_of(path: str, key: str) -> tuple[str, int, int]:
     rows = ir.read_index(path, _body(path))
     r = next(r for r in rows if r["key"] == key)
@@ -202,3 +298,27 @@ def test_a_gap_in_a_pack_is_refused(tmp_path: Path) -> None:
         rows[3]["shard_lengths"] = [4]
 
     _hostile(_small_packed(tmp_path), mutate, r"index row 3 ")
+
+
+def test_a_pack_streamed_through_buffers_is_the_gathered_pack(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Through a buffered byte source (as for device tensors), a pack is filled value by value
+    and written as the gathered pack is."""
+    _, refs, _ = flatten(_mixed_state())
+    todo = list(enumerate(refs))
+    tables, records = [], []
+    for name, source in [
+        ("bulk", DIRECT),
+        ("pieces", BufferedSource(lambda: [torch.empty(4096, dtype=torch.uint8) for _ in "ab"])),
+    ]:
+        (tmp_path / name).mkdir()
+        w = RankWriter(str(tmp_path / name), 0, "ab" * 16, chunk_size=4096)
+        with monkeypatch.context() as m:
+            if name == "pieces":
+                m.setattr(pack, "gatherable", lambda value: False)
+            pack.Packer(w, todo, 0).write(source)
+        tables.append(w.finish())
+        records.append(_records(str(tmp_path / name)))
+    assert is_packed(tables[0]) and tables[0].equals(tables[1])
+    assert records[0] == records[1]

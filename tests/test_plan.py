@@ -4,6 +4,7 @@ balance, manifest entries, and the writer representation that travels to every r
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -144,3 +145,81 @@ def test_manifest_entries() -> None:
 def test_empty_plan() -> None:
     plan = make_plan([desc(), desc()])
     assert plan.tensors == [] and plan.writer == [] and plan.bytes_per_rank == [0, 0]
+
+
+def _scalar_plan(descs: list[pa.Table], check: bool) -> tuple[list, list[int], list[str]]:
+    """The plan one key at a time, for unsharded keys and sharded keys without copies: each
+    replicated key checked, then placed largest first onto its least-loaded holder."""
+    holders: dict[str, list[tuple[int, dict]]] = {}
+    for r, d in enumerate(descs):
+        for row in d.to_pylist():
+            holders.setdefault(row["key"], []).append((r, row))
+    load = [0] * len(descs)
+    writer: dict[str, Any] = {}
+    for k, hs in holders.items():
+        if hs[0][1]["sharded"]:
+            writer[k] = SHARDED
+            for r, row in hs:
+                load[r] += row["nbytes"]
+    plain = [k for k in holders if k not in writer]
+    differing = []
+    for k in plain:
+        hashes = [row["hash"] for _, row in holders[k]]
+        if len(hashes) > 1 and (None in hashes or len(set(hashes)) > 1):
+            if check:
+                raise PlanError(f"tensor {k!r} values differ")
+            if None not in hashes:
+                differing.append(k)
+    for k in sorted(plain, key=lambda k: -holders[k][0][1]["nbytes"]):
+        hs = holders[k]
+        r = min((load[r], r) for r, _ in hs)[1] if check else hs[0][0]
+        load[r] += hs[0][1]["nbytes"]
+        writer[k] = OneRank(r)
+    return [writer[k] for k in holders], load, differing
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_column_wise_plan_is_the_scalar_plan(seed: int) -> None:
+    """Replicas on random subsets of ranks, sizes with ties, some copies that differ or are not
+    hashed, sharded keys without copies, each rank's keys in its own order."""
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(1, 5))
+    rows: list[list[dict]] = [[] for _ in range(world)]
+    for i in range(int(rng.integers(1, 40))):
+        key = f"k{i}"
+        if rng.random() < 0.2:
+            piece = {"key": key, "sharded": True, "global_shape": [4 * world], "hash": None}
+            for r in range(world):
+                rows[r].append({**piece, "offsets": [4 * r]})
+            continue
+        shape = [int(rng.choice([1, 4, 16]))]
+        holders = [r for r in range(world) if rng.random() < 0.6] or [int(rng.integers(world))]
+        for r in holders:
+            h = bytes([1]) * 16 if rng.random() < 0.9 else bytes([r + 2]) * 16
+            rows[r].append({"key": key, "shape": shape, "hash": None if rng.random() < 0.05 else h})
+    for r in range(world):
+        rng.shuffle(rows[r])
+    descs = [desc(*rs) for rs in rows]
+    for check in (True, False):
+        try:
+            want = _scalar_plan(descs, check)
+        except PlanError as e:
+            with pytest.raises(PlanError, match=str(e).split()[1]):
+                make_plan(descs, check)
+            continue
+        plan = make_plan(descs, check)
+        assert (plan.writer, plan.bytes_per_rank, plan.differing) == want
+
+
+def test_the_first_key_that_fails_a_check_is_named() -> None:
+    """Checks run in key order whichever way each key is checked (column-wise or one by one)."""
+    gap = {"key": "s", "sharded": True, "global_shape": [8], "hash": None}
+    differ = [{"key": "a", "hash": bytes([r]) * 16} for r in range(2)]
+    descs = [desc(differ[r], {**gap, "offsets": [2 * r]}) for r in range(2)]
+    with pytest.raises(PlanError, match="'a' is replicated on ranks \\[0, 1\\]"):
+        make_plan(descs)
+    descs = [desc({**gap, "offsets": [2 * r]}, differ[r]) for r in range(2)]
+    with pytest.raises(PlanError, match=r"shards from ranks \[0, 1\]"):
+        make_plan(descs)
+    plan = make_plan([desc(differ[r]) for r in range(2)], check_replicated=False)
+    assert plan.differing == ["a"] and plan.writer == [OneRank(0)]

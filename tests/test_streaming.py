@@ -21,7 +21,14 @@ import ckptguard
 from ckptguard import HostPoolTooSmallError
 from ckptguard import commit as commit_mod
 from ckptguard.capture import state_bytes
-from ckptguard.sources import DIRECT, BufferedSource, copy_range, tensor_bytes
+from ckptguard.sources import (
+    DIRECT,
+    BufferedSource,
+    copy_range,
+    gather,
+    gatherable,
+    tensor_bytes,
+)
 
 CHUNK = 64 << 10
 POOL = 4 * CHUNK  # two 128 KiB buffers
@@ -125,6 +132,42 @@ def test_staged_pieces_are_the_direct_bytes(values: list, piece: int) -> None:
         assert b"".join(parts) == bytes(tensor_bytes(v)), i
         assert all(len(p) == piece for p in parts[:-1])  # whole pieces but the last
         assert src.digest(v) == DIRECT.digest(v)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(strided(), min_size=1, max_size=6))
+def test_gathered_values_are_their_direct_bytes_back_to_back(values: list) -> None:
+    want = b"".join(bytes(tensor_bytes(v)) for v in values)
+    out = np.full(len(want), 0xEE, dtype=np.uint8)
+    gather(values, out)
+    assert out.tobytes() == want
+
+
+def test_gather_of_every_kind_of_host_value() -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 4, generator=g)
+    values = [
+        base.t(),  # strided
+        base[:, 1],
+        torch.tensor(1.5),  # 0-d
+        torch.nn.Parameter(torch.randn(3, generator=g)),  # requires grad
+        torch.randn(4, dtype=torch.complex64, generator=g).conj(),  # lazy conjugate bit
+        torch.randn(3, dtype=torch.complex64, generator=g)._neg_view(),  # lazy negative bit
+        torch.randn(5, generator=g).to(torch.bfloat16),
+        torch.arange(6, dtype=torch.int32).view(2, 3),
+        np.arange(10, dtype=np.float32)[::-3],  # negative strides
+        np.arange(4, dtype=np.int32),
+        torch.zeros(0),
+    ]
+    assert all(gatherable(v) for v in values)
+    want = b"".join(bytes(tensor_bytes(v)) for v in values)
+    out = np.empty(len(want), dtype=np.uint8)
+    gather(values, out)
+    assert out.tobytes() == want
+    with pytest.raises(ValueError, match="exceed"):
+        gather(values, np.empty(len(want) - 4, dtype=np.uint8))
+    with pytest.raises(ValueError, match="into a buffer of"):
+        gather(values, np.empty(len(want) + 4, dtype=np.uint8))
 
 
 # -- streamed saves through a Checkpointer ------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from conftest import resign_manifest
 
 import ckptguard
-from ckptguard.tree import TreeError, check_tree
+from ckptguard.tree import TreeError, check_tree, flatten
 
 
 class Custom:
@@ -168,3 +168,69 @@ def test_more_than_64_dimensions_refused_by_both_readers(tmp_path) -> None:
         ckptguard.load(tmp_path / "c")
     with pytest.raises(ir.SpecViolation, match="at most 64"):
         ir.read_checkpoint(str(tmp_path / "c"))
+
+
+def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
+    """One ref per distinct tensor (the same view reached twice or through two objects is one;
+    views of one storage with other geometry or a lazy conjugate are not), its facts read off
+    the tensor, the tree pointing at it wherever it was reached."""
+    base = torch.randn(6, 4)
+    cplx = torch.randn(3, dtype=torch.complex64)
+    state = {
+        "nested": {"l": [base, {"t": base.t()}], "row": base[1]},
+        "same_view": [base[:, 1], base[:, 1]],  # two objects, one view
+        "cplx": [cplx, cplx.conj()],
+        "scalar": torch.tensor(1.0),
+        "empty": torch.zeros(0, 2),
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "param": torch.nn.Parameter(torch.randn(3)),
+        "leaf": torch.ones(2, requires_grad=True),
+        "nonleaf": torch.ones(2, requires_grad=True) * 2,
+        "np": np.arange(3, dtype=np.int16),
+        "tuple": (base, 1),
+    }
+    tree, refs, _ = flatten(state)
+    assert [r.key for r in refs] == [
+        "nested/l/0",
+        "nested/l/1/t",
+        "nested/row",
+        "same_view/0",
+        "cplx/0",
+        "cplx/1",
+        "scalar",
+        "empty",
+        "bf16",
+        "param",
+        "leaf",
+        "nonleaf",
+        "np",
+    ]
+    assert tree["same_view"] == [{"$tensor": 3}, {"$tensor": 3}]
+    assert tree["tuple"] == {"$tuple": [{"$tensor": 0}, 1]}
+    for r in refs:
+        t = r.value
+        torch_kind = isinstance(t, torch.Tensor)
+        assert r.kind == ("torch" if torch_kind else "numpy")
+        assert r.dtype == (str(t.dtype).removeprefix("torch.") if torch_kind else str(t.dtype))
+        assert r.shape == r.global_shape == tuple(t.shape)
+        assert r.offsets == (0,) * len(r.shape) and not r.sharded and not r.per_rank
+        assert r.device == (str(t.device) if torch_kind else "cpu")
+        assert r.requires_grad == (torch_kind and t.requires_grad and t.is_leaf)
+        assert r.parameter == isinstance(t, torch.nn.Parameter)
+        assert r.outer is t
+    assert [r.key for r in refs if r.requires_grad] == ["param", "leaf"]
+
+
+@pytest.mark.parametrize(
+    "value,what",
+    [
+        (torch.ones(2, device="meta"), "tensor of dtype torch.float32"),
+        (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), "tensor of dtype"),
+        (torch.eye(2).to_sparse(), "tensor of type Tensor/torch.sparse_coo"),
+        (np.ones(2, dtype=">f4"), "numpy array of dtype >f4"),
+    ],
+)
+def test_tensors_that_cannot_be_saved_name_their_path(value: Any, what: str) -> None:
+    with pytest.raises(ckptguard.UnsupportedObjectError, match=f"cannot save {what}") as e:
+        flatten({"deep": [value]})
+    assert e.value.key_path == "deep/0"

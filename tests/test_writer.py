@@ -30,7 +30,9 @@ def test_rows_describe_the_chunks_written(tmp_path, be: str):
     with backend.use(be):
         w = RankWriter(str(tmp_path), 3, UUID, chunk_size=1024)
         w.add(0, _ref("w", t), codec=1)
-        rows = w.finish()
+        table = w.finish()
+    rows = w.rows
+    assert table.num_rows == len(rows) == 4
     assert [r.chunk for r in rows] == [0, 1, 2, 3]
     assert [r.raw_len for r in rows] == [1024, 1024, 1024, 928]
     assert [r.shard_byte_offset for r in rows] == [0, 1024, 2048, 3072]

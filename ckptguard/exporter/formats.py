@@ -22,10 +22,11 @@ import numpy as np
 from ..errors import ExportError
 from ..format.dtypes import SIZES
 from ..format.layout import MANIFEST
+from ..format.treeids import tensor_ids
 from ..fsutil import NewFiles, fsync_dir
 from ..loader import iter_tensors
 from ..open import CheckpointReader
-from ..tree import NUMPY_BY_NAME, TreeError, tensor_ids, unflatten
+from ..tree import NUMPY_BY_NAME, TreeError, unflatten
 from .names import check_names, escape, key, leaves
 
 SAFETENSORS_FILE = "model.safetensors"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from json.encoder import encode_basestring
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,18 @@ def int_lists(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
     return flat, lengths
+
+
+def int_list_array(seqs: Sequence[Sequence[int]]) -> pa.ListArray:
+    """A list<int64> array of ``seqs`` (tuples of ints), built from one flat list of values
+    and their lengths (no Python list per row)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 1 << 31:  # beyond a list array's 32-bit offsets
+        return pa.array(list(seqs), pa.list_(pa.int64()))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
 
 
 SCHEMA = pa.schema(
@@ -117,64 +132,93 @@ def is_packed(table: pa.Table) -> bool:
 
 
 def to_table(rows: list[Row]) -> pa.Table:
-    """The rows as an index table: with the ``packed-records`` columns only if some row is a
+    """The rows as an index table (``table_of`` their columns)."""
+    return table_of({name: [getattr(r, name) for r in rows] for name in PACKED_NAMES})
+
+
+def table_of(cols: Mapping[str, Any]) -> pa.Table:
+    """An index table from whole columns, one per name of ``PACKED_NAMES`` (each a sequence, a
+    numpy array or an Arrow array): with the ``packed-records`` columns only if some row is a
     slice of a shared record, so that a checkpoint without one is the v1 index exactly."""
-    packed = any(r.packed for r in rows)
+    arrays = {
+        f.name: col if isinstance(col, pa.Array) else pa.array(col, f.type)
+        for f in PACKED_SCHEMA
+        for col in [cols[f.name]]
+    }
+    packed = pc.any(pc.not_equal(arrays["record_raw_len"], arrays["raw_len"])).as_py()
     schema = PACKED_SCHEMA if packed else SCHEMA
-    cols = {name: [getattr(r, name) for r in rows] for name in schema.names}
-    return pa.table(cols, schema=schema)
+    return pa.table([arrays[n] for n in schema.names], schema=schema)
 
 
 def footer(rank: int, uuid_hex: str, table: pa.Table, packed: bool) -> bytes:
     """The footer of a data file whose index rows are ``table`` (in footer order): the bytes of
-    ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text by
-    Arrow, column by column, instead of through one dict and three lists per row."""
+    ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text
+    column by column by Arrow's string kernels instead of through one dict per row."""
     names = PACKED_NAMES if packed else FIELD_NAMES
+    parts: list[Any] = []
+    for i, name in enumerate(names):
+        parts.append(pa.scalar(("{" if i == 0 else ",") + encode_basestring(name) + ":", _TEXT))
+        parts.append(_json_column(table.column(name).combine_chunks(), name))
+    parts.append(pa.scalar("}", _TEXT))
+    rows = pc.binary_join_element_wise(*parts, pa.scalar("", _TEXT))
+    whole = pa.LargeListArray.from_arrays(pa.array([0, len(rows)], pa.int64()), rows)
+    text = pc.binary_join(whole, pa.scalar(",", _TEXT))[0].as_buffer()
     head = pack_footer(rank, uuid_hex, [])
     assert head.endswith(b"[]}")
-    if not table.num_rows:
-        return head
-    parts: list = []
-    for i, n in enumerate(names):
-        column = _json_column(table, n).cast(pa.large_string())  # a footer may pass 2 GiB
-        parts += [_text(("{" if i == 0 else ",") + encode_basestring(n) + ":"), column]
-    parts.append(_text("},"))  # each row's comma: the last one is cut below
-    text = pc.binary_join_element_wise(*parts, _text(""))
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset :]
-    data = text.buffers()[2].to_pybytes()[offsets[0] : offsets[len(text)] - 1]
-    return head[:-2] + data + b"]}"
+    return head[:-2] + (text.to_pybytes() if text is not None else b"") + b"]}"
 
 
-def _text(s: str) -> pa.Scalar:
-    return pa.scalar(s, pa.large_string())
+_TEXT = pa.large_string()  # footers of any size: no 2 GiB limit on one Arrow string array
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NEEDS_ESCAPE = r'["\\\x00-\x1f]'  # what json.dumps escapes with ensure_ascii=False
+_NULL = pa.scalar("null", _TEXT)
 
 
-_ESCAPED = r'[\x00-\x1f"\\]'  # what json.dumps (ensure_ascii=False) escapes in a string
-
-
-def _json_column(table: pa.Table, name: str) -> pa.Array:
-    """Each value of an index column as ``json.dumps`` writes it in a footer, as a string array."""
-    col = table.column(name).combine_chunks()
+def _json_column(col: pa.Array, name: str) -> pa.Array:
+    """Each value of an index column as ``json.dumps`` writes it in a footer (``_TEXT``)."""
     if name == "hash":
-        n = len(col)
-        raw = col.buffers()[1].to_pybytes()[16 * col.offset : 16 * (col.offset + n)]
-        text = np.full((n, 34), ord('"'), dtype=np.uint8)
-        text[:, 1:33] = np.frombuffer(raw.hex().encode(), dtype=np.uint8).reshape(n, 32)
-        offsets = np.arange(0, 34 * n + 1, 34, dtype=np.int64)
-        return pa.Array.from_buffers(
-            pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(text)]
-        )
+        return _hex_texts(col)
     if isinstance(col.type, pa.ListType):
-        digits = pc.binary_join(col.cast(pa.list_(pa.string())), ",")
-        return pc.binary_join_element_wise("[", digits, "]", "")
+        inner = pc.binary_join(pc.cast(col, pa.list_(_TEXT)), pa.scalar(",", _TEXT))
+        return pc.binary_join_element_wise(
+            pa.scalar("[", _TEXT), inner, pa.scalar("]", _TEXT), pa.scalar("", _TEXT)
+        )
     if pa.types.is_string(col.type):
-        if pc.any(pc.match_substring_regex(col, _ESCAPED)).as_py():
-            col = pa.array(
-                [None if v is None else encode_basestring(v)[1:-1] for v in col.to_pylist()],
-                pa.string(),
-            )
-        return pc.binary_join_element_wise('"', col, '"', "").fill_null("null")
-    return col.cast(pa.string())
+        enc = pc.dictionary_encode(col)
+        if len(enc.dictionary) * 2 <= len(col):  # few distinct values (dtype, file, codec)
+            return pc.fill_null(_string_texts(enc.dictionary).take(enc.indices), _NULL)
+        return pc.fill_null(_string_texts(col), _NULL)
+    return pc.cast(col, _TEXT)
+
+
+def _string_texts(col: pa.Array) -> pa.Array:
+    """A string column as JSON strings (nulls stay null)."""
+    col = col.cast(_TEXT)
+    quote = pa.scalar('"', _TEXT)
+    texts = pc.binary_join_element_wise(quote, col, quote, pa.scalar("", _TEXT))
+    needs = pc.fill_null(pc.match_substring_regex(col, _NEEDS_ESCAPE), False)
+    escape = np.flatnonzero(needs.to_numpy(zero_copy_only=False))
+    if len(escape):
+        fixed = texts.to_pylist()
+        for i in escape.tolist():
+            fixed[i] = encode_basestring(col[i].as_py())
+        texts = pa.array(fixed, _TEXT)
+    return texts
+
+
+def _hex_texts(col: pa.Array) -> pa.Array:
+    """A binary(16) column (no nulls) as quoted lowercase hex texts."""
+    n = len(col)
+    if not n:
+        return pa.array([], _TEXT)
+    data = np.frombuffer(col.buffers()[1], dtype=np.uint8)
+    raw = data[col.offset * 16 : (col.offset + n) * 16].reshape(n, 16)
+    out = np.empty((n, 34), dtype=np.uint8)
+    out[:, 0] = out[:, 33] = ord('"')
+    out[:, 1:33:2] = _HEX[raw >> 4]
+    out[:, 2:33:2] = _HEX[raw & 15]
+    offsets = np.arange(0, 34 * (n + 1), 34, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:

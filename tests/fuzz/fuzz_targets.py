@@ -44,8 +44,9 @@ from ckptguard.format.datafile import (
     unpack_trailer,
 )
 from ckptguard.format.layout import align
+from ckptguard.format.treeids import tensor_ids
 from ckptguard.format.validate import check_table
-from ckptguard.tree import TreeError, check_tree, tensor_ids
+from ckptguard.tree import TreeError, check_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/: the independent reader
