@@ -6,7 +6,7 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from .agent import client as agent_client
 from .coord import Coordinator, current
@@ -17,9 +17,11 @@ from .errors import (
     CorruptCheckpointError,
     from_oserror,
 )
+from .filesave import drop_torch_save_keywords, save_file, wants_one_file
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
+from .onefile import is_file_object, open_fileobj
 from .open import CheckpointReader
 from .options import SaveOptions
 from .place import MapLocation
@@ -35,12 +37,22 @@ agent_client.register_commit_hook()
 
 def save(
     obj: Any,
-    path: str | os.PathLike,
+    path: str | os.PathLike | IO[bytes],
     *,
     coordinator: Coordinator | str | None = None,
+    one_file: bool | None = None,
     **options: Any,
 ) -> CheckpointInfo:
     """Save ``obj`` atomically as checkpoint ``<store>/<name>``: whole and verified, or absent.
+
+    A path ending in ``.pt``, ``.pth``, ``.ckpt``, ``.ckg``, ``.bin``, ``.tar`` or ``.pkl`` (or
+    any path with ``one_file=True``), or a writable binary file object, gets a one-file
+    checkpoint instead, as ``torch.save`` would: one process's save, written beside the path
+    and renamed over it (a regular file there is replaced, overwrite or not), readable by
+    ``load`` (docs/onefile.md). ``one_file=False`` saves a directory checkpoint whatever the
+    name. torch.save's ``pickle_module``, ``pickle_protocol`` and ``_use_new_zipfile_*``
+    keywords are accepted and ignored: they choose how torch pickles, and nothing is pickled
+    here unless ``allow_pickle``.
 
     In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
     ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
@@ -58,8 +70,10 @@ def save(
     ``timeout`` bounds each wait for the other ranks. The options and their defaults are the
     fields of ``SaveOptions``; a name it does not have is a TypeError.
     """
-    opt = SaveOptions.from_kwargs(options)
-    store, name = split_path(path)
+    opt = SaveOptions.from_kwargs(drop_torch_save_keywords(options))
+    if wants_one_file(path, one_file):
+        return save_file(obj, path, coordinator, opt)
+    store, name = split_path(path)  # type: ignore[arg-type]  # a path: not a file object
     return save_state(obj, store, name, coord_auto(coordinator, opt.timeout), opt)
 
 
@@ -82,6 +96,8 @@ def resolve(path: str | os.PathLike) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
+    if os.path.lexists(p) and not os.path.isdir(p):
+        return p  # a one-file checkpoint, or something else: the reader says what
     latest = Store(p).latest_name() if os.path.lexists(os.path.join(p, LATEST)) else None
     if latest is not None:
         target = os.path.join(p, latest)
@@ -106,7 +122,7 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | IO[bytes],
     *,
     map_location: MapLocation = None,
     verify: bool = True,
@@ -125,6 +141,9 @@ def load(
     world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
     only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
+
+    ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
+    from its position).
     """
     if rank is None:
         mine, world = current(coordinator)
@@ -132,8 +151,11 @@ def load(
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
+    if is_file_object(path):  # read once: the reader closes it
+        one = open_fileobj(path)
+        return load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world)
     return _reading(
-        path,
+        path,  # type: ignore[arg-type]  # a path: not a file object
         lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
     )
 

@@ -16,6 +16,7 @@ from .format.index import Row
 from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
+from .onefile import OneFile
 from .open import CheckpointReader
 from .place import Landing, MapLocation
 from .read import read_into, read_packed
@@ -26,7 +27,7 @@ __all__ = ["MapLocation", "load_checkpoint"]
 
 
 def load_checkpoint(
-    path: str,
+    path: str | OneFile,
     map_location: MapLocation = None,
     verify: bool = True,
     allow_pickle: bool = False,
@@ -34,7 +35,8 @@ def load_checkpoint(
     rank: int = 0,
     world: int | None = None,
 ) -> Any:
-    """Read, verify and rebuild the object saved at ``path`` as rank ``rank`` sees it.
+    """Read, verify and rebuild the object saved at ``path`` (or in the one-file checkpoint
+    open as ``path``) as rank ``rank`` sees it.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
@@ -44,7 +46,7 @@ def load_checkpoint(
     with collector.paused(), CheckpointReader(path) as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
-                f"{path} contains pickled objects; load it with allow_pickle=True only if you "
+                f"{rd.path} contains pickled objects; load it with allow_pickle=True only if you "
                 "trust where it came from"
             )
         tree = rank_tree(rd.manifest, rank)
