@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import IO, Any, TypeVar
@@ -123,8 +124,11 @@ def resolve(path: str | os.PathLike) -> str:
 
 def load(
     path: str | os.PathLike | IO[bytes],
-    *,
     map_location: MapLocation = None,
+    pickle_module: Any = None,
+    *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
     verify: bool = True,
     allow_pickle: bool = False,
     template: Any = None,
@@ -143,8 +147,14 @@ def load(
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
 
     ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
-    from its position).
+    from its position). torch.load's arguments mean what they do there: ``map_location`` (a
+    device, a string, a dict of saved -> new device, or a callable: ``f(saved_device)``, or
+    torch's ``f(storage, location)``); ``weights_only=True`` is what ``load`` always does (no
+    pickle), ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may only be None
+    or ``pickle``; ``mmap=True`` is refused (every chunk is read and verified into memory; a
+    ``template`` fills tensors in place).
     """
+    allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     if rank is None:
         mine, world = current(coordinator)
     elif type(rank) is not int or rank < 0:
@@ -158,6 +168,27 @@ def load(
         path,  # type: ignore[arg-type]  # a path: not a file object
         lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
     )
+
+
+def _pickle_allowed(
+    allow_pickle: bool, weights_only: bool | None, pickle_module: Any, mmap: bool | None
+) -> bool:
+    """Whether a load may unpickle, from ``allow_pickle`` and torch.load's keywords."""
+    if pickle_module is not None and pickle_module is not pickle:
+        raise TypeError(
+            "ckptguard.load takes pickle_module only as None or pickle: it unpickles nothing "
+            "but the values a save stored with allow_pickle=True, with the standard module"
+        )
+    if mmap:
+        raise ValueError(
+            "mmap=True is not supported: ckptguard.load reads and verifies every chunk into "
+            "memory (pass a template to fill existing tensors in place)"
+        )
+    if weights_only is None:
+        return allow_pickle
+    if weights_only and allow_pickle:
+        raise ValueError("weights_only=True and allow_pickle=True contradict each other")
+    return not weights_only
 
 
 def verify(
