@@ -29,7 +29,7 @@ import xxhash
 
 from . import commit
 from .coord import Coordinator, LocalCoordinator, current
-from .errors import InvalidNameError, OneFileError
+from .errors import InvalidNameError, OneFileError, from_oserror
 from .failpoints import failpoint
 from .format import index
 from .format.layout import INDEX, is_name
@@ -137,9 +137,12 @@ class FileTarget(Target):
 
     def open(self, store: str, name: str, overwrite: bool) -> tuple[str, str]:
         self.mode = commit.check_file_target(self.path)
-        failpoint("save.start")
         directory, filename = os.path.split(self.path)
-        makedirs_durably(directory)
+        try:
+            failpoint("save.start")
+            makedirs_durably(directory)
+        except OSError as e:
+            raise from_oserror(e, directory, f"cannot save {filename} in") from None
         remove_stale_temps(directory, filename)
         return uuidlib.uuid4().hex, os.path.join(directory, temp_name(filename))
 
