@@ -127,7 +127,9 @@ class OneFile:
 def _read_toc(one: OneFile) -> Toc:
     """Trailer, TOC and the zero padding between members, checked; typed errors."""
     size = one.size
-    last = one.pread(min(size, container.TRAILER_SIZE), max(size - container.TRAILER_SIZE, 0), "")
+    last = one.pread(
+        min(size, container.TRAILER_SIZE), max(size - container.TRAILER_SIZE, 0), "the end"
+    )
     if not container.is_container(last):
         head = one.pread(min(size, len(FILE_MAGIC)), 0, "the first bytes")
         if head == FILE_MAGIC:  # a data file, or a one-file checkpoint cut short
@@ -189,12 +191,19 @@ def open_fileobj(f: Any) -> OneFile:
         raise TypeError(f"load needs a path or a readable binary file object, not {f!r}")
     name = getattr(f, "name", None)
     where = name if isinstance(name, str) else f"<{type(f).__name__}>"
-    fd = regular_fd(f)
+    fd = regular_fd(f) if _plain_file(f) else None
     if fd is not None and f.tell() == 0:
         one = OneFile(os.dup(fd), where)
         f.seek(0, os.SEEK_END)
         return one
     return OneFile(_copy_to_private(f), where)
+
+
+def _plain_file(f: Any) -> bool:
+    """Whether ``f`` reads its descriptor's bytes as they are (an open file, buffered or not),
+    unlike e.g. a GzipFile, whose ``fileno`` is the compressed file's."""
+    raw = f.raw if isinstance(f, (_pyio.BufferedReader, _pyio.BufferedRandom)) else f
+    return isinstance(raw, _pyio.FileIO)
 
 
 def _copy_to_private(f: Any) -> int:

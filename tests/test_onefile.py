@@ -417,6 +417,17 @@ def test_open_files_from_any_position(tmp_path: Path) -> None:
     assert ckptguard.verify(tmp_path / "g.pt").ok
 
 
+def test_wrapped_files_are_read_through_their_wrapper(tmp_path: Path) -> None:
+    """A GzipFile's descriptor is the compressed file's: the checkpoint is what it reads."""
+    import gzip
+
+    state = small_state(7)
+    with gzip.open(tmp_path / "m.pt.gz", "wb") as f:
+        ckptguard.save(state, f)
+    with gzip.open(tmp_path / "m.pt.gz", "rb") as f:
+        same(ckptguard.load(f), state)
+
+
 def test_pipes_save_and_load() -> None:
     state = small_state(6)
     buf = io.BytesIO()
