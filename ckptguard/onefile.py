@@ -24,7 +24,7 @@ from .errors import (
 )
 from .format import container
 from .format.container import Member, Toc
-from .format.datafile import FILE_MAGIC, FormatError
+from .format.datafile import FILE_MAGIC, TRAILER_MAGIC, FormatError
 from .format.layout import INDEX, MANIFEST
 from .fsutil import UnsafeFileError, check_regular, decode_manifest, open_regular
 from .io import pread_exact, write_all
@@ -132,7 +132,11 @@ def _read_toc(one: OneFile) -> Toc:
     )
     if not container.is_container(last):
         head = one.pread(min(size, len(FILE_MAGIC)), 0, "the first bytes")
-        if head == FILE_MAGIC:  # a data file, or a one-file checkpoint cut short
+        if head == FILE_MAGIC and last[-len(TRAILER_MAGIC) :] == TRAILER_MAGIC:
+            raise CheckpointNotFoundError(
+                f"{one.path} is a data file of a checkpoint directory: pass the directory"
+            )
+        if head == FILE_MAGIC:  # a one-file checkpoint cut short
             raise one.corrupt("no one-file trailer at the end: the file is truncated or damaged")
         hint = " (a zip archive, as torch.save writes: load it with torch.load)"
         raise CheckpointNotFoundError(

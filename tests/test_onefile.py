@@ -357,6 +357,9 @@ def test_not_a_checkpoint_and_special_files(tmp_path: Path) -> None:
     (tmp_path / "r.pt").write_bytes(os.urandom(9000))
     with pytest.raises(ckptguard.CheckpointNotFoundError, match="not a ckptguard checkpoint"):
         ckptguard.load(tmp_path / "r.pt")
+    ckptguard.save({"a": torch.ones(1)}, tmp_path / "store" / "d")
+    with pytest.raises(ckptguard.CheckpointNotFoundError, match="pass the directory"):
+        ckptguard.load(tmp_path / "store" / "d" / DATA)
     ckptguard.save({"a": torch.ones(1)}, tmp_path / "real.pt")
     os.symlink(tmp_path / "real.pt", tmp_path / "link.pt")
     with pytest.raises(ckptguard.NotACheckpointError, match="real.pt"):
