@@ -116,6 +116,8 @@ def _single_process(coordinator: Coordinator | str | None) -> Coordinator:
     OneFileError for one of several ranks (asked without any collective)."""
     if coordinator is None:
         return LocalCoordinator()
+    if not isinstance(coordinator, Coordinator) and coordinator not in ("local", "mpi", "torch"):
+        raise ValueError(f"unknown coordinator {coordinator!r}: use 'local', 'mpi' or 'torch'")
     size = coordinator.size if isinstance(coordinator, Coordinator) else current(coordinator)[1]
     if size > 1:
         raise OneFileError(

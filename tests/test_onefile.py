@@ -170,6 +170,8 @@ def test_one_process_save_does_not_wait_and_refuses_several_ranks(tmp_path: Path
     one = LocalCoordinator()
     ckptguard.save({"a": torch.ones(1)}, tmp_path / "m.pt", coordinator=one)
     ckptguard.save({"a": torch.ones(1)}, tmp_path / "n.pt", coordinator="local")
+    with pytest.raises(ValueError, match="unknown coordinator"):
+        ckptguard.save({"a": torch.ones(1)}, tmp_path / "o.pt", coordinator="nccl")
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
