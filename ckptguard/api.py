@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from . import foreign
 from .agent import client as agent_client
@@ -20,9 +21,11 @@ from .errors import (
     from_oserror,
 )
 from .exporter import ExportResult, export_checkpoint, left_out_warning
+from .filesave import drop_torch_save_keywords, save_file, wants_one_file
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
+from .onefile import is_file_object, open_fileobj
 from .open import CheckpointReader
 from .options import SaveOptions
 from .place import MapLocation
@@ -38,12 +41,22 @@ agent_client.register_commit_hook()
 
 def save(
     obj: Any,
-    path: str | os.PathLike,
+    path: str | os.PathLike | IO[bytes],
     *,
     coordinator: Coordinator | str | None = None,
+    one_file: bool | None = None,
     **options: Any,
 ) -> CheckpointInfo:
     """Save ``obj`` atomically as checkpoint ``<store>/<name>``: whole and verified, or absent.
+
+    A path ending in ``.pt``, ``.pth``, ``.ckpt``, ``.ckg``, ``.bin``, ``.tar`` or ``.pkl`` (or
+    any path with ``one_file=True``), or a writable binary file object, gets a one-file
+    checkpoint instead, as ``torch.save`` would: one process's save, written beside the path
+    and renamed over it (a regular file there is replaced, overwrite or not), readable by
+    ``load`` (docs/onefile.md). ``one_file=False`` saves a directory checkpoint whatever the
+    name. torch.save's ``pickle_module``, ``pickle_protocol`` and ``_use_new_zipfile_*``
+    keywords are accepted and ignored: they choose how torch pickles, and nothing is pickled
+    here unless ``allow_pickle``.
 
     In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
     ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
@@ -61,8 +74,10 @@ def save(
     ``timeout`` bounds each wait for the other ranks. The options and their defaults are the
     fields of ``SaveOptions``; a name it does not have is a TypeError.
     """
-    opt = SaveOptions.from_kwargs(options)
-    store, name = split_path(path)
+    opt = SaveOptions.from_kwargs(drop_torch_save_keywords(options))
+    if wants_one_file(path, one_file):
+        return save_file(obj, path, coordinator, opt)
+    store, name = split_path(path)  # type: ignore[arg-type]  # a path: not a file object
     return save_state(obj, store, name, coord_auto(coordinator, opt.timeout), opt)
 
 
@@ -85,6 +100,8 @@ def resolve(path: str | os.PathLike) -> str:
     p = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
+    if os.path.lexists(p) and not os.path.isdir(p):
+        return p  # a one-file checkpoint, or something else: the reader says what
     latest = Store(p).latest_name() if os.path.lexists(os.path.join(p, LATEST)) else None
     if latest is not None:
         target = os.path.join(p, latest)
@@ -109,9 +126,12 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def load(
-    path: str | os.PathLike,
-    *,
+    path: str | os.PathLike | IO[bytes],
     map_location: MapLocation = None,
+    pickle_module: Any = None,
+    *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
     verify: bool = True,
     allow_pickle: bool = False,
     template: Any = None,
@@ -140,22 +160,56 @@ def load(
     UnsafePickleError, unless ``allow_pickle=True``, which runs full pickle: arbitrary code
     from the file. ``template`` does not apply; ``verify``, ``rank`` and ``coordinator`` have
     nothing to act on.
+
+    ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
+    from its position). torch.load's arguments mean what they do there: ``map_location`` (a
+    device, a string, a dict of saved -> new device, or a callable: ``f(saved_device)``, or
+    torch's ``f(storage, location)``); ``weights_only=True`` is what ``load`` always does (no
+    pickle), ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may only be None
+    or ``pickle``; ``mmap=True`` is refused (every chunk is read and verified into memory; a
+    ``template`` fills tensors in place).
     """
+    allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     if rank is None:
         mine, world = current(coordinator)
     elif type(rank) is not int or rank < 0:
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
-    source = foreign.detect(path)
+    if is_file_object(path):  # read once: the reader closes it
+        one = open_fileobj(path)
+        return load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world)
+    where = cast("str | os.PathLike", path)  # a path: not a file object
+    source = foreign.detect(where)
     if source is not None:
         return foreign.load(
             source, map_location=map_location, allow_pickle=allow_pickle, template=template
         )
     return _reading(
-        path,
+        where,
         lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
     )
+
+
+def _pickle_allowed(
+    allow_pickle: bool, weights_only: bool | None, pickle_module: Any, mmap: bool | None
+) -> bool:
+    """Whether a load may unpickle, from ``allow_pickle`` and torch.load's keywords."""
+    if pickle_module is not None and pickle_module is not pickle:
+        raise TypeError(
+            "ckptguard.load takes pickle_module only as None or pickle: it unpickles nothing "
+            "but the values a save stored with allow_pickle=True, with the standard module"
+        )
+    if mmap:
+        raise ValueError(
+            "mmap=True is not supported: ckptguard.load reads and verifies every chunk into "
+            "memory (pass a template to fill existing tensors in place)"
+        )
+    if weights_only is None:
+        return allow_pickle
+    if weights_only and allow_pickle:
+        raise ValueError("weights_only=True and allow_pickle=True contradict each other")
+    return not weights_only
 
 
 def verify(

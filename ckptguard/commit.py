@@ -34,7 +34,7 @@ from .errors import (
     brief,
 )
 from .failpoints import failpoint
-from .format import index, manifest
+from .format import container, index, manifest
 from .format.datafile import FormatError
 from .format.layout import INDEX, LATEST, MANIFEST, STAGING
 from .format.manifest import CheckpointInfo
@@ -47,6 +47,7 @@ from .fsutil import (
     write_file_durably,
     write_new_file,
 )
+from .io import pread_exact, pwrite_all
 
 LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
@@ -382,3 +383,81 @@ def _ignore_missing(
 ) -> None:
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
+
+
+# ---- one-file checkpoints (docs/format.md section 10) ------------------------------------------
+
+
+def check_file_target(target: str) -> int | None:
+    """Refuse a one-file save onto ``target`` unless nothing is there or a regular file, which
+    the save replaces as torch.save would (return its permission bits, for the new file to
+    keep). A directory, a link, a FIFO, a device is a ``NotACheckpointError`` naming it; nothing
+    is changed."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        why = (
+            "a directory (a checkpoint directory? save one there with one_file=False and "
+            "overwrite=True)"
+        )
+    elif stat.S_ISLNK(st.st_mode):
+        why = (
+            f"a symbolic link (to {os.path.realpath(target)}): a save never replaces a link or "
+            "writes through one; save to the path it names"
+        )
+    else:
+        why = "a FIFO, device or socket"
+    raise NotACheckpointError(
+        f"{target} is {why}; a one-file save replaces only a regular file", target
+    )
+
+
+def publish_file(
+    tmp: str, target: str, index_data: bytes, body: dict, *, mode: int | None = None
+) -> CheckpointInfo:
+    """Make ``tmp``, a data file written whole and fsynced beside ``target`` (same directory:
+    same file system), the one-file checkpoint ``target``: append the index, ``body`` as
+    MANIFEST.json, the TOC and the trailer; fsync; read the appended bytes back; rename over
+    ``target`` (the commit point: what was there keeps its bytes until then); fsync the
+    directory. ``mode``: permission bits to give it (those of the file it replaces).
+
+    An error before the rename leaves ``target`` as it was (``tmp`` is the caller's to remove);
+    one after it cannot undo the save and is reported in the returned info's ``warnings``.
+    """
+    failpoint("onefile.temp_written")
+    (data,) = body["files"]
+    raw = manifest.encode(body)
+    manifest.decode(raw)  # never commit a manifest we could not read back
+    parts = container.tail(data["name"], data["size"], index_data, raw)
+    fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != data["size"]:
+            raise StoreError(f"{tmp} is not the data file its manifest describes", tmp)
+        pwrite_all(fd, parts, data["size"], tmp)
+        failpoint("onefile.appended")
+        if mode is not None:
+            os.fchmod(fd, mode)
+        os.fsync(fd)
+        failpoint("onefile.fsynced")
+        expected = b"".join(parts)
+        if pread_exact(fd, len(expected) + 1, data["size"]) != expected:
+            raise StoreError(f"{tmp} reads back differently from what was appended", tmp)
+    finally:
+        os.close(fd)
+    info = CheckpointInfo.from_manifest(body, target)
+    check_file_target(target)  # again: something else may have been put there meanwhile
+    os.rename(tmp, target)
+    try:
+        failpoint("onefile.renamed")
+        fsync_dir(os.path.dirname(target))
+    except OSError as e:
+        late = (
+            f"{target} is saved, but fsync of its directory failed ({brief(e)}): the rename "
+            "may not survive a crash of the file system",
+        )
+        return replace(info, warnings=late)
+    return info

@@ -69,6 +69,15 @@ class NotACheckpointError(CheckpointError):
         self.path = path
 
 
+class OneFileError(CheckpointError, ValueError):
+    """A one-file save (a path with a file suffix, ``one_file=True`` or a file object) was asked
+    of a job of several ranks: one file holds one process's state. Nothing is written. Save
+    from one rank (``if rank == 0``) without a coordinator, or a directory checkpoint of every
+    rank with ``one_file=False``. ``option`` names the option that decides it."""
+
+    option = "one_file"
+
+
 class InvalidNameError(CheckpointError, ValueError):
     """A checkpoint name that the format does not allow (e.g. containing '/' or '..')."""
 

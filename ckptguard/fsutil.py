@@ -146,8 +146,14 @@ def read_manifest(checkpoint: str, *, dir_fd: int | None = None) -> tuple[bytes,
     its checked body. FormatVersionError for a manifest this version cannot read,
     CorruptCheckpointError for one that is damaged; FileNotFoundError is the caller's."""
     raw = read_member(checkpoint, MANIFEST, dir_fd=dir_fd, max_size=manifest.MAX_MANIFEST_BYTES)
+    return raw, decode_manifest(raw, checkpoint)
+
+
+def decode_manifest(raw: bytes, checkpoint: str) -> dict:
+    """The checked body of the MANIFEST.json bytes ``raw`` of ``checkpoint``, with
+    ``read_manifest``'s typed errors."""
     try:
-        return raw, manifest.decode(raw)
+        return manifest.decode(raw)
     except manifest.FormatVersionProblem as e:
         raise FormatVersionError(f"{e} ({checkpoint})") from None
     except FormatError as e:

@@ -22,6 +22,7 @@ from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .format.treeids import tensor_ids
+from .onefile import OneFile
 from .open import CheckpointReader
 from .place import Landing, MapLocation
 from .read import read_into, read_packed, read_record, read_whole_records
@@ -32,7 +33,7 @@ __all__ = ["MapLocation", "iter_tensors", "load_checkpoint"]
 
 
 def load_checkpoint(
-    path: str,
+    path: str | OneFile,
     map_location: MapLocation = None,
     verify: bool = True,
     allow_pickle: bool = False,
@@ -40,7 +41,8 @@ def load_checkpoint(
     rank: int = 0,
     world: int | None = None,
 ) -> Any:
-    """Read, verify and rebuild the object saved at ``path`` as rank ``rank`` sees it.
+    """Read, verify and rebuild the object saved at ``path`` (or in the one-file checkpoint
+    open as ``path``) as rank ``rank`` sees it.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
@@ -50,7 +52,7 @@ def load_checkpoint(
     with collector.paused(), CheckpointReader(path) as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
-                f"{path} contains pickled objects; load it with allow_pickle=True only if you "
+                f"{rd.path} contains pickled objects; load it with allow_pickle=True only if you "
                 "trust where it came from"
             )
         tree = rank_tree(rd.manifest, rank)
@@ -63,8 +65,10 @@ def load_checkpoint(
             else {}
         )
         # Tensors without a template load whole, in tree order, each once: those that are one
-        # slice of a packed record as views of its buffer, the others into their own targets.
-        packs = select.whole_packed(rd.table, rd.tensors, [g for g in ids if g not in targets])
+        # slice of a packed record as views of its buffer, the others into their own targets
+        # (all of them where torch.load's f(storage, location) is to place each one's storage).
+        whole = [] if place.torch_style(map_location) else [g for g in ids if g not in targets]
+        packs = select.whole_packed(rd.table, rd.tensors, whole)
         in_pack = set(packs.tensor.tolist())
         fresh = {
             gid: select.whole_box(rd.tensors[gid], rank)

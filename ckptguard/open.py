@@ -49,24 +49,25 @@ from .fsutil import (
     read_member,
 )
 from .io import pread_exact
+from .onefile import OneFile
 
 
 class CheckpointReader:
     """An open checkpoint: manifest and index validated on open; data files opened and checked
-    whole (header, trailer, footer against the index) on demand."""
+    whole (header, trailer, footer against the index) on demand.
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        try:
-            self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            raise CheckpointNotFoundError(f"no checkpoint at {self.path}") from None
-        except OSError as e:  # EACCES on the directory: the checkpoint cannot be read
-            raise StoreError(
-                f"cannot open checkpoint {self.path}: {e.strerror}", self.path, e.errno
-            ) from None
-        st = os.fstat(self.dir_fd)
-        self._identity = (st.st_dev, st.st_ino)
+    ``path`` is a checkpoint directory or a one-file checkpoint (docs/format.md section 10), or
+    a ``OneFile`` already open (a file object's); ``one`` is the one-file checkpoint, if it is
+    one, whose members stand in for the directory's files."""
+
+    def __init__(self, path: str | os.PathLike | OneFile) -> None:
+        self.one: OneFile | None = None
+        self.dir_fd = -1
+        if isinstance(path, OneFile):
+            self.one, self.path = path, path.path
+        else:
+            self.path = os.path.abspath(os.fspath(path))
+            self._open_dir()
         self._by_file: dict[str, list[Row]] = {}
         self._file_tables: dict[str, pa.Table] = {}  # each file's index rows, in footer order
         self._seq: dict[str, dict[int, int]] = {}  # file -> record offset -> sequence number
@@ -81,6 +82,22 @@ class CheckpointReader:
         except BaseException:
             self.close()
             raise
+
+    def _open_dir(self) -> None:
+        """Open the checkpoint directory, or the one-file checkpoint at the path."""
+        try:
+            self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except NotADirectoryError:  # a file (or a link, FIFO, ...): OneFile says what it is
+            self.one = OneFile.open(self.path)
+            return
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint at {self.path}") from None
+        except OSError as e:  # EACCES on the directory: the checkpoint cannot be read
+            raise StoreError(
+                f"cannot open checkpoint {self.path}: {e.strerror}", self.path, e.errno
+            ) from None
+        st = os.fstat(self.dir_fd)
+        self._identity = (st.st_dev, st.st_ino)
 
     @property
     def rows(self) -> list[Row]:
@@ -131,7 +148,10 @@ class CheckpointReader:
 
     def replaced(self) -> bool:
         """Whether the path no longer leads to the directory this reader opened (an overwrite
-        renamed another into place, or the checkpoint was deleted)."""
+        renamed another into place, or the checkpoint was deleted). A one-file checkpoint is
+        read through the one descriptor opened: never."""
+        if self.one is not None:
+            return False
         try:
             st = os.stat(self.path)
         except (FileNotFoundError, NotADirectoryError):
@@ -156,6 +176,11 @@ class CheckpointReader:
         """Check that these data files exist as regular files of the manifest's size (one stat
         each, no open): a load calls it before allocating what the files are to fill, so that a
         manifest cannot make it allocate more than the files on disk can back."""
+        if self.one is not None:  # the members' sizes were checked against the file on open
+            for name in sorted(names):
+                if self.one.member_size(name) != self.files[name]:
+                    raise self.corrupt("data file is not in the one-file checkpoint", file=name)
+            return
         for name in sorted(names):
             try:
                 st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
@@ -172,6 +197,8 @@ class CheckpointReader:
         """Open file ``name`` of this checkpoint, a regular file of ``size`` bytes, with
         ``fsutil.open_regular``; return its fd. ``what`` names the file in the errors: missing
         (``missing``), not a regular file of that size (corrupt), unreadable (``io_error``)."""
+        if self.one is not None:
+            return self.one.data_fd(name, size, what)
         try:
             fd, _ = open_regular(name, dir_fd=self.dir_fd, size=size)
         except FileNotFoundError:
@@ -199,6 +226,8 @@ class CheckpointReader:
         return fd
 
     def close(self) -> None:
+        if self.one is not None:
+            self.one.close()
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
@@ -211,6 +240,8 @@ class CheckpointReader:
 
 
 def _read_manifest(rd: CheckpointReader) -> dict:
+    if rd.one is not None:
+        return rd.one.manifest()
     try:
         return read_manifest(rd.path, dir_fd=rd.dir_fd)[1]
     except FileNotFoundError:
@@ -221,7 +252,10 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
     """The index table, checked against its hash in the manifest and validated."""
     m = rd.manifest
     try:
-        data = read_member(rd.path, INDEX, dir_fd=rd.dir_fd, size=m["index"]["size"])
+        if rd.one is not None:
+            data = rd.one.index(m["index"]["size"])
+        else:
+            data = read_member(rd.path, INDEX, dir_fd=rd.dir_fd, size=m["index"]["size"])
     except FileNotFoundError:
         raise rd.missing("index.parquet is missing", INDEX) from None
     if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:

@@ -6,6 +6,7 @@ OutOfMemoryError naming the tensor, the bytes and the memory (host, pinned or a 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -191,10 +192,13 @@ def finish(tg: Target, entry: dict, map_location: MapLocation) -> Any:
     obj = tg.result
     if entry["kind"] != "torch":
         return obj
-    dev = device(entry, map_location)
-    if dev.type != "cpu":
-        size = nbytes(obj.shape, entry)
-        obj = allocate(entry["key"], size, str(dev), lambda: obj.to(dev))
+    if callable(map_location) and torch_style(map_location):
+        obj = _mapped_storage(obj, entry, map_location)
+    else:
+        dev = device(entry, map_location)
+        if dev.type != "cpu":
+            size = nbytes(obj.shape, entry)
+            obj = allocate(entry["key"], size, str(dev), lambda: obj.to(dev))
     return _as_saved(obj, entry)
 
 
@@ -273,3 +277,43 @@ def _as_saved(obj: torch.Tensor, entry: dict) -> torch.Tensor:
     if entry["requires_grad"] and (obj.is_floating_point() or obj.is_complex()):
         obj.requires_grad_(True)
     return obj
+
+
+def torch_style(map_location: MapLocation) -> bool:
+    """Whether ``map_location`` is a callable of torch.load's kind, ``f(storage, location)``
+    (rather than ``f(saved_device)``): it needs two positional arguments."""
+    if not callable(map_location) or isinstance(map_location, (dict, str, torch.device)):
+        return False
+    try:
+        sig = inspect.signature(map_location)
+    except (TypeError, ValueError):  # a builtin without a signature: one argument
+        return False
+    for args in ((None,), (None, None)):
+        try:
+            sig.bind(*args)
+        except TypeError:
+            continue
+        return len(args) == 2
+    return False
+
+
+def _mapped_storage(obj: torch.Tensor, entry: dict, fn: Callable) -> torch.Tensor:
+    """``obj`` (a fresh host tensor) where a torch.load-style ``fn(storage, location)`` puts
+    its storage: None means the saved device; a storage of its bytes elsewhere becomes the
+    tensor's (on that device, no second copy)."""
+    key, size = entry["key"], obj.untyped_storage().nbytes()
+    res = allocate(key, size, "map_location", lambda: fn(obj.untyped_storage(), entry["device"]))
+    if res is None:
+        dev = device(entry, None)
+        return obj if dev.type == "cpu" else allocate(key, size, str(dev), lambda: obj.to(dev))
+    if isinstance(res, torch.TypedStorage):
+        res = res.untyped()
+    if not isinstance(res, torch.UntypedStorage) or res.nbytes() != size:
+        raise CheckpointError(
+            f"map_location returned {type(res).__name__} for tensor {key!r}: torch.load's kind "
+            "of map_location returns the storage it is given (moved or not) or None"
+        )
+    if res.device == obj.device and res.data_ptr() == obj.untyped_storage().data_ptr():
+        return obj
+    out = torch.empty(0, dtype=obj.dtype, device=res.device)
+    return out.set_(res, obj.storage_offset(), obj.shape, obj.stride())

@@ -130,6 +130,52 @@ class _Rank0:
     pickle: bool
 
 
+class Target:
+    """Where a save's files go and how they become visible. This class: a checkpoint directory
+    ``<store>/<name>``, staged in ``<store>/.staging`` and committed by ``commit.publish``;
+    ``filesave.FileTarget``: a one-file checkpoint. Rank 0 calls every method but ``data_path``.
+    ``announce``: whether the commit hooks hear of the commit (``hooks``).
+    """
+
+    announce = True
+
+    def open(self, store: str, name: str, overwrite: bool) -> tuple[str, str]:
+        """Check what is at the target, then create the staging area: (uuid, its path)."""
+        commit.check_target(os.path.join(store, name), overwrite)
+        failpoint("save.start")
+        uid, staging = commit.new_staging(store, name)
+        failpoint("save.staging_created")
+        return uid, staging
+
+    def data_path(self, staging: str, rank: int) -> str:
+        """Where rank ``rank`` writes its data file."""
+        return os.path.join(staging, datafile_name(rank))
+
+    def write_index(self, staging: str, table: pa.Table) -> dict:
+        """Store the index; return the manifest's ``index`` member."""
+        return commit.write_index(staging, table)
+
+    def publish(
+        self,
+        store: str,
+        name: str,
+        staging: str,
+        body: dict,
+        overwrite: bool,
+        deadline: float | None,
+    ) -> CheckpointInfo:
+        """Commit: make the staged checkpoint visible under its name."""
+        return commit.publish(store, name, staging, body, overwrite=overwrite, deadline=deadline)
+
+    def discard(self, staging: str) -> None:
+        """Remove what a save that did not commit staged."""
+        if os.path.isdir(staging):
+            commit.discard_staging(staging)
+
+
+DIRECTORY = Target()
+
+
 class _Save:
     """One save on one rank. ``own`` keeps this rank's exception so one process re-raises it."""
 
@@ -141,9 +187,10 @@ class _Save:
         name: str,
         source: ByteSource,
         on_read: Callable[[], None] | None,
+        target: Target = DIRECTORY,
     ) -> None:
         self.coord, self.opt, self.store, self.name = coord, opt, store, name
-        self.source, self.on_read = source, on_read
+        self.source, self.on_read, self.target = source, on_read, target
         self.own: BaseException | None = None
         self.staging: str | None = None
         self.refs: list[TensorRef] = []
@@ -198,9 +245,9 @@ class _Save:
         return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
-        if self.coord.rank == 0 and self.staging and os.path.isdir(self.staging):
+        if self.coord.rank == 0 and self.staging:
             with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
-                commit.discard_staging(self.staging)
+                self.target.discard(self.staging)
 
     # -- phase 1: every rank describes its state ------------------------------------------------
     def describe(self, obj: Any) -> bytes:
@@ -252,10 +299,7 @@ class _Save:
     def open_staging(self) -> tuple[str, str]:
         """Check the target, then create the staging directory: (uuid, its path)."""
         try:  # before any data is written; checked again at the rename (a race)
-            commit.check_target(os.path.join(self.store, self.name), self.opt.overwrite)
-            failpoint("save.start")
-            uid, staging = commit.new_staging(self.store, self.name)
-            failpoint("save.staging_created")
+            uid, staging = self.target.open(self.store, self.name, self.opt.overwrite)
         except CheckpointError:  # before OSError: CheckpointExistsError is one too
             raise
         except OSError as e:
@@ -267,7 +311,8 @@ class _Save:
         writer = None
         rank = self.coord.rank
         try:
-            writer = RankWriter(plan["staging"], rank, plan["uuid"], self.opt.chunk_size)
+            where = self.target.data_path(plan["staging"], rank)
+            writer = RankWriter(plan["staging"], rank, plan["uuid"], self.opt.chunk_size, where)
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
@@ -283,7 +328,7 @@ class _Save:
             if writer is not None:
                 writer.abort()
             if isinstance(e, OSError):  # name this rank's file, even if it could not be created
-                where = os.path.join(plan["staging"], datafile_name(rank))
+                where = self.target.data_path(plan["staging"], rank)
                 e = from_oserror(e, where, "cannot write")
             return self.fail(e), None
         file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
@@ -304,13 +349,8 @@ class _Save:
             deadline = None
             if self.coord.size > 1:  # wall clocks of the ranks: skew must stay well under timeout
                 deadline = min(r["written_at"] for r, _ in reports) + self.opt.timeout
-            info = commit.publish(
-                self.store,
-                self.name,
-                self.staging,
-                body,
-                overwrite=self.opt.overwrite,
-                deadline=deadline,
+            info = self.target.publish(
+                self.store, self.name, self.staging, body, self.opt.overwrite, deadline
             )
             self.staging = None  # committed: nothing of ours to clean up
             info = replace(info, write_stats=merge_stats(r["stats"] for r, _ in reports))
@@ -334,7 +374,9 @@ class _Save:
         files = [rep["file"] for rep, _ in reports]
         features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table))
         sizes = {f["name"]: f["size"] for f in files}
-        index_entry = validate_and_index(p.staging, table, p.tensors, sizes, features)
+        index_entry = validate_and_index(
+            p.staging, table, p.tensors, sizes, features, self.target.write_index
+        )
         failpoint("commit.index_written")
         return manifest.build(
             name=self.name,
@@ -355,15 +397,21 @@ class _Save:
 
 
 def validate_and_index(
-    staging: str, table: pa.Table, tensors: list[dict], sizes: dict[str, int], features: set
+    staging: str,
+    table: pa.Table,
+    tensors: list[dict],
+    sizes: dict[str, int],
+    features: set,
+    write: Callable[[str, pa.Table], dict] = commit.write_index,
 ) -> dict:
-    """Check every row and write index.parquet at the same time (both release the GIL).
+    """Check every row and write index.parquet (``write``) at the same time (both release the
+    GIL).
 
     The index is only referenced by a manifest if validation passed; otherwise it is staging
     garbage like the rest. Returns the manifest's ``index`` member.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-index") as pool:
-        written = pool.submit(commit.write_index, staging, table)
+        written = pool.submit(write, staging, table)
         try:
             check_table(table, tensors, sizes, features)
         finally:
@@ -379,14 +427,17 @@ def save_state(
     opt: SaveOptions,
     source: ByteSource = DIRECT,
     on_read: Callable[[], None] | None = None,
+    target: Target = DIRECTORY,
 ) -> CheckpointInfo:
     """Run the save on this rank; every rank returns the same CheckpointInfo or raises.
 
     ``source`` is where tensor bytes are read from (in place, or through bounded buffers);
     ``on_read`` is called once this rank has read every byte it writes (the caller's state is
-    then free). Once committed, the commit hooks run on every rank (``hooks``).
+    then free); ``target``: where the checkpoint goes (a directory in a store by default). Once
+    committed, the commit hooks run on every rank (``hooks``).
     """
     set_rank(coord.rank)
-    info = _Save(coord, opt, store, name, source, on_read).run(obj)
-    run_commit_hooks(info)
+    info = _Save(coord, opt, store, name, source, on_read, target).run(obj)
+    if target.announce:
+        run_commit_hooks(info)
     return info

@@ -66,12 +66,21 @@ def adapt_stretch(chunk: int) -> int:
 class RankWriter:
     """Writes one rank's data file into a staging directory."""
 
-    def __init__(self, directory: str, rank: int, uuid_hex: str, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(
+        self,
+        directory: str,
+        rank: int,
+        uuid_hex: str,
+        chunk_size: int = DEFAULT_CHUNK,
+        path: str | None = None,
+    ):
+        """Create the data file of ``rank`` in ``directory`` (or at ``path``, where given: a
+        one-file checkpoint's temporary)."""
         check_chunk_size(chunk_size)
         self.rank = rank
         self.uuid = uuid_hex
         self.name = datafile_name(rank)
-        self.path = os.path.join(directory, self.name)
+        self.path = path if path is not None else os.path.join(directory, self.name)
         self.chunk_size = chunk_size
         # The index rows so far as columns (``_rows``): no object per row.
         self._refs: list[TensorRef] = []

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 import slurmkit
-from mpikit import MPIEXEC, launcher_free_environ
+from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 
 import ckptguard
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
 from ckptguard.drain import drain
+from ckptguard.filesave import TEMP_MARK
 from ckptguard.format.layout import LATEST, STAGING
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,8 @@ BOUND = {
     "agent": 120.0,
     "agent-srun": 150.0,
 }  # the launch ends within this
-SINGLE_BOUND = 60.0  # gc, delete, drain
+SINGLE_BOUND = 60.0  # gc, delete, drain, onefile
+ONEFILE = "model.pt"  # the onefile scenario's target
 AGENT_SAVES = ("h0", "h1")
 ERROR_TYPE = {"eio": "StoreError", "enospc": "StoreFullError"}  # gc, delete, drain
 
@@ -204,24 +206,27 @@ def small(seed: int) -> dict:
     return {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * seed, "seed": seed}
 
 
-def make_bases(root: Path) -> dict[str, Path]:
-    """Stores every case of a scenario copies: built once per session."""
-    bases: dict[str, Path] = {}
-    need = {r.scenario for r in table()}
-    if need & {"save", "save-zstd", "overwrite", "fallback"}:
-        d = root / "mpi" / "store"
-        code, _, log = launch(
-            [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), "mpi", "save", str(d), "step-10"],
-            {**os.environ},
-            root / "mpi.log",
-            120,
-        )
-        assert code == 0, log[-3000:]
-        shutil.rmtree(root / "mpi" / "out")
-        bases["save"] = bases["save-zstd"] = bases["overwrite"] = bases["fallback"] = d
+def _mpi_base(root: Path) -> Path:
+    need_mpi()
+    d = root / "mpi" / "store"
+    code, _, log = launch(
+        [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), "mpi", "save", str(d), "step-10"],
+        {**os.environ},
+        root / "mpi.log",
+        120,
+    )
+    assert code == 0, log[-3000:]
+    shutil.rmtree(root / "mpi" / "out")
+    return d
+
+
+def _agent_base(root: Path) -> Path:
     d = root / "agent" / "store"
     ckptguard.save(small(9), d / "base", step=9)
-    bases["agent"] = bases["agent-srun"] = d
+    return d
+
+
+def _gc_base(root: Path) -> Path:
     d = root / "gc" / "store"
     ckptguard.save(small(1), d / "a", step=1)
     (d / STAGING / "new.0123456789abcdef0123456789abcdef").mkdir(parents=True)  # a torn save
@@ -229,17 +234,59 @@ def make_bases(root: Path) -> dict[str, Path]:
     (d / STAGING / "old.fedcba9876543210fedcba9876543210.deleted").mkdir()  # a torn delete
     (d / STAGING / "old.fedcba9876543210fedcba9876543210.deleted" / "MANIFEST.json").write_text("")
     (d / ".LATEST.00000000000000000000000000000000.tmp").write_text("a\n")  # a torn LATEST
-    bases["gc"] = d
+    return d
+
+
+def _delete_base(root: Path) -> Path:
     d = root / "delete" / "store"
     ckptguard.save(small(1), d / "a", step=1)
     ckptguard.save(small(2), d / "b", step=2)
-    bases["delete"] = d
+    return d
+
+
+def _drain_base(root: Path) -> Path:
     d = root / "drain"
     ckptguard.save(small(1), d / "src" / "a", step=1)
     drain(d / "src", d / "dst")
     ckptguard.save(small(2), d / "src" / "b", step=2)
-    bases["drain"] = d
-    return bases
+    return d
+
+
+def _onefile_base(root: Path) -> Path:
+    d = root / "onefile"
+    ckptguard.save(small(1), d / ONEFILE)  # the old one-file checkpoint a case replaces
+    return d
+
+
+_BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
+    (("save", "save-zstd", "overwrite", "fallback"), _mpi_base),
+    (("agent", "agent-srun"), _agent_base),
+    (("gc",), _gc_base),
+    (("delete",), _delete_base),
+    (("drain",), _drain_base),
+    (("onefile",), _onefile_base),
+)
+
+
+class Bases(dict):
+    """The stores every case of a scenario copies: each built once per session, on first use
+    (a run of a few scenarios builds only theirs, and needs MPI only for those that use it)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, scenario: str) -> Path:
+        for names, build in _BUILDERS:
+            if scenario in names:
+                base = build(self.root)
+                self.update(dict.fromkeys(names, base))
+                return base
+        raise KeyError(scenario)
+
+
+def make_bases(root: Path) -> Bases:
+    return Bases(root)
 
 
 # ---- the one checker ----------------------------------------------------------------------------
@@ -368,6 +415,7 @@ def run_case(case: Case, bases: dict[str, Path], tmp: Path, seen: dict) -> tuple
 
 
 def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    need_mpi()
     store = tmp / "store"
     shutil.copytree(base, store)
     old = ckptguard.Store(store).latest()
@@ -456,6 +504,7 @@ def check_handoff(path: Path, want: dict) -> None:
 
 
 def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    need_mpi()
     store, out = tmp / "store", tmp / "out"
     shutil.copytree(base, store)
     out.mkdir()
@@ -513,17 +562,12 @@ def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, check_ranks(case, run, committed)
 
 
-def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
-    root = tmp / "root"
-    shutil.copytree(base, root)
+def _single_run(case: Case, tmp: Path, args: list[str]) -> str:
+    """Run one store operation (tests/dist/store_ops.py ARGS) in a process of its own with the
+    case's failpoint; check how it ended (killed, stopped, ok with a warning, or a typed error
+    naming the injected one); return that in a word for the summary."""
     env = {**clean_env(tmp), "CKPTGUARD_FAILPOINT": case.failpoint}
     result = tmp / "result.json"
-    if case.scenario == "gc":
-        args = ["gc", str(root)]
-    elif case.scenario == "delete":
-        args = ["delete", str(root), "b"]
-    else:
-        args = ["drain", str(root / "src"), str(root / "dst")]
     cmd = [sys.executable, str(STORE_OPS), str(result), *args]
     done = _hung(case) if case.action == "hang" else None
     code, _, log = launch(cmd, env, tmp / "launch.log", SINGLE_BOUND, done)
@@ -531,18 +575,30 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     rep = _read_json(result)
     if case.action == "kill":
         assert code == -signal.SIGKILL and rep is None, (code, log[-2000:])
-        ranks = "killed"
-    elif case.action == "hang":
+        return "killed"
+    if case.action == "hang":
         assert code is None and rep is None, (code, log[-2000:])
-        ranks = "hung job stopped by the test"
-    elif case.late_error:  # it took effect: success, and a warning that says what failed
+        return "hung job stopped by the test"
+    if case.late_error:  # it took effect: success, and a warning that says what failed
         assert code == 0 and rep is not None and rep["ok"], (code, rep, log[-2000:])
         assert any("injected" in w for w in rep["warnings"]), rep
-        ranks = "ok with a warning"
-    else:  # a typed error that says what happened
-        assert code == 3 and rep is not None and not rep["ok"], (code, rep, log[-2000:])
-        assert rep["type"] == ERROR_TYPE[case.action] and "injected" in rep["error"], rep
-        ranks = "typed error"
+        return "ok with a warning"
+    # a typed error that says what happened
+    assert code == 3 and rep is not None and not rep["ok"], (code, rep, log[-2000:])
+    assert rep["type"] == ERROR_TYPE[case.action] and "injected" in rep["error"], rep
+    return "typed error"
+
+
+def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    root = tmp / "root"
+    shutil.copytree(base, root)
+    if case.scenario == "gc":
+        args = ["gc", str(root)]
+    elif case.scenario == "delete":
+        args = ["delete", str(root), "b"]
+    else:
+        args = ["drain", str(root / "src"), str(root / "dst")]
+    ranks = _single_run(case, tmp, args)
     if case.scenario == "gc":
         outcome = "intact"
         check_store(root, {"a"}, "a")  # its gc is the retry: it must reclaim everything
@@ -571,6 +627,28 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _onefile(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process saves small(2) as the one-file checkpoint model.pt over small(1)'s: after
+    any failure the file is the old one or the new one, whole and verified, never neither;
+    beside it at most the dead save's temporary, named for it, which the retry removes."""
+    root = tmp / "root"
+    shutil.copytree(base, root)
+    ranks = _single_run(case, tmp, ["onefile", str(root / ONEFILE)])
+    path = root / ONEFILE
+    assert ckptguard.verify(path).ok, ckptguard.verify(path).problems[:3]
+    seed = ckptguard.load(path)["seed"]
+    outcome = {1: "old", 2: "new"}[seed]
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"{ONEFILE} is the {outcome} checkpoint, expected {case.expect}"
+    stray = sorted(n for n in os.listdir(root) if n != ONEFILE)
+    assert all(n.startswith(f".{ONEFILE}{TEMP_MARK}") for n in stray), stray
+    if case.action not in ("kill", "hang"):  # a save that returned removed its temporary
+        assert not stray, stray
+    ckptguard.save(small(3), path)  # the retry: whole, and the dead save's temporary is gone
+    assert os.listdir(root) == [ONEFILE] and ckptguard.load(path)["seed"] == 3
+    return outcome, ranks
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
     "save-zstd": _mpi,
@@ -581,4 +659,5 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "gc": _single,
     "delete": _single,
     "drain": _single,
+    "onefile": _onefile,
 }

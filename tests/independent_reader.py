@@ -1,8 +1,9 @@
 """An independent reader of the ckptguard on-disk format, version 1.
 
 Written only from docs/format.md (it never imports ckptguard): it is the proof that the spec is
-complete enough to read a checkpoint without the library. ``read_checkpoint(dir)`` checks every
-rule of sections 3-8 and returns the manifest, the decoded object tree and each tensor's raw bytes.
+complete enough to read a checkpoint without the library. ``read_checkpoint(path)`` checks every
+rule of sections 3-8 (and 10, for a one-file checkpoint) and returns the manifest, the decoded
+object tree and each tensor's raw bytes.
 Any violation raises ``SpecViolation`` (``VersionViolation`` for a version or feature this reader
 does not implement). The layout helpers (``scan_data_file``, ``manifest_span``) are also what the
 corruption tests use to locate the regions they damage.
@@ -96,6 +97,12 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
 KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors", "packed-records", "zstd"}
 MAX_DIFF_PATH = 2048
+# section 10: one-file checkpoints
+CONTAINER_MAGIC = b"CKGFILE1"
+CONTAINER_TRAILER = 56
+CONTAINER_VERSION = 1
+MAX_TOC = 1 << 20
+TOC_MEMBER_KEYS = {"name", "offset", "size", "xxh3_128"}
 
 BODY_MEMBERS = {
     "format",
@@ -357,7 +364,7 @@ def _pread_exact(fd: int, n: int, off: int, what: str) -> bytes:
 def _open_regular(path: str, what: str) -> tuple[int, int]:
     """Open a regular, non-symlink file; return (fd, size)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise SpecViolation(f"{what}: cannot open as a regular file: {e}") from None
     st = os.fstat(fd)
@@ -587,6 +594,12 @@ def read_index(ckpt_dir: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         data = _pread_exact(fd, size, 0, INDEX)
     finally:
         os.close(fd)
+    return parse_index(data, body)
+
+
+def parse_index(data: bytes, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of index.parquet's bytes (hash as bytes), after checking its hash and schema."""
+    _need(len(data) == body["index"]["size"], f"index.parquet: size {len(data)} != manifest")
     _need(xxh3_128_hex(data) == body["index"]["xxh3_128"], "index.parquet: xxh3_128 mismatch")
     try:
         table = pq.read_table(pa.BufferReader(data))
@@ -768,14 +781,15 @@ def parse_trailer(tr: bytes, size: int) -> tuple[int, int, int]:
     return off, length, h
 
 
-def scan_data_file(path: str, fd: int | None = None) -> DataFileLayout:
+def scan_data_file(path: str, fd: int | None = None, size: int | None = None) -> DataFileLayout:
     """Parse a data file's header, trailer and footer, checking their internal consistency
-    (not against a manifest)."""
+    (not against a manifest). ``size``: the data file's, where it is the first part of ``fd``
+    (a one-file checkpoint, section 10)."""
     name = os.path.basename(path)
     own = fd is None
     if fd is None:
         fd, size = _open_regular(path, name)
-    else:
+    elif size is None:
         size = os.fstat(fd).st_size
     try:
         _need(size >= HEADER_SIZE + TRAILER_SIZE + 1, f"{name}: too small ({size} bytes)")
@@ -1090,19 +1104,38 @@ def resolve(path: str) -> str:
 
 
 def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
-    """Read a whole checkpoint, checking every rule of sections 3-8."""
+    """Read a whole checkpoint, checking every rule of sections 3-8 (and 10: a path that is not
+    a directory is a one-file checkpoint)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return read_onefile(path, verify)
     ckpt_dir = resolve(path)
     body = parse_manifest(read_manifest_bytes(ckpt_dir))
     rows = read_index(ckpt_dir, body)
+
+    def open_data(name: str) -> tuple[int, int]:
+        return _open_regular(os.path.join(ckpt_dir, name), name)
+
+    return _read_data(ckpt_dir, body, rows, open_data, verify)
+
+
+def _read_data(
+    ckpt_dir: str,
+    body: dict[str, Any],
+    rows: list[dict[str, Any]],
+    open_data: Any,
+    verify: bool,
+) -> Checkpoint:
+    """The data files' part of ``read_checkpoint``: ``open_data(name)`` gives (fd, size) of each
+    data file, which starts at offset 0 of that fd."""
     fds: dict[str, int] = {}
     try:
         layouts: dict[str, DataFileLayout] = {}
         for f in body["files"]:
             name = f["name"]
-            fd, size = _open_regular(os.path.join(ckpt_dir, name), name)
+            fd, size = open_data(name)
             fds[name] = fd
             _need(size == f["size"], f"{name}: size {size} != manifest size {f['size']}")
-            lay = scan_data_file(os.path.join(ckpt_dir, name), fd)
+            lay = scan_data_file(os.path.join(ckpt_dir, name), fd, size)
             _need(lay.rank == f["rank"], f"{name}: header rank {lay.rank} != {f['rank']}")
             _need(lay.uuid == body["uuid"], f"{name}: header uuid != manifest uuid")
             layouts[name] = lay
@@ -1183,6 +1216,91 @@ def _assemble(
             )
         )
     return out
+
+
+# ---------------------------------------------------------------- section 10: one file
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a one-file checkpoint's TOC."""
+
+    name: str
+    offset: int
+    size: int
+    xxh3_128: str | None
+
+
+def read_container(fd: int, size: int) -> list[Member]:
+    """Check a one-file checkpoint's trailer, TOC, layout and padding (section 10, steps 2-4);
+    return the TOC's members (data file, index, manifest)."""
+    _need(size >= HEADER_SIZE + TRAILER_SIZE + CONTAINER_TRAILER, f"one file: {size} bytes")
+    tr = _pread_exact(fd, CONTAINER_TRAILER, size - CONTAINER_TRAILER, "one-file trailer")
+    _need(tr[48:] == CONTAINER_MAGIC, "one file: no CKGFILE1 magic at the end")
+    (version,) = struct.unpack("<I", tr[32:36])
+    if version > CONTAINER_VERSION:
+        raise VersionViolation(f"one file: container version {version} is newer than 1")
+    toc_off, toc_len, toc_hash, version, zero, h = struct.unpack("<QQ16sIIQ", tr[:48])
+    _need(h == xxh3_64(tr[:40]), "one file: trailer hash mismatch")
+    _need(version == CONTAINER_VERSION and zero == 0, "one file: trailer version/zero field")
+    _need(toc_off % ALIGN == 0 and 0 < toc_len <= MAX_TOC, "one file: TOC offset/length")
+    _need(toc_off + toc_len + CONTAINER_TRAILER == size, "one file: TOC does not end at trailer")
+    raw = _pread_exact(fd, toc_len, toc_off, "one-file TOC")
+    _need(xxhash.xxh3_128(raw).digest() == toc_hash, "one file: TOC hash mismatch")
+    toc = strict_json(raw, "one-file TOC")
+    _need(isinstance(toc, dict) and set(toc) == {"members"}, "one file: TOC members")
+    ms = toc["members"]
+    _need(isinstance(ms, list) and len(ms) == 3, "one file: TOC must list three members")
+    members = []
+    for m in ms:
+        _need(isinstance(m, dict) and set(m) == TOC_MEMBER_KEYS, "one file: TOC member keys")
+        _need(isinstance(m["name"], str), "one file: TOC member name")
+        _need(all(_is_int(m[k]) and m[k] >= 0 for k in ("offset", "size")), "one file: ints")
+        h = m["xxh3_128"]
+        _need(h is None or (isinstance(h, str) and bool(HEX32_RE.fullmatch(h))), "one file: hash")
+        members.append(Member(m["name"], m["offset"], m["size"], h))
+    data, idx, man = members
+    _need(bool(DATAFILE_RE.fullmatch(data.name)) and data.xxh3_128 is None, "one file: data")
+    _need(idx.name == INDEX and idx.xxh3_128 is not None, "one file: second member")
+    _need(man.name == MANIFEST and man.xxh3_128 is not None, "one file: third member")
+    _need(data.size >= HEADER_SIZE + TRAILER_SIZE and idx.size >= 1, "one file: sizes")
+    _need(0 < man.size <= MAX_MANIFEST, "one file: manifest size")
+    want = [0, align(data.size), align(idx.offset + idx.size), align(man.offset + man.size)]
+    _need([data.offset, idx.offset, man.offset, toc_off] == want, "one file: not the one layout")
+    for m, nxt in ((data, idx.offset), (idx, man.offset), (man, toc_off)):
+        pad = _pread_exact(fd, nxt - m.offset - m.size, m.offset + m.size, "one-file padding")
+        _need(pad.count(0) == len(pad), f"one file: non-zero padding after {m.name}")
+    return members
+
+
+def read_member(fd: int, m: Member) -> bytes:
+    """A member's bytes, checked against its TOC hash (where it has one)."""
+    data = _pread_exact(fd, m.size, m.offset, m.name)
+    _need(m.xxh3_128 is None or xxh3_128_hex(data) == m.xxh3_128, f"{m.name}: TOC hash mismatch")
+    return data
+
+
+def read_onefile(path: str, verify: bool = True) -> Checkpoint:
+    """Read a one-file checkpoint (section 10), checking every rule of sections 3-8 and 10."""
+    fd, size = _open_regular(path, os.path.basename(path))  # no link, a regular file (step 1)
+    try:
+        data, idx, man = read_container(fd, size)
+        body = parse_manifest(read_member(fd, man))
+        files = body["files"]
+        _need(
+            len(files) == 1 and files[0]["name"] == data.name and files[0]["size"] == data.size,
+            "one file: the manifest's files are not exactly the data member",
+        )
+        _need(body["index"]["size"] == idx.size, "one file: index size != manifest")
+        rows = parse_index(read_member(fd, idx), body)
+
+        def open_data(name: str) -> tuple[int, int]:
+            _need(name == data.name, f"one file: no data file {name}")
+            return os.dup(fd), data.size
+
+        return _read_data(path, body, rows, open_data, verify)
+    finally:
+        os.close(fd)
 
 
 def list_store(root: str) -> list[str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clikit import run
+from clikit import cli_state, run
+
+import ckptguard
 
 
 def test_info_lists_tensors(filled: Path) -> None:
@@ -24,3 +26,14 @@ def test_info_lists_tensors(filled: Path) -> None:
         assert text in res.output
     assert "shuffle-lz4" in res.output  # ids (0..999 as int64) compress; its codec is shown
     assert run("info", filled).exit_code == 0  # a store means its LATEST
+
+
+def test_info_of_a_one_file_checkpoint(tmp_path: Path) -> None:
+    ckptguard.save(cli_state(1), tmp_path / "model.pt", step=1)
+    res = run("info", tmp_path / "model.pt")
+    assert res.exit_code == 0, res.output
+    assert "model.pt" in res.output and "model/w" in res.output and "3 tensors" in res.output
+    link = tmp_path / "link.pt"
+    link.symlink_to(tmp_path / "model.pt")
+    res = run("info", link)
+    assert res.exit_code == 2 and "symbolic link" in res.stderr

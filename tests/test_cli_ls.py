@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clikit import run
+from clikit import cli_state, run
+
+import ckptguard
 
 
 def test_ls_marks_latest(filled: Path) -> None:
@@ -29,3 +31,10 @@ def test_ls_names_damaged_checkpoints(filled: Path) -> None:
     assert "no committed checkpoints" in res.output and "2 skipped" in res.output
     for name in ("step-1", "step-2"):
         assert f"skipped {name}: " in res.output
+
+
+def test_ls_of_a_one_file_checkpoint(tmp_path: Path) -> None:
+    ckptguard.save(cli_state(1), tmp_path / "model.pt", step=5)
+    res = run("ls", tmp_path / "model.pt")
+    assert res.exit_code == 0, res.output
+    assert "model.pt" in res.output and "5" in res.output

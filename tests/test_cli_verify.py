@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clikit import flip_payload_byte, run
+from clikit import cli_state, flip_payload_byte, run
+
+import ckptguard
 
 
 def test_verify_good_checkpoint_store_and_latest(filled: Path) -> None:
@@ -45,3 +47,17 @@ def test_verify_reports_flipped_byte(filled: Path) -> None:
     res = run("verify", filled)
     assert res.exit_code == 1 and "1 of 2 checkpoints ok" in res.output
     assert run("verify", filled, "--latest").exit_code == 0  # step-2 is untouched
+
+
+def test_verify_a_one_file_checkpoint(tmp_path: Path) -> None:
+    p = tmp_path / "model.pt"
+    ckptguard.save(cli_state(1), p, chunk_size=4096)
+    res = run("verify", p)
+    assert res.exit_code == 0 and res.output.startswith("ok"), res.output
+    with open(p, "r+b") as f:  # a payload byte of the second record
+        f.seek(2 * 4096 + 64 + 10)
+        byte = f.read(1)[0]
+        f.seek(2 * 4096 + 64 + 10)
+        f.write(bytes([byte ^ 0xFF]))
+    res = run("verify", p)
+    assert res.exit_code == 1 and "FAIL" in res.output and "problem" in res.output, res.output

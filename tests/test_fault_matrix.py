@@ -22,7 +22,6 @@ from pathlib import Path
 import faultkit
 import pytest
 from faultkit import Case
-from mpikit import need_mpi
 
 FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
 SUMMARY = os.environ.get("CKPTGUARD_FAULTS_SUMMARY")
@@ -45,7 +44,6 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    need_mpi()
     yield faultkit.make_bases(tmp_path_factory.mktemp("bases"))
     if SUMMARY:
         write_summary(Path(SUMMARY), RESULTS)

@@ -58,3 +58,13 @@ def test_index_rows_are_stable(tmp_path: Path, fixed_uuids: None, compress: str)
     text = json.dumps([{k: r.to_json()[k] for k in keep} for r in rows], sort_keys=True)
     assert len(rows) == 23
     assert hashlib.sha256(text.encode()).hexdigest() == INDEX_ROWS_SHA256
+
+
+def test_one_file_checkpoint_holds_the_same_data_file(tmp_path: Path, fixed_uuids: None) -> None:
+    """A one-file checkpoint's first member is the data file a directory save writes, byte for
+    byte (docs/format.md section 10): the container adds no second format of the data."""
+    path = tmp_path / "a.pt"
+    ckptguard.save(_state(), path, compress="none", step=3, chunk_size=1 << 16)
+    data = path.read_bytes()[:RAW_DATAFILE_SIZE]
+    assert hashlib.sha256(data).hexdigest() == RAW_DATAFILE_SHA256
+    assert path.read_bytes()[-8:] == b"CKGFILE1"

@@ -11,7 +11,7 @@ from rich.table import Table
 import ckptguard
 from ckptguard.units import format_size
 
-from ._args import require_dir
+from ._args import require_checkpoint
 from ._output import cell, console, ratio, when
 
 
@@ -20,9 +20,9 @@ from ._output import cell, console, ratio, when
 def command(ckpt: str) -> None:
     """Show a checkpoint's header and per-tensor table.
 
-    CKPT is a checkpoint directory, or a store (meaning its LATEST).
+    CKPT is a checkpoint directory, a one-file checkpoint, or a store (meaning its LATEST).
     """
-    desc = ckptguard.describe(require_dir(ckpt, "checkpoint"))
+    desc = ckptguard.describe(require_checkpoint(ckpt, "checkpoint"))
     info = desc.info
     con = console()
     facts = [

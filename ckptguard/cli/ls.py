@@ -12,14 +12,19 @@ import ckptguard
 from ckptguard import CorruptCheckpointError
 from ckptguard.units import format_size
 
-from ._args import require_dir
+from ._args import is_one_file, require_dir
 from ._output import cell, console, echo, when
 
 
 @click.command("ls")
 @click.argument("store")
 def command(store: str) -> None:
-    """List the committed checkpoints of STORE, oldest first."""
+    """List the committed checkpoints of STORE, oldest first (STORE may also be a one-file
+    checkpoint: then it alone)."""
+    if is_one_file(store):
+        info = ckptguard.describe(store).info
+        console().print(_table(f"checkpoint {os.path.abspath(store)}", [info], None))
+        return
     st = ckptguard.Store(require_dir(store, "store"))
     scan = st.scan()
     infos = scan.listed
@@ -34,7 +39,14 @@ def command(store: str) -> None:
     except CorruptCheckpointError as exc:  # still list what is there; verify exits 1 on it
         latest = None
         echo(f"warning: {exc}", err=True)
-    table = Table(title=cell(f"store {os.path.abspath(store)}"), title_justify="left")
+    console().print(_table(f"store {os.path.abspath(store)}", infos, latest))
+
+
+def _table(
+    title: str, infos: list[ckptguard.CheckpointInfo], latest: ckptguard.CheckpointInfo | None
+) -> Table:
+    """One row per checkpoint; LATEST marked."""
+    table = Table(title=cell(title), title_justify="left")
     columns: list[tuple[str, JustifyMethod]] = [
         ("name", "left"),
         ("step", "right"),
@@ -63,4 +75,4 @@ def command(store: str) -> None:
                 ),
             )
         )
-    console().print(table)
+    return table

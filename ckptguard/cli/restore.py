@@ -11,7 +11,7 @@ import click
 import ckptguard
 from ckptguard.units import format_size
 
-from ._args import is_checkpoint_dir, require_dir
+from ._args import is_one_checkpoint, require_checkpoint
 from ._output import cell, console, echo
 
 
@@ -28,12 +28,13 @@ from ._output import cell, console, echo
 def command(ckpt: str, out: str, allow_pickle: bool) -> None:
     """Write a verified checkpoint as a torch.save file.
 
-    CKPT is loaded with every chunk verified (a store means its LATEST).
+    CKPT (a checkpoint directory, a one-file checkpoint, or a store meaning its LATEST) is
+    loaded with every chunk verified.
     """
     import torch
 
-    source = require_dir(ckpt, "checkpoint")
-    if not is_checkpoint_dir(source):  # a store: pin its LATEST now, and say which it was
+    source = require_checkpoint(ckpt, "checkpoint")
+    if not is_one_checkpoint(source):  # a store: pin its LATEST now, and say which it was
         info = ckptguard.Store(source).latest()
         if info is None:
             raise ckptguard.CheckpointNotFoundError(f"no committed checkpoint in {source}")

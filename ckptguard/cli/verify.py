@@ -26,7 +26,7 @@ from ckptguard import (
 )
 from ckptguard.units import format_size
 
-from ._args import is_checkpoint_dir, require_dir
+from ._args import is_one_checkpoint, require_checkpoint
 from ._output import CheckFailed, cell, console, echo, terminal_safe
 
 if TYPE_CHECKING:  # the load path (and torch) is imported only when a command runs
@@ -48,10 +48,11 @@ Verify = Callable[..., "ckptguard.VerifyReport"]
 def command(path: str, latest_only: bool, parallel: bool) -> None:
     """Check every byte of a checkpoint or store against its hashes.
 
-    PATH is a checkpoint (checked alone) or a store (each committed checkpoint, or with
-    --latest only LATEST). Prints each problem with its file, tensor, chunk and offset.
-    Exits 0 if all are whole, 1 otherwise. Under `srun` or `mpiexec -n N` the tasks share the
-    chunks; rank 0 prints the same report and every task exits with the same code.
+    PATH is a checkpoint, a directory or one file (checked alone), or a store (each committed
+    checkpoint, or with --latest only LATEST). Prints each problem with its file, tensor,
+    chunk and offset. Exits 0 if all are whole, 1 otherwise. Under `srun` or `mpiexec -n N` the
+    tasks share the chunks; rank 0 prints the same report and every task exits with the same
+    code.
     """
     from ckptguard import pverify
     from ckptguard.api import resolve
@@ -77,7 +78,8 @@ def command(path: str, latest_only: bool, parallel: bool) -> None:
 def _verify_paths(path: str, latest_only: bool, verify: Verify, bar: bool) -> None:
     """Verify what PATH names, print the outcome, raise CheckFailed unless all is whole."""
     _refuse_foreign(path)
-    targets, problems = _verify_targets(require_dir(path, "checkpoint or store"), latest_only)
+    where = require_checkpoint(path, "checkpoint or store")
+    targets, problems = _verify_targets(where, latest_only)
     if problems:
         echo(*problems)
     if not targets:
@@ -113,7 +115,7 @@ def _refuse_foreign(path: str) -> None:
 def _verify_targets(path: str, latest_only: bool) -> tuple[list[str], list[str]]:
     """The checkpoint directories that ``verify PATH`` checks, and the store's own problems
     (a damaged LATEST, or one naming no committed checkpoint: format.md section 1)."""
-    if is_checkpoint_dir(path):
+    if is_one_checkpoint(path):
         return [path], []
     st = ckptguard.Store(path)
     try:

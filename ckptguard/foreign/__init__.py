@@ -22,6 +22,7 @@ from ..errors import (
     ForeignFormatError,
     from_oserror,
 )
+from ..format.datafile import FILE_MAGIC
 from ..format.layout import LATEST, MANIFEST, looks_like_checkpoint
 from ..fsutil import UnsafeFileError, check_regular
 from .source import (
@@ -80,7 +81,7 @@ def detect(path: str | os.PathLike) -> Source | None:
     except OSError:
         return None  # ckptguard's resolve says what is missing
     if stat.S_ISLNK(st.st_mode):
-        if not os.path.exists(p) or _ckptguard_dir(p):
+        if not os.path.exists(p) or _ckptguard_dir(p) or _ckptguard_file(os.path.realpath(p)):
             return None
         raise ForeignFormatError(
             f"{p} is a symbolic link (to {os.readlink(p)}): a checkpoint of another format is "
@@ -180,9 +181,20 @@ def _foreign_dir(p: str) -> Source:
     )
 
 
-def _foreign_file(p: str) -> Source:
+def _ckptguard_file(p: str) -> bool:
+    """Whether ``p`` is a regular file that starts as ckptguard's files do (a one-file
+    checkpoint, or a checkpoint's data file): ckptguard's own reading names what it is."""
+    if not os.path.isfile(p):
+        return False
+    with opened(p, path=p, kind="") as name, open(name, "rb") as f:
+        return f.read(len(FILE_MAGIC)) == FILE_MAGIC
+
+
+def _foreign_file(p: str) -> Source | None:
     with opened(p, path=p, kind="") as name, open(name, "rb") as f:
         head = f.read(_SNIFF)
+    if head.startswith(FILE_MAGIC):  # ckptguard's own (onefile opens and checks it)
+        return None
     if head.startswith(b"PK\x03\x04"):
         return Source(TORCH_ZIP, p)
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:

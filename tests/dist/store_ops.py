@@ -1,6 +1,7 @@
 """One store operation in a process of its own, for tests/test_fault_matrix.py (failpoints).
 
-Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST; writes OUT (JSON): ``ok``,
+Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
+fault matrix's ``small(2)`` there as a one-file checkpoint); writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
 """
@@ -26,6 +27,13 @@ def run(op: str, args: list[str]) -> dict:
         from ckptguard.drain import drain
 
         return {"drained": [i.name for i in drain(args[0], args[1], jobs=2)]}
+    if op == "onefile":
+        import torch
+
+        g = torch.Generator().manual_seed(2)  # faultkit.small(2)
+        state = {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * 2, "seed": 2}
+        ckptguard.save(state, args[0])
+        return {}
     raise SystemExit(f"unknown operation {op}")
 
 

@@ -33,7 +33,7 @@ import xxhash
 
 from ckptguard import backend, encode, io
 from ckptguard.errors import CheckpointError
-from ckptguard.format import index, manifest, strict_json
+from ckptguard.format import container, index, manifest, strict_json
 from ckptguard.format.datafile import (
     HEADER_SIZE,
     RECORD_HEADER_SIZE,
@@ -483,6 +483,62 @@ def t_datafile(data: bytes) -> None:
             os.close(fd)
 
 
+def _container_seed() -> bytes:
+    """The context checkpoint as a one-file checkpoint (format.md section 10)."""
+    c = context()
+    return c.datafile + b"".join(container.tail(DATA, len(c.datafile), c.index_raw, c.manifest_raw))
+
+
+def _read_both(data: bytes) -> None:
+    """A one-file checkpoint of these bytes: opened, every record read and checked as verify
+    does, by ckptguard; the independent reader must accept or refuse it too (differential)."""
+    from ckptguard.open import CheckpointReader
+    from ckptguard.read import read_record
+
+    path = os.path.join(scratch().root, "one.pt")
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    ours: Exception | None = None
+    try:
+        with CheckpointReader(path) as rd:
+            for name in rd.files:
+                fd = rd.open_file(name)
+                try:
+                    for r in rd.rows_of_file(name):
+                        read_record(rd, fd, r)
+                finally:
+                    os.close(fd)
+    except TYPED as e:
+        ours = e
+    try:
+        ir.read_checkpoint(path)
+        theirs: str | None = None
+    except ir.SpecViolation as e:
+        theirs = str(e)
+    if (ours is None) != (theirs is None):
+        raise Bug(
+            f"ckptguard {'accepts' if ours is None else 'refuses: ' + str(ours)[:120]}, "
+            f"independent reader {'accepts' if theirs is None else 'refuses: ' + theirs[:120]}"
+        )
+    if ours is not None:
+        raise ours
+
+
+def t_onefile(data: bytes) -> None:
+    """The bytes after the data file of a one-file checkpoint (padding, index, manifest, TOC
+    and trailer), behind the context's data file: opened and read by both readers."""
+    _read_both(context().datafile + data)
+
+
+def t_onefile_toc(data: bytes) -> None:
+    """A one-file checkpoint's TOC (JSON), with the context's members before it and a trailer
+    signed for it, so every input reaches the TOC's parser and layout checks."""
+    seed = _container_seed()
+    toc_off = struct.unpack_from("<Q", seed, len(seed) - container.TRAILER_SIZE)[0]
+    _read_both(seed[:toc_off] + data + container.pack_trailer(toc_off, data))
+
+
 def t_latest(data: bytes) -> None:
     """LATEST content in a store holding one checkpoint `ck`: resolved to `ck` or refused,
     never to a path outside the store."""
@@ -548,6 +604,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "datafile": t_datafile,
     "latest": t_latest,
     "tree": t_tree,
+    "onefile": t_onefile,
+    "onefile_toc": t_onefile_toc,
 }
 
 
@@ -601,6 +659,12 @@ def _zstd_seed() -> bytes:
     return bytes([2]) + len(raw).to_bytes(3, "little") + payload
 
 
+def _toc_seed() -> bytes:
+    seed = _container_seed()
+    off, length = struct.unpack_from("<QQ", seed, len(seed) - container.TRAILER_SIZE)
+    return seed[off : off + length]
+
+
 def seeds(target: str) -> list[bytes]:
     """Valid (or nearly valid) inputs of a target, derived from the context checkpoint."""
     c = context()
@@ -636,6 +700,12 @@ def seeds(target: str) -> list[bytes]:
         "record_read": [b"\x00" + record(first), b"\x00" + record(lz)],
         "datafile": [data],
         "latest": [b"ck\n", b"../ck\n", b"ck"],
+        "onefile": [_container_seed()[len(data) :]],
+        "onefile_toc": [
+            _toc_seed(),
+            json.dumps({"members": json.loads(_toc_seed())["members"][::-1]}).encode(),
+            json.dumps(json.loads(_toc_seed()), indent=1, sort_keys=True).encode(),
+        ],
         "tree": [
             t if isinstance(t, bytes) else json.dumps(t, separators=(",", ":")).encode()
             for t in TREE_SEEDS

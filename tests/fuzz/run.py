@@ -5,7 +5,8 @@
 
 Targets (tests/fuzz/fuzz_targets.py): MANIFEST.json (raw and re-signed bodies), index.parquet
 (raw bytes and structured row edits), data-file header, record header, trailer, footer, a whole
-data file read by the reader, LATEST, the chunk decoder and record reader of both backends
+data file read by the reader, a one-file checkpoint's tail and its TOC (differential: ckptguard
+against tests/independent_reader.py), LATEST, the chunk decoder and record reader of both backends
 (differential), and the object tree (differential: ckptguard's decoder against
 tests/independent_reader.py, seeded with each strict rule of format.md section 6). Every outcome
 must be ``ok``, ``skip`` or ``typed:<error>``; ``BUG:...`` and ``slow:...`` are findings: the
