@@ -162,8 +162,13 @@ def test_select_exports_a_subtree_named_relative_to_it(ckpt: Path, tmp_path: Pat
 def test_strict_refuses_what_safetensors_cannot_hold(ckpt: Path, tmp_path: Path) -> None:
     dest = tmp_path / "out"
     with pytest.raises(ExportError, match=r"cannot hold 6 value\(s\).*optim\.lr \(not a tensor\)"):
-        ckptguard.export(ckpt, to="safetensors", dest=dest, strict=True)
-    assert os.listdir(dest) == []
+        ckptguard.export(ckpt, to="safetensors", dest=dest / "a" / "b", strict=True)
+    assert not dest.exists()  # a refused export leaves no directory it made
+    dest.mkdir()
+    (dest / "theirs").write_text("x")
+    with pytest.raises(ExportError):
+        ckptguard.export(ckpt, to="safetensors", dest=dest / "c", strict=True)
+    assert os.listdir(dest) == ["theirs"]
     path = tmp_path / "c128"
     ckptguard.save({"z": torch.zeros(2, dtype=torch.complex128), "w": torch.ones(2)}, str(path))
     with pytest.warns(ExportWarning, match="z"):

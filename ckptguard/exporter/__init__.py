@@ -65,11 +65,14 @@ def export_checkpoint(
                 f"of named tensors: {to} needs names (export to torch, or select its parent)",
                 rd.path,
             )
-        out = NewFiles(prepare_dest(dest, rd.path), replace=force)
+        d, created = prepare_dest(dest, rd.path)
+        out = NewFiles(d, replace=force)
         result = ExportResult(rd.path, to)
+        done = False
         try:
             WRITERS[to](rd, node, out, result, Settings(shard_size, strict, rank, allow_pickle))
             result.files = out.commit()
+            done = True
             if to == "safetensors" and force:
                 remove_stale(out.dest, result.files)
         except FileExistsError as e:  # created meanwhile, after the check before the reads
@@ -80,7 +83,19 @@ def export_checkpoint(
             raise dest_error(e, e.filename or out.dest, "cannot write") from None
         finally:
             out.discard()
+            if not done:  # refused or failed: the directories it made go too
+                _remove_empty(created)
     return result
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    """Remove the directories of ``dirs`` (created by this export, parents first) that are
+    still empty, deepest first."""
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (someone else's files) or gone: leave it
+            return
 
 
 def left_out_warning(result: ExportResult) -> ExportWarning | None:
@@ -112,20 +127,20 @@ def check_options(to: str, max_shard_size: int | str | None) -> int | None:
     return size
 
 
-def prepare_dest(dest: str | os.PathLike, checkpoint: str) -> str:
-    """``dest`` as an absolute path, created if missing; never a file, never inside the
-    checkpoint (a committed checkpoint's directory does not change)."""
+def prepare_dest(dest: str | os.PathLike, checkpoint: str) -> tuple[str, list[str]]:
+    """``dest`` as an absolute path, created if missing, and the directories created; never a
+    file, never inside the checkpoint (a committed checkpoint's directory does not change)."""
     d = os.path.abspath(os.fspath(dest))
     real, ck = os.path.realpath(d), os.path.realpath(checkpoint)
     if real == ck or real.startswith(ck + os.sep):
         raise ExportError(f"cannot export into the checkpoint itself ({d} is inside {ck})", d)
     try:
-        makedirs_durably(d)
+        created = makedirs_durably(d)
     except (FileExistsError, NotADirectoryError):
         raise ExportError(f"export destination {d} is not a directory", d) from None
     except OSError as e:
         raise dest_error(e, d, "cannot create") from None
-    return d
+    return d, created
 
 
 def dest_error(e: OSError, path: str, action: str) -> StoreError:
