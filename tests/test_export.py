@@ -182,7 +182,7 @@ def test_names_that_collide_once_joined_are_refused(tmp_path: Path) -> None:
     ckptguard.save({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, str(path))
     with pytest.raises(ExportError, match=r"name 'a\.b' would name both 'a\.b' and 'a/b'"):
         ckptguard.export(path, to="safetensors", dest=tmp_path / "out")
-    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists()  # nor the directory it made
     ckptguard.export(path, to="hdf5", dest=tmp_path / "h5")  # its paths keep them apart
     with h5py.File(tmp_path / "h5" / "checkpoint.h5") as f:
         assert f["a.b"][0] == 1 and f["a/b"][0] == 0
@@ -242,7 +242,7 @@ def test_corruption_fails_the_export_and_leaves_no_file(
     with pytest.raises(CorruptCheckpointError, match="chunk hash mismatch.*model/big") as err:
         ckptguard.export(ckpt, to=to, dest=dest, select="model")
     assert err.value.key == "model/big"
-    assert os.listdir(dest) == []  # nor a temporary file
+    assert not dest.exists()  # nor a temporary file, nor the directory it made
 
 
 def test_bad_input_is_a_typed_error(ckpt: Path, tmp_path: Path) -> None:
