@@ -346,11 +346,13 @@ class _Flattener:
 
     def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
         keys = {}  # the stored form of each key other than str and int (a hashable value)
+        parts: dict = {}  # its key path part: the canonical JSON text of that form
         for k in obj:
             if type(k) not in (str, int):
-                self.check_hashable(k, _join(path, k), "dict key")
-                keys[k] = self.walk(k, _join(path, k), depth + 1)
-        items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
+                self.check_hashable(k, _join(path, repr(k)), "dict key")
+                keys[k] = self.walk(k, _join(path, repr(k)), depth + 1)
+                parts[k] = treetypes.element_text(keys[k])
+        items = [(k, self.walk(v, _join(path, parts.get(k, k)), depth + 1)) for k, v in obj.items()]
         plain = not keys and all(type(k) is str and not k.startswith("$") for k, _ in items)
         if plain and not ordered:
             return dict(items)

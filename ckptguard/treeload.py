@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import dataclasses
 import enum
 import math
 import pathlib
@@ -100,6 +101,15 @@ class _Pickled(enum.Enum):
     CHECK = "check"  # check its base64 only and build None (validation builds nothing)
 
 
+@dataclasses.dataclass(frozen=True)
+class _EnumName:
+    """A checked ``$enum`` (its class unknown to the check): equal exactly when stored alike,
+    and to no other value, so set elements and keys compare as the stored tree says."""
+
+    cls: str
+    name: str
+
+
 class _Unregistered(Exception):
     """A registered-type node this process cannot rebuild; ``unflatten`` adds its key path."""
 
@@ -153,12 +163,8 @@ def node_path(tree: Any, target: dict) -> str:
 
 
 def _key_text(key_node: Any) -> Any:
-    if type(key_node) in (str, int):
-        return key_node
-    try:
-        return _Builder([], _Pickled.CHECK, True).build(key_node, 0)
-    except TreeError:
-        return "?"
+    """A key's key path part: a str or int as it is, another key its canonical JSON text."""
+    return key_node if type(key_node) in (str, int) else treetypes.element_text(key_node)
 
 
 def _join(path: str, k: Any) -> str:
@@ -388,7 +394,7 @@ class _Builder:
             if tag == "$namedtuple" and not isinstance(node["fields"], list):
                 raise TreeError("$namedtuple fields are not a list")
         if self.pickled is _Pickled.CHECK:  # equal exactly when stored alike, as set elements
-            return (tag, v, node["name"]) if tag == "$enum" else None
+            return _EnumName(v, node["name"]) if tag == "$enum" else None
         cls: Any = treetypes.lookup(v)
         if cls is None or treetypes.tag_of(cls) != tag:
             raise _Unregistered(f"class {v} ({tag[1:]}) is not registered", node, v)
