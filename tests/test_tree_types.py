@@ -18,6 +18,7 @@ from typing import Any
 import independent_reader as ir
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ckptguard
 from ckptguard.format.treeids import TREE_TYPES
@@ -345,3 +346,20 @@ def test_the_independent_reader_refuses_a_tag_without_the_feature(tmp_path):
     ir.decode_tree({**body, "features": ["tree-types"]})
     with pytest.raises(ir.SpecViolation, match="tree-types"):
         ir.decode_tree({**body, "tree": [1], "features": ["tree-types"]})
+
+
+def test_export_names_tensors_inside_the_new_containers(tmp_path, registered):
+    state = {
+        "ns": argparse.Namespace(w=torch.ones(2)),
+        "cfg": Config(0.1, [torch.zeros(3)]),
+        "k": {(1, "a"): torch.ones(1)},
+        "sl": slice(torch.ones(4), None, None),
+    }
+    ckptguard.save(state, tmp_path / "c")
+    with pytest.warns(ckptguard.ExportWarning):
+        result = ckptguard.export(tmp_path / "c", to="safetensors", dest=tmp_path / "st")
+    names = sorted(load_file(result.files[0]))
+    assert names == ["cfg.layers.0", 'k.{"$tuple":[1,"a"]}', "ns.w", "sl.0"]  # as key paths
+    back = ckptguard.export(tmp_path / "c", to="torch", dest=tmp_path / "pt")
+    got = torch.load(back.files[0], weights_only=False)
+    assert _same(got, state)
