@@ -345,18 +345,21 @@ class _Flattener:
         }
 
     def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
-        keys = {}  # the stored form of each key other than str and int (a hashable value)
-        parts: dict = {}  # its key path part: the canonical JSON text of that form
-        for k in obj:
-            if type(k) not in (str, int):
-                self.check_hashable(k, _join(path, repr(k)), "dict key")
-                keys[k] = self.walk(k, _join(path, repr(k)), depth + 1)
-                parts[k] = treetypes.element_text(keys[k])
-        items = [(k, self.walk(v, _join(path, parts.get(k, k)), depth + 1)) for k, v in obj.items()]
-        plain = not keys and all(type(k) is str and not k.startswith("$") for k, _ in items)
-        if plain and not ordered:
-            return dict(items)
-        pairs = [[keys.get(k, k), v] for k, v in items]
+        if all(type(k) is str or type(k) is int for k in obj):
+            items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
+            if not ordered and all(type(k) is str and not k.startswith("$") for k, _ in items):
+                return dict(items)
+            return {"$odict" if ordered else "$dict": [[k, v] for k, v in items]}
+        pairs = []
+        for k, v in obj.items():
+            if type(k) is str or type(k) is int:
+                pairs.append([k, self.walk(v, _join(path, k), depth + 1)])
+                continue
+            # A hashable value; its key path part is the canonical JSON text of its stored form.
+            self.check_hashable(k, _join(path, repr(k)), "dict key")
+            node = self.walk(k, _join(path, repr(k)), depth + 1)
+            part = treetypes.element_text(node)
+            pairs.append([node, self.walk(v, _join(path, part), depth + 1)])
         return {"$odict" if ordered else "$dict": pairs}
 
 
