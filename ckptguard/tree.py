@@ -269,8 +269,9 @@ class _Flattener:
         """The types of format.md section 6.2 (feature ``tree-types``), else ``other``."""
         if t is complex:
             return {"$complex": [_float(obj.real), _float(obj.imag)]}
-        if t is set or t is frozenset:
-            return self.elements("$set" if t is set else "$frozenset", obj, path, depth)
+        if t is set or t is frozenset:  # no tensors inside: nothing for a template
+            kind = "$set" if t is set else "$frozenset"
+            return None if self.tensors_only else self.elements(kind, obj, path, depth)
         if t is slice:
             parts = enumerate((obj.start, obj.stop, obj.step))
             return {"$slice": [self.walk(x, _join(path, i), depth + 1) for i, x in parts]}
@@ -279,10 +280,11 @@ class _Flattener:
         if t is argparse.Namespace:
             return {"$namespace": self.walk(dict(vars(obj)), path, depth + 1)}
         tag = treetypes.tag_of(t)
-        if tag is None or self.tensors_only:
+        if tag is None or (self.tensors_only and tag == treetypes.ENUM):
             return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
         name = treetypes.qualified_name(t)
-        if not treetypes.is_registered(t):
+        # A template's tensors inside a dataclass or named tuple are found registered or not.
+        if not self.tensors_only and not treetypes.is_registered(t):
             if self.allow_pickle:
                 return self.other(obj, path, f"{tag[1:]} {name}")
             raise UnsupportedObjectError(
@@ -318,7 +320,7 @@ class _Flattener:
         return {tag: [by_text[k] for k in sorted(by_text)]}
 
     def check_hashable(self, x: Any, path: str, what: str) -> None:
-        if not treetypes.hashable_value(x):
+        if not treetypes.hashable_value(x) and not self.tensors_only:
             t = type(x)
             raise UnsupportedObjectError(
                 f"{what} {_short(x)} of type {t.__module__}.{t.__qualname__} at {path!r}: set "

@@ -363,3 +363,17 @@ def test_export_names_tensors_inside_the_new_containers(tmp_path, registered):
     back = ckptguard.export(tmp_path / "c", to="torch", dest=tmp_path / "pt")
     got = torch.load(back.files[0], weights_only=False)
     assert _same(got, state)
+
+
+def test_a_template_finds_tensors_inside_the_new_containers(tmp_path, registered):
+    state = {"cfg": Config(0.1, [torch.ones(3)]), "ns": argparse.Namespace(w=torch.ones(2))}
+    ckptguard.save(state, tmp_path / "c")
+    template = {
+        "cfg": Config(0.0, [torch.zeros(3)]),
+        "ns": argparse.Namespace(w=torch.zeros(2)),
+        "odd": {fractions.Fraction(1, 2): {object()}},  # ignored, as any value a save refuses
+    }
+    _, refs, _ = flatten(template, tensors_only=True)
+    assert [r.key for r in refs] == ["cfg/layers/0", "ns/w"]
+    ckptguard.load(tmp_path / "c", template=template)
+    assert template["cfg"].layers[0].sum() == 3 and template["ns"].w.sum() == 2
