@@ -23,7 +23,7 @@ from . import treetypes
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
-from .treeload import I64, INT_LIMIT, PATH_CLASSES, meta_fits
+from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits
 from .treeload import MAX_DEPTH as MAX_DEPTH
 from .treeload import MAX_INT_DIGITS as MAX_INT_DIGITS
 from .treeload import NUMPY_BY_NAME as NUMPY_BY_NAME
@@ -138,6 +138,8 @@ class _Flattener:
         return self.torch_tensor(t, path)
 
     def torch_tensor(self, t: Any, path: str) -> dict:
+        if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
+            return self.sparse(t, path)
         if type(t) not in _PLAIN_TENSORS or t.layout != torch.strided:
             return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
         dtype = t.dtype
@@ -329,6 +331,26 @@ class _Flattener:
                 "it (e.g. to str)",
                 key_path=path,
             )
+
+    def sparse(self, t: torch.Tensor, path: str) -> dict:
+        """A sparse COO or CSR tensor: its index and value tensors, each a tensor of the tree
+        (key path: the sparse tensor's, then the part's name)."""
+        if t.requires_grad:
+            return self.other(t, path, "sparse tensor that requires grad")
+        coo = t.layout == torch.sparse_coo
+        parts = (
+            (t._indices(), t._values()) if coo else (t.crow_indices(), t.col_indices(), t.values())
+        )
+        nodes = [
+            self.torch_tensor(p, _join(path, name))
+            for name, p in zip(SPARSE_PARTS[t.layout], parts, strict=True)
+        ]
+        return {
+            "$sparse": "coo" if coo else "csr",
+            "shape": list(t.shape),
+            "parts": nodes,
+            "coalesced": bool(coo and t.is_coalesced()),
+        }
 
     def meta(self, t: torch.Tensor, name: str, path: str) -> dict:
         """A meta tensor: its shape and dtype (it has no data)."""

@@ -73,7 +73,14 @@ PATH_CLASSES: dict[str, type] = {
     "PurePosixPath": pathlib.PurePosixPath,
     "PureWindowsPath": pathlib.PureWindowsPath,
 }
+# The parts of a sparse tensor, by layout: the names in its parts' key paths, in stored order.
+SPARSE_PARTS = {
+    torch.sparse_coo: ("indices", "values"),
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+}
+_SPARSE_LAYOUTS = {"coo": torch.sparse_coo, "csr": torch.sparse_csr}
 _MEMBERS = {
+    "$sparse": {"$sparse", "shape", "parts", "coalesced"},
     "$npscalar": {"$npscalar", "hex"},
     "$path": {"$path", "class"},
     "$enum": {"$enum", "name"},
@@ -157,6 +164,8 @@ def node_path(tree: Any, target: dict) -> str:
                 stack.extend((p[1], _join(path, _key_text(p[0]))) for p in v if len(p) == 2)
             elif tag in ("$dataclass", "$namespace", "$namedtuple"):
                 stack.append((node.get("fields", v), path))
+            elif tag == "$sparse":
+                continue
             elif isinstance(v, list):
                 stack.extend((x, _join(path, i)) for i, x in enumerate(v))
     return ""
@@ -377,6 +386,39 @@ class _Builder:
             raise TreeError(f"$meta of dtype {v} cannot require grad")
         return torch.nn.Parameter(t, requires_grad=grad) if param else t.requires_grad_(grad)
 
+    def sparse(self, v: Any, node: dict, depth: int) -> Any:
+        """A sparse tensor from its part tensors (references, which add no level); torch checks
+        the indices against the shape (and the order that ``coalesced`` claims)."""
+        layout = _SPARSE_LAYOUTS.get(v) if isinstance(v, str) else None
+        shape, parts, coalesced = node["shape"], node["parts"], node["coalesced"]
+        if layout is None or type(coalesced) is not bool or (coalesced and v != "coo"):
+            raise TreeError("$sparse is not coo or csr with a boolean coalesced (csr: false)")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < I64 for d in shape):
+            raise TreeError("$sparse shape is not a list of integers in [0, 2**63)")
+        if len(shape) > MAX_DIMS:
+            raise TreeError(f"$sparse shape has over {MAX_DIMS} entries")
+        if (
+            not isinstance(parts, list)
+            or len(parts) != len(SPARSE_PARTS[layout])
+            or not all(type(p) is dict and set(p) == {"$tensor"} for p in parts)
+        ):
+            raise TreeError(f"$sparse {v} parts are not {len(SPARSE_PARTS[layout])} tensors")
+        ts = [self.build(p, depth) for p in parts]
+        if self.pickled is _Pickled.CHECK:
+            return None
+        if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided for t in ts):
+            raise TreeError("$sparse parts are not dense torch tensors")
+        try:
+            if layout == torch.sparse_coo:
+                idx, values = ts
+                return torch.sparse_coo_tensor(
+                    idx, values, shape, is_coalesced=coalesced, check_invariants=True
+                )
+            crow, col, values = ts
+            return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
+        except RuntimeError as e:
+            raise TreeError(f"$sparse {v} tensor is not consistent: {e}") from None
+
     def registered(self, tag: str, v: Any, node: dict, sub: int) -> Any:
         """A ``$dataclass``, ``$enum`` or ``$namedtuple``: its class looked up by name among
         those registered, never imported; checking builds its fields only."""
@@ -417,6 +459,7 @@ _TYPED: dict[str, Any] = {
     "$path": lambda b, v, node, sub: b.path(v, node, sub),
     "$namespace": lambda b, v, node, sub: b.namespace(v, sub),
     "$meta": lambda b, v, node, sub: b.meta(v, node, sub),
+    "$sparse": lambda b, v, node, sub: b.sparse(v, node, sub - 1),
     "$dataclass": lambda b, v, node, sub: b.registered("$dataclass", v, node, sub),
     "$enum": lambda b, v, node, sub: b.registered("$enum", v, node, sub),
     "$namedtuple": lambda b, v, node, sub: b.registered("$namedtuple", v, node, sub),

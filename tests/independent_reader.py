@@ -248,6 +248,16 @@ class Meta:
 
 
 @dataclass(frozen=True)
+class Sparse:
+    """``{"$sparse": layout, ...}``: a sparse tensor by its part tensors."""
+
+    layout: str
+    shape: tuple[int, ...]
+    parts: tuple[TensorRef, ...]
+    coalesced: bool
+
+
+@dataclass(frozen=True)
 class EnumMember:
     """``{"$enum": class, "name": member}``."""
 
@@ -1025,6 +1035,7 @@ class _TreeDecoder:
             "$dataclass": {"$dataclass", "fields"},
             "$namedtuple": {"$namedtuple", "fields"},
             "$meta": {"$meta", "shape", "requires_grad", "parameter"},
+            "$sparse": {"$sparse", "shape", "parts", "coalesced"},
         }.get(tag, {tag})
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
@@ -1137,6 +1148,26 @@ class _TreeDecoder:
             return Namespace(d)
         if tag == "$meta":
             return _meta(x, v)
+        if tag == "$sparse":
+            names = SPARSE_PARTS.get(x) if isinstance(x, str) else None
+            _need(names is not None, f"tree: $sparse layout {x!r}")
+            assert names is not None
+            shape, parts, coalesced = v["shape"], v["parts"], v["coalesced"]
+            _need(isinstance(coalesced, bool) and (x == "coo" or not coalesced), "tree: coalesced")
+            _need(
+                isinstance(shape, list)
+                and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < 2**63 for d in shape),
+                "tree: $sparse shape",
+            )
+            _need(
+                isinstance(parts, list)
+                and len(parts) == len(names)
+                and all(isinstance(p, dict) and set(p) == {"$tensor"} for p in parts),
+                "tree: $sparse parts are not tensor references",
+            )
+            refs = [self.decode(p, (*path, n), depth) for n, p in zip(names, parts, strict=True)]
+            return Sparse(x, tuple(shape), tuple(refs), coalesced)
         _need(isinstance(x, str), f"tree: {tag} class name is not a string")
         if tag == "$enum":
             _need(isinstance(v["name"], str), "tree: $enum name is not a string")
@@ -1163,8 +1194,10 @@ TYPE_TAGS = {
     "$enum",
     "$namedtuple",
     "$meta",
+    "$sparse",
 }
 FLOAT_DTYPE_PREFIXES = ("float", "bfloat", "complex")
+SPARSE_PARTS = {"coo": ("indices", "values"), "csr": ("crow_indices", "col_indices", "values")}
 
 
 def canonical_json(v: Any) -> str:

@@ -35,7 +35,7 @@ class Custom:
         ({"s": {1, fractions.Fraction(1, 2)}}, "s/"),
         ({"k": {(1, fractions.Fraction(1, 2)): 3}}, "k/"),
         ({"np": np.array(["x"])}, "np"),
-        ({"sparse": torch.eye(3).to_sparse()}, "sparse"),
+        ({"sparse": torch.eye(3).to_sparse_csc()}, "sparse"),
         ({"lam": lambda: 1}, "lam"),
     ],
 )
@@ -225,7 +225,7 @@ def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
     "value,what",
     [
         (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), "tensor of dtype"),
-        (torch.eye(2).to_sparse(), "tensor of type Tensor/torch.sparse_coo"),
+        (torch.eye(2).to_sparse_bsr(1), "tensor of type Tensor/torch.sparse_bsr"),
         (np.ones(2, dtype=">f4"), "numpy array of dtype >f4"),
     ],
 )

@@ -377,3 +377,52 @@ def test_a_template_finds_tensors_inside_the_new_containers(tmp_path, registered
     assert [r.key for r in refs] == ["cfg/layers/0", "ns/w"]
     ckptguard.load(tmp_path / "c", template=template)
     assert template["cfg"].layers[0].sum() == 3 and template["ns"].w.sum() == 2
+
+
+def _sparse() -> dict:
+    dense = torch.tensor([[0.0, 1.5, 0.0], [2.0, 0.0, -3.0]])
+    uncoalesced = torch.sparse_coo_tensor(
+        torch.tensor([[1, 0, 1], [2, 1, 2]]), torch.tensor([1.0, 2.0, 3.0]), (2, 3)
+    )
+    return {
+        "coo": dense.to_sparse(),
+        "csr": dense.to_sparse_csr(),
+        "hybrid": torch.arange(12.0).reshape(3, 4).to_sparse(1),  # dense values per index
+        "uncoalesced": uncoalesced,
+        "empty": torch.zeros(4, 5).to_sparse(),
+    }
+
+
+@pytest.mark.parametrize("where", ["ckpt", "x.pt"])
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_sparse_tensors_round_trip(tmp_path, where):
+    state = _sparse()
+    back, features = _roundtrip(tmp_path, state, where)
+    for k, t in state.items():
+        got = back[k]
+        assert got.layout == t.layout and got.shape == t.shape and got.dtype == t.dtype
+        assert torch.equal(got.to_dense(), t.to_dense())
+        if t.layout == torch.sparse_coo:
+            assert got.is_coalesced() == t.is_coalesced()
+    assert TREE_TYPES in features
+    ck = ir.read_checkpoint(str(tmp_path / where))
+    assert {"coo/indices", "coo/values", "csr/crow_indices", "csr/col_indices"} <= set(ck.tensors)
+    assert ck.tree["csr"].layout == "csr" and len(ck.tree["csr"].parts) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_sparse_parts_inconsistent_with_the_shape_are_a_corrupt_tree():
+    idx, values = torch.tensor([[5], [0]]), torch.tensor([1.0])
+    tree = {"$sparse": "coo", "shape": [2, 2], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
+    check_tree({**tree, "coalesced": False}, 2)  # the structure is fine; the values are not
+    with pytest.raises(TreeError, match="not consistent"):
+        unflatten({**tree, "coalesced": False}, [idx, values])
+    unsorted = torch.tensor([[1, 0], [0, 0]])
+    with pytest.raises(TreeError, match="not consistent"):
+        unflatten({**tree, "coalesced": True}, [unsorted, torch.ones(2)])
+
+
+def test_a_sparse_tensor_that_requires_grad_is_refused():
+    t = torch.eye(2).to_sparse().requires_grad_()
+    with pytest.raises(ckptguard.UnsupportedObjectError, match="sparse tensor that requires grad"):
+        flatten({"w": t})

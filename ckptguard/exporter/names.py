@@ -50,7 +50,13 @@ def children(node: Any) -> list[tuple[str, Any]] | None:
         return children(node["$namespace"])
     if tags[0] in ("$dataclass", "$namedtuple"):
         return children(node["fields"])
+    if tags[0] == "$sparse":  # its part tensors, named as their key paths name them
+        names = ("indices", "values") if node["$sparse"] == "coo" else _CSR_PARTS
+        return list(zip(names, node["parts"], strict=True))
     return None
+
+
+_CSR_PARTS = ("crow_indices", "col_indices", "values")
 
 
 def _key_part(k: Any) -> str:

@@ -48,6 +48,7 @@ TYPE_TAGS = frozenset(
         "$enum",
         "$namedtuple",
         "$meta",
+        "$sparse",
     }
 )
 

@@ -642,7 +642,11 @@ TREE_SEEDS: list[Any] = [
         "dc": {"$dataclass": "m.Config", "fields": {"lr": 0.1, "$x": {"$dict": [[1, 2]]}}},
         "nt": {"$namedtuple": "m.Point", "fields": [1, {"$tensor": 0}]},
         "m": {"$meta": "bfloat16", "shape": [2, 0], "requires_grad": True, "parameter": True},
+        "sp": {"$sparse": "coo", "shape": [3], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
+        | {"coalesced": True},
     },
+    {"$sparse": "csr", "shape": [2, 2], "parts": [{"$tensor": 0}] * 3, "coalesced": True},
+    {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 0}, 1], "coalesced": False},
     {"$set": [2, 1]},
     {"$set": [1, True]},
     {"$set": [[1]]},

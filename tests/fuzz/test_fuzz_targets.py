@@ -226,6 +226,11 @@ TYPE_LEAVES = st.sampled_from(
         {"$meta": "int32", "shape": [-1], "requires_grad": False, "parameter": True},
         {"$meta": "float64", "shape": [0, 2**62, 2], "requires_grad": False, "parameter": False},
         {"$meta": "float32", "shape": [1], "requires_grad": 0, "parameter": False},
+        {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 0}] * 2, "coalesced": False},
+        {"$sparse": "csr", "shape": [2], "parts": [{"$tensor": 1}] * 3, "coalesced": False},
+        {"$sparse": "csr", "shape": [2], "parts": [{"$tensor": 1}] * 2, "coalesced": False},
+        {"$sparse": "coo", "shape": [-1], "parts": [{"$tensor": 0}] * 2, "coalesced": True},
+        {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 5}] * 2, "coalesced": True},
     ]
 )
 
