@@ -426,3 +426,36 @@ def test_a_sparse_tensor_that_requires_grad_is_refused():
     t = torch.eye(2).to_sparse().requires_grad_()
     with pytest.raises(ckptguard.UnsupportedObjectError, match="sparse tensor that requires grad"):
         flatten({"w": t})
+
+
+def test_a_reader_without_the_feature_refuses_by_name(tmp_path, monkeypatch):
+    ckptguard.save({"s": {1, 2}}, tmp_path / "c")
+    from ckptguard.format import manifest
+
+    older = manifest.KNOWN_FEATURES - {TREE_TYPES}
+    monkeypatch.setattr(manifest, "KNOWN_FEATURES", older)
+    with pytest.raises(ckptguard.FormatVersionError, match="tree-types"):
+        ckptguard.load(tmp_path / "c")
+
+
+def test_the_registry_is_safe_across_threads():
+    import threading
+
+    classes = [dataclasses.make_dataclass(f"T{i}", [("v", int)]) for i in range(64)]
+
+    def work(cls: type) -> None:
+        for _ in range(50):
+            ckptguard.register_types(cls)
+            ckptguard.unregister_types(cls)
+        ckptguard.register_types(cls)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in classes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert set(classes) <= set(ckptguard.registered_types())
+    finally:
+        ckptguard.unregister_types(*classes)
+    assert not set(classes) & set(ckptguard.registered_types())
