@@ -130,6 +130,8 @@ class _Flattener:
             return self.dtensor(t, path)
         if isinstance(t, np.ndarray):
             name = str(t.dtype) if t.dtype.isnative or t.dtype.itemsize == 1 else None
+            if t.dtype.names is not None and not self.tensors_only:
+                return self.structured(t, path)
             if name not in NUMPY_BY_NAME:
                 return self.other(t, path, f"numpy array of dtype {t.dtype}")
             ident: tuple = ("np", id(t))  # what makes two references the same tensor
@@ -350,6 +352,22 @@ class _Flattener:
             "shape": list(t.shape),
             "parts": nodes,
             "coalesced": bool(coo and t.is_coalesced()),
+        }
+
+    def structured(self, t: np.ndarray, path: str) -> dict:
+        """A numpy array of a plain structured dtype: its fields (names and dtypes), its shape,
+        and its bytes, packed little-endian, as a uint8 array of the tree at its key path."""
+        fields = treetypes.plain_fields(t.dtype)
+        if fields is None:
+            return self.other(t, path, f"numpy array of structured dtype {t.dtype}")
+        stored = np.dtype([(n, NUMPY_BY_NAME[d].newbyteorder("<")) for n, d in fields])
+        raw = np.ascontiguousarray(t).astype(stored).reshape(-1).view(np.uint8)
+        ref = TensorRef(path or "$root", "uint8", raw.shape, "numpy", "cpu", False, False, raw)
+        # ``raw`` is new, kept alive by ``ref``: its id names no other array while flattening.
+        return {
+            "$structured": [list(f) for f in fields],
+            "shape": list(t.shape),
+            "data": self.add(("np", id(raw)), ref, path),
         }
 
     def meta(self, t: torch.Tensor, name: str, path: str) -> dict:

@@ -81,6 +81,7 @@ SPARSE_PARTS = {
 _SPARSE_LAYOUTS = {"coo": torch.sparse_coo, "csr": torch.sparse_csr}
 _MEMBERS = {
     "$sparse": {"$sparse", "shape", "parts", "coalesced"},
+    "$structured": {"$structured", "shape", "data"},
     "$npscalar": {"$npscalar", "hex"},
     "$path": {"$path", "class"},
     "$enum": {"$enum", "name"},
@@ -164,7 +165,7 @@ def node_path(tree: Any, target: dict) -> str:
                 stack.extend((p[1], _join(path, _key_text(p[0]))) for p in v if len(p) == 2)
             elif tag in ("$dataclass", "$namespace", "$namedtuple"):
                 stack.append((node.get("fields", v), path))
-            elif tag == "$sparse":
+            elif tag in ("$sparse", "$structured"):
                 continue
             elif isinstance(v, list):
                 stack.extend((x, _join(path, i)) for i, x in enumerate(v))
@@ -419,6 +420,35 @@ class _Builder:
         except RuntimeError as e:
             raise TreeError(f"$sparse {v} tensor is not consistent: {e}") from None
 
+    def structured(self, v: Any, node: dict, depth: int) -> Any:
+        """A numpy array of a structured dtype from its packed little-endian bytes (a uint8
+        array referenced as ``data``, which adds no level)."""
+        shape, data = node["shape"], node["data"]
+        if (
+            not isinstance(v, list)
+            or not v
+            or not all(isinstance(f, list) and len(f) == 2 for f in v)
+            or not all(type(n) is str and n and d in NUMPY_BY_NAME for n, d in v)
+            or len({n for n, _ in v}) != len(v)
+        ):
+            raise TreeError("$structured is not a list of distinct [name, numpy dtype] fields")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < I64 for d in shape):
+            raise TreeError("$structured shape is not a list of integers in [0, 2**63)")
+        if len(shape) > MAX_DIMS or type(data) is not dict or set(data) != {"$tensor"}:
+            raise TreeError(f"$structured has over {MAX_DIMS} dimensions or no tensor as data")
+        raw = self.build(data, depth)
+        if self.pickled is _Pickled.CHECK:
+            return None
+        stored = np.dtype([(n, NUMPY_BY_NAME[d].newbyteorder("<")) for n, d in v])
+        if (
+            not isinstance(raw, np.ndarray)
+            or raw.dtype != np.uint8
+            or raw.shape != (math.prod(shape) * stored.itemsize,)
+        ):
+            raise TreeError("$structured data is not a uint8 array of its shape's bytes")
+        native = np.dtype([(n, NUMPY_BY_NAME[d]) for n, d in v])
+        return np.ascontiguousarray(raw).view(stored).reshape(shape).astype(native)
+
     def registered(self, tag: str, v: Any, node: dict, sub: int) -> Any:
         """A ``$dataclass``, ``$enum`` or ``$namedtuple``: its class looked up by name among
         those registered, never imported; checking builds its fields only."""
@@ -460,6 +490,7 @@ _TYPED: dict[str, Any] = {
     "$namespace": lambda b, v, node, sub: b.namespace(v, sub),
     "$meta": lambda b, v, node, sub: b.meta(v, node, sub),
     "$sparse": lambda b, v, node, sub: b.sparse(v, node, sub - 1),
+    "$structured": lambda b, v, node, sub: b.structured(v, node, sub - 1),
     "$dataclass": lambda b, v, node, sub: b.registered("$dataclass", v, node, sub),
     "$enum": lambda b, v, node, sub: b.registered("$enum", v, node, sub),
     "$namedtuple": lambda b, v, node, sub: b.registered("$namedtuple", v, node, sub),

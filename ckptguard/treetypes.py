@@ -155,3 +155,29 @@ def hashable_node(node: Any) -> bool:
 def element_text(node: Any) -> str:
     """The canonical JSON text of a stored set element, which orders a set's elements."""
     return json.dumps(node, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def plain_fields(dt: Any) -> list[tuple[str, str]] | None:
+    """The (name, dtype name) fields of a plain structured numpy dtype, or None: at least one
+    field, each a scalar of a plain numeric dtype in native (or no) byte order, packed in order
+    without padding or titles."""
+    names = dt.names
+    if not names:
+        return None
+    out, offset = [], 0
+    for n in names:
+        info = dt.fields[n]
+        fd = info[0]
+        plain = fd.names is None and fd.subdtype is None and (fd.isnative or fd.itemsize == 1)
+        if len(info) != 2 or info[1] != offset or not plain or str(fd) not in PLAIN_NUMPY:
+            return None
+        out.append((n, str(fd)))
+        offset += fd.itemsize
+    return out if offset == dt.itemsize else None
+
+
+PLAIN_NUMPY = frozenset(
+    {"bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64"}
+    | {"float16", "float32", "float64", "complex64", "complex128"}
+)
+"""The numpy dtypes of a tree's numpy scalars and structured fields (format.md section 6)."""

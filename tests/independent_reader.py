@@ -258,6 +258,16 @@ class Sparse:
 
 
 @dataclass(frozen=True)
+class Structured:
+    """``{"$structured": fields, "shape": ..., "data": ref}``: a numpy structured array whose
+    packed little-endian bytes are the uint8 tensor ``data``."""
+
+    fields: tuple[tuple[str, str], ...]
+    shape: tuple[int, ...]
+    data: TensorRef
+
+
+@dataclass(frozen=True)
 class EnumMember:
     """``{"$enum": class, "name": member}``."""
 
@@ -1036,6 +1046,7 @@ class _TreeDecoder:
             "$namedtuple": {"$namedtuple", "fields"},
             "$meta": {"$meta", "shape", "requires_grad", "parameter"},
             "$sparse": {"$sparse", "shape", "parts", "coalesced"},
+            "$structured": {"$structured", "shape", "data"},
         }.get(tag, {tag})
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
@@ -1148,6 +1159,25 @@ class _TreeDecoder:
             return Namespace(d)
         if tag == "$meta":
             return _meta(x, v)
+        if tag == "$structured":
+            shape, data = v["shape"], v["data"]
+            _need(
+                isinstance(x, list)
+                and len(x) > 0
+                and all(isinstance(f, list) and len(f) == 2 for f in x)
+                and all(isinstance(n, str) and n != "" and d in NUMPY_DTYPES for n, d in x)
+                and len({n for n, _ in x}) == len(x),
+                "tree: $structured fields",
+            )
+            _need(
+                isinstance(shape, list)
+                and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < 2**63 for d in shape),
+                "tree: $structured shape",
+            )
+            _need(isinstance(data, dict) and set(data) == {"$tensor"}, "tree: $structured data")
+            ref = self.decode(data, path, depth)
+            return Structured(tuple((n, d) for n, d in x), tuple(shape), ref)
         if tag == "$sparse":
             names = SPARSE_PARTS.get(x) if isinstance(x, str) else None
             _need(names is not None, f"tree: $sparse layout {x!r}")
@@ -1195,6 +1225,7 @@ TYPE_TAGS = {
     "$namedtuple",
     "$meta",
     "$sparse",
+    "$structured",
 }
 FLOAT_DTYPE_PREFIXES = ("float", "bfloat", "complex")
 SPARSE_PARTS = {"coo": ("indices", "values"), "csr": ("crow_indices", "col_indices", "values")}

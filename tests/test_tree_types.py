@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import independent_reader as ir
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -459,3 +460,50 @@ def test_the_registry_is_safe_across_threads():
     finally:
         ckptguard.unregister_types(*classes)
     assert not set(classes) & set(ckptguard.registered_types())
+
+
+@pytest.mark.parametrize("where", ["ckpt", "x.pt"])
+def test_structured_numpy_arrays_round_trip(tmp_path, where):
+    rec = np.array(
+        [(1, 2.5, True), (-3, np.nan, False)], dtype=[("x", "i4"), ("y", "f8"), ("ok", "?")]
+    )
+    state = {
+        "rec": rec,
+        "grid": np.zeros((2, 0, 3), dtype=[("a", "u2"), ("z", "c8")]),
+        "scalar": np.array((7, 1.5), dtype=[("n", "i8"), ("v", "f2")]),
+        "view": rec[::-1],  # not contiguous: stored in C order
+    }
+    back, features = _roundtrip(tmp_path, state, where)
+    for k, a in state.items():
+        assert back[k].dtype == a.dtype and back[k].shape == a.shape
+        assert a.tobytes() == np.ascontiguousarray(back[k]).tobytes()
+    assert TREE_TYPES in features
+    ck = ir.read_checkpoint(str(tmp_path / where))
+    assert ck.tree["rec"].fields == (("x", "int32"), ("y", "float64"), ("ok", "bool"))
+    assert ck.tensors["rec"].dtype == "uint8" and ck.tensors["rec"].shape == (26,)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        [("a", ">i4")],  # not native
+        np.dtype([("a", "i1"), ("b", "i4")], align=True),  # padding
+        [("a", "i4", (2,))],  # a sub-array
+        [("a", [("b", "i4")])],  # nested
+        [("a", "O")],
+        [("a", "U3")],
+    ],
+)
+def test_structured_dtypes_that_are_not_plain_are_refused(dtype):
+    with pytest.raises(ckptguard.UnsupportedObjectError, match="structured dtype") as e:
+        flatten({"q": [np.zeros(2, dtype=dtype)]})
+    assert e.value.key_path == "q/0"
+
+
+def test_structured_data_of_the_wrong_size_is_a_corrupt_tree():
+    tree = {"$structured": [["a", "int32"]], "shape": [2], "data": {"$tensor": 0}}
+    check_tree(tree, 1)
+    assert unflatten(tree, [np.zeros(8, np.uint8)]).dtype == np.dtype([("a", "i4")])
+    for bad in (np.zeros(7, np.uint8), np.zeros(2, np.int32), torch.zeros(8, dtype=torch.uint8)):
+        with pytest.raises(TreeError, match="structured data"):
+            unflatten(tree, [bad])

@@ -49,6 +49,7 @@ TYPE_TAGS = frozenset(
         "$namedtuple",
         "$meta",
         "$sparse",
+        "$structured",
     }
 )
 

@@ -645,6 +645,9 @@ TREE_SEEDS: list[Any] = [
         "sp": {"$sparse": "coo", "shape": [3], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
         | {"coalesced": True},
     },
+    {"$structured": [["x", "int32"], ["y", "float64"]], "shape": [2], "data": {"$tensor": 1}},
+    {"$structured": [["x", "int32"], ["x", "bool"]], "shape": [], "data": {"$tensor": 0}},
+    {"$structured": [], "shape": [1], "data": {"$tensor": 0}},
     {"$sparse": "csr", "shape": [2, 2], "parts": [{"$tensor": 0}] * 3, "coalesced": True},
     {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 0}, 1], "coalesced": False},
     {"$set": [2, 1]},

@@ -231,6 +231,10 @@ TYPE_LEAVES = st.sampled_from(
         {"$sparse": "csr", "shape": [2], "parts": [{"$tensor": 1}] * 2, "coalesced": False},
         {"$sparse": "coo", "shape": [-1], "parts": [{"$tensor": 0}] * 2, "coalesced": True},
         {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 5}] * 2, "coalesced": True},
+        {"$structured": [["a", "int8"], ["b", "complex64"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "int8"], ["", "int8"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "object"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "int8"]], "shape": [3], "data": [{"$tensor": 0}]},
     ]
 )
 
