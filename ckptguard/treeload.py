@@ -26,6 +26,7 @@ from . import treetypes
 from .errors import RegisteredTypeError
 from .format import dtypes
 from .format.manifest import MAX_DIMS, MAX_TENSOR_BYTES
+from .treetypes import NUMPY_BY_NAME as NUMPY_BY_NAME
 
 MAX_DEPTH = 512
 # Trees up to MAX_DEPTH are valid, and flattening, JSON and rebuilding each recurse a few frames
@@ -46,27 +47,6 @@ TORCH_DTYPES: dict[torch.dtype, str] = {
     getattr(torch, n): n for n in dtypes.SIZES if isinstance(getattr(torch, n, None), torch.dtype)
 }
 TORCH_BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
-NUMPY_BY_NAME = {
-    n: np.dtype(n)
-    for n in dtypes.SIZES
-    if n
-    in {
-        "bool",
-        "uint8",
-        "int8",
-        "int16",
-        "uint16",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    }
-}
 # The path classes a tree names: a concrete path loads as the loading system's ``Path``.
 PATH_CLASSES: dict[str, type] = {
     "Path": pathlib.Path,

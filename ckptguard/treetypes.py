@@ -1,5 +1,5 @@
-"""The user's classes an object tree may hold without pickle, and what tree values may be set
-elements and dict keys (docs/format.md section 6.2).
+"""The user's classes an object tree may hold without pickle, what tree values may be set
+elements and dict keys, and which numpy dtypes a tree names (docs/format.md sections 6, 6.2).
 
 Dataclasses, enums and named tuples are stored by their qualified name and rebuilt only if the
 loading process registered that very class (``register_types``), in the spirit of
@@ -14,6 +14,10 @@ import enum
 import json
 import threading
 from typing import Any
+
+import numpy as np
+
+from .format import dtypes
 
 _LOCK = threading.Lock()
 _BY_NAME: dict[str, type] = {}
@@ -181,3 +185,4 @@ PLAIN_NUMPY = frozenset(
     | {"float16", "float32", "float64", "complex64", "complex128"}
 )
 """The numpy dtypes of a tree's numpy scalars and structured fields (format.md section 6)."""
+NUMPY_BY_NAME = {n: np.dtype(n) for n in dtypes.SIZES if n in PLAIN_NUMPY}
