@@ -140,15 +140,15 @@ class _Flattener:
         return self.torch_tensor(t, path)
 
     def torch_tensor(self, t: Any, path: str) -> dict:
-        if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
-            return self.sparse(t, path)
         if type(t) not in _PLAIN_TENSORS or t.layout != torch.strided:
+            if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
+                return self.sparse(t, path)
             return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
         dtype = t.dtype
         name = TORCH_DTYPES.get(dtype)
-        if t.is_meta and name is not None and not self.tensors_only:
-            return self.meta(t, name, path)
         if name is None or t.is_quantized or t.is_meta:
+            if name is not None and t.is_meta and not self.tensors_only:
+                return self.meta(t, name, path)
             return self.other(t, path, f"tensor of dtype {dtype}")
         shape = tuple(t.shape)
         device = t.device
@@ -337,8 +337,11 @@ class _Flattener:
     def sparse(self, t: torch.Tensor, path: str) -> dict:
         """A sparse COO or CSR tensor: its index and value tensors, each a tensor of the tree
         (key path: the sparse tensor's, then the part's name)."""
+        # Its parts are stored as tensors of the tree, so they must be storable tensors.
         if t.requires_grad:
             return self.other(t, path, "sparse tensor that requires grad")
+        if t.is_meta or t.dtype not in TORCH_DTYPES:
+            return self.other(t, path, f"sparse tensor of dtype {t.dtype} on {t.device}")
         coo = t.layout == torch.sparse_coo
         parts = (
             (t._indices(), t._values()) if coo else (t.crow_indices(), t.col_indices(), t.values())
