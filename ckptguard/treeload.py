@@ -101,9 +101,9 @@ class _EnumName:
 class _Unregistered(Exception):
     """A registered-type node this process cannot rebuild; ``unflatten`` adds its key path."""
 
-    def __init__(self, message: str, node: dict, name: str) -> None:
+    def __init__(self, message: str, node: dict, name: str, hint: bool = True) -> None:
         super().__init__(message)
-        self.node, self.name = node, name
+        self.node, self.name, self.hint = node, name, hint
 
 
 def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False, types: bool = True) -> Any:
@@ -114,9 +114,8 @@ def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False, types: 
         return b.build(tree, 0)
     except _Unregistered as e:
         where = node_path(tree, e.node) or "<root>"
-        raise RegisteredTypeError(
-            f"{e} at {where!r}: {treetypes.how_to_register(e.name)}", where, e.name
-        ) from None
+        hint = f": {treetypes.how_to_register(e.name)}" if e.hint else ""
+        raise RegisteredTypeError(f"{e} at {where!r}{hint}", where, e.name) from None
 
 
 def check_tree(tree: Any, n_tensors: int, depth: int = 0, types: bool = True) -> None:
@@ -142,7 +141,8 @@ def node_path(tree: Any, target: dict) -> str:
             if not tag.startswith("$"):
                 stack.extend((x, _join(path, k)) for k, x in node.items())
             elif tag in ("$dict", "$odict") and isinstance(v, list):
-                stack.extend((p[1], _join(path, _key_text(p[0]))) for p in v if len(p) == 2)
+                for p in v:  # a key (an $enum, say) is found at the path of its value
+                    stack.extend((x, _join(path, _key_text(p[0]))) for x in p)
             elif tag in ("$dataclass", "$namespace", "$namedtuple"):
                 stack.append((node.get("fields", v), path))
             elif tag in ("$sparse", "$structured"):
@@ -458,7 +458,12 @@ class _Builder:
         stored = list(fields) if tag == "$dataclass" else len(fields)
         if stored != (names if tag == "$dataclass" else len(names)):
             raise _Unregistered(f"class {v} has fields {names}; the tree stores {stored}", node, v)
-        return cls(**fields) if tag == "$dataclass" else cls(*fields)
+        try:  # the registered class's own code, which may refuse the stored fields
+            return cls(**fields) if tag == "$dataclass" else cls(*fields)
+        except Exception as e:
+            raise _Unregistered(
+                f"class {v} refused its stored fields: {e!r}", node, v, False
+            ) from None
 
 
 _TYPED: dict[str, Any] = {

@@ -507,3 +507,33 @@ def test_structured_data_of_the_wrong_size_is_a_corrupt_tree():
     for bad in (np.zeros(7, np.uint8), np.zeros(2, np.int32), torch.zeros(8, dtype=torch.uint8)):
         with pytest.raises(TreeError, match="structured data"):
             unflatten(tree, [bad])
+
+
+def test_a_class_that_refuses_its_fields_is_a_typed_error_naming_the_path(tmp_path):
+    @dataclasses.dataclass
+    class Checked:
+        n: int
+
+        def __post_init__(self) -> None:
+            if self.n < 0:
+                raise ValueError("n must be >= 0")
+
+    ckptguard.register_types(Checked)
+    try:
+        tree = {"a": {"$dict": [[1, {"$dataclass": _name(Checked), "fields": {"n": -1}}]]}}
+        with pytest.raises(ckptguard.RegisteredTypeError, match="n must be >= 0") as e:
+            unflatten(tree, [])
+        assert e.value.key_path == "a/1"
+    finally:
+        ckptguard.unregister_types(Checked)
+
+
+def test_an_unregistered_enum_key_is_named_by_its_path(registered):
+    tree = {"k": {"$dict": [[{"$enum": "no.Such", "name": "A"}, 1]]}}
+    with pytest.raises(ckptguard.RegisteredTypeError, match="no.Such") as e:
+        unflatten(tree, [])
+    assert e.value.key_path == 'k/{"$enum":"no.Such","name":"A"}'
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
