@@ -537,3 +537,21 @@ def test_an_unregistered_enum_key_is_named_by_its_path(registered):
 
 def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_a_new_type_in_another_ranks_tree_lists_the_feature(tmp_path):
+    from threadcoord import ThreadCoordinator, run_ranks
+
+    path = str(tmp_path / "c")
+
+    def rank_main(coord: ThreadCoordinator) -> None:
+        tags: Any = {"a", "b"} if coord.rank == 1 else ["a", "b"]
+        state = {"w": torch.ones(2), "tags": tags, "rank": coord.rank}
+        ckptguard.save(state, path, coordinator=coord)
+
+    run_ranks(2, rank_main, abort_on_error=True)
+    with CheckpointReader(path) as rd:
+        assert TREE_TYPES in rd.features and rd.manifest["tree"]["tags"] == ["a", "b"]
+    assert ckptguard.load(path)["tags"] == ["a", "b"]
+    ck = ir.read_checkpoint(path)
+    assert ck.rank_trees[1]["tags"] == {"a", "b"}
