@@ -39,6 +39,7 @@ from .errors import (
     OneFileError,
     OptionsMismatchError,
     OutOfMemoryError,
+    RegisteredTypeError,
     ReplicaMismatchWarning,
     SaveCancelledError,
     StoreError,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .read import Problem, VerifyReport
     from .shard import PerRank, Shard
     from .store import Store
+    from .treetypes import register_types, registered_types, unregister_types
 
 # The submodule (relative to this package) that defines each public name loaded on first use;
 # the error classes (errors.py imports nothing heavy) are imported above.
@@ -81,6 +83,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
     ".store": ("Store",),
+    ".treetypes": ("register_types", "registered_types", "unregister_types"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -113,6 +116,7 @@ __all__ = [
     "OutOfMemoryError",
     "PerRank",
     "Problem",
+    "RegisteredTypeError",
     "ReplicaMismatchWarning",
     "SaveCancelledError",
     "SaveHandle",
@@ -132,8 +136,11 @@ __all__ = [
     "export",
     "import_checkpoint",
     "load",
+    "register_types",
+    "registered_types",
     "save",
     "save_async",
+    "unregister_types",
     "verify",
 ]
 

@@ -90,6 +90,16 @@ class UnsupportedObjectError(CheckpointError, TypeError):
         self.key_path = key_path
 
 
+class RegisteredTypeError(CheckpointError, TypeError):
+    """A stored dataclass, enum member or named tuple that this process cannot rebuild: its
+    class is not registered (``ckptguard.register_types``) or no longer matches what was saved."""
+
+    def __init__(self, message: str, key_path: str = "", type_name: str = "") -> None:
+        super().__init__(message)
+        self.key_path = key_path
+        self.type_name = type_name
+
+
 class FormatVersionError(CheckpointError):
     """The checkpoint needs a newer reader (format version or required feature)."""
 

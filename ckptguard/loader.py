@@ -21,7 +21,7 @@ from .format.index import Row
 from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
-from .format.treeids import tensor_ids
+from .format.treeids import TREE_TYPES, tensor_ids
 from .onefile import OneFile
 from .open import CheckpointReader
 from .place import Landing, MapLocation
@@ -94,7 +94,9 @@ def load_checkpoint(
             values[gid] = place.finish(tg, rd.tensors[gid], map_location) if tg.fresh else tg.result
         _pack_values(rd, packs, bufs, map_location, values)
         try:
-            return unflatten(tree, values, allow_pickle=allow_pickle)
+            return unflatten(
+                tree, values, allow_pickle=allow_pickle, types=TREE_TYPES in rd.features
+            )
         except TreeError as e:
             raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
 

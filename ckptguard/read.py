@@ -20,6 +20,7 @@ from .format.datafile import CODECS, FormatError, check_record
 from .format.index import Row
 from .format.layout import MANIFEST
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor
+from .format.treeids import TREE_TYPES
 from .io import pread_exact, read_records
 from .open import CheckpointReader
 from .tree import TreeError, check_tree
@@ -240,11 +241,12 @@ def verify_rows(
 def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:
     """Check the manifest's object trees against the tensor list (once per checkpoint)."""
     m, n = rd.manifest, len(rd.tensors)
+    types = TREE_TYPES in rd.features
     try:
-        check_tree(m["tree"], n)
+        check_tree(m["tree"], n, types=types)
         for value in m["rank_trees"].values():
             if RANK_TREE_DIFFS not in rd.features:
-                check_tree(value, n)
+                check_tree(value, n, types=types)
                 continue
             # Only the values a diff replaces (or the tagged value around them) are new: each is
             # checked once, at its depth, in the rank's tree; the rest is rank 0's, checked above.
@@ -257,6 +259,6 @@ def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:
                 node = tree
                 for step in prefix:
                     node = node[step]
-                check_tree(node, n, depth)
+                check_tree(node, n, depth, types)
     except TreeError as e:
         report.problems.append(Problem(f"object tree is malformed: {e}", MANIFEST))

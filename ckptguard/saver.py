@@ -372,7 +372,7 @@ class _Save:
         p = self.rank0
         table = unify([t for _, t in reports if t is not None])
         files = [rep["file"] for rep, _ in reports]
-        features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table))
+        features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))
         sizes = {f["name"]: f["size"] for f in files}
         index_entry = validate_and_index(
             p.staging, table, p.tensors, sizes, features, self.target.write_index

@@ -1,4 +1,5 @@
-"""Flatten nested state into a JSON object tree plus a tensor list, and back, without pickle.
+"""Flatten nested state into a JSON object tree plus a tensor list, without pickle
+(``treeload`` rebuilds it; both names are here for callers).
 
 The encoding is docs/format.md section 6. Tensors and numpy arrays become ``{"$tensor": id}``;
 the same tensor reached twice gets one id (tied weights stay tied).
@@ -6,64 +7,31 @@ the same tensor reached twice gets one id (tied weights stay tied).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import collections
-import enum
 import math
+import pathlib
 import pickle
-import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import treetypes
 from .errors import UnsupportedObjectError
-from .format import dtypes
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
-
-MAX_DEPTH = 512
-# Trees up to MAX_DEPTH are valid, and flattening, JSON and rebuilding each recurse a few frames
-# per level: make sure Python allows that (only ever raised, never lowered).
-_RECURSION_NEEDED = 8 * MAX_DEPTH + 1000
-if sys.getrecursionlimit() < _RECURSION_NEEDED:
-    sys.setrecursionlimit(_RECURSION_NEEDED)
-_I64 = 1 << 63
-# Digits of a ``$int`` (Python's default limit on int <-> str conversion, fixed here so that a
-# tree's validity does not depend on the interpreter's setting).
-MAX_INT_DIGITS = 4300
-_INT_LIMIT = 10**MAX_INT_DIGITS
-_INT_RE = re.compile(r"-?[1-9][0-9]*")  # canonical decimal: no sign on zero, no leading zeros
-_HEX_RE = re.compile(r"[0-9a-f]*")
-_DEVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(:(0|[1-9][0-9]{0,8}))?")  # str(torch.device)
-
-TORCH_DTYPES: dict[torch.dtype, str] = {
-    getattr(torch, n): n for n in dtypes.SIZES if isinstance(getattr(torch, n, None), torch.dtype)
-}
-TORCH_BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
-NUMPY_BY_NAME = {
-    n: np.dtype(n)
-    for n in dtypes.SIZES
-    if n
-    in {
-        "bool",
-        "uint8",
-        "int8",
-        "int16",
-        "uint16",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    }
-}
+from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits
+from .treeload import MAX_DEPTH as MAX_DEPTH
+from .treeload import MAX_INT_DIGITS as MAX_INT_DIGITS
+from .treeload import NUMPY_BY_NAME as NUMPY_BY_NAME
+from .treeload import TORCH_BY_NAME as TORCH_BY_NAME
+from .treeload import TORCH_DTYPES as TORCH_DTYPES
+from .treeload import TreeError as TreeError
+from .treeload import check_tree as check_tree
+from .treeload import unflatten as unflatten
 
 
 @dataclass
@@ -162,6 +130,8 @@ class _Flattener:
             return self.dtensor(t, path)
         if isinstance(t, np.ndarray):
             name = str(t.dtype) if t.dtype.isnative or t.dtype.itemsize == 1 else None
+            if t.dtype.names is not None and not self.tensors_only:
+                return self.structured(t, path)
             if name not in NUMPY_BY_NAME:
                 return self.other(t, path, f"numpy array of dtype {t.dtype}")
             ident: tuple = ("np", id(t))  # what makes two references the same tensor
@@ -171,10 +141,14 @@ class _Flattener:
 
     def torch_tensor(self, t: Any, path: str) -> dict:
         if type(t) not in _PLAIN_TENSORS or t.layout != torch.strided:
+            if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
+                return self.sparse(t, path)
             return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
         dtype = t.dtype
         name = TORCH_DTYPES.get(dtype)
         if name is None or t.is_quantized or t.is_meta:
+            if name is not None and t.is_meta and not self.tensors_only:
+                return self.meta(t, name, path)
             return self.other(t, path, f"tensor of dtype {dtype}")
         shape = tuple(t.shape)
         device = t.device
@@ -234,8 +208,17 @@ class _Flattener:
                 "tensors/plain values, or pass allow_pickle=True at save and at load",
                 key_path=path,
             )
+        try:
+            blob = pickle.dumps(obj, protocol=4)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise UnsupportedObjectError(
+                f"cannot save {what} at {path or '<root>'!r}: pickle cannot store it ({e}); "
+                "convert it to plain values (a lambda or local function: a named module-level "
+                "function)",
+                key_path=path,
+            ) from None
         self.used_pickle = True
-        return {"$pickle": base64.b64encode(pickle.dumps(obj, protocol=4)).decode()}
+        return {"$pickle": base64.b64encode(blob).decode()}
 
     def walk(self, obj: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -246,9 +229,9 @@ class _Flattener:
         if obj is None or isinstance(obj, (bool, str)) and t in (bool, str):
             return obj
         if t is int:
-            if -_I64 <= obj < _I64:
+            if -I64 <= obj < I64:
                 return obj
-            if abs(obj) >= _INT_LIMIT:
+            if abs(obj) >= INT_LIMIT:
                 raise UnsupportedObjectError(
                     f"integer at {path or '<root>'!r} has more than {MAX_INT_DIGITS} digits", path
                 )
@@ -284,24 +267,162 @@ class _Flattener:
             return {"$size": list(obj)}
         if t is torch.device:
             return {"$device": str(obj)}
-        return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
+        return self.extra(obj, t, path, depth)
+
+    def extra(self, obj: Any, t: type, path: str, depth: int) -> Any:
+        """The types of format.md section 6.2 (feature ``tree-types``), else ``other``."""
+        if t is complex:
+            return {"$complex": [_float(obj.real), _float(obj.imag)]}
+        if t is set or t is frozenset:  # no tensors inside: nothing for a template
+            kind = "$set" if t is set else "$frozenset"
+            return None if self.tensors_only else self.elements(kind, obj, path, depth)
+        if t is slice:
+            parts = enumerate((obj.start, obj.stop, obj.step))
+            return {"$slice": [self.walk(x, _join(path, i), depth + 1) for i, x in parts]}
+        if t in _PATH_TAGS:
+            return {"$path": str(obj), "class": _PATH_TAGS[t]}
+        if t is argparse.Namespace:
+            return {"$namespace": self.walk(dict(vars(obj)), path, depth + 1)}
+        tag = treetypes.tag_of(t)
+        if tag is None or (self.tensors_only and tag == treetypes.ENUM):
+            return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
+        name = treetypes.qualified_name(t)
+        # A template's tensors inside a dataclass or named tuple are found registered or not.
+        if not self.tensors_only and not treetypes.is_registered(t):
+            if self.allow_pickle:
+                return self.other(obj, path, f"{tag[1:]} {name}")
+            raise UnsupportedObjectError(
+                f"cannot save {tag[1:]} {name} at {path or '<root>'!r}: its class is not "
+                f"registered; {treetypes.how_to_register(name)}",
+                key_path=path,
+            )
+        if tag == treetypes.ENUM:
+            member = obj.name
+            members: dict = getattr(t, "__members__", {})
+            if members.get(member) is not obj:  # a combination of Flag members has no name
+                return self.other(obj, path, f"enum value {obj!r} that is no single member")
+            return {"$enum": name, "name": member}
+        if tag == treetypes.DATACLASS:
+            fields = {f: getattr(obj, f) for f in treetypes.init_fields(t)}
+            return {"$dataclass": name, "fields": self.walk(fields, path, depth + 1)}
+        return {"$namedtuple": name, "fields": self.walk(list(obj), path, depth + 1)}
+
+    def elements(self, tag: str, obj: Any, path: str, depth: int) -> dict:
+        """A set's elements (hashable values only), sorted by their canonical JSON text."""
+        by_text: dict[str, Any] = {}
+        for i, x in enumerate(obj):
+            self.check_hashable(x, _join(path, i), "set element")
+            node = self.walk(x, _join(path, i), depth + 1)
+            text = treetypes.element_text(node)
+            if text in by_text:  # e.g. two nan objects, which a set holds as two elements
+                raise UnsupportedObjectError(
+                    f"set at {path or '<root>'!r} holds two elements stored alike ({text[:100]}):"
+                    " convert it to a list",
+                    key_path=path,
+                )
+            by_text[text] = node
+        return {tag: [by_text[k] for k in sorted(by_text)]}
+
+    def check_hashable(self, x: Any, path: str, what: str) -> None:
+        if not treetypes.hashable_value(x) and not self.tensors_only:
+            t = type(x)
+            raise UnsupportedObjectError(
+                f"{what} {_short(x)} of type {t.__module__}.{t.__qualname__} at {path!r}: set "
+                "elements and dict keys other than str and int can be None, bool, int, float, "
+                "complex, str, bytes, enum members, or tuples and frozensets of these; convert "
+                "it (e.g. to str)",
+                key_path=path,
+            )
+
+    def sparse(self, t: torch.Tensor, path: str) -> dict:
+        """A sparse COO or CSR tensor: its index and value tensors, each a tensor of the tree
+        (key path: the sparse tensor's, then the part's name)."""
+        # Its parts are stored as tensors of the tree, so they must be storable tensors.
+        if t.requires_grad:
+            return self.other(t, path, "sparse tensor that requires grad")
+        if t.is_meta or t.dtype not in TORCH_DTYPES:
+            return self.other(t, path, f"sparse tensor of dtype {t.dtype} on {t.device}")
+        coo = t.layout == torch.sparse_coo
+        parts = (
+            (t._indices(), t._values()) if coo else (t.crow_indices(), t.col_indices(), t.values())
+        )
+        nodes = [
+            self.torch_tensor(p, _join(path, name))
+            for name, p in zip(SPARSE_PARTS[t.layout], parts, strict=True)
+        ]
+        return {
+            "$sparse": "coo" if coo else "csr",
+            "shape": list(t.shape),
+            "parts": nodes,
+            "coalesced": bool(coo and t.is_coalesced()),
+        }
+
+    def structured(self, t: np.ndarray, path: str) -> dict:
+        """A numpy array of a plain structured dtype: its fields (names and dtypes), its shape,
+        and its bytes, packed little-endian, as a uint8 array of the tree at its key path."""
+        fields = treetypes.plain_fields(t.dtype)
+        if fields is None:
+            return self.other(t, path, f"numpy array of structured dtype {t.dtype}")
+        stored = np.dtype([(n, NUMPY_BY_NAME[d].newbyteorder("<")) for n, d in fields])
+        raw = np.ascontiguousarray(t).astype(stored).reshape(-1).view(np.uint8)
+        ref = TensorRef(path or "$root", "uint8", raw.shape, "numpy", "cpu", False, False, raw)
+        # ``raw`` is new, kept alive by ``ref``: its id names no other array while flattening.
+        return {
+            "$structured": [list(f) for f in fields],
+            "shape": list(t.shape),
+            "data": self.add(("np", id(raw)), ref, path),
+        }
+
+    def meta(self, t: torch.Tensor, name: str, path: str) -> dict:
+        """A meta tensor: its shape and dtype (it has no data)."""
+        shape = list(t.shape)
+        if len(shape) > MAX_DIMS or not meta_fits(shape, name):
+            raise UnsupportedObjectError(
+                f"meta tensor at {path or '<root>'!r} of shape {shape} and dtype {name} is "
+                f"larger than a tensor can be saved (2**62 bytes, {MAX_DIMS} dimensions)",
+                key_path=path,
+            )
+        return {
+            "$meta": name,
+            "shape": shape,
+            "requires_grad": bool(t.requires_grad),
+            "parameter": isinstance(t, torch.nn.Parameter),
+        }
 
     def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
-        for k in obj:
-            if type(k) not in (str, int):
-                self_path = _join(path, repr(k))
-                raise UnsupportedObjectError(
-                    f"dict key {k!r} of type {type(k).__name__} at {path or '<root>'!r}: only str "
-                    "and int keys can be saved",
-                    key_path=self_path,
-                )
-        items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
-        plain = all(type(k) is str and not k.startswith("$") for k, _ in items)
-        if ordered:
-            return {"$odict": [[k, v] for k, v in items]}
-        if plain:
-            return dict(items)
-        return {"$dict": [[k, v] for k, v in items]}
+        if all(type(k) is str or type(k) is int for k in obj):
+            items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
+            if not ordered and all(type(k) is str and not k.startswith("$") for k, _ in items):
+                return dict(items)
+            return {"$odict" if ordered else "$dict": [[k, v] for k, v in items]}
+        pairs = []
+        for k, v in obj.items():
+            if type(k) is str or type(k) is int:
+                pairs.append([k, self.walk(v, _join(path, k), depth + 1)])
+                continue
+            # A hashable value; its key path part is the canonical JSON text of its stored form.
+            self.check_hashable(k, _join(path, repr(k)), "dict key")
+            node = self.walk(k, _join(path, repr(k)), depth + 1)
+            part = treetypes.element_text(node)
+            pairs.append([node, self.walk(v, _join(path, part), depth + 1)])
+        return {"$odict" if ordered else "$dict": pairs}
+
+
+_PATH_TAGS = {
+    type(pathlib.Path()): "Path",
+    pathlib.PurePosixPath: "PurePosixPath",
+    pathlib.PureWindowsPath: "PureWindowsPath",
+}
+assert set(_PATH_TAGS.values()) == set(PATH_CLASSES)
+
+
+def _float(x: float) -> Any:
+    return x if math.isfinite(x) else {"$float": repr(x)}
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def flatten(
@@ -324,153 +445,3 @@ class Flat:
     tree: Any
     refs: list[TensorRef]
     used_pickle: bool = False
-
-
-class TreeError(ValueError):
-    """The stored tree is malformed (the reader turns this into CorruptCheckpointError)."""
-
-
-class _Pickled(enum.Enum):
-    """What rebuilding a tree does with a ``$pickle`` value."""
-
-    REFUSE = "refuse"  # TreeError: the caller did not opt in
-    LOAD = "load"  # unpickle: the caller opted in at save and at load
-    CHECK = "check"  # check its base64 only and build None (validation builds nothing)
-
-
-def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False) -> Any:
-    """Rebuild the object from its JSON tree and the loaded tensors (indexed by id)."""
-    return _build(tree, tensors, _Pickled.LOAD if allow_pickle else _Pickled.REFUSE, 0)
-
-
-def check_tree(tree: Any, n_tensors: int, depth: int = 0) -> None:
-    """Validate a stored tree's structure without building pickled objects (``depth``: the
-    nesting depth of ``tree`` when it is a value inside a larger tree)."""
-    _build(tree, [None] * n_tensors, _Pickled.CHECK, depth)
-
-
-def _pairs(tag: str, v: Any) -> list:
-    """The ``[key, value]`` pairs of a ``$dict``/``$odict``: keys str or int, none twice; a
-    ``$dict`` has a key a plain object cannot hold (an int, or a str starting with ``$``)."""
-    if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
-        raise TreeError(f"malformed {tag} in tree")
-    seen: set = set()
-    for k, _ in v:
-        if type(k) not in (str, int):
-            raise TreeError(f"{tag} key in tree is not a string or integer")
-        if (type(k), k) in seen:
-            raise TreeError(f"{tag} key {str(k)[:100]!r} appears twice")
-        seen.add((type(k), k))
-    if tag == "$dict" and all(type(k) is str and not k.startswith("$") for k, _ in v):
-        raise TreeError("$dict whose keys are all plain strings (must be a JSON object)")
-    return v
-
-
-def _build(node: Any, tensors: list[Any], pickled: _Pickled, depth: int) -> Any:
-    if depth > MAX_DEPTH:
-        raise TreeError("tree nested too deeply")
-    if type(node) is dict and len(node) == 1:  # a tensor reference (most nodes of a state)
-        v = node.get("$tensor")
-        if type(v) is int and 0 <= v < len(tensors):
-            return tensors[v]
-    if node is None or isinstance(node, (bool, str)):
-        return node
-    if type(node) is int:
-        if not -_I64 <= node < _I64:
-            raise TreeError("integer outside int64 in tree (must be $int)")
-        return node
-    if type(node) is float:
-        if not math.isfinite(node):  # a JSON number beyond float range, such as 1e400
-            raise TreeError("non-finite number in tree (must be $float)")
-        return node
-    if isinstance(node, list):
-        return [_build(v, tensors, pickled, depth + 1) for v in node]
-    if not isinstance(node, dict):
-        raise TreeError(f"unexpected JSON value {type(node).__name__} in tree")
-    tags = [k for k in node if k.startswith("$")]
-    if not tags:
-        return {k: _build(v, tensors, pickled, depth + 1) for k, v in node.items()}
-    tag = tags[0]
-    expect = {"$npscalar": {"$npscalar", "hex"}}.get(tag, {tag})
-    if set(node) != expect:
-        raise TreeError(f"tagged value {tag} has unexpected members")
-    v = node[tag]
-    try:
-        return _tagged(tag, v, node, tensors, pickled, depth)
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
-        if isinstance(e, TreeError):
-            raise
-        raise TreeError(f"malformed {tag} value in tree: {e}") from None
-
-
-def _b64(tag: str, v: Any) -> bytes:
-    """Canonical base64 (RFC 4648 section 4, padded, zero pad bits): one text per byte string."""
-    if not isinstance(v, str):
-        raise TreeError(f"{tag} is not a string")
-    try:
-        blob = base64.b64decode(v, validate=True)
-    except ValueError:
-        raise TreeError(f"{tag} is not base64") from None
-    if base64.b64encode(blob).decode() != v:
-        raise TreeError(f"{tag} is not canonical base64 (padding or pad bits)")
-    return blob
-
-
-def _tagged(tag: str, v: Any, node: dict, tensors: list, pickled: _Pickled, depth: int) -> Any:
-    sub = depth + 1
-    if tag == "$tensor":
-        if type(v) is not int or not 0 <= v < len(tensors):
-            raise TreeError("tensor reference out of range")
-        return tensors[v]
-    if tag == "$tuple":
-        if not isinstance(v, list):
-            raise TreeError("$tuple is not a list")
-        return tuple(_build(x, tensors, pickled, sub) for x in v)
-    if tag in ("$dict", "$odict"):
-        cls = dict if tag == "$dict" else collections.OrderedDict
-        return cls((k, _build(x, tensors, pickled, sub)) for k, x in _pairs(tag, v))
-    if tag == "$int":
-        if (
-            not isinstance(v, str)
-            or len(v.lstrip("-")) > MAX_INT_DIGITS
-            or not _INT_RE.fullmatch(v)
-        ):
-            raise TreeError(f"$int is not a canonical decimal of at most {MAX_INT_DIGITS} digits")
-        n = int(v)
-        if -_I64 <= n < _I64:
-            raise TreeError(f"$int {v} is within int64 (must be a JSON number)")
-        return n
-    if tag == "$float":
-        if v not in ("inf", "-inf", "nan"):
-            raise TreeError("$float is not inf, -inf or nan")
-        return float(v)
-    if tag == "$bytes":
-        return _b64(tag, v)
-    if tag == "$npscalar":
-        dt = NUMPY_BY_NAME[v].newbyteorder("<")
-        hx = node["hex"]
-        if not isinstance(hx, str) or len(hx) != 2 * dt.itemsize or not _HEX_RE.fullmatch(hx):
-            raise TreeError(f"$npscalar hex is not {2 * dt.itemsize} lowercase hex digits")
-        raw = bytes.fromhex(hx)
-        return np.frombuffer(raw, dtype=dt)[0].astype(NUMPY_BY_NAME[v])
-    if tag == "$dtype":
-        return TORCH_BY_NAME[v]
-    if tag == "$size":
-        if not isinstance(v, list) or not all(type(x) is int and 0 <= x < _I64 for x in v):
-            raise TreeError("$size is not a list of integers in [0, 2**63)")
-        return torch.Size(v)
-    if tag == "$device":
-        if not isinstance(v, str) or not _DEVICE_RE.fullmatch(v):
-            raise TreeError("$device is not a device type with an optional canonical index")
-        try:
-            return torch.device(v)
-        except RuntimeError as e:  # torch's error for a string that names no device
-            raise TreeError(f"$device {v[:100]!r} is not a device: {e}") from None
-    if tag == "$pickle":
-        blob = _b64(tag, v)
-        if pickled is _Pickled.CHECK:
-            return None
-        if pickled is _Pickled.REFUSE:
-            raise TreeError("tree holds a pickled object but allow_pickle is off")
-        return pickle.loads(blob)  # _Pickled.LOAD: the caller opted in at save and load
-    raise TreeError(f"unknown tag {tag} in tree")

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import stat
 import struct
@@ -95,7 +96,14 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # values of rank_trees are diffs against tree (section 6.1); per-rank-tensors: a tensor entry may
 # be per_rank, its row r being rank r's own value (section 3.1)
 # packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
-KNOWN_FEATURES = {"pickle", "rank-tree-diffs", "per-rank-tensors", "packed-records", "zstd"}
+KNOWN_FEATURES = {
+    "pickle",
+    "rank-tree-diffs",
+    "per-rank-tensors",
+    "packed-records",
+    "zstd",
+    "tree-types",
+}
 MAX_DIFF_PATH = 2048
 # section 10: one-file checkpoints
 CONTAINER_MAGIC = b"CKGFILE1"
@@ -212,6 +220,68 @@ class Pickled:
     """``{"$pickle": base64}``: returned opaque, never unpickled."""
 
     data: bytes
+
+
+@dataclass(frozen=True)
+class PathValue:
+    """``{"$path": text, "class": cls}``."""
+
+    cls: str
+    text: str
+
+
+@dataclass
+class Namespace:
+    """``{"$namespace": {...}}`` with its decoded attributes."""
+
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Meta:
+    """``{"$meta": dtype, "shape": [...], ...}``: a tensor without data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    requires_grad: bool
+    parameter: bool
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """``{"$sparse": layout, ...}``: a sparse tensor by its part tensors."""
+
+    layout: str
+    shape: tuple[int, ...]
+    parts: tuple[TensorRef, ...]
+    coalesced: bool
+
+
+@dataclass(frozen=True)
+class Structured:
+    """``{"$structured": fields, "shape": ..., "data": ref}``: a numpy structured array whose
+    packed little-endian bytes are the uint8 tensor ``data``."""
+
+    fields: tuple[tuple[str, str], ...]
+    shape: tuple[int, ...]
+    data: TensorRef
+
+
+@dataclass(frozen=True)
+class EnumMember:
+    """``{"$enum": class, "name": member}``."""
+
+    cls: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    """``{"$dataclass"|"$namedtuple": class, "fields": ...}`` with its decoded fields."""
+
+    tag: str
+    cls: str
+    fields: Any = field(compare=False, hash=False)
 
 
 @dataclass
@@ -968,9 +1038,20 @@ class _TreeDecoder:
         _need(len(tags) == 1, f"tree: several tags {tags}")
         tag = tags[0]
         members = set(v)
-        exact = {"$npscalar": {"$npscalar", "hex"}}.get(tag, {tag})
+        exact = {
+            "$npscalar": {"$npscalar", "hex"},
+            "$path": {"$path", "class"},
+            "$enum": {"$enum", "name"},
+            "$dataclass": {"$dataclass", "fields"},
+            "$namedtuple": {"$namedtuple", "fields"},
+            "$meta": {"$meta", "shape", "requires_grad", "parameter"},
+            "$sparse": {"$sparse", "shape", "parts", "coalesced"},
+            "$structured": {"$structured", "shape", "data"},
+        }.get(tag, {tag})
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
+        if tag in TYPE_TAGS:
+            return self.typed(tag, x, v, path, depth)
         if tag == "$int":
             _need(
                 isinstance(x, str)
@@ -993,13 +1074,15 @@ class _TreeDecoder:
             out: dict[Any, Any] = {} if tag == "$dict" else collections.OrderedDict()
             for pair in x:
                 _need(isinstance(pair, list) and len(pair) == 2, f"tree: bad {tag} entry")
-                k, val = pair
-                _need(isinstance(k, str) or _is_int(k), f"tree: {tag} key {k!r}")
+                kn, val = pair
+                if isinstance(kn, str) or _is_int(kn):
+                    k, part = kn, escape_key(kn) if isinstance(kn, str) else str(kn)
+                else:  # section 6.2: a hashable value, its path part its canonical JSON text
+                    k, part = self.hashable(kn, depth + 1), escape_key(canonical_json(kn))
                 _need(k not in out, f"tree: duplicate {tag} key {k!r}")
-                part = escape_key(k) if isinstance(k, str) else str(k)
                 out[k] = self.decode(val, (*path, part), depth + 1)
             _need(
-                tag == "$odict" or any(_is_int(k) or k.startswith("$") for k in out),
+                tag == "$odict" or any(not isinstance(k, str) or k.startswith("$") for k in out),
                 "tree: $dict whose keys are all plain strings (must be an object)",
             )
             return out
@@ -1038,6 +1121,150 @@ class _TreeDecoder:
             return Pickled(_base64(tag, x))
         raise SpecViolation(f"tree: unknown tag {tag!r}")
 
+    def hashable(self, node: Any, depth: int) -> Any:
+        """A set element or a dict key other than str and int (section 6.2)."""
+        value = self.decode(node, (), depth)
+        _need(_hashable_shape(node), f"tree: {str(node)[:80]} is not a hashable value")
+        return value
+
+    def typed(self, tag: str, x: Any, v: dict, path: tuple[str, ...], depth: int) -> Any:
+        """The tags of section 6.2 (feature tree-types)."""
+        sub = depth + 1
+        if tag in ("$set", "$frozenset"):
+            _need(isinstance(x, list), f"tree: {tag} is not a list")
+            elems = [self.hashable(e, sub) for e in x]
+            texts = [canonical_json(e) for e in x]
+            _need(texts == sorted(set(texts)), f"tree: {tag} elements not in canonical order")
+            _need(len(set(elems)) == len(elems), f"tree: {tag} has equal elements")
+            return set(elems) if tag == "$set" else frozenset(elems)
+        if tag == "$complex":
+            _need(isinstance(x, list) and len(x) == 2, "tree: $complex is not a pair")
+            re_, im = (self.decode(e, path, sub) for e in x)
+            _need(isinstance(re_, float) and isinstance(im, float), "tree: $complex parts")
+            return complex(re_, im)
+        if tag == "$slice":
+            _need(isinstance(x, list) and len(x) == 3, "tree: $slice is not a triple")
+            return slice(*(self.decode(e, (*path, str(i)), sub) for i, e in enumerate(x)))
+        if tag == "$path":
+            cls = v["class"]
+            _need(cls in ("Path", "PurePosixPath", "PureWindowsPath"), "tree: $path class")
+            _need(isinstance(x, str) and x != "", "tree: $path is not a non-empty string")
+            if cls != "Path":
+                pure = pathlib.PurePosixPath if cls == "PurePosixPath" else pathlib.PureWindowsPath
+                _need(str(pure(x)) == x, f"tree: $path {x!r} is not canonical")
+            return PathValue(cls, x)
+        if tag == "$namespace":
+            d = self.decode(x, path, sub)
+            _need(type(d) is dict and all(isinstance(k, str) for k in d), "tree: $namespace")
+            return Namespace(d)
+        if tag == "$meta":
+            return _meta(x, v)
+        if tag == "$structured":
+            shape, data = v["shape"], v["data"]
+            _need(
+                isinstance(x, list)
+                and len(x) > 0
+                and all(isinstance(f, list) and len(f) == 2 for f in x)
+                and all(isinstance(n, str) and n != "" and d in NUMPY_DTYPES for n, d in x)
+                and len({n for n, _ in x}) == len(x),
+                "tree: $structured fields",
+            )
+            _need(
+                isinstance(shape, list)
+                and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < 2**63 for d in shape),
+                "tree: $structured shape",
+            )
+            _need(isinstance(data, dict) and set(data) == {"$tensor"}, "tree: $structured data")
+            ref = self.decode(data, path, depth)
+            return Structured(tuple((n, d) for n, d in x), tuple(shape), ref)
+        if tag == "$sparse":
+            names = SPARSE_PARTS.get(x) if isinstance(x, str) else None
+            _need(names is not None, f"tree: $sparse layout {x!r}")
+            assert names is not None
+            shape, parts, coalesced = v["shape"], v["parts"], v["coalesced"]
+            _need(isinstance(coalesced, bool) and (x == "coo" or not coalesced), "tree: coalesced")
+            _need(
+                isinstance(shape, list)
+                and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < 2**63 for d in shape),
+                "tree: $sparse shape",
+            )
+            _need(
+                isinstance(parts, list)
+                and len(parts) == len(names)
+                and all(isinstance(p, dict) and set(p) == {"$tensor"} for p in parts),
+                "tree: $sparse parts are not tensor references",
+            )
+            refs = [self.decode(p, (*path, n), depth) for n, p in zip(names, parts, strict=True)]
+            return Sparse(x, tuple(shape), tuple(refs), coalesced)
+        _need(isinstance(x, str), f"tree: {tag} class name is not a string")
+        if tag == "$enum":
+            _need(isinstance(v["name"], str), "tree: $enum name is not a string")
+            return EnumMember(x, v["name"])
+        fields = self.decode(v["fields"], path, sub)
+        if tag == "$dataclass":
+            _need(
+                type(fields) is dict and all(isinstance(k, str) for k in fields),
+                "tree: $dataclass fields are not an object of str keys",
+            )
+        else:
+            _need(isinstance(v["fields"], list), "tree: $namedtuple fields are not an array")
+        return Registered(tag, x, fields)
+
+
+TYPE_TAGS = {
+    "$set",
+    "$frozenset",
+    "$complex",
+    "$slice",
+    "$path",
+    "$namespace",
+    "$dataclass",
+    "$enum",
+    "$namedtuple",
+    "$meta",
+    "$sparse",
+    "$structured",
+}
+FLOAT_DTYPE_PREFIXES = ("float", "bfloat", "complex")
+SPARSE_PARTS = {"coo": ("indices", "values"), "csr": ("crow_indices", "col_indices", "values")}
+
+
+def canonical_json(v: Any) -> str:
+    """Section 6.2: compact JSON, no ASCII escaping, members in stored order."""
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _hashable_shape(node: Any) -> bool:
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return True
+    if not isinstance(node, dict):
+        return False
+    if set(node) == {"$enum", "name"}:
+        return True
+    if len(node) != 1:
+        return False
+    tag, x = next(iter(node.items()))
+    if tag in ("$int", "$float", "$complex", "$bytes"):
+        return True
+    return tag in ("$tuple", "$frozenset") and all(_hashable_shape(e) for e in x)
+
+
+def _meta(dtype: Any, v: dict) -> Meta:
+    shape, grad, param = v["shape"], v["requires_grad"], v["parameter"]
+    _need(dtype in DTYPE_SIZES, f"tree: $meta dtype {dtype!r}")
+    _need(isinstance(grad, bool) and isinstance(param, bool), "tree: $meta flags")
+    _need(
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(_is_int(d) and 0 <= d < 2**63 for d in shape),
+        "tree: $meta shape",
+    )
+    _need(math.prod(d for d in shape if d) * DTYPE_SIZES[dtype] <= 2**62, "tree: $meta too large")
+    _need(not grad or dtype.startswith(FLOAT_DTYPE_PREFIXES), "tree: $meta grad of int dtype")
+    return Meta(dtype, tuple(shape), grad, param)
+
 
 def _base64(tag: str, x: Any) -> bytes:
     """Standard padded base64 whose pad bits are zero: the one text that encodes its bytes."""
@@ -1070,7 +1297,26 @@ def decode_tree(body: dict[str, Any]) -> tuple[Any, dict[int, Any]]:
             not any(_contains_pickle(t) for t in (out, *ranks.values())),
             "tree: $pickle without the pickle feature",
         )
+    uses = any(_uses_types(t) for t in (body["tree"], *body["rank_trees"].values()))
+    _need(uses == ("tree-types" in feats), "tree: feature tree-types listed iff its tags are used")
     return out, ranks
+
+
+def _uses_types(v: Any) -> bool:
+    """Whether a stored tree (or diff) has a tag of section 6.2 or a $dict/$odict key that is
+    not a string or integer."""
+    if isinstance(v, list):
+        return any(_uses_types(x) for x in v)
+    if not isinstance(v, dict):
+        return False
+    if any(k in TYPE_TAGS for k in v):
+        return True
+    pairs = v.get("$dict", v.get("$odict"))
+    if isinstance(pairs, list) and any(
+        isinstance(p, list) and p and not (isinstance(p[0], str) or _is_int(p[0])) for p in pairs
+    ):
+        return True
+    return any(_uses_types(x) for x in v.values())
 
 
 def _contains_pickle(v: Any) -> bool:

@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..format.layout import MANIFEST
 from ..format.ranktrees import rank_tree
+from ..format.treeids import TREE_TYPES
 from ..fsutil import NewFiles, makedirs_durably
 from ..open import CheckpointReader
 from ..tree import TreeError, check_tree
@@ -161,7 +162,7 @@ def _tree(rd: CheckpointReader, rank: int) -> Any:
         raise ExportError(f"rank must be a saved rank, 0 to {world - 1}, not {rank!r}", rd.path)
     tree = rank_tree(rd.manifest, rank)
     try:
-        check_tree(tree, len(rd.tensors))
+        check_tree(tree, len(rd.tensors), types=TREE_TYPES in rd.features)
     except TreeError as e:
         raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
     return tree

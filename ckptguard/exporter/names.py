@@ -2,8 +2,9 @@
 subtree a ``select`` names, and the check that no two leaves get one name.
 
 The tree is the manifest's JSON encoding (docs/format.md section 6), already checked
-(``tree.check_tree``): containers are JSON objects without tags, lists, ``$tuple``, ``$dict``
-and ``$odict``; every other node is a leaf (``{"$tensor": id}`` or a value).
+(``tree.check_tree``): containers are JSON objects without tags, lists, ``$tuple``, ``$dict``,
+``$odict``, ``$slice``, and the fields of ``$namespace``, ``$dataclass`` and ``$namedtuple``;
+every other node is a leaf (``{"$tensor": id}`` or a value).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ExportError
+from ..treetypes import element_text
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,26 @@ def children(node: Any) -> list[tuple[str, Any]] | None:
     tags = [k for k in node if k.startswith("$")]
     if not tags:
         return list(node.items())
-    if tags[0] == "$tuple":
-        return [(str(i), v) for i, v in enumerate(node["$tuple"])]
+    if tags[0] in ("$tuple", "$slice"):
+        return [(str(i), v) for i, v in enumerate(node[tags[0]])]
     if tags[0] in ("$dict", "$odict"):
-        return [(str(k), v) for k, v in node[tags[0]]]
+        return [(_key_part(k), v) for k, v in node[tags[0]]]
+    if tags[0] == "$namespace":  # its attributes, as the tensor key paths name them
+        return children(node["$namespace"])
+    if tags[0] in ("$dataclass", "$namedtuple"):
+        return children(node["fields"])
+    if tags[0] == "$sparse":  # its part tensors, named as their key paths name them
+        names = ("indices", "values") if node["$sparse"] == "coo" else _CSR_PARTS
+        return list(zip(names, node["parts"], strict=True))
     return None
+
+
+_CSR_PARTS = ("crow_indices", "col_indices", "values")
+
+
+def _key_part(k: Any) -> str:
+    """A ``$dict`` key as a key path names it (format.md sections 6 and 6.2)."""
+    return str(k) if type(k) in (str, int) else element_text(k)
 
 
 def leaves(node: Any, parts: tuple[str, ...] = ()) -> Iterator[Leaf]:

@@ -20,6 +20,7 @@ from .datafile import ZSTD_FEATURE, FormatError
 from .index import PACKED_RECORDS, is_packed
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
+from .treeids import TREE_TYPES, uses_tree_types
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TENSOR_BYTES = 1 << 62
@@ -27,7 +28,7 @@ MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset(
-    {"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS, ZSTD_FEATURE}
+    {"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS, ZSTD_FEATURE, TREE_TYPES}
 )
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
@@ -71,11 +72,15 @@ class FormatVersionProblem(FormatError):
 
 
 def features(
-    pickle: bool, rank_trees: dict, tensors: list[dict], table: pa.Table | None = None
+    pickle: bool,
+    rank_trees: dict,
+    tensors: list[dict],
+    table: pa.Table | None = None,
+    tree: Any = None,
 ) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
-    per-rank tensors, and, from its index ``table``, records shared by several rows and zstd
-    chunks."""
+    per-rank tensors, the tree's extra types (in ``tree`` and ``rank_trees``), and, from its
+    index ``table``, records shared by several rows and zstd chunks."""
     zstd = table is not None and pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
@@ -83,6 +88,7 @@ def features(
         *([PER_RANK_TENSORS] if any("per_rank" in t for t in tensors) else []),
         *([PACKED_RECORDS] if table is not None and is_packed(table) else []),
         *([ZSTD_FEATURE] if zstd else []),
+        *([TREE_TYPES] if uses_tree_types(tree, *rank_trees.values()) else []),
     ]
 
 
@@ -131,7 +137,7 @@ def build(
     return {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,
-        "features": features(pickle, rank_trees, tensors, table),
+        "features": features(pickle, rank_trees, tensors, table, tree),
         "name": name,
         "uuid": uuid,
         "created": format_time(created),

@@ -32,3 +32,45 @@ def tensor_ids(tree: Any) -> list[int]:
             else:
                 stack.extend(reversed(list(node.values())))
     return list(seen)
+
+
+TREE_TYPES = "tree-types"
+"""Feature: the tree holds the tags of format.md section 6.2 or dict keys other than str and int."""
+TYPE_TAGS = frozenset(
+    {
+        "$set",
+        "$frozenset",
+        "$complex",
+        "$slice",
+        "$path",
+        "$namespace",
+        "$dataclass",
+        "$enum",
+        "$namedtuple",
+        "$meta",
+        "$sparse",
+        "$structured",
+    }
+)
+
+
+def uses_tree_types(*trees: Any) -> bool:
+    """Whether any of these JSON trees (or rank-tree diffs) needs the feature ``tree-types``:
+    it has a tag of ``TYPE_TAGS``, or a ``$dict``/``$odict`` key that is not a str or int."""
+    stack = list(trees)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if len(node) == 1 and "$tensor" in node:
+                continue
+            if not TYPE_TAGS.isdisjoint(node):
+                return True
+            pairs = node.get("$dict", node.get("$odict"))
+            if isinstance(pairs, list) and any(
+                isinstance(p, list) and p and type(p[0]) not in (str, int) for p in pairs
+            ):
+                return True
+            stack.extend(node.values())
+    return False

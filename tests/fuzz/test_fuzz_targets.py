@@ -207,15 +207,58 @@ TAG_VALUES = {
     "$pickle": st.sampled_from(["gAROLg==", "gAROLg", 5]),
 }
 HEX = st.text(alphabet="0123456789abcdefABCDEF g", max_size=10)
-KEYS = st.sampled_from(["a", "b", "$a", "1", 1, 2, -1, True, None])
+KEYS = st.sampled_from(
+    ["a", "b", "$a", "1", 1, 2, -1, True, None, 1.5, -0.0, [1], {"$float": "nan"}]
+    + [{"$tuple": [1, "a"]}, {"$bytes": "AA=="}, {"$enum": "m.C", "name": "A"}, {"$tensor": 0}]
+)
+# Section 6.2's tags (feature tree-types) with members of the right and wrong shapes.
+TYPE_LEAVES = st.sampled_from(
+    [
+        {"$path": "a/b", "class": "PurePosixPath"},
+        {"$path": "a//b", "class": "PurePosixPath"},
+        {"$path": "C:\\a", "class": "PureWindowsPath"},
+        {"$path": "", "class": "Path"},
+        {"$path": "x", "class": "PosixPath"},
+        {"$enum": "m.C", "name": "A"},
+        {"$enum": "m.C", "name": 1},
+        {"$meta": "float32", "shape": [2, 0], "requires_grad": True, "parameter": False},
+        {"$meta": "int32", "shape": [1], "requires_grad": True, "parameter": False},
+        {"$meta": "int32", "shape": [-1], "requires_grad": False, "parameter": True},
+        {"$meta": "float64", "shape": [0, 2**62, 2], "requires_grad": False, "parameter": False},
+        {"$meta": "float32", "shape": [1], "requires_grad": 0, "parameter": False},
+        {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 0}] * 2, "coalesced": False},
+        {"$sparse": "csr", "shape": [2], "parts": [{"$tensor": 1}] * 3, "coalesced": False},
+        {"$sparse": "csr", "shape": [2], "parts": [{"$tensor": 1}] * 2, "coalesced": False},
+        {"$sparse": "coo", "shape": [-1], "parts": [{"$tensor": 0}] * 2, "coalesced": True},
+        {"$sparse": "coo", "shape": [2], "parts": [{"$tensor": 5}] * 2, "coalesced": True},
+        {"$structured": [["a", "int8"], ["b", "complex64"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "int8"], ["", "int8"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "object"]], "shape": [3], "data": {"$tensor": 0}},
+        {"$structured": [["a", "int8"]], "shape": [3], "data": [{"$tensor": 0}]},
+    ]
+)
 
 
 @st.composite
 def tagged_tree(draw: st.DrawFn, depth: int = 0) -> Any:
-    kind = draw(st.sampled_from(["leaf", "tag", "list", "object", "tuple", "dict", "odict"]))
+    kind = draw(
+        st.sampled_from(
+            ["leaf", "tag", "list", "object", "tuple", "dict", "odict"]
+            + ["$set", "$frozenset", "$complex", "$slice", "typed", "fields"]
+        )
+    )
     if depth >= 3 or kind == "leaf":
         return draw(JSON_LEAVES | st.sampled_from([2**63, -(2**63) - 1]))
     kid = tagged_tree(depth + 1)
+    if kind.startswith("$"):
+        return {kind: draw(st.lists(kid | KEYS, max_size=3))}
+    if kind == "typed":
+        return draw(TYPE_LEAVES)
+    if kind == "fields":
+        tag = draw(st.sampled_from(["$namespace", "$dataclass", "$namedtuple"]))
+        if tag == "$namespace":
+            return {tag: draw(kid)}
+        return {tag: draw(st.sampled_from(["m.C", 5])), "fields": draw(kid)}
     if kind == "tag":
         tag = draw(st.sampled_from(sorted(TAG_VALUES)))
         node = {tag: draw(TAG_VALUES[tag])}
