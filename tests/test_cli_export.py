@@ -79,3 +79,13 @@ def test_export_refuses_to_replace_and_corruption(filled: Path, tmp_path: Path) 
     res = run("export", filled, tmp_path / "bad", "--to", "hdf5")
     assert res.exit_code == 2 and "chunk hash mismatch" in res.stderr and "model/w" in res.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_of_a_one_file_checkpoint(tmp_path: Path) -> None:
+    import ckptguard
+
+    ckptguard.save(cli_state(3), tmp_path / "model.pt")
+    res = run("export", tmp_path / "model.pt", tmp_path / "out", "--to", "safetensors")
+    assert res.exit_code == 0, res.output
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(got["model.w"], cli_state(3)["model"]["w"])

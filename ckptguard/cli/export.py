@@ -10,7 +10,7 @@ import click
 import ckptguard
 from ckptguard.units import format_size, parse_size
 
-from ._args import require_dir
+from ._args import require_checkpoint
 from ._output import echo
 
 # Left-out values named on stderr before the rest is counted.
@@ -73,7 +73,7 @@ def command(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ckptguard.ExportWarning)  # named below, one per line
         result = ckptguard.export(
-            require_dir(ckpt, "checkpoint or store"),
+            require_checkpoint(ckpt, "checkpoint or store"),
             to=to,
             dest=dest,
             select=select,
