@@ -61,10 +61,12 @@ def run_command(
     *,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    echo: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``args`` outside any Slurm job or MPI world of the test run itself (``clean_env``,
     with ``env``'s variables set over it) in ``cwd``; fail the test if it does not finish in
-    ``timeout`` s. Its output is shown on failure."""
+    ``timeout`` s. Its output is shown on failure unless ``echo`` is false (a poll repeated
+    hundreds of times would push the output that matters out of the report)."""
     from slurmkit import clean_env  # a plugin (below): imported once pytest loaded it
 
     cmd = [str(a) for a in args]
@@ -75,7 +77,8 @@ def run_command(
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s: {exc.stderr!r}")
-    print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    if echo:
+        print(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc
 
 

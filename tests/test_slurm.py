@@ -200,7 +200,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     requeued = False
     deadline = time.monotonic() + 240
     while True:  # until the job has left the queue for good
-        state = run_command(["squeue", "-h", "-j", jid, "-o", "%T %r"], TIMEOUT)
+        state = run_command(["squeue", "-h", "-j", jid, "-o", "%T %r"], TIMEOUT, echo=False)
         assert state.returncode == 0, state.stderr
         if not state.stdout.strip():
             break
@@ -220,7 +220,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     straight += [str(Path(sys.executable).parent / "ckptguard"), "run", "--poll", "0.2", "--"]
     straight += [sys.executable, str(TRAIN), "--store", str(tmp_path / "other"), "--steps", "40"]
     straight += ["--out", str(tmp_path / "w0.pt")]
-    assert run_command(straight, timeout=150).returncode == 0
+    ran = run_command(straight, timeout=150)
+    assert ran.returncode == 0, ran.stderr[-4000:]
     got, want = torch.load(out), torch.load(tmp_path / "w0.pt")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
