@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import free_port
 from faultkit import Case, clean_env, fired, launch
 
 import ckptguard
@@ -40,6 +41,7 @@ def job(
     log: str,
     env: dict | None = None,
     case: Case | None = None,
+    ranks: int = 1,
 ) -> tuple[int | None, str]:
     """Run a job script; its exit status (None: stopped after the hang its case injected) and
     output. Offline, with this checkout's ckptguard."""
@@ -50,12 +52,16 @@ def job(
         line = f"ckptguard: failpoint {case.point} on rank {case.rank}: hang"
         done = lambda text: line in text  # noqa: E731
     cmd = [sys.executable, str(script), *map(str, args)]
+    if ranks > 1:
+        run = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+        cmd[1:1] = [*run, f"--master-port={free_port()}"]
     code, _, out = launch(cmd, full, tmp / log, BOUND, done)
     return code, out
 
 
-def ok(script: Path, args: list[Any], tmp: Path, log: str) -> None:
-    code, out = job(script, args, tmp, log)
+def ok(script: Path, args: list[Any], tmp: Path, log: str, ranks: int = 1) -> None:
+    """Run a job (under torchrun with ``ranks`` > 1: gloo on the CPU); it must succeed."""
+    code, out = job(script, args, tmp, log, ranks=ranks)
     assert code == 0, f"{script.name} {args} failed ({code}):\n{out[-4000:]}"
 
 

@@ -4,7 +4,7 @@ and at an epoch's end, by ``True`` and by path, ends bitwise where the uninterru
 ``save_total_limit`` rotates through the store; ``load_best_model_at_end`` loads the best
 checkpoint's weights; a failure at the failpoint the save adds (tests/fault_cases.txt, scenario
 hf) leaves a whole checkpoint that the Trainer resumes from. The runs are processes of their own
-(tests/frameworks/hf_job.py, tests/frameworkkit.py)."""
+(tests/frameworks/hf_job.py, tests/frameworkkit.py); the DDP ones under torchrun."""
 
 from __future__ import annotations
 
@@ -74,6 +74,18 @@ def test_resume_in_a_fresh_process_is_bitwise(base: Path, tmp_path: Path, step, 
     resumed = fk.final(out)
     assert resumed["start_step"] == step
     fk.same_run(fk.final(base), resumed, fk.HF_KEYS)
+
+
+def test_ddp_under_torchrun_resumes_bitwise(tmp_path: Path) -> None:
+    """Two gloo ranks: every rank takes part in each save (one data file each, the weights
+    written once) and restores its own RNG states; a fresh job resumes mid-epoch, bitwise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fk.ok(fk.HF_JOB, [a, fk.HF_STEPS], tmp_path, "ddp.log", ranks=2)
+    assert ckptguard.describe(a / "step-4").info.world_size == 2
+    _store_upto(a, b, 4)
+    fk.ok(fk.HF_JOB, [b, fk.HF_STEPS, "--resume", "true"], tmp_path, "resume.log", ranks=2)
+    assert fk.final(b)["start_step"] == 4
+    fk.same_run(fk.final(a), fk.final(b), fk.HF_KEYS)
 
 
 def test_rotation_and_best_model_at_end(tmp_path: Path) -> None:

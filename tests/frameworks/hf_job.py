@@ -116,7 +116,8 @@ def main() -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
     }
-    torch.save(final, os.path.join(a.out, "final.pt"))
+    if trainer.is_world_process_zero():
+        torch.save(final, os.path.join(a.out, "final.pt"))
 
 
 if __name__ == "__main__":
