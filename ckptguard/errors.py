@@ -293,3 +293,10 @@ class CoordinationTimeoutError(CheckpointAbortedError):
 
 class AgentError(CheckpointError):
     """``ckptguard run`` could not set up its agents (MPI, control socket, job information)."""
+
+
+class IntegrationError(CheckpointError, ValueError):
+    """A framework integration (``ckptguard.lightning``, ``ckptguard.hf``) cannot do what it was
+    asked: a path it cannot write atomically (a remote URL, a directory where a file belongs),
+    or a framework whose internals differ from those the integration was built against (the
+    message names the method and the version found)."""

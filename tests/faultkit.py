@@ -258,6 +258,18 @@ def _onefile_base(root: Path) -> Path:
     return d
 
 
+def _lightning_base(root: Path) -> Path:
+    import frameworkkit  # its jobs import Lightning or transformers, in processes of their own
+
+    return frameworkkit.lightning_base(root)
+
+
+def _hf_base(root: Path) -> Path:
+    import frameworkkit
+
+    return frameworkkit.hf_base(root)
+
+
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("save", "save-zstd", "overwrite", "fallback"), _mpi_base),
     (("agent", "agent-srun"), _agent_base),
@@ -265,6 +277,8 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("delete",), _delete_base),
     (("drain",), _drain_base),
     (("onefile",), _onefile_base),
+    (("lightning",), _lightning_base),
+    (("hf",), _hf_base),
 )
 
 
@@ -649,6 +663,13 @@ def _onefile(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _framework(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """A framework's training job failing at the point, then resumed (tests/frameworkkit.py)."""
+    import frameworkkit
+
+    return frameworkkit.run_case(case, base, tmp, seen)
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
     "save-zstd": _mpi,
@@ -660,4 +681,6 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "delete": _single,
     "drain": _single,
     "onefile": _onefile,
+    "lightning": _framework,
+    "hf": _framework,
 }

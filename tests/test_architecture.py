@@ -264,7 +264,12 @@ def _contracts() -> dict[str, dict[str, Any]]:
 
 
 def test_import_contracts_are_kept() -> None:
-    assert set(_contracts()) >= {"layers", "format-standalone", "core-knows-no-front-end"}
+    assert set(_contracts()) >= {
+        "layers",
+        "format-standalone",
+        "core-knows-no-front-end",
+        "core-knows-no-integration",
+    }
     proc = _lint_imports(ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
@@ -291,6 +296,11 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom ckptguard import loader  # noqa\n")
     with open(tmp_path / "ckptguard" / "open.py", "a") as f:
         f.write("\nfrom ckptguard import read  # noqa\n")
+    # The core reaching up to a framework integration; an integration's layers inverted.
+    with open(tmp_path / "ckptguard" / "store.py", "a") as f:
+        f.write("\nfrom ckptguard import lightning  # noqa\n")
+    with open(tmp_path / "ckptguard" / "hf" / "state.py", "a") as f:
+        f.write("\nfrom . import trainer  # noqa\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode != 0
     report = " ".join(proc.stdout.split())  # undo the report's line wrapping
@@ -321,7 +331,9 @@ def test_layers_contract_places_every_module() -> None:
     assert not unplaced, f"modules in no layer of the layers contract: {unplaced}"
 
 
-FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer"}
+API = {"api", "checkpointer", "handoff", "importer"}
+INTEGRATIONS = {"lightning", "hf"}
+FRONT_ENDS = {"cli", "bench", "demo", "agent"} | API | INTEGRATIONS
 
 
 def test_core_contract_names_every_core_module() -> None:
@@ -338,6 +350,13 @@ def test_core_contract_names_every_core_module() -> None:
         for m in _contracts()["core-knows-no-front-end"]["source_modules"]
     }
     assert listed == top - FRONT_ENDS
+    below = {
+        m.removeprefix("ckptguard.")
+        for m in _contracts()["core-knows-no-integration"]["source_modules"]
+    }
+    assert below == listed | API, "the core and the API never import an integration"
+    forbidden = set(_contracts()["core-knows-no-integration"]["forbidden_modules"])
+    assert {f"ckptguard.{m}" for m in INTEGRATIONS} <= forbidden
 
 
 def test_no_submodule_shadows_a_public_name() -> None:
