@@ -30,13 +30,21 @@ class Parts:
     """A checkpoint open for loading its saved ranks' top-level entries by name.
 
     Each saved rank's tree must be a mapping of names (what ``save`` stores for a dict with
-    string keys). ``owners`` says which rank saved each name (the lowest, where several did).
+    string keys), or, with ``within``, hold one under that top-level key (a rank without it has
+    no names). ``owners`` says which rank saved each name (the lowest, where several did).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = True, allow_pickle: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: bool = True,
+        allow_pickle: bool = False,
+        within: str | None = None,
+    ) -> None:
         self.reader = CheckpointReader(path)
         self.verify = verify
         self.allow_pickle = allow_pickle
+        self.within = within
         try:
             self._trees = [self._tree(r) for r in range(self.reader.manifest["world_size"])]
         except BaseException:
@@ -49,11 +57,14 @@ class Parts:
 
     def _tree(self, rank: int) -> dict:
         tree = rank_tree(self.reader.manifest, rank)
-        if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
+        if self.within is not None and _plain(tree):
+            tree = tree.get(self.within, {})
+        if not _plain(tree):
+            where = f" under {self.within!r}" if self.within is not None else ""
             raise UnsupportedObjectError(
-                f"{self.reader.path}: rank {rank} saved no mapping of names (its tree is not a "
-                "dict of str keys), so it has no parts to load by name",
-                "",
+                f"{self.reader.path}: rank {rank} saved no mapping of names{where} (not a dict "
+                "of str keys), so it has no parts to load by name",
+                self.within or "",
             )
         return tree
 
@@ -108,3 +119,8 @@ class Parts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plain(tree: Any) -> bool:
+    """Whether a JSON tree node is a plain object (a dict whose keys are str, none with '$')."""
+    return isinstance(tree, dict) and not any(k.startswith("$") for k in tree)

@@ -291,6 +291,10 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom ckptguard import loader  # noqa\n")
     with open(tmp_path / "ckptguard" / "open.py", "a") as f:
         f.write("\nfrom ckptguard import read  # noqa\n")
+    with open(tmp_path / "ckptguard" / "store.py", "a") as f:
+        f.write("\nfrom ckptguard import deepspeed  # noqa\n")
+    with open(tmp_path / "ckptguard" / "deepspeed" / "layout.py", "a") as f:
+        f.write("\nfrom . import engine  # noqa\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode != 0
     report = " ".join(proc.stdout.split())  # undo the report's line wrapping
@@ -321,23 +325,40 @@ def test_layers_contract_places_every_module() -> None:
     assert not unplaced, f"modules in no layer of the layers contract: {unplaced}"
 
 
+def _top_modules() -> set[str]:
+    """The package's top-level modules and subpackages, by name."""
+    names = {p.stem if p.is_file() else p.name for p in PKG.iterdir()}
+    return {
+        n
+        for n in names
+        if not n.startswith(("_", "."))
+        and ((PKG / f"{n}.py").exists() or (PKG / n / "__init__.py").exists())
+    }
+
+
 FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer"}
+INTEGRATIONS = {"deepspeed", "megatron"}
 
 
 def test_core_contract_names_every_core_module() -> None:
     """A new top-level module is core unless it is a front end: the contract must list it."""
-    top = {p.stem if p.is_file() else p.name for p in PKG.iterdir()}
-    top = {
-        n
-        for n in top
-        if not n.startswith(("_", "."))
-        and ((PKG / f"{n}.py").exists() or (PKG / n / "__init__.py").exists())
-    }
+    top = _top_modules()
     listed = {
         m.removeprefix("ckptguard.")
         for m in _contracts()["core-knows-no-front-end"]["source_modules"]
     }
-    assert listed == top - FRONT_ENDS
+    assert listed == top - FRONT_ENDS - INTEGRATIONS
+
+
+def test_framework_contract_names_every_module_but_the_integrations() -> None:
+    """Only the integrations may import DeepSpeed or Megatron-Core: every other top-level module
+    is listed in the contract that forbids it."""
+    top = _top_modules()
+    listed = {
+        m.removeprefix("ckptguard.")
+        for m in _contracts()["core-knows-no-framework"]["source_modules"]
+    }
+    assert listed == top - INTEGRATIONS
 
 
 def test_no_submodule_shadows_a_public_name() -> None:

@@ -53,7 +53,7 @@ def from_plain(obj: Any, allowed: dict[str, type], path: str = "") -> Any:
                 path,
                 obj.cls,
             )
-        new = cls.__new__(cls)
+        new: Any = object.__new__(cls)
         new.__dict__.update(obj.state)
         return new
     return _map(obj, lambda v, p: from_plain(v, allowed, p), path)
