@@ -186,12 +186,22 @@ def _fresh(code: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "module", ["ckptguard", "ckptguard.format", "ckptguard.errors", "ckptguard.format.validate"]
+    "module",
+    [
+        "ckptguard",
+        "ckptguard.format",
+        "ckptguard.errors",
+        "ckptguard.format.validate",
+        "ckptguard.deepspeed",
+        "ckptguard.megatron",
+    ],
 )
 def test_import_loads_no_torch(module: str) -> None:
-    """The format layer (and the package root until a name is used) works without torch."""
+    """The format layer (and the package root until a name is used) works without torch; an
+    integration imports its framework only when one of its names is used."""
     code = (
-        f"import sys, {module}; heavy = ('torch', 'mpi4py', 'ckptguard.agent', 'ckptguard.api');"
+        f"import sys, {module}; heavy = ('torch', 'mpi4py', 'ckptguard.agent', 'ckptguard.api',"
+        " 'deepspeed', 'megatron');"
         "print(' '.join(m for m in heavy if m in sys.modules))"
     )
     assert _fresh(code).split() == []
