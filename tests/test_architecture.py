@@ -186,12 +186,24 @@ def _fresh(code: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "module", ["ckptguard", "ckptguard.format", "ckptguard.errors", "ckptguard.format.validate"]
+    "module",
+    [
+        "ckptguard",
+        "ckptguard.format",
+        "ckptguard.errors",
+        "ckptguard.format.validate",
+        "ckptguard.lightning",
+        "ckptguard.hf",
+        "ckptguard.deepspeed",
+        "ckptguard.megatron",
+    ],
 )
 def test_import_loads_no_torch(module: str) -> None:
-    """The format layer (and the package root until a name is used) works without torch."""
+    """The format layer (and the package root until a name is used) works without torch; an
+    integration imports its framework only when one of its names is used."""
     code = (
-        f"import sys, {module}; heavy = ('torch', 'mpi4py', 'ckptguard.agent', 'ckptguard.api');"
+        f"import sys, {module}; heavy = ('torch', 'mpi4py', 'ckptguard.agent', 'ckptguard.api',"
+        " 'deepspeed', 'megatron', 'lightning', 'transformers', 'accelerate');"
         "print(' '.join(m for m in heavy if m in sys.modules))"
     )
     assert _fresh(code).split() == []
@@ -268,7 +280,7 @@ def test_import_contracts_are_kept() -> None:
         "layers",
         "format-standalone",
         "core-knows-no-front-end",
-        "core-knows-no-integration",
+        "core-knows-no-framework",
     }
     proc = _lint_imports(ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -296,11 +308,13 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom ckptguard import loader  # noqa\n")
     with open(tmp_path / "ckptguard" / "open.py", "a") as f:
         f.write("\nfrom ckptguard import read  # noqa\n")
-    # The core reaching up to a framework integration; an integration's layers inverted.
+    # The core reaching up to a framework integration; integrations' layers inverted.
     with open(tmp_path / "ckptguard" / "store.py", "a") as f:
         f.write("\nfrom ckptguard import lightning  # noqa\n")
     with open(tmp_path / "ckptguard" / "hf" / "state.py", "a") as f:
         f.write("\nfrom . import trainer  # noqa\n")
+    with open(tmp_path / "ckptguard" / "deepspeed" / "layout.py", "a") as f:
+        f.write("\nfrom . import engine  # noqa\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode != 0
     report = " ".join(proc.stdout.split())  # undo the report's line wrapping
@@ -331,32 +345,39 @@ def test_layers_contract_places_every_module() -> None:
     assert not unplaced, f"modules in no layer of the layers contract: {unplaced}"
 
 
-API = {"api", "checkpointer", "handoff", "importer"}
-INTEGRATIONS = {"lightning", "hf"}
-FRONT_ENDS = {"cli", "bench", "demo", "agent"} | API | INTEGRATIONS
+def _top_modules() -> set[str]:
+    """The package's top-level modules and subpackages, by name."""
+    names = {p.stem if p.is_file() else p.name for p in PKG.iterdir()}
+    return {
+        n
+        for n in names
+        if not n.startswith(("_", "."))
+        and ((PKG / f"{n}.py").exists() or (PKG / n / "__init__.py").exists())
+    }
+
+
+FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer"}
+INTEGRATIONS = {"lightning", "hf", "deepspeed", "megatron"}
 
 
 def test_core_contract_names_every_core_module() -> None:
     """A new top-level module is core unless it is a front end: the contract must list it."""
-    top = {p.stem if p.is_file() else p.name for p in PKG.iterdir()}
-    top = {
-        n
-        for n in top
-        if not n.startswith(("_", "."))
-        and ((PKG / f"{n}.py").exists() or (PKG / n / "__init__.py").exists())
-    }
+    top = _top_modules()
     listed = {
         m.removeprefix("ckptguard.")
         for m in _contracts()["core-knows-no-front-end"]["source_modules"]
     }
-    assert listed == top - FRONT_ENDS
-    below = {
-        m.removeprefix("ckptguard.")
-        for m in _contracts()["core-knows-no-integration"]["source_modules"]
-    }
-    assert below == listed | API, "the core and the API never import an integration"
-    forbidden = set(_contracts()["core-knows-no-integration"]["forbidden_modules"])
-    assert {f"ckptguard.{m}" for m in INTEGRATIONS} <= forbidden
+    assert listed == top - FRONT_ENDS - INTEGRATIONS
+
+
+def test_framework_contract_names_every_module_but_the_integrations() -> None:
+    """Only the integrations may import a training framework: every other top-level module
+    is listed in the contract that forbids it, and every integration is forbidden to them."""
+    top = _top_modules()
+    contract = _contracts()["core-knows-no-framework"]
+    listed = {m.removeprefix("ckptguard.") for m in contract["source_modules"]}
+    assert listed == top - INTEGRATIONS
+    assert {f"ckptguard.{m}" for m in INTEGRATIONS} <= set(contract["forbidden_modules"])
 
 
 def test_no_submodule_shadows_a_public_name() -> None:

@@ -49,6 +49,9 @@ def bases(tmp_path_factory):
         write_summary(Path(SUMMARY), RESULTS)
 
 
+INTEGRATIONS = ("deepspeed", "megatron")
+
+
 def test_table_is_consistent():
     """Every case `make test` runs is part of the full enumeration; every failpoint is in it."""
     full = {c.id for c in faultkit.cases(full=True)}
@@ -60,6 +63,8 @@ def test_table_is_consistent():
     source = Path(faultkit.HERE.parent, "ckptguard")
     named = set()
     for p in source.rglob("*.py"):
+        if p.parent.name in INTEGRATIONS:
+            continue  # killed at each of their points by their own tests (test_deepspeed.py, ...)
         text = p.read_text()
         for part in text.split('failpoint("')[1:]:
             named.add(part.split('"')[0])
