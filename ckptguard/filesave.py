@@ -22,6 +22,7 @@ import socket
 import stat
 import tempfile
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -38,6 +39,7 @@ from .fsutil import makedirs_durably
 from .onefile import is_file_object, regular_fd
 from .options import SaveOptions
 from .saver import Target, save_state
+from .sources import DIRECT, ByteSource
 
 ONE_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".ckg", ".bin", ".tar", ".pkl")
 """A path whose last component ends with one of these (in any case) is saved as one file."""
@@ -93,12 +95,18 @@ def manifest_name(filename: str) -> str:
 
 
 def save_file(
-    obj: Any, path: Any, coordinator: Coordinator | str | None, opt: SaveOptions
+    obj: Any,
+    path: Any,
+    coordinator: Coordinator | str | None,
+    opt: SaveOptions,
+    source: ByteSource = DIRECT,
+    on_read: Callable[[], None] | None = None,
 ) -> CheckpointInfo:
     """Save ``obj`` as the one-file checkpoint ``path`` (a path, or a writable binary file
     object). One process's save: it waits on no other rank. A coordinator of several ranks is
-    refused before anything is written (OneFileError)."""
-    coord = _single_process(coordinator)
+    refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
+    ``saver.save_state`` (a path only)."""
+    coord = single_process(coordinator)
     if is_file_object(path):
         return _save_fileobj(obj, path, coord, opt)
     target = os.path.abspath(os.fsdecode(os.fspath(path)))
@@ -106,12 +114,11 @@ def save_file(
     if not filename:
         raise InvalidNameError(f"{os.fspath(path)!r} names no file")
     directory = os.path.dirname(target)
-    return save_state(
-        obj, directory, manifest_name(filename), coord, opt, target=FileTarget(target)
-    )
+    name = manifest_name(filename)
+    return save_state(obj, directory, name, coord, opt, source, on_read, FileTarget(target))
 
 
-def _single_process(coordinator: Coordinator | str | None) -> Coordinator:
+def single_process(coordinator: Coordinator | str | None) -> Coordinator:
     """The coordinator of a one-file save: the one given if it has one rank, else local;
     OneFileError for one of several ranks (asked without any collective)."""
     if coordinator is None:
