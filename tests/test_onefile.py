@@ -24,7 +24,7 @@ from conftest import small_state
 from test_special_files import promptly
 
 import ckptguard
-from ckptguard import filesave
+from ckptguard import filesave, temps
 from ckptguard.coord.base import LocalCoordinator
 from ckptguard.format import container
 from ckptguard.open import CheckpointReader
@@ -209,10 +209,10 @@ def _dead_pid() -> int:
 
 
 def _temp(filename: str, pid: int, host: str | None = None) -> str:
-    name = filesave.temp_name(filename)
-    stem, _, rest = name.partition(filesave.TEMP_MARK)
+    name = temps.temp_name(filename)
+    stem, _, rest = name.partition(temps.TEMP_MARK)
     key, h, ns, _, rand = rest.split(".")
-    return f"{stem}{filesave.TEMP_MARK}{key}.{host or h}.{ns}.{pid}.{rand}"
+    return f"{stem}{temps.TEMP_MARK}{key}.{host or h}.{ns}.{pid}.{rand}"
 
 
 def test_next_save_removes_dead_temporaries_of_its_target_only(tmp_path: Path) -> None:
@@ -233,8 +233,8 @@ def test_next_save_removes_dead_temporaries_of_its_target_only(tmp_path: Path) -
 
 
 def test_temp_names_fit_and_say_what_they_are() -> None:
-    n = filesave.temp_name("é" * 200 + ".pt")
-    assert n.startswith(".") and filesave.TEMP_MARK in n and len(os.fsencode(n)) <= 255
+    n = temps.temp_name("é" * 200 + ".pt")
+    assert n.startswith(".") and temps.TEMP_MARK in n and len(os.fsencode(n)) <= 255
 
 
 # ---- hostile containers ----------------------------------------------------------------------
