@@ -7,6 +7,7 @@ import math
 import pathlib
 from typing import Any
 
+import h5py
 import independent_reader as ir
 import pytest
 import torch
@@ -299,7 +300,15 @@ def test_export_names_the_parts_and_torch_export_rebuilds_them(tmp_path):
         "w.axis",
         "w.qscheme",
     ]
-    back = ckptguard.export(tmp_path / "c", to="torch", dest=tmp_path / "pt")
+    h5 = ckptguard.export(tmp_path / "c", to="hdf5", dest=tmp_path / "h5")
+    with h5py.File(h5.files[0]) as f:
+        assert f["w/int_repr"].dtype == "int8" and f["w/scale"].dtype == "float64"
+        assert dict(f["a"].attrs) == {
+            "qscheme": "per_tensor_affine",
+            "scale": 0.05,
+            "zero_point": 3,
+        }
+        back = ckptguard.export(tmp_path / "c", to="torch", dest=tmp_path / "pt")
     got = torch.load(back.files[0], weights_only=True)
     _same_quantized(state["w"], got["w"])
     _same_quantized(state["a"], got["a"])
