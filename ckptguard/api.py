@@ -25,7 +25,7 @@ from .filesave import drop_torch_save_keywords, save_file, wants_one_file
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
-from .onefile import is_file_object, open_fileobj
+from .onefile import OneFile, is_file_object, open_fileobj
 from .open import CheckpointReader
 from .options import SaveOptions
 from .place import MapLocation
@@ -213,12 +213,17 @@ def _pickle_allowed(
 
 
 def verify(
-    path: str | os.PathLike, progress: Callable[[int, int], None] | None = None
+    path: str | os.PathLike | IO[bytes], progress: Callable[[int, int], None] | None = None
 ) -> VerifyReport:
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
 
-    A checkpoint of another format (torch.save, safetensors, DCP) has no ckptguard hashes:
-    ForeignCheckpointError, which suggests ``ckptguard import``."""
+    ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
+    position as ``load`` reads it. A checkpoint of another format (torch.save, safetensors,
+    DCP) at a path has no ckptguard hashes: ForeignCheckpointError, which suggests ``ckptguard
+    import``."""
+    if is_file_object(path):
+        return verify_checkpoint(lambda: open_fileobj(path), progress)
+    path = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(path)
     if source is not None:
         raise foreign.not_ckptguard(source)
@@ -300,12 +305,16 @@ class CheckpointDescription:
     tensors: list[TensorSummary]
 
 
-def describe(path: str | os.PathLike) -> CheckpointDescription:
-    """Tensors, sizes and codecs of a checkpoint, from its manifest and index (no data read)."""
-    return _reading(path, _describe)
+def describe(path: str | os.PathLike | IO[bytes]) -> CheckpointDescription:
+    """Tensors, sizes and codecs of a checkpoint, from its manifest and index (no data read).
+    ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
+    position as ``load`` reads it."""
+    if is_file_object(path):
+        return _describe(open_fileobj(path))
+    return _reading(cast("str | os.PathLike", path), _describe)
 
 
-def _describe(p: str) -> CheckpointDescription:
+def _describe(p: str | OneFile) -> CheckpointDescription:
     with CheckpointReader(p) as rd:
         out = [TensorSummary(t["key"], t["dtype"], tuple(t["shape"])) for t in rd.tensors]
         for r in rd.rows:
@@ -314,4 +323,4 @@ def _describe(p: str) -> CheckpointDescription:
             s.stored_bytes += r.stored_len
             s.chunks += 1
             s.codecs[r.codec] = s.codecs.get(r.codec, 0) + 1
-        return CheckpointDescription(CheckpointInfo.from_manifest(rd.manifest, p), out)
+        return CheckpointDescription(CheckpointInfo.from_manifest(rd.manifest, rd.path), out)

@@ -29,9 +29,11 @@ from .errors import (
     HostPoolTooSmallError,
     SaveCancelledError,
 )
+from .filesave import save_file, single_process, wants_one_file
 from .format.layout import split_path
 from .format.manifest import CheckpointInfo
 from .handoff import Handoff
+from .onefile import is_file_object
 from .options import SaveOptions
 from .pool import HostPool, Preparation
 from .savehandle import SaveHandle
@@ -123,6 +125,10 @@ class Checkpointer:
     ) -> SaveHandle:
         """Start saving ``obj`` as ``<store>/<name>``; returns a ``SaveHandle``.
 
+        A name ending in ``.pt`` (``.pth``, ``.ckpt``, ...) or ``one_file=True`` makes a one-file
+        checkpoint, as ``save`` does: one process's, written beside the path and renamed over it
+        in the background; under ``ckptguard run`` it is saved by this process, not the agent.
+
         Returns once the snapshot is taken (the caller may then change its tensors), or at once
         with ``lazy=True``: then call ``handle.wait_snapshot()`` before changing the state (e.g.
         before the optimizer step). Encoding, writing and the commit run in the background;
@@ -130,11 +136,17 @@ class Checkpointer:
         """
         opts = {**self.defaults, **kw}
         coordinator = opts.pop("coordinator", None)
+        one_file = opts.pop("one_file", None)
         SaveOptions.check_names(opts)  # a misspelt option fails here, not later
-        # resolved on this thread, in the order of the application's own collectives
+        if is_file_object(name):
+            raise TypeError("save_async needs a path, not a file object: save(obj, f) writes one")
+        path = self._path(name)
+        one = wants_one_file(path, one_file)
+        # resolved on this thread, in the order of the application's own collectives; a
+        # one-file save is one process's: several ranks are refused before any snapshot
         timeout = opts.get("timeout", SaveOptions.timeout)
-        coord = coord_auto(coordinator, timeout)
-        handle = SaveHandle(self._path(name), obj, opts, coord, caller_streams())
+        coord = single_process(coordinator) if one else coord_auto(coordinator, timeout)
+        handle = SaveHandle(path, obj, opts, coord, caller_streams(), one)
         with self._lock:
             self._check_open()
             failed = self._preparation and self._preparation.unreported_error()
@@ -276,8 +288,9 @@ class Checkpointer:
         region = None
         try:
             need = refs_bytes(flat.refs)
+            handed = self.handoff is not None and not h.one_file
             if not self.pool.fits(need):
-                if self.handoff is not None:  # every rank must hand over, or none
+                if handed:  # every rank must hand over, or none
                     raise HostPoolTooSmallError(
                         f"under ckptguard run a snapshot must fit max_host_bytes="
                         f"{self.pool.max_bytes} (it needs {need} bytes)",
@@ -292,7 +305,8 @@ class Checkpointer:
             snap = capture(flat, region, self._streams, h.caller_streams)
             snap.wait()
             handoff_id = None
-            if self.handoff is not None:  # from here on the agent commits it, come what may
+            if handed:  # from here on the agent commits it, come what may
+                assert self.handoff is not None
                 assert isinstance(region.tag, int)  # the agent's id of the shared pool
                 handoff_id = self.handoff.submit(
                     region.buf, region.tag, snap.state, h.path, h.options
@@ -325,7 +339,13 @@ class Checkpointer:
                 elif self._cancel:
                     raise SaveCancelledError(f"save of {h.path} was cancelled")
                 else:
-                    info = api.save(snap.state, h.path, coordinator=h.coordinator, **h.options)
+                    info = api.save(
+                        snap.state,
+                        h.path,
+                        coordinator=h.coordinator,
+                        one_file=h.one_file,
+                        **h.options,
+                    )
             except BaseException as e:
                 h.finish(error=e)
             else:
@@ -345,8 +365,11 @@ class Checkpointer:
             opt = SaveOptions.from_kwargs(h.options)
             buffers = self.pool.stream_buffers(opt.chunk_size, lambda: self._cancel)
             source = BufferedSource(buffers.buffers, self._streams, h.caller_streams)
-            store, name = split_path(h.path)
-            info = save_state(h.state, store, name, h.coordinator, opt, source, h.snapshot_read)
+            if h.one_file:
+                info = save_file(h.state, h.path, h.coordinator, opt, source, h.snapshot_read)
+            else:
+                store, name = split_path(h.path)
+                info = save_state(h.state, store, name, h.coordinator, opt, source, h.snapshot_read)
         except BaseException as e:
             if h.captured():
                 h.finish(error=e)
@@ -386,9 +409,11 @@ def default_checkpointer() -> Checkpointer:
 
 def save_async(obj: Any, path: str | os.PathLike, *, lazy: bool = False, **kw: Any) -> SaveHandle:
     """``ckptguard.save`` in the background: returns a ``SaveHandle`` once the snapshot is taken.
+    A ``.pt`` path (or ``one_file=True``) gets a one-file checkpoint, as with ``save``.
 
     Uses a process-wide ``Checkpointer`` with an unbounded pool, created on first use and closed
     (saves in flight finished) at exit. In a training loop prefer your own ``Checkpointer``: it
     bounds the pool (``max_host_bytes``) and you choose when it is closed.
     """
-    return default_checkpointer().save_async(obj, os.path.abspath(os.fspath(path)), lazy=lazy, **kw)
+    where = path if is_file_object(path) else os.path.abspath(os.fspath(path))
+    return default_checkpointer().save_async(obj, where, lazy=lazy, **kw)

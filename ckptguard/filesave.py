@@ -5,8 +5,8 @@ data file is written straight to a hidden temporary beside the target (same dire
 rename is atomic), the index, manifest, TOC and trailer are appended, the file is fsynced and
 renamed over the target (``commit.publish_file``), and the directory fsynced. Whatever was at the
 target keeps its bytes until the rename; a kill leaves it, or the new file, and at most the
-temporary, named ``.<name>.ckptguard-tmp.<...>`` after its target, host, pid namespace and pid:
-the next save to that target removes those whose process is provably gone.
+temporary, named after its target, host, pid namespace and pid (``temps``): the next save to
+that target removes those whose process is provably gone.
 
 A file object gets the container built in a private temporary directory (TMPDIR), then copied
 into it: no atomic replace is possible for an open file (docs/onefile.md says what is promised).
@@ -18,10 +18,9 @@ import contextlib
 import dataclasses
 import os
 import re
-import socket
-import stat
 import tempfile
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -38,6 +37,8 @@ from .fsutil import makedirs_durably
 from .onefile import is_file_object, regular_fd
 from .options import SaveOptions
 from .saver import Target, save_state
+from .sources import DIRECT, ByteSource
+from .temps import remove_stale_temps, temp_name
 
 ONE_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".ckg", ".bin", ".tar", ".pkl")
 """A path whose last component ends with one of these (in any case) is saved as one file."""
@@ -52,13 +53,6 @@ TORCH_SAVE_KEYWORDS = (
 zips, and ckptguard writes no pickle of tensors and has one format, so nothing is left for them
 to choose (refusing them would break call sites that only pin torch's defaults)."""
 
-TEMP_MARK = ".ckptguard-tmp."
-_TEMP = re.compile(
-    r"\.(?P<stem>.*)\.ckptguard-tmp\.(?P<key>[0-9a-f]{16})\.(?P<host>[A-Za-z0-9-]{1,63})"
-    r"\.(?P<ns>[0-9]{1,20})\.(?P<pid>[0-9]{1,10})\.(?P<rand>[0-9a-f]{8})",
-    re.DOTALL,
-)
-_STEM_BYTES = 80  # of the target's name in its temporary's (NAME_MAX is 255 bytes)
 _COPY = 16 << 20
 
 
@@ -93,12 +87,18 @@ def manifest_name(filename: str) -> str:
 
 
 def save_file(
-    obj: Any, path: Any, coordinator: Coordinator | str | None, opt: SaveOptions
+    obj: Any,
+    path: Any,
+    coordinator: Coordinator | str | None,
+    opt: SaveOptions,
+    source: ByteSource = DIRECT,
+    on_read: Callable[[], None] | None = None,
 ) -> CheckpointInfo:
     """Save ``obj`` as the one-file checkpoint ``path`` (a path, or a writable binary file
     object). One process's save: it waits on no other rank. A coordinator of several ranks is
-    refused before anything is written (OneFileError)."""
-    coord = _single_process(coordinator)
+    refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
+    ``saver.save_state`` (a path only)."""
+    coord = single_process(coordinator)
     if is_file_object(path):
         return _save_fileobj(obj, path, coord, opt)
     target = os.path.abspath(os.fsdecode(os.fspath(path)))
@@ -106,12 +106,11 @@ def save_file(
     if not filename:
         raise InvalidNameError(f"{os.fspath(path)!r} names no file")
     directory = os.path.dirname(target)
-    return save_state(
-        obj, directory, manifest_name(filename), coord, opt, target=FileTarget(target)
-    )
+    name = manifest_name(filename)
+    return save_state(obj, directory, name, coord, opt, source, on_read, FileTarget(target))
 
 
-def _single_process(coordinator: Coordinator | str | None) -> Coordinator:
+def single_process(coordinator: Coordinator | str | None) -> Coordinator:
     """The coordinator of a one-file save: the one given if it has one rank, else local;
     OneFileError for one of several ranks (asked without any collective)."""
     if coordinator is None:
@@ -178,69 +177,6 @@ class FileTarget(Target):
 
 class _FileObjectTarget(FileTarget):
     """A one-file checkpoint built in a private directory for a file object."""
-
-
-# ---- temporaries ---------------------------------------------------------------------------
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
-
-
-def _pid_namespace() -> int:
-    """This process's pid namespace (its inode): a pid means a process only within one."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def _key(filename: str) -> str:
-    return xxhash.xxh3_64_hexdigest(os.fsencode(filename))
-
-
-def temp_name(filename: str) -> str:
-    """A new name for the temporary of a one-file save to ``filename``, in its directory:
-    hidden, saying what it is and for which target, with this host, pid namespace and pid."""
-    stem = os.fsdecode(os.fsencode(filename)[:_STEM_BYTES])
-    who = f"{_host()}.{_pid_namespace()}.{os.getpid()}.{uuidlib.uuid4().hex[:8]}"
-    return f".{stem}{TEMP_MARK}{_key(filename)}.{who}"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process, saving to the same target now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: a process of another user has this pid
-        return True
-    return True
-
-
-def remove_stale_temps(directory: str, filename: str) -> list[str]:
-    """Remove the temporaries of earlier one-file saves to ``filename`` in ``directory`` whose
-    process is provably gone: made on this host, in this pid namespace, by a pid that no longer
-    exists. A live save's (here or on another host) is never touched. Returns those removed."""
-    key, host, ns = _key(filename), _host(), str(_pid_namespace())
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    removed = []
-    for n in names:
-        m = _TEMP.fullmatch(n)
-        if m is None or (m["key"], m["host"], m["ns"]) != (key, host, ns):
-            continue
-        if _alive(int(m["pid"])):
-            continue
-        path = os.path.join(directory, n)
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                os.unlink(path)
-                removed.append(path)
-    return removed
 
 
 # ---- file objects ----------------------------------------------------------------------------

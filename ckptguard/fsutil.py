@@ -10,12 +10,14 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 from .errors import CorruptCheckpointError, FormatVersionError, StoreError, from_oserror
 from .format import manifest
 from .format.datafile import FormatError
 from .format.layout import MANIFEST
 from .io import pread_exact, write_all
+from .temps import remove_stale_temps, temp_name
 
 # No open for reading may block (a FIFO waits for a writer), follow a final symbolic link, or
 # outlive an exec.
@@ -216,7 +218,8 @@ def write_file_durably(path: str, data: bytes, *, tmp_suffix: str = ".tmp") -> N
 class NewFiles:
     """A set of files that appear in directory ``dest`` together and whole, or not at all.
 
-    ``new`` creates each under a hidden temporary name; ``commit`` fsyncs them all, then gives
+    ``new`` creates each under a hidden temporary name (``temps.temp_name``: a later run removes
+    it if this process dies first, ``remove_stale``); ``commit`` fsyncs them all, then gives
     each its final name, in the order created, and fsyncs ``dest``. Without ``replace`` an
     existing final name raises FileExistsError (a hard link never replaces; a rename after a
     check where the file system has no links) and the files already named by this commit are
@@ -229,7 +232,7 @@ class NewFiles:
 
     def new(self, name: str) -> str:
         """A new empty temporary file in ``dest`` that ``commit`` names ``name``: its path."""
-        tmp = os.path.join(self.dest, f".{name}.{os.urandom(6).hex()}.tmp")
+        tmp = os.path.join(self.dest, temp_name(name))
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         self.pending.append((tmp, os.path.join(self.dest, name)))
         return tmp
@@ -270,6 +273,11 @@ class NewFiles:
             os.rename(tmp, final)
             return
         os.unlink(tmp)
+
+    def remove_stale(self, names: Callable[[str], bool]) -> list[str]:
+        """Remove the temporaries in ``dest`` of files that ``names`` accepts left by processes
+        that are provably gone (``temps.remove_stale_temps``); those removed."""
+        return remove_stale_temps(self.dest, names)
 
     def discard(self) -> None:
         for tmp, _ in self.pending:

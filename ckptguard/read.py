@@ -22,6 +22,7 @@ from .format.layout import MANIFEST
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor
 from .format.treeids import TREE_TYPES
 from .io import pread_exact, read_records
+from .onefile import OneFile
 from .open import CheckpointReader
 from .tree import TreeError, check_tree
 
@@ -175,15 +176,15 @@ def problem_of(e: CorruptCheckpointError) -> Problem:
 
 
 def verify_checkpoint(
-    path: str, progress: Callable[[int, int], None] | None = None
+    path: str | Callable[[], OneFile], progress: Callable[[int, int], None] | None = None
 ) -> VerifyReport:
-    """Check manifest, index and every chunk; collect all problems rather than stop at one."""
-    report = VerifyReport(path)
+    """Check manifest, index and every chunk; collect all problems rather than stop at one.
+    ``path``: a checkpoint's path, or what opens a one-file checkpoint (a file object's)."""
     try:
-        rd = CheckpointReader(path)
+        rd = CheckpointReader(path if isinstance(path, str) else path())
     except CorruptCheckpointError as e:
-        report.problems.append(problem_of(e))
-        return report
+        return VerifyReport(path if isinstance(path, str) else e.path or "", [problem_of(e)])
+    report = VerifyReport(path if isinstance(path, str) else rd.path)
     with rd:
         verify_rows(
             rd, [(name, rd.rows_of_file(name)) for name in sorted(rd.files)], report, progress

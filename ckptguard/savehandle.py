@@ -25,8 +25,10 @@ class SaveHandle:
         options: dict[str, Any],
         coordinator: Coordinator,
         streams: dict | None,
+        one_file: bool = False,
     ) -> None:
         self.path = path
+        self.one_file = one_file  # a one-file checkpoint: one process's, never handed over
         self._obj: Any = obj
         self._options = options
         self._coordinator = coordinator

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import treetypes
+from . import quantized, treetypes
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
@@ -88,6 +88,7 @@ class _Flattener:
         self.ids: dict[tuple, int] = {}
         self.keys: set[str] = set()
         self.used_pickle = False
+        self.quantized_nodes: dict[int, tuple[Any, dict]] = {}  # id -> (tensor, its node)
 
     def shard(self, s: Shard, path: str) -> dict:
         node, ref = self._wrapped(s, path)
@@ -144,6 +145,8 @@ class _Flattener:
             if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
                 return self.sparse(t, path)
             return self.other(t, path, f"tensor of type {type(t).__name__}/{t.layout}")
+        if t.is_quantized and type(t) is torch.Tensor and not self.tensors_only:
+            return self.quantized(t, path)
         dtype = t.dtype
         name = TORCH_DTYPES.get(dtype)
         if name is None or t.is_quantized or t.is_meta:
@@ -257,8 +260,8 @@ class _Flattener:
             return {"$tuple": [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]}
         if t in (dict, collections.OrderedDict):
             return self.mapping(obj, path, depth, ordered=t is collections.OrderedDict)
-        if t is torch.dtype and obj in TORCH_DTYPES:
-            return {"$dtype": TORCH_DTYPES[obj]}
+        if t is torch.dtype and (obj in TORCH_DTYPES or obj in quantized.DTYPE_NAMES):
+            return {"$dtype": TORCH_DTYPES.get(obj) or quantized.DTYPE_NAMES[obj]}
         if t is torch.Size:
             if any(d < 0 for d in obj):
                 raise UnsupportedObjectError(
@@ -356,6 +359,21 @@ class _Flattener:
             "parts": nodes,
             "coalesced": bool(coo and t.is_coalesced()),
         }
+
+    def quantized(self, t: torch.Tensor, path: str) -> Any:
+        """A quantized tensor: its integer values (and per channel its scales and zero points)
+        as tensors of the tree at its key path's ``int_repr`` (``scale``, ``zero_point``)."""
+        seen = self.quantized_nodes.get(id(t))
+        if seen is not None:  # reached again: the same parts (the tensor is kept alive here)
+            return {k: dict(x) if type(x) is dict else x for k, x in seen[1].items()}
+        try:
+            node, parts = quantized.split(t)
+        except ValueError as e:
+            return self.other(t, path, str(e))
+        for member, part in parts:
+            node[member] = self.torch_tensor(part, _join(path, member))
+        self.quantized_nodes[id(t)] = (t, node)
+        return node
 
     def structured(self, t: np.ndarray, path: str) -> dict:
         """A numpy array of a plain structured dtype: its fields (names and dtypes), its shape,

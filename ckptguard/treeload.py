@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import treetypes
+from . import quantized, treetypes
 from .errors import RegisteredTypeError
 from .format import dtypes
 from .format.manifest import MAX_DIMS, MAX_TENSOR_BYTES
@@ -68,6 +68,7 @@ _MEMBERS = {
     "$dataclass": {"$dataclass", "fields"},
     "$namedtuple": {"$namedtuple", "fields"},
     "$meta": {"$meta", "shape", "requires_grad", "parameter"},
+    "$quantized": quantized.MEMBERS,
 }
 
 
@@ -258,8 +259,10 @@ class _Builder:
             if not isinstance(hx, str) or len(hx) != 2 * dt.itemsize or not _HEX_RE.fullmatch(hx):
                 raise TreeError(f"$npscalar hex is not {2 * dt.itemsize} lowercase hex digits")
             return np.frombuffer(bytes.fromhex(hx), dtype=dt)[0].astype(NUMPY_BY_NAME[v])
-        if tag == "$dtype":
-            return TORCH_BY_NAME[v]
+        if tag == "$dtype":  # a quantized dtype's name needs the feature tree-types
+            return (
+                TORCH_BY_NAME[v] if v in TORCH_BY_NAME or not self.types else quantized.QDTYPES[v]
+            )
         if tag == "$size":
             if not isinstance(v, list) or not all(type(x) is int and 0 <= x < I64 for x in v):
                 raise TreeError("$size is not a list of integers in [0, 2**63)")
@@ -476,6 +479,9 @@ _TYPED: dict[str, Any] = {
     "$meta": lambda b, v, node, sub: b.meta(v, node, sub),
     "$sparse": lambda b, v, node, sub: b.sparse(v, node, sub - 1),
     "$structured": lambda b, v, node, sub: b.structured(v, node, sub - 1),
+    "$quantized": lambda b, v, node, sub: quantized.build(
+        v, node, lambda x: b.build(x, sub - 1), b.pickled is _Pickled.CHECK
+    ),
     "$dataclass": lambda b, v, node, sub: b.registered("$dataclass", v, node, sub),
     "$enum": lambda b, v, node, sub: b.registered("$enum", v, node, sub),
     "$namedtuple": lambda b, v, node, sub: b.registered("$namedtuple", v, node, sub),

@@ -27,8 +27,8 @@ from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 import ckptguard
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
 from ckptguard.drain import drain
-from ckptguard.filesave import TEMP_MARK
 from ckptguard.format.layout import LATEST, STAGING
+from ckptguard.temps import TEMP_MARK
 
 HERE = Path(__file__).resolve().parent
 TABLE = HERE / "fault_cases.txt"
@@ -46,10 +46,11 @@ BOUND = {
     "agent": 120.0,
     "agent-srun": 150.0,
 }  # the launch ends within this
-SINGLE_BOUND = 60.0  # gc, delete, drain, onefile
+SINGLE_BOUND = 60.0  # gc, delete, drain, onefile, export
 ONEFILE = "model.pt"  # the onefile scenario's target
+EXPORTED = "model.safetensors"  # the export scenario's one file
 AGENT_SAVES = ("h0", "h1")
-ERROR_TYPE = {"eio": "StoreError", "enospc": "StoreFullError"}  # gc, delete, drain
+ERROR_TYPE = {"eio": "StoreError", "enospc": "StoreFullError"}  # gc, delete, drain, export
 
 
 # ---- the table and the cases -------------------------------------------------------------------
@@ -270,6 +271,12 @@ def _hf_base(root: Path) -> Path:
     return frameworkkit.hf_base(root)
 
 
+def _export_base(root: Path) -> Path:
+    d = root / "export"
+    ckptguard.save(small(1), d / "src" / "c")  # exported into d/dst, which does not exist yet
+    return d
+
+
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("save", "save-zstd", "overwrite", "fallback"), _mpi_base),
     (("agent", "agent-srun"), _agent_base),
@@ -279,6 +286,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("onefile",), _onefile_base),
     (("lightning",), _lightning_base),
     (("hf",), _hf_base),
+    (("export",), _export_base),
 )
 
 
@@ -670,6 +678,32 @@ def _framework(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]
     return frameworkkit.run_case(case, base, tmp, seen)
 
 
+def _export(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process exports checkpoint c to safetensors in DEST: after any failure DEST holds no
+    file under its final name, at most the dead export's temporaries, which the retry removes."""
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp / "root"
+    shutil.copytree(base, root)
+    src, dst = root / "src" / "c", root / "dst"
+    ranks = _single_run(case, tmp, ["export", str(src), str(dst)])
+    names = sorted(os.listdir(dst)) if dst.exists() else []
+    outcome = "new" if EXPORTED in names else "absent"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"{EXPORTED} is {outcome}, expected {case.expect}"
+    stray = [n for n in names if n != EXPORTED]
+    assert all(n.startswith(f".{EXPORTED}{TEMP_MARK}") for n in stray), stray
+    if case.action not in ("kill", "hang"):  # an export that returned removed its temporary
+        assert not stray, stray
+    with pytest.warns(ckptguard.ExportWarning):  # the retry: whole, the dead one's temps gone
+        ckptguard.export(src, to="safetensors", dest=dst)
+    assert os.listdir(dst) == [EXPORTED]
+    assert torch.equal(load_file(dst / EXPORTED)["w"], ckptguard.load(src)["w"])
+    ckptguard.verify(src)  # the source is never changed
+    return outcome, ranks
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
     "save-zstd": _mpi,
@@ -683,4 +717,5 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "onefile": _onefile,
     "lightning": _framework,
     "hf": _framework,
+    "export": _export,
 }

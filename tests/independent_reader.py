@@ -268,6 +268,20 @@ class Structured:
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """``{"$quantized": dtype, "qscheme": ..., ...}``: a quantized tensor by its integer values
+    (``int_repr``) and parameters: per tensor a float scale and an int zero point, per channel
+    tensors of them and the axis."""
+
+    dtype: str
+    qscheme: str
+    int_repr: TensorRef
+    scale: float | TensorRef
+    zero_point: int | TensorRef
+    axis: int | None
+
+
+@dataclass(frozen=True)
 class EnumMember:
     """``{"$enum": class, "name": member}``."""
 
@@ -1018,6 +1032,7 @@ class _TreeDecoder:
     def __init__(self, ntensors: int) -> None:
         self.ntensors = ntensors
         self.paths: dict[int, list[str]] = collections.defaultdict(list)
+        self.quantized_values: list[Quantized] = []
 
     def decode(self, v: Any, path: tuple[str, ...], depth: int) -> Any:
         _need(depth <= MAX_DEPTH, "tree: nesting deeper than 512")
@@ -1047,6 +1062,7 @@ class _TreeDecoder:
             "$meta": {"$meta", "shape", "requires_grad", "parameter"},
             "$sparse": {"$sparse", "shape", "parts", "coalesced"},
             "$structured": {"$structured", "shape", "data"},
+            "$quantized": {"$quantized", "qscheme", "int_repr", "scale", "zero_point", "axis"},
         }.get(tag, {tag})
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
@@ -1101,8 +1117,11 @@ class _TreeDecoder:
             )
             raw = bytes.fromhex(hx)
             return NpScalar(x, raw)
-        if tag == "$dtype":
-            _need(x in DTYPE_SIZES, f"tree: bad $dtype {x!r}")
+        if tag == "$dtype":  # a quantized dtype's name: section 6.2 (feature tree-types)
+            _need(
+                isinstance(x, str) and (x in DTYPE_SIZES or x in QUANTIZED_DTYPES),
+                f"tree: bad $dtype {x!r}",
+            )
             return DType(x)
         if tag == "$size":
             _need(
@@ -1198,6 +1217,8 @@ class _TreeDecoder:
             )
             refs = [self.decode(p, (*path, n), depth) for n, p in zip(names, parts, strict=True)]
             return Sparse(x, tuple(shape), tuple(refs), coalesced)
+        if tag == "$quantized":
+            return self.quantized(x, v, path, depth)
         _need(isinstance(x, str), f"tree: {tag} class name is not a string")
         if tag == "$enum":
             _need(isinstance(v["name"], str), "tree: $enum name is not a string")
@@ -1211,6 +1232,34 @@ class _TreeDecoder:
         else:
             _need(isinstance(v["fields"], list), "tree: $namedtuple fields are not an array")
         return Registered(tag, x, fields)
+
+    def quantized(self, x: Any, v: dict, path: tuple[str, ...], depth: int) -> Quantized:
+        """Section 6.2 ``$quantized``: its structure here; its part tensors' dtypes and shapes
+        against their manifest entries in ``check_quantized``."""
+        scheme, axis = v["qscheme"], v["axis"]
+        _need(isinstance(x, str) and x in QUANTIZED_INT_DTYPES, f"tree: $quantized dtype {x!r}")
+        _need(
+            isinstance(scheme, str) and scheme in QSCHEMES, f"tree: $quantized qscheme {scheme!r}"
+        )
+        per_tensor = scheme == "per_tensor_affine"
+        names = ("int_repr",) if per_tensor else ("int_repr", "scale", "zero_point")
+        _need(
+            all(isinstance(v[n], dict) and set(v[n]) == {"$tensor"} for n in names),
+            f"tree: $quantized {names} are not tensor references",
+        )
+        refs = [self.decode(v[n], (*path, n), depth) for n in names]
+        if per_tensor:
+            scale = self.decode(v["scale"], path, depth)
+            _need(isinstance(scale, float), "tree: $quantized per tensor scale is not a float")
+            zp = v["zero_point"]
+            _need(_is_int(zp) and -(2**63) <= zp < 2**63, "tree: $quantized zero_point")
+            _need(axis is None, "tree: $quantized per tensor axis is not null")
+            q = Quantized(x, scheme, refs[0], scale, zp, None)
+        else:
+            _need(_is_int(axis) and 0 <= axis < MAX_DIMS, "tree: $quantized axis")
+            q = Quantized(x, scheme, refs[0], refs[1], refs[2], axis)
+        self.quantized_values.append(q)
+        return q
 
 
 TYPE_TAGS = {
@@ -1226,6 +1275,15 @@ TYPE_TAGS = {
     "$meta",
     "$sparse",
     "$structured",
+    "$quantized",
+}
+QUANTIZED_INT_DTYPES = {"quint8": "uint8", "qint8": "int8", "qint32": "int32"}
+QUANTIZED_DTYPES = {*QUANTIZED_INT_DTYPES, "quint4x2", "quint2x4"}
+# per channel: the dtypes of the scale and zero-point tensors
+QSCHEMES = {
+    "per_tensor_affine": None,
+    "per_channel_affine": ("float64", "int64"),
+    "per_channel_affine_float_qparams": ("float32", "float32"),
 }
 FLOAT_DTYPE_PREFIXES = ("float", "bfloat", "complex")
 SPARSE_PARTS = {"coo": ("indices", "values"), "csr": ("crow_indices", "col_indices", "values")}
@@ -1297,9 +1355,34 @@ def decode_tree(body: dict[str, Any]) -> tuple[Any, dict[int, Any]]:
             not any(_contains_pickle(t) for t in (out, *ranks.values())),
             "tree: $pickle without the pickle feature",
         )
+    for q in dec.quantized_values:
+        check_quantized(q, body["tensors"])
     uses = any(_uses_types(t) for t in (body["tree"], *body["rank_trees"].values()))
     _need(uses == ("tree-types" in feats), "tree: feature tree-types listed iff its tags are used")
     return out, ranks
+
+
+def check_quantized(q: Quantized, tensors: list[dict]) -> None:
+    """Section 6.2: a ``$quantized`` value's part tensors, by their manifest entries."""
+    data = tensors[q.int_repr.id]
+    _need(
+        data["dtype"] == QUANTIZED_INT_DTYPES[q.dtype],
+        f"tree: $quantized {q.dtype} int_repr is {data['dtype']}",
+    )
+    want = QSCHEMES[q.qscheme]
+    if want is None:
+        return
+    shape = data["shape"]
+    _need(q.axis is not None and q.axis < len(shape), "tree: $quantized axis beyond int_repr")
+    assert q.axis is not None
+    for part, dtype in zip((q.scale, q.zero_point), want, strict=True):
+        assert isinstance(part, TensorRef)
+        entry = tensors[part.id]
+        _need(
+            entry["dtype"] == dtype and entry["shape"] == [shape[q.axis]],
+            f"tree: $quantized {q.qscheme} parameter tensor {entry['key']!r} is "
+            f"{entry['dtype']} {entry['shape']}, not {dtype} [{shape[q.axis]}]",
+        )
 
 
 def _uses_types(v: Any) -> bool:
@@ -1309,7 +1392,8 @@ def _uses_types(v: Any) -> bool:
         return any(_uses_types(x) for x in v)
     if not isinstance(v, dict):
         return False
-    if any(k in TYPE_TAGS for k in v):
+    dtype = v.get("$dtype")
+    if any(k in TYPE_TAGS for k in v) or (isinstance(dtype, str) and dtype in QUANTIZED_DTYPES):
         return True
     pairs = v.get("$dict", v.get("$odict"))
     if isinstance(pairs, list) and any(

@@ -5,10 +5,12 @@ ranks. CUDA paths skip without a GPU."""
 from __future__ import annotations
 
 import gc
+import io
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ import ckptguard
 from ckptguard import CheckpointerClosedError, SaveCancelledError
 from ckptguard import checkpointer as ckpt_mod
 from ckptguard.capture import state_bytes
+from ckptguard.coord.base import LocalCoordinator
 from ckptguard.tree import MAX_DEPTH, flatten
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -357,6 +360,59 @@ def test_module_level_save_async(store: str) -> None:
     assert h.result().name == "m"
     check_loaded(ckptguard.load(store), want)
     assert isinstance(h, ckptguard.SaveHandle)
+
+
+@pytest.mark.parametrize("pool", [{}, {"max_host_bytes": 256, "chunk_size": 64}])
+def test_one_file_saves_in_the_background(store: str, pool: dict) -> None:
+    """A .pt name or one_file=True: one file, written in the background (snapshot or streamed
+    through a pool too small for it), renamed over the one there; nothing else in the store."""
+    state = make_state(7)
+    want = clone(state)
+    with ckptguard.Checkpointer(store, **pool) as c:
+        h = c.save_async(state, "model.pt")
+        h.wait_snapshot()
+        mutate(state)
+        assert h.result().path == os.path.join(store, "model.pt")
+        assert h.streamed == bool(pool)
+        check_loaded(c.load("model.pt"), want)
+        assert os.path.isfile(os.path.join(store, "model.pt"))
+        assert ckptguard.verify(os.path.join(store, "model.pt")).ok
+        old = state["step"] = 8
+        c.save_async(state, "model.pt").result()  # replaced, overwrite or not
+        c.save_async(state, "plain", one_file=True).result()
+        c.save_async(state, "dir.pt", one_file=False).result()
+    assert ckptguard.load(os.path.join(store, "model.pt"))["step"] == old
+    assert os.path.isfile(os.path.join(store, "plain"))
+    assert sorted(os.listdir(store)) == [".staging", "LATEST", "dir.pt", "model.pt", "plain"]
+    assert [i.name for i in ckptguard.Store(store).list()] == ["dir.pt"]
+
+
+def test_one_file_async_refusals_and_failures(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    class TwoRanks(LocalCoordinator):
+        size = 2
+
+    with ckptguard.Checkpointer(store) as c:
+        with pytest.raises(ckptguard.OneFileError, match="2 ranks"):  # before any snapshot
+            c.save_async({"x": torch.ones(1)}, "m.pt", coordinator=TwoRanks())
+        with pytest.raises(TypeError, match="file object"):
+            c.save_async({"x": torch.ones(1)}, io.BytesIO())
+        assert not os.path.exists(store)
+        c.save({"x": torch.ones(2)}, "m.pt")
+        before = Path(store, "m.pt").read_bytes()
+        monkeypatch.setenv("CKPTGUARD_FAILPOINT", "onefile.appended:0:eio")
+        h = c.save_async({"x": torch.zeros(2)}, "m.pt")
+        with pytest.raises(ckptguard.StoreError, match="injected"):
+            h.result()
+    assert Path(store, "m.pt").read_bytes() == before
+    assert os.listdir(store) == ["m.pt"]  # the failed save's temporary is gone
+
+
+def test_module_level_save_async_of_a_one_file_path(store: str) -> None:
+    state = make_state(9)
+    path = os.path.join(store, "sub", "m.pth")
+    ckptguard.save_async(state, path).result()
+    check_loaded(ckptguard.load(path), state)
+    assert os.listdir(os.path.dirname(path)) == ["m.pth"]
 
 
 def test_exit_finishes_saves_in_flight(store: str) -> None:

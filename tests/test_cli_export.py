@@ -89,3 +89,34 @@ def test_export_of_a_one_file_checkpoint(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(got["model.w"], cli_state(3)["model"]["w"])
+
+
+def test_a_killed_export_leaves_temporaries_the_next_one_removes(
+    filled: Path, tmp_path: Path
+) -> None:
+    """``ckptguard export`` killed with its files whole but not yet named (failpoint
+    export.written): nothing under a final name, its temporaries named for it and its
+    process; the next export to that DEST removes them."""
+    import sys
+
+    from conftest import run_command
+
+    from ckptguard.temps import TEMP_MARK
+
+    dest = tmp_path / "out"
+    args = [sys.executable, "-m", "ckptguard.cli", "export", filled, dest, "--to", "safetensors"]
+    args += ["--max-shard-size", "4KiB"]  # several files
+    env = {"CKPTGUARD_FAILPOINT": "export.written:0:kill"}
+    proc = run_command(args, 120, env=env)
+    assert proc.returncode == -9, proc.stderr
+    left = sorted(p.name for p in dest.iterdir())
+    assert len(left) == 4 and all(n.startswith(".model") and TEMP_MARK in n for n in left), left
+    other = dest / ".notes.txt.tmp"  # not an export's temporary: never touched
+    other.write_text("mine")
+    res = run("export", filled, dest, "--to", "safetensors", "--max-shard-size", "4KiB")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in dest.iterdir()) == [
+        ".notes.txt.tmp",
+        *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+        "model.safetensors.index.json",
+    ]

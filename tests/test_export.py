@@ -385,3 +385,33 @@ def test_transformers_from_pretrained_loads_the_export(
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_only_dead_exports_temporaries_are_removed(ckpt: Path, tmp_path: Path) -> None:
+    """An export removes the temporaries in DEST of export files whose process is provably
+    gone; a live process's, another host's and any other file stay."""
+    import subprocess
+
+    from ckptguard.temps import TEMP_MARK, temp_name
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+
+    def temp(filename: str, pid: int, host: str | None = None) -> str:
+        stem, _, rest = temp_name(filename).partition(TEMP_MARK)
+        key, h, ns, _, rand = rest.split(".")
+        return f"{stem}{TEMP_MARK}{key}.{host or h}.{ns}.{pid}.{rand}"
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    dead = [temp("checkpoint.h5", proc.pid), temp("model-00003-of-00007.safetensors", proc.pid)]
+    kept = [
+        temp("checkpoint.h5", os.getppid()),  # alive
+        temp("checkpoint.h5", proc.pid, host="elsewhere"),
+        temp("model.pt", proc.pid),  # a one-file save's: its next save's to remove
+        ".checkpoint.h5.0123456789ab.tmp",
+    ]
+    for n in dead + kept:
+        (dest / n).write_bytes(b"partial")
+    ckptguard.export(ckpt, to="hdf5", dest=dest)
+    assert sorted(os.listdir(dest)) == sorted([*kept, "checkpoint.h5"])

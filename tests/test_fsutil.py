@@ -15,6 +15,7 @@ import ckptguard
 from ckptguard.coord import LocalCoordinator, current
 from ckptguard.errors import CheckpointWarning, warn_after_commit
 from ckptguard.fsutil import NewFiles, read_manifest, read_member
+from ckptguard.temps import TEMP_MARK
 
 
 def _saved(tmp_path) -> str:
@@ -70,7 +71,7 @@ def test_new_files_appear_only_when_committed(tmp_path: Path) -> None:
     files = NewFiles(str(tmp_path))
     _write(files, "a", b"1")
     _write(files, "b", b"2")
-    assert all(n.startswith(".") and n.endswith(".tmp") for n in os.listdir(tmp_path))
+    assert all(n.startswith(".") and TEMP_MARK in n for n in os.listdir(tmp_path))
     assert files.commit() == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert sorted(os.listdir(tmp_path)) == ["a", "b"] and (tmp_path / "b").read_bytes() == b"2"
     _write(files, "c", b"3")

@@ -146,3 +146,22 @@ def test_save_signature_lists_the_options() -> None:
     params = inspect.signature(ckptguard.save).parameters
     assert [p for p in params if p in SaveOptions.names()] == list(SaveOptions.names())
     assert params["compress"].default == "auto" and "coordinator" in params
+
+
+def test_one_file_saves_are_not_handed_over(
+    address: str, tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-file checkpoint is one process's: saved by the trainer itself, from the shared
+    pool, while a directory checkpoint goes to the agent."""
+    import ckptguard
+    from ckptguard.agent.protocol import ENV_ADDRESS
+
+    agent = Agent(address, {"ok": True, "info": info_to_json(INFO)})
+    monkeypatch.setenv(ENV_ADDRESS, address)
+    with ckptguard.Checkpointer(tmp_path, handoff=True) as c:
+        info = c.save_async({"x": torch.arange(5.0)}, "m.pt").result()
+        assert info.path == os.path.join(tmp_path, "m.pt") and agent.saves == []
+        assert torch.equal(ckptguard.load(info.path)["x"], torch.arange(5.0))
+        assert c.save_async({"x": torch.ones(2)}, "d").result() == INFO
+        assert [m["path"] for m in agent.saves] == [os.path.join(tmp_path, "d")]
+    assert os.listdir(tmp_path) == ["m.pt"]

@@ -24,7 +24,7 @@ from conftest import small_state
 from test_special_files import promptly
 
 import ckptguard
-from ckptguard import filesave
+from ckptguard import filesave, temps
 from ckptguard.coord.base import LocalCoordinator
 from ckptguard.format import container
 from ckptguard.open import CheckpointReader
@@ -209,10 +209,10 @@ def _dead_pid() -> int:
 
 
 def _temp(filename: str, pid: int, host: str | None = None) -> str:
-    name = filesave.temp_name(filename)
-    stem, _, rest = name.partition(filesave.TEMP_MARK)
+    name = temps.temp_name(filename)
+    stem, _, rest = name.partition(temps.TEMP_MARK)
     key, h, ns, _, rand = rest.split(".")
-    return f"{stem}{filesave.TEMP_MARK}{key}.{host or h}.{ns}.{pid}.{rand}"
+    return f"{stem}{temps.TEMP_MARK}{key}.{host or h}.{ns}.{pid}.{rand}"
 
 
 def test_next_save_removes_dead_temporaries_of_its_target_only(tmp_path: Path) -> None:
@@ -233,8 +233,8 @@ def test_next_save_removes_dead_temporaries_of_its_target_only(tmp_path: Path) -
 
 
 def test_temp_names_fit_and_say_what_they_are() -> None:
-    n = filesave.temp_name("é" * 200 + ".pt")
-    assert n.startswith(".") and filesave.TEMP_MARK in n and len(os.fsencode(n)) <= 255
+    n = temps.temp_name("é" * 200 + ".pt")
+    assert n.startswith(".") and temps.TEMP_MARK in n and len(os.fsencode(n)) <= 255
 
 
 # ---- hostile containers ----------------------------------------------------------------------
@@ -454,6 +454,45 @@ def test_pipes_save_and_load() -> None:
         ckptguard.save(state, f)
     reader.join()
     same(ckptguard.load(io.BytesIO(got[0])), state)
+
+
+def test_verify_and_describe_take_file_objects_as_load_does(tmp_path: Path) -> None:
+    state = small_state(8)
+    buf = io.BytesIO()
+    ckptguard.save(state, buf)
+    raw = buf.getvalue()
+    (tmp_path / "m.pt").write_bytes(raw)
+    with open(tmp_path / "m.pt", "rb") as f:  # at 0: through its own descriptor
+        report = ckptguard.verify(f)
+        assert report.ok and report.chunks_checked > 0 and f.tell() == len(raw)
+    expect = ckptguard.describe(tmp_path / "m.pt")
+    for src in (io.BytesIO(raw), io.BytesIO(b"prefix" + raw)):
+        src.seek(len(src.getvalue()) - len(raw))  # from its position, as load reads it
+        got = ckptguard.describe(src)
+        assert got.tensors == expect.tensors and got.info.uuid == expect.info.uuid
+        assert got.info.path == "<BytesIO>" and src.tell() == len(src.getvalue())
+    progress: list[tuple[int, int]] = []
+    report = ckptguard.verify(io.BytesIO(raw), progress=lambda a, b: progress.append((a, b)))
+    assert report.ok and report.path == "<BytesIO>" and progress
+    r, w = os.pipe()  # not seekable: read into memory first, as load does
+    writer = threading.Thread(target=lambda: (os.write(w, raw), os.close(w)))
+    writer.start()
+    with os.fdopen(r, "rb") as f:
+        assert ckptguard.verify(f).ok
+    writer.join()
+    flipped = bytearray(raw)
+    flipped[4096 + 64 + 100] ^= 1  # the first record's payload
+    report = ckptguard.verify(io.BytesIO(bytes(flipped)))
+    assert not report.ok and report.problems[0].key == "model/w"
+    cut = ckptguard.verify(io.BytesIO(raw[:-1]))  # no trailer: a problem, as for a path
+    assert not cut.ok and "trailer" in cut.problems[0].message and cut.path == "<BytesIO>"
+    torch_file = io.BytesIO()
+    torch.save({"a": 1}, torch_file)
+    for call in (ckptguard.load, ckptguard.verify, ckptguard.describe):
+        with pytest.raises(ckptguard.CheckpointNotFoundError, match="torch.load"):
+            call(io.BytesIO(torch_file.getvalue()))
+    with pytest.raises(TypeError):
+        ckptguard.describe(io.StringIO("text"))
 
 
 def test_file_objects_refused_for_what_they_cannot_do(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
 @pytest.mark.parametrize(
     "value,what",
     [
-        (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), "tensor of dtype"),
+        (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint4x2), "quantized tensor of"),
         (torch.eye(2).to_sparse_bsr(1), "tensor of type Tensor/torch.sparse_bsr"),
         (np.ones(2, dtype=">f4"), "numpy array of dtype >f4"),
     ],

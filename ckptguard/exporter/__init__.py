@@ -5,7 +5,9 @@ record checked against its hash as it is read, one tensor in memory at a time (t
 excepted: torch.save pickles the whole object at once). The files are written under temporary
 names in the destination and fsynced, then named (an existing file is replaced only with
 ``force``) and the directory fsynced (``fsutil.NewFiles``): a failure leaves no file under a
-final name. ``names`` gives the names, ``formats`` writes the files.
+final name; a process killed first leaves its temporaries, named for it (``temps``), which the
+next export to that destination removes. ``names`` gives the names, ``formats`` writes the
+files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import (
     UnsupportedObjectError,
     from_oserror,
 )
+from ..failpoints import failpoint
 from ..format.layout import MANIFEST
 from ..format.ranktrees import rank_tree
 from ..format.treeids import TREE_TYPES
@@ -30,7 +33,14 @@ from ..fsutil import NewFiles, makedirs_durably
 from ..open import CheckpointReader
 from ..tree import TreeError, check_tree
 from ..units import parse_size
-from .formats import WRITERS, ExportResult, Settings, exists_error, remove_stale
+from .formats import (
+    WRITERS,
+    ExportResult,
+    Settings,
+    exists_error,
+    is_export_file,
+    remove_stale,
+)
 from .names import children, subtree
 
 __all__ = ["FORMATS", "ExportResult", "export_checkpoint", "left_out_warning"]
@@ -68,10 +78,12 @@ def export_checkpoint(
             )
         d, created = prepare_dest(dest, rd.path)
         out = NewFiles(d, replace=force)
+        out.remove_stale(is_export_file)  # of earlier exports here that were killed
         result = ExportResult(rd.path, to)
         done = False
         try:
             WRITERS[to](rd, node, out, result, Settings(shard_size, strict, rank, allow_pickle))
+            failpoint("export.written")
             result.files = out.commit()
             done = True
             if to == "safetensors" and force:

@@ -38,6 +38,13 @@ TORCH_FILE = "checkpoint.pt"
 SAFETENSORS_NAMES = re.compile(
     r"model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
 )
+
+
+def is_export_file(name: str) -> bool:
+    """Whether an export may write a file of this name (its temporaries are an export's)."""
+    return name in (HDF5_FILE, TORCH_FILE) or SAFETENSORS_NAMES.fullmatch(name) is not None
+
+
 # The safetensors type of each dtype it has one for (not complex32, complex128).
 SAFETENSORS_DTYPES = {
     "bool": "BOOL",

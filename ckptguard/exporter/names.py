@@ -3,8 +3,9 @@ subtree a ``select`` names, and the check that no two leaves get one name.
 
 The tree is the manifest's JSON encoding (docs/format.md section 6), already checked
 (``tree.check_tree``): containers are JSON objects without tags, lists, ``$tuple``, ``$dict``,
-``$odict``, ``$slice``, and the fields of ``$namespace``, ``$dataclass`` and ``$namedtuple``;
-every other node is a leaf (``{"$tensor": id}`` or a value).
+``$odict``, ``$slice``, the fields of ``$namespace``, ``$dataclass`` and ``$namedtuple``, and
+the members of ``$sparse`` and ``$quantized`` named as their key paths name them; every other
+node is a leaf (``{"$tensor": id}`` or a value).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ExportError
+from ..format.treeids import QUANTIZED_PARTS
 from ..treetypes import element_text
 
 
@@ -53,6 +55,8 @@ def children(node: Any) -> list[tuple[str, Any]] | None:
     if tags[0] == "$sparse":  # its part tensors, named as their key paths name them
         names = ("indices", "values") if node["$sparse"] == "coo" else _CSR_PARTS
         return list(zip(names, node["parts"], strict=True))
+    if tags[0] == "$quantized":  # its integer values and parameters, by member name
+        return [(m, node[m]) for m in (*QUANTIZED_PARTS, "qscheme", "axis")]
     return None
 
 

@@ -29,3 +29,10 @@ SIZES: dict[str, int] = {
 def elem_size(dtype: str) -> int | None:
     """Element size in bytes, or None for a dtype the format does not know."""
     return SIZES.get(dtype)
+
+
+QUANTIZED: dict[str, str] = {"quint8": "uint8", "qint8": "int8", "qint32": "int32"}
+"""The quantized dtypes a tree's ``$quantized`` holds (section 6.2), each with the dtype of its
+integer values (``int_repr``)."""
+QUANTIZED_NAMES = (*QUANTIZED, "quint4x2", "quint2x4")
+"""The quantized dtypes a tree's ``$dtype`` may name (feature ``tree-types``)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .dtypes import QUANTIZED_NAMES
+
 
 def remap_tensor_ids(tree: Any, ids: list[int]) -> Any:
     """The same JSON tree with each ``{"$tensor": i}`` replaced by ``{"$tensor": ids[i]}``."""
@@ -50,13 +52,18 @@ TYPE_TAGS = frozenset(
         "$meta",
         "$sparse",
         "$structured",
+        "$quantized",
     }
 )
+QUANTIZED_PARTS = ("int_repr", "scale", "zero_point")
+"""The members of a ``$quantized`` value that are (per channel) its tensors, which are also
+their key path parts."""
 
 
 def uses_tree_types(*trees: Any) -> bool:
     """Whether any of these JSON trees (or rank-tree diffs) needs the feature ``tree-types``:
-    it has a tag of ``TYPE_TAGS``, or a ``$dict``/``$odict`` key that is not a str or int."""
+    it has a tag of ``TYPE_TAGS``, a ``$dtype`` of a quantized dtype, or a ``$dict``/``$odict``
+    key that is not a str or int."""
     stack = list(trees)
     while stack:
         node = stack.pop()
@@ -65,7 +72,7 @@ def uses_tree_types(*trees: Any) -> bool:
         elif isinstance(node, dict):
             if len(node) == 1 and "$tensor" in node:
                 continue
-            if not TYPE_TAGS.isdisjoint(node):
+            if not TYPE_TAGS.isdisjoint(node) or node.get("$dtype") in QUANTIZED_NAMES:
                 return True
             pairs = node.get("$dict", node.get("$odict"))
             if isinstance(pairs, list) and any(

@@ -1,7 +1,8 @@
 """One store operation in a process of its own, for tests/test_fault_matrix.py (failpoints).
 
 Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
-fault matrix's ``small(2)`` there as a one-file checkpoint); writes OUT (JSON): ``ok``,
+fault matrix's ``small(2)`` there as a one-file checkpoint) | export CKPT DEST (to safetensors);
+writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
 """
@@ -34,6 +35,9 @@ def run(op: str, args: list[str]) -> dict:
         state = {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * 2, "seed": 2}
         ckptguard.save(state, args[0])
         return {}
+    if op == "export":
+        result = ckptguard.export(args[0], to="safetensors", dest=args[1])
+        return {"files": [os.path.basename(f) for f in result.files]}
     raise SystemExit(f"unknown operation {op}")
 
 

@@ -644,7 +644,24 @@ TREE_SEEDS: list[Any] = [
         "m": {"$meta": "bfloat16", "shape": [2, 0], "requires_grad": True, "parameter": True},
         "sp": {"$sparse": "coo", "shape": [3], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
         | {"coalesced": True},
+        "q": [
+            {"$quantized": "qint8", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+            | {"scale": 0.5, "zero_point": -3, "axis": None},
+            {"$quantized": "quint8", "qscheme": "per_channel_affine", "int_repr": {"$tensor": 0}}
+            | {"scale": {"$tensor": 1}, "zero_point": {"$tensor": 0}, "axis": 1},
+        ],
+        "qdt": {"$dtype": "quint4x2"},
     },
+    {"$quantized": "qint32", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+    | {"scale": {"$float": "nan"}, "zero_point": 0, "axis": None},
+    {"$quantized": "qint8", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+    | {"scale": 1, "zero_point": 0, "axis": None},
+    {"$quantized": "qint8", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+    | {"scale": 1.0, "zero_point": 1 << 63, "axis": None},
+    {"$quantized": "qint8", "qscheme": "per_channel_affine", "int_repr": {"$tensor": 0}}
+    | {"scale": 1.0, "zero_point": 0, "axis": 0},
+    {"$quantized": "quint4x2", "qscheme": "per_tensor_symmetric", "int_repr": {"$tensor": 0}}
+    | {"scale": 1.0, "zero_point": 0, "axis": None},
     {"$structured": [["x", "int32"], ["y", "float64"]], "shape": [2], "data": {"$tensor": 1}},
     {"$structured": [["x", "int32"], ["x", "bool"]], "shape": [], "data": {"$tensor": 0}},
     {"$structured": [], "shape": [1], "data": {"$tensor": 0}},

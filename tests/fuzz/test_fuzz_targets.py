@@ -235,6 +235,18 @@ TYPE_LEAVES = st.sampled_from(
         {"$structured": [["a", "int8"], ["", "int8"]], "shape": [3], "data": {"$tensor": 0}},
         {"$structured": [["a", "object"]], "shape": [3], "data": {"$tensor": 0}},
         {"$structured": [["a", "int8"]], "shape": [3], "data": [{"$tensor": 0}]},
+        {"$quantized": "qint8", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+        | {"scale": 0.1, "zero_point": 2, "axis": None},
+        {"$quantized": "qint8", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
+        | {"scale": {"$float": "-inf"}, "zero_point": True, "axis": None},
+        {"$quantized": "quint8", "qscheme": "per_channel_affine_float_qparams"}
+        | {"int_repr": {"$tensor": 1}, "scale": {"$tensor": 0}, "zero_point": {"$tensor": 1}}
+        | {"axis": 0},
+        {"$quantized": "quint8", "qscheme": "per_channel_affine", "int_repr": {"$tensor": 1}}
+        | {"scale": {"$tensor": 0}, "zero_point": {"$tensor": 1}, "axis": 64},
+        {"$quantized": "qint32", "qscheme": "per_channel_affine", "int_repr": {"$tensor": 1}}
+        | {"scale": 0.5, "zero_point": {"$tensor": 1}, "axis": 0},
+        {"$dtype": "qint32"},
     ]
 )
 
