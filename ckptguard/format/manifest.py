@@ -251,13 +251,23 @@ def validate(doc: Any) -> None:
 
 
 def _validate_tensors(tensors: list, world_size: int, per_rank: bool, views: bool = False) -> None:
-    """Check ``manifest.tensors`` (format.md sections 3.1 and 3.2)."""
-    if _plain_tensors(tensors):
-        return
+    """Check ``manifest.tensors`` (format.md sections 3.1 and 3.2). A view's ``view`` member is
+    checked once every entry is (it names another entry)."""
+    entries = [_without_view(t) for t in tensors] if views else tensors
+    if not _plain_tensors(entries):
+        _validate_each(entries, world_size, per_rank)
+    if views:
+        check_views(tensors)
+
+
+def _without_view(t: Any) -> Any:
+    return {k: v for k, v in t.items() if k != "view"} if type(t) is dict and "view" in t else t
+
+
+def _validate_each(tensors: list, world_size: int, per_rank: bool) -> None:
+    """``_validate_tensors``'s checks one entry at a time, naming the first that fails."""
     keys = set()
     for i, t in enumerate(tensors):
-        if views and isinstance(t, dict) and "view" in t:
-            t = {k: v for k, v in t.items() if k != "view"}  # checked once all entries are
         if per_rank and isinstance(t, dict) and "per_rank" in t:
             if t["per_rank"] is not True:
                 raise FormatError(f"manifest.tensors[{i}].per_rank is not true")
@@ -285,8 +295,6 @@ def _validate_tensors(tensors: list, world_size: int, per_rank: bool, views: boo
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
         keys.add(t["key"])
-    if views:
-        check_views(tensors)
 
 
 _TENSOR_VALUES = operator.itemgetter(*_TENSOR)
