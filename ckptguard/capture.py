@@ -26,8 +26,9 @@ from .tree import Flat, TensorRef, flatten
 
 
 def refs_bytes(refs: list[TensorRef]) -> int:
-    """Host bytes a snapshot of these tensors takes in the pool (each 64-byte aligned)."""
-    return sum(aligned(_nbytes(r.value)) for r in refs)
+    """Host bytes a snapshot of these tensors takes in the pool (each 64-byte aligned; a view
+    takes none: its storage holds its bytes)."""
+    return sum(aligned(_nbytes(r.value)) for r in refs if r.view is None)
 
 
 def _nbytes(v: Any) -> int:
@@ -86,7 +87,10 @@ class _HostCopier:
         return dst
 
     def ref(self, r: TensorRef) -> TensorRef:
-        """``r`` with its value replaced by the copy (type facts, key and box unchanged)."""
+        """``r`` with its value replaced by the copy (type facts, key and box unchanged); a
+        view's by None (what it holds is its storage's copy, and no save reads it)."""
+        if r.view is not None:
+            return dataclasses.replace(r, value=None, outer=None)
         v = self.array(r.value) if isinstance(r.value, np.ndarray) else self.tensor(r.value)
         return dataclasses.replace(r, value=v, outer=v)
 

@@ -100,7 +100,7 @@ class Handoff:
         base, size = buf.data_ptr(), buf.numel()
         tensors = []
         for r in refs:
-            ptr, n = _where(r.value)
+            ptr, n = (0, 0) if r.view is not None else _where(r.value)
             if n and not (base <= ptr and ptr + n <= base + size):
                 raise AgentError(f"{r.key}: not in the shared pool, cannot be handed over")
             tensors.append(
@@ -118,6 +118,7 @@ class Handoff:
                     "per_rank": r.per_rank,
                     "offset": ptr - base if n else 0,
                     "nbytes": n,
+                    "view": None if r.view is None else r.view.to_json(),
                 }
             )
         ident = self._next_id()

@@ -22,6 +22,7 @@ from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .format.treeids import TREE_TYPES, tensor_ids
+from .format.views import TENSOR_VIEWS, storage_of
 from .onefile import OneFile
 from .open import CheckpointReader
 from .place import Landing, MapLocation
@@ -67,13 +68,20 @@ def load_checkpoint(
         # Tensors without a template load whole, in tree order, each once: those that are one
         # slice of a packed record as views of its buffer, the others into their own targets
         # (all of them where torch.load's f(storage, location) is to place each one's storage).
-        whole = [] if place.torch_style(map_location) else [g for g in ids if g not in targets]
+        # A view has no bytes: its storage loads into memory of its own, which its views share.
+        viewed = _views(rd, ids)
+        stores = dict.fromkeys(viewed.values())
+        whole = (
+            []
+            if place.torch_style(map_location)
+            else [g for g in ids if g not in targets and g not in viewed and g not in stores]
+        )
         packs = select.whole_packed(rd.table, rd.tensors, whole)
         in_pack = set(packs.tensor.tolist())
         fresh = {
             gid: select.whole_box(rd.tensors[gid], rank)
-            for gid in ids
-            if gid not in targets and gid not in in_pack
+            for gid in [*ids, *stores]
+            if gid not in targets and gid not in in_pack and gid not in viewed
         }
         boxes = {gid: tg.box for gid, tg in targets.items()} | fresh
         pieces = select.plan_reads(rd.table, rd.tensors, boxes)
@@ -93,6 +101,7 @@ def load_checkpoint(
         for gid, tg in targets.items():
             values[gid] = place.finish(tg, rd.tensors[gid], map_location) if tg.fresh else tg.result
         _pack_values(rd, packs, bufs, map_location, values)
+        _view_values(rd, viewed, targets, values, (map_location, verify))
         try:
             return unflatten(
                 tree, values, allow_pickle=allow_pickle, types=TREE_TYPES in rd.features
@@ -110,21 +119,30 @@ def iter_tensors(
 
     The memory held is the tensor being built and one saved shard's chunks (or one packed
     record), never the whole checkpoint: a caller that drops each tensor before taking the next
-    holds one at a time. Each data file is opened and checked once; tensors that share a packed
+    holds one at a time. A view (format.md section 3.2) is built on its storage, read whole and
+    kept while the views that follow it share it (order them by their storage's bytes, as
+    ``read_order`` does). Each data file is opened and checked once; tensors that share a packed
     record, given one after another, read it once (order them by where their bytes lie). The
     ids must exist (one given twice is read twice) and ``rank`` be a saved rank."""
-    boxes = {gid: select.whole_box(rd.tensors[gid], rank) for gid in ids}
+    viewed = _views(rd, ids)
+    stores = set(viewed.values())
+    wanted = [g for g in dict.fromkeys([*ids, *stores]) if g not in viewed]
+    boxes = {gid: select.whole_box(rd.tensors[gid], rank) for gid in wanted}
     pieces = select.plan_reads(rd.table, rd.tensors, boxes)
     rd.check_sizes({r.file for ps in pieces.values() for p in ps for r in p.rows})
     files = _Files(rd, verify)
+    held: tuple[int, Any] | None = None  # a storage, while the views that follow share it
     try:
         for gid in ids:
-            entry = rd.tensors[gid]
-            target = place.fresh_target(entry, boxes[gid])
-            for piece in pieces[gid]:
-                files.read_piece(target, entry, piece)
-            yield gid, place.finish(target, entry, "cpu")
-            del target  # a caller done with the tensor frees it before the next is allocated
+            sid = viewed.get(gid, gid)
+            if held is not None and held[0] == sid:
+                value = held[1]
+            else:
+                held = None  # one storage held at a time
+                value = files.whole(rd.tensors[sid], boxes[sid], pieces[sid])
+                held = (sid, value) if sid in stores else None
+            yield gid, value if sid == gid else place.view_of(value, rd.tensors[gid])
+            del value  # a caller done with the tensor frees it before the next is allocated
     finally:
         files.close()
 
@@ -162,6 +180,13 @@ class _Files:
         if name not in self.fds:
             self.fds[name] = self.rd.open_file(name)
         return self.fds[name]
+
+    def whole(self, entry: dict, box: select.Box, pieces: list[select.Piece]) -> Any:
+        """A tensor read whole (``box``: all of it, or a per-rank tensor's row) on the host."""
+        target = place.fresh_target(entry, box)
+        for piece in pieces:
+            self.read_piece(target, entry, piece)
+        return place.finish(target, entry, "cpu")
 
     def read_piece(self, target: Target, entry: dict, piece: select.Piece) -> None:
         """Read one saved shard's chunks into ``target`` (through a buffer of that shard's
@@ -214,6 +239,48 @@ def _pack_values(
         )
         for g, obj in zip(gids, objs, strict=True):
             values[g] = obj
+
+
+def _views(rd: CheckpointReader, ids: Sequence[int]) -> dict[int, int]:
+    """The views among tensors ``ids`` (format.md section 3.2), each with its storage's id."""
+    if TENSOR_VIEWS not in rd.features:
+        return {}
+    return {g: sid for g in ids if (sid := storage_of(rd.tensors[g])) is not None}
+
+
+def _view_values(
+    rd: CheckpointReader,
+    viewed: dict[int, int],
+    targets: dict[int, Target],
+    values: list[Any],
+    how: tuple[MapLocation, bool],
+) -> None:
+    """Put each view's object in ``values``: a view of its storage's object (which it shares);
+    a view that a template names fills it. A storage that a template fills is never aliased:
+    its views get a copy of their own, read whole once more."""
+    again = sorted({sid for sid in viewed.values() if sid in targets and not targets[sid].fresh})
+    own = _fresh_values(rd, again, *how) if again else {}
+    for gid, sid in viewed.items():
+        obj = place.view_of(own[sid] if sid in own else values[sid], rd.tensors[gid])
+        tg = targets.get(gid)
+        if tg is not None:
+            place.fill_from(tg, obj)
+            obj = tg.result
+        values[gid] = obj
+
+
+def _fresh_values(
+    rd: CheckpointReader, ids: Sequence[int], map_location: MapLocation, verify: bool
+) -> dict[int, Any]:
+    """Tensors ``ids`` (none per-rank) loaded whole into targets of their own, as ``finish``
+    makes them."""
+    boxes = {gid: select.whole_box(rd.tensors[gid], 0) for gid in ids}
+    pieces = select.plan_reads(rd.table, rd.tensors, boxes)
+    rd.check_sizes({r.file for ps in pieces.values() for p in ps for r in p.rows})
+    targets = {gid: place.fresh_target(rd.tensors[gid], boxes[gid]) for gid in ids}
+    for gid, landing in _read(rd, targets, pieces, verify):
+        place.copy_block(targets[gid], rd.tensors[gid], landing)
+    return {gid: place.finish(tg, rd.tensors[gid], map_location) for gid, tg in targets.items()}
 
 
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:

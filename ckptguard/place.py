@@ -254,6 +254,37 @@ def pack_values(
     return out
 
 
+def view_of(storage: Any, entry: dict) -> Any:
+    """The object of a view entry (format.md section 3.2) on its loaded storage (a tensor or
+    array as ``finish`` made it, in memory of its own): the storage's memory at the view's
+    element offset and strides, shared with the storage and its other views, as saved. The
+    manifest's checks keep every element inside the storage's bytes."""
+    view, shape, dt = entry["view"], tuple(entry["shape"]), dtype_of(entry)
+    if isinstance(storage, np.ndarray):
+        size = np.dtype(dt).itemsize
+        strides = tuple(s * size for s in view["stride"])
+        return np.ndarray(shape, dt, storage, view["offset"] * size, strides)
+    out = torch.empty(0, dtype=dt, device=storage.device)
+    start = storage.storage_offset() * storage.element_size()
+    if start % out.element_size():
+        raise CheckpointError(f"storage of view {entry['key']!r} is not aligned for its dtype")
+    with torch.no_grad():
+        at = start // out.element_size() + view["offset"]
+        out.set_(storage.untyped_storage(), at, shape, view["stride"])
+    return _as_saved(out, entry)
+
+
+def fill_from(target: Target, value: Any) -> None:
+    """Copy the part ``target.box`` of a whole loaded ``value`` into the template's memory."""
+    src = value[tuple(slice(o, o + n) for o, n in zip(*target.box, strict=True))]
+    dest = target.fill
+    if isinstance(dest, np.ndarray):
+        dest[...] = src if isinstance(src, np.ndarray) else src.detach().cpu().numpy()
+        return
+    with torch.no_grad():
+        dest.copy_(torch.from_numpy(src) if isinstance(src, np.ndarray) else src)
+
+
 def check_dtypes(names: set[str], entries: Iterable[dict]) -> None:
     """Raise ``dtype_of``'s error for the first of ``entries`` (whose dtypes are ``names``)
     with a dtype this numpy or torch lacks; look at each only if some name may be one."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,9 +185,10 @@ class _Rows:
 # -- agreement ------------------------------------------------------------------------------------
 def check_agreement(d: _Rows) -> None:
     """Raise PlanError naming the first key whose rows disagree on dtype, kind, per_rank,
-    sharded or global shape, and the two ranks that differ."""
-    for name in ("dtype", "kind"):
-        codes = _codes(d.table.column(name))
+    sharded, global shape or view (of which storage, where: format.md section 3.2), and the
+    two ranks that differ."""
+    for name in ("dtype", "kind", "view"):
+        codes = _codes(d.table.column(name).fill_null(""))
         _disagree(d, codes != codes[d.head], name)
     _disagree(d, d.per_rank != d.per_rank[d.head], "per_rank")  # before the sharding it implies
     _disagree(d, d.sharded != d.sharded[d.head], "sharded")
@@ -454,7 +456,22 @@ def manifest_entries(d: _Rows) -> list[dict]:
     ]
     for g in np.flatnonzero(d.per_rank[d.first]).tolist():
         tensors[g]["per_rank"] = True
+    views = d.table.column("view").take(first)
+    if views.null_count < len(views):
+        _add_views(tensors, d.keys, views.to_pylist())
     return tensors
+
+
+def _add_views(tensors: list[dict], keys: list[str], views: list[str | None]) -> None:
+    """The ``view`` member of each view's entry, its storage named by global id."""
+    gid = {k: i for i, k in enumerate(keys)}
+    for g, text in enumerate(views):
+        if text is None:
+            continue
+        view = json.loads(text)
+        if view["storage"] not in gid:
+            raise PlanError(f"tensor {keys[g]!r} is a view of {view['storage']!r}, not saved")
+        tensors[g]["view"] = {**view, "storage": gid[view["storage"]]}
 
 
 def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:

@@ -315,7 +315,10 @@ class _Save:
             writer = RankWriter(plan["staging"], rank, plan["uuid"], self.opt.chunk_size, where)
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
-            todo = [(g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m]
+            # A view has no bytes of its own: its storage's are written (format.md 3.2).
+            todo = [
+                (g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m and not r.view
+            ]
             codec, level = parse_compress(self.opt.compress, COMPRESS)
             if self.opt.compress == "auto":
                 codec = AUTO

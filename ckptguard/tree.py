@@ -2,7 +2,8 @@
 (``treeload`` rebuilds it; both names are here for callers).
 
 The encoding is docs/format.md section 6. Tensors and numpy arrays become ``{"$tensor": id}``;
-the same tensor reached twice gets one id (tied weights stay tied).
+the same tensor reached twice gets one id (tied weights stay tied). Tensors that share a storage
+or are not contiguous are then made views of one stored storage (``views``, section 3.2).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import quantized, treetypes
+from . import quantized, treetypes, views
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
@@ -32,6 +33,7 @@ from .treeload import TORCH_DTYPES as TORCH_DTYPES
 from .treeload import TreeError as TreeError
 from .treeload import check_tree as check_tree
 from .treeload import unflatten as unflatten
+from .views import View
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TensorRef:
     unique_box: bool = False
     outer: Any = None  # the object the user passed (Shard, DTensor or the tensor itself)
     per_rank: bool = False  # each rank's own value (PerRank): row ``rank`` of a stacked tensor
+    view: View | None = None  # its values are read from another ref's bytes (no bytes of its own)
 
     def __post_init__(self) -> None:
         if not self.sharded:
@@ -89,6 +92,7 @@ class _Flattener:
         self.keys: set[str] = set()
         self.used_pickle = False
         self.quantized_nodes: dict[int, tuple[Any, dict]] = {}  # id -> (tensor, its node)
+        self.storages = views.Storages()  # which tensors share a storage or are not contiguous
 
     def shard(self, s: Shard, path: str) -> dict:
         node, ref = self._wrapped(s, path)
@@ -137,6 +141,8 @@ class _Flattener:
                 return self.other(t, path, f"numpy array of dtype {t.dtype}")
             ident: tuple = ("np", id(t))  # what makes two references the same tensor
             ref = TensorRef(path or "$root", name, tuple(t.shape), "numpy", "cpu", False, False, t)
+            if ident not in self.ids and t.flags.f_contiguous and not t.flags.c_contiguous:
+                self.storages.fortran.append(len(self.tensors))
             return self.add(ident, ref, path)
         return self.torch_tensor(t, path)
 
@@ -156,9 +162,10 @@ class _Flattener:
         shape = tuple(t.shape)
         device = t.device
         where = _DEVICE_NAMES.get(device) or _DEVICE_NAMES.setdefault(device, str(device))
+        numel = t.numel()
         ident = (
             "pt",
-            t.untyped_storage().data_ptr() if t.numel() else id(t),
+            t.untyped_storage().data_ptr() if numel else id(t),
             t.storage_offset(),
             shape,
             t.stride(),
@@ -179,7 +186,21 @@ class _Flattener:
             shape,
             _zeros(len(shape)),
         )
-        return self.add(ident, ref, path)
+        n = len(self.tensors)
+        node = self.add(ident, ref, path)
+        if numel and len(self.tensors) > n and not (ident[7] or ident[8]):
+            self.storages.note((where, ident[1]), n, t)
+        return node
+
+    def add_storages(self) -> None:
+        """Make the tensors that share a storage or are not contiguous views of one (``views``),
+        adding the storages that no member holds whole."""
+        for key, value, like in self.storages.assign(self.tensors):
+            name = TORCH_DTYPES[value.dtype] if like.kind == "torch" else str(value.dtype)
+            ref = TensorRef(
+                key, name, tuple(value.shape), like.kind, like.device, False, False, value
+            )
+            self.add(("storage", key), ref, key)
 
     def add(self, ident: tuple, ref: TensorRef, path: str) -> dict:
         """The node of tensor ``ref`` (``ident`` says which tensors are the same one)."""
@@ -452,6 +473,8 @@ def flatten(
     """
     f = _Flattener(allow_pickle, tensors_only)
     tree = f.walk(obj, "", 0)
+    if not tensors_only:  # a template's tensors are filled each as it is
+        f.add_storages()
     return tree, f.tensors, f.used_pickle
 
 

@@ -96,6 +96,7 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # values of rank_trees are diffs against tree (section 6.1); per-rank-tensors: a tensor entry may
 # be per_rank, its row r being rank r's own value (section 3.1)
 # packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
+# tensor-views: a tensor entry may be a view of another entry's bytes (section 3.2)
 KNOWN_FEATURES = {
     "pickle",
     "rank-tree-diffs",
@@ -103,7 +104,9 @@ KNOWN_FEATURES = {
     "packed-records",
     "zstd",
     "tree-types",
+    "tensor-views",
 }
+MAX_VIEW_STEP = 1 << 62  # section 3.2: offset and strides step at most 2**62 bytes
 MAX_DIFF_PATH = 2048
 # section 10: one-file checkpoints
 CONTAINER_MAGIC = b"CKGFILE1"
@@ -311,6 +314,7 @@ class TensorData:
     parameter: bool
     data: bytes
     per_rank: bool = False  # row r of the first dimension is rank r's own value
+    view: dict[str, Any] | None = None  # section 3.2: data gathered from its storage's bytes
 
     @property
     def elem_size(self) -> int:
@@ -559,8 +563,12 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
                 isinstance(sh, list) and len(sh) >= 1 and sh[0] == ws,
                 f"{where}: per-rank tensor whose first dimension is not world_size",
             )
-        members = TENSOR_MEMBERS | (
-            {"per_rank"} if isinstance(t, dict) and "per_rank" in t else set()
+        if isinstance(t, dict) and "view" in t:
+            _need("tensor-views" in feats, f"{where}: view without its feature")
+        members = (
+            TENSOR_MEMBERS
+            | ({"per_rank"} if isinstance(t, dict) and "per_rank" in t else set())
+            | ({"view"} if isinstance(t, dict) and "view" in t else set())
         )
         _need(isinstance(t, dict) and set(t) == members, f"{where}: wrong members")
         _need(isinstance(t["key"], str), f"{where}: key is not a string")
@@ -581,6 +589,11 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         )
         if t["kind"] == "numpy":
             _need(not t["requires_grad"] and not t["parameter"], f"{where}: numpy with grad")
+    for i, t in enumerate(tensors):
+        if "view" in t:
+            check_view(tensors, i)
+    if "tensor-views" in feats:
+        _need(any("view" in t for t in tensors), "MANIFEST.json: tensor-views listed but no view")
 
     files = body["files"]
     _need(isinstance(files, list), "MANIFEST.json: files is not a list")
@@ -617,6 +630,52 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         "MANIFEST.json: bad totals",
     )
     return body
+
+
+def check_view(tensors: list[dict[str, Any]], i: int) -> None:
+    """Section 3.2: a view's member, its storage, and every element inside the storage's bytes
+    (checked with exact integers, so no hostile value can reach outside them)."""
+    t = tensors[i]
+    where = f"MANIFEST.json: tensors[{i}].view"
+    v = t["view"]
+    _need(isinstance(v, dict) and set(v) == {"storage", "offset", "stride"}, f"{where}: members")
+    sid, off, stride = v["storage"], v["offset"], v["stride"]
+    es = DTYPE_SIZES[t["dtype"]]
+    _need(_is_int(sid) and 0 <= sid < len(tensors) and sid != i, f"{where}: bad storage id")
+    _need(_is_int(off) and 0 <= off * es <= MAX_VIEW_STEP, f"{where}: bad offset")
+    _need(
+        isinstance(stride, list)
+        and len(stride) == len(t["shape"])
+        and all(_is_int(x) and 0 <= x * es <= MAX_VIEW_STEP for x in stride),
+        f"{where}: bad stride",
+    )
+    _need(
+        math.prod(n for n in t["shape"] if n) * es <= MAX_VIEW_STEP,
+        f"{where}: nonzero lengths of its shape over 2**62 bytes",
+    )
+    st = tensors[sid]
+    _need("view" not in st and "per_rank" not in st, f"{where}: storage is a view or per-rank")
+    _need("per_rank" not in t, f"{where}: a per-rank view")
+    _need(st["kind"] == t["kind"] and st["device"] == t["device"], f"{where}: kind/device")
+    have = math.prod(st["shape"]) * DTYPE_SIZES[st["dtype"]]
+    if math.prod(t["shape"]) == 0:
+        need = off * es
+    else:
+        need = (off + sum((n - 1) * x for n, x in zip(t["shape"], stride, strict=True)) + 1) * es
+    _need(need <= have, f"{where}: reaches byte {need} of a storage of {have} bytes")
+
+
+def view_bytes(storage: bytes, t: dict[str, Any]) -> bytes:
+    """A view's elements in C order, gathered from its storage's raw bytes (section 3.2)."""
+    es = DTYPE_SIZES[t["dtype"]]
+    off, stride, shape = t["view"]["offset"], t["view"]["stride"], t["shape"]
+    if math.prod(shape) == 0:
+        return b""
+    base = np.frombuffer(storage, dtype=np.uint8)[off * es :]
+    # element (i_0, ...) at byte (offset + sum(i_d * stride_d)) * es: in bounds, as checked
+    strides = tuple(x * es for x in stride) + (1,)
+    elems = np.lib.stride_tricks.as_strided(base, (*shape, es), strides, writeable=False)
+    return elems.tobytes()
 
 
 def _resolve(tree: Any, path: list, where: str) -> Any:
@@ -739,6 +798,7 @@ def check_rows(
         _need(0 <= t < len(tensors), f"{w}: tensor id {t} out of range")
         te = tensors[t]
         _need(r["key"] == te["key"], f"{w}: key != tensors[{t}].key")
+        _need("view" not in te, f"{w}: a row of a view (views have no chunks)")
         _need(r["dtype"] == te["dtype"], f"{w}: dtype != tensors[{t}].dtype")
         _need(list(r["global_shape"]) == te["shape"], f"{w}: global_shape != tensors[{t}].shape")
         _need(r["dtype"] in DTYPE_SIZES, f"{w}: unknown dtype {r['dtype']!r}")
@@ -790,7 +850,7 @@ def check_rows(
     # shards of each tensor: disjoint and covering exactly
     for t, te in enumerate(tensors):
         boxes = per_tensor.get(t, [])
-        total = math.prod(te["shape"])
+        total = 0 if "view" in te else math.prod(te["shape"])
         _need(
             sum(math.prod(sl) for _, sl in boxes) == total,
             f"tensor {te['key']!r}: shards do not cover it exactly",
@@ -1545,6 +1605,10 @@ def _assemble(
                 per_rank=te.get("per_rank", False),
             )
         )
+    for t, te in enumerate(body["tensors"]):  # views, from their storages' bytes
+        if "view" in te:
+            out[t].data = view_bytes(out[te["view"]["storage"]].data, te)
+            out[t].view = dict(te["view"])
     return out
 
 

@@ -57,6 +57,7 @@ def desc(*rows: tuple) -> pa.Table:
         cols["global_shape"].append(list(gshape))
         cols["offsets"].append(list(offs) if sharded else [0] * len(gshape))
         cols["shape"].append(list(shape))
+        cols["view"].append(None)
     return pa.table(cols, schema=DESC_SCHEMA)
 
 

@@ -3,11 +3,13 @@ another rank may hold, PerRank tensors bound to this rank's row."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ckptguard import PerRank, Shard
 from ckptguard.format.dtypes import SIZES
@@ -50,25 +52,36 @@ def test_per_rank_is_row_rank_of_a_world_tensor() -> None:
 
 
 def _rows_of_each_ref(refs: list, hasher: Any) -> list[dict]:
-    """The description one ref at a time: what the columns must hold."""
-    return [
-        {
-            "key": r.key,
-            "dtype": r.dtype,
-            "kind": r.kind,
-            "device": r.device,
-            "requires_grad": r.requires_grad,
-            "parameter": r.parameter,
-            "sharded": r.sharded,
-            "per_rank": r.per_rank,
-            "nbytes": math.prod(r.shape) * SIZES[r.dtype],
-            "hash": None if r.unique_box or hasher is None else hasher(r),
-            "global_shape": list(r.global_shape),
-            "offsets": list(r.offsets),
-            "shape": list(r.shape),
-        }
-        for r in refs
-    ]
+    """The description one ref at a time: what the columns must hold (a view: no bytes, its
+    hash that of its ``view`` member)."""
+    return [_row_of(r, hasher) for r in refs]
+
+
+def _row_of(r: Any, hasher: Any) -> dict:
+    if r.view is None:
+        view = None
+        nbytes = math.prod(r.shape) * SIZES[r.dtype]
+        digest = None if r.unique_box or hasher is None else hasher(r)
+    else:
+        view = json.dumps(r.view.to_json())
+        nbytes = 0
+        digest = None if hasher is None else xxhash.xxh3_128_digest(view.encode())
+    return {
+        "key": r.key,
+        "dtype": r.dtype,
+        "kind": r.kind,
+        "device": r.device,
+        "requires_grad": r.requires_grad,
+        "parameter": r.parameter,
+        "sharded": r.sharded,
+        "per_rank": r.per_rank,
+        "nbytes": nbytes,
+        "hash": digest,
+        "global_shape": list(r.global_shape),
+        "offsets": list(r.offsets),
+        "shape": list(r.shape),
+        "view": view,
+    }
 
 
 def test_columns_are_each_refs_row_on_a_mixed_state() -> None:

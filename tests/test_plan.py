@@ -42,6 +42,7 @@ def desc(*rows: dict) -> pa.Table:
             "global_shape": shape,
             "offsets": [0] * len(shape),
             "shape": shape,
+            "view": None,
             **row,
         }
         for name in DESC_SCHEMA.names:

@@ -117,6 +117,9 @@ def test_views_sharing_storage(tmp_path):
     out = roundtrip(tmp_path, state)
     assert out["tied"] is out["w"]  # the same tensor twice stays one tensor
     assert same(out["view"], state["view"]) and same(out["t"], state["t"].contiguous())
+    assert out["t"].stride() == (1, 5) and out["view"].data_ptr() == out["w"].data_ptr() + 20
+    out["w"][6] = -1  # views of one storage load sharing it (format.md section 3.2)
+    assert out["view"][1] == -1 and out["t"][1, 1] == -1
 
 
 def test_conj_and_neg_views_are_resolved(tmp_path):

@@ -41,11 +41,11 @@ def big_state(seed: int = 0) -> dict[str, Any]:
     return {
         "w": w,  # contiguous: read in place
         "tied": w,
-        "wt": torch.randn(300, 200, generator=g).t(),  # strided: copied piecewise
+        "wt": torch.randn(300, 200, generator=g).t(),  # strided: a view, its storage in place
         "every_other": torch.randn(64, 1000, generator=g)[:, ::2],
         "half": torch.randn(999, 33, generator=g).to(torch.bfloat16).t(),
         "flags": torch.rand(77, 5, generator=g).gt(0.5).t(),
-        "cplx": torch.randn(20, 30, dtype=torch.complex64, generator=g).t(),
+        "cplx": torch.randn(20, 30, dtype=torch.complex64, generator=g).t().conj(),  # copied
         "empty": torch.zeros(0, 5).t(),
         "scalar": torch.tensor(3.5),
         "np_strided": np.arange(40000, dtype=np.float64).reshape(200, 200)[:, ::-2],
@@ -238,7 +238,7 @@ def test_pool_memory_reused_across_streamed_and_snapshot_saves(store: str) -> No
 
 
 def test_pool_too_small_for_two_chunks(store: str) -> None:
-    state = {"t": torch.zeros(64, 64).t()}  # strided: needs a buffer
+    state = {"t": torch.zeros(64, 64, dtype=torch.complex64).conj()}  # lazy conjugate: copied
     with ckptguard.Checkpointer(store, max_host_bytes=2048) as c:
         h = c.save_async(state, "t")
         with pytest.raises(HostPoolTooSmallError) as e:

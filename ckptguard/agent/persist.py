@@ -28,6 +28,7 @@ from ..options import SaveOptions
 from ..report import info_to_json
 from ..saver import FailedState, save_state
 from ..tree import Flat, TensorRef
+from ..views import View
 
 MAX_TENSORS = 10_000_000
 DEFAULT_TIMEOUT = 600.0
@@ -173,6 +174,11 @@ def _ref(t: Any, m: mmap.mmap, base: torch.Tensor) -> TensorRef:
     key = fields["key"]
     if fields["dtype"] not in SIZES or any(d < 0 for d in shape):
         raise HandoffError(f"tensor {key!r}: bad dtype or shape")
+    view = _view(t.get("view"), key, len(shape))
+    if view is not None and n == 0:  # its storage, another tensor of the save, holds its bytes
+        grad, param = bool(t.get("requires_grad")), bool(t.get("parameter"))
+        kind, device = fields["kind"], fields["device"]
+        return TensorRef(key, fields["dtype"], shape, kind, device, grad, param, None, view=view)
     if n != math.prod(shape) * SIZES[fields["dtype"]]:
         raise HandoffError(f"tensor {key!r}: {n} bytes do not hold shape {list(shape)}")
     if off < 0 or off + n > len(m):
@@ -192,3 +198,16 @@ def _ref(t: Any, m: mmap.mmap, base: torch.Tensor) -> TensorRef:
         bool(t.get("sharded")),
         per_rank=bool(t.get("per_rank")),
     )
+
+
+def _view(doc: Any, key: str, ndim: int) -> View | None:
+    """A handed-over tensor's ``view`` (a storage key, an element offset and strides)."""
+    if doc is None:
+        return None
+    try:
+        view = View(str(doc["storage"]), int(doc["offset"]), tuple(int(s) for s in doc["stride"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise HandoffError(f"tensor {key!r}: view: {e}") from None
+    if view.offset < 0 or len(view.stride) != ndim or any(s < 0 for s in view.stride):
+        raise HandoffError(f"tensor {key!r}: bad view")
+    return view

@@ -23,6 +23,7 @@ from ..errors import ExportError
 from ..format.dtypes import SIZES
 from ..format.layout import MANIFEST
 from ..format.treeids import tensor_ids
+from ..format.views import TENSOR_VIEWS, storage_of
 from ..fsutil import NewFiles, fsync_dir
 from ..loader import iter_tensors
 from ..open import CheckpointReader
@@ -117,16 +118,23 @@ def nbytes(entry: dict) -> int:
     return n
 
 
-def read_order(rd: CheckpointReader) -> dict[int, tuple[str, int]]:
-    """Where each tensor's bytes start (the file and offset of its first chunk): the order in
-    which ``iter_tensors`` reads files front to back and each packed record once."""
+def read_order(rd: CheckpointReader) -> dict[int, tuple[str, int, int]]:
+    """Where each tensor's bytes start (the file and offset of its first chunk; a view's are
+    its storage's, and the storage's id keeps them together, -1 for others): the order in
+    which ``iter_tensors`` reads files front to back, each packed record once and each storage
+    once for all its views."""
     t = rd.table.select(["tensor", "file", "offset"]).sort_by(
         [("tensor", "ascending"), ("file", "ascending"), ("offset", "ascending")]
     )
     gids, first = np.unique(t.column("tensor").to_numpy(), return_index=True)
     t = t.take(first)
-    places = zip(t.column("file").to_pylist(), t.column("offset").to_pylist(), strict=True)
-    return dict(zip(gids.tolist(), places, strict=True))
+    files, offsets = t.column("file").to_pylist(), t.column("offset").to_pylist()
+    out = {g: (f, o, -1) for g, f, o in zip(gids.tolist(), files, offsets, strict=True)}
+    for gid, entry in enumerate(rd.tensors if TENSOR_VIEWS in rd.features else ()):
+        sid = storage_of(entry)
+        if sid is not None and sid in out:
+            out[gid] = out[sid] = (*out[sid][:2], sid)
+    return out
 
 
 def exists_error(paths: list[str]) -> ExportError:
@@ -207,7 +215,7 @@ def _write_safetensors(
     refuse_if_strict(result.left_out, st, "safetensors", rd.path)
     check_names([*named, ("__metadata__", ("__metadata__",))], "name", rd.path)
     order = read_order(rd)
-    items.sort(key=lambda it: order.get(it.gid, ("", 0)))
+    items.sort(key=lambda it: order.get(it.gid, ("", 0, -1)))
     shards = _shards(items, st.shard_size)
     files = (
         [SAFETENSORS_FILE]
@@ -316,7 +324,7 @@ def _write_hdf5(
         else:
             values[where] = leaf.node
     order = read_order(rd)
-    tensors.sort(key=lambda pg: order.get(pg[1], ("", 0)))
+    tensors.sort(key=lambda pg: order.get(pg[1], ("", 0, -1)))
     reserved = [(f"/ attribute {n}", (n,)) for n in (VALUES_ATTR, UUID_ATTR)]
     check_names(reserved + names, "HDF5 name", rd.path)
     refuse_existing(out, [HDF5_FILE])
@@ -351,7 +359,7 @@ def _write_torch(
 
     refuse_existing(out, [TORCH_FILE])
     order = read_order(rd)
-    ids = sorted(tensor_ids(node), key=lambda gid: order.get(gid, ("", 0)))
+    ids = sorted(tensor_ids(node), key=lambda gid: order.get(gid, ("", 0, -1)))
     values: list[Any] = [None] * len(rd.tensors)
     for gid, value in iter_tensors(rd, ids, st.rank):
         values[gid] = value

@@ -21,6 +21,7 @@ from .index import PACKED_RECORDS, is_packed
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 from .treeids import TREE_TYPES, uses_tree_types
+from .views import TENSOR_VIEWS, check_views
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TENSOR_BYTES = 1 << 62
@@ -28,7 +29,15 @@ MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
 PER_RANK_TENSORS = "per-rank-tensors"
 """Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset(
-    {"pickle", RANK_TREE_DIFFS, PER_RANK_TENSORS, PACKED_RECORDS, ZSTD_FEATURE, TREE_TYPES}
+    {
+        "pickle",
+        RANK_TREE_DIFFS,
+        PER_RANK_TENSORS,
+        PACKED_RECORDS,
+        ZSTD_FEATURE,
+        TREE_TYPES,
+        TENSOR_VIEWS,
+    }
 )
 _PREFIX = b'{"checksum":"'
 _MIDDLE = b'","manifest":'
@@ -79,8 +88,8 @@ def features(
     tree: Any = None,
 ) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
-    per-rank tensors, the tree's extra types (in ``tree`` and ``rank_trees``), and, from its
-    index ``table``, records shared by several rows and zstd chunks."""
+    per-rank tensors, the tree's extra types (in ``tree`` and ``rank_trees``), views, and, from
+    its index ``table``, records shared by several rows and zstd chunks."""
     zstd = table is not None and pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
@@ -89,6 +98,7 @@ def features(
         *([PACKED_RECORDS] if table is not None and is_packed(table) else []),
         *([ZSTD_FEATURE] if zstd else []),
         *([TREE_TYPES] if uses_tree_types(tree, *rank_trees.values()) else []),
+        *([TENSOR_VIEWS] if any("view" in t for t in tensors) else []),
     ]
 
 
@@ -230,7 +240,9 @@ def validate(doc: Any) -> None:
             raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
         if diffs:
             check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
-    _validate_tensors(doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats)
+    _validate_tensors(
+        doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats, TENSOR_VIEWS in feats
+    )
     _validate_files(doc["files"])
     _typed(doc["index"], _INDEX, "manifest.index")
     if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
@@ -238,10 +250,22 @@ def validate(doc: Any) -> None:
     _typed(doc["totals"], _TOTALS, "manifest.totals")
 
 
-def _validate_tensors(tensors: list, world_size: int, per_rank: bool) -> None:
-    """Check ``manifest.tensors`` (format.md section 3.1)."""
-    if _plain_tensors(tensors):
-        return
+def _validate_tensors(tensors: list, world_size: int, per_rank: bool, views: bool = False) -> None:
+    """Check ``manifest.tensors`` (format.md sections 3.1 and 3.2). A view's ``view`` member is
+    checked once every entry is (it names another entry)."""
+    entries = [_without_view(t) for t in tensors] if views else tensors
+    if not _plain_tensors(entries):
+        _validate_each(entries, world_size, per_rank)
+    if views:
+        check_views(tensors)
+
+
+def _without_view(t: Any) -> Any:
+    return {k: v for k, v in t.items() if k != "view"} if type(t) is dict and "view" in t else t
+
+
+def _validate_each(tensors: list, world_size: int, per_rank: bool) -> None:
+    """``_validate_tensors``'s checks one entry at a time, naming the first that fails."""
     keys = set()
     for i, t in enumerate(tensors):
         if per_rank and isinstance(t, dict) and "per_rank" in t:

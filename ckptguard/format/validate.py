@@ -28,6 +28,7 @@ from .datafile import (
 from .index import PACKED_RECORDS, int_lists, is_packed
 from .layout import ALIGN, datafile_rank, is_name
 from .shapes import Shapes
+from .views import TENSOR_VIEWS, without_views
 
 MAX_GRID_CELLS = 1 << 22
 
@@ -92,6 +93,10 @@ class _Rows:
 def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], features: set) -> None:
     """Check every rule of section 4. ``files`` maps data file names to their sizes."""
     rows = _Rows(table)
+    views = TENSOR_VIEWS in features
+    if views:  # a view (section 3.2) has no rows: its storage's rows hold its bytes
+        viewed = np.fromiter(("view" in t for t in tensors), dtype=bool, count=len(tensors))
+        tensors = without_views(tensors)
     if rows.n == 0:
         for t in tensors:
             if math.prod(t["shape"]):
@@ -99,6 +104,8 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
         return
     tid = _np(table, "tensor")
     rows.fail((tid < 0) | (tid >= len(tensors)), "tensor id out of range")
+    if views:
+        rows.fail(viewed[tid], "a row of a view, which has no bytes of its own")
     names = [t["dtype"] for t in tensors]
     for col, values in (("key", [t["key"] for t in tensors]), ("dtype", names)):
         expect = pa.array(values, pa.string()).take(pa.array(tid))

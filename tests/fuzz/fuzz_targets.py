@@ -43,6 +43,7 @@ from ckptguard.format.datafile import (
     unpack_record_header,
     unpack_trailer,
 )
+from ckptguard.format.dtypes import SIZES as DTYPE_SIZES
 from ckptguard.format.layout import align
 from ckptguard.format.treeids import tensor_ids
 from ckptguard.format.validate import check_table
@@ -588,6 +589,102 @@ def t_tree(data: bytes) -> None:
         raise TreeError(ours)
 
 
+# A valid input: a float32 storage of shape [3, 63] and an int64 view [3, 3] of it, offset 3,
+# strides [0, 1].
+VIEW_SEED = bytes.fromhex(
+    "e805caad5784f80cd5091fb5464046848dcbcd582d77f8035aa2e0737aa0fdf573d3ac8c701824bc"
+)
+VIEW_DTYPES = ["float32", "uint8", "int64", "bfloat16", "bool", "complex128", "float16"]
+VIEW_INTS = [0, 1, 2, 3, 4, 5, 7, 8, 12, 16, 63, 64, 65, *INTS, 1 << 62, (1 << 62) + 1]
+MAX_VIEW_BUILD = 1 << 20  # storages the target allocates to build an accepted view on
+
+
+def _view_entries(b: Bytes) -> list:
+    """A storage entry and a view of it (format.md section 3.2), every number drawn from the
+    input (mostly small, sometimes hostile); now and then a member of another type."""
+    kind = b.pick(["torch", "torch", "numpy"])
+
+    def dims() -> list[int]:
+        return [b.pick(VIEW_INTS[:12] if b.byte() % 4 else VIEW_INTS) for _ in range(b.byte() % 4)]
+
+    def entry(key: str, shape: list[int]) -> dict:
+        dtypes = VIEW_DTYPES if kind == "torch" else ["float32", "uint8", "int64", "bool"]
+        return {
+            "key": key,
+            "dtype": b.pick(dtypes),
+            "shape": shape,
+            "kind": kind if b.byte() % 16 else "numpy",
+            "device": "cpu",
+            "requires_grad": False,
+            "parameter": False,
+        }
+
+    storage, view = entry("s", dims()), entry("v", dims())
+    stride = [b.pick(VIEW_INTS) for _ in range(len(view["shape"]) + (b.byte() % 16 == 0))]
+    view["view"] = {
+        "storage": b.pick([0, 0, 0, 0, 1, 2, -1, True]),
+        "offset": b.pick(VIEW_INTS),
+        "stride": stride,
+    }
+    odd = b.byte() % 32
+    if odd == 1:
+        view["view"] = b.pick([None, [], {}, {"storage": 0}, "0"])
+    elif odd == 2:
+        view["view"]["offset"] = b.pick([-1, 1.0, "1", None, [0]])
+    elif odd == 3:
+        storage["view"] = {"storage": 1, "offset": 0, "stride": [1] * len(storage["shape"])}
+    return [storage, view]
+
+
+def t_views(data: bytes) -> None:
+    """View entries of a manifest (format.md section 3.2), differential: ckptguard's manifest
+    check and the independent reader accept and refuse the same ones; a view both accept is
+    built (``place.view_of``, torch and numpy) on a storage of exactly its bytes without
+    reaching outside them (torch's and numpy's own bounds checks would raise)."""
+    from ckptguard import place
+
+    b = Bytes(data)
+    tensors = _view_entries(b)
+    body = dict(context().body, tensors=tensors, features=["tensor-views"])
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    try:
+        manifest.decode(frame_manifest(raw))
+        ours: str | None = None
+    except FormatError as e:
+        ours = str(e)
+    try:
+        ir.parse_manifest(ir.frame_manifest(raw))
+        theirs: str | None = None
+    except ir.SpecViolation as e:
+        theirs = str(e)
+    if (ours is None) != (theirs is None):
+        # the independent reader refuses a tensor of over 2**62 bytes with the index (section 4)
+        if ours is not None and "larger than 2**62 bytes" in ours:
+            raise FormatError(ours)
+        raise Bug(
+            f"manifest {'accepts' if ours is None else 'refuses: ' + ours}, independent "
+            f"reader {'accepts' if theirs is None else 'refuses: ' + theirs}"
+        )
+    if ours is not None:
+        raise FormatError(ours)
+    storage, view = tensors
+    nbytes = int(np.prod(storage["shape"])) * DTYPE_SIZES[storage["dtype"]]
+    if nbytes > MAX_VIEW_BUILD:
+        raise Skip
+    try:  # a plain entry of an empty shape with a huge length: not this target's subject
+        value = place.host_empty(storage)
+    except (RuntimeError, ValueError):
+        raise Skip from None
+    try:
+        built = place.view_of(value, view)
+    except (RuntimeError, ValueError) as e:  # torch's or numpy's bounds check: a hole
+        raise Bug(f"an accepted view reaches outside its storage: {e}") from None
+    if 0 not in view["shape"]:  # its first and last elements, read (not the whole view: an
+        # expanded view may be far larger than its storage, as torch.load would give it too)
+        built[(0,) * built.ndim].tolist()
+        built[tuple(n - 1 for n in view["shape"])].tolist()
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "manifest": t_manifest,
     "manifest_body": t_manifest_body,
@@ -604,6 +701,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "datafile": t_datafile,
     "latest": t_latest,
     "tree": t_tree,
+    "views": t_views,
     "onefile": t_onefile,
     "onefile_toc": t_onefile_toc,
 }
@@ -761,6 +859,7 @@ def seeds(target: str) -> list[bytes]:
             t if isinstance(t, bytes) else json.dumps(t, separators=(",", ":")).encode()
             for t in TREE_SEEDS
         ],
+        "views": [VIEW_SEED, bytes(range(40)), bytes(range(3, 200, 5)), b"\x00" * 40],
     }
     return out[target]
 
