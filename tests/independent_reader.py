@@ -581,6 +581,10 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
             and all(_is_int(d) and d >= 0 for d in t["shape"]),
             f"{where}: shape is not a list of at most {MAX_DIMS} ints >= 0",
         )
+        _need(
+            math.prod(n or 1 for n in t["shape"]) * DTYPE_SIZES[t["dtype"]] <= 2**62,
+            f"{where}: larger than 2**62 bytes (a 0 in the shape counted as 1)",
+        )
         _need(t["kind"] in ("torch", "numpy"), f"{where}: bad kind {t['kind']!r}")
         _need(isinstance(t["device"], str), f"{where}: device is not a string")
         _need(

@@ -289,8 +289,9 @@ def _validate_each(tensors: list, world_size: int, per_rank: bool) -> None:
             raise FormatError(f"tensor {t['key']!r} has an invalid shape")
         if len(shape) > MAX_DIMS:
             raise FormatError(f"tensor {t['key']!r} has more than {MAX_DIMS} dimensions")
-        if math.prod(shape) * size > MAX_TENSOR_BYTES:
-            # beyond any file system; also keeps the index checks' int64 arithmetic exact
+        if _extent(shape) * size > MAX_TENSOR_BYTES:
+            # beyond any file system; also keeps the index checks' int64 arithmetic exact, and
+            # every stride of an empty tensor too (numpy and torch refuse larger ones)
             raise FormatError(f"tensor {t['key']!r} is larger than 2**62 bytes")
         if t["key"] in keys:
             raise FormatError(f"tensor key {t['key']!r} appears twice")
@@ -338,10 +339,16 @@ def _plain_tensors(tensors: list) -> bool:
     # element; only where that bound passes the limit is each tensor's size needed.
     widest = max(map(dtypes.SIZES.__getitem__, set(names)))
     if (max(flat, default=0) ** dims) * widest > MAX_TENSOR_BYTES and max(
-        map(operator.mul, map(math.prod, shapes), map(dtypes.SIZES.__getitem__, names))
+        map(operator.mul, map(_extent, shapes), map(dtypes.SIZES.__getitem__, names))
     ) > (MAX_TENSOR_BYTES):
         return False
     return len(set(keys)) == len(keys)
+
+
+def _extent(shape: list) -> int:
+    """The elements ``shape`` would have with every 0 read as 1: its size, or for an empty
+    tensor the size its largest stride implies."""
+    return math.prod(n or 1 for n in shape)
 
 
 def _naturals(shape: list) -> bool:

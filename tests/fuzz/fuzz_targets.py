@@ -671,10 +671,7 @@ def t_views(data: bytes) -> None:
     nbytes = int(np.prod(storage["shape"])) * DTYPE_SIZES[storage["dtype"]]
     if nbytes > MAX_VIEW_BUILD:
         raise Skip
-    try:  # a plain entry of an empty shape with a huge length: not this target's subject
-        value = place.host_empty(storage)
-    except (RuntimeError, ValueError):
-        raise Skip from None
+    value = place.host_empty(storage)  # the manifest bounds its extent, empty or not
     try:
         built = place.view_of(value, view)
     except (RuntimeError, ValueError) as e:  # torch's or numpy's bounds check: a hole
