@@ -29,7 +29,7 @@ from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
 from .tree import TreeError, unflatten
 
-__all__ = ["MapLocation", "iter_tensors", "load_checkpoint"]
+__all__ = ["MapLocation", "fill", "iter_tensors", "load_checkpoint"]
 
 
 def load_checkpoint(
@@ -127,6 +127,26 @@ def iter_tensors(
             del target  # a caller done with the tensor frees it before the next is allocated
     finally:
         files.close()
+
+
+def fill(rd: CheckpointReader, targets: Sequence[tuple[int, Target]], verify: bool = True) -> None:
+    """Fill each of ``targets`` (tensor id, ``select.Target``: ``fill`` covers ``box`` of that
+    saved tensor, in place) from the saved shards it overlaps: only their chunks are read, each
+    record checked (``verify``), each file once per round. Several targets of one tensor (a
+    rank's part of it in pieces) are filled in rounds, one target of a tensor per round."""
+    rounds: list[dict[int, Target]] = []
+    for gid, tg in targets:
+        free = next((r for r in rounds if gid not in r), None)
+        if free is None:
+            rounds.append({gid: tg})
+        else:
+            free[gid] = tg
+    for batch in rounds:
+        boxes = {gid: tg.box for gid, tg in batch.items()}
+        pieces = select.plan_reads(rd.table, rd.tensors, boxes)
+        rd.check_sizes({r.file for ps in pieces.values() for p in ps for r in p.rows})
+        for gid, landing in _read(rd, batch, pieces, verify):
+            place.copy_block(batch[gid], rd.tensors[gid], landing)
 
 
 class _Files:
