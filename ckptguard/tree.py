@@ -13,6 +13,7 @@ import collections
 import math
 import pathlib
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from . import treetypes
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
+from .stateful import is_stateful
 from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits
 from .treeload import MAX_DEPTH as MAX_DEPTH
 from .treeload import MAX_INT_DIGITS as MAX_INT_DIGITS
@@ -80,10 +82,22 @@ def _join(path: str, k: Any) -> str:
     return f"{path}/{_key_part(k)}" if path else _key_part(k)
 
 
+def key_path(parts: Iterable[Any]) -> str:
+    """The key ``flatten`` gives a tensor reached through the dict keys and list indices
+    ``parts`` (format.md section 6): the parts escaped and joined by "/"; "$root" for none."""
+    path = ""
+    for k in parts:
+        path = _join(path, k)
+    return path or "$root"
+
+
 class _Flattener:
-    def __init__(self, allow_pickle: bool, tensors_only: bool = False) -> None:
+    def __init__(
+        self, allow_pickle: bool, tensors_only: bool = False, stateful: bool = True
+    ) -> None:
         self.allow_pickle = allow_pickle
         self.tensors_only = tensors_only
+        self.stateful = stateful
         self.tensors: list[TensorRef] = []
         self.ids: dict[tuple, int] = {}
         self.keys: set[str] = set()
@@ -284,6 +298,8 @@ class _Flattener:
         if t is argparse.Namespace:
             return {"$namespace": self.walk(dict(vars(obj)), path, depth + 1)}
         tag = treetypes.tag_of(t)
+        if self.stateful and is_stateful(obj) and (tag is None or not treetypes.is_registered(t)):
+            return self.walk(obj.state_dict(), path, depth + 1)  # as DCP saves a Stateful
         if tag is None or (self.tensors_only and tag == treetypes.ENUM):
             return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
         name = treetypes.qualified_name(t)
@@ -426,13 +442,15 @@ def _short(x: Any) -> str:
 
 
 def flatten(
-    obj: Any, allow_pickle: bool = False, tensors_only: bool = False
+    obj: Any, allow_pickle: bool = False, tensors_only: bool = False, stateful: bool = True
 ) -> tuple[Any, list[TensorRef], bool]:
     """Return (JSON tree, tensors in id order, whether pickle was used).
 
     ``tensors_only`` finds the tensors and ignores values that cannot be stored (for templates).
+    ``stateful``: an object with ``state_dict``/``load_state_dict`` is stored as its
+    ``state_dict()`` (``stateful``); False: like any other object of an unknown class.
     """
-    f = _Flattener(allow_pickle, tensors_only)
+    f = _Flattener(allow_pickle, tensors_only, stateful)
     tree = f.walk(obj, "", 0)
     return tree, f.tensors, f.used_pickle
 
