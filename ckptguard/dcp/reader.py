@@ -114,9 +114,9 @@ class Reader(StorageReader):
         landed: list[tuple[ReadItem, torch.Tensor, torch.Tensor | None]] = []
         types = TREE_TYPES in rd.features
         for item in items:
-            node = self._leaves.get(item.storage_index.fqn)
-            if node is None:
+            if item.storage_index.fqn not in self._leaves:
                 raise CheckpointError(f"{rd.path} has no key {item.storage_index.fqn!r}")
+            node = self._leaves[item.storage_index.fqn]
             if item.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(item, _value(rd, node, types, self.verify))
                 continue

@@ -45,17 +45,17 @@ def _no_tensor(node: Any) -> bool:
     return False
 
 
-def plain_node(value: Any) -> Any:
-    """The tree node of ``value`` if it is a plain value that is a leaf of the tree (no
+def plain_node(value: Any) -> tuple[bool, Any]:
+    """(True, the tree node of ``value``) if it is a plain value that is a leaf of the tree (no
     tensor, array or pickle inside, not an object stored through its ``state_dict``); else
-    None."""
+    (False, None)."""
     try:
         node, refs, used_pickle = flatten(value, allow_pickle=False, stateful=False)
     except (CheckpointError, TypeError, ValueError, RecursionError):
-        return None
+        return False, None
     if refs or used_pickle or is_container(node, _no_tensor):
-        return None
-    return node
+        return False, None
+    return True, node
 
 
 def pickled_node(data: bytes) -> Any:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..errors import UnsupportedObjectError, from_oserror, warn_after_commit
+from ..errors import CheckpointError, UnsupportedObjectError, from_oserror, warn_after_commit
 from ..failpoints import failpoint, set_rank
 from ..format.layout import split_path
 from ..format.manifest import CheckpointInfo
@@ -122,6 +122,8 @@ class Writer(StorageWriter):
         store, name = self._target()
         try:
             self._uuid, self._staging = DIRECTORY.open(store, name, self.opt.overwrite)
+        except CheckpointError:  # before OSError: CheckpointExistsError is one too
+            raise
         except OSError as e:
             raise from_oserror(e, store, "cannot create a staging directory in") from None
         self._layout = layout
@@ -204,8 +206,8 @@ def _value_node(item: WriteItem, planner: SavePlanner) -> Any:
     """The tree node of a non-tensor value: the value itself when it is plain, else the bytes
     the planner made of it (``values``)."""
     if _standard(planner):
-        node = plain_node(planner.lookup_object(item.index))  # type: ignore[attr-defined]
-        if node is not None:
+        plain, node = plain_node(planner.lookup_object(item.index))  # type: ignore[attr-defined]
+        if plain:
             return node
     data = planner.resolve_data(item)
     if isinstance(data, io.BytesIO):
