@@ -220,7 +220,7 @@ def small(seed: int) -> dict[str, Any]:
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     args = sys.argv[3:]
-    timeout = float(args[2]) if scenario == "fail" else 300.0
+    timeout = float(args[1]) if scenario == "fail" else 300.0
     dist.init_process_group("gloo", timeout=dt.timedelta(seconds=timeout))
     rank = dist.get_rank()
     report: dict[str, Any] = {"rank": rank}
