@@ -15,6 +15,7 @@ from .agent import client as agent_client
 from .coord import Coordinator, current
 from .coord import auto as coord_auto
 from .errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
@@ -31,6 +32,7 @@ from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
 from .saver import save_state
+from .stateful import Path, expand, restore
 from .store import Store
 
 T = TypeVar("T")
@@ -57,6 +59,10 @@ def save(
     name. torch.save's ``pickle_module``, ``pickle_protocol`` and ``_use_new_zipfile_*``
     keywords are accepted and ignored: they choose how torch pickles, and nothing is pickled
     here unless ``allow_pickle``.
+
+    An object with ``state_dict``/``load_state_dict`` (a module, an optimizer, a scheduler: DCP's
+    ``Stateful``) anywhere in ``obj`` is saved as its ``state_dict()``; ``load`` with it in the
+    template restores it.
 
     In a distributed job every rank calls ``save`` with its own state (tensors wrapped in
     ``Shard`` or DTensors are pieces of a global tensor; other tensors present on several ranks
@@ -144,8 +150,11 @@ def load(
     CorruptCheckpointError naming the file, tensor and chunk. With a ``template`` (this rank's
     state: plain tensors, ``Shard`` pieces or DTensors, found by key), each of its tensors is
     filled in place from the saved shards it overlaps, at any world size; only those chunks are
-    read. In a job, each rank gets the non-tensor values it saved (rank 0's beyond the saved
-    world size) and its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
+    read. An object of the template with ``state_dict``/``load_state_dict`` (a module, an
+    optimizer: DCP's ``Stateful``) has its ``state_dict()`` filled so, then gets the loaded
+    state through ``load_state_dict``, and is itself in the result at its place. In a job,
+    each rank gets the non-tensor values it saved (rank 0's beyond the saved world size) and
+    its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
     only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
     ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
     Small tensors saved in one packed record load as views of one buffer per record (at most
@@ -170,6 +179,9 @@ def load(
     ``template`` fills tensors in place).
     """
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
+    found: list[tuple[Path, Any]] = []
+    if template is not None:
+        template, found = expand(template)
     if rank is None:
         mine, world = current(coordinator)
     elif type(rank) is not int or rank < 0:
@@ -178,16 +190,27 @@ def load(
         mine, world = rank, None
     if is_file_object(path):  # read once: the reader closes it
         one = open_fileobj(path)
-        return load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world)
+        out = load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world)
+        return restore(out, found, _not_saved) if found else out
     where = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(where)
     if source is not None:
         return foreign.load(
             source, map_location=map_location, allow_pickle=allow_pickle, template=template
         )
-    return _reading(
+    out = _reading(
         where,
         lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
+    )
+    return restore(out, found, _not_saved) if found else out
+
+
+def _not_saved(path: tuple) -> CheckpointError:
+    """The error for a stateful object of the template whose place the checkpoint lacks."""
+    where = "/".join(map(str, path)) or "<root>"
+    return CheckpointError(
+        f"the template holds an object with load_state_dict at {where!r}, but the checkpoint "
+        "has no state there to give it"
     )
 
 

@@ -119,8 +119,9 @@ def _text(e: BaseException) -> str:
 
 
 @dataclass
-class _Rank0:
-    """What rank 0 keeps between planning and the commit: the manifest's parts."""
+class Staged:
+    """What rank 0 keeps between planning and the commit: the manifest's parts (``tensors``:
+    the manifest's tensor entries; ``pickle``: whether some tree holds a pickled value)."""
 
     uuid: str
     staging: str
@@ -194,7 +195,7 @@ class _Save:
         self.own: BaseException | None = None
         self.staging: str | None = None
         self.refs: list[TensorRef] = []
-        self.rank0: _Rank0 | None = None
+        self.rank0: Staged | None = None
         self.options = shaping_options(opt, store, name)
 
     def fail(self, e: BaseException) -> dict:
@@ -286,7 +287,7 @@ class _Save:
         except Exception as e:
             return self.fail(e)
         pickle = any(m["pickle"] for m, _ in msgs)
-        self.rank0 = _Rank0(uid, self.staging, tree0, rank_trees, plan.tensors, pickle)
+        self.rank0 = Staged(uid, self.staging, tree0, rank_trees, plan.tensors, pickle)
         return {
             "ok": True,
             "uuid": uid,
@@ -308,35 +309,26 @@ class _Save:
 
     # -- phase 3: every rank writes its own data file -------------------------------------------
     def write(self, plan: dict) -> tuple[dict, pa.Table | None]:
-        writer = None
         rank = self.coord.rank
         try:
-            where = self.target.data_path(plan["staging"], rank)
-            writer = RankWriter(plan["staging"], rank, plan["uuid"], self.opt.chunk_size, where)
             writers = [writer_from_json(w) for w in plan["writer"]]
             mine_all = assignment(plan["keys"], writers, self.refs, rank)
             # A view has no bytes of its own: its storage's are written (format.md 3.2).
             todo = [
                 (g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m and not r.view
             ]
-            codec, level = parse_compress(self.opt.compress, COMPRESS)
-            if self.opt.compress == "auto":
-                codec = AUTO
-            Packer(writer, todo, codec, level).write(self.source)
-            if self.on_read is not None:
-                self.on_read()
-            rows = writer.finish()
-            failpoint("save.data_written")
+            return write_data_file(
+                self.target,
+                plan["staging"],
+                plan["uuid"],
+                rank,
+                self.opt,
+                todo,
+                self.source,
+                self.on_read,
+            )
         except Exception as e:
-            if writer is not None:
-                writer.abort()
-            if isinstance(e, OSError):  # name this rank's file, even if it could not be created
-                where = self.target.data_path(plan["staging"], rank)
-                e = from_oserror(e, where, "cannot write")
             return self.fail(e), None
-        file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
-        doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
-        return {**doc, "zstd": writer.zstd_version()}, rows
 
     # -- phase 4: rank 0 validates the reports and commits --------------------------------------
     def commit(self, reports: list[tuple[dict, pa.Table | None]]) -> dict:
@@ -344,59 +336,119 @@ class _Save:
             if not r["ok"]:
                 return r
         assert self.rank0 is not None and self.staging is not None
-        LAST_TIMINGS.clear()
-        LAST_TIMINGS["last_rank_written"] = max(r["written_at"] for r, _ in reports)
-        LAST_TIMINGS["reports_received"] = time.time()
         try:
-            body = self.manifest_body(reports)
-            deadline = None
-            if self.coord.size > 1:  # wall clocks of the ranks: skew must stay well under timeout
-                deadline = min(r["written_at"] for r, _ in reports) + self.opt.timeout
-            info = self.target.publish(
-                self.store, self.name, self.staging, body, self.opt.overwrite, deadline
+            info = commit_reports(
+                self.target, self.store, self.name, self.coord.size, self.opt, self.rank0, reports
             )
             self.staging = None  # committed: nothing of ours to clean up
-            info = replace(info, write_stats=merge_stats(r["stats"] for r, _ in reports))
-            LAST_TIMINGS["visible"] = time.time()
-        except FormatError as e:
-            return self.fail(PlanError(f"reports do not form a valid checkpoint: {e}"))
-        except CheckpointError as e:  # before OSError: CheckpointExistsError is one too
-            return self.fail(e)
-        except OSError as e:
-            return self.fail(from_oserror(e, self.staging or self.store, "cannot commit in"))
         except Exception as e:
             return self.fail(e)
         return {"ok": True, "info": info_to_json(info)}
 
-    def manifest_body(self, reports: list[tuple[dict, pa.Table | None]]) -> dict:
-        """Check the ranks' index rows, write the index, and build the whole manifest body
-        (``created``: now, the moment it is handed to the commit)."""
-        assert self.rank0 is not None
-        p = self.rank0
-        table = unify([t for _, t in reports if t is not None])
-        files = [rep["file"] for rep, _ in reports]
-        features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))
-        sizes = {f["name"]: f["size"] for f in files}
-        index_entry = validate_and_index(
-            p.staging, table, p.tensors, sizes, features, self.target.write_index
-        )
-        failpoint("commit.index_written")
-        return manifest.build(
-            name=self.name,
-            uuid=p.uuid,
-            world_size=self.coord.size,
-            step=self.opt.step,
-            writer=writer_versions([r["zstd"] for r, _ in reports if r.get("zstd")]),
-            metadata=self.opt.metadata,
-            tree=p.tree,
-            rank_trees=p.rank_trees,
-            tensors=p.tensors,
-            files=files,
-            index=index_entry,
-            table=table,
-            pickle=p.pickle,
-            created=dt.datetime.now(dt.timezone.utc),
-        )
+
+def write_data_file(
+    target: Target,
+    staging: str,
+    uuid: str,
+    rank: int,
+    opt: SaveOptions,
+    todo: list[tuple[int, TensorRef]],
+    source: ByteSource = DIRECT,
+    on_read: Callable[[], None] | None = None,
+) -> tuple[dict, pa.Table]:
+    """Write rank ``rank``'s data file of the save staged at ``staging``: the tensors ``todo``
+    (global id, ref), chunked, encoded by ``opt.compress``, fsynced and checked; its report
+    (file entry, write statistics) and index rows. A failure removes the file and raises (an
+    OSError as a typed error naming the file)."""
+    writer = None
+    try:
+        where = target.data_path(staging, rank)
+        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where)
+        codec, level = parse_compress(opt.compress, COMPRESS)
+        if opt.compress == "auto":
+            codec = AUTO
+        Packer(writer, todo, codec, level).write(source)
+        if on_read is not None:
+            on_read()
+        rows = writer.finish()
+        failpoint("save.data_written")
+    except Exception as e:
+        if writer is not None:
+            writer.abort()
+        if isinstance(e, OSError):  # name this rank's file, even if it could not be created
+            raise from_oserror(e, target.data_path(staging, rank), "cannot write") from None
+        raise
+    file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
+    doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
+    return {**doc, "zstd": writer.zstd_version()}, rows
+
+
+def commit_reports(
+    target: Target,
+    store: str,
+    name: str,
+    world: int,
+    opt: SaveOptions,
+    staged: Staged,
+    reports: list[tuple[dict, pa.Table | None]],
+) -> CheckpointInfo:
+    """Commit the save staged as ``staged`` from every rank's report (``write_data_file``'s):
+    check the index rows, write the index and the manifest, publish under ``<store>/<name>``.
+    Raises a typed error (the staging directory is then the caller's to discard)."""
+    LAST_TIMINGS.clear()
+    LAST_TIMINGS["last_rank_written"] = max(r["written_at"] for r, _ in reports)
+    LAST_TIMINGS["reports_received"] = time.time()
+    try:
+        body = manifest_body(target, name, world, opt, staged, reports)
+        deadline = None
+        if world > 1:  # wall clocks of the ranks: skew must stay well under timeout
+            deadline = min(r["written_at"] for r, _ in reports) + opt.timeout
+        info = target.publish(store, name, staged.staging, body, opt.overwrite, deadline)
+        info = replace(info, write_stats=merge_stats(r["stats"] for r, _ in reports))
+        LAST_TIMINGS["visible"] = time.time()
+    except FormatError as e:
+        raise PlanError(f"reports do not form a valid checkpoint: {e}") from None
+    except CheckpointError:  # before OSError: CheckpointExistsError is one too
+        raise
+    except OSError as e:
+        raise from_oserror(e, staged.staging, "cannot commit in") from None
+    return info
+
+
+def manifest_body(
+    target: Target,
+    name: str,
+    world: int,
+    opt: SaveOptions,
+    p: Staged,
+    reports: list[tuple[dict, pa.Table | None]],
+) -> dict:
+    """Check the ranks' index rows, write the index, and build the whole manifest body
+    (``created``: now, the moment it is handed to the commit)."""
+    table = unify([t for _, t in reports if t is not None])
+    files = [rep["file"] for rep, _ in reports]
+    features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))
+    sizes = {f["name"]: f["size"] for f in files}
+    index_entry = validate_and_index(
+        p.staging, table, p.tensors, sizes, features, target.write_index
+    )
+    failpoint("commit.index_written")
+    return manifest.build(
+        name=name,
+        uuid=p.uuid,
+        world_size=world,
+        step=opt.step,
+        writer=writer_versions([r["zstd"] for r, _ in reports if r.get("zstd")]),
+        metadata=opt.metadata,
+        tree=p.tree,
+        rank_trees=p.rank_trees,
+        tensors=p.tensors,
+        files=files,
+        index=index_entry,
+        table=table,
+        pickle=p.pickle,
+        created=dt.datetime.now(dt.timezone.utc),
+    )
 
 
 def validate_and_index(

@@ -24,7 +24,8 @@ from . import quantized, treetypes, views
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
-from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits
+from .stateful import is_stateful
+from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, join, meta_fits
 from .treeload import MAX_DEPTH as MAX_DEPTH
 from .treeload import MAX_INT_DIGITS as MAX_INT_DIGITS
 from .treeload import NUMPY_BY_NAME as NUMPY_BY_NAME
@@ -32,6 +33,7 @@ from .treeload import TORCH_BY_NAME as TORCH_BY_NAME
 from .treeload import TORCH_DTYPES as TORCH_DTYPES
 from .treeload import TreeError as TreeError
 from .treeload import check_tree as check_tree
+from .treeload import key_path as key_path
 from .treeload import unflatten as unflatten
 from .views import View
 
@@ -75,18 +77,13 @@ def _zeros(n: int) -> tuple[int, ...]:
     return _ZEROS[n] if n <= MAX_DIMS else (0,) * n
 
 
-def _key_part(k: Any) -> str:
-    return str(k).replace("%", "%25").replace("/", "%2F")
-
-
-def _join(path: str, k: Any) -> str:
-    return f"{path}/{_key_part(k)}" if path else _key_part(k)
-
-
 class _Flattener:
-    def __init__(self, allow_pickle: bool, tensors_only: bool = False) -> None:
+    def __init__(
+        self, allow_pickle: bool, tensors_only: bool = False, stateful: bool = True
+    ) -> None:
         self.allow_pickle = allow_pickle
         self.tensors_only = tensors_only
+        self.stateful = stateful
         self.tensors: list[TensorRef] = []
         self.ids: dict[tuple, int] = {}
         self.keys: set[str] = set()
@@ -276,9 +273,9 @@ class _Flattener:
                 "hex": np.asarray(obj).astype(obj.dtype.newbyteorder("<")).tobytes().hex(),
             }
         if t is list:
-            return [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+            return [self.walk(v, join(path, i), depth + 1) for i, v in enumerate(obj)]
         if t is tuple:
-            return {"$tuple": [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]}
+            return {"$tuple": [self.walk(v, join(path, i), depth + 1) for i, v in enumerate(obj)]}
         if t in (dict, collections.OrderedDict):
             return self.mapping(obj, path, depth, ordered=t is collections.OrderedDict)
         if t is torch.dtype and (obj in TORCH_DTYPES or obj in quantized.DTYPE_NAMES):
@@ -302,12 +299,14 @@ class _Flattener:
             return None if self.tensors_only else self.elements(kind, obj, path, depth)
         if t is slice:
             parts = enumerate((obj.start, obj.stop, obj.step))
-            return {"$slice": [self.walk(x, _join(path, i), depth + 1) for i, x in parts]}
+            return {"$slice": [self.walk(x, join(path, i), depth + 1) for i, x in parts]}
         if t in _PATH_TAGS:
             return {"$path": str(obj), "class": _PATH_TAGS[t]}
         if t is argparse.Namespace:
             return {"$namespace": self.walk(dict(vars(obj)), path, depth + 1)}
         tag = treetypes.tag_of(t)
+        if self.stateful and is_stateful(obj) and (tag is None or not treetypes.is_registered(t)):
+            return self.walk(obj.state_dict(), path, depth + 1)  # as DCP saves a Stateful
         if tag is None or (self.tensors_only and tag == treetypes.ENUM):
             return self.other(obj, path, f"object of type {t.__module__}.{t.__qualname__}")
         name = treetypes.qualified_name(t)
@@ -335,8 +334,8 @@ class _Flattener:
         """A set's elements (hashable values only), sorted by their canonical JSON text."""
         by_text: dict[str, Any] = {}
         for i, x in enumerate(obj):
-            self.check_hashable(x, _join(path, i), "set element")
-            node = self.walk(x, _join(path, i), depth + 1)
+            self.check_hashable(x, join(path, i), "set element")
+            node = self.walk(x, join(path, i), depth + 1)
             text = treetypes.element_text(node)
             if text in by_text:  # e.g. two nan objects, which a set holds as two elements
                 raise UnsupportedObjectError(
@@ -371,7 +370,7 @@ class _Flattener:
             (t._indices(), t._values()) if coo else (t.crow_indices(), t.col_indices(), t.values())
         )
         nodes = [
-            self.torch_tensor(p, _join(path, name))
+            self.torch_tensor(p, join(path, name))
             for name, p in zip(SPARSE_PARTS[t.layout], parts, strict=True)
         ]
         return {
@@ -392,7 +391,7 @@ class _Flattener:
         except ValueError as e:
             return self.other(t, path, str(e))
         for member, part in parts:
-            node[member] = self.torch_tensor(part, _join(path, member))
+            node[member] = self.torch_tensor(part, join(path, member))
         self.quantized_nodes[id(t)] = (t, node)
         return node
 
@@ -430,20 +429,20 @@ class _Flattener:
 
     def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
         if all(type(k) is str or type(k) is int for k in obj):
-            items = [(k, self.walk(v, _join(path, k), depth + 1)) for k, v in obj.items()]
+            items = [(k, self.walk(v, join(path, k), depth + 1)) for k, v in obj.items()]
             if not ordered and all(type(k) is str and not k.startswith("$") for k, _ in items):
                 return dict(items)
             return {"$odict" if ordered else "$dict": [[k, v] for k, v in items]}
         pairs = []
         for k, v in obj.items():
             if type(k) is str or type(k) is int:
-                pairs.append([k, self.walk(v, _join(path, k), depth + 1)])
+                pairs.append([k, self.walk(v, join(path, k), depth + 1)])
                 continue
             # A hashable value; its key path part is the canonical JSON text of its stored form.
-            self.check_hashable(k, _join(path, repr(k)), "dict key")
-            node = self.walk(k, _join(path, repr(k)), depth + 1)
+            self.check_hashable(k, join(path, repr(k)), "dict key")
+            node = self.walk(k, join(path, repr(k)), depth + 1)
             part = treetypes.element_text(node)
-            pairs.append([node, self.walk(v, _join(path, part), depth + 1)])
+            pairs.append([node, self.walk(v, join(path, part), depth + 1)])
         return {"$odict" if ordered else "$dict": pairs}
 
 
@@ -465,13 +464,15 @@ def _short(x: Any) -> str:
 
 
 def flatten(
-    obj: Any, allow_pickle: bool = False, tensors_only: bool = False
+    obj: Any, allow_pickle: bool = False, tensors_only: bool = False, stateful: bool = True
 ) -> tuple[Any, list[TensorRef], bool]:
     """Return (JSON tree, tensors in id order, whether pickle was used).
 
     ``tensors_only`` finds the tensors and ignores values that cannot be stored (for templates).
+    ``stateful``: an object with ``state_dict``/``load_state_dict`` is stored as its
+    ``state_dict()`` (``stateful``); False: like any other object of an unknown class.
     """
-    f = _Flattener(allow_pickle, tensors_only)
+    f = _Flattener(allow_pickle, tensors_only, stateful)
     tree = f.walk(obj, "", 0)
     if not tensors_only:  # a template's tensors are filled each as it is
         f.add_storages()

@@ -17,6 +17,7 @@ import pathlib
 import pickle
 import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -135,21 +136,21 @@ def node_path(tree: Any, target: dict) -> str:
         if node is target:
             return path
         if isinstance(node, list):
-            stack.extend((x, _join(path, i)) for i, x in enumerate(node))
+            stack.extend((x, join(path, i)) for i, x in enumerate(node))
         elif isinstance(node, dict) and node:
             tag = next(iter(node))
             v = node[tag]
             if not tag.startswith("$"):
-                stack.extend((x, _join(path, k)) for k, x in node.items())
+                stack.extend((x, join(path, k)) for k, x in node.items())
             elif tag in ("$dict", "$odict") and isinstance(v, list):
                 for p in v:  # a key (an $enum, say) is found at the path of its value
-                    stack.extend((x, _join(path, _key_text(p[0]))) for x in p)
+                    stack.extend((x, join(path, _key_text(p[0]))) for x in p)
             elif tag in ("$dataclass", "$namespace", "$namedtuple"):
                 stack.append((node.get("fields", v), path))
             elif tag in ("$sparse", "$structured"):
                 continue
             elif isinstance(v, list):
-                stack.extend((x, _join(path, i)) for i, x in enumerate(v))
+                stack.extend((x, join(path, i)) for i, x in enumerate(v))
     return ""
 
 
@@ -158,9 +159,19 @@ def _key_text(key_node: Any) -> Any:
     return key_node if type(key_node) in (str, int) else treetypes.element_text(key_node)
 
 
-def _join(path: str, k: Any) -> str:
+def join(path: str, k: Any) -> str:
+    """``path`` extended by dict key or list index ``k``, escaped (format.md section 6)."""
     part = str(k).replace("%", "%25").replace("/", "%2F")
     return f"{path}/{part}" if path else part
+
+
+def key_path(parts: Iterable[Any]) -> str:
+    """The key ``tree.flatten`` gives a tensor reached through the dict keys and list indices
+    ``parts``: the parts escaped and joined by "/"; "$root" for none."""
+    path = ""
+    for k in parts:
+        path = join(path, k)
+    return path or "$root"
 
 
 def _b64(tag: str, v: Any) -> bytes:

@@ -89,7 +89,9 @@ class RankWriter:
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
         self.size = 0
         self._records = 0  # records written (several rows share a packed one)
-        self._open: tuple[int, int, int] | None = None  # tensor id, chunks so far, bytes so far
+        # The shard being written in parts: (tensor id, its offsets), chunks so far, bytes so far
+        # (a rank may hold several shards of one tensor: each is its own, told by its offsets).
+        self._open: tuple[tuple[int, tuple[int, ...]], int, int] | None = None
         # Settings read once per file, not once per tensor: environment look-ups and an affinity
         # syscall per tensor would cost a fifth of a save of 10,000 small tensors.
         self._threads = _backend.default_threads()
@@ -126,7 +128,8 @@ class RankWriter:
         view = as_buffer(tensor_bytes(ref.value) if raw is None else raw)
         step = self.chunk_size
         first, done_bytes = 0, 0
-        if self._open is not None and self._open[0] == tid:
+        shard = (tid, tuple(ref.offsets))
+        if self._open is not None and self._open[0] == shard:
             _, first, done_bytes = self._open
             if done_bytes % step:
                 raise ValueError(f"{ref.key}: a part before the last is not whole chunks")
@@ -139,7 +142,7 @@ class RankWriter:
             at += len(part)
             if at >= len(view):
                 break
-        self._open = (tid, n, done_bytes + len(view))
+        self._open = (shard, n, done_bytes + len(view))
 
     def _write(self, part: Any, size: int, choice: Choice) -> WriteResult:
         """Write the records of ``part`` as ``choice`` says, and tell the controller how it went."""

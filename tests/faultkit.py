@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import slurmkit
@@ -34,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 TABLE = HERE / "fault_cases.txt"
 SCENARIOS = HERE / "dist" / "scenarios.py"
 STORE_OPS = HERE / "dist" / "store_ops.py"
+DCP_RANKS = HERE / "dist" / "dcp_backend.py"
 TRAINER = HERE / "agent" / "trainer.py"
 
 ACTIONS = ("kill", "eio", "enospc", "hang")
@@ -45,8 +47,11 @@ BOUND = {
     "fallback": 90.0,
     "agent": 120.0,
     "agent-srun": 150.0,
+    "dcp": 180.0,
 }  # the launch ends within this
 SINGLE_BOUND = 60.0  # gc, delete, drain, onefile, export
+DCP_TIMEOUT = 30  # seconds: DCP's collectives in the dcp scenario (gloo's process group timeout)
+SINGLE_BOUND = 60.0  # gc, delete, drain, onefile
 ONEFILE = "model.pt"  # the onefile scenario's target
 EXPORTED = "model.safetensors"  # the export scenario's one file
 AGENT_SAVES = ("h0", "h1")
@@ -221,6 +226,28 @@ def _mpi_base(root: Path) -> Path:
     return d
 
 
+def torchrun(n: int, script: Path, *args: Any) -> list[str]:
+    """The command that runs ``script ARGS`` as ``n`` ranks of a one-node torchrun job."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, f"--nproc-per-node={n}", str(script), *map(str, args)]
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """This environment (the backend switch included) without another job's rank variables."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def _dcp_base(root: Path) -> Path:
+    d = root / "dcp" / "store"
+    code, _, log = launch(
+        torchrun(4, DCP_RANKS, "base", d), torchrun_env(), root / "dcp.log", BOUND["dcp"]
+    )
+    assert code == 0, log[-3000:]
+    shutil.rmtree(root / "dcp" / "out")
+    return d
+
+
 def _agent_base(root: Path) -> Path:
     d = root / "agent" / "store"
     ckptguard.save(small(9), d / "base", step=9)
@@ -287,6 +314,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("lightning",), _lightning_base),
     (("hf",), _hf_base),
     (("export",), _export_base),
+    (("dcp",), _dcp_base),
 )
 
 
@@ -704,6 +732,39 @@ def _export(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _dcp(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """4 torchrun ranks save "new" beside step-10 by dcp.save with ckptguard.dcp.Writer: after
+    any failure the store holds step-10, and "new" whole or not at all; every rank that reports
+    says what the store shows (DCP raises one CheckpointException on every rank, naming the
+    injected error; an error after the commit point is the coordinator's warning)."""
+    store = tmp / "store"
+    shutil.copytree(base, store)
+    env = torchrun_env(CKPTGUARD_FAILPOINT=case.failpoint)
+    cmd = torchrun(4, DCP_RANKS, "fail", store, "new", DCP_TIMEOUT)
+    code, _, log = launch(cmd, env, tmp / "launch.log", BOUND["dcp"])
+    fired(case, log)
+    names = {i.name for i in ckptguard.Store(store).list()}
+    latest = ckptguard.Store(store).latest_name()
+    outcome = "absent" if "new" not in names else "latest" if latest == "new" else "visible"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"the new checkpoint is {outcome}, expected {case.expect}"
+    check_store(store, names, latest)
+    assert names - {"new"} == {"step-10"}, names
+    reports = {r: _read_json(tmp / "out" / f"rank-{r}.json") for r in range(4)}
+    got = {r: rep for r, rep in reports.items() if rep is not None}
+    if case.late_error:
+        assert code == 0 and len(got) == 4 and all(o["ok"] for o in got.values()), got
+        assert got[0]["warnings"], f"rank 0 did not warn of the error after the commit: {got}"
+        return outcome, "ok with a warning"
+    assert code != 0, "a failpoint fired, yet the job succeeded"
+    if outcome == "absent":
+        assert not any(o["ok"] for o in got.values()), f"absent, yet reported saved: {got}"
+    if case.action in ("eio", "enospc"):  # one outcome: the injected error, on every rank
+        assert len(got) == 4 and all("injected" in o.get("error", "") for o in got.values()), got
+        return outcome, "same error"
+    return outcome, "killed" if case.action == "kill" else "hung rank timed out"
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
     "save-zstd": _mpi,
@@ -718,4 +779,5 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "lightning": _framework,
     "hf": _framework,
     "export": _export,
+    "dcp": _dcp,
 }

@@ -303,6 +303,8 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom . import formats  # noqa\n")
     with open(tmp_path / "ckptguard" / "foreign" / "source.py", "a") as f:
         f.write("\nfrom . import dcp  # noqa\n")
+    with open(tmp_path / "ckptguard" / "dcp" / "nesting.py", "a") as f:
+        f.write("\nfrom . import writer  # noqa\n")
     # Within the layers: independent siblings ("|"), and a step under the step built on it.
     with open(tmp_path / "ckptguard" / "saver.py", "a") as f:
         f.write("\nfrom ckptguard import loader  # noqa\n")
@@ -356,7 +358,7 @@ def _top_modules() -> set[str]:
     }
 
 
-FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer"}
+FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer", "dcp"}
 INTEGRATIONS = {"lightning", "hf", "deepspeed", "megatron"}
 
 

@@ -51,6 +51,28 @@ def test_template_reads_only_the_chunks_of_its_box(
         assert sorted(read) == sorted(r.offset for r in rd.rows if r.chunk in (2, 3, 4))
 
 
+def test_fill_puts_each_box_in_its_target(store: str) -> None:
+    """``fill``: several targets of one tensor (in rounds), a strided view, an empty box."""
+    path = os.path.join(store, "c")
+    full = torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16)
+    ckptguard.save({"w": full, "b": torch.arange(5.0)}, path, chunk_size=64)
+    top, bottom = torch.zeros(3, 16), torch.zeros(5, 16)
+    wide = torch.zeros(4, 20)
+    column = wide[:, 2:5]  # not contiguous: copied in, not landed in place
+    with CheckpointReader(path) as rd:
+        w = next(i for i, t in enumerate(rd.tensors) if t["key"] == "w")
+        b = 1 - w
+        targets = [
+            (w, select.Target(top, top, ((0, 0), (3, 16)), False)),
+            (w, select.Target(bottom, bottom, ((3, 0), (5, 16)), False)),
+            (w, select.Target(column, column, ((4, 7), (4, 3)), False)),
+            (b, select.Target(torch.zeros(0), torch.zeros(0), ((2,), (0,)), False)),
+        ]
+        loader.fill(rd, targets)
+    assert torch.equal(top, full[:3]) and torch.equal(bottom, full[3:])
+    assert torch.equal(column, full[4:8, 7:10]) and wide[:, :2].eq(0).all()
+
+
 def test_per_rank_tensors_load_as_a_saved_rank(store: str) -> None:
     path = os.path.join(store, "c")
     ckptguard.save({"r": ckptguard.PerRank(torch.ones(2))}, path)

@@ -85,3 +85,31 @@ def test_existing_file_is_never_overwritten(tmp_path):
     w.abort()
     with pytest.raises(FileExistsError):
         RankWriter(str(tmp_path), 0, UUID)
+
+
+def test_two_shards_of_one_tensor_are_two_shards(tmp_path):
+    """A rank may hold several pieces of one tensor (DCP's chunks): each is its own shard,
+    chunked from 0, not a continuation of the other."""
+    t = torch.arange(2000, dtype=torch.float32).reshape(20, 100)
+    w = RankWriter(str(tmp_path), 0, UUID, chunk_size=1024)
+    for start in (0, 10):
+        piece = t[start : start + 10]
+        ref = TensorRef(
+            "w",
+            "float32",
+            (10, 100),
+            "torch",
+            "cpu",
+            False,
+            False,
+            piece,
+            (20, 100),
+            (start, 0),
+            sharded=True,
+        )
+        w.add(0, ref, codec=0)
+    w.finish()
+    assert {r.shard_offsets for r in w.rows} == {(0, 0), (10, 0)}
+    for offsets in ((0, 0), (10, 0)):
+        mine = [(r.chunk, r.shard_byte_offset) for r in w.rows if r.shard_offsets == offsets]
+        assert mine == [(n, n * 1024) for n in range(4)], (offsets, mine)

@@ -222,16 +222,21 @@ class _Planner(_EmptyStateDictLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def _unwrapped(e: BaseException, path: str) -> CheckpointError:
-    """The error to raise for ``e`` from DCP's load: ours as it is (DCP wraps what its steps
-    raise in a CheckpointException of per-rank failures), anything else as damage."""
+def failure_cause(e: BaseException) -> BaseException:
+    """What a rank's step raised, where ``e`` is DCP's CheckpointException (which wraps it with
+    the other ranks' failures): the first rank's; else ``e`` itself."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict):
         for failure in failures.values():
             inner = failure[0] if isinstance(failure, tuple) and failure else failure
             if isinstance(inner, BaseException):
-                e = inner
-                break
+                return inner
+    return e
+
+
+def _unwrapped(e: BaseException, path: str) -> CheckpointError:
+    """The error to raise for ``e`` from DCP's load: ours as it is, anything else as damage."""
+    e = failure_cause(e)
     if isinstance(e, CheckpointError):
         return e
     return damaged(path, DCP, e)
