@@ -22,7 +22,7 @@ from conftest import free_port
 from faultkit import Case, clean_env, fired, launch
 
 import ckptguard
-from ckptguard.filesave import TEMP_MARK
+from ckptguard.temps import TEMP_MARK
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
