@@ -127,6 +127,16 @@ def test_torch_backend_matches_mpi(tmp_path, store):
     assert all(r["ok"] for r in outcomes(tmp_path, 4))
 
 
+def test_a_normal_exit_destroys_ckptguards_gloo_group_first(tmp_path, store):
+    """torch holds every process group until the interpreter is torn down, where destroying a
+    gloo group can abort a process that finished its work; ckptguard's own group is destroyed
+    by an exit handler while the interpreter is whole, leaving only the caller's WORLD."""
+    assert torchrun(2, "exit", str(store), "t") == [0, 0]
+    left = [json.loads((tmp_path / "out" / f"exit-{r}.json").read_text()) for r in range(2)]
+    assert all(r["ok"] for r in outcomes(tmp_path, 2))
+    assert left == [{"groups": 1}] * 2
+
+
 def test_dtensor_save_at_4_load_at_2_with_other_placement(tmp_path, store):
     assert torchrun(4, "dtensor_save", str(store), "dt") == [0, 0, 0, 0]
     assert all(r["ok"] for r in outcomes(tmp_path, 4))

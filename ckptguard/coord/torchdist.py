@@ -12,12 +12,14 @@ After a ``CoordinationTimeoutError`` that coordinator gives up its group (and le
 work still pending on it could otherwise pair with the next save's. The next save creates a new
 group; every rank that timed out does the same, so torch's group names (a counter) still agree.
 The old group is not destroyed (destroying it waits for its pending work); torch keeps it until
-``destroy_process_group()``. A coordinator on a group given by the caller keeps it.
+``destroy_process_group()``. A coordinator on a group given by the caller keeps it. The group
+in use is destroyed by an exit handler, before the interpreter is torn down.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 
 import torch
@@ -28,9 +30,25 @@ from ..errors import CoordinationTimeoutError
 from .base import Coordinator
 
 _groups: dict[int, TorchCoordinator] = {}
-# Drop our gloo groups while the interpreter is whole: a ProcessGroupGloo destroyed during
-# finalization can abort the process ("terminate called without an active exception").
-atexit.register(_groups.clear)
+
+
+def _destroy_groups() -> None:
+    """Destroy the gloo groups this process created and still uses, while the interpreter is
+    whole. torch keeps every group until finalization otherwise, and a ProcessGroupGloo whose
+    last work held tensors made in Python, torn down then, can abort a process that finished
+    its work (SIGABRT, "terminate called without an active exception"). Every work on these
+    groups was waited for, so destroying them is local and does not block; a group given up
+    after a timeout may still hold pending work and is left to torch."""
+    for coordinator in list(_groups.values()):
+        group = coordinator.group
+        if coordinator.owned and group is not None and coordinator._alive():
+            coordinator.group = None
+            with contextlib.suppress(RuntimeError, ValueError):  # torch forgot it already
+                dist.destroy_process_group(group)
+    _groups.clear()
+
+
+atexit.register(_destroy_groups)
 
 
 class TorchCoordinator(Coordinator):
