@@ -39,12 +39,14 @@ lint: install-test
 # inherited by every process a test starts). The second pass leaves out the tests marked
 # backend_independent (tests/conftest.py): static checks and tests that pick their backend
 # themselves, which the first pass already ran on both, and tests that never encode or read a
-# record. On a 2-core machine each pass takes about 13 minutes and `make test` about 26.
+# record, and the framework jobs marked framework_job (tests/conftest.py: training runs under
+# torchrun whose saves take the same paths; each framework keeps its in-process tests and, where
+# cheap, one bitwise resume on both backends).
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm
 	$(PY) -m pytest -q
-	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q -m "not backend_independent"
+	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q -m "not backend_independent and not framework_job"
 
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
 # `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then

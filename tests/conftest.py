@@ -47,6 +47,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "backend_independent: the result does not depend on CKPTGUARD_NATIVE; run on one backend",
     )
+    config.addinivalue_line(
+        "markers",
+        "framework_job: a framework's training job in processes of its own (torchrun, DDP); "
+        "its saves and loads take the paths the rest of the suite runs on both backends, so the "
+        "pure-Python pass of `make test` leaves it out. Each framework keeps a bitwise resume or "
+        "its in-process tests on both backends",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -310,6 +310,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return store, out
 
 
+@pytest.mark.framework_job
 def test_fsdp2_save_is_one_verified_checkpoint(trained: tuple[Path, Path]) -> None:
     store, _ = trained
     listed = {i.name: i for i in ckptguard.Store(store).list()}
@@ -330,12 +331,14 @@ def test_fsdp2_save_is_one_verified_checkpoint(trained: tuple[Path, Path]) -> No
     assert shards == {(0, 8, 0), (8, 8, 1), (16, 8, 2), (24, 6, 3)}  # FSDP2's uneven shards
 
 
+@pytest.mark.framework_job
 def test_async_save_holds_the_state_of_its_step(trained: tuple[Path, Path]) -> None:
     store, _ = trained
     sync, later = ckptguard.load(store / f"step-{AT}"), ckptguard.load(store / f"async-{AT}")
     assert _equal(sync, later) and sync["app"]["step"] == AT
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("ranks", [2, 1])
 def test_reshard_load_equals_dcp_filesystem(trained: tuple[Path, Path], ranks: int) -> None:
     store, out = trained
@@ -369,6 +372,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> faultkit.Bases:
     return faultkit.make_bases(tmp_path_factory.mktemp("bases"))
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("case_id", FAULTS)
 def test_failure_leaves_old_or_new_whole(
     bases: faultkit.Bases, tmp_path: Path, case_id: str

@@ -86,6 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "train": records(out, "train"), "resume": records(out, "resume"), **kills}
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_in_a_fresh_process_is_bitwise(runs: dict, stage: int) -> None:
     for rank in range(2):
@@ -94,6 +95,7 @@ def test_resume_in_a_fresh_process_is_bitwise(runs: dict, stage: int) -> None:
         assert resumed["digest"] == trained["digest"], (stage, rank)
 
 
+@pytest.mark.framework_job
 def test_a_tag_is_one_ckptguard_checkpoint(runs: dict) -> None:
     save_dir = runs["out"] / "z2"
     assert (save_dir / "latest").read_text() == "k"
@@ -116,6 +118,7 @@ def test_a_tag_is_one_ckptguard_checkpoint(runs: dict) -> None:
     assert optim["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("point", RUN_KILLS)
 def test_a_killed_save_leaves_a_whole_checkpoint(runs: dict, point: str) -> None:
     _, latest_tag, new_whole = KILLS[point]

@@ -76,6 +76,7 @@ def test_resume_in_a_fresh_process_is_bitwise(base: Path, tmp_path: Path, step, 
     fk.same_run(fk.final(base), resumed, fk.HF_KEYS)
 
 
+@pytest.mark.framework_job
 def test_ddp_under_torchrun_resumes_bitwise(tmp_path: Path) -> None:
     """Two gloo ranks: every rank takes part in each save (one data file each, the weights
     written once) and restores its own RNG states; a fresh job resumes mid-epoch, bitwise."""
@@ -88,6 +89,7 @@ def test_ddp_under_torchrun_resumes_bitwise(tmp_path: Path) -> None:
     fk.same_run(fk.final(a), fk.final(b), fk.HF_KEYS)
 
 
+@pytest.mark.framework_job
 def test_rotation_and_best_model_at_end(tmp_path: Path) -> None:
     """save_total_limit=2 keeps the newest and the best (an early one: the highest eval loss is
     "best" here); at the end the model holds the best checkpoint's weights."""
@@ -103,6 +105,7 @@ def test_rotation_and_best_model_at_end(tmp_path: Path) -> None:
     assert not os.listdir(out / ".staging")  # every delete finished
 
 
+@pytest.mark.framework_job
 def test_limit_one_keeps_only_the_best_at_the_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     fk.ok(fk.HF_JOB, [out, 6, "--limit", 1, "--best"], tmp_path, "best.log")
@@ -182,6 +185,7 @@ def test_import_loads_no_transformers() -> None:
 KILLS = [c for c in faultkit.cases(full=True) if c.scenario == "hf" and c.action == "kill"]
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("case", KILLS, ids=[c.id for c in KILLS])
 def test_kill_leaves_a_whole_checkpoint_to_resume_from(base: Path, tmp_path: Path, case) -> None:
     outcome, _ = fk.hf_case(case, base, tmp_path, {})

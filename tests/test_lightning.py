@@ -59,6 +59,7 @@ def test_top_k_link_and_resume_from_last_bitwise(base: Path, tmp_path: Path) -> 
     assert resumed["best_k_models"] == ["epoch=3-step=32.ckpt"]
 
 
+@pytest.mark.framework_job
 def test_ddp_saves_once_from_rank_zero_and_resumes_bitwise(tmp_path: Path) -> None:
     """Two gloo ranks: each checkpoint is one file, written once (a one-process save: rank 0
     holds DDP's replicated state); a fresh job resumes from a path and matches, bitwise."""
@@ -160,6 +161,7 @@ def test_import_loads_no_lightning() -> None:
 KILLS = [c for c in faultkit.cases(full=True) if c.scenario == "lightning" and c.action == "kill"]
 
 
+@pytest.mark.framework_job
 @pytest.mark.parametrize("case", KILLS, ids=[c.id for c in KILLS])
 def test_kill_leaves_a_whole_checkpoint_to_resume_from(base: Path, tmp_path: Path, case) -> None:
     outcome, _ = fk.lightning_case(case, base, tmp_path, {})

@@ -63,6 +63,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.mark.framework_job
 def test_resume_in_a_fresh_process_is_bitwise(runs: dict) -> None:
     for trained, resumed in zip(runs["train"], runs["resume"], strict=True):
         assert resumed["saved"] == trained["saved"]
@@ -70,12 +71,14 @@ def test_resume_in_a_fresh_process_is_bitwise(runs: dict) -> None:
         assert resumed["final"] == trained["final"]
 
 
+@pytest.mark.framework_job
 def test_one_rank_loads_what_two_saved(runs: dict) -> None:
     saved = runs["train"][0]["saved"]
     assert {k: runs["full"][k] for k in saved} == saved
     assert runs["full"]["step"] == 3
 
 
+@pytest.mark.framework_job
 def test_a_save_killed_before_its_commit_leaves_the_previous_one(runs: dict) -> None:
     for rank in range(2):
         seen = runs["resume"][rank]
@@ -84,6 +87,7 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_one(runs: dict) -> 
         assert seen["it3"] == runs["train"][rank]["saved"]
 
 
+@pytest.mark.framework_job
 def test_the_sharded_part_is_one_ckptguard_checkpoint(runs: dict) -> None:
     ckpt = runs["out"] / "it3" / strategy.CHECKPOINT
     assert ckptguard.verify(ckpt).ok
