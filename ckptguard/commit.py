@@ -41,6 +41,7 @@ from .format.manifest import CheckpointInfo
 from .fsutil import (
     UnsafeFileError,
     fsync_dir,
+    group_shared,
     makedirs_durably,
     read_manifest,
     read_regular,
@@ -68,11 +69,6 @@ def read_info(path: str) -> CheckpointInfo:
         raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
 
 
-def _shared(store: str) -> bool:
-    """A store its owner made group-writable is shared with that group (docs/operations.md)."""
-    return bool(os.stat(store).st_mode & stat.S_IWGRP)
-
-
 def staging_area(store: str) -> str:
     """Create the store and its ``.staging`` where missing; return the ``.staging`` path.
 
@@ -83,7 +79,7 @@ def staging_area(store: str) -> str:
     """
     makedirs_durably(store, 0o755)
     root = os.path.join(store, STAGING)
-    mode = 0o770 if _shared(store) else 0o700
+    mode = 0o770 if group_shared(store) else 0o700
     try:
         os.mkdir(root, mode)
     except FileExistsError:
@@ -97,7 +93,7 @@ def new_staging(store: str, name: str) -> tuple[str, str]:
     """Create ``<store>/.staging/<name>.<uuid>/``; return (uuid hex, its path)."""
     uid = uuidlib.uuid4().hex
     path = os.path.join(staging_area(store), f"{name}.{uid}")
-    os.mkdir(path, 0o775 if _shared(store) else 0o755)
+    os.mkdir(path, 0o775 if group_shared(store) else 0o755)
     return uid, path
 
 
