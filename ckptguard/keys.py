@@ -74,7 +74,9 @@ class PrivateKey:
         self._key = key
         self.path = path
         self.public = PublicKey(
-            key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
         )
 
     @property
@@ -126,7 +128,9 @@ def generate(prefix: str | os.PathLike) -> tuple[str, str, str]:
         _fill(files.new(os.path.basename(pub_path)), pub, 0o644)
         files.commit()
     except FileExistsError as e:
-        raise KeyFileError(f"{e.filename} exists; a key file is never replaced", priv_path) from None
+        raise KeyFileError(
+            f"{e.filename} exists; a key file is never replaced", priv_path
+        ) from None
     except OSError as e:
         raise KeyFileError(f"cannot write the key pair: {e.strerror or e}", priv_path) from None
     finally:

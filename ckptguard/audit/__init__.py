@@ -15,12 +15,13 @@ proofs.
 from __future__ import annotations
 
 from .append import KEY_ENV, Appended, append, init, note, read_witness, write_witness
-from .files import AUDIT_DIR, enabled, witness_name
+from .files import AUDIT_DIR, WITNESS_SUBDIR, enabled, witness_name
 from .verify import AuditLog, AuditReport, consistency, head_from_file, inclusion, read, verify
 
 __all__ = [
     "AUDIT_DIR",
     "KEY_ENV",
+    "WITNESS_SUBDIR",
     "Appended",
     "AuditLog",
     "AuditReport",

@@ -103,7 +103,9 @@ def _subproof(m: int, leaves: Sequence[bytes], whole: bool) -> list[bytes]:
     return [*_subproof(m - k, leaves[k:], False), root(leaves[:k])]
 
 
-def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], head: bytes) -> None:
+def verify_inclusion(
+    index: int, size: int, leaf: bytes, proof: Sequence[bytes], head: bytes
+) -> None:
     """RFC 9162 2.1.3.2: ProofError unless ``proof`` shows ``leaf`` at ``index`` of the tree of
     ``size`` whose root is ``head``."""
     if not 0 <= index < size:

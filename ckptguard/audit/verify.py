@@ -127,7 +127,9 @@ def read(store: str | os.PathLike) -> tuple[AuditLog, list[str]]:
     return AuditLog(where, cfg, entries, leaves, heads), notes
 
 
-def _trusted(cfg: Config, trusted: PublicKey | None, where: str, notes: list[str]) -> PublicKey | None:
+def _trusted(
+    cfg: Config, trusted: PublicKey | None, where: str, notes: list[str]
+) -> PublicKey | None:
     """The key every head must be signed with: ``trusted`` if given (and the config must name
     it), else the config's own (noted: whoever can write the store can change it)."""
     if trusted is not None:
@@ -192,8 +194,7 @@ def _check_heads(log: AuditLog, key: PublicKey | None, roots: dict[int, str]) ->
             raise AuditTamperedError(f"{what} is smaller than the head before it", hpath)
         if size > n:
             raise AuditTamperedError(
-                f"{what} covers {size} entries, the log has {n}: entries were removed from its "
-                "end",
+                f"{what} covers {size} entries, the log has {n}: entries were removed from its end",
                 os.path.join(log.path, LOG),
                 n,
             )
@@ -234,8 +235,7 @@ def _check_outside(
             )
         if roots[head["size"]] != head["root"]:
             raise AuditRollbackError(
-                f"the log's first {head['size']} entries differ from {what}: the log was "
-                "rewritten",
+                f"the log's first {head['size']} entries differ from {what}: the log was rewritten",
                 os.path.join(log.path, LOG),
                 head["size"],
             )

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import click
 
 import ckptguard
+from ckptguard.store import note_read
 from ckptguard.units import format_size
 
 from ._args import is_one_checkpoint, require_checkpoint
@@ -51,6 +52,7 @@ def command(ckpt: str, out: str, allow_pickle: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    note_read(source, "restore", {"out": os.path.abspath(out)})
     echo(f"wrote {out} ({format_size(os.path.getsize(out))}) from {os.path.abspath(source)}")
 
 
