@@ -320,8 +320,9 @@ def note_read(path: str, op: str, detail: dict) -> None:
     with contextlib.suppress(OSError, CheckpointError):
         uuid = read_info(path).uuid
     digest = _digest_if_audited(store, path)
-    kw = {"checkpoint": name, "uuid": uuid, "manifest_sha256": digest, "detail": detail}
-    for late in audit.note(store, op, **kw):
+    for late in audit.note(
+        store, op, checkpoint=name, uuid=uuid, manifest_sha256=digest, detail=detail
+    ):
         warn_after_commit(late, stacklevel=3)
 
 

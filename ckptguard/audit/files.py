@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ MAX_HEADS_BYTES = 1 << 30
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for the lock (CKPTGUARD_AUDIT_LOCK_TIMEOUT)
 _CONFIG = {"v", "format", "log_id", "created", "public_key", "key_id", "signing_key", "witness"}
 _HEX = re.compile(r"^[0-9a-f]+$")
+_THREADS = threading.Lock()
 
 
 def audit_dir(store: str) -> str:
@@ -183,12 +185,30 @@ def locked(
     ``shared`` for a reader (the lock file must exist then). Polls with a growing pause up to
     ``timeout`` (``lock_timeout()``), then AuditLockTimeoutError: nobody waits unboundedly. The
     lock goes with the descriptor, also when the process dies."""
+    wait = lock_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    # POSIX record locks belong to the process (threads share them, and closing any descriptor
+    # of the file drops them): the threads of one process take turns on this lock first.
+    if not _THREADS.acquire(timeout=wait):
+        raise AuditLockTimeoutError(
+            f"another thread held the audit log's lock longer than {wait:g} s",
+            os.path.join(where, LOCK),
+        )
+    try:
+        with _posix_lock(dir_fd, where, mode, shared, wait, deadline):
+            yield
+    finally:
+        _THREADS.release()
+
+
+@contextlib.contextmanager
+def _posix_lock(
+    dir_fd: int, where: str, mode: int, shared: bool, wait: float, deadline: float
+) -> Iterator[None]:
     if shared:
         fd, _ = open_regular(LOCK, dir_fd=dir_fd)
     else:
         fd = open_append(dir_fd, LOCK, where, mode)
-    wait = lock_timeout() if timeout is None else timeout
-    deadline = time.monotonic() + wait
     pause = 0.001
     try:
         while True:

@@ -75,7 +75,7 @@ def _reading(dfd: int, where: str) -> Iterator[list[str]]:
     try:
         ctx = locked(dfd, where, 0, shared=True)
         ctx.__enter__()
-    except (OSError, AuditError) as e:
+    except (OSError, AuditError, UnsafeFileError) as e:
         notes.append(f"read without the lock ({LOCK}: {e}); a concurrent append may show")
         yield notes
         return

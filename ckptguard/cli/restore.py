@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import click
 
 import ckptguard
-from ckptguard.store import note_read
 from ckptguard.units import format_size
 
 from ._args import is_one_checkpoint, require_checkpoint
@@ -33,6 +32,8 @@ def command(ckpt: str, out: str, allow_pickle: bool) -> None:
     loaded with every chunk verified.
     """
     import torch
+
+    from ckptguard.store import note_read
 
     source = require_checkpoint(ckpt, "checkpoint")
     if not is_one_checkpoint(source):  # a store: pin its LATEST now, and say which it was

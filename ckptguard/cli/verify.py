@@ -24,7 +24,6 @@ from ckptguard import (
     CorruptCheckpointError,
     FormatVersionError,
 )
-from ckptguard.store import note_read
 from ckptguard.units import format_size
 
 from ._args import is_one_checkpoint, require_checkpoint
@@ -147,6 +146,8 @@ def _verify_one(
     verify: Verify,
 ) -> tuple[bool, list[str]]:
     """Verify one checkpoint; (whole?, lines describing the outcome)."""
+    from ckptguard.store import note_read
+
     noted = verify is not ckptguard.verify  # ckptguard.verify records its outcome itself
     try:
         report = verify(path, progress=progress)
