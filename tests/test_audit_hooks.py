@@ -73,6 +73,7 @@ def test_commit_delete_prune_gc_verify(signed: tuple[Path, keys.PublicKey]) -> N
     audit.verify(store, key=pub)
     out = auditcheck.check(store)
     assert (out.fraction, out.total, out.gaps) == (1.0, 4, [])
+    assert ckptguard.Store(store).scan().skipped == []  # .audit is never a checkpoint
 
 
 def test_async_save_is_recorded(signed: tuple[Path, keys.PublicKey]) -> None:
