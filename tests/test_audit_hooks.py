@@ -62,7 +62,7 @@ def test_commit_delete_prune_gc_verify(signed: tuple[Path, keys.PublicKey]) -> N
         assert st.gc(older_than=0)
     es = entries(store)
     assert [e["op"] for e in es] == ["init"] + ["commit"] * 4 + ["verify", "delete", "prune", "gc"]
-    for e, info in zip(es[1:4], infos):
+    for e, info in zip(es[1:4], infos, strict=True):
         assert (e["checkpoint"], e["uuid"], e["actor"]["rank"]) == (info.name, info.uuid, 0)
         assert e["detail"] == {"overwrite": False}
     assert es[4]["uuid"] == again.uuid and es[4]["detail"] == {"overwrite": True}

@@ -109,8 +109,12 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-     b"x" * (keys.MAX_KEY_FILE + 1)],
+    [
+        b"",
+        b"garbage\n",
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        b"x" * (keys.MAX_KEY_FILE + 1),
+    ],
     ids=["empty", "garbage", "bad-pem", "huge"],
 )
 def test_garbage_is_refused(tmp_path: Path, content: bytes) -> None:
