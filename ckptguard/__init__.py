@@ -18,6 +18,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AuditError,
+    AuditLockTimeoutError,
+    AuditRollbackError,
+    AuditSignatureError,
+    AuditTamperedError,
     CheckpointAbortedError,
     CheckpointerClosedError,
     CheckpointError,
@@ -36,6 +41,7 @@ from .errors import (
     HostPoolTooSmallError,
     IntegrationError,
     InvalidNameError,
+    KeyFileError,
     NotACheckpointError,
     OneFileError,
     OptionsMismatchError,
@@ -43,6 +49,7 @@ from .errors import (
     RegisteredTypeError,
     ReplicaMismatchWarning,
     SaveCancelledError,
+    SignatureError,
     StoreError,
     StoreFullError,
     StoreNotWritableError,
@@ -89,6 +96,13 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
+    "AuditError",
+    "AuditLockTimeoutError",
+    "AuditRollbackError",
+    "AuditSignatureError",
+    "AuditTamperedError",
+    "KeyFileError",
+    "SignatureError",
     "CheckpointAbortedError",
     "Checkpointer",
     "CheckpointerClosedError",

@@ -19,6 +19,8 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
+    FormatVersionError,
+    brief,
     from_oserror,
 )
 from .exporter import ExportResult, export_checkpoint, left_out_warning
@@ -33,7 +35,7 @@ from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
 from .saver import save_state
 from .stateful import Path, expand, restore
-from .store import Store
+from .store import Store, note_read
 
 T = TypeVar("T")
 
@@ -250,7 +252,19 @@ def verify(
     source = foreign.detect(path)
     if source is not None:
         raise foreign.not_ckptguard(source)
-    return _reading(path, lambda p: verify_checkpoint(p, progress))
+    return _reading(path, lambda p: _verify_noted(p, progress))
+
+
+def _verify_noted(path: str, progress: Callable[[int, int], None] | None) -> VerifyReport:
+    """``verify_checkpoint``, its outcome recorded in the store's audit log (if it has one)."""
+    try:
+        report = verify_checkpoint(path, progress)
+    except (CorruptCheckpointError, FormatVersionError) as e:
+        note_read(path, "verify", {"result": "failed", "error": brief(e)[:1000]})
+        raise
+    result = "ok" if report.ok else "failed"
+    note_read(path, "verify", {"result": result, "problems": len(report.problems)})
+    return report
 
 
 def export(

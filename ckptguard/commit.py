@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -23,6 +24,7 @@ from types import TracebackType
 import pyarrow as pa
 import xxhash
 
+from . import audit
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -41,8 +43,10 @@ from .format.manifest import CheckpointInfo
 from .fsutil import (
     UnsafeFileError,
     fsync_dir,
+    group_shared,
     makedirs_durably,
     read_manifest,
+    read_member,
     read_regular,
     write_file_durably,
     write_new_file,
@@ -68,11 +72,6 @@ def read_info(path: str) -> CheckpointInfo:
         raise CorruptCheckpointError(str(e), path=path, file=MANIFEST) from None
 
 
-def _shared(store: str) -> bool:
-    """A store its owner made group-writable is shared with that group (docs/operations.md)."""
-    return bool(os.stat(store).st_mode & stat.S_IWGRP)
-
-
 def staging_area(store: str) -> str:
     """Create the store and its ``.staging`` where missing; return the ``.staging`` path.
 
@@ -83,7 +82,7 @@ def staging_area(store: str) -> str:
     """
     makedirs_durably(store, 0o755)
     root = os.path.join(store, STAGING)
-    mode = 0o770 if _shared(store) else 0o700
+    mode = 0o770 if group_shared(store) else 0o700
     try:
         os.mkdir(root, mode)
     except FileExistsError:
@@ -97,7 +96,7 @@ def new_staging(store: str, name: str) -> tuple[str, str]:
     """Create ``<store>/.staging/<name>.<uuid>/``; return (uuid hex, its path)."""
     uid = uuidlib.uuid4().hex
     path = os.path.join(staging_area(store), f"{name}.{uid}")
-    os.mkdir(path, 0o775 if _shared(store) else 0o755)
+    os.mkdir(path, 0o775 if group_shared(store) else 0o755)
     return uid, path
 
 
@@ -197,6 +196,7 @@ def publish(
     overwrite: bool,
     deadline: float | None = None,
     flavour: Flavour = SAVE,
+    audit_detail: dict | None = None,
 ) -> CheckpointInfo:
     """Make a fully written staging directory visible as ``<store>/<name>``; move LATEST.
 
@@ -206,7 +206,8 @@ def publish(
     raised here leaves nothing visible. Returns the checkpoint's info with ``warnings``: what
     failed after the rename (the commit point), which cannot undo the commit. LATEST is only
     moved once the rename is durable (I3); a replaced checkpoint's files left behind are staging
-    garbage for ``gc``.
+    garbage for ``gc``. A store with an audit log gets its ``commit`` entry last (with
+    ``audit_detail``): a failure there is one of the ``warnings`` (docs/audit.md section 6).
     """
     if not flavour.staged:
         _write_manifest(staging, body)
@@ -232,7 +233,35 @@ def publish(
             late.append(f"{final} is committed, but LATEST was not moved to it ({brief(e)})")
     if replaced is not None:
         late += remove_replaced(replaced, durable)
+    if audit.enabled(store):
+        detail = {**(audit_detail or {}), "overwrite": replaced is not None}
+        late += audit_commit(store, info, detail, rank=None if flavour.staged else 0)
     return replace(info, warnings=tuple(late))
+
+
+def manifest_sha256(checkpoint: str) -> str:
+    """SHA-256 (hex) of the MANIFEST.json bytes of ``checkpoint``, read safely: what an audit
+    entry names a checkpoint's content by."""
+    raw = read_member(checkpoint, MANIFEST, max_size=manifest.MAX_MANIFEST_BYTES)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def audit_commit(store: str, info: CheckpointInfo, detail: dict, rank: int | None) -> list[str]:
+    """The ``commit`` entry of ``info`` in ``store``'s audit log (``rank``: the committing
+    rank, the coordinator's 0 for a save); what failed, as warnings."""
+    try:
+        digest = manifest_sha256(info.path)
+    except (OSError, CheckpointError) as e:
+        return [f"the audit log of {store} has no entry for the commit of {info.name}: {brief(e)}"]
+    return audit.note(
+        store,
+        "commit",
+        checkpoint=info.name,
+        uuid=info.uuid,
+        manifest_sha256=digest,
+        detail=detail,
+        rank=rank,
+    )
 
 
 def _write_manifest(staging: str, body: dict) -> None:

@@ -300,3 +300,58 @@ class IntegrationError(CheckpointError, ValueError):
     asked: a path it cannot write atomically (a remote URL, a directory where a file belongs),
     or a framework whose internals differ from those the integration was built against (the
     message names the method and the version found)."""
+
+
+class KeyFileError(CheckpointError, ValueError):
+    """A key file that cannot be used: missing, a link, a FIFO or other special file, a private
+    key readable by its group or others, the wrong size or not a key at all. Nothing is read
+    from it (or written, for a key about to be created). ``path`` names the file."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SignatureError(CheckpointError):
+    """A signature that does not verify, or one made by a key that is not the trusted one:
+    what it covers may have been changed by someone. ``path`` names what was signed."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AuditError(CheckpointError):
+    """A store's audit log (``STORE/.audit``) cannot be used or does not verify. ``path`` names
+    the file, ``entry`` the 0-based entry (or tree size) where the problem was found, when one
+    is known."""
+
+    def __init__(self, message: str, path: str = "", entry: int | None = None) -> None:
+        where = f" [entry {entry}]" if entry is not None else ""
+        super().__init__(f"{message}{where}" + (f" in {path}" if path else ""))
+        self.reason = message
+        self.path = path
+        self.entry = entry
+
+
+class AuditTamperedError(AuditError):
+    """The audit log is not the one its tree heads describe: an entry edited, removed,
+    inserted or reordered, a torn or malformed line, a head that contradicts another."""
+
+
+class AuditRollbackError(AuditTamperedError):
+    """The audit log is shorter than, or diverges from, a tree head held elsewhere (the witness,
+    or one the user passed): the store was rolled back or its log rewritten."""
+
+
+class AuditSignatureError(AuditTamperedError, SignatureError):
+    """A tree head whose signature does not verify, or one signed by another key than the
+    trusted one."""
+
+    def __init__(self, message: str, path: str = "", entry: int | None = None) -> None:
+        AuditError.__init__(self, message, path, entry)
+
+
+class AuditLockTimeoutError(AuditError):
+    """The audit log's lock was not granted within the bounded wait: another writer holds it
+    (or a dead NFS client's lock was not yet recovered). Nothing was appended."""

@@ -162,6 +162,12 @@ def decode_manifest(raw: bytes, checkpoint: str) -> dict:
         raise CorruptCheckpointError(str(e), path=checkpoint, file=MANIFEST) from None
 
 
+def group_shared(store: str) -> bool:
+    """Whether ``store`` is shared with its group: its owner made it group-writable
+    (docs/operations.md). Its private areas (``.staging``, ``.audit``) are then 0770, else 0700."""
+    return bool(os.stat(store).st_mode & stat.S_IWGRP)
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory: makes the names created, renamed or removed in it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

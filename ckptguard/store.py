@@ -11,11 +11,13 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
+from . import audit
 from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
     clear_intent,
     is_latest_tmp,
+    manifest_sha256,
     read_info,
     remove_tree,
     staging_area,
@@ -42,7 +44,7 @@ from .format.layout import (
 from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, read_regular
 
-__all__ = ["Skipped", "Store", "StoreScan"]
+__all__ = ["Skipped", "Store", "StoreScan", "note_read"]
 
 
 @dataclass(frozen=True)
@@ -168,15 +170,18 @@ class Store:
                 file=LATEST,
             ) from None
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, prune: bool = False) -> None:
         """Remove a checkpoint; LATEST moves to the newest remaining one first (I3).
 
         The rename out of the store is the commit point: an error before it leaves the
         checkpoint, and LATEST, as they were; a failure after it is a ``CheckpointWarning`` (the
-        checkpoint is gone; its files wait in ``.staging/`` for ``gc``).
+        checkpoint is gone; its files wait in ``.staging/`` for ``gc``). A store with an audit
+        log records a ``delete`` entry (``prune``: a ``prune`` entry, for a retention rule's
+        removal) after the commit point; a failure there is a ``CheckpointWarning`` too.
         """
         path = self.path(name)
-        read_info(path)  # raises CheckpointNotFoundError if it is not a committed checkpoint
+        info = read_info(path)  # raises CheckpointNotFoundError if not a committed checkpoint
+        digest = _digest_if_audited(self.root, path)
         moved = False
         try:
             failpoint("delete.start")
@@ -192,6 +197,14 @@ class Store:
                 with contextlib.suppress(OSError):
                     write_latest(self.root, name)
             raise from_oserror(e, path, "cannot delete") from None
+        for late in audit.note(
+            self.root,
+            "prune" if prune else "delete",
+            checkpoint=name,
+            uuid=info.uuid,
+            manifest_sha256=digest,
+        ):
+            warn_after_commit(late, stacklevel=2)
         try:
             failpoint("delete.after_rename")
             fsync_dir(self.root)
@@ -244,6 +257,15 @@ class Store:
                 except OSError as e:
                     raise from_oserror(e, p, "cannot remove") from None
                 removed.append(p)
+        if removed:
+            names = [os.path.relpath(p, self.root) for p in removed]
+            detail = {
+                "count": len(names),
+                "removed": names[:_MAX_NAMED],
+                "older_than_s": int(older_than),
+            }
+            for late in audit.note(self.root, "gc", detail=detail):
+                warn_after_commit(late, stacklevel=2)
         return removed
 
     def _finish_overwrites(self, settle: float) -> set[str]:
@@ -285,6 +307,36 @@ class Store:
             except OSError as e:
                 raise from_oserror(e, final, "cannot finish the interrupted overwrite of") from None
         return keep
+
+
+def note_read(path: str, op: str, detail: dict) -> None:
+    """Record a read of checkpoint directory ``path`` (``op``: verify, restore, load) in its
+    store's audit log, if the store keeps one; a failure is a CheckpointWarning (the read's
+    outcome stands). A one-file checkpoint belongs to no store: nothing is recorded."""
+    store, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(path) or not audit.enabled(store):
+        return
+    uuid = None
+    with contextlib.suppress(OSError, CheckpointError):
+        uuid = read_info(path).uuid
+    digest = _digest_if_audited(store, path)
+    for late in audit.note(
+        store, op, checkpoint=name, uuid=uuid, manifest_sha256=digest, detail=detail
+    ):
+        warn_after_commit(late, stacklevel=3)
+
+
+_MAX_NAMED = 100  # removed entries a gc entry of the audit log names (all are counted)
+
+
+def _digest_if_audited(store: str, path: str) -> str | None:
+    """SHA-256 of ``path``'s MANIFEST.json where ``store`` keeps an audit log (None if not, or
+    if it cannot be read: the entry is still written, without it)."""
+    if not audit.enabled(store):
+        return None
+    with contextlib.suppress(OSError, CheckpointError):
+        return manifest_sha256(path)
+    return None
 
 
 def _real_dir(path: str) -> bool:

@@ -25,6 +25,7 @@ import ckptguard
 from ckptguard import CheckpointError
 
 from . import (
+    audit,
     delete,
     demo,
     doctor,
@@ -33,6 +34,7 @@ from . import (
     gc,
     import_,
     info,
+    key,
     latest,
     ls,
     restore,
@@ -57,6 +59,8 @@ _COMMANDS = (
     run,
     doctor,
     drain,
+    key,
+    audit,
 )
 
 

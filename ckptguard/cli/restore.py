@@ -33,6 +33,8 @@ def command(ckpt: str, out: str, allow_pickle: bool) -> None:
     """
     import torch
 
+    from ckptguard.store import note_read
+
     source = require_checkpoint(ckpt, "checkpoint")
     if not is_one_checkpoint(source):  # a store: pin its LATEST now, and say which it was
         info = ckptguard.Store(source).latest()
@@ -51,6 +53,7 @@ def command(ckpt: str, out: str, allow_pickle: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    note_read(source, "restore", {"out": os.path.abspath(out)})
     echo(f"wrote {out} ({format_size(os.path.getsize(out))}) from {os.path.abspath(source)}")
 
 

@@ -146,10 +146,18 @@ def _verify_one(
     verify: Verify,
 ) -> tuple[bool, list[str]]:
     """Verify one checkpoint; (whole?, lines describing the outcome)."""
+    from ckptguard.store import note_read
+
+    noted = verify is not ckptguard.verify  # ckptguard.verify records its outcome itself
     try:
         report = verify(path, progress=progress)
     except (CorruptCheckpointError, FormatVersionError) as exc:
+        if noted:
+            note_read(path, "verify", {"result": "failed", "error": str(exc)[:1000]})
         return False, [f"FAIL {path}", f"  problem: {exc}"]
+    if noted:
+        result = "ok" if report.ok else "failed"
+        note_read(path, "verify", {"result": result, "problems": len(report.problems)})
     if report.ok:
         size = format_size(report.bytes_checked)
         return True, [f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked)"]

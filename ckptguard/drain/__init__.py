@@ -34,7 +34,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from ..commit import Flavour, discard_staging, new_staging, publish, read_info, write_latest
+from .. import audit
+from ..audit import WITNESS_SUBDIR
+from ..commit import (
+    Flavour,
+    discard_staging,
+    manifest_sha256,
+    new_staging,
+    publish,
+    read_info,
+    write_latest,
+)
 from ..errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -42,6 +52,7 @@ from ..errors import (
     CheckpointReplacedError,
     CorruptCheckpointError,
     StoreError,
+    brief,
     from_oserror,
     warn_after_commit,
 )
@@ -159,7 +170,13 @@ def _drain_one(
             _check_copy(info.path, staging)
             failpoint("drain.verified")
             out = publish(
-                dst_root, info.name, staging, rd.manifest, overwrite=overwrite, flavour=DRAIN
+                dst_root,
+                info.name,
+                staging,
+                rd.manifest,
+                overwrite=overwrite,
+                flavour=DRAIN,
+                audit_detail={"source": info.path},
             )
             committed = True
         except CheckpointError:
@@ -227,6 +244,31 @@ def _plan(
     return plan
 
 
+def _note_drained(src_root: str, info: CheckpointInfo, dst_root: str) -> None:
+    """The source's ``drain`` entry of ``info``, its new tree head also written to
+    ``DST/.audit/witness`` (the destination witnesses the source's log); a failure is a
+    CheckpointWarning: the drain stands."""
+    if not audit.enabled(src_root):
+        return
+    witness = os.path.join(dst_root, audit.AUDIT_DIR, WITNESS_SUBDIR)
+    try:
+        makedirs_durably(witness)
+        digest = manifest_sha256(info.path)
+    except (OSError, CheckpointError) as e:
+        warn_after_commit(f"the audit log of {src_root} has no entry for the drain: {brief(e)}")
+        return
+    for late in audit.note(
+        src_root,
+        "drain",
+        checkpoint=info.name,
+        uuid=info.uuid,
+        manifest_sha256=digest,
+        detail={"dest": os.path.join(dst_root, info.name)},
+        witnesses=(witness,),
+    ):
+        warn_after_commit(late, stacklevel=3)
+
+
 def _check_jobs(jobs: int) -> int:
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
@@ -280,6 +322,7 @@ def drain(
         t0 = time.monotonic()
         out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs)
         drained.append(out)
+        _note_drained(src_store.root, info, dst_root)
         if on_drained is not None:
             on_drained(out, nbytes, time.monotonic() - t0)
     return drained

@@ -148,6 +148,6 @@ def _own(store: Store, path: str | None) -> set[str]:
 
 def _delete(store: Store, name: str) -> None:
     try:
-        store.delete(name)
+        store.delete(name, prune=True)
     except (CheckpointError, OSError) as e:
         warn_after_commit(f"save_total_limit: could not delete {store.path(name)} ({brief(e)})")
