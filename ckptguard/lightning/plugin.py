@@ -11,6 +11,7 @@ only (DDP's replicated state, FSDP's full state dict), so a save here is one pro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from typing import Any
@@ -95,8 +96,8 @@ class CheckpointIO(LightningCheckpointIO):
                 f"{target} is a directory: ckptguard.lightning.CheckpointIO writes each "
                 "checkpoint as one file and removes only files and links"
             )
-        failpoint("lightning.remove.start")
         try:
+            failpoint("lightning.remove.start")
             os.unlink(target)
         except FileNotFoundError:
             return
@@ -141,10 +142,12 @@ def _replace_link(checkpoint: dict[str, Any], link: str, options: dict[str, Any]
     parent, name = os.path.split(link)
     staged = os.path.join(parent, f".{name}{RELINK_MARK}")
     api.save(checkpoint, staged, one_file=True, **options)
-    failpoint("lightning.relink.saved")
     try:
+        failpoint("lightning.relink.saved")
         os.replace(staged, link)
     except OSError as e:
+        with contextlib.suppress(OSError):  # the link still names the previous checkpoint
+            os.unlink(staged)
         raise from_oserror(e, link, "cannot replace the link") from None
     try:
         fsync_dir(parent)
