@@ -226,7 +226,7 @@ class Batch(NamedTuple):
     hash: bytes  # 16 bytes per record
     offset: np.ndarray  # int64 per record
     raw_len: np.ndarray  # int64 per record
-    count: np.ndarray  # int64 per segment: its records
+    nrecords: np.ndarray  # int64 per segment: its records
     direct: np.ndarray  # bool per segment: every record went through O_DIRECT
     enc_ns: np.ndarray  # int64 per segment, as ``WriteResult``
     write_ns: np.ndarray

@@ -252,14 +252,14 @@ class RankWriter:
     def _measured(self, q: list[Queued], done: Batch, wall: int) -> None:
         """Tell the controller what each run of stretches of one choice measured (the batch's
         wall time shared by raw bytes), and count what was used."""
-        seg = np.repeat(np.arange(len(q)), done.count)
+        seg = np.repeat(np.arange(len(q)), done.nrecords)
         raw = np.fromiter((len(e.seg.buf) for e in q), np.int64, len(q))
         stored = np.bincount(seg, weights=done.stored_len, minlength=len(q)).astype(np.int64)
         whole = max(int(raw.sum()), 1)
         start = 0
         for end in _run_ends([e.choice[:3] for e in q]):
             sl = slice(start, end)
-            nbytes, has = int(raw[sl].sum()), done.count[sl] > 0
+            nbytes, has = int(raw[sl].sum()), done.nrecords[sl] > 0
             m = Measured(
                 nbytes,
                 int(stored[sl].sum()),
@@ -298,8 +298,8 @@ class RankWriter:
         record of a shard's stretch holds one row (chunk ``first``, ...); a packed record one per
         member tensor (feature ``packed-records``)."""
         nrec = len(done.codec)
-        seg = np.repeat(np.arange(len(q)), done.count)
-        begin = np.cumsum(done.count) - done.count  # each segment's first record
+        seg = np.repeat(np.arange(len(q)), done.nrecords)
+        begin = np.cumsum(done.nrecords) - done.nrecords  # each segment's first record
         chunk = np.fromiter((e.first for e in q), np.int64, len(q))[seg] + np.arange(nrec)
         chunk -= begin[seg]
         per = {
@@ -332,7 +332,7 @@ class RankWriter:
         for name, col in cols.items():
             self._cols[name].append(col)
         self._hashes.append(np.frombuffer(done.hash, np.uint8).reshape(-1, 16)[of].tobytes())
-        for e, n in zip(q, done.count.tolist(), strict=True):
+        for e, n in zip(q, done.nrecords.tolist(), strict=True):
             if e.pack is not None:
                 self._run_refs.extend(e.pack[1])
                 self._run_lens.extend([1] * len(e.pack[1]))

@@ -9,8 +9,8 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <stddef.h>
 #include <lz4.h>
+#include <stddef.h>
 #include <unistd.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -384,8 +384,8 @@ static int get_segments(PyObject *seq, Py_ssize_t chunk, Py_buffer *bufs, ckg_se
         *held = i + 1;
         if (check_elem(elem) < 0 || check_chunking(bufs[i].len, chunk, elem, codec, level) < 0)
             return -1;
-        segs[i] = (ckg_segment){bufs[i].buf, (size_t)bufs[i].len, (unsigned)elem, codec, level,
-                                direct};
+        segs[i] =
+            (ckg_segment){bufs[i].buf, (size_t)bufs[i].len, (unsigned)elem, codec, level, direct};
     }
     return 0;
 }
@@ -432,8 +432,8 @@ static PyObject *py_write_segments(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    ckg_batch_args a = {fd, dfd < 0 ? -1 : dfd, (size_t)chunk, pos, (uint32_t)seq0, segs,
-                        (size_t)ns};
+    ckg_batch_args a = {fd,   dfd < 0 ? -1 : dfd, (size_t)chunk, pos, (uint32_t)seq0,
+                        segs, (size_t)ns};
     ckg_failure f;
     uint64_t end = pos;
     int rc;
