@@ -2,10 +2,11 @@
 
 The loops ``write_all``, ``pwrite_all`` and ``pread_exact`` handle short writes and reads in one
 place for the writer, the reader and the drain. On them: ``write_records`` (encode a buffer and
-write its aligned chunk records) and ``read_records`` (read, check and decode records into a
-destination), on either backend. The native path adds O_DIRECT and early writeback inside the
-extension (native/pipeline.c); the pure-Python path writes buffered and advises readahead.
-Both report what a write took (``WriteResult``: encode and write nanoseconds, bytes written),
+write its aligned chunk records), ``write_segments`` (the same for many buffers in one call, the
+writer's batches) and ``read_records`` (read, check and decode records into a destination), on
+either backend. The native path adds O_DIRECT and early writeback inside the extension
+(native/pipeline.c); the pure-Python path writes buffered and advises readahead. Both report
+what a write took (``WriteResult``, ``Batch``: encode and write nanoseconds, bytes written),
 which the writer's controller (``adapt``) uses to choose the codec and the I/O mode.
 """
 

@@ -1,4 +1,5 @@
-"""Per-rank data file writer: chunk, encode, append aligned records, footer, fsync, re-check."""
+"""Per-rank data file writer: chunk, encode, append aligned records (tensors queued and written a
+batch per call), footer, fsync, re-check."""
 
 from __future__ import annotations
 

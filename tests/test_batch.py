@@ -186,3 +186,26 @@ def test_the_controller_is_steady_between_trials_and_within_a_trial_stretch():
     assert c.steady(PROBE // 2 - 1) and not c.steady(PROBE // 2)
     fixed = Controller(2, False, True)
     assert fixed.steady(1 << 50)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_write_segments_is_write_records_of_each_segment(tmp_path, be):
+    rng = np.random.default_rng(3)
+    bufs = [rng.integers(0, 4, n, dtype=np.uint8).tobytes() for n in (20000, 0, 8192, 96, 50000)]
+    codecs = [SHUFFLE_LZ4, RAW, SHUFFLE_ZSTD, SHUFFLE_LZ4, RAW]
+    segs = [io.Segment(memoryview(b), 4, c) for b, c in zip(bufs, codecs, strict=True)]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    fa, fb = (os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in (a, b))
+    try:
+        done = io.write_segments(fa, a, 4096, 5, segs, 8192, threads=3, backend=be)
+        pos, seq, recs = 4096, 5, []
+        for s in segs:
+            one = io.write_records(fb, b, pos, seq, s.buf, 4, 8192, s.codec, 3, False, be)
+            pos, seq, recs = one.end, seq + len(one.records), recs + one.records
+    finally:
+        os.close(fa)
+        os.close(fb)
+    assert done.records() == recs and done.end == pos
+    assert done.nrecords.tolist() == [3, 0, 1, 1, 7]
+    assert done.written.sum() == pos - 4096
+    assert Path(a).read_bytes() == Path(b).read_bytes()
