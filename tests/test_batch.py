@@ -209,3 +209,22 @@ def test_write_segments_is_write_records_of_each_segment(tmp_path, be):
     assert done.nrecords.tolist() == [3, 0, 1, 1, 7]
     assert done.written.sum() == pos - 4096
     assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_the_controller_hears_each_run_of_one_choice_in_a_batch(tmp_path, be):
+    """Every queued byte is fed back once, as runs of stretches of one choice, in order."""
+    heard: list[tuple[tuple, int]] = []
+    with backend.use(be):
+        w = RankWriter(str(tmp_path), 0, UUID, chunk_size=4096)
+        real = w.control.record
+        w.control.record = lambda c, m, d=None: (heard.append((c[:3], m.raw_bytes)), real(c, m))
+        tensors = _tensors(12)
+        for i, t in enumerate(tensors):
+            w.add(i, _ref(f"t{i}", t), [SHUFFLE_LZ4, SHUFFLE_LZ4, RAW][i % 3])
+        w.finish()
+    assert w.calls == 1
+    assert sum(n for _, n in heard) == sum(t.numel() * t.element_size() for t in tensors)
+    keys = [k for k, _ in heard]
+    assert all(a != b for a, b in zip(keys, keys[1:], strict=False))  # runs, not stretches
+    assert [k[0] for k in keys] == [SHUFFLE_LZ4, RAW] * 4
