@@ -18,6 +18,13 @@ _DecodeItem = tuple[int, Buffer, int, int, bytes | None, int]
 _ReadItem = tuple[int, int, int, int, int, int, bytes, int, int]
 # (codec, stored_len, hash, offset, raw_len) of one record written
 _RecordInfo = tuple[int, int, bytes, int, int]
+# (buf, elem_size, codec, level, direct) of one segment of a batch
+_Segment = tuple[Buffer, int, int, int, bool]
+# the records of a batch as columns: codecs (a byte each), stored_lens, hashes (16 bytes each),
+# offsets, raw_lens (native int64 each)
+_RecordColumns = tuple[bytes, bytes, bytes, bytes, bytes]
+# per segment: direct_used (a byte each), enc_ns, write_ns, bytes_written (native int64 each)
+_SegmentColumns = tuple[bytes, bytes, bytes, bytes]
 
 RAW: Final[int]
 SHUFFLE_LZ4: Final[int]
@@ -63,6 +70,17 @@ def write_records(
     dfd: int,
     /,
 ) -> tuple[list[_RecordInfo], int, bool, tuple[int, int, int]]: ...
+def write_segments(
+    fd: int,
+    path: _Path,
+    pos: int,
+    seq0: int,
+    segments: Sequence[_Segment],
+    chunk_size: int,
+    threads: int,
+    dfd: int,
+    /,
+) -> tuple[int, _RecordColumns, _SegmentColumns]: ...
 def decode_into(dest: Buffer, items: Sequence[_DecodeItem], threads: int, /) -> None: ...
 def read_into(
     fd: int,

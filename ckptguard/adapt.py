@@ -413,6 +413,19 @@ class Controller:
                 self.current, self.judged = codec, [0, 0.0, 0.0]
         return Choice(codec[0], codec[1], direct, limit)
 
+    def steady(self, ahead: int) -> bool:
+        """Whether the choices for up to ``ahead`` bytes of records past those measured so far
+        may be made before those are measured (the writer queues stretches and writes them in
+        one call): they lie within the stretch the I/O rule is in, before a trial or inside one
+        of its stretches, so every stretch of a trial is measured in its own mode alone. Codec
+        choices only lag by what is queued."""
+        m = self.mode
+        if not m.auto:
+            return True
+        if m.plan:
+            return ahead < PROBE - m.acc[0]
+        return m.written + ahead < m.next_trial
+
     def record(self, choice: Choice, m: Measured, drain: Drain = no_drain) -> None:
         """Take in what a stretch written with ``choice`` measured; ``drain`` is called when
         the I/O rule wants the stretch's buffered writes on the disk before the next one."""

@@ -2,10 +2,11 @@
 
 The loops ``write_all``, ``pwrite_all`` and ``pread_exact`` handle short writes and reads in one
 place for the writer, the reader and the drain. On them: ``write_records`` (encode a buffer and
-write its aligned chunk records) and ``read_records`` (read, check and decode records into a
-destination), on either backend. The native path adds O_DIRECT and early writeback inside the
-extension (native/pipeline.c); the pure-Python path writes buffered and advises readahead.
-Both report what a write took (``WriteResult``: encode and write nanoseconds, bytes written),
+write its aligned chunk records), ``write_segments`` (the same for many buffers in one call, the
+writer's batches) and ``read_records`` (read, check and decode records into a destination), on
+either backend. The native path adds O_DIRECT and early writeback inside the extension
+(native/pipeline.c); the pure-Python path writes buffered and advises readahead. Both report
+what a write took (``WriteResult``, ``Batch``: encode and write nanoseconds, bytes written),
 which the writer's controller (``adapt``) uses to choose the codec and the I/O mode.
 """
 
@@ -16,6 +17,8 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from . import backend as _backend
 from .encode import (
@@ -182,8 +185,11 @@ def write_records(
             if own >= 0:
                 os.close(own)
         return WriteResult([Record(*r) for r in recs], end, used, enc_ns, write_ns, written)
-    return _write_records_py(
-        fd, path, pos, seq0, view, elem_size, chunk_size, codec, threads, level
+    seg = Segment(view, elem_size, codec, level)
+    done = _write_segments_py(fd, path, pos, seq0, [seg], chunk_size, threads, np.array([0]))
+    recs = done.records()
+    return WriteResult(
+        recs, done.end, False, int(done.enc_ns[0]), int(done.write_ns[0]), int(done.written[0])
     )
 
 
@@ -200,44 +206,138 @@ def wait_written(fd: int, path: str, backend: str | None = None) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _write_records_py(
+class Segment(NamedTuple):
+    """One buffer of a ``write_segments`` batch: its chunks are tried with ``codec`` at
+    ``level``; ``direct``: its records go through the O_DIRECT descriptor (native path)."""
+
+    buf: memoryview
+    elem_size: int
+    codec: int
+    level: int = 0
+    direct: bool = False
+
+
+class Batch(NamedTuple):
+    """What ``write_segments`` wrote: its records as columns, in file order (the ``Record``
+    fields), and per segment how many records it has and what they measured."""
+
+    end: int  # offset after the last record's padding; the descriptor is positioned there
+    codec: np.ndarray  # uint8 per record
+    stored_len: np.ndarray  # int64 per record
+    hash: bytes  # 16 bytes per record
+    offset: np.ndarray  # int64 per record
+    raw_len: np.ndarray  # int64 per record
+    nrecords: np.ndarray  # int64 per segment: its records
+    direct: np.ndarray  # bool per segment: every record went through O_DIRECT
+    enc_ns: np.ndarray  # int64 per segment, as ``WriteResult``
+    write_ns: np.ndarray
+    written: np.ndarray
+
+    def records(self) -> list[Record]:
+        """The records as ``Record`` tuples (for tests and the one-buffer ``write_records``)."""
+        cols = (self.codec, self.stored_len, self.offset, self.raw_len)
+        h = self.hash
+        return [
+            Record(int(c), int(st), h[16 * i : 16 * i + 16], int(o), int(r))
+            for i, (c, st, o, r) in enumerate(zip(*cols, strict=True))
+        ]
+
+
+def write_segments(
     fd: int,
     path: str,
     pos: int,
     seq0: int,
-    view: memoryview,
-    elem_size: int,
+    segments: Sequence[Segment],
     chunk_size: int,
-    codec: int,
+    threads: int | None = None,
+    backend: str | None = None,
+    dfd: int = -1,
+) -> Batch:
+    """``write_records`` of every segment, in order, in one call: the same records (sequence
+    numbers from ``seq0``, back to back from ``pos``) and bytes as one call per segment, but the
+    chunks of all of them share the pool (one native call with the GIL released). ``dfd``: an
+    O_DIRECT descriptor of the file for the segments that ask for it (-1: none)."""
+    for seg in segments:
+        check_chunking(len(seg.buf), seg.elem_size, chunk_size, seg.codec, seg.level)
+    count = np.array([-(-len(seg.buf) // chunk_size) for seg in segments], dtype=np.int64)
+    if pos % ALIGN or pos < 0:
+        raise ValueError("pos must be a non-negative multiple of 4096")
+    if seq0 < 0 or seq0 + int(count.sum()) > MAX_SEQ:
+        raise ValueError("record sequence numbers must fit in 32 bits")
+    threads = threads or _backend.default_threads()
+    if _backend.resolve(backend) == _backend.PYTHON:
+        return _write_segments_py(fd, path, pos, seq0, segments, chunk_size, threads, count)
+    items = [tuple(seg) for seg in segments]
+    end, recs, per = _backend.native().write_segments(
+        fd, path, pos, seq0, items, chunk_size, threads, dfd
+    )
+    codecs, stored, hashes, offsets, raw = recs
+    i64 = [np.frombuffer(c, dtype=np.int64) for c in (stored, offsets, raw, *per[1:])]
+    direct = np.frombuffer(per[0], dtype=np.uint8).astype(bool)
+    return Batch(
+        end,
+        np.frombuffer(codecs, np.uint8),
+        i64[0],
+        hashes,
+        i64[1],
+        i64[2],
+        count,
+        direct,
+        *i64[3:],
+    )
+
+
+def _write_segments_py(
+    fd: int,
+    path: str,
+    pos: int,
+    seq0: int,
+    segments: Sequence[Segment],
+    chunk_size: int,
     threads: int,
-    level: int,
-) -> WriteResult:
-    """``write_records`` on the pure-Python path: buffered writes, the same bytes."""
-    out: list[Record] = []
-    pieces = split_chunks(view, chunk_size)
-    batch = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
-    start = pos
+    count: np.ndarray,
+) -> Batch:
+    """``write_segments`` on the pure-Python path: buffered writes, the same bytes."""
+    pieces = [(s, p) for s, seg in enumerate(segments) for p in split_chunks(seg.buf, chunk_size)]
+    step = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
+    cols: list[list[Any]] = [[], [], [], [], []]  # codec, stored_len, hash, offset, raw_len
+    per = np.zeros((3, len(segments)), dtype=np.int64)  # enc_ns, write_ns, written
 
-    def timed(p: memoryview) -> tuple[tuple[int, bytes, bytes], int]:
+    def timed(item: tuple[int, memoryview]) -> tuple[tuple[int, bytes, bytes], int]:
+        seg = segments[item[0]]
         t0 = time.perf_counter_ns()
-        return encode(p, elem_size, codec, level), time.perf_counter_ns() - t0
+        done = encode(item[1], seg.elem_size, seg.codec, seg.level)
+        return done, time.perf_counter_ns() - t0
 
-    enc_ns = write_ns = 0
-    for b in range(0, len(pieces), batch):
-        chunks = parallel_map(timed, pieces[b : b + batch], threads)
+    for b in range(0, len(pieces), step):
+        chunks = parallel_map(timed, pieces[b : b + step], threads)
         for n, ((cid, payload, h), ns) in enumerate(chunks, start=b):
-            enc_ns += ns
-            raw_len = len(pieces[n])
-            hdr = RecordHeader(cid, elem_size, raw_len, len(payload), h, seq0 + n)
+            s, raw = pieces[n]
+            hdr = RecordHeader(cid, segments[s].elem_size, len(raw), len(payload), h, seq0 + n)
             used = RECORD_HEADER_SIZE + len(payload)
             parts = [pack_record_header(hdr), payload, _ZERO_PAGE[: align(used) - used]]
             t0 = time.perf_counter_ns()
             pwrite_all(fd, parts, pos, path)
-            write_ns += time.perf_counter_ns() - t0
-            out.append(Record(cid, len(payload), h, pos, raw_len))
+            per[:, s] += (ns, time.perf_counter_ns() - t0, align(used))
+            for col, v in zip(cols, (cid, len(payload), h, pos, len(raw)), strict=True):
+                col.append(v)
             pos += align(used)
     os.lseek(fd, pos, os.SEEK_SET)
-    return WriteResult(out, pos, False, enc_ns, write_ns, pos - start)
+    codec, stored, hashes, offset, raw_len = cols
+    i64 = [np.array(c, dtype=np.int64) for c in (stored, offset, raw_len)]
+    direct = np.zeros(len(segments), dtype=bool)
+    return Batch(
+        pos,
+        np.array(codec, np.uint8),
+        i64[0],
+        b"".join(hashes),
+        i64[1],
+        i64[2],
+        count,
+        direct,
+        *per,
+    )
 
 
 def _check_read_item(it: ReadItem, i: int) -> None:

@@ -89,12 +89,16 @@ class Packer:
         self._buf: np.ndarray | None = None  # a streamed pack being filled: its own copy
         self._fill = 0
         self._starts: list[int] = []
+        self.lasting = False  # whether the source's pieces stay valid (set by ``write``)
 
     def write(self, source: ByteSource) -> None:
         """Write every group's record(s) in order. A pack whose members are all in host memory
         (``sources.gatherable``) is gathered into its buffer in bulk; the other values (tensors
         alone, packs with a device tensor) go through ``source``, in one stream, so that its
-        copies overlap the writes as without packs."""
+        copies overlap the writes as without packs. Every byte is written when it returns (the
+        values may change afterwards); pieces of a source whose pieces do not last
+        (``ByteSource.lasting``) are written before the next is read."""
+        self.lasting = getattr(source, "lasting", False)
         values = [ref.value for _, ref in self.todo]
         bulk = [len(g) > 1 and all(gatherable(values[i]) for i in g) for g in self.groups]
         streamed = [(gi, i) for gi, g in enumerate(self.groups) if not bulk[gi] for i in g]
@@ -111,6 +115,7 @@ class Packer:
                 self._gathered(self.groups[gi], values)
         if self._buf is not None:
             raise ValueError("a packed tensor's bytes did not all arrive")
+        self.writer.flush()
 
     def _gathered(self, group: list[int], values: list[Any]) -> None:
         size = self.size[group]
@@ -128,7 +133,7 @@ class Packer:
         """The next bytes of ``todo[i]``, a member of ``group`` (alone: written as they come)."""
         tid, ref = self.todo[i]
         if len(group) == 1:
-            self.writer.add(tid, ref, self.codec, raw, self.level)
+            self.writer.add(tid, ref, self.codec, raw, self.level, self.lasting)
             return
         view = memoryview(raw).cast("B")
         if self._buf is None:

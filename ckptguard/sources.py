@@ -61,6 +61,10 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 class ByteSource(Protocol):
     """What the saver reads tensor bytes through."""
 
+    lasting: bool
+    """Whether a piece stays valid and unchanged until the save ends (else the writer is done
+    with it before the next piece is asked for, as a reused buffer needs)."""
+
     def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
         """(index into ``values``, the next piece of that value's C-order bytes), in order."""
         ...
@@ -96,6 +100,8 @@ class CopyStreams:
 
 class DirectSource:
     """Each value's bytes in one piece (host memory in place, else one whole copy)."""
+
+    lasting = True  # the value's own memory, or a copy that lives as long as its view
 
     def stream(self, values: Sequence[Any]) -> Iterator[tuple[int, memoryview]]:
         for i, v in enumerate(values):
@@ -214,6 +220,8 @@ class BufferedSource:
     buffers (pinned for GPU sources). ``streams`` maps a CUDA device index to the stream the
     copies run on (created if missing); ``caller_streams`` are the streams the copies must follow.
     """
+
+    lasting = False  # a piece's buffer takes the piece after next
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Per-rank data file writer: chunk, encode, append aligned records, footer, fsync, re-check."""
+"""Per-rank data file writer: chunk, encode, append aligned records (tensors queued and written a
+batch per call), footer, fsync, re-check."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import os
 import time
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from . import backend as _backend
 from .adapt import AUTO, STRETCH, Choice, Controller, Measured
-from .encode import Record, as_buffer, check_chunk_size
+from .encode import as_buffer, check_chunk_size, check_chunking
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
@@ -31,31 +32,38 @@ from .format.datafile import (
 )
 from .format.index import Row, int_list_array, is_packed, rows_from_table, table_of
 from .format.index import footer as index_footer
-from .format.layout import datafile_name
+from .format.layout import ALIGN, datafile_name
 from .format.manifest import WriteStats
 from .fsutil import UnsafeFileError, open_regular
-from .io import WriteResult, open_direct, pread_exact, wait_written, write_all, write_records
+from .io import Batch, Segment, open_direct, pread_exact, wait_written, write_all, write_segments
 from .sources import tensor_bytes
 from .tree import TensorRef
 
 DEFAULT_CHUNK = 4 << 20
+BATCH_BYTES = 16 << 20
+"""Raw bytes of queued stretches that make the writer write them (one native call for all)."""
+BATCH_CHUNKS = 1024
+"""Chunks of queued stretches that do the same (many small stretches: bounded per call)."""
+BATCH_ENV = "CKPTGUARD_BATCH"
+"""``0``: every stretch is written by its own call, as it is added (for comparisons)."""
 
-
-# The index columns the writer appends per record; the others come from the rows' refs.
-_APPENDED = (
-    "tensor",
-    "chunk",
-    "shard_byte_offset",
-    "raw_len",
-    "offset",
-    "stored_len",
-    "codec",
-    "hash",
-    "record_byte_offset",
-    "record_raw_len",
-)
+# The index columns the writer appends per record, with their numpy types; the others come
+# from the rows' refs.
+_APPENDED = {
+    "tensor": np.int32,
+    "chunk": np.int32,
+    "shard_byte_offset": np.int64,
+    "raw_len": np.int64,
+    "offset": np.int64,
+    "stored_len": np.int64,
+    "codec": np.uint8,
+    "record_byte_offset": np.int64,
+    "record_raw_len": np.int64,
+}
 _KEY, _DTYPE = attrgetter("key"), attrgetter("dtype")
 _GLOBAL, _OFFSETS, _SHAPE = attrgetter("global_shape"), attrgetter("offsets"), attrgetter("shape")
+_CODEC_TEXT = pa.array([CODEC_NAMES.get(i, "") for i in range(256)], pa.string())
+_HASH = pa.binary(16)
 
 
 def adapt_stretch(chunk: int) -> int:
@@ -63,8 +71,32 @@ def adapt_stretch(chunk: int) -> int:
     return max(chunk, STRETCH // chunk * chunk)
 
 
+def batching() -> bool:
+    """Whether writers queue stretches into batches (``BATCH_ENV`` unset or ``1``)."""
+    mode = os.environ.get(BATCH_ENV, "").strip()
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"{BATCH_ENV} must be 0 or 1, not {mode!r}")
+    return mode != "0"
+
+
+class Queued(NamedTuple):
+    """A stretch waiting for ``flush``: its bytes and choice, and whose rows its records hold."""
+
+    seg: Segment
+    choice: Choice
+    tid: int  # a stretch of one shard: its tensor id and the number of its first chunk
+    ref: TensorRef | None
+    first: int
+    pack: tuple[Sequence[int], Sequence[TensorRef], Sequence[int]] | None  # tids, refs, starts
+
+
 class RankWriter:
-    """Writes one rank's data file into a staging directory."""
+    """Writes one rank's data file into a staging directory.
+
+    ``add`` and ``add_packed`` queue stretches; ``flush`` writes the queued ones in one call
+    (``io.write_segments``), which happens by itself once ``BATCH_BYTES`` or ``BATCH_CHUNKS``
+    are queued, when a stretch's buffer does not last beyond its ``add``, and in ``finish``. The
+    records and rows are those of one call per stretch, in the same order."""
 
     def __init__(
         self,
@@ -82,9 +114,13 @@ class RankWriter:
         self.name = datafile_name(rank)
         self.path = path if path is not None else os.path.join(directory, self.name)
         self.chunk_size = chunk_size
-        # The index rows so far as columns (``_rows``): no object per row.
-        self._refs: list[TensorRef] = []
-        self._cols: dict[str, list] = {name: [] for name in _APPENDED}
+        # The index rows so far as columns: arrays per flush, and runs of rows of one ref.
+        self._cols: dict[str, list[np.ndarray]] = {name: [] for name in _APPENDED}
+        self._hashes: list[bytes] = []
+        self._run_refs: list[TensorRef] = []
+        self._run_lens: list[int] = []
+        self._queue: list[Queued] = []
+        self._queued = [0, 0]  # raw bytes and chunks in the queue
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
         self.size = 0
@@ -96,6 +132,8 @@ class RankWriter:
         # syscall per tensor would cost a fifth of a save of 10,000 small tensors.
         self._threads = _backend.default_threads()
         self._backend = _backend.name()
+        self._batching = batching()
+        self.calls = 0  # write calls made (one per flush)
         direct = _backend.direct_io()
         # One O_DIRECT descriptor for the whole file (-1: buffered only, as on the pure-Python
         # path and on file systems that refuse O_DIRECT).
@@ -115,14 +153,24 @@ class RankWriter:
         )
         self.stats: WriteStats | None = None  # what the file used, once finished
 
-    def add(self, tid: int, ref: TensorRef, codec: int, raw: Any = None, level: int = 0) -> None:
-        """Append the chunks of this rank's piece of one tensor (the whole tensor if unsharded),
+    def add(
+        self,
+        tid: int,
+        ref: TensorRef,
+        codec: int,
+        raw: Any = None,
+        level: int = 0,
+        lasting: bool = True,
+    ) -> None:
+        """Queue the chunks of this rank's piece of one tensor (the whole tensor if unsharded),
         each tried with ``codec`` at ``level`` (``encode.encode``); ``adapt.AUTO``: the codec
         the file's controller chooses per stretch (``adapt``), which also chooses the I/O mode.
 
         ``raw``: the tensor's bytes (default: read from ``ref.value``), or the next part of them
         when the tensor arrives in parts; every part but the last must be a whole number of
-        chunks, so the chunks are those of the tensor in one piece.
+        chunks, so the chunks are those of the tensor in one piece. ``lasting``: ``raw`` stays
+        valid and unchanged until ``finish`` (else it is written before this call returns, as
+        a reused buffer must be).
         """
         size = dtypes.SIZES[ref.dtype]
         view = as_buffer(tensor_bytes(ref.value) if raw is None else raw)
@@ -136,41 +184,98 @@ class RankWriter:
         at, n = 0, first
         while True:  # stretches of whole chunks, each written as the controller chooses
             rest = view[at:]
+            self._settle(len(rest))
             choice = self._choose(rest, size, codec, level)
             part = rest[: max(step, choice.limit // step * step)]
-            n = self._chunk_rows(ref, tid, n, self._write(part, size, choice))
+            self._queue_one(Queued(self._segment(part, size, choice), choice, tid, ref, n, None))
+            n += -(-len(part) // step)
             at += len(part)
+            # A tensor of several stretches: the choice of the next one sees this one's measure.
+            self._may_wait(lasting and at >= len(view))
             if at >= len(view):
                 break
         self._open = (shard, n, done_bytes + len(view))
 
-    def _write(self, part: Any, size: int, choice: Choice) -> WriteResult:
-        """Write the records of ``part`` as ``choice`` says, and tell the controller how it went."""
+    def _segment(self, part: memoryview, size: int, choice: Choice) -> Segment:
+        """The segment of ``part`` written as ``choice`` says (refused here, as it is added,
+        if it cannot be chunked so)."""
+        check_chunking(len(part), size, self.chunk_size, choice.codec, choice.level)
+        return Segment(part, size, choice.codec, choice.level, choice.direct)
+
+    def _queue_one(self, q: Queued) -> None:
+        self._queue.append(q)
+        self._queued[0] += len(q.seg.buf)
+        self._queued[1] += -(-len(q.seg.buf) // self.chunk_size)
+
+    def _ahead(self, more: int = 0) -> int:
+        """At most the record bytes of the queue and ``more`` raw bytes (headers, padding)."""
+        raw, chunks = self._queued
+        return raw + more + (chunks + 1 + more // self.chunk_size) * 2 * ALIGN
+
+    def _settle(self, more: int) -> None:
+        """Flush the queue before a choice for ``more`` bytes that needs its measurements."""
+        if self._queue and not self.control.steady(self._ahead(more)):
+            self.flush()
+
+    def _may_wait(self, may: bool) -> None:
+        """Flush the queue unless it ``may`` wait: full, batching off, or the controller's next
+        choices need what it measures (``Controller.steady``)."""
+        raw, chunks = self._queued
+        wait = may and self._batching and raw < BATCH_BYTES and chunks < BATCH_CHUNKS
+        if not (wait and self.control.steady(self._ahead())):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued stretch's records in one call, in order; add their index rows and
+        tell the controller what they measured."""
+        q, self._queue, self._queued = self._queue, [], [0, 0]
+        if not q:
+            return
         t0 = time.perf_counter_ns()
-        done = write_records(
+        done = write_segments(
             self.fd,
             self.path,
             self.pos,
             self._records,
-            part,
-            size,
+            [e.seg for e in q],
             self.chunk_size,
-            choice.codec,
             threads=self._threads,
-            direct=choice.direct,
             backend=self._backend,
-            level=choice.level,
             dfd=self._dfd,
         )
         wall = time.perf_counter_ns() - t0
+        self.calls += 1
         self.pos = done.end
-        self._records += len(done.records)
-        stored = sum(r.stored_len for r in done.records)
-        m = Measured(len(part), stored, done.written, done.enc_ns, done.write_ns, done.direct, wall)
-        self.control.record(choice, m, self._drain)
-        for rec in done.records:
-            self.control.note_use(CODEC_NAMES[rec.codec], done.direct, rec.raw_len)
-        return done
+        self._records += len(done.codec)
+        self._add_rows(q, done)
+        self._measured(q, done, wall)
+
+    def _measured(self, q: list[Queued], done: Batch, wall: int) -> None:
+        """Tell the controller what each run of stretches of one choice measured (the batch's
+        wall time shared by raw bytes), and count what was used."""
+        seg = np.repeat(np.arange(len(q)), done.nrecords)
+        raw = np.fromiter((len(e.seg.buf) for e in q), np.int64, len(q))
+        stored = np.bincount(seg, weights=done.stored_len, minlength=len(q)).astype(np.int64)
+        whole = max(int(raw.sum()), 1)
+        start = 0
+        for end in _run_ends([e.choice[:3] for e in q]):
+            sl = slice(start, end)
+            nbytes, has = int(raw[sl].sum()), done.nrecords[sl] > 0
+            m = Measured(
+                nbytes,
+                int(stored[sl].sum()),
+                int(done.written[sl].sum()),
+                int(done.enc_ns[sl].sum()),
+                int(done.write_ns[sl].sum()),
+                bool(has.any() and done.direct[sl][has].all()),
+                wall * nbytes // whole,
+            )
+            self.control.record(q[start].choice, m, self._drain)
+            start = end
+        key = done.codec.astype(np.int64) * 2 + done.direct[seg]
+        used = np.bincount(key, weights=done.raw_len, minlength=2)
+        for k in np.flatnonzero(used).tolist():
+            self.control.note_use(CODEC_NAMES[k // 2], bool(k % 2), int(used[k]))
 
     def _drain(self) -> int:
         """Put what the buffered writes left in the page cache on the disk (the controller
@@ -189,41 +294,52 @@ class RankWriter:
         choice = self.control.choose(data[: adapt_stretch(self.chunk_size)], size, codec == AUTO)
         return choice if codec == AUTO else choice._replace(codec=codec, level=level)
 
-    def _rows(
-        self,
-        tids: Sequence[int],
-        refs: Sequence[TensorRef],
-        chunks: Sequence[int],
-        at: Sequence[int],
-        raw_lens: Sequence[int],
-        rec: Record,
-        in_record: Sequence[int],
-    ) -> None:
-        """Append index rows held by record ``rec``: row j is ``raw_lens[j]`` bytes of the shard
-        of ``refs[j]`` (tensor ``tids[j]``, chunk ``chunks[j]``) from byte ``at[j]`` of it, at
-        byte ``in_record[j]`` of the record's raw bytes (several rows: a packed record)."""
-        n = len(refs)
-        c = self._cols
-        self._refs.extend(refs)
-        c["tensor"].extend(tids)
-        c["chunk"].extend(chunks)
-        c["shard_byte_offset"].extend(at)
-        c["raw_len"].extend(raw_lens)
-        c["record_byte_offset"].extend(in_record)
-        for name, value in (
-            ("offset", rec.offset),
-            ("stored_len", rec.stored_len),
-            ("codec", CODEC_NAMES[rec.codec]),
-            ("hash", rec.hash),
-            ("record_raw_len", rec.raw_len),
-        ):
-            c[name].extend([value] * n)
-
-    def _chunk_rows(self, ref: TensorRef, tid: int, first: int, done: WriteResult) -> int:
-        """Index rows for the chunks ``done`` wrote (chunks ``first``, ...); the next number."""
-        for n, rec in enumerate(done.records, start=first):
-            self._rows([tid], [ref], [n], [n * self.chunk_size], [rec.raw_len], rec, [0])
-        return first + len(done.records)
+    def _add_rows(self, q: list[Queued], done: Batch) -> None:
+        """The index rows of the records ``done`` wrote for the stretches ``q``, as columns: a
+        record of a shard's stretch holds one row (chunk ``first``, ...); a packed record one per
+        member tensor (feature ``packed-records``)."""
+        nrec = len(done.codec)
+        seg = np.repeat(np.arange(len(q)), done.nrecords)
+        begin = np.cumsum(done.nrecords) - done.nrecords  # each segment's first record
+        chunk = np.fromiter((e.first for e in q), np.int64, len(q))[seg] + np.arange(nrec)
+        chunk -= begin[seg]
+        per = {
+            "tensor": np.fromiter((e.tid for e in q), np.int64, len(q))[seg],
+            "chunk": chunk,
+            "shard_byte_offset": chunk * self.chunk_size,
+            "raw_len": done.raw_len,
+            "record_byte_offset": np.zeros(nrec, np.int64),
+        }
+        rows = np.ones(nrec, np.int64)  # rows per record
+        packs = [(i, e.pack) for i, e in enumerate(q) if e.pack is not None]
+        for i, (tids, _, _) in packs:
+            rows[begin[i]] = len(tids)
+        of = np.repeat(np.arange(nrec), rows) if packs else slice(None)
+        cols = {k: v[of] for k, v in per.items()}
+        cols.update(
+            offset=done.offset[of],
+            stored_len=done.stored_len[of],
+            codec=done.codec[of],
+            record_raw_len=done.raw_len[of],
+        )
+        at = np.cumsum(rows) - rows  # each record's first row
+        for i, (tids, _, starts) in packs:
+            r, k = int(at[begin[i]]), len(tids)
+            lens = np.diff(np.append(np.asarray(starts, np.int64), int(done.raw_len[begin[i]])))
+            for name, v in (("tensor", tids), ("chunk", 0), ("shard_byte_offset", 0)):
+                cols[name][r : r + k] = v
+            cols["raw_len"][r : r + k] = lens
+            cols["record_byte_offset"][r : r + k] = starts
+        for name, col in cols.items():
+            self._cols[name].append(col)
+        self._hashes.append(np.frombuffer(done.hash, np.uint8).reshape(-1, 16)[of].tobytes())
+        for e, n in zip(q, done.nrecords.tolist(), strict=True):
+            if e.pack is not None:
+                self._run_refs.extend(e.pack[1])
+                self._run_lens.extend([1] * len(e.pack[1]))
+            elif n:
+                self._run_refs.append(e.ref)  # type: ignore[arg-type]
+                self._run_lens.append(n)
 
     def add_packed(
         self,
@@ -234,49 +350,61 @@ class RankWriter:
         codec: int,
         level: int = 0,
     ) -> None:
-        """Append one record whose raw bytes ``buf`` are the bytes of several whole small tensors
+        """Queue one record whose raw bytes ``buf`` are the bytes of several whole small tensors
         of one element size back to back (feature ``packed-records``): tensor ``tids[j]``
         (``refs[j]``) starts at byte ``starts[j]`` of ``buf``, in that order. ``buf`` (at most
-        ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone.
-        ``codec`` as for ``add``."""
+        ``chunk_size`` bytes) is the writer's own copy: hashed and encoded from it alone, and
+        left unchanged until it is written. ``codec`` as for ``add``."""
         size = dtypes.SIZES[refs[0].dtype]
         view = as_buffer(buf)
         if len(view) > self.chunk_size:
             raise ValueError(f"a pack of {len(view)} bytes exceeds the chunk size")
-        done = self._write(view, size, self._choose(view, size, codec, level))
-        (rec,) = done.records
-        ends = np.append(np.asarray(starts[1:], dtype=np.int64), len(view))
-        lens = (ends - np.asarray(starts, dtype=np.int64)).tolist()
-        zeros = [0] * len(refs)
-        self._rows(tids, refs, zeros, zeros, lens, rec, starts)
+        self._settle(len(view))
+        choice = self._choose(view, size, codec, level)
+        seg = self._segment(view, size, choice)
+        self._queue_one(Queued(seg, choice, tids[0], None, 0, (tids, refs, starts)))
+        self._may_wait(True)
 
     def table(self) -> pa.Table:
-        """The index rows written so far, in file order, as an index table."""
-        refs, c, n = self._refs, self._cols, len(self._refs)
-        dtype = list(map(_DTYPE, refs))
+        """The index rows written so far (not those still queued), in file order, as an index
+        table: the refs' columns repeated over their runs of rows."""
+        c, refs = self._cols, self._run_refs
+        run = pa.array(np.repeat(np.arange(len(refs)), self._run_lens))
+        n = len(run)
         cols: dict[str, Any] = {
-            **c,
-            "key": list(map(_KEY, refs)),
-            "dtype": dtype,
-            "global_shape": int_list_array(list(map(_GLOBAL, refs))),
-            "shard_offsets": int_list_array(list(map(_OFFSETS, refs))),
-            "shard_lengths": int_list_array(list(map(_SHAPE, refs))),
-            "rank": [self.rank] * n,
-            "file": [self.name] * n,
-            "elem_size": [dtypes.SIZES[d] for d in dtype],
-            "base": [None] * n,
-            "key_id": [None] * n,
+            name: np.concatenate(c[name]) if c[name] else np.zeros(0, t)
+            for name, t in _APPENDED.items()
         }
+        cols["codec"] = _CODEC_TEXT.take(pa.array(cols["codec"]))
+        hashes = pa.py_buffer(b"".join(self._hashes))
+        cols["hash"] = pa.FixedSizeBinaryArray.from_buffers(_HASH, n, [None, hashes])
+        dtype = pa.array(list(map(_DTYPE, refs)), pa.string())
+        sizes = [dtypes.SIZES[d] for d in map(_DTYPE, refs)]
+        cols.update(
+            key=pa.array(list(map(_KEY, refs)), pa.string()).take(run),
+            dtype=dtype.take(run),
+            global_shape=int_list_array(list(map(_GLOBAL, refs))).take(run),
+            shard_offsets=int_list_array(list(map(_OFFSETS, refs))).take(run),
+            shard_lengths=int_list_array(list(map(_SHAPE, refs))).take(run),
+            rank=np.full(n, self.rank, np.int32),
+            file=[self.name] * n,
+            elem_size=pa.array(sizes, pa.int32()).take(run),
+            base=[None] * n,
+            key_id=[None] * n,
+        )
         return table_of(cols)
 
     @property
     def rows(self) -> list[Row]:
-        """The index rows written so far as ``Row`` objects (for tests and diagnosis)."""
+        """The index rows of everything added so far as ``Row`` objects (the queue is written
+        first; for tests and diagnosis)."""
+        self.flush()
         return rows_from_table(self.table())
 
     def finish(self) -> pa.Table:
-        """Write footer and trailer, fsync, close, and re-check what was written; return the
-        index rows of the file."""
+        """Write what is queued, footer and trailer, fsync, close, and re-check what was
+        written; return the index rows of the file."""
+        self.flush()
         table = self.table()
         footer = index_footer(self.rank, self.uuid, table, is_packed(table))
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
@@ -285,11 +413,13 @@ class RankWriter:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        self._recheck(footer)
+        self._recheck(footer, table)
         self.stats = self.control.finish()
         return table
 
     def abort(self) -> None:
+        """Drop what is queued (never written) and close the file."""
+        self._queue, self._queued = [], [0, 0]
         self._close_direct()
         if self.fd >= 0:
             os.close(self.fd)
@@ -300,7 +430,7 @@ class RankWriter:
             os.close(self._dfd)
             self._dfd = -1
 
-    def _recheck(self, footer: bytes) -> None:
+    def _recheck(self, footer: bytes, table: pa.Table) -> None:
         """Re-read headers, record headers and footer (no payload), like restic's pack check."""
         try:
             fd, _ = open_regular(self.path, size=self.size)
@@ -308,25 +438,21 @@ class RankWriter:
             raise FormatError(f"{self.path}: after the write it {e.reason}") from None
         try:
             check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
-            c = self._cols
-            offsets = np.asarray(c["offset"], dtype=np.int64)
+            offsets = table.column("offset").to_numpy()
             # The first row of each record (the rows of a packed record are consecutive).
-            firsts = np.flatnonzero(np.diff(offsets, prepend=-1) != 0).tolist()
-            for seq, i in enumerate(firsts):
-                head = pread_exact(fd, RECORD_HEADER_SIZE, c["offset"][i])
+            firsts = pa.array(np.flatnonzero(np.diff(offsets, prepend=-1) != 0))
+            whole = "record_raw_len" if is_packed(table) else "raw_len"  # a record's raw bytes
+            names = ("offset", "codec", "elem_size", whole, "stored_len", "hash")
+            heads = [table.column(name).take(firsts).to_pylist() for name in names]
+            for seq, (off, codec, elem, raw_len, stored, digest) in enumerate(
+                zip(*heads, strict=True)
+            ):
+                head = pread_exact(fd, RECORD_HEADER_SIZE, off)
                 try:
-                    check_record_header(
-                        head,
-                        CODECS[c["codec"][i]],
-                        dtypes.SIZES[self._refs[i].dtype],
-                        c["record_raw_len"][i],
-                        c["stored_len"][i],
-                        c["hash"][i],
-                        seq,
-                    )
+                    check_record_header(head, CODECS[codec], elem, raw_len, stored, digest, seq)
                 except FormatError as e:
                     raise FormatError(
-                        f"{self.path}: record at {c['offset'][i]} reads back differently ({e})"
+                        f"{self.path}: record at {off} reads back differently ({e})"
                     ) from None
             off, length, digest = unpack_trailer(
                 pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size
@@ -337,3 +463,8 @@ class RankWriter:
                 raise FormatError(f"{self.path}: footer reads back differently")
         finally:
             os.close(fd)
+
+
+def _run_ends(keys: Sequence[Any]) -> list[int]:
+    """The end of each run of equal consecutive ``keys``."""
+    return [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + [len(keys)] if keys else []

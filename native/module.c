@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <lz4.h>
+#include <stddef.h>
 #include <unistd.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -324,6 +325,142 @@ done:
     return out;
 }
 
+/* A bytes object of n int64 values, each get(i) (NULL: the error is set). */
+static PyObject *int64_column(size_t n, const void *base, size_t stride, size_t at) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * sizeof(int64_t)));
+    if (!out) return NULL;
+    int64_t *d = (int64_t *)PyBytes_AS_STRING(out);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v;
+        memcpy(&v, (const char *)base + i * stride + at, sizeof v);
+        d[i] = (int64_t)v;
+    }
+    return out;
+}
+
+/* The records of a batch as columns: (codecs, stored_lens, hashes, offsets, raw_lens); codecs
+ * one byte each, hashes 16 bytes each, the others native int64. */
+static PyObject *record_columns(const ckg_rec_info *res, size_t n) {
+    PyObject *codecs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    PyObject *hashes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(16 * n));
+    if (!codecs || !hashes) {
+        Py_XDECREF(codecs);
+        Py_XDECREF(hashes);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        PyBytes_AS_STRING(codecs)[i] = (char)res[i].codec;
+        memcpy(PyBytes_AS_STRING(hashes) + 16 * i, res[i].hash, 16);
+    }
+    size_t sz = sizeof *res;
+    return Py_BuildValue("(NNNNN)", codecs,
+                         int64_column(n, res, sz, offsetof(ckg_rec_info, stored_len)), hashes,
+                         int64_column(n, res, sz, offsetof(ckg_rec_info, offset)),
+                         int64_column(n, res, sz, offsetof(ckg_rec_info, raw_len)));
+}
+
+/* Per segment: (direct_used bytes, enc_ns, write_ns, bytes_written as native int64). */
+static PyObject *segment_columns(const ckg_segment_stats *st, size_t n) {
+    PyObject *direct = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (!direct) return NULL;
+    for (size_t i = 0; i < n; i++) PyBytes_AS_STRING(direct)[i] = (char)(st[i].direct_used != 0);
+    size_t sz = sizeof *st;
+    return Py_BuildValue("(NNNN)", direct,
+                         int64_column(n, st, sz, offsetof(ckg_segment_stats, st.enc_ns)),
+                         int64_column(n, st, sz, offsetof(ckg_segment_stats, st.write_ns)),
+                         int64_column(n, st, sz, offsetof(ckg_segment_stats, st.bytes)));
+}
+
+/* Hold the buffers of (buf, elem_size, codec, level, direct) items (*held: how many, for the
+ * caller to release) and check each as write_records does; -1 with the error set. */
+static int get_segments(PyObject *seq, Py_ssize_t chunk, Py_buffer *bufs, ckg_segment *segs,
+                        Py_ssize_t *held) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int elem, codec, level, direct;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y*iiip;bad segment", &bufs[i],
+                              &elem, &codec, &level, &direct))
+            return -1;
+        *held = i + 1;
+        if (check_elem(elem) < 0 || check_chunking(bufs[i].len, chunk, elem, codec, level) < 0)
+            return -1;
+        segs[i] =
+            (ckg_segment){bufs[i].buf, (size_t)bufs[i].len, (unsigned)elem, codec, level, direct};
+    }
+    return 0;
+}
+
+/* write_segments(fd, path, pos, seq0, [(buf, elem_size, codec, level, direct), ...], chunk_size,
+ *                threads, dfd) -> (end, record columns, segment columns): see record_columns
+ * and segment_columns. One native call for the chunks of many buffers. */
+static PyObject *py_write_segments(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, threads, dfd;
+    PyObject *name, *path, *seq_obj, *seq = NULL, *out = NULL;
+    unsigned long long pos, seq0;
+    Py_ssize_t chunk, held = 0;
+    if (!PyArg_ParseTuple(args, "iOKKOnii", &fd, &name, &pos, &seq0, &seq_obj, &chunk, &threads,
+                          &dfd))
+        return NULL;
+    if (!PyUnicode_FSConverter(name, &path)) return NULL;
+    Py_buffer *bufs = NULL;
+    ckg_segment *segs = NULL;
+    ckg_segment_stats *stats = NULL;
+    ckg_rec_info *res = NULL;
+    if ((threads = get_threads(threads)) < 0) goto done;
+    if (chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be >= 1");
+        goto done;
+    }
+    if (!(seq = PySequence_Fast(seq_obj, "segments must be a sequence"))) goto done;
+    Py_ssize_t ns = PySequence_Fast_GET_SIZE(seq);
+    bufs = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *bufs);
+    segs = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *segs);
+    stats = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *stats);
+    if (!bufs || !segs || !stats) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_segments(seq, chunk, bufs, segs, &held) < 0) goto done;
+    size_t n = 0;
+    for (Py_ssize_t i = 0; i < ns; i++) n += ckg_nchunks(segs[i].len, (size_t)chunk);
+    if (pos % CKG_ALIGN || seq0 + n > CKG_MAX_SEQ) {
+        PyErr_SetString(PyExc_ValueError, "pos must be aligned to 4096 and seq fit in 32 bits");
+        goto done;
+    }
+    if (!(res = PyMem_Calloc(n ? n : 1, sizeof *res))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ckg_batch_args a = {fd,   dfd < 0 ? -1 : dfd, (size_t)chunk, pos, (uint32_t)seq0,
+                        segs, (size_t)ns};
+    ckg_failure f;
+    uint64_t end = pos;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ckg_write_segments(&a, threads, res, stats, &end, &f);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_failure(&f, name);
+        goto done;
+    }
+    if (lseek(fd, (off_t)end, SEEK_SET) < 0) { /* the footer goes after the last record */
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        goto done;
+    }
+    out = Py_BuildValue("(KNN)", (unsigned long long)end, record_columns(res, n),
+                        segment_columns(stats, (size_t)ns));
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    PyMem_Free(segs);
+    PyMem_Free(stats);
+    PyMem_Free(res);
+    Py_XDECREF(seq);
+    Py_DECREF(path);
+    return out;
+}
+
 /* ---- decode into a destination ----------------------------------------------------------- */
 
 static int get_hash(PyObject *o, const uint8_t **h, int allow_none) {
@@ -547,6 +684,12 @@ static PyMethodDef methods[] = {
      "Encode buf and write its records at pos (dfd: an O_DIRECT descriptor or -1): "
      "([(codec, stored_len, hash, offset, raw_len)], end, direct_used, "
      "(enc_ns, write_ns, bytes_written))."},
+    {"write_segments", py_write_segments, METH_VARARGS,
+     "write_segments($module, fd, path, pos, seq0, segments, chunk_size, threads, dfd, /)\n--\n\n"
+     "Encode and write the records of every (buf, elem_size, codec, level, direct) segment at "
+     "pos in one call: (end, (codecs, stored_lens, hashes, offsets, raw_lens), (direct_used, "
+     "enc_ns, write_ns, bytes_written)); codecs and direct_used one byte each, hashes 16, the "
+     "others native int64."},
     {"decode_into", py_decode_into, METH_VARARGS,
      "decode_into($module, dest, items, threads, /)\n--\n\n"
      "Decode (codec, payload, raw_len, elem_size, hash, dest_offset) items into dest."},

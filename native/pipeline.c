@@ -133,16 +133,23 @@ int ckg_encode_buffer(const uint8_t *buf, size_t len, unsigned elem, size_t chun
 
 /* ---- encode + write ------------------------------------------------------------------- */
 
+/* One chunk of a batch: where it lies and what writing it measured. */
+typedef struct {
+    size_t seg, off, n;
+    uint64_t enc_ns, write_ns, bytes;
+    int direct; /* its record went through the O_DIRECT descriptor */
+} wr_chunk;
+
 typedef struct {
     common_t c;
-    const ckg_write_args *a;
+    const ckg_batch_args *a;
+    wr_chunk *chunks;
     ckg_rec_info *res;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     size_t turn;       /* the chunk whose record is written next */
     uint64_t pos;      /* the next record offset */
     atomic_int direct; /* 1 while the O_DIRECT descriptor is usable */
-    atomic_uint_fast64_t enc_ns, write_ns, bytes;
 } wr_t;
 
 static uint64_t now_ns(void) {
@@ -222,12 +229,18 @@ int ckg_wait_written(int fd, uint64_t off, uint64_t len) {
 }
 #endif
 
-/* Write one whole record (header, payload and padding in one aligned buffer). */
-static int write_record(wr_t *w, const uint8_t *rec, size_t extent, uint64_t pos) {
-    const ckg_write_args *a = w->a;
-    if (atomic_load(&w->direct)) {
+/* Write one whole record (header, payload and padding in one aligned buffer); *via_direct says
+ * whether it went through the O_DIRECT descriptor. */
+static int write_record(wr_t *w, int direct, const uint8_t *rec, size_t extent, uint64_t pos,
+                        int *via_direct) {
+    const ckg_batch_args *a = w->a;
+    *via_direct = 0;
+    if (direct && atomic_load(&w->direct)) {
         int err = ckg_pwrite_all(a->dfd, rec, extent, (off_t)pos);
-        if (err != EINVAL) return err;
+        if (err != EINVAL) {
+            *via_direct = !err;
+            return err;
+        }
         atomic_store(&w->direct, 0); /* the file system refuses O_DIRECT here: buffered now */
     }
     int err = ckg_pwrite_all(a->fd, rec, extent, (off_t)pos);
@@ -237,37 +250,38 @@ static int write_record(wr_t *w, const uint8_t *rec, size_t extent, uint64_t pos
 static void wr_task(void *ctx, size_t t, int wk) {
     (void)wk;
     wr_t *w = ctx;
-    const ckg_write_args *a = w->a;
     if (atomic_load(&w->c.abort)) return;
     uint64_t t0 = now_ns();
-    size_t off = t * a->chunk, n = a->len - off < a->chunk ? a->len - off : a->chunk;
+    wr_chunk *k = &w->chunks[t];
+    const ckg_segment *sg = &w->a->segs[k->seg];
+    size_t n = k->n;
     ckg_scratch *rb = &tls_recbuf;
     size_t cap = ckg_encode_bound(n);
     int rc = ckg_scratch_reserve(rb, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
     if (!rc)
-        rc = ckg_encode_chunk(a->buf + off, n, a->elem, a->codec, a->level, rb->buf + CKG_REC_HDR,
-                              cap, &tls_scratch, &ch);
+        rc = ckg_encode_chunk(sg->buf + k->off, n, sg->elem, sg->codec, sg->level,
+                              rb->buf + CKG_REC_HDR, cap, &tls_scratch, &ch);
     if (rc) {
         wr_abort(w, t, rc, 0);
         return;
     }
-    ckg_rec_header h = {ch.codec, a->elem, n, ch.stored_len, {0}, a->seq0 + (uint32_t)t};
+    ckg_rec_header h = {ch.codec, sg->elem, n, ch.stored_len, {0}, w->a->seq0 + (uint32_t)t};
     memcpy(h.hash, ch.hash, 16);
     ckg_pack_record_header(rb->buf, &h);
     size_t used = CKG_REC_HDR + ch.stored_len, extent = ckg_align_up(used);
     memset(rb->buf + used, 0, extent - used);
     uint64_t t1 = now_ns(), pos;
-    atomic_fetch_add(&w->enc_ns, t1 - t0);
+    k->enc_ns = t1 - t0;
     if (!wait_turn(w, t, &pos)) return;
     uint64_t t2 = now_ns();
-    int err = write_record(w, rb->buf, extent, pos);
+    int err = write_record(w, sg->direct, rb->buf, extent, pos, &k->direct);
     if (err) {
         wr_abort(w, t, CKG_E_IO, err);
         return;
     }
-    atomic_fetch_add(&w->write_ns, now_ns() - t2);
-    atomic_fetch_add(&w->bytes, extent);
+    k->write_ns = now_ns() - t2;
+    k->bytes = extent;
     ckg_rec_info *r = &w->res[t];
     r->codec = ch.codec;
     r->raw_len = n;
@@ -278,28 +292,72 @@ static void wr_task(void *ctx, size_t t, int wk) {
     pass_turn(w, extent);
 }
 
-int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
-                     int *direct_used, ckg_failure *fail) {
-    size_t n = ckg_nchunks(a->len, a->chunk);
+/* The chunks of every segment, in order (NULL if out of memory); *n is their count. */
+static wr_chunk *cut_segments(const ckg_batch_args *a, size_t *n) {
+    size_t total = 0;
+    for (size_t s = 0; s < a->nsegs; s++) total += ckg_nchunks(a->segs[s].len, a->chunk);
+    wr_chunk *ks = calloc(total ? total : 1, sizeof *ks);
+    if (!ks) return NULL;
+    size_t t = 0;
+    for (size_t s = 0; s < a->nsegs; s++) {
+        size_t len = a->segs[s].len;
+        for (size_t off = 0; off < len; off += a->chunk, t++) {
+            ks[t].seg = s;
+            ks[t].off = off;
+            ks[t].n = len - off < a->chunk ? len - off : a->chunk;
+        }
+    }
+    *n = total;
+    return ks;
+}
+
+/* Each segment's sums of what its chunks measured. */
+static void segment_stats(const wr_t *w, size_t n, ckg_segment_stats *stats) {
+    const ckg_batch_args *a = w->a;
+    for (size_t s = 0; s < a->nsegs; s++)
+        stats[s] = (ckg_segment_stats){{0, 0, 0}, a->segs[s].direct && a->dfd >= 0};
+    for (size_t t = 0; t < n; t++) {
+        const wr_chunk *k = &w->chunks[t];
+        ckg_segment_stats *st = &stats[k->seg];
+        st->st.enc_ns += k->enc_ns;
+        st->st.write_ns += k->write_ns;
+        st->st.bytes += k->bytes;
+        st->direct_used = st->direct_used && k->direct;
+    }
+}
+
+int ckg_write_segments(const ckg_batch_args *a, int threads, ckg_rec_info *res,
+                       ckg_segment_stats *stats, uint64_t *end, ckg_failure *fail) {
+    size_t n = 0;
     wr_t w = {.a = a, .res = res, .turn = 0, .pos = a->pos};
-    atomic_init(&w.direct, a->dfd >= 0);
-    atomic_init(&w.enc_ns, 0);
-    atomic_init(&w.write_ns, 0);
-    atomic_init(&w.bytes, 0);
     *end = a->pos;
-    *direct_used = 0;
+    w.chunks = cut_segments(a, &n);
+    if (!w.chunks) {
+        *fail = (ckg_failure){CKG_E_NOMEM, 0, 0};
+        return CKG_E_NOMEM;
+    }
+    atomic_init(&w.direct, a->dfd >= 0);
     pthread_mutex_init(&w.mu, NULL);
     pthread_cond_init(&w.cv, NULL);
     int rc = run_all(&w.c, threads, n, wr_task, &w, fail);
     pthread_cond_destroy(&w.cv);
     pthread_mutex_destroy(&w.mu);
-    if (a->stats)
-        *a->stats = (ckg_write_stats){atomic_load(&w.enc_ns), atomic_load(&w.write_ns),
-                                      atomic_load(&w.bytes)};
     if (!rc) {
         *end = w.pos;
-        *direct_used = atomic_load(&w.direct);
+        segment_stats(&w, n, stats);
     }
+    free(w.chunks);
+    return rc;
+}
+
+int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
+                     int *direct_used, ckg_failure *fail) {
+    ckg_segment seg = {a->buf, a->len, a->elem, a->codec, a->level, a->dfd >= 0};
+    ckg_batch_args b = {a->fd, a->dfd, a->chunk, a->pos, a->seq0, &seg, 1};
+    ckg_segment_stats st = {{0, 0, 0}, 0};
+    int rc = ckg_write_segments(&b, threads, res, &st, end, fail);
+    if (a->stats) *a->stats = st.st;
+    *direct_used = rc ? 0 : st.direct_used;
     return rc;
 }
 

@@ -71,6 +71,41 @@ typedef struct {
 int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
                      int *direct_used, ckg_failure *fail);
 
+/* One buffer of a batch written in one call (ckg_write_segments): its chunks are encoded with
+ * its own element size and codec. A model state of many medium tensors is one batch. */
+typedef struct {
+    const uint8_t *buf;
+    size_t len;
+    unsigned elem;
+    int codec;  /* the codec to try on every chunk (CKG_RAW: none); see ckg_encode_chunk */
+    int level;  /* its level (0: the codec's default) */
+    int direct; /* its records go through the O_DIRECT descriptor, where there is one */
+} ckg_segment;
+
+/* What one segment's records measured, and whether every one went through O_DIRECT (a segment
+ * without records: whether it asked for it and the descriptor was there). */
+typedef struct {
+    ckg_write_stats st;
+    int direct_used;
+} ckg_segment_stats;
+
+typedef struct {
+    int fd;  /* buffered descriptor of the data file */
+    int dfd; /* O_DIRECT descriptor of the same file, or -1 */
+    size_t chunk;
+    uint64_t pos;  /* offset of the first record (a multiple of 4096) */
+    uint32_t seq0; /* sequence number of the first record */
+    const ckg_segment *segs;
+    size_t nsegs;
+} ckg_batch_args;
+
+/* ckg_write_buffer over several buffers at once: the chunks of every segment, in order, are the
+ * pool's tasks of one run, written as consecutive records (the same bytes as one
+ * ckg_write_buffer call per segment). res has a slot per chunk of all segments, stats one per
+ * segment. Once O_DIRECT is refused, the rest of the batch is written buffered. */
+int ckg_write_segments(const ckg_batch_args *a, int threads, ckg_rec_info *res,
+                       ckg_segment_stats *stats, uint64_t *end, ckg_failure *fail);
+
 typedef struct {
     int codec;
     unsigned elem;

@@ -344,6 +344,77 @@ static void test_pipelines(void) {
     free(buf);
 }
 
+/* Read a whole file (at most cap bytes) into buf; its length. */
+static size_t slurp(int fd, uint8_t *buf, size_t cap) {
+    size_t got = 0;
+    CHECK(ckg_pread_all(fd, buf, cap, 0, &got) == 0);
+    return got;
+}
+
+/* A batch of segments (codecs, element sizes and lengths of their own, one empty) writes the
+ * same file as one ckg_write_buffer call per segment, with per-segment stats; an injected error
+ * in the middle of the batch is reported with errno and stops it. */
+static void test_segments(void) {
+    size_t chunk = 8192, lens[] = {20000, 0, 8192, 100, 50000}, total = 0;
+    unsigned elems[] = {4, 2, 2, 1, 8};
+    int codecs[] = {CKG_SHUFFLE_LZ4, CKG_RAW, CKG_SHUFFLE_ZSTD, CKG_SHUFFLE_LZ4, CKG_RAW};
+    enum { NS = 5 };
+    ckg_segment segs[NS];
+    for (int s = 0; s < NS; s++) {
+        uint8_t *b = malloc(lens[s] + 1);
+        fill(b, lens[s], elems[s], s % 3 + 1);
+        segs[s] = (ckg_segment){b, lens[s], elems[s], codecs[s], 0, 1};
+        total += ckg_nchunks(lens[s], chunk);
+    }
+    char pa[] = "/tmp/ckg_seg_a_XXXXXX", pb[] = "/tmp/ckg_seg_b_XXXXXX";
+    int fa = mkstemp(pa), fb = mkstemp(pb);
+    CHECK(fa >= 0 && fb >= 0);
+    ckg_rec_info *res = calloc(total, sizeof *res), one[16];
+    ckg_segment_stats st[NS];
+    ckg_failure f;
+    for (int threads = 1; threads <= 4; threads += 3) {
+        CHECK(ftruncate(fa, 0) == 0 && ftruncate(fb, 0) == 0);
+        ckg_batch_args ba = {fa, -1, chunk, 4096, 3, segs, NS};
+        uint64_t end = 0, pos = 4096;
+        CHECK(ckg_write_segments(&ba, threads, res, st, &end, &f) == CKG_OK);
+        size_t r = 0;
+        for (int s = 0; s < NS; s++) {
+            ckg_write_args a = {
+                fb, -1,  segs[s].buf,       segs[s].len, segs[s].elem, chunk, segs[s].codec,
+                0,  pos, (uint32_t)(3 + r), NULL};
+            int used;
+            CHECK(ckg_write_buffer(&a, threads, one, &pos, &used, &f) == CKG_OK);
+            size_t n = ckg_nchunks(segs[s].len, chunk);
+            uint64_t bytes = 0;
+            for (size_t i = 0; i < n; i++, r++) {
+                CHECK(res[r].offset == one[i].offset && res[r].codec == one[i].codec);
+                CHECK(memcmp(res[r].hash, one[i].hash, 16) == 0);
+                bytes += ckg_align_up(CKG_REC_HDR + one[i].stored_len);
+            }
+            CHECK(st[s].st.bytes == bytes && st[s].direct_used == 0);
+        }
+        CHECK(end == pos && r == total);
+        size_t cap = (size_t)pos + 1;
+        uint8_t *x = malloc(cap), *y = malloc(cap);
+        size_t nx = slurp(fa, x, cap), ny = slurp(fb, y, cap);
+        CHECK(nx == ny && nx == pos && memcmp(x, y, nx) == 0);
+        free(x);
+        free(y);
+    }
+    ckg_io_inject(ENOSPC, 3);
+    ckg_batch_args ba = {fa, -1, chunk, 0, 0, segs, NS};
+    uint64_t end = 1;
+    CHECK(ckg_write_segments(&ba, 2, res, st, &end, &f) == CKG_E_IO && f.err == ENOSPC &&
+          f.index == 3 && end == 0);
+    ckg_io_inject(0, 0);
+    for (int s = 0; s < NS; s++) free((void *)segs[s].buf);
+    free(res);
+    close(fa);
+    close(fb);
+    unlink(pa);
+    unlink(pb);
+}
+
 int main(void) {
     test_shuffle();
     test_chunk_roundtrip();
@@ -351,6 +422,7 @@ int main(void) {
     test_decode_malformed_zstd();
     test_records();
     test_pipelines();
+    test_segments();
     ckg_release_thread_buffers();
     printf("test_native: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
