@@ -173,4 +173,3 @@ def node_children(node: dict, path: str) -> list[tuple[Any, str]] | None:
     if tag not in _MAPPING_TAGS or not isinstance(v, list):
         return None
     return [(x, join(path, key_text(p[0]))) for p in v for x in p]
-

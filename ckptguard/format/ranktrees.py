@@ -90,8 +90,9 @@ def diff_anchor(tree: Any, path: list) -> tuple[int, int]:
     """Where to re-check a tree after replacing the value at ``path``: ``(k, depth)``, the
     deepest prefix ``path[:k]`` that is a value of the tree (section 6: the root, a list element,
     a plain object member, a ``$tuple`` element or a ``$dict``/``$odict`` value, not inside an
-    ``$odict``'s metadata, whose checks depend on where it is), and its nesting depth. Whether a tree is valid depends on each value alone, given its depth and the validity
-    of the values inside it: re-checking that one value at that depth checks the replacement."""
+    ``$odict``'s metadata, whose checks depend on where it is), and its nesting depth. Whether a
+    tree is valid depends on each value alone, given its depth and the validity of the values
+    inside it: re-checking that one value at that depth checks the replacement."""
     node, depth, k = tree, 0, 0
     anchor = (0, 0)
     while k < len(path):

@@ -735,7 +735,7 @@ TREE_SEEDS: list[Any] = [
         "k": {"$dict": [[True, 1], [-0.0, 2], [{"$tuple": [None, {"$int": str(1 << 64)}]}, 3]]},
         "o": {"$odict": [[{"$complex": [0.0, 1.0]}, 1], ["a", 2]]},
         "e": {"$enum": "m.Color", "name": "BLUE"},
-        "dc": {"$dataclass": "m.Config", "fields": {"$dict": [["lr", 0.1], ["$x", {"$dict": [[1, 2]]}]]}},
+        "dc": {"$dataclass": "m.Config", "fields": {"$dict": [["lr", 0.1], ["$x", [1, 2]]]}},
         "nt": {"$namedtuple": "m.Point", "fields": [1, {"$tensor": 0}]},
         "m": {"$meta": "bfloat16", "shape": [2, 0], "requires_grad": True, "parameter": True},
         "sp": {"$sparse": "coo", "shape": [3], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
