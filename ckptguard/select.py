@@ -242,8 +242,11 @@ def template_targets(template: Any, tensors: Sequence[dict], path: str, rank: in
     _, refs, _ = flatten(template, tensors_only=True)
     by_key = {t["key"]: i for i, t in enumerate(tensors)}
     out: dict[int, Target] = {}
+    filled = {_same_view(r.value) for r in refs if r.key in by_key}
     for ref in refs:
         gid = by_key.get(ref.key)
+        if gid is None and _same_view(ref.value) in filled:
+            continue  # a template tensor filled through another that is the same view of memory
         if gid is None:
             raise CheckpointError(f"template tensor {ref.key!r} is not in checkpoint {path}")
         entry = tensors[gid]
@@ -262,3 +265,13 @@ def template_targets(template: Any, tensors: Sequence[dict], path: str, rank: in
             )
         out[gid] = Target(ref.outer, ref.value, (ref.offsets, ref.shape), False)
     return out
+
+
+def _same_view(t: Any) -> tuple:
+    """What two template tensors that are the same view of one memory share: a checkpoint may
+    hold one tensor for both, under the first one's key, which fills both. Distinct for
+    anything else."""
+    if isinstance(t, np.ndarray) or not t.numel():
+        return ("object", id(t))
+    ptr = t.untyped_storage().data_ptr()
+    return (t.device, ptr, t.storage_offset(), t.shape, t.stride(), t.dtype, t.is_conj())

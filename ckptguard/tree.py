@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import quantized, treetypes, views
+from . import quantized, treemaps, treetypes, views
 from .errors import UnsupportedObjectError
 from .format.manifest import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
 from .stateful import is_stateful
-from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, join, meta_fits
+from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits
 from .treeload import MAX_DEPTH as MAX_DEPTH
 from .treeload import MAX_INT_DIGITS as MAX_INT_DIGITS
 from .treeload import NUMPY_BY_NAME as NUMPY_BY_NAME
@@ -35,6 +35,7 @@ from .treeload import TreeError as TreeError
 from .treeload import check_tree as check_tree
 from .treeload import key_path as key_path
 from .treeload import unflatten as unflatten
+from .treemaps import join
 from .views import View
 
 
@@ -91,8 +92,8 @@ class _Flattener:
         self.quantized_nodes: dict[int, tuple[Any, dict]] = {}  # id -> (tensor, its node)
         self.storages = views.Storages()  # which tensors share a storage or are not contiguous
 
-    def shard(self, s: Shard, path: str) -> dict:
-        node, ref = self._wrapped(s, path)
+    def shard(self, s: Shard, path: str, alias: bool = False) -> dict:
+        node, ref = self._wrapped(s, path, alias)
         ref.global_shape, ref.offsets, ref.sharded = s.global_shape, s.offsets, True
         return node
 
@@ -101,9 +102,11 @@ class _Flattener:
         ref.per_rank = True
         return node
 
-    def _wrapped(self, w: Shard | PerRank, path: str) -> tuple[dict, TensorRef]:
+    def _wrapped(
+        self, w: Shard | PerRank, path: str, alias: bool = False
+    ) -> tuple[dict, TensorRef]:
         """The node and ref of a wrapper's tensor, which must be that wrapper's alone."""
-        node = self.tensor(w.local, path)
+        node = self.tensor(w.local, path, alias)
         ref = self.tensors[node["$tensor"]]
         if ref.value is not w.local:
             raise UnsupportedObjectError(
@@ -117,17 +120,18 @@ class _Flattener:
             local, global_shape, offsets, replicated = dtensor_shard(t)
         except ValueError as e:
             raise UnsupportedObjectError(f"{e} (at {path!r})", path) from None
+        # ``local`` is a new view object on each call: the DTensor's tensor by its view.
         if replicated:
-            node = self.tensor(local, path)
+            node = self.tensor(local, path, alias=True)
         else:  # sharded along some mesh dimension, maybe replicated along others (HSDP)
-            node = self.shard(Shard(local, global_shape, offsets), path)
+            node = self.shard(Shard(local, global_shape, offsets), path, alias=True)
             self.tensors[node["$tensor"]].unique_box = dtensor_copies(t) == 1
         self.tensors[node["$tensor"]].outer = t
         return node
 
-    def tensor(self, t: Any, path: str) -> dict:
+    def tensor(self, t: Any, path: str, alias: bool = False) -> dict:
         if type(t) in _PLAIN_TENSORS:  # the common case first: no DTensor or numpy checks
-            return self.torch_tensor(t, path)
+            return self.torch_tensor(t, path, alias)
         if is_dtensor(t):
             return self.dtensor(t, path)
         if isinstance(t, np.ndarray):
@@ -141,9 +145,14 @@ class _Flattener:
             if ident not in self.ids and t.flags.f_contiguous and not t.flags.c_contiguous:
                 self.storages.fortran.append(len(self.tensors))
             return self.add(ident, ref, path)
-        return self.torch_tensor(t, path)
+        return self.torch_tensor(t, path, alias)
 
-    def torch_tensor(self, t: Any, path: str) -> dict:
+    def torch_tensor(self, t: Any, path: str, alias: bool = False) -> dict:
+        """The node of a torch tensor. One object reached twice is one tensor id; distinct
+        objects are distinct ids (views of one storage are then ``views``), as torch.load
+        restores them. ``alias``: ``t`` is a new object made for a value of the tree (a
+        DTensor's local view, a sparse or quantized tensor's part), identified by its view of
+        storage instead (the same view found again is the same tensor)."""
         if type(t) not in _PLAIN_TENSORS or t.layout != torch.strided:
             if type(t) is torch.Tensor and t.layout in SPARSE_PARTS and not self.tensors_only:
                 return self.sparse(t, path)
@@ -160,17 +169,12 @@ class _Flattener:
         device = t.device
         where = _DEVICE_NAMES.get(device) or _DEVICE_NAMES.setdefault(device, str(device))
         numel = t.numel()
-        ident = (
-            "pt",
-            t.untyped_storage().data_ptr() if numel else id(t),
-            t.storage_offset(),
-            shape,
-            t.stride(),
-            dtype,
-            where,
-            t.is_conj(),  # a conjugate or negative view shares storage, not values
-            t.is_neg(),
-        )
+        ptr = t.untyped_storage().data_ptr() if numel else id(t)
+        lazy = t.is_conj() or t.is_neg()  # a conjugate or negative view shares storage, not values
+        ident: tuple = ("obj", id(t))  # ``ref`` keeps ``t`` alive: its id names no other object
+        if alias:
+            ident = ("pt", ptr, t.storage_offset(), shape, t.stride(), dtype, where, t.is_conj())
+            ident += (t.is_neg(),)
         ref = TensorRef(
             path or "$root",
             name,
@@ -185,8 +189,8 @@ class _Flattener:
         )
         n = len(self.tensors)
         node = self.add(ident, ref, path)
-        if numel and len(self.tensors) > n and not (ident[7] or ident[8]):
-            self.storages.note((where, ident[1]), n, t)
+        if numel and len(self.tensors) > n and not lazy:
+            self.storages.note((where, ptr), n, t)
         return node
 
     def add_storages(self) -> None:
@@ -277,7 +281,7 @@ class _Flattener:
         if t is tuple:
             return {"$tuple": [self.walk(v, join(path, i), depth + 1) for i, v in enumerate(obj)]}
         if t in (dict, collections.OrderedDict):
-            return self.mapping(obj, path, depth, ordered=t is collections.OrderedDict)
+            return treemaps.encode(self, obj, path, depth, ordered=t is collections.OrderedDict)
         if t is torch.dtype and (obj in TORCH_DTYPES or obj in quantized.DTYPE_NAMES):
             return {"$dtype": TORCH_DTYPES.get(obj) or quantized.DTYPE_NAMES[obj]}
         if t is torch.Size:
@@ -370,7 +374,7 @@ class _Flattener:
             (t._indices(), t._values()) if coo else (t.crow_indices(), t.col_indices(), t.values())
         )
         nodes = [
-            self.torch_tensor(p, join(path, name))
+            self.torch_tensor(p, join(path, name), alias=True)
             for name, p in zip(SPARSE_PARTS[t.layout], parts, strict=True)
         ]
         return {
@@ -391,7 +395,7 @@ class _Flattener:
         except ValueError as e:
             return self.other(t, path, str(e))
         for member, part in parts:
-            node[member] = self.torch_tensor(part, join(path, member))
+            node[member] = self.torch_tensor(part, join(path, member), alias=True)
         self.quantized_nodes[id(t)] = (t, node)
         return node
 
@@ -426,24 +430,6 @@ class _Flattener:
             "requires_grad": bool(t.requires_grad),
             "parameter": isinstance(t, torch.nn.Parameter),
         }
-
-    def mapping(self, obj: dict, path: str, depth: int, ordered: bool) -> Any:
-        if all(type(k) is str or type(k) is int for k in obj):
-            items = [(k, self.walk(v, join(path, k), depth + 1)) for k, v in obj.items()]
-            if not ordered and all(type(k) is str and not k.startswith("$") for k, _ in items):
-                return dict(items)
-            return {"$odict" if ordered else "$dict": [[k, v] for k, v in items]}
-        pairs = []
-        for k, v in obj.items():
-            if type(k) is str or type(k) is int:
-                pairs.append([k, self.walk(v, join(path, k), depth + 1)])
-                continue
-            # A hashable value; its key path part is the canonical JSON text of its stored form.
-            self.check_hashable(k, join(path, repr(k)), "dict key")
-            node = self.walk(k, join(path, repr(k)), depth + 1)
-            part = treetypes.element_text(node)
-            pairs.append([node, self.walk(v, join(path, part), depth + 1)])
-        return {"$odict" if ordered else "$dict": pairs}
 
 
 _PATH_TAGS = {

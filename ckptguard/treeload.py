@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import dataclasses
 import enum
 import math
@@ -23,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import quantized, treetypes
+from . import quantized, treemaps, treetypes
 from .errors import RegisteredTypeError
 from .format import dtypes
 from .format.manifest import MAX_DIMS, MAX_TENSOR_BYTES
+from .treemaps import METADATA, MetadataError
+from .treemaps import join as join
 from .treetypes import NUMPY_BY_NAME as NUMPY_BY_NAME
 
 MAX_DEPTH = 512
@@ -114,6 +115,8 @@ def unflatten(tree: Any, tensors: list[Any], allow_pickle: bool = False, types: 
     b = _Builder(tensors, _Pickled.LOAD if allow_pickle else _Pickled.REFUSE, types)
     try:
         return b.build(tree, 0)
+    except MetadataError as e:
+        raise _located(tree, e) from None
     except _Unregistered as e:
         where = node_path(tree, e.node) or "<root>"
         hint = f": {treetypes.how_to_register(e.name)}" if e.hint else ""
@@ -124,7 +127,14 @@ def check_tree(tree: Any, n_tensors: int, depth: int = 0, types: bool = True) ->
     """Validate a stored tree's structure without building pickled objects or registered
     classes (``depth``: the nesting depth of ``tree`` when it is a value inside a larger tree;
     ``types``: the checkpoint lists the feature ``tree-types``)."""
-    _Builder([None] * n_tensors, _Pickled.CHECK, types).build(tree, depth)
+    try:
+        _Builder([None] * n_tensors, _Pickled.CHECK, types).build(tree, depth)
+    except MetadataError as e:
+        raise _located(tree, e) from None
+
+
+def _located(tree: Any, e: MetadataError) -> TreeError:
+    return TreeError(f"{e} at {node_path(tree, e.node) or '<root>'!r}")
 
 
 def node_path(tree: Any, target: dict) -> str:
@@ -142,9 +152,8 @@ def node_path(tree: Any, target: dict) -> str:
             v = node[tag]
             if not tag.startswith("$"):
                 stack.extend((x, join(path, k)) for k, x in node.items())
-            elif tag in ("$dict", "$odict") and isinstance(v, list):
-                for p in v:  # a key (an $enum, say) is found at the path of its value
-                    stack.extend((x, join(path, _key_text(p[0]))) for x in p)
+            elif tag in ("$dict", "$odict"):  # a key (an $enum, say) is at its value's path
+                stack.extend(treemaps.node_children(node, path) or ())
             elif tag in ("$dataclass", "$namespace", "$namedtuple"):
                 stack.append((node.get("fields", v), path))
             elif tag in ("$sparse", "$structured"):
@@ -152,17 +161,6 @@ def node_path(tree: Any, target: dict) -> str:
             elif isinstance(v, list):
                 stack.extend((x, join(path, i)) for i, x in enumerate(v))
     return ""
-
-
-def _key_text(key_node: Any) -> Any:
-    """A key's key path part: a str or int as it is, another key its canonical JSON text."""
-    return key_node if type(key_node) in (str, int) else treetypes.element_text(key_node)
-
-
-def join(path: str, k: Any) -> str:
-    """``path`` extended by dict key or list index ``k``, escaped (format.md section 6)."""
-    part = str(k).replace("%", "%25").replace("/", "%2F")
-    return f"{path}/{part}" if path else part
 
 
 def key_path(parts: Iterable[Any]) -> str:
@@ -194,6 +192,7 @@ class _Builder:
         self.tensors = tensors
         self.pickled = pickled
         self.types = types
+        self.quantized_seen: dict[str, Any] = {}  # canonical text -> its quantized tensor
 
     def build(self, node: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -220,7 +219,9 @@ class _Builder:
         if not tags:
             return {k: self.build(v, depth + 1) for k, v in node.items()}
         tag = tags[0]
-        if set(node) != _MEMBERS.get(tag, {tag}):
+        members = set(node)
+        mapping_with_metadata = tag in ("$dict", "$odict") and members == {tag, METADATA}
+        if members != _MEMBERS.get(tag, {tag}) and not mapping_with_metadata:
             raise TreeError(f"tagged value {tag} has unexpected members")
         try:
             if tag in _TYPED:
@@ -229,7 +230,7 @@ class _Builder:
                 return _TYPED[tag](self, node[tag], node, depth + 1)
             return self.tagged(tag, node[tag], node, depth + 1)
         except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
-            if isinstance(e, TreeError):
+            if isinstance(e, (TreeError, MetadataError)):
                 raise
             raise TreeError(f"malformed {tag} value in tree: {e}") from None
 
@@ -244,7 +245,7 @@ class _Builder:
                 raise TreeError("$tuple is not a list")
             return tuple(self.build(x, sub) for x in v)
         if tag in ("$dict", "$odict"):
-            return self.mapping(tag, v, sub)
+            return treemaps.decode(self, tag, node, sub)
         if tag == "$int":
             if (
                 not isinstance(v, str)
@@ -293,30 +294,6 @@ class _Builder:
                 raise TreeError("tree holds a pickled object but allow_pickle is off")
             return pickle.loads(blob)  # _Pickled.LOAD: the caller opted in at save and load
         raise TreeError(f"unknown tag {tag} in tree")
-
-    def mapping(self, tag: str, v: Any, sub: int) -> dict:
-        """A ``$dict``/``$odict``: its ``[key, value]`` pairs, keys pairwise distinct; str and
-        int keys as they are, others (feature ``tree-types``) hashable tree values; a ``$dict``
-        has a key a plain object cannot hold (not a str, or a str starting with ``$``)."""
-        if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
-            raise TreeError(f"malformed {tag} in tree")
-        out: dict = {} if tag == "$dict" else collections.OrderedDict()
-        plain = True
-        k: Any
-        for kn, x in v:
-            if type(kn) is str:
-                k = kn
-                plain = plain and not kn.startswith("$")
-            elif type(kn) is int:
-                k, plain = kn, False
-            else:
-                k, plain = self.hashable(kn, sub, f"{tag} key"), False
-            out[k] = self.build(x, sub)
-        if len(out) != len(v):
-            raise TreeError(f"{tag} has a key twice")
-        if tag == "$dict" and plain:
-            raise TreeError("$dict whose keys are all plain strings (must be a JSON object)")
-        return out
 
     def hashable(self, node: Any, sub: int, what: str) -> Any:
         """A set element or a non-str, non-int dict key: built, then of a shape that
@@ -443,6 +420,16 @@ class _Builder:
         native = np.dtype([(n, NUMPY_BY_NAME[d]) for n, d in v])
         return np.ascontiguousarray(raw).view(stored).reshape(shape).astype(native)
 
+    def quantized(self, v: Any, node: dict, depth: int) -> Any:
+        """A ``$quantized`` value; equal ones (one tensor reached twice) build one tensor."""
+        text = treetypes.element_text(node)
+        seen = self.quantized_seen.get(text)
+        if seen is None:
+            check = self.pickled is _Pickled.CHECK
+            seen = quantized.build(v, node, lambda x: self.build(x, depth), check)
+            self.quantized_seen[text] = seen
+        return seen
+
     def registered(self, tag: str, v: Any, node: dict, sub: int) -> Any:
         """A ``$dataclass``, ``$enum`` or ``$namedtuple``: its class looked up by name among
         those registered, never imported; checking builds its fields only."""
@@ -490,9 +477,7 @@ _TYPED: dict[str, Any] = {
     "$meta": lambda b, v, node, sub: b.meta(v, node, sub),
     "$sparse": lambda b, v, node, sub: b.sparse(v, node, sub - 1),
     "$structured": lambda b, v, node, sub: b.structured(v, node, sub - 1),
-    "$quantized": lambda b, v, node, sub: quantized.build(
-        v, node, lambda x: b.build(x, sub - 1), b.pickled is _Pickled.CHECK
-    ),
+    "$quantized": lambda b, v, node, sub: b.quantized(v, node, sub - 1),
     "$dataclass": lambda b, v, node, sub: b.registered("$dataclass", v, node, sub),
     "$enum": lambda b, v, node, sub: b.registered("$enum", v, node, sub),
     "$namedtuple": lambda b, v, node, sub: b.registered("$namedtuple", v, node, sub),

@@ -1097,6 +1097,7 @@ class _TreeDecoder:
         self.ntensors = ntensors
         self.paths: dict[int, list[str]] = collections.defaultdict(list)
         self.quantized_values: list[Quantized] = []
+        self.quantized_by_text: dict[str, Quantized] = {}  # one object per stored value
 
     def decode(self, v: Any, path: tuple[str, ...], depth: int) -> Any:
         _need(depth <= MAX_DEPTH, "tree: nesting deeper than 512")
@@ -1128,6 +1129,8 @@ class _TreeDecoder:
             "$structured": {"$structured", "shape", "data"},
             "$quantized": {"$quantized", "qscheme", "int_repr", "scale", "zero_point", "axis"},
         }.get(tag, {tag})
+        if tag == "$odict" and members == {"$odict", "metadata"}:  # section 6.2
+            exact = members
         _need(members == exact, f"tree: tagged value {tag} has members {sorted(members)}")
         x = v[tag]
         if tag in TYPE_TAGS:
@@ -1165,6 +1168,10 @@ class _TreeDecoder:
                 tag == "$odict" or any(not isinstance(k, str) or k.startswith("$") for k in out),
                 "tree: $dict whose keys are all plain strings (must be an object)",
             )
+            if "metadata" in v:  # section 6.2: the OrderedDict's attribute _metadata
+                meta = self.decode(v["metadata"], (*path, "_metadata"), depth + 1)
+                _need(_plain(v["metadata"]), "tree: $odict metadata is not a plain value")
+                out._metadata = meta  # type: ignore[attr-defined]
             return out
         if tag == "$tensor":
             _need(_is_int(x) and 0 <= x < self.ntensors, f"tree: bad tensor id {x!r}")
@@ -1323,7 +1330,8 @@ class _TreeDecoder:
             _need(_is_int(axis) and 0 <= axis < MAX_DIMS, "tree: $quantized axis")
             q = Quantized(x, scheme, refs[0], refs[1], refs[2], axis)
         self.quantized_values.append(q)
-        return q
+        # the same JSON value twice is one quantized tensor reached twice: one object
+        return self.quantized_by_text.setdefault(canonical_json(v), q)
 
 
 TYPE_TAGS = {
@@ -1449,13 +1457,36 @@ def check_quantized(q: Quantized, tensors: list[dict]) -> None:
         )
 
 
+def _plain(v: Any) -> bool:
+    """Section 6.2: a plain value (what an $odict's metadata may be)."""
+    if v is None or isinstance(v, (bool, str, float)) or _is_int(v):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    tags = [k for k in v if k.startswith("$")]
+    if not tags:
+        return all(_plain(x) for x in v.values())
+    if len(v) != 1:
+        return False
+    tag, x = tags[0], v[tags[0]]
+    if tag in ("$int", "$float", "$bytes"):
+        return True
+    if tag == "$tuple":
+        return all(_plain(e) for e in x)
+    if tag in ("$dict", "$odict"):
+        return all((isinstance(k, str) or _is_int(k)) and _plain(e) for k, e in x)
+    return False
+
+
 def _uses_types(v: Any) -> bool:
-    """Whether a stored tree (or diff) has a tag of section 6.2 or a $dict/$odict key that is
-    not a string or integer."""
+    """Whether a stored tree (or diff) has a tag of section 6.2, a $dict/$odict key that is
+    not a string or integer, or an $odict with metadata."""
     if isinstance(v, list):
         return any(_uses_types(x) for x in v)
     if not isinstance(v, dict):
         return False
+    if "$odict" in v and "metadata" in v:
+        return True
     dtype = v.get("$dtype")
     if any(k in TYPE_TAGS for k in v) or (isinstance(dtype, str) and dtype in QUANTIZED_DTYPES):
         return True

@@ -190,6 +190,21 @@ def test_large_tensor_default_chunk(store: str) -> None:
     assert ck.tensors["t"].data == raw_bytes(t)
 
 
+def test_state_dict_metadata_and_quantized_identity(store: str) -> None:
+    """Section 6.2: an ``$odict``'s metadata becomes the OrderedDict's ``_metadata``; one
+    quantized tensor reached twice decodes as one object, a distinct equal one as another."""
+    sd = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).state_dict()
+    q = torch.quantize_per_tensor(torch.randn(3), 0.5, 1, torch.quint8)
+    r = torch.quantize_per_tensor(q.dequantize(), 0.5, 1, torch.quint8)
+    state = {"sd": sd, "q": [q, q, r]}
+    _, ck = save_and_read(state, os.path.join(store, "meta"))
+    assert ck.tree["sd"]._metadata == collections.OrderedDict(sd._metadata)
+    assert_matches(sd, ck.tree["sd"], ck, "sd")
+    a, b, c = ck.tree["q"]
+    assert a is b and c is not a and c.int_repr != a.int_repr
+    assert "tree-types" in ck.manifest["features"]
+
+
 def test_object_tree(store: str) -> None:
     """Every value kind of section 6, nested, with tied tensors and keys needing escapes."""
     w = torch.randn(4, 3)

@@ -139,9 +139,9 @@ def test_spans_keep_only_the_bytes_views_reach(tmp_path: Path) -> None:
 
 
 def test_same_object_twice_is_one_object(tmp_path: Path) -> None:
-    """The same tensor object twice (a state_dict's tied weights) loads as one object, as
-    torch.load gives it; so do two objects that are the same view of one storage (torch.load:
-    two objects sharing that memory)."""
+    """The same tensor object twice loads as one object, as torch.load gives it; two objects
+    that are the same view of one storage (a state_dict's detached tied weights) load as two
+    objects sharing that memory, as torch.load gives them."""
     emb = torch.nn.Embedding(10, 4)
     model = torch.nn.ModuleDict({"emb": emb, "head": torch.nn.Linear(4, 10, bias=False)})
     model["head"].weight = emb.weight  # tied
@@ -149,11 +149,12 @@ def test_same_object_twice_is_one_object(tmp_path: Path) -> None:
     assert sd["emb.weight"] is not sd["head.weight"]  # state_dict detaches: two objects
     w = torch.randn(3, 3)
     out = _ours(tmp_path, {"sd": sd, "a": w, "b": w, "c": w[:]})
-    assert out["a"] is out["b"]
-    assert out["sd"]["emb.weight"].data_ptr() == out["sd"]["head.weight"].data_ptr()
-    assert out["c"].data_ptr() == out["a"].data_ptr()
-    ref = _torch_roundtrip({"a": w, "b": w})
-    assert ref["a"] is ref["b"]
+    ref = _torch_roundtrip({"sd": sd, "a": w, "b": w, "c": w[:]})
+    for got in (out, ref):
+        assert got["a"] is got["b"]
+        assert got["sd"]["emb.weight"] is not got["sd"]["head.weight"]
+        assert got["sd"]["emb.weight"].data_ptr() == got["sd"]["head.weight"].data_ptr()
+        assert got["c"] is not got["a"] and got["c"].data_ptr() == got["a"].data_ptr()
 
 
 def test_tied_embedding_through_a_view(tmp_path: Path) -> None:

@@ -171,8 +171,9 @@ def test_more_than_64_dimensions_refused_by_both_readers(tmp_path) -> None:
 
 
 def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
-    """One ref per distinct tensor (the same view reached twice or through two objects is one;
-    views of one storage with other geometry or a lazy conjugate are not), its facts read off
+    """One ref per distinct tensor object (one object reached twice is one; two objects that are
+    the same view of one storage are two, as torch.load keeps them; so are views of one
+    storage with other geometry or a lazy conjugate), its facts read off
     the tensor, the tree pointing at it wherever it was reached."""
     base = torch.randn(6, 4)
     cplx = torch.randn(3, dtype=torch.complex64)
@@ -195,6 +196,7 @@ def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
         "nested/l/1/t",
         "nested/row",
         "same_view/0",
+        "same_view/1",
         "cplx/0",
         "cplx/1",
         "scalar",
@@ -205,7 +207,7 @@ def test_flatten_describes_each_tensor_once_with_its_facts() -> None:
         "nonleaf",
         "np",
     ]
-    assert tree["same_view"] == [{"$tensor": 3}, {"$tensor": 3}]
+    assert tree["same_view"] == [{"$tensor": 3}, {"$tensor": 4}]
     assert tree["tuple"] == {"$tuple": [{"$tensor": 0}, 1]}
     for r in refs:
         t = r.value

@@ -64,13 +64,14 @@ def leaves(tree: Any, torch_tensor: Callable[[Any], bool]) -> list[tuple[ObjPath
 def _mapping(node: Any) -> Iterable[tuple[str, Any]] | None:
     """The items of a tree node that is a dict to walk into, keys as DCP names them (str of
     the key); None for anything else. A tagged node (format.md section 6) is a value, except
-    ``$dict``/``$odict`` whose keys are all strings or integers (an OrderedDict of a model)."""
+    ``$dict``/``$odict`` whose keys are all strings or integers (an OrderedDict of a model,
+    with or without its ``metadata``, which holds no tensor)."""
     if type(node) is not dict:
         return None
     if not any(k.startswith("$") for k in node):
         return node.items()
     pairs = node.get("$dict", node.get("$odict"))
-    if len(node) != 1 or type(pairs) is not list:
+    if len(node) != 1 + ("$odict" in node and "metadata" in node) or type(pairs) is not list:
         return None
     if not all(type(p) is list and len(p) == 2 and type(p[0]) in (str, int) for p in pairs):
         return None

@@ -81,14 +81,18 @@ def rank_tree(doc: dict, rank: int) -> Any:
 
 
 _CONTAINER_TAGS = ("$tuple", "$dict", "$odict")
+# The member names of the tagged values a diff descends into: the containers, and an $odict
+# with its metadata (format.md section 6.2), whose pairs and metadata are addressed apart.
+_DESCENDED = ({"$tuple"}, {"$dict"}, {"$odict"}, {"$odict", "metadata"})
 
 
 def diff_anchor(tree: Any, path: list) -> tuple[int, int]:
     """Where to re-check a tree after replacing the value at ``path``: ``(k, depth)``, the
     deepest prefix ``path[:k]`` that is a value of the tree (section 6: the root, a list element,
-    a plain object member, a ``$tuple`` element or a ``$dict``/``$odict`` value), and its nesting
-    depth. Whether a tree is valid depends on each value alone, given its depth and the validity
-    of the values inside it: re-checking that one value at that depth checks the replacement."""
+    a plain object member, a ``$tuple`` element or a ``$dict``/``$odict`` value, not inside an
+    ``$odict``'s metadata, whose checks depend on where it is), and its nesting depth. Whether a
+    tree is valid depends on each value alone, given its depth and the validity of the values
+    inside it: re-checking that one value at that depth checks the replacement."""
     node, depth, k = tree, 0, 0
     anchor = (0, 0)
     while k < len(path):
@@ -96,7 +100,7 @@ def diff_anchor(tree: Any, path: list) -> tuple[int, int]:
         plain = isinstance(node, dict) and not any(m.startswith("$") for m in node)
         if isinstance(node, list) or plain:
             node, k = node[step], k + 1
-        elif isinstance(node, dict) and len(node) == 1 and step in _CONTAINER_TAGS:
+        elif isinstance(node, dict) and set(node) in _DESCENDED and step in _CONTAINER_TAGS:
             items = node[step]
             if k + 1 >= len(path) or not isinstance(items, list):
                 break
@@ -147,7 +151,8 @@ class TextDiffer:
     whose text equals the base's is skipped unparsed, and only the values that differ are
     parsed, from their exact text (so 1, 1.0 and true stay apart, as do 0.0 and -0.0). Objects
     with the same member names in the same order, arrays of the same length and
-    ``$tuple``/``$dict``/``$odict`` values are descended into; other values, and containers
+    ``$tuple``/``$dict``/``$odict`` values (an ``$odict``'s pairs and metadata) are descended
+    into; other values, and containers
     whose entries would be longer than the container, are replaced whole.
     """
 
@@ -178,9 +183,7 @@ class TextDiffer:
             p = child.end
         node = _Node(pos, p + 1, items)
         names = [step for step, _, _ in items] if close == "}" else []
-        if any(n.startswith("$") for n in names) and not (
-            len(names) == 1 and names[0] in _CONTAINER_TAGS
-        ):
+        if any(n.startswith("$") for n in names) and set(names) not in _DESCENDED:
             node.items = None  # a tagged value ($tensor, $npscalar, ...): replaced whole
         return node
 

@@ -62,8 +62,8 @@ their key path parts."""
 
 def uses_tree_types(*trees: Any) -> bool:
     """Whether any of these JSON trees (or rank-tree diffs) needs the feature ``tree-types``:
-    it has a tag of ``TYPE_TAGS``, a ``$dtype`` of a quantized dtype, or a ``$dict``/``$odict``
-    key that is not a str or int."""
+    it has a tag of ``TYPE_TAGS``, a ``$dtype`` of a quantized dtype, a ``$dict``/``$odict``
+    key that is not a str or int, or an ``$odict`` with ``metadata``."""
     stack = list(trees)
     while stack:
         node = stack.pop()
@@ -73,6 +73,8 @@ def uses_tree_types(*trees: Any) -> bool:
             if len(node) == 1 and "$tensor" in node:
                 continue
             if not TYPE_TAGS.isdisjoint(node) or node.get("$dtype") in QUANTIZED_NAMES:
+                return True
+            if "$odict" in node and "metadata" in node:
                 return True
             pairs = node.get("$dict", node.get("$odict"))
             if isinstance(pairs, list) and any(

@@ -556,6 +556,7 @@ def t_latest(data: bytes) -> None:
 
 
 TREE_TENSORS = 2  # the tensor ids a tree target input may reference
+BIG = "-" + "9" * 20  # an integer below int64
 
 
 def t_tree(data: bytes) -> None:
@@ -734,7 +735,7 @@ TREE_SEEDS: list[Any] = [
         "k": {"$dict": [[True, 1], [-0.0, 2], [{"$tuple": [None, {"$int": str(1 << 64)}]}, 3]]},
         "o": {"$odict": [[{"$complex": [0.0, 1.0]}, 1], ["a", 2]]},
         "e": {"$enum": "m.Color", "name": "BLUE"},
-        "dc": {"$dataclass": "m.Config", "fields": {"lr": 0.1, "$x": {"$dict": [[1, 2]]}}},
+        "dc": {"$dataclass": "m.Config", "fields": {"$dict": [["lr", 0.1], ["$x", [1, 2]]]}},
         "nt": {"$namedtuple": "m.Point", "fields": [1, {"$tensor": 0}]},
         "m": {"$meta": "bfloat16", "shape": [2, 0], "requires_grad": True, "parameter": True},
         "sp": {"$sparse": "coo", "shape": [3], "parts": [{"$tensor": 0}, {"$tensor": 1}]}
@@ -746,6 +747,8 @@ TREE_SEEDS: list[Any] = [
             | {"scale": {"$tensor": 1}, "zero_point": {"$tensor": 0}, "axis": 1},
         ],
         "qdt": {"$dtype": "quint4x2"},
+        "sd": {"$odict": [["w", {"$tensor": 0}]], "metadata": {"$odict": [["", {"v": 2}]]}},
+        "md": {"$odict": [], "metadata": [None, {"$tuple": [{"$bytes": "eA=="}]}, {"$int": BIG}]},
     },
     {"$quantized": "qint32", "qscheme": "per_tensor_affine", "int_repr": {"$tensor": 0}}
     | {"scale": {"$float": "nan"}, "zero_point": 0, "axis": None},
@@ -785,6 +788,12 @@ TREE_SEEDS: list[Any] = [
     {"$int": "9" * 4301},
     {"$dict": [[1, "a"], [1, "b"]]},
     {"$odict": [["a", 1], ["a", 2]]},
+    {"$dict": [[1, 2]], "metadata": {}},  # metadata on a $dict
+    {"$odict": [], "metadata": {"w": {"$tensor": 0}}},  # not a plain value
+    {"$odict": [], "metadata": {"$set": []}},
+    {"$odict": [], "metadata": {"$odict": [], "metadata": 1}},
+    {"$odict": [], "metadata": {"$dict": [[1.5, 1]]}},
+    {"$odict": [], "metadata": 1, "x": 2},
     {"$dict": [["a", 1], ["b", 2]]},
     [1 << 63],
     b"[1e400]",  # a JSON number beyond float range: inf, which must be $float

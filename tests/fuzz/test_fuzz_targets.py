@@ -284,7 +284,10 @@ def tagged_tree(draw: st.DrawFn, depth: int = 0) -> Any:
     if kind == "tuple":
         return {"$tuple": draw(st.lists(kid, max_size=3))}
     pairs = draw(st.lists(st.tuples(KEYS, kid).map(list), max_size=3))
-    return {"$dict" if kind == "dict" else "$odict": pairs}
+    node = {"$dict" if kind == "dict" else "$odict": pairs}
+    if draw(st.integers(0, 3)) == 0:  # section 6.2: metadata (valid on an $odict, when plain)
+        node["metadata"] = draw(kid)
+    return node
 
 
 @SETTINGS
