@@ -27,6 +27,7 @@ from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 
 import ckptguard
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
+from ckptguard.audit import AUDIT_DIR
 from ckptguard.drain import drain
 from ckptguard.format.layout import LATEST, STAGING
 from ckptguard.temps import TEMP_MARK
@@ -49,9 +50,8 @@ BOUND = {
     "agent-srun": 150.0,
     "dcp": 180.0,
 }  # the launch ends within this
-SINGLE_BOUND = 60.0  # gc, delete, drain, onefile, export
+SINGLE_BOUND = 60.0  # gc, delete, drain, onefile, export, audit
 DCP_TIMEOUT = 30  # seconds: DCP's collectives in the dcp scenario (gloo's process group timeout)
-SINGLE_BOUND = 60.0  # gc, delete, drain, onefile
 ONEFILE = "model.pt"  # the onefile scenario's target
 EXPORTED = "model.safetensors"  # the export scenario's one file
 AGENT_SAVES = ("h0", "h1")
@@ -298,6 +298,14 @@ def _hf_base(root: Path) -> Path:
     return frameworkkit.hf_base(root)
 
 
+def _audit_base(root: Path) -> Path:
+    """Nothing to copy: an audit log's config names its key and witness by absolute path, so
+    each case makes its own audited store (``_audit``)."""
+    d = root / "audit"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def _export_base(root: Path) -> Path:
     d = root / "export"
     ckptguard.save(small(1), d / "src" / "c")  # exported into d/dst, which does not exist yet
@@ -314,6 +322,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("lightning",), _lightning_base),
     (("hf",), _hf_base),
     (("export",), _export_base),
+    (("audit",), _audit_base),
     (("dcp",), _dcp_base),
 )
 
@@ -352,7 +361,7 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
     for n in names:
         report = ckptguard.verify(store / n)
         assert report.ok, f"{n} does not verify: {report.problems[:3]}"  # I1, I5
-    allowed = names | {LATEST, STAGING}
+    allowed = names | {LATEST, STAGING, AUDIT_DIR}  # the audit log, where the store keeps one
     stray = [n for n in os.listdir(store) if n not in allowed and not _latest_tmp(n)]
     assert not stray, f"visible besides the checkpoints: {stray}"  # I1: nothing partial
     assert st.latest_name() == latest, f"LATEST is {st.latest_name()!r}, expected {latest!r}"
@@ -732,6 +741,35 @@ def _export(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _audit(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process saves "b" into an audited store (signed heads, a witness) holding "a".
+    Every audit step comes after the commit point: "b" is the latest whatever fails there. A
+    failure before the append leaves the commit without its entry, a gap `audit check` names;
+    after the others the entry is there. The retry (a save of "c") seals anything left
+    unsealed, and the log then verifies against its key and its witness."""
+    from ckptguard import audit, auditcheck, keys
+
+    root = tmp / "root"
+    root.mkdir()
+    priv, pub, _ = keys.generate(root / "k")
+    store = root / "store"
+    audit.init(store, priv, witness=str(root / "witness"))
+    ckptguard.save(small(1), store / "a", step=1)
+    ranks = _single_run(case, tmp, ["save", str(store), "b"])
+    outcome = "latest" if ckptguard.Store(store).latest_name() == "b" else "not latest"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"b is {outcome}, expected {case.expect}"
+    gaps = [(g.kind, g.name) for g in auditcheck.check(store).gaps]
+    assert gaps == ([("commit", "b")] if case.point == "audit.before_append" else []), gaps
+    check_store(store, {"a", "b"}, "b")
+    ckptguard.save(small(3), store / "c", step=3)  # the retry
+    check_store(store, {"a", "b", "c"}, "c")
+    report = audit.verify(store, key=keys.load_public(pub))
+    assert report.witnesses and report.witnesses[0][1] == report.size, report.witnesses
+    assert [(g.kind, g.name) for g in auditcheck.check(store).gaps] == gaps
+    return outcome, ranks
+
+
 def _dcp(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     """4 torchrun ranks save "new" beside step-10 by dcp.save with ckptguard.dcp.Writer: after
     any failure the store holds step-10, and "new" whole or not at all; every rank that reports
@@ -776,6 +814,7 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "delete": _single,
     "drain": _single,
     "onefile": _onefile,
+    "audit": _audit,
     "lightning": _framework,
     "hf": _framework,
     "export": _export,

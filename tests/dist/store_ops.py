@@ -1,7 +1,8 @@
 """One store operation in a process of its own, for tests/test_fault_matrix.py (failpoints).
 
 Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
-fault matrix's ``small(2)`` there as a one-file checkpoint) | export CKPT DEST (to safetensors);
+fault matrix's ``small(2)`` there as a one-file checkpoint) | save STORE NAME (``small(2)`` as
+NAME, step 2) | export CKPT DEST (to safetensors);
 writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
@@ -17,6 +18,14 @@ import warnings
 import ckptguard
 
 
+def small2() -> dict:
+    """faultkit.small(2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    return {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * 2, "seed": 2}
+
+
 def run(op: str, args: list[str]) -> dict:
     if op == "gc":
         removed = ckptguard.Store(args[0]).gc(older_than=0)
@@ -29,12 +38,10 @@ def run(op: str, args: list[str]) -> dict:
 
         return {"drained": [i.name for i in drain(args[0], args[1], jobs=2)]}
     if op == "onefile":
-        import torch
-
-        g = torch.Generator().manual_seed(2)  # faultkit.small(2)
-        state = {"w": torch.randn(64, 33, generator=g), "i": torch.arange(100) * 2, "seed": 2}
-        ckptguard.save(state, args[0])
+        ckptguard.save(small2(), args[0])
         return {}
+    if op == "save":
+        return {"name": ckptguard.save(small2(), os.path.join(args[0], args[1]), step=2).name}
     if op == "export":
         result = ckptguard.export(args[0], to="safetensors", dest=args[1])
         return {"files": [os.path.basename(f) for f in result.files]}
