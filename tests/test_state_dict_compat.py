@@ -7,6 +7,7 @@ on a fresh module."""
 from __future__ import annotations
 
 import collections
+import copy
 import io
 import json
 import warnings
@@ -336,11 +337,13 @@ def test_ranks_with_state_dicts_store_small_diffs(tmp_path: Path) -> None:
     """Each rank saves its model's state dict and its rank: the rank trees are diffs of one
     entry each, and every rank loads its own values and the metadata."""
     path = tmp_path / "c"
+    # Built once: the ranks are threads, and torch's global RNG is not theirs alone.
+    torch.manual_seed(0)
+    sd = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).state_dict()
 
     def main(coord: ThreadCoordinator) -> None:
-        torch.manual_seed(0)
-        sd = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).state_dict()
-        ckptguard.save({"model": sd, "rank": coord.rank}, path, coordinator=coord, timeout=60)
+        mine = copy.deepcopy(sd)  # each rank its own tensors, equal values, the same _metadata
+        ckptguard.save({"model": mine, "rank": coord.rank}, path, coordinator=coord, timeout=60)
 
     run_ranks(2, main, abort_on_error=True)
     body = ir.parse_manifest(ir.read_manifest_bytes(str(path)))
