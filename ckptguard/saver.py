@@ -363,7 +363,7 @@ def write_data_file(
     writer = None
     try:
         where = target.data_path(staging, rank)
-        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where)
+        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests)
         codec, level = parse_compress(opt.compress, COMPRESS)
         if opt.compress == "auto":
             codec = AUTO
