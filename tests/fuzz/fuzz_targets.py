@@ -276,12 +276,19 @@ def t_index_rows(data: bytes) -> None:
         else:
             step = b.pick([-4096, -1, 1, 64, 4096])
             r[col] = r[col] + step if src == 3 and isinstance(r[col], int) else b.pick(INTS)
+    schema, feats = index.SCHEMA, set(c.body["features"])
+    if b.byte() % 4 == 3:  # the feature digests: a digest per row, its column and the feature
+        schema, feats = index.schema_of(False, True), feats | {index.DIGESTS}
+        for r in rows:
+            r[index.DIGEST] = b.pick([bytes(32), b"\xff" * 32, b"\0" * 31, None])
+        if b.byte() & 1:  # the column without the feature
+            feats.discard(index.DIGESTS)
     try:
-        data = index.write_table(pa.Table.from_pylist(rows, schema=index.SCHEMA))
+        data = index.write_table(pa.Table.from_pylist(rows, schema=schema))
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
         raise Skip(f"not representable in the schema: {e}") from None
     table = index.read_table(data)  # as the reader does: schema and nulls, then the rules
-    check_table(table, tensors, files, set(c.body["features"]))
+    check_table(table, tensors, files, feats)
 
 
 def t_file_header(data: bytes) -> None:
@@ -418,7 +425,10 @@ def t_record_read(data: bytes) -> None:
     extent = align(RECORD_HEADER_SIZE + stored_len)
     if flags & 4:
         extent = align(len(rec)) or HEADER_SIZE
-    item = encode.ReadItem(HEADER_SIZE, extent, codec_id, elem, raw_len, stored_len, digest, 0, seq)
+    sha = bytes(32) if flags & 8 else None  # a SHA-256 digest the bytes do not have
+    item = encode.ReadItem(
+        HEADER_SIZE, extent, codec_id, elem, raw_len, stored_len, digest, 0, seq, sha
+    )
     dest_len = min(max(raw_len, 0), MAX_DEST)
     fd = os.memfd_create("record")
     try:
