@@ -18,7 +18,9 @@ import xxhash
 
 from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
 from .errors import OptionsMismatchError, UnsupportedObjectError
+from .keys import PrivateKey
 from .report import dump_json
+from .sign import check_sign_key, key_path
 from .writer import DEFAULT_CHUNK
 
 COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "zstd": SHUFFLE_ZSTD, "none": RAW}
@@ -51,12 +53,17 @@ class SaveOptions:
     """Seconds each wait for the other ranks may take."""
     check_replicated: bool = True
     """Refuse replicas whose copies differ; False saves the lowest rank's copy for every rank."""
+    sign_key: str | os.PathLike | PrivateKey | None = None
+    """Sign the checkpoint with this Ed25519 private key (a key file's path, or a loaded key):
+    SIGNATURE.json, committed with it (``sign``). Only the committer (rank 0) reads it; the
+    other ranks' value is not used."""
 
     def __post_init__(self) -> None:
         parse_compress(self.compress, COMPRESS)
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
         check_chunk_size(self.chunk_size)
+        check_sign_key(self.sign_key)
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
             raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
@@ -86,8 +93,10 @@ class SaveOptions:
         return cls(**options)
 
     def to_json(self) -> dict[str, Any]:
-        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON)."""
-        return dataclasses.asdict(self)
+        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON; a
+        loaded signing key as the path it was loaded from)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**doc, "sign_key": key_path(self.sign_key)}
 
 
 SHAPING = (
