@@ -77,22 +77,22 @@ clean:
 	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache
 
 # ---- native chunk pipeline (native/, ckptguard._native; docs/native.md) ----
-# System LZ4, zstd and xxHash headers for the extension. Without apt-get or root nothing is
+# System LZ4, zstd, xxHash and OpenSSL (libcrypto: SHA-256) headers for the extension. Without apt-get or root nothing is
 # installed: the extension is then skipped with a warning and ckptguard runs on its pure-Python path.
 native-deps:
-	@if dpkg -s liblz4-dev libzstd-dev libxxhash-dev >/dev/null 2>&1; then :; \
+	@if dpkg -s liblz4-dev libzstd-dev libxxhash-dev libssl-dev >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    liblz4-dev libzstd-dev libxxhash-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
-	else echo "native-deps: no apt-get or not root: install liblz4, zstd and xxhash (docs/native.md)"; fi
+	    liblz4-dev libzstd-dev libxxhash-dev libssl-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
+	else echo "native-deps: no apt-get or not root: install liblz4, zstd, xxhash and openssl (docs/native.md)"; fi
 
-NATIVE_SRC := native/chunk.c native/pipeline.c native/pool.c native/io.c
+NATIVE_SRC := native/chunk.c native/digest.c native/pipeline.c native/pool.c native/io.c
 NATIVE_DEPS := $(NATIVE_SRC) native/module.c native/ckg.h native/pipeline.h
 NATIVE_OUT := build/native-tests
-NATIVE_LIBS := -llz4 -lzstd -lxxhash
+NATIVE_LIBS := -llz4 -lzstd -lxxhash -lcrypto
 SANITIZE := -std=c11 -g -O1 -Wall -Wextra -Werror -fno-omit-frame-pointer -pthread
 FUZZ_INPUTS ?= 20000
-HAVE_NATIVE_HEADERS = printf '\043include <lz4.h>\n\043include <zstd.h>\n\043include <xxhash.h>\n' | \
+HAVE_NATIVE_HEADERS = printf '\043include <lz4.h>\n\043include <zstd.h>\n\043include <xxhash.h>\n\043include <openssl/evp.h>\n' | \
 	$(CC) -E -x c - >/dev/null 2>&1
 
 # Rebuild the extension in place when its sources change (pip install -e builds it the first time).
@@ -123,6 +123,6 @@ test-native: native-deps
 	    $(NATIVE_OUT)/fuzz_decode-asan $(FUZZ_INPUTS) && \
 	  TSAN_OPTIONS=halt_on_error=1 $(NATIVE_OUT)/test_native-tsan; \
 	elif [ "$$CI" = true ]; then \
-	  echo "test-native: lz4.h/zstd.h/xxhash.h not found, and CI=true needs the native tests" \
-	    "(install liblz4-dev libzstd-dev libxxhash-dev as root, docs/native.md)" >&2; exit 1; \
-	else echo "test-native: lz4.h/zstd.h/xxhash.h not found; native tests skipped (docs/native.md)"; fi
+	  echo "test-native: lz4.h/zstd.h/xxhash.h/openssl/evp.h not found, and CI=true needs the native tests" \
+	    "(install liblz4-dev libzstd-dev libxxhash-dev libssl-dev as root, docs/native.md)" >&2; exit 1; \
+	else echo "test-native: lz4.h/zstd.h/xxhash.h/openssl/evp.h not found; native tests skipped (docs/native.md)"; fi

@@ -1,6 +1,7 @@
 """Build script: the pure-Python package plus the optional native extension ckptguard._native.
 
-The extension (native/*.c, plain C11) links the system LZ4, zstd and xxHash libraries. When their
+The extension (native/*.c, plain C11) links the system LZ4, zstd, xxHash and OpenSSL libcrypto
+(SHA-256 chunk digests) libraries. When their
 headers are missing or the build fails, the install still succeeds with a warning and ckptguard
 runs on its pure-Python path (``ckptguard doctor`` says which path is active and why). Set
 CKPTGUARD_NATIVE=1 while installing to make a failed native build an error instead, and
@@ -19,8 +20,15 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["native/module.c", "native/chunk.c", "native/pipeline.c", "native/pool.c", "native/io.c"]
-HEADERS = ("lz4.h", "zstd.h", "xxhash.h")
+SOURCES = [
+    "native/module.c",
+    "native/chunk.c",
+    "native/digest.c",
+    "native/pipeline.c",
+    "native/pool.c",
+    "native/io.c",
+]
+HEADERS = ("lz4.h", "zstd.h", "xxhash.h", "openssl/evp.h")
 REQUIRED = os.environ.get("CKPTGUARD_NATIVE", "").strip() == "1"
 SKIPPED = os.environ.get("CKPTGUARD_NATIVE", "").strip() == "0"
 
@@ -35,7 +43,7 @@ def _pkg_config(*args: str) -> list[str]:
         return []
     try:
         out = subprocess.run(
-            [exe, *args, "liblz4", "libzstd", "libxxhash"],
+            [exe, *args, "liblz4", "libzstd", "libxxhash", "libcrypto"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -119,8 +127,9 @@ def _extensions() -> list[Extension]:
     missing = _missing_headers(inc)
     if missing:
         msg = (
-            f"{', '.join(missing)} not found; install liblz4-dev, libzstd-dev and libxxhash-dev "
-            "(Debian/Ubuntu), lz4-devel, libzstd-devel and xxhash-devel (RHEL), or see "
+            f"{', '.join(missing)} not found; install liblz4-dev, libzstd-dev, libxxhash-dev and "
+            "libssl-dev (Debian/Ubuntu), lz4-devel, libzstd-devel, xxhash-devel and openssl-devel "
+            "(RHEL), or see "
             "docs/native.md"
         )
         if REQUIRED:
@@ -140,7 +149,7 @@ def _extensions() -> list[Extension]:
             include_dirs=["native", *inc],
             library_dirs=lib,
             runtime_library_dirs=rpath,
-            libraries=["lz4", "zstd", "xxhash"],
+            libraries=["lz4", "zstd", "xxhash", "crypto"],
             extra_compile_args=["-std=c11", "-O3", "-pthread", "-Wall", "-Wextra"],
             extra_link_args=["-pthread"],
         )

@@ -15,14 +15,18 @@ _Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 # (codec, payload, raw_len, elem_size, hash or None: not verified, dest_offset)
 _DecodeItem = tuple[int, Buffer, int, int, bytes | None, int]
 # (offset, extent, codec, elem_size, raw_len, stored_len, hash, dest_offset, seq; < 0: unchecked)
-_ReadItem = tuple[int, int, int, int, int, int, bytes, int, int]
+# and optionally the SHA-256 digest (None: unchecked)
+_ReadItem = (
+    tuple[int, int, int, int, int, int, bytes, int, int]
+    | tuple[int, int, int, int, int, int, bytes, int, int, bytes | None]
+)
 # (codec, stored_len, hash, offset, raw_len) of one record written
 _RecordInfo = tuple[int, int, bytes, int, int]
 # (buf, elem_size, codec, level, direct) of one segment of a batch
 _Segment = tuple[Buffer, int, int, int, bool]
 # the records of a batch as columns: codecs (a byte each), stored_lens, hashes (16 bytes each),
-# offsets, raw_lens (native int64 each)
-_RecordColumns = tuple[bytes, bytes, bytes, bytes, bytes]
+# offsets, raw_lens (native int64 each), digests (32 bytes each; empty unless asked for)
+_RecordColumns = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
 # per segment: direct_used (a byte each), enc_ns, write_ns, bytes_written (native int64 each)
 _SegmentColumns = tuple[bytes, bytes, bytes, bytes]
 
@@ -79,6 +83,7 @@ def write_segments(
     chunk_size: int,
     threads: int,
     dfd: int,
+    digest: bool = False,
     /,
 ) -> tuple[int, _RecordColumns, _SegmentColumns]: ...
 def decode_into(dest: Buffer, items: Sequence[_DecodeItem], threads: int, /) -> None: ...

@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 import pyarrow as pa
-import xxhash
 
 from . import audit, sign
 from .errors import (
@@ -146,7 +145,8 @@ def check_target(final: str, overwrite: bool, deep: bool = True) -> None:
 
 
 def write_index(staging: str, table: pa.Table) -> dict:
-    """Write index.parquet durably; return the manifest's ``index`` member."""
+    """Write index.parquet durably; return the manifest's ``index`` member (with its SHA-256
+    where the index has chunk digests: the manifest then binds every digest)."""
     data = index.write_table(table)
     path = os.path.join(staging, INDEX)
     write_new_file(path, data)
@@ -156,7 +156,7 @@ def write_index(staging: str, table: pa.Table) -> dict:
         raise StoreError(f"{path} {e.reason} after it was written", path) from None
     if back != data:
         raise StoreError(f"{path} reads back differently from what was written", path)
-    return {"file": INDEX, "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    return index.member(data, index.has_digests(table))
 
 
 @dataclass(frozen=True)

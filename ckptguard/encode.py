@@ -1,5 +1,5 @@
-"""Chunk encode/decode (docs/format.md section 7): xxh3-128, byte-plane shuffle, LZ4 block or
-zstd frame.
+"""Chunk encode/decode (docs/format.md section 7): xxh3-128 (and, under the feature ``digests``,
+SHA-256), byte-plane shuffle, LZ4 block or zstd frame.
 
 Pure bytes <-> chunks: nothing here touches a file descriptor (record I/O is ckptguard.io). Two
 backends produce the same bytes: the native pipeline (ckptguard._native, C, multi-threaded, GIL
@@ -7,14 +7,16 @@ released) and the pure-Python one here (numpy, python-lz4, zstandard, xxhash, a 
 zstd bytes are the same where both link the same libzstd version). Functions take
 ``backend=None`` (the active one, see ckptguard.backend), ``"native"`` or ``"python"``.
 
-Single chunks: ``digest``, ``shuffle``/``unshuffle``, ``keeps_compressed``, ``encode``,
-``decode``. Whole buffers: ``encode_buffer`` (a tensor's bytes -> chunks) and ``decode_into``
-(chunks straight into a destination buffer). The checks every caller shares: ``check_chunk_size``
-(a checkpoint's chunk size), ``check_chunking`` (a buffer and its chunking), ``check_dest``.
+Single chunks: ``digest``, ``sha256``, ``shuffle``/``unshuffle``, ``keeps_compressed``,
+``encode``, ``encode_record``, ``decode``. Whole buffers: ``encode_buffer`` (a tensor's bytes ->
+chunks) and ``decode_into`` (chunks straight into a destination buffer). The checks every caller
+shares: ``check_chunk_size`` (a checkpoint's chunk size), ``check_chunking`` (a buffer and its
+chunking), ``check_dest``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -58,14 +60,21 @@ class ChunkHashError(ChunkError):
     """A chunk decoded, but its bytes do not match its xxh3-128 (data corrupted)."""
 
 
+class ChunkDigestError(ChunkHashError):
+    """A chunk decoded and matches its xxh3-128, but not its SHA-256 digest: the bytes were
+    altered along with the checksums anyone can recompute."""
+
+
 class Record(NamedTuple):
-    """One chunk as written: codec id, payload length, hash, record offset, raw length."""
+    """One chunk as written: codec id, payload length, hash, record offset, raw length, and its
+    SHA-256 digest where one was asked for."""
 
     codec: int
     stored_len: int
     hash: bytes
     offset: int
     raw_len: int
+    digest: bytes | None = None
 
 
 class DecodeItem(NamedTuple):
@@ -91,6 +100,7 @@ class ReadItem(NamedTuple):
     hash: bytes
     dest_offset: int
     seq: int = -1  # the record's sequence number in its file; < 0: not checked
+    digest: bytes | None = None  # the SHA-256 its raw bytes must have (when verifying)
 
 
 # ---- checks shared by every caller -------------------------------------------------------
@@ -180,7 +190,7 @@ def check_dest(dest: memoryview, offset: int, length: int, index: int) -> None:
 def chunk_error(e: Exception) -> ChunkError:
     """The ChunkError (or ChunkHashError) for a native DecodeError(message, index, kind)."""
     message, index, kind = e.args
-    cls = ChunkHashError if kind == "hash" else ChunkError
+    cls = {"hash": ChunkHashError, "digest": ChunkDigestError}.get(kind, ChunkError)
     return cls(message, index)
 
 
@@ -227,6 +237,11 @@ def digest(raw: memoryview | bytes) -> bytes:
     return xxhash.xxh3_128_digest(raw)
 
 
+def sha256(raw: memoryview | bytes) -> bytes:
+    """The chunk digest (feature ``digests``): SHA-256 of the raw bytes."""
+    return hashlib.sha256(raw).digest()
+
+
 def shuffle(raw: memoryview | bytes, width: int) -> bytes:
     """Byte-plane shuffle: all first bytes of the elements, then all second bytes, ..."""
     if width == 1:
@@ -258,17 +273,27 @@ def encode(
     once, into a private copy that the hash, the shuffle and the payload all come from: another
     thread writing to ``raw`` meanwhile cannot make them disagree (I9).
     """
+    cid, payload, h, _ = encode_record(raw, elem_size, codec, level)
+    return cid, payload, h
+
+
+def encode_record(
+    raw: memoryview | bytes, elem_size: int, codec: int, level: int = 0, digested: bool = False
+) -> tuple[int, bytes, bytes, bytes | None]:
+    """``encode``, and the SHA-256 digest of the same private copy where ``digested`` (None
+    otherwise): (codec id, payload, xxh3-128, digest)."""
     check_codec(codec, level)
     copy = raw if isinstance(raw, bytes) else bytes(raw)
     h = digest(copy)
+    d = sha256(copy) if digested else None
     packed = None
     if codec == SHUFFLE_LZ4 and MIN_COMPRESS <= len(copy) <= LZ4_MAX_INPUT:
         packed = lz4.block.compress(shuffle(copy, elem_size), mode="default", store_size=False)
     elif codec == SHUFFLE_ZSTD and len(copy) >= MIN_COMPRESS:
         packed = _zstd_compressor(level or ZSTD_DEFAULT_LEVEL).compress(shuffle(copy, elem_size))
     if packed is not None and keeps_compressed(len(packed), len(copy)):
-        return codec, packed, h
-    return RAW, copy, h
+        return codec, packed, h, d
+    return RAW, copy, h, d
 
 
 _local = threading.local()  # zstandard's (de)compressors are not thread-safe: one per thread

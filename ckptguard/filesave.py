@@ -24,14 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-import xxhash
 
 from . import commit
 from .coord import Coordinator, LocalCoordinator, current
 from .errors import InvalidNameError, OneFileError, from_oserror
 from .failpoints import failpoint
 from .format import index
-from .format.layout import INDEX, is_name
+from .format.layout import is_name
 from .format.manifest import CheckpointInfo
 from .fsutil import makedirs_durably
 from .onefile import is_file_object, regular_fd
@@ -161,8 +160,7 @@ class FileTarget(Target):
 
     def write_index(self, staging: str, table: pa.Table) -> dict:
         self.index_data = index.write_table(table)
-        digest = xxhash.xxh3_128_hexdigest(self.index_data)
-        return {"file": INDEX, "size": len(self.index_data), "xxh3_128": digest}
+        return index.member(self.index_data, index.has_digests(table))
 
     def publish(
         self,

@@ -23,6 +23,7 @@ import numpy as np
 from . import backend as _backend
 from .encode import (
     SHUFFLE_LZ4,
+    ChunkDigestError,
     ChunkError,
     ChunkHashError,
     ReadItem,
@@ -33,9 +34,10 @@ from .encode import (
     chunk_error,
     decode,
     digest,
-    encode,
+    encode_record,
     first_error,
     parallel_map,
+    sha256,
     split_chunks,
 )
 from .format.datafile import (
@@ -232,13 +234,21 @@ class Batch(NamedTuple):
     enc_ns: np.ndarray  # int64 per segment, as ``WriteResult``
     write_ns: np.ndarray
     written: np.ndarray
+    digest: bytes = b""  # 32 bytes (SHA-256) per record where asked for, else empty
 
     def records(self) -> list[Record]:
         """The records as ``Record`` tuples (for tests and the one-buffer ``write_records``)."""
         cols = (self.codec, self.stored_len, self.offset, self.raw_len)
-        h = self.hash
+        h, d = self.hash, self.digest
         return [
-            Record(int(c), int(st), h[16 * i : 16 * i + 16], int(o), int(r))
+            Record(
+                int(c),
+                int(st),
+                h[16 * i : 16 * i + 16],
+                int(o),
+                int(r),
+                d[32 * i : 32 * i + 32] or None,
+            )
             for i, (c, st, o, r) in enumerate(zip(*cols, strict=True))
         ]
 
@@ -253,11 +263,13 @@ def write_segments(
     threads: int | None = None,
     backend: str | None = None,
     dfd: int = -1,
+    digest: bool = False,
 ) -> Batch:
     """``write_records`` of every segment, in order, in one call: the same records (sequence
     numbers from ``seq0``, back to back from ``pos``) and bytes as one call per segment, but the
     chunks of all of them share the pool (one native call with the GIL released). ``dfd``: an
-    O_DIRECT descriptor of the file for the segments that ask for it (-1: none)."""
+    O_DIRECT descriptor of the file for the segments that ask for it (-1: none). ``digest``:
+    each record's SHA-256 too, from the same private copy as its hash (``Batch.digest``)."""
     for seg in segments:
         check_chunking(len(seg.buf), seg.elem_size, chunk_size, seg.codec, seg.level)
     count = np.array([-(-len(seg.buf) // chunk_size) for seg in segments], dtype=np.int64)
@@ -267,12 +279,12 @@ def write_segments(
         raise ValueError("record sequence numbers must fit in 32 bits")
     threads = threads or _backend.default_threads()
     if _backend.resolve(backend) == _backend.PYTHON:
-        return _write_segments_py(fd, path, pos, seq0, segments, chunk_size, threads, count)
+        return _write_segments_py(fd, path, pos, seq0, segments, chunk_size, threads, count, digest)
     items = [tuple(seg) for seg in segments]
     end, recs, per = _backend.native().write_segments(
-        fd, path, pos, seq0, items, chunk_size, threads, dfd
+        fd, path, pos, seq0, items, chunk_size, threads, dfd, digest
     )
-    codecs, stored, hashes, offsets, raw = recs
+    codecs, stored, hashes, offsets, raw, digests = recs
     i64 = [np.frombuffer(c, dtype=np.int64) for c in (stored, offsets, raw, *per[1:])]
     direct = np.frombuffer(per[0], dtype=np.uint8).astype(bool)
     return Batch(
@@ -284,7 +296,10 @@ def write_segments(
         i64[2],
         count,
         direct,
-        *i64[3:],
+        i64[3],
+        i64[4],
+        i64[5],
+        digest=digests,
     )
 
 
@@ -297,22 +312,26 @@ def _write_segments_py(
     chunk_size: int,
     threads: int,
     count: np.ndarray,
+    digested: bool = False,
 ) -> Batch:
     """``write_segments`` on the pure-Python path: buffered writes, the same bytes."""
     pieces = [(s, p) for s, seg in enumerate(segments) for p in split_chunks(seg.buf, chunk_size)]
     step = max(2 * threads, 1)  # bounded memory: a few chunks in flight, as on the native path
     cols: list[list[Any]] = [[], [], [], [], []]  # codec, stored_len, hash, offset, raw_len
+    digests: list[bytes] = []
     per = np.zeros((3, len(segments)), dtype=np.int64)  # enc_ns, write_ns, written
 
-    def timed(item: tuple[int, memoryview]) -> tuple[tuple[int, bytes, bytes], int]:
+    def timed(item: tuple[int, memoryview]) -> tuple[tuple[int, bytes, bytes, Any], int]:
         seg = segments[item[0]]
         t0 = time.perf_counter_ns()
-        done = encode(item[1], seg.elem_size, seg.codec, seg.level)
+        done = encode_record(item[1], seg.elem_size, seg.codec, seg.level, digested)
         return done, time.perf_counter_ns() - t0
 
     for b in range(0, len(pieces), step):
         chunks = parallel_map(timed, pieces[b : b + step], threads)
-        for n, ((cid, payload, h), ns) in enumerate(chunks, start=b):
+        for n, ((cid, payload, h, d), ns) in enumerate(chunks, start=b):
+            if d is not None:
+                digests.append(d)
             s, raw = pieces[n]
             hdr = RecordHeader(cid, segments[s].elem_size, len(raw), len(payload), h, seq0 + n)
             used = RECORD_HEADER_SIZE + len(payload)
@@ -336,7 +355,10 @@ def _write_segments_py(
         i64[2],
         count,
         direct,
-        *per,
+        per[0],
+        per[1],
+        per[2],
+        digest=b"".join(digests),
     )
 
 
@@ -370,8 +392,9 @@ def read_records(
     """Read records from ``fd`` (readahead advised), check and decode them into ``dest``.
 
     Checks each record header against its item (codec, elem_size, lengths, hash, seq), that its
-    padding is zero, that it decodes, and (if ``verify``) its hash. Problems raise ChunkError /
-    ChunkHashError with the item's index; I/O errors raise OSError with ``path``.
+    padding is zero, that it decodes, and (if ``verify``) its hash and its item's digest. Problems
+    raise ChunkError / ChunkHashError / ChunkDigestError with the item's index; I/O errors raise
+    OSError with ``path``.
     """
     view = as_buffer(dest, writable=True)
     threads = threads or _backend.default_threads()
@@ -405,6 +428,8 @@ def read_records(
             raise ChunkError(str(e), i) from None
         if verify and digest(raw) != it.hash:
             raise ChunkHashError("chunk hash mismatch (data corrupted)", i)
+        if verify and it.digest is not None and sha256(raw) != it.digest:
+            raise ChunkDigestError("chunk digest mismatch (SHA-256: data altered)", i)
         view[it.dest_offset : it.dest_offset + it.raw_len] = raw
 
     first_error(one, len(todo), threads)

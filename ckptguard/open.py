@@ -12,6 +12,7 @@ not damage either.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -269,6 +270,8 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
         raise rd.missing("index.parquet is missing", INDEX) from None
     if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
         raise rd.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
+    if "sha256" in m["index"] and hashlib.sha256(data).hexdigest() != m["index"]["sha256"]:
+        raise rd.corrupt("index.parquet does not match the SHA-256 in the manifest", file=INDEX)
     try:
         table = index.read_table(data)
         check_table(table, rd.tensors, rd.files, rd.features)
@@ -313,7 +316,7 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
         rows = check_footer(footer, digest, rank, uuid)
         if [row_from_json(x) for x in rows] != rd.rows_of_file(name):
             raise FormatError("footer rows disagree with the index")
-        if any(len(x) != len(index.PACKED_NAMES if packed else index.FIELD_NAMES) for x in rows):
+        if any(len(x) != len(index.names_of(packed, index.has_digests(sub))) for x in rows):
             raise FormatError("footer rows have the packed-record members exactly if packed")
     else:
         check_footer_hash(footer, digest)

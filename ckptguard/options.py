@@ -53,16 +53,21 @@ class SaveOptions:
     """Seconds each wait for the other ranks may take."""
     check_replicated: bool = True
     """Refuse replicas whose copies differ; False saves the lowest rank's copy for every rank."""
+    digests: bool = False
+    """Record every chunk's SHA-256 in the index (feature ``digests``) and the index's in the
+    manifest, so that a signature over the manifest covers every byte (docs/security.md)."""
     sign_key: str | os.PathLike | PrivateKey | None = None
     """Sign the checkpoint with this Ed25519 private key (a key file's path, or a loaded key):
-    SIGNATURE.json, committed with it (``sign``). Only the committer (rank 0) reads it; the
-    other ranks' value is not used."""
+    SIGNATURE.json, committed with it (``sign``), and digests on for every rank whatever
+    ``digests`` says. Only the committer (rank 0) reads it; the other ranks' value is not used."""
 
     def __post_init__(self) -> None:
         parse_compress(self.compress, COMPRESS)
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
         check_chunk_size(self.chunk_size)
+        if type(self.digests) is not bool:
+            raise TypeError(f"digests must be True or False, not {self.digests!r}")
         check_sign_key(self.sign_key)
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
@@ -107,6 +112,7 @@ SHAPING = (
     "allow_pickle",
     "check_replicated",
     "step",
+    "digests",
 )
 """The options of a save that shape what is committed, besides ``metadata``: every rank must
 pass the same (its ``path``: the checkpoint's absolute path)."""

@@ -2,7 +2,8 @@
 
 A load (``read_into``), verify (``verify_checkpoint``), the parallel verify and the drain (which
 verifies its copy) all check each record with ``format.datafile.check_record`` against its index
-row and its sequence number in the file, decode it, and compare the xxh3-128 of its raw bytes.
+row and its sequence number in the file, decode it, and compare the xxh3-128 of its raw bytes
+(and their SHA-256, where the index has digests).
 Bad bytes raise CorruptCheckpointError naming file, tensor, chunk and offset; a failed read the
 StoreError naming the file. Verify collects every problem into a VerifyReport instead.
 """
@@ -28,6 +29,13 @@ from .sign import TrustSet
 from .tree import TreeError, check_tree
 
 HASH_MISMATCH = "chunk hash mismatch (data corrupted)"
+DIGEST_MISMATCH = "chunk digest mismatch (SHA-256: data altered)"
+
+
+def _what(e: encode.ChunkError) -> str:
+    if isinstance(e, encode.ChunkDigestError):
+        return DIGEST_MISMATCH
+    return HASH_MISMATCH if isinstance(e, encode.ChunkHashError) else e.reason
 
 
 def _where(r: Row) -> dict[str, Any]:
@@ -36,8 +44,8 @@ def _where(r: Row) -> dict[str, Any]:
 
 def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> bytes:
     """The raw bytes of row ``r``'s record in open data file ``fd``, checked (record header,
-    padding, decode, and with ``verify`` the hash) before they are returned: all of them, also
-    where the record is packed and ``r`` is one slice of it."""
+    padding, decode, and with ``verify`` the hash and digest) before they are returned: all of
+    them, also where the record is packed and ``r`` is one slice of it."""
     try:
         buf = pread_exact(fd, r.extent - r.offset, r.offset)
     except OSError as e:
@@ -54,6 +62,8 @@ def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> b
         raise rd.corrupt(str(e), **_where(r)) from None
     if verify and encode.digest(raw) != r.hash:
         raise rd.corrupt(HASH_MISMATCH, **_where(r))
+    if verify and r.digest is not None and encode.sha256(raw) != r.digest:
+        raise rd.corrupt(DIGEST_MISMATCH, **_where(r))
     return raw
 
 
@@ -79,6 +89,7 @@ def read_into(
             r.hash,
             off,
             rd.seq(r),
+            r.digest,
         )
         for r, off in zip(rows, dest_offsets, strict=True)
     ]
@@ -87,8 +98,7 @@ def read_into(
         read_records(fd, path, dest, items, verify=verify)
     except encode.ChunkError as e:
         r = rows[e.index]
-        what = HASH_MISMATCH if isinstance(e, encode.ChunkHashError) else e.reason
-        raise rd.corrupt(what, **_where(r)) from None
+        raise rd.corrupt(_what(e), **_where(r)) from None
     except OSError as e:  # native and Python paths alike: errno and the file's path
         raise rd.io_error(e, rows[0].file) from None
 
@@ -132,13 +142,13 @@ def read_whole_records(
             r.hash,
             0,
             rd.seq(r),
+            r.digest,
         )
         try:
             read_records(fd, path, dest, [item], verify=verify)
         except encode.ChunkError as e:
             read_record(rd, fd, r, verify)  # the reference check names this damage
-            what = HASH_MISMATCH if isinstance(e, encode.ChunkHashError) else e.reason
-            raise rd.corrupt(what, **_where(r)) from None
+            raise rd.corrupt(_what(e), **_where(r)) from None
         except OSError as e:
             raise rd.io_error(e, r.file) from None
 

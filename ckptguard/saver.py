@@ -286,6 +286,7 @@ class _Save:
             "keys": plan.keys,
             "writer": [w.to_json() for w in plan.writer],
             "differing": plan.differing,
+            "digests": self.opt.digests or signer is not None,  # a signature needs them
         }
 
     def open_staging(self) -> tuple[str, str]:
@@ -313,7 +314,7 @@ class _Save:
                 plan["staging"],
                 plan["uuid"],
                 rank,
-                self.opt,
+                replace(self.opt, digests=plan["digests"]),
                 todo,
                 self.source,
                 self.on_read,
@@ -354,7 +355,7 @@ def write_data_file(
     writer = None
     try:
         where = target.data_path(staging, rank)
-        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where)
+        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests)
         codec, level = parse_compress(opt.compress, COMPRESS)
         if opt.compress == "auto":
             codec = AUTO

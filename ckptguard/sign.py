@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .audit import canon
 from .errors import KeyFileError, SignatureError
 from .failpoints import failpoint
+from .format.index import DIGESTS  # the feature without which a signature misses the chunks
 from .format.layout import SIGNATURE, is_name, is_uuid
 from .fsutil import UnsafeFileError, read_regular, write_new_file
 from .keys import (
@@ -51,7 +52,6 @@ PREFIX = b"ckptguard-checkpoint-signature-v1\n"
 """What every signed message starts with: an audit tree head's signature (whose prefix is
 ``ckptguard-audit-tree-head-v1``) can never pass for a checkpoint's, nor the reverse."""
 MAX_SIGNATURE_BYTES = 4096  # a signature file is about 500 bytes
-DIGESTS = "digests"  # the manifest feature without which a signature would not cover the chunks
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -127,7 +127,10 @@ def signature_file(key: PrivateKey, stmt: dict) -> bytes:
 
 def write_signature(staging: str, key: PrivateKey, manifest_raw: bytes, body: dict) -> None:
     """Write SIGNATURE.json for ``manifest_raw`` into the staging directory, fsynced (the
-    directory's fsync and the rename that follow make it part of the commit)."""
+    directory's fsync and the rename that follow make it part of the commit). A manifest
+    without chunk digests is never signed: the signature would not cover the chunks."""
+    if DIGESTS not in body["features"]:
+        raise SignatureError(f"refusing to sign {body['name']!r}: it has no chunk digests")
     data = signature_file(key, statement(manifest_raw, body, key.key_id))
     write_new_file(os.path.join(staging, SIGNATURE), data)
     failpoint("commit.signature_written")

@@ -63,6 +63,7 @@ _APPENDED = {
 _KEY, _DTYPE = attrgetter("key"), attrgetter("dtype")
 _GLOBAL, _OFFSETS, _SHAPE = attrgetter("global_shape"), attrgetter("offsets"), attrgetter("shape")
 _CODEC_TEXT = pa.array([CODEC_NAMES.get(i, "") for i in range(256)], pa.string())
+_DIGEST = pa.binary(32)
 _HASH = pa.binary(16)
 
 
@@ -105,9 +106,11 @@ class RankWriter:
         uuid_hex: str,
         chunk_size: int = DEFAULT_CHUNK,
         path: str | None = None,
+        digests: bool = False,
     ):
         """Create the data file of ``rank`` in ``directory`` (or at ``path``, where given: a
-        one-file checkpoint's temporary)."""
+        one-file checkpoint's temporary). ``digests``: every record's SHA-256 goes into its
+        index rows too (feature ``digests``)."""
         check_chunk_size(chunk_size)
         self.rank = rank
         self.uuid = uuid_hex
@@ -117,6 +120,8 @@ class RankWriter:
         # The index rows so far as columns: arrays per flush, and runs of rows of one ref.
         self._cols: dict[str, list[np.ndarray]] = {name: [] for name in _APPENDED}
         self._hashes: list[bytes] = []
+        self.digests = digests
+        self._digests: list[bytes] = []
         self._run_refs: list[TensorRef] = []
         self._run_lens: list[int] = []
         self._queue: list[Queued] = []
@@ -242,6 +247,7 @@ class RankWriter:
             threads=self._threads,
             backend=self._backend,
             dfd=self._dfd,
+            digest=self.digests,
         )
         wall = time.perf_counter_ns() - t0
         self.calls += 1
@@ -333,6 +339,8 @@ class RankWriter:
         for name, col in cols.items():
             self._cols[name].append(col)
         self._hashes.append(np.frombuffer(done.hash, np.uint8).reshape(-1, 16)[of].tobytes())
+        if self.digests:
+            self._digests.append(np.frombuffer(done.digest, np.uint8).reshape(-1, 32)[of].tobytes())
         for e, n in zip(q, done.nrecords.tolist(), strict=True):
             if e.pack is not None:
                 self._run_refs.extend(e.pack[1])
@@ -378,6 +386,9 @@ class RankWriter:
         cols["codec"] = _CODEC_TEXT.take(pa.array(cols["codec"]))
         hashes = pa.py_buffer(b"".join(self._hashes))
         cols["hash"] = pa.FixedSizeBinaryArray.from_buffers(_HASH, n, [None, hashes])
+        if self.digests:
+            sha = pa.py_buffer(b"".join(self._digests))
+            cols["digest"] = pa.FixedSizeBinaryArray.from_buffers(_DIGEST, n, [None, sha])
         dtype = pa.array(list(map(_DTYPE, refs)), pa.string())
         sizes = [dtypes.SIZES[d] for d in map(_DTYPE, refs)]
         cols.update(

@@ -30,6 +30,7 @@ const char *ckg_strerror(int code) {
     case CKG_E_IO: return "I/O error";
     case CKG_E_TOOBIG: return "length too large";
     case CKG_E_LEVEL: return "compression level out of range";
+    case CKG_E_DIGEST: return "chunk digest mismatch (SHA-256: data altered)";
     default: return "unknown error";
     }
 }
@@ -157,19 +158,22 @@ void ckg_scratch_free(ckg_scratch *s) {
     ckg_aligned_free(s->buf);
     ZSTD_freeCCtx(s->zc);
     ZSTD_freeDCtx(s->zd);
+    ckg_sha_free(s);
     s->buf = NULL;
     s->cap = 0;
     s->zc = NULL;
     s->zd = NULL;
 }
 
-/* Copy src to dst block by block, hashing each block from dst while it is in cache. */
+/* Copy src to dst block by block, hashing (and digesting) each block from dst while it is in
+ * cache. */
 static void copy_hash(uint8_t *restrict dst, const uint8_t *restrict src, size_t n,
-                      XXH3_state_t *st) {
+                      XXH3_state_t *st, ckg_sha *sha) {
     for (size_t o = 0; o < n; o += CKG_BLOCK) {
         size_t k = n - o < CKG_BLOCK ? n - o : CKG_BLOCK;
         memcpy(dst + o, src + o, k);
         XXH3_128bits_update(st, dst + o, k);
+        ckg_sha_update(sha, dst + o, k);
     }
 }
 
@@ -238,7 +242,8 @@ static int zstd_decode(ckg_scratch *s, const uint8_t *p, size_t n, uint8_t *dst,
  * the chunk then holds some mix of old and new values, but its hash always matches its payload,
  * so a committed checkpoint always verifies (invariant I9). */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
-                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res) {
+                     int digest, uint8_t *out, size_t out_cap, ckg_scratch *scratch,
+                     ckg_chunk *res) {
     res->codec = CKG_RAW;
     res->stored_len = raw_len;
     res->payload = out;
@@ -253,10 +258,12 @@ int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int code
     XXH3_state_t st;
     XXH3_INITSTATE(&st);
     if (XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+    ckg_sha sha = {NULL, 1};
+    if (digest && (rc = ckg_sha_begin(scratch, &sha))) return rc;
     if (!try_codec) { /* the copy in out is the payload */
-        copy_hash(out, raw, raw_len, &st);
+        copy_hash(out, raw, raw_len, &st, &sha);
         final_hash(&st, res->hash);
-        return CKG_OK;
+        return digest ? ckg_sha_end(&sha, res->digest) : CKG_OK;
     }
     /* scratch: the chunk's copy to compress (shuffled for elem > 1), then one block of input. */
     rc = ckg_scratch_reserve(scratch, raw_len + (elem > 1 ? CKG_BLOCK : 0));
@@ -270,12 +277,14 @@ int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int code
             size_t e1 = e0 + per < n ? e0 + per : n, k = (e1 - e0) * elem;
             memcpy(block, raw + e0 * elem, k);
             XXH3_128bits_update(&st, block, k);
+            ckg_sha_update(&sha, block, k);
             shuffle_range(copy, block - e0 * elem, n, elem, e0, e1);
         }
     } else {
-        copy_hash(copy, raw, raw_len, &st);
+        copy_hash(copy, raw, raw_len, &st, &sha);
     }
     final_hash(&st, res->hash);
+    if (digest && (rc = ckg_sha_end(&sha, res->digest))) return rc;
     size_t got = 0; /* 0: the codec failed or the output did not fit */
     rc = codec == CKG_SHUFFLE_LZ4
              ? lz4_compress(copy, raw_len, out, out_cap, &got)
@@ -295,18 +304,30 @@ int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int code
     return CKG_OK;
 }
 
-/* Hash dst block by block as it is unshuffled (one pass over the output). */
+/* Check the decoded bytes of a chunk against its hash and digest (either may be NULL). */
+static int check_whole(const uint8_t *dst, size_t raw_len, ckg_scratch *scratch,
+                       const uint8_t *want_hash, const uint8_t *want_digest) {
+    uint8_t got[CKG_DIGEST];
+    if (want_hash) {
+        ckg_hash128(dst, raw_len, got);
+        if (memcmp(got, want_hash, 16)) return CKG_E_HASH;
+    }
+    if (want_digest) {
+        int rc = ckg_sha256_with(scratch, dst, raw_len, got);
+        if (rc) return rc;
+        if (memcmp(got, want_digest, CKG_DIGEST)) return CKG_E_DIGEST;
+    }
+    return CKG_OK;
+}
+
+/* Hash (and digest) dst block by block as it is unshuffled (one pass over the output). */
 int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_t raw_len,
-                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash) {
-    uint8_t got_hash[16];
+                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash,
+                     const uint8_t *want_digest) {
     if (codec == CKG_RAW) {
         if (stored_len != raw_len) return CKG_E_LENGTH;
         if (raw_len) memcpy(dst, payload, raw_len);
-        if (want_hash) {
-            ckg_hash128(dst, raw_len, got_hash);
-            if (memcmp(got_hash, want_hash, 16)) return CKG_E_HASH;
-        }
-        return CKG_OK;
+        return check_whole(dst, raw_len, scratch, want_hash, want_digest);
     }
     if (codec != CKG_SHUFFLE_LZ4 && codec != CKG_SHUFFLE_ZSTD) return CKG_E_CODEC;
     if (elem == 0 || raw_len % elem) return CKG_E_ELEM;
@@ -330,27 +351,33 @@ int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_
             LZ4_decompress_safe((const char *)payload, (char *)tmp, (int)stored_len, (int)raw_len);
         if (n < 0 || (size_t)n != raw_len) return CKG_E_PAYLOAD;
     }
-    if (elem == 1) {
-        if (want_hash) {
-            ckg_hash128(dst, raw_len, got_hash);
-            if (memcmp(got_hash, want_hash, 16)) return CKG_E_HASH;
-        }
-        return CKG_OK;
-    }
+    if (elem == 1) return check_whole(dst, raw_len, scratch, want_hash, want_digest);
     XXH3_state_t st;
     XXH3_INITSTATE(&st);
     if (want_hash && XXH3_128bits_reset(&st) != XXH_OK) return CKG_E_NOMEM;
+    ckg_sha sha = {NULL, 1};
+    if (want_digest) {
+        int rc = ckg_sha_begin(scratch, &sha);
+        if (rc) return rc;
+    }
     size_t ne = raw_len / elem, per = CKG_BLOCK / elem;
     if (per == 0) per = 1;
     for (size_t e0 = 0; e0 < ne; e0 += per) {
         size_t e1 = e0 + per < ne ? e0 + per : ne;
         unshuffle_range(dst, tmp, ne, elem, e0, e1);
         if (want_hash) XXH3_128bits_update(&st, dst + e0 * elem, (e1 - e0) * elem);
+        ckg_sha_update(&sha, dst + e0 * elem, (e1 - e0) * elem);
     }
     if (want_hash) {
         XXH128_canonical_t c;
         XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
         if (memcmp(c.digest, want_hash, 16)) return CKG_E_HASH;
+    }
+    if (want_digest) {
+        uint8_t got[CKG_DIGEST];
+        int rc = ckg_sha_end(&sha, got);
+        if (rc) return rc;
+        if (memcmp(got, want_digest, CKG_DIGEST)) return CKG_E_DIGEST;
     }
     return CKG_OK;
 }
@@ -395,7 +422,7 @@ int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
 }
 
 int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
-                      uint8_t *dst, ckg_scratch *scratch, int verify) {
+                      uint8_t *dst, ckg_scratch *scratch, int verify, const uint8_t *want_digest) {
     if (rec_len < CKG_REC_HDR) return CKG_E_TRUNCATED;
     ckg_rec_header h;
     int rc = ckg_unpack_record_header(rec, &h);
@@ -409,5 +436,6 @@ int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *
     for (size_t i = end; i < rec_len; i++)
         if (rec[i]) return CKG_E_PADDING;
     return ckg_decode_chunk(h.codec, rec + CKG_REC_HDR, (size_t)h.stored_len, (size_t)h.raw_len,
-                            h.elem, dst, scratch, verify ? h.hash : NULL);
+                            h.elem, dst, scratch, verify ? h.hash : NULL,
+                            verify ? want_digest : NULL);
 }

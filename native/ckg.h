@@ -2,7 +2,8 @@
  *
  * The byte formats implemented here are defined by docs/format.md section 7 (chunk records,
  * byte-plane shuffle, LZ4 block and zstd frame payloads, keep-raw rule). Everything here is plain
- * C11 + POSIX threads and links the system LZ4, zstd and xxHash libraries.
+ * C11 + POSIX threads and links the system LZ4, zstd and xxHash libraries, and OpenSSL's libcrypto
+ * for the chunk digest (SHA-256, docs/format.md section 4, feature `digests`).
  */
 #ifndef CKG_H
 #define CKG_H
@@ -28,6 +29,7 @@
 #define CKG_ZSTD_DEFAULT_LEVEL 1           /* level 0 asks for this one */
 #define CKG_MAX_EXTENT ((uint64_t)1 << 40) /* longer records are refused before reading */
 #define CKG_MAX_SEQ 0xFFFFFFFFull          /* record sequence numbers are 32 bits */
+#define CKG_DIGEST 32                      /* a chunk digest: SHA-256 of its raw bytes */
 
 /* Status codes of the chunk and record functions (0 = ok). */
 enum {
@@ -45,6 +47,7 @@ enum {
     CKG_E_IO = 11,        /* a system call failed: see the errno stored beside the code */
     CKG_E_TOOBIG = 12,    /* a length beyond what LZ4 or this platform handles */
     CKG_E_LEVEL = 13,     /* a compression level the codec does not have */
+    CKG_E_DIGEST = 14,    /* decoded bytes do not match their SHA-256 digest */
 };
 
 const char *ckg_strerror(int code);
@@ -58,6 +61,8 @@ static inline size_t ckg_align_up(size_t n) {
 /* xxh3-128 (seed 0) of buf in its canonical big-endian 16-byte form. */
 void ckg_hash128(const void *buf, size_t len, uint8_t out[16]);
 uint64_t ckg_hash64(const void *buf, size_t len);
+/* SHA-256 of buf (OpenSSL); CKG_E_NOMEM if libcrypto cannot make a digest context. */
+int ckg_sha256(const void *buf, size_t len, uint8_t out[CKG_DIGEST]);
 
 /* Byte-plane shuffle of n elements of width w: dst[j*n + i] = src[i*w + j]. */
 void ckg_shuffle(uint8_t *dst, const uint8_t *src, size_t n, size_t w);
@@ -80,6 +85,7 @@ typedef struct {
     size_t cap;
     struct ZSTD_CCtx_s *zc;
     struct ZSTD_DCtx_s *zd;
+    struct evp_md_ctx_st *sha; /* SHA-256 context, reused from chunk to chunk */
 } ckg_scratch;
 
 int ckg_scratch_reserve(ckg_scratch *s, size_t n);
@@ -91,15 +97,18 @@ typedef struct {
     size_t stored_len;
     const uint8_t *payload;
     uint8_t hash[16];
+    uint8_t digest[CKG_DIGEST]; /* set only when asked for */
 } ckg_chunk;
 
 /* Copy raw once into private memory, hash that copy and (for a codec other than CKG_RAW)
  * shuffle it by elem and compress it with that codec at `level` (0: the codec's default) into out
  * (capacity out_cap >= ckg_encode_bound(raw_len)); keep the compressed form only if it saves
  * >= 5%, else out gets the copied raw bytes. The hash is always of the bytes the payload holds,
- * even while another thread writes to raw. CKG_E_CODEC for a codec this build cannot write. */
+ * even while another thread writes to raw; so is the SHA-256 digest, computed in the same pass when
+ * `digest` is set. CKG_E_CODEC for a codec this build cannot write. */
 int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int codec, int level,
-                     uint8_t *out, size_t out_cap, ckg_scratch *scratch, ckg_chunk *res);
+                     int digest, uint8_t *out, size_t out_cap, ckg_scratch *scratch,
+                     ckg_chunk *res);
 
 /* Check a shuffle-zstd payload of n bytes against raw_len without decoding or allocating anything
  * (docs/format.md section 7): CKG_E_LENGTH if no frame of n bytes decodes to raw_len bytes,
@@ -107,9 +116,28 @@ int ckg_encode_chunk(const uint8_t *raw, size_t raw_len, unsigned elem, int code
 int ckg_zstd_check(const uint8_t *p, size_t n, size_t raw_len);
 
 /* Decode one payload into dst (exactly raw_len bytes). If want_hash is not NULL, the decoded
- * bytes must hash to it (CKG_E_HASH otherwise). dst is written even when an error is returned. */
+ * bytes must hash to it (CKG_E_HASH otherwise); if want_digest is not NULL, their SHA-256 must be
+ * it (CKG_E_DIGEST otherwise). dst is written even when an error is returned. */
 int ckg_decode_chunk(int codec, const uint8_t *payload, size_t stored_len, size_t raw_len,
-                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash);
+                     unsigned elem, uint8_t *dst, ckg_scratch *scratch, const uint8_t *want_hash,
+                     const uint8_t *want_digest);
+
+/* ---- digest.c: SHA-256 through OpenSSL's EVP interface ---------------------------------- */
+
+/* One digest in progress: ctx is the scratch's context (NULL: no digest is wanted, and updates
+ * do nothing); ok turns 0 on the first failed update. */
+typedef struct {
+    struct evp_md_ctx_st *ctx;
+    int ok;
+} ckg_sha;
+
+int ckg_sha_begin(ckg_scratch *s, ckg_sha *h);
+void ckg_sha_update(ckg_sha *h, const void *p, size_t n);
+int ckg_sha_end(ckg_sha *h, uint8_t out[CKG_DIGEST]);
+/* SHA-256 of one buffer with the scratch's context. */
+int ckg_sha256_with(ckg_scratch *s, const void *buf, size_t len, uint8_t out[CKG_DIGEST]);
+/* Free the scratch's digest context (ckg_scratch_free does). */
+void ckg_sha_free(ckg_scratch *s);
 
 /* ---- records (docs/format.md section 7, chunk record) -------------------------------- */
 
@@ -127,9 +155,10 @@ void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h);
 int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h);
 
 /* Check and decode a whole record extent (header + payload + padding) that a reader expects to
- * hold `want` (its seq is compared only if check_seq); writes want->raw_len bytes into dst. */
+ * hold `want` (its seq is compared only if check_seq); writes want->raw_len bytes into dst. With
+ * verify, the bytes must match the header's hash and, if want_digest is not NULL, that digest. */
 int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
-                      uint8_t *dst, ckg_scratch *scratch, int verify);
+                      uint8_t *dst, ckg_scratch *scratch, int verify, const uint8_t *want_digest);
 
 /* ---- pool.c: run fn(ctx, task, worker) for task in [0, ntasks) on up to nthreads threads --- */
 

@@ -10,6 +10,8 @@
 
 #include <errno.h>
 #include <lz4.h>
+#include <openssl/crypto.h>
+#include <openssl/opensslv.h>
 #include <stddef.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -20,7 +22,10 @@
 static PyObject *DecodeError;
 
 static const char *kind_of(int code) {
-    return code == CKG_E_HASH ? "hash" : code == CKG_E_IO ? "io" : "format";
+    return code == CKG_E_HASH     ? "hash"
+           : code == CKG_E_DIGEST ? "digest"
+           : code == CKG_E_IO     ? "io"
+                                  : "format";
 }
 
 /* Raise the Python error for a failed pipeline (returns NULL). */
@@ -148,7 +153,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
     rc = ckg_decode_chunk(codec, p.buf, (size_t)p.len, (size_t)raw_len,
-                          (unsigned)(elem < 0 ? 0 : elem), dst, ckg_thread_scratch(), h);
+                          (unsigned)(elem < 0 ? 0 : elem), dst, ckg_thread_scratch(), h, NULL);
     Py_END_ALLOW_THREADS
     if (rc) {
         Py_CLEAR(out);
@@ -287,9 +292,18 @@ static PyObject *py_write_records(PyObject *self, PyObject *args) {
         goto done;
     }
     ckg_write_stats st = {0, 0, 0};
-    ckg_write_args a = {
-        fd,  dfd < 0 ? -1 : dfd, b.buf, (size_t)b.len, (unsigned)elem, (size_t)chunk, codec, level,
-        pos, (uint32_t)seq0,     &st};
+    ckg_write_args a = {fd,
+                        dfd < 0 ? -1 : dfd,
+                        b.buf,
+                        (size_t)b.len,
+                        (unsigned)elem,
+                        (size_t)chunk,
+                        codec,
+                        level,
+                        pos,
+                        (uint32_t)seq0,
+                        &st,
+                        0};
     ckg_failure f;
     uint64_t end = pos;
     int used = 0, rc;
@@ -338,25 +352,29 @@ static PyObject *int64_column(size_t n, const void *base, size_t stride, size_t 
     return out;
 }
 
-/* The records of a batch as columns: (codecs, stored_lens, hashes, offsets, raw_lens); codecs
- * one byte each, hashes 16 bytes each, the others native int64. */
-static PyObject *record_columns(const ckg_rec_info *res, size_t n) {
+/* The records of a batch as columns: (codecs, stored_lens, hashes, offsets, raw_lens, digests);
+ * codecs one byte each, hashes 16 bytes each, digests 32 bytes each (empty without them), the
+ * others native int64. */
+static PyObject *record_columns(const ckg_rec_info *res, size_t n, int digest) {
     PyObject *codecs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     PyObject *hashes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(16 * n));
-    if (!codecs || !hashes) {
+    PyObject *digests = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(digest ? CKG_DIGEST * n : 0));
+    if (!codecs || !hashes || !digests) {
         Py_XDECREF(codecs);
         Py_XDECREF(hashes);
+        Py_XDECREF(digests);
         return NULL;
     }
     for (size_t i = 0; i < n; i++) {
         PyBytes_AS_STRING(codecs)[i] = (char)res[i].codec;
         memcpy(PyBytes_AS_STRING(hashes) + 16 * i, res[i].hash, 16);
+        if (digest) memcpy(PyBytes_AS_STRING(digests) + CKG_DIGEST * i, res[i].digest, CKG_DIGEST);
     }
     size_t sz = sizeof *res;
-    return Py_BuildValue("(NNNNN)", codecs,
+    return Py_BuildValue("(NNNNNN)", codecs,
                          int64_column(n, res, sz, offsetof(ckg_rec_info, stored_len)), hashes,
                          int64_column(n, res, sz, offsetof(ckg_rec_info, offset)),
-                         int64_column(n, res, sz, offsetof(ckg_rec_info, raw_len)));
+                         int64_column(n, res, sz, offsetof(ckg_rec_info, raw_len)), digests);
 }
 
 /* Per segment: (direct_used bytes, enc_ns, write_ns, bytes_written as native int64). */
@@ -391,16 +409,16 @@ static int get_segments(PyObject *seq, Py_ssize_t chunk, Py_buffer *bufs, ckg_se
 }
 
 /* write_segments(fd, path, pos, seq0, [(buf, elem_size, codec, level, direct), ...], chunk_size,
- *                threads, dfd) -> (end, record columns, segment columns): see record_columns
- * and segment_columns. One native call for the chunks of many buffers. */
+ *                threads, dfd, digest=False) -> (end, record columns, segment columns): see
+ * record_columns and segment_columns. One native call for the chunks of many buffers. */
 static PyObject *py_write_segments(PyObject *self, PyObject *args) {
     (void)self;
-    int fd, threads, dfd;
+    int fd, threads, dfd, digest = 0;
     PyObject *name, *path, *seq_obj, *seq = NULL, *out = NULL;
     unsigned long long pos, seq0;
     Py_ssize_t chunk, held = 0;
-    if (!PyArg_ParseTuple(args, "iOKKOnii", &fd, &name, &pos, &seq0, &seq_obj, &chunk, &threads,
-                          &dfd))
+    if (!PyArg_ParseTuple(args, "iOKKOnii|p", &fd, &name, &pos, &seq0, &seq_obj, &chunk, &threads,
+                          &dfd, &digest))
         return NULL;
     if (!PyUnicode_FSConverter(name, &path)) return NULL;
     Py_buffer *bufs = NULL;
@@ -433,7 +451,7 @@ static PyObject *py_write_segments(PyObject *self, PyObject *args) {
         goto done;
     }
     ckg_batch_args a = {fd,   dfd < 0 ? -1 : dfd, (size_t)chunk, pos, (uint32_t)seq0,
-                        segs, (size_t)ns};
+                        segs, (size_t)ns,         digest};
     ckg_failure f;
     uint64_t end = pos;
     int rc;
@@ -448,7 +466,7 @@ static PyObject *py_write_segments(PyObject *self, PyObject *args) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
         goto done;
     }
-    out = Py_BuildValue("(KNN)", (unsigned long long)end, record_columns(res, n),
+    out = Py_BuildValue("(KNN)", (unsigned long long)end, record_columns(res, n, digest),
                         segment_columns(stats, (size_t)ns));
 done:
     for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
@@ -473,6 +491,20 @@ static int get_hash(PyObject *o, const uint8_t **h, int allow_none) {
         return -1;
     }
     *h = (const uint8_t *)PyBytes_AS_STRING(o);
+    return 0;
+}
+
+/* A 32-byte SHA-256 digest, or None (not checked); the pointer borrows the bytes object. */
+static int get_digest(PyObject *o, const uint8_t **d) {
+    if (o == Py_None) {
+        *d = NULL;
+        return 0;
+    }
+    if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) != CKG_DIGEST) {
+        PyErr_SetString(PyExc_ValueError, "digest must be 32 bytes or None");
+        return -1;
+    }
+    *d = (const uint8_t *)PyBytes_AS_STRING(o);
     return 0;
 }
 
@@ -577,13 +609,15 @@ static PyObject *py_read_into(PyObject *self, PyObject *args) {
         unsigned long long off, ext, raw_len, stored_len, doff;
         long long rseq;
         int codec, elem;
-        PyObject *h;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiiKKOKL;bad read item", &off,
-                              &ext, &codec, &elem, &raw_len, &stored_len, &h, &doff, &rseq))
+        PyObject *h, *dg = Py_None;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiiKKOKL|O;bad read item", &off,
+                              &ext, &codec, &elem, &raw_len, &stored_len, &h, &doff, &rseq, &dg))
             goto done;
         ckg_read_item *it = &items[i];
         const uint8_t *hp;
-        if (get_hash(h, &hp, 0) < 0 || check_dest(d.len, doff, raw_len, (size_t)i) < 0) goto done;
+        if (get_hash(h, &hp, 0) < 0 || get_digest(dg, &it->digest) < 0 ||
+            check_dest(d.len, doff, raw_len, (size_t)i) < 0)
+            goto done;
         if (ext > CKG_MAX_EXTENT) {
             PyErr_SetString(PyExc_ValueError, "record extent too large");
             goto done;
@@ -628,9 +662,11 @@ static PyObject *py_versions(PyObject *self, PyObject *noargs) {
     char xv[32], xc[32];
     snprintf(xv, sizeof xv, "%u.%u.%u", x / 10000, x / 100 % 100, x % 100);
     snprintf(xc, sizeof xc, "%u.%u.%u", c / 10000, c / 100 % 100, c % 100);
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s}", "lz4", LZ4_versionString(), "lz4_compiled",
-                         LZ4_VERSION_STRING, "zstd", ZSTD_versionString(), "zstd_compiled",
-                         ZSTD_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:s}", "lz4", LZ4_versionString(),
+                         "lz4_compiled", LZ4_VERSION_STRING, "zstd", ZSTD_versionString(),
+                         "zstd_compiled", ZSTD_VERSION_STRING, "xxhash", xv, "xxhash_compiled", xc,
+                         "openssl", OpenSSL_version(OPENSSL_VERSION), "openssl_compiled",
+                         OPENSSL_VERSION_TEXT);
 }
 
 static PyObject *py_wait_written(PyObject *self, PyObject *args) {
@@ -685,18 +721,19 @@ static PyMethodDef methods[] = {
      "([(codec, stored_len, hash, offset, raw_len)], end, direct_used, "
      "(enc_ns, write_ns, bytes_written))."},
     {"write_segments", py_write_segments, METH_VARARGS,
-     "write_segments($module, fd, path, pos, seq0, segments, chunk_size, threads, dfd, /)\n--\n\n"
+     "write_segments($module, fd, path, pos, seq0, segments, chunk_size, threads, dfd, "
+     "digest=False, /)\n--\n\n"
      "Encode and write the records of every (buf, elem_size, codec, level, direct) segment at "
-     "pos in one call: (end, (codecs, stored_lens, hashes, offsets, raw_lens), (direct_used, "
-     "enc_ns, write_ns, bytes_written)); codecs and direct_used one byte each, hashes 16, the "
-     "others native int64."},
+     "pos in one call: (end, (codecs, stored_lens, hashes, offsets, raw_lens, digests), "
+     "(direct_used, enc_ns, write_ns, bytes_written)); codecs and direct_used one byte each, "
+     "hashes 16, digests 32 (SHA-256; empty unless digest), the others native int64."},
     {"decode_into", py_decode_into, METH_VARARGS,
      "decode_into($module, dest, items, threads, /)\n--\n\n"
      "Decode (codec, payload, raw_len, elem_size, hash, dest_offset) items into dest."},
     {"read_into", py_read_into, METH_VARARGS,
      "read_into($module, fd, path, dest, items, threads, verify, /)\n--\n\n"
      "Read, check and decode (offset, extent, codec, elem_size, raw_len, stored_len, hash, "
-     "dest_offset, seq) records into dest."},
+     "dest_offset, seq[, digest]) records into dest."},
     {"wait_written", py_wait_written, METH_VARARGS,
      "wait_written($module, fd, path, offset, length, /)\n--\n\n"
      "Write back the dirty pages of [offset, offset + length) (length 0: to the end) and wait "

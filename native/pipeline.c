@@ -101,7 +101,7 @@ static void enc_task(void *ctx, size_t t, int w) {
     if (atomic_load(&e->c.abort)) return;
     size_t off = t * e->chunk, n = e->len - off < e->chunk ? e->len - off : e->chunk;
     ckg_chunk ch;
-    int rc = ckg_encode_chunk(e->buf + off, n, e->elem, e->codec, e->level, e->outs[t],
+    int rc = ckg_encode_chunk(e->buf + off, n, e->elem, e->codec, e->level, 0, e->outs[t],
                               ckg_encode_bound(n), &tls_scratch, &ch);
     if (rc) {
         fail_task(&e->c, t, rc, 0);
@@ -260,7 +260,7 @@ static void wr_task(void *ctx, size_t t, int wk) {
     int rc = ckg_scratch_reserve(rb, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
     if (!rc)
-        rc = ckg_encode_chunk(sg->buf + k->off, n, sg->elem, sg->codec, sg->level,
+        rc = ckg_encode_chunk(sg->buf + k->off, n, sg->elem, sg->codec, sg->level, w->a->digest,
                               rb->buf + CKG_REC_HDR, cap, &tls_scratch, &ch);
     if (rc) {
         wr_abort(w, t, rc, 0);
@@ -288,6 +288,7 @@ static void wr_task(void *ctx, size_t t, int wk) {
     r->stored_len = ch.stored_len;
     r->offset = pos;
     memcpy(r->hash, ch.hash, 16);
+    if (w->a->digest) memcpy(r->digest, ch.digest, CKG_DIGEST);
     w->c.rc[t] = 0;
     pass_turn(w, extent);
 }
@@ -353,7 +354,7 @@ int ckg_write_segments(const ckg_batch_args *a, int threads, ckg_rec_info *res,
 int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
                      int *direct_used, ckg_failure *fail) {
     ckg_segment seg = {a->buf, a->len, a->elem, a->codec, a->level, a->dfd >= 0};
-    ckg_batch_args b = {a->fd, a->dfd, a->chunk, a->pos, a->seq0, &seg, 1};
+    ckg_batch_args b = {a->fd, a->dfd, a->chunk, a->pos, a->seq0, &seg, 1, a->digest};
     ckg_segment_stats st = {{0, 0, 0}, 0};
     int rc = ckg_write_segments(&b, threads, res, &st, end, fail);
     if (a->stats) *a->stats = st.st;
@@ -374,7 +375,7 @@ static void dec_task(void *ctx, size_t t, int w) {
     if (atomic_load(&d->c.abort)) return;
     const ckg_decode_item *it = &d->items[t];
     int rc = ckg_decode_chunk(it->codec, it->payload, it->stored_len, it->raw_len, it->elem,
-                              it->dst, &tls_scratch, it->hash);
+                              it->dst, &tls_scratch, it->hash, NULL);
     if (rc)
         fail_task(&d->c, t, rc, 0);
     else
@@ -422,7 +423,7 @@ static void rd_task(void *ctx, size_t t, int w) {
         return;
     }
     rc = ckg_decode_record(rb->buf, it->extent, &it->want, it->check_seq, it->dst, &tls_scratch,
-                           r->verify);
+                           r->verify, it->digest);
     if (rc)
         fail_task(&r->c, t, rc, 0);
     else

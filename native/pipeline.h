@@ -11,6 +11,7 @@ typedef struct {
     size_t stored_len;
     uint64_t offset;
     uint8_t hash[16];
+    uint8_t digest[CKG_DIGEST]; /* the write pipelines' records, when asked for */
 } ckg_rec_info;
 
 /* Where a pipeline failed: the chunk/item index, the status code, and errno for CKG_E_IO. */
@@ -61,6 +62,7 @@ typedef struct {
     uint64_t pos;  /* offset of the first record (a multiple of 4096) */
     uint32_t seq0; /* sequence number of the first record */
     ckg_write_stats *stats; /* if not NULL: set to what this call measured */
+    int digest;             /* compute each record's SHA-256 digest too */
 } ckg_write_args;
 
 /* Encode and write every chunk of a->buf as aligned records at increasing offsets from a->pos.
@@ -97,6 +99,7 @@ typedef struct {
     uint32_t seq0; /* sequence number of the first record */
     const ckg_segment *segs;
     size_t nsegs;
+    int digest; /* compute each record's SHA-256 digest too */
 } ckg_batch_args;
 
 /* ckg_write_buffer over several buffers at once: the chunks of every segment, in order, are the
@@ -122,12 +125,13 @@ typedef struct {
     uint64_t offset; /* of the record */
     size_t extent;   /* align(offset + 64 + stored_len) - offset */
     ckg_rec_header want;
-    int check_seq; /* compare want.seq with the record's sequence number */
-    uint8_t *dst;  /* want.raw_len bytes */
+    int check_seq;         /* compare want.seq with the record's sequence number */
+    uint8_t *dst;          /* want.raw_len bytes */
+    const uint8_t *digest; /* the SHA-256 its bytes must have (when verifying); NULL: none */
 } ckg_read_item;
 
 /* pread each record extent (with posix_fadvise), check header and padding, decode into dst and
- * verify its hash (if verify). Items should be in offset order. */
+ * verify its hash and digest (if verify). Items should be in offset order. */
 int ckg_read_records(int fd, const ckg_read_item *items, size_t n, int threads, int verify,
                      ckg_failure *fail);
 

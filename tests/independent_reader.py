@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
 import itertools
 import json
 import math
@@ -49,6 +50,7 @@ SUFFIX = b"}\n"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
 DATAFILE_RE = re.compile(r"rank-([0-9]{5,9})\.ckg")
 HEX32_RE = re.compile(r"[0-9a-f]{32}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 DTYPE_SIZES: dict[str, int] = {
@@ -97,7 +99,10 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # be per_rank, its row r being rank r's own value (section 3.1)
 # packed-records: one record may hold several rows' bytes, each row a slice of it (section 4.1)
 # tensor-views: a tensor entry may be a view of another entry's bytes (section 3.2)
+# digests: every index row has the SHA-256 of its record's raw bytes, the manifest's index member
+# the SHA-256 of index.parquet (section 4.2)
 KNOWN_FEATURES = {
+    "digests",
     "pickle",
     "rank-tree-diffs",
     "per-rank-tensors",
@@ -619,7 +624,14 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         _need(_is_int(f["chunks"]) and f["chunks"] >= 0, f"{where}: bad chunks")
 
     idx = body["index"]
-    _need(isinstance(idx, dict) and set(idx) == INDEX_MEMBERS, "MANIFEST.json: bad index member")
+    digests = "digests" in body.get("features", [])
+    want_members = INDEX_MEMBERS | ({"sha256"} if digests else set())
+    _need(isinstance(idx, dict) and set(idx) == want_members, "MANIFEST.json: bad index member")
+    _need(
+        not digests
+        or (isinstance(idx["sha256"], str) and bool(SHA256_RE.fullmatch(idx["sha256"]))),
+        "MANIFEST.json: bad index.sha256",
+    )
     _need(idx["file"] == INDEX, "MANIFEST.json: index.file is not 'index.parquet'")
     _need(_is_int(idx["size"]) and idx["size"] > 0, "MANIFEST.json: bad index.size")
     _need(
@@ -748,6 +760,11 @@ def parse_index(data: bytes, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows of index.parquet's bytes (hash as bytes), after checking its hash and schema."""
     _need(len(data) == body["index"]["size"], f"index.parquet: size {len(data)} != manifest")
     _need(xxh3_128_hex(data) == body["index"]["xxh3_128"], "index.parquet: xxh3_128 mismatch")
+    digests = "digests" in body.get("features", [])
+    _need(
+        not digests or hashlib.sha256(data).hexdigest() == body["index"]["sha256"],
+        "index.parquet: sha256 mismatch",
+    )
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
@@ -757,6 +774,8 @@ def parse_index(data: bytes, body: dict[str, Any]) -> list[dict[str, Any]]:
     packed = "packed-records" in body.get("features", [])
     if packed:
         columns.update(PACK_COLUMNS)
+    if digests:
+        columns["digest"] = pa.binary(32)
     _need(
         sorted(names) == sorted(columns) and len(names) == len(columns),
         f"index.parquet: columns {names} are not exactly {list(columns)}",
@@ -871,6 +890,8 @@ def check_rows(
     for r in rows:
         by_file[r["file"]].append(r)
     record_fields = ("record_raw_len", "stored_len", "codec", "elem_size", "hash")
+    if "digests" in feats:
+        record_fields += ("digest",)
     for name, f in files.items():
         rs = sorted(by_file.get(name, []), key=lambda r: r["offset"])
         _need(len(rs) == f["chunks"], f"{name}: {len(rs)} index rows != files.chunks")
@@ -968,6 +989,8 @@ def scan_data_file(path: str, fd: int | None = None, size: int | None = None) ->
     offsets = [row.get("offset") if isinstance(row, dict) else None for row in rows]
     packed = len(set(offsets)) < len(offsets)
     members = PACKED_FOOTER_ROW_MEMBERS if packed else FOOTER_ROW_MEMBERS
+    if rows and isinstance(rows[0], dict) and "digest" in rows[0]:  # feature digests
+        members = members | {"digest"}
     for i, row in enumerate(rows):
         _need(isinstance(row, dict) and set(row) == members, f"{name}: footer row {i} members")
         off, sl = row["offset"], row["stored_len"]
@@ -1003,6 +1026,8 @@ def footer_row_of(index_row: dict[str, Any], packed: bool) -> dict[str, Any]:
     if not packed:
         del r["record_byte_offset"], r["record_raw_len"]
     r["hash"] = r["hash"].hex()
+    if "digest" in r:
+        r["digest"] = r["digest"].hex()
     r["global_shape"] = list(r["global_shape"])
     r["shard_offsets"] = list(r["shard_offsets"])
     r["shard_lengths"] = list(r["shard_lengths"])
@@ -1082,6 +1107,8 @@ def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: boo
     _need(len(raw) == raw_len, f"{where}: decoded length != raw_len")
     if verify:
         _need(xxhash.xxh3_128(raw).digest() == h, f"{where}: xxh3-128 of the bytes mismatch")
+        if "digest" in row:
+            _need(hashlib.sha256(raw).digest() == row["digest"], f"{where}: SHA-256 mismatch")
     return raw
 
 

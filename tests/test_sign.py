@@ -28,31 +28,9 @@ from ckptguard import (
 )
 from ckptguard.audit import canon
 from ckptguard.format.layout import SIGNATURE, STAGING
-from ckptguard.format.manifest import KNOWN_FEATURES
 
 HERE = Path(__file__).parent
 SCENARIOS = HERE / "dist" / "scenarios.py"
-PART_ONE = "digests" in KNOWN_FEATURES  # chunk digests implemented: signatures cover the chunks
-CHECK = sign.check  # the check itself, whatever the fixture below puts in its place
-
-
-@pytest.fixture(autouse=True)
-def _digests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where chunk digests are not implemented yet, the check's last rule (the feature) is
-    met by a copy of the body that lists it; every other rule runs as it is."""
-    if PART_ONE:
-        return
-    check, ir_check = sign.check, ir.check_signature
-
-    def with_feature(body: dict) -> dict:
-        return {**body, "features": [*body["features"], "digests"]}
-
-    monkeypatch.setattr(
-        sign, "check", lambda p, fd, raw, b, t: check(p, fd, raw, with_feature(b), t)
-    )
-    monkeypatch.setattr(
-        ir, "check_signature", lambda d, raw, b, t: ir_check(d, raw, with_feature(b), t)
-    )
 
 
 def state(seed: int = 0) -> dict:
@@ -207,15 +185,14 @@ def test_without_digests_refused(tmp_path: Path, kp: tuple[str, str, str]) -> No
     key = keys.load_private(kp[0])
     raw = (path / "MANIFEST.json").read_bytes()
     body = json.loads(raw)["manifest"]
-    if "digests" in body["features"]:
-        pytest.skip("saved with digests")
+    assert "digests" not in body["features"]
     (path / SIGNATURE).write_bytes(sign.signature_file(key, sign.statement(raw, body, key.key_id)))
     trust = sign.trust_set(kp[1])
     assert trust is not None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(SignatureError, match="no chunk digests"):
-            CHECK(str(path), fd, raw, body, trust)
+            sign.check(str(path), fd, raw, body, trust)
     finally:
         os.close(fd)
 
@@ -300,3 +277,40 @@ def test_four_ranks_rank_zero_signs(tmp_path: Path, kp: tuple[str, str, str]) ->
     assert run_command(cmd, 180, env=env).returncode == 0
     report = ckptguard.verify(store / "step-10", trusted_keys=kp[1])
     assert report.ok and report.signed_by == kp[2]
+
+
+def test_signing_forces_digests(signed: Path, kp: tuple[str, str, str], tmp_path: Path) -> None:
+    body = json.loads((signed / "MANIFEST.json").read_bytes())["manifest"]
+    assert "digests" in body["features"] and "sha256" in body["index"]
+    ckptguard.save(state(), tmp_path / "s" / "x", sign_key=kp[0], digests=False)
+    assert ckptguard.verify(tmp_path / "s" / "x", trusted_keys=kp[1]).ok  # forced on
+    key = keys.load_private(kp[0])
+    with pytest.raises(SignatureError, match="no chunk digests"):
+        sign.write_signature(str(tmp_path), key, b"", {"name": "n", "features": []})
+
+
+def test_full_forgery_is_refused(tmp_path: Path, kp: tuple[str, str, str]) -> None:
+    """The forger of tests/forgery.py (chunk bytes, record header, footer, index hash and
+    digest columns, the manifest's index hashes and checksum) makes a checkpoint that verifies
+    without keys; under the trusted key it is refused, and so is one whose two chunks swapped."""
+    from forgery import forge_chunk, set_first_float
+
+    path = tmp_path / "store" / "f"
+    big = {"w": torch.randn(3, 1 << 20), "s": 1}
+    ckptguard.save(big, path, sign_key=kp[0], compress="none")
+    forge_chunk(str(path), "w", set_first_float(1e6), digests=True)
+    assert ckptguard.verify(path).ok  # every hash anyone can recompute was recomputed
+    _refused(path, kp[1], "another MANIFEST.json")
+    with pytest.raises(ir.SpecViolation, match="another MANIFEST"):
+        ir.read_checkpoint(str(path), trusted={kp[2]: _raw_pub(kp[1])})
+    swapped = tmp_path / "store" / "g"
+    ckptguard.save(big, swapped, sign_key=kp[0], compress="none")
+    second = (swapped / "rank-00000.ckg").read_bytes()  # chunk 1 of "w" in place of chunk 0
+    from ckptguard.format import index
+
+    rows = index.rows_from_table(index.read_table((swapped / "index.parquet").read_bytes()))
+    r1 = next(r for r in rows if r.key == "w" and r.chunk == 1)
+    start = r1.offset + 64
+    forge_chunk(str(swapped), "w", lambda _: second[start : start + r1.raw_len], digests=True)
+    assert ckptguard.verify(swapped).ok
+    _refused(swapped, kp[1], "another MANIFEST.json")

@@ -131,7 +131,8 @@ class Writer(StorageWriter):
         except OSError as e:
             raise from_oserror(e, store, "cannot create a staging directory in") from None
         self._layout = layout
-        common = {"uuid": self._uuid, "staging": self._staging}
+        digests = self.opt.digests or self._signer is not None  # a signature needs them
+        common = {"uuid": self._uuid, "staging": self._staging, "digests": digests}
         return [
             dataclasses.replace(p, storage_data={**common, "tensors": layout.rank_part(r)})
             for r, p in enumerate(plans)
@@ -151,9 +152,8 @@ class Writer(StorageWriter):
             ref = _tensor_ref(key, item, planner.resolve_data(item))
             todo.append((gid, ref))
             devices[str(gid)] = ref.device
-        doc, rows = write_data_file(
-            DIRECTORY, part["staging"], part["uuid"], self.rank, self.opt, todo
-        )
+        opt = dataclasses.replace(self.opt, digests=part["digests"])
+        doc, rows = write_data_file(DIRECTORY, part["staging"], part["uuid"], self.rank, opt, todo)
         report = pack_report({**doc, "values": values, "devices": devices}, rows)
         results = [WriteResult(item.index, _nbytes(item), None) for item in plan.items]
         results.append(WriteResult(MetadataIndex(REPORT), doc["file"]["size"], report))

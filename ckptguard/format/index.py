@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 
 from .datafile import RECORD_HEADER_SIZE, FormatError, pack_footer
 from .layout import align
@@ -68,6 +70,13 @@ PACK_COLUMNS = ("record_byte_offset", "record_raw_len")
 PACKED_SCHEMA = pa.schema([*SCHEMA, *((name, pa.int64()) for name in PACK_COLUMNS)])
 """The index under ``packed-records``: the v1 columns, then where each row's raw bytes lie in
 its record's raw bytes and that record's raw length."""
+DIGESTS = "digests"
+"""Feature: every row has the SHA-256 digest of its record's raw bytes (format.md 4.2)."""
+DIGEST = "digest"
+DIGEST_BYTES = 32
+FULL_SCHEMA = pa.schema([*PACKED_SCHEMA, (DIGEST, pa.binary(DIGEST_BYTES))])
+"""Every column an index may have, in order: the packed-records columns and ``digest`` are
+present only under their features."""
 
 
 @dataclass(slots=True)
@@ -96,6 +105,8 @@ class Row:
     """Where this row's raw bytes start in its record's raw bytes (0 unless packed)."""
     record_raw_len: int = 0
     """The raw length of the record holding this row (given as 0: this row's ``raw_len``)."""
+    digest: bytes | None = None
+    """SHA-256 of the record's raw bytes (feature ``digests``); None without the feature."""
 
     def __post_init__(self) -> None:
         if not self.record_raw_len:
@@ -107,12 +118,15 @@ class Row:
         return self.record_raw_len != self.raw_len
 
     def to_json(self, packed: bool = False) -> dict:
-        """The row as a footer object (members in column order, hash in hex); ``packed``: with
-        the members of ``PACK_COLUMNS`` (a footer of a file that holds a packed record)."""
-        d = {name: getattr(self, name) for name in (PACKED_NAMES if packed else FIELD_NAMES)}
+        """The row as a footer object (members in column order, hash and digest in hex);
+        ``packed``: with the members of ``PACK_COLUMNS`` (a footer of a file that holds a packed
+        record); with ``digest`` where the row has one."""
+        d = {name: getattr(self, name) for name in names_of(packed, self.digest is not None)}
         for k in ("global_shape", "shard_offsets", "shard_lengths"):
             d[k] = list(d[k])
         d["hash"] = self.hash.hex()
+        if self.digest is not None:
+            d[DIGEST] = self.digest.hex()
         return d
 
     @property
@@ -121,32 +135,51 @@ class Row:
         return align(self.offset + RECORD_HEADER_SIZE + self.stored_len)
 
 
-PACKED_NAMES = [f.name for f in fields(Row)]
-FIELD_NAMES = PACKED_NAMES[: -len(PACK_COLUMNS)]
-assert SCHEMA.names == FIELD_NAMES and PACKED_SCHEMA.names == PACKED_NAMES
+FIELD_NAMES = SCHEMA.names
+PACKED_NAMES = PACKED_SCHEMA.names
+assert FULL_SCHEMA.names == [f.name for f in fields(Row)]
+
+
+def names_of(packed: bool, digests: bool) -> list[str]:
+    """The columns of an index with or without the ``packed-records`` and ``digests``
+    columns, in order."""
+    return (PACKED_NAMES if packed else FIELD_NAMES) + ([DIGEST] if digests else [])
+
+
+def schema_of(packed: bool, digests: bool) -> pa.Schema:
+    """The schema of ``names_of(packed, digests)``."""
+    return pa.schema([FULL_SCHEMA.field(n) for n in names_of(packed, digests)])
 
 
 def is_packed(table: pa.Table) -> bool:
     """Whether an index table has the ``packed-records`` columns."""
-    return table.schema.names == PACKED_NAMES
+    return PACK_COLUMNS[-1] in table.schema.names
+
+
+def has_digests(table: pa.Table) -> bool:
+    """Whether an index table has the ``digest`` column (feature ``digests``)."""
+    return DIGEST in table.schema.names
 
 
 def to_table(rows: list[Row]) -> pa.Table:
     """The rows as an index table (``table_of`` their columns)."""
-    return table_of({name: [getattr(r, name) for r in rows] for name in PACKED_NAMES})
+    names = PACKED_NAMES + ([DIGEST] if rows and rows[0].digest is not None else [])
+    return table_of({name: [getattr(r, name) for r in rows] for name in names})
 
 
 def table_of(cols: Mapping[str, Any]) -> pa.Table:
-    """An index table from whole columns, one per name of ``PACKED_NAMES`` (each a sequence, a
-    numpy array or an Arrow array): with the ``packed-records`` columns only if some row is a
-    slice of a shared record, so that a checkpoint without one is the v1 index exactly."""
+    """An index table from whole columns, one per name of ``PACKED_NAMES`` and optionally
+    ``digest`` (each a sequence, a numpy array or an Arrow array): with the ``packed-records``
+    columns only if some row is a slice of a shared record, so that a checkpoint without one is
+    the v1 index exactly; with ``digest`` where it is given."""
+    digests = cols.get(DIGEST) is not None
     arrays = {
-        f.name: col if isinstance(col, pa.Array) else pa.array(col, f.type)
-        for f in PACKED_SCHEMA
-        for col in [cols[f.name]]
+        name: col if isinstance(col, pa.Array) else pa.array(col, FULL_SCHEMA.field(name).type)
+        for name in names_of(True, digests)
+        for col in [cols[name]]
     }
     packed = pc.any(pc.not_equal(arrays["record_raw_len"], arrays["raw_len"])).as_py()
-    schema = PACKED_SCHEMA if packed else SCHEMA
+    schema = schema_of(bool(packed), digests)
     return pa.table([arrays[n] for n in schema.names], schema=schema)
 
 
@@ -154,7 +187,7 @@ def footer(rank: int, uuid_hex: str, table: pa.Table, packed: bool) -> bytes:
     """The footer of a data file whose index rows are ``table`` (in footer order): the bytes of
     ``pack_footer(rank, uuid_hex, [r.to_json(packed) for r in rows])``, written as JSON text
     column by column by Arrow's string kernels instead of through one dict per row."""
-    names = PACKED_NAMES if packed else FIELD_NAMES
+    names = names_of(packed, has_digests(table))
     parts: list[Any] = []
     for i, name in enumerate(names):
         parts.append(pa.scalar(("{" if i == 0 else ",") + encode_basestring(name) + ":", _TEXT))
@@ -176,7 +209,7 @@ _NULL = pa.scalar("null", _TEXT)
 
 def _json_column(col: pa.Array, name: str) -> pa.Array:
     """Each value of an index column as ``json.dumps`` writes it in a footer (``_TEXT``)."""
-    if name == "hash":
+    if name in ("hash", DIGEST):
         return _hex_texts(col)
     if isinstance(col.type, pa.ListType):
         inner = pc.binary_join(pc.cast(col, pa.list_(_TEXT)), pa.scalar(",", _TEXT))
@@ -207,32 +240,38 @@ def _string_texts(col: pa.Array) -> pa.Array:
 
 
 def _hex_texts(col: pa.Array) -> pa.Array:
-    """A binary(16) column (no nulls) as quoted lowercase hex texts."""
-    n = len(col)
+    """A fixed-size binary column (no nulls) as quoted lowercase hex texts."""
+    n, w = len(col), col.type.byte_width
     if not n:
         return pa.array([], _TEXT)
     data = np.frombuffer(col.buffers()[1], dtype=np.uint8)
-    raw = data[col.offset * 16 : (col.offset + n) * 16].reshape(n, 16)
-    out = np.empty((n, 34), dtype=np.uint8)
-    out[:, 0] = out[:, 33] = ord('"')
-    out[:, 1:33:2] = _HEX[raw >> 4]
-    out[:, 2:33:2] = _HEX[raw & 15]
-    offsets = np.arange(0, 34 * (n + 1), 34, dtype=np.int64)
+    raw = data[col.offset * w : (col.offset + n) * w].reshape(n, w)
+    out = np.empty((n, 2 * w + 2), dtype=np.uint8)
+    out[:, 0] = out[:, 2 * w + 1] = ord('"')
+    out[:, 1 : 2 * w + 1 : 2] = _HEX[raw >> 4]
+    out[:, 2 : 2 * w + 1 : 2] = _HEX[raw & 15]
+    offsets = np.arange(0, (2 * w + 2) * (n + 1), 2 * w + 2, dtype=np.int64)
     return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:
     """Concatenate index tables of several ranks: where any has the ``packed-records`` columns,
-    the others get them too (each row its own record: offset 0, its own raw length)."""
+    the others get them too (each row its own record: offset 0, its own raw length). All or
+    none have digests (ValueError otherwise: the ranks disagree on the ``digests`` option)."""
+    digests = {has_digests(t) for t in tables}
+    if len(digests) > 1:
+        raise ValueError("some ranks wrote chunk digests and others did not")
     if not any(is_packed(t) for t in tables):
         return pa.concat_tables(tables)
+    schema = schema_of(True, digests == {True})
     out = []
     for t in tables:
         if not is_packed(t):
-            t = t.append_column(
-                PACKED_SCHEMA.field(PACK_COLUMNS[0]), pa.array(np.zeros(t.num_rows, np.int64))
-            ).append_column(PACKED_SCHEMA.field(PACK_COLUMNS[1]), t.column("raw_len"))
-        out.append(t.cast(PACKED_SCHEMA))
+            at = len(FIELD_NAMES)
+            t = t.add_column(
+                at, PACKED_SCHEMA.field(PACK_COLUMNS[0]), pa.array(np.zeros(t.num_rows, np.int64))
+            ).add_column(at + 1, PACKED_SCHEMA.field(PACK_COLUMNS[1]), t.column("raw_len"))
+        out.append(t.cast(schema))
     return pa.concat_tables(out)
 
 
@@ -247,19 +286,19 @@ def read(data: bytes) -> list[Row]:
 
 
 def read_table(data: bytes) -> pa.Table:
-    """Parse Parquet bytes into a table with exactly the v1 schema (or the v1 schema and the
-    ``packed-records`` columns) and no forbidden nulls."""
+    """Parse Parquet bytes into a table with exactly the v1 schema (or the v1 schema with the
+    ``packed-records`` columns, the ``digest`` column, or both) and no forbidden nulls."""
     try:
         # One thread: Arrow's pool can abort the process at exit beside torch (apache/arrow#34314).
         table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
         table.validate(full=True)  # e.g. strings that are not UTF-8, which Parquet reads as is
     except Exception as e:  # pyarrow raises many kinds on garbage
         raise FormatError(f"index.parquet cannot be parsed: {e}") from None
-    schema = PACKED_SCHEMA if table.schema.names == PACKED_NAMES else SCHEMA
+    schema = schema_of(is_packed(table), has_digests(table))
     if table.schema.names != schema.names:
         raise FormatError(
             f"index.parquet has columns {table.schema.names}, expected {SCHEMA.names} "
-            f"(or those and {list(PACK_COLUMNS)})"
+            f"(then optionally {list(PACK_COLUMNS)}, then optionally {[DIGEST]})"
         )
     for name, field in zip(schema.names, schema, strict=True):
         col = table.column(name)
@@ -275,6 +314,13 @@ def read_table(data: bytes) -> pa.Table:
         if isinstance(field.type, pa.ListType) and pc.list_flatten(col).null_count:
             raise FormatError(f"index column {name!r} has nulls")
     return table
+
+
+def member(data: bytes, digests: bool) -> dict:
+    """The manifest's ``index`` member for index.parquet bytes ``data`` (format.md section 3):
+    its SHA-256 too under the feature ``digests``."""
+    doc = {"file": "index.parquet", "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    return {**doc, "sha256": hashlib.sha256(data).hexdigest()} if digests else doc
 
 
 def write_table(table: pa.Table) -> bytes:
@@ -294,19 +340,26 @@ def rows_from_table(table: pa.Table) -> list[Row]:
     for name in ("global_shape", "shard_offsets", "shard_lengths"):
         at = names.index(name)
         cols[at] = [shapes.setdefault(t, t) for t in map(tuple, cols[at])]
-    return [Row(*vals) for vals in zip(*cols, strict=True)]
+    if names in (FIELD_NAMES, PACKED_NAMES):  # positional: Row's first fields
+        return [Row(*vals) for vals in zip(*cols, strict=True)]
+    return [Row(**dict(zip(names, vals, strict=True))) for vals in zip(*cols, strict=True)]
 
 
 def row_from_json(d: object) -> Row:
-    """Parse one footer row (same fields as the index, hash in hex; with or without the
-    ``packed-records`` members, which the caller checks against the file)."""
-    if not isinstance(d, dict) or list(d) not in (FIELD_NAMES, PACKED_NAMES):
+    """Parse one footer row (same fields as the index, hash and digest in hex; with or without
+    the ``packed-records`` members and ``digest``, which the caller checks against the file)."""
+    if not isinstance(d, dict) or list(d) not in _FOOTER_NAMES:
         raise FormatError("footer row has unexpected fields")
     try:
         d = dict(d)
         d["hash"] = bytes.fromhex(d["hash"])
+        if DIGEST in d:
+            d[DIGEST] = bytes.fromhex(d[DIGEST])
         for k in ("global_shape", "shard_offsets", "shard_lengths"):
             d[k] = tuple(d[k])
         return Row(**d)
     except (TypeError, ValueError) as e:
         raise FormatError(f"footer row is malformed: {e}") from None
+
+
+_FOOTER_NAMES = [names_of(p, g) for p in (False, True) for g in (False, True)]

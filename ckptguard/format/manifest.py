@@ -8,6 +8,7 @@ import json
 import math
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -17,7 +18,7 @@ import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import ZSTD_FEATURE, FormatError
-from .index import PACKED_RECORDS, is_packed
+from .index import DIGESTS, PACKED_RECORDS, has_digests, is_packed
 from .layout import datafile_rank, is_name, is_uuid
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 from .treeids import TREE_TYPES, uses_tree_types
@@ -37,6 +38,7 @@ KNOWN_FEATURES = frozenset(
         ZSTD_FEATURE,
         TREE_TYPES,
         TENSOR_VIEWS,
+        DIGESTS,
     }
 )
 _PREFIX = b'{"checksum":"'
@@ -73,6 +75,8 @@ _TENSOR = {
 }
 _FILE = {"name": str, "rank": int, "size": int, "chunks": int}
 _INDEX = {"file": str, "size": int, "xxh3_128": str}
+_INDEX_SHA256 = {**_INDEX, "sha256": str}  # under the feature ``digests``
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TOTALS = {"tensors": int, "chunks": int, "raw_bytes": int, "stored_bytes": int, "files": int}
 
 
@@ -89,7 +93,7 @@ def features(
 ) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
     per-rank tensors, the tree's extra types (in ``tree`` and ``rank_trees``), views, and, from
-    its index ``table``, records shared by several rows and zstd chunks."""
+    its index ``table``, records shared by several rows, zstd chunks and chunk digests."""
     zstd = table is not None and pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
@@ -99,6 +103,7 @@ def features(
         *([ZSTD_FEATURE] if zstd else []),
         *([TREE_TYPES] if uses_tree_types(tree, *rank_trees.values()) else []),
         *([TENSOR_VIEWS] if any("view" in t for t in tensors) else []),
+        *([DIGESTS] if table is not None and has_digests(table) else []),
     ]
 
 
@@ -244,9 +249,12 @@ def validate(doc: Any) -> None:
         doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats, TENSOR_VIEWS in feats
     )
     _validate_files(doc["files"])
-    _typed(doc["index"], _INDEX, "manifest.index")
+    digests = DIGESTS in feats
+    _typed(doc["index"], _INDEX_SHA256 if digests else _INDEX, "manifest.index")
     if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
         raise FormatError("manifest.index is invalid")
+    if digests and not _SHA256_HEX.fullmatch(doc["index"]["sha256"]):
+        raise FormatError("manifest.index.sha256 is not 64 lowercase hex digits")
     _typed(doc["totals"], _TOTALS, "manifest.totals")
 
 

@@ -25,7 +25,7 @@ from .datafile import (
     lz4_max_raw_len,
     zstd_exceeds,
 )
-from .index import PACKED_RECORDS, int_lists, is_packed
+from .index import DIGEST, DIGESTS, PACKED_RECORDS, has_digests, int_lists, is_packed
 from .layout import ALIGN, datafile_rank, is_name
 from .shapes import Shapes
 from .views import TENSOR_VIEWS, without_views
@@ -122,6 +122,8 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
         "bad raw_len, chunk or shard_byte_offset",
     )
     rec = _Records.of(table, rows, raw, features)
+    if has_digests(table) != (DIGESTS in features):
+        raise FormatError(f"index: the {DIGEST} column without the {DIGESTS} feature or v.v.")
     codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
     rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -202,11 +204,13 @@ class _Records:
         return cls(True, rlen, at, stored)
 
 
-def _hash_words(table: pa.Table) -> np.ndarray:
-    """The ``hash`` column as two uint64 words per row (nulls were refused before)."""
-    arr = table.column("hash").combine_chunks()
+def _hash_words(table: pa.Table, name: str = "hash") -> np.ndarray:
+    """A fixed-size binary column (``hash`` or ``digest``) as uint64 words per row (nulls were
+    refused before)."""
+    arr = table.column(name).combine_chunks()
+    k = arr.type.byte_width // 8
     words = np.frombuffer(arr.buffers()[1], dtype=np.uint64)
-    return words[2 * arr.offset : 2 * (arr.offset + len(arr))].reshape(-1, 2)
+    return words[k * arr.offset : k * (arr.offset + len(arr))].reshape(-1, k)
 
 
 def _check_placement(
@@ -275,9 +279,12 @@ def _check_slices(
         c = col[order]
         differ[1:] |= c[1:] != c[:-1]
     differ[1:] |= (words[1:] != words[:-1]).any(axis=1)
+    if has_digests(table):
+        sha = _hash_words(table, DIGEST)[order]
+        differ[1:] |= (sha[1:] != sha[:-1]).any(axis=1)
     bad = np.zeros(rows.n, dtype=bool)
     bad[order] = shares & differ
-    rows.fail(bad, "rows of one record disagree on its fields (raw_len, stored_len, codec, hash)")
+    rows.fail(bad, "rows of one record disagree on its fields (lengths, codec, hash, digest)")
     at, end = rec.slice_at[order], (rec.slice_at + _np(table, "raw_len"))[order]
     prev_end = np.zeros(rows.n, dtype=np.int64)
     prev_end[1:] = end[:-1]

@@ -146,7 +146,7 @@ int main(int argc, char **argv) {
                 if (t < braw) braw = t;
                 close(fd);
                 fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-                ckg_write_args a = {fd, -1, buf, len, elems[e], chunk, 1, 0, 0, 0, NULL};
+                ckg_write_args a = {fd, -1, buf, len, elems[e], chunk, 1, 0, 0, 0, NULL, 0};
                 uint64_t end;
                 int used;
                 t = now();

@@ -17,7 +17,7 @@
 
 #define MAX_RAW (1u << 20) /* a reader validates raw_len against the tensor before allocating */
 
-static int valid_code(int rc) { return rc >= CKG_OK && rc <= CKG_E_LEVEL && rc != CKG_E_IO; }
+static int valid_code(int rc) { return rc >= CKG_OK && rc <= CKG_E_DIGEST && rc != CKG_E_IO; }
 
 static void put_le64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -37,7 +37,8 @@ static int one_input(const uint8_t *data, size_t size) {
         size_t raw_len = (size_t)(data[2] | data[3] << 8 | (data[4] & 0x1F) << 16);
         uint8_t *dst = malloc(raw_len ? raw_len : 1);
         int rc = ckg_decode_chunk(codec, data + 8, size - 8, raw_len, elem, dst, &s,
-                                  (data[5] & 1) ? data + 8 : NULL);
+                                  (data[5] & 1) ? data + 8 : NULL,
+                                  (data[5] & 2) && size >= 8 + CKG_DIGEST ? data + 8 : NULL);
         if (!valid_code(rc)) bad = 1;
         free(dst);
     }
@@ -45,7 +46,7 @@ static int one_input(const uint8_t *data, size_t size) {
     if (size >= CKG_REC_HDR && ckg_unpack_record_header(data, &h) == CKG_OK &&
         h.raw_len <= MAX_RAW) {
         uint8_t *dst = malloc(h.raw_len ? (size_t)h.raw_len : 1);
-        int rc = ckg_decode_record(data, size, &h, 1, dst, &s, 1);
+        int rc = ckg_decode_record(data, size, &h, 1, dst, &s, 1, size >= 96 ? data + 64 : NULL);
         if (!valid_code(rc)) bad = 1;
         if (rc == CKG_OK) { /* decoded bytes must match the header's hash */
             uint8_t got[16];
@@ -91,7 +92,8 @@ static uint8_t *seed_record(int kind, size_t *len) {
     uint8_t *rec = calloc(1, ckg_align_up(CKG_REC_HDR + cap));
     ckg_chunk ch;
     int codec = kind < 10 ? CKG_SHUFFLE_LZ4 : CKG_SHUFFLE_ZSTD;
-    if (ckg_encode_chunk(raw, raw_len, elem, codec, 0, rec + CKG_REC_HDR, cap, &s, &ch) != CKG_OK)
+    if (ckg_encode_chunk(raw, raw_len, elem, codec, 0, 0, rec + CKG_REC_HDR, cap, &s, &ch) !=
+        CKG_OK)
         abort();
     ckg_rec_header h = {ch.codec, elem, raw_len, ch.stored_len, {0}, (uint32_t)kind};
     memcpy(h.hash, ch.hash, 16);

@@ -64,6 +64,21 @@ static void test_shuffle(void) {
     }
 }
 
+/* SHA-256 known answers (FIPS 180-2 examples). */
+static void test_sha256(void) {
+    static const uint8_t abc[32] = {0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea,
+                                    0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+                                    0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c,
+                                    0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad};
+    static const uint8_t empty[32] = {0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14,
+                                      0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+                                      0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c,
+                                      0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55};
+    uint8_t d[CKG_DIGEST];
+    CHECK(ckg_sha256("abc", 3, d) == CKG_OK && memcmp(d, abc, 32) == 0);
+    CHECK(ckg_sha256("", 0, d) == CKG_OK && memcmp(d, empty, 32) == 0);
+}
+
 static void test_chunk_roundtrip(void) {
     ckg_scratch s = {0}, s2 = {0};
     unsigned elems[] = {1, 2, 4, 8, 16};
@@ -79,10 +94,13 @@ static void test_chunk_roundtrip(void) {
                     uint8_t *out = malloc(cap + 1);
                     fill(raw, len, elem, kind);
                     ckg_chunk ch;
-                    CHECK(ckg_encode_chunk(raw, len, elem, codec, 0, out, cap, &s, &ch) == CKG_OK);
-                    uint8_t h[16];
+                    CHECK(ckg_encode_chunk(raw, len, elem, codec, 0, 1, out, cap, &s, &ch) ==
+                          CKG_OK);
+                    uint8_t h[16], d[CKG_DIGEST];
                     ckg_hash128(raw, len, h);
                     CHECK(memcmp(h, ch.hash, 16) == 0);
+                    CHECK(ckg_sha256(raw, len, d) == CKG_OK);
+                    CHECK(memcmp(d, ch.digest, CKG_DIGEST) == 0);
                     if (ch.codec == codec) {
                         CHECK(ch.stored_len * 20 <= len * 19);
                         CHECK(ch.payload == out);
@@ -94,18 +112,27 @@ static void test_chunk_roundtrip(void) {
                     if (kind == 0 && len >= 4096) CHECK(ch.codec == CKG_RAW);
                     if (len < CKG_MIN_COMPRESS) CHECK(ch.codec == CKG_RAW);
                     CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
-                                           &s2, ch.hash) == CKG_OK);
+                                           &s2, ch.hash, ch.digest) == CKG_OK);
                     CHECK(len == 0 || memcmp(raw, back, len) == 0);
+                    /* a wrong digest is reported, with or without the hash checked */
+                    uint8_t bad_d[CKG_DIGEST];
+                    memcpy(bad_d, d, CKG_DIGEST);
+                    bad_d[31] ^= 0x80;
+                    CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
+                                           &s2, ch.hash, bad_d) == CKG_E_DIGEST);
+                    CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
+                                           &s2, NULL, bad_d) == CKG_E_DIGEST);
                     /* a wrong hash is reported */
                     uint8_t bad[16];
                     memcpy(bad, h, 16);
                     bad[7] ^= 1;
                     CHECK(ckg_decode_chunk(ch.codec, ch.payload, ch.stored_len, len, elem, back,
-                                           &s2, bad) == CKG_E_HASH);
+                                           &s2, bad, NULL) == CKG_E_HASH);
                     /* compress off: always raw, a copy in out, same hash */
                     ckg_chunk ch2;
-                    CHECK(ckg_encode_chunk(raw, len, elem, 0, 0, out, cap, &s, &ch2) == CKG_OK);
+                    CHECK(ckg_encode_chunk(raw, len, elem, 0, 0, 1, out, cap, &s, &ch2) == CKG_OK);
                     CHECK(ch2.codec == CKG_RAW && memcmp(ch2.hash, h, 16) == 0);
+                    CHECK(memcmp(ch2.digest, d, CKG_DIGEST) == 0);
                     CHECK(ch2.payload == out && (len == 0 || memcmp(out, raw, len) == 0));
                     free(raw);
                     free(back);
@@ -124,19 +151,21 @@ static void test_decode_malformed(void) {
     uint8_t *raw = malloc(len), *out = malloc(ckg_encode_bound(len)), *dst = malloc(len);
     fill(raw, len, 4, 3);
     ckg_chunk ch;
-    CHECK(ckg_encode_chunk(raw, len, 4, 1, 0, out, ckg_encode_bound(len), &s, &ch) == CKG_OK);
+    CHECK(ckg_encode_chunk(raw, len, 4, 1, 0, 0, out, ckg_encode_bound(len), &s, &ch) == CKG_OK);
     CHECK(ch.codec == CKG_SHUFFLE_LZ4);
     const uint8_t *p = ch.payload;
     size_t sl = ch.stored_len;
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl / 2, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, 0, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 3, dst, &s, NULL) == CKG_E_ELEM);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 0, dst, &s, NULL) == CKG_E_ELEM);
-    CHECK(ckg_decode_chunk(3, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
-    CHECK(ckg_decode_chunk(255, p, sl, len, 4, dst, &s, NULL) == CKG_E_CODEC);
-    CHECK(ckg_decode_chunk(CKG_RAW, raw, len - 1, len, 4, dst, &s, NULL) == CKG_E_LENGTH);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, (size_t)1 << 40, len, 4, dst, &s, NULL) ==
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl / 2, len, 4, dst, &s, NULL, NULL) ==
+          CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, 0, len, 4, dst, &s, NULL, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len - 4, 4, dst, &s, NULL, NULL) ==
+          CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 3, dst, &s, NULL, NULL) == CKG_E_ELEM);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, sl, len, 0, dst, &s, NULL, NULL) == CKG_E_ELEM);
+    CHECK(ckg_decode_chunk(3, p, sl, len, 4, dst, &s, NULL, NULL) == CKG_E_CODEC);
+    CHECK(ckg_decode_chunk(255, p, sl, len, 4, dst, &s, NULL, NULL) == CKG_E_CODEC);
+    CHECK(ckg_decode_chunk(CKG_RAW, raw, len - 1, len, 4, dst, &s, NULL, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_LZ4, p, (size_t)1 << 40, len, 4, dst, &s, NULL, NULL) ==
           CKG_E_TOOBIG);
     free(raw);
     free(out);
@@ -151,29 +180,32 @@ static void test_decode_malformed_zstd(void) {
     uint8_t *raw = malloc(len), *out = calloc(1, cap + 8), *dst = malloc(len);
     fill(raw, len, 4, 3);
     ckg_chunk ch;
-    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 0, out, cap, &s, &ch) == CKG_OK);
+    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 0, 0, out, cap, &s, &ch) == CKG_OK);
     CHECK(ch.codec == CKG_SHUFFLE_ZSTD && memcmp(out, "\x28\xb5\x2f\xfd", 4) == 0);
     const uint8_t *p = ch.payload;
     size_t sl = ch.stored_len;
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, ch.hash) == CKG_OK);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl - 1, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 5, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl + 1, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len - 4, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 0, len, 4, dst, &s, NULL) == CKG_E_LENGTH);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 1, 32769, 1, dst, &s, NULL) == CKG_E_LENGTH);
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 3, dst, &s, NULL) == CKG_E_ELEM);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, ch.hash, NULL) == CKG_OK);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl - 1, len, 4, dst, &s, NULL, NULL) ==
+          CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 5, len, 4, dst, &s, NULL, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl + 1, len, 4, dst, &s, NULL, NULL) ==
+          CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len - 4, 4, dst, &s, NULL, NULL) ==
+          CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 0, len, 4, dst, &s, NULL, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, 1, 32769, 1, dst, &s, NULL, NULL) == CKG_E_LENGTH);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 3, dst, &s, NULL, NULL) == CKG_E_ELEM);
     out[4] |= 0x04; /* the checksum flag */
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL, NULL) == CKG_E_PAYLOAD);
     out[4] &= (uint8_t)~0x04;
     out[0] ^= 1; /* not the zstd magic */
-    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL) == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_chunk(CKG_SHUFFLE_ZSTD, p, sl, len, 4, dst, &s, NULL, NULL) == CKG_E_PAYLOAD);
     CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, 0) == CKG_OK);
     CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, -5) == CKG_OK);
     CHECK(ckg_check_level(CKG_SHUFFLE_ZSTD, 23) == CKG_E_LEVEL);
     CHECK(ckg_check_level(CKG_SHUFFLE_LZ4, 23) == CKG_OK);
     CHECK(ckg_check_level(7, 0) == CKG_E_CODEC);
-    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 99, out, cap, &s, &ch) == CKG_E_LEVEL);
+    CHECK(ckg_encode_chunk(raw, len, 4, CKG_SHUFFLE_ZSTD, 99, 0, out, cap, &s, &ch) == CKG_E_LEVEL);
     free(raw);
     free(out);
     free(dst);
@@ -188,7 +220,7 @@ static void test_records(void) {
     size_t cap = ckg_encode_bound(len), ext = ckg_align_up(CKG_REC_HDR + cap);
     uint8_t *rec = calloc(1, ext);
     ckg_chunk ch;
-    CHECK(ckg_encode_chunk(raw, len, 2, 1, 0, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
+    CHECK(ckg_encode_chunk(raw, len, 2, 1, 0, 0, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
     CHECK(ch.payload == rec + CKG_REC_HDR);
     ckg_rec_header h = {ch.codec, 2, len, ch.stored_len, {0}, 41};
     memcpy(h.hash, ch.hash, 16);
@@ -198,34 +230,34 @@ static void test_records(void) {
     ckg_rec_header back;
     CHECK(ckg_unpack_record_header(rec, &back) == CKG_OK);
     CHECK(back.seq == 41 && back.raw_len == len && back.stored_len == ch.stored_len);
-    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1) == CKG_OK);
+    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1, NULL) == CKG_OK);
     CHECK(memcmp(dst, raw, len) == 0);
-    CHECK(ckg_decode_record(rec, CKG_REC_HDR - 1, &h, 1, dst, &s, 1) == CKG_E_TRUNCATED);
-    CHECK(ckg_decode_record(rec, CKG_REC_HDR + ch.stored_len - 1, &h, 1, dst, &s, 1) ==
+    CHECK(ckg_decode_record(rec, CKG_REC_HDR - 1, &h, 1, dst, &s, 1, NULL) == CKG_E_TRUNCATED);
+    CHECK(ckg_decode_record(rec, CKG_REC_HDR + ch.stored_len - 1, &h, 1, dst, &s, 1, NULL) ==
           CKG_E_TRUNCATED);
     ckg_rec_header other = h;
     other.seq = 40;
-    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1) == CKG_E_MISMATCH);
-    CHECK(ckg_decode_record(rec, extent, &other, 0, dst, &s, 1) == CKG_OK);
+    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1, NULL) == CKG_E_MISMATCH);
+    CHECK(ckg_decode_record(rec, extent, &other, 0, dst, &s, 1, NULL) == CKG_OK);
     other = h;
     other.raw_len = len + 2;
-    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1) == CKG_E_MISMATCH);
+    CHECK(ckg_decode_record(rec, extent, &other, 1, dst, &s, 1, NULL) == CKG_E_MISMATCH);
     /* every header byte matters */
     for (int i = 0; i < CKG_REC_HDR; i++) {
         rec[i] ^= 0x10;
-        int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1);
+        int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1, NULL);
         CHECK(rc == CKG_E_HEADER || rc == CKG_E_MISMATCH);
         rec[i] ^= 0x10;
     }
     if (extent > CKG_REC_HDR + ch.stored_len) {
         rec[extent - 1] = 1;
-        CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1) == CKG_E_PADDING);
+        CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 1, NULL) == CKG_E_PADDING);
         rec[extent - 1] = 0;
     }
     rec[CKG_REC_HDR + ch.stored_len / 2] ^= 0x04;
-    int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1);
+    int rc = ckg_decode_record(rec, extent, &h, 1, dst, &s, 1, NULL);
     CHECK(rc == CKG_E_PAYLOAD || rc == CKG_E_HASH);
-    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 0) == CKG_OK || rc == CKG_E_PAYLOAD);
+    CHECK(ckg_decode_record(rec, extent, &h, 1, dst, &s, 0, NULL) == CKG_OK || rc == CKG_E_PAYLOAD);
     free(raw);
     free(dst);
     free(rec);
@@ -282,7 +314,7 @@ static void test_pipelines(void) {
         for (int threads = 1; threads <= 4; threads += 3) {
             CHECK(ftruncate(fd, 0) == 0);
             int dfd = direct ? ckg_open_direct(path) : -1;
-            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 0, 4096, 7, NULL};
+            ckg_write_args a = {fd, dfd, buf, len, 2, chunk, 1, 0, 4096, 7, NULL, 1};
             uint64_t end = 0;
             int used = -1;
             CHECK(ckg_write_buffer(&a, threads, res, &end, &used, &f) == CKG_OK);
@@ -296,13 +328,21 @@ static void test_pipelines(void) {
                 ckg_rec_header w = {res[i].codec,      2,   res[i].raw_len,
                                     res[i].stored_len, {0}, (uint32_t)(7 + i)};
                 memcpy(w.hash, res[i].hash, 16);
-                ri[i] = (ckg_read_item){pos, ext, w, 1, dst + i * chunk};
+                uint8_t d[CKG_DIGEST];
+                CHECK(ckg_sha256(buf + i * chunk, res[i].raw_len, d) == CKG_OK);
+                CHECK(memcmp(d, res[i].digest, CKG_DIGEST) == 0);
+                ri[i] = (ckg_read_item){pos, ext, w, 1, dst + i * chunk, res[i].digest};
                 pos += ext;
             }
             CHECK(end == pos);
             memset(dst, 0, len);
             CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_OK);
             CHECK(memcmp(dst, buf, len) == 0);
+            uint8_t other[CKG_DIGEST] = {0}; /* a digest the bytes do not have */
+            ri[1].digest = other;
+            CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_DIGEST && f.index == 1);
+            CHECK(ckg_read_records(fd, ri, n, threads, 0, &f) == CKG_OK); /* not verifying */
+            ri[1].digest = res[1].digest;
             if (threads == 1) { /* an injected read error: errno and the record's index */
                 ckg_io_inject(EIO, 1);
                 CHECK(ckg_read_records(fd, ri, n, threads, 1, &f) == CKG_E_IO && f.err == EIO &&
@@ -319,7 +359,7 @@ static void test_pipelines(void) {
     }
     /* injected I/O error: reported with errno, and the pipeline stops */
     ckg_io_inject(EIO, 2);
-    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL};
+    ckg_write_args a = {fd, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL, 0};
     uint64_t end;
     int used;
     CHECK(ckg_write_buffer(&a, 3, res, &end, &used, &f) == CKG_E_IO && f.err == EIO);
@@ -332,7 +372,7 @@ static void test_pipelines(void) {
     /* ENOSPC from /dev/full */
     int full = open("/dev/full", O_WRONLY);
     if (full >= 0) {
-        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL};
+        ckg_write_args b = {full, -1, buf, len, 2, chunk, 1, 0, 0, 0, NULL, 0};
         CHECK(ckg_write_buffer(&b, 2, res, &end, &used, &f) == CKG_E_IO && f.err == ENOSPC);
         close(full);
     }
@@ -374,14 +414,23 @@ static void test_segments(void) {
     ckg_failure f;
     for (int threads = 1; threads <= 4; threads += 3) {
         CHECK(ftruncate(fa, 0) == 0 && ftruncate(fb, 0) == 0);
-        ckg_batch_args ba = {fa, -1, chunk, 4096, 3, segs, NS};
+        ckg_batch_args ba = {fa, -1, chunk, 4096, 3, segs, NS, 1};
         uint64_t end = 0, pos = 4096;
         CHECK(ckg_write_segments(&ba, threads, res, st, &end, &f) == CKG_OK);
         size_t r = 0;
         for (int s = 0; s < NS; s++) {
-            ckg_write_args a = {
-                fb, -1,  segs[s].buf,       segs[s].len, segs[s].elem, chunk, segs[s].codec,
-                0,  pos, (uint32_t)(3 + r), NULL};
+            ckg_write_args a = {fb,
+                                -1,
+                                segs[s].buf,
+                                segs[s].len,
+                                segs[s].elem,
+                                chunk,
+                                segs[s].codec,
+                                0,
+                                pos,
+                                (uint32_t)(3 + r),
+                                NULL,
+                                0};
             int used;
             CHECK(ckg_write_buffer(&a, threads, one, &pos, &used, &f) == CKG_OK);
             size_t n = ckg_nchunks(segs[s].len, chunk);
@@ -402,7 +451,7 @@ static void test_segments(void) {
         free(y);
     }
     ckg_io_inject(ENOSPC, 3);
-    ckg_batch_args ba = {fa, -1, chunk, 0, 0, segs, NS};
+    ckg_batch_args ba = {fa, -1, chunk, 0, 0, segs, NS, 0};
     uint64_t end = 1;
     CHECK(ckg_write_segments(&ba, 2, res, st, &end, &f) == CKG_E_IO && f.err == ENOSPC &&
           f.index == 3 && end == 0);
@@ -417,6 +466,7 @@ static void test_segments(void) {
 
 int main(void) {
     test_shuffle();
+    test_sha256();
     test_chunk_roundtrip();
     test_decode_malformed();
     test_decode_malformed_zstd();
