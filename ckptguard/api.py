@@ -187,10 +187,8 @@ def load(
     or ``pickle``; ``mmap=True`` is refused (every chunk is read and verified into memory; a
     ``template`` fills tensors in place).
 
-    ``trusted_keys`` (a public key file, a directory of ``*.pub`` files, keys, or a list of
-    them): load only a checkpoint signed by one of these keys (``save(sign_key=...)``), its
-    signature checked against the manifest before anything else is read: SignatureError naming
-    the checkpoint and the reason otherwise (docs/security.md).
+    ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
+    signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
     """
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     trust = _trust(trusted_keys, verify)
@@ -203,9 +201,12 @@ def load(
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
+
+    def read(p: str | OneFile) -> Any:
+        return load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world, trust)
+
     if is_file_object(path):  # read once: the reader closes it
-        one = open_fileobj(path)
-        out = load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world, trust)
+        out = read(open_fileobj(path))
         return restore(out, found, _not_saved) if found else out
     where = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(where)
@@ -215,12 +216,7 @@ def load(
         return foreign.load(
             source, map_location=map_location, allow_pickle=allow_pickle, template=template
         )
-    out = _reading(
-        where,
-        lambda p: load_checkpoint(
-            p, map_location, verify, allow_pickle, template, mine, world, trust
-        ),
-    )
+    out = _reading(where, read)
     return restore(out, found, _not_saved) if found else out
 
 
