@@ -20,6 +20,7 @@ from .errors import (
     CheckpointReplacedError,
     CorruptCheckpointError,
     FormatVersionError,
+    SignatureError,
     brief,
     from_oserror,
 )
@@ -34,6 +35,7 @@ from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
 from .saver import save_state
+from .sign import Trusted, TrustSet, trust_set
 from .stateful import Path, expand, restore
 from .store import Store, note_read
 
@@ -79,8 +81,12 @@ def save(
     N: smaller, slower) or "none". An
     existing name is an error unless ``overwrite``, which commits the new checkpoint first and
     removes the old one after. LATEST then names it.
-    ``timeout`` bounds each wait for the other ranks. The options and their defaults are the
-    fields of ``SaveOptions``; a name it does not have is a TypeError.
+    ``timeout`` bounds each wait for the other ranks. ``sign_key`` (a private key file from
+    ``ckptguard key generate``, or a loaded key) signs the checkpoint: its SIGNATURE.json is
+    committed with it, and ``load``/``verify`` with ``trusted_keys`` accept it; only rank 0
+    reads the key (a KeyFileError before anything is written), the other ranks need none.
+    The options and their defaults are the fields of ``SaveOptions``; a name it does not have
+    is a TypeError.
     """
     opt = SaveOptions.from_kwargs(drop_torch_save_keywords(options))
     if wants_one_file(path, one_file):
@@ -145,6 +151,7 @@ def load(
     template: Any = None,
     coordinator: Coordinator | str | None = None,
     rank: int | None = None,
+    trusted_keys: Trusted | None = None,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -179,8 +186,12 @@ def load(
     pickle), ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may only be None
     or ``pickle``; ``mmap=True`` is refused (every chunk is read and verified into memory; a
     ``template`` fills tensors in place).
+
+    ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
+    signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
     """
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
+    trust = _trust(trusted_keys, verify)
     found: list[tuple[Path, Any]] = []
     if template is not None:
         template, found = expand(template)
@@ -190,21 +201,37 @@ def load(
         raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
     else:
         mine, world = rank, None
+
+    def read(p: str | OneFile) -> Any:
+        return load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world, trust)
+
     if is_file_object(path):  # read once: the reader closes it
-        one = open_fileobj(path)
-        out = load_checkpoint(one, map_location, verify, allow_pickle, template, mine, world)
+        out = read(open_fileobj(path))
         return restore(out, found, _not_saved) if found else out
     where = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(where)
     if source is not None:
+        if trust is not None:
+            raise _unsigned_foreign(where)
         return foreign.load(
             source, map_location=map_location, allow_pickle=allow_pickle, template=template
         )
-    out = _reading(
-        where,
-        lambda p: load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world),
-    )
+    out = _reading(where, read)
     return restore(out, found, _not_saved) if found else out
+
+
+def _trust(trusted_keys: Trusted | None, verify: bool = True) -> TrustSet | None:
+    """The trusted keys of a load or verify; a signature covers the chunks only through their
+    digests, so trusting keys without checking the chunks (``verify=False``) is refused."""
+    trust = trust_set(trusted_keys)
+    if trust is not None and not verify:
+        raise ValueError("trusted_keys needs verify=True: the signature covers the chunks' bytes")
+    return trust
+
+
+def _unsigned_foreign(path: str | os.PathLike) -> SignatureError:
+    p = os.fspath(path)
+    return SignatureError(f"{p} is not a ckptguard checkpoint: it carries no signature", p)
 
 
 def _not_saved(path: tuple) -> CheckpointError:
@@ -238,28 +265,35 @@ def _pickle_allowed(
 
 
 def verify(
-    path: str | os.PathLike | IO[bytes], progress: Callable[[int, int], None] | None = None
+    path: str | os.PathLike | IO[bytes],
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    trusted_keys: Trusted | None = None,
 ) -> VerifyReport:
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
 
     ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
     position as ``load`` reads it. A checkpoint of another format (torch.save, safetensors,
     DCP) at a path has no ckptguard hashes: ForeignCheckpointError, which suggests ``ckptguard
-    import``."""
+    import``. ``trusted_keys``: as ``load``'s; a signature that is missing or does not verify
+    under them raises SignatureError (the report's ``signed_by`` names the key that signed)."""
+    trust = _trust(trusted_keys)
     if is_file_object(path):
-        return verify_checkpoint(lambda: open_fileobj(path), progress)
+        return verify_checkpoint(lambda: open_fileobj(path), progress, trust)
     path = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(path)
     if source is not None:
         raise foreign.not_ckptguard(source)
-    return _reading(path, lambda p: _verify_noted(p, progress))
+    return _reading(path, lambda p: _verify_noted(p, progress, trust))
 
 
-def _verify_noted(path: str, progress: Callable[[int, int], None] | None) -> VerifyReport:
+def _verify_noted(
+    path: str, progress: Callable[[int, int], None] | None, trust: TrustSet | None = None
+) -> VerifyReport:
     """``verify_checkpoint``, its outcome recorded in the store's audit log (if it has one)."""
     try:
-        report = verify_checkpoint(path, progress)
-    except (CorruptCheckpointError, FormatVersionError) as e:
+        report = verify_checkpoint(path, progress, trust)
+    except (CorruptCheckpointError, FormatVersionError, SignatureError) as e:
         note_read(path, "verify", {"result": "failed", "error": brief(e)[:1000]})
         raise
     result = "ok" if report.ok else "failed"

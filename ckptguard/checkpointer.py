@@ -19,7 +19,7 @@ import warnings
 import weakref
 from typing import Any
 
-from . import api
+from . import api, sign
 from .capture import caller_streams, capture, refs_bytes, state_bytes
 from .coord import auto as coord_auto
 from .errors import (
@@ -146,6 +146,11 @@ class Checkpointer:
         # one-file save is one process's: several ranks are refused before any snapshot
         timeout = opts.get("timeout", SaveOptions.timeout)
         coord = single_process(coordinator) if one else coord_auto(coordinator, timeout)
+        if opts.get("sign_key") is not None and not one:
+            if coord.rank == 0:  # the committer's key: a bad one fails here, before a snapshot
+                sign.signer(opts["sign_key"])
+            if self.handoff is not None:  # the agent loads it from its file
+                opts["sign_key"] = sign.key_path(opts["sign_key"])
         handle = SaveHandle(path, obj, opts, coord, caller_streams(), one)
         with self._lock:
             self._check_open()

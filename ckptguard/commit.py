@@ -23,7 +23,7 @@ from types import TracebackType
 
 import pyarrow as pa
 
-from . import audit
+from . import audit, sign
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -51,6 +51,7 @@ from .fsutil import (
     write_new_file,
 )
 from .io import pread_exact, pwrite_all
+from .keys import PrivateKey
 
 LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
@@ -197,6 +198,7 @@ def publish(
     deadline: float | None = None,
     flavour: Flavour = SAVE,
     audit_detail: dict | None = None,
+    signer: PrivateKey | None = None,
 ) -> CheckpointInfo:
     """Make a fully written staging directory visible as ``<store>/<name>``; move LATEST.
 
@@ -208,9 +210,10 @@ def publish(
     moved once the rename is durable (I3); a replaced checkpoint's files left behind are staging
     garbage for ``gc``. A store with an audit log gets its ``commit`` entry last (with
     ``audit_detail``): a failure there is one of the ``warnings`` (docs/audit.md section 6).
+    ``signer``: SIGNATURE.json is written beside the manifest, before the rename (``sign``).
     """
     if not flavour.staged:
-        _write_manifest(staging, body)
+        _write_manifest(staging, body, signer)
     _check_deadline(deadline)
     final = os.path.join(store, name)
     info = CheckpointInfo.from_manifest(body, final)
@@ -264,13 +267,15 @@ def audit_commit(store: str, info: CheckpointInfo, detail: dict, rank: int | Non
     )
 
 
-def _write_manifest(staging: str, body: dict) -> None:
-    """Write MANIFEST.json (``body``, whole: ``manifest.build``'s) durably and make the staging
-    directory durable."""
+def _write_manifest(staging: str, body: dict, signer: PrivateKey | None) -> None:
+    """Write MANIFEST.json (``body``, whole: ``manifest.build``'s) durably, and its signature
+    with ``signer``, and make the staging directory durable."""
     data = manifest.encode(body)
     manifest.decode(data)  # never commit a manifest we could not read back
     write_file_durably(os.path.join(staging, MANIFEST), data)
     failpoint("commit.manifest_written")
+    if signer is not None:
+        sign.write_signature(staging, signer, data, body)
     fsync_dir(staging)
     failpoint("commit.before_rename")
 

@@ -96,7 +96,12 @@ def save_file(
     """Save ``obj`` as the one-file checkpoint ``path`` (a path, or a writable binary file
     object). One process's save: it waits on no other rank. A coordinator of several ranks is
     refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
-    ``saver.save_state`` (a path only)."""
+    ``saver.save_state`` (a path only). A one-file checkpoint is never signed: ``sign_key``
+    is refused (OneFileError)."""
+    if opt.sign_key is not None:
+        raise OneFileError(
+            "a one-file checkpoint cannot be signed (sign_key): save a checkpoint directory"
+        )
     coord = single_process(coordinator)
     if is_file_object(path):
         return _save_fileobj(obj, path, coord, opt)
@@ -165,6 +170,7 @@ class FileTarget(Target):
         body: dict,
         overwrite: bool,
         deadline: float | None,
+        signer: object = None,
     ) -> CheckpointInfo:
         return commit.publish_file(staging, self.path, self.index_data, body, mode=self.mode)
 

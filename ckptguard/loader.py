@@ -28,6 +28,7 @@ from .open import CheckpointReader
 from .place import Landing, MapLocation
 from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
+from .sign import TrustSet
 from .tree import TreeError, unflatten
 
 __all__ = ["MapLocation", "fill", "iter_tensors", "load_checkpoint"]
@@ -41,16 +42,18 @@ def load_checkpoint(
     template: Any = None,
     rank: int = 0,
     world: int | None = None,
+    trust: TrustSet | None = None,
 ) -> Any:
     """Read, verify and rebuild the object saved at ``path`` (or in the one-file checkpoint
-    open as ``path``) as rank ``rank`` sees it.
+    open as ``path``) as rank ``rank`` sees it; under ``trust``, only if its signature
+    verifies (SignatureError).
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
     Per-rank tensors load rank ``rank``'s own value; ``world``, this job's number of ranks, must
     then be the saved one (None: the caller chose ``rank`` itself).
     """
-    with collector.paused(), CheckpointReader(path) as rd:
+    with collector.paused(), CheckpointReader(path, trust) as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
                 f"{rd.path} contains pickled objects; load it with allow_pickle=True only if you "

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from . import sign
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -51,6 +52,7 @@ from .fsutil import (
 )
 from .io import pread_exact
 from .onefile import OneFile
+from .sign import Signed, TrustSet
 
 
 class CheckpointReader:
@@ -59,9 +61,11 @@ class CheckpointReader:
 
     ``path`` is a checkpoint directory or a one-file checkpoint (docs/format.md section 10), or
     a ``OneFile`` already open (a file object's); ``one`` is the one-file checkpoint, if it is
-    one, whose members stand in for the directory's files."""
+    one, whose members stand in for the directory's files. Under ``trust`` (trusted public
+    keys) the signature is checked against the manifest bytes read (``sign.check``) before the
+    index is read: ``signed`` says who signed; SignatureError if it does not verify."""
 
-    def __init__(self, path: str | os.PathLike | OneFile) -> None:
+    def __init__(self, path: str | os.PathLike | OneFile, trust: TrustSet | None = None) -> None:
         self.one: OneFile | None = None
         self.dir_fd = -1
         if isinstance(path, OneFile):
@@ -73,9 +77,13 @@ class CheckpointReader:
         self._file_tables: dict[str, pa.Table] = {}  # each file's index rows, in footer order
         self._seq: dict[str, dict[int, int]] = {}  # file -> record offset -> sequence number
         self._all: list[Row] | None = None
+        self.signed: Signed | None = None
         try:
-            self.manifest = _read_manifest(self)
+            self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
+            if trust is not None:
+                fd = None if self.one is not None else self.dir_fd
+                self.signed = sign.check(self.path, fd, self.manifest_raw, self.manifest, trust)
             self.tensors: list[dict] = self.manifest["tensors"]
             self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
             self.table = _read_index(self)
@@ -240,11 +248,12 @@ class CheckpointReader:
         self.close()
 
 
-def _read_manifest(rd: CheckpointReader) -> dict:
+def _read_manifest(rd: CheckpointReader) -> tuple[bytes, dict]:
+    """MANIFEST.json's bytes (empty for a one-file checkpoint's) and its checked body."""
     if rd.one is not None:
-        return rd.one.manifest()
+        return b"", rd.one.manifest()
     try:
-        return read_manifest(rd.path, dir_fd=rd.dir_fd)[1]
+        return read_manifest(rd.path, dir_fd=rd.dir_fd)
     except FileNotFoundError:
         raise rd.missing("MANIFEST.json is missing: not a committed checkpoint", MANIFEST) from None
 

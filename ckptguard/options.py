@@ -18,7 +18,9 @@ import xxhash
 
 from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
 from .errors import OptionsMismatchError, UnsupportedObjectError
+from .keys import PrivateKey
 from .report import dump_json
+from .sign import check_sign_key, key_path
 from .writer import DEFAULT_CHUNK
 
 COMPRESS = {"auto": SHUFFLE_LZ4, "lz4": SHUFFLE_LZ4, "zstd": SHUFFLE_ZSTD, "none": RAW}
@@ -54,6 +56,10 @@ class SaveOptions:
     digests: bool = False
     """Record every chunk's SHA-256 in the index (feature ``digests``) and the index's in the
     manifest, so that a signature over the manifest covers every byte (docs/security.md)."""
+    sign_key: str | os.PathLike | PrivateKey | None = None
+    """Sign the checkpoint with this Ed25519 private key (a key file's path, or a loaded key):
+    SIGNATURE.json, committed with it (``sign``), and digests on for every rank whatever
+    ``digests`` says. Only the committer (rank 0) reads it; the other ranks' value is not used."""
 
     def __post_init__(self) -> None:
         parse_compress(self.compress, COMPRESS)
@@ -62,6 +68,7 @@ class SaveOptions:
         check_chunk_size(self.chunk_size)
         if type(self.digests) is not bool:
             raise TypeError(f"digests must be True or False, not {self.digests!r}")
+        check_sign_key(self.sign_key)
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
             raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
@@ -91,8 +98,10 @@ class SaveOptions:
         return cls(**options)
 
     def to_json(self) -> dict[str, Any]:
-        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON)."""
-        return dataclasses.asdict(self)
+        """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON; a
+        loaded signing key as the path it was loaded from)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**doc, "sign_key": key_path(self.sign_key)}
 
 
 SHAPING = (

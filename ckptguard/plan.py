@@ -14,6 +14,7 @@ import base64
 import functools
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import ReplicaMismatchWarning
 from .format.datafile import FormatError
 from .format.index import int_lists
 from .format.validate import check_cover
@@ -483,3 +485,16 @@ def make_plan(descs: list[pa.Table], check_replicated: bool = True) -> Plan:
     sets, differing, fixed = replica_sets(d, check_replicated)
     writer, load = balance(d, sets, fixed, check_replicated)
     return Plan(manifest_entries(d), d.keys, writer, load.tolist(), differing)
+
+
+def warn_differing(keys: list[str], world: int) -> None:
+    """Warn, after the commit, that these replicated tensors differed between the ranks."""
+    shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    warnings.warn(
+        ReplicaMismatchWarning(
+            f"check_replicated=False: replicated tensor(s) {shown} differ between the {world} "
+            "ranks; the lowest rank's copy is saved and every rank will load it. Wrap values "
+            "that are each rank's own in ckptguard.PerRank"
+        ),
+        stacklevel=5,
+    )

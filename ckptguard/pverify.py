@@ -18,6 +18,7 @@ The protocol for one checkpoint, every message JSON over the coordinator (never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from .format.datafile import RECORD_HEADER_SIZE
 from .format.layout import align
 from .open import CheckpointReader
 from .read import Problem, VerifyReport, check_trees, problem_of, verify_rows
+from .sign import TrustSet
 
 __all__ = [
     "Leader",
@@ -159,6 +161,7 @@ def _report_json(report: VerifyReport) -> dict:
         "problems": [asdict(p) for p in report.problems],
         "chunks_checked": report.chunks_checked,
         "bytes_checked": report.bytes_checked,
+        "signed_by": report.signed_by,
     }
 
 
@@ -168,6 +171,7 @@ def _report_of(d: dict) -> VerifyReport:
         [Problem(**p) for p in d["problems"]],
         int(d["chunks_checked"]),
         int(d["bytes_checked"]),
+        d.get("signed_by"),
     )
 
 
@@ -175,20 +179,23 @@ def _error_json(exc: BaseException) -> dict:
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
-def verify_parallel(path: str, coord: Coordinator, timeout: float = TIMEOUT) -> VerifyReport:
+def verify_parallel(
+    path: str, coord: Coordinator, timeout: float = TIMEOUT, trust: TrustSet | None = None
+) -> VerifyReport:
     """Verify checkpoint ``path`` across the ranks of ``coord`` (a collective: every rank calls
-    it). Every rank returns the same report, the one ``verify_checkpoint(path)`` gives; where
-    the single-process verify would raise, rank 0 raises that error and the others a
-    ParallelVerifyError with its message."""
+    it). Every rank returns the same report, the one ``verify_checkpoint(path, trust=trust)``
+    gives; where the single-process verify would raise, rank 0 raises that error and the
+    others a ParallelVerifyError with its message. Rank 0 alone checks the signature (under
+    ``trust``, given there); the others check the bytes of the manifest it checked."""
     if coord.rank == 0:
-        return _lead(path, coord, timeout)
+        return _lead(path, coord, timeout, trust)
     return _follow(path, coord, timeout)
 
 
-def _lead(path: str, coord: Coordinator, timeout: float) -> VerifyReport:
+def _lead(path: str, coord: Coordinator, timeout: float, trust: TrustSet | None) -> VerifyReport:
     report = VerifyReport(path)
     try:
-        rd = CheckpointReader(path)
+        rd = CheckpointReader(path, trust)
     except CorruptCheckpointError as e:
         report.problems.append(problem_of(e))
         _send(coord, {"report": _report_json(report)}, timeout)
@@ -197,6 +204,7 @@ def _lead(path: str, coord: Coordinator, timeout: float) -> VerifyReport:
         _send(coord, {"error": _error_json(e)}, timeout)
         raise
     with rd:
+        report.signed_by = rd.signed.key_id if rd.signed else None
         try:
             sizes = _record_sizes(rd)
             shares = split(sizes, coord.size)
@@ -208,6 +216,7 @@ def _lead(path: str, coord: Coordinator, timeout: float) -> VerifyReport:
             plan = {
                 "uuid": rd.manifest["uuid"],
                 "index": rd.manifest["index"]["xxh3_128"],
+                "manifest_sha256": hashlib.sha256(rd.manifest_raw).hexdigest(),
                 "wait": wait,
                 "shares": [[list(s) for s in share] for share in shares],
             }
@@ -242,7 +251,8 @@ def _follow(path: str, coord: Coordinator, timeout: float) -> VerifyReport:
         try:
             with CheckpointReader(path) as rd:
                 seen = (rd.manifest["uuid"], rd.manifest["index"]["xxh3_128"])
-                if seen != (plan["uuid"], plan["index"]):
+                digest = hashlib.sha256(rd.manifest_raw).hexdigest()
+                if seen != (plan["uuid"], plan["index"]) or digest != plan["manifest_sha256"]:
                     raise ParallelVerifyError(
                         f"rank {coord.rank} sees another checkpoint at {path} than rank 0 "
                         f"(uuid {seen[0]}, rank 0 has {plan['uuid']}): is it on a shared file "
@@ -311,12 +321,14 @@ class Leader:
         self.resolve = resolve
         self.timeout = timeout
 
-    def verify(self, path: str, progress: object = None) -> VerifyReport:
-        """Like ``ckptguard.verify(path)``, ``resolve`` finding the checkpoint (no progress is
-        shown: each rank knows its own only)."""
+    def verify(
+        self, path: str, progress: object = None, trusted_keys: TrustSet | None = None
+    ) -> VerifyReport:
+        """Like ``ckptguard.verify(path, trusted_keys=...)``, ``resolve`` finding the
+        checkpoint (no progress is shown: each rank knows its own only)."""
         path = self.resolve(path)
         _send(self.coord, {"verify": path}, self.timeout)
-        return verify_parallel(path, self.coord, self.timeout)
+        return verify_parallel(path, self.coord, self.timeout, trusted_keys)
 
     def finish(self, code: int) -> None:
         _send(self.coord, {"exit": code}, self.timeout)

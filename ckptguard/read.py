@@ -25,6 +25,7 @@ from .format.treeids import TREE_TYPES
 from .io import pread_exact, read_records
 from .onefile import OneFile
 from .open import CheckpointReader
+from .sign import TrustSet
 from .tree import TreeError, check_tree
 
 HASH_MISMATCH = "chunk hash mismatch (data corrupted)"
@@ -174,6 +175,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     chunks_checked: int = 0
     bytes_checked: int = 0
+    signed_by: str | None = None
+    """The key id whose signature verified, when checked under trusted keys."""
 
     @property
     def ok(self) -> bool:
@@ -186,15 +189,19 @@ def problem_of(e: CorruptCheckpointError) -> Problem:
 
 
 def verify_checkpoint(
-    path: str | Callable[[], OneFile], progress: Callable[[int, int], None] | None = None
+    path: str | Callable[[], OneFile],
+    progress: Callable[[int, int], None] | None = None,
+    trust: TrustSet | None = None,
 ) -> VerifyReport:
     """Check manifest, index and every chunk; collect all problems rather than stop at one.
-    ``path``: a checkpoint's path, or what opens a one-file checkpoint (a file object's)."""
+    ``path``: a checkpoint's path, or what opens a one-file checkpoint (a file object's).
+    Under ``trust`` the signature too: a SignatureError is raised, not reported."""
     try:
-        rd = CheckpointReader(path if isinstance(path, str) else path())
+        rd = CheckpointReader(path if isinstance(path, str) else path(), trust)
     except CorruptCheckpointError as e:
         return VerifyReport(path if isinstance(path, str) else e.path or "", [problem_of(e)])
     report = VerifyReport(path if isinstance(path, str) else rd.path)
+    report.signed_by = rd.signed.key_id if rd.signed else None
     with rd:
         verify_rows(
             rd, [(name, rd.rows_of_file(name)) for name in sorted(rd.files)], report, progress

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ import pyarrow as pa
 import torch
 import xxhash
 
-from . import collector, commit
+from . import collector, commit, sign
 from .adapt import AUTO, merge_stats
 from .coord import Coordinator
 from .encode import parse_compress
@@ -33,7 +32,6 @@ from .errors import (
     CheckpointAbortedError,
     CheckpointError,
     OptionsMismatchError,
-    ReplicaMismatchWarning,
     from_oserror,
 )
 from .failpoints import failpoint, set_rank
@@ -47,7 +45,7 @@ from .hooks import run_commit_hooks
 from .inventory import bind_per_rank, describe_local
 from .options import COMPRESS, SaveOptions, check_options, shaping_options
 from .pack import Packer
-from .plan import PlanError, assignment, make_plan, writer_from_json
+from .plan import PlanError, assignment, make_plan, warn_differing, writer_from_json
 from .report import (
     dump_json,
     from_ipc,
@@ -102,18 +100,6 @@ def writer_versions(zstd: list[str] | None = None) -> dict[str, str]:
     return versions
 
 
-def _warn_differing(keys: list[str], world: int) -> None:
-    shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-    warnings.warn(
-        ReplicaMismatchWarning(
-            f"check_replicated=False: replicated tensor(s) {shown} differ between the {world} "
-            "ranks; the lowest rank's copy is saved and every rank will load it. Wrap values "
-            "that are each rank's own in ckptguard.PerRank"
-        ),
-        stacklevel=5,
-    )
-
-
 def _text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -129,6 +115,7 @@ class Staged:
     rank_trees: dict[str, Any]
     tensors: list[dict]
     pickle: bool
+    signer: sign.PrivateKey | None = None  # the key that signs the commit (sign_key)
 
 
 class Target:
@@ -164,9 +151,12 @@ class Target:
         body: dict,
         overwrite: bool,
         deadline: float | None,
+        signer: sign.PrivateKey | None = None,
     ) -> CheckpointInfo:
-        """Commit: make the staged checkpoint visible under its name."""
-        return commit.publish(store, name, staging, body, overwrite=overwrite, deadline=deadline)
+        """Commit: make the staged checkpoint visible under its name (signed by ``signer``)."""
+        return commit.publish(
+            store, name, staging, body, overwrite=overwrite, deadline=deadline, signer=signer
+        )
 
     def discard(self, staging: str) -> None:
         """Remove what a save that did not commit staged."""
@@ -242,7 +232,7 @@ class _Save:
             self.cleanup()
             raise
         if plan.get("differing"):  # committed: say whose copy every rank will load
-            _warn_differing(plan["differing"], c.size)
+            warn_differing(plan["differing"], c.size)
         return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
@@ -283,11 +273,12 @@ class _Save:
             descs = [from_ipc(parts[1]) for _, parts in msgs]
             plan = make_plan(descs, self.opt.check_replicated)
             tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
+            signer = sign.signer(self.opt.sign_key)  # the committer's key: before any file
             uid, self.staging = self.open_staging()
         except Exception as e:
             return self.fail(e)
         pickle = any(m["pickle"] for m, _ in msgs)
-        self.rank0 = Staged(uid, self.staging, tree0, rank_trees, plan.tensors, pickle)
+        self.rank0 = Staged(uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer)
         return {
             "ok": True,
             "uuid": uid,
@@ -295,6 +286,7 @@ class _Save:
             "keys": plan.keys,
             "writer": [w.to_json() for w in plan.writer],
             "differing": plan.differing,
+            "digests": self.opt.digests or signer is not None,  # a signature needs them
         }
 
     def open_staging(self) -> tuple[str, str]:
@@ -322,7 +314,7 @@ class _Save:
                 plan["staging"],
                 plan["uuid"],
                 rank,
-                self.opt,
+                replace(self.opt, digests=plan["digests"]),
                 todo,
                 self.source,
                 self.on_read,
@@ -403,7 +395,9 @@ def commit_reports(
         deadline = None
         if world > 1:  # wall clocks of the ranks: skew must stay well under timeout
             deadline = min(r["written_at"] for r, _ in reports) + opt.timeout
-        info = target.publish(store, name, staged.staging, body, opt.overwrite, deadline)
+        info = target.publish(
+            store, name, staged.staging, body, opt.overwrite, deadline, staged.signer
+        )
         info = replace(info, write_stats=merge_stats(r["stats"] for r, _ in reports))
         LAST_TIMINGS["visible"] = time.time()
     except FormatError as e:

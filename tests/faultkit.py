@@ -323,6 +323,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("hf",), _hf_base),
     (("export",), _export_base),
     (("audit",), _audit_base),
+    (("signed",), _audit_base),
     (("dcp",), _dcp_base),
 )
 
@@ -770,6 +771,31 @@ def _audit(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _signed(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process saves "b" signed into a store holding "a" (signed with the same key). The
+    signature is in the staging directory before the rename: whatever the failure, "b" is
+    absent or whole and signed (never visible unsigned); the retry signs "c" the same way."""
+    from ckptguard import keys
+
+    root = tmp / "root"
+    root.mkdir()
+    priv, pub, kid = keys.generate(root / "k")
+    store = root / "store"
+    ckptguard.save(small(1), store / "a", step=1, sign_key=priv)
+    ranks = _single_run(case, tmp, ["save-signed", str(store), "b", priv])
+    st = ckptguard.Store(store)
+    names, latest = {i.name for i in st.list()}, st.latest_name()
+    outcome = "absent" if "b" not in names else "latest" if latest == "b" else "visible"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"b is {outcome}, expected {case.expect}"
+    check_store(store, names, latest)
+    ckptguard.save(small(3), store / "c", step=3, sign_key=priv)  # the retry
+    for name in names | {"c"}:  # every checkpoint listed is signed, its signature verifies
+        assert ckptguard.verify(store / name, trusted_keys=pub).signed_by == kid
+    check_store(store, names | {"c"}, "c")
+    return outcome, ranks
+
+
 def _dcp(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     """4 torchrun ranks save "new" beside step-10 by dcp.save with ckptguard.dcp.Writer: after
     any failure the store holds step-10, and "new" whole or not at all; every rank that reports
@@ -815,6 +841,7 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "drain": _single,
     "onefile": _onefile,
     "audit": _audit,
+    "signed": _signed,
     "lightning": _framework,
     "hf": _framework,
     "export": _export,

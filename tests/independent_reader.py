@@ -1555,19 +1555,93 @@ def resolve(path: str) -> str:
     return os.path.join(path, name)
 
 
-def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
+def read_checkpoint(
+    path: str, verify: bool = True, trusted: dict[str, bytes] | None = None
+) -> Checkpoint:
     """Read a whole checkpoint, checking every rule of sections 3-8 (and 10: a path that is not
-    a directory is a one-file checkpoint)."""
+    a directory is a one-file checkpoint). ``trusted`` (key id -> raw 32-byte Ed25519 public
+    key): the checkpoint must also be signed by one of them (section 2.1)."""
     if os.path.lexists(path) and not os.path.isdir(path):
+        _need(trusted is None, "a one-file checkpoint carries no signature (section 2.1)")
         return read_onefile(path, verify)
     ckpt_dir = resolve(path)
-    body = parse_manifest(read_manifest_bytes(ckpt_dir))
+    raw = read_manifest_bytes(ckpt_dir)  # read once: the bytes hashed are the bytes parsed
+    body = parse_manifest(raw)
+    if trusted is not None:
+        check_signature(ckpt_dir, raw, body, trusted)
     rows = read_index(ckpt_dir, body)
 
     def open_data(name: str) -> tuple[int, int]:
         return _open_regular(os.path.join(ckpt_dir, name), name)
 
     return _read_data(ckpt_dir, body, rows, open_data, verify)
+
+
+# ---------------------------------------------------------------- section 2.1: signatures
+
+SIGNATURE = "SIGNATURE.json"
+MAX_SIGNATURE = 4096
+SIGNATURE_PREFIX = b"ckptguard-checkpoint-signature-v1\n"
+STATEMENT_MEMBERS = {"type", "checkpoint", "uuid", "manifest_sha256", "key_id", "signed_at"}
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+HEX128_RE = re.compile(r"[0-9a-f]{128}")
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def raw_public_key(pem: bytes) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key in SubjectPublicKeyInfo PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(pem)
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def check_signature(
+    ckpt_dir: str, manifest_raw: bytes, body: dict[str, Any], trusted: dict[str, bytes]
+) -> str:
+    """Section 2.1: SIGNATURE.json is a regular file of canonical JSON and a newline, its
+    statement names this manifest, checkpoint and uuid, its key is trusted, its signature
+    verifies, and the checkpoint has chunk digests. Returns the signing key id."""
+    import hashlib
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    fd, size = _open_regular(os.path.join(ckpt_dir, SIGNATURE), SIGNATURE)
+    try:
+        _need(size <= MAX_SIGNATURE, f"{SIGNATURE}: over {MAX_SIGNATURE} bytes")
+        raw = _pread_exact(fd, size, 0, SIGNATURE)
+    finally:
+        os.close(fd)
+    _need(raw.endswith(b"\n"), f"{SIGNATURE}: no final newline")
+    doc = strict_json(raw[:-1], SIGNATURE)
+    _need(isinstance(doc, dict) and _canonical(doc) == raw[:-1], f"{SIGNATURE}: not canonical")
+    _need(set(doc) == {"sig", "statement"}, f"{SIGNATURE}: members")
+    st, sig = doc["statement"], doc["sig"]
+    _need(isinstance(sig, str) and bool(HEX128_RE.fullmatch(sig)), f"{SIGNATURE}: sig")
+    _need(isinstance(st, dict) and set(st) == STATEMENT_MEMBERS, f"{SIGNATURE}: statement")
+    _need(all(isinstance(v, str) for v in st.values()), f"{SIGNATURE}: statement types")
+    _need(st["type"] == "ckptguard-checkpoint-signature-v1", f"{SIGNATURE}: type")
+    _need(bool(HEX64_RE.fullmatch(st["key_id"])), f"{SIGNATURE}: key_id")
+    _need(bool(CREATED_RE.fullmatch(st["signed_at"])), f"{SIGNATURE}: signed_at")
+    _need(st["key_id"] in trusted, f"{SIGNATURE}: key {st['key_id'][:16]} is not trusted")
+    pub = trusted[st["key_id"]]
+    _need(hashlib.sha256(pub).hexdigest() == st["key_id"], "trusted key under another id")
+    try:
+        message = SIGNATURE_PREFIX + _canonical(st)
+        Ed25519PublicKey.from_public_bytes(pub).verify(bytes.fromhex(sig), message)
+    except InvalidSignature:
+        raise SpecViolation(f"{SIGNATURE}: the signature does not verify") from None
+    _need(
+        st["manifest_sha256"] == hashlib.sha256(manifest_raw).hexdigest(),
+        f"{SIGNATURE}: signs another MANIFEST.json",
+    )
+    _need((st["uuid"], st["checkpoint"]) == (body["uuid"], body["name"]), f"{SIGNATURE}: names")
+    _need("digests" in body.get("features", []), f"{SIGNATURE}: no chunk digests")
+    return st["key_id"]
 
 
 def _read_data(

@@ -43,12 +43,16 @@ class Persister:
     """Saves handed-over snapshots in order on one thread; ``busy`` while any is pending.
 
     ``done(token, reply)`` is called on the worker thread with the reply for each save (a dict:
-    ``ok`` and ``info``, or ``type`` and ``error``).
+    ``ok`` and ``info``, or ``type`` and ``error``). ``sign_key`` (``ckptguard run
+    --sign-key``) signs every save whose options name no key of their own.
     """
 
-    def __init__(self, coord: Coordinator, done: Callable[[Any, dict], None]) -> None:
+    def __init__(
+        self, coord: Coordinator, done: Callable[[Any, dict], None], sign_key: str | None = None
+    ) -> None:
         self.coord = coord
         self.done = done
+        self.sign_key = sign_key
         set_rank(coord.rank)  # for failpoints reached before the first save
         self.pools: dict[tuple[int, int], mmap.mmap] = {}
         self._jobs: queue.Queue = queue.Queue()
@@ -122,6 +126,8 @@ class Persister:
                 try:
                     failpoint("handoff.accepted")
                     store, name = split_path(path)
+                    if self.sign_key is not None and options.get("sign_key") is None:
+                        options = {**options, "sign_key": self.sign_key}
                     opts = SaveOptions.from_kwargs(options)
                 except Exception as e:  # still take part, so every rank reports this failure
                     store, name = os.path.split(path)

@@ -20,7 +20,8 @@ from typing import Any
 
 from ..coord.base import LocalCoordinator
 from ..coord.mpi import MPICoordinator
-from ..errors import AgentError
+from ..errors import AgentError, KeyFileError
+from ..sign import signer
 from .child import Child
 from .control import ControlServer
 from .drainer import Drainer
@@ -59,6 +60,7 @@ class Options:
     drain_to: str | None = None
     drain_every: int = 1
     drain_jobs: int = 4
+    sign_key: str | None = None
 
 
 class _Signals:
@@ -93,8 +95,13 @@ def _log(rank: int, message: str) -> None:
     print(f"ckptguard run [rank {rank}]: {message}", file=sys.stderr, flush=True)
 
 
-def _setup(env: Mapping[str, str], want_end_time: bool) -> dict[str, Any]:
-    """Rank 0's facts for everyone: master address and port both ways, and the end time."""
+def _setup(env: Mapping[str, str], want_end_time: bool, sign_key: str | None) -> dict[str, Any]:
+    """Rank 0's facts for everyone: master address and port both ways, and the end time; the
+    signing key checked (rank 0's agent commits, so it alone reads the key)."""
+    try:
+        signer(sign_key)
+    except (KeyFileError, TypeError) as exc:
+        return {"error": f"--sign-key: {exc}"}
     try:
         addr, port = slurm_master_addr(env), slurm_master_port(env)
         return {
@@ -135,7 +142,8 @@ class _Agent:
         self.signals = _Signals()
         self.signals.install()
         want_end = opts.time_margin is not None
-        setup = group.bcast_json(_setup(os.environ, want_end) if group.rank == 0 else None)
+        facts = _setup(os.environ, want_end, opts.sign_key) if group.rank == 0 else None
+        setup = group.bcast_json(facts)
         if "error" in setup:
             raise AgentError(setup["error"])
         self.end_time: float | None = setup["end_time"]
@@ -143,7 +151,7 @@ class _Agent:
             _log(0, "the job's end time is unknown: --time-margin has no effect")
         self.ranks, addr, port = _ranks(os.environ, group, setup)
         self.server = self._start_server()
-        self.server.persister = _persister(group, self.server)
+        self.server.persister = _persister(group, self.server, opts.sign_key)
         self.drainer: Drainer | None = None
         if opts.drain_to and self.rank == 0:
             self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
@@ -303,13 +311,14 @@ class _Agent:
             _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
 
 
-def _persister(group: Group, server: ControlServer) -> Persister | None:
-    """The handoff's saver, on its own communicator (a collective: every agent calls this)."""
+def _persister(group: Group, server: ControlServer, sign_key: str | None) -> Persister | None:
+    """The handoff's saver, on its own communicator (a collective: every agent calls this);
+    ``sign_key`` signs the saves whose options name no key."""
     if isinstance(group, MPIGroup):
         if group.MPI.Query_thread() != group.MPI.THREAD_MULTIPLE:
             return None  # the save's thread and the agreement loop both use MPI
-        return Persister(MPICoordinator(group.comm), server.finished)
-    return Persister(LocalCoordinator(), server.finished)
+        return Persister(MPICoordinator(group.comm), server.finished, sign_key)
+    return Persister(LocalCoordinator(), server.finished, sign_key)
 
 
 def run(opts: Options) -> int:

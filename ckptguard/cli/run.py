@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import click
@@ -66,6 +67,13 @@ from ._args import parse_duration
     type=click.IntRange(min=1, max=32),
     help="With --drain-to: copy threads (the cap on concurrent writers).",
 )
+@click.option(
+    "--sign-key",
+    metavar="KEY",
+    default=None,
+    help="Sign every checkpoint the agents commit with this Ed25519 private key (rank 0's "
+    "agent reads it; checked before the trainer starts).",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
     grace: str,
@@ -76,6 +84,7 @@ def command(
     drain_to: str | None,
     drain_every: int,
     drain_jobs: int,
+    sign_key: str | None,
     cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
@@ -99,5 +108,6 @@ def command(
         drain_to=drain_to,
         drain_every=drain_every,
         drain_jobs=drain_jobs,
+        sign_key=None if sign_key is None else os.path.abspath(sign_key),
     )
     raise click.exceptions.Exit(run(opts))

@@ -23,6 +23,7 @@ from ckptguard import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
+    SignatureError,
 )
 from ckptguard.units import format_size
 
@@ -31,6 +32,7 @@ from ._output import CheckFailed, cell, console, echo, terminal_safe
 
 if TYPE_CHECKING:  # the load path (and torch) is imported only when a command runs
     from ckptguard import Problem
+    from ckptguard.sign import TrustSet
 
 # The verify of one process (ckptguard.verify) or of rank 0 leading the others (pverify).
 Verify = Callable[..., "ckptguard.VerifyReport"]
@@ -45,28 +47,39 @@ Verify = Callable[..., "ckptguard.VerifyReport"]
     show_default=True,
     help="Started as several MPI tasks (srun, mpiexec -n N): split the chunks across them.",
 )
-def command(path: str, latest_only: bool, parallel: bool) -> None:
+@click.option(
+    "--trust",
+    "trust_paths",
+    metavar="KEY_OR_DIR",
+    multiple=True,
+    help="Accept only checkpoints signed by this public key (a .pub file, or a directory of "
+    "them); repeat for several (key rotation).",
+)
+def command(path: str, latest_only: bool, parallel: bool, trust_paths: tuple[str, ...]) -> None:
     """Check every byte of a checkpoint or store against its hashes.
 
     PATH is a checkpoint, a directory or one file (checked alone), or a store (each committed
     checkpoint, or with --latest only LATEST). Prints each problem with its file, tensor,
-    chunk and offset. Exits 0 if all are whole, 1 otherwise. Under `srun` or `mpiexec -n N` the
-    tasks share the chunks; rank 0 prints the same report and every task exits with the same
-    code.
+    chunk and offset. With --trust, a checkpoint must also carry a signature by one of those
+    keys that binds its manifest (docs/security.md). Exits 0 if all are whole, 1 otherwise.
+    Under `srun` or `mpiexec -n N` the tasks share the chunks; rank 0 prints the same report
+    and every task exits with the same code.
     """
     from ckptguard import pverify
     from ckptguard.api import resolve
+    from ckptguard.sign import trust_set
 
+    trust = trust_set(list(trust_paths)) if trust_paths else None  # a bad key: before any work
     world = pverify.world(parallel)
     if world is None:
-        _verify_paths(path, latest_only, ckptguard.verify, console().is_terminal)
+        _verify_paths(path, latest_only, ckptguard.verify, console().is_terminal, trust)
         return
     if world.rank != 0:  # prints nothing; exits as rank 0 does
         raise click.exceptions.Exit(pverify.follow(world))
     leader = pverify.Leader(world, resolve=resolve)
     code = 1
     try:
-        _verify_paths(path, latest_only, leader.verify, False)
+        _verify_paths(path, latest_only, leader.verify, False, trust)
         code = 0
     except (CheckpointError, OSError):
         code = 2
@@ -75,7 +88,9 @@ def command(path: str, latest_only: bool, parallel: bool) -> None:
         leader.finish(code)
 
 
-def _verify_paths(path: str, latest_only: bool, verify: Verify, bar: bool) -> None:
+def _verify_paths(
+    path: str, latest_only: bool, verify: Verify, bar: bool, trust: TrustSet | None = None
+) -> None:
     """Verify what PATH names, print the outcome, raise CheckFailed unless all is whole."""
     _refuse_foreign(path)
     where = require_checkpoint(path, "checkpoint or store")
@@ -87,11 +102,11 @@ def _verify_paths(path: str, latest_only: bool, verify: Verify, bar: bool) -> No
             echo(f"no committed checkpoints in {path}", err=True)
         raise CheckFailed
     if bar:
-        results = _verify_with_bar(targets)
+        results = _verify_with_bar(targets, trust)
     else:
         results = []
         for target in targets:
-            ok, lines = _verify_one(target, None, verify)
+            ok, lines = _verify_one(target, None, verify, trust)
             echo(*lines)
             results.append(ok)
     if len(results) > 1:
@@ -144,14 +159,15 @@ def _verify_one(
     path: str,
     progress: Callable[[int, int], None] | None,
     verify: Verify,
+    trust: TrustSet | None = None,
 ) -> tuple[bool, list[str]]:
     """Verify one checkpoint; (whole?, lines describing the outcome)."""
     from ckptguard.store import note_read
 
     noted = verify is not ckptguard.verify  # ckptguard.verify records its outcome itself
     try:
-        report = verify(path, progress=progress)
-    except (CorruptCheckpointError, FormatVersionError) as exc:
+        report = verify(path, progress=progress, trusted_keys=trust)
+    except (CorruptCheckpointError, FormatVersionError, SignatureError) as exc:
         if noted:
             note_read(path, "verify", {"result": "failed", "error": str(exc)[:1000]})
         return False, [f"FAIL {path}", f"  problem: {exc}"]
@@ -160,12 +176,15 @@ def _verify_one(
         note_read(path, "verify", {"result": result, "problems": len(report.problems)})
     if report.ok:
         size = format_size(report.bytes_checked)
-        return True, [f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked)"]
+        signed = f"; signed by key {report.signed_by[:16]}" if report.signed_by else ""
+        return True, [
+            f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked{signed})"
+        ]
     lines = [f"FAIL {report.path}: {len(report.problems)} problem(s)"]
     return False, lines + [_problem_line(p) for p in report.problems]
 
 
-def _verify_with_bar(targets: list[str]) -> list[bool]:
+def _verify_with_bar(targets: list[str], trust: TrustSet | None = None) -> list[bool]:
     """Verify with a live progress bar per checkpoint (terminals only)."""
     cols = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     results = []
@@ -176,7 +195,7 @@ def _verify_with_bar(targets: list[str]) -> list[bool]:
             def progress(done: int, total: int, task: TaskID = task) -> None:
                 bar.update(task, completed=done, total=total)
 
-            ok, lines = _verify_one(target, progress, ckptguard.verify)
+            ok, lines = _verify_one(target, progress, ckptguard.verify, trust)
             bar.remove_task(task)
             for line in lines:
                 bar.console.print(

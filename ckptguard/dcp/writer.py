@@ -40,9 +40,11 @@ from ..failpoints import failpoint, set_rank
 from ..format.layout import split_path
 from ..format.manifest import CheckpointInfo
 from ..hooks import run_commit_hooks
+from ..keys import PrivateKey
 from ..options import SaveOptions, check_options, shaping_options
 from ..report import pack_report, unpack_report
 from ..saver import DIRECTORY, Staged, commit_reports, write_data_file
+from ..sign import signer
 from ..tree import TORCH_DTYPES, TensorRef
 from .layout import Layout, check_metadata, plan_layout
 from .values import pickled_node, plain_node
@@ -77,6 +79,7 @@ class Writer(StorageWriter):
         self._layout: Layout | None = None
         self._staging: str | None = None  # the coordinator's save not (yet) committed
         self._uuid = ""
+        self._signer: PrivateKey | None = None  # the coordinator's signing key (sign_key)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -120,6 +123,7 @@ class Writer(StorageWriter):
         check_options([p.storage_data for p in plans])
         layout = plan_layout(plans)
         store, name = self._target()
+        self._signer = signer(self.opt.sign_key)  # the coordinator's key: before any file
         try:
             self._uuid, self._staging = DIRECTORY.open(store, name, self.opt.overwrite)
         except CheckpointError:  # before OSError: CheckpointExistsError is one too
@@ -127,7 +131,8 @@ class Writer(StorageWriter):
         except OSError as e:
             raise from_oserror(e, store, "cannot create a staging directory in") from None
         self._layout = layout
-        common = {"uuid": self._uuid, "staging": self._staging}
+        digests = self.opt.digests or self._signer is not None  # a signature needs them
+        common = {"uuid": self._uuid, "staging": self._staging, "digests": digests}
         return [
             dataclasses.replace(p, storage_data={**common, "tensors": layout.rank_part(r)})
             for r, p in enumerate(plans)
@@ -147,9 +152,8 @@ class Writer(StorageWriter):
             ref = _tensor_ref(key, item, planner.resolve_data(item))
             todo.append((gid, ref))
             devices[str(gid)] = ref.device
-        doc, rows = write_data_file(
-            DIRECTORY, part["staging"], part["uuid"], self.rank, self.opt, todo
-        )
+        opt = dataclasses.replace(self.opt, digests=part["digests"])
+        doc, rows = write_data_file(DIRECTORY, part["staging"], part["uuid"], self.rank, opt, todo)
         report = pack_report({**doc, "values": values, "devices": devices}, rows)
         results = [WriteResult(item.index, _nbytes(item), None) for item in plan.items]
         results.append(WriteResult(MetadataIndex(REPORT), doc["file"]["size"], report))
@@ -170,7 +174,8 @@ class Writer(StorageWriter):
                 values.update(doc["values"])
                 for gid, device in doc["devices"].items():
                     layout.tensors[int(gid)]["device"] = device
-            staged = Staged(self._uuid, staging, layout.tree(values), {}, layout.tensors, False)
+            tree = layout.tree(values)
+            staged = Staged(self._uuid, staging, tree, {}, layout.tensors, False, self._signer)
             store, name = self._target()
             info = commit_reports(DIRECTORY, store, name, len(results), self.opt, staged, reports)
         except BaseException:

@@ -3,7 +3,8 @@
 Exactly the files the manifest names are copied, read relative to the opened checkpoint
 directory with O_NOFOLLOW; each data file's header, trailer and footer are checked against the
 index before its bytes are copied. Files larger than ``PIECE_BYTES`` are copied as several pieces
-by up to ``jobs`` threads; every file is fsynced, and MANIFEST.json comes last, byte for byte.
+by up to ``jobs`` threads; every file is fsynced, and MANIFEST.json comes last, byte for byte,
+after SIGNATURE.json where the checkpoint is signed (so the signature stays valid in the copy).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import TypeVar
 
 from ..errors import CheckpointReplacedError, from_oserror
 from ..failpoints import failpoint
-from ..format.layout import INDEX, MANIFEST
-from ..fsutil import fsync_dir, read_manifest, write_file_durably
+from ..format.layout import INDEX, MANIFEST, SIGNATURE
+from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, write_file_durably
 from ..io import pwrite_all
 from ..open import CheckpointReader
+from ..sign import copy_signature
 from .lustre import set_stripe
 
 __all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint"]
@@ -169,6 +171,19 @@ class CheckpointCopier:
         except OSError as e:
             raise from_oserror(e, os.path.join(self.staging, f.name), "cannot fsync") from None
 
+    def copy_signature(self) -> None:
+        """Copy SIGNATURE.json byte for byte, if there is one: it must be a well-formed
+        signature of the manifest opened (whose key is not checked here)."""
+        where = os.path.join(self.staging, SIGNATURE)
+        try:
+            self.copied += copy_signature(self.rd.dir_fd, self.staging, self.rd.manifest_raw)
+        except (ValueError, UnsafeFileError) as e:
+            raise self.rd.corrupt(
+                f"{SIGNATURE} is not a signature of this checkpoint: {e}", file=SIGNATURE
+            ) from None
+        except OSError as e:
+            raise from_oserror(e, where, "cannot copy") from None
+
     def copy_manifest(self, uuid: str) -> None:
         """Copy MANIFEST.json byte for byte, last, after checking it is the one opened."""
         try:
@@ -198,6 +213,7 @@ def copy_checkpoint(rd: CheckpointReader, staging: str, lfs: str | None, jobs: i
         parallel(copier.prepare, files, jobs)
         parallel(copier.copy, pieces(files), jobs)
         parallel(copier.fsync, files, jobs)
+        copier.copy_signature()
         copier.copy_manifest(m["uuid"])
         fsync_dir(staging)
     finally:

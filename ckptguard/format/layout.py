@@ -10,6 +10,7 @@ from ..errors import InvalidNameError
 
 MANIFEST = "MANIFEST.json"
 INDEX = "index.parquet"
+SIGNATURE = "SIGNATURE.json"  # a signed checkpoint's signature (format.md section 2.1)
 LATEST = "LATEST"
 STAGING = ".staging"
 ALIGN = 4096

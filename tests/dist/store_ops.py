@@ -2,7 +2,8 @@
 
 Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
 fault matrix's ``small(2)`` there as a one-file checkpoint) | save STORE NAME (``small(2)`` as
-NAME, step 2) | export CKPT DEST (to safetensors);
+NAME, step 2) | save-signed STORE NAME KEY (the same, signed with KEY) | export CKPT DEST (to
+safetensors);
 writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
@@ -42,6 +43,9 @@ def run(op: str, args: list[str]) -> dict:
         return {}
     if op == "save":
         return {"name": ckptguard.save(small2(), os.path.join(args[0], args[1]), step=2).name}
+    if op == "save-signed":
+        path = os.path.join(args[0], args[1])
+        return {"name": ckptguard.save(small2(), path, step=2, sign_key=args[2]).name}
     if op == "export":
         result = ckptguard.export(args[0], to="safetensors", dest=args[1])
         return {"files": [os.path.basename(f) for f in result.files]}
