@@ -228,6 +228,11 @@ def check(
         raise refuse("has a signature of another MANIFEST.json: the manifest was changed")
     if (stmt["uuid"], stmt["checkpoint"]) != (body["uuid"], body["name"]):
         raise refuse("has a signature that names another checkpoint (uuid or name)")
+    if os.path.basename(os.path.normpath(path)) != stmt["checkpoint"]:
+        raise refuse(
+            f"was signed as {stmt['checkpoint']!r}: another checkpoint put in this one's place "
+            "(a copy or a rollback under another name)"
+        )
     if DIGESTS not in body["features"]:
         raise refuse(
             f"has no chunk digests (feature {DIGESTS!r}): a signature would not cover its data"

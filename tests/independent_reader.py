@@ -1640,6 +1640,10 @@ def check_signature(
         f"{SIGNATURE}: signs another MANIFEST.json",
     )
     _need((st["uuid"], st["checkpoint"]) == (body["uuid"], body["name"]), f"{SIGNATURE}: names")
+    _need(
+        os.path.basename(os.path.normpath(ckpt_dir)) == st["checkpoint"],
+        f"{SIGNATURE}: signed as {st['checkpoint']!r}, read under another name",
+    )
     _need("digests" in body.get("features", []), f"{SIGNATURE}: no chunk digests")
     return st["key_id"]
 
