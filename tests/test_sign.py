@@ -23,6 +23,8 @@ from ckptguard import (
     KeyFileError,
     OneFileError,
     SignatureError,
+    audit,
+    auditcheck,
     keys,
     sign,
 )
@@ -277,6 +279,21 @@ def test_four_ranks_rank_zero_signs(tmp_path: Path, kp: tuple[str, str, str]) ->
     assert run_command(cmd, 180, env=env).returncode == 0
     report = ckptguard.verify(store / "step-10", trusted_keys=kp[1])
     assert report.ok and report.signed_by == kp[2]
+
+
+def test_four_ranks_sign_into_an_audited_store(tmp_path: Path, kp: tuple[str, str, str]) -> None:
+    """The same 4-rank save into a store with an audit log: signed, its commit entry written by
+    the committer (rank 0), the log complete and verifying."""
+    store = tmp_path / "store"
+    auditcheck.init(store, key=kp[0], witness=str(tmp_path / "w"))
+    cmd = [need_mpi(), "-n", "4", sys.executable, SCENARIOS, "mpi", "save", store, "step-10"]
+    assert run_command(cmd, 180, env={"SCENARIO_SIGN_KEY": kp[0]}).returncode == 0
+    assert ckptguard.verify(store / "step-10", trusted_keys=kp[1]).signed_by == kp[2]
+    done = auditcheck.check(store)
+    assert (done.total, done.fraction) == (1, 1.0), done.gaps
+    log, _ = audit.read(str(store))
+    (entry,) = [e for e in log.entries if e["op"] == "commit"]
+    assert entry["checkpoint"] == "step-10" and entry["actor"]["rank"] == 0
 
 
 def test_signing_forces_digests(signed: Path, kp: tuple[str, str, str], tmp_path: Path) -> None:

@@ -318,3 +318,31 @@ def test_a_dead_agent_ends_the_job_instead_of_hanging(job: list[str], tmp_path: 
     assert srun.returncode != 0
     assert took < 20  # before the trainers end their 25 s sleep: the agents acted on their own
     assert "did not answer" in text
+
+
+@pytest.mark.timeout(180)
+def test_agents_under_srun_sign_into_an_audited_store(job: list[str], tmp_path: Path) -> None:
+    """srun -n 4 ckptguard run --sign-key: three handed-over saves into a store with an audit
+    log; each commit is signed (only the agents read the key), has its commit entry, and the
+    log verifies against its witness."""
+    import ckptguard
+    from ckptguard import auditcheck, keys
+
+    out, store, witness = tmp_path / "out", tmp_path / "store", tmp_path / "witness"
+    out.mkdir()
+    priv, pub, kid = keys.generate(tmp_path / "k")
+    agent = Path(sys.executable).parent / "ckptguard"
+    init = [agent, "audit", "init", store, "--key", priv, "--witness", witness]
+    assert run_command(init, timeout=60).returncode == 0
+    trainer = HERE / "agent" / "trainer.py"
+    cmd = ["srun", *job[:2], "--time=3", "--mpi=pmi2", "-n", "4", agent, "run"]
+    cmd += ["--sign-key", priv, "--", sys.executable, trainer, "handoff", out, store]
+    proc = run_command(cmd, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("h0", "h1", "h2"):
+        assert ckptguard.verify(store / name, trusted_keys=pub).signed_by == kid
+    assert ckptguard.load(store / "h2", trusted_keys=pub)["step"] == 2
+    done = auditcheck.check(store)
+    assert done.fraction == 1.0 and done.total == 3, done.gaps
+    audit = [agent, "audit", "verify", store, "--witness", witness, "--key", pub]
+    assert run_command(audit, timeout=60).returncode == 0
