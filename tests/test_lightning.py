@@ -146,6 +146,12 @@ def test_remove_and_its_refusals(tmp_path: Path) -> None:
         cl.CheckpointIO(compres="zstd")
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint({}, tmp_path / "b.ckpt", storage_options="zstd")
+    with pytest.raises(ckptguard.OneFileError, match="cannot be signed"):
+        cl.CheckpointIO(sign_key=tmp_path / "k.key")  # one-file checkpoints carry no signature
+    io = cl.CheckpointIO(digests=True)  # digests they do carry
+    io.save_checkpoint({"v": torch.ones(2)}, tmp_path / "c.ckpt")
+    with ckptguard.open.CheckpointReader(str(tmp_path / "c.ckpt")) as rd:
+        assert "digests" in rd.features
 
 
 def test_import_loads_no_lightning() -> None:

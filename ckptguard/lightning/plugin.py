@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO as LightningCheckpointIO
 
 from .. import api
-from ..errors import IntegrationError, brief, from_oserror, warn_after_commit
+from ..errors import IntegrationError, OneFileError, brief, from_oserror, warn_after_commit
 from ..failpoints import failpoint
 from ..fsutil import fsync_dir
 from ..options import SaveOptions
@@ -45,6 +45,11 @@ class CheckpointIO(LightningCheckpointIO):
 
     def __init__(self, **save_options: Any) -> None:
         SaveOptions.from_kwargs(save_options)  # a misspelt or invalid option fails here
+        if save_options.get("sign_key") is not None:  # fail at setup, not at the first save
+            raise OneFileError(
+                "sign_key: Lightning's checkpoints are one-file checkpoints, which cannot be "
+                "signed; sign directory checkpoints (ckptguard.save, docs/security.md)"
+            )
         self.save_options = save_options
 
     def save_checkpoint(
