@@ -14,6 +14,7 @@ from pathlib import Path
 import independent_reader as ir
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import resign_manifest, rewrite_rows, run_command
 from mpikit import need_mpi
 
@@ -25,6 +26,7 @@ from ckptguard import (
     SignatureError,
     audit,
     auditcheck,
+    cli,
     keys,
     sign,
 )
@@ -258,6 +260,36 @@ def test_drain_keeps_the_signature(tmp_path: Path, signed: Path, kp: tuple[str, 
     (signed / SIGNATURE).write_bytes(b"{}\n")  # a damaged signature is not copied
     with pytest.raises(CorruptCheckpointError, match="SIGNATURE.json"):
         drain(signed.parent, tmp_path / "dst2")
+
+
+def test_drain_signs_what_is_not_signed(
+    tmp_path: Path, signed: Path, kp: tuple[str, str, str]
+) -> None:
+    """A drain with a key signs the copies of unsigned checkpoints that have digests; a signed
+    one keeps its signature; one without digests is refused before its commit; a bad key
+    copies nothing."""
+    from ckptguard.drain import drain
+
+    src = tmp_path / "staging"
+    ckptguard.save(state(2), src / "d", digests=True)
+    ckptguard.save(state(3), src / "plain")
+    k2, p2, kid2 = keys.generate(tmp_path / "keys" / "k2")
+    with pytest.raises(KeyFileError):
+        drain(src, tmp_path / "dst", sign_key=tmp_path / "typo.key")
+    assert not (tmp_path / "dst").exists()
+    drain(src, tmp_path / "dst", names=["d"], sign_key=k2)
+    assert ckptguard.verify(tmp_path / "dst" / "d", trusted_keys=p2).signed_by == kid2
+    assert not (src / "d" / SIGNATURE).exists()  # the source is left as it was
+    with pytest.raises(SignatureError, match="no chunk digests"):
+        drain(src, tmp_path / "dst", names=["plain"], sign_key=k2)
+    assert sorted(os.listdir(tmp_path / "dst")) in (["LATEST", "d"], [".staging", "LATEST", "d"])
+    drain(signed.parent, tmp_path / "dst", sign_key=k2)  # signed by kp: kept as it is
+    assert ckptguard.verify(tmp_path / "dst" / "a", trusted_keys=kp[1]).signed_by == kp[2]
+    r = CliRunner().invoke(
+        cli.cli, ["drain", str(src), str(tmp_path / "dst3"), "--name", "d", "--sign-key", k2]
+    )
+    assert r.exit_code == 0, r.output
+    assert ckptguard.verify(tmp_path / "dst3" / "d", trusted_keys=p2).signed_by == kid2
 
 
 def test_save_async_and_checkpointer(tmp_path: Path, kp: tuple[str, str, str]) -> None:

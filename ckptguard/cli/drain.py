@@ -29,6 +29,12 @@ from ._output import echo, fail
 )
 @click.option("--overwrite", is_flag=True, help="Replace a DST checkpoint of the same name.")
 @click.option("--no-stripe", is_flag=True, help="On Lustre, keep the directory's default layout.")
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False),
+    help="Sign each copy that is not signed already with this Ed25519 key (ckptguard key "
+    "generate); the checkpoint must have chunk digests.",
+)
 def command(
     src: str,
     dst: str,
@@ -38,12 +44,14 @@ def command(
     jobs: int,
     overwrite: bool,
     no_stripe: bool,
+    sign_key: str | None,
 ) -> None:
     """Copy committed checkpoints from store SRC (fast staging) to store DST (durable).
 
     Each is copied into DST's staging area, verified chunk by chunk and committed with one
     rename; DST's LATEST moves to it if it is newer. Checkpoints DST already holds are skipped;
-    one with the same name but another uuid is an error unless --overwrite.
+    one with the same name but another uuid is an error unless --overwrite. With --sign-key, a
+    checkpoint that is not signed is signed on its way (a signed one keeps its signature).
     """
     from ckptguard.drain import drain
 
@@ -64,6 +72,7 @@ def command(
         overwrite=overwrite,
         stripe=not no_stripe,
         on_drained=_report,
+        sign_key=sign_key,
     )
     if not done:
         echo(f"nothing to drain: {dst} holds every selected checkpoint")

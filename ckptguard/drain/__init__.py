@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from .. import audit
+from .. import audit, sign
 from ..audit import WITNESS_SUBDIR
 from ..commit import (
     Flavour,
@@ -60,8 +60,10 @@ from ..failpoints import failpoint
 from ..format.layout import check_name
 from ..format.manifest import CheckpointInfo
 from ..fsutil import makedirs_durably
+from ..keys import PrivateKey
 from ..open import CheckpointReader
 from ..read import verify_checkpoint
+from ..sign import SignKey
 from ..store import Store
 from .copy import copy_checkpoint
 from .lustre import lustre_tool, on_lustre, stripe_count
@@ -149,7 +151,12 @@ def _check_copy(src_path: str, staging: str) -> None:
 
 
 def _drain_one(
-    info: CheckpointInfo, dst_root: str, jobs: int, overwrite: bool, lfs: str | None
+    info: CheckpointInfo,
+    dst_root: str,
+    jobs: int,
+    overwrite: bool,
+    lfs: str | None,
+    signer: PrivateKey | None,
 ) -> tuple[CheckpointInfo, int]:
     """Copy, verify and commit one checkpoint; return its info in DST and the bytes copied.
 
@@ -166,7 +173,7 @@ def _drain_one(
             raise from_oserror(e, dst_root, "cannot create a staging directory in") from None
         committed = False
         try:
-            copied = copy_checkpoint(rd, staging, lfs, jobs)
+            copied = copy_checkpoint(rd, staging, lfs, jobs, signer)
             _check_copy(info.path, staging)
             failpoint("drain.verified")
             out = publish(
@@ -284,6 +291,7 @@ def drain(
     *,
     stripe: bool = True,
     on_drained: DrainedCallback | None = None,
+    sign_key: SignKey | None = None,
 ) -> list[CheckpointInfo]:
     """Copy committed checkpoints of store ``src`` into store ``dst``; return those copied.
 
@@ -295,9 +303,13 @@ def drain(
     newest of them if it is newer (later ``created``) than the one it names, also for a skipped
     one (so a drain interrupted after its rename is completed by the next). ``jobs`` threads
     (capped at MAX_JOBS) copy files; on Lustre each data file is striped first (``stripe_count``)
-    unless ``stripe`` is False. ``dst`` is created if missing.
+    unless ``stripe`` is False. ``dst`` is created if missing. ``sign_key``: sign each copy
+    that is not signed already (it needs chunk digests: SignatureError otherwise, before its
+    commit); a signed checkpoint keeps its signature. A bad key is a KeyFileError before
+    anything is copied.
     """
     jobs = _check_jobs(jobs)
+    signer = sign.signer(sign_key)
     if isinstance(names, str):
         names = [names]
     src_store = Store(src)
@@ -320,7 +332,7 @@ def drain(
             _advance_latest(dst_root, have)
             continue
         t0 = time.monotonic()
-        out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs)
+        out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs, signer)
         drained.append(out)
         _note_drained(src_store.root, info, dst_root)
         if on_drained is not None:

@@ -21,8 +21,9 @@ from ..failpoints import failpoint
 from ..format.layout import INDEX, MANIFEST, SIGNATURE
 from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, write_file_durably
 from ..io import pwrite_all
+from ..keys import PrivateKey
 from ..open import CheckpointReader
-from ..sign import copy_signature
+from ..sign import copy_signature, write_signature
 from .lustre import set_stripe
 
 __all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint"]
@@ -171,12 +172,14 @@ class CheckpointCopier:
         except OSError as e:
             raise from_oserror(e, os.path.join(self.staging, f.name), "cannot fsync") from None
 
-    def copy_signature(self) -> None:
-        """Copy SIGNATURE.json byte for byte, if there is one: it must be a well-formed
-        signature of the manifest opened (whose key is not checked here)."""
+    def copy_signature(self) -> bool:
+        """Copy SIGNATURE.json byte for byte, if there is one (whether there was): it must be a
+        well-formed signature of the manifest opened (whose key is not checked here)."""
         where = os.path.join(self.staging, SIGNATURE)
         try:
-            self.copied += copy_signature(self.rd.dir_fd, self.staging, self.rd.manifest_raw)
+            n = copy_signature(self.rd.dir_fd, self.staging, self.rd.manifest_raw)
+            self.copied += n
+            return n > 0
         except (ValueError, UnsafeFileError) as e:
             raise self.rd.corrupt(
                 f"{SIGNATURE} is not a signature of this checkpoint: {e}", file=SIGNATURE
@@ -202,9 +205,17 @@ class CheckpointCopier:
         self.copied += len(raw)
 
 
-def copy_checkpoint(rd: CheckpointReader, staging: str, lfs: str | None, jobs: int) -> int:
+def copy_checkpoint(
+    rd: CheckpointReader,
+    staging: str,
+    lfs: str | None,
+    jobs: int,
+    signer: PrivateKey | None = None,
+) -> int:
     """Copy every file of the open checkpoint ``rd`` into ``staging`` and make them durable,
-    MANIFEST.json last; return the bytes copied. ``lfs``: stripe data files with it (Lustre)."""
+    MANIFEST.json last; return the bytes copied. ``lfs``: stripe data files with it (Lustre).
+    ``signer``: sign the copy where the checkpoint is not signed already (a signed one keeps
+    the signature it has)."""
     m = rd.manifest
     files = [SourceFile(f["name"], f["size"], True) for f in m["files"]]
     files.append(SourceFile(INDEX, m["index"]["size"], False))
@@ -213,7 +224,8 @@ def copy_checkpoint(rd: CheckpointReader, staging: str, lfs: str | None, jobs: i
         parallel(copier.prepare, files, jobs)
         parallel(copier.copy, pieces(files), jobs)
         parallel(copier.fsync, files, jobs)
-        copier.copy_signature()
+        if not copier.copy_signature() and signer is not None:
+            write_signature(staging, signer, rd.manifest_raw, m)
         copier.copy_manifest(m["uuid"])
         fsync_dir(staging)
     finally:
