@@ -53,10 +53,15 @@ def forge_chunk(
     hdr[56:64] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(hdr[:56])))
     data[r.offset : r.offset + datafile.RECORD_HEADER_SIZE] = hdr
     foff, flen, _ = datafile.unpack_trailer(bytes(data[-datafile.TRAILER_SIZE :]), len(data))
-    footer = bytes(data[foff : foff + flen]).replace(r.hash.hex().encode(), new_hash.hex().encode())
+    footer = bytearray(data[foff : foff + flen])
+    row = footer.index(b'"offset":%d,' % r.offset)  # this record's footer row (offsets differ)
+    at = footer.index(b'"hash":"', row) + len(b'"hash":"')
+    footer[at : at + 32] = new_hash.hex().encode()
     new_digest = sha256(new)
     if digests and r.digest is not None:
-        footer = footer.replace(r.digest.hex().encode(), new_digest.hex().encode())
+        at = footer.index(b'"digest":"', row) + len(b'"digest":"')
+        footer[at : at + 64] = new_digest.hex().encode()
+    footer = bytes(footer)
     assert len(footer) == flen
     data[foff : foff + flen] = footer
     data[-datafile.TRAILER_SIZE :] = datafile.pack_trailer(foff, footer)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import flip_byte, run_command
+from forgery import forge_chunk, set_first_float
 from mpikit import MPIEXEC, need_mpi
 from threadcoord import rank_results
 
@@ -313,6 +314,19 @@ def test_mpiexec_verify_finds_a_flipped_byte(four: Path, tmp_path: Path) -> None
     res = _launch([MPIEXEC], 4, ["verify", ckpt], tmp_path / "out")
     _expect_same(res, single)
     assert "file=rank-00002.ckg" in res[0][1] and f"tensor={key}," in res[0][1]
+
+
+def test_mpiexec_verify_finds_a_forged_chunk_by_its_digest(tmp_path: Path) -> None:
+    """A chunk rewritten with every xxh3 checksum recomputed (tests/forgery.py): the ranks
+    that verify it find its SHA-256 digest wrong, and rank 0 reports it as one process would."""
+    need_mpi()
+    ckpt = tmp_path / "store" / "forged"
+    w = torch.ones(64, 1024)  # 16 chunks of 16 KiB: the ranks share them
+    ckptguard.save({"w": w}, ckpt, compress="none", digests=True, chunk_size=16 << 10)
+    forge_chunk(str(ckpt), "w", set_first_float(666.0), chunk=9)
+    single = _single(ckpt)
+    assert single.returncode == 1 and "digest mismatch" in single.stdout
+    _expect_same(_launch([MPIEXEC], 4, ["verify", ckpt], tmp_path / "out"), single)
 
 
 def test_mpiexec_verify_a_store(four: Path, tmp_path: Path) -> None:
