@@ -48,6 +48,7 @@ from .errors import (
     OutOfMemoryError,
     RegisteredTypeError,
     ReplicaMismatchWarning,
+    RetentionPolicyError,
     SaveCancelledError,
     SignatureError,
     StoreError,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .format.manifest import CheckpointInfo
     from .importer import ImportReport, import_checkpoint
     from .read import Problem, VerifyReport
+    from .retention import Policy
     from .shard import PerRank, Shard
     from .store import Store
     from .treetypes import register_types, registered_types, unregister_types
@@ -90,6 +92,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".importer": ("ImportReport", "import_checkpoint"),
     ".read": ("Problem", "VerifyReport"),
     ".shard": ("PerRank", "Shard"),
+    ".retention": ("Policy",),
     ".store": ("Store",),
     ".treetypes": ("register_types", "registered_types", "unregister_types"),
 }
@@ -131,8 +134,10 @@ __all__ = [
     "OptionsMismatchError",
     "OutOfMemoryError",
     "PerRank",
+    "Policy",
     "Problem",
     "RegisteredTypeError",
+    "RetentionPolicyError",
     "ReplicaMismatchWarning",
     "SaveCancelledError",
     "SaveHandle",

@@ -295,6 +295,11 @@ class AgentError(CheckpointError):
     """``ckptguard run`` could not set up its agents (MPI, control socket, job information)."""
 
 
+class RetentionPolicyError(CheckpointError, ValueError):
+    """A retention policy that cannot be used (an unknown rule, a bad count or duration, an
+    unreadable policy file, or no rule at all where pruning needs one). Nothing is deleted."""
+
+
 class IntegrationError(CheckpointError, ValueError):
     """A framework integration (``ckptguard.lightning``, ``ckptguard.hf``) cannot do what it was
     asked: a path it cannot write atomically (a remote URL, a directory where a file belongs),

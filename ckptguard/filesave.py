@@ -98,9 +98,10 @@ def save_file(
     refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
     ``saver.save_state`` (a path only). A one-file checkpoint is never signed: ``sign_key``
     is refused (OneFileError)."""
-    if opt.sign_key is not None:
+    if opt.sign_key is not None or opt.keep is not None:
         raise OneFileError(
-            "a one-file checkpoint cannot be signed (sign_key): save a checkpoint directory"
+            f"a one-file checkpoint {'cannot be signed' if opt.keep is None else 'has no store'} "
+            f"({'sign_key' if opt.keep is None else 'keep'}): save a checkpoint directory"
         )
     coord = single_process(coordinator)
     if is_file_object(path):

@@ -20,6 +20,7 @@ from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_comp
 from .errors import OptionsMismatchError, UnsupportedObjectError
 from .keys import PrivateKey
 from .report import dump_json
+from .retention import Policy, as_policy
 from .sign import check_sign_key, key_path
 from .writer import DEFAULT_CHUNK
 
@@ -61,7 +62,13 @@ class SaveOptions:
     SIGNATURE.json, committed with it (``sign``), and digests on for every rank whatever
     ``digests`` says. Only the committer (rank 0) reads it; the other ranks' value is not used."""
 
+    keep: Policy | Mapping[str, Any] | None = None
+    """A retention policy (``retention.Policy`` or a dict of its rules): after each commit, the
+    committer (rank 0) prunes the store by it (``Store.prune``); a failure there is a
+    ``CheckpointWarning``, never a failed save. Not for one-file checkpoints."""
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", as_policy(self.keep))
         parse_compress(self.compress, COMPRESS)
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
@@ -101,7 +108,8 @@ class SaveOptions:
         """The options as ``from_kwargs`` takes them back (they travel to the agent as JSON; a
         loaded signing key as the path it was loaded from)."""
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**doc, "sign_key": key_path(self.sign_key)}
+        keep = self.keep.to_json() if isinstance(self.keep, Policy) else None
+        return {**doc, "sign_key": key_path(self.sign_key), "keep": keep}
 
 
 SHAPING = (

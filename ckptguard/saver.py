@@ -59,6 +59,7 @@ from .report import (
     unpack_report,
 )
 from .sources import DIRECT, ByteSource
+from .store import prune_after_commit
 from .tree import Flat, TensorRef, flatten
 from .version import __version__
 from .writer import RankWriter
@@ -483,10 +484,12 @@ def save_state(
     ``source`` is where tensor bytes are read from (in place, or through bounded buffers);
     ``on_read`` is called once this rank has read every byte it writes (the caller's state is
     then free); ``target``: where the checkpoint goes (a directory in a store by default). Once
-    committed, the commit hooks run on every rank (``hooks``).
+    committed, the commit hooks run on every rank (``hooks``), then rank 0 prunes by ``keep``.
     """
     set_rank(coord.rank)
     info = _Save(coord, opt, store, name, source, on_read, target).run(obj)
     if target.announce:
         run_commit_hooks(info)
+        if opt.keep is not None and coord.rank == 0:
+            prune_after_commit(store, opt.keep)
     return info

@@ -9,7 +9,9 @@ import os
 import stat
 import time
 import uuid as uuidlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import audit
 from .commit import (
@@ -27,6 +29,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    RetentionPolicyError,
     brief,
     from_oserror,
     warn_after_commit,
@@ -43,8 +46,21 @@ from .format.layout import (
 )
 from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, read_regular
+from .retention import POLICY_FILE, Decision, Policy, as_policy, plan, read_policy
 
 __all__ = ["Skipped", "Store", "StoreScan", "note_read"]
+
+
+def prune_after_commit(store: str, policy: Policy | Mapping[str, Any]) -> None:
+    """``Store(store).prune(policy)`` after a commit (the ``keep`` option): what fails is a
+    ``CheckpointWarning``; the commit stands."""
+    try:
+        _, failed = Store(store).prune(as_policy(policy))
+    except (OSError, CheckpointError) as e:
+        warn_after_commit(f"pruning {store} after the commit failed: {brief(e)}", stacklevel=3)
+        return
+    for name, err in failed:
+        warn_after_commit(f"pruning {store}: {name} was not removed: {brief(err)}", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -224,6 +240,32 @@ class Store:
                 f"gc removes {trash}",
                 stacklevel=2,
             )
+
+    def prune(
+        self,
+        policy: Policy | None = None,
+        now: dt.datetime | None = None,
+        dry_run: bool = False,
+    ) -> tuple[builtins.list[Decision], builtins.list[tuple[str, CheckpointError]]]:
+        """Delete every checkpoint that ``policy`` (default: the store's own policy file,
+        ``retention.POLICY_FILE``) does not keep, oldest first, each as ``delete(prune=True)``;
+        (the plan, newest first, and the removals that failed with their errors, e.g. one
+        removed meanwhile by another process). ``dry_run``: the plan only. No policy, or one
+        without rules, is a RetentionPolicyError: nothing would say what to keep."""
+        policy = policy if policy is not None else read_policy(self.root)
+        if policy is None or policy.empty:
+            raise RetentionPolicyError(
+                f"no retention rule for {self.root}: give one, or write {POLICY_FILE} in it"
+            )
+        decisions = plan(self.list(), policy, now)
+        failed: builtins.list[tuple[str, CheckpointError]] = []
+        for d in reversed(decisions) if not dry_run else ():
+            if not d.keep:
+                try:
+                    self.delete(d.info.name, prune=True)
+                except CheckpointError as e:
+                    failed.append((d.info.name, e))
+        return decisions, failed
 
     def gc(self, older_than: float | dt.timedelta = 3600.0) -> builtins.list[str]:
         """Remove staging leftovers untouched for ``older_than``; never a committed checkpoint.
