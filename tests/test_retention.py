@@ -5,18 +5,15 @@ checks, and pruning real stores (audited, after each commit, from the command li
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import ckptguard
 from ckptguard import auditcheck
-from ckptguard.cli import cli
 from ckptguard.errors import OneFileError, RetentionPolicyError
 from ckptguard.format.manifest import CheckpointInfo
 from ckptguard.retention import POLICY_FILE, Policy, plan
@@ -145,7 +142,8 @@ def test_bad_rules_are_refused(rules: dict, match: str) -> None:
         Policy(**rules)
 
 
-def _save_steps(store: Path, n: int, **kw: object) -> None:
+def save_steps(store: Path, n: int, **kw: object) -> None:
+    """Checkpoints s0..s(n-1) of steps 0..n-1; s1 is tagged "release"."""
     for s in range(n):
         tags = ["release"] if s == 1 else []
         ckptguard.save(
@@ -157,47 +155,23 @@ def _save_steps(store: Path, n: int, **kw: object) -> None:
         )
 
 
-def _names(store: Path) -> list[str]:
+def names(store: Path) -> list[str]:
     return [i.name for i in ckptguard.Store(store).list()]
-
-
-def test_prune_a_store_from_the_command_line(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    _save_steps(store, 8)
-    run = CliRunner().invoke
-    r = run(cli, ["prune", str(store), "--dry-run", "--keep-last", "2", "--keep-tag", "release"])
-    assert r.exit_code == 0, r.output
-    assert (
-        "would remove" in r.output
-        and "5 kept" not in r.output
-        and "3 kept, 5 to remove" in r.output
-    )
-    assert len(_names(store)) == 8  # a dry run removes nothing
-    r = run(cli, ["prune", str(store)])
-    assert r.exit_code != 0 and "no retention rule" in r.output  # no rule anywhere: refused
-    (store / POLICY_FILE).write_text(json.dumps({"keep_last": 2, "keep_tags": ["release"]}))
-    r = run(cli, ["prune", str(store), "--json"])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.output)
-    assert doc["policy"] == {"keep_last": 2, "keep_tags": ["release"]}
-    assert sorted(_names(store)) == ["s1", "s6", "s7"]
-    assert ckptguard.Store(store).latest_name() == "s7"
-    assert ckptguard.load(store / "s1")["w"][0].item() == 1.0
 
 
 @pytest.mark.parametrize("content", ["not json", '{"keep_forever": 1}', '{"keep_last": -1}'])
 def test_a_bad_policy_file_is_refused_and_removes_nothing(tmp_path: Path, content: str) -> None:
     store = tmp_path / "store"
-    _save_steps(store, 3)
+    save_steps(store, 3)
     (store / POLICY_FILE).write_text(content)
     with pytest.raises(RetentionPolicyError, match=POLICY_FILE):
         ckptguard.Store(store).prune()
-    assert len(_names(store)) == 3
+    assert len(names(store)) == 3
 
 
 def test_a_policy_file_that_is_a_fifo_or_a_link_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    _save_steps(store, 2)
+    save_steps(store, 2)
     os.mkfifo(store / POLICY_FILE)  # never opened blocking: no hang
     with pytest.raises(RetentionPolicyError):
         ckptguard.Store(store).prune()
@@ -206,19 +180,19 @@ def test_a_policy_file_that_is_a_fifo_or_a_link_is_refused(tmp_path: Path) -> No
     os.symlink(tmp_path / "elsewhere.json", store / POLICY_FILE)
     with pytest.raises(RetentionPolicyError):
         ckptguard.Store(store).prune()
-    assert len(_names(store)) == 2
+    assert len(names(store)) == 2
 
 
 def test_save_keep_prunes_after_each_commit_and_the_log_records_it(tmp_path: Path) -> None:
     store = tmp_path / "store"
     auditcheck.init(store)
-    _save_steps(store, 5, keep={"keep_last": 2})
-    assert _names(store) == ["s3", "s4"]
+    save_steps(store, 5, keep={"keep_last": 2})
+    assert names(store) == ["s3", "s4"]
     done = auditcheck.check(store)
     assert (done.total, done.fraction) == (5, 1.0), done.gaps  # 5 commits, 3 prune entries
     with ckptguard.Checkpointer(store, keep=Policy(keep_last=1)) as ck:
         ck.save_async({"w": torch.ones(2)}, "a1", step=10).result()
-    assert _names(store) == ["a1"]
+    assert names(store) == ["a1"]
 
 
 def test_keep_is_checked_before_anything_is_written(tmp_path: Path) -> None:

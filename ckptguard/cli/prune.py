@@ -4,11 +4,11 @@ rules given on the command line in its place), or show what it would remove (``-
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 import ckptguard
-from ckptguard.retention import POLICY_FILE, Decision, Policy, read_policy
 
 from ._args import require_dir
 from ._output import CheckFailed, echo, when
@@ -41,6 +41,8 @@ def command(store: str, dry_run: bool, as_json: bool, **rules: object) -> None:
     always kept. Every removal is atomic and, in an audited store, recorded as a prune entry.
     Exit 1 if a removal failed.
     """
+    from ckptguard.retention import POLICY_FILE, Policy, read_policy
+
     root = require_dir(store, "store")
     policy = (read_policy(root) or Policy()).merged(**rules)
     if policy.empty:
@@ -64,7 +66,8 @@ def command(store: str, dry_run: bool, as_json: bool, **rules: object) -> None:
         raise CheckFailed()
 
 
-def _doc(d: Decision) -> dict:
+def _doc(d: Any) -> dict:
+    """A ``retention.Decision`` as JSON."""
     return {
         "name": d.info.name,
         "step": d.info.step,
