@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,22 @@ def test_keep_is_checked_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(OneFileError, match="keep"):
         ckptguard.save({"w": torch.ones(2)}, tmp_path / "m.pt", keep={"keep_last": 1})
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_the_agent_prunes_what_it_commits(tmp_path: Path) -> None:
+    """Under ``ckptguard run`` (2 ranks), the Checkpointer's saves are committed by the agents;
+    their ``keep`` travels with them and rank 0's agent prunes after each commit."""
+    from conftest import run_command
+    from mpikit import need_mpi
+
+    store, trainer = tmp_path / "store", tmp_path / "train.py"
+    trainer.write_text(
+        "import torch, ckptguard\n"
+        f"with ckptguard.Checkpointer({str(store)!r}, keep={{'keep_last': 1}}) as ck:\n"
+        "    for i in range(3):\n"
+        "        ck.save_async({'w': torch.full((4,), float(i))}, f'h{i}', step=i).result()\n"
+    )
+    cmd = [need_mpi(), "-n", "2", sys.executable, "-m", "ckptguard.cli", "run", "--"]
+    done = run_command([*cmd, sys.executable, trainer], 180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert names(store) == ["h2"]
