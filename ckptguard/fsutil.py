@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Callable
 
 from .errors import CorruptCheckpointError, FormatVersionError, StoreError, from_oserror
@@ -290,3 +291,22 @@ class NewFiles:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self.pending = []
+
+
+def lockf_until(fd: int, shared: bool, deadline: float) -> bool:
+    """Take the POSIX record lock on open file ``fd`` (``lockf``: what NFS and Lustre mounted
+    with ``-o flock`` lock across nodes; it goes with the descriptor, also when the process
+    dies), exclusive or ``shared``, polling with a growing pause until ``deadline``
+    (``time.monotonic``): False if another process still held it then. Other errors raise."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import stat
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import AuditError, AuditLockTimeoutError, AuditTamperedError
-from ..fsutil import UnsafeFileError, open_regular, read_regular
+from ..fsutil import UnsafeFileError, lockf_until, open_regular, read_regular
 from ..io import pread_exact
 from . import canon
 from .entry import MAX_ENTRY_BYTES, SchemaError
@@ -209,22 +208,16 @@ def _posix_lock(
         fd, _ = open_regular(LOCK, dir_fd=dir_fd)
     else:
         fd = open_append(dir_fd, LOCK, where, mode)
-    pause = 0.001
     try:
-        while True:
-            try:
-                fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise AuditError(f"cannot lock: {e.strerror or e}", where) from None
-            if time.monotonic() >= deadline:
-                raise AuditLockTimeoutError(
-                    f"another process held the audit log's lock longer than {wait:g} s",
-                    os.path.join(where, LOCK),
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        try:
+            got = lockf_until(fd, shared, deadline)
+        except OSError as e:
+            raise AuditError(f"cannot lock: {e.strerror or e}", where) from None
+        if not got:
+            raise AuditLockTimeoutError(
+                f"another process held the audit log's lock longer than {wait:g} s",
+                os.path.join(where, LOCK),
+            )
         yield
     finally:
         os.close(fd)  # releases the lock
