@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as dt
+import errno
 import os
 import stat
 import time
@@ -209,6 +210,8 @@ class Store:
             trash = os.path.join(staging_area(self.root), f"{name}.{uuidlib.uuid4().hex}.deleted")
             os.rename(path, trash)
         except OSError as e:
+            if e.errno == errno.ENOENT and not os.path.lexists(path):  # deleted meanwhile
+                raise CheckpointNotFoundError(f"{path} was deleted meanwhile") from None
             if moved:  # put LATEST back: the checkpoint is still there
                 with contextlib.suppress(OSError):
                     write_latest(self.root, name)
@@ -249,9 +252,9 @@ class Store:
     ) -> tuple[builtins.list[Decision], builtins.list[tuple[str, CheckpointError]]]:
         """Delete every checkpoint that ``policy`` (default: the store's own policy file,
         ``retention.POLICY_FILE``) does not keep, oldest first, each as ``delete(prune=True)``;
-        (the plan, newest first, and the removals that failed with their errors, e.g. one
-        removed meanwhile by another process). ``dry_run``: the plan only. No policy, or one
-        without rules, is a RetentionPolicyError: nothing would say what to keep."""
+        (the plan, newest first, and the removals that failed with their errors; one removed
+        meanwhile by another process is not a failure). ``dry_run``: the plan only. No policy,
+        or one without rules, is a RetentionPolicyError: nothing would say what to keep."""
         policy = policy if policy is not None else read_policy(self.root)
         if policy is None or policy.empty:
             raise RetentionPolicyError(
@@ -263,6 +266,8 @@ class Store:
             if not d.keep:
                 try:
                     self.delete(d.info.name, prune=True)
+                except CheckpointNotFoundError:
+                    continue  # removed meanwhile (another prune): what the plan wanted
                 except CheckpointError as e:
                     failed.append((d.info.name, e))
         return decisions, failed

@@ -221,3 +221,24 @@ def test_the_agent_prunes_what_it_commits(tmp_path: Path) -> None:
     done = run_command([*cmd, sys.executable, trainer], 180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert names(store) == ["h2"]
+
+
+def test_two_prunes_at_once_remove_each_checkpoint_once(tmp_path: Path) -> None:
+    """Concurrent prunes (two threads, as two agents or cron jobs): every planned removal
+    happens once, neither reports a checkpoint the other removed as a failure."""
+    import threading
+
+    store = tmp_path / "store"
+    save_steps(store, 12)
+    results: list = []
+
+    def one() -> None:
+        results.append(ckptguard.Store(store).prune(Policy(keep_last=3)))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert names(store) == ["s9", "s10", "s11"]
+    assert [failed for _, failed in results] == [[], []]

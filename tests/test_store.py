@@ -487,3 +487,31 @@ def test_latest_naming_a_symlinked_directory_is_refused(store: str) -> None:
     assert [i.name for i in ckptguard.Store(store).list()] == ["c1"]
     with pytest.raises(ckptguard.CorruptCheckpointError):
         ckptguard.load(store)
+
+
+def test_two_deletes_of_latest_at_once_leave_latest_whole(tmp_path: Path) -> None:
+    """Two threads delete the LATEST checkpoint at once: one removes it, the other finds it
+    gone (CheckpointNotFoundError) and does not point LATEST back at it."""
+    import threading
+
+    for i in range(2):
+        ckptguard.save({"w": torch.full((4,), float(i))}, tmp_path / "s" / f"c{i}")
+    st = ckptguard.Store(tmp_path / "s")
+    errors: list = []
+
+    def one() -> None:
+        try:
+            st.delete("c2")
+        except ckptguard.CheckpointNotFoundError as e:
+            errors.append(e)
+
+    for _ in range(20):  # the race is narrow: repeat it
+        ckptguard.save({"w": torch.full((4,), 2.0)}, tmp_path / "s" / "c2")
+        errors.clear()
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1
+        assert st.latest_name() == "c1" and ckptguard.load(tmp_path / "s")["w"][0].item() == 1.0
