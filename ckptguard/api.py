@@ -85,8 +85,10 @@ def save(
     ``ckptguard key generate``, or a loaded key) signs the checkpoint: its SIGNATURE.json is
     committed with it, and ``load``/``verify`` with ``trusted_keys`` accept it; only rank 0
     reads the key (a KeyFileError before anything is written), the other ranks need none.
-    The options and their defaults are the fields of ``SaveOptions``; a name it does not have
-    is a TypeError.
+    ``digests=True`` records every chunk's SHA-256 (on whenever it signs; security.md).
+    ``keep`` (a ``Policy`` or a dict of its rules) prunes the store after the commit
+    (docs/operations.md). The options and their defaults are the fields of ``SaveOptions``; a
+    name it does not have is a TypeError.
     """
     opt = SaveOptions.from_kwargs(drop_torch_save_keywords(options))
     if wants_one_file(path, one_file):
