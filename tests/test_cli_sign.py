@@ -57,6 +57,8 @@ def test_verify_bad_trust_path(store: tuple[Path, str, str, str], tmp_path: Path
     assert r.exit_code != 0 and "no key file" in r.output, r.output
 
 
+# The wiring of an option through ranks or agents: its save path runs on both backends elsewhere.
+@pytest.mark.backend_independent
 def test_agent_sign_key(tmp_path: Path) -> None:
     """``ckptguard run --sign-key`` signs what the agent commits; a bad key stops the agents
     before the trainer starts (exit 2)."""

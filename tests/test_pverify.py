@@ -316,6 +316,8 @@ def test_mpiexec_verify_finds_a_flipped_byte(four: Path, tmp_path: Path) -> None
     assert "file=rank-00002.ckg" in res[0][1] and f"tensor={key}," in res[0][1]
 
 
+# The digest check of each backend's read path is tested in-process (test_digests).
+@pytest.mark.backend_independent
 def test_mpiexec_verify_finds_a_forged_chunk_by_its_digest(tmp_path: Path) -> None:
     """A chunk rewritten with every xxh3 checksum recomputed (tests/forgery.py): the ranks
     that verify it find its SHA-256 digest wrong, and rank 0 reports it as one process would."""

@@ -204,6 +204,8 @@ def test_keep_is_checked_before_anything_is_written(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.pt").exists()
 
 
+# The wiring of an option through ranks or agents: its save path runs on both backends elsewhere.
+@pytest.mark.backend_independent
 def test_the_agent_prunes_what_it_commits(tmp_path: Path) -> None:
     """Under ``ckptguard run`` (2 ranks), the Checkpointer's saves are committed by the agents;
     their ``keep`` travels with them and rank 0's agent prunes after each commit."""

@@ -303,6 +303,8 @@ def test_save_async_and_checkpointer(tmp_path: Path, kp: tuple[str, str, str]) -
     assert not (tmp_path / "store" / "b").exists()
 
 
+# The wiring of an option through ranks or agents: its save path runs on both backends elsewhere.
+@pytest.mark.backend_independent
 def test_four_ranks_rank_zero_signs(tmp_path: Path, kp: tuple[str, str, str]) -> None:
     """4 MPI ranks save; only rank 0 names the key (the others pass none and need no file)."""
     store = tmp_path / "store"
@@ -313,6 +315,8 @@ def test_four_ranks_rank_zero_signs(tmp_path: Path, kp: tuple[str, str, str]) ->
     assert report.ok and report.signed_by == kp[2]
 
 
+# The wiring of an option through ranks or agents: its save path runs on both backends elsewhere.
+@pytest.mark.backend_independent
 def test_four_ranks_sign_into_an_audited_store(tmp_path: Path, kp: tuple[str, str, str]) -> None:
     """The same 4-rank save into a store with an audit log: signed, its commit entry written by
     the committer (rank 0), the log complete and verifying."""

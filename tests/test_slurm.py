@@ -164,6 +164,9 @@ def _user_copy_of_train_sbatch(tmp_path: Path, store: Path, out: Path, progress:
     return script
 
 
+# Job orchestration: both backends write the same bytes (test_native), and each backend's saves
+# and resumes are tested in-process.
+@pytest.mark.backend_independent
 @pytest.mark.timeout(400)
 def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     job: list[str], tmp_path: Path
@@ -320,6 +323,8 @@ def test_a_dead_agent_ends_the_job_instead_of_hanging(job: list[str], tmp_path: 
     assert "did not answer" in text
 
 
+# The wiring of an option through ranks or agents: its save path runs on both backends elsewhere.
+@pytest.mark.backend_independent
 @pytest.mark.timeout(180)
 def test_agents_under_srun_sign_into_an_audited_store(job: list[str], tmp_path: Path) -> None:
     """srun -n 4 ckptguard run --sign-key: three handed-over saves into a store with an audit
