@@ -1,7 +1,7 @@
 """Retention: which checkpoints of a store a policy keeps, and pruning the others.
 
 A ``Policy`` is a set of keep rules; a checkpoint is kept if any rule keeps it, and the newest
-checkpoint (LATEST's successor after any prune) is always kept. ``plan`` is a pure function of
+checkpoint and the one LATEST names are always kept. ``plan`` is a pure function of
 the store's listing and the clock, so a dry run shows exactly what ``Store.prune`` then
 removes: the others, oldest first, through ``Store.delete(prune=True)`` (each removal atomic
 and, in an audited store, recorded as a ``prune`` entry). Rules (docs/operations.md):
@@ -168,15 +168,21 @@ def _tags(info: CheckpointInfo) -> set[str]:
 
 
 def plan(
-    infos: Sequence[CheckpointInfo], policy: Policy, now: dt.datetime | None = None
+    infos: Sequence[CheckpointInfo],
+    policy: Policy,
+    now: dt.datetime | None = None,
+    latest: str | None = None,
 ) -> list[Decision]:
     """The decision for each checkpoint of ``infos`` (any order), newest first. Newest means
-    latest ``created`` (then name, for a stable order)."""
+    latest ``created`` (then name, for a stable order). ``latest``: the checkpoint the store's
+    LATEST names, kept too (a resume reads it, whatever its age)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     order = sorted(infos, key=lambda i: (i.created, i.name), reverse=True)
     why: dict[str, list[str]] = {i.name: [] for i in order}
     if order:
         why[order[0].name].append("newest")
+    if latest in why:
+        why[latest].append("LATEST")
     for i in order[: policy.keep_last or 0]:
         why[i.name].append(f"last {policy.keep_last}")
     if policy.keep_every_steps:

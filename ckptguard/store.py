@@ -260,7 +260,7 @@ class Store:
             raise RetentionPolicyError(
                 f"no retention rule for {self.root}: give one, or write {POLICY_FILE} in it"
             )
-        decisions = plan(self.list(), policy, now)
+        decisions = plan(self.list(), policy, now, self.latest_name())
         failed: builtins.list[tuple[str, CheckpointError]] = []
         for d in reversed(decisions) if not dry_run else ():
             if not d.keep:

@@ -244,3 +244,10 @@ def test_two_prunes_at_once_remove_each_checkpoint_once(tmp_path: Path) -> None:
         t.join()
     assert names(store) == ["s9", "s10", "s11"]
     assert [failed for _, failed in results] == [[], []]
+
+
+@pytest.mark.backend_independent
+def test_what_latest_names_is_kept_whatever_its_age() -> None:
+    infos = [_info(i, T0 + dt.timedelta(days=i), i, []) for i in range(5)]
+    kept = [d.info.name for d in plan(infos, Policy(keep_last=1), latest="c0001") if d.keep]
+    assert kept == ["c0004", "c0001"]

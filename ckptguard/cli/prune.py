@@ -37,9 +37,9 @@ def command(store: str, dry_run: bool, as_json: bool, **rules: object) -> None:
     """Remove the checkpoints of STORE that the retention policy does not keep.
 
     The policy is STORE/.retention.json (its rules: the option names with _ for -), with the
-    rules given here replacing its own. A checkpoint is kept if any rule keeps it; the newest is
-    always kept. Every removal is atomic and, in an audited store, recorded as a prune entry.
-    Exit 1 if a removal failed.
+    rules given here replacing its own. A checkpoint is kept if any rule keeps it; the newest and
+    the one LATEST names are always kept. Every removal is atomic and, in an audited store,
+    recorded as a prune entry. Exit 1 if a removal failed.
     """
     from ckptguard.retention import POLICY_FILE, Policy, read_policy
 
