@@ -229,6 +229,7 @@ def test_agents_that_cannot_agree_refuse_to_start(tmp_path: Path) -> None:
     assert "error: SLURM_NTASKS=2 but the agents' MPI world has one rank" in done.stderr
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_sigusr1_to_one_agent_checkpoints_every_rank(tmp_path: Path) -> None:
     store = tmp_path / "store"
     run = Launch(tmp_path, 4, ["--grace", "20"], ["train", str(tmp_path / "out"), str(store)])
@@ -248,6 +249,7 @@ def test_sigusr1_to_one_agent_checkpoints_every_rank(tmp_path: Path) -> None:
     assert no_sockets_left(tmp_path)
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_no_commit_within_grace(tmp_path: Path) -> None:
     """Rank 1 ignores SIGTERM: it is SIGKILLed after --term-timeout; everyone exits 86."""
     args = ["--grace", "2", "--term-timeout", "1"]
@@ -264,6 +266,7 @@ def test_no_commit_within_grace(tmp_path: Path) -> None:
     assert "not every rank committed" in run.text()
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_second_sigterm_goes_to_the_trainer_at_once(tmp_path: Path) -> None:
     trainer = ["train", str(tmp_path / "out"), str(tmp_path / "store"), "nocommit"]
     # The others may block in a collective with the dead rank 3, deaf to SIGTERM: SIGKILL soon.
@@ -279,6 +282,7 @@ def test_second_sigterm_goes_to_the_trainer_at_once(tmp_path: Path) -> None:
     assert (run.out / "term-3").exists()
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_time_margin_requests_a_checkpoint(tmp_path: Path) -> None:
     end = time.time() + 100
     args = ["--grace", "20", "--time-margin", "99"]

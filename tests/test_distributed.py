@@ -191,6 +191,7 @@ def test_ranks_that_name_different_checkpoints_all_raise(tmp_path, saved):
     _nothing_new(store)
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_a_stalled_rank_times_out_everywhere(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:hang"}
@@ -202,6 +203,7 @@ def test_a_stalled_rank_times_out_everywhere(tmp_path, saved):
     _nothing_new(store)
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_a_commit_too_late_for_the_others_is_not_made(tmp_path, saved):
     """Rank 0 reaches the rename after the other ranks' deadline for the outcome: it must not
     commit what they will report as failed. Every rank reports the same abort (I8)."""
@@ -222,6 +224,7 @@ def test_a_rank_killed_mid_save_leaves_nothing(tmp_path, saved):
     _nothing_new(store)
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_a_rank_killed_under_gloo_others_time_out(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     port = str(free_port())

@@ -233,6 +233,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
 SCENARIOS = HERE / "dist" / "scenarios.py"
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 @pytest.mark.timeout(180)
 def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
     job: list[str], tmp_path: Path

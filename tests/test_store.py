@@ -270,6 +270,7 @@ except ckptguard.CheckpointError as e:
 """
 
 
+@pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends
 def test_two_processes_saving_the_same_new_name(tmp_path):
     """Exactly one wins; the other gets CheckpointExistsError; the store holds the winner's."""
     import subprocess
