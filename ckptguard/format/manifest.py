@@ -128,6 +128,9 @@ def _record_stored(table: pa.Table) -> pa.ChunkedArray:
     return stored.filter(pc.equal(table.column("record_byte_offset"), 0))
 
 
+INCREMENTAL = "incremental"
+
+
 def build(
     *,
     name: str,
@@ -144,12 +147,14 @@ def build(
     table: pa.Table,
     pickle: bool,
     created: dt.datetime,
+    incremental: dict | None = None,
 ) -> dict:
     """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
-    totals are derived here, never by callers.
+    totals are derived here, never by callers. ``incremental``: the member of format.md
+    section 4.3, for a checkpoint that links data files of earlier saves.
     """
-    return {
+    body = {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,
         "features": features(pickle, rank_trees, tensors, table, tree),
@@ -167,6 +172,10 @@ def build(
         "index": index,
         "totals": totals(table, len(tensors), len(files)),
     }
+    if incremental is not None:
+        body["features"].append(INCREMENTAL)
+        body["incremental"] = incremental
+    return body
 
 
 def encode(body: dict) -> bytes:
