@@ -44,6 +44,7 @@ SAVE_TIMEOUT = 5  # seconds: the collectives' timeout of every save in a case
 BOUND = {
     "save": 90.0,
     "save-zstd": 90.0,
+    "incremental": 90.0,
     "overwrite": 90.0,
     "fallback": 90.0,
     "agent": 120.0,
@@ -272,6 +273,40 @@ def _delete_base(root: Path) -> Path:
     return d
 
 
+def shared(seed: int) -> dict:
+    """A state of several 64 KiB chunks (``SHARED_CHUNK``) that an incremental save shares."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 1024, generator=g), "seed": seed}
+
+
+SHARED_CHUNK = 1 << 16
+
+
+def _delete_base_base(root: Path) -> Path:
+    """ "a", and "b" (LATEST) saved incrementally on it: b links a's data file."""
+    d = root / "delete-base" / "store"
+    state = shared(1)
+    ckptguard.save(state, d / "a", step=1, chunk_size=SHARED_CHUNK)
+    state["w"][0, 0] += 1.0
+    state["seed"] = 2
+    ckptguard.save(state, d / "b", step=2, chunk_size=SHARED_CHUNK, base="a")
+    assert any(p.name.count(".") == 2 for p in (d / "b").iterdir())
+    return d
+
+
+def _gc_shared_base(root: Path) -> Path:
+    """The delete-base store with a's delete stopped after its rename: a's tree, its manifest
+    gone, in .staging (as delete leaves it), its data file still linked by b."""
+    d = _delete_base_base(root / "gc-shared")
+    torn = d / STAGING / f"a.{uuid.uuid4().hex}.deleted"
+    (d / STAGING).mkdir(exist_ok=True)
+    (d / "a" / "MANIFEST.json").unlink()
+    os.rename(d / "a", torn)
+    return d
+
+
 def _drain_base(root: Path) -> Path:
     d = root / "drain"
     ckptguard.save(small(1), d / "src" / "a", step=1)
@@ -313,7 +348,9 @@ def _export_base(root: Path) -> Path:
 
 
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
-    (("save", "save-zstd", "overwrite", "fallback"), _mpi_base),
+    (("save", "save-zstd", "overwrite", "fallback", "incremental"), _mpi_base),
+    (("delete-base",), _delete_base_base),
+    (("gc-shared",), _gc_shared_base),
     (("agent", "agent-srun"), _agent_base),
     (("gc",), _gc_base),
     (("delete",), _delete_base),
@@ -377,7 +414,7 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
 
 
 def check_codec(ckpt: Path, feature: str) -> None:
-    """The checkpoint really holds records of the codec its scenario asked for."""
+    """The checkpoint really uses the feature its scenario asked for (a codec, incremental)."""
     doc = json.loads((ckpt / "MANIFEST.json").read_text())
     features = doc["manifest"]["features"]
     assert feature in features, (feature, features)
@@ -489,6 +526,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         env["CKPTGUARD_RENAME_EXCHANGE"] = "0"
     if case.scenario == "save-zstd":  # the same failpoints with every record compressed
         env["CKPTGUARD_TEST_COMPRESS"] = "zstd"
+    if case.scenario == "incremental":  # the same state, linked to step-10's data files
+        env["CKPTGUARD_TEST_BASE"] = "step-10"
     cmd = [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), *args]
     code, wall, log = launch(cmd, env, tmp / "launch.log", BOUND[case.scenario])
     fired(case, log)
@@ -530,6 +569,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         check_store(store, {"step-10"} | committed, latest)
         if committed and case.scenario == "save-zstd":
             check_codec(store / "new", "zstd")
+        if committed and case.scenario == "incremental":
+            check_codec(store / "new", "incremental")
     return outcome, check_ranks(case, run, committed)
 
 
@@ -652,16 +693,20 @@ def _single_run(case: Case, tmp: Path, args: list[str]) -> str:
 def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     root = tmp / "root"
     shutil.copytree(base, root)
-    if case.scenario == "gc":
+    if case.scenario in ("gc", "gc-shared"):
         args = ["gc", str(root)]
     elif case.scenario == "delete":
         args = ["delete", str(root), "b"]
+    elif case.scenario == "delete-base":
+        args = ["delete", str(root), "a"]
     else:
         args = ["drain", str(root / "src"), str(root / "dst")]
     ranks = _single_run(case, tmp, args)
     if case.scenario == "gc":
         outcome = "intact"
         check_store(root, {"a"}, "a")  # its gc is the retry: it must reclaim everything
+    elif case.scenario in ("gc-shared", "delete-base"):
+        outcome = _shared_outcome(case, root, seen)
     elif case.scenario == "delete":
         st = ckptguard.Store(root)
         names, latest = {i.name for i in st.list()}, st.latest_name()
@@ -685,6 +730,32 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         check_store(dst, {"a", "b"}, "b")
         assert ckptguard.load(dst / "b")["seed"] == 2
     return outcome, ranks
+
+
+def _shared_outcome(case: Case, root: Path, seen: dict) -> str:
+    """After a delete of "a" or a gc that touched the data file "b" links: b is whole and loads
+    what was saved; the retry finishes the job and b still loads."""
+    st = ckptguard.Store(root)
+    names = {i.name for i in st.list()}
+    outcome = "intact" if case.scenario == "gc-shared" else "kept" if "a" in names else "gone"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"a is {outcome}, expected {case.expect}"
+    check_store(root, names, "b")
+    assert names == ({"a", "b"} if outcome == "kept" else {"b"}), names
+    if "a" in names:
+        st.delete("a")
+    check_store(root, {"b"}, "b")
+    out = ckptguard.load(root / "b")
+    want = shared(1)["w"]
+    want[0, 0] += 1.0
+    assert out["seed"] == 2 and torch_equal(out["w"], want)
+    return outcome
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def _onefile(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
@@ -832,12 +903,15 @@ def _dcp(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "save": _mpi,
     "save-zstd": _mpi,
+    "incremental": _mpi,
     "overwrite": _mpi,
     "fallback": _mpi,
     "agent": _agent,
     "agent-srun": _agent,
     "gc": _single,
     "delete": _single,
+    "gc-shared": _single,
+    "delete-base": _single,
     "drain": _single,
     "onefile": _onefile,
     "audit": _audit,

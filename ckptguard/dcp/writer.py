@@ -45,6 +45,7 @@ from ..options import SaveOptions, check_options, shaping_options
 from ..report import pack_report, unpack_report
 from ..saver import Staged, commit_reports, write_data_file
 from ..sign import signer
+from ..store import link_plan
 from ..target import DIRECTORY
 from ..tree import TORCH_DTYPES, TensorRef
 from .layout import Layout, check_metadata, plan_layout
@@ -81,6 +82,7 @@ class Writer(StorageWriter):
         self._staging: str | None = None  # the coordinator's save not (yet) committed
         self._uuid = ""
         self._signer: PrivateKey | None = None  # the coordinator's signing key (sign_key)
+        self._base: dict | None = None  # an incremental save's base (``store.link_plan``)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -125,6 +127,7 @@ class Writer(StorageWriter):
         layout = plan_layout(plans)
         store, name = self._target()
         self._signer = signer(self.opt.sign_key)  # the coordinator's key: before any file
+        self._base = link_plan(store, self.opt.base, self.opt.max_depth)
         try:
             self._uuid, self._staging = DIRECTORY.open(store, name, self.opt.overwrite)
         except CheckpointError:  # before OSError: CheckpointExistsError is one too
@@ -133,7 +136,12 @@ class Writer(StorageWriter):
             raise from_oserror(e, store, "cannot create a staging directory in") from None
         self._layout = layout
         digests = self.opt.digests or self._signer is not None  # a signature needs them
-        common = {"uuid": self._uuid, "staging": self._staging, "digests": digests}
+        common = {
+            "uuid": self._uuid,
+            "staging": self._staging,
+            "digests": digests,
+            "base": self._base,
+        }
         return [
             dataclasses.replace(p, storage_data={**common, "tensors": layout.rank_part(r)})
             for r, p in enumerate(plans)
@@ -154,7 +162,9 @@ class Writer(StorageWriter):
             todo.append((gid, ref))
             devices[str(gid)] = ref.device
         opt = dataclasses.replace(self.opt, digests=part["digests"])
-        doc, rows = write_data_file(DIRECTORY, part["staging"], part["uuid"], self.rank, opt, todo)
+        doc, rows = write_data_file(
+            DIRECTORY, part["staging"], part["uuid"], self.rank, opt, todo, base=part["base"]
+        )
         report = pack_report({**doc, "values": values, "devices": devices}, rows)
         results = [WriteResult(item.index, _nbytes(item), None) for item in plan.items]
         results.append(WriteResult(MetadataIndex(REPORT), doc["file"]["size"], report))
@@ -176,7 +186,9 @@ class Writer(StorageWriter):
                 for gid, device in doc["devices"].items():
                     layout.tensors[int(gid)]["device"] = device
             tree = layout.tree(values)
-            staged = Staged(self._uuid, staging, tree, {}, layout.tensors, False, self._signer)
+            staged = Staged(
+                self._uuid, staging, tree, {}, layout.tensors, False, self._signer, self._base
+            )
             store, name = self._target()
             info = commit_reports(DIRECTORY, store, name, len(results), self.opt, staged, reports)
         except BaseException:

@@ -65,7 +65,7 @@ from ..open import CheckpointReader
 from ..read import verify_checkpoint
 from ..sign import SignKey
 from ..store import Store
-from .copy import copy_checkpoint
+from .copy import Held, copy_checkpoint, held_files
 from .lustre import lustre_tool, on_lustre, stripe_count
 
 __all__ = [
@@ -157,8 +157,10 @@ def _drain_one(
     overwrite: bool,
     lfs: str | None,
     signer: PrivateKey | None,
+    held: Held | None = None,
 ) -> tuple[CheckpointInfo, int]:
-    """Copy, verify and commit one checkpoint; return its info in DST and the bytes copied.
+    """Copy, verify and commit one checkpoint; return its info in DST and the bytes copied
+    (``held``: DST's data files, linked where the checkpoint has the same).
 
     What fails after the commit point is a ``CheckpointWarning`` and in the info's ``warnings``.
     """
@@ -173,7 +175,7 @@ def _drain_one(
             raise from_oserror(e, dst_root, "cannot create a staging directory in") from None
         committed = False
         try:
-            copied = copy_checkpoint(rd, staging, lfs, jobs, signer)
+            copied = copy_checkpoint(rd, staging, lfs, jobs, signer, held)
             _check_copy(info.path, staging)
             failpoint("drain.verified")
             out = publish(
@@ -327,12 +329,14 @@ def drain(
 
     lfs = lustre_tool(dst_root) if stripe and any(h is None for _, h in plan) else None
     drained = []
+    held = held_files((i.path, i.uuid) for i in dst_store.list())
     for info, have in plan:
         if have is not None:
             _advance_latest(dst_root, have)
             continue
         t0 = time.monotonic()
-        out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs, signer)
+        out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs, signer, held)
+        held.update(held_files([(out.path, out.uuid)]))
         drained.append(out)
         _note_drained(src_store.root, info, dst_root)
         if on_drained is not None:

@@ -9,7 +9,9 @@ after SIGNATURE.json where the checkpoint is signed (so the signature stays vali
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -18,15 +20,23 @@ from typing import TypeVar
 
 from ..errors import CheckpointReplacedError, from_oserror
 from ..failpoints import failpoint
-from ..format.layout import INDEX, MANIFEST, SIGNATURE
-from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, write_file_durably
+from ..format.layout import INDEX, MANIFEST, SIGNATURE, datafile_rank
+from ..fsutil import UnsafeFileError, fsync_dir, open_regular, read_manifest, write_file_durably
 from ..io import pwrite_all
 from ..keys import PrivateKey
 from ..open import CheckpointReader
 from ..sign import copy_signature, write_signature
 from .lustre import set_stripe
 
-__all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint"]
+__all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint", "held_files"]
+
+_LINKED = re.compile(r"rank-([0-9]{5,9})\.[0-9a-f]{32}\.ckg")
+
+
+def linked_rank(name: str) -> int | None:
+    m = _LINKED.fullmatch(name)
+    return int(m.group(1)) if m else None
+
 
 PIECE_BYTES = 64 << 20
 """A file larger than this is copied as several pieces, in parallel."""
@@ -36,6 +46,31 @@ BLOCK_BYTES = 8 << 20
 _WFLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
+
+Held = dict[tuple[str, int], str]
+"""The data files of a store by who wrote them, (writer's checkpoint uuid, rank) -> a path."""
+
+
+def data_file_identity(name: str, uuid_hex: str) -> tuple[int, str]:
+    """(rank, uuid of the checkpoint whose save wrote it) of data file ``name`` of the
+    checkpoint ``uuid_hex``: its own file, or a linked one (format.md section 4.3)."""
+    parts = name.split(".")
+    return int(parts[0][5:]), parts[1] if len(parts) == 3 else uuid_hex
+
+
+def held_files(infos: Iterable[tuple[str, str]]) -> Held:
+    """``Held`` of the checkpoints ``(path, uuid)`` of a store, from their directories."""
+    out: Held = {}
+    for path, uuid_hex in infos:
+        try:
+            names = os.listdir(path)
+        except OSError:
+            continue
+        for name in names:
+            if datafile_rank(name) is not None or linked_rank(name) is not None:
+                rank, holder = data_file_identity(name, uuid_hex)
+                out.setdefault((holder, rank), os.path.join(path, name))
+    return out
 
 
 @dataclass(frozen=True)
@@ -114,6 +149,30 @@ class CheckpointCopier:
             return os.open(name, _WFLAGS, dir_fd=self.staging_fd)
         except OSError as e:
             raise from_oserror(e, os.path.join(self.staging, name), "cannot open") from None
+
+    def link_held(self, f: SourceFile, held: Held) -> bool:
+        """Link the copy of data file ``f`` to the file of the destination store that holds
+        the same bytes (the same writer's data file: ``held``), instead of copying it; False
+        where there is none, or it cannot be linked or is not a regular file of the size. The
+        copy's verification then reads it like every copied file."""
+        rank, holder = data_file_identity(f.name, self.rd.manifest["uuid"])
+        where = held.get((holder, rank))
+        if where is None:
+            return False
+        fd = self.rd.open_file(f.name)  # the source is checked as when it is copied
+        os.close(fd)
+        try:
+            os.link(where, os.path.join(self.staging, f.name), follow_symlinks=False)
+        except OSError:
+            return False  # deleted meanwhile, another file system, no hard links: copy it
+        try:
+            fd, _ = open_regular(f.name, dir_fd=self.staging_fd, size=f.size)
+            os.close(fd)
+        except (OSError, UnsafeFileError):
+            with contextlib.suppress(OSError):
+                os.unlink(f.name, dir_fd=self.staging_fd)
+            return False
+        return True
 
     def prepare(self, f: SourceFile) -> None:
         """Check the source file, create its empty copy (striped on Lustre)."""
@@ -211,16 +270,20 @@ def copy_checkpoint(
     lfs: str | None,
     jobs: int,
     signer: PrivateKey | None = None,
+    held: Held | None = None,
 ) -> int:
     """Copy every file of the open checkpoint ``rd`` into ``staging`` and make them durable,
     MANIFEST.json last; return the bytes copied. ``lfs``: stripe data files with it (Lustre).
     ``signer``: sign the copy where the checkpoint is not signed already (a signed one keeps
-    the signature it has)."""
+    the signature it has). ``held``: the data files the destination store holds already
+    (``held_files``), linked instead of copied (an incremental checkpoint's shared data)."""
     m = rd.manifest
     files = [SourceFile(f["name"], f["size"], True) for f in m["files"]]
-    files.append(SourceFile(INDEX, m["index"]["size"], False))
     copier = CheckpointCopier(rd, staging, lfs)
     try:
+        if held:
+            files = [f for f in files if not copier.link_held(f, held)]
+        files.append(SourceFile(INDEX, m["index"]["size"], False))
         parallel(copier.prepare, files, jobs)
         parallel(copier.copy, pieces(files), jobs)
         parallel(copier.fsync, files, jobs)

@@ -163,6 +163,7 @@ def main() -> int:
                 timeout=timeout,
                 overwrite=sys.argv[6:] == ["overwrite"],
                 compress=compress,
+                base=os.environ.get("CKPTGUARD_TEST_BASE") or None,
             )
             result.update(ok=True, name=info.name, uuid=info.uuid, warnings=list(info.warnings))
         elif scenario == "diverge":  # replicas that differ are an error on every rank
