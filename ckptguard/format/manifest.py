@@ -402,6 +402,8 @@ def _validate_files(files: list, uuid: str, world_size: int, incremental: bool) 
             raise FormatError(f"manifest.files[{i}] is a linked data file without the feature")
         if rank is None or rank != f["rank"] or f["size"] < 0 or f["name"] in names:
             raise FormatError(f"manifest.files[{i}] has an invalid name, rank or size")
+        if rank >= world_size:
+            raise FormatError(f"manifest.files[{i}] is of a rank beyond world_size")
         if link is not None and link[1] == uuid:
             raise FormatError(f"manifest.files[{i}] links a file of this checkpoint's own uuid")
         names.add(f["name"])
