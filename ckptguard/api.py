@@ -87,8 +87,10 @@ def save(
     reads the key (a KeyFileError before anything is written), the other ranks need none.
     ``digests=True`` records every chunk's SHA-256 (on whenever it signs; security.md).
     ``keep`` (a ``Policy`` or a dict of its rules) prunes the store after the commit
-    (docs/operations.md). The options and their defaults are the fields of ``SaveOptions``; a
-    name it does not have is a TypeError.
+    (docs/operations.md). ``base="auto"`` (the store's LATEST) or ``base=<name>`` makes the
+    save incremental: chunks that checkpoint holds unchanged are linked, not written again
+    (at most ``max_depth`` such saves in a row; docs/format.md section 4.3). The options and
+    their defaults are the fields of ``SaveOptions``; a name it does not have is a TypeError.
     """
     opt = SaveOptions.from_kwargs(drop_torch_save_keywords(options))
     if wants_one_file(path, one_file):

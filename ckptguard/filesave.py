@@ -35,8 +35,9 @@ from .format.manifest import CheckpointInfo
 from .fsutil import makedirs_durably
 from .onefile import is_file_object, regular_fd
 from .options import SaveOptions
-from .saver import Target, save_state
+from .saver import save_state
 from .sources import DIRECT, ByteSource
+from .target import Target
 from .temps import remove_stale_temps, temp_name
 
 ONE_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".ckg", ".bin", ".tar", ".pkl")
@@ -96,13 +97,18 @@ def save_file(
     """Save ``obj`` as the one-file checkpoint ``path`` (a path, or a writable binary file
     object). One process's save: it waits on no other rank. A coordinator of several ranks is
     refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
-    ``saver.save_state`` (a path only). A one-file checkpoint is never signed: ``sign_key``
-    is refused (OneFileError)."""
-    if opt.sign_key is not None or opt.keep is not None:
-        raise OneFileError(
-            f"a one-file checkpoint {'cannot be signed' if opt.keep is None else 'has no store'} "
-            f"({'sign_key' if opt.keep is None else 'keep'}): save a checkpoint directory"
-        )
+    ``saver.save_state`` (a path only). A one-file checkpoint is never signed, pruned or
+    incremental: ``sign_key``, ``keep`` and ``base`` are refused (OneFileError)."""
+    refused = {
+        "sign_key": "cannot be signed",
+        "keep": "has no store",
+        "base": "holds all of its bytes",
+    }
+    for option, why in refused.items():
+        if getattr(opt, option) is not None:
+            raise OneFileError(
+                f"a one-file checkpoint {why} ({option}): save a checkpoint directory"
+            )
     coord = single_process(coordinator)
     if is_file_object(path):
         return _save_fileobj(obj, path, coord, opt)

@@ -18,6 +18,7 @@ import xxhash
 
 from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
 from .errors import OptionsMismatchError, UnsupportedObjectError
+from .format.layout import check_name
 from .keys import PrivateKey
 from .report import dump_json
 from .retention import Policy, as_policy
@@ -67,8 +68,21 @@ class SaveOptions:
     committer (rank 0) prunes the store by it (``Store.prune``); a failure there is a
     ``CheckpointWarning``, never a failed save. Not for one-file checkpoints."""
 
+    base: str | None = None
+    """An incremental save (docs/format.md section 4.3): ``"auto"`` compares every chunk with
+    the store's LATEST checkpoint, a name with that checkpoint; a chunk it holds unchanged is
+    linked, not written again. None: a full save. Not for one-file checkpoints."""
+    max_depth: int = 8
+    """The most incremental saves in a row: a save whose base is already this deep is full."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", as_policy(self.keep))
+        if self.base is not None and (not isinstance(self.base, str) or not self.base):
+            raise TypeError(f"base must be 'auto', a checkpoint name or None, not {self.base!r}")
+        if self.base not in (None, "auto"):
+            check_name(self.base)
+        if type(self.max_depth) is not int or not 0 <= self.max_depth <= 1000:
+            raise ValueError(f"max_depth must be an int from 0 to 1000, not {self.max_depth!r}")
         parse_compress(self.compress, COMPRESS)
         if self.step is not None and (type(self.step) is not int):
             raise TypeError("step must be an int or None")
@@ -121,6 +135,8 @@ SHAPING = (
     "check_replicated",
     "step",
     "digests",
+    "base",
+    "max_depth",
 )
 """The options of a save that shape what is committed, besides ``metadata``: every rank must
 pass the same (its ``path``: the checkpoint's absolute path)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -38,7 +37,6 @@ from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
 from .format.index import unify
-from .format.layout import datafile_name
 from .format.manifest import CheckpointInfo
 from .format.validate import check_table
 from .hooks import run_commit_hooks
@@ -58,8 +56,10 @@ from .report import (
     unpack,
     unpack_report,
 )
+from .reuse import LinkPlan, Reuse
 from .sources import DIRECT, ByteSource
-from .store import prune_after_commit
+from .store import link_plan, prune_after_commit
+from .target import DIRECTORY, Target
 from .tree import Flat, TensorRef, flatten
 from .version import __version__
 from .writer import RankWriter
@@ -117,55 +117,7 @@ class Staged:
     tensors: list[dict]
     pickle: bool
     signer: sign.PrivateKey | None = None  # the key that signs the commit (sign_key)
-
-
-class Target:
-    """Where a save's files go and how they become visible. This class: a checkpoint directory
-    ``<store>/<name>``, staged in ``<store>/.staging`` and committed by ``commit.publish``;
-    ``filesave.FileTarget``: a one-file checkpoint. Rank 0 calls every method but ``data_path``.
-    ``announce``: whether the commit hooks hear of the commit (``hooks``).
-    """
-
-    announce = True
-
-    def open(self, store: str, name: str, overwrite: bool) -> tuple[str, str]:
-        """Check what is at the target, then create the staging area: (uuid, its path)."""
-        commit.check_target(os.path.join(store, name), overwrite)
-        failpoint("save.start")
-        uid, staging = commit.new_staging(store, name)
-        failpoint("save.staging_created")
-        return uid, staging
-
-    def data_path(self, staging: str, rank: int) -> str:
-        """Where rank ``rank`` writes its data file."""
-        return os.path.join(staging, datafile_name(rank))
-
-    def write_index(self, staging: str, table: pa.Table) -> dict:
-        """Store the index; return the manifest's ``index`` member."""
-        return commit.write_index(staging, table)
-
-    def publish(
-        self,
-        store: str,
-        name: str,
-        staging: str,
-        body: dict,
-        overwrite: bool,
-        deadline: float | None,
-        signer: sign.PrivateKey | None = None,
-    ) -> CheckpointInfo:
-        """Commit: make the staged checkpoint visible under its name (signed by ``signer``)."""
-        return commit.publish(
-            store, name, staging, body, overwrite=overwrite, deadline=deadline, signer=signer
-        )
-
-    def discard(self, staging: str) -> None:
-        """Remove what a save that did not commit staged."""
-        if os.path.isdir(staging):
-            commit.discard_staging(staging)
-
-
-DIRECTORY = Target()
+    base: dict | None = None  # an incremental save's base (``store.link_plan``)
 
 
 class _Save:
@@ -275,11 +227,14 @@ class _Save:
             plan = make_plan(descs, self.opt.check_replicated)
             tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
             signer = sign.signer(self.opt.sign_key)  # the committer's key: before any file
+            base = link_plan(self.store, self.opt.base, self.opt.max_depth)
             uid, self.staging = self.open_staging()
         except Exception as e:
             return self.fail(e)
         pickle = any(m["pickle"] for m, _ in msgs)
-        self.rank0 = Staged(uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer)
+        self.rank0 = Staged(
+            uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer, base
+        )
         return {
             "ok": True,
             "uuid": uid,
@@ -288,6 +243,7 @@ class _Save:
             "writer": [w.to_json() for w in plan.writer],
             "differing": plan.differing,
             "digests": self.opt.digests or signer is not None,  # a signature needs them
+            "base": base,
         }
 
     def open_staging(self) -> tuple[str, str]:
@@ -319,6 +275,7 @@ class _Save:
                 todo,
                 self.source,
                 self.on_read,
+                plan["base"],
             )
         except Exception as e:
             return self.fail(e), None
@@ -348,15 +305,18 @@ def write_data_file(
     todo: list[tuple[int, TensorRef]],
     source: ByteSource = DIRECT,
     on_read: Callable[[], None] | None = None,
+    base: LinkPlan | None = None,
 ) -> tuple[dict, pa.Table]:
     """Write rank ``rank``'s data file of the save staged at ``staging``: the tensors ``todo``
     (global id, ref), chunked, encoded by ``opt.compress``, fsynced and checked; its report
-    (file entry, write statistics) and index rows. A failure removes the file and raises (an
-    OSError as a typed error naming the file)."""
+    (file entry, write statistics, the ``base``'s files it links) and index rows. A failure
+    removes the file and raises (an OSError as a typed error naming the file)."""
     writer = None
     try:
         where = target.data_path(staging, rank)
-        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests)
+        reuse = Reuse(staging, rank, base, opt.digests) if base else None
+        failpoint("save.base_linked")
+        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests, reuse)
         codec, level = parse_compress(opt.compress, COMPRESS)
         if opt.compress == "auto":
             codec = AUTO
@@ -364,6 +324,10 @@ def write_data_file(
         if on_read is not None:
             on_read()
         rows = writer.finish()
+        reused = writer.reused_table()
+        linked = reuse.finish() if reuse is not None else []
+        if reused is not None:
+            rows = unify([rows, reused])
         failpoint("save.data_written")
     except Exception as e:
         if writer is not None:
@@ -373,6 +337,7 @@ def write_data_file(
         raise
     file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
     doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
+    doc["linked"] = linked
     return {**doc, "zstd": writer.zstd_version()}, rows
 
 
@@ -422,6 +387,7 @@ def manifest_body(
     (``created``: now, the moment it is handed to the commit)."""
     table = unify([t for _, t in reports if t is not None])
     files = [rep["file"] for rep, _ in reports]
+    files += [f for rep, _ in reports for f in rep.get("linked", ())]
     features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))
     sizes = {f["name"]: f["size"] for f in files}
     index_entry = validate_and_index(
@@ -443,7 +409,15 @@ def manifest_body(
         table=table,
         pickle=p.pickle,
         created=dt.datetime.now(dt.timezone.utc),
+        incremental=incremental_member(p.base, files),
     )
+
+
+def incremental_member(base: dict | None, files: list[dict]) -> dict | None:
+    """The manifest's ``incremental`` member: present exactly when a base file is linked."""
+    if base is None or all(f["name"].count(".") == 1 for f in files):
+        return None
+    return {"base": base["name"], "depth": base["depth"] + 1}
 
 
 def validate_and_index(

@@ -15,27 +15,20 @@ import pyarrow as pa
 from . import backend as _backend
 from .adapt import AUTO, STRETCH, Choice, Controller, Measured
 from .encode import as_buffer, check_chunk_size, check_chunking
+from .filecheck import recheck_written
 from .format import dtypes
 from .format.datafile import (
     CODEC_NAMES,
-    CODECS,
-    HEADER_SIZE,
-    RECORD_HEADER_SIZE,
     TRAILER_SIZE,
-    FormatError,
-    check_file_header,
-    check_footer_hash,
-    check_record_header,
     pack_file_header,
     pack_trailer,
-    unpack_trailer,
 )
-from .format.index import Row, int_list_array, is_packed, rows_from_table, table_of
+from .format.index import Row, int_list_array, is_packed, rows_from_table, table_of, to_table
 from .format.index import footer as index_footer
 from .format.layout import ALIGN, datafile_name
 from .format.manifest import WriteStats
-from .fsutil import UnsafeFileError, open_regular
-from .io import Batch, Segment, open_direct, pread_exact, wait_written, write_all, write_segments
+from .io import Batch, Segment, open_direct, wait_written, write_all, write_segments
+from .reuse import Reuse, spans
 from .sources import tensor_bytes
 from .tree import TensorRef
 
@@ -107,10 +100,12 @@ class RankWriter:
         chunk_size: int = DEFAULT_CHUNK,
         path: str | None = None,
         digests: bool = False,
+        reuse: Reuse | None = None,
     ):
         """Create the data file of ``rank`` in ``directory`` (or at ``path``, where given: a
         one-file checkpoint's temporary). ``digests``: every record's SHA-256 goes into its
-        index rows too (feature ``digests``)."""
+        index rows too (feature ``digests``). ``reuse``: an incremental save's linked base files
+        (``reuse.Reuse``): a chunk one of their records holds becomes a row of it, unwritten."""
         check_chunk_size(chunk_size)
         self.rank = rank
         self.uuid = uuid_hex
@@ -125,6 +120,8 @@ class RankWriter:
         self._run_refs: list[TensorRef] = []
         self._run_lens: list[int] = []
         self._queue: list[Queued] = []
+        self.reuse = reuse
+        self._reused: list[Row] = []  # rows of chunks a linked file holds (``reuse``)
         self._queued = [0, 0]  # raw bytes and chunks in the queue
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.pos = write_all(self.fd, pack_file_header(rank, uuid_hex))
@@ -177,7 +174,6 @@ class RankWriter:
         valid and unchanged until ``finish`` (else it is written before this call returns, as
         a reused buffer must be).
         """
-        size = dtypes.SIZES[ref.dtype]
         view = as_buffer(tensor_bytes(ref.value) if raw is None else raw)
         step = self.chunk_size
         first, done_bytes = 0, 0
@@ -186,8 +182,32 @@ class RankWriter:
             _, first, done_bytes = self._open
             if done_bytes % step:
                 raise ValueError(f"{ref.key}: a part before the last is not whole chunks")
-        at, n = 0, first
-        while True:  # stretches of whole chunks, each written as the controller chooses
+        self._open = (shard, first + -(-len(view) // step), done_bytes + len(view))
+        if self.reuse is None:
+            self._stretches(tid, ref, view, first, codec, level, lasting)
+            return
+        matched = self.reuse.match(tid, ref, view, first, step, self._threads)
+        self._reused.extend(r for r in matched if r is not None)
+        for i, a, b in spans(matched, len(view), step):
+            self._stretches(tid, ref, view[a:b], first + i, codec, level, lasting or b < len(view))
+        if not lasting:
+            self.flush()  # a reused buffer: whatever was queued of it is written now
+
+    def _stretches(
+        self,
+        tid: int,
+        ref: TensorRef,
+        view: memoryview,
+        n: int,
+        codec: int,
+        level: int,
+        lasting: bool,
+    ) -> None:
+        """Queue ``view``, whole chunks of ``ref`` from chunk ``n``, in stretches each written
+        as the controller chooses."""
+        size = dtypes.SIZES[ref.dtype]
+        step, at = self.chunk_size, 0
+        while True:
             rest = view[at:]
             self._settle(len(rest))
             choice = self._choose(rest, size, codec, level)
@@ -199,7 +219,6 @@ class RankWriter:
             self._may_wait(lasting and at >= len(view))
             if at >= len(view):
                 break
-        self._open = (shard, n, done_bytes + len(view))
 
     def _segment(self, part: memoryview, size: int, choice: Choice) -> Segment:
         """The segment of ``part`` written as ``choice`` says (refused here, as it is added,
@@ -405,6 +424,10 @@ class RankWriter:
         )
         return table_of(cols)
 
+    def reused_table(self) -> pa.Table | None:
+        """The index rows of the chunks linked files hold (``reuse``), None if there are none."""
+        return to_table(self._reused) if self._reused else None
+
     @property
     def rows(self) -> list[Row]:
         """The index rows of everything added so far as ``Row`` objects (the queue is written
@@ -424,7 +447,7 @@ class RankWriter:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        self._recheck(footer, table)
+        recheck_written(self.path, self.size, self.rank, self.uuid, footer, table)
         self.stats = self.control.finish()
         return table
 
@@ -440,40 +463,6 @@ class RankWriter:
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
-
-    def _recheck(self, footer: bytes, table: pa.Table) -> None:
-        """Re-read headers, record headers and footer (no payload), like restic's pack check."""
-        try:
-            fd, _ = open_regular(self.path, size=self.size)
-        except UnsafeFileError as e:
-            raise FormatError(f"{self.path}: after the write it {e.reason}") from None
-        try:
-            check_file_header(pread_exact(fd, HEADER_SIZE, 0), self.rank, self.uuid)
-            offsets = table.column("offset").to_numpy()
-            # The first row of each record (the rows of a packed record are consecutive).
-            firsts = pa.array(np.flatnonzero(np.diff(offsets, prepend=-1) != 0))
-            whole = "record_raw_len" if is_packed(table) else "raw_len"  # a record's raw bytes
-            names = ("offset", "codec", "elem_size", whole, "stored_len", "hash")
-            heads = [table.column(name).take(firsts).to_pylist() for name in names]
-            for seq, (off, codec, elem, raw_len, stored, digest) in enumerate(
-                zip(*heads, strict=True)
-            ):
-                head = pread_exact(fd, RECORD_HEADER_SIZE, off)
-                try:
-                    check_record_header(head, CODECS[codec], elem, raw_len, stored, digest, seq)
-                except FormatError as e:
-                    raise FormatError(
-                        f"{self.path}: record at {off} reads back differently ({e})"
-                    ) from None
-            off, length, digest = unpack_trailer(
-                pread_exact(fd, TRAILER_SIZE, self.size - TRAILER_SIZE), self.size
-            )
-            back = pread_exact(fd, length, off)
-            check_footer_hash(back, digest)
-            if back != footer:
-                raise FormatError(f"{self.path}: footer reads back differently")
-        finally:
-            os.close(fd)
 
 
 def _run_ends(keys: Sequence[Any]) -> list[int]:

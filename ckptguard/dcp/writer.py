@@ -5,7 +5,7 @@ protocol (``saver``), so the checkpoint is committed exactly as ``ckptguard.save
 
     prepare_local_plan   (every rank)   its options, compared on the coordinator
     prepare_global_plan  (coordinator)  the layout (``layout``): a tensor id per key, the tree's
-                                        shape; the staging directory (``saver.Target.open``)
+                                        shape; the staging directory (``target.Target.open``)
     write_data           (every rank)   its data file (``saver.write_data_file``): every chunk
                                         hashed, compressed as ``compress`` says, fsynced,
                                         checked; its report: file, index rows, its values
@@ -43,8 +43,9 @@ from ..hooks import run_commit_hooks
 from ..keys import PrivateKey
 from ..options import SaveOptions, check_options, shaping_options
 from ..report import pack_report, unpack_report
-from ..saver import DIRECTORY, Staged, commit_reports, write_data_file
+from ..saver import Staged, commit_reports, write_data_file
 from ..sign import signer
+from ..target import DIRECTORY
 from ..tree import TORCH_DTYPES, TensorRef
 from .layout import Layout, check_metadata, plan_layout
 from .values import pickled_node, plain_node

@@ -154,12 +154,15 @@ def build(
     """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
     totals are derived here, never by callers. ``incremental``: the member of an incremental
-    save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when rows of ``table``
-    lie in linked data files (ValueError otherwise).
+    save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when ``files`` lists a
+    linked data file (ValueError otherwise).
     """
     feats = features(pickle, rank_trees, tensors, table, tree)
-    if (incremental is not None) != (INCREMENTAL in feats):
-        raise ValueError("the incremental member is given exactly when rows use linked files")
+    linked = any(linked_file(f["name"]) is not None for f in files)
+    if linked and INCREMENTAL not in feats:  # a linked file no row uses still needs it
+        feats.append(INCREMENTAL)
+    if (incremental is not None) != linked:
+        raise ValueError("the incremental member is given exactly when a linked file is listed")
     body = {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,

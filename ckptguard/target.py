@@ -1,0 +1,62 @@
+"""Where a save's files go and how they become visible: a checkpoint directory in a store
+(``DIRECTORY``); ``filesave.FileTarget`` is the other, a one-file checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from . import commit, sign
+from .failpoints import failpoint
+from .format.layout import datafile_name
+from .format.manifest import CheckpointInfo
+
+
+class Target:
+    """Where a save's files go and how they become visible. This class: a checkpoint directory
+    ``<store>/<name>``, staged in ``<store>/.staging`` and committed by ``commit.publish``;
+    ``filesave.FileTarget``: a one-file checkpoint. Rank 0 calls every method but ``data_path``.
+    ``announce``: whether the commit hooks hear of the commit (``hooks``).
+    """
+
+    announce = True
+
+    def open(self, store: str, name: str, overwrite: bool) -> tuple[str, str]:
+        """Check what is at the target, then create the staging area: (uuid, its path)."""
+        commit.check_target(os.path.join(store, name), overwrite)
+        failpoint("save.start")
+        uid, staging = commit.new_staging(store, name)
+        failpoint("save.staging_created")
+        return uid, staging
+
+    def data_path(self, staging: str, rank: int) -> str:
+        """Where rank ``rank`` writes its data file."""
+        return os.path.join(staging, datafile_name(rank))
+
+    def write_index(self, staging: str, table: pa.Table) -> dict:
+        """Store the index; return the manifest's ``index`` member."""
+        return commit.write_index(staging, table)
+
+    def publish(
+        self,
+        store: str,
+        name: str,
+        staging: str,
+        body: dict,
+        overwrite: bool,
+        deadline: float | None,
+        signer: sign.PrivateKey | None = None,
+    ) -> CheckpointInfo:
+        """Commit: make the staged checkpoint visible under its name (signed by ``signer``)."""
+        return commit.publish(
+            store, name, staging, body, overwrite=overwrite, deadline=deadline, signer=signer
+        )
+
+    def discard(self, staging: str) -> None:
+        """Remove what a save that did not commit staged."""
+        if os.path.isdir(staging):
+            commit.discard_staging(staging)
+
+
+DIRECTORY = Target()
