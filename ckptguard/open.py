@@ -40,7 +40,7 @@ from .format.datafile import (
     unpack_trailer,
 )
 from .format.index import Row, row_from_json
-from .format.layout import INDEX, MANIFEST, align
+from .format.layout import INDEX, MANIFEST, align, linked_file
 from .format.validate import check_table
 from .fsutil import (
     UnsafeFileError,
@@ -122,8 +122,9 @@ class CheckpointReader:
 
     def file_table(self, name: str) -> pa.Table:
         """One data file's index rows in offset order (the rows of a packed record by where
-        their bytes start in it), as a table; the distinct offsets in that order are the
-        records' sequence numbers."""
+        their bytes start in it), as a table; in a checkpoint's own file the distinct offsets in
+        that order are the records' sequence numbers (a linked file's come from its footer,
+        read by ``open_file``)."""
         if name not in self._file_tables:
             sub = self.table.filter(pc.equal(self.table.column("file"), name))
             order = [("offset", "ascending")]
@@ -131,8 +132,9 @@ class CheckpointReader:
                 order.append(("record_byte_offset", "ascending"))
             sub = sub.sort_by(order)
             self._file_tables[name] = sub
-            starts = np.unique(sub.column("offset").to_numpy())
-            self._seq[name] = dict(zip(starts.tolist(), range(len(starts)), strict=True))
+            if linked_file(name) is None:
+                starts = np.unique(sub.column("offset").to_numpy())
+                self._seq[name] = dict(zip(starts.tolist(), range(len(starts)), strict=True))
         return self._file_tables[name]
 
     def rows_of_file(self, name: str) -> list[Row]:
@@ -142,9 +144,13 @@ class CheckpointReader:
         return self._by_file[name]
 
     def seq(self, r: Row) -> int:
-        """The record sequence number of row ``r`` in its file."""
+        """The record sequence number of row ``r`` in its file (of a linked data file, its
+        position among the file's footer records: the file is opened and checked for it)."""
         if r.file not in self._seq:
-            self.file_table(r.file)
+            if linked_file(r.file) is not None:
+                os.close(self.open_file(r.file))
+            else:
+                self.file_table(r.file)
         return self._seq[r.file][r.offset]
 
     def corrupt(self, msg: str, **where: object) -> CorruptCheckpointError:
@@ -301,6 +307,10 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
     size = rd.files[name]  # open_regular checked it is a regular file of this size
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise FormatError("data file is too short")
+    link = linked_file(name)
+    if link is not None:
+        _check_linked_file(rd, fd, name, *link)
+        return
     rank, uuid = int(name[5:-4]), rd.manifest["uuid"]
     check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid)
     off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
@@ -337,3 +347,60 @@ def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
         )
     if off != (int(ends[-1]) if len(ends) else HEADER_SIZE):
         raise FormatError("the footer does not follow the last record")
+
+
+def _check_linked_file(rd: CheckpointReader, fd: int, name: str, rank: int, holder: str) -> None:
+    """Check an open linked data file (format.md section 4.3): the header and footer of the
+    holder's file (``rank``, uuid ``holder``), its footer records following each other from the
+    header to the footer, and each of this checkpoint's rows in it the only footer row at its
+    offset, agreeing on the record's fields. Records the sequence numbers its footer gives.
+    Raises FormatError."""
+    size = rd.files[name]
+    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, holder)
+    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
+    footer = [
+        row_from_json(x) for x in check_footer(pread_exact(fd, length, off), digest, rank, holder)
+    ]
+    seq: dict[int, int] = {}
+    count: dict[int, int] = {}
+    by_offset: dict[int, Row] = {}
+    end, prev, stored = HEADER_SIZE, -1, -1
+    for x in footer:
+        if type(x.offset) is not int or type(x.stored_len) is not int or x.stored_len < 0:
+            raise FormatError("footer row with an invalid offset or stored_len")
+        if x.offset in seq:  # another row of the record before (rows come in offset order)
+            if x.offset != prev or x.stored_len != stored:
+                raise FormatError(f"footer rows at {x.offset} are not one record")
+            count[x.offset] += 1
+            continue
+        if x.offset != end:
+            raise FormatError(
+                f"footer record at {x.offset} does not follow the previous one at {end}"
+            )
+        prev, stored = x.offset, x.stored_len
+        seq[x.offset], count[x.offset], by_offset[x.offset] = len(seq), 1, x
+        end = align(x.offset + RECORD_HEADER_SIZE + x.stored_len)
+    if off != end:
+        raise FormatError("the footer does not follow the last record")
+    digests = index.DIGESTS in rd.features
+    for r in rd.rows_of_file(name):
+        held = by_offset.get(r.offset)
+        where = f"index row {r.key!r} chunk {r.chunk} at offset {r.offset}"
+        if held is None or count[r.offset] != 1:
+            raise FormatError(f"{where}: not the one footer row at its offset in the linked file")
+        if not _same_record(r, held, digests):
+            raise FormatError(f"{where}: disagrees with the linked file's footer row")
+    rd._seq[name] = seq
+
+
+_RECORD_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash")
+
+
+def _same_record(r: Row, x: Row, digests: bool) -> bool:
+    """Whether footer row ``x`` of a linked file describes row ``r``'s record: equal values of
+    equal types on section 4.3's fields (and the digest under ``digests``)."""
+    for f in _RECORD_FIELDS:
+        a, b = getattr(r, f), getattr(x, f)
+        if type(a) is not type(b) or a != b:
+            return False
+    return not digests or (type(x.digest) is bytes and x.digest == r.digest)

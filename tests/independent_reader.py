@@ -49,6 +49,7 @@ SUFFIX = b"}\n"
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
 DATAFILE_RE = re.compile(r"rank-([0-9]{5,9})\.ckg")
+LINKED_RE = re.compile(r"rank-([0-9]{5,9})\.([0-9a-f]{32})\.ckg")
 HEX32_RE = re.compile(r"[0-9a-f]{32}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
@@ -101,8 +102,11 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # tensor-views: a tensor entry may be a view of another entry's bytes (section 3.2)
 # digests: every index row has the SHA-256 of its record's raw bytes, the manifest's index member
 # the SHA-256 of index.parquet (section 4.2)
+# incremental: linked data files of earlier saves, rows with a base, the manifest's incremental
+# member (section 4.3)
 KNOWN_FEATURES = {
     "digests",
+    "incremental",
     "pickle",
     "rank-tree-diffs",
     "per-rank-tensors",
@@ -137,8 +141,9 @@ BODY_MEMBERS = {
     "files",
     "index",
     "totals",
+    "incremental",
 }
-OPTIONAL_BODY_MEMBERS = {"features"}
+OPTIONAL_BODY_MEMBERS = {"features", "incremental"}
 TENSOR_MEMBERS = {"key", "dtype", "shape", "kind", "device", "requires_grad", "parameter"}
 FILE_MEMBERS = {"name", "rank", "size", "chunks"}
 INDEX_MEMBERS = {"file", "size", "xxh3_128"}
@@ -604,13 +609,31 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     if "tensor-views" in feats:
         _need(any("view" in t for t in tensors), "MANIFEST.json: tensor-views listed but no view")
 
+    incremental = "incremental" in feats
+    _need(("incremental" in body) == incremental, "MANIFEST.json: incremental member iff feature")
+    if incremental:
+        inc = body["incremental"]
+        _need(
+            isinstance(inc, dict)
+            and set(inc) == {"base", "depth"}
+            and isinstance(inc["base"], str)
+            and is_name(inc["base"])
+            and _is_int(inc["depth"])
+            and inc["depth"] >= 1,
+            "MANIFEST.json: bad incremental member",
+        )
     files = body["files"]
     _need(isinstance(files, list), "MANIFEST.json: files is not a list")
     seen: set[str] = set()
+    own_ranks: set[int] = set()
+    linked_ranks: set[int] = set()
     for i, f in enumerate(files):
         where = f"MANIFEST.json: files[{i}]"
         _need(isinstance(f, dict) and set(f) == FILE_MEMBERS, f"{where}: wrong members")
         m = DATAFILE_RE.fullmatch(f["name"]) if isinstance(f["name"], str) else None
+        if m is None and incremental and isinstance(f["name"], str):
+            m = LINKED_RE.fullmatch(f["name"])
+            _need(m is None or m.group(2) != body["uuid"], f"{where}: links its own uuid")
         _need(m is not None, f"{where}: bad data file name {f['name']!r}")
         _need(f["name"] not in seen, f"{where}: duplicate file {f['name']!r}")
         seen.add(f["name"])
@@ -622,6 +645,9 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
             f"{where}: bad size",
         )
         _need(_is_int(f["chunks"]) and f["chunks"] >= 0, f"{where}: bad chunks")
+        (linked_ranks if m.lastindex == 2 else own_ranks).add(f["rank"])
+    _need(linked_ranks <= own_ranks, "MANIFEST.json: a linked file of a rank without its own")
+    _need(not incremental or linked_ranks, "MANIFEST.json: incremental without a linked file")
 
     idx = body["index"]
     digests = "digests" in body.get("features", [])
@@ -816,6 +842,12 @@ def check_rows(
         if r["base"] is not None:
             _need("incremental" in feats, f"{w}: base without the incremental feature")
             _need(is_name(r["base"]), f"{w}: bad base")
+        linked = isinstance(r["file"], str) and LINKED_RE.fullmatch(r["file"]) is not None
+        _need(linked == (r["base"] is not None), f"{w}: a base exactly on rows of linked files")
+        _need(
+            not linked or (r["record_byte_offset"] == 0 and r["record_raw_len"] == r["raw_len"]),
+            f"{w}: a slice of a packed record in a linked file",
+        )
         _need(r["key_id"] is None or "encryption" in feats, f"{w}: key_id without encryption")
         t = r["tensor"]
         _need(0 <= t < len(tensors), f"{w}: tensor id {t} out of range")
@@ -901,8 +933,8 @@ def check_rows(
             members = sorted(group, key=lambda r: r["record_byte_offset"])
             head = members[0]
             _need(
-                len(members) == 1 or "packed-records" in feats,
-                f"{name}: several rows at offset {off} without packed-records",
+                len(members) == 1 or ("packed-records" in feats and not LINKED_RE.fullmatch(name)),
+                f"{name}: several rows at offset {off} without packed-records or in a linked file",
             )
             pos = 0
             for r in members:  # the slices tile the record's raw bytes
@@ -1667,7 +1699,9 @@ def _read_data(
             _need(size == f["size"], f"{name}: size {size} != manifest size {f['size']}")
             lay = scan_data_file(os.path.join(ckpt_dir, name), fd, size)
             _need(lay.rank == f["rank"], f"{name}: header rank {lay.rank} != {f['rank']}")
-            _need(lay.uuid == body["uuid"], f"{name}: header uuid != manifest uuid")
+            link = LINKED_RE.fullmatch(name)  # its holder's uuid (section 4.3)
+            holder = link.group(2) if link else body["uuid"]
+            _need(lay.uuid == holder, f"{name}: header uuid != the uuid it must have")
             layouts[name] = lay
         check_rows(body, rows, layouts)
         by_file: dict[str, list[dict]] = collections.defaultdict(list)
@@ -1677,6 +1711,9 @@ def _read_data(
             mine = sorted(
                 by_file.get(name, []), key=lambda r: (r["offset"], r["record_byte_offset"])
             )
+            if LINKED_RE.fullmatch(name):
+                check_linked_rows(body, name, lay, mine)
+                continue
             packed = any(r["record_raw_len"] != r["raw_len"] for r in mine)
             want = [_canon(footer_row_of(r, packed)) for r in mine]
             got = [_canon(row) for rec in lay.records for row in rec.rows]
@@ -1689,6 +1726,13 @@ def _read_data(
             mine = sorted(
                 by_file.get(name, []), key=lambda r: (r["offset"], r["record_byte_offset"])
             )
+            if LINKED_RE.fullmatch(name):  # only the records this checkpoint's rows use
+                recs = {rec.offset: rec for rec in lay.records}
+                for r in mine:
+                    raw_by_row[row_ids[id(r)]] = read_chunk(
+                        fds[name], recs[r["offset"]], r, name, verify
+                    )
+                continue
             at = 0
             for rec in lay.records:  # each record read once; its rows take their slices
                 rec_rows = mine[at : at + len(rec.rows)]
@@ -1711,6 +1755,28 @@ def _read_data(
         rows=rows,
         files=layouts,
     )
+
+
+LINKED_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash")
+
+
+def check_linked_rows(
+    body: dict[str, Any], name: str, lay: DataFileLayout, mine: list[dict[str, Any]]
+) -> None:
+    """Section 4.3: each row of this checkpoint in linked file ``name`` is the one footer row
+    at its offset and agrees with it on the record's fields (and the digest under digests)."""
+    recs = {rec.offset: rec for rec in lay.records}
+    digests = "digests" in body.get("features", [])
+    for r in mine:
+        where = f"{name}: row key={r['key']!r} chunk={r['chunk']} at {r['offset']}"
+        rec = recs.get(r["offset"])
+        _need(rec is not None and len(rec.rows) == 1, f"{where}: not one footer row there")
+        held = rec.rows[0]
+        for k in LINKED_FIELDS:
+            want = r[k].hex() if k == "hash" else r[k]
+            _need(type(held[k]) is type(want) and held[k] == want, f"{where}: {k} != footer row")
+        if digests:
+            _need(held.get("digest") == r["digest"].hex(), f"{where}: digest != footer row")
 
 
 def _assemble(

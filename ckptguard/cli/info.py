@@ -41,6 +41,8 @@ def command(ckpt: str) -> None:
             f"({ratio(info.raw_bytes, info.stored_bytes)})",
         ),
     ]
+    if info.base is not None:  # an incremental checkpoint (format.md section 4.3)
+        facts.append(("base", f"{info.base} (depth {info.depth})"))
     if info.metadata is not None:
         facts.append(("metadata", json.dumps(info.metadata, sort_keys=True)[:300]))
     for name, value in facts:

@@ -74,6 +74,8 @@ DIGESTS = "digests"
 """Feature: every row has the SHA-256 digest of its record's raw bytes (format.md 4.2)."""
 DIGEST = "digest"
 DIGEST_BYTES = 32
+INCREMENTAL = "incremental"
+"""Feature: linked data files of earlier saves, whose rows have a ``base`` (format.md 4.3)."""
 FULL_SCHEMA = pa.schema([*PACKED_SCHEMA, (DIGEST, pa.binary(DIGEST_BYTES))])
 """Every column an index may have, in order: the packed-records columns and ``digest`` are
 present only under their features."""
@@ -159,6 +161,12 @@ def is_packed(table: pa.Table) -> bool:
 def has_digests(table: pa.Table) -> bool:
     """Whether an index table has the ``digest`` column (feature ``digests``)."""
     return DIGEST in table.schema.names
+
+
+def has_base(table: pa.Table) -> bool:
+    """Whether some row of an index table has a ``base``: a row of a linked data file
+    (feature ``incremental``)."""
+    return table.column("base").null_count < table.num_rows
 
 
 def to_table(rows: list[Row]) -> pa.Table:

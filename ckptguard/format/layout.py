@@ -18,6 +18,7 @@ MAX_LATEST_BYTES = 256
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
 _DATAFILE = re.compile(r"rank-([0-9]{5,9})\.ckg")
+_LINKED = re.compile(r"rank-([0-9]{5,9})\.([0-9a-f]{32})\.ckg")  # format.md section 4.3
 _UUID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -45,11 +46,33 @@ def datafile_rank(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def linked_name(rank: int, uuid_hex: str) -> str:
+    """The name of a linked data file (format.md section 4.3): the data file rank ``rank``
+    wrote for the checkpoint of uuid ``uuid_hex`` (its holder)."""
+    return f"rank-{rank:05d}.{uuid_hex}.ckg"
+
+
+def linked_file(name: str) -> tuple[int, str] | None:
+    """(rank, holder uuid) of a linked data file name, or None if it is not one."""
+    m = _LINKED.fullmatch(name) if isinstance(name, str) else None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def file_rank(name: str) -> int | None:
+    """The rank of any data file name, a checkpoint's own or a linked one; None if it is
+    neither."""
+    own = datafile_rank(name)
+    if own is not None:
+        return own
+    linked = linked_file(name)
+    return linked[0] if linked else None
+
+
 def looks_like_checkpoint(names: Iterable[str]) -> bool:
     """Whether a directory holding ``names`` is (or was meant to be) one checkpoint rather than
-    a store: it has a manifest, an index or a data file. The one rule for every command that
-    takes either."""
-    return any(n in (MANIFEST, INDEX) or datafile_rank(n) is not None for n in names)
+    a store: it has a manifest, an index or a data file (its own or a linked one). The one rule
+    for every command that takes either."""
+    return any(n in (MANIFEST, INDEX) or file_rank(n) is not None for n in names)
 
 
 def is_uuid(text: str) -> bool:

@@ -18,8 +18,8 @@ import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import ZSTD_FEATURE, FormatError
-from .index import DIGESTS, PACKED_RECORDS, has_digests, is_packed
-from .layout import datafile_rank, is_name, is_uuid
+from .index import DIGESTS, INCREMENTAL, PACKED_RECORDS, has_base, has_digests, is_packed
+from .layout import datafile_rank, is_name, is_uuid, linked_file
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 from .treeids import TREE_TYPES, uses_tree_types
 from .views import TENSOR_VIEWS, check_views
@@ -39,6 +39,7 @@ KNOWN_FEATURES = frozenset(
         TREE_TYPES,
         TENSOR_VIEWS,
         DIGESTS,
+        INCREMENTAL,
     }
 )
 _PREFIX = b'{"checksum":"'
@@ -77,6 +78,7 @@ _FILE = {"name": str, "rank": int, "size": int, "chunks": int}
 _INDEX = {"file": str, "size": int, "xxh3_128": str}
 _INDEX_SHA256 = {**_INDEX, "sha256": str}  # under the feature ``digests``
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_INCREMENTAL = {"base": str, "depth": int}  # the member under the feature (section 4.3)
 _TOTALS = {"tensors": int, "chunks": int, "raw_bytes": int, "stored_bytes": int, "files": int}
 
 
@@ -93,7 +95,9 @@ def features(
 ) -> list[str]:
     """The features a checkpoint uses (format.md section 3): pickled values, rank-tree diffs,
     per-rank tensors, the tree's extra types (in ``tree`` and ``rank_trees``), views, and, from
-    its index ``table``, records shared by several rows, zstd chunks and chunk digests."""
+    its index ``table``, records shared by several rows, zstd chunks, chunk digests and rows of
+    linked data files (``incremental``: a writer lists linked files exactly when rows use
+    them)."""
     zstd = table is not None and pc.any(pc.equal(table.column("codec"), "shuffle-zstd")).as_py()
     return [
         *(["pickle"] if pickle else []),
@@ -104,6 +108,7 @@ def features(
         *([TREE_TYPES] if uses_tree_types(tree, *rank_trees.values()) else []),
         *([TENSOR_VIEWS] if any("view" in t for t in tensors) else []),
         *([DIGESTS] if table is not None and has_digests(table) else []),
+        *([INCREMENTAL] if table is not None and has_base(table) else []),
     ]
 
 
@@ -128,9 +133,6 @@ def _record_stored(table: pa.Table) -> pa.ChunkedArray:
     return stored.filter(pc.equal(table.column("record_byte_offset"), 0))
 
 
-INCREMENTAL = "incremental"
-
-
 def build(
     *,
     name: str,
@@ -151,13 +153,20 @@ def build(
 ) -> dict:
     """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
-    totals are derived here, never by callers. ``incremental``: the member of format.md
-    section 4.3, for a checkpoint that links data files of earlier saves.
+    totals are derived here, never by callers. ``incremental``: the member of an incremental
+    save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when ``files`` lists a
+    linked data file (ValueError otherwise).
     """
+    feats = features(pickle, rank_trees, tensors, table, tree)
+    linked = any(linked_file(f["name"]) is not None for f in files)
+    if linked and INCREMENTAL not in feats:  # a linked file no row uses still needs it
+        feats.append(INCREMENTAL)
+    if (incremental is not None) != linked:
+        raise ValueError("the incremental member is given exactly when a linked file is listed")
     body = {
         "format": "ckptguard",
         "format_version": FORMAT_VERSION,
-        "features": features(pickle, rank_trees, tensors, table, tree),
+        "features": feats,
         "name": name,
         "uuid": uuid,
         "created": format_time(created),
@@ -173,7 +182,6 @@ def build(
         "totals": totals(table, len(tensors), len(files)),
     }
     if incremental is not None:
-        body["features"].append(INCREMENTAL)
         body["incremental"] = incremental
     return body
 
@@ -232,10 +240,11 @@ def validate(doc: Any) -> None:
             f"checkpoint has format version {version}; this ckptguard reads up to "
             f"{FORMAT_VERSION}: upgrade ckptguard"
         )
-    _typed(doc, _MEMBERS, "manifest")
-    feats = doc["features"]
-    if not all(isinstance(f, str) for f in feats):
-        raise FormatError("manifest.features must be strings")
+    feats = doc.get("features")
+    if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
+        raise FormatError("manifest.features must be a list of strings")
+    incremental = INCREMENTAL in feats
+    _typed(doc, {**_MEMBERS, "incremental": dict} if incremental else _MEMBERS, "manifest")
     unknown = sorted(set(feats) - KNOWN_FEATURES)
     if unknown:
         raise FormatVersionProblem(
@@ -257,7 +266,11 @@ def validate(doc: Any) -> None:
     _validate_tensors(
         doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats, TENSOR_VIEWS in feats
     )
-    _validate_files(doc["files"])
+    if incremental:
+        _typed(doc["incremental"], _INCREMENTAL, "manifest.incremental")
+        if not is_name(doc["incremental"]["base"]) or doc["incremental"]["depth"] < 1:
+            raise FormatError("manifest.incremental has an invalid base name or depth")
+    _validate_files(doc["files"], doc["uuid"], doc["world_size"], incremental)
     digests = DIGESTS in feats
     _typed(doc["index"], _INDEX_SHA256 if digests else _INDEX, "manifest.index")
     if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
@@ -375,14 +388,34 @@ def _naturals(shape: list) -> bool:
     return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
 
 
-def _validate_files(files: list) -> None:
-    """Check ``manifest.files``: one entry per data file, named for its rank."""
-    names = set()
+def _validate_files(files: list, uuid: str, world_size: int, incremental: bool) -> None:
+    """Check ``manifest.files``: one entry per data file, named for its rank; under
+    ``incremental`` also linked data files (format.md section 4.3), each of a rank that has its
+    own file and of another checkpoint's uuid."""
+    names: set[str] = set()
+    own: set[int] = set()
+    linked: set[int] = set()
     for i, f in enumerate(files):
         _typed(f, _FILE, f"manifest.files[{i}]")
-        if datafile_rank(f["name"]) != f["rank"] or f["size"] < 0 or f["name"] in names:
+        rank, link = datafile_rank(f["name"]), None
+        if rank is None and incremental:
+            link = linked_file(f["name"])
+            rank = link[0] if link else None
+        if rank is None and linked_file(f["name"]) is not None:
+            raise FormatError(f"manifest.files[{i}] is a linked data file without the feature")
+        if rank is None or rank != f["rank"] or f["size"] < 0 or f["name"] in names:
             raise FormatError(f"manifest.files[{i}] has an invalid name, rank or size")
+        if rank >= world_size:
+            raise FormatError(f"manifest.files[{i}] is of a rank beyond world_size")
+        if link is not None and link[1] == uuid:
+            raise FormatError(f"manifest.files[{i}] links a file of this checkpoint's own uuid")
         names.add(f["name"])
+        (linked if link is not None else own).add(rank)
+    if not linked <= own or (incremental and not linked):
+        raise FormatError(
+            "manifest.files: a linked data file of a rank without its own file, or the "
+            "incremental feature without a linked file"
+        )
 
 
 def parse_time(text: str) -> dt.datetime:
@@ -430,6 +463,10 @@ class CheckpointInfo:
     """What failed after the commit point of the save that returned this (CheckpointWarning)."""
     write_stats: WriteStats | None = field(default=None, compare=False)
     """How the save that returned this wrote its data files; None from a manifest."""
+    base: str | None = field(default=None, compare=False)
+    """The checkpoint an incremental save compared its chunks with (format.md 4.3), else None."""
+    depth: int = field(default=0, compare=False)
+    """How many incremental saves in a row led to this one (0: a full checkpoint)."""
 
     @classmethod
     def from_manifest(cls, doc: dict, path: str) -> CheckpointInfo:
@@ -448,4 +485,6 @@ class CheckpointInfo:
             stored_bytes=t["stored_bytes"],
             files=t["files"],
             metadata=doc["metadata"],
+            base=doc["incremental"]["base"] if "incremental" in doc else None,
+            depth=doc["incremental"]["depth"] if "incremental" in doc else 0,
         )

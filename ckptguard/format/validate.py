@@ -16,17 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import dtypes
-from .datafile import (
-    CODECS,
-    HEADER_SIZE,
-    RECORD_HEADER_SIZE,
-    ZSTD_FEATURE,
-    FormatError,
-    lz4_max_raw_len,
-    zstd_exceeds,
-)
-from .index import DIGEST, DIGESTS, PACKED_RECORDS, has_digests, int_lists, is_packed
-from .layout import ALIGN, datafile_rank, is_name
+from .datafile import CODECS, ZSTD_FEATURE, FormatError, lz4_max_raw_len, zstd_exceeds
+from .index import DIGEST, DIGESTS, has_digests, int_lists
+from .layout import is_name
+from .placement import Records as _Records
+from .placement import Rows as _Rows
+from .placement import check_placement
+from .placement import col as _np
+from .placement import sort_order as _sort_order
 from .shapes import Shapes
 from .views import TENSOR_VIEWS, without_views
 
@@ -68,26 +65,6 @@ class _Boxes:
             lists["shard_offsets"],
             lists["shard_lengths"],
         )
-
-
-def _np(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).to_numpy().astype(np.int64, copy=False)
-
-
-class _Rows:
-    """Column arrays plus a way to name the first bad row in an error."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self.n = table.num_rows
-
-    def fail(self, mask: np.ndarray, what: str) -> None:
-        bad = np.flatnonzero(mask)
-        if len(bad):
-            i = int(bad[0])
-            key = self.table.column("key")[i].as_py()
-            chunk = self.table.column("chunk")[i].as_py()
-            raise FormatError(f"index row {i} ({key!r} chunk {chunk}): {what}")
 
 
 def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], features: set) -> None:
@@ -139,7 +116,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     rows.fail(
         is_zstd & (ZSTD_FEATURE not in features), "shuffle-zstd chunk without the zstd feature"
     )
-    _check_placement(table, rows, files, rec, elem)
+    check_placement(table, rows, files, rec, elem)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
         values = table.column(col)
         if values.null_count < rows.n:
@@ -174,125 +151,6 @@ def _check_shapes(table: pa.Table, rows: _Rows, shapes: Shapes, tid: np.ndarray)
     rows.fail(per_row(g != expect), "global_shape disagrees with the manifest")
     rows.fail(per_row((o < 0) | (n < 0) | (o + n > g)), "shard lies outside the tensor")
     return cols
-
-
-class _Records:
-    """Each row's record fields: its raw length (the row's own unless packed), where the row's
-    bytes start in it, its stored length and codec; ``packed``: the index has the
-    ``packed-records`` columns."""
-
-    def __init__(self, packed: bool, raw_len: np.ndarray, slice_at: np.ndarray, stored: np.ndarray):
-        self.packed, self.raw_len, self.slice_at, self.stored = packed, raw_len, slice_at, stored
-        self.codec = np.zeros(0, dtype=np.int64)
-
-    @classmethod
-    def of(cls, table: pa.Table, rows: _Rows, raw: np.ndarray, features: set) -> _Records:
-        packed = is_packed(table)
-        if packed != (PACKED_RECORDS in features):
-            raise FormatError(
-                f"index {'has' if packed else 'lacks'} the record_byte_offset and record_raw_len "
-                f"columns but the {PACKED_RECORDS} feature is {'not ' if packed else ''}declared"
-            )
-        stored = _np(table, "stored_len")
-        if not packed:
-            return cls(False, raw, np.zeros(rows.n, dtype=np.int64), stored)
-        rlen, at = _np(table, "record_raw_len"), _np(table, "record_byte_offset")
-        rows.fail(
-            (at < 0) | (rlen <= 0) | (at > rlen - raw),
-            "slice lies outside its record's raw bytes (record_byte_offset, record_raw_len)",
-        )
-        return cls(True, rlen, at, stored)
-
-
-def _hash_words(table: pa.Table, name: str = "hash") -> np.ndarray:
-    """A fixed-size binary column (``hash`` or ``digest``) as uint64 words per row (nulls were
-    refused before)."""
-    arr = table.column(name).combine_chunks()
-    k = arr.type.byte_width // 8
-    words = np.frombuffer(arr.buffers()[1], dtype=np.uint64)
-    return words[k * arr.offset : k * (arr.offset + len(arr))].reshape(-1, k)
-
-
-def _check_placement(
-    table: pa.Table, rows: _Rows, files: dict[str, int], rec: _Records, elem: np.ndarray
-) -> None:
-    by_rank: dict[int, tuple[str, int]] = {}
-    for file, nbytes in files.items():
-        file_rank = datafile_rank(file)
-        if file_rank is None:  # the manifest's checks admit only data file names
-            raise FormatError(f"manifest.files: {file!r} is not a data file name")
-        by_rank[file_rank] = (file, nbytes)
-    # Rows find their file by binary search over the ranks that have one: arrays sized by the
-    # number of files, never by the largest rank a (hostile) row or file name claims.
-    known = sorted(by_rank)
-    ranks = np.array(known, dtype=np.int64)
-    names = pa.array([by_rank[r][0] for r in known] + [""], pa.string())
-    size = np.array([by_rank[r][1] for r in known] + [-1], dtype=np.int64)
-    rank = _np(table, "rank")
-    pos = np.searchsorted(ranks, rank)
-    found = pos < len(known)
-    found[found] = ranks[pos[found]] == rank[found]
-    file_code = np.where(found, pos, len(known)).astype(np.int64)
-    same = pc.equal(table.column("file"), names.take(pa.array(file_code)))
-    rows.fail(
-        ~found | ~same.to_numpy(zero_copy_only=False),
-        "data file is not this checkpoint's file of the row's rank",
-    )
-    off = _np(table, "offset")
-    rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
-    extent = (off + RECORD_HEADER_SIZE + rec.stored + ALIGN - 1) // ALIGN * ALIGN
-    rows.fail(extent > size[file_code], "record runs past the end of its file")
-    order = _sort_order(file_code, off, rec.slice_at)
-    f, o, e = file_code[order], off[order], extent[order]
-    first = np.ones(rows.n, dtype=bool)
-    first[1:] = f[1:] != f[:-1]
-    # A row that shares the previous row's record (packed: same file and offset) continues it;
-    # any other row starts a record, which must follow the previous record in its file.
-    shares = np.zeros(rows.n, dtype=bool)
-    if rec.packed:
-        shares[1:] = ~first[1:] & (o[1:] == o[:-1])
-    prev_end = np.empty_like(e)
-    prev_end[0] = HEADER_SIZE
-    prev_end[1:] = e[:-1]
-    prev_end[first] = HEADER_SIZE
-    bad = np.zeros(rows.n, dtype=bool)
-    bad[order] = ~shares & (o != prev_end)
-    rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
-    if rec.packed:
-        _check_slices(table, rows, rec, elem, order, shares)
-
-
-def _check_slices(
-    table: pa.Table,
-    rows: _Rows,
-    rec: _Records,
-    elem: np.ndarray,
-    order: np.ndarray,
-    shares: np.ndarray,
-) -> None:
-    """Rows of one record (``order``: by file, offset, slice start; ``shares``: the row's record
-    is the previous row's) agree on every record field, and their slices tile its raw bytes:
-    from 0, each where the previous ends, the last at ``record_raw_len``."""
-    words = _hash_words(table)[order]
-    differ = np.zeros(rows.n, dtype=bool)
-    for col in (rec.raw_len, rec.stored, rec.codec, elem):
-        c = col[order]
-        differ[1:] |= c[1:] != c[:-1]
-    differ[1:] |= (words[1:] != words[:-1]).any(axis=1)
-    if has_digests(table):
-        sha = _hash_words(table, DIGEST)[order]
-        differ[1:] |= (sha[1:] != sha[:-1]).any(axis=1)
-    bad = np.zeros(rows.n, dtype=bool)
-    bad[order] = shares & differ
-    rows.fail(bad, "rows of one record disagree on its fields (lengths, codec, hash, digest)")
-    at, end = rec.slice_at[order], (rec.slice_at + _np(table, "raw_len"))[order]
-    prev_end = np.zeros(rows.n, dtype=np.int64)
-    prev_end[1:] = end[:-1]
-    prev_end[~shares] = 0
-    last = np.ones(rows.n, dtype=bool)
-    last[:-1] = ~shares[1:]
-    bad[order] = (at != prev_end) | (last & (end != rec.raw_len[order]))
-    rows.fail(bad, "slices of one record overlap, leave a gap or do not end at its raw_len")
 
 
 def _check_shards(
@@ -426,17 +284,6 @@ def _check_cover_all(
         sel = firsts[bounds[t] : bounds[t + 1]]
         idx = row_start[sel][:, None] + np.arange(int(nd_t[t]))
         check_cover(tensors[t]["key"], tensors[t]["shape"], o_flat[idx], n_flat[idx])
-
-
-def _sort_order(*keys: np.ndarray) -> np.ndarray:
-    """Row order by ``keys`` (major first): one stable argsort of a packed key when it fits."""
-    bits = [max(int(k.max()), 0).bit_length() for k in keys]
-    if min(int(k.min()) for k in keys) >= 0 and sum(bits) <= 62:
-        packed = np.zeros(len(keys[0]), dtype=np.int64)
-        for k, b in zip(keys, bits, strict=True):
-            packed = (packed << b) | k
-        return np.argsort(packed, kind="stable")
-    return np.lexsort(tuple(reversed(keys)))
 
 
 def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:

@@ -44,7 +44,7 @@ from ckptguard.format.datafile import (
     unpack_trailer,
 )
 from ckptguard.format.dtypes import SIZES as DTYPE_SIZES
-from ckptguard.format.layout import align
+from ckptguard.format.layout import align, linked_name
 from ckptguard.format.treeids import tensor_ids
 from ckptguard.format.validate import check_table
 from ckptguard.tree import TreeError, check_tree
@@ -186,7 +186,9 @@ STRINGS = [
     "..",
     "\x00",
     "é",
+    linked_name(0, "ab" * 16),
 ]
+LINK = linked_name(0, "ab" * 16)  # a linked data file (format.md section 4.3) of another uuid
 
 
 # ---------------------------------------------------------------------------- targets
@@ -283,6 +285,14 @@ def t_index_rows(data: bytes) -> None:
             r[index.DIGEST] = b.pick([bytes(32), b"\xff" * 32, b"\0" * 31, None])
         if b.byte() & 1:  # the column without the feature
             feats.discard(index.DIGESTS)
+    if b.byte() % 4 == 2:  # the feature incremental: rows moved to a linked file, with a base
+        files[LINK] = b.pick([len(c.datafile), *INTS[:12]])
+        feats.add(index.INCREMENTAL)
+        for r in rows:
+            if b.byte() & 1:
+                r["file"], r["base"] = LINK, b.pick(["a", "a", None, "..", ""])
+        if b.byte() & 1:  # the linked file without the feature
+            feats.discard(index.INCREMENTAL)
     try:
         data = index.write_table(pa.Table.from_pylist(rows, schema=schema))
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
@@ -693,6 +703,82 @@ def t_views(data: bytes) -> None:
         built[tuple(n - 1 for n in view["shape"])].tolist()
 
 
+_LINK_UUIDS = ["ab" * 16, "cd" * 16, "AB" * 16, "ab" * 15, ""]
+
+
+def _incremental_body(b: Bytes) -> dict:
+    """The context's manifest body with the files and ``incremental`` member of an incremental
+    checkpoint (format.md section 4.3) drawn from the input: an all-zero input gives a valid one
+    (one rank, its own file, one linked file of it); others link files of other ranks, of this
+    checkpoint's uuid, under malformed names, or without the feature or member."""
+    c = context()
+    ws = 1 + b.byte() % 3
+    size = len(c.datafile)
+    files = [{"name": f"rank-{r:05d}.ckg", "rank": r, "size": size, "chunks": 0} for r in range(ws)]
+    for _ in range(1 + b.byte() % 3):
+        rank = b.pick([0, 0, 1, 2, 3, -1, 1 << 31])
+        uuid = b.pick([*_LINK_UUIDS, c.uuid])
+        name = b.pick(
+            [f"rank-{rank:05d}.{uuid}.ckg", f"rank-{rank}.{uuid}.ckg", f"rank-{rank:05d}.{uuid}"]
+        )
+        files.append(
+            {"name": name, "rank": b.pick([rank, rank, 0, True]), "size": size, "chunks": 1}
+        )
+    edit = b.byte() % 8
+    if edit == 1:  # a rank without its own file
+        files.pop(b.uint(1) % ws)
+    elif edit == 2:  # an entry twice
+        files.append(dict(b.pick(files)))
+    feats = [f for f in c.body["features"] if f != index.INCREMENTAL]
+    if b.byte() % 8 != 1:
+        feats.append(index.INCREMENTAL)
+    body = dict(c.body, world_size=ws, files=files, features=feats)
+    member = b.byte() % 8
+    if member == 0:
+        body["incremental"] = {"base": "a", "depth": 1 + b.byte() % 8}
+    elif member == 2:
+        body["incremental"] = {"base": b.pick(STRINGS), "depth": b.pick(INTS)}
+    elif member == 3:
+        body["incremental"] = b.pick(
+            [
+                None,
+                [],
+                {},
+                {"base": "a"},
+                {"base": "a", "depth": 1, "x": 0},
+                {"base": "a", "depth": True},
+            ]
+        )
+    return body
+
+
+def t_incremental(data: bytes) -> None:
+    """The files and ``incremental`` member of a manifest under the feature ``incremental``
+    (format.md section 4.3), differential: ckptguard's manifest check and the independent reader
+    accept and refuse the same ones."""
+    raw = json.dumps(_incremental_body(Bytes(data)), separators=(",", ":")).encode()
+    try:
+        doc = manifest.decode(frame_manifest(raw))
+        ours: str | None = None
+    except FormatError as e:
+        ours = str(e)
+    try:
+        ir.parse_manifest(ir.frame_manifest(raw))
+        theirs: str | None = None
+    except ir.SpecViolation as e:
+        theirs = str(e)
+    if (ours is None) != (theirs is None):
+        raise Bug(
+            f"manifest {'accepts' if ours is None else 'refuses: ' + ours}, independent "
+            f"reader {'accepts' if theirs is None else 'refuses: ' + theirs}"
+        )
+    if ours is not None:
+        raise FormatError(ours)
+    info = manifest.CheckpointInfo.from_manifest(doc, "/store/b")
+    if (info.base, info.depth) != (doc["incremental"]["base"], doc["incremental"]["depth"]):
+        raise Bug("CheckpointInfo does not show the incremental member")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "manifest": t_manifest,
     "manifest_body": t_manifest_body,
@@ -712,6 +798,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "views": t_views,
     "onefile": t_onefile,
     "onefile_toc": t_onefile_toc,
+    "incremental": t_incremental,
 }
 
 
@@ -876,6 +963,7 @@ def seeds(target: str) -> list[bytes]:
             for t in TREE_SEEDS
         ],
         "views": [VIEW_SEED, bytes(range(40)), bytes(range(3, 200, 5)), b"\x00" * 40],
+        "incremental": [b"", bytes(range(40)), b"\x01\x02" * 20, b"\x00\x00\x05" * 8],
     }
     return out[target]
 
