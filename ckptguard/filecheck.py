@@ -5,6 +5,7 @@ section 4.3)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -62,22 +63,45 @@ def recheck_written(
         os.close(fd)
 
 
-def check_linked(fd: int, size: int, rank: int, uuid_hex: str) -> list[Row]:
-    """The footer rows of a data file that rank ``rank`` wrote for the checkpoint ``uuid_hex``
-    (open as ``fd``, ``size`` bytes), after the checks a reader makes of a linked data file:
-    header, trailer, footer hash and rows, and records that follow each other from the header
-    to the footer (by the footer's offsets). Raises FormatError."""
+@dataclass(frozen=True)
+class LinkedFooter:
+    """A linked data file's footer, checked: the record of each offset that holds one row
+    (``alone``), and every record's sequence number by offset (``seq``)."""
+
+    alone: dict[int, Row]
+    seq: dict[int, int]
+
+
+def check_linked(fd: int, size: int, rank: int, uuid_hex: str) -> LinkedFooter:
+    """The footer of a data file that rank ``rank`` wrote for the checkpoint ``uuid_hex`` (open
+    as ``fd``, ``size`` bytes), after the checks of format.md section 4.3: header, trailer,
+    footer hash and rows, and its records following each other from the header to the footer
+    (the rows of one record next to each other, agreeing on its stored length). Raises
+    FormatError."""
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise FormatError("data file is too short")
     check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
     off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
     footer = check_footer(pread_exact(fd, length, off), digest, rank, uuid_hex)
-    rows = [row_from_json(x) for x in footer]
-    at = HEADER_SIZE
-    for r in sorted({r.offset: r for r in rows}.values(), key=lambda r: r.offset):
-        if r.offset != at or r.codec not in CODECS or r.stored_len < 0:
-            raise FormatError(f"record at {r.offset} does not follow the previous one at {at}")
-        at = align(r.offset + RECORD_HEADER_SIZE + r.stored_len)
-    if at != off:
+    seq: dict[int, int] = {}
+    count: dict[int, int] = {}
+    first: dict[int, Row] = {}
+    end, prev, stored = HEADER_SIZE, -1, -1
+    for x in map(row_from_json, footer):
+        if type(x.offset) is not int or type(x.stored_len) is not int or x.stored_len < 0:
+            raise FormatError("footer row with an invalid offset or stored_len")
+        if x.offset in seq:  # another row of the record before (rows come in offset order)
+            if x.offset != prev or x.stored_len != stored:
+                raise FormatError(f"footer rows at {x.offset} are not one record")
+            count[x.offset] += 1
+            continue
+        if x.offset != end:
+            raise FormatError(
+                f"footer record at {x.offset} does not follow the previous one at {end}"
+            )
+        prev, stored = x.offset, x.stored_len
+        seq[x.offset], count[x.offset], first[x.offset] = len(seq), 1, x
+        end = align(x.offset + RECORD_HEADER_SIZE + x.stored_len)
+    if off != end:
         raise FormatError("the footer does not follow the last record")
-    return rows
+    return LinkedFooter({o: r for o, r in first.items() if count[o] == 1}, seq)

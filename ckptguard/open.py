@@ -28,6 +28,7 @@ from .errors import (
     CorruptCheckpointError,
     StoreError,
 )
+from .filecheck import check_linked
 from .format import index, manifest
 from .format.datafile import (
     HEADER_SIZE,
@@ -355,42 +356,16 @@ def _check_linked_file(rd: CheckpointReader, fd: int, name: str, rank: int, hold
     header to the footer, and each of this checkpoint's rows in it the only footer row at its
     offset, agreeing on the record's fields. Records the sequence numbers its footer gives.
     Raises FormatError."""
-    size = rd.files[name]
-    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, holder)
-    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
-    footer = [
-        row_from_json(x) for x in check_footer(pread_exact(fd, length, off), digest, rank, holder)
-    ]
-    seq: dict[int, int] = {}
-    count: dict[int, int] = {}
-    by_offset: dict[int, Row] = {}
-    end, prev, stored = HEADER_SIZE, -1, -1
-    for x in footer:
-        if type(x.offset) is not int or type(x.stored_len) is not int or x.stored_len < 0:
-            raise FormatError("footer row with an invalid offset or stored_len")
-        if x.offset in seq:  # another row of the record before (rows come in offset order)
-            if x.offset != prev or x.stored_len != stored:
-                raise FormatError(f"footer rows at {x.offset} are not one record")
-            count[x.offset] += 1
-            continue
-        if x.offset != end:
-            raise FormatError(
-                f"footer record at {x.offset} does not follow the previous one at {end}"
-            )
-        prev, stored = x.offset, x.stored_len
-        seq[x.offset], count[x.offset], by_offset[x.offset] = len(seq), 1, x
-        end = align(x.offset + RECORD_HEADER_SIZE + x.stored_len)
-    if off != end:
-        raise FormatError("the footer does not follow the last record")
+    linked = check_linked(fd, rd.files[name], rank, holder)
     digests = index.DIGESTS in rd.features
     for r in rd.rows_of_file(name):
-        held = by_offset.get(r.offset)
+        held = linked.alone.get(r.offset)
         where = f"index row {r.key!r} chunk {r.chunk} at offset {r.offset}"
-        if held is None or count[r.offset] != 1:
+        if held is None:
             raise FormatError(f"{where}: not the one footer row at its offset in the linked file")
         if not _same_record(r, held, digests):
             raise FormatError(f"{where}: disagrees with the linked file's footer row")
-    rd._seq[name] = seq
+    rd._seq[name] = linked.seq
 
 
 _RECORD_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash")

@@ -30,6 +30,7 @@ from .format.datafile import (
     FormatError,
 )
 from .format.index import Row
+from .format.layout import linked_file
 from .fsutil import UnsafeFileError, open_regular
 from .tree import TensorRef
 
@@ -90,6 +91,10 @@ class Reuse:
     def _link(self, src_fd: int, dst_fd: int, source: str, name: str, holder: str) -> Linked | None:
         """Link ``source`` of the base as ``name`` and check it; None (and no link) if either
         fails: those chunks are then written."""
+        linked = linked_file(name)
+        if linked is None or linked[0] != self.rank:
+            return None  # a plan that names no linked file of this rank: nothing to link
+        holder_uuid = linked[1]
         try:
             os.link(source, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
         except OSError as e:
@@ -99,17 +104,13 @@ class Reuse:
         try:
             fd, st = open_regular(name, dir_fd=dst_fd)
             try:
-                uuid_hex = name.split(".")[1]
-                rows = check_linked(fd, st.st_size, self.rank, uuid_hex)
+                footer = check_linked(fd, st.st_size, self.rank, holder_uuid)
             finally:
                 os.close(fd)
         except (OSError, UnsafeFileError, FormatError):
             os.unlink(name, dir_fd=dst_fd)
             return None
-        counts: dict[int, int] = {}
-        for r in rows:
-            counts[r.offset] = counts.get(r.offset, 0) + 1
-        alone = {r.offset: r for r in rows if counts[r.offset] == 1 and r.rank == self.rank}
+        alone = {o: r for o, r in footer.alone.items() if r.rank == self.rank}
         if self.digests:
             alone = {o: r for o, r in alone.items() if r.digest is not None}
         return Linked(name, self.rank, st.st_size, holder, alone)

@@ -37,6 +37,7 @@ from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
 from .format.index import unify
+from .format.layout import linked_file
 from .format.manifest import CheckpointInfo
 from .format.validate import check_table
 from .hooks import run_commit_hooks
@@ -324,6 +325,7 @@ def write_data_file(
         if on_read is not None:
             on_read()
         rows = writer.finish()
+        own = rows.num_rows
         reused = writer.reused_table()
         linked = reuse.finish() if reuse is not None else []
         if reused is not None:
@@ -335,7 +337,7 @@ def write_data_file(
         if isinstance(e, OSError):  # name this rank's file, even if it could not be created
             raise from_oserror(e, target.data_path(staging, rank), "cannot write") from None
         raise
-    file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": rows.num_rows}
+    file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": own}
     doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
     doc["linked"] = linked
     return {**doc, "zstd": writer.zstd_version()}, rows
@@ -415,7 +417,7 @@ def manifest_body(
 
 def incremental_member(base: dict | None, files: list[dict]) -> dict | None:
     """The manifest's ``incremental`` member: present exactly when a base file is linked."""
-    if base is None or all(f["name"].count(".") == 1 for f in files):
+    if base is None or not any(linked_file(f["name"]) for f in files):
         return None
     return {"base": base["name"], "depth": base["depth"] + 1}
 

@@ -7,7 +7,6 @@ import contextlib
 import datetime as dt
 import errno
 import os
-import re
 import stat
 import time
 import uuid as uuidlib
@@ -51,6 +50,8 @@ from .format.layout import (
     check_name,
     is_name,
     is_uuid,
+    linked_file,
+    linked_name,
 )
 from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, read_manifest, read_member, read_regular
@@ -253,16 +254,17 @@ class Store:
 
     def prune(
         self,
-        policy: Policy | None = None,
+        policy: Policy | Mapping[str, Any] | None = None,
         now: dt.datetime | None = None,
         dry_run: bool = False,
     ) -> tuple[builtins.list[Decision], builtins.list[tuple[str, CheckpointError]]]:
-        """Delete every checkpoint that ``policy`` (default: the store's own policy file,
-        ``retention.POLICY_FILE``) does not keep, oldest first, each as ``delete(prune=True)``;
-        (the plan, newest first, and the removals that failed with their errors; one removed
-        meanwhile by another process is not a failure). ``dry_run``: the plan only. No policy,
-        or one without rules, is a RetentionPolicyError: nothing would say what to keep."""
-        policy = policy if policy is not None else read_policy(self.root)
+        """Delete every checkpoint that ``policy`` does not keep (default: the store's own
+        policy file, ``retention.POLICY_FILE``; a dict of rules is a ``Policy``), oldest first,
+        each as ``delete(prune=True)``; (the plan, newest first, and the removals that failed
+        with their errors; one removed meanwhile by another process is not a failure).
+        ``dry_run``: the plan only. No policy, or one without rules, is a
+        RetentionPolicyError: nothing would say what to keep."""
+        policy = as_policy(policy) if policy is not None else read_policy(self.root)
         if policy is None or policy.empty:
             raise RetentionPolicyError(
                 f"no retention rule for {self.root}: give one, or write {POLICY_FILE} in it"
@@ -420,9 +422,6 @@ def _newest_mtime(path: str) -> float:
     return newest
 
 
-_LINKED = re.compile(r"rank-([0-9]{5,9})\.([0-9a-f]{32})\.ckg")
-
-
 def link_plan(store: str, base: str | None, max_depth: int) -> dict | None:
     """The base of an incremental save into ``store`` (format.md section 4.3; ``reuse``): for
     ``base`` ``"auto"`` the checkpoint LATEST names, else the one named; None for a full save
@@ -444,17 +443,15 @@ def link_plan(store: str, base: str | None, max_depth: int) -> dict | None:
         depth = body["incremental"]["depth"] if "incremental" in body else 0
         if depth >= max_depth:
             return None
-        holders = (
-            _holders(path, body) if any(_LINKED.fullmatch(f["name"]) for f in body["files"]) else {}
-        )
+        holders = _holders(path, body) if any(linked_file(f["name"]) for f in body["files"]) else {}
     except (CheckpointError, OSError):
         if auto:
             return None  # nothing to compare with: a full save, as without a base
         raise
     files: dict[str, list[list[str]]] = {}
     for f in body["files"]:
-        linked = _LINKED.fullmatch(f["name"])
-        dst = f["name"] if linked else f"{f['name'][:-4]}.{body['uuid']}.ckg"
+        linked = linked_file(f["name"])
+        dst = f["name"] if linked else linked_name(f["rank"], body["uuid"])
         holder = holders.get(f["name"], name) if linked else name
         files.setdefault(str(f["rank"]), []).append([f["name"], dst, holder])
     return {"name": name, "uuid": body["uuid"], "depth": depth, "path": path, "files": files}

@@ -31,7 +31,7 @@ def _state(seed: int = 0) -> dict:
         "base": {
             "emb": torch.randn(64, 1024, generator=g),  # 256 KiB: 4 chunks
             "w": torch.randn(48, 1024, generator=g).to(torch.bfloat16),
-            "ids": torch.arange(40_000, dtype=torch.int64),
+            "ids": torch.arange(40_000, dtype=torch.int64) * (seed + 1),
         },
         "adapter": {"a": torch.randn(16, 64, generator=g), "b": torch.zeros(64, 16)},
         "step": 0,
@@ -258,8 +258,12 @@ def test_async_and_drain_and_export(tmp_path: Path) -> None:
 
     drain(str(src), str(dst))
     assert _same(ckptguard.load(str(dst / "b")), s) and ckptguard.verify(str(dst / "b")).ok
-    ckptguard.export(str(src / "b"), str(tmp_path / "b.safetensors"))
-    assert (tmp_path / "b.safetensors").stat().st_size > 0
+    # b's linked file is a's own data file, which the drain of a put in DST: linked, not copied
+    linked = next(p for p in (dst / "b").iterdir() if p.name.count(".") == 2)
+    assert linked.stat().st_ino == (dst / "a" / "rank-00000.ckg").stat().st_ino
+    with pytest.warns(ckptguard.ExportWarning):  # "step" is no tensor
+        ckptguard.export(str(src / "b"), to="safetensors", dest=str(tmp_path / "out"))
+    assert sum(p.stat().st_size for p in (tmp_path / "out").iterdir()) > 0
 
 
 @pytest.mark.timeout(600)

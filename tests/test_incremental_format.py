@@ -319,13 +319,7 @@ def test_hostile_incremental_checkpoints_are_refused(
 
 # ---------------------------------------------------------------------- the reference writer
 
-_WRITER_COUNTS = pytest.mark.xfail(
-    reason="saver.write_data_file counts the reused rows in its own file's entry (chunks)",
-    strict=False,
-)
 
-
-@_WRITER_COUNTS
 @pytest.mark.parametrize("digests", [False, True])
 def test_incremental_saves_read_back_after_their_bases_go(tmp_path: Path, digests: bool) -> None:
     """``save(..., base=)`` end to end: a chain a <- b <- c (c's base found through LATEST)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -20,7 +19,7 @@ from typing import TypeVar
 
 from ..errors import CheckpointReplacedError, from_oserror
 from ..failpoints import failpoint
-from ..format.layout import INDEX, MANIFEST, SIGNATURE, datafile_rank
+from ..format.layout import INDEX, MANIFEST, SIGNATURE, file_rank, linked_file
 from ..fsutil import UnsafeFileError, fsync_dir, open_regular, read_manifest, write_file_durably
 from ..io import pwrite_all
 from ..keys import PrivateKey
@@ -29,13 +28,6 @@ from ..sign import copy_signature, write_signature
 from .lustre import set_stripe
 
 __all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint", "held_files"]
-
-_LINKED = re.compile(r"rank-([0-9]{5,9})\.[0-9a-f]{32}\.ckg")
-
-
-def linked_rank(name: str) -> int | None:
-    m = _LINKED.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 PIECE_BYTES = 64 << 20
@@ -54,8 +46,8 @@ Held = dict[tuple[str, int], str]
 def data_file_identity(name: str, uuid_hex: str) -> tuple[int, str]:
     """(rank, uuid of the checkpoint whose save wrote it) of data file ``name`` of the
     checkpoint ``uuid_hex``: its own file, or a linked one (format.md section 4.3)."""
-    parts = name.split(".")
-    return int(parts[0][5:]), parts[1] if len(parts) == 3 else uuid_hex
+    linked = linked_file(name)
+    return linked if linked is not None else (int(name[5:-4]), uuid_hex)
 
 
 def held_files(infos: Iterable[tuple[str, str]]) -> Held:
@@ -67,7 +59,7 @@ def held_files(infos: Iterable[tuple[str, str]]) -> Held:
         except OSError:
             continue
         for name in names:
-            if datafile_rank(name) is not None or linked_rank(name) is not None:
+            if file_rank(name) is not None:
                 rank, holder = data_file_identity(name, uuid_hex)
                 out.setdefault((holder, rank), os.path.join(path, name))
     return out
