@@ -151,6 +151,20 @@ def one_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def incremental(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An incremental checkpoint (format.md 4.3): its own data file and its base's, linked."""
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(40, 256, generator=g), "z": torch.zeros(5000), "step": 1}
+    store = tmp_path_factory.mktemp("incr") / "store"
+    ckptguard.save(state, str(store / "a"), chunk_size=4096)
+    state["w"][7] += 1.0  # two records of its own: chunks 1 and 7
+    state["w"][30] += 1.0
+    ckptguard.save(state, str(store / "ck"), chunk_size=4096, base="a")
+    assert ckptguard.describe(store / "ck").info.files == 2
+    return store / "ck"
+
+
+@pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint saved by 4 MPI ranks (one data file each)."""
     need_mpi()
@@ -204,7 +218,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-@pytest.mark.parametrize("which", ["one_file", "four"])
+@pytest.mark.parametrize("which", ["one_file", "four", "incremental"])
 def test_merged_report_equals_single_process(
     which: str, damage: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
