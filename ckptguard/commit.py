@@ -13,17 +13,15 @@ import ctypes
 import errno
 import hashlib
 import os
-import shutil
 import stat
 import time
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import TracebackType
 
 import pyarrow as pa
 
-from . import audit, sign
+from . import audit, holds, sign
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -52,6 +50,7 @@ from .fsutil import (
 )
 from .io import pread_exact, pwrite_all
 from .keys import PrivateKey
+from .readonly import remove_tree, seal_dir, seal_files, unseal
 
 LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
@@ -109,10 +108,11 @@ def discard_staging(staging: str) -> None:
 
 def check_target(final: str, overwrite: bool, deep: bool = True) -> None:
     """Refuse a save onto ``final`` unless nothing is there (or an empty directory, which the
-    rename replaces), or a committed checkpoint that ``overwrite`` replaces. Anything else (a
-    directory without a valid manifest, a file, a link) is a ``NotACheckpointError`` naming it;
-    nothing is changed. ``deep=False`` (at the rename, where time counts) only asks for a
-    directory holding a regular MANIFEST.json instead of decoding it."""
+    rename replaces), or a committed checkpoint that ``overwrite`` replaces (a held one is a
+    ``CheckpointHeldError``). Anything else (a directory without a valid manifest, a file, a
+    link) is a ``NotACheckpointError`` naming it; nothing is changed. ``deep=False`` (at the
+    rename, where time counts) only asks for a directory holding a regular MANIFEST.json
+    instead of decoding it."""
     try:
         st = os.lstat(final)
     except FileNotFoundError:
@@ -136,6 +136,7 @@ def check_target(final: str, overwrite: bool, deep: bool = True) -> None:
             raise CheckpointExistsError(
                 f"checkpoint {final} already exists (pass overwrite=True to replace it)"
             )
+        holds.check(os.path.dirname(final), os.path.basename(final), "overwritten")
         return
     kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
     raise NotACheckpointError(
@@ -217,6 +218,7 @@ def publish(
     _check_deadline(deadline)
     final = os.path.join(store, name)
     info = CheckpointInfo.from_manifest(body, final)
+    seal_files(staging)
     replaced = _rename_into_place(staging, final, overwrite)
     late: list[str] = []
     durable = False
@@ -229,6 +231,10 @@ def publish(
             f"{final} is committed, but fsync of {store} failed ({brief(e)}): the rename may not "
             "survive a crash of the file system, so LATEST was not moved"
         )
+    try:
+        seal_dir(final)
+    except OSError as e:
+        late.append(f"{final} is committed, but its directory is not read-only ({brief(e)})")
     if not late:
         try:
             flavour.move_latest(store, info)
@@ -317,7 +323,9 @@ def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
     check_target(final, overwrite, deep=False)
+    unseal(final)  # moved into .staging: its owner must be able to write it (its "..")
     if _exchange(staging, final):
+        _undo_if_held(final, lambda: _exchange(staging, final))
         return staging
     # No renameat2 (e.g. some parallel file systems): two renames, between which the name is
     # absent. First a durable intent record (.staging/<name>.<uuid>.overwrite): while it exists,
@@ -331,6 +339,7 @@ def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
         fsync_dir(os.path.dirname(staging))
         failpoint("overwrite.intent_written")
         os.rename(final, old)
+        _undo_if_held(final, lambda: os.rename(old, final))
     except BaseException:
         with contextlib.suppress(OSError):
             clear_intent(staging)
@@ -344,6 +353,18 @@ def _rename_into_place(staging: str, final: str, overwrite: bool) -> str | None:
             clear_intent(staging)
         raise
     return old
+
+
+def _undo_if_held(final: str, undo: Callable[[], object]) -> None:
+    """After the replaced checkpoint left its name: a hold placed meanwhile puts it back."""
+
+    def back() -> None:
+        undo()
+        with contextlib.suppress(OSError):
+            seal_dir(final)
+
+    store, name = os.path.split(final)
+    holds.undo_if_held(store, name, back, "overwritten", "overwrite")
 
 
 def clear_intent(staging: str) -> None:
@@ -391,32 +412,6 @@ def write_latest(store: str, name: str | None) -> None:
 def is_latest_tmp(name: str) -> bool:
     """Whether ``name`` (in a store directory) is a temporary of ``write_latest``."""
     return name.startswith(LATEST_TMP_PREFIX) and name.endswith(LATEST_TMP_SUFFIX)
-
-
-def remove_tree(path: str) -> None:
-    """Remove a directory tree (never following symlinks), ignoring a missing path.
-
-    A checkpoint stops being one first: its MANIFEST.json is removed, durably, before any data
-    file, so that a tree whose removal was interrupted never reads as a committed checkpoint.
-    """
-    if not os.path.islink(path):  # rmtree refuses a link; never reach through one
-        try:
-            os.unlink(os.path.join(path, MANIFEST))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        else:
-            fsync_dir(path)
-            failpoint("remove.manifest_removed")
-    shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
-
-
-def _ignore_missing(
-    func: Callable[..., object],
-    path: str,
-    exc_info: tuple[type[BaseException], BaseException, TracebackType],
-) -> None:
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
 
 
 # ---- one-file checkpoints (docs/format.md section 10) ------------------------------------------

@@ -55,6 +55,16 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint at the given path (or the store has no LATEST)."""
 
 
+class CheckpointHeldError(CheckpointError):
+    """The checkpoint is under a legal hold (``Store.hold``, ``ckptguard hold``): it is not
+    deleted, pruned or overwritten until the hold is released. ``name`` and ``reason`` say which
+    hold; a hold marker that cannot be read counts as a hold (fail closed)."""
+
+    def __init__(self, message: str, name: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.name, self.reason = name, reason
+
+
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already has that name and overwrite was not requested."""
 

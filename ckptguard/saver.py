@@ -25,6 +25,7 @@ import xxhash
 
 from . import collector, commit, sign
 from .adapt import AUTO, merge_stats
+from .baseplan import link_plan
 from .coord import Coordinator
 from .encode import parse_compress
 from .errors import (
@@ -59,7 +60,7 @@ from .report import (
 )
 from .reuse import LinkPlan, Reuse
 from .sources import DIRECT, ByteSource
-from .store import link_plan, prune_after_commit
+from .store import prune_after_commit
 from .target import DIRECTORY, Target
 from .tree import Flat, TensorRef, flatten
 from .version import __version__
@@ -118,7 +119,7 @@ class Staged:
     tensors: list[dict]
     pickle: bool
     signer: sign.PrivateKey | None = None  # the key that signs the commit (sign_key)
-    base: dict | None = None  # an incremental save's base (``store.link_plan``)
+    base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
 
 
 class _Save:

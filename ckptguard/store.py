@@ -14,12 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import xxhash
-
-from . import audit
+from . import audit, holds
 from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
@@ -27,12 +22,12 @@ from .commit import (
     is_latest_tmp,
     manifest_sha256,
     read_info,
-    remove_tree,
     staging_area,
     write_latest,
 )
 from .errors import (
     CheckpointError,
+    CheckpointHeldError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     RetentionPolicyError,
@@ -42,7 +37,6 @@ from .errors import (
 )
 from .failpoints import failpoint
 from .format.layout import (
-    INDEX,
     LATEST,
     MANIFEST,
     MAX_LATEST_BYTES,
@@ -50,11 +44,10 @@ from .format.layout import (
     check_name,
     is_name,
     is_uuid,
-    linked_file,
-    linked_name,
 )
 from .format.manifest import CheckpointInfo
-from .fsutil import UnsafeFileError, fsync_dir, read_manifest, read_member, read_regular
+from .fsutil import UnsafeFileError, fsync_dir, read_regular
+from .readonly import remove_tree, seal_dir, unseal
 from .retention import POLICY_FILE, Decision, Policy, as_policy, plan, read_policy
 
 __all__ = ["Skipped", "Store", "StoreScan", "note_read"]
@@ -206,6 +199,7 @@ class Store:
         """
         path = self.path(name)
         info = read_info(path)  # raises CheckpointNotFoundError if not a committed checkpoint
+        holds.check(self.root, name)
         digest = _digest_if_audited(self.root, path)
         moved = False
         try:
@@ -216,14 +210,20 @@ class Store:
                 moved = True
                 failpoint("delete.after_latest")
             trash = os.path.join(staging_area(self.root), f"{name}.{uuidlib.uuid4().hex}.deleted")
+            unseal(path)  # moved into .staging: its owner must be able to write it (its "..")
             os.rename(path, trash)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                seal_dir(path)
             if e.errno == errno.ENOENT and not os.path.lexists(path):  # deleted meanwhile
                 raise CheckpointNotFoundError(f"{path} was deleted meanwhile") from None
             if moved:  # put LATEST back: the checkpoint is still there
                 with contextlib.suppress(OSError):
                     write_latest(self.root, name)
             raise from_oserror(e, path, "cannot delete") from None
+        holds.undo_if_held(
+            self.root, name, lambda: self._undelete(name, trash, moved), "deleted", "delete"
+        )
         for late in audit.note(
             self.root,
             "prune" if prune else "delete",
@@ -252,6 +252,52 @@ class Store:
                 stacklevel=2,
             )
 
+    def _undelete(self, name: str, trash: str, latest: bool) -> None:
+        """Put a checkpoint that ``delete`` moved to ``trash`` back (a hold appeared), and
+        LATEST where it was (``latest``: it named the checkpoint)."""
+        path = self.path(name)
+        try:
+            os.rename(trash, path)
+            fsync_dir(self.root)
+            if latest:
+                write_latest(self.root, name)
+            seal_dir(path)
+        except OSError as e:
+            raise from_oserror(e, trash, f"{name} was held meanwhile, but cannot restore") from None
+
+    def hold(self, name: str, reason: str = "", *, immutable: bool = False) -> holds.Hold:
+        """Place a legal hold on checkpoint ``name`` (``holds``): until ``release``, delete,
+        prune and overwrite leave it alone, also ones already under way (each checks again
+        after its commit point and undoes itself). CheckpointNotFoundError (and no hold) for a
+        checkpoint that is not there or is removed meanwhile; CheckpointHeldError if already
+        held. ``immutable``: the directory and its own files also get the immutable attribute
+        (docs/operations.md); where that fails, a CheckpointWarning. Audited as ``hold``."""
+        path = self.path(name)
+        hold = holds.place(
+            self.root, name, reason, lambda: read_info(path).uuid, path if immutable else None
+        )
+        self._note("hold", name, path, hold.uuid, {"reason": reason, "immutable": immutable})
+        return hold
+
+    def release(self, name: str) -> holds.Hold | None:
+        """Release the hold on ``name`` (also a stale one, on a checkpoint gone or replaced,
+        or one whose marker cannot be read: None then); audited as ``release``.
+        CheckpointNotFoundError if it is not held."""
+        hold = holds.release(self.root, name, self.path(name))
+        self._note("release", name, self.path(name), hold.uuid if hold else None, {})
+        return hold
+
+    def holds(self) -> builtins.list[tuple[str, holds.Hold | None, str]]:
+        """The store's holds, by name: (name, the hold or None, why its marker is unreadable)."""
+        return holds.listing(self.root)
+
+    def _note(self, op: str, name: str, path: str, uuid: str | None, detail: dict) -> None:
+        digest = _digest_if_audited(self.root, path) if os.path.isdir(path) else None
+        for late in audit.note(
+            self.root, op, checkpoint=name, uuid=uuid, manifest_sha256=digest, detail=detail
+        ):
+            warn_after_commit(late, stacklevel=3)
+
     def prune(
         self,
         policy: Policy | Mapping[str, Any] | None = None,
@@ -269,7 +315,11 @@ class Store:
             raise RetentionPolicyError(
                 f"no retention rule for {self.root}: give one, or write {POLICY_FILE} in it"
             )
-        decisions = plan(self.list(), policy, now, self.latest_name())
+        held = {n for n, _, _ in holds.listing(self.root)}
+        decisions = [
+            Decision(d.info, True, (*d.reasons, "hold")) if d.info.name in held else d
+            for d in plan(self.list(), policy, now, self.latest_name())
+        ]
         failed: builtins.list[tuple[str, CheckpointError]] = []
         for d in reversed(decisions) if not dry_run else ():
             if not d.keep:
@@ -277,6 +327,8 @@ class Store:
                     self.delete(d.info.name, prune=True)
                 except CheckpointNotFoundError:
                     continue  # removed meanwhile (another prune): what the plan wanted
+                except CheckpointHeldError:
+                    continue  # held meanwhile: kept, as a hold asks
                 except CheckpointError as e:
                     failed.append((d.info.name, e))
         return decisions, failed
@@ -420,50 +472,3 @@ def _newest_mtime(path: str) -> float:
                 with contextlib.suppress(FileNotFoundError):
                     newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
     return newest
-
-
-def link_plan(store: str, base: str | None, max_depth: int) -> dict | None:
-    """The base of an incremental save into ``store`` (format.md section 4.3; ``reuse``): for
-    ``base`` ``"auto"`` the checkpoint LATEST names, else the one named; None for a full save
-    (no base, ``"auto"`` without a readable LATEST checkpoint, or a base whose depth is
-    already ``max_depth``). CheckpointNotFoundError or CorruptCheckpointError for a named base
-    that is missing or damaged."""
-    if base is None or max_depth <= 0:
-        return None
-    auto = base == "auto"
-    try:
-        name = Store(store).latest_name() if auto else check_name(base)
-        if name is None:
-            return None
-        path = os.path.join(os.path.abspath(store), name)
-        try:
-            _, body = read_manifest(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise CheckpointNotFoundError(f"base checkpoint {path} does not exist") from None
-        depth = body["incremental"]["depth"] if "incremental" in body else 0
-        if depth >= max_depth:
-            return None
-        holders = _holders(path, body) if any(linked_file(f["name"]) for f in body["files"]) else {}
-    except (CheckpointError, OSError):
-        if auto:
-            return None  # nothing to compare with: a full save, as without a base
-        raise
-    files: dict[str, list[list[str]]] = {}
-    for f in body["files"]:
-        linked = linked_file(f["name"])
-        dst = f["name"] if linked else linked_name(f["rank"], body["uuid"])
-        holder = holders.get(f["name"], name) if linked else name
-        files.setdefault(str(f["rank"]), []).append([f["name"], dst, holder])
-    return {"name": name, "uuid": body["uuid"], "depth": depth, "path": path, "files": files}
-
-
-def _holders(path: str, body: dict) -> dict[str, str]:
-    """Which checkpoint wrote each linked data file of a base (its index's ``base`` column)."""
-    data = read_member(path, INDEX, size=body["index"]["size"])
-    if xxhash.xxh3_128_hexdigest(data) != body["index"]["xxh3_128"]:
-        raise CorruptCheckpointError(
-            "index.parquet does not match the hash in the manifest", path=path, file=INDEX
-        )
-    table = pq.read_table(pa.BufferReader(data), columns=["file", "base"])
-    pairs = pc.unique(pc.binary_join_element_wise(table.column("file"), table.column("base"), "/"))
-    return dict(p.split("/", 1) for p in pairs.drop_null().to_pylist())

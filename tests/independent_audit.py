@@ -26,6 +26,8 @@ OPS = {
     "restore": True,
     "load": True,
     "drain": True,
+    "hold": True,
+    "release": True,
     "recover": False,
 }
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

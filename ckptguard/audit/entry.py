@@ -34,6 +34,8 @@ OPS = {
     "restore": True,  # a checkpoint was read out whole (`ckptguard restore`)
     "load": True,  # a checkpoint was loaded (when asked for: reads are not recorded by default)
     "drain": True,  # a checkpoint of this store was drained into another (detail: dest)
+    "hold": True,  # a legal hold was placed on a checkpoint (detail: reason, immutable)
+    "release": True,  # a legal hold was released
     "recover": False,  # entries found unsealed or a torn line, sealed by the next append
 }
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

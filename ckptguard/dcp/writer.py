@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..baseplan import link_plan
 from ..errors import CheckpointError, UnsupportedObjectError, from_oserror, warn_after_commit
 from ..failpoints import failpoint, set_rank
 from ..format.layout import split_path
@@ -45,7 +46,6 @@ from ..options import SaveOptions, check_options, shaping_options
 from ..report import pack_report, unpack_report
 from ..saver import Staged, commit_reports, write_data_file
 from ..sign import signer
-from ..store import link_plan
 from ..target import DIRECTORY
 from ..tree import TORCH_DTYPES, TensorRef
 from .layout import Layout, check_metadata, plan_layout
@@ -82,7 +82,7 @@ class Writer(StorageWriter):
         self._staging: str | None = None  # the coordinator's save not (yet) committed
         self._uuid = ""
         self._signer: PrivateKey | None = None  # the coordinator's signing key (sign_key)
-        self._base: dict | None = None  # an incremental save's base (``store.link_plan``)
+        self._base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
