@@ -364,7 +364,7 @@ def _undo_if_held(final: str, undo: Callable[[], object]) -> None:
             seal_dir(final)
 
     store, name = os.path.split(final)
-    holds.undo_if_held(store, name, back, "overwritten", "overwrite")
+    holds.undo_if_held(store, name, back, "overwritten")
 
 
 def clear_intent(staging: str) -> None:

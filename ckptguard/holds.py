@@ -29,7 +29,6 @@ from .errors import (
     from_oserror,
     warn_after_commit,
 )
-from .failpoints import failpoint
 from .format.layout import check_name, is_name, is_uuid
 from .fsutil import NewFiles, UnsafeFileError, fsync_dir, group_shared, read_regular
 from .readonly import immutable, set_immutable
@@ -234,7 +233,6 @@ def place(
     for _ in range(3):
         hold = write(store, name, uuid, reason, frozen is not None)
         try:
-            failpoint("hold.written")
             now: str | None = uuid_of()
         except CheckpointNotFoundError:
             now = None
@@ -244,7 +242,6 @@ def place(
         if now == uuid:
             break
         remove(store, name)
-        failpoint("hold.removed")
         if uuid_of() != uuid:  # CheckpointNotFoundError if it is gone
             raise CheckpointNotFoundError(f"{name} was replaced meanwhile: not held")
     else:
@@ -270,21 +267,17 @@ def release(store: str, name: str, path: str) -> Hold | None:
             set_immutable(path, False)
         except OSError as e:
             raise from_oserror(e, path, "cannot clear the immutable attribute of") from None
-    failpoint("release.start")
     if not remove(store, name):
         raise CheckpointNotFoundError(f"{name} is not held in {store}")
     return hold
 
 
-def undo_if_held(store: str, name: str, undo: Callable[[], object], doing: str, point: str) -> None:
+def undo_if_held(store: str, name: str, undo: Callable[[], object], doing: str) -> None:
     """After a delete or an overwrite moved checkpoint ``name`` away (its commit point): if a
-    hold appeared meanwhile, ``undo`` puts it back and CheckpointHeldError is raised (failpoints
-    ``<point>.held_check``, ``<point>.held_undo``). With
+    hold appeared meanwhile, ``undo`` puts it back and CheckpointHeldError is raised. With
     ``place``'s write-then-check, a hold and a removal never both succeed."""
     try:
-        failpoint(f"{point}.held_check")
         check(store, name, doing)
     except CheckpointHeldError:
-        failpoint(f"{point}.held_undo")
         undo()
         raise

@@ -221,9 +221,7 @@ class Store:
                 with contextlib.suppress(OSError):
                     write_latest(self.root, name)
             raise from_oserror(e, path, "cannot delete") from None
-        holds.undo_if_held(
-            self.root, name, lambda: self._undelete(name, trash, moved), "deleted", "delete"
-        )
+        holds.undo_if_held(self.root, name, lambda: self._undelete(name, trash, moved), "deleted")
         for late in audit.note(
             self.root,
             "prune" if prune else "delete",

@@ -13,7 +13,7 @@ import torch
 from conftest import commit_one, small_state, snapshot
 
 import ckptguard
-from ckptguard import commit
+from ckptguard import commit, readonly
 from ckptguard import drain as drain_pkg
 from ckptguard.commit import SAVE, new_staging, publish
 from ckptguard.errors import (
@@ -56,9 +56,10 @@ def value(path: Path) -> int:
 
 
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every failpoint the commit tail reaches (commit's and drain's)."""
+    """Record every failpoint the commit tail reaches (commit's, drain's, a tree's removal)."""
     seen: list[str] = []
     monkeypatch.setattr(commit, "failpoint", seen.append)
+    monkeypatch.setattr(readonly, "failpoint", seen.append)
     monkeypatch.setattr(drain_pkg, "failpoint", seen.append)
     return seen
 
