@@ -5,16 +5,18 @@ adapters and their AdamW state): each round saves it in full as ``a`` in a fresh
 optimizer step, then saves the second checkpoint twice, in an order that alternates from round
 to round: ``full`` (a full save into a fresh store) and ``incremental`` (``base="a"`` beside
 ``a``). Each save is durable when it returns (fsync, the commit). Then both second checkpoints
-are loaded, alternating again: once with their files in the page cache (``warm``) and once
-after ``posix_fadvise(DONTNEED)`` on each of their files (``cold``: read from the disk where the
-file system honours it).
+are loaded, alternating again, after ``sync`` (no writeback behind the loads), ``LOADS`` times
+each: with their files in the page cache (``warm``), then after ``posix_fadvise(DONTNEED)`` on
+each of their files before each load (``cold``: read from the disk where the file system
+honours it); the median of each counts.
 
-Reported, medians over the rounds: the bytes the second save wrote (its own data files, index
-and manifest; linked files are not written) as a fraction of the full save's, its time as a
-fraction of the full save's, and each load's time against the full checkpoint's. In the same
-run, for reading them against the machine: the single-thread xxh3-128 rate (the reuse decision
-hashes every chunk) and the disk's durable write rate (256 MiB written and fsynced). With
-``--loaded`` each trial runs beside CPU hogs (one per core) and the result is reported apart.
+Reported, the median over the rounds of each round's ratio: the bytes the second save wrote
+(its own data files, index and manifest; linked files are not written) against the full
+save's, its time against the full save's, and each load's time against the full checkpoint's.
+In the same run, for reading them against the machine: the single-thread xxh3-128
+rate (the reuse decision hashes every chunk) and the disk's durable write rate (256 MiB written
+and fsynced). With ``--loaded`` each trial runs beside CPU hogs (one per core), reported
+apart.
 
     python benchmarks/incremental.py --size 1GiB --rounds 5 --dir /tmp [--loaded] [--json F]
 """
@@ -37,6 +39,8 @@ import xxhash
 import ckptguard
 from ckptguard.bench.workloads import make_workload
 from ckptguard.units import parse_size
+
+LOADS = 3  # loads of each checkpoint per round and kind, alternating; their median counts
 
 
 def _written(ckpt: Path) -> int:
@@ -100,12 +104,17 @@ def round_once(state: dict, advance: Any, where: str, order: list[str]) -> dict[
             out[f"{v}_bytes"] = _written(paths[v])
         body = json.loads((paths["incremental"] / "MANIFEST.json").read_bytes())["manifest"]
         assert body.get("incremental", {}).get("base") == "a", "the save did not link its base"
-        for v in order:
-            out[f"{v}_load_warm_s"] = _timed(ckptguard.load, str(paths[v]))
-        for v in order:
-            _evict(paths[v])
-            _evict(root / "s" / "a")
-            out[f"{v}_load_cold_s"] = _timed(ckptguard.load, str(paths[v]))
+        os.sync()  # no writeback of the saves behind the loads
+        for kind in ("warm", "cold"):
+            times: dict[str, list[float]] = {v: [] for v in order}
+            for _ in range(LOADS):
+                for v in order:
+                    if kind == "cold":
+                        _evict(paths[v])
+                        _evict(root / "s" / "a")
+                    times[v].append(_timed(ckptguard.load, str(paths[v])))
+            for v in order:
+                out[f"{v}_load_{kind}_s"] = statistics.median(times[v])
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -140,11 +149,15 @@ def run(size: int, rounds: int, where: str, loaded: bool) -> dict[str, Any]:
                 h.join()
     med = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
     result["median"] = {k: round(v, 4) for k, v in med.items()}
+
+    def ratio(a: str, b: str) -> float:  # the median of the rounds' own ratios
+        return round(statistics.median(t[a] / t[b] for t in trials), 4)
+
     result["ratios"] = {
-        "bytes_written": round(med["incremental_bytes"] / med["full_bytes"], 4),
-        "save_time": round(med["incremental_s"] / med["full_s"], 3),
-        "load_warm": round(med["incremental_load_warm_s"] / med["full_load_warm_s"], 3),
-        "load_cold": round(med["incremental_load_cold_s"] / med["full_load_cold_s"], 3),
+        "bytes_written": ratio("incremental_bytes", "full_bytes"),
+        "save_time": ratio("incremental_s", "full_s"),
+        "load_warm": ratio("incremental_load_warm_s", "full_load_warm_s"),
+        "load_cold": ratio("incremental_load_cold_s", "full_load_cold_s"),
     }
     result["trials"] = trials
     return result

@@ -101,8 +101,10 @@ def new_staging(store: str, name: str) -> tuple[str, str]:
 
 def discard_staging(staging: str) -> None:
     """Remove the staging directory of a save that did not commit, unless an overwrite intent
-    names it: then it may hold the only whole copy of the checkpoint, and gc resolves it."""
-    if not os.path.lexists(staging + INTENT_SUFFIX):
+    names it, or it holds another checkpoint (an overwrite that could not exchange back a
+    checkpoint held meanwhile): then it may hold the only whole copy of a checkpoint, and gc
+    resolves it."""
+    if not os.path.lexists(staging + INTENT_SUFFIX) and not holds.holds_another(staging):
         remove_tree(staging)
 
 

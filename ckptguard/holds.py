@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .audit.canon import CanonicalError, decode, encode
 from .errors import (
+    CheckpointError,
     CheckpointHeldError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -30,7 +31,7 @@ from .errors import (
     warn_after_commit,
 )
 from .format.layout import check_name, is_name, is_uuid
-from .fsutil import NewFiles, UnsafeFileError, fsync_dir, group_shared, read_regular
+from .fsutil import NewFiles, UnsafeFileError, fsync_dir, group_shared, read_manifest, read_regular
 from .readonly import immutable, set_immutable
 
 __all__ = [
@@ -220,6 +221,11 @@ def listing(store: str) -> list[tuple[str, Hold | None, str]]:
     return out
 
 
+def held_uuids(store: str) -> set[str]:
+    """The uuids of the checkpoints ``store``'s readable holds hold (empty without holds)."""
+    return {hold.uuid for _, hold, _ in listing(store) if hold is not None}
+
+
 def place(
     store: str, name: str, reason: str, uuid_of: Callable[[], str], frozen: str | None = None
 ) -> Hold:
@@ -281,3 +287,18 @@ def undo_if_held(store: str, name: str, undo: Callable[[], object], doing: str) 
     except CheckpointHeldError:
         undo()
         raise
+
+
+def holds_another(tree: str) -> bool:
+    """Whether ``tree`` (``.staging/<name>.<uuid>``) holds a committed checkpoint other than
+    the save of that uuid."""
+    ours = os.path.basename(tree).rsplit(".", 1)[-1]
+    return (tree_uuid(tree) or ours) != ours
+
+
+def tree_uuid(tree: str) -> str | None:
+    """The uuid of the checkpoint whose valid manifest ``tree`` holds, None if none."""
+    try:
+        return read_manifest(tree)[1]["uuid"]
+    except (OSError, CheckpointError):
+        return None

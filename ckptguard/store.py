@@ -349,7 +349,10 @@ class Store:
         except OSError as e:
             raise from_oserror(e, staging, "cannot list") from None
         victims += [os.path.join(self.root, n) for n in top if is_latest_tmp(n)]
+        held = holds.held_uuids(self.root) if victims else set()
         for p in victims:
+            if held and os.path.isdir(p) and holds.tree_uuid(p) in held:
+                continue  # a held checkpoint that a delete or overwrite could not put back
             if p not in keep and _newest_mtime(p) <= cutoff:
                 try:
                     failpoint("gc.before_remove")

@@ -344,3 +344,25 @@ def test_read_only_for_the_owner_who_is_not_root(tmp_path: Path) -> None:
         for p, m in saved.items():
             os.chmod(p, m)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_held_checkpoint_left_in_staging_is_kept_by_gc_and_discard(store: Path) -> None:
+    """Where an undo could not put a held checkpoint back (its name was taken in that instant),
+    its tree in .staging is the only copy: neither gc nor a failed save's discard removes it."""
+    st = ckptguard.Store(store)
+    uuid = st.hold("a", "audit").uuid
+    staging = store / ".staging"
+    staging.mkdir(exist_ok=True)
+    readonly.unseal(str(store / "a"))
+    left = staging / f"a.{'0' * 32}.deleted"
+    os.rename(store / "a", left)
+    swapped = staging / f"a.{'1' * 32}"  # an overwrite's staging path holding the held one
+    os.rename(left, swapped)
+    commit.discard_staging(str(swapped))
+    assert swapped.is_dir()
+    os.rename(swapped, left)
+    st.gc(older_than=0)
+    assert left.is_dir() and holds.tree_uuid(str(left)) == uuid
+    st.release("a")
+    st.gc(older_than=0)
+    assert not left.exists()
