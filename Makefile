@@ -41,9 +41,10 @@ lint: install-test
 # themselves, which the first pass already ran on both, and tests that never encode or read a
 # record, and the framework jobs marked framework_job (tests/conftest.py: training runs under
 # torchrun whose saves take the same paths; each framework keeps its in-process tests and, where
-# cheap, one bitwise resume on both backends). On a 2-core machine whose disk rate varies from day
-# to day: the native pass 20-26 minutes, the pure-Python one 16-21, `make test` from a fresh clone
-# 38-50 (measured 2026-12-02 and 2026-12-03).
+# cheap, one bitwise resume on both backends), the fault cases whose failpoint does not interrupt
+# the backend's own writes, and tests of timeouts, signals and races. On a 2-core machine whose
+# disk rate varies from day to day: the native pass 26-28 minutes, the pure-Python one 11, `make
+# test` from a fresh clone about 45, setup included (measured 2026-12-03).
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm
