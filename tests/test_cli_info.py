@@ -37,3 +37,11 @@ def test_info_of_a_one_file_checkpoint(tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "model.pt")
     res = run("info", link)
     assert res.exit_code == 2 and "symbolic link" in res.stderr
+
+
+def test_info_shows_a_hold(tmp_path: Path) -> None:
+    ckptguard.save(cli_state(1), tmp_path / "s" / "a")
+    assert "held" not in run("info", tmp_path / "s" / "a").output
+    ckptguard.Store(tmp_path / "s").hold("a", "case 7")
+    res = run("info", tmp_path / "s" / "a")
+    assert res.exit_code == 0 and "held" in res.output and "case 7" in res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 from rich.console import JustifyMethod
@@ -43,11 +44,33 @@ def command(ckpt: str) -> None:
     ]
     if info.base is not None:  # an incremental checkpoint (format.md section 4.3)
         facts.append(("base", f"{info.base} (depth {info.depth})"))
+    held = _hold(info.path, info.uuid)
+    if held:
+        facts.append(("held", held))
     if info.metadata is not None:
         facts.append(("metadata", json.dumps(info.metadata, sort_keys=True)[:300]))
     for name, value in facts:
         con.print(f"[bold]{name:>10}[/]  {cell(value)}", highlight=False, soft_wrap=True)
     con.print(_tensor_table(desc))
+
+
+def _hold(path: str, uuid: str) -> str | None:
+    """What holds the checkpoint directory ``path`` in its store (``ckptguard hold``), if
+    anything: the hold's description, or why its marker cannot be read (which counts as held)."""
+    from ckptguard import holds
+    from ckptguard.errors import CheckpointError
+
+    if not os.path.isdir(path):
+        return None  # a one-file checkpoint has no store
+    store, name = os.path.split(path)
+    try:
+        hold = holds.read(store, name)
+    except CheckpointError as e:
+        return f"(the marker cannot be read: {e})"
+    if hold is None:
+        return None
+    stale = "" if hold.uuid == uuid else " (stale: it names another checkpoint of this name)"
+    return hold.describe() + stale
 
 
 def _tensor_table(desc: ckptguard.CheckpointDescription) -> Table:
