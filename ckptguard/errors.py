@@ -65,6 +65,23 @@ class CheckpointHeldError(CheckpointError):
         self.name, self.reason = name, reason
 
 
+class KeyUnavailableError(CheckpointError):
+    """An encrypted chunk's data key cannot be had: the store's keyring has no key for its scope,
+    the key-encryption key (KEK) is not configured or is not the one the key is wrapped under,
+    or the keyring entry is damaged. ``scope`` names the encryption scope, ``key_id`` the data
+    key. Nothing is decrypted with a wrong key: a load fails with this error, never with
+    garbage."""
+
+    def __init__(self, message: str, scope: str = "", key_id: str = "") -> None:
+        super().__init__(message)
+        self.scope, self.key_id = scope, key_id
+
+
+class ScopeShreddedError(KeyUnavailableError):
+    """The scope's data key was destroyed (``ckptguard shred``): every chunk encrypted under it
+    is unreadable for good, by design. Chunks of other scopes still load."""
+
+
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already has that name and overwrite was not requested."""
 
