@@ -479,3 +479,8 @@ def merge_stats(stats: Iterable[WriteStats]) -> WriteStats:
         out["encode_s"] += s["encode_s"]
         out["write_s"] += s["write_s"]
     return out
+
+
+def stretch_bytes(chunk: int) -> int:
+    """Bytes of a stretch the controller looks at: whole chunks, about ``STRETCH``."""
+    return max(chunk, STRETCH // chunk * chunk)

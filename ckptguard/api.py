@@ -30,7 +30,7 @@ from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
 from .onefile import OneFile, is_file_object, open_fileobj
-from .open import CheckpointReader
+from .open import CheckpointReader, using_kek
 from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
@@ -156,6 +156,8 @@ def load(
     coordinator: Coordinator | str | None = None,
     rank: int | None = None,
     trusted_keys: Trusted | None = None,
+    kek: Any = None,
+    shredded: str = "raise",
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -193,7 +195,33 @@ def load(
 
     ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
+
+    ``kek``: the key-encryption key (a ``Kek`` or a key file's path) that unwraps the data keys
+    of encrypted chunks (``save(encrypt=...)``); None: from the environment. A chunk whose key
+    cannot be had (no KEK, another KEK, a shredded scope) raises KeyUnavailableError or
+    ScopeShreddedError naming its scope, never garbage. ``shredded="meta"``: a tensor sealed
+    under a shredded scope (``ckptguard shred``) loads as a meta tensor of its shape and dtype
+    (its data is gone for good) and the rest of the checkpoint loads; a ``template`` tensor of
+    such a scope still raises (it cannot be filled).
     """
+    if shredded not in ("raise", "meta"):
+        raise ValueError(f"shredded must be 'raise' or 'meta', not {shredded!r}")
+    if kek is not None:
+        with using_kek(kek):
+            return load(
+                path,
+                map_location,
+                pickle_module,
+                weights_only=weights_only,
+                mmap=mmap,
+                verify=verify,
+                allow_pickle=allow_pickle,
+                template=template,
+                coordinator=coordinator,
+                rank=rank,
+                trusted_keys=trusted_keys,
+                shredded=shredded,
+            )
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     trust = _trust(trusted_keys, verify)
     found: list[tuple[Path, Any]] = []
@@ -207,7 +235,9 @@ def load(
         mine, world = rank, None
 
     def read(p: str | OneFile) -> Any:
-        return load_checkpoint(p, map_location, verify, allow_pickle, template, mine, world, trust)
+        return load_checkpoint(
+            p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
+        )
 
     if is_file_object(path):  # read once: the reader closes it
         out = read(open_fileobj(path))
@@ -273,6 +303,7 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     *,
     trusted_keys: Trusted | None = None,
+    kek: Any = None,
 ) -> VerifyReport:
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
 
@@ -280,7 +311,12 @@ def verify(
     position as ``load`` reads it. A checkpoint of another format (torch.save, safetensors,
     DCP) at a path has no ckptguard hashes: ForeignCheckpointError, which suggests ``ckptguard
     import``. ``trusted_keys``: as ``load``'s; a signature that is missing or does not verify
-    under them raises SignatureError (the report's ``signed_by`` names the key that signed)."""
+    under them raises SignatureError (the report's ``signed_by`` names the key that signed).
+    ``kek``: as ``load``'s; encrypted chunks whose key cannot be had are checked as stored
+    (ciphertext) only, counted by scope in the report's ``keyless``."""
+    if kek is not None:
+        with using_kek(kek):
+            return verify(path, progress, trusted_keys=trusted_keys)
     trust = _trust(trusted_keys)
     if is_file_object(path):
         return verify_checkpoint(lambda: open_fileobj(path), progress, trust)

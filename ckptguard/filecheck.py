@@ -20,6 +20,7 @@ from .format.datafile import (
     check_footer,
     check_footer_hash,
     check_record_header,
+    check_sealed_header,
     unpack_trailer,
 )
 from .format.index import Row, is_packed, row_from_json
@@ -44,12 +45,17 @@ def recheck_written(
         # The first row of each record (the rows of a packed record are consecutive).
         firsts = pa.array(np.flatnonzero(np.diff(offsets, prepend=-1) != 0))
         whole = "record_raw_len" if is_packed(table) else "raw_len"  # a record's raw bytes
-        names = ("offset", "codec", "elem_size", whole, "stored_len", "hash")
+        names = ("offset", "codec", "elem_size", whole, "stored_len", "hash", "key_id")
         heads = [table.column(name).take(firsts).to_pylist() for name in names]
-        for seq, (off, codec, elem, raw_len, stored, digest) in enumerate(zip(*heads, strict=True)):
+        for seq, (off, codec, elem, raw_len, stored, digest, key_id) in enumerate(
+            zip(*heads, strict=True)
+        ):
             head = pread_exact(fd, RECORD_HEADER_SIZE, off)
             try:
-                check_record_header(head, CODECS[codec], elem, raw_len, stored, digest, seq)
+                if key_id is not None:
+                    check_sealed_header(head, CODECS[codec], elem, raw_len, stored, seq)
+                else:
+                    check_record_header(head, CODECS[codec], elem, raw_len, stored, digest, seq)
             except FormatError as e:
                 raise FormatError(f"{path}: record at {off} reads back differently ({e})") from None
         off, length, digest = unpack_trailer(

@@ -98,11 +98,13 @@ def save_file(
     object). One process's save: it waits on no other rank. A coordinator of several ranks is
     refused before anything is written (OneFileError). ``source`` and ``on_read`` as for
     ``saver.save_state`` (a path only). A one-file checkpoint is never signed, pruned or
-    incremental: ``sign_key``, ``keep`` and ``base`` are refused (OneFileError)."""
+    incremental or encrypted: ``sign_key``, ``keep``, ``base`` and ``encrypt`` are refused
+    (OneFileError)."""
     refused = {
         "sign_key": "cannot be signed",
         "keep": "has no store",
         "base": "holds all of its bytes",
+        "encrypt": "has no keyring",
     }
     for option, why in refused.items():
         if getattr(opt, option) is not None:

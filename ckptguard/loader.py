@@ -13,10 +13,12 @@ import os
 from collections.abc import Generator, Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from . import collector, place, select
-from .errors import UnsupportedObjectError, WorldSizeError
+from .errors import ScopeShreddedError, UnsupportedObjectError, WorldSizeError
 from .format.index import Row
 from .format.layout import MANIFEST
 from .format.manifest import PER_RANK_TENSORS
@@ -29,7 +31,7 @@ from .place import Landing, MapLocation
 from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
 from .sign import TrustSet
-from .tree import TreeError, unflatten
+from .tree import TORCH_BY_NAME, TreeError, unflatten
 
 __all__ = ["MapLocation", "fill", "iter_tensors", "load_checkpoint"]
 
@@ -43,10 +45,13 @@ def load_checkpoint(
     rank: int = 0,
     world: int | None = None,
     trust: TrustSet | None = None,
+    shredded: str = "raise",
 ) -> Any:
     """Read, verify and rebuild the object saved at ``path`` (or in the one-file checkpoint
     open as ``path``) as rank ``rank`` sees it; under ``trust``, only if its signature
-    verifies (SignatureError).
+    verifies (SignatureError). ``shredded="meta"``: a tensor (without a template) whose bytes
+    are sealed under a shredded scope is a meta tensor of its shape and dtype (its data is gone
+    for good); ``"raise"``: ScopeShreddedError.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
@@ -68,6 +73,8 @@ def load_checkpoint(
             if template is not None
             else {}
         )
+        gone = _shredded(rd, [g for g in ids if g not in targets]) if shredded == "meta" else {}
+        ids = [g for g in ids if g not in gone]
         # Tensors without a template load whole, in tree order, each once: those that are one
         # slice of a packed record as views of its buffer, the others into their own targets
         # (all of them where torch.load's f(storage, location) is to place each one's storage).
@@ -104,6 +111,8 @@ def load_checkpoint(
         for gid, tg in targets.items():
             values[gid] = place.finish(tg, rd.tensors[gid], map_location) if tg.fresh else tg.result
         _pack_values(rd, packs, bufs, map_location, values)
+        for gid, meta in gone.items():
+            values[gid] = meta
         _view_values(rd, viewed, targets, values, (map_location, verify))
         try:
             return unflatten(
@@ -284,6 +293,29 @@ def _fresh_values(
     for gid, landing in _read(rd, targets, pieces, verify):
         place.copy_block(targets[gid], rd.tensors[gid], landing)
     return {gid: place.finish(tg, rd.tensors[gid], map_location) for gid, tg in targets.items()}
+
+
+def _shredded(rd: CheckpointReader, ids: list[int]) -> dict[int, Any]:
+    """The tensors of ``ids`` whose bytes (or, of a view, its storage's) are sealed under a
+    shredded scope, each as a meta tensor of its shape and dtype (of a per-rank tensor, one
+    rank's row)."""
+    gone_ids = []
+    for kid in rd.key_scopes:
+        try:
+            rd.scope(kid)
+        except ScopeShreddedError:
+            gone_ids.append(kid)
+    if not gone_ids:
+        return {}
+    hit = pc.is_in(rd.table.column("key_id"), value_set=pa.array(gone_ids, pa.string()))
+    tids = set(pc.unique(rd.table.column("tensor").filter(hit)).to_pylist())
+    out = {}
+    for g in ids:
+        entry = rd.tensors[g]
+        if storage_of(entry) in tids or g in tids:
+            shape = entry["shape"][1:] if entry.get("per_rank") else entry["shape"]
+            out[g] = torch.empty(shape, dtype=TORCH_BY_NAME[entry["dtype"]], device="meta")
+    return out
 
 
 def _tensor_ids(rd: CheckpointReader, tree: Any) -> list[int]:

@@ -12,20 +12,24 @@ not damage either.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from . import sign
+from . import keyring, sign
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
+    KeyUnavailableError,
     StoreError,
 )
 from .filecheck import check_linked
@@ -40,8 +44,9 @@ from .format.datafile import (
     check_footer_hash,
     unpack_trailer,
 )
+from .format.encryption import key_scopes
 from .format.index import Row, row_from_json
-from .format.layout import INDEX, MANIFEST, align, linked_file
+from .format.layout import INDEX, MANIFEST, align, datafile_rank, linked_file
 from .format.validate import check_table
 from .fsutil import (
     UnsafeFileError,
@@ -52,8 +57,25 @@ from .fsutil import (
     read_member,
 )
 from .io import pread_exact
+from .kek import Kek, resolve_kek
 from .onefile import OneFile
+from .seal import RowId, Scope
 from .sign import Signed, TrustSet
+
+_KEK: contextvars.ContextVar[Kek | str | os.PathLike | None] = contextvars.ContextVar(
+    "ckptguard_kek", default=None
+)
+
+
+@contextlib.contextmanager
+def using_kek(kek: Kek | str | os.PathLike | None) -> Iterator[None]:
+    """Readers opened inside take ``kek`` (a ``Kek`` or a key file's path) to unwrap the data
+    keys of sealed chunks, instead of the environment's (``load(kek=...)``)."""
+    token = _KEK.set(kek)
+    try:
+        yield
+    finally:
+        _KEK.reset(token)
 
 
 class CheckpointReader:
@@ -79,6 +101,11 @@ class CheckpointReader:
         self._seq: dict[str, dict[int, int]] = {}  # file -> record offset -> sequence number
         self._all: list[Row] | None = None
         self.signed: Signed | None = None
+        self.kek: Kek | str | os.PathLike | None = _KEK.get()
+        """The key-encryption key that unwraps sealed chunks' data keys (None: from the
+        environment, on first need); set it before reading."""
+        self._scopes: dict[str, Scope | KeyUnavailableError] = {}
+        self._records: dict[str, dict[int, list[Row]]] = {}  # packed records' rows
         try:
             self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
@@ -153,6 +180,62 @@ class CheckpointReader:
             else:
                 self.file_table(r.file)
         return self._seq[r.file][r.offset]
+
+    @property
+    def key_scopes(self) -> dict[str, str]:
+        """The scope of each data key that seals chunks of this checkpoint (format.md 4.4)."""
+        return key_scopes(self.manifest)
+
+    def scope(self, key_id: str) -> Scope:
+        """Data key ``key_id``, unwrapped from the keyring of the store holding this checkpoint
+        (once; a failure is remembered too). KeyUnavailableError or ScopeShreddedError names the
+        scope."""
+        got = self._scopes.get(key_id)
+        if got is None:
+            name = self.key_scopes[key_id]
+            try:
+                if self.one is not None:
+                    raise KeyUnavailableError("one-file checkpoints have no keyring", name, key_id)
+                store = os.path.dirname(self.path)
+                dk = keyring.unwrap(store, name, key_id, resolve_kek(self.kek))
+                got = Scope(dk.key_id, name, dk.key)
+            except KeyUnavailableError as e:
+                got = e
+            self._scopes[key_id] = got
+        if isinstance(got, KeyUnavailableError):
+            raise got
+        return got
+
+    def owner(self, name: str) -> tuple[str, int]:
+        """The checkpoint uuid and rank in data file ``name``'s header (a linked file's are its
+        holder's)."""
+        linked = linked_file(name)
+        if linked is not None:
+            return linked[1], linked[0]
+        return self.manifest["uuid"], datafile_rank(name)
+
+    def record_rows(self, r: Row) -> list[RowId]:
+        """Every row of row ``r``'s record, as a sealed record's associated data names them."""
+        if r.record_byte_offset == 0 and r.record_raw_len == r.raw_len:
+            rows = [r]
+        else:
+            by_offset = self._records.get(r.file)
+            if by_offset is None:
+                by_offset = self._records[r.file] = {}
+                for x in self.rows_of_file(r.file):
+                    by_offset.setdefault(x.offset, []).append(x)
+            rows = by_offset[r.offset]
+        return [
+            RowId(
+                x.record_byte_offset,
+                x.raw_len,
+                x.chunk,
+                x.shard_byte_offset,
+                x.shard_offsets,
+                x.key,
+            )
+            for x in rows
+        ]
 
     def corrupt(self, msg: str, **where: object) -> CorruptCheckpointError:
         return CorruptCheckpointError(msg, path=self.path, **where)  # type: ignore[arg-type]
@@ -282,6 +365,9 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
     try:
         table = index.read_table(data)
         check_table(table, rd.tensors, rd.files, rd.features)
+        used = set(pc.unique(table.column("key_id")).to_pylist()) - {None}
+        if not used <= set(key_scopes(m)):
+            raise FormatError("index: a key_id that the manifest's encryption member lacks")
     except FormatError as e:
         raise rd.corrupt(str(e), file=INDEX) from None
     return table
@@ -368,7 +454,16 @@ def _check_linked_file(rd: CheckpointReader, fd: int, name: str, rank: int, hold
     rd._seq[name] = linked.seq
 
 
-_RECORD_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash")
+_RECORD_FIELDS = (
+    "rank",
+    "offset",
+    "stored_len",
+    "codec",
+    "elem_size",
+    "raw_len",
+    "hash",
+    "key_id",
+)
 
 
 def _same_record(r: Row, x: Row, digests: bool) -> bool:

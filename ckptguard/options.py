@@ -22,6 +22,7 @@ from .format.layout import check_name
 from .keys import PrivateKey
 from .report import dump_json
 from .retention import Policy, as_policy
+from .seal import Rule, check_rule
 from .sign import check_sign_key, key_path
 from .writer import DEFAULT_CHUNK
 
@@ -75,6 +76,17 @@ class SaveOptions:
     max_depth: int = 8
     """The most incremental saves in a row: a save whose base is already this deep is full."""
 
+    encrypt: Rule | None = None
+    """Encryption at rest (docs/format.md section 4.4): a scope name seals every tensor under
+    that scope's data key; ``{pattern: scope or None}`` seals each tensor under the scope of the
+    first pattern (``fnmatch``) its key matches (None or no match: in the clear). Data keys live
+    in the store's keyring, wrapped by the key-encryption key ``kek``. The object tree (the
+    manifest) is never encrypted. Not for one-file checkpoints."""
+    kek: Any = None
+    """The key-encryption key of an encrypted save: a ``keyring.Kek``, or a key file's path;
+    None: from the environment (``CKPTGUARD_KEK_FILE``, ``CKPTGUARD_KEK`` or
+    ``CKPTGUARD_KEK_COMMAND``, docs/security.md). Only the committer (rank 0) uses it."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", as_policy(self.keep))
         if self.base is not None and (not isinstance(self.base, str) or not self.base):
@@ -90,6 +102,18 @@ class SaveOptions:
         if type(self.digests) is not bool:
             raise TypeError(f"digests must be True or False, not {self.digests!r}")
         check_sign_key(self.sign_key)
+        if self.encrypt is not None:
+            check_rule(self.encrypt)
+            if not isinstance(self.encrypt, str):
+                object.__setattr__(self, "encrypt", dict(self.encrypt))
+        if not (
+            self.kek is None
+            or isinstance(self.kek, (str, os.PathLike))
+            or hasattr(self.kek, "kek_id")
+        ):
+            raise TypeError(
+                f"kek must be a keyring.Kek, a key file's path or None, not {self.kek!r}"
+            )
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
             raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
@@ -123,7 +147,14 @@ class SaveOptions:
         loaded signing key as the path it was loaded from)."""
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         keep = self.keep.to_json() if isinstance(self.keep, Policy) else None
-        return {**doc, "sign_key": key_path(self.sign_key), "keep": keep}
+        kek = self.kek
+        if kek is not None and not isinstance(kek, (str, os.PathLike)):
+            raise TypeError(
+                "kek: a loaded key cannot be handed to another process; pass a key file's path "
+                "or set CKPTGUARD_KEK_FILE (or CKPTGUARD_KEK_COMMAND) for it"
+            )
+        kek = os.fspath(kek) if kek is not None else None
+        return {**doc, "sign_key": key_path(self.sign_key), "keep": keep, "kek": kek}
 
 
 SHAPING = (
@@ -137,6 +168,7 @@ SHAPING = (
     "digests",
     "base",
     "max_depth",
+    "encrypt",
 )
 """The options of a save that shape what is committed, besides ``metadata``: every rank must
 pass the same (its ``path``: the checkpoint's absolute path)."""

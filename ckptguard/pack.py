@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .format.dtypes import SIZES
+from .seal import scope_name
 from .sources import ByteSource, gather, gatherable
 from .tree import TensorRef
 from .writer import RankWriter
@@ -85,6 +86,13 @@ class Packer:
         self.writer, self.codec, self.level = writer, codec, level
         self.todo = todo
         self.size, elem = sizes([ref for _, ref in todo])
+        seal = writer.seal
+        if seal is not None:  # a pack is sealed under one key: packs never mix scopes
+            names: dict[str | None, int] = {}
+            scope = [
+                names.setdefault(scope_name(seal.rule, ref.key), len(names)) for _, ref in todo
+            ]
+            elem = elem + 256 * np.asarray(scope, np.int64)
         self.groups = groups_of(self.size, elem, writer.chunk_size)
         self._buf: np.ndarray | None = None  # a streamed pack being filled: its own copy
         self._fill = 0

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import encode
-from .errors import CorruptCheckpointError, location
+from . import backend as _backend
+from . import encode, seal
+from .errors import CorruptCheckpointError, KeyUnavailableError, location
 from .format.datafile import CODECS, FormatError, check_record
 from .format.index import Row
 from .format.layout import MANIFEST
@@ -51,6 +52,8 @@ def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> b
     except OSError as e:
         raise rd.io_error(e, r.file) from None
     codec_id = CODECS[r.codec]
+    if r.key_id is not None:
+        return _read_sealed(rd, r, buf, verify)
     try:
         if len(buf) != r.extent - r.offset:
             raise FormatError("record is truncated")
@@ -67,6 +70,72 @@ def read_record(rd: CheckpointReader, fd: int, r: Row, verify: bool = True) -> b
     return raw
 
 
+def _read_sealed(rd: CheckpointReader, r: Row, buf: bytes, verify: bool) -> bytes:
+    """``read_record`` of a sealed record (format.md 4.4): checked as stored, decrypted,
+    decoded and (with ``verify``) its fingerprint compared. KeyUnavailableError (naming the
+    scope) where its data key cannot be had."""
+    scope = rd.scope(r.key_id)  # type: ignore[arg-type]
+    uuid, rank = rd.owner(r.file)
+    try:
+        if len(buf) != r.extent - r.offset:
+            raise FormatError("record is truncated")
+        return seal.read_sealed(
+            buf,
+            scope,
+            uuid,
+            rank,
+            r.offset,
+            CODECS[r.codec],
+            r.elem_size,
+            r.record_raw_len,
+            r.stored_len,
+            r.hash,
+            rd.seq(r),
+            rd.record_rows(r),
+            verify,
+            r.digest,
+        )
+    except FormatError as e:
+        raise rd.corrupt(str(e), **_where(r)) from None
+
+
+def check_stored(rd: CheckpointReader, fd: int, r: Row) -> None:
+    """What can be checked of row ``r``'s sealed record without its data key (its header, its
+    padding, its stored bytes' xxh3-128 and, under ``digests``, their SHA-256); raises
+    CorruptCheckpointError."""
+    try:
+        buf = pread_exact(fd, r.extent - r.offset, r.offset)
+    except OSError as e:
+        raise rd.io_error(e, r.file) from None
+    try:
+        if len(buf) != r.extent - r.offset:
+            raise FormatError("record is truncated")
+        seal.check_stored(
+            buf, CODECS[r.codec], r.elem_size, r.record_raw_len, r.stored_len, rd.seq(r), r.digest
+        )
+    except FormatError as e:
+        raise rd.corrupt(str(e), **_where(r)) from None
+
+
+def _read_each(
+    rd: CheckpointReader,
+    fd: int,
+    rows: Sequence[Row],
+    dests: Sequence[Any],
+    dest_offsets: Sequence[int],
+    verify: bool,
+) -> None:
+    """Rows read one record at a time (``read_record``, which decrypts sealed ones), in
+    parallel, each whole record's bytes into its ``dests`` entry at its ``dest_offsets``."""
+
+    def one(i: int) -> None:
+        raw = read_record(rd, fd, rows[i], verify)
+        view, off = encode.as_buffer(dests[i], writable=True), dest_offsets[i]
+        view[off : off + len(raw)] = raw
+
+    encode.parallel_map(one, range(len(rows)), _backend.default_threads())
+
+
 def read_into(
     rd: CheckpointReader,
     fd: int,
@@ -78,6 +147,9 @@ def read_into(
     """Read, check and decode ``rows`` of one open data file straight into ``dest`` (in parallel
     on the native path); each row's raw bytes land at its ``dest_offsets`` entry. No row may be
     a slice of a packed record (``read_packed`` reads those)."""
+    if rows and any(r.key_id is not None for r in rows):
+        _read_each(rd, fd, rows, [dest] * len(rows), dest_offsets, verify)
+        return
     items = [
         encode.ReadItem(
             r.offset,
@@ -132,6 +204,9 @@ def read_whole_records(
     and damage raises the error ``read_record`` raises for it."""
     path = os.path.join(rd.path, rows[0].file) if rows else rd.path
     for r, dest in zip(rows, dests, strict=True):
+        if r.key_id is not None:
+            _read_each(rd, fd, [r], [dest], [0], verify)
+            continue
         item = encode.ReadItem(
             r.offset,
             r.extent - r.offset,
@@ -177,6 +252,12 @@ class VerifyReport:
     bytes_checked: int = 0
     signed_by: str | None = None
     """The key id whose signature verified, when checked under trusted keys."""
+    keyless: dict[str, int] = field(default_factory=dict)
+    """Sealed records checked without their data key, by scope: their stored bytes (header,
+    padding, the xxh3-128 of the ciphertext and, under ``digests``, its SHA-256) were checked,
+    their plaintext (authentication tag, decoding, hash) was not (docs/security.md)."""
+    key_errors: dict[str, str] = field(default_factory=dict)
+    """Why each scope of ``keyless`` had no key (KEK missing or wrong, scope shredded)."""
 
     @property
     def ok(self) -> bool:
@@ -243,7 +324,7 @@ def verify_rows(
                     continue
                 ok = 0
                 try:
-                    read_record(rd, fd, r, verify=True)
+                    _verify_record(rd, fd, r, report)
                     ok = 1
                     report.chunks_checked += 1
                     report.bytes_checked += r.raw_len
@@ -254,6 +335,21 @@ def verify_rows(
                     progress(done, total)
         finally:
             os.close(fd)
+
+
+def _verify_record(rd: CheckpointReader, fd: int, r: Row, report: VerifyReport) -> None:
+    """Check row ``r``'s record whole; a sealed one whose data key cannot be had is checked as
+    stored (``check_stored``) and counted in ``report.keyless`` under its scope."""
+    if r.key_id is not None:
+        try:
+            rd.scope(r.key_id)
+        except KeyUnavailableError as e:
+            check_stored(rd, fd, r)
+            name = rd.key_scopes[r.key_id]
+            report.keyless[name] = report.keyless.get(name, 0) + 1
+            report.key_errors.setdefault(name, str(e))
+            return
+    read_record(rd, fd, r, verify=True)
 
 
 def check_trees(rd: CheckpointReader, report: VerifyReport) -> None:

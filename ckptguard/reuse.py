@@ -32,6 +32,7 @@ from .format.datafile import (
 from .format.index import Row
 from .format.layout import linked_file
 from .fsutil import UnsafeFileError, open_regular
+from .seal import Scope
 from .tree import TensorRef
 
 LinkPlan = dict[str, Any]
@@ -139,9 +140,13 @@ class Reuse:
         first: int,
         step: int,
         threads: int,
+        scope: Scope | None = None,
     ) -> list[Row | None]:
         """For each chunk of ``view`` (chunk numbers from ``first``, ``step`` bytes each but the
-        last), the row that stores it from a linked file, or None: it is written."""
+        last), the row that stores it from a linked file, or None: it is written. A chunk of a
+        sealed tensor (``scope``) matches only a record sealed under the same data key, by its
+        fingerprint; any other chunk only a record in the clear (references never cross
+        scopes)."""
         n = -(-len(view) // step)
         found = self.candidates(ref)
         if found is None:
@@ -150,19 +155,24 @@ class Reuse:
         for i in range(n):
             hit = found.get(first + i)
             a, b = i * step, min(len(view), (i + 1) * step)
-            if hit and hit[1].shard_byte_offset == (first + i) * step and hit[1].raw_len == b - a:
+            if (
+                hit
+                and hit[1].shard_byte_offset == (first + i) * step
+                and hit[1].raw_len == b - a
+                and hit[1].key_id == (scope.key_id if scope is not None else None)
+            ):
                 todo.append((i, hit, view[a:b]))
-        sums = parallel_map(lambda t: self._sum(t[2]), todo, threads)
+        sums = parallel_map(lambda t: self._sum(t[2], scope), todo, threads)
         out: list[Row | None] = [None] * n
         for (i, (linked, row), _), got in zip(todo, sums, strict=True):
-            if got != (row.digest if self.digests else row.hash):
+            if got != (row.digest if self.digests and scope is None else row.hash):
                 continue
             out[i] = replace(
                 row,
                 tensor=tid,
                 file=linked.name,
                 base=linked.holder,
-                key_id=None,
+                key_id=row.key_id,
                 record_byte_offset=0,
                 record_raw_len=row.raw_len,
                 digest=row.digest if self.digests else None,
@@ -170,8 +180,11 @@ class Reuse:
             self.used[linked.name] = self.used.get(linked.name, 0) + 1
         return out
 
-    def _sum(self, data: memoryview) -> bytes:
-        """The hash a reused record must have for these bytes (both release the GIL)."""
+    def _sum(self, data: memoryview, scope: Scope | None = None) -> bytes:
+        """The hash a reused record must have for these bytes (both release the GIL): under a
+        scope, their fingerprint (a sealed record's digest covers its ciphertext)."""
+        if scope is not None:
+            return scope.fingerprint(xxhash.xxh3_128_digest(data))
         if self.digests:
             return hashlib.sha256(data).digest()
         if _backend.active():

@@ -20,6 +20,7 @@ from typing import Any
 import lz4
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import xxhash
 
@@ -59,6 +60,8 @@ from .report import (
     unpack_report,
 )
 from .reuse import LinkPlan, Reuse
+from .seal import Sealing
+from .sealplan import key_scopes, seal_plan
 from .sources import DIRECT, ByteSource
 from .store import prune_after_commit
 from .target import DIRECTORY, Target
@@ -120,6 +123,7 @@ class Staged:
     pickle: bool
     signer: sign.PrivateKey | None = None  # the key that signs the commit (sign_key)
     base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
+    seal: dict | None = None  # an encrypted save's keys (``sealplan.seal_plan``)
 
 
 class _Save:
@@ -230,12 +234,13 @@ class _Save:
             tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
             signer = sign.signer(self.opt.sign_key)  # the committer's key: before any file
             base = link_plan(self.store, self.opt.base, self.opt.max_depth)
-            uid, self.staging = self.open_staging()
+            uid, self.staging = self.open_staging()  # creates the store, for its keyring
+            seal = seal_plan(self.store, self.opt, plan.keys)
         except Exception as e:
             return self.fail(e)
         pickle = any(m["pickle"] for m, _ in msgs)
         self.rank0 = Staged(
-            uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer, base
+            uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer, base, seal
         )
         return {
             "ok": True,
@@ -246,6 +251,7 @@ class _Save:
             "differing": plan.differing,
             "digests": self.opt.digests or signer is not None,  # a signature needs them
             "base": base,
+            "seal": seal,
         }
 
     def open_staging(self) -> tuple[str, str]:
@@ -278,6 +284,7 @@ class _Save:
                 self.source,
                 self.on_read,
                 plan["base"],
+                Sealing.from_plan(self.opt.encrypt, plan["seal"]) if plan["seal"] else None,
             )
         except Exception as e:
             return self.fail(e), None
@@ -308,17 +315,19 @@ def write_data_file(
     source: ByteSource = DIRECT,
     on_read: Callable[[], None] | None = None,
     base: LinkPlan | None = None,
+    seal: Sealing | None = None,
 ) -> tuple[dict, pa.Table]:
     """Write rank ``rank``'s data file of the save staged at ``staging``: the tensors ``todo``
     (global id, ref), chunked, encoded by ``opt.compress``, fsynced and checked; its report
-    (file entry, write statistics, the ``base``'s files it links) and index rows. A failure
+    (file entry, write statistics, the ``base``'s files it links) and index rows; ``seal``:
+    the tensors it seals and their keys (feature ``encryption``). A failure
     removes the file and raises (an OSError as a typed error naming the file)."""
     writer = None
     try:
         where = target.data_path(staging, rank)
         reuse = Reuse(staging, rank, base, opt.digests) if base else None
         failpoint("save.base_linked")
-        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests, reuse)
+        writer = RankWriter(staging, rank, uuid, opt.chunk_size, where, opt.digests, reuse, seal)
         codec, level = parse_compress(opt.compress, COMPRESS)
         if opt.compress == "auto":
             codec = AUTO
@@ -413,6 +422,7 @@ def manifest_body(
         pickle=p.pickle,
         created=dt.datetime.now(dt.timezone.utc),
         incremental=incremental_member(p.base, files),
+        encryption=key_scopes(p.seal, pc.unique(table.column("key_id")).to_pylist()),
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import backend as _backend
-from .adapt import AUTO, STRETCH, Choice, Controller, Measured
+from .adapt import AUTO, Choice, Controller, Measured, stretch_bytes
 from .encode import as_buffer, check_chunk_size, check_chunking
 from .filecheck import recheck_written
 from .format import dtypes
@@ -29,6 +29,7 @@ from .format.layout import ALIGN, datafile_name
 from .format.manifest import WriteStats
 from .io import Batch, Segment, open_direct, wait_written, write_all, write_segments
 from .reuse import Reuse, spans
+from .seal import Sealing, Stretch, write_stretches
 from .sources import tensor_bytes
 from .tree import TensorRef
 
@@ -58,11 +59,6 @@ _GLOBAL, _OFFSETS, _SHAPE = attrgetter("global_shape"), attrgetter("offsets"), a
 _CODEC_TEXT = pa.array([CODEC_NAMES.get(i, "") for i in range(256)], pa.string())
 _DIGEST = pa.binary(32)
 _HASH = pa.binary(16)
-
-
-def adapt_stretch(chunk: int) -> int:
-    """Bytes of a stretch the controller looks at: whole chunks, about ``adapt.STRETCH``."""
-    return max(chunk, STRETCH // chunk * chunk)
 
 
 def batching() -> bool:
@@ -101,11 +97,14 @@ class RankWriter:
         path: str | None = None,
         digests: bool = False,
         reuse: Reuse | None = None,
+        seal: Sealing | None = None,
     ):
         """Create the data file of ``rank`` in ``directory`` (or at ``path``, where given: a
         one-file checkpoint's temporary). ``digests``: every record's SHA-256 goes into its
         index rows too (feature ``digests``). ``reuse``: an incremental save's linked base files
-        (``reuse.Reuse``): a chunk one of their records holds becomes a row of it, unwritten."""
+        (``reuse.Reuse``): a chunk one of their records holds becomes a row of it, unwritten.
+        ``seal``: the save's scopes; a tensor in one is written in sealed records (feature
+        ``encryption``, ``seal.write_sealed``)."""
         check_chunk_size(chunk_size)
         self.rank = rank
         self.uuid = uuid_hex
@@ -121,6 +120,9 @@ class RankWriter:
         self._run_lens: list[int] = []
         self._queue: list[Queued] = []
         self.reuse = reuse
+        self.seal = seal
+        self._key_ids: list[list[str | None]] = []  # per flush, per row: its data key or None
+        self._record_keys: list[str | None] = []  # the last sealed flush's, per record
         self._reused: list[Row] = []  # rows of chunks a linked file holds (``reuse``)
         self._queued = [0, 0]  # raw bytes and chunks in the queue
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -186,7 +188,8 @@ class RankWriter:
         if self.reuse is None:
             self._stretches(tid, ref, view, first, codec, level, lasting)
             return
-        matched = self.reuse.match(tid, ref, view, first, step, self._threads)
+        scope = self.seal.for_key(ref.key) if self.seal is not None else None
+        matched = self.reuse.match(tid, ref, view, first, step, self._threads, scope)
         self._reused.extend(r for r in matched if r is not None)
         for i, a, b in spans(matched, len(view), step):
             self._stretches(tid, ref, view[a:b], first + i, codec, level, lasting or b < len(view))
@@ -256,24 +259,46 @@ class RankWriter:
         if not q:
             return
         t0 = time.perf_counter_ns()
-        done = write_segments(
-            self.fd,
-            self.path,
-            self.pos,
-            self._records,
-            [e.seg for e in q],
-            self.chunk_size,
-            threads=self._threads,
-            backend=self._backend,
-            dfd=self._dfd,
-            digest=self.digests,
-        )
+        if self.seal is not None:
+            done = self._write_sealed(q)
+        else:
+            done = write_segments(
+                self.fd,
+                self.path,
+                self.pos,
+                self._records,
+                [e.seg for e in q],
+                self.chunk_size,
+                threads=self._threads,
+                backend=self._backend,
+                dfd=self._dfd,
+                digest=self.digests,
+            )
         wall = time.perf_counter_ns() - t0
         self.calls += 1
         self.pos = done.end
         self._records += len(done.codec)
         self._add_rows(q, done)
         self._measured(q, done, wall)
+
+    def _write_sealed(self, q: list[Queued]) -> Batch:
+        """``flush``'s write when the save seals (``seal.write_stretches``)."""
+        assert self.seal is not None
+        stretches = [
+            Stretch(
+                e.seg,
+                e.first,
+                [e.ref] if e.pack is None else e.pack[1],
+                e.pack is not None,
+                e.pack[2] if e.pack else [0],
+            )
+            for e in q
+        ]
+        at = (self.fd, self.path, self.pos, self._records, self.uuid, self.rank)
+        done, self._record_keys = write_stretches(
+            at, stretches, self.seal, self.chunk_size, self._threads, self._backend, self.digests
+        )
+        return done
 
     def _measured(self, q: list[Queued], done: Batch, wall: int) -> None:
         """Tell the controller what each run of stretches of one choice measured (the batch's
@@ -316,7 +341,7 @@ class RankWriter:
 
     def _choose(self, data: memoryview, size: int, codec: int, level: int) -> Choice:
         """The controller's choice for ``data``; a fixed ``codec`` (not AUTO) replaces its own."""
-        choice = self.control.choose(data[: adapt_stretch(self.chunk_size)], size, codec == AUTO)
+        choice = self.control.choose(data[: stretch_bytes(self.chunk_size)], size, codec == AUTO)
         return choice if codec == AUTO else choice._replace(codec=codec, level=level)
 
     def _add_rows(self, q: list[Queued], done: Batch) -> None:
@@ -358,6 +383,9 @@ class RankWriter:
         for name, col in cols.items():
             self._cols[name].append(col)
         self._hashes.append(np.frombuffer(done.hash, np.uint8).reshape(-1, 16)[of].tobytes())
+        if self.seal is not None:
+            keys = np.array(self._record_keys, dtype=object)
+            self._key_ids.append(list(keys[of]) if nrec else [])
         if self.digests:
             self._digests.append(np.frombuffer(done.digest, np.uint8).reshape(-1, 32)[of].tobytes())
         for e, n in zip(q, done.nrecords.tolist(), strict=True):
@@ -420,7 +448,9 @@ class RankWriter:
             file=[self.name] * n,
             elem_size=pa.array(sizes, pa.int32()).take(run),
             base=[None] * n,
-            key_id=[None] * n,
+            key_id=pa.array(
+                [k for f in self._key_ids for k in f] if self.seal else [None] * n, pa.string()
+            ),
         )
         return table_of(cols)
 

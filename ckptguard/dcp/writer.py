@@ -45,6 +45,8 @@ from ..keys import PrivateKey
 from ..options import SaveOptions, check_options, shaping_options
 from ..report import pack_report, unpack_report
 from ..saver import Staged, commit_reports, write_data_file
+from ..seal import Sealing
+from ..sealplan import seal_plan
 from ..sign import signer
 from ..target import DIRECTORY
 from ..tree import TORCH_DTYPES, TensorRef
@@ -83,6 +85,7 @@ class Writer(StorageWriter):
         self._uuid = ""
         self._signer: PrivateKey | None = None  # the coordinator's signing key (sign_key)
         self._base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
+        self._seal: dict | None = None  # an encrypted save's keys (``sealplan.seal_plan``)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -134,6 +137,11 @@ class Writer(StorageWriter):
             raise
         except OSError as e:
             raise from_oserror(e, store, "cannot create a staging directory in") from None
+        try:  # the store exists now, and its keyring can be created
+            self._seal = seal_plan(store, self.opt, (t["key"] for t in layout.tensors))
+        except BaseException:
+            self._discard()
+            raise
         self._layout = layout
         digests = self.opt.digests or self._signer is not None  # a signature needs them
         common = {
@@ -141,6 +149,7 @@ class Writer(StorageWriter):
             "staging": self._staging,
             "digests": digests,
             "base": self._base,
+            "seal": self._seal,
         }
         return [
             dataclasses.replace(p, storage_data={**common, "tensors": layout.rank_part(r)})
@@ -162,8 +171,16 @@ class Writer(StorageWriter):
             todo.append((gid, ref))
             devices[str(gid)] = ref.device
         opt = dataclasses.replace(self.opt, digests=part["digests"])
+        seal = Sealing.from_plan(self.opt.encrypt, part["seal"]) if part["seal"] else None
         doc, rows = write_data_file(
-            DIRECTORY, part["staging"], part["uuid"], self.rank, opt, todo, base=part["base"]
+            DIRECTORY,
+            part["staging"],
+            part["uuid"],
+            self.rank,
+            opt,
+            todo,
+            base=part["base"],
+            seal=seal,
         )
         report = pack_report({**doc, "values": values, "devices": devices}, rows)
         results = [WriteResult(item.index, _nbytes(item), None) for item in plan.items]
@@ -187,7 +204,15 @@ class Writer(StorageWriter):
                     layout.tensors[int(gid)]["device"] = device
             tree = layout.tree(values)
             staged = Staged(
-                self._uuid, staging, tree, {}, layout.tensors, False, self._signer, self._base
+                self._uuid,
+                staging,
+                tree,
+                {},
+                layout.tensors,
+                False,
+                self._signer,
+                self._base,
+                self._seal,
             )
             store, name = self._target()
             info = commit_reports(DIRECTORY, store, name, len(results), self.opt, staged, reports)

@@ -54,7 +54,11 @@ def zstd_exceeds(raw_len: _Len, stored_len: _Len) -> _Len:
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 
 _HEADER = struct.Struct("<8sII16sII")  # magic, version, rank, uuid, align, zero
-_RECORD = struct.Struct("<4sBBHQQ16sI12s")  # magic, codec, elem, zero, raw, stored, hash, seq, zero
+# magic, codec, elem, flags, zero, raw, stored, hash, seq, nonce (zero unless sealed)
+_RECORD = struct.Struct("<4sBBBBQQ16sI12s")
+SEALED = 1
+"""The record header's flag of a sealed record (feature ``encryption``, format.md 4.4)."""
+NONCE_BYTES = 12
 _TRAILER = struct.Struct("<QQQ8s")
 
 
@@ -97,13 +101,24 @@ class RecordHeader:
     elem_size: int
     raw_len: int
     stored_len: int
-    hash: bytes
+    hash: bytes  # sealed: the xxh3-128 of the stored payload, not of the raw bytes
     seq: int
+    flags: int = 0  # SEALED or 0
+    nonce: bytes = bytes(NONCE_BYTES)  # sealed: the AEAD nonce; else zero
 
 
 def pack_record_header(h: RecordHeader) -> bytes:
     head = _RECORD.pack(
-        RECORD_MAGIC, h.codec, h.elem_size, 0, h.raw_len, h.stored_len, h.hash, h.seq, bytes(12)
+        RECORD_MAGIC,
+        h.codec,
+        h.elem_size,
+        h.flags,
+        0,
+        h.raw_len,
+        h.stored_len,
+        h.hash,
+        h.seq,
+        h.nonce,
     )
     return head + struct.pack("<Q", _h64(head))
 
@@ -111,15 +126,15 @@ def pack_record_header(h: RecordHeader) -> bytes:
 def unpack_record_header(buf: bytes) -> RecordHeader:
     if len(buf) != RECORD_HEADER_SIZE:
         raise FormatError("record header truncated")
-    magic, codec, elem, zero, raw, stored, digest, seq, zeros = _RECORD.unpack_from(buf)
+    magic, codec, elem, flags, zero, raw, stored, digest, seq, nonce = _RECORD.unpack_from(buf)
     if magic != RECORD_MAGIC:
         raise FormatError("bad record magic")
     (check,) = struct.unpack_from("<Q", buf, 56)
     if check != _h64(buf[:56]):
         raise FormatError("record header hash mismatch")
-    if zero or any(zeros):
+    if zero or flags not in (0, SEALED) or (flags == 0 and any(nonce)):
         raise FormatError("record header has non-zero reserved bytes")
-    return RecordHeader(codec, elem, raw, stored, digest, seq)
+    return RecordHeader(codec, elem, raw, stored, digest, seq, flags, nonce)
 
 
 def check_record_header(
@@ -128,6 +143,8 @@ def check_record_header(
     """Check a record header read from a data file against what the index says of it (``seq``
     -1: not known to the caller, not compared). Raises FormatError naming what disagrees."""
     h = unpack_record_header(buf)
+    if h.flags:
+        raise FormatError("record is sealed but its index row has no key_id")
     if (h.codec, h.elem_size, h.raw_len, h.stored_len, h.hash) != (
         codec,
         elem_size,
@@ -150,6 +167,39 @@ def check_record(
     if buf.count(0, end) != len(buf) - end:
         raise FormatError("non-zero bytes in record padding")
     return memoryview(buf)[RECORD_HEADER_SIZE:end]
+
+
+def check_sealed_header(
+    buf: bytes, codec: int, elem_size: int, raw_len: int, stored_len: int, seq: int
+) -> RecordHeader:
+    """Check a sealed record's header against its index row (its hash, of the stored bytes, is
+    not the row's); return it. Raises FormatError."""
+    h = unpack_record_header(buf)
+    if h.flags != SEALED:
+        raise FormatError("index row has a key_id but its record is not sealed")
+    if (h.codec, h.elem_size, h.raw_len, h.stored_len) != (codec, elem_size, raw_len, stored_len):
+        raise FormatError("record header disagrees with the index")
+    if seq >= 0 and h.seq != seq:
+        raise FormatError("record header disagrees with the index")
+    return h
+
+
+def check_sealed_record(
+    buf: bytes, codec: int, elem_size: int, raw_len: int, stored_len: int, seq: int
+) -> tuple[RecordHeader, memoryview]:
+    """Check one whole sealed record (feature ``encryption``) against its index row as far as
+    it can be without the key: header fields and flag, the xxh3-128 of the stored payload, the
+    zero padding. Returns the header and the stored payload. Raises FormatError."""
+    if len(buf) < RECORD_HEADER_SIZE + stored_len:
+        raise FormatError("record is truncated")
+    h = check_sealed_header(buf[:RECORD_HEADER_SIZE], codec, elem_size, raw_len, stored_len, seq)
+    end = RECORD_HEADER_SIZE + stored_len
+    if buf.count(0, end) != len(buf) - end:
+        raise FormatError("non-zero bytes in record padding")
+    payload = memoryview(buf)[RECORD_HEADER_SIZE:end]
+    if xxhash.xxh3_128(payload).digest() != h.hash:
+        raise FormatError("sealed chunk's stored bytes do not match their hash (data corrupted)")
+    return h, payload
 
 
 def pack_footer(rank: int, uuid_hex: str, rows: list[dict]) -> bytes:

@@ -79,6 +79,11 @@ def is_uuid(text: str) -> bool:
     return isinstance(text, str) and bool(_UUID.fullmatch(text))
 
 
+def is_key_id(text: str) -> bool:
+    """A data key's id (feature ``encryption``): 32 lowercase hex digits, as a uuid."""
+    return is_uuid(text)
+
+
 def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 

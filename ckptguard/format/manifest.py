@@ -18,6 +18,7 @@ import xxhash
 
 from . import FORMAT_VERSION, dtypes, strict_json
 from .datafile import ZSTD_FEATURE, FormatError
+from .encryption import ENCRYPTION, check_encryption, encryption_member, has_key_id
 from .index import DIGESTS, INCREMENTAL, PACKED_RECORDS, has_base, has_digests, is_packed
 from .layout import datafile_rank, is_name, is_uuid, linked_file
 from .ranktrees import RANK_TREE_DIFFS, check_diff
@@ -40,6 +41,7 @@ KNOWN_FEATURES = frozenset(
         TENSOR_VIEWS,
         DIGESTS,
         INCREMENTAL,
+        ENCRYPTION,
     }
 )
 _PREFIX = b'{"checksum":"'
@@ -109,6 +111,7 @@ def features(
         *([TENSOR_VIEWS] if any("view" in t for t in tensors) else []),
         *([DIGESTS] if table is not None and has_digests(table) else []),
         *([INCREMENTAL] if table is not None and has_base(table) else []),
+        *([ENCRYPTION] if table is not None and has_key_id(table) else []),
     ]
 
 
@@ -150,12 +153,14 @@ def build(
     pickle: bool,
     created: dt.datetime,
     incremental: dict | None = None,
+    encryption: dict | None = None,
 ) -> dict:
     """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
     totals are derived here, never by callers. ``incremental``: the member of an incremental
     save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when ``files`` lists a
-    linked data file (ValueError otherwise).
+    linked data file (ValueError otherwise). ``encryption``: the scopes of the data keys that
+    seal some row, ``{key_id: scope}`` (section 4.4), given exactly when a row has a key_id.
     """
     feats = features(pickle, rank_trees, tensors, table, tree)
     linked = any(linked_file(f["name"]) is not None for f in files)
@@ -183,6 +188,10 @@ def build(
     }
     if incremental is not None:
         body["incremental"] = incremental
+    if (ENCRYPTION in feats) != bool(encryption):
+        raise ValueError("the encryption member is given exactly when a row has a key_id")
+    if encryption:
+        body["encryption"] = encryption_member(encryption)
     return body
 
 
@@ -244,7 +253,8 @@ def validate(doc: Any) -> None:
     if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
         raise FormatError("manifest.features must be a list of strings")
     incremental = INCREMENTAL in feats
-    _typed(doc, {**_MEMBERS, "incremental": dict} if incremental else _MEMBERS, "manifest")
+    extra = {"incremental": incremental, "encryption": ENCRYPTION in feats}
+    _typed(doc, {**_MEMBERS, **{k: dict for k, on in extra.items() if on}}, "manifest")
     unknown = sorted(set(feats) - KNOWN_FEATURES)
     if unknown:
         raise FormatVersionProblem(
@@ -271,6 +281,8 @@ def validate(doc: Any) -> None:
         if not is_name(doc["incremental"]["base"]) or doc["incremental"]["depth"] < 1:
             raise FormatError("manifest.incremental has an invalid base name or depth")
     _validate_files(doc["files"], doc["uuid"], doc["world_size"], incremental)
+    if ENCRYPTION in feats:
+        check_encryption(doc["encryption"])
     digests = DIGESTS in feats
     _typed(doc["index"], _INDEX_SHA256 if digests else _INDEX, "manifest.index")
     if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):

@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 
 from . import dtypes
 from .datafile import CODECS, ZSTD_FEATURE, FormatError, lz4_max_raw_len, zstd_exceeds
+from .encryption import TAG_BYTES
 from .index import DIGEST, DIGESTS, has_digests, int_lists
-from .layout import is_name
+from .layout import is_key_id, is_name
 from .placement import Records as _Records
 from .placement import Rows as _Rows
 from .placement import check_placement
@@ -104,7 +105,10 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
     rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    is_raw, rlen, stored = rec.codec == CODECS["raw"], rec.raw_len, rec.stored
+    sealed = table.column("key_id").is_valid().to_numpy(zero_copy_only=False)
+    rows.fail(sealed & (rec.stored < TAG_BYTES), "sealed chunk shorter than its tag")
+    # A sealed payload is the codec's payload and a 16-byte tag (section 4.4).
+    is_raw, rlen, stored = rec.codec == CODECS["raw"], rec.raw_len, rec.stored - TAG_BYTES * sealed
     is_zstd = rec.codec == CODECS["shuffle-zstd"]
     rows.fail(is_raw & (stored != rlen), "raw chunk with stored_len != raw_len")
     rows.fail(~is_raw & ((stored <= 0) | (stored >= rlen)), "compressed chunk with bad stored_len")
@@ -124,10 +128,11 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 values.is_valid().to_numpy(zero_copy_only=False) & (feature not in features),
                 f"{col} present but the {feature} feature is not declared",
             )
-            if col == "base":
-                names = pc.unique(values.drop_null()).to_pylist()
-                if not all(is_name(b) for b in names):
-                    raise FormatError("index: an invalid base checkpoint name")
+            names = pc.unique(values.drop_null()).to_pylist()
+            if col == "base" and not all(is_name(b) for b in names):
+                raise FormatError("index: an invalid base checkpoint name")
+            if col == "key_id" and not all(is_key_id(k) for k in names):
+                raise FormatError("index: a key_id that is not 32 lowercase hex digits")
     _check_shards(_Boxes.of(tensors, tid, lists, shapes), rows, raw, sbo, chunk, elem)
 
 
