@@ -145,7 +145,10 @@ def rotate(store: str, old: Kek, new: Kek) -> tuple[int, int]:
             rewrapped = wrap(key.scope, key.key_id, key.key, new, doc["created"])
             put_entry(store, rewrapped, True, lambda: None)
         done += 1
-        failpoint("keyring.rotate_one")
+        try:
+            failpoint("keyring.rotate_one")
+        except OSError as e:
+            raise from_oserror(e, store, f"re-wrapped {done} key(s), then stopped in") from None
     if done:
         detail = {"old_kek_id": old.kek_id, "new_kek_id": new.kek_id, "rewrapped": done}
         for late in audit.note(store, "rotate", detail=detail):
