@@ -279,7 +279,11 @@ def locked(store: str) -> Iterator[None]:
     except OSError as e:
         raise from_oserror(e, path, "cannot open the keyring lock") from None
     try:
-        if not lockf_until(fd, False, time.monotonic() + LOCK_TIMEOUT):
+        try:
+            got = lockf_until(fd, False, time.monotonic() + LOCK_TIMEOUT)
+        except OSError as e:  # ENOLCK: a file system mounted without locks
+            raise from_oserror(e, path, "cannot lock the keyring") from None
+        if not got:
             raise StoreError(f"the keyring of {store} stayed locked for {LOCK_TIMEOUT:.0f} s", path)
         yield
     finally:
