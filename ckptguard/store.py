@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audit, holds
+from . import audit, holds, keyring
 from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
@@ -332,7 +332,8 @@ class Store:
         return decisions, failed
 
     def gc(self, older_than: float | dt.timedelta = 3600.0) -> builtins.list[str]:
-        """Remove staging leftovers untouched for ``older_than``; never a committed checkpoint.
+        """Remove staging leftovers and keyring temporaries untouched for ``older_than``; never
+        a committed checkpoint or a keyring entry.
 
         First completes an overwrite that a crash interrupted (``_finish_overwrites``)."""
         if isinstance(older_than, dt.timedelta):
@@ -366,6 +367,7 @@ class Store:
                 except OSError as e:
                     raise from_oserror(e, p, "cannot remove") from None
                 removed.append(p)
+        removed += keyring.gc_temps(self.root, older_than)
         if removed:
             names = [os.path.relpath(p, self.root) for p in removed]
             detail = {

@@ -347,6 +347,12 @@ def _export_base(root: Path) -> Path:
     return d
 
 
+def _keyring_base(root: Path) -> Path:
+    d = root / "keyring"
+    d.mkdir()  # each case builds its stores: COPIES records absolute paths
+    return d
+
+
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("save", "save-zstd", "overwrite", "fallback", "incremental"), _mpi_base),
     (("delete-base",), _delete_base_base),
@@ -362,6 +368,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("audit",), _audit_base),
     (("signed",), _audit_base),
     (("dcp",), _dcp_base),
+    (("keyring",), _keyring_base),
 )
 
 
@@ -900,7 +907,61 @@ def _dcp(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, "killed" if case.action == "kill" else "hung rank timed out"
 
 
+def _keyring(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process creates a key, rotates the keyring or shreds s0 (store_ops.keyring_op) and
+    fails at the point. Every key left live unwraps, under the KEK its entry names, to the
+    bytes it had; the outcome is the one expected; gc removes the temporaries; the re-run
+    completes (in every copy, for a shred)."""
+    from ckptguard import keyring
+    from ckptguard.errors import ScopeShreddedError
+
+    k1, k2 = keyring.Kek(bytes(range(32))), keyring.Kek(bytes(range(32, 64)))
+    a, b = str(tmp / "a"), str(tmp / "b")
+    before = {s: keyring.obtain(a, s, k1) for s in ("s0", "s1", "s2")}
+    keyring.copy_to(a, b, {"s0": before["s0"].key_id})
+    op = {"keyring.created": "create", "keyring.rotate_one": "rotate"}.get(case.point, "shred")
+    ranks = _single_run(case, tmp, [f"keyring-{op}", a])
+    kek = {k1.kek_id: k1, k2.kek_id: k2}
+    live = {(s, e.scope): e for s in (a, b) for e in keyring.entries(s) if e.live}
+    for (s, scope), e in live.items():
+        assert not e.problem, e
+        if scope in before:
+            assert keyring.unwrap(s, scope, e.key_id, kek[e.kek_id or ""]) == before[scope]
+    under = {e.kek_id for e in live.values()}
+    outcome = {
+        "create": "live" if (a, "new") in live else "absent",
+        "rotate": "mixed"
+        if under == {k1.kek_id, k2.kek_id}
+        else "new"
+        if k1.kek_id not in under
+        else "old",
+        "shred": {(True, True): "live", (False, True): "partial", (False, False): "shredded"}.get(
+            ((a, "s0") in live, (b, "s0") in live), "resurrected"
+        ),
+    }[op]
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"the keyring is {outcome}, expected {case.expect}"
+    for s in (a, b):
+        keyring.gc_temps(s, 0)
+        assert all(
+            n in (".lock", "COPIES") or not n.startswith(".") for n in os.listdir(Path(s, ".keys"))
+        )
+    if op == "create":  # the retry: a key, whole
+        assert keyring.obtain(a, "new", k1) == keyring.obtain(a, "new", k1)
+    elif op == "rotate":
+        keyring.rotate(a, k1, k2)
+        assert all(keyring.unwrap(a, s, k.key_id, k2) == k for s, k in before.items())
+    else:
+        assert sorted(keyring.shred(a, "s0")) == sorted(map(os.path.realpath, (a, b)))
+        for s in (a, b):
+            with pytest.raises(ScopeShreddedError):
+                keyring.unwrap(s, "s0", before["s0"].key_id, k1)
+        assert keyring.unwrap(a, "s1", before["s1"].key_id, k1) == before["s1"]
+    return outcome, ranks
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
+    "keyring": _keyring,
     "save": _mpi,
     "save-zstd": _mpi,
     "incremental": _mpi,

@@ -28,6 +28,8 @@ OPS = {
     "drain": True,
     "hold": True,
     "release": True,
+    "shred": False,
+    "rotate": False,
     "recover": False,
 }
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

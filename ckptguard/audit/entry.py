@@ -36,6 +36,8 @@ OPS = {
     "drain": True,  # a checkpoint of this store was drained into another (detail: dest)
     "hold": True,  # a legal hold was placed on a checkpoint (detail: reason, immutable)
     "release": True,  # a legal hold was released
+    "shred": False,  # an encryption scope's data key was destroyed (detail: scope, key_id)
+    "rotate": False,  # the keyring's keys were re-wrapped under a new KEK (detail: kek ids)
     "recover": False,  # entries found unsealed or a torn line, sealed by the next append
 }
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

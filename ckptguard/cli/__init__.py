@@ -36,12 +36,14 @@ from . import (
     import_,
     info,
     key,
+    keyring,
     latest,
     ls,
     prune,
     release,
     restore,
     run,
+    shred,
     verify,
 )
 from ._output import CheckFailed, fail, terminal_safe
@@ -58,6 +60,7 @@ _COMMANDS = (
     prune,
     hold,
     release,
+    shred,
     restore,
     import_,
     export,
@@ -66,6 +69,7 @@ _COMMANDS = (
     doctor,
     drain,
     key,
+    keyring,
     audit,
 )
 

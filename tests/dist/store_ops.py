@@ -3,7 +3,7 @@
 Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
 fault matrix's ``small(2)`` there as a one-file checkpoint) | save STORE NAME (``small(2)`` as
 NAME, step 2) | save-signed STORE NAME KEY (the same, signed with KEY) | export CKPT DEST (to
-safetensors);
+safetensors) | keyring-create|keyring-rotate|keyring-shred STORE (the keyring scenario);
 writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
@@ -49,7 +49,24 @@ def run(op: str, args: list[str]) -> dict:
     if op == "export":
         result = ckptguard.export(args[0], to="safetensors", dest=args[1])
         return {"files": [os.path.basename(f) for f in result.files]}
+    if op.startswith("keyring-"):
+        return keyring_op(op, args)
     raise SystemExit(f"unknown operation {op}")
+
+
+K1, K2 = bytes(range(32)), bytes(range(32, 64))  # the keyring scenario's old and new KEK
+
+
+def keyring_op(op: str, args: list[str]) -> dict:
+    """keyring-create STORE (scope "new" under K1), keyring-rotate STORE (K1 to K2),
+    keyring-shred STORE (scope "s0")."""
+    from ckptguard import keyring
+
+    if op == "keyring-create":
+        return {"key_id": keyring.obtain(args[0], "new", keyring.Kek(K1)).key_id}
+    if op == "keyring-rotate":
+        return {"rotated": keyring.rotate(args[0], keyring.Kek(K1), keyring.Kek(K2))}
+    return {"shredded": keyring.shred(args[0], "s0")}
 
 
 def main() -> int:
