@@ -169,9 +169,8 @@ def load(
     optimizer: DCP's ``Stateful``) has its ``state_dict()`` filled so, then gets the loaded
     state through ``load_state_dict``, and is itself in the result at its place. In a job,
     each rank gets the non-tensor values it saved (rank 0's beyond the saved world size) and
-    its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads
-    only at the saved world size (else WorldSizeError) unless ``rank`` says whose values to load:
-    ``rank=k`` loads what saved rank k passed (its non-tensor values and ``PerRank`` tensors).
+    its own ``PerRank`` tensors; a checkpoint with ``PerRank`` tensors loads only at the saved
+    world size (else WorldSizeError) unless ``rank=k`` says to load what saved rank k passed.
     Small tensors saved in one packed record load as views of one buffer per record (at most
     the chunk size): a tensor kept alone keeps that buffer; ``.clone()`` it to free the rest.
 
@@ -196,48 +195,20 @@ def load(
     ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
 
-    ``kek``: the key-encryption key (a ``Kek`` or a key file's path) that unwraps the data keys
-    of encrypted chunks (``save(encrypt=...)``); None: from the environment. A chunk whose key
-    cannot be had (no KEK, another KEK, a shredded scope) raises KeyUnavailableError or
-    ScopeShreddedError naming its scope, never garbage. ``shredded="meta"``: a tensor sealed
-    under a shredded scope (``ckptguard shred``) loads as a meta tensor of its shape and dtype
-    (its data is gone for good) and the rest of the checkpoint loads; a ``template`` tensor of
-    such a scope still raises (it cannot be filled).
-    """
-    if shredded not in ("raise", "meta"):
-        raise ValueError(f"shredded must be 'raise' or 'meta', not {shredded!r}")
-    if kek is not None:
-        with using_kek(kek):
-            return load(
-                path,
-                map_location,
-                pickle_module,
-                weights_only=weights_only,
-                mmap=mmap,
-                verify=verify,
-                allow_pickle=allow_pickle,
-                template=template,
-                coordinator=coordinator,
-                rank=rank,
-                trusted_keys=trusted_keys,
-                shredded=shredded,
-            )
+    ``kek``, ``shredded``: encrypted chunks (docs/security.md): the key-encryption key (None:
+    the environment's); ``"meta"``: a tensor of a shredded scope loads as a meta tensor."""
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     trust = _trust(trusted_keys, verify)
     found: list[tuple[Path, Any]] = []
     if template is not None:
         template, found = expand(template)
-    if rank is None:
-        mine, world = current(coordinator)
-    elif type(rank) is not int or rank < 0:
-        raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
-    else:
-        mine, world = rank, None
+    mine, world = _whose(rank, coordinator)
 
     def read(p: str | OneFile) -> Any:
-        return load_checkpoint(
-            p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
-        )
+        with using_kek(kek):
+            return load_checkpoint(
+                p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
+            )
 
     if is_file_object(path):  # read once: the reader closes it
         out = read(open_fileobj(path))
@@ -252,6 +223,15 @@ def load(
         )
     out = _reading(where, read)
     return restore(out, found, _not_saved) if found else out
+
+
+def _whose(rank: int | None, coordinator: Coordinator | str | None) -> tuple[int, int | None]:
+    """(the rank whose values a load returns, this job's world size or None)."""
+    if rank is None:
+        return current(coordinator)
+    if type(rank) is not int or rank < 0:
+        raise ValueError(f"rank must be an int >= 0 or None, not {rank!r}")
+    return rank, None
 
 
 def _trust(trusted_keys: Trusted | None, verify: bool = True) -> TrustSet | None:

@@ -68,12 +68,8 @@ def load_checkpoint(
         ids = _tensor_ids(rd, tree)
         if PER_RANK_TENSORS in rd.features:
             _check_rank(rd, rank, world)
-        targets = (
-            select.template_targets(template, rd.tensors, rd.path, rank)
-            if template is not None
-            else {}
-        )
-        gone = _shredded(rd, [g for g in ids if g not in targets]) if shredded == "meta" else {}
+        targets = select.template_targets(template, rd.tensors, rd.path, rank)
+        gone = _shredded(rd, [g for g in ids if g not in targets], shredded)
         ids = [g for g in ids if g not in gone]
         # Tensors without a template load whole, in tree order, each once: those that are one
         # slice of a packed record as views of its buffer, the others into their own targets
@@ -295,10 +291,14 @@ def _fresh_values(
     return {gid: place.finish(tg, rd.tensors[gid], map_location) for gid, tg in targets.items()}
 
 
-def _shredded(rd: CheckpointReader, ids: list[int]) -> dict[int, Any]:
-    """The tensors of ``ids`` whose bytes (or, of a view, its storage's) are sealed under a
-    shredded scope, each as a meta tensor of its shape and dtype (of a per-rank tensor, one
-    rank's row)."""
+def _shredded(rd: CheckpointReader, ids: list[int], shredded: str) -> dict[int, Any]:
+    """Under ``shredded="meta"``, the tensors of ``ids`` whose bytes (or, of a view, its
+    storage's) are sealed under a shredded scope, each as a meta tensor of its shape and dtype
+    (of a per-rank tensor, one rank's row); none under ``"raise"``."""
+    if shredded not in ("raise", "meta"):
+        raise ValueError(f"shredded must be 'raise' or 'meta', not {shredded!r}")
+    if shredded == "raise":
+        return {}
     gone_ids = []
     for kid in rd.key_scopes:
         try:

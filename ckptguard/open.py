@@ -212,7 +212,7 @@ class CheckpointReader:
         linked = linked_file(name)
         if linked is not None:
             return linked[1], linked[0]
-        return self.manifest["uuid"], datafile_rank(name)
+        return self.manifest["uuid"], datafile_rank(name) or 0
 
     def record_rows(self, r: Row) -> list[RowId]:
         """Every row of row ``r``'s record, as a sealed record's associated data names them."""

@@ -284,7 +284,7 @@ class _Save:
                 self.source,
                 self.on_read,
                 plan["base"],
-                Sealing.from_plan(self.opt.encrypt, plan["seal"]) if plan["seal"] else None,
+                Sealing.from_plan(self.opt.encrypt or {}, plan["seal"]) if plan["seal"] else None,
             )
         except Exception as e:
             return self.fail(e), None

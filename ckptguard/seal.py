@@ -292,29 +292,8 @@ def write_sealed(
         for c, (cid, payload, h, d, ns) in zip(chunks[b : b + step], done, strict=True):
             seg = segments[c.seg]
             t0 = time.perf_counter_ns()
-            if c.scope is not None:
-                nonce = new_nonce()
-                aad = record_aad(
-                    uuid_hex, rank, pos, c.scope.key_id, cid, seg.elem_size, len(c.raw), c.rows
-                )
-                payload = seal_payload(c.scope.aead(uuid_hex, rank), nonce, payload, aad)
-                if digested:
-                    d = hashlib.sha256(payload).digest()
-                hdr = RecordHeader(
-                    cid,
-                    seg.elem_size,
-                    len(c.raw),
-                    len(payload),
-                    xxhash.xxh3_128(payload).digest(),
-                    seq0 + len(cols[0]),
-                    SEALED,
-                    nonce,
-                )
-                h = c.scope.fingerprint(h)
-            else:
-                hdr = RecordHeader(
-                    cid, seg.elem_size, len(c.raw), len(payload), h, seq0 + len(cols[0])
-                )
+            where = (uuid_hex, rank, pos, seq0 + len(cols[0]))
+            hdr, payload, h, d = _sealed(c, seg.elem_size, cid, payload, h, d, where, digested)
             ns += time.perf_counter_ns() - t0
             if d is not None:
                 digests.append(d)
@@ -390,6 +369,31 @@ def write_stretches(
         fd, path, pos, seq0, uuid_hex, rank, segments, chunks, step, threads, backend, digested
     )
     return done, [c.scope.key_id if c.scope else None for c in chunks]
+
+
+def _sealed(
+    c: SealedChunk,
+    elem_size: int,
+    cid: int,
+    payload: Any,
+    h: bytes,
+    d: bytes | None,
+    where: tuple[str, int, int, int],
+    digested: bool,
+) -> tuple[RecordHeader, Any, bytes, bytes | None]:
+    """The record of one encoded chunk at ``where`` (uuid, rank, offset, sequence number):
+    header, stored payload, index hash and digest; sealed where the chunk has a scope."""
+    uuid_hex, rank, pos, seq = where
+    if c.scope is None:
+        return RecordHeader(cid, elem_size, len(c.raw), len(payload), h, seq), payload, h, d
+    nonce = new_nonce()
+    aad = record_aad(uuid_hex, rank, pos, c.scope.key_id, cid, elem_size, len(c.raw), c.rows)
+    stored = seal_payload(c.scope.aead(uuid_hex, rank), nonce, payload, aad)
+    if digested:
+        d = hashlib.sha256(stored).digest()
+    stored_hash = xxhash.xxh3_128(stored).digest()
+    hdr = RecordHeader(cid, elem_size, len(c.raw), len(stored), stored_hash, seq, SEALED, nonce)
+    return hdr, stored, c.scope.fingerprint(h), d
 
 
 def chunks_of(

@@ -238,7 +238,9 @@ class Target:
 
 def template_targets(template: Any, tensors: Sequence[dict], path: str, rank: int) -> dict:
     """The targets of a template's tensors (found by key in ``tensors``, the manifest's), each
-    checked against the saved dtype and shape: tensor id -> Target."""
+    checked against the saved dtype and shape: tensor id -> Target (none without a template)."""
+    if template is None:
+        return {}
     _, refs, _ = flatten(template, tensors_only=True)
     by_key = {t["key"]: i for i, t in enumerate(tensors)}
     out: dict[int, Target] = {}

@@ -171,7 +171,7 @@ class Writer(StorageWriter):
             todo.append((gid, ref))
             devices[str(gid)] = ref.device
         opt = dataclasses.replace(self.opt, digests=part["digests"])
-        seal = Sealing.from_plan(self.opt.encrypt, part["seal"]) if part["seal"] else None
+        seal = Sealing.from_plan(self.opt.encrypt or {}, part["seal"]) if part["seal"] else None
         doc, rows = write_data_file(
             DIRECTORY,
             part["staging"],

@@ -159,8 +159,8 @@ def build(
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
     totals are derived here, never by callers. ``incremental``: the member of an incremental
     save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when ``files`` lists a
-    linked data file (ValueError otherwise). ``encryption``: the scopes of the data keys that
-    seal some row, ``{key_id: scope}`` (section 4.4), given exactly when a row has a key_id.
+    linked data file (ValueError otherwise). ``encryption``: ``{key_id: scope}`` of the data
+    keys that seal rows (section 4.4), given exactly when a row has a key_id.
     """
     feats = features(pickle, rank_trees, tensors, table, tree)
     linked = any(linked_file(f["name"]) is not None for f in files)
@@ -190,9 +190,7 @@ def build(
         body["incremental"] = incremental
     if (ENCRYPTION in feats) != bool(encryption):
         raise ValueError("the encryption member is given exactly when a row has a key_id")
-    if encryption:
-        body["encryption"] = encryption_member(encryption)
-    return body
+    return {**body, "encryption": encryption_member(encryption)} if encryption else body
 
 
 def encode(body: dict) -> bytes:
