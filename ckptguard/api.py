@@ -388,6 +388,8 @@ class TensorSummary:
     stored_bytes: int = 0
     chunks: int = 0
     codecs: dict[str, int] = field(default_factory=dict)
+    scope: str | None = None
+    """The encryption scope its bytes are sealed under (docs/format.md 4.4); None: in the clear."""
 
 
 @dataclass
@@ -414,4 +416,6 @@ def _describe(p: str | OneFile) -> CheckpointDescription:
             s.stored_bytes += r.stored_len
             s.chunks += 1
             s.codecs[r.codec] = s.codecs.get(r.codec, 0) + 1
+            if r.key_id is not None:
+                s.scope = rd.key_scopes[r.key_id]
         return CheckpointDescription(CheckpointInfo.from_manifest(rd.manifest, rd.path), out)

@@ -323,9 +323,12 @@ def gc_temps(store: str, older_than: float) -> list[str]:
 def copy_to(src_store: str, dst_store: str, scopes: Mapping[str, str]) -> None:
     """Copy the entries of ``scopes`` (scope -> key_id) from ``src_store``'s keyring into
     ``dst_store``'s, for a drain. Each store is first recorded in the other's COPIES, so that
-    a shred in either reaches both. A scope shredded in either is a ScopeShreddedError (a
-    shredded key is never copied back); a different key for it in the destination a
-    KeyUnavailableError (a conflict); the same key there is left as it is."""
+    a shred in either reaches both. A shred of the key in either store wins: a key shredded in
+    the source leaves a tombstone in the destination (the drained copy's chunks of that scope
+    are as unreadable as the source's), one shredded in the destination is shredded in the
+    source too, and neither raises. A scope that the destination shredded under another key
+    (or never keyed) is a ScopeShreddedError: a shredded scope is never keyed again there; a
+    different live key for it in the destination a KeyUnavailableError (a conflict)."""
     for scope in scopes:
         check_scope(scope)
     src, dst = os.path.realpath(src_store), os.path.realpath(dst_store)
@@ -333,33 +336,42 @@ def copy_to(src_store: str, dst_store: str, scopes: Mapping[str, str]) -> None:
         _add_copy(src, dst)
         _add_copy(dst, src)
     for scope, key_id in scopes.items():
-        sid = scope_id(scope)
-        doc = read_entry(src, sid)
-        if doc is None:
-            raise KeyUnavailableError(f"no key for scope {scope!r} in the keyring of {src}", scope)
-        check_live(doc, src, key_id)
+        _copy_one(src, dst, scope, key_id)
+
+
+def _copy_one(src: str, dst: str, scope: str, key_id: str) -> None:
+    sid = scope_id(scope)
+    doc = read_entry(src, sid)
+    if doc is None:
+        raise KeyUnavailableError(f"no key for scope {scope!r} in the keyring of {src}", scope)
+    if doc["key_id"] != key_id:
+        check_live(doc, src, key_id)  # another key than the checkpoint's: a conflict
+    there = read_entry(dst, sid)
+    if "shredded" in doc:
+        if there is None or "shredded" not in there:
+            _shred_one(dst, scope, doc["reason"])
+        return
+    if there is None:
+        with contextlib.suppress(FileExistsError):
+            put_entry(dst, doc, False, lambda: None)
         there = read_entry(dst, sid)
-        if there is None:
-            with contextlib.suppress(FileExistsError):
-                put_entry(dst, doc, False, lambda: None)
-            there = read_entry(dst, sid)
-        if there is None or "shredded" in there:
-            raise ScopeShreddedError(
-                f"scope {scope!r} was shredded in {dst}: its key is not copied there again",
-                scope,
-                key_id,
-            )
-        if there["key_id"] != key_id:
-            raise KeyUnavailableError(
-                f"the keyring of {dst} holds another key ({there['key_id']}) for scope "
-                f"{scope!r} than {src} ({key_id}): the two stores' keys conflict",
-                scope,
-                key_id,
-            )
-        again = read_entry(src, sid)
-        if again is None or "shredded" in again:  # shredded while being copied: finish it
-            _shred_one(dst, scope, again["reason"] if again else "")
-            raise ScopeShreddedError(f"scope {scope!r} was shredded meanwhile", scope, key_id)
+    if there is not None and "shredded" in there and there["key_id"] == key_id:
+        _shred_one(src, scope, there["reason"])  # the shred had not reached the source
+        return
+    if there is None or "shredded" in there:
+        raise ScopeShreddedError(
+            f"scope {scope!r} was shredded in {dst}: it is not keyed there again", scope, key_id
+        )
+    if there["key_id"] != key_id:
+        raise KeyUnavailableError(
+            f"the keyring of {dst} holds another key ({there['key_id']}) for scope "
+            f"{scope!r} than {src} ({key_id}): the two stores' keys conflict",
+            scope,
+            key_id,
+        )
+    again = read_entry(src, sid)
+    if again is None or "shredded" in again:  # shredded while being copied: finish it
+        _shred_one(dst, scope, again["reason"] if again else "")
 
 
 def _add_copy(store: str, other: str) -> None:

@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import slurmkit
 from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 
 import ckptguard
+from ckptguard import keyring
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
 from ckptguard.audit import AUDIT_DIR
 from ckptguard.drain import drain
@@ -44,6 +46,7 @@ SAVE_TIMEOUT = 5  # seconds: the collectives' timeout of every save in a case
 BOUND = {
     "save": 90.0,
     "save-zstd": 90.0,
+    "save-sealed": 90.0,
     "incremental": 90.0,
     "overwrite": 90.0,
     "fallback": 90.0,
@@ -354,7 +357,7 @@ def _keyring_base(root: Path) -> Path:
 
 
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
-    (("save", "save-zstd", "overwrite", "fallback", "incremental"), _mpi_base),
+    (("save", "save-zstd", "save-sealed", "overwrite", "fallback", "incremental"), _mpi_base),
     (("delete-base",), _delete_base_base),
     (("gc-shared",), _gc_shared_base),
     (("agent", "agent-srun"), _agent_base),
@@ -406,7 +409,8 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
     for n in names:
         report = ckptguard.verify(store / n)
         assert report.ok, f"{n} does not verify: {report.problems[:3]}"  # I1, I5
-    allowed = names | {LATEST, STAGING, AUDIT_DIR}  # the audit log, where the store keeps one
+    # the audit log and the keyring, where the store keeps them
+    allowed = names | {LATEST, STAGING, AUDIT_DIR, keyring.KEYS}
     stray = [n for n in os.listdir(store) if n not in allowed and not _latest_tmp(n)]
     assert not stray, f"visible besides the checkpoints: {stray}"  # I1: nothing partial
     assert st.latest_name() == latest, f"LATEST is {st.latest_name()!r}, expected {latest!r}"
@@ -535,6 +539,8 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         env["CKPTGUARD_TEST_COMPRESS"] = "zstd"
     if case.scenario == "incremental":  # the same state, linked to step-10's data files
         env["CKPTGUARD_TEST_BASE"] = "step-10"
+    if case.scenario == "save-sealed":  # every tensor sealed, its scope's key made by the save
+        env["CKPTGUARD_TEST_ENCRYPT"] = "run-1"
     cmd = [MPIEXEC, "-n", "4", sys.executable, str(SCENARIOS), *args]
     code, wall, log = launch(cmd, env, tmp / "launch.log", BOUND[case.scenario])
     fired(case, log)
@@ -578,6 +584,10 @@ def _mpi(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
             check_codec(store / "new", "zstd")
         if committed and case.scenario == "incremental":
             check_codec(store / "new", "incremental")
+        if committed and case.scenario == "save-sealed":
+            check_codec(store / "new", "encryption")
+        if case.scenario == "save-sealed":  # a key made or not, whole either way; gc's to clean
+            assert [e.scope for e in keyring.entries(str(store))] in ([], ["run-1"])
     return outcome, check_ranks(case, run, committed)
 
 
@@ -912,7 +922,6 @@ def _keyring(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     fails at the point. Every key left live unwraps, under the KEK its entry names, to the
     bytes it had; the outcome is the one expected; gc removes the temporaries; the re-run
     completes (in every copy, for a shred)."""
-    from ckptguard import keyring
     from ckptguard.errors import ScopeShreddedError
 
     k1, k2 = keyring.Kek(bytes(range(32))), keyring.Kek(bytes(range(32, 64)))
@@ -960,10 +969,23 @@ def _keyring(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+SEAL_KEK = "5e" * 32
+
+
+def _sealed(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """``_mpi`` of an encrypted save: the ranks and this process (which checks the store,
+    loading what was committed) share the key-encryption key."""
+    with mock.patch.dict(os.environ, {"CKPTGUARD_KEK": SEAL_KEK}):
+        for var in ("CKPTGUARD_KEK_FILE", "CKPTGUARD_KEK_COMMAND"):
+            os.environ.pop(var, None)
+        return _mpi(case, base, tmp, seen)
+
+
 _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "keyring": _keyring,
     "save": _mpi,
     "save-zstd": _mpi,
+    "save-sealed": _sealed,
     "incremental": _mpi,
     "overwrite": _mpi,
     "fallback": _mpi,

@@ -56,3 +56,31 @@ def test_create_list_rotate_shred(tmp_path: Path, monkeypatch) -> None:
     assert "2 scopes" in r.output and "shredded" in r.output and NEW.hex() not in r.output
     r = run(cli, ["shred", str(store), "bad\nscope", "--yes"])
     assert r.exit_code == 2 and "control character" in r.output, r.output
+
+
+def test_info_and_verify_of_an_encrypted_checkpoint(tmp_path, monkeypatch) -> None:
+    """``info`` names the scopes; ``verify`` without the key says what it checked and what it
+    could not; a shredded scope fails nothing, as its bytes still verify as stored."""
+    import torch
+    from clikit import run
+
+    import ckptguard
+
+    monkeypatch.setenv("CKPTGUARD_KEK", "c3" * 32)
+    for var in ("CKPTGUARD_KEK_FILE", "CKPTGUARD_KEK_COMMAND"):
+        monkeypatch.delenv(var, raising=False)
+    state = {"m": {"w": torch.randn(300)}, "o": {"s": torch.randn(20)}}
+    ckptguard.save(state, tmp_path / "c", encrypt={"m/*": "tenant-a", "o/*": "tenant-b"})
+    out = run("info", tmp_path / "c")
+    assert out.exit_code == 0, out.output
+    assert "tenant-a (1 tensors)" in out.output and "sealed (tenant-b)" in out.output
+    out = run("verify", tmp_path / "c")
+    assert out.exit_code == 0 and "checked as stored only" not in out.output
+    monkeypatch.setenv("CKPTGUARD_KEK", "d4" * 32)
+    out = run("verify", tmp_path / "c")
+    assert out.exit_code == 0, out.output
+    assert "scope 'tenant-a' checked as stored only" in out.output
+    monkeypatch.setenv("CKPTGUARD_KEK", "c3" * 32)
+    assert run("shred", tmp_path, "tenant-a", "--yes").exit_code == 0
+    out = run("verify", tmp_path / "c")
+    assert out.exit_code == 0 and "shredded" in out.output

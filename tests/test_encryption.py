@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,73 @@ def test_encrypt_matching_no_tensor_is_a_plain_save(tmp_path: Path) -> None:
     ckptguard.save({"a": torch.ones(3)}, tmp_path / "c", encrypt={"zzz*": "s"})
     assert "encryption" not in _manifest(tmp_path / "c")["features"]
     assert not (tmp_path / ".keys").exists()
+
+
+def test_drain_copies_keys_and_shred_reaches_the_copy(tmp_path: Path, monkeypatch) -> None:
+    from ckptguard.drain import drain
+
+    state = _state()
+    src, dst = tmp_path / "fast", tmp_path / "pfs"
+    ckptguard.save(state, src / "c", encrypt=RULE)
+    monkeypatch.delenv("CKPTGUARD_KEK")  # the drain needs no key: it copies ciphertext
+    drain(str(src), str(dst))
+    monkeypatch.setenv("CKPTGUARD_KEK", KEK_A)
+    _equal(state, ckptguard.load(dst / "c"))
+    assert ckptguard.verify(dst / "c").ok
+    keyring.shred(str(src), "tenant-b")  # reaches the drained copy's keyring too
+    with pytest.raises(ScopeShreddedError):
+        ckptguard.load(dst / "c")
+    _equal(state, ckptguard.load(dst / "c", shredded="meta"), ("model", "plain"))
+    # A destination where the scope is shredded refuses it: a drain never revives a key.
+    other = tmp_path / "other"
+    ckptguard.save({"z": torch.ones(3)}, other / "z", encrypt="tenant-a")
+    keyring.shred(str(other), "tenant-a")
+    with pytest.raises(ScopeShreddedError):
+        drain(str(src), str(other))
+    assert not (other / "c").exists()
+
+
+def test_export_of_an_encrypted_checkpoint(tmp_path: Path) -> None:
+    state = _state()
+    ckptguard.save(state, tmp_path / "c", encrypt=RULE)
+    res = ckptguard.export(tmp_path / "c", to="safetensors", dest=tmp_path / "out", select="model")
+    from safetensors.torch import load_file
+
+    (path,) = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]
+    got = load_file(str(path))
+    assert torch.equal(got["w"], state["model"]["w"]) and res is not None
+
+
+def test_four_ranks_under_mpiexec_and_a_resharding_load(tmp_path: Path) -> None:
+    """4 MPI ranks save with two scopes (the committer alone resolves the keys), 2 and 4 ranks
+    load with templates of another sharding, and the data files hold no row in the clear."""
+    from conftest import run_command
+    from mpikit import need_mpi
+
+    scenarios = str(Path(__file__).parent / "dist" / "scenarios.py")
+    store = tmp_path / "store"
+    env = {
+        **os.environ,
+        "CKPTGUARD_KEK": KEK_A,
+        "SCENARIO_ENCRYPT": json.dumps({"model/*": "tenant-a", "optim/*": "tenant-b"}),
+    }
+
+    def mpirun(n: int, *args: str) -> list[dict]:
+        cmd = [need_mpi(), "-n", str(n), sys.executable, scenarios, "mpi", *args]
+        assert run_command(cmd, 180, env=env).returncode == 0
+        outs = []
+        for r in range(n):
+            outs.append(json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()))
+            (tmp_path / "out" / f"rank-{r}.json").unlink()
+        return outs
+
+    saved = mpirun(4, "save", str(store), "step-10")
+    assert all(r["ok"] for r in saved), saved
+    rows = _rows(store / "step-10")
+    assert {r.rank for r in rows} == {0, 1, 2, 3}  # replicas are spread over the ranks
+    sealed = {r.key for r in rows if r.key_id is not None}
+    assert sealed == {r.key for r in rows if r.key.startswith(("model/", "optim/"))}
+    for n in (2, 4):
+        loaded = mpirun(n, "load", str(store), "4")
+        assert all(r["ok"] for r in loaded), loaded
+    assert ckptguard.verify(store / "step-10").ok

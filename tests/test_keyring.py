@@ -238,10 +238,28 @@ def test_copy_to_never_resurrects_and_detects_conflicts(tmp_path: Path) -> None:
         keyring.copy_to(a, b, {"t": mine.key_id})
     assert keyring.unwrap(b, "t", other.key_id, K1) == other
     keyring.shred(a, "t")  # a knows b now (copy_to recorded it): b's "t" is shredded too
-    with pytest.raises(ScopeShreddedError):
-        keyring.copy_to(a, b, {"t": mine.key_id})
+    keyring.copy_to(a, b, {"t": mine.key_id})  # a shredded key: its tombstone, no error
     with pytest.raises(ScopeShreddedError):
         keyring.unwrap(b, "t", other.key_id, K1)
+
+
+def test_copy_to_carries_a_shred_both_ways(tmp_path: Path) -> None:
+    """A drain of a checkpoint whose scope was shredded still succeeds: the shred wins in both
+    stores, whichever heard of it first."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    k = keyring.obtain(a, "s", K1)
+    keyring.shred(a, "s")  # before any copy: b has never heard of it
+    keyring.copy_to(a, b, {"s": k.key_id})
+    with pytest.raises(ScopeShreddedError):
+        keyring.obtain(b, "s", K1)
+    k2 = keyring.obtain(a, "u", K1)
+    keyring.copy_to(a, c, {"u": k2.key_id})
+    os.unlink(os.path.join(c, ".keys", "COPIES"))  # c's shred cannot reach a
+    keyring.shred(c, "u")
+    assert keyring.unwrap(a, "u", k2.key_id, K1) == k2  # a has not heard of it yet
+    keyring.copy_to(a, c, {"u": k2.key_id})  # the shred in c reaches a through the drain
+    with pytest.raises(ScopeShreddedError):
+        keyring.unwrap(a, "u", k2.key_id, K1)
 
 
 def test_shred_refuses_a_held_checkpoint_using_the_scope(tmp_path, monkeypatch) -> None:

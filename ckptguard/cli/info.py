@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import click
 from rich.console import JustifyMethod
@@ -44,6 +45,10 @@ def command(ckpt: str) -> None:
     ]
     if info.base is not None:  # an incremental checkpoint (format.md section 4.3)
         facts.append(("base", f"{info.base} (depth {info.depth})"))
+    scopes = Counter(t.scope for t in desc.tensors if t.scope is not None)
+    if scopes:  # an encrypted checkpoint (format.md section 4.4)
+        sealed = ", ".join(f"{s} ({n} tensors)" for s, n in sorted(scopes.items()))
+        facts.append(("encrypted", sealed))
     held = _hold(info.path, info.uuid)
     if held:
         facts.append(("held", held))
@@ -95,6 +100,8 @@ def _tensor_table(desc: ckptguard.CheckpointDescription) -> Table:
         table.add_column(col, footer=footer, justify=justify)
     for t in desc.tensors:
         codecs = ", ".join(f"{c} x{n}" for c, n in sorted(t.codecs.items()))
+        if t.scope is not None:
+            codecs += f", sealed ({t.scope})"
         table.add_row(
             *map(
                 cell,

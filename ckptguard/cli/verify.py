@@ -177,9 +177,13 @@ def _verify_one(
     if report.ok:
         size = format_size(report.bytes_checked)
         signed = f"; signed by key {report.signed_by[:16]}" if report.signed_by else ""
-        return True, [
-            f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked{signed})"
-        ]
+        lines = [f"ok   {report.path} ({report.chunks_checked} chunks, {size} checked{signed})"]
+        for scope, n in sorted(report.keyless.items()):  # sealed chunks without their key
+            lines.append(
+                f"  {n} records of scope {scope!r} checked as stored only (ciphertext; "
+                f"plaintext not checked: {report.key_errors.get(scope, 'no key')})"
+            )
+        return True, lines
     lines = [f"FAIL {report.path}: {len(report.problems)} problem(s)"]
     return False, lines + [_problem_line(p) for p in report.problems]
 

@@ -13,7 +13,11 @@ checkpoint follows the commit protocol of docs/format.md section 2 on the destin
    reclaims a torn drain), in pieces by up to ``jobs`` threads, and each file is fsynced;
    MANIFEST.json comes last, byte for byte (the uuid and ``created`` are the source's)
    (``drain.copy``; data files are striped on Lustre, ``drain.lustre``);
-4. every chunk of the staged copy is verified (``read.verify_checkpoint``). If it fails, the
+   an encrypted checkpoint's data keys are copied into DST's keyring first, still wrapped
+   (``keyring.copy_to``: each store then lists the other, so that a shred reaches both; a
+   scope shredded in DST is refused, never revived);
+4. every chunk of the staged copy is verified (``read.verify_checkpoint``; a sealed chunk as
+   stored, which needs no key: the copy is of its ciphertext). If it fails, the
    source is verified too, to name the side that is damaged: a damaged source raises
    CorruptCheckpointError naming the source file, tensor and chunk; nothing becomes visible;
 5. ``commit.publish`` renames the staging directory to ``DST/<name>`` (the atomic exchange of
@@ -34,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from .. import audit, sign
+from .. import audit, keyring, sign
 from ..audit import WITNESS_SUBDIR
 from ..commit import (
     Flavour,
@@ -57,6 +61,7 @@ from ..errors import (
     warn_after_commit,
 )
 from ..failpoints import failpoint
+from ..format.encryption import key_scopes
 from ..format.layout import check_name
 from ..format.manifest import CheckpointInfo
 from ..fsutil import makedirs_durably
@@ -169,6 +174,9 @@ def _drain_one(
             raise CheckpointReplacedError(
                 f"{info.path} was replaced while being drained", info.path
             )
+        scopes = key_scopes(rd.manifest)
+        if scopes:  # its data keys go first: a drained copy is never without them
+            keyring.copy_to(os.path.dirname(info.path), dst_root, {s: k for k, s in scopes.items()})
         try:
             _, staging = new_staging(dst_root, info.name)
         except OSError as e:

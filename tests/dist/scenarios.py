@@ -134,6 +134,7 @@ def main() -> int:
                 timeout=60,
                 # a signed save: only the committer names the key, the other ranks need nothing
                 sign_key=os.environ.get("SCENARIO_SIGN_KEY") if rank == 0 else None,
+                encrypt=json.loads(os.environ.get("SCENARIO_ENCRYPT", "null")),
             )
             result.update(
                 ok=True,
@@ -164,6 +165,7 @@ def main() -> int:
                 overwrite=sys.argv[6:] == ["overwrite"],
                 compress=compress,
                 base=os.environ.get("CKPTGUARD_TEST_BASE") or None,
+                encrypt=os.environ.get("CKPTGUARD_TEST_ENCRYPT") or None,
             )
             result.update(ok=True, name=info.name, uuid=info.uuid, warnings=list(info.warnings))
         elif scenario == "diverge":  # replicas that differ are an error on every rank
