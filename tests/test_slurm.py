@@ -352,3 +352,37 @@ def test_agents_under_srun_sign_into_an_audited_store(job: list[str], tmp_path: 
     assert done.fraction == 1.0 and done.total == 3, done.gaps
     audit = [agent, "audit", "verify", store, "--witness", witness, "--key", pub]
     assert run_command(audit, timeout=60).returncode == 0
+
+
+@pytest.mark.backend_independent  # the sealed path is the same Python code on both backends
+def test_agents_under_srun_save_encrypted_and_drain_with_the_keys(
+    job: list[str], tmp_path: Path
+) -> None:
+    """srun -n 4 ckptguard run --drain-to: three handed-over saves sealed under one scope (the
+    agents' committer makes its key; the KEK comes from the job's environment), the second
+    drained with its key; both copies load bitwise, and a shred reaches both keyrings."""
+    import ckptguard
+    from ckptguard import keyring
+
+    out, store, dst = tmp_path / "out", tmp_path / "store", tmp_path / "durable"
+    out.mkdir()
+    env = {**os.environ, "CKPTGUARD_KEK": "7a" * 32, "TRAINER_ENCRYPT": "run-9"}
+    agent = Path(sys.executable).parent / "ckptguard"
+    trainer = HERE / "agent" / "trainer.py"
+    cmd = ["srun", *job[:2], "--time=3", "--mpi=pmi2", "-n", "4", agent, "run"]
+    cmd += ["--drain-to", dst, "--drain-every", "2", "--", sys.executable, trainer, "handoff"]
+    proc = run_command([*cmd, out, store], timeout=150, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kek = keyring.Kek.from_hex("7a" * 32)
+    for where in (store / "h1", dst / "h1"):
+        body = (where / "MANIFEST.json").read_text()
+        assert '"encryption"' in body and '"run-9"' in body
+        got = ckptguard.load(where, kek=kek)
+        assert got["w"].shape == (16, 5) and got["step"] == 1
+        assert ckptguard.verify(where, kek=kek).ok
+    with pytest.raises(ckptguard.KeyUnavailableError):
+        ckptguard.load(store / "h2", kek=keyring.Kek.from_hex("7b" * 32))
+    keyring.shred(str(store), "run-9")
+    for where in (store / "h1", dst / "h1"):
+        with pytest.raises(ckptguard.ScopeShreddedError):
+            ckptguard.load(where, kek=kek)

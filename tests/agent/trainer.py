@@ -128,7 +128,8 @@ def handoff_mode(out: str, store: str, crash: bool) -> int:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     st = handoff_state(rank, world)
-    with ckptguard.Checkpointer(store, overwrite=True, timeout=60) as c:
+    sealed = os.environ.get("TRAINER_ENCRYPT") or None  # a scope: every tensor encrypted
+    with ckptguard.Checkpointer(store, overwrite=True, timeout=60, encrypt=sealed) as c:
         assert c.handoff is not None, "no handoff under the agent"
         if crash:
             import torch.distributed as dist
