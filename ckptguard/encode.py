@@ -206,6 +206,11 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ex
 
 
+def codec_pool(threads: int) -> ThreadPoolExecutor:
+    """The pool of ``threads`` threads that ``parallel_map`` uses (one per count, kept)."""
+    return _pool(threads)
+
+
 def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
     """``[fn(x) for x in items]``, on up to ``threads`` threads of a pool kept per count."""
     if threads <= 1 or len(items) <= 1:

@@ -84,7 +84,6 @@ def _read_sealed(rd: CheckpointReader, r: Row, buf: bytes, verify: bool) -> byte
             scope,
             uuid,
             rank,
-            r.offset,
             CODECS[r.codec],
             r.elem_size,
             r.record_raw_len,

@@ -3,19 +3,19 @@ encrypted with AES-256-GCM under a key derived from its scope's data key.
 
 What is bound and how (format.md has the byte layouts): each data file has its own record key,
 derived with HKDF-SHA256 from the data key, the file's checkpoint uuid and rank, so a scope's
-key never meets the same nonce twice however many checkpoints it encrypts; each record has a
-fresh random 96-bit nonce (at most 2^32 records per file); the associated data names the
-record's place (uuid, rank, offset), its key, its header fields and every index row it holds
-(tensor key, shard, chunk, byte ranges), so a record moved, swapped or replayed from another
-checkpoint fails authentication. The index's ``hash`` of a sealed row is the xxh3-128 of the
-raw bytes enciphered with a second key derived from the data key (``Scope.fingerprint``): equal
-chunks have equal hashes within a scope and unrelated ones across scopes. The record header's
+key never meets the same nonce twice however many checkpoints it encrypts; each record's
+96-bit nonce is its sequence number (at most 2^32 records per file); the associated data names
+the record's place (uuid, rank, sequence number), its key, its header fields and every index
+row it holds (tensor key, shard, chunk, byte ranges), so a record moved, swapped or replayed
+from another checkpoint fails authentication. The index's ``hash`` of a sealed row is the
+xxh3-128 of the raw bytes enciphered with a second key derived from the data key
+(``Scope.fingerprint``): equal chunks have equal hashes within a scope and unrelated ones
+across scopes. The record header's
 hash covers the stored ciphertext instead, so a checker without the key still checks every
 stored byte (``check_stored``).
 
 The cryptography is the ``cryptography`` package's (OpenSSL), on both backends; the encoding
-around it (shuffle, LZ4, zstd, xxh3) is the active backend's, so both write the same bytes for
-the same nonces.
+around it (shuffle, LZ4, zstd, xxh3) is the active backend's, so both write the same bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import os
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import backend as _backend
-from .encode import decode, encode_record, parallel_map, split_chunks
+from .encode import codec_pool, decode, encode_record, split_chunks
 from .format.datafile import (
     RECORD_HEADER_SIZE,
     SEALED,
@@ -61,13 +63,14 @@ _AAD_MAGIC = b"CKGSEAL1"
 _RECORD_INFO = b"ckptguard record key v1\0"
 _FINGERPRINT_INFO = b"ckptguard fingerprint v1"
 _ZERO_PAGE = bytes(4096)
-_AAD_HEAD = struct.Struct("<8s16sIQ16sBBQI")  # magic uuid rank offset key_id codec elem raw nrows
+_AAD_HEAD = struct.Struct("<8s16sII16sBBQI")  # magic uuid rank seq key_id codec elem raw nrows
 _AAD_ROW = struct.Struct("<QQIQI")  # record_byte_offset raw_len chunk shard_byte_offset ndim
 
 
-def new_nonce() -> bytes:
-    """A fresh random nonce for one record (tests replace it to compare backends' bytes)."""
-    return os.urandom(NONCE)
+def record_nonce(seq: int) -> bytes:
+    """The nonce of the record with sequence number ``seq``: unique under its file's record key
+    (a writer never writes two records of one sequence number into one data file)."""
+    return struct.pack("<I8x", seq)
 
 
 def _hkdf(key: bytes, salt: bytes | None, info: bytes) -> bytes:
@@ -88,21 +91,21 @@ class RowId(NamedTuple):
 def record_aad(
     uuid_hex: str,
     rank: int,
-    offset: int,
+    seq: int,
     key_id: str,
     codec: int,
     elem_size: int,
     record_raw_len: int,
     rows: Sequence[RowId],
 ) -> bytes:
-    """The associated data of a sealed record (format.md section 4.4): its place, key, header
-    fields and rows, the rows in ``record_byte_offset`` order."""
+    """The associated data of a sealed record (format.md section 4.4): its place (file and
+    sequence number), key, header fields and rows, the rows in ``record_byte_offset`` order."""
     parts = [
         _AAD_HEAD.pack(
             _AAD_MAGIC,
             bytes.fromhex(uuid_hex),
             rank,
-            offset,
+            seq,
             bytes.fromhex(key_id),
             codec,
             elem_size,
@@ -194,7 +197,6 @@ def read_sealed(
     scope: Scope,
     uuid_hex: str,
     rank: int,
-    offset: int,
     codec: int,
     elem_size: int,
     record_raw_len: int,
@@ -212,7 +214,7 @@ def read_sealed(
     header, payload = check_stored(
         buf, codec, elem_size, record_raw_len, stored_len, seq, digest if verify else None
     )
-    aad = record_aad(uuid_hex, rank, offset, scope.key_id, codec, elem_size, record_raw_len, rows)
+    aad = record_aad(uuid_hex, rank, seq, scope.key_id, codec, elem_size, record_raw_len, rows)
     plain = open_payload(scope.aead(uuid_hex, rank), header.nonce, payload, aad)
     raw = decode(codec, plain, record_raw_len, elem_size, backend)
     if verify and scope.fingerprint(xxhash.xxh3_128(raw).digest()) != row_hash:
@@ -247,6 +249,51 @@ class SealedChunk(NamedTuple):
     rows: Sequence[RowId]
 
 
+class _Done(NamedTuple):
+    """One chunk made into a record by ``_make``: its bytes and its index columns."""
+
+    head: bytes
+    payload: Any
+    codec: int
+    hash: bytes  # the index's: the xxh3-128 of the raw bytes, or their fingerprint
+    digest: bytes | None
+    ns: int
+
+
+def _make(
+    c: SealedChunk,
+    seg: Segment,
+    seq: int,
+    where: tuple[str, int, int, str, bool],
+) -> _Done:
+    """Encode chunk ``c`` from one private copy (``backend``) and seal it if it has a scope:
+    the record of sequence number ``seq`` (``where``: uuid, rank, chunk size, backend, and
+    whether digests are kept). Runs on a pool thread; the heavy steps release the GIL."""
+    uuid_hex, rank, chunk_size, backend, digested = where
+    t0 = time.perf_counter_ns()
+    copy = bytes(c.raw)
+    plain_digest = digested and c.scope is None
+    if backend == _backend.NATIVE:
+        ((cid, payload, h),) = _backend.native().encode(
+            memoryview(copy), seg.elem_size, chunk_size, seg.codec, seg.level, 1
+        )
+        d = hashlib.sha256(copy).digest() if plain_digest else None
+    else:
+        cid, payload, h, d = encode_record(copy, seg.elem_size, seg.codec, seg.level, plain_digest)
+    if c.scope is None:
+        head = RecordHeader(cid, seg.elem_size, len(copy), len(payload), h, seq)
+        return _Done(pack_record_header(head), payload, cid, h, d, time.perf_counter_ns() - t0)
+    nonce = record_nonce(seq)
+    aad = record_aad(uuid_hex, rank, seq, c.scope.key_id, cid, seg.elem_size, len(copy), c.rows)
+    stored = seal_payload(c.scope.aead(uuid_hex, rank), nonce, payload, aad)
+    if digested:
+        d = hashlib.sha256(stored).digest()
+    stored_hash = xxhash.xxh3_128(stored).digest()
+    head = RecordHeader(cid, seg.elem_size, len(copy), len(stored), stored_hash, seq, SEALED, nonce)
+    fp = c.scope.fingerprint(h)
+    return _Done(pack_record_header(head), stored, cid, fp, d, time.perf_counter_ns() - t0)
+
+
 def write_sealed(
     fd: int,
     path: str,
@@ -263,48 +310,38 @@ def write_sealed(
 ) -> Batch:
     """Write ``chunks`` (the chunks of ``segments``, in order) as records from ``pos``: those
     with a scope sealed, the others as ordinary records, each encoded by ``backend`` from one
-    private copy. Buffered writes; the ``io.Batch`` of ``io.write_segments``, with the
+    private copy. The pool encodes and seals up to ``2 * threads`` chunks ahead of the
+    (buffered) writes, in order. Returns the ``io.Batch`` of ``io.write_segments``, with the
     fingerprints as hashes and, where ``digested``, the digests of the stored bytes of sealed
     records and of the raw bytes of the others."""
-    step = max(2 * threads, 1)
     cols: list[list[Any]] = [[], [], [], [], []]  # codec, stored_len, hash, offset, raw_len
     digests: list[bytes] = []
     per = np.zeros((3, len(segments)), dtype=np.int64)  # enc_ns, write_ns, written
-    name = _backend.resolve(backend)
+    where = (uuid_hex, rank, chunk_size, _backend.resolve(backend), digested)
 
-    def encode_one(c: SealedChunk) -> tuple[int, bytes, bytes, bytes | None, int]:
-        seg = segments[c.seg]
-        t0 = time.perf_counter_ns()
-        copy = bytes(c.raw)
-        if name == _backend.NATIVE:
-            ((cid, payload, h),) = _backend.native().encode(
-                memoryview(copy), seg.elem_size, chunk_size, seg.codec, seg.level, 1
-            )
-            d = hashlib.sha256(copy).digest() if digested and c.scope is None else None
-        else:
-            cid, payload, h, d = encode_record(
-                copy, seg.elem_size, seg.codec, seg.level, digested and c.scope is None
-            )
-        return cid, payload, h, d, time.perf_counter_ns() - t0
+    def make(i: int) -> _Done:
+        return _make(chunks[i], segments[chunks[i].seg], seq0 + i, where)
 
-    for b in range(0, len(chunks), step):
-        done = parallel_map(encode_one, chunks[b : b + step], threads)
-        for c, (cid, payload, h, d, ns) in zip(chunks[b : b + step], done, strict=True):
-            seg = segments[c.seg]
+    ahead: deque[Future[_Done]] = deque()
+    pool = codec_pool(max(threads, 1))
+    try:
+        for i, c in enumerate(chunks):
+            while len(ahead) < 2 * max(threads, 1) and i + len(ahead) < len(chunks):
+                ahead.append(pool.submit(make, i + len(ahead)))
+            done = ahead.popleft().result()
+            if done.digest is not None:
+                digests.append(done.digest)
+            used = RECORD_HEADER_SIZE + len(done.payload)
             t0 = time.perf_counter_ns()
-            where = (uuid_hex, rank, pos, seq0 + len(cols[0]))
-            hdr, payload, h, d = _sealed(c, seg.elem_size, cid, payload, h, d, where, digested)
-            ns += time.perf_counter_ns() - t0
-            if d is not None:
-                digests.append(d)
-            used = RECORD_HEADER_SIZE + len(payload)
-            parts = [pack_record_header(hdr), payload, _ZERO_PAGE[: align(used) - used]]
-            t0 = time.perf_counter_ns()
-            pwrite_all(fd, parts, pos, path)
-            per[:, c.seg] += (ns, time.perf_counter_ns() - t0, align(used))
-            for col, v in zip(cols, (cid, len(payload), h, pos, len(c.raw)), strict=True):
+            pwrite_all(fd, [done.head, done.payload, _ZERO_PAGE[: align(used) - used]], pos, path)
+            per[:, c.seg] += (done.ns, time.perf_counter_ns() - t0, align(used))
+            row = (done.codec, len(done.payload), done.hash, pos, len(c.raw))
+            for col, v in zip(cols, row, strict=True):
                 col.append(v)
             pos += align(used)
+    finally:
+        for f in ahead:  # an error: nothing of this batch is written after it
+            f.cancel()
     os.lseek(fd, pos, os.SEEK_SET)
     codec, stored, hashes_, offset, raw_len = cols
     count = np.bincount([c.seg for c in chunks], minlength=len(segments)).astype(np.int64)
@@ -371,31 +408,6 @@ def write_stretches(
     return done, [c.scope.key_id if c.scope else None for c in chunks]
 
 
-def _sealed(
-    c: SealedChunk,
-    elem_size: int,
-    cid: int,
-    payload: Any,
-    h: bytes,
-    d: bytes | None,
-    where: tuple[str, int, int, int],
-    digested: bool,
-) -> tuple[RecordHeader, Any, bytes, bytes | None]:
-    """The record of one encoded chunk at ``where`` (uuid, rank, offset, sequence number):
-    header, stored payload, index hash and digest; sealed where the chunk has a scope."""
-    uuid_hex, rank, pos, seq = where
-    if c.scope is None:
-        return RecordHeader(cid, elem_size, len(c.raw), len(payload), h, seq), payload, h, d
-    nonce = new_nonce()
-    aad = record_aad(uuid_hex, rank, pos, c.scope.key_id, cid, elem_size, len(c.raw), c.rows)
-    stored = seal_payload(c.scope.aead(uuid_hex, rank), nonce, payload, aad)
-    if digested:
-        d = hashlib.sha256(stored).digest()
-    stored_hash = xxhash.xxh3_128(stored).digest()
-    hdr = RecordHeader(cid, elem_size, len(c.raw), len(stored), stored_hash, seq, SEALED, nonce)
-    return hdr, stored, c.scope.fingerprint(h), d
-
-
 def chunks_of(
     segments: Sequence[Segment],
     chunk_size: int,
@@ -424,7 +436,7 @@ __all__ = [
     "Scope",
     "check_stored",
     "chunks_of",
-    "new_nonce",
+    "record_nonce",
     "open_payload",
     "read_sealed",
     "record_aad",
