@@ -5,8 +5,12 @@ complete enough to read a checkpoint without the library. ``read_checkpoint(path
 rule of sections 3-8 (and 10, for a one-file checkpoint) and returns the manifest, the decoded
 object tree and each tensor's raw bytes.
 Any violation raises ``SpecViolation`` (``VersionViolation`` for a version or feature this reader
-does not implement). The layout helpers (``scan_data_file``, ``manifest_span``) are also what the
-corruption tests use to locate the regions they damage.
+does not implement; ``KeyringViolation`` for a damaged entry of the store's keyring).
+Sealed records (feature ``encryption``) open with ``read_checkpoint(path, kek=<32 bytes>)``; a
+scope whose data key is unavailable (no KEK, another one, shredded) is checked as stored and its
+tensors come back with ``data=None`` (``Checkpoint.unreadable`` says which scope and why;
+``TensorData.numpy()`` raises ``SealedUnreadable``). The layout helpers (``scan_data_file``,
+``manifest_span``) are also what the corruption tests use to locate the regions they damage.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import zstandard
 ALIGN = 4096
 HEADER_SIZE = 4096
 RECORD_HEADER = 64
+TAG_LEN = 16  # the AES-GCM tag at the end of a sealed record's stored payload (section 4.4)
 TRAILER_SIZE = 32
 MANIFEST = "MANIFEST.json"
 INDEX = "index.parquet"
@@ -104,8 +109,11 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # the SHA-256 of index.parquet (section 4.2)
 # incremental: linked data files of earlier saves, rows with a base, the manifest's incremental
 # member (section 4.3)
+# encryption: sealed records (AES-256-GCM) under data keys of the store's keyring, rows with a
+# key_id, the manifest's encryption member (sections 1.1, 4.4)
 KNOWN_FEATURES = {
     "digests",
+    "encryption",
     "incremental",
     "pickle",
     "rank-tree-diffs",
@@ -142,8 +150,9 @@ BODY_MEMBERS = {
     "index",
     "totals",
     "incremental",
+    "encryption",
 }
-OPTIONAL_BODY_MEMBERS = {"features", "incremental"}
+OPTIONAL_BODY_MEMBERS = {"features", "incremental", "encryption"}
 TENSOR_MEMBERS = {"key", "dtype", "shape", "kind", "device", "requires_grad", "parameter"}
 FILE_MEMBERS = {"name", "rank", "size", "chunks"}
 INDEX_MEMBERS = {"file", "size", "xxh3_128"}
@@ -322,9 +331,11 @@ class TensorData:
     device: str
     requires_grad: bool
     parameter: bool
-    data: bytes
+    data: bytes | None  # None: sealed, and its scope's data key unavailable (``unreadable``)
     per_rank: bool = False  # row r of the first dimension is rank r's own value
     view: dict[str, Any] | None = None  # section 3.2: data gathered from its storage's bytes
+    scope: str | None = None  # section 4.4: the scope its sealed rows are in, if any
+    unreadable: str | None = None  # why ``data`` is None
 
     @property
     def elem_size(self) -> int:
@@ -337,7 +348,9 @@ class TensorData:
 
     def numpy(self) -> np.ndarray:
         """The tensor as a numpy array (raw bytes as uint8 of shape (*shape, elem) if numpy
-        has no such dtype)."""
+        has no such dtype). SealedUnreadable where its scope's data key was unavailable."""
+        if self.data is None:
+            raise SealedUnreadable(self.key, self.scope or "?", self.unreadable or "")
         if self.dtype in NUMPY_DTYPES:
             return np.frombuffer(self.data, dtype=np.dtype(NUMPY_DTYPES[self.dtype])).reshape(
                 self.shape
@@ -399,6 +412,8 @@ class Checkpoint:
     by_id: list[TensorData]
     rows: list[dict[str, Any]]  # index rows, hash as 16 bytes
     files: dict[str, DataFileLayout]
+    # section 4.4: scope -> why its data key was unavailable (its tensors' data is None)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -622,6 +637,10 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
             and inc["depth"] >= 1,
             "MANIFEST.json: bad incremental member",
         )
+    encryption = "encryption" in feats
+    _need(("encryption" in body) == encryption, "MANIFEST.json: encryption member iff feature")
+    if encryption:
+        check_encryption_member(body["encryption"])
     files = body["files"]
     _need(isinstance(files, list), "MANIFEST.json: files is not a list")
     seen: set[str] = set()
@@ -672,6 +691,43 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         "MANIFEST.json: bad totals",
     )
     return body
+
+
+def is_scope_name(s: Any) -> bool:
+    """Sections 1.1 and 4.4: 1 to 256 characters, no control character (U+0000..U+001F,
+    U+007F..U+009F), not only white space (read here as Python's ``str.isspace``). Characters
+    are Unicode scalar values: a lone surrogate (a JSON escape such as \\ud800) has no UTF-8
+    form, so no scope id (section 1.1)."""
+    return (
+        isinstance(s, str)
+        and 1 <= len(s) <= 256
+        and not any(
+            ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in s
+        )
+        and not s.isspace()
+    )
+
+
+def check_encryption_member(enc: Any) -> None:
+    """Section 4.4: ``{"aead": "aes-256-gcm", "keys": [{"key_id", "scope"}, ...]}``, at least one
+    key, sorted by key_id, each key_id once."""
+    where = "MANIFEST.json: encryption"
+    _need(isinstance(enc, dict) and set(enc) == {"aead", "keys"}, f"{where}: wrong members")
+    _need(enc["aead"] == "aes-256-gcm", f"{where}: aead {enc['aead']!r} is not aes-256-gcm")
+    keys = enc["keys"]
+    _need(isinstance(keys, list) and len(keys) >= 1, f"{where}: keys is not a non-empty list")
+    for i, k in enumerate(keys):
+        _need(isinstance(k, dict) and set(k) == {"key_id", "scope"}, f"{where}.keys[{i}]: members")
+        _need(
+            isinstance(k["key_id"], str) and bool(HEX32_RE.fullmatch(k["key_id"])),
+            f"{where}.keys[{i}]: key_id is not 32 lowercase hex",
+        )
+        _need(is_scope_name(k["scope"]), f"{where}.keys[{i}]: bad scope name {k['scope']!r}")
+    ids = [k["key_id"] for k in keys]
+    _need(
+        all(a < b for a, b in itertools.pairwise(ids)),
+        f"{where}: keys not sorted by key_id, or a key_id twice",
+    )
 
 
 def check_view(tensors: list[dict[str, Any]], i: int) -> None:
@@ -837,6 +893,8 @@ def check_rows(
     shards: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[tuple[int, dict]]] = (
         collections.defaultdict(list)
     )
+    listed_keys = {k["key_id"] for k in body.get("encryption", {}).get("keys", [])}
+    used_keys: set[str] = set()
     for i, r in enumerate(rows):
         w = _row_where(i, r)
         if r["base"] is not None:
@@ -848,7 +906,18 @@ def check_rows(
             not linked or (r["record_byte_offset"] == 0 and r["record_raw_len"] == r["raw_len"]),
             f"{w}: a slice of a packed record in a linked file",
         )
-        _need(r["key_id"] is None or "encryption" in feats, f"{w}: key_id without encryption")
+        sealed = r["key_id"] is not None
+        if sealed:  # section 4.4
+            _need("encryption" in feats, f"{w}: key_id without encryption")
+            _need(
+                isinstance(r["key_id"], str) and bool(HEX32_RE.fullmatch(r["key_id"])),
+                f"{w}: key_id is not 32 lowercase hex",
+            )
+            _need(r["key_id"] in listed_keys, f"{w}: key_id not in the manifest's encryption.keys")
+            _need(r["stored_len"] >= TAG_LEN, f"{w}: sealed stored_len < {TAG_LEN}")
+            used_keys.add(r["key_id"])
+        # the codec's payload: of a sealed record, the stored payload without the tag
+        stored = r["stored_len"] - (TAG_LEN if sealed else 0)
         t = r["tensor"]
         _need(0 <= t < len(tensors), f"{w}: tensor id {t} out of range")
         te = tensors[t]
@@ -874,17 +943,20 @@ def check_rows(
         _need(rb >= 0 and rb + r["raw_len"] <= rl, f"{w}: slice outside the record's raw bytes")
         _need(r["codec"] in CODECS, f"{w}: unknown codec {r['codec']!r}")
         if r["codec"] == "raw":
-            _need(r["stored_len"] == rl, f"{w}: raw stored_len != record_raw_len")
+            _need(stored == rl, f"{w}: raw stored_len != record_raw_len")
         else:
-            _need(0 < r["stored_len"] < rl, f"{w}: {r['codec']} stored_len out of range")
+            _need(0 < stored < rl, f"{w}: {r['codec']} stored_len out of range")
         if r["codec"] == "shuffle-lz4":
-            _need(rl <= 256 * r["stored_len"] + 64, f"{w}: more raw bytes than LZ4 can hold")
+            _need(rl <= 256 * stored + 64, f"{w}: more raw bytes than LZ4 can hold")
         if r["codec"] == "shuffle-zstd":
             _need("zstd" in feats, f"{w}: shuffle-zstd without the zstd feature")
-            _need(rl <= ZSTD_MAX_RATIO * r["stored_len"], f"{w}: more raw bytes than zstd can hold")
+            _need(rl <= ZSTD_MAX_RATIO * stored, f"{w}: more raw bytes than zstd can hold")
         _need(r["offset"] >= 0 and r["offset"] % ALIGN == 0, f"{w}: offset not 4096-aligned")
         shards[(t, tuple(so), tuple(sl))].append((i, r))
 
+    # section 4.4: "a writer lists exactly those" (and a checkpoint without sealed rows is
+    # written without the feature)
+    _need(used_keys == listed_keys, "MANIFEST.json: encryption.keys not exactly the rows' key_ids")
     # chunks of each shard: numbered 0..n-1, contiguous, adding up to the shard's bytes
     per_tensor: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = collections.defaultdict(
         list
@@ -921,7 +993,7 @@ def check_rows(
     by_file: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:
         by_file[r["file"]].append(r)
-    record_fields = ("record_raw_len", "stored_len", "codec", "elem_size", "hash")
+    record_fields = ("record_raw_len", "stored_len", "codec", "elem_size", "hash", "key_id")
     if "digests" in feats:
         record_fields += ("digest",)
     for name, f in files.items():
@@ -1103,28 +1175,73 @@ def zstd_frame(payload: bytes, raw_len: int, where: str) -> bytes:
     return data
 
 
-def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: bool = True) -> bytes:
+def read_chunk(
+    fd: int,
+    rec: Record,
+    row: dict[str, Any],
+    name: str,
+    verify: bool = True,
+    seal: SealContext | None = None,
+) -> bytes | None:
     """Read, check and decode one chunk record (section 8): all its raw bytes (of a packed
-    record, the concatenation of its rows' slices)."""
+    record, the concatenation of its rows' slices). A sealed record (section 4.4) is checked as
+    stored, then opened with its data key from ``seal``; None where that key is unavailable."""
     where = f"{name}: record {rec.seq} (key={row['key']!r}, chunk={row['chunk']})"
     hdr = _pread_exact(fd, RECORD_HEADER, rec.offset, where)
-    magic, codec, es, z1, raw_len, stored_len, h, seq, z2, hh = struct.unpack(
-        "<4sBBHQQ16sI12sQ", hdr
+    magic, codec, es, flags, z1, raw_len, stored_len, h, seq, nonce, hh = struct.unpack(
+        "<4sBBBBQQ16sI12sQ", hdr
     )
     _need(magic == b"CKGR", f"{where}: bad record magic")
     _need(hh == xxh3_64(hdr[:56]), f"{where}: record header hash mismatch")
-    _need(z1 == 0 and z2 == bytes(12), f"{where}: nonzero reserved header bytes")
+    _need(z1 == 0, f"{where}: nonzero reserved header byte 7")
+    _need(flags in (0, 1), f"{where}: record flags {flags} are neither 0 nor 1")
+    sealed = flags == 1
+    _need(sealed or nonce == bytes(12), f"{where}: nonzero nonce in a record in the clear")
+    _need(not sealed or row["key_id"] is not None, f"{where}: sealed under a row without key_id")
+    _need(sealed or row["key_id"] is None, f"{where}: in the clear under a row with a key_id")
     _need(codec == CODECS[row["codec"]], f"{where}: codec id != row")
     _need(es == row["elem_size"], f"{where}: elem_size != row")
     _need(
         raw_len == row["record_raw_len"] and stored_len == row["stored_len"],
         f"{where}: len != row",
     )
-    _need(h == row["hash"], f"{where}: hash != row")
+    _need(sealed or h == row["hash"], f"{where}: hash != row")
     _need(seq == rec.seq, f"{where}: sequence number {seq} != {rec.seq}")
     payload = _pread_exact(fd, stored_len, rec.payload_offset, where)
     pad = _pread_exact(fd, rec.end - rec.payload_end, rec.payload_end, where)
     _need(pad.count(0) == len(pad), f"{where}: nonzero padding")
+    if sealed:
+        _need(seal is not None, f"{where}: a sealed record and no keys to open it with")
+        assert seal is not None
+        if verify:  # every stored byte is checked, key or not (section 4.4)
+            _need(
+                xxhash.xxh3_128(payload).digest() == h,
+                f"{where}: xxh3-128 of the stored payload mismatch",
+            )
+            if "digest" in row:
+                _need(
+                    hashlib.sha256(payload).digest() == row["digest"],
+                    f"{where}: SHA-256 of the stored payload mismatch",
+                )
+        key = seal.keys[row["key_id"]]
+        if key.dk is None:
+            return None
+        aad = seal_aad(seal, rec.offset, row["key_id"], codec, es, raw_len)
+        payload = key.open(seal.uuid, seal.rank, nonce, payload, aad, where)
+    raw = decode_payload(codec, payload, raw_len, es, where)
+    if verify and sealed:
+        assert seal is not None
+        fp = seal.keys[row["key_id"]].fingerprint(raw)
+        _need(fp == row["hash"], f"{where}: fingerprint of the decoded bytes != row hash")
+    elif verify:
+        _need(xxhash.xxh3_128(raw).digest() == h, f"{where}: xxh3-128 of the bytes mismatch")
+        if "digest" in row:
+            _need(hashlib.sha256(raw).digest() == row["digest"], f"{where}: SHA-256 mismatch")
+    return raw
+
+
+def decode_payload(codec: int, payload: bytes, raw_len: int, es: int, where: str) -> bytes:
+    """A codec payload (section 7) decoded to exactly ``raw_len`` raw bytes."""
     if codec == 0:
         raw = payload
     elif codec == 2:
@@ -1137,11 +1254,215 @@ def read_chunk(fd: int, rec: Record, row: dict[str, Any], name: str, verify: boo
         _need(len(shuffled) == raw_len, f"{where}: decoded {len(shuffled)} != raw_len")
         raw = unshuffle(shuffled, es)
     _need(len(raw) == raw_len, f"{where}: decoded length != raw_len")
-    if verify:
-        _need(xxhash.xxh3_128(raw).digest() == h, f"{where}: xxh3-128 of the bytes mismatch")
-        if "digest" in row:
-            _need(hashlib.sha256(raw).digest() == row["digest"], f"{where}: SHA-256 mismatch")
     return raw
+
+
+# ---------------------------------------------------------------- sections 1.1, 4.4: keys
+
+KEYS_DIR = ".keys"
+MAX_KEY_ENTRY = 4096
+SEAL_MAGIC = b"CKGSEAL1"
+LIVE_MEMBERS = {"scope", "key_id", "created", "kek_id", "nonce", "wrapped"}
+TOMBSTONE_MEMBERS = {"scope", "key_id", "shredded", "reason", "user", "host"}
+
+
+class KeyringViolation(SpecViolation):
+    """A damaged keyring entry (section 1.1: a link or non-regular file, other members, a scope
+    that does not match its file name, a wrap that does not authenticate)."""
+
+
+class SealedUnreadable(Exception):
+    """A sealed tensor's bytes were asked for and its scope's data key was not available (no
+    key-encryption key, another one, a shredded scope, no keyring entry). Not a SpecViolation:
+    the checkpoint is whole, this reader just cannot open that scope."""
+
+    def __init__(self, key: str, scope: str, reason: str) -> None:
+        super().__init__(f"{key}: sealed in scope {scope!r}, unreadable: {reason}")
+        self.key, self.scope, self.reason = key, scope, reason
+
+
+def scope_id(scope: str) -> str:
+    """``<sid>`` of a scope's keyring entry (section 1.1)."""
+    return hashlib.sha256(b"ckptguard scope\0" + scope.encode("utf-8")).hexdigest()[:32]
+
+
+def kek_id(kek: bytes) -> str:
+    """The ``kek_id`` of a key-encryption key (section 1.1)."""
+    return hashlib.sha256(b"ckptguard kek id v1\0" + kek).hexdigest()[:32]
+
+
+def _hkdf(ikm: bytes, salt: bytes | None, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
+
+
+@dataclass
+class ScopeKey:
+    """The data key of one manifest ``encryption.keys`` entry, or why this reader has none."""
+
+    scope: str
+    key_id: str
+    dk: bytes | None
+    reason: str = ""  # why dk is None
+    _fk: bytes | None = None
+
+    def fingerprint(self, raw: bytes) -> bytes:
+        """A sealed row's ``hash``: xxh3-128 of the raw bytes, enciphered as one AES-256 block
+        under the fingerprint key (section 4.4)."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        assert self.dk is not None
+        if self._fk is None:
+            self._fk = _hkdf(self.dk, None, b"ckptguard fingerprint v1")
+        enc = Cipher(algorithms.AES(self._fk), modes.ECB()).encryptor()
+        return enc.update(xxhash.xxh3_128(raw).digest()) + enc.finalize()
+
+    def open(
+        self, uuid: bytes, rank: int, nonce: bytes, payload: bytes, aad: bytes, where: str
+    ) -> bytes:
+        """Authenticate and decrypt a stored payload under the data file's record key."""
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        assert self.dk is not None
+        rk = _hkdf(self.dk, uuid, b"ckptguard record key v1\0" + struct.pack("<I", rank))
+        try:
+            return AESGCM(rk).decrypt(nonce, payload, aad)
+        except InvalidTag:
+            raise SpecViolation(f"{where}: sealed record does not authenticate") from None
+
+
+@dataclass
+class SealContext:
+    """What opening a sealed record needs besides its header: its data file's header uuid and
+    rank (a linked file's holder's), its index rows, the data keys by key_id."""
+
+    uuid: bytes
+    rank: int
+    rows: list[dict[str, Any]]
+    keys: dict[str, ScopeKey]
+
+
+def seal_aad(
+    seal: SealContext, offset: int, key_id: str, codec: int, es: int, raw_len: int
+) -> bytes:
+    """The associated data of a sealed record (section 4.4)."""
+    rows = sorted(seal.rows, key=lambda r: r["record_byte_offset"])
+    parts = [
+        SEAL_MAGIC,
+        seal.uuid,
+        struct.pack("<IQ", seal.rank, offset),
+        bytes.fromhex(key_id),
+        struct.pack("<BBQI", codec, es, raw_len, len(rows)),
+    ]
+    for r in rows:
+        so = list(r["shard_offsets"])
+        key = r["key"].encode("utf-8")
+        parts.append(
+            struct.pack(
+                "<QQIQI",
+                r["record_byte_offset"],
+                r["raw_len"],
+                r["chunk"],
+                r["shard_byte_offset"],
+                len(so),
+            )
+        )
+        parts.append(struct.pack(f"<{len(so)}q", *so))
+        parts.append(struct.pack("<I", len(key)) + key)
+    return b"".join(parts)
+
+
+def read_keyring_entry(store: str, scope: str) -> dict[str, Any] | None:
+    """The checked entry of ``scope`` in ``<store>/.keys`` (section 1.1); None where the store
+    has no keyring or no entry for it."""
+    keys_dir = os.path.join(store, KEYS_DIR)
+    try:
+        st = os.lstat(keys_dir)
+    except FileNotFoundError:
+        return None
+    _need_k(stat.S_ISDIR(st.st_mode), f"{keys_dir}: not a directory (or a link)")
+    path = os.path.join(keys_dir, scope_id(scope) + ".json")
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd, size = _open_regular(path, path)
+    except SpecViolation as e:
+        raise KeyringViolation(str(e)) from None
+    try:
+        _need_k(size <= MAX_KEY_ENTRY, f"{path}: over {MAX_KEY_ENTRY} bytes")
+        raw = _pread_exact(fd, size, 0, path)
+    finally:
+        os.close(fd)
+    _need_k(raw.endswith(b"\n") and raw.isascii(), f"{path}: not ASCII ending in a newline")
+    try:
+        doc = strict_json(raw[:-1], path)
+    except SpecViolation as e:
+        raise KeyringViolation(str(e)) from None
+    _need_k(isinstance(doc, dict) and _canonical(doc) == raw[:-1], f"{path}: not canonical JSON")
+    _need_k(set(doc) in (LIVE_MEMBERS, TOMBSTONE_MEMBERS), f"{path}: wrong members")
+    _need_k(all(isinstance(v, str) for v in doc.values()), f"{path}: a member is not a string")
+    _need_k(doc["scope"] == scope, f"{path}: scope {doc['scope']!r} is not its file's")
+    _need_k(bool(HEX32_RE.fullmatch(doc["key_id"])), f"{path}: key_id is not 32 hex")
+    if set(doc) == LIVE_MEMBERS:
+        _need_k(bool(CREATED_RE.fullmatch(doc["created"])), f"{path}: bad created")
+        _need_k(bool(HEX32_RE.fullmatch(doc["kek_id"])), f"{path}: kek_id is not 32 hex")
+        _need_k(bool(re.fullmatch(r"[0-9a-f]{24}", doc["nonce"])), f"{path}: nonce")
+        _need_k(bool(re.fullmatch(r"[0-9a-f]{96}", doc["wrapped"])), f"{path}: wrapped")
+    else:
+        _need_k(bool(CREATED_RE.fullmatch(doc["shredded"])), f"{path}: bad shredded")
+        _need_k(len(doc["reason"]) <= 1024, f"{path}: reason over 1024 characters")
+        _need_k(max(len(doc["user"]), len(doc["host"])) <= 256, f"{path}: user/host too long")
+    return doc
+
+
+def _need_k(cond: bool, msg: str) -> None:
+    if not cond:
+        raise KeyringViolation(msg)
+
+
+def unwrap_scope(store: str | None, scope: str, key_id: str, kek: bytes | None) -> ScopeKey:
+    """The data key ``key_id`` of ``scope`` from the store's keyring, unwrapped under ``kek``;
+    a ScopeKey without one (and the reason) where the reader cannot have it."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    def none(reason: str) -> ScopeKey:
+        return ScopeKey(scope, key_id, None, reason)
+
+    if store is None:
+        return none("no store keyring (a one-file checkpoint)")
+    entry = read_keyring_entry(store, scope)
+    if entry is None:
+        return none("no keyring entry for the scope")
+    if "shredded" in entry:
+        return none(f"scope shredded at {entry['shredded']}")
+    if entry["key_id"] != key_id:
+        return none(f"the keyring holds another key ({entry['key_id']}) for the scope")
+    if kek is None:
+        return none("no key-encryption key")
+    if entry["kek_id"] != kek_id(kek):
+        return none("the data key is wrapped under another key-encryption key")
+    aad = b"ckptguard keyring v1\0" + key_id.encode("ascii") + b"\0" + scope.encode("utf-8")
+    try:
+        dk = AESGCM(kek).decrypt(
+            bytes.fromhex(entry["nonce"]), bytes.fromhex(entry["wrapped"]), aad
+        )
+    except InvalidTag:
+        raise KeyringViolation(
+            f"keyring entry of scope {scope!r}: the wrap does not authenticate"
+        ) from None
+    return ScopeKey(scope, key_id, dk)
+
+
+def data_keys(body: dict[str, Any], store: str | None, kek: bytes | None) -> dict[str, ScopeKey]:
+    """Every data key the manifest's ``encryption.keys`` names, by key_id."""
+    if kek is not None and not (isinstance(kek, bytes) and len(kek) == 32):
+        raise ValueError("a key-encryption key is 32 raw bytes")
+    keys = body.get("encryption", {}).get("keys", [])
+    return {k["key_id"]: unwrap_scope(store, k["scope"], k["key_id"], kek) for k in keys}
 
 
 # ---------------------------------------------------------------- section 6: the tree
@@ -1588,14 +1909,25 @@ def resolve(path: str) -> str:
 
 
 def read_checkpoint(
-    path: str, verify: bool = True, trusted: dict[str, bytes] | None = None
+    path: str,
+    verify: bool = True,
+    trusted: dict[str, bytes] | None = None,
+    kek: bytes | None = None,
 ) -> Checkpoint:
     """Read a whole checkpoint, checking every rule of sections 3-8 (and 10: a path that is not
     a directory is a one-file checkpoint). ``trusted`` (key id -> raw 32-byte Ed25519 public
-    key): the checkpoint must also be signed by one of them (section 2.1)."""
+    key): the checkpoint must also be signed by one of them (section 2.1).
+
+    ``kek`` (32 raw bytes): the key-encryption key that unwraps the data keys of sealed records
+    from the keyring of the store, the checkpoint directory's parent (sections 1.1, 4.4). A
+    scope whose data key this reader cannot have (no ``kek``, another one, a shredded scope, no
+    entry) is not an error: every stored byte of its records is still checked, its tensors come
+    back with ``data=None`` and ``unreadable`` set (``numpy()`` raises SealedUnreadable), and
+    ``Checkpoint.unreadable`` maps the scope to the reason. A damaged keyring entry raises
+    KeyringViolation; a sealed record that fails authentication, SpecViolation."""
     if os.path.lexists(path) and not os.path.isdir(path):
         _need(trusted is None, "a one-file checkpoint carries no signature (section 2.1)")
-        return read_onefile(path, verify)
+        return read_onefile(path, verify, kek)
     ckpt_dir = resolve(path)
     raw = read_manifest_bytes(ckpt_dir)  # read once: the bytes hashed are the bytes parsed
     body = parse_manifest(raw)
@@ -1606,7 +1938,8 @@ def read_checkpoint(
     def open_data(name: str) -> tuple[int, int]:
         return _open_regular(os.path.join(ckpt_dir, name), name)
 
-    return _read_data(ckpt_dir, body, rows, open_data, verify)
+    store = os.path.dirname(os.path.abspath(ckpt_dir))
+    return _read_data(ckpt_dir, body, rows, open_data, verify, data_keys(body, store, kek))
 
 
 # ---------------------------------------------------------------- section 2.1: signatures
@@ -1686,9 +2019,10 @@ def _read_data(
     rows: list[dict[str, Any]],
     open_data: Any,
     verify: bool,
+    keys: dict[str, ScopeKey],
 ) -> Checkpoint:
     """The data files' part of ``read_checkpoint``: ``open_data(name)`` gives (fd, size) of each
-    data file, which starts at offset 0 of that fd."""
+    data file, which starts at offset 0 of that fd; ``keys`` the data keys of its scopes."""
     fds: dict[str, int] = {}
     try:
         layouts: dict[str, DataFileLayout] = {}
@@ -1720,31 +2054,36 @@ def _read_data(
             _need(got == want, f"{name}: footer rows != index rows")
         tree, rank_trees = decode_tree(body)
         # read every chunk in file order, then place the shards
-        raw_by_row: dict[int, bytes] = {}
+        raw_by_row: dict[int, bytes | None] = {}
         row_ids = {id(r): i for i, r in enumerate(rows)}
         for name, lay in layouts.items():
             mine = sorted(
                 by_file.get(name, []), key=lambda r: (r["offset"], r["record_byte_offset"])
             )
+            uid = bytes.fromhex(lay.uuid)
             if LINKED_RE.fullmatch(name):  # only the records this checkpoint's rows use
                 recs = {rec.offset: rec for rec in lay.records}
                 for r in mine:
+                    seal = SealContext(uid, lay.rank, [r], keys)
                     raw_by_row[row_ids[id(r)]] = read_chunk(
-                        fds[name], recs[r["offset"]], r, name, verify
+                        fds[name], recs[r["offset"]], r, name, verify, seal
                     )
                 continue
             at = 0
             for rec in lay.records:  # each record read once; its rows take their slices
                 rec_rows = mine[at : at + len(rec.rows)]
                 at += len(rec.rows)
-                raw = read_chunk(fds[name], rec, rec_rows[0], name, verify)
+                seal = SealContext(uid, lay.rank, rec_rows, keys)
+                raw = read_chunk(fds[name], rec, rec_rows[0], name, verify, seal)
                 for r in rec_rows:
                     lo = r["record_byte_offset"]
-                    raw_by_row[row_ids[id(r)]] = raw[lo : lo + r["raw_len"]]
+                    raw_by_row[row_ids[id(r)]] = (
+                        None if raw is None else raw[lo : lo + r["raw_len"]]
+                    )
     finally:
         for fd in fds.values():
             os.close(fd)
-    by_id = _assemble(body, rows, raw_by_row)
+    by_id = _assemble(body, rows, raw_by_row, keys)
     return Checkpoint(
         path=ckpt_dir,
         manifest=body,
@@ -1754,10 +2093,15 @@ def _read_data(
         by_id=by_id,
         rows=rows,
         files=layouts,
+        unreadable={
+            k.scope: k.reason
+            for k in keys.values()
+            if k.dk is None and any(r["key_id"] == k.key_id for r in rows)
+        },
     )
 
 
-LINKED_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash")
+LINKED_FIELDS = ("rank", "offset", "stored_len", "codec", "elem_size", "raw_len", "hash", "key_id")
 
 
 def check_linked_rows(
@@ -1780,24 +2124,36 @@ def check_linked_rows(
 
 
 def _assemble(
-    body: dict[str, Any], rows: list[dict[str, Any]], raw_by_row: dict[int, bytes]
+    body: dict[str, Any],
+    rows: list[dict[str, Any]],
+    raw_by_row: dict[int, bytes | None],
+    keys: dict[str, ScopeKey],
 ) -> list[TensorData]:
-    shards: dict[tuple[int, tuple, tuple], list[tuple[int, bytes]]] = collections.defaultdict(list)
+    shards: dict[tuple[int, tuple, tuple], list[tuple[int, bytes | None]]] = (
+        collections.defaultdict(list)
+    )
+    scope_of: dict[int, ScopeKey] = {}  # tensor id -> the scope of its (first) sealed row
+    missing: dict[int, ScopeKey] = {}  # tensor id -> a scope whose key a row of it lacks
     for i, r in enumerate(rows):
         shards[(r["tensor"], tuple(r["shard_offsets"]), tuple(r["shard_lengths"]))].append(
             (r["chunk"], raw_by_row[i])
         )
+        if r["key_id"] is not None:
+            scope_of.setdefault(r["tensor"], keys[r["key_id"]])
+            if raw_by_row[i] is None:
+                missing.setdefault(r["tensor"], keys[r["key_id"]])
     out = []
     for t, te in enumerate(body["tensors"]):
         es = DTYPE_SIZES[te["dtype"]]
         shape = tuple(te["shape"])
         full = np.zeros((*shape, es), dtype=np.uint8)
         for (tid, so, sl), chunks in shards.items():
-            if tid != t:
+            if tid != t or t in missing:
                 continue
-            data = b"".join(b for _, b in sorted(chunks))
+            data = b"".join(b for _, b in sorted(chunks, key=lambda c: c[0]))  # type: ignore[misc]
             part = np.frombuffer(data, dtype=np.uint8).reshape((*sl, es))
             full[tuple(slice(o, o + n) for o, n in zip(so, sl, strict=True))] = part
+        sk = missing.get(t, scope_of.get(t))
         out.append(
             TensorData(
                 key=te["key"],
@@ -1807,14 +2163,18 @@ def _assemble(
                 device=te["device"],
                 requires_grad=te["requires_grad"],
                 parameter=te["parameter"],
-                data=full.tobytes(),
+                data=None if t in missing else full.tobytes(),
                 per_rank=te.get("per_rank", False),
+                scope=sk.scope if sk else None,
+                unreadable=missing[t].reason if t in missing else None,
             )
         )
     for t, te in enumerate(body["tensors"]):  # views, from their storages' bytes
         if "view" in te:
-            out[t].data = view_bytes(out[te["view"]["storage"]].data, te)
+            storage = out[te["view"]["storage"]]
             out[t].view = dict(te["view"])
+            out[t].scope, out[t].unreadable = storage.scope, storage.unreadable
+            out[t].data = None if storage.data is None else view_bytes(storage.data, te)
     return out
 
 
@@ -1880,8 +2240,9 @@ def read_member(fd: int, m: Member) -> bytes:
     return data
 
 
-def read_onefile(path: str, verify: bool = True) -> Checkpoint:
-    """Read a one-file checkpoint (section 10), checking every rule of sections 3-8 and 10."""
+def read_onefile(path: str, verify: bool = True, kek: bytes | None = None) -> Checkpoint:
+    """Read a one-file checkpoint (section 10), checking every rule of sections 3-8 and 10.
+    format.md names no keyring for a one-file checkpoint: its sealed tensors are unreadable."""
     fd, size = _open_regular(path, os.path.basename(path))  # no link, a regular file (step 1)
     try:
         data, idx, man = read_container(fd, size)
@@ -1898,7 +2259,7 @@ def read_onefile(path: str, verify: bool = True) -> Checkpoint:
             _need(name == data.name, f"one file: no data file {name}")
             return os.dup(fd), data.size
 
-        return _read_data(path, body, rows, open_data, verify)
+        return _read_data(path, body, rows, open_data, verify, data_keys(body, None, kek))
     finally:
         os.close(fd)
 
