@@ -88,7 +88,7 @@ native-deps:
 	    liblz4-dev libzstd-dev libxxhash-dev libssl-dev) || echo "native-deps: apt-get failed; pure-Python path"; \
 	else echo "native-deps: no apt-get or not root: install liblz4, zstd, xxhash and openssl (docs/native.md)"; fi
 
-NATIVE_SRC := native/chunk.c native/digest.c native/pipeline.c native/pool.c native/io.c
+NATIVE_SRC := native/chunk.c native/digest.c native/pipeline.c native/pool.c native/io.c native/seal.c
 NATIVE_DEPS := $(NATIVE_SRC) native/module.c native/ckg.h native/pipeline.h
 NATIVE_OUT := build/native-tests
 NATIVE_LIBS := -llz4 -lzstd -lxxhash -lcrypto

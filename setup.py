@@ -27,6 +27,7 @@ SOURCES = [
     "native/pipeline.c",
     "native/pool.c",
     "native/io.c",
+    "native/seal.c",
 ]
 HEADERS = ("lz4.h", "zstd.h", "xxhash.h", "openssl/evp.h")
 REQUIRED = os.environ.get("CKPTGUARD_NATIVE", "").strip() == "1"

@@ -23,7 +23,8 @@ _ReadItem = (
 # (codec, stored_len, hash, offset, raw_len) of one record written
 _RecordInfo = tuple[int, int, bytes, int, int]
 # (buf, elem_size, codec, level, direct) of one segment of a batch
-_Segment = tuple[Buffer, int, int, int, bool]
+_Seal = tuple[bytes, bytes, bytes, bytes, int, int]  # rkey, fkey, key_id, rows, nrows, first
+_Segment = tuple[Buffer, int, int, int, bool] | tuple[Buffer, int, int, int, bool, _Seal | None]
 # the records of a batch as columns: codecs (a byte each), stored_lens, hashes (16 bytes each),
 # offsets, raw_lens (native int64 each), digests (32 bytes each; empty unless asked for)
 _RecordColumns = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
@@ -84,6 +85,8 @@ def write_segments(
     threads: int,
     dfd: int,
     digest: bool = False,
+    uuid: bytes | None = None,
+    rank: int = 0,
     /,
 ) -> tuple[int, _RecordColumns, _SegmentColumns]: ...
 def decode_into(dest: Buffer, items: Sequence[_DecodeItem], threads: int, /) -> None: ...

@@ -264,12 +264,16 @@ def write_segments(
     backend: str | None = None,
     dfd: int = -1,
     digest: bool = False,
+    seals: Sequence[tuple | None] | None = None,
+    file_id: tuple[bytes, int] | None = None,
 ) -> Batch:
     """``write_records`` of every segment, in order, in one call: the same records (sequence
     numbers from ``seq0``, back to back from ``pos``) and bytes as one call per segment, but the
     chunks of all of them share the pool (one native call with the GIL released). ``dfd``: an
     O_DIRECT descriptor of the file for the segments that ask for it (-1: none). ``digest``:
-    each record's SHA-256 too, from the same private copy as its hash (``Batch.digest``)."""
+    each record's SHA-256 too, from the same private copy as its hash (``Batch.digest``).
+    ``seals`` (native path only): per segment, how its records are sealed (``seal``'s
+    ``native_seal``) or None, in the data file ``file_id`` (uuid bytes, rank)."""
     for seg in segments:
         check_chunking(len(seg.buf), seg.elem_size, chunk_size, seg.codec, seg.level)
     count = np.array([-(-len(seg.buf) // chunk_size) for seg in segments], dtype=np.int64)
@@ -279,10 +283,15 @@ def write_segments(
         raise ValueError("record sequence numbers must fit in 32 bits")
     threads = threads or _backend.default_threads()
     if _backend.resolve(backend) == _backend.PYTHON:
+        if seals is not None:
+            raise ValueError("sealed segments go through seal.write_sealed on this backend")
         return _write_segments_py(fd, path, pos, seq0, segments, chunk_size, threads, count, digest)
-    items = [tuple(seg) for seg in segments]
+    items: list[tuple] = [tuple(seg) for seg in segments]
+    uuid, rank = file_id if file_id is not None else (None, 0)
+    if seals is not None:
+        items = [(*it, sl) for it, sl in zip(items, seals, strict=True)]
     end, recs, per = _backend.native().write_segments(
-        fd, path, pos, seq0, items, chunk_size, threads, dfd, digest
+        fd, path, pos, seq0, items, chunk_size, threads, dfd, digest, uuid, rank
     )
     codecs, stored, hashes, offsets, raw, digests = recs
     i64 = [np.frombuffer(c, dtype=np.int64) for c in (stored, offsets, raw, *per[1:])]

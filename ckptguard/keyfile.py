@@ -167,7 +167,9 @@ def _parse(raw: bytes, sid: str, where: str) -> dict:
         raise _damaged(where, "it names another scope than its file name says")
     if not _TIME.match(doc.get("created", doc.get("shredded", ""))):
         raise _damaged(where, "its time is not a UTC time of the required form")
-    if form is _DEAD and (len(doc["reason"]) > MAX_REASON or len(doc["user"] + doc["host"]) > 512):
+    if form is _DEAD and (
+        len(doc["reason"]) > MAX_REASON or max(len(doc["user"]), len(doc["host"])) > MAX_SCOPE
+    ):
         raise _damaged(where, "its reason, user or host is too long")
     return doc
 

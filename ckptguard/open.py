@@ -109,6 +109,8 @@ class CheckpointReader:
         try:
             self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
+            if self.one is not None and "encryption" in self.features:
+                raise self.corrupt("a one-file checkpoint has no keyring for sealed chunks")
             if trust is not None:
                 fd = None if self.one is not None else self.dir_fd
                 self.signed = sign.check(self.path, fd, self.manifest_raw, self.manifest, trust)

@@ -52,7 +52,7 @@ from .format.datafile import (
 )
 from .format.encryption import is_scope
 from .format.layout import align
-from .io import Batch, Segment, pwrite_all
+from .io import Batch, Segment, pwrite_all, write_segments
 
 FEATURE = "encryption"
 AEAD = "aes-256-gcm"
@@ -64,7 +64,6 @@ _RECORD_INFO = b"ckptguard record key v1\0"
 _FINGERPRINT_INFO = b"ckptguard fingerprint v1"
 _ZERO_PAGE = bytes(4096)
 _AAD_HEAD = struct.Struct("<8s16sII16sBBQI")  # magic uuid rank seq key_id codec elem raw nrows
-_AAD_ROW = struct.Struct("<QQIQI")  # record_byte_offset raw_len chunk shard_byte_offset ndim
 
 
 def record_nonce(seq: int) -> bytes:
@@ -113,16 +112,21 @@ def record_aad(
             len(rows),
         )
     ]
-    for r in sorted(rows, key=lambda r: r.record_byte_offset):
-        key = r.key.encode()
-        parts.append(
-            _AAD_ROW.pack(
-                r.record_byte_offset, r.raw_len, r.chunk, r.shard_byte_offset, len(r.shard_offsets)
-            )
-        )
-        parts.append(struct.pack(f"<{len(r.shard_offsets)}q", *r.shard_offsets))
-        parts.append(struct.pack("<I", len(key)) + key)
+    parts.extend(row_bytes(r) for r in sorted(rows, key=lambda r: r.record_byte_offset))
     return b"".join(parts)
+
+
+def row_tail(shard_offsets: Sequence[int], key: str) -> bytes:
+    """A row's associated data after its shard_byte_offset: its shard offsets and key."""
+    k = key.encode()
+    n = len(shard_offsets)
+    return struct.pack(f"<I{n}qI", n, *shard_offsets, len(k)) + k
+
+
+def row_bytes(r: RowId) -> bytes:
+    """One row's associated data (format.md section 4.4)."""
+    head = struct.pack("<QQIQ", r.record_byte_offset, r.raw_len, r.chunk, r.shard_byte_offset)
+    return head + row_tail(r.shard_offsets, r.key)
 
 
 @dataclass
@@ -133,14 +137,14 @@ class Scope:
     key_id: str
     scope: str
     key: bytes = field(repr=False)
-    _files: dict[tuple[str, int], AESGCM] = field(default_factory=dict, repr=False)
+    _files: dict[tuple[str, int], tuple[bytes, AESGCM]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.key) != KEY_BYTES:
             raise ValueError("a data key is 32 bytes")
-        fk = _hkdf(self.key, None, _FINGERPRINT_INFO)
-        self._fp = Cipher(algorithms.AES(fk), modes.ECB())
+        self.fingerprint_key = _hkdf(self.key, None, _FINGERPRINT_INFO)
+        self._fp = Cipher(algorithms.AES(self.fingerprint_key), modes.ECB())
 
     def fingerprint(self, xxh: bytes) -> bytes:
         """The index hash of a sealed row whose raw bytes have xxh3-128 ``xxh``."""
@@ -152,14 +156,22 @@ class Scope:
         enc = self._fp.encryptor()
         return enc.update(xxhs) + enc.finalize()
 
+    def record_key(self, uuid_hex: str, rank: int) -> bytes:
+        """The record key of data file (``uuid_hex``, ``rank``), as bytes (the native path's)."""
+        return self._file(uuid_hex, rank)[0]
+
     def aead(self, uuid_hex: str, rank: int) -> AESGCM:
         """The record key of data file (``uuid_hex``, ``rank``)."""
+        return self._file(uuid_hex, rank)[1]
+
+    def _file(self, uuid_hex: str, rank: int) -> tuple[bytes, AESGCM]:
         k = (uuid_hex, rank)
         with self._lock:
             got = self._files.get(k)
             if got is None:
                 info = _RECORD_INFO + struct.pack("<I", rank)
-                got = self._files[k] = AESGCM(_hkdf(self.key, bytes.fromhex(uuid_hex), info))
+                key = _hkdf(self.key, bytes.fromhex(uuid_hex), info)
+                got = self._files[k] = (key, AESGCM(key))
             return got
 
 
@@ -385,7 +397,7 @@ class Stretch(NamedTuple):
 
 
 def write_stretches(
-    at: tuple[int, str, int, int, str, int],
+    at: tuple[int, str, int, int, str, int, int],
     stretches: Sequence[Stretch],
     sealing: Sealing,
     step: int,
@@ -393,19 +405,51 @@ def write_stretches(
     backend: str | None,
     digested: bool,
 ) -> tuple[Batch, list[str | None]]:
-    """A writer's batch written with ``write_sealed`` at ``at`` (fd, path, position, first
-    sequence number, uuid, rank): each stretch sealed under the scope of its (first) tensor.
-    Returns the batch and each record's key_id (None: in the clear)."""
+    """A writer's batch written at ``at`` (fd, path, position, first sequence number, uuid,
+    rank, O_DIRECT descriptor or -1): each stretch sealed under the scope of its (first)
+    tensor. The native path seals in its pipeline (``io.write_segments``), the pure-Python one
+    with ``write_sealed``: the same bytes. Returns the batch and each record's key_id (None:
+    in the clear)."""
     scopes = [sealing.for_key(st.refs[0].key) for st in stretches]
     segments = [st.seg for st in stretches]
+    fd, path, pos, seq0, uuid_hex, rank, dfd = at
+    if _backend.resolve(backend) == _backend.NATIVE:
+        seals = [
+            native_seal(st, sc, uuid_hex, rank) if sc is not None else None
+            for st, sc in zip(stretches, scopes, strict=True)
+        ]
+        file_id = (bytes.fromhex(uuid_hex), rank)
+        done = write_segments(
+            fd, path, pos, seq0, segments, step, threads, backend, dfd, digested, seals, file_id
+        )
+        keys = [sc.key_id if sc else None for sc in scopes]
+        return done, [
+            k for k, n in zip(keys, done.nrecords.tolist(), strict=True) for _ in range(n)
+        ]
     chunks = chunks_of(
         segments, step, scopes.__getitem__, lambda s, i, n: stretches[s].rows(i, n, step)
     )
-    fd, path, pos, seq0, uuid_hex, rank = at
     done = write_sealed(
         fd, path, pos, seq0, uuid_hex, rank, segments, chunks, step, threads, backend, digested
     )
     return done, [c.scope.key_id if c.scope else None for c in chunks]
+
+
+def native_seal(st: Stretch, scope: Scope, uuid_hex: str, rank: int) -> tuple:
+    """How the native pipeline seals stretch ``st`` (its ``ckg_seal_args``): the record and
+    fingerprint keys, the key id, and a pack's rows or a stretch's row tail."""
+    if st.packed:
+        ends = [*st.starts[1:], len(st.seg.buf)]
+        rows = b"".join(
+            row_bytes(RowId(a, b - a, 0, 0, tuple(r.offsets), r.key))
+            for r, a, b in zip(st.refs, st.starts, ends, strict=True)
+        )
+        nrows, first = len(st.refs), 0
+    else:
+        ref = st.refs[0]
+        rows, nrows, first = row_tail(tuple(ref.offsets), ref.key), 0, st.first
+    key_id = bytes.fromhex(scope.key_id)
+    return (scope.record_key(uuid_hex, rank), scope.fingerprint_key, key_id, rows, nrows, first)
 
 
 def chunks_of(

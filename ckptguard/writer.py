@@ -294,7 +294,7 @@ class RankWriter:
             )
             for e in q
         ]
-        at = (self.fd, self.path, self.pos, self._records, self.uuid, self.rank)
+        at = (self.fd, self.path, self.pos, self._records, self.uuid, self.rank, self._dfd)
         done, self._record_keys = write_stretches(
             at, stretches, self.seal, self.chunk_size, self._threads, self._backend, self.digests
         )

@@ -31,6 +31,7 @@ const char *ckg_strerror(int code) {
     case CKG_E_TOOBIG: return "length too large";
     case CKG_E_LEVEL: return "compression level out of range";
     case CKG_E_DIGEST: return "chunk digest mismatch (SHA-256: data altered)";
+    case CKG_E_CRYPTO: return "a record could not be sealed (libcrypto)";
     default: return "unknown error";
     }
 }
@@ -399,10 +400,12 @@ void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
     memcpy(out, CKG_REC_MAGIC, 4);
     out[4] = (uint8_t)h->codec;
     out[5] = (uint8_t)h->elem;
+    out[6] = (uint8_t)h->flags;
     put_le(out + 8, h->raw_len, 8);
     put_le(out + 16, h->stored_len, 8);
     memcpy(out + 24, h->hash, 16);
     put_le(out + 40, h->seq, 4);
+    memcpy(out + 44, h->nonce, CKG_NONCE);
     put_le(out + 56, ckg_hash64(out, 56), 8);
 }
 

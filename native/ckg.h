@@ -30,6 +30,9 @@
 #define CKG_MAX_EXTENT ((uint64_t)1 << 40) /* longer records are refused before reading */
 #define CKG_MAX_SEQ 0xFFFFFFFFull          /* record sequence numbers are 32 bits */
 #define CKG_DIGEST 32                      /* a chunk digest: SHA-256 of its raw bytes */
+#define CKG_NONCE 12                       /* a sealed record's AES-GCM nonce */
+#define CKG_TAG 16                         /* and its authentication tag */
+#define CKG_SEALED 1                       /* the record header's flag of a sealed record */
 
 /* Status codes of the chunk and record functions (0 = ok). */
 enum {
@@ -48,6 +51,7 @@ enum {
     CKG_E_TOOBIG = 12,    /* a length beyond what LZ4 or this platform handles */
     CKG_E_LEVEL = 13,     /* a compression level the codec does not have */
     CKG_E_DIGEST = 14,    /* decoded bytes do not match their SHA-256 digest */
+    CKG_E_CRYPTO = 15,    /* libcrypto could not seal a record */
 };
 
 const char *ckg_strerror(int code);
@@ -148,6 +152,8 @@ typedef struct {
     uint64_t stored_len;
     uint8_t hash[16];
     uint32_t seq;
+    int flags;                /* CKG_SEALED or 0 (written; readers here refuse sealed records) */
+    uint8_t nonce[CKG_NONCE]; /* a sealed record's nonce; zero otherwise */
 } ckg_rec_header;
 
 void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h);
@@ -159,6 +165,15 @@ int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h);
  * verify, the bytes must match the header's hash and, if want_digest is not NULL, that digest. */
 int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
                       uint8_t *dst, ckg_scratch *scratch, int verify, const uint8_t *want_digest);
+
+/* ---- seal.c: sealed records (docs/format.md section 4.4) ---------------------------- */
+
+/* Encrypt buf[0..len) in place with AES-256-GCM under key, nonce and aad; the tag goes to tag.
+ * CKG_E_CRYPTO (or CKG_E_NOMEM) if libcrypto fails. */
+int ckg_seal_payload(const uint8_t key[32], const uint8_t nonce[CKG_NONCE], const uint8_t *aad,
+                     size_t aad_len, uint8_t *buf, size_t len, uint8_t tag[CKG_TAG]);
+/* A sealed row's index hash: the 16-byte block `in` enciphered with AES-256 under key. */
+int ckg_fingerprint(const uint8_t key[32], const uint8_t in[16], uint8_t out[16]);
 
 /* ---- pool.c: run fn(ctx, task, worker) for task in [0, ntasks) on up to nthreads threads --- */
 

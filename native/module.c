@@ -391,38 +391,77 @@ static PyObject *segment_columns(const ckg_segment_stats *st, size_t n) {
 
 /* Hold the buffers of (buf, elem_size, codec, level, direct) items (*held: how many, for the
  * caller to release) and check each as write_records does; -1 with the error set. */
+/* A sealed segment's (rkey, fkey, key_id, rows, nrows, first): the keys 32, 32 and 16 bytes,
+ * rows bytes, the pack's row count (0: a stretch), a stretch's first chunk number. The pointers
+ * borrow the bytes objects of the segment tuple (alive while the segments sequence is). */
+static int get_seal(PyObject *o, ckg_seal_args *s) {
+    PyObject *rkey, *fkey, *kid, *rows;
+    unsigned int nrows;
+    unsigned long long first;
+    if (!PyArg_ParseTuple(o, "SSSSIK;bad seal", &rkey, &fkey, &kid, &rows, &nrows, &first))
+        return -1;
+    if (PyBytes_GET_SIZE(rkey) != 32 || PyBytes_GET_SIZE(fkey) != 32 ||
+        PyBytes_GET_SIZE(kid) != 16) {
+        PyErr_SetString(PyExc_ValueError, "seal keys must be 32, 32 and 16 bytes");
+        return -1;
+    }
+    *s = (ckg_seal_args){(const uint8_t *)PyBytes_AS_STRING(rkey),
+                         (const uint8_t *)PyBytes_AS_STRING(fkey),
+                         (const uint8_t *)PyBytes_AS_STRING(kid),
+                         (const uint8_t *)PyBytes_AS_STRING(rows),
+                         (size_t)PyBytes_GET_SIZE(rows),
+                         nrows,
+                         first};
+    return 0;
+}
+
 static int get_segments(PyObject *seq, Py_ssize_t chunk, Py_buffer *bufs, ckg_segment *segs,
-                        Py_ssize_t *held) {
+                        ckg_seal_args *seals, Py_ssize_t *held) {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
         int elem, codec, level, direct;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y*iiip;bad segment", &bufs[i],
-                              &elem, &codec, &level, &direct))
+        PyObject *seal = Py_None;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y*iiip|O;bad segment", &bufs[i],
+                              &elem, &codec, &level, &direct, &seal))
             return -1;
         *held = i + 1;
         if (check_elem(elem) < 0 || check_chunking(bufs[i].len, chunk, elem, codec, level) < 0)
             return -1;
-        segs[i] =
-            (ckg_segment){bufs[i].buf, (size_t)bufs[i].len, (unsigned)elem, codec, level, direct};
+        if (seal != Py_None && get_seal(seal, &seals[i]) < 0) return -1;
+        segs[i] = (ckg_segment){bufs[i].buf,
+                                (size_t)bufs[i].len,
+                                (unsigned)elem,
+                                codec,
+                                level,
+                                direct,
+                                seal != Py_None ? &seals[i] : NULL};
     }
     return 0;
 }
 
-/* write_segments(fd, path, pos, seq0, [(buf, elem_size, codec, level, direct), ...], chunk_size,
- *                threads, dfd, digest=False) -> (end, record columns, segment columns): see
- * record_columns and segment_columns. One native call for the chunks of many buffers. */
+/* write_segments(fd, path, pos, seq0, [(buf, elem_size, codec, level, direct[, seal]), ...],
+ *                chunk_size, threads, dfd, digest=False, uuid=None, rank=0) -> (end, record
+ * columns, segment columns): see record_columns and segment_columns. One native call for the
+ * chunks of many buffers. A segment with a seal (get_seal) is written in sealed records of the
+ * data file of checkpoint uuid (16 bytes) and rank (docs/format.md section 4.4). */
 static PyObject *py_write_segments(PyObject *self, PyObject *args) {
     (void)self;
     int fd, threads, dfd, digest = 0;
-    PyObject *name, *path, *seq_obj, *seq = NULL, *out = NULL;
+    unsigned int rank = 0;
+    PyObject *name, *path, *seq_obj, *seq = NULL, *out = NULL, *uuid = Py_None;
     unsigned long long pos, seq0;
     Py_ssize_t chunk, held = 0;
-    if (!PyArg_ParseTuple(args, "iOKKOnii|p", &fd, &name, &pos, &seq0, &seq_obj, &chunk, &threads,
-                          &dfd, &digest))
+    if (!PyArg_ParseTuple(args, "iOKKOnii|pOI", &fd, &name, &pos, &seq0, &seq_obj, &chunk, &threads,
+                          &dfd, &digest, &uuid, &rank))
         return NULL;
+    if (uuid != Py_None && (!PyBytes_Check(uuid) || PyBytes_GET_SIZE(uuid) != 16)) {
+        PyErr_SetString(PyExc_ValueError, "uuid must be 16 bytes or None");
+        return NULL;
+    }
     if (!PyUnicode_FSConverter(name, &path)) return NULL;
     Py_buffer *bufs = NULL;
     ckg_segment *segs = NULL;
+    ckg_seal_args *seals = NULL;
     ckg_segment_stats *stats = NULL;
     ckg_rec_info *res = NULL;
     if ((threads = get_threads(threads)) < 0) goto done;
@@ -434,12 +473,18 @@ static PyObject *py_write_segments(PyObject *self, PyObject *args) {
     Py_ssize_t ns = PySequence_Fast_GET_SIZE(seq);
     bufs = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *bufs);
     segs = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *segs);
+    seals = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *seals);
     stats = PyMem_Calloc((size_t)(ns ? ns : 1), sizeof *stats);
-    if (!bufs || !segs || !stats) {
+    if (!bufs || !segs || !seals || !stats) {
         PyErr_NoMemory();
         goto done;
     }
-    if (get_segments(seq, chunk, bufs, segs, &held) < 0) goto done;
+    if (get_segments(seq, chunk, bufs, segs, seals, &held) < 0) goto done;
+    for (Py_ssize_t i = 0; i < ns; i++)
+        if (segs[i].seal && uuid == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "a sealed segment needs the data file's uuid");
+            goto done;
+        }
     size_t n = 0;
     for (Py_ssize_t i = 0; i < ns; i++) n += ckg_nchunks(segs[i].len, (size_t)chunk);
     if (pos % CKG_ALIGN || seq0 + n > CKG_MAX_SEQ) {
@@ -450,8 +495,16 @@ static PyObject *py_write_segments(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    ckg_batch_args a = {fd,   dfd < 0 ? -1 : dfd, (size_t)chunk, pos, (uint32_t)seq0,
-                        segs, (size_t)ns,         digest};
+    ckg_batch_args a = {fd,
+                        dfd < 0 ? -1 : dfd,
+                        (size_t)chunk,
+                        pos,
+                        (uint32_t)seq0,
+                        segs,
+                        (size_t)ns,
+                        digest,
+                        uuid == Py_None ? NULL : (const uint8_t *)PyBytes_AS_STRING(uuid),
+                        (uint32_t)rank};
     ckg_failure f;
     uint64_t end = pos;
     int rc;
@@ -472,6 +525,7 @@ done:
     for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
     PyMem_Free(bufs);
     PyMem_Free(segs);
+    PyMem_Free(seals);
     PyMem_Free(stats);
     PyMem_Free(res);
     Py_XDECREF(seq);
@@ -722,8 +776,9 @@ static PyMethodDef methods[] = {
      "(enc_ns, write_ns, bytes_written))."},
     {"write_segments", py_write_segments, METH_VARARGS,
      "write_segments($module, fd, path, pos, seq0, segments, chunk_size, threads, dfd, "
-     "digest=False, /)\n--\n\n"
-     "Encode and write the records of every (buf, elem_size, codec, level, direct) segment at "
+     "digest=False, uuid=None, rank=0, /)\n--\n\n"
+     "Encode and write the records of every (buf, elem_size, codec, level, direct[, seal]) "
+     "segment at "
      "pos in one call: (end, (codecs, stored_lens, hashes, offsets, raw_lens, digests), "
      "(direct_used, enc_ns, write_ns, bytes_written)); codecs and direct_used one byte each, "
      "hashes 16, digests 32 (SHA-256; empty unless digest), the others native int64."},

@@ -12,7 +12,7 @@
 
 /* Scratch space of each thread, kept across calls: a fresh 4 MiB buffer per call would cost a
  * page fault per 4 KiB on every call. At most two chunk-sized buffers per thread. */
-static _Thread_local ckg_scratch tls_scratch, tls_recbuf;
+static _Thread_local ckg_scratch tls_scratch, tls_recbuf, tls_aad;
 
 /* Per-call state shared by all tasks: per-task status, an abort flag. */
 typedef struct {
@@ -247,6 +247,61 @@ static int write_record(wr_t *w, int direct, const uint8_t *rec, size_t extent, 
     return err ? err : writeback(a->fd, pos, extent);
 }
 
+static void put_u(uint8_t **p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) *(*p)++ = (uint8_t)(v >> (8 * i));
+}
+
+/* Seal chunk k's encoded payload (ch->stored_len bytes at payload, with room for the tag after
+ * it) in place: header h becomes the sealed record's (flag, nonce, stored length, the xxh3-128
+ * of the stored bytes); ch->hash becomes the row's fingerprint and, with digests, ch->digest
+ * the SHA-256 of the stored bytes (docs/format.md section 4.4). */
+static int seal_record(wr_t *w, const wr_chunk *k, uint8_t *payload, ckg_rec_header *h,
+                       ckg_chunk *ch) {
+    const ckg_batch_args *a = w->a;
+    const ckg_seal_args *s = a->segs[k->seg].seal;
+    ckg_scratch *ab = &tls_aad;
+    size_t one_row = 8 + 8 + 4 + 8;
+    int rc = ckg_scratch_reserve(ab, 62 + (s->nrows ? 0 : one_row) + s->rows_len);
+    if (rc) return rc;
+    uint8_t *p = ab->buf;
+    memcpy(p, "CKGSEAL1", 8);
+    p += 8;
+    memcpy(p, a->uuid, 16);
+    p += 16;
+    put_u(&p, a->rank, 4);
+    put_u(&p, h->seq, 4);
+    memcpy(p, s->key_id, 16);
+    p += 16;
+    put_u(&p, (uint64_t)h->codec, 1);
+    put_u(&p, h->elem, 1);
+    put_u(&p, h->raw_len, 8);
+    put_u(&p, s->nrows ? s->nrows : 1, 4);
+    if (!s->nrows) { /* a stretch: its chunk's one row, then the row's shard and key */
+        uint64_t chunk = s->first + k->off / a->chunk;
+        put_u(&p, 0, 8);
+        put_u(&p, h->raw_len, 8);
+        put_u(&p, chunk, 4);
+        put_u(&p, chunk * a->chunk, 8);
+    }
+    memcpy(p, s->rows, s->rows_len);
+    p += s->rows_len;
+    uint8_t *nonce = h->nonce, *q = nonce;
+    memset(nonce, 0, CKG_NONCE);
+    put_u(&q, h->seq, 4);
+    rc = ckg_seal_payload(s->rkey, nonce, ab->buf, (size_t)(p - ab->buf), payload, ch->stored_len,
+                          payload + ch->stored_len);
+    if (rc) return rc;
+    h->flags = CKG_SEALED;
+    h->stored_len = ch->stored_len + CKG_TAG;
+    ckg_hash128(payload, h->stored_len, h->hash);
+    if (a->digest && (rc = ckg_sha256_with(&tls_scratch, payload, h->stored_len, ch->digest)))
+        return rc;
+    uint8_t fp[16];
+    if ((rc = ckg_fingerprint(s->fkey, ch->hash, fp))) return rc;
+    memcpy(ch->hash, fp, 16);
+    return CKG_OK;
+}
+
 static void wr_task(void *ctx, size_t t, int wk) {
     (void)wk;
     wr_t *w = ctx;
@@ -257,7 +312,7 @@ static void wr_task(void *ctx, size_t t, int wk) {
     size_t n = k->n;
     ckg_scratch *rb = &tls_recbuf;
     size_t cap = ckg_encode_bound(n);
-    int rc = ckg_scratch_reserve(rb, ckg_align_up(CKG_REC_HDR + cap));
+    int rc = ckg_scratch_reserve(rb, ckg_align_up(CKG_REC_HDR + cap + CKG_TAG));
     ckg_chunk ch;
     if (!rc)
         rc = ckg_encode_chunk(sg->buf + k->off, n, sg->elem, sg->codec, sg->level, w->a->digest,
@@ -266,10 +321,15 @@ static void wr_task(void *ctx, size_t t, int wk) {
         wr_abort(w, t, rc, 0);
         return;
     }
-    ckg_rec_header h = {ch.codec, sg->elem, n, ch.stored_len, {0}, w->a->seq0 + (uint32_t)t};
+    ckg_rec_header h = {ch.codec, sg->elem, n, ch.stored_len, {0}, w->a->seq0 + (uint32_t)t,
+                        0,        {0}};
     memcpy(h.hash, ch.hash, 16);
+    if (sg->seal && (rc = seal_record(w, k, rb->buf + CKG_REC_HDR, &h, &ch))) {
+        wr_abort(w, t, rc, 0);
+        return;
+    }
     ckg_pack_record_header(rb->buf, &h);
-    size_t used = CKG_REC_HDR + ch.stored_len, extent = ckg_align_up(used);
+    size_t used = CKG_REC_HDR + h.stored_len, extent = ckg_align_up(used);
     memset(rb->buf + used, 0, extent - used);
     uint64_t t1 = now_ns(), pos;
     k->enc_ns = t1 - t0;
@@ -285,9 +345,9 @@ static void wr_task(void *ctx, size_t t, int wk) {
     ckg_rec_info *r = &w->res[t];
     r->codec = ch.codec;
     r->raw_len = n;
-    r->stored_len = ch.stored_len;
+    r->stored_len = h.stored_len;
     r->offset = pos;
-    memcpy(r->hash, ch.hash, 16);
+    memcpy(r->hash, ch.hash, 16); /* of a sealed record: the fingerprint (seal_record) */
     if (w->a->digest) memcpy(r->digest, ch.digest, CKG_DIGEST);
     w->c.rc[t] = 0;
     pass_turn(w, extent);
@@ -353,8 +413,8 @@ int ckg_write_segments(const ckg_batch_args *a, int threads, ckg_rec_info *res,
 
 int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, uint64_t *end,
                      int *direct_used, ckg_failure *fail) {
-    ckg_segment seg = {a->buf, a->len, a->elem, a->codec, a->level, a->dfd >= 0};
-    ckg_batch_args b = {a->fd, a->dfd, a->chunk, a->pos, a->seq0, &seg, 1, a->digest};
+    ckg_segment seg = {a->buf, a->len, a->elem, a->codec, a->level, a->dfd >= 0, NULL};
+    ckg_batch_args b = {a->fd, a->dfd, a->chunk, a->pos, a->seq0, &seg, 1, a->digest, NULL, 0};
     ckg_segment_stats st = {{0, 0, 0}, 0};
     int rc = ckg_write_segments(&b, threads, res, &st, end, fail);
     if (a->stats) *a->stats = st.st;
@@ -458,4 +518,5 @@ ckg_scratch *ckg_thread_scratch(void) { return &tls_scratch; }
 void ckg_release_thread_buffers(void) {
     ckg_scratch_free(&tls_scratch);
     ckg_scratch_free(&tls_recbuf);
+    ckg_scratch_free(&tls_aad);
 }

@@ -75,6 +75,21 @@ int ckg_write_buffer(const ckg_write_args *a, int threads, ckg_rec_info *res, ui
 
 /* One buffer of a batch written in one call (ckg_write_segments): its chunks are encoded with
  * its own element size and codec. A model state of many medium tensors is one batch. */
+/* How a segment's records are sealed (docs/format.md section 4.4). The associated data of
+ * each is its head (uuid, rank, sequence number, key id, codec, elem_size, raw length, rows)
+ * and its rows: a pack's `rows` as given (`nrows` of them, one record); a stretch's one row per
+ * chunk, built here from its chunk number (`first` plus its place in the segment) and `rows`,
+ * the row's bytes after its shard_byte_offset (dimensions, shard offsets, key). */
+typedef struct {
+    const uint8_t *rkey;   /* 32 bytes: the data file's record key */
+    const uint8_t *fkey;   /* 32 bytes: the fingerprint key */
+    const uint8_t *key_id; /* 16 bytes */
+    const uint8_t *rows;
+    size_t rows_len;
+    uint32_t nrows; /* a pack's rows; 0: a stretch */
+    uint64_t first; /* a stretch's first chunk number */
+} ckg_seal_args;
+
 typedef struct {
     const uint8_t *buf;
     size_t len;
@@ -82,6 +97,7 @@ typedef struct {
     int codec;  /* the codec to try on every chunk (CKG_RAW: none); see ckg_encode_chunk */
     int level;  /* its level (0: the codec's default) */
     int direct; /* its records go through the O_DIRECT descriptor, where there is one */
+    const ckg_seal_args *seal; /* NULL: records in the clear */
 } ckg_segment;
 
 /* What one segment's records measured, and whether every one went through O_DIRECT (a segment
@@ -99,7 +115,9 @@ typedef struct {
     uint32_t seq0; /* sequence number of the first record */
     const ckg_segment *segs;
     size_t nsegs;
-    int digest; /* compute each record's SHA-256 digest too */
+    int digest;          /* compute each record's SHA-256 digest too (of a sealed one: stored) */
+    const uint8_t *uuid; /* 16 bytes: the data file's checkpoint uuid (sealed segments only) */
+    uint32_t rank;       /* the data file's rank (sealed segments only) */
 } ckg_batch_args;
 
 /* ckg_write_buffer over several buffers at once: the chunks of every segment, in order, are the

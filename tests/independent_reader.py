@@ -1226,7 +1226,7 @@ def read_chunk(
         key = seal.keys[row["key_id"]]
         if key.dk is None:
             return None
-        aad = seal_aad(seal, rec.offset, row["key_id"], codec, es, raw_len)
+        aad = seal_aad(seal, rec.seq, row["key_id"], codec, es, raw_len)
         payload = key.open(seal.uuid, seal.rank, nonce, payload, aad, where)
     raw = decode_payload(codec, payload, raw_len, es, where)
     if verify and sealed:
@@ -1345,15 +1345,13 @@ class SealContext:
     keys: dict[str, ScopeKey]
 
 
-def seal_aad(
-    seal: SealContext, offset: int, key_id: str, codec: int, es: int, raw_len: int
-) -> bytes:
+def seal_aad(seal: SealContext, seq: int, key_id: str, codec: int, es: int, raw_len: int) -> bytes:
     """The associated data of a sealed record (section 4.4)."""
     rows = sorted(seal.rows, key=lambda r: r["record_byte_offset"])
     parts = [
         SEAL_MAGIC,
         seal.uuid,
-        struct.pack("<IQ", seal.rank, offset),
+        struct.pack("<II", seal.rank, seq),
         bytes.fromhex(key_id),
         struct.pack("<BBQI", codec, es, raw_len, len(rows)),
     ]

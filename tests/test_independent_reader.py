@@ -553,11 +553,9 @@ def test_lone_surrogate_scope_is_refused(store: str, kek_env: None) -> None:
         ir.read_checkpoint(_surrogate_scope(store), kek=KEK)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ckptguard: format/encryption.is_scope accepts a lone surrogate, and the keyring's "
-    "check_scope then raises an untyped ValueError (load and verify)",
-)
 def test_lone_surrogate_scope_is_corrupt_for_ckptguard(store: str, kek_env: None) -> None:
+    path = _surrogate_scope(store)
     with pytest.raises(ckptguard.CorruptCheckpointError):
-        ckptguard.load(_surrogate_scope(store))
+        ckptguard.load(path)
+    report = ckptguard.verify(path)
+    assert not report.ok

@@ -17,15 +17,17 @@ MAX_SCOPE_CHARS = 256
 TAG_BYTES = 16
 """The AES-GCM tag after a sealed record's ciphertext."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def is_scope(scope: Any) -> bool:
-    """An encryption scope's name: 1..256 characters, no control characters, not only white
-    space."""
+    """An encryption scope's name: 1..256 Unicode scalar values (no surrogates), no control
+    characters, not only white space."""
     return (
         isinstance(scope, str)
         and 0 < len(scope) <= MAX_SCOPE_CHARS
         and not _CONTROL.search(scope)
+        and not _SURROGATE.search(scope)
         and bool(scope.strip())
     )
 
@@ -42,15 +44,16 @@ def check_encryption(member: Any) -> None:
         raise FormatError("manifest.encryption must have exactly the members aead and keys")
     if member["aead"] != AEAD or not isinstance(member["keys"], list) or not member["keys"]:
         raise FormatError(f"manifest.encryption: aead must be {AEAD!r}, keys a non-empty list")
-    ids = []
+    ids, scopes = [], set()
     for k in member["keys"]:
         if not isinstance(k, dict) or set(k) != {"key_id", "scope"}:
             raise FormatError("manifest.encryption.keys[] must have exactly key_id and scope")
         if not is_key_id(k["key_id"]) or not is_scope(k["scope"]):
             raise FormatError("manifest.encryption.keys has an invalid key_id or scope")
         ids.append(k["key_id"])
-    if ids != sorted(set(ids)):
-        raise FormatError("manifest.encryption.keys is unsorted or repeats a key_id")
+        scopes.add(k["scope"])
+    if ids != sorted(set(ids)) or len(scopes) != len(ids):
+        raise FormatError("manifest.encryption.keys is unsorted or repeats a key_id or scope")
 
 
 def has_key_id(table: pa.Table) -> bool:

@@ -95,7 +95,7 @@ static uint8_t *seed_record(int kind, size_t *len) {
     if (ckg_encode_chunk(raw, raw_len, elem, codec, 0, 0, rec + CKG_REC_HDR, cap, &s, &ch) !=
         CKG_OK)
         abort();
-    ckg_rec_header h = {ch.codec, elem, raw_len, ch.stored_len, {0}, (uint32_t)kind};
+    ckg_rec_header h = {ch.codec, elem, raw_len, ch.stored_len, {0}, (uint32_t)kind, 0, {0}};
     memcpy(h.hash, ch.hash, 16);
     ckg_pack_record_header(rec, &h);
     *len = ckg_align_up(CKG_REC_HDR + ch.stored_len);

@@ -222,7 +222,7 @@ static void test_records(void) {
     ckg_chunk ch;
     CHECK(ckg_encode_chunk(raw, len, 2, 1, 0, 0, rec + CKG_REC_HDR, cap, &s, &ch) == CKG_OK);
     CHECK(ch.payload == rec + CKG_REC_HDR);
-    ckg_rec_header h = {ch.codec, 2, len, ch.stored_len, {0}, 41};
+    ckg_rec_header h = {ch.codec, 2, len, ch.stored_len, {0}, 41, 0, {0}};
     memcpy(h.hash, ch.hash, 16);
     ckg_pack_record_header(rec, &h);
     size_t extent = ckg_align_up(CKG_REC_HDR + ch.stored_len);
@@ -325,8 +325,9 @@ static void test_pipelines(void) {
             for (size_t i = 0; i < n; i++) {
                 CHECK(res[i].offset == pos && res[i].stored_len == ref[i].stored_len);
                 size_t ext = ckg_align_up(CKG_REC_HDR + res[i].stored_len);
-                ckg_rec_header w = {res[i].codec,      2,   res[i].raw_len,
-                                    res[i].stored_len, {0}, (uint32_t)(7 + i)};
+                ckg_rec_header w = {
+                    res[i].codec, 2, res[i].raw_len, res[i].stored_len, {0}, (uint32_t)(7 + i), 0,
+                    {0}};
                 memcpy(w.hash, res[i].hash, 16);
                 uint8_t d[CKG_DIGEST];
                 CHECK(ckg_sha256(buf + i * chunk, res[i].raw_len, d) == CKG_OK);
@@ -403,7 +404,7 @@ static void test_segments(void) {
     for (int s = 0; s < NS; s++) {
         uint8_t *b = malloc(lens[s] + 1);
         fill(b, lens[s], elems[s], s % 3 + 1);
-        segs[s] = (ckg_segment){b, lens[s], elems[s], codecs[s], 0, 1};
+        segs[s] = (ckg_segment){b, lens[s], elems[s], codecs[s], 0, 1, NULL};
         total += ckg_nchunks(lens[s], chunk);
     }
     char pa[] = "/tmp/ckg_seg_a_XXXXXX", pb[] = "/tmp/ckg_seg_b_XXXXXX";
@@ -414,7 +415,7 @@ static void test_segments(void) {
     ckg_failure f;
     for (int threads = 1; threads <= 4; threads += 3) {
         CHECK(ftruncate(fa, 0) == 0 && ftruncate(fb, 0) == 0);
-        ckg_batch_args ba = {fa, -1, chunk, 4096, 3, segs, NS, 1};
+        ckg_batch_args ba = {fa, -1, chunk, 4096, 3, segs, NS, 1, NULL, 0};
         uint64_t end = 0, pos = 4096;
         CHECK(ckg_write_segments(&ba, threads, res, st, &end, &f) == CKG_OK);
         size_t r = 0;
@@ -451,7 +452,7 @@ static void test_segments(void) {
         free(y);
     }
     ckg_io_inject(ENOSPC, 3);
-    ckg_batch_args ba = {fa, -1, chunk, 0, 0, segs, NS, 0};
+    ckg_batch_args ba = {fa, -1, chunk, 0, 0, segs, NS, 0, NULL, 0};
     uint64_t end = 1;
     CHECK(ckg_write_segments(&ba, 2, res, st, &end, &f) == CKG_E_IO && f.err == ENOSPC &&
           f.index == 3 && end == 0);
@@ -464,6 +465,71 @@ static void test_segments(void) {
     unlink(pb);
 }
 
+static void unhex(const char *h, uint8_t *out) {
+    for (size_t i = 0; h[2 * i]; i++) {
+        unsigned v;
+        CHECK(sscanf(h + 2 * i, "%2x", &v) == 1);
+        out[i] = (uint8_t)v;
+    }
+}
+
+/* Known answers: AES-256 (FIPS-197 C.3) for the fingerprint; AES-256-GCM test case 14 of the GCM
+ * specification (zero key, nonce and block) for sealing, and a flipped bit in the associated
+ * data changing the tag. Then a sealed segment through the pipeline under the sanitizers: its
+ * headers carry the flag, the nonce (the sequence number), the stored length with the tag and
+ * the xxh3-128 of the stored bytes; its index hash is the fingerprint of the raw bytes' hash. */
+static void test_seal(void) {
+    uint8_t key[32], in[16], want[16], out[16];
+    unhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f", key);
+    unhex("00112233445566778899aabbccddeeff", in);
+    unhex("8ea2b7ca516745bfeafc49904b496089", want);
+    CHECK(ckg_fingerprint(key, in, out) == CKG_OK && memcmp(out, want, 16) == 0);
+    uint8_t zero[32] = {0}, nonce[CKG_NONCE] = {0}, buf[16] = {0}, tag[CKG_TAG], ct[16], t14[16];
+    unhex("cea7403d4d606b6e074ec5d3baf39d18", ct);
+    unhex("d0d1c8a799996bf0265b98b5d48ab919", t14);
+    CHECK(ckg_seal_payload(zero, nonce, NULL, 0, buf, 16, tag) == CKG_OK);
+    CHECK(memcmp(buf, ct, 16) == 0 && memcmp(tag, t14, 16) == 0);
+    uint8_t aad[3] = {1, 2, 3}, tag2[CKG_TAG];
+    memset(buf, 0, sizeof buf);
+    CHECK(ckg_seal_payload(zero, nonce, aad, 3, buf, 16, tag2) == CKG_OK);
+    CHECK(memcmp(buf, ct, 16) == 0 && memcmp(tag2, t14, 16) != 0);
+
+    size_t chunk = 8192, len = 20000;
+    uint8_t *b = malloc(len);
+    fill(b, len, 4, 1);
+    uint8_t uuid[16], kid[16], rows[9] = {1, 0, 0, 0, 1, 0, 0, 0, 'k'};
+    memset(uuid, 7, 16);
+    memset(kid, 9, 16);
+    ckg_seal_args sa = {key, key, kid, rows, sizeof rows, 0, 5};
+    ckg_segment seg = {b, len, 4, CKG_SHUFFLE_LZ4, 0, 1, &sa};
+    char pa[] = "/tmp/ckg_seal_XXXXXX";
+    int fa = mkstemp(pa);
+    CHECK(fa >= 0);
+    size_t n = ckg_nchunks(len, chunk);
+    ckg_rec_info res[4];
+    ckg_segment_stats st;
+    ckg_failure f;
+    uint64_t end = 0;
+    ckg_batch_args ba = {fa, -1, chunk, 4096, 2, &seg, 1, 1, uuid, 3};
+    CHECK(ckg_write_segments(&ba, 2, res, &st, &end, &f) == CKG_OK);
+    for (size_t i = 0; i < n; i++) {
+        uint8_t head[CKG_REC_HDR], *stored = malloc(res[i].stored_len), h[16], fp[16];
+        CHECK(pread(fa, head, CKG_REC_HDR, (off_t)res[i].offset) == CKG_REC_HDR);
+        CHECK(pread(fa, stored, res[i].stored_len, (off_t)res[i].offset + CKG_REC_HDR) ==
+              (ssize_t)res[i].stored_len);
+        CHECK(head[6] == CKG_SEALED && head[44] == 2 + i && head[45] == 0 && head[55] == 0);
+        ckg_hash128(stored, res[i].stored_len, h);
+        CHECK(memcmp(head + 24, h, 16) == 0);
+        size_t raw = i + 1 < n ? chunk : len - i * chunk;
+        ckg_hash128(b + i * chunk, raw, h);
+        CHECK(ckg_fingerprint(key, h, fp) == CKG_OK && memcmp(res[i].hash, fp, 16) == 0);
+        free(stored);
+    }
+    free(b);
+    close(fa);
+    unlink(pa);
+}
+
 int main(void) {
     test_shuffle();
     test_sha256();
@@ -473,6 +539,7 @@ int main(void) {
     test_records();
     test_pipelines();
     test_segments();
+    test_seal();
     ckg_release_thread_buffers();
     printf("test_native: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
