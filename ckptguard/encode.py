@@ -101,6 +101,7 @@ class ReadItem(NamedTuple):
     dest_offset: int
     seq: int = -1  # the record's sequence number in its file; < 0: not checked
     digest: bytes | None = None  # the SHA-256 its raw bytes must have (when verifying)
+    seal: tuple | None = None  # a sealed record's (record key, fingerprint key, AAD): native
 
 
 # ---- checks shared by every caller -------------------------------------------------------

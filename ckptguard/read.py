@@ -135,6 +135,34 @@ def _read_each(
     encode.parallel_map(one, range(len(rows)), _backend.default_threads())
 
 
+def _item(rd: CheckpointReader, r: Row, dest_offset: int) -> encode.ReadItem:
+    """Row ``r``'s record as ``io.read_records`` reads it (whole: ``record_raw_len`` bytes) to
+    ``dest_offset``; a sealed one with its keys and associated data (the native path opens it;
+    KeyUnavailableError where its data key cannot be had)."""
+    sealed = None
+    if r.key_id is not None:
+        scope = rd.scope(r.key_id)
+        uuid, rank = rd.owner(r.file)
+        seq, rows = rd.seq(r), rd.record_rows(r)
+        aad = seal.record_aad(
+            uuid, rank, seq, r.key_id, CODECS[r.codec], r.elem_size, r.record_raw_len, rows
+        )
+        sealed = (scope.record_key(uuid, rank), scope.fingerprint_key, aad)
+    return encode.ReadItem(
+        r.offset,
+        r.extent - r.offset,
+        CODECS[r.codec],
+        r.elem_size,
+        r.record_raw_len,
+        r.stored_len,
+        r.hash,
+        dest_offset,
+        rd.seq(r),
+        r.digest,
+        sealed,
+    )
+
+
 def read_into(
     rd: CheckpointReader,
     fd: int,
@@ -146,24 +174,11 @@ def read_into(
     """Read, check and decode ``rows`` of one open data file straight into ``dest`` (in parallel
     on the native path); each row's raw bytes land at its ``dest_offsets`` entry. No row may be
     a slice of a packed record (``read_packed`` reads those)."""
-    if rows and any(r.key_id is not None for r in rows):
+    native = _backend.name() == _backend.NATIVE
+    if rows and not native and any(r.key_id is not None for r in rows):
         _read_each(rd, fd, rows, [dest] * len(rows), dest_offsets, verify)
         return
-    items = [
-        encode.ReadItem(
-            r.offset,
-            r.extent - r.offset,
-            CODECS[r.codec],
-            r.elem_size,
-            r.raw_len,
-            r.stored_len,
-            r.hash,
-            off,
-            rd.seq(r),
-            r.digest,
-        )
-        for r, off in zip(rows, dest_offsets, strict=True)
-    ]
+    items = [_item(rd, r, off) for r, off in zip(rows, dest_offsets, strict=True)]
     path = os.path.join(rd.path, rows[0].file) if rows else rd.path
     try:
         read_records(fd, path, dest, items, verify=verify)
@@ -202,22 +217,12 @@ def read_whole_records(
     ``read_record`` checks it (header, padding, decode, with ``verify`` the hash: every slice),
     and damage raises the error ``read_record`` raises for it."""
     path = os.path.join(rd.path, rows[0].file) if rows else rd.path
+    native = _backend.name() == _backend.NATIVE
     for r, dest in zip(rows, dests, strict=True):
-        if r.key_id is not None:
+        if r.key_id is not None and not native:
             _read_each(rd, fd, [r], [dest], [0], verify)
             continue
-        item = encode.ReadItem(
-            r.offset,
-            r.extent - r.offset,
-            CODECS[r.codec],
-            r.elem_size,
-            r.record_raw_len,
-            r.stored_len,
-            r.hash,
-            0,
-            rd.seq(r),
-            r.digest,
-        )
+        item = _item(rd, r, 0)
         try:
             read_records(fd, path, dest, [item], verify=verify)
         except encode.ChunkError as e:

@@ -32,6 +32,11 @@ const char *ckg_strerror(int code) {
     case CKG_E_LEVEL: return "compression level out of range";
     case CKG_E_DIGEST: return "chunk digest mismatch (SHA-256: data altered)";
     case CKG_E_CRYPTO: return "a record could not be sealed (libcrypto)";
+    case CKG_E_AUTH:
+        return "sealed chunk does not authenticate: altered, moved or replayed from another "
+               "checkpoint, or encrypted under another key";
+    case CKG_E_STORED:
+        return "sealed chunk's stored bytes do not match their hash (data corrupted)";
     default: return "unknown error";
     }
 }
@@ -412,9 +417,11 @@ void ckg_pack_record_header(uint8_t out[CKG_REC_HDR], const ckg_rec_header *h) {
 int ckg_unpack_record_header(const uint8_t in[CKG_REC_HDR], ckg_rec_header *h) {
     if (memcmp(in, CKG_REC_MAGIC, 4)) return CKG_E_HEADER;
     if (get_le(in + 56, 8) != ckg_hash64(in, 56)) return CKG_E_HEADER;
-    if (in[6] || in[7]) return CKG_E_HEADER;
-    for (int i = 44; i < 56; i++)
+    if (in[6] > CKG_SEALED || in[7]) return CKG_E_HEADER;
+    for (int i = 44; i < 56 && !in[6]; i++) /* the nonce: a sealed record's only */
         if (in[i]) return CKG_E_HEADER;
+    h->flags = in[6];
+    memcpy(h->nonce, in + 44, CKG_NONCE);
     h->codec = in[4];
     h->elem = in[5];
     h->raw_len = get_le(in + 8, 8);
@@ -430,7 +437,7 @@ int ckg_decode_record(const uint8_t *rec, size_t rec_len, const ckg_rec_header *
     ckg_rec_header h;
     int rc = ckg_unpack_record_header(rec, &h);
     if (rc) return rc;
-    if (h.codec != want->codec || h.elem != want->elem || h.raw_len != want->raw_len ||
+    if (h.flags || h.codec != want->codec || h.elem != want->elem || h.raw_len != want->raw_len ||
         h.stored_len != want->stored_len || memcmp(h.hash, want->hash, 16) ||
         (check_seq && h.seq != want->seq))
         return CKG_E_MISMATCH;

@@ -52,6 +52,8 @@ enum {
     CKG_E_LEVEL = 13,     /* a compression level the codec does not have */
     CKG_E_DIGEST = 14,    /* decoded bytes do not match their SHA-256 digest */
     CKG_E_CRYPTO = 15,    /* libcrypto could not seal a record */
+    CKG_E_AUTH = 16,      /* a sealed record does not authenticate */
+    CKG_E_STORED = 17,    /* a sealed record's stored bytes do not match their hash */
 };
 
 const char *ckg_strerror(int code);
@@ -174,6 +176,23 @@ int ckg_seal_payload(const uint8_t key[32], const uint8_t nonce[CKG_NONCE], cons
                      size_t aad_len, uint8_t *buf, size_t len, uint8_t tag[CKG_TAG]);
 /* A sealed row's index hash: the 16-byte block `in` enciphered with AES-256 under key. */
 int ckg_fingerprint(const uint8_t key[32], const uint8_t in[16], uint8_t out[16]);
+
+/* What opening a sealed record needs: its data file's record key, the fingerprint key, and the
+ * record's associated data (built by the caller from the index). rkey NULL: not sealed. */
+typedef struct {
+    const uint8_t *rkey;
+    const uint8_t *fkey;
+    const uint8_t *aad;
+    size_t aad_len;
+} ckg_open_args;
+
+/* ckg_decode_record for a sealed record (want->hash: the row's fingerprint): the header (flag,
+ * fields, the xxh3-128 of the stored bytes), the padding, with verify the digest of the stored
+ * bytes; then the payload is authenticated and decrypted in place (rec is written), decoded into
+ * dst and, with verify, its fingerprint compared. CKG_E_AUTH, CKG_E_STORED, ... */
+int ckg_open_record(uint8_t *rec, size_t rec_len, const ckg_rec_header *want, int check_seq,
+                    const ckg_open_args *keys, uint8_t *dst, ckg_scratch *scratch, int verify,
+                    const uint8_t *want_digest);
 
 /* ---- pool.c: run fn(ctx, task, worker) for task in [0, ntasks) on up to nthreads threads --- */
 

@@ -638,6 +638,21 @@ done:
 
 /* read_into(fd, path, dest, [(offset, extent, codec, elem, raw_len, stored_len, hash,
  *                             dest_offset, seq), ...], threads, verify); seq < 0: not checked */
+/* A sealed record's (rkey, fkey, aad) for reading: 32, 32 and any bytes, borrowed from the item
+ * (alive while the items sequence is). */
+static int get_open(PyObject *o, ckg_open_args *s) {
+    PyObject *rkey, *fkey, *aad;
+    if (!PyArg_ParseTuple(o, "SSS;bad seal", &rkey, &fkey, &aad)) return -1;
+    if (PyBytes_GET_SIZE(rkey) != 32 || PyBytes_GET_SIZE(fkey) != 32) {
+        PyErr_SetString(PyExc_ValueError, "seal keys must be 32 bytes");
+        return -1;
+    }
+    *s = (ckg_open_args){(const uint8_t *)PyBytes_AS_STRING(rkey),
+                         (const uint8_t *)PyBytes_AS_STRING(fkey),
+                         (const uint8_t *)PyBytes_AS_STRING(aad), (size_t)PyBytes_GET_SIZE(aad)};
+    return 0;
+}
+
 static PyObject *py_read_into(PyObject *self, PyObject *args) {
     (void)self;
     int fd, threads, verify;
@@ -663,11 +678,13 @@ static PyObject *py_read_into(PyObject *self, PyObject *args) {
         unsigned long long off, ext, raw_len, stored_len, doff;
         long long rseq;
         int codec, elem;
-        PyObject *h, *dg = Py_None;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiiKKOKL|O;bad read item", &off,
-                              &ext, &codec, &elem, &raw_len, &stored_len, &h, &doff, &rseq, &dg))
+        PyObject *h, *dg = Py_None, *sl = Py_None;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiiKKOKL|OO;bad read item", &off,
+                              &ext, &codec, &elem, &raw_len, &stored_len, &h, &doff, &rseq, &dg,
+                              &sl))
             goto done;
         ckg_read_item *it = &items[i];
+        if (sl != Py_None && get_open(sl, &it->seal) < 0) goto done;
         const uint8_t *hp;
         if (get_hash(h, &hp, 0) < 0 || get_digest(dg, &it->digest) < 0 ||
             check_dest(d.len, doff, raw_len, (size_t)i) < 0)

@@ -482,8 +482,12 @@ static void rd_task(void *ctx, size_t t, int w) {
         fail_task(&r->c, t, CKG_E_TRUNCATED, 0);
         return;
     }
-    rc = ckg_decode_record(rb->buf, it->extent, &it->want, it->check_seq, it->dst, &tls_scratch,
-                           r->verify, it->digest);
+    if (it->seal.rkey)
+        rc = ckg_open_record(rb->buf, it->extent, &it->want, it->check_seq, &it->seal, it->dst,
+                             &tls_scratch, r->verify, it->digest);
+    else
+        rc = ckg_decode_record(rb->buf, it->extent, &it->want, it->check_seq, it->dst, &tls_scratch,
+                               r->verify, it->digest);
     if (rc)
         fail_task(&r->c, t, rc, 0);
     else

@@ -146,6 +146,7 @@ typedef struct {
     int check_seq;         /* compare want.seq with the record's sequence number */
     uint8_t *dst;          /* want.raw_len bytes */
     const uint8_t *digest; /* the SHA-256 its bytes must have (when verifying); NULL: none */
+    ckg_open_args seal;    /* a sealed record's keys and associated data; rkey NULL: clear */
 } ckg_read_item;
 
 /* pread each record extent (with posix_fadvise), check header and padding, decode into dst and

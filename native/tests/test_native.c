@@ -332,7 +332,8 @@ static void test_pipelines(void) {
                 uint8_t d[CKG_DIGEST];
                 CHECK(ckg_sha256(buf + i * chunk, res[i].raw_len, d) == CKG_OK);
                 CHECK(memcmp(d, res[i].digest, CKG_DIGEST) == 0);
-                ri[i] = (ckg_read_item){pos, ext, w, 1, dst + i * chunk, res[i].digest};
+                ri[i] = (ckg_read_item){
+                    pos, ext, w, 1, dst + i * chunk, res[i].digest, {NULL, NULL, NULL, 0}};
                 pos += ext;
             }
             CHECK(end == pos);
@@ -524,6 +525,40 @@ static void test_seal(void) {
         ckg_hash128(b + i * chunk, raw, h);
         CHECK(ckg_fingerprint(key, h, fp) == CKG_OK && memcmp(res[i].hash, fp, 16) == 0);
         free(stored);
+        /* Read it back with the associated data built from the spec (format.md 4.4). */
+        uint8_t aad[128], *p = aad, *out = malloc(raw);
+        uint64_t c = 5 + i;
+        memcpy(p, "CKGSEAL1", 8);
+        memcpy(p + 8, uuid, 16);
+        p += 24;
+        uint64_t fields[][2] = {{3, 4},   {2 + i, 4}, {0, 0},        {(uint64_t)res[i].codec, 1},
+                                {4, 1},   {raw, 8},   {1, 4},        {0, 8},
+                                {raw, 8}, {c, 4},     {c * chunk, 8}};
+        for (size_t j = 0; j < sizeof fields / sizeof fields[0]; j++) {
+            if (j == 2) {
+                memcpy(p, kid, 16);
+                p += 16;
+                continue;
+            }
+            for (uint64_t b8 = 0; b8 < fields[j][1]; b8++)
+                *p++ = (uint8_t)(fields[j][0] >> (8 * b8));
+        }
+        memcpy(p, rows, sizeof rows);
+        p += sizeof rows;
+        ckg_read_item it = {
+            res[i].offset,
+            ckg_align_up(CKG_REC_HDR + res[i].stored_len),
+            {res[i].codec, 4, raw, res[i].stored_len, {0}, (uint32_t)(2 + i), 0, {0}},
+            1,
+            out,
+            res[i].digest,
+            {key, key, aad, (size_t)(p - aad)}};
+        memcpy(it.want.hash, res[i].hash, 16);
+        CHECK(ckg_read_records(fa, &it, 1, 1, 1, &f) == CKG_OK);
+        CHECK(memcmp(out, b + i * chunk, raw) == 0);
+        aad[30] ^= 1; /* another sequence number: the record does not authenticate */
+        CHECK(ckg_read_records(fa, &it, 1, 1, 1, &f) == CKG_E_AUTH);
+        free(out);
     }
     free(b);
     close(fa);
