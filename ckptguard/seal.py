@@ -14,8 +14,10 @@ across scopes. The record header's
 hash covers the stored ciphertext instead, so a checker without the key still checks every
 stored byte (``check_stored``).
 
-The cryptography is the ``cryptography`` package's (OpenSSL), on both backends; the encoding
-around it (shuffle, LZ4, zstd, xxh3) is the active backend's, so both write the same bytes.
+Both backends write the same bytes: the native one seals inside its write pipeline
+(native/seal.c: the system's OpenSSL, ``io.write_segments`` with seals) and opens sealed records
+in its read pipeline; the pure-Python one (``write_sealed``, ``read_sealed``) uses the
+``cryptography`` package. The keys (HKDF) and the associated data are derived here for both.
 """
 
 from __future__ import annotations
