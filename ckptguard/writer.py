@@ -29,7 +29,7 @@ from .format.layout import ALIGN, datafile_name
 from .format.manifest import WriteStats
 from .io import Batch, Segment, open_direct, wait_written, write_all, write_segments
 from .reuse import Reuse, spans
-from .seal import Sealing, Stretch, write_stretches
+from .sealwrite import Sealing, Stretch, write_stretches
 from .sources import tensor_bytes
 from .tree import TensorRef
 

@@ -418,7 +418,8 @@ def test_both_backends_write_the_same_sealed_bytes(
     from ckptguard import backend
     from ckptguard.format.datafile import CODECS
     from ckptguard.io import Segment
-    from ckptguard.seal import Scope, Sealing, Stretch, write_stretches
+    from ckptguard.seal import Scope, Sealing
+    from ckptguard.sealwrite import Stretch, write_stretches
 
     if not backend.available():
         pytest.skip("the native extension is not built")
