@@ -199,7 +199,9 @@ class CheckpointReader:
                 if self.one is not None:
                     raise KeyUnavailableError("one-file checkpoints have no keyring", name, key_id)
                 store = os.path.dirname(self.path)
-                dk = keyring.unwrap(store, name, key_id, resolve_kek(self.kek))
+                if not isinstance(self.kek, Kek):  # once per reader: a KEK command runs once
+                    self.kek = resolve_kek(self.kek)
+                dk = keyring.unwrap(store, name, key_id, self.kek)
                 got = Scope(dk.key_id, name, dk.key)
             except KeyUnavailableError as e:
                 got = e

@@ -446,3 +446,16 @@ def test_both_backends_write_the_same_sealed_bytes(
         out[name] = (path.read_bytes(), done.hash, done.digest, keys, done.stored_len.tolist())
     assert out[backend.NATIVE] == out[backend.PYTHON]
     assert out[backend.NATIVE][3][-1] is None and out[backend.NATIVE][3][0] == "ab" * 16
+
+
+def test_a_kek_command_runs_once_per_load(tmp_path: Path, monkeypatch) -> None:
+    """A load of a checkpoint of two scopes asks the KMS (the KEK command) once, not per scope."""
+    ckptguard.save(_state(), tmp_path / "c", encrypt=RULE)
+    calls = tmp_path / "calls"
+    script = tmp_path / "kms.sh"
+    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho {KEK_A}\n")
+    script.chmod(0o755)
+    monkeypatch.delenv("CKPTGUARD_KEK")
+    monkeypatch.setenv("CKPTGUARD_KEK_COMMAND", str(script))
+    _equal(_state(), ckptguard.load(tmp_path / "c"))
+    assert calls.read_text().count("x") == 1
