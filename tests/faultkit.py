@@ -276,6 +276,13 @@ def _delete_base(root: Path) -> Path:
     return d
 
 
+def _prune_base(root: Path) -> Path:
+    d = root / "prune" / "store"
+    for i in range(1, 5):
+        ckptguard.save(small(i), d / f"c{i}", step=i)
+    return d
+
+
 def shared(seed: int) -> dict:
     """A state of several 64 KiB chunks (``SHARED_CHUNK``) that an incremental save shares."""
     import torch
@@ -363,6 +370,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("agent", "agent-srun"), _agent_base),
     (("gc",), _gc_base),
     (("delete",), _delete_base),
+    (("prune",), _prune_base),
     (("drain",), _drain_base),
     (("onefile",), _onefile_base),
     (("lightning",), _lightning_base),
@@ -716,6 +724,8 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         args = ["delete", str(root), "b"]
     elif case.scenario == "delete-base":
         args = ["delete", str(root), "a"]
+    elif case.scenario == "prune":
+        args = ["prune", str(root)]
     else:
         args = ["drain", str(root / "src"), str(root / "dst")]
     ranks = _single_run(case, tmp, args)
@@ -724,6 +734,8 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         check_store(root, {"a"}, "a")  # its gc is the retry: it must reclaim everything
     elif case.scenario in ("gc-shared", "delete-base"):
         outcome = _shared_outcome(case, root, seen)
+    elif case.scenario == "prune":
+        outcome = _pruned(case, root, seen)
     elif case.scenario == "delete":
         st = ckptguard.Store(root)
         names, latest = {i.name for i in st.list()}, st.latest_name()
@@ -747,6 +759,24 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         check_store(dst, {"a", "b"}, "b")
         assert ckptguard.load(dst / "b")["seed"] == 2
     return outcome, ranks
+
+
+def _pruned(case: Case, root: Path, seen: dict) -> str:
+    """After a prune to the newest two of c1..c4 (c1 first): every checkpoint it did not reach
+    is whole, the one it was deleting is whole or gone, c3 and c4 (LATEST) are untouched; the
+    retry leaves exactly c3 and c4, each loading what was saved."""
+    st = ckptguard.Store(root)
+    names = {i.name for i in st.list()}
+    outcome = "kept" if names == {"c1", "c2", "c3", "c4"} else "gone"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"c1 is {outcome}, expected {case.expect}"
+    assert {"c3", "c4"} <= names and (names == {"c1", "c2", "c3", "c4"} or "c1" not in names)
+    check_store(root, names, "c4")
+    st.prune({"keep_last": 2})
+    check_store(root, {"c3", "c4"}, "c4")
+    for i in (3, 4):
+        assert ckptguard.load(root / f"c{i}")["seed"] == i
+    return outcome
 
 
 def _shared_outcome(case: Case, root: Path, seen: dict) -> str:
@@ -995,6 +1025,7 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "delete": _single,
     "gc-shared": _single,
     "delete-base": _single,
+    "prune": _single,
     "drain": _single,
     "onefile": _onefile,
     "audit": _audit,

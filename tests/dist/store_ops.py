@@ -34,6 +34,11 @@ def run(op: str, args: list[str]) -> dict:
     if op == "delete":
         ckptguard.Store(args[0]).delete(args[1])
         return {}
+    if op == "prune":  # the newest two of c1..c4 kept: c1, then c2, deleted
+        _, failed = ckptguard.Store(args[0]).prune({"keep_last": 2})
+        if failed:
+            raise failed[0][1]
+        return {}
     if op == "drain":
         from ckptguard.drain import drain
 
