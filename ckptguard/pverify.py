@@ -162,6 +162,8 @@ def _report_json(report: VerifyReport) -> dict:
         "chunks_checked": report.chunks_checked,
         "bytes_checked": report.bytes_checked,
         "signed_by": report.signed_by,
+        "keyless": report.keyless,
+        "key_errors": report.key_errors,
     }
 
 
@@ -172,6 +174,8 @@ def _report_of(d: dict) -> VerifyReport:
         int(d["chunks_checked"]),
         int(d["bytes_checked"]),
         d.get("signed_by"),
+        {str(k): int(v) for k, v in d.get("keyless", {}).items()},
+        {str(k): str(v) for k, v in d.get("key_errors", {}).items()},
     )
 
 
@@ -304,6 +308,10 @@ def _merge(report: VerifyReport, outcomes: list[dict]) -> ParallelVerifyError | 
             report.problems.append(p)
         report.chunks_checked += int(out["chunks_checked"])
         report.bytes_checked += int(out["bytes_checked"])
+        for scope, n in out.get("keyless", {}).items():  # sealed records checked as stored
+            report.keyless[scope] = report.keyless.get(scope, 0) + int(n)
+        for scope, why in out.get("key_errors", {}).items():
+            report.key_errors.setdefault(scope, str(why))
     return None
 
 

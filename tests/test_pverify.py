@@ -384,3 +384,25 @@ def test_srun_without_mpi_refuses(job: list[str], one_file: Path, tmp_path: Path
     res = _launch(["srun", *job, "--mpi=none"], 2, ["verify", one_file], tmp_path / "out")
     assert [rc for rc, _, _ in res] == [2, 2]
     assert all("srun --mpi=pmi2" in err and out == "" for _, out, err in res)
+
+
+def test_an_encrypted_checkpoint_verifies_in_parallel_with_or_without_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks open sealed records with the key, or check them as stored without it: the merged
+    report equals the single-process one, what was not checked counted by scope."""
+    from ckptguard.read import verify_checkpoint
+
+    for var in ("CKPTGUARD_KEK_FILE", "CKPTGUARD_KEK_COMMAND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CKPTGUARD_KEK", "6c" * 32)
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(40, 256, generator=g), "b": torch.randn(9000, generator=g)}
+    ckpt = tmp_path / "store" / "ck"
+    ckptguard.save(state, str(ckpt), chunk_size=4096, encrypt={"a": "s-a", "b": "s-b"})
+    for kek in ("6c" * 32, "6d" * 32):  # the KEK, then another one
+        monkeypatch.setenv("CKPTGUARD_KEK", kek)
+        want = verify_checkpoint(str(ckpt))
+        assert want.ok and bool(want.keyless) == (kek != "6c" * 32)
+        for n in (1, 3):
+            assert run_ranks(n, lambda rank: str(ckpt)) == [want] * n
