@@ -43,8 +43,9 @@ lint: install-test
 # torchrun whose saves take the same paths; each framework keeps its in-process tests and, where
 # cheap, one bitwise resume on both backends), the fault cases whose failpoint does not interrupt
 # the backend's own writes, and tests of timeouts, signals and races. On a 2-core machine whose
-# disk rate varies from day to day: the native pass 26-28 minutes, the pure-Python one 11, `make
-# test` from a fresh clone about 45, setup included (measured 2026-12-03).
+# disk rate varies from day to day: the native pass 27-30 minutes, the pure-Python one 11, `make
+# test` from a fresh clone 45-50, setup included (measured twice on 2026-12-03, a slow-disk day;
+# the fault matrix runs a sample of each scenario here, all of it in `make faults`).
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm
