@@ -19,7 +19,7 @@ import warnings
 import weakref
 from typing import Any
 
-from . import api, sign
+from . import api, lineage, sign
 from .capture import caller_streams, capture, refs_bytes, state_bytes
 from .coord import auto as coord_auto
 from .errors import (
@@ -138,6 +138,8 @@ class Checkpointer:
         coordinator = opts.pop("coordinator", None)
         one_file = opts.pop("one_file", None)
         SaveOptions.check_names(opts)  # a misspelt option fails here, not later
+        if opts.get("mlflow_run") is not None:  # the run active in this thread, not the saver's
+            opts["mlflow_run"] = lineage.normalize(opts["mlflow_run"])
         if is_file_object(name):
             raise TypeError("save_async needs a path, not a file object: save(obj, f) writes one")
         path = self._path(name)

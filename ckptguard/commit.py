@@ -50,6 +50,7 @@ from .fsutil import (
 )
 from .io import pread_exact, pwrite_all
 from .keys import PrivateKey
+from .onefile import OneFile
 from .readonly import remove_tree, seal_dir, seal_files, unseal
 
 LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
@@ -251,8 +252,12 @@ def publish(
 
 
 def manifest_sha256(checkpoint: str) -> str:
-    """SHA-256 (hex) of the MANIFEST.json bytes of ``checkpoint``, read safely: what an audit
-    entry names a checkpoint's content by."""
+    """SHA-256 (hex) of the MANIFEST.json bytes of ``checkpoint`` (a directory, or a one-file
+    checkpoint's manifest member), read safely: what an audit entry names a checkpoint's
+    content by."""
+    if not os.path.isdir(checkpoint):
+        with OneFile.open(checkpoint) as one:
+            return hashlib.sha256(one.read(one.toc.manifest)).hexdigest()
     raw = read_member(checkpoint, MANIFEST, max_size=manifest.MAX_MANIFEST_BYTES)
     return hashlib.sha256(raw).hexdigest()
 

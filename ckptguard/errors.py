@@ -334,6 +334,12 @@ class IntegrationError(CheckpointError, ValueError):
     message names the method and the version found)."""
 
 
+class LineageError(CheckpointError):
+    """The MLflow run that ``save(..., mlflow_run=...)`` is to record cannot be read (no active
+    run, an unknown run id, a tracking server that does not answer, or MLflow not installed).
+    Raised on the committing rank before any file is written."""
+
+
 class KeyFileError(CheckpointError, ValueError):
     """A key file that cannot be used: missing, a link, a FIFO or other special file, a private
     key readable by its group or others, the wrong size or not a key at all. Nothing is read

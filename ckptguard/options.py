@@ -16,6 +16,7 @@ from typing import Any
 
 import xxhash
 
+from . import lineage
 from .encode import RAW, SHUFFLE_LZ4, SHUFFLE_ZSTD, check_chunk_size, parse_compress
 from .errors import OptionsMismatchError, UnsupportedObjectError
 from .format.layout import check_name
@@ -87,8 +88,17 @@ class SaveOptions:
     None: from the environment (``CKPTGUARD_KEK_FILE``, ``CKPTGUARD_KEK`` or
     ``CKPTGUARD_KEK_COMMAND``, docs/security.md). Only the committer (rank 0) uses it."""
 
+    mlflow_run: Any = None
+    """Training lineage (``lineage``): True (the MLflow run active in the calling thread), a run
+    id or an MLflow ``Run``. The committer records the run's id, experiment, params and code
+    commit as ``metadata["mlflow"]`` and, after the commit, tags the run with the checkpoint's
+    URI and manifest digest. Only the committer (rank 0) uses it."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", as_policy(self.keep))
+        object.__setattr__(self, "mlflow_run", lineage.normalize(self.mlflow_run))
+        if self.mlflow_run is not None:
+            lineage.check_metadata(self.metadata)
         if self.base is not None and (not isinstance(self.base, str) or not self.base):
             raise TypeError(f"base must be 'auto', a checkpoint name or None, not {self.base!r}")
         if self.base not in (None, "auto"):

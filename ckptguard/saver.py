@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import platform
 import time
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 import xxhash
 
-from . import collector, commit, sign
+from . import collector, commit, lineage, sign
 from .adapt import AUTO, merge_stats
 from .baseplan import link_plan
 from .coord import Coordinator
@@ -124,6 +125,7 @@ class Staged:
     signer: sign.PrivateKey | None = None  # the key that signs the commit (sign_key)
     base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
     seal: dict | None = None  # an encrypted save's keys (``sealplan.seal_plan``)
+    lineage: dict | None = None  # the MLflow run to record (``lineage.resolve``)
 
 
 class _Save:
@@ -234,13 +236,14 @@ class _Save:
             tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], descs, plan.keys)
             signer = sign.signer(self.opt.sign_key)  # the committer's key: before any file
             base = link_plan(self.store, self.opt.base, self.opt.max_depth)
+            run = lineage.resolve(self.opt.mlflow_run)
             uid, self.staging = self.open_staging()  # creates the store, for its keyring
             seal = seal_plan(self.store, self.opt, plan.keys)
         except Exception as e:
             return self.fail(e)
         pickle = any(m["pickle"] for m, _ in msgs)
         self.rank0 = Staged(
-            uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer, base, seal
+            uid, self.staging, tree0, rank_trees, plan.tensors, pickle, signer, base, seal, run
         )
         return {
             "ok": True,
@@ -412,7 +415,7 @@ def manifest_body(
         world_size=world,
         step=opt.step,
         writer=writer_versions([r["zstd"] for r, _ in reports if r.get("zstd")]),
-        metadata=opt.metadata,
+        metadata=lineage.merged(opt.metadata, p.lineage),
         tree=p.tree,
         rank_trees=p.rank_trees,
         tensors=p.tensors,
@@ -479,4 +482,7 @@ def save_state(
         run_commit_hooks(info)
         if opt.keep is not None and coord.rank == 0:
             prune_after_commit(store, opt.keep)
+    if opt.mlflow_run is not None and coord.rank == 0:
+        digest = functools.partial(commit.manifest_sha256, info.path)  # read when tagging
+        lineage.tag_run(opt.mlflow_run, info.path, info.step, digest)
     return info
