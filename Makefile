@@ -16,7 +16,7 @@ $(VENV)/.base: pyproject.toml setup.py | native-deps
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[mpi,bench,test]"
+	$(PIP) -e ".[mpi,bench,test,mlflow]"
 	touch $@
 
 install: $(VENV)/.base
