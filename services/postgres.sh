@@ -7,8 +7,8 @@
 #   services/postgres.sh stop       stop the server this script started. Idempotent.
 #   services/postgres.sh status     print the server's state and where its log is; exit 0 only
 #                                   when it answers a query.
-#   services/postgres.sh url DB     print the SQLAlchemy URL of database DB on this server
-#                                   (the database itself is not created).
+#   services/postgres.sh url DB     print the SQLAlchemy URL (postgresql+psycopg2://) of database
+#                                   DB on this server (the database itself is not created).
 #
 # Environment:
 #   CKPTGUARD_PG_DIR      the server's own directory: data/ (PGDATA), the Unix socket, the log
@@ -200,7 +200,9 @@ cmd_url() {
     local db=${1:-}
     [[ "$db" =~ ^[A-Za-z_][A-Za-z0-9_]{0,62}$ ]] ||
         die "url needs a database name of letters, digits and _ (got '${db}')"
-    echo "postgresql://postgres@127.0.0.1:$PORT/$db"
+    # The driver named: SQLAlchemy 2.1 takes a bare postgresql:// for psycopg 3, and the
+    # mlflow extra installs psycopg2.
+    echo "postgresql+psycopg2://postgres@127.0.0.1:$PORT/$db"
 }
 
 case "${1:-}" in
