@@ -119,17 +119,12 @@ def postgres_admin_url() -> str:
     (fail in CI) where it cannot start."""
     if os.geteuid() != 0:
         unavailable("services/postgres.sh needs root (it runs PostgreSQL as the postgres user)")
-    try:
-        proc = subprocess.run(
-            [str(POSTGRES_SH), "start"], capture_output=True, text=True, timeout=600
-        )
-    except subprocess.TimeoutExpired:
-        unavailable("services/postgres.sh start did not finish in 600 s")
+    from conftest import run_command
+
+    proc = run_command([POSTGRES_SH, "start"], 600)
     if proc.returncode != 0:
         unavailable(f"services/postgres.sh start failed: {proc.stderr.strip()[-2000:]}")
-    url = subprocess.run(
-        [str(POSTGRES_SH), "url", "postgres"], capture_output=True, text=True, timeout=30
-    )
+    url = run_command([POSTGRES_SH, "url", "postgres"], 30)
     assert url.returncode == 0, url.stderr
     return url.stdout.strip()
 

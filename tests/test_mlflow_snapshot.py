@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import run_command
 from mlflowkit import Logged, MlflowServer, create_database, drop_database, libpq_url, populate
 
 from ckptguard.errors import MlflowStoreError
@@ -83,18 +83,11 @@ def _restored_refs(server: MlflowServer, snap_dir: Path, name: str) -> tuple[obj
 
     url = create_database(server.backend_uri.rsplit("/", 1)[0] + "/postgres")
     try:
-        proc = subprocess.run(
-            [
-                "pg_restore",
-                "--no-owner",
-                "--exit-on-error",
-                f"--dbname={libpq_url(url)}",
-                snap_dir / name,
-            ],  # fmt: skip,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_command(
+            ["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={libpq_url(url)}",
+             snap_dir / name],
+            120,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         conn = psycopg2.connect(libpq_url(url))
         try:
