@@ -8,6 +8,7 @@ parameters) are fixtures; each is shared by the tests of one module."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -50,10 +51,19 @@ class MlflowServer:
 
 
 def unavailable(reason: str) -> None:
-    """Skip the test, or fail it under CI=true, where `make test` can start every service."""
+    """Skip the test, or fail it under CI=true, where `make test` installs the mlflow extra and
+    can start PostgreSQL."""
     if CI:
-        pytest.fail(f"no PostgreSQL for the MLflow tests in CI: {reason}", False)
+        pytest.fail(f"the MLflow tests cannot run in CI: {reason}", False)
     pytest.skip(reason)
+
+
+def need(module: str) -> None:
+    """``module`` importable, or the test skipped (failed under CI=true)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        unavailable(f"{module} is not installed (pip install -e '.[mlflow]')")
 
 
 def _free_port() -> int:
@@ -66,6 +76,7 @@ def start_server(kind: str, backend_uri: str, workdir: Path) -> MlflowServer:
     """``mlflow server`` on ``backend_uri`` with its artifacts under ``workdir/artifacts``,
     waited for until /health answers; the test fails with the server's log if it exits or
     does not answer in START_TIMEOUT s."""
+    need("mlflow")
     artifacts = workdir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -181,7 +192,7 @@ def mlflow_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 def mlflow_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """An MLflow server on a fresh PostgreSQL database (dropped at the end), shared by the
     module's tests."""
-    pytest.importorskip("psycopg2")
+    need("psycopg2")
     url = create_database(postgres_admin_url())
     workdir = tmp_path_factory.mktemp("mlflow-postgres")
     server = start_server("postgresql", url, workdir)

@@ -129,7 +129,7 @@ def test_snapshot_while_a_client_logs(
         r.row for r in snap.references if r.table == "logged_models"
     }
 
-    report = check_consistency(snap.references, Roots(mlflow_server.artifacts))
+    report = check_consistency(snap.references, Roots(str(mlflow_server.artifacts)))
     assert not report.dangling, report.to_json()["dangling"]
     assert report.fraction_consistent == 1.0
     orphan_runs = {Path(p).name for p in report.orphans}

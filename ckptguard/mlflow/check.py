@@ -138,14 +138,17 @@ def orphans(resolved: Iterable[tuple[Ref, str]], roots: Roots) -> list[str]:
         if top in walked or top in covered:
             continue
         walked.add(top)
-        with os.scandir(top) as entries:
-            for entry in entries:
-                path = entry.path
-                if path in covered:
-                    continue
-                if path in inside or path in named:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(path)
-                    continue
-                found.append(path)
+        try:
+            entries = list(os.scandir(top))
+        except FileNotFoundError:
+            continue  # removed meanwhile (a live store): nothing there to be an orphan
+        for entry in entries:
+            path = entry.path
+            if path in covered:
+                continue
+            if path in inside or path in named:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                continue
+            found.append(path)
     return sorted(found)

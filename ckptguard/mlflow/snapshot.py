@@ -16,6 +16,7 @@ the raw bytes, which zlib would scramble on every small change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -56,7 +57,7 @@ class Snapshot:
     """What ``take_snapshot`` copied: the database file in the destination (``database``, a
     name), how it was written (``dump_format``), the schema's alembic revision, the MLflow
     version installed here (None without MLflow; the revision is what the data needs), the
-    references held at the snapshot's moment, when it was taken (UTC, ISO 8601)."""
+    references held at the snapshot's moment, and when taking it began (UTC, ISO 8601)."""
 
     kind: Kind
     backend_uri: str
@@ -283,7 +284,10 @@ def _postgres_snapshot(
     except psycopg2.Error as e:
         raise MlflowStoreError(f"{backend.display}: {_pg_message(e)}") from None
     finally:
-        conn.rollback()
+        # Read only: nothing to keep; the end of the exported snapshot. On a broken connection
+        # the rollback fails too, and the error above says why.
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
         conn.close()
 
 
