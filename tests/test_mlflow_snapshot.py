@@ -228,3 +228,17 @@ def test_sqlite_that_is_missing_or_not_mlflows(tmp_path: Path) -> None:
     assert os.listdir(dest) == []
     with pytest.raises(MlflowStoreError, match="not a directory"):
         take_snapshot(f"sqlite:///{other}", tmp_path / "absent")
+
+
+def test_postgres_sh_answers_and_checks_names(mlflow_postgres: MlflowServer) -> None:
+    """services/postgres.sh: status 0 while the server answers (the fixture started it); url
+    names the database it is given and refuses a name that is not one."""
+    from mlflowkit import POSTGRES_SH
+
+    status = run_command([POSTGRES_SH, "status"], 60)
+    assert status.returncode == 0 and "answering" in status.stdout
+    assert mlflow_postgres.backend_uri.startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+    url = run_command([POSTGRES_SH, "url", "db_1"], 30)
+    assert url.returncode == 0 and url.stdout.strip().endswith("/db_1")
+    bad = run_command([POSTGRES_SH, "url", "x;drop"], 30)
+    assert bad.returncode != 0 and "letters, digits" in bad.stderr
