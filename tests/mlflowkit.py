@@ -195,10 +195,12 @@ def mlflow_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlflow
     need("psycopg2")
     url = create_database(postgres_admin_url())
     workdir = tmp_path_factory.mktemp("mlflow-postgres")
-    server = start_server("postgresql", url, workdir)
-    yield server
-    stop_server(server)
-    drop_database(url)
+    try:
+        server = start_server("postgresql", url, workdir)
+        yield server
+        stop_server(server)
+    finally:
+        drop_database(url)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
