@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 # A bare torch range pulls a multi-GB CUDA build; this CPU build lies on the project's machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm faults
+.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm postgres faults
 
 $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(VENV)/.base: pyproject.toml setup.py | native-deps
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[mpi,bench,test]"
+	$(PIP) -e ".[mpi,bench,test,mlflow]"
 	touch $@
 
 install: $(VENV)/.base
@@ -48,7 +48,7 @@ lint: install-test
 # the fault matrix runs a sample of each scenario here, all of it in `make faults`).
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
-test: native lint test-native slurm
+test: native lint test-native slurm postgres
 	$(PY) -m pytest -q
 	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q -m "not backend_independent and not framework_job"
 
@@ -69,6 +69,12 @@ slurm:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  bash slurm/local-cluster.sh start; \
 	else echo "slurm: not root or no apt-get; the Slurm tests skip (slurm/README.md)"; fi
+
+# A PostgreSQL server of its own (Debian's postgresql-15, port 55432) for the MLflow tests; the
+# tests start it themselves too. Needs root; elsewhere those tests skip (and fail under CI=true).
+postgres:
+	@if [ "$$(id -u)" = 0 ]; then bash services/postgres.sh start; \
+	else echo "postgres: not root; the MLflow tests on PostgreSQL skip (services/postgres.sh)"; fi
 
 # BENCH_ARGS adds options, e.g. BENCH_ARGS="--congestion dd" for loaded trials beside the quiet
 # ones (twice the trials: within the same budget, later ones are skipped and listed).

@@ -393,3 +393,21 @@ class AuditSignatureError(AuditTamperedError, SignatureError):
 class AuditLockTimeoutError(AuditError):
     """The audit log's lock was not granted within the bounded wait: another writer holds it
     (or a dead NFS client's lock was not yet recovered). Nothing was appended."""
+
+
+class MlflowStoreError(CheckpointError):
+    """An MLflow tracking server's backend store cannot be snapshot: a URI of an unsupported
+    kind or form, a database that cannot be reached or is not MLflow's (no ``alembic_version``),
+    or a copy or dump that failed. The message names the store (never its password) and the
+    cause; a failed snapshot leaves no database file in the destination."""
+
+
+class ArtifactReferenceError(CheckpointError, ValueError):
+    """An artifact URI of an MLflow store that does not name a path inside the given artifact
+    roots: another scheme (s3, gs, http), a relative path, a ``..`` step, a path (or a link)
+    leading outside every root, or an indirect URI (``runs:/``, ``models:/``) whose target is not
+    in the snapshot. ``uri`` is the URI."""
+
+    def __init__(self, message: str, uri: str = "") -> None:
+        super().__init__(message)
+        self.uri = uri

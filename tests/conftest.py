@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import independent_reader as ir  # noqa: E402
 
-pytest_plugins = ["slurmkit", "clikit"]  # slurm, job (tests/slurmkit.py); filled (clikit.py)
+pytest_plugins = ["slurmkit", "clikit", "mlflowkit"]  # slurm, job; filled; mlflow_server
 
 # Files whose tests the pure-Python pass of `make test` (CKPTGUARD_NATIVE=0) leaves out: static
 # checks of the source, tests that run each backend themselves, and units that never encode or

@@ -196,6 +196,7 @@ def _fresh(code: str) -> str:
         "ckptguard.hf",
         "ckptguard.deepspeed",
         "ckptguard.megatron",
+        "ckptguard.mlflow",
     ],
 )
 def test_import_loads_no_torch(module: str) -> None:
@@ -203,7 +204,7 @@ def test_import_loads_no_torch(module: str) -> None:
     integration imports its framework only when one of its names is used."""
     code = (
         f"import sys, {module}; heavy = ('torch', 'mpi4py', 'ckptguard.agent', 'ckptguard.api',"
-        " 'deepspeed', 'megatron', 'lightning', 'transformers', 'accelerate');"
+        " 'deepspeed', 'megatron', 'lightning', 'transformers', 'accelerate', 'mlflow');"
         "print(' '.join(m for m in heavy if m in sys.modules))"
     )
     assert _fresh(code).split() == []
@@ -317,6 +318,8 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom . import trainer  # noqa\n")
     with open(tmp_path / "ckptguard" / "deepspeed" / "layout.py", "a") as f:
         f.write("\nfrom . import engine  # noqa\n")
+    with open(tmp_path / "ckptguard" / "mlflow" / "refs.py", "a") as f:
+        f.write("\nfrom . import check  # noqa\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode != 0
     report = " ".join(proc.stdout.split())  # undo the report's line wrapping
@@ -359,7 +362,7 @@ def _top_modules() -> set[str]:
 
 
 FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer", "dcp"}
-INTEGRATIONS = {"lightning", "hf", "deepspeed", "megatron"}
+INTEGRATIONS = {"lightning", "hf", "deepspeed", "megatron", "mlflow"}
 
 
 def test_core_contract_names_every_core_module() -> None:
