@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ArtifactReferenceError,
     AuditError,
     AuditLockTimeoutError,
     AuditRollbackError,
@@ -44,6 +45,10 @@ from .errors import (
     InvalidNameError,
     KeyFileError,
     KeyUnavailableError,
+    LineageError,
+    MlflowBackupError,
+    MlflowRestoreError,
+    MlflowStoreError,
     NotACheckpointError,
     OneFileError,
     OptionsMismatchError,
@@ -107,8 +112,13 @@ __all__ = [
     "AuditRollbackError",
     "AuditSignatureError",
     "AuditTamperedError",
+    "ArtifactReferenceError",
     "KeyFileError",
     "KeyUnavailableError",
+    "LineageError",
+    "MlflowBackupError",
+    "MlflowRestoreError",
+    "MlflowStoreError",
     "SignatureError",
     "CheckpointAbortedError",
     "Checkpointer",

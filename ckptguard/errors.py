@@ -411,3 +411,16 @@ class ArtifactReferenceError(CheckpointError, ValueError):
     def __init__(self, message: str, uri: str = "") -> None:
         super().__init__(message)
         self.uri = uri
+
+
+class MlflowBackupError(CheckpointError):
+    """An MLflow backup that cannot be made: an artifact that cannot be read or changed size
+    while it was read, or more bytes than ``max_memory`` allows. Nothing is committed; the
+    previous backup is untouched. The message names the file."""
+
+
+class MlflowRestoreError(CheckpointError):
+    """An MLflow backup that cannot be restored: not a backup of this layout (a path that is not
+    plain and relative, a value of the wrong type), a target that is not fresh (an existing
+    database file, a database with tables, an artifact root that is not empty), a backup of
+    another kind of store, or a ``pg_restore`` that failed. What the restore wrote is removed."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import backend as _backend
@@ -338,12 +338,31 @@ def verify_rows(
                     report.chunks_checked += 1
                     report.bytes_checked += r.raw_len
                 except CorruptCheckpointError as e:
-                    report.problems.append(problem_of(e))
+                    report.problems.append(_packed_problem(problem_of(e), rows, i))
                 done += r.stored_len
                 if progress:
                     progress(done, total)
         finally:
             os.close(fd)
+
+
+def _packed_problem(p: Problem, rows: Sequence[Row], i: int) -> Problem:
+    """``p``, found in the record of ``rows[i]``; where that record is packed, its message also
+    names the other tensors whose bytes it holds (the record's hash covers them all, so any of
+    them may be the damaged one)."""
+    j = i + 1
+    while j < len(rows) and rows[j].offset == rows[i].offset:
+        j += 1
+    if j == i + 1:
+        return p
+    others = [r.key for r in rows[i + 1 : j]]
+    more = f" and {len(others) - _SHOWN} more" if len(others) > _SHOWN else ""
+    return replace(
+        p, message=f"{p.message}; the record also holds {', '.join(others[:_SHOWN])}{more}"
+    )
+
+
+_SHOWN = 16
 
 
 def _verify_record(rd: CheckpointReader, fd: int, r: Row, report: VerifyReport) -> None:

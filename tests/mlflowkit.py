@@ -4,7 +4,8 @@
 directory) or PostgreSQL (a fresh database on the server of services/postgres.sh, which the
 fixture starts; skipped with the reason where it cannot, failed under CI=true). Loaded as a
 plugin by conftest.py, so ``mlflow_sqlite``, ``mlflow_postgres`` and ``mlflow_server`` (both, as
-parameters) are fixtures; each is shared by the tests of one module."""
+parameters) are fixtures; each server is shared by every test of the session (each test logs
+into experiments of its own)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,19 +181,19 @@ def drop_database(url: str) -> None:
 # ---- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """An MLflow server on a fresh SQLite file, shared by the module's tests."""
+    """An MLflow server on a fresh SQLite file, shared by the session's tests."""
     workdir = tmp_path_factory.mktemp("mlflow-sqlite")
     server = start_server("sqlite", f"sqlite:///{workdir / 'mlflow.db'}", workdir)
     yield server
     stop_server(server)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """An MLflow server on a fresh PostgreSQL database (dropped at the end), shared by the
-    module's tests."""
+    session's tests."""
     need("psycopg2")
     url = create_database(postgres_admin_url())
     workdir = tmp_path_factory.mktemp("mlflow-postgres")
@@ -203,14 +205,50 @@ def mlflow_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlflow
         drop_database(url)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def mlflow_server(request: pytest.FixtureRequest) -> MlflowServer:
-    """Each backend store in turn: the module's tests run on SQLite, then on PostgreSQL."""
+    """Each backend store in turn: the tests that take it run on SQLite, then on PostgreSQL."""
     name = "mlflow_sqlite" if request.param == "sqlite" else "mlflow_postgres"
     return request.getfixturevalue(name)
 
 
 # ---- contents -------------------------------------------------------------------------------
+
+
+class Logger(threading.Thread):
+    """A client that keeps creating runs (a param, a metric, an artifact each) until stopped,
+    recording when each create_run call began and returned."""
+
+    def __init__(self, server: MlflowServer, experiment: str, artifact: Path) -> None:
+        super().__init__(daemon=True)
+        self.client = server.client()
+        self.experiment = experiment
+        self.artifact = artifact
+        self.created: list[tuple[str, float, float]] = []  # run id, began, returned
+        self.finished: dict[str, float] = {}  # run id: when set_terminated returned
+        self.errors: list[BaseException] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                began = time.monotonic()
+                rid = self.client.create_run(self.experiment).info.run_id
+                self.created.append((rid, began, time.monotonic()))
+                self.client.log_param(rid, "n", len(self.created))
+                self.client.log_metric(rid, "x", 1.0)
+                self.client.log_artifact(rid, str(self.artifact))
+                self.client.set_terminated(rid)
+                self.finished[rid] = time.monotonic()
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, f"the logging client never {what}"
+            time.sleep(0.05)
 
 
 @dataclass

@@ -11,10 +11,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflowkit import Logged, MlflowServer, populate
+from mlflowkit import Logged, MlflowServer, populate, start_server, stop_server
 
 from ckptguard.errors import ArtifactReferenceError, MlflowStoreError
 from ckptguard.mlflow.check import check_consistency
@@ -146,6 +147,16 @@ def test_importing_the_package_loads_no_mlflow_numpy_or_torch() -> None:
 
 
 @pytest.fixture(scope="module")
+def mlflow_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A server of this module's own (not the session's): the counts below are of a store that
+    holds only what ``store`` logs."""
+    workdir = tmp_path_factory.mktemp("mlflow-check")
+    server = start_server("sqlite", f"sqlite:///{workdir / 'mlflow.db'}", workdir)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
 def store(
     mlflow_sqlite: MlflowServer, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Logged, Snapshot]:
@@ -163,7 +174,6 @@ def tree(mlflow_sqlite: MlflowServer, tmp_path: Path) -> Path:
 def test_a_store_as_logged_is_consistent(store: tuple[Logged, Snapshot], tree: Path) -> None:
     logged, snap = store
     report = check_consistency(snap.references, Roots(artifacts_destination=str(tree)))
-    print("DEBUG", *snap.references, sep="\n")
     assert report.ok, report.to_json()
     tables = [r.table for r in snap.references]
     # Default experiment and ours; two runs; versions (storage_location where it differs).

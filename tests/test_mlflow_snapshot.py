@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import run_command
-from mlflowkit import Logged, MlflowServer, create_database, drop_database, libpq_url, populate
+from mlflowkit import (
+    Logged,
+    Logger,
+    MlflowServer,
+    create_database,
+    drop_database,
+    libpq_url,
+    populate,
+)
 
 from ckptguard.errors import MlflowStoreError
 from ckptguard.mlflow.check import check_consistency
@@ -29,40 +35,6 @@ from ckptguard.mlflow.snapshot import (
 )
 
 pytestmark = pytest.mark.backend_independent  # no checkpoint is saved or loaded
-
-
-class Logger(threading.Thread):
-    """A client that keeps creating runs (a param, a metric, an artifact each) until stopped,
-    recording when each create_run call began and returned."""
-
-    def __init__(self, server: MlflowServer, experiment: str, artifact: Path) -> None:
-        super().__init__(daemon=True)
-        self.client = server.client()
-        self.experiment = experiment
-        self.artifact = artifact
-        self.created: list[tuple[str, float, float]] = []  # run id, began, returned
-        self.errors: list[BaseException] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.halt.is_set():
-                began = time.monotonic()
-                rid = self.client.create_run(self.experiment).info.run_id
-                self.created.append((rid, began, time.monotonic()))
-                self.client.log_param(rid, "n", len(self.created))
-                self.client.log_metric(rid, "x", 1.0)
-                self.client.log_artifact(rid, str(self.artifact))
-                self.client.set_terminated(rid)
-        except BaseException as e:  # reported by the test
-            self.errors.append(e)
-
-    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert not self.errors, self.errors
-            assert time.monotonic() < deadline, f"the logging client never {what}"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from . import (
     keyring,
     latest,
     ls,
+    mlflow,
     prune,
     release,
     restore,
@@ -71,6 +72,7 @@ _COMMANDS = (
     key,
     keyring,
     audit,
+    mlflow,
 )
 
 
