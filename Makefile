@@ -12,7 +12,7 @@ $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[mpi,bench]"
+	$(PIP) -e ".[mpi,bench,mlflow]"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -25,6 +25,7 @@ install-test: $(VENV)/.test
 demo: install
 	$(VENV)/bin/ckptguard demo --store ./ckpts
 	$(PY) examples/distributed_demo.py --store ./ckpts-sharded
+	$(PY) examples/mlflow_demo.py --dir ./mlflow-demo
 
 # Style (Python and C, .clang-format), the import rules (pyproject.toml [tool.importlinter]), the
 # types, and the extension's stub against the built extension (where both exist).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import stat
 import uuid as uuidlib
@@ -72,10 +73,13 @@ def _of(m: re.Match, target: str | Callable[[str], bool]) -> bool:
     return m["key"] == _key(m["stem"]) and target(m["stem"])
 
 
-def remove_stale_temps(directory: str, target: str | Callable[[str], bool]) -> list[str]:
+def remove_stale_temps(
+    directory: str, target: str | Callable[[str], bool], dirs: bool = False
+) -> list[str]:
     """Remove the temporaries in ``directory`` of ``target`` (a file name, or a test of file
     names) whose process is provably gone: made on this host, in this pid namespace, by a pid
-    that no longer exists. Returns those removed."""
+    that no longer exists. ``dirs``: temporary directories too (removed whole, no link inside
+    followed). Returns those removed."""
     host, ns = _host(), str(_pid_namespace())
     try:
         names = os.listdir(directory)
@@ -90,7 +94,11 @@ def remove_stale_temps(directory: str, target: str | Callable[[str], bool]) -> l
             continue
         path = os.path.join(directory, n)
         with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(path).st_mode):
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
                 os.unlink(path)
+                removed.append(path)
+            elif dirs and stat.S_ISDIR(mode):
+                shutil.rmtree(path)
                 removed.append(path)
     return removed

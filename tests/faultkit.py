@@ -357,6 +357,31 @@ def _export_base(root: Path) -> Path:
     return d
 
 
+def _mlflow_base(root: Path) -> Path:
+    """An MLflow store (SQLite; an experiment, two runs with artifacts, a model version) in
+    src/, and a backup store holding its backup "b1". Cases read src/ where it lies (the
+    database names its artifacts by absolute path) and work on a copy of the backup store."""
+    import mlflow
+
+    from ckptguard.mlflow.backup import backup
+    from ckptguard.mlflow.refs import Roots
+
+    d = root / "mlflow"
+    (d / "src" / "mlruns").mkdir(parents=True)
+    uri = f"sqlite:///{d / 'src' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    exp = client.create_experiment("e", artifact_location=str(d / "src" / "mlruns" / "e"))
+    for i in range(2):
+        rid = client.create_run(exp).info.run_id
+        (d / f"w{i}.bin").write_bytes(bytes(range(256)) * (i + 3))
+        client.log_artifact(rid, str(d / f"w{i}.bin"), "model")
+        client.set_terminated(rid)
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{rid}/model", rid)
+    backup(uri, str(d / "store"), Roots(None, (str(d / "src" / "mlruns"),)), name="b1")
+    return d
+
+
 def _keyring_base(root: Path) -> Path:
     d = root / "keyring"
     d.mkdir()  # each case builds its stores: COPIES records absolute paths
@@ -380,6 +405,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("signed",), _audit_base),
     (("dcp",), _dcp_base),
     (("keyring",), _keyring_base),
+    (("mlflow",), _mlflow_base),
 )
 
 
@@ -860,6 +886,38 @@ def _export(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, ranks
 
 
+def _mlflow(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """One process backs up the MLflow store as "b2" into a copy of the backup store: after any
+    failure b2 is absent, or whole (visible, or latest); b1 still restores, byte for byte; a
+    killed backup's scratch directory is removed by the next backup, which succeeds."""
+    from ckptguard.mlflow.backup import backup
+    from ckptguard.mlflow.refs import Roots
+    from ckptguard.mlflow.restore import restore
+
+    store, scratch = tmp / "store", tmp / "scratch"
+    shutil.copytree(base / "store", store)
+    scratch.mkdir()
+    uri, mlruns = f"sqlite:///{base / 'src' / 'mlflow.db'}", str(base / "src" / "mlruns")
+    ranks = _single_run(case, tmp, ["mlflow-backup", uri, str(store), mlruns, str(scratch)])
+    listed = [c.name for c in ckptguard.Store(str(store)).list()]
+    latest = ckptguard.Store(str(store)).latest_name()
+    outcome = "absent" if "b2" not in listed else "latest" if latest == "b2" else "visible"
+    seen["outcome"] = outcome
+    assert outcome == case.expect, f"b2 is {outcome}, expected {case.expect}"
+    assert "b1" in listed and all(ckptguard.verify(str(store / n)).ok for n in listed)
+    target = tmp / "restored"
+    restore(str(store / "b1"), f"sqlite:///{tmp / 'restored.db'}", Roots(None, ()),
+            root_map={mlruns: str(target)})  # fmt: skip
+    assert _tree_bytes(target) == _tree_bytes(Path(mlruns))
+    backup(uri, str(store), Roots(None, (mlruns,)), name="b3", scratch=str(scratch))
+    assert os.listdir(scratch) == [], os.listdir(scratch)  # the dead backup's scratch is gone
+    return outcome, ranks
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def _audit(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     """One process saves "b" into an audited store (signed heads, a witness) holding "a".
     Every audit step comes after the commit point: "b" is the latest whatever fails there. A
@@ -1034,4 +1092,5 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "hf": _framework,
     "export": _export,
     "dcp": _dcp,
+    "mlflow": _mlflow,
 }

@@ -332,3 +332,20 @@ def _missing(client, rid: str) -> bool:
     except Exception:
         return True
     return False
+
+
+def test_examples_mlflow_demo(tmp_path):
+    """The MLflow part of `make demo` runs and passes its own checks."""
+    import subprocess
+    import sys
+
+    demo = Path(__file__).resolve().parent.parent / "examples" / "mlflow_demo.py"
+    proc = subprocess.run(
+        [sys.executable, str(demo), "--dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4/4 references consistent" in proc.stdout and "All checks passed." in proc.stdout

@@ -29,15 +29,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ArtifactReferenceError, MlflowBackupError
+from ..errors import ArtifactReferenceError, MlflowBackupError, from_oserror
 from ..failpoints import failpoint
 from ..fsutil import UnsafeFileError, open_regular
 from ..io import pread_exact
+from ..temps import remove_stale_temps, temp_name
 from .check import Dangling, Report, check_consistency
 from .refs import Ref, Resolver, Roots
 from .snapshot import Snapshot, take_snapshot
 
 LAYOUT = 1
+SCRATCH = "mlflow-backup"
+"""What the backup's scratch directory is a temporary of (``temps.temp_name``)."""
 """The version of the backup's tree layout (``mlflow_backup`` in the tree and metadata)."""
 
 
@@ -105,21 +108,32 @@ def backup(
     lie under ``roots`` as checkpoint ``<store>/<name>`` (default ``mlflow-<UTC time>``).
     ``save_options`` go to ``ckptguard.save`` (``sign_key``, ``digests``, ``keep``,
     ``encrypt``...); ``base`` defaults to "auto" (chunks the newest backup holds are linked).
-    ``scratch``: where the database copy is made before it is saved (TMPDIR by default)."""
+    ``scratch``: the directory in which the database copy is made before it is saved (TMPDIR
+    by default), in a temporary directory of this process that the next backup removes if
+    this one was killed."""
     import ckptguard
 
     from ..format.layout import check_name
 
     name = check_name(name or default_name())
     limit = default_max_memory() if max_memory is None else max_memory
-    tmp = tempfile.mkdtemp(prefix=".ckptguard-mlflow-", dir=scratch)
+    parent = scratch or tempfile.gettempdir()
+    try:
+        remove_stale_temps(parent, SCRATCH, dirs=True)
+        tmp = os.path.join(parent, temp_name(SCRATCH))
+        os.mkdir(tmp, 0o700)  # the database copy: readable by this user only
+    except OSError as e:
+        raise from_oserror(e, parent, "cannot make the backup's scratch directory in") from None
     try:
         snap = take_snapshot(backend_uri, tmp, timeout=timeout)
-        failpoint("mlflow.snapshot_taken")
         live = check_consistency(snap.references, roots)
-        database = _read_database(os.path.join(tmp, snap.database), limit)
-        collected = collect(snap.references, roots, limit - len(database))
-        failpoint("mlflow.artifacts_read")
+        try:
+            failpoint("mlflow.snapshot_taken")
+            database = _read_database(os.path.join(tmp, snap.database), limit)
+            collected = collect(snap.references, roots, limit - len(database))
+            failpoint("mlflow.artifacts_read")
+        except OSError as e:
+            raise from_oserror(e, tmp, "cannot read the backup's files in") from None
         report = backup_report(snap.references, roots, live, collected.vanished)
         tree = backup_tree(snap, roots, database, collected, report)
         meta = {"mlflow_backup": summary(snap, collected, report)}
@@ -141,8 +155,8 @@ def default_name() -> str:
 def _read_database(path: str, limit: int) -> bytes:
     try:
         return _read(path, None, limit)
-    except (OSError, UnsafeFileError) as e:
-        raise MlflowBackupError(f"the database copy {path} cannot be read: {e}") from None
+    except UnsafeFileError as e:
+        raise MlflowBackupError(f"the database copy {path} {e.reason}") from None
 
 
 def covered_paths(refs: tuple[Ref, ...], roots: Roots) -> list[tuple[int, str]]:

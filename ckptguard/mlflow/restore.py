@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MlflowRestoreError
-from ..failpoints import failpoint
 from .backup import LAYOUT
 from .refs import Roots
 from .snapshot import Backend, parse_backend_uri
@@ -81,7 +80,6 @@ def restore(
     written: list[str] = []
     try:
         files, nbytes = write_artifacts(parsed, moves, written)
-        failpoint("mlflow.restore_artifacts_written")
         rewrites = {o: n for o, n in moves.items() if o != n and o != parsed.destination}
         if target.kind == "sqlite":
             count = _restore_sqlite(parsed.database, target, rewrites, written)

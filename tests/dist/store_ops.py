@@ -3,7 +3,8 @@
 Usage: store_ops.py OUT gc STORE | delete STORE NAME | drain SRC DST | onefile PATH (saves the
 fault matrix's ``small(2)`` there as a one-file checkpoint) | save STORE NAME (``small(2)`` as
 NAME, step 2) | save-signed STORE NAME KEY (the same, signed with KEY) | export CKPT DEST (to
-safetensors) | keyring-create|keyring-rotate|keyring-shred STORE (the keyring scenario);
+safetensors) | keyring-create|keyring-rotate|keyring-shred STORE (the keyring scenario) |
+mlflow-backup BACKEND_URI STORE ROOT SCRATCH (an MLflow backup named b2);
 writes OUT (JSON): ``ok``,
 or the error's ``type`` and message; and the ``CheckpointWarning``s raised. A failpoint set by
 the test may kill or hang the process first.
@@ -56,6 +57,12 @@ def run(op: str, args: list[str]) -> dict:
         return {"files": [os.path.basename(f) for f in result.files]}
     if op.startswith("keyring-"):
         return keyring_op(op, args)
+    if op == "mlflow-backup":  # BACKEND_URI STORE ARTIFACT_ROOT SCRATCH: backup "b2"
+        from ckptguard.mlflow.backup import backup
+        from ckptguard.mlflow.refs import Roots
+
+        res = backup(args[0], args[1], Roots(None, (args[2],)), name="b2", scratch=args[3])
+        return {"name": res.info.name}
     raise SystemExit(f"unknown operation {op}")
 
 
