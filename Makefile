@@ -46,12 +46,13 @@ lint: install-test
 # the backend's own writes, and tests of timeouts, signals and races. On a 2-core machine whose
 # disk rate varies from day to day: the native pass 27-30 minutes, the pure-Python one 11, `make
 # test` from a fresh clone 45-50, setup included (measured twice on 2026-12-03, a slow-disk day;
-# the fault matrix runs a sample of each scenario here, all of it in `make faults`).
+# the fault matrix runs a sample of each scenario here, all of it in `make faults`). Each pass
+# prints its 30 slowest tests.
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm postgres
-	$(PY) -m pytest -q
-	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q -m "not backend_independent and not framework_job"
+	$(PY) -m pytest -q --durations=30
+	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q --durations=30 -m "not backend_independent and not framework_job"
 
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
 # `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then

@@ -349,3 +349,34 @@ def test_examples_mlflow_demo(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4/4 references consistent" in proc.stdout and "All checks passed." in proc.stdout
+
+
+def test_signed_backup_restores_only_under_its_key(server, tmp_path):
+    from ckptguard import keys
+    from ckptguard.errors import SignatureError
+    from ckptguard.sign import trust_set
+
+    priv, pub, _ = keys.generate(tmp_path / "k")
+    _, other, _ = keys.generate(tmp_path / "other")
+    roots = Roots(None, (server["root"],))
+    res = backup(server["uri"], str(tmp_path / "store"), roots, sign_key=priv)
+    assert ckptguard.verify(res.info.path, trusted_keys=trust_set([pub])).ok
+    new = tmp_path / "new"
+    with pytest.raises(SignatureError):
+        restore(
+            res.info.path,
+            f"sqlite:///{new / 'db'}",
+            Roots(None, ()),
+            root_map={server["root"]: str(new / "r")},
+            trusted_keys=trust_set([other]),
+        )
+    assert not new.exists()
+    new.mkdir()
+    out = restore(
+        res.info.path,
+        f"sqlite:///{new / 'db'}",
+        Roots(None, ()),
+        root_map={server["root"]: str(new / "r")},
+        trusted_keys=trust_set([pub]),
+    )
+    assert out.files == 4
