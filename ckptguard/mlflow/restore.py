@@ -9,7 +9,9 @@ created exclusively, never through a link, fsynced), then the database: SQLite t
 temporary file renamed into place, PostgreSQL by ``pg_restore`` in one transaction. Artifact
 URIs that name a local root by its path are rewritten to the root it is restored to (``root_map``);
 ``mlflow-artifacts:`` URIs name the server's artifacts destination, so they stay as they are.
-A failure removes what the restore wrote; the backup is never changed.
+A failure removes the files the restore wrote and a SQLite database it placed; a PostgreSQL
+database whose ``pg_restore`` completed stays restored (the URI rewrite failed after it). The
+backup is never changed.
 """
 
 from __future__ import annotations
