@@ -230,7 +230,7 @@ def _read_or_none(
     name: str, parent: str | None, dir_fd: int | None, room: int, out: Collected, path: str
 ) -> bytes | None:
     try:
-        return _read(name if parent is None else os.path.join(parent, name), dir_fd, room)
+        return _read(name if parent is None else os.path.join(parent, name), dir_fd, room, path)
     except FileNotFoundError:
         out.vanished.append(path)
     except UnsafeFileError as e:  # a link, FIFO, socket or device: never opened for reading
@@ -240,18 +240,20 @@ def _read_or_none(
     return None
 
 
-def _read(name: str, dir_fd: int | None, room: int) -> bytes:
-    """A regular file's bytes, whole; MlflowBackupError if it has more than ``room``."""
+def _read(name: str, dir_fd: int | None, room: int, shown: str | None = None) -> bytes:
+    """A regular file's bytes, whole; MlflowBackupError (naming it as ``shown``) if it has
+    more than ``room``."""
     fd, st = open_regular(name, dir_fd=dir_fd)
+    shown = shown or name
     try:
         if st.st_size > room:
             raise MlflowBackupError(
-                f"{name}: the backup would hold more than max_memory allows ({st.st_size} "
+                f"{shown}: the backup would hold more than max_memory allows ({st.st_size} "
                 f"more bytes, {room} left); raise --max-memory"
             )
         data = pread_exact(fd, st.st_size, 0)
         if len(data) != st.st_size or pread_exact(fd, 1, st.st_size):
-            raise MlflowBackupError(f"{name} changed size while it was read; run the backup again")
+            raise MlflowBackupError(f"{shown} changed size while it was read; run it again")
         return data
     finally:
         os.close(fd)
