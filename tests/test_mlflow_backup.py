@@ -154,6 +154,8 @@ def test_max_memory_refuses_before_anything_is_committed(server, tmp_path):
 def test_a_failed_backup_keeps_the_previous_one(server, tmp_path):
     store = str(tmp_path / "store")
     first = backup(server["uri"], store, Roots(None, (server["root"],)), name="b1")
+    with pytest.raises(ckptguard.CheckpointExistsError, match="b1 exists"):
+        backup(server["uri"], store, Roots(None, (server["root"],)), name="b1")
     with pytest.raises(Exception, match="sqlite"):
         backup("sqlite:///" + str(tmp_path / "nope.db"), store, Roots(None, ()), name="b2")
     assert [c.name for c in ckptguard.Store(store).list()] == ["b1"]
@@ -380,3 +382,15 @@ def test_signed_backup_restores_only_under_its_key(server, tmp_path):
         trusted_keys=trust_set([pub]),
     )
     assert out.files == 4
+
+
+def test_restore_writes_only_where_it_is_told(server, tmp_path):
+    """A backup's roots are paths it names itself: each must be placed (--map), and an
+    artifacts destination given for a backup without one is refused; nothing is written."""
+    res = backup(server["uri"], str(tmp_path / "store"), Roots(None, (server["root"],)))
+    new = tmp_path / "new"
+    with pytest.raises(MlflowRestoreError, match="has no place to go: give --map"):
+        restore(res.info.path, f"sqlite:///{new / 'db'}", Roots(None, ()))
+    with pytest.raises(MlflowRestoreError, match="no artifacts destination"):
+        restore(res.info.path, f"sqlite:///{new / 'db'}", Roots(str(new / "dest"), ()))
+    assert not new.exists()

@@ -105,7 +105,8 @@ def backup(
     "--map",
     "maps",
     multiple=True,
-    help="OLD=NEW: restore the backup's artifact root OLD into NEW (repeatable).",
+    help="OLD=NEW: restore the backup's artifact root OLD into NEW (OLD=OLD: where it was; "
+    "repeatable). Every root but the artifacts destination needs one.",
 )
 @click.option("--trust", "trust_paths", multiple=True, help="Trusted public key file.")
 @_JSON

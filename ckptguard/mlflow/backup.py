@@ -29,7 +29,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ArtifactReferenceError, MlflowBackupError, from_oserror
+from ..errors import (
+    ArtifactReferenceError,
+    CheckpointExistsError,
+    MlflowBackupError,
+    from_oserror,
+)
 from ..failpoints import failpoint
 from ..fsutil import UnsafeFileError, open_regular
 from ..io import pread_exact
@@ -116,6 +121,9 @@ def backup(
     from ..format.layout import check_name
 
     name = check_name(name or default_name())
+    target = os.path.join(store, name)
+    if os.path.lexists(target) and not save_options.get("overwrite"):  # before the work
+        raise CheckpointExistsError(f"{target} exists (pass overwrite=True to replace it)")
     limit = default_max_memory() if max_memory is None else max_memory
     parent = scratch or tempfile.gettempdir()
     try:
@@ -138,7 +146,7 @@ def backup(
         tree = backup_tree(snap, roots, database, collected, report)
         meta = {"mlflow_backup": summary(snap, collected, report)}
         options = {"base": "auto", **save_options}
-        info = ckptguard.save(tree, os.path.join(store, name), metadata=meta, **options)
+        info = ckptguard.save(tree, target, metadata=meta, **options)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = sum(len(f) for f in collected.files)

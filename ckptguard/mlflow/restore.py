@@ -65,7 +65,8 @@ def restore(
 ) -> RestoreResult:
     """Restore the backup at ``backup`` (a checkpoint, or a store: its LATEST) into the fresh
     backend store ``backend_uri`` and artifact ``roots``: the backup's artifacts destination to
-    ``roots.artifacts_destination``, each other root to ``root_map[old]`` (default: itself).
+    ``roots.artifacts_destination``, each other root to ``root_map[old]`` (every root must be
+    placed: ``{old: old}`` restores one where it was).
     ``load_options`` go to ``ckptguard.load`` (``trusted_keys``, ``kek``)."""
     import ckptguard
 
@@ -77,7 +78,7 @@ def restore(
             f"{backup} is a backup of a {parsed.kind} store; it restores into one, not into "
             f"{target.display}"
         )
-    moves = root_moves(parsed.old_roots, roots, root_map or {})
+    moves = root_moves(parsed.old_roots, parsed.destination, roots, root_map or {})
     _check_fresh(target, moves.values())
     written: list[str] = []
     try:
@@ -147,16 +148,30 @@ def _safe_relpath(rel: Any) -> bool:
     return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
-def root_moves(old: tuple[str, ...], roots: Roots, root_map: Mapping[str, str]) -> dict[str, str]:
-    """Where each of the backup's roots goes: its artifacts destination (the first, if it had
-    one: the caller says which) to ``roots.artifacts_destination``, the others by
-    ``root_map`` or to themselves."""
+def root_moves(
+    old: tuple[str, ...], destination: str | None, roots: Roots, root_map: Mapping[str, str]
+) -> dict[str, str]:
+    """Where each of the backup's roots goes: ``root_map[root]``, else the backup's artifacts
+    destination (``destination``) to ``roots.artifacts_destination``. A root the caller did not
+    place is refused: the backup's own paths are never written to unless asked for (a backup
+    from an untrusted store could name any directory)."""
+    if roots.artifacts_destination is not None and destination is None:
+        raise MlflowRestoreError(
+            "the backup has no artifacts destination (its server did not proxy artifacts): "
+            f"place its roots {list(old)} with --map OLD=NEW instead"
+        )
     moves: dict[str, str] = {}
-    for i, root in enumerate(old):
+    for root in old:
         new = root_map.get(root)
-        if i == 0 and new is None and roots.artifacts_destination is not None:
+        if new is None and root == destination:
             new = roots.artifacts_destination
-        moves[root] = os.path.normpath(os.path.abspath(new or root))
+        if new is None:
+            how = " or --artifacts-destination" if root == destination else ""
+            raise MlflowRestoreError(
+                f"the backup's artifact root {root} has no place to go: give --map {root}=NEW "
+                f"(--map {root}={root} to restore it where it was){how}"
+            )
+        moves[root] = os.path.normpath(os.path.abspath(new))
     unknown = set(root_map) - set(old)
     if unknown:
         raise MlflowRestoreError(
@@ -244,6 +259,7 @@ def _restore_sqlite(db: Any, target: Backend, rewrites: dict[str, str], written:
             f.flush()
             os.fsync(f.fileno())
         conn = sqlite3.connect(tmp)
+        conn.execute("PRAGMA trusted_schema = OFF")  # the backup's schema runs no functions
         try:
             with conn:
                 count = _rewrite(conn, "?", rewrites)
