@@ -69,7 +69,7 @@ from .errors import (
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .agent.client import checkpoint_requested
+    from .agent.client import checkpoint_requested, training_step
     from .api import CheckpointDescription, TensorSummary, describe, export, load, save, verify
     from .checkpointer import Checkpointer, SaveHandle, save_async
     from .exporter import ExportResult
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
 # The submodule (relative to this package) that defines each public name loaded on first use;
 # the error classes (errors.py imports nothing heavy) are imported above.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    ".agent.client": ("checkpoint_requested",),
+    ".agent.client": ("checkpoint_requested", "training_step"),
     ".api": (
         "CheckpointDescription",
         "TensorSummary",
@@ -177,6 +177,7 @@ __all__ = [
     "registered_types",
     "save",
     "save_async",
+    "training_step",
     "unregister_types",
     "verify",
 ]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import IO, Any, TypeVar, cast
 
-from . import foreign
+from . import events, foreign, measure
 from .agent import client as agent_client
 from .coord import Coordinator, current
 from .coord import auto as coord_auto
@@ -221,8 +221,37 @@ def load(
         return foreign.load(
             source, map_location=map_location, allow_pickle=allow_pickle, template=template
         )
-    out = _reading(where, read)
+    out = _reading_noted(where, read, verify, coordinator)
     return restore(out, found, _not_saved) if found else out
+
+
+def _reading_noted(
+    where: str | os.PathLike,
+    read: Callable[[str], T],
+    verify: bool,
+    coordinator: Coordinator | str | None,
+) -> T:
+    """``_reading``, and the load's event in the store, by this job's rank 0 alone (the
+    launcher's rank where no collective is set up): not by every rank of a restart."""
+    r, size = current(coordinator)
+    noted = (events.env_rank() if size == 1 else r) == 0
+    clock = measure.Clock("load")
+
+    def timed(p: str) -> T:
+        if os.path.isdir(p):  # a store's checkpoint: named in its event even if it won't open
+            clock.path = p
+        with measure.clocked(clock):
+            return read(p)
+
+    try:
+        out = _reading(where, timed)
+    except BaseException as e:
+        if noted:
+            measure.record_load(clock, 0, verify, e)
+        raise
+    if noted:
+        measure.record_load(clock, 0, verify, None)
+    return out
 
 
 def _whose(rank: int | None, coordinator: Coordinator | str | None) -> tuple[int, int | None]:

@@ -19,7 +19,7 @@ import warnings
 import weakref
 from typing import Any
 
-from . import api, lineage, sign
+from . import api, lineage, measure, sign
 from .capture import caller_streams, capture, refs_bytes, state_bytes
 from .coord import auto as coord_auto
 from .errors import (
@@ -346,13 +346,14 @@ class Checkpointer:
                 elif self._cancel:
                     raise SaveCancelledError(f"save of {h.path} was cancelled")
                 else:
-                    info = api.save(
-                        snap.state,
-                        h.path,
-                        coordinator=h.coordinator,
-                        one_file=h.one_file,
-                        **h.options,
-                    )
+                    with measure.clocked(h.clock):
+                        info = api.save(
+                            snap.state,
+                            h.path,
+                            coordinator=h.coordinator,
+                            one_file=h.one_file,
+                            **h.options,
+                        )
             except BaseException as e:
                 h.finish(error=e)
             else:
@@ -376,7 +377,10 @@ class Checkpointer:
                 info = save_file(h.state, h.path, h.coordinator, opt, source, h.snapshot_read)
             else:
                 store, name = split_path(h.path)
-                info = save_state(h.state, store, name, h.coordinator, opt, source, h.snapshot_read)
+                with measure.clocked(h.clock):
+                    info = save_state(
+                        h.state, store, name, h.coordinator, opt, source, h.snapshot_read
+                    )
         except BaseException as e:
             if h.captured():
                 h.finish(error=e)

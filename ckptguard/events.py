@@ -57,7 +57,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "save": {
         "step": _OPT_INT,
         "world_size": (int,),
-        "stall_s": _NUM,
+        "stall_s": _OPT_NUM,
         "durable_s": _NUM,
         "raw_bytes": (int,),
         "stored_bytes": (int,),
@@ -70,7 +70,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
         "result": (str,),
         "open_s": _OPT_NUM,
         "total_s": _NUM,
-        "bytes_read": (int,),
+        "bytes_read": _OPT_INT,
         "verified": _BOOL,
     },
     "verify": {"result": (str,), "seconds": _NUM, "problems": (int,)},
@@ -111,6 +111,17 @@ def job_facts(env: dict[str, str] | os._Environ[str] | None = None) -> dict[str,
         "job": e.get("SLURM_JOB_ID") or None,
         "restart": int(restart) if restart.isdigit() else None,
     }
+
+
+def env_rank(env: dict[str, str] | os._Environ[str] | None = None) -> int:
+    """This process's rank as its launcher set it (torchrun, Slurm, Open MPI, MPICH), else 0:
+    who records a job's reads when no collective says who rank 0 is."""
+    e = os.environ if env is None else env
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = e.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def build(
@@ -380,6 +391,7 @@ __all__ = [
     "Events",
     "build",
     "enabled",
+    "env_rank",
     "job_facts",
     "note",
     "parse_line",

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from . import collector, place, select
+from . import collector, measure, place, select
 from .errors import ScopeShreddedError, UnsupportedObjectError, WorldSizeError
 from .format.index import Row
 from .format.layout import MANIFEST
@@ -94,7 +94,7 @@ def load_checkpoint(
         # The index ties each tensor's bytes to records inside its files; the files on disk must
         # be that large before their tensors are allocated (I6).
         files = {r.file for ps in pieces.values() for p in ps for r in p.rows}
-        rd.check_sizes(files | {r.file for r in packs.rows})
+        _sized(rd, files, pieces, packs)
         for gid, box in fresh.items():
             targets[gid] = place.fresh_target(rd.tensors[gid], box)
         # As a tensor of its own would be before it is allocated, each dtype is checked.
@@ -116,6 +116,21 @@ def load_checkpoint(
             )
         except TreeError as e:
             raise rd.corrupt(f"object tree is malformed: {e}", file=MANIFEST) from None
+
+
+def _sized(
+    rd: CheckpointReader,
+    files: set[str],
+    pieces: dict[int, list[select.Piece]],
+    packs: select.Packs,
+) -> None:
+    """Check the sizes of the files a load reads; then the checkpoint is open and checked: the
+    figures of its load's event (``measure``)."""
+    rd.check_sizes(files | {r.file for r in packs.rows})
+    if rd.one is None:
+        planned = sum(r.raw_len for ps in pieces.values() for p in ps for r in p.rows)
+        planned += sum(r.record_raw_len for r in packs.rows)
+        measure.load_opened(rd.path, rd.manifest["uuid"], rd.manifest["step"], planned)
 
 
 def iter_tensors(

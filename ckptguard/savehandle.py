@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from . import measure
 from .capture import Snapshot
 from .coord import Coordinator
 from .format.manifest import CheckpointInfo
@@ -41,6 +42,7 @@ class SaveHandle:
         self._info: CheckpointInfo | None = None
         self._handoff_id: int | None = None  # the agent's id for it, once handed over
         self.streamed = False  # too large for the pool: streamed through it, caller waiting
+        self.clock = measure.Clock("async")  # its event's times: the caller's stall, set below
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Return once the state is copied: the caller may change its tensors from now on.
@@ -119,6 +121,7 @@ class SaveHandle:
     def snapshot_taken(self, snap: Snapshot, handoff_id: int | None) -> None:
         """The state is in the pool (and handed over to the agent when ``handoff_id``)."""
         self._snapshot, self._handoff_id, self._obj = snap, handoff_id, None
+        self.clock.stall_s = self.clock.elapsed()
         self._snap_done.set()
 
     def stream(self, flat: Flat) -> None:
@@ -128,6 +131,7 @@ class SaveHandle:
     def snapshot_read(self) -> None:
         """A streamed save has read the caller's state: it may change from now on."""
         self._obj = None
+        self.clock.stall_s = self.clock.elapsed()
         self._snap_done.set()
 
     def snapshot_unreadable(self, e: BaseException) -> None:

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 import xxhash
 
-from . import collector, commit, lineage, sign
+from . import collector, commit, lineage, measure, sign
 from .adapt import AUTO, merge_stats
 from .baseplan import link_plan
 from .coord import Coordinator
@@ -477,8 +477,17 @@ def save_state(
     committed, the commit hooks run on every rank (``hooks``), then rank 0 prunes by ``keep``.
     """
     set_rank(coord.rank)
-    info = _Save(coord, opt, store, name, source, on_read, target).run(obj)
+    clock = measure.clock() or measure.Clock()
+    try:
+        info = _Save(coord, opt, store, name, source, on_read, target).run(obj)
+    except BaseException as e:
+        if coord.rank == 0 and target.announce:
+            measure.record_save_failure(store, name, e, clock)
+        raise
     if target.announce:
+        if coord.rank == 0:
+            sealed = {"signed": opt.sign_key is not None, "encrypted": bool(opt.encrypt)}
+            measure.record_save(store, info, clock, **sealed)
         run_commit_hooks(info)
         if opt.keep is not None and coord.rank == 0:
             prune_after_commit(store, opt.keep)

@@ -234,13 +234,19 @@ def snapshot(root: str, *, staging: bool = False) -> dict[str, tuple[Any, ...]]:
     """Every entry under ``root`` (LATEST included): a file with its size, mtime and a hash of its
     bytes, a symlink with its target, a directory by name. ``.staging`` is left out unless
     ``staging``: a failed save may leave garbage there for gc; a failed read may not even create it.
+    ``.events`` is always left out: a failed save or load records that it failed there (its
+    event, docs/operations.md), which is what an operator's metrics are made of.
     """
     out: dict[str, tuple[Any, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         if not staging and rel.split(os.sep)[0] == ".staging":
             continue
+        if rel.split(os.sep)[0] == ".events":
+            continue
         for f in dirnames + filenames:
+            if rel == "." and f == ".events":
+                continue
             p = os.path.join(dirpath, f)
             st = os.lstat(p)
             if stat.S_ISLNK(st.st_mode):
@@ -273,7 +279,7 @@ def assert_store_is(store: str, names: list[str], latest: str) -> None:
     assert ir.list_store(store) == sorted(names)
     latest_info = s.latest()
     assert latest_info is not None and latest_info.name == latest
-    assert set(os.listdir(store)) - {".staging"} == {*names, "LATEST"}
+    assert set(os.listdir(store)) - {".staging", ".events"} == {*names, "LATEST"}
     ckptguard.load(store)
     assert ckptguard.verify(store).ok
     ir.read_checkpoint(store)

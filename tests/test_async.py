@@ -385,7 +385,14 @@ def test_one_file_saves_in_the_background(store: str, pool: dict) -> None:
         c.save_async(state, "dir.pt", one_file=False).result()
     assert ckptguard.load(os.path.join(store, "model.pt"))["step"] == old
     assert os.path.isfile(os.path.join(store, "plain"))
-    assert sorted(os.listdir(store)) == [".staging", "LATEST", "dir.pt", "model.pt", "plain"]
+    assert sorted(os.listdir(store)) == [
+        ".events",
+        ".staging",
+        "LATEST",
+        "dir.pt",
+        "model.pt",
+        "plain",
+    ]
     assert [i.name for i in ckptguard.Store(store).list()] == ["dir.pt"]
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import events
 from ..format.manifest import CheckpointInfo
 from ..hooks import add_commit_hook
 from .protocol import ENV_ADDRESS, LineReader, ProtocolError, decode, encode
@@ -226,6 +228,46 @@ def notify_committed(path: str | os.PathLike[str], step: int | None = None) -> b
         )
         return False
     return True
+
+
+_stepped = threading.Event()
+
+
+def training_step(step: int | None = None, store: str | os.PathLike[str] | None = None) -> None:
+    """Mark that training is under way (call it every step; only the first call does anything).
+
+    The first call of the process records the job's ``first_step`` event: the end of a recovery
+    after a restart, from which the store's MTTR is computed (docs/operations.md). Under
+    ``ckptguard run`` it tells the agent, which records it in the store (``store`` names it if
+    the agent does not know it yet); without an agent, rank 0 records it in ``store`` itself
+    (none given: nothing is recorded). Never raises: a failure is a ``RuntimeWarning``."""
+    if _stepped.is_set():
+        return
+    _stepped.set()
+    at = time.time()
+    where = None if store is None else os.path.abspath(os.fspath(store))
+    step = None if step is None else int(step)
+    address = agent_address()
+    if address is None:
+        if where is not None and events.env_rank() == 0:
+            problem = events.record(where, "first_step", rank=0, step=step, at=at)
+            if problem is not None:
+                warnings.warn(f"ckptguard: {problem}", RuntimeWarning, stacklevel=2)
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(address)
+            message = encode("step", time=at, step=step, store=where)
+            reply, _ = _roundtrip(sock, message, LineReader())
+        if reply["op"] != "ack":
+            raise ProtocolError(f"expected 'ack', got {reply['op']!r}")
+    except (OSError, ProtocolError) as exc:
+        warnings.warn(
+            f"ckptguard: the agent at {address} did not take the first step: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def notify_agent_of_commit(info: CheckpointInfo) -> None:

@@ -57,6 +57,8 @@ class ControlServer:
         self.world_size = world_size
         self.request: dict[str, Any] | None = None
         self.commits: list[Commit] = []
+        # The trainer's first training step, once reported: (wall time, step, store).
+        self.first_step: tuple[float, int | None, str | None] | None = None
         self.dir = _private_dir()
         self.address = os.path.join(self.dir, "control.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -183,6 +185,21 @@ class ControlServer:
                     "'committed' needs a string 'path' and an integer or null 'step'"
                 )
             self.commits.append(Commit(time.monotonic(), path, step))
+            return encode("ack")
+        if op == "step":
+            at, step, store = msg.get("time"), msg.get("step"), msg.get("store")
+            if not (
+                isinstance(at, (int, float))
+                and not isinstance(at, bool)
+                and (step is None or type(step) is int)
+                and (store is None or isinstance(store, str))
+            ):
+                raise ProtocolError(
+                    "'step' needs a number 'time', an integer or null 'step' "
+                    "and a string or null 'store'"
+                )
+            if self.first_step is None:
+                self.first_step = (float(at), step, store)
             return encode("ack")
         if op in ("pool", "save"):
             return self._handoff(client, sock, msg)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import measure
 from ..coord import Coordinator
 from ..failpoints import failpoint, set_rank
 from ..format.dtypes import SIZES
@@ -133,7 +134,8 @@ class Persister:
                     store, name = os.path.split(path)
                     opts = SaveOptions(timeout=_timeout(options))
                     state = FailedState(e)
-                info = save_state(state, store, name, self.coord, opts)
+                with measure.clocked(measure.Clock("handoff")):  # the trainer's stall: unknown
+                    info = save_state(state, store, name, self.coord, opts)
                 reply: dict[str, Any] = {"ok": True, "info": info_to_json(info)}
             except BaseException as e:  # the trainer gets the error, as in-process
                 reply = {"ok": False, "type": type(e).__name__, "error": str(e)}

@@ -37,6 +37,7 @@ from .rankenv import (
     slurm_master_port,
     slurm_ranks,
 )
+from .timeline import Timeline
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
@@ -45,6 +46,7 @@ REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK, DONE, STUCK = range(8)
 STUCK_SLACK = 10.0  # seconds past a save's timeout before a rank still in it counts as stuck
 SIGUSR1_REQ, SIGTERM_REQ, TIME_REQ = 1, 2, 3
 _REASONS = {SIGUSR1_REQ: "SIGUSR1", SIGTERM_REQ: "SIGTERM", TIME_REQ: "time limit"}
+_OUTCOMES = {EXIT_CHECKPOINTED: "checkpointed", EXIT_NO_CHECKPOINT: "no_checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Options:
     drain_every: int = 1
     drain_jobs: int = 4
     sign_key: str | None = None
+    store: str | None = None  # where the job's events go (else the trainer's first commit's store)
 
 
 class _Signals:
@@ -139,6 +142,7 @@ def _ranks(env: Mapping[str, str], group: Group, setup: dict[str, Any]) -> tuple
 class _Agent:
     def __init__(self, opts: Options, group: Group) -> None:
         self.opts, self.group, self.rank = opts, group, group.rank
+        self.timeline = Timeline(group.rank, group.size, opts.store)
         self.signals = _Signals()
         self.signals.install()
         want_end = opts.time_margin is not None
@@ -156,6 +160,7 @@ class _Agent:
         if opts.drain_to and self.rank == 0:
             self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
         self._fed = 0  # commits handed to the drainer so far
+        self._seen = 0  # commits whose store the timeline has seen
         env = child_env(os.environ, self.ranks, addr, port, self.server.address)
         self.child = Child(opts.cmd, env)
         self.signals.child = self.child
@@ -202,6 +207,7 @@ class _Agent:
                 self.peers_done = g[DONE]
                 self._decide(g)
                 self._feed_drainer()
+                self._note_progress()
                 if g[ALIVE] == 0:
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
@@ -212,11 +218,27 @@ class _Agent:
             self._feed_drainer()
             if self.drainer is not None:
                 self.drainer.close(self.opts.grace)
+            self._note_progress()
             self.server.close()
-        if self.outcome is not None:
-            return self.outcome
-        assert self.child.status is not None
-        return self.child.status
+        status = self.outcome if self.outcome is not None else self.child.status
+        assert status is not None
+        self._exited(status)
+        return status
+
+    def _note_progress(self) -> None:
+        """The trainer's commits (where the store is) and first step, for the job's events."""
+        for c in self.server.commits[self._seen :]:
+            self.timeline.learn(c.path)
+        self._seen = len(self.server.commits)
+        if self.server.first_step is not None:
+            at, step, store = self.server.first_step
+            self.timeline.first_step(step, store, at)
+
+    def _exited(self, status: int, outcome: str | None = None) -> None:
+        if outcome is None:
+            outcome = _OUTCOMES.get(self.outcome or -1, "completed" if status == 0 else "failed")
+        self.timeline.add("exit", outcome=outcome, status=status)
+        self.timeline.close()
 
     def _lost(self, e: PeersLostError | str) -> int:
         """An agent is gone or stuck: stop our trainer and end the whole job (MPI abort), rather
@@ -227,6 +249,7 @@ class _Agent:
         while self.child.alive and time.monotonic() < deadline:
             time.sleep(0.05)
             self.child.stop(self.opts.term_timeout)
+        self._exited(EXIT_PEERS_LOST, "peers_lost")
         self.group.abort(EXIT_PEERS_LOST)
         return EXIT_PEERS_LOST
 
@@ -307,6 +330,7 @@ class _Agent:
         self.t_req, self.deadline = now, now + (by - wall)
         self.signals.pending = True
         self.server.announce(reason, by)
+        self.timeline.add("preempt", reason=reason.split(" on rank")[0], deadline=by)
         if self.rank == 0:
             _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
 

@@ -74,6 +74,13 @@ from ._args import parse_duration
     help="Sign every checkpoint the agents commit with this Ed25519 private key (rank 0's "
     "agent reads it; checked before the trainer starts).",
 )
+@click.option(
+    "--store",
+    metavar="STORE",
+    default=None,
+    help="Record the job's events (start, checkpoint request, exit, first training step) in "
+    "this store; default: the store of the trainer's first commit (docs/operations.md).",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
     grace: str,
@@ -85,6 +92,7 @@ def command(
     drain_every: int,
     drain_jobs: int,
     sign_key: str | None,
+    store: str | None,
     cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
@@ -109,5 +117,6 @@ def command(
         drain_every=drain_every,
         drain_jobs=drain_jobs,
         sign_key=None if sign_key is None else os.path.abspath(sign_key),
+        store=None if store is None else os.path.abspath(store),
     )
     raise click.exceptions.Exit(run(opts))

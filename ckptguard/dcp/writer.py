@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from .. import measure
 from ..baseplan import link_plan
 from ..errors import CheckpointError, UnsupportedObjectError, from_oserror, warn_after_commit
 from ..failpoints import failpoint, set_rank
@@ -86,6 +87,7 @@ class Writer(StorageWriter):
         self._signer: PrivateKey | None = None  # the coordinator's signing key (sign_key)
         self._base: dict | None = None  # an incremental save's base (``baseplan.link_plan``)
         self._seal: dict | None = None  # an encrypted save's keys (``sealplan.seal_plan``)
+        self._clock = measure.Clock("dcp")  # from the global plan; DCP's caller's stall unknown
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -126,6 +128,7 @@ class Writer(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self._discard()  # a save of this writer that did not commit
+        self._clock = measure.Clock("dcp")
         check_options([p.storage_data for p in plans])
         layout = plan_layout(plans)
         store, name = self._target()
@@ -216,9 +219,12 @@ class Writer(StorageWriter):
             )
             store, name = self._target()
             info = commit_reports(DIRECTORY, store, name, len(results), self.opt, staged, reports)
-        except BaseException:
+        except BaseException as e:
             self._discard()
+            with contextlib.suppress(Exception):  # the save's own error is what the caller gets
+                measure.record_save_failure(*self._target(), e, self._clock)
             raise
+        measure.record_save(store, info, self._clock, signed=self._signer is not None)
         self._staging, self._layout = None, None
         self.info = info
         for late in info.warnings:  # committed; what failed after the rename

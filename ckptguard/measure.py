@@ -1,0 +1,148 @@
+"""The figures of one save or load, for its event in the store (``events``): when it started,
+what only its caller knows (an async save's stall), what the load opened and reads; and the
+``save``, ``save_failed`` and ``load`` events written from them (docs/operations.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import note, record
+from .format.layout import is_name, is_uuid
+from .format.manifest import CheckpointInfo
+
+
+@dataclass
+class Clock:
+    """The timing of one save or load, kept in a context variable for the code that records its
+    event: who started it (``mode``), when (monotonic), and what only its caller knows."""
+
+    mode: str = "sync"
+    started: float = field(default_factory=time.monotonic)
+    stall_s: float | None = None
+    """A save: how long its caller was blocked; None: the whole save (a sync save), or unknown."""
+    opened: float | None = None
+    """A load: when the checkpoint was open and checked, before its first tensor's bytes."""
+    bytes_read: int | None = None
+    """A load: the raw bytes of the chunks it reads."""
+    path: str | None = None
+    """A load: the checkpoint it opened (its uuid and step below)."""
+    uuid: str | None = None
+    step: int | None = None
+
+    def elapsed(self) -> float:
+        return max(0.0, time.monotonic() - self.started)
+
+
+_clock: contextvars.ContextVar[Clock | None] = contextvars.ContextVar(
+    "ckptguard_clock", default=None
+)
+
+
+@contextlib.contextmanager
+def clocked(clock: Clock) -> Iterator[Clock]:
+    """Run a save or load under ``clock`` (its event then says ``clock.mode`` and its times)."""
+    token = _clock.set(clock)
+    try:
+        yield clock
+    finally:
+        _clock.reset(token)
+
+
+def clock() -> Clock | None:
+    """The clock of the save or load this code runs under, if any."""
+    return _clock.get()
+
+
+def load_opened(path: str, uuid: str, step: int | None, bytes_read: int) -> None:
+    """The load under way has opened checkpoint ``path`` and will read ``bytes_read`` raw bytes."""
+    c = _clock.get()
+    if c is not None:
+        c.opened, c.bytes_read = time.monotonic(), bytes_read
+        c.path, c.uuid, c.step = path, uuid, step
+
+
+def record_load(c: Clock, rank: int, verified: bool, error: BaseException | None) -> None:
+    """The ``load`` event of a load of a checkpoint in a store (one-file checkpoints record
+    nothing). Best effort and silent: loads often read stores they cannot write (a read-only
+    mount of drained checkpoints), and a restart must not warn about its metrics."""
+    if c.path is None:
+        return
+    store, name = os.path.split(os.path.normpath(c.path))
+    if not is_name(name):
+        return
+    failed = {"error": type(error).__name__} if error is not None else {}
+    record(
+        store,
+        "load",
+        checkpoint=name,
+        uuid=c.uuid if c.uuid and is_uuid(c.uuid) else None,
+        rank=rank,
+        step=c.step,
+        result="ok" if error is None else "failed",
+        open_s=None if c.opened is None else max(0.0, c.opened - c.started),
+        total_s=c.elapsed(),
+        bytes_read=c.bytes_read,
+        verified=verified,
+        **failed,
+    )
+
+
+def record_save(store: str, info: CheckpointInfo, c: Clock, **extra: Any) -> str | None:
+    """The ``save`` event of a committed save (by its committer, rank 0)."""
+    durable = c.elapsed()
+    stats: dict[str, Any] = dict(info.write_stats or {})
+    return note(
+        store,
+        "save",
+        checkpoint=info.name,
+        uuid=info.uuid,
+        rank=0,
+        step=info.step,
+        world_size=info.world_size,
+        stall_s=durable if c.mode == "sync" else c.stall_s,
+        durable_s=durable,
+        raw_bytes=info.raw_bytes,
+        stored_bytes=info.stored_bytes,
+        files=info.files,
+        mode=c.mode,
+        codec=stats.get("codec"),
+        io=stats.get("io"),
+        encode_s=stats.get("encode_s"),
+        write_s=stats.get("write_s"),
+        incremental=info.base is not None,
+        warnings=len(info.warnings),
+        **extra,
+    )
+
+
+def record_save_failure(store: str, name: str, error: BaseException, c: Clock) -> None:
+    """The ``save_failed`` event of a save that raised, in a store that exists (a save into a
+    path that is not a store leaves nothing behind, not even an event)."""
+    if os.path.isdir(store):
+        record(
+            store,
+            "save_failed",
+            checkpoint=name if is_name(name) else None,
+            rank=0,
+            error=type(error).__name__,
+            message=str(error),
+            elapsed_s=c.elapsed(),
+            mode=c.mode,
+        )
+
+
+__all__ = [
+    "Clock",
+    "clock",
+    "clocked",
+    "load_opened",
+    "record_load",
+    "record_save",
+    "record_save_failure",
+]
