@@ -327,6 +327,13 @@ class RetentionPolicyError(CheckpointError, ValueError):
     unreadable policy file, or no rule at all where pruning needs one). Nothing is deleted."""
 
 
+class AdviceError(CheckpointError, ValueError):
+    """``ckptguard advise`` lacks a figure it needs and cannot derive it from the store's
+    events (no save recorded for the checkpoint cost, no interruption for the mean time
+    between failures), or was given one that cannot be used (a negative or zero cost). The
+    message names the figure and the option that supplies it."""
+
+
 class IntegrationError(CheckpointError, ValueError):
     """A framework integration (``ckptguard.lightning``, ``ckptguard.hf``) cannot do what it was
     asked: a path it cannot write atomically (a remote URL, a directory where a file belongs),

@@ -25,6 +25,7 @@ import ckptguard
 from ckptguard import CheckpointError
 
 from . import (
+    advise,
     audit,
     delete,
     demo,
@@ -73,6 +74,7 @@ _COMMANDS = (
     keyring,
     audit,
     mlflow,
+    advise,
 )
 
 
