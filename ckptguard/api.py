@@ -339,14 +339,18 @@ def verify(
 def _verify_noted(
     path: str, progress: Callable[[int, int], None] | None, trust: TrustSet | None = None
 ) -> VerifyReport:
-    """``verify_checkpoint``, its outcome recorded in the store's audit log (if it has one)."""
+    """``verify_checkpoint``, its outcome recorded in the store's audit log (if it has one) and
+    as its ``verify`` event."""
+    clock = measure.Clock("verify")
     try:
         report = verify_checkpoint(path, progress, trust)
     except (CorruptCheckpointError, FormatVersionError, SignatureError) as e:
         note_read(path, "verify", {"result": "failed", "error": brief(e)[:1000]})
+        measure.record_verify(path, clock, None, e)
         raise
     result = "ok" if report.ok else "failed"
     note_read(path, "verify", {"result": result, "problems": len(report.problems)})
+    measure.record_verify(path, clock, report, None)
     return report
 
 

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import CheckpointError
 from .events import note, record
 from .format.layout import is_name, is_uuid
 from .format.manifest import CheckpointInfo
+from .fsutil import read_manifest
 
 
 @dataclass
@@ -137,6 +139,32 @@ def record_save_failure(store: str, name: str, error: BaseException, c: Clock) -
         )
 
 
+def record_verify(path: str, c: Clock, report: Any, error: BaseException | None) -> None:
+    """The ``verify`` event of a verify of a store's checkpoint (``report``: its VerifyReport,
+    None when it raised ``error``); silent where the store cannot be written, as a load's."""
+    store, name = os.path.split(os.path.normpath(path))
+    if not is_name(name) or not os.path.isdir(path):
+        return
+    problems = len(report.problems) if report is not None else 1
+    failed = {"error": type(error).__name__} if error is not None else {}
+    try:  # the uuid names which checkpoint of that name was verified
+        uid = read_manifest(path)[1]["uuid"]
+    except (OSError, CheckpointError, KeyError, TypeError):
+        uid = None
+    if report is not None:
+        failed["bytes"] = report.bytes_checked
+    record(
+        store,
+        "verify",
+        checkpoint=name,
+        uuid=uid if isinstance(uid, str) and is_uuid(uid) else None,
+        result="ok" if report is not None and report.ok else "failed",
+        seconds=c.elapsed(),
+        problems=problems,
+        **failed,
+    )
+
+
 __all__ = [
     "Clock",
     "clock",
@@ -145,4 +173,5 @@ __all__ = [
     "record_load",
     "record_save",
     "record_save_failure",
+    "record_verify",
 ]

@@ -66,6 +66,9 @@ def main() -> int:
             dist.all_reduce(p.grad)
             p.grad /= world
         opt.step()
+        # The first step after a (re)start ends a recovery: its time is the store's MTTR record
+        # (only the first call of the process does anything).
+        ckptguard.training_step(step + 1, store=args.store)
         if rank == 0 and args.progress:
             with open(args.progress, "w") as f:
                 f.write(str(step + 1))

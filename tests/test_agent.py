@@ -23,6 +23,7 @@ from faultkit import check_handoff, handoff_expected
 from mpikit import launcher_free_environ, need_mpi
 
 import ckptguard
+from ckptguard import events
 from ckptguard.agent import client, protocol
 from ckptguard.agent.control import ControlServer
 from ckptguard.agent.endtime import parse_slurm_time
@@ -247,6 +248,17 @@ def test_sigusr1_to_one_agent_checkpoints_every_rank(tmp_path: Path) -> None:
     latest = ckptguard.Store(store).latest()
     assert latest is not None and latest.path == saved[0]["path"]
     assert no_sockets_left(tmp_path)
+    # Rank 0's agent recorded the job's events in the store its trainer committed to, in order.
+    got = events.read(store).records
+    job = [e for e in got if e["kind"] in ("start", "first_step", "preempt", "exit")]
+    assert [e["kind"] for e in job] == ["start", "first_step", "preempt", "exit"], got
+    assert job[0]["world_size"] == 4 and job[1]["step"] == 1
+    assert job[2]["reason"] == "SIGUSR1"
+    assert (job[3]["outcome"], job[3]["status"]) == ("checkpointed", EXIT_CHECKPOINTED)
+    (save,) = [e for e in got if e["kind"] == "save"]
+    assert save["world_size"] == 4 and save["checkpoint"] == latest.name
+    assert job[2]["time"] <= save["time"] <= job[3]["time"]
+    assert {e["rank"] for e in got if e["kind"] != "verify"} == {0}  # the test verified
 
 
 @pytest.mark.backend_independent  # a timeout, a signal or a race: the same on both backends

@@ -81,6 +81,7 @@ def train_mode(out: str, store: str, commit: bool) -> int:
     while time.monotonic() - t0 < 25:
         step += 1
         w += 1
+        ckptguard.training_step(step)  # the agent knows the store once this rank commits
         flag = torch.tensor([int(ckptguard.checkpoint_requested())])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
