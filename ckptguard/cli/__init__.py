@@ -39,9 +39,11 @@ from . import (
     keyring,
     latest,
     ls,
+    metrics,
     mlflow,
     prune,
     release,
+    report,
     restore,
     run,
     shred,
@@ -73,6 +75,8 @@ _COMMANDS = (
     keyring,
     audit,
     mlflow,
+    metrics,
+    report,
 )
 
 
