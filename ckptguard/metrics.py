@@ -18,12 +18,12 @@ from collections import Counter
 from typing import Any
 
 from . import audit, auditcheck, events, recovery
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointReplacedError
 from .fsutil import UnsafeFileError
 from .open import CheckpointReader
 from .store import Store
 
-__all__ = ["DEFINITIONS", "SCHEMA", "compute", "percentile", "structure_ok"]
+__all__ = ["DEFINITIONS", "GONE", "SCHEMA", "compute", "percentile", "structure_ok"]
 
 SCHEMA = "ckptguard.metrics/1"
 
@@ -47,6 +47,8 @@ DEFINITIONS = {
     ),
 }
 
+GONE = "gone"
+"""``structure_ok``'s answer for a checkpoint deleted or replaced while it was read."""
 _CACHE_MAX = 4096
 _structure_cache: dict[tuple, str | None] = {}
 
@@ -90,9 +92,12 @@ def structure_ok(path: str) -> str | None:
     Opens it as a load does (manifest, index against its hash, validation, totals) and every
     data file (regular, of the manifest's size; header, trailer, footer against the index)
     without reading a payload. The answer is cached while the directory's entries keep their
-    inode, size and modification time (a Prometheus scrape asks again every few seconds)."""
+    inode, size and modification time (a Prometheus scrape asks again every few seconds).
+    ``GONE`` for a checkpoint deleted or replaced meanwhile: not a checkpoint of the store."""
     try:
         key = _signature(path)
+    except FileNotFoundError:
+        return GONE
     except OSError as e:
         return f"cannot list {path}: {e.strerror or e}"
     if key in _structure_cache:
@@ -102,6 +107,8 @@ def structure_ok(path: str) -> str | None:
         with CheckpointReader(path) as rd:
             for name in rd.files:
                 os.close(rd.open_file(name))
+    except (CheckpointNotFoundError, CheckpointReplacedError):
+        return GONE
     except (CheckpointError, OSError) as e:
         why = str(e)
     if len(_structure_cache) >= _CACHE_MAX:
@@ -115,10 +122,13 @@ def _consistency(scan: Any, structure: bool) -> dict[str, Any]:
     bad: list[dict[str, str]] = [
         {"checkpoint": s.name, "reason": s.reason} for s in scan.skipped if not s.link
     ]
-    good = 0
+    good = gone = 0
     backups = []
     for info in scan.listed:
         why = structure_ok(info.path) if structure else None
+        if why == GONE:
+            gone += 1
+            continue
         if why is None:
             good += 1
         else:
@@ -135,7 +145,7 @@ def _consistency(scan: Any, structure: bool) -> dict[str, Any]:
             )
     out = _ratio(
         good,
-        len(scan.listed) + len([s for s in scan.skipped if not s.link]),
+        len(scan.listed) - gone + len([s for s in scan.skipped if not s.link]),
         DEFINITIONS["metadata_artifact_consistency"],
         inconsistent=bad,
         mlflow_backups=backups,
