@@ -369,5 +369,5 @@ def compute(
         "recoveries": recs,
         "interruptions_pending": pending,
         "failures": _failures(ev),
-        "notes": notes,
+        "notes": list(dict.fromkeys(notes)),
     }

@@ -116,6 +116,12 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _time_format(times: list[float]) -> Callable[[float], str]:
+    """Tick labels for a time axis: the time of day within a day, else the date and minute."""
+    within_day = bool(times) and max(times) - min(times) < 86400
+    return lambda t: _when(t)[11:19] if within_day else _when(t)[5:16]
+
+
 def _bytes_unit(peak: float) -> tuple[float, str]:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if peak >= size:
@@ -298,7 +304,7 @@ def _plots(data: dict[str, Any]) -> list[str]:
             ("time (UTC)", "s"),
             drills,
             points=True,
-            xfmt=lambda t: _when(t)[5:16],
+            xfmt=_time_format([e["time"] for e in s["drill"]]),
             why="no drill events",
         ),
         _bars(

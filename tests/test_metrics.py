@@ -312,3 +312,23 @@ def test_cli_prints_json_writes_the_textfile_and_refuses_a_missing_store(tmp_pat
     assert res.exit_code == 0 and "# HELP ckptguard_mttr_seconds mean over recoveries" in res.output
     res = CliRunner().invoke(cli, ["metrics", str(tmp_path / "absent")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_audit_completeness_of_an_audited_store(tmp_path):
+    from ckptguard import auditcheck
+
+    store = tmp_path / "store"
+    for i in (1, 2):
+        ckptguard.save({"w": torch.arange(8.0) * i}, store / f"step-{i}", step=i)
+    auditcheck.init(store)
+    assert metrics.compute(store)["seed"]["audit_completeness"]["value"] == 1.0
+    os.chmod(store / "step-1", 0o755)
+    for p in (store / "step-1").iterdir():
+        p.unlink()
+    (store / "step-1").rmdir()  # removed behind the log's back
+    a = metrics.compute(store)["seed"]["audit_completeness"]
+    assert (a["value"], a["numerator"], a["denominator"]) == (0.5, 1, 2)
+    assert [(g["kind"], g["name"]) for g in a["gaps"]] == [("delete", "step-1")]
+    text = promexport.render(metrics.compute(store)).decode()
+    key = (("store", str(store)),)
+    assert _parse(text)["ckptguard_audit_completeness_ratio"] == {key: 0.5}

@@ -48,7 +48,7 @@ def build_store(tmp_path: Path, mp: pytest.MonkeyPatch) -> Path:
     """Real checkpoints with their save events, a drill that found one corrupted, and a job
     preempted and requeued twice (recoveries of 40 s and 20 s)."""
     store = tmp_path / "store"
-    t0 = 1_800_000_000.0
+    t0 = time.time() - 3600
     infos = []
     for k, step in enumerate((100, 200, 300, 400)):
         info = ckptguard.save({"w": torch.randn(256 * (k + 1))}, store / f"step-{step}", step=step)
@@ -199,6 +199,7 @@ def test_report_renders_in_chromium(tmp_path, monkeypatch):
     assert seed["metadata_artifact_consistency"]["value"] == 0.75
     assert seed["mttr"]["value"] == 30.0 and seed["mttr"]["count"] == 2
     assert [r["seconds"]["outage"] for r in m["recoveries"]] == [120.0, 100.0]
+    assert m["notes"] == [] and m["checkpoints"]["newest_verified"]["name"] == "step-400"
     assert len(report["series"]["save"]) == 4 and len(report["series"]["drill"]) == 4
     # The same figures as metrics.compute at the same moment.
     again = metrics.compute(store, now=m["now"])
