@@ -263,8 +263,14 @@ def test_served_metrics_are_recomputed_after_the_cache(tmp_path, monkeypatch):
 
 def test_structure_and_verified_age_of_real_checkpoints(tmp_path, monkeypatch):
     store = tmp_path / "store"
+    backup = {"mlflow_backup": {"references": 8, "fraction_consistent": 0.875}}
     infos = [
-        ckptguard.save({"w": torch.arange(64.0) * i}, store / f"step-{i}", step=i)
+        ckptguard.save(
+            {"w": torch.arange(64.0) * i},
+            store / f"step-{i}",
+            step=i,
+            metadata=backup if i == 2 else None,
+        )
         for i in (1, 2, 3)
     ]
     log = Log(store, monkeypatch)
@@ -287,6 +293,13 @@ def test_structure_and_verified_age_of_real_checkpoints(tmp_path, monkeypatch):
     c = m["seed"]["metadata_artifact_consistency"]
     assert (c["numerator"], c["denominator"]) == (2, 3)
     assert [x["checkpoint"] for x in c["inconsistent"]] == ["step-3"]
+    assert c["mlflow_newest"] == {
+        "checkpoint": "step-2",
+        "fraction_consistent": 0.875,
+        "references": 8,
+    }
+    got = _parse(promexport.render(m).decode())["ckptguard_mlflow_backup_consistency_ratio"]
+    assert got == {(("checkpoint", "step-2"), ("store", m["store"])): 0.875}
     ck = m["checkpoints"]
     assert ck["newest"]["name"] == "step-3"
     assert ck["newest_verified"]["name"] == "step-1"  # step-2's latest drill failed
