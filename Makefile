@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 # A bare torch range pulls a multi-GB CUDA build; this CPU build lies on the project's machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm postgres faults
+.PHONY: demo test lint install install-test bench clean native-deps native test-native slurm postgres chromium faults
 
 $(VENV)/.base: pyproject.toml setup.py | native-deps
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ lint: install-test
 # prints its 30 slowest tests.
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
-test: native lint test-native slurm postgres
+test: native lint test-native slurm postgres chromium
 	$(PY) -m pytest -q --durations=30
 	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q --durations=30 -m "not backend_independent and not framework_job"
 
@@ -77,6 +77,13 @@ slurm:
 postgres:
 	@if [ "$$(id -u)" = 0 ]; then bash services/postgres.sh start; \
 	else echo "postgres: not root; the MLflow tests on PostgreSQL skip (services/postgres.sh)"; fi
+
+# Headless Chromium renders `ckptguard report`'s page in tests/test_report_html.py (which fails
+# under CI=true without it). Installed as root only where it is missing; a non-root machine skips.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	else echo "chromium: not root; the report's rendering test skips (apt-get install chromium)"; fi
 
 # BENCH_ARGS adds options, e.g. BENCH_ARGS="--congestion dd" for loaded trials beside the quiet
 # ones (twice the trials: within the same budget, later ones are skipped and listed).

@@ -40,9 +40,11 @@ from . import (
     keyring,
     latest,
     ls,
+    metrics,
     mlflow,
     prune,
     release,
+    report,
     restore,
     run,
     shred,
@@ -75,6 +77,8 @@ _COMMANDS = (
     audit,
     mlflow,
     advise,
+    metrics,
+    report,
 )
 
 
