@@ -4,6 +4,7 @@ cluster fails, since `make test` starts one."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,21 +167,49 @@ def _user_copy_of_train_sbatch(tmp_path: Path, store: Path, out: Path, progress:
 
 # Job orchestration: both backends write the same bytes (test_native), and each backend's saves
 # and resumes are tested in-process.
+def _progress(progress: Path) -> int:
+    text = progress.read_text().strip() if progress.exists() else ""
+    return int(text) if text.isdigit() else 0
+
+
+def _preempt_when(jid: str, progress: Path, step: int, timeout: float) -> None:
+    """Send USR1 to the job's tasks once its rank 0 has passed ``step``."""
+    deadline = time.monotonic() + timeout
+    while _progress(progress) < step:
+        assert time.monotonic() < deadline, f"the job never reached step {step}"
+        time.sleep(0.2)
+    assert run_command(["scancel", "--signal=USR1", jid], TIMEOUT).returncode == 0
+
+
+def _committed(store: Path, n: int, timeout: float) -> list:
+    import ckptguard
+
+    deadline = time.monotonic() + timeout
+    while len(listed := ckptguard.Store(store).list() if (store / "LATEST").exists() else []) < n:
+        assert time.monotonic() < deadline, f"{len(listed)} checkpoints, {n} expected"
+        time.sleep(0.2)
+    return listed
+
+
+# Job orchestration: both backends write the same bytes (test_native), and each backend's saves
+# and resumes are tested in-process.
 @pytest.mark.backend_independent
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
 def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     job: list[str], tmp_path: Path
 ) -> None:
-    """slurm/train.sbatch with examples/resumable_train.py on 4 tasks gets USR1 mid-run: every
-    rank checkpoints, the agents exit 85, the script requeues the job, the job comes back and
-    resumes from LATEST, and ends with the weights of an uninterrupted run, bitwise."""
+    """slurm/train.sbatch with examples/resumable_train.py on 4 tasks gets USR1 mid-run, twice:
+    every rank checkpoints, the agents exit 85, the script requeues the job, the job comes back
+    and resumes from LATEST, and ends with the weights of an uninterrupted run, bitwise. The
+    store's events give both recoveries, and the metrics, the report and the Prometheus output
+    carry the same figures (docs/operations.md)."""
     import torch
 
     import ckptguard
 
     store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "w.pt"
     script = _user_copy_of_train_sbatch(tmp_path, store, out, progress)
-    sized = ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=6"]
+    sized = ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=8"]
     submit = run_command(
         [
             "sbatch",
@@ -195,30 +224,25 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     )
     assert submit.returncode == 0, submit.stderr
     jid = submit.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 150
-    while not (progress.exists() and progress.read_text().strip() not in ("", "1", "2", "3")):
-        assert time.monotonic() < deadline, "the job never reached step 4"
-        time.sleep(0.2)
-    assert run_command(["scancel", "--signal=USR1", jid], TIMEOUT).returncode == 0
-    requeued = False
+    _preempt_when(jid, progress, 4, 150)
+    first = _committed(store, 1, 120)[0]
+    # Requeued, the job waits AuthInfo=cred_expire (20 s on the local cluster) to start again.
+    # Forcing StartTime=now instead races slurmd's revocation of the previous run's credential.
+    _preempt_when(jid, progress, first.step + 3, 200)
     deadline = time.monotonic() + 240
     while True:  # until the job has left the queue for good
         state = run_command(["squeue", "-h", "-j", jid, "-o", "%T %r"], TIMEOUT, echo=False)
         assert state.returncode == 0, state.stderr
         if not state.stdout.strip():
             break
-        # Requeued, the job waits AuthInfo=cred_expire (20 s on the local cluster) to start again.
-        # Forcing StartTime=now instead races slurmd's revocation of the previous run's credential.
-        requeued = requeued or state.stdout.startswith("PENDING")
         assert time.monotonic() < deadline, f"job {jid} still {state.stdout.strip()}"
         time.sleep(0.5)
     log = "".join(p.read_text() for p in tmp_path.glob("*.out"))
     print(log[-4000:])
-    assert requeued
-    assert "checkpointed on request; requeueing job" in log
-    first = ckptguard.Store(store).list()[0]
-    assert 0 < first.step < 40 and ckptguard.verify(first.path).ok
-    assert f"resumed from step {first.step}" in log
+    assert log.count("checkpointed on request; requeueing job") == 2
+    first, second = ckptguard.Store(store).list()
+    assert 0 < first.step < second.step < 40 and ckptguard.verify(first.path).ok
+    assert f"resumed from step {first.step}" in log and f"resumed from step {second.step}" in log
     straight = [str(c) for c in ["srun", *job[:2], "--time=4", "--mpi=pmi2", "-n", "4"]]
     straight += [str(Path(sys.executable).parent / "ckptguard"), "run", "--poll", "0.2", "--"]
     straight += [sys.executable, str(TRAIN), "--store", str(tmp_path / "other"), "--steps", "40"]
@@ -228,6 +252,68 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bitwise(
     got, want = torch.load(out), torch.load(tmp_path / "w0.pt")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+    _recoveries_are_reported(store, jid, tmp_path)
+
+
+def _recoveries_are_reported(store: Path, jid: str, tmp_path: Path) -> None:
+    """The events of the three incarnations, the two recoveries in the metrics, and the same
+    figures in report.json, report.html and the Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import ckptguard
+    from ckptguard import events, metrics
+
+    got = [e for e in events.read(store).records if e["job"] == jid]
+    starts = [e for e in got if e["kind"] == "start"]
+    assert [e["restart"] or 0 for e in starts] == [0, 1, 2], got
+    exits = [(e["outcome"], e["status"]) for e in got if e["kind"] == "exit"]
+    assert exits == [("checkpointed", 85), ("checkpointed", 85), ("completed", 0)], got
+    assert [e["reason"] for e in got if e["kind"] == "preempt"] == ["SIGUSR1", "SIGUSR1"]
+    assert [e["result"] for e in got if e["kind"] == "load"] == ["ok", "ok"]
+    first = {e["restart"] or 0: e["time"] for e in got if e["kind"] == "first_step"}
+    spans = [first[r] - next(e["time"] for e in starts if (e["restart"] or 0) == r) for r in (1, 2)]
+    assert all(s > 0 for s in spans)
+    m = metrics.compute(store)
+    mttr = m["seed"]["mttr"]
+    assert (mttr["recoveries"], mttr["count"]) == (2, 2)
+    assert mttr["value"] == pytest.approx(sum(spans) / 2)
+    for r in m["recoveries"]:
+        assert r["complete"] and r["seconds"]["preempt_to_checkpoint"] >= 0
+        assert r["seconds"]["checkpoint_to_exit"] >= 0 and r["seconds"]["exit_to_start"] > 0
+    # The drills of both checkpoints: the recovery integrity rate.
+    for c in ckptguard.Store(store).list():
+        drilled = subprocess.run(
+            [sys.executable, "-m", "ckptguard.cli", "drill", str(store), "--checkpoint", c.name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    report_dir, prom = tmp_path / "report", tmp_path / "ckptguard.prom"
+    for args in (
+        ["report", str(store), "--out", str(report_dir)],
+        ["metrics", str(store), "--textfile", str(prom)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "ckptguard.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    seed = json.loads((report_dir / "report.json").read_text())["metrics"]["seed"]
+    assert seed["mttr"]["value"] == pytest.approx(mttr["value"])
+    assert seed["recovery_integrity_rate"]["value"] == 1.0
+    assert seed["recovery_integrity_rate"]["denominator"] == 2
+    page = (report_dir / "report.html").read_text()
+    assert 'id="plot-mttr"' in page and 'id="plot-drills"' in page
+    samples = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(prom.read_text())
+        for s in fam.samples
+    }
+    assert samples["ckptguard_mttr_seconds"] == pytest.approx(mttr["value"])
+    assert samples["ckptguard_recovery_integrity_ratio"] == 1.0
 
 
 SCENARIOS = HERE / "dist" / "scenarios.py"
