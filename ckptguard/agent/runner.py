@@ -37,6 +37,7 @@ from .rankenv import (
     slurm_master_port,
     slurm_ranks,
 )
+from .validator import Validator, with_validation
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
@@ -61,6 +62,7 @@ class Options:
     drain_every: int = 1
     drain_jobs: int = 4
     sign_key: str | None = None
+    validate: bool = False
 
 
 class _Signals:
@@ -156,6 +158,8 @@ class _Agent:
         if opts.drain_to and self.rank == 0:
             self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
         self._fed = 0  # commits handed to the drainer so far
+        self.validator = Validator() if opts.validate and self.rank == 0 else None
+        self._validated = 0  # commits handed to the validator so far
         env = child_env(os.environ, self.ranks, addr, port, self.server.address)
         self.child = Child(opts.cmd, env)
         self.signals.child = self.child
@@ -202,6 +206,7 @@ class _Agent:
                 self.peers_done = g[DONE]
                 self._decide(g)
                 self._feed_drainer()
+                self._feed_validator()
                 if g[ALIVE] == 0:
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
@@ -212,11 +217,14 @@ class _Agent:
             self._feed_drainer()
             if self.drainer is not None:
                 self.drainer.close(self.opts.grace)
+            self._feed_validator()
+            if self.validator is not None:
+                self.validator.close(self._wait_left())
             self.server.close()
-        if self.outcome is not None:
-            return self.outcome
-        assert self.child.status is not None
-        return self.child.status
+        status = self.outcome if self.outcome is not None else self.child.status
+        assert status is not None
+        trainer_failed = self.failed is not None or (self.outcome is None and status != 0)
+        return with_validation(self.validator, status, trainer_failed)
 
     def _lost(self, e: PeersLostError | str) -> int:
         """An agent is gone or stuck: stop our trainer and end the whole job (MPI abort), rather
@@ -235,6 +243,18 @@ class _Agent:
             for c in self.server.commits[self._fed :]:
                 self.drainer.committed(c.path)
             self._fed = len(self.server.commits)
+
+    def _wait_left(self) -> float:
+        """How long the agent may still wait at its end: the grace, less near the job's end."""
+        if self.end_time is None:
+            return self.opts.grace
+        return max(0.0, min(self.opts.grace, self.end_time - time.time() - END_SLACK))
+
+    def _feed_validator(self) -> None:
+        if self.validator is not None:
+            for c in self.server.commits[self._validated :]:
+                self.validator.committed(c.path)
+            self._validated = len(self.server.commits)
 
     def _local(self) -> list[int]:
         """This rank's view, for the MAX-reduce."""

@@ -30,6 +30,7 @@ from . import (
     demo,
     doctor,
     drain,
+    drill,
     export,
     gc,
     hold,
@@ -45,6 +46,7 @@ from . import (
     restore,
     run,
     shred,
+    validate,
     verify,
 )
 from ._output import CheckFailed, fail, terminal_safe
@@ -73,6 +75,8 @@ _COMMANDS = (
     keyring,
     audit,
     mlflow,
+    drill,
+    validate,
 )
 
 

@@ -74,6 +74,12 @@ from ._args import parse_duration
     help="Sign every checkpoint the agents commit with this Ed25519 private key (rank 0's "
     "agent reads it; checked before the trainer starts).",
 )
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="After each commit, re-read the checkpoint in a low-priority child process "
+    "(`ckptguard validate`, rank 0); a failure marks it and makes the agent exit 88.",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
     grace: str,
@@ -85,6 +91,7 @@ def command(
     drain_every: int,
     drain_jobs: int,
     sign_key: str | None,
+    validate: bool,
     cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
@@ -94,7 +101,8 @@ def command(
     (ckptguard.checkpoint_requested()). Exit status: the trainer's own (128+N if killed by signal
     N); 85 when every rank committed after a request (requeue me); 86 when a request got no
     commit from every rank within the grace; 87 when another agent stopped answering (the job
-    is aborted); 2 when the agents could not start.
+    is aborted); 88 with --validate when a checkpoint failed its validation and the trainer
+    did not fail; 2 when the agents could not start.
     """
     from ckptguard.agent.runner import Options, run
 
@@ -109,5 +117,6 @@ def command(
         drain_every=drain_every,
         drain_jobs=drain_jobs,
         sign_key=None if sign_key is None else os.path.abspath(sign_key),
+        validate=validate,
     )
     raise click.exceptions.Exit(run(opts))
