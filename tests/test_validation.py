@@ -72,6 +72,8 @@ def test_a_damaged_checkpoint_is_marked_and_skipped_only_on_request(three: Path)
         ckptguard.load(str(three))
     with pytest.warns(ckptguard.CheckpointWarning, match="step-3; loading step-2"):
         assert ckptguard.load(str(three), skip_failed_validation=True)["step"] == 2
+    with ckptguard.Checkpointer(str(three)) as ck, pytest.warns(ckptguard.CheckpointWarning):
+        assert ck.load(skip_failed_validation=True)["step"] == 2
     with pytest.raises(ckptguard.CorruptCheckpointError):  # a checkpoint named: loaded as asked
         ckptguard.load(str(three / "step-3"), skip_failed_validation=True)
 
