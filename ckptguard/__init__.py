@@ -64,6 +64,7 @@ from .errors import (
     StoreNotWritableError,
     UnsafePickleError,
     UnsupportedObjectError,
+    ValidationFailedError,
     WorldSizeError,
 )
 from .version import __version__
@@ -165,6 +166,7 @@ __all__ = [
     "TensorSummary",
     "UnsafePickleError",
     "UnsupportedObjectError",
+    "ValidationFailedError",
     "VerifyReport",
     "WorldSizeError",
     "__version__",

@@ -38,6 +38,7 @@ from .saver import save_state
 from .sign import Trusted, TrustSet, trust_set
 from .stateful import Path, expand, restore
 from .store import Store, note_read
+from .validation import latest_valid
 
 T = TypeVar("T")
 
@@ -113,14 +114,20 @@ def _save_signature() -> inspect.Signature:
 save.__signature__ = _save_signature()  # type: ignore[attr-defined]
 
 
-def resolve(path: str | os.PathLike) -> str:
-    """A checkpoint directory for ``path``: itself, or its LATEST if ``path`` is a store."""
+def resolve(path: str | os.PathLike, *, skip_failed_validation: bool = False) -> str:
+    """A checkpoint directory for ``path``: itself, or its LATEST if ``path`` is a store
+    (``skip_failed_validation``: ``validation.latest_valid``, LATEST or the newest checkpoint
+    before it that did not fail validation)."""
     p = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(p, MANIFEST)):
         return p
     if os.path.lexists(p) and not os.path.isdir(p):
         return p  # a one-file checkpoint, or something else: the reader says what
     latest = Store(p).latest_name() if os.path.lexists(os.path.join(p, LATEST)) else None
+    if latest is not None and skip_failed_validation:
+        valid = latest_valid(p)
+        if valid is not None:
+            return valid.path
     if latest is not None:
         target = os.path.join(p, latest)
         if os.path.islink(target) or not os.path.isfile(os.path.join(target, MANIFEST)):
@@ -158,6 +165,7 @@ def load(
     trusted_keys: Trusted | None = None,
     kek: Any = None,
     shredded: str = "raise",
+    skip_failed_validation: bool = False,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -196,7 +204,9 @@ def load(
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
 
     ``kek``, ``shredded``: encrypted chunks (docs/security.md): the key-encryption key (None:
-    the environment's); ``"meta"``: a tensor of a shredded scope loads as a meta tensor."""
+    the environment's); ``"meta"``: a tensor of a shredded scope loads as a meta tensor.
+    ``skip_failed_validation``: a store's LATEST that failed validation gives way to the newest
+    checkpoint before it that did not (validation.latest_valid; docs/operations.md)."""
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     trust = _trust(trusted_keys, verify)
     found: list[tuple[Path, Any]] = []
@@ -216,12 +226,8 @@ def load(
     where = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(where)
     if source is not None:
-        if trust is not None:
-            raise _unsigned_foreign(where)
-        return foreign.load(
-            source, map_location=map_location, allow_pickle=allow_pickle, template=template
-        )
-    out = _reading_noted(where, read, verify, coordinator)
+        return _load_foreign(where, source, trust, map_location, allow_pickle, template)
+    out = _reading_noted(where, read, verify, coordinator, skip_failed_validation)
     return restore(out, found, _not_saved) if found else out
 
 
@@ -230,6 +236,7 @@ def _reading_noted(
     read: Callable[[str], T],
     verify: bool,
     coordinator: Coordinator | str | None,
+    skip_failed_validation: bool = False,
 ) -> T:
     """``_reading``, and the load's event in the store, by this job's rank 0 alone (the
     launcher's rank where no collective is set up): not by every rank of a restart."""
@@ -244,7 +251,7 @@ def _reading_noted(
             return read(p)
 
     try:
-        out = _reading(where, timed)
+        out = _reading(where, timed, skip_failed_validation)
     except BaseException as e:
         if noted:
             measure.record_load(clock, 0, verify, e)
@@ -252,6 +259,22 @@ def _reading_noted(
     if noted:
         measure.record_load(clock, 0, verify, None)
     return out
+
+
+def _load_foreign(
+    where: str | os.PathLike,
+    source: Any,
+    trust: TrustSet | None,
+    map_location: MapLocation,
+    allow_pickle: bool,
+    template: Any,
+) -> Any:
+    """A checkpoint of another format, read as it is (it carries no signature to trust)."""
+    if trust is not None:
+        raise _unsigned_foreign(where)
+    return foreign.load(
+        source, map_location=map_location, allow_pickle=allow_pickle, template=template
+    )
 
 
 def _whose(rank: int | None, coordinator: Coordinator | str | None) -> tuple[int, int | None]:
@@ -400,16 +423,16 @@ def export(
     return result
 
 
-def _reading(path: str | os.PathLike, read: Callable[[str], T]) -> T:
+def _reading(path: str | os.PathLike, read: Callable[[str], T], skip_failed: bool = False) -> T:
     """``read(resolve(path))``, once more if the checkpoint was replaced under the read.
 
     An overwrite commits the new checkpoint before it removes the old one, so the name (or
     LATEST) then leads to a whole checkpoint: that is what the caller asked for. A second race
     raises CheckpointReplacedError (the name is being overwritten continuously)."""
     try:
-        return read(resolve(path))
+        return read(resolve(path, skip_failed_validation=skip_failed))
     except CheckpointReplacedError:
-        return read(resolve(path))
+        return read(resolve(path, skip_failed_validation=skip_failed))
 
 
 @dataclass

@@ -55,6 +55,16 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint at the given path (or the store has no LATEST)."""
 
 
+class ValidationFailedError(CheckpointNotFoundError):
+    """A load that skips checkpoints marked as failing validation
+    (``skip_failed_validation=True``) found none left: ``names`` are the store's checkpoints it
+    skipped, newest first."""
+
+    def __init__(self, message: str, names: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.names = names
+
+
 class CheckpointHeldError(CheckpointError):
     """The checkpoint is under a legal hold (``Store.hold``, ``ckptguard hold``): it is not
     deleted, pruned or overwritten until the hold is released. ``name`` and ``reason`` say which

@@ -56,6 +56,20 @@ def clocked(clock: Clock) -> Iterator[Clock]:
         _clock.reset(token)
 
 
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptguard_unrecorded", default=False)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Loads and verifies under this record no event: a drill's load is the drill's event, not
+    a resume's (it would count as one in the recovery times)."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
+
+
 def clock() -> Clock | None:
     """The clock of the save or load this code runs under, if any."""
     return _clock.get()
@@ -73,7 +87,7 @@ def record_load(c: Clock, rank: int, verified: bool, error: BaseException | None
     """The ``load`` event of a load of a checkpoint in a store (one-file checkpoints record
     nothing). Best effort and silent: loads often read stores they cannot write (a read-only
     mount of drained checkpoints), and a restart must not warn about its metrics."""
-    if c.path is None:
+    if c.path is None or _quiet.get():
         return
     store, name = os.path.split(os.path.normpath(c.path))
     if not is_name(name):
@@ -143,7 +157,7 @@ def record_verify(path: str, c: Clock, report: Any, error: BaseException | None)
     """The ``verify`` event of a verify of a store's checkpoint (``report``: its VerifyReport,
     None when it raised ``error``); silent where the store cannot be written, as a load's."""
     store, name = os.path.split(os.path.normpath(path))
-    if not is_name(name) or not os.path.isdir(path):
+    if not is_name(name) or not os.path.isdir(path) or _quiet.get():
         return
     problems = len(report.problems) if report is not None else 1
     failed = {"error": type(error).__name__} if error is not None else {}
@@ -174,4 +188,5 @@ __all__ = [
     "record_save",
     "record_save_failure",
     "record_verify",
+    "unrecorded",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audit, holds, keyring
+from . import audit, failmarks, holds, keyring
 from .commit import (
     INTENT_SUFFIX,
     OLD_SUFFIX,
@@ -230,6 +230,8 @@ class Store:
             manifest_sha256=digest,
         ):
             warn_after_commit(late, stacklevel=2)
+        with contextlib.suppress(OSError):  # its validation marker is stale now: readers skip it
+            failmarks.remove(self.root, name, info.uuid)
         try:
             failpoint("delete.after_rename")
             fsync_dir(self.root)

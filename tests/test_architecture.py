@@ -361,7 +361,18 @@ def _top_modules() -> set[str]:
     }
 
 
-FRONT_ENDS = {"cli", "bench", "demo", "agent", "api", "checkpointer", "handoff", "importer", "dcp"}
+FRONT_ENDS = {
+    "cli",
+    "bench",
+    "demo",
+    "agent",
+    "api",
+    "checkpointer",
+    "handoff",
+    "importer",
+    "drill",
+    "dcp",
+}
 INTEGRATIONS = {"lightning", "hf", "deepspeed", "megatron", "mlflow"}
 
 

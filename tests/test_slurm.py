@@ -136,6 +136,8 @@ def test_scancel_usr1_reaches_the_task(job: list[str], tmp_path: Path) -> None:
         ("train.sbatch", ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1"]),
         ("verify.sbatch", ["--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1"]),
         ("drain.sbatch", ["--cpus-per-task=1"]),
+        ("drill.sbatch", ["--cpus-per-task=1"]),
+        ("validate.sbatch", ["--cpus-per-task=1"]),
         ("bench.sbatch", ["--cpus-per-task=1"]),
     ],
 )

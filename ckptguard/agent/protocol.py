@@ -17,6 +17,7 @@ MAX_LINE = 64 << 20  # a "save" carries a snapshot's tree and tensor table
 EXIT_CHECKPOINTED = 85  # a checkpoint request was answered by a commit on every rank: requeue
 EXIT_NO_CHECKPOINT = 86  # a checkpoint request got no commit on every rank within the grace
 EXIT_PEERS_LOST = 87  # another agent stopped answering: the trainer was stopped, the job aborted
+EXIT_VALIDATION_FAILED = 88  # run --validate: a committed checkpoint failed its validation
 
 
 class ProtocolError(ValueError):

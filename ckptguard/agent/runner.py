@@ -38,6 +38,7 @@ from .rankenv import (
     slurm_ranks,
 )
 from .timeline import Timeline
+from .validator import Validator, with_validation
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
@@ -64,6 +65,7 @@ class Options:
     drain_jobs: int = 4
     sign_key: str | None = None
     store: str | None = None  # where the job's events go (else the trainer's first commit's store)
+    validate: bool = False
 
 
 class _Signals:
@@ -161,6 +163,8 @@ class _Agent:
             self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
         self._fed = 0  # commits handed to the drainer so far
         self._seen = 0  # commits whose store the timeline has seen
+        self.validator = Validator() if opts.validate and self.rank == 0 else None
+        self._validated = 0  # commits handed to the validator so far
         env = child_env(os.environ, self.ranks, addr, port, self.server.address)
         self.child = Child(opts.cmd, env)
         self.signals.child = self.child
@@ -208,6 +212,7 @@ class _Agent:
                 self._decide(g)
                 self._feed_drainer()
                 self._note_progress()
+                self._feed_validator()
                 if g[ALIVE] == 0:
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
@@ -219,9 +224,14 @@ class _Agent:
             if self.drainer is not None:
                 self.drainer.close(self.opts.grace)
             self._note_progress()
+            self._feed_validator()
+            if self.validator is not None:
+                self.validator.close(self._wait_left())
             self.server.close()
         status = self.outcome if self.outcome is not None else self.child.status
         assert status is not None
+        trainer_failed = self.failed is not None or (self.outcome is None and status != 0)
+        status = with_validation(self.validator, status, trainer_failed)
         self._exited(status)
         return status
 
@@ -258,6 +268,18 @@ class _Agent:
             for c in self.server.commits[self._fed :]:
                 self.drainer.committed(c.path)
             self._fed = len(self.server.commits)
+
+    def _wait_left(self) -> float:
+        """How long the agent may still wait at its end: the grace, less near the job's end."""
+        if self.end_time is None:
+            return self.opts.grace
+        return max(0.0, min(self.opts.grace, self.end_time - time.time() - END_SLACK))
+
+    def _feed_validator(self) -> None:
+        if self.validator is not None:
+            for c in self.server.commits[self._validated :]:
+                self.validator.committed(c.path)
+            self._validated = len(self.server.commits)
 
     def _local(self) -> list[int]:
         """This rank's view, for the MAX-reduce."""

@@ -31,6 +31,7 @@ from . import (
     demo,
     doctor,
     drain,
+    drill,
     export,
     gc,
     hold,
@@ -48,6 +49,7 @@ from . import (
     restore,
     run,
     shred,
+    validate,
     verify,
 )
 from ._output import CheckFailed, fail, terminal_safe
@@ -79,6 +81,8 @@ _COMMANDS = (
     advise,
     metrics,
     report,
+    drill,
+    validate,
 )
 
 

@@ -81,6 +81,12 @@ from ._args import parse_duration
     help="Record the job's events (start, checkpoint request, exit, first training step) in "
     "this store; default: the store of the trainer's first commit (docs/operations.md).",
 )
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="After each commit, re-read the checkpoint in a low-priority child process "
+    "(`ckptguard validate`, rank 0); a failure marks it and makes the agent exit 88.",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
     grace: str,
@@ -93,6 +99,7 @@ def command(
     drain_jobs: int,
     sign_key: str | None,
     store: str | None,
+    validate: bool,
     cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
@@ -102,7 +109,8 @@ def command(
     (ckptguard.checkpoint_requested()). Exit status: the trainer's own (128+N if killed by signal
     N); 85 when every rank committed after a request (requeue me); 86 when a request got no
     commit from every rank within the grace; 87 when another agent stopped answering (the job
-    is aborted); 2 when the agents could not start.
+    is aborted); 88 with --validate when a checkpoint failed its validation and the trainer
+    did not fail; 2 when the agents could not start.
     """
     from ckptguard.agent.runner import Options, run
 
@@ -118,5 +126,6 @@ def command(
         drain_jobs=drain_jobs,
         sign_key=None if sign_key is None else os.path.abspath(sign_key),
         store=None if store is None else os.path.abspath(store),
+        validate=validate,
     )
     raise click.exceptions.Exit(run(opts))
