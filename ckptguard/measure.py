@@ -12,7 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import (
+    CheckpointAbortedError,
+    CheckpointError,
+    CheckpointReplacedError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    HostPoolPrepareError,
+    KeyUnavailableError,
+    OutOfMemoryError,
+    SignatureError,
+    StoreError,
+)
 from .events import note, record
 from .format.layout import is_name, is_uuid
 from .format.manifest import CheckpointInfo
@@ -87,7 +98,7 @@ def record_load(c: Clock, rank: int, verified: bool, error: BaseException | None
     """The ``load`` event of a load of a checkpoint in a store (one-file checkpoints record
     nothing). Best effort and silent: loads often read stores they cannot write (a read-only
     mount of drained checkpoints), and a restart must not warn about its metrics."""
-    if c.path is None or _quiet.get():
+    if c.path is None or _quiet.get() or (error is not None and not operational(error)):
         return
     store, name = os.path.split(os.path.normpath(c.path))
     if not is_name(name):
@@ -137,10 +148,33 @@ def record_save(store: str, info: CheckpointInfo, c: Clock, **extra: Any) -> str
     )
 
 
+_OPERATIONAL = (
+    OSError,
+    StoreError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    CheckpointAbortedError,
+    CheckpointReplacedError,
+    OutOfMemoryError,
+    KeyUnavailableError,
+    SignatureError,
+    HostPoolPrepareError,
+)
+_CALLERS = (ValueError, TypeError, FileExistsError, FileNotFoundError)
+
+
+def operational(error: BaseException) -> bool:
+    """Whether ``error`` is a failure of the system (storage, a rank, a timeout, memory, keys,
+    damaged bytes) that an operator's metrics count, not the caller's bad input (an existing
+    name, an option, an object that cannot be saved, a missing checkpoint): bad input changes
+    nothing, its event included."""
+    return isinstance(error, _OPERATIONAL) and not isinstance(error, _CALLERS)
+
+
 def record_save_failure(store: str, name: str, error: BaseException, c: Clock) -> None:
-    """The ``save_failed`` event of a save that raised, in a store that exists (a save into a
-    path that is not a store leaves nothing behind, not even an event)."""
-    if os.path.isdir(store):
+    """The ``save_failed`` event of a save that failed (``operational``), in a store that exists
+    (a save into a path that is not a store leaves nothing behind, not even an event)."""
+    if operational(error) and os.path.isdir(store):
         record(
             store,
             "save_failed",
@@ -184,6 +218,7 @@ __all__ = [
     "clock",
     "clocked",
     "load_opened",
+    "operational",
     "record_load",
     "record_save",
     "record_save_failure",

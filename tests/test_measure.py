@@ -150,3 +150,18 @@ def test_training_step_of_another_rank_records_nothing(tmp_path: Path, monkeypat
     (tmp_path / "s").mkdir()
     ckptguard.training_step(1, store=tmp_path / "s")
     assert not (tmp_path / "s" / ".events").exists()
+
+
+def test_bad_input_changes_nothing_not_even_the_events(tmp_path: Path) -> None:
+    """An existing name, an object that cannot be saved, a template that does not fit: the
+    caller's errors, not the system's; they leave the store, its events included, as it was."""
+    store = tmp_path / "s"
+    ckptguard.save(_state(), store / "a")
+    before = (store / ".events" / "events.jsonl").read_bytes()
+    with pytest.raises(ckptguard.CheckpointExistsError):
+        ckptguard.save(_state(), store / "a")
+    with pytest.raises(ckptguard.UnsupportedObjectError):
+        ckptguard.save({"x": object()}, store / "b")
+    with pytest.raises(ckptguard.CheckpointNotFoundError):
+        ckptguard.load(store / "missing")
+    assert (store / ".events" / "events.jsonl").read_bytes() == before
