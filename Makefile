@@ -26,6 +26,8 @@ demo: install
 	$(VENV)/bin/ckptguard demo --store ./ckpts
 	$(PY) examples/distributed_demo.py --store ./ckpts-sharded
 	$(PY) examples/mlflow_demo.py --dir ./mlflow-demo
+	$(VENV)/bin/ckptguard drill ./ckpts --seed 1
+	$(VENV)/bin/ckptguard report ./ckpts --out ./ckpts-report
 
 # Style (Python and C, .clang-format), the import rules (pyproject.toml [tool.importlinter]), the
 # types, and the extension's stub against the built extension (where both exist).
@@ -92,7 +94,7 @@ bench: install
 	$(VENV)/bin/ckptguard bench --size 1GiB --budget 510 --out benchmarks/results $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded .pytest_cache
+	rm -rf $(VENV) build *.egg-info ckpts ckpts-sharded ckpts-report mlflow-demo .pytest_cache
 
 # ---- native chunk pipeline (native/, ckptguard._native; docs/native.md) ----
 # System LZ4, zstd, xxHash and OpenSSL (libcrypto: SHA-256) headers for the extension. Without apt-get or root nothing is

@@ -349,7 +349,7 @@ def _table(cls: str, head: list[str], rows: list[list[str]], empty: str) -> str:
 
 
 def _seconds(v: float | None) -> str:
-    return "-" if v is None else _e(f"{v:.1f}")
+    return "-" if v is None else _e(f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}")
 
 
 def _seed_rows(m: dict[str, Any]) -> list[list[str]]:
@@ -369,6 +369,15 @@ def _seed_rows(m: dict[str, Any]) -> list[list[str]]:
     return seed_rows
 
 
+def _two(stat: dict[str, Any]) -> str:
+    return ", ".join("-" if v is None else _seconds(v) for v in (stat["median"], stat["p95"]))
+
+
+def _kinds(saves: dict[str, Any]) -> str:
+    by = saves["failures_by_type"]
+    return "(" + ", ".join(f"{k}: {v}" for k, v in sorted(by.items())) + ")" if by else ""
+
+
 def _summary(m: dict[str, Any]) -> list[list[str]]:
     ck, sv, ld = m["checkpoints"], m["saves"], m["loads"]
 
@@ -379,12 +388,9 @@ def _summary(m: dict[str, Any]) -> list[list[str]]:
         ["checkpoints", _e(ck["count"])],
         ["newest", age(ck["newest"])],
         ["newest verified", age(ck["newest_verified"])],
-        ["saves", _e(f"{sv['count']} ok, {sv['failed']} failed {sv['failures_by_type']}")],
-        [
-            "save durable s (median, p95)",
-            _e(f"{sv['durable_s']['median']}, {sv['durable_s']['p95']}"),
-        ],
-        ["save stall s (median, p95)", _e(f"{sv['stall_s']['median']}, {sv['stall_s']['p95']}")],
+        ["saves", _e(f"{sv['count']} ok, {sv['failed']} failed {_kinds(sv)}".rstrip())],
+        ["save durable s (median, p95)", _two(sv["durable_s"])],
+        ["save stall s (median, p95)", _two(sv["stall_s"])],
         ["loads", _e(f"{ld['count']}, {ld['failed']} failed")],
         *[
             [k, _e(f"{m[k]['ok']} ok, {m[k]['failed']} failed")]
