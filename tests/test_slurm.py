@@ -316,6 +316,30 @@ def _recoveries_are_reported(store: Path, jid: str, tmp_path: Path) -> None:
     }
     assert samples["ckptguard_mttr_seconds"] == pytest.approx(mttr["value"])
     assert samples["ckptguard_recovery_integrity_ratio"] == 1.0
+    # advise on the store's own figures: two interruptions over three runs, R from both recoveries.
+    advised = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptguard.cli",
+            "advise",
+            str(store),
+            "--json",
+            "--sdc-window",
+            "1h",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert advised.returncode == 0, advised.stdout + advised.stderr
+    advice = json.loads(advised.stdout)
+    past = advice["history"]
+    assert (past["incarnations"], past["preempted"], past["interruptions"]) == (3, 2, 2)
+    assert sorted(past["recoveries"]) == pytest.approx(sorted(spans))
+    assert advice["restart_cost"]["value"] == pytest.approx(sum(spans) / 2)
+    assert advice["mtbf"]["value"] == pytest.approx(past["observed_s"] / 2)
+    assert advice["recommended"]["compute_s"] > 0 and advice["retention"]["at_optimum"] >= 2
 
 
 SCENARIOS = HERE / "dist" / "scenarios.py"
