@@ -12,7 +12,8 @@ ratio T_s / T_w is the efficiency reported here.
 The pure functions (``young``, ``daly``, ``efficiency``, ``retention_depth``) take seconds.
 ``advise`` gathers the inputs a caller does not give from the store's events (``events.read``):
 delta, the median stall of recent saves; R, the median recovery (start to first step) or load;
-M, observed job time over interruptions; the interval the job uses now; and the silent
+M, observed job time over interruptions (incarnations, interruptions and recoveries as
+``recovery`` defines them for the metrics); the interval the job uses now; and the silent
 corruption window of the store's retention policy. Every figure carries its source.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import events
+from . import events, recovery
 from .errors import AdviceError, RetentionPolicyError, StoreError
 from .fsutil import UnsafeFileError
 from .retention import read_policy
@@ -92,18 +94,23 @@ class Figure:
 
 @dataclass(frozen=True)
 class History:
-    """The store's runs and their interruptions (docs/operations.md, events and recovery)."""
+    """The store's incarnations, interruptions and recoveries (``recovery``; docs/operations.md,
+    "Metrics: definitions")."""
 
     incarnations: int
     observed_s: float
-    """Job time: the sum over incarnations of their last event's time less their start."""
+    """Job time: the sum over incarnations of their last event's time less their start (or,
+    where the start was not recorded, their first event's)."""
     preempted: int
     failed: int
-    """Incarnations whose exit outcome was neither "completed" nor after a preempt."""
+    """Incarnations with no preempt whose exit outcome was not "completed"."""
     crashed: int
-    """Incarnations with no exit followed by a later start."""
+    """Incarnations with a start and no exit, followed by a later start."""
+    recovered: int
+    """Interruptions followed by a later start (recoveries, first step recorded or not)."""
     recoveries: tuple[float, ...]
-    """Seconds from the start after each interruption to the first training step after it."""
+    """Seconds from the start to the first training step of each recovery that has both (and
+    no clock skew between them)."""
 
     @property
     def interruptions(self) -> int:
@@ -160,58 +167,20 @@ class Advice:
         return doc
 
 
-def _runs(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The incarnations: the events of one job and restart count, from each ``start`` to the
-    next (a job without Slurm has no job id: each ``ckptguard run`` is then one), by start."""
-    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["job"], r["restart"]), []).append(r)
-    runs: list[list[dict[str, Any]]] = []
-    for group in groups.values():
-        run: list[dict[str, Any]] | None = None
-        for r in group:
-            if r["kind"] == "start":
-                run = [r]
-                runs.append(run)
-            elif run is not None:
-                run.append(r)
-    runs.sort(key=lambda run: run[0]["time"])
-    return runs
-
-
-def _interruption(run: list[dict[str, Any]], later_start: bool) -> tuple[str, float] | None:
-    """How and when an incarnation was interrupted, once however many events say so."""
-    for r in run:
-        if r["kind"] == "preempt":
-            return "preempted", r["time"]
-        if r["kind"] == "exit":
-            return None if r["outcome"] == "completed" else ("failed", r["time"])
-    return ("crashed", run[-1]["time"]) if later_start else None
-
-
 def history(records: Sequence[dict[str, Any]]) -> History:
-    """The incarnations, job time, interruptions and recoveries of a store's events."""
-    runs = _runs(records)
-    starts = [run[0]["time"] for run in runs]
-    first_steps = [r["time"] for r in records if r["kind"] == "first_step"]
-    counts = {"preempted": 0, "failed": 0, "crashed": 0}
-    recoveries = []
-    for i, run in enumerate(runs):
-        found = _interruption(run, later_start=i + 1 < len(runs))
-        if found is None:
-            continue
-        counts[found[0]] += 1
-        start = next((t for t in starts if t >= found[1] and t > run[0]["time"]), None)
-        step = None if start is None else next((t for t in first_steps if t >= start), None)
-        if start is not None and step is not None:
-            recoveries.append(step - start)
+    """The incarnations, job time, interruptions and recoveries of a store's events, as
+    ``recovery`` defines them (the same ones the metrics report)."""
+    incs = recovery.incarnations(list(records))
+    recs, pending = recovery.recoveries(incs)
+    kinds = Counter(i["kind"] for i in [*(r["interrupted"] for r in recs), *pending])
     return History(
-        incarnations=len(runs),
-        observed_s=sum(run[-1]["time"] - run[0]["time"] for run in runs),
-        preempted=counts["preempted"],
-        failed=counts["failed"],
-        crashed=counts["crashed"],
-        recoveries=tuple(recoveries),
+        incarnations=len(incs),
+        observed_s=sum(i.observed_s for i in incs),
+        preempted=kinds["preempted"],
+        failed=kinds["failed"],
+        crashed=kinds["crashed"],
+        recovered=len(recs),
+        recoveries=tuple(r["seconds"]["start_to_first_step"] for r in recs if r["complete"]),
     )
 
 

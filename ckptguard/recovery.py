@@ -5,10 +5,11 @@ An incarnation is one run of a job: the events with the same Slurm ``job`` and `
 (a requeue keeps the job id and counts up the restart), or, without Slurm, the events from one
 ``start`` to the next. Its interruption is its first ``preempt``; else its ``exit`` whose outcome
 is not "completed"; else, when it has a ``start`` and no ``exit`` and a later incarnation started,
-a crash at its last event. The recovery of an interruption is the next ``start`` after it (any
-job) and that incarnation's first ``first_step``. Durations between events of different hosts
-can come out negative under clock skew: such a duration is reported as None, with a note, and
-never enters a mean.
+a crash at its last event (its ``kind``: "preempted", "failed", "crashed"). The recovery of an
+interruption is the next ``start`` after it (any job) and that incarnation's first
+``first_step``. Durations between events of different hosts can come out negative under clock
+skew: such a duration is reported as None, with a note, and never enters a mean. The metrics
+(MTTR) and ``advise`` (the mean time between failures, the restart cost) both count from here.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AGENT_KINDS", "Incarnation", "incarnations", "recoveries", "span"]
+__all__ = ["AGENT_KINDS", "INTERRUPTIONS", "Incarnation", "incarnations", "recoveries", "span"]
 
 # The kinds an unkeyed incarnation (no Slurm) takes by time: what the job itself writes.
 AGENT_KINDS = ("start", "preempt", "exit", "first_step", "save", "save_failed", "load")
+
+# The kinds of interruption: a preempt, an exit not "completed", a start with no exit (a crash).
+INTERRUPTIONS = ("preempted", "failed", "crashed")
 
 # Per recovery: each component's name and the two moments it lies between.
 COMPONENTS = (
@@ -51,6 +55,11 @@ class Incarnation:
     @property
     def time(self) -> float:
         return self.start["time"] if self.start is not None else self.events[0]["time"]
+
+    @property
+    def observed_s(self) -> float:
+        """Its observed run time: its last event's time less its ``time`` (0 under skew)."""
+        return max(0.0, self.events[-1]["time"] - self.time)
 
 
 def _key(e: dict[str, Any]) -> tuple[str, int | None] | None:
@@ -102,34 +111,43 @@ def span(a: float | None, b: float | None, what: str, notes: list[str]) -> float
     return b - a
 
 
-def _interruption(inc: Incarnation, later: bool) -> tuple[float, str] | None:
-    """When and how ``inc`` was interrupted, or None (it completed, or it is still running)."""
+def _interruption(inc: Incarnation, later: bool) -> tuple[float, str, str] | None:
+    """When, of which kind (``INTERRUPTIONS``) and how ``inc`` was interrupted, or None (it
+    completed, or it is still running)."""
     pre = inc.first("preempt")
     if pre is not None:
-        return pre["time"], f"preempt ({pre.get('reason')})"
+        return pre["time"], "preempted", f"preempt ({pre.get('reason')})"
     end = inc.first("exit")
     if end is not None:
         if end.get("outcome") == "completed":
             return None
-        return end["time"], f"exit ({end.get('outcome')}, status {end.get('status')})"
+        cause = f"exit ({end.get('outcome')}, status {end.get('status')})"
+        return end["time"], "failed", cause
     if inc.start is not None and later:
-        return inc.events[-1]["time"], "crash (a start without an exit)"
+        return inc.events[-1]["time"], "crashed", "crash (a start without an exit)"
     return None
 
 
 def recoveries(incs: list[Incarnation]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(recoveries, interruptions not recovered yet); each recovery with its components."""
+    """(recoveries, interruptions not recovered yet): each interruption (a recovery's
+    ``interrupted``) has its time, kind, cause, job and restart; each recovery its components."""
     out: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
     for n, inc in enumerate(incs):
         got = _interruption(inc, any(i.start is not None for i in incs[n + 1 :]))
         if got is None:
             continue
-        at, cause = got
+        at, kind, cause = got
         nxt = next(
             (i for i in incs[n + 1 :] if i.start is not None and i.start["time"] >= at), None
         )
-        what = {"time": at, "cause": cause, "job": _job(inc), "restart": _restart(inc)}
+        what = {
+            "time": at,
+            "kind": kind,
+            "cause": cause,
+            "job": _job(inc),
+            "restart": _restart(inc),
+        }
         if nxt is None:
             pending.append(what)
             continue

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from clikit import run
 
-from ckptguard import events
-from ckptguard.advise import advise, daly, efficiency, retention_depth, young
+from ckptguard import events, metrics
+from ckptguard.advise import advise, daly, efficiency, history, retention_depth, young
 from ckptguard.errors import AdviceError
 
 pytestmark = pytest.mark.backend_independent  # no save or load: figures and events only
@@ -178,8 +178,10 @@ def _history_store(store: Path) -> dict[str, float]:
             end = t  # crashed: its last event is its last save
         observed += end - start
     # Another job saving into the store meanwhile, every 7 minutes: not one of job 7's gaps.
+    # It is an incarnation whose start was not recorded: its job time runs from its first event.
     for k in range(3):
         _save(store, T0 + 600 + k * 7 * MIN, 5.0, 100.0, job="8")
+    observed += 14 * MIN
     return {"observed": observed, "recovery": 150.0, "stall": 5.5}
 
 
@@ -188,7 +190,8 @@ def test_inputs_from_the_store_events(tmp_path: Path) -> None:
     (tmp_path / ".retention.json").write_text('{"keep_last": 3, "sdc_window": "1d"}')
     a = advise(tmp_path)
     h = a.history
-    assert (h.incarnations, h.preempted, h.failed, h.crashed) == (4, 1, 1, 1)
+    assert (h.incarnations, h.preempted, h.failed, h.crashed) == (5, 1, 1, 1)  # job 8's too
+    assert h.recovered == 3
     assert h.observed_s == pytest.approx(expected["observed"])
     # Recoveries: the starts of incarnations 1, 2, 3 to their first steps (150, 120, 200 s).
     assert sorted(h.recoveries) == [120.0, 150.0, 200.0]
@@ -213,6 +216,46 @@ def test_inputs_from_the_store_events(tmp_path: Path) -> None:
     assert a.retention.window.value == DAY and "policy" in a.retention.window.source
     assert a.retention.at_current == 73  # ceil(24 h / 20 min) + 1
     assert a.retention.at_optimum == retention_depth(DAY, a.optimum.period_s)
+
+
+def test_advise_and_the_metrics_count_the_same_interruptions_and_recoveries(
+    tmp_path: Path,
+) -> None:
+    """The cases where incarnations are easy to get wrong: a run whose start was not recorded,
+    a recovery with no first step yet, a crash recovered by a job without Slurm, one pending."""
+
+    def log(kind: str, at: float, job: str | None, restart: int | None, **kw: Any) -> None:
+        assert events.record(tmp_path, kind, at=at, job=job, restart=restart, rank=0, **kw) is None
+
+    log("save", T0, "7", 0, step=1, world_size=1, stall_s=2.0, durable_s=2.0, raw_bytes=1,
+        stored_bytes=1, files=1, mode="sync")  # fmt: skip
+    log("exit", T0 + 100, "7", 0, outcome="failed", status=1)  # no start recorded
+    log("start", T0 + 200, "7", 1, world_size=1)
+    log("first_step", T0 + 260, "7", 1, step=2)
+    log("preempt", T0 + 1000, "7", 1, reason="SIGTERM")
+    log("exit", T0 + 1010, "7", 1, outcome="checkpointed", status=85)
+    log("start", T0 + 1100, "7", 2, world_size=1)  # no first step: then it crashes
+    log("start", T0 + 2000, None, None, world_size=1)
+    log("first_step", T0 + 2050, None, None, step=3)
+    log("exit", T0 + 3000, None, None, outcome="completed", status=0)
+    log("verify", T0 + 9000, None, None, result="ok", seconds=1.0, problems=0)  # no job's
+    log("start", T0 + 10_000, "9", 0, world_size=1)
+    log("preempt", T0 + 10_100, "9", 0, reason="time limit")  # not recovered yet
+    h = advise(tmp_path).history
+    assert h == history(events.read(tmp_path).records)
+    m = metrics.compute(tmp_path, now=T0 + 20_000, structure=False)
+    mttr = m["seed"]["mttr"]
+    assert h.recovered == mttr["recoveries"] == len(m["recoveries"]) == 3
+    assert h.interruptions == len(m["recoveries"]) + len(m["interruptions_pending"]) == 4
+    assert (h.preempted, h.failed, h.crashed) == (2, 1, 1)
+    assert len(h.recoveries) == mttr["count"] == 2
+    assert sorted(h.recoveries) == [50.0, 60.0] and mttr["value"] == 55.0
+    # Job time: 100 + 810 + 0 + 1000 + 100 s (the verify event belongs to no incarnation).
+    assert (h.incarnations, h.observed_s) == (5, 2010.0)
+    res = run("advise", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "4 interruptions (2 preempted, 1 failed, 1 crashed)" in res.output
+    assert "3 recoveries (2 with a first step)" in res.output
 
 
 def test_given_figures_replace_the_events(tmp_path: Path) -> None:

@@ -176,10 +176,12 @@ def _text(a: Advice) -> list[str]:
     lines += [f"  {name:<31} {_human(f.value):>10}  ({f.source})" for name, f in rows if f]
     h = a.history
     if h.incarnations:
+        timed = len(h.recoveries)
         lines.append(
             f"  history: {h.incarnations} incarnations, {_human(h.observed_s)} of job time, "
             f"{h.interruptions} interruptions ({h.preempted} preempted, {h.failed} failed, "
-            f"{h.crashed} crashed), {len(h.recoveries)} recoveries"
+            f"{h.crashed} crashed), {h.recovered} recoveries"
+            + (f" ({timed} with a first step)" if timed < h.recovered else "")
         )
     else:
         lines.append("  history: no job start recorded (`ckptguard run` records them)")
