@@ -27,7 +27,7 @@ import slurmkit
 from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 
 import ckptguard
-from ckptguard import keyring
+from ckptguard import events, keyring
 from ckptguard.agent.protocol import EXIT_PEERS_LOST
 from ckptguard.audit import AUDIT_DIR
 from ckptguard.drain import drain
@@ -443,8 +443,8 @@ def check_store(store: Path, names: set[str], latest: str | None) -> None:
     for n in names:
         report = ckptguard.verify(store / n)
         assert report.ok, f"{n} does not verify: {report.problems[:3]}"  # I1, I5
-    # the audit log and the keyring, where the store keeps them
-    allowed = names | {LATEST, STAGING, AUDIT_DIR, keyring.KEYS}
+    # the audit log and the keyring, where the store keeps them; its events (a failed save's)
+    allowed = names | {LATEST, STAGING, AUDIT_DIR, keyring.KEYS, events.EVENTS_DIR}
     stray = [n for n in os.listdir(store) if n not in allowed and not _latest_tmp(n)]
     assert not stray, f"visible besides the checkpoints: {stray}"  # I1: nothing partial
     assert st.latest_name() == latest, f"LATEST is {st.latest_name()!r}, expected {latest!r}"
