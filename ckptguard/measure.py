@@ -4,9 +4,11 @@ what only its caller knows (an async save's stall), what the load opened and rea
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +88,33 @@ def clock() -> Clock | None:
     return _clock.get()
 
 
+_pending: list[tuple[str, str, dict[str, Any]]] = []
+_pending_lock = threading.Lock()
+_MAX_PENDING = 10_000  # a process that loads in a loop and never saves: the oldest are kept
+
+
+def _defer(store: str, kind: str, **kw: Any) -> None:
+    """Keep a read's event (``load``, ``verify``) for ``flush``: a read opens nothing outside
+    the checkpoint it reads (I6), so its event is written later, stamped with its own time."""
+    kw.setdefault("at", time.time())
+    with _pending_lock:
+        if not _pending:
+            atexit.register(flush)
+        if len(_pending) < _MAX_PENDING:
+            _pending.append((store, kind, kw))
+
+
+def flush() -> None:
+    """Write the reads' events kept so far (best effort, silent). Called by the next save of the
+    process, by ``training_step`` and at exit."""
+    with _pending_lock:
+        items = list(_pending)
+        _pending.clear()
+        atexit.unregister(flush)
+    for store, kind, kw in items:
+        record(store, kind, **kw)
+
+
 def load_opened(path: str, uuid: str, step: int | None, bytes_read: int) -> None:
     """The load under way has opened checkpoint ``path`` and will read ``bytes_read`` raw bytes."""
     c = _clock.get()
@@ -96,15 +125,16 @@ def load_opened(path: str, uuid: str, step: int | None, bytes_read: int) -> None
 
 def record_load(c: Clock, rank: int, verified: bool, error: BaseException | None) -> None:
     """The ``load`` event of a load of a checkpoint in a store (one-file checkpoints record
-    nothing). Best effort and silent: loads often read stores they cannot write (a read-only
-    mount of drained checkpoints), and a restart must not warn about its metrics."""
+    nothing), kept for ``flush``. Best effort and silent: loads often read stores they cannot
+    write (a read-only mount of drained checkpoints), and a restart must not warn about its
+    metrics."""
     if c.path is None or _quiet.get() or (error is not None and not operational(error)):
         return
     store, name = os.path.split(os.path.normpath(c.path))
     if not is_name(name):
         return
     failed = {"error": type(error).__name__} if error is not None else {}
-    record(
+    _defer(
         store,
         "load",
         checkpoint=name,
@@ -121,7 +151,9 @@ def record_load(c: Clock, rank: int, verified: bool, error: BaseException | None
 
 
 def record_save(store: str, info: CheckpointInfo, c: Clock, **extra: Any) -> str | None:
-    """The ``save`` event of a committed save (by its committer, rank 0)."""
+    """The ``save`` event of a committed save (by its committer, rank 0), after the events of
+    the reads before it (``flush``)."""
+    flush()
     durable = c.elapsed()
     stats: dict[str, Any] = dict(info.write_stats or {})
     return note(
@@ -189,7 +221,7 @@ def record_save_failure(store: str, name: str, error: BaseException, c: Clock) -
 
 def record_verify(path: str, c: Clock, report: Any, error: BaseException | None) -> None:
     """The ``verify`` event of a verify of a store's checkpoint (``report``: its VerifyReport,
-    None when it raised ``error``); silent where the store cannot be written, as a load's."""
+    None when it raised ``error``), kept for ``flush`` as a load's."""
     store, name = os.path.split(os.path.normpath(path))
     if not is_name(name) or not os.path.isdir(path) or _quiet.get():
         return
@@ -201,7 +233,7 @@ def record_verify(path: str, c: Clock, report: Any, error: BaseException | None)
         uid = None
     if report is not None:
         failed["bytes"] = report.bytes_checked
-    record(
+    _defer(
         store,
         "verify",
         checkpoint=name,
@@ -217,6 +249,7 @@ __all__ = [
     "Clock",
     "clock",
     "clocked",
+    "flush",
     "load_opened",
     "operational",
     "record_load",

@@ -47,10 +47,12 @@ def save(root: Path, name: str, seed: int, **kw: object) -> dict:
 
 
 def visible(root: Path) -> list[str]:
-    """Everything of a store but its staging area (and the transient LATEST temporaries)."""
+    """Everything of a store but its staging area, its events (the saves' records) and the
+    transient LATEST temporaries."""
     if not root.exists():
         return []
-    return sorted(n for n in os.listdir(root) if n != STAGING and not n.startswith(".LATEST."))
+    hidden = (STAGING, ".events")
+    return sorted(n for n in os.listdir(root) if n not in hidden and not n.startswith(".LATEST."))
 
 
 def staging_left(root: Path) -> list[str]:

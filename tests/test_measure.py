@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import opened_outside, record_opens, snapshot
 
 import ckptguard
-from ckptguard import events
+from ckptguard import events, measure
 from ckptguard.agent import client
 
 
@@ -20,6 +22,7 @@ def _state(n: int = 1000) -> dict:
 
 
 def _kinds(store: Path) -> list[str]:
+    measure.flush()
     return [e["kind"] for e in events.read(store).records]
 
 
@@ -68,6 +71,7 @@ def test_a_save_into_no_store_leaves_no_events(tmp_path: Path) -> None:
 def test_a_load_records_what_it_opened_and_read(tmp_path: Path) -> None:
     info = ckptguard.save(_state(), tmp_path / "s" / "a", step=5)
     ckptguard.load(tmp_path / "s")
+    measure.flush()  # a read's event is written after it, never during it
     e = events.read(tmp_path / "s").records[-1]
     assert (e["kind"], e["result"], e["checkpoint"], e["uuid"]) == ("load", "ok", "a", info.uuid)
     assert e["step"] == 5 and e["verified"] is True
@@ -86,6 +90,7 @@ def test_a_corrupt_load_and_verify_are_recorded_as_failed(tmp_path: Path) -> Non
         ckptguard.load(tmp_path / "s")
     report = ckptguard.verify(info.path)
     assert not report.ok
+    measure.flush()
     load, verify = events.read(tmp_path / "s").records[-2:]
     assert (load["kind"], load["result"], load["error"]) == (
         "load",
@@ -164,4 +169,23 @@ def test_bad_input_changes_nothing_not_even_the_events(tmp_path: Path) -> None:
         ckptguard.save({"x": object()}, store / "b")
     with pytest.raises(ckptguard.CheckpointNotFoundError):
         ckptguard.load(store / "missing")
+    measure.flush()
     assert (store / ".events" / "events.jsonl").read_bytes() == before
+
+
+def test_a_read_opens_nothing_outside_its_checkpoint(tmp_path: Path) -> None:
+    """I6: a load or verify opens nothing beside the checkpoint; its event is written after it
+    (the next save, training_step, or the process's exit)."""
+    info = ckptguard.save(_state(), tmp_path / "s" / "a")
+    with record_opens() as opened:
+        ckptguard.load(tmp_path / "s" / "a")
+        ckptguard.verify(info.path)
+    assert not opened_outside(opened, info.path), opened
+    assert _kinds(tmp_path / "s") == ["save", "load", "verify"]
+
+
+def test_reads_are_recorded_at_exit(tmp_path: Path) -> None:
+    ckptguard.save(_state(), tmp_path / "s" / "a")
+    code = "import sys, ckptguard; ckptguard.load(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], check=True, timeout=120)
+    assert _kinds(tmp_path / "s") == ["save", "load"]

@@ -265,7 +265,7 @@ def test_streamed_error_after_read_reaches_result(
         assert "Input/output error" in str(e.value) or "EIO" in str(e.value)
         monkeypatch.delenv("CKPTGUARD_FAILPOINT")
         assert c.load()["a"].tolist() == [1, 1, 1]  # LATEST still the previous checkpoint
-    assert sorted(os.listdir(store)) == [".staging", "LATEST", "good"]
+    assert sorted(os.listdir(store)) == [".events", ".staging", "LATEST", "good"]  # its failure
     assert os.listdir(os.path.join(store, ".staging")) == []  # the failed save left nothing
 
 

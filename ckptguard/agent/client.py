@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import events
+from .. import events, measure
 from ..format.manifest import CheckpointInfo
 from ..hooks import add_commit_hook
 from .protocol import ENV_ADDRESS, LineReader, ProtocolError, decode, encode
@@ -245,6 +245,7 @@ def training_step(step: int | None = None, store: str | os.PathLike[str] | None 
         return
     _stepped.set()
     at = time.time()
+    measure.flush()  # the resume's load, before the step that ends the recovery
     where = None if store is None else os.path.abspath(os.fspath(store))
     step = None if step is None else int(step)
     address = agent_address()
