@@ -148,7 +148,9 @@ class ControlServer:
         self._sel.register(sock, selectors.EVENT_READ, None)
 
     def _read(self, sock: socket.socket) -> None:
-        client = self._clients[sock]
+        client = self._clients.get(sock)
+        if client is None:  # dropped by an earlier event of the same select (a failed send)
+            return
         try:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
         except (BlockingIOError, InterruptedError):
