@@ -211,20 +211,26 @@ def notify_committed(path: str | os.PathLike[str], step: int | None = None) -> b
     if address is None:
         return False
     where = os.fsdecode(os.path.abspath(os.fspath(path)))
+    step = None if step is None else int(step)
+    message = encode("committed", path=where, step=step)
+    return _tell(address, message, f"the commit of {where}")
+
+
+def _tell(address: str, message: bytes, what: str) -> bool:
+    """Send one message to the agent and expect its ``ack``; a failure is a RuntimeWarning
+    (naming ``what`` the agent did not take) and False, never an exception."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_TIMEOUT)
             sock.connect(address)
-            step = None if step is None else int(step)
-            message = encode("committed", path=where, step=step)
             reply, _ = _roundtrip(sock, message, LineReader())
         if reply["op"] != "ack":
             raise ProtocolError(f"expected 'ack', got {reply['op']!r}")
     except (OSError, ProtocolError) as exc:
         warnings.warn(
-            f"ckptguard: the agent at {address} did not take the commit of {where}: {exc}",
+            f"ckptguard: the agent at {address} did not take {what}: {exc}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return False
     return True
@@ -255,20 +261,7 @@ def training_step(step: int | None = None, store: str | os.PathLike[str] | None 
             if problem is not None:
                 warnings.warn(f"ckptguard: {problem}", RuntimeWarning, stacklevel=2)
         return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(address)
-            message = encode("step", time=at, step=step, store=where)
-            reply, _ = _roundtrip(sock, message, LineReader())
-        if reply["op"] != "ack":
-            raise ProtocolError(f"expected 'ack', got {reply['op']!r}")
-    except (OSError, ProtocolError) as exc:
-        warnings.warn(
-            f"ckptguard: the agent at {address} did not take the first step: {exc}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _tell(address, encode("step", time=at, step=step, store=where), "the first step")
 
 
 def notify_agent_of_commit(info: CheckpointInfo) -> None:
