@@ -1,5 +1,5 @@
-"""benchmarks/metadata_ops.py: its parsing and classifying of strace lines (no strace needed:
-the lines are ones strace printed for a ckptguard save and load)."""
+"""benchmarks/syscall_trace.py and metadata_ops.py: parsing and classifying strace lines (no
+strace needed: the lines are ones strace printed for a ckptguard save and load), and the fit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "metadata_ops.py"
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 S = "/w/store"
 LINES = f"""\
 11 newfstatat(AT_FDCWD</w>, "/ckg-phase-marker/save", 0x7ffc, 0) = -1 ENOENT (No such file)
@@ -43,35 +43,44 @@ AT_SYMLINK_NOFOLLOW) = 0
 """
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("metadata_ops", SCRIPT)
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through it
+    sys.modules[name] = mod  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_split_args_keeps_structs_and_quoted_commas(bench: Any) -> None:
-    got = bench.split_args('3<"/a,b">, "x, y", {st_mode=S_IFREG, st_size=1}, AT_EMPTY_PATH')
+@pytest.fixture(scope="module")
+def trace() -> ModuleType:
+    return _load("syscall_trace")
+
+
+@pytest.fixture(scope="module")
+def bench(trace: ModuleType) -> ModuleType:
+    return _load("metadata_ops")
+
+
+def test_split_args_keeps_structs_and_quoted_commas(trace: Any) -> None:
+    got = trace.split_args('3<"/a,b">, "x, y", {st_mode=S_IFREG, st_size=1}, AT_EMPTY_PATH')
     assert got == ['3<"/a,b">', '"x, y"', "{st_mode=S_IFREG, st_size=1}", "AT_EMPTY_PATH"]
 
 
-def test_unfinished_call_is_stitched_and_paths_resolved(bench: Any) -> None:
-    calls = bench.parse_lines(LINES.splitlines())
+def test_unfinished_call_is_stitched_and_paths_resolved(trace: Any) -> None:
+    calls = trace.parse_lines(LINES.splitlines())
     create = [c for c in calls if c.name == "openat" and c.pid == 12]
     assert len(create) == 1 and create[0].ret == 3
-    assert bench.call_path(create[0]) == f"{S}/.staging/c.1/rank-00000.ckg"
+    assert trace.call_path(create[0]) == f"{S}/.staging/c.1/rank-00000.ckg"
     stat = next(c for c in calls if c.name == "newfstatat" and c.args[0].startswith("4<"))
-    assert bench.call_path(stat) == f"{S}/c/rank-00000.ckg"
+    assert trace.call_path(stat) == f"{S}/c/rank-00000.ckg"
 
 
-def test_kinds_roles_and_bytes_per_phase(bench: Any) -> None:
-    calls = bench.parse_lines(LINES.splitlines())
+def test_kinds_roles_and_bytes_per_phase(trace: Any) -> None:
+    calls = trace.parse_lines(LINES.splitlines())
     dirs = {S, f"{S}/.staging", f"{S}/.staging/c.1", f"{S}/c"}
     # footer at 8192, file size 9000 (808 bytes of footer and trailer)
-    phases = bench.tally(calls, S, dirs, {f"{S}/c/rank-00000.ckg": (8192, 9000)})
+    phases = trace.tally(calls, S, dirs, {f"{S}/c/rank-00000.ckg": (8192, 9000)})
     save, load = phases["save"], phases["load"]
     assert save.ops == {
         "mkdir": 1,
@@ -90,10 +99,10 @@ def test_kinds_roles_and_bytes_per_phase(bench: Any) -> None:
     assert "/usr/lib/x.so" not in str(phases)
 
 
-def test_staged_paths_map_to_committed_ones(bench: Any) -> None:
+def test_staged_paths_map_to_committed_ones(trace: Any) -> None:
     staged = f"{S}/.staging/step-2.{'ab' * 16}/rank-00003.ckg"
-    assert bench.committed(staged) == f"{S}/step-2/rank-00003.ckg"
-    assert bench.committed(f"{S}/step-2/index.parquet") == f"{S}/step-2/index.parquet"
+    assert trace.committed(staged) == f"{S}/step-2/rank-00003.ckg"
+    assert trace.committed(f"{S}/step-2/index.parquet") == f"{S}/step-2/index.parquet"
 
 
 def test_fit_is_exact_on_a_line_and_says_when_not(bench: Any) -> None:
