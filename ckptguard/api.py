@@ -29,8 +29,10 @@ from .filesave import drop_torch_save_keywords, save_file, wants_one_file
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
-from .onefile import OneFile, is_file_object, open_fileobj
-from .open import CheckpointReader, using_kek
+from .objstore.source import open_checkpoint
+from .objstore.url import is_url
+from .onefile import is_file_object, open_fileobj
+from .open import CheckpointReader, Members, using_kek
 from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
@@ -192,6 +194,10 @@ def load(
     from the file. ``template`` does not apply; ``verify``, ``rank`` and ``coordinator`` have
     nothing to act on.
 
+    ``path`` may be ``s3://bucket/prefix/name`` (or a store there, meaning its LATEST): a
+    checkpoint drained to an object store, read and verified from the bucket (docs/operations.md,
+    "Drain to object storage (S3)").
+
     ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
     from its position). torch.load's arguments mean what they do there: ``map_location`` (a
     device, a string, a dict of saved -> new device, or a callable: ``f(saved_device)``, or
@@ -214,12 +220,15 @@ def load(
         template, found = expand(template)
     mine, world = _whose(rank, coordinator)
 
-    def read(p: str | OneFile) -> Any:
+    def read(p: str | Members) -> Any:
         with using_kek(kek):
             return load_checkpoint(
                 p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
             )
 
+    if is_url(path):  # a checkpoint in an object store (or its store's LATEST)
+        out = read(open_checkpoint(path))
+        return restore(out, found, _not_saved) if found else out
     if is_file_object(path):  # read once: the reader closes it
         out = read(open_fileobj(path))
         return restore(out, found, _not_saved) if found else out
@@ -340,7 +349,8 @@ def verify(
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
 
     ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
-    position as ``load`` reads it. A checkpoint of another format (torch.save, safetensors,
+    position as ``load`` reads it, or ``s3://...`` as ``load`` reads it (no audit entry or
+    event is written for a bucket). A checkpoint of another format (torch.save, safetensors,
     DCP) at a path has no ckptguard hashes: ForeignCheckpointError, which suggests ``ckptguard
     import``. ``trusted_keys``: as ``load``'s; a signature that is missing or does not verify
     under them raises SignatureError (the report's ``signed_by`` names the key that signed).
@@ -350,6 +360,9 @@ def verify(
         with using_kek(kek):
             return verify(path, progress, trusted_keys=trusted_keys)
     trust = _trust(trusted_keys)
+    if is_url(path):  # resolved first: a damaged LATEST raises, as a store's does
+        ckpt = open_checkpoint(path)
+        return verify_checkpoint(lambda: ckpt, progress, trust)
     if is_file_object(path):
         return verify_checkpoint(lambda: open_fileobj(path), progress, trust)
     path = cast("str | os.PathLike", path)  # a path: not a file object
@@ -458,12 +471,14 @@ def describe(path: str | os.PathLike | IO[bytes]) -> CheckpointDescription:
     """Tensors, sizes and codecs of a checkpoint, from its manifest and index (no data read).
     ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
     position as ``load`` reads it."""
+    if is_url(path):
+        return _describe(open_checkpoint(path))
     if is_file_object(path):
         return _describe(open_fileobj(path))
     return _reading(cast("str | os.PathLike", path), _describe)
 
 
-def _describe(p: str | OneFile) -> CheckpointDescription:
+def _describe(p: str | Members) -> CheckpointDescription:
     with CheckpointReader(p) as rd:
         out = [TensorSummary(t["key"], t["dtype"], tuple(t["shape"])) for t in rd.tensors]
         for r in rd.rows:

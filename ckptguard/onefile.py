@@ -34,7 +34,12 @@ _COPY = 16 << 20  # bytes per read when a file object is copied into a private f
 
 
 class OneFile:
-    """An open one-file checkpoint: ``path`` (for messages), its descriptor and checked TOC."""
+    """An open one-file checkpoint: ``path`` (for messages), its descriptor and checked TOC.
+    As ``open.Members``: no signature, and no manifest bytes a signature could cover."""
+
+    kind = "a one-file checkpoint"
+    manifest_raw = b""
+    signature = None
 
     def __init__(self, fd: int, path: str) -> None:
         """Check the container open on ``fd`` (owned from here on: closed on error and by

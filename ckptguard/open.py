@@ -16,7 +16,8 @@ import contextlib
 import contextvars
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -67,6 +68,26 @@ _KEK: contextvars.ContextVar[Kek | str | os.PathLike | None] = contextvars.Conte
 )
 
 
+class Members(Protocol):
+    """The files of a checkpoint that is not a directory, by name: a one-file checkpoint
+    (``OneFile``) or a checkpoint in an object store (``objstore.ObjectCheckpoint``). ``kind``
+    names it in messages; ``manifest_raw`` is the manifest's bytes once ``manifest`` read them
+    (empty where no signature can cover them); ``signature`` fetches SIGNATURE.json's bytes
+    (None: a one-file checkpoint, which cannot be signed). Neither has a keyring."""
+
+    path: str
+    kind: str
+    manifest_raw: bytes
+
+    @property
+    def signature(self) -> Callable[[], bytes | None] | None: ...
+    def manifest(self) -> dict: ...
+    def index(self, size: int) -> bytes: ...
+    def member_size(self, name: str) -> int | None: ...
+    def data_fd(self, name: str, size: int, what: str) -> int: ...
+    def close(self) -> None: ...
+
+
 @contextlib.contextmanager
 def using_kek(kek: Kek | str | os.PathLike | None) -> Iterator[None]:
     """Readers opened inside take ``kek`` (a ``Kek`` or a key file's path) to unwrap the data
@@ -83,15 +104,16 @@ class CheckpointReader:
     whole (header, trailer, footer against the index) on demand.
 
     ``path`` is a checkpoint directory or a one-file checkpoint (docs/format.md section 10), or
-    a ``OneFile`` already open (a file object's); ``one`` is the one-file checkpoint, if it is
-    one, whose members stand in for the directory's files. Under ``trust`` (trusted public
-    keys) the signature is checked against the manifest bytes read (``sign.check``) before the
-    index is read: ``signed`` says who signed; SignatureError if it does not verify."""
+    ``Members`` already open (a file object's ``OneFile``, a checkpoint in an object store);
+    ``one`` is those members, if it is not a directory: they stand in for its files. Under
+    ``trust`` (trusted public keys) the signature is checked against the manifest bytes read
+    (``sign.check``) before the index is read: ``signed`` says who signed; SignatureError if
+    it does not verify."""
 
-    def __init__(self, path: str | os.PathLike | OneFile, trust: TrustSet | None = None) -> None:
-        self.one: OneFile | None = None
+    def __init__(self, path: str | os.PathLike | Members, trust: TrustSet | None = None) -> None:
+        self.one: Members | None = None
         self.dir_fd = -1
-        if isinstance(path, OneFile):
+        if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
         else:
             self.path = os.path.abspath(os.fspath(path))
@@ -110,10 +132,13 @@ class CheckpointReader:
             self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
             if self.one is not None and "encryption" in self.features:
-                raise self.corrupt("a one-file checkpoint has no keyring for sealed chunks")
+                raise self.corrupt(f"{self.one.kind} has no keyring for sealed chunks")
             if trust is not None:
                 fd = None if self.one is not None else self.dir_fd
-                self.signed = sign.check(self.path, fd, self.manifest_raw, self.manifest, trust)
+                fetch = None if self.one is None else self.one.signature
+                self.signed = sign.check(
+                    self.path, fd, self.manifest_raw, self.manifest, trust, fetch
+                )
             self.tensors: list[dict] = self.manifest["tensors"]
             self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
             self.table = _read_index(self)
@@ -197,7 +222,7 @@ class CheckpointReader:
             name = self.key_scopes[key_id]
             try:
                 if self.one is not None:
-                    raise KeyUnavailableError("one-file checkpoints have no keyring", name, key_id)
+                    raise KeyUnavailableError(f"{self.one.kind} has no keyring", name, key_id)
                 store = os.path.dirname(self.path)
                 if not isinstance(self.kek, Kek):  # once per reader: a KEK command runs once
                     self.kek = resolve_kek(self.kek)
@@ -282,7 +307,7 @@ class CheckpointReader:
         if self.one is not None:  # the members' sizes were checked against the file on open
             for name in sorted(names):
                 if self.one.member_size(name) != self.files[name]:
-                    raise self.corrupt("data file is not in the one-file checkpoint", file=name)
+                    raise self.corrupt(f"data file is not in {self.one.kind}", file=name)
             return
         for name in sorted(names):
             try:
@@ -345,7 +370,8 @@ class CheckpointReader:
 def _read_manifest(rd: CheckpointReader) -> tuple[bytes, dict]:
     """MANIFEST.json's bytes (empty for a one-file checkpoint's) and its checked body."""
     if rd.one is not None:
-        return b"", rd.one.manifest()
+        body = rd.one.manifest()
+        return rd.one.manifest_raw, body
     try:
         return read_manifest(rd.path, dir_fd=rd.dir_fd)
     except FileNotFoundError:
