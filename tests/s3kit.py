@@ -71,7 +71,9 @@ def start(log: Path) -> MotoServer:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(f"moto server did not start:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"moto server did not start:\n{log.read_text()[-3000:]}"
+                ) from None
             time.sleep(0.2)
 
 
@@ -142,7 +144,9 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
 
 
 @pytest.fixture
-def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MotoServer, str]]:
+def s3(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[MotoServer, str]]:
     """The server and a new bucket; this process's boto3 variables point at the server."""
     for k in list(os.environ):
         if k.startswith("AWS_"):

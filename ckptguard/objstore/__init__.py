@@ -9,10 +9,12 @@ bucket is first used (the extra ``ckptguard[s3]``).
 from __future__ import annotations
 
 from .gc import gc
+from .s3 import Bucket
 from .source import ObjectCheckpoint, ObjectScan, latest_name, open_checkpoint, read_info, scan
 from .url import ObjectURL, is_url, parse
 
 __all__ = [
+    "Bucket",
     "ObjectCheckpoint",
     "ObjectScan",
     "ObjectURL",

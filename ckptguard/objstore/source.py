@@ -43,6 +43,7 @@ __all__ = [
     "read_info",
     "resolve",
     "scan",
+    "targets",
 ]
 
 BLOCK_BYTES = 8 << 20
@@ -271,3 +272,23 @@ def open_checkpoint(text: str, jobs: int = 4) -> ObjectCheckpoint:
     """The checkpoint ``text`` names (or its store's LATEST), ready for ``CheckpointReader``."""
     ckpt, bucket = resolve(text)
     return ObjectCheckpoint(ckpt, bucket, jobs=jobs)
+
+
+def targets(text: str, latest_only: bool) -> tuple[list[str], list[str]]:
+    """What ``ckptguard verify`` checks at ``text``: the checkpoint it names, else the store's
+    LATEST (``latest_only``) or every checkpoint of the store and every one whose manifest
+    does not read; and the store's own problems (a damaged LATEST)."""
+    url = parse(text)
+    bucket = Bucket(url.bucket)
+    if url.prefix and is_name(url.last) and bucket.head(url.key(MANIFEST)) is not None:
+        return [str(url)], []
+    problems: list[str] = []
+    try:
+        latest = resolve(str(url), bucket)[0] if latest_name(bucket, url) is not None else None
+    except CorruptCheckpointError as e:
+        latest, problems = None, [f"FAIL {url.key(LATEST)}", f"  problem: {e}"]
+    if latest_only:
+        return ([] if latest is None else [str(latest)]), problems
+    found = scan(bucket, url)
+    damaged = [str(url.child(n)) for n, _ in found.skipped]
+    return [i.path for i in found.listed] + damaged, problems
