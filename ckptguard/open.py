@@ -304,10 +304,15 @@ class CheckpointReader:
         """Check that these data files exist as regular files of the manifest's size (one stat
         each, no open): a load calls it before allocating what the files are to fill, so that a
         manifest cannot make it allocate more than the files on disk can back."""
-        if self.one is not None:  # the members' sizes were checked against the file on open
+        if self.one is not None:  # a one-file checkpoint's were checked against it on open
             for name in sorted(names):
-                if self.one.member_size(name) != self.files[name]:
+                got, want = self.one.member_size(name), self.files[name]
+                if got is None:
                     raise self.corrupt(f"data file is not in {self.one.kind}", file=name)
+                if got != want:
+                    raise self.corrupt(
+                        f"data file has {got} bytes in {self.one.kind}, {want} expected", file=name
+                    )
             return
         for name in sorted(names):
             try:

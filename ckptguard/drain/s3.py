@@ -180,6 +180,8 @@ def _drain_one(
                     f"{info.path} was replaced while being drained (its manifest changed)", where
                 )
             _commit(bucket, ckpt, raw, info, info.path)
+        except CheckpointError:  # typed already (some are OSErrors too: FileExistsError)
+            raise
         except OSError as e:
             raise from_oserror(e, where, "cannot drain into") from None
         finally:

@@ -147,7 +147,7 @@ class Bucket:
             r = self.client.get_object(Bucket=self.name, Key=key)
         except Exception as e:
             code, status = _code(e)
-            if code in _ABSENT or status == 404:
+            if code != "NoSuchBucket" and (code in _ABSENT or status == 404):
                 return None
             if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
                 raise self.error(e, key, "cannot read") from None
