@@ -194,17 +194,14 @@ def load(
     from the file. ``template`` does not apply; ``verify``, ``rank`` and ``coordinator`` have
     nothing to act on.
 
-    ``path`` may be ``s3://bucket/prefix/name`` (or a store there, meaning its LATEST): a
-    checkpoint drained to an object store, read and verified from the bucket (docs/operations.md,
-    "Drain to object storage (S3)").
-
-    ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
-    from its position). torch.load's arguments mean what they do there: ``map_location`` (a
-    device, a string, a dict of saved -> new device, or a callable: ``f(saved_device)``, or
-    torch's ``f(storage, location)``); ``weights_only=True`` is what ``load`` always does (no
-    pickle), ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may only be None
-    or ``pickle``; ``mmap=True`` is refused (every chunk is read and verified into memory; a
-    ``template`` fills tensors in place).
+    ``path`` may be a one-file checkpoint, a readable binary file object holding one (read
+    from its position), or ``s3://bucket/prefix[/name]`` (a checkpoint in an object store, or
+    its store's LATEST; docs/operations.md). torch.load's arguments mean what they do there:
+    ``map_location`` (a device, a string, a dict of saved -> new device, or a callable:
+    ``f(saved_device)``, or torch's ``f(storage, location)``); ``weights_only=True`` is what
+    ``load`` always does (no pickle), ``weights_only=False`` is ``allow_pickle=True``;
+    ``pickle_module`` may only be None or ``pickle``; ``mmap=True`` is refused (every chunk is
+    read and verified into memory; a ``template`` fills tensors in place).
 
     ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
@@ -226,11 +223,8 @@ def load(
                 p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
             )
 
-    if is_url(path):  # a checkpoint in an object store (or its store's LATEST)
-        out = read(open_checkpoint(path))
-        return restore(out, found, _not_saved) if found else out
-    if is_file_object(path):  # read once: the reader closes it
-        out = read(open_fileobj(path))
+    if is_url(path) or is_file_object(path):  # read once: the reader closes it
+        out = read(open_checkpoint(path) if is_url(path) else open_fileobj(path))
         return restore(out, found, _not_saved) if found else out
     where = cast("str | os.PathLike", path)  # a path: not a file object
     source = foreign.detect(where)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io as _pyio
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .errors import (
     CheckpointNotFoundError,
@@ -31,6 +32,26 @@ from .io import pread_exact, write_all
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (a zip archive)
 _COPY = 16 << 20  # bytes per read when a file object is copied into a private file
+
+
+class Members(Protocol):
+    """The files of a checkpoint that is not a directory, by name: a one-file checkpoint
+    (``OneFile``) or a checkpoint in an object store (``objstore.ObjectCheckpoint``). ``kind``
+    names it in messages; ``manifest_raw`` is the manifest's bytes once ``manifest`` read them
+    (empty where no signature can cover them); ``signature`` fetches SIGNATURE.json's bytes
+    (None: a one-file checkpoint, which cannot be signed). Neither has a keyring."""
+
+    path: str
+    kind: str
+    manifest_raw: bytes
+
+    @property
+    def signature(self) -> Callable[[], bytes | None] | None: ...
+    def manifest(self) -> dict: ...
+    def index(self, size: int) -> bytes: ...
+    def member_size(self, name: str) -> int | None: ...
+    def data_fd(self, name: str, size: int, what: str) -> int: ...
+    def close(self) -> None: ...
 
 
 class OneFile:

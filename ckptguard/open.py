@@ -16,8 +16,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -59,33 +58,13 @@ from .fsutil import (
 )
 from .io import pread_exact
 from .kek import Kek, resolve_kek
-from .onefile import OneFile
+from .onefile import Members, OneFile
 from .seal import RowId, Scope
 from .sign import Signed, TrustSet
 
 _KEK: contextvars.ContextVar[Kek | str | os.PathLike | None] = contextvars.ContextVar(
     "ckptguard_kek", default=None
 )
-
-
-class Members(Protocol):
-    """The files of a checkpoint that is not a directory, by name: a one-file checkpoint
-    (``OneFile``) or a checkpoint in an object store (``objstore.ObjectCheckpoint``). ``kind``
-    names it in messages; ``manifest_raw`` is the manifest's bytes once ``manifest`` read them
-    (empty where no signature can cover them); ``signature`` fetches SIGNATURE.json's bytes
-    (None: a one-file checkpoint, which cannot be signed). Neither has a keyring."""
-
-    path: str
-    kind: str
-    manifest_raw: bytes
-
-    @property
-    def signature(self) -> Callable[[], bytes | None] | None: ...
-    def manifest(self) -> dict: ...
-    def index(self, size: int) -> bytes: ...
-    def member_size(self, name: str) -> int | None: ...
-    def data_fd(self, name: str, size: int, what: str) -> int: ...
-    def close(self) -> None: ...
 
 
 @contextlib.contextmanager
