@@ -29,6 +29,10 @@ broken by name: the order of ``Store.list`` and of ``Store.delete``'s LATEST rul
 not used: it may be null, and a restarted or forked run can reuse steps.
 
 Run one drain per destination at a time (LATEST is read, compared and then written).
+
+A destination ``s3://bucket/prefix`` is a store in an object store: ``drain.s3`` uploads,
+verifies from the bucket and commits by a conditional create of the manifest object instead
+(docs/format.md section 11).
 """
 
 from __future__ import annotations
