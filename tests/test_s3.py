@@ -178,6 +178,23 @@ def test_drain_again_skips_and_latest_moves_forward_only(
     assert [i.name for i in scan.listed] == ["a", "b"] and scan.skipped == []
 
 
+def test_an_incremental_checkpoint_loads_from_the_bucket(
+    s3: tuple[MotoServer, str], tmp_path: Path
+) -> None:
+    """Its linked data file (the base's records) goes up as an object of its own."""
+    _, bucket = s3
+    src = tmp_path / "src"
+    one = state(1, big=300_000)
+    ckptguard.save(one, src / "a")
+    two = {**one, "seed": 2, "ids": one["ids"] + 1}
+    ckptguard.save(two, src / "b", base="a")
+    assert ckptguard.describe(src / "b").info.base == "a"
+    url = f"s3://{bucket}/inc"
+    drain(src, url, names=["b"])  # without its base in the bucket
+    assert same(ckptguard.load(f"{url}/b"), two)
+    assert ckptguard.verify(f"{url}/b").ok
+
+
 def test_a_name_held_with_another_uuid_is_a_conflict(
     s3: tuple[MotoServer, str], tmp_path: Path
 ) -> None:

@@ -81,9 +81,11 @@ def _advance_latest(bucket: Bucket, url: ObjectURL, info: CheckpointInfo) -> Non
         bucket.put(url.key(LATEST), f"{info.name}\n".encode())
 
 
-def _upload_files(rd: CheckpointReader, bucket: Bucket, ckpt: ObjectCheckpoint, jobs: int) -> int:
+def _upload_files(
+    rd: CheckpointReader, bucket: Bucket, ckpt: ObjectCheckpoint, jobs: int
+) -> tuple[int, bytes | None]:
     """Upload the data files, index.parquet and SIGNATURE.json of open checkpoint ``rd``;
-    return the bytes uploaded."""
+    return the bytes uploaded and the signature's (None: not signed)."""
     m, sent = rd.manifest, 0
     for f in m["files"]:
         fd = rd.open_file(f["name"])  # header, trailer and footer checked against the index
@@ -101,7 +103,7 @@ def _upload_files(rd: CheckpointReader, bucket: Bucket, ckpt: ObjectCheckpoint, 
     try:
         raw = read_regular(SIGNATURE, dir_fd=rd.dir_fd, max_size=MAX_SIGNATURE_BYTES)
     except FileNotFoundError:
-        return sent
+        return sent, None
     except UnsafeFileError as e:
         raise rd.corrupt(f"{SIGNATURE} {e.reason}", file=SIGNATURE) from None
     try:
@@ -109,7 +111,7 @@ def _upload_files(rd: CheckpointReader, bucket: Bucket, ckpt: ObjectCheckpoint, 
     except ValueError as e:
         raise rd.corrupt(f"{SIGNATURE} is malformed: {e}", file=SIGNATURE) from None
     bucket.put(ckpt.key(SIGNATURE), raw)
-    return sent + len(raw)
+    return sent + len(raw), raw
 
 
 def _part_uploaded() -> None:
@@ -170,9 +172,13 @@ def _drain_one(
         ckpt = ObjectCheckpoint(url.child(info.name), bucket, raw, jobs)
         try:
             ckpt.manifest()  # the uuid its objects go under
-            sent = _upload_files(rd, bucket, ckpt, jobs)
+            sent, signature = _upload_files(rd, bucket, ckpt, jobs)
             failpoint("s3.uploaded")
             _check_upload(info.path, lambda: ObjectCheckpoint(ckpt.url, bucket, raw, jobs), where)
+            if signature is not None and ckpt.signature() != signature:
+                raise StoreError(
+                    f"{ckpt.key(SIGNATURE)} in the bucket differs from what was uploaded", where
+                )
             failpoint("s3.verified")
             again, _ = read_manifest(rd.path, dir_fd=rd.dir_fd)
             if again != raw:

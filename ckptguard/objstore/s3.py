@@ -64,10 +64,7 @@ class Stat:
 def client_for(pool: int) -> Any:
     """A boto3 S3 client of the environment's endpoint and credentials, with a connection pool
     of ``pool`` (one per configuration and pool size: clients are thread-safe)."""
-    env = tuple(
-        os.environ.get(v)
-        for v in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
-    )
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _clients_lock:
         c = _clients.get((env, pool))
         if c is None:
