@@ -283,6 +283,7 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
         )
         print("  load: " + ", ".join(f"{k} {v:.2f}" for k, v in times[-1].items()))
     res = {"rank": me, "median": {k: statistics.median(t[k] for t in times) for k in times[0]}}
+    res["collective"] = simulate_collective_load(path, ranks, trials, boxes)
     if old_path:  # a Row for every row of the wanted tensors, then the scalar planner (tests')
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from select_oracle import plan_reads as scalar_plan_reads
@@ -300,6 +301,51 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
             assert len(pieces) == 2 * len(boxes)
             res["old_rows_built"] = len(rows)
         print(f"  old path: select + plan {res['old_select_and_plan_s']:.2f} s, {len(rows)} rows")
+    return res
+
+
+def simulate_collective_load(path: str, ranks: int, trials: int, boxes: dict) -> dict:
+    """The same rank in a collective load (``load(collective=True)``): it gets the manifest and
+    index bytes from rank 0 (which opens as above, every rule checked) instead of reading them,
+    checks their hashes and parses them, then rebuilds its tree and selects as above. Also the
+    metadata bytes every rank together reads from the file system, alone and collectively."""
+    from ckptguard.format.ranktrees import rank_tree
+    from ckptguard.open import CheckpointReader, Shared
+    from ckptguard.select import plan_reads
+    from ckptguard.tree import tensor_ids
+
+    me = ranks // 2
+    with CheckpointReader(path, keep_bytes=True) as rd:
+        shared = Shared(rd.manifest_raw, rd.index_raw or b"", os.stat(path).st_ino)
+    times = []
+    for _ in range(trials):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        rd = CheckpointReader(path, shared=shared)
+        t1 = time.perf_counter()
+        tree = rank_tree(rd.manifest, me)
+        pieces = plan_reads(rd.table, rd.tensors, boxes)
+        t2, c2 = time.perf_counter(), time.process_time()
+        rd.close()
+        assert sum(map(len, pieces.values())) == 2 * len(tensor_ids(tree))
+        times.append({"open_s": t1 - t0, "total_s": t2 - t0, "total_cpu_s": c2 - c0})
+        print(
+            "  collective load, a rank other than 0: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in times[-1].items())
+        )
+    meta = len(shared.manifest_raw) + len(shared.index_raw)
+    res = {
+        "median": {k: statistics.median(t[k] for t in times) for k in times[0]},
+        "index_bytes": len(shared.index_raw),
+        "metadata_bytes_read_alone": ranks * meta,
+        "metadata_bytes_read_collective": meta,
+    }
+    print(
+        f"  metadata read from the file system by all {ranks} ranks: alone "
+        f"{res['metadata_bytes_read_alone'] / 1e9:.2f} GB "
+        f"({res['metadata_bytes_read_alone'] / len(shared.index_raw):.0f}x the index), "
+        f"collective {meta / 1e6:.1f} MB ({meta / len(shared.index_raw):.2f}x)"
+    )
     return res
 
 

@@ -37,6 +37,7 @@ from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
 from .saver import save_state
+from .sharedopen import job_coordinator, load_for_job
 from .sign import Trusted, TrustSet, trust_set
 from .stateful import Path, expand, restore
 from .store import Store, note_read
@@ -168,6 +169,8 @@ def load(
     kek: Any = None,
     shredded: str = "raise",
     skip_failed_validation: bool = False,
+    collective: bool = False,
+    timeout: float = 600.0,
 ) -> Any:
     """Load what ``save`` stored at ``path`` (a checkpoint, or a store meaning its LATEST).
 
@@ -183,54 +186,52 @@ def load(
     world size (else WorldSizeError) unless ``rank=k`` says to load what saved rank k passed.
     Small tensors saved in one packed record load as views of one buffer per record (at most
     the chunk size): a tensor kept alone keeps that buffer; ``.clone()`` it to free the rest.
+    ``collective=True``: every rank of the job loads ``path`` (a restart); rank 0 alone reads
+    and checks its manifest and index, sent to the others (``sharedopen``); ``timeout``: seconds.
 
     ``path`` may also be a checkpoint of another format: a torch.save file (zip or legacy), a
     safetensors file, a sharded safetensors set (its directory or ``*.safetensors.index.json``)
-    or a PyTorch DCP directory, told apart by content. It is read as it is and NOT verified:
-    those formats carry no ckptguard hashes (``ckptguard import`` makes a verified checkpoint
-    of one). ``map_location`` applies as above (safetensors and DCP tensors were saved on the
-    CPU); pickles go through torch's weights-only unpickler, a refused global raising
-    UnsafePickleError, unless ``allow_pickle=True``, which runs full pickle: arbitrary code
-    from the file. ``template`` does not apply; ``verify``, ``rank`` and ``coordinator`` have
-    nothing to act on.
+    or a PyTorch DCP directory, told apart by content, read as it is and NOT verified (they
+    carry no ckptguard hashes; ``ckptguard import`` makes a verified checkpoint of one).
+    ``map_location`` applies (safetensors and DCP tensors were saved on the CPU); pickles go
+    through torch's weights-only unpickler (UnsafePickleError for a refused global) unless
+    ``allow_pickle=True``, which runs full pickle: arbitrary code from the file. ``template``
+    does not apply; ``verify``, ``rank``, ``coordinator``, ``collective`` have nothing to act on.
 
-    ``path`` may be a one-file checkpoint, a readable binary file object holding one (read
-    from its position), or ``s3://bucket/prefix[/name]`` (a checkpoint in an object store, or
-    its store's LATEST; docs/operations.md). torch.load's arguments mean what they do there:
-    ``map_location`` (a device, a string, a dict of saved -> new device, or a callable:
-    ``f(saved_device)``, or torch's ``f(storage, location)``); ``weights_only=True`` is what
-    ``load`` always does (no pickle), ``weights_only=False`` is ``allow_pickle=True``;
-    ``pickle_module`` may only be None or ``pickle``; ``mmap=True`` is refused (every chunk is
-    read and verified into memory; a ``template`` fills tensors in place).
+    ``path`` may be ``s3://bucket/prefix[/name]`` (docs/operations.md), a one-file checkpoint or a
+    readable binary file object holding one (read from its position). torch.load's arguments mean
+    what they do there: ``map_location`` (a device, a string, a dict of saved -> new device, a
+    callable ``f(saved_device)`` or torch's ``f(storage, location)``); ``weights_only=True`` is what
+    ``load`` always does, ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may
+    only be None or ``pickle``; ``mmap=True`` is refused (chunks are read and verified into memory).
 
     ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
-
-    ``kek``, ``shredded``: encrypted chunks (docs/security.md): the key-encryption key (None:
-    the environment's); ``"meta"``: a tensor of a shredded scope loads as a meta tensor.
-    ``skip_failed_validation``: a store's LATEST that failed validation gives way to the newest
-    checkpoint before it that did not (validation.latest_valid; docs/operations.md)."""
+    ``kek``: the key-encryption key of encrypted chunks (None: the environment's; security.md);
+    ``shredded="meta"``: a tensor of a shredded scope loads as a meta tensor. A LATEST that
+    failed validation gives way, with ``skip_failed_validation``, to the newest before it."""
     allow_pickle = _pickle_allowed(allow_pickle, weights_only, pickle_module, mmap)
     trust = _trust(trusted_keys, verify)
     found: list[tuple[Path, Any]] = []
-    if template is not None:
-        template, found = expand(template)
+    template, found = (template, found) if template is None else expand(template)
     mine, world = _whose(rank, coordinator)
 
-    def read(p: str | Members) -> Any:
+    def read(p: str | Members | CheckpointReader) -> Any:
         with using_kek(kek):
             return load_checkpoint(
                 p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
             )
 
+    job = job_coordinator(collective, coordinator, timeout, path)
     if is_url(path) or is_file_object(path):  # read once: the reader closes it
         out = read(open_checkpoint(path) if is_url(path) else open_fileobj(path))
-        return restore(out, found, _not_saved) if found else out
-    where = cast("str | os.PathLike", path)  # a path: not a file object
-    source = foreign.detect(where)
-    if source is not None:
-        return _load_foreign(where, source, trust, map_location, allow_pickle, template)
-    out = _reading_noted(where, read, verify, coordinator, skip_failed_validation)
+    else:
+        where = cast("str | os.PathLike", path)  # a path: not a file object
+        source = foreign.detect(where)
+        if source is not None:
+            return _load_foreign(where, source, trust, map_location, allow_pickle, template)
+        joint = None if job is None else (job, trust, timeout)
+        out = _reading_noted(where, read, verify, coordinator, skip_failed_validation, joint)
     return restore(out, found, _not_saved) if found else out
 
 
@@ -240,28 +241,27 @@ def _reading_noted(
     verify: bool,
     coordinator: Coordinator | str | None,
     skip_failed_validation: bool = False,
+    joint: tuple[Coordinator, TrustSet | None, float] | None = None,
 ) -> T:
     """``_reading``, and the load's event in the store, by this job's rank 0 alone (the
-    launcher's rank where no collective is set up): not by every rank of a restart."""
+    launcher's rank where no collective is set up): not by every rank of a restart. With a
+    ``joint`` (the job, the trusted keys, the timeout), ``sharedopen.load_for_job`` (a
+    collective load) instead."""
+    if joint is not None:
+        job, trust, timeout = joint
+        p = os.fspath(where)
+        locate = lambda: resolve(p, skip_failed_validation=skip_failed_validation)  # noqa: E731
+        return load_for_job(job, p, locate, read, (trust, timeout, verify))
     r, size = current(coordinator)
-    noted = (events.env_rank() if size == 1 else r) == 0
-    clock = measure.Clock("load")
 
-    def timed(p: str) -> T:
-        if os.path.isdir(p):  # a store's checkpoint: named in its event even if it won't open
-            clock.path = p
-        with measure.clocked(clock):
+    def run(opening: Callable[[str], None]) -> T:
+        def opened(p: str) -> T:
+            opening(p)
             return read(p)
 
-    try:
-        out = _reading(where, timed, skip_failed_validation)
-    except BaseException as e:
-        if noted:
-            measure.record_load(clock, 0, verify, e)
-        raise
-    if noted:
-        measure.record_load(clock, 0, verify, None)
-    return out
+        return _reading(where, opened, skip_failed_validation)
+
+    return measure.timed_load(run, (events.env_rank() if size == 1 else r) == 0, verify)
 
 
 def _load_foreign(

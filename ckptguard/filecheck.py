@@ -5,10 +5,12 @@ section 4.3)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .format.datafile import (
     CODECS,
@@ -23,7 +25,8 @@ from .format.datafile import (
     check_sealed_header,
     unpack_trailer,
 )
-from .format.index import Row, is_packed, row_from_json
+from .format.index import Row, has_digests, is_packed, names_of, row_from_json
+from .format.index import footer as index_footer
 from .format.layout import align
 from .fsutil import UnsafeFileError, open_regular
 from .io import pread_exact
@@ -111,3 +114,89 @@ def check_linked(fd: int, size: int, rank: int, uuid_hex: str) -> LinkedFooter:
     if off != end:
         raise FormatError("the footer does not follow the last record")
     return LinkedFooter({o: r for o, r in first.items() if count[o] == 1}, seq)
+
+
+def check_data_file(
+    fd: int, size: int, rank: int, uuid_hex: str, sub: pa.Table, rows: Callable[[], list[Row]]
+) -> None:
+    """Check a checkpoint's own data file (open as ``fd``, ``size`` bytes, written by ``rank``)
+    against its index rows ``sub`` (in offset order; ``rows()`` the same as ``Row`` objects):
+    header, trailer and footer, and its records following each other from the header to the
+    footer. Raises FormatError."""
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise FormatError("data file is too short")
+    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
+    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
+    footer = pread_exact(fd, length, off)
+    offs = sub.column("offset").to_numpy()
+    packed = is_packed(sub) and bool(
+        pc.any(pc.not_equal(sub.column("record_raw_len"), sub.column("raw_len"))).as_py()
+    )
+    # The footer this writer makes of the index's rows: equal bytes (with the hash below)
+    # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
+    if footer != index_footer(rank, uuid_hex, sub, packed):
+        parsed = check_footer(footer, digest, rank, uuid_hex)
+        if [row_from_json(x) for x in parsed] != rows():
+            raise FormatError("footer rows disagree with the index")
+        if any(len(x) != len(names_of(packed, has_digests(sub))) for x in parsed):
+            raise FormatError("footer rows have the packed-record members exactly if packed")
+    else:
+        check_footer_hash(footer, digest)
+    # Records follow each other from the header to the footer (each record once: the other
+    # slices of a packed record share its offset, and validation checked the slices).
+    first = np.ones(len(offs), dtype=bool)
+    first[1:] = offs[1:] != offs[:-1]
+    starts = offs[first].astype(np.int64)
+    ends = np.asarray(
+        align(starts + RECORD_HEADER_SIZE + sub.column("stored_len").to_numpy()[first])
+    )
+    follows = np.concatenate([[HEADER_SIZE], ends])[:-1]
+    bad = np.flatnonzero(starts != follows)
+    if len(bad):
+        k = int(bad[0])
+        raise FormatError(
+            f"record at {int(starts[k])} does not follow the previous one at {int(follows[k])}"
+        )
+    if off != (int(ends[-1]) if len(ends) else HEADER_SIZE):
+        raise FormatError("the footer does not follow the last record")
+
+
+def check_linked_rows(
+    fd: int, size: int, rank: int, holder: str, rows: list[Row], digests: bool
+) -> dict[int, int]:
+    """Check an open linked data file (format.md section 4.3): the header and footer of the
+    holder's file (``rank``, uuid ``holder``), its footer records following each other from the
+    header to the footer, and each of this checkpoint's ``rows`` in it the only footer row at
+    its offset, agreeing on the record's fields. Returns the sequence numbers its footer gives
+    by offset. Raises FormatError."""
+    linked = check_linked(fd, size, rank, holder)
+    for r in rows:
+        held = linked.alone.get(r.offset)
+        where = f"index row {r.key!r} chunk {r.chunk} at offset {r.offset}"
+        if held is None:
+            raise FormatError(f"{where}: not the one footer row at its offset in the linked file")
+        if not _same_record(r, held, digests):
+            raise FormatError(f"{where}: disagrees with the linked file's footer row")
+    return linked.seq
+
+
+_RECORD_FIELDS = (
+    "rank",
+    "offset",
+    "stored_len",
+    "codec",
+    "elem_size",
+    "raw_len",
+    "hash",
+    "key_id",
+)
+
+
+def _same_record(r: Row, x: Row, digests: bool) -> bool:
+    """Whether footer row ``x`` of a linked file describes row ``r``'s record: equal values of
+    equal types on section 4.3's fields (and the digest under ``digests``)."""
+    for f in _RECORD_FIELDS:
+        a, b = getattr(r, f), getattr(x, f)
+        if type(a) is not type(b) or a != b:
+            return False
+    return not digests or (type(x.digest) is bytes and x.digest == r.digest)

@@ -36,7 +36,7 @@ __all__ = ["MapLocation", "fill", "iter_tensors", "load_checkpoint"]
 
 
 def load_checkpoint(
-    path: str | Members,
+    path: str | Members | CheckpointReader,
     map_location: MapLocation = None,
     verify: bool = True,
     allow_pickle: bool = False,
@@ -46,18 +46,18 @@ def load_checkpoint(
     trust: TrustSet | None = None,
     shredded: str = "raise",
 ) -> Any:
-    """Read, verify and rebuild the object saved at ``path`` (or in the ``Members`` open as
-    ``path``: a one-file checkpoint, a checkpoint in an object store) as rank ``rank`` sees it;
-    under ``trust``, only if its signature verifies (SignatureError). ``shredded="meta"``: a
-    tensor (without a template) whose bytes are sealed under a shredded scope is a meta tensor
-    of its shape and dtype (its data is gone for good); ``"raise"``: ScopeShreddedError.
+    """Read, verify and rebuild the object saved at ``path`` (a checkpoint, ``Members`` open: one
+    file or one in an object store, or a reader open: closed here) as rank ``rank`` sees it; under
+    ``trust``, only if its signature verifies (SignatureError). ``shredded="meta"``: a tensor
+    (without a template) whose bytes are sealed under a shredded scope is a meta tensor of its shape
+    and dtype (its data is gone for good); ``"raise"``: ScopeShreddedError.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.
     Per-rank tensors load rank ``rank``'s own value; ``world``, this job's number of ranks, must
-    then be the saved one (None: the caller chose ``rank`` itself).
-    """
-    with collector.paused(), CheckpointReader(path, trust) as rd:
+    then be the saved one (None: the caller chose ``rank`` itself)."""
+    opened = path if isinstance(path, CheckpointReader) else CheckpointReader(path, trust)
+    with collector.paused(), opened as rd:
         if "pickle" in rd.features and not allow_pickle:
             raise UnsupportedObjectError(
                 f"{rd.path} contains pickled objects; load it with allow_pickle=True only if you "

@@ -10,9 +10,9 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import (
     CheckpointAbortedError,
@@ -30,6 +30,8 @@ from .events import note, record
 from .format.layout import is_name, is_uuid
 from .format.manifest import CheckpointInfo
 from .fsutil import read_manifest
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,6 +115,28 @@ def flush() -> None:
         atexit.unregister(flush)
     for store, kind, kw in items:
         record(store, kind, **kw)
+
+
+def timed_load(run: Callable[[Callable[[str], None]], T], noted: bool, verified: bool) -> T:
+    """``run(opening)`` under a load's clock, where ``run`` calls ``opening(path)`` with the
+    checkpoint it is about to open; its ``load`` event kept only if ``noted`` (rank 0 of the
+    job: not every rank of a restart)."""
+    clock = Clock("load")
+
+    def opening(p: str) -> None:
+        if os.path.isdir(p):  # a store's checkpoint: named in its event even if it won't open
+            clock.path = p
+
+    try:
+        with clocked(clock):
+            out = run(opening)
+    except BaseException as e:
+        if noted:
+            record_load(clock, 0, verified, e)
+        raise
+    if noted:
+        record_load(clock, 0, verified, None)
+    return out
 
 
 def load_opened(path: str, uuid: str, step: int | None, bytes_read: int) -> None:

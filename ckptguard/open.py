@@ -17,6 +17,7 @@ import contextvars
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -32,31 +33,24 @@ from .errors import (
     KeyUnavailableError,
     StoreError,
 )
-from .filecheck import check_linked
+from .filecheck import check_data_file, check_linked_rows
 from .format import index, manifest
 from .format.datafile import (
-    HEADER_SIZE,
-    RECORD_HEADER_SIZE,
-    TRAILER_SIZE,
     FormatError,
-    check_file_header,
-    check_footer,
-    check_footer_hash,
-    unpack_trailer,
 )
 from .format.encryption import key_scopes
-from .format.index import Row, row_from_json
-from .format.layout import INDEX, MANIFEST, align, datafile_rank, linked_file
+from .format.index import Row
+from .format.layout import INDEX, MANIFEST, datafile_rank, linked_file
 from .format.validate import check_table
 from .fsutil import (
     UnsafeFileError,
     check_regular,
+    decode_manifest,
     member_error,
     open_regular,
     read_manifest,
     read_member,
 )
-from .io import pread_exact
 from .kek import Kek, resolve_kek
 from .onefile import Members, OneFile
 from .seal import RowId, Scope
@@ -78,6 +72,17 @@ def using_kek(kek: Kek | str | os.PathLike | None) -> Iterator[None]:
         _KEK.reset(token)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A checkpoint's MANIFEST.json and index.parquet bytes, read and checked by rank 0 of a
+    job (``sharedopen``), and the inode number of its directory there (the same on every node
+    of a parallel file system)."""
+
+    manifest_raw: bytes
+    index_raw: bytes
+    ino: int
+
+
 class CheckpointReader:
     """An open checkpoint: manifest and index validated on open; data files opened and checked
     whole (header, trailer, footer against the index) on demand.
@@ -89,8 +94,17 @@ class CheckpointReader:
     (``sign.check``) before the index is read: ``signed`` says who signed; SignatureError if
     it does not verify."""
 
-    def __init__(self, path: str | os.PathLike | Members, trust: TrustSet | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | Members,
+        trust: TrustSet | None = None,
+        *,
+        shared: Shared | None = None,
+        keep_bytes: bool = False,
+    ) -> None:
         self.one: Members | None = None
+        self.index_raw: bytes | None = None
+        """index.parquet's bytes, kept only with ``keep_bytes`` (to send them to other ranks)."""
         self.dir_fd = -1
         if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
@@ -108,6 +122,9 @@ class CheckpointReader:
         self._scopes: dict[str, Scope | KeyUnavailableError] = {}
         self._records: dict[str, dict[int, list[Row]]] = {}  # packed records' rows
         try:
+            if shared is not None:
+                self._from_shared(shared)
+                return
             self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
             if self.one is not None and "encryption" in self.features:
@@ -120,11 +137,29 @@ class CheckpointReader:
                 )
             self.tensors: list[dict] = self.manifest["tensors"]
             self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
-            self.table = _read_index(self)
+            self.table = _read_index(self, keep_bytes)
             _check_totals(self)
         except BaseException:
             self.close()
             raise
+
+    def _from_shared(self, shared: Shared) -> None:
+        """Take the manifest and index another rank of the job read and checked whole
+        (``sharedopen``), for the directory opened here if it is the one that rank read. Their
+        hashes are checked again, so bytes damaged in transit are caught; the rules of section
+        4 are not (that rank checked them on the same bytes)."""
+        if self.one is not None or self._identity[1] != shared.ino:
+            raise CheckpointReplacedError(
+                f"{self.path} is not the checkpoint directory rank 0 read: it was replaced or "
+                "removed meanwhile; load it again",
+                self.path,
+            )
+        self.manifest_raw = shared.manifest_raw
+        self.manifest = decode_manifest(shared.manifest_raw, self.path)
+        self.features = set(self.manifest["features"])
+        self.tensors = self.manifest["tensors"]
+        self.files = {f["name"]: f["size"] for f in self.manifest["files"]}
+        self.table = _decode_index(self, shared.index_raw)
 
     def _open_dir(self) -> None:
         """Open the checkpoint directory, or the one-file checkpoint at the path."""
@@ -325,7 +360,7 @@ class CheckpointReader:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""
         fd = self.open_member(name, self.files[name], "data file")
         try:
-            _check_data_file(self, fd, name)
+            self._check_data_file(fd, name)
         except FormatError as e:
             os.close(fd)
             raise self.corrupt(str(e), file=name) from None
@@ -336,6 +371,25 @@ class CheckpointReader:
             os.close(fd)
             raise
         return fd
+
+    def _check_data_file(self, fd: int, name: str) -> None:
+        """``filecheck.check_data_file`` against this checkpoint's index rows of ``name``; a
+        linked file's footer (format.md 4.3) also gives its records' sequence numbers."""
+        link = linked_file(name)
+        if link is None:
+            uuid = self.manifest["uuid"]
+            check_data_file(
+                fd,
+                self.files[name],
+                int(name[5:-4]),
+                uuid,
+                self.file_table(name),
+                lambda: self.rows_of_file(name),
+            )
+        else:
+            digests = index.DIGESTS in self.features
+            rows = self.rows_of_file(name)
+            self._seq[name] = check_linked_rows(fd, self.files[name], *link, rows, digests)
 
     def close(self) -> None:
         if self.one is not None:
@@ -362,7 +416,7 @@ def _read_manifest(rd: CheckpointReader) -> tuple[bytes, dict]:
         raise rd.missing("MANIFEST.json is missing: not a committed checkpoint", MANIFEST) from None
 
 
-def _read_index(rd: CheckpointReader) -> pa.Table:
+def _read_index(rd: CheckpointReader, keep_bytes: bool = False) -> pa.Table:
     """The index table, checked against its hash in the manifest and validated."""
     m = rd.manifest
     try:
@@ -372,12 +426,10 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
             data = read_member(rd.path, INDEX, dir_fd=rd.dir_fd, size=m["index"]["size"])
     except FileNotFoundError:
         raise rd.missing("index.parquet is missing", INDEX) from None
-    if xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
-        raise rd.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
-    if "sha256" in m["index"] and hashlib.sha256(data).hexdigest() != m["index"]["sha256"]:
-        raise rd.corrupt("index.parquet does not match the SHA-256 in the manifest", file=INDEX)
+    table = _decode_index(rd, data)
+    if keep_bytes:
+        rd.index_raw = data
     try:
-        table = index.read_table(data)
         check_table(table, rd.tensors, rd.files, rd.features)
         used = set(pc.unique(table.column("key_id")).to_pylist()) - {None}
         if not used <= set(key_scopes(m)):
@@ -385,6 +437,19 @@ def _read_index(rd: CheckpointReader) -> pa.Table:
     except FormatError as e:
         raise rd.corrupt(str(e), file=INDEX) from None
     return table
+
+
+def _decode_index(rd: CheckpointReader, data: bytes) -> pa.Table:
+    """Index bytes checked against the manifest's hashes and parsed (schema and nulls)."""
+    m = rd.manifest
+    if len(data) != m["index"]["size"] or xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
+        raise rd.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
+    if "sha256" in m["index"] and hashlib.sha256(data).hexdigest() != m["index"]["sha256"]:
+        raise rd.corrupt("index.parquet does not match the SHA-256 in the manifest", file=INDEX)
+    try:
+        return index.read_table(data)
+    except FormatError as e:
+        raise rd.corrupt(str(e), file=INDEX) from None
 
 
 def _check_totals(rd: CheckpointReader) -> None:
@@ -400,91 +465,3 @@ def _check_totals(rd: CheckpointReader) -> None:
             raise rd.corrupt("manifest file entry disagrees with the index", file=f["name"])
         if f["rank"] >= m["world_size"]:
             raise rd.corrupt("data file of a rank beyond world_size", file=f["name"])
-
-
-def _check_data_file(rd: CheckpointReader, fd: int, name: str) -> None:
-    """Check an open data file's header, trailer and footer against the index, and that its
-    records follow each other from the header to the footer. Raises FormatError."""
-    size = rd.files[name]  # open_regular checked it is a regular file of this size
-    if size < HEADER_SIZE + TRAILER_SIZE:
-        raise FormatError("data file is too short")
-    link = linked_file(name)
-    if link is not None:
-        _check_linked_file(rd, fd, name, *link)
-        return
-    rank, uuid = int(name[5:-4]), rd.manifest["uuid"]
-    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid)
-    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
-    footer = pread_exact(fd, length, off)
-    sub = rd.file_table(name)
-    offs = sub.column("offset").to_numpy()
-    packed = index.is_packed(sub) and bool(
-        pc.any(pc.not_equal(sub.column("record_raw_len"), sub.column("raw_len"))).as_py()
-    )
-    # The footer this writer makes of the index's rows: equal bytes (with the hash below)
-    # settle it without parsing 10,000s of JSON rows; any other footer is parsed and compared.
-    if footer != index.footer(rank, uuid, sub, packed):
-        rows = check_footer(footer, digest, rank, uuid)
-        if [row_from_json(x) for x in rows] != rd.rows_of_file(name):
-            raise FormatError("footer rows disagree with the index")
-        if any(len(x) != len(index.names_of(packed, index.has_digests(sub))) for x in rows):
-            raise FormatError("footer rows have the packed-record members exactly if packed")
-    else:
-        check_footer_hash(footer, digest)
-    # Records follow each other from the header to the footer (each record once: the other
-    # slices of a packed record share its offset, and validation checked the slices).
-    first = np.ones(len(offs), dtype=bool)
-    first[1:] = offs[1:] != offs[:-1]
-    starts = offs[first].astype(np.int64)
-    ends = np.asarray(
-        align(starts + RECORD_HEADER_SIZE + sub.column("stored_len").to_numpy()[first])
-    )
-    follows = np.concatenate([[HEADER_SIZE], ends])[:-1]
-    bad = np.flatnonzero(starts != follows)
-    if len(bad):
-        k = int(bad[0])
-        raise FormatError(
-            f"record at {int(starts[k])} does not follow the previous one at {int(follows[k])}"
-        )
-    if off != (int(ends[-1]) if len(ends) else HEADER_SIZE):
-        raise FormatError("the footer does not follow the last record")
-
-
-def _check_linked_file(rd: CheckpointReader, fd: int, name: str, rank: int, holder: str) -> None:
-    """Check an open linked data file (format.md section 4.3): the header and footer of the
-    holder's file (``rank``, uuid ``holder``), its footer records following each other from the
-    header to the footer, and each of this checkpoint's rows in it the only footer row at its
-    offset, agreeing on the record's fields. Records the sequence numbers its footer gives.
-    Raises FormatError."""
-    linked = check_linked(fd, rd.files[name], rank, holder)
-    digests = index.DIGESTS in rd.features
-    for r in rd.rows_of_file(name):
-        held = linked.alone.get(r.offset)
-        where = f"index row {r.key!r} chunk {r.chunk} at offset {r.offset}"
-        if held is None:
-            raise FormatError(f"{where}: not the one footer row at its offset in the linked file")
-        if not _same_record(r, held, digests):
-            raise FormatError(f"{where}: disagrees with the linked file's footer row")
-    rd._seq[name] = linked.seq
-
-
-_RECORD_FIELDS = (
-    "rank",
-    "offset",
-    "stored_len",
-    "codec",
-    "elem_size",
-    "raw_len",
-    "hash",
-    "key_id",
-)
-
-
-def _same_record(r: Row, x: Row, digests: bool) -> bool:
-    """Whether footer row ``x`` of a linked file describes row ``r``'s record: equal values of
-    equal types on section 4.3's fields (and the digest under ``digests``)."""
-    for f in _RECORD_FIELDS:
-        a, b = getattr(r, f), getattr(x, f)
-        if type(a) is not type(b) or a != b:
-            return False
-    return not digests or (type(x.digest) is bytes and x.digest == r.digest)

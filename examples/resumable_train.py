@@ -50,7 +50,9 @@ def main() -> int:
 
     start = 0
     if ckptguard.Store(args.store).latest_name() is not None:
-        state = ckptguard.load(args.store)  # every rank reads the replicated state
+        # Every rank loads the replicated state; collectively, rank 0 alone reads the manifest
+        # and index and sends them to the others, and all ranks load the same checkpoint.
+        state = ckptguard.load(args.store, collective=True)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start = state["step"]

@@ -99,7 +99,7 @@ def main() -> int:
                 f"files, {info.stored_bytes:,} bytes stored (one commit for all ranks)"
             )
         return 0
-    out = ckptguard.load(store, template=template(model, rank, world))
+    out = ckptguard.load(store, template=template(model, rank, world), collective=True)
     ok = True
     for n, p in model.named_parameters():
         a, b = rows(p.shape[0], rank, world)

@@ -105,6 +105,25 @@ def test_resharding_load(tmp_path, saved, n_saved, n_loaded):
     assert all(r["ok"] for r in res), res
 
 
+def test_collective_load_reads_the_metadata_once(tmp_path, saved):
+    """A restart's collective load under MPI: rank 0 alone reads MANIFEST.json and
+    index.parquet; every rank still reads the data files it needs and gets its shards."""
+    store = copy_of(saved[4], tmp_path)
+    assert mpirun(4, "joint_load", str(store), "4") == 0
+    res = outcomes(tmp_path, 4)
+    assert all(r["ok"] for r in res), res
+    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 1)] + [(0, 0)] * 3
+    assert all(r["data_opens"] >= 1 for r in res)
+
+
+def test_collective_resharding_load_under_gloo(tmp_path, saved):
+    store = copy_of(saved[4], tmp_path)
+    assert torchrun(2, "joint_load", str(store), "4") == [0, 0]
+    res = outcomes(tmp_path, 2)
+    assert all(r["ok"] for r in res), res
+    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 1), (0, 0)]
+
+
 def test_replicas_written_by_different_ranks(saved):
     rows = read_rows(saved[4] / "step-10")
     writers = {r.key: r.rank for r in rows if r.shard_lengths == r.global_shape}

@@ -151,6 +151,25 @@ def main() -> int:
             full = ckptguard.load(store, coordinator=coord)  # no template: whole tensors
             assert torch.equal(full["model"]["w"], global_state()["w"])
             result.update(ok=True)
+        elif scenario == "joint_load":  # every rank loads collectively: rank 0 reads metadata
+            opened: list[str] = []
+            sys.addaudithook(
+                lambda ev, a: (
+                    opened.append(os.path.basename(a[0]))
+                    if ev == "open" and a and isinstance(a[0], str)
+                    else None
+                )
+            )
+            out = ckptguard.load(
+                store, template=template(rank, world), coordinator=coord, collective=True
+            )
+            check_loaded(out, rank, world, int(sys.argv[4]))
+            result.update(
+                ok=True,
+                manifest_opens=opened.count("MANIFEST.json"),
+                index_opens=opened.count("index.parquet"),
+                data_opens=sum(n.endswith(".ckg") for n in opened),
+            )
         elif scenario == "fail":  # a failpoint set by the test makes one rank fail
             timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 60
             state = local_state(rank, world)
