@@ -426,6 +426,22 @@ def test_a_signed_checkpoint_keeps_its_signature(
         ckptguard.load(f"{url}/u", trusted_keys=pub)
 
 
+def test_the_agents_drainer_drains_into_a_bucket(
+    s3: tuple[MotoServer, str], tmp_path: Path
+) -> None:
+    """``ckptguard run --drain-to s3://...``: rank 0's background drainer."""
+    from ckptguard.agent.drainer import Drainer
+
+    _, bucket = s3
+    ckptguard.save(state(1), tmp_path / "src" / "a")
+    url = f"s3://{bucket}/job"
+    d = Drainer(url, 1, 2)
+    d.committed(str(tmp_path / "src" / "a"))
+    d.close(120)
+    assert d.drained == [str(tmp_path / "src" / "a")] and d.failed == []
+    assert same(ckptguard.load(url), state(1))
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 
