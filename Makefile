@@ -16,7 +16,7 @@ $(VENV)/.base: pyproject.toml setup.py | native-deps
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[mpi,bench,test,mlflow]"
+	$(PIP) -e ".[mpi,bench,test,mlflow,s3]"
 	touch $@
 
 install: $(VENV)/.base

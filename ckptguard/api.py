@@ -29,8 +29,10 @@ from .filesave import drop_torch_save_keywords, save_file, wants_one_file
 from .format.layout import LATEST, MANIFEST, looks_like_checkpoint, split_path
 from .format.manifest import CheckpointInfo
 from .loader import load_checkpoint
-from .onefile import OneFile, is_file_object, open_fileobj
-from .open import CheckpointReader, using_kek
+from .objstore.source import open_checkpoint
+from .objstore.url import is_url
+from .onefile import is_file_object, open_fileobj
+from .open import CheckpointReader, Members, using_kek
 from .options import SaveOptions
 from .place import MapLocation
 from .read import VerifyReport, verify_checkpoint
@@ -196,12 +198,12 @@ def load(
     ``allow_pickle=True``, which runs full pickle: arbitrary code from the file. ``template``
     does not apply; ``verify``, ``rank``, ``coordinator``, ``collective`` have nothing to act on.
 
-    ``path`` may be a one-file checkpoint or a readable binary file object holding one (read
-    from its position). torch.load's arguments mean what they do there: ``map_location`` (a
-    device, a string, a dict of saved -> new device, a callable ``f(saved_device)`` or torch's
-    ``f(storage, location)``); ``weights_only=True`` is what ``load`` always does,
-    ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may only be None or
-    ``pickle``; ``mmap=True`` is refused (chunks are read and verified into memory).
+    ``path`` may be ``s3://bucket/prefix[/name]`` (docs/operations.md), a one-file checkpoint or a
+    readable binary file object holding one (read from its position). torch.load's arguments mean
+    what they do there: ``map_location`` (a device, a string, a dict of saved -> new device, a
+    callable ``f(saved_device)`` or torch's ``f(storage, location)``); ``weights_only=True`` is what
+    ``load`` always does, ``weights_only=False`` is ``allow_pickle=True``; ``pickle_module`` may
+    only be None or ``pickle``; ``mmap=True`` is refused (chunks are read and verified into memory).
 
     ``trusted_keys`` (a .pub file, a directory of them, keys, or a list): load only a checkpoint
     signed by one of these keys (``save(sign_key=...)``), else SignatureError (security.md).
@@ -214,15 +216,15 @@ def load(
     template, found = (template, found) if template is None else expand(template)
     mine, world = _whose(rank, coordinator)
 
-    def read(p: str | OneFile | CheckpointReader) -> Any:
+    def read(p: str | Members | CheckpointReader) -> Any:
         with using_kek(kek):
             return load_checkpoint(
                 p, map_location, verify, allow_pickle, template, mine, world, trust, shredded
             )
 
     job = job_coordinator(collective, coordinator, timeout, path)
-    if is_file_object(path):  # read once: the reader closes it
-        out = read(open_fileobj(path))
+    if is_url(path) or is_file_object(path):  # read once: the reader closes it
+        out = read(open_checkpoint(path) if is_url(path) else open_fileobj(path))
     else:
         where = cast("str | os.PathLike", path)  # a path: not a file object
         source = foreign.detect(where)
@@ -341,7 +343,8 @@ def verify(
     """Check every byte of a checkpoint (or a store's LATEST); report all problems found.
 
     ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
-    position as ``load`` reads it. A checkpoint of another format (torch.save, safetensors,
+    position as ``load`` reads it, or ``s3://...`` as ``load`` reads it (no audit entry or
+    event is written for a bucket). A checkpoint of another format (torch.save, safetensors,
     DCP) at a path has no ckptguard hashes: ForeignCheckpointError, which suggests ``ckptguard
     import``. ``trusted_keys``: as ``load``'s; a signature that is missing or does not verify
     under them raises SignatureError (the report's ``signed_by`` names the key that signed).
@@ -351,6 +354,9 @@ def verify(
         with using_kek(kek):
             return verify(path, progress, trusted_keys=trusted_keys)
     trust = _trust(trusted_keys)
+    if is_url(path):  # resolved first: a damaged LATEST raises, as a store's does
+        ckpt = open_checkpoint(path)
+        return verify_checkpoint(lambda: ckpt, progress, trust)
     if is_file_object(path):
         return verify_checkpoint(lambda: open_fileobj(path), progress, trust)
     path = cast("str | os.PathLike", path)  # a path: not a file object
@@ -459,12 +465,14 @@ def describe(path: str | os.PathLike | IO[bytes]) -> CheckpointDescription:
     """Tensors, sizes and codecs of a checkpoint, from its manifest and index (no data read).
     ``path`` may be a readable binary file object holding a one-file checkpoint, read from its
     position as ``load`` reads it."""
+    if is_url(path):
+        return _describe(open_checkpoint(path))
     if is_file_object(path):
         return _describe(open_fileobj(path))
     return _reading(cast("str | os.PathLike", path), _describe)
 
 
-def _describe(p: str | OneFile) -> CheckpointDescription:
+def _describe(p: str | Members) -> CheckpointDescription:
     with CheckpointReader(p) as rd:
         out = [TensorSummary(t["key"], t["dtype"], tuple(t["shape"])) for t in rd.tensors]
         for r in rd.rows:

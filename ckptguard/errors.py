@@ -96,6 +96,36 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already has that name and overwrite was not requested."""
 
 
+class DrainConflictError(CheckpointExistsError):
+    """DST already has a checkpoint of that name with another uuid (a different checkpoint)."""
+
+    def __init__(
+        self,
+        name: str,
+        src_path: str,
+        src_uuid: str,
+        dst_path: str,
+        dst_uuid: str,
+        more: int = 0,
+        replaceable: bool = True,
+    ) -> None:
+        also = f" (and {more} more conflicting name(s))" if more else ""
+        fix = (
+            "pass overwrite=True (--overwrite) to replace the one in the destination"
+            if replaceable
+            else "a checkpoint in an object store is never replaced"
+        )
+        super().__init__(
+            f"checkpoint {name!r} differs between the stores: {src_path} has uuid {src_uuid}, "
+            f"{dst_path} has uuid {dst_uuid}{also}; {fix}"
+        )
+        self.name = name
+        self.src_path = src_path
+        self.src_uuid = src_uuid
+        self.dst_path = dst_path
+        self.dst_uuid = dst_uuid
+
+
 class NotACheckpointError(CheckpointError):
     """Something other than a committed checkpoint is at the name a save would use (a directory
     without a valid MANIFEST.json, a file, a link): a save never replaces it, even with overwrite.

@@ -25,8 +25,7 @@ from .format.manifest import PER_RANK_TENSORS
 from .format.ranktrees import rank_tree
 from .format.treeids import TREE_TYPES, tensor_ids
 from .format.views import TENSOR_VIEWS, storage_of
-from .onefile import OneFile
-from .open import CheckpointReader
+from .open import CheckpointReader, Members
 from .place import Landing, MapLocation
 from .read import read_into, read_packed, read_record, read_whole_records
 from .select import Target
@@ -37,7 +36,7 @@ __all__ = ["MapLocation", "fill", "iter_tensors", "load_checkpoint"]
 
 
 def load_checkpoint(
-    path: str | OneFile | CheckpointReader,
+    path: str | Members | CheckpointReader,
     map_location: MapLocation = None,
     verify: bool = True,
     allow_pickle: bool = False,
@@ -47,11 +46,11 @@ def load_checkpoint(
     trust: TrustSet | None = None,
     shredded: str = "raise",
 ) -> Any:
-    """Read, verify and rebuild the object saved at ``path`` (a checkpoint, a one-file one
-    open, or one open: closed here) as rank ``rank`` sees it; under ``trust``, only if its
-    signature verifies (SignatureError). ``shredded="meta"``: a tensor (without a template)
-    whose bytes are sealed under a shredded scope is a meta tensor of its shape and dtype (its
-    data is gone for good); ``"raise"``: ScopeShreddedError.
+    """Read, verify and rebuild the object saved at ``path`` (a checkpoint, ``Members`` open: one
+    file or one in an object store, or a reader open: closed here) as rank ``rank`` sees it; under
+    ``trust``, only if its signature verifies (SignatureError). ``shredded="meta"``: a tensor
+    (without a template) whose bytes are sealed under a shredded scope is a meta tensor of its shape
+    and dtype (its data is gone for good); ``"raise"``: ScopeShreddedError.
 
     Tensors in ``template`` (plain, ``Shard`` or DTensor, found by key) are filled in place with
     the part of the global tensor they cover, whatever the saved sharding; the others load whole.

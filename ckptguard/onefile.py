@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io as _pyio
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .errors import (
     CheckpointNotFoundError,
@@ -33,8 +34,33 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (a zip archive)
 _COPY = 16 << 20  # bytes per read when a file object is copied into a private file
 
 
+class Members(Protocol):
+    """The files of a checkpoint that is not a directory, by name: a one-file checkpoint
+    (``OneFile``) or a checkpoint in an object store (``objstore.ObjectCheckpoint``). ``kind``
+    names it in messages; ``manifest_raw`` is the manifest's bytes once ``manifest`` read them
+    (empty where no signature can cover them); ``signature`` fetches SIGNATURE.json's bytes
+    (None: a one-file checkpoint, which cannot be signed). Neither has a keyring."""
+
+    path: str
+    kind: str
+    manifest_raw: bytes
+
+    @property
+    def signature(self) -> Callable[[], bytes | None] | None: ...
+    def manifest(self) -> dict: ...
+    def index(self, size: int) -> bytes: ...
+    def member_size(self, name: str) -> int | None: ...
+    def data_fd(self, name: str, size: int, what: str) -> int: ...
+    def close(self) -> None: ...
+
+
 class OneFile:
-    """An open one-file checkpoint: ``path`` (for messages), its descriptor and checked TOC."""
+    """An open one-file checkpoint: ``path`` (for messages), its descriptor and checked TOC.
+    As ``open.Members``: no signature, and no manifest bytes a signature could cover."""
+
+    kind = "a one-file checkpoint"
+    manifest_raw = b""
+    signature = None
 
     def __init__(self, fd: int, path: str) -> None:
         """Check the container open on ``fd`` (owned from here on: closed on error and by

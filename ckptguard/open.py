@@ -52,7 +52,7 @@ from .fsutil import (
     read_member,
 )
 from .kek import Kek, resolve_kek
-from .onefile import OneFile
+from .onefile import Members, OneFile
 from .seal import RowId, Scope
 from .sign import Signed, TrustSet
 
@@ -88,24 +88,25 @@ class CheckpointReader:
     whole (header, trailer, footer against the index) on demand.
 
     ``path`` is a checkpoint directory or a one-file checkpoint (docs/format.md section 10), or
-    a ``OneFile`` already open (a file object's); ``one`` is the one-file checkpoint, if it is
-    one, whose members stand in for the directory's files. Under ``trust`` (trusted public
-    keys) the signature is checked against the manifest bytes read (``sign.check``) before the
-    index is read: ``signed`` says who signed; SignatureError if it does not verify."""
+    ``Members`` already open (a file object's ``OneFile``, a checkpoint in an object store);
+    ``one`` is those members, if it is not a directory: they stand in for its files. Under
+    ``trust`` (trusted public keys) the signature is checked against the manifest bytes read
+    (``sign.check``) before the index is read: ``signed`` says who signed; SignatureError if
+    it does not verify."""
 
     def __init__(
         self,
-        path: str | os.PathLike | OneFile,
+        path: str | os.PathLike | Members,
         trust: TrustSet | None = None,
         *,
         shared: Shared | None = None,
         keep_bytes: bool = False,
     ) -> None:
-        self.one: OneFile | None = None
+        self.one: Members | None = None
         self.index_raw: bytes | None = None
         """index.parquet's bytes, kept only with ``keep_bytes`` (to send them to other ranks)."""
         self.dir_fd = -1
-        if isinstance(path, OneFile):
+        if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
         else:
             self.path = os.path.abspath(os.fspath(path))
@@ -127,10 +128,13 @@ class CheckpointReader:
             self.manifest_raw, self.manifest = _read_manifest(self)
             self.features = set(self.manifest["features"])
             if self.one is not None and "encryption" in self.features:
-                raise self.corrupt("a one-file checkpoint has no keyring for sealed chunks")
+                raise self.corrupt(f"{self.one.kind} has no keyring for sealed chunks")
             if trust is not None:
                 fd = None if self.one is not None else self.dir_fd
-                self.signed = sign.check(self.path, fd, self.manifest_raw, self.manifest, trust)
+                fetch = None if self.one is None else self.one.signature
+                self.signed = sign.check(
+                    self.path, fd, self.manifest_raw, self.manifest, trust, fetch
+                )
             self.tensors: list[dict] = self.manifest["tensors"]
             self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
             self.table = _read_index(self, keep_bytes)
@@ -232,7 +236,7 @@ class CheckpointReader:
             name = self.key_scopes[key_id]
             try:
                 if self.one is not None:
-                    raise KeyUnavailableError("one-file checkpoints have no keyring", name, key_id)
+                    raise KeyUnavailableError(f"{self.one.kind} has no keyring", name, key_id)
                 store = os.path.dirname(self.path)
                 if not isinstance(self.kek, Kek):  # once per reader: a KEK command runs once
                     self.kek = resolve_kek(self.kek)
@@ -314,10 +318,15 @@ class CheckpointReader:
         """Check that these data files exist as regular files of the manifest's size (one stat
         each, no open): a load calls it before allocating what the files are to fill, so that a
         manifest cannot make it allocate more than the files on disk can back."""
-        if self.one is not None:  # the members' sizes were checked against the file on open
+        if self.one is not None:  # a one-file checkpoint's were checked against it on open
             for name in sorted(names):
-                if self.one.member_size(name) != self.files[name]:
-                    raise self.corrupt("data file is not in the one-file checkpoint", file=name)
+                got, want = self.one.member_size(name), self.files[name]
+                if got is None:
+                    raise self.corrupt(f"data file is not in {self.one.kind}", file=name)
+                if got != want:
+                    raise self.corrupt(
+                        f"data file has {got} bytes in {self.one.kind}, {want} expected", file=name
+                    )
             return
         for name in sorted(names):
             try:
@@ -399,7 +408,8 @@ class CheckpointReader:
 def _read_manifest(rd: CheckpointReader) -> tuple[bytes, dict]:
     """MANIFEST.json's bytes (empty for a one-file checkpoint's) and its checked body."""
     if rd.one is not None:
-        return b"", rd.one.manifest()
+        body = rd.one.manifest()
+        return rd.one.manifest_raw, body
     try:
         return read_manifest(rd.path, dir_fd=rd.dir_fd)
     except FileNotFoundError:

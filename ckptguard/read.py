@@ -24,8 +24,7 @@ from .format.layout import MANIFEST
 from .format.ranktrees import RANK_TREE_DIFFS, apply_diff, diff_anchor
 from .format.treeids import TREE_TYPES
 from .io import pread_exact, read_records
-from .onefile import OneFile
-from .open import CheckpointReader
+from .open import CheckpointReader, Members
 from .sign import TrustSet
 from .tree import TreeError, check_tree
 
@@ -279,12 +278,13 @@ def problem_of(e: CorruptCheckpointError) -> Problem:
 
 
 def verify_checkpoint(
-    path: str | Callable[[], OneFile],
+    path: str | Callable[[], Members],
     progress: Callable[[int, int], None] | None = None,
     trust: TrustSet | None = None,
 ) -> VerifyReport:
     """Check manifest, index and every chunk; collect all problems rather than stop at one.
-    ``path``: a checkpoint's path, or what opens a one-file checkpoint (a file object's).
+    ``path``: a checkpoint's path, or what opens the members of one that is not a directory
+    (a file object's one-file checkpoint, a checkpoint in an object store).
     Under ``trust`` the signature too: a SignatureError is raised, not reported."""
     try:
         rd = CheckpointReader(path if isinstance(path, str) else path(), trust)

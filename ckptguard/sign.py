@@ -197,19 +197,31 @@ def trust_set(trusted: Trusted | None) -> TrustSet | None:
 
 
 def check(
-    path: str, dir_fd: int | None, manifest_raw: bytes, body: dict, trust: TrustSet
+    path: str,
+    dir_fd: int | None,
+    manifest_raw: bytes,
+    body: dict,
+    trust: TrustSet,
+    fetch: Callable[[], bytes | None] | None = None,
 ) -> Signed:
     """Check the signature of the checkpoint at ``path`` (its directory open as ``dir_fd``;
-    None: a one-file checkpoint, which carries none) under ``trust``, against the MANIFEST.json
-    bytes that were read and parsed (``manifest_raw``, ``body``): read once, so the bytes
-    hashed are the bytes used. SignatureError naming the checkpoint and the reason."""
+    None: not a directory, whose SIGNATURE.json bytes ``fetch`` returns, None if it has none;
+    without ``fetch`` a one-file checkpoint, which carries none) under ``trust``, against the
+    MANIFEST.json bytes that were read and parsed (``manifest_raw``, ``body``): read once, so
+    the bytes hashed are the bytes used. SignatureError naming the checkpoint and the reason."""
 
     def refuse(reason: str) -> SignatureError:
         return SignatureError(f"checkpoint {path} {reason}", path)
 
     if dir_fd is None:
-        raise refuse("is a one-file checkpoint, which cannot be signed")
-    raw = _read(dir_fd, refuse)
+        if fetch is None:
+            raise refuse("is a one-file checkpoint, which cannot be signed")
+        got = fetch()
+        if got is None:
+            raise refuse(f"is not signed (no {SIGNATURE})")
+        raw = got
+    else:
+        raw = _read(dir_fd, refuse)
     try:
         stmt, sig = parse(raw)
     except ValueError as e:

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import independent_reader as ir  # noqa: E402
 
-pytest_plugins = ["slurmkit", "clikit", "mlflowkit"]  # slurm, job; filled; mlflow_server
+# slurm, job; filled; mlflow_server; moto_server, s3
+pytest_plugins = ["slurmkit", "clikit", "mlflowkit", "s3kit"]
 
 # Files whose tests the pure-Python pass of `make test` (CKPTGUARD_NATIVE=0) leaves out: static
 # checks of the source, tests that run each backend themselves, and units that never encode or

@@ -23,6 +23,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import s3kit
 import slurmkit
 from mpikit import MPIEXEC, launcher_free_environ, need_mpi
 
@@ -325,6 +326,21 @@ def _drain_base(root: Path) -> Path:
     return d
 
 
+S3_PART = str(5 << 20)  # the s3 scenario's part size: b's data file takes two parts
+
+
+def _s3_base(root: Path) -> Path:
+    """The s3 scenario's source store: "a" (drained into each case's bucket first) and "b",
+    whose data file is large enough for a multipart upload."""
+    import torch
+
+    d = root / "s3"
+    ckptguard.save(small(1), d / "src" / "a", step=1)
+    big = torch.randn(1_600_000, generator=torch.Generator().manual_seed(2))
+    ckptguard.save({**small(2), "big": big}, d / "src" / "b", step=2)
+    return d
+
+
 def _onefile_base(root: Path) -> Path:
     d = root / "onefile"
     ckptguard.save(small(1), d / ONEFILE)  # the old one-file checkpoint a case replaces
@@ -397,6 +413,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Path], Path]], ...] = (
     (("delete",), _delete_base),
     (("prune",), _prune_base),
     (("drain",), _drain_base),
+    (("s3",), _s3_base),
     (("onefile",), _onefile_base),
     (("lightning",), _lightning_base),
     (("hf",), _hf_base),
@@ -714,11 +731,11 @@ def _agent(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
     return outcome, check_ranks(case, run, committed)
 
 
-def _single_run(case: Case, tmp: Path, args: list[str]) -> str:
+def _single_run(case: Case, tmp: Path, args: list[str], **extra: str) -> str:
     """Run one store operation (tests/dist/store_ops.py ARGS) in a process of its own with the
     case's failpoint; check how it ended (killed, stopped, ok with a warning, or a typed error
     naming the injected one); return that in a word for the summary."""
-    env = {**clean_env(tmp), "CKPTGUARD_FAILPOINT": case.failpoint}
+    env = {**clean_env(tmp), **extra, "CKPTGUARD_FAILPOINT": case.failpoint}
     result = tmp / "result.json"
     cmd = [sys.executable, str(STORE_OPS), str(result), *args]
     done = _hung(case) if case.action == "hang" else None
@@ -785,6 +802,77 @@ def _single(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
         check_store(dst, {"a", "b"}, "b")
         assert ckptguard.load(dst / "b")["seed"] == 2
     return outcome, ranks
+
+
+_moto: list[s3kit.MotoServer] = []
+
+
+def _moto_server() -> s3kit.MotoServer:
+    """moto's S3 server of this session (started on first use, stopped at exit)."""
+    if not _moto:
+        import atexit
+        import tempfile
+
+        log = Path(tempfile.gettempdir()) / f"ckptguard-moto-{os.getpid()}.log"
+        _moto.append(s3kit.start(log))
+        atexit.register(s3kit.stop, _moto[0])
+    return _moto[0]
+
+
+def _s3(case: Case, base: Path, tmp: Path, seen: dict) -> tuple[str, str]:
+    """drain(SRC, s3://BUCKET/p) of "a" and "b" into a bucket holding "a" (LATEST), killed or
+    failing at the case's point: b is absent (no MANIFEST.json object), visible or latest, and
+    whole if there; the retry completes it; gc then leaves exactly the committed checkpoints'
+    objects."""
+    from ckptguard import objstore
+
+    server = _moto_server()
+    env = s3kit.environ(server)
+    bucket = s3kit.new_bucket(server)
+    url = f"s3://{bucket}/p"
+    src = base / "src"
+    with mock.patch.dict(os.environ, env):
+        drain(src, url, names=["a"])
+    ranks = _single_run(case, tmp, ["drain", str(src), url], **env, CKPTGUARD_S3_PART_BYTES=S3_PART)
+    with mock.patch.dict(os.environ, env):
+        names = {i.name for i in objstore.scan(objstore.Bucket(bucket), objstore.parse(url)).listed}
+        latest = objstore.latest_name(objstore.Bucket(bucket), objstore.parse(url))
+        outcome = "absent" if "b" not in names else "latest" if latest == "b" else "visible"
+        seen["outcome"] = outcome
+        assert outcome == case.expect, f"b in the bucket is {outcome}, expected {case.expect}"
+        check_bucket(url, src, {"a"} if outcome == "absent" else {"a", "b"}, latest)
+        drain(src, url)  # the retry completes it
+        check_bucket(url, src, {"a", "b"}, "b")
+        objstore.gc(url, older_than=0)  # the killed drain's leftovers go; nothing committed
+        check_bucket(url, src, {"a", "b"}, "b")
+        uuids = {i.name: i.uuid for i in ckptguard.Store(src).list()}
+        for key in s3kit.keys(server, bucket):  # LATEST, and each one's manifest and objects
+            _, name, *rest = key.split("/")
+            assert name == "LATEST" or rest[0] in ("MANIFEST.json", uuids[name]), key
+    check_store(src, {"a", "b"}, "b")  # the source is never changed
+    return outcome, ranks
+
+
+def check_bucket(url: str, src: Path, names: set[str], latest: str | None) -> None:
+    """The store in the bucket lists exactly ``names``, each verifying and loading bitwise what
+    the source holds; LATEST names ``latest``, and the store loads it."""
+    import torch
+
+    from ckptguard import objstore
+
+    where = objstore.parse(url)
+    b = objstore.Bucket(where.bucket)
+    assert {i.name for i in objstore.scan(b, where).listed} == names
+    assert objstore.latest_name(b, where) == latest
+    for n in names:
+        assert ckptguard.verify(f"{url}/{n}").ok
+        got, want = ckptguard.load(f"{url}/{n}"), ckptguard.load(src / n)
+        assert got.keys() == want.keys() and got["seed"] == want["seed"]
+        for k, v in want.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(got[k], v), (n, k)
+    if latest is not None:
+        assert ckptguard.load(url)["seed"] == ckptguard.load(src / latest)["seed"]
 
 
 def _pruned(case: Case, root: Path, seen: dict) -> str:
@@ -1085,6 +1173,7 @@ _SCENARIOS: dict[str, Callable[[Case, Path, Path, dict], tuple[str, str]]] = {
     "delete-base": _single,
     "prune": _single,
     "drain": _single,
+    "s3": _s3,
     "onefile": _onefile,
     "audit": _audit,
     "signed": _signed,

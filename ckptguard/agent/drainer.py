@@ -13,15 +13,18 @@ import threading
 import time
 
 from ..drain import drain
+from ..objstore.url import is_url
 
 
 class Drainer:
-    """Drains every ``every``-th committed checkpoint to store ``dst`` in a background thread."""
+    """Drains every ``every``-th committed checkpoint to store ``dst`` (a directory, or
+    ``s3://bucket/prefix``) in a background thread."""
 
     def __init__(self, dst: str, every: int, jobs: int) -> None:
         if every < 1:
             raise ValueError("--drain-every must be at least 1")
-        self.dst, self.every, self.jobs = os.path.abspath(dst), every, jobs
+        self.dst = dst if is_url(dst) else os.path.abspath(dst)
+        self.every, self.jobs = every, jobs
         self.seen: set[str] = set()
         self._next: str | None = None
         self._cond = threading.Condition()

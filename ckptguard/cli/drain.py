@@ -52,6 +52,11 @@ def command(
     rename; DST's LATEST moves to it if it is newer. Checkpoints DST already holds are skipped;
     one with the same name but another uuid is an error unless --overwrite. With --sign-key, a
     checkpoint that is not signed is signed on its way (a signed one keeps its signature).
+
+    DST may be a store in an object store, s3://bucket/prefix (endpoint and credentials from
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as boto3 reads them): each checkpoint is uploaded,
+    read back and verified, then made visible by creating its MANIFEST.json object only if
+    there is none; --overwrite and --sign-key are refused there.
     """
     from ckptguard.drain import drain
 

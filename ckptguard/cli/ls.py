@@ -20,7 +20,10 @@ from ._output import cell, console, echo, when
 @click.argument("store")
 def command(store: str) -> None:
     """List the committed checkpoints of STORE, oldest first (STORE may also be a one-file
-    checkpoint: then it alone)."""
+    checkpoint: then it alone; or a store in an object store, s3://bucket/prefix)."""
+    if store.startswith("s3://"):
+        _ls_bucket(store)
+        return
     if is_one_file(store):
         info = ckptguard.describe(store).info
         console().print(_table(f"checkpoint {os.path.abspath(store)}", [info], None))
@@ -40,6 +43,30 @@ def command(store: str) -> None:
         latest = None
         echo(f"warning: {exc}", err=True)
     console().print(_table(f"store {os.path.abspath(store)}", infos, latest))
+
+
+def _ls_bucket(store: str) -> None:
+    """``ls`` of a store in a bucket: its checkpoints (objects of unfinished drains are none)."""
+    from ckptguard import objstore
+    from ckptguard.objstore.s3 import Bucket
+
+    url = objstore.parse(store)
+    bucket = Bucket(url.bucket)
+    scan = objstore.scan(bucket, url)
+    for skipped, reason in scan.skipped:
+        echo(f"skipped {skipped}: {reason}", err=True)
+    if not scan.listed:
+        echo(f"no committed checkpoints in {url}")
+        return
+    name: str | None = None
+    try:
+        name = objstore.latest_name(bucket, url)
+    except CorruptCheckpointError as exc:
+        echo(f"warning: {exc}", err=True)
+    latest = next((i for i in scan.listed if i.name == name), None)
+    if name is not None and latest is None:
+        echo(f"warning: LATEST names {name!r}, which is not a committed checkpoint", err=True)
+    console().print(_table(f"store {url}", scan.listed, latest))
 
 
 def _table(

@@ -51,7 +51,8 @@ from ._args import parse_duration
     "--drain-to",
     metavar="STORE",
     default=None,
-    help="Copy committed checkpoints to this durable store in the background (rank 0).",
+    help="Copy committed checkpoints to this durable store (a directory or s3://bucket/prefix) "
+    "in the background (rank 0).",
 )
 @click.option(
     "--drain-every",

@@ -59,17 +59,21 @@ def command(path: str, latest_only: bool, parallel: bool, trust_paths: tuple[str
     """Check every byte of a checkpoint or store against its hashes.
 
     PATH is a checkpoint, a directory or one file (checked alone), or a store (each committed
-    checkpoint, or with --latest only LATEST). Prints each problem with its file, tensor,
-    chunk and offset. With --trust, a checkpoint must also carry a signature by one of those
-    keys that binds its manifest (docs/security.md). Exits 0 if all are whole, 1 otherwise.
-    Under `srun` or `mpiexec -n N` the tasks share the chunks; rank 0 prints the same report
-    and every task exits with the same code.
+    checkpoint, or with --latest only LATEST); either may be in an object store
+    (s3://bucket/prefix[/name], read from the bucket by this process alone). Prints each
+    problem with its file, tensor, chunk and offset. With --trust, a checkpoint must also carry
+    a signature by one of those keys that binds its manifest (docs/security.md). Exits 0 if all
+    are whole, 1 otherwise. Under `srun` or `mpiexec -n N` the tasks share the chunks; rank 0
+    prints the same report and every task exits with the same code.
     """
     from ckptguard import pverify
     from ckptguard.api import resolve
     from ckptguard.sign import trust_set
 
     trust = trust_set(list(trust_paths)) if trust_paths else None  # a bad key: before any work
+    if path.startswith("s3://"):  # one process reads the bucket (no chunks shared)
+        _verify_paths(path, latest_only, ckptguard.verify, False, trust)
+        return
     world = pverify.world(parallel)
     if world is None:
         _verify_paths(path, latest_only, ckptguard.verify, console().is_terminal, trust)
@@ -92,9 +96,14 @@ def _verify_paths(
     path: str, latest_only: bool, verify: Verify, bar: bool, trust: TrustSet | None = None
 ) -> None:
     """Verify what PATH names, print the outcome, raise CheckFailed unless all is whole."""
-    _refuse_foreign(path)
-    where = require_checkpoint(path, "checkpoint or store")
-    targets, problems = _verify_targets(where, latest_only)
+    if path.startswith("s3://"):
+        from ckptguard.objstore.source import targets as bucket_targets
+
+        targets, problems = bucket_targets(path, latest_only)
+    else:
+        _refuse_foreign(path)
+        where = require_checkpoint(path, "checkpoint or store")
+        targets, problems = _verify_targets(where, latest_only)
     if problems:
         echo(*problems)
     if not targets:

@@ -29,6 +29,10 @@ broken by name: the order of ``Store.list`` and of ``Store.delete``'s LATEST rul
 not used: it may be null, and a restarted or forked run can reuse steps.
 
 Run one drain per destination at a time (LATEST is read, compared and then written).
+
+A destination ``s3://bucket/prefix`` is a store in an object store: ``drain.s3`` uploads,
+verifies from the bucket and commits by a conditional create of the manifest object instead
+(docs/format.md section 11).
 """
 
 from __future__ import annotations
@@ -51,10 +55,10 @@ from ..commit import (
 )
 from ..errors import (
     CheckpointError,
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
+    DrainConflictError,
     StoreError,
     brief,
     from_oserror,
@@ -66,6 +70,7 @@ from ..format.layout import check_name
 from ..format.manifest import CheckpointInfo
 from ..fsutil import makedirs_durably
 from ..keys import PrivateKey
+from ..objstore.url import is_url
 from ..open import CheckpointReader
 from ..read import verify_checkpoint
 from ..sign import SignKey
@@ -91,25 +96,6 @@ MAX_JOBS = 32
 
 DrainedCallback = Callable[[CheckpointInfo, int, float], None]
 """Called after each checkpoint is committed in DST: (its info in DST, bytes copied, seconds)."""
-
-
-class DrainConflictError(CheckpointExistsError):
-    """DST already has a checkpoint of that name with another uuid (a different checkpoint)."""
-
-    def __init__(
-        self, name: str, src_path: str, src_uuid: str, dst_path: str, dst_uuid: str, more: int = 0
-    ) -> None:
-        also = f" (and {more} more conflicting name(s))" if more else ""
-        super().__init__(
-            f"checkpoint {name!r} differs between the stores: {src_path} has uuid {src_uuid}, "
-            f"{dst_path} has uuid {dst_uuid}{also}; pass overwrite=True (--overwrite) to replace "
-            "the one in the destination"
-        )
-        self.name = name
-        self.src_path = src_path
-        self.src_uuid = src_uuid
-        self.dst_path = dst_path
-        self.dst_uuid = dst_uuid
 
 
 def _advance_latest(dst_root: str, info: CheckpointInfo) -> None:
@@ -292,6 +278,35 @@ def _check_jobs(jobs: int) -> int:
     return min(jobs, MAX_JOBS)
 
 
+def _drain_to_bucket(
+    src: str | os.PathLike,
+    dst: str,
+    names: Sequence[str] | None,
+    jobs: int,
+    overwrite: bool,
+    on_drained: DrainedCallback | None,
+    sign_key: SignKey | None,
+) -> list[CheckpointInfo]:
+    """``drain`` into a store in an object store (``drain.s3``)."""
+    if overwrite:
+        raise StoreError(
+            f"overwrite is not supported for an object store ({dst}): a checkpoint in a bucket "
+            "is never replaced; drain under another name",
+            dst,
+        )
+    if sign_key is not None:
+        raise StoreError(
+            f"sign_key is not supported for an object store ({dst}): sign the checkpoint when "
+            "it is saved (a signed checkpoint keeps its signature in the bucket)",
+            dst,
+        )
+    from .s3 import drain_to_bucket
+
+    src_store = Store(src)
+    todo = _select(src_store.list(), names, src_store.root)
+    return drain_to_bucket(src_store, dst, todo, jobs, on_drained)
+
+
 def drain(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -317,11 +332,20 @@ def drain(
     that is not signed already (it needs chunk digests: SignatureError otherwise, before its
     commit); a signed checkpoint keeps its signature. A bad key is a KeyFileError before
     anything is copied.
+
+    ``dst`` may be a store in an object store, ``s3://bucket/prefix`` (``drain.s3``; the
+    endpoint and credentials are boto3's, from the environment): each checkpoint is uploaded,
+    read back and verified, then committed by creating its MANIFEST.json object only if there
+    is none. A bucket checkpoint is never replaced (``overwrite`` is refused), nor signed on
+    its way (``sign_key`` is refused; a signed checkpoint keeps its signature), and encrypted
+    checkpoints are refused.
     """
     jobs = _check_jobs(jobs)
-    signer = sign.signer(sign_key)
     if isinstance(names, str):
         names = [names]
+    if is_url(dst):
+        return _drain_to_bucket(src, str(dst), names, jobs, overwrite, on_drained, sign_key)
+    signer = sign.signer(sign_key)
     src_store = Store(src)
     dst_root = os.path.abspath(os.fspath(dst))
     if os.path.realpath(src_store.root) == os.path.realpath(dst_root):
