@@ -139,6 +139,7 @@ def rank_description(c: _Columns, rank: int, ranks: int, rows: int) -> bytes:
             c.global_shape,
             pa.ListArray.from_arrays(c.offsets2, offs.ravel()),
             c.shard_lengths,
+            c.nulls,
         ],
         schema=DESC_SCHEMA,
     )
@@ -173,6 +174,7 @@ def simulate(
 ) -> dict:
     """Time rank 0's work on simulated messages of ``ranks`` ranks with ``rows`` tensors each."""
     from ckptguard.format import manifest
+    from ckptguard.format.index import unify
     from ckptguard.plan import make_plan
     from ckptguard.report import from_ipc, merge_trees, unpack, unpack_report
     from ckptguard.saver import validate_and_index
@@ -193,7 +195,7 @@ def simulate(
         tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
         t1 = time.perf_counter()
         parsed = [unpack_report(b) for b in reports]
-        table = pa.concat_tables([t for _, t in parsed])
+        table = unify([t for _, t in parsed])
         files = [doc["file"] for doc, _ in parsed]
         sizes = {f["name"]: f["size"] for f in files}
         t2 = time.perf_counter()

@@ -263,14 +263,17 @@ def _hex_texts(col: pa.Array) -> pa.Array:
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate index tables of several ranks: where any has the ``packed-records`` columns,
-    the others get them too (each row its own record: offset 0, its own raw length). All or
-    none have digests (ValueError otherwise: the ranks disagree on the ``digests`` option)."""
+    """Concatenate index tables of several ranks into one table of one chunk per column: where
+    any has the ``packed-records`` columns, the others get them too (each row its own record:
+    offset 0, its own raw length). All or none have digests (ValueError otherwise: the ranks
+    disagree on the ``digests`` option). One chunk, because the Parquet writer writes a chunked
+    column a chunk at a time (at thousands of ranks, several times slower) and every check of
+    the rows would otherwise concatenate the columns it reads again."""
     digests = {has_digests(t) for t in tables}
     if len(digests) > 1:
         raise ValueError("some ranks wrote chunk digests and others did not")
     if not any(is_packed(t) for t in tables):
-        return pa.concat_tables(tables)
+        return _one_chunk(pa.concat_tables(tables))
     schema = schema_of(True, digests == {True})
     out = []
     for t in tables:
@@ -280,7 +283,16 @@ def unify(tables: list[pa.Table]) -> pa.Table:
                 at, PACKED_SCHEMA.field(PACK_COLUMNS[0]), pa.array(np.zeros(t.num_rows, np.int64))
             ).add_column(at + 1, PACKED_SCHEMA.field(PACK_COLUMNS[1]), t.column("raw_len"))
         out.append(t.cast(schema))
-    return pa.concat_tables(out)
+    return _one_chunk(pa.concat_tables(out))
+
+
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """``table`` with one chunk per column, or as it is where a column's values exceed what one
+    Arrow array holds (2 GiB of strings)."""
+    try:
+        return table.combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):
+        return table
 
 
 def write(rows: list[Row]) -> bytes:
@@ -331,10 +343,30 @@ def member(data: bytes, digests: bool) -> dict:
     return {**doc, "sha256": hashlib.sha256(data).hexdigest()} if digests else doc
 
 
+_RANDOM = ("hash", DIGEST)
+"""Columns of random bytes: dictionaries and compression find nothing in them."""
+
+
 def write_table(table: pa.Table) -> bytes:
-    """Serialize an index table (already in the v1 schema) to Parquet bytes."""
+    """Serialize an index table (already in the v1 schema) to Parquet bytes.
+
+    zstd and dictionaries for every column but the hashes (incompressible: written plain), and
+    no statistics (nothing reads them; at ten million rows they cost a tenth of the write). Any
+    Parquet reader reads the same table whatever these choices. A table of many chunks is
+    written a chunk at a time, several times slower than one chunk: ``unify`` combines them."""
+    names = table.schema.names
+    paths = [
+        n + ".list.element" if isinstance(t, pa.ListType) else n
+        for n, t in zip(names, table.schema.types, strict=True)
+    ]
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(
+        table,
+        buf,
+        compression={p: "none" if p in _RANDOM else "zstd" for p in paths},
+        use_dictionary=[p for p in paths if p not in _RANDOM],
+        write_statistics=False,
+    )
     return buf.getvalue()
 
 
