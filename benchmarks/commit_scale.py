@@ -8,13 +8,14 @@
 Arrow descriptions, check agreement, shard coverage and replicas, merge the per-rank trees),
 then its commit: decode the reports into one table, validate all rows (shard coverage,
 contiguity, placement) while writing index.parquet durably, then encode the manifest and read
-it back (as commit does). Targets: the whole at 4,096 x 500 within 2 s, the commit at 10,000 x
-1,000 within 5 s (this 2-core VM). Peak memory is the process's high-water RSS; the simulation
-keeps every message for the next trial, where a save frees them once decoded. Each rank's
-tree has one per-rank value (its rank), so every tree differs from rank 0's; hashes are random
-(incompressible, as real ones). With ``--load`` it then plays one rank of a job loading that
-checkpoint: open it (manifest, index, every index rule checked), rebuild its tree, and select and
-plan its reads for 1/ranks of every tensor (a box straddling two saved shards).
+it back (as commit does), the collector paused as a save pauses it. Targets: the whole at
+4,096 x 500 within 2 s, the commit at 10,000 x 1,000 within 5 s (this 2-core VM). Peak memory
+is the process's high-water RSS; the simulation keeps every message for the next trial, where
+a save frees them once decoded. Each rank's tree has one per-rank value (its rank), so every
+tree differs from rank 0's; hashes are random (incompressible, as real ones). With ``--load``
+it then plays one rank of a job loading that checkpoint: open it (manifest, index, every index
+rule checked), rebuild its tree, and select and plan its reads for 1/ranks of every tensor (a
+box straddling two saved shards).
 ``overhead`` runs real saves under ``mpiexec -n N`` (oversubscribed on a small machine) and
 reports the time from the last rank's fsync of its data file to the checkpoint being visible.
 """
@@ -177,6 +178,7 @@ def simulate(
     ranks: int, rows: int, trials: int, load: bool = False, old_path: bool = False
 ) -> dict:
     """Time rank 0's work on simulated messages of ``ranks`` ranks with ``rows`` tensors each."""
+    from ckptguard import collector
     from ckptguard.format import manifest
     from ckptguard.format.index import unify
     from ckptguard.plan import make_plan
@@ -193,22 +195,24 @@ def simulate(
         d = tempfile.mkdtemp(dir=".")
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()
-        msgs = [unpack(b) for b in descs]
-        tables = [from_ipc(parts[1]) for _, parts in msgs]
-        plan = make_plan(tables)
-        t_plan = time.perf_counter()
-        tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
+        with collector.paused():  # as the save pauses it in its CPU phases
+            msgs = [unpack(b) for b in descs]
+            tables = [from_ipc(parts[1]) for _, parts in msgs]
+            plan = make_plan(tables)
+            t_plan = time.perf_counter()
+            tree0, rank_trees = merge_trees([parts[0] for _, parts in msgs], tables, plan.keys)
         t1 = time.perf_counter()
-        parsed = [unpack_report(b) for b in reports]
-        table = unify([t for _, t in parsed])
-        files = [doc["file"] for doc, _ in parsed]
-        sizes = {f["name"]: f["size"] for f in files}
-        t2 = time.perf_counter()
-        entry = validate_and_index(d, table, plan.tensors, sizes, set())
-        t3 = time.perf_counter()
-        body = _body(plan, tree0, rank_trees, ranks, files, entry, table)
-        data = manifest.encode(body)
-        manifest.decode(data)  # commit reads back what it is about to write
+        with collector.paused():
+            parsed = [unpack_report(b) for b in reports]
+            table = unify([t for _, t in parsed])
+            files = [doc["file"] for doc, _ in parsed]
+            sizes = {f["name"]: f["size"] for f in files}
+            t2 = time.perf_counter()
+            entry = validate_and_index(d, table, plan.tensors, sizes, set())
+            t3 = time.perf_counter()
+            body = _body(plan, tree0, rank_trees, ranks, files, entry, table)
+            data = manifest.encode(body)
+            manifest.decode(data)  # commit reads back what it is about to write
         t4, c4 = time.perf_counter(), time.process_time()
         index_bytes = os.path.getsize(os.path.join(d, "index.parquet"))
         if keep is not None and trial == trials - 1:

@@ -350,21 +350,23 @@ _RANDOM = ("hash", DIGEST)
 def write_table(table: pa.Table) -> bytes:
     """Serialize an index table (already in the v1 schema) to Parquet bytes.
 
-    zstd and dictionaries for every column but the hashes (incompressible: written plain), and
-    no statistics (nothing reads them; at ten million rows they cost a tenth of the write). Any
-    Parquet reader reads the same table whatever these choices. A table of many chunks is
-    written a chunk at a time, several times slower than one chunk: ``unify`` combines them."""
-    names = table.schema.names
-    paths = [
-        n + ".list.element" if isinstance(t, pa.ListType) else n
-        for n, t in zip(names, table.schema.types, strict=True)
-    ]
+    LZ4 (Parquet's LZ4_RAW) for every column but the hashes (random bytes: written plain),
+    dictionaries for the string columns only, no statistics (nothing reads them): at ten million
+    rows a third less work than zstd with dictionaries everywhere, for a file 4% larger that
+    decodes faster. Any Parquet reader reads the same table whatever these choices. A table of
+    many chunks is written a chunk at a time, several times slower than one chunk: ``unify``
+    combines them."""
+    paths, strings = [], []
+    for name, kind in zip(table.schema.names, table.schema.types, strict=True):
+        paths.append(name + ".list.element" if isinstance(kind, pa.ListType) else name)
+        if pa.types.is_string(kind):
+            strings.append(name)
     buf = io.BytesIO()
     pq.write_table(
         table,
         buf,
-        compression={p: "none" if p in _RANDOM else "zstd" for p in paths},
-        use_dictionary=[p for p in paths if p not in _RANDOM],
+        compression={p: "none" if p in _RANDOM else "lz4" for p in paths},
+        use_dictionary=strings,
         write_statistics=False,
     )
     return buf.getvalue()

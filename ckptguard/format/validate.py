@@ -32,6 +32,7 @@ MAX_GRID_CELLS = 1 << 22
 
 
 _LISTS = ("shard_offsets", "shard_lengths", "global_shape")
+_ALL = slice(None)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,11 @@ class _Boxes:
             groups.append(_Group(k, sel, t_sel, offs, lens, whole, gshape))
         return cls(tensors, shapes, tid, groups, group, at)
 
-    def where(self, rows: np.ndarray) -> list[tuple[_Group, np.ndarray, np.ndarray]]:
+    def where(self, rows: np.ndarray) -> list[tuple[_Group, np.ndarray | slice, np.ndarray]]:
         """For each group holding some of ``rows``: the group, which of ``rows`` it holds (a
-        mask), and their positions in it."""
+        mask, or all of them), and their positions in it."""
         if self.group is None or self.at is None:
-            return [(self.groups[0], np.ones(len(rows), dtype=bool), rows)]
+            return [(self.groups[0], _ALL, rows)]
         mine = self.group[rows]
         out = []
         for j, g in enumerate(self.groups):
@@ -119,6 +120,20 @@ class _Boxes:
             if m.any():
                 out.append((g, m, self.at[rows[m]]))
         return out
+
+    def along(self, rows: np.ndarray, dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The offset and length of each of ``rows`` along its dimension ``dims``."""
+        o, n = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
+        for g, m, pos in self.where(rows):
+            d = dims[m]
+            if not g.nd or not len(d):
+                continue
+            if (d == d[0]).all():  # one dimension for all (the usual layout): columns
+                o[m], n[m] = g.offs[:, int(d[0])][pos], g.lens[:, int(d[0])][pos]
+            else:  # the matrices are C-contiguous: element (i, d) is at i * nd + d
+                flat = pos * g.nd + d
+                o[m], n[m] = g.offs.ravel()[flat], g.lens.ravel()[flat]
+        return o, n
 
     def box(self, t: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The offsets and lengths of ``rows`` (rows of tensor ``t``), one row each."""
@@ -319,38 +334,28 @@ def _check_cover_all(
     covered = np.zeros(n_t, dtype=np.int64)
     covered[have] = np.add.reduceat(volume[firsts], bounds[:-1][have])
     suspect |= np.where(have, covered != elems, elems != 0)  # as check_cover counts first
-    # Per tensor, the dimensions along which some shard is not whole (the rows of one shard
-    # have its box), and the offset and length of each shard along the one such dimension of
-    # its tensor, if one.
-    ways = np.zeros(n_t, dtype=np.int64)
-    o_f, n_f = np.zeros(len(firsts), dtype=np.int64), np.zeros(len(firsts), dtype=np.int64)
-    for g, m, pos in boxes.where(firsts):
+    # Per tensor, the dimensions along which some shard is not whole (from every row, in row
+    # order: the rows of one shard have its box), and the lowest of them.
+    ways, along = np.zeros(n_t, dtype=np.int64), np.zeros(n_t, dtype=np.int64)
+    for g in boxes.groups:
         if g.nd == 0:
             continue  # a 0-d tensor: one shard of one element, as the volumes said
-        # Which dimensions each row's box cuts, as bits (at most 64 dimensions, format.md
-        # section 3), in row order: one gather into ``firsts`` order, not one per dimension.
-        cut = np.zeros(len(g.tid), dtype=np.uint64)
+        split = np.zeros((n_t, g.nd), dtype=bool)
         for d in range(g.nd):
-            part = (g.offs[:, d] != 0) | (g.lens[:, d] != g.shape[:, d][g.tid])
-            cut |= part.astype(np.uint64) << np.uint64(d)
-        t_g = tid_f[m]
-        run = np.flatnonzero(np.append(True, t_g[1:] != t_g[:-1]))  # each tensor's shards
-        split = np.bitwise_or.reduceat(cut[pos], run)
-        along = np.zeros(len(run), dtype=np.int64)  # the lowest dimension cut, if any
-        for d in reversed(range(g.nd)):
-            bit = (split >> np.uint64(d)) & np.uint64(1)
-            ways[t_g[run]] += bit.astype(np.int64)
-            along[bit == 1] = d
-        flat = pos * g.nd + np.repeat(along, np.diff(np.append(run, len(t_g))))
-        o_f[m], n_f[m] = g.offs.ravel()[flat], g.lens.ravel()[flat]  # C-contiguous matrices
+            split[g.tid[(g.offs[:, d] != 0) | (g.lens[:, d] != g.shape[:, d][g.tid])], d] = True
+        ways += split.sum(axis=1)
+        along += np.argmax(split, axis=1)  # 0 for the tensors of other groups
     suspect |= ways > 1  # several: check_cover paints a grid
     one = (ways == 1) & ~suspect
-    f = np.flatnonzero(one[tid_f])
-    t1, o, n = tid_f[f], o_f[f], n_f[f]
+    rows1, t1 = firsts, tid_f  # the shards of those tensors (usually all), by tensor and start
+    if not one[tid_f].all():
+        f = np.flatnonzero(one[tid_f])
+        rows1, t1 = firsts[f], tid_f[f]
+    o, n = boxes.along(rows1, along[t1])
     first = np.ones(len(t1), dtype=bool)
     first[1:] = t1[1:] != t1[:-1]
     expect = np.zeros(len(t1), dtype=np.int64)
-    expect[1:] = o[:-1] + n[:-1]
+    np.add(o[:-1], n[:-1], out=expect[1:])
     expect[first] = 0
     suspect[np.unique(t1[o != expect])] = True
     for t in np.flatnonzero(suspect).tolist():
