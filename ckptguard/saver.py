@@ -400,9 +400,8 @@ def manifest_body(
     reports: list[tuple[dict, pa.Table | None]],
 ) -> dict:
     """Check the ranks' index rows, write the index, and build the whole manifest body
-    (``created``: now, the moment it is handed to the commit). The rows are taken out of
-    ``reports`` once they are in one table: at thousands of ranks the messages they are views
-    of are as large as the index, and need not stay beside it."""
+    (``created``: now, the moment it is handed to the commit). Takes the rows out of ``reports``
+    once they are in one table: the messages they are views of (as large as the index) go."""
     table = unify([t for _, t in reports if t is not None])
     reports[:] = [(doc, None) for doc, _ in reports]
     files = [rep["file"] for rep, _ in reports]

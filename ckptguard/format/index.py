@@ -21,11 +21,12 @@ from .layout import align
 
 
 def int_lists(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 values, per-row lengths) of a list<int64> column."""
+    """(flat int64 values, per-row lengths) of a list<int64> column. The values are a read-only
+    view of the column's buffer where they can be (no copy of the largest arrays of an index)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return flat, lengths
 
 
