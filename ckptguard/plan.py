@@ -190,8 +190,10 @@ def check_agreement(d: _Rows) -> None:
     sharded, global shape or view (of which storage, where: format.md section 3.2), and the
     two ranks that differ."""
     for name in ("dtype", "kind", "view"):
-        codes = _codes(d.table.column(name).fill_null(""))
-        _disagree(d, codes != codes[d.head], name)
+        col = d.table.column(name)
+        if col.null_count < len(col):  # all null (no views, the usual case): all agree
+            codes = _codes(col.fill_null(""))
+            _disagree(d, codes != codes[d.head], name)
     _disagree(d, d.per_rank != d.per_rank[d.head], "per_rank")  # before the sharding it implies
     _disagree(d, d.sharded != d.sharded[d.head], "sharded")
     _disagree(d, d.glen != d.glen[d.head], "global_shape")
@@ -266,12 +268,11 @@ def covered_copies(d: _Rows, g: int, volume: np.ndarray) -> _Copies | None:
     rows = d.rows(g)
     shape, offs, lens = d.box(rows)
     local = starts = np.zeros(0, dtype=np.int64)
-    cover = offs, lens
+    cover = offs, lens  # one box of each replica set counts for the cover
     if volume[rows].sum() > math.prod(shape):  # more elements than the tensor
         local, starts = replica_groups(offs, lens)
         keep = np.ones(len(rows), dtype=bool)
-        keep[local] = False
-        keep[local[starts]] = True  # one box of each replica set counts for the cover
+        keep[local], keep[local[starts]] = False, True
         cover = offs[keep], lens[keep]
     try:
         check_cover(d.keys[g], shape, *cover)
@@ -388,8 +389,7 @@ def balance(
     balance of bytes across ranks), the lowest rank's copy when unchecked copies may differ.
     The replica sets of one key have disjoint holders (a rank holds one box of a key), so they
     are placed together. A key with one holder has no choice: those between two placements
-    with a choice are added to the load at once. Returns each key's writer and the bytes each
-    rank writes."""
+    with a choice are added to the load at once. Returns each key's writer and rank's bytes."""
     load = np.zeros(d.world, dtype=np.int64)
     np.add.at(load, d.rank[fixed], d.nbytes[fixed])
     writer: list[Writer] = [SHARDED] * len(d.keys)

@@ -174,7 +174,8 @@ class _Save:
             outcome = None
             if c.rank == 0:
                 with collector.paused():
-                    outcome = self.commit([unpack_report(g) for g in gathered or ()])
+                    reports, gathered = [unpack_report(g) for g in gathered or ()], None
+                    outcome = self.commit(reports)  # frees the messages once their rows are read
             # Rank 0 renames only within `timeout` of the first report (commit's deadline); the
             # others wait twice that, so none gives up on a save that then commits (I8).
             outcome = json.loads(
@@ -399,8 +400,10 @@ def manifest_body(
     reports: list[tuple[dict, pa.Table | None]],
 ) -> dict:
     """Check the ranks' index rows, write the index, and build the whole manifest body
-    (``created``: now, the moment it is handed to the commit)."""
+    (``created``: now, the moment it is handed to the commit). Takes the rows out of ``reports``
+    once they are in one table: the messages they are views of (as large as the index) go."""
     table = unify([t for _, t in reports if t is not None])
+    reports[:] = [(doc, None) for doc, _ in reports]
     files = [rep["file"] for rep, _ in reports]
     files += [f for rep, _ in reports for f in rep.get("linked", ())]
     features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))

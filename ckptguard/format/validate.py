@@ -31,19 +31,42 @@ from .views import TENSOR_VIEWS, without_views
 MAX_GRID_CELLS = 1 << 22
 
 
+_LISTS = ("shard_offsets", "shard_lengths", "global_shape")
+_ALL = slice(None)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The rows whose tensors have ``nd`` dimensions: their row numbers ``rows`` (None: every
+    row, in order), their tensors ``tid``, and one row each (``len(tid)`` x ``nd``) of their
+    shard offsets, shard lengths and, where given, global shapes; ``shape``: the shape in the
+    manifest of every tensor of ``nd`` dimensions (a row per tensor id, zeros for the others).
+    Each check reads them a dimension (a column) at a time: numpy reduces and gathers narrow
+    rows several times slower than columns."""
+
+    nd: int
+    rows: np.ndarray | None
+    tid: np.ndarray
+    offs: np.ndarray
+    lens: np.ndarray
+    shape: np.ndarray
+    gshape: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class _Boxes:
-    """Every row's shard box, flat: row ``i`` has ``nd[i]`` dimensions, its offsets and lengths
-    at ``offs[row_start[i] : row_start[i] + nd[i]]`` (likewise ``lens``)."""
+    """Every row's shard box, grouped by the number of dimensions of its tensor. When every
+    tensor has as many (the usual case), there is one group and its offsets and lengths are
+    the flat list columns reshaped (no copy); otherwise row ``i`` is in group ``group[i]`` at
+    position ``at[i]``. Matrices, not per-dimension gathers: each check reads a dimension as a
+    column of them."""
 
     tensors: list[dict]
     shapes: Shapes
-    nd_t: np.ndarray  # dimensions of each tensor
-    tid: np.ndarray  # the tensor of each row
-    nd: np.ndarray  # dimensions of each row (its tensor's)
-    row_start: np.ndarray
-    offs: np.ndarray
-    lens: np.ndarray
+    tid: np.ndarray
+    groups: list[_Group]
+    group: np.ndarray | None
+    at: np.ndarray | None
 
     @classmethod
     def of(
@@ -53,19 +76,73 @@ class _Boxes:
         lists: dict[str, np.ndarray],
         shapes: Shapes | None = None,
     ) -> _Boxes:
+        """The boxes of rows of tensors ``tid`` whose flat ``shard_offsets`` and
+        ``shard_lengths`` (``lists``, and ``global_shape`` if there) have the dimensions of
+        their tensors (checked before)."""
         shapes = shapes or Shapes.of(tensors)
-        nd_t = shapes.nd
-        nd = nd_t[tid]
-        return cls(
-            tensors,
-            shapes,
-            nd_t,
-            tid,
-            nd,
-            np.cumsum(nd) - nd,
-            lists["shard_offsets"],
-            lists["shard_lengths"],
-        )
+        nd = shapes.nd[tid]
+        n = len(tid)
+        kinds = [int(nd[0])] if n and nd.min() == nd.max() else np.unique(nd).tolist()
+        one = len(kinds) == 1
+        begin = None if one else np.cumsum(nd) - nd
+        group = None if one else np.zeros(n, dtype=np.int64)
+        at = None if one else np.zeros(n, dtype=np.int64)
+        groups = []
+        for j, k in enumerate(kinds):
+            if k > 64:  # the manifest's limit (format.md section 3); a cut is a bit per dimension
+                raise FormatError(f"index: a tensor of {k} dimensions")
+            ids = np.flatnonzero(shapes.nd == k)
+            whole = np.zeros((len(tensors), k), dtype=np.int64)
+            whole[ids] = shapes.matrix(ids, k)
+            if one:
+                sel, t_sel = None, tid
+                mats = [lists[c].reshape(n, k) if c in lists else None for c in _LISTS]
+            else:
+                assert group is not None and at is not None and begin is not None
+                sel = np.flatnonzero(nd == k)
+                t_sel, idx = tid[sel], begin[sel][:, None] + np.arange(k)
+                mats = [lists[c][idx] if c in lists else None for c in _LISTS]
+                group[sel], at[sel] = j, np.arange(len(sel))
+            offs, lens, gshape = mats
+            assert offs is not None and lens is not None
+            groups.append(_Group(k, sel, t_sel, offs, lens, whole, gshape))
+        return cls(tensors, shapes, tid, groups, group, at)
+
+    def where(self, rows: np.ndarray) -> list[tuple[_Group, np.ndarray | slice, np.ndarray]]:
+        """For each group holding some of ``rows``: the group, which of ``rows`` it holds (a
+        mask, or all of them), and their positions in it."""
+        if self.group is None or self.at is None:
+            return [(self.groups[0], _ALL, rows)]
+        mine = self.group[rows]
+        out = []
+        for j, g in enumerate(self.groups):
+            m = mine == j
+            if m.any():
+                out.append((g, m, self.at[rows[m]]))
+        return out
+
+    def along(self, rows: np.ndarray, dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The offset and length of each of ``rows`` along its dimension ``dims``."""
+        o, n = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
+        for g, m, pos in self.where(rows):
+            d = dims[m]
+            if not g.nd or not len(d):
+                continue
+            if (d == d[0]).all():  # one dimension for all (the usual layout): columns
+                o[m], n[m] = g.offs[:, int(d[0])][pos], g.lens[:, int(d[0])][pos]
+            else:  # the matrices are C-contiguous: element (i, d) is at i * nd + d
+                flat = pos * g.nd + d
+                o[m], n[m] = g.offs.ravel()[flat], g.lens.ravel()[flat]
+        return o, n
+
+    def box(self, t: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The offsets and lengths of ``rows`` (rows of tensor ``t``), one row each."""
+        k = int(self.shapes.nd[t])
+        found = self.where(rows)
+        if not len(rows) or not found:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.int64)
+        g, _, pos = found[0]
+        return g.offs[pos], g.lens[pos]
 
 
 def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], features: set) -> None:
@@ -93,7 +170,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     elem = _np(table, "elem_size")
     rows.fail(elem != sizes[tid], "elem_size does not match the dtype")
     shapes = Shapes.of(tensors)
-    lists = _check_shapes(table, rows, shapes, tid)
+    boxes = _check_shapes(table, rows, tensors, shapes, tid)
     raw, sbo, chunk = _np(table, "raw_len"), _np(table, "shard_byte_offset"), _np(table, "chunk")
     rows.fail(
         (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
@@ -133,29 +210,53 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 raise FormatError("index: an invalid base checkpoint name")
             if col == "key_id" and not all(is_key_id(k) for k in names):
                 raise FormatError("index: a key_id that is not 32 lowercase hex digits")
-    _check_shards(_Boxes.of(tensors, tid, lists, shapes), rows, raw, sbo, chunk, elem)
+    _check_shards(boxes, rows, raw, sbo, chunk, elem)
 
 
-def _check_shapes(table: pa.Table, rows: _Rows, shapes: Shapes, tid: np.ndarray) -> dict:
-    """Shapes, offsets and lengths against the manifest; returns the flat list columns."""
-    nd_t, shape_flat, shape_start = shapes.nd, shapes.flat, shapes.start
-    cols = {}
+def _check_shapes(
+    table: pa.Table, rows: _Rows, tensors: list[dict], shapes: Shapes, tid: np.ndarray
+) -> _Boxes:
+    """Shapes, offsets and lengths against the manifest; returns every row's box."""
+    nd = shapes.nd[tid]
+    lists = {}
     for name in ("global_shape", "shard_offsets", "shard_lengths"):
         flat, lens = int_lists(table.column(name))
-        rows.fail(lens != nd_t[tid], f"{name} has the wrong number of dimensions")
-        cols[name] = flat
-    nd = nd_t[tid]
-    row_of = np.repeat(np.arange(rows.n), nd)
-    within = np.arange(len(row_of)) - np.repeat(np.cumsum(nd) - nd, nd)
-    expect = shape_flat[np.repeat(shape_start[tid], nd) + within]
-    g, o, n = cols["global_shape"], cols["shard_offsets"], cols["shard_lengths"]
+        rows.fail(lens != nd, f"{name} has the wrong number of dimensions")
+        lists[name] = flat
+    boxes = _Boxes.of(tensors, tid, lists, shapes)
+    wrong, outside = np.zeros(rows.n, dtype=bool), np.zeros(rows.n, dtype=bool)
+    for g in boxes.groups:
+        assert g.gshape is not None
+        at = slice(None) if g.rows is None else g.rows
+        w, out = np.zeros(len(g.tid), dtype=bool), np.zeros(len(g.tid), dtype=bool)
+        for d in range(g.nd):
+            gs, o, n = g.gshape[:, d], g.offs[:, d], g.lens[:, d]
+            w |= gs != g.shape[:, d][g.tid]
+            out |= (o < 0) | (n < 0) | (o + n > gs)
+        wrong[at], outside[at] = w, out
+    rows.fail(wrong, "global_shape disagrees with the manifest")
+    rows.fail(outside, "shard lies outside the tensor")
+    return boxes
 
-    def per_row(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(row_of, weights=mask, minlength=rows.n) > 0
 
-    rows.fail(per_row(g != expect), "global_shape disagrees with the manifest")
-    rows.fail(per_row((o < 0) | (n < 0) | (o + n > g)), "shard lies outside the tensor")
-    return cols
+def _starts(boxes: _Boxes) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shard's start (the C-order linear index of its first element, which
+    identifies the shard within its tensor) and volume (elements)."""
+    n = len(boxes.tid)
+    start, volume = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    for g in boxes.groups:
+        if g.nd == 0:
+            continue
+        strides = np.zeros((len(boxes.tensors), g.nd), dtype=np.int64)
+        ids = np.flatnonzero(boxes.shapes.nd == g.nd)
+        strides[ids] = boxes.shapes.strides(ids, g.nd)
+        at = slice(None) if g.rows is None else g.rows
+        s, v = g.offs[:, 0] * strides[:, 0][g.tid], g.lens[:, 0].copy()
+        for d in range(1, g.nd):
+            s += g.offs[:, d] * strides[:, d][g.tid]
+            v *= g.lens[:, d]
+        start[at], volume[at] = s, v
+    return start, volume
 
 
 def _check_shards(
@@ -169,24 +270,8 @@ def _check_shards(
     """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor.
     ``raw``, ``sbo``, ``chunk``, ``elem``: each row's raw_len, shard_byte_offset, chunk number
     and element size."""
-    tensors, tid, nd, row_start = boxes.tensors, boxes.tid, boxes.nd, boxes.row_start
-    o_flat, n_flat = boxes.offs, boxes.lens
-    # The C-order linear index of a shard's first element identifies it within its tensor.
-    start = np.zeros(rows.n, dtype=np.int64)
-    volume = np.ones(rows.n, dtype=np.int64)
-    for t_nd in np.unique(nd).tolist():
-        if t_nd == 0:
-            continue
-        sel = np.flatnonzero(nd == t_nd)
-        base, t_sel = row_start[sel], tid[sel]
-        strides = np.zeros((t_nd, len(tensors)), dtype=np.int64)  # per dimension, per tensor
-        ids = np.flatnonzero(boxes.nd_t == t_nd)
-        strides[:, ids] = boxes.shapes.strides(ids, t_nd).T
-        acc, vol = np.zeros(len(sel), dtype=np.int64), np.ones(len(sel), dtype=np.int64)
-        for d in range(t_nd):
-            acc += o_flat[base + d] * strides[d][t_sel]
-            vol *= n_flat[base + d]
-        start[sel], volume[sel] = acc, vol
+    tid = boxes.tid
+    start, volume = _starts(boxes)
     if not chunk.any():  # every shard one chunk (the usual case at scale): a row is a shard
         order = _sort_order(tid, start)
         tid_f, s_s = tid[order], start[order]
@@ -207,13 +292,12 @@ def _check_shards(
     if len(later):
         mine, lead = order[later], order[group_first[group[later]]]
         other = np.zeros(rows.n, dtype=bool)
-        for t_nd in np.unique(nd[mine]).tolist():
-            sel = nd[mine] == t_nd
-            a, b = row_start[mine[sel]], row_start[lead[sel]]
-            differ = np.zeros(len(a), dtype=bool)
-            for d in range(t_nd):
-                differ |= n_flat[a + d] != n_flat[b + d]
-            other[mine[sel]] = differ
+        for g, m, pos in boxes.where(mine):
+            lead_pos = lead[m] if boxes.at is None else boxes.at[lead[m]]
+            differ = np.zeros(len(pos), dtype=bool)
+            for d in range(g.nd):
+                differ |= g.lens[:, d][pos] != g.lens[:, d][lead_pos]
+            other[mine[m]] = differ
         rows.fail(other, "rows of one shard (same tensor and start) disagree on its lengths")
     pos_in_group = np.arange(rows.n) - group_first[group]
     raw_s, sbo_s = raw[order], sbo[order]
@@ -241,8 +325,7 @@ def _check_cover_all(
     order where they can: the shards' volumes add up to the tensor's; along that dimension, in
     ``firsts`` order (by offset there), the first starts at 0 and each next one where the
     previous one ends. Every other tensor, and any that fails, goes through ``check_cover``."""
-    tensors, nd_t, tid, row_start = boxes.tensors, boxes.nd_t, boxes.tid, boxes.row_start
-    o_flat, n_flat = boxes.offs, boxes.lens
+    tensors = boxes.tensors
     n_t = len(tensors)
     bounds = np.searchsorted(tid_f, np.arange(n_t + 1))
     count = np.diff(bounds)
@@ -251,44 +334,33 @@ def _check_cover_all(
     covered = np.zeros(n_t, dtype=np.int64)
     covered[have] = np.add.reduceat(volume[firsts], bounds[:-1][have])
     suspect |= np.where(have, covered != elems, elems != 0)  # as check_cover counts first
-    # Per tensor, the dimensions along which some shard is not whole (from every row: the rows
-    # of one shard have its box), and the offset and length of each row along the one such
-    # dimension of its tensor, if one.
-    ways = np.zeros(n_t, dtype=np.int64)
-    along = np.zeros(n_t, dtype=np.int64)
-    o_row, n_row = np.zeros(len(tid), dtype=np.int64), np.zeros(len(tid), dtype=np.int64)
-    for t_nd in np.unique(nd_t).tolist():
-        if t_nd == 0:
+    # Per tensor, the dimensions along which some shard is not whole (from every row, in row
+    # order: the rows of one shard have its box), and the lowest of them.
+    ways, along = np.zeros(n_t, dtype=np.int64), np.zeros(n_t, dtype=np.int64)
+    for g in boxes.groups:
+        if g.nd == 0:
             continue  # a 0-d tensor: one shard of one element, as the volumes said
-        in_grp = nd_t == t_nd
-        sel = np.flatnonzero(in_grp[tid])
-        base, t_sel = row_start[sel], tid[sel]
-        shape = np.zeros((t_nd, n_t), dtype=np.int64)
-        ids = np.flatnonzero(in_grp)
-        shape[:, ids] = boxes.shapes.matrix(ids, t_nd).T
-        split = np.zeros((t_nd, n_t), dtype=bool)
-        for d in range(t_nd):
-            part = (o_flat[base + d] != 0) | (n_flat[base + d] != shape[d][t_sel])
-            split[d] = np.bincount(t_sel, weights=part, minlength=n_t) > 0
-        ways[in_grp] = split.sum(axis=0)[in_grp]
-        along[in_grp] = np.argmax(split, axis=0)[in_grp]
-        at = base + along[t_sel]
-        o_row[sel], n_row[sel] = o_flat[at], n_flat[at]
+        split = np.zeros((n_t, g.nd), dtype=bool)
+        for d in range(g.nd):
+            split[g.tid[(g.offs[:, d] != 0) | (g.lens[:, d] != g.shape[:, d][g.tid])], d] = True
+        ways += split.sum(axis=1)
+        along += np.argmax(split, axis=1)  # 0 for the tensors of other groups
     suspect |= ways > 1  # several: check_cover paints a grid
     one = (ways == 1) & ~suspect
-    f = np.flatnonzero(one[tid_f])
-    t1, rows1 = tid_f[f], firsts[f]
-    o, n = o_row[rows1], n_row[rows1]
+    rows1, t1 = firsts, tid_f  # the shards of those tensors (usually all), by tensor and start
+    if not one[tid_f].all():
+        f = np.flatnonzero(one[tid_f])
+        rows1, t1 = firsts[f], tid_f[f]
+    o, n = boxes.along(rows1, along[t1])
     first = np.ones(len(t1), dtype=bool)
     first[1:] = t1[1:] != t1[:-1]
     expect = np.zeros(len(t1), dtype=np.int64)
-    expect[1:] = o[:-1] + n[:-1]
+    np.add(o[:-1], n[:-1], out=expect[1:])
     expect[first] = 0
     suspect[np.unique(t1[o != expect])] = True
     for t in np.flatnonzero(suspect).tolist():
-        sel = firsts[bounds[t] : bounds[t + 1]]
-        idx = row_start[sel][:, None] + np.arange(int(nd_t[t]))
-        check_cover(tensors[t]["key"], tensors[t]["shape"], o_flat[idx], n_flat[idx])
+        offs, lens = boxes.box(t, firsts[bounds[t] : bounds[t + 1]])
+        check_cover(tensors[t]["key"], tensors[t]["shape"], offs, lens)
 
 
 def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:
