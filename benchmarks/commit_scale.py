@@ -266,7 +266,7 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
     from ckptguard.format.ranktrees import rank_tree
     from ckptguard.open import CheckpointReader
     from ckptguard.select import plan_reads
-    from ckptguard.tree import tensor_ids
+    from ckptguard.format.treeids import tensor_ids
 
     me = ranks // 2
     times = []
@@ -327,7 +327,7 @@ def simulate_collective_load(path: str, ranks: int, trials: int, boxes: dict) ->
     from ckptguard.format.ranktrees import rank_tree
     from ckptguard.open import CheckpointReader, Shared
     from ckptguard.select import plan_reads
-    from ckptguard.tree import tensor_ids
+    from ckptguard.format.treeids import tensor_ids
 
     me = ranks // 2
     with CheckpointReader(path, keep_bytes=True) as rd:
