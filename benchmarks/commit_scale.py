@@ -264,9 +264,9 @@ def simulate_load(path: str, ranks: int, trials: int, old_path: bool = False) ->
     """One rank of a ``ranks``-rank job loading the simulated checkpoint: open, rebuild its
     tree, select and plan its reads for a 1/ranks box of every tensor."""
     from ckptguard.format.ranktrees import rank_tree
+    from ckptguard.format.treeids import tensor_ids
     from ckptguard.open import CheckpointReader
     from ckptguard.select import plan_reads
-    from ckptguard.format.treeids import tensor_ids
 
     me = ranks // 2
     times = []
@@ -325,9 +325,9 @@ def simulate_collective_load(path: str, ranks: int, trials: int, boxes: dict) ->
     checks their hashes and parses them, then rebuilds its tree and selects as above. Also the
     metadata bytes every rank together reads from the file system, alone and collectively."""
     from ckptguard.format.ranktrees import rank_tree
+    from ckptguard.format.treeids import tensor_ids
     from ckptguard.open import CheckpointReader, Shared
     from ckptguard.select import plan_reads
-    from ckptguard.format.treeids import tensor_ids
 
     me = ranks // 2
     with CheckpointReader(path, keep_bytes=True) as rd:
