@@ -116,18 +116,42 @@ def check_linked(fd: int, size: int, rank: int, uuid_hex: str) -> LinkedFooter:
     return LinkedFooter({o: r for o, r in first.items() if count[o] == 1}, seq)
 
 
-def check_data_file(
-    fd: int, size: int, rank: int, uuid_hex: str, sub: pa.Table, rows: Callable[[], list[Row]]
-) -> None:
-    """Check a checkpoint's own data file (open as ``fd``, ``size`` bytes, written by ``rank``)
-    against its index rows ``sub`` (in offset order; ``rows()`` the same as ``Row`` objects):
-    header, trailer and footer, and its records following each other from the header to the
-    footer. Raises FormatError."""
+def footer_rows(
+    fd: int, size: int, rank: int, uuid_hex: str, check: Callable[[bytes], None]
+) -> list[dict]:
+    """The footer rows of a checkpoint's own data file (open as ``fd``, ``size`` bytes, written
+    by ``rank``), as JSON objects, after its header, trailer and footer hash are checked and
+    ``check`` of the footer's bytes (against the manifest's locator) passes. Raises
+    FormatError."""
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise FormatError("data file is too short")
     check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
     off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
     footer = pread_exact(fd, length, off)
+    check(footer)
+    return check_footer(footer, digest, rank, uuid_hex)
+
+
+def check_data_file(
+    fd: int,
+    size: int,
+    rank: int,
+    uuid_hex: str,
+    sub: pa.Table,
+    rows: Callable[[], list[Row]],
+    footer_check: Callable[[bytes], None] | None = None,
+) -> None:
+    """Check a checkpoint's own data file (open as ``fd``, ``size`` bytes, written by ``rank``)
+    against its index rows ``sub`` (in offset order; ``rows()`` the same as ``Row`` objects):
+    header, trailer and footer (and ``footer_check`` of the footer's bytes), and its records
+    following each other from the header to the footer. Raises FormatError."""
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise FormatError("data file is too short")
+    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
+    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
+    footer = pread_exact(fd, length, off)
+    if footer_check is not None:
+        footer_check(footer)
     offs = sub.column("offset").to_numpy()
     packed = is_packed(sub) and bool(
         pc.any(pc.not_equal(sub.column("record_raw_len"), sub.column("raw_len"))).as_py()

@@ -65,9 +65,9 @@ def load_checkpoint(
             )
         tree = rank_tree(rd.manifest, rank)
         ids = _tensor_ids(rd, tree)
-        if PER_RANK_TENSORS in rd.features:
-            _check_rank(rd, rank, world)
+        _check_rank(rd, rank, world)
         targets = select.template_targets(template, rd.tensors, rd.path, rank)
+        rd.locate(_wanted(rd, ids, targets, rank))  # (a reader that uses the locator)
         gone = _shredded(rd, [g for g in ids if g not in targets], shredded)
         ids = [g for g in ids if g not in gone]
         # Tensors without a template load whole, in tree order, each once: those that are one
@@ -263,6 +263,19 @@ def _pack_values(
             values[g] = obj
 
 
+def _wanted(
+    rd: CheckpointReader, ids: Sequence[int], targets: dict[int, Target], rank: int
+) -> dict[int, select.Box]:
+    """The box of each tensor of ``ids`` (and of each view's storage) that a load reads; for a
+    reader that uses the locator, which then reads the rows of just those (none otherwise)."""
+    if not rd.located:
+        return {}
+    want = [*ids, *_views(rd, ids).values()]
+    return {
+        g: targets[g].box if g in targets else select.whole_box(rd.tensors[g], rank) for g in want
+    }
+
+
 def _views(rd: CheckpointReader, ids: Sequence[int]) -> dict[int, int]:
     """The views among tensors ``ids`` (format.md section 3.2), each with its storage's id."""
     if TENSOR_VIEWS not in rd.features:
@@ -405,6 +418,8 @@ def _read_file(
 def _check_rank(rd: CheckpointReader, rank: int, world: int | None) -> None:
     """A checkpoint with per-rank tensors loads as one of its saved ranks, and in a job only at
     the saved world size: another rank's value is never handed over unasked."""
+    if PER_RANK_TENSORS not in rd.features:
+        return
     saved = rd.manifest["world_size"]
     keys = [t["key"] for t in rd.tensors if t.get("per_rank")]
     what = f"per-rank tensors ({', '.join(map(repr, keys[:4]))}{', ...' if len(keys) > 4 else ''})"

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
 from . import keyring, sign
 from .errors import (
@@ -34,14 +33,14 @@ from .errors import (
     StoreError,
 )
 from .filecheck import check_data_file, check_linked_rows
-from .format import index, manifest
+from .format import index
 from .format.datafile import (
     FormatError,
 )
 from .format.encryption import key_scopes
 from .format.index import Row
-from .format.layout import INDEX, MANIFEST, datafile_rank, linked_file
-from .format.validate import check_table
+from .format.layout import MANIFEST, datafile_rank, linked_file
+from .format.locator import LOCATOR, Cells, check_footer, locatable, wanted
 from .fsutil import (
     UnsafeFileError,
     check_regular,
@@ -49,7 +48,14 @@ from .fsutil import (
     member_error,
     open_regular,
     read_manifest,
-    read_member,
+)
+from .indexread import (
+    check_cells,
+    check_totals,
+    decode_index,
+    empty_table,
+    located_rows,
+    read_index,
 )
 from .kek import Kek, resolve_kek
 from .onefile import Members, OneFile
@@ -81,6 +87,8 @@ class Shared:
     manifest_raw: bytes
     index_raw: bytes
     ino: int
+    located: bool = False
+    """Rank 0 opened it to use the locator (``index_raw`` empty): so does this rank."""
 
 
 class CheckpointReader:
@@ -101,10 +109,14 @@ class CheckpointReader:
         *,
         shared: Shared | None = None,
         keep_bytes: bool = False,
+        located: bool = False,
     ) -> None:
         self.one: Members | None = None
         self.index_raw: bytes | None = None
         """index.parquet's bytes, kept only with ``keep_bytes`` (to send them to other ranks)."""
+        self.located = False
+        """Whether rows come from the footers of the files ``locate`` names, not the index
+        (format.md 4.5; asked for with ``located`` where every tensor with rows has a grid)."""
         self.dir_fd = -1
         if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
@@ -137,8 +149,11 @@ class CheckpointReader:
                 )
             self.tensors: list[dict] = self.manifest["tensors"]
             self.files: dict[str, int] = {f["name"]: f["size"] for f in self.manifest["files"]}
-            self.table = _read_index(self, keep_bytes)
-            _check_totals(self)
+            if located and self.one is None and locatable(self.manifest):
+                self._start_located()
+                return
+            self.table = read_index(self, keep_bytes)
+            check_totals(self)
         except BaseException:
             self.close()
             raise
@@ -159,7 +174,33 @@ class CheckpointReader:
         self.features = set(self.manifest["features"])
         self.tensors = self.manifest["tensors"]
         self.files = {f["name"]: f["size"] for f in self.manifest["files"]}
-        self.table = _decode_index(self, shared.index_raw)
+        if shared.located:
+            if not locatable(self.manifest):
+                raise self.corrupt("rank 0 sent a manifest without a locator", file=MANIFEST)
+            self._start_located()
+            return
+        self.table = decode_index(self, shared.index_raw)
+
+    def _start_located(self) -> None:
+        self.located = True
+        self._cells = Cells(self.manifest["locator"])
+        self._read: set[str] = set()
+        self.table = empty_table(self.features)
+
+    def locate(self, boxes: Mapping[int, tuple[Sequence[int], Sequence[int]]]) -> None:
+        """Where the reader is ``located``: add the rows of every data file holding a part of
+        these boxes (tensor id: offsets, lengths), each file read and checked once, and check
+        that they hold every part (``indexread``). A load calls it before it selects."""
+        if not self.located:
+            return
+        files, cells = wanted(self._cells, self.tensors, boxes)
+        names = [self.manifest["files"][i]["name"] for i in sorted(files)]
+        new = [n for n in names if n not in self._read]
+        if new:
+            self.table = pa.concat_tables([self.table, located_rows(self, self._cells, new)])
+            self._read.update(new)
+            self._all = None
+        check_cells(self, cells)
 
     def _open_dir(self) -> None:
         """Open the checkpoint directory, or the one-file checkpoint at the path."""
@@ -385,11 +426,24 @@ class CheckpointReader:
                 uuid,
                 self.file_table(name),
                 lambda: self.rows_of_file(name),
+                self._footer_check(name),
             )
         else:
             digests = index.DIGESTS in self.features
             rows = self.rows_of_file(name)
             self._seq[name] = check_linked_rows(fd, self.files[name], *link, rows, digests)
+
+    def _footer_check(self, name: str) -> Callable[[bytes], None] | None:
+        """The check of data file ``name``'s footer against the locator's hashes, if the
+        checkpoint has one (section 4.5)."""
+        if LOCATOR not in self.features:
+            return None
+        return functools.partial(check_footer, self.manifest["locator"], self.positions[name])
+
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        """Each data file's position in the manifest's ``files``."""
+        return {f["name"]: i for i, f in enumerate(self.manifest["files"])}
 
     def close(self) -> None:
         if self.one is not None:
@@ -414,54 +468,3 @@ def _read_manifest(rd: CheckpointReader) -> tuple[bytes, dict]:
         return read_manifest(rd.path, dir_fd=rd.dir_fd)
     except FileNotFoundError:
         raise rd.missing("MANIFEST.json is missing: not a committed checkpoint", MANIFEST) from None
-
-
-def _read_index(rd: CheckpointReader, keep_bytes: bool = False) -> pa.Table:
-    """The index table, checked against its hash in the manifest and validated."""
-    m = rd.manifest
-    try:
-        if rd.one is not None:
-            data = rd.one.index(m["index"]["size"])
-        else:
-            data = read_member(rd.path, INDEX, dir_fd=rd.dir_fd, size=m["index"]["size"])
-    except FileNotFoundError:
-        raise rd.missing("index.parquet is missing", INDEX) from None
-    table = _decode_index(rd, data)
-    if keep_bytes:
-        rd.index_raw = data
-    try:
-        check_table(table, rd.tensors, rd.files, rd.features)
-        used = set(pc.unique(table.column("key_id")).to_pylist()) - {None}
-        if not used <= set(key_scopes(m)):
-            raise FormatError("index: a key_id that the manifest's encryption member lacks")
-    except FormatError as e:
-        raise rd.corrupt(str(e), file=INDEX) from None
-    return table
-
-
-def _decode_index(rd: CheckpointReader, data: bytes) -> pa.Table:
-    """Index bytes checked against the manifest's hashes and parsed (schema and nulls)."""
-    m = rd.manifest
-    if len(data) != m["index"]["size"] or xxhash.xxh3_128_hexdigest(data) != m["index"]["xxh3_128"]:
-        raise rd.corrupt("index.parquet does not match the hash in the manifest", file=INDEX)
-    if "sha256" in m["index"] and hashlib.sha256(data).hexdigest() != m["index"]["sha256"]:
-        raise rd.corrupt("index.parquet does not match the SHA-256 in the manifest", file=INDEX)
-    try:
-        return index.read_table(data)
-    except FormatError as e:
-        raise rd.corrupt(str(e), file=INDEX) from None
-
-
-def _check_totals(rd: CheckpointReader) -> None:
-    """The manifest's totals and file entries agree with the index."""
-    m, t = rd.manifest, rd.table
-    if manifest.totals(t, len(rd.tensors), len(rd.files)) != m["totals"]:
-        raise rd.corrupt("manifest totals disagree with the index", file=MANIFEST)
-    counts = dict.fromkeys(rd.files, 0)
-    for item in pc.value_counts(t.column("file").combine_chunks()).to_pylist():
-        counts[item["values"]] = item["counts"]
-    for f in m["files"]:  # validation already tied every row's file to its rank
-        if counts[f["name"]] != f["chunks"]:
-            raise rd.corrupt("manifest file entry disagrees with the index", file=f["name"])
-        if f["rank"] >= m["world_size"]:
-            raise rd.corrupt("data file of a rank beyond world_size", file=f["name"])

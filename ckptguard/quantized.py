@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .format import dtypes
-from .format.manifest import MAX_DIMS
+from .format.entries import MAX_DIMS
 from .format.treeids import QUANTIZED_PARTS
 
 MEMBERS = frozenset({"$quantized", "qscheme", "axis", *QUANTIZED_PARTS})

@@ -39,10 +39,11 @@ from .errors import (
 from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
-from .format.index import unify
+from .format.index import DIGESTS, unify
 from .format.layout import linked_file
+from .format.locator import footer_digests, for_save
 from .format.manifest import CheckpointInfo
-from .format.validate import check_table
+from .format.validate import Shards, check_table
 from .hooks import run_commit_hooks
 from .inventory import bind_per_rank, describe_local
 from .options import COMPRESS, SaveOptions, check_options, shaping_options
@@ -353,7 +354,7 @@ def write_data_file(
         raise
     file = {"name": writer.name, "rank": rank, "size": writer.size, "chunks": own}
     doc = {"ok": True, "written_at": time.time(), "file": file, "stats": writer.stats}
-    doc["linked"] = linked
+    doc.update(linked=linked, footer=footer_digests(writer.footer, opt.digests))
     return {**doc, "zstd": writer.zstd_version()}, rows
 
 
@@ -405,10 +406,11 @@ def manifest_body(
     table = unify([t for _, t in reports if t is not None])
     reports[:] = [(doc, None) for doc, _ in reports]
     files = [rep["file"] for rep, _ in reports]
+    footers = [rep.get("footer") for rep, _ in reports]
     files += [f for rep, _ in reports for f in rep.get("linked", ())]
     features = set(manifest.features(p.pickle, p.rank_trees, p.tensors, table, p.tree))
     sizes = {f["name"]: f["size"] for f in files}
-    index_entry = validate_and_index(
+    index_entry, shards = validate_and_index(
         p.staging, table, p.tensors, sizes, features, target.write_index
     )
     failpoint("commit.index_written")
@@ -429,6 +431,7 @@ def manifest_body(
         created=dt.datetime.now(dt.timezone.utc),
         incremental=incremental_member(p.base, files),
         encryption=key_scopes(p.seal, pc.unique(table.column("key_id")).to_pylist()),
+        locator=for_save(shards, p.tensors, files, footers, DIGESTS in features),
     )
 
 
@@ -446,20 +449,17 @@ def validate_and_index(
     sizes: dict[str, int],
     features: set,
     write: Callable[[str, pa.Table], dict] = commit.write_index,
-) -> dict:
+) -> tuple[dict, Shards | None]:
     """Check every row and write index.parquet (``write``) at the same time (both release the
-    GIL).
-
-    The index is only referenced by a manifest if validation passed; otherwise it is staging
-    garbage like the rest. Returns the manifest's ``index`` member.
-    """
+    GIL). The index is only referenced by a manifest if validation passed; otherwise it is
+    staging garbage like the rest. Returns the manifest's ``index`` member and the shards."""
     with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-index") as pool:
         written = pool.submit(write, staging, table)
         try:
-            check_table(table, tensors, sizes, features)
+            shards = check_table(table, tensors, sizes, features)
         finally:
             entry = written.result()
-    return entry
+    return entry, shards
 
 
 def save_state(

@@ -5,10 +5,15 @@ MANIFEST.json and index.parquet (and resolves the store's LATEST) once per rank:
 10,000 reads of the same metadata from the parallel file system at once, the storm its
 administrators forbid, and ranks that may resolve LATEST to different checkpoints if it moves
 meanwhile. A collective load (``load(..., collective=True)``) instead has rank 0 resolve the
-path, read both files and check them whole (every rule of docs/format.md section 4), then
-broadcasts their bytes over the job's coordinator. Every other rank checks the bytes against
-the manifest's hashes and parses them, without reading either file or repeating the rules, and
-opens the same directory for the data files it needs. Then all ranks say whether they opened it,
+path, read and check MANIFEST.json and broadcast its bytes over the job's coordinator. Where the
+manifest's locator gives every tensor's grid (docs/format.md section 4.5, every save without a
+linked file), that is all: each rank, rank 0 too, then reads the rows of just the data files
+its boxes lie in, from their footers, checked against the manifest; at 10,000 ranks a rank
+parses a few thousand rows instead of ten million, and nobody reads index.parquet. Otherwise
+rank 0 also reads index.parquet, checks it whole (every rule of section 4) and broadcasts it,
+and the other ranks check the bytes against the manifest's hashes and parse them, without
+reading the file or repeating the rules. Every rank opens the same directory for the data files
+it needs. Then all ranks say whether they opened it,
 so the open succeeds on every rank or fails on every rank.
 
 A one-file checkpoint is opened by each rank itself (it is a single file, read by offsets).
@@ -102,15 +107,16 @@ def _lead(
     """Rank 0: open and check; the message for the others (or the error they are to raise)."""
     try:
         path = locate()
-        rd = CheckpointReader(path, trust, keep_bytes=True)
+        rd = CheckpointReader(path, trust, keep_bytes=True, located=True)
     except BaseException as e:  # every rank is to raise it, not wait for bytes
         return e, _failure(e), []
-    if rd.one is not None or rd.index_raw is None:
+    if rd.one is not None or (rd.index_raw is None and not rd.located):
         return rd, {"ok": True, "path": rd.path, "each": True}, []
-    body = [rd.manifest_raw, rd.index_raw]
+    body = [rd.manifest_raw] if rd.located else [rd.manifest_raw, rd.index_raw or b""]
     rd.index_raw = None
     ino = os.fstat(rd.dir_fd).st_ino
-    return rd, {"ok": True, "path": rd.path, "ino": ino, "sizes": [len(b) for b in body]}, body
+    head = {"ok": True, "path": rd.path, "ino": ino, "sizes": [len(b) for b in body]}
+    return rd, {**head, "located": rd.located}, body
 
 
 def _failure(e: BaseException) -> dict:
@@ -156,7 +162,10 @@ def _follow(head: dict, body: list[bytes]) -> CheckpointReader | BaseException:
     try:
         if head.get("each"):
             return CheckpointReader(head["path"])
-        return CheckpointReader(head["path"], shared=Shared(body[0], body[1], head["ino"]))
+        located = bool(head.get("located"))
+        index_raw = b"" if located else body[1]
+        shared = Shared(body[0], index_raw, head["ino"], located)
+        return CheckpointReader(head["path"], shared=shared)
     except BaseException as e:
         return e
 

@@ -22,7 +22,7 @@ import torch
 
 from . import quantized, treemaps, treetypes, views
 from .errors import UnsupportedObjectError
-from .format.manifest import MAX_DIMS
+from .format.entries import MAX_DIMS
 from .shard import PerRank, Shard, dtensor_copies, dtensor_shard, is_dtensor
 from .stateful import is_stateful
 from .treeload import I64, INT_LIMIT, PATH_CLASSES, SPARSE_PARTS, meta_fits

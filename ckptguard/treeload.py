@@ -25,7 +25,7 @@ import torch
 from . import quantized, treemaps, treetypes
 from .errors import RegisteredTypeError
 from .format import dtypes
-from .format.manifest import MAX_DIMS, MAX_TENSOR_BYTES
+from .format.entries import MAX_DIMS, MAX_TENSOR_BYTES
 from .treemaps import METADATA, MetadataError
 from .treemaps import join as join
 from .treetypes import NUMPY_BY_NAME as NUMPY_BY_NAME

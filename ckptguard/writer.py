@@ -470,7 +470,7 @@ class RankWriter:
         written; return the index rows of the file."""
         self.flush()
         table = self.table()
-        footer = index_footer(self.rank, self.uuid, table, is_packed(table))
+        footer = self.footer = index_footer(self.rank, self.uuid, table, is_packed(table))
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
         self._close_direct()

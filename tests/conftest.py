@@ -3,6 +3,7 @@ re-sign a checkpoint on disk (written from docs/format.md, via tests/independent
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -165,10 +166,44 @@ def rewrite_index(
         body["index"]["xxh3_128"] = ir.xxh3_128_hex(data)
         if body_mutator is not None:
             new = body_mutator(body)
-            return body if new is None else new
+            body = body if new is None else new
+        relocate(ckpt_dir, body, table)
         return body
 
     resign_manifest(ckpt_dir, fix)
+
+
+def relocate(ckpt_dir: str | os.PathLike, body: dict[str, Any], table: pa.Table) -> None:
+    """Make ``body``'s locator (format.md 4.5) agree with the index rows ``table`` and the data
+    files' footers, as a forger who knows the format would; where they give none (rows of
+    unknown tensors, an unreadable footer), drop the feature and the member instead."""
+    if "locator" not in body:
+        return
+    loc = body["locator"]
+    try:
+        by_tensor: dict[int, dict] = collections.defaultdict(lambda: collections.defaultdict(set))
+        position = {f["name"]: i for i, f in enumerate(body["files"])}
+        for r in table.to_pylist():
+            box = (tuple(r["shard_offsets"]), tuple(r["shard_lengths"]))
+            by_tensor[r["tensor"]][box].add(position[r["file"]])
+        assert set(by_tensor) <= set(range(len(body["tensors"])))
+        grids = [
+            ir.expected_grid(t["shape"], by_tensor.get(i, {}))
+            for i, t in enumerate(body["tensors"])
+        ]
+        footers = [
+            ir.scan_data_file(os.path.join(ckpt_dir, f["name"])).footer for f in body["files"]
+        ]
+    except (AssertionError, KeyError, TypeError, OSError, ir.SpecViolation):
+        body["features"] = [f for f in body["features"] if f != "locator"]
+        del body["locator"]
+        return
+    loc["grids"] = [g for g in grids if g is not None]
+    refs = iter(range(len(loc["grids"])))
+    loc["tensors"] = [None if g is None else next(refs) for g in grids]
+    loc["footers"] = [ir.xxh3_128_hex(f) for f in footers]
+    if "footer_sha256" in loc:
+        loc["footer_sha256"] = [hashlib.sha256(f).hexdigest() for f in footers]
 
 
 def rewrite_rows(

@@ -3,9 +3,10 @@ and recomputes every checksum that anyone can recompute (docs/security.md).
 
 What it rewrites: the chunk payload (a raw record), its record header's xxh3-128 and header
 xxh3-64, the footer row's hash and the trailer's footer hash, the index row's hash, the
-manifest's index size and hash, and the manifest checksum. With ``digests=True`` it also
-recomputes the chunk's SHA-256 in the footer and the index and the index's SHA-256 in the
-manifest: what a forger does who knows the format. Only a signature over the manifest then
+manifest's index size and hash, its locator's footer hashes, and the manifest checksum. With
+``digests=True`` it also recomputes the chunk's SHA-256 in the footer and the index, the
+footer's SHA-256 in the locator and the index's SHA-256 in the manifest: what a forger does
+who knows the format. Only a signature over the manifest then
 tells the checkpoint from the one that was written.
 """
 
@@ -20,6 +21,7 @@ import xxhash
 from ckptguard.encode import sha256
 from ckptguard.format import datafile, index, manifest
 from ckptguard.format.layout import INDEX, MANIFEST
+from ckptguard.format.locator import footer_digests
 
 
 def _read(path: str) -> bytes:
@@ -78,6 +80,14 @@ def rewrite_index(ckpt: str, rows: list[index.Row]) -> None:
     _write(os.path.join(ckpt, INDEX), data)
     body = manifest.decode(_read(os.path.join(ckpt, MANIFEST)))
     body["index"] = index.member(data, "sha256" in body["index"])
+    if "locator" in body:  # the footers' hashes there (format.md 4.5)
+        for i, f in enumerate(body["files"]):
+            raw = _read(os.path.join(ckpt, f["name"]))
+            foff, flen, _ = datafile.unpack_trailer(raw[-datafile.TRAILER_SIZE :], len(raw))
+            got = footer_digests(raw[foff : foff + flen], "footer_sha256" in body["locator"])
+            body["locator"]["footers"][i] = got["xxh3_128"]
+            if "sha256" in got:
+                body["locator"]["footer_sha256"][i] = got["sha256"]
     _write(os.path.join(ckpt, MANIFEST), manifest.encode(body))
 
 

@@ -111,7 +111,9 @@ ZSTD_MAX_RATIO = 32768  # a zstd frame decodes to at most this many bytes per pa
 # member (section 4.3)
 # encryption: sealed records (AES-256-GCM) under data keys of the store's keyring, rows with a
 # key_id, the manifest's encryption member (sections 1.1, 4.4)
+# locator: the manifest's locator member, footer hashes and shard grids (section 4.5)
 KNOWN_FEATURES = {
+    "locator",
     "digests",
     "encryption",
     "incremental",
@@ -151,8 +153,9 @@ BODY_MEMBERS = {
     "totals",
     "incremental",
     "encryption",
+    "locator",
 }
-OPTIONAL_BODY_MEMBERS = {"features", "incremental", "encryption"}
+OPTIONAL_BODY_MEMBERS = {"features", "incremental", "encryption", "locator"}
 TENSOR_MEMBERS = {"key", "dtype", "shape", "kind", "device", "requires_grad", "parameter"}
 FILE_MEMBERS = {"name", "rank", "size", "chunks"}
 INDEX_MEMBERS = {"file", "size", "xxh3_128"}
@@ -393,6 +396,7 @@ class DataFileLayout:
     footer_offset: int
     footer_len: int
     records: list[Record] = field(default_factory=list)
+    footer: bytes = b""  # the footer's bytes (section 4.5 hashes them)
 
     @property
     def trailer_offset(self) -> int:
@@ -690,7 +694,131 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         and all(_is_int(v) and v >= 0 for v in tot.values()),
         "MANIFEST.json: bad totals",
     )
+    _need(("locator" in body) == ("locator" in feats), "MANIFEST.json: locator member iff feature")
+    if "locator" in feats:
+        _need(not incremental, "MANIFEST.json: locator with incremental")
+        check_locator_member(body)
     return body
+
+
+# ---------------------------------------------------------------- section 4.5: the locator
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v)
+
+
+def check_locator_member(body: dict[str, Any]) -> None:
+    """The checks of section 4.5 on the manifest alone."""
+    loc, files, tensors = body["locator"], body["files"], body["tensors"]
+    digests = "digests" in body["features"]
+    want = {"footers", "grids", "tensors"} | ({"footer_sha256"} if digests else set())
+    _need(isinstance(loc, dict) and set(loc) == want, "locator: wrong members")
+    _need(
+        isinstance(loc["footers"], list)
+        and len(loc["footers"]) == len(files)
+        and all(isinstance(h, str) and HEX32_RE.fullmatch(h) for h in loc["footers"]),
+        "locator: footers is not one 32-hex string per data file",
+    )
+    if digests:
+        sha = loc["footer_sha256"]
+        _need(
+            isinstance(sha, list)
+            and len(sha) == len(files)
+            and all(isinstance(h, str) and SHA256_RE.fullmatch(h) for h in sha),
+            "locator: footer_sha256 is not one 64-hex string per data file",
+        )
+    grids = loc["grids"]
+    _need(isinstance(grids, list), "locator: grids is not a list")
+    for i, g in enumerate(grids):
+        _need(isinstance(g, dict) and set(g) == {"cuts", "files"}, f"locator: grids[{i}] members")
+        cuts = g["cuts"]
+        _need(isinstance(cuts, list), f"locator: grids[{i}].cuts is not a list")
+        cells = 1
+        for c in cuts:
+            _need(
+                _int_list(c)
+                and len(c) >= 2
+                and c[0] == 0
+                and all(c[j] < c[j + 1] for j in range(len(c) - 1)),
+                f"locator: grids[{i}] has cuts that do not rise strictly from 0",
+            )
+            cells *= len(c) - 1
+        _need(
+            _int_list(g["files"])
+            and len(g["files"]) == cells
+            and all(0 <= f < len(files) for f in g["files"]),
+            f"locator: grids[{i}].files is not one position in files per cell",
+        )
+    refs = loc["tensors"]
+    _need(
+        isinstance(refs, list) and len(refs) == len(tensors),
+        "locator: tensors is not one entry per tensor",
+    )
+    named = set()
+    for t, ref in enumerate(refs):
+        if ref is None:
+            continue
+        _need(_is_int(ref) and 0 <= ref < len(grids), f"locator: tensors[{t}] is not a grid")
+        shape = tensors[t]["shape"]
+        cuts = grids[ref]["cuts"]
+        _need(
+            "view" not in tensors[t]
+            and len(cuts) == len(shape)
+            and all(c[-1] == n for c, n in zip(cuts, shape, strict=True)),
+            f"locator: tensors[{t}] names a grid of another shape",
+        )
+        named.add(ref)
+    _need(len(named) == len(grids), "locator: a grid that no tensor names")
+
+
+def expected_grid(
+    shape: list[int], shards: dict[tuple[tuple[int, ...], tuple[int, ...]], set[int]]
+) -> dict[str, Any] | None:
+    """The grid of a tensor whose shards (offsets, lengths) -> set of the positions of the files
+    holding their rows are ``shards``, or None where they do not form one (section 4.5)."""
+    if not shards or any(len(fs) != 1 for fs in shards.values()):
+        return None
+    k = len(shape)
+    cuts = [sorted({o[d] for o, _ in shards} | {shape[d]}) for d in range(k)]
+    if any(c[0] != 0 for c in cuts):
+        return None
+    files = []
+    for idx in itertools.product(*(range(len(c) - 1) for c in cuts)):
+        o = tuple(cuts[d][i] for d, i in enumerate(idx))
+        n = tuple(cuts[d][i + 1] - cuts[d][i] for d, i in enumerate(idx))
+        held = shards.get((o, n))
+        if held is None:
+            return None
+        files.append(next(iter(held)))
+    if len(files) != len(shards):
+        return None
+    return {"cuts": cuts, "files": files}
+
+
+def check_locator_rows(
+    body: dict[str, Any], rows: list[dict[str, Any]], layouts: dict[str, DataFileLayout]
+) -> None:
+    """Section 4.5 against the index and the data files: every tensor's grid (or null) is the
+    one its rows give, and every footer has the hashes listed."""
+    loc = body["locator"]
+    position = {f["name"]: i for i, f in enumerate(body["files"])}
+    for name, lay in layouts.items():
+        i = position[name]
+        _need(xxh3_128_hex(lay.footer) == loc["footers"][i], f"{name}: footer != locator hash")
+        if "footer_sha256" in loc:
+            _need(
+                hashlib.sha256(lay.footer).hexdigest() == loc["footer_sha256"][i],
+                f"{name}: footer != locator SHA-256",
+            )
+    by_tensor: dict[int, dict] = collections.defaultdict(lambda: collections.defaultdict(set))
+    for r in rows:
+        box = (tuple(r["shard_offsets"]), tuple(r["shard_lengths"]))
+        by_tensor[r["tensor"]][box].add(position[r["file"]])
+    for t, ref in enumerate(loc["tensors"]):
+        want = expected_grid(body["tensors"][t]["shape"], by_tensor.get(t, {}))
+        got = None if ref is None else loc["grids"][ref]
+        _need(got == want, f"locator: tensor {t}'s grid disagrees with the index")
 
 
 def is_scope_name(s: Any) -> bool:
@@ -1116,6 +1244,7 @@ def scan_data_file(path: str, fd: int | None = None, size: int | None = None) ->
         footer_offset=foff,
         footer_len=flen,
         records=records,
+        footer=fb,
     )
 
 
@@ -2036,6 +2165,8 @@ def _read_data(
             _need(lay.uuid == holder, f"{name}: header uuid != the uuid it must have")
             layouts[name] = lay
         check_rows(body, rows, layouts)
+        if "locator" in body:
+            check_locator_rows(body, rows, layouts)
         by_file: dict[str, list[dict]] = collections.defaultdict(list)
         for r in rows:
             by_file[r["file"]].append(r)

@@ -598,7 +598,12 @@ def test_footer_nested_beyond_the_stack(store: str) -> None:
     )
     new = data[:off] + footer + trailer
     Path(f).write_bytes(new)
-    resign_manifest(path, lambda b: b["files"][0].__setitem__("size", len(new)))
+
+    def body(b: dict) -> None:
+        b["files"][0]["size"] = len(new)
+        b["locator"]["footers"][0] = xxhash.xxh3_128_hexdigest(footer)
+
+    resign_manifest(path, body)
     with pytest.raises(ckptguard.CorruptCheckpointError, match="footer is not valid JSON"):
         ckptguard.load(path)
     report = ckptguard.verify(path)

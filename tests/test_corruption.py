@@ -13,7 +13,7 @@ from pathlib import Path
 import independent_reader as ir
 import pytest
 import torch
-from conftest import flip_byte, snapshot
+from conftest import flip_byte, resign_manifest, snapshot
 
 import ckptguard
 
@@ -366,9 +366,12 @@ def test_verify_off_skips_hash_only(pristine: Pristine, tmp_path: Path) -> None:
         ckptguard.load(d, verify=False)
 
 
-def _rewrite_footer(d: str, p: Pristine, edit: Callable[[bytes], bytes]) -> None:
+def _rewrite_footer(
+    d: str, p: Pristine, edit: Callable[[bytes], bytes], relocate: bool = True
+) -> None:
     """Replace the data file's footer with ``edit(footer)`` (same length) and re-seal its trailer
-    hash, as a writer that formats the same JSON differently (or lies consistently) would."""
+    hash, and (``relocate``) its hash in the manifest's locator (format.md 4.5), as a writer that
+    formats the same JSON differently (or lies consistently) would."""
     import struct
 
     import xxhash
@@ -384,6 +387,12 @@ def _rewrite_footer(d: str, p: Pristine, edit: Callable[[bytes], bytes]) -> None
         f.write(new)
         f.seek(-16, os.SEEK_END)
         f.write(struct.pack("<Q", xxhash.xxh3_64_intdigest(new)))
+    if relocate:
+
+        def mut(body: dict) -> None:
+            body["locator"]["footers"][0] = xxhash.xxh3_128_hexdigest(new)
+
+        resign_manifest(d, mut)
 
 
 @both_codecs
@@ -402,6 +411,30 @@ def test_a_footer_formatted_otherwise_still_loads(pristine: Pristine, tmp_path: 
     assert ckptguard.verify(d).ok
     got, want = ckptguard.load(d), ckptguard.load(pristine.path)
     assert all(torch.equal(got[k], want[k]) for k in ("rand", "zeros", "ids", "small"))
+
+
+@both_codecs
+def test_a_footer_that_is_not_the_one_the_locator_hashed(
+    pristine: Pristine, tmp_path: Path
+) -> None:
+    """A footer whose trailer hash is right but whose bytes are not those the manifest's locator
+    hashed is corruption (format.md 4.5), even when its rows equal the index's."""
+    d = str(tmp_path / "store" / "ck")
+    shutil.copytree(pristine.path, d)
+
+    def reorder(footer: bytes) -> bytes:
+        head, rows = footer.split(b',"rows":', 1)
+        rank, uuid = head[1:].split(b",", 1)
+        return b"{" + uuid + b"," + rank + b',"rows":' + rows
+
+    _rewrite_footer(d, pristine, reorder, relocate=False)
+    before = snapshot(str(tmp_path / "store"), staging=True)
+    with pytest.raises(ckptguard.CorruptCheckpointError, match="hash in the manifest's locator"):
+        ckptguard.load(d)
+    assert not ckptguard.verify(d).ok
+    with pytest.raises(ir.SpecViolation, match="locator"):
+        ir.read_checkpoint(d)
+    assert snapshot(str(tmp_path / "store"), staging=True) == before
 
 
 @both_codecs

@@ -86,7 +86,8 @@ def _publish(
     data = index.write_table(index.to_table(rows))
     (ckpt / INDEX).write_bytes(data)
     feats = set(body["features"]) | {"incremental"} if features is None else features
-    body = {k: v for k, v in body.items() if k != "incremental"}
+    feats = feats - {"locator"}  # never with linked files (format.md 4.5)
+    body = {k: v for k, v in body.items() if k not in ("incremental", "locator")}
     body["features"] = sorted(feats)
     if member is not None:
         body["incremental"] = member

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from ckptguard.format.datafile import FormatError
-from ckptguard.format.manifest import _plain_tensors, _validate_tensors
+from ckptguard.format.entries import _plain_tensors
+from ckptguard.format.entries import validate_tensors as _validate_tensors
 
 pytestmark = pytest.mark.backend_independent
 

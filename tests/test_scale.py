@@ -146,7 +146,7 @@ def test_agreeing_ranks_need_no_feature(store: str) -> None:
     path = os.path.join(store, "same")
     save_ranks([{"w": W, "step": 3, "lr": 0.1}] * 3, path)
     body = ir.parse_manifest(ir.read_manifest_bytes(path))
-    assert body["features"] == [] and body["rank_trees"] == {}
+    assert body["features"] == ["locator"] and body["rank_trees"] == {}
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> Any:
@@ -450,6 +450,7 @@ def test_coverage_check_agrees_with_check_cover(seed: int, whole: bool) -> None:
             validate._Rows(table),
             *cols,
             validate._np(table, "elem_size"),
+            np.zeros(table.num_rows, dtype=np.int64),
         )
     except FormatError as e:
         got = str(e)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import flip_byte, small_state
+from conftest import flip_byte, resign_manifest, small_state
 
 import ckptguard
 from ckptguard import sharedopen
@@ -110,13 +110,27 @@ def open_all(where: str, job_size: int = 3, **kw: Any) -> list:
     return run_ranks(job_size, body, **kw)
 
 
-def test_rank_0_reads_the_metadata_for_every_rank(store):
+def without_locator(path: str) -> None:
+    """Drop the locator (format.md 4.5): the checkpoint is then opened through its index."""
+
+    def mut(body: dict) -> None:
+        body["features"].remove("locator")
+        del body["locator"]
+
+    resign_manifest(path, mut)
+
+
+@pytest.mark.parametrize("located", [True, False])
+def test_rank_0_reads_the_metadata_for_every_rank(store, located):
     info = ckptguard.save(small_state(1), os.path.join(store, "c1"))
+    if not located:
+        without_locator(info.path)
     got = open_all(store)
     assert all(not isinstance(x, BaseException) for x in got), got
     assert {x for x in got} == {(info.uuid, got[0][1], info.path)}
-    assert opens(0, MANIFEST) == 1 and opens(0, INDEX) == 1
+    assert opens(0, MANIFEST) == 1 and opens(0, INDEX) == (0 if located else 1)
     assert opens(1, MANIFEST, INDEX) == 0 and opens(2, MANIFEST, INDEX) == 0
+    assert (got[0][1] == 0) == located  # located: no rows until a load says which it reads
 
 
 def test_the_load_rebuilds_the_same_state_on_every_rank(store):
@@ -140,6 +154,7 @@ def test_rank_0s_error_is_raised_on_every_rank(tmp_path):
 
 def test_a_damaged_index_found_by_rank_0_fails_every_rank(store):
     info = ckptguard.save(small_state(3), os.path.join(store, "c1"))
+    without_locator(info.path)
     flip_byte(os.path.join(info.path, INDEX), 200)
     got = open_all(store)
     assert all(isinstance(x, CorruptCheckpointError) for x in got), got
@@ -225,3 +240,120 @@ def test_reader_from_shared_bytes_matches_a_reader_of_the_files(store):
         with CheckpointReader(info.path, shared=shared) as b:
             assert b.manifest == a.manifest and b.table.equals(a.table)
             assert b.rows == a.rows
+
+
+# ------------------------------------------------- loads that use the locator (format.md 4.5)
+
+BLOCK = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+
+
+def _sharded(path: str, block: bool = True) -> torch.Tensor:
+    """A checkpoint of 4 ranks, each holding 4 rows of a 16 x 8 tensor ``w`` (and a quarter of
+    the 8 x 8 ``BLOCK``, as ``b``); the full ``w``."""
+    full = torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8)
+
+    def body(c: Coordinator) -> Any:
+        r = c.rank
+        i, j = 4 * (r // 2), 4 * (r % 2)
+        state: dict[str, Any] = {
+            "w": ckptguard.Shard(full[4 * r : 4 * r + 4].clone(), (16, 8), (4 * r, 0)),
+            "step": 5,
+        }
+        if block:
+            state["b"] = ckptguard.Shard(BLOCK[i : i + 4, j : j + 4].clone(), (8, 8), (i, j))
+        return ckptguard.save(state, path, coordinator=c)
+
+    got = run_ranks(4, body)
+    assert all(not isinstance(x, BaseException) for x in got), got
+    return full
+
+
+def _local(x: Any) -> torch.Tensor:
+    return (x.local if isinstance(x, ckptguard.Shard) else x).clone()
+
+
+def _load_rows(store: str, size: int, rows: int) -> list:
+    """A collective load by ``size`` ranks, rank r wanting rows r*rows.. of ``w`` (and the
+    rest of the tree whole)."""
+
+    def body(c: Coordinator) -> Any:
+        w = ckptguard.Shard(torch.zeros(rows, 8), (16, 8), (c.rank * rows, 0))
+        out = ckptguard.load(store, template={"w": w}, coordinator=c, collective=True, timeout=10)
+        return _local(out["w"]), out.get("b"), out["step"]
+
+    return run_ranks(size, body)
+
+
+def test_a_resharding_load_reads_only_the_files_of_its_cells(store):
+    full = _sharded(os.path.join(store, "c1"), block=False)
+    got = _load_rows(store, 2, 6)  # rank 0: rows 0-5 (files 0, 1); rank 1: rows 6-11 (1, 2)
+    for r, out in enumerate(got):
+        assert not isinstance(out, BaseException), out
+        assert torch.equal(out[0], full[6 * r : 6 * r + 6]) and out[2] == 5
+    assert opens(0, INDEX) == opens(1, INDEX) == 0
+    assert opens(0, MANIFEST) == 1 and opens(1, MANIFEST) == 0
+    assert opens(0, "rank-00002.ckg", "rank-00003.ckg") == 0
+    assert opens(1, "rank-00000.ckg", "rank-00003.ckg") == 0
+    assert opens(0, "rank-00000.ckg") >= 1 and opens(1, "rank-00002.ckg") >= 1
+
+
+def test_a_tensor_loaded_whole_reads_every_file_of_its_grid(store):
+    _sharded(os.path.join(store, "c1"))
+    got = _load_rows(store, 2, 8)
+    for out in got:
+        assert not isinstance(out, BaseException), out
+        assert torch.equal(_local(out[1]), BLOCK)
+    assert all(opens(r, f"rank-0000{f}.ckg") >= 1 for r in (0, 1) for f in range(4))
+
+
+def test_a_located_load_reads_no_index_so_verify_finds_its_damage(store):
+    path = os.path.join(store, "c1")
+    full = _sharded(path, block=False)
+    flip_byte(os.path.join(path, INDEX), 100)
+    got = _load_rows(store, 2, 8)
+    assert all(torch.equal(out[0], full[8 * r : 8 * r + 8]) for r, out in enumerate(got)), got
+    assert not ckptguard.verify(path).ok
+
+
+def test_a_footer_the_manifest_did_not_hash_fails_the_ranks_that_read_it(store):
+    """A footer rewritten with a matching trailer hash, rows unchanged (members reordered):
+    the ranks that read its file refuse it; the others load."""
+    import xxhash
+
+    path = os.path.join(store, "c1")
+    _sharded(path, block=False)
+    f = os.path.join(path, "rank-00003.ckg")
+    os.chmod(f, 0o644)
+    with open(f, "rb") as fh:
+        data = bytearray(fh.read())
+    off, end = int.from_bytes(data[-32:-24], "little"), len(data) - 32
+    head, rows = bytes(data[off:end]).split(b',"rows":', 1)
+    rank, uuid = head[1:].split(b",", 1)
+    footer = b"{" + uuid + b"," + rank + b',"rows":' + rows
+    assert len(footer) == end - off
+    data[off:end] = footer
+    data[-16:-8] = xxhash.xxh3_64_intdigest(footer).to_bytes(8, "little")
+    with open(f, "wb") as fh:
+        fh.write(bytes(data))
+    got = _load_rows(store, 2, 8)  # rank 0: files 0 and 1; rank 1: files 2 and 3
+    assert not isinstance(got[0], BaseException), got
+    assert isinstance(got[1], CorruptCheckpointError), got
+    assert "locator" in str(got[1]) and "rank-00003.ckg" in str(got[1])
+
+
+def test_a_grid_that_names_the_wrong_file_is_caught(store):
+    path = os.path.join(store, "c1")
+    _sharded(path, block=False)
+
+    def mut(body: dict) -> None:
+        t = next(i for i, e in enumerate(body["tensors"]) if e["key"] == "w")
+        g = body["locator"]["grids"][body["locator"]["tensors"][t]]
+        g["files"][3] = 2  # rows 12-15 said to be in rank 2's file
+
+    resign_manifest(path, mut)
+    got = _load_rows(store, 2, 8)
+    assert not isinstance(got[0], BaseException), got
+    assert isinstance(got[1], CorruptCheckpointError), got
+    assert "locator" in str(got[1])
+    with pytest.raises(CorruptCheckpointError, match="disagrees with the index"):
+        ckptguard.load(path)  # a reader of the whole index compares the grid with it

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
-import math
-import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,20 +13,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from . import FORMAT_VERSION, dtypes, strict_json
+from . import FORMAT_VERSION, strict_json
 from .datafile import ZSTD_FEATURE, FormatError
 from .encryption import ENCRYPTION, check_encryption, encryption_member, has_key_id
+from .entries import PER_RANK_TENSORS, typed, validate_tensors
 from .index import DIGESTS, INCREMENTAL, PACKED_RECORDS, has_base, has_digests, is_packed
 from .layout import datafile_rank, is_name, is_uuid, linked_file
+from .locator import LOCATOR, check_member
 from .ranktrees import RANK_TREE_DIFFS, check_diff
 from .treeids import TREE_TYPES, uses_tree_types
-from .views import TENSOR_VIEWS, check_views
+from .views import TENSOR_VIEWS
 
 MAX_MANIFEST_BYTES = 256 << 20
-MAX_TENSOR_BYTES = 1 << 62
-MAX_DIMS = 64  # dimensions of a tensor (format.md section 3)
-PER_RANK_TENSORS = "per-rank-tensors"
-"""Feature: tensor entries may be ``per_rank``, one row per rank (format.md section 3.1)."""
 KNOWN_FEATURES = frozenset(
     {
         "pickle",
@@ -42,6 +37,7 @@ KNOWN_FEATURES = frozenset(
         DIGESTS,
         INCREMENTAL,
         ENCRYPTION,
+        LOCATOR,
     }
 )
 _PREFIX = b'{"checksum":"'
@@ -66,15 +62,6 @@ _MEMBERS: dict[str, type | tuple] = {
     "files": list,
     "index": dict,
     "totals": dict,
-}
-_TENSOR = {
-    "key": str,
-    "dtype": str,
-    "shape": list,
-    "kind": str,
-    "device": str,
-    "requires_grad": bool,
-    "parameter": bool,
 }
 _FILE = {"name": str, "rank": int, "size": int, "chunks": int}
 _INDEX = {"file": str, "size": int, "xxh3_128": str}
@@ -154,13 +141,15 @@ def build(
     created: dt.datetime,
     incremental: dict | None = None,
     encryption: dict | None = None,
+    locator: dict | None = None,
 ) -> dict:
     """The whole manifest body (format.md section 3) of a checkpoint whose index is ``table``,
     as ``commit.publish`` writes it. ``created``: when it is handed to the commit. Features and
     totals are derived here, never by callers. ``incremental``: the member of an incremental
     save, ``{"base": name, "depth": n}`` (section 4.3), given exactly when ``files`` lists a
     linked data file (ValueError otherwise). ``encryption``: ``{key_id: scope}`` of the data
-    keys that seal rows (section 4.4), given exactly when a row has a key_id.
+    keys that seal rows (section 4.4), given exactly when a row has a key_id. ``locator``:
+    the member of section 4.5 (``locator.member``), never with a linked file.
     """
     feats = features(pickle, rank_trees, tensors, table, tree)
     linked = any(linked_file(f["name"]) is not None for f in files)
@@ -190,7 +179,14 @@ def build(
         body["incremental"] = incremental
     if (ENCRYPTION in feats) != bool(encryption):
         raise ValueError("the encryption member is given exactly when a row has a key_id")
-    return {**body, "encryption": encryption_member(encryption)} if encryption else body
+    if encryption:
+        body["encryption"] = encryption_member(encryption)
+    if locator is not None:
+        if linked:
+            raise ValueError("a locator is never given with a linked data file")
+        body["features"].append(LOCATOR)
+        body["locator"] = locator
+    return body
 
 
 def encode(body: dict) -> bytes:
@@ -221,20 +217,6 @@ def decode(raw: bytes) -> dict:
     return doc
 
 
-def _typed(obj: Any, spec: dict, what: str, exact: bool = True) -> None:
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} is not an object")
-    if exact and set(obj) != set(spec):
-        raise FormatError(f"{what} has members {sorted(obj)}, expected {sorted(spec)}")
-    for k, t in spec.items():
-        v = obj.get(k)
-        if t is int or (isinstance(t, tuple) and int in t):
-            if isinstance(v, bool) or not isinstance(v, t):
-                raise FormatError(f"{what}.{k} has the wrong type")
-        elif not isinstance(v, t):
-            raise FormatError(f"{what}.{k} has the wrong type")
-
-
 def validate(doc: Any) -> None:
     """Check a parsed manifest body against format.md section 3."""
     if not isinstance(doc, dict) or doc.get("format") != "ckptguard":
@@ -250,14 +232,18 @@ def validate(doc: Any) -> None:
     feats = doc.get("features")
     if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
         raise FormatError("manifest.features must be a list of strings")
-    incremental = INCREMENTAL in feats
-    extra = {"incremental": incremental, "encryption": ENCRYPTION in feats}
-    _typed(doc, {**_MEMBERS, **{k: dict for k, on in extra.items() if on}}, "manifest")
     unknown = sorted(set(feats) - KNOWN_FEATURES)
     if unknown:
         raise FormatVersionProblem(
             f"checkpoint requires features {unknown} that this ckptguard does not support"
         )
+    incremental = INCREMENTAL in feats
+    extra = {
+        "incremental": incremental,
+        "encryption": ENCRYPTION in feats,
+        "locator": LOCATOR in feats,
+    }
+    typed(doc, {**_MEMBERS, **{k: dict for k, on in extra.items() if on}}, "manifest")
     if not is_name(doc["name"]) or not is_uuid(doc["uuid"]) or doc["world_size"] < 1:
         raise FormatError("manifest has an invalid name, uuid or world_size")
     parse_time(doc["created"])
@@ -271,131 +257,27 @@ def validate(doc: Any) -> None:
             raise FormatError(f"manifest.rank_trees has an invalid rank {r!r}")
         if diffs:
             check_diff(doc["tree"], value, f"manifest.rank_trees[{r!r}]")
-    _validate_tensors(
+    validate_tensors(
         doc["tensors"], doc["world_size"], PER_RANK_TENSORS in feats, TENSOR_VIEWS in feats
     )
     if incremental:
-        _typed(doc["incremental"], _INCREMENTAL, "manifest.incremental")
+        typed(doc["incremental"], _INCREMENTAL, "manifest.incremental")
         if not is_name(doc["incremental"]["base"]) or doc["incremental"]["depth"] < 1:
             raise FormatError("manifest.incremental has an invalid base name or depth")
     _validate_files(doc["files"], doc["uuid"], doc["world_size"], incremental)
     if ENCRYPTION in feats:
         check_encryption(doc["encryption"])
     digests = DIGESTS in feats
-    _typed(doc["index"], _INDEX_SHA256 if digests else _INDEX, "manifest.index")
+    typed(doc["index"], _INDEX_SHA256 if digests else _INDEX, "manifest.index")
     if doc["index"]["file"] != "index.parquet" or not is_uuid(doc["index"]["xxh3_128"]):
         raise FormatError("manifest.index is invalid")
     if digests and not _SHA256_HEX.fullmatch(doc["index"]["sha256"]):
         raise FormatError("manifest.index.sha256 is not 64 lowercase hex digits")
-    _typed(doc["totals"], _TOTALS, "manifest.totals")
-
-
-def _validate_tensors(tensors: list, world_size: int, per_rank: bool, views: bool = False) -> None:
-    """Check ``manifest.tensors`` (format.md sections 3.1 and 3.2). A view's ``view`` member is
-    checked once every entry is (it names another entry)."""
-    entries = [_without_view(t) for t in tensors] if views else tensors
-    if not _plain_tensors(entries):
-        _validate_each(entries, world_size, per_rank)
-    if views:
-        check_views(tensors)
-
-
-def _without_view(t: Any) -> Any:
-    return {k: v for k, v in t.items() if k != "view"} if type(t) is dict and "view" in t else t
-
-
-def _validate_each(tensors: list, world_size: int, per_rank: bool) -> None:
-    """``_validate_tensors``'s checks one entry at a time, naming the first that fails."""
-    keys = set()
-    for i, t in enumerate(tensors):
-        if per_rank and isinstance(t, dict) and "per_rank" in t:
-            if t["per_rank"] is not True:
-                raise FormatError(f"manifest.tensors[{i}].per_rank is not true")
-            t = {k: v for k, v in t.items() if k != "per_rank"}
-            shape = t.get("shape")
-            if not isinstance(shape, list) or not shape or shape[0] != world_size:
-                raise FormatError(
-                    f"manifest.tensors[{i}] is per-rank but its first dimension is not world_size"
-                )
-        if not _plain_tensor(t):  # the exact error for whatever is not
-            _typed(t, _TENSOR, f"manifest.tensors[{i}]")
-        size = dtypes.elem_size(t["dtype"])
-        if size is None:
-            raise FormatError(f"tensor {t['key']!r} has unknown dtype {t['dtype']!r}")
-        if t["kind"] not in ("torch", "numpy"):
-            raise FormatError(f"tensor {t['key']!r} has unknown kind {t['kind']!r}")
-        shape = t["shape"]
-        if not _naturals(shape):
-            raise FormatError(f"tensor {t['key']!r} has an invalid shape")
-        if len(shape) > MAX_DIMS:
-            raise FormatError(f"tensor {t['key']!r} has more than {MAX_DIMS} dimensions")
-        if _extent(shape) * size > MAX_TENSOR_BYTES:
-            # beyond any file system; also keeps the index checks' int64 arithmetic exact, and
-            # every stride of an empty tensor too (numpy and torch refuse larger ones)
-            raise FormatError(f"tensor {t['key']!r} is larger than 2**62 bytes")
-        if t["key"] in keys:
-            raise FormatError(f"tensor key {t['key']!r} appears twice")
-        keys.add(t["key"])
-
-
-_TENSOR_VALUES = operator.itemgetter(*_TENSOR)
-_TENSOR_TYPES = tuple(_TENSOR.values())
-assert int not in _TENSOR_TYPES  # else _plain_tensor would have to refuse bools as _typed does
-
-
-def _plain_tensor(t: Any) -> bool:
-    """Whether ``_typed(t, _TENSOR, ...)`` passes, checked at C speed for the one tensor entry
-    of a manifest of many (False: let ``_typed`` name what is wrong)."""
-    return (
-        type(t) is dict
-        and t.keys() == _TENSOR.keys()
-        and all(map(isinstance, _TENSOR_VALUES(t), _TENSOR_TYPES))
-    )
-
-
-def _plain_tensors(tensors: list) -> bool:
-    """Whether every entry passes ``_validate_tensors`` without ``per_rank``: the same checks,
-    each over a column at C speed (False: the loop there finds and names what is wrong)."""
-    if not tensors:
-        return True
-    if set(map(type, tensors)) != {dict} or set(map(len, tensors)) != {len(_TENSOR)}:
-        return False
-    try:  # every member present, and no other (the counts are equal)
-        columns = {k: list(map(operator.itemgetter(k), tensors)) for k in _TENSOR}
-    except KeyError:
-        return False
-    if any(set(map(type, columns[k])) != {t} for k, t in _TENSOR.items()):
-        return False  # JSON gives exact types; anything else is for the loop to judge
-    keys, names, shapes = columns["key"], columns["dtype"], columns["shape"]
-    if not set(names) <= dtypes.SIZES.keys() or not set(columns["kind"]) <= {"torch", "numpy"}:
-        return False
-    flat = list(itertools.chain.from_iterable(shapes))
-    if flat and (set(map(type, flat)) != {int} or min(flat) < 0):
-        return False
-    dims = max(map(len, shapes))
-    if dims > MAX_DIMS:
-        return False
-    # No tensor has more bytes than the largest dimension to the most dimensions of the widest
-    # element; only where that bound passes the limit is each tensor's size needed.
-    widest = max(map(dtypes.SIZES.__getitem__, set(names)))
-    if (max(flat, default=0) ** dims) * widest > MAX_TENSOR_BYTES and max(
-        map(operator.mul, map(_extent, shapes), map(dtypes.SIZES.__getitem__, names))
-    ) > (MAX_TENSOR_BYTES):
-        return False
-    return len(set(keys)) == len(keys)
-
-
-def _extent(shape: list) -> int:
-    """The elements ``shape`` would have with every 0 read as 1: its size, or for an empty
-    tensor the size its largest stride implies."""
-    return math.prod(n or 1 for n in shape)
-
-
-def _naturals(shape: list) -> bool:
-    """Whether every entry of ``shape`` is an int (not a bool) >= 0."""
-    if set(map(type, shape)) <= {int}:
-        return not shape or min(shape) >= 0
-    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    typed(doc["totals"], _TOTALS, "manifest.totals")
+    if LOCATOR in feats:
+        if incremental:
+            raise FormatError("manifest: the locator feature with linked data files")
+        check_member(doc["locator"], len(doc["files"]), doc["tensors"], digests)
 
 
 def _validate_files(files: list, uuid: str, world_size: int, incremental: bool) -> None:
@@ -406,7 +288,7 @@ def _validate_files(files: list, uuid: str, world_size: int, incremental: bool) 
     own: set[int] = set()
     linked: set[int] = set()
     for i, f in enumerate(files):
-        _typed(f, _FILE, f"manifest.files[{i}]")
+        typed(f, _FILE, f"manifest.files[{i}]")
         rank, link = datafile_rank(f["name"]), None
         if rank is None and incremental:
             link = linked_file(f["name"])

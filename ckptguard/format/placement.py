@@ -116,11 +116,12 @@ def _file_codes(
 
 def check_placement(
     table: pa.Table, rows: Rows, files: dict[str, int], rec: Records, elem: np.ndarray
-) -> None:
+) -> np.ndarray:
     """Every row's record lies in a listed data file of its rank, aligned, after the header and
     inside the file; in a checkpoint's own file each record follows the previous one; in a
     linked file (section 4.3) a row has a ``base``, is a record of its own and overlaps no
-    other; a ``base`` nowhere else. ``files`` maps data file names to their sizes."""
+    other; a ``base`` nowhere else. ``files`` maps data file names to their sizes. Returns
+    each row's file as its position in ``files``."""
     file_code, size, linked = _file_codes(table, rows, files)
     in_link = linked[file_code]
     has_base = table.column("base").is_valid().to_numpy(zero_copy_only=False)
@@ -158,6 +159,7 @@ def check_placement(
     rows.fail(bad, "record does not follow the previous one in its file (gap or overlap)")
     if rec.packed:
         check_slices(table, rows, rec, elem, order, shares)
+    return file_code
 
 
 def check_slices(

@@ -145,18 +145,44 @@ class _Boxes:
         return g.offs[pos], g.lens[pos]
 
 
-def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], features: set) -> None:
-    """Check every rule of section 4. ``files`` maps data file names to their sizes."""
+@dataclass(frozen=True)
+class Shards:
+    """What the checks learned of the shards, for the locator (section 4.5) to build or check
+    its grids without sorting again: one row per shard (``firsts``, by tensor then start;
+    ``tid`` their tensors, ``bounds`` each tensor's range of them), per tensor the number of
+    dimensions some shard cuts (``ways``), the lowest of them (``along``) and whether its
+    layout is other than pieces along one dimension in order (``irregular``), per row its
+    file's position in the manifest's ``files`` (``file_code``), and per tensor whether the
+    rows of one of its shards lie in more than one file (``mixed``)."""
+
+    boxes: _Boxes
+    firsts: np.ndarray
+    tid: np.ndarray
+    bounds: np.ndarray
+    ways: np.ndarray
+    along: np.ndarray
+    irregular: np.ndarray
+    file_code: np.ndarray
+    mixed: np.ndarray
+
+
+def check_table(
+    table: pa.Table, tensors: list[dict], files: dict[str, int], features: set, whole: bool = True
+) -> Shards | None:
+    """Check every rule of section 4. ``files`` maps data file names to their sizes. Returns
+    the shards (``Shards``) of a table with rows. Not ``whole``: the rows of some data files
+    only (a reader that uses the locator, section 4.5), checked by every rule but the cover
+    rule; then it returns None."""
     rows = _Rows(table)
     views = TENSOR_VIEWS in features
     if views:  # a view (section 3.2) has no rows: its storage's rows hold its bytes
         viewed = np.fromiter(("view" in t for t in tensors), dtype=bool, count=len(tensors))
         tensors = without_views(tensors)
     if rows.n == 0:
-        for t in tensors:
+        for t in tensors if whole else ():
             if math.prod(t["shape"]):
                 raise FormatError(f"tensor {t['key']!r} has elements but no chunks")
-        return
+        return None
     tid = _np(table, "tensor")
     rows.fail((tid < 0) | (tid >= len(tensors)), "tensor id out of range")
     if views:
@@ -197,7 +223,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
     rows.fail(
         is_zstd & (ZSTD_FEATURE not in features), "shuffle-zstd chunk without the zstd feature"
     )
-    check_placement(table, rows, files, rec, elem)
+    file_code = check_placement(table, rows, files, rec, elem)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
         values = table.column(col)
         if values.null_count < rows.n:
@@ -210,7 +236,7 @@ def check_table(table: pa.Table, tensors: list[dict], files: dict[str, int], fea
                 raise FormatError("index: an invalid base checkpoint name")
             if col == "key_id" and not all(is_key_id(k) for k in names):
                 raise FormatError("index: a key_id that is not 32 lowercase hex digits")
-    _check_shards(boxes, rows, raw, sbo, chunk, elem)
+    return _check_shards(boxes, rows, raw, sbo, chunk, elem, file_code, whole)
 
 
 def _check_shapes(
@@ -266,10 +292,12 @@ def _check_shards(
     sbo: np.ndarray,
     chunk: np.ndarray,
     elem: np.ndarray,
-) -> None:
+    file_code: np.ndarray,
+    whole: bool = True,
+) -> Shards | None:
     """Chunks of each shard are numbered from 0 and contiguous; shards tile their tensor.
-    ``raw``, ``sbo``, ``chunk``, ``elem``: each row's raw_len, shard_byte_offset, chunk number
-    and element size."""
+    ``raw``, ``sbo``, ``chunk``, ``elem``, ``file_code``: each row's raw_len,
+    shard_byte_offset, chunk number, element size and file; not ``whole``: no cover check."""
     tid = boxes.tid
     start, volume = _starts(boxes)
     if not chunk.any():  # every shard one chunk (the usual case at scale): a row is a shard
@@ -278,8 +306,10 @@ def _check_shards(
         if not ((tid_f[1:] == tid_f[:-1]) & (s_s[1:] == s_s[:-1])).any():
             rows.fail(sbo != 0, "chunks of a shard are not numbered from 0 or not contiguous")
             rows.fail(raw != volume * elem, "the chunks of a shard do not hold exactly its bytes")
-            _check_cover_all(boxes, volume, order, tid_f)
-            return
+            mixed = np.zeros(len(boxes.tensors), dtype=bool)
+            if not whole:
+                return None
+            return _check_cover_all(boxes, volume, order, tid_f, file_code, mixed)
     order = _sort_order(tid, start, chunk)
     t_s, s_s, c_s = tid[order], start[order], chunk[order]
     new = np.ones(rows.n, dtype=bool)
@@ -313,12 +343,22 @@ def _check_shards(
     bad = np.zeros(rows.n, dtype=bool)
     bad[firsts] = total != need
     rows.fail(bad, "the chunks of a shard do not hold exactly its bytes")
-    _check_cover_all(boxes, volume, firsts, t_s[group_first])
+    f_s = file_code[order]
+    mixed = np.zeros(len(boxes.tensors), dtype=bool)
+    mixed[t_s[f_s != f_s[group_first][group]]] = True
+    if not whole:
+        return None
+    return _check_cover_all(boxes, volume, firsts, t_s[group_first], file_code, mixed)
 
 
 def _check_cover_all(
-    boxes: _Boxes, volume: np.ndarray, firsts: np.ndarray, tid_f: np.ndarray
-) -> None:
+    boxes: _Boxes,
+    volume: np.ndarray,
+    firsts: np.ndarray,
+    tid_f: np.ndarray,
+    file_code: np.ndarray,
+    mixed: np.ndarray,
+) -> Shards:
     """``check_cover`` of every tensor, given one row per shard (``firsts``, sorted by tensor
     then start; ``tid_f`` their tensors). Its checks of the usual layout (pieces along one
     dimension, the others whole, or one whole piece) run here for all tensors at once, in row
@@ -361,6 +401,7 @@ def _check_cover_all(
     for t in np.flatnonzero(suspect).tolist():
         offs, lens = boxes.box(t, firsts[bounds[t] : bounds[t + 1]])
         check_cover(tensors[t]["key"], tensors[t]["shape"], offs, lens)
+    return Shards(boxes, firsts, tid_f, bounds, ways, along, suspect, file_code, mixed)
 
 
 def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:
