@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -254,7 +255,13 @@ def main() -> None:
     if code == 0:
         dist.barrier()
     dist.destroy_process_group()
-    sys.exit(code)
+    # Leave without the interpreter's finalization: gloo's worker threads can still hold work
+    # objects whose destruction then needs the GIL of an interpreter being torn down, which
+    # aborts the process ("terminate called without an active exception") after everything
+    # this script checks is done and reported.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
