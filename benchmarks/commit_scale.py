@@ -15,7 +15,9 @@ a save frees them once decoded. Each rank's tree has one per-rank value (its ran
 tree differs from rank 0's; hashes are random (incompressible, as real ones). With ``--load``
 it then plays one rank of a job loading that checkpoint: open it (manifest, index, every index
 rule checked), rebuild its tree, and select and plan its reads for 1/ranks of every tensor (a
-box straddling two saved shards).
+box straddling two saved shards); then the same rank in a collective load, located (the
+manifest from rank 0, the footers of its two data files, which the simulation writes) and with
+the index broadcast.
 ``overhead`` runs real saves under ``mpiexec -n N`` (oversubscribed on a small machine) and
 reports the time from the last rank's fsync of its data file to the checkpoint being visible.
 """
