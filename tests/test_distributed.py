@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import free_port, run_command
+from conftest import free_port, read_body, resign_manifest, run_command
 from mpikit import need_mpi
 
 import ckptguard
@@ -105,15 +105,37 @@ def test_resharding_load(tmp_path, saved, n_saved, n_loaded):
     assert all(r["ok"] for r in res), res
 
 
-def test_collective_load_reads_the_metadata_once(tmp_path, saved):
-    """A restart's collective load under MPI: rank 0 alone reads MANIFEST.json and
-    index.parquet; every rank still reads the data files it needs and gets its shards."""
+@pytest.mark.parametrize("located", [True, False])
+def test_collective_load_reads_the_metadata_once(tmp_path, saved, located):
+    """A restart's collective load under MPI: rank 0 alone reads MANIFEST.json (and, for a
+    checkpoint without a locator, index.parquet); every rank still reads the data files it
+    needs and gets its shards."""
     store = copy_of(saved[4], tmp_path)
+    if not located:
+        resign_manifest(store / "step-10", _without_locator)
     assert mpirun(4, "joint_load", str(store), "4") == 0
     res = outcomes(tmp_path, 4)
     assert all(r["ok"] for r in res), res
-    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 1)] + [(0, 0)] * 3
+    rank0 = (1, 0 if located else 1)
+    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [rank0] + [(0, 0)] * 3
     assert all(r["data_opens"] >= 1 for r in res)
+
+
+def _without_locator(body: dict) -> None:
+    body["features"].remove("locator")
+    del body["locator"]
+
+
+def test_eight_ranks_commit_and_three_load_collectively(tmp_path, store):
+    """A save by 8 MPI ranks (one with an empty shard) has a locator; 3 ranks load it
+    collectively, resharded, each from the footers of the files its rows lie in."""
+    assert mpirun(8, "save", str(store), "step-10") == 0
+    assert all(r["ok"] for r in outcomes(tmp_path, 8))
+    assert "locator" in read_body(store / "step-10")["features"]
+    assert mpirun(3, "joint_load", str(store), "8") == 0
+    res = outcomes(tmp_path, 3)
+    assert all(r["ok"] for r in res), res
+    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 0)] + [(0, 0)] * 2
 
 
 def test_collective_resharding_load_under_gloo(tmp_path, saved):
@@ -121,7 +143,7 @@ def test_collective_resharding_load_under_gloo(tmp_path, saved):
     assert torchrun(2, "joint_load", str(store), "4") == [0, 0]
     res = outcomes(tmp_path, 2)
     assert all(r["ok"] for r in res), res
-    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 1), (0, 0)]
+    assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 0), (0, 0)]
 
 
 def test_replicas_written_by_different_ranks(saved):

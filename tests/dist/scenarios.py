@@ -33,10 +33,11 @@ def global_state() -> dict:
 
 
 def bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Uneven row split with an empty shard on the last rank when world > 2."""
+    """Uneven row split with an empty shard on the last rank when world > 2 (above 4 ranks:
+    even pieces on the others)."""
     if world == 1:
         return [(0, n)]
-    cuts = [0, 5, 6, 13, n][:world] if world <= 4 else None
+    cuts = [0, 5, 6, 13, n][:world] if world <= 4 else [i * n // (world - 1) for i in range(world)]
     if world == 2:
         cuts = [0, 7]
     if world == 4:
