@@ -51,7 +51,7 @@ from .fsutil import (
 from .io import pread_exact, pwrite_all
 from .keys import PrivateKey
 from .onefile import OneFile
-from .readonly import remove_tree, seal_dir, seal_files, unseal
+from .readonly import remove_tree, seal_dir, seal_files, seal_own, unseal
 
 LATEST_TMP_PREFIX, LATEST_TMP_SUFFIX = ".LATEST.", ".tmp"  # LATEST's temporary: gc removes it
 OLD_SUFFIX = ".old"  # the replaced checkpoint during an overwrite without renameat2
@@ -101,10 +101,9 @@ def new_staging(store: str, name: str) -> tuple[str, str]:
 
 
 def discard_staging(staging: str) -> None:
-    """Remove the staging directory of a save that did not commit, unless an overwrite intent
-    names it, or it holds another checkpoint (an overwrite that could not exchange back a
-    checkpoint held meanwhile): then it may hold the only whole copy of a checkpoint, and gc
-    resolves it."""
+    """Remove the staging directory of a save that did not commit, unless an overwrite intent names
+    it, or it holds another checkpoint (an overwrite that could not exchange back a checkpoint held
+    meanwhile): then it may hold the only whole copy of a checkpoint, and gc resolves it."""
     if not os.path.lexists(staging + INTENT_SUFFIX) and not holds.holds_another(staging):
         remove_tree(staging)
 
@@ -177,6 +176,7 @@ class Flavour:
     staged: bool
     move_latest: Callable[[str, CheckpointInfo], None]
     after_rename: Callable[[], None]
+    sealed_by_writers: bool  # the writers made the data files 0444: seal only the own files
 
 
 def _latest_always(store: str, info: CheckpointInfo) -> None:
@@ -188,6 +188,7 @@ SAVE = Flavour(
     staged=False,
     move_latest=_latest_always,
     after_rename=lambda: failpoint("commit.after_rename"),
+    sealed_by_writers=True,
 )
 """A save: its manifest is written here, LATEST always moves to it."""
 
@@ -221,7 +222,7 @@ def publish(
     _check_deadline(deadline)
     final = os.path.join(store, name)
     info = CheckpointInfo.from_manifest(body, final)
-    seal_files(staging)
+    seal_own(staging, signer is not None) if flavour.sealed_by_writers else seal_files(staging)
     replaced = _rename_into_place(staging, final, overwrite)
     late: list[str] = []
     durable = False

@@ -144,9 +144,12 @@ class FileTarget(Target):
     """A one-file checkpoint at ``path``: the data file is written to a temporary beside it
     (``data_path`` is the staging path itself), the index kept in memory until the commit. The
     commit hooks do not hear of it: their listeners (the agent's drain) take a store's
-    checkpoint directories, and a file outside any store is the user's to place."""
+    checkpoint directories, and a file outside any store is the user's to place. Its data file
+    keeps the mode it was created with (``data_mode``): the commit reopens it to append the
+    tail, and the finished file is the user's, with the mode of any it replaces."""
 
     announce = False
+    data_mode = None
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -1,10 +1,14 @@
 """Committed checkpoints read-only (docs/operations.md, "Legal hold and read-only checkpoints").
 
-Once committed a checkpoint's files are 0444 (``seal_files``, before the rename) and its
-directory 0555 (``seal_dir``, after it: a directory moved into another one must be writable by
-its owner, unless the mover is root). A held checkpoint may also carry the immutable attribute
-(``set_immutable``). ``unseal`` undoes the modes, and an immutable attribute left behind, before
-a directory is renamed out of the store or removed; ``remove_tree`` removes any tree so.
+Once committed a checkpoint's files are 0444 and its directory 0555 (``seal_dir``, after the
+rename: a directory moved into another one must be writable by its owner, unless the mover is
+root). The files are sealed before the rename. A save's data files are made 0444 by their
+writers, each before its own fsync (``target.Target.data_mode``), so that rank 0 seals only its
+own files (``seal_own``) and never lists the staging directory; a drain, whose copier reopens
+its copies piece by piece, seals every file of its staging directory (``seal_files``). A held
+checkpoint may also carry the immutable attribute (``set_immutable``). ``unseal`` undoes the
+modes, and an immutable attribute left behind, before a directory is renamed out of the store
+or removed; ``remove_tree`` removes any tree so.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from .failpoints import failpoint
 from .format.layout import INDEX, MANIFEST, SIGNATURE
 from .fsutil import fsync_dir, group_shared
 
-__all__ = ["DIR_MODE", "FILE_MODE", "remove_tree", "seal_dir", "seal_files", "set_immutable"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "OWN_FILES",
+    "remove_tree",
+    "seal_dir",
+    "seal_files",
+    "seal_own",
+    "set_immutable",
+]
 
 FILE_MODE = 0o444
 DIR_MODE = 0o555
@@ -40,6 +53,14 @@ def seal_files(staging: str) -> None:
         for e in it:
             if e.is_file(follow_symlinks=False):
                 os.chmod(e.path, FILE_MODE)
+
+
+def seal_own(staging: str, signed: bool) -> None:
+    """Make the checkpoint's own files in a staging directory 0444 (``OWN_FILES``; SIGNATURE.json
+    only where ``signed``: a chmod of a missing name is a round trip too), and nothing else: no
+    listing. For a staging directory whose data files their writers made 0444 already."""
+    for n in OWN_FILES if signed else (MANIFEST, INDEX):
+        os.chmod(os.path.join(staging, n), FILE_MODE)
 
 
 def seal_dir(path: str) -> None:

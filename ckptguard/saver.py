@@ -339,7 +339,7 @@ def write_data_file(
         Packer(writer, todo, codec, level).write(source)
         if on_read is not None:
             on_read()
-        rows = writer.finish()
+        rows = writer.finish(target.data_mode)
         own = rows.num_rows
         reused = writer.reused_table()
         linked = reuse.finish() if reuse is not None else []

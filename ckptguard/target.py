@@ -11,16 +11,21 @@ from . import commit, sign
 from .failpoints import failpoint
 from .format.layout import datafile_name
 from .format.manifest import CheckpointInfo
+from .readonly import FILE_MODE
 
 
 class Target:
     """Where a save's files go and how they become visible. This class: a checkpoint directory
     ``<store>/<name>``, staged in ``<store>/.staging`` and committed by ``commit.publish``;
     ``filesave.FileTarget``: a one-file checkpoint. Rank 0 calls every method but ``data_path``.
-    ``announce``: whether the commit hooks hear of the commit (``hooks``).
+    ``announce``: whether the commit hooks hear of the commit (``hooks``). ``data_mode``: the
+    permission bits each rank's writer gives its data file before its fsync (``writer``), None
+    to leave them as created. A checkpoint directory's are 0444 (committed files are read-only):
+    ``commit.publish`` then seals only rank 0's own files, without listing the directory.
     """
 
     announce = True
+    data_mode: int | None = FILE_MODE
 
     def open(self, store: str, name: str, overwrite: bool) -> tuple[str, str]:
         """Check what is at the target, then create the staging area: (uuid, its path)."""

@@ -17,12 +17,7 @@ from .adapt import AUTO, Choice, Controller, Measured, stretch_bytes
 from .encode import as_buffer, check_chunk_size, check_chunking
 from .filecheck import recheck_written
 from .format import dtypes
-from .format.datafile import (
-    CODEC_NAMES,
-    TRAILER_SIZE,
-    pack_file_header,
-    pack_trailer,
-)
+from .format.datafile import CODEC_NAMES, TRAILER_SIZE, pack_file_header, pack_trailer
 from .format.index import Row, int_list_array, is_packed, rows_from_table, table_of, to_table
 from .format.index import footer as index_footer
 from .format.layout import ALIGN, datafile_name
@@ -465,15 +460,18 @@ class RankWriter:
         self.flush()
         return rows_from_table(self.table())
 
-    def finish(self) -> pa.Table:
+    def finish(self, mode: int | None = None) -> pa.Table:
         """Write what is queued, footer and trailer, fsync, close, and re-check what was
-        written; return the index rows of the file."""
+        written; return the index rows of the file. ``mode``: the permission bits it gets before
+        the fsync (durable with it, from every rank's writer at once); None: as created."""
         self.flush()
         table = self.table()
         footer = self.footer = index_footer(self.rank, self.uuid, table, is_packed(table))
         write_all(self.fd, footer, pack_trailer(self.pos, footer))
         self.size = self.pos + len(footer) + TRAILER_SIZE
         self._close_direct()
+        if mode is not None:  # not at creation: open_direct reopens the file by path to write
+            os.fchmod(self.fd, mode)
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1

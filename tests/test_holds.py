@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadcoord import ThreadCoordinator, run_ranks
 
 import ckptguard
-from ckptguard import commit, holds, readonly
+from ckptguard import commit, holds, keys, readonly
 from ckptguard import store as store_mod
+from ckptguard.drain import drain
 from ckptguard.errors import CheckpointHeldError, CheckpointNotFoundError
+from ckptguard.format.layout import STAGING
+from ckptguard.shard import Shard
 
 
 def _save(store: Path, name: str, seed: float, **kw: object) -> None:
@@ -241,6 +245,113 @@ def test_committed_checkpoints_are_read_only_and_still_removable(tmp_path: Path)
     assert os.listdir(store / ".staging") == [] and _names(store) == {"b"}
 
 
+def _sealed(d: Path) -> bool:
+    """Whether ``d`` is a committed checkpoint sealed whole: directory 0555, every file 0444."""
+    files = list(d.iterdir())
+    assert any(f.name.endswith(".ckg") for f in files), files
+    modes = {f.name: stat.S_IMODE(f.lstat().st_mode) for f in files}
+    return stat.S_IMODE(os.stat(d).st_mode) == 0o555 and set(modes.values()) == {0o444}
+
+
+def _two_ranks(path: Path, seed: float, **kw: object) -> None:
+    def rank_main(coord: ThreadCoordinator) -> None:
+        r = coord.rank
+        piece = torch.full((16, 256), seed + r)
+        state = {"w": Shard(piece, (32, 256), (16 * r, 0)), "small": torch.ones(3)}
+        ckptguard.save(state, path, coordinator=coord, chunk_size=1 << 12, **kw)
+
+    run_ranks(2, rank_main)
+
+
+def _every_kind_of_save(store: Path, tmp_path: Path) -> list[str]:
+    """Save into ``store`` each kind of checkpoint whose files some writer seals; their names."""
+    priv = keys.generate(tmp_path / "k")[0]
+    state = {"w": torch.arange(1 << 14, dtype=torch.float32), "b": torch.ones(5), "n": 3}
+    ckptguard.save(state, store / "plain", chunk_size=1 << 12)  # "b": a packed record
+    state["w"][0] = 7.0
+    ckptguard.save(state, store / "incremental", chunk_size=1 << 12, base="plain")
+    ckptguard.save(state, store / "encrypted", encrypt="tenant", digests=True)
+    ckptguard.save(state, store / "signed", sign_key=priv)
+    ckptguard.save_async(state, store / "async").result(60)
+    _two_ranks(store / "ranks", 1.0)
+    _two_ranks(store / "ranks-incremental", 1.0, base="ranks")
+    return ["plain", "incremental", "encrypted", "signed", "async", "ranks", "ranks-incremental"]
+
+
+@pytest.fixture()
+def kek(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("CKPTGUARD_KEK_FILE", "CKPTGUARD_KEK_COMMAND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CKPTGUARD_KEK", "c3" * 32)
+
+
+@pytest.mark.usefixtures("kek")
+def test_every_file_of_every_kind_of_committed_checkpoint_is_read_only(tmp_path: Path) -> None:
+    """Plain, incremental, encrypted, signed, async and two-rank saves, and drained copies: the
+    directory 0555, every file 0444 (data files by their writers, linked ones shared with the
+    base). A one-file checkpoint is the user's file and stays writable, as torch.save's would."""
+    store = tmp_path / "store"
+    names = _every_kind_of_save(store, tmp_path)
+    for name in names:
+        assert _sealed(store / name), name
+    assert any(f.stat().st_nlink == 2 for f in (store / "incremental").iterdir())
+    assert sum(f.stat().st_nlink == 2 for f in (store / "ranks-incremental").iterdir()) == 2
+    drain(store, tmp_path / "dst", names=["plain", "ranks"])
+    assert _sealed(tmp_path / "dst" / "plain") and _sealed(tmp_path / "dst" / "ranks")
+    ckptguard.save({"w": torch.ones(8)}, tmp_path / "model.pt")
+    assert stat.S_IMODE(os.stat(tmp_path / "model.pt").st_mode) & 0o200
+    for name in names:
+        assert ckptguard.verify(store / name).ok, name
+
+
+@pytest.mark.usefixtures("kek")
+def test_rank_0_seals_only_its_own_files_and_each_writer_its_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the commit of a save, rank 0 chmods MANIFEST.json, index.parquet, SIGNATURE.json and
+    the directory, never a data file, and lists no staging directory: each data file was made
+    0444 by its own writer (fchmod), before the fsync that makes it durable."""
+    chmods: list[str] = []
+    listed: list[str] = []
+    events: list[tuple[str, int]] = []
+    chmod, scandir, fchmod, fsync = os.chmod, os.scandir, os.fchmod, os.fsync
+
+    def record_chmod(path: object, mode: int, *a: object, **kw: object) -> None:
+        chmods.append(os.fsdecode(path))
+        chmod(path, mode, *a, **kw)
+
+    def record_scandir(path: object = ".") -> object:
+        listed.append(os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else "")
+        return scandir(path)
+
+    def record_fchmod(fd: int, mode: int) -> None:
+        events.append(("fchmod", fd) if mode == readonly.FILE_MODE else ("other", fd))
+        fchmod(fd, mode)
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", fd))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "chmod", record_chmod)
+    monkeypatch.setattr(os, "scandir", record_scandir)
+    monkeypatch.setattr(os, "fchmod", record_fchmod)
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    store = tmp_path / "store"
+    names = _every_kind_of_save(store, tmp_path)
+    monkeypatch.undo()
+    staging = str(store / STAGING) + os.sep  # what is in it (it is chmodded when created)
+    sealed = [p for p in chmods if p.startswith(staging)]
+    assert not [p for p in sealed if os.path.basename(p) not in readonly.OWN_FILES], sealed
+    assert {os.path.basename(p) for p in sealed} == set(readonly.OWN_FILES)  # one signed save
+    assert {os.path.basename(p) for p in chmods if os.path.dirname(p) == str(store)} >= set(names)
+    assert not [p for p in listed if p.startswith(staging)], listed
+    datafiles = sum(f.name.startswith("rank-") for n in names for f in (store / n).iterdir())
+    writers = [i for i, (what, _) in enumerate(events) if what == "fchmod"]
+    assert len(writers) == datafiles - 3  # the linked files were sealed by the base's writers
+    for i in writers:  # each followed by the fsync of its file
+        assert ("fsync", events[i][1]) in events[i + 1 :]
+
+
 def _immutable_supported(tmp: Path) -> bool:
     probe = tmp / "probe"
     probe.write_bytes(b"")
@@ -277,6 +388,10 @@ import os, sys, torch, ckptguard
 s = sys.argv[1]
 ckptguard.save({"w": torch.ones(4)}, s + "/a")
 ckptguard.save({"w": torch.ones(4)}, s + "/b")
+ckptguard.save({"w": torch.ones(4)}, s + "/c", base="b")  # links b's read-only data file
+for _ in range(2):  # a one-file save reopens its data file to append the tail: not sealed
+    ckptguard.save({"w": torch.ones(4)}, s + ".pt")
+    assert os.stat(s + ".pt").st_mode & 0o200
 for bad in (lambda: open(s + "/a/MANIFEST.json", "ab"), lambda: open(s + "/a/new", "wb")):
     try:
         bad()
@@ -295,6 +410,7 @@ else:
     sys.exit("a held checkpoint was deleted")
 st.release("b")
 st.delete("b")
+st.delete("c")
 st.delete("a")
 st.gc(older_than=0)
 assert os.listdir(s + "/.staging") == [] and st.list() == []
@@ -313,6 +429,8 @@ def test_read_only_for_the_owner_who_is_not_root(tmp_path: Path) -> None:
     warm = tmp_path / "warm"  # every module the child needs, imported here (it may not read them)
     _save(warm, "a", 1.0)
     _save(warm, "a", 1.0, overwrite=True)
+    _save(warm, "b", 1.0, base="a")
+    ckptguard.save({"w": torch.ones(4)}, tmp_path / "warm.pt")
     ckptguard.Store(warm).hold("a")
     ckptguard.Store(warm).release("a")
     ckptguard.Store(warm).delete("a")

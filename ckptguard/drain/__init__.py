@@ -109,9 +109,11 @@ DRAIN = Flavour(
     staged=True,
     move_latest=_advance_latest,
     after_rename=lambda: failpoint("drain.after_rename"),
+    sealed_by_writers=False,
 )
 """A drain's commit tail: the manifest is the source's (already copied and verified), and LATEST
-only moves forward."""
+only moves forward. Every file of its staging directory is made read-only at the publish: the
+copier writes a file in pieces, each reopening it for writing."""
 
 
 # ---- one checkpoint ----------------------------------------------------------------------------
