@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import fuzz_targets as ft
@@ -67,12 +69,15 @@ def test_corpus_is_small() -> None:
     assert total < 4 << 20, total
 
 
-def test_context_checkpoint_loads() -> None:
-    """The context of the targets is a valid committed checkpoint of format v1."""
+def test_context_checkpoint_loads(tmp_path: Path) -> None:
+    """The context of the targets is a valid committed checkpoint of format v1 (a copy: a
+    verify and a load record their events in the store, which must not be the source tree)."""
     import ckptguard
 
-    assert ckptguard.verify(ft.CHECKPOINT).ok
-    state = ckptguard.load(ft.CHECKPOINT)
+    path = tmp_path / "store" / "checkpoint"
+    shutil.copytree(ft.CHECKPOINT, path)
+    assert ckptguard.verify(path).ok
+    state = ckptguard.load(path)
     assert state["meta"] == {"step": 3, "lr": 0.5, "tag": b"\x00\x01", "t": (1, 2)}
 
 
