@@ -116,20 +116,50 @@ def check_linked(fd: int, size: int, rank: int, uuid_hex: str) -> LinkedFooter:
     return LinkedFooter({o: r for o, r in first.items() if count[o] == 1}, seq)
 
 
+@dataclass(frozen=True)
+class Located:
+    """A data file whose rows a reader took from its footer (``footer_rows``): the rows, as
+    JSON objects, and the trailer it had, which a later open of the file must find again
+    (``check_reopened``) instead of reading and parsing the footer once more."""
+
+    rows: list[dict]
+    trailer: bytes
+
+
 def footer_rows(
     fd: int, size: int, rank: int, uuid_hex: str, check: Callable[[bytes], None]
-) -> list[dict]:
+) -> Located:
     """The footer rows of a checkpoint's own data file (open as ``fd``, ``size`` bytes, written
-    by ``rank``), as JSON objects, after its header, trailer and footer hash are checked and
-    ``check`` of the footer's bytes (against the manifest's locator) passes. Raises
-    FormatError."""
+    by ``rank``), after its header, trailer and footer hash are checked and ``check`` of the
+    footer's bytes (against the manifest's locator) passes. Raises FormatError."""
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise FormatError("data file is too short")
     check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
-    off, length, digest = unpack_trailer(pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE), size)
+    trailer = pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE)
+    off, length, digest = unpack_trailer(trailer, size)
     footer = pread_exact(fd, length, off)
     check(footer)
-    return check_footer(footer, digest, rank, uuid_hex)
+    return Located(check_footer(footer, digest, rank, uuid_hex), trailer)
+
+
+def footer_follows(rows: pa.Table, trailer: bytes, size: int) -> None:
+    """That the footer of a data file starts where its last record (of ``rows``, its index
+    rows, each record after the previous as validation checks) ends. Raises FormatError."""
+    off, _, _ = unpack_trailer(trailer, size)
+    end = HEADER_SIZE
+    if rows.num_rows:
+        ends = rows.column("offset").to_numpy() + rows.column("stored_len").to_numpy()
+        end = align(int(ends.max()) + RECORD_HEADER_SIZE)
+    if off != end:
+        raise FormatError("the footer does not follow the last record")
+
+
+def check_reopened(fd: int, size: int, rank: int, uuid_hex: str, trailer: bytes) -> None:
+    """A data file opened again after ``footer_rows`` read it: its header, and the trailer it
+    had then (so the footer whose rows were taken is still the one there). Raises FormatError."""
+    check_file_header(pread_exact(fd, HEADER_SIZE, 0), rank, uuid_hex)
+    if pread_exact(fd, TRAILER_SIZE, size - TRAILER_SIZE) != trailer:
+        raise FormatError("the trailer changed since the footer was read")
 
 
 def check_data_file(

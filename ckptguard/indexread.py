@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from .filecheck import footer_rows
+from .filecheck import footer_follows, footer_rows
 from .format import index, manifest
 from .format.datafile import FormatError
 from .format.encryption import key_scopes
@@ -52,11 +52,11 @@ def located_rows(rd: Any, cells: Cells, names: list[str]) -> pa.Table:
         fd = rd.open_member(name, size, "data file")
         try:
             check = functools.partial(check_footer, rd.manifest["locator"], pos)
-            rows = [
-                row_from_json(x) for x in footer_rows(fd, size, rank, rd.manifest["uuid"], check)
-            ]
+            got = footer_rows(fd, size, rank, rd.manifest["uuid"], check)
+            rows = [row_from_json(x) for x in got.rows]
             table = _table(rows, schema)
             check_table(table, rd.tensors, {name: size}, rd.features, whole=False)
+            footer_follows(table, got.trailer, size)
             shards = table.select(["tensor", "shard_offsets", "shard_lengths"]).to_pydict()
             check_located(
                 cells,
@@ -74,6 +74,7 @@ def located_rows(rd: Any, cells: Cells, names: list[str]) -> pa.Table:
         finally:
             os.close(fd)
         tables.append(table)
+        rd.trailers[name] = got.trailer
     return pa.concat_tables(tables) if tables else empty_table(rd.features)
 
 

@@ -32,7 +32,7 @@ from .errors import (
     KeyUnavailableError,
     StoreError,
 )
-from .filecheck import check_data_file, check_linked_rows
+from .filecheck import check_data_file, check_linked_rows, check_reopened
 from .format import index
 from .format.datafile import (
     FormatError,
@@ -117,6 +117,8 @@ class CheckpointReader:
         self.located = False
         """Whether rows come from the footers of the files ``locate`` names, not the index
         (format.md 4.5; asked for with ``located`` where every tensor with rows has a grid)."""
+        self.trailers: dict[str, bytes] = {}
+        """The trailer of each data file whose rows came from its footer (``indexread``)."""
         self.dir_fd = -1
         if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
@@ -415,10 +417,13 @@ class CheckpointReader:
 
     def _check_data_file(self, fd: int, name: str) -> None:
         """``filecheck.check_data_file`` against this checkpoint's index rows of ``name``; a
-        linked file's footer (format.md 4.3) also gives its records' sequence numbers."""
+        linked file's footer (format.md 4.3) also gives its records' sequence numbers; a file
+        whose footer ``locate`` read and checked, only its header and that trailer again."""
         link = linked_file(name)
-        if link is None:
-            uuid = self.manifest["uuid"]
+        uuid = self.manifest["uuid"]
+        if name in self.trailers:  # footer and rows checked by ``locate``
+            check_reopened(fd, self.files[name], int(name[5:-4]), uuid, self.trailers[name])
+        elif link is None:
             check_data_file(
                 fd,
                 self.files[name],

@@ -357,3 +357,28 @@ def test_a_grid_that_names_the_wrong_file_is_caught(store):
     assert "locator" in str(got[1])
     with pytest.raises(CorruptCheckpointError, match="disagrees with the index"):
         ckptguard.load(path)  # a reader of the whole index compares the grid with it
+
+
+def test_a_located_load_reads_each_footer_once(store, monkeypatch):
+    """The footers a rank reads to locate its rows are not read again when it opens those
+    files for their records: it checks their header and that the trailer is the same."""
+    from ckptguard import indexread
+    from ckptguard import open as opening
+
+    path = os.path.join(store, "c1")
+    full = _sharded(path, block=False)
+    read: list[int] = []
+    real = indexread.footer_rows
+
+    def counted(fd: int, *args: Any) -> Any:
+        read.append(fd)
+        return real(fd, *args)
+
+    def whole_check(*args: Any) -> None:
+        raise AssertionError("a located file's footer read again")
+
+    monkeypatch.setattr(indexread, "footer_rows", counted)
+    monkeypatch.setattr(opening, "check_data_file", whole_check)
+    got = _load_rows(store, 2, 8)
+    assert all(torch.equal(out[0], full[8 * r : 8 * r + 8]) for r, out in enumerate(got)), got
+    assert len(read) == 4  # two files per rank
