@@ -50,6 +50,7 @@ def located_rows(rd: Any, cells: Cells, names: list[str]) -> pa.Table:
         pos = rd.positions[name]
         size, rank = rd.files[name], rd.manifest["files"][pos]["rank"]
         fd = rd.open_member(name, size, "data file")
+        kept = False
         try:
             check = functools.partial(check_footer, rd.manifest["locator"], pos)
             got = footer_rows(fd, size, rank, rd.manifest["uuid"], check)
@@ -67,14 +68,16 @@ def located_rows(rd: Any, cells: Cells, names: list[str]) -> pa.Table:
             )
             if not set(pc.unique(table.column("key_id")).to_pylist()) - {None} <= scopes:
                 raise FormatError("a key_id that the manifest's encryption member lacks")
+            rd.trailers[name] = got.trailer
+            kept = rd.keep_open(name, fd)
         except FormatError as e:
             raise rd.corrupt(str(e), file=name) from None
         except OSError as e:
             raise rd.io_error(e, name) from None
         finally:
-            os.close(fd)
+            if not kept:
+                os.close(fd)
         tables.append(table)
-        rd.trailers[name] = got.trailer
     return pa.concat_tables(tables) if tables else empty_table(rd.features)
 
 

@@ -78,6 +78,10 @@ def using_kek(kek: Kek | str | os.PathLike | None) -> Iterator[None]:
         _KEK.reset(token)
 
 
+KEPT_OPEN = 64
+"""Data files a located reader keeps open between reading their footers and their records."""
+
+
 @dataclass(frozen=True)
 class Shared:
     """A checkpoint's MANIFEST.json and index.parquet bytes, read and checked by rank 0 of a
@@ -119,6 +123,7 @@ class CheckpointReader:
         (format.md 4.5; asked for with ``located`` where every tensor with rows has a grid)."""
         self.trailers: dict[str, bytes] = {}
         """The trailer of each data file whose rows came from its footer (``indexread``)."""
+        self._kept: dict[str, int] = {}  # descriptors of files ``locate`` opened (``keep_open``)
         self.dir_fd = -1
         if not isinstance(path, (str, os.PathLike)):
             self.one, self.path = path, path.path
@@ -399,8 +404,21 @@ class CheckpointReader:
             raise self.io_error(e, name, "cannot open") from None
         return fd
 
+    def keep_open(self, name: str, fd: int) -> bool:
+        """Keep ``fd``, data file ``name`` opened and checked by ``locate``, for ``open_file``
+        to hand out (one open per file and load); False past ``KEPT_OPEN`` of them (the
+        caller closes it: a tensor loaded whole from 10,000 files must not hold 10,000
+        descriptors)."""
+        if len(self._kept) >= KEPT_OPEN:
+            return False
+        self._kept[name] = fd
+        return True
+
     def open_file(self, name: str) -> int:
         """Open and check one data file (header, trailer, footer vs index); return its fd."""
+        kept = self._kept.pop(name, None)
+        if kept is not None:
+            return kept
         fd = self.open_member(name, self.files[name], "data file")
         try:
             self._check_data_file(fd, name)
@@ -451,6 +469,9 @@ class CheckpointReader:
         return {f["name"]: i for i, f in enumerate(self.manifest["files"])}
 
     def close(self) -> None:
+        for fd in self._kept.values():
+            os.close(fd)
+        self._kept.clear()
         if self.one is not None:
             self.one.close()
         if self.dir_fd >= 0:

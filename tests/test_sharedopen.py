@@ -294,7 +294,9 @@ def test_a_resharding_load_reads_only_the_files_of_its_cells(store):
     assert opens(0, MANIFEST) == 1 and opens(1, MANIFEST) == 0
     assert opens(0, "rank-00002.ckg", "rank-00003.ckg") == 0
     assert opens(1, "rank-00000.ckg", "rank-00003.ckg") == 0
-    assert opens(0, "rank-00000.ckg") >= 1 and opens(1, "rank-00002.ckg") >= 1
+    # each file once: the descriptor that read its footer reads its records
+    assert [opens(0, f"rank-0000{f}.ckg") for f in (0, 1)] == [1, 1]
+    assert [opens(1, f"rank-0000{f}.ckg") for f in (1, 2)] == [1, 1]
 
 
 def test_a_tensor_loaded_whole_reads_every_file_of_its_grid(store):
@@ -382,3 +384,16 @@ def test_a_located_load_reads_each_footer_once(store, monkeypatch):
     got = _load_rows(store, 2, 8)
     assert all(torch.equal(out[0], full[8 * r : 8 * r + 8]) for r, out in enumerate(got)), got
     assert len(read) == 4  # two files per rank
+
+
+def test_files_past_the_kept_descriptors_are_reopened_and_checked(store, monkeypatch):
+    """Past KEPT_OPEN located files a rank closes the rest after their footers and opens them
+    again for their records, checking their header and that the trailer is unchanged."""
+    from ckptguard import open as opening
+
+    path = os.path.join(store, "c1")
+    full = _sharded(path, block=False)
+    monkeypatch.setattr(opening, "KEPT_OPEN", 1)
+    got = _load_rows(store, 2, 8)
+    assert all(torch.equal(out[0], full[8 * r : 8 * r + 8]) for r, out in enumerate(got)), got
+    assert sorted(opens(0, f"rank-0000{f}.ckg") for f in (0, 1)) == [1, 2]
