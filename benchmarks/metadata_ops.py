@@ -280,7 +280,8 @@ def model(runs: list[dict[str, Any]], ranks: int, tensors: int) -> dict[str, flo
         "footer_row_bytes": row,
         "data_files_opened_per_rank": opened,
         "ckptguard_alone": ranks * (index + manifest + opened * footer),
-        "ckptguard_collective": index + manifest + ranks * opened * footer,
+        # rank 0 reads the manifest alone, each rank its files' footers (format.md 4.5)
+        "ckptguard_collective": manifest + ranks * opened * footer,
         "dcp_metadata_bytes": metadata,
         "dcp_bytes_per_shard": size["per_rank"] / t0,
         "dcp": ranks * metadata,
