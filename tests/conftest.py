@@ -206,6 +206,14 @@ def relocate(ckpt_dir: str | os.PathLike, body: dict[str, Any], table: pa.Table)
         loc["footer_sha256"] = [hashlib.sha256(f).hexdigest() for f in footers]
 
 
+def reorder_footer(footer: bytes) -> bytes:
+    """The same footer with its ``rank`` and ``uuid`` members swapped: other bytes of the same
+    length, the same rows."""
+    head, rows = footer.split(b',"rows":', 1)
+    rank, uuid = head[1:].split(b",", 1)
+    return b"{" + uuid + b"," + rank + b',"rows":' + rows
+
+
 def rewrite_rows(
     ckpt_dir: str | os.PathLike,
     rows_mutator: Callable[[list[dict[str, Any]]], Any],

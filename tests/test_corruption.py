@@ -13,7 +13,7 @@ from pathlib import Path
 import independent_reader as ir
 import pytest
 import torch
-from conftest import flip_byte, resign_manifest, snapshot
+from conftest import flip_byte, reorder_footer, resign_manifest, snapshot
 
 import ckptguard
 
@@ -402,12 +402,7 @@ def test_a_footer_formatted_otherwise_still_loads(pristine: Pristine, tmp_path: 
     d = str(tmp_path / "store" / "ck")
     shutil.copytree(pristine.path, d)
 
-    def reorder(footer: bytes) -> bytes:
-        head, rows = footer.split(b',"rows":', 1)
-        rank, uuid = head[1:].split(b",", 1)
-        return b"{" + uuid + b"," + rank + b',"rows":' + rows
-
-    _rewrite_footer(d, pristine, reorder)
+    _rewrite_footer(d, pristine, reorder_footer)
     assert ckptguard.verify(d).ok
     got, want = ckptguard.load(d), ckptguard.load(pristine.path)
     assert all(torch.equal(got[k], want[k]) for k in ("rand", "zeros", "ids", "small"))
@@ -422,12 +417,7 @@ def test_a_footer_that_is_not_the_one_the_locator_hashed(
     d = str(tmp_path / "store" / "ck")
     shutil.copytree(pristine.path, d)
 
-    def reorder(footer: bytes) -> bytes:
-        head, rows = footer.split(b',"rows":', 1)
-        rank, uuid = head[1:].split(b",", 1)
-        return b"{" + uuid + b"," + rank + b',"rows":' + rows
-
-    _rewrite_footer(d, pristine, reorder, relocate=False)
+    _rewrite_footer(d, pristine, reorder_footer, relocate=False)
     before = snapshot(str(tmp_path / "store"), staging=True)
     with pytest.raises(ckptguard.CorruptCheckpointError, match="hash in the manifest's locator"):
         ckptguard.load(d)
