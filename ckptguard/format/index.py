@@ -20,12 +20,20 @@ from .datafile import RECORD_HEADER_SIZE, FormatError, pack_footer
 from .layout import align
 
 
+def one_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """``col`` as one array: its only chunk as it is (``combine_chunks`` copies even one chunk,
+    and at ten million rows a copy of a list column is 240 MB of fresh memory)."""
+    if not isinstance(col, pa.ChunkedArray):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def int_lists(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 values, per-row lengths) of a list<int64> column. The values are a read-only
-    view of the column's buffer where they can be (no copy of the largest arrays of an index)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    """(flat int64 values, per-row lengths) of a list<int64> column without nulls. The values
+    are a read-only view of the column's buffer where they can be (no copy of the largest
+    arrays of an index); the lengths are of the list offsets' type (int32 for a list)."""
+    col = one_array(col)
+    lengths = np.diff(col.offsets.to_numpy())
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return flat, lengths
 

@@ -50,10 +50,12 @@ def grids(shards: Shards | None, tensors: list[dict]) -> list[Grid | None]:
         out[t] = (cuts, file_of[shards.bounds[t] : shards.bounds[t] + 1])
     sel = np.flatnonzero(one[shards.tid])  # the shards of those tensors, by tensor then start
     if len(sel):
-        starts, _ = shards.boxes.along(shards.firsts[sel], shards.along[shards.tid[sel]])
+        starts = shards.cut_at[sel]
         t_sel = shards.tid[sel]
+        # The haystack's own type: numpy would otherwise widen all of it on every search.
+        edges = np.searchsorted(t_sel, np.arange(len(tensors) + 1, dtype=t_sel.dtype)).tolist()
         for t in np.flatnonzero(one).tolist():
-            lo, hi = np.searchsorted(t_sel, [t, t + 1])
+            lo, hi = edges[t], edges[t + 1]
             shape, d = tensors[t]["shape"], int(shards.along[t])
             cuts = [np.array([0, n], dtype=np.int64) for n in shape]
             cuts[d] = np.append(starts[lo:hi], shape[d]).astype(np.int64)

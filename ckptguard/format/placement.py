@@ -14,13 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .datafile import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError
-from .index import DIGEST, PACKED_RECORDS, has_digests, is_packed
+from .index import DIGEST, PACKED_RECORDS, has_digests, is_packed, one_array
 from .layout import ALIGN, datafile_rank, linked_file
 
 
 def col(table: pa.Table, name: str) -> np.ndarray:
-    """An integer column as int64 numpy."""
-    return table.column(name).to_numpy().astype(np.int64, copy=False)
+    """An integer column as numpy of its own type (int32 or int64): a view of its buffer, not
+    a copy (at ten million rows every widened column would be 80 MB of fresh memory). Checks
+    mix them with int64 arrays, which numpy widens as it goes."""
+    return one_array(table.column(name)).to_numpy()
 
 
 class Rows:
@@ -70,7 +72,7 @@ class Records:
 def hash_words(table: pa.Table, name: str = "hash") -> np.ndarray:
     """A fixed-size binary column (``hash`` or ``digest``) as uint64 words per row (nulls were
     refused before)."""
-    arr = table.column(name).combine_chunks()
+    arr = one_array(table.column(name))
     k = arr.type.byte_width // 8
     words = np.frombuffer(arr.buffers()[1], dtype=np.uint64)
     return words[k * arr.offset : k * (arr.offset + len(arr))].reshape(-1, k)
@@ -106,7 +108,7 @@ def _file_codes(
             raise FormatError(f"manifest.files: {name!r} is not a data file name")
     size = np.array([*files.values(), -1], dtype=np.int64)
     code = pc.index_in(table.column("file"), value_set=pa.array(names, pa.string()))
-    file_code = code.fill_null(len(names)).to_numpy(zero_copy_only=False).astype(np.int64)
+    file_code = code.fill_null(len(names)).to_numpy(zero_copy_only=False)
     rows.fail(
         ranks[file_code] != col(table, "rank"),
         "data file is not a listed data file of the row's rank",

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from . import dtypes
 from .datafile import CODECS, ZSTD_FEATURE, FormatError, lz4_max_raw_len, zstd_exceeds
 from .encryption import TAG_BYTES
-from .index import DIGEST, DIGESTS, has_digests, int_lists
+from .index import DIGEST, DIGESTS, has_digests, int_lists, one_array
 from .layout import is_key_id, is_name
 from .placement import Records as _Records
 from .placement import Rows as _Rows
@@ -123,8 +123,14 @@ class _Boxes:
 
     def along(self, rows: np.ndarray, dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The offset and length of each of ``rows`` along its dimension ``dims``."""
+        found = self.where(rows)
+        if len(found) == 1 and len(dims) and found[0][0].nd:
+            g, _, pos = found[0]
+            if (dims == dims[0]).all():  # the usual layout: gather two columns, nothing else
+                d = int(dims[0])
+                return g.offs[:, d][pos], g.lens[:, d][pos]
         o, n = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
-        for g, m, pos in self.where(rows):
+        for g, m, pos in found:
             d = dims[m]
             if not g.nd or not len(d):
                 continue
@@ -153,7 +159,8 @@ class Shards:
     dimensions some shard cuts (``ways``), the lowest of them (``along``) and whether its
     layout is other than pieces along one dimension in order (``irregular``), per row its
     file's position in the manifest's ``files`` (``file_code``), and per tensor whether the
-    rows of one of its shards lie in more than one file (``mixed``)."""
+    rows of one of its shards lie in more than one file (``mixed``); per shard (as ``firsts``)
+    its offset along its tensor's cut dimension where just one is cut (``cut_at``)."""
 
     boxes: _Boxes
     firsts: np.ndarray
@@ -164,6 +171,7 @@ class Shards:
     irregular: np.ndarray
     file_code: np.ndarray
     mixed: np.ndarray
+    cut_at: np.ndarray
 
 
 def check_table(
@@ -189,9 +197,9 @@ def check_table(
         rows.fail(viewed[tid], "a row of a view, which has no bytes of its own")
     names = [t["dtype"] for t in tensors]
     for col, values in (("key", [t["key"] for t in tensors]), ("dtype", names)):
-        expect = pa.array(values, pa.string()).take(pa.array(tid))
-        same = pc.equal(table.column(col), expect).to_numpy(zero_copy_only=False)
-        rows.fail(~same, f"{col} disagrees with the manifest's tensor")
+        rows.fail(
+            _differs(table.column(col), values, tid), f"{col} disagrees with the manifest's tensor"
+        )
     sizes = np.fromiter(map(dtypes.SIZES.get, names, itertools.repeat(0)), np.int64, len(names))
     elem = _np(table, "elem_size")
     rows.fail(elem != sizes[tid], "elem_size does not match the dtype")
@@ -207,7 +215,7 @@ def check_table(
         raise FormatError(f"index: the {DIGEST} column without the {DIGESTS} feature or v.v.")
     codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
     rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
-    rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False)
     sealed = table.column("key_id").is_valid().to_numpy(zero_copy_only=False)
     rows.fail(sealed & (rec.stored < TAG_BYTES), "sealed chunk shorter than its tag")
     # A sealed payload is the codec's payload and a 16-byte tag (section 4.4).
@@ -237,6 +245,22 @@ def check_table(
             if col == "key_id" and not all(is_key_id(k) for k in names):
                 raise FormatError("index: a key_id that is not 32 lowercase hex digits")
     return _check_shards(boxes, rows, raw, sbo, chunk, elem, file_code, whole)
+
+
+_BLOCK = 1 << 20
+
+
+def _differs(col: pa.ChunkedArray, values: list[str], tid: np.ndarray) -> np.ndarray:
+    """Rows whose string in ``col`` is not ``values[tid]``. A block of rows at a time: the
+    expected strings of every row at once would be a whole string column of fresh memory."""
+    col = one_array(col)
+    if len(set(values)) == 1:  # one dtype for every tensor, the usual case
+        return ~pc.equal(col, values[0]).to_numpy(zero_copy_only=False)
+    expect, same = pa.array(values, pa.string()), np.empty(len(tid), dtype=bool)
+    for at in range(0, len(tid), _BLOCK):
+        part = pc.equal(col[at : at + _BLOCK], expect.take(tid[at : at + _BLOCK]))
+        same[at : at + _BLOCK] = part.to_numpy(zero_copy_only=False)
+    return ~same
 
 
 def _check_shapes(
@@ -367,7 +391,7 @@ def _check_cover_all(
     previous one ends. Every other tensor, and any that fails, goes through ``check_cover``."""
     tensors = boxes.tensors
     n_t = len(tensors)
-    bounds = np.searchsorted(tid_f, np.arange(n_t + 1))
+    bounds = np.searchsorted(tid_f, np.arange(n_t + 1, dtype=tid_f.dtype))
     count = np.diff(bounds)
     elems, suspect = boxes.shapes.volumes()  # suspect: beyond int64 sums here
     have = count > 0
@@ -401,7 +425,11 @@ def _check_cover_all(
     for t in np.flatnonzero(suspect).tolist():
         offs, lens = boxes.box(t, firsts[bounds[t] : bounds[t + 1]])
         check_cover(tensors[t]["key"], tensors[t]["shape"], offs, lens)
-    return Shards(boxes, firsts, tid_f, bounds, ways, along, suspect, file_code, mixed)
+    cut_at = o
+    if len(rows1) < len(firsts):
+        cut_at = np.zeros(len(firsts), dtype=np.int64)
+        cut_at[f] = o
+    return Shards(boxes, firsts, tid_f, bounds, ways, along, suspect, file_code, mixed, cut_at)
 
 
 def check_cover(key: str, shape: list[int], offs: np.ndarray, lens: np.ndarray) -> None:
