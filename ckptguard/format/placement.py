@@ -84,7 +84,8 @@ def sort_order(*keys: np.ndarray) -> np.ndarray:
     if min(int(k.min()) for k in keys) >= 0 and sum(bits) <= 62:
         packed = np.zeros(len(keys[0]), dtype=np.int64)
         for k, b in zip(keys, bits, strict=True):
-            packed = (packed << b) | k
+            packed <<= b  # in place: no fresh array per key
+            packed |= k
         return np.argsort(packed, kind="stable")
     return np.lexsort(tuple(reversed(keys)))
 
@@ -96,7 +97,7 @@ def _file_codes(
     not listed), and per code (the last one for no file) the file's size and whether it is a
     linked data file. Fails the rows whose file is not a listed file of the row's rank."""
     names = list(files)
-    ranks = np.full(len(names) + 1, -1, dtype=np.int64)
+    ranks = np.full(len(names) + 1, -1, dtype=np.int32)  # as the rank column
     linked = np.zeros(len(names) + 1, dtype=bool)
     for i, name in enumerate(names):
         own, link = datafile_rank(name), linked_file(name)
