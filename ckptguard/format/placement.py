@@ -9,6 +9,8 @@ file name claims.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +25,24 @@ def col(table: pa.Table, name: str) -> np.ndarray:
     a copy (at ten million rows every widened column would be 80 MB of fresh memory). Checks
     mix them with int64 arrays, which numpy widens as it goes."""
     return one_array(table.column(name)).to_numpy()
+
+
+BLOCK = 1 << 20
+
+
+def blocks(n: int) -> list[slice]:
+    """Slices of ``BLOCK`` rows covering ``n`` rows. Row-local checks run a block at a time:
+    their temporaries (8 MB) come back from the allocator warm, where whole-column ones (80 MB
+    at ten million rows) are fresh memory every time, which costs more than the check."""
+    return [slice(at, at + BLOCK) for at in range(0, n, BLOCK)]
+
+
+def per_block(n: int, test: Callable[[slice], np.ndarray]) -> np.ndarray:
+    """``test`` (a row-local mask of the rows of a slice) over ``n`` rows, a block at a time."""
+    out = np.empty(n, dtype=bool)
+    for b in blocks(n):
+        out[b] = test(b)
+    return out
 
 
 class Rows:
@@ -78,16 +98,34 @@ def hash_words(table: pa.Table, name: str = "hash") -> np.ndarray:
     return words[k * arr.offset : k * (arr.offset + len(arr))].reshape(-1, k)
 
 
+def _packed(keys: tuple[np.ndarray, ...]) -> np.ndarray | None:
+    """``keys`` (major first) packed into one int64 per row that sorts as they do, when they
+    are not negative and fit in 62 bits together; None otherwise."""
+    bits = [max(int(k.max()), 0).bit_length() for k in keys]
+    if min(int(k.min()) for k in keys) < 0 or sum(bits) > 62:
+        return None
+    packed = np.zeros(len(keys[0]), dtype=np.int64)
+    for k, b in zip(keys, bits, strict=True):
+        packed <<= b  # in place: no fresh array per key
+        packed |= k
+    return packed
+
+
 def sort_order(*keys: np.ndarray) -> np.ndarray:
     """Row order by ``keys`` (major first): one stable argsort of a packed key when it fits."""
-    bits = [max(int(k.max()), 0).bit_length() for k in keys]
-    if min(int(k.min()) for k in keys) >= 0 and sum(bits) <= 62:
-        packed = np.zeros(len(keys[0]), dtype=np.int64)
-        for k, b in zip(keys, bits, strict=True):
-            packed <<= b  # in place: no fresh array per key
-            packed |= k
-        return np.argsort(packed, kind="stable")
-    return np.lexsort(tuple(reversed(keys)))
+    packed = _packed(keys)
+    if packed is None:
+        return np.lexsort(tuple(reversed(keys)))
+    return np.argsort(packed, kind="stable")
+
+
+def order_or_as_is(*keys: np.ndarray) -> np.ndarray | slice:
+    """``sort_order``, or ``slice(None)`` (indexes as the identity, gathering nothing) where
+    the rows are in that order already, as a save's rows are by file and offset."""
+    packed = _packed(keys)
+    if packed is not None and not (packed[1:] < packed[:-1]).any():
+        return slice(None)
+    return sort_order(*keys)
 
 
 def _file_codes(
@@ -135,11 +173,19 @@ def check_placement(
             in_link & ((rec.slice_at != 0) | (rec.raw_len != col(table, "raw_len"))),
             "a row of a linked data file that is a slice of a packed record",
         )
-    off = col(table, "offset")
-    rows.fail((off < HEADER_SIZE) | (off % ALIGN != 0), "record offset is not aligned data")
-    extent = (off + RECORD_HEADER_SIZE + rec.stored + ALIGN - 1) // ALIGN * ALIGN
-    rows.fail(extent > size[file_code], "record runs past the end of its file")
-    order = sort_order(file_code, off, rec.slice_at)
+    off, n = col(table, "offset"), rows.n
+    rows.fail(
+        per_block(n, lambda b: (off[b] < HEADER_SIZE) | (off[b] % ALIGN != 0)),
+        "record offset is not aligned data",
+    )
+    extent = np.empty(n, dtype=np.int64)
+    for b in blocks(n):
+        extent[b] = (off[b] + RECORD_HEADER_SIZE + rec.stored[b] + ALIGN - 1) // ALIGN * ALIGN
+    rows.fail(
+        per_block(n, lambda b: extent[b] > size[file_code[b]]),
+        "record runs past the end of its file",
+    )
+    order = order_or_as_is(file_code, off, rec.slice_at)
     f, o, e, link = file_code[order], off[order], extent[order], in_link[order]
     first = np.ones(rows.n, dtype=bool)
     first[1:] = f[1:] != f[:-1]
@@ -170,7 +216,7 @@ def check_slices(
     rows: Rows,
     rec: Records,
     elem: np.ndarray,
-    order: np.ndarray,
+    order: np.ndarray | slice,
     shares: np.ndarray,
 ) -> None:
     """Rows of one record (``order``: by file, offset, slice start; ``shares``: the row's record

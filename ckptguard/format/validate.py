@@ -22,7 +22,7 @@ from .index import DIGEST, DIGESTS, has_digests, int_lists, one_array
 from .layout import is_key_id, is_name
 from .placement import Records as _Records
 from .placement import Rows as _Rows
-from .placement import check_placement
+from .placement import blocks, check_placement, per_block
 from .placement import col as _np
 from .placement import sort_order as _sort_order
 from .shapes import Shapes
@@ -128,8 +128,7 @@ class _Boxes:
         if len(found) == 1 and len(dims) and found[0][0].nd:
             g, _, pos = found[0]
             if (dims == dims[0]).all():  # the usual layout: gather two columns, nothing else
-                d = int(dims[0])
-                return g.offs[:, d][pos], g.lens[:, d][pos]
+                return g.offs[:, int(dims[0])][pos], g.lens[:, int(dims[0])][pos]
         o, n = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
         for g, m, pos in found:
             d = dims[m]
@@ -208,31 +207,16 @@ def check_table(
     boxes = _check_shapes(table, rows, tensors, shapes, tid)
     raw, sbo, chunk = _np(table, "raw_len"), _np(table, "shard_byte_offset"), _np(table, "chunk")
     rows.fail(
-        (raw <= 0) | (raw % elem != 0) | (sbo < 0) | (chunk < 0),
+        per_block(
+            rows.n,
+            lambda b: (raw[b] <= 0) | (raw[b] % elem[b] != 0) | (sbo[b] < 0) | (chunk[b] < 0),
+        ),
         "bad raw_len, chunk or shard_byte_offset",
     )
     rec = _Records.of(table, rows, raw, features)
     if has_digests(table) != (DIGESTS in features):
         raise FormatError(f"index: the {DIGEST} column without the {DIGESTS} feature or v.v.")
-    codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
-    rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
-    rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False)
-    sealed = table.column("key_id").is_valid().to_numpy(zero_copy_only=False)
-    rows.fail(sealed & (rec.stored < TAG_BYTES), "sealed chunk shorter than its tag")
-    # A sealed payload is the codec's payload and a 16-byte tag (section 4.4).
-    stored = rec.stored - TAG_BYTES * sealed if sealed.any() else rec.stored
-    is_raw, rlen = rec.codec == CODECS["raw"], rec.raw_len
-    is_zstd = rec.codec == CODECS["shuffle-zstd"]
-    rows.fail(is_raw & (stored != rlen), "raw chunk with stored_len != raw_len")
-    rows.fail(~is_raw & ((stored <= 0) | (stored >= rlen)), "compressed chunk with bad stored_len")
-    rows.fail(
-        (rec.codec == CODECS["shuffle-lz4"]) & (rlen > lz4_max_raw_len(stored))
-        | is_zstd & zstd_exceeds(rlen, stored),
-        "compressed chunk claims more raw bytes than its payload can hold",
-    )
-    rows.fail(
-        is_zstd & (ZSTD_FEATURE not in features), "shuffle-zstd chunk without the zstd feature"
-    )
+    _check_codecs(table, rows, rec, features)
     file_code = check_placement(table, rows, files, rec, elem)
     for col, feature in (("base", "incremental"), ("key_id", "encryption")):
         values = table.column(col)
@@ -249,14 +233,38 @@ def check_table(
     return _check_shards(boxes, rows, raw, sbo, chunk, elem, file_code, whole)
 
 
-_BLOCK = 1 << 20
-
-
-def _blocks(n: int) -> list[slice]:
-    """Slices of ``_BLOCK`` rows covering ``n`` rows. Row-local checks run a block at a time:
-    their temporaries (8 MB) come back from the allocator warm, where whole-column ones
-    (80 MB at ten million rows) are fresh memory every time."""
-    return [slice(at, at + _BLOCK) for at in range(0, n, _BLOCK)]
+def _check_codecs(table: pa.Table, rows: _Rows, rec: _Records, features: set) -> None:
+    """Each row's codec is known and its stored length fits its codec and raw length; sets
+    ``rec.codec``."""
+    codec = pc.index_in(table.column("codec"), value_set=pa.array(list(CODECS)))
+    rows.fail(codec.is_null().to_numpy(zero_copy_only=False), "unknown codec")
+    c = rec.codec = codec.fill_null(-1).to_numpy(zero_copy_only=False)
+    sealed = table.column("key_id").is_valid().to_numpy(zero_copy_only=False)
+    rows.fail(sealed & (rec.stored < TAG_BYTES), "sealed chunk shorter than its tag")
+    # A sealed payload is the codec's payload and a 16-byte tag (section 4.4).
+    stored = rec.stored - TAG_BYTES * sealed if sealed.any() else rec.stored
+    rlen, n = rec.raw_len, rows.n
+    raw, lz4, zstd = CODECS["raw"], CODECS["shuffle-lz4"], CODECS["shuffle-zstd"]
+    rows.fail(
+        per_block(n, lambda b: (c[b] == raw) & (stored[b] != rlen[b])),
+        "raw chunk with stored_len != raw_len",
+    )
+    rows.fail(
+        per_block(n, lambda b: (c[b] != raw) & ((stored[b] <= 0) | (stored[b] >= rlen[b]))),
+        "compressed chunk with bad stored_len",
+    )
+    rows.fail(
+        per_block(
+            n,
+            lambda b: (
+                (c[b] == lz4) & (rlen[b] > lz4_max_raw_len(stored[b]))
+                | (c[b] == zstd) & zstd_exceeds(rlen[b], stored[b])
+            ),
+        ),
+        "compressed chunk claims more raw bytes than its payload can hold",
+    )
+    if ZSTD_FEATURE not in features:
+        rows.fail(c == zstd, "shuffle-zstd chunk without the zstd feature")
 
 
 def _kinds(shapes: Shapes, tid: np.ndarray) -> list[int]:
@@ -272,9 +280,9 @@ def _differs(col: pa.ChunkedArray, values: list[str], tid: np.ndarray) -> np.nda
     if len(set(values)) == 1:  # one dtype for every tensor, the usual case
         return ~pc.equal(col, values[0]).to_numpy(zero_copy_only=False)
     expect, same = pa.array(values, pa.string()), np.empty(len(tid), dtype=bool)
-    for at in range(0, len(tid), _BLOCK):
-        part = pc.equal(col[at : at + _BLOCK], expect.take(tid[at : at + _BLOCK]))
-        same[at : at + _BLOCK] = part.to_numpy(zero_copy_only=False)
+    for b in blocks(len(tid)):
+        part = pc.equal(col[b], expect.take(tid[b]))
+        same[b] = part.to_numpy(zero_copy_only=False)
     return ~same
 
 
@@ -295,7 +303,7 @@ def _check_shapes(
         assert g.gshape is not None
         at = slice(None) if g.rows is None else g.rows
         w, out = np.zeros(len(g.tid), dtype=bool), np.zeros(len(g.tid), dtype=bool)
-        for b in _blocks(len(g.tid)):  # row by row: a block's temporaries are reused, not fresh
+        for b in blocks(len(g.tid)):  # row by row: a block's temporaries are reused, not fresh
             t = g.tid[b]
             for d in range(g.nd):
                 gs, o, n = g.gshape[b, d], g.offs[b, d], g.lens[b, d]
