@@ -269,6 +269,8 @@ def _check_codecs(table: pa.Table, rows: _Rows, rec: _Records, features: set) ->
 
 def _kinds(shapes: Shapes, tid: np.ndarray) -> list[int]:
     """The numbers of dimensions of the tensors ``tid`` names, ascending."""
+    if len(tid) and (shapes.nd == shapes.nd[0]).all():  # every tensor has as many (usual)
+        return [int(shapes.nd[0])]
     present = np.bincount(tid, minlength=len(shapes.nd))[: len(shapes.nd)] > 0
     return np.unique(shapes.nd[present]).tolist()
 
@@ -326,12 +328,16 @@ def _starts(boxes: _Boxes) -> tuple[np.ndarray, np.ndarray]:
         strides = np.zeros((len(boxes.tensors), g.nd), dtype=np.int64)
         ids = np.flatnonzero(boxes.shapes.nd == g.nd)
         strides[ids] = boxes.shapes.strides(ids, g.nd)
-        at = slice(None) if g.rows is None else g.rows
-        s, v = g.offs[:, 0] * strides[:, 0][g.tid], g.lens[:, 0].copy()
-        for d in range(1, g.nd):
-            s += g.offs[:, d] * strides[:, d][g.tid]
-            v *= g.lens[:, d]
-        start[at], volume[at] = s, v
+        s, v = np.zeros(len(g.tid), dtype=np.int64), np.ones(len(g.tid), dtype=np.int64)
+        if g.rows is None:  # every row: write in place
+            s, v = start, volume
+        for b in blocks(len(g.tid)):
+            t = g.tid[b]
+            for d in range(g.nd):
+                s[b] += g.offs[b, d] * strides[t, d]
+                v[b] *= g.lens[b, d]
+        if g.rows is not None:
+            start[g.rows], volume[g.rows] = s, v
     return start, volume
 
 
@@ -355,7 +361,10 @@ def _check_shards(
         tid_f, s_s = tid[order], start[order]
         if not ((tid_f[1:] == tid_f[:-1]) & (s_s[1:] == s_s[:-1])).any():
             rows.fail(sbo != 0, "chunks of a shard are not numbered from 0 or not contiguous")
-            rows.fail(raw != volume * elem, "the chunks of a shard do not hold exactly its bytes")
+            rows.fail(
+                per_block(rows.n, lambda b: raw[b] != volume[b] * elem[b]),
+                "the chunks of a shard do not hold exactly its bytes",
+            )
             mixed = np.zeros(len(boxes.tensors), dtype=bool)
             if not whole:
                 return None
@@ -431,8 +440,10 @@ def _check_cover_all(
         if g.nd == 0:
             continue  # a 0-d tensor: one shard of one element, as the volumes said
         split = np.zeros((n_t, g.nd), dtype=bool)
-        for d in range(g.nd):
-            split[g.tid[(g.offs[:, d] != 0) | (g.lens[:, d] != g.shape[:, d][g.tid])], d] = True
+        for b in blocks(len(g.tid)):
+            tb = g.tid[b]
+            for d in range(g.nd):
+                split[tb[(g.offs[b, d] != 0) | (g.lens[b, d] != g.shape[tb, d])], d] = True
         ways += split.sum(axis=1)
         along += np.argmax(split, axis=1)  # 0 for the tensors of other groups
     suspect |= ways > 1  # several: check_cover paints a grid
