@@ -135,7 +135,7 @@ def _file_codes(
     not listed), and per code (the last one for no file) the file's size and whether it is a
     linked data file. Fails the rows whose file is not a listed file of the row's rank."""
     names = list(files)
-    ranks = np.full(len(names) + 1, -1, dtype=np.int32)  # as the rank column
+    ranks = np.full(len(names) + 1, -1, dtype=np.int64)
     linked = np.zeros(len(names) + 1, dtype=bool)
     for i, name in enumerate(names):
         own, link = datafile_rank(name), linked_file(name)
