@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import ReplicaMismatchWarning
+from .format.cover import check_cover
 from .format.datafile import FormatError
 from .format.index import int_lists
-from .format.validate import check_cover
 from .tree import TensorRef
 
 

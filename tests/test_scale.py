@@ -27,7 +27,7 @@ from threadcoord import ThreadCoordinator, run_ranks
 import ckptguard
 from ckptguard import select
 from ckptguard.errors import CorruptCheckpointError
-from ckptguard.format import manifest, ranktrees, validate
+from ckptguard.format import cover, manifest, ranktrees, validate
 from ckptguard.format.datafile import FormatError
 from ckptguard.format.index import SCHEMA, int_lists
 from ckptguard.inventory import describe_local
@@ -438,7 +438,7 @@ def test_coverage_check_agrees_with_check_cover(seed: int, whole: bool) -> None:
             nd = len(t["shape"])
             offs = np.array([b[0] for b in boxes[i]], dtype=np.int64).reshape(len(boxes[i]), nd)
             lens = np.array([b[1] for b in boxes[i]], dtype=np.int64).reshape(len(boxes[i]), nd)
-            validate.check_cover(t["key"], t["shape"], offs, lens)
+            cover.check_cover(t["key"], t["shape"], offs, lens)
     except FormatError as e:
         expect = str(e)
     lists = {n: int_lists(table.column(n))[0] for n in ("shard_offsets", "shard_lengths")}
