@@ -442,6 +442,17 @@ class AuditLockTimeoutError(AuditError):
     (or a dead NFS client's lock was not yet recovered). Nothing was appended."""
 
 
+class RedundancyError(CheckpointError, ValueError):
+    """Node-local redundancy that cannot be set up or used as asked: too few nodes for the
+    scheme, a host or failure domain that is not a plain name, or parity data that does not
+    belong to the set or checkpoint it is used for. The message names what was wrong."""
+
+
+class RebuildError(RedundancyError):
+    """Lost files that cannot be rebuilt: more members of a set are missing than its scheme
+    survives, or a survivor's copy or parity is damaged. Load the newest drained checkpoint."""
+
+
 class MlflowStoreError(CheckpointError):
     """An MLflow tracking server's backend store cannot be snapshot: a URI of an unsupported
     kind or form, a database that cannot be reached or is not MLflow's (no ``alembic_version``),

@@ -306,6 +306,8 @@ def test_import_contracts_catch_a_broken_rule(tmp_path: Path) -> None:
         f.write("\nfrom . import dcp  # noqa\n")
     with open(tmp_path / "ckptguard" / "dcp" / "nesting.py", "a") as f:
         f.write("\nfrom . import writer  # noqa\n")
+    with open(tmp_path / "ckptguard" / "redundancy" / "parity.py", "a") as f:
+        f.write("\nfrom . import exchange  # noqa\n")
     # Within the layers: independent siblings ("|"), and a step under the step built on it.
     with open(tmp_path / "ckptguard" / "saver.py", "a") as f:
         f.write("\nfrom ckptguard import loader  # noqa\n")

@@ -138,6 +138,26 @@ def test_eight_ranks_commit_and_three_load_collectively(tmp_path, store):
     assert [(r["manifest_opens"], r["index_opens"]) for r in res] == [(1, 0)] + [(0, 0)] * 2
 
 
+@pytest.mark.skipif(
+    os.environ.get("CKPTGUARD_FAULTS") != "all",
+    reason="`make faults` runs it: 16 and 32 ranks on a small machine take minutes",
+)
+@pytest.mark.parametrize("n", [16, 32])
+def test_many_ranks_commit_and_load(tmp_path, store, n):
+    """A save by 16 or 32 MPI ranks (many with empty shards) has a locator; the same ranks
+    load it collectively (rank 0 alone opens the manifest, nobody the index) and each alone."""
+    assert mpirun(n, "save", str(store), "step-10", timeout=900) == 0
+    assert all(r["ok"] for r in outcomes(tmp_path, n))
+    assert "locator" in read_body(store / "step-10")["features"]
+    for scenario in ("joint_load", "load"):
+        assert mpirun(n, scenario, str(store), str(n), timeout=900) == 0
+        res = outcomes(tmp_path, n)
+        assert all(r["ok"] for r in res), res
+        if scenario == "joint_load":
+            opens = [(r["manifest_opens"], r["index_opens"]) for r in res]
+            assert opens == [(1, 0)] + [(0, 0)] * (n - 1)
+
+
 def test_collective_resharding_load_under_gloo(tmp_path, saved):
     store = copy_of(saved[4], tmp_path)
     assert torchrun(2, "joint_load", str(store), "4") == [0, 0]
