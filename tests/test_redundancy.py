@@ -20,6 +20,8 @@ from ckptguard.redundancy import parity
 from ckptguard.redundancy.payload import Payload, Rebuilt
 from ckptguard.redundancy.sets import nodes_of, partner_ring, xor_sets
 
+pytestmark = pytest.mark.backend_independent  # bytes moved as they are: nothing is encoded
+
 # ---- sets --------------------------------------------------------------------------------
 
 

@@ -62,6 +62,35 @@ class SetComm:
         self._wait(_All(reqs, self.MPI), "a partner copy block", send, recv)
         return recv
 
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        """Every member's ``data``, in member order."""
+        sizes = self.lengths(len(data))
+        out = np.empty(sum(sizes), dtype=np.uint8)
+        send = np.frombuffer(data, dtype=np.uint8)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        req = self.comm.Iallgatherv(send, [out, (sizes, displs), self.MPI.BYTE])
+        self._wait(req, "an exchange of node states", send, out)
+        return [out[d : d + n].tobytes() for d, n in zip(displs, sizes, strict=True)]
+
+    def bcast_bytes(self, data: bytes | None, root: int) -> bytes:
+        """Member ``root``'s ``data`` on every member."""
+        n = np.array([len(data) if self.rank == root and data is not None else 0], np.int64)
+        self._wait(self.comm.Ibcast(n, root=root), "a broadcast", n)
+        buf = (
+            np.frombuffer(data or b"", dtype=np.uint8).copy()
+            if self.rank == root
+            else np.empty(int(n[0]), dtype=np.uint8)
+        )
+        self._wait(self.comm.Ibcast(buf, root=root), "a broadcast", buf)
+        return buf.tobytes()
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every member."""
+        mine, out = np.array([1 if ok else 0], np.int64), np.empty(1, np.int64)
+        req = self.comm.Iallreduce(mine, out, op=self.MPI.MIN)
+        self._wait(req, "the agreement on an outcome", mine, out)
+        return bool(out[0])
+
     def lengths(self, mine: int) -> list[int]:
         """Every member's ``mine``, in member order."""
         out = np.empty(self.size, dtype=np.int64)
@@ -133,6 +162,28 @@ def rebuild(
                 keep(pos, got[s, :n])
 
 
+def reencode(
+    sc: SetComm,
+    lay: Layout,
+    m: int,
+    read: Reader | None,
+    keep: Writer | None,
+    block: int = parity.BLOCK,
+) -> None:
+    """Compute member ``m``'s parity segment again (its node was replaced): the other members
+    give ``read``, member ``m`` gives ``keep``, which receives the segment block by block."""
+    for offset, size in parity.blocks(lay, block):
+        if sc.rank == m:
+            send = np.zeros(size, dtype=np.uint8)
+        else:
+            assert read is not None
+            send = read(parity.covered_segment(m, sc.rank, lay.n) * lay.segment + offset, size)
+        got = sc.reduce_xor(send, m)
+        if got is not None:
+            assert keep is not None
+            keep(offset, got)
+
+
 def copy_ring(
     sc: SetComm, read: Reader, mine: int, theirs: int, keep: Writer, block: int = parity.BLOCK
 ) -> None:
@@ -146,30 +197,30 @@ def copy_ring(
             keep(offset, got)
 
 
-def copy_back(
+def transfer(
     sc: SetComm,
-    lost: int,
+    src: int,
+    dst: int,
     read: Reader | None,
     length: int,
     keep: Writer | None,
     block: int = parity.BLOCK,
 ) -> None:
-    """Partner rebuild on a ring: member ``lost + 1`` sends its copy of member ``lost``'s
-    payload (``length`` bytes, read by ``read``) back to member ``lost``, which ``keep``s it;
-    the other members take no part."""
-    if not 0 <= lost < sc.size or sc.size < 2:
-        raise RebuildError(f"member {lost} is not in a ring of {sc.size}")
-    holder = (lost + 1) % sc.size
-    if sc.rank not in (lost, holder):
+    """Member ``src`` sends ``length`` bytes (read by ``read``) to member ``dst``, which
+    ``keep``s them: a partner's copy back to a replaced node, or a ward's files to its new
+    partner. The other members take no part."""
+    if not (0 <= src < sc.size and 0 <= dst < sc.size) or src == dst:
+        raise RebuildError(f"no transfer from member {src} to member {dst} in a set of {sc.size}")
+    if sc.rank not in (src, dst):
         return
     for offset in range(0, length, block):
         size = min(block, length - offset)
-        if sc.rank == holder:
+        if sc.rank == src:
             assert read is not None
             data = read(offset, size)
-            sc._wait(sc.comm.Isend(data, lost, 78), "a partner rebuild block", data)
+            sc._wait(sc.comm.Isend(data, dst, 78), "a partner copy block", data)
         else:
             assert keep is not None
             got = np.empty(size, dtype=np.uint8)
-            sc._wait(sc.comm.Irecv(got, source=holder, tag=78), "a partner rebuild block", got)
+            sc._wait(sc.comm.Irecv(got, source=src, tag=78), "a partner copy block", got)
             keep(offset, got)

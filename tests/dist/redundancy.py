@@ -118,11 +118,11 @@ def rebuild(scheme: str, base: str, block: int, lost: int, new: str) -> None:
         holder = (lost + 1) % n
         if me == holder:
             with Payload(os.path.join(home, "ward"), files[lost]) as p:
-                exchange.copy_back(sc, lost, p.read, lengths[lost], None, block)
+                exchange.transfer(sc, holder, lost, p.read, lengths[lost], None, block)
         elif me == lost:
-            exchange.copy_back(sc, lost, None, lengths[lost], out.write, block)
+            exchange.transfer(sc, holder, lost, None, lengths[lost], out.write, block)
         else:
-            exchange.copy_back(sc, lost, None, lengths[lost], None, block)
+            exchange.transfer(sc, holder, lost, None, lengths[lost], None, block)
     if me == lost:
         out.commit()
         for name, data in files_of(lost).items():

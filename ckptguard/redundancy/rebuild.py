@@ -1,0 +1,360 @@
+"""Rebuild the files of lost nodes of a protected node-local checkpoint, on their replacements.
+
+A restarted job whose rank ``r`` runs on ``hosts[r]`` calls ``rebuild`` on every rank. The nodes
+agree on what each still holds (the checkpoint's uuid, its own data files, its protection).
+A node missing any of that is lost. It is rebuilt when its set survives the loss: XOR sets lose
+at most one member, and a partner ring loses no two neighbours. Its files come back from the
+parity of its set or from its partner's copy, and every chunk of them is checked against the
+index. Then the checkpoint directory is renamed into place on that node, and its own part of
+the set's protection is made again. Otherwise every rank gets the same RebuildError and nothing
+is written: load the newest drained checkpoint instead.
+
+Identity is by ranks, not host names: a replacement node runs the ranks the lost node ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+from ..audit import canon
+from ..commit import staging_area, write_latest
+from ..errors import CheckpointError, RebuildError, RedundancyError, brief
+from ..format.layout import INDEX, LATEST, MANIFEST, SIGNATURE
+from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, read_regular, write_new_file
+from ..open import CheckpointReader
+from ..read import VerifyReport, verify_rows
+from ..readonly import remove_tree, seal_dir, seal_files
+from . import exchange, parity
+from .payload import Payload, Rebuilt
+from .protect import (
+    MAX_SET_BYTES,
+    PARITY_FILE,
+    SET_FILE,
+    TIMEOUT,
+    WARD_DIR,
+    ParityFile,
+    check_record,
+    finish,
+    install_record,
+    layout_of,
+    marked,
+    member_files,
+    new_record_tmp,
+    record_dir,
+)
+
+
+class RebuildReport(NamedTuple):
+    """What ``rebuild`` found and did: the nodes that were rebuilt (by their new names)."""
+
+    name: str
+    uuid: str
+    scheme: str
+    rebuilt: list[str]
+    rebuilt_bytes: int  # on this node
+    seconds: float
+
+
+def _state(store: str, name: str) -> dict:
+    """What this node holds of checkpoint ``name``: its uuid, its set record and whether the
+    protection was recorded, and whether its own data files are whole in size."""
+    checkpoint = os.path.join(store, name)
+    try:
+        _, body = read_manifest(checkpoint)
+    except (CheckpointError, OSError):
+        return {"present": os.path.lexists(checkpoint)}
+    rdir = record_dir(store, name, body["uuid"])
+    try:
+        raw = read_regular(os.path.join(rdir, SET_FILE), max_size=MAX_SET_BYTES)
+        rec = check_record(canon.decode(raw.removesuffix(b"\n"), MAX_SET_BYTES), name, body["uuid"])
+        protected = marked(store, name, body["uuid"])
+    except (OSError, UnsafeFileError, canon.CanonicalError, RedundancyError):
+        return {"present": True, "uuid": body["uuid"]}
+    whole = True
+    try:
+        with Payload(checkpoint, member_files(rec, rec["member"])):
+            pass
+    except (CheckpointError, OSError):
+        whole = False
+    return {
+        "present": True,
+        "uuid": body["uuid"],
+        "set": rec,
+        "protected": protected,
+        "whole": whole,
+    }
+
+
+def _agree(
+    states: list[dict], hosts: list[str], name: str
+) -> tuple[str, list[dict], dict[tuple[int, int], str]]:
+    """From every node's state: the uuid, the sets (each as the record of one survivor) and
+    the lost members ((set index, member) -> the node that replaces it)."""
+    uuids = {s["uuid"] for s in states if s.get("set")}
+    if len(uuids) != 1:
+        what = "no node holds" if not uuids else "the nodes hold different checkpoints named"
+        raise RebuildError(f"{what} a protected checkpoint {name!r}: nothing to rebuild from")
+    uid = uuids.pop()
+    if not any(s.get("protected") for s in states if s.get("uuid") == uid):
+        raise RebuildError(f"checkpoint {name!r} ({uid}) was never recorded as protected")
+    leaders = {h: s for h, s in zip(dict.fromkeys(hosts), states, strict=True)}
+    sets: dict[tuple, dict] = {}
+    for s in states:
+        rec = s.get("set")
+        if rec and s.get("uuid") == uid:
+            sets.setdefault(tuple(tuple(m["ranks"]) for m in rec["members"]), rec)
+    lost: dict[tuple[int, int], str] = {}
+    out = list(sets.values())
+    for k, rec in enumerate(out):
+        for m, member in enumerate(rec["members"]):
+            now = {hosts[r] for r in member["ranks"]}
+            if len(now) != 1:
+                raise RebuildError(
+                    f"ranks {member['ranks']} ran on one node at the save and now run on "
+                    f"{', '.join(sorted(now))}: restart with the same ranks on each node"
+                )
+            node = now.pop()
+            st = leaders[node]
+            if not (st.get("uuid") == uid and st.get("whole") and st.get("set")):
+                if st.get("present") and st.get("uuid") != uid:
+                    raise RebuildError(
+                        f"node {node} holds another checkpoint {name!r}: remove it, then rebuild"
+                    )
+                lost[(k, m)] = node
+    return uid, out, lost
+
+
+def _check_survivable(sets: list[dict], lost: dict[tuple[int, int], str]) -> None:
+    for k, rec in enumerate(sets):
+        gone = [m for m in range(len(rec["members"])) if (k, m) in lost]
+        n = len(rec["members"])
+        if rec["scheme"] == "xor" and len(gone) > 1:
+            bad = f"{len(gone)} of the {n} nodes of an XOR set are lost; it survives one"
+        elif rec["scheme"] == "partner" and any((m + 1) % n in gone for m in gone):
+            bad = "a node and its partner are both lost"
+        else:
+            continue
+        nodes = ", ".join(rec["members"][m]["node"] for m in gone)
+        raise RebuildError(f"checkpoint {rec['name']!r} cannot be rebuilt: {bad} ({nodes})")
+
+
+def rebuild(
+    store: str,
+    name: str,
+    comm: Any,
+    *,
+    node: str,
+    timeout: float = TIMEOUT,
+    block: int = parity.BLOCK,
+) -> RebuildReport:
+    """Rebuild the lost nodes' files of checkpoint ``name`` of the node-local store ``store``
+    (this node's), on every rank of the restarted job (``comm``, ``node`` as in ``protect``)."""
+    started = time.monotonic()
+    world = exchange.SetComm(comm.Dup(), timeout)
+    hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
+    leader = hosts.index(node) == world.rank
+    mine = json.dumps(_state(store, name) if leader else {}).encode()
+    states = [json.loads(b) for b in world.allgather_bytes(mine) if b != b"{}"]
+    uid, sets, lost = _agree(states, hosts, name)  # the same outcome on every rank
+    _check_survivable(sets, lost)
+    if not lost:
+        return RebuildReport(name, uid, sets[0]["scheme"], [], 0, time.monotonic() - started)
+    root = next(r for r, h in enumerate(hosts) if h not in lost.values() and hosts.index(h) == r)
+    files = _own_files(store, name, world, root, leader and node in lost.values())
+    error, done = "", 0
+    try:
+        done = _exchange(world, store, name, uid, sets, lost, hosts, node, leader, files, block)
+    except (CheckpointError, OSError) as e:
+        error = f"{node}: {brief(e)}"
+    except BaseException as e:  # a bug: still agree, so no rank waits out its deadline
+        error = f"{node}: {brief(e)}"
+    outcome = exchange.SetComm(world.comm, 2 * timeout).allgather_bytes(error.encode())
+    failed = [o.decode() for o in outcome if o]
+    if leader and node in lost.values():
+        finish(store, name, uid, sets[0]["scheme"], ok=not failed)
+    world.all_ok(True)  # every node's record is final when any rank returns
+    if failed:
+        raise RebuildError(f"rebuilding {name!r} failed: " + "; ".join(failed[:8]))
+    return RebuildReport(
+        name, uid, sets[0]["scheme"], sorted(set(lost.values())), done, time.monotonic() - started
+    )
+
+
+def _own_files(store: str, name: str, world: exchange.SetComm, root: int, need: bool) -> dict:
+    """MANIFEST.json, index.parquet and SIGNATURE.json (if any) of a survivor, on every rank."""
+    out = {}
+    for member in (MANIFEST, INDEX, SIGNATURE):
+        data = None
+        if world.rank == root:
+            path = os.path.join(store, name, member)
+            data = (
+                b"\0"
+                if member == SIGNATURE and not os.path.lexists(path)
+                else b"\1" + read_regular(path)
+            )
+        got = world.bcast_bytes(data, root)
+        if need and got[:1] == b"\1":
+            out[member] = got[1:]
+    return out
+
+
+def _exchange(
+    world: exchange.SetComm,
+    store: str,
+    name: str,
+    uid: str,
+    sets: list[dict],
+    lost: dict[tuple[int, int], str],
+    hosts: list[str],
+    node: str,
+    leader: bool,
+    files: dict,
+    block: int,
+) -> int:
+    """Every set's rebuild; this node's rebuilt bytes."""
+    groups = [[hosts[m["ranks"][0]] for m in rec["members"]] for rec in sets]
+    sc = exchange.set_comm(world.comm, groups, node if leader else None, world.timeout)
+    if sc is None:
+        return 0
+    k = next(i for i, g in enumerate(groups) if node in g)
+    rec, me = sets[k], groups[k].index(node)
+    gone = [m for m in range(len(rec["members"])) if (k, m) in lost]
+    if not gone:
+        return 0
+    if me in gone:
+        return _rebuild_here(sc, store, name, uid, rec, me, gone, files, node, block)
+    rdir, n = record_dir(store, name, uid), len(rec["members"])
+    with Payload(os.path.join(store, name), member_files(rec, me)) as own:
+        if rec["scheme"] == "xor":
+            with Payload(rdir, [(PARITY_FILE, layout_of(rec).segment)]) as par:
+                _run_set(sc, rec, gone, Roles(own=own.read, parity=par.read), block)
+        elif (me - 1) % n in gone:  # this node keeps its lost ward's copy
+            ward = member_files(rec, (me - 1) % n)
+            with Payload(os.path.join(rdir, WARD_DIR), ward) as copy:
+                _run_set(sc, rec, gone, Roles(own=own.read, ward=copy.read), block)
+        else:
+            _run_set(sc, rec, gone, Roles(own=own.read), block)
+    return 0
+
+
+class Roles(NamedTuple):
+    """What this member reads from (a survivor) or writes to (a lost member) in a set's rebuild."""
+
+    own: exchange.Reader | None = None  # its data files
+    parity: exchange.Reader | None = None  # its parity segment (XOR)
+    ward: exchange.Reader | None = None  # its copy of its ward's files (partner)
+    out: exchange.Writer | None = None  # its data files, rebuilt
+    new_parity: exchange.Writer | None = None
+    new_ward: exchange.Writer | None = None
+
+
+def _run_set(sc: exchange.SetComm, rec: dict, gone: list[int], r: Roles, block: int) -> None:
+    """The steps of a set's rebuild, in the same order on every member: XOR, the lost member's
+    data then its parity; partner, for each lost member, its data from its partner, then its
+    ward's files from the ward (neither is lost: no two neighbours are)."""
+    n, me = len(rec["members"]), sc.rank
+    if rec["scheme"] == "xor":
+        lay = layout_of(rec)
+        exchange.rebuild(sc, lay, gone[0], r.own, r.parity, r.out, block)
+        exchange.reencode(sc, lay, gone[0], r.own, r.new_parity, block)
+        return
+    for m in gone:
+        size = sum(s for _, s in member_files(rec, m))
+        holder, ward = (m + 1) % n, (m - 1) % n
+        wsize = sum(s for _, s in member_files(rec, ward))
+        exchange.transfer(
+            sc, holder, m, r.ward if me == holder else None, size, r.out if me == m else None, block
+        )
+        exchange.transfer(
+            sc,
+            ward,
+            m,
+            r.own if me == ward else None,
+            wsize,
+            r.new_ward if me == m else None,
+            block,
+        )
+
+
+def _rebuild_here(
+    sc: exchange.SetComm,
+    store: str,
+    name: str,
+    uid: str,
+    rec: dict,
+    me: int,
+    gone: list[int],
+    files: dict,
+    node: str,
+    block: int,
+) -> int:
+    """A lost node's part: its files into a staging directory, checked against the index and
+    renamed into place, and its part of the set's protection made again beside it."""
+    final, n = os.path.join(store, name), len(rec["members"])
+    if os.path.lexists(final):
+        raise RebuildError(f"{final} exists but is not whole: remove it, then rebuild")
+    staging = os.path.join(staging_area(store), f"{name}.{uid}.rebuild-{os.getpid()}")
+    os.mkdir(staging, 0o755)
+    tmp = new_record_tmp(store, name, uid)
+    mine = {**rec, "member": me}
+    mine["members"] = [dict(m) for m in rec["members"]]
+    mine["members"][me]["node"] = node
+    try:
+        for member, data in files.items():
+            write_new_file(os.path.join(staging, member), data)
+        out = Rebuilt(staging, member_files(rec, me))
+        new_parity, new_ward = None, None
+        try:
+            if rec["scheme"] == "xor":
+                new_parity = ParityFile(os.path.join(tmp, PARITY_FILE))
+                roles = Roles(out=out.write, new_parity=new_parity.write)
+            else:
+                os.mkdir(os.path.join(tmp, WARD_DIR), 0o700)
+                ward = member_files(rec, (me - 1) % n)
+                new_ward = Rebuilt(os.path.join(tmp, WARD_DIR), ward)
+                roles = Roles(out=out.write, new_ward=new_ward.write)
+            _run_set(sc, rec, gone, roles, block)
+            out.commit()
+            if new_parity is not None:
+                mine["parity_xxh3_128"] = new_parity.close()
+                new_parity = None
+            if new_ward is not None:
+                new_ward.commit()
+        finally:
+            out.discard()
+            if new_parity is not None:
+                new_parity.close()
+            if new_ward is not None:
+                new_ward.discard()
+        _verify(staging, [f for f, _ in member_files(rec, me)])
+        install_record(store, tmp, mine)
+        seal_files(staging)
+        fsync_dir(staging)
+        os.rename(staging, final)
+        seal_dir(final)
+        fsync_dir(store)
+    except BaseException:
+        remove_tree(staging)
+        remove_tree(tmp)
+        raise
+    if not os.path.lexists(os.path.join(store, LATEST)):
+        write_latest(store, name)
+    return sum(s for _, s in member_files(rec, me))
+
+
+def _verify(staging: str, names: list[str]) -> None:
+    """Every chunk of the rebuilt files against the index: a damaged survivor is caught here."""
+    rd = CheckpointReader(staging)
+    try:
+        report = VerifyReport(staging)
+        verify_rows(rd, [(f, rd.rows_of_file(f)) for f in names], report)
+    finally:
+        rd.close()
+    if report.problems:
+        raise RebuildError(
+            f"the rebuilt files do not match the checkpoint's hashes ({len(report.problems)} "
+            f"problems; first: {report.problems[0]}): a survivor's copy or parity is damaged"
+        )
