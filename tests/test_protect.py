@@ -92,6 +92,16 @@ def test_a_lost_node_is_rebuilt_on_a_new_one(protected, tmp_path, lost, new):
     assert all(o.get("rebuilt") == [] for o in again), again
 
 
+def test_protecting_a_protected_checkpoint_again_changes_nothing(protected, tmp_path):
+    scheme, base = _fresh(protected, tmp_path)
+    before = {h: sorted(os.listdir(_record(base, h))) for h in "abc"}
+    marks = {h: (_record(base, h) / "PROTECTED").read_bytes() for h in "abc"}
+    out = _run("reprotect", scheme, str(base), HOSTS)
+    assert [(o["level"], o["stored"]) for o in out] == [("protected", 0)] * 4
+    assert {h: sorted(os.listdir(_record(base, h))) for h in "abc"} == before
+    assert {h: (_record(base, h) / "PROTECTED").read_bytes() for h in "abc"} == marks
+
+
 def test_more_losses_than_the_scheme_survives_rebuild_nothing(protected, tmp_path):
     scheme, base = _fresh(protected, tmp_path)
     shutil.rmtree(base / "b")

@@ -34,6 +34,24 @@ class SetComm:
         # Requests a timeout left pending, with their buffers: MPI may still write into them.
         self.abandoned: list = []
 
+    @classmethod
+    def duplicate(cls, comm: Any, timeout: float) -> SetComm:
+        """A private duplicate of ``comm`` (every rank of it calls this), made within
+        ``timeout`` where the MPI library has ``MPI_Comm_idup``."""
+        try:
+            new, req = comm.Idup()
+        except (NotImplementedError, AttributeError):  # before MPI-3: no deadline here
+            return cls(comm.Dup(), timeout)
+        poll(req.Test, timeout, "the creation of a communicator for node-local redundancy")
+        return cls(new, timeout)
+
+    def close(self) -> None:
+        """Free the communicator, unless a timeout left requests pending on it (MPI forbids
+        freeing those; they are kept until the process ends)."""
+        if not self.abandoned and self.comm is not None:
+            self.comm.Free()
+        self.comm = None
+
     def _wait(self, req: Any, what: str, *buffers: Any) -> None:
         try:
             poll(req.Test, self.timeout, what)

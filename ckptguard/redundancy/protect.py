@@ -189,37 +189,54 @@ def protect(
     nodes that failed) with each node's partial protection removed: a checkpoint is either
     recorded as protected, or its protection is absent."""
     started = time.monotonic()
-    world = exchange.SetComm(comm.Dup(), timeout)
-    hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
-    leader = hosts.index(node) == world.rank
-    store, name = os.path.split(os.path.abspath(checkpoint))
-    error, stored, sets, uid = "", 0, plan_sets(scheme, hosts, domains, set_size), ""
+    world, sc = exchange.SetComm.duplicate(comm, timeout), None
     try:
-        sc = exchange.set_comm(world.comm, sets, node if leader else None, timeout)
-    except CheckpointError as e:
-        sc, error = None, brief(e)
-    if sc is not None and not error:
+        hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
+        leader = hosts.index(node) == world.rank
+        store, name = os.path.split(os.path.abspath(checkpoint))
+        sets = plan_sets(scheme, hosts, domains, set_size)  # the same on every rank
+        if world.all_ok(not leader or _protected_as(checkpoint, scheme)):
+            return Protection(name, "", scheme, "protected", sets, 0, 0.0)  # nothing to do
+        error, stored, uid = "", 0, ""
         try:
-            _, body = read_manifest(checkpoint)
-            uid = body["uuid"]
-            members = next(s for s in sets if node in s)
-            rec = set_record(body, scheme, members, hosts, members.index(node))
-            stored = _protect_node(sc, store, rec, checkpoint, block)
-        except (CheckpointError, OSError) as e:
+            sc = exchange.set_comm(world.comm, sets, node if leader else None, timeout)
+            if sc is not None:
+                _, body = read_manifest(checkpoint)
+                uid = body["uuid"]
+                members = next(s for s in sets if node in s)
+                rec = set_record(body, scheme, members, hosts, members.index(node))
+                stored = _protect_node(sc, store, rec, checkpoint, block)
+        except Exception as e:  # a bug too: still agree, so no rank waits out its deadline
             error = f"{node}: {brief(e)}"
-        except BaseException as e:  # a bug: still agree, so no rank waits out its deadline
-            error = f"{node}: {brief(e)}"
-    outcome = exchange.SetComm(world.comm, 2 * timeout).allgather_bytes(error.encode())
-    failed = [o.decode() for o in outcome if o]
-    if leader and uid:
-        finish(store, name, uid, scheme, ok=not failed)
-    world.all_ok(True)  # every node's record is final when any rank returns
+        world.timeout = 2 * timeout  # a node's part may take up to `timeout` to fail
+        failed = [o.decode() for o in world.allgather_bytes(error.encode()) if o]
+        if leader and uid:
+            finish(store, name, uid, scheme, ok=not failed)
+        world.all_ok(True)  # every node's record is final when any rank returns
+    finally:
+        for c in (sc, world):
+            if c is not None:
+                c.close()
     if failed:
         raise RedundancyError(
             f"protecting {checkpoint} ({scheme}) failed; it stays local-committed only: "
             + "; ".join(failed[:8])
         )
     return Protection(name, uid, scheme, "protected", sets, stored, time.monotonic() - started)
+
+
+def _protected_as(checkpoint: str, scheme: str) -> bool:
+    """Whether this node records ``checkpoint`` as protected by ``scheme`` already."""
+    store, name = os.path.split(os.path.abspath(checkpoint))
+    try:
+        _, body = read_manifest(checkpoint)
+        raw = read_regular(
+            os.path.join(record_dir(store, name, body["uuid"]), SET_FILE), max_size=MAX_SET_BYTES
+        )
+        rec = canon.decode(raw.removesuffix(b"\n"), MAX_SET_BYTES)
+    except (CheckpointError, OSError, UnsafeFileError, canon.CanonicalError):
+        return False
+    return rec.get("scheme") == scheme and marked(store, name, body["uuid"])
 
 
 def new_record_tmp(store: str, name: str, uid: str) -> str:

@@ -46,6 +46,8 @@ from .protect import (
     record_dir,
 )
 
+_MAX_OWN = 1 << 34  # the largest MANIFEST.json or index.parquet a survivor sends (16 GiB)
+
 
 class RebuildReport(NamedTuple):
     """What ``rebuild`` found and did: the nodes that were rebuilt (by their new names)."""
@@ -153,49 +155,60 @@ def rebuild(
     """Rebuild the lost nodes' files of checkpoint ``name`` of the node-local store ``store``
     (this node's), on every rank of the restarted job (``comm``, ``node`` as in ``protect``)."""
     started = time.monotonic()
-    world = exchange.SetComm(comm.Dup(), timeout)
+    world = exchange.SetComm.duplicate(comm, timeout)
+    try:
+        return _rebuild(world, store, name, node, block, started)
+    finally:
+        world.close()
+
+
+def _rebuild(
+    world: exchange.SetComm, store: str, name: str, node: str, block: int, started: float
+) -> RebuildReport:
     hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
     leader = hosts.index(node) == world.rank
     mine = json.dumps(_state(store, name) if leader else {}).encode()
     states = [json.loads(b) for b in world.allgather_bytes(mine) if b != b"{}"]
     uid, sets, lost = _agree(states, hosts, name)  # the same outcome on every rank
     _check_survivable(sets, lost)
+    scheme = sets[0]["scheme"]
     if not lost:
-        return RebuildReport(name, uid, sets[0]["scheme"], [], 0, time.monotonic() - started)
+        return RebuildReport(name, uid, scheme, [], 0, time.monotonic() - started)
     root = next(r for r, h in enumerate(hosts) if h not in lost.values() and hosts.index(h) == r)
     files = _own_files(store, name, world, root, leader and node in lost.values())
     error, done = "", 0
     try:
         done = _exchange(world, store, name, uid, sets, lost, hosts, node, leader, files, block)
-    except (CheckpointError, OSError) as e:
+    except Exception as e:  # a bug too: still agree, so no rank waits out its deadline
         error = f"{node}: {brief(e)}"
-    except BaseException as e:  # a bug: still agree, so no rank waits out its deadline
-        error = f"{node}: {brief(e)}"
-    outcome = exchange.SetComm(world.comm, 2 * timeout).allgather_bytes(error.encode())
-    failed = [o.decode() for o in outcome if o]
+    world.timeout *= 2  # a node's part may take up to the timeout to fail
+    failed = [o.decode() for o in world.allgather_bytes(error.encode()) if o]
     if leader and node in lost.values():
-        finish(store, name, uid, sets[0]["scheme"], ok=not failed)
+        finish(store, name, uid, scheme, ok=not failed)
     world.all_ok(True)  # every node's record is final when any rank returns
     if failed:
         raise RebuildError(f"rebuilding {name!r} failed: " + "; ".join(failed[:8]))
-    return RebuildReport(
-        name, uid, sets[0]["scheme"], sorted(set(lost.values())), done, time.monotonic() - started
-    )
+    rebuilt = sorted(set(lost.values()))
+    return RebuildReport(name, uid, scheme, rebuilt, done, time.monotonic() - started)
 
 
 def _own_files(store: str, name: str, world: exchange.SetComm, root: int, need: bool) -> dict:
-    """MANIFEST.json, index.parquet and SIGNATURE.json (if any) of a survivor, on every rank."""
+    """MANIFEST.json, index.parquet and SIGNATURE.json (if any) of a survivor, on every rank
+    (kept where ``need``); the same RebuildError on every rank if the survivor cannot read them."""
     out = {}
     for member in (MANIFEST, INDEX, SIGNATURE):
         data = None
         if world.rank == root:
             path = os.path.join(store, name, member)
-            data = (
-                b"\0"
-                if member == SIGNATURE and not os.path.lexists(path)
-                else b"\1" + read_regular(path)
-            )
+            try:
+                data = b"\1" + read_regular(path, max_size=_MAX_OWN)
+            except FileNotFoundError:
+                data = b"\0" if member == SIGNATURE else b"\2" + f"{path} is missing".encode()
+            except (OSError, UnsafeFileError) as e:
+                data = b"\2" + f"{path}: {brief(e)}".encode()
         got = world.bcast_bytes(data, root)
+        if got[:1] == b"\2":
+            raise RebuildError(f"the survivor cannot give its {member}: {got[1:].decode()}")
         if need and got[:1] == b"\1":
             out[member] = got[1:]
     return out
@@ -219,6 +232,25 @@ def _exchange(
     sc = exchange.set_comm(world.comm, groups, node if leader else None, world.timeout)
     if sc is None:
         return 0
+    try:
+        return _exchange_set(sc, store, name, uid, sets, lost, groups, node, files, block)
+    finally:
+        sc.close()
+
+
+def _exchange_set(
+    sc: exchange.SetComm,
+    store: str,
+    name: str,
+    uid: str,
+    sets: list[dict],
+    lost: dict[tuple[int, int], str],
+    groups: list[list[str]],
+    node: str,
+    files: dict,
+    block: int,
+) -> int:
+    """This node's set's rebuild (a survivor's part, or a lost node's)."""
     k = next(i for i, g in enumerate(groups) if node in g)
     rec, me = sets[k], groups[k].index(node)
     gone = [m for m in range(len(rec["members"])) if (k, m) in lost]

@@ -2,6 +2,7 @@
 each node with its own store directory BASE/<host>/store standing for its local disk.
 
     nodelocal.py protect SCHEME BASE HOSTS     save, lay the checkpoint out per node, protect it
+    nodelocal.py reprotect SCHEME BASE HOSTS   protect the laid-out checkpoint again
     nodelocal.py rebuild BASE HOSTS            rebuild what the nodes lack (a node of a new name
                                                with an empty disk takes a lost node's place)
 
@@ -53,11 +54,12 @@ def main() -> None:
     me, n = comm.Get_rank(), comm.Get_size()
     cmd, base, hosts = sys.argv[1], sys.argv[-2], sys.argv[-1].split(",")
     assert len(hosts) == n
-    if cmd == "protect":
-        ckptguard.save(
-            local_state(me, n), os.path.join(base, "shared", NAME), coordinator=MPICoordinator()
-        )
-        store = lay_out(base, hosts, me)
+    if cmd in ("protect", "reprotect"):
+        if cmd == "protect":
+            shared = os.path.join(base, "shared", NAME)
+            ckptguard.save(local_state(me, n), shared, coordinator=MPICoordinator())
+            store = lay_out(base, hosts, me)
+        store = os.path.join(base, hosts[me], "store")
         p = protect(os.path.join(store, NAME), comm, node=hosts[me], scheme=sys.argv[2], timeout=60)
         out = {"level": level(os.path.join(store, NAME)), "stored": p.stored_bytes}
     else:
