@@ -9,15 +9,19 @@ import filecmp
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import pytest
 from conftest import run_command
 from mpikit import need_mpi
+from slurmkit import clean_env
 
 import ckptguard
-from ckptguard.errors import RedundancyError
+from ckptguard.errors import RebuildError, RedundancyError
 from ckptguard.redundancy.protect import check_record, node_files, set_record
+from ckptguard.redundancy.rebuild import _agree
 
 # Files are moved as they are; the one read of records (the rebuilt files checked against the
 # index) is verify's, which both backends run in its own tests.
@@ -25,6 +29,7 @@ pytestmark = pytest.mark.backend_independent
 
 SCENARIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist", "nodelocal.py")
 HOSTS = "a,a,b,c"  # node a runs ranks 0 and 1
+FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
 
 
 def _run(*args: str) -> list[dict]:
@@ -51,6 +56,12 @@ def protected(request, tmp_path_factory):
     return request.param, base
 
 
+def _xor_unless_full(protected, also: bool = True) -> None:
+    """`make test` runs a case of the partner scheme only where it differs; `make faults` all."""
+    if not FULL and protected[0] != "xor" and also:
+        pytest.skip("make faults runs this case for partner copies too (CKPTGUARD_FAULTS=all)")
+
+
 def _fresh(protected, tmp_path):
     scheme, base = protected
     shutil.copytree(base, tmp_path / "nodes", symlinks=True)
@@ -59,6 +70,7 @@ def _fresh(protected, tmp_path):
 
 @pytest.mark.parametrize("lost,new", [("a", "a2"), ("c", "c2")])
 def test_a_lost_node_is_rebuilt_on_a_new_one(protected, tmp_path, lost, new):
+    _xor_unless_full(protected, lost == "c")
     scheme, base = _fresh(protected, tmp_path)
     kept = "parity" if scheme == "xor" else "ward"
     before = tmp_path / "before"
@@ -85,14 +97,19 @@ def test_a_lost_node_is_rebuilt_on_a_new_one(protected, tmp_path, lost, new):
         ] == ([], [])
     # every node's part put together is the whole checkpoint, and it verifies
     whole = tmp_path / "whole"
-    shutil.copytree(shared, whole)
+    whole.mkdir()
+    for h in dict.fromkeys(hosts.split(",")):
+        for f in os.listdir(base / h / "store" / "step-10"):
+            shutil.copyfile(base / h / "store" / "step-10" / f, whole / f)
+    assert sorted(os.listdir(whole)) == sorted(os.listdir(shared))
     assert ckptguard.verify(str(whole)).ok
-    # a second rebuild finds nothing lost
-    again = _run("rebuild", str(base), hosts)
-    assert all(o.get("rebuilt") == [] for o in again), again
+    if FULL or (scheme, lost) == ("xor", "a"):  # a second rebuild finds nothing lost
+        again = _run("rebuild", str(base), hosts)
+        assert all(o.get("rebuilt") == [] for o in again), again
 
 
 def test_protecting_a_protected_checkpoint_again_changes_nothing(protected, tmp_path):
+    _xor_unless_full(protected)
     scheme, base = _fresh(protected, tmp_path)
     before = {h: sorted(os.listdir(_record(base, h))) for h in "abc"}
     marks = {h: (_record(base, h) / "PROTECTED").read_bytes() for h in "abc"}
@@ -115,6 +132,7 @@ def test_more_losses_than_the_scheme_survives_rebuild_nothing(protected, tmp_pat
 
 
 def test_a_damaged_survivor_fails_the_rebuild_and_installs_nothing(protected, tmp_path):
+    _xor_unless_full(protected)
     scheme, base = _fresh(protected, tmp_path)
     shutil.rmtree(base / "b")
     if scheme == "xor":  # b, member 1 of 3 with less than a segment: c's parity covers it
@@ -195,3 +213,189 @@ def test_a_damaged_set_record_is_refused(damage):
 def test_protection_of_a_checkpoint_saved_by_another_world_is_refused():
     with pytest.raises(RedundancyError, match="saved by 4 ranks; 2 take part here"):
         node_files(_body(), ["a", "b"])
+
+
+def _states(hosts: list[str], sets: list[list[str]], lost: set[str]) -> list[dict]:
+    """Each node's state as ``rebuild`` gathers it, nodes in ``lost`` holding nothing."""
+    body = _body()
+    out = []
+    for node in dict.fromkeys(hosts):
+        if node in lost:
+            out.append({"present": False})
+            continue
+        members = next(s for s in sets if node in s)
+        rec = set_record(body, "xor", members, hosts, members.index(node))
+        rec["parity_xxh3_128"] = "0" * 32
+        out.append(
+            {"present": True, "uuid": body["uuid"], "set": rec, "protected": True, "whole": True}
+        )
+    return out
+
+
+def test_the_nodes_agree_on_what_is_lost():
+    hosts = ["a", "b", "c", "d"]
+    sets = [["a", "c"], ["b", "d"]]
+    uid, got, lost = _agree(_states(hosts, sets, {"c"}), hosts, "step-10")
+    assert uid == "ab" * 16 and len(got) == 2 and list(lost.values()) == ["c"]
+
+
+def test_a_whole_lost_set_is_not_a_silent_partial_rebuild():
+    hosts = ["a", "b", "c", "d"]
+    states = _states(hosts, [["a", "c"], ["b", "d"]], {"a", "c"})
+    with pytest.raises(RebuildError, match=r"cover ranks 1, 3 of the 4 here"):
+        _agree(states, hosts, "step-10")
+
+
+def test_a_restart_whose_ranks_moved_between_nodes_is_refused():
+    hosts = ["a", "b", "c", "d"]
+    states = _states(["a", "a", "b", "c"], [["a", "b", "c"]], set())
+    with pytest.raises(RebuildError, match=r"ranks \[0, 1\] ran on one node at the save"):
+        _agree(states + [{"present": False}], hosts, "step-10")
+
+
+def test_a_node_holding_another_checkpoint_of_the_name_is_refused():
+    hosts = ["a", "b", "c", "d"]
+    states = _states(hosts, [hosts], set())
+    states[2] = {"present": True, "uuid": "cd" * 16}
+    with pytest.raises(RebuildError, match="node c holds another checkpoint 'step-10'"):
+        _agree(states, hosts, "step-10")
+
+
+# ---- failures at every step (tests/fault_cases.txt's rules, for the redundancy points) -----
+
+ACTIONS = ("kill", "eio", "hang")
+# point -> the ranks that reach it: 0 leads node a, 1 only joins a's agreement, 2 leads b
+PROTECT_POINTS = {
+    "protect.record_built": (0, 2),
+    "protect.record_installed": (0, 2),
+    "protect.agreed": (0, 1, 2),
+    "protect.marked": (0, 1, 2),
+}
+# b (rank 2) is lost and rebuilt as b2
+REBUILD_POINTS = {
+    "rebuild.agreed": (0, 2),
+    "rebuild.files_rebuilt": (2,),
+    "rebuild.installed": (2,),
+    "rebuild.marked": (0, 2),
+}
+# What `make test` runs (XOR only for the rebuild); `make faults` (CKPTGUARD_FAULTS=all) runs all.
+SUBSET = {
+    ("protect.agreed", 0, "eio"),
+    ("protect.marked", 1, "kill"),
+    ("rebuild.files_rebuilt", 2, "kill"),
+    ("rebuild.installed", 2, "eio"),
+}
+
+
+def _cases(points: dict) -> list:
+    out = []
+    for point, ranks in points.items():
+        for rank in ranks:
+            for action in ACTIONS:
+                if FULL or (point, rank, action) in SUBSET:
+                    out.append(pytest.param(point, rank, action, id=f"{point}:{rank}:{action}"))
+    return out
+
+
+def _run_failing(base, args: list[str], point: str, rank: int, action: str) -> dict[int, dict]:
+    """The scenario with a failpoint armed, killed after 90 s if it hangs; the outcomes of the
+    ranks that wrote one. Without a hang, every rank that lived must have written one."""
+    env = {
+        **clean_env(),
+        "CKPTGUARD_FAILPOINT": f"{point}:{rank}:{action}",
+        "NODELOCAL_TIMEOUT": "8",
+    }
+    cmd = [
+        need_mpi(),
+        "-n",
+        "4",
+        sys.executable,
+        SCENARIO,
+        *args,
+        str(base),
+        HOSTS_AFTER.get(args[0], HOSTS),
+    ]
+    with subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as p:
+        try:
+            text = p.communicate(timeout=90)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            text = p.communicate()[0].decode(errors="replace")
+            assert action == "hang", f"the job hung without a hang injected:\n{text[-3000:]}"
+    out = base / "out"
+    got = {}
+    for r in range(4):
+        f = out / f"rank-{r}.json"
+        if f.exists():
+            got[r] = json.loads(f.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    if action == "hang":  # the others gave up within their deadlines, with an error
+        assert set(got) == {0, 1, 2, 3} - {rank} and all("error" in o for o in got.values()), text
+    return got
+
+
+HOSTS_AFTER = {"rebuild": "a,a,b2,c"}
+
+
+def _claims(base) -> list[str]:
+    """The nodes whose store records the checkpoint as protected."""
+    from ckptguard.fsutil import read_manifest
+    from ckptguard.redundancy.protect import marked
+
+    _, body = read_manifest(str(base / "shared" / "step-10"))
+    return [h for h in "abc" if marked(str(base / h / "store"), "step-10", body["uuid"])]
+
+
+def _rebuilt_bitwise(base, node: str, new: str) -> None:
+    shared, mine = base / "shared" / "step-10", base / new / "store" / "step-10"
+    names = [n for n in os.listdir(mine)]
+    assert "MANIFEST.json" in names and len(names) >= 3
+    assert all(filecmp.cmp(shared / n, mine / n, shallow=False) for n in names)
+
+
+@pytest.fixture(scope="module")
+def laid_out(tmp_path_factory):
+    base = tmp_path_factory.mktemp("laid-out")
+    assert [o["level"] for o in _run("layout", str(base), HOSTS)] == ["local"] * 4
+    return base
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point,rank,action", _cases(PROTECT_POINTS))
+def test_a_failed_protection_claims_only_what_holds(laid_out, tmp_path, point, rank, action):
+    """Whatever fails where, a node records the checkpoint as protected only if every node's
+    part is in place: a node then lost is rebuilt. Without a claim, protecting again completes."""
+    base = tmp_path / "nodes"
+    shutil.copytree(laid_out, base, symlinks=True)
+    _run_failing(base, ["reprotect", "xor"], point, rank, action)
+    if _claims(base):
+        lost = "a" if rank in (0, 1) else "b"
+        shutil.rmtree(base / lost)
+        out = _run("rebuild", str(base), HOSTS.replace(lost, lost + "2"))
+        assert all(o.get("rebuilt") == [lost + "2"] for o in out), out
+        _rebuilt_bitwise(base, lost, lost + "2")
+    else:
+        out = _run("reprotect", "xor", str(base), HOSTS)
+        assert [o.get("level") for o in out] == ["protected"] * 4, out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point,rank,action", _cases(REBUILD_POINTS))
+def test_a_failed_rebuild_leaves_a_state_a_rebuild_completes(
+    protected, tmp_path, point, rank, action
+):
+    _xor_unless_full(protected)
+    scheme, base = _fresh(protected, tmp_path)
+    shutil.rmtree(base / "b")
+    _run_failing(base, ["rebuild"], point, rank, action)
+    assert _claims(base)  # the survivors' claims stand
+    out = _run("rebuild", str(base), "a,a,b2,c")
+    assert all("error" not in o and o["level"] == "protected" for o in out), out
+    _rebuilt_bitwise(base, "b", "b2")
+    assert sorted(os.listdir(base / "b2" / "store" / "step-10")) == [
+        "MANIFEST.json",
+        "index.parquet",
+        "rank-00002.ckg",
+    ]

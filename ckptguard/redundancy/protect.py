@@ -28,6 +28,7 @@ import xxhash
 
 from ..audit import canon
 from ..errors import CheckpointError, RedundancyError, brief, from_oserror, warn_after_commit
+from ..failpoints import failpoint, set_rank
 from ..fsutil import (
     UnsafeFileError,
     fsync_dir,
@@ -190,6 +191,7 @@ def protect(
     recorded as protected, or its protection is absent."""
     started = time.monotonic()
     world, sc = exchange.SetComm.duplicate(comm, timeout), None
+    set_rank(world.rank)
     try:
         hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
         leader = hosts.index(node) == world.rank
@@ -210,8 +212,10 @@ def protect(
             error = f"{node}: {brief(e)}"
         world.timeout = 2 * timeout  # a node's part may take up to `timeout` to fail
         failed = [o.decode() for o in world.allgather_bytes(error.encode()) if o]
+        failpoint("protect.agreed")
         if leader and uid:
             finish(store, name, uid, scheme, ok=not failed)
+        failpoint("protect.marked")
         world.all_ok(True)  # every node's record is final when any rank returns
     finally:
         for c in (sc, world):
@@ -278,7 +282,9 @@ def _protect_node(sc: exchange.SetComm, store: str, rec: dict, checkpoint: str, 
                     out.commit()
                 finally:
                     out.discard()
+        failpoint("protect.record_built")
         install_record(store, tmp, rec)
+        failpoint("protect.record_installed")
     except BaseException:
         _remove(tmp)
         raise

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from ..audit import canon
 from ..commit import staging_area, write_latest
 from ..errors import CheckpointError, RebuildError, RedundancyError, brief
+from ..failpoints import failpoint, set_rank
 from ..format.layout import INDEX, LATEST, MANIFEST, SIGNATURE
 from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, read_regular, write_new_file
 from ..open import CheckpointReader
@@ -110,6 +111,19 @@ def _agree(
             sets.setdefault(tuple(tuple(m["ranks"]) for m in rec["members"]), rec)
     lost: dict[tuple[int, int], str] = {}
     out = list(sets.values())
+    schemes = {s["set"]["scheme"] for s in states if s.get("set") and s.get("uuid") == uid}
+    if len(schemes) > 1:
+        raise RebuildError(
+            f"the nodes' records of {name!r} name different schemes ({', '.join(sorted(schemes))}):"
+            " a protection with another scheme did not finish; protect it again first"
+        )
+    covered = sorted(r for rec in out for m in rec["members"] for r in m["ranks"])
+    if covered != list(range(len(hosts))):
+        raise RebuildError(
+            f"checkpoint {name!r} cannot be rebuilt: the survivors' records cover ranks "
+            f"{_spans(covered)} of the {len(hosts)} here (a whole set is lost, or the job "
+            "runs with another number of ranks than the save)"
+        )
     for k, rec in enumerate(out):
         for m, member in enumerate(rec["members"]):
             now = {hosts[r] for r in member["ranks"]}
@@ -127,6 +141,17 @@ def _agree(
                     )
                 lost[(k, m)] = node
     return uid, out, lost
+
+
+def _spans(ranks: list[int]) -> str:
+    """``0-3, 8-11`` for ranks 0 to 3 and 8 to 11 (``none`` for no ranks)."""
+    out: list[str] = []
+    for r in ranks:
+        if out and int(out[-1].split("-")[-1]) == r - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out) or "none"
 
 
 def _check_survivable(sets: list[dict], lost: dict[tuple[int, int], str]) -> None:
@@ -156,6 +181,7 @@ def rebuild(
     (this node's), on every rank of the restarted job (``comm``, ``node`` as in ``protect``)."""
     started = time.monotonic()
     world = exchange.SetComm.duplicate(comm, timeout)
+    set_rank(world.rank)
     try:
         return _rebuild(world, store, name, node, block, started)
     finally:
@@ -167,15 +193,22 @@ def _rebuild(
 ) -> RebuildReport:
     hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
     leader = hosts.index(node) == world.rank
-    mine = json.dumps(_state(store, name) if leader else {}).encode()
-    states = [json.loads(b) for b in world.allgather_bytes(mine) if b != b"{}"]
+    state = _state(store, name) if leader else {}
+    states = [
+        json.loads(b) for b in world.allgather_bytes(json.dumps(state).encode()) if b != b"{}"
+    ]
     uid, sets, lost = _agree(states, hosts, name)  # the same outcome on every rank
     _check_survivable(sets, lost)
     scheme = sets[0]["scheme"]
+    if node not in lost.values() and state.get("whole") and not state.get("protected"):
+        # Intact with its record, but not marked (a rebuild or protection that stopped
+        # between the agreement and this node's marker): another node's marker holds for all.
+        finish(store, name, uid, scheme, ok=True)
     if not lost:
         return RebuildReport(name, uid, scheme, [], 0, time.monotonic() - started)
     root = next(r for r, h in enumerate(hosts) if h not in lost.values() and hosts.index(h) == r)
     files = _own_files(store, name, world, root, leader and node in lost.values())
+    failpoint("rebuild.agreed")
     error, done = "", 0
     try:
         done = _exchange(world, store, name, uid, sets, lost, hosts, node, leader, files, block)
@@ -183,8 +216,10 @@ def _rebuild(
         error = f"{node}: {brief(e)}"
     world.timeout *= 2  # a node's part may take up to the timeout to fail
     failed = [o.decode() for o in world.allgather_bytes(error.encode()) if o]
-    if leader and node in lost.values():
-        finish(store, name, uid, scheme, ok=not failed)
+    if leader and node in lost.values() and not failed:
+        # Never removed on failure: a record is installed only with the checkpoint, both whole.
+        finish(store, name, uid, scheme, ok=True)
+    failpoint("rebuild.marked")
     world.all_ok(True)  # every node's record is final when any rank returns
     if failed:
         raise RebuildError(f"rebuilding {name!r} failed: " + "; ".join(failed[:8]))
@@ -361,6 +396,7 @@ def _rebuild_here(
                 new_parity.close()
             if new_ward is not None:
                 new_ward.discard()
+        failpoint("rebuild.files_rebuilt")
         _verify(staging, [f for f, _ in member_files(rec, me)])
         install_record(store, tmp, mine)
         seal_files(staging)
@@ -368,6 +404,7 @@ def _rebuild_here(
         os.rename(staging, final)
         seal_dir(final)
         fsync_dir(store)
+        failpoint("rebuild.installed")
     except BaseException:
         remove_tree(staging)
         remove_tree(tmp)

@@ -1,6 +1,7 @@
 """A protected node-local checkpoint under `mpiexec -n N`: ranks grouped into simulated nodes,
 each node with its own store directory BASE/<host>/store standing for its local disk.
 
+    nodelocal.py layout BASE HOSTS             save, lay the checkpoint out per node
     nodelocal.py protect SCHEME BASE HOSTS     save, lay the checkpoint out per node, protect it
     nodelocal.py reprotect SCHEME BASE HOSTS   protect the laid-out checkpoint again
     nodelocal.py rebuild BASE HOSTS            rebuild what the nodes lack (a node of a new name
@@ -9,7 +10,7 @@ each node with its own store directory BASE/<host>/store standing for its local 
 HOSTS is a comma-separated host name per rank. The save goes to BASE/shared (a store every rank
 sees); each node then keeps MANIFEST.json, index.parquet and its own ranks' data files of it in
 its own store: the layout a node-local save leaves. Each rank writes its outcome to
-BASE/out/rank-R.json.
+BASE/out/rank-R.json. NODELOCAL_TIMEOUT: the collectives' deadline (60 s).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenarios import local_state  # noqa: E402
 
 import ckptguard  # noqa: E402
 from ckptguard.coord.mpi import MPICoordinator  # noqa: E402
@@ -54,22 +54,29 @@ def main() -> None:
     me, n = comm.Get_rank(), comm.Get_size()
     cmd, base, hosts = sys.argv[1], sys.argv[-2], sys.argv[-1].split(",")
     assert len(hosts) == n
-    if cmd in ("protect", "reprotect"):
-        if cmd == "protect":
-            shared = os.path.join(base, "shared", NAME)
-            ckptguard.save(local_state(me, n), shared, coordinator=MPICoordinator())
-            store = lay_out(base, hosts, me)
-        store = os.path.join(base, hosts[me], "store")
-        p = protect(os.path.join(store, NAME), comm, node=hosts[me], scheme=sys.argv[2], timeout=60)
-        out = {"level": level(os.path.join(store, NAME)), "stored": p.stored_bytes}
-    else:
-        store = os.path.join(base, hosts[me], "store")
-        try:
-            r = rebuild(store, NAME, comm, node=hosts[me], timeout=60)
+    timeout = float(os.environ.get("NODELOCAL_TIMEOUT", "60"))
+    store = os.path.join(base, hosts[me], "store")
+    if cmd in ("protect", "layout"):
+        from scenarios import local_state  # torch: only a save needs it
+
+        shared = os.path.join(base, "shared", NAME)
+        ckptguard.save(local_state(me, n), shared, coordinator=MPICoordinator())
+        lay_out(base, hosts, me)
+    try:
+        if cmd == "layout":
+            out: dict = {"level": level(os.path.join(store, NAME))}
+        elif cmd in ("protect", "reprotect"):
+            scheme = sys.argv[2]
+            p = protect(
+                os.path.join(store, NAME), comm, node=hosts[me], scheme=scheme, timeout=timeout
+            )
+            out = {"level": level(os.path.join(store, NAME)), "stored": p.stored_bytes}
+        else:
+            r = rebuild(store, NAME, comm, node=hosts[me], timeout=timeout)
             out = {"rebuilt": r.rebuilt, "bytes": r.rebuilt_bytes}
             out["level"] = level(os.path.join(store, NAME))
-        except ckptguard.CheckpointError as e:
-            out = {"error": type(e).__name__, "message": str(e)}
+    except (ckptguard.CheckpointError, OSError) as e:
+        out = {"error": type(e).__name__, "message": str(e)}
     os.makedirs(os.path.join(base, "out"), exist_ok=True)
     with open(os.path.join(base, "out", f"rank-{me}.json"), "w") as f:
         json.dump({"rank": me, **out}, f)
