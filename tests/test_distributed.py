@@ -142,6 +142,7 @@ def test_eight_ranks_commit_and_three_load_collectively(tmp_path, store):
     os.environ.get("CKPTGUARD_FAULTS") != "all",
     reason="`make faults` runs it: 16 and 32 ranks on a small machine take minutes",
 )
+@pytest.mark.timeout(2400)  # three launches of 32 ranks, each importing torch, on 2 cores
 @pytest.mark.parametrize("n", [16, 32])
 def test_many_ranks_commit_and_load(tmp_path, store, n):
     """A save by 16 or 32 MPI ranks (many with empty shards) has a locator; the same ranks
