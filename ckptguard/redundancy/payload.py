@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -36,8 +36,8 @@ def check_names(files: Sequence[tuple[str, int]]) -> None:
         seen.add(name)
 
 
-class Payload:
-    """The files ``files`` ((name, size) pairs) of ``directory``, read as one byte string."""
+class _Files:
+    """Files ((name, size) pairs) of ``directory`` laid end to end as one payload."""
 
     def __init__(self, directory: str, files: Sequence[tuple[str, int]]) -> None:
         check_names(files)
@@ -47,6 +47,27 @@ class Payload:
         for _, size in files:
             self.starts.append(self.starts[-1] + size)
         self.fds: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return self.starts[-1]
+
+    def spans(self, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(file index, offset in that file, bytes) of payload bytes ``pos`` to ``end``."""
+        k = bisect.bisect_right(self.starts, pos) - 1
+        while pos < end:
+            n = min(end, self.starts[k + 1]) - pos
+            if n > 0:
+                yield k, pos - self.starts[k], n
+                pos += n
+            k += 1
+
+
+class Payload(_Files):
+    """The files ``files`` ((name, size) pairs) of ``directory``, read as one byte string."""
+
+    def __init__(self, directory: str, files: Sequence[tuple[str, int]]) -> None:
+        super().__init__(directory, files)
         try:
             for name, size in files:
                 self.fds.append(self._open(name, size))
@@ -63,26 +84,17 @@ class Payload:
         except OSError as e:
             raise from_oserror(e, path, "cannot read") from None
 
-    @property
-    def length(self) -> int:
-        return self.starts[-1]
-
     def read(self, pos: int, size: int) -> np.ndarray:
         """``size`` bytes from position ``pos``; zeros past the payload's end."""
         out = np.zeros(size, dtype=np.uint8)
-        first, end = pos, min(pos + size, self.length)
-        k = bisect.bisect_right(self.starts, pos) - 1
-        while pos < end:
-            lo, hi = self.starts[k], self.starts[k + 1]
-            n = min(end, hi) - pos
-            if n > 0:
-                data = pread_exact(self.fds[k], n, pos - lo)
-                if len(data) != n:
-                    path = os.path.join(self.directory, self.names[k])
-                    raise RebuildError(f"{path} became shorter while it was read")
-                out[pos - first : pos - first + n] = np.frombuffer(data, dtype=np.uint8)
-                pos += n
-            k += 1
+        at = 0
+        for k, offset, n in self.spans(pos, min(pos + size, self.length)):
+            data = pread_exact(self.fds[k], n, offset)
+            if len(data) != n:
+                path = os.path.join(self.directory, self.names[k])
+                raise RebuildError(f"{path} became shorter while it was read")
+            out[at : at + n] = np.frombuffer(data, dtype=np.uint8)
+            at += n
         return out
 
     def close(self) -> None:
@@ -97,21 +109,15 @@ class Payload:
         self.close()
 
 
-class Rebuilt:
+class Rebuilt(_Files):
     """A lost member's files ((name, size) pairs) written back into ``directory`` from its
     payload: ``write`` places bytes at a payload position, ``commit`` fsyncs the files and names
     them all (none appears before every one is whole), ``discard`` removes what is not named.
     A file of the same name already there is an error: a rebuild never overwrites."""
 
     def __init__(self, directory: str, files: Sequence[tuple[str, int]]) -> None:
-        check_names(files)
-        self.directory = directory
-        self.names = [n for n, _ in files]
-        self.starts = [0]
-        for _, size in files:
-            self.starts.append(self.starts[-1] + size)
+        super().__init__(directory, files)
         self.files = NewFiles(directory)
-        self.fds: list[int] = []
         try:
             for name, size in files:
                 tmp = self.files.new(name)
@@ -133,19 +139,14 @@ class Rebuilt:
                 f"{self.starts[-1]} bytes"
             )
         view = memoryview(np.ascontiguousarray(data, dtype=np.uint8).data).cast("B")
-        first, end = pos, pos + len(data)
-        k = bisect.bisect_right(self.starts, pos) - 1
-        while pos < end:
-            lo, hi = self.starts[k], self.starts[k + 1]
-            n = min(end, hi) - pos
-            if n > 0:
-                path = os.path.join(self.directory, self.names[k])
-                try:
-                    pwrite_all(self.fds[k], [view[pos - first : pos - first + n]], pos - lo, path)
-                except OSError as e:
-                    raise from_oserror(e, path, "cannot write rebuilt file") from None
-                pos += n
-            k += 1
+        at = 0
+        for k, offset, n in self.spans(pos, pos + len(data)):
+            path = os.path.join(self.directory, self.names[k])
+            try:
+                pwrite_all(self.fds[k], [view[at : at + n]], offset, path)
+            except OSError as e:
+                raise from_oserror(e, path, "cannot write rebuilt file") from None
+            at += n
 
     def commit(self, replace: bool = False) -> list[str]:
         """Fsync and name every file; their paths."""
