@@ -234,13 +234,21 @@ def _protected_as(checkpoint: str, scheme: str) -> bool:
     store, name = os.path.split(os.path.abspath(checkpoint))
     try:
         _, body = read_manifest(checkpoint)
-        raw = read_regular(
-            os.path.join(record_dir(store, name, body["uuid"]), SET_FILE), max_size=MAX_SET_BYTES
-        )
-        rec = canon.decode(raw.removesuffix(b"\n"), MAX_SET_BYTES)
-    except (CheckpointError, OSError, UnsafeFileError, canon.CanonicalError):
+        rec = read_record(store, name, body["uuid"])
+    except (CheckpointError, OSError):
         return False
-    return rec.get("scheme") == scheme and marked(store, name, body["uuid"])
+    return rec is not None and rec["scheme"] == scheme and marked(store, name, body["uuid"])
+
+
+def read_record(store: str, name: str, uid: str) -> dict | None:
+    """This node's SET.json of checkpoint ``name`` (``uid``), checked (``check_record``); None
+    if it is missing, not a regular file, or not a record this format allows."""
+    path = os.path.join(record_dir(store, name, uid), SET_FILE)
+    try:
+        raw = read_regular(path, max_size=MAX_SET_BYTES)
+        return check_record(canon.decode(raw.removesuffix(b"\n"), MAX_SET_BYTES), name, uid)
+    except (OSError, UnsafeFileError, canon.CanonicalError, RedundancyError):
+        return None
 
 
 def new_record_tmp(store: str, name: str, uid: str) -> str:

@@ -19,9 +19,8 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from ..audit import canon
 from ..commit import staging_area, write_latest
-from ..errors import CheckpointError, RebuildError, RedundancyError, brief
+from ..errors import CheckpointError, RebuildError, brief
 from ..failpoints import failpoint, set_rank
 from ..format.layout import INDEX, LATEST, MANIFEST, SIGNATURE
 from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, read_regular, write_new_file
@@ -31,19 +30,17 @@ from ..readonly import remove_tree, seal_dir, seal_files
 from . import exchange, parity
 from .payload import Payload, Rebuilt
 from .protect import (
-    MAX_SET_BYTES,
     PARITY_FILE,
-    SET_FILE,
     TIMEOUT,
     WARD_DIR,
     ParityFile,
-    check_record,
     finish,
     install_record,
     layout_of,
     marked,
     member_files,
     new_record_tmp,
+    read_record,
     record_dir,
 )
 
@@ -69,13 +66,10 @@ def _state(store: str, name: str) -> dict:
         _, body = read_manifest(checkpoint)
     except (CheckpointError, OSError):
         return {"present": os.path.lexists(checkpoint)}
-    rdir = record_dir(store, name, body["uuid"])
-    try:
-        raw = read_regular(os.path.join(rdir, SET_FILE), max_size=MAX_SET_BYTES)
-        rec = check_record(canon.decode(raw.removesuffix(b"\n"), MAX_SET_BYTES), name, body["uuid"])
-        protected = marked(store, name, body["uuid"])
-    except (OSError, UnsafeFileError, canon.CanonicalError, RedundancyError):
+    rec = read_record(store, name, body["uuid"])
+    if rec is None:
         return {"present": True, "uuid": body["uuid"]}
+    protected = marked(store, name, body["uuid"])
     whole = True
     try:
         with Payload(checkpoint, member_files(rec, rec["member"])):
