@@ -218,8 +218,8 @@ def publish(
     ``signer``: SIGNATURE.json is written beside the manifest, before the rename (``sign``).
     """
     if not flavour.staged:
-        _write_manifest(staging, body, signer)
-    _check_deadline(deadline)
+        write_manifest(staging, body, signer)
+    check_deadline(deadline)
     final = os.path.join(store, name)
     info = CheckpointInfo.from_manifest(body, final)
     seal_own(staging, signer is not None) if flavour.sealed_by_writers else seal_files(staging)
@@ -281,7 +281,7 @@ def audit_commit(store: str, info: CheckpointInfo, detail: dict, rank: int | Non
     )
 
 
-def _write_manifest(staging: str, body: dict, signer: PrivateKey | None) -> None:
+def write_manifest(staging: str, body: dict, signer: PrivateKey | None) -> None:
     """Write MANIFEST.json (``body``, whole: ``manifest.build``'s) durably, and its signature
     with ``signer``, and make the staging directory durable."""
     data = manifest.encode(body)
@@ -294,7 +294,7 @@ def _write_manifest(staging: str, body: dict, signer: PrivateKey | None) -> None
     failpoint("commit.before_rename")
 
 
-def _check_deadline(deadline: float | None) -> None:
+def check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.time() > deadline:
         raise CoordinationTimeoutError(
             f"the commit came {time.time() - deadline:.1f} s after the other ranks' deadline to "

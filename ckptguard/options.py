@@ -94,6 +94,12 @@ class SaveOptions:
     commit as ``metadata["mlflow"]`` and, after the commit, tags the run with the checkpoint's
     URI and manifest digest. Only the committer (rank 0) uses it."""
 
+    node_local: str | bool = False
+    """A node-local save (``localcommit``, docs/operations.md): each rank passes its own node's
+    store, which keeps the manifest, the index and the data files of that node's ranks. True
+    names the node by ``CKPTGUARD_NODE`` or the host name, a string names it. Not with
+    ``overwrite``, ``base``, ``encrypt`` or ``keep``."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", as_policy(self.keep))
         object.__setattr__(self, "mlflow_run", lineage.normalize(self.mlflow_run))
@@ -124,6 +130,7 @@ class SaveOptions:
             raise TypeError(
                 f"kek must be a keyring.Kek, a key file's path or None, not {self.kek!r}"
             )
+        self._check_node_local()
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
             raise ValueError(f"timeout must be a number of seconds > 0, not {t!r}")
@@ -131,6 +138,21 @@ class SaveOptions:
             json.dumps(self.metadata, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise UnsupportedObjectError(f"metadata must be plain JSON: {e}", "metadata") from None
+
+    def _check_node_local(self) -> None:
+        n = self.node_local
+        if not isinstance(n, (str, bool)) or n == "":
+            raise TypeError(f"node_local must be True, False or a node's name, not {n!r}")
+        if n is False:
+            return
+        if isinstance(n, str) and (len(n) > 255 or not n.isprintable()):
+            raise ValueError(f"node_local: a node name must be printable, 1-255 long, not {n!r}")
+        clash = [k for k in ("overwrite", "base", "encrypt", "keep") if getattr(self, k)]
+        if clash:
+            raise ValueError(
+                f"node_local saves do not take {', '.join(clash)}: each node's store holds only "
+                "its own part (drain the checkpoint to a shared store for those)"
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -168,6 +190,7 @@ class SaveOptions:
 
 
 SHAPING = (
+    "node_local",  # first: a node-local save's path differs by node, and says so
     "path",
     "overwrite",
     "compress",
@@ -189,7 +212,8 @@ def shaping_options(opt: SaveOptions, store: str, name: str) -> dict:
     so that large metadata does not travel to rank 0 from every rank)."""
     doc: dict[str, Any] = {k: getattr(opt, k) for k in SHAPING if k != "path"}
     doc["compress"] = list(parse_compress(opt.compress, COMPRESS))
-    doc["path"] = os.path.join(store, name)
+    doc["path"] = name if opt.node_local else os.path.join(store, name)  # a store per node
+    doc["node_local"] = bool(opt.node_local)
     doc["metadata"] = "xxh3:" + xxhash.xxh3_128_hexdigest(dump_json(opt.metadata))
     return doc
 

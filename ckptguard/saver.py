@@ -30,12 +30,7 @@ from .adapt import AUTO, merge_stats
 from .baseplan import link_plan
 from .coord import Coordinator
 from .encode import parse_compress
-from .errors import (
-    CheckpointAbortedError,
-    CheckpointError,
-    OptionsMismatchError,
-    from_oserror,
-)
+from .errors import CheckpointAbortedError, CheckpointError, OptionsMismatchError, from_oserror
 from .failpoints import failpoint, set_rank
 from .format import manifest
 from .format.datafile import FormatError
@@ -46,6 +41,7 @@ from .format.manifest import CheckpointInfo
 from .format.validate import Shards, check_table
 from .hooks import run_commit_hooks
 from .inventory import bind_per_rank, describe_local
+from .localcommit import NodeLocal
 from .options import COMPRESS, SaveOptions, check_options, shaping_options
 from .pack import Packer
 from .plan import PlanError, assignment, make_plan, warn_differing, writer_from_json
@@ -71,8 +67,7 @@ from .tree import Flat, TensorRef, flatten
 from .version import __version__
 from .writer import RankWriter
 
-LAST_TIMINGS: dict[str, float] = {}
-"""Rank 0's wall-clock marks of the last save (for the commit-overhead benchmark)."""
+LAST_TIMINGS: dict[str, float] = {}  # rank 0's marks of the last save (commit benchmark)
 
 
 class FailedState:
@@ -92,8 +87,7 @@ class _RankFailed(Exception):
 
 
 def writer_versions(zstd: list[str] | None = None) -> dict[str, str]:
-    """The manifest's ``writer`` member: the versions that wrote the checkpoint; ``zstd``: the
-    zstd libraries that encoded its zstd records (none: no member)."""
+    """The manifest's ``writer`` member: the versions that wrote it (``zstd``: its zstd's)."""
     versions = {
         "ckptguard": __version__,
         "python": platform.python_version(),
@@ -182,6 +176,7 @@ class _Save:
             outcome = json.loads(
                 c.broadcast(dump_json(outcome) if c.rank == 0 else None, 2 * timeout)
             )
+            outcome = self.target.settle(c, outcome, timeout)
             if not outcome["ok"]:
                 raise _RankFailed(outcome["rank"], outcome["error"])
         except _RankFailed as f:
@@ -199,9 +194,8 @@ class _Save:
         return info_from_json(outcome["info"])
 
     def cleanup(self) -> None:
-        if self.coord.rank == 0 and self.staging:
-            with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
-                self.target.discard(self.staging)
+        with contextlib.suppress(OSError):  # else gc reclaims it; the store is unchanged
+            self.target.cleanup(self.coord.rank, self.staging)
 
     # -- phase 1: every rank describes its state ------------------------------------------------
     def describe(self, obj: Any) -> bytes:
@@ -218,6 +212,7 @@ class _Save:
             hasher = (lambda ref: source.digest(ref.value)) if self.coord.size > 1 else None
             desc = describe_local(self.refs, hasher)
             head = {"ok": True, "pickle": used_pickle, "options": self.options}
+            head.update(self.target.describe())
             return pack(head, dump_json(tree), to_ipc(desc))
         except Exception as e:
             self.refs = []
@@ -254,20 +249,20 @@ class _Save:
             "keys": plan.keys,
             "writer": [w.to_json() for w in plan.writer],
             "differing": plan.differing,
+            "nodes": [m.get("node") for m, _ in msgs],
             "digests": self.opt.digests or signer is not None,  # a signature needs them
             "base": base,
             "seal": seal,
         }
 
     def open_staging(self) -> tuple[str, str]:
-        """Check the target, then create the staging directory: (uuid, its path)."""
-        try:  # before any data is written; checked again at the rename (a race)
-            uid, staging = self.target.open(self.store, self.name, self.opt.overwrite)
+        """Check the target (again at the rename: a race), then create the staging directory."""
+        try:
+            return self.target.open(self.store, self.name, self.opt.overwrite)
         except CheckpointError:  # before OSError: CheckpointExistsError is one too
             raise
         except OSError as e:
             raise from_oserror(e, self.store, "cannot create a staging directory in") from None
-        return uid, staging
 
     # -- phase 3: every rank writes its own data file -------------------------------------------
     def write(self, plan: dict) -> tuple[dict, pa.Table | None]:
@@ -279,9 +274,12 @@ class _Save:
             todo = [
                 (g, r) for r, (g, m) in zip(self.refs, mine_all, strict=True) if m and not r.view
             ]
+            staging = self.target.rank_staging(
+                self.store, self.name, plan, rank, self.opt.overwrite
+            )
             return write_data_file(
                 self.target,
-                plan["staging"],
+                staging,
                 plan["uuid"],
                 rank,
                 replace(self.opt, digests=plan["digests"]),
@@ -481,6 +479,8 @@ def save_state(
     """
     set_rank(coord.rank)
     clock = measure.clock() or measure.Clock()
+    if opt.node_local and target is DIRECTORY:
+        target = NodeLocal(opt.node_local, coord.rank)
     try:
         info = _Save(coord, opt, store, name, source, on_read, target).run(obj)
     except BaseException as e:

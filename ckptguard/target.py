@@ -8,6 +8,7 @@ import os
 import pyarrow as pa
 
 from . import commit, sign
+from .coord import Coordinator
 from .failpoints import failpoint
 from .format.layout import datafile_name
 from .format.manifest import CheckpointInfo
@@ -35,6 +36,14 @@ class Target:
         failpoint("save.staging_created")
         return uid, staging
 
+    def describe(self) -> dict:
+        """What this rank tells rank 0 of itself for the plan (its ``nodes`` member)."""
+        return {}
+
+    def rank_staging(self, store: str, name: str, plan: dict, rank: int, overwrite: bool) -> str:
+        """The staging directory rank ``rank`` writes into: the one rank 0 created."""
+        return plan["staging"]
+
     def data_path(self, staging: str, rank: int) -> str:
         """Where rank ``rank`` writes its data file."""
         return os.path.join(staging, datafile_name(rank))
@@ -57,6 +66,15 @@ class Target:
         return commit.publish(
             store, name, staging, body, overwrite=overwrite, deadline=deadline, signer=signer
         )
+
+    def settle(self, coord: Coordinator, outcome: dict, timeout: float) -> dict:
+        """What every rank returns after rank 0's commit (``outcome``): rank 0 published."""
+        return outcome
+
+    def cleanup(self, rank: int, staging: str | None) -> None:
+        """After a failed save, on every rank: rank 0 removes what it staged."""
+        if rank == 0 and staging:
+            self.discard(staging)
 
     def discard(self, staging: str) -> None:
         """Remove what a save that did not commit staged."""

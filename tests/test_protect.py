@@ -6,17 +6,11 @@ against the checkpoint's hashes, and its part of the set's protection."""
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
-from conftest import run_command
-from mpikit import need_mpi
-from slurmkit import clean_env
+from nodekit import ACTIONS, run_failing, run_nodes
 
 import ckptguard
 from ckptguard.errors import RebuildError, RedundancyError
@@ -27,19 +21,8 @@ from ckptguard.redundancy.rebuild import _agree
 # index) is verify's, which both backends run in its own tests.
 pytestmark = pytest.mark.backend_independent
 
-SCENARIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist", "nodelocal.py")
 HOSTS = "a,a,b,c"  # node a runs ranks 0 and 1
 FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
-
-
-def _run(*args: str) -> list[dict]:
-    cmd = [need_mpi(), "-n", "4", sys.executable, SCENARIO, *args]
-    res = run_command(cmd, 180)
-    assert res.returncode == 0, res.stdout + res.stderr
-    out = os.path.join(args[-2], "out")
-    got = [json.load(open(os.path.join(out, f"rank-{r}.json"))) for r in range(4)]  # noqa: SIM115
-    shutil.rmtree(out)
-    return got
 
 
 def _record(base, host: str):
@@ -48,11 +31,24 @@ def _record(base, host: str):
     return red / entry
 
 
+def _assemble(base) -> None:
+    """BASE/shared/step-10: every node's part of the node-local save together, which must be
+    the whole checkpoint (it verifies); what a rebuilt node is compared with."""
+    whole = base / "shared" / "step-10"
+    whole.mkdir(parents=True)
+    for h in "abc":
+        for f in os.listdir(base / h / "store" / "step-10"):
+            if not (whole / f).exists():
+                shutil.copyfile(base / h / "store" / "step-10" / f, whole / f)
+    assert ckptguard.verify(str(whole)).ok
+
+
 @pytest.fixture(scope="module", params=["xor", "partner"])
 def protected(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"nodes-{request.param}")
-    out = _run("protect", request.param, str(base), HOSTS)
+    out = run_nodes("protect", request.param, str(base), HOSTS)
     assert [o["level"] for o in out] == ["protected"] * 4
+    _assemble(base)
     return request.param, base
 
 
@@ -77,7 +73,7 @@ def test_a_lost_node_is_rebuilt_on_a_new_one(protected, tmp_path, lost, new):
     shutil.copytree(_record(base, lost), before)
     shutil.rmtree(base / lost)
     hosts = HOSTS.replace(lost, new)
-    out = _run("rebuild", str(base), hosts)
+    out = run_nodes("rebuild", str(base), hosts)
     assert all(o.get("rebuilt") == [new] and o["level"] == "protected" for o in out), out
     shared, mine = base / "shared" / "step-10", base / new / "store" / "step-10"
     ranks = [r for r, h in enumerate(hosts.split(",")) if h == new]
@@ -104,7 +100,7 @@ def test_a_lost_node_is_rebuilt_on_a_new_one(protected, tmp_path, lost, new):
     assert sorted(os.listdir(whole)) == sorted(os.listdir(shared))
     assert ckptguard.verify(str(whole)).ok
     if FULL or (scheme, lost) == ("xor", "a"):  # a second rebuild finds nothing lost
-        again = _run("rebuild", str(base), hosts)
+        again = run_nodes("rebuild", str(base), hosts)
         assert all(o.get("rebuilt") == [] for o in again), again
 
 
@@ -113,7 +109,7 @@ def test_protecting_a_protected_checkpoint_again_changes_nothing(protected, tmp_
     scheme, base = _fresh(protected, tmp_path)
     before = {h: sorted(os.listdir(_record(base, h))) for h in "abc"}
     marks = {h: (_record(base, h) / "PROTECTED").read_bytes() for h in "abc"}
-    out = _run("reprotect", scheme, str(base), HOSTS)
+    out = run_nodes("reprotect", scheme, str(base), HOSTS)
     assert [(o["level"], o["stored"]) for o in out] == [("protected", 0)] * 4
     assert {h: sorted(os.listdir(_record(base, h))) for h in "abc"} == before
     assert {h: (_record(base, h) / "PROTECTED").read_bytes() for h in "abc"} == marks
@@ -123,7 +119,7 @@ def test_more_losses_than_the_scheme_survives_rebuild_nothing(protected, tmp_pat
     scheme, base = _fresh(protected, tmp_path)
     shutil.rmtree(base / "b")
     shutil.rmtree(base / "c")
-    out = _run("rebuild", str(base), "a,a,x,y")
+    out = run_nodes("rebuild", str(base), "a,a,x,y")
     msgs = {o.get("message") for o in out}
     assert len(msgs) == 1 and all(o.get("error") == "RebuildError" for o in out), out
     want = "XOR set are lost; it survives one" if scheme == "xor" else "its partner are both lost"
@@ -147,7 +143,7 @@ def test_a_damaged_survivor_fails_the_rebuild_and_installs_nothing(protected, tm
     data[len(data) // 2] ^= 0xFF
     os.chmod(victim, 0o600)
     victim.write_bytes(bytes(data))
-    out = _run("rebuild", str(base), "a,a,b2,c")
+    out = run_nodes("rebuild", str(base), "a,a,b2,c")
     assert all(o.get("error") == "RebuildError" for o in out), out
     assert any("do not match the checkpoint's hashes" in o["message"] for o in out), out
     store = base / "b2" / "store"
@@ -156,7 +152,7 @@ def test_a_damaged_survivor_fails_the_rebuild_and_installs_nothing(protected, tm
 
 
 def test_a_node_without_a_protected_checkpoint_has_nothing_to_rebuild_from(tmp_path):
-    out = _run("rebuild", str(tmp_path), HOSTS)
+    out = run_nodes("rebuild", str(tmp_path), HOSTS)
     assert all(o.get("error") == "RebuildError" for o in out), out
     assert all("no node holds a protected checkpoint 'step-10'" in o["message"] for o in out)
 
@@ -263,7 +259,6 @@ def test_a_node_holding_another_checkpoint_of_the_name_is_refused():
 
 # ---- failures at every step (tests/fault_cases.txt's rules, for the redundancy points) -----
 
-ACTIONS = ("kill", "eio", "hang")
 # point -> the ranks that reach it: 0 leads node a, 1 only joins a's agreement, 2 leads b
 PROTECT_POINTS = {
     "protect.record_built": (0, 2),
@@ -297,48 +292,6 @@ def _cases(points: dict) -> list:
     return out
 
 
-def _run_failing(base, args: list[str], point: str, rank: int, action: str) -> dict[int, dict]:
-    """The scenario with a failpoint armed, killed after 90 s if it hangs; the outcomes of the
-    ranks that wrote one. Without a hang, every rank that lived must have written one."""
-    env = {
-        **clean_env(),
-        "CKPTGUARD_FAILPOINT": f"{point}:{rank}:{action}",
-        "NODELOCAL_TIMEOUT": "8",
-    }
-    cmd = [
-        need_mpi(),
-        "-n",
-        "4",
-        sys.executable,
-        SCENARIO,
-        *args,
-        str(base),
-        HOSTS_AFTER.get(args[0], HOSTS),
-    ]
-    with subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as p:
-        try:
-            text = p.communicate(timeout=90)[0].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            text = p.communicate()[0].decode(errors="replace")
-            assert action == "hang", f"the job hung without a hang injected:\n{text[-3000:]}"
-    out = base / "out"
-    got = {}
-    for r in range(4):
-        f = out / f"rank-{r}.json"
-        if f.exists():
-            got[r] = json.loads(f.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    if action == "hang":  # the others gave up within their deadlines, with an error
-        assert set(got) == {0, 1, 2, 3} - {rank} and all("error" in o for o in got.values()), text
-    return got
-
-
-HOSTS_AFTER = {"rebuild": "a,a,b2,c"}
-
-
 def _claims(base) -> list[str]:
     """The nodes whose store records the checkpoint as protected."""
     from ckptguard.fsutil import read_manifest
@@ -358,7 +311,8 @@ def _rebuilt_bitwise(base, node: str, new: str) -> None:
 @pytest.fixture(scope="module")
 def laid_out(tmp_path_factory):
     base = tmp_path_factory.mktemp("laid-out")
-    assert [o["level"] for o in _run("layout", str(base), HOSTS)] == ["local"] * 4
+    assert [o["level"] for o in run_nodes("save", str(base), HOSTS)] == ["local"] * 4
+    _assemble(base)
     return base
 
 
@@ -369,15 +323,15 @@ def test_a_failed_protection_claims_only_what_holds(laid_out, tmp_path, point, r
     part is in place: a node then lost is rebuilt. Without a claim, protecting again completes."""
     base = tmp_path / "nodes"
     shutil.copytree(laid_out, base, symlinks=True)
-    _run_failing(base, ["reprotect", "xor"], point, rank, action)
+    run_failing(base, ["reprotect", "xor", str(base), HOSTS], point, rank, action)
     if _claims(base):
         lost = "a" if rank in (0, 1) else "b"
         shutil.rmtree(base / lost)
-        out = _run("rebuild", str(base), HOSTS.replace(lost, lost + "2"))
+        out = run_nodes("rebuild", str(base), HOSTS.replace(lost, lost + "2"))
         assert all(o.get("rebuilt") == [lost + "2"] for o in out), out
         _rebuilt_bitwise(base, lost, lost + "2")
     else:
-        out = _run("reprotect", "xor", str(base), HOSTS)
+        out = run_nodes("reprotect", "xor", str(base), HOSTS)
         assert [o.get("level") for o in out] == ["protected"] * 4, out
 
 
@@ -389,9 +343,9 @@ def test_a_failed_rebuild_leaves_a_state_a_rebuild_completes(
     _xor_unless_full(protected)
     scheme, base = _fresh(protected, tmp_path)
     shutil.rmtree(base / "b")
-    _run_failing(base, ["rebuild"], point, rank, action)
+    run_failing(base, ["rebuild", str(base), "a,a,b2,c"], point, rank, action)
     assert _claims(base)  # the survivors' claims stand
-    out = _run("rebuild", str(base), "a,a,b2,c")
+    out = run_nodes("rebuild", str(base), "a,a,b2,c")
     assert all("error" not in o and o["level"] == "protected" for o in out), out
     _rebuilt_bitwise(base, "b", "b2")
     assert sorted(os.listdir(base / "b2" / "store" / "step-10")) == [
