@@ -19,11 +19,11 @@ SCENARIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist", "nod
 ACTIONS = ("kill", "eio", "hang")
 
 
-def run_nodes(*args: str) -> list[dict]:
+def run_nodes(*args: str, env: dict[str, str] | None = None) -> list[dict]:
     """The scenario ``args`` (its last two: BASE and the hosts), which must succeed as a job;
-    every rank's outcome."""
+    every rank's outcome. ``env``: NODELOCAL_NAME, NODELOCAL_FALLBACK (tests/dist/nodelocal.py)."""
     cmd = [need_mpi(), "-n", "4", sys.executable, SCENARIO, *args]
-    res = run_command(cmd, 180)
+    res = run_command(cmd, 180, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     out = os.path.join(args[-2], "out")
     got = [json.loads(Path(out, f"rank-{r}.json").read_text()) for r in range(4)]

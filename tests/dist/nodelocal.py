@@ -7,9 +7,12 @@ each node with its own store directory BASE/<host>/store standing for its local 
     nodelocal.py reprotect SCHEME BASE HOSTS   protect the saved checkpoint again
     nodelocal.py rebuild BASE HOSTS            rebuild what the nodes lack (a node of a new name
                                                with an empty disk takes a lost node's place)
+    nodelocal.py resume BASE HOSTS             choose what to resume from, rebuilding if need be
 
 HOSTS is a comma-separated host name per rank; node h's store is BASE/h/store. Each rank
-writes its outcome to BASE/out/rank-R.json. NODELOCAL_TIMEOUT: the collectives' deadline (60 s).
+writes its outcome to BASE/out/rank-R.json. NODELOCAL_NAME: the checkpoint's name (step-10);
+NODELOCAL_FALLBACK: the shared store a resume falls back to. NODELOCAL_TIMEOUT: the
+collectives' deadline (60 s).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import ckptguard  # noqa: E402
 from ckptguard.coord.mpi import MPICoordinator  # noqa: E402
 from ckptguard.redundancy.protect import level, protect  # noqa: E402
 from ckptguard.redundancy.rebuild import rebuild  # noqa: E402
+from ckptguard.redundancy.resume import resume  # noqa: E402
 
-NAME = "step-10"
+NAME = os.environ.get("NODELOCAL_NAME", "step-10")
 
 
 def main() -> None:
@@ -55,6 +59,11 @@ def main() -> None:
                 os.path.join(store, NAME), comm, node=hosts[me], scheme=scheme, timeout=timeout
             )
             out = {"level": level(os.path.join(store, NAME)), "stored": p.stored_bytes}
+        elif cmd == "resume":
+            fallback = os.environ.get("NODELOCAL_FALLBACK")
+            got = resume(store, comm, node=hosts[me], fallback=fallback, timeout=timeout)
+            out = {k: getattr(got, k) for k in ("path", "name", "level", "note", "rebuilt")}
+            out["dropped"] = got.dropped
         else:
             r = rebuild(store, NAME, comm, node=hosts[me], timeout=timeout)
             out = {"rebuilt": r.rebuilt, "bytes": r.rebuilt_bytes}

@@ -1,0 +1,138 @@
+"""Choosing what a restarted job resumes from (ckptguard.redundancy.resume): real MPI with
+nodes a, a, b, c simulated by store directories (tests/dist/nodelocal.py). step-10 is saved
+node-local and protected by XOR; step-20, newer, is saved node-local only."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+
+import pytest
+import torch
+from nodekit import run_nodes
+
+import ckptguard
+from ckptguard.redundancy.resume import _lost, candidates
+
+pytestmark = pytest.mark.backend_independent  # files are moved as they are
+
+HOSTS = "a,a,b,c"
+NODES = ("a", "b", "c")
+
+
+def _part(base, host: str, name: str):
+    return base / host / "store" / name
+
+
+@pytest.fixture(scope="module")
+def two_saves(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    assert {o["level"] for o in run_nodes("protect", "xor", str(base), HOSTS)} == {"protected"}
+    out = run_nodes("save", str(base), HOSTS, env={"NODELOCAL_NAME": "step-20"})
+    assert {o["level"] for o in out} == {"local"}
+    return base
+
+
+def _fresh(two_saves, tmp_path):
+    shutil.copytree(two_saves, tmp_path / "nodes", symlinks=True)
+    return tmp_path / "nodes"
+
+
+def _one(out: list[dict]) -> dict:
+    """The outcome every rank reported alike (all but its own path)."""
+    same = [{k: v for k, v in o.items() if k not in ("rank", "path")} for o in out]
+    assert all(s == same[0] for s in same), out
+    return same[0]
+
+
+def test_intact_nodes_resume_from_the_newest_without_moving_a_byte(two_saves, tmp_path):
+    base = _fresh(two_saves, tmp_path)
+    out = run_nodes("resume", str(base), HOSTS)
+    got = _one(out)
+    assert (got["name"], got["level"], got["rebuilt"], got["dropped"]) == (
+        "step-20",
+        "local",
+        [],
+        [],
+    )
+    assert [o["path"] for o in out] == [str(_part(base, h, "step-20")) for h in HOSTS.split(",")]
+
+
+def test_a_lost_node_resumes_from_the_newest_protected_rebuilt_bitwise(two_saves, tmp_path):
+    base = _fresh(two_saves, tmp_path)
+    before = tmp_path / "b-before"
+    shutil.copytree(_part(base, "b", "step-10"), before)
+    shutil.rmtree(base / "b")
+    out = run_nodes("resume", str(base), "a,a,b2,c")
+    got = _one(out)
+    assert (got["name"], got["level"], got["rebuilt"], got["dropped"]) == (
+        "step-10",
+        "protected",
+        ["b2"],
+        ["step-20"],
+    )
+    assert "step-20 is missing on b2 and not protected" in got["note"]
+    rebuilt = _part(base, "b2", "step-10")
+    assert sorted(os.listdir(rebuilt)) == sorted(os.listdir(before))
+    assert all(filecmp.cmp(before / f, rebuilt / f, shallow=False) for f in os.listdir(before))
+    for h in ("a", "b2", "c"):  # step-20 can never load: gone, so that it can be saved again
+        assert not _part(base, h, "step-20").exists()
+        assert (base / h / "store" / "LATEST").read_text() == "step-10\n"
+    again = _one(run_nodes("resume", str(base), "a,a,b2,c"))
+    assert (again["name"], again["rebuilt"], again["dropped"]) == ("step-10", [], [])
+
+
+def test_nothing_the_nodes_can_load_falls_back_to_the_drained_store(two_saves, tmp_path):
+    base = _fresh(two_saves, tmp_path)
+    drained = tmp_path / "pfs"
+    ckptguard.save({"w": torch.arange(4)}, str(drained / "step-5"))
+    shutil.rmtree(base / "b")
+    shutil.rmtree(base / "c")  # two members of one XOR set: step-10 cannot be rebuilt
+    out = run_nodes("resume", str(base), "a,a,b2,c2", env={"NODELOCAL_FALLBACK": str(drained)})
+    got = _one(out)
+    assert (got["name"], got["level"], got["rebuilt"]) == ("step-5", "drained", [])
+    assert sorted(got["dropped"]) == ["step-10", "step-20"]
+    assert "step-10 could not be rebuilt" in got["note"]
+    assert f"resuming from step-5 in {drained}" in got["note"]
+    assert {o["path"] for o in out} == {str(drained / "step-5")}
+    assert not _part(base, "a", "step-10").exists()
+
+
+def test_without_a_fallback_the_job_starts_afresh_and_says_why(tmp_path):
+    got = _one(run_nodes("resume", str(tmp_path), HOSTS))
+    assert (got["name"], got["level"]) == (None, "none")
+    assert "no node-local checkpoint can load" in got["note"]
+
+
+def _p(name: str, uid: str, created: str, whole: bool = True, world: int = 4, prot=False):
+    return {
+        "name": name,
+        "uuid": uid,
+        "created": created,
+        "world": world,
+        "whole": whole,
+        "protected": prot,
+    }
+
+
+def test_candidates_are_newest_first_and_count_only_whole_parts_of_this_world():
+    held = {
+        "a": [_p("s1", "u1", "2026-01-01T00:00:00Z"), _p("s2", "u2", "2026-01-02T00:00:00Z")],
+        "b": [_p("s2", "u2", "2026-01-02T00:00:00Z", whole=False)],
+        "c": [_p("s1", "u1", "2026-01-01T00:00:00Z", prot=True), _p("s2", "u9", "2026-01-03")],
+    }
+    got = candidates(held, 4)
+    assert [(c["name"], c["uuid"]) for c in got] == [("s2", "u9"), ("s2", "u2"), ("s1", "u1")]
+    assert got[1]["holders"] == ["a"] and got[1]["present"] == ["a", "b"]
+    assert got[2]["protected"] and got[2]["holders"] == ["a", "c"]
+    assert candidates(held, 8)[2]["holders"] == []  # saved by 4 ranks: no part is whole for 8
+
+
+def test_only_checkpoints_that_can_never_load_are_dropped():
+    held = {"a": [_p("s", "u", "t")], "b": [_p("s", "u", "t", whole=False)], "c": []}
+    (moved,) = candidates(held, 4)  # b holds a part, for other ranks: ranks moved, not lost
+    assert not _lost(moved, 4)
+    (lost,) = candidates({"a": [_p("s", "u", "t")], "b": [], "c": []}, 4)
+    assert _lost(lost, 4)
+    assert not _lost(lost, 8)  # a job restarted at another size may come back to it
