@@ -123,9 +123,13 @@ def _sized(
     pieces: dict[int, list[select.Piece]],
     packs: select.Packs,
 ) -> None:
-    """Check the sizes of the files a load reads; then the checkpoint is open and checked: the
-    figures of its load's event (``measure``)."""
-    rd.check_sizes(files | {r.file for r in packs.rows})
+    """Check the sizes of the files a load reads (once ``select.needing``'s hook made them present);
+    then the checkpoint is open and checked: the figures of its load's event (``measure``)."""
+    files = files | {r.file for r in packs.rows}
+    hook = select.NEEDING.get()
+    if hook is not None and rd.one is None:
+        hook(rd.path, files)
+    rd.check_sizes(files)
     if rd.one is None:
         planned = sum(r.raw_len for ps in pieces.values() for p in ps for r in p.rows)
         planned += sum(r.record_raw_len for r in packs.rows)

@@ -9,8 +9,10 @@ chunks it keeps into one ``Piece`` per saved shard.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,22 @@ from .format.index import Row, int_lists
 from .tree import flatten
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, lengths)
+
+NEEDING: contextvars.ContextVar[Callable[[str, set[str]], None] | None] = contextvars.ContextVar(
+    "ckptguard_needing", default=None
+)
+
+
+@contextlib.contextmanager
+def needing(hook: Callable[[str, set[str]], None]) -> Generator[None, None, None]:
+    """Within this block, every load of a checkpoint directory calls ``hook(path, files)`` with
+    the data files it is about to read, before it checks them: a node-local load fetches the
+    ones its node lacks (``redundancy.fetch``)."""
+    token = NEEDING.set(hook)
+    try:
+        yield
+    finally:
+        NEEDING.reset(token)
 
 
 def intersect(a: Box, b: Box) -> Box | None:

@@ -5,12 +5,19 @@ node-local and protected by XOR; step-20, newer, is saved node-local only."""
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from nodekit import run_nodes
+from mpikit import need_mpi
+from nodekit import SCENARIO, run_nodes
+from slurmkit import clean_env
 
 import ckptguard
 from ckptguard.redundancy.resume import _lost, candidates
@@ -103,6 +110,65 @@ def test_without_a_fallback_the_job_starts_afresh_and_says_why(tmp_path):
     got = _one(run_nodes("resume", str(tmp_path), HOSTS))
     assert (got["name"], got["level"]) == (None, "none")
     assert "no node-local checkpoint can load" in got["note"]
+
+
+def _kill_node_b(launch: list[str], base, scheme: str) -> None:
+    """Start a job that saves node-local, protects and trains on; once every rank is past the
+    protection, kill node b's rank (SIGKILL, as a lost node), and see the job end."""
+    cmd = [*launch, sys.executable, SCENARIO, "train", scheme]
+    cmd += [str(base), HOSTS]
+    pids = [base / "out" / f"pid-{r}" for r in range(4)]
+    with subprocess.Popen(
+        cmd,
+        env=clean_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as job:
+        try:
+            deadline = time.monotonic() + 240
+            while not all(p.exists() for p in pids) and job.poll() is None:
+                assert time.monotonic() < deadline, "the job never got past its protection"
+                time.sleep(0.2)
+            assert job.poll() is None, job.communicate()[0].decode(errors="replace")
+            os.kill(int(pids[2].read_text()), signal.SIGKILL)
+            job.communicate(timeout=120)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    shutil.rmtree(base / "out")
+
+
+def _resume_bitwise(launch: list[str], base) -> list[dict]:
+    """The restart on a fresh node b2: resume, then every rank loads and compares."""
+    shutil.rmtree(base / "b")  # the lost node's disk went with it
+    cmd = [*launch, sys.executable, SCENARIO, "resume-load", str(base), "a,a,b2,c"]
+    res = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = [json.loads((base / "out" / f"rank-{r}.json").read_text()) for r in range(4)]
+    assert all(o.get("loaded") is True for o in out), out
+    got = _one(out)
+    assert (got["name"], got["level"], got["rebuilt"]) == ("step-10", "protected", ["b2"])
+    return out
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("scheme", ["xor", "partner"])
+def test_a_killed_node_is_rebuilt_and_the_job_resumes_bitwise(tmp_path, scheme):
+    launch = [need_mpi(), "-n", "4"]
+    _kill_node_b(launch, tmp_path, scheme)
+    _resume_bitwise(launch, tmp_path)
+    # the restarted node got its part back, and only the files its ranks read besides
+    assert "rank-00002.ckg" in os.listdir(_part(tmp_path, "b2", "step-10"))
+
+
+@pytest.mark.timeout(900)
+def test_under_slurm_a_killed_node_is_rebuilt_and_the_job_resumes_bitwise(tmp_path, job):
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
+    launch = ["srun", *job[:2], "--time=10", "--mpi=pmi2", "--kill-on-bad-exit=1", "-n", "4"]
+    _kill_node_b(launch, tmp_path, "xor")
+    _resume_bitwise(launch, tmp_path)
 
 
 def _p(name: str, uid: str, created: str, whole: bool = True, world: int = 4, prot=False):

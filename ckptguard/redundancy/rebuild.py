@@ -391,7 +391,7 @@ def _rebuild_here(
             if new_ward is not None:
                 new_ward.discard()
         failpoint("rebuild.files_rebuilt")
-        _verify(staging, [f for f, _ in member_files(rec, me)])
+        verify_files(staging, [f for f, _ in member_files(rec, me)])
         install_record(store, tmp, mine)
         seal_files(staging)
         fsync_dir(staging)
@@ -408,7 +408,7 @@ def _rebuild_here(
     return sum(s for _, s in member_files(rec, me))
 
 
-def _verify(staging: str, names: list[str]) -> None:
+def verify_files(staging: str, names: list[str]) -> None:
     """Every chunk of the rebuilt files against the index: a damaged survivor is caught here."""
     rd = CheckpointReader(staging)
     try:

@@ -55,7 +55,9 @@ def parts(store: str, ranks: list[int]) -> list[dict]:
     """What a node's store holds: each committed checkpoint's name, uuid, commit time, world
     size, protection, and whether this node's part is whole for the ranks it runs now (their
     data files present at their recorded sizes, and no other rank's file missing from it)."""
-    out = []
+    out: list[dict] = []
+    if not os.path.lexists(store):  # a new node's empty disk
+        return out
     for info in Store(store).list():
         try:
             _, body = read_manifest(info.path)
