@@ -161,6 +161,9 @@ def test_a_failed_node_local_save_never_moves_latest_past_a_missing_part(
         assert len({o.get("message") for o in got.values()}) == 1, got
         assert not any(held.values()) and not moved, (got, held)
         assert all(os.listdir(tmp_path / h / "store" / ".staging") == [] for h in PARTS)
-    else:  # past its rename, a node's I/O error is a warning: its LATEST alone stays
+    else:  # past its rename, a node's I/O error is a warning
         assert all(o.get("level") == "local" for o in got.values()), got
-        assert moved == set(PARTS) - {"abbc"[rank]}, moved
+        if point == "nodelocal.renamed":  # the rename may not be durable: LATEST stays there
+            assert moved == set(PARTS) - {"abbc"[rank]}, moved
+        else:  # after LATEST moved there
+            assert moved == set(PARTS), moved
