@@ -42,7 +42,12 @@ def command(store: str) -> None:
     except CorruptCheckpointError as exc:  # still list what is there; verify exits 1 on it
         latest = None
         echo(f"warning: {exc}", err=True)
-    console().print(_table(f"store {os.path.abspath(store)}", infos, latest))
+    levels = None
+    if os.path.isdir(os.path.join(store, ".redundancy")):  # a node's store: its protections
+        from ckptguard.redundancy.protect import where  # only here: `--help` loads no torch
+
+        levels = {i.name: where(st.root, i.name, i.uuid) for i in infos}
+    console().print(_table(f"store {os.path.abspath(store)}", infos, latest, levels))
 
 
 def _ls_bucket(store: str) -> None:
@@ -70,9 +75,13 @@ def _ls_bucket(store: str) -> None:
 
 
 def _table(
-    title: str, infos: list[ckptguard.CheckpointInfo], latest: ckptguard.CheckpointInfo | None
+    title: str,
+    infos: list[ckptguard.CheckpointInfo],
+    latest: ckptguard.CheckpointInfo | None,
+    levels: dict[str, str] | None = None,
 ) -> Table:
-    """One row per checkpoint; LATEST marked."""
+    """One row per checkpoint; LATEST marked; ``levels``: a node-local store's protection of
+    each (docs/operations.md)."""
     table = Table(title=cell(title), title_justify="left")
     columns: list[tuple[str, JustifyMethod]] = [
         ("name", "left"),
@@ -83,6 +92,8 @@ def _table(
         ("created", "left"),
         ("", "left"),
     ]
+    if levels is not None:
+        columns.insert(-1, ("level", "left"))
     for col, justify in columns:
         table.add_column(col, justify=justify)
     for info in infos:
@@ -98,6 +109,7 @@ def _table(
                     format_size(info.raw_bytes),
                     str(info.tensors),
                     when(info.created),
+                    *([levels.get(info.name, "local")] if levels is not None else []),
                     mark,
                 ),
             )

@@ -365,6 +365,19 @@ def level(checkpoint: str) -> str:
     return "protected" if marked(store, name, body["uuid"]) else "local"
 
 
+def where(store: str, name: str, uid: str) -> str:
+    """This node's protection of checkpoint ``name`` (``uid``) in words, for ``ckptguard ls``:
+    ``local``, or the scheme and the nodes that hold what rebuilds this node's files."""
+    rec = read_record(store, name, uid)
+    if rec is None or not marked(store, name, uid):
+        return "local"
+    members, me = rec["members"], rec["member"]
+    if rec["scheme"] == "partner":
+        return f"protected: partner, copy on {members[(me + 1) % len(members)]['node']}"
+    others = ", ".join(m["node"] for i, m in enumerate(members) if i != me)
+    return f"protected: xor, parity on {others}"
+
+
 def marked(store: str, name: str, uid: str) -> bool:
     """Whether ``store`` holds the PROTECTED marker of checkpoint ``name`` (``uid``)."""
     marker = os.path.join(record_dir(store, name, uid), PROTECTED)
