@@ -131,8 +131,15 @@ class NodeLocal(Target):
         """Prepare, rename and move LATEST on every node; the outcome every rank returns."""
         if not outcome["ok"]:
             return outcome
-        files = self._own_files() if coord.rank == 0 else None
+        files = None
+        if coord.rank == 0:
+            try:
+                files = self._own_files()
+            except OSError as e:  # carried to every rank, which all fail alike (I8)
+                files = pack({"error": f"{type(e).__name__}: {e}"})
         head, parts = unpack(coord.broadcast(files, timeout))
+        if "error" in head:
+            return {"ok": False, "rank": 0, "error": head["error"]}
         body = manifest.decode(bytes(parts[head["names"].index(MANIFEST)]))  # rank 0 checked it
         done = _round(coord, timeout, lambda: self._prepare(head, parts, body))
         if not done["ok"]:

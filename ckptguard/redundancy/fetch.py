@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
+import numpy as np
+
 from ..commit import staging_area
 from ..errors import CheckpointError, RebuildError, brief
 from ..failpoints import failpoint
@@ -131,13 +133,20 @@ def _move(
     pos = 0
     for f, n, src, dst in moves:
         if world.rank == src:
-            with Payload(checkpoint, [(f, n)]) as p:
-                exchange.transfer(world, src, dst, p.read, n, None)
+            try:
+                payload: Payload | None = Payload(checkpoint, [(f, n)])
+            except (CheckpointError, OSError) as e:  # zeros keep the exchange in step
+                payload, error = None, brief(e)
+            try:
+                exchange.transfer(world, src, dst, _reader(payload), n, None)
+            finally:
+                if payload is not None:
+                    payload.close()
         elif world.rank == dst:
             exchange.transfer(world, src, dst, None, n, _keeper(out, pos))
             pos += n
     if not mine:
-        return {"received": []}
+        return {"error": error} if error else {"received": []}
     try:
         if error is None and out is not None and staging is not None:
             out.commit()
@@ -153,6 +162,15 @@ def _move(
             with contextlib.suppress(OSError):
                 remove_tree(staging)
     return {"error": error} if error else {"received": [f for f, _ in mine]}
+
+
+def _reader(payload: Payload | None) -> Callable[[int, int], Any]:
+    """A sender's blocks of a file: its bytes, or zeros where it could not be opened."""
+
+    def read(offset: int, size: int) -> Any:
+        return payload.read(offset, size) if payload is not None else np.zeros(size, np.uint8)
+
+    return read
 
 
 def _keeper(out: Rebuilt | None, base: int) -> Callable[[int, Any], None]:
