@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from mpikit import need_mpi
-from nodekit import SCENARIO, run_nodes
+from nodekit import SCENARIO, run_failing, run_nodes
 from slurmkit import clean_env
 
 import ckptguard
@@ -88,6 +88,21 @@ def test_a_lost_node_resumes_from_the_newest_protected_rebuilt_bitwise(two_saves
         assert (base / h / "store" / "LATEST").read_text() == "step-10\n"
     again = _one(run_nodes("resume", str(base), "a,a,b2,c"))
     assert (again["name"], again["rebuilt"], again["dropped"]) == ("step-10", [], [])
+
+
+def test_a_failed_fetch_fails_every_rank_alike_and_installs_nothing(two_saves, tmp_path):
+    """The load reads files its node lacks; node b's check of what it received fails: every rank
+    raises the same error, b's part is as it was, and the load then succeeds."""
+    base = _fresh(two_saves, tmp_path)
+    before = sorted(os.listdir(_part(base, "b", "step-20")))
+    got = run_failing(base, ["resume-load", str(base), HOSTS], "fetch.received", 2, "eio")
+    assert sorted(got) == [0, 1, 2, 3] and len({o.get("message") for o in got.values()}) == 1
+    assert all(o.get("error") == "RebuildError" for o in got.values()), got
+    assert "could not be fetched: node b" in got[0]["message"]
+    assert sorted(os.listdir(_part(base, "b", "step-20"))) == before
+    out = run_nodes("resume-load", str(base), HOSTS)
+    assert all(o.get("loaded") is True for o in out), out
+    assert len(os.listdir(_part(base, "b", "step-20"))) > len(before)  # what its ranks read
 
 
 def test_nothing_the_nodes_can_load_falls_back_to_the_drained_store(two_saves, tmp_path):

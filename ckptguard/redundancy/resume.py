@@ -26,7 +26,7 @@ from typing import Any
 
 from ..commit import write_latest
 from ..errors import CheckpointError, RebuildError, brief
-from ..failpoints import failpoint, set_rank
+from ..failpoints import set_rank
 from ..format.layout import datafile_rank
 from ..fsutil import read_manifest
 from ..localcommit import node_name
@@ -138,7 +138,6 @@ def resume(
         world.close()
     nodes = list(dict.fromkeys(hosts))
     states = dict(zip(nodes, [d for d in docs if d], strict=True))
-    failpoint("resume.listed")
     here = _Here(store, me, leader, comm, timeout)
     return here.choose(nodes, states, len(hosts), fallback)
 
@@ -202,7 +201,6 @@ class _Here:
                 if (p["name"], p["uuid"]) in gone:
                     with contextlib.suppress(CheckpointError, OSError):
                         Store(self.store).delete(p["name"])
-        failpoint("resume.dropped")
         return names
 
     def point_latest(self, name: str) -> None:
