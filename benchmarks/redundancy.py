@@ -4,14 +4,15 @@
 
 Runs itself under ``mpiexec -n RANKS`` (oversubscribed on a small machine). The ranks are
 grouped into simulated nodes by ``--hosts``; each node's store is a directory of its own. Each
-rank saves ``--mib`` MiB of incompressible float32 (the local commit, to a store every rank
-sees), each node keeps its ranks' files of it (the layout a node-local save leaves), and then,
-interleaved in every trial:
+rank has ``--mib`` MiB of incompressible float32. Interleaved in every trial:
 
+- ``local commit``: a node-local save (``node_local=``): each node's store keeps its part;
 - ``xor``: protect with XOR parity (one set of all nodes);
 - ``partner``: protect with partner copies;
 - ``rebuild-xor``: the last node's store deleted, rebuilt on a node of another name;
-- ``drain``: ``ckptguard.drain`` of the checkpoint to another store (one process, as the
+- ``shared save``: the same state saved to one store every rank sees (the parallel file
+  system's stand-in);
+- ``drain``: ``ckptguard.drain`` of that checkpoint to another store (one process, as the
   agent's drain runs), the copy verified.
 
 On one machine every "network" transfer is a copy through MPI's shared memory and every node's
@@ -43,7 +44,7 @@ def _worker(args: argparse.Namespace) -> None:
     from ckptguard.coord.mpi import MPICoordinator
     from ckptguard.drain import drain
     from ckptguard.fsutil import read_manifest
-    from ckptguard.redundancy.protect import REDUNDANCY, node_files, protect
+    from ckptguard.redundancy.protect import REDUNDANCY, protect
     from ckptguard.redundancy.rebuild import rebuild
 
     comm = MPI.COMM_WORLD
@@ -52,55 +53,62 @@ def _worker(args: argparse.Namespace) -> None:
     base = args.base
     rng = np.random.default_rng(me)
     state = {f"w{me}": rng.standard_normal(args.mib << 18, dtype=np.float32)}
-    shared = os.path.join(base, "shared", NAME)
-    comm.Barrier()
-    t0 = time.perf_counter()
-    ckptguard.save(state, shared, coordinator=MPICoordinator(), compress="none")
-    comm.Barrier()
-    times: dict[str, list[float]] = {"local commit": [time.perf_counter() - t0]}
+    coord = MPICoordinator()
     leader = hosts.index(hosts[me]) == me
-    _, body = read_manifest(shared)
-    mine = node_files(body, hosts)[hosts[me]]
+    times: dict[str, list[float]] = {}
+    stored: dict[str, int] = {}
 
-    def lay_out(host: str) -> str:
-        store = os.path.join(base, host, "store")
+    def timed(step: str, run) -> None:  # noqa: ANN001 - a step of this trial
+        comm.Barrier()
+        t0 = time.perf_counter()
+        run()
+        comm.Barrier()
+        times.setdefault(step, []).append(time.perf_counter() - t0)
+
+    def node_store(host: str) -> str:
+        return os.path.join(base, host, "store")
+
+    def fresh(host: str) -> None:
         if leader:
             shutil.rmtree(os.path.join(base, host), ignore_errors=True)
-            os.makedirs(os.path.join(store, NAME))
-            for f in ["MANIFEST.json", "index.parquet", *[m for m, _ in mine]]:
-                shutil.copyfile(os.path.join(shared, f), os.path.join(store, NAME, f))
         comm.Barrier()
-        return store
 
-    stored: dict[str, int] = {}
+    def save_local() -> None:
+        path = os.path.join(node_store(hosts[me]), NAME)
+        ckptguard.save(state, path, coordinator=coord, compress="none", node_local=hosts[me])
+
+    def save_shared() -> None:
+        path = os.path.join(base, "shared", NAME)
+        ckptguard.save(state, path, coordinator=coord, compress="none", overwrite=True)
+
+    def protect_with(scheme: str) -> None:
+        path = os.path.join(node_store(hosts[me]), NAME)
+        p = protect(path, comm, node=hosts[me], scheme=scheme)
+        stored[scheme] = sum(comm.allgather(p.stored_bytes))
+        if leader:
+            shutil.rmtree(os.path.join(node_store(hosts[me]), REDUNDANCY), ignore_errors=True)
+
+    def drain_shared() -> None:
+        if me == 0:
+            dst = os.path.join(base, "durable")
+            shutil.rmtree(dst, ignore_errors=True)
+            drain(os.path.join(base, "shared"), dst, names=[NAME])
+
+    last = hosts[-1]
+    new = hosts[me] + "-new" if hosts[me] == last else hosts[me]
+    save_shared()  # untimed: the first save of a process pays its imports and pools
     for _ in range(args.trials):
-        for step in ("xor", "partner", "rebuild-xor", "drain"):
-            store = lay_out(hosts[me])
-            if step == "rebuild-xor":
-                protect(os.path.join(store, NAME), comm, node=hosts[me], scheme="xor")
-                last = hosts[-1]
-                if hosts[me] == last and leader:
-                    shutil.rmtree(os.path.join(base, last))
-                comm.Barrier()
-                node = hosts[me] + "-new" if hosts[me] == last else hosts[me]
-                store = os.path.join(base, node, "store")
-            comm.Barrier()
-            t0 = time.perf_counter()
-            if step in ("xor", "partner"):
-                p = protect(os.path.join(store, NAME), comm, node=hosts[me], scheme=step)
-                stored[step] = sum(comm.allgather(p.stored_bytes))
-            elif step == "rebuild-xor":
-                rebuild(store, NAME, comm, node=node)
-            elif me == 0:
-                dst = os.path.join(base, "durable")
-                shutil.rmtree(dst, ignore_errors=True)
-                drain(os.path.join(base, "shared"), dst, names=[NAME])
-            comm.Barrier()
-            times.setdefault(step, []).append(time.perf_counter() - t0)
-            if leader:
-                shutil.rmtree(os.path.join(store, REDUNDANCY), ignore_errors=True)
-            if step == "rebuild-xor" and leader:
-                shutil.rmtree(os.path.join(base, node), ignore_errors=True)
+        fresh(hosts[me])
+        timed("local commit", save_local)
+        timed("xor", lambda: protect_with("xor"))
+        timed("partner", lambda: protect_with("partner"))
+        protect(os.path.join(node_store(hosts[me]), NAME), comm, node=hosts[me], scheme="xor")
+        fresh(last if hosts[me] == last else "-")  # the last node is lost with its disk
+        timed("rebuild-xor", lambda: rebuild(node_store(new), NAME, comm, node=new))
+        fresh(new if hosts[me] == last else "-")
+        timed("shared save", save_shared)
+        timed("drain", drain_shared)
+    _, body = read_manifest(os.path.join(base, "shared", NAME))
     if me == 0:
         payload = sum(f["size"] for f in body["files"])
         nodes = len(dict.fromkeys(hosts))
@@ -118,7 +126,7 @@ def _worker(args: argparse.Namespace) -> None:
             # or as segments into its set's reduce-scatter, whose algorithm moves up to twice
             # that between nodes); a drain reads and writes the checkpoint once
             "bytes_moved": {"xor": payload, "partner": payload, "drain": payload},
-            "bytes_stored": {**stored, "drain": payload},
+            "bytes_stored": {**stored, "shared save": payload, "drain": payload},
         }
         print(json.dumps(out, indent=1))
         print("\n| step | median s | range s | bytes moved | bytes stored extra |")
