@@ -43,8 +43,9 @@ def _worker(args: argparse.Namespace) -> None:
     import ckptguard
     from ckptguard.coord.mpi import MPICoordinator
     from ckptguard.drain import drain
+    from ckptguard.format.layout import REDUNDANCY
     from ckptguard.fsutil import read_manifest
-    from ckptguard.redundancy.protect import REDUNDANCY, protect
+    from ckptguard.redundancy.protect import protect
     from ckptguard.redundancy.rebuild import rebuild
 
     comm = MPI.COMM_WORLD

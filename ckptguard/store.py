@@ -40,6 +40,7 @@ from .format.layout import (
     LATEST,
     MANIFEST,
     MAX_LATEST_BYTES,
+    REDUNDANCY,
     STAGING,
     check_name,
     is_name,
@@ -334,8 +335,9 @@ class Store:
         return decisions, failed
 
     def gc(self, older_than: float | dt.timedelta = 3600.0) -> builtins.list[str]:
-        """Remove staging leftovers and keyring temporaries untouched for ``older_than``; never
-        a committed checkpoint or a keyring entry.
+        """Remove staging leftovers, keyring temporaries and the protection records of deleted
+        checkpoints untouched for ``older_than``; never a committed checkpoint or a keyring
+        entry.
 
         First completes an overwrite that a crash interrupted (``_finish_overwrites``)."""
         if isinstance(older_than, dt.timedelta):
@@ -352,6 +354,7 @@ class Store:
         except OSError as e:
             raise from_oserror(e, staging, "cannot list") from None
         victims += [os.path.join(self.root, n) for n in top if is_latest_tmp(n)]
+        victims += self._orphan_records()
         held = holds.held_uuids(self.root) if victims else set()
         for p in victims:
             if held and os.path.isdir(p) and holds.tree_uuid(p) in held:
@@ -380,6 +383,22 @@ class Store:
             for late in audit.note(self.root, "gc", detail=detail):
                 warn_after_commit(late, stacklevel=2)
         return removed
+
+    def _orphan_records(self) -> builtins.list[str]:
+        """A node-local store's protection records (format.md section 12) whose checkpoint is
+        gone or now another (its uuid), and records a protection left half-built (``.tmp-``)."""
+        root = os.path.join(self.root, REDUNDANCY)
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            return []
+        live = {(i.name, i.uuid) for i in self.list()} if names else set()
+        out = []
+        for n in names:
+            name, _, uid = n.rpartition(".")
+            if n.startswith(".") or (name, uid) not in live:
+                out.append(os.path.join(root, n))
+        return out
 
     def _finish_overwrites(self, settle: float) -> set[str]:
         """Resolve each intent record of the overwrite without renameat2 (format.md section 2).

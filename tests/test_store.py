@@ -79,6 +79,24 @@ def test_gc_never_touches_committed(tmp_path):
     assert ckptguard.verify(tmp_path / "a").ok
 
 
+def test_gc_removes_only_the_protection_records_of_checkpoints_that_are_gone(tmp_path):
+    """A node-local store (format.md section 12): a record whose checkpoint was deleted, or
+    replaced by another of the name, and a half-built one, go; the live checkpoint's stays."""
+    save(tmp_path, "a", 1)
+    save(tmp_path, "b", 2)
+    uid = {i.name: i.uuid for i in ckptguard.Store(tmp_path).list()}
+    red = tmp_path / ".redundancy"
+    for n in (f"a.{uid['a']}", f"b.{uid['b']}", f"a.{'0' * 32}", f".tmp-a.{uid['a']}.77"):
+        (red / n).mkdir(parents=True)
+        (red / n / "SET.json").write_text("{}\n")
+    ckptguard.Store(tmp_path).delete("b")
+    removed = ckptguard.Store(tmp_path).gc(older_than=0)
+    gone = sorted(os.path.basename(p) for p in removed)
+    assert gone == sorted([f"b.{uid['b']}", f"a.{'0' * 32}", f".tmp-a.{uid['a']}.77"])
+    assert os.listdir(red) == [f"a.{uid['a']}"]
+    assert ckptguard.Store(tmp_path).gc(older_than=0) == []
+
+
 def test_latest_naming_a_missing_checkpoint_is_reported(tmp_path):
     save(tmp_path, "a", 1)
     (tmp_path / LATEST).write_text("gone\n")

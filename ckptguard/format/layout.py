@@ -13,6 +13,7 @@ INDEX = "index.parquet"
 SIGNATURE = "SIGNATURE.json"  # a signed checkpoint's signature (format.md section 2.1)
 LATEST = "LATEST"
 STAGING = ".staging"
+REDUNDANCY = ".redundancy"  # a node-local store's protection records (format.md section 12)
 ALIGN = 4096
 MAX_LATEST_BYTES = 256
 

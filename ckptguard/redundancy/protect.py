@@ -29,6 +29,7 @@ import xxhash
 from ..audit import canon
 from ..errors import CheckpointError, RedundancyError, brief, from_oserror, warn_after_commit
 from ..failpoints import failpoint, set_rank
+from ..format.layout import REDUNDANCY
 from ..fsutil import (
     UnsafeFileError,
     fsync_dir,
@@ -42,7 +43,6 @@ from . import exchange, parity
 from .payload import Payload, Rebuilt, check_names
 from .sets import DEFAULT_SET_SIZE, partner_ring, xor_sets
 
-REDUNDANCY = ".redundancy"
 SCHEMES = ("partner", "xor")
 SET_FILE, PARITY_FILE, WARD_DIR, PROTECTED = "SET.json", "parity", "ward", "PROTECTED"
 MAX_SET_BYTES = 64 << 20
