@@ -181,10 +181,13 @@ def test_a_killed_node_is_rebuilt_and_the_job_resumes_bitwise(tmp_path, scheme):
 
 
 @pytest.mark.timeout(900)
-def test_under_slurm_a_killed_node_is_rebuilt_and_the_job_resumes_bitwise(tmp_path, job):
+@pytest.mark.parametrize("scheme", ["xor", "partner"])
+def test_under_slurm_a_killed_node_is_rebuilt_and_the_job_resumes_bitwise(tmp_path, job, scheme):
+    if scheme != "xor" and os.environ.get("CKPTGUARD_FAULTS") != "all":
+        pytest.skip("make faults runs the partner scheme too (CKPTGUARD_FAULTS=all)")
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install '.[mpi]')")
     launch = ["srun", *job[:2], "--time=10", "--mpi=pmi2", "--kill-on-bad-exit=1", "-n", "4"]
-    _kill_node_b(launch, tmp_path, "xor")
+    _kill_node_b(launch, tmp_path, scheme)
     _resume_bitwise(launch, tmp_path)
 
 
