@@ -136,6 +136,7 @@ def test_protecting_a_protected_checkpoint_again_changes_nothing(protected, tmp_
 
 
 def test_more_losses_than_the_scheme_survives_rebuild_nothing(protected, tmp_path):
+    _xor_unless_full(protected)
     scheme, base = _fresh(protected, tmp_path)
     shutil.rmtree(base / "b")
     shutil.rmtree(base / "c")

@@ -93,6 +93,8 @@ def test_a_lost_node_resumes_from_the_newest_protected_rebuilt_bitwise(two_saves
 def test_a_failed_fetch_fails_every_rank_alike_and_installs_nothing(two_saves, tmp_path):
     """The load reads files its node lacks; node b's check of what it received fails: every rank
     raises the same error, b's part is as it was, and the load then succeeds."""
+    if os.environ.get("CKPTGUARD_FAULTS") != "all":
+        pytest.skip("make faults runs it (CKPTGUARD_FAULTS=all): make test keeps to its budget")
     base = _fresh(two_saves, tmp_path)
     before = sorted(os.listdir(_part(base, "b", "step-20")))
     got = run_failing(base, ["resume-load", str(base), HOSTS], "fetch.received", 2, "eio")
