@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
@@ -28,14 +27,14 @@ from ..commit import staging_area
 from ..errors import CheckpointError, RebuildError, brief
 from ..failpoints import failpoint
 from ..format.layout import INDEX, MANIFEST, file_rank
-from ..fsutil import fsync_dir, read_manifest
+from ..fsutil import UnsafeFileError, fsync_dir, read_manifest, read_regular, write_new_file
 from ..localcommit import node_name
 from ..readonly import remove_tree, seal_dir, seal_files
 from ..select import needing
 from . import exchange
 from .payload import Payload, Rebuilt
 from .protect import TIMEOUT
-from .rebuild import verify_files
+from .rebuild import MAX_OWN, verify_files
 
 
 def fetch(
@@ -126,9 +125,10 @@ def _move(
             staging = os.path.join(staging_area(store), f"{name}.fetch-{os.getpid()}")
             os.mkdir(staging, 0o700)
             for own in (MANIFEST, INDEX):  # what the check of the received files reads
-                shutil.copyfile(os.path.join(checkpoint, own), os.path.join(staging, own))
+                data = read_regular(os.path.join(checkpoint, own), max_size=MAX_OWN)
+                write_new_file(os.path.join(staging, own), data)
             out = Rebuilt(staging, mine)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, OSError, UnsafeFileError) as e:
         error = brief(e)
     pos = 0
     for f, n, src, dst in moves:

@@ -44,7 +44,7 @@ from .protect import (
     record_dir,
 )
 
-_MAX_OWN = 1 << 34  # the largest MANIFEST.json or index.parquet a survivor sends (16 GiB)
+MAX_OWN = 1 << 34  # the largest MANIFEST.json or index.parquet a survivor sends (16 GiB)
 
 
 class RebuildReport(NamedTuple):
@@ -230,7 +230,7 @@ def _own_files(store: str, name: str, world: exchange.SetComm, root: int, need: 
         if world.rank == root:
             path = os.path.join(store, name, member)
             try:
-                data = b"\1" + read_regular(path, max_size=_MAX_OWN)
+                data = b"\1" + read_regular(path, max_size=MAX_OWN)
             except FileNotFoundError:
                 data = b"\0" if member == SIGNATURE else b"\2" + f"{path} is missing".encode()
             except (OSError, UnsafeFileError) as e:
