@@ -9,6 +9,8 @@ and every collective has a deadline: a member that died or stalled is a
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -125,6 +127,63 @@ class _All:
 
     def Test(self) -> bool:  # noqa: N802 - the request protocol
         return bool(self.MPI.Request.Testall(self.reqs))
+
+
+def rate_problem(rate: float | None, block: int, timeout: float) -> str:
+    """What is wrong with ``rate`` (bytes a second; None: no limit) as a node's bandwidth for
+    moving blocks of ``block`` bytes whose collectives each have ``timeout`` s; "" if nothing."""
+    if rate is None:
+        return ""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+        return f"rate {rate!r} is not a positive number of bytes a second (or None: no limit)"
+    if rate * timeout < 2 * block:
+        need = math.ceil(2 * block / timeout)
+        return (
+            f"rate {rate:g} bytes/s takes over half the {timeout:g} s deadline to move one "
+            f"{block}-byte block, so the other nodes would time out: give at least {need} bytes/s "
+            "or a longer timeout"
+        )
+    return ""
+
+
+class Pace:
+    """At most ``rate`` bytes a second read through ``reader`` (None: no limit): what a node's
+    protection may take of its disk and network while the job trains on. One block passes at
+    once; each after it waits until the bytes before it fit the rate."""
+
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.start: float | None = None
+        self.moved = 0
+
+    def wait(self, size: int) -> None:
+        """Sleep until ``size`` more bytes keep within the rate, and count them."""
+        if self.rate is None:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        self.start = max(self.start, now - self.moved / self.rate)  # idle time earns no burst
+        ahead = self.moved / self.rate - (now - self.start)
+        self.moved += size
+        if ahead > 0:
+            self.sleep(ahead)
+
+    def reader(self, read: Reader) -> Reader:
+        """``read``, paced."""
+        if self.rate is None:
+            return read
+
+        def paced(position: int, size: int) -> np.ndarray:
+            self.wait(size)
+            return read(position, size)
+
+        return paced
 
 
 def set_comm(comm: Any, sets: list[list[str]], node: str | None, timeout: float) -> SetComm | None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import xxhash
@@ -181,40 +183,103 @@ def protect(
     domains: Mapping[str, str] | None = None,
     set_size: int = DEFAULT_SET_SIZE,
     timeout: float = TIMEOUT,
+    rate: float | None = None,
     block: int = parity.BLOCK,
 ) -> Protection:
     """Protect the committed node-local checkpoint ``checkpoint`` (this node's directory of it),
     called by every rank of the job that saved it, on ``comm`` (an mpi4py communicator of those
-    ranks, in rank order); ``node`` is this rank's node. Returns once every set is complete and
-    every node has recorded it, or raises the same RedundancyError on every rank (naming the
-    nodes that failed) with each node's partial protection removed: a checkpoint is either
-    recorded as protected, or its protection is absent."""
-    started = time.monotonic()
-    world, sc = exchange.SetComm.duplicate(comm, timeout), None
+    ranks, in rank order); ``node`` is this rank's node; ``rate`` caps the bytes a second each
+    node reads and sends (None: no cap). Returns once every set is complete and every node has
+    recorded it, or raises the same RedundancyError on every rank (naming the nodes that failed)
+    with each node's partial protection removed: a checkpoint is either recorded as protected,
+    or its protection is absent."""
+    job = _Job(checkpoint, node, scheme, domains, set_size, rate, block)
+    return _protect(exchange.SetComm.duplicate(comm, timeout), job)
+
+
+def protect_async(
+    checkpoint: str,
+    comm: Any,
+    *,
+    node: str,
+    scheme: str = "xor",
+    domains: Mapping[str, str] | None = None,
+    set_size: int = DEFAULT_SET_SIZE,
+    timeout: float = TIMEOUT,
+    rate: float | None = None,
+    block: int = parity.BLOCK,
+) -> Future[Protection]:
+    """``protect`` in the background, so the job trains on while its nodes protect: every rank
+    calls it, in the same order as its other calls on ``comm``; returns at once with the
+    future of the ``Protection`` (or of the RedundancyError ``protect`` raises).
+
+    The protection runs on a private duplicate of ``comm`` (made here, on the caller's thread),
+    on one thread per process, so protections run one after another in the order they were
+    asked for, on every rank alike. Needs MPI initialized with ``MPI_THREAD_MULTIPLE`` (mpi4py's
+    default). A process that ends waits for its protections to finish first."""
+    from mpi4py import MPI
+
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise RedundancyError(
+            "protect_async needs MPI initialized with MPI_THREAD_MULTIPLE (mpi4py's default, "
+            "changed here by mpi4py.rc.thread_level or MPI4PY_RC_THREAD_LEVEL): call protect "
+            "instead, or let mpi4py initialize MPI with its default"
+        )
+    job = _Job(checkpoint, node, scheme, domains, set_size, rate, block)
+    world = exchange.SetComm.duplicate(comm, timeout)
+    return _background().submit(_protect, world, job)
+
+
+class _Job(NamedTuple):
+    checkpoint: str
+    node: str
+    scheme: str
+    domains: Mapping[str, str] | None
+    set_size: int
+    rate: float | None
+    block: int
+
+
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _background() -> ThreadPoolExecutor:
+    """The process's one protection thread (concurrent.futures joins it before MPI finalizes)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="ckptguard-protect")
+        return _worker
+
+
+def _protect(world: exchange.SetComm, job: _Job) -> Protection:
+    """``protect`` on ``world``, a private communicator of the job's ranks, which it frees."""
+    started, sc, checkpoint, node = time.monotonic(), None, job.checkpoint, job.node
     set_rank(world.rank)
     try:
         hosts = [b.decode() for b in world.allgather_bytes(node.encode())]
+        sets = _agree(world, job, hosts)
         leader = hosts.index(node) == world.rank
         store, name = os.path.split(os.path.abspath(checkpoint))
-        sets = plan_sets(scheme, hosts, domains, set_size)  # the same on every rank
-        if world.all_ok(not leader or _protected_as(checkpoint, scheme)):
-            return Protection(name, "", scheme, "protected", sets, 0, 0.0)  # nothing to do
+        if world.all_ok(not leader or _protected_as(checkpoint, job.scheme)):
+            return Protection(name, "", job.scheme, "protected", sets, 0, 0.0)  # nothing to do
         error, stored, uid = "", 0, ""
         try:
-            sc = exchange.set_comm(world.comm, sets, node if leader else None, timeout)
+            sc = exchange.set_comm(world.comm, sets, node if leader else None, world.timeout)
             if sc is not None:
                 _, body = read_manifest(checkpoint)
                 uid = body["uuid"]
                 members = next(s for s in sets if node in s)
-                rec = set_record(body, scheme, members, hosts, members.index(node))
-                stored = _protect_node(sc, store, rec, checkpoint, block)
+                rec = set_record(body, job.scheme, members, hosts, members.index(node))
+                stored = _protect_node(sc, store, rec, checkpoint, job)
         except Exception as e:  # a bug too: still agree, so no rank waits out its deadline
             error = f"{node}: {brief(e)}"
-        world.timeout = 2 * timeout  # a node's part may take up to `timeout` to fail
+        world.timeout *= 2  # a node's part may take up to `timeout` to fail
         failed = [o.decode() for o in world.allgather_bytes(error.encode()) if o]
         failpoint("protect.agreed")
         if leader and uid:
-            finish(store, name, uid, scheme, ok=not failed)
+            finish(store, name, uid, job.scheme, ok=not failed)
         failpoint("protect.marked")
         world.all_ok(True)  # every node's record is final when any rank returns
     finally:
@@ -223,10 +288,34 @@ def protect(
                 c.close()
     if failed:
         raise RedundancyError(
-            f"protecting {checkpoint} ({scheme}) failed; it stays local-committed only: "
+            f"protecting {checkpoint} ({job.scheme}) failed; it stays local-committed only: "
             + "; ".join(failed[:8])
         )
-    return Protection(name, uid, scheme, "protected", sets, stored, time.monotonic() - started)
+    return Protection(name, uid, job.scheme, "protected", sets, stored, time.monotonic() - started)
+
+
+def _agree(world: exchange.SetComm, job: _Job, hosts: list[str]) -> list[list[str]]:
+    """The sets of ``job``; or the same RedundancyError on every rank if any rank's options are
+    unusable (its rate, its scheme) or give other sets than rank 0's."""
+    sets: list[list[str]] = []
+    problem = exchange.rate_problem(job.rate, job.block, world.timeout)
+    if not problem:
+        try:
+            sets = plan_sets(job.scheme, hosts, job.domains, job.set_size)
+        except RedundancyError as e:
+            problem = str(e)
+    digest = xxhash.xxh3_64_hexdigest(canon.encode({"scheme": job.scheme, "sets": sets}))
+    said = [o.decode().split(" ", 1) for o in world.allgather_bytes(f"{digest} {problem}".encode())]
+    bad = [f"rank {r}: {p}" for r, (_, p) in enumerate(said) if p]
+    if not bad:
+        bad = [
+            f"rank {r}'s scheme, set_size or domains differ from rank 0's"
+            for r, (d, _) in enumerate(said)
+            if d != said[0][0]
+        ]
+    if bad:
+        raise RedundancyError(f"protecting {job.checkpoint} refused: " + "; ".join(bad[:4]))
+    return sets
 
 
 def _protected_as(checkpoint: str, scheme: str) -> bool:
@@ -271,22 +360,23 @@ def install_record(store: str, tmp: str, rec: dict) -> None:
     fsync_dir(os.path.dirname(final))
 
 
-def _protect_node(sc: exchange.SetComm, store: str, rec: dict, checkpoint: str, block: int) -> int:
+def _protect_node(sc: exchange.SetComm, store: str, rec: dict, checkpoint: str, job: _Job) -> int:
     """This node's part: its parity or its ward's copy, written whole under a temporary name and
     renamed into place; the bytes it keeps."""
     tmp = new_record_tmp(store, rec["name"], rec["uuid"])
+    block, me = job.block, rec["member"]
     try:
-        me = rec["member"]
         with Payload(checkpoint, member_files(rec, me)) as mine:
+            read = exchange.Pace(job.rate).reader(mine.read)
             if rec["scheme"] == "xor":
-                kept, digest = _parity(sc, rec, mine, os.path.join(tmp, PARITY_FILE), block)
+                kept, digest = _parity(sc, rec, read, os.path.join(tmp, PARITY_FILE), block)
                 rec = {**rec, "parity_xxh3_128": digest}
             else:
                 ward = (me - 1) % len(rec["members"])
                 out = Rebuilt(_mkdir(os.path.join(tmp, WARD_DIR)), member_files(rec, ward))
                 try:
                     kept = sum(s for _, s in member_files(rec, ward))
-                    exchange.copy_ring(sc, mine.read, mine.length, kept, out.write, block)
+                    exchange.copy_ring(sc, read, mine.length, kept, out.write, block)
                     out.commit()
                 finally:
                     out.discard()
@@ -325,13 +415,14 @@ class ParityFile:
 
 
 def _parity(
-    sc: exchange.SetComm, rec: dict, mine: Payload, path: str, block: int
+    sc: exchange.SetComm, rec: dict, read: parity.Reader, path: str, block: int
 ) -> tuple[int, str]:
-    """Compute and write this member's parity segment; (its size, its xxh3-128 in hex)."""
+    """Compute and write this member's parity segment from its payload's ``read``; (its size,
+    its xxh3-128 in hex)."""
     lay = layout_of(rec)
     out = ParityFile(path)
     try:
-        exchange.encode(sc, lay, mine.read, out.write, block)
+        exchange.encode(sc, lay, read, out.write, block)
     finally:
         digest = out.close()
     return lay.segment, digest

@@ -5,6 +5,12 @@ each node with its own store directory BASE/<host>/store standing for its local 
     nodelocal.py save-mixed BASE HOSTS        the same, but rank 3 does not ask for node-local
     nodelocal.py protect SCHEME BASE HOSTS     save node-local, then protect the checkpoint
     nodelocal.py reprotect SCHEME BASE HOSTS   protect the saved checkpoint again
+    nodelocal.py refuse BASE HOSTS             protect with each of NODELOCAL_CASES' options (a
+                                               JSON list of [SCHEME, RATE]), each refused
+    nodelocal.py protect-async SCHEME BASE HOSTS
+                                               save node-local, protect in the background
+                                               while the job saves its next checkpoint
+                                               (step-20) and trains on, then wait for it
     nodelocal.py rebuild BASE HOSTS            rebuild what the nodes lack (a node of a new name
                                                with an empty disk takes a lost node's place)
     nodelocal.py train SCHEME BASE HOSTS       save node-local, protect, then run on until killed
@@ -15,7 +21,9 @@ each node with its own store directory BASE/<host>/store standing for its local 
 HOSTS is a comma-separated host name per rank; node h's store is BASE/h/store. Each rank
 writes its outcome to BASE/out/rank-R.json. NODELOCAL_NAME: the checkpoint's name (step-10);
 NODELOCAL_FALLBACK: the shared store a resume falls back to. NODELOCAL_TIMEOUT: the
-collectives' deadline (60 s).
+collectives' deadline (60 s). SCHEME may be one per rank (comma-separated), NODELOCAL_RATE a
+rate (bytes/s) for every rank or one per rank; NODELOCAL_ASYNC=1 makes reprotect use
+protect_async.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ckptguard  # noqa: E402
 from ckptguard.coord.mpi import MPICoordinator  # noqa: E402
 from ckptguard.redundancy.fetch import fetching  # noqa: E402
-from ckptguard.redundancy.protect import level, protect  # noqa: E402
+from ckptguard.redundancy.protect import level, protect, protect_async  # noqa: E402
 from ckptguard.redundancy.rebuild import rebuild  # noqa: E402
 from ckptguard.redundancy.resume import resume  # noqa: E402
 
@@ -52,6 +60,57 @@ def load_back(got, comm, node: str, timeout: float) -> bool:
     return True
 
 
+def per_rank(value: str, me: int, n: int) -> str:
+    """This rank's ``value``: one for every rank, or a comma-separated one per rank."""
+    values = value.split(",")
+    return values[me] if len(values) == n else value
+
+
+def refusals(store: str, comm, node: str, timeout: float) -> list[str]:
+    """What protecting with each of NODELOCAL_CASES' (scheme, rate) per rank raised."""
+    me, n = comm.Get_rank(), comm.Get_size()
+    said = []
+    for scheme, rates in json.loads(os.environ["NODELOCAL_CASES"]):
+        given = per_rank(rates, me, n)
+        rate = None if given == "none" else float(given)
+        try:
+            protect(
+                os.path.join(store, NAME),
+                comm,
+                node=node,
+                scheme=per_rank(scheme, me, n),
+                timeout=timeout,
+                rate=rate,
+            )
+            said.append("")
+        except ckptguard.CheckpointError as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+def in_background(store: str, comm, node: str, scheme: str, **kw) -> dict:
+    """Protect step-10 in the background while saving step-20 and reducing on ``comm``."""
+    from scenarios import local_state
+
+    me, n = comm.Get_rank(), comm.Get_size()
+    fut = protect_async(os.path.join(store, NAME), comm, node=node, scheme=scheme, **kw)
+    ckptguard.save(
+        local_state(me, n),
+        os.path.join(store, "step-20"),
+        coordinator=MPICoordinator(),
+        node_local=node,
+        timeout=kw["timeout"],
+    )
+    steps = sum(comm.allreduce(1) for _ in range(50))  # the job's own collectives go on
+    p = fut.result()
+    return {
+        "level": level(os.path.join(store, NAME)),
+        "next": level(os.path.join(store, "step-20")),
+        "stored": p.stored_bytes,
+        "steps": steps,
+    }
+
+
 def main() -> None:
     comm = MPI.COMM_WORLD
     me, n = comm.Get_rank(), comm.Get_size()
@@ -59,8 +118,10 @@ def main() -> None:
     assert len(hosts) == n
     timeout = float(os.environ.get("NODELOCAL_TIMEOUT", "60"))
     store = os.path.join(base, hosts[me], "store")
+    given = per_rank(os.environ.get("NODELOCAL_RATE", "none"), me, n)
+    rate = None if given == "none" else float(given)
     try:
-        if cmd in ("protect", "save", "save-mixed", "train"):
+        if cmd in ("protect", "save", "save-mixed", "train", "protect-async"):
             from scenarios import local_state  # torch: only a save needs it
 
             path = os.path.join(store, NAME)
@@ -71,11 +132,23 @@ def main() -> None:
             )
         if cmd in ("save", "save-mixed"):
             out: dict = {"level": level(os.path.join(store, NAME)), "path": info.path}
+        elif cmd == "refuse":
+            out = {"refused": refusals(store, comm, hosts[me], timeout)}
+        elif cmd == "protect-async":
+            kw = {"timeout": timeout, "rate": rate}
+            out = in_background(store, comm, hosts[me], per_rank(sys.argv[2], me, n), **kw)
         elif cmd in ("protect", "reprotect", "train"):
-            scheme = sys.argv[2]
-            p = protect(
-                os.path.join(store, NAME), comm, node=hosts[me], scheme=scheme, timeout=timeout
+            scheme = per_rank(sys.argv[2], me, n)
+            how = protect_async if os.environ.get("NODELOCAL_ASYNC") == "1" else protect
+            p = how(
+                os.path.join(store, NAME),
+                comm,
+                node=hosts[me],
+                scheme=scheme,
+                timeout=timeout,
+                rate=rate,
             )
+            p = p.result() if how is protect_async else p
             out = {"level": level(os.path.join(store, NAME)), "stored": p.stored_bytes}
             if cmd == "train":  # a trainer past its checkpoint, until a node is lost
                 os.makedirs(os.path.join(base, "out"), exist_ok=True)
