@@ -49,12 +49,14 @@ lint: install-test
 # disk rate varies from day to day: the native pass 27-30 minutes, the pure-Python one 11, `make
 # test` from a fresh clone 45-50, setup included (measured twice on 2026-12-03, a slow-disk day;
 # the fault matrix runs a sample of each scenario here, all of it in `make faults`). Each pass
-# prints its 30 slowest tests.
+# prints its 30 slowest tests and writes every test's time to build/junit-native.xml and
+# build/junit-pure.xml.
 # The extension is rebuilt first, so that the stub check (tests/test_native.py::test_stub_matches,
 # stubtest of ckptguard/_native.pyi) and the suite run against the current native/ sources.
 test: native lint test-native slurm postgres chromium
-	$(PY) -m pytest -q --durations=30
-	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q --durations=30 -m "not backend_independent and not framework_job"
+	$(PY) -m pytest -q --durations=30 --junitxml=build/junit-native.xml
+	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q --durations=30 --junitxml=build/junit-pure.xml \
+	  -m "not backend_independent and not framework_job"
 
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
 # `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then saves
