@@ -52,6 +52,17 @@ def test_a_background_protection_beside_the_next_save_rebuilds_a_lost_node(tmp_p
     assert ckptguard.verify(str(whole)).ok
 
 
+def test_every_save_into_the_store_is_protected_in_the_background(tmp_path):
+    base = tmp_path / "nodes"
+    out = run_nodes("protect-saves", "xor", str(base), HOSTS, env={"NODELOCAL_RATE": "1e6"})
+    want = {"levels": {"step-10": "protected", "step-20": "protected"}, "other": "local"}
+    assert all({k: o.get(k) for k in want} == want for o in out), out
+    assert all(o["waited"] == [] for o in out)  # leaving the block waited for each
+    records = sorted(os.listdir(base / "b" / "store" / ".redundancy"))
+    assert [r.split(".")[0] for r in records] == ["step-10", "step-20"]
+    assert not (base / "b" / "other" / ".redundancy").exists()
+
+
 REFUSED = [  # (scheme per rank, rate per rank, what every rank is told)
     ("xor", "none,none,none,0", "rank 3: rate 0.0 is not a positive number of bytes a second"),
     ("xor", "1000", "rank 0: rate 1000 bytes/s takes over half the 60 s deadline"),

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import xxhash
@@ -193,44 +191,13 @@ def protect(
     recorded it, or raises the same RedundancyError on every rank (naming the nodes that failed)
     with each node's partial protection removed: a checkpoint is either recorded as protected,
     or its protection is absent."""
-    job = _Job(checkpoint, node, scheme, domains, set_size, rate, block)
-    return _protect(exchange.SetComm.duplicate(comm, timeout), job)
+    job = Job(checkpoint, node, scheme, domains, set_size, rate, block)
+    return protect_on(exchange.SetComm.duplicate(comm, timeout), job)
 
 
-def protect_async(
-    checkpoint: str,
-    comm: Any,
-    *,
-    node: str,
-    scheme: str = "xor",
-    domains: Mapping[str, str] | None = None,
-    set_size: int = DEFAULT_SET_SIZE,
-    timeout: float = TIMEOUT,
-    rate: float | None = None,
-    block: int = parity.BLOCK,
-) -> Future[Protection]:
-    """``protect`` in the background, so the job trains on while its nodes protect: every rank
-    calls it, in the same order as its other calls on ``comm``; returns at once with the
-    future of the ``Protection`` (or of the RedundancyError ``protect`` raises).
+class Job(NamedTuple):
+    """What one protection is asked to do (``protect``'s arguments but the communicator)."""
 
-    The protection runs on a private duplicate of ``comm`` (made here, on the caller's thread),
-    on one thread per process, so protections run one after another in the order they were
-    asked for, on every rank alike. Needs MPI initialized with ``MPI_THREAD_MULTIPLE`` (mpi4py's
-    default). A process that ends waits for its protections to finish first."""
-    from mpi4py import MPI
-
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        raise RedundancyError(
-            "protect_async needs MPI initialized with MPI_THREAD_MULTIPLE (mpi4py's default, "
-            "changed here by mpi4py.rc.thread_level or MPI4PY_RC_THREAD_LEVEL): call protect "
-            "instead, or let mpi4py initialize MPI with its default"
-        )
-    job = _Job(checkpoint, node, scheme, domains, set_size, rate, block)
-    world = exchange.SetComm.duplicate(comm, timeout)
-    return _background().submit(_protect, world, job)
-
-
-class _Job(NamedTuple):
     checkpoint: str
     node: str
     scheme: str
@@ -240,20 +207,7 @@ class _Job(NamedTuple):
     block: int
 
 
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
-
-
-def _background() -> ThreadPoolExecutor:
-    """The process's one protection thread (concurrent.futures joins it before MPI finalizes)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(1, thread_name_prefix="ckptguard-protect")
-        return _worker
-
-
-def _protect(world: exchange.SetComm, job: _Job) -> Protection:
+def protect_on(world: exchange.SetComm, job: Job) -> Protection:
     """``protect`` on ``world``, a private communicator of the job's ranks, which it frees."""
     started, sc, checkpoint, node = time.monotonic(), None, job.checkpoint, job.node
     set_rank(world.rank)
@@ -294,7 +248,7 @@ def _protect(world: exchange.SetComm, job: _Job) -> Protection:
     return Protection(name, uid, job.scheme, "protected", sets, stored, time.monotonic() - started)
 
 
-def _agree(world: exchange.SetComm, job: _Job, hosts: list[str]) -> list[list[str]]:
+def _agree(world: exchange.SetComm, job: Job, hosts: list[str]) -> list[list[str]]:
     """The sets of ``job``; or the same RedundancyError on every rank if any rank's options are
     unusable (its rate, its scheme) or give other sets than rank 0's."""
     sets: list[list[str]] = []
@@ -360,7 +314,7 @@ def install_record(store: str, tmp: str, rec: dict) -> None:
     fsync_dir(os.path.dirname(final))
 
 
-def _protect_node(sc: exchange.SetComm, store: str, rec: dict, checkpoint: str, job: _Job) -> int:
+def _protect_node(sc: exchange.SetComm, store: str, rec: dict, checkpoint: str, job: Job) -> int:
     """This node's part: its parity or its ward's copy, written whole under a temporary name and
     renamed into place; the bytes it keeps."""
     tmp = new_record_tmp(store, rec["name"], rec["uuid"])

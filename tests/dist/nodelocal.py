@@ -5,6 +5,9 @@ each node with its own store directory BASE/<host>/store standing for its local 
     nodelocal.py save-mixed BASE HOSTS        the same, but rank 3 does not ask for node-local
     nodelocal.py protect SCHEME BASE HOSTS     save node-local, then protect the checkpoint
     nodelocal.py reprotect SCHEME BASE HOSTS   protect the saved checkpoint again
+    nodelocal.py protect-saves SCHEME BASE HOSTS
+                                               save step-10 and step-20 node-local under
+                                               protect_saves, and step-5 into another store
     nodelocal.py refuse BASE HOSTS             protect with each of NODELOCAL_CASES' options (a
                                                JSON list of [SCHEME, RATE]), each refused
     nodelocal.py protect-async SCHEME BASE HOSTS
@@ -39,8 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ckptguard  # noqa: E402
 from ckptguard.coord.mpi import MPICoordinator  # noqa: E402
+from ckptguard.redundancy.background import protect_async, protect_saves  # noqa: E402
 from ckptguard.redundancy.fetch import fetching  # noqa: E402
-from ckptguard.redundancy.protect import level, protect, protect_async  # noqa: E402
+from ckptguard.redundancy.protect import level, protect  # noqa: E402
 from ckptguard.redundancy.rebuild import rebuild  # noqa: E402
 from ckptguard.redundancy.resume import resume  # noqa: E402
 
@@ -111,6 +115,24 @@ def in_background(store: str, comm, node: str, scheme: str, **kw) -> dict:
     }
 
 
+def saves_protected(base: str, store: str, comm, node: str, scheme: str, **kw) -> dict:
+    """Save step-10 and step-20 into ``store`` and step-5 into another store, while every save
+    into ``store`` is protected in the background."""
+    from scenarios import local_state
+
+    me, n = comm.Get_rank(), comm.Get_size()
+    other = os.path.join(base, node, "other")
+    with protect_saves(store, comm, node=node, scheme=scheme, **kw) as saves:
+        for path in (os.path.join(store, "step-10"), os.path.join(other, "step-5")):
+            ckptguard.save(local_state(me, n), path, coordinator=MPICoordinator(), node_local=node)
+        ckptguard.save(
+            local_state(me, n), os.path.join(store, "step-20"), node_local=node, coordinator="mpi"
+        )
+    done = [p.name for p in saves.wait()]  # all were waited for on leaving
+    levels = {c: level(os.path.join(store, c)) for c in ("step-10", "step-20")}
+    return {"levels": levels, "other": level(os.path.join(other, "step-5")), "waited": done}
+
+
 def main() -> None:
     comm = MPI.COMM_WORLD
     me, n = comm.Get_rank(), comm.Get_size()
@@ -132,6 +154,9 @@ def main() -> None:
             )
         if cmd in ("save", "save-mixed"):
             out: dict = {"level": level(os.path.join(store, NAME)), "path": info.path}
+        elif cmd == "protect-saves":
+            kw = {"timeout": timeout, "rate": rate}
+            out = saves_protected(base, store, comm, hosts[me], sys.argv[2], **kw)
         elif cmd == "refuse":
             out = {"refused": refusals(store, comm, hosts[me], timeout)}
         elif cmd == "protect-async":
