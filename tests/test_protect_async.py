@@ -66,7 +66,7 @@ def test_every_save_into_the_store_is_protected_in_the_background(tmp_path):
 REFUSED = [  # (scheme per rank, rate per rank, what every rank is told)
     ("xor", "none,none,none,0", "rank 3: rate 0.0 is not a positive number of bytes a second"),
     ("xor", "1000", "rank 0: rate 1000 bytes/s takes over half the 60 s deadline"),
-    ("xor,xor,partner,xor", "none", "rank 2's scheme, set_size or domains differ"),
+    ("xor,xor,partner,xor", "none", "rank 2's scheme, set_size, domains or block differ"),
     ("raid6", "none", "rank 1: redundancy scheme 'raid6' is not one of partner, xor"),
 ]
 

@@ -256,14 +256,15 @@ def _agree(world: exchange.SetComm, job: Job, hosts: list[str]) -> list[list[str
     if not problem:
         try:
             sets = plan_sets(job.scheme, hosts, job.domains, job.set_size)
-        except RedundancyError as e:
-            problem = str(e)
-    digest = xxhash.xxh3_64_hexdigest(canon.encode({"scheme": job.scheme, "sets": sets}))
+        except Exception as e:  # a wrong type too: still agree, so no rank waits out a deadline
+            problem = str(e) if isinstance(e, RedundancyError) else brief(e)
+    plan = {"scheme": job.scheme, "sets": sets, "block": job.block}
+    digest = xxhash.xxh3_64_hexdigest(canon.encode(plan))
     said = [o.decode().split(" ", 1) for o in world.allgather_bytes(f"{digest} {problem}".encode())]
     bad = [f"rank {r}: {p}" for r, (_, p) in enumerate(said) if p]
     if not bad:
         bad = [
-            f"rank {r}'s scheme, set_size or domains differ from rank 0's"
+            f"rank {r}'s scheme, set_size, domains or block differ from rank 0's"
             for r, (d, _) in enumerate(said)
             if d != said[0][0]
         ]
