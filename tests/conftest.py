@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import hashlib
 import os
-import re
 import socket
 import stat
 import subprocess
@@ -58,39 +56,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "pure-Python pass of `make test` leaves it out. Each framework keeps a bitwise resume or "
         "its in-process tests on both backends",
     )
-
-
-# Under pytest-xdist (`make test` runs two workers), the tests of every module that starts
-# processes (mpiexec, srun and the one local Slurm cluster, torchrun, a fault scenario's jobs, a
-# CLI or a killed writer in a subprocess, the moto and MLflow servers) run on one worker, one at a
-# time, as they would without xdist: two such jobs at once on this 2-core machine would only slow
-# each other into their deadlines. The tests that run in the test's own process share the other
-# worker. A module is placed by what its source names.
-_STARTS_PROCESSES = re.compile(
-    r"subprocess|run_command|Popen|need_mpi|mpiexec|run_nodes|run_failing|faultkit|frameworkkit"
-    r"|mpikit|nodekit|slurm|srun|torchrun|torch\.distributed\.run|multiprocessing|mp\.spawn"
-    r"|start_processes|os\.fork|moto_server|s3kit|mlflow|postgres"
-)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@functools.cache
-def starts_processes(module: str) -> bool:
-    """Whether the test module at ``module`` (relative to the repository) starts processes."""
-    return bool(_STARTS_PROCESSES.search((ROOT / module).read_text()))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's load-scope scheduling, every test its own unit but those of modules that start
-    processes, which are one unit: one worker runs them in order."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ProcessesApart(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "processes" if starts_processes(nodeid.split("::", 1)[0]) else nodeid
-
-    return ProcessesApart(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
