@@ -85,7 +85,8 @@ def protect_saves(
         # leaving waits for every protection
 
     The job's saves into ``store`` must be collective over ``comm``'s ranks, as node-local
-    saves are.
+    saves are, and commit one at a time. The protections run on a private duplicate of
+    ``comm``, made here (a collective).
     """
     return ProtectedSaves(store, comm, node, options)
 
@@ -101,15 +102,19 @@ class ProtectedSaves:
         if unknown:
             raise TypeError(f"protect_saves got unknown options: {', '.join(sorted(unknown))}")
         self.store = os.path.realpath(store)
-        self.comm, self.node, self.options = comm, node, options
+        self.node, self.options = node, options
+        # A communicator of its own: a save's commit hooks may run on the thread of an async
+        # save while the job's collectives go on on ``comm``.
+        self._own = exchange.SetComm.duplicate(comm, options.get("timeout", TIMEOUT))
         self._pending: list[Future[Protection]] = []
-        self._lock = threading.Lock()
+        self._lock, self._asking = threading.Lock(), threading.Lock()
         add_commit_hook(self._committed)
 
     def _committed(self, info: CheckpointInfo) -> None:
         if os.path.realpath(os.path.dirname(info.path)) != self.store:
             return
-        fut = protect_async(info.path, self.comm, node=self.node, **self.options)
+        with self._asking:
+            fut = protect_async(info.path, self._own.comm, node=self.node, **self.options)
         fut.add_done_callback(_warn_on_failure)
         with self._lock:
             self._pending.append(fut)
@@ -132,7 +137,10 @@ class ProtectedSaves:
     def close(self) -> list[Protection]:
         """Protect no further saves; ``wait`` for those asked."""
         remove_commit_hook(self._committed)
-        return self.wait()
+        try:
+            return self.wait()
+        finally:
+            self._own.close()
 
     def __enter__(self) -> ProtectedSaves:
         return self
@@ -143,9 +151,8 @@ class ProtectedSaves:
         if kind is None:
             self.close()
             return
-        remove_commit_hook(self._committed)
         with contextlib.suppress(CheckpointError):  # the job failed: its protections end first
-            self.wait()
+            self.close()
 
 
 def _warn_on_failure(fut: Future[Protection]) -> None:
