@@ -71,7 +71,7 @@ faults: install-test
 	  $(PY) -m pytest -q tests/test_fault_matrix.py
 	CKPTGUARD_FAULTS=all $(PY) -m pytest -q tests/test_distributed.py -k many_ranks
 	CKPTGUARD_FAULTS=all $(PY) -m pytest -q tests/test_localcommit.py tests/test_protect.py \
-	  tests/test_resume.py
+	  tests/test_resume.py tests/test_protect_async.py
 	$(PIP) atheris || echo "faults: atheris did not install; the fuzzer uses its seeded mutator"
 	$(PY) tests/fuzz/run.py --inputs 100000
 
