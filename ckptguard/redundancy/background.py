@@ -66,7 +66,8 @@ def protect_async(
     RedundancyError ``protect`` raises). A process that ends waits for its protections first,
     so a job that saves and exits still leaves its checkpoint protected, or says why not."""
     _need_thread_multiple()
-    job = Job(checkpoint, node, scheme, domains, set_size, rate, block)
+    where = os.path.abspath(checkpoint)  # as the caller meant it, whatever its later chdir
+    job = Job(where, node, scheme, domains, set_size, rate, block)
     world = exchange.SetComm.duplicate(comm, timeout)
     return _background().submit(protect_on, world, job)
 
