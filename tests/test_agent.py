@@ -67,7 +67,7 @@ class Launch:
         )
         self.n = n
 
-    def wait(self, timeout: float = 25) -> int:
+    def wait(self, timeout: float = 60) -> int:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

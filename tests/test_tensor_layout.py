@@ -367,7 +367,7 @@ def test_views_travel_to_the_agent(tmp_path: Path) -> None:
     member and no bytes; the agent's side rebuilds it as a view of the storage it names."""
     import mmap
 
-    from ckptguard.agent import persist
+    from ckptguard.agent import handover
     from ckptguard.capture import capture, refs_bytes
     from ckptguard.pool import HostPool
     from ckptguard.tree import flatten
@@ -398,11 +398,11 @@ def test_views_travel_to_the_agent(tmp_path: Path) -> None:
         }
         for r in refs
     ]
-    back = [persist._ref(t, m, base) for t in msgs]
+    back = [handover._ref(t, m, base) for t in msgs]
     assert [r.view for r in back] == [r.view for r in refs]
     bad = {**msgs[1], "view": {"storage": "w", "offset": -1, "stride": [1, 4]}}
-    with pytest.raises(persist.HandoffError, match="bad view"):
-        persist._ref(bad, m, base)
+    with pytest.raises(handover.HandoffError, match="bad view"):
+        handover._ref(bad, m, base)
 
 
 # ---- sharded tensors and ranks --------------------------------------------------------------

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .persist import HandoffError, Persister
-from .protocol import LineReader, ProtocolError, decode, encode
+from .persist import Persister
+from .protocol import HandoffError, LineReader, ProtocolError, decode, encode
 
 _MAX_PATH = 107  # sun_path holds 108 bytes on Linux, NUL included
 

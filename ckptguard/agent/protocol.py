@@ -20,6 +20,10 @@ EXIT_PEERS_LOST = 87  # another agent stopped answering: the trainer was stopped
 EXIT_VALIDATION_FAILED = 88  # run --validate: a committed checkpoint failed its validation
 
 
+class HandoffError(ValueError):
+    """A handover message that cannot be saved as it is (bad pool, offsets or fields)."""
+
+
 class ProtocolError(ValueError):
     """A line that is not a version-1 message."""
 

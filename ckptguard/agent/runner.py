@@ -16,15 +16,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..coord.base import LocalCoordinator
 from ..coord.mpi import MPICoordinator
 from ..errors import AgentError, KeyFileError
-from ..sign import signer
 from .child import Child
 from .control import ControlServer
-from .drainer import Drainer
 from .endtime import job_end_time
 from .group import Group, MPIGroup, PeersLostError, open_group
 from .persist import Persister
@@ -39,6 +37,9 @@ from .rankenv import (
 )
 from .timeline import Timeline
 from .validator import Validator, with_validation
+
+if TYPE_CHECKING:
+    from .drainer import Drainer
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
@@ -104,7 +105,10 @@ def _setup(env: Mapping[str, str], want_end_time: bool, sign_key: str | None) ->
     """Rank 0's facts for everyone: master address and port both ways, and the end time; the
     signing key checked (rank 0's agent commits, so it alone reads the key)."""
     try:
-        signer(sign_key)
+        if sign_key is not None:  # the signing machinery only where it signs
+            from ..sign import signer
+
+            signer(sign_key)
     except (KeyFileError, TypeError) as exc:
         return {"error": f"--sign-key: {exc}"}
     try:
@@ -160,6 +164,8 @@ class _Agent:
         self.server.persister = _persister(group, self.server, opts.sign_key)
         self.drainer: Drainer | None = None
         if opts.drain_to and self.rank == 0:
+            from .drainer import Drainer
+
             self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
         self._fed = 0  # commits handed to the drainer so far
         self._seen = 0  # commits whose store the timeline has seen

@@ -98,10 +98,9 @@ def train_mode(out: str, store: str, commit: bool) -> int:
     report = {"step": step, "path": path, "notified": took, "callback": seen}
     report["reason"] = None if req is None else req.reason
     write(os.path.join(out, f"saved-{rank}.json"), report)
-    pending = busy[1:]
-    busy.clear()
-    if pending:
-        on_term(pending[0], None)
+    busy.pop(0)  # one step: a SIGTERM from here on ends the process in its handler
+    if busy:  # one came while the report was written
+        on_term(busy[0], None)
     while time.monotonic() - t0 < 25:  # wait for the agent to stop us
         time.sleep(0.05)
     return 0
