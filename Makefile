@@ -44,8 +44,10 @@ lint: install-test
 # themselves, which the first pass already ran on both, and tests that never encode or read a
 # record, and the framework jobs marked framework_job (tests/conftest.py: training runs under
 # torchrun whose saves take the same paths; each framework keeps its in-process tests and, where
-# cheap, one bitwise resume on both backends), the fault cases whose failpoint does not interrupt
-# the backend's own writes, and tests of timeouts, signals and races. On a 2-core machine whose
+# cheap, one bitwise resume on both backends), the jobs of several ranks marked rank_job (whose
+# subject is coordination, a handover or a launcher, not the backend; representatives stay), the
+# fault cases whose failpoint does not interrupt the backend's own writes, and tests of timeouts,
+# signals and races. On a 2-core machine whose
 # disk rate varies from day to day: the native pass 58 minutes, the pure-Python one 19, `make
 # test` from a fresh clone 85, setup included (2026-12-04, over the 45-minute budget; the fault
 # matrix runs a sample of each scenario here, all of it in `make faults`). Each pass
@@ -56,7 +58,7 @@ lint: install-test
 test: native lint test-native slurm postgres chromium
 	$(PY) -m pytest -q --durations=30 --junitxml=build/junit-native.xml
 	CKPTGUARD_NATIVE=0 $(PY) -m pytest -q --durations=30 --junitxml=build/junit-pure.xml \
-	  -m "not backend_independent and not framework_job"
+	  -m "not backend_independent and not framework_job and not rank_job"
 
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
 # `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then saves

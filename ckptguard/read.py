@@ -26,7 +26,7 @@ from .format.treeids import TREE_TYPES
 from .io import pread_exact, read_records
 from .open import CheckpointReader, Members
 from .sign import TrustSet
-from .tree import TreeError, check_tree
+from .treeload import TreeError, check_tree
 
 HASH_MISMATCH = "chunk hash mismatch (data corrupted)"
 DIGEST_MISMATCH = "chunk digest mismatch (SHA-256: data altered)"

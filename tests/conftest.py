@@ -56,6 +56,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "pure-Python pass of `make test` leaves it out. Each framework keeps a bitwise resume or "
         "its in-process tests on both backends",
     )
+    config.addinivalue_line(
+        "markers",
+        "rank_job: a job of several processes (mpiexec, srun, the agent) whose ranks encode, "
+        "write and read through the functions the in-process tests run on both backends, and "
+        "whose subject (coordination, collectives, a handover, a launcher) is the backend's "
+        "neither; the pure-Python pass of `make test` leaves it out and keeps representatives: "
+        "a sharded save, the resharding loads, a parallel verify finding a flipped byte, a "
+        "disk that fills during a save and the fault cases inside the backend's writes",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

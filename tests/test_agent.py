@@ -457,6 +457,7 @@ def test_protocol_lines() -> None:
 # ---- the snapshot handoff ----
 
 
+@pytest.mark.rank_job
 def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
     """Snapshots go to the agents through shared memory; the agents write and commit them."""
     store = tmp_path / "store"
@@ -468,6 +469,7 @@ def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
         check_handoff(store / f"h{i}", handoff_expected(4, i))
 
 
+@pytest.mark.rank_job
 def test_handed_over_snapshot_commits_after_the_trainer_dies(tmp_path: Path) -> None:
     """Every trainer exits (status 7) right after save_async returned: the save still commits."""
     store = tmp_path / "store"
@@ -486,6 +488,7 @@ def ckptguard_latest(store: Path) -> str | None:
     return ckptguard.Store(store).latest_name()
 
 
+@pytest.mark.rank_job
 def test_agent_drains_every_kth_checkpoint(tmp_path: Path) -> None:
     """--drain-to DST --drain-every 2: rank 0's agent copies the 2nd of 3 commits to DST, verified,
     before it exits."""

@@ -536,6 +536,7 @@ print("rank", rank, "ok")
 
 
 @pytest.mark.parametrize("mode", ["snapshot", "streamed"])
+@pytest.mark.rank_job
 def test_async_saves_across_gloo_ranks(tmp_path, mode: str) -> None:
     import socket
 

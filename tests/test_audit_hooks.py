@@ -196,6 +196,7 @@ def test_a_writer_killed_after_the_commit(signed: tuple[Path, keys.PublicKey], p
     assert rep.witnesses[0][1] == rep.size
 
 
+@pytest.mark.rank_job
 def test_four_ranks_record_one_commit(signed: tuple[Path, keys.PublicKey], tmp_path: Path) -> None:
     store, pub = signed
     cmd = [need_mpi(), "-n", "4", sys.executable, SCENARIOS, "mpi", "save", store, "step-10"]

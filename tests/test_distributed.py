@@ -106,6 +106,7 @@ def test_resharding_load(tmp_path, saved, n_saved, n_loaded):
 
 
 @pytest.mark.parametrize("located", [True, False])
+@pytest.mark.rank_job
 def test_collective_load_reads_the_metadata_once(tmp_path, saved, located):
     """A restart's collective load under MPI: rank 0 alone reads MANIFEST.json (and, for a
     checkpoint without a locator, index.parquet); every rank still reads the data files it
@@ -126,6 +127,7 @@ def _without_locator(body: dict) -> None:
     del body["locator"]
 
 
+@pytest.mark.rank_job
 def test_eight_ranks_commit_and_three_load_collectively(tmp_path, store):
     """A save by 8 MPI ranks (one with an empty shard) has a locator; 3 ranks load it
     collectively, resharded, each from the footers of the files its rows lie in."""
@@ -159,6 +161,7 @@ def test_many_ranks_commit_and_load(tmp_path, store, n):
             assert opens == [(1, 0)] + [(0, 0)] * (n - 1)
 
 
+@pytest.mark.rank_job
 def test_collective_resharding_load_under_gloo(tmp_path, saved):
     store = copy_of(saved[4], tmp_path)
     assert torchrun(2, "joint_load", str(store), "4") == [0, 0]
@@ -179,6 +182,7 @@ def read_rows(ckpt):
     return read((ckpt / "index.parquet").read_bytes())
 
 
+@pytest.mark.rank_job
 def test_torch_backend_matches_mpi(tmp_path, store):
     assert torchrun(4, "save", str(store), "t") == [0, 0, 0, 0]
     res = outcomes(tmp_path, 4)
@@ -189,6 +193,7 @@ def test_torch_backend_matches_mpi(tmp_path, store):
     assert all(r["ok"] for r in outcomes(tmp_path, 4))
 
 
+@pytest.mark.rank_job
 def test_a_normal_exit_destroys_ckptguards_gloo_group_first(tmp_path, store):
     """torch holds every process group until the interpreter is torn down, where destroying a
     gloo group can abort a process that finished its work; ckptguard's own group is destroyed
@@ -199,6 +204,7 @@ def test_a_normal_exit_destroys_ckptguards_gloo_group_first(tmp_path, store):
     assert left == [{"groups": 1}] * 2
 
 
+@pytest.mark.rank_job
 def test_dtensor_save_at_4_load_at_2_with_other_placement(tmp_path, store):
     assert torchrun(4, "dtensor_save", str(store), "dt") == [0, 0, 0, 0]
     assert all(r["ok"] for r in outcomes(tmp_path, 4))
@@ -221,6 +227,7 @@ def _nothing_new(store) -> None:
     assert not staging.exists() or os.listdir(staging) == []
 
 
+@pytest.mark.rank_job
 def test_a_rank_raising_aborts_every_rank(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:eio"}
@@ -234,6 +241,7 @@ def test_a_rank_raising_aborts_every_rank(tmp_path, saved):
     _nothing_new(store)
 
 
+@pytest.mark.rank_job
 def test_diverging_replicas_are_refused(tmp_path, store):
     assert mpirun(4, "diverge", str(store), "d") != 0
     res = outcomes(tmp_path, 4)
@@ -242,6 +250,7 @@ def test_diverging_replicas_are_refused(tmp_path, store):
     assert not (store / "d").exists()
 
 
+@pytest.mark.rank_job
 def test_ranks_that_name_different_checkpoints_all_raise(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     assert mpirun(4, "options", str(store), "new") != 0
@@ -279,6 +288,7 @@ def test_a_commit_too_late_for_the_others_is_not_made(tmp_path, saved):
     _nothing_new(store)
 
 
+@pytest.mark.rank_job
 def test_a_rank_killed_mid_save_leaves_nothing(tmp_path, saved):
     store = _prepare_old(saved, tmp_path)
     env = {"CKPTGUARD_FAILPOINT": "save.data_written:2:kill"}
@@ -330,6 +340,7 @@ def test_corrupted_rank_file_is_named_by_verify(tmp_path, saved):
     assert report.problems[0].file == "rank-00001.ckg" and report.problems[0].key == victim.key
 
 
+@pytest.mark.rank_job
 def test_examples_distributed_demo(tmp_path):
     need_mpi()
     demo = os.path.join(os.path.dirname(HERE), "examples", "distributed_demo.py")

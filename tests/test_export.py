@@ -320,6 +320,7 @@ def _scenarios() -> Any:
     return module
 
 
+@pytest.mark.rank_job
 def test_a_checkpoint_of_4_mpi_ranks_is_consolidated(tmp_path: Path) -> None:
     store = tmp_path / "store"
     script = HERE / "dist" / "scenarios.py"

@@ -217,6 +217,7 @@ def rows(ckpt: Path) -> list:
     return read((ckpt / "index.parquet").read_bytes())
 
 
+@pytest.mark.rank_job
 def test_hsdp_save_at_4_loads_at_4(saved: tuple[Path, list[dict]]) -> None:
     store, res = saved
     assert all(r["ok"] for r in res), res  # includes the loads with both placements
@@ -268,6 +269,7 @@ def test_divergent_box_replicas_abort_on_every_rank(saved: tuple[Path, list[dict
     assert not (store / "bad").exists()
 
 
+@pytest.mark.rank_job
 def test_load_at_2_with_1d_shard1(saved: tuple[Path, list[dict]]) -> None:
     store, _ = saved
     res = gloo(2, "load2", store)

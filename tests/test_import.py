@@ -267,6 +267,7 @@ def dcp_expected() -> dict[str, Any]:
     return want
 
 
+@pytest.mark.rank_job
 def test_a_dcp_checkpoint_of_4_ranks(dcp_dir: Path, tmp_path: Path) -> None:
     want = dcp_expected()
     assert sorted(p.name for p in dcp_dir.iterdir() if p.suffix == ".distcp") == [

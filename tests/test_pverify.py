@@ -313,6 +313,7 @@ def _expect_same(res: list[tuple[int, str, str]], single: subprocess.CompletedPr
     assert all(err == "" for _, _, err in res)
 
 
+@pytest.mark.rank_job
 def test_mpiexec_verify_good(four: Path, tmp_path: Path) -> None:
     single = _single(four)
     assert single.returncode == 0 and single.stdout.startswith("ok   ")
@@ -345,6 +346,7 @@ def test_mpiexec_verify_finds_a_forged_chunk_by_its_digest(tmp_path: Path) -> No
     _expect_same(_launch([MPIEXEC], 4, ["verify", ckpt], tmp_path / "out"), single)
 
 
+@pytest.mark.rank_job
 def test_mpiexec_verify_a_store(four: Path, tmp_path: Path) -> None:
     """Each checkpoint of a store in turn, all ranks on each; the same lines and summary."""
     store = tmp_path / "store"
@@ -358,6 +360,7 @@ def test_mpiexec_verify_a_store(four: Path, tmp_path: Path) -> None:
     assert res[0][1] == single.stdout and res[1][1] == res[2][1] == ""
 
 
+@pytest.mark.rank_job
 def test_mpiexec_errors_exit_2_everywhere(tmp_path: Path) -> None:
     need_mpi()
     res = _launch([MPIEXEC], 2, ["verify", tmp_path / "nothing"], tmp_path / "out")
@@ -368,6 +371,7 @@ def test_mpiexec_errors_exit_2_everywhere(tmp_path: Path) -> None:
 # ---- under the real Slurm (tests/slurmkit.py) ----
 
 
+@pytest.mark.rank_job
 def test_srun_verify_finds_a_flipped_byte(job: list[str], four: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "store" / "step-5"
     shutil.copytree(four, ckpt)
@@ -379,6 +383,7 @@ def test_srun_verify_finds_a_flipped_byte(job: list[str], four: Path, tmp_path: 
     assert "file=rank-00001.ckg" in res[0][1] and f"tensor={key}," in res[0][1]
 
 
+@pytest.mark.rank_job
 def test_srun_without_mpi_refuses(job: list[str], one_file: Path, tmp_path: Path) -> None:
     """Tasks without a PMI would each verify, and print, everything: they say how to fix it."""
     res = _launch(["srun", *job, "--mpi=none"], 2, ["verify", one_file], tmp_path / "out")

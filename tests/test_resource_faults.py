@@ -297,6 +297,7 @@ def _store_as_before(store: str, names: list[str], latest: str) -> None:
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to give one rank another file-system uid")
+@pytest.mark.rank_job
 def test_one_rank_without_write_permission(tmp_path: Path) -> None:
     """Rank 2 of 4 writes as nobody (setfsuid) into the root-owned staging directory: EACCES on
     its data file; every rank raises the same abort naming rank 2; the store is unchanged."""
@@ -314,6 +315,7 @@ def test_one_rank_without_write_permission(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not ROOT or UNSHARE is None, reason="needs root and unshare")
+@pytest.mark.rank_job
 def test_one_rank_sees_a_read_only_store(tmp_path: Path) -> None:
     """Rank 1 of 3 runs in its own mount namespace where the store is a read-only bind mount
     (a node whose mount went read-only): EROFS, the same abort on every rank naming rank 1."""

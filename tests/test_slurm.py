@@ -374,6 +374,7 @@ def test_a_task_killed_mid_save_leaves_the_previous_checkpoint(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.rank_job
 def test_handed_over_snapshot_commits_after_the_trainers_die_under_srun(
     job: list[str], tmp_path: Path
 ) -> None:

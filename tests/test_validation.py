@@ -201,6 +201,7 @@ assert client.notify_committed(info.path, None)
 """
 
 
+@pytest.mark.rank_job
 def test_agent_validates_a_commit_and_exits_88_on_a_failure(tmp_path: Path) -> None:
     """One commit (a whole one validates as ``validate`` does above: one child is enough)."""
     store = tmp_path / "store"
