@@ -457,6 +457,40 @@ def test_protocol_lines() -> None:
 # ---- the snapshot handoff ----
 
 
+@pytest.mark.backend_independent  # starts no save or load
+def test_an_agent_that_only_supervises_starts_without_torch() -> None:
+    """The agent's start imports neither torch nor the save path: it starts beside trainers that
+    import them, on the same cores; the handed-over save is imported with the first pool."""
+    code = "import json, sys, ckptguard.cli.run, ckptguard.agent.runner as r;"
+    code += "print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert not loaded & {"torch", "ckptguard.saver", "ckptguard.agent.handover", "ckptguard.sign"}
+
+
+@pytest.mark.backend_independent  # starts no save
+def test_an_agent_that_cannot_load_the_save_path_tells_the_trainer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handed-over save the agent cannot import its machinery for is refused with a
+    HandoffError the trainer receives; nothing is queued and the persister stays usable."""
+    import ckptguard.agent
+    from ckptguard.agent.persist import Persister
+    from ckptguard.coord.base import LocalCoordinator
+
+    monkeypatch.delattr(ckptguard.agent, "handover", raising=False)
+    monkeypatch.setitem(sys.modules, "ckptguard.agent.handover", None)  # import fails
+    persister = Persister(LocalCoordinator(), lambda token, reply: None)
+    fd = os.memfd_create("pool")
+    os.ftruncate(fd, 4096)
+    persister.add_pool(1, 0, fd, 4096)
+    msg = {"pool": 0, "path": "/tmp/s/x", "options": {}, "tensors": []}
+    with pytest.raises(protocol.HandoffError, match="cannot save a handed-over snapshot"):
+        persister.submit(1, "token", msg)
+    assert not persister.busy
+    persister.close()
+
+
 @pytest.mark.rank_job
 def test_handoff_saves_commit_through_the_agents(tmp_path: Path) -> None:
     """Snapshots go to the agents through shared memory; the agents write and commit them."""

@@ -9,6 +9,7 @@ The save itself (``handover``, with torch) is imported once a trainer hands over
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -101,15 +102,17 @@ class Persister:
         m = self.pools.get((client, msg.get("pool")))  # type: ignore[arg-type]
         if m is None:
             raise HandoffError(f"unknown pool {msg.get('pool')!r}")
-        from . import handover
-
+        try:
+            from . import handover
+        except ImportError as e:  # torch or the save path cannot load here: the trainer is told
+            raise HandoffError(f"this agent cannot save a handed-over snapshot: {e}") from None
         return handover.parse(m, msg)
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             if job == _WARM:
-                from . import handover  # noqa: F401 - imported ahead of the first save
-
+                with contextlib.suppress(ImportError):  # the first save's parse reports it
+                    from . import handover  # noqa: F401 - imported ahead of the first save
                 continue
             token, flat, path, options = job
             timeout = _timeout(options)
