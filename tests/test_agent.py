@@ -7,8 +7,10 @@ variables are faked per rank with mpiexec's ``-env``.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_command
 from faultkit import check_handoff, handoff_expected
 from mpikit import launcher_free_environ, need_mpi
 
@@ -304,6 +307,66 @@ def test_time_margin_requests_a_checkpoint(tmp_path: Path) -> None:
     saved = run.read("saved-{}.json")
     assert all(s["reason"].startswith("time limit on rank") for s in saved)
     assert all(s["notified"] is True for s in saved)
+
+
+@pytest.mark.backend_independent  # files move as they are; the saves run on both elsewhere
+def test_agents_protect_each_node_local_checkpoint_and_a_lost_node_rebuilds(
+    tmp_path: Path,
+) -> None:
+    """``--protect xor``: nodes a (ranks 0, 1), b and c, told apart by CKPTGUARD_NODE per rank.
+    The trainers save to a shared store, then twice node-local, and exit; the agents protect
+    both node-local checkpoints before they exit and leave the shared one alone. Node c is then
+    lost, and a node c2 with an empty disk rebuilds its files, byte for byte."""
+    from nodekit import run_nodes
+
+    from ckptguard.redundancy.protect import level
+
+    base, out = tmp_path / "nodes", tmp_path / "out"
+    out.mkdir()
+    agent = [*AGENT, "--protect", "xor", "--protect-rate", "100MB", "--poll", "0.2", "--"]
+    inner = ["sh", "-c", WRAP, "sh", *agent, sys.executable, TRAINER, "nodelocal", out, base]
+    cmd: list[str | Path] = [need_mpi()]
+    for r, host in enumerate(["a", "a", "b", "c"]):
+        cmd += [":"] * (r > 0) + ["-n", "1", "-env", "CKPTGUARD_NODE", host, *inner]
+    ran = run_command(cmd, 90, env=clean_env(tmp_path))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert [int((out / f"agent-{r}").read_text()) for r in range(4)] == [0] * 4
+    assert "step-10 protected (xor" in ran.stderr and "step-20 protected (xor" in ran.stderr
+    for host in "abc":
+        for name in ("step-10", "step-20"):
+            assert level(str(base / host / "store" / name)) == "protected", (host, name)
+    assert not (base / "shared" / ".redundancy").exists()  # saved whole: left alone
+    lost = tmp_path / "lost-c"
+    shutil.copytree(base / "c" / "store" / "step-10", lost)
+    shutil.rmtree(base / "c")
+    got = run_nodes("rebuild", str(base), "a,a,b,c2")
+    assert all(o.get("rebuilt") == ["c2"] and o["level"] == "protected" for o in got), got
+    mine = base / "c2" / "store" / "step-10"
+    assert sorted(os.listdir(mine)) == sorted(os.listdir(lost))
+    assert all(filecmp.cmp(lost / n, mine / n, shallow=False) for n in os.listdir(lost))
+
+
+@pytest.mark.backend_independent  # starts no save
+def test_protect_options_are_checked_before_any_trainer_starts(tmp_path: Path) -> None:
+    """Options of --protect given without it, a bad rate, or agents given different ones are
+    refused at start, before any trainer runs, with a message that names the option."""
+    env = clean_env(tmp_path)
+    args = [*AGENT, "--protect-rate", "1GB", "--", "true"]
+    bad = run_command(args, 30, env=env)
+    assert bad.returncode == 2 and "need --protect" in bad.stderr, bad.stderr
+    args = [*AGENT, "--protect", "xor", "--protect-rate", "fast", "--", "true"]
+    bad = run_command(args, 30, env=env)
+    assert bad.returncode == 2 and "--protect-rate" in bad.stderr, bad.stderr
+    # agents that would protect on some ranks only would mix their collectives: none starts
+    ran = tmp_path / "ran"
+    trainer = ["--", "sh", "-c", f"touch {ran}"]
+    mixed = [need_mpi(), "-n", "1", *AGENT, "--protect", "xor", *trainer, ":"]
+    mixed += ["-n", "1", *AGENT, *trainer]
+    bad = run_command(mixed, 60, env=env)
+    assert bad.returncode != 0 and "different --protect options" in bad.stderr, bad.stderr
+    bad = run_command([*AGENT, "--protect", "xor", "--node", "a\tb", *trainer], 30, env=env)
+    assert bad.returncode == 2 and "--node: a node name must be" in bad.stderr, bad.stderr
+    assert not ran.exists()
 
 
 # ---- the trainer's side and the control socket, in-process ----

@@ -63,19 +63,20 @@ def test_every_save_into_the_store_is_protected_in_the_background(tmp_path):
     assert not (base / "b" / "other" / ".redundancy").exists()
 
 
-REFUSED = [  # (scheme per rank, rate per rank, what every rank is told)
-    ("xor", "none,none,none,0", "rank 3: rate 0.0 is not a positive number of bytes a second"),
-    ("xor", "1000", "rank 0: rate 1000 bytes/s takes over half the 60 s deadline"),
-    ("xor,xor,partner,xor", "none", "rank 2's scheme, set_size, domains or block differ"),
-    ("raid6", "none", "rank 1: redundancy scheme 'raid6' is not one of partner, xor"),
+REFUSED = [  # (scheme, rate and checkpoint name per rank, what every rank is told)
+    ("xor", "none,none,none,0", "step-10", "rank 3: rate 0.0 is not a positive number of bytes"),
+    ("xor", "1000", "step-10", "rank 0: rate 1000 bytes/s takes over half the 60 s deadline"),
+    ("xor,xor,partner,xor", "none", "step-10", "rank 2's scheme, set_size, domains or block"),
+    ("raid6", "none", "step-10", "rank 1: redundancy scheme 'raid6' is not one of partner, xor"),
+    ("xor", "none", "step-10,step-10,step-10,s-2", "rank 3 protects 's-2', rank 0 'step-10'"),
 ]
 
 
 def test_options_that_cannot_protect_are_refused_alike_on_every_rank(tmp_path):
     # refused before any node reads its checkpoint: none need exist; one job tries each in turn
-    cases = json.dumps([[s, r] for s, r, _ in REFUSED])
+    cases = json.dumps([[s, r, n] for s, r, n, _ in REFUSED])
     out = run_nodes("refuse", str(tmp_path), HOSTS, env={"NODELOCAL_CASES": cases})
-    for k, (_, _, said) in enumerate(REFUSED):
+    for k, (_, _, _, said) in enumerate(REFUSED):
         got = [o["refused"][k] for o in out]
         assert all(g.startswith("RedundancyError: protecting ") for g in got), got
         why = {g.split(" refused: ", 1)[-1] for g in got}  # each names its own node's path

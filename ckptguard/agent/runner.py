@@ -8,12 +8,14 @@ and whether a trainer failed. Each agent then acts the same way on its own child
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from .control import ControlServer
 from .endtime import job_end_time
 from .group import Group, MPIGroup, PeersLostError, open_group
 from .persist import Persister
+from .protector import SLOTS, UNDECIDED, ProtectOptions, Protector
 from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT, EXIT_PEERS_LOST
 from .rankenv import (
     Ranks,
@@ -43,8 +46,9 @@ if TYPE_CHECKING:
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
-# The slots of the vector the agents MAX-reduce on every tick.
+# The slots of the vector the agents MAX-reduce on every tick; the protector's votes follow.
 REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK, DONE, STUCK = range(8)
+VOTES = 8
 STUCK_SLACK = 10.0  # seconds past a save's timeout before a rank still in it counts as stuck
 SIGUSR1_REQ, SIGTERM_REQ, TIME_REQ = 1, 2, 3
 _REASONS = {SIGUSR1_REQ: "SIGUSR1", SIGTERM_REQ: "SIGTERM", TIME_REQ: "time limit"}
@@ -67,6 +71,7 @@ class Options:
     sign_key: str | None = None
     store: str | None = None  # where the job's events go (else the trainer's first commit's store)
     validate: bool = False
+    protect: ProtectOptions | None = None  # protect each node-local checkpoint (a scheme)
 
 
 class _Signals:
@@ -160,6 +165,7 @@ class _Agent:
         if opts.time_margin is not None and self.end_time is None and self.rank == 0:
             _log(0, "the job's end time is unknown: --time-margin has no effect")
         self.ranks, addr, port = _ranks(os.environ, group, setup)
+        self.protector = _protector(group, opts.protect)
         self.server = self._start_server()
         self.server.persister = _persister(group, self.server, opts.sign_key)
         self.drainer: Drainer | None = None
@@ -216,10 +222,14 @@ class _Agent:
                     return self._lost(f"rank {g[STUCK] - 1}'s save is stuck past its timeout")
                 self.peers_done = g[DONE]
                 self._decide(g)
+                if self.protector is not None:
+                    paths = [c.path for c in self.server.commits]
+                    self.protector.decide(g[VOTES:], paths, trainers_done=g[ALIVE] == 0)
+                    self.protector.reap()
                 self._feed_drainer()
                 self._note_progress()
                 self._feed_validator()
-                if g[ALIVE] == 0:
+                if g[ALIVE] == 0 and g[VOTES + UNDECIDED] == 0:
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
                     self.server.serve(left)
@@ -233,6 +243,8 @@ class _Agent:
             self._feed_validator()
             if self.validator is not None:
                 self.validator.close(self._wait_left())
+            if self.protector is not None:
+                self.protector.close()
             self.server.close()
         status = self.outcome if self.outcome is not None else self.child.status
         assert status is not None
@@ -297,7 +309,9 @@ class _Agent:
         if not alive:
             self.server.drain()  # a snapshot the trainer handed over just before it ended
         busy = self.server.persister is not None and self.server.persister.busy
-        vec = [0] * 8
+        vec = [0] * (VOTES + SLOTS)
+        if self.protector is not None:
+            vec[VOTES:] = self.protector.vote([c.path for c in self.server.commits])
         vec[REQ] = self.signals.request
         vec[REQ_RANK] = self.rank + 1 if self.signals.request else 0
         vec[ALIVE] = int(alive or busy)  # the agents go on while a handed-over save runs
@@ -361,6 +375,33 @@ class _Agent:
         self.timeline.add("preempt", reason=reason.split(" on rank")[0], deadline=by)
         if self.rank == 0:
             _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
+
+
+def _protector(group: Group, options: ProtectOptions | None) -> Protector | None:
+    """The protector of ``--protect``, on every agent or on none (then all raise): the agents
+    must agree on its options, and it needs their MPI world with MPI_THREAD_MULTIPLE."""
+    protector: Protector | None = None
+    problem = ""
+    if options is not None:
+        if isinstance(group, MPIGroup) and group.MPI.Query_thread() == group.MPI.THREAD_MULTIPLE:
+            try:
+                protector = Protector(group.comm, group.rank, options, _logger(group.rank))
+            except ValueError as e:  # the node's name
+                problem = f"--node: {e}"
+        else:
+            problem = "--protect needs MPI among the agents (srun --mpi=pmi2, mpiexec) and "
+            problem += "MPI_THREAD_MULTIPLE"
+    said = zlib.crc32(json.dumps(options).encode())
+    low, high, bad = group.exchange([-said, said, group.rank + 1 if problem else 0], wait=_nap)
+    if -low != high:
+        raise AgentError("the agents were given different --protect options")
+    if bad:
+        raise AgentError(problem or f"--protect: rank {bad - 1} cannot protect")
+    return protector
+
+
+def _logger(rank: int) -> Callable[[str], None]:
+    return lambda message: _log(rank, message)
 
 
 def _persister(group: Group, server: ControlServer, sign_key: str | None) -> Persister | None:

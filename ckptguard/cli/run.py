@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import click
 
+from ..units import parse_size
 from ._args import parse_duration
 
 
@@ -88,6 +89,33 @@ from ._args import parse_duration
     help="After each commit, re-read the checkpoint in a low-priority child process "
     "(`ckptguard validate`, rank 0); a failure marks it and makes the agent exit 88.",
 )
+@click.option(
+    "--protect",
+    type=click.Choice(["xor", "partner"]),
+    default=None,
+    help="Protect each node-local checkpoint the trainers commit, in the background over the "
+    "agents' MPI: XOR parity across sets of nodes, or a copy on a partner node "
+    "(docs/operations.md). A checkpoint saved whole is left alone.",
+)
+@click.option(
+    "--protect-set-size",
+    default=None,
+    type=click.IntRange(min=2),
+    help="With --protect xor: nodes per parity set (default 8).",
+)
+@click.option(
+    "--protect-rate",
+    metavar="SIZE",
+    default=None,
+    help="With --protect: cap what each node reads and sends, per second (200MB, 1GiB).",
+)
+@click.option(
+    "--node",
+    metavar="NAME",
+    default=None,
+    help="With --protect: this rank's node, as its node-local saves name it (default: "
+    "CKPTGUARD_NODE or the host name).",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
     grace: str,
@@ -101,6 +129,10 @@ def command(
     sign_key: str | None,
     store: str | None,
     validate: bool,
+    protect: str | None,
+    protect_set_size: int | None,
+    protect_rate: str | None,
+    node: str | None,
     cmd: Sequence[str],
 ) -> None:
     """Run CMD as this rank's trainer, under a checkpoint agent (one agent per rank).
@@ -113,8 +145,18 @@ def command(
     is aborted); 88 with --validate when a checkpoint failed its validation and the trainer
     did not fail; 2 when the agents could not start.
     """
+    from ckptguard.agent.protector import ProtectOptions
     from ckptguard.agent.runner import Options, run
 
+    if protect is None and (protect_set_size or protect_rate or node):
+        raise click.UsageError("--protect-set-size, --protect-rate and --node need --protect")
+    try:
+        rate = None if protect_rate is None else float(parse_size(protect_rate))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--protect-rate") from None
+    protection = None
+    if protect is not None:
+        protection = ProtectOptions(protect, node, protect_set_size, rate)
     opts = Options(
         cmd=tuple(cmd),
         grace=parse_duration(grace),
@@ -128,5 +170,6 @@ def command(
         sign_key=None if sign_key is None else os.path.abspath(sign_key),
         store=None if store is None else os.path.abspath(store),
         validate=validate,
+        protect=protection,
     )
     raise click.exceptions.Exit(run(opts))

@@ -18,6 +18,7 @@ part, the others only join the agreement at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -260,12 +261,20 @@ def _agree(world: exchange.SetComm, job: Job, hosts: list[str]) -> list[list[str
             problem = str(e) if isinstance(e, RedundancyError) else brief(e)
     plan = {"scheme": job.scheme, "sets": sets, "block": job.block}
     digest = xxhash.xxh3_64_hexdigest(canon.encode(plan))
-    said = [o.decode().split(" ", 1) for o in world.allgather_bytes(f"{digest} {problem}".encode())]
-    bad = [f"rank {r}: {p}" for r, (_, p) in enumerate(said) if p]
+    name = os.path.basename(os.path.abspath(job.checkpoint))
+    mine = json.dumps([digest, name, problem]).encode()
+    said = [json.loads(o) for o in world.allgather_bytes(mine)]
+    bad = [f"rank {r}: {p}" for r, (_, _, p) in enumerate(said) if p]
+    if not bad:  # one checkpoint: each node's directory of it has the same name
+        bad = [
+            f"rank {r} protects {n!r}, rank 0 {said[0][1]!r}"
+            for r, (_, n, _) in enumerate(said)
+            if n != said[0][1]
+        ]
     if not bad:
         bad = [
             f"rank {r}'s scheme, set_size, domains or block differ from rank 0's"
-            for r, (d, _) in enumerate(said)
+            for r, (d, _, _) in enumerate(said)
             if d != said[0][0]
         ]
     if bad:

@@ -13,6 +13,9 @@
     trainer.py handoff OUT STORE [crash]  three async saves through a Checkpointer that hands its
                                           snapshots to the agent (the state changes after each
                                           snapshot); with crash: one save, then os._exit(7)
+    trainer.py nodelocal OUT BASE         a save to BASE/shared, then two node-local saves
+                                          (step-10, step-20) into BASE/NODE/store, NODE being
+                                          CKPTGUARD_NODE; the agents protect them (--protect)
     trainer.py faults OUT STORE TIMEOUT N N async saves h0..h(N-1) like handoff, each with that
                                           timeout; every outcome, ok or error, goes to
                                           OUT/faults-R.json (tests/test_fault_matrix.py)
@@ -178,6 +181,29 @@ def faults_mode(out: str, store: str, timeout: float, n: int) -> int:
     return 0
 
 
+def nodelocal_mode(out: str, base: str) -> int:
+    """A save to a shared store, then two node-local saves, each into BASE/NODE/store (NODE:
+    CKPTGUARD_NODE); then exit, leaving their protection to the agents (--protect)."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dist"))
+    from scenarios import local_state
+
+    import ckptguard
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://")
+    store = os.path.join(base, os.environ["CKPTGUARD_NODE"], "store")
+    state = local_state(rank, world)
+    ckptguard.save(state, os.path.join(base, "shared", "step-0"), coordinator="torch")
+    for step in (10, 20):
+        path = os.path.join(store, f"step-{step}")
+        ckptguard.save(state, path, node_local=True, coordinator="torch", step=step)
+    write(os.path.join(out, f"saved-{rank}.json"), {"store": store})
+    dist.destroy_process_group()
+    return 0
+
+
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "env":
@@ -189,6 +215,8 @@ def main() -> int:
         return 0
     if mode == "faults":
         return faults_mode(out, sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
+    if mode == "nodelocal":
+        return nodelocal_mode(out, sys.argv[3])
     if mode == "handoff":
         return handoff_mode(out, sys.argv[3], crash=sys.argv[4:] == ["crash"])
     return train_mode(out, sys.argv[3], commit=sys.argv[4:] != ["nocommit"])

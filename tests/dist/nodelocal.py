@@ -9,7 +9,7 @@ each node with its own store directory BASE/<host>/store standing for its local 
                                                save step-10 and step-20 node-local under
                                                protect_saves, and step-5 into another store
     nodelocal.py refuse BASE HOSTS             protect with each of NODELOCAL_CASES' options (a
-                                               JSON list of [SCHEME, RATE]), each refused
+                                               JSON list of [SCHEME, RATE, NAME]), each refused
     nodelocal.py protect-async SCHEME BASE HOSTS
                                                save node-local, protect in the background
                                                while the job saves its next checkpoint
@@ -71,15 +71,15 @@ def per_rank(value: str, me: int, n: int) -> str:
 
 
 def refusals(store: str, comm, node: str, timeout: float) -> list[str]:
-    """What protecting with each of NODELOCAL_CASES' (scheme, rate) per rank raised."""
+    """What protecting with each of NODELOCAL_CASES' (scheme, rate, name) per rank raised."""
     me, n = comm.Get_rank(), comm.Get_size()
     said = []
-    for scheme, rates in json.loads(os.environ["NODELOCAL_CASES"]):
+    for scheme, rates, names in json.loads(os.environ["NODELOCAL_CASES"]):
         given = per_rank(rates, me, n)
         rate = None if given == "none" else float(given)
         try:
             protect(
-                os.path.join(store, NAME),
+                os.path.join(store, per_rank(names, me, n)),
                 comm,
                 node=node,
                 scheme=per_rank(scheme, me, n),
