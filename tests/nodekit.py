@@ -3,6 +3,7 @@ node with its own store directory BASE/<host>/store."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -29,6 +30,20 @@ def run_nodes(*args: str, env: dict[str, str] | None = None) -> list[dict]:
     got = [json.loads(Path(out, f"rank-{r}.json").read_text()) for r in range(4)]
     shutil.rmtree(out)
     return got
+
+
+def lose_and_rebuild(base: Path, lost: str, hosts: str, keep: Path) -> None:
+    """Lose node ``lost`` (its store deleted; a copy of its step-10 kept at ``keep``), rebuild
+    on ``hosts`` (a new node in its place) and check that the new node's part is the lost one,
+    byte for byte."""
+    shutil.copytree(base / lost / "store" / "step-10", keep)
+    shutil.rmtree(base / lost)
+    (new,) = set(hosts.split(",")) - {p.name for p in base.iterdir()}
+    got = run_nodes("rebuild", str(base), hosts)
+    assert all(o.get("rebuilt") == [new] and o["level"] == "protected" for o in got), got
+    mine = base / new / "store" / "step-10"
+    assert sorted(os.listdir(mine)) == sorted(os.listdir(keep))
+    assert all(filecmp.cmp(keep / n, mine / n, shallow=False) for n in os.listdir(keep))
 
 
 def run_failing(base: Path, args: list[str], point: str, rank: int, action: str) -> dict[int, dict]:

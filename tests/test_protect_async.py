@@ -5,13 +5,12 @@ the background protection recorded rebuilds a lost node."""
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 import shutil
 
 import pytest
-from nodekit import run_nodes
+from nodekit import lose_and_rebuild, run_nodes
 
 import ckptguard
 from ckptguard.redundancy.exchange import Pace, rate_problem
@@ -36,14 +35,7 @@ def test_a_background_protection_beside_the_next_save_rebuilds_a_lost_node(tmp_p
         ("protected", "local", 200)
     ] * 4, out
     assert all((base / h / "store" / "LATEST").read_text() == "step-20\n" for h in "abc")
-    lost = tmp_path / "lost-c"
-    shutil.copytree(base / "c" / "store" / "step-10", lost)
-    shutil.rmtree(base / "c")
-    got = run_nodes("rebuild", str(base), "a,a,b,c2")
-    assert all(o.get("rebuilt") == ["c2"] and o["level"] == "protected" for o in got), got
-    mine = base / "c2" / "store" / "step-10"
-    assert sorted(os.listdir(mine)) == sorted(os.listdir(lost))
-    assert all(filecmp.cmp(lost / n, mine / n, shallow=False) for n in os.listdir(lost))
+    lose_and_rebuild(base, "c", "a,a,b,c2", tmp_path / "lost-c")
     whole = tmp_path / "whole"
     whole.mkdir()
     for h in ("a", "b", "c2"):
