@@ -345,9 +345,10 @@ def test_protect_options_are_checked_before_any_trainer_starts(tmp_path: Path) -
     args = [*AGENT, "--protect-rate", "1GB", "--", "true"]
     bad = run_command(args, 30, env=env)
     assert bad.returncode == 2 and "need --protect" in bad.stderr, bad.stderr
-    args = [*AGENT, "--protect", "xor", "--protect-rate", "fast", "--", "true"]
-    bad = run_command(args, 30, env=env)
-    assert bad.returncode == 2 and "--protect-rate" in bad.stderr, bad.stderr
+    for rate in ("fast", "0"):
+        args = [*AGENT, "--protect", "xor", "--protect-rate", rate, "--", "true"]
+        bad = run_command(args, 30, env=env)
+        assert bad.returncode == 2 and "--protect-rate" in bad.stderr, bad.stderr
     # agents that would protect on some ranks only would mix their collectives: none starts
     ran = tmp_path / "ran"
     trainer = ["--", "sh", "-c", f"touch {ran}"]

@@ -154,6 +154,8 @@ def command(
         rate = None if protect_rate is None else float(parse_size(protect_rate))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--protect-rate") from None
+    if rate is not None and rate <= 0:
+        raise click.BadParameter("a rate above 0 bytes a second", param_hint="--protect-rate")
     protection = None
     if protect is not None:
         protection = ProtectOptions(protect, node, protect_set_size, rate)
