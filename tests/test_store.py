@@ -279,6 +279,7 @@ _RACER = """
 import os, sys, torch, ckptguard
 ckptguard.save({"w": torch.zeros(3)}, sys.argv[1] + "-warm" + sys.argv[2])  # lazy setup first
 os.environ["CKPTGUARD_FAILPOINT"] = "save.staging_created:*:sleep1"  # both past the first check
+print("ready", flush=True)
 sys.stdin.readline()  # both processes start saving at once
 try:
     ckptguard.save({"w": torch.full((20000,), float(sys.argv[2]))}, sys.argv[1])
@@ -306,6 +307,8 @@ def test_two_processes_saving_the_same_new_name(tmp_path):
             )
             for v in (1, 2)
         ]
+        # Both warm-up saves are committed before either races: "x" is then the last commit.
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
