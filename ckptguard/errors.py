@@ -108,9 +108,10 @@ class DrainConflictError(CheckpointExistsError):
         dst_uuid: str,
         more: int = 0,
         replaceable: bool = True,
+        fix: str | None = None,
     ) -> None:
         also = f" (and {more} more conflicting name(s))" if more else ""
-        fix = (
+        fix = fix or (
             "pass overwrite=True (--overwrite) to replace the one in the destination"
             if replaceable
             else "a checkpoint in an object store is never replaced"

@@ -308,20 +308,23 @@ def test_time_margin_requests_a_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.backend_independent  # files move as they are; the saves run on both elsewhere
-def test_agents_protect_each_node_local_checkpoint_and_a_lost_node_rebuilds(
+def test_agents_protect_and_drain_each_node_local_checkpoint_and_a_lost_node_rebuilds(
     tmp_path: Path,
 ) -> None:
-    """``--protect xor``: nodes a (ranks 0, 1), b and c, told apart by CKPTGUARD_NODE per rank.
-    The trainers save to a shared store, then twice node-local, and exit; the agents protect
-    both node-local checkpoints before they exit and leave the shared one alone. Node c is then
-    lost, and a node c2 with an empty disk rebuilds its files, byte for byte."""
+    """``--protect xor --drain-to PFS``: nodes a (ranks 0, 1), b and c, told apart by
+    CKPTGUARD_NODE per rank. The trainers save to a shared store, then twice node-local, and
+    exit; the agents protect both node-local checkpoints and leave the shared one alone. Rank 0
+    drains the shared one; all agents drain each node-local one together, the second once the
+    first is done, before they exit. Node c is then lost, and a node c2 with an empty disk
+    rebuilds its files, byte for byte."""
     from nodekit import lose_and_rebuild
 
     from ckptguard.redundancy.protect import level
 
-    base, out = tmp_path / "nodes", tmp_path / "out"
+    base, out, pfs = tmp_path / "nodes", tmp_path / "out", tmp_path / "pfs"
     out.mkdir()
-    agent = [*AGENT, "--protect", "xor", "--protect-rate", "100MB", "--poll", "0.2", "--"]
+    agent = [*AGENT, "--protect", "xor", "--protect-rate", "100MB", "--poll", "0.2"]
+    agent += ["--drain-to", str(pfs), "--"]
     inner = ["sh", "-c", WRAP, "sh", *agent, sys.executable, TRAINER, "nodelocal", out, base]
     cmd: list[str | Path] = [need_mpi()]
     for r, host in enumerate(["a", "a", "b", "c"]):
@@ -334,6 +337,11 @@ def test_agents_protect_each_node_local_checkpoint_and_a_lost_node_rebuilds(
         for name in ("step-10", "step-20"):
             assert level(str(base / host / "store" / name)) == "protected", (host, name)
     assert not (base / "shared" / ".redundancy").exists()  # saved whole: left alone
+    assert [i.name for i in ckptguard.Store(pfs).list()] == ["step-0", "step-10", "step-20"]
+    assert ckptguard.Store(pfs).latest_name() == "step-20"
+    for name in ("step-0", "step-10", "step-20"):
+        assert ckptguard.verify(pfs / name).ok, name
+    assert f"drained {base / 'a' / 'store' / 'step-10'} to {pfs / 'step-10'}" in ran.stderr
     lose_and_rebuild(base, "c", "a,a,b,c2", tmp_path / "lost-c")
 
 
@@ -355,7 +363,7 @@ def test_protect_options_are_checked_before_any_trainer_starts(tmp_path: Path) -
     mixed = [need_mpi(), "-n", "1", *AGENT, "--protect", "xor", *trainer, ":"]
     mixed += ["-n", "1", *AGENT, *trainer]
     bad = run_command(mixed, 60, env=env)
-    assert bad.returncode != 0 and "different --protect options" in bad.stderr, bad.stderr
+    assert bad.returncode != 0 and "different --protect or --drain-to" in bad.stderr, bad.stderr
     bad = run_command([*AGENT, "--protect", "xor", "--node", "a\tb", *trainer], 30, env=env)
     assert bad.returncode == 2 and "--node: a node name must be" in bad.stderr, bad.stderr
     assert not ran.exists()

@@ -65,7 +65,9 @@ def bases(tmp_path_factory):
 # Killed at each of their points by their own tests (test_deepspeed.py, test_megatron.py,
 # test_protect.py).
 INTEGRATIONS = ("deepspeed", "megatron", "redundancy")
-ELSEWHERE = {"localcommit.py"}  # node-local saves: tests/test_localcommit.py kills at each point
+# Node-local saves and drains: tests/test_localcommit.py and tests/test_nodedrain.py fail them at
+# each of their points.
+ELSEWHERE = {"localcommit.py", "nodedrain.py"}
 
 
 @pytest.mark.backend_independent

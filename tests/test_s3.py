@@ -435,8 +435,8 @@ def test_the_agents_drainer_drains_into_a_bucket(
     _, bucket = s3
     ckptguard.save(state(1), tmp_path / "src" / "a")
     url = f"s3://{bucket}/job"
-    d = Drainer(url, 1, 2)
-    d.committed(str(tmp_path / "src" / "a"))
+    d = Drainer(url, 2)
+    d.due(str(tmp_path / "src" / "a"))
     d.close(120)
     assert d.drained == [str(tmp_path / "src" / "a")] and d.failed == []
     assert same(ckptguard.load(url), state(1))

@@ -1,8 +1,10 @@
-"""Background drain of every K-th committed checkpoint to durable storage (``run --drain-to``).
+"""Background drain of whole checkpoints to durable storage (``run --drain-to``).
 
-Rank 0's agent drains (the stores are shared file systems: one copy is enough), one drain at a
-time with ``jobs`` copy threads (the cap on concurrent writers, like SCR's flush width). When a
-drain is still running as the next one comes due, only the newest waits: a backlog never grows.
+The agents' vote (``votes``) makes every K-th commit due. Rank 0's agent drains one that is
+whole (the stores are shared file systems: one copy is enough; the agents drain a node-local
+one together, ``nodedrainer``), one drain at a time with ``jobs`` copy threads (the cap on
+concurrent writers, like SCR's flush width). When a drain is still running as the next one
+comes due, only the newest waits: a backlog never grows.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from ..objstore.url import is_url
 
 
 class Drainer:
-    """Drains every ``every``-th committed checkpoint to store ``dst`` (a directory, or
-    ``s3://bucket/prefix``) in a background thread."""
+    """Drains the checkpoints made due to store ``dst`` (a directory, or ``s3://bucket/prefix``)
+    in a background thread."""
 
-    def __init__(self, dst: str, every: int, jobs: int) -> None:
-        if every < 1:
-            raise ValueError("--drain-every must be at least 1")
+    def __init__(self, dst: str, jobs: int) -> None:
         self.dst = dst if is_url(dst) else os.path.abspath(dst)
-        self.every, self.jobs = every, jobs
-        self.seen: set[str] = set()
+        self.jobs = jobs
         self._next: str | None = None
         self._cond = threading.Condition()
         self._stop = False
@@ -35,15 +34,11 @@ class Drainer:
         self._thread = threading.Thread(target=self._loop, name="ckptguard-drain", daemon=True)
         self._thread.start()
 
-    def committed(self, path: str) -> None:
-        """A checkpoint committed at ``path``: drain it if it is the K-th since the last."""
-        if path in self.seen:
-            return
-        self.seen.add(path)
-        if len(self.seen) % self.every == 0:
-            with self._cond:
-                self._next = path
-                self._cond.notify_all()
+    def due(self, path: str) -> None:
+        """Drain the checkpoint committed at ``path`` (it replaces one due and not started)."""
+        with self._cond:
+            self._next = path
+            self._cond.notify_all()
 
     def close(self, timeout: float) -> None:
         """Let the drain due or running finish, for at most ``timeout`` seconds."""

@@ -28,7 +28,7 @@ from .control import ControlServer
 from .endtime import job_end_time
 from .group import Group, MPIGroup, PeersLostError, open_group
 from .persist import Persister
-from .protector import SLOTS, UNDECIDED, ProtectOptions, Protector
+from .protector import ProtectOptions, Protector
 from .protocol import EXIT_CHECKPOINTED, EXIT_NO_CHECKPOINT, EXIT_PEERS_LOST
 from .rankenv import (
     Ranks,
@@ -40,13 +40,15 @@ from .rankenv import (
 )
 from .timeline import Timeline
 from .validator import Validator, with_validation
+from .votes import DRAINING, SLOTS, UNDECIDED, Votes
 
 if TYPE_CHECKING:
     from .drainer import Drainer
+    from .nodedrainer import NodeDrainer
 
 END_SLACK = 5.0  # seconds kept free between the last SIGKILL and the job's end time
 
-# The slots of the vector the agents MAX-reduce on every tick; the protector's votes follow.
+# The slots of the vector the agents MAX-reduce on every tick; the votes on commits follow.
 REQ, REQ_RANK, ALIVE, UNCOMMITTED, GIVE_UP, FAILED_RANK, DONE, STUCK = range(8)
 VOTES = 8
 STUCK_SLACK = 10.0  # seconds past a save's timeout before a rank still in it counts as stuck
@@ -72,6 +74,7 @@ class Options:
     store: str | None = None  # where the job's events go (else the trainer's first commit's store)
     validate: bool = False
     protect: ProtectOptions | None = None  # protect each node-local checkpoint (a scheme)
+    node: str | None = None  # this rank's node (None: CKPTGUARD_NODE or the host name)
 
 
 class _Signals:
@@ -165,15 +168,17 @@ class _Agent:
         if opts.time_margin is not None and self.end_time is None and self.rank == 0:
             _log(0, "the job's end time is unknown: --time-margin has no effect")
         self.ranks, addr, port = _ranks(os.environ, group, setup)
-        self.protector = _protector(group, opts.protect)
+        local = _node_local(group, opts)
+        self.votes, self.protector, self.node_drainer, self.no_node_drain = local
         self.server = self._start_server()
         self.server.persister = _persister(group, self.server, opts.sign_key)
         self.drainer: Drainer | None = None
         if opts.drain_to and self.rank == 0:
             from .drainer import Drainer
 
-            self.drainer = Drainer(opts.drain_to, opts.drain_every, opts.drain_jobs)
-        self._fed = 0  # commits handed to the drainer so far
+            self.drainer = Drainer(opts.drain_to, opts.drain_jobs)
+        self._decided = 0  # commits the agents' votes decided on so far
+        self._ended_well = False  # every agent left the loop in the same tick
         self._seen = 0  # commits whose store the timeline has seen
         self.validator = Validator() if opts.validate and self.rank == 0 else None
         self._validated = 0  # commits handed to the validator so far
@@ -222,21 +227,17 @@ class _Agent:
                     return self._lost(f"rank {g[STUCK] - 1}'s save is stuck past its timeout")
                 self.peers_done = g[DONE]
                 self._decide(g)
-                if self.protector is not None:
-                    paths = [c.path for c in self.server.commits]
-                    self.protector.decide(g[VOTES:], paths, trainers_done=g[ALIVE] == 0)
-                    self.protector.reap()
-                self._feed_drainer()
+                self._act_on_commits(g)
                 self._note_progress()
                 self._feed_validator()
                 if g[ALIVE] == 0 and g[VOTES + UNDECIDED] == 0:
+                    self._ended_well = True
                     break
                 while (left := tick + self.opts.poll - time.monotonic()) > 0:
                     self.server.serve(left)
         finally:
             if self.server.persister is not None:
                 self.server.persister.close()
-            self._feed_drainer()
             if self.drainer is not None:
                 self.drainer.close(self.opts.grace)
             self._note_progress()
@@ -245,6 +246,8 @@ class _Agent:
                 self.validator.close(self._wait_left())
             if self.protector is not None:
                 self.protector.close()
+            if self.node_drainer is not None:
+                self.node_drainer.close(finish=self._ended_well)
             self.server.close()
         status = self.outcome if self.outcome is not None else self.child.status
         assert status is not None
@@ -281,11 +284,29 @@ class _Agent:
         self.group.abort(EXIT_PEERS_LOST)
         return EXIT_PEERS_LOST
 
-    def _feed_drainer(self) -> None:
-        if self.drainer is not None:
-            for c in self.server.commits[self._fed :]:
-                self.drainer.committed(c.path)
-            self._fed = len(self.server.commits)
+    def _act_on_commits(self, g: list[int]) -> None:
+        """The next commit decided by the agents' votes: protect it (a node-local one) and
+        drain it if it is the K-th; the same on every agent."""
+        if self.votes is None:
+            return
+        paths = [c.path for c in self.server.commits]
+        d = self.votes.decide(g[VOTES:], paths, trainers_done=g[ALIVE] == 0)
+        if d is not None:
+            if d.part and self.protector is not None:
+                self.protector.protect(d.path)
+            self._decided += 1
+            if self.opts.drain_to and self._decided % self.opts.drain_every == 0:
+                if not d.part:
+                    if self.drainer is not None:
+                        self.drainer.due(d.path)
+                elif self.node_drainer is not None:
+                    self.node_drainer.due = d.path
+                elif self.rank == 0:
+                    _log(0, f"{d.path} not drained: {self.no_node_drain}")
+        if self.protector is not None:
+            self.protector.reap()
+        if self.node_drainer is not None:
+            self.node_drainer.start(busy_anywhere=bool(g[VOTES + DRAINING]))
 
     def _wait_left(self) -> float:
         """How long the agent may still wait at its end: the grace, less near the job's end."""
@@ -310,8 +331,10 @@ class _Agent:
             self.server.drain()  # a snapshot the trainer handed over just before it ended
         busy = self.server.persister is not None and self.server.persister.busy
         vec = [0] * (VOTES + SLOTS)
-        if self.protector is not None:
-            vec[VOTES:] = self.protector.vote([c.path for c in self.server.commits])
+        if self.votes is not None:
+            vec[VOTES:] = self.votes.vote([c.path for c in self.server.commits])
+        if self.node_drainer is not None:
+            vec[VOTES + DRAINING] = self.node_drainer.busy()
         vec[REQ] = self.signals.request
         vec[REQ_RANK] = self.rank + 1 if self.signals.request else 0
         vec[ALIVE] = int(alive or busy)  # the agents go on while a handed-over save runs
@@ -377,27 +400,59 @@ class _Agent:
             _log(0, f"checkpoint requested ({reason}); waiting up to {by - wall:.0f} s for commits")
 
 
-def _protector(group: Group, options: ProtectOptions | None) -> Protector | None:
-    """The protector of ``--protect``, on every agent or on none (then all raise): the agents
-    must agree on its options, and it needs their MPI world with MPI_THREAD_MULTIPLE."""
+def _node_local(
+    group: Group, opts: Options
+) -> tuple[Votes | None, Protector | None, NodeDrainer | None, str]:
+    """With ``--protect`` or ``--drain-to``: the vote on each commit, the protector, the drainer
+    of node-local checkpoints (or why there is none), on every agent or on none (then all
+    raise). Every agent calls this (an exchange): the agents must agree on these options;
+    protecting and draining node-local checkpoints need their MPI world with
+    MPI_THREAD_MULTIPLE."""
+    from ..objstore.url import is_url
+
+    wanted = opts.protect is not None or opts.drain_to is not None
+    log = _logger(group.rank)
+    comm = None
+    if isinstance(group, MPIGroup) and group.MPI.Query_thread() == group.MPI.THREAD_MULTIPLE:
+        comm = group.comm
     protector: Protector | None = None
-    problem = ""
-    if options is not None:
-        if isinstance(group, MPIGroup) and group.MPI.Query_thread() == group.MPI.THREAD_MULTIPLE:
-            try:
-                protector = Protector(group.comm, group.rank, options, _logger(group.rank))
-            except ValueError as e:  # the node's name
-                problem = f"--node: {e}"
+    node_drainer: NodeDrainer | None = None
+    problem, node = "", ""
+    if wanted:
+        from ..localcommit import node_name
+
+        try:
+            node = node_name(opts.node if opts.node is not None else True)
+        except ValueError as e:
+            problem = f"--node: {e}"
+    if not problem and opts.protect is not None:
+        if comm is not None:
+            protector = Protector(comm, group.rank, opts.protect, node, log)
         else:
             problem = "--protect needs MPI among the agents (srun --mpi=pmi2, mpiexec) and "
             problem += "MPI_THREAD_MULTIPLE"
-    said = zlib.crc32(json.dumps(options).encode())
-    low, high, bad = group.exchange([-said, said, group.rank + 1 if problem else 0], wait=_nap)
+    dst = opts.drain_to
+    if dst is not None and not is_url(dst):
+        dst = os.path.abspath(dst)
+        if comm is not None and not problem:
+            from .nodedrainer import NodeDrainer
+
+            node_drainer = NodeDrainer(comm, group.rank, node, dst, opts.drain_jobs, log)
+    said = zlib.crc32(json.dumps([opts.protect, dst, opts.drain_every]).encode())
+    vec = [-said, said, group.rank + 1 if problem else 0, int(node_drainer is None)]
+    low, high, bad, none = group.exchange(vec, wait=_nap)
     if -low != high:
-        raise AgentError("the agents were given different --protect options")
+        raise AgentError("the agents were given different --protect or --drain-to options")
     if bad:
-        raise AgentError(problem or f"--protect: rank {bad - 1} cannot protect")
-    return protector
+        raise AgentError(problem or f"rank {bad - 1} cannot protect or drain: see its log")
+    if not wanted:  # on every agent: their options agree
+        return None, None, None, ""
+    why = ""
+    if none:
+        node_drainer = None
+        why = "a node-local checkpoint is drained by every agent together, into a directory "
+        why += "every node sees, over MPI with MPI_THREAD_MULTIPLE among the agents"
+    return Votes(group.rank, log), protector, node_drainer, why
 
 
 def _logger(rank: int) -> Callable[[str], None]:

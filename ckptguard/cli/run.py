@@ -53,7 +53,8 @@ from ._args import parse_duration
     metavar="STORE",
     default=None,
     help="Copy committed checkpoints to this durable store (a directory or s3://bucket/prefix) "
-    "in the background (rank 0).",
+    "in the background: rank 0 copies a whole checkpoint; every agent copies its node's files "
+    "of a node-local one (into a directory every node sees).",
 )
 @click.option(
     "--drain-every",
@@ -113,8 +114,8 @@ from ._args import parse_duration
     "--node",
     metavar="NAME",
     default=None,
-    help="With --protect: this rank's node, as its node-local saves name it (default: "
-    "CKPTGUARD_NODE or the host name).",
+    help="With --protect or --drain-to: this rank's node, as its node-local saves name it "
+    "(default: CKPTGUARD_NODE or the host name).",
 )
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
@@ -148,8 +149,10 @@ def command(
     from ckptguard.agent.protector import ProtectOptions
     from ckptguard.agent.runner import Options, run
 
-    if protect is None and (protect_set_size or protect_rate or node):
-        raise click.UsageError("--protect-set-size, --protect-rate and --node need --protect")
+    if protect is None and (protect_set_size or protect_rate):
+        raise click.UsageError("--protect-set-size and --protect-rate need --protect")
+    if node is not None and protect is None and drain_to is None:
+        raise click.UsageError("--node needs --protect or --drain-to")
     try:
         rate = None if protect_rate is None else float(parse_size(protect_rate))
     except ValueError as e:
@@ -158,7 +161,7 @@ def command(
         raise click.BadParameter("a rate above 0 bytes a second", param_hint="--protect-rate")
     protection = None
     if protect is not None:
-        protection = ProtectOptions(protect, node, protect_set_size, rate)
+        protection = ProtectOptions(protect, protect_set_size, rate)
     opts = Options(
         cmd=tuple(cmd),
         grace=parse_duration(grace),
@@ -173,5 +176,6 @@ def command(
         store=None if store is None else os.path.abspath(store),
         validate=validate,
         protect=protection,
+        node=node,
     )
     raise click.exceptions.Exit(run(opts))

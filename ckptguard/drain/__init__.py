@@ -80,8 +80,11 @@ from .lustre import lustre_tool, on_lustre, stripe_count
 
 __all__ = [
     "DEFAULT_JOBS",
+    "DRAIN",
     "MAX_JOBS",
     "DrainConflictError",
+    "advance_latest",
+    "check_jobs",
     "drain",
     "lustre_tool",
     "on_lustre",
@@ -98,7 +101,7 @@ DrainedCallback = Callable[[CheckpointInfo, int, float], None]
 """Called after each checkpoint is committed in DST: (its info in DST, bytes copied, seconds)."""
 
 
-def _advance_latest(dst_root: str, info: CheckpointInfo) -> None:
+def advance_latest(dst_root: str, info: CheckpointInfo) -> None:
     """Point DST's LATEST at ``info`` if it is newer than what LATEST names (or there is none)."""
     current = Store(dst_root).latest()
     if current is None or (info.created, info.name) > (current.created, current.name):
@@ -107,7 +110,7 @@ def _advance_latest(dst_root: str, info: CheckpointInfo) -> None:
 
 DRAIN = Flavour(
     staged=True,
-    move_latest=_advance_latest,
+    move_latest=advance_latest,
     after_rename=lambda: failpoint("drain.after_rename"),
     sealed_by_writers=False,
 )
@@ -274,7 +277,8 @@ def _note_drained(src_root: str, info: CheckpointInfo, dst_root: str) -> None:
         warn_after_commit(late, stacklevel=3)
 
 
-def _check_jobs(jobs: int) -> int:
+def check_jobs(jobs: int) -> int:
+    """``jobs`` checked (a positive integer: ValueError otherwise) and capped at MAX_JOBS."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
     return min(jobs, MAX_JOBS)
@@ -342,7 +346,7 @@ def drain(
     its way (``sign_key`` is refused; a signed checkpoint keeps its signature), and encrypted
     checkpoints are refused.
     """
-    jobs = _check_jobs(jobs)
+    jobs = check_jobs(jobs)
     if isinstance(names, str):
         names = [names]
     if is_url(dst):
@@ -366,7 +370,7 @@ def drain(
     held = held_files((i.path, i.uuid) for i in dst_store.list())
     for info, have in plan:
         if have is not None:
-            _advance_latest(dst_root, have)
+            advance_latest(dst_root, have)
             continue
         t0 = time.monotonic()
         out, nbytes = _drain_one(info, dst_root, jobs, overwrite, lfs, signer, held)

@@ -27,7 +27,15 @@ from ..open import CheckpointReader
 from ..sign import copy_signature, write_signature
 from .lustre import set_stripe
 
-__all__ = ["BLOCK_BYTES", "PIECE_BYTES", "CheckpointCopier", "copy_checkpoint", "held_files"]
+__all__ = [
+    "BLOCK_BYTES",
+    "PIECE_BYTES",
+    "CheckpointCopier",
+    "SourceFile",
+    "copy_checkpoint",
+    "copy_files",
+    "held_files",
+]
 
 
 PIECE_BYTES = 64 << 20
@@ -256,6 +264,14 @@ class CheckpointCopier:
         self.copied += len(raw)
 
 
+def copy_files(copier: CheckpointCopier, files: list[SourceFile], jobs: int) -> None:
+    """Copy ``files`` of the copier's checkpoint into its staging directory with ``jobs``
+    threads: each checked and created, copied in pieces, fsynced."""
+    parallel(copier.prepare, files, jobs)
+    parallel(copier.copy, pieces(files), jobs)
+    parallel(copier.fsync, files, jobs)
+
+
 def copy_checkpoint(
     rd: CheckpointReader,
     staging: str,
@@ -276,9 +292,7 @@ def copy_checkpoint(
         if held:
             files = [f for f in files if not copier.link_held(f, held)]
         files.append(SourceFile(INDEX, m["index"]["size"], False))
-        parallel(copier.prepare, files, jobs)
-        parallel(copier.copy, pieces(files), jobs)
-        parallel(copier.fsync, files, jobs)
+        copy_files(copier, files, jobs)
         if not copier.copy_signature() and signer is not None:
             write_signature(staging, signer, rd.manifest_raw, m)
         copier.copy_manifest(m["uuid"])

@@ -20,6 +20,7 @@ each node with its own store directory BASE/<host>/store standing for its local 
                                                (BASE/out/pid-R: each rank's pid, once protected)
     nodelocal.py resume BASE HOSTS             choose what to resume from, rebuilding if need be
     nodelocal.py resume-load BASE HOSTS        the same, then load it and compare with the save
+    nodelocal.py drain DST BASE HOSTS          drain the node-local checkpoint into store DST
 
 HOSTS is a comma-separated host name per rank; node h's store is BASE/h/store. Each rank
 writes its outcome to BASE/out/rank-R.json. NODELOCAL_NAME: the checkpoint's name (step-10);
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ckptguard  # noqa: E402
 from ckptguard.coord.mpi import MPICoordinator  # noqa: E402
+from ckptguard.nodedrain import drain_nodes  # noqa: E402
 from ckptguard.redundancy.background import protect_async, protect_saves  # noqa: E402
 from ckptguard.redundancy.fetch import fetching  # noqa: E402
 from ckptguard.redundancy.protect import level, protect  # noqa: E402
@@ -180,6 +182,10 @@ def main() -> None:
                 with open(os.path.join(base, "out", f"pid-{me}"), "w") as f:
                     f.write(f"{os.getpid()}\n")
                 time.sleep(600)
+        elif cmd == "drain":
+            path = os.path.join(store, NAME)
+            got = drain_nodes(path, sys.argv[2], comm, node=hosts[me], timeout=timeout, jobs=2)
+            out = {"path": got.path, "uuid": got.uuid, "name": got.name}
         elif cmd in ("resume", "resume-load"):
             fallback = os.environ.get("NODELOCAL_FALLBACK")
             got = resume(store, comm, node=hosts[me], fallback=fallback, timeout=timeout)
