@@ -63,8 +63,8 @@ test: native lint test-native slurm postgres chromium
 # Every failpoint x every rank that reaches it x kill/eio/enospc/hang (tests/fault_cases.txt;
 # `make test` runs a subset). Writes the counts to build/faults-summary.md and .json. Then saves
 # and loads by 16 and 32 MPI ranks (minutes on a small machine), node-local saves, their
-# protection and rebuild failing at each of their points and both schemes throughout
-# (tests/test_localcommit.py, test_protect.py, test_resume.py), then 100,000
+# protection, rebuild and drain failing at each of their points and both schemes throughout
+# (tests/test_localcommit.py, test_protect.py, test_resume.py, test_nodedrain.py), then 100,000
 # fuzzed inputs across the parsers and decoders (tests/fuzz/run.py; atheris if it installs).
 # docs/reliability.md.
 faults: install-test
@@ -73,7 +73,7 @@ faults: install-test
 	  $(PY) -m pytest -q tests/test_fault_matrix.py
 	CKPTGUARD_FAULTS=all $(PY) -m pytest -q tests/test_distributed.py -k many_ranks
 	CKPTGUARD_FAULTS=all $(PY) -m pytest -q tests/test_localcommit.py tests/test_protect.py \
-	  tests/test_resume.py tests/test_protect_async.py
+	  tests/test_resume.py tests/test_protect_async.py tests/test_nodedrain.py
 	$(PIP) atheris || echo "faults: atheris did not install; the fuzzer uses its seeded mutator"
 	$(PY) tests/fuzz/run.py --inputs 100000
 

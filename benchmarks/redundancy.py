@@ -9,6 +9,9 @@ rank has ``--mib`` MiB of incompressible float32. Interleaved in every trial:
 - ``local commit``: a node-local save (``node_local=``): each node's store keeps its part;
 - ``xor``: protect with XOR parity (one set of all nodes);
 - ``partner``: protect with partner copies;
+- ``node drain``: ``ckptguard.nodedrain.drain_nodes`` of the node-local checkpoint to a store
+  every node sees, each node copying its own files (as ``ckptguard run --drain-to`` does for a
+  node-local checkpoint), the copy verified;
 - ``rebuild-xor``: the last node's store deleted, rebuilt on a node of another name;
 - ``shared save``: the same state saved to one store every rank sees (the parallel file
   system's stand-in);
@@ -45,6 +48,7 @@ def _worker(args: argparse.Namespace) -> None:
     from ckptguard.drain import drain
     from ckptguard.format.layout import REDUNDANCY
     from ckptguard.fsutil import read_manifest
+    from ckptguard.nodedrain import drain_nodes
     from ckptguard.redundancy.protect import protect
     from ckptguard.redundancy.rebuild import rebuild
 
@@ -89,6 +93,13 @@ def _worker(args: argparse.Namespace) -> None:
         if leader:
             shutil.rmtree(os.path.join(node_store(hosts[me]), REDUNDANCY), ignore_errors=True)
 
+    def drain_local() -> None:
+        dst = os.path.join(base, "durable-nodes")
+        if me == 0:
+            shutil.rmtree(dst, ignore_errors=True)
+        comm.Barrier()
+        drain_nodes(os.path.join(node_store(hosts[me]), NAME), dst, comm, node=hosts[me])
+
     def drain_shared() -> None:
         if me == 0:
             dst = os.path.join(base, "durable")
@@ -103,6 +114,7 @@ def _worker(args: argparse.Namespace) -> None:
         timed("local commit", save_local)
         timed("xor", lambda: protect_with("xor"))
         timed("partner", lambda: protect_with("partner"))
+        timed("node drain", drain_local)
         protect(os.path.join(node_store(hosts[me]), NAME), comm, node=hosts[me], scheme="xor")
         fresh(last if hosts[me] == last else "-")  # the last node is lost with its disk
         timed("rebuild-xor", lambda: rebuild(node_store(new), NAME, comm, node=new))
@@ -126,8 +138,18 @@ def _worker(args: argparse.Namespace) -> None:
             # the payload bytes entering each exchange: every node's files once (to its partner,
             # or as segments into its set's reduce-scatter, whose algorithm moves up to twice
             # that between nodes); a drain reads and writes the checkpoint once
-            "bytes_moved": {"xor": payload, "partner": payload, "drain": payload},
-            "bytes_stored": {**stored, "shared save": payload, "drain": payload},
+            "bytes_moved": {
+                "xor": payload,
+                "partner": payload,
+                "node drain": payload,
+                "drain": payload,
+            },
+            "bytes_stored": {
+                **stored,
+                "node drain": payload,
+                "shared save": payload,
+                "drain": payload,
+            },
         }
         print(json.dumps(out, indent=1))
         print("\n| step | median s | range s | bytes moved | bytes stored extra |")
