@@ -307,6 +307,20 @@ def test_time_margin_requests_a_checkpoint(tmp_path: Path) -> None:
     assert all(s["notified"] is True for s in saved)
 
 
+def _node_local_job(tmp_path: Path, agent: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Agents with options ``agent`` on nodes a (ranks 0, 1), b and c (CKPTGUARD_NODE per rank)
+    around trainers that save to BASE/shared, then twice node-local into BASE/NODE/store, and
+    exit (tests/agent/trainer.py nodelocal)."""
+    base, out = tmp_path / "nodes", tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    inner = ["sh", "-c", WRAP, "sh", *AGENT, *agent, "--"]
+    inner += [sys.executable, TRAINER, "nodelocal", out, base]
+    cmd: list[str | Path] = [need_mpi()]
+    for r, host in enumerate(["a", "a", "b", "c"]):
+        cmd += [":"] * (r > 0) + ["-n", "1", "-env", "CKPTGUARD_NODE", host, *inner]
+    return run_command(cmd, 90, env=clean_env(tmp_path, **env))
+
+
 @pytest.mark.backend_independent  # files move as they are; the saves run on both elsewhere
 def test_agents_protect_and_drain_each_node_local_checkpoint_and_a_lost_node_rebuilds(
     tmp_path: Path,
@@ -322,14 +336,8 @@ def test_agents_protect_and_drain_each_node_local_checkpoint_and_a_lost_node_reb
     from ckptguard.redundancy.protect import level
 
     base, out, pfs = tmp_path / "nodes", tmp_path / "out", tmp_path / "pfs"
-    out.mkdir()
-    agent = [*AGENT, "--protect", "xor", "--protect-rate", "100MB", "--poll", "0.2"]
-    agent += ["--drain-to", str(pfs), "--"]
-    inner = ["sh", "-c", WRAP, "sh", *agent, sys.executable, TRAINER, "nodelocal", out, base]
-    cmd: list[str | Path] = [need_mpi()]
-    for r, host in enumerate(["a", "a", "b", "c"]):
-        cmd += [":"] * (r > 0) + ["-n", "1", "-env", "CKPTGUARD_NODE", host, *inner]
-    ran = run_command(cmd, 90, env=clean_env(tmp_path))
+    agent = ["--protect", "xor", "--protect-rate", "100MB", "--poll", "0.2"]
+    ran = _node_local_job(tmp_path, [*agent, "--drain-to", str(pfs)])
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert [int((out / f"agent-{r}").read_text()) for r in range(4)] == [0] * 4
     assert "step-10 protected (xor" in ran.stderr and "step-20 protected (xor" in ran.stderr
@@ -342,6 +350,32 @@ def test_agents_protect_and_drain_each_node_local_checkpoint_and_a_lost_node_reb
     for name in ("step-0", "step-10", "step-20"):
         assert ckptguard.verify(pfs / name).ok, name
     assert f"drained {base / 'a' / 'store' / 'step-10'} to {pfs / 'step-10'}" in ran.stderr
+    lose_and_rebuild(base, "c", "a,a,b,c2", tmp_path / "lost-c")
+
+
+@pytest.mark.backend_independent  # files move as they are; the saves run on both elsewhere
+def test_an_agent_killed_mid_protection_leaves_each_checkpoint_at_its_real_level(
+    tmp_path: Path,
+) -> None:
+    """Rank 2's agent is killed (SIGKILL) once its node's parity record is installed, before the
+    nodes agree on the protection: the job fails, no node claims a protection, and protecting
+    again from the nodes' stores completes, after which a lost node rebuilds."""
+    from nodekit import lose_and_rebuild, run_nodes
+
+    from ckptguard.redundancy.protect import level
+
+    kill = "protect.record_installed:2:kill"
+    args = ["--protect", "xor", "--poll", "0.2", "--peer-timeout", "10"]
+    ran = _node_local_job(tmp_path, args, CKPTGUARD_FAILPOINT=kill)
+    assert ran.returncode != 0, ran.stdout + ran.stderr
+    assert "failpoint protect.record_installed on rank 2: kill" in ran.stderr, ran.stderr
+    base = tmp_path / "nodes"
+    for host in "abc":
+        for name in ("step-10", "step-20"):
+            if (base / host / "store" / name).exists():
+                assert level(str(base / host / "store" / name)) == "local", (host, name)
+    out = run_nodes("reprotect", "xor", str(base), "a,a,b,c")
+    assert [o.get("level") for o in out] == ["protected"] * 4, out
     lose_and_rebuild(base, "c", "a,a,b,c2", tmp_path / "lost-c")
 
 
