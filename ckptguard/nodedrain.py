@@ -43,7 +43,6 @@ from .drain.copy import CheckpointCopier, SourceFile, copy_files
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CorruptCheckpointError,
     DrainConflictError,
     StoreError,
     brief,
@@ -56,7 +55,7 @@ from .format.manifest import CheckpointInfo
 from .fsutil import UnsafeFileError, fsync_dir, makedirs_durably
 from .localcommit import node_name
 from .open import CheckpointReader
-from .read import VerifyReport, verify_rows
+from .read import VerifyReport, damaged_side, verify_rows
 from .redundancy import exchange
 from .redundancy.protect import TIMEOUT
 from .store import Store
@@ -340,25 +339,11 @@ class _Drain:
             verify_rows(copy, [(f, copy.rows_of_file(f)) for f in mine], report)
         finally:
             copy.close()
-        if report.ok:
-            return
-        source = VerifyReport(self.rd.path)
-        verify_rows(self.rd, [(f, self.rd.rows_of_file(f)) for f in mine], source)
-        if source.problems:
-            p = source.problems[0]
-            raise CorruptCheckpointError(
-                f"the node's part is damaged, not drained: {p.message}",
-                path=self.rd.path,
-                file=p.file,
-                key=p.key,
-                chunk=p.chunk,
-                offset=p.offset,
-            )
-        raise StoreError(
-            f"the copy in {self.staging} does not verify although the source does "
-            f"({report.problems[0]}): the destination returned other bytes than were written",
-            self.staging,
-        )
+        if not report.ok:
+            source = VerifyReport(self.rd.path)
+            verify_rows(self.rd, [(f, self.rd.rows_of_file(f)) for f in mine], source)
+            why = "the destination returned other bytes than were written"
+            raise damaged_side(report, source, f"the copy in {self.staging}", why)
 
     def _publish(self) -> None:
         failpoint("nodedrain.verified")  # every node's copy verified; nothing visible yet

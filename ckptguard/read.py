@@ -17,7 +17,13 @@ from typing import Any
 
 from . import backend as _backend
 from . import encode, seal
-from .errors import CorruptCheckpointError, KeyUnavailableError, location
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    KeyUnavailableError,
+    StoreError,
+    location,
+)
 from .format.datafile import CODECS, FormatError, check_record
 from .format.index import Row
 from .format.layout import MANIFEST
@@ -275,6 +281,30 @@ class VerifyReport:
 def problem_of(e: CorruptCheckpointError) -> Problem:
     """The problem a corruption error reports."""
     return Problem(e.reason, e.file, e.key, e.chunk, e.offset)
+
+
+def damaged_side(
+    copy: VerifyReport, source: VerifyReport, copied: str, why: str
+) -> CheckpointError:
+    """The error of a copy whose verify (``copy``) found problems, given a verify of its source
+    (``source``): where the source is damaged, a CorruptCheckpointError naming its first
+    problem; else a StoreError of the destination: ``copied`` (what the copy is) does not
+    verify although the source does, and ``why``."""
+    if not source.ok:
+        p = source.problems[0]
+        more = f" (and {len(source.problems) - 1} more)" if len(source.problems) > 1 else ""
+        return CorruptCheckpointError(
+            f"source checkpoint is damaged, not drained: {p.message}{more}",
+            path=source.path,
+            file=p.file,
+            key=p.key,
+            chunk=p.chunk,
+            offset=p.offset,
+        )
+    return StoreError(
+        f"{copied} does not verify although the source does ({copy.problems[0]}): {why}",
+        copy.path,
+    )
 
 
 def verify_checkpoint(

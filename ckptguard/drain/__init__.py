@@ -72,7 +72,7 @@ from ..fsutil import makedirs_durably
 from ..keys import PrivateKey
 from ..objstore.url import is_url
 from ..open import CheckpointReader
-from ..read import verify_checkpoint
+from ..read import damaged_side, verify_checkpoint
 from ..sign import SignKey
 from ..store import Store
 from .copy import Held, copy_checkpoint, held_files
@@ -125,25 +125,9 @@ copier writes a file in pieces, each reopening it for writing."""
 def _check_copy(src_path: str, staging: str) -> None:
     """Verify every chunk of the staged copy; on failure, say which side is damaged."""
     report = verify_checkpoint(staging)
-    if report.ok:
-        return
-    source = verify_checkpoint(src_path)
-    if not source.ok:
-        p = source.problems[0]
-        more = f" (and {len(source.problems) - 1} more)" if len(source.problems) > 1 else ""
-        raise CorruptCheckpointError(
-            f"source checkpoint is damaged, not drained: {p.message}{more}",
-            path=src_path,
-            file=p.file,
-            key=p.key,
-            chunk=p.chunk,
-            offset=p.offset,
-        )
-    raise StoreError(
-        f"the copy in {staging} does not verify although the source does ({report.problems[0]}): "
-        "the destination returned other bytes than were written",
-        staging,
-    )
+    if not report.ok:
+        why = "the destination returned other bytes than were written"
+        raise damaged_side(report, verify_checkpoint(src_path), f"the copy in {staging}", why)
 
 
 def _drain_one(

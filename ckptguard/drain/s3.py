@@ -50,7 +50,7 @@ from ..objstore.source import ObjectCheckpoint, latest_name, read_info
 from ..objstore.upload import upload
 from ..objstore.url import ObjectURL, parse
 from ..open import CheckpointReader
-from ..read import verify_checkpoint
+from ..read import damaged_side, verify_checkpoint
 from ..sign import MAX_SIGNATURE_BYTES
 from ..sign import parse as parse_signature
 from ..store import Store
@@ -121,24 +121,10 @@ def _part_uploaded() -> None:
 def _check_upload(src_path: str, opener: Callable[[], ObjectCheckpoint], where: str) -> None:
     """Verify every chunk of the uploaded objects; on failure, say which side is damaged."""
     report = verify_checkpoint(opener)
-    if report.ok:
-        return
-    source = verify_checkpoint(src_path)
-    if not source.ok:
-        p = source.problems[0]
-        raise CorruptCheckpointError(
-            f"source checkpoint is damaged, not drained: {p.message}",
-            path=src_path,
-            file=p.file,
-            key=p.key,
-            chunk=p.chunk,
-            offset=p.offset,
-        )
-    raise StoreError(
-        f"the objects uploaded to {where} do not verify although the source does "
-        f"({report.problems[0]}): the bucket returned other bytes than were uploaded",
-        where,
-    )
+    if not report.ok:
+        why = "the bucket returned other bytes than were uploaded"
+        copied = f"the objects uploaded to {where}"
+        raise damaged_side(report, verify_checkpoint(src_path), copied, why)
 
 
 def _commit(
