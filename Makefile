@@ -48,8 +48,8 @@ lint: install-test
 # subject is coordination, a handover or a launcher, not the backend; representatives stay), the
 # fault cases whose failpoint does not interrupt the backend's own writes, and tests of timeouts,
 # signals and races. On a 2-core machine whose
-# disk rate varies from day to day: the native pass 53 minutes, the pure-Python one 13, `make
-# test` from a fresh clone 75, setup included (2026-12-05, over the 45-minute budget; the fault
+# disk rate varies from day to day: the native pass 52 minutes, the pure-Python one 12, `make
+# test` from a fresh clone 70, setup included (2026-12-05, over the 45-minute budget; the fault
 # matrix runs a sample of each scenario here, all of it in `make faults`). Each pass
 # prints its 30 slowest tests and writes every test's time to build/junit-native.xml and
 # build/junit-pure.xml.
