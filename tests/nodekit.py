@@ -46,6 +46,21 @@ def lose_and_rebuild(base: Path, lost: str, hosts: str, keep: Path) -> None:
     assert all(filecmp.cmp(keep / n, mine / n, shallow=False) for n in os.listdir(keep))
 
 
+def fault_cases(points: dict[str, tuple[int, ...]], subset: set[tuple[str, int, str]]) -> list:
+    """pytest params (point, rank, action) of every point on each rank that reaches it with each
+    of ACTIONS under ``make faults`` (CKPTGUARD_FAULTS=all); else only those of ``subset``."""
+    import pytest
+
+    full = os.environ.get("CKPTGUARD_FAULTS") == "all"
+    return [
+        pytest.param(point, rank, action, id=f"{point}:{rank}:{action}")
+        for point, ranks in points.items()
+        for rank in ranks
+        for action in ACTIONS
+        if full or (point, rank, action) in subset
+    ]
+
+
 def run_failing(base: Path, args: list[str], point: str, rank: int, action: str) -> dict[int, dict]:
     """The scenario ``args`` with a failpoint armed, killed after 90 s if it hangs; the outcomes
     of the ranks that wrote one. With a hang, every other rank must have given up with an error

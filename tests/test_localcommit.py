@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from nodekit import ACTIONS, run_failing, run_nodes
+from nodekit import fault_cases, run_failing, run_nodes
 
 import ckptguard
 
@@ -18,7 +18,6 @@ pytestmark = pytest.mark.backend_independent  # the save's bytes are the shared 
 
 HOSTS = "a,a,b,c"
 PARTS = {"a": [0, 1], "b": [2], "c": [3]}
-FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
 
 
 def _part(base, host: str):
@@ -129,18 +128,8 @@ SUBSET = {
 }
 
 
-def _cases() -> list:
-    return [
-        pytest.param(point, rank, action, id=f"{point}:{rank}:{action}")
-        for point, ranks in POINTS.items()
-        for rank in ranks
-        for action in ACTIONS
-        if FULL or (point, rank, action) in SUBSET
-    ]
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("point,rank,action", _cases())
+@pytest.mark.parametrize("point,rank,action", fault_cases(POINTS, SUBSET))
 def test_a_failed_node_local_save_never_moves_latest_past_a_missing_part(
     tmp_path, point, rank, action
 ):

@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from nodekit import ACTIONS, run_failing, run_nodes
+from nodekit import fault_cases, run_failing, run_nodes
 
 import ckptguard
 from ckptguard.fsutil import read_manifest
@@ -17,7 +17,6 @@ from ckptguard.fsutil import read_manifest
 pytestmark = pytest.mark.rank_job
 
 HOSTS = "a,a,b,c"  # node a runs ranks 0 and 1
-FULL = os.environ.get("CKPTGUARD_FAULTS") == "all"
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +124,8 @@ POINTS = {
 SUBSET = {("drain.piece_copied", 2, "kill"), ("nodedrain.verified", 1, "eio")}
 
 
-def _cases() -> list:
-    return [
-        pytest.param(point, rank, action, id=f"{point}:{rank}:{action}")
-        for point, ranks in POINTS.items()
-        for rank in ranks
-        for action in ACTIONS
-        if FULL or (point, rank, action) in SUBSET
-    ]
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("point,rank,action", _cases())
+@pytest.mark.parametrize("point,rank,action", fault_cases(POINTS, SUBSET))
 def test_a_failed_drain_leaves_the_store_whole_and_a_drain_completes(
     saved, tmp_path, point, rank, action
 ):

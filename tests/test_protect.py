@@ -11,7 +11,7 @@ import os
 import shutil
 
 import pytest
-from nodekit import ACTIONS, run_failing, run_nodes
+from nodekit import fault_cases, run_failing, run_nodes
 
 import ckptguard
 from ckptguard.errors import RebuildError, RedundancyError
@@ -301,16 +301,6 @@ SUBSET = {
 }
 
 
-def _cases(points: dict) -> list:
-    out = []
-    for point, ranks in points.items():
-        for rank in ranks:
-            for action in ACTIONS:
-                if FULL or (point, rank, action) in SUBSET:
-                    out.append(pytest.param(point, rank, action, id=f"{point}:{rank}:{action}"))
-    return out
-
-
 def _claims(base) -> list[str]:
     """The nodes whose store records the checkpoint as protected."""
     from ckptguard.fsutil import read_manifest
@@ -336,7 +326,7 @@ def laid_out(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("point,rank,action", _cases(PROTECT_POINTS))
+@pytest.mark.parametrize("point,rank,action", fault_cases(PROTECT_POINTS, SUBSET))
 def test_a_failed_protection_claims_only_what_holds(laid_out, tmp_path, point, rank, action):
     """Whatever fails where, a node records the checkpoint as protected only if every node's
     part is in place: a node then lost is rebuilt. Without a claim, protecting again completes."""
@@ -355,7 +345,7 @@ def test_a_failed_protection_claims_only_what_holds(laid_out, tmp_path, point, r
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("point,rank,action", _cases(REBUILD_POINTS))
+@pytest.mark.parametrize("point,rank,action", fault_cases(REBUILD_POINTS, SUBSET))
 def test_a_failed_rebuild_leaves_a_state_a_rebuild_completes(
     protected, tmp_path, point, rank, action
 ):
