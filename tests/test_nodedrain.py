@@ -78,10 +78,18 @@ def _refused(base, pfs) -> list[dict]:
     return out
 
 
-def test_a_part_that_is_missing_a_file_is_refused_on_every_rank(saved, tmp_path):
+@pytest.mark.parametrize("kind", ["missing", "fifo", "link"])
+def test_a_part_that_lacks_a_file_is_refused_on_every_rank(saved, tmp_path, kind):
+    """A data file missing, or in its place a FIFO (never opened: no hang) or a link to a copy
+    of it outside the part (never followed): no node holds it, so nothing is drained."""
     base, pfs = _fresh(saved, tmp_path)
-    os.chmod(base / "b" / "store" / "step-10", 0o755)
-    os.unlink(base / "b" / "store" / "step-10" / "rank-00002.ckg")
+    part = base / "b" / "store" / "step-10"
+    os.chmod(part, 0o755)
+    os.rename(part / "rank-00002.ckg", tmp_path / "outside.ckg")
+    if kind == "fifo":
+        os.mkfifo(part / "rank-00002.ckg")
+    elif kind == "link":
+        os.symlink(tmp_path / "outside.ckg", part / "rank-00002.ckg")
     out = _refused(base, pfs)
     said = {(o["error"], o["message"]) for o in out}
     assert len(said) == 1, said
