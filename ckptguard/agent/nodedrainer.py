@@ -28,8 +28,6 @@ class NodeDrainer:
         self.log = log
         self.due: str | None = None  # the newest checkpoint due, not started
         self.running: tuple[str, float, Future] | None = None
-        self.drained: list[str] = []
-        self.failed: list[str] = []
 
     def busy(self) -> int:
         """This agent's vote: 1 while its drain is running."""
@@ -49,7 +47,6 @@ class NodeDrainer:
             future = drain_nodes_async(path, self.dst, self.comm, node=self.node, jobs=self.jobs)
         except CheckpointError as e:  # refused alike on every rank
             self._log(f"{path} not drained: {e}")
-            self.failed.append(path)
             return
         self.running = (path, time.monotonic(), future)
 
@@ -61,11 +58,9 @@ class NodeDrainer:
         self.running = None
         e = future.exception()
         if e is None:
-            self.drained.append(path)
             info = future.result()
             self._log(f"drained {path} to {info.path} in {time.monotonic() - t0:.1f} s")
         else:  # the job goes on; the next due checkpoint is tried
-            self.failed.append(path)
             self._log(f"drain of {path} to {self.dst} failed: {type(e).__name__}: {e}")
 
     def close(self, finish: bool) -> None:
